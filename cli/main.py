@@ -1,0 +1,26 @@
+"""The `runledger` command: the composition root. Sub-apps register themselves here."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="runledger",
+    help="runledger: an event-sourced orchestration core on NATS JetStream and Postgres.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    # Each module adds its own commands to `app`; importing here keeps start-up explicit.
+    from . import service  # noqa: F401  (up, serve)
+
+
+def main() -> None:
+    _register()
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""`runledger up` and `runledger serve` (filled in by the service work)."""

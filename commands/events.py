@@ -1,0 +1,81 @@
+"""The event envelope and the registry of event types and their upcasters.
+
+Every message in the event log is one `EventEnvelope` as JSON. Readers look the payload model
+up by `(type, schema_version)`; an old version is upcast, step by step, to the current one.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from .messages import Event
+
+EVENT_TYPES: dict[str, type[Event]] = {}
+# (event type, from version) -> function turning a payload of that version into version + 1.
+UPCASTERS: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
+def register_event(cls: type[Event]) -> type[Event]:
+    if cls.event_type in EVENT_TYPES:
+        raise ValueError(f"event type {cls.event_type} registered twice")
+    EVENT_TYPES[cls.event_type] = cls
+    return cls
+
+
+def register_upcaster(event_type: str, from_version: int):
+    def wrap(fn: Callable[[dict[str, Any]], dict[str, Any]]):
+        UPCASTERS[(event_type, from_version)] = fn
+        return fn
+
+    return wrap
+
+
+class UnknownEvent(Exception):
+    """An event type (or version) this reader does not know: recorded and skipped, never fatal."""
+
+
+class EventEnvelope(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: uuid.UUID
+    type: str
+    schema_version: int
+    occurred: datetime
+    aggregate_type: str
+    aggregate_id: str
+    payload: dict[str, Any]
+    idempotency_key: str | None = None
+
+    @classmethod
+    def wrap(cls, aggregate_id: str, event: Event, *, occurred: datetime, event_id: uuid.UUID,
+             idempotency_key: str | None = None) -> EventEnvelope:
+        return cls(
+            id=event_id,
+            type=event.event_type,
+            schema_version=event.schema_version,
+            occurred=occurred,
+            aggregate_type=event.aggregate_type,
+            aggregate_id=aggregate_id,
+            payload=event.model_dump(mode="json"),
+            idempotency_key=idempotency_key,
+        )
+
+    def decode(self) -> Event:
+        """The payload as its current event model, upcasting older versions."""
+        cls = EVENT_TYPES.get(self.type)
+        if cls is None:
+            raise UnknownEvent(f"unknown event type {self.type!r}")
+        payload, version = dict(self.payload), self.schema_version
+        if version > cls.schema_version:
+            raise UnknownEvent(f"{self.type} v{version} is newer than this reader (v{cls.schema_version})")
+        while version < cls.schema_version:
+            step = UPCASTERS.get((self.type, version))
+            if step is None:
+                raise UnknownEvent(f"no upcaster for {self.type} v{version}")
+            payload, version = step(payload), version + 1
+        return cls.model_validate(payload)

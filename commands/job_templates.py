@@ -1,0 +1,44 @@
+"""WP-6: a work pool's `base_job_template` is `{}` or a job configuration whose `{{ placeholders }}`
+are all declared in its `variables` schema."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+PLACEHOLDER = re.compile(r"\{\{\s*([\w\.\-\[\]$]+)\s*\}\}")
+
+
+def _placeholders(value: Any) -> set[str]:
+    if isinstance(value, str):
+        return set(PLACEHOLDER.findall(value))
+    if isinstance(value, dict):
+        return set().union(*(_placeholders(v) for v in value.values())) if value else set()
+    if isinstance(value, list):
+        return set().union(*(_placeholders(v) for v in value)) if value else set()
+    return set()
+
+
+def base_job_template_problem(template: dict[str, Any]) -> str | None:
+    """The reason a template is invalid, or None. Placeholders naming `prefect.*` (block and
+    variable references) are resolved elsewhere and are not checked against `variables`."""
+    if template == {}:
+        return None
+    job_configuration = template.get("job_configuration")
+    variables = template.get("variables")
+    if not job_configuration or not variables:
+        return "The `base_job_template` must contain both a `job_configuration` key and a `variables` key."
+    if not isinstance(job_configuration, dict) or not isinstance(variables, dict):
+        return "`job_configuration` and `variables` must be objects."
+    properties = variables.get("properties") or {}
+    if not isinstance(properties, dict):
+        return "`variables.properties` must be an object."
+    used = {p for p in _placeholders(job_configuration) if not p.startswith("prefect.")}
+    missing = sorted(used - set(properties))
+    if missing:
+        return (
+            "The variables specified in the job configuration template must be present as "
+            "properties in the variables schema. Your job configuration uses the following "
+            f"undeclared variable(s): {', '.join(missing)}."
+        )
+    return None

@@ -1,0 +1,125 @@
+"""The vocabulary every decider shares: commands, events, rejections, and the decision context.
+
+Deciders are pure: the clock and new ids come in through `DecisionContext`, so a test can
+replay any decision exactly.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Command(BaseModel):
+    """A request to change state. Unknown fields are rejected (C-3)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, str_max_length=100_000)
+
+    idempotency_key: str | None = None
+
+    def explicitly_set(self) -> set[str]:
+        """C-4: the fields the caller sent, so absent fields keep their value."""
+        return set(self.model_fields_set) - {"idempotency_key"}
+
+
+class Event(BaseModel):
+    """A fact. `event_type` names the subject suffix; `schema_version` drives upcasting."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    event_type: ClassVar[str]
+    aggregate_type: ClassVar[str]
+    schema_version: ClassVar[int] = 1
+
+
+class ErrorCode(StrEnum):
+    NOT_FOUND = "not_found"
+    CONFLICT = "conflict"
+    INVALID = "invalid"
+    FORBIDDEN = "forbidden"
+    UNAVAILABLE = "unavailable"
+
+
+class Rejection(Exception):
+    """Why a command changes nothing. Carries the reply code and, where useful, the field."""
+
+    def __init__(self, code: ErrorCode, message: str, *, field: str | None = None, details: Any = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+        self.details = details
+
+    def as_reply(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": str(self.code), "message": self.message}
+        if self.field is not None:
+            error["field"] = self.field
+        if self.details is not None:
+            error["details"] = self.details
+        return error
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Rejection) and (self.code, self.message, self.field) == (
+            other.code,
+            other.message,
+            other.field,
+        )
+
+    def __repr__(self) -> str:
+        return f"Rejection({self.code!s}, {self.message!r}, field={self.field!r})"
+
+
+def not_found(message: str) -> Rejection:
+    return Rejection(ErrorCode.NOT_FOUND, message)
+
+
+def conflict(message: str) -> Rejection:
+    return Rejection(ErrorCode.CONFLICT, message)
+
+
+def invalid(message: str, field: str | None = None) -> Rejection:
+    return Rejection(ErrorCode.INVALID, message, field=field)
+
+
+def forbidden(message: str) -> Rejection:
+    return Rejection(ErrorCode.FORBIDDEN, message)
+
+
+@dataclass
+class DecisionContext:
+    """What a decider may not fetch itself: the time and fresh ids."""
+
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    new_id: Callable[[], uuid.UUID] = uuid.uuid4
+
+    @classmethod
+    def fixed(cls, now: datetime, ids: Iterator[uuid.UUID] | None = None) -> DecisionContext:
+        it = ids if ids is not None else (uuid.UUID(int=i) for i in range(1, 1 << 62))
+        return cls(now=now, new_id=lambda: next(it))
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event a decision produced, addressed to the aggregate it belongs to."""
+
+    aggregate_id: str
+    event: Event
+
+    @property
+    def aggregate_type(self) -> str:
+        return self.event.aggregate_type
+
+
+@dataclass
+class Decision:
+    """The events of one command, possibly across several aggregates, and the reply result."""
+
+    events: list[NewEvent]
+    result: Any = None
+    created: bool | None = None

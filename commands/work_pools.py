@@ -1,0 +1,716 @@
+"""The work pool aggregate: a pool and its work queues (BEHAVIOUR §1, §2).
+
+Queues live inside their pool's aggregate because the pool is the consistency boundary for
+what queues share: names unique within the pool and the priority order (PR-1). Pool names are
+unique across the server through the `work_pool_name` aggregate (one per name), which a create
+claims and a delete releases in the same atomic batch as the pool's own event.
+
+Each decision writes at most one event per aggregate; events carry the full state of what
+they change (a snapshot), plus the `changes` that Prefect's `updated` events report.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from .events import register_event
+from .job_templates import base_job_template_problem
+from .messages import (
+    Command,
+    Decision,
+    DecisionContext,
+    Event,
+    NewEvent,
+    Rejection,
+    conflict,
+    forbidden,
+    invalid,
+    not_found,
+)
+from .names import (
+    MAX_NAME_LENGTH,
+    check_object_name,
+    check_work_pool_name,
+    encode_token,
+    is_reserved_work_pool_name,
+)
+from .priorities import DuplicateTargetPriorities, next_free_priority, reprioritize
+
+WORK_POOL = "work_pool"
+WORK_POOL_NAME = "work_pool_name"
+LEGACY_POOL_NAME = "default-agent-pool"
+LEGACY_POOL_TYPE = "prefect-agent"
+DEFAULT_QUEUE_NAME = "default"
+DEFAULT_QUEUE_DESCRIPTION = "The work pool's default queue."
+RECENTLY_POLLED = timedelta(seconds=60)
+
+PoolName = Annotated[str, StringConstraints(max_length=MAX_NAME_LENGTH), AfterValidator(check_work_pool_name)]
+QueueName = Annotated[str, StringConstraints(max_length=MAX_NAME_LENGTH), AfterValidator(check_object_name)]
+Description = Annotated[str, StringConstraints(max_length=10_000)]
+NonNegative = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Positive = Annotated[int, Field(gt=0, le=2**31 - 1)]
+PoolType = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_LENGTH)]
+
+
+class Status(StrEnum):
+    READY = "READY"
+    NOT_READY = "NOT_READY"
+    PAUSED = "PAUSED"
+
+
+class StorageConfiguration(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bundle_upload_step: dict[str, Any] | None = None
+    bundle_execution_step: dict[str, Any] | None = None
+    default_result_storage_block_id: uuid.UUID | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# State
+
+
+@dataclass(frozen=True, slots=True)
+class WorkQueue:
+    id: uuid.UUID
+    name: str
+    description: str | None
+    is_paused: bool
+    concurrency_limit: int | None
+    priority: int
+    status: Status
+    last_polled: datetime | None
+    created: datetime
+    updated: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class WorkPool:
+    id: uuid.UUID
+    name: str
+    description: str | None
+    type: str
+    base_job_template: dict[str, Any]
+    is_paused: bool
+    concurrency_limit: int | None
+    storage_configuration: StorageConfiguration
+    status: Status | None  # None for `prefect-agent` pools (WP-3)
+    default_queue_id: uuid.UUID
+    created: datetime
+    updated: datetime
+    queues: dict[uuid.UUID, WorkQueue] = field(default_factory=dict)
+    has_online_worker: bool = False
+
+    def queue_named(self, name: str) -> WorkQueue | None:
+        return next((q for q in self.queues.values() if q.name == name), None)
+
+    def queues_by_priority(self) -> list[WorkQueue]:
+        return sorted(self.queues.values(), key=lambda q: (q.priority, q.created, str(q.id)))
+
+
+@dataclass(frozen=True, slots=True)
+class WorkPoolNameClaim:
+    """Who holds a pool name; `work_pool_id` is None when the name is free."""
+
+    work_pool_id: uuid.UUID | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Event payloads
+
+
+class WorkQueueSnapshot(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: uuid.UUID
+    name: str
+    description: str | None
+    is_paused: bool
+    concurrency_limit: int | None
+    priority: int
+    status: Status
+    last_polled: datetime | None
+    created: datetime
+    updated: datetime
+
+    @classmethod
+    def of(cls, q: WorkQueue) -> WorkQueueSnapshot:
+        return cls(**{f: getattr(q, f) for f in cls.model_fields})
+
+    def to_state(self) -> WorkQueue:
+        return WorkQueue(**{f: getattr(self, f) for f in type(self).model_fields})
+
+
+class WorkPoolSnapshot(BaseModel):
+    """A pool's own fields, without its queues."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: uuid.UUID
+    name: str
+    description: str | None
+    type: str
+    base_job_template: dict[str, Any]
+    is_paused: bool
+    concurrency_limit: int | None
+    storage_configuration: StorageConfiguration
+    status: Status | None
+    default_queue_id: uuid.UUID
+    created: datetime
+    updated: datetime
+
+    @classmethod
+    def of(cls, p: WorkPool) -> WorkPoolSnapshot:
+        return cls(**{f: getattr(p, f) for f in cls.model_fields})
+
+
+class Change(BaseModel):
+    """`{old, new}` of one field; exported as Prefect's `{from, to}`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    old: Any
+    new: Any
+
+
+class _PoolEvent(Event):
+    aggregate_type: ClassVar[str] = WORK_POOL
+
+
+@register_event
+class WorkPoolCreated(_PoolEvent):
+    """A pool and its default queue (WP-1, WP-2)."""
+
+    event_type: ClassVar[str] = "WorkPoolCreated"
+    pool: WorkPoolSnapshot
+    default_queue: WorkQueueSnapshot
+
+
+@register_event
+class WorkPoolUpdated(_PoolEvent):
+    """`changes` lists changed fields; `status` is set on every status write (WP-8), even
+    when the status stays the same (a repeated pause)."""
+
+    event_type: ClassVar[str] = "WorkPoolUpdated"
+    pool: WorkPoolSnapshot
+    changes: dict[str, Change] = {}
+    status: Change | None = None
+
+
+@register_event
+class WorkPoolDeleted(_PoolEvent):
+    """The pool with all its queues (WP-9): `queue_ids` lists what went with it."""
+
+    event_type: ClassVar[str] = "WorkPoolDeleted"
+    pool_id: uuid.UUID
+    name: str
+    queue_ids: list[uuid.UUID]
+    deleted: datetime
+
+
+@register_event
+class WorkQueueCreated(_PoolEvent):
+    """`reprioritized` holds the other queues PR-1 moved (WQ-3): queue id -> new priority."""
+
+    event_type: ClassVar[str] = "WorkQueueCreated"
+    queue: WorkQueueSnapshot
+    reprioritized: dict[uuid.UUID, int] = {}
+
+
+@register_event
+class WorkQueueUpdated(_PoolEvent):
+    event_type: ClassVar[str] = "WorkQueueUpdated"
+    queue: WorkQueueSnapshot
+    changes: dict[str, Change] = {}
+    status: Change | None = None
+    reprioritized: dict[uuid.UUID, int] = {}
+
+
+@register_event
+class WorkQueueDeleted(_PoolEvent):
+    event_type: ClassVar[str] = "WorkQueueDeleted"
+    queue_id: uuid.UUID
+    name: str
+    reprioritized: dict[uuid.UUID, int] = {}
+    deleted: datetime
+
+
+@register_event
+class WorkQueuesReprioritized(_PoolEvent):
+    """A bulk priority map applied by PR-1."""
+
+    event_type: ClassVar[str] = "WorkQueuesReprioritized"
+    reprioritized: dict[uuid.UUID, int]
+    updated: datetime
+
+
+class _NameEvent(Event):
+    aggregate_type: ClassVar[str] = WORK_POOL_NAME
+
+
+@register_event
+class WorkPoolNameClaimed(_NameEvent):
+    event_type: ClassVar[str] = "WorkPoolNameClaimed"
+    name: str
+    work_pool_id: uuid.UUID
+
+
+@register_event
+class WorkPoolNameReleased(_NameEvent):
+    event_type: ClassVar[str] = "WorkPoolNameReleased"
+    name: str
+    work_pool_id: uuid.UUID
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+class CreateWorkPool(Command):
+    name: PoolName
+    description: Description | None = None
+    type: PoolType = LEGACY_POOL_TYPE
+    base_job_template: dict[str, Any] = {}
+    is_paused: bool = False
+    concurrency_limit: NonNegative | None = None
+    storage_configuration: StorageConfiguration = StorageConfiguration()
+
+
+class UpdateWorkPool(Command):
+    name: PoolName
+    description: Description | None = None
+    is_paused: bool | None = None
+    base_job_template: dict[str, Any] | None = None
+    concurrency_limit: NonNegative | None = None
+    storage_configuration: StorageConfiguration | None = None
+
+
+class DeleteWorkPool(Command):
+    name: PoolName
+
+
+class CreateWorkQueue(Command):
+    work_pool_name: PoolName
+    name: QueueName
+    description: Description | None = ""
+    is_paused: bool = False
+    concurrency_limit: NonNegative | None = None
+    priority: Positive | None = None
+
+
+class UpdateWorkQueue(Command):
+    """Through the pool API: a priority change runs PR-1 (WQ-5)."""
+
+    work_pool_name: PoolName
+    work_queue_name: QueueName
+    name: QueueName | None = None
+    description: Description | None = None
+    is_paused: bool | None = None
+    concurrency_limit: NonNegative | None = None
+    priority: Positive | None = None
+    last_polled: datetime | None = None
+
+
+class DeleteWorkQueue(Command):
+    work_pool_name: PoolName
+    work_queue_name: QueueName
+
+
+class SetWorkQueuePriorities(Command):
+    """Bulk PR-1 with a map of queue name -> priority; unknown names are ignored (PR-1 step 1)."""
+
+    work_pool_name: PoolName
+    priorities: dict[QueueName, Positive]
+
+
+class CreateLegacyWorkQueue(Command):
+    """WQ-9: a queue in `default-agent-pool`, creating that pool when missing."""
+
+    name: QueueName
+    description: Description | None = ""
+    is_paused: bool = False
+    concurrency_limit: NonNegative | None = None
+    priority: Positive | None = None
+
+
+class UpdateWorkQueueById(Command):
+    """The legacy `/work_queues/{id}` update: the priority is stored as given (WQ-11)."""
+
+    id: uuid.UUID
+    name: QueueName | None = None
+    description: Description | None = None
+    is_paused: bool | None = None
+    concurrency_limit: NonNegative | None = None
+    priority: Positive | None = None
+    last_polled: datetime | None = None
+
+
+class DeleteWorkQueueById(Command):
+    id: uuid.UUID
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+def pool_not_found(name: str) -> Rejection:
+    return not_found(f'Work pool "{name}" not found.')
+
+
+def queue_not_found(pool_name: str, queue_name: str) -> Rejection:
+    return not_found(f"Work pool queue '{pool_name}/{queue_name}' not found.")
+
+
+def queue_id_not_found(queue_id: uuid.UUID) -> Rejection:
+    return not_found(f"Work queue {queue_id} not found.")
+
+
+def name_aggregate_id(name: str) -> str:
+    return encode_token(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evolve
+
+
+def evolve(pool: WorkPool | None, event: Event) -> WorkPool | None:
+    match event:
+        case WorkPoolCreated(pool=p, default_queue=q):
+            return WorkPool(**{f: getattr(p, f) for f in WorkPoolSnapshot.model_fields}, queues={q.id: q.to_state()})
+        case WorkPoolDeleted():
+            return None
+    if pool is None:
+        return None  # events after a delete cannot happen; ignore defensively
+    match event:
+        case WorkPoolUpdated(pool=p):
+            return replace(pool, **{f: getattr(p, f) for f in WorkPoolSnapshot.model_fields})
+        case WorkQueueCreated(queue=q, reprioritized=moved):
+            return _with_priorities(replace(pool, queues={**pool.queues, q.id: q.to_state()}), moved, q.updated)
+        case WorkQueueUpdated(queue=q, reprioritized=moved):
+            return _with_priorities(replace(pool, queues={**pool.queues, q.id: q.to_state()}), moved, q.updated)
+        case WorkQueueDeleted(queue_id=qid, reprioritized=moved, deleted=when):
+            queues = {k: v for k, v in pool.queues.items() if k != qid}
+            return _with_priorities(replace(pool, queues=queues), moved, when)
+        case WorkQueuesReprioritized(reprioritized=moved, updated=when):
+            return _with_priorities(pool, moved, when)
+    return pool
+
+
+def _with_priorities(pool: WorkPool, moved: dict[uuid.UUID, int], when: datetime) -> WorkPool:
+    if not moved:
+        return pool
+    queues = dict(pool.queues)
+    for qid, priority in moved.items():
+        if qid in queues:
+            queues[qid] = replace(queues[qid], priority=priority, updated=when)
+    return replace(pool, queues=queues)
+
+
+def evolve_name(claim: WorkPoolNameClaim, event: Event) -> WorkPoolNameClaim:
+    match event:
+        case WorkPoolNameClaimed(work_pool_id=pid):
+            return WorkPoolNameClaim(pid)
+        case WorkPoolNameReleased():
+            return WorkPoolNameClaim(None)
+    return claim
+
+
+# ---------------------------------------------------------------------------------------------
+# Decide
+
+
+def decide_create_work_pool(
+    cmd: CreateWorkPool, claim: WorkPoolNameClaim, ctx: DecisionContext, *, internal: bool = False
+) -> Decision:
+    if is_reserved_work_pool_name(cmd.name) and not internal:
+        raise forbidden("Work pools starting with 'Prefect' are reserved for internal use.")
+    if claim.work_pool_id is not None:
+        raise conflict("A work pool with this name already exists.")
+    problem = base_job_template_problem(cmd.base_job_template)
+    if problem:
+        raise invalid(problem, field="base_job_template")
+    pool_id, queue_id = ctx.new_id(), ctx.new_id()
+    if cmd.type == LEGACY_POOL_TYPE:
+        status = None
+    else:
+        status = Status.PAUSED if cmd.is_paused else Status.NOT_READY
+    default_queue = WorkQueueSnapshot(
+        id=queue_id, name=DEFAULT_QUEUE_NAME, description=DEFAULT_QUEUE_DESCRIPTION, is_paused=False,
+        concurrency_limit=None, priority=1, status=Status.NOT_READY, last_polled=None,
+        created=ctx.now, updated=ctx.now,
+    )
+    pool = WorkPoolSnapshot(
+        id=pool_id, name=cmd.name, description=cmd.description, type=cmd.type,
+        base_job_template=cmd.base_job_template, is_paused=cmd.is_paused,
+        concurrency_limit=cmd.concurrency_limit, storage_configuration=cmd.storage_configuration,
+        status=status, default_queue_id=queue_id, created=ctx.now, updated=ctx.now,
+    )
+    created = WorkPoolCreated(pool=pool, default_queue=default_queue)
+    state = evolve(None, created)
+    return Decision(
+        events=[
+            NewEvent(name_aggregate_id(cmd.name), WorkPoolNameClaimed(name=cmd.name, work_pool_id=pool_id)),
+            NewEvent(str(pool_id), created),
+        ],
+        result=state,
+        created=True,
+    )
+
+
+_POOL_UPDATE_FIELDS = ("description", "is_paused", "base_job_template", "concurrency_limit", "storage_configuration")
+_POOL_UPDATE_ALLOWED_WHEN_RESERVED = {"is_paused", "concurrency_limit"}
+
+
+def decide_update_work_pool(cmd: UpdateWorkPool, pool: WorkPool | None, ctx: DecisionContext) -> Decision:
+    given = cmd.explicitly_set() - {"name"}
+    if is_reserved_work_pool_name(cmd.name) and not given <= _POOL_UPDATE_ALLOWED_WHEN_RESERVED:
+        raise forbidden("Work pools starting with 'Prefect' are reserved for internal use and can only be updated to set concurrency limits or pause.")
+    if pool is None:
+        raise pool_not_found(cmd.name)
+    values: dict[str, Any] = {}
+    for name in _POOL_UPDATE_FIELDS:
+        if name not in given:
+            continue
+        value = getattr(cmd, name)
+        if value is None and name in ("is_paused", "base_job_template", "storage_configuration"):
+            continue  # not nullable: an explicit null means "leave it"
+        values[name] = value
+    if "base_job_template" in values:
+        problem = base_job_template_problem(values["base_job_template"])
+        if problem:
+            raise invalid(problem, field="base_job_template")
+    changes = {k: Change(old=_dump(getattr(pool, k)), new=_dump(v)) for k, v in values.items() if getattr(pool, k) != v}
+    status_change = None
+    new_status = pool.status
+    if "is_paused" in values and pool.type != LEGACY_POOL_TYPE:
+        if values["is_paused"]:
+            new_status = Status.PAUSED
+        else:
+            new_status = Status.READY if pool.has_online_worker else Status.NOT_READY
+        status_change = Change(old=pool.status, new=new_status)
+    if not changes and status_change is None:
+        return Decision(events=[], result=pool, created=False)
+    updated = replace(pool, **values, status=new_status, updated=ctx.now)
+    event = WorkPoolUpdated(pool=WorkPoolSnapshot.of(updated), changes=changes, status=status_change)
+    return Decision(events=[NewEvent(str(pool.id), event)], result=updated)
+
+
+def decide_delete_work_pool(cmd: DeleteWorkPool, pool: WorkPool | None, ctx: DecisionContext) -> Decision:
+    if is_reserved_work_pool_name(cmd.name):
+        raise forbidden("Work pools starting with 'Prefect' are reserved for internal use and can not be deleted.")
+    if pool is None:
+        raise pool_not_found(cmd.name)
+    queue_ids = [q.id for q in pool.queues_by_priority()]
+    return Decision(
+        events=[
+            NewEvent(name_aggregate_id(pool.name), WorkPoolNameReleased(name=pool.name, work_pool_id=pool.id)),
+            NewEvent(str(pool.id), WorkPoolDeleted(pool_id=pool.id, name=pool.name, queue_ids=queue_ids, deleted=ctx.now)),
+        ],
+        result=None,
+    )
+
+
+def _new_queue_events(pool: WorkPool, name: str, description: str | None, is_paused: bool,
+                      concurrency_limit: int | None, priority: int | None, ctx: DecisionContext) -> Decision:
+    if pool.queue_named(name) is not None:
+        raise conflict("A work queue with this name already exists.")
+    current = {q.id: q.priority for q in pool.queues.values()}
+    queue_id = ctx.new_id()
+    if priority is None:
+        given, moved = next_free_priority(list(current.values())), {}
+    else:
+        # WQ-3: created with p, then the pool is re-prioritised with {new queue: p}.
+        after = reprioritize({**current, queue_id: priority}, {queue_id: priority})
+        given = after.pop(queue_id)
+        moved = {qid: p for qid, p in after.items() if current[qid] != p}
+    queue = WorkQueueSnapshot(
+        id=queue_id, name=name, description=description, is_paused=is_paused,
+        concurrency_limit=concurrency_limit, priority=given, status=Status.NOT_READY,  # WQ-4 quirk
+        last_polled=None, created=ctx.now, updated=ctx.now,
+    )
+    event = WorkQueueCreated(queue=queue, reprioritized=moved)
+    after_pool = evolve(pool, event)
+    assert after_pool is not None
+    return Decision(events=[NewEvent(str(pool.id), event)], result=(after_pool, after_pool.queues[queue_id]), created=True)
+
+
+def decide_create_work_queue(cmd: CreateWorkQueue, pool: WorkPool | None, ctx: DecisionContext) -> Decision:
+    if pool is None:
+        raise pool_not_found(cmd.work_pool_name)
+    return _new_queue_events(pool, cmd.name, cmd.description, cmd.is_paused, cmd.concurrency_limit, cmd.priority, ctx)
+
+
+def decide_create_legacy_work_queue(
+    cmd: CreateLegacyWorkQueue, claim: WorkPoolNameClaim, pool: WorkPool | None, ctx: DecisionContext
+) -> Decision:
+    """WQ-9: create `default-agent-pool` first when it is missing."""
+    events: list[NewEvent] = []
+    if pool is None:
+        made = decide_create_work_pool(
+            CreateWorkPool(name=LEGACY_POOL_NAME, type=LEGACY_POOL_TYPE), claim, ctx, internal=True
+        )
+        events, pool = made.events, made.result
+        assert pool is not None
+        if cmd.name == DEFAULT_QUEUE_NAME:
+            return Decision(events=events, result=(pool, pool.queues[pool.default_queue_id]), created=True)
+    made = _new_queue_events(pool, cmd.name, cmd.description, cmd.is_paused, cmd.concurrency_limit, cmd.priority, ctx)
+    return Decision(events=events + made.events, result=made.result, created=True)
+
+
+_QUEUE_UPDATE_FIELDS = ("name", "description", "is_paused", "concurrency_limit", "priority", "last_polled")
+
+
+def _decide_update_queue(pool: WorkPool, queue: WorkQueue, cmd: UpdateWorkQueue | UpdateWorkQueueById,
+                         ctx: DecisionContext, *, run_pr1: bool) -> Decision:
+    given = cmd.explicitly_set()
+    values: dict[str, Any] = {}
+    for name in _QUEUE_UPDATE_FIELDS:
+        if name in given:
+            value = getattr(cmd, name)
+            if value is None and name in ("name", "is_paused", "priority", "last_polled"):
+                continue
+            values[name] = value
+    if "name" in values and values["name"] != queue.name and pool.queue_named(values["name"]) is not None:
+        raise conflict("A work queue with this name already exists.")
+    # WQ-8: status follows a pause or an unpause.
+    status_change = None
+    new_status = queue.status
+    if values.get("is_paused") is True and queue.status != Status.PAUSED:
+        new_status = Status.PAUSED
+    elif values.get("is_paused") is False and queue.status == Status.PAUSED:
+        last_polled = values.get("last_polled", queue.last_polled)
+        recent = last_polled is not None and ctx.now - last_polled <= RECENTLY_POLLED
+        new_status = Status.READY if recent else Status.NOT_READY
+    if new_status != queue.status:
+        status_change = Change(old=queue.status, new=new_status)
+    moved: dict[uuid.UUID, int] = {}
+    if "priority" in values and run_pr1:
+        current = {q.id: q.priority for q in pool.queues.values()}
+        after = reprioritize(current, {queue.id: values["priority"]})
+        values["priority"] = after[queue.id]
+        moved = {qid: p for qid, p in after.items() if qid != queue.id and current[qid] != p}
+    changes = {k: Change(old=_dump(getattr(queue, k)), new=_dump(v)) for k, v in values.items() if getattr(queue, k) != v}
+    if not changes and status_change is None and not moved:
+        return Decision(events=[], result=(pool, queue), created=False)
+    updated = replace(queue, **values, status=new_status, updated=ctx.now)
+    event = WorkQueueUpdated(queue=WorkQueueSnapshot.of(updated), changes=changes, status=status_change, reprioritized=moved)
+    after_pool = evolve(pool, event)
+    assert after_pool is not None
+    return Decision(events=[NewEvent(str(pool.id), event)], result=(after_pool, after_pool.queues[queue.id]))
+
+
+def decide_update_work_queue(cmd: UpdateWorkQueue, pool: WorkPool | None, ctx: DecisionContext) -> Decision:
+    if pool is None:
+        raise pool_not_found(cmd.work_pool_name)
+    queue = pool.queue_named(cmd.work_queue_name)
+    if queue is None:
+        raise queue_not_found(cmd.work_pool_name, cmd.work_queue_name)
+    return _decide_update_queue(pool, queue, cmd, ctx, run_pr1=True)
+
+
+def decide_update_work_queue_by_id(cmd: UpdateWorkQueueById, pool: WorkPool | None, ctx: DecisionContext) -> Decision:
+    queue = pool.queues.get(cmd.id) if pool else None
+    if pool is None or queue is None:
+        raise queue_id_not_found(cmd.id)
+    return _decide_update_queue(pool, queue, cmd, ctx, run_pr1=False)
+
+
+def _decide_delete_queue(pool: WorkPool, queue: WorkQueue, ctx: DecisionContext) -> Decision:
+    if queue.id == pool.default_queue_id:
+        raise conflict("Can't delete a pool's default queue.")
+    remaining = {q.id: q.priority for q in pool.queues.values() if q.id != queue.id}
+    after = reprioritize(remaining, {})  # PR-4
+    moved = {qid: p for qid, p in after.items() if remaining[qid] != p}
+    event = WorkQueueDeleted(queue_id=queue.id, name=queue.name, reprioritized=moved, deleted=ctx.now)
+    return Decision(events=[NewEvent(str(pool.id), event)], result=None)
+
+
+def decide_delete_work_queue(cmd: DeleteWorkQueue, pool: WorkPool | None, ctx: DecisionContext) -> Decision:
+    if pool is None:
+        raise pool_not_found(cmd.work_pool_name)
+    queue = pool.queue_named(cmd.work_queue_name)
+    if queue is None:
+        raise queue_not_found(cmd.work_pool_name, cmd.work_queue_name)
+    return _decide_delete_queue(pool, queue, ctx)
+
+
+def decide_delete_work_queue_by_id(cmd: DeleteWorkQueueById, pool: WorkPool | None, ctx: DecisionContext) -> Decision:
+    queue = pool.queues.get(cmd.id) if pool else None
+    if pool is None or queue is None:
+        raise queue_id_not_found(cmd.id)
+    return _decide_delete_queue(pool, queue, ctx)
+
+
+def decide_set_work_queue_priorities(cmd: SetWorkQueuePriorities, pool: WorkPool | None, ctx: DecisionContext) -> Decision:
+    if pool is None:
+        raise pool_not_found(cmd.work_pool_name)
+    current = {q.id: q.priority for q in pool.queues.values()}
+    by_name = {q.name: q.id for q in pool.queues.values()}
+    targets = {by_name[n]: p for n, p in cmd.priorities.items() if n in by_name}
+    if len(set(cmd.priorities.values())) != len(cmd.priorities):
+        raise invalid("Duplicate target priorities provided", field="priorities")
+    try:
+        after = reprioritize(current, targets)
+    except DuplicateTargetPriorities as e:  # pragma: no cover - checked above
+        raise invalid(str(e), field="priorities") from e
+    moved = {qid: p for qid, p in after.items() if current[qid] != p}
+    if not moved:
+        return Decision(events=[], result=pool, created=False)
+    event = WorkQueuesReprioritized(reprioritized=moved, updated=ctx.now)
+    return Decision(events=[NewEvent(str(pool.id), event)], result=evolve(pool, event))
+
+
+def _dump(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, datetime | uuid.UUID):
+        return value.isoformat() if isinstance(value, datetime) else str(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Replies (Prefect's response shapes)
+
+
+def work_pool_reply(pool: WorkPool, active_slots: int | None = None) -> dict[str, Any]:
+    """WP-3: `prefect-agent` pools report no status; SL-1: `active_slots` only with a limit."""
+    return {
+        "id": str(pool.id),
+        "created": pool.created.isoformat(),
+        "updated": pool.updated.isoformat(),
+        "name": pool.name,
+        "description": pool.description,
+        "type": pool.type,
+        "base_job_template": pool.base_job_template,
+        "is_paused": pool.is_paused,
+        "concurrency_limit": pool.concurrency_limit,
+        "status": None if pool.type == LEGACY_POOL_TYPE else (pool.status.value if pool.status else None),
+        "default_queue_id": str(pool.default_queue_id),
+        "storage_configuration": pool.storage_configuration.model_dump(mode="json"),
+        "active_slots": (active_slots or 0) if pool.concurrency_limit is not None else None,
+    }
+
+
+def work_queue_reply(pool: WorkPool, queue: WorkQueue, active_slots: int | None = None) -> dict[str, Any]:
+    return {
+        "id": str(queue.id),
+        "created": queue.created.isoformat(),
+        "updated": queue.updated.isoformat(),
+        "name": queue.name,
+        "description": queue.description,
+        "is_paused": queue.is_paused,
+        "concurrency_limit": queue.concurrency_limit,
+        "priority": queue.priority,
+        "work_pool_id": str(pool.id),
+        "work_pool_name": pool.name,
+        "last_polled": queue.last_polled.isoformat() if queue.last_polled else None,
+        "status": queue.status.value,
+        "filter": None,
+        "active_slots": (active_slots or 0) if queue.concurrency_limit is not None else None,
+    }

@@ -1,0 +1,62 @@
+"""Connecting to NATS, refusing servers too old to keep runledger's promises."""
+
+from __future__ import annotations
+
+import ssl
+
+import nats
+from nats.aio.client import Client as NATS
+
+from .settings import MIN_NATS_VERSION, Settings
+
+
+class BrokerUnavailable(RuntimeError):
+    """The broker cannot be reached or cannot serve runledger; the message is safe to print."""
+
+
+def _version_tuple(version) -> tuple[int, int, int]:
+    return (version.major, version.minor, version.patch)
+
+
+def _fmt(v: tuple[int, int, int]) -> str:
+    return ".".join(map(str, v))
+
+
+async def connect(settings: Settings, *, name: str = "runledger", check_version: bool = True) -> NATS:
+    options: dict = {
+        "servers": [settings.nats_url],
+        "name": name,
+        "connect_timeout": 3,
+        "max_reconnect_attempts": -1,
+        "allow_reconnect": True,
+    }
+    if settings.nats_user:
+        options["user"] = settings.nats_user
+    if settings.nats_password:
+        options["password"] = settings.nats_password.get_secret_value()
+    if settings.nats_token:
+        options["token"] = settings.nats_token.get_secret_value()
+    if settings.nats_creds_file:
+        options["user_credentials"] = str(settings.nats_creds_file)
+    if settings.nats_tls_ca_file or settings.nats_tls_cert_file:
+        tls = ssl.create_default_context(cafile=str(settings.nats_tls_ca_file) if settings.nats_tls_ca_file else None)
+        if settings.nats_tls_cert_file:
+            tls.load_cert_chain(str(settings.nats_tls_cert_file), str(settings.nats_tls_key_file) if settings.nats_tls_key_file else None)
+        options["tls"] = tls
+
+    async def _fail_fast(e: Exception) -> None:  # nats-py logs by default; keep it quiet
+        return None
+
+    try:
+        nc = await nats.connect(**options, error_cb=_fail_fast)
+    except Exception as e:  # nats raises several unrelated types here
+        raise BrokerUnavailable(f"cannot connect to NATS at {settings.safe_nats_url()}: {type(e).__name__}") from None
+    if check_version:
+        found = _version_tuple(nc.connected_server_version)
+        if found < MIN_NATS_VERSION:
+            await nc.close()
+            raise BrokerUnavailable(
+                f"NATS server at {settings.safe_nats_url()} is version {_fmt(found)}; runledger needs NATS >= "
+                f"{_fmt(MIN_NATS_VERSION)} (atomic batches and aggregate-wide expected-sequence checks)."
+            )
+    return nc

@@ -1,0 +1,120 @@
+"""Settings from the environment (prefix `RUNLEDGER_`), then the endpoint file that
+`runledger up` writes, then defaults. Secrets are `SecretStr` so they never print."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIN_NATS_VERSION = (2, 12, 0)
+
+
+def config_dir() -> Path:
+    """Where `runledger up` records how to reach it (XDG config dir by default)."""
+    override = os.environ.get("RUNLEDGER_CONFIG_DIR")
+    if override:
+        return Path(override)
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "runledger"
+
+
+def endpoint_file() -> Path:
+    return config_dir() / "endpoint.json"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RUNLEDGER_", extra="ignore")
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    nats_user: str | None = None
+    nats_password: SecretStr | None = None
+    nats_token: SecretStr | None = None
+    nats_creds_file: Path | None = None
+    nats_tls_ca_file: Path | None = None
+    nats_tls_cert_file: Path | None = None
+    nats_tls_key_file: Path | None = None
+
+    database_url: SecretStr = SecretStr("postgresql+asyncpg://postgres@127.0.0.1:5432/postgres")
+    database_pool_size: int = 5
+
+    # One namespace names the subjects (`<ns>.cmd.…`), the streams (`<NS>_EVENTS`) and the
+    # Postgres schema, so several deployments (or test runs) share servers without meeting.
+    namespace: str = Field(default="runledger", pattern=r"^[a-z][a-z0-9_]{0,40}$")
+
+    request_timeout: float = 5.0
+    query_wait_timeout: float = 5.0
+    command_retries: int = 5
+    projection_batch_size: int = 1000
+    event_duplicate_window_seconds: float = 120.0
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _asyncpg_scheme(cls, v: Any) -> Any:
+        raw = v.get_secret_value() if isinstance(v, SecretStr) else v
+        if isinstance(raw, str):
+            raw = re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql+asyncpg://", raw)
+        return raw
+
+    @property
+    def stream_name(self) -> str:
+        return f"{self.namespace.upper()}_EVENTS"
+
+    @property
+    def event_subject_prefix(self) -> str:
+        return f"{self.namespace}.evt"
+
+    def command_subject(self, name: str) -> str:
+        return f"{self.namespace}.cmd.{name}"
+
+    def query_subject(self, name: str) -> str:
+        return f"{self.namespace}.qry.{name}"
+
+    @property
+    def db_schema(self) -> str:
+        return self.namespace
+
+    def safe_nats_url(self) -> str:
+        return redact_url(self.nats_url)
+
+    def safe_database_url(self) -> str:
+        return redact_url(self.database_url.get_secret_value())
+
+
+def redact_url(url: str) -> str:
+    """The URL without a password or token, for logs and error messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        user = parts.username if parts.password else "***"
+        netloc = f"{user}:***@{host}" if parts.password else f"{user}@{host}"
+        parts = parts._replace(netloc=netloc)
+    return urlunsplit(parts)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Environment first; where it is silent, the endpoint file of a running `runledger up`."""
+    recorded: dict[str, Any] = {}
+    path = endpoint_file()
+    if path.exists():
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, ValueError):
+            recorded = {}
+    values: dict[str, Any] = {}
+    for key in ("nats_url", "database_url", "namespace"):
+        if f"RUNLEDGER_{key.upper()}" not in os.environ and key in recorded:
+            values[key] = recorded[key]
+    values.update(overrides)
+    return Settings(**values)
