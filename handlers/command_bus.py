@@ -1,0 +1,221 @@
+"""Command handling: validate, load, decide (pure), append with optimistic concurrency, reply.
+
+A command's handler function loads what it needs through a `Unit` (which remembers the
+sequence each aggregate was loaded at) and returns the decider's `Decision`. The bus appends
+the decision's events with one expected-sequence check per aggregate, reloads and decides
+again on a conflict (bounded), and turns the outcome into the reply envelope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from runledger.commands.events import EventEnvelope, UnknownEvent
+from runledger.commands.messages import Command, Decision, DecisionContext, ErrorCode, Rejection
+from runledger.infra.aggregates import AggregateRepository, Loaded
+from runledger.infra.event_store import AppendUnavailable, EventStore, WrongExpectedSequence
+
+log = logging.getLogger("runledger.commands")
+
+
+class Unit:
+    """The aggregates one attempt at a command has read, with the sequences they were read at."""
+
+    def __init__(self, repo: AggregateRepository, refresh: bool):
+        self.repo = repo
+        self.refresh = refresh
+        self.loaded: dict[tuple[str, str], int] = {}
+        self.from_cache = False
+
+    async def load(self, aggregate_type: str, aggregate_id: str) -> Any:
+        key = (aggregate_type, aggregate_id)
+        cached = not self.refresh and key in self.repo._cache
+        loaded = await self.repo.load(aggregate_type, aggregate_id, refresh=self.refresh)
+        self.from_cache = self.from_cache or cached
+        self.loaded[key] = loaded.seq
+        return loaded.state
+
+
+Handler = Callable[[Unit, Any, DecisionContext], Awaitable[Decision]]
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    model: type[Command]
+    handle: Handler
+    to_reply: Callable[[Any], Any]
+    # Commands on one key run one at a time in this process, so they never race each other.
+    lock_key: Callable[[Any], str] = lambda cmd: ""
+
+
+def ok(result: Any, seq: int | None, created: bool | None = None) -> dict[str, Any]:
+    return {"ok": True, "result": result, "seq": seq, "created": created}
+
+
+def error(code: ErrorCode | str, message: str, **extra: Any) -> dict[str, Any]:
+    body = {"code": str(code), "message": message}
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return {"ok": False, "error": body}
+
+
+def validation_error_reply(e: ValidationError) -> dict[str, Any]:
+    details = [
+        {"field": ".".join(str(p) for p in err["loc"]) or None, "reason": err["msg"], "type": err["type"]}
+        for err in e.errors(include_url=False, include_input=False)
+    ]
+    first = details[0]
+    where = first["field"] or "body"
+    return error(ErrorCode.INVALID, f"{where}: {first['reason']}", field=first["field"], details=details)
+
+
+def parse_payload(model: type[BaseModel], raw: bytes) -> BaseModel | dict[str, Any]:
+    """The model, or an `invalid` reply naming the field and the reason."""
+    try:
+        body = json.loads(raw or b"{}")
+    except (ValueError, UnicodeDecodeError) as e:
+        return error(ErrorCode.INVALID, f"body is not valid JSON: {e}", field=None)
+    if not isinstance(body, dict):
+        return error(ErrorCode.INVALID, "body must be a JSON object")
+    try:
+        # strict: "1" is not an int, "yes" is not a bool; JSON strings still make UUIDs and datetimes
+        return model.model_validate_json(json.dumps(body), strict=True)
+    except ValidationError as e:
+        return validation_error_reply(e)
+
+
+@dataclass
+class CommandBus:
+    store: EventStore
+    repo: AggregateRepository
+    specs: dict[str, CommandSpec]
+    retries: int = 5
+    clock: Callable[[], DecisionContext] = DecisionContext
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    _lock_users: dict[str, int] = field(default_factory=dict)
+
+    async def execute(self, name: str, raw: bytes) -> dict[str, Any]:
+        spec = self.specs.get(name)
+        if spec is None:
+            return error(ErrorCode.INVALID, f"unknown command {name!r}")
+        parsed = parse_payload(spec.model, raw)
+        if isinstance(parsed, dict):
+            return parsed
+        cmd = parsed
+        key = spec.lock_key(cmd)
+        lock = self._acquire_lock(key)
+        try:
+            async with lock:
+                return await self._execute(name, spec, cmd, raw)
+        except Rejection as r:
+            return {"ok": False, "error": r.as_reply()}
+        except UnknownEvent as e:
+            return error(ErrorCode.UNAVAILABLE, f"the event log holds an event this version cannot read: {e}")
+        except AppendUnavailable as e:
+            return error(ErrorCode.UNAVAILABLE, str(e))
+        except Exception:  # a bug or an outage must still get an answer, never a timeout
+            log.exception("command %s failed", name)
+            return error(ErrorCode.UNAVAILABLE, f"command {name} failed on the server; see the service log")
+        finally:
+            self._release_lock(key)
+
+    def _acquire_lock(self, key: str) -> asyncio.Lock:
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        self._lock_users[key] = self._lock_users.get(key, 0) + 1
+        return lock
+
+    def _release_lock(self, key: str) -> None:
+        users = self._lock_users[key] - 1
+        if users:
+            self._lock_users[key] = users
+        else:
+            del self._lock_users[key]
+            del self._locks[key]
+
+    async def _execute(self, name: str, spec: CommandSpec, cmd: Command, raw: bytes) -> dict[str, Any]:
+        fingerprint = None
+        if cmd.idempotency_key is not None:
+            fingerprint = hashlib.sha256(name.encode() + b"\0" + cmd.model_dump_json(exclude={"idempotency_key"}).encode()).hexdigest()
+            earlier = await self.store.read_idempotency_record(cmd.idempotency_key)
+            if earlier is not None:
+                return self._repeat_reply(earlier, fingerprint)
+        refresh = False
+        for attempt in range(self.retries + 1):
+            unit = Unit(self.repo, refresh)
+            ctx = self.clock()
+            try:
+                decision = await spec.handle(unit, cmd, ctx)
+            except Rejection:
+                if unit.from_cache:
+                    # Another instance may have changed what our cache holds: look once more.
+                    refresh = True
+                    continue
+                raise
+            if not decision.events:
+                if unit.from_cache:
+                    refresh = True
+                    continue
+                seq = max(unit.loaded.values(), default=None)
+                return ok(spec.to_reply(decision.result), seq, decision.created)
+            envelopes = [
+                EventEnvelope.wrap(e.aggregate_id, e.event, occurred=ctx.now, event_id=ctx.new_id(), idempotency_key=cmd.idempotency_key)
+                for e in decision.events
+            ]
+            reply_result = spec.to_reply(decision.result)
+            idem = None
+            if cmd.idempotency_key is not None:
+                record = {"command": name, "fingerprint": fingerprint, "result": reply_result,
+                          "created": decision.created, "events": len(envelopes)}
+                idem = (cmd.idempotency_key, json.dumps(record, default=str).encode())
+            expected = {k: unit.loaded.get(k, 0) for k in {(e.aggregate_type, e.aggregate_id) for e in envelopes}}
+            messages = self.store.build_messages(envelopes, expected, idem)
+            try:
+                last_seq = await self.store.append(messages)
+            except WrongExpectedSequence:
+                if idem is not None:
+                    earlier = await self.store.read_idempotency_record(cmd.idempotency_key)
+                    if earlier is not None:
+                        return self._repeat_reply(earlier, fingerprint)
+                refresh = True
+                continue
+            self._remember(envelopes, unit, last_seq)
+            return ok(reply_result, last_seq, decision.created)
+        return error(ErrorCode.CONFLICT, f"{name} lost {self.retries + 1} races in a row for the same object; try again")
+
+    def _remember(self, envelopes: list[EventEnvelope], unit: Unit, last_seq: int) -> None:
+        """Fold our own events into the cache so the next command needs no read."""
+        n = len(envelopes)
+        by_agg: dict[tuple[str, str], list[tuple[int, EventEnvelope]]] = {}
+        for i, env in enumerate(envelopes):
+            by_agg.setdefault((env.aggregate_type, env.aggregate_id), []).append((last_seq - (n - 1 - i), env))
+        for (atype, aid), items in by_agg.items():
+            kind = self.repo.kinds[atype]
+            cached = self.repo._cache.get((atype, aid))
+            if cached is None or cached.seq != unit.loaded.get((atype, aid), 0):
+                if unit.loaded.get((atype, aid), 0) != 0:
+                    self.repo.forget(atype, aid)
+                    continue
+                state = kind.initial()
+            else:
+                state = cached.state
+            for _, env in items:
+                state = kind.evolve(state, env.decode())
+            self.repo.remember(atype, aid, Loaded(state, items[-1][0]))
+
+    @staticmethod
+    def _repeat_reply(earlier: tuple[int, dict], fingerprint: str | None) -> dict[str, Any]:
+        seq, record = earlier
+        if fingerprint is not None and record.get("fingerprint") != fingerprint:
+            return error(ErrorCode.CONFLICT, "this idempotency key was already used for a different command")
+        reply = ok(record.get("result"), seq + int(record.get("events", 0)), record.get("created"))
+        reply["repeat"] = True  # the first reply, again: nothing was appended this time
+        return reply

@@ -1,0 +1,109 @@
+"""The work-pool command table: what each command loads before its pure decider runs."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from runledger.commands import work_pools as wp
+from runledger.commands.messages import Decision, DecisionContext
+from runledger.infra.aggregates import AggregateKind
+
+from .command_bus import CommandSpec, Unit
+
+AGGREGATE_KINDS = [
+    AggregateKind(wp.WORK_POOL, lambda: None, wp.evolve),
+    AggregateKind(wp.WORK_POOL_NAME, wp.WorkPoolNameClaim, wp.evolve_name, last_event_only=True),
+]
+
+# Finds the pool that holds a queue id (a queue never changes pool); None if unknown.
+QueuePoolLookup = Callable[[uuid.UUID], Awaitable[uuid.UUID | None]]
+
+
+async def _claim(unit: Unit, name: str) -> wp.WorkPoolNameClaim:
+    return await unit.load(wp.WORK_POOL_NAME, wp.name_aggregate_id(name))
+
+
+async def _pool_by_name(unit: Unit, name: str) -> wp.WorkPool | None:
+    claim = await _claim(unit, name)
+    if claim.work_pool_id is None:
+        return None
+    return await unit.load(wp.WORK_POOL, str(claim.work_pool_id))
+
+
+async def create_work_pool(unit: Unit, cmd: wp.CreateWorkPool, ctx: DecisionContext) -> Decision:
+    return wp.decide_create_work_pool(cmd, await _claim(unit, cmd.name), ctx)
+
+
+async def update_work_pool(unit: Unit, cmd: wp.UpdateWorkPool, ctx: DecisionContext) -> Decision:
+    return wp.decide_update_work_pool(cmd, await _pool_by_name(unit, cmd.name), ctx)
+
+
+async def delete_work_pool(unit: Unit, cmd: wp.DeleteWorkPool, ctx: DecisionContext) -> Decision:
+    return wp.decide_delete_work_pool(cmd, await _pool_by_name(unit, cmd.name), ctx)
+
+
+async def create_work_queue(unit: Unit, cmd: wp.CreateWorkQueue, ctx: DecisionContext) -> Decision:
+    return wp.decide_create_work_queue(cmd, await _pool_by_name(unit, cmd.work_pool_name), ctx)
+
+
+async def update_work_queue(unit: Unit, cmd: wp.UpdateWorkQueue, ctx: DecisionContext) -> Decision:
+    return wp.decide_update_work_queue(cmd, await _pool_by_name(unit, cmd.work_pool_name), ctx)
+
+
+async def delete_work_queue(unit: Unit, cmd: wp.DeleteWorkQueue, ctx: DecisionContext) -> Decision:
+    return wp.decide_delete_work_queue(cmd, await _pool_by_name(unit, cmd.work_pool_name), ctx)
+
+
+async def set_work_queue_priorities(unit: Unit, cmd: wp.SetWorkQueuePriorities, ctx: DecisionContext) -> Decision:
+    return wp.decide_set_work_queue_priorities(cmd, await _pool_by_name(unit, cmd.work_pool_name), ctx)
+
+
+async def create_legacy_work_queue(unit: Unit, cmd: wp.CreateLegacyWorkQueue, ctx: DecisionContext) -> Decision:
+    claim = await _claim(unit, wp.LEGACY_POOL_NAME)
+    pool = await unit.load(wp.WORK_POOL, str(claim.work_pool_id)) if claim.work_pool_id else None
+    return wp.decide_create_legacy_work_queue(cmd, claim, pool, ctx)
+
+
+def _pool_reply(result: wp.WorkPool) -> dict[str, Any]:
+    return wp.work_pool_reply(result)
+
+
+def _queue_reply(result: tuple[wp.WorkPool, wp.WorkQueue]) -> dict[str, Any]:
+    pool, queue = result
+    return wp.work_queue_reply(pool, queue)
+
+
+def _queues_reply(pool: wp.WorkPool) -> list[dict[str, Any]]:
+    return [wp.work_queue_reply(pool, q) for q in pool.queues_by_priority()]
+
+
+def _nothing(_: Any) -> None:
+    return None
+
+
+def command_specs(lookup_queue_pool: QueuePoolLookup) -> dict[str, CommandSpec]:
+    async def pool_of_queue(unit: Unit, queue_id: uuid.UUID) -> wp.WorkPool | None:
+        pool_id = await lookup_queue_pool(queue_id)
+        return await unit.load(wp.WORK_POOL, str(pool_id)) if pool_id else None
+
+    async def update_by_id(unit: Unit, cmd: wp.UpdateWorkQueueById, ctx: DecisionContext) -> Decision:
+        return wp.decide_update_work_queue_by_id(cmd, await pool_of_queue(unit, cmd.id), ctx)
+
+    async def delete_by_id(unit: Unit, cmd: wp.DeleteWorkQueueById, ctx: DecisionContext) -> Decision:
+        return wp.decide_delete_work_queue_by_id(cmd, await pool_of_queue(unit, cmd.id), ctx)
+
+    by_pool = lambda attr: (lambda cmd: f"pool:{getattr(cmd, attr)}")  # noqa: E731
+    return {
+        "CreateWorkPool": CommandSpec(wp.CreateWorkPool, create_work_pool, _pool_reply, by_pool("name")),
+        "UpdateWorkPool": CommandSpec(wp.UpdateWorkPool, update_work_pool, _pool_reply, by_pool("name")),
+        "DeleteWorkPool": CommandSpec(wp.DeleteWorkPool, delete_work_pool, _nothing, by_pool("name")),
+        "CreateWorkQueue": CommandSpec(wp.CreateWorkQueue, create_work_queue, _queue_reply, by_pool("work_pool_name")),
+        "UpdateWorkQueue": CommandSpec(wp.UpdateWorkQueue, update_work_queue, _queue_reply, by_pool("work_pool_name")),
+        "DeleteWorkQueue": CommandSpec(wp.DeleteWorkQueue, delete_work_queue, _nothing, by_pool("work_pool_name")),
+        "SetWorkQueuePriorities": CommandSpec(wp.SetWorkQueuePriorities, set_work_queue_priorities, _queues_reply, by_pool("work_pool_name")),
+        "CreateLegacyWorkQueue": CommandSpec(wp.CreateLegacyWorkQueue, create_legacy_work_queue, _queue_reply, lambda c: f"pool:{wp.LEGACY_POOL_NAME}"),
+        "UpdateWorkQueueById": CommandSpec(wp.UpdateWorkQueueById, update_by_id, _queue_reply, lambda c: f"queue:{c.id}"),
+        "DeleteWorkQueueById": CommandSpec(wp.DeleteWorkQueueById, delete_by_id, _nothing, lambda c: f"queue:{c.id}"),
+    }

@@ -1,0 +1,244 @@
+"""The work pools and work queues read model: its projector and the queries over it."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from runledger.commands import queries as q
+from runledger.commands import work_pools as wp
+from runledger.commands.messages import Event, not_found
+
+from .tables import work_pools, work_queues
+
+_DELETED = object()
+
+
+def _pool_row(p: wp.WorkPoolSnapshot) -> dict[str, Any]:
+    return {
+        "id": p.id, "name": p.name, "description": p.description, "type": p.type,
+        "base_job_template": p.base_job_template, "is_paused": p.is_paused,
+        "concurrency_limit": p.concurrency_limit,
+        "storage_configuration": p.storage_configuration.model_dump(mode="json"),
+        "status": p.status.value if p.status else None, "default_queue_id": p.default_queue_id,
+        "created": p.created, "updated": p.updated,
+    }
+
+
+def _queue_row(pool_id: uuid.UUID, s: wp.WorkQueueSnapshot) -> dict[str, Any]:
+    return {
+        "id": s.id, "work_pool_id": pool_id, "name": s.name, "description": s.description,
+        "is_paused": s.is_paused, "concurrency_limit": s.concurrency_limit, "priority": s.priority,
+        "status": s.status.value, "last_polled": s.last_polled, "created": s.created, "updated": s.updated,
+    }
+
+
+class WorkPoolsProjector:
+    """Applies a batch in memory over the rows it touches, then writes them back in bulk."""
+
+    name = "work_pools"
+    tables = (work_pools, work_queues)
+    handles = frozenset(cls.event_type for cls in (
+        wp.WorkPoolCreated, wp.WorkPoolUpdated, wp.WorkPoolDeleted, wp.WorkQueueCreated,
+        wp.WorkQueueUpdated, wp.WorkQueueDeleted, wp.WorkQueuesReprioritized,
+    ))
+
+    async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, Event]]) -> None:
+        """`events`: (aggregate id, event) in stream order, already filtered to `handles`."""
+        pools: dict[uuid.UUID, Any] = {}
+        queues: dict[uuid.UUID, Any] = {}
+        moved_ids = {qid for _, e in events for qid in getattr(e, "reprioritized", {})}
+        if moved_ids:
+            rows = await conn.execute(select(work_queues).where(work_queues.c.id.in_(moved_ids)))
+            queues.update({r.id: dict(r._mapping) for r in rows})
+
+        def move(priorities: dict[uuid.UUID, int], when) -> None:
+            for qid, priority in priorities.items():
+                row = queues.get(qid)
+                if isinstance(row, dict):
+                    queues[qid] = {**row, "priority": priority, "updated": when}
+
+        for aggregate_id, e in events:
+            pool_id = uuid.UUID(aggregate_id)
+            match e:
+                case wp.WorkPoolCreated(pool=p, default_queue=dq):
+                    pools[p.id] = _pool_row(p)
+                    queues[dq.id] = _queue_row(p.id, dq)
+                case wp.WorkPoolUpdated(pool=p):
+                    pools[p.id] = _pool_row(p)
+                case wp.WorkPoolDeleted(pool_id=pid, queue_ids=qids):
+                    pools[pid] = _DELETED
+                    for qid in qids:
+                        queues[qid] = _DELETED
+                case wp.WorkQueueCreated(queue=s, reprioritized=m) | wp.WorkQueueUpdated(queue=s, reprioritized=m):
+                    queues[s.id] = _queue_row(pool_id, s)
+                    move(m, s.updated)
+                case wp.WorkQueueDeleted(queue_id=qid, reprioritized=m, deleted=when):
+                    queues[qid] = _DELETED
+                    move(m, when)
+                case wp.WorkQueuesReprioritized(reprioritized=m, updated=when):
+                    move(m, when)
+        await _write(conn, work_pools, pools)
+        await _write(conn, work_queues, queues)
+
+
+async def _write(conn: AsyncConnection, table, rows: dict[uuid.UUID, Any]) -> None:
+    gone = [k for k, v in rows.items() if v is _DELETED]
+    kept = [v for v in rows.values() if v is not _DELETED]
+    if gone:
+        await conn.execute(delete(table).where(table.c.id.in_(gone)))
+    if kept:
+        stmt = insert(table)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[table.c.id],
+            set_={c.name: stmt.excluded[c.name] for c in table.columns if c.name != "id"},
+        )
+        await conn.execute(stmt, kept)
+
+
+# ---------------------------------------------------------------------------------------------
+# Queries
+
+
+def _iso(v):
+    return v.isoformat() if v is not None else None
+
+
+def pool_reply(r) -> dict[str, Any]:
+    """WP-3: `prefect-agent` pools report no status; SL-1: `active_slots` only with a limit
+    (no runs exist yet, so it is 0)."""
+    return {
+        "id": str(r.id), "created": _iso(r.created), "updated": _iso(r.updated), "name": r.name,
+        "description": r.description, "type": r.type, "base_job_template": r.base_job_template,
+        "is_paused": r.is_paused, "concurrency_limit": r.concurrency_limit,
+        "status": None if r.type == wp.LEGACY_POOL_TYPE else r.status,
+        "default_queue_id": str(r.default_queue_id), "storage_configuration": r.storage_configuration,
+        "active_slots": 0 if r.concurrency_limit is not None else None,
+    }
+
+
+def queue_reply(r, pool_name: str) -> dict[str, Any]:
+    return {
+        "id": str(r.id), "created": _iso(r.created), "updated": _iso(r.updated), "name": r.name,
+        "description": r.description, "is_paused": r.is_paused, "concurrency_limit": r.concurrency_limit,
+        "priority": r.priority, "work_pool_id": str(r.work_pool_id), "work_pool_name": pool_name,
+        "last_polled": _iso(r.last_polled), "status": r.status, "filter": None,
+        "active_slots": 0 if r.concurrency_limit is not None else None,
+    }
+
+
+def _pool_filter(stmt, f: q.WorkPoolFilter | None):
+    if f is None:
+        return stmt
+    if f.id and f.id.any_ is not None:
+        stmt = stmt.where(work_pools.c.id.in_(f.id.any_))
+    if f.name and f.name.any_ is not None:
+        stmt = stmt.where(work_pools.c.name.in_(f.name.any_))
+    if f.type and f.type.any_ is not None:
+        stmt = stmt.where(work_pools.c.type.in_(f.type.any_))
+    return stmt
+
+
+def _queue_filter(stmt, f: q.WorkQueueFilter | None):
+    if f is None:
+        return stmt
+    if f.id and f.id.any_ is not None:
+        stmt = stmt.where(work_queues.c.id.in_(f.id.any_))
+    if f.name and f.name.any_ is not None:
+        stmt = stmt.where(work_queues.c.name.in_(f.name.any_))
+    return stmt
+
+
+async def _pool_row_by_name(conn: AsyncConnection, name: str):
+    row = (await conn.execute(select(work_pools).where(work_pools.c.name == name))).first()
+    if row is None:
+        raise wp.pool_not_found(name)
+    return row
+
+
+async def get_work_pool(conn: AsyncConnection, query: q.GetWorkPool) -> dict[str, Any]:
+    return pool_reply(await _pool_row_by_name(conn, query.name))
+
+
+async def list_work_pools(conn: AsyncConnection, query: q.ListWorkPools) -> list[dict[str, Any]]:
+    stmt = _pool_filter(select(work_pools), query.work_pools).order_by(work_pools.c.name, work_pools.c.id)
+    rows = await conn.execute(stmt.limit(query.limit).offset(query.offset))
+    return [pool_reply(r) for r in rows]
+
+
+async def count_work_pools(conn: AsyncConnection, query: q.CountWorkPools) -> int:
+    stmt = _pool_filter(select(func.count()).select_from(work_pools), query.work_pools)
+    return (await conn.execute(stmt)).scalar_one()
+
+
+_queue_with_pool = select(work_queues, work_pools.c.name.label("pool_name")).join(
+    work_pools, work_pools.c.id == work_queues.c.work_pool_id
+)
+
+
+async def get_work_queue(conn: AsyncConnection, query: q.GetWorkQueue) -> dict[str, Any]:
+    row = (await conn.execute(_queue_with_pool.where(
+        work_pools.c.name == query.work_pool_name, work_queues.c.name == query.work_queue_name
+    ))).first()
+    if row is None:
+        await _pool_row_by_name(conn, query.work_pool_name)
+        raise wp.queue_not_found(query.work_pool_name, query.work_queue_name)
+    return queue_reply(row, row.pool_name)
+
+
+async def list_work_queues(conn: AsyncConnection, query: q.ListWorkQueues) -> list[dict[str, Any]]:
+    pool = await _pool_row_by_name(conn, query.work_pool_name)
+    stmt = _queue_filter(select(work_queues).where(work_queues.c.work_pool_id == pool.id), query.work_queues)
+    stmt = stmt.order_by(work_queues.c.priority, work_queues.c.created, work_queues.c.id)
+    rows = await conn.execute(stmt.limit(query.limit).offset(query.offset))
+    return [queue_reply(r, pool.name) for r in rows]
+
+
+async def count_work_queues(conn: AsyncConnection, query: q.CountWorkQueues) -> int:
+    pool = await _pool_row_by_name(conn, query.work_pool_name)
+    stmt = select(func.count()).select_from(work_queues).where(work_queues.c.work_pool_id == pool.id)
+    return (await conn.execute(_queue_filter(stmt, query.work_queues))).scalar_one()
+
+
+async def get_work_queue_by_id(conn: AsyncConnection, query: q.GetWorkQueueById) -> dict[str, Any]:
+    row = (await conn.execute(_queue_with_pool.where(work_queues.c.id == query.id))).first()
+    if row is None:
+        raise wp.queue_id_not_found(query.id)
+    return queue_reply(row, row.pool_name)
+
+
+async def get_legacy_work_queue(conn: AsyncConnection, query: q.GetLegacyWorkQueue) -> dict[str, Any]:
+    row = (await conn.execute(_queue_with_pool.where(
+        work_pools.c.name == wp.LEGACY_POOL_NAME, work_queues.c.name == query.name
+    ))).first()
+    if row is None:
+        raise not_found(f"Work queue '{query.name}' not found.")
+    return queue_reply(row, row.pool_name)
+
+
+async def list_all_work_queues(conn: AsyncConnection, query: q.ListAllWorkQueues) -> list[dict[str, Any]]:
+    stmt = _queue_filter(_queue_with_pool, query.work_queues).order_by(work_queues.c.name, work_queues.c.id)
+    rows = await conn.execute(stmt.limit(query.limit).offset(query.offset))
+    return [queue_reply(r, r.pool_name) for r in rows]
+
+
+async def pool_of_queue(conn: AsyncConnection, queue_id: uuid.UUID) -> uuid.UUID | None:
+    return (await conn.execute(select(work_queues.c.work_pool_id).where(work_queues.c.id == queue_id))).scalar_one_or_none()
+
+
+QUERIES = {
+    "GetWorkPool": (q.GetWorkPool, get_work_pool),
+    "ListWorkPools": (q.ListWorkPools, list_work_pools),
+    "CountWorkPools": (q.CountWorkPools, count_work_pools),
+    "GetWorkQueue": (q.GetWorkQueue, get_work_queue),
+    "ListWorkQueues": (q.ListWorkQueues, list_work_queues),
+    "CountWorkQueues": (q.CountWorkQueues, count_work_queues),
+    "GetWorkQueueById": (q.GetWorkQueueById, get_work_queue_by_id),
+    "GetLegacyWorkQueue": (q.GetLegacyWorkQueue, get_legacy_work_queue),
+    "ListAllWorkQueues": (q.ListAllWorkQueues, list_all_work_queues),
+}

