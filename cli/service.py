@@ -1,1 +1,140 @@
-"""`runledger up` and `runledger serve` (filled in by the service work)."""
+"""`runledger up` (everything embedded, one command) and `runledger serve` (against the servers
+the environment names)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from runledger.infra.nats_connection import BrokerUnavailable
+from runledger.infra.settings import Settings, endpoint_file, load_settings
+
+from .main import app
+
+console = Console(stderr=True, soft_wrap=True)
+EXIT_UNAVAILABLE = 6
+ROLES = ("commands", "queries", "projections")
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "runledger"
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("nats", "faststream", "asyncio", "pgserver"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+async def _serve_until_signalled(settings: Settings, roles: frozenset[str], on_ready=None) -> None:
+    from runledger.handlers.service import Service
+
+    service = Service(settings, roles=roles)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    try:
+        if on_ready:
+            on_ready()
+        await stop.wait()
+    finally:
+        await service.stop()
+
+
+def _parse_roles(roles: str) -> frozenset[str]:
+    chosen = frozenset(r.strip() for r in roles.split(",") if r.strip())
+    unknown = chosen - set(ROLES)
+    if unknown or not chosen:
+        raise typer.BadParameter(f"roles must be a comma-separated subset of {','.join(ROLES)}")
+    return chosen
+
+
+@app.command()
+def serve(
+    roles: str = typer.Option(",".join(ROLES), help="Which parts to run here: commands,queries,projections."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run the service against RUNLEDGER_NATS_URL and RUNLEDGER_DATABASE_URL."""
+    _configure_logging(verbose)
+    settings = load_settings()
+    chosen = _parse_roles(roles)
+    try:
+        asyncio.run(_serve_until_signalled(settings, chosen))
+    except BrokerUnavailable as e:
+        console.print(f"[red]Error (unavailable):[/red] {e}")
+        raise typer.Exit(EXIT_UNAVAILABLE) from None
+    except OSError as e:
+        console.print(f"[red]Error (unavailable):[/red] cannot reach Postgres at {settings.safe_database_url()}: {e.strerror or e}")
+        raise typer.Exit(EXIT_UNAVAILABLE) from None
+
+
+@app.command()
+def up(
+    data_dir: Path = typer.Option(None, "--data-dir", help="Where NATS and Postgres keep their data (default: ~/.local/share/runledger)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Start an embedded NATS and Postgres (127.0.0.1 only, free ports) and the service, in one
+    command. Ctrl-C stops all three; the data stays in the data directory."""
+    from runledger.infra.embedded import EmbeddedNats, EmbeddedPostgres
+
+    _configure_logging(verbose)
+    started = time.perf_counter()
+    data_dir = (data_dir or default_data_dir()).expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    nats_server = EmbeddedNats(data_dir / "nats")
+    postgres = EmbeddedPostgres(data_dir / "pg")
+    record = endpoint_file()
+    try:
+        with console.status("starting NATS and Postgres..."):
+            nats_server.start()
+            postgres.start()
+        settings = Settings(nats_url=nats_server.url, database_url=postgres.url,
+                            namespace=os.environ.get("RUNLEDGER_NAMESPACE", "runledger"))
+
+        def ready() -> None:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({
+                "nats_url": settings.nats_url, "database_url": settings.database_url.get_secret_value(),
+                "namespace": settings.namespace, "data_dir": str(data_dir), "pid": os.getpid(),
+            }, indent=2))
+            record.chmod(0o600)
+            console.print(f"[green]runledger is up[/green] in {time.perf_counter() - started:.1f} s")
+            console.print(f"  NATS      {settings.nats_url}  (monitoring http://127.0.0.1:{nats_server.monitor_port})")
+            console.print(f"  Postgres  {settings.safe_database_url()}")
+            console.print(f"  data      {data_dir}")
+            console.print(f"  endpoint  {record}  (other terminals find the service through it)")
+            console.print("Press Ctrl-C to stop.")
+
+        asyncio.run(_serve_until_signalled(settings, frozenset(ROLES), on_ready=ready))
+    except BrokerUnavailable as e:
+        console.print(f"[red]Error (unavailable):[/red] {e}")
+        raise typer.Exit(EXIT_UNAVAILABLE) from None
+    finally:
+        _remove_own_record(record)
+        postgres.stop()
+        nats_server.stop()
+        console.print("runledger stopped; data kept in", str(data_dir))
+
+
+def _remove_own_record(record: Path) -> None:
+    try:
+        if json.loads(record.read_text()).get("pid") == os.getpid():
+            record.unlink()
+    except (OSError, ValueError):
+        pass

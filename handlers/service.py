@@ -130,14 +130,21 @@ class Service:
         return None
 
     async def stop(self) -> None:
-        if self.broker is not None:
-            await self.broker.stop()
-        if self.runner is not None:
-            await self.runner.stop()
-        if self.nc is not None and not self.nc.is_closed:
-            await self.nc.drain()
-        if self.engine is not None:
-            await self.engine.dispose()
+        """Stop taking requests, then stop projecting, then close connections; each step is
+        bounded so that a signal always ends the process."""
+        steps = [
+            self.broker.stop() if self.broker is not None else None,
+            self.runner.stop() if self.runner is not None else None,
+            self.nc.close() if self.nc is not None and not self.nc.is_closed else None,
+            self.engine.dispose() if self.engine is not None else None,
+        ]
+        for step in steps:
+            if step is None:
+                continue
+            try:
+                await asyncio.wait_for(step, 10)
+            except (asyncio.TimeoutError, Exception):
+                log.warning("a shutdown step did not finish cleanly", exc_info=True)
 
     async def run_forever(self) -> None:
         await self.start()

@@ -87,7 +87,11 @@ class EmbeddedPostgres:
     _server: object | None = None
 
     def start(self) -> EmbeddedPostgres:
-        import pgserver  # imported late: it is slow to import and only `up` and tests need it
+        import warnings
+
+        with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR on servers
+            warnings.simplefilter("ignore")
+            import pgserver  # imported late: slow to import, and only `up` and tests need it
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:

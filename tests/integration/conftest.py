@@ -4,7 +4,12 @@ from runledger.infra.nats_connection import connect
 
 from .broker import Broker
 
-pytestmark = pytest.mark.integration
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tests/integration/" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture
