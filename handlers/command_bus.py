@@ -149,7 +149,7 @@ class CommandBus:
             if earlier is not None:
                 return self._repeat_reply(earlier, fingerprint)
         refresh = False
-        for attempt in range(self.retries + 1):
+        for _attempt in range(self.retries + 1):
             unit = Unit(self.repo, refresh)
             ctx = self.clock()
             try:

@@ -59,7 +59,7 @@ class CheckpointWatch:
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), min(remaining, 0.005 if not self.local else remaining))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
 

@@ -143,7 +143,7 @@ class Service:
                 continue
             try:
                 await asyncio.wait_for(step, 10)
-            except (asyncio.TimeoutError, Exception):
+            except (TimeoutError, Exception):
                 log.warning("a shutdown step did not finish cleanly", exc_info=True)
 
     async def run_forever(self) -> None:

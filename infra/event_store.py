@@ -12,7 +12,6 @@ per aggregate, and only multi-aggregate decisions (name claims, idempotency reco
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import uuid
@@ -131,7 +130,7 @@ class EventStore:
                 if len(messages) == 1:
                     return await self._publish_one(messages[0])
                 return await self._publish_batch(messages)
-            except (NatsTimeoutError, asyncio.TimeoutError, NoRespondersError):
+            except (TimeoutError, NatsTimeoutError, NoRespondersError):
                 timed_out = True
                 continue
             except WrongExpectedSequence:

@@ -162,7 +162,7 @@ class ProjectionRunner:
         while True:
             try:
                 msgs = await sub.fetch(self.batch_size, timeout=1.0)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, nats.errors.TimeoutError):
                 continue
             if not msgs:
                 continue

@@ -5,7 +5,6 @@ from runledger.infra.nats_connection import connect
 from .broker import Broker
 
 
-
 def pytest_collection_modifyitems(items):
     for item in items:
         if "tests/integration/" in str(item.fspath):
