@@ -1,0 +1,164 @@
+"""The event store's contract against a real NATS >= 2.12: optimistic concurrency over a whole
+aggregate, all-or-nothing batches, and lost acknowledgements. The first two would fail on a
+server that ignores the checks (NATS 2.9 accepts both), so they also guard the version gate."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import tempfile
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import nats.errors
+import pytest
+
+from runledger.commands import work_pools as wp
+from runledger.commands.events import EventEnvelope
+from runledger.infra.embedded import free_port
+from runledger.infra.event_store import EventStore, WrongExpectedSequence
+from runledger.infra.jetstream_setup import ensure_event_stream
+from runledger.infra.nats_connection import BrokerUnavailable, connect
+from runledger.infra.settings import Settings
+from tests.conftest import cleanup_namespace
+
+
+@pytest.fixture
+async def store(settings):
+    nc = await connect(settings)
+    await ensure_event_stream(nc.jetstream(), settings)
+    try:
+        yield EventStore(nc, settings)
+    finally:
+        await nc.close()
+        await cleanup_namespace(settings)
+
+
+def claim(name: str, pool_id: uuid.UUID | None = None) -> EventEnvelope:
+    event = wp.WorkPoolNameClaimed(name=name, work_pool_id=pool_id or uuid.uuid4())
+    return EventEnvelope.wrap(wp.name_aggregate_id(name), event, occurred=datetime.now(UTC), event_id=uuid.uuid4())
+
+
+def release(name: str, pool_id: uuid.UUID) -> EventEnvelope:
+    event = wp.WorkPoolNameReleased(name=name, work_pool_id=pool_id)
+    return EventEnvelope.wrap(wp.name_aggregate_id(name), event, occurred=datetime.now(UTC), event_id=uuid.uuid4())
+
+
+async def count(store: EventStore) -> int:
+    return (await store.js.stream_info(store.stream)).state.messages
+
+
+async def test_stale_append_to_an_aggregate_is_rejected(store):
+    key = (wp.WORK_POOL_NAME, wp.name_aggregate_id("a"))
+    first = claim("a")
+    seq = await store.append(store.build_messages([first], {key: 0}))
+    # The same expectation again is stale: the aggregate now has an event.
+    with pytest.raises(WrongExpectedSequence):
+        await store.append(store.build_messages([claim("a")], {key: 0}))
+    # The check spans the aggregate, not one subject: a different event type is stale too.
+    with pytest.raises(WrongExpectedSequence):
+        await store.append(store.build_messages([release("a", first.payload["work_pool_id"])], {key: 0}))
+    assert await count(store) == 1
+    # With the right expectation it goes through.
+    seq2 = await store.append(store.build_messages([release("a", uuid.UUID(first.payload["work_pool_id"]))], {key: seq}))
+    assert seq2 == seq + 1
+    events = await store.read_aggregate(*key)
+    assert [e.envelope.type for e in events] == ["WorkPoolNameClaimed", "WorkPoolNameReleased"]
+
+
+async def test_a_batch_with_one_stale_check_stores_nothing(store):
+    taken = (wp.WORK_POOL_NAME, wp.name_aggregate_id("taken"))
+    await store.append(store.build_messages([claim("taken")], {taken: 0}))
+    before = await count(store)
+    fresh = (wp.WORK_POOL_NAME, wp.name_aggregate_id("fresh"))
+    batch = store.build_messages([claim("fresh"), claim("taken")], {fresh: 0, taken: 0})
+    assert len(batch) == 2
+    with pytest.raises(WrongExpectedSequence):
+        await store.append(batch)
+    assert await count(store) == before
+    assert await store.read_aggregate(*fresh) == []
+
+
+async def test_a_batch_lands_whole_and_in_order(store):
+    keys = [(wp.WORK_POOL_NAME, wp.name_aggregate_id(n)) for n in ("x", "y", "z")]
+    envelopes = [claim(n) for n in ("x", "y", "z")]
+    last = await store.append(store.build_messages(envelopes, dict.fromkeys(keys, 0)))
+    seqs = [(await store.read_aggregate(*k))[0].seq for k in keys]
+    assert seqs == [last - 2, last - 1, last]
+
+
+@pytest.mark.parametrize("batched", [False, True])
+async def test_a_retry_after_a_lost_ack_is_recognised_as_ours(store, monkeypatch, batched):
+    """The ack of a stored append is lost; the retry fails its sequence check (the server
+    checks before de-duplicating) and the store must recognise its own message."""
+    names = ["lost1", "lost2"] if batched else ["lost1"]
+    envelopes = [claim(n) for n in names]
+    keys = {(wp.WORK_POOL_NAME, wp.name_aggregate_id(n)): 0 for n in names}
+    messages = store.build_messages(envelopes, keys)
+    method = "_publish_batch" if batched else "_publish_one"
+    real = getattr(store, method)
+    calls = 0
+
+    async def ack_lost(*args):
+        nonlocal calls
+        calls += 1
+        result = await real(*args)
+        if calls == 1:
+            raise nats.errors.TimeoutError  # stored, but the caller never hears it
+        return result
+
+    monkeypatch.setattr(store, method, ack_lost)
+    seq = await store.append(messages)
+    assert calls == 2
+    assert await count(store) == len(names)
+    stored = await store.read_aggregate(*next(reversed(keys)))
+    assert stored[-1].seq == seq and stored[-1].envelope.id == envelopes[-1].id
+
+
+async def test_fifty_racing_claims_of_one_name_store_exactly_one(store):
+    key = (wp.WORK_POOL_NAME, wp.name_aggregate_id("contested"))
+
+    async def attempt(i: int):
+        try:
+            return await store.append(store.build_messages([claim("contested")], {key: 0}))
+        except WrongExpectedSequence:
+            return None
+
+    results = await asyncio.gather(*(attempt(i) for i in range(50)))
+    assert sum(r is not None for r in results) == 1
+    assert len(await store.read_aggregate(*key)) == 1
+
+
+def _old_nats_server() -> tuple[str, subprocess.Popen | None]:
+    """Debian's NATS 2.9 (the machine's own), started on a free port; else the one at 4222."""
+    binary = shutil.which("nats-server", path="/usr/sbin:/usr/bin")
+    if binary and "2.9" in subprocess.run([binary, "--version"], capture_output=True, text=True).stdout:
+        port = free_port()
+        store_dir = Path(tempfile.mkdtemp(prefix="rl-old-nats-"))
+        proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store_dir)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return f"nats://127.0.0.1:{port}", proc
+    return "nats://127.0.0.1:4222", None
+
+
+async def test_an_old_nats_server_is_refused_with_a_clear_error():
+    url, proc = _old_nats_server()
+    try:
+        await asyncio.sleep(0.3)
+        settings = Settings(nats_url=url, namespace=f"t{uuid.uuid4().hex[:10]}")
+        with pytest.raises(BrokerUnavailable, match=r"is version 2\.\d+\.\d+; runledger needs NATS >= 2\.12"):
+            await connect(settings)
+        # Even past the version check, the stream setup notices the ignored allow_atomic flag.
+        nc = await connect(settings, check_version=False)
+        try:
+            with pytest.raises(BrokerUnavailable, match="allow_atomic"):
+                await ensure_event_stream(nc.jetstream(), settings)
+        finally:
+            await nc.jetstream().delete_stream(settings.stream_name)
+            await nc.close()
+    finally:
+        if proc:
+            proc.terminate()
+            proc.wait()
