@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -96,7 +97,7 @@ class CommandBus:
     store: EventStore
     repo: AggregateRepository
     specs: dict[str, CommandSpec]
-    retries: int = 5
+    retries: int = 10
     clock: Callable[[], DecisionContext] = DecisionContext
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _lock_users: dict[str, int] = field(default_factory=dict)
@@ -186,6 +187,9 @@ class CommandBus:
                     if earlier is not None:
                         return self._repeat_reply(earlier, fingerprint)
                 refresh = True
+                # Another instance won this round: back off a little, with jitter, so that
+                # instances contending for one aggregate take turns instead of colliding again.
+                await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2**_attempt)))
                 continue
             self._remember(envelopes, unit, last_seq)
             return ok(reply_result, last_seq, decision.created)

@@ -50,7 +50,7 @@ class Settings(BaseSettings):
 
     request_timeout: float = 5.0
     query_wait_timeout: float = 5.0
-    command_retries: int = 5
+    command_retries: int = 10
     projection_batch_size: int = 1000
     event_duplicate_window_seconds: float = 120.0
 
