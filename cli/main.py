@@ -14,7 +14,7 @@ app = typer.Typer(
 
 def _register() -> None:
     # Each module adds its own commands to `app`; importing here keeps start-up explicit.
-    from . import service  # noqa: F401  (up, serve)
+    from . import replay, service  # noqa: F401  (replay, verify, events; up, serve)
 
 
 def main() -> None:

@@ -182,8 +182,10 @@ class EventStore:
 
     # -- reading -------------------------------------------------------------------------
 
-    async def read_subject(self, subject_filter: str, start_seq: int = 1, *, batch: int = 1000) -> list[tuple[int, str, bytes, dict]]:
-        """Every message matching `subject_filter` from `start_seq`, via batched direct gets."""
+    async def read_subject(self, subject_filter: str, start_seq: int = 1, *, batch: int = 1000,
+                           max_messages: int | None = None) -> list[tuple[int, str, bytes, dict]]:
+        """The messages matching `subject_filter` from `start_seq` (all, or the first
+        `max_messages`), via batched direct gets."""
         out: list[tuple[int, str, bytes, dict]] = []
         seq = max(1, start_seq)
         api = f"$JS.API.DIRECT.GET.{self.stream}"
@@ -192,7 +194,8 @@ class EventStore:
             sub = await self.nc.subscribe(inbox)
             pending = 0
             try:
-                await self.nc.publish(api, json.dumps({"seq": seq, "next_by_subj": subject_filter, "batch": batch}).encode(), reply=inbox)
+                want = batch if max_messages is None else min(batch, max_messages - len(out))
+                await self.nc.publish(api, json.dumps({"seq": seq, "next_by_subj": subject_filter, "batch": want}).encode(), reply=inbox)
                 while True:
                     msg = await sub.next_msg(timeout=self.settings.request_timeout)
                     headers = msg.headers or {}
@@ -206,7 +209,7 @@ class EventStore:
                     seq = s + 1
             finally:
                 await sub.unsubscribe()
-            if pending <= 0:
+            if pending <= 0 or (max_messages is not None and len(out) >= max_messages):
                 return out
 
     async def read_aggregate(self, aggregate_type: str, aggregate_id: str, after_seq: int = 0) -> list[StoredEvent]:
