@@ -144,7 +144,7 @@ class WorkQueueSnapshot(BaseModel):
         return cls(**{f: getattr(q, f) for f in cls.model_fields})
 
     def to_state(self) -> WorkQueue:
-        return WorkQueue(**{f: getattr(self, f) for f in type(self).model_fields})
+        return WorkQueue(**self.__dict__)
 
 
 class WorkPoolSnapshot(BaseModel):
@@ -382,14 +382,14 @@ def name_aggregate_id(name: str) -> str:
 def evolve(pool: WorkPool | None, event: Event) -> WorkPool | None:
     match event:
         case WorkPoolCreated(pool=p, default_queue=q):
-            return WorkPool(**{f: getattr(p, f) for f in WorkPoolSnapshot.model_fields}, queues={q.id: q.to_state()})
+            return WorkPool(**p.__dict__, queues={q.id: q.to_state()})
         case WorkPoolDeleted():
             return None
     if pool is None:
         return None  # events after a delete cannot happen; ignore defensively
     match event:
         case WorkPoolUpdated(pool=p):
-            return replace(pool, **{f: getattr(p, f) for f in WorkPoolSnapshot.model_fields})
+            return replace(pool, **p.__dict__)
         case WorkQueueCreated(queue=q, reprioritized=moved):
             return _with_priorities(replace(pool, queues={**pool.queues, q.id: q.to_state()}), moved, q.updated)
         case WorkQueueUpdated(queue=q, reprioritized=moved):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import random
 import json
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,17 +78,17 @@ def validation_error_reply(e: ValidationError) -> dict[str, Any]:
 
 
 def parse_payload(model: type[BaseModel], raw: bytes) -> BaseModel | dict[str, Any]:
-    """The model, or an `invalid` reply naming the field and the reason."""
+    """The model, or an `invalid` reply naming the field and the reason.
+
+    Strict: "1" is not an int and "yes" is not a bool; JSON strings still make UUIDs and
+    datetimes. An empty body is an empty object."""
     try:
-        body = json.loads(raw or b"{}")
-    except (ValueError, UnicodeDecodeError) as e:
-        return error(ErrorCode.INVALID, f"body is not valid JSON: {e}", field=None)
-    if not isinstance(body, dict):
-        return error(ErrorCode.INVALID, "body must be a JSON object")
-    try:
-        # strict: "1" is not an int, "yes" is not a bool; JSON strings still make UUIDs and datetimes
-        return model.model_validate_json(json.dumps(body), strict=True)
+        return model.model_validate_json(raw or b"{}", strict=True)
     except ValidationError as e:
+        errors = e.errors(include_url=False, include_input=False)
+        if errors and errors[0]["type"] in ("json_invalid", "model_type"):
+            what = "valid JSON" if errors[0]["type"] == "json_invalid" else "a JSON object"
+            return error(ErrorCode.INVALID, f"body is not {what}: {errors[0]['msg']}")
         return validation_error_reply(e)
 
 
@@ -191,28 +191,30 @@ class CommandBus:
                 # instances contending for one aggregate take turns instead of colliding again.
                 await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2**_attempt)))
                 continue
-            self._remember(envelopes, unit, last_seq)
+            self._remember(decision, unit, last_seq)
             return ok(reply_result, last_seq, decision.created)
         return error(ErrorCode.CONFLICT, f"{name} lost {self.retries + 1} races in a row for the same object; try again")
 
-    def _remember(self, envelopes: list[EventEnvelope], unit: Unit, last_seq: int) -> None:
-        """Fold our own events into the cache so the next command needs no read."""
-        n = len(envelopes)
-        by_agg: dict[tuple[str, str], list[tuple[int, EventEnvelope]]] = {}
-        for i, env in enumerate(envelopes):
-            by_agg.setdefault((env.aggregate_type, env.aggregate_id), []).append((last_seq - (n - 1 - i), env))
+    def _remember(self, decision: Decision, unit: Unit, last_seq: int) -> None:
+        """Fold our own events into the cache so the next command needs no read. The events of
+        one append are stored contiguously, so each one's sequence follows from the last."""
+        n = len(decision.events)
+        by_agg: dict[tuple[str, str], list[tuple[int, Any]]] = {}
+        for i, new in enumerate(decision.events):
+            by_agg.setdefault((new.aggregate_type, new.aggregate_id), []).append((last_seq - (n - 1 - i), new.event))
         for (atype, aid), items in by_agg.items():
             kind = self.repo.kinds[atype]
+            loaded_at = unit.loaded.get((atype, aid), 0)
             cached = self.repo._cache.get((atype, aid))
-            if cached is None or cached.seq != unit.loaded.get((atype, aid), 0):
-                if unit.loaded.get((atype, aid), 0) != 0:
-                    self.repo.forget(atype, aid)
-                    continue
+            if cached is not None and cached.seq == loaded_at:
+                state = cached.state
+            elif loaded_at == 0:
                 state = kind.initial()
             else:
-                state = cached.state
-            for _, env in items:
-                state = kind.evolve(state, env.decode())
+                self.repo.forget(atype, aid)
+                continue
+            for _, event in items:
+                state = kind.evolve(state, event)
             self.repo.remember(atype, aid, Loaded(state, items[-1][0]))
 
     @staticmethod

@@ -1,7 +1,13 @@
 """The service: wires the broker, the event store, the command and query buses and the
-projection runner, and exposes them as FastStream subscribers on the broker contract.
+projection runner, and serves the broker contract (`<ns>.cmd.*`, `<ns>.qry.*`).
 
 Roles can run in separate processes to scale out: `commands`, `queries`, `projections`.
+
+The request/reply endpoints are plain nats-py queue subscriptions. They were FastStream
+subscribers first; measured on the 2-core reference machine, FastStream's per-message path
+(context, middlewares, a log context that re-parses the subject, its reply publisher) cost
+~225 µs of CPU per request, a third of the service's budget, while giving nothing these
+endpoints use (they take raw bytes and validate with our own models). See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -10,10 +16,8 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from faststream.nats import NatsBroker
 from nats.aio.client import Client as NATS
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -46,21 +50,43 @@ def query_specs():
     return dict(work_pools_read_model.QUERIES)
 
 
-async def _raw_body(msg) -> bytes:
-    return msg.body
+@dataclass
+class Endpoint:
+    """Request/reply on one wildcard subject in a queue group; the last token names the
+    command or query. Up to `concurrency` requests run at once; past that, the subscription
+    stops reading, and NATS buffers (back-pressure, not loss)."""
 
+    subscription: object
+    tasks: set[asyncio.Task]
 
-def _broker_options(settings: Settings) -> dict:
-    options: dict = {"servers": [settings.nats_url], "logger": None}
-    if settings.nats_user:
-        options["user"] = settings.nats_user
-    if settings.nats_password:
-        options["password"] = settings.nats_password.get_secret_value()
-    if settings.nats_token:
-        options["token"] = settings.nats_token.get_secret_value()
-    if settings.nats_creds_file:
-        options["user_credentials"] = str(settings.nats_creds_file)
-    return options
+    @classmethod
+    async def serve(cls, nc: NATS, subject: str, group: str, execute, concurrency: int) -> Endpoint:
+        slots = asyncio.Semaphore(concurrency)
+        tasks: set[asyncio.Task] = set()
+
+        async def answer(msg) -> None:
+            try:
+                name = msg.subject.rsplit(".", 1)[1]
+                out = await execute(name, msg.data)
+                if msg.reply:
+                    await msg.respond(json.dumps(out, default=str).encode())
+            finally:
+                slots.release()
+
+        async def on_message(msg) -> None:
+            await slots.acquire()
+            task = asyncio.create_task(answer(msg))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        sub = await nc.subscribe(subject, queue=group, cb=on_message, pending_msgs_limit=100_000)
+        return cls(sub, tasks)
+
+    async def stop(self) -> None:
+        """Take no new requests; let the ones in flight finish."""
+        await self.subscription.unsubscribe()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=10)
 
 
 @dataclass
@@ -69,7 +95,7 @@ class Service:
     roles: frozenset[str] = ALL_ROLES
     nc: NATS | None = None
     engine: AsyncEngine | None = None
-    broker: NatsBroker | None = None
+    endpoints: list[Endpoint] = field(default_factory=list)
     store: EventStore | None = None
     commands: CommandBus | None = None
     queries: QueryBus | None = None
@@ -93,28 +119,15 @@ class Service:
         repo = AggregateRepository(self.store, AGGREGATE_KINDS)
         self.commands = CommandBus(self.store, repo, command_specs(self._queue_pool_lookup), retries=s.command_retries)
         self.queries = QueryBus(self.engine, query_specs(), self.watch, wait_timeout=s.query_wait_timeout)
-        self.broker = NatsBroker(**_broker_options(s))
         if "commands" in self.roles:
-            self._subscribe(self.commands.specs, s.command_subject, COMMAND_QUEUE_GROUP, self.commands.execute, "command")
+            self.endpoints.append(await Endpoint.serve(self.nc, s.command_subject("*"), COMMAND_QUEUE_GROUP,
+                                                       self.commands.execute, s.handler_concurrency))
         if "queries" in self.roles:
-            self._subscribe(self.queries.specs, s.query_subject, QUERY_QUEUE_GROUP, self.queries.execute, "query")
-        await self.broker.start()
+            self.endpoints.append(await Endpoint.serve(self.nc, s.query_subject("*"), QUERY_QUEUE_GROUP,
+                                                       self.queries.execute, s.handler_concurrency))
+        await self.nc.flush()
         self._started = True
         log.info("runledger service ready: roles %s, NATS %s, namespace %s", ",".join(sorted(self.roles)), s.safe_nats_url(), s.namespace)
-
-    def _subscribe(self, names: Iterable[str], subject_of, group: str, execute, kind: str) -> None:
-        assert self.broker is not None
-        for name in names:
-            self.broker.subscriber(subject_of(name), queue=group, decoder=_raw_body, title=name,
-                                   description=f"runledger {kind} {name}")(self._handler(name, execute))
-
-    @staticmethod
-    def _handler(name: str, execute):
-        async def handle(body: bytes) -> bytes:
-            return json.dumps(await execute(name, body), default=str).encode()
-
-        handle.__name__ = name
-        return handle
 
     async def _queue_pool_lookup(self, queue_id: uuid.UUID) -> uuid.UUID | None:
         """Queue id -> pool id from the read model; on a miss, wait until the read model has
@@ -133,7 +146,7 @@ class Service:
         """Stop taking requests, then stop projecting, then close connections; each step is
         bounded so that a signal always ends the process."""
         steps = [
-            self.broker.stop() if self.broker is not None else None,
+            *(e.stop() for e in self.endpoints),
             self.runner.stop() if self.runner is not None else None,
             self.nc.close() if self.nc is not None and not self.nc.is_closed else None,
             self.engine.dispose() if self.engine is not None else None,

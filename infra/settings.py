@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     request_timeout: float = 5.0
     query_wait_timeout: float = 5.0
     command_retries: int = 10
+    # Requests handled at once per command or query subject.
+    handler_concurrency: int = 64
     projection_batch_size: int = 1000
     event_duplicate_window_seconds: float = 120.0
 

@@ -1,0 +1,170 @@
+"""What the benchmarks share: servers (the environment's, else embedded), a service process,
+a synthetic but valid history, and percentile arithmetic."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from runledger.commands import work_pools as wp
+from runledger.commands.events import EventEnvelope
+from runledger.commands.messages import DecisionContext
+from runledger.infra.embedded import EmbeddedNats, EmbeddedPostgres
+from runledger.infra.event_store import EventStore
+from runledger.infra.settings import Settings
+
+
+def machine() -> str:
+    cores = os.cpu_count()
+    mem = ""
+    with contextlib.suppress(OSError):
+        kb = int(next(line for line in open("/proc/meminfo") if line.startswith("MemTotal")).split()[1])
+        mem = f", {kb / 1024 / 1024:.0f} GiB"
+    return f"{platform.machine()}, {cores} cores{mem}, Python {platform.python_version()}"
+
+
+@contextlib.contextmanager
+def servers() -> Iterator[dict[str, str]]:
+    nats_url = os.environ.get("RUNLEDGER_NATS_URL")
+    db_url = os.environ.get("RUNLEDGER_DATABASE_URL")
+    tmp = Path(tempfile.mkdtemp(prefix="rlb-"))
+    stack = contextlib.ExitStack()
+    stack.callback(shutil.rmtree, tmp, True)
+    with stack:
+        if not nats_url:
+            n = EmbeddedNats(tmp / "nats").start()
+            stack.callback(n.stop)
+            nats_url = n.url
+        if not db_url:
+            pg = EmbeddedPostgres(tmp / "pg").start()
+            stack.callback(pg.stop)
+            db_url = pg.url
+        yield {"nats_url": nats_url, "database_url": db_url}
+
+
+def bench_settings(urls: dict[str, str]) -> Settings:
+    return Settings(nats_url=urls["nats_url"], database_url=urls["database_url"], namespace=f"b{uuid.uuid4().hex[:10]}")
+
+
+@contextlib.contextmanager
+def service_process(settings: Settings, roles: str = "commands,queries,projections") -> Iterator[subprocess.Popen]:
+    """`runledger serve` in its own process, as a user would run it."""
+    env = dict(os.environ,
+               RUNLEDGER_NATS_URL=settings.nats_url,
+               RUNLEDGER_DATABASE_URL=settings.database_url.get_secret_value(),
+               RUNLEDGER_NAMESPACE=settings.namespace,
+               RUNLEDGER_CONFIG_DIR=tempfile.mkdtemp(prefix="rlbcfg-"))
+    exe = Path(sys.executable).parent / "runledger"
+    proc = subprocess.Popen([str(exe), "serve", "--roles", roles], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # type: ignore[union-attr]
+            if "service ready" in line:
+                break
+        else:
+            raise RuntimeError(f"service exited with {proc.wait()}")
+        drain = subprocess.Popen(["cat"], stdin=proc.stderr, stdout=subprocess.DEVNULL)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        with contextlib.suppress(Exception):
+            drain.wait(5)
+
+
+def rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def synthetic_history(n_events: int, pools: int = 1000) -> list[EventEnvelope]:
+    """A valid history of `n_events`: pools created, then queue creates and updates spread
+    over them, decided by the real deciders."""
+    ctx = DecisionContext(now=datetime.now(UTC))
+    out: list[EventEnvelope] = []
+    states: list[wp.WorkPool] = []
+
+    def add(decision) -> None:
+        for e in decision.events:
+            out.append(EventEnvelope.wrap(e.aggregate_id, e.event, occurred=ctx.now, event_id=uuid.uuid4()))
+
+    for i in range(pools):
+        d = wp.decide_create_work_pool(wp.CreateWorkPool(name=f"pool-{i}", type="process"), wp.WorkPoolNameClaim(), ctx)
+        add(d)
+        states.append(d.result)
+    i = 0
+    while len(out) < n_events:
+        k = i % pools
+        pool = states[k]
+        if i // pools % 4 == 0:
+            d = wp.decide_create_work_queue(wp.CreateWorkQueue(work_pool_name=pool.name, name=f"q{i}"), pool, ctx)
+        else:
+            queue = pool.queues_by_priority()[-1]
+            cmd = wp.UpdateWorkQueue(work_pool_name=pool.name, work_queue_name=queue.name, description=f"d{i}")
+            d = wp.decide_update_work_queue(cmd, pool, ctx)
+        add(d)
+        states[k] = d.result[0]
+        i += 1
+    return out[:n_events]
+
+
+async def publish_history(store: EventStore, envelopes: list[EventEnvelope], window: int = 256) -> None:
+    """Pipelined appends (no expected-sequence checks: a bench backlog, not a decision)."""
+    js = store.js
+    pending: list[asyncio.Future] = []
+    for env in envelopes:
+        pending.append(await js.publish_async(store.subject_of(env), env.model_dump_json().encode(),
+                                              headers={"Nats-Msg-Id": str(env.id)}))
+        if len(pending) >= window:
+            await asyncio.gather(*pending)
+            pending.clear()
+    await asyncio.gather(*pending)
+
+
+def report(title: str, rows: list[tuple[str, str, str]]) -> None:
+    print(f"\n## {title}\n")
+    print(f"machine: {machine()}; {datetime.now(UTC):%Y-%m-%d}")
+    print("| figure | measured | goal |\n|---|---|---|")
+    for name, value, goal in rows:
+        print(f"| {name} | {value} | {goal} |")
+    sys.stdout.flush()
+
+
+def dump_json(path: str | None, data: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(data, indent=2))
+
+
+def now() -> float:
+    return time.perf_counter()
