@@ -52,7 +52,7 @@ def check_object_name(value: str) -> str:
     """C-1: non-empty and free of `/ % & > <`; used as a pydantic after-validator."""
     if not value:
         raise ValueError("name must not be empty")
-    bad = sorted({c for c in value if c in BANNED_NAME_CHARACTERS})
+    bad = [c for c in BANNED_NAME_CHARACTERS if c in value]
     if bad:
         raise ValueError(f"name must not contain any of {' '.join(BANNED_NAME_CHARACTERS)} (found {' '.join(bad)})")
     return value

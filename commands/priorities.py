@@ -17,6 +17,10 @@ class DuplicateTargetPriorities(ValueError):
 def next_free_priority(priorities: list[int]) -> int:
     """WQ-2: the first 1-based position whose priority differs from it, else max + 1."""
     ordered = sorted(priorities)
+    if not ordered:
+        return 1
+    if ordered[-1] == len(ordered) and ordered == list(range(1, len(ordered) + 1)):
+        return len(ordered) + 1  # no gap: the common case, checked without a Python loop
     for position, priority in enumerate(ordered, start=1):
         if priority != position:
             return position

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
+from operator import attrgetter
 from typing import Annotated, Any, ClassVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
@@ -106,12 +107,21 @@ class WorkPool:
     updated: datetime
     queues: dict[uuid.UUID, WorkQueue] = field(default_factory=dict)
     has_online_worker: bool = False
+    # Queue name -> id, kept by `evolve` beside `queues` so lookups by name cost O(1).
+    queue_ids_by_name: dict[str, uuid.UUID] = field(default_factory=dict)
 
     def queue_named(self, name: str) -> WorkQueue | None:
-        return next((q for q in self.queues.values() if q.name == name), None)
+        queue_id = self.queue_ids_by_name.get(name)
+        return self.queues[queue_id] if queue_id is not None else None
+
+    def priorities(self) -> dict[uuid.UUID, int]:
+        return dict(zip(self.queues, map(_priority_of, self.queues.values()), strict=True))
 
     def queues_by_priority(self) -> list[WorkQueue]:
         return sorted(self.queues.values(), key=lambda q: (q.priority, q.created, str(q.id)))
+
+
+_priority_of = attrgetter("priority")
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,7 +392,7 @@ def name_aggregate_id(name: str) -> str:
 def evolve(pool: WorkPool | None, event: Event) -> WorkPool | None:
     match event:
         case WorkPoolCreated(pool=p, default_queue=q):
-            return WorkPool(**p.__dict__, queues={q.id: q.to_state()})
+            return WorkPool(**p.__dict__, queues={q.id: q.to_state()}, queue_ids_by_name={q.name: q.id})
         case WorkPoolDeleted():
             return None
     if pool is None:
@@ -390,13 +400,21 @@ def evolve(pool: WorkPool | None, event: Event) -> WorkPool | None:
     match event:
         case WorkPoolUpdated(pool=p):
             return replace(pool, **p.__dict__)
-        case WorkQueueCreated(queue=q, reprioritized=moved):
-            return _with_priorities(replace(pool, queues={**pool.queues, q.id: q.to_state()}), moved, q.updated)
-        case WorkQueueUpdated(queue=q, reprioritized=moved):
-            return _with_priorities(replace(pool, queues={**pool.queues, q.id: q.to_state()}), moved, q.updated)
+        case WorkQueueCreated(queue=q, reprioritized=moved) | WorkQueueUpdated(queue=q, reprioritized=moved):
+            names = dict(pool.queue_ids_by_name)
+            previous = pool.queues.get(q.id)
+            if previous is not None and previous.name != q.name:
+                del names[previous.name]
+            names[q.name] = q.id
+            queues = {**pool.queues, q.id: q.to_state()}
+            return _with_priorities(replace(pool, queues=queues, queue_ids_by_name=names), moved, q.updated)
         case WorkQueueDeleted(queue_id=qid, reprioritized=moved, deleted=when):
-            queues = {k: v for k, v in pool.queues.items() if k != qid}
-            return _with_priorities(replace(pool, queues=queues), moved, when)
+            queues = dict(pool.queues)
+            gone = queues.pop(qid, None)
+            names = dict(pool.queue_ids_by_name)
+            if gone is not None:
+                names.pop(gone.name, None)
+            return _with_priorities(replace(pool, queues=queues, queue_ids_by_name=names), moved, when)
         case WorkQueuesReprioritized(reprioritized=moved, updated=when):
             return _with_priorities(pool, moved, when)
     return pool
@@ -520,7 +538,7 @@ def _new_queue_events(pool: WorkPool, name: str, description: str | None, is_pau
                       concurrency_limit: int | None, priority: int | None, ctx: DecisionContext) -> Decision:
     if pool.queue_named(name) is not None:
         raise conflict("A work queue with this name already exists.")
-    current = {q.id: q.priority for q in pool.queues.values()}
+    current = pool.priorities()
     queue_id = ctx.new_id()
     if priority is None:
         given, moved = next_free_priority(list(current.values())), {}
@@ -591,7 +609,7 @@ def _decide_update_queue(pool: WorkPool, queue: WorkQueue, cmd: UpdateWorkQueue 
         status_change = Change(old=queue.status, new=new_status)
     moved: dict[uuid.UUID, int] = {}
     if "priority" in values and run_pr1:
-        current = {q.id: q.priority for q in pool.queues.values()}
+        current = pool.priorities()
         after = reprioritize(current, {queue.id: values["priority"]})
         values["priority"] = after[queue.id]
         moved = {qid: p for qid, p in after.items() if qid != queue.id and current[qid] != p}
