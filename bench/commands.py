@@ -11,7 +11,16 @@ import asyncio
 import itertools
 import json
 
-from harness import bench_settings, cpu_seconds, now, percentile, report, rss_mb, service_process, servers
+from harness import (
+    bench_settings,
+    cpu_seconds,
+    now,
+    percentile,
+    report,
+    rss_mb,
+    servers,
+    service_process,
+)
 
 from runledger.infra.nats_connection import connect
 

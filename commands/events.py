@@ -66,16 +66,25 @@ class EventEnvelope(BaseModel):
         )
 
     def decode(self) -> Event:
-        """The payload as its current event model, upcasting older versions."""
-        cls = EVENT_TYPES.get(self.type)
-        if cls is None:
-            raise UnknownEvent(f"unknown event type {self.type!r}")
-        payload, version = dict(self.payload), self.schema_version
-        if version > cls.schema_version:
-            raise UnknownEvent(f"{self.type} v{version} is newer than this reader (v{cls.schema_version})")
-        while version < cls.schema_version:
-            step = UPCASTERS.get((self.type, version))
-            if step is None:
-                raise UnknownEvent(f"no upcaster for {self.type} v{version}")
-            payload, version = step(payload), version + 1
-        return cls.model_validate(payload)
+        return decode_event(self.type, self.schema_version, self.payload)
+
+
+def upcast_payload(event_type: str, schema_version: int, payload: dict[str, Any]) -> dict[str, Any]:
+    """A payload in its current version's shape, upcast step by step from an older one."""
+    cls = EVENT_TYPES.get(event_type)
+    if cls is None:
+        raise UnknownEvent(f"unknown event type {event_type!r}")
+    version = schema_version
+    if version > cls.schema_version:
+        raise UnknownEvent(f"{event_type} v{version} is newer than this reader (v{cls.schema_version})")
+    while version < cls.schema_version:
+        step = UPCASTERS.get((event_type, version))
+        if step is None:
+            raise UnknownEvent(f"no upcaster for {event_type} v{version}")
+        payload, version = step(dict(payload)), version + 1
+    return payload
+
+
+def decode_event(event_type: str, schema_version: int, payload: dict[str, Any]) -> Event:
+    """A payload as its current event model."""
+    return EVENT_TYPES[event_type].model_validate(upcast_payload(event_type, schema_version, payload))

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     command_retries: int = 10
     # Requests handled at once per command or query subject.
     handler_concurrency: int = 64
-    projection_batch_size: int = 1000
+    projection_batch_size: int = 4000
     event_duplicate_window_seconds: float = 120.0
 
     @field_validator("database_url", mode="before")

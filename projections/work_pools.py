@@ -2,103 +2,125 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runledger.commands import queries as q
 from runledger.commands import work_pools as wp
-from runledger.commands.messages import Event, not_found
+from runledger.commands.messages import not_found
 
 from .tables import work_pools, work_queues
 
 _DELETED = object()
+_ts = datetime.fromisoformat
 
 
-def _pool_row(p: wp.WorkPoolSnapshot) -> dict[str, Any]:
+def _pool_row(p: dict[str, Any]) -> dict[str, Any]:
     return {
-        "id": p.id, "name": p.name, "description": p.description, "type": p.type,
-        "base_job_template": p.base_job_template, "is_paused": p.is_paused,
-        "concurrency_limit": p.concurrency_limit,
-        "storage_configuration": p.storage_configuration.model_dump(mode="json"),
-        "status": p.status.value if p.status else None, "default_queue_id": p.default_queue_id,
-        "created": p.created, "updated": p.updated,
+        "id": p["id"], "name": p["name"], "description": p["description"], "type": p["type"],
+        "base_job_template": p["base_job_template"], "is_paused": p["is_paused"],
+        "concurrency_limit": p["concurrency_limit"], "storage_configuration": p["storage_configuration"],
+        "status": p["status"], "default_queue_id": p["default_queue_id"],
+        "created": _ts(p["created"]), "updated": _ts(p["updated"]),
     }
 
 
-def _queue_row(pool_id: uuid.UUID, s: wp.WorkQueueSnapshot) -> dict[str, Any]:
+def _queue_row(pool_id: str, q: dict[str, Any]) -> dict[str, Any]:
     return {
-        "id": s.id, "work_pool_id": pool_id, "name": s.name, "description": s.description,
-        "is_paused": s.is_paused, "concurrency_limit": s.concurrency_limit, "priority": s.priority,
-        "status": s.status.value, "last_polled": s.last_polled, "created": s.created, "updated": s.updated,
+        "id": q["id"], "work_pool_id": pool_id, "name": q["name"], "description": q["description"],
+        "is_paused": q["is_paused"], "concurrency_limit": q["concurrency_limit"], "priority": q["priority"],
+        "status": q["status"], "last_polled": _ts(q["last_polled"]) if q["last_polled"] else None,
+        "created": _ts(q["created"]), "updated": _ts(q["updated"]),
     }
 
 
 class WorkPoolsProjector:
-    """Applies a batch in memory over the rows it touches, then writes them back in bulk."""
+    """Applies a batch in memory over the rows it touches, then writes them back in bulk.
+    It reads payload dicts (`raw_payloads`): the events' snapshots map straight onto rows."""
 
     name = "work_pools"
     tables = (work_pools, work_queues)
+    raw_payloads = True
     handles = frozenset(cls.event_type for cls in (
         wp.WorkPoolCreated, wp.WorkPoolUpdated, wp.WorkPoolDeleted, wp.WorkQueueCreated,
         wp.WorkQueueUpdated, wp.WorkQueueDeleted, wp.WorkQueuesReprioritized,
     ))
 
-    async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, Event]]) -> None:
-        """`events`: (aggregate id, event) in stream order, already filtered to `handles`."""
-        pools: dict[uuid.UUID, Any] = {}
-        queues: dict[uuid.UUID, Any] = {}
-        moved_ids = {qid for _, e in events for qid in getattr(e, "reprioritized", {})}
+    async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
+        pools: dict[str, Any] = {}
+        queues: dict[str, Any] = {}
+        moved_ids = {qid for _, _, e in events for qid in e.get("reprioritized", ())}
         if moved_ids:
-            rows = await conn.execute(select(work_queues).where(work_queues.c.id.in_(moved_ids)))
-            queues.update({r.id: dict(r._mapping) for r in rows})
+            rows = await conn.execute(select(work_queues).where(work_queues.c.id.in_([uuid.UUID(i) for i in moved_ids])))
+            queues.update({str(r.id): dict(r._mapping) for r in rows})
 
-        def move(priorities: dict[uuid.UUID, int], when) -> None:
+        def move(priorities: dict[str, int], when: str) -> None:
+            stamp = _ts(when)
             for qid, priority in priorities.items():
                 row = queues.get(qid)
                 if isinstance(row, dict):
-                    queues[qid] = {**row, "priority": priority, "updated": when}
+                    queues[qid] = {**row, "priority": priority, "updated": stamp}
 
-        for aggregate_id, e in events:
-            pool_id = uuid.UUID(aggregate_id)
-            match e:
-                case wp.WorkPoolCreated(pool=p, default_queue=dq):
-                    pools[p.id] = _pool_row(p)
-                    queues[dq.id] = _queue_row(p.id, dq)
-                case wp.WorkPoolUpdated(pool=p):
-                    pools[p.id] = _pool_row(p)
-                case wp.WorkPoolDeleted(pool_id=pid, queue_ids=qids):
-                    pools[pid] = _DELETED
-                    for qid in qids:
+        for pool_id, event_type, e in events:
+            match event_type:
+                case "WorkPoolCreated":
+                    pools[e["pool"]["id"]] = _pool_row(e["pool"])
+                    queues[e["default_queue"]["id"]] = _queue_row(pool_id, e["default_queue"])
+                case "WorkPoolUpdated":
+                    pools[e["pool"]["id"]] = _pool_row(e["pool"])
+                case "WorkQueueCreated" | "WorkQueueUpdated":
+                    queues[e["queue"]["id"]] = _queue_row(pool_id, e["queue"])
+                    move(e["reprioritized"], e["queue"]["updated"])
+                case "WorkPoolDeleted":
+                    pools[e["pool_id"]] = _DELETED
+                    for qid in e["queue_ids"]:
                         queues[qid] = _DELETED
-                case wp.WorkQueueCreated(queue=s, reprioritized=m) | wp.WorkQueueUpdated(queue=s, reprioritized=m):
-                    queues[s.id] = _queue_row(pool_id, s)
-                    move(m, s.updated)
-                case wp.WorkQueueDeleted(queue_id=qid, reprioritized=m, deleted=when):
-                    queues[qid] = _DELETED
-                    move(m, when)
-                case wp.WorkQueuesReprioritized(reprioritized=m, updated=when):
-                    move(m, when)
+                case "WorkQueueDeleted":
+                    queues[e["queue_id"]] = _DELETED
+                    move(e["reprioritized"], e["deleted"])
+                case "WorkQueuesReprioritized":
+                    move(e["reprioritized"], e["updated"])
         await _write(conn, work_pools, pools)
         await _write(conn, work_queues, queues)
 
 
-async def _write(conn: AsyncConnection, table, rows: dict[uuid.UUID, Any]) -> None:
+def _upsert_sql(table) -> str:
+    cols = [c.name for c in table.columns]
+    casts = ["::jsonb" if isinstance(c.type, JSONB) else "" for c in table.columns]
+    values = ", ".join(f"${i}{cast}" for i, cast in enumerate(casts, start=1))
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in cols if c != "id")
+    return f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES ({values}) ON CONFLICT (id) DO UPDATE SET {updates}"
+
+
+_UPSERT = {t.name: _upsert_sql(t) for t in (work_pools, work_queues)}
+_JSON_COLUMNS = {t.name: [isinstance(c.type, JSONB) for c in t.columns] for t in (work_pools, work_queues)}
+
+
+async def _write(conn: AsyncConnection, table, rows: dict[str, Any]) -> None:
+    """Bulk delete and upsert through asyncpg itself: SQLAlchemy's per-row parameter handling
+    cost more than the database work at projection rates."""
     gone = [k for k, v in rows.items() if v is _DELETED]
     kept = [v for v in rows.values() if v is not _DELETED]
+    if not gone and not kept:
+        return
+    driver = (await conn.get_raw_connection()).driver_connection
     if gone:
-        await conn.execute(delete(table).where(table.c.id.in_(gone)))
+        await driver.execute(f"DELETE FROM {table.name} WHERE id = ANY($1::uuid[])", gone)
     if kept:
-        stmt = insert(table)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[table.c.id],
-            set_={c.name: stmt.excluded[c.name] for c in table.columns if c.name != "id"},
-        )
-        await conn.execute(stmt, kept)
+        json_cols = _JSON_COLUMNS[table.name]
+        names = [c.name for c in table.columns]
+        records = [
+            tuple(json.dumps(row[n]) if is_json else row[n] for n, is_json in zip(names, json_cols, strict=True))
+            for row in kept
+        ]
+        await driver.executemany(_UPSERT[table.name], records)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ class CountingProjector:
     tables = ()
     handles = frozenset({"WorkPoolCreated", "WorkQueueCreated", "WorkQueueUpdated", "WorkPoolUpdated"})
 
-    async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, Event]]) -> None:
-        for aggregate_id, event in events:
+    async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, str, Event]]) -> None:
+        for aggregate_id, _, event in events:
             key = f"{aggregate_id}:{event.event_type}:{event.model_dump_json()}"
             await conn.execute(text(
                 "INSERT INTO applied_counts (key, n) VALUES (:k, 1) ON CONFLICT (key) DO UPDATE SET n = applied_counts.n + 1"

@@ -1,0 +1,127 @@
+"""Projection figures: catch-up on a backlog, and the lag from command reply to read model.
+
+    python bench/projections.py [--backlog 100000] [--rate 500] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+from harness import (
+    bench_settings,
+    now,
+    percentile,
+    publish_history,
+    report,
+    servers,
+    service_process,
+    synthetic_history,
+)
+from sqlalchemy import text
+
+from runledger.handlers.service import projectors
+from runledger.infra.database import create_engine, migrate
+from runledger.infra.event_store import EventStore
+from runledger.infra.jetstream_setup import ensure_event_stream
+from runledger.infra.nats_connection import connect
+from runledger.projections.runner import ProjectionRunner
+from runledger.projections.tables import MIGRATIONS
+
+
+async def catch_up(urls, n: int) -> tuple[float, int]:
+    settings = bench_settings(urls)
+    nc = await connect(settings)
+    await ensure_event_stream(nc.jetstream(), settings)
+    store = EventStore(nc, settings)
+    await publish_history(store, synthetic_history(n))
+    last = await store.last_sequence()
+    engine = create_engine(settings)
+    await migrate(engine, settings.db_schema, MIGRATIONS)
+    done = asyncio.Event()
+    runner = ProjectionRunner(nc, settings, engine, projectors(), batch_size=settings.projection_batch_size,
+                              on_applied=lambda name, seq: seq >= last and done.set())
+    t0 = now()
+    await runner.start()
+    await done.wait()
+    elapsed = now() - t0
+    await runner.stop()
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text("SELECT count(*) FROM work_queues"))).scalar_one()
+    await engine.dispose()
+    await nc.close()
+    return n / elapsed, rows
+
+
+async def lag(urls, rate: float, seconds: float) -> list[float]:
+    settings = bench_settings(urls)
+    with service_process(settings):
+        nc = await connect(settings)
+        engine = create_engine(settings, pool_size=1)
+
+        async def cmd(name, body):
+            reply = await nc.request(settings.command_subject(name), json.dumps(body).encode(), timeout=10)
+            return json.loads(reply.data)
+
+        for p in range(10):
+            await cmd("CreateWorkPool", {"name": f"lag-{p}", "type": "process"})
+        replied: list[tuple[int, float]] = []
+        lags: list[float] = []
+        stop = asyncio.Event()
+
+        async def watch() -> None:
+            """Polls the checkpoint every millisecond; a command is visible once it is covered."""
+            pending = 0
+            async with engine.connect() as conn:
+                while not stop.is_set() or pending < len(replied):
+                    seq = (await conn.execute(text("SELECT min(last_seq) FROM projection_checkpoints"))).scalar_one() or 0
+                    t = now()
+                    while pending < len(replied) and replied[pending][0] <= seq:
+                        lags.append((t - replied[pending][1]) * 1000)
+                        pending += 1
+                    await conn.commit()
+                    await asyncio.sleep(0.001)
+
+        async def one(i: int) -> None:
+            out = await cmd("CreateWorkQueue", {"work_pool_name": f"lag-{i % 10}", "name": f"q{i}"})
+            replied.append((out["seq"], now()))
+
+        watcher = asyncio.create_task(watch())
+        tasks = []
+        start = now()
+        for i in range(int(rate * seconds)):
+            await asyncio.sleep(max(0.0, start + i / rate - now()))
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+        replied.sort()
+        stop.set()
+        await watcher
+        await engine.dispose()
+        await nc.close()
+    return lags
+
+
+async def run(args):
+    with servers() as urls:
+        rate, rows = await catch_up(urls, args.backlog)
+        lags = await lag(urls, args.rate, args.seconds)
+    return rate, rows, lags
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--backlog", type=int, default=100_000)
+    p.add_argument("--rate", type=float, default=500)
+    p.add_argument("--seconds", type=float, default=10)
+    args = p.parse_args()
+    rate, rows, lags = asyncio.run(run(args))
+    report("Projections (bench/projections.py)", [
+        (f"catch-up on a backlog of {args.backlog:,} events", f"{rate:,.0f} events/s ({rows:,} queue rows)", ">= 20,000 events/s"),
+        (f"lag from command reply to read model at {args.rate:g} commands/s, p50", f"{percentile(lags, 50):.1f} ms", ""),
+        (f"lag from command reply to read model at {args.rate:g} commands/s, p99", f"{percentile(lags, 99):.1f} ms", "<= 50 ms"),
+    ])
+
+
+if __name__ == "__main__":
+    main()
