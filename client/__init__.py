@@ -1,1 +1,37 @@
+"""The runledger Python client: typed async calls over the broker contract.
 
+    from runledger.client import RunledgerClient
+
+    async with RunledgerClient() as rl:
+        pool = await rl.create_work_pool("etl", type="process", concurrency_limit=5)
+        queue = await rl.create_work_queue("etl", "urgent", priority=1)
+"""
+
+from .envelope import UNSET, Reply, Unset
+from .errors import (
+    Conflict,
+    Forbidden,
+    Invalid,
+    NotFound,
+    ProtocolError,
+    RunledgerError,
+    Unavailable,
+)
+from .models import WorkPool, WorkQueue
+from .runledger_client import RunledgerClient
+
+__all__ = [
+    "UNSET",
+    "Conflict",
+    "Forbidden",
+    "Invalid",
+    "NotFound",
+    "ProtocolError",
+    "Reply",
+    "RunledgerClient",
+    "RunledgerError",
+    "Unavailable",
+    "Unset",
+    "WorkPool",
+    "WorkQueue",
+]

@@ -12,6 +12,7 @@ per aggregate, and only multi-aggregate decisions (name claims, idempotency reco
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import uuid
@@ -185,32 +186,44 @@ class EventStore:
     async def read_subject(self, subject_filter: str, start_seq: int = 1, *, batch: int = 1000,
                            max_messages: int | None = None) -> list[tuple[int, str, bytes, dict]]:
         """The messages matching `subject_filter` from `start_seq` (all, or the first
-        `max_messages`), via batched direct gets."""
+        `max_messages`), via batched direct gets into a callback subscription (no consumer
+        state on the server; no timer per message on the client)."""
         out: list[tuple[int, str, bytes, dict]] = []
         seq = max(1, start_seq)
         api = f"$JS.API.DIRECT.GET.{self.stream}"
-        while True:
-            inbox = self.nc.new_inbox()
-            sub = await self.nc.subscribe(inbox)
-            pending = 0
-            try:
+        inbox = self.nc.new_inbox()
+        done = asyncio.Event()
+        status: dict[str, str | int] = {}
+
+        async def on_message(msg) -> None:
+            headers = msg.headers or {}
+            code = headers.get("Status")
+            if code:
+                status["code"] = code
+                status["pending"] = int(headers.get("Nats-Num-Pending", "0") or 0)
+                done.set()
+                return
+            out.append((int(headers["Nats-Sequence"]), headers["Nats-Subject"], msg.data, headers))
+
+        sub = await self.nc.subscribe(inbox, cb=on_message)
+        try:
+            while True:
                 want = batch if max_messages is None else min(batch, max_messages - len(out))
-                await self.nc.publish(api, json.dumps({"seq": seq, "next_by_subj": subject_filter, "batch": want}).encode(), reply=inbox)
-                while True:
-                    msg = await sub.next_msg(timeout=self.settings.request_timeout)
-                    headers = msg.headers or {}
-                    status = headers.get("Status")
-                    if status:
-                        if status == "204":
-                            pending = int(headers.get("Nats-Num-Pending", "0") or 0)
-                        break
-                    s = int(headers["Nats-Sequence"])
-                    out.append((s, headers["Nats-Subject"], msg.data, headers))
-                    seq = s + 1
-            finally:
-                await sub.unsubscribe()
-            if pending <= 0 or (max_messages is not None and len(out) >= max_messages):
-                return out
+                done.clear()
+                status.clear()
+                request = {"seq": seq, "next_by_subj": subject_filter, "batch": want}
+                await self.nc.publish(api, json.dumps(request).encode(), reply=inbox)
+                await asyncio.wait_for(done.wait(), self.settings.request_timeout)
+                if status.get("code") not in ("204", "404"):
+                    raise RuntimeError(f"direct get failed with status {status.get('code')}")
+                if out:
+                    seq = out[-1][0] + 1
+                if status.get("code") == "404" or status.get("pending", 0) <= 0:
+                    return out
+                if max_messages is not None and len(out) >= max_messages:
+                    return out
+        finally:
+            await sub.unsubscribe()
 
     async def read_aggregate(self, aggregate_type: str, aggregate_id: str, after_seq: int = 0) -> list[StoredEvent]:
         rows = await self.read_subject(self.aggregate_filter(aggregate_type, aggregate_id), after_seq + 1)

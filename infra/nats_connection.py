@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 
 import nats
@@ -48,7 +49,9 @@ async def connect(settings: Settings, *, name: str = "runledger", check_version:
         return None
 
     try:
-        nc = await nats.connect(**options, error_cb=_fail_fast)
+        # Unlimited reconnects keep a running service alive through broker restarts, but
+        # nats-py applies them to the first connect too: bound that one ourselves.
+        nc = await asyncio.wait_for(nats.connect(**options, error_cb=_fail_fast), timeout=max(5.0, settings.request_timeout))
     except Exception as e:  # nats raises several unrelated types here
         raise BrokerUnavailable(f"cannot connect to NATS at {settings.safe_nats_url()}: {type(e).__name__}") from None
     if check_version:

@@ -3,6 +3,7 @@ and comparing a rebuild with the live read models."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,19 +23,32 @@ from .tables import MIGRATIONS, READ_MODEL_TABLES, projection_checkpoints
 
 
 async def iter_log(store: EventStore, subject_filter: str, start_seq: int = 1, *, until_seq: int | None = None,
-                   chunk: int = 2000) -> AsyncIterator[list[RawEvent]]:
-    """The log in stream order, in chunks, through batched direct gets (no consumer state)."""
+                   chunk: int = 4000) -> AsyncIterator[list[RawEvent]]:
+    """The log in stream order, in chunks, through batched direct gets (no consumer state).
+    The next chunk is read while the caller works on the current one."""
+
+    async def read(seq: int):
+        return await store.read_subject(subject_filter, seq, batch=chunk, max_messages=chunk)
+
     seq = start_seq
-    while until_seq is None or seq <= until_seq:
-        rows = await store.read_subject(subject_filter, seq, batch=chunk, max_messages=chunk)
-        if not rows:
-            return
-        out = [RawEvent(s, subj, data) for s, subj, data, _ in rows if until_seq is None or s <= until_seq]
-        if out:
-            yield out
-        seq = rows[-1][0] + 1
-        if len(rows) < chunk:
-            return
+    upcoming = asyncio.create_task(read(seq))
+    try:
+        while True:
+            rows = await upcoming
+            if not rows:
+                return
+            last = rows[-1][0]
+            more = len(rows) >= chunk and (until_seq is None or last < until_seq)
+            if more:
+                upcoming = asyncio.create_task(read(last + 1))
+            out = [RawEvent(s, subj, data) for s, subj, data, _ in rows if until_seq is None or s <= until_seq]
+            if out:
+                yield out
+            if not more:
+                return
+    finally:
+        if not upcoming.done():
+            upcoming.cancel()
 
 
 def _occurred(raw: RawEvent) -> datetime | None:

@@ -1,0 +1,90 @@
+"""The wire format of the broker contract: request bodies out, reply envelopes in.
+
+A success is `{"ok": true, "result": ..., "seq": int|null, "created": bool|null}`; an error is
+`{"ok": false, "error": {"code", "message", "field"?, "details"?}}` and becomes the typed
+exception for its code (see `errors.py`)."""
+
+from __future__ import annotations
+
+import enum
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from .errors import Invalid, ProtocolError, error_from_reply
+
+
+class Unset(enum.Enum):
+    """The type of `UNSET`: "not given", as opposed to an explicit None (C-4 partial updates)."""
+
+    UNSET = "UNSET"
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET = Unset.UNSET
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A successful reply: the raw JSON result, the stream sequence of the last event the
+    command appended (or the read model's position), and whether a create made something new."""
+
+    result: Any
+    seq: int | None = None
+    created: bool | None = None
+
+
+def given(**fields: Any) -> dict[str, Any]:
+    """The fields the caller gave: what `model_dump(exclude_unset=True)` would send."""
+    return {k: v for k, v in fields.items() if v is not UNSET}
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_unset=True)
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def encode_body(body: Mapping[str, Any]) -> bytes:
+    """JSON for a request, unvalidated: the service decides what is valid, so its `invalid`
+    replies (with field and reason) are what the caller sees. Only a value JSON cannot express
+    is refused here, as `Invalid` naming the field."""
+    try:
+        return json.dumps(body, default=_json_default, separators=(",", ":")).encode()
+    except (TypeError, ValueError):
+        for key, value in body.items():
+            try:
+                json.dumps(value, default=_json_default)
+            except (TypeError, ValueError) as e:
+                raise Invalid(f"{key}: {e}", field=key) from None
+        raise
+
+
+def parse_reply(data: bytes, subject: str) -> Reply:
+    """The `Reply` of a success envelope; raises the typed error of an error envelope."""
+    try:
+        envelope = json.loads(data)
+    except ValueError:
+        raise ProtocolError(f"reply on {subject} is not JSON: {data[:200]!r}") from None
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("ok"), bool):
+        raise ProtocolError(f"reply on {subject} is not a runledger envelope: {data[:200]!r}")
+    if not envelope["ok"]:
+        raise error_from_reply(envelope.get("error"))
+    seq = envelope.get("seq")
+    created = envelope.get("created")
+    if not (seq is None or (isinstance(seq, int) and not isinstance(seq, bool))):
+        raise ProtocolError(f"reply on {subject} has a non-integer seq: {seq!r}")
+    return Reply(result=envelope.get("result"), seq=seq, created=created if isinstance(created, bool) else None)

@@ -1,0 +1,53 @@
+"""What the client returns: the work pool and work queue reply shapes of the broker contract
+(`work_pool_reply` / `work_queue_reply` in `runledger.commands.work_pools`).
+
+Unknown fields are kept (`extra="allow"`) so an older client still reads a newer service.
+Datetimes dump back with `isoformat()`, so `model_dump(mode="json")` reproduces the service's
+JSON (the CLI's `--json` relies on it)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, PlainSerializer
+
+IsoDatetime = Annotated[datetime, PlainSerializer(lambda d: d.isoformat(), return_type=str, when_used="json")]
+
+
+class WorkPool(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: uuid.UUID
+    created: IsoDatetime
+    updated: IsoDatetime
+    name: str
+    description: str | None = None
+    type: str
+    base_job_template: dict[str, Any] = {}
+    is_paused: bool = False
+    concurrency_limit: int | None = None
+    status: str | None = None  # READY | NOT_READY | PAUSED; None for `prefect-agent` pools (WP-3)
+    default_queue_id: uuid.UUID
+    storage_configuration: dict[str, Any] = {}
+    active_slots: int | None = None  # only with a concurrency limit (SL-1)
+
+
+class WorkQueue(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: uuid.UUID
+    created: IsoDatetime
+    updated: IsoDatetime
+    name: str
+    description: str | None = ""
+    is_paused: bool = False
+    concurrency_limit: int | None = None
+    priority: int
+    work_pool_id: uuid.UUID
+    work_pool_name: str
+    last_polled: IsoDatetime | None = None
+    status: str | None = None  # READY | NOT_READY | PAUSED
+    filter: Any = None  # deprecated, always null
+    active_slots: int | None = None  # only with a concurrency limit (SL-2)

@@ -1,0 +1,108 @@
+"""A fake runledger service for client and CLI tests: it answers the broker contract with canned
+envelopes on a real nats-server, and builds sample replies with the service's own reply
+functions, so the tests follow the real shapes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import nats
+
+from runledger.commands.messages import DecisionContext
+from runledger.commands.work_pools import (
+    CreateWorkPool,
+    CreateWorkQueue,
+    WorkPoolNameClaim,
+    decide_create_work_pool,
+    decide_create_work_queue,
+    work_pool_reply,
+    work_queue_reply,
+)
+
+SILENT = object()  # a canned reply that never answers: the request times out
+
+Canned = dict[str, Any] | bytes | Callable[[dict[str, Any]], Any] | object
+
+
+class FakeService:
+    """Answers `<ns>.cmd.*` and `<ns>.qry.*` from `replies` (name -> envelope, raw bytes, or a
+    function of the request body) and records every request as (name, body). It runs on its
+    own thread and loop, so sync CLI tests and async client tests can both use it."""
+
+    def __init__(self, url: str, namespace: str):
+        self.url = url
+        self.namespace = namespace
+        self.replies: dict[str, Canned] = {}
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._nc: Any = None
+
+    def start(self) -> FakeService:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._subscribe(), self._loop).result(10)
+        return self
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._nc.close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    async def _subscribe(self) -> None:
+        self._nc = await nats.connect(self.url)
+        await self._nc.subscribe(f"{self.namespace}.cmd.*", cb=self._answer)
+        await self._nc.subscribe(f"{self.namespace}.qry.*", cb=self._answer)
+        await self._nc.flush()
+
+    async def _answer(self, msg: Any) -> None:
+        name = msg.subject.rsplit(".", 1)[1]
+        body = json.loads(msg.data)
+        self.requests.append((name, body))
+        reply = self.replies.get(name)
+        if reply is None:
+            reply = {"ok": False, "error": {"code": "invalid", "message": f"the fake has no reply for {name}"}}
+        if callable(reply):
+            reply = reply(body)
+        if reply is SILENT:
+            return
+        await msg.respond(reply if isinstance(reply, bytes) else json.dumps(reply).encode())
+
+    # Helpers for canned envelopes
+
+    def ok(self, name: str, result: Any, seq: int | None = None, created: bool | None = None) -> None:
+        self.replies[name] = {"ok": True, "result": result, "seq": seq, "created": created}
+
+    def error(self, name: str, code: str, message: str, **extra: Any) -> None:
+        self.replies[name] = {"ok": False, "error": {"code": code, "message": message, **extra}}
+
+    def bodies(self, name: str) -> list[dict[str, Any]]:
+        return [body for n, body in self.requests if n == name]
+
+
+NOW = datetime(2025, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
+
+
+def sample_pool_state(name: str = "etl", **fields: Any):
+    ctx = DecisionContext.fixed(NOW)
+    return decide_create_work_pool(CreateWorkPool(name=name, **fields), WorkPoolNameClaim(), ctx).result
+
+
+def sample_pool(name: str = "etl", **fields: Any) -> dict[str, Any]:
+    return work_pool_reply(sample_pool_state(name, **fields))
+
+
+def sample_queue(name: str = "urgent", pool_name: str = "etl", **fields: Any) -> dict[str, Any]:
+    pool = sample_pool_state(pool_name, type="process")
+    if name == "default":
+        return work_queue_reply(pool, pool.queues[pool.default_queue_id])
+    ctx = DecisionContext.fixed(NOW, (uuid.UUID(int=1000 + i) for i in range(100)))
+    after, queue = decide_create_work_queue(CreateWorkQueue(work_pool_name=pool_name, name=name, **fields),
+                                            pool, ctx).result
+    return work_queue_reply(after, queue)
