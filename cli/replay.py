@@ -150,3 +150,4 @@ def events(
             await nc.close()
 
     _run(go())
+
