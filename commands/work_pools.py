@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from operator import attrgetter
 from typing import Annotated, Any, ClassVar
@@ -51,12 +51,28 @@ DEFAULT_QUEUE_NAME = "default"
 DEFAULT_QUEUE_DESCRIPTION = "The work pool's default queue."
 RECENTLY_POLLED = timedelta(seconds=60)
 
-PoolName = Annotated[str, StringConstraints(max_length=MAX_NAME_LENGTH), AfterValidator(check_work_pool_name)]
+
+def _check_pool_name(value: str) -> str:
+    """C-1: `""` is emptyish too, and gets the same message as `" "` or `"''"`."""
+    if not value:
+        raise ValueError("name cannot be an empty string")
+    return check_work_pool_name(value)
+
+
+PoolName = Annotated[str, StringConstraints(max_length=MAX_NAME_LENGTH), AfterValidator(_check_pool_name)]
 QueueName = Annotated[str, StringConstraints(max_length=MAX_NAME_LENGTH), AfterValidator(check_object_name)]
 Description = Annotated[str, StringConstraints(max_length=10_000)]
 NonNegative = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Positive = Annotated[int, Field(gt=0, le=2**31 - 1)]
-PoolType = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_LENGTH)]
+PoolType = Annotated[str, StringConstraints(max_length=MAX_NAME_LENGTH)]  # any string, "" too (Prefect)
+
+
+def _as_utc(value: datetime) -> datetime:
+    """All times are UTC and timezone-aware: a naive time is read as UTC (as Prefect does)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
 
 
 class Status(StrEnum):
@@ -324,7 +340,7 @@ class UpdateWorkQueue(Command):
     is_paused: bool | None = None
     concurrency_limit: NonNegative | None = None
     priority: Positive | None = None
-    last_polled: datetime | None = None
+    last_polled: UtcDatetime | None = None
 
 
 class DeleteWorkQueue(Command):
@@ -358,7 +374,7 @@ class UpdateWorkQueueById(Command):
     is_paused: bool | None = None
     concurrency_limit: NonNegative | None = None
     priority: Positive | None = None
-    last_polled: datetime | None = None
+    last_polled: UtcDatetime | None = None
 
 
 class DeleteWorkQueueById(Command):
@@ -446,13 +462,13 @@ def evolve_name(claim: WorkPoolNameClaim, event: Event) -> WorkPoolNameClaim:
 def decide_create_work_pool(
     cmd: CreateWorkPool, claim: WorkPoolNameClaim, ctx: DecisionContext, *, internal: bool = False
 ) -> Decision:
+    problem = base_job_template_problem(cmd.base_job_template)  # a schema check in Prefect: first (422)
+    if problem:
+        raise invalid(problem, field="base_job_template")
     if is_reserved_work_pool_name(cmd.name) and not internal:
         raise forbidden("Work pools starting with 'Prefect' are reserved for internal use.")
     if claim.work_pool_id is not None:
         raise conflict("A work pool with this name already exists.")
-    problem = base_job_template_problem(cmd.base_job_template)
-    if problem:
-        raise invalid(problem, field="base_job_template")
     pool_id, queue_id = ctx.new_id(), ctx.new_id()
     if cmd.type == LEGACY_POOL_TYPE:
         status = None
@@ -487,6 +503,9 @@ _POOL_UPDATE_ALLOWED_WHEN_RESERVED = {"is_paused", "concurrency_limit"}
 
 def decide_update_work_pool(cmd: UpdateWorkPool, pool: WorkPool | None, ctx: DecisionContext) -> Decision:
     given = cmd.explicitly_set() - {"name"}
+    problem = base_job_template_problem(cmd.base_job_template) if cmd.base_job_template is not None else None
+    if problem:  # a schema check in Prefect: before the 403 and the 404
+        raise invalid(problem, field="base_job_template")
     if is_reserved_work_pool_name(cmd.name) and not given <= _POOL_UPDATE_ALLOWED_WHEN_RESERVED:
         raise forbidden("Work pools starting with 'Prefect' are reserved for internal use and can only be updated to set concurrency limits or pause.")
     if pool is None:
@@ -499,10 +518,6 @@ def decide_update_work_pool(cmd: UpdateWorkPool, pool: WorkPool | None, ctx: Dec
         if value is None and name in ("is_paused", "base_job_template", "storage_configuration"):
             continue  # not nullable: an explicit null means "leave it"
         values[name] = value
-    if "base_job_template" in values:
-        problem = base_job_template_problem(values["base_job_template"])
-        if problem:
-            raise invalid(problem, field="base_job_template")
     changes = {k: Change(old=_dump(getattr(pool, k)), new=_dump(v)) for k, v in values.items() if getattr(pool, k) != v}
     status_change = None
     new_status = pool.status
@@ -591,7 +606,7 @@ def _decide_update_queue(pool: WorkPool, queue: WorkQueue, cmd: UpdateWorkQueue 
     for name in _QUEUE_UPDATE_FIELDS:
         if name in given:
             value = getattr(cmd, name)
-            if value is None and name in ("name", "is_paused", "priority", "last_polled"):
+            if value is None and name in ("name", "is_paused", "priority"):  # last_polled may be cleared (C-4)
                 continue
             values[name] = value
     if "name" in values and values["name"] != queue.name and pool.queue_named(values["name"]) is not None:

@@ -86,7 +86,7 @@ def parse_payload(model: type[BaseModel], raw: bytes) -> BaseModel | dict[str, A
         return model.model_validate_json(raw or b"{}", strict=True)
     except ValidationError as e:
         errors = e.errors(include_url=False, include_input=False)
-        if errors and errors[0]["type"] in ("json_invalid", "model_type"):
+        if errors and errors[0]["type"] in ("json_invalid", "model_type") and not errors[0]["loc"]:
             what = "valid JSON" if errors[0]["type"] == "json_invalid" else "a JSON object"
             return error(ErrorCode.INVALID, f"body is not {what}: {errors[0]['msg']}")
         return validation_error_reply(e)
