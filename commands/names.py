@@ -59,11 +59,11 @@ def check_object_name(value: str) -> str:
 
 
 def check_work_pool_name(value: str) -> str:
-    """C-1 plus the pool-only rule: nothing may remain but spaces and quotes."""
-    check_object_name(value)
+    """C-1 plus the pool-only rule: nothing may remain but spaces and quotes (`""` included,
+    with the same message)."""
     if not value.replace(" ", "").replace("'", "").replace('"', ""):
         raise ValueError("name cannot be an empty string")
-    return value
+    return check_object_name(value)
 
 
 def is_reserved_work_pool_name(name: str) -> bool:

@@ -50,16 +50,7 @@ LEGACY_POOL_TYPE = "prefect-agent"
 DEFAULT_QUEUE_NAME = "default"
 DEFAULT_QUEUE_DESCRIPTION = "The work pool's default queue."
 RECENTLY_POLLED = timedelta(seconds=60)
-
-
-def _check_pool_name(value: str) -> str:
-    """C-1: `""` is emptyish too, and gets the same message as `" "` or `"''"`."""
-    if not value:
-        raise ValueError("name cannot be an empty string")
-    return check_work_pool_name(value)
-
-
-PoolName = Annotated[str, StringConstraints(max_length=MAX_NAME_LENGTH), AfterValidator(_check_pool_name)]
+PoolName = Annotated[str, StringConstraints(max_length=MAX_NAME_LENGTH), AfterValidator(check_work_pool_name)]
 QueueName = Annotated[str, StringConstraints(max_length=MAX_NAME_LENGTH), AfterValidator(check_object_name)]
 Description = Annotated[str, StringConstraints(max_length=10_000)]
 NonNegative = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -685,13 +676,10 @@ def decide_set_work_queue_priorities(cmd: SetWorkQueuePriorities, pool: WorkPool
         raise pool_not_found(cmd.work_pool_name)
     current = {q.id: q.priority for q in pool.queues.values()}
     by_name = {q.name: q.id for q in pool.queues.values()}
-    targets = {by_name[n]: p for n, p in cmd.priorities.items() if n in by_name}
     if len(set(cmd.priorities.values())) != len(cmd.priorities):
-        raise invalid("Duplicate target priorities provided", field="priorities")
-    try:
-        after = reprioritize(current, targets)
-    except DuplicateTargetPriorities as e:  # pragma: no cover - checked above
-        raise invalid(str(e), field="priorities") from e
+        # PR-1 step 1 looks at the whole map, unknown names included
+        raise invalid(str(DuplicateTargetPriorities()), field="priorities")
+    after = reprioritize(current, {by_name[n]: p for n, p in cmd.priorities.items() if n in by_name})
     moved = {qid: p for qid, p in after.items() if current[qid] != p}
     if not moved:
         return Decision(events=[], result=pool, created=False)

@@ -38,7 +38,7 @@ class Unit:
 
     async def load(self, aggregate_type: str, aggregate_id: str) -> Any:
         key = (aggregate_type, aggregate_id)
-        cached = not self.refresh and key in self.repo._cache
+        cached = not self.refresh and self.repo.cached(*key) is not None
         loaded = await self.repo.load(aggregate_type, aggregate_id, refresh=self.refresh)
         self.from_cache = self.from_cache or cached
         self.loaded[key] = loaded.seq
@@ -205,7 +205,7 @@ class CommandBus:
         for (atype, aid), items in by_agg.items():
             kind = self.repo.kinds[atype]
             loaded_at = unit.loaded.get((atype, aid), 0)
-            cached = self.repo._cache.get((atype, aid))
+            cached = self.repo.cached(atype, aid)
             if cached is not None and cached.seq == loaded_at:
                 state = cached.state
             elif loaded_at == 0:

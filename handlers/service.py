@@ -101,7 +101,6 @@ class Service:
     queries: QueryBus | None = None
     runner: ProjectionRunner | None = None
     watch: CheckpointWatch | None = None
-    _started: bool = field(default=False)
 
     async def start(self) -> None:
         s = self.settings
@@ -126,7 +125,6 @@ class Service:
             self.endpoints.append(await Endpoint.serve(self.nc, s.query_subject("*"), QUERY_QUEUE_GROUP,
                                                        self.queries.execute, s.handler_concurrency))
         await self.nc.flush()
-        self._started = True
         log.info("runledger service ready: roles %s, NATS %s, namespace %s", ",".join(sorted(self.roles)), s.safe_nats_url(), s.namespace)
 
     async def _queue_pool_lookup(self, queue_id: uuid.UUID) -> uuid.UUID | None:

@@ -64,6 +64,9 @@ class AggregateRepository:
         while len(self._cache) > self.max_cached:
             self._cache.popitem(last=False)
 
+    def cached(self, aggregate_type: str, aggregate_id: str) -> Loaded | None:
+        return self._cache.get((aggregate_type, aggregate_id))
+
     def forget(self, aggregate_type: str, aggregate_id: str) -> None:
         self._cache.pop((aggregate_type, aggregate_id), None)
 
