@@ -103,3 +103,20 @@ async def test_verify_and_events_through_the_cli(broker, service, settings):
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [e["payload"]["pool"]["name"] for e in lines] == ["alpha", "beta", "default-agent-pool"]
     assert all(e["type"] == "WorkPoolCreated" and e["seq"] > 0 for e in lines)
+
+
+async def test_status_answers_through_the_broker(broker, service, settings):
+    import asyncio
+
+    from runledger.cli.main import _register, app
+
+    _register()
+    await broker.ok_cmd("CreateWorkPool", name="s1")
+    await broker.ok_qry("CountWorkPools")
+    result = await asyncio.to_thread(CliRunner().invoke, app, ["status", "--json"], env=_cli_env(settings))
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["answering"] is True and info["work_pools"] == 1 and info["read_model_seq"] >= broker.last_seq
+    env = {**_cli_env(settings), "RUNLEDGER_NAMESPACE": "nobodyhere"}
+    result = await asyncio.to_thread(CliRunner().invoke, app, ["status"], env=env)
+    assert result.exit_code == 6
