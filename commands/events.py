@@ -87,4 +87,5 @@ def upcast_payload(event_type: str, schema_version: int, payload: dict[str, Any]
 
 def decode_event(event_type: str, schema_version: int, payload: dict[str, Any]) -> Event:
     """A payload as its current event model."""
-    return EVENT_TYPES[event_type].model_validate(upcast_payload(event_type, schema_version, payload))
+    current = upcast_payload(event_type, schema_version, payload)  # raises UnknownEvent first
+    return EVENT_TYPES[event_type].model_validate(current)
