@@ -178,7 +178,16 @@ class ProjectionRunner:
         reader = asyncio.create_task(self._read(projector, batches))
         try:
             while True:
-                item = await batches.get()
+                getting = asyncio.ensure_future(batches.get())
+                try:
+                    await asyncio.wait({getting, reader}, return_when=asyncio.FIRST_COMPLETED)
+                except asyncio.CancelledError:
+                    getting.cancel()
+                    raise
+                if not getting.done():  # the reader ended without handing anything over
+                    getting.cancel()
+                    raise RuntimeError("the projection's reader stopped") from (reader.exception() if not reader.cancelled() else None)
+                item = getting.result()
                 if isinstance(item, BaseException):
                     raise item
                 if item is None:
@@ -222,9 +231,10 @@ class ProjectionRunner:
                 pull["open"] = max(0, pull["open"] - 1)
             wake.set()
 
-        sub = await self.nc.subscribe(inbox, cb=on_message)
+        sub = None
         expected_consumer_seq = None
         try:
+            sub = await self.nc.subscribe(inbox, cb=on_message)
             while True:
                 if pull["open"] == 0:
                     if pull["status"] not in (None, "404", "408"):
@@ -254,8 +264,9 @@ class ProjectionRunner:
         except Exception as e:  # hand it to the applying side, which restarts from the checkpoint
             await batches.put(e)
         finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
 
 
 def _sequences(reply: str) -> tuple[int, int]:
