@@ -12,16 +12,16 @@ PLACEHOLDER = re.compile(r"\{\{\s*([\w\.\-\[\]$]+)\s*\}\}")
 def _placeholders(value: Any) -> set[str]:
     if isinstance(value, str):
         return set(PLACEHOLDER.findall(value))
-    if isinstance(value, dict):
-        return set().union(*(_placeholders(v) for v in value.values())) if value else set()
+    if isinstance(value, dict):  # nested keys count too: Prefect scans each value's JSON text
+        return set().union(*(_placeholders(k) | _placeholders(v) for k, v in value.items())) if value else set()
     if isinstance(value, list):
         return set().union(*(_placeholders(v) for v in value)) if value else set()
     return set()
 
 
 def base_job_template_problem(template: dict[str, Any]) -> str | None:
-    """The reason a template is invalid, or None. Placeholders naming `prefect.*` (block and
-    variable references) are resolved elsewhere and are not checked against `variables`."""
+    """The reason a template is invalid, or None. Every placeholder in the values of
+    `job_configuration` counts, `prefect.*` ones included (as in Prefect)."""
     if template == {}:
         return None
     job_configuration = template.get("job_configuration")
@@ -33,7 +33,7 @@ def base_job_template_problem(template: dict[str, Any]) -> str | None:
     properties = variables.get("properties") or {}
     if not isinstance(properties, dict):
         return "`variables.properties` must be an object."
-    used = {p for p in _placeholders(job_configuration) if not p.startswith("prefect.")}
+    used = set().union(*(_placeholders(v) for v in job_configuration.values()))
     missing = sorted(used - set(properties))
     if missing:
         return (
