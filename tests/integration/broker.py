@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from nats.aio.client import Client as NATS
+from nats.js.errors import NotFoundError
 
 
 class Broker:
@@ -38,3 +39,23 @@ class Broker:
         out = await self.qry(_name, **body)
         assert out["ok"], out
         return out["result"]
+
+    async def stream_messages(self) -> int:
+        """How many messages the event stream holds (events and idempotency records)."""
+        return (await self.nc.jetstream().stream_info(self.settings.stream_name)).state.messages
+
+    async def pool_events(self, pool_id: str) -> list[dict]:
+        """Every event envelope of one pool aggregate, in log order, read with direct gets;
+        each is checked to sit on the subject its type names."""
+        js = self.nc.jetstream()
+        prefix = f"{self.settings.event_subject_prefix}.work_pool.{pool_id}"
+        out, seq = [], 1
+        while True:
+            try:
+                msg = await js.get_msg(self.settings.stream_name, seq=seq, subject=f"{prefix}.*", next=True, direct=True)
+            except NotFoundError:
+                return out
+            envelope = json.loads(msg.data)
+            assert msg.subject == f"{prefix}.{envelope['type']}"
+            out.append(envelope)
+            seq = msg.seq + 1

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-from nats.js.errors import NotFoundError
-
 from runledger.commands import work_pools as wp
 from runledger.handlers import work_pool_commands as wpc
 from runledger.handlers.command_bus import CommandSpec
@@ -20,27 +18,6 @@ VALID_TEMPLATE = {
     "variables": {"type": "object", "properties": {"command": {"type": "string"}, "env": {}, "image": {}}},
 }
 DEFAULT_STORAGE = {"bundle_upload_step": None, "bundle_execution_step": None, "default_result_storage_block_id": None}
-
-
-async def stream_messages(broker) -> int:
-    info = await broker.nc.jetstream().stream_info(broker.settings.stream_name)
-    return info.state.messages
-
-
-async def pool_events(broker, pool_id: str) -> list[dict]:
-    """Every event of one pool aggregate, read from the stream with direct gets."""
-    js = broker.nc.jetstream()
-    subject = f"{broker.settings.event_subject_prefix}.work_pool.{pool_id}.*"
-    out, seq = [], 1
-    while True:
-        try:
-            msg = await js.get_msg(broker.settings.stream_name, seq=seq, subject=subject, next=True, direct=True)
-        except NotFoundError:
-            return out
-        env = json.loads(msg.data)
-        assert msg.subject == f"{broker.settings.event_subject_prefix}.work_pool.{pool_id}.{env['type']}"
-        out.append(env)
-        seq = msg.seq + 1
 
 
 def install_internal_create(service) -> None:
@@ -104,10 +81,10 @@ async def test_create_makes_the_default_queue_and_the_initial_status(broker):
     assert (read["is_paused"], read["status"]) == (False, None)
 
     # WP-4: duplicate name, any type, nothing appended
-    before = await stream_messages(broker)
+    before = await broker.stream_messages()
     assert err(await broker.cmd("CreateWorkPool", name="proc", type="docker")) == (
         "conflict", "A work pool with this name already exists.")
-    assert await stream_messages(broker) == before
+    assert await broker.stream_messages() == before
     assert (await broker.ok_qry("GetWorkPool", name="proc"))["type"] == "process"
     assert await broker.ok_qry("CountWorkPools") == 3
 
@@ -124,7 +101,7 @@ async def test_type_is_any_string(broker):
 
 
 async def test_reserved_names_are_forbidden_to_users(broker):
-    before = await stream_messages(broker)
+    before = await broker.stream_messages()
     for name in ("prefect", "Prefect", "PREFECT", "prefect-pool", "PrefectPool", "prefect pool", "pReFeCt_x"):
         code, message = err(await broker.cmd("CreateWorkPool", name=name, type="process"))
         assert code == "forbidden", name
@@ -132,7 +109,7 @@ async def test_reserved_names_are_forbidden_to_users(broker):
     # Not reserved: the word elsewhere in the name
     await broker.ok_cmd("CreateWorkPool", name="my-prefect", type="process")
     await broker.ok_cmd("CreateWorkPool", name=" prefect", type="process")
-    assert await stream_messages(broker) == before + 4  # two creates, two events each (name claim + pool)
+    assert await broker.stream_messages() == before + 4  # two creates, two events each (name claim + pool)
     # Delete is refused before the lookup; update too, unless only is_paused/concurrency_limit
     assert err(await broker.cmd("DeleteWorkPool", name="prefect-missing"))[0] == "forbidden"
     assert err(await broker.cmd("UpdateWorkPool", name="prefect-missing", description="x"))[0] == "forbidden"
@@ -153,12 +130,12 @@ async def test_a_reserved_pool_made_by_the_system(broker, service):
     assert out["concurrency_limit"] == 3
     out = await broker.ok_cmd("UpdateWorkPool", name="Prefect-Managed", concurrency_limit=None, is_paused=False)
     assert (out["concurrency_limit"], out["is_paused"], out["status"]) == (None, False, "NOT_READY")
-    before = await stream_messages(broker)
+    before = await broker.stream_messages()
     for body in ({"description": "x"}, {"is_paused": True, "description": "x"},
                  {"storage_configuration": DEFAULT_STORAGE}, {"base_job_template": {}}):
         assert err(await broker.cmd("UpdateWorkPool", name="Prefect-Managed", **body))[0] == "forbidden", body
     assert err(await broker.cmd("DeleteWorkPool", name="Prefect-Managed"))[0] == "forbidden"
-    assert await stream_messages(broker) == before
+    assert await broker.stream_messages() == before
     read = await broker.ok_qry("GetWorkPool", name="Prefect-Managed")
     assert (read["description"], read["is_paused"], read["status"], read["concurrency_limit"]) == (None, False, "NOT_READY", None)
     # its queues are ordinary
@@ -175,7 +152,7 @@ async def test_base_job_template_validation(broker):
     assert made["base_job_template"] == VALID_TEMPLATE
     assert (await broker.ok_qry("GetWorkPool", name="tpl"))["base_job_template"] == VALID_TEMPLATE
 
-    before = await stream_messages(broker)
+    before = await broker.stream_messages()
     bad = [
         {"job_configuration": {"a": "b"}},  # no variables
         {"variables": {"properties": {"a": {}}}},  # no job_configuration
@@ -197,7 +174,7 @@ async def test_base_job_template_validation(broker):
     # the same checks on update; nothing changes
     reply = await broker.cmd("UpdateWorkPool", name="tpl", base_job_template=undeclared)
     assert err(reply)[0] == "invalid" and reply["error"]["field"] == "base_job_template"
-    assert await stream_messages(broker) == before
+    assert await broker.stream_messages() == before
     assert err(await broker.qry("GetWorkPool", name="tpl2"))[0] == "not_found"
     assert (await broker.ok_qry("GetWorkPool", name="tpl"))["base_job_template"] == VALID_TEMPLATE
     # Prefect checks the template in its request schema, so `invalid` comes before the
@@ -206,7 +183,7 @@ async def test_base_job_template_validation(broker):
                        ("UpdateWorkPool", {"name": "ghost"}), ("UpdateWorkPool", {"name": "prefect-x"})):
         reply = await broker.cmd(name, **body, base_job_template=undeclared)
         assert (err(reply)[0], reply["error"].get("field")) == ("invalid", "base_job_template"), (name, body)
-    assert await stream_messages(broker) == before
+    assert await broker.stream_messages() == before
     # {} is valid on update too
     assert (await broker.ok_cmd("UpdateWorkPool", name="tpl", base_job_template={}))["base_job_template"] == {}
     assert (await broker.ok_qry("GetWorkPool", name="tpl"))["base_job_template"] == {}
@@ -300,17 +277,17 @@ async def test_partial_updates_change_only_what_is_sent(broker):
     assert (await broker.ok_qry("GetWorkPool", name="pp"))["storage_configuration"] == out["storage_configuration"]
 
     # an update with nothing changed appends nothing
-    before = await stream_messages(broker)
+    before = await broker.stream_messages()
     same = await broker.cmd("UpdateWorkPool", name="pp", description=None, concurrency_limit=None)
     assert same["ok"] and same["result"]["description"] is None
-    assert await stream_messages(broker) == before
+    assert await broker.stream_messages() == before
 
     # WP-8: unknown pool; negative limit changes nothing; 0 is stored
     assert err(await broker.cmd("UpdateWorkPool", name="ghost", description="x")) == (
         "not_found", 'Work pool "ghost" not found.')
     reply = await broker.cmd("UpdateWorkPool", name="pp", concurrency_limit=-5, description="never")
     assert err(reply)[0] == "invalid" and reply["error"]["field"] == "concurrency_limit"
-    assert await stream_messages(broker) == before
+    assert await broker.stream_messages() == before
     read = await broker.ok_qry("GetWorkPool", name="pp")
     assert (read["concurrency_limit"], read["description"]) == (None, None)
     assert (await broker.ok_cmd("UpdateWorkPool", name="pp", concurrency_limit=0))["concurrency_limit"] == 0
@@ -322,13 +299,13 @@ async def test_pause_and_unpause_statuses(broker):
     await broker.ok_cmd("CreateWorkPool", name="w", type="process")
     get = lambda: broker.ok_qry("GetWorkPool", name="w")  # noqa: E731
 
-    n0 = await stream_messages(broker)
+    n0 = await broker.stream_messages()
     out = await broker.ok_cmd("UpdateWorkPool", name="w", is_paused=True)
     assert (out["is_paused"], out["status"]) == (True, "PAUSED")
     assert ((await get())["is_paused"], (await get())["status"]) == (True, "PAUSED")
     # pausing again writes the status again (a new event), even though nothing else changes
     await broker.ok_cmd("UpdateWorkPool", name="w", is_paused=True)
-    assert await stream_messages(broker) == n0 + 2
+    assert await broker.stream_messages() == n0 + 2
     assert (await get())["status"] == "PAUSED"
     # unpause: no online worker -> NOT_READY
     out = await broker.ok_cmd("UpdateWorkPool", name="w", is_paused=False)
@@ -336,7 +313,7 @@ async def test_pause_and_unpause_statuses(broker):
     assert ((await get())["is_paused"], (await get())["status"]) == (False, "NOT_READY")
     # unpausing a pool that is not paused still writes the status (whatever the previous one)
     await broker.ok_cmd("UpdateWorkPool", name="w", is_paused=False)
-    assert await stream_messages(broker) == n0 + 4
+    assert await broker.stream_messages() == n0 + 4
     # other fields never touch the status
     await broker.ok_cmd("UpdateWorkPool", name="w", description="x", concurrency_limit=2)
     assert (await get())["status"] == "NOT_READY"
@@ -388,7 +365,7 @@ async def test_events_in_the_log(broker):
                         base_job_template=VALID_TEMPLATE, is_paused=False)
     await broker.ok_cmd("UpdateWorkPool", name="ev", description="b")  # nothing changes: no event
     await broker.ok_cmd("DeleteWorkPool", name="ev")
-    events = await pool_events(broker, pid)
+    events = await broker.pool_events(pid)
     assert [e["type"] for e in events] == ["WorkPoolCreated", "WorkPoolUpdated", "WorkPoolUpdated", "WorkPoolDeleted"]
     assert all(e["aggregate_type"] == "work_pool" and e["aggregate_id"] == pid for e in events)
     created, paused, edited, deleted = (e["payload"] for e in events)
@@ -411,7 +388,7 @@ async def test_events_in_the_log(broker):
 
     # a pool created paused carries PAUSED; the name aggregate records claim and release
     p2 = await broker.ok_cmd("CreateWorkPool", name="ev", type="process", is_paused=True)
-    assert (await pool_events(broker, p2["id"]))[0]["payload"]["pool"]["status"] == "PAUSED"
+    assert (await broker.pool_events(p2["id"]))[0]["payload"]["pool"]["status"] == "PAUSED"
     js = broker.nc.jetstream()
     last = await js.get_msg(broker.settings.stream_name, subject=f"{broker.settings.event_subject_prefix}.work_pool_name.ev.*",
                             direct=True)

@@ -5,30 +5,9 @@ Not here: WQ-12 (implicit queues need deployments) and WQ-13 (queue health needs
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, timedelta, timezone
 
-from nats.js.errors import NotFoundError
-
 LETTERS = "ABCDE"
-
-
-async def stream_messages(broker) -> int:
-    info = await broker.nc.jetstream().stream_info(broker.settings.stream_name)
-    return info.state.messages
-
-
-async def pool_events(broker, pool_id: str) -> list[dict]:
-    js = broker.nc.jetstream()
-    subject = f"{broker.settings.event_subject_prefix}.work_pool.{pool_id}.*"
-    out, seq = [], 1
-    while True:
-        try:
-            msg = await js.get_msg(broker.settings.stream_name, seq=seq, subject=subject, next=True, direct=True)
-        except NotFoundError:
-            return out
-        out.append(json.loads(msg.data))
-        seq = msg.seq + 1
 
 
 def err(reply: dict) -> tuple[str, str]:
@@ -84,12 +63,12 @@ async def test_create_in_a_pool(broker):
     bare = await broker.ok_cmd("CreateWorkQueue", work_pool_name="p", name="bare")
     assert (bare["description"], bare["concurrency_limit"], bare["active_slots"], bare["priority"]) == ("", None, None, 3)
     # WQ-1: unknown pool; same name in the same pool; the same name elsewhere is fine
-    before = await stream_messages(broker)
+    before = await broker.stream_messages()
     assert err(await broker.cmd("CreateWorkQueue", work_pool_name="nope", name="q")) == (
         "not_found", 'Work pool "nope" not found.')
     assert err(await broker.cmd("CreateWorkQueue", work_pool_name="p", name="q"))[0] == "conflict"
     assert err(await broker.cmd("CreateWorkQueue", work_pool_name="p", name="default", priority=1))[0] == "conflict"
-    assert await stream_messages(broker) == before
+    assert await broker.stream_messages() == before
     assert await layout(broker, "p") == {"default": 1, "q": 2, "bare": 3}
     elsewhere = await broker.ok_cmd("CreateWorkQueue", work_pool_name="other", name="q")
     assert elsewhere["id"] != q["id"] and elsewhere["work_pool_name"] == "other"
@@ -174,7 +153,7 @@ async def test_pr2_worked_examples(broker):
     for i, (targets, expected) in enumerate(PR2_TABLE):
         pool = f"t{i}"
         await abcde(broker, pool)
-        before = await stream_messages(broker)
+        before = await broker.stream_messages()
         reply = await broker.cmd("SetWorkQueuePriorities", work_pool_name=pool, priorities=targets)
         assert reply["ok"], reply
         want = parse_layout(expected)
@@ -182,7 +161,7 @@ async def test_pr2_worked_examples(broker):
         assert [(q["name"], q["priority"]) for q in reply["result"]] == sorted(want.items(), key=lambda kv: kv[1]), targets
         assert await layout(broker, pool) == want, targets
         changed = want != parse_layout("A1 B2 C3 D4 E5")
-        assert await stream_messages(broker) == before + (1 if changed else 0), targets
+        assert await broker.stream_messages() == before + (1 if changed else 0), targets
 
     # {} also leaves gaps alone: A1 B2 D4 E5 (PR-4 made the gap)
     await abcde(broker, "gaps")
@@ -202,12 +181,12 @@ async def test_pr2_worked_examples(broker):
 async def test_pr1_rules_through_every_entry_point(broker):
     await abcde(broker, "p")
     # step 1: duplicate targets -> invalid, nothing changes (even if one names no queue)
-    before = await stream_messages(broker)
+    before = await broker.stream_messages()
     for targets in ({"A": 2, "B": 2}, {"A": 3, "nope": 3}):
         reply = await broker.cmd("SetWorkQueuePriorities", work_pool_name="p", priorities=targets)
         code, message = err(reply)
         assert code == "invalid" and "Duplicate target priorities provided" in message and reply["error"]["field"] == "priorities"
-    assert await stream_messages(broker) == before
+    assert await broker.stream_messages() == before
     assert await layout(broker, "p") == parse_layout("A1 B2 C3 D4 E5")
     # unknown names are ignored
     await broker.ok_cmd("SetWorkQueuePriorities", work_pool_name="p", priorities={"nope": 1, "E": 2})
@@ -226,9 +205,9 @@ async def test_pr1_rules_through_every_entry_point(broker):
     await broker.ok_cmd("UpdateWorkQueue", work_pool_name="u3", work_queue_name="D", priority=2)
     assert await layout(broker, "u3") == parse_layout("A1 D2 B3 C4 E5")
     # a priority update to the current value moves nothing and appends nothing
-    before = await stream_messages(broker)
+    before = await broker.stream_messages()
     await broker.ok_cmd("UpdateWorkQueue", work_pool_name="u3", work_queue_name="D", priority=2)
-    assert await stream_messages(broker) == before
+    assert await broker.stream_messages() == before
 
 
 async def test_pr3_quirk_duplicates_are_possible(broker):
@@ -287,7 +266,7 @@ async def test_update_and_its_events(broker):
     assert (await get("q"))["concurrency_limit"] == 0
 
     # unknown pool or queue; negative limit changes nothing
-    before = await stream_messages(broker)
+    before = await broker.stream_messages()
     assert err(await broker.cmd("UpdateWorkQueue", work_pool_name="x", work_queue_name="q", description="z")) == (
         "not_found", 'Work pool "x" not found.')
     assert err(await broker.cmd("UpdateWorkQueue", work_pool_name="p", work_queue_name="x", description="z")) == (
@@ -298,7 +277,7 @@ async def test_update_and_its_events(broker):
     assert err(await broker.cmd("UpdateWorkQueue", work_pool_name="p", work_queue_name="q", name="r"))[0] == "conflict"
     # nothing changed -> no event
     await broker.ok_cmd("UpdateWorkQueue", work_pool_name="p", work_queue_name="q", description="d2", concurrency_limit=0)
-    assert await stream_messages(broker) == before
+    assert await broker.stream_messages() == before
     assert ((await get("q"))["description"], (await get("q"))["concurrency_limit"]) == ("d2", 0)
 
     # a rename: reads follow the new name, the old one is free
@@ -312,7 +291,7 @@ async def test_update_and_its_events(broker):
     assert err(await broker.cmd("CreateWorkQueue", work_pool_name="p", name="q2"))[0] == "conflict"
 
     # events: the changed fields from -> to, and the queues PR-1 moved
-    events = [e for e in await pool_events(broker, pool["id"]) if e["type"] == "WorkQueueUpdated"]
+    events = [e for e in await broker.pool_events(pool["id"]) if e["type"] == "WorkQueueUpdated"]
     reported = {"name", "description", "concurrency_limit", "priority"}
     listed = [{k: v for k, v in e["payload"]["changes"].items() if k in reported} for e in events]
     assert listed == [
@@ -336,11 +315,11 @@ async def test_the_default_queue(broker):
         dq, "main", 2, True, "PAUSED", 1)
     assert await layout(broker, "p") == {"main": 2, "a": 3}  # PR-1: {main: 2} pushes a down
     assert (await broker.ok_qry("GetWorkPool", name="p"))["default_queue_id"] == dq
-    before = await stream_messages(broker)
+    before = await broker.stream_messages()
     for reply in (await broker.cmd("DeleteWorkQueue", work_pool_name="p", work_queue_name="main"),
                   await broker.cmd("DeleteWorkQueueById", id=dq)):
         assert err(reply) == ("conflict", "Can't delete a pool's default queue.")
-    assert await stream_messages(broker) == before
+    assert await broker.stream_messages() == before
     assert (await broker.ok_qry("GetWorkQueueById", id=dq))["name"] == "main"
     # a new queue named "default" is just a queue
     other = await broker.ok_cmd("CreateWorkQueue", work_pool_name="p", name="default")
@@ -371,15 +350,15 @@ async def test_queue_status_follows_pause_and_polls(broker):
     assert (out["status"], out["last_polled"]) == ("NOT_READY", recent)
     assert await status() == (False, "NOT_READY")
     # unpause when not paused: no status change, no event
-    n = await stream_messages(broker)
+    n = await broker.stream_messages()
     await upd(is_paused=False)
-    assert await stream_messages(broker) == n
+    assert await broker.stream_messages() == n
     # pause -> PAUSED; pausing again -> nothing at all
     assert (await upd(is_paused=True))["result"]["status"] == "PAUSED"
     assert await status() == (True, "PAUSED")
-    n = await stream_messages(broker)
+    n = await broker.stream_messages()
     await upd(is_paused=True)
-    assert await stream_messages(broker) == n
+    assert await broker.stream_messages() == n
     # unpause: READY, the stored last_polled being within 60 s
     assert (await upd(is_paused=False))["result"]["status"] == "READY"
     assert await status() == (False, "READY")
@@ -421,13 +400,13 @@ async def test_queue_status_follows_pause_and_polls(broker):
 
     # WQ-4 + WQ-8: created paused (NOT_READY), then paused again -> PAUSED, a status-only event
     await broker.ok_cmd("CreateWorkQueue", work_pool_name="p", name="cp", is_paused=True)
-    n = await stream_messages(broker)
+    n = await broker.stream_messages()
     out = await broker.ok_cmd("UpdateWorkQueue", work_pool_name="p", work_queue_name="cp", is_paused=True)
     assert (out["is_paused"], out["status"]) == (True, "PAUSED")
-    assert await stream_messages(broker) == n + 1
+    assert await broker.stream_messages() == n + 1
 
     # each status change is one event carrying {old, new}, on the pool's subject
-    events = [e["payload"] for e in await pool_events(broker, pool["id"]) if e["type"] == "WorkQueueUpdated"]
+    events = [e["payload"] for e in await broker.pool_events(pool["id"]) if e["type"] == "WorkQueueUpdated"]
     of_q = [(e["status"]["old"], e["status"]["new"]) for e in events if e["queue"]["id"] == q["id"] and e["status"]]
     assert of_q == [
         ("NOT_READY", "PAUSED"), ("PAUSED", "READY"),
