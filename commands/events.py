@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
+from pydantic_core import to_json
 
 from .messages import Event
 
@@ -67,6 +69,29 @@ class EventEnvelope(BaseModel):
 
     def decode(self) -> Event:
         return decode_event(self.type, self.schema_version, self.payload)
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedEvent:
+    """An event ready to append: its envelope as JSON bytes, the same bytes
+    `EventEnvelope.model_dump_json()` gives, made with one serialisation of the payload."""
+
+    id: uuid.UUID
+    type: str
+    aggregate_type: str
+    aggregate_id: str
+    data: bytes
+
+
+def encode_event(aggregate_id: str, event: Event, *, occurred: datetime, event_id: uuid.UUID,
+                 idempotency_key: str | None = None) -> EncodedEvent:
+    head = to_json({
+        "id": event_id, "type": event.event_type, "schema_version": event.schema_version, "occurred": occurred,
+        "aggregate_type": event.aggregate_type, "aggregate_id": aggregate_id,
+    })
+    data = b"".join((head[:-1], b',"payload":', event.__pydantic_serializer__.to_json(event),
+                     b',"idempotency_key":', to_json(idempotency_key), b"}"))
+    return EncodedEvent(event_id, event.event_type, event.aggregate_type, aggregate_id, data)
 
 
 def upcast_payload(event_type: str, schema_version: int, payload: dict[str, Any]) -> dict[str, Any]:

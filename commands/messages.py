@@ -123,3 +123,7 @@ class Decision:
     events: list[NewEvent]
     result: Any = None
     created: bool | None = None
+    # The state of an aggregate after these events, by aggregate id, where the decider has
+    # already folded them (it needed the state for its result): the bus caches it as it is
+    # instead of folding the events again.
+    after: dict[str, Any] = field(default_factory=dict)

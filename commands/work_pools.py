@@ -124,6 +124,10 @@ class WorkPool:
     def priorities(self) -> dict[uuid.UUID, int]:
         return dict(zip(self.queues, map(_priority_of, self.queues.values()), strict=True))
 
+    def priority_values(self) -> list[int]:
+        """The priorities alone: no map keyed by queue id to build (UUID hashing is slow)."""
+        return list(map(_priority_of, self.queues.values()))
+
     def queues_by_priority(self) -> list[WorkQueue]:
         return sorted(self.queues.values(), key=lambda q: (q.priority, q.created, str(q.id)))
 
@@ -544,12 +548,12 @@ def _new_queue_events(pool: WorkPool, name: str, description: str | None, is_pau
                       concurrency_limit: int | None, priority: int | None, ctx: DecisionContext) -> Decision:
     if pool.queue_named(name) is not None:
         raise conflict("A work queue with this name already exists.")
-    current = pool.priorities()
     queue_id = ctx.new_id()
     if priority is None:
-        given, moved = next_free_priority(list(current.values())), {}
+        given, moved = next_free_priority(pool.priority_values()), {}
     else:
         # WQ-3: created with p, then the pool is re-prioritised with {new queue: p}.
+        current = pool.priorities()
         after = reprioritize({**current, queue_id: priority}, {queue_id: priority})
         given = after.pop(queue_id)
         moved = {qid: p for qid, p in after.items() if current[qid] != p}
@@ -561,7 +565,8 @@ def _new_queue_events(pool: WorkPool, name: str, description: str | None, is_pau
     event = WorkQueueCreated(queue=queue, reprioritized=moved)
     after_pool = evolve(pool, event)
     assert after_pool is not None
-    return Decision(events=[NewEvent(str(pool.id), event)], result=(after_pool, after_pool.queues[queue_id]), created=True)
+    return Decision(events=[NewEvent(str(pool.id), event)], result=(after_pool, after_pool.queues[queue_id]), created=True,
+                    after={str(pool.id): after_pool})
 
 
 def decide_create_work_queue(cmd: CreateWorkQueue, pool: WorkPool | None, ctx: DecisionContext) -> Decision:
@@ -626,7 +631,8 @@ def _decide_update_queue(pool: WorkPool, queue: WorkQueue, cmd: UpdateWorkQueue 
     event = WorkQueueUpdated(queue=WorkQueueSnapshot.of(updated), changes=changes, status=status_change, reprioritized=moved)
     after_pool = evolve(pool, event)
     assert after_pool is not None
-    return Decision(events=[NewEvent(str(pool.id), event)], result=(after_pool, after_pool.queues[queue.id]))
+    return Decision(events=[NewEvent(str(pool.id), event)], result=(after_pool, after_pool.queues[queue.id]),
+                    after={str(pool.id): after_pool})
 
 
 def decide_update_work_queue(cmd: UpdateWorkQueue, pool: WorkPool | None, ctx: DecisionContext) -> Decision:

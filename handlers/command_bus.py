@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from runledger.commands.events import EventEnvelope, UnknownEvent
+from runledger.commands.events import UnknownEvent, encode_event
 from runledger.commands.messages import Command, Decision, DecisionContext, ErrorCode, Rejection
 from runledger.infra.aggregates import AggregateRepository, Loaded
 from runledger.infra.event_store import AppendUnavailable, EventStore, WrongExpectedSequence
@@ -168,7 +168,7 @@ class CommandBus:
                 seq = max(unit.loaded.values(), default=None)
                 return ok(spec.to_reply(decision.result), seq, decision.created)
             envelopes = [
-                EventEnvelope.wrap(e.aggregate_id, e.event, occurred=ctx.now, event_id=ctx.new_id(), idempotency_key=cmd.idempotency_key)
+                encode_event(e.aggregate_id, e.event, occurred=ctx.now, event_id=ctx.new_id(), idempotency_key=cmd.idempotency_key)
                 for e in decision.events
             ]
             reply_result = spec.to_reply(decision.result)
@@ -213,8 +213,11 @@ class CommandBus:
             else:
                 self.repo.forget(atype, aid)
                 continue
-            for _, event in items:
-                state = kind.evolve(state, event)
+            if aid in decision.after:
+                state = decision.after[aid]  # the decider folded these events already
+            else:
+                for _, event in items:
+                    state = kind.evolve(state, event)
             self.repo.remember(atype, aid, Loaded(state, items[-1][0]))
 
     @staticmethod

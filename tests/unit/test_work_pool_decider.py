@@ -14,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from runledger.commands import work_pools as wp
-from runledger.commands.events import EventEnvelope, decode_event
+from runledger.commands.events import EventEnvelope, decode_event, encode_event
 from runledger.commands.messages import DecisionContext, NewEvent, Rejection
 from runledger.commands.names import encode_token
 
@@ -59,6 +59,10 @@ def fold(state, decision: wp.Decision, aggregate: str = wp.WORK_POOL):
     for e in decision.events:
         if e.aggregate_type == aggregate:
             state = wp.evolve(state, e.event)
+    # The bus caches `decision.after` instead of folding: it must be exactly the fold.
+    for e in decision.events:
+        if e.aggregate_type == aggregate and e.aggregate_id in decision.after:
+            assert decision.after[e.aggregate_id] == state
     return state
 
 
@@ -1053,8 +1057,11 @@ def test_folding_the_create_events_from_nothing_reproduces_the_result():
 
 
 def _roundtrip(event):
-    env = EventEnvelope.wrap("agg", event, occurred=NOW, event_id=uid(1))
-    again = EventEnvelope.model_validate_json(env.model_dump_json())
+    env = EventEnvelope.wrap("agg", event, occurred=NOW, event_id=uid(1), idempotency_key="k")
+    encoded = encode_event("agg", event, occurred=NOW, event_id=uid(1), idempotency_key="k")
+    # The bus appends `encode_event`'s bytes: exactly what the envelope model would write.
+    assert encoded.data == env.model_dump_json().encode()
+    again = EventEnvelope.model_validate_json(encoded.data)
     return again.decode()
 
 
