@@ -30,6 +30,7 @@ async def prepare(settings, n: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--events", type=int, default=100_000)
+    p.add_argument("--profile", metavar="OUT", help="Record the replay with py-spy (raw folded stacks) into OUT.")
     args = p.parse_args()
     with servers() as urls:
         settings = bench_settings(urls)
@@ -38,7 +39,10 @@ def main() -> None:
                    RUNLEDGER_DATABASE_URL=settings.database_url.get_secret_value())
         exe = Path(sys.executable).parent / "runledger"
         started = time.perf_counter()
-        out = subprocess.run([str(exe), "replay", "--quiet"], env=env, capture_output=True, text=True, check=True)
+        command = [str(exe), "replay", "--quiet"]
+        if args.profile:
+            command = ["py-spy", "record", "-r", "400", "-f", "raw", "-o", args.profile, "--", *command]
+        out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
         wall = time.perf_counter() - started
     print(out.stderr.strip())
     report("Replay (bench/replay.py)", [

@@ -31,7 +31,6 @@ from .settings import Settings
 EXPECTED_SEQ = "Nats-Expected-Last-Subject-Sequence"
 EXPECTED_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
 MSG_ID = "Nats-Msg-Id"
-EXPECTED_STREAM = "Nats-Expected-Stream"
 WRONG_LAST_SEQUENCE = 10071
 BATCH_DUPLICATE_MSG_ID = 10201
 
@@ -199,9 +198,9 @@ class EventStore:
         raise AppendUnavailable("the event log did not acknowledge the append")
 
     async def _publish_one(self, m: OutgoingMessage) -> int:
-        headers = m.headers()
-        headers[EXPECTED_STREAM] = self.stream
-        reply = await self.acks.request(m.subject, m.data, headers, self.settings.request_timeout)
+        # No `Nats-Expected-Stream`: JetStream refuses streams with overlapping subjects, so
+        # only our stream takes these subjects, and every stored header costs every reader.
+        reply = await self.acks.request(m.subject, m.data, m.headers(), self.settings.request_timeout)
         return self._ack_seq(reply.data)
 
     @staticmethod
