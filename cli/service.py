@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from runledger.infra.database import DatabaseUnavailable
 from runledger.infra.nats_connection import BrokerUnavailable
 from runledger.infra.settings import Settings, endpoint_file, load_settings
 
@@ -76,7 +77,7 @@ def serve(
     chosen = _parse_roles(roles)
     try:
         asyncio.run(_serve_until_signalled(settings, chosen))
-    except BrokerUnavailable as e:
+    except (BrokerUnavailable, DatabaseUnavailable) as e:
         console.print(f"[red]Error (unavailable):[/red] {e}")
         raise typer.Exit(EXIT_UNAVAILABLE) from None
     except OSError as e:
@@ -122,7 +123,7 @@ def up(
             console.print("Press Ctrl-C to stop.")
 
         asyncio.run(_serve_until_signalled(settings, frozenset(ROLES), on_ready=ready))
-    except BrokerUnavailable as e:
+    except (BrokerUnavailable, DatabaseUnavailable) as e:
         console.print(f"[red]Error (unavailable):[/red] {e}")
         raise typer.Exit(EXIT_UNAVAILABLE) from None
     finally:

@@ -22,7 +22,7 @@ from nats.aio.client import Client as NATS
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from runledger.infra.aggregates import AggregateRepository
-from runledger.infra.database import create_engine, migrate
+from runledger.infra.database import DatabaseUnavailable, check_database, create_engine, migrate
 from runledger.infra.event_store import EventStore
 from runledger.infra.jetstream_setup import ensure_event_stream
 from runledger.infra.nats_connection import connect
@@ -107,6 +107,12 @@ class Service:
         self.nc = await connect(s, name="runledger-service")  # refuses NATS < 2.12
         await ensure_event_stream(self.nc.jetstream(), s)
         self.engine = create_engine(s)
+        try:
+            await check_database(self.engine, s)
+        except DatabaseUnavailable:
+            await self.nc.close()
+            await self.engine.dispose()
+            raise
         await migrate(self.engine, s.db_schema, MIGRATIONS)
         self.store = EventStore(self.nc, s)
         projections = projectors()

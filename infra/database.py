@@ -6,13 +6,22 @@ several deployments or test runs share one database without meeting.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, InterfaceError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from .settings import Settings
+
+CONNECT_TIMEOUT_SECONDS = 10
+
+
+class DatabaseUnavailable(RuntimeError):
+    """Postgres cannot be reached or refuses us; the message is safe to print (no secrets)."""
 
 
 @dataclass(frozen=True)
@@ -29,8 +38,28 @@ def create_engine(settings: Settings, schema: str | None = None, pool_size: int 
         pool_size=pool_size or settings.database_pool_size,
         max_overflow=2,
         pool_pre_ping=False,
-        connect_args={"server_settings": {"search_path": schema, "application_name": "runledger"}},
+        connect_args={"server_settings": {"search_path": schema, "application_name": "runledger"},
+                      "timeout": CONNECT_TIMEOUT_SECONDS},
     )
+
+
+async def check_database(engine: AsyncEngine, settings: Settings) -> None:
+    """One round trip, so that a wrong address, password or database name is one clear line
+    naming the (redacted) URL instead of a traceback from deep inside a migration."""
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS + 5):
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+    except (OSError, TimeoutError, DBAPIError, InterfaceError) as e:
+        cause = getattr(e, "orig", None) or e
+        text_of_cause = str(cause).strip()
+        reason = getattr(cause, "strerror", None) or (text_of_cause.splitlines()[0] if text_of_cause else "")
+        password = urlsplit(settings.database_url.get_secret_value()).password
+        if password:
+            reason = reason.replace(password, "***")
+        raise DatabaseUnavailable(
+            f"cannot use Postgres at {settings.safe_database_url()}: {type(cause).__name__}{': ' + reason if reason else ''}"
+        ) from None
 
 
 async def migrate(engine: AsyncEngine, schema: str, migrations: Sequence[Migration]) -> int:

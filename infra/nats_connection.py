@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 
 import nats
+import nats.errors
 from nats.aio.client import Client as NATS
 
 from .settings import MIN_NATS_VERSION, Settings
@@ -45,15 +47,37 @@ async def connect(settings: Settings, *, name: str = "runledger", check_version:
             tls.load_cert_chain(str(settings.nats_tls_cert_file), str(settings.nats_tls_key_file) if settings.nats_tls_key_file else None)
         options["tls"] = tls
 
-    async def _fail_fast(e: Exception) -> None:  # nats-py logs by default; keep it quiet
-        return None
+    refused: asyncio.Future = asyncio.get_running_loop().create_future()
+    last_error: list[str] = []
 
+    async def _on_error(e: Exception) -> None:  # nats-py logs by default; keep it quiet
+        last_error[:] = [type(e).__name__]
+        # nats-py retries a refused login for as long as reconnects are allowed: end the first
+        # connect at once instead, with the reason a user can act on.
+        if "authorization violation" in str(e).lower() or isinstance(e, nats.errors.AuthorizationError):
+            if not refused.done():
+                refused.set_result("the server refused runledger's credentials (authorization violation)")
+
+    # Unlimited reconnects keep a running service alive through broker restarts, but nats-py
+    # applies them to the first connect too: bound that one ourselves.
+    connecting = asyncio.ensure_future(nats.connect(**options, error_cb=_on_error))
+    limit = max(5.0, settings.request_timeout)
     try:
-        # Unlimited reconnects keep a running service alive through broker restarts, but
-        # nats-py applies them to the first connect too: bound that one ourselves.
-        nc = await asyncio.wait_for(nats.connect(**options, error_cb=_fail_fast), timeout=max(5.0, settings.request_timeout))
-    except Exception as e:  # nats raises several unrelated types here
-        raise BrokerUnavailable(f"cannot connect to NATS at {settings.safe_nats_url()}: {type(e).__name__}") from None
+        await asyncio.wait({connecting, refused}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        connecting.cancel()
+        raise
+    if not connecting.done():
+        connecting.cancel()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await connecting
+        reason = refused.result() if refused.done() else (
+            f"no connection within {limit:g} s" + (f" (last error: {last_error[0]})" if last_error else ""))
+        raise BrokerUnavailable(f"cannot connect to NATS at {settings.safe_nats_url()}: {reason}")
+    if connecting.exception() is not None:  # nats raises several unrelated types here
+        raise BrokerUnavailable(f"cannot connect to NATS at {settings.safe_nats_url()}: "
+                                f"{type(connecting.exception()).__name__}") from None
+    nc = connecting.result()
     if check_version:
         found = _version_tuple(nc.connected_server_version)
         if found < MIN_NATS_VERSION:

