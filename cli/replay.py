@@ -7,13 +7,15 @@ import json
 import sys
 import uuid
 from datetime import datetime
+from typing import Literal
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from runledger.commands.events import EventEnvelope
-from runledger.infra.database import create_engine, drop_schema
+from runledger.commands.prefect_events import ExportState, to_prefect_events
+from runledger.infra.database import DatabaseUnavailable, check_database, create_engine, drop_schema
 from runledger.infra.event_store import EventStore
 from runledger.infra.jetstream_setup import ensure_event_stream
 from runledger.infra.nats_connection import BrokerUnavailable, connect
@@ -35,7 +37,7 @@ def _projectors():
 def _run(coro):
     try:
         return asyncio.run(coro)
-    except BrokerUnavailable as e:
+    except (BrokerUnavailable, DatabaseUnavailable) as e:
         console.print(f"[red]Error (unavailable):[/red] {e}")
         raise typer.Exit(EXIT_UNAVAILABLE) from None
 
@@ -84,6 +86,7 @@ def verify(keep: bool = typer.Option(False, help="Keep the rebuilt schema for in
     async def go() -> int:
         live_engine = create_engine(settings, pool_size=1)
         try:
+            await check_database(live_engine, settings)
             seq, live = await snapshot(live_engine, [p.name for p in _projectors()])
         finally:
             await live_engine.dispose()
@@ -119,10 +122,22 @@ def events(
     until: datetime = typer.Option(None, help="Only events that occurred at or before this moment (UTC)."),
     from_seq: int = typer.Option(1, help="Start at this stream sequence."),
     limit: int = typer.Option(None, help="Print at most this many events."),
+    vocabulary: Literal["runledger", "prefect"] = typer.Option(
+        "runledger", "--vocabulary",
+        help="runledger: the stored envelopes, each with its seq. prefect: the events Prefect emits for "
+             "the same facts (prefect.work-pool.*, prefect.work-queue.*); the filters pick the runledger "
+             "events whose Prefect events are printed, --limit counts printed lines."),
 ) -> None:
-    """Print the event log as JSON lines (one event per line, with its stream sequence)."""
+    """Print the event log as JSON lines: one event per line, with its stream sequence, or
+    (--vocabulary prefect) one Prefect event per line."""
     settings = load_settings()
     subject = ".".join([settings.event_subject_prefix, aggregate or "*", aggregate_id or "*", event_type or "*"])
+    prefect = vocabulary == "prefect"
+    export = ExportState() if prefect else None
+    if prefect:
+        # Prefect events name things earlier events introduced (a queue's pool, the queues of
+        # a deleted pool): read each aggregate's whole history, print only what the filters keep.
+        subject = ".".join([settings.event_subject_prefix, aggregate or "*", aggregate_id or "*", "*"])
 
     def aware(t: datetime | None) -> datetime | None:
         from datetime import UTC
@@ -136,18 +151,27 @@ def events(
         printed = 0
         try:
             store = EventStore(nc, settings)
-            async for batch in iter_log(store, subject, from_seq):
+            async for batch in iter_log(store, subject, 1 if prefect else from_seq):
                 for raw in batch:
                     env = EventEnvelope.model_validate_json(raw.data)
+                    # The Prefect export folds every event it reads, printed or not.
+                    exported = to_prefect_events(env, export) if export is not None else None
+                    if raw.seq < from_seq or (event_type and env.type != event_type):
+                        continue
                     if (lo and env.occurred < lo) or (hi and env.occurred > hi):
                         continue
-                    sys.stdout.write(json.dumps({"seq": raw.seq, **env.model_dump(mode="json")}) + "\n")
-                    printed += 1
-                    if limit is not None and printed >= limit:
-                        return
+                    lines = exported if exported is not None else [{"seq": raw.seq, **env.model_dump(mode="json")}]
+                    for line in lines:
+                        sys.stdout.write(json.dumps(line) + "\n")
+                        printed += 1
+                        if limit is not None and printed >= limit:
+                            return
         finally:
             sys.stdout.flush()
             await nc.close()
+            warning = export.warning() if export is not None else None
+            if warning:
+                sys.stderr.write(warning + "\n")
 
     _run(go())
 

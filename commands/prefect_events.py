@@ -1,0 +1,334 @@
+"""The event log in Prefect's event vocabulary (BEHAVIOUR §10): `prefect.work-pool.*` and
+`prefect.work-queue.*` events shaped like Prefect's `Event` model.
+
+Pure: no I/O. `to_prefect_events(envelope, state)` turns one stored envelope into the list of
+Prefect events Prefect would have emitted for the same fact, in Prefect's order. Some of what
+Prefect puts in an event is not in the runledger event itself (a queue event names its pool
+and the pool's type; a pool delete names every queue by name; a re-prioritisation reports the
+old priority), so the caller passes an `ExportState` that the function keeps up to date: fold
+an aggregate's whole history through it, in log order, and print only what you want.
+
+The shapes follow Prefect's `prefect.server.models.events` (`work_pool_created_event`,
+`work_pool_updated_event`, `work_pool_status_event`, `work_queue_*_event`) at the commit
+BEHAVIOUR.md names. Every exported event gets a deterministic id (a UUIDv5 of the runledger
+event id and the position in its list), so two exports of the same log are identical.
+
+Event types the export does not know (a newer runledger, a newer schema version, an unreadable
+payload) produce nothing and are counted in `ExportState.skipped`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import ValidationError
+from pydantic_core import to_jsonable_python
+
+from .events import EVENT_TYPES, EventEnvelope, UnknownEvent
+from .messages import Event
+from .work_pools import (
+    Change,
+    Status,
+    WorkPoolCreated,
+    WorkPoolDeleted,
+    WorkPoolNameClaimed,
+    WorkPoolNameReleased,
+    WorkPoolSnapshot,
+    WorkPoolUpdated,
+    WorkQueueCreated,
+    WorkQueueDeleted,
+    WorkQueuesReprioritized,
+    WorkQueueUpdated,
+)
+
+# Exported event ids are uuid5(EXPORT_NAMESPACE, "<runledger event id>/<index>").
+EXPORT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "runledger:export:prefect-events")
+# Prefect links a pool status event to the previous one (`follows`) when that one is less than
+# ten minutes old (`_get_recent_preceding_work_pool_event_id`).
+FOLLOWS_WITHIN = timedelta(minutes=10)
+# Prefect's `updated` events list only these fields (is_paused is reported by a status event).
+POOL_EVENT_FIELDS = ("description", "base_job_template", "concurrency_limit", "storage_configuration")
+QUEUE_EVENT_FIELDS = ("name", "description", "concurrency_limit", "priority")
+
+PrefectEvent = dict[str, Any]
+
+
+@dataclass
+class QueueInfo:
+    name: str
+    priority: int
+
+
+@dataclass
+class PoolInfo:
+    name: str
+    type: str
+    default_queue_id: str
+    result_storage_block_id: str | None
+    queues: dict[str, QueueInfo] = field(default_factory=dict)
+    # The last status event written by an update (id, occurred): Prefect's
+    # `last_status_event_id` / `last_transitioned_status_at`. Creation does not set it.
+    last_status_event: tuple[str, datetime] | None = None
+
+
+@dataclass
+class ExportState:
+    """What the export remembers between events: pools by id, and what it skipped."""
+
+    pools: dict[str, PoolInfo] = field(default_factory=dict)
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    def warning(self) -> str | None:
+        """One line naming the skipped event types, or None when nothing was skipped."""
+        if not self.skipped:
+            return None
+        total = sum(self.skipped.values())
+        kinds = ", ".join(f"{kind} ({n})" for kind, n in sorted(self.skipped.items()))
+        return f"warning: the Prefect export skipped {total} event(s) it cannot map: {kinds}"
+
+
+def to_prefect_events(envelope: EventEnvelope, state: ExportState) -> list[PrefectEvent]:
+    """The Prefect events for one runledger event, in the order Prefect emits them.
+    Updates `state`; an event it cannot read or map yields `[]` and is counted as skipped."""
+    try:
+        event = envelope.decode()
+    except (UnknownEvent, ValidationError) as e:
+        state.skipped[_skip_label(envelope, e)] += 1
+        return []
+    handler = _HANDLERS.get(type(event))
+    if handler is None:
+        state.skipped[envelope.type] += 1
+        return []
+    out = _Out(envelope)
+    handler(out, event, envelope.aggregate_id, state)
+    return out.events
+
+
+def export_log(envelopes: Iterable[EventEnvelope], state: ExportState | None = None
+               ) -> tuple[list[PrefectEvent], ExportState]:
+    """Every Prefect event of a log (in log order), and the state after it."""
+    state = state if state is not None else ExportState()
+    events: list[PrefectEvent] = []
+    for envelope in envelopes:
+        events.extend(to_prefect_events(envelope, state))
+    return events, state
+
+
+def _skip_label(envelope: EventEnvelope, error: Exception) -> str:
+    if isinstance(error, ValidationError):
+        return f"{envelope.type} (unreadable payload)"
+    if envelope.type in EVENT_TYPES:
+        return f"{envelope.type} v{envelope.schema_version}"
+    return envelope.type
+
+
+# ---------------------------------------------------------------------------------------------
+# Building events
+
+
+class _Out:
+    """The Prefect events of one runledger event, with their deterministic ids."""
+
+    def __init__(self, envelope: EventEnvelope):
+        self.source_id = envelope.id
+        self.when = envelope.occurred
+        self.occurred = to_jsonable_python(envelope.occurred)
+        self.events: list[PrefectEvent] = []
+
+    def emit(self, name: str, resource: dict[str, str], related: list[dict[str, str]] | None = None,
+             payload: dict[str, Any] | None = None, follows: str | None = None) -> str:
+        event_id = str(uuid.uuid5(EXPORT_NAMESPACE, f"{self.source_id}/{len(self.events)}"))
+        self.events.append({
+            "occurred": self.occurred,
+            "event": name,
+            "resource": resource,
+            "related": related or [],
+            "payload": payload or {},
+            "id": event_id,
+            "follows": follows,
+        })
+        return event_id
+
+
+def _kebab(status: Status) -> str:
+    return status.value.lower().replace("_", "-")
+
+
+def _pool_labels(pool_id: str, pool: PoolInfo | None, name: str | None = None) -> dict[str, str]:
+    """id, name and type of a pool, as far as they are known."""
+    labels = {"prefect.resource.id": f"prefect.work-pool.{pool_id}"}
+    name = pool.name if pool is not None else name
+    if name is not None:
+        labels["prefect.resource.name"] = name
+    if pool is not None:
+        labels["prefect.work-pool.type"] = pool.type
+    return labels
+
+
+def _pool_resource(pool_id: str, pool: PoolInfo | None, name: str | None = None) -> dict[str, str]:
+    """Prefect's `_work_pool_resource` (created, updated, deleted)."""
+    return {**_pool_labels(pool_id, pool, name), "prefect.resource.role": "work-pool"}
+
+
+def _pool_related(pool: PoolInfo | None) -> list[dict[str, str]]:
+    """Prefect's `_work_pool_related_resources`: the default queue and the result storage block."""
+    if pool is None:
+        return []
+    related = [{"prefect.resource.id": f"prefect.work-queue.{pool.default_queue_id}",
+                "prefect.resource.role": "default-queue"}]
+    if pool.result_storage_block_id:
+        related.append({"prefect.resource.id": f"prefect.block-document.{pool.result_storage_block_id}",
+                        "prefect.resource.role": "result-storage"})
+    return related
+
+
+def _queue_resource(queue_id: str, name: str | None) -> dict[str, str]:
+    resource = {"prefect.resource.id": f"prefect.work-queue.{queue_id}"}
+    if name is not None:
+        resource["prefect.resource.name"] = name
+    resource["prefect.resource.role"] = "work-queue"
+    return resource
+
+
+def _queue_related(pool_id: str, pool: PoolInfo | None) -> list[dict[str, str]]:
+    """A queue event's related pool: only when the pool's name is known (as in Prefect)."""
+    if pool is None:
+        return []
+    return [{**_pool_labels(pool_id, pool), "prefect.resource.role": "work-pool"}]
+
+
+def _updates(changes: dict[str, Change], fields: tuple[str, ...]) -> dict[str, Any] | None:
+    """Prefect's `updated` payload, or None when none of `fields` changed."""
+    updates = {f: {"from": c.old, "to": c.new} for f, c in changes.items() if f in fields}
+    if not updates:
+        return None
+    return {"updated_fields": list(updates), "updates": updates}
+
+
+def _pool_info(snapshot: WorkPoolSnapshot, queues: dict[str, QueueInfo]) -> PoolInfo:
+    block = snapshot.storage_configuration.default_result_storage_block_id
+    return PoolInfo(name=snapshot.name, type=snapshot.type, default_queue_id=str(snapshot.default_queue_id),
+                    result_storage_block_id=str(block) if block else None, queues=queues)
+
+
+def _reprioritize(pool: PoolInfo | None, moved: dict[uuid.UUID, int]) -> None:
+    if pool is None:
+        return
+    for qid, priority in moved.items():
+        queue = pool.queues.get(str(qid))
+        if queue is not None:
+            queue.priority = priority
+
+
+# ---------------------------------------------------------------------------------------------
+# One handler per runledger event type
+
+
+def _pool_created(out: _Out, e: WorkPoolCreated, pool_id: str, state: ExportState) -> None:
+    q = e.default_queue
+    pool = _pool_info(e.pool, {str(q.id): QueueInfo(q.name, q.priority)})
+    state.pools[pool_id] = pool
+    # Prefect's create_work_pool creates the default queue first (its `created` event names
+    # the pool), then emits the pool's `created`; the API route then emits the initial status.
+    out.emit("prefect.work-queue.created", _queue_resource(str(q.id), q.name), _queue_related(pool_id, pool))
+    out.emit("prefect.work-pool.created", _pool_resource(pool_id, pool), _pool_related(pool))
+    if e.pool.status is not None:  # never for `prefect-agent` pools (WP-3)
+        out.emit(f"prefect.work-pool.{_kebab(e.pool.status)}", _pool_labels(pool_id, pool))
+
+
+def _pool_updated(out: _Out, e: WorkPoolUpdated, pool_id: str, state: ExportState) -> None:
+    before = state.pools.get(pool_id)
+    pool = _pool_info(e.pool, before.queues if before else {})
+    pool.last_status_event = before.last_status_event if before else None
+    state.pools[pool_id] = pool
+    payload = _updates(e.changes, POOL_EVENT_FIELDS)
+    if payload is not None:  # Prefect's work_pool_updated_event has no related resources
+        out.emit("prefect.work-pool.updated", _pool_resource(pool_id, pool), payload=payload)
+    # Every status write (WP-8), a repeated pause included, is a status event.
+    if e.status is not None and e.status.new is not None:
+        follows = None
+        if pool.last_status_event is not None:
+            previous_id, previous_at = pool.last_status_event
+            if out.when - previous_at < FOLLOWS_WITHIN:
+                follows = previous_id
+        event_id = out.emit(f"prefect.work-pool.{_kebab(Status(e.status.new))}", _pool_labels(pool_id, pool),
+                            follows=follows)
+        pool.last_status_event = (event_id, out.when)
+
+
+def _pool_deleted(out: _Out, e: WorkPoolDeleted, pool_id: str, state: ExportState) -> None:
+    # The payload names the queues by id only (in priority order); their names, the pool's
+    # type and default queue come from the history.
+    pool = state.pools.pop(pool_id, None)
+    for qid in e.queue_ids:
+        queue = pool.queues.get(str(qid)) if pool else None
+        out.emit("prefect.work-queue.deleted", _queue_resource(str(qid), queue.name if queue else None),
+                 _queue_related(pool_id, pool))
+    out.emit("prefect.work-pool.deleted", _pool_resource(pool_id, pool, e.name), _pool_related(pool))
+
+
+def _queue_created(out: _Out, e: WorkQueueCreated, pool_id: str, state: ExportState) -> None:
+    pool = state.pools.get(pool_id)
+    if pool is not None:
+        pool.queues[str(e.queue.id)] = QueueInfo(e.queue.name, e.queue.priority)
+        _reprioritize(pool, e.reprioritized)  # Prefect emits nothing for queues PR-1 moved
+    out.emit("prefect.work-queue.created", _queue_resource(str(e.queue.id), e.queue.name),
+             _queue_related(pool_id, pool))
+
+
+def _queue_updated(out: _Out, e: WorkQueueUpdated, pool_id: str, state: ExportState) -> None:
+    pool = state.pools.get(pool_id)
+    if pool is not None:
+        pool.queues[str(e.queue.id)] = QueueInfo(e.queue.name, e.queue.priority)
+        _reprioritize(pool, e.reprioritized)  # Prefect emits nothing for queues PR-1 moved
+    resource = _queue_resource(str(e.queue.id), e.queue.name)
+    payload = _updates(e.changes, QUEUE_EVENT_FIELDS)
+    if payload is not None:
+        out.emit("prefect.work-queue.updated", resource, _queue_related(pool_id, pool), payload)
+    if e.status is not None and e.status.new is not None:  # set only on a real change (WQ-8)
+        out.emit(f"prefect.work-queue.{_kebab(Status(e.status.new))}", dict(resource), _queue_related(pool_id, pool))
+
+
+def _queue_deleted(out: _Out, e: WorkQueueDeleted, pool_id: str, state: ExportState) -> None:
+    pool = state.pools.get(pool_id)
+    if pool is not None:
+        pool.queues.pop(str(e.queue_id), None)
+        _reprioritize(pool, e.reprioritized)
+    out.emit("prefect.work-queue.deleted", _queue_resource(str(e.queue_id), e.name), _queue_related(pool_id, pool))
+
+
+def _queues_reprioritized(out: _Out, e: WorkQueuesReprioritized, pool_id: str, state: ExportState) -> None:
+    # No Prefect route moves several queues at once: each moved queue is reported as the
+    # priority update Prefect reports for one queue.
+    pool = state.pools.get(pool_id)
+    for qid, priority in e.reprioritized.items():
+        queue = pool.queues.get(str(qid)) if pool else None
+        old = queue.priority if queue else None
+        if old == priority:
+            continue
+        payload = {"updated_fields": ["priority"], "updates": {"priority": {"from": old, "to": priority}}}
+        out.emit("prefect.work-queue.updated", _queue_resource(str(qid), queue.name if queue else None),
+                 _queue_related(pool_id, pool), payload)
+    _reprioritize(pool, e.reprioritized)
+
+
+def _nothing(out: _Out, e: Event, aggregate_id: str, state: ExportState) -> None:
+    """Name claims keep pool names unique; Prefect has no event for them."""
+
+
+_HANDLERS: dict[type[Event], Callable[[_Out, Any, str, ExportState], None]] = {
+    WorkPoolCreated: _pool_created,
+    WorkPoolUpdated: _pool_updated,
+    WorkPoolDeleted: _pool_deleted,
+    WorkQueueCreated: _queue_created,
+    WorkQueueUpdated: _queue_updated,
+    WorkQueueDeleted: _queue_deleted,
+    WorkQueuesReprioritized: _queues_reprioritized,
+    WorkPoolNameClaimed: _nothing,
+    WorkPoolNameReleased: _nothing,
+}
