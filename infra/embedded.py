@@ -96,8 +96,10 @@ class EmbeddedPostgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             # pgserver hands the directory to its own user; the parents must let it through.
+            # Not the data directory itself: Postgres refuses to start on one that others may
+            # enter (0701), which broke every restart of `runledger up` as root.
             with contextlib.suppress(OSError):
-                for parent in [self.data_dir, *self.data_dir.parents]:
+                for parent in self.data_dir.parents:
                     mode = parent.stat().st_mode
                     if not mode & 0o001:
                         parent.chmod(mode | 0o001)
