@@ -6,6 +6,7 @@ replay any decision exactly.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -91,12 +92,35 @@ def forbidden(message: str) -> Rejection:
     return Rejection(ErrorCode.FORBIDDEN, message)
 
 
+class _RandomIds:
+    """Version-4 UUIDs from the OS's random source, read 4 KiB at a time: `uuid.uuid4()` makes
+    one system call per id, which cost ~5 % of the service's CPU per command."""
+
+    _CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+    _SET = (0x4000 << 64) | (0x8000 << 48)
+
+    def __init__(self, ids_per_read: int = 256):
+        self._bytes_per_read = 16 * ids_per_read
+        self._pool = b""
+        self._at = 0
+
+    def __call__(self) -> uuid.UUID:
+        if self._at >= len(self._pool):
+            self._pool, self._at = os.urandom(self._bytes_per_read), 0
+        raw = int.from_bytes(self._pool[self._at:self._at + 16], "big")
+        self._at += 16
+        return uuid.UUID(int=(raw & self._CLEAR) | self._SET)
+
+
+random_uuid4 = _RandomIds()
+
+
 @dataclass
 class DecisionContext:
     """What a decider may not fetch itself: the time and fresh ids."""
 
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
-    new_id: Callable[[], uuid.UUID] = uuid.uuid4
+    new_id: Callable[[], uuid.UUID] = random_uuid4
 
     @classmethod
     def fixed(cls, now: datetime, ids: Iterator[uuid.UUID] | None = None) -> DecisionContext:

@@ -13,12 +13,12 @@ endpoints use (they take raw bytes and validate with our own models). See docs/b
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from dataclasses import dataclass, field
 
 from nats.aio.client import Client as NATS
+from pydantic_core import to_json
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from runledger.infra.aggregates import AggregateRepository
@@ -69,7 +69,7 @@ class Endpoint:
                 name = msg.subject.rsplit(".", 1)[1]
                 out = await execute(name, msg.data)
                 if msg.reply:
-                    await msg.respond(json.dumps(out, default=str).encode())
+                    await msg.respond(to_json(out, fallback=str))
             finally:
                 slots.release()
 
