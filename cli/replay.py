@@ -43,7 +43,7 @@ def _run(coro):
 
 
 async def _rebuild(settings: Settings, schema: str, until_seq: int | None, as_of: datetime | None, quiet: bool):
-    nc = await connect(settings, name="runledger-replay")
+    nc = await connect(settings, name="runledger-replay", wait_for_server=False)
     try:
         await ensure_event_stream(nc.jetstream(), settings)
         store = EventStore(nc, settings)
@@ -147,7 +147,7 @@ def events(
     lo, hi = aware(since), aware(until)
 
     async def go() -> None:
-        nc = await connect(settings, name="runledger-events")
+        nc = await connect(settings, name="runledger-events", wait_for_server=False)
         printed = 0
         try:
             store = EventStore(nc, settings)

@@ -73,7 +73,7 @@ class RunledgerClient:
             timeout = self.settings.request_timeout
             try:
                 self._nc = await asyncio.wait_for(
-                    connect(self.settings, name="runledger-client", check_version=False), timeout)
+                    connect(self.settings, name="runledger-client", check_version=False, wait_for_server=False), timeout)
             except BrokerUnavailable as e:
                 raise Unavailable(str(e)) from None
             except TimeoutError:

@@ -25,7 +25,12 @@ def _fmt(v: tuple[int, int, int]) -> str:
     return ".".join(map(str, v))
 
 
-async def connect(settings: Settings, *, name: str = "runledger", check_version: bool = True) -> NATS:
+async def connect(settings: Settings, *, name: str = "runledger", check_version: bool = True,
+                  wait_for_server: bool = True) -> NATS:
+    """A connection that reconnects for ever once made. The first connect waits up to
+    `max(5 s, request_timeout)` for a server that is starting (a service beside its broker),
+    unless `wait_for_server` is False (the CLI and the client: nothing listening is said at
+    once); a refused login always ends it at once."""
     options: dict = {
         "servers": [settings.nats_url],
         "name": name,
@@ -54,9 +59,12 @@ async def connect(settings: Settings, *, name: str = "runledger", check_version:
         last_error[:] = [type(e).__name__]
         # nats-py retries a refused login for as long as reconnects are allowed: end the first
         # connect at once instead, with the reason a user can act on.
+        if refused.done():
+            return
         if "authorization violation" in str(e).lower() or isinstance(e, nats.errors.AuthorizationError):
-            if not refused.done():
-                refused.set_result("the server refused runledger's credentials (authorization violation)")
+            refused.set_result("the server refused runledger's credentials (authorization violation)")
+        elif not wait_for_server and isinstance(e, OSError):
+            refused.set_result(f"nothing accepts connections there ({type(e).__name__})")
 
     # Unlimited reconnects keep a running service alive through broker restarts, but nats-py
     # applies them to the first connect too: bound that one ourselves.
