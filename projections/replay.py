@@ -4,12 +4,14 @@ and comparing a rebuild with the live read models."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -24,31 +26,67 @@ from .tables import MIGRATIONS, READ_MODEL_TABLES, projection_checkpoints
 
 async def iter_log(store: EventStore, subject_filter: str, start_seq: int = 1, *, until_seq: int | None = None,
                    chunk: int = 4000) -> AsyncIterator[list[RawEvent]]:
-    """The log in stream order, in chunks, through batched direct gets (no consumer state).
-    The next chunk is read while the caller works on the current one."""
+    """The log in stream order, in chunks, up to `until_seq` (default: the end of the log when
+    called). Reads through an ephemeral pull consumer without acks: its deliveries carry only
+    the stored headers and take the sequence from the reply subject, where a direct get's
+    replies carry six more headers to parse per event. The next chunk is pulled while the
+    caller works on the current one. The server removes the consumer if we die."""
+    target = until_seq if until_seq is not None else await store.last_sequence()
+    if target < start_seq:
+        return
+    nc, stream = store.nc, store.stream
+    config = ConsumerConfig(
+        filter_subject=subject_filter, ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=max(1, start_seq), inactive_threshold=60, mem_storage=True, num_replicas=1,
+    )
+    consumer = await store.js.add_consumer(stream, config)
+    api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer.name}"
+    inbox = nc.new_inbox()
+    arrived: list[RawEvent] = []
+    state = {"open": 0, "status": None, "pending": 1}
+    ready = asyncio.Event()
 
-    async def read(seq: int):
-        return await store.read_subject(subject_filter, seq, batch=chunk, max_messages=chunk)
+    async def on_message(msg) -> None:
+        status = msg.headers.get("Status") if msg.headers else None
+        if status:
+            state["open"], state["status"] = 0, status
+        else:
+            tokens = msg.reply.split(".")
+            stream_seq = int(tokens[5] if len(tokens) == 9 else tokens[7])
+            state["pending"] = int(tokens[8] if len(tokens) == 9 else tokens[10])
+            arrived.append(RawEvent(stream_seq, msg.subject, msg.data))
+            state["open"] -= 1
+        if state["open"] <= 0:
+            ready.set()
 
-    seq = start_seq
-    upcoming = asyncio.create_task(read(seq))
+    async def pull() -> None:
+        state.update(open=chunk, status=None)
+        ready.clear()
+        await nc.publish(api, json.dumps({"batch": chunk, "no_wait": True}).encode(), reply=inbox)
+
+    sub = await nc.subscribe(inbox, cb=on_message)
     try:
+        await pull()
         while True:
-            rows = await upcoming
-            if not rows:
-                return
-            last = rows[-1][0]
-            more = len(rows) >= chunk and (until_seq is None or last < until_seq)
-            if more:
-                upcoming = asyncio.create_task(read(last + 1))
-            out = [RawEvent(s, subj, data) for s, subj, data, _ in rows if until_seq is None or s <= until_seq]
-            if out:
-                yield out
-            if not more:
+            async with asyncio.timeout(store.settings.request_timeout * 4):
+                await ready.wait()
+            if state["status"] not in (None, "404", "408"):
+                raise RuntimeError(f"reading the log failed: pull request ended with status {state['status']}")
+            got = arrived[:]
+            arrived.clear()
+            done = not got or got[-1].seq >= target or state["pending"] == 0
+            if not done:
+                await pull()  # the next chunk travels while the caller applies this one
+            kept = [e for e in got if e.seq <= target]
+            if kept:
+                yield kept
+            if done or len(kept) < len(got):
                 return
     finally:
-        if not upcoming.done():
-            upcoming.cancel()
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+        with contextlib.suppress(Exception):
+            await store.js.delete_consumer(stream, consumer.name)
 
 
 def _occurred(raw: RawEvent) -> datetime | None:
