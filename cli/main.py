@@ -24,4 +24,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as `python -m runledger.cli.main`, this file is `__main__`, not the module the
+    # sub-commands register on: hand over to that one.
+    from runledger.cli.main import main as registered_main
+
+    registered_main()

@@ -243,7 +243,11 @@ class ProjectionRunner:
                     request = {"batch": self.batch_size, "expires": 1_000_000_000}
                     await self.nc.publish(api, json.dumps(request).encode(), reply=inbox)
                 try:
-                    await asyncio.wait_for(wake.wait(), 5)
+                    # Not `asyncio.wait_for`: on Python 3.11 it swallows a cancel that lands
+                    # just after the event was set, and this reader, then never ending, held
+                    # up the `await reader` of `_consume` (a crash or `stop()`) for good.
+                    async with asyncio.timeout(5):
+                        await wake.wait()
                 except TimeoutError:
                     raise RuntimeError("the consumer stopped answering pull requests") from None
                 wake.clear()

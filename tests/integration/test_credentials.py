@@ -93,7 +93,7 @@ def _serve(settings: Settings, env: dict[str, str], *, until_ready: bool) -> tup
     """`runledger serve` as a user runs it; returns its exit code and everything it wrote."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("RUNLEDGER_")}
     full_env.update(RUNLEDGER_NAMESPACE=settings.namespace, RUNLEDGER_CONFIG_DIR=tempfile.mkdtemp(prefix="rlcfg-"), **env)
-    exe = [sys.executable, "-c", "from runledger.cli.main import main; main()", "serve", "--verbose"]
+    exe = [sys.executable, "-m", "runledger.cli", "serve", "--verbose"]
     proc = subprocess.Popen(exe, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-CLI = [sys.executable, "-c", "from runledger.cli.main import main; main()"]
+CLI = [sys.executable, "-m", "runledger.cli"]
 
 
 def _env(config_dir: Path) -> dict[str, str]:
