@@ -57,8 +57,9 @@ class CheckpointWatch:
             if remaining <= 0:
                 return False
             self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.005 if not self.local else remaining))
+            try:  # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel
+                async with asyncio.timeout(min(remaining, 0.005 if not self.local else remaining)):
+                    await self._changed.wait()
             except TimeoutError:
                 pass
 

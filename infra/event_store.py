@@ -266,7 +266,8 @@ class EventStore:
                 status.clear()
                 request = {"seq": seq, "next_by_subj": subject_filter, "batch": want}
                 await self.nc.publish(api, json.dumps(request).encode(), reply=inbox)
-                await asyncio.wait_for(done.wait(), self.settings.request_timeout)
+                async with asyncio.timeout(self.settings.request_timeout):  # not wait_for: see runner
+                    await done.wait()
                 if status.get("code") not in ("204", "404"):
                     raise RuntimeError(f"direct get failed with status {status.get('code')}")
                 if out:
