@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -59,3 +60,13 @@ class Broker:
             assert msg.subject == f"{prefix}.{envelope['type']}"
             out.append(envelope)
             seq = msg.seq + 1
+
+
+def cli_env(settings) -> dict[str, str]:
+    """The environment that points an in-process `runledger` CLI run at the test's servers."""
+    return {
+        "RUNLEDGER_NATS_URL": settings.nats_url,
+        "RUNLEDGER_DATABASE_URL": settings.database_url.get_secret_value(),
+        "RUNLEDGER_NAMESPACE": settings.namespace,
+        "RUNLEDGER_CONFIG_DIR": os.environ["RUNLEDGER_CONFIG_DIR"],
+    }

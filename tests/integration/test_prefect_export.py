@@ -5,21 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import uuid
 
 from typer.testing import CliRunner
 
+from .broker import cli_env
+
 EVENT_KEYS = {"occurred", "event", "resource", "related", "payload", "id", "follows"}
-
-
-def _cli_env(settings) -> dict[str, str]:
-    return {
-        "RUNLEDGER_NATS_URL": settings.nats_url,
-        "RUNLEDGER_DATABASE_URL": settings.database_url.get_secret_value(),
-        "RUNLEDGER_NAMESPACE": settings.namespace,
-        "RUNLEDGER_CONFIG_DIR": os.environ["RUNLEDGER_CONFIG_DIR"],
-    }
 
 
 async def _cli(settings, *args: str):
@@ -27,7 +19,7 @@ async def _cli(settings, *args: str):
 
     _register()
     # The CLI runs its own event loop: run it in a thread.
-    result = await asyncio.to_thread(CliRunner().invoke, app, ["events", *args], env=_cli_env(settings))
+    result = await asyncio.to_thread(CliRunner().invoke, app, ["events", *args], env=cli_env(settings))
     assert result.exit_code == 0, result.output
     return result
 

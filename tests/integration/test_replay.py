@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 from sqlalchemy import text
 from typer.testing import CliRunner
@@ -11,6 +10,8 @@ from typer.testing import CliRunner
 from runledger.handlers.service import projectors
 from runledger.infra.database import create_engine, drop_schema
 from runledger.projections.replay import compare, replay, snapshot
+
+from .broker import cli_env
 
 
 async def _history(broker):
@@ -69,15 +70,6 @@ async def test_a_rebuild_as_of_an_earlier_sequence(broker, service, settings):
         await engine.dispose()
 
 
-def _cli_env(settings) -> dict[str, str]:
-    return {
-        "RUNLEDGER_NATS_URL": settings.nats_url,
-        "RUNLEDGER_DATABASE_URL": settings.database_url.get_secret_value(),
-        "RUNLEDGER_NAMESPACE": settings.namespace,
-        "RUNLEDGER_CONFIG_DIR": os.environ["RUNLEDGER_CONFIG_DIR"],
-    }
-
-
 async def test_verify_and_events_through_the_cli(broker, service, settings):
     import asyncio
 
@@ -86,7 +78,7 @@ async def test_verify_and_events_through_the_cli(broker, service, settings):
     _register()
     await _history(broker)
     runner = CliRunner()
-    env = _cli_env(settings)
+    env = cli_env(settings)
     # The CLI runs its own event loop: run it in a thread.
     result = await asyncio.to_thread(runner.invoke, app, ["verify"], env=env)
     assert result.exit_code == 0, result.output
@@ -113,10 +105,10 @@ async def test_status_answers_through_the_broker(broker, service, settings):
     _register()
     await broker.ok_cmd("CreateWorkPool", name="s1")
     await broker.ok_qry("CountWorkPools")
-    result = await asyncio.to_thread(CliRunner().invoke, app, ["status", "--json"], env=_cli_env(settings))
+    result = await asyncio.to_thread(CliRunner().invoke, app, ["status", "--json"], env=cli_env(settings))
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
     assert info["answering"] is True and info["work_pools"] == 1 and info["read_model_seq"] >= broker.last_seq
-    env = {**_cli_env(settings), "RUNLEDGER_NAMESPACE": "nobodyhere"}
+    env = {**cli_env(settings), "RUNLEDGER_NAMESPACE": "nobodyhere"}
     result = await asyncio.to_thread(CliRunner().invoke, app, ["status"], env=env)
     assert result.exit_code == 6
