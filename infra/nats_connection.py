@@ -63,8 +63,14 @@ async def connect(settings: Settings, *, name: str = "runledger", check_version:
             return
         if "authorization violation" in str(e).lower() or isinstance(e, nats.errors.AuthorizationError):
             refused.set_result("the server refused runledger's credentials (authorization violation)")
+        elif isinstance(e, ssl.SSLError):  # retrying cannot mend a certificate
+            detail = getattr(e, "verify_message", None) or getattr(e, "reason", None) or type(e).__name__
+            refused.set_result(f"the TLS handshake failed ({type(e).__name__}: {detail})")
+        elif not wait_for_server and isinstance(e, ConnectionRefusedError):
+            refused.set_result("nothing accepts connections there (ConnectionRefusedError)")
         elif not wait_for_server and isinstance(e, OSError):
-            refused.set_result(f"nothing accepts connections there ({type(e).__name__})")
+            refused.set_result(f"the connection failed ({type(e).__name__}; a TLS server that wants a client "
+                               "certificate resets connections without one)")
 
     # Unlimited reconnects keep a running service alive through broker restarts, but nats-py
     # applies them to the first connect too: bound that one ourselves.

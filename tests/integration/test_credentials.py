@@ -152,3 +152,44 @@ async def test_serve_against_a_database_it_cannot_use_exits_6_naming_it_without_
     assert "InvalidCatalogName" in out or "does not exist" in out
     assert "Traceback" not in out
     assert_no_secret(out)
+
+
+@pytest.fixture
+def tls_files(tmp_path):
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate (trustme)."""
+    import trustme
+
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    client = ca.issue_cert("runledger-client")
+    files = {}
+    for name, blob in {"ca.pem": ca.cert_pem, "server.pem": server.cert_chain_pems[0],
+                       "server.key": server.private_key_pem, "client.pem": client.cert_chain_pems[0],
+                       "client.key": client.private_key_pem}.items():
+        blob.write_to_path(str(tmp_path / name))
+        files[name] = tmp_path / name
+    return files
+
+
+async def test_mutual_tls_from_the_environment_settings(settings, tls_files):
+    f = tls_files
+    with auth_nats("--tls", "--tlscert", str(f["server.pem"]), "--tlskey", str(f["server.key"]),
+                   "--tlsverify", "--tlscacert", str(f["ca.pem"])) as url:
+        tls_url = url.replace("nats://", "tls://")
+        good = Settings(**{**settings.model_dump(), "nats_url": tls_url, "nats_tls_ca_file": f["ca.pem"],
+                           "nats_tls_cert_file": f["client.pem"], "nats_tls_key_file": f["client.key"]})
+        nc = await connect(good)
+        assert nc.is_connected and nc.connected_url.scheme == "tls"
+        await nc.close()
+
+        # The server wants a client certificate: without one, a clear error and no hang.
+        no_client_cert = Settings(**{**settings.model_dump(), "nats_url": tls_url, "nats_tls_ca_file": f["ca.pem"]})
+        with pytest.raises(BrokerUnavailable, match=f"cannot connect to NATS at {tls_url}"):
+            await connect(no_client_cert, wait_for_server=False)
+
+        # A server whose certificate no trusted CA signed is refused.
+        untrusted = Settings(**{**settings.model_dump(), "nats_url": tls_url})
+        with pytest.raises(BrokerUnavailable) as refused:
+            await connect(untrusted)  # at once, though a service waits for a starting broker
+        assert str(refused.value).startswith(f"cannot connect to NATS at {tls_url}: the TLS handshake failed "
+                                             "(SSLCertVerificationError")
