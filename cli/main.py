@@ -19,8 +19,17 @@ def _register() -> None:
 
 
 def main() -> None:
+    from runledger.infra.settings import SettingsError
+
     _register()
-    app()
+    try:
+        app()
+    except SettingsError as e:  # from any command: one line, exit code 5 (invalid)
+        from rich.console import Console
+        from rich.markup import escape
+
+        Console(stderr=True, soft_wrap=True).print(f"[red]Error (invalid settings):[/red] {escape(str(e))}", highlight=False)
+        raise SystemExit(5) from None
 
 
 if __name__ == "__main__":

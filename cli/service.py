@@ -115,8 +115,7 @@ def up(
         with console.status("starting NATS and Postgres..."):
             nats_server.start()
             postgres.start()
-        settings = Settings(nats_url=nats_server.url, database_url=postgres.url,
-                            namespace=os.environ.get("RUNLEDGER_NAMESPACE", "runledger"))
+        settings = load_settings(nats_url=nats_server.url, database_url=postgres.url)
 
         def ready() -> None:
             record.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, FilePath, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIN_NATS_VERSION = (2, 12, 0)
@@ -36,10 +36,12 @@ class Settings(BaseSettings):
     nats_user: str | None = None
     nats_password: SecretStr | None = None
     nats_token: SecretStr | None = None
-    nats_creds_file: Path | None = None
-    nats_tls_ca_file: Path | None = None
-    nats_tls_cert_file: Path | None = None
-    nats_tls_key_file: Path | None = None
+    # Files must exist when the settings are read: a typo is one clear line at start-up, not
+    # an error at the first TLS handshake or credentials challenge.
+    nats_creds_file: FilePath | None = None
+    nats_tls_ca_file: FilePath | None = None
+    nats_tls_cert_file: FilePath | None = None
+    nats_tls_key_file: FilePath | None = None
 
     database_url: SecretStr = SecretStr("postgresql+asyncpg://postgres@127.0.0.1:5432/postgres")
     database_pool_size: int = 5
@@ -105,6 +107,11 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts)
 
 
+class SettingsError(ValueError):
+    """Settings that cannot be used. The message names each variable and the reason, never
+    the value (it may be a secret)."""
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Environment first; where it is silent, the endpoint file of a running `runledger up`."""
     recorded: dict[str, Any] = {}
@@ -119,4 +126,11 @@ def load_settings(**overrides: Any) -> Settings:
         if f"RUNLEDGER_{key.upper()}" not in os.environ and key in recorded:
             values[key] = recorded[key]
     values.update(overrides)
-    return Settings(**values)
+    try:
+        return Settings(**values)
+    except ValidationError as e:
+        problems = [
+            f"RUNLEDGER_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in e.errors(include_input=False, include_url=False)
+        ]
+        raise SettingsError("; ".join(problems)) from None

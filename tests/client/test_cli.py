@@ -126,6 +126,26 @@ def test_no_service_is_unavailable(nats_url, tmp_path):
     assert result.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize(("variable", "value", "reason"), [
+    ("RUNLEDGER_NAMESPACE", "Bad NS", "String should match pattern"),
+    ("RUNLEDGER_NATS_TLS_CA_FILE", "/no/such/ca-s3cret.pem", "Path does not point to a file"),
+    ("RUNLEDGER_NATS_CREDS_FILE", "/no/such/s3cret.creds", "Path does not point to a file"),
+    ("RUNLEDGER_HANDLER_CONCURRENCY", "many-s3cret", "Input should be a valid integer"),
+])
+def test_a_setting_that_cannot_be_used_is_one_line_naming_it_and_not_its_value(tmp_path, variable, value, reason):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNLEDGER_")}
+    env.update({"RUNLEDGER_CONFIG_DIR": str(tmp_path), variable: value})
+    for args in (["work-pool", "ls"], ["serve"]):
+        done = subprocess.run([sys.executable, "-m", "runledger.cli", *args], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 5, done.stderr
+        assert done.stderr.startswith(f"Error (invalid settings): {variable}: {reason}")
+        assert done.stderr.count("\n") == 1 and "s3cret" not in done.stderr
+
+
 def test_no_broker_is_unavailable(tmp_path):
     # No request timeout to wait out: a refused connection is reported at once.
     env = {"RUNLEDGER_NATS_URL": "nats://127.0.0.1:1", "RUNLEDGER_CONFIG_DIR": str(tmp_path),

@@ -4,12 +4,16 @@ them (environment settings or inside the URL), against a nats-server that demand
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -193,3 +197,112 @@ async def test_mutual_tls_from_the_environment_settings(settings, tls_files):
             await connect(untrusted)  # at once, though a service waits for a starting broker
         assert str(refused.value).startswith(f"cannot connect to NATS at {tls_url}: the TLS handshake failed "
                                              "(SSLCertVerificationError")
+
+
+# -- creds files: a nats-server in operator (JWT) mode -------------------------------------
+
+
+def _keypair(prefix: int):
+    import nkeys
+
+    return nkeys.from_seed(nkeys.encode_seed(os.urandom(32), prefix))
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _jwt(claims: dict, signer) -> str:
+    """A NATS JWT (v2): claims signed with the issuer's nkey (alg ed25519-nkey); the id is the
+    base32 SHA-512/256 of the claims, as nats-io/jwt makes it."""
+    claims = {"iat": int(time.time()), "iss": signer.public_key.decode(), **claims, "jti": ""}
+    digest = hashlib.new("sha512_256", json.dumps(claims).encode()).digest()
+    claims["jti"] = base64.b32encode(digest).decode().rstrip("=")
+    head = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    body = _b64(json.dumps(claims).encode())
+    return f"{head}.{body}.{_b64(signer.sign(f'{head}.{body}'.encode()))}"
+
+
+def _creds_file(path: Path, account, name: str) -> tuple[Path, str]:
+    import nkeys
+
+    user = _keypair(nkeys.PREFIX_BYTE_USER)
+    user_jwt = _jwt({"sub": user.public_key.decode(), "name": name, "nats": {
+        "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2}}, account)
+    path.write_text(f"-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n"
+                    f"-----BEGIN USER NKEY SEED-----\n{user.seed.decode()}\n------END USER NKEY SEED------\n")
+    path.chmod(0o600)
+    return path, user.seed.decode()
+
+
+@pytest.fixture
+def operator_nats(tmp_path):
+    """A JetStream nats-server that trusts one operator, with an account for runledger; yields
+    its URL, a creds file of a user of that account and one signed by an account it does not know."""
+    import nkeys
+
+    operator = _keypair(nkeys.PREFIX_BYTE_OPERATOR)
+    account, system, stranger = (_keypair(nkeys.PREFIX_BYTE_ACCOUNT) for _ in range(3))
+    unlimited = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": True,
+                 "conn": -1, "leaf": -1, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1}
+    account_jwt = _jwt({"sub": account.public_key.decode(), "name": "runledger",
+                        "nats": {"limits": unlimited, "type": "account", "version": 2}}, operator)
+    system_jwt = _jwt({"sub": system.public_key.decode(), "name": "SYS", "nats": {"type": "account", "version": 2}}, operator)
+    operator_jwt = _jwt({"sub": operator.public_key.decode(), "name": "test-operator",
+                         "nats": {"type": "operator", "version": 2}}, operator)
+    port = free_port()
+    conf = tmp_path / "server.conf"
+    conf.write_text(
+        f'listen: "127.0.0.1:{port}"\noperator: "{operator_jwt}"\nresolver: MEMORY\n'
+        f"system_account: {system.public_key.decode()}\n"
+        f'resolver_preload: {{ {account.public_key.decode()}: "{account_jwt}", {system.public_key.decode()}: "{system_jwt}" }}\n'
+        f'jetstream: {{ store_dir: "{tmp_path / "js"}" }}\n')
+    good, seed = _creds_file(tmp_path / "service.creds", account, "runledger-service")
+    bad, _ = _creds_file(tmp_path / "stranger.creds", stranger, "stranger")
+    proc = subprocess.Popen([str(nats_server_binary()), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_port(port, 10, proc)
+        yield f"nats://127.0.0.1:{port}", good, bad, seed
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def test_a_creds_file_from_the_environment_serves_commands_and_its_seed_never_prints(settings, operator_nats):
+    from runledger.client import RunledgerClient
+    from tests.conftest import cleanup_namespace
+
+    url, creds, stranger, seed = operator_nats
+    env = {"RUNLEDGER_NATS_URL": url, "RUNLEDGER_NATS_CREDS_FILE": str(creds),
+           "RUNLEDGER_DATABASE_URL": settings.database_url.get_secret_value()}
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RUNLEDGER_")}
+    full_env.update(RUNLEDGER_NAMESPACE=settings.namespace, RUNLEDGER_CONFIG_DIR=tempfile.mkdtemp(prefix="rlcfg-"), **env)
+    proc = subprocess.Popen([sys.executable, "-m", "runledger.cli", "serve", "--verbose"], env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "service ready" in line:
+                break
+        assert "service ready" in "".join(lines), "".join(lines)
+        client_settings = Settings(**{**settings.model_dump(), "nats_url": url, "nats_creds_file": creds})
+        async with RunledgerClient(client_settings) as rl:
+            pool = await rl.create_work_pool("through-creds", type="process")
+            assert (await rl.read_work_pool("through-creds")).id == pool.id  # a query: read-your-writes
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=30)
+        lines.append(rest)
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(Exception):
+            await cleanup_namespace(settings)
+    assert seed not in "".join(lines)
+
+    code, out = _serve(settings, {**env, "RUNLEDGER_NATS_CREDS_FILE": str(stranger)}, until_ready=False)
+    assert code == 6, out
+    assert "refused runledger's credentials" in out and "Traceback" not in out
