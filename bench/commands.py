@@ -66,6 +66,21 @@ async def run(args) -> dict:
             await nc.request(settings.query_subject("CountWorkPools"), json.dumps({"min_seq": last}).encode(), timeout=60)
             cpu_per_command = (cpu_seconds(proc.pid) - cpu0) / sum(done) * 1e6
 
+            # Multi-aggregate decisions: pool creates are an atomic batch (name claim + pool).
+            stop_at = now() + args.seconds / 2
+            made = [0] * args.clients
+
+            async def pool_creator(c: int) -> None:
+                for i in itertools.count():
+                    if now() >= stop_at:
+                        return
+                    await cmd("CreateWorkPool", {"name": f"p-{c}-{i}", "type": "process"})
+                    made[c] += 1
+
+            t0 = now()
+            await asyncio.gather(*(pool_creator(c) for c in range(args.clients)))
+            pool_throughput = sum(made) / (now() - t0)
+
             # Latency: one client, one request at a time.
             await cmd("CreateWorkQueue", {"work_pool_name": "bench-0", "name": "lat"})
             latencies = []
@@ -75,7 +90,7 @@ async def run(args) -> dict:
                 latencies.append((now() - t) * 1000)
             memory = rss_mb(proc.pid)
             await nc.close()
-    return {"cpu_us": cpu_per_command, "throughput": throughput, "commands": sum(done), "p50": percentile(latencies, 50),
+    return {"cpu_us": cpu_per_command, "throughput": throughput, "pool_throughput": pool_throughput, "commands": sum(done), "p50": percentile(latencies, 50),
             "p99": percentile(latencies, 99), "rss_mb": memory}
 
 
@@ -88,6 +103,7 @@ def main() -> None:
     r = asyncio.run(run(args))
     report("Commands through the whole path (bench/commands.py)", [
         (f"throughput, {args.clients} clients, CreateWorkQueue/UpdateWorkQueue mix", f"{r['throughput']:,.0f} commands/s ({r['commands']} in {args.seconds:g} s)", ">= 3,000 commands/s"),
+        (f"throughput, {args.clients} clients, CreateWorkPool (atomic batch: name claim + pool)", f"{r['pool_throughput']:,.0f} commands/s", ""),
         ("round trip, one client, p50", f"{r['p50']:.2f} ms", "<= 2 ms"),
         ("round trip, one client, p99", f"{r['p99']:.2f} ms", "<= 10 ms"),
         ("service CPU per command (decide, append, reply, and project)", f"{r['cpu_us']:.0f} µs", ""),
