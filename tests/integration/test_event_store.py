@@ -117,6 +117,90 @@ async def test_a_retry_after_a_lost_ack_is_recognised_as_ours(store, monkeypatch
     assert stored[-1].seq == seq and stored[-1].envelope.id == envelopes[-1].id
 
 
+def _pair(name: str) -> tuple[list[EventEnvelope], dict]:
+    """A two-aggregate decision (two name claims): an atomic batch of two messages."""
+    names = [name, f"{name}-b"]
+    return [claim(n) for n in names], {(wp.WORK_POOL_NAME, wp.name_aggregate_id(n)): 0 for n in names}
+
+
+@pytest.fixture
+def batch_sizes(store, monkeypatch):
+    """The sizes of the atomic batches sent to the server (a failed one included)."""
+    sizes: list[int] = []
+    real = store._publish_batch
+
+    async def spy(messages):
+        sizes.append(len(messages))
+        return await real(messages)
+
+    monkeypatch.setattr(store, "_publish_batch", spy)
+    return sizes
+
+
+async def test_concurrent_batches_commit_together_and_each_gets_its_own_sequence(store, batch_sizes):
+    decisions = [_pair(f"g{i}") for i in range(40)]
+    results = await asyncio.gather(*(store.append(store.build_messages(envs, keys)) for envs, keys in decisions))
+    assert await count(store) == 80
+    for (envs, keys), seq in zip(decisions, results, strict=True):
+        last_key = list(keys)[-1]
+        (stored,) = await store.read_aggregate(*last_key)
+        assert (stored.seq, stored.envelope.id) == (seq, envs[-1].id)  # the member's own last message
+        (first,) = await store.read_aggregate(*list(keys)[0])
+        assert first.seq == seq - 1  # each member's messages stay together, in order
+    assert max(batch_sizes) > 2 and len(batch_sizes) < 40  # merged: fewer commits than decisions
+
+
+async def test_a_stale_member_fails_alone_and_the_rest_of_its_group_lands(store, batch_sizes):
+    taken = (wp.WORK_POOL_NAME, wp.name_aggregate_id("taken"))
+    await store.append(store.build_messages([claim("taken")], {taken: 0}))
+    before = await count(store)
+    decisions = [_pair(f"s{i}") for i in range(20)]
+    stale_envs, stale_keys = decisions[7]
+    decisions[7] = ([stale_envs[0], claim("taken")], {list(stale_keys)[0]: 0, taken: 0})  # "taken" is not new
+    results = await asyncio.gather(*(store.append(store.build_messages(envs, keys)) for envs, keys in decisions),
+                                   return_exceptions=True)
+    assert [i for i, r in enumerate(results) if isinstance(r, Exception)] == [7]
+    assert isinstance(results[7], WrongExpectedSequence)
+    assert await count(store) == before + 2 * 19
+    assert await store.read_aggregate(*list(stale_keys)[0]) == []  # nothing of the stale decision
+    assert len(await store.read_aggregate(*taken)) == 1
+
+
+async def test_decisions_on_one_aggregate_are_never_merged_and_only_one_wins(store):
+    same = (wp.WORK_POOL_NAME, wp.name_aggregate_id("same"))
+    decisions = [_pair(f"o{i}") for i in range(10)]
+    for i in (3, 6):  # two decisions both expecting "same" to be new
+        envs, keys = decisions[i]
+        decisions[i] = ([envs[0], claim("same")], {list(keys)[0]: 0, same: 0})
+    results = await asyncio.gather(*(store.append(store.build_messages(envs, keys)) for envs, keys in decisions),
+                                   return_exceptions=True)
+    failed = [i for i, r in enumerate(results) if isinstance(r, Exception)]
+    assert len(failed) == 1 and failed[0] in (3, 6) and isinstance(results[failed[0]], WrongExpectedSequence)
+    assert len(await store.read_aggregate(*same)) == 1
+    assert await count(store) == 2 * 9
+
+
+async def test_a_lost_ack_of_a_merged_batch_is_recognised_by_every_member(store, monkeypatch):
+    real = store._publish_batch
+    lost = []
+
+    async def first_merged_ack_lost(messages):
+        result = await real(messages)
+        if len(messages) > 2 and not lost:
+            lost.append(len(messages))
+            raise nats.errors.TimeoutError  # stored, but nobody hears it
+        return result
+
+    monkeypatch.setattr(store, "_publish_batch", first_merged_ack_lost)
+    decisions = [_pair(f"l{i}") for i in range(30)]
+    results = await asyncio.gather(*(store.append(store.build_messages(envs, keys)) for envs, keys in decisions))
+    assert lost, "no merged batch was sent"
+    assert await count(store) == 60  # nothing twice
+    for (envs, keys), seq in zip(decisions, results, strict=True):
+        (stored,) = await store.read_aggregate(*list(keys)[-1])
+        assert (stored.seq, stored.envelope.id) == (seq, envs[-1].id)
+
+
 async def test_fifty_racing_claims_of_one_name_store_exactly_one(store):
     key = (wp.WORK_POOL_NAME, wp.name_aggregate_id("contested"))
 
