@@ -69,6 +69,7 @@ def service_process(settings: Settings, roles: str = "commands,queries,projectio
                RUNLEDGER_CONFIG_DIR=tempfile.mkdtemp(prefix="rlbcfg-"))
     exe = Path(sys.executable).parent / "runledger"
     proc = subprocess.Popen([str(exe), "serve", "--roles", roles], env=env, stderr=subprocess.PIPE, text=True)
+    spy = None
     try:
         for line in proc.stderr:  # type: ignore[union-attr]
             if "service ready" in line:
@@ -76,8 +77,16 @@ def service_process(settings: Settings, roles: str = "commands,queries,projectio
         else:
             raise RuntimeError(f"service exited with {proc.wait()}")
         drain = subprocess.Popen(["cat"], stdin=proc.stderr, stdout=subprocess.DEVNULL)
+        profile = os.environ.get("RUNLEDGER_BENCH_PROFILE")
+        if profile:  # the service's folded stacks from ready to the end (pip install py-spy)
+            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(proc.pid),
+                                    "-r", "300", "-f", "raw", "-o", profile], stdout=subprocess.DEVNULL)
         yield proc
     finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                spy.wait(30)
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(20)
