@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -176,8 +176,13 @@ def _queue_filter(stmt, f: q.WorkQueueFilter | None):
     return stmt
 
 
+# The hot lookups are built once with bound parameters: building a SQLAlchemy statement and
+# its cache key per request was a third of a query's CPU (bench/queries.py).
+_POOL_BY_NAME = select(work_pools).where(work_pools.c.name == bindparam("name"))
+
+
 async def _pool_row_by_name(conn: AsyncConnection, name: str):
-    row = (await conn.execute(select(work_pools).where(work_pools.c.name == name))).first()
+    row = (await conn.execute(_POOL_BY_NAME, {"name": name})).first()
     if row is None:
         raise wp.pool_not_found(name)
     return row
@@ -203,10 +208,18 @@ _queue_with_pool = select(work_queues, work_pools.c.name.label("pool_name")).joi
 )
 
 
+_QUEUE_BY_NAMES = _queue_with_pool.where(work_pools.c.name == bindparam("pool"), work_queues.c.name == bindparam("queue"))
+_QUEUES_OF_POOL = (
+    select(work_queues).where(work_queues.c.work_pool_id == bindparam("pool_id"))
+    .order_by(work_queues.c.priority, work_queues.c.created, work_queues.c.id)
+    .limit(bindparam("limit")).offset(bindparam("offset"))
+)
+_QUEUE_BY_ID = _queue_with_pool.where(work_queues.c.id == bindparam("id"))
+_POOL_OF_QUEUE = select(work_queues.c.work_pool_id).where(work_queues.c.id == bindparam("id"))
+
+
 async def get_work_queue(conn: AsyncConnection, query: q.GetWorkQueue) -> dict[str, Any]:
-    row = (await conn.execute(_queue_with_pool.where(
-        work_pools.c.name == query.work_pool_name, work_queues.c.name == query.work_queue_name
-    ))).first()
+    row = (await conn.execute(_QUEUE_BY_NAMES, {"pool": query.work_pool_name, "queue": query.work_queue_name})).first()
     if row is None:
         await _pool_row_by_name(conn, query.work_pool_name)
         raise wp.queue_not_found(query.work_pool_name, query.work_queue_name)
@@ -215,6 +228,9 @@ async def get_work_queue(conn: AsyncConnection, query: q.GetWorkQueue) -> dict[s
 
 async def list_work_queues(conn: AsyncConnection, query: q.ListWorkQueues) -> list[dict[str, Any]]:
     pool = await _pool_row_by_name(conn, query.work_pool_name)
+    if query.work_queues is None:
+        rows = await conn.execute(_QUEUES_OF_POOL, {"pool_id": pool.id, "limit": query.limit, "offset": query.offset})
+        return [queue_reply(r, pool.name) for r in rows]
     stmt = _queue_filter(select(work_queues).where(work_queues.c.work_pool_id == pool.id), query.work_queues)
     stmt = stmt.order_by(work_queues.c.priority, work_queues.c.created, work_queues.c.id)
     rows = await conn.execute(stmt.limit(query.limit).offset(query.offset))
@@ -228,7 +244,7 @@ async def count_work_queues(conn: AsyncConnection, query: q.CountWorkQueues) -> 
 
 
 async def get_work_queue_by_id(conn: AsyncConnection, query: q.GetWorkQueueById) -> dict[str, Any]:
-    row = (await conn.execute(_queue_with_pool.where(work_queues.c.id == query.id))).first()
+    row = (await conn.execute(_QUEUE_BY_ID, {"id": query.id})).first()
     if row is None:
         raise wp.queue_id_not_found(query.id)
     return queue_reply(row, row.pool_name)
@@ -250,7 +266,7 @@ async def list_all_work_queues(conn: AsyncConnection, query: q.ListAllWorkQueues
 
 
 async def pool_of_queue(conn: AsyncConnection, queue_id: uuid.UUID) -> uuid.UUID | None:
-    return (await conn.execute(select(work_queues.c.work_pool_id).where(work_queues.c.id == queue_id))).scalar_one_or_none()
+    return (await conn.execute(_POOL_OF_QUEUE, {"id": queue_id})).scalar_one_or_none()
 
 
 QUERIES = {
