@@ -10,15 +10,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
 
-from runledger.handlers.service import Service, projectors
+from runledger.handlers.service import Service
 from runledger.infra.database import create_engine, drop_schema
 from runledger.infra.embedded import _wait_for_port, free_port, nats_server_binary
 from runledger.infra.nats_connection import connect
-from runledger.projections.replay import compare, replay, snapshot
 
-from .broker import Broker
+from .broker import Broker, assert_live_equals_rebuild
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -92,19 +90,7 @@ async def test_the_service_survives_a_broker_crash_and_loses_nothing(settings, t
         assert sorted(q["priority"] for q in queues) == list(range(1, 32))
 
         # The projection resumed where it was: the read model equals a rebuild of the log.
-        live_seq, live = await snapshot(service.engine, [p.name for p in projectors()])
-        rebuilt_schema = f"{settings.namespace}_rb"
-        await replay(settings, service.store, projectors(), rebuilt_schema, until_seq=live_seq)
-        engine = create_engine(settings, schema=rebuilt_schema)
-        try:
-            _, rebuilt = await snapshot(engine, [p.name for p in projectors()])
-            async with engine.connect() as conn:
-                skipped = (await conn.execute(text(f'SELECT count(*) FROM "{settings.namespace}".skipped_events'))).scalar()
-        finally:
-            await drop_schema(engine, rebuilt_schema)
-            await engine.dispose()
-        assert compare(live, rebuilt) == []
-        assert skipped == 0
+        await assert_live_equals_rebuild(service, settings)
     finally:
         if nc is not None:
             with contextlib.suppress(Exception):

@@ -14,13 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from runledger.handlers.service import Service, projectors
-from runledger.infra.database import create_engine, drop_schema
+from runledger.handlers.service import Service
 from runledger.infra.embedded import EmbeddedPostgres
 from runledger.infra.nats_connection import connect
-from runledger.projections.replay import compare, replay, snapshot
 
-from .broker import Broker
+from .broker import Broker, assert_live_equals_rebuild
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -84,16 +82,7 @@ async def test_commands_go_on_while_postgres_is_down_and_the_read_model_catches_
         assert {q["name"] for q in listed} == ({"default"} | {f"before-{i}" for i in range(10)}
                                                | {f"during-{i}" for i in range(10)})
 
-        live_seq, live = await snapshot(service.engine, [p.name for p in projectors()])
-        rebuilt_schema = f"{settings.namespace}_rb"
-        await replay(settings, service.store, projectors(), rebuilt_schema, until_seq=live_seq)
-        engine = create_engine(settings, schema=rebuilt_schema)
-        try:
-            _, rebuilt = await snapshot(engine, [p.name for p in projectors()])
-        finally:
-            await drop_schema(engine, rebuilt_schema)
-            await engine.dispose()
-        assert compare(live, rebuilt) == []
+        await assert_live_equals_rebuild(service, settings)
     finally:
         if nc is not None:
             with contextlib.suppress(Exception):

@@ -33,12 +33,10 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from sqlalchemy import text
 
 from runledger.handlers.service import Service, projectors
-from runledger.infra.database import create_engine, drop_schema
 from runledger.infra.nats_connection import connect
-from runledger.projections.replay import compare, replay, snapshot
 from runledger.projections.runner import read_checkpoint
 
-from .broker import Broker
+from .broker import Broker, assert_live_equals_rebuild
 
 pytestmark = pytest.mark.timeout(120)  # a safety net only: the file takes well under 30 s
 
@@ -137,29 +135,6 @@ async def _checkpoints(svc: Service) -> int:
         return min([await read_checkpoint(conn, name) for name in PROJECTIONS])
 
 
-async def _assert_live_equals_rebuild(svc: Service, settings, last_seq: int) -> int:
-    """What `runledger verify` does: the live read models at their checkpoint equal a rebuild
-    of the log up to that checkpoint. Returns the number of rows compared."""
-    seq, live = await snapshot(svc.engine, PROJECTIONS)
-    assert seq == last_seq
-    schema = f"{settings.namespace}_rebuilt"
-    engine = create_engine(settings, schema=schema, pool_size=1)
-    try:
-        result = await replay(settings, svc.store, projectors(), schema, until_seq=seq)
-        assert result.last_seq == seq
-        rebuilt_seq, rebuilt = await snapshot(engine, PROJECTIONS)
-        assert rebuilt_seq == seq
-        differences = compare(live, rebuilt)
-        assert differences == [], "\n".join(f"{d.table} {d.key}: {d.kind}: {d.detail}" for d in differences[:20])
-    finally:
-        await drop_schema(engine, schema)
-        await engine.dispose()
-    async with svc.engine.connect() as conn:
-        skipped = (await conn.execute(text("SELECT projection, seq, reason FROM skipped_events"))).all()
-    assert skipped == []
-    return sum(len(rows) for rows in live.values())
-
-
 # -- projections -----------------------------------------------------------------------------
 
 POOLS = 8
@@ -250,7 +225,7 @@ async def test_a_projection_process_killed_at_random_moments_loses_nothing(in_pr
     # The kills meant something: most landed with work still to do, after progress in that life.
     mid_way = [k for k in kills if k[0] == "projecting" and k[1] < k[2] < k[3]]
     assert len(mid_way) >= 3, kills
-    rows = await _assert_live_equals_rebuild(svc, settings, last)
+    rows = await assert_live_equals_rebuild(svc, settings, last)
     assert rows > POOLS * 2
     print(f"\n{len(kills)} SIGKILLs (when, checkpoint at start, at kill, log end): {kills}; "
           f"{last} events, {rows} rows equal a rebuild")
@@ -394,7 +369,7 @@ async def test_a_killed_command_process_loses_no_answered_command_and_repeats_no
         async with svc.engine.connect() as conn:
             projected = Counter(r[0] for r in await conn.execute(text("SELECT name FROM work_queues WHERE name <> 'default'")))
         assert projected == Counter(names)
-        await _assert_live_equals_rebuild(svc, settings, last)
+        await assert_live_equals_rebuild(svc, settings, last)
         print(f"\n{len(kills)} SIGKILLs (answered before each: {kills}); {len(originals)} answered ok, "
               f"{len(timed_out)} timed out, {len(out.lost) - len(timed_out)} found no responders; "
               f"of the lost, {len(ran_before)} had run (reply lost), {len(ran_now)} ran on retry")
