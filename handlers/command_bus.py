@@ -207,9 +207,9 @@ class CommandBus:
             loaded_at = unit.loaded.get((atype, aid), 0)
             cached = self.repo.cached(atype, aid)
             if cached is not None and cached.seq == loaded_at:
-                state = cached.state
+                state, folded = cached.state, cached.unsnapshotted
             elif loaded_at == 0:
-                state = kind.initial()
+                state, folded = kind.initial(), 0
             else:
                 self.repo.forget(atype, aid)
                 continue
@@ -218,7 +218,7 @@ class CommandBus:
             else:
                 for _, event in items:
                     state = kind.evolve(state, event)
-            self.repo.remember(atype, aid, Loaded(state, items[-1][0]))
+            self.repo.remember(atype, aid, Loaded(state, items[-1][0], folded + len(items)))
 
     @staticmethod
     def _repeat_reply(earlier: tuple[int, dict], fingerprint: str | None) -> dict[str, Any]:

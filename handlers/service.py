@@ -27,6 +27,7 @@ from runledger.infra.event_store import EventStore
 from runledger.infra.jetstream_setup import ensure_event_stream
 from runledger.infra.nats_connection import connect
 from runledger.infra.settings import Settings
+from runledger.infra.snapshots import SnapshotStore, ensure_snapshot_bucket
 from runledger.projections import work_pools as work_pools_read_model
 from runledger.projections.runner import ProjectionRunner
 from runledger.projections.tables import MIGRATIONS
@@ -121,7 +122,10 @@ class Service:
             self.runner = ProjectionRunner(self.nc, s, self.engine, projections, on_applied=self.watch.applied,
                                            batch_size=s.projection_batch_size)
             await self.runner.start()
-        repo = AggregateRepository(self.store, AGGREGATE_KINDS)
+        js = self.nc.jetstream(timeout=s.request_timeout)
+        await ensure_snapshot_bucket(js, s)
+        repo = AggregateRepository(self.store, AGGREGATE_KINDS, snapshots=SnapshotStore(js, s),
+                                   snapshot_every=s.snapshot_every)
         self.commands = CommandBus(self.store, repo, command_specs(self._queue_pool_lookup), retries=s.command_retries)
         self.queries = QueryBus(self.engine, query_specs(), self.watch, wait_timeout=s.query_wait_timeout)
         if "commands" in self.roles:

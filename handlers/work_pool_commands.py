@@ -6,14 +6,24 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from runledger.commands import work_pools as wp
 from runledger.commands.messages import Decision, DecisionContext
-from runledger.infra.aggregates import AggregateKind
+from runledger.infra.aggregates import AggregateKind, SnapshotCodec
 
 from .command_bus import CommandSpec, Unit
 
+_POOL_STATE = TypeAdapter(wp.WorkPool)
+# Version 1 of the pool snapshot: the `WorkPool` dataclass as JSON. Bump it when its fields change.
+POOL_SNAPSHOTS = SnapshotCodec(
+    version=1,
+    dump=lambda pool: _POOL_STATE.dump_python(pool, mode="json"),
+    load=_POOL_STATE.validate_python,
+)
+
 AGGREGATE_KINDS = [
-    AggregateKind(wp.WORK_POOL, lambda: None, wp.evolve),
+    AggregateKind(wp.WORK_POOL, lambda: None, wp.evolve, snapshots=POOL_SNAPSHOTS),
     AggregateKind(wp.WORK_POOL_NAME, wp.WorkPoolNameClaim, wp.evolve_name, last_event_only=True),
 ]
 

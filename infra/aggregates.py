@@ -1,8 +1,11 @@
 """Loading aggregates: a fold of `evolve` over the aggregate's events, cached in memory with
-the stream sequence of its last event (the expected sequence of the next append)."""
+the stream sequence of its last event (the expected sequence of the next append), and
+started from a snapshot when the aggregate's history is long (`infra/snapshots.py`)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +14,19 @@ from typing import Any
 from runledger.commands.messages import Event
 
 from .event_store import EventStore
+from .snapshots import SnapshotStore
+
+log = logging.getLogger("runledger.aggregates")
+
+
+@dataclass(frozen=True)
+class SnapshotCodec:
+    """How an aggregate's state becomes JSON and back. Bump `version` whenever the state's
+    shape changes: snapshots of another version are ignored (a full load instead)."""
+
+    version: int
+    dump: Callable[[Any], Any]
+    load: Callable[[Any], Any]
 
 
 @dataclass(frozen=True)
@@ -20,20 +36,28 @@ class AggregateKind:
     evolve: Callable[[Any, Event], Any]
     # When the last event alone determines the state (name claims), load it in one round trip.
     last_event_only: bool = False
+    # Long-lived aggregates with long histories (pools) are snapshotted.
+    snapshots: SnapshotCodec | None = None
 
 
 @dataclass(frozen=True)
 class Loaded:
     state: Any
     seq: int  # 0: the aggregate has no events
+    # Events folded into `state` since the aggregate's last snapshot (or since its start).
+    unsnapshotted: int = 0
 
 
 class AggregateRepository:
-    def __init__(self, store: EventStore, kinds: list[AggregateKind], max_cached: int = 200_000):
+    def __init__(self, store: EventStore, kinds: list[AggregateKind], max_cached: int = 200_000,
+                 snapshots: SnapshotStore | None = None, snapshot_every: int = 1000):
         self.store = store
         self.kinds = {k.name: k for k in kinds}
         self.max_cached = max_cached
         self._cache: OrderedDict[tuple[str, str], Loaded] = OrderedDict()
+        self.snapshots = snapshots if snapshot_every > 0 else None
+        self.snapshot_every = snapshot_every
+        self._writing: set[asyncio.Task] = set()
 
     async def load(self, aggregate_type: str, aggregate_id: str, *, refresh: bool = False) -> Loaded:
         key = (aggregate_type, aggregate_id)
@@ -46,23 +70,58 @@ class AggregateRepository:
             last = await self.store.last_event(aggregate_type, aggregate_id)
             loaded = Loaded(kind.initial(), 0) if last is None else Loaded(kind.evolve(kind.initial(), last.envelope.decode()), last.seq)
         else:
-            base = cached or Loaded(kind.initial(), 0)
-            state, seq = base.state, base.seq
+            base = cached or await self._from_snapshot(kind, aggregate_id) or Loaded(kind.initial(), 0)
+            state, seq, folded = base.state, base.seq, base.unsnapshotted
             for stored in await self.store.read_aggregate(aggregate_type, aggregate_id, after_seq=seq):
                 # An unknown event (from a newer version) raises UnknownEvent: deciding on a
                 # state whose history we cannot read would be deciding blind.
                 state = kind.evolve(state, stored.envelope.decode())
-                seq = stored.seq
-            loaded = Loaded(state, seq)
+                seq, folded = stored.seq, folded + 1
+            loaded = Loaded(state, seq, folded)
         self.remember(aggregate_type, aggregate_id, loaded)
         return loaded
 
     def remember(self, aggregate_type: str, aggregate_id: str, loaded: Loaded) -> None:
         key = (aggregate_type, aggregate_id)
+        if self._snapshot_due(self.kinds[aggregate_type], loaded):
+            self._write_snapshot(self.kinds[aggregate_type], aggregate_id, loaded)
+            loaded = Loaded(loaded.state, loaded.seq, 0)
         self._cache[key] = loaded
         self._cache.move_to_end(key)
         while len(self._cache) > self.max_cached:
             self._cache.popitem(last=False)
+
+    async def _from_snapshot(self, kind: AggregateKind, aggregate_id: str) -> Loaded | None:
+        if self.snapshots is None or kind.snapshots is None:
+            return None
+        found = await self.snapshots.get(kind.name, aggregate_id)
+        if found is None:
+            return None
+        version, seq, encoded = found
+        if version != kind.snapshots.version:
+            return None
+        try:
+            return Loaded(kind.snapshots.load(encoded), seq, 0)
+        except Exception as e:  # a cache: a broken one costs a full load, not an error
+            log.warning("ignoring an unreadable snapshot of %s %s: %s", kind.name, aggregate_id, e)
+            return None
+
+    def _snapshot_due(self, kind: AggregateKind, loaded: Loaded) -> bool:
+        return (self.snapshots is not None and kind.snapshots is not None and loaded.state is not None
+                and loaded.unsnapshotted >= self.snapshot_every)
+
+    def _write_snapshot(self, kind: AggregateKind, aggregate_id: str, loaded: Loaded) -> None:
+        """In the background: a command never waits for its aggregate's snapshot."""
+        assert self.snapshots is not None and kind.snapshots is not None
+        encoded = kind.snapshots.dump(loaded.state)
+        task = asyncio.create_task(self.snapshots.put(kind.name, aggregate_id, kind.snapshots.version, loaded.seq, encoded))
+        self._writing.add(task)
+        task.add_done_callback(self._writing.discard)
+
+    async def flush_snapshots(self) -> None:
+        """Wait for the snapshots being written (tests, and a clean stop)."""
+        if self._writing:
+            await asyncio.gather(*self._writing, return_exceptions=True)
 
     def cached(self, aggregate_type: str, aggregate_id: str) -> Loaded | None:
         return self._cache.get((aggregate_type, aggregate_id))

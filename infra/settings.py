@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     handler_concurrency: int = 64
     projection_batch_size: int = 4000
     event_duplicate_window_seconds: float = 120.0
+    # A snapshot of an aggregate's state after this many events since its last one (0: never).
+    snapshot_every: int = Field(default=1000, ge=0)
 
     @field_validator("database_url", mode="before")
     @classmethod
@@ -69,6 +71,10 @@ class Settings(BaseSettings):
     @property
     def stream_name(self) -> str:
         return f"{self.namespace.upper()}_EVENTS"
+
+    @property
+    def snapshot_bucket(self) -> str:
+        return f"{self.namespace.upper()}_SNAPSHOTS"
 
     @property
     def event_subject_prefix(self) -> str:

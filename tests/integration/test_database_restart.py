@@ -88,6 +88,8 @@ async def test_commands_go_on_while_postgres_is_down_and_the_read_model_catches_
             with contextlib.suppress(Exception):
                 await nc.jetstream().delete_stream(settings.stream_name)
             with contextlib.suppress(Exception):
+                await nc.jetstream().delete_key_value(settings.snapshot_bucket)
+            with contextlib.suppress(Exception):
                 await nc.close()
         await service.stop()
         postgres.stop()
