@@ -100,6 +100,9 @@ class AggregateRepository:
         version, seq, encoded = found
         if version != kind.snapshots.version:
             return None
+        if not await self.store.holds(seq, kind.name, aggregate_id):
+            log.warning("ignoring the snapshot of %s %s: the log has no event of it at seq %d", kind.name, aggregate_id, seq)
+            return None
         try:
             return Loaded(kind.snapshots.load(encoded), seq, 0)
         except Exception as e:  # a cache: a broken one costs a full load, not an error

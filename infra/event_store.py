@@ -404,6 +404,15 @@ class EventStore:
             return None
         return StoredEvent(msg.seq, msg.subject, EventEnvelope.model_validate_json(msg.data))
 
+    async def holds(self, seq: int, aggregate_type: str, aggregate_id: str) -> bool:
+        """Whether the message at `seq` is an event of this aggregate (a snapshot's anchor:
+        a snapshot of a log that was since deleted and started again must not be used)."""
+        try:
+            msg = await self.js.get_msg(self.stream, seq=seq, direct=True)
+        except NotFoundError:
+            return False
+        return msg.subject.startswith(f"{self.prefix}.{aggregate_type}.{aggregate_id}.")
+
     async def read_idempotency_record(self, key: str) -> tuple[int, dict] | None:
         try:
             msg = await self.js.get_last_msg(self.stream, idempotency_subject(self.settings, key), direct=True)

@@ -84,7 +84,7 @@ async def test_a_long_history_loads_from_its_snapshot_into_the_full_fold(snapsho
     assert out["error"]["code"] == "conflict"
 
 
-@pytest.mark.parametrize("bad", ["another version", "unreadable state", "not JSON"])
+@pytest.mark.parametrize("bad", ["another version", "unreadable state", "not JSON", "another log", "a shorter log"])
 async def test_a_snapshot_of_another_version_or_unreadable_is_ignored(snapshotting, monkeypatch, bad):
     service, broker, settings = snapshotting
     pool_id = await _long_history(broker)
@@ -97,6 +97,10 @@ async def test_a_snapshot_of_another_version_or_unreadable_is_ignored(snapshotti
         "another version": json.dumps({**good, "v": POOL_SNAPSHOTS.version + 1}),
         "unreadable state": json.dumps({**good, "state": {"name": "not a pool"}}),
         "not JSON": "not json at all",
+        # Snapshots of a log since deleted and started again: their sequence holds another
+        # aggregate's event (here the pool's name claim), or nothing yet.
+        "another log": json.dumps({**good, "seq": (await service.store.read_aggregate(wp.WORK_POOL, pool_id))[0].seq - 1}),
+        "a shorter log": json.dumps({**good, "seq": good["seq"] + 100_000}),
     }[bad]
     await kv.put(key, body.encode())
 
