@@ -90,8 +90,8 @@ def serve(
     except (BrokerUnavailable, DatabaseUnavailable) as e:
         console.print(f"[red]Error (unavailable):[/red] {e}")
         raise typer.Exit(EXIT_UNAVAILABLE) from None
-    except OSError as e:
-        console.print(f"[red]Error (unavailable):[/red] cannot reach Postgres at {settings.safe_database_url()}: {e.strerror or e}")
+    except OSError as e:  # Postgres and NATS failures have their own errors above
+        console.print(f"[red]Error (unavailable):[/red] {type(e).__name__}: {e.strerror or e}")
         raise typer.Exit(EXIT_UNAVAILABLE) from None
 
 

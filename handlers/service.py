@@ -122,10 +122,12 @@ class Service:
             self.runner = ProjectionRunner(self.nc, s, self.engine, projections, on_applied=self.watch.applied,
                                            batch_size=s.projection_batch_size)
             await self.runner.start()
-        js = self.nc.jetstream(timeout=s.request_timeout)
-        await ensure_snapshot_bucket(js, s)
-        repo = AggregateRepository(self.store, AGGREGATE_KINDS, snapshots=SnapshotStore(js, s),
-                                   snapshot_every=s.snapshot_every)
+        snapshots = None
+        if "commands" in self.roles:  # only the command side loads aggregates
+            js = self.nc.jetstream(timeout=s.request_timeout)
+            await ensure_snapshot_bucket(js, s)
+            snapshots = SnapshotStore(js, s)
+        repo = AggregateRepository(self.store, AGGREGATE_KINDS, snapshots=snapshots, snapshot_every=s.snapshot_every)
         self.commands = CommandBus(self.store, repo, command_specs(self._queue_pool_lookup), retries=s.command_retries)
         self.queries = QueryBus(self.engine, query_specs(), self.watch, wait_timeout=s.query_wait_timeout)
         if "commands" in self.roles:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, InterfaceError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from .settings import Settings
@@ -50,7 +50,7 @@ async def check_database(engine: AsyncEngine, settings: Settings) -> None:
         async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS + 5):
             async with engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
-    except (OSError, TimeoutError, DBAPIError, InterfaceError) as e:
+    except (OSError, TimeoutError, DBAPIError) as e:
         cause = getattr(e, "orig", None) or e
         text_of_cause = str(cause).strip()
         reason = getattr(cause, "strerror", None) or (text_of_cause.splitlines()[0] if text_of_cause else "")

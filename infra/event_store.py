@@ -165,7 +165,8 @@ class BatchGroups:
         kept: list[_Waiting] = []
         for entry in self.waiting:
             subjects = _checked_subjects(entry.messages)
-            fits = size + len(entry.messages) <= self.MAX_MESSAGES and not subjects & checked
+            # A decision over MAX_MESSAGES on its own still goes (alone), at its turn.
+            fits = (not group or size + len(entry.messages) <= self.MAX_MESSAGES) and not subjects & checked
             if fits and not entry.result.done():
                 group.append(entry)
                 checked |= subjects
@@ -179,9 +180,7 @@ class BatchGroups:
         while self.waiting:
             group = self._next_group()
             if not group:
-                if not self.waiting:
-                    return
-                group = [self.waiting.pop(0)]  # one decision over MAX_MESSAGES: alone
+                return
             try:
                 await self._commit(group)
             except BaseException as e:  # never leave a caller waiting

@@ -59,8 +59,8 @@ def assert_no_secret(text: str) -> None:
 
 async def test_a_user_and_password_connect_and_a_wrong_password_is_a_clear_error_without_it(settings):
     with auth_nats("--user", "svc", "--pass", NATS_PASSWORD) as url:
-        good = settings.model_copy(update={"nats_url": url, "nats_user": "svc", "nats_password": NATS_PASSWORD})
-        nc = await connect(Settings(**{**good.model_dump(), "nats_password": NATS_PASSWORD}))
+        nc = await connect(Settings(**{**settings.model_dump(), "nats_url": url, "nats_user": "svc",
+                                       "nats_password": NATS_PASSWORD}))
         assert nc.is_connected
         await nc.close()
         in_url = url.replace("nats://", f"nats://svc:{NATS_PASSWORD}@")

@@ -201,6 +201,17 @@ async def test_a_lost_ack_of_a_merged_batch_is_recognised_by_every_member(store,
         assert (stored.seq, stored.envelope.id) == (seq, envs[-1].id)
 
 
+async def test_a_decision_larger_than_a_group_still_lands_beside_small_ones(store):
+    big = [claim(f"big{i}") for i in range(store.groups.MAX_MESSAGES + 100)]
+    big_keys = {(wp.WORK_POOL_NAME, wp.name_aggregate_id(f"big{i}")): 0 for i in range(len(big))}
+    small = [_pair(f"sm{i}") for i in range(10)]
+    results = await asyncio.gather(store.append(store.build_messages(big, big_keys)),
+                                   *(store.append(store.build_messages(envs, keys)) for envs, keys in small))
+    assert await count(store) == len(big) + 20
+    (last_big,) = await store.read_aggregate(*list(big_keys)[-1])
+    assert last_big.seq == results[0]
+
+
 async def test_fifty_racing_claims_of_one_name_store_exactly_one(store):
     key = (wp.WORK_POOL_NAME, wp.name_aggregate_id("contested"))
 
