@@ -116,6 +116,7 @@ def up(
             nats_server.start()
             postgres.start()
         settings = load_settings(nats_url=nats_server.url, database_url=postgres.url)
+        _tune_garbage_collector()  # as `serve` does: `up` served ~25 % fewer commands without it
 
         def ready() -> None:
             record.parent.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ async def connect(settings: Settings, *, name: str = "runledger", check_version:
         "connect_timeout": 3,
         "max_reconnect_attempts": -1,
         "allow_reconnect": True,
+        "inbox_prefix": settings.inbox_prefix,
     }
     if settings.nats_user:
         options["user"] = settings.nats_user

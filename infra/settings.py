@@ -60,6 +60,15 @@ class Settings(BaseSettings):
     # A snapshot of an aggregate's state after this many events since its last one (0: never).
     snapshot_every: int = Field(default=1000, ge=0)
 
+    # Inboxes: this process's own (nats-py's `inbox_prefix`; each role gets its own prefix
+    # under `_INBOX.` so one role cannot read another's replies), and the prefix every reply
+    # subject the service answers must start with (it never publishes a reply anywhere else).
+    inbox_prefix: str = Field(default="_INBOX", pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+    reply_subject_prefix: str = Field(default="_INBOX.", pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*\.$")
+    # Every Postgres statement is cut off after this long (the request then answers
+    # `unavailable`), so a stalled database never leaves a request without a reply.
+    statement_timeout_seconds: float = Field(default=5.0, gt=0)
+
     @field_validator("database_url", mode="before")
     @classmethod
     def _asyncpg_scheme(cls, v: Any) -> Any:
@@ -75,6 +84,11 @@ class Settings(BaseSettings):
     @property
     def snapshot_bucket(self) -> str:
         return f"{self.namespace.upper()}_SNAPSHOTS"
+
+    @property
+    def lease_bucket(self) -> str:
+        """Leases of the single-active roles (a projection, later the scheduler and clock)."""
+        return f"{self.namespace.upper()}_LEASES"
 
     @property
     def event_subject_prefix(self) -> str:
