@@ -62,11 +62,12 @@ def bench_settings(urls: dict[str, str]) -> Settings:
 @contextlib.contextmanager
 def service_process(settings: Settings, roles: str = "commands,queries,projections") -> Iterator[subprocess.Popen]:
     """`runledger serve` in its own process, as a user would run it."""
+    config_dir = tempfile.mkdtemp(prefix="rlbcfg-")
     env = dict(os.environ,
                RUNLEDGER_NATS_URL=settings.nats_url,
                RUNLEDGER_DATABASE_URL=settings.database_url.get_secret_value(),
                RUNLEDGER_NAMESPACE=settings.namespace,
-               RUNLEDGER_CONFIG_DIR=tempfile.mkdtemp(prefix="rlbcfg-"))
+               RUNLEDGER_CONFIG_DIR=config_dir)
     exe = Path(sys.executable).parent / "runledger"
     proc = subprocess.Popen([str(exe), "serve", "--roles", roles], env=env, stderr=subprocess.PIPE, text=True)
     spy = None
@@ -94,6 +95,7 @@ def service_process(settings: Settings, roles: str = "commands,queries,projectio
             proc.kill()
         with contextlib.suppress(Exception):
             drain.wait(5)
+        shutil.rmtree(config_dir, ignore_errors=True)
 
 
 def rss_mb(pid: int) -> float:

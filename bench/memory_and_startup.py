@@ -56,6 +56,7 @@ def startup_seconds() -> float:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
         shutil.rmtree(data, ignore_errors=True)
+        shutil.rmtree(cfg, ignore_errors=True)
 
 
 def main() -> None:

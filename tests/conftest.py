@@ -17,6 +17,28 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_temporary_directory_left_behind() -> Iterator[None]:
+    """Every directory a test makes with `tempfile.mkdtemp` is removed by the end of the run:
+    the run fails otherwise, naming them. Only this process's own directories are watched, so
+    other runs sharing /tmp cannot make it fail."""
+    made: list[str] = []
+    original = tempfile.mkdtemp
+
+    def tracking_mkdtemp(*args, **kwargs):
+        path = original(*args, **kwargs)
+        made.append(path)
+        return path
+
+    tempfile.mkdtemp = tracking_mkdtemp
+    try:
+        yield
+    finally:
+        tempfile.mkdtemp = original
+    left = [p for p in made if os.path.exists(p)]
+    assert not left, f"temporary directories left behind: {left}"
+
+
 def _docker_engine() -> bool:
     try:
         import docker
@@ -65,14 +87,19 @@ def server_urls() -> Iterator[dict[str, str]]:
 def settings(server_urls, monkeypatch):
     from runledger.infra.settings import Settings
 
-    # Keep a developer's `runledger up` endpoint file out of the tests.
-    monkeypatch.setenv("RUNLEDGER_CONFIG_DIR", tempfile.mkdtemp(prefix="rlcfg-"))
-    return Settings(
-        nats_url=server_urls["nats_url"],
-        database_url=server_urls["database_url"],
-        namespace=f"t{uuid.uuid4().hex[:12]}",
-        request_timeout=5.0,
-    )
+    # Keep a developer's `runledger up` endpoint file out of the tests (and remove the
+    # directory afterwards: a run leaves nothing in /tmp).
+    config_dir = tempfile.mkdtemp(prefix="rlcfg-")
+    monkeypatch.setenv("RUNLEDGER_CONFIG_DIR", config_dir)
+    try:
+        yield Settings(
+            nats_url=server_urls["nats_url"],
+            database_url=server_urls["database_url"],
+            namespace=f"t{uuid.uuid4().hex[:12]}",
+            request_timeout=5.0,
+        )
+    finally:
+        shutil.rmtree(config_dir, ignore_errors=True)
 
 
 async def cleanup_namespace(settings) -> None:

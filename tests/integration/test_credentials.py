@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,6 +44,7 @@ def auth_nats(*auth_args: str) -> Iterator[str]:
     finally:
         proc.kill()
         proc.wait()
+        shutil.rmtree(store, ignore_errors=True)
 
 
 def db_url_with_password(settings: Settings, password: str, database: str | None = None) -> str:
@@ -96,7 +98,7 @@ async def test_a_token_connects_and_a_wrong_token_is_a_clear_error_without_it(se
 def _serve(settings: Settings, env: dict[str, str], *, until_ready: bool) -> tuple[int, str]:
     """`runledger serve` as a user runs it; returns its exit code and everything it wrote."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("RUNLEDGER_")}
-    full_env.update(RUNLEDGER_NAMESPACE=settings.namespace, RUNLEDGER_CONFIG_DIR=tempfile.mkdtemp(prefix="rlcfg-"), **env)
+    full_env.update(RUNLEDGER_NAMESPACE=settings.namespace, RUNLEDGER_CONFIG_DIR=os.environ["RUNLEDGER_CONFIG_DIR"], **env)
     exe = [sys.executable, "-m", "runledger.cli", "serve", "--verbose"]
     proc = subprocess.Popen(exe, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
@@ -276,7 +278,7 @@ async def test_a_creds_file_from_the_environment_serves_commands_and_its_seed_ne
     env = {"RUNLEDGER_NATS_URL": url, "RUNLEDGER_NATS_CREDS_FILE": str(creds),
            "RUNLEDGER_DATABASE_URL": settings.database_url.get_secret_value()}
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("RUNLEDGER_")}
-    full_env.update(RUNLEDGER_NAMESPACE=settings.namespace, RUNLEDGER_CONFIG_DIR=tempfile.mkdtemp(prefix="rlcfg-"), **env)
+    full_env.update(RUNLEDGER_NAMESPACE=settings.namespace, RUNLEDGER_CONFIG_DIR=os.environ["RUNLEDGER_CONFIG_DIR"], **env)
     proc = subprocess.Popen([sys.executable, "-m", "runledger.cli", "serve", "--verbose"], env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
-import tempfile
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -226,20 +225,19 @@ async def test_fifty_racing_claims_of_one_name_store_exactly_one(store):
     assert len(await store.read_aggregate(*key)) == 1
 
 
-def _old_nats_server() -> tuple[str, subprocess.Popen | None]:
+def _old_nats_server(store_dir: Path) -> tuple[str, subprocess.Popen | None]:
     """Debian's NATS 2.9 (the machine's own), started on a free port; else the one at 4222."""
     binary = shutil.which("nats-server", path="/usr/sbin:/usr/bin")
     if binary and "2.9" in subprocess.run([binary, "--version"], capture_output=True, text=True).stdout:
         port = free_port()
-        store_dir = Path(tempfile.mkdtemp(prefix="rl-old-nats-"))
         proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store_dir)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return f"nats://127.0.0.1:{port}", proc
     return "nats://127.0.0.1:4222", None
 
 
-async def test_an_old_nats_server_is_refused_with_a_clear_error():
-    url, proc = _old_nats_server()
+async def test_an_old_nats_server_is_refused_with_a_clear_error(tmp_path):
+    url, proc = _old_nats_server(tmp_path / "old-nats")
     try:
         await asyncio.sleep(0.3)
         settings = Settings(nats_url=url, namespace=f"t{uuid.uuid4().hex[:10]}")
