@@ -1,0 +1,250 @@
+"""Who may do what on the broker: the one definition of runledger's roles as NATS permissions,
+and the nats-server configuration built from it (for `runledger up`, for `deploy/nats.conf`
+and for `runledger broker-config`).
+
+Roles (each a NATS user with a password):
+
+- `service`: serves `<ns>.cmd.>` and `<ns>.qry.>`, appends to the event stream, runs the
+  projections' durable consumers, reads and writes the snapshot and lease buckets. It may
+  not purge or delete the event stream nor delete messages in it.
+- `client`: sends commands and queries; receives its replies on `_INBOX.client.>`.
+- `analyst`: reads the log (stream info, direct gets, ephemeral consumers it names itself
+  in the subject) for `runledger events`, `replay` and `verify`; writes nothing to the
+  broker but its own read consumers and never touches the service's consumers.
+- `task_worker`: reserved for a later role (it will pull work from work-queue streams);
+  add it to `role_permissions` when that exists.
+
+Everything not allowed is denied: an unauthenticated connection is refused, since the
+server has users and no `no_auth_user`. Each role's inbox prefix (`_INBOX.<role>`) is its
+own, so one role cannot read another's replies.
+
+Durability: `jetstream { sync_interval: always }` makes the server fsync every write before
+it acknowledges it (nats-server `server/opts.go`: `sync`/`sync_interval`, the string
+`always`), so an acknowledged event survives a power cut of a one-node server."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ROLES = ("service", "client", "analyst")
+# Headers plus body of one message (nats-server counts both); the server's default, stated.
+MAX_PAYLOAD = 1024 * 1024
+
+
+def inbox_prefix(role: str) -> str:
+    return f"_INBOX.{role}"
+
+
+def env_var(role: str) -> str:
+    """The environment variable a compose deployment keeps the role's password in."""
+    return f"RUNLEDGER_{role.upper()}_PASSWORD"
+
+
+def new_password() -> str:
+    """A fresh password: letters and digits only, starting with a letter, so it reads back
+    as a string whether nats-server takes it quoted or from an environment variable."""
+    return "rl" + secrets.token_hex(24)
+
+
+def new_credentials() -> dict[str, dict[str, str]]:
+    return {role: {"user": role, "password": new_password()} for role in ROLES}
+
+
+@dataclass(frozen=True)
+class Names:
+    """The broker names of one namespace (as `Settings` derives them)."""
+
+    namespace: str
+
+    @property
+    def stream(self) -> str:
+        return f"{self.namespace.upper()}_EVENTS"
+
+    @property
+    def buckets(self) -> tuple[str, str]:
+        ns = self.namespace.upper()
+        return (f"{ns}_SNAPSHOTS", f"{ns}_LEASES")
+
+
+def service_consumer_names() -> list[str]:
+    """The durable consumers the service owns on the event stream (one per projection)."""
+    # Imported late: the projections sit above infra; only the config generator needs them.
+    from runledger.handlers.service import projectors
+    from runledger.projections.runner import ProjectionRunner
+
+    return sorted(ProjectionRunner.consumer_name(None, p) for p in projectors())
+
+
+def role_permissions(namespace: str, service_consumers: Sequence[str]) -> dict[str, dict]:
+    """NATS `permissions` per role. Subjects in allow lists are the only ones a role may use."""
+    n = Names(namespace)
+    ns, stream = namespace, n.stream
+    api = "$JS.API"
+    kv_streams = [f"KV_{b}" for b in n.buckets]
+    own_streams = [stream, *kv_streams]
+
+    service_pub = [
+        f"{ns}.evt.>", f"{ns}.idem.>",  # appends (single messages and atomic batches)
+        *(f"$KV.{b}.>" for b in n.buckets),  # snapshot and lease keys: put, create, update, delete
+        "_INBOX.>",  # replies to requests (the service only answers under reply_subject_prefix)
+        f"{api}.INFO",
+    ]
+    for s in own_streams:
+        service_pub += [
+            f"{api}.STREAM.INFO.{s}", f"{api}.STREAM.CREATE.{s}", f"{api}.STREAM.UPDATE.{s}",
+            f"{api}.STREAM.MSG.GET.{s}", f"{api}.DIRECT.GET.{s}", f"{api}.DIRECT.GET.{s}.>",
+            f"{api}.CONSUMER.CREATE.{s}", f"{api}.CONSUMER.CREATE.{s}.>",
+            f"{api}.CONSUMER.DURABLE.CREATE.{s}.>", f"{api}.CONSUMER.DELETE.{s}.>",
+            f"{api}.CONSUMER.INFO.{s}.>", f"{api}.CONSUMER.MSG.NEXT.{s}.>",
+            f"$JS.ACK.{s}.>", f"$JS.FC.{s}.>",
+        ]
+    for s in kv_streams:  # a bucket's own upkeep (purging deleted keys)
+        service_pub += [f"{api}.STREAM.PURGE.{s}", f"{api}.STREAM.MSG.DELETE.{s}"]
+
+    # The analyst may create only consumers named in the subject (new-style create), so the
+    # service's durable consumers can be denied by name: the legacy ephemeral subject
+    # (`CONSUMER.CREATE.<stream>`, name in the body) would let it update one of them.
+    analyst_pub = [
+        f"{api}.INFO", f"{api}.STREAM.INFO.{stream}",
+        f"{api}.DIRECT.GET.{stream}", f"{api}.DIRECT.GET.{stream}.>", f"{api}.STREAM.MSG.GET.{stream}",
+        f"{api}.CONSUMER.CREATE.{stream}.*", f"{api}.CONSUMER.CREATE.{stream}.*.>",
+        f"{api}.CONSUMER.MSG.NEXT.{stream}.*", f"{api}.CONSUMER.DELETE.{stream}.*",
+        f"{api}.CONSUMER.INFO.{stream}.*",
+    ]
+    analyst_deny = []
+    for c in service_consumers:
+        analyst_deny += [
+            f"{api}.CONSUMER.CREATE.{stream}.{c}", f"{api}.CONSUMER.CREATE.{stream}.{c}.>",
+            f"{api}.CONSUMER.MSG.NEXT.{stream}.{c}", f"{api}.CONSUMER.DELETE.{stream}.{c}",
+        ]
+
+    return {
+        "service": {
+            "publish": {"allow": service_pub, "deny": [
+                f"{api}.STREAM.PURGE.{stream}", f"{api}.STREAM.DELETE.{stream}", f"{api}.STREAM.MSG.DELETE.{stream}",
+            ]},
+            "subscribe": {"allow": [f"{ns}.cmd.>", f"{ns}.qry.>", f"{inbox_prefix('service')}.>"]},
+        },
+        "client": {
+            "publish": {"allow": [f"{ns}.cmd.>", f"{ns}.qry.>"]},
+            "subscribe": {"allow": [f"{inbox_prefix('client')}.>"]},
+        },
+        "analyst": {
+            "publish": {"allow": analyst_pub, "deny": analyst_deny},
+            "subscribe": {"allow": [f"{inbox_prefix('analyst')}.>"]},
+        },
+        # "task_worker": later: pull from the work-queue streams it serves, ack, its own inbox.
+    }
+
+
+class EnvRef(str):
+    """`$NAME`: an environment variable nats-server resolves when it reads the file."""
+
+
+def _value(v) -> str:
+    if isinstance(v, EnvRef):
+        return v  # unquoted: a quoted `$NAME` would be taken literally
+    return json.dumps(v)
+
+
+def _block(d: Mapping, indent: int) -> list[str]:
+    pad = "  " * indent
+    out = []
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out += [f"{pad}{k} {{", *_block(v, indent + 1), f"{pad}}}"]
+        elif isinstance(v, list | tuple):
+            out.append(f"{pad}{k}: [")
+            out += [f"{pad}  {_value(x)}" for x in v]
+            out.append(f"{pad}]")
+        else:
+            out.append(f"{pad}{k}: {_value(v)}")
+    return out
+
+
+def nats_config(namespace: str, passwords: Mapping[str, str], store_dir: str, *,
+                listen: str | None = None, http_port: int | None = None,
+                service_consumers: Sequence[str] | None = None) -> str:
+    """nats-server configuration text for one namespace. `passwords`: per role, a literal
+    password or an `EnvRef` (`$ENV_VAR`, resolved by nats-server from its environment).
+    `listen`/`http_port`: omitted when the command line sets them (`runledger up`)."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]{0,40}", namespace):  # as Settings.namespace
+        raise ValueError(f"not a runledger namespace: {namespace!r}")
+    missing = set(ROLES) - set(passwords)
+    if missing:
+        raise ValueError(f"no password for role(s) {', '.join(sorted(missing))}")
+    consumers = service_consumer_names() if service_consumers is None else list(service_consumers)
+    perms = role_permissions(namespace, consumers)
+    top: dict = {}
+    if listen:
+        top["listen"] = listen
+    if http_port:
+        top["http_port"] = http_port
+    top["max_payload"] = MAX_PAYLOAD
+    head = [
+        f"# nats-server configuration for runledger namespace {namespace!r}, generated by",
+        "# runledger.infra.broker_auth (`runledger broker-config`). Roles and permissions are",
+        "# defined there; regenerate rather than edit.",
+    ]
+    lines = head + _block(top, 0)
+    lines += ["", "# Every write is synced to disk before it is acknowledged.", "jetstream {",
+              f"  store_dir: {json.dumps(store_dir)}", "  sync_interval: always", "}", "",
+              "authorization {", "  users: ["]
+    for role in ROLES:
+        user = {"user": role, "password": passwords[role], "permissions": perms[role]}
+        body = _block(user, 3)
+        lines += ["    {", *body, "    }"]
+    lines += ["  ]", "}", ""]
+    return "\n".join(lines)
+
+
+def env_references() -> dict[str, str]:
+    return {role: EnvRef(f"${env_var(role)}") for role in ROLES}
+
+
+def dotenv(credentials: Mapping[str, Mapping[str, str]] | None = None) -> str:
+    """Fresh passwords as a `.env` file for docker compose."""
+    creds = credentials or new_credentials()
+    return "".join(f"{env_var(role)}={creds[role]['password']}\n" for role in ROLES)
+
+
+def write_private(path, text: str) -> None:
+    """Write `text` to `path`, readable by the owner only from the first byte."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)  # an older file keeps its mode through O_CREAT
+
+
+def local_credentials(data_dir) -> dict[str, dict[str, str]]:
+    """The role credentials of a `runledger up` data directory: made once, kept in
+    `<data_dir>/credentials.json` (mode 0600)."""
+    path = Path(data_dir) / "credentials.json"
+    try:
+        creds = json.loads(path.read_text())
+        if all(creds.get(r, {}).get("password") for r in ROLES):
+            return creds
+    except (OSError, ValueError):
+        pass
+    creds = new_credentials()
+    write_private(path, json.dumps(creds, indent=2))
+    return creds
+
+
+def write_local_config(data_dir, namespace: str, creds: Mapping[str, Mapping[str, str]], store_dir) -> Path:
+    """`<data_dir>/nats.conf` (mode 0600) for `runledger up`; returns its path."""
+    path = Path(data_dir) / "nats.conf"
+    write_private(path, nats_config(namespace, {r: creds[r]["password"] for r in ROLES}, str(store_dir)))
+    return path
+
+
+def compose_config(namespace: str = "runledger") -> str:
+    """The configuration of `deploy/nats.conf`: passwords from the server's environment,
+    listening on all interfaces of its container, monitoring on 8222, the store on /data."""
+    return nats_config(namespace, env_references(), "/data", listen="0.0.0.0:4222", http_port=8222)
