@@ -12,6 +12,7 @@ from typing import Literal
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from runledger.commands.events import EventEnvelope
@@ -21,9 +22,11 @@ from runledger.infra.event_store import EventStore
 from runledger.infra.jetstream_setup import ensure_event_stream
 from runledger.infra.nats_connection import BrokerUnavailable, connect
 from runledger.infra.settings import Settings, load_settings
-from runledger.projections.replay import compare, iter_log, replay, snapshot
+from runledger.projections.replay import ReplayStopped, compare, iter_log, replay, snapshot
+from runledger.projections.runner import read_failures
 
 from .main import app
+from .status import EXIT_STALLED, stalled_line
 
 console = Console(stderr=True, soft_wrap=True)
 EXIT_UNAVAILABLE = 6
@@ -41,6 +44,9 @@ def _run(coro):
     except (BrokerUnavailable, DatabaseUnavailable) as e:
         console.print(f"[red]Error (unavailable):[/red] {e}")
         raise typer.Exit(EXIT_UNAVAILABLE) from None
+    except ReplayStopped as e:  # an event a projection cannot apply: one line, not a traceback
+        console.print(f"[red]Error (stalled):[/red] {escape(str(e))}")
+        raise typer.Exit(EXIT_STALLED) from None
 
 
 async def _rebuild(settings: Settings, schema: str, until_seq: int | None, as_of: datetime | None, quiet: bool):
@@ -93,6 +99,8 @@ def verify(keep: bool = typer.Option(False, help="Keep the rebuilt schema for in
         try:
             await check_database(live_engine, settings)
             seq, live = await snapshot(live_engine, [p.name for p in _projectors()])
+            async with live_engine.connect() as conn:
+                stalled = await read_failures(conn)
         finally:
             await live_engine.dispose()
         schema = f"{settings.namespace}_verify_{uuid.uuid4().hex[:8]}"
@@ -108,6 +116,12 @@ def verify(keep: bool = typer.Option(False, help="Keep the rebuilt schema for in
         for d in differences:
             print(f"{d.table} {d.key}: {d.kind}: {d.detail}")
         rows = sum(len(t) for t in live.values())
+        for failure in stalled:
+            console.print(f"[red]Error (stalled):[/red] {escape(stalled_line(failure))}")
+        if stalled:
+            console.print(f"the live read models stop before the end of the log; compared up to seq {seq}: "
+                          f"{len(differences)} difference(s)")
+            return EXIT_STALLED
         if differences:
             console.print(f"[red]{len(differences)} difference(s)[/red] between the live read models and a rebuild up to seq {seq}")
             return 1

@@ -1,10 +1,11 @@
 """`runledger work-queue ...`: create, list, inspect, update, pause, resume, delete and
-re-prioritise work queues (BEHAVIOUR §2), through the client only. Exit codes: see `output.py`
-(3 not found, 4 conflict, 5 invalid or forbidden, 6 unavailable, 2 usage, 1 other).
+re-prioritise work queues and set or clear their concurrency limits, through the client only.
+Exit codes: see `output.py` (3 not found, 4 conflict, 5 invalid or forbidden, 6 unavailable,
+2 usage, 1 other).
 
 A queue is named by `NAME --pool POOL`. Without `--pool`, as in Prefect's pool-less API: a NAME
-that is a UUID is the queue's id (any pool), any other NAME is a queue of `default-agent-pool`
-(WQ-9, WQ-10), where `create` also makes that pool when it is missing."""
+that is a UUID is the queue's id (any pool), any other NAME is a queue of `default-agent-pool`,
+where `create` also makes that pool when it is missing."""
 
 from __future__ import annotations
 
@@ -19,12 +20,26 @@ from runledger.commands.queries import DEFAULT_LIMIT
 from runledger.commands.work_pools import LEGACY_POOL_NAME
 
 from .main import app
-from .output import JSON_HELP, details, print_json, run, show, success, work_queue_table
+from .output import (
+    JsonFlag,
+    KeyOption,
+    OutputOption,
+    command_line,
+    emit,
+    print_json,
+    run,
+    run_command,
+    show_details,
+    show_work_queues,
+    success,
+    wants_json,
+)
 
 work_queue_app = typer.Typer(name="work-queue", help="Manage work queues.", no_args_is_help=True)
 app.add_typer(work_queue_app, name="work-queue")
 
 POOL_HELP = f"The queue's work pool (default: the queue id, or {LEGACY_POOL_NAME})."
+REF_HELP = "The queue's name (or id, without --pool)."
 
 
 def _as_uuid(text: str) -> uuid.UUID | None:
@@ -45,33 +60,41 @@ async def locate(rl: RunledgerClient, name: str, pool: str | None) -> tuple[str,
     return queue.work_pool_name, queue.name
 
 
-def update_queue(ref: str, pool: str | None, /, **fields: Any) -> WorkQueue:
-    """Update through the pool API, so a priority change runs PR-1 (WQ-5)."""
+def _check(ref: str, pool: str | None) -> str:
+    words = ["runledger", "work-queue", "inspect", ref]
+    return command_line(*words, *(["--pool", pool] if pool is not None else []))
 
-    async def action(rl: RunledgerClient) -> WorkQueue:
+
+def _title(queue: WorkQueue) -> str:
+    return f"Work queue {queue.work_pool_name}/{queue.name}"
+
+
+def _where(queue: WorkQueue) -> str:
+    return f"work queue {queue.name!r} in pool {queue.work_pool_name!r}"
+
+
+def update_queue(ref: str, pool: str | None, key: str | None, /, **fields: Any) -> WorkQueue:
+    """Update through the pool API, so a new priority moves the queues in its way down."""
+
+    async def action(rl: RunledgerClient, k: str) -> WorkQueue:
         pool_name, queue_name = await locate(rl, ref, pool)
-        return await rl.update_work_queue(pool_name, queue_name, **fields)
+        return await rl.update_work_queue(pool_name, queue_name, **fields, idempotency_key=k)
 
-    return run(action)
-
-
-def _emit_queue(queue: WorkQueue, as_json: bool, message: str) -> None:
-    if as_json:
-        print_json(queue)
-    else:
-        success(message)
-        show(details(queue, f"Work queue {queue.work_pool_name}/{queue.name}"))
+    return run_command(action, key, _check(ref, pool))
 
 
 @work_queue_app.command()
 def create(
     name: str = typer.Argument(..., help="The queue's name, unique within its pool."),
     pool: str | None = typer.Option(None, "--pool", "-p", help=f"The work pool (default: {LEGACY_POOL_NAME})."),
-    priority: int | None = typer.Option(None, "--priority", help="1 is the highest; others may move down."),
-    concurrency_limit: int | None = typer.Option(None, "--concurrency-limit", help="Most runs at once (>= 0)."),
+    priority: int | None = typer.Option(None, "--priority", "-q", help="1 is the highest; others may move down."),
+    concurrency_limit: int | None = typer.Option(None, "--limit", "-l", "--concurrency-limit",
+                                                 help="Most runs at once (>= 0)."),
     description: str | None = typer.Option(None, "--description", "-d", help="What the queue is for."),
     paused: bool = typer.Option(False, "--paused", help="Create the queue paused."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    as_json: JsonFlag = False,
+    output: OutputOption = None,
+    idempotency_key: KeyOption = None,
 ) -> None:
     """Create a work queue in a pool (without --pool: in default-agent-pool, made if missing)."""
     fields: dict[str, Any] = {}
@@ -83,15 +106,18 @@ def create(
         fields["description"] = description
     if paused:
         fields["is_paused"] = True
+    check = _check(name, pool)
     if pool is None:
-        queue = run(lambda rl: rl.create_legacy_work_queue(name, **fields))
+        queue = run_command(lambda rl, k: rl.create_legacy_work_queue(name, **fields, idempotency_key=k),
+                            idempotency_key, check)
     else:
-        queue = run(lambda rl: rl.create_work_queue(pool, name, **fields))
-    _emit_queue(queue, as_json, f"Created work queue {name!r} in pool {queue.work_pool_name!r}.")
+        queue = run_command(lambda rl, k: rl.create_work_queue(pool, name, **fields, idempotency_key=k),
+                            idempotency_key, check)
+    emit(queue, wants_json(as_json, output), f"Created {_where(queue)}.", _title(queue))
 
 
 async def _all_pages(fetch: Callable[[int], Awaitable[list[WorkQueue]]]) -> list[WorkQueue]:
-    """Every queue, page by page (a page holds at most DEFAULT_LIMIT, C-2)."""
+    """Every queue, page by page (a page holds at most DEFAULT_LIMIT)."""
     queues: list[WorkQueue] = []
     while True:
         page = await fetch(len(queues))
@@ -103,27 +129,29 @@ async def _all_pages(fetch: Callable[[int], Awaitable[list[WorkQueue]]]) -> list
 @work_queue_app.command("ls")
 def list_queues(
     pool: str | None = typer.Option(None, "--pool", "-p", help="Only this pool's queues, by priority."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    as_json: JsonFlag = False,
+    output: OutputOption = None,
 ) -> None:
     """List work queues: one pool's by priority, or every pool's by name."""
     if pool is None:
         queues = run(lambda rl: _all_pages(lambda offset: rl.list_all_work_queues(limit=DEFAULT_LIMIT, offset=offset)))
-        title = "Work Queues"
+        title, empty = "Work Queues", "No work queues found."
     else:
         queues = run(lambda rl: _all_pages(
             lambda offset: rl.list_work_queues(pool, limit=DEFAULT_LIMIT, offset=offset)))
-        title = f"Work Queues in {pool}"
-    if as_json:
+        title, empty = f"Work Queues in {pool}", f"No work queues found in pool {pool!r}."
+    if wants_json(as_json, output):
         print_json(queues)
     else:
-        show(work_queue_table(queues, title))
+        show_work_queues(queues, title, empty)
 
 
 @work_queue_app.command()
 def inspect(
-    name: str = typer.Argument(..., help="The queue's name (or id, without --pool)."),
+    name: str = typer.Argument(..., help=REF_HELP),
     pool: str | None = typer.Option(None, "--pool", "-p", help=POOL_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    as_json: JsonFlag = False,
+    output: OutputOption = None,
 ) -> None:
     """Show one work queue."""
     queue_id = _as_uuid(name)
@@ -133,22 +161,25 @@ def inspect(
         queue = run(lambda rl: rl.read_work_queue_by_id(queue_id))
     else:
         queue = run(lambda rl: rl.read_legacy_work_queue(name))
-    if as_json:
+    if wants_json(as_json, output):
         print_json(queue)
     else:
-        show(details(queue, f"Work queue {queue.work_pool_name}/{queue.name}"))
+        show_details(queue, _title(queue))
 
 
 @work_queue_app.command()
 def update(
-    name: str = typer.Argument(..., help="The queue's name (or id, without --pool)."),
+    name: str = typer.Argument(..., help=REF_HELP),
     pool: str | None = typer.Option(None, "--pool", "-p", help=POOL_HELP),
     new_name: str | None = typer.Option(None, "--name", help="Rename the queue."),
     description: str | None = typer.Option(None, "--description", "-d", help="A new description."),
-    priority: int | None = typer.Option(None, "--priority", help="A new priority; others may move down."),
-    concurrency_limit: int | None = typer.Option(None, "--concurrency-limit", help="A new limit (>= 0)."),
+    priority: int | None = typer.Option(None, "--priority", "-q", help="A new priority; others may move down."),
+    concurrency_limit: int | None = typer.Option(None, "--limit", "-l", "--concurrency-limit",
+                                                 help="A new limit (>= 0)."),
     clear_concurrency_limit: bool = typer.Option(False, "--clear-concurrency-limit", help="Remove the limit."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    as_json: JsonFlag = False,
+    output: OutputOption = None,
+    idempotency_key: KeyOption = None,
 ) -> None:
     """Change a work queue; options not given keep their value."""
     if concurrency_limit is not None and clear_concurrency_limit:
@@ -167,61 +198,98 @@ def update(
         fields["concurrency_limit"] = None
     if not fields:
         raise typer.BadParameter("nothing to update: give at least one option")
-    queue = update_queue(name, pool, **fields)
-    _emit_queue(queue, as_json, f"Updated work queue {queue.name!r} in pool {queue.work_pool_name!r}.")
+    queue = update_queue(name, pool, idempotency_key, **fields)
+    emit(queue, wants_json(as_json, output), f"Updated {_where(queue)}.", _title(queue))
+
+
+@work_queue_app.command("set-concurrency-limit")
+def set_concurrency_limit(
+    name: str = typer.Argument(..., help=REF_HELP),
+    concurrency_limit: int = typer.Argument(..., help="Most runs at once from the queue (>= 0)."),
+    pool: str | None = typer.Option(None, "--pool", "-p", help=POOL_HELP),
+    as_json: JsonFlag = False,
+    output: OutputOption = None,
+    idempotency_key: KeyOption = None,
+) -> None:
+    """Set a work queue's concurrency limit."""
+    queue = update_queue(name, pool, idempotency_key, concurrency_limit=concurrency_limit)
+    emit(queue, wants_json(as_json, output),
+         f"Set the concurrency limit of {_where(queue)} to {concurrency_limit}.", _title(queue))
+
+
+@work_queue_app.command("clear-concurrency-limit")
+def clear_concurrency_limit(
+    name: str = typer.Argument(..., help=REF_HELP),
+    pool: str | None = typer.Option(None, "--pool", "-p", help=POOL_HELP),
+    as_json: JsonFlag = False,
+    output: OutputOption = None,
+    idempotency_key: KeyOption = None,
+) -> None:
+    """Remove a work queue's concurrency limit."""
+    queue = update_queue(name, pool, idempotency_key, concurrency_limit=None)
+    emit(queue, wants_json(as_json, output), f"Cleared the concurrency limit of {_where(queue)}.", _title(queue))
 
 
 @work_queue_app.command()
 def pause(
-    name: str = typer.Argument(..., help="The queue's name (or id, without --pool)."),
+    name: str = typer.Argument(..., help=REF_HELP),
     pool: str | None = typer.Option(None, "--pool", "-p", help=POOL_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    as_json: JsonFlag = False,
+    output: OutputOption = None,
+    idempotency_key: KeyOption = None,
 ) -> None:
     """Pause a work queue: no runs are taken from it."""
-    queue = update_queue(name, pool, is_paused=True)
-    _emit_queue(queue, as_json, f"Paused work queue {queue.name!r} in pool {queue.work_pool_name!r}.")
+    queue = update_queue(name, pool, idempotency_key, is_paused=True)
+    emit(queue, wants_json(as_json, output), f"Paused {_where(queue)}.", _title(queue))
 
 
 @work_queue_app.command()
 def resume(
-    name: str = typer.Argument(..., help="The queue's name (or id, without --pool)."),
+    name: str = typer.Argument(..., help=REF_HELP),
     pool: str | None = typer.Option(None, "--pool", "-p", help=POOL_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    as_json: JsonFlag = False,
+    output: OutputOption = None,
+    idempotency_key: KeyOption = None,
 ) -> None:
     """Resume a paused work queue."""
-    queue = update_queue(name, pool, is_paused=False)
-    _emit_queue(queue, as_json, f"Resumed work queue {queue.name!r} in pool {queue.work_pool_name!r}.")
+    queue = update_queue(name, pool, idempotency_key, is_paused=False)
+    emit(queue, wants_json(as_json, output), f"Resumed {_where(queue)}.", _title(queue))
 
 
 @work_queue_app.command("set-priority")
 def set_priority(
-    name: str = typer.Argument(..., help="The queue's name (or id, without --pool)."),
+    name: str = typer.Argument(..., help=REF_HELP),
     priority: int = typer.Argument(..., help="The new priority; 1 is the highest."),
     pool: str | None = typer.Option(None, "--pool", "-p", help=POOL_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    as_json: JsonFlag = False,
+    output: OutputOption = None,
+    idempotency_key: KeyOption = None,
 ) -> None:
-    """Give a work queue a priority; queues in the way move down (PR-1)."""
-    queue = update_queue(name, pool, priority=priority)
-    _emit_queue(queue, as_json, f"Work queue {queue.name!r} in pool {queue.work_pool_name!r} "
-                                f"now has priority {queue.priority}.")
+    """Give a work queue a priority; queues in the way move down."""
+    queue = update_queue(name, pool, idempotency_key, priority=priority)
+    emit(queue, wants_json(as_json, output), f"Work queue {queue.name!r} in pool {queue.work_pool_name!r} "
+                                             f"now has priority {queue.priority}.", _title(queue))
 
 
 @work_queue_app.command()
 def delete(
-    name: str = typer.Argument(..., help="The queue's name (or id, without --pool)."),
+    name: str = typer.Argument(..., help=REF_HELP),
     pool: str | None = typer.Option(None, "--pool", "-p", help=POOL_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    as_json: JsonFlag = False,
+    output: OutputOption = None,
+    idempotency_key: KeyOption = None,
 ) -> None:
     """Delete a work queue (a pool's default queue cannot be deleted)."""
     queue_id = _as_uuid(name)
+    check = _check(name, pool)
     if pool is None and queue_id is not None:
-        run(lambda rl: rl.delete_work_queue_by_id(queue_id))
+        run_command(lambda rl, k: rl.delete_work_queue_by_id(queue_id, idempotency_key=k), idempotency_key, check)
         where = f"work queue {name}"
     else:
         pool_name = pool if pool is not None else LEGACY_POOL_NAME
-        run(lambda rl: rl.delete_work_queue(pool_name, name))
+        run_command(lambda rl, k: rl.delete_work_queue(pool_name, name, idempotency_key=k), idempotency_key, check)
         where = f"work queue {name!r} in pool {pool_name!r}"
-    if as_json:
+    if wants_json(as_json, output):
         print_json(None)
     else:
         success(f"Deleted {where}.")

@@ -49,9 +49,19 @@ class Forbidden(Invalid):
 
 
 class Unavailable(RunledgerError):
-    """The service cannot answer now: no broker, no responder, a timeout, or it said so."""
+    """The service cannot answer now: no broker, no responder, a timeout, or it said so.
+
+    `outcome_unknown` is true when a command may have been applied all the same (no reply in
+    time, a dropped connection, or the service's own `unavailable`, which it sends when an
+    append's outcome is unknown); false when it certainly was not (no broker, nobody listening)
+    and for queries. `attempts` is how many times the request was sent."""
 
     code = ErrorCode.UNAVAILABLE.value
+
+    def __init__(self, message: str, *, outcome_unknown: bool = False, attempts: int = 1, **kwargs: Any):
+        super().__init__(message, **kwargs)
+        self.outcome_unknown = outcome_unknown
+        self.attempts = attempts
 
 
 class ProtocolError(RunledgerError):

@@ -5,13 +5,23 @@ Read-your-writes by default: the client remembers the highest stream sequence it
 returned and sends it as `min_seq` with every later query, so a read after a write sees it
 (`consistent_reads=False` turns that off; an explicit `min_seq=` always wins).
 
-Arguments are sent as given (absent ones are left out, C-4), never validated here: the service
-is the one judge of what is valid, and its `invalid` reply names the field and the reason.
+Arguments are sent as given (absent ones are left out), never validated here: the service is
+the one judge of what is valid, and its `invalid` reply names the field and the reason.
+
+Retries (`retries=N`, off by default): a request that meets `unavailable` is sent again, up to
+N more times with a growing pause. A query always may be. A command is sent again with the
+same `idempotency_key`, so the service applies it at most once and a retry of one that was in
+fact applied returns its first reply; a command without a key is sent again only when it
+certainly did not arrive (nobody listening). `idempotency_keys=True` gives every command
+without a key a fresh one, so all of them can be retried. When the outcome stays unknown, the
+`Unavailable` raised has `outcome_unknown=True`: send the command again with the same key to
+learn it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -30,6 +40,11 @@ from .errors import ProtocolError, Unavailable
 from .models import WorkPool, WorkQueue
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def new_idempotency_key() -> str:
+    """A fresh, unguessable idempotency key."""
+    return str(uuid.uuid4())
 
 
 def _filter(names: Sequence[str] | None, ids: Sequence[uuid.UUID | str] | None,
@@ -52,18 +67,24 @@ class RunledgerClient:
     endpoint file of `runledger up`) and closes on exit; `RunledgerClient.from_nats(nc, settings)`
     reuses a connection the caller owns (and leaves it open)."""
 
-    def __init__(self, settings: Settings | None = None, *, consistent_reads: bool = True):
+    def __init__(self, settings: Settings | None = None, *, consistent_reads: bool = True,
+                 retries: int = 0, retry_backoff: float = 0.25, idempotency_keys: bool = False):
         self.settings = settings if settings is not None else load_settings()
         self.consistent_reads = consistent_reads
+        self.retries = max(0, retries)
+        self.retry_backoff = retry_backoff
+        self.idempotency_keys = idempotency_keys
         # The highest stream sequence a command reply carried: the `min_seq` of the next query.
         self.last_seq: int | None = None
         self._nc: NATS | None = None
         self._owns_connection = False
 
     @classmethod
-    def from_nats(cls, nc: NATS, settings: Settings | None = None, *,
-                  consistent_reads: bool = True) -> RunledgerClient:
-        client = cls(settings, consistent_reads=consistent_reads)
+    def from_nats(cls, nc: NATS, settings: Settings | None = None, *, consistent_reads: bool = True,
+                  retries: int = 0, retry_backoff: float = 0.25,
+                  idempotency_keys: bool = False) -> RunledgerClient:
+        client = cls(settings, consistent_reads=consistent_reads, retries=retries,
+                     retry_backoff=retry_backoff, idempotency_keys=idempotency_keys)
         client._nc = nc
         return client
 
@@ -99,8 +120,25 @@ class RunledgerClient:
     # The contract, untyped: for commands and queries without a typed method yet.
 
     async def command(self, name: str, body: Mapping[str, Any]) -> Reply:
-        """Send command `name` and return its reply; an error reply raises its typed error."""
-        reply = await self._request(self.settings.command_subject(name), body, self.settings.request_timeout)
+        """Send command `name` and return its reply; an error reply raises its typed error.
+        `unavailable` is retried as the class says (with the same idempotency key)."""
+        if self.idempotency_keys and body.get("idempotency_key") is None:
+            body = {**body, "idempotency_key": new_idempotency_key()}
+        keyed = body.get("idempotency_key") is not None
+        subject = self.settings.command_subject(name)
+        unknown = False
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                reply = await self._request(subject, body, self.settings.request_timeout, command=True)
+                break
+            except Unavailable as e:
+                unknown = unknown or e.outcome_unknown
+                # Without a key, a command that may have arrived is not sent twice.
+                if attempt > self.retries or (e.outcome_unknown and not keyed):
+                    raise self._gave_up(e, attempt, unknown) from None
+            await self._pause(attempt)
         if reply.seq is not None and (self.last_seq is None or reply.seq > self.last_seq):
             self.last_seq = reply.seq
         return reply
@@ -114,9 +152,31 @@ class RunledgerClient:
         if min_seq is not None:
             body = {**body, "min_seq": min_seq}
             timeout += self.settings.query_wait_timeout  # the service may wait that long first
-        return await self._request(self.settings.query_subject(name), body, timeout)
+        subject = self.settings.query_subject(name)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._request(subject, body, timeout)
+            except Unavailable as e:
+                if attempt > self.retries:
+                    raise self._gave_up(e, attempt, False) from None
+            await self._pause(attempt)
 
-    async def _request(self, subject: str, body: Mapping[str, Any], timeout: float) -> Reply:
+    async def _pause(self, attempt: int) -> None:
+        """Before try `attempt + 1`: backoff * 2^(attempt-1), give or take a quarter."""
+        await asyncio.sleep(self.retry_backoff * 2 ** (attempt - 1) * random.uniform(0.75, 1.25))
+
+    @staticmethod
+    def _gave_up(error: Unavailable, attempts: int, outcome_unknown: bool) -> Unavailable:
+        message = error.message if attempts == 1 else f"{error.message} (tried {attempts} times)"
+        return Unavailable(message, code=error.code, field=error.field, details=error.details,
+                           outcome_unknown=outcome_unknown, attempts=attempts)
+
+    async def _request(self, subject: str, body: Mapping[str, Any], timeout: float, *,
+                       command: bool = False) -> Reply:
+        """One request. For a command, `Unavailable.outcome_unknown` says whether it may have
+        been applied: nobody listening means it was not; no reply in time means it may have."""
         if self._nc is None:
             raise RuntimeError("RunledgerClient is not connected; use `async with RunledgerClient() as rl:`")
         payload = encode_body(body)
@@ -127,10 +187,15 @@ class RunledgerClient:
             raise Unavailable(f"no runledger service answers {where} (namespace "
                               f"{self.settings.namespace!r}); is `runledger up` or `runledger serve` running?") from None
         except nats.errors.TimeoutError:
-            raise Unavailable(f"no reply {where} within {timeout:g} s") from None
+            raise Unavailable(f"no reply {where} within {timeout:g} s", outcome_unknown=command) from None
         except nats.errors.Error as e:
-            raise Unavailable(f"request {where} failed: {type(e).__name__}: {e}") from None
-        return parse_reply(msg.data, subject)
+            raise Unavailable(f"request {where} failed: {type(e).__name__}: {e}", outcome_unknown=command) from None
+        try:
+            return parse_reply(msg.data, subject)
+        except Unavailable as e:
+            # The service's own `unavailable` to a command: its append's outcome is unknown.
+            e.outcome_unknown = command
+            raise
 
     @staticmethod
     def _one(model: type[M], result: Any) -> M:

@@ -29,6 +29,7 @@ from runledger.infra.nats_connection import connect
 from runledger.infra.settings import Settings
 from runledger.infra.snapshots import SnapshotStore, ensure_snapshot_bucket
 from runledger.projections import work_pools as work_pools_read_model
+from runledger.projections.health import health_queries
 from runledger.projections.runner import ProjectionRunner
 from runledger.projections.tables import MIGRATIONS
 
@@ -120,7 +121,8 @@ class Service:
         self.watch = CheckpointWatch(self.engine, [p.name for p in projections], local="projections" in self.roles)
         if "projections" in self.roles:
             self.runner = ProjectionRunner(self.nc, s, self.engine, projections, on_applied=self.watch.applied,
-                                           batch_size=s.projection_batch_size)
+                                           batch_size=s.projection_batch_size, lease_ttl=s.lease_ttl_seconds,
+                                           stall_retry_seconds=s.projection_stall_retry_seconds)
             await self.runner.start()
         snapshots = None
         if "commands" in self.roles:  # only the command side loads aggregates
@@ -129,13 +131,23 @@ class Service:
             snapshots = SnapshotStore(js, s)
         repo = AggregateRepository(self.store, AGGREGATE_KINDS, snapshots=snapshots, snapshot_every=s.snapshot_every)
         self.commands = CommandBus(self.store, repo, command_specs(self._queue_pool_lookup), retries=s.command_retries)
-        self.queries = QueryBus(self.engine, query_specs(), self.watch, wait_timeout=s.query_wait_timeout)
+        deadline = request_deadline(s)
+        specs = {**query_specs(), **health_queries([p.name for p in projections], self.store.last_sequence)}
+        self.queries = QueryBus(self.engine, specs, self.watch, wait_timeout=s.query_wait_timeout,
+                                last_sequence=self.store.last_sequence, concurrency=s.handler_concurrency,
+                                timeout=deadline)
         if "commands" in self.roles:
-            self.endpoints.append(await Endpoint.serve(self.nc, s.command_subject("*"), COMMAND_QUEUE_GROUP,
-                                                       self.commands.execute, s.handler_concurrency))
+            self.endpoints.append(await Endpoint.serve(
+                self.nc, s.command_subject("*"), COMMAND_QUEUE_GROUP, self.commands.execute, settings=s,
+                kind="command", concurrency=s.handler_concurrency, max_in_flight=2 * s.handler_concurrency,
+                deadline=deadline))
         if "queries" in self.roles:
-            self.endpoints.append(await Endpoint.serve(self.nc, s.query_subject("*"), QUERY_QUEUE_GROUP,
-                                                       self.queries.execute, s.handler_concurrency))
+            # The query bus bounds its own database work, so a read-your-writes wait holds no slot.
+            self.endpoints.append(await Endpoint.serve(
+                self.nc, s.query_subject("*"), QUERY_QUEUE_GROUP, self.queries.execute, settings=s,
+                kind="query", concurrency=None,
+                max_in_flight=2 * s.handler_concurrency + self.queries.max_waiting,
+                deadline=deadline + s.query_wait_timeout))
         await self.nc.flush()
         log.info("runledger service ready: roles %s, NATS %s, namespace %s", ",".join(sorted(self.roles)), s.safe_nats_url(), s.namespace)
 

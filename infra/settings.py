@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     # Every Postgres statement is cut off after this long (the request then answers
     # `unavailable`), so a stalled database never leaves a request without a reply.
     statement_timeout_seconds: float = Field(default=5.0, gt=0)
+    # A single-active role (each projection; later the scheduler and clock) holds a lease with
+    # this TTL (infra/leases.py): a standby takes over about this long after a holder dies.
+    lease_ttl_seconds: int = Field(default=5, ge=1, le=300)
+    # A projection stopped at an event it cannot apply tries that event again this often.
+    projection_stall_retry_seconds: float = Field(default=30.0, gt=0)
 
     @field_validator("database_url", mode="before")
     @classmethod

@@ -20,7 +20,7 @@ from runledger.infra.database import check_database, create_engine, drop_schema,
 from runledger.infra.event_store import EventStore
 from runledger.infra.settings import Settings
 
-from .runner import Projector, RawEvent, apply_batch
+from .runner import ApplyFailure, Projector, RawEvent, apply_batch, apply_in_pieces, is_transient
 from .tables import MIGRATIONS, READ_MODEL_TABLES, projection_checkpoints
 
 
@@ -134,9 +134,7 @@ async def replay(
             else:
                 stop = False
             if batch:
-                async with engine.begin() as conn:
-                    for projector in projectors:
-                        await apply_batch(conn, projector, batch)
+                await _apply_chunk(engine, projectors, batch)
                 done += len(batch)
                 last = batch[-1].seq
                 if on_progress:
@@ -146,6 +144,30 @@ async def replay(
         return ReplayResult(schema, done, last, time.perf_counter() - started)
     finally:
         await engine.dispose()
+
+
+class ReplayStopped(Exception):
+    """The rebuild met an event a projection cannot apply; everything before it is in the
+    schema."""
+
+    def __init__(self, failure: ApplyFailure):
+        super().__init__(f"replay stopped at stream sequence {failure.seq} ({failure.event_type}) in projection "
+                         f"{failure.projection}: {failure.error}")
+        self.failure = failure
+
+
+async def _apply_chunk(engine: AsyncEngine, projectors: Sequence[Projector], batch: Sequence[RawEvent]) -> None:
+    try:
+        async with engine.begin() as conn:
+            for projector in projectors:
+                await apply_batch(conn, projector, batch)
+        return
+    except Exception as e:
+        if is_transient(e):
+            raise
+    _, failure = await apply_in_pieces(engine, projectors, batch)
+    if failure is not None:
+        raise ReplayStopped(failure)
 
 
 def _normalise(value: Any) -> Any:

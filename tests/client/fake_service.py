@@ -85,6 +85,13 @@ class FakeService:
     def bodies(self, name: str) -> list[dict[str, Any]]:
         return [body for n, body in self.requests if n == name]
 
+    def sent(self, name: str) -> list[dict[str, Any]]:
+        """The bodies without their idempotency key (see `keys`)."""
+        return [{k: v for k, v in body.items() if k != "idempotency_key"} for body in self.bodies(name)]
+
+    def keys(self, name: str) -> list[str | None]:
+        return [body.get("idempotency_key") for body in self.bodies(name)]
+
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
 
