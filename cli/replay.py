@@ -73,7 +73,7 @@ def replay_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Rebuild every read model from the event log into a fresh schema."""
-    settings = load_settings()
+    settings = load_settings(role="analyst")
     target = schema or f"{settings.namespace}_replay"
     if target == settings.db_schema:
         console.print("[red]Error (invalid):[/red] refusing to replay into the live schema")
@@ -92,7 +92,7 @@ def replay_command(
 def verify(keep: bool = typer.Option(False, help="Keep the rebuilt schema for inspection.")) -> None:
     """Rebuild the read models from the log and compare them with the live ones; exit 1 on
     any difference."""
-    settings = load_settings()
+    settings = load_settings(role="analyst")
 
     async def go() -> int:
         live_engine = create_engine(settings, pool_size=1)
@@ -149,7 +149,7 @@ def events(
 ) -> None:
     """Print the event log as JSON lines: one event per line, with its stream sequence, or
     (--vocabulary prefect) one Prefect event per line."""
-    settings = load_settings()
+    settings = load_settings(role="analyst")
     subject = ".".join([settings.event_subject_prefix, aggregate or "*", aggregate_id or "*", event_type or "*"])
     prefect = vocabulary == "prefect"
     export = ExportState() if prefect else None

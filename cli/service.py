@@ -82,7 +82,7 @@ def serve(
 ) -> None:
     """Run the service against RUNLEDGER_NATS_URL and RUNLEDGER_DATABASE_URL."""
     _configure_logging(verbose)
-    settings = load_settings()
+    settings = load_settings(role="service")  # credentials and inbox prefix from the environment
     chosen = _parse_roles(roles)
     _tune_garbage_collector()
     try:
@@ -102,33 +102,41 @@ def up(
 ) -> None:
     """Start an embedded NATS and Postgres (127.0.0.1 only, free ports) and the service, in one
     command. Ctrl-C stops all three; the data stays in the data directory."""
+    from runledger.infra import broker_auth
     from runledger.infra.embedded import EmbeddedNats, EmbeddedPostgres
 
     _configure_logging(verbose)
     started = time.perf_counter()
     data_dir = (data_dir or default_data_dir()).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    nats_server = EmbeddedNats(data_dir / "nats")
+    # Users and permissions per role (infra/broker_auth.py), passwords made once per data dir;
+    # the server refuses unauthenticated connections and syncs every write before its ack.
+    creds = broker_auth.local_credentials(data_dir)
+    nats_config = broker_auth.write_local_config(data_dir, load_settings(role="service").namespace, creds,
+                                                 data_dir / "nats")
+    nats_server = EmbeddedNats(data_dir / "nats", config_file=nats_config)
     postgres = EmbeddedPostgres(data_dir / "pg")
     record = endpoint_file()
     try:
         with console.status("starting NATS and Postgres..."):
             nats_server.start()
             postgres.start()
-        settings = load_settings(nats_url=nats_server.url, database_url=postgres.url)
+        settings = load_settings(role="service", nats_url=nats_server.url, database_url=postgres.url,
+                                 nats_user=creds["service"]["user"], nats_password=creds["service"]["password"])
         _tune_garbage_collector()  # as `serve` does: `up` served ~25 % fewer commands without it
 
         def ready() -> None:
             record.parent.mkdir(parents=True, exist_ok=True)
-            record.write_text(json.dumps({
+            broker_auth.write_private(record, json.dumps({
                 "nats_url": settings.nats_url, "database_url": settings.database_url.get_secret_value(),
                 "namespace": settings.namespace, "data_dir": str(data_dir), "pid": os.getpid(),
-            }, indent=2))
-            record.chmod(0o600)
+                "nats_users": creds,  # per role; load_settings(role=...) picks one
+            }, indent=2))  # mode 0600 from the first byte: it holds passwords
             console.print(f"[green]runledger is up[/green] in {time.perf_counter() - started:.1f} s")
             console.print(f"  NATS      {settings.nats_url}  (monitoring http://127.0.0.1:{nats_server.monitor_port})")
             console.print(f"  Postgres  {settings.safe_database_url()}")
             console.print(f"  data      {data_dir}")
+            console.print(f"  users     {', '.join(creds)} (passwords in {data_dir / 'credentials.json'}, mode 0600)")
             console.print(f"  endpoint  {record}  (other terminals find the service through it)")
             console.print("Press Ctrl-C to stop.")
 

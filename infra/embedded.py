@@ -50,6 +50,9 @@ class EmbeddedNats:
     port: int = 0
     monitor_port: int = 0
     process: subprocess.Popen | None = None
+    # A configuration file (users, permissions, `jetstream { store_dir, sync_interval }`, as
+    # `runledger up` writes it); without one the server runs with no authentication (tests).
+    config_file: Path | None = None
 
     @property
     def url(self) -> str:
@@ -60,8 +63,10 @@ class EmbeddedNats:
         self.port = self.port or free_port()
         self.monitor_port = self.monitor_port or free_port()
         log = open(self.store_dir / "nats-server.log", "ab")
+        # The command line's address and ports win over the file's; the file names the store.
+        store = ["-c", str(self.config_file)] if self.config_file else ["-js", "-sd", str(self.store_dir)]
         self.process = subprocess.Popen(
-            [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store_dir),
+            [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(self.port), *store,
              "-m", str(self.monitor_port), "--server_name", "runledger-embedded"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )

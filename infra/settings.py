@@ -137,8 +137,19 @@ class SettingsError(ValueError):
     the value (it may be a secret)."""
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Environment first; where it is silent, the endpoint file of a running `runledger up`."""
+BROKER_ROLES = ("client", "analyst", "service")
+_CREDENTIAL_VARS = ("RUNLEDGER_NATS_URL", "RUNLEDGER_NATS_USER", "RUNLEDGER_NATS_PASSWORD", "RUNLEDGER_NATS_TOKEN",
+                    "RUNLEDGER_NATS_CREDS_FILE")
+
+
+def load_settings(role: str = "client", **overrides: Any) -> Settings:
+    """Environment first; where it is silent, the endpoint file of a running `runledger up`.
+
+    `role` (client, analyst, service; see infra/broker_auth.py) picks the broker user taken
+    from the endpoint file, and the inbox prefix `_INBOX.<role>`, which that role's
+    permissions allow it to receive on. The environment's own credentials or URL win."""
+    if role not in BROKER_ROLES:
+        raise ValueError(f"unknown broker role {role!r}")
     recorded: dict[str, Any] = {}
     path = endpoint_file()
     if path.exists():
@@ -150,6 +161,12 @@ def load_settings(**overrides: Any) -> Settings:
     for key in ("nats_url", "database_url", "namespace"):
         if f"RUNLEDGER_{key.upper()}" not in os.environ and key in recorded:
             values[key] = recorded[key]
+    # The recorded users belong to the recorded server: not with another URL or other credentials.
+    user = (recorded.get("nats_users") or {}).get(role)
+    if isinstance(user, dict) and not any(v in os.environ for v in _CREDENTIAL_VARS):
+        values["nats_user"], values["nats_password"] = user.get("user"), user.get("password")
+    if "RUNLEDGER_INBOX_PREFIX" not in os.environ:
+        values["inbox_prefix"] = f"_INBOX.{role}"
     values.update(overrides)
     try:
         return Settings(**values)

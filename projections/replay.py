@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,8 +36,10 @@ async def iter_log(store: EventStore, subject_filter: str, start_seq: int = 1, *
     if target < start_seq:
         return
     nc, stream = store.nc, store.stream
+    # Named here, so the create subject carries the name: the analyst role may create only
+    # consumers named in the subject (infra/broker_auth.py), never the service's.
     config = ConsumerConfig(
-        filter_subject=subject_filter, ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+        name=f"read_{uuid.uuid4().hex}", filter_subject=subject_filter, ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
         opt_start_seq=max(1, start_seq), inactive_threshold=60, mem_storage=True, num_replicas=1,
     )
     consumer = await store.js.add_consumer(stream, config)

@@ -1,0 +1,242 @@
+"""The broker roles (infra/broker_auth.py) against a nats-server running the generated
+configuration: each role can do its work, and none can touch what is not its own. nats-py does
+not raise on a refused publish or subscription; the server's `Permissions Violation` reaches the
+error callback, so each refusal is asserted there and by its effect (the stream's message
+count, the snapshot bucket, the service's consumer)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import uuid
+
+import nats
+import nats.errors
+import pytest
+from nats.js.errors import NotFoundError
+
+from runledger.infra import broker_auth
+from runledger.infra.embedded import EmbeddedNats
+from runledger.infra.event_store import EventStore
+from runledger.infra.jetstream_setup import ensure_event_stream
+from runledger.infra.nats_connection import BrokerUnavailable, connect
+from runledger.infra.settings import Settings
+from runledger.projections.replay import iter_log
+
+from .broker import Broker
+
+
+class Roles:
+    def __init__(self, server: EmbeddedNats, database_url: str, namespace: str, creds: dict):
+        self.server, self.database_url, self.namespace, self.creds = server, database_url, namespace, creds
+        self.connections: list = []
+
+    def settings(self, role: str) -> Settings:
+        return Settings(nats_url=self.server.url, database_url=self.database_url, namespace=self.namespace,
+                        nats_user=self.creds[role]["user"], nats_password=self.creds[role]["password"],
+                        inbox_prefix=broker_auth.inbox_prefix(role), request_timeout=3.0)
+
+    async def connect(self, role: str):
+        """A raw connection as `role` and the errors its callback receives."""
+        errors: list[str] = []
+
+        async def on_error(e: Exception) -> None:
+            errors.append(str(e))
+
+        nc = await nats.connect(self.server.url, user=self.creds[role]["user"], password=self.creds[role]["password"],
+                                inbox_prefix=broker_auth.inbox_prefix(role), error_cb=on_error,
+                                allow_reconnect=False, connect_timeout=3)
+        self.connections.append(nc)
+        return nc, errors
+
+    @property
+    def stream(self) -> str:
+        return f"{self.namespace.upper()}_EVENTS"
+
+    @property
+    def snapshots(self) -> str:
+        return f"{self.namespace.upper()}_SNAPSHOTS"
+
+
+@pytest.fixture
+async def roles(server_urls, tmp_path):
+    from runledger.handlers.service import Service
+    from runledger.infra.database import create_engine, drop_schema
+
+    namespace = f"r{uuid.uuid4().hex[:12]}"
+    creds = broker_auth.local_credentials(tmp_path)
+    config = broker_auth.write_local_config(tmp_path, namespace, creds, tmp_path / "nats")
+    server = EmbeddedNats(tmp_path / "nats", config_file=config).start()
+    r = Roles(server, server_urls["database_url"], namespace, creds)
+    service = Service(r.settings("service"))
+    try:
+        await service.start()
+        yield r
+    finally:
+        for nc in r.connections:
+            if not nc.is_closed:
+                await nc.close()
+        await service.stop()
+        engine = create_engine(r.settings("service"))
+        await drop_schema(engine, namespace)
+        await engine.dispose()
+        server.stop()
+        shutil.rmtree(tmp_path / "nats", ignore_errors=True)
+
+
+async def _pool(r: Roles) -> dict:
+    nc, _ = await r.connect("client")
+    broker = Broker(nc, r.settings("client"))
+    created = await broker.cmd("CreateWorkPool", name=f"p{uuid.uuid4().hex[:6]}", type="process")
+    assert created["ok"], created
+    await broker.ok_qry("GetWorkPool", name=created["result"]["name"])  # projected
+    return created["result"]
+
+
+async def _state(r: Roles) -> tuple[int, int, bool]:
+    """(event stream messages, snapshot bucket messages, projection consumer exists)."""
+    nc, _ = await r.connect("service")
+    js = nc.jetstream()
+    events = (await js.stream_info(r.stream)).state.messages
+    try:
+        kv = (await js.stream_info(f"KV_{r.snapshots}")).state.messages
+    except NotFoundError:
+        kv = 0
+    try:
+        await js.consumer_info(r.stream, "projection_work_pools")
+        consumer = True
+    except NotFoundError:
+        consumer = False
+    await nc.close()
+    return events, kv, consumer
+
+
+def _attacks(r: Roles, pool_id: str) -> dict[str, tuple[str, bytes, dict | None]]:
+    """Subject, body and headers of each forbidden publish."""
+    ns, stream = r.namespace, r.stream
+    envelope = json.dumps({"id": str(uuid.uuid4()), "type": "WorkPoolUpdated", "aggregate_type": "work_pool",
+                           "aggregate_id": pool_id, "data": {"paused": True}}).encode()
+    return {
+        "forge an event": (f"{ns}.evt.work_pool.{pool_id}.WorkPoolUpdated", envelope, None),
+        "forge an idempotency record": (f"{ns}.idem.{'0' * 40}", b'{"ok":true}', None),
+        "write a snapshot": (f"$KV.{r.snapshots}.work_pool.{pool_id}", b'{"v":1,"seq":1,"state":{}}', None),
+        "open a batch": (f"{ns}.evt.work_pool.{pool_id}.WorkPoolDeleted", envelope,
+                         {"Nats-Batch-Id": uuid.uuid4().hex, "Nats-Batch-Sequence": "1"}),
+        "purge the stream": (f"$JS.API.STREAM.PURGE.{stream}", b"", None),
+        "delete the stream": (f"$JS.API.STREAM.DELETE.{stream}", b"", None),
+        "delete a message": (f"$JS.API.STREAM.MSG.DELETE.{stream}", b'{"seq":1}', None),
+        "delete the service's consumer": (f"$JS.API.CONSUMER.DELETE.{stream}.projection_work_pools", b"", None),
+        "ack for the service's consumer": (f"$JS.ACK.{stream}.projection_work_pools.1.1.1.0.0", b"", None),
+    }
+
+
+async def _assert_refused(r: Roles, role: str, pool_id: str, extra: dict | None = None) -> None:
+    before = await _state(r)
+    nc, errors = await r.connect(role)
+    attacks = {**_attacks(r, pool_id), **(extra or {})}
+    for subject, body, headers in attacks.values():
+        await nc.publish(subject, body, headers=headers, reply=nc.new_inbox())
+    await nc.flush()
+    await asyncio.sleep(0.3)
+    for what, (subject, _, _) in attacks.items():
+        # nats-py hands the server's message over in lower case
+        assert any(f'permissions violation for publish to "{subject.lower()}"' in e.lower() for e in errors), (what, errors)
+    assert await _state(r) == before
+    assert not nc.is_closed
+
+
+async def _assert_cannot_subscribe(r: Roles, role: str, subjects: list[str]) -> None:
+    nc, errors = await r.connect(role)
+    for subject in subjects:
+        await nc.subscribe(subject)
+    await nc.flush()
+    await asyncio.sleep(0.2)
+    for subject in subjects:
+        assert any(f'permissions violation for subscription to "{subject.lower()}"' in e.lower() for e in errors), (subject, errors)
+
+
+async def test_unauthenticated_and_wrong_password_are_refused(roles):
+    with pytest.raises(nats.errors.Error):
+        await nats.connect(roles.server.url, allow_reconnect=False, connect_timeout=3)
+    with pytest.raises(nats.errors.Error):
+        await nats.connect(roles.server.url, user="client", password="wrong", allow_reconnect=False,
+                           connect_timeout=3)
+    anonymous = Settings(nats_url=roles.server.url, namespace=roles.namespace)
+    with pytest.raises(BrokerUnavailable, match="authorization violation"):
+        await connect(anonymous, wait_for_server=False)
+
+
+async def test_client_round_trip_and_nothing_else(roles):
+    pool = await _pool(roles)  # a command and a query with client credentials
+    stream = roles.stream
+    await _assert_refused(roles, "client", pool["id"], {
+        "read the log": (f"$JS.API.DIRECT.GET.{stream}", b'{"seq":1}', None),
+        "stream info": (f"$JS.API.STREAM.INFO.{stream}", b"", None),
+    })
+    await _assert_cannot_subscribe(roles, "client", ["_INBOX.service.>", "_INBOX.analyst.>", "_INBOX.>",
+                                                     f"{roles.namespace}.cmd.>", f"{roles.namespace}.evt.>"])
+
+
+async def test_analyst_reads_the_log_as_events_and_replay_do(roles):
+    pool = await _pool(roles)
+    settings = roles.settings("analyst")
+    nc = await connect(settings, name="analyst", wait_for_server=False)
+    roles.connections.append(nc)
+    await ensure_event_stream(nc.jetstream(), settings)  # `replay` checks the stream first
+    store = EventStore(nc, settings)
+    last = await store.last_sequence()
+    read = [e async for batch in iter_log(store, f"{settings.event_subject_prefix}.*.*.*") for e in batch]
+    assert read and read[-1].seq <= last
+    assert any(e.subject.startswith(f"{settings.event_subject_prefix}.work_pool.{pool['id']}.") for e in read)
+    events = await store.read_aggregate("work_pool", pool["id"])
+    assert events and events[0].envelope.type == "WorkPoolCreated"
+    assert (await store.last_event("work_pool", pool["id"])) is not None
+    assert (await _state(roles))[2]  # the service's consumer is untouched
+
+
+async def test_analyst_cannot_write_or_take_over_the_services_consumers(roles):
+    pool = await _pool(roles)
+    stream = roles.stream
+    take_over = json.dumps({"stream_name": stream, "config": {
+        "name": "projection_work_pools", "ack_policy": "none", "deliver_policy": "all", "inactive_threshold": 1}})
+    await _assert_refused(roles, "analyst", pool["id"], {
+        "update the service's consumer": (f"$JS.API.CONSUMER.CREATE.{stream}.projection_work_pools",
+                                          take_over.encode(), None),
+        "create a consumer named in the body": (f"$JS.API.CONSUMER.CREATE.{stream}", take_over.encode(), None),
+        "create a durable": (f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.x", b"{}", None),
+        "pull the service's consumer": (f"$JS.API.CONSUMER.MSG.NEXT.{stream}.projection_work_pools",
+                                        b'{"batch":1}', None),
+        "update the stream": (f"$JS.API.STREAM.UPDATE.{stream}", b"{}", None),
+        "read a bucket": (f"$JS.API.DIRECT.GET.KV_{roles.snapshots}", b'{"seq":1}', None),
+    })
+    await _assert_cannot_subscribe(roles, "analyst", ["_INBOX.client.>", "_INBOX.service.>",
+                                                      f"{roles.namespace}.qry.>"])
+
+
+async def test_service_cannot_purge_or_delete_the_log(roles):
+    await _pool(roles)
+    before = await _state(roles)
+    nc, errors = await roles.connect("service")
+    for subject in (f"$JS.API.STREAM.PURGE.{roles.stream}", f"$JS.API.STREAM.DELETE.{roles.stream}"):
+        await nc.publish(subject, b"", reply=nc.new_inbox())
+    await nc.flush()
+    await asyncio.sleep(0.3)
+    assert sum("permissions violation" in e.lower() for e in errors) == 2, errors
+    assert await _state(roles) == before
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known gap: the JetStream API answers to whatever reply subject the requester names, and one "
+    "account shares one subject space, so a role that may send any JetStream API request can have "
+    "the server's answer stored in the event stream. Closing it needs the analyst in its own "
+    "account, importing the read API (service imports rewrite reply subjects)."))
+async def test_analyst_cannot_have_the_server_write_into_the_log(roles):
+    pool = await _pool(roles)
+    before = await _state(roles)
+    nc, _ = await roles.connect("analyst")
+    await nc.publish(f"$JS.API.STREAM.INFO.{roles.stream}", b"",
+                     reply=f"{roles.namespace}.evt.work_pool.{pool['id']}.WorkPoolUpdated")
+    await nc.flush()
+    await asyncio.sleep(0.3)
+    assert await _state(roles) == before
