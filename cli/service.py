@@ -15,6 +15,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from runledger.infra.database import DatabaseUnavailable
 from runledger.infra.nats_connection import BrokerUnavailable
@@ -28,8 +29,13 @@ ROLES = ("commands", "queries", "projections")
 
 
 def default_data_dir() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "runledger"
+    """~/.local/share/runledger; as root /var/lib/runledger, since Postgres then runs as a
+    system user that must get through every parent (/root is 0700)."""
+    if os.environ.get("XDG_DATA_HOME"):
+        return Path(os.environ["XDG_DATA_HOME"]) / "runledger"
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return Path("/var/lib/runledger")
+    return Path.home() / ".local" / "share" / "runledger"
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -48,13 +54,25 @@ async def _serve_until_signalled(settings: Settings, roles: frozenset[str], on_r
     service = Service(settings, roles=roles)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: its terminal closed
         loop.add_signal_handler(sig, stop.set)
     await service.start()
     try:
         if on_ready:
             on_ready()
-        await stop.wait()
+        # A signal is a clean stop; a NATS connection closed for good (nats-py does not
+        # reconnect after a fatal protocol error) ends the process with an error, so that its
+        # supervisor starts it again instead of it living on deaf.
+        signalled = asyncio.ensure_future(stop.wait())
+        lost = asyncio.ensure_future(service.lost.wait())
+        try:
+            await asyncio.wait({signalled, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            signalled.cancel()
+            lost.cancel()
+        if service.lost.is_set() and not stop.is_set():
+            raise BrokerUnavailable(f"the NATS connection closed for good ({service.lost_reason}); "
+                                    "exiting so that a supervisor restarts the service")
     finally:
         await service.stop()
 
@@ -97,18 +115,24 @@ def serve(
 
 @app.command()
 def up(
-    data_dir: Path = typer.Option(None, "--data-dir", help="Where NATS and Postgres keep their data (default: ~/.local/share/runledger)."),
+    data_dir: Path = typer.Option(None, "--data-dir", help="Where NATS and Postgres keep their data (default: ~/.local/share/runledger; as root /var/lib/runledger)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Start an embedded NATS and Postgres (127.0.0.1 only, free ports) and the service, in one
     command. Ctrl-C stops all three; the data stays in the data directory."""
     from runledger.infra import broker_auth
-    from runledger.infra.embedded import EmbeddedNats, EmbeddedPostgres
+    from runledger.infra.embedded import EmbeddedNats, EmbeddedPostgres, PostgresUnavailable
+    from runledger.infra.lifetime import DataDirInUse, DataDirLock
 
     _configure_logging(verbose)
     started = time.perf_counter()
     data_dir = (data_dir or default_data_dir()).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    try:  # one `up` per data dir, for its whole life; the kernel drops the lock when it dies
+        lock = DataDirLock(data_dir).acquire()
+    except DataDirInUse as e:  # before anything is started or written, the endpoint file too
+        console.print(f"[red]Error (in use):[/red] {escape(str(e))}")
+        raise typer.Exit(EXIT_UNAVAILABLE) from None
     # Users and permissions per role (infra/broker_auth.py), passwords made once per data dir;
     # the server refuses unauthenticated connections and syncs every write before its ack.
     creds = broker_auth.local_credentials(data_dir)
@@ -116,6 +140,13 @@ def up(
                                                  data_dir / "nats")
     nats_server = EmbeddedNats(data_dir / "nats", config_file=nats_config)
     postgres = EmbeddedPostgres(data_dir / "pg")
+    try:  # its binaries and, as root, the user it runs as and that user's way in
+        postgres.prepare()
+    except PostgresUnavailable as e:
+        console.print(f"[red]Error (unavailable):[/red] {escape(str(e))}")
+        raise typer.Exit(EXIT_UNAVAILABLE) from None
+    if postgres.notice:
+        console.print(escape(postgres.notice))
     record = endpoint_file()
     try:
         with console.status("starting NATS and Postgres..."):
@@ -141,13 +172,14 @@ def up(
             console.print("Press Ctrl-C to stop.")
 
         asyncio.run(_serve_until_signalled(settings, frozenset(ROLES), on_ready=ready))
-    except (BrokerUnavailable, DatabaseUnavailable) as e:
+    except (BrokerUnavailable, DatabaseUnavailable, PostgresUnavailable) as e:
         console.print(f"[red]Error (unavailable):[/red] {e}")
         raise typer.Exit(EXIT_UNAVAILABLE) from None
     finally:
         _remove_own_record(record)
         postgres.stop()
         nats_server.stop()
+        lock.release()
         console.print("runledger stopped; data kept in", str(data_dir))
 
 

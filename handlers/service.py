@@ -17,8 +17,8 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 
+import nats.errors
 from nats.aio.client import Client as NATS
-from pydantic_core import to_json
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from runledger.infra.aggregates import AggregateRepository
@@ -34,6 +34,7 @@ from runledger.projections.runner import ProjectionRunner
 from runledger.projections.tables import MIGRATIONS
 
 from .command_bus import CommandBus
+from .endpoint import Endpoint
 from .query_bus import CheckpointWatch, QueryBus
 from .work_pool_commands import AGGREGATE_KINDS, command_specs
 
@@ -44,51 +45,18 @@ COMMAND_QUEUE_GROUP = "runledger-commands"
 QUERY_QUEUE_GROUP = "runledger-queries"
 
 
+def request_deadline(settings: Settings) -> float:
+    """How long one command or query may run before it is answered `unavailable`: a little
+    under the client's request timeout, so that the answer arrives before the client gives up."""
+    return max(0.5, settings.request_timeout * 0.8)
+
+
 def projectors():
     return [work_pools_read_model.WorkPoolsProjector()]
 
 
 def query_specs():
     return dict(work_pools_read_model.QUERIES)
-
-
-@dataclass
-class Endpoint:
-    """Request/reply on one wildcard subject in a queue group; the last token names the
-    command or query. Up to `concurrency` requests run at once; past that, the subscription
-    stops reading, and NATS buffers (back-pressure, not loss)."""
-
-    subscription: object
-    tasks: set[asyncio.Task]
-
-    @classmethod
-    async def serve(cls, nc: NATS, subject: str, group: str, execute, concurrency: int) -> Endpoint:
-        slots = asyncio.Semaphore(concurrency)
-        tasks: set[asyncio.Task] = set()
-
-        async def answer(msg) -> None:
-            try:
-                name = msg.subject.rsplit(".", 1)[1]
-                out = await execute(name, msg.data)
-                if msg.reply:
-                    await msg.respond(to_json(out, fallback=str))
-            finally:
-                slots.release()
-
-        async def on_message(msg) -> None:
-            await slots.acquire()
-            task = asyncio.create_task(answer(msg))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
-        sub = await nc.subscribe(subject, queue=group, cb=on_message, pending_msgs_limit=100_000)
-        return cls(sub, tasks)
-
-    async def stop(self) -> None:
-        """Take no new requests; let the ones in flight finish."""
-        await self.subscription.unsubscribe()
-        if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=10)
 
 
 @dataclass
@@ -103,10 +71,32 @@ class Service:
     queries: QueryBus | None = None
     runner: ProjectionRunner | None = None
     watch: CheckpointWatch | None = None
+    # Set when the NATS connection closed for good (not by `stop`): nats-py does not reconnect
+    # after a fatal protocol error ("maximum payload exceeded"), so the process must end and
+    # let its supervisor start it again instead of living on deaf.
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+    lost_reason: str = ""
+    _stopping: bool = False
+
+    async def _on_closed(self) -> None:
+        if self._stopping:
+            return
+        err = getattr(self.nc, "last_error", None)
+        self.lost_reason = f"{type(err).__name__}: {err}" if err is not None else "closed by the server"
+        log.error("the NATS connection closed for good (%s); the service stops", self.lost_reason)
+        self.lost.set()
+
+    async def _on_error(self, e: Exception) -> None:
+        # nats-py dropped a request past a subscription's pending limits: answer it busy.
+        if isinstance(e, nats.errors.SlowConsumerError):
+            for endpoint in self.endpoints:
+                if endpoint.subscription is e.sub:
+                    await endpoint.answer_dropped(e.reply)
 
     async def start(self) -> None:
         s = self.settings
-        self.nc = await connect(s, name="runledger-service")  # refuses NATS < 2.12
+        self.nc = await connect(s, name="runledger-service", closed_cb=self._on_closed,
+                                error_cb=self._on_error)  # refuses NATS < 2.12
         await ensure_event_stream(self.nc.jetstream(), s)
         self.engine = create_engine(s)
         try:
@@ -167,6 +157,7 @@ class Service:
     async def stop(self) -> None:
         """Stop taking requests, then stop projecting, then close connections; each step is
         bounded so that a signal always ends the process."""
+        self._stopping = True
         steps = [
             *(e.stop() for e in self.endpoints),
             self.runner.stop() if self.runner is not None else None,

@@ -31,15 +31,30 @@ class Migration:
     statements: Sequence[str]
 
 
-def create_engine(settings: Settings, schema: str | None = None, pool_size: int | None = None) -> AsyncEngine:
+def create_engine(settings: Settings, schema: str | None = None, pool_size: int | None = None,
+                  statement_timeout: float | None = -1.0) -> AsyncEngine:
+    """The engine, with every statement bounded (`statement_timeout`, default
+    `settings.statement_timeout_seconds`; None: unbounded, for long offline work such as a
+    replay): Postgres cancels a statement past it, and since a stalled server (SIGSTOP, a hung
+    host) enforces nothing, asyncpg gives up a second later on its own (`command_timeout`), and
+    waiting for a pooled connection is bounded too (`pool_timeout`)."""
     schema = schema or settings.db_schema
+    if statement_timeout is not None and statement_timeout < 0:
+        statement_timeout = settings.statement_timeout_seconds
+    server_settings = {"search_path": schema, "application_name": "runledger"}
+    connect_args: dict = {"server_settings": server_settings, "timeout": CONNECT_TIMEOUT_SECONDS}
+    pool_timeout = 30.0
+    if statement_timeout is not None:
+        server_settings["statement_timeout"] = str(max(1, int(statement_timeout * 1000)))
+        connect_args["command_timeout"] = statement_timeout + 1.0
+        pool_timeout = statement_timeout
     return create_async_engine(
         settings.database_url.get_secret_value(),
         pool_size=pool_size or settings.database_pool_size,
         max_overflow=2,
         pool_pre_ping=False,
-        connect_args={"server_settings": {"search_path": schema, "application_name": "runledger"},
-                      "timeout": CONNECT_TIMEOUT_SECONDS},
+        pool_timeout=pool_timeout,
+        connect_args=connect_args,
     )
 
 

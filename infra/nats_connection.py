@@ -26,7 +26,7 @@ def _fmt(v: tuple[int, int, int]) -> str:
 
 
 async def connect(settings: Settings, *, name: str = "runledger", check_version: bool = True,
-                  wait_for_server: bool = True) -> NATS:
+                  wait_for_server: bool = True, closed_cb=None, error_cb=None) -> NATS:
     """A connection that reconnects for ever once made. The first connect waits up to
     `max(5 s, request_timeout)` for a server that is starting (a service beside its broker),
     unless `wait_for_server` is False (the CLI and the client: nothing listening is said at
@@ -58,6 +58,8 @@ async def connect(settings: Settings, *, name: str = "runledger", check_version:
 
     async def _on_error(e: Exception) -> None:  # nats-py logs by default; keep it quiet
         last_error[:] = [type(e).__name__]
+        if error_cb is not None:  # the caller's own handling (the service answers dropped requests)
+            await error_cb(e)
         # nats-py retries a refused login for as long as reconnects are allowed: end the first
         # connect at once instead, with the reason a user can act on.
         if refused.done():
@@ -75,6 +77,8 @@ async def connect(settings: Settings, *, name: str = "runledger", check_version:
 
     # Unlimited reconnects keep a running service alive through broker restarts, but nats-py
     # applies them to the first connect too: bound that one ourselves.
+    if closed_cb is not None:  # the connection closed for good (or by `close`)
+        options["closed_cb"] = closed_cb
     connecting = asyncio.ensure_future(nats.connect(**options, error_cb=_on_error))
     limit = max(5.0, settings.request_timeout)
     try:

@@ -1,0 +1,259 @@
+"""Request/reply endpoints: plain nats-py queue subscriptions that run a bus and answer.
+
+Three promises (docs/protocol.md, "Replies"):
+
+- **Replies go only to inboxes.** A request's reply subject is the requester's choice, and the
+  service is the publisher, so client permissions cannot stop a reply from landing in our own
+  streams. A reply subject must start with `settings.reply_subject_prefix` (`_INBOX.`), be a
+  plain subject (no wildcards, no empty tokens, no spaces or control characters) and lie
+  outside every subject our streams and buckets capture. Other requests are dropped *without
+  being executed* (a command must not run when nobody may hear its outcome), counted, and
+  logged at most once per 10 s.
+- **Every admitted request gets exactly one reply, in bounded time.** The bus runs under a
+  deadline; an exception, a deadline or an unencodable result still answers (`unavailable`).
+- **Back-pressure is a quick "busy", not a disconnect.** The message callback never waits:
+  past `max_in_flight` requests or `max_bytes` of request bodies in flight, a request is
+  answered `unavailable` (busy, retry) at once, so nats-py keeps draining the socket and the
+  server never sees a slow consumer. A reply too large for the connection's max payload
+  becomes a shorter page (lists) or an error, never silence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from pydantic_core import to_json
+
+from runledger.commands.messages import ErrorCode
+from runledger.infra.settings import Settings
+
+log = logging.getLogger("runledger.service")
+
+Execute = Callable[[str, bytes], Awaitable[dict[str, Any]]]
+
+MAX_REPLY_SUBJECT = 256
+WARN_EVERY_SECONDS = 10.0
+
+
+def _error(code: ErrorCode | str, message: str) -> dict[str, Any]:
+    return {"ok": False, "error": {"code": str(code), "message": message}}
+
+
+def protected_prefixes(settings: Settings) -> tuple[str, ...]:
+    """Subjects a reply must never be published to: our namespace's event, idempotency,
+    command and query subjects, and every `$`-subject (JetStream API, KV and object buckets,
+    the system account)."""
+    ns = settings.namespace
+    return (f"{ns}.evt.", f"{ns}.idem.", f"{ns}.cmd.", f"{ns}.qry.", "$")
+
+
+def reply_subject_allowed(reply: str | None, prefix: str, protected: Sequence[str]) -> bool:
+    if not reply or len(reply) > MAX_REPLY_SUBJECT or not reply.startswith(prefix):
+        return False
+    if any(reply.startswith(p) for p in protected):
+        return False
+    for token in reply.split("."):
+        if not token or "*" in token or ">" in token:
+            return False
+    return all(32 < ord(c) < 127 for c in reply)
+
+
+@dataclass
+class DroppedRequests:
+    """Requests dropped for their reply subject: counted, logged at most once per 10 s."""
+
+    total: int = 0
+    _since_log: int = 0
+    _last_log: float = 0.0
+
+    def note(self, subject: str, reply: str | None) -> None:
+        self.total += 1
+        self._since_log += 1
+        now = time.monotonic()
+        if now - self._last_log >= WARN_EVERY_SECONDS:
+            log.warning("dropped %d request(s) without executing them: their reply subject is not an inbox "
+                        "(last: %r on %s; %d dropped since start)", self._since_log, (reply or "")[:80], subject, self.total)
+            self._since_log = 0
+            self._last_log = now
+
+
+def encode(out: Any) -> bytes:
+    return to_json(out, fallback=str)
+
+
+def fit_reply(out: dict[str, Any], request: bytes, limit: int, kind: str) -> bytes:
+    """A reply whose encoding exceeds `limit` bytes, made to fit.
+
+    A list result becomes a shorter page: `"truncated": true` and `"next_offset"` (ask again
+    with `offset` = `next_offset`). A command's successful reply keeps its envelope without the
+    result (`"result": null, "truncated": true`): the command did take effect. Anything else is
+    an `invalid` error saying how large it was."""
+    result = out.get("result") if out.get("ok") else None
+    if isinstance(result, list) and result:
+        try:
+            offset = int(json.loads(request or b"{}").get("offset", 0))
+        except (ValueError, TypeError, AttributeError):
+            offset = 0
+
+        def page(n: int) -> bytes:
+            return encode({**out, "result": result[:n], "truncated": True, "next_offset": offset + n})
+
+        lo, hi = 0, len(result) - 1  # the largest n < len that fits (len did not)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(page(mid)) <= limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo > 0:
+            return page(lo)
+        message = (f"the item at offset {offset} alone makes a reply larger than the broker's max payload "
+                   f"({limit} bytes); it cannot be sent")
+        return encode(_error(ErrorCode.INVALID, message))
+    size = len(encode(out))
+    if out.get("ok") and kind == "command":
+        body = encode({**out, "result": None, "truncated": True})
+        if len(body) <= limit:
+            return body
+    return encode(_error(ErrorCode.INVALID, f"the reply ({size} bytes) is larger than the broker's max payload "
+                                            f"({limit} bytes); it cannot be sent"))
+
+
+@dataclass
+class Endpoint:
+    """Request/reply on one wildcard subject in a queue group; the last token names the
+    command or query.
+
+    `concurrency` requests run at once (None: the bus bounds its own work, as the query bus
+    does so that a read-your-writes wait holds no slot); up to `max_in_flight` are admitted
+    (running or waiting for a slot) holding at most `max_bytes` of request bodies; past that a
+    request is answered busy at once. Each runs under `deadline` seconds."""
+
+    nc: NATS
+    subject: str
+    kind: str  # "command" or "query"
+    execute: Execute
+    settings: Settings
+    concurrency: int | None
+    max_in_flight: int
+    deadline: float
+    max_bytes: int = 32 * 1024 * 1024
+    subscription: Any = None
+    tasks: set[asyncio.Task] = field(default_factory=set)
+    dropped: DroppedRequests = field(default_factory=DroppedRequests)
+    busy: int = 0
+    _bytes: int = 0
+    _slots: asyncio.Semaphore | None = None
+    _protected: tuple[str, ...] = ()
+
+    @classmethod
+    async def serve(cls, nc: NATS, subject: str, group: str, execute: Execute, *, settings: Settings, kind: str,
+                    concurrency: int | None, max_in_flight: int, deadline: float,
+                    max_bytes: int = 32 * 1024 * 1024) -> Endpoint:
+        self = cls(nc, subject, kind, execute, settings, concurrency, max_in_flight, deadline, max_bytes)
+        self._slots = asyncio.Semaphore(concurrency) if concurrency else None
+        self._protected = protected_prefixes(settings)
+        # Bounded pending (nats-py drops past it and reports a slow consumer, which the
+        # service answers busy); the callback below never waits, so it stays near empty.
+        self.subscription = await nc.subscribe(subject, queue=group, cb=self._on_message,
+                                               pending_msgs_limit=max(4 * max_in_flight, 1024),
+                                               pending_bytes_limit=2 * max_bytes)
+        return self
+
+    def reply_allowed(self, reply: str | None) -> bool:
+        return reply_subject_allowed(reply, self.settings.reply_subject_prefix, self._protected)
+
+    async def _on_message(self, msg) -> None:
+        reply = msg.reply
+        if not self.reply_allowed(reply):
+            self.dropped.note(msg.subject, reply)
+            return
+        size = len(msg.data) + (len(msg.header) if msg.header else 0)
+        if len(self.tasks) >= self.max_in_flight or (self._bytes and self._bytes + size > self.max_bytes):
+            self.busy += 1
+            await self._publish(reply, BUSY_REPLY)
+            return
+        self._bytes += size
+        task = asyncio.create_task(self._answer(msg, size))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, name: str, data: bytes) -> dict[str, Any]:
+        if self._slots is None:
+            return await self.execute(name, data)
+        async with self._slots:
+            return await self.execute(name, data)
+
+    async def _answer(self, msg, size: int) -> None:
+        name = msg.subject.rsplit(".", 1)[1]
+        try:
+            try:
+                async with asyncio.timeout(self.deadline):
+                    out = await self._run(name, msg.data)
+            except TimeoutError:
+                out = self._deadline_reply(name)
+            except asyncio.CancelledError:
+                # The endpoint is stopping: still answer, then let the cancel through.
+                await self._publish(msg.reply, encode(_error(
+                    ErrorCode.UNAVAILABLE, f"the service stopped while handling {name}; "
+                    + ("its outcome is unknown: retry with the same idempotency key" if self.kind == "command" else "retry"))))
+                raise
+            except Exception:
+                log.exception("%s %s failed", self.kind, name)
+                out = _error(ErrorCode.UNAVAILABLE, f"{self.kind} {name} failed on the server; see the service log"
+                             + ("; its outcome is unknown: retry with the same idempotency key" if self.kind == "command" else ""))
+            try:
+                body = encode(out)
+            except Exception:
+                log.exception("the reply of %s %s could not be encoded", self.kind, name)
+                body = encode(_error(ErrorCode.UNAVAILABLE, f"the reply of {name} could not be encoded; see the service log"))
+            limit = self.nc.max_payload
+            if len(body) > limit:
+                body = fit_reply(out, msg.data, limit, self.kind)
+            await self._publish(msg.reply, body)
+        finally:
+            self._bytes -= size
+
+    def _deadline_reply(self, name: str) -> dict[str, Any]:
+        if self.kind == "command":
+            return _error(ErrorCode.UNAVAILABLE, f"{name} did not finish within {self.deadline:g} s; its outcome is "
+                                                 "unknown: retry with the same idempotency key")
+        return _error(ErrorCode.UNAVAILABLE, f"{name} did not finish within {self.deadline:g} s (the database may be "
+                                             "slow or unreachable); retry")
+
+    async def _publish(self, reply: str, body: bytes) -> None:
+        try:
+            await self.nc.publish(reply, body)
+        except Exception as e:  # closed or reconnecting: nothing more can be done for this one
+            log.debug("reply to %s not sent: %s", reply, type(e).__name__)
+
+    async def answer_dropped(self, reply: str | None) -> None:
+        """nats-py dropped a request past the pending limits (a slow consumer on our side):
+        answer it busy, if its reply subject may be answered at all."""
+        if self.reply_allowed(reply):
+            self.busy += 1
+            await self._publish(reply, BUSY_REPLY)
+        else:
+            self.dropped.note(self.subject, reply)
+
+    async def stop(self) -> None:
+        """Take no new requests; let the ones in flight finish (bounded), then answer the rest."""
+        with contextlib.suppress(Exception):
+            await self.subscription.unsubscribe()
+        if self.tasks:
+            _, pending = await asyncio.wait(list(self.tasks), timeout=10)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2)
+
+
+BUSY_REPLY = encode(_error(ErrorCode.UNAVAILABLE, "the service is busy and did not run this request; retry shortly"))
