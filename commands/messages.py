@@ -16,13 +16,15 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from .bounds import StoredText
+
 
 class Command(BaseModel):
     """A request to change state. Unknown fields are rejected (C-3)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, str_max_length=100_000)
 
-    idempotency_key: str | None = None
+    idempotency_key: StoredText | None = None
 
     def explicitly_set(self) -> set[str]:
         """C-4: the fields the caller sent, so absent fields keep their value."""

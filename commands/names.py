@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import string
 
+from .bounds import check_name_characters
+
 BANNED_NAME_CHARACTERS = "/%&><"
 MAX_NAME_LENGTH = 255
 _SAFE = frozenset(string.ascii_letters + string.digits + "_-")
@@ -49,13 +51,15 @@ def decode_token(token: str) -> str:
 
 
 def check_object_name(value: str) -> str:
-    """C-1: non-empty and free of `/ % & > <`; used as a pydantic after-validator."""
+    """C-1: non-empty and free of `/ % & > <`; and, so that the read model can store it and a
+    terminal show it, free of control characters (C0, DEL, C1) and of NUL above all. Used as
+    a pydantic after-validator."""
     if not value:
         raise ValueError("name must not be empty")
     bad = [c for c in BANNED_NAME_CHARACTERS if c in value]
     if bad:
         raise ValueError(f"name must not contain any of {' '.join(BANNED_NAME_CHARACTERS)} (found {' '.join(bad)})")
-    return value
+    return check_name_characters(value)
 
 
 def check_work_pool_name(value: str) -> str:

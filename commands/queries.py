@@ -9,32 +9,49 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .bounds import INT64_MAX, MAX_FILTER_VALUES, NonNegativeInt64, check_storable_text
 from .work_pools import PoolName, QueueName
 
 DEFAULT_LIMIT = 200
 
 
 class Query(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, str_max_length=100_000)
 
-    # Read-your-writes: wait (bounded) until the read model has applied this stream sequence.
-    min_seq: Annotated[int, Field(ge=0)] | None = None
+    # Read-your-writes: wait (bounded) until the read model has applied this stream sequence
+    # (checkpoints are `bigint`).
+    min_seq: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = None
 
 
 class Page(Query):
     limit: Annotated[int, Field(ge=0, le=DEFAULT_LIMIT)] = DEFAULT_LIMIT
-    offset: Annotated[int, Field(ge=0)] = 0
+    offset: NonNegativeInt64 = 0  # Postgres OFFSET is a bigint
 
 
 T = TypeVar("T")
 
 
 class AnyOf(BaseModel, Generic[T]):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Every value is one bind parameter: at most `MAX_FILTER_VALUES` per list, so that a
+    query with all its filters stays under asyncpg's 32,767 parameters."""
 
-    any_: list[T] | None = None
+    model_config = ConfigDict(extra="forbid", frozen=True, str_max_length=100_000)
+
+    any_: Annotated[list[T], Field(max_length=MAX_FILTER_VALUES)] | None = None
+
+    @field_validator("any_")
+    @classmethod
+    def _storable(cls, values: list[T] | None) -> list[T] | None:
+        """Text values must be storable text (commands/bounds.py), like what they match."""
+        for i, value in enumerate(values or ()):
+            if isinstance(value, str):
+                try:
+                    check_storable_text(value)
+                except ValueError as e:
+                    raise ValueError(f"value {i} {e}") from None
+        return values
 
 
 class WorkPoolFilter(BaseModel):

@@ -13,13 +13,23 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from operator import attrgetter
 from typing import Annotated, Any, ClassVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
 
+from .bounds import (
+    INT32_MAX,
+    JsonDocument,
+    NonNegativeInt32,
+    PositiveInt32,
+    StoredText,
+    UtcDatetime,
+    check_storable_text,
+    first_past_int32,
+)
 from .events import register_event
 from .job_templates import base_job_template_problem
 from .messages import (
@@ -52,18 +62,12 @@ DEFAULT_QUEUE_DESCRIPTION = "The work pool's default queue."
 RECENTLY_POLLED = timedelta(seconds=60)
 PoolName = Annotated[str, StringConstraints(max_length=MAX_NAME_LENGTH), AfterValidator(check_work_pool_name)]
 QueueName = Annotated[str, StringConstraints(max_length=MAX_NAME_LENGTH), AfterValidator(check_object_name)]
-Description = Annotated[str, StringConstraints(max_length=10_000)]
-NonNegative = Annotated[int, Field(ge=0, le=2**31 - 1)]
-Positive = Annotated[int, Field(gt=0, le=2**31 - 1)]
-PoolType = Annotated[str, StringConstraints(max_length=MAX_NAME_LENGTH)]  # any string, "" too (Prefect)
-
-
-def _as_utc(value: datetime) -> datetime:
-    """All times are UTC and timezone-aware: a naive time is read as UTC (as Prefect does)."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+Description = Annotated[str, StringConstraints(max_length=10_000), AfterValidator(check_storable_text)]
+# Stored in `integer` columns (commands/bounds.py): concurrency limits and priorities.
+NonNegative = NonNegativeInt32
+Positive = PositiveInt32
+# Any string, "" too (Prefect), that the read model can store.
+PoolType = Annotated[str, StringConstraints(max_length=MAX_NAME_LENGTH), AfterValidator(check_storable_text)]
 
 
 class Status(StrEnum):
@@ -75,8 +79,8 @@ class Status(StrEnum):
 class StorageConfiguration(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    bundle_upload_step: dict[str, Any] | None = None
-    bundle_execution_step: dict[str, Any] | None = None
+    bundle_upload_step: JsonDocument | None = None
+    bundle_execution_step: JsonDocument | None = None
     default_result_storage_block_id: uuid.UUID | None = None
 
 
@@ -150,11 +154,11 @@ class WorkQueueSnapshot(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: uuid.UUID
-    name: str
-    description: str | None
+    name: StoredText
+    description: StoredText | None
     is_paused: bool
-    concurrency_limit: int | None
-    priority: int
+    concurrency_limit: NonNegativeInt32 | None
+    priority: PositiveInt32
     status: Status
     last_polled: datetime | None
     created: datetime
@@ -174,12 +178,12 @@ class WorkPoolSnapshot(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: uuid.UUID
-    name: str
-    description: str | None
-    type: str
-    base_job_template: dict[str, Any]
+    name: StoredText
+    description: StoredText | None
+    type: StoredText
+    base_job_template: JsonDocument
     is_paused: bool
-    concurrency_limit: int | None
+    concurrency_limit: NonNegativeInt32 | None
     storage_configuration: StorageConfiguration
     status: Status | None
     default_queue_id: uuid.UUID
@@ -241,7 +245,7 @@ class WorkQueueCreated(_PoolEvent):
 
     event_type: ClassVar[str] = "WorkQueueCreated"
     queue: WorkQueueSnapshot
-    reprioritized: dict[uuid.UUID, int] = {}
+    reprioritized: dict[uuid.UUID, PositiveInt32] = {}
 
 
 @register_event
@@ -250,7 +254,7 @@ class WorkQueueUpdated(_PoolEvent):
     queue: WorkQueueSnapshot
     changes: dict[str, Change] = {}
     status: Change | None = None
-    reprioritized: dict[uuid.UUID, int] = {}
+    reprioritized: dict[uuid.UUID, PositiveInt32] = {}
 
 
 @register_event
@@ -258,7 +262,7 @@ class WorkQueueDeleted(_PoolEvent):
     event_type: ClassVar[str] = "WorkQueueDeleted"
     queue_id: uuid.UUID
     name: str
-    reprioritized: dict[uuid.UUID, int] = {}
+    reprioritized: dict[uuid.UUID, PositiveInt32] = {}
     deleted: datetime
 
 
@@ -267,7 +271,7 @@ class WorkQueuesReprioritized(_PoolEvent):
     """A bulk priority map applied by PR-1."""
 
     event_type: ClassVar[str] = "WorkQueuesReprioritized"
-    reprioritized: dict[uuid.UUID, int]
+    reprioritized: dict[uuid.UUID, PositiveInt32]
     updated: datetime
 
 
@@ -297,7 +301,7 @@ class CreateWorkPool(Command):
     name: PoolName
     description: Description | None = None
     type: PoolType = LEGACY_POOL_TYPE
-    base_job_template: dict[str, Any] = {}
+    base_job_template: JsonDocument = {}
     is_paused: bool = False
     concurrency_limit: NonNegative | None = None
     storage_configuration: StorageConfiguration = StorageConfiguration()
@@ -307,7 +311,7 @@ class UpdateWorkPool(Command):
     name: PoolName
     description: Description | None = None
     is_paused: bool | None = None
-    base_job_template: dict[str, Any] | None = None
+    base_job_template: JsonDocument | None = None
     concurrency_limit: NonNegative | None = None
     storage_configuration: StorageConfiguration | None = None
 
@@ -544,6 +548,23 @@ def decide_delete_work_pool(cmd: DeleteWorkPool, pool: WorkPool | None, ctx: Dec
     )
 
 
+def _refuse_past_int32(pool: WorkPool, priorities: dict[uuid.UUID, int], field: str | None,
+                       new_queue: tuple[uuid.UUID, str] | None = None) -> None:
+    """Priorities live in an `integer` column: a command whose priority rules (PR-1, WQ-2)
+    would move any queue past 2^31-1 is invalid, whatever queue it would be."""
+    past = first_past_int32(priorities)
+    if past is None:
+        return
+    queue_id, priority = past
+    if new_queue is not None and queue_id == new_queue[0]:
+        name = new_queue[1]
+    else:
+        name = pool.queues[queue_id].name if queue_id in pool.queues else str(queue_id)
+    raise invalid(
+        f"the priority rules would move work queue '{name}' to priority {priority}, past the largest "
+        f"priority that can be stored ({INT32_MAX})", field=field)
+
+
 def _new_queue_events(pool: WorkPool, name: str, description: str | None, is_paused: bool,
                       concurrency_limit: int | None, priority: int | None, ctx: DecisionContext) -> Decision:
     if pool.queue_named(name) is not None:
@@ -557,6 +578,7 @@ def _new_queue_events(pool: WorkPool, name: str, description: str | None, is_pau
         after = reprioritize({**current, queue_id: priority}, {queue_id: priority})
         given = after.pop(queue_id)
         moved = {qid: p for qid, p in after.items() if current[qid] != p}
+    _refuse_past_int32(pool, {queue_id: given, **moved}, "priority", (queue_id, name))
     queue = WorkQueueSnapshot(
         id=queue_id, name=name, description=description, is_paused=is_paused,
         concurrency_limit=concurrency_limit, priority=given, status=Status.NOT_READY,  # WQ-4 quirk
@@ -624,6 +646,7 @@ def _decide_update_queue(pool: WorkPool, queue: WorkQueue, cmd: UpdateWorkQueue 
         after = reprioritize(current, {queue.id: values["priority"]})
         values["priority"] = after[queue.id]
         moved = {qid: p for qid, p in after.items() if qid != queue.id and current[qid] != p}
+        _refuse_past_int32(pool, {queue.id: after[queue.id], **moved}, "priority")
     changes = {k: Change(old=_dump(getattr(queue, k)), new=_dump(v)) for k, v in values.items() if getattr(queue, k) != v}
     if not changes and status_change is None and not moved:
         return Decision(events=[], result=(pool, queue), created=False)
@@ -657,6 +680,7 @@ def _decide_delete_queue(pool: WorkPool, queue: WorkQueue, ctx: DecisionContext)
     remaining = {q.id: q.priority for q in pool.queues.values() if q.id != queue.id}
     after = reprioritize(remaining, {})  # PR-4
     moved = {qid: p for qid, p in after.items() if remaining[qid] != p}
+    _refuse_past_int32(pool, moved, None)  # only queues that share a priority (WQ-11) can be pushed
     event = WorkQueueDeleted(queue_id=queue.id, name=queue.name, reprioritized=moved, deleted=ctx.now)
     return Decision(events=[NewEvent(str(pool.id), event)], result=None)
 
@@ -687,6 +711,7 @@ def decide_set_work_queue_priorities(cmd: SetWorkQueuePriorities, pool: WorkPool
         raise invalid(str(DuplicateTargetPriorities()), field="priorities")
     after = reprioritize(current, {by_name[n]: p for n, p in cmd.priorities.items() if n in by_name})
     moved = {qid: p for qid, p in after.items() if current[qid] != p}
+    _refuse_past_int32(pool, moved, "priorities")
     if not moved:
         return Decision(events=[], result=pool, created=False)
     event = WorkQueuesReprioritized(reprioritized=moved, updated=ctx.now)

@@ -18,11 +18,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import to_json
 
 from runledger.commands.events import UnknownEvent, encode_event
 from runledger.commands.messages import Command, Decision, DecisionContext, ErrorCode, Rejection
 from runledger.infra.aggregates import AggregateRepository, Loaded
-from runledger.infra.event_store import AppendUnavailable, EventStore, WrongExpectedSequence
+from runledger.infra.event_store import (
+    AppendUnavailable,
+    EventStore,
+    MessageTooLarge,
+    WrongExpectedSequence,
+)
 
 log = logging.getLogger("runledger.commands")
 
@@ -81,7 +87,9 @@ def parse_payload(model: type[BaseModel], raw: bytes) -> BaseModel | dict[str, A
     """The model, or an `invalid` reply naming the field and the reason.
 
     Strict: "1" is not an int and "yes" is not a bool; JSON strings still make UUIDs and
-    datetimes. An empty body is an empty object."""
+    datetimes. An empty body is an empty object. Whatever the body, the answer is the model
+    or a reply: a validator that fails other than with a ValueError (a bug, since the input
+    caused it) still ends as `invalid`."""
     try:
         return model.model_validate_json(raw or b"{}", strict=True)
     except ValidationError as e:
@@ -90,6 +98,16 @@ def parse_payload(model: type[BaseModel], raw: bytes) -> BaseModel | dict[str, A
             what = "valid JSON" if errors[0]["type"] == "json_invalid" else "a JSON object"
             return error(ErrorCode.INVALID, f"body is not {what}: {errors[0]['msg']}")
         return validation_error_reply(e)
+    except Exception as e:  # e.g. OverflowError or RecursionError inside a validator
+        log.exception("validating a %s body failed unexpectedly", model.__name__)
+        return error(ErrorCode.INVALID, f"body could not be validated: {type(e).__name__}: {e}")
+
+
+def largest_field(cmd: BaseModel) -> str | None:
+    """The field of a command that takes the most room as JSON: what to name when its events
+    are too large."""
+    sizes = {name: len(to_json(getattr(cmd, name), fallback=str)) for name in cmd.model_fields_set}
+    return max(sizes, key=sizes.__getitem__) if sizes else None
 
 
 @dataclass
@@ -103,6 +121,7 @@ class CommandBus:
     _lock_users: dict[str, int] = field(default_factory=dict)
 
     async def execute(self, name: str, raw: bytes) -> dict[str, Any]:
+        """Always a reply, whatever the body: nothing raises out of here but a cancel."""
         spec = self.specs.get(name)
         if spec is None:
             return error(ErrorCode.INVALID, f"unknown command {name!r}")
@@ -110,13 +129,16 @@ class CommandBus:
         if isinstance(parsed, dict):
             return parsed
         cmd = parsed
-        key = spec.lock_key(cmd)
-        lock = self._acquire_lock(key)
+        key: str | None = None
         try:
+            key = spec.lock_key(cmd)
+            lock = self._acquire_lock(key)
             async with lock:
                 return await self._execute(name, spec, cmd, raw)
         except Rejection as r:
             return {"ok": False, "error": r.as_reply()}
+        except MessageTooLarge as e:
+            return error(ErrorCode.INVALID, f"{name} is too large to record: {e}", field=largest_field(cmd))
         except UnknownEvent as e:
             return error(ErrorCode.UNAVAILABLE, f"the event log holds an event this version cannot read: {e}")
         except AppendUnavailable as e:
@@ -125,7 +147,8 @@ class CommandBus:
             log.exception("command %s failed", name)
             return error(ErrorCode.UNAVAILABLE, f"command {name} failed on the server; see the service log")
         finally:
-            self._release_lock(key)
+            if key is not None:
+                self._release_lock(key)
 
     def _acquire_lock(self, key: str) -> asyncio.Lock:
         lock = self._locks.get(key)

@@ -43,6 +43,17 @@ class AppendUnavailable(Exception):
     """The broker did not acknowledge an append after retries; the outcome is unknown to us."""
 
 
+class MessageTooLarge(Exception):
+    """A message of an append would exceed the server's max payload (headers included):
+    nothing was sent. The command is the client's to change, not a retry's."""
+
+    def __init__(self, what: str, size: int, limit: int):
+        super().__init__(f"{what} would be {size:,} bytes with its headers; the server's max payload is {limit:,} bytes")
+        self.what = what
+        self.size = size
+        self.limit = limit
+
+
 @dataclass(frozen=True)
 class OutgoingMessage:
     subject: str
@@ -58,6 +69,43 @@ class OutgoingMessage:
             if self.expect_subject:
                 h[EXPECTED_SUBJECT] = self.expect_subject
         return h
+
+
+_HEADER_FRAME = len(b"NATS/1.0\r\n") + len(b"\r\n")
+# The most the atomic-batch headers can add to one message (`_publish_batch`): a uuid4 hex
+# batch id, a sequence of up to 7 digits, the commit marker.
+_BATCH_HEADERS = {"Nats-Batch-Id": "0" * 32, "Nats-Batch-Sequence": "9" * 7, "Nats-Batch-Commit": "1"}
+
+
+def headers_size(headers: dict[str, str]) -> int:
+    """The bytes nats-py sends for these headers (`NATS/1.0`, `Key: Value` lines, a blank
+    line): the server counts them in the max payload, nats-py does not."""
+    return _HEADER_FRAME + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+
+
+_BATCH_HEADERS_SIZE = headers_size(_BATCH_HEADERS) - _HEADER_FRAME
+
+
+def message_size(m: OutgoingMessage, batched: bool) -> int:
+    """What the server counts against its max payload: body plus headers."""
+    return len(m.data) + headers_size(m.headers()) + (_BATCH_HEADERS_SIZE if batched else 0)
+
+
+def _what(m: OutgoingMessage) -> str:
+    kind = m.subject.split(".")
+    if len(kind) >= 2 and kind[-2] == "idem":
+        return "the idempotency record (the command's reply)"
+    return f"the event {kind[-1]}"
+
+
+def check_sizes(messages: Sequence[OutgoingMessage], limit: int) -> None:
+    """Raise `MessageTooLarge` for the first message over `limit`, before any is sent: a batch
+    whose later message the server refuses has already sent (and staged) its earlier ones."""
+    batched = len(messages) > 1
+    for m in messages:
+        size = message_size(m, batched)
+        if size > limit:
+            raise MessageTooLarge(_what(m), size, limit)
 
 
 @dataclass(frozen=True)
@@ -228,7 +276,10 @@ def _settle(future: asyncio.Future, value: int | None = None, *, error: Exceptio
 
 
 class EventStore:
-    def __init__(self, nc: NATS, settings: Settings):
+    def __init__(self, nc: NATS, settings: Settings, *, max_payload: int | None = None):
+        """`max_payload`: the largest message (body plus headers) to send; by default the
+        server's, as it announced on connecting (`nc.max_payload`)."""
+        self._max_payload = max_payload
         self.nc = nc
         self.js = nc.jetstream(timeout=settings.request_timeout)
         self.settings = settings
@@ -236,6 +287,14 @@ class EventStore:
         self.prefix = settings.event_subject_prefix
         self.acks = AckInbox(nc)
         self.groups = BatchGroups(self)
+
+    @property
+    def max_payload(self) -> int:
+        return self._max_payload if self._max_payload is not None else self.nc.max_payload
+
+    def check_sizes(self, messages: Sequence[OutgoingMessage]) -> None:
+        """`MessageTooLarge` if any message would exceed the max payload; nothing is sent."""
+        check_sizes(messages, self.max_payload)
 
     # -- subjects ------------------------------------------------------------------------
 
@@ -284,6 +343,7 @@ class EventStore:
         Several messages go as an atomic batch, through the group commit (`BatchGroups`)."""
         if not messages:
             raise ValueError("nothing to append")
+        self.check_sizes(messages)  # all of them, before the first is sent
         if len(messages) > 1:
             return await self.groups.append(messages)
         return await self.append_alone(messages, attempts=attempts)
@@ -291,6 +351,7 @@ class EventStore:
     async def append_alone(self, messages: list[OutgoingMessage], *, attempts: int = 3,
                            timed_out: bool = False) -> int:
         """`append` without the group commit. `timed_out`: an earlier try may have landed."""
+        self.check_sizes(messages)
         for _ in range(attempts):
             try:
                 if len(messages) == 1:

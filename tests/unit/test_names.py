@@ -26,6 +26,7 @@ from runledger.commands.names import (
 EMPTYISH_MESSAGE = "name cannot be an empty string"
 TOKEN_FORBIDDEN = set(".*>") | set(string.whitespace)
 TOKEN_ALPHABET = set(string.ascii_letters + string.digits + "_-~")
+CONTROL_CHARACTERS = {chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)]}
 
 
 def _messages(exc: ValidationError) -> list[str]:
@@ -54,7 +55,7 @@ def test_every_banned_character_anywhere_is_rejected(bad, template):
 
 @pytest.mark.parametrize(
     "good",
-    ["a", "default", "my queue", "with.dots", "star*", "tab\tinside", "ünïcødé", "日本語", "a-b_c", "'quoted'",
+    ["a", "default", "my queue", "with.dots", "star*", "ünïcødé", "日本語", "a-b_c", "'quoted'",
      "#hash", "?q", "+plus", "~tilde", "x" * MAX_NAME_LENGTH],
 )
 def test_names_without_banned_characters_are_kept_verbatim(good):
@@ -72,8 +73,8 @@ def test_object_names_must_not_be_empty_but_may_be_blank():
 
 @given(st.text(max_size=40))
 @settings(max_examples=200)
-def test_object_name_rule_is_exactly_nonempty_and_no_banned_character(name):
-    ok = bool(name) and not set(name) & set(BANNED_NAME_CHARACTERS)
+def test_object_name_rule_is_exactly_nonempty_and_no_banned_or_control_character(name):
+    ok = bool(name) and not set(name) & (set(BANNED_NAME_CHARACTERS) | CONTROL_CHARACTERS)
     try:
         check_object_name(name)
     except ValueError:
@@ -108,10 +109,20 @@ def test_emptyish_pool_names_are_rejected_by_every_pool_command(emptyish):
         assert _messages(info.value) == [f"Value error, {EMPTYISH_MESSAGE}"], model
 
 
-@pytest.mark.parametrize("name", ["a", " a ", "'a'", '"x"', "\t", "\n", ". ", "0"])
+@pytest.mark.parametrize("name", ["a", " a ", "'a'", '"x"', ". ", "0", "\u00a0"])
 def test_pool_names_with_anything_but_spaces_and_quotes_are_not_emptyish(name):
-    # The rule strips spaces and quotes only (Prefect: `value.strip("' \"")`); a tab stays.
+    # The rule strips spaces and quotes only (Prefect: `value.strip("' \"")`).
     assert check_work_pool_name(name) == name
+
+
+@pytest.mark.parametrize("control", ["\x00", "\t", "\n", "\r", "\x1b", "\x1f", "\x7f", "\x80", "\x85", "\x9f"])
+@pytest.mark.parametrize("template", ["{}", "a{}", "{}b", "a{}b"])
+def test_control_characters_anywhere_in_a_name_are_rejected(control, template):
+    name = template.format(control)
+    for check in (check_object_name, check_work_pool_name):
+        with pytest.raises(ValueError) as info:
+            check(name)
+        assert f"U+{ord(control):04X}" in str(info.value)
 
 
 @given(st.text(alphabet=" '\"", max_size=12))
