@@ -10,6 +10,17 @@ ever passed over.
 
 Driven with nats-py directly: FastStream's default ack policy drops a message whose handler
 raises, and its pull loop can drop a fetched batch (../shared/notes/STACK-FACTS.md).
+
+One active runner per projection: each projection runs only while its runner holds the lease
+`projection.<name>` (infra/leases.py); another runner on the same servers waits as a standby
+and takes over when the holder stops or dies. As a second guard, the checkpoint only moves
+forward from the value the transaction read: a transaction that would not advance it fails.
+
+A projection that meets an event it cannot apply (a data error, not an outage) finds that one
+event by applying the batch in smaller pieces, commits everything before it, and stops there:
+the failure is kept in `projection_failures` (and `ProjectionRunner.failures`) for `runledger
+status` and `verify` to report, and the event is tried again every `stall_retry_seconds`, so a
+fixed projector or database resumes by itself.
 """
 
 from __future__ import annotations
@@ -24,20 +35,24 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 from pydantic_core import from_json
-from sqlalchemy import select
+from sqlalchemy import case, delete, select
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runledger.commands.events import EVENT_TYPES, UnknownEvent, decode_event, upcast_payload
 from runledger.commands.messages import Event
+from runledger.infra.database import DatabaseUnavailable
+from runledger.infra.leases import DEFAULT_TTL_SECONDS, Lease
 from runledger.infra.settings import Settings
 
-from .tables import projection_checkpoints, skipped_events
+from .tables import projection_checkpoints, projection_failures, skipped_events
 
 log = logging.getLogger("runledger.projections")
 
@@ -104,9 +119,182 @@ async def apply_batch(conn: AsyncConnection, projector: Projector, batch: Sequen
         log.warning("projection %s skipped %d event(s) it cannot read, first at seq %d", projector.name, len(skipped), skipped[0]["seq"])
         await conn.execute(insert(skipped_events).on_conflict_do_nothing(), skipped)
     last = fresh[-1].seq
-    stmt = insert(projection_checkpoints).values(name=projector.name, last_seq=last, updated=now)
-    await conn.execute(stmt.on_conflict_do_update(index_elements=["name"], set_={"last_seq": last, "updated": now}))
+    await advance_checkpoint(conn, projector.name, checkpoint, last, now)
     return last
+
+
+class CheckpointConflict(RuntimeError):
+    """The checkpoint is no longer where this transaction found it: another runner applied
+    these events first. The transaction must not commit."""
+
+
+async def advance_checkpoint(conn: AsyncConnection, name: str, expected: int, last: int, now: datetime) -> None:
+    """Move the checkpoint from `expected` (what this transaction read, 0 for no row) to
+    `last`, or raise `CheckpointConflict`. The row lock of `read_checkpoint(lock=True)`
+    serialises runners once the row exists; for the first row, two inserts race and the
+    second finds a row it did not expect."""
+    if last <= expected:
+        raise CheckpointConflict(f"projection {name}: checkpoint {expected} would not advance to {last}")
+    stmt = insert(projection_checkpoints).values(name=name, last_seq=last, updated=now)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["name"], set_={"last_seq": stmt.excluded.last_seq, "updated": stmt.excluded.updated},
+        where=(projection_checkpoints.c.last_seq == expected) & (projection_checkpoints.c.last_seq < stmt.excluded.last_seq),
+    )
+    if (await conn.execute(stmt)).rowcount != 1:
+        raise CheckpointConflict(f"projection {name}: the checkpoint moved past {expected} under this transaction")
+
+
+# ---------------------------------------------------------------------------------------------
+# Events a projection cannot apply
+
+# SQLSTATE classes of an outage rather than of the data: connection exceptions, transaction
+# rollbacks (serialization failure, deadlock), insufficient resources, operator intervention
+# (shutdown, statement timeout, cancel), system errors.
+_TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+
+
+def _causes(error: BaseException):
+    seen: set[int] = set()
+    todo = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo.extend([e.__cause__, e.__context__, getattr(e, "orig", None)])
+
+
+def is_transient(error: BaseException) -> bool:
+    """An outage (retry soon, as before) rather than something wrong with an event or the
+    projector. Anything not known to be an outage is treated as possibly deterministic: the
+    batch is then applied in pieces, and only an event that fails alone, twice, stalls."""
+    import asyncpg
+
+    for e in _causes(error):
+        if isinstance(e, CheckpointConflict | DatabaseUnavailable | OSError | TimeoutError | nats.errors.Error):
+            return True
+        if isinstance(e, asyncpg.exceptions.ConnectionDoesNotExistError | asyncpg.exceptions.InternalClientError):
+            return True
+        if isinstance(e, sa_exc.DBAPIError) and e.connection_invalidated:
+            return True
+        if isinstance(e, sa_exc.DisconnectionError | sa_exc.TimeoutError | sa_exc.ResourceClosedError):
+            return True
+        sqlstate = getattr(e, "sqlstate", None)
+        if isinstance(sqlstate, str) and len(sqlstate) == 5:
+            return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES
+    return False
+
+
+def describe_error(error: BaseException) -> str:
+    """`<ErrorClass>: <first line>`, of the innermost database error when there is one."""
+    chosen = error
+    for e in _causes(error):
+        if getattr(e, "sqlstate", None) and not isinstance(e, sa_exc.DBAPIError):
+            chosen = e
+            break
+    lines = str(chosen).strip().splitlines()
+    return _clean(f"{type(chosen).__name__}: {lines[0]}" if lines else type(chosen).__name__)[:500]
+
+
+def _clean(value: str) -> str:
+    """Postgres stores no NUL: never let one into the failure record."""
+    return value.replace("\x00", "\\x00")
+
+
+def event_type_of(raw: RawEvent) -> str:
+    try:
+        return _clean(str(from_json(raw.data)["type"]))[:200]
+    except (ValueError, KeyError, TypeError):
+        return raw.subject.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True)
+class ApplyFailure:
+    """The one event a projection cannot apply, and why."""
+
+    projection: str
+    seq: int
+    subject: str
+    event_type: str
+    error: str
+
+    def describe(self) -> str:
+        return f"projection {self.projection} is stopped at stream sequence {self.seq} ({self.event_type}): {self.error}"
+
+    def as_dict(self) -> dict:
+        return {"projection": self.projection, "seq": self.seq, "subject": self.subject,
+                "event_type": self.event_type, "error": self.error}
+
+
+class ProjectionStalled(Exception):
+    def __init__(self, failure: ApplyFailure):
+        super().__init__(failure.describe())
+        self.failure = failure
+
+
+class _ProjectorFailed(Exception):
+    def __init__(self, projection: str, error: Exception):
+        super().__init__(f"{projection}: {error}")
+        self.projection, self.error = projection, error
+
+
+async def apply_in_pieces(engine: AsyncEngine, projectors: Sequence[Projector], batch: Sequence[RawEvent], *,
+                          first_piece: int | None = None, tries_alone: int = 2,
+                          ) -> tuple[int, ApplyFailure | None]:
+    """Apply `batch` (after a failure of the whole) in consecutive pieces, each in its own
+    transaction, halving a piece that fails until the failing event stands alone; everything
+    before it is committed. An event that fails alone `tries_alone` times is the failure.
+    Returns the last sequence committed (0 for none) and the failure or None. An outage
+    (`is_transient`) propagates."""
+    pending = list(batch)
+    size = max(1, first_piece or len(pending) // 2)
+    last, tried_alone = 0, 0
+    while pending:
+        piece = pending[:size]
+        try:
+            async with engine.begin() as conn:
+                for projector in projectors:
+                    try:
+                        await apply_batch(conn, projector, piece)
+                    except Exception as e:
+                        raise _ProjectorFailed(projector.name, e) from e
+        except _ProjectorFailed as failed:
+            if is_transient(failed.error):
+                raise failed.error from None
+            if len(piece) > 1:
+                size = max(1, len(piece) // 2)
+                continue
+            tried_alone += 1
+            if tried_alone < tries_alone:
+                await asyncio.sleep(0.2)
+                continue
+            raw = piece[0]
+            return last, ApplyFailure(failed.projection, raw.seq, raw.subject, event_type_of(raw), describe_error(failed.error))
+        last = piece[-1].seq
+        pending = pending[len(piece):]
+        tried_alone = 0
+    return last, None
+
+
+async def record_failure(engine: AsyncEngine, failure: ApplyFailure) -> None:
+    """Keep (or refresh) a projection's failure row, in its own transaction."""
+    now = datetime.now(UTC)
+    stmt = insert(projection_failures).values(**failure.as_dict(), attempts=1, first_seen=now, last_seen=now)
+    same = projection_failures.c.seq == stmt.excluded.seq
+    stmt = stmt.on_conflict_do_update(index_elements=["projection"], set_={
+        "seq": stmt.excluded.seq, "subject": stmt.excluded.subject, "event_type": stmt.excluded.event_type,
+        "error": stmt.excluded.error, "last_seen": stmt.excluded.last_seen,
+        "attempts": case((same, projection_failures.c.attempts + 1), else_=1),
+        "first_seen": case((same, projection_failures.c.first_seen), else_=stmt.excluded.first_seen),
+    })
+    async with engine.begin() as conn:
+        await conn.execute(stmt)
+
+
+async def read_failures(conn: AsyncConnection) -> list[dict]:
+    rows = await conn.execute(select(projection_failures).order_by(projection_failures.c.projection))
+    return [dict(r._mapping) for r in rows]
 
 
 @dataclass
@@ -120,15 +308,39 @@ class ProjectionRunner:
     # Test hooks to simulate a crash between the steps that matter.
     crash_after_fetch: bool = False
     crash_after_commit: bool = False
+    # One active runner per projection (infra/leases.py); off only for tests of other things.
+    use_leases: bool = True
+    lease_ttl: int = DEFAULT_TTL_SECONDS
+    # How often a projection stopped at an event it cannot apply tries that event again.
+    stall_retry_seconds: float = 30.0
     _tasks: list[asyncio.Task] = field(default_factory=list)
     applied: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, ApplyFailure] = field(default_factory=dict)
+    leases: dict[str, Lease] = field(default_factory=dict)
 
     def consumer_name(self, projector: Projector) -> str:
         return f"projection_{projector.name}"
 
+    def lease_key(self, projector: Projector) -> str:
+        return f"projection.{projector.name}"
+
+    @property
+    def stalled(self) -> dict[str, ApplyFailure]:
+        """The projections stopped at an event they cannot apply."""
+        return dict(self.failures)
+
     async def start(self) -> None:
+        leases: dict[str, Lease] = {}
+        if self.use_leases:
+            js = self.nc.jetstream(timeout=self.settings.request_timeout)
+            for projector in self.projectors:
+                leases[projector.name] = await Lease.open(
+                    js, self.settings, self.lease_key(projector), ttl=self.lease_ttl, label=f"projection {projector.name}")
+        self.leases = leases
         for projector in self.projectors:
-            self._tasks.append(asyncio.create_task(self._run(projector), name=f"projection:{projector.name}"))
+            lease = leases.get(projector.name)
+            work = self._run(projector) if lease is None else lease.run(lambda p=projector: self._run(p))
+            self._tasks.append(asyncio.create_task(work, name=f"projection:{projector.name}"))
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -138,10 +350,22 @@ class ProjectionRunner:
                 await t
         self._tasks.clear()
 
+    def _report(self, projector: Projector, seq: int) -> None:
+        self.applied[projector.name] = seq
+        if self.on_applied:
+            self.on_applied(projector.name, seq)
+
     async def _bind(self, projector: Projector):
         js = self.nc.jetstream(timeout=self.settings.request_timeout)
-        async with self.engine.connect() as conn:
+        async with self.engine.begin() as conn:
+            # A row to lock from the first batch on (`apply_batch` reads it FOR UPDATE).
+            await conn.execute(insert(projection_checkpoints).values(
+                name=projector.name, last_seq=0, updated=datetime.now(UTC)).on_conflict_do_nothing())
             checkpoint = await read_checkpoint(conn, projector.name)
+            row = (await conn.execute(select(projection_failures).where(
+                projection_failures.c.projection == projector.name))).first()
+        if row is not None and projector.name not in self.failures:
+            self.failures[projector.name] = ApplyFailure(row.projection, row.seq, row.subject, row.event_type, row.error)
         name = self.consumer_name(projector)
         with contextlib.suppress(NotFoundError):
             await js.delete_consumer(self.settings.stream_name, name)
@@ -156,9 +380,7 @@ class ProjectionRunner:
             opt_start_seq=checkpoint + 1 if checkpoint else None,
         )
         await js.add_consumer(self.settings.stream_name, config)
-        self.applied[projector.name] = checkpoint
-        if self.on_applied:
-            self.on_applied(projector.name, checkpoint)
+        self._report(projector, checkpoint)
 
     async def _run(self, projector: Projector) -> None:
         while True:
@@ -166,9 +388,55 @@ class ProjectionRunner:
                 await self._consume(projector)
             except asyncio.CancelledError:
                 raise
+            except ProjectionStalled as stalled:
+                await self._stalled(projector, stalled.failure)
             except Exception:
                 log.exception("projection %s failed; restarting from its checkpoint in 1 s", projector.name)
                 await asyncio.sleep(1)
+
+    async def _stalled(self, projector: Projector, failure: ApplyFailure) -> None:
+        known = self.failures.get(projector.name)
+        self.failures[projector.name] = failure
+        if known != failure:
+            log.error("%s; it applies nothing past it and tries again every %g s. "
+                      "See docs/operations.md, 'A stalled projection'.", failure.describe(), self.stall_retry_seconds)
+        else:
+            log.warning("%s (still)", failure.describe())
+        try:
+            await record_failure(self.engine, failure)
+        except Exception:
+            log.exception("projection %s: recording its failure failed", projector.name)
+        await asyncio.sleep(self.stall_retry_seconds)
+
+    async def _resumed(self, projector: Projector, last: int) -> None:
+        failure = self.failures.get(projector.name)
+        if failure is None or last < failure.seq:
+            return
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(projection_failures).where(projection_failures.c.projection == projector.name))
+        del self.failures[projector.name]
+        log.info("projection %s applied stream sequence %d, where it had stopped; resumed", projector.name, failure.seq)
+
+    async def _apply(self, projector: Projector, batch: Sequence[RawEvent]) -> int:
+        """Apply one batch with its checkpoint; on a failure that is not an outage, find the
+        event that fails, commit what precedes it and raise `ProjectionStalled`."""
+        try:
+            async with self.engine.begin() as conn:
+                return await apply_batch(conn, projector, batch)
+        except Exception as e:
+            if is_transient(e):
+                raise
+            log.warning("projection %s: a batch of %d events up to seq %d failed (%s); finding the event",
+                        projector.name, len(batch), batch[-1].seq, describe_error(e))
+        known = self.failures.get(projector.name)
+        fresh = [r for r in batch if r.seq > self.applied.get(projector.name, 0)]
+        first_piece = 1 if known is not None and fresh and fresh[0].seq == known.seq else None
+        last, failure = await apply_in_pieces(self.engine, [projector], fresh or batch, first_piece=first_piece)
+        if last:
+            self._report(projector, max(last, self.applied.get(projector.name, 0)))
+        if failure is not None:
+            raise ProjectionStalled(failure)
+        return self.applied[projector.name]
 
     async def _consume(self, projector: Projector) -> None:
         """Fetches the next batch while the current one is applied (the two round trips, to
@@ -196,14 +464,13 @@ class ProjectionRunner:
                 if self.crash_after_fetch:
                     raise _SimulatedCrash("after fetch, before commit")
                 started = time.perf_counter()
-                async with self.engine.begin() as conn:
-                    last = await apply_batch(conn, projector, batch)
+                last = await self._apply(projector, batch)
                 if self.crash_after_commit:
                     raise _SimulatedCrash("after commit, before ack")
                 await last_msg.ack()  # AckPolicy.ALL: acknowledges the whole batch
-                self.applied[projector.name] = last
-                if self.on_applied:
-                    self.on_applied(projector.name, last)
+                self._report(projector, last)
+                if projector.name in self.failures:
+                    await self._resumed(projector, last)
                 log.debug("projection %s applied %d events in %.1f ms", projector.name, len(batch), (time.perf_counter() - started) * 1000)
         finally:
             reader.cancel()

@@ -29,6 +29,20 @@ skipped_events = Table(
     Column("recorded", DateTime(timezone=True), nullable=False),
 )
 
+# A projection that met an event it cannot apply stops there and says so here: one row per
+# stalled projection, written in its own transaction, removed once it applies past `seq`.
+projection_failures = Table(
+    "projection_failures", metadata,
+    Column("projection", Text, primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("event_type", Text, nullable=False),
+    Column("error", Text, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("first_seen", DateTime(timezone=True), nullable=False),
+    Column("last_seen", DateTime(timezone=True), nullable=False),
+)
+
 work_pools = Table(
     "work_pools", metadata,
     Column("id", UUID(as_uuid=True), primary_key=True),
@@ -80,5 +94,10 @@ MIGRATIONS = [
                created timestamptz NOT NULL, updated timestamptz NOT NULL)""",
         "CREATE INDEX work_queues_pool_priority ON work_queues (work_pool_id, priority)",
         "CREATE INDEX work_queues_name ON work_queues (name)",
+    ]),
+    Migration(2, "projection failures", [
+        """CREATE TABLE projection_failures (projection text PRIMARY KEY, seq bigint NOT NULL,
+               subject text NOT NULL, event_type text NOT NULL, error text NOT NULL,
+               attempts integer NOT NULL, first_seen timestamptz NOT NULL, last_seen timestamptz NOT NULL)""",
     ]),
 ]

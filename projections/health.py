@@ -1,0 +1,53 @@
+"""The read side's health, as the query `GetServiceHealth` answers it (and `runledger status`
+shows it): each projection's checkpoint, how far the log goes, and the projections stopped at
+an event they cannot apply (projections/runner.py writes those to `projection_failures`)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from runledger.commands.queries import Query
+
+from .runner import read_failures
+from .tables import projection_checkpoints
+
+
+class GetServiceHealth(Query):
+    """The read side's health: every projection's checkpoint, the event log's last stream
+    sequence, and the projections stalled at an event they cannot apply."""
+
+
+def _iso(v):
+    return v.isoformat() if v is not None else None
+
+
+async def service_health(conn: AsyncConnection, query: GetServiceHealth, *, projections: Sequence[str],
+                         last_sequence: Callable[[], Awaitable[int]] | None = None) -> dict[str, Any]:
+    rows = await conn.execute(select(projection_checkpoints.c.name, projection_checkpoints.c.last_seq))
+    checkpoints = {r.name: r.last_seq for r in rows}
+    failures = {f["projection"]: f for f in await read_failures(conn)}
+    last = await last_sequence() if last_sequence is not None else None
+    stalled = [
+        {"projection": f["projection"], "seq": f["seq"], "subject": f["subject"], "event_type": f["event_type"],
+         "error": f["error"], "attempts": f["attempts"], "first_seen": _iso(f["first_seen"]),
+         "last_seen": _iso(f["last_seen"])}
+        for f in failures.values()
+    ]
+    out = []
+    for name in sorted(set(projections) | set(failures)):
+        checkpoint = checkpoints.get(name, 0)
+        out.append({"name": name, "checkpoint": checkpoint,
+                    "behind": max(0, last - checkpoint) if last is not None else None,
+                    "stalled": name in failures})
+    return {"stream_last_seq": last, "projections": out, "stalled": stalled}
+
+
+def health_queries(projections: Sequence[str], last_sequence: Callable[[], Awaitable[int]] | None = None) -> dict:
+    """The query registry entry (name -> (model, function)) for a service."""
+    fn = partial(service_health, projections=list(projections), last_sequence=last_sequence)
+    return {"GetServiceHealth": (GetServiceHealth, fn)}

@@ -1,0 +1,191 @@
+"""A projection that meets an event Postgres cannot store stops at that event, applies all
+before it, reports it (the runner, `projection_failures`, `runledger status`, `verify`), keeps
+trying slowly and resumes once the projector is fixed; `runledger replay` names the event.
+
+The poison event (a WorkPoolCreated whose name holds U+0000) is appended raw to the stream:
+the command side refuses such a name, but a log may already hold one."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import uuid
+
+import pytest
+from sqlalchemy import text
+from typer.testing import CliRunner
+
+from runledger.handlers.service import Service
+from runledger.infra.nats_connection import connect
+from runledger.projections.runner import ProjectionRunner, read_checkpoint
+from runledger.projections.work_pools import WorkPoolsProjector
+
+from .broker import Broker, cli_env
+
+
+class FixableProjector(WorkPoolsProjector):
+    """The work pools projector; once `fixed`, it drops NULs from names (a projector fix)."""
+
+    fixed = False
+
+    async def apply(self, conn, events):
+        if self.fixed:
+            events = [(a, t, _without_nul(copy.deepcopy(e))) for a, t, e in events]
+        await super().apply(conn, events)
+
+
+def _without_nul(value):
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {k: _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    return value
+
+
+@pytest.fixture
+async def writer(settings):
+    """A service that takes commands and answers queries but projects nothing."""
+    svc = Service(settings, roles=frozenset({"commands", "queries"}))
+    await svc.start()
+    nc = await connect(settings)
+    try:
+        yield svc, Broker(nc, settings)
+    finally:
+        await nc.close()
+        await svc.stop()
+        from tests.conftest import cleanup_namespace
+
+        await cleanup_namespace(settings)
+
+
+async def append_poison(broker: Broker, settings) -> int:
+    """A copy of a real WorkPoolCreated, for a new pool named "bad\\x00name", appended raw."""
+    template = await broker.ok_cmd("CreateWorkPool", name="template", type="process")
+    envelope = (await broker.pool_events(template["id"]))[0]
+    assert envelope["type"] == "WorkPoolCreated"
+    pool_id = str(uuid.uuid4())
+    envelope = copy.deepcopy(envelope)
+    envelope["id"] = str(uuid.uuid4())
+    envelope["aggregate_id"] = pool_id
+    envelope["payload"]["pool"]["id"] = pool_id
+    envelope["payload"]["pool"]["name"] = "bad\x00name"
+    envelope["payload"]["default_queue"]["id"] = str(uuid.uuid4())
+    subject = f"{settings.event_subject_prefix}.work_pool.{pool_id}.WorkPoolCreated"
+    ack = await broker.nc.jetstream().publish(subject, json.dumps(envelope).encode())
+    return ack.seq
+
+
+async def _until(predicate, timeout: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await predicate():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def _pool_names(svc) -> list[str]:
+    async with svc.engine.connect() as conn:
+        return list((await conn.execute(text("SELECT name FROM work_pools ORDER BY name"))).scalars())
+
+
+async def _failures(svc) -> list:
+    async with svc.engine.connect() as conn:
+        return (await conn.execute(text("SELECT projection, seq, event_type, error, attempts FROM projection_failures"))).all()
+
+
+async def _stalled_history(broker, settings) -> tuple[int, int]:
+    await broker.ok_cmd("CreateWorkPool", name="before")
+    poison = await append_poison(broker, settings)
+    await broker.ok_cmd("CreateWorkPool", name="after")
+    await broker.ok_cmd("UpdateWorkPool", name="after", description="later")
+    return poison, broker.last_seq
+
+
+async def test_a_projection_stops_at_the_event_it_cannot_apply_and_resumes_once_fixed(writer, settings, caplog):
+    svc, broker = writer
+    poison, last = await _stalled_history(broker, settings)
+    projector = FixableProjector()
+    runner = ProjectionRunner(broker.nc, settings, svc.engine, [projector], stall_retry_seconds=0.3)
+    caplog.set_level(logging.INFO, logger="runledger")
+    await runner.start()
+    try:
+        async def stalled():
+            return "work_pools" in runner.failures and bool(await _failures(svc))
+        await _until(stalled)
+        failure = runner.failures["work_pools"]
+        assert (failure.seq, failure.event_type) == (poison, "WorkPoolCreated")
+        assert "CharacterNotInRepertoire" in failure.error or "UntranslatableCharacter" in failure.error, failure.error
+        # Everything before the event is applied (one batch held them all), nothing after it.
+        async with svc.engine.connect() as conn:
+            assert await read_checkpoint(conn, "work_pools") == poison - 1
+        assert await _pool_names(svc) == ["before", "template"]
+
+        # It keeps trying, slowly, and stays reported; one error line, not one per attempt.
+        await asyncio.sleep(1.0)
+        [(name, seq, event_type, error, attempts)] = await _failures(svc)
+        assert (name, seq, event_type) == ("work_pools", poison, "WorkPoolCreated") and attempts >= 2
+        assert not any(t.done() for t in runner._tasks)
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("runledger")]
+        assert len(errors) == 1 and f"stream sequence {poison}" in errors[0].getMessage()
+
+        projector.fixed = True  # a fixed projector resumes by itself
+        async def caught_up():
+            async with svc.engine.connect() as conn:
+                return await read_checkpoint(conn, "work_pools") == last
+        await _until(caught_up)
+        await _until(lambda: asyncio.sleep(0, "work_pools" not in runner.failures))
+        assert await _pool_names(svc) == ["after", "badname", "before", "template"]
+        assert await _failures(svc) == []
+    finally:
+        await runner.stop()
+
+
+async def test_status_verify_and_replay_report_a_stalled_projection(writer, settings):
+    from runledger.cli.main import _register, app
+
+    _register()
+    svc, broker = writer
+    poison, _ = await _stalled_history(broker, settings)
+    runner = ProjectionRunner(broker.nc, settings, svc.engine, [WorkPoolsProjector()], stall_retry_seconds=0.3)
+    await runner.start()
+    try:
+        await _until(lambda: asyncio.sleep(0, "work_pools" in runner.failures))
+        await _until(lambda: _failures(svc))
+        env = cli_env(settings)
+        cli = CliRunner()
+
+        result = await asyncio.to_thread(cli.invoke, app, ["status", "--json"], env=env)
+        assert result.exit_code == 7, result.output
+        info = json.loads(result.stdout)
+        [stalled] = info["stalled"]
+        assert (stalled["projection"], stalled["seq"], stalled["event_type"]) == ("work_pools", poison, "WorkPoolCreated")
+        assert info["stream_last_seq"] == broker.last_seq
+        assert info["projections"] == [{"name": "work_pools", "checkpoint": poison - 1,
+                                        "behind": broker.last_seq - poison + 1, "stalled": True}]
+
+        result = await asyncio.to_thread(cli.invoke, app, ["status"], env=env)
+        assert result.exit_code == 7
+        assert f"projection work_pools is stopped at stream sequence {poison} (WorkPoolCreated)" in result.stderr
+
+        result = await asyncio.to_thread(cli.invoke, app, ["verify"], env=env)
+        assert result.exit_code == 7, result.output
+        assert f"stream sequence {poison} (WorkPoolCreated)" in result.output
+
+        result = await asyncio.to_thread(cli.invoke, app, ["replay", "--quiet"], env=env)
+        assert result.exit_code == 7, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in result.output, result.output
+        assert f"replay stopped at stream sequence {poison} (WorkPoolCreated) in projection work_pools" in lines[0]
+        assert "CharacterNotInRepertoire" in lines[0] or "UntranslatableCharacter" in lines[0]
+    finally:
+        await runner.stop()
+        from runledger.infra.database import create_engine, drop_schema
+
+        engine = create_engine(settings, schema=f"{settings.namespace}_replay")
+        await drop_schema(engine, f"{settings.namespace}_replay")
+        await engine.dispose()
