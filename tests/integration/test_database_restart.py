@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,9 +48,12 @@ async def _until(predicate, seconds: float, what: str):
         await asyncio.sleep(0.2)
 
 
-async def test_commands_go_on_while_postgres_is_down_and_the_read_model_catches_up(settings, tmp_path):
-    # Short path: Postgres keeps its socket in the data directory.
-    data_dir = Path(tmp_path) / "pg"
+async def test_commands_go_on_while_postgres_is_down_and_the_read_model_catches_up(settings):
+    # Short path: Postgres keeps its socket in the data directory. Not under tmp_path (0700
+    # parents): as root, Postgres runs as a system user that must get through.
+    base = Path(tempfile.mkdtemp(prefix="rldb-"))
+    base.chmod(0o711)
+    data_dir = base / "pg"
     postgres = EmbeddedPostgres(data_dir).start()
     settings = type(settings)(**{**settings.model_dump(), "database_url": postgres.url})
     service = Service(settings)
@@ -93,3 +98,4 @@ async def test_commands_go_on_while_postgres_is_down_and_the_read_model_catches_
                 await nc.close()
         await service.stop()
         postgres.stop()
+        shutil.rmtree(base, ignore_errors=True)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,10 +79,14 @@ def cli(config_dir: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def up_dirs(tmp_path_factory):
+def up_dirs():
     # Short paths: Postgres puts its socket in the data directory (limit ~107 characters).
-    base = Path(tmp_path_factory.mktemp("up", numbered=True))
-    return base / "data", base / "cfg"
+    # Not under pytest's tmp_path (0700 parents): as root, Postgres runs as a system user that
+    # must get through, and `up` changes no directory outside its data dir.
+    base = Path(tempfile.mkdtemp(prefix="rlup-"))
+    base.chmod(0o711)
+    yield base / "data", base / "cfg"
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def test_up_serves_the_cli_stops_cleanly_and_keeps_its_data(up_dirs):
