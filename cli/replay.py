@@ -30,6 +30,7 @@ from .status import EXIT_STALLED, stalled_line
 
 console = Console(stderr=True, soft_wrap=True)
 EXIT_UNAVAILABLE = 6
+FOLLOW_POLL_SECONDS = 0.25  # how often `events --follow` looks for new events
 
 
 def _projectors():
@@ -146,9 +147,11 @@ def events(
         help="runledger: the stored envelopes, each with its seq. prefect: the events Prefect emits for "
              "the same facts (prefect.work-pool.*, prefect.work-queue.*); the filters pick the runledger "
              "events whose Prefect events are printed, --limit counts printed lines."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new events as they are appended, until Ctrl-C."),
 ) -> None:
     """Print the event log as JSON lines: one event per line, with its stream sequence, or
-    (--vocabulary prefect) one Prefect event per line."""
+    (--vocabulary prefect) one Prefect event per line. With --follow, keep going as new events
+    arrive."""
     settings = load_settings(role="analyst")
     subject = ".".join([settings.event_subject_prefix, aggregate or "*", aggregate_id or "*", event_type or "*"])
     prefect = vocabulary == "prefect"
@@ -170,21 +173,30 @@ def events(
         printed = 0
         try:
             store = EventStore(nc, settings)
-            async for batch in iter_log(store, subject, 1 if prefect else from_seq):
-                for raw in batch:
-                    env = EventEnvelope.model_validate_json(raw.data)
-                    # The Prefect export folds every event it reads, printed or not.
-                    exported = to_prefect_events(env, export) if export is not None else None
-                    if raw.seq < from_seq or (event_type and env.type != event_type):
-                        continue
-                    if (lo and env.occurred < lo) or (hi and env.occurred > hi):
-                        continue
-                    lines = exported if exported is not None else [{"seq": raw.seq, **env.model_dump(mode="json")}]
-                    for line in lines:
-                        sys.stdout.write(json.dumps(line) + "\n")
-                        printed += 1
-                        if limit is not None and printed >= limit:
-                            return
+            start = 1 if prefect else from_seq
+            while True:
+                end = await store.last_sequence()
+                async for batch in iter_log(store, subject, start, until_seq=end):
+                    for raw in batch:
+                        env = EventEnvelope.model_validate_json(raw.data)
+                        # The Prefect export folds every event it reads, printed or not.
+                        exported = to_prefect_events(env, export) if export is not None else None
+                        if raw.seq < from_seq or (event_type and env.type != event_type):
+                            continue
+                        if (lo and env.occurred < lo) or (hi and env.occurred > hi):
+                            continue
+                        lines = exported if exported is not None else [{"seq": raw.seq, **env.model_dump(mode="json")}]
+                        for line in lines:
+                            sys.stdout.write(json.dumps(line) + "\n")
+                            printed += 1
+                            if limit is not None and printed >= limit:
+                                return
+                    sys.stdout.flush()  # a follower sees each batch at once, even through a pipe
+                if not follow:
+                    return
+                # Then poll: the log's end, and a read of what was appended since.
+                start = max(start, end + 1)
+                await asyncio.sleep(FOLLOW_POLL_SECONDS)
         finally:
             sys.stdout.flush()
             await nc.close()
@@ -192,5 +204,8 @@ def events(
             if warning:
                 sys.stderr.write(warning + "\n")
 
-    _run(go())
+    try:
+        _run(go())
+    except KeyboardInterrupt:  # Ctrl-C ends --follow: what was printed is the output
+        raise typer.Exit(0) from None
 

@@ -1,0 +1,171 @@
+"""The CLI against the real service, where the behaviour depends on it: a lost reply retried
+with the same idempotency key is applied once; `--overwrite` and the concurrency-limit verbs;
+piped output that `grep` can use; `events --follow`; and the README's Python snippet, run as
+pasted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from runledger.cli.main import _register, app
+from runledger.client import RunledgerClient
+from tests.integration.broker import cli_env
+
+pytestmark = pytest.mark.integration
+
+_register()
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+RUNLEDGER = Path(sys.executable).parent / "runledger"
+
+
+async def _cli(env: dict[str, str], *args: str):
+    # The CLI runs its own event loop, and the service runs on this one: a thread for the CLI.
+    return await asyncio.to_thread(CliRunner().invoke, app, list(args), env=env)
+
+
+def _process_env(settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNLEDGER_")}
+    return {**env, **cli_env(settings)}
+
+
+async def _created_events(settings, name: str) -> list[dict]:
+    result = await _cli(cli_env(settings), "events", "--aggregate", "work_pool", "--type", "WorkPoolCreated")
+    assert result.exit_code == 0, result.output
+    return [e for e in map(json.loads, result.stdout.splitlines()) if f'"name": "{name}"' in json.dumps(e)]
+
+
+async def test_a_lost_reply_is_retried_with_the_same_key_and_applied_once(service, settings):
+    """A relay between the CLI and the service drops the service's first reply to a command: the
+    CLI times out, sends the command again with the same key, and gets the first reply back."""
+    from runledger.infra.nats_connection import connect
+
+    relay_ns = f"r{uuid.uuid4().hex[:12]}"
+    nc = await connect(settings, name="test-relay")
+    dropped: list[dict] = []
+
+    async def forward(msg) -> None:
+        reply = await nc.request(settings.namespace + msg.subject[len(relay_ns):], msg.data, timeout=10)
+        if ".cmd." in msg.subject and not dropped:
+            dropped.append(json.loads(msg.data))  # applied by the service, its reply lost
+            return
+        await msg.respond(reply.data)
+
+    await nc.subscribe(f"{relay_ns}.>", cb=forward)
+    try:
+        env = {**cli_env(settings), "RUNLEDGER_NAMESPACE": relay_ns, "RUNLEDGER_REQUEST_TIMEOUT": "1"}
+        result = await _cli(env, "work-pool", "create", "etl", "--type", "process", "--json")
+    finally:
+        await nc.close()
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["name"] == "etl"
+    assert dropped and dropped[0]["idempotency_key"]
+    assert len(await _created_events(settings, "etl")) == 1
+
+
+async def test_overwrite_and_the_concurrency_limit_verbs(service, settings):
+    env = cli_env(settings)
+    assert (await _cli(env, "work-pool", "create", "etl", "--type", "process")).exit_code == 0
+    again = await _cli(env, "work-pool", "create", "etl", "--type", "process")
+    assert again.exit_code == 4 and "use --overwrite to update it" in again.stderr
+    over = await _cli(env, "work-pool", "create", "etl", "--type", "process", "--concurrency-limit", "3",
+                      "--description", "nightly", "--overwrite", "-o", "json")
+    assert over.exit_code == 0, over.output
+    pool = json.loads(over.stdout)
+    assert (pool["concurrency_limit"], pool["description"], pool["type"]) == (3, "nightly", "process")
+    assert len(await _created_events(settings, "etl")) == 1
+
+    cleared = await _cli(env, "work-pool", "clear-concurrency-limit", "etl", "--json")
+    assert json.loads(cleared.stdout)["concurrency_limit"] is None
+    limited = await _cli(env, "work-pool", "set-concurrency-limit", "etl", "7", "--json")
+    assert json.loads(limited.stdout)["concurrency_limit"] == 7
+
+    created = await _cli(env, "work-queue", "create", "urgent", "--pool", "etl", "--limit", "2", "--json")
+    assert json.loads(created.stdout)["concurrency_limit"] == 2
+    queue = await _cli(env, "work-queue", "set-concurrency-limit", "urgent", "5", "--pool", "etl", "--json")
+    assert json.loads(queue.stdout)["concurrency_limit"] == 5
+    queue = await _cli(env, "work-queue", "clear-concurrency-limit", "urgent", "--pool", "etl", "--json")
+    assert json.loads(queue.stdout)["concurrency_limit"] is None
+
+
+async def test_piped_ls_greps_whole_lines_and_an_empty_list_says_so(service, settings):
+    env = _process_env(settings)
+    empty = await asyncio.create_subprocess_exec(str(RUNLEDGER), "work-pool", "ls", env=env,
+                                                 stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(empty.communicate(), 60)
+    assert out.decode() == "No work pools found.\n"
+
+    async with RunledgerClient(settings) as rl:
+        queue = await rl.create_legacy_work_queue("old")  # makes default-agent-pool
+        pool = await rl.read_work_pool("default-agent-pool")
+        await rl.create_work_pool("a-pool-with-a-rather-long-name-" + "n" * 80, type="process")
+    shell = await asyncio.create_subprocess_shell(
+        f"{RUNLEDGER} work-pool ls | grep default-agent-pool", env={**env, "COLUMNS": "40"},
+        stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(shell.communicate(), 60)
+    assert shell.returncode == 0
+    (line,) = out.decode().splitlines()
+    assert re.fullmatch(rf"default-agent-pool +prefect-agent +- +no +- +{pool.id}", line)
+
+    queues = await asyncio.create_subprocess_shell(
+        f"{RUNLEDGER} work-queue ls | grep old", env={**env, "COLUMNS": "40"}, stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(queues.communicate(), 60)
+    assert out.decode().split() == ["old", "default-agent-pool", str(queue.priority), *out.decode().split()[3:]]
+    assert out.decode().rstrip().endswith(str(queue.id))
+
+
+async def test_events_follow_prints_new_events_until_ctrl_c(service, settings):
+    async with RunledgerClient(settings) as rl:
+        await rl.create_work_pool("before", type="process")
+    proc = await asyncio.create_subprocess_exec(
+        str(RUNLEDGER), "events", "--follow", "--aggregate", "work_pool", env=_process_env(settings),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        async def line_naming(name: str) -> dict:
+            while True:
+                raw = await asyncio.wait_for(proc.stdout.readline(), 30)
+                assert raw, "events --follow ended"
+                event = json.loads(raw)
+                if f'"name": "{name}"' in json.dumps(event):
+                    return event
+
+        first = await line_naming("before")  # what was there already
+        assert first["type"] == "WorkPoolCreated"
+        async with RunledgerClient(settings) as rl:
+            await rl.create_work_pool("after", type="process")
+        later = await line_naming("after")  # appended while following
+        assert later["type"] == "WorkPoolCreated" and later["seq"] > first["seq"]
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+        assert b"Traceback" not in err
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def _readme_python() -> str:
+    (snippet,) = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    return snippet
+
+
+async def test_the_readme_python_snippet_runs_as_pasted(service, settings):
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _readme_python(), env=_process_env(settings),
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    async with RunledgerClient(settings) as rl:
+        queue = await rl.read_work_queue("etl", "urgent")
+    assert queue.priority == 1
+    assert out.decode() == "etl urgent 1\n"
