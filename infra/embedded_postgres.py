@@ -246,15 +246,15 @@ class EmbeddedPostgres:
         """Everything that can refuse, before anything starts: binaries, the user, its reach."""
         self.data_dir = self.data_dir.expanduser().resolve()
         self.binaries = find_binaries(self.data_dir)
-        self.run_as = _run_as(self.data_dir, self.binaries)
-        if self.run_as is not None:
-            self.notice = root_check(self.run_as, self.data_dir, self.binaries)
         existing = _data_version(self.data_dir)
         if existing is not None and existing != self.binaries.version:
             raise PostgresUnavailable(
                 f"{self.data_dir} holds a PostgreSQL {existing} cluster, but the PostgreSQL found "
                 f"({self.binaries.source}, {self.binaries.bin_dir}) is version {self.binaries.version}; "
                 f"install PostgreSQL {existing}, or use another --data-dir")
+        self.run_as = _run_as(self.data_dir, self.binaries)
+        if self.run_as is not None:
+            self.notice = root_check(self.run_as, self.data_dir, self.binaries)
         return self
 
     def start(self, timeout: float = 60.0) -> EmbeddedPostgres:

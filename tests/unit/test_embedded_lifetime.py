@@ -1,0 +1,76 @@
+"""The pieces behind `runledger up`'s data-dir ownership and Postgres choice, without servers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runledger.infra import embedded_postgres
+from runledger.infra.embedded_postgres import PostgresUnavailable, find_binaries
+from runledger.infra.lifetime import DataDirInUse, DataDirLock, runs
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from runledger.infra.lifetime import DataDirLock
+DataDirLock(Path(sys.argv[1])).acquire()
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_lock_names_the_holder_and_leaves_its_pid(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DataDirInUse) as refused:
+            DataDirLock(tmp_path).acquire()
+        assert refused.value.pid == holder.pid
+        assert f"in use by process {holder.pid} (" in str(refused.value)
+        assert (tmp_path / "runledger.lock").read_text().strip() == str(holder.pid)  # not erased
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = DataDirLock(tmp_path).acquire()  # the kernel dropped the dead holder's lock
+    lock.release()
+
+
+def test_runs_matches_whole_arguments_of_that_program():
+    argv = ["/x/bin/postgres", "-D", "/d/pg", "-k", "/d/pg"]
+    assert runs(argv, "postgres", "/d/pg")
+    assert not runs(argv, "postgres", "/d/p")  # a prefix is another directory
+    assert not runs(["/bin/sleep", "/d/pg"], "postgres", "/d/pg")
+    assert not runs(None, "postgres", "/d/pg")
+
+
+def test_without_pgserver_the_local_postgresql_is_chosen(monkeypatch, tmp_path):
+    monkeypatch.delenv(embedded_postgres.BACKEND_ENV, raising=False)
+    monkeypatch.setattr(embedded_postgres, "pgserver_binaries", lambda: None)
+    local = embedded_postgres.local_binaries()
+    if local is None:
+        pytest.skip("no local PostgreSQL here")
+    assert find_binaries(tmp_path) == local
+
+
+def test_without_any_postgresql_one_line_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.delenv(embedded_postgres.BACKEND_ENV, raising=False)
+    monkeypatch.setattr(embedded_postgres, "pgserver_binaries", lambda: None)
+    monkeypatch.setattr(embedded_postgres, "local_binaries", lambda want=None: None)
+    with pytest.raises(PostgresUnavailable) as e:
+        find_binaries(tmp_path)
+    assert "\n" not in str(e.value) and "apt-get install postgresql" in str(e.value)
+
+
+def test_an_unknown_backend_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv(embedded_postgres.BACKEND_ENV, "docker")
+    with pytest.raises(PostgresUnavailable, match="use 'pgserver' or 'local'"):
+        find_binaries(tmp_path)
+
+
+def test_an_existing_cluster_wants_its_own_major_version(tmp_path):
+    (tmp_path / "PG_VERSION").write_text("9\n")
+    with pytest.raises(PostgresUnavailable, match="holds a PostgreSQL 9 cluster, but"):
+        embedded_postgres.EmbeddedPostgres(Path(tmp_path)).prepare()
