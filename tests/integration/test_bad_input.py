@@ -16,6 +16,17 @@ BAD_UUID = "not-a-uuid"
 LONG_NAME = "n" * 256
 LONG_DESCRIPTION = "d" * 10_001
 NO_FIELD = None
+INT32_MAX = 2**31 - 1
+NUL = "\x00"
+TEMPLATE = {"job_configuration": {"command": "{{ command }}"}, "variables": {"properties": {"command": {}}}}
+OVERFLOWING_TIMES = ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"]
+
+
+def deep(levels: int) -> dict:
+    doc: dict = {}
+    for _ in range(levels - 1):
+        doc = {"a": doc}
+    return doc
 
 
 def C(name: str, body: Any, code: str, field: str | None, says: str = "") -> tuple:
@@ -161,6 +172,60 @@ CASES = [
     Q("CountWorkPools", b"{oops", "invalid", NO_FIELD, "not valid JSON"),
     Q("ListWorkPools", {"bogus": 1}, "invalid", "bogus"),
     Q("NoSuchQuery", {}, "invalid", NO_FIELD, "unknown query"),
+    # What the read model cannot store is invalid at the edge (commands/bounds.py): NUL in any
+    # stored text, control characters in names, JSON documents, int32 columns, datetimes.
+    C("CreateWorkPool", {**POOL, "name": f"a{NUL}b"}, "invalid", "name", "NUL character (U+0000)"),
+    C("CreateWorkPool", {**POOL, "name": "tab\there"}, "invalid", "name", "U+0009"),
+    C("CreateWorkPool", {**POOL, "name": "del\x7f"}, "invalid", "name", "U+007F"),
+    C("CreateWorkPool", {**POOL, "name": "c1\x85"}, "invalid", "name", "U+0085"),
+    C("CreateWorkPool", {**POOL, "description": f"x{NUL}"}, "invalid", "description", "NUL"),
+    C("CreateWorkPool", {**POOL, "type": NUL}, "invalid", "type", "NUL"),
+    C("CreateWorkPool", {**POOL, "base_job_template": {**TEMPLATE, "job_configuration": {"env": {"A": NUL}}}},
+      "invalid", "base_job_template", "job_configuration.env.A"),
+    C("CreateWorkPool", {**POOL, "base_job_template": {**TEMPLATE, f"k{NUL}": 1}}, "invalid", "base_job_template", "NUL"),
+    C("CreateWorkPool", {**POOL, "base_job_template": {**TEMPLATE, "deep": deep(64)}}, "invalid", "base_job_template",
+      "deeper than 64"),
+    C("CreateWorkPool", b'{"name": "fresh", "base_job_template": {"job_configuration": {"x": NaN}, "variables": {}}}',
+      "invalid", "base_job_template", "finite"),
+    C("CreateWorkPool", {**POOL, "storage_configuration": {"bundle_upload_step": {"step": [NUL]}}}, "invalid",
+      "storage_configuration.bundle_upload_step", "NUL"),
+    C("UpdateWorkPool", {"name": "p", "storage_configuration": {"bundle_execution_step": {NUL: {}}}}, "invalid",
+      "storage_configuration.bundle_execution_step", "NUL"),
+    C("UpdateWorkPool", {"name": "p", "description": NUL}, "invalid", "description", "NUL"),
+    C("UpdateWorkPool", {"name": "p", "base_job_template": {NUL: 1}}, "invalid", "base_job_template", "NUL"),
+    C("CreateWorkQueue", {**QUEUE, "name": NUL}, "invalid", "name", "NUL"),
+    C("CreateWorkQueue", {**QUEUE, "work_pool_name": f"p{NUL}"}, "invalid", "work_pool_name", "NUL"),
+    C("CreateWorkQueue", {**QUEUE, "description": NUL}, "invalid", "description", "NUL"),
+    C("UpdateWorkQueue", {**QUEUE_UPDATE, "name": f"q{NUL}"}, "invalid", "name", "NUL"),
+    C("UpdateWorkQueue", {**QUEUE_UPDATE, "description": NUL}, "invalid", "description", "NUL"),
+    C("CreateLegacyWorkQueue", {"name": NUL}, "invalid", "name", "NUL"),
+    C("UpdateWorkQueueById", {"id": "00000000-0000-0000-0000-000000000001", "name": "\n"}, "invalid", "name"),
+    C("SetWorkQueuePriorities", {"work_pool_name": "p", "priorities": {NUL: 1}}, "invalid", f"priorities.{NUL}.[key]"),
+    C("CreateWorkPool", {**POOL, "idempotency_key": NUL}, "invalid", "idempotency_key", "NUL"),
+    C("CreateWorkPool", {**POOL, "concurrency_limit": 2**31}, "invalid", "concurrency_limit", "2147483647"),
+    C("UpdateWorkPool", {"name": "p", "concurrency_limit": 2**31}, "invalid", "concurrency_limit"),
+    C("CreateWorkQueue", {**QUEUE, "concurrency_limit": 2**31}, "invalid", "concurrency_limit"),
+    C("UpdateWorkQueue", {**QUEUE_UPDATE, "concurrency_limit": 2**63}, "invalid", "concurrency_limit"),
+    C("UpdateWorkQueue", {**QUEUE_UPDATE, "priority": 2**31}, "invalid", "priority"),
+    *[C("UpdateWorkQueue", {**QUEUE_UPDATE, "last_polled": t}, "invalid", "last_polled", "converted to UTC")
+      for t in OVERFLOWING_TIMES],
+    C("UpdateWorkQueueById", {"id": "00000000-0000-0000-0000-000000000001", "last_polled": OVERFLOWING_TIMES[0]},
+      "invalid", "last_polled", "converted to UTC"),
+    # queries: the client's mistakes are invalid, never unavailable
+    Q("ListWorkPools", {"offset": 2**63}, "invalid", "offset"),
+    Q("ListWorkQueues", {"work_pool_name": "p", "offset": 2**63}, "invalid", "offset"),
+    Q("ListAllWorkQueues", {"offset": 2**64}, "invalid", "offset"),
+    Q("CountWorkPools", {"min_seq": 2**63}, "invalid", "min_seq"),
+    Q("ListWorkPools", {"work_pools": {"name": {"any_": ["p", NUL]}}}, "invalid", "work_pools.name.any_", "value 1"),
+    Q("CountWorkPools", {"work_pools": {"type": {"any_": [NUL]}}}, "invalid", "work_pools.type.any_", "NUL"),
+    Q("ListAllWorkQueues", {"work_queues": {"name": {"any_": [NUL]}}}, "invalid", "work_queues.name.any_"),
+    Q("ListWorkPools", {"work_pools": {"name": {"any_": ["p"] * 32_768}}}, "invalid", "work_pools.name.any_",
+      "at most 10000"),
+    Q("CountWorkQueues", {"work_pool_name": "p", "work_queues": {"id": {"any_": [
+        "00000000-0000-0000-0000-000000000001"] * 10_001}}}, "invalid", "work_queues.id.any_"),
+    Q("GetWorkPool", {"name": NUL}, "invalid", "name", "NUL"),
+    Q("GetWorkQueue", {"work_pool_name": "p", "work_queue_name": NUL}, "invalid", "work_queue_name", "NUL"),
+    Q("GetLegacyWorkQueue", {"name": f"q{NUL}"}, "invalid", "name", "NUL"),
 ]
 
 
@@ -210,6 +275,8 @@ async def test_malformed_payloads_are_invalid_and_append_nothing(broker, setting
         # the same service still takes a good command, and only that one appends
         await broker.ok_cmd("CreateWorkPool", **POOL)
         assert await messages() == start + 2
+        # and the read model applies it: it reached the latest sequence (min_seq)
+        assert (await broker.ok_qry("GetWorkPool", name=POOL["name"]))["type"] == "process"
     finally:
         await nc.close()
 
@@ -231,3 +298,80 @@ async def test_a_nested_non_object_names_its_field(broker):
     assert (reply["ok"], reply["error"]["code"], reply["error"].get("field")) == (False, "invalid", "storage_configuration")
     reply = await broker.qry("ListWorkPools", work_pools=[])
     assert (reply["ok"], reply["error"]["code"], reply["error"].get("field")) == (False, "invalid", "work_pools")
+
+
+async def _invalid_appends_nothing(broker, _name: str, _field: str | None, _says: str, /, **body: Any) -> dict:
+    before = await broker.stream_messages()
+    reply = await broker.cmd(_name, **body)
+    assert (reply["ok"], reply.get("error", {}).get("code"), reply.get("error", {}).get("field")) == (
+        False, "invalid", _field), str(reply)[:500]
+    assert _says in reply["error"]["message"], reply["error"]["message"]
+    assert await broker.stream_messages() == before
+    return reply
+
+
+async def test_priorities_the_rules_would_push_past_int32_are_invalid(broker):
+    """PR-1 moves other queues down by +1: a command that would move any past 2^31-1 (the
+    `integer` column) is invalid, appends nothing, and the read model keeps projecting."""
+    await broker.ok_cmd("CreateWorkPool", name="p", type="process")
+    top = await broker.ok_cmd("CreateWorkQueue", work_pool_name="p", name="q", priority=INT32_MAX)
+    assert top["priority"] == INT32_MAX  # PR-3: past every other priority, nothing moves
+    says = f"work queue 'q' to priority {INT32_MAX + 1}"
+    await _invalid_appends_nothing(broker, "UpdateWorkQueue", "priority", says,
+                                   work_pool_name="p", work_queue_name="default", priority=INT32_MAX)
+    await _invalid_appends_nothing(broker, "CreateWorkQueue", "priority", says,
+                                   work_pool_name="p", name="r", priority=INT32_MAX)
+    await _invalid_appends_nothing(broker, "SetWorkQueuePriorities", "priorities", says,
+                                   work_pool_name="p", priorities={"default": INT32_MAX})
+    # WQ-11: the legacy update stores a priority as given, so two queues may share the top one;
+    # deleting a third would then push one of them past it (PR-4)
+    default = await broker.ok_qry("GetWorkQueue", work_pool_name="p", work_queue_name="default")
+    await broker.ok_cmd("UpdateWorkQueueById", id=default["id"], priority=INT32_MAX)
+    await broker.ok_cmd("CreateWorkQueue", work_pool_name="p", name="z")
+    await _invalid_appends_nothing(broker, "DeleteWorkQueue", None, str(INT32_MAX + 1), work_pool_name="p",
+                                   work_queue_name="z")
+    await broker.ok_cmd("UpdateWorkQueue", work_pool_name="p", work_queue_name="z", description="after")
+    queues = await broker.ok_qry("ListWorkQueues", work_pool_name="p")  # min_seq: the latest command
+    assert [(q["name"], q["priority"], q["description"]) for q in queues] == [
+        ("z", 1, "after"), ("default", INT32_MAX, "The work pool's default queue."), ("q", INT32_MAX, "")]
+
+
+def _template_of(size: int) -> dict:
+    return {"job_configuration": {"command": "{{ command }}", "blob": "x" * size}, "variables": {"properties": {"command": {}}}}
+
+
+async def test_commands_whose_messages_exceed_the_max_payload_are_invalid_before_sending(broker, settings):
+    """The server counts headers in its max payload and closes a connection that exceeds it
+    (nats-py checks only the body): every message of an append, headers included, is checked
+    before the first is sent, and a command over the limit is invalid, naming what and the limit."""
+    from runledger.commands import work_pools as wp
+    from runledger.commands.events import encode_event
+    from runledger.commands.messages import DecisionContext
+
+    limit = broker.nc.max_payload
+    # 1. A pool create (an atomic batch: the name claim, then the pool) whose pool event is
+    #    under the limit by its body but over it with the batch's headers.
+    ctx = DecisionContext()
+    probe = wp.decide_create_work_pool(wp.CreateWorkPool(name="big", type="process", base_job_template=_template_of(0)),
+                                       wp.WorkPoolNameClaim(), ctx)
+    overhead = len(encode_event(probe.events[1].aggregate_id, probe.events[1].event, occurred=ctx.now,
+                                event_id=ctx.new_id()).data)
+    size = limit - 100 - overhead  # the body 100 bytes under the limit; the headers are ~250
+    reply = await _invalid_appends_nothing(broker, "CreateWorkPool", "base_job_template", f"{limit:,} bytes",
+                                           name="big", type="process", base_job_template=_template_of(size))
+    assert "WorkPoolCreated" in reply["error"]["message"] and "max payload" in reply["error"]["message"]
+    # 2. An update whose event holds the template three times (snapshot, old, new): invalid, not
+    #    `unavailable` (which a client would retry for ever).
+    await broker.ok_cmd("CreateWorkPool", name="big", type="process", base_job_template=_template_of(limit // 3))
+    reply = await _invalid_appends_nothing(broker, "UpdateWorkPool", "base_job_template", "WorkPoolUpdated",
+                                           name="big", base_job_template=_template_of(limit // 3 + 1))
+    # 3. With an idempotency key (a batch of record, claim, pool) as well.
+    await _invalid_appends_nothing(broker, "CreateWorkPool", "base_job_template", "max payload", name="big2",
+                                   type="process", base_job_template=_template_of(size), idempotency_key="k-big")
+    # The connection lived, no batch was left open, and the read model still projects.
+    for i in range(3):
+        await broker.ok_cmd("CreateWorkPool", name=f"after-{i}", type="process", idempotency_key=f"k-{i}")
+    await broker.ok_cmd("UpdateWorkPool", name="big", description="small change")
+    pool = await broker.ok_qry("GetWorkPool", name="big")  # min_seq: the latest command
+    assert pool["description"] == "small change" and len(pool["base_job_template"]["job_configuration"]["blob"]) == limit // 3
+    assert await broker.ok_qry("CountWorkPools") == 4
