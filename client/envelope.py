@@ -20,7 +20,7 @@ from .errors import Invalid, ProtocolError, error_from_reply
 
 
 class Unset(enum.Enum):
-    """The type of `UNSET`: "not given", as opposed to an explicit None (C-4 partial updates)."""
+    """The type of `UNSET`: "not given", as opposed to an explicit None (partial updates)."""
 
     UNSET = "UNSET"
 

@@ -43,7 +43,7 @@ class Invalid(RunledgerError):
 
 
 class Forbidden(Invalid):
-    """A sub-kind of `invalid` (BEHAVIOUR: Prefect 403), so `except Invalid` catches it too."""
+    """A sub-kind of `invalid` (Prefect's 403), so `except Invalid` catches it too."""
 
     code = ErrorCode.FORBIDDEN.value
 

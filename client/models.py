@@ -28,10 +28,10 @@ class WorkPool(BaseModel):
     base_job_template: dict[str, Any] = {}
     is_paused: bool = False
     concurrency_limit: int | None = None
-    status: str | None = None  # READY | NOT_READY | PAUSED; None for `prefect-agent` pools (WP-3)
+    status: str | None = None  # READY | NOT_READY | PAUSED; None for `prefect-agent` pools
     default_queue_id: uuid.UUID
     storage_configuration: dict[str, Any] = {}
-    active_slots: int | None = None  # only with a concurrency limit (SL-1)
+    active_slots: int | None = None  # only with a concurrency limit
 
 
 class WorkQueue(BaseModel):
@@ -50,4 +50,4 @@ class WorkQueue(BaseModel):
     last_polled: IsoDatetime | None = None
     status: str | None = None  # READY | NOT_READY | PAUSED
     filter: Any = None  # deprecated, always null
-    active_slots: int | None = None  # only with a concurrency limit (SL-2)
+    active_slots: int | None = None  # only with a concurrency limit

@@ -221,7 +221,7 @@ class RunledgerClient:
         return {} if idempotency_key is None else {"idempotency_key": idempotency_key}
 
     # -----------------------------------------------------------------------------------------
-    # Work pools (BEHAVIOUR §1)
+    # Work pools
 
     async def create_work_pool(
         self,
@@ -235,7 +235,7 @@ class RunledgerClient:
         storage_configuration: Mapping[str, Any] | Unset = UNSET,
         idempotency_key: str | None = None,
     ) -> WorkPool:
-        """Create a pool and its `default` queue (WP-1). Defaults (server side): type
+        """Create a pool and its `default` queue. Defaults (server side): type
         `prefect-agent`, no description, `{}` template, not paused, no limit."""
         body = given(name=name, type=type, description=description, base_job_template=base_job_template,
                      is_paused=is_paused, concurrency_limit=concurrency_limit,
@@ -254,7 +254,7 @@ class RunledgerClient:
         storage_configuration: Mapping[str, Any] | Unset = UNSET,
         idempotency_key: str | None = None,
     ) -> WorkPool:
-        """Change only the fields given (C-4); `concurrency_limit=None` removes the limit."""
+        """Change only the fields given; `concurrency_limit=None` removes the limit."""
         body = given(name=name, description=description, is_paused=is_paused,
                      base_job_template=base_job_template, concurrency_limit=concurrency_limit,
                      storage_configuration=storage_configuration)
@@ -262,7 +262,7 @@ class RunledgerClient:
         return self._one(WorkPool, reply.result)
 
     async def delete_work_pool(self, name: str, *, idempotency_key: str | None = None) -> None:
-        """Delete a pool with all its queues (WP-9)."""
+        """Delete a pool with all its queues."""
         await self.command("DeleteWorkPool", {"name": name} | self._key(idempotency_key))
 
     async def read_work_pool(self, name: str, *, min_seq: int | None = None) -> WorkPool:
@@ -279,7 +279,7 @@ class RunledgerClient:
         offset: int | Unset = UNSET,
         min_seq: int | None = None,
     ) -> list[WorkPool]:
-        """One page of pools, ordered by name (WP-7); the server's limit is 200 at most (C-2)."""
+        """One page of pools, ordered by name; the server's limit is 200 at most."""
         body = given(limit=limit, offset=offset)
         if (flt := _filter(names, ids, types)) is not None:
             body["work_pools"] = flt
@@ -301,7 +301,7 @@ class RunledgerClient:
         return self._count(reply.result)
 
     # -----------------------------------------------------------------------------------------
-    # Work queues in a pool (BEHAVIOUR §2)
+    # Work queues in a pool
 
     async def create_work_queue(
         self,
@@ -314,8 +314,8 @@ class RunledgerClient:
         priority: int | Unset = UNSET,
         idempotency_key: str | None = None,
     ) -> WorkQueue:
-        """Create a queue in a pool; without a priority it takes the first free one (WQ-2),
-        with one the others may move down (WQ-3, PR-1)."""
+        """Create a queue in a pool; without a priority it takes the first free one,
+        with one the queues in its way move down."""
         body = given(work_pool_name=work_pool_name, name=name, description=description,
                      is_paused=is_paused, concurrency_limit=concurrency_limit, priority=priority)
         reply = await self.command("CreateWorkQueue", body | self._key(idempotency_key))
@@ -334,7 +334,7 @@ class RunledgerClient:
         last_polled: datetime | Unset = UNSET,
         idempotency_key: str | None = None,
     ) -> WorkQueue:
-        """Change only the fields given (C-4); `name=` renames; a priority runs PR-1 (WQ-5)."""
+        """Change only the fields given; `name=` renames; a new priority moves the queues in its way down."""
         body = given(work_pool_name=work_pool_name, work_queue_name=work_queue_name, name=name,
                      description=description, is_paused=is_paused, concurrency_limit=concurrency_limit,
                      priority=priority, last_polled=last_polled)
@@ -343,13 +343,13 @@ class RunledgerClient:
 
     async def delete_work_queue(self, work_pool_name: str, work_queue_name: str, *,
                                 idempotency_key: str | None = None) -> None:
-        """Delete a queue (not the pool's default one, WQ-6); no renumbering (PR-4)."""
+        """Delete a queue (not the pool's default one); the others keep their priorities."""
         body = {"work_pool_name": work_pool_name, "work_queue_name": work_queue_name}
         await self.command("DeleteWorkQueue", body | self._key(idempotency_key))
 
     async def set_work_queue_priorities(self, work_pool_name: str, priorities: Mapping[str, int], *,
                                         idempotency_key: str | None = None) -> list[WorkQueue]:
-        """Bulk PR-1 with queue name -> priority; returns the pool's queues in priority order."""
+        """Several priorities at once (queue name -> priority), queues in the way moving down; returns the pool's queues in priority order."""
         body = {"work_pool_name": work_pool_name, "priorities": dict(priorities)}
         reply = await self.command("SetWorkQueuePriorities", body | self._key(idempotency_key))
         return self._many(WorkQueue, reply.result)
@@ -370,7 +370,7 @@ class RunledgerClient:
         offset: int | Unset = UNSET,
         min_seq: int | None = None,
     ) -> list[WorkQueue]:
-        """One page of a pool's queues, ordered by priority (PR-5)."""
+        """One page of a pool's queues, ordered by priority."""
         body = given(work_pool_name=work_pool_name, limit=limit, offset=offset)
         if (flt := _filter(names, ids)) is not None:
             body["work_queues"] = flt
@@ -392,7 +392,7 @@ class RunledgerClient:
         return self._count(reply.result)
 
     # -----------------------------------------------------------------------------------------
-    # Legacy, pool-less work queues (WQ-9 .. WQ-11)
+    # Legacy, pool-less work queues (Prefect's /work_queues/ API)
 
     async def create_legacy_work_queue(
         self,
@@ -404,7 +404,7 @@ class RunledgerClient:
         priority: int | Unset = UNSET,
         idempotency_key: str | None = None,
     ) -> WorkQueue:
-        """A queue in `default-agent-pool`, which is created when missing (WQ-9)."""
+        """A queue in `default-agent-pool`, which is created when missing."""
         body = given(name=name, description=description, is_paused=is_paused,
                      concurrency_limit=concurrency_limit, priority=priority)
         reply = await self.command("CreateLegacyWorkQueue", body | self._key(idempotency_key))
@@ -422,7 +422,7 @@ class RunledgerClient:
         last_polled: datetime | Unset = UNSET,
         idempotency_key: str | None = None,
     ) -> WorkQueue:
-        """Like `update_work_queue`, but a priority is stored as given, without PR-1 (WQ-11)."""
+        """Like `update_work_queue`, but a priority is stored as given: no other queue moves (as in Prefect)."""
         body = given(id=str(id), name=name, description=description, is_paused=is_paused,
                      concurrency_limit=concurrency_limit, priority=priority, last_polled=last_polled)
         reply = await self.command("UpdateWorkQueueById", body | self._key(idempotency_key))
@@ -436,7 +436,7 @@ class RunledgerClient:
         return self._one(WorkQueue, reply.result)
 
     async def read_legacy_work_queue(self, name: str, *, min_seq: int | None = None) -> WorkQueue:
-        """By name, inside `default-agent-pool` only (WQ-10)."""
+        """By name, inside `default-agent-pool` only."""
         reply = await self.query("GetLegacyWorkQueue", {"name": name}, min_seq=min_seq)
         return self._one(WorkQueue, reply.result)
 
@@ -449,7 +449,7 @@ class RunledgerClient:
         offset: int | Unset = UNSET,
         min_seq: int | None = None,
     ) -> list[WorkQueue]:
-        """One page of every pool's queues, ordered by name (WQ-10)."""
+        """One page of every pool's queues, ordered by name."""
         body = given(limit=limit, offset=offset)
         if (flt := _filter(names, ids)) is not None:
             body["work_queues"] = flt

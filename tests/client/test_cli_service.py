@@ -169,3 +169,29 @@ async def test_the_readme_python_snippet_runs_as_pasted(service, settings):
         queue = await rl.read_work_queue("etl", "urgent")
     assert queue.priority == 1
     assert out.decode() == "etl urgent 1\n"
+
+
+def _readme_tour() -> list[list[str]]:
+    import shlex
+
+    tour = README.read_text().split("## A five-minute tour", 1)[1]
+    (block,) = re.findall(r"```bash\n(.*?)```", tour, re.S)[:1]
+    lines = [shlex.split(line, comments=True) for line in block.splitlines()]
+    return [words[1:] for words in lines if words and words[0] == "runledger"]
+
+
+async def test_the_readme_tour_runs(service, settings):
+    env = cli_env(settings)
+    tour = _readme_tour()
+    assert len(tour) >= 10
+    for args in tour:
+        if "--follow" in args:  # it runs until Ctrl-C: tested above
+            args = [a for a in args if a != "--follow"]
+        result = await _cli(env, *args)
+        assert result.exit_code == 0, (args, result.output)
+    async with RunledgerClient(settings) as rl:
+        queues = {q.name: q for q in await rl.list_work_queues("my-pool")}
+        pool = await rl.read_work_pool("my-pool")
+    assert {n: q.priority for n, q in queues.items()} == {"low": 1, "high": 2, "default": 3}
+    assert queues["low"].concurrency_limit is None
+    assert (pool.description, pool.concurrency_limit, pool.is_paused) == ("nightly", 10, True)
