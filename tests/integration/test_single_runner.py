@@ -1,0 +1,189 @@
+"""One active runner per projection: a lease decides who applies, a standby stays quiet and
+takes over when the holder stops or dies; and, beneath it, a checkpoint only moves forward,
+so two transactions applying the same batch cannot both commit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+from sqlalchemy import text
+
+from runledger.handlers.service import Service
+from runledger.infra.leases import Lease
+from runledger.infra.nats_connection import connect
+from runledger.projections.runner import (
+    CheckpointConflict,
+    ProjectionRunner,
+    RawEvent,
+    apply_batch,
+    read_checkpoint,
+)
+from runledger.projections.work_pools import WorkPoolsProjector
+
+from .broker import Broker, assert_live_equals_rebuild
+from .test_projection_crashes import CountingProjector
+
+
+@pytest.fixture
+async def writer(settings):
+    """A service that takes commands and projects nothing, a counting table, and a broker."""
+    svc = Service(settings, roles=frozenset({"commands"}))
+    await svc.start()
+    async with svc.engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE applied_counts (key text PRIMARY KEY, n int NOT NULL)"))
+    nc = await connect(settings)
+    try:
+        yield svc, Broker(nc, settings)
+    finally:
+        await nc.close()
+        await svc.stop()
+        from tests.conftest import cleanup_namespace
+
+        await cleanup_namespace(settings)
+
+
+async def _until(predicate, timeout: float = 20.0) -> float:
+    started = time.monotonic()
+    while not await predicate():
+        assert time.monotonic() - started < timeout, "timed out"
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started
+
+
+async def _history(broker: Broker, prefix: str) -> int:
+    for p in range(2):
+        await broker.ok_cmd("CreateWorkPool", name=f"{prefix}{p}", type="process")
+        await broker.ok_cmd("CreateWorkQueue", work_pool_name=f"{prefix}{p}", name="q", priority=1)
+        await broker.ok_cmd("UpdateWorkPool", name=f"{prefix}{p}", description="d")
+    return broker.last_seq
+
+
+def _caught_up(svc, seq: int, names=("work_pools", "counting")):
+    async def check() -> bool:
+        async with svc.engine.connect() as conn:
+            return all([await read_checkpoint(conn, n) >= seq for n in names])
+    return check
+
+
+async def _counts(svc) -> dict[int, int]:
+    async with svc.engine.connect() as conn:
+        return dict((await conn.execute(text("SELECT n, count(*) FROM applied_counts GROUP BY n"))).all())
+
+
+async def test_the_lease_itself(settings):
+    nc = await connect(settings)
+    try:
+        js = nc.jetstream()
+        a = await Lease.open(js, settings, "role.test", ttl=1)
+        b = await Lease.open(js, settings, "role.test", ttl=1)
+        assert await a.acquire() and a.held
+        assert not await b.acquire() and b.holder == a.owner
+        assert await a.renew()
+        await a.release()  # given up: taken at once
+        assert await b.acquire()
+        # The holder dies without a word: the TTL frees the lease.
+        b.revision = None
+        waited = await _until(a.acquire, timeout=10)
+        assert waited < 4
+        # A holder whose lease another took cannot renew it.
+        b.revision = 1
+        assert not await b.renew()
+    finally:
+        await nc.close()
+
+
+async def test_a_standby_runner_waits_quietly_and_takes_over(writer, settings, caplog):
+    svc, broker = writer
+    caplog.set_level(logging.INFO, logger="runledger")
+    first = await _history(broker, "a")
+    projectors = lambda: [WorkPoolsProjector(), CountingProjector()]  # noqa: E731
+
+    nc_a = await connect(settings)
+    a = ProjectionRunner(nc_a, settings, svc.engine, projectors(), lease_ttl=2, batch_size=5)
+    b = ProjectionRunner(broker.nc, settings, svc.engine, projectors(), lease_ttl=2, batch_size=5)
+    c = ProjectionRunner(broker.nc, settings, svc.engine, projectors(), lease_ttl=2, batch_size=5)
+    try:
+        await a.start()
+        await _until(_caught_up(svc, first))
+        js = broker.nc.jetstream()
+        created = {n: (await js.consumer_info(settings.stream_name, f"projection_{n}")).created for n in ("work_pools", "counting")}
+
+        caplog.clear()
+        await b.start()
+        second = await _history(broker, "b")
+        await _until(_caught_up(svc, second))
+        await asyncio.sleep(2.5)  # a few of the standby's polls and the holder's renewals
+        assert all(lease.held for lease in a.leases.values())
+        assert not any(lease.held for lease in b.leases.values())
+        assert b.applied == {}  # the standby never bound or applied
+        for n in ("work_pools", "counting"):  # nor touched the consumer
+            assert (await js.consumer_info(settings.stream_name, f"projection_{n}")).created == created[n]
+        noisy = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("runledger")]
+        assert noisy == [], [r.getMessage() for r in noisy]
+        standby = [r.getMessage() for r in caplog.records if "standby" in r.getMessage()]
+        assert len(standby) == 2, standby  # one line per projection
+
+        # The holder dies (its connection gone, nothing released): after the TTL, b takes over.
+        await nc_a.close()
+        third = await _history(broker, "c")
+        waited = await _until(_caught_up(svc, third), timeout=15)
+        assert waited < 8
+        assert all(lease.held for lease in b.leases.values())
+        assert not any(lease.held for lease in a.leases.values())
+
+        # b stops (gives the lease up): c, a standby, takes over without waiting out a TTL.
+        await c.start()
+        await asyncio.sleep(0.3)
+        await b.stop()
+        fourth = await _history(broker, "d")
+        waited = await _until(_caught_up(svc, fourth), timeout=15)
+        assert waited < 2.5
+        assert all(lease.held for lease in c.leases.values())
+    finally:
+        for r in (a, b, c):
+            await r.stop()
+    assert await _counts(svc) == {1: 4 * 2 * 3}  # every event applied exactly once
+    await assert_live_equals_rebuild(svc, settings, fourth)
+
+
+async def test_two_transactions_applying_the_same_first_batch_cannot_both_commit(writer, settings):
+    """Both read "no checkpoint" (nothing to lock yet), both apply; the first commits, the
+    second finds a checkpoint it did not expect and fails."""
+    svc, broker = writer
+    last = await _history(broker, "r")
+    rows = await svc.store.read_subject(f"{settings.event_subject_prefix}.>")
+    batch = [RawEvent(seq, subject, data) for seq, subject, data, _ in rows]
+    both_applying = asyncio.Barrier(2)
+
+    class RacingProjector(CountingProjector):
+        async def apply(self, conn, events):
+            await both_applying.wait()  # both have read the checkpoint before either writes
+            await super().apply(conn, events)
+
+    projector = RacingProjector()
+
+    async def one() -> int:
+        async with svc.engine.begin() as conn:
+            return await apply_batch(conn, projector, batch)
+
+    results = await asyncio.wait_for(asyncio.gather(one(), one(), return_exceptions=True), 20)
+    assert sorted(type(r).__name__ for r in results) == ["CheckpointConflict", "int"], results
+    assert last in results
+    assert await _counts(svc) == {1: 2 * 3}
+    async with svc.engine.connect() as conn:
+        assert await read_checkpoint(conn, "counting") == last
+
+    # And a write that would not advance an existing checkpoint fails its transaction.
+    from datetime import UTC, datetime
+
+    from runledger.projections.runner import advance_checkpoint
+
+    with pytest.raises(CheckpointConflict):
+        async with svc.engine.begin() as conn:
+            await advance_checkpoint(conn, "counting", last - 1, last, datetime.now(UTC))
+    with pytest.raises(CheckpointConflict):
+        async with svc.engine.begin() as conn:
+            await advance_checkpoint(conn, "counting", last, last, datetime.now(UTC))
