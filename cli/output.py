@@ -49,8 +49,8 @@ from runledger.client import (
     Unavailable,
     WorkPool,
     WorkQueue,
+    new_idempotency_key,
 )
-from runledger.client.runledger_client import new_idempotency_key
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -242,7 +242,7 @@ def show_rows(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]],
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*(Text(c) for c in row))
-    console.print(table)
+    console.print(table, soft_wrap=False)  # a centred title; cells fold at the width
 
 
 POOL_COLUMNS = ("Name", "Type", "Status", "Paused", "Concurrency Limit", "ID")
@@ -281,7 +281,7 @@ def show_details(obj: BaseModel, title: str) -> None:
             table.add_row(key, Text(_cell(value)))
         else:
             table.add_row(key, json.dumps(value))
-    console.print(table)
+    console.print(table, soft_wrap=False)  # a centred title; cells fold at the width
 
 
 def emit(obj: BaseModel, as_json: bool, message: str, title: str) -> None:

@@ -5,6 +5,9 @@
     async with RunledgerClient() as rl:
         pool = await rl.create_work_pool("etl", type="process", concurrency_limit=5)
         queue = await rl.create_work_queue("etl", "urgent", priority=1)
+
+`RunledgerClient(retries=2, idempotency_keys=True)` sends an `unavailable` request again, a
+command with the same idempotency key, so it is applied at most once.
 """
 
 from .envelope import UNSET, Reply, Unset
@@ -18,7 +21,7 @@ from .errors import (
     Unavailable,
 )
 from .models import WorkPool, WorkQueue
-from .runledger_client import RunledgerClient
+from .runledger_client import RunledgerClient, new_idempotency_key
 
 __all__ = [
     "UNSET",
@@ -34,4 +37,5 @@ __all__ = [
     "Unset",
     "WorkPool",
     "WorkQueue",
+    "new_idempotency_key",
 ]
