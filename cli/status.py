@@ -12,7 +12,7 @@ from rich.markup import escape
 from runledger.client import RunledgerClient
 
 from .main import app
-from .output import JSON_HELP, err_console, print_json, run
+from .output import JsonFlag, OutputOption, err_console, print_json, run, wants_json
 
 # A projection is stopped at an event it cannot apply (see docs/operations.md, "A stalled
 # projection"). `runledger verify` and `runledger replay` use the same code for the same fact.
@@ -25,7 +25,7 @@ def stalled_line(failure: dict) -> str:
 
 
 @app.command()
-def status(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+def status(as_json: JsonFlag = False, output: OutputOption = None) -> None:
     """Ask the service two queries; exit 0 when it answers and every projection is applying,
     6 when nothing answers, 7 when a projection is stalled at an event it cannot apply."""
 
@@ -38,7 +38,7 @@ def status(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> Non
                 "stalled": h.get("stalled", [])}
 
     info = run(ask)
-    if as_json:
+    if wants_json(as_json, output):
         print_json(info)
     else:
         typer.echo(f"runledger is answering on {info['nats_url']} (namespace {info['namespace']}): "

@@ -195,3 +195,10 @@ async def test_the_readme_tour_runs(service, settings):
     assert {n: q.priority for n, q in queues.items()} == {"low": 1, "high": 2, "default": 3}
     assert queues["low"].concurrency_limit is None
     assert (pool.description, pool.concurrency_limit, pool.is_paused) == ("nightly", 10, True)
+
+
+async def test_status_takes_output_json_too(service, settings):
+    for flags in (["--json"], ["-o", "json"]):
+        result = await _cli(cli_env(settings), "status", *flags)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["answering"] is True
