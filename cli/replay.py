@@ -92,7 +92,7 @@ def replay_command(
 @app.command()
 def verify(keep: bool = typer.Option(False, help="Keep the rebuilt schema for inspection.")) -> None:
     """Rebuild the read models from the log and compare them with the live ones; exit 1 on
-    any difference."""
+    any difference, 7 when a live projection is stalled at an event it cannot apply."""
     settings = load_settings(role="analyst")
 
     async def go() -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from runledger.commands.events import EVENT_TYPES
+from runledger.projections.health import GetServiceHealth
 from runledger.projections.work_pools import QUERIES
 
 from .work_pool_commands import command_specs
@@ -54,7 +55,7 @@ def asyncapi_document(namespace: str = "runledger") -> dict[str, Any]:
     operations: dict[str, Any] = {}
     messages: dict[str, Any] = {"Reply": {"name": "Reply", "payload": REPLY_SCHEMA}}
     kinds = [("cmd", {n: s.model for n, s in command_specs(_no_lookup).items()}),
-             ("qry", {n: m for n, (m, _) in QUERIES.items()})]
+             ("qry", {**{n: m for n, (m, _) in QUERIES.items()}, "GetServiceHealth": GetServiceHealth})]
     for kind, models in kinds:
         for name, model in sorted(models.items()):
             address = f"{namespace}.{kind}.{name}"
