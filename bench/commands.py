@@ -29,7 +29,7 @@ async def run(args) -> dict:
     with servers() as urls:
         settings = bench_settings(urls)
         with service_process(settings) as proc:
-            nc = await connect(settings)
+            nc = await connect(bench_settings(urls, role="client"))
 
             async def cmd(name: str, body: dict) -> dict:
                 reply = await nc.request(settings.command_subject(name), json.dumps(body).encode(), timeout=30)

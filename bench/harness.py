@@ -22,6 +22,7 @@ from pathlib import Path
 from runledger.commands import work_pools as wp
 from runledger.commands.events import EventEnvelope
 from runledger.commands.messages import DecisionContext
+from runledger.infra import broker_auth
 from runledger.infra.embedded import EmbeddedNats, EmbeddedPostgres
 from runledger.infra.event_store import EventStore
 from runledger.infra.settings import Settings
@@ -44,20 +45,39 @@ def servers() -> Iterator[dict[str, str]]:
     tmp.chmod(0o711)  # as root, Postgres runs as a system user that must get through (mkdtemp: 0700)
     stack = contextlib.ExitStack()
     stack.callback(shutil.rmtree, tmp, True)
+    namespace = f"b{uuid.uuid4().hex[:10]}"
+    users = None
     with stack:
         if not nats_url:
-            n = EmbeddedNats(tmp / "nats").start()
+            # As `runledger up` runs it: a user per role, nothing for anyone else, every write
+            # synced before its ack, so the figures are those of what users run.
+            users = broker_auth.local_credentials(tmp)
+            config = broker_auth.write_local_config(tmp, namespace, users, tmp / "nats")
+            n = EmbeddedNats(tmp / "nats", config_file=config).start()
             stack.callback(n.stop)
             nats_url = n.url
         if not db_url:
             pg = EmbeddedPostgres(tmp / "pg").start()
             stack.callback(pg.stop)
             db_url = pg.url
-        yield {"nats_url": nats_url, "database_url": db_url}
+        yield {"nats_url": nats_url, "database_url": db_url, "namespace": namespace, "nats_users": users}
 
 
-def bench_settings(urls: dict[str, str]) -> Settings:
-    return Settings(nats_url=urls["nats_url"], database_url=urls["database_url"], namespace=f"b{uuid.uuid4().hex[:10]}")
+def bench_settings(urls: dict, role: str = "service") -> Settings:
+    """Settings of the bench's namespace as `role` (service: appends and the service process;
+    client: commands and queries; analyst: reading the log)."""
+    creds = (urls.get("nats_users") or {}).get(role)
+    auth = {"nats_user": creds["user"], "nats_password": creds["password"]} if creds else {}
+    return Settings(nats_url=urls["nats_url"], database_url=urls["database_url"], namespace=urls["namespace"],
+                    inbox_prefix=broker_auth.inbox_prefix(role), **auth)
+
+
+def role_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a `runledger` process the role `settings` were made for."""
+    env = {"RUNLEDGER_INBOX_PREFIX": settings.inbox_prefix}
+    if settings.nats_user and settings.nats_password:
+        env.update(RUNLEDGER_NATS_USER=settings.nats_user, RUNLEDGER_NATS_PASSWORD=settings.nats_password.get_secret_value())
+    return env
 
 
 @contextlib.contextmanager
@@ -68,7 +88,7 @@ def service_process(settings: Settings, roles: str = "commands,queries,projectio
                RUNLEDGER_NATS_URL=settings.nats_url,
                RUNLEDGER_DATABASE_URL=settings.database_url.get_secret_value(),
                RUNLEDGER_NAMESPACE=settings.namespace,
-               RUNLEDGER_CONFIG_DIR=config_dir)
+               RUNLEDGER_CONFIG_DIR=config_dir, **role_env(settings))
     exe = Path(sys.executable).parent / "runledger"
     proc = subprocess.Popen([str(exe), "serve", "--roles", roles], env=env, stderr=subprocess.PIPE, text=True)
     spy = None

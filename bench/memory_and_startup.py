@@ -69,7 +69,7 @@ def main() -> None:
         with service_process(settings) as proc:
             idle = rss_mb(proc.pid)
             t = time.perf_counter()
-            asyncio.run(fill(settings, args.pools, args.queues))
+            asyncio.run(fill(bench_settings(urls, role="client"), args.pools, args.queues))
             fill_s = time.perf_counter() - t
             loaded = rss_mb(proc.pid)
     up = startup_seconds()

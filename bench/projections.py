@@ -57,7 +57,7 @@ async def catch_up(urls, n: int) -> tuple[float, int]:
 async def lag(urls, rate: float, seconds: float) -> list[float]:
     settings = bench_settings(urls)
     with service_process(settings):
-        nc = await connect(settings)
+        nc = await connect(bench_settings(urls, role="client"))
         engine = create_engine(settings, pool_size=1)
 
         async def cmd(name, body):
@@ -103,8 +103,10 @@ async def lag(urls, rate: float, seconds: float) -> list[float]:
 
 
 async def run(args):
+    # Servers of their own each: the broker's permissions cover one namespace.
     with servers() as urls:
         rate, rows = await catch_up(urls, args.backlog)
+    with servers() as urls:
         lags = await lag(urls, args.rate, args.seconds)
     return rate, rows, lags
 

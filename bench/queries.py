@@ -21,7 +21,7 @@ async def run(args) -> list[tuple[str, str, str]]:
     with servers() as urls:
         settings = bench_settings(urls)
         with service_process(settings):
-            nc = await connect(settings)
+            nc = await connect(bench_settings(urls, role="client"))
 
             async def request(subject: str, body: dict) -> dict:
                 reply = await nc.request(subject, json.dumps(body).encode(), timeout=30)

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import bench_settings, publish_history, report, servers, synthetic_history
+from harness import bench_settings, publish_history, report, role_env, servers, synthetic_history
 
 from runledger.infra.event_store import EventStore
 from runledger.infra.jetstream_setup import ensure_event_stream
@@ -36,7 +36,8 @@ def main() -> None:
         settings = bench_settings(urls)
         asyncio.run(prepare(settings, args.events))
         env = dict(os.environ, RUNLEDGER_NATS_URL=settings.nats_url, RUNLEDGER_NAMESPACE=settings.namespace,
-                   RUNLEDGER_DATABASE_URL=settings.database_url.get_secret_value())
+                   RUNLEDGER_DATABASE_URL=settings.database_url.get_secret_value(),
+                   **role_env(bench_settings(urls, role="analyst")))  # replay reads as the analyst
         exe = Path(sys.executable).parent / "runledger"
         started = time.perf_counter()
         command = [str(exe), "replay", "--quiet"]
