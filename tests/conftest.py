@@ -112,8 +112,9 @@ async def cleanup_namespace(settings) -> None:
     nc = await connect(settings)
     with contextlib.suppress(NotFoundError):
         await nc.jetstream().delete_stream(settings.stream_name)
-    with contextlib.suppress(NotFoundError):
-        await nc.jetstream().delete_key_value(settings.snapshot_bucket)
+    for bucket in (settings.snapshot_bucket, settings.lease_bucket):
+        with contextlib.suppress(NotFoundError):
+            await nc.jetstream().delete_key_value(bucket)
     await nc.close()
     engine = create_engine(settings)
     await drop_schema(engine, settings.db_schema)
