@@ -5,6 +5,7 @@ so two transactions applying the same batch cannot both commit."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -92,6 +93,7 @@ async def test_the_lease_itself(settings):
         b.revision = 1
         assert not await b.renew()
     finally:
+        await nc.jetstream().delete_key_value(settings.lease_bucket)
         await nc.close()
 
 
@@ -187,3 +189,35 @@ async def test_two_transactions_applying_the_same_first_batch_cannot_both_commit
     with pytest.raises(CheckpointConflict):
         async with svc.engine.begin() as conn:
             await advance_checkpoint(conn, "counting", last, last, datetime.now(UTC))
+
+
+async def test_a_holder_whose_renewal_fails_stops_its_work_at_once(settings):
+    nc = await connect(settings)
+    try:
+        js = nc.jetstream()
+        lease = await Lease.open(js, settings, "role.stolen", ttl=3)
+        running, cancelled = asyncio.Event(), asyncio.Event()
+
+        async def work() -> None:
+            running.set()
+            try:
+                await asyncio.Event().wait()
+            finally:
+                cancelled.set()
+
+        holder = asyncio.create_task(lease.run(work))
+        await asyncio.wait_for(running.wait(), 5)
+        # Someone else's value lands on the key: the next renewal (expecting our revision) fails.
+        await lease.kv.put("role.stolen", b"intruder")
+        started = time.monotonic()
+        await asyncio.wait_for(cancelled.wait(), 5)
+        assert time.monotonic() - started <= lease.renew_interval * 2 + 0.5
+        assert not lease.held and not holder.done()  # a standby again, not crashed
+        entry = await lease.kv.get("role.stolen")
+        assert entry.value == b"intruder"  # and it did not take the lease back from its holder
+        holder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await holder
+    finally:
+        await nc.jetstream().delete_key_value(settings.lease_bucket)
+        await nc.close()
