@@ -96,13 +96,14 @@ def create(
             if not overwrite:
                 raise Conflict(f"{e.message.rstrip('.')}; use --overwrite to update it.",
                                field=e.field, details=e.details) from None
-        existing = await rl.read_work_pool(name)
-        if type is not None and existing.type != type:
-            raise Conflict(f"Work pool {name!r} exists with type {existing.type!r}; --overwrite cannot "
-                           f"change a pool's type (delete it and create it again).")
         changes = {k: v for k, v in fields.items() if v is not UNSET}
-        if not changes:
-            return existing, False
+        if type is not None or not changes:
+            existing = await rl.read_work_pool(name)
+            if type is not None and existing.type != type:
+                raise Conflict(f"Work pool {name!r} exists with type {existing.type!r}; --overwrite cannot "
+                               f"change a pool's type (delete it and create it again).")
+            if not changes:
+                return existing, False
         # Its own key, derived from the run's: re-running with the same key is still safe.
         return await rl.update_work_pool(name, **changes, idempotency_key=f"{key}:overwrite"), False
 
