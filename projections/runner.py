@@ -188,11 +188,12 @@ def is_transient(error: BaseException) -> bool:
 
 def describe_error(error: BaseException) -> str:
     """`<ErrorClass>: <first line>`, of the innermost database error when there is one."""
-    chosen = error
-    for e in _causes(error):
-        if getattr(e, "sqlstate", None) and not isinstance(e, sa_exc.DBAPIError):
-            chosen = e
-            break
+    import asyncpg
+
+    causes = list(_causes(error))
+    chosen = next((e for e in causes if isinstance(e, asyncpg.PostgresError | asyncpg.InterfaceError)), None)
+    if chosen is None:
+        chosen = next((e for e in causes if getattr(e, "sqlstate", None) and not isinstance(e, sa_exc.DBAPIError)), error)
     lines = str(chosen).strip().splitlines()
     return _clean(f"{type(chosen).__name__}: {lines[0]}" if lines else type(chosen).__name__)[:500]
 

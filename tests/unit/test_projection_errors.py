@@ -1,0 +1,76 @@
+"""Which failures of a projection batch are outages (retry soon) and which may be the data
+(find the event, stop there, report it)."""
+
+from __future__ import annotations
+
+import asyncpg
+import nats.errors
+import pytest
+from sqlalchemy import exc as sa_exc
+
+from runledger.infra.database import DatabaseUnavailable
+from runledger.projections.runner import (
+    CheckpointConflict,
+    RawEvent,
+    describe_error,
+    event_type_of,
+    is_transient,
+)
+
+
+def _wrapped(error: Exception) -> sa_exc.DBAPIError:
+    """As SQLAlchemy raises it: the DBAPI adapter's error, caused by asyncpg's."""
+    try:
+        try:
+            raise error
+        except Exception as e:
+            raise sa_exc.DBAPIError("INSERT ...", {}, e) from e
+    except sa_exc.DBAPIError as outer:
+        return outer
+
+
+@pytest.mark.parametrize("error", [
+    asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+    asyncpg.exceptions.AdminShutdownError("terminating connection due to administrator command"),
+    asyncpg.exceptions.CannotConnectNowError("the database system is starting up"),
+    asyncpg.exceptions.QueryCanceledError("canceling statement due to statement timeout"),
+    asyncpg.exceptions.SerializationError("could not serialize access"),
+    asyncpg.exceptions.DeadlockDetectedError("deadlock detected"),
+    asyncpg.exceptions.TooManyConnectionsError("sorry, too many clients already"),
+    ConnectionRefusedError(111, "Connection refused"),
+    TimeoutError(),
+    nats.errors.TimeoutError(),
+    DatabaseUnavailable("cannot use Postgres"),
+    CheckpointConflict("moved"),
+])
+def test_outages_are_transient(error):
+    assert is_transient(error)
+    assert is_transient(_wrapped(error)) or not isinstance(error, asyncpg.PostgresError)
+
+
+@pytest.mark.parametrize("error", [
+    asyncpg.exceptions.CharacterNotInRepertoireError('invalid byte sequence for encoding "UTF8": 0x00'),
+    asyncpg.exceptions.UntranslatableCharacterError("unsupported Unicode escape sequence"),
+    asyncpg.exceptions.NumericValueOutOfRangeError("value out of range for type integer"),
+    asyncpg.exceptions.UniqueViolationError("duplicate key value violates unique constraint"),
+    asyncpg.exceptions.NotNullViolationError("null value in column"),
+    asyncpg.exceptions.UndefinedColumnError("column does not exist"),
+    asyncpg.exceptions.DataError("invalid input for query argument $1"),  # client-side encoding
+    KeyError("pool"),
+    TypeError("bad"),
+])
+def test_data_errors_and_bugs_are_not(error):
+    assert not is_transient(error)
+    assert not is_transient(_wrapped(error))
+
+
+def test_the_description_names_the_database_error_without_a_nul():
+    error = _wrapped(asyncpg.exceptions.CharacterNotInRepertoireError('invalid byte sequence for encoding "UTF8": 0x00'))
+    assert describe_error(error) == 'CharacterNotInRepertoireError: invalid byte sequence for encoding "UTF8": 0x00'
+    assert describe_error(KeyError("a\x00b")) == "KeyError: 'a\\x00b'"
+    assert "\x00" not in describe_error(ValueError("x\x00y"))
+
+
+def test_the_event_type_comes_from_the_envelope_or_the_subject():
+    assert event_type_of(RawEvent(1, "ns.evt.work_pool.1.WorkPoolCreated", b'{"type": "WorkPoolCreated"}')) == "WorkPoolCreated"
+    assert event_type_of(RawEvent(1, "ns.evt.work_pool.1.WorkPoolCreated", b"not json")) == "WorkPoolCreated"
