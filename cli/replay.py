@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
+import os
 import sys
 import uuid
 from datetime import datetime
@@ -198,7 +200,8 @@ def events(
                 start = max(start, end + 1)
                 await asyncio.sleep(FOLLOW_POLL_SECONDS)
         finally:
-            sys.stdout.flush()
+            with contextlib.suppress(BrokenPipeError):
+                sys.stdout.flush()
             await nc.close()
             warning = export.warning() if export is not None else None
             if warning:
@@ -207,5 +210,8 @@ def events(
     try:
         _run(go())
     except KeyboardInterrupt:  # Ctrl-C ends --follow: what was printed is the output
+        raise typer.Exit(0) from None
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
         raise typer.Exit(0) from None
 

@@ -202,3 +202,25 @@ async def test_status_takes_output_json_too(service, settings):
         result = await _cli(cli_env(settings), "status", *flags)
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["answering"] is True
+
+
+async def test_events_follow_into_head_ends_quietly_when_head_does(service, settings):
+    async with RunledgerClient(settings) as rl:
+        await rl.create_work_pool("one", type="process")
+    proc = await asyncio.create_subprocess_exec(
+        "bash", "-c", f"set -o pipefail; {RUNLEDGER} events --follow --aggregate work_pool | head -n 1",
+        env=_process_env(settings), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        first = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert json.loads(first)["type"] == "WorkPoolCreated"
+        async with RunledgerClient(settings) as rl:  # the follower's next write meets a closed pipe
+            for i in range(3):
+                await rl.create_work_pool(f"more-{i}", type="process")
+                await asyncio.sleep(0.3)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+        assert err == b""
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
