@@ -44,6 +44,11 @@ def status(as_json: JsonFlag = False, output: OutputOption = None) -> None:
         typer.echo(f"runledger is answering on {info['nats_url']} (namespace {info['namespace']}): "
                    f"{info['work_pools']} work pools, read models at stream sequence {info['read_model_seq']}"
                    + (f" of {info['stream_last_seq']}" if info["stream_last_seq"] is not None else ""))
+        for p in info["projections"]:
+            where = f"at {p['checkpoint']}" + (f", {p['behind']} behind" if p.get("behind") else "")
+            holder = p.get("lease_holder", "-")
+            who = "no runner holds its lease" if holder is None else f"applied by {holder}"
+            typer.echo(f"  projection {p['name']}: {where}{' (stalled)' if p['stalled'] else ''}; {who}")
     if info["stalled"]:
         for failure in info["stalled"]:
             err_console.print(f"[red]Error (stalled):[/red] {escape(stalled_line(failure))}")

@@ -25,6 +25,7 @@ from runledger.infra.aggregates import AggregateRepository
 from runledger.infra.database import DatabaseUnavailable, check_database, create_engine, migrate
 from runledger.infra.event_store import EventStore
 from runledger.infra.jetstream_setup import ensure_event_stream
+from runledger.infra.leases import holder_lookup
 from runledger.infra.nats_connection import connect
 from runledger.infra.settings import Settings
 from runledger.infra.snapshots import SnapshotStore, ensure_snapshot_bucket
@@ -122,7 +123,8 @@ class Service:
         repo = AggregateRepository(self.store, AGGREGATE_KINDS, snapshots=snapshots, snapshot_every=s.snapshot_every)
         self.commands = CommandBus(self.store, repo, command_specs(self._queue_pool_lookup), retries=s.command_retries)
         deadline = request_deadline(s)
-        specs = {**query_specs(), **health_queries([p.name for p in projections], self.store.last_sequence)}
+        specs = {**query_specs(), **health_queries([p.name for p in projections], self.store.last_sequence,
+                                                   holder_lookup(self.nc.jetstream(timeout=s.request_timeout), s))}
         self.queries = QueryBus(self.engine, specs, self.watch, wait_timeout=s.query_wait_timeout,
                                 last_sequence=self.store.last_sequence, concurrency=s.handler_concurrency,
                                 timeout=deadline)

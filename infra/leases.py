@@ -195,3 +195,23 @@ class Lease:
 def _describe(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def holder_lookup(js: JetStreamContext, settings: Settings) -> Callable[[str], Awaitable[str | None]]:
+    """`await holder(key)`: who holds the lease on `key` now (None: nobody), for health
+    reports. Never raises: an unreachable bucket reads as "unknown"."""
+    bucket: dict[str, KeyValue] = {}
+
+    async def holder(key: str) -> str | None:
+        try:
+            async with asyncio.timeout(2):
+                if "kv" not in bucket:
+                    bucket["kv"] = await js.key_value(settings.lease_bucket)
+                entry = await bucket["kv"].get(key)
+        except NotFoundError:  # no bucket yet, no key, or a released one
+            return None
+        except (APIError, *_BROKER_ERRORS):
+            return "unknown"
+        return (entry.value or b"").decode(errors="replace") or None
+
+    return holder

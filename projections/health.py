@@ -27,7 +27,8 @@ def _iso(v):
 
 
 async def service_health(conn: AsyncConnection, query: GetServiceHealth, *, projections: Sequence[str],
-                         last_sequence: Callable[[], Awaitable[int]] | None = None) -> dict[str, Any]:
+                         last_sequence: Callable[[], Awaitable[int]] | None = None,
+                         lease_holder: Callable[[str], Awaitable[str | None]] | None = None) -> dict[str, Any]:
     rows = await conn.execute(select(projection_checkpoints.c.name, projection_checkpoints.c.last_seq))
     checkpoints = {r.name: r.last_seq for r in rows}
     failures = {f["projection"]: f for f in await read_failures(conn)}
@@ -41,13 +42,17 @@ async def service_health(conn: AsyncConnection, query: GetServiceHealth, *, proj
     out = []
     for name in sorted(set(projections) | set(failures)):
         checkpoint = checkpoints.get(name, 0)
-        out.append({"name": name, "checkpoint": checkpoint,
-                    "behind": max(0, last - checkpoint) if last is not None else None,
-                    "stalled": name in failures})
+        entry = {"name": name, "checkpoint": checkpoint,
+                 "behind": max(0, last - checkpoint) if last is not None else None,
+                 "stalled": name in failures}
+        if lease_holder is not None:  # the process applying it (host:pid:tag), None: nobody
+            entry["lease_holder"] = await lease_holder(f"projection.{name}")
+        out.append(entry)
     return {"stream_last_seq": last, "projections": out, "stalled": stalled}
 
 
-def health_queries(projections: Sequence[str], last_sequence: Callable[[], Awaitable[int]] | None = None) -> dict:
+def health_queries(projections: Sequence[str], last_sequence: Callable[[], Awaitable[int]] | None = None,
+                   lease_holder: Callable[[str], Awaitable[str | None]] | None = None) -> dict:
     """The query registry entry (name -> (model, function)) for a service."""
-    fn = partial(service_health, projections=list(projections), last_sequence=last_sequence)
+    fn = partial(service_health, projections=list(projections), last_sequence=last_sequence, lease_holder=lease_holder)
     return {"GetServiceHealth": (GetServiceHealth, fn)}

@@ -165,11 +165,14 @@ async def test_status_verify_and_replay_report_a_stalled_projection(writer, sett
         assert (stalled["projection"], stalled["seq"], stalled["event_type"]) == ("work_pools", poison, "WorkPoolCreated")
         assert info["stream_last_seq"] == broker.last_seq
         assert info["projections"] == [{"name": "work_pools", "checkpoint": poison - 1,
-                                        "behind": broker.last_seq - poison + 1, "stalled": True}]
+                                        "behind": broker.last_seq - poison + 1, "stalled": True,
+                                        "lease_holder": runner.leases["work_pools"].owner}]
 
         result = await asyncio.to_thread(cli.invoke, app, ["status"], env=env)
         assert result.exit_code == 7
         assert f"projection work_pools is stopped at stream sequence {poison} (WorkPoolCreated)" in result.stderr
+        assert f"projection work_pools: at {poison - 1}" in result.stdout
+        assert f"(stalled); applied by {runner.leases['work_pools'].owner}" in result.stdout
 
         result = await asyncio.to_thread(cli.invoke, app, ["verify"], env=env)
         assert result.exit_code == 7, result.output
