@@ -68,7 +68,8 @@ class Up:
             self.proc.wait()
 
     def nats_pid(self) -> int:
-        return int((self.data_dir / "nats" / "nats-server.pid").read_text().split()[0])
+        (pid,) = _servers_on(self.data_dir)["nats-server"]
+        return pid
 
     def postgres_pid(self) -> int:
         return int((self.data_dir / "pg" / "postmaster.pid").read_text().splitlines()[0])
@@ -190,13 +191,13 @@ def test_up_stops_servers_an_earlier_crash_left_on_its_data_dir(dirs):
     # Start them again, untied to any `up`, on the same directories and files.
     nats_orphan = subprocess.Popen(nats_argv, start_new_session=True, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
-    pg_ctl = Path(pg_argv[0].decode()).parent / "pg_ctl"
-    opts = " ".join(a.decode() if a else '""' for a in pg_argv[3:])  # after postgres -D DIR
-    subprocess.run([str(pg_ctl), "-D", str(data_dir / "pg"), "-o", opts, "-l", str(data_dir / "pg" / "orphan.log"),
-                    "-w", "start"], check=True, capture_output=True, cwd="/",
-                   user=pg_owner if IS_ROOT else None, group=pg_owner_gid if IS_ROOT else None)
-    orphans = [nats_orphan.pid, int((data_dir / "pg" / "postmaster.pid").read_text().split()[0])]
+    pg_ctl = [str(Path(pg_argv[0].decode()).parent / "pg_ctl"), "-D", str(data_dir / "pg")]
+    as_owner = {"user": pg_owner, "group": pg_owner_gid} if IS_ROOT else {}
     try:
+        opts = " ".join(a.decode() if a else '""' for a in pg_argv[3:])  # after postgres -D DIR
+        subprocess.run([*pg_ctl, "-o", opts, "-l", str(data_dir / "pg" / "orphan.log"), "-w", "start"],
+                       check=True, capture_output=True, cwd="/", **as_owner)
+        orphans = [nats_orphan.pid, int((data_dir / "pg" / "postmaster.pid").read_text().split()[0])]
         deadline = time.monotonic() + 10
         while not (data_dir / "nats" / "nats-server.pid").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -218,6 +219,7 @@ def test_up_stops_servers_an_earlier_crash_left_on_its_data_dir(dirs):
         if nats_orphan.poll() is None:
             nats_orphan.kill()
             nats_orphan.wait()
+        subprocess.run([*pg_ctl, "-m", "immediate", "stop"], capture_output=True, cwd="/", **as_owner)
     assert _servers_on(data_dir) == {"nats-server": [], "postgres": []}
 
 
