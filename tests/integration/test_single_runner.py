@@ -221,3 +221,32 @@ async def test_a_holder_whose_renewal_fails_stops_its_work_at_once(settings):
     finally:
         await nc.jetstream().delete_key_value(settings.lease_bucket)
         await nc.close()
+
+
+async def test_two_services_with_the_projections_role_share_the_work_one_at_a_time(writer, settings, caplog):
+    """`runledger serve --roles projections` twice on the same servers: one projects, the
+    other stands by quietly, and takes over when the first stops."""
+    svc, broker = writer
+    caplog.set_level(logging.INFO, logger="runledger")
+    quick = settings.model_copy(update={"lease_ttl_seconds": 2})
+    first = Service(quick, roles=frozenset({"projections"}))
+    second = Service(quick, roles=frozenset({"projections"}))
+    await first.start()
+    try:
+        await second.start()
+        last = await _history(broker, "s")
+        await _until(_caught_up(svc, last, names=("work_pools",)))
+        await asyncio.sleep(1.5)
+        assert first.runner.leases["work_pools"].held and not second.runner.leases["work_pools"].held
+        assert second.runner.applied == {}
+        noisy = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("runledger")]
+        assert noisy == [], [r.getMessage() for r in noisy]
+
+        await first.stop()
+        more = await _history(broker, "t")
+        await _until(_caught_up(svc, more, names=("work_pools",)), timeout=10)
+        assert second.runner.leases["work_pools"].held
+    finally:
+        await first.stop()
+        await second.stop()
+    await assert_live_equals_rebuild(svc, settings, more)
