@@ -340,7 +340,7 @@ class ProjectionRunner:
         self.leases = leases
         for projector in self.projectors:
             lease = leases.get(projector.name)
-            work = self._run(projector) if lease is None else lease.run(lambda p=projector: self._run(p))
+            work = self._run(projector) if lease is None else self._run_leased(projector, lease)
             self._tasks.append(asyncio.create_task(work, name=f"projection:{projector.name}"))
 
     async def stop(self) -> None:
@@ -382,6 +382,16 @@ class ProjectionRunner:
         )
         await js.add_consumer(self.settings.stream_name, config)
         self._report(projector, checkpoint)
+
+    async def _run_leased(self, projector: Projector, lease: Lease) -> None:
+        while True:
+            try:
+                await lease.run(lambda: self._run(projector))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug in the lease handling must not end the projection for good
+                log.exception("projection %s: the lease handling failed; trying again in 1 s", projector.name)
+                await asyncio.sleep(1)
 
     async def _run(self, projector: Projector) -> None:
         while True:
