@@ -299,3 +299,23 @@ def test_readme_docs_and_cli_help_cite_no_rule_ids():
     files = {str(p.relative_to(root)): p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))]}
     found = {where: RULE_ID.findall(text) for where, text in {**files, **_help_texts()}.items()}
     assert {where: ids for where, ids in found.items() if ids} == {}
+
+
+def test_ls_into_head_ends_quietly(fake, cli_env):
+    """typer turns a closed pipe into a quiet end; this keeps it so."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    base = sample_pool("p")
+    pools = [{**base, "name": f"p{i:05}"} for i in range(3000)]  # far more than a pipe holds
+    fake.replies["ListWorkPools"] = lambda body: {
+        "ok": True, "result": pools[body["offset"]:body["offset"] + body["limit"]], "seq": None}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RUNLEDGER_")}, **cli_env}
+    runledger = Path(sys.executable).parent / "runledger"
+    done = subprocess.run(["bash", "-c", f"set -o pipefail; {runledger} work-pool ls | head -n 2"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert done.stdout.splitlines()[1].startswith("p00000 ")
