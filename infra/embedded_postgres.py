@@ -193,7 +193,7 @@ def root_check(user: RunAs, data_dir: Path, bins: Binaries) -> str:
     why = (f"running as root: Postgres refuses to run as root, so it runs as the system user "
            f"{user.name!r}, which must be able to reach {data_dir}")
     parent = data_dir.parent
-    blocked = _blocked(user, _ancestors(parent))
+    blocked = _blocked(user, [p for p in _ancestors(parent) if p.exists()])  # start makes the rest
     if blocked is not None:
         mode = oct(blocked.stat().st_mode & 0o777)[2:]
         raise PostgresUnavailable(
@@ -263,6 +263,8 @@ class EmbeddedPostgres:
         assert self.binaries is not None
         stop_orphan_postmaster(self.data_dir)
         self._prepare_dirs()
+        if self.run_as is not None:  # directories made just now (a umask of 077 shuts it out)
+            root_check(self.run_as, self.data_dir, self.binaries)
         if _data_version(self.data_dir) is None:
             self._initdb()
         log = open(self.data_dir.parent / "postgres.log", "ab")
