@@ -181,7 +181,9 @@ class WorkPoolSnapshot(BaseModel):
     name: StoredText
     description: StoredText | None
     type: StoredText
-    base_job_template: JsonDocument
+    # Checked where it enters (the commands' `JsonDocument`), not on every read of the log:
+    # walking a large template on each decode doubled the cost of loading a pool event.
+    base_job_template: dict[str, Any]
     is_paused: bool
     concurrency_limit: NonNegativeInt32 | None
     storage_configuration: StorageConfiguration
