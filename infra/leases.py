@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -59,9 +60,16 @@ async def ensure_lease_bucket(js: JetStreamContext, settings: Settings) -> KeyVa
     """The lease bucket, created if missing (nats-py creates KV buckets with per-message TTLs
     allowed)."""
     try:
-        return await js.key_value(settings.lease_bucket)
+        kv = await js.key_value(settings.lease_bucket)
     except BucketNotFoundError:
         return await js.create_key_value(lease_bucket_config(settings))
+    # Made by someone else without per-message TTLs (a lease could then never be written):
+    # allow them (a stream can gain the setting, never lose it).
+    info = await js.stream_info(f"KV_{settings.lease_bucket}")
+    if not info.config.allow_msg_ttl:
+        log.info("allowing per-message TTLs on the lease bucket %s", settings.lease_bucket)
+        await js.update_stream(dataclasses.replace(info.config, allow_msg_ttl=True))
+    return kv
 
 
 def default_owner() -> str:

@@ -250,3 +250,20 @@ async def test_two_services_with_the_projections_role_share_the_work_one_at_a_ti
         await first.stop()
         await second.stop()
     await assert_live_equals_rebuild(svc, settings, more)
+
+
+async def test_a_lease_bucket_made_without_message_ttls_is_given_them(settings):
+    from nats.js.api import StreamConfig
+
+    nc = await connect(settings)
+    js = nc.jetstream()
+    stream = f"KV_{settings.lease_bucket}"
+    try:
+        await js.add_stream(StreamConfig(name=stream, subjects=[f"$KV.{settings.lease_bucket}.>"], max_msgs_per_subject=1,
+                                         allow_rollup_hdrs=True, deny_delete=True))
+        lease = await Lease.open(js, settings, "projection.x", ttl=2)
+        assert await lease.acquire()
+        assert (await js.stream_info(stream)).config.allow_msg_ttl
+    finally:
+        await js.delete_stream(stream)
+        await nc.close()
