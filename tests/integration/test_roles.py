@@ -7,6 +7,7 @@ count, the snapshot bucket, the service's consumer)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import uuid
@@ -239,4 +240,22 @@ async def test_analyst_cannot_have_the_server_write_into_the_log(roles):
                      reply=f"{roles.namespace}.evt.work_pool.{pool['id']}.WorkPoolUpdated")
     await nc.flush()
     await asyncio.sleep(0.3)
+    assert await _state(roles) == before
+
+
+async def test_a_push_consumer_of_the_analyst_delivers_nothing_into_a_bucket(roles):
+    """The server does not check a push consumer's deliver subject against its creator's
+    permissions; it delivers only where a client subscribed, and a bucket's stream is not one.
+    Should that change, this fails (docs/security.md)."""
+    await _pool(roles)
+    nc, _ = await roles.connect("analyst")
+    js = nc.jetstream()
+    before = await _state(roles)
+    config = {"stream_name": roles.stream, "config": {
+        "name": "push", "deliver_subject": f"$KV.{roles.snapshots}.forged", "ack_policy": "none",
+        "deliver_policy": "all"}}
+    await nc.request(f"$JS.API.CONSUMER.CREATE.{roles.stream}.push", json.dumps(config).encode(), timeout=3)
+    await asyncio.sleep(0.5)
+    with contextlib.suppress(Exception):
+        await js.delete_consumer(roles.stream, "push")
     assert await _state(roles) == before
