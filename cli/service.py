@@ -172,8 +172,8 @@ def up(
             console.print("Press Ctrl-C to stop.")
 
         asyncio.run(_serve_until_signalled(settings, frozenset(ROLES), on_ready=ready))
-    except (BrokerUnavailable, DatabaseUnavailable, PostgresUnavailable) as e:
-        console.print(f"[red]Error (unavailable):[/red] {e}")
+    except (BrokerUnavailable, DatabaseUnavailable, PostgresUnavailable, DataDirInUse) as e:
+        console.print(f"[red]Error (unavailable):[/red] {escape(str(e))}")
         raise typer.Exit(EXIT_UNAVAILABLE) from None
     finally:
         _remove_own_record(record)

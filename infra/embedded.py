@@ -17,7 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runledger.infra.embedded_postgres import EmbeddedPostgres, PostgresUnavailable
-from runledger.infra.lifetime import die_with_parent, processes_running, runs, stop_orphan
+from runledger.infra.lifetime import (
+    DataDirInUse,
+    die_with_parent,
+    live_up_owning,
+    processes_running,
+    program_cmdline,
+    program_cmdline_text,
+    runs,
+    stop_orphan,
+)
 
 __all__ = ["EmbeddedNats", "EmbeddedPostgres", "PostgresUnavailable", "free_port", "nats_server_binary"]
 
@@ -76,8 +85,14 @@ class EmbeddedNats:
         with contextlib.suppress(OSError, ValueError, IndexError):
             pids.append(int(self.pid_file.read_text().split()[0]))
         pids += processes_running("nats-server", *marks)
-        return [pid for pid in dict.fromkeys(pids)
-                if stop_orphan(pid, lambda argv: runs(argv, "nats-server", *marks))]
+
+        def ours(argv: list[str] | None) -> bool:
+            return runs(argv, "nats-server", *marks)
+
+        for pid in dict.fromkeys(pids):  # a live older `up` (no lock) is an owner, not a crash
+            if ours(program_cmdline(pid)) and (owner := live_up_owning(pid)):
+                raise DataDirInUse(self.store_dir.parent, owner, program_cmdline_text(owner))
+        return [pid for pid in dict.fromkeys(pids) if stop_orphan(pid, ours)]
 
     def start(self, timeout: float = 10.0) -> EmbeddedNats:
         self.store_dir.mkdir(parents=True, exist_ok=True)

@@ -158,6 +158,31 @@ def stop_orphan(pid: int, is_ours: Callable[[list[str] | None], bool], sig: int 
     return True
 
 
+def parent_pid(pid: int) -> int | None:
+    if sys.platform.startswith("linux"):
+        try:
+            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+    try:
+        out = subprocess.run(["ps", "-p", str(pid), "-o", "ppid="], capture_output=True, text=True, timeout=5)
+        return int(out.stdout.strip())
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+def live_up_owning(pid: int) -> int | None:
+    """The pid of a live `runledger up` that is the parent of `pid` (a server of a running `up`
+    from before the data-dir lock, not an orphan), or None."""
+    ppid = parent_pid(pid)
+    if not ppid or ppid <= 1 or ppid == os.getpid():
+        return None
+    argv = program_cmdline(ppid) or []
+    if "up" in argv and any("runledger" in a for a in argv):
+        return ppid
+    return None
+
+
 def processes_running(program: str, *marks: str) -> list[int]:
     """Pids of live `program` processes whose command line names one of `marks` (Linux only:
     elsewhere an empty list)."""

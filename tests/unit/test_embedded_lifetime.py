@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +76,33 @@ def test_an_existing_cluster_wants_its_own_major_version(tmp_path):
     (tmp_path / "PG_VERSION").write_text("9\n")
     with pytest.raises(PostgresUnavailable, match="holds a PostgreSQL 9 cluster, but"):
         embedded_postgres.EmbeddedPostgres(Path(tmp_path)).prepare()
+
+
+OLD_UP = """
+import subprocess, sys, time
+from runledger.infra.embedded import nats_server_binary
+p = subprocess.Popen([str(nats_server_binary()), "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", sys.argv[1]],
+                     start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+print(p.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_nats_server_of_a_live_older_up_is_not_taken_for_an_orphan(tmp_path):
+    """An `up` from before the lock runs on the store: the new one refuses, it stops nothing."""
+    from runledger.infra.embedded import EmbeddedNats
+    from runledger.infra.lifetime import alive
+
+    store = tmp_path / "nats"
+    old = subprocess.Popen([sys.executable, "-c", OLD_UP, str(store), "runledger", "up"],
+                           stdout=subprocess.PIPE, text=True)
+    server = int(old.stdout.readline())
+    try:
+        with pytest.raises(DataDirInUse) as refused:
+            EmbeddedNats(store).start()
+        assert refused.value.pid == old.pid
+        assert alive(server)
+    finally:
+        old.kill()
+        old.wait()
+        os.kill(server, signal.SIGTERM)
