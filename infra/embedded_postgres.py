@@ -243,8 +243,10 @@ class EmbeddedPostgres:
     _reaper: threading.Thread | None = field(default=None, repr=False)
 
     def prepare(self) -> EmbeddedPostgres:
-        """Everything that can refuse, before anything starts: binaries, the user, its reach."""
+        """Before anything starts: a Postgres an earlier crash left on the directory is stopped,
+        and everything that can refuse is checked (binaries, the user, its reach)."""
         self.data_dir = self.data_dir.expanduser().resolve()
+        stop_orphan_postmaster(self.data_dir)
         self.binaries = find_binaries(self.data_dir)
         existing = _data_version(self.data_dir)
         if existing is not None and existing != self.binaries.version:
