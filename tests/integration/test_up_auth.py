@@ -1,7 +1,7 @@
 """`runledger up` with the broker roles: its NATS refuses an unauthenticated connection and
 syncs every write before acknowledging it; the credentials are made once per data directory
-and kept private; the CLI in another terminal finds the client (and, for `events`, the
-analyst) credentials in the endpoint file with no flags."""
+and kept private; the CLI in another terminal finds the client credentials (and, for `events`, `verify` and
+`replay`, the analyst's) in the endpoint file with no flags."""
 
 from __future__ import annotations
 
@@ -86,6 +86,14 @@ async def test_up_needs_credentials_and_the_cli_finds_them(up):
     events = _cli(config_dir, "events", "--aggregate", "work_pool")
     assert events.returncode == 0, events.stderr
     assert any(json.loads(line)["type"] == "WorkPoolCreated" for line in events.stdout.splitlines())
+    verified = _cli(config_dir, "verify")  # a rebuild from the log, compared with the live read models
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    replayed = _cli(config_dir, "replay", "--quiet")
+    assert replayed.returncode == 0, replayed.stderr
+
+    # None of it needed anything its role lacks.
+    log = (data_dir / "nats" / "nats-server.log").read_text(errors="replace")
+    assert not [line for line in log.splitlines() if "Publish Violation" in line or "Subscription Violation" in line]
 
     # Anyone else is refused.
     with pytest.raises(nats.errors.Error):
