@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import nats
@@ -53,7 +55,8 @@ def up():
     try:
         if not output or "Press Ctrl-C to stop" not in output[-1]:
             raise AssertionError("runledger up did not become ready:\n" + "".join(output))
-        yield data_dir, config_dir
+        monitor = re.search(r"monitoring (http://127\.0\.0\.1:\d+)", "".join(output))
+        yield data_dir, config_dir, monitor.group(1) if monitor else None
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -65,7 +68,7 @@ def up():
 
 
 async def test_up_needs_credentials_and_the_cli_finds_them(up):
-    data_dir, config_dir = up
+    data_dir, config_dir, monitor = up
     endpoint = json.loads((config_dir / "endpoint.json").read_text())
     assert oct((config_dir / "endpoint.json").stat().st_mode & 0o777) == "0o600"
     assert set(endpoint["nats_users"]) == {"service", "client", "analyst"}
@@ -75,6 +78,10 @@ async def test_up_needs_credentials_and_the_cli_finds_them(up):
     config = (data_dir / "nats.conf").read_text()
     assert "sync_interval: always" in config
     assert json.loads((data_dir / "credentials.json").read_text()) == endpoint["nats_users"]
+    # ... and the running server took it: JetStream syncs every write (its /varz says so).
+    assert monitor, "up printed no monitoring URL"
+    with urllib.request.urlopen(f"{monitor}/varz", timeout=5) as r:
+        assert json.load(r)["jetstream"]["config"]["sync_always"] is True
 
     # No flags, no environment: the client credentials from the endpoint file.
     made = _cli(config_dir, "work-pool", "create", "authed", "--type", "process", "--json")
