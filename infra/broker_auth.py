@@ -8,9 +8,11 @@ Roles (each a NATS user with a password):
   projections' durable consumers, reads and writes the snapshot and lease buckets. It may
   not purge or delete the event stream nor delete messages in it.
 - `client`: sends commands and queries; receives its replies on `_INBOX.client.>`.
-- `analyst`: reads the log (stream info, direct gets, ephemeral consumers it names itself
-  in the subject) for `runledger events`, `replay` and `verify`; writes nothing to the
-  broker but its own read consumers and never touches the service's consumers.
+- `analyst`: reads the log (stream info, direct gets, consumers it names itself in the
+  create subject) for `runledger events`, `replay` and `verify`; publishes nothing to the
+  log or the buckets and never touches the service's consumers. Known gap: JetStream
+  answers any reply subject a request names, so its API answers can be steered into the
+  log (docs/security.md; tests/integration/test_roles.py keeps an xfail for it).
 - `task_worker`: reserved for a later role (it will pull work from work-queue streams);
   add it to `role_permissions` when that exists.
 
