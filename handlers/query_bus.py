@@ -52,6 +52,12 @@ class CheckpointWatch:
         self._positions[projection] = seq
         self._notify()
 
+    def released(self, projection: str) -> None:
+        """This process stopped applying `projection` (its lease went to another process):
+        from now on its position is read from the checkpoints table."""
+        self._positions.pop(projection, None)
+        self._notify()
+
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()

@@ -112,6 +112,7 @@ class Service:
         self.watch = CheckpointWatch(self.engine, [p.name for p in projections], local="projections" in self.roles)
         if "projections" in self.roles:
             self.runner = ProjectionRunner(self.nc, s, self.engine, projections, on_applied=self.watch.applied,
+                                           on_released=self.watch.released,
                                            batch_size=s.projection_batch_size, lease_ttl=s.lease_ttl_seconds,
                                            stall_retry_seconds=s.projection_stall_retry_seconds)
             await self.runner.start()

@@ -305,6 +305,9 @@ class ProjectionRunner:
     engine: AsyncEngine
     projectors: Sequence[Projector]
     on_applied: Callable[[str, int], None] | None = None
+    # Called when this runner stops applying a projection (its lease lost, or stopped): its
+    # position is no longer this process's to report.
+    on_released: Callable[[str], None] | None = None
     batch_size: int = 1000
     # Test hooks to simulate a crash between the steps that matter.
     crash_after_fetch: bool = False
@@ -394,16 +397,21 @@ class ProjectionRunner:
                 await asyncio.sleep(1)
 
     async def _run(self, projector: Projector) -> None:
-        while True:
-            try:
-                await self._consume(projector)
-            except asyncio.CancelledError:
-                raise
-            except ProjectionStalled as stalled:
-                await self._stalled(projector, stalled.failure)
-            except Exception:
-                log.exception("projection %s failed; restarting from its checkpoint in 1 s", projector.name)
-                await asyncio.sleep(1)
+        try:
+            while True:
+                try:
+                    await self._consume(projector)
+                except asyncio.CancelledError:
+                    raise
+                except ProjectionStalled as stalled:
+                    await self._stalled(projector, stalled.failure)
+                except Exception:
+                    log.exception("projection %s failed; restarting from its checkpoint in 1 s", projector.name)
+                    await asyncio.sleep(1)
+        finally:
+            self.applied.pop(projector.name, None)
+            if self.on_released:
+                self.on_released(projector.name)
 
     async def _stalled(self, projector: Projector, failure: ApplyFailure) -> None:
         known = self.failures.get(projector.name)

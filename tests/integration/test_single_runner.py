@@ -267,3 +267,29 @@ async def test_a_lease_bucket_made_without_message_ttls_is_given_them(settings):
     finally:
         await js.delete_stream(stream)
         await nc.close()
+
+
+async def test_a_process_that_stops_projecting_still_reads_its_writes(writer, settings):
+    """Two full services; the one that projected hands over (its runner stops, as when its
+    lease is lost): its queries wait on the checkpoints table again, not on its own stale
+    position, so read-your-writes through it still works."""
+    import json
+
+    svc, broker = writer
+    quick = settings.model_copy(update={"lease_ttl_seconds": 2})
+    first = Service(quick, roles=frozenset({"queries", "projections"}))
+    second = Service(quick, roles=frozenset({"queries", "projections"}))
+    await first.start()
+    try:
+        await second.start()
+        seq = await _history(broker, "u")
+        await _until(_caught_up(svc, seq, names=("work_pools",)))
+        await first.runner.stop()  # the second takes the lease over
+        await broker.ok_cmd("CreateWorkPool", name="later", type="process")
+        reply = await first.queries.execute("CountWorkPools", json.dumps({"min_seq": broker.last_seq}).encode())
+        assert reply["ok"], reply
+        assert reply["result"] == 3
+        assert second.runner.leases["work_pools"].held
+    finally:
+        await first.stop()
+        await second.stop()
