@@ -106,3 +106,16 @@ def test_the_nats_server_of_a_live_older_up_is_not_taken_for_an_orphan(tmp_path)
         old.kill()
         old.wait()
         os.kill(server, signal.SIGTERM)
+
+
+def test_roots_default_data_dir_is_one_postgres_user_can_reach(monkeypatch):
+    from runledger.cli import service
+
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    monkeypatch.setattr(service.os, "geteuid", lambda: 0)
+    assert service.default_data_dir() == Path("/var/lib/runledger")
+    monkeypatch.setenv("XDG_DATA_HOME", "/srv/data")
+    assert service.default_data_dir() == Path("/srv/data/runledger")
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setattr(service.os, "geteuid", lambda: 1000)
+    assert service.default_data_dir() == Path.home() / ".local" / "share" / "runledger"
