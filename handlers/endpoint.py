@@ -85,6 +85,27 @@ class DroppedRequests:
             self._last_log = now
 
 
+def widen_reads(nc: NATS, size: int = 4 * 1024 * 1024) -> bool:
+    """Let one event-loop turn read up to `size` bytes from the connection's socket.
+
+    asyncio reads at most 256 KiB per turn and nats-py pauses its socket past 64 KiB buffered,
+    so a process busy with large requests reads a few hundred KiB per turn while publishers
+    write megabytes: the server's buffer for us passes its `max_pending` (64 MiB) and it
+    disconnects us as a slow consumer. Plain TCP only (private attributes of asyncio and
+    nats-py, checked; a TLS connection is left as it is). Call again after a reconnect."""
+    transport = getattr(nc, "_transport", None)
+    reader = getattr(transport, "_io_reader", None)
+    writer = getattr(transport, "_io_writer", None)
+    socket_transport = getattr(writer, "transport", None)
+    if reader is None or not isinstance(getattr(reader, "_limit", None), int):
+        return False
+    if not isinstance(getattr(socket_transport, "max_size", None), int):
+        return False
+    reader._limit = max(reader._limit, size // 2)
+    socket_transport.max_size = max(socket_transport.max_size, size)
+    return True
+
+
 def encode(out: Any) -> bytes:
     return to_json(out, fallback=str)
 
@@ -146,32 +167,48 @@ class Endpoint:
     max_in_flight: int
     deadline: float
     max_bytes: int = 32 * 1024 * 1024
-    subscription: Any = None
+    exec_bytes: int = 2 * 1024 * 1024
+    subscriptions: list[Any] = field(default_factory=list)
     tasks: set[asyncio.Task] = field(default_factory=set)
     dropped: DroppedRequests = field(default_factory=DroppedRequests)
     busy: int = 0
     _bytes: int = 0
     _slots: asyncio.Semaphore | None = None
+    _executing: int = 0
+    _exec_changed: asyncio.Event = field(default_factory=asyncio.Event)
     _protected: tuple[str, ...] = ()
+    _widened: dict[int, Any] = field(default_factory=dict)
 
     @classmethod
     async def serve(cls, nc: NATS, subject: str, group: str, execute: Execute, *, settings: Settings, kind: str,
                     concurrency: int | None, max_in_flight: int, deadline: float,
-                    max_bytes: int = 32 * 1024 * 1024) -> Endpoint:
+                    max_bytes: int = 32 * 1024 * 1024, lanes: Sequence[NATS] = ()) -> Endpoint:
+        """Subscribe on `nc`, or on each of `lanes` when given: connections of their own, each
+        with its own server-side buffer (`max_pending`, 64 MiB by default) and socket, so a
+        burst larger than one buffer is spread over several instead of disconnecting us."""
         self = cls(nc, subject, kind, execute, settings, concurrency, max_in_flight, deadline, max_bytes)
         self._slots = asyncio.Semaphore(concurrency) if concurrency else None
         self._protected = protected_prefixes(settings)
         # Bounded pending (nats-py drops past it and reports a slow consumer, which the
         # service answers busy); the callback below never waits, so it stays near empty.
-        self.subscription = await nc.subscribe(subject, queue=group, cb=self._on_message,
-                                               pending_msgs_limit=max(4 * max_in_flight, 1024),
-                                               pending_bytes_limit=2 * max_bytes)
+        for conn in lanes or (nc,):
+            self.subscriptions.append(await conn.subscribe(subject, queue=group, cb=self._on_message,
+                                                           pending_msgs_limit=max(4 * max_in_flight, 1024),
+                                                           pending_bytes_limit=2 * max_bytes))
         return self
+
+    @property
+    def subscription(self):
+        return self.subscriptions[0]
 
     def reply_allowed(self, reply: str | None) -> bool:
         return reply_subject_allowed(reply, self.settings.reply_subject_prefix, self._protected)
 
     async def _on_message(self, msg) -> None:
+        conn = msg._client
+        if getattr(conn, "_transport", None) is not self._widened.get(id(conn)):  # new after a reconnect
+            widen_reads(conn)
+            self._widened[id(conn)] = getattr(conn, "_transport", None)
         reply = msg.reply
         if not self.reply_allowed(reply):
             self.dropped.note(msg.subject, reply)
@@ -179,30 +216,41 @@ class Endpoint:
         size = len(msg.data) + (len(msg.header) if msg.header else 0)
         if len(self.tasks) >= self.max_in_flight or (self._bytes and self._bytes + size > self.max_bytes):
             self.busy += 1
-            await self._publish(reply, BUSY_REPLY)
+            await self._publish(reply, BUSY_REPLY, conn)
             return
         self._bytes += size
         task = asyncio.create_task(self._answer(msg, size))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _run(self, name: str, data: bytes) -> dict[str, Any]:
-        if self._slots is None:
-            return await self.execute(name, data)
-        async with self._slots:
-            return await self.execute(name, data)
+    async def _run(self, name: str, data: bytes, size: int) -> dict[str, Any]:
+        # Large requests run a few at a time (`exec_bytes` of bodies at once, or one alone):
+        # their parsing and encoding are long synchronous steps, and many at once would keep
+        # the event loop from reading the socket, which is what makes a slow consumer.
+        while self._executing and self._executing + size > self.exec_bytes:
+            self._exec_changed.clear()
+            await self._exec_changed.wait()
+        self._executing += size
+        try:
+            if self._slots is None:
+                return await self.execute(name, data)
+            async with self._slots:
+                return await self.execute(name, data)
+        finally:
+            self._executing -= size
+            self._exec_changed.set()
 
     async def _answer(self, msg, size: int) -> None:
         name = msg.subject.rsplit(".", 1)[1]
         try:
             try:
                 async with asyncio.timeout(self.deadline):
-                    out = await self._run(name, msg.data)
+                    out = await self._run(name, msg.data, size)
             except TimeoutError:
                 out = self._deadline_reply(name)
             except asyncio.CancelledError:
                 # The endpoint is stopping: still answer, then let the cancel through.
-                await self._publish(msg.reply, encode(_error(
+                await self._publish(msg.reply, conn=msg._client, body=encode(_error(
                     ErrorCode.UNAVAILABLE, f"the service stopped while handling {name}; "
                     + ("its outcome is unknown: retry with the same idempotency key" if self.kind == "command" else "retry"))))
                 raise
@@ -215,10 +263,10 @@ class Endpoint:
             except Exception:
                 log.exception("the reply of %s %s could not be encoded", self.kind, name)
                 body = encode(_error(ErrorCode.UNAVAILABLE, f"the reply of {name} could not be encoded; see the service log"))
-            limit = self.nc.max_payload
+            limit = msg._client.max_payload
             if len(body) > limit:
                 body = fit_reply(out, msg.data, limit, self.kind)
-            await self._publish(msg.reply, body)
+            await self._publish(msg.reply, body, msg._client)
         finally:
             self._bytes -= size
 
@@ -229,25 +277,26 @@ class Endpoint:
         return _error(ErrorCode.UNAVAILABLE, f"{name} did not finish within {self.deadline:g} s (the database may be "
                                              "slow or unreachable); retry")
 
-    async def _publish(self, reply: str, body: bytes) -> None:
+    async def _publish(self, reply: str, body: bytes, conn: NATS | None = None) -> None:
         try:
-            await self.nc.publish(reply, body)
+            await (conn or self.nc).publish(reply, body)
         except Exception as e:  # closed or reconnecting: nothing more can be done for this one
             log.debug("reply to %s not sent: %s", reply, type(e).__name__)
 
-    async def answer_dropped(self, reply: str | None) -> None:
+    async def answer_dropped(self, reply: str | None, conn: NATS | None = None) -> None:
         """nats-py dropped a request past the pending limits (a slow consumer on our side):
         answer it busy, if its reply subject may be answered at all."""
         if self.reply_allowed(reply):
             self.busy += 1
-            await self._publish(reply, BUSY_REPLY)
+            await self._publish(reply, BUSY_REPLY, conn)
         else:
             self.dropped.note(self.subject, reply)
 
     async def stop(self) -> None:
         """Take no new requests; let the ones in flight finish (bounded), then answer the rest."""
-        with contextlib.suppress(Exception):
-            await self.subscription.unsubscribe()
+        for sub in self.subscriptions:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
         if self.tasks:
             _, pending = await asyncio.wait(list(self.tasks), timeout=10)
             for task in pending:

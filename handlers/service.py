@@ -77,6 +77,8 @@ class Service:
     # let its supervisor start it again instead of living on deaf.
     lost: asyncio.Event = field(default_factory=asyncio.Event)
     lost_reason: str = ""
+    # Connections of their own for the request subscriptions (see Endpoint.serve).
+    lanes: list[NATS] = field(default_factory=list)
     _stopping: bool = False
 
     async def _on_closed(self) -> None:
@@ -91,13 +93,16 @@ class Service:
         # nats-py dropped a request past a subscription's pending limits: answer it busy.
         if isinstance(e, nats.errors.SlowConsumerError):
             for endpoint in self.endpoints:
-                if endpoint.subscription is e.sub:
-                    await endpoint.answer_dropped(e.reply)
+                if e.sub in endpoint.subscriptions:
+                    await endpoint.answer_dropped(e.reply, getattr(e.sub, "_conn", None))
 
     async def start(self) -> None:
         s = self.settings
         self.nc = await connect(s, name="runledger-service", closed_cb=self._on_closed,
                                 error_cb=self._on_error)  # refuses NATS < 2.12
+        for i in range(s.request_lanes if self.roles & {"commands", "queries"} else 0):
+            self.lanes.append(await connect(s, name=f"runledger-service-requests-{i}", closed_cb=self._on_closed,
+                                            error_cb=self._on_error, check_version=False))
         await ensure_event_stream(self.nc.jetstream(), s)
         self.engine = create_engine(s)
         try:
@@ -133,15 +138,17 @@ class Service:
             self.endpoints.append(await Endpoint.serve(
                 self.nc, s.command_subject("*"), COMMAND_QUEUE_GROUP, self.commands.execute, settings=s,
                 kind="command", concurrency=s.handler_concurrency, max_in_flight=2 * s.handler_concurrency,
-                deadline=deadline))
+                deadline=deadline, lanes=self.lanes))
         if "queries" in self.roles:
             # The query bus bounds its own database work, so a read-your-writes wait holds no slot.
             self.endpoints.append(await Endpoint.serve(
                 self.nc, s.query_subject("*"), QUERY_QUEUE_GROUP, self.queries.execute, settings=s,
                 kind="query", concurrency=None,
                 max_in_flight=2 * s.handler_concurrency + self.queries.max_waiting,
-                deadline=deadline + s.query_wait_timeout))
+                deadline=deadline + s.query_wait_timeout, lanes=self.lanes))
         await self.nc.flush()
+        for lane in self.lanes:
+            await lane.flush()
         log.info("runledger service ready: roles %s, NATS %s, namespace %s", ",".join(sorted(self.roles)), s.safe_nats_url(), s.namespace)
 
     async def _queue_pool_lookup(self, queue_id: uuid.UUID) -> uuid.UUID | None:
@@ -163,6 +170,7 @@ class Service:
         self._stopping = True
         steps = [
             *(e.stop() for e in self.endpoints),
+            *(lane.close() for lane in self.lanes if not lane.is_closed),
             self.runner.stop() if self.runner is not None else None,
             self.nc.close() if self.nc is not None and not self.nc.is_closed else None,
             self.engine.dispose() if self.engine is not None else None,

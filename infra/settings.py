@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     # Every Postgres statement is cut off after this long (the request then answers
     # `unavailable`), so a stalled database never leaves a request without a reply.
     statement_timeout_seconds: float = Field(default=5.0, gt=0)
+    # Connections of its own that each service process reads requests on (0: the main one).
+    # The server buffers at most `max_pending` (64 MiB by default) for one connection and
+    # disconnects it past that: several spread a burst of large requests over several buffers.
+    request_lanes: int = Field(default=4, ge=0, le=64)
     # A single-active role (each projection; later the scheduler and clock) holds a lease with
     # this TTL (infra/leases.py): a standby takes over about this long after a holder dies.
     lease_ttl_seconds: int = Field(default=5, ge=1, le=300)
