@@ -171,11 +171,11 @@ def _block(d: Mapping, indent: int) -> list[str]:
 
 
 def nats_config(namespace: str, passwords: Mapping[str, str], store_dir: str, *,
-                listen: str | None = None, http_port: int | None = None,
+                listen: str | None = None, host: str | None = None, http_port: int | None = None,
                 service_consumers: Sequence[str] | None = None) -> str:
     """nats-server configuration text for one namespace. `passwords`: per role, a literal
     password or an `EnvRef` (`$ENV_VAR`, resolved by nats-server from its environment).
-    `listen`/`http_port`: omitted when the command line sets them (`runledger up`)."""
+    `listen` (host:port) or `host`, `http_port`: the command line may set them instead."""
     if not re.fullmatch(r"[a-z][a-z0-9_]{0,40}", namespace):  # as Settings.namespace
         raise ValueError(f"not a runledger namespace: {namespace!r}")
     missing = set(ROLES) - set(passwords)
@@ -186,6 +186,8 @@ def nats_config(namespace: str, passwords: Mapping[str, str], store_dir: str, *,
     top: dict = {}
     if listen:
         top["listen"] = listen
+    elif host:
+        top["host"] = host
     if http_port:
         top["http_port"] = http_port
     top["max_payload"] = MAX_PAYLOAD
@@ -242,7 +244,9 @@ def local_credentials(data_dir) -> dict[str, dict[str, str]]:
 def write_local_config(data_dir, namespace: str, creds: Mapping[str, Mapping[str, str]], store_dir) -> Path:
     """`<data_dir>/nats.conf` (mode 0600) for `runledger up`; returns its path."""
     path = Path(data_dir) / "nats.conf"
-    write_private(path, nats_config(namespace, {r: creds[r]["password"] for r in ROLES}, str(store_dir)))
+    # 127.0.0.1 here too, not only on up's command line: the file alone never opens the broker wider.
+    write_private(path, nats_config(namespace, {r: creds[r]["password"] for r in ROLES}, str(store_dir),
+                                    host="127.0.0.1"))
     return path
 
 
