@@ -19,6 +19,7 @@ Errors go to stderr as one line, `Error (<code>): <message>`, and set the exit c
     4  conflict
     5  invalid or forbidden
     6  unavailable (no broker, no service answering, a timeout)
+    7  stalled: a projection is stopped at an event it cannot apply (`status`, `verify`, `replay`)
 """
 
 from __future__ import annotations
