@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +30,8 @@ from runledger.infra.lifetime import alive
 
 from .test_up import CLI, _env, cli
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240),
+              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
