@@ -142,7 +142,7 @@ def up(
     postgres = EmbeddedPostgres(data_dir / "pg")
     try:  # its binaries and, as root, the user it runs as and that user's way in
         postgres.prepare()
-    except PostgresUnavailable as e:
+    except (PostgresUnavailable, DataDirInUse) as e:
         console.print(f"[red]Error (unavailable):[/red] {escape(str(e))}")
         raise typer.Exit(EXIT_UNAVAILABLE) from None
     if postgres.notice:

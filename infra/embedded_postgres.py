@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -31,7 +32,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runledger.infra.lifetime import die_with_parent, runs, stop_orphan
+from runledger.infra.lifetime import (
+    DataDirInUse,
+    die_with_parent,
+    program_cmdline,
+    program_cmdline_text,
+    runs,
+    stop_orphan,
+)
 
 BACKEND_ENV = "RUNLEDGER_EMBEDDED_POSTGRES"
 LOCAL_DIRS = ("/usr/lib/postgresql/*/bin", "/usr/pgsql-*/bin", "/usr/local/pgsql/bin")
@@ -228,6 +236,13 @@ def stop_orphan_postmaster(data_dir: Path) -> bool:
         pid = int(lines[0])
     except (OSError, ValueError, IndexError):
         return False
+    # pgserver (an `up` from before the data-dir lock) lists the processes using its server:
+    # a live `runledger up` among them owns it; it is no orphan.
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        for holder in json.loads((data_dir / ".handle_pids.json").read_text()):
+            argv = program_cmdline(int(holder)) or []
+            if int(holder) != os.getpid() and "up" in argv and any("runledger" in a for a in argv):
+                raise DataDirInUse(data_dir.parent, int(holder), program_cmdline_text(int(holder)))
     return stop_orphan(pid, lambda argv: runs(argv, "postgres", str(data_dir)) or runs(argv, "postmaster", str(data_dir)),
                        signal.SIGINT, timeout=30)
 

@@ -119,3 +119,22 @@ def test_roots_default_data_dir_is_one_postgres_user_can_reach(monkeypatch):
     monkeypatch.delenv("XDG_DATA_HOME")
     monkeypatch.setattr(service.os, "geteuid", lambda: 1000)
     assert service.default_data_dir() == Path.home() / ".local" / "share" / "runledger"
+
+
+def test_the_postgres_of_a_live_older_up_is_not_taken_for_an_orphan(tmp_path):
+    """pgserver lists the processes using its server in .handle_pids.json: a live `up` there
+    owns the running Postgres; nothing is signalled."""
+    from runledger.infra.embedded_postgres import stop_orphan_postmaster
+
+    old = subprocess.Popen([sys.executable, "-c", "print(1, flush=True); import time; time.sleep(60)",
+                            "runledger", "up"], stdout=subprocess.PIPE, text=True)
+    try:
+        old.stdout.readline()  # running: its command line is there (not in the instant of exec)
+        (tmp_path / "postmaster.pid").write_text(f"{old.pid}\n{tmp_path}\n")
+        (tmp_path / ".handle_pids.json").write_text(f"[{old.pid}]")
+        with pytest.raises(DataDirInUse) as refused:
+            stop_orphan_postmaster(tmp_path)
+        assert refused.value.pid == old.pid and old.poll() is None
+    finally:
+        old.kill()
+        old.wait()
