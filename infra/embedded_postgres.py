@@ -49,6 +49,10 @@ class PostgresUnavailable(RuntimeError):
     """Postgres cannot be started here; the message is one line that says why and what to do."""
 
 
+class BinariesOutOfReach(PostgresUnavailable):
+    """As root: the system user cannot reach the Postgres binaries (a virtualenv in /root)."""
+
+
 @dataclass(frozen=True)
 class Binaries:
     bin_dir: Path
@@ -212,7 +216,7 @@ def root_check(user: RunAs, data_dir: Path, bins: Binaries) -> str:
     extra = [d for d in (bins.bin_dir.parent / "lib", bins.bin_dir.parent / "share") if d.is_dir()]
     blocked = _blocked(user, [*_ancestors(bins.bin_dir), postgres, *extra])
     if blocked is not None:
-        raise PostgresUnavailable(
+        raise BinariesOutOfReach(
             f"{why} and run {postgres}, but {blocked} does not let it through: install runledger "
             f"outside a private directory (such as /root), or use a local PostgreSQL "
             f"({BACKEND_ENV}=local)")
@@ -264,15 +268,35 @@ class EmbeddedPostgres:
         stop_orphan_postmaster(self.data_dir)
         self.binaries = find_binaries(self.data_dir)
         existing = _data_version(self.data_dir)
+        self._check_version(existing)
+        self.run_as = _run_as(self.data_dir, self.binaries)
+        if self.run_as is None:
+            return self
+        try:
+            self.notice = root_check(self.run_as, self.data_dir, self.binaries)
+        except BinariesOutOfReach as out_of_reach:
+            # pgserver's files in a private directory (a virtualenv inside /root): a local
+            # PostgreSQL, if there is one, rather than opening that directory to others.
+            local = local_binaries(existing)
+            if self.binaries.source != "pgserver" or os.environ.get(BACKEND_ENV) or local is None:
+                raise
+            if existing is not None and local.version != existing:
+                raise out_of_reach from None
+            unreachable = self.binaries.bin_dir
+            self.binaries = local
+            self.run_as = _run_as(self.data_dir, local)
+            self.notice = (root_check(self.run_as, self.data_dir, local)[:-1]
+                           + f"; pgserver's binaries ({unreachable}) are out of its reach, so the local "
+                           f"PostgreSQL {local.version} ({local.bin_dir}) runs instead.")
+        return self
+
+    def _check_version(self, existing: int | None) -> None:
+        assert self.binaries is not None
         if existing is not None and existing != self.binaries.version:
             raise PostgresUnavailable(
                 f"{self.data_dir} holds a PostgreSQL {existing} cluster, but the PostgreSQL found "
                 f"({self.binaries.source}, {self.binaries.bin_dir}) is version {self.binaries.version}; "
                 f"install PostgreSQL {existing}, or use another --data-dir")
-        self.run_as = _run_as(self.data_dir, self.binaries)
-        if self.run_as is not None:
-            self.notice = root_check(self.run_as, self.data_dir, self.binaries)
-        return self
 
     def start(self, timeout: float = 60.0) -> EmbeddedPostgres:
         if self.binaries is None:

@@ -138,3 +138,35 @@ def test_the_postgres_of_a_live_older_up_is_not_taken_for_an_orphan(tmp_path):
     finally:
         old.kill()
         old.wait()
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="what root does")
+def test_as_root_pgserver_binaries_out_of_reach_mean_the_local_postgresql(monkeypatch):
+    """A virtualenv inside a private directory (/root): no chmod of it, a local PostgreSQL."""
+    import shutil
+    import tempfile
+
+    local = embedded_postgres.local_binaries()
+    if local is None:
+        pytest.skip("no local PostgreSQL here")
+    base = Path(tempfile.mkdtemp(prefix="rlbin-"))
+    try:
+        private = base / "private"
+        (private / "bin").mkdir(parents=True, mode=0o700)
+        private.chmod(0o700)
+        (private / "bin" / "postgres").write_text("#!/bin/sh\n")
+        (private / "bin" / "postgres").chmod(0o755)
+        monkeypatch.delenv(embedded_postgres.BACKEND_ENV, raising=False)
+        monkeypatch.setattr(embedded_postgres, "pgserver_binaries",
+                            lambda: embedded_postgres.Binaries(private / "bin", local.version, "pgserver"))
+        base.chmod(0o711)
+        pg = embedded_postgres.EmbeddedPostgres(base / "data" / "pg").prepare()
+        assert pg.binaries == local
+        assert "out of its reach, so the local PostgreSQL" in pg.notice and "\n" not in pg.notice
+        assert oct(private.stat().st_mode & 0o777) == "0o700"
+
+        monkeypatch.setenv(embedded_postgres.BACKEND_ENV, "pgserver")  # asked for: refused instead
+        with pytest.raises(embedded_postgres.BinariesOutOfReach, match="does not let it through"):
+            embedded_postgres.EmbeddedPostgres(base / "data" / "pg").prepare()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
