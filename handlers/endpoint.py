@@ -106,6 +106,33 @@ def widen_reads(nc: NATS, size: int = 4 * 1024 * 1024) -> bool:
     return True
 
 
+_orphans: set[asyncio.Task] = set()
+
+
+def _reap(task: asyncio.Task) -> None:
+    _orphans.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: a late failure of abandoned work is not news
+
+
+async def run_bounded(coro: Awaitable[Any], seconds: float) -> Any:
+    """`coro`'s result, or TimeoutError after `seconds` *without waiting for it to wind
+    down*: cancelling work stuck on a stalled database runs its clean-up (a connection's
+    rollback or close), which itself waits on that database; the reply must not."""
+    task = asyncio.ensure_future(coro)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        _orphans.add(task)
+        task.add_done_callback(_reap)
+        raise TimeoutError
+    return task.result()
+
+
 def encode(out: Any) -> bytes:
     return to_json(out, fallback=str)
 
@@ -244,8 +271,7 @@ class Endpoint:
         name = msg.subject.rsplit(".", 1)[1]
         try:
             try:
-                async with asyncio.timeout(self.deadline):
-                    out = await self._run(name, msg.data, size)
+                out = await run_bounded(self._run(name, msg.data, size), self.deadline)
             except TimeoutError:
                 out = self._deadline_reply(name)
             except asyncio.CancelledError:

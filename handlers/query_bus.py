@@ -24,6 +24,7 @@ from runledger.commands.messages import ErrorCode, Rejection
 from runledger.projections.tables import projection_checkpoints
 
 from .command_bus import error, ok, parse_payload
+from .endpoint import run_bounded
 
 log = logging.getLogger("runledger.queries")
 
@@ -101,8 +102,9 @@ class CheckpointWatch:
         deadline = loop.time() + timeout
         self._waiters += 1
         try:
-            if self.known() < seq and await self.position() >= seq:
-                return True
+            with contextlib.suppress(Exception):  # a stalled database: wait for the poller
+                if self.known() < seq and await run_bounded(self.position(), min(timeout, 5.0)) >= seq:
+                    return True
             while True:
                 changed = self._changed
                 if self.known() >= seq:
@@ -153,10 +155,8 @@ class QueryBus:
                 refused = await self._wait(min_seq)
                 if refused is not None:
                     return refused
-            async with self._slots, asyncio.timeout(self.timeout):
-                async with self.engine.connect() as conn:
-                    result = await fn(conn, parsed)
-                seq = await self.watch.position() if self.watch.local else None
+            async with self._slots:
+                result, seq = await run_bounded(self._read(fn, parsed), self.timeout)
             return ok(result, seq)
         except Rejection as r:
             return {"ok": False, "error": r.as_reply()}
@@ -167,11 +167,15 @@ class QueryBus:
             log.exception("query %s failed", name)
             return error(ErrorCode.UNAVAILABLE, f"query {name} failed on the server; see the service log")
 
+    async def _read(self, fn: QueryFn, parsed: BaseModel) -> tuple[Any, int | None]:
+        async with self.engine.connect() as conn:
+            result = await fn(conn, parsed)
+        return result, (await self.watch.position() if self.watch.local else None)
+
     async def _wait(self, min_seq: int) -> dict[str, Any] | None:
         """None once the read models reached `min_seq`; else the reply that refuses it."""
         if self.last_sequence is not None and min_seq > max(self._known_last, self.watch.known()):
-            async with asyncio.timeout(self.timeout):
-                self._known_last = max(self._known_last, await self.last_sequence())
+            self._known_last = max(self._known_last, await run_bounded(self.last_sequence(), self.timeout))
             if min_seq > self._known_last:
                 return error(ErrorCode.INVALID, f"min_seq {min_seq} is beyond the stream's last sequence "
                                                 f"{self._known_last}: it can never be reached", field="min_seq")

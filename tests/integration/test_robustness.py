@@ -93,8 +93,10 @@ async def test_a_stalled_postgres_gets_queries_a_quick_unavailable_and_service_r
     base = Path(tempfile.mkdtemp(prefix="rlpg-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None))
     base.chmod(0o755)
     postgres = EmbeddedPostgres(base / "pg").start()
+    # The default statement timeout (5 s: asyncpg gives up after 6 s), a shorter request
+    # deadline (80 % of 3 s): the reply must not wait for the stuck statement to wind down.
     settings = settings.model_copy(update={"database_url": type(settings.database_url)(postgres.url),
-                                           "statement_timeout_seconds": 2.0})
+                                           "request_timeout": 3.0})
     service = Service(settings)
     nc = None
     stopped: list[int] = []
@@ -110,7 +112,7 @@ async def test_a_stalled_postgres_gets_queries_a_quick_unavailable_and_service_r
         for pid in stopped:
             os.kill(pid, signal.SIGSTOP)
         # Every query is answered, each `unavailable`, well before the requester gives up.
-        replies = await asyncio.gather(*(_reply_to(nc, settings.query_subject("ListWorkPools"), b"{}", timeout=15)
+        replies = await asyncio.gather(*(_reply_to(nc, settings.query_subject("ListWorkPools"), b"{}", timeout=5.5)
                                          for _ in range(8)))
         for down in replies:
             assert down["ok"] is False and down["error"]["code"] == "unavailable", down
