@@ -76,7 +76,7 @@ async def test_commands_go_on_while_postgres_is_down_and_the_read_model_catches_
         down = await broker.raw(settings.query_subject("ListWorkQueues"), b'{"work_pool_name": "steady"}')
         assert down["ok"] is False and down["error"]["code"] == "unavailable", down
 
-        postgres.stop()  # pgserver forgets the dead server (it caches one handle per data dir)
+        postgres.stop()  # forget the dead postmaster (already reaped), then start it again
         postgres = EmbeddedPostgres(data_dir).start()
 
         async def caught_up():
