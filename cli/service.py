@@ -126,6 +126,9 @@ def up(
 
     _configure_logging(verbose)
     started = time.perf_counter()
+    legacy = Path.home() / ".local" / "share" / "runledger"  # root's default before /var/lib
+    if data_dir is None and default_data_dir() != legacy and (legacy / "pg").is_dir():
+        console.print(f"note: data from an earlier runledger is in {legacy}; --data-dir {legacy} uses it")
     data_dir = (data_dir or default_data_dir()).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     try:  # one `up` per data dir, for its whole life; the kernel drops the lock when it dies
