@@ -67,14 +67,15 @@ def bench_settings(urls: dict, role: str = "service") -> Settings:
     """Settings of the bench's namespace as `role` (service: appends and the service process;
     client: commands and queries; analyst: reading the log)."""
     creds = (urls.get("nats_users") or {}).get(role)
-    auth = {"nats_user": creds["user"], "nats_password": creds["password"]} if creds else {}
+    auth = {"nats_user": creds["user"], "nats_password": creds["password"],
+            "js_api_prefix": creds.get("js_api_prefix", "$JS.API")} if creds else {}
     return Settings(nats_url=urls["nats_url"], database_url=urls["database_url"], namespace=urls["namespace"],
                     inbox_prefix=broker_auth.inbox_prefix(role), **auth)
 
 
 def role_env(settings: Settings) -> dict[str, str]:
     """The environment that gives a `runledger` process the role `settings` were made for."""
-    env = {"RUNLEDGER_INBOX_PREFIX": settings.inbox_prefix}
+    env = {"RUNLEDGER_INBOX_PREFIX": settings.inbox_prefix, "RUNLEDGER_JS_API_PREFIX": settings.js_api_prefix}
     if settings.nats_user and settings.nats_password:
         env.update(RUNLEDGER_NATS_USER=settings.nats_user, RUNLEDGER_NATS_PASSWORD=settings.nats_password.get_secret_value())
     return env

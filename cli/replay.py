@@ -55,7 +55,7 @@ def _run(coro):
 async def _rebuild(settings: Settings, schema: str, until_seq: int | None, as_of: datetime | None, quiet: bool):
     nc = await connect(settings, name="runledger-replay", wait_for_server=False)
     try:
-        await ensure_event_stream(nc.jetstream(), settings)
+        await ensure_event_stream(nc.jetstream(prefix=settings.js_api_prefix), settings)
         store = EventStore(nc, settings)
         total = until_seq or await store.last_sequence()
         with Progress(TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TextColumn("seq"),

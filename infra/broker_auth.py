@@ -55,7 +55,9 @@ def new_password() -> str:
 
 
 def new_credentials() -> dict[str, dict[str, str]]:
-    return {role: {"user": role, "password": new_password()} for role in ROLES}
+    creds = {role: {"user": role, "password": new_password()} for role in ROLES}
+    creds["analyst"]["js_api_prefix"] = ANALYST_JS_API  # where its account imports the read API
+    return creds
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,27 @@ def service_consumer_names() -> list[str]:
     from runledger.projections.runner import ProjectionRunner
 
     return sorted(ProjectionRunner.consumer_name(None, p) for p in projectors())
+
+
+# The analyst's JetStream API prefix (nats-py `prefix`, Settings.js_api_prefix): its account's
+# imports of the service account's read API.
+ANALYST_JS_API = "$JS.READ.API"
+SERVICE_ACCOUNT, ANALYST_ACCOUNT = "RUNLEDGER", "ANALYST"
+
+
+def analyst_api(stream: str) -> list[tuple[str, str]]:
+    """(subject after `$JS.API.`, response type) of each read API the analyst imports."""
+    return [
+        (f"STREAM.INFO.{stream}", "singleton"),
+        (f"STREAM.MSG.GET.{stream}", "singleton"),
+        (f"DIRECT.GET.{stream}", "stream"),  # batched direct gets answer many messages
+        (f"DIRECT.GET.{stream}.>", "stream"),
+        (f"CONSUMER.CREATE.{stream}.*", "singleton"),
+        (f"CONSUMER.CREATE.{stream}.*.>", "singleton"),
+        (f"CONSUMER.MSG.NEXT.{stream}.*", "stream"),
+        (f"CONSUMER.DELETE.{stream}.*", "singleton"),
+        (f"CONSUMER.INFO.{stream}.*", "singleton"),
+    ]
 
 
 def role_permissions(namespace: str, service_consumers: Sequence[str]) -> dict[str, dict]:
@@ -109,21 +132,19 @@ def role_permissions(namespace: str, service_consumers: Sequence[str]) -> dict[s
     for s in kv_streams:  # a bucket's own upkeep (purging deleted keys)
         service_pub += [f"{api}.STREAM.PURGE.{s}", f"{api}.STREAM.MSG.DELETE.{s}"]
 
-    # The analyst may create only consumers named in the subject (new-style create), so the
-    # service's durable consumers can be denied by name: the legacy ephemeral subject
-    # (`CONSUMER.CREATE.<stream>`, name in the body) would let it update one of them.
-    analyst_pub = [
-        f"{api}.INFO", f"{api}.STREAM.INFO.{stream}",
-        f"{api}.DIRECT.GET.{stream}", f"{api}.DIRECT.GET.{stream}.>", f"{api}.STREAM.MSG.GET.{stream}",
-        f"{api}.CONSUMER.CREATE.{stream}.*", f"{api}.CONSUMER.CREATE.{stream}.*.>",
-        f"{api}.CONSUMER.MSG.NEXT.{stream}.*", f"{api}.CONSUMER.DELETE.{stream}.*",
-        f"{api}.CONSUMER.INFO.{stream}.*",
-    ]
+    # The analyst lives in an account of its own and reaches the event stream's read API only
+    # through imports (`analyst_api`), under ANALYST_JS_API: the server then answers on a reply
+    # subject of the analyst's account, never one it names in the service's. It may create
+    # only consumers named in the subject (new-style create), so the service's durable
+    # consumers can be denied by name: the legacy ephemeral subject (`CONSUMER.CREATE.<stream>`,
+    # name in the body) would let it update one of them.
+    read = ANALYST_JS_API
+    analyst_pub = [f"{read}.{suffix}" for suffix, _ in analyst_api(stream)]
     analyst_deny = []
     for c in service_consumers:
         analyst_deny += [
-            f"{api}.CONSUMER.CREATE.{stream}.{c}", f"{api}.CONSUMER.CREATE.{stream}.{c}.>",
-            f"{api}.CONSUMER.MSG.NEXT.{stream}.{c}", f"{api}.CONSUMER.DELETE.{stream}.{c}",
+            f"{read}.CONSUMER.CREATE.{stream}.{c}", f"{read}.CONSUMER.CREATE.{stream}.{c}.>",
+            f"{read}.CONSUMER.MSG.NEXT.{stream}.{c}", f"{read}.CONSUMER.DELETE.{stream}.{c}",
         ]
 
     return {
@@ -198,13 +219,29 @@ def nats_config(namespace: str, passwords: Mapping[str, str], store_dir: str, *,
     ]
     lines = head + _block(top, 0)
     lines += ["", "# Every write is synced to disk before it is acknowledged.", "jetstream {",
-              f"  store_dir: {json.dumps(store_dir)}", "  sync_interval: always", "}", "",
-              "authorization {", "  users: ["]
-    for role in ROLES:
-        user = {"user": role, "password": passwords[role], "permissions": perms[role]}
-        body = _block(user, 3)
-        lines += ["    {", *body, "    }"]
-    lines += ["  ]", "}", ""]
+              f"  store_dir: {json.dumps(store_dir)}", "  sync_interval: always", "}", ""]
+
+    def users(roles: Sequence[str]) -> list[str]:
+        out = ["    users: ["]
+        for role in roles:
+            user = {"user": role, "password": passwords[role], "permissions": perms[role]}
+            out += ["      {", *_block(user, 4), "      }"]
+        return out + ["    ]"]
+
+    stream = Names(namespace).stream
+    exports = [f'      {{service: {json.dumps("$JS.API." + sub)}, response_type: {kind}, '
+               f'accounts: [{json.dumps(ANALYST_ACCOUNT)}]}}' for sub, kind in analyst_api(stream)]
+    imports = [f'      {{service: {{account: {json.dumps(SERVICE_ACCOUNT)}, subject: {json.dumps("$JS.API." + sub)}}}, '
+               f'to: {json.dumps(ANALYST_JS_API + "." + sub)}}}' for sub, _ in analyst_api(stream)]
+    lines += [
+        "# The service and its clients share an account; the analyst has its own and reaches the",
+        "# event stream's read API only through imports (answers come back on its own subjects).",
+        "accounts {",
+        f"  {SERVICE_ACCOUNT} {{", "    jetstream: enabled", *users(["service", "client"]),
+        "    exports: [", *exports, "    ]", "  }",
+        f"  {ANALYST_ACCOUNT} {{", *users(["analyst"]), "    imports: [", *imports, "    ]", "  }",
+        "}", "",
+    ]
     return "\n".join(lines)
 
 
@@ -233,6 +270,7 @@ def local_credentials(data_dir) -> dict[str, dict[str, str]]:
     try:
         creds = json.loads(path.read_text())
         if all(creds.get(r, {}).get("password") for r in ROLES):
+            creds["analyst"]["js_api_prefix"] = ANALYST_JS_API
             return creds
     except (OSError, ValueError):
         pass

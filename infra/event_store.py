@@ -281,7 +281,7 @@ class EventStore:
         server's, as it announced on connecting (`nc.max_payload`)."""
         self._max_payload = max_payload
         self.nc = nc
-        self.js = nc.jetstream(timeout=settings.request_timeout)
+        self.js = nc.jetstream(timeout=settings.request_timeout, prefix=settings.js_api_prefix)
         self.settings = settings
         self.stream = settings.stream_name
         self.prefix = settings.event_subject_prefix
@@ -417,7 +417,7 @@ class EventStore:
         state on the server; no timer per message on the client)."""
         out: list[tuple[int, str, bytes, dict]] = []
         seq = max(1, start_seq)
-        api = f"$JS.API.DIRECT.GET.{self.stream}"
+        api = f"{self.settings.js_api_prefix}.DIRECT.GET.{self.stream}"
         inbox = self.nc.new_inbox()
         done = asyncio.Event()
         status: dict[str, str | int] = {}

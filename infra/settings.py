@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     # subject the service answers must start with (it never publishes a reply anywhere else).
     inbox_prefix: str = Field(default="_INBOX", pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
     reply_subject_prefix: str = Field(default="_INBOX.", pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*\.$")
+    # The JetStream API's subject prefix (nats-py's `prefix`): `$JS.API`, or where the analyst
+    # role's account imports the service account's read API (infra/broker_auth.py).
+    js_api_prefix: str = Field(default="$JS.API", pattern=r"^\$JS(\.[A-Za-z0-9_\-]+)*\.API$")
     # Every Postgres statement is cut off after this long (the request then answers
     # `unavailable`), so a stalled database never leaves a request without a reply.
     statement_timeout_seconds: float = Field(default=5.0, gt=0)
@@ -169,6 +172,8 @@ def load_settings(role: str = "client", **overrides: Any) -> Settings:
     user = (recorded.get("nats_users") or {}).get(role)
     if isinstance(user, dict) and not any(v in os.environ for v in _CREDENTIAL_VARS):
         values["nats_user"], values["nats_password"] = user.get("user"), user.get("password")
+        if user.get("js_api_prefix") and "RUNLEDGER_JS_API_PREFIX" not in os.environ:
+            values["js_api_prefix"] = user["js_api_prefix"]
     if "RUNLEDGER_INBOX_PREFIX" not in os.environ:
         values["inbox_prefix"] = f"_INBOX.{role}"
     values.update(overrides)

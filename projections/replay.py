@@ -43,7 +43,7 @@ async def iter_log(store: EventStore, subject_filter: str, start_seq: int = 1, *
         opt_start_seq=max(1, start_seq), inactive_threshold=60, mem_storage=True, num_replicas=1,
     )
     consumer = await store.js.add_consumer(stream, config)
-    api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer.name}"
+    api = f"{store.settings.js_api_prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer.name}"
     inbox = nc.new_inbox()
     arrived: list[RawEvent] = []
     state = {"open": 0, "status": None, "pending": 1}

@@ -36,7 +36,8 @@ class Roles:
     def settings(self, role: str) -> Settings:
         return Settings(nats_url=self.server.url, database_url=self.database_url, namespace=self.namespace,
                         nats_user=self.creds[role]["user"], nats_password=self.creds[role]["password"],
-                        inbox_prefix=broker_auth.inbox_prefix(role), request_timeout=3.0)
+                        inbox_prefix=broker_auth.inbox_prefix(role), request_timeout=3.0,
+                        js_api_prefix=self.creds[role].get("js_api_prefix", "$JS.API"))
 
     async def connect(self, role: str):
         """A raw connection as `role` and the errors its callback receives."""
@@ -189,7 +190,7 @@ async def test_analyst_reads_the_log_as_events_and_replay_do(roles):
     settings = roles.settings("analyst")
     nc = await connect(settings, name="analyst", wait_for_server=False)
     roles.connections.append(nc)
-    await ensure_event_stream(nc.jetstream(), settings)  # `replay` checks the stream first
+    await ensure_event_stream(nc.jetstream(prefix=settings.js_api_prefix), settings)  # as `replay` does
     store = EventStore(nc, settings)
     last = await store.last_sequence()
     read = [e async for batch in iter_log(store, f"{settings.event_subject_prefix}.*.*.*") for e in batch]
@@ -206,16 +207,23 @@ async def test_analyst_cannot_write_or_take_over_the_services_consumers(roles):
     stream = roles.stream
     take_over = json.dumps({"stream_name": stream, "config": {
         "name": "projection_work_pools", "ack_policy": "none", "deliver_policy": "all", "inactive_threshold": 1}})
-    await _assert_refused(roles, "analyst", pool["id"], {
-        "update the service's consumer": (f"$JS.API.CONSUMER.CREATE.{stream}.projection_work_pools",
-                                          take_over.encode(), None),
-        "create a consumer named in the body": (f"$JS.API.CONSUMER.CREATE.{stream}", take_over.encode(), None),
-        "create a durable": (f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.x", b"{}", None),
-        "pull the service's consumer": (f"$JS.API.CONSUMER.MSG.NEXT.{stream}.projection_work_pools",
-                                        b'{"batch":1}', None),
-        "update the stream": (f"$JS.API.STREAM.UPDATE.{stream}", b"{}", None),
-        "read a bucket": (f"$JS.API.DIRECT.GET.KV_{roles.snapshots}", b'{"seq":1}', None),
-    })
+    attacks = {}
+    for api in ("$JS.API", broker_auth.ANALYST_JS_API):  # its own account's, and the imported read API
+        attacks |= {
+            f"{api}: update the service's consumer": (f"{api}.CONSUMER.CREATE.{stream}.projection_work_pools",
+                                                      take_over.encode(), None),
+            f"{api}: create a consumer named in the body": (f"{api}.CONSUMER.CREATE.{stream}", take_over.encode(),
+                                                            None),
+            f"{api}: create a durable": (f"{api}.CONSUMER.DURABLE.CREATE.{stream}.x", b"{}", None),
+            f"{api}: pull the service's consumer": (f"{api}.CONSUMER.MSG.NEXT.{stream}.projection_work_pools",
+                                                    b'{"batch":1}', None),
+            f"{api}: delete the service's consumer": (f"{api}.CONSUMER.DELETE.{stream}.projection_work_pools",
+                                                      b"", None),
+            f"{api}: purge": (f"{api}.STREAM.PURGE.{stream}", b"", None),
+            f"{api}: update the stream": (f"{api}.STREAM.UPDATE.{stream}", b"{}", None),
+            f"{api}: read a bucket": (f"{api}.DIRECT.GET.KV_{roles.snapshots}", b'{"seq":1}', None),
+        }
+    await _assert_refused(roles, "analyst", pool["id"], attacks)
     await _assert_cannot_subscribe(roles, "analyst", ["_INBOX.client.>", "_INBOX.service.>",
                                                       f"{roles.namespace}.qry.>"])
 
@@ -232,17 +240,19 @@ async def test_service_cannot_purge_or_delete_the_log(roles):
     assert await _state(roles) == before
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap: the JetStream API answers to whatever reply subject the requester names, and one "
-    "account shares one subject space, so a role that may send any JetStream API request can have "
-    "the server's answer stored in the event stream. Closing it needs the analyst in its own "
-    "account, importing the read API (service imports rewrite reply subjects)."))
 async def test_analyst_cannot_have_the_server_write_into_the_log(roles):
+    """JetStream answers on whatever reply subject a request names, unchecked. In one account
+    with the log that would let the analyst have answers stored in it; from its own account,
+    through the imports, the answers land on its account's subjects."""
     pool = await _pool(roles)
     before = await _state(roles)
     nc, _ = await roles.connect("analyst")
-    await nc.publish(f"$JS.API.STREAM.INFO.{roles.stream}", b"",
-                     reply=f"{roles.namespace}.evt.work_pool.{pool['id']}.WorkPoolUpdated")
+    read = broker_auth.ANALYST_JS_API
+    into = [f"{roles.namespace}.evt.work_pool.{pool['id']}.WorkPoolUpdated", f"{roles.namespace}.idem.{'1' * 40}",
+            f"$KV.{roles.snapshots}.work_pool.{pool['id']}"]
+    for reply in into:
+        await nc.publish(f"{read}.STREAM.INFO.{roles.stream}", b"", reply=reply)
+        await nc.publish(f"{read}.DIRECT.GET.{roles.stream}", b'{"seq":1}', reply=reply)
     await nc.flush()
     await asyncio.sleep(0.3)
     assert await _state(roles) == before
@@ -254,12 +264,13 @@ async def test_a_push_consumer_of_the_analyst_delivers_nothing_into_a_bucket(rol
     Should that change, this fails (docs/security.md)."""
     await _pool(roles)
     nc, _ = await roles.connect("analyst")
-    js = nc.jetstream()
+    js = nc.jetstream(prefix=broker_auth.ANALYST_JS_API)
     before = await _state(roles)
     config = {"stream_name": roles.stream, "config": {
         "name": "push", "deliver_subject": f"$KV.{roles.snapshots}.forged", "ack_policy": "none",
         "deliver_policy": "all"}}
-    await nc.request(f"$JS.API.CONSUMER.CREATE.{roles.stream}.push", json.dumps(config).encode(), timeout=3)
+    await nc.request(f"{broker_auth.ANALYST_JS_API}.CONSUMER.CREATE.{roles.stream}.push", json.dumps(config).encode(),
+                     timeout=3)
     await asyncio.sleep(0.5)
     with contextlib.suppress(Exception):
         await js.delete_consumer(roles.stream, "push")

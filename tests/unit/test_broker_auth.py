@@ -55,4 +55,13 @@ def test_client_and_analyst_cannot_publish_to_the_log():
         allowed = perms[role]["publish"]["allow"]
         assert not [s for s in allowed if s.startswith(("ns.evt", "ns.idem", "$KV.", "$JS.API.STREAM.PURGE",
                                                         "$JS.API.STREAM.DELETE", "$JS.ACK"))]
-    assert "$JS.API.CONSUMER.DELETE.NS_EVENTS.projection_x" in perms["analyst"]["publish"]["deny"]
+    assert f"{broker_auth.ANALYST_JS_API}.CONSUMER.DELETE.NS_EVENTS.projection_x" in perms["analyst"]["publish"]["deny"]
+    # The analyst reaches the JetStream API only through its account's imports.
+    assert all(s.startswith(broker_auth.ANALYST_JS_API + ".") for s in perms["analyst"]["publish"]["allow"])
+
+
+def test_the_analyst_has_an_account_of_its_own():
+    text = broker_auth.compose_config()
+    service, analyst = text.split("  ANALYST {")
+    assert '"service"' in service and '"client"' in service and '"analyst"' not in service
+    assert '"analyst"' in analyst and "jetstream" not in analyst
