@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import time
@@ -107,6 +108,22 @@ def widen_reads(nc: NATS, size: int = 4 * 1024 * 1024) -> bool:
 
 
 _orphans: set[asyncio.Task] = set()
+_extend_deadline: contextvars.ContextVar[Callable[[float], None] | None] = contextvars.ContextVar(
+    "runledger_extend_deadline", default=None)
+
+
+def extend_deadline(seconds: float) -> None:
+    """Give the request this task is answering `seconds` more before its deadline (a
+    read-your-writes wait, itself bounded); nothing outside a request."""
+    extend = _extend_deadline.get()
+    if extend is not None:
+        extend(seconds)
+
+
+def _spawn(coro: Awaitable[Any]) -> None:
+    task = asyncio.ensure_future(coro)
+    _orphans.add(task)
+    task.add_done_callback(_reap)
 
 
 def _reap(task: asyncio.Task) -> None:
@@ -269,12 +286,36 @@ class Endpoint:
 
     async def _answer(self, msg, size: int) -> None:
         name = msg.subject.rsplit(".", 1)[1]
+        # The deadline is a timer that answers by itself and then cancels this task, without
+        # waiting for the work to wind down (cancelled work stuck on a stalled database runs
+        # clean-up that waits on that database too). A timer, not a task per request: cheap.
+        loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
+        answered = False
+
+        def expire() -> None:
+            nonlocal answered
+            if answered:
+                return
+            answered = True
+            _spawn(self._publish(msg.reply, encode(self._deadline_reply(name)), msg._client))
+            me.cancel()
+
+        timer = loop.call_later(self.deadline, expire)
+
+        def extend(seconds: float) -> None:
+            nonlocal timer
+            if not answered:
+                timer.cancel()
+                timer = loop.call_at(timer.when() + seconds, expire)
+
+        _extend_deadline.set(extend)  # this task's own context
         try:
             try:
-                out = await run_bounded(self._run(name, msg.data, size), self.deadline)
-            except TimeoutError:
-                out = self._deadline_reply(name)
+                out = await self._run(name, msg.data, size)
             except asyncio.CancelledError:
+                if answered:  # the deadline answered already
+                    return
                 # The endpoint is stopping: still answer, then let the cancel through.
                 await self._publish(msg.reply, conn=msg._client, body=encode(_error(
                     ErrorCode.UNAVAILABLE, f"the service stopped while handling {name}; "
@@ -289,11 +330,15 @@ class Endpoint:
             except Exception:
                 log.exception("the reply of %s %s could not be encoded", self.kind, name)
                 body = encode(_error(ErrorCode.UNAVAILABLE, f"the reply of {name} could not be encoded; see the service log"))
+            if answered:  # the work swallowed the deadline's cancel: its reply went out already
+                return
+            answered = True
             limit = msg._client.max_payload
             if len(body) > limit:
                 body = fit_reply(out, msg.data, limit, self.kind)
             await self._publish(msg.reply, body, msg._client)
         finally:
+            timer.cancel()
             self._bytes -= size
 
     def _deadline_reply(self, name: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from runledger.commands.messages import ErrorCode, Rejection
 from runledger.projections.tables import projection_checkpoints
 
 from .command_bus import error, ok, parse_payload
-from .endpoint import run_bounded
+from .endpoint import extend_deadline, run_bounded
 
 log = logging.getLogger("runledger.queries")
 
@@ -155,8 +155,8 @@ class QueryBus:
                 refused = await self._wait(min_seq)
                 if refused is not None:
                     return refused
-            async with self._slots:
-                result, seq = await run_bounded(self._read(fn, parsed), self.timeout)
+            async with self._slots, asyncio.timeout(self.timeout + 1.0):  # a backstop: the endpoint's deadline answers first
+                result, seq = await self._read(fn, parsed)
             return ok(result, seq)
         except Rejection as r:
             return {"ok": False, "error": r.as_reply()}
@@ -183,10 +183,15 @@ class QueryBus:
             return error(ErrorCode.UNAVAILABLE, f"busy: {self._waiting} queries already wait for the read model to "
                                                 "catch up; retry shortly")
         self._waiting += 1
+        # The wait is bounded by itself: the request's deadline is moved by the time it takes.
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        extend_deadline(self.wait_timeout)
         try:
             reached = await self.watch.wait_for(min_seq, self.wait_timeout)
         finally:
             self._waiting -= 1
+            extend_deadline(-max(0.0, self.wait_timeout - (loop.time() - started)))
         if not reached:
             return error(ErrorCode.UNAVAILABLE, f"the read model did not reach stream sequence {min_seq} within "
                                                 f"{self.wait_timeout:g} s")

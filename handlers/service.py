@@ -145,7 +145,7 @@ class Service:
                 self.nc, s.query_subject("*"), QUERY_QUEUE_GROUP, self.queries.execute, settings=s,
                 kind="query", concurrency=None,
                 max_in_flight=2 * s.handler_concurrency + self.queries.max_waiting,
-                deadline=deadline + s.query_wait_timeout, lanes=self.lanes))
+                deadline=deadline, lanes=self.lanes))  # extended by a min_seq wait
         await self.nc.flush()
         for lane in self.lanes:
             await lane.flush()
