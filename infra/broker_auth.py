@@ -10,9 +10,9 @@ Roles (each a NATS user with a password):
 - `client`: sends commands and queries; receives its replies on `_INBOX.client.>`.
 - `analyst`: reads the log (stream info, direct gets, consumers it names itself in the
   create subject) for `runledger events`, `replay` and `verify`; publishes nothing to the
-  log or the buckets and never touches the service's consumers. Known gap: JetStream
-  answers any reply subject a request names, so its API answers can be steered into the
-  log (docs/security.md; tests/integration/test_roles.py keeps an xfail for it).
+  log or the buckets and never touches the service's consumers. It is in an account of
+  its own, importing that read API under ANALYST_JS_API: JetStream answers any reply
+  subject a request names, and from there no answer can be steered into the log.
 - `task_worker`: reserved for a later role (it will pull work from work-queue streams);
   add it to `role_permissions` when that exists.
 
