@@ -89,7 +89,7 @@ class GetWorkQueue(Query):
 
 
 class ListWorkQueues(Page):
-    """The queues of one pool, ordered by priority ascending (PR-5)."""
+    """The queues of one pool, ordered by priority ascending."""
 
     work_pool_name: PoolName
     work_queues: WorkQueueFilter | None = None
@@ -105,12 +105,12 @@ class GetWorkQueueById(Query):
 
 
 class GetLegacyWorkQueue(Query):
-    """WQ-10: by name, inside `default-agent-pool` only."""
+    """A queue by name, inside `default-agent-pool` only (the legacy queue API)."""
 
     name: QueueName
 
 
 class ListAllWorkQueues(Page):
-    """WQ-10: every pool's queues, ordered by name ascending."""
+    """Every pool's queues, ordered by name ascending (the legacy queue API)."""
 
     work_queues: WorkQueueFilter | None = None

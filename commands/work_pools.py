@@ -212,7 +212,7 @@ class _PoolEvent(Event):
 
 @register_event
 class WorkPoolCreated(_PoolEvent):
-    """A pool and its default queue (WP-1, WP-2)."""
+    """A pool and its default queue."""
 
     event_type: ClassVar[str] = "WorkPoolCreated"
     pool: WorkPoolSnapshot
@@ -221,7 +221,7 @@ class WorkPoolCreated(_PoolEvent):
 
 @register_event
 class WorkPoolUpdated(_PoolEvent):
-    """`changes` lists changed fields; `status` is set on every status write (WP-8), even
+    """`changes` lists changed fields; `status` is set on every status write, even
     when the status stays the same (a repeated pause)."""
 
     event_type: ClassVar[str] = "WorkPoolUpdated"
@@ -232,7 +232,7 @@ class WorkPoolUpdated(_PoolEvent):
 
 @register_event
 class WorkPoolDeleted(_PoolEvent):
-    """The pool with all its queues (WP-9): `queue_ids` lists what went with it."""
+    """The pool with all its queues: `queue_ids` lists what went with it."""
 
     event_type: ClassVar[str] = "WorkPoolDeleted"
     pool_id: uuid.UUID
@@ -243,7 +243,7 @@ class WorkPoolDeleted(_PoolEvent):
 
 @register_event
 class WorkQueueCreated(_PoolEvent):
-    """`reprioritized` holds the other queues PR-1 moved (WQ-3): queue id -> new priority."""
+    """`reprioritized` holds the other queues the priority rules moved: queue id -> new priority."""
 
     event_type: ClassVar[str] = "WorkQueueCreated"
     queue: WorkQueueSnapshot
@@ -270,7 +270,7 @@ class WorkQueueDeleted(_PoolEvent):
 
 @register_event
 class WorkQueuesReprioritized(_PoolEvent):
-    """A bulk priority map applied by PR-1."""
+    """A bulk priority map applied by the priority rules."""
 
     event_type: ClassVar[str] = "WorkQueuesReprioritized"
     reprioritized: dict[uuid.UUID, PositiveInt32]
@@ -332,7 +332,7 @@ class CreateWorkQueue(Command):
 
 
 class UpdateWorkQueue(Command):
-    """Through the pool API: a priority change runs PR-1 (WQ-5)."""
+    """Through the pool API: a priority change moves the other queues down to make room."""
 
     work_pool_name: PoolName
     work_queue_name: QueueName
@@ -350,14 +350,14 @@ class DeleteWorkQueue(Command):
 
 
 class SetWorkQueuePriorities(Command):
-    """Bulk PR-1 with a map of queue name -> priority; unknown names are ignored (PR-1 step 1)."""
+    """A bulk priority change with a map of queue name -> priority; unknown names are ignored."""
 
     work_pool_name: PoolName
     priorities: dict[QueueName, Positive]
 
 
 class CreateLegacyWorkQueue(Command):
-    """WQ-9: a queue in `default-agent-pool`, creating that pool when missing."""
+    """A queue in `default-agent-pool`, creating that pool when missing."""
 
     name: QueueName
     description: Description | None = ""
@@ -367,7 +367,7 @@ class CreateLegacyWorkQueue(Command):
 
 
 class UpdateWorkQueueById(Command):
-    """The legacy `/work_queues/{id}` update: the priority is stored as given (WQ-11)."""
+    """The legacy `/work_queues/{id}` update: the priority is stored as given."""
 
     id: uuid.UUID
     name: QueueName | None = None
