@@ -93,6 +93,14 @@ async def test_up_needs_credentials_and_the_cli_finds_them(up):
     events = _cli(config_dir, "events", "--aggregate", "work_pool")
     assert events.returncode == 0, events.stderr
     assert any(json.loads(line)["type"] == "WorkPoolCreated" for line in events.stdout.splitlines())
+    follower = subprocess.Popen([*CLI, "events", "--follow"], env=_env(config_dir), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4)  # its start-up, then a poll or more
+    finally:
+        follower.send_signal(signal.SIGINT)
+        followed, followed_err = follower.communicate(timeout=30)
+    assert any(json.loads(line)["type"] == "WorkPoolCreated" for line in followed.splitlines()), followed_err
     verified = _cli(config_dir, "verify")  # a rebuild from the log, compared with the live read models
     assert verified.returncode == 0, verified.stdout + verified.stderr
     replayed = _cli(config_dir, "replay", "--quiet")
