@@ -238,7 +238,7 @@ class Endpoint:
         for conn in lanes or (nc,):
             self.subscriptions.append(await conn.subscribe(subject, queue=group, cb=self._on_message,
                                                            pending_msgs_limit=max(4 * max_in_flight, 1024),
-                                                           pending_bytes_limit=2 * max_bytes))
+                                                           pending_bytes_limit=max_bytes))
         return self
 
     @property

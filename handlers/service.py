@@ -66,6 +66,8 @@ class Service:
     roles: frozenset[str] = ALL_ROLES
     nc: NATS | None = None
     engine: AsyncEngine | None = None
+    # Migrations and projection batches: statements that may rightly run longer than a request's.
+    batch_engine: AsyncEngine | None = None
     endpoints: list[Endpoint] = field(default_factory=list)
     store: EventStore | None = None
     commands: CommandBus | None = None
@@ -108,15 +110,17 @@ class Service:
         try:
             await check_database(self.engine, s)
         except DatabaseUnavailable:
-            await self.nc.close()
+            for conn in (self.nc, *self.lanes):
+                await conn.close()
             await self.engine.dispose()
             raise
-        await migrate(self.engine, s.db_schema, MIGRATIONS)
+        self.batch_engine = create_engine(s, pool_size=2, statement_timeout=max(60.0, 10 * s.statement_timeout_seconds))
+        await migrate(self.batch_engine, s.db_schema, MIGRATIONS)
         self.store = EventStore(self.nc, s)
         projections = projectors()
         self.watch = CheckpointWatch(self.engine, [p.name for p in projections], local="projections" in self.roles)
         if "projections" in self.roles:
-            self.runner = ProjectionRunner(self.nc, s, self.engine, projections, on_applied=self.watch.applied,
+            self.runner = ProjectionRunner(self.nc, s, self.batch_engine, projections, on_applied=self.watch.applied,
                                            on_released=self.watch.released,
                                            batch_size=s.projection_batch_size, lease_ttl=s.lease_ttl_seconds,
                                            stall_retry_seconds=s.projection_stall_retry_seconds)
@@ -174,6 +178,7 @@ class Service:
             self.runner.stop() if self.runner is not None else None,
             self.nc.close() if self.nc is not None and not self.nc.is_closed else None,
             self.engine.dispose() if self.engine is not None else None,
+            self.batch_engine.dispose() if self.batch_engine is not None else None,
         ]
         for step in steps:
             if step is None:
