@@ -25,6 +25,7 @@ import contextlib
 import contextvars
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ log = logging.getLogger("runledger.service")
 Execute = Callable[[str, bytes], Awaitable[dict[str, Any]]]
 
 MAX_REPLY_SUBJECT = 256
+SMALL_REQUEST = 64 * 1024  # smaller requests skip the large-request gate
 WARN_EVERY_SECONDS = 10.0
 
 
@@ -56,15 +58,17 @@ def protected_prefixes(settings: Settings) -> tuple[str, ...]:
     return (f"{ns}.evt.", f"{ns}.idem.", f"{ns}.cmd.", f"{ns}.qry.", "$")
 
 
-def reply_subject_allowed(reply: str | None, prefix: str, protected: Sequence[str]) -> bool:
+# Tokens of printable ASCII without `.`, `*` and `>`; no empty token.
+_TOKEN = r"[\x21-\x29\x2b-\x2d\x2f-\x3d\x3f-\x7e]+"
+_PLAIN_SUBJECT = re.compile(rf"{_TOKEN}(?:\.{_TOKEN})*")
+
+
+def reply_subject_allowed(reply: str | None, prefix: str, protected: tuple[str, ...]) -> bool:
     if not reply or len(reply) > MAX_REPLY_SUBJECT or not reply.startswith(prefix):
         return False
-    if any(reply.startswith(p) for p in protected):
+    if reply.startswith(protected):
         return False
-    for token in reply.split("."):
-        if not token or "*" in token or ">" in token:
-            return False
-    return all(32 < ord(c) < 127 for c in reply)
+    return _PLAIN_SUBJECT.fullmatch(reply) is not None
 
 
 @dataclass
@@ -107,17 +111,24 @@ def widen_reads(nc: NATS, size: int = 4 * 1024 * 1024) -> bool:
     return True
 
 
+class _Pending:
+    __slots__ = ("due", "msg", "name", "answered")
+
+    def __init__(self, due: float, msg: Any, name: str):
+        self.due, self.msg, self.name, self.answered = due, msg, name, False
+
+
 _orphans: set[asyncio.Task] = set()
-_extend_deadline: contextvars.ContextVar[Callable[[float], None] | None] = contextvars.ContextVar(
+_extend_deadline: contextvars.ContextVar[_Pending | None] = contextvars.ContextVar(
     "runledger_extend_deadline", default=None)
 
 
 def extend_deadline(seconds: float) -> None:
     """Give the request this task is answering `seconds` more before its deadline (a
-    read-your-writes wait, itself bounded); nothing outside a request."""
-    extend = _extend_deadline.get()
-    if extend is not None:
-        extend(seconds)
+    read-your-writes wait, itself bounded; negative: take it back); nothing outside a request."""
+    req = _extend_deadline.get()
+    if req is not None:
+        req.due += seconds
 
 
 def _spawn(coro: Awaitable[Any]) -> None:
@@ -222,6 +233,9 @@ class Endpoint:
     _exec_changed: asyncio.Event = field(default_factory=asyncio.Event)
     _protected: tuple[str, ...] = ()
     _widened: dict[int, Any] = field(default_factory=dict)
+    _pending: dict[asyncio.Task, _Pending] = field(default_factory=dict)
+    _sweeper: asyncio.Task | None = None
+    _loop: Any = None
 
     @classmethod
     async def serve(cls, nc: NATS, subject: str, group: str, execute: Execute, *, settings: Settings, kind: str,
@@ -233,6 +247,8 @@ class Endpoint:
         self = cls(nc, subject, kind, execute, settings, concurrency, max_in_flight, deadline, max_bytes)
         self._slots = asyncio.Semaphore(concurrency) if concurrency else None
         self._protected = protected_prefixes(settings)
+        self._loop = asyncio.get_running_loop()
+        self._sweeper = asyncio.create_task(self._sweep(min(0.25, deadline / 8)))
         # Bounded pending (nats-py drops past it and reports a slow consumer, which the
         # service answers busy); the callback below never waits, so it stays near empty.
         for conn in lanes or (nc,):
@@ -271,6 +287,11 @@ class Endpoint:
         # Large requests run a few at a time (`exec_bytes` of bodies at once, or one alone):
         # their parsing and encoding are long synchronous steps, and many at once would keep
         # the event loop from reading the socket, which is what makes a slow consumer.
+        if size < SMALL_REQUEST:  # the common case: no gate
+            if self._slots is None:
+                return await self.execute(name, data)
+            async with self._slots:
+                return await self.execute(name, data)
         while self._executing and self._executing + size > self.exec_bytes:
             self._exec_changed.clear()
             await self._exec_changed.wait()
@@ -286,35 +307,19 @@ class Endpoint:
 
     async def _answer(self, msg, size: int) -> None:
         name = msg.subject.rsplit(".", 1)[1]
-        # The deadline is a timer that answers by itself and then cancels this task, without
+        # The deadline: the sweeper answers a request past it and cancels its task, without
         # waiting for the work to wind down (cancelled work stuck on a stalled database runs
-        # clean-up that waits on that database too). A timer, not a task per request: cheap.
-        loop = asyncio.get_running_loop()
+        # clean-up that waits on that database too). One sweeper, not a timer per request:
+        # thousands of timers in the event loop's heap cost more than the rest of the endpoint.
         me = asyncio.current_task()
-        answered = False
-
-        def expire() -> None:
-            nonlocal answered
-            if answered:
-                return
-            answered = True
-            _spawn(self._publish(msg.reply, encode(self._deadline_reply(name)), msg._client))
-            me.cancel()
-
-        timer = loop.call_later(self.deadline, expire)
-
-        def extend(seconds: float) -> None:
-            nonlocal timer
-            if not answered:
-                timer.cancel()
-                timer = loop.call_at(timer.when() + seconds, expire)
-
-        _extend_deadline.set(extend)  # this task's own context
+        req = _Pending(self._loop.time() + self.deadline, msg, name)
+        self._pending[me] = req
+        _extend_deadline.set(req)  # this task's own context
         try:
             try:
                 out = await self._run(name, msg.data, size)
             except asyncio.CancelledError:
-                if answered:  # the deadline answered already
+                if req.answered:  # the deadline answered already
                     return
                 # The endpoint is stopping: still answer, then let the cancel through.
                 await self._publish(msg.reply, conn=msg._client, body=encode(_error(
@@ -330,16 +335,26 @@ class Endpoint:
             except Exception:
                 log.exception("the reply of %s %s could not be encoded", self.kind, name)
                 body = encode(_error(ErrorCode.UNAVAILABLE, f"the reply of {name} could not be encoded; see the service log"))
-            if answered:  # the work swallowed the deadline's cancel: its reply went out already
+            if req.answered:  # the work swallowed the deadline's cancel: its reply went out already
                 return
-            answered = True
+            req.answered = True
             limit = msg._client.max_payload
             if len(body) > limit:
                 body = fit_reply(out, msg.data, limit, self.kind)
             await self._publish(msg.reply, body, msg._client)
         finally:
-            timer.cancel()
+            del self._pending[me]
             self._bytes -= size
+
+    async def _sweep(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            now = self._loop.time()
+            for task, req in list(self._pending.items()):
+                if not req.answered and now >= req.due:
+                    req.answered = True
+                    _spawn(self._publish(req.msg.reply, encode(self._deadline_reply(req.name)), req.msg._client))
+                    task.cancel()
 
     def _deadline_reply(self, name: str) -> dict[str, Any]:
         if self.kind == "command":
@@ -368,12 +383,15 @@ class Endpoint:
         for sub in self.subscriptions:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+        # The sweeper goes on answering late requests while the last ones finish.
         if self.tasks:
             _, pending = await asyncio.wait(list(self.tasks), timeout=10)
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=2)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
 
 
 BUSY_REPLY = encode(_error(ErrorCode.UNAVAILABLE, "the service is busy and did not run this request; retry shortly"))
