@@ -23,6 +23,8 @@ REPLY_SCHEMA: dict[str, Any] = {
                 "seq": {"type": ["integer", "null"], "description": "Stream sequence of the last event this command appended (or the read model's position for a query); pass it as `min_seq` to read your writes."},
                 "created": {"type": ["boolean", "null"], "description": "true when a create made a new object, false when it returned an existing one."},
                 "repeat": {"type": "boolean", "description": "Present and true when an idempotency key was seen before: the first reply, nothing appended."},
+                "truncated": {"type": "boolean", "description": "Present and true when the reply was cut to fit the broker's max payload: a list query's shorter page (ask again from `next_offset`), or a command's reply without its result."},
+                "next_offset": {"type": "integer", "description": "With `truncated` on a list query: the `offset` to ask for the rest from."},
             },
         },
         {
