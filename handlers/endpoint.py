@@ -112,10 +112,10 @@ def widen_reads(nc: NATS, size: int = 4 * 1024 * 1024) -> bool:
 
 
 class _Pending:
-    __slots__ = ("due", "msg", "name", "answered")
+    __slots__ = ("due", "msg", "name", "answered", "started")
 
     def __init__(self, due: float, msg: Any, name: str):
-        self.due, self.msg, self.name, self.answered = due, msg, name, False
+        self.due, self.msg, self.name, self.answered, self.started = due, msg, name, False, False
 
 
 _orphans: set[asyncio.Task] = set()
@@ -283,14 +283,16 @@ class Endpoint:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _run(self, name: str, data: bytes, size: int) -> dict[str, Any]:
+    async def _run(self, name: str, data: bytes, size: int, req: _Pending) -> dict[str, Any]:
         # Large requests run a few at a time (`exec_bytes` of bodies at once, or one alone):
         # their parsing and encoding are long synchronous steps, and many at once would keep
         # the event loop from reading the socket, which is what makes a slow consumer.
         if size < SMALL_REQUEST:  # the common case: no gate
             if self._slots is None:
+                req.started = True
                 return await self.execute(name, data)
             async with self._slots:
+                req.started = True
                 return await self.execute(name, data)
         while self._executing and self._executing + size > self.exec_bytes:
             self._exec_changed.clear()
@@ -298,8 +300,10 @@ class Endpoint:
         self._executing += size
         try:
             if self._slots is None:
+                req.started = True
                 return await self.execute(name, data)
             async with self._slots:
+                req.started = True
                 return await self.execute(name, data)
         finally:
             self._executing -= size
@@ -317,7 +321,7 @@ class Endpoint:
         _extend_deadline.set(req)  # this task's own context
         try:
             try:
-                out = await self._run(name, msg.data, size)
+                out = await self._run(name, msg.data, size, req)
             except asyncio.CancelledError:
                 if req.answered:  # the deadline answered already
                     return
@@ -353,15 +357,17 @@ class Endpoint:
             for task, req in list(self._pending.items()):
                 if not req.answered and now >= req.due:
                     req.answered = True
-                    _spawn(self._publish(req.msg.reply, encode(self._deadline_reply(req.name)), req.msg._client))
+                    _spawn(self._publish(req.msg.reply, self._deadline_reply(req), req.msg._client))
                     task.cancel()
 
-    def _deadline_reply(self, name: str) -> dict[str, Any]:
+    def _deadline_reply(self, req: _Pending) -> bytes:
+        if not req.started:  # it waited for a slot all along: nothing was done
+            return BUSY_REPLY
         if self.kind == "command":
-            return _error(ErrorCode.UNAVAILABLE, f"{name} did not finish within {self.deadline:g} s; its outcome is "
-                                                 "unknown: retry with the same idempotency key")
-        return _error(ErrorCode.UNAVAILABLE, f"{name} did not finish within {self.deadline:g} s (the database may be "
-                                             "slow or unreachable); retry")
+            return encode(_error(ErrorCode.UNAVAILABLE, f"{req.name} did not finish within {self.deadline:g} s; its "
+                                                        "outcome is unknown: retry with the same idempotency key"))
+        return encode(_error(ErrorCode.UNAVAILABLE, f"{req.name} did not finish within {self.deadline:g} s (the "
+                                                    "database may be slow or unreachable); retry"))
 
     async def _publish(self, reply: str, body: bytes, conn: NATS | None = None) -> None:
         try:

@@ -141,14 +141,14 @@ class Service:
         if "commands" in self.roles:
             self.endpoints.append(await Endpoint.serve(
                 self.nc, s.command_subject("*"), COMMAND_QUEUE_GROUP, self.commands.execute, settings=s,
-                kind="command", concurrency=s.handler_concurrency, max_in_flight=2 * s.handler_concurrency,
+                kind="command", concurrency=s.handler_concurrency, max_in_flight=16 * s.handler_concurrency,
                 deadline=deadline, lanes=self.lanes))
         if "queries" in self.roles:
             # The query bus bounds its own database work, so a read-your-writes wait holds no slot.
             self.endpoints.append(await Endpoint.serve(
                 self.nc, s.query_subject("*"), QUERY_QUEUE_GROUP, self.queries.execute, settings=s,
                 kind="query", concurrency=None,
-                max_in_flight=2 * s.handler_concurrency + self.queries.max_waiting,
+                max_in_flight=16 * s.handler_concurrency + self.queries.max_waiting,
                 deadline=deadline, lanes=self.lanes))  # extended by a min_seq wait
         await self.nc.flush()
         for lane in self.lanes:
