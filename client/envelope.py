@@ -39,6 +39,9 @@ class Reply:
     result: Any
     seq: int | None = None
     created: bool | None = None
+    # Set when the service cut a list page to fit the broker's max payload (`truncated`): the
+    # offset to ask for the rest from (docs/protocol.md, "Replies").
+    next_offset: int | None = None
 
 
 def given(**fields: Any) -> dict[str, Any]:
@@ -87,4 +90,8 @@ def parse_reply(data: bytes, subject: str) -> Reply:
     created = envelope.get("created")
     if not (seq is None or (isinstance(seq, int) and not isinstance(seq, bool))):
         raise ProtocolError(f"reply on {subject} has a non-integer seq: {seq!r}")
-    return Reply(result=envelope.get("result"), seq=seq, created=created if isinstance(created, bool) else None)
+    next_offset = envelope.get("next_offset") if envelope.get("truncated") is True else None
+    if not (next_offset is None or (isinstance(next_offset, int) and not isinstance(next_offset, bool))):
+        raise ProtocolError(f"reply on {subject} has a non-integer next_offset: {next_offset!r}")
+    return Reply(result=envelope.get("result"), seq=seq, created=created if isinstance(created, bool) else None,
+                 next_offset=next_offset)

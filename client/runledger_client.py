@@ -32,6 +32,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from pydantic import BaseModel, ValidationError
 
+from runledger.commands.queries import DEFAULT_LIMIT
 from runledger.infra.nats_connection import BrokerUnavailable, connect
 from runledger.infra.settings import Settings, load_settings
 
@@ -142,6 +143,17 @@ class RunledgerClient:
         if reply.seq is not None and (self.last_seq is None or reply.seq > self.last_seq):
             self.last_seq = reply.seq
         return reply
+
+    async def _whole_page(self, name: str, body: Mapping[str, Any], reply: Reply) -> Reply:
+        """A list page the service cut to fit the broker's max payload (`next_offset` set),
+        completed by asking for the rest: the page asked for, whole."""
+        items = list(reply.result or [])
+        limit = body.get("limit", DEFAULT_LIMIT)
+        while reply.next_offset is not None and len(items) < limit:
+            reply = await self.query(name, {**body, "offset": reply.next_offset, "limit": limit - len(items)},
+                                     min_seq=body.get("min_seq"))
+            items += reply.result or []
+        return Reply(result=items, seq=reply.seq, created=reply.created)
 
     async def query(self, name: str, body: Mapping[str, Any], *, min_seq: int | None = None) -> Reply:
         """Ask query `name`. Without `min_seq`, the last command's sequence is sent when
@@ -283,7 +295,7 @@ class RunledgerClient:
         body = given(limit=limit, offset=offset)
         if (flt := _filter(names, ids, types)) is not None:
             body["work_pools"] = flt
-        reply = await self.query("ListWorkPools", body, min_seq=min_seq)
+        reply = await self._whole_page("ListWorkPools", body, await self.query("ListWorkPools", body, min_seq=min_seq))
         return self._many(WorkPool, reply.result)
 
     async def count_work_pools(
@@ -374,7 +386,7 @@ class RunledgerClient:
         body = given(work_pool_name=work_pool_name, limit=limit, offset=offset)
         if (flt := _filter(names, ids)) is not None:
             body["work_queues"] = flt
-        reply = await self.query("ListWorkQueues", body, min_seq=min_seq)
+        reply = await self._whole_page("ListWorkQueues", body, await self.query("ListWorkQueues", body, min_seq=min_seq))
         return self._many(WorkQueue, reply.result)
 
     async def count_work_queues(
@@ -453,5 +465,6 @@ class RunledgerClient:
         body = given(limit=limit, offset=offset)
         if (flt := _filter(names, ids)) is not None:
             body["work_queues"] = flt
-        reply = await self.query("ListAllWorkQueues", body, min_seq=min_seq)
+        reply = await self._whole_page("ListAllWorkQueues", body,
+                                       await self.query("ListAllWorkQueues", body, min_seq=min_seq))
         return self._many(WorkQueue, reply.result)

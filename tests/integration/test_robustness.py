@@ -212,6 +212,14 @@ async def test_a_list_too_large_for_one_message_comes_in_pages(service, broker, 
     assert names == ["big-a", "big-b", "big-c"]
     assert all(len(p["base_job_template"]["job_configuration"]["command"]) == 450_000 + 5 for p in first["result"])
 
+    # The Python client (and so `runledger work-pool ls`) asks for the rest by itself.
+    from runledger.client import RunledgerClient
+
+    async with RunledgerClient(settings) as client:
+        assert [p.name for p in await client.list_work_pools()] == ["big-a", "big-b", "big-c"]
+        assert [p.name for p in await client.list_work_pools(limit=2)] == ["big-a", "big-b"]
+        assert [p.name for p in await client.list_work_pools(offset=1)] == ["big-b", "big-c"]
+
 
 # -- 6. a burst: every request one reply, no slow-consumer disconnect ----------------------
 
