@@ -32,6 +32,7 @@ QueryFn = Callable[[AsyncConnection, Any], Awaitable[Any]]
 
 POLL_SECONDS = 0.02
 MAX_WAITING = 32
+FIRST_WAIT_SECONDS = 0.05  # before asking the stream whether a `min_seq` can be reached at all
 
 
 @dataclass
@@ -173,12 +174,11 @@ class QueryBus:
         return result, (await self.watch.position() if self.watch.local else None)
 
     async def _wait(self, min_seq: int) -> dict[str, Any] | None:
-        """None once the read models reached `min_seq`; else the reply that refuses it."""
-        if self.last_sequence is not None and min_seq > max(self._known_last, self.watch.known()):
-            self._known_last = max(self._known_last, await run_bounded(self.last_sequence(), self.timeout))
-            if min_seq > self._known_last:
-                return error(ErrorCode.INVALID, f"min_seq {min_seq} is beyond the stream's last sequence "
-                                                f"{self._known_last}: it can never be reached", field="min_seq")
+        """None once the read models reached `min_seq`; else the reply that refuses it.
+
+        Usually the read model is a few milliseconds behind a client's own write: a short wait
+        first, and only if that is not enough one round trip to learn the stream's last
+        sequence (a `min_seq` beyond it is refused)."""
         if self._waiting >= self.max_waiting:
             return error(ErrorCode.UNAVAILABLE, f"busy: {self._waiting} queries already wait for the read model to "
                                                 "catch up; retry shortly")
@@ -188,7 +188,14 @@ class QueryBus:
         started = loop.time()
         extend_deadline(self.wait_timeout)
         try:
-            reached = await self.watch.wait_for(min_seq, self.wait_timeout)
+            if self.last_sequence is not None and min_seq > max(self._known_last, self.watch.known()):
+                if await self.watch.wait_for(min_seq, min(FIRST_WAIT_SECONDS, self.wait_timeout)):
+                    return None
+                self._known_last = max(self._known_last, await run_bounded(self.last_sequence(), self.timeout))
+                if min_seq > self._known_last:
+                    return error(ErrorCode.INVALID, f"min_seq {min_seq} is beyond the stream's last sequence "
+                                                    f"{self._known_last}: it can never be reached", field="min_seq")
+            reached = await self.watch.wait_for(min_seq, max(0.0, self.wait_timeout - (loop.time() - started)))
         finally:
             self._waiting -= 1
             extend_deadline(-max(0.0, self.wait_timeout - (loop.time() - started)))
