@@ -273,7 +273,7 @@ class Endpoint:
         if not self.reply_allowed(reply):
             self.dropped.note(msg.subject, reply)
             return
-        size = len(msg.data) + (len(msg.header) if msg.header else 0)
+        size = len(msg.data) + (sum(len(k) + len(v) for k, v in msg.header.items()) if msg.header else 0)
         if len(self.tasks) >= self.max_in_flight or (self._bytes and self._bytes + size > self.max_bytes):
             self.busy += 1
             await self._publish(reply, BUSY_REPLY, conn)
