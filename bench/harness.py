@@ -52,7 +52,10 @@ def servers() -> Iterator[dict[str, str]]:
             # As `runledger up` runs it: a user per role, nothing for anyone else, every write
             # synced before its ack, so the figures are those of what users run.
             users = broker_auth.local_credentials(tmp)
-            config = broker_auth.write_local_config(tmp, namespace, users, tmp / "nats")
+            # RUNLEDGER_BENCH_SYNC=interval: nats-server's default sync (every 2 min), only to
+            # measure what syncing every write costs.
+            sync_always = os.environ.get("RUNLEDGER_BENCH_SYNC", "always") != "interval"
+            config = broker_auth.write_local_config(tmp, namespace, users, tmp / "nats", sync_always=sync_always)
             n = EmbeddedNats(tmp / "nats", config_file=config).start()
             stack.callback(n.stop)
             nats_url = n.url

@@ -41,6 +41,7 @@ async def fill(settings, pools: int, queues: int, concurrency: int = 64) -> None
 def startup_seconds() -> float:
     """`runledger up` on an empty data dir: from exec to its 'is up' line."""
     data = Path(tempfile.mkdtemp(prefix="rlup-"))
+    data.chmod(0o711)  # as root, Postgres runs as a system user that must get through (mkdtemp: 0700)
     cfg = tempfile.mkdtemp(prefix="rlupcfg-")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNLEDGER_")}
     env["RUNLEDGER_CONFIG_DIR"] = cfg
@@ -48,10 +49,12 @@ def startup_seconds() -> float:
     started = time.perf_counter()
     proc = subprocess.Popen([str(exe), "up", "--data-dir", str(data)], env=env, stderr=subprocess.PIPE, text=True)
     try:
+        said = []
         for line in proc.stderr:  # type: ignore[union-attr]
             if "runledger is up" in line:
                 return time.perf_counter() - started
-        raise RuntimeError("runledger up exited before it was ready")
+            said.append(line)
+        raise RuntimeError("runledger up exited before it was ready:\n" + "".join(said[-10:]))
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)

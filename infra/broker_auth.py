@@ -193,7 +193,7 @@ def _block(d: Mapping, indent: int) -> list[str]:
 
 def nats_config(namespace: str, passwords: Mapping[str, str], store_dir: str, *,
                 listen: str | None = None, host: str | None = None, http_port: int | None = None,
-                service_consumers: Sequence[str] | None = None) -> str:
+                service_consumers: Sequence[str] | None = None, sync_always: bool = True) -> str:
     """nats-server configuration text for one namespace. `passwords`: per role, a literal
     password or an `EnvRef` (`$ENV_VAR`, resolved by nats-server from its environment).
     `listen` (host:port) or `host`, `http_port`: the command line may set them instead."""
@@ -218,8 +218,12 @@ def nats_config(namespace: str, passwords: Mapping[str, str], store_dir: str, *,
         "# defined there; regenerate rather than edit.",
     ]
     lines = head + _block(top, 0)
-    lines += ["", "# Every write is synced to disk before it is acknowledged.", "jetstream {",
-              f"  store_dir: {json.dumps(store_dir)}", "  sync_interval: always", "}", ""]
+    # `sync_always=False` (nats-server's default: a sync every 2 minutes) exists only so that
+    # the benchmarks can measure what syncing costs; nothing a user runs turns it off.
+    sync = ["  sync_interval: always"] if sync_always else []
+    lines += ["", "# Every write is synced to disk before it is acknowledged." if sync_always else
+              "# NOT durable: writes are synced every 2 minutes (benchmarks only).", "jetstream {",
+              f"  store_dir: {json.dumps(store_dir)}", *sync, "}", ""]
 
     def users(roles: Sequence[str]) -> list[str]:
         out = ["    users: ["]
@@ -279,12 +283,13 @@ def local_credentials(data_dir) -> dict[str, dict[str, str]]:
     return creds
 
 
-def write_local_config(data_dir, namespace: str, creds: Mapping[str, Mapping[str, str]], store_dir) -> Path:
+def write_local_config(data_dir, namespace: str, creds: Mapping[str, Mapping[str, str]], store_dir,
+                       sync_always: bool = True) -> Path:
     """`<data_dir>/nats.conf` (mode 0600) for `runledger up`; returns its path."""
     path = Path(data_dir) / "nats.conf"
     # 127.0.0.1 here too, not only on up's command line: the file alone never opens the broker wider.
     write_private(path, nats_config(namespace, {r: creds[r]["password"] for r in ROLES}, str(store_dir),
-                                    host="127.0.0.1"))
+                                    host="127.0.0.1", sync_always=sync_always))
     return path
 
 
