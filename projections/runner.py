@@ -49,7 +49,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from runledger.commands.events import EVENT_TYPES, UnknownEvent, decode_event, upcast_payload
 from runledger.commands.messages import Event
 from runledger.infra.database import DatabaseUnavailable
-from runledger.infra.leases import DEFAULT_TTL_SECONDS, Lease
+from runledger.infra.leases import DEFAULT_TTL_SECONDS, Lease, stop_if_cancelled
 from runledger.infra.settings import Settings
 
 from .tables import projection_checkpoints, projection_failures, skipped_events
@@ -399,6 +399,7 @@ class ProjectionRunner:
     async def _run(self, projector: Projector) -> None:
         try:
             while True:
+                stop_if_cancelled()  # a cancel swallowed on the way must still end the loop
                 try:
                     await self._consume(projector)
                 except asyncio.CancelledError:
