@@ -1,5 +1,7 @@
 import pytest
+from sqlalchemy import text
 
+from runledger.handlers.service import Service
 from runledger.infra.nats_connection import connect
 
 from .broker import Broker
@@ -18,3 +20,22 @@ async def broker(service, settings):
         yield Broker(nc, settings)
     finally:
         await nc.close()
+
+
+@pytest.fixture
+async def writer(settings):
+    """A service that takes commands but projects nothing (the test runs its own projection
+    runners), an `applied_counts` table for counting projectors, and a broker to talk to it."""
+    svc = Service(settings, roles=frozenset({"commands"}))
+    await svc.start()
+    async with svc.engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE applied_counts (key text PRIMARY KEY, n int NOT NULL)"))
+    nc = await connect(settings)
+    try:
+        yield svc, Broker(nc, settings)
+    finally:
+        await nc.close()
+        await svc.stop()
+        from tests.conftest import cleanup_namespace
+
+        await cleanup_namespace(settings)

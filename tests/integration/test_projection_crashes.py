@@ -15,7 +15,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runledger.commands.messages import Event
 from runledger.handlers.service import Service
-from runledger.infra.nats_connection import connect
 from runledger.projections.runner import ProjectionRunner, read_checkpoint
 from runledger.projections.work_pools import WorkPoolsProjector
 
@@ -35,24 +34,6 @@ class CountingProjector:
             await conn.execute(text(
                 "INSERT INTO applied_counts (key, n) VALUES (:k, 1) ON CONFLICT (key) DO UPDATE SET n = applied_counts.n + 1"
             ), {"k": key})
-
-
-@pytest.fixture
-async def writer(settings):
-    """A service that takes commands but projects nothing, and a broker to talk to it."""
-    svc = Service(settings, roles=frozenset({"commands"}))
-    await svc.start()
-    async with svc.engine.begin() as conn:
-        await conn.execute(text("CREATE TABLE applied_counts (key text PRIMARY KEY, n int NOT NULL)"))
-    nc = await connect(settings)
-    try:
-        yield svc, Broker(nc, settings)
-    finally:
-        await nc.close()
-        await svc.stop()
-        from tests.conftest import cleanup_namespace
-
-        await cleanup_namespace(settings)
 
 
 async def _make_history(broker: Broker) -> int:

@@ -28,24 +28,6 @@ from .broker import Broker, assert_live_equals_rebuild
 from .test_projection_crashes import CountingProjector
 
 
-@pytest.fixture
-async def writer(settings):
-    """A service that takes commands and projects nothing, a counting table, and a broker."""
-    svc = Service(settings, roles=frozenset({"commands"}))
-    await svc.start()
-    async with svc.engine.begin() as conn:
-        await conn.execute(text("CREATE TABLE applied_counts (key text PRIMARY KEY, n int NOT NULL)"))
-    nc = await connect(settings)
-    try:
-        yield svc, Broker(nc, settings)
-    finally:
-        await nc.close()
-        await svc.stop()
-        from tests.conftest import cleanup_namespace
-
-        await cleanup_namespace(settings)
-
-
 async def _until(predicate, timeout: float = 20.0) -> float:
     started = time.monotonic()
     while not await predicate():
