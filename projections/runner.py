@@ -112,7 +112,7 @@ async def apply_batch(conn: AsyncConnection, projector: Projector, batch: Sequen
             decoded.append((envelope["aggregate_id"], event_type, event))
         except (UnknownEvent, ValidationError, ValueError, KeyError, TypeError) as e:
             skipped.append({"projection": projector.name, "seq": raw.seq, "subject": raw.subject,
-                            "reason": f"{type(e).__name__}: {e}"[:2000], "recorded": now})
+                            "reason": _clean(f"{type(e).__name__}: {e}")[:2000], "recorded": now})
     if decoded:
         await projector.apply(conn, decoded)
     if skipped:
