@@ -119,6 +119,11 @@ def find_binaries(data_dir: Path) -> Binaries:
     existing = _data_version(data_dir)
     if wanted in (None, "pgserver"):
         bins = pgserver_binaries()
+        if bins is not None and wanted is None and existing is not None and bins.version != existing:
+            # A cluster made by a local PostgreSQL (e.g. when pgserver's files were out of a
+            # root `up`'s reach) runs again on the binaries of its own major version.
+            local = local_binaries(existing)
+            return local if local is not None and local.version == existing else bins
         if bins is not None:
             return bins
         if wanted == "pgserver":
