@@ -382,6 +382,10 @@ class ProjectionRunner:
             max_deliver=-1,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE if checkpoint else DeliverPolicy.ALL,
             opt_start_seq=checkpoint + 1 if checkpoint else None,
+            # Its position is the Postgres checkpoint, from which every bind starts: state on
+            # disk would only add a synced write per acknowledged batch (sync_interval: always)
+            # that competes with the appends' syncs (the lag's p99 doubled).
+            mem_storage=True,
         )
         await js.add_consumer(self.settings.stream_name, config)
         self._report(projector, checkpoint)

@@ -17,7 +17,7 @@ import pytest
 from runledger.commands import work_pools as wp
 from runledger.commands.events import EventEnvelope
 from runledger.infra.embedded import free_port
-from runledger.infra.event_store import EventStore, WrongExpectedSequence
+from runledger.infra.event_store import EventStore, WrongExpectedSequence, message_size
 from runledger.infra.jetstream_setup import ensure_event_stream
 from runledger.infra.nats_connection import BrokerUnavailable, connect
 from runledger.infra.settings import Settings
@@ -163,6 +163,48 @@ async def test_a_stale_member_fails_alone_and_the_rest_of_its_group_lands(store,
     assert await count(store) == before + 2 * 19
     assert await store.read_aggregate(*list(stale_keys)[0]) == []  # nothing of the stale decision
     assert len(await store.read_aggregate(*taken)) == 1
+
+
+async def test_concurrent_single_appends_share_batches_and_a_stale_one_fails_alone(store, batch_sizes):
+    """Single-message appends waiting at the same moment travel as one batch (one sync for
+    all of them); one whose check fails gets its error and the others still land."""
+    names = [f"one{i}" for i in range(30)]
+    await store.append(store.build_messages([claim("one7")], {(wp.WORK_POOL_NAME, wp.name_aggregate_id("one7")): 0}))
+    envs = [claim(n) for n in names]
+    results = await asyncio.gather(
+        *(store.append(store.build_messages([e], {(wp.WORK_POOL_NAME, wp.name_aggregate_id(n)): 0}))
+          for e, n in zip(envs, names, strict=True)), return_exceptions=True)
+    assert [i for i, r in enumerate(results) if isinstance(r, Exception)] == [7]  # "one7" was not new
+    assert isinstance(results[7], WrongExpectedSequence)
+    assert await count(store) == 1 + 29
+    for i, (e, n) in enumerate(zip(envs, names, strict=True)):
+        stored = await store.read_aggregate(wp.WORK_POOL_NAME, wp.name_aggregate_id(n))
+        if i != 7:
+            assert [(x.seq, x.envelope.id) for x in stored] == [(results[i], e.id)]
+    assert batch_sizes and max(batch_sizes) > 2  # merged, not one commit per append
+
+
+async def test_a_single_message_too_big_for_the_batch_headers_goes_alone(store, monkeypatch):
+    """Right under the max payload on its own, over it with the batch headers: it is never
+    merged into a batch (the server would close the connection) and still lands."""
+    batched_ids: list[str] = []
+    real = store._publish_batch
+
+    async def spy(messages):
+        batched_ids.extend(m.msg_id for m in messages)
+        return await real(messages)
+
+    monkeypatch.setattr(store, "_publish_batch", spy)
+    big_name = "big-one-" + "x" * 200  # the small ones fit with the batch headers
+    (big,) = store.build_messages([claim(big_name)], {(wp.WORK_POOL_NAME, wp.name_aggregate_id(big_name)): 0})
+    store._max_payload = message_size(big, batched=False)  # fits alone, not with batch headers
+    small = [store.build_messages([claim(f"s{i}")], {(wp.WORK_POOL_NAME, wp.name_aggregate_id(f"s{i}")): 0})
+             for i in range(20)]
+    results = await asyncio.gather(*(store.append(m) for m in [*small[:10], [big], *small[10:]]))
+    assert batched_ids and big.msg_id not in batched_ids  # the others were merged; it was not
+    (stored,) = await store.read_aggregate(wp.WORK_POOL_NAME, wp.name_aggregate_id(big_name))
+    assert stored.seq == results[10]
+    assert await count(store) == 21
 
 
 async def test_decisions_on_one_aggregate_are_never_merged_and_only_one_wins(store):
