@@ -16,7 +16,7 @@ from harness import bench_settings, now, publish_history, report, servers
 from runledger.commands import work_pools as wp
 from runledger.commands.events import EventEnvelope
 from runledger.commands.messages import DecisionContext
-from runledger.handlers.work_pool_commands import AGGREGATE_KINDS
+from runledger.handlers.registry import AGGREGATE_KINDS
 from runledger.infra.aggregates import AggregateRepository
 from runledger.infra.event_store import EventStore
 from runledger.infra.jetstream_setup import ensure_event_stream

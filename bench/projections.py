@@ -21,7 +21,7 @@ from harness import (
 )
 from sqlalchemy import text
 
-from runledger.handlers.service import projectors
+from runledger.handlers.registry import projectors
 from runledger.infra.database import create_engine, migrate
 from runledger.infra.event_store import EventStore
 from runledger.infra.jetstream_setup import ensure_event_stream

@@ -36,7 +36,7 @@ FOLLOW_POLL_SECONDS = 0.25  # how often `events --follow` looks for new events
 
 
 def _projectors():
-    from runledger.handlers.service import projectors
+    from runledger.handlers.registry import projectors
 
     return projectors()
 

@@ -128,28 +128,3 @@ class DecisionContext:
     def fixed(cls, now: datetime, ids: Iterator[uuid.UUID] | None = None) -> DecisionContext:
         it = ids if ids is not None else (uuid.UUID(int=i) for i in range(1, 1 << 62))
         return cls(now=now, new_id=lambda: next(it))
-
-
-@dataclass(frozen=True)
-class NewEvent:
-    """An event a decision produced, addressed to the aggregate it belongs to."""
-
-    aggregate_id: str
-    event: Event
-
-    @property
-    def aggregate_type(self) -> str:
-        return self.event.aggregate_type
-
-
-@dataclass
-class Decision:
-    """The events of one command, possibly across several aggregates, and the reply result."""
-
-    events: list[NewEvent]
-    result: Any = None
-    created: bool | None = None
-    # The state of an aggregate after these events, by aggregate id, where the decider has
-    # already folded them (it needed the state for its result): the bus caches it as it is
-    # instead of folding the events again.
-    after: dict[str, Any] = field(default_factory=dict)

@@ -30,14 +30,13 @@ from .bounds import (
     check_storable_text,
     first_past_int32,
 )
+from .decisions import Decision, NewEvent
 from .events import register_event
 from .job_templates import base_job_template_problem
 from .messages import (
     Command,
-    Decision,
     DecisionContext,
     Event,
-    NewEvent,
     Rejection,
     conflict,
     forbidden,
@@ -55,6 +54,7 @@ from .priorities import DuplicateTargetPriorities, next_free_priority, repriorit
 
 WORK_POOL = "work_pool"
 WORK_POOL_NAME = "work_pool_name"
+WORK_QUEUE = "work_queue"  # a queue addressed by its id (its events are its pool's)
 LEGACY_POOL_NAME = "default-agent-pool"
 LEGACY_POOL_TYPE = "prefect-agent"
 DEFAULT_QUEUE_NAME = "default"

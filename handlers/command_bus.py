@@ -9,19 +9,21 @@ again on a conflict (bounded), and turns the outcome into the reply envelope.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_json
 
+from runledger.commands.decisions import Decision, Orchestration
 from runledger.commands.events import UnknownEvent, encode_event
-from runledger.commands.messages import Command, Decision, DecisionContext, ErrorCode, Rejection
+from runledger.commands.messages import Command, DecisionContext, ErrorCode, Rejection
 from runledger.infra.aggregates import AggregateRepository, Loaded
 from runledger.infra.event_store import (
     AppendUnavailable,
@@ -59,12 +61,21 @@ class CommandSpec:
     model: type[Command]
     handle: Handler
     to_reply: Callable[[Any], Any]
-    # Commands on one key run one at a time in this process, so they never race each other.
-    lock_key: Callable[[Any], str] = lambda cmd: ""
+    # The aggregates (type, id) the command may touch: commands that share one run one at a
+    # time in this process, so they never race each other for it. No default: a spec that
+    # forgot it would otherwise serialise with every other such command, or with none.
+    locks: Callable[[Any], Iterable[AggregateKey]]
 
 
-def ok(result: Any, seq: int | None, created: bool | None = None) -> dict[str, Any]:
-    return {"ok": True, "result": result, "seq": seq, "created": created}
+AggregateKey = tuple[str, str]
+
+
+def ok(result: Any, seq: int | None, created: bool | None = None,
+       orchestration: Orchestration | None = None) -> dict[str, Any]:
+    reply = {"ok": True, "result": result, "seq": seq, "created": created}
+    if orchestration is not None:
+        reply["orchestration"] = orchestration.as_reply()
+    return reply
 
 
 def error(code: ErrorCode | str, message: str, **extra: Any) -> dict[str, Any]:
@@ -117,8 +128,8 @@ class CommandBus:
     specs: dict[str, CommandSpec]
     retries: int = 10
     clock: Callable[[], DecisionContext] = DecisionContext
-    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
-    _lock_users: dict[str, int] = field(default_factory=dict)
+    _locks: dict[AggregateKey, asyncio.Lock] = field(default_factory=dict)
+    _lock_users: dict[AggregateKey, int] = field(default_factory=dict)
 
     async def execute(self, name: str, raw: bytes) -> dict[str, Any]:
         """Always a reply, whatever the body: nothing raises out of here but a cancel."""
@@ -129,11 +140,15 @@ class CommandBus:
         if isinstance(parsed, dict):
             return parsed
         cmd = parsed
-        key: str | None = None
+        keys: list[AggregateKey] = []
         try:
-            key = spec.lock_key(cmd)
-            lock = self._acquire_lock(key)
-            async with lock:
+            # Always in one order, so two commands that lock the same set never deadlock.
+            wanted = sorted(set(spec.locks(cmd)))
+            locks = [self._acquire_lock(key) for key in wanted]  # counted now, released below
+            keys = wanted
+            async with contextlib.AsyncExitStack() as held:
+                for lock in locks:
+                    await held.enter_async_context(lock)
                 return await self._execute(name, spec, cmd, raw)
         except Rejection as r:
             return {"ok": False, "error": r.as_reply()}
@@ -147,17 +162,17 @@ class CommandBus:
             log.exception("command %s failed", name)
             return error(ErrorCode.UNAVAILABLE, f"command {name} failed on the server; see the service log")
         finally:
-            if key is not None:
+            for key in keys:
                 self._release_lock(key)
 
-    def _acquire_lock(self, key: str) -> asyncio.Lock:
+    def _acquire_lock(self, key: AggregateKey) -> asyncio.Lock:
         lock = self._locks.get(key)
         if lock is None:
             lock = self._locks[key] = asyncio.Lock()
         self._lock_users[key] = self._lock_users.get(key, 0) + 1
         return lock
 
-    def _release_lock(self, key: str) -> None:
+    def _release_lock(self, key: AggregateKey) -> None:
         users = self._lock_users[key] - 1
         if users:
             self._lock_users[key] = users
@@ -189,7 +204,7 @@ class CommandBus:
                     refresh = True
                     continue
                 seq = max(unit.loaded.values(), default=None)
-                return ok(spec.to_reply(decision.result), seq, decision.created)
+                return ok(spec.to_reply(decision.result), seq, decision.created, decision.orchestration)
             envelopes = [
                 encode_event(e.aggregate_id, e.event, occurred=ctx.now, event_id=ctx.new_id(), idempotency_key=cmd.idempotency_key)
                 for e in decision.events
@@ -199,6 +214,8 @@ class CommandBus:
             if cmd.idempotency_key is not None:
                 record = {"command": name, "fingerprint": fingerprint, "result": reply_result,
                           "created": decision.created, "events": len(envelopes)}
+                if decision.orchestration is not None:
+                    record["orchestration"] = decision.orchestration.as_reply()
                 idem = (cmd.idempotency_key, json.dumps(record, default=str).encode())
             expected = {k: unit.loaded.get(k, 0) for k in {(e.aggregate_type, e.aggregate_id) for e in envelopes}}
             messages = self.store.build_messages(envelopes, expected, idem)
@@ -215,7 +232,7 @@ class CommandBus:
                 await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2**_attempt)))
                 continue
             self._remember(decision, unit, last_seq)
-            return ok(reply_result, last_seq, decision.created)
+            return ok(reply_result, last_seq, decision.created, decision.orchestration)
         return error(ErrorCode.CONFLICT, f"{name} lost {self.retries + 1} races in a row for the same object; try again")
 
     def _remember(self, decision: Decision, unit: Unit, last_seq: int) -> None:
@@ -249,5 +266,7 @@ class CommandBus:
         if fingerprint is not None and record.get("fingerprint") != fingerprint:
             return error(ErrorCode.CONFLICT, "this idempotency key was already used for a different command")
         reply = ok(record.get("result"), seq + int(record.get("events", 0)), record.get("created"))
+        if "orchestration" in record:
+            reply["orchestration"] = record["orchestration"]
         reply["repeat"] = True  # the first reply, again: nothing was appended this time
         return reply

@@ -8,9 +8,8 @@ from typing import Any
 
 from runledger.commands.events import EVENT_TYPES
 from runledger.projections.health import GetServiceHealth
-from runledger.projections.work_pools import QUERIES
 
-from .work_pool_commands import command_specs
+from .registry import QUERIES, command_specs
 
 REPLY_SCHEMA: dict[str, Any] = {
     "oneOf": [
@@ -48,15 +47,11 @@ REPLY_SCHEMA: dict[str, Any] = {
 }
 
 
-def _no_lookup(_):  # command_specs needs a lookup; the schemas do not use it
-    return None
-
-
 def asyncapi_document(namespace: str = "runledger") -> dict[str, Any]:
     channels: dict[str, Any] = {}
     operations: dict[str, Any] = {}
     messages: dict[str, Any] = {"Reply": {"name": "Reply", "payload": REPLY_SCHEMA}}
-    kinds = [("cmd", {n: s.model for n, s in command_specs(_no_lookup).items()}),
+    kinds = [("cmd", {n: s.model for n, s in command_specs(None).items()}),
              ("qry", {**{n: m for n, (m, _) in QUERIES.items()}, "GetServiceHealth": GetServiceHealth})]
     for kind, models in kinds:
         for name, model in sorted(models.items()):

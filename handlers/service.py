@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from dataclasses import dataclass, field
 
 import nats.errors
@@ -29,15 +28,14 @@ from runledger.infra.leases import holder_lookup
 from runledger.infra.nats_connection import connect
 from runledger.infra.settings import Settings
 from runledger.infra.snapshots import SnapshotStore, ensure_snapshot_bucket
-from runledger.projections import work_pools as work_pools_read_model
 from runledger.projections.health import health_queries
 from runledger.projections.runner import ProjectionRunner
 from runledger.projections.tables import MIGRATIONS
 
+from . import registry
 from .command_bus import CommandBus
 from .endpoint import Endpoint
 from .query_bus import CheckpointWatch, QueryBus
-from .work_pool_commands import AGGREGATE_KINDS, command_specs
 
 log = logging.getLogger("runledger.service")
 
@@ -52,12 +50,7 @@ def request_deadline(settings: Settings) -> float:
     return max(0.5, settings.request_timeout * 0.8)
 
 
-def projectors():
-    return [work_pools_read_model.WorkPoolsProjector()]
-
-
-def query_specs():
-    return dict(work_pools_read_model.QUERIES)
+projectors = registry.projectors  # what replay, verify and the tests run, too
 
 
 @dataclass
@@ -130,10 +123,10 @@ class Service:
             js = self.nc.jetstream(timeout=s.request_timeout)
             await ensure_snapshot_bucket(js, s)
             snapshots = SnapshotStore(js, s)
-        repo = AggregateRepository(self.store, AGGREGATE_KINDS, snapshots=snapshots, snapshot_every=s.snapshot_every)
-        self.commands = CommandBus(self.store, repo, command_specs(self._queue_pool_lookup), retries=s.command_retries)
+        repo = AggregateRepository(self.store, registry.AGGREGATE_KINDS, snapshots=snapshots, snapshot_every=s.snapshot_every)
+        self.commands = CommandBus(self.store, repo, registry.command_specs(self.store), retries=s.command_retries)
         deadline = request_deadline(s)
-        specs = {**query_specs(), **health_queries([p.name for p in projections], self.store.last_sequence,
+        specs = {**registry.QUERIES, **health_queries([p.name for p in projections], self.store.last_sequence,
                                                    holder_lookup(self.nc.jetstream(timeout=s.request_timeout), s))}
         self.queries = QueryBus(self.engine, specs, self.watch, wait_timeout=s.query_wait_timeout,
                                 last_sequence=self.store.last_sequence, concurrency=s.handler_concurrency,
@@ -154,19 +147,6 @@ class Service:
         for lane in self.lanes:
             await lane.flush()
         log.info("runledger service ready: roles %s, NATS %s, namespace %s", ",".join(sorted(self.roles)), s.safe_nats_url(), s.namespace)
-
-    async def _queue_pool_lookup(self, queue_id: uuid.UUID) -> uuid.UUID | None:
-        """Queue id -> pool id from the read model; on a miss, wait until the read model has
-        caught up with the log (a queue created a moment ago) and look again."""
-        assert self.engine is not None and self.store is not None and self.watch is not None
-        async with self.engine.connect() as conn:
-            found = await work_pools_read_model.pool_of_queue(conn, queue_id)
-        if found is not None:
-            return found
-        if await self.watch.wait_for(await self.store.last_sequence(), self.settings.query_wait_timeout):
-            async with self.engine.connect() as conn:
-                return await work_pools_read_model.pool_of_queue(conn, queue_id)
-        return None
 
     async def stop(self) -> None:
         """Stop taking requests, then stop projecting, then close connections; each step is

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import TypeAdapter
 
 from runledger.commands import work_pools as wp
-from runledger.commands.messages import Decision, DecisionContext
+from runledger.commands.decisions import Decision
+from runledger.commands.messages import DecisionContext, Event
 from runledger.infra.aggregates import AggregateKind, SnapshotCodec
+from runledger.infra.event_store import EventStore
+from runledger.infra.log_index import LogIndex
 
 from .command_bus import CommandSpec, Unit
 
@@ -26,10 +29,6 @@ AGGREGATE_KINDS = [
     AggregateKind(wp.WORK_POOL, lambda: None, wp.evolve, snapshots=POOL_SNAPSHOTS),
     AggregateKind(wp.WORK_POOL_NAME, wp.WorkPoolNameClaim, wp.evolve_name, last_event_only=True),
 ]
-
-# Finds the pool that holds a queue id (a queue never changes pool); None if unknown.
-QueuePoolLookup = Callable[[uuid.UUID], Awaitable[uuid.UUID | None]]
-
 
 async def _claim(unit: Unit, name: str) -> wp.WorkPoolNameClaim:
     return await unit.load(wp.WORK_POOL_NAME, wp.name_aggregate_id(name))
@@ -93,10 +92,37 @@ def _nothing(_: Any) -> None:
     return None
 
 
-def command_specs(lookup_queue_pool: QueuePoolLookup) -> dict[str, CommandSpec]:
+def queue_index(store: EventStore) -> LogIndex:
+    """Queue id -> pool id, from the log: a pool's creation makes its default queue, and
+    `WorkQueueCreated` the others, inside the pool's own events (a queue never moves)."""
+
+    def queues_of(event: Event) -> list[str]:
+        if isinstance(event, wp.WorkPoolCreated):
+            return [str(event.default_queue.id)]
+        if isinstance(event, wp.WorkQueueCreated):
+            return [str(event.queue.id)]
+        return []
+
+    return LogIndex(store, wp.WORK_POOL, ["WorkPoolCreated", "WorkQueueCreated"], queues_of)
+
+
+def _by_name(attr: str) -> Callable[[Any], list[tuple[str, str]]]:
+    """Commands addressed by pool name lock that name: one at a time per pool."""
+    return lambda cmd: [(wp.WORK_POOL_NAME, getattr(cmd, attr))]
+
+
+def _by_queue_id(cmd: Any) -> list[tuple[str, str]]:
+    return [(wp.WORK_QUEUE, str(cmd.id))]
+
+
+def command_specs(queues: LogIndex | None) -> dict[str, CommandSpec]:
+    """`queues`: where commands addressed by queue id find the queue's pool (None only where
+    nothing is executed, e.g. for the contract's schemas)."""
+
     async def pool_of_queue(unit: Unit, queue_id: uuid.UUID) -> wp.WorkPool | None:
-        pool_id = await lookup_queue_pool(queue_id)
-        return await unit.load(wp.WORK_POOL, str(pool_id)) if pool_id else None
+        assert queues is not None
+        pool_id = await queues.lookup(str(queue_id))
+        return await unit.load(wp.WORK_POOL, pool_id) if pool_id else None
 
     async def update_by_id(unit: Unit, cmd: wp.UpdateWorkQueueById, ctx: DecisionContext) -> Decision:
         return wp.decide_update_work_queue_by_id(cmd, await pool_of_queue(unit, cmd.id), ctx)
@@ -104,16 +130,17 @@ def command_specs(lookup_queue_pool: QueuePoolLookup) -> dict[str, CommandSpec]:
     async def delete_by_id(unit: Unit, cmd: wp.DeleteWorkQueueById, ctx: DecisionContext) -> Decision:
         return wp.decide_delete_work_queue_by_id(cmd, await pool_of_queue(unit, cmd.id), ctx)
 
-    by_pool = lambda attr: (lambda cmd: f"pool:{getattr(cmd, attr)}")  # noqa: E731
+    legacy = lambda cmd: [(wp.WORK_POOL_NAME, wp.LEGACY_POOL_NAME)]  # noqa: E731
     return {
-        "CreateWorkPool": CommandSpec(wp.CreateWorkPool, create_work_pool, _pool_reply, by_pool("name")),
-        "UpdateWorkPool": CommandSpec(wp.UpdateWorkPool, update_work_pool, _pool_reply, by_pool("name")),
-        "DeleteWorkPool": CommandSpec(wp.DeleteWorkPool, delete_work_pool, _nothing, by_pool("name")),
-        "CreateWorkQueue": CommandSpec(wp.CreateWorkQueue, create_work_queue, _queue_reply, by_pool("work_pool_name")),
-        "UpdateWorkQueue": CommandSpec(wp.UpdateWorkQueue, update_work_queue, _queue_reply, by_pool("work_pool_name")),
-        "DeleteWorkQueue": CommandSpec(wp.DeleteWorkQueue, delete_work_queue, _nothing, by_pool("work_pool_name")),
-        "SetWorkQueuePriorities": CommandSpec(wp.SetWorkQueuePriorities, set_work_queue_priorities, _queues_reply, by_pool("work_pool_name")),
-        "CreateLegacyWorkQueue": CommandSpec(wp.CreateLegacyWorkQueue, create_legacy_work_queue, _queue_reply, lambda c: f"pool:{wp.LEGACY_POOL_NAME}"),
-        "UpdateWorkQueueById": CommandSpec(wp.UpdateWorkQueueById, update_by_id, _queue_reply, lambda c: f"queue:{c.id}"),
-        "DeleteWorkQueueById": CommandSpec(wp.DeleteWorkQueueById, delete_by_id, _nothing, lambda c: f"queue:{c.id}"),
+        "CreateWorkPool": CommandSpec(wp.CreateWorkPool, create_work_pool, _pool_reply, _by_name("name")),
+        "UpdateWorkPool": CommandSpec(wp.UpdateWorkPool, update_work_pool, _pool_reply, _by_name("name")),
+        "DeleteWorkPool": CommandSpec(wp.DeleteWorkPool, delete_work_pool, _nothing, _by_name("name")),
+        "CreateWorkQueue": CommandSpec(wp.CreateWorkQueue, create_work_queue, _queue_reply, _by_name("work_pool_name")),
+        "UpdateWorkQueue": CommandSpec(wp.UpdateWorkQueue, update_work_queue, _queue_reply, _by_name("work_pool_name")),
+        "DeleteWorkQueue": CommandSpec(wp.DeleteWorkQueue, delete_work_queue, _nothing, _by_name("work_pool_name")),
+        "SetWorkQueuePriorities": CommandSpec(wp.SetWorkQueuePriorities, set_work_queue_priorities, _queues_reply,
+                                              _by_name("work_pool_name")),
+        "CreateLegacyWorkQueue": CommandSpec(wp.CreateLegacyWorkQueue, create_legacy_work_queue, _queue_reply, legacy),
+        "UpdateWorkQueueById": CommandSpec(wp.UpdateWorkQueueById, update_by_id, _queue_reply, _by_queue_id),
+        "DeleteWorkQueueById": CommandSpec(wp.DeleteWorkQueueById, delete_by_id, _nothing, _by_queue_id),
     }

@@ -79,7 +79,7 @@ class Names:
 def service_consumer_names() -> list[str]:
     """The durable consumers the service owns on the event stream (one per projection)."""
     # Imported late: the projections sit above infra; only the config generator needs them.
-    from runledger.handlers.service import projectors
+    from runledger.handlers.registry import projectors
     from runledger.projections.runner import ProjectionRunner
 
     return sorted(ProjectionRunner.consumer_name(None, p) for p in projectors())

@@ -215,7 +215,6 @@ _QUEUES_OF_POOL = (
     .limit(bindparam("limit")).offset(bindparam("offset"))
 )
 _QUEUE_BY_ID = _queue_with_pool.where(work_queues.c.id == bindparam("id"))
-_POOL_OF_QUEUE = select(work_queues.c.work_pool_id).where(work_queues.c.id == bindparam("id"))
 
 
 async def get_work_queue(conn: AsyncConnection, query: q.GetWorkQueue) -> dict[str, Any]:
@@ -263,10 +262,6 @@ async def list_all_work_queues(conn: AsyncConnection, query: q.ListAllWorkQueues
     stmt = _queue_filter(_queue_with_pool, query.work_queues).order_by(work_queues.c.name, work_queues.c.id)
     rows = await conn.execute(stmt.limit(query.limit).offset(query.offset))
     return [queue_reply(r, r.pool_name) for r in rows]
-
-
-async def pool_of_queue(conn: AsyncConnection, queue_id: uuid.UUID) -> uuid.UUID | None:
-    return (await conn.execute(_POOL_OF_QUEUE, {"id": queue_id})).scalar_one_or_none()
 
 
 QUERIES = {

@@ -78,7 +78,7 @@ async def assert_live_equals_rebuild(service, settings, last_seq: int | None = N
     Returns the number of rows compared."""
     from sqlalchemy import text
 
-    from runledger.handlers.service import projectors
+    from runledger.handlers.registry import projectors
     from runledger.infra.database import create_engine, drop_schema
     from runledger.projections.replay import compare, replay, snapshot
 

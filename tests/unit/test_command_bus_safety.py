@@ -12,8 +12,8 @@ from runledger.handlers.command_bus import CommandBus, CommandSpec
 from runledger.infra.event_store import MessageTooLarge
 
 
-def bus(handle, lock_key=lambda cmd: "k") -> CommandBus:
-    return CommandBus(store=None, repo=None, specs={"DeletePool": CommandSpec(wp.DeleteWorkPool, handle, lambda r: r, lock_key)})
+def bus(handle, locks=lambda cmd: [("work_pool_name", "k")]) -> CommandBus:
+    return CommandBus(store=None, repo=None, specs={"DeletePool": CommandSpec(wp.DeleteWorkPool, handle, lambda r: r, locks)})
 
 
 async def _raises(exc: BaseException):

@@ -12,8 +12,9 @@ from typing import Any
 
 from runledger.commands import prefect_events as pe
 from runledger.commands import work_pools as wp
+from runledger.commands.decisions import Decision
 from runledger.commands.events import EVENT_TYPES, EventEnvelope
-from runledger.commands.messages import Decision, DecisionContext
+from runledger.commands.messages import DecisionContext
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 NOW_JSON = "2026-03-01T12:00:00Z"

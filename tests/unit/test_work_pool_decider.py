@@ -14,8 +14,9 @@ import pytest
 from pydantic import ValidationError
 
 from runledger.commands import work_pools as wp
+from runledger.commands.decisions import NewEvent
 from runledger.commands.events import EventEnvelope, decode_event, encode_event
-from runledger.commands.messages import DecisionContext, NewEvent, Rejection
+from runledger.commands.messages import DecisionContext, Rejection
 from runledger.commands.names import encode_token
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

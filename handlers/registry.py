@@ -1,0 +1,53 @@
+"""The one list of what runledger runs: aggregate kinds, commands, queries, projectors and
+reactors. The service, the broker contract (AsyncAPI), replay and verify, the broker's
+permissions (one consumer per projector) and the benchmarks all read it, so adding an
+aggregate is one module of rules, one of commands, one read model, and a line each here.
+
+Tables and migrations stay with their read models (`projections/tables.py`): the schema's
+history is ordered, and its versions must not depend on the order of this list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from runledger.infra.aggregates import AggregateKind
+from runledger.infra.event_store import EventStore
+from runledger.projections import work_pools as work_pools_read_model
+from runledger.projections.runner import Projector
+
+from . import work_pool_commands
+from .command_bus import CommandSpec
+
+AGGREGATE_KINDS: list[AggregateKind] = [
+    *work_pool_commands.AGGREGATE_KINDS,
+]
+
+# Each read model's projector, made fresh per runner (projectors may keep per-run state).
+PROJECTORS: list[Callable[[], Projector]] = [
+    work_pools_read_model.WorkPoolsProjector,
+]
+
+# Handlers that react to events with commands (e.g. waking the next waiter for a released
+# slot): none yet; each will run behind a lease, like a projector.
+REACTORS: list[Callable[[], Any]] = []
+
+# Query name -> (request model, handler(conn, query)). The health query is added by the
+# service: it reads the service's own runner and the stream.
+QUERIES: dict[str, tuple[Any, Any]] = {
+    **work_pools_read_model.QUERIES,
+}
+
+
+def command_specs(store: EventStore | None) -> dict[str, CommandSpec]:
+    """Command name -> spec. `store`: what commands that find their aggregate through the log
+    read it from (None where nothing runs, e.g. for the contract's schemas)."""
+    queues = work_pool_commands.queue_index(store) if store is not None else None
+    return {
+        **work_pool_commands.command_specs(queues),
+    }
+
+
+def projectors() -> list[Projector]:
+    return [make() for make in PROJECTORS]
