@@ -30,7 +30,9 @@ from pydantic import ValidationError
 from pydantic_core import to_jsonable_python
 
 from .events import EVENT_TYPES, EventEnvelope, UnknownEvent
+from .flows import FlowCreated, FlowDeleted
 from .messages import Event
+from .unique_keys import UniqueKeyClaimed, UniqueKeyReleased
 from .work_pools import (
     Change,
     Status,
@@ -318,7 +320,8 @@ def _queues_reprioritized(out: _Out, e: WorkQueuesReprioritized, pool_id: str, s
 
 
 def _nothing(out: _Out, e: Event, aggregate_id: str, state: ExportState) -> None:
-    """Name claims keep pool names unique; Prefect has no event for them."""
+    """Unique-key claims keep names unique, and Prefect emits no event for a flow's creation
+    or deletion: nothing to export."""
 
 
 _HANDLERS: dict[type[Event], Callable[[_Out, Any, str, ExportState], None]] = {
@@ -331,4 +334,8 @@ _HANDLERS: dict[type[Event], Callable[[_Out, Any, str, ExportState], None]] = {
     WorkQueuesReprioritized: _queues_reprioritized,
     WorkPoolNameClaimed: _nothing,
     WorkPoolNameReleased: _nothing,
+    UniqueKeyClaimed: _nothing,
+    UniqueKeyReleased: _nothing,
+    FlowCreated: _nothing,
+    FlowDeleted: _nothing,
 }

@@ -12,6 +12,7 @@ from typing import Annotated, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .bounds import INT64_MAX, MAX_FILTER_VALUES, NonNegativeInt64, check_storable_text
+from .flows import FlowName
 from .work_pools import PoolName, QueueName
 
 DEFAULT_LIMIT = 200
@@ -33,25 +34,37 @@ class Page(Query):
 T = TypeVar("T")
 
 
+def _storable_values(values: list[T] | None) -> list[T] | None:
+    """Text values must be storable text (commands/bounds.py), like what they match."""
+    for i, value in enumerate(values or ()):
+        if isinstance(value, str):
+            try:
+                check_storable_text(value)
+            except ValueError as e:
+                raise ValueError(f"value {i} {e}") from None
+    return values
+
+
 class AnyOf(BaseModel, Generic[T]):
-    """Every value is one bind parameter: at most `MAX_FILTER_VALUES` per list, so that a
-    query with all its filters stays under asyncpg's 32,767 parameters."""
+    """Matches any of the values. Every value is one bind parameter: at most
+    `MAX_FILTER_VALUES` per list, so that a query with all its filters stays under asyncpg's
+    32,767 parameters."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, str_max_length=100_000)
 
     any_: Annotated[list[T], Field(max_length=MAX_FILTER_VALUES)] | None = None
 
-    @field_validator("any_")
-    @classmethod
-    def _storable(cls, values: list[T] | None) -> list[T] | None:
-        """Text values must be storable text (commands/bounds.py), like what they match."""
-        for i, value in enumerate(values or ()):
-            if isinstance(value, str):
-                try:
-                    check_storable_text(value)
-                except ValueError as e:
-                    raise ValueError(f"value {i} {e}") from None
-        return values
+    _storable = field_validator("any_")(_storable_values)
+
+
+class AllOf(BaseModel, Generic[T]):
+    """Matches what holds every value given (a flow with all these tags)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, str_max_length=100_000)
+
+    all_: Annotated[list[T], Field(max_length=MAX_FILTER_VALUES)] | None = None
+
+    _storable = field_validator("all_")(_storable_values)
 
 
 class WorkPoolFilter(BaseModel):
@@ -114,3 +127,30 @@ class ListAllWorkQueues(Page):
     """Every pool's queues, ordered by name ascending (the legacy queue API)."""
 
     work_queues: WorkQueueFilter | None = None
+
+
+
+class FlowFilter(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: AnyOf[uuid.UUID] | None = None
+    name: AnyOf[str] | None = None
+    tags: AllOf[str] | None = None
+
+
+class GetFlow(Query):
+    id: uuid.UUID
+
+
+class GetFlowByName(Query):
+    name: FlowName
+
+
+class ListFlows(Page):
+    """Ordered by name ascending."""
+
+    flows: FlowFilter | None = None
+
+
+class CountFlows(Query):
+    flows: FlowFilter | None = None

@@ -24,6 +24,15 @@ REPLY_SCHEMA: dict[str, Any] = {
                 "repeat": {"type": "boolean", "description": "Present and true when an idempotency key was seen before: the first reply, nothing appended."},
                 "truncated": {"type": "boolean", "description": "Present and true when the reply was cut to fit the broker's max payload: a list query's shorter page (ask again from `next_offset`), or a command's reply without its result."},
                 "next_offset": {"type": "integer", "description": "With `truncated` on a list query: the `offset` to ask for the rest from."},
+                "orchestration": {
+                    "type": "object", "required": ["status", "details"],
+                    "description": "On commands that propose a state transition: the orchestration outcome; the command's events were appended whatever the status.",
+                    "properties": {
+                        "status": {"enum": ["ACCEPT", "REJECT", "WAIT", "ABORT"]},
+                        "details": {"type": "object", "properties": {
+                            "reason": {"type": "string"}, "delay_seconds": {"type": "integer"}}},
+                    },
+                },
             },
         },
         {

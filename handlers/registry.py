@@ -14,19 +14,22 @@ from typing import Any
 
 from runledger.infra.aggregates import AggregateKind
 from runledger.infra.event_store import EventStore
+from runledger.projections import flows as flows_read_model
 from runledger.projections import work_pools as work_pools_read_model
 from runledger.projections.runner import Projector
 
-from . import work_pool_commands
+from . import flow_commands, work_pool_commands
 from .command_bus import CommandSpec
 
 AGGREGATE_KINDS: list[AggregateKind] = [
     *work_pool_commands.AGGREGATE_KINDS,
+    *flow_commands.AGGREGATE_KINDS,
 ]
 
 # Each read model's projector, made fresh per runner (projectors may keep per-run state).
 PROJECTORS: list[Callable[[], Projector]] = [
     work_pools_read_model.WorkPoolsProjector,
+    flows_read_model.FlowsProjector,
 ]
 
 # Handlers that react to events with commands (e.g. waking the next waiter for a released
@@ -37,6 +40,7 @@ REACTORS: list[Callable[[], Any]] = []
 # service: it reads the service's own runner and the stream.
 QUERIES: dict[str, tuple[Any, Any]] = {
     **work_pools_read_model.QUERIES,
+    **flows_read_model.QUERIES,
 }
 
 
@@ -46,6 +50,7 @@ def command_specs(store: EventStore | None) -> dict[str, CommandSpec]:
     queues = work_pool_commands.queue_index(store) if store is not None else None
     return {
         **work_pool_commands.command_specs(queues),
+        **flow_commands.COMMANDS,
     }
 
 

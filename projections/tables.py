@@ -74,8 +74,18 @@ work_queues = Table(
     Column("updated", DateTime(timezone=True), nullable=False),
 )
 
+flows = Table(
+    "flows", metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("tags", JSONB, nullable=False),
+    Column("labels", JSONB, nullable=False),
+    Column("created", DateTime(timezone=True), nullable=False),
+    Column("updated", DateTime(timezone=True), nullable=False),
+)
+
 # Tables that hold read models (compared by `runledger verify`); the others are bookkeeping.
-READ_MODEL_TABLES = [work_pools, work_queues]
+READ_MODEL_TABLES = [work_pools, work_queues, flows]
 
 MIGRATIONS = [
     Migration(1, "work pools and work queues", [
@@ -99,5 +109,11 @@ MIGRATIONS = [
         """CREATE TABLE projection_failures (projection text PRIMARY KEY, seq bigint NOT NULL,
                subject text NOT NULL, event_type text NOT NULL, error text NOT NULL,
                attempts integer NOT NULL, first_seen timestamptz NOT NULL, last_seen timestamptz NOT NULL)""",
+    ]),
+    Migration(3, "flows", [
+        """CREATE TABLE flows (id uuid PRIMARY KEY, name text NOT NULL, tags jsonb NOT NULL,
+               labels jsonb NOT NULL, created timestamptz NOT NULL, updated timestamptz NOT NULL)""",
+        "CREATE INDEX flows_name ON flows (name)",
+        "CREATE INDEX flows_tags ON flows USING gin (tags)",
     ]),
 ]

@@ -28,7 +28,7 @@ def install_internal_create(service) -> None:
         return wp.decide_create_work_pool(cmd, await wpc._claim(unit, cmd.name), ctx, internal=True)
 
     service.commands.specs["TestInternalCreateWorkPool"] = CommandSpec(
-        wp.CreateWorkPool, handle, wp.work_pool_reply, lambda c: f"pool:{c.name}"
+        wp.CreateWorkPool, handle, wp.work_pool_reply, lambda c: [(wp.WORK_POOL_NAME, c.name)]
     )
 
 
