@@ -97,8 +97,12 @@ async def apply_batch(conn: AsyncConnection, projector: Projector, batch: Sequen
     now = datetime.now(UTC)
     raw_payloads = getattr(projector, "raw_payloads", False)
     for raw in fresh:
+        # The event type is the subject's last token (the store writes it so, and only the
+        # service may write): a projector skips the types it does not handle unparsed.
+        if raw.subject[raw.subject.rfind(".") + 1:] not in projector.handles:
+            if raw.subject[raw.subject.rfind(".") + 1:] in EVENT_TYPES:
+                continue
         try:
-            # Plain JSON first: a projector skips the types it does not handle unvalidated.
             envelope = from_json(raw.data)
             event_type = envelope["type"]
             if event_type not in projector.handles:
