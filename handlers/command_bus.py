@@ -16,7 +16,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_json
@@ -94,7 +94,10 @@ def validation_error_reply(e: ValidationError) -> dict[str, Any]:
     return error(ErrorCode.INVALID, f"{where}: {first['reason']}", field=first["field"], details=details)
 
 
-def parse_payload(model: type[BaseModel], raw: bytes) -> BaseModel | dict[str, Any]:
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_payload(model: type[M], raw: bytes) -> M | dict[str, Any]:
     """The model, or an `invalid` reply naming the field and the reason.
 
     Strict: "1" is not an int and "yes" is not a bool; JSON strings still make UUIDs and
@@ -223,7 +226,7 @@ class CommandBus:
                 last_seq = await self.store.append(messages)
             except WrongExpectedSequence:
                 if idem is not None:
-                    earlier = await self.store.read_idempotency_record(cmd.idempotency_key)
+                    earlier = await self.store.read_idempotency_record(idem[0])  # the command's key
                     if earlier is not None:
                         return self._repeat_reply(earlier, fingerprint)
                 refresh = True

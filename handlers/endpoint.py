@@ -29,7 +29,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from nats.aio.client import Client as NATS
 from pydantic_core import to_json
@@ -104,7 +104,7 @@ def widen_reads(nc: NATS, size: int = 4 * 1024 * 1024) -> bool:
     socket_transport = getattr(writer, "transport", None)
     if reader is None or not isinstance(getattr(reader, "_limit", None), int):
         return False
-    if not isinstance(getattr(socket_transport, "max_size", None), int):
+    if socket_transport is None or not isinstance(getattr(socket_transport, "max_size", None), int):
         return False
     reader._limit = max(reader._limit, size // 2)
     socket_transport.max_size = max(socket_transport.max_size, size)
@@ -261,7 +261,7 @@ class Endpoint:
     def subscription(self):
         return self.subscriptions[0]
 
-    def reply_allowed(self, reply: str | None) -> bool:
+    def reply_allowed(self, reply: str | None) -> TypeGuard[str]:
         return reply_subject_allowed(reply, self.settings.reply_subject_prefix, self._protected)
 
     async def _on_message(self, msg) -> None:
@@ -316,6 +316,7 @@ class Endpoint:
         # clean-up that waits on that database too). One sweeper, not a timer per request:
         # thousands of timers in the event loop's heap cost more than the rest of the endpoint.
         me = asyncio.current_task()
+        assert me is not None  # a coroutine the subscription runs as a task
         req = _Pending(self._loop.time() + self.deadline, msg, name)
         self._pending[me] = req
         _extend_deadline.set(req)  # this task's own context

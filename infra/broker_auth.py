@@ -82,7 +82,7 @@ def service_consumer_names() -> list[str]:
     from runledger.handlers.registry import projectors
     from runledger.projections.runner import ProjectionRunner
 
-    return sorted(ProjectionRunner.consumer_name(None, p) for p in projectors())
+    return sorted(ProjectionRunner.consumer_name(p) for p in projectors())
 
 
 # The analyst's JetStream API prefix (nats-py `prefix`, Settings.js_api_prefix): its account's

@@ -290,6 +290,7 @@ class EmbeddedPostgres:
             unreachable = self.binaries.bin_dir
             self.binaries = local
             self.run_as = _run_as(self.data_dir, local)
+            assert self.run_as is not None  # still root, as when the first user was found
             self.notice = (root_check(self.run_as, self.data_dir, local)[:-1]
                            + f"; pgserver's binaries ({unreachable}) are out of its reach, so the local "
                            f"PostgreSQL {local.version} ({local.bin_dir}) runs instead.")

@@ -19,6 +19,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
@@ -451,7 +452,7 @@ class EventStore:
                     raise RuntimeError(f"direct get failed with status {status.get('code')}")
                 if out:
                     seq = out[-1][0] + 1
-                if status.get("code") == "404" or status.get("pending", 0) <= 0:
+                if status.get("code") == "404" or cast(int, status.get("pending", 0)) <= 0:
                     return out
                 if max_messages is not None and len(out) >= max_messages:
                     return out
@@ -467,6 +468,8 @@ class EventStore:
             msg = await self.js.get_last_msg(self.stream, self.aggregate_filter(aggregate_type, aggregate_id), direct=True)
         except NotFoundError:
             return None
+        # nats-py types these optional; a direct get sets them for every message it finds.
+        assert msg.seq is not None and msg.subject is not None and msg.data is not None
         return StoredEvent(msg.seq, msg.subject, EventEnvelope.model_validate_json(msg.data))
 
     async def holds(self, seq: int, aggregate_type: str, aggregate_id: str) -> bool:
@@ -476,6 +479,7 @@ class EventStore:
             msg = await self.js.get_msg(self.stream, seq=seq, direct=True)
         except NotFoundError:
             return False
+        assert msg.subject is not None  # set for every message a direct get finds
         return msg.subject.startswith(f"{self.prefix}.{aggregate_type}.{aggregate_id}.")
 
     async def read_idempotency_record(self, key: str) -> tuple[int, dict] | None:
@@ -483,6 +487,7 @@ class EventStore:
             msg = await self.js.get_last_msg(self.stream, idempotency_subject(self.settings, key), direct=True)
         except NotFoundError:
             return None
+        assert msg.seq is not None and msg.data is not None  # set for a record found (a JSON body)
         return msg.seq, json.loads(msg.data)
 
     async def last_sequence(self) -> int:

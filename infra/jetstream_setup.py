@@ -29,6 +29,7 @@ def event_stream_config(settings: Settings) -> StreamConfig:
 
 async def ensure_event_stream(js: JetStreamContext, settings: Settings) -> None:
     wanted = event_stream_config(settings)
+    assert wanted.name is not None  # event_stream_config names it
     try:
         info = await js.stream_info(wanted.name)
     except NotFoundError:

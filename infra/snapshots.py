@@ -15,6 +15,7 @@ from typing import Any
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.kv import KeyValue
 
 from .settings import Settings
 
@@ -37,9 +38,9 @@ class SnapshotStore:
     def __init__(self, js: JetStreamContext, settings: Settings):
         self.js = js
         self.settings = settings
-        self._kv = None
+        self._kv: KeyValue | None = None
 
-    async def _bucket(self):
+    async def _bucket(self) -> KeyValue:
         if self._kv is None:
             self._kv = await self.js.key_value(self.settings.snapshot_bucket)
         return self._kv
@@ -52,6 +53,7 @@ class SnapshotStore:
         """(codec version, stream sequence, encoded state) or None; never raises."""
         try:
             entry = await (await self._bucket()).get(self.key(aggregate_type, aggregate_id))
+            assert entry.value is not None, "an empty entry"  # like any broken one: warned, ignored
             body = json.loads(entry.value)
             return int(body["v"]), int(body["seq"]), body["state"]
         except KeyNotFoundError:

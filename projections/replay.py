@@ -10,7 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict
 
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from sqlalchemy import select, text
@@ -23,6 +23,12 @@ from runledger.infra.settings import Settings
 
 from .runner import ApplyFailure, Projector, RawEvent, apply_batch, apply_in_pieces, is_transient
 from .tables import MIGRATIONS, READ_MODEL_TABLES, projection_checkpoints
+
+
+class _PullState(TypedDict):
+    open: int  # messages the open pull request may still bring
+    status: str | None  # the status that ended it
+    pending: int  # messages the consumer had left after the last one delivered
 
 
 async def iter_log(store: EventStore, subject_filter: str, start_seq: int = 1, *, until_seq: int | None = None,
@@ -46,7 +52,7 @@ async def iter_log(store: EventStore, subject_filter: str, start_seq: int = 1, *
     api = f"{store.settings.js_api_prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer.name}"
     inbox = nc.new_inbox()
     arrived: list[RawEvent] = []
-    state = {"open": 0, "status": None, "pending": 1}
+    state: _PullState = {"open": 0, "status": None, "pending": 1}
     ready = asyncio.Event()
 
     async def on_message(msg) -> None:
@@ -63,7 +69,7 @@ async def iter_log(store: EventStore, subject_filter: str, start_seq: int = 1, *
             ready.set()
 
     async def pull() -> None:
-        state.update(open=chunk, status=None)
+        state.update({"open": chunk, "status": None})
         ready.clear()
         await nc.publish(api, json.dumps({"batch": chunk, "no_wait": True}).encode(), reply=inbox)
 

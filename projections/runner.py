@@ -30,10 +30,10 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Protocol, TypedDict
 
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -55,6 +55,11 @@ from runledger.infra.settings import Settings
 from .tables import projection_checkpoints, projection_failures, skipped_events
 
 log = logging.getLogger("runledger.projections")
+
+
+class _PullState(TypedDict):
+    open: int  # messages the open pull request may still bring
+    status: str | None  # the status that ended it
 
 
 class Projector(Protocol):
@@ -109,6 +114,7 @@ async def apply_batch(conn: AsyncConnection, projector: Projector, batch: Sequen
                 if event_type not in EVENT_TYPES:
                     raise UnknownEvent(f"unknown event type {event_type!r}")
                 continue
+            event: Event | dict
             if raw_payloads:
                 event = upcast_payload(event_type, envelope["schema_version"], envelope["payload"])
             else:
@@ -157,9 +163,9 @@ async def advance_checkpoint(conn: AsyncConnection, name: str, expected: int, la
 _TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
 
 
-def _causes(error: BaseException):
+def _causes(error: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
-    todo = [error]
+    todo: list[BaseException | None] = [error]
     while todo:
         e = todo.pop()
         if e is None or id(e) in seen:
@@ -326,7 +332,8 @@ class ProjectionRunner:
     failures: dict[str, ApplyFailure] = field(default_factory=dict)
     leases: dict[str, Lease] = field(default_factory=dict)
 
-    def consumer_name(self, projector: Projector) -> str:
+    @staticmethod
+    def consumer_name(projector: Projector) -> str:
         return f"projection_{projector.name}"
 
     def lease_key(self, projector: Projector) -> str:
@@ -514,7 +521,7 @@ class ProjectionRunner:
         api = f"$JS.API.CONSUMER.MSG.NEXT.{self.settings.stream_name}.{self.consumer_name(projector)}"
         inbox = self.nc.new_inbox()
         arrived: list = []
-        pull = {"open": 0, "status": None}  # messages the open request may still bring
+        pull: _PullState = {"open": 0, "status": None}  # messages the open request may still bring
         wake = asyncio.Event()
 
         async def on_message(msg) -> None:
@@ -534,7 +541,7 @@ class ProjectionRunner:
                 if pull["open"] == 0:
                     if pull["status"] not in (None, "404", "408"):
                         raise RuntimeError(f"pull request failed with status {pull['status']}")
-                    pull.update(open=self.batch_size, status=None)
+                    pull.update({"open": self.batch_size, "status": None})
                     request = {"batch": self.batch_size, "expires": 1_000_000_000}
                     await self.nc.publish(api, json.dumps(request).encode(), reply=inbox)
                 try:

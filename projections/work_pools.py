@@ -6,7 +6,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.dialects.postgresql import JSONB
@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runledger.commands import queries as q
 from runledger.commands import work_pools as wp
-from runledger.commands.messages import not_found
+from runledger.commands.messages import Event, not_found
 
 from .tables import work_pools, work_queues
 
@@ -53,10 +53,11 @@ class WorkPoolsProjector:
         wp.WorkQueueUpdated, wp.WorkQueueDeleted, wp.WorkQueuesReprioritized,
     ))
 
-    async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
+    async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, str, Event | dict]]) -> None:
+        payloads = cast(Sequence[tuple[str, str, dict[str, Any]]], events)  # raw_payloads: dicts only
         pools: dict[str, Any] = {}
         queues: dict[str, Any] = {}
-        moved_ids = {qid for _, _, e in events for qid in e.get("reprioritized", ())}
+        moved_ids = {qid for _, _, e in payloads for qid in e.get("reprioritized", ())}
         if moved_ids:
             rows = await conn.execute(select(work_queues).where(work_queues.c.id.in_([uuid.UUID(i) for i in moved_ids])))
             queues.update({str(r.id): dict(r._mapping) for r in rows})
@@ -68,7 +69,7 @@ class WorkPoolsProjector:
                 if isinstance(row, dict):
                     queues[qid] = {**row, "priority": priority, "updated": stamp}
 
-        for pool_id, event_type, e in events:
+        for pool_id, event_type, e in payloads:
             match event_type:
                 case "WorkPoolCreated":
                     pools[e["pool"]["id"]] = _pool_row(e["pool"])
@@ -111,6 +112,7 @@ async def _write(conn: AsyncConnection, table, rows: dict[str, Any]) -> None:
     if not gone and not kept:
         return
     driver = (await conn.get_raw_connection()).driver_connection
+    assert driver is not None  # asyncpg's connection, under a pooled connection in use
     if gone:
         await driver.execute(f"DELETE FROM {table.name} WHERE id = ANY($1::uuid[])", gone)
     if kept:
