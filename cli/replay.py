@@ -22,6 +22,7 @@ from runledger.commands.prefect_events import ExportState, to_prefect_events
 from runledger.infra.database import DatabaseUnavailable, check_database, create_engine, drop_schema
 from runledger.infra.event_store import EventStore
 from runledger.infra.jetstream_setup import ensure_event_stream
+from runledger.infra.leases import stop_if_cancelled
 from runledger.infra.nats_connection import BrokerUnavailable, connect
 from runledger.infra.settings import Settings, load_settings
 from runledger.projections.replay import ReplayStopped, compare, iter_log, replay, snapshot
@@ -177,6 +178,9 @@ def events(
             store = EventStore(nc, settings)
             start = 1 if prefect else from_seq
             while True:
+                # Ctrl-C cancels this task; on Python 3.11 a cancel that lands inside nats-py's
+                # `wait_for` can be swallowed, and the loop would poll on, deaf to it.
+                stop_if_cancelled()
                 end = await store.last_sequence()
                 async for batch in iter_log(store, subject, start, until_seq=end):
                     for raw in batch:
