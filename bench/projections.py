@@ -40,8 +40,18 @@ async def catch_up(urls, n: int) -> tuple[float, int]:
     engine = create_engine(settings)
     await migrate(engine, settings.db_schema, MIGRATIONS)
     done = asyncio.Event()
-    runner = ProjectionRunner(nc, settings, engine, projectors(), batch_size=settings.projection_batch_size,
-                              on_applied=lambda name, seq: seq >= last and done.set())
+    caught_up: set[str] = set()
+    running = projectors()
+
+    def applied(name: str, seq: int) -> None:
+        """Caught up when every projection has applied the whole backlog (not the first)."""
+        if seq >= last:
+            caught_up.add(name)
+            if len(caught_up) == len(running):
+                done.set()
+
+    runner = ProjectionRunner(nc, settings, engine, running, batch_size=settings.projection_batch_size,
+                              on_applied=applied)
     t0 = now()
     await runner.start()
     await done.wait()

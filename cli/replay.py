@@ -25,7 +25,14 @@ from runledger.infra.jetstream_setup import ensure_event_stream
 from runledger.infra.leases import stop_if_cancelled
 from runledger.infra.nats_connection import BrokerUnavailable, connect
 from runledger.infra.settings import Settings, load_settings
-from runledger.projections.replay import ReplayStopped, compare, iter_log, replay, snapshot
+from runledger.projections.replay import (
+    ReplayStopped,
+    compare,
+    iter_log,
+    replay,
+    snapshot,
+    snapshot_each,
+)
 from runledger.projections.runner import read_failures
 
 from .main import app
@@ -53,17 +60,19 @@ def _run(coro):
         raise typer.Exit(EXIT_STALLED) from None
 
 
-async def _rebuild(settings: Settings, schema: str, until_seq: int | None, as_of: datetime | None, quiet: bool):
+async def _rebuild(settings: Settings, schema: str, until_seq: int | None, as_of: datetime | None, quiet: bool,
+                   until_each: dict[str, int] | None = None):
     nc = await connect(settings, name="runledger-replay", wait_for_server=False)
     try:
         await ensure_event_stream(nc.jetstream(prefix=settings.js_api_prefix), settings)
         store = EventStore(nc, settings)
-        total = until_seq or await store.last_sequence()
+        total = max(until_each.values(), default=0) if until_each is not None else until_seq or await store.last_sequence()
         with Progress(TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TextColumn("seq"),
                       TimeRemainingColumn(), console=console, disable=quiet, transient=True) as progress:
             task = progress.add_task("replay", total=total or None)
             result = await replay(settings, store, _projectors(), schema, until_seq=until_seq, as_of=as_of,
-                                  on_progress=lambda n, seq: progress.update(task, completed=seq))
+                                  on_progress=lambda n, seq: progress.update(task, completed=seq),
+                                  until_each=until_each)
         return result
     finally:
         await nc.close()
@@ -102,13 +111,16 @@ def verify(keep: bool = typer.Option(False, help="Keep the rebuilt schema for in
         live_engine = create_engine(settings, pool_size=1)
         try:
             await check_database(live_engine, settings)
-            seq, live = await snapshot(live_engine, [p.name for p in _projectors()])
+            names = [p.name for p in _projectors()]
+            positions, live = await snapshot_each(live_engine, names)
+            until_each = {n: positions.get(n, 0) for n in names}  # each projection where it is
+            seq = min(until_each.values(), default=0)
             async with live_engine.connect() as conn:
                 stalled = await read_failures(conn)
         finally:
             await live_engine.dispose()
         schema = f"{settings.namespace}_verify_{uuid.uuid4().hex[:8]}"
-        await _rebuild(settings, schema, seq, None, quiet=False)
+        await _rebuild(settings, schema, seq, None, quiet=False, until_each=until_each)
         rebuilt_engine = create_engine(settings, schema=schema, pool_size=1)
         try:
             _, rebuilt = await snapshot(rebuilt_engine, [p.name for p in _projectors()])

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypedDict
@@ -123,8 +123,11 @@ async def replay(
     until_seq: int | None = None,
     as_of: datetime | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    until_each: Mapping[str, int] | None = None,
 ) -> ReplayResult:
-    """Rebuild every read model into `schema` (dropped first) from the log."""
+    """Rebuild every read model into `schema` (dropped first) from the log. `until_each`:
+    a stream sequence per projection to stop each at (the live positions `verify` compares
+    with: projections advance on their own, so at any moment they may differ)."""
     import time
 
     started = time.perf_counter()
@@ -133,6 +136,8 @@ async def replay(
         await check_database(engine, settings)
         await drop_schema(engine, schema)
         await migrate(engine, schema, MIGRATIONS)
+        if until_each is not None:
+            until_seq = max(until_each.values(), default=0)
         target = until_seq if until_seq is not None else await store.last_sequence()
         done = last = 0
         async for batch in iter_log(store, f"{settings.event_subject_prefix}.>", until_seq=target):
@@ -143,7 +148,7 @@ async def replay(
             else:
                 stop = False
             if batch:
-                await _apply_chunk(engine, projectors, batch)
+                await _apply_chunk(engine, projectors, batch, until_each)
                 done += len(batch)
                 last = batch[-1].seq
                 if on_progress:
@@ -165,7 +170,14 @@ class ReplayStopped(Exception):
         self.failure = failure
 
 
-async def _apply_chunk(engine: AsyncEngine, projectors: Sequence[Projector], batch: Sequence[RawEvent]) -> None:
+async def _apply_chunk(engine: AsyncEngine, projectors: Sequence[Projector], batch: Sequence[RawEvent],
+                       until_each: Mapping[str, int] | None = None) -> None:
+    if until_each is not None and any(batch[-1].seq > until_each.get(p.name, 0) for p in projectors):
+        for projector in projectors:  # each up to its own position
+            mine = [r for r in batch if r.seq <= until_each.get(projector.name, 0)]
+            if mine:
+                await _apply_chunk(engine, [projector], mine)
+        return
     try:
         async with engine.begin() as conn:
             for projector in projectors:
@@ -186,7 +198,15 @@ def _normalise(value: Any) -> Any:
 
 
 async def snapshot(engine: AsyncEngine, projection_names: Sequence[str]) -> tuple[int, dict[str, dict[Any, dict]]]:
-    """The read models and the sequence they reflect, read in one consistent snapshot."""
+    """The read models and the lowest sequence they reflect, read in one consistent snapshot."""
+    positions, tables = await snapshot_each(engine, projection_names)
+    seq = min(positions.values()) if len(positions) == len(projection_names) else 0
+    return seq, tables
+
+
+async def snapshot_each(engine: AsyncEngine, projection_names: Sequence[str],
+                        ) -> tuple[dict[str, int], dict[str, dict[Any, dict]]]:
+    """The read models and each projection's position, read in one consistent snapshot."""
     async with engine.connect() as conn:
         await conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
         rows = await conn.execute(select(projection_checkpoints.c.name, projection_checkpoints.c.last_seq))
@@ -196,8 +216,7 @@ async def snapshot(engine: AsyncEngine, projection_names: Sequence[str]) -> tupl
             result = await conn.execute(select(table))
             tables[table.name] = {r.id: {k: _normalise(v) for k, v in r._mapping.items()} for r in result}
         await conn.rollback()
-    seq = min(positions.values()) if len(positions) == len(projection_names) else 0
-    return seq, tables
+    return positions, tables
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from sqlalchemy import text
@@ -26,7 +27,29 @@ async def _history(broker):
     await broker.ok_cmd("DeleteWorkQueue", work_pool_name="alpha", work_queue_name="a")
     await broker.ok_cmd("DeleteWorkPool", name="beta")
     await broker.ok_qry("CountWorkPools")  # waits for the read model
+    await _saved(broker)
     return mid
+
+
+async def _saved(broker, timeout: float = 5.0) -> None:
+    """Until every projection's saved checkpoint covers the last command: one that had
+    nothing to apply saves its position a moment after the others."""
+    from sqlalchemy import text
+
+    from runledger.infra.database import create_engine
+
+    engine = create_engine(broker.settings, pool_size=1)
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            async with engine.connect() as conn:
+                rows = (await conn.execute(text("SELECT name, last_seq FROM projection_checkpoints"))).all()
+            if len(rows) == len(projectors()) and min(r.last_seq for r in rows) >= broker.last_seq:
+                return
+            assert asyncio.get_running_loop().time() < deadline, rows
+            await asyncio.sleep(0.01)
+    finally:
+        await engine.dispose()
 
 
 async def test_a_rebuild_equals_the_live_read_models(broker, service, settings):
@@ -112,3 +135,30 @@ async def test_status_answers_through_the_broker(broker, service, settings):
     env = {**cli_env(settings), "RUNLEDGER_NAMESPACE": "nobodyhere"}
     result = await asyncio.to_thread(CliRunner().invoke, app, ["status"], env=env)
     assert result.exit_code == 6
+
+
+async def test_verify_compares_each_projection_where_it_is(writer, settings):
+    """Projections advance on their own: here work pools are projected and flows not yet.
+    `verify` rebuilds each up to its own position, so the live read models are identical."""
+    from runledger.cli.main import _register, app
+    from runledger.projections.runner import ProjectionRunner
+    from runledger.projections.work_pools import WorkPoolsProjector
+
+    _register()
+    svc, broker = writer
+    await broker.ok_cmd("CreateWorkPool", name="only-pools", type="process")
+    await broker.ok_cmd("CreateFlow", name="not-projected-yet")
+    await broker.ok_cmd("CreateWorkQueue", work_pool_name="only-pools", name="q")
+    runner = ProjectionRunner(broker.nc, settings, svc.engine, [WorkPoolsProjector()])
+    await runner.start()
+    try:
+        for _ in range(500):
+            if runner.applied.get("work_pools", 0) >= broker.last_seq:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # saved
+        result = await asyncio.to_thread(CliRunner().invoke, app, ["verify"], env=cli_env(settings))
+    finally:
+        await runner.stop()
+    assert result.exit_code == 0, result.output
+    assert "identical" in result.output
