@@ -14,8 +14,8 @@ app = typer.Typer(
 
 def _register() -> None:
     # Each module adds its own commands to `app`; importing here keeps start-up explicit.
-    # asyncapi; broker-config; replay, verify, events; up, serve; status; work-pool ...; work-queue ...
-    from . import broker_config, contract, replay, service, status, work_pools, work_queues  # noqa: F401
+    # asyncapi; broker-config; flow ...; replay, verify, events; up, serve; status; work-pool ...; work-queue ...
+    from . import broker_config, contract, flows, replay, service, status, work_pools, work_queues  # noqa: F401
 
 
 def main() -> None:

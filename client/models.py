@@ -1,9 +1,12 @@
-"""What the client returns: the work pool and work queue reply shapes of the broker contract
-(`work_pool_reply` / `work_queue_reply` in `runledger.commands.work_pools`).
+"""What the client returns: the work pool, work queue and flow reply shapes of the broker
+contract (`work_pool_reply` / `work_queue_reply` in `runledger.commands.work_pools`,
+`Flow.reply` in `runledger.commands.flows`).
 
 Unknown fields are kept (`extra="allow"`) so an older client still reads a newer service.
-Datetimes dump back with `isoformat()`, so `model_dump(mode="json")` reproduces the service's
-JSON (the CLI's `--json` relies on it)."""
+Datetimes dump back as the service wrote them, so `model_dump(mode="json")` reproduces the
+service's JSON (the CLI's `--json` relies on it): a pool's and a queue's with `isoformat()`
+(`+00:00`), a flow's with pydantic's own format (`Z`), since the service dumps the `Flow`
+model itself."""
 
 from __future__ import annotations
 
@@ -51,3 +54,14 @@ class WorkQueue(BaseModel):
     status: str | None = None  # READY | NOT_READY | PAUSED
     filter: Any = None  # deprecated, always null
     active_slots: int | None = None  # only with a concurrency limit
+
+
+class Flow(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: uuid.UUID
+    created: datetime  # not IsoDatetime: the service's `Flow.reply()` writes UTC as `Z`
+    updated: datetime
+    name: str
+    tags: list[str] = []
+    labels: dict[str, Any] = {}

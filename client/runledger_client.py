@@ -38,7 +38,7 @@ from runledger.infra.settings import Settings, load_settings
 
 from .envelope import UNSET, Reply, Unset, encode_body, given, parse_reply
 from .errors import ProtocolError, Unavailable
-from .models import WorkPool, WorkQueue
+from .models import Flow, WorkPool, WorkQueue
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -58,6 +58,15 @@ def _filter(names: Sequence[str] | None, ids: Sequence[uuid.UUID | str] | None,
         body["name"] = {"any_": list(names)}
     if types is not None:
         body["type"] = {"any_": list(types)}
+    return body or None
+
+
+def _flow_filter(names: Sequence[str] | None, ids: Sequence[uuid.UUID | str] | None,
+                 tags: Sequence[str] | None) -> dict[str, Any] | None:
+    """A `FlowFilter` body: ids and names match any value given, `tags` every tag given."""
+    body = _filter(names, ids) or {}
+    if tags is not None:
+        body["tags"] = {"all_": list(tags)}
     return body or None
 
 
@@ -468,3 +477,84 @@ class RunledgerClient:
         reply = await self._whole_page("ListAllWorkQueues", body,
                                        await self.query("ListAllWorkQueues", body, min_seq=min_seq))
         return self._many(WorkQueue, reply.result)
+
+    # -----------------------------------------------------------------------------------------
+    # Flows
+
+    async def create_flow(
+        self,
+        name: str,
+        *,
+        tags: Sequence[str] | Unset = UNSET,
+        labels: Mapping[str, Any] | Unset = UNSET,
+        idempotency_key: str | None = None,
+    ) -> Flow:
+        """Create a flow by name; a name already taken returns that flow unchanged (the tags
+        and labels given are not applied: `ensure_flow` says which happened)."""
+        flow, _ = await self._create_flow(name, tags, labels, idempotency_key)
+        return flow
+
+    async def ensure_flow(
+        self,
+        name: str,
+        *,
+        tags: Sequence[str] | Unset = UNSET,
+        labels: Mapping[str, Any] | Unset = UNSET,
+        idempotency_key: str | None = None,
+    ) -> tuple[Flow, bool]:
+        """`create_flow`, and whether this call made the flow (False: the name was taken, and
+        the flow returned is the existing one, unchanged)."""
+        flow, created = await self._create_flow(name, tags, labels, idempotency_key)
+        if created is None:
+            raise ProtocolError("the service's reply to CreateFlow does not say whether it created the flow")
+        return flow, created
+
+    async def _create_flow(self, name: str, tags: Sequence[str] | Unset, labels: Mapping[str, Any] | Unset,
+                           idempotency_key: str | None) -> tuple[Flow, bool | None]:
+        body = given(name=name, tags=tags, labels=labels)
+        reply = await self.command("CreateFlow", body | self._key(idempotency_key))
+        return self._one(Flow, reply.result), reply.created
+
+    async def delete_flow(self, id: uuid.UUID | str, *, idempotency_key: str | None = None) -> None:
+        """Delete a flow; its name is free again at once."""
+        await self.command("DeleteFlow", {"id": str(id)} | self._key(idempotency_key))
+
+    async def read_flow(self, id: uuid.UUID | str, *, min_seq: int | None = None) -> Flow:
+        reply = await self.query("GetFlow", {"id": str(id)}, min_seq=min_seq)
+        return self._one(Flow, reply.result)
+
+    async def read_flow_by_name(self, name: str, *, min_seq: int | None = None) -> Flow:
+        reply = await self.query("GetFlowByName", {"name": name}, min_seq=min_seq)
+        return self._one(Flow, reply.result)
+
+    async def list_flows(
+        self,
+        *,
+        names: Sequence[str] | None = None,
+        ids: Sequence[uuid.UUID | str] | None = None,
+        tags: Sequence[str] | None = None,
+        limit: int | Unset = UNSET,
+        offset: int | Unset = UNSET,
+        min_seq: int | None = None,
+    ) -> list[Flow]:
+        """One page of flows, ordered by name; `tags`: only flows with every tag given. The
+        server's limit is 200 at most."""
+        body = given(limit=limit, offset=offset)
+        if (flt := _flow_filter(names, ids, tags)) is not None:
+            body["flows"] = flt
+        reply = await self._whole_page("ListFlows", body, await self.query("ListFlows", body, min_seq=min_seq))
+        return self._many(Flow, reply.result)
+
+    async def count_flows(
+        self,
+        *,
+        names: Sequence[str] | None = None,
+        ids: Sequence[uuid.UUID | str] | None = None,
+        tags: Sequence[str] | None = None,
+        min_seq: int | None = None,
+    ) -> int:
+        body: dict[str, Any] = {}
+        if (flt := _flow_filter(names, ids, tags)) is not None:
+            body["flows"] = flt
+        reply = await self.query("CountFlows", body, min_seq=min_seq)
+        return self._count(reply.result)

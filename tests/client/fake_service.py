@@ -14,7 +14,9 @@ from typing import Any
 
 import nats
 
+from runledger.commands.flows import CreateFlow, decide_create_flow
 from runledger.commands.messages import DecisionContext
+from runledger.commands.unique_keys import UniqueKeyClaim
 from runledger.commands.work_pools import (
     CreateWorkPool,
     CreateWorkQueue,
@@ -113,3 +115,9 @@ def sample_queue(name: str = "urgent", pool_name: str = "etl", **fields: Any) ->
     after, queue = decide_create_work_queue(CreateWorkQueue(work_pool_name=pool_name, name=name, **fields),
                                             pool, ctx).result
     return work_queue_reply(after, queue)
+
+
+def sample_flow(name: str = "etl", **fields: Any) -> dict[str, Any]:
+    """A flow reply, made by the service's own decider (its id follows from its name)."""
+    ctx = DecisionContext.fixed(NOW, iter([uuid.uuid5(uuid.NAMESPACE_URL, f"flow:{name}")]))
+    return decide_create_flow(CreateFlow(name=name, **fields), UniqueKeyClaim(), None, ctx).result.reply()
