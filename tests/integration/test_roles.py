@@ -27,6 +27,9 @@ from runledger.projections.replay import iter_log
 
 from .broker import Broker
 
+# Every projection's durable consumer: the service's alone.
+CONSUMERS = broker_auth.service_consumer_names()
+
 
 class Roles:
     def __init__(self, server: EmbeddedNats, database_url: str, namespace: str, creds: dict):
@@ -111,7 +114,8 @@ async def _state(r: Roles) -> tuple[int, int, bool]:
     except NotFoundError:
         kv = 0
     try:
-        await js.consumer_info(r.stream, "projection_work_pools")
+        for name in CONSUMERS:
+            await js.consumer_info(r.stream, name)
         consumer = True
     except NotFoundError:
         consumer = False
@@ -133,8 +137,10 @@ def _attacks(r: Roles, pool_id: str) -> dict[str, tuple[str, bytes, dict | None]
         "purge the stream": (f"$JS.API.STREAM.PURGE.{stream}", b"", None),
         "delete the stream": (f"$JS.API.STREAM.DELETE.{stream}", b"", None),
         "delete a message": (f"$JS.API.STREAM.MSG.DELETE.{stream}", b'{"seq":1}', None),
-        "delete the service's consumer": (f"$JS.API.CONSUMER.DELETE.{stream}.projection_work_pools", b"", None),
-        "ack for the service's consumer": (f"$JS.ACK.{stream}.projection_work_pools.1.1.1.0.0", b"", None),
+        **{f"delete the service's consumer {c}": (f"$JS.API.CONSUMER.DELETE.{stream}.{c}", b"", None)
+           for c in CONSUMERS},
+        **{f"ack for the service's consumer {c}": (f"$JS.ACK.{stream}.{c}.1.1.1.0.0", b"", None)
+           for c in CONSUMERS},
     }
 
 
@@ -205,20 +211,23 @@ async def test_analyst_reads_the_log_as_events_and_replay_do(roles):
 async def test_analyst_cannot_write_or_take_over_the_services_consumers(roles):
     pool = await _pool(roles)
     stream = roles.stream
-    take_over = json.dumps({"stream_name": stream, "config": {
-        "name": "projection_work_pools", "ack_policy": "none", "deliver_policy": "all", "inactive_threshold": 1}})
     attacks = {}
     for api in ("$JS.API", broker_auth.ANALYST_JS_API):  # its own account's, and the imported read API
+        for c in CONSUMERS:  # every projection's consumer
+            take_over = json.dumps({"stream_name": stream, "config": {
+                "name": c, "ack_policy": "none", "deliver_policy": "all", "inactive_threshold": 1}})
+            attacks |= {
+                f"{api}: update the service's consumer {c}": (f"{api}.CONSUMER.CREATE.{stream}.{c}",
+                                                              take_over.encode(), None),
+                f"{api}: create {c} named in the body": (f"{api}.CONSUMER.CREATE.{stream}", take_over.encode(),
+                                                         None),
+                f"{api}: pull the service's consumer {c}": (f"{api}.CONSUMER.MSG.NEXT.{stream}.{c}",
+                                                            b'{"batch":1}', None),
+                f"{api}: delete the service's consumer {c}": (f"{api}.CONSUMER.DELETE.{stream}.{c}",
+                                                              b"", None),
+            }
         attacks |= {
-            f"{api}: update the service's consumer": (f"{api}.CONSUMER.CREATE.{stream}.projection_work_pools",
-                                                      take_over.encode(), None),
-            f"{api}: create a consumer named in the body": (f"{api}.CONSUMER.CREATE.{stream}", take_over.encode(),
-                                                            None),
             f"{api}: create a durable": (f"{api}.CONSUMER.DURABLE.CREATE.{stream}.x", b"{}", None),
-            f"{api}: pull the service's consumer": (f"{api}.CONSUMER.MSG.NEXT.{stream}.projection_work_pools",
-                                                    b'{"batch":1}', None),
-            f"{api}: delete the service's consumer": (f"{api}.CONSUMER.DELETE.{stream}.projection_work_pools",
-                                                      b"", None),
             f"{api}: purge": (f"{api}.STREAM.PURGE.{stream}", b"", None),
             f"{api}: update the stream": (f"{api}.STREAM.UPDATE.{stream}", b"{}", None),
             f"{api}: read a bucket": (f"{api}.DIRECT.GET.KV_{roles.snapshots}", b'{"seq":1}', None),

@@ -30,9 +30,16 @@ from runledger.infra.lifetime import alive
 
 from .test_up import CLI, _env, cli
 
-pytestmark = [pytest.mark.timeout(240),
-              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")]
+pytestmark = [pytest.mark.timeout(240)]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@pytest.fixture(autouse=True)
+def _linux():
+    """Never skipped: `up` ties its servers' lives to its own with Linux's parent-death
+    signal, and these tests read /proc. Elsewhere they fail, saying so."""
+    if not sys.platform.startswith("linux"):
+        pytest.fail(f"runledger up's lifetime guarantees are Linux's (prctl, /proc); this is {sys.platform}")
 
 
 class Up:
@@ -225,8 +232,13 @@ def test_up_stops_servers_an_earlier_crash_left_on_its_data_dir(dirs):
     assert _servers_on(data_dir) == {"nats-server": [], "postgres": []}
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="what `up` does as root")
-def test_as_root_up_changes_no_parent_mode_and_says_what_it_needs(dirs):
+def test_up_under_private_parents_changes_no_parent_mode_and_as_root_says_what_it_needs(dirs):
+    """As root, Postgres runs as a system user that private parents shut out: `up` refuses in
+    one line saying what to do, and works once they can be traversed. As anyone else, it
+    works under private parents of the user's own. Either way no parent's mode changes."""
+    if not IS_ROOT:
+        _up_as_a_user_under_private_parents(dirs)
+        return
     base = dirs[0].parent / "rlr"
     base.mkdir()
     base.chmod(0o700)
@@ -254,6 +266,25 @@ def test_as_root_up_changes_no_parent_mode_and_says_what_it_needs(dirs):
     up = Up(data_dir, config_dir).start()
     try:
         assert "runs as the system user" in "".join(up.output)
+        assert cli(config_dir, "work-pool", "ls").returncode == 0
+        assert up.signal(signal.SIGTERM) == 0, "".join(up.output)
+    finally:
+        up.kill()
+    assert _modes(parents) == before
+
+
+def _up_as_a_user_under_private_parents(dirs) -> None:
+    base = dirs[0].parent / "rlr"
+    base.mkdir()
+    base.chmod(0o700)
+    private = base / "private"
+    private.mkdir(mode=0o700)
+    data_dir, config_dir = private / "data", base / "cfg"
+    parents = [*reversed(data_dir.parents)]
+    before = _modes(parents)
+    up = Up(data_dir, config_dir).start()
+    try:
+        assert "runs as the system user" not in "".join(up.output)
         assert cli(config_dir, "work-pool", "ls").returncode == 0
         assert up.signal(signal.SIGTERM) == 0, "".join(up.output)
     finally:

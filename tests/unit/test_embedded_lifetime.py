@@ -146,9 +146,10 @@ def test_the_postgres_of_a_live_older_up_is_not_taken_for_an_orphan(tmp_path):
         old.wait()
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="what root does")
-def test_as_root_pgserver_binaries_out_of_reach_mean_the_local_postgresql(monkeypatch):
-    """A virtualenv inside a private directory (/root): no chmod of it, a local PostgreSQL."""
+def test_pgserver_binaries_in_a_private_directory(monkeypatch):
+    """A virtualenv inside a private directory (/root). As root, Postgres runs as a system user
+    they are out of reach of: no chmod of it, a local PostgreSQL instead (or, when pgserver is
+    asked for, a refusal). As anyone else, Postgres runs as that user: pgserver's binaries."""
     import shutil
     import tempfile
 
@@ -166,6 +167,11 @@ def test_as_root_pgserver_binaries_out_of_reach_mean_the_local_postgresql(monkey
                             lambda: embedded_postgres.Binaries(private / "bin", local.version, "pgserver"))
         base.chmod(0o711)
         pg = embedded_postgres.EmbeddedPostgres(base / "data" / "pg").prepare()
+        if os.geteuid() != 0:
+            assert pg.binaries is not None and pg.binaries.bin_dir == private / "bin" and pg.run_as is None
+            assert not pg.notice
+            assert oct(private.stat().st_mode & 0o777) == "0o700"
+            return
         assert pg.binaries == local
         assert "out of its reach, so the local PostgreSQL" in pg.notice and "\n" not in pg.notice
         assert oct(private.stat().st_mode & 0o777) == "0o700"
