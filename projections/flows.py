@@ -14,6 +14,7 @@ from runledger.commands import flows as fl
 from runledger.commands import queries as q
 from runledger.commands.messages import Event, not_found
 
+from .filters import where_filter
 from .tables import flows
 
 
@@ -38,15 +39,7 @@ def flow_reply(row: Any) -> dict[str, Any]:
 
 
 def _flow_filter(stmt, f: q.FlowFilter | None):
-    if f is None:
-        return stmt
-    if f.id and f.id.any_ is not None:
-        stmt = stmt.where(flows.c.id.in_(f.id.any_))
-    if f.name and f.name.any_ is not None:
-        stmt = stmt.where(flows.c.name.in_(f.name.any_))
-    if f.tags and f.tags.all_ is not None:
-        stmt = stmt.where(flows.c.tags.contains(f.tags.all_))  # jsonb @>: every tag given
-    return stmt
+    return where_filter(stmt, flows, f)
 
 
 async def get_flow(conn: AsyncConnection, query: q.GetFlow) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from runledger.commands import queries as q
 from runledger.commands import work_pools as wp
 from runledger.commands.messages import Event, not_found
 
+from .filters import where_filter
 from .tables import work_pools, work_queues
 
 _DELETED = object()
@@ -157,25 +158,11 @@ def queue_reply(r, pool_name: str) -> dict[str, Any]:
 
 
 def _pool_filter(stmt, f: q.WorkPoolFilter | None):
-    if f is None:
-        return stmt
-    if f.id and f.id.any_ is not None:
-        stmt = stmt.where(work_pools.c.id.in_(f.id.any_))
-    if f.name and f.name.any_ is not None:
-        stmt = stmt.where(work_pools.c.name.in_(f.name.any_))
-    if f.type and f.type.any_ is not None:
-        stmt = stmt.where(work_pools.c.type.in_(f.type.any_))
-    return stmt
+    return where_filter(stmt, work_pools, f)
 
 
 def _queue_filter(stmt, f: q.WorkQueueFilter | None):
-    if f is None:
-        return stmt
-    if f.id and f.id.any_ is not None:
-        stmt = stmt.where(work_queues.c.id.in_(f.id.any_))
-    if f.name and f.name.any_ is not None:
-        stmt = stmt.where(work_queues.c.name.in_(f.name.any_))
-    return stmt
+    return where_filter(stmt, work_queues, f)
 
 
 # The hot lookups are built once with bound parameters: building a SQLAlchemy statement and
