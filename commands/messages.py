@@ -25,10 +25,18 @@ class Command(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_max_length=100_000)
 
     idempotency_key: StoredText | None = None
+    # The field that holds the bus's idempotency key (one reply per key, whatever is sent
+    # again). A command whose Prefect shape already gives `idempotency_key` a domain meaning
+    # (a flow run's: "the existing run of this flow with this key") names another field.
+    BUS_KEY_FIELD: ClassVar[str] = "idempotency_key"
+
+    @property
+    def bus_key(self) -> str | None:
+        return getattr(self, self.BUS_KEY_FIELD)
 
     def explicitly_set(self) -> set[str]:
         """C-4: the fields the caller sent, so absent fields keep their value."""
-        return set(self.model_fields_set) - {"idempotency_key"}
+        return set(self.model_fields_set) - {self.BUS_KEY_FIELD}
 
 
 class Event(BaseModel):

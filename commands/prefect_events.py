@@ -1,5 +1,6 @@
 """The event log in Prefect's event vocabulary (BEHAVIOUR §10): `prefect.work-pool.*` and
-`prefect.work-queue.*` events shaped like Prefect's `Event` model.
+`prefect.work-queue.*` events shaped like Prefect's `Event` model, and the lifecycle events of
+variables and global concurrency limits (`prefect.variable.*`, `prefect.concurrency-limit.*`).
 
 Pure: no I/O. `to_prefect_events(envelope, state)` turns one stored envelope into the list of
 Prefect events Prefect would have emitted for the same fact, in Prefect's order. Some of what
@@ -29,9 +30,14 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import to_jsonable_python
 
+from . import concurrency_limits as cl
+from . import variables as va
+from .deployments import Deployment, DeploymentCreated, DeploymentDeleted, DeploymentUpdated
 from .events import EVENT_TYPES, EventEnvelope, UnknownEvent
+from .flow_runs import FlowRunCreated, FlowRunDeleted, FlowRunStateSet, FlowRunUpdated
 from .flows import FlowCreated, FlowDeleted
 from .messages import Event
+from .states import State, StateType
 from .unique_keys import UniqueKeyClaimed, UniqueKeyReleased
 from .work_pools import (
     Change,
@@ -83,6 +89,10 @@ class ExportState:
     """What the export remembers between events: pools by id, and what it skipped."""
 
     pools: dict[str, PoolInfo] = field(default_factory=dict)
+    # Deployments by id as last seen: an `updated` event reports each changed field from/to.
+    deployments: dict[str, Deployment] = field(default_factory=dict)
+    # Each flow run's current state, for the `initial_state` of its next state event.
+    run_states: dict[str, State | None] = field(default_factory=dict)
     skipped: Counter[str] = field(default_factory=Counter)
 
     def warning(self) -> str | None:
@@ -319,6 +329,126 @@ def _queues_reprioritized(out: _Out, e: WorkQueuesReprioritized, pool_id: str, s
     _reprioritize(pool, e.reprioritized)
 
 
+def _variable_event(out: _Out, e: va.VariableCreated | va.VariableUpdated | va.VariableDeleted, aggregate_id: str,
+                    state: ExportState) -> None:
+    """Prefect's lifecycle `prefect.variable.created|updated|deleted`: the variable as
+    resource, its name, value and tags as payload."""
+    action = {va.VariableCreated: "created", va.VariableUpdated: "updated", va.VariableDeleted: "deleted"}[type(e)]
+    v = e.variable
+    out.emit(f"prefect.variable.{action}", {"prefect.resource.id": f"prefect.variable.{v.id}",
+                                             "prefect.resource.name": v.name},
+             payload={"name": v.name, "value": v.value, "tags": v.tags})
+
+
+def _concurrency_limit_event(out: _Out, e: cl.ConcurrencyLimitCreated | cl.ConcurrencyLimitUpdated
+                             | cl.ConcurrencyLimitDeleted, aggregate_id: str, state: ExportState) -> None:
+    """Prefect's lifecycle `prefect.concurrency-limit.created|updated|deleted` of a global
+    (v2) limit: name, limit, active and slot decay as payload."""
+    action = {cl.ConcurrencyLimitCreated: "created", cl.ConcurrencyLimitUpdated: "updated",
+              cl.ConcurrencyLimitDeleted: "deleted"}[type(e)]
+    lim = e.limit
+    out.emit(f"prefect.concurrency-limit.{action}",
+             {"prefect.resource.id": f"prefect.concurrency-limit.{lim.id}", "prefect.resource.name": lim.name},
+             payload={"name": lim.name, "limit": lim.limit, "active": lim.active,
+                      "slot_decay_per_second": lim.slot_decay_per_second})
+
+
+# Prefect's deployment `updated` event reports these fields (`job_variables` under its
+# column's name, `infra_overrides`; the limit by its id).
+DEPLOYMENT_EVENT_FIELDS = ("description", "tags", "parameters", "parameter_openapi_schema",
+                           "enforce_parameter_schema", "entrypoint", "path", "pull_steps", "work_queue_id",
+                           "job_variables", "paused", "labels", "version", "concurrency_limit",
+                           "concurrency_options")
+_PREFECT_FIELD_NAMES = {"job_variables": "infra_overrides", "concurrency_limit": "concurrency_limit_id"}
+
+
+def _deployment_resource(d: Deployment) -> dict[str, str]:
+    return {"prefect.resource.id": f"prefect.deployment.{d.id}", "prefect.resource.name": d.name}
+
+
+def _deployment_related(d: Deployment) -> list[dict[str, str]]:
+    related = [{"prefect.resource.id": f"prefect.flow.{d.flow_id}", "prefect.resource.role": "flow"}]
+    if d.work_queue_id is not None:
+        related.append({"prefect.resource.id": f"prefect.work-queue.{d.work_queue_id}",
+                        "prefect.resource.name": d.work_queue_name or "", "prefect.resource.role": "work-queue"})
+    return related
+
+
+def _deployment_event(out: _Out, e: DeploymentCreated | DeploymentUpdated | DeploymentDeleted, aggregate_id: str,
+                      state: ExportState) -> None:
+    """`prefect.deployment.created|updated|deleted`; an update lists the changed fields among
+    Prefect's with their old and new values, and an update that changed none of them is not
+    an event in Prefect."""
+    if isinstance(e, DeploymentDeleted):
+        gone = state.deployments.pop(aggregate_id, None)
+        resource = _deployment_resource(gone) if gone is not None else {
+            "prefect.resource.id": f"prefect.deployment.{e.deployment_id}", "prefect.resource.name": e.name}
+        out.emit("prefect.deployment.deleted", resource, _deployment_related(gone) if gone else [])
+        return
+    before = state.deployments.get(aggregate_id)
+    after = e.deployment
+    state.deployments[aggregate_id] = after
+    if isinstance(e, DeploymentCreated) or before is None:
+        out.emit("prefect.deployment.created", _deployment_resource(after), _deployment_related(after))
+        return
+    updates = {
+        _PREFECT_FIELD_NAMES.get(f, f): {"from": to_jsonable_python(getattr(before, f)),
+                                         "to": to_jsonable_python(getattr(after, f))}
+        for f in DEPLOYMENT_EVENT_FIELDS if getattr(before, f) != getattr(after, f)
+    }
+    if updates:
+        out.emit("prefect.deployment.updated", _deployment_resource(after), _deployment_related(after),
+                 payload={"updated_fields": list(updates), "updates": updates})
+
+
+def _state_payload(s: State | None) -> dict[str, str] | None:
+    if s is None:
+        return None
+    payload = {"type": s.type.value, "name": s.name}
+    if s.message:
+        payload["message"] = s.message[:100_000]
+    if s.type is StateType.PAUSED:
+        payload["pause_reschedule"] = str(s.state_details.pause_reschedule).lower()
+    return payload
+
+
+def _flow_run_state_event(out: _Out, e: FlowRunCreated | FlowRunStateSet, aggregate_id: str,
+                          state: ExportState) -> None:
+    """`prefect.flow-run.<state name>` for each written state, the run and its state as
+    resource, the run's flow, deployment, queue and tags as related resources."""
+    run = e.run
+    initial = state.run_states.get(aggregate_id)
+    state.run_states[aggregate_id] = run.state
+    if run.state is None:
+        return
+    s = run.state
+    related = [{"prefect.resource.id": f"prefect.flow.{run.flow_id}", "prefect.resource.role": "flow"}]
+    if run.deployment_id is not None:
+        related.append({"prefect.resource.id": f"prefect.deployment.{run.deployment_id}",
+                        "prefect.resource.role": "deployment"})
+    if run.work_queue_id is not None:
+        related.append({"prefect.resource.id": f"prefect.work-queue.{run.work_queue_id}",
+                        "prefect.resource.name": run.work_queue_name or "", "prefect.resource.role": "work-queue"})
+    related += [{"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"} for tag in run.tags]
+    out.emit(f"prefect.flow-run.{s.name}", {
+        "prefect.resource.id": f"prefect.flow-run.{run.id}", "prefect.resource.name": run.name,
+        "prefect.run-count": str(run.run_count), "prefect.state-message": (s.message or "")[:100_000],
+        "prefect.state-name": s.name, "prefect.state-timestamp": to_jsonable_python(s.timestamp),
+        "prefect.state-type": s.type.value,
+    }, related, payload={
+        "intended": {"from": initial.type.value if initial else None, "to": s.type.value},
+        "initial_state": _state_payload(initial), "validated_state": _state_payload(s),
+    })
+
+
+def _flow_run_gone(out: _Out, e: FlowRunDeleted | FlowRunUpdated, aggregate_id: str, state: ExportState) -> None:
+    """Prefect emits no event when a run is updated or deleted; the state is kept up to date."""
+    if isinstance(e, FlowRunDeleted):
+        state.run_states.pop(aggregate_id, None)
+    else:
+        state.run_states[aggregate_id] = e.run.state
+
+
 def _nothing(out: _Out, e: Event, aggregate_id: str, state: ExportState) -> None:
     """Unique-key claims keep names unique, and Prefect emits no event for a flow's creation
     or deletion: nothing to export."""
@@ -338,4 +468,17 @@ _HANDLERS: dict[type[Event], Callable[[_Out, Any, str, ExportState], None]] = {
     UniqueKeyReleased: _nothing,
     FlowCreated: _nothing,
     FlowDeleted: _nothing,
+    DeploymentCreated: _deployment_event,
+    DeploymentUpdated: _deployment_event,
+    DeploymentDeleted: _deployment_event,
+    FlowRunCreated: _flow_run_state_event,
+    FlowRunStateSet: _flow_run_state_event,
+    FlowRunUpdated: _flow_run_gone,
+    FlowRunDeleted: _flow_run_gone,
+    va.VariableCreated: _variable_event,
+    va.VariableUpdated: _variable_event,
+    va.VariableDeleted: _variable_event,
+    cl.ConcurrencyLimitCreated: _concurrency_limit_event,
+    cl.ConcurrencyLimitUpdated: _concurrency_limit_event,
+    cl.ConcurrencyLimitDeleted: _concurrency_limit_event,
 }

@@ -7,12 +7,16 @@ from the Postgres read models in `projections/`.
 from __future__ import annotations
 
 import uuid
+from enum import StrEnum
 from typing import Annotated, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .bounds import INT64_MAX, MAX_FILTER_VALUES, NonNegativeInt64, check_storable_text
+from .bounds import INT64_MAX, MAX_FILTER_VALUES, NonNegativeInt64, UtcDatetime, check_storable_text
+from .concurrency_limits import LimitName
 from .flows import FlowName
+from .states import StateType
+from .variables import VariableName
 from .work_pools import PoolName, QueueName
 
 DEFAULT_LIMIT = 200
@@ -154,3 +158,165 @@ class ListFlows(Page):
 
 class CountFlows(Query):
     flows: FlowFilter | None = None
+
+
+class DeploymentFilter(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: AnyOf[uuid.UUID] | None = None
+    name: AnyOf[str] | None = None
+    flow_id: AnyOf[uuid.UUID] | None = None
+    work_queue_id: AnyOf[uuid.UUID] | None = None
+    tags: AllOf[str] | None = None
+    paused: bool | None = None
+
+
+class GetDeployment(Query):
+    id: uuid.UUID
+
+
+class GetDeploymentByName(Query):
+    """By `<flow name>/<deployment name>`, given as its two parts."""
+
+    flow_name: FlowName
+    deployment_name: Annotated[str, Field(max_length=255)]
+
+
+class ListDeployments(Page):
+    """Ordered by name ascending, then id. `work_pool_name` / `work_queue_name` match the
+    deployment's queue as it is named now."""
+
+    deployments: DeploymentFilter | None = None
+    flow_name: AnyOf[str] | None = None
+    work_pool_name: AnyOf[str] | None = None
+    work_queue_name: AnyOf[str] | None = None
+
+
+class CountDeployments(Query):
+    deployments: DeploymentFilter | None = None
+    flow_name: AnyOf[str] | None = None
+    work_pool_name: AnyOf[str] | None = None
+    work_queue_name: AnyOf[str] | None = None
+
+
+class PaginateDeployments(CountDeployments):
+    """C-6: a page of deployments with the total count and the number of pages."""
+
+    page: Annotated[int, Field(ge=1, le=INT64_MAX)] = 1
+    limit: Annotated[int, Field(ge=0, le=DEFAULT_LIMIT)] = DEFAULT_LIMIT
+
+
+class ListDeploymentSchedules(Query):
+    deployment_id: uuid.UUID
+
+
+class VariableNameFilter(AnyOf[str]):
+    """Prefect's `VariableFilterName`: `any_` of the names, or `like_`: names that contain it,
+    ignoring case (SQL `ILIKE '%<like_>%'`, so `%` and `_` are wildcards)."""
+
+    like_: Annotated[str, Field(max_length=1_000)] | None = None
+
+    _storable_like = field_validator("like_")(lambda v: check_storable_text(v) if v is not None else v)
+
+
+class VariableFilter(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: AnyOf[uuid.UUID] | None = None
+    name: VariableNameFilter | None = None
+    tags: AllOf[str] | None = None
+
+
+class GetVariable(Query):
+    id: uuid.UUID
+
+
+class GetVariableByName(Query):
+    name: VariableName
+
+
+class ListVariables(Page):
+    """Ordered by name ascending (Prefect's default sort)."""
+
+    variables: VariableFilter | None = None
+
+
+class CountVariables(Query):
+    variables: VariableFilter | None = None
+
+
+class GetConcurrencyLimit(Query):
+    id: uuid.UUID
+
+
+class GetConcurrencyLimitByName(Query):
+    name: LimitName
+
+
+class ListConcurrencyLimits(Page):
+    """Ordered by name ascending, as Prefect's (which takes no filter)."""
+
+
+class CountConcurrencyLimits(Query):
+    pass
+
+
+class TimeRange(BaseModel):
+    """Times at or after `after_` and at or before `before_`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    after_: UtcDatetime | None = None
+    before_: UtcDatetime | None = None
+    is_null_: bool | None = None
+
+
+class FlowRunFilter(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: AnyOf[uuid.UUID] | None = None
+    name: AnyOf[str] | None = None
+    flow_id: AnyOf[uuid.UUID] | None = None
+    deployment_id: AnyOf[uuid.UUID] | None = None
+    work_queue_id: AnyOf[uuid.UUID] | None = None
+    work_queue_name: AnyOf[str] | None = None
+    state_type: AnyOf[StateType] | None = None
+    state_name: AnyOf[str] | None = None
+    tags: AllOf[str] | None = None
+    parent_task_run_id: AnyOf[uuid.UUID] | None = None
+    idempotency_key: AnyOf[str] | None = None
+    expected_start_time: TimeRange | None = None
+    next_scheduled_start_time: TimeRange | None = None
+    start_time: TimeRange | None = None
+
+
+class FlowRunSort(StrEnum):
+    ID_DESC = "ID_DESC"
+    NAME_ASC = "NAME_ASC"
+    EXPECTED_START_TIME_ASC = "EXPECTED_START_TIME_ASC"
+    EXPECTED_START_TIME_DESC = "EXPECTED_START_TIME_DESC"
+    NEXT_SCHEDULED_START_TIME_ASC = "NEXT_SCHEDULED_START_TIME_ASC"
+    START_TIME_DESC = "START_TIME_DESC"
+
+
+class GetFlowRun(Query):
+    id: uuid.UUID
+
+
+class ListFlowRuns(Page):
+    """Ordered by `sort` (Prefect's default: newest id first)."""
+
+    flow_runs: FlowRunFilter | None = None
+    work_pool_name: AnyOf[str] | None = None
+    sort: FlowRunSort = FlowRunSort.ID_DESC
+
+
+class CountFlowRuns(Query):
+    flow_runs: FlowRunFilter | None = None
+    work_pool_name: AnyOf[str] | None = None
+
+
+class ListFlowRunStates(Query):
+    """A run's state history, oldest first."""
+
+    flow_run_id: uuid.UUID

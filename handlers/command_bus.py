@@ -185,9 +185,9 @@ class CommandBus:
 
     async def _execute(self, name: str, spec: CommandSpec, cmd: Command, raw: bytes) -> dict[str, Any]:
         fingerprint = None
-        if cmd.idempotency_key is not None:
-            fingerprint = hashlib.sha256(name.encode() + b"\0" + cmd.model_dump_json(exclude={"idempotency_key"}).encode()).hexdigest()
-            earlier = await self.store.read_idempotency_record(cmd.idempotency_key)
+        if cmd.bus_key is not None:
+            fingerprint = hashlib.sha256(name.encode() + b"\0" + cmd.model_dump_json(exclude={cmd.BUS_KEY_FIELD}).encode()).hexdigest()
+            earlier = await self.store.read_idempotency_record(cmd.bus_key)
             if earlier is not None:
                 return self._repeat_reply(earlier, fingerprint)
         refresh = False
@@ -209,17 +209,17 @@ class CommandBus:
                 seq = max(unit.loaded.values(), default=None)
                 return ok(spec.to_reply(decision.result), seq, decision.created, decision.orchestration)
             envelopes = [
-                encode_event(e.aggregate_id, e.event, occurred=ctx.now, event_id=ctx.new_id(), idempotency_key=cmd.idempotency_key)
+                encode_event(e.aggregate_id, e.event, occurred=ctx.now, event_id=ctx.new_id(), idempotency_key=cmd.bus_key)
                 for e in decision.events
             ]
             reply_result = spec.to_reply(decision.result)
             idem = None
-            if cmd.idempotency_key is not None:
+            if cmd.bus_key is not None:
                 record = {"command": name, "fingerprint": fingerprint, "result": reply_result,
                           "created": decision.created, "events": len(envelopes)}
                 if decision.orchestration is not None:
                     record["orchestration"] = decision.orchestration.as_reply()
-                idem = (cmd.idempotency_key, json.dumps(record, default=str).encode())
+                idem = (cmd.bus_key, json.dumps(record, default=str).encode())
             expected = {k: unit.loaded.get(k, 0) for k in {(e.aggregate_type, e.aggregate_id) for e in envelopes}}
             messages = self.store.build_messages(envelopes, expected, idem)
             try:

@@ -14,22 +14,41 @@ from typing import Any
 
 from runledger.infra.aggregates import AggregateKind
 from runledger.infra.event_store import EventStore
+from runledger.projections import concurrency_limits as concurrency_limits_read_model
+from runledger.projections import deployments as deployments_read_model
+from runledger.projections import flow_runs as flow_runs_read_model
 from runledger.projections import flows as flows_read_model
+from runledger.projections import variables as variables_read_model
 from runledger.projections import work_pools as work_pools_read_model
 from runledger.projections.runner import Projector
 
-from . import flow_commands, work_pool_commands
+from . import (
+    concurrency_limit_commands,
+    deployment_commands,
+    flow_commands,
+    flow_run_commands,
+    variable_commands,
+    work_pool_commands,
+)
 from .command_bus import CommandSpec
 
 AGGREGATE_KINDS: list[AggregateKind] = [
     *work_pool_commands.AGGREGATE_KINDS,
     *flow_commands.AGGREGATE_KINDS,
+    *deployment_commands.AGGREGATE_KINDS,
+    *flow_run_commands.AGGREGATE_KINDS,
+    *variable_commands.AGGREGATE_KINDS,
+    *concurrency_limit_commands.AGGREGATE_KINDS,
 ]
 
 # Each read model's projector, made fresh per runner (projectors may keep per-run state).
 PROJECTORS: list[Callable[[], Projector]] = [
     work_pools_read_model.WorkPoolsProjector,
     flows_read_model.FlowsProjector,
+    deployments_read_model.DeploymentsProjector,
+    flow_runs_read_model.FlowRunsProjector,
+    variables_read_model.VariablesProjector,
+    concurrency_limits_read_model.ConcurrencyLimitsProjector,
 ]
 
 # Handlers that react to events with commands (e.g. waking the next waiter for a released
@@ -41,6 +60,10 @@ REACTORS: list[Callable[[], Any]] = []
 QUERIES: dict[str, tuple[Any, Any]] = {
     **work_pools_read_model.QUERIES,
     **flows_read_model.QUERIES,
+    **deployments_read_model.QUERIES,
+    **flow_runs_read_model.QUERIES,
+    **variables_read_model.QUERIES,
+    **concurrency_limits_read_model.QUERIES,
 }
 
 
@@ -51,6 +74,10 @@ def command_specs(store: EventStore | None) -> dict[str, CommandSpec]:
     return {
         **work_pool_commands.command_specs(queues),
         **flow_commands.COMMANDS,
+        **deployment_commands.COMMANDS,
+        **flow_run_commands.COMMANDS,
+        **variable_commands.COMMANDS,
+        **concurrency_limit_commands.COMMANDS,
     }
 
 

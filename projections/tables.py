@@ -6,8 +6,22 @@ must be able to apply any valid history (a swap of two names inside one batch in
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, Column, DateTime, Integer, MetaData, Table, Text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    Interval,
+    MetaData,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.schema import CreateIndex, CreateTable
 
 from runledger.infra.database import Migration
 
@@ -84,8 +98,141 @@ flows = Table(
     Column("updated", DateTime(timezone=True), nullable=False),
 )
 
+# One row per deployment: `Deployment` (commands/deployments.py) column for column; its
+# schedules are part of it. Queue and pool names are read from `work_queues` at query time.
+deployments = Table(
+    "deployments", metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("created", DateTime(timezone=True), nullable=False),
+    Column("updated", DateTime(timezone=True), nullable=False),
+    Column("name", Text, nullable=False),
+    Column("flow_id", UUID(as_uuid=True), nullable=False),
+    Column("version", Text),
+    Column("description", Text),
+    Column("paused", Boolean, nullable=False),
+    Column("schedules", JSONB, nullable=False),
+    Column("concurrency_limit", Integer),
+    Column("concurrency_options", JSONB),
+    Column("job_variables", JSONB, nullable=False),
+    Column("parameters", JSONB, nullable=False),
+    Column("parameter_openapi_schema", JSONB),
+    Column("enforce_parameter_schema", Boolean, nullable=False),
+    Column("pull_steps", JSONB),
+    Column("tags", JSONB, nullable=False),
+    Column("labels", JSONB, nullable=False),
+    Column("work_queue_name", Text),
+    Column("work_queue_id", UUID(as_uuid=True)),
+    Column("work_pool_name", Text),
+    Column("path", Text),
+    Column("entrypoint", Text),
+    Column("storage_document_id", UUID(as_uuid=True)),
+    Column("infrastructure_document_id", UUID(as_uuid=True)),
+    Column("last_polled", DateTime(timezone=True)),
+    Column("status", Text, nullable=False),
+    Column("created_by", JSONB),
+    Column("updated_by", JSONB),
+    Index("deployments_flow_name", "flow_id", "name"),
+    Index("deployments_name", "name"),
+    Index("deployments_work_queue", "work_queue_id"),
+    Index("deployments_tags", "tags", postgresql_using="gin"),
+)
+
+variables = Table(
+    "variables", metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("value", JSONB),  # any JSON, null included
+    Column("tags", JSONB, nullable=False),
+    Column("created", DateTime(timezone=True), nullable=False),
+    Column("updated", DateTime(timezone=True), nullable=False),
+)
+
+concurrency_limits = Table(
+    "concurrency_limits", metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("limit", Integer, nullable=False),
+    Column("active", Boolean, nullable=False),
+    Column("active_slots", Integer, nullable=False),
+    Column("denied_slots", Integer, nullable=False),
+    Column("slot_decay_per_second", Float, nullable=False),
+    Column("avg_slot_occupancy_seconds", Float, nullable=False),
+    Column("created", DateTime(timezone=True), nullable=False),
+    Column("updated", DateTime(timezone=True), nullable=False),
+)
+
+# One row per flow run: `FlowRun` (commands/flow_runs.py) column for column, its current
+# state included. Queue and pool names are read from `work_queues` at query time.
+flow_runs = Table(
+    "flow_runs", metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("created", DateTime(timezone=True), nullable=False),
+    Column("updated", DateTime(timezone=True), nullable=False),
+    Column("name", Text, nullable=False),
+    Column("flow_id", UUID(as_uuid=True), nullable=False),
+    Column("state_id", UUID(as_uuid=True)),
+    Column("deployment_id", UUID(as_uuid=True)),
+    Column("deployment_version", Text),
+    Column("work_queue_name", Text),
+    Column("work_queue_id", UUID(as_uuid=True)),
+    Column("flow_version", Text),
+    Column("parameters", JSONB, nullable=False),
+    Column("idempotency_key", Text),
+    Column("context", JSONB, nullable=False),
+    Column("empirical_policy", JSONB, nullable=False),
+    Column("tags", JSONB, nullable=False),
+    Column("labels", JSONB, nullable=False),
+    Column("parent_task_run_id", UUID(as_uuid=True)),
+    Column("state_type", Text),
+    Column("state_name", Text),
+    Column("run_count", Integer, nullable=False),
+    Column("expected_start_time", DateTime(timezone=True)),
+    Column("next_scheduled_start_time", DateTime(timezone=True)),
+    Column("start_time", DateTime(timezone=True)),
+    Column("end_time", DateTime(timezone=True)),
+    Column("total_run_time", Interval, nullable=False),
+    Column("auto_scheduled", Boolean, nullable=False),
+    Column("infrastructure_document_id", UUID(as_uuid=True)),
+    Column("infrastructure_pid", Text),
+    Column("created_by", JSONB),
+    Column("job_variables", JSONB, nullable=False),
+    Column("state", JSONB),
+    Column("priority", Integer, nullable=False),
+    Column("waiting_reason", Text),
+    Index("flow_runs_flow", "flow_id"),
+    Index("flow_runs_deployment", "deployment_id", "state_type"),
+    Index("flow_runs_queue", "work_queue_id", "state_type", "next_scheduled_start_time"),
+    Index("flow_runs_state_type", "state_type"),
+    Index("flow_runs_expected_start", "expected_start_time"),
+    Index("flow_runs_tags", "tags", postgresql_using="gin"),
+)
+
+# Every written state of every flow run: its history (`ListFlowRunStates`).
+flow_run_states = Table(
+    "flow_run_states", metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("flow_run_id", UUID(as_uuid=True), nullable=False),
+    Column("type", Text, nullable=False),
+    Column("name", Text, nullable=False),
+    Column("timestamp", DateTime(timezone=True), nullable=False),
+    Column("message", Text),
+    Column("data", JSONB),
+    Column("state_details", JSONB, nullable=False),
+    Index("flow_run_states_run", "flow_run_id", "timestamp"),
+)
+
 # Tables that hold read models (compared by `runledger verify`); the others are bookkeeping.
-READ_MODEL_TABLES = [work_pools, work_queues, flows]
+READ_MODEL_TABLES = [work_pools, work_queues, flows, deployments, variables, concurrency_limits, flow_runs,
+                     flow_run_states]
+
+def ddl(table: Table) -> list[str]:
+    """The statements that create `table` and its indexes, from its definition: a new table is
+    written once, here, not a second time as SQL. A later change to such a table is a new
+    migration of its own (ALTER ...), never an edit of the definition alone."""
+    dialect = postgresql.dialect()
+    return [str(CreateTable(table).compile(dialect=dialect)),
+            *(str(CreateIndex(index).compile(dialect=dialect)) for index in sorted(table.indexes, key=lambda i: str(i.name)))]
+
 
 MIGRATIONS = [
     Migration(1, "work pools and work queues", [
@@ -116,4 +263,17 @@ MIGRATIONS = [
         "CREATE INDEX flows_name ON flows (name)",
         "CREATE INDEX flows_tags ON flows USING gin (tags)",
     ]),
+    Migration(4, "deployments", ddl(deployments)),
+    Migration(5, "variables and global concurrency limits", [
+        """CREATE TABLE variables (id uuid PRIMARY KEY, name text NOT NULL, value jsonb, tags jsonb NOT NULL,
+               created timestamptz NOT NULL, updated timestamptz NOT NULL)""",
+        "CREATE INDEX variables_name ON variables (name)",
+        "CREATE INDEX variables_tags ON variables USING gin (tags)",
+        """CREATE TABLE concurrency_limits (id uuid PRIMARY KEY, name text NOT NULL, "limit" integer NOT NULL,
+               active boolean NOT NULL, active_slots integer NOT NULL, denied_slots integer NOT NULL,
+               slot_decay_per_second double precision NOT NULL, avg_slot_occupancy_seconds double precision NOT NULL,
+               created timestamptz NOT NULL, updated timestamptz NOT NULL)""",
+        "CREATE INDEX concurrency_limits_name ON concurrency_limits (name)",
+    ]),
+    Migration(6, "flow runs and their states", [*ddl(flow_runs), *ddl(flow_run_states)]),
 ]

@@ -1,0 +1,141 @@
+"""Flow runs through the whole path, against one `runledger serve` process: runs created from a
+deployment, state transitions Scheduled -> Pending -> Running -> Completed, and a deployment's
+schedule turned into runs.
+
+    python bench/runs.py [--clients 8] [--seconds 10] [--deployments 100] [--runs-per-deployment 100]
+
+The transitions run in a pool, queue and deployment that all have limits, as the issue asks;
+until claims are decided by slot aggregates those limits are stored but not yet enforced on the
+transition path, so this figure does not yet include a slot check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+
+from harness import bench_settings, cpu_seconds, now, percentile, report, rss_mb, servers, service_process
+
+from runledger.infra.nats_connection import connect
+
+
+async def run(args) -> dict:
+    with servers() as urls:
+        settings = bench_settings(urls)
+        with service_process(settings) as proc:
+            nc = await connect(bench_settings(urls, role="client"))
+
+            async def cmd(name: str, body: dict) -> dict:
+                reply = await nc.request(settings.command_subject(name), json.dumps(body).encode(), timeout=30)
+                out = json.loads(reply.data)
+                if not out["ok"]:
+                    raise RuntimeError(out)
+                return out
+
+            flow = (await cmd("CreateFlow", {"name": "bench"}))["result"]
+            await cmd("CreateWorkPool", {"name": "pool", "type": "process", "concurrency_limit": 1_000_000})
+            await cmd("CreateWorkQueue", {"work_pool_name": "pool", "name": "q", "concurrency_limit": 1_000_000})
+            deployment = (await cmd("CreateDeployment", {
+                "name": "d", "flow_id": flow["id"], "work_pool_name": "pool", "work_queue_name": "q",
+                "concurrency_limit": 1_000_000, "parameters": {"x": 1}}))["result"]
+
+            # 1. Runs from a deployment, each client one request at a time.
+            stop_at = now() + args.seconds
+            made: list[list[str]] = [[] for _ in range(args.clients)]
+            latencies: list[float] = []
+
+            async def creator(c: int) -> None:
+                while now() < stop_at:
+                    t = now()
+                    out = await cmd("CreateFlowRunFromDeployment", {"deployment_id": deployment["id"],
+                                                                    "parameters": {"c": c}})
+                    latencies.append((now() - t) * 1000)
+                    made[c].append(out["result"]["id"])
+
+            t0, cpu0 = now(), cpu_seconds(proc.pid)
+            await asyncio.gather(*(creator(c) for c in range(args.clients)))
+            created = sum(map(len, made))
+            create_rate = created / (now() - t0)
+            create_cpu = (cpu_seconds(proc.pid) - cpu0) / created * 1e6
+            create_p50, create_p99 = percentile(latencies, 50), percentile(latencies, 99)
+
+            # 2. Transitions: each client walks its own runs Scheduled -> Pending -> Running -> Completed.
+            stop_at = now() + args.seconds
+            transitions = [0] * args.clients
+
+            async def walker(c: int) -> None:
+                for run_id in itertools.cycle(made[c]) if made[c] else ():
+                    for state in ("PENDING", "RUNNING", "COMPLETED"):
+                        if now() >= stop_at:
+                            return
+                        out = await cmd("SetFlowRunState", {"id": run_id, "state": {"type": state}, "force": False})
+                        if out["orchestration"]["status"] != "ACCEPT":
+                            break  # a run walked already (cycle): the rules refuse it; next one
+                        transitions[c] += 1
+                    else:
+                        continue
+
+            t0, cpu0 = now(), cpu_seconds(proc.pid)
+            await asyncio.gather(*(walker(c) for c in range(args.clients)))
+            moved = sum(transitions)
+            transition_rate = moved / (now() - t0)
+            transition_cpu = (cpu_seconds(proc.pid) - cpu0) / max(moved, 1) * 1e6
+
+            # 3. The schedule: deployments x runs, scheduled by 8 clients side by side.
+            ids = []
+            for i in range(args.deployments):
+                ids.append((await cmd("CreateDeployment", {
+                    "name": f"s{i}", "flow_id": flow["id"],
+                    "schedules": [{"schedule": {"interval": 60, "anchor_date": "2020-01-01T00:00:00Z"}}]}))["result"]["id"])
+            queue = list(ids)
+            scheduled = [0]
+
+            async def scheduler() -> None:
+                while queue:
+                    dep = queue.pop()
+                    out = await cmd("ScheduleDeploymentRuns", {"deployment_id": dep, "min_runs": args.runs_per_deployment,
+                                                               "max_runs": args.runs_per_deployment})
+                    scheduled[0] += len(out["result"]["flow_run_ids"])
+
+            t0 = now()
+            await asyncio.gather(*(scheduler() for _ in range(args.clients)))
+            schedule_rate = scheduled[0] / (now() - t0)
+            again = 0
+            for dep in ids[:10]:
+                again += len((await cmd("ScheduleDeploymentRuns", {"deployment_id": dep, "min_runs": args.runs_per_deployment,
+                                                                   "max_runs": args.runs_per_deployment}))["result"]["flow_run_ids"])
+            memory = rss_mb(proc.pid)
+            await nc.close()
+    return {"create_rate": create_rate, "created": created, "create_cpu": create_cpu, "create_p50": create_p50,
+            "create_p99": create_p99, "transition_rate": transition_rate, "transitions": moved,
+            "transition_cpu": transition_cpu, "schedule_rate": schedule_rate, "scheduled": scheduled[0],
+            "duplicates": again, "rss_mb": memory}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=10)
+    p.add_argument("--deployments", type=int, default=100)
+    p.add_argument("--runs-per-deployment", type=int, default=100)
+    args = p.parse_args()
+    r = asyncio.run(run(args))
+    report("Flow runs through the whole path (bench/runs.py)", [
+        (f"create a flow run from a deployment, {args.clients} clients",
+         f"{r['create_rate']:,.0f} runs/s ({r['created']} in {args.seconds:g} s)", ">= 2,000 runs/s (Prefect ≈ 15)"),
+        ("  round trip p50 / p99", f"{r['create_p50']:.2f} / {r['create_p99']:.2f} ms", ""),
+        ("  service CPU per run", f"{r['create_cpu']:.0f} µs", ""),
+        (f"transitions Scheduled -> Pending -> Running -> Completed, {args.clients} clients",
+         f"{r['transition_rate']:,.0f} transitions/s ({r['transitions']})", ">= 3,000/s (Prefect ≈ 30)"),
+        ("  service CPU per transition", f"{r['transition_cpu']:.0f} µs", ""),
+        (f"schedule {args.deployments} deployments x {args.runs_per_deployment} runs, {args.clients} clients",
+         f"{r['schedule_rate']:,.0f} runs/s ({r['scheduled']} runs)", ">= 10,000 runs/s"),
+        ("  runs written again by scheduling 10 of them a second time", f"{r['duplicates']}", "0"),
+        ("service RSS after the run", f"{r['rss_mb']:.0f} MB", ""),
+    ])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""Runs made from a deployment: on demand (`CreateFlowRunFromDeployment`, one or a bulk of
+them) and by its schedules (`ScheduleDeploymentRuns`: the dates its active schedules give, one
+`Scheduled` run per date).
+
+Each run's id is derived from (deployment, schedule, date) (`schedules.scheduled_run_id`): a
+date scheduled twice — two scheduler passes, two scheduler instances, a retried command — is
+the same run aggregate, and its creation is appended with the check that it does not exist
+yet, so a duplicate cannot be written (Prefect relies on a unique index over an idempotency
+key for this, and users still see duplicates around redeploys). The run also carries
+Prefect's idempotency key, `scheduled <deployment> <schedule> <date>`, for its readers.
+
+A run scheduled and later deleted (an upsert deletes the future ones) may be scheduled again:
+it is created anew on the same aggregate.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Annotated, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import flow_runs as fr
+from . import orchestration_rules
+from . import work_pools as wp
+from .bounds import JsonDocument, StoredText, UtcDatetime
+from .decisions import Decision, NewEvent
+from .deployments import (
+    CreatedBy,
+    Deployment,
+    DeploymentSchedule,
+    deployment_not_found,
+    validation_problem,
+)
+from .flows import Tags
+from .hydration import HydrationError, hydrate
+from .messages import Command, DecisionContext, Rejection, conflict, invalid
+from .schedules import (
+    SCHEDULE_DEFAULTS,
+    dates_to_schedule,
+    schedule_timezone,
+    schedule_type_name,
+    scheduled_idempotency_key,
+    scheduled_run_id,
+)
+from .states import StateCreate, StateDetails, StateType
+from .unique_keys import UniqueKeyClaim
+
+# Runs one command may create: an atomic batch holds at most 1,000 messages, and Prefect
+# inserts in batches of 500.
+MAX_RUNS_PER_COMMAND = 500
+AUTO_SCHEDULED_TAG = "auto-scheduled"
+
+
+class ScheduleDeploymentRuns(Command):
+    """SC-5: schedule runs from the deployment's active schedules. An unknown deployment is a
+    silent no-op (no runs), as in Prefect."""
+
+    deployment_id: uuid.UUID
+    start_time: UtcDatetime | None = None
+    end_time: UtcDatetime | None = None
+    min_time: Annotated[float, Field(ge=0, le=100 * 365 * 86_400, allow_inf_nan=False)] | None = None
+    min_runs: Annotated[int, Field(ge=0, le=1_000)] | None = None
+    max_runs: Annotated[int, Field(ge=0, le=1_000)] | None = None
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    run_id: uuid.UUID
+    schedule: DeploymentSchedule
+    date: datetime
+
+
+def planned_runs(deployment: Deployment, cmd: ScheduleDeploymentRuns, now: datetime) -> list[PlannedRun]:
+    """SC-1: for each active schedule, its dates from `start` (default now) to `end` (default
+    start + 100 days), at most `max_runs`, stopping once both `min_runs` and `start + min_time`
+    are reached. At most `MAX_RUNS_PER_COMMAND` in all, earliest first."""
+    start = cmd.start_time or now
+    end = cmd.end_time or (start + SCHEDULE_DEFAULTS.max_time)
+    min_time = timedelta(seconds=cmd.min_time) if cmd.min_time is not None else SCHEDULE_DEFAULTS.min_time
+    min_runs = cmd.min_runs if cmd.min_runs is not None else SCHEDULE_DEFAULTS.min_runs
+    max_runs = cmd.max_runs if cmd.max_runs is not None else SCHEDULE_DEFAULTS.max_runs
+    planned = []
+    for s in deployment.schedules:
+        if not s.active:
+            continue
+        for date in dates_to_schedule(s.schedule, start=start, end=end, min_time=min_time, min_runs=min_runs,
+                                      max_runs=max_runs):
+            planned.append(PlannedRun(scheduled_run_id(deployment.id, s.id, date), s, date))
+    planned.sort(key=lambda p: (p.date, str(p.run_id)))
+    return planned[:MAX_RUNS_PER_COMMAND]
+
+
+def scheduled_run(deployment: Deployment, planned: PlannedRun, ctx: DecisionContext) -> fr.FlowRun:
+    """SC-2: the run of one date, in its first state (`Scheduled` at the date)."""
+    s = planned.schedule
+    labels = {**deployment.labels, "prefect.flow.id": str(deployment.flow_id),
+              "prefect.deployment.id": str(deployment.id)}
+    run = fr.FlowRun.model_validate({
+        "id": planned.run_id, "created": ctx.now, "updated": ctx.now, "name": fr.run_name(planned.run_id),
+        "flow_id": deployment.flow_id, "deployment_id": deployment.id, "deployment_version": deployment.version,
+        "work_queue_name": deployment.work_queue_name, "work_queue_id": deployment.work_queue_id,
+        "parameters": {**deployment.parameters, **s.parameters},
+        "idempotency_key": scheduled_idempotency_key(deployment.id, s.id, planned.date, schedule_timezone(s.schedule)),
+        "tags": [AUTO_SCHEDULED_TAG, *deployment.tags], "labels": labels, "auto_scheduled": True,
+        "infrastructure_document_id": deployment.infrastructure_document_id,
+        "created_by": CreatedBy(id=s.id, type="SCHEDULE", display_value=s.slug or schedule_type_name(s.schedule)),
+    })
+    first = StateCreate(type=StateType.SCHEDULED, message="Flow run scheduled",
+                        state_details=StateDetails(scheduled_time=planned.date))
+    return orchestration_rules.initial_flow_run_state(run, first, ctx).run
+
+
+def decide_schedule_runs(deployment: Deployment | None, planned: list[PlannedRun],
+                         existing: dict[uuid.UUID, fr.FlowRun | None], ctx: DecisionContext) -> Decision:
+    """SC-3: the dates whose run exists are skipped; the result is the ids created."""
+    if deployment is None:
+        return Decision(events=[], result=[])
+    created = [scheduled_run(deployment, p, ctx) for p in planned if existing.get(p.run_id) is None]
+    return Decision(events=[NewEvent(str(run.id), fr.FlowRunCreated(run=run)) for run in created],
+                    result=[run.id for run in created], after={str(run.id): run for run in created})
+
+
+# ---------------------------------------------------------------------------------------------
+# On demand (DP-11 ... DP-17)
+
+MAX_BULK = 100
+
+
+class FlowRunFromDeployment(BaseModel):
+    """One run asked of a deployment (Prefect's `DeploymentFlowRunCreate`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    state: StateCreate | None = None
+    name: fr.RunName | None = None
+    parameters: JsonDocument = {}
+    enforce_parameter_schema: bool | None = None
+    context: JsonDocument = {}
+    infrastructure_document_id: uuid.UUID | None = None
+    empirical_policy: fr.FlowRunPolicyInput = fr.FlowRunPolicyInput()
+    tags: Tags = []
+    idempotency_key: StoredText | None = None
+    labels: JsonDocument = {}
+    parent_task_run_id: uuid.UUID | None = None
+    work_queue_name: wp.QueueName | None = None
+    job_variables: JsonDocument = {}
+    priority: fr.RunPriority = 0
+
+
+class CreateFlowRunFromDeployment(FlowRunFromDeployment, Command):
+    """DP-11 ... DP-16. `idempotency_key` is Prefect's (the existing run of the flow with this
+    key comes back, `created: false`); the bus's own key is `request_idempotency_key`."""
+
+    BUS_KEY_FIELD: ClassVar[str] = "request_idempotency_key"
+    request_idempotency_key: StoredText | None = None
+    deployment_id: uuid.UUID
+
+
+class CreateFlowRunsFromDeployment(Command):
+    """DP-17: up to 100 runs; each item succeeds or fails on its own."""
+
+    deployment_id: uuid.UUID
+    runs: Annotated[list[FlowRunFromDeployment], Field(max_length=MAX_BULK)]
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What a run of a deployment may read beyond the deployment: the pool of its queue (job
+    variables, a queue named in the request), the variables its parameters name, and per
+    idempotency key its claim and the run holding it."""
+
+    pool: wp.WorkPool | None = None
+    variables: dict[str, Any] | None = None
+    claims: dict[str, tuple[UniqueKeyClaim, fr.FlowRun | None]] | None = None
+
+
+def _parameters(deployment: Deployment, item: FlowRunFromDeployment, variables: dict[str, Any]) -> dict[str, Any]:
+    """DP-12, DP-13 and DP-14: a shallow merge, hydrated, checked (`required` included)."""
+    try:
+        parameters = hydrate({**deployment.parameters, **item.parameters}, variables)
+    except HydrationError as e:
+        raise invalid(f"Error hydrating flow run parameters: {e}", field="parameters") from None
+    enforce = item.enforce_parameter_schema if item.enforce_parameter_schema is not None \
+        else deployment.enforce_parameter_schema
+    if enforce:
+        schema = deployment.parameter_openapi_schema
+        if not isinstance(schema, dict):
+            raise conflict("Error creating flow run: the deployment's parameter schema is not an object")
+        problem = validation_problem(parameters, schema, ignore_required=False)
+        if problem is not None and "circular" in problem.lower():
+            raise invalid(f"Error creating flow run: {problem}", field="parameters")
+        if problem:
+            raise conflict(f"Error creating flow run: {problem}")
+    return parameters
+
+
+def _queue(deployment: Deployment, item: FlowRunFromDeployment, pool: wp.WorkPool | None,
+           ctx: DecisionContext) -> tuple[list[NewEvent], dict[str, Any]]:
+    """DP-16: the deployment's queue, or the queue named in the request, of the deployment's
+    pool, created if missing (the deployment is not changed)."""
+    if item.work_queue_name is None:
+        return [], {"work_queue_name": deployment.work_queue_name, "work_queue_id": deployment.work_queue_id}
+    if deployment.work_queue_id is None or pool is None:
+        raise invalid(f"Cannot create a flow run in work queue {item.work_queue_name!r} because deployment "
+                      f"{deployment.id} is not associated with a work pool.", field="work_queue_name")
+    found = pool.queue_named(item.work_queue_name)
+    if found is not None:
+        return [], {"work_queue_name": found.name, "work_queue_id": found.id}
+    made = wp.decide_create_work_queue(wp.CreateWorkQueue(work_pool_name=pool.name, name=item.work_queue_name),
+                                       pool, ctx)
+    _, queue = made.result
+    return made.events, {"work_queue_name": queue.name, "work_queue_id": queue.id}
+
+
+def _check_job_variables(deployment: Deployment, item: FlowRunFromDeployment, pool: wp.WorkPool | None) -> None:
+    """DP-15: pool defaults, then the deployment's, then the run's, against the pool's schema
+    with `required` enforced."""
+    if pool is None:
+        return
+    schema = pool.base_job_template.get("variables") or {}
+    if not isinstance(schema, dict) or not schema:
+        return
+    properties = schema.get("properties") or {}
+    defaults = {k: v["default"] for k, v in properties.items() if isinstance(v, dict) and "default" in v}
+    problem = validation_problem({**defaults, **deployment.job_variables, **item.job_variables}, schema,
+                                 ignore_required=False)
+    if problem:
+        raise invalid(f"Error creating flow run: {problem}", field="job_variables")
+
+
+def run_from_deployment(deployment: Deployment, item: FlowRunFromDeployment, inputs: RunInputs,
+                        ctx: DecisionContext) -> Decision:
+    """One run of a deployment (DP-12 ... DP-16), or the existing run of its key."""
+    if item.idempotency_key is not None and inputs.claims is not None:
+        claim, holder = inputs.claims.get(item.idempotency_key, (UniqueKeyClaim(), None))
+        if claim.owner_id is not None:
+            if holder is None:  # the claim and its owner are written together; never apart
+                raise RuntimeError(f"flow run key is claimed by {claim.owner_id}, which does not exist")
+            return Decision(events=[], result=holder, created=False)
+    parameters = _parameters(deployment, item, inputs.variables or {})
+    _check_job_variables(deployment, item, inputs.pool)
+    queue_events, queue_fields = _queue(deployment, item, inputs.pool, ctx)
+    run_id = ctx.new_id()
+    labels = {**deployment.labels, "prefect.flow.id": str(deployment.flow_id),
+              "prefect.deployment.id": str(deployment.id), **item.labels}
+    run = fr.FlowRun.model_validate({
+        "id": run_id, "created": ctx.now, "updated": ctx.now, "name": item.name or fr.run_name(run_id),
+        "flow_id": deployment.flow_id, "deployment_id": deployment.id, "deployment_version": deployment.version,
+        "parameters": parameters, "idempotency_key": item.idempotency_key, "context": item.context,
+        "empirical_policy": item.empirical_policy.policy(),
+        "tags": list(dict.fromkeys([*deployment.tags, *item.tags])), "labels": labels,
+        "parent_task_run_id": item.parent_task_run_id,
+        "infrastructure_document_id": item.infrastructure_document_id or deployment.infrastructure_document_id,
+        "job_variables": item.job_variables, "priority": item.priority, **queue_fields,
+    })
+    first = item.state or StateCreate(type=StateType.SCHEDULED)
+    run = orchestration_rules.initial_flow_run_state(run, first, ctx).run
+    claims = ([fr.FLOW_RUN_KEY.claim(run.id, str(run.flow_id), item.idempotency_key)]
+              if item.idempotency_key is not None else [])
+    return Decision(events=[*queue_events, *claims, NewEvent(str(run.id), fr.FlowRunCreated(run=run))],
+                    result=run, created=True, after={str(run.id): run})
+
+
+def decide_run_from_deployment(cmd: CreateFlowRunFromDeployment, deployment: Deployment | None,
+                               inputs: RunInputs, ctx: DecisionContext) -> Decision:
+    if deployment is None:
+        raise deployment_not_found(cmd.deployment_id)
+    return run_from_deployment(deployment, cmd, inputs, ctx)
+
+
+def decide_runs_from_deployment(cmd: CreateFlowRunsFromDeployment, deployment: Deployment | None,
+                                inputs: RunInputs, ctx: DecisionContext) -> Decision:
+    """DP-17: each item is `{flow_run_id, status: CREATED|FAILED, error}`; the created ones are
+    appended together. Two items with one idempotency key make one run."""
+    if deployment is None:
+        raise deployment_not_found(cmd.deployment_id)
+    events: list[NewEvent] = []
+    results: list[dict[str, Any]] = []
+    pool = inputs.pool
+    claims = dict(inputs.claims or {})
+    for item in cmd.runs:
+        try:
+            made = run_from_deployment(deployment, item, RunInputs(pool, inputs.variables, claims), ctx)
+        except Rejection as e:
+            results.append({"flow_run_id": None, "status": "FAILED", "error": e.message})
+            continue
+        events.extend(made.events)
+        run = made.result
+        for new in made.events:  # a queue made for one item exists for the next
+            if new.aggregate_type == wp.WORK_POOL and pool is not None:
+                pool = wp.evolve(pool, new.event)
+        if item.idempotency_key is not None:
+            claims[item.idempotency_key] = (UniqueKeyClaim(run.id), run)
+        results.append({"flow_run_id": str(run.id), "status": "CREATED", "error": None})
+    return Decision(events=events, result=results)

@@ -1,0 +1,700 @@
+"""Deployments: how a flow is run (where, with what parameters, on which schedules).
+
+A deployment is keyed on (flow, name): creating one whose pair exists updates it in place and
+keeps its id (`created: false`), as Prefect's `POST /deployments/` does; the pair is a unique
+key (`commands/unique_keys.py`). Its schedules live inside it (a schedule belongs to exactly
+one deployment and is always read with it), so a change of schedules is one event of the
+deployment.
+
+`Deployment` is the one definition of a deployment's shape: the aggregate's state, the
+payload of its events, the read model's row and both replies. The names of its queue and
+pool are copied into it when the queue is chosen; reads take them from the queue as it is now
+(a queue may be renamed later).
+
+Scheduled runs do not exist yet: the run deletions that an upsert, an update, a pause or a
+delete make (the deployment's future auto-scheduled runs) arrive with flow runs.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from functools import lru_cache
+from typing import Annotated, Any, ClassVar
+
+import jsonschema
+from jsonschema.exceptions import SchemaError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from . import work_pools as wp
+from .bounds import JsonDocument, PositiveInt32, StoredText, UtcDatetime, check_json_document
+from .decisions import Decision, NewEvent
+from .events import register_event
+from .flows import Tags
+from .messages import Command, DecisionContext, Event, conflict, invalid, not_found
+from .names import MAX_NAME_LENGTH, check_object_name
+from .schedules import Schedule, with_anchor
+from .unique_keys import UniqueKeyClaim, UniqueKeyScope
+
+DEPLOYMENT = "deployment"
+DEPLOYMENT_NAME = UniqueKeyScope("deployment_name")  # key: (flow id, deployment name)
+
+# DP-6: JSON-serialised (compact) parameters larger than this are refused.
+MAX_PARAMETERS_BYTES = 524_288
+MAX_SCHEDULES = 100
+DEFAULT_PARAMETER_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}}
+
+
+def _deployment_name(value: str) -> str:
+    """C-1: a deployment's name may be empty (""), unlike other names."""
+    return check_object_name(value) if value else value
+
+
+DeploymentName = Annotated[str, StringConstraints(max_length=MAX_NAME_LENGTH), AfterValidator(_deployment_name)]
+ShortText = Annotated[StoredText, StringConstraints(max_length=10_000)]
+Slug = Annotated[StoredText, StringConstraints(min_length=1, max_length=MAX_NAME_LENGTH)]
+MaxScheduledRuns = Annotated[int, Field(ge=1, le=50)]
+
+
+def _json_list(value: list[Any]) -> list[Any]:
+    check_json_document({"": value})
+    return value
+
+
+JsonList = Annotated[list[Any], Field(max_length=1_000), AfterValidator(_json_list)]
+
+
+class Status(StrEnum):
+    READY = "READY"
+    NOT_READY = "NOT_READY"
+
+
+class CollisionStrategy(StrEnum):
+    ENQUEUE = "ENQUEUE"
+    CANCEL_NEW = "CANCEL_NEW"
+
+
+class ConcurrencyOptions(BaseModel):
+    """What a run does when its deployment's limit is full (SL-7)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    collision_strategy: CollisionStrategy = CollisionStrategy.ENQUEUE
+    grace_period_seconds: Annotated[int, Field(ge=60, le=86_400)] | None = None
+
+
+class CreatedBy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: uuid.UUID | None = None
+    type: Annotated[StoredText, StringConstraints(max_length=MAX_NAME_LENGTH)] | None = None
+    display_value: Annotated[StoredText, StringConstraints(max_length=MAX_NAME_LENGTH)] | None = None
+
+
+class DeploymentSchedule(BaseModel):
+    """One schedule of a deployment, as stored and answered."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: uuid.UUID
+    created: UtcDatetime
+    updated: UtcDatetime
+    deployment_id: uuid.UUID
+    schedule: Schedule
+    active: bool = True
+    max_scheduled_runs: int | None = None
+    parameters: dict[str, Any] = {}
+    slug: str | None = None
+
+
+class Deployment(BaseModel):
+    """A deployment, as stored, projected and answered (Prefect's field names)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: uuid.UUID
+    created: UtcDatetime
+    updated: UtcDatetime
+    name: str
+    flow_id: uuid.UUID
+    version: str | None = None
+    description: str | None = None
+    paused: bool = False
+    schedules: list[DeploymentSchedule] = []
+    concurrency_limit: int | None = None
+    concurrency_options: ConcurrencyOptions | None = None
+    job_variables: dict[str, Any] = {}
+    parameters: dict[str, Any] = {}
+    parameter_openapi_schema: dict[str, Any] | None = None
+    enforce_parameter_schema: bool = True
+    pull_steps: list[Any] | None = None
+    tags: list[str] = []
+    labels: dict[str, Any] = {}
+    work_queue_name: str | None = None
+    work_queue_id: uuid.UUID | None = None
+    work_pool_name: str | None = None
+    path: str | None = None
+    entrypoint: str | None = None
+    storage_document_id: uuid.UUID | None = None
+    infrastructure_document_id: uuid.UUID | None = None
+    last_polled: UtcDatetime | None = None
+    status: Status = Status.NOT_READY
+    created_by: CreatedBy | None = None
+    updated_by: CreatedBy | None = None
+
+    def reply(self) -> dict[str, Any]:
+        """The reply both sides give. SL-7: the limit is reported as the global limit
+        `deployment:<id>` that holds it, and the deprecated `concurrency_limit` as null."""
+        body = self.model_dump(mode="json")
+        limit = body.pop("concurrency_limit")
+        body["concurrency_limit"] = None
+        body["global_concurrency_limit"] = None if limit is None else {
+            "id": str(limit_id(self.id)), "name": f"deployment:{self.id}", "limit": limit, "active": True,
+            "active_slots": 0, "slot_decay_per_second": 0.0,
+        }
+        return body
+
+
+def limit_id(deployment_id: uuid.UUID) -> uuid.UUID:
+    """The id of the global limit `deployment:<id>` (SL-7): derived, so it needs no event."""
+    return uuid.uuid5(deployment_id, "deployment-concurrency-limit")
+
+
+# ---------------------------------------------------------------------------------------------
+# Events
+
+
+class _DeploymentEvent(Event):
+    aggregate_type: ClassVar[str] = DEPLOYMENT
+
+
+@register_event
+class DeploymentCreated(_DeploymentEvent):
+    event_type: ClassVar[str] = "DeploymentCreated"
+    deployment: Deployment
+
+
+@register_event
+class DeploymentUpdated(_DeploymentEvent):
+    """The deployment as it is now, and the fields that changed (Prefect's `updated` event
+    names them)."""
+
+    event_type: ClassVar[str] = "DeploymentUpdated"
+    deployment: Deployment
+    changed: list[str]
+
+
+@register_event
+class DeploymentDeleted(_DeploymentEvent):
+    event_type: ClassVar[str] = "DeploymentDeleted"
+    deployment_id: uuid.UUID
+    flow_id: uuid.UUID
+    name: str
+    deleted: datetime
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+class ScheduleCreate(BaseModel):
+    """A schedule given in a create, an upsert or `CreateDeploymentSchedules`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schedule: Schedule
+    active: bool = True
+    max_scheduled_runs: MaxScheduledRuns | None = None
+    parameters: JsonDocument = {}
+    slug: Slug | None = None
+
+
+class ScheduleUpdate(BaseModel):
+    """A schedule given in an update: patched by slug (or by `replaces`, to rename it) when
+    every schedule has a slug; otherwise the whole list replaces the deployment's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schedule: Schedule | None = None
+    active: bool | None = None
+    max_scheduled_runs: MaxScheduledRuns | None = None
+    parameters: JsonDocument | None = None
+    slug: Slug | None = None
+    replaces: Slug | None = None
+
+
+class _DeploymentFields(Command):
+    """Fields a create and an update share (absent ones keep their value, C-4)."""
+
+    version: ShortText | None = None
+    description: ShortText | None = None
+    paused: bool = False
+    concurrency_limit: PositiveInt32 | None = None
+    concurrency_options: ConcurrencyOptions | None = None
+    job_variables: JsonDocument = {}
+    parameters: JsonDocument = {}
+    parameter_openapi_schema: JsonDocument | None = None
+    enforce_parameter_schema: bool = True
+    pull_steps: JsonList | None = None
+    tags: Tags = []
+    labels: JsonDocument = {}
+    work_queue_name: wp.QueueName | None = None
+    work_pool_name: wp.PoolName | None = None
+    path: ShortText | None = None
+    entrypoint: ShortText | None = None
+    storage_document_id: uuid.UUID | None = None
+    infrastructure_document_id: uuid.UUID | None = None
+
+
+class CreateDeployment(_DeploymentFields):
+    """An upsert on (flow_id, name) (DP-1)."""
+
+    name: DeploymentName
+    flow_id: uuid.UUID
+    schedules: Annotated[list[ScheduleCreate], Field(max_length=MAX_SCHEDULES)] = []
+
+
+class UpdateDeployment(_DeploymentFields):
+    id: uuid.UUID
+    schedules: Annotated[list[ScheduleUpdate], Field(max_length=MAX_SCHEDULES)] | None = None
+
+
+class DeleteDeployment(Command):
+    id: uuid.UUID
+
+
+class PauseDeployment(Command):
+    id: uuid.UUID
+
+
+class ResumeDeployment(Command):
+    id: uuid.UUID
+
+
+class CreateDeploymentSchedules(Command):
+    deployment_id: uuid.UUID
+    schedules: Annotated[list[ScheduleCreate], Field(min_length=1, max_length=MAX_SCHEDULES)]
+
+
+class UpdateDeploymentSchedule(Command):
+    deployment_id: uuid.UUID
+    schedule_id: uuid.UUID
+    schedule: Schedule | None = None
+    active: bool | None = None
+    max_scheduled_runs: MaxScheduledRuns | None = None
+    parameters: JsonDocument | None = None
+    slug: Slug | None = None
+
+
+class DeleteDeploymentSchedule(Command):
+    deployment_id: uuid.UUID
+    schedule_id: uuid.UUID
+
+
+# ---------------------------------------------------------------------------------------------
+# Evolve
+
+
+def evolve(deployment: Deployment | None, event: Event) -> Deployment | None:
+    match event:
+        case DeploymentCreated(deployment=d) | DeploymentUpdated(deployment=d):
+            return d
+        case DeploymentDeleted():
+            return None
+    return deployment
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules
+
+
+def deployment_not_found(deployment_id: uuid.UUID | None = None) -> Exception:
+    return not_found("Deployment not found.")
+
+
+def name_key(flow_id: uuid.UUID, name: str) -> str:
+    """The aggregate id of the (flow, name) claim."""
+    return DEPLOYMENT_NAME.aggregate_id(str(flow_id), name)
+
+
+def _without_required(schema: Any) -> Any:
+    """A schema with every `required` removed, at any depth: DP-4 and DP-5 accept partial
+    values (a deployment may leave a parameter to each run)."""
+    if isinstance(schema, dict):
+        return {k: _without_required(v) for k, v in schema.items() if k != "required"}
+    if isinstance(schema, list):
+        return [_without_required(v) for v in schema]
+    return schema
+
+
+def _no_remote_refs(uri: str) -> Any:
+    raise ValueError(f"references outside the schema are not fetched: {uri}")
+
+
+def schema_problem(schema: dict[str, Any]) -> str | None:
+    """Why `schema` is not a valid JSON Schema (draft 2020-12), or None."""
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except SchemaError as e:
+        return f"Invalid schema: {e.message}"
+    except RecursionError:
+        return "Invalid schema: it is circular"
+    return None
+
+
+def validation_problem(value: dict[str, Any], schema: dict[str, Any], *, ignore_required: bool) -> str | None:
+    """Why `value` does not conform to `schema`, in Prefect's words ("Validation failed for
+    field 'x'. Failure reason: ..."), or None. References are resolved inside the schema only."""
+    try:
+        validator = _validator(json.dumps(schema, sort_keys=True), ignore_required)
+        errors = sorted(validator.iter_errors(value), key=lambda e: list(map(str, e.path)))
+    except RecursionError:
+        return "Validation failed: the schema is circular"
+    except Exception as e:  # an unresolvable $ref
+        return f"Validation failed: {type(e).__name__}: {e}"
+    if not errors:
+        return None
+    first = errors[0]
+    where = ".".join(str(p) for p in first.path)
+    if where:
+        return f"Validation failed for field {where!r}. Failure reason: {first.message}"
+    return f"Validation failed. Failure reason: {first.message}"
+
+
+@lru_cache(maxsize=256)
+def _validator(schema_json: str, ignore_required: bool) -> Any:
+    """One validator per schema, kept: building one costs more than validating with it, and a
+    deployment's runs all use its schema. Keyed by the schema's JSON text (dicts do not hash)."""
+    from referencing import Registry
+
+    schema = json.loads(schema_json)
+    checked = _without_required(schema) if ignore_required else schema
+    return jsonschema.Draft202012Validator(checked, registry=Registry(retrieve=_no_remote_refs))  # type: ignore[call-arg]
+
+
+def _parameters_size_problem(parameters: dict[str, Any]) -> str | None:
+    size = len(json.dumps(parameters, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > MAX_PARAMETERS_BYTES:
+        return f"parameters are {size} bytes once serialised, more than the {MAX_PARAMETERS_BYTES} allowed"
+    return None
+
+
+def job_variables_problem(pool: wp.WorkPool, job_variables: dict[str, Any]) -> str | None:
+    """DP-4: the pool's variable defaults overlaid by the deployment's job variables must fit
+    the pool's variables schema, `required` aside (a run may supply the rest)."""
+    variables = pool.base_job_template.get("variables") or {}
+    if not isinstance(variables, dict) or not variables:
+        return None
+    properties = variables.get("properties") or {}
+    defaults = {k: v["default"] for k, v in properties.items() if isinstance(v, dict) and "default" in v}
+    return validation_problem({**defaults, **job_variables}, variables, ignore_required=True)
+
+
+def _check_parameters(cmd: CreateDeployment, parameters: dict[str, Any], schema: dict[str, Any] | None) -> None:
+    """DP-5 and DP-6 at create. Quirk kept: the schema is enforced only when the request itself
+    says `enforce_parameter_schema: true`."""
+    problem = _parameters_size_problem(parameters)
+    if problem:
+        raise invalid(problem, field="parameters")
+    if "enforce_parameter_schema" not in cmd.model_fields_set or not cmd.enforce_parameter_schema:
+        return
+    schema = schema if schema is not None else DEFAULT_PARAMETER_SCHEMA
+    problem = schema_problem(schema)
+    if problem:
+        raise invalid(problem, field="parameter_openapi_schema")
+    problem = validation_problem(parameters, schema, ignore_required=True)
+    if problem:
+        raise invalid(problem, field="parameters")
+
+
+def _slugs_unique(schedules: list[DeploymentSchedule]) -> None:
+    slugs = [s.slug for s in schedules if s.slug is not None]
+    if len(slugs) != len(set(slugs)):
+        raise conflict("Schedule slugs must be unique within a deployment.")
+
+
+def _new_schedules(given: list[ScheduleCreate] | list[ScheduleUpdate], deployment_id: uuid.UUID,
+                   ctx: DecisionContext, *, keep_max_runs: bool) -> list[DeploymentSchedule]:
+    """Schedules made from a request. Quirk kept (Prefect re-creates an upsert's schedules
+    without it): `max_scheduled_runs` is dropped unless `keep_max_runs`."""
+    made = []
+    for s in given:
+        if s.schedule is None:
+            raise invalid("Unable to create new deployment schedules without a schedule configuration.",
+                          field="schedules")
+        made.append(DeploymentSchedule(
+            id=ctx.new_id(), created=ctx.now, updated=ctx.now, deployment_id=deployment_id,
+            schedule=with_anchor(s.schedule, ctx.now), active=True if s.active is None else s.active,
+            max_scheduled_runs=s.max_scheduled_runs if keep_max_runs else None,
+            parameters=s.parameters or {}, slug=s.slug,
+        ))
+    return made
+
+
+def _patched(schedule: DeploymentSchedule, given: ScheduleUpdate | UpdateDeploymentSchedule,
+             now: datetime) -> DeploymentSchedule:
+    fields = given.model_fields_set & {"schedule", "active", "max_scheduled_runs", "parameters", "slug"}
+    values: dict[str, Any] = {f: getattr(given, f) for f in fields}
+    if values.get("schedule") is not None:
+        values["schedule"] = with_anchor(values["schedule"], now)
+    if "active" in values and values["active"] is None:
+        del values["active"]
+    if "parameters" in values and values["parameters"] is None:
+        values["parameters"] = {}
+    if "schedule" in values and values["schedule"] is None:
+        del values["schedule"]
+    return schedule.model_copy(update={**values, "updated": now})
+
+
+def _updated_schedules(existing: list[DeploymentSchedule], given: list[ScheduleUpdate], deployment_id: uuid.UUID,
+                       ctx: DecisionContext) -> list[DeploymentSchedule]:
+    """DP-7: patch by slug when every existing and every given schedule has one; refuse a list
+    without slugs for a deployment whose schedules all have them (it would drop them all by
+    accident); otherwise replace the whole list."""
+    all_given_slugged = all(s.slug is not None for s in given)
+    all_existing_slugged = bool(existing) and all(s.slug is not None for s in existing)
+    if not (all_given_slugged and all_existing_slugged):
+        if all_existing_slugged:
+            raise invalid("Please provide a slug for each schedule in your request to ensure schedules are "
+                          "updated correctly.", field="schedules")
+        return _new_schedules(given, deployment_id, ctx, keep_max_runs=False)
+    replaced: dict[str, str] = {}
+    for s in given:
+        if s.replaces:
+            if s.replaces in replaced:
+                raise invalid(f"Multiple schedules have 'replaces' targeting the same slug: {s.replaces}",
+                              field="schedules")
+            replaced[s.replaces] = s.slug or ""
+    by_slug = {s.slug: s for s in existing}
+    for s in given:
+        if s.replaces and s.slug in by_slug and s.slug not in replaced:
+            raise invalid(f"Cannot rename schedule from '{s.replaces}' to '{s.slug}': a schedule with slug "
+                          f"'{s.slug}' already exists.", field="schedules")
+    result = list(existing)
+    for s in given:
+        target = s.replaces or s.slug
+        at = next((i for i, e in enumerate(result) if e.slug == target), None)
+        if at is not None:
+            result[at] = _patched(result[at], s, ctx.now)
+        else:
+            result.extend(_new_schedules([s], deployment_id, ctx, keep_max_runs=True))
+    return result
+
+
+def _queue_of(pool: wp.WorkPool | None, legacy_pool: wp.WorkPool | None, pool_name: str | None,
+              queue_name: str | None, legacy_claim: wp.WorkPoolNameClaim | None,
+              ctx: DecisionContext) -> tuple[list[NewEvent], wp.WorkPool | None, wp.WorkQueue | None]:
+    """DP-3: the queue a deployment names, with the events that create it when it is missing
+    (a named queue of a pool, or a pool-less name in the legacy pool)."""
+    if pool_name is not None:
+        if pool is None:
+            raise not_found(f'Work pool "{pool_name}" not found.')
+        if queue_name is None:
+            return [], pool, pool.queues[pool.default_queue_id]
+        existing = pool.queue_named(queue_name)
+        if existing is not None:
+            return [], pool, existing
+        made = wp.decide_create_work_queue(wp.CreateWorkQueue(work_pool_name=pool_name, name=queue_name), pool, ctx)
+        after_pool, queue = made.result
+        return made.events, after_pool, queue
+    if queue_name is not None:
+        if legacy_pool is not None and legacy_pool.queue_named(queue_name) is not None:
+            return [], legacy_pool, legacy_pool.queue_named(queue_name)
+        assert legacy_claim is not None
+        made = wp.decide_create_legacy_work_queue(
+            wp.CreateLegacyWorkQueue(name=queue_name, priority=1), legacy_claim, legacy_pool, ctx)
+        after_pool, queue = made.result
+        return made.events, after_pool, queue
+    return [], None, None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What the command side read to place a deployment on a queue (DP-3): the pool it names
+    (None when it names none or the pool does not exist), and the legacy pool with its name
+    claim, for a queue named without a pool."""
+
+    pool: wp.WorkPool | None = None
+    legacy_claim: wp.WorkPoolNameClaim | None = None
+    legacy_pool: wp.WorkPool | None = None
+
+
+def _placed(cmd: _DeploymentFields, placement: Placement, ctx: DecisionContext
+            ) -> tuple[list[NewEvent], dict[str, Any]]:
+    """The queue events and the deployment fields of DP-3's resolution."""
+    events, pool, queue = _queue_of(placement.pool, placement.legacy_pool, cmd.work_pool_name,
+                                    cmd.work_queue_name, placement.legacy_claim, ctx)
+    if queue is None or pool is None:
+        return events, {"work_queue_id": None, "work_queue_name": None, "work_pool_name": None}
+    return events, {"work_queue_id": queue.id, "work_queue_name": queue.name, "work_pool_name": pool.name}
+
+
+_COMPARED = frozenset(Deployment.model_fields) - {"updated", "created"}
+
+
+def changed_fields(before: Deployment, after: Deployment) -> list[str]:
+    return sorted(f for f in _COMPARED if getattr(before, f) != getattr(after, f))
+
+
+def _updated(before: Deployment, after: Deployment) -> Decision:
+    changed = changed_fields(before, after)
+    events = [NewEvent(str(after.id), DeploymentUpdated(deployment=after, changed=changed))] if changed else []
+    return Decision(events=events, result=after, created=False, after={str(after.id): after} if changed else {})
+
+
+_COPIED_FIELDS = ("version", "description", "paused", "concurrency_limit", "concurrency_options", "job_variables",
+                  "parameters", "parameter_openapi_schema", "enforce_parameter_schema", "pull_steps", "labels",
+                  "path", "entrypoint", "storage_document_id", "infrastructure_document_id")
+
+
+def _given_values(cmd: _DeploymentFields) -> dict[str, Any]:
+    given = cmd.explicitly_set()
+    values = {f: getattr(cmd, f) for f in _COPIED_FIELDS if f in given}
+    if "tags" in given:
+        values["tags"] = list(dict.fromkeys(cmd.tags))
+    return values
+
+
+def decide_create_deployment(cmd: CreateDeployment, claim: UniqueKeyClaim, existing: Deployment | None,
+                             flow_exists: bool, placement: Placement, ctx: DecisionContext) -> Decision:
+    """DP-1: create, or update in place the deployment that holds (flow, name)."""
+    if not flow_exists:
+        raise not_found(f"Flow {cmd.flow_id} not found.")
+    if cmd.work_pool_name is not None and placement.pool is not None:
+        problem = job_variables_problem(placement.pool, cmd.job_variables)
+        if problem:
+            raise invalid(f"Error creating deployment: {problem}", field="job_variables")
+    _check_parameters(cmd, cmd.parameters, cmd.parameter_openapi_schema)
+    if claim.owner_id is not None and existing is None:  # written together; never apart
+        raise RuntimeError(f"deployment name is claimed by {claim.owner_id}, which does not exist")
+    deployment_id = existing.id if existing is not None else ctx.new_id()
+    schedules = _new_schedules(cmd.schedules, deployment_id, ctx, keep_max_runs=False)
+    _slugs_unique(schedules)
+    queue_events, queue_fields = _placed(cmd, placement, ctx)
+    values = {**_given_values(cmd), "schedules": schedules, "updated": ctx.now}
+    if existing is not None:
+        if cmd.work_pool_name is not None or cmd.work_queue_name is not None:
+            values.update(queue_fields)
+        after = existing.model_validate({**existing.model_dump(), **values})
+        made = _updated(existing, after)
+        return Decision(events=queue_events + made.events, result=after, created=False, after=made.after)
+    labels = {**cmd.labels, "prefect.flow.id": str(cmd.flow_id)}
+    deployment = Deployment.model_validate({
+        "id": deployment_id, "created": ctx.now, "name": cmd.name, "flow_id": cmd.flow_id,
+        "parameter_openapi_schema": DEFAULT_PARAMETER_SCHEMA, **values, **queue_fields, "labels": labels,
+    })
+    return Decision(
+        events=[*queue_events, DEPLOYMENT_NAME.claim(deployment.id, str(cmd.flow_id), cmd.name),
+                NewEvent(str(deployment.id), DeploymentCreated(deployment=deployment))],
+        result=deployment, created=True, after={str(deployment.id): deployment},
+    )
+
+
+def decide_update_deployment(cmd: UpdateDeployment, deployment: Deployment | None, placement: Placement,
+                             ctx: DecisionContext) -> Decision:
+    """DP-7: a partial update; schedules patched by slug or replaced; parameters checked
+    against the schema when enforcement is on."""
+    if deployment is None:
+        raise deployment_not_found(cmd.id)
+    given = cmd.explicitly_set()
+    if cmd.work_pool_name is not None and placement.pool is not None:
+        problem = job_variables_problem(placement.pool, cmd.job_variables)
+        if problem:
+            raise conflict(f"Error creating deployment: {problem}")
+    values = _given_values(cmd)
+    parameters = values.get("parameters", deployment.parameters)
+    problem = _parameters_size_problem(parameters)
+    if problem:
+        raise invalid(problem, field="parameters")
+    enforce = values.get("enforce_parameter_schema", deployment.enforce_parameter_schema)
+    schema = values.get("parameter_openapi_schema") or deployment.parameter_openapi_schema
+    if enforce:
+        if not isinstance(schema, dict):
+            raise conflict("Error updating deployment: the parameter schema is not an object")
+        problem = schema_problem(schema) or validation_problem(parameters, schema, ignore_required=True)
+        if problem:
+            raise conflict(f"Error updating deployment: {problem}")
+    queue_events: list[NewEvent] = []
+    if "work_pool_name" in given and cmd.work_pool_name is None:
+        values.update(work_queue_id=None, work_queue_name=None, work_pool_name=None)
+    elif cmd.work_pool_name is not None or cmd.work_queue_name is not None:
+        queue_events, queue_fields = _placed(cmd, placement, ctx)
+        values.update(queue_fields)
+    if cmd.schedules is not None:
+        values["schedules"] = _updated_schedules(deployment.schedules, cmd.schedules, deployment.id, ctx)
+        _slugs_unique(values["schedules"])
+    after = deployment.model_validate({**deployment.model_dump(), **values, "updated": ctx.now})
+    made = _updated(deployment, after)
+    return Decision(events=queue_events + made.events, result=after, created=False, after=made.after)
+
+
+def decide_delete_deployment(cmd: DeleteDeployment, deployment: Deployment | None, claim: UniqueKeyClaim | None,
+                             ctx: DecisionContext) -> Decision:
+    """DP-8: the (flow, name) key is free again at once; its limit goes with it."""
+    if deployment is None:
+        raise deployment_not_found(cmd.id)
+    releases = ([DEPLOYMENT_NAME.release(deployment.id, str(deployment.flow_id), deployment.name)]
+                if claim is not None and claim.owner_id == deployment.id else [])
+    deleted = DeploymentDeleted(deployment_id=deployment.id, flow_id=deployment.flow_id, name=deployment.name,
+                                deleted=ctx.now)
+    return Decision(events=[*releases, NewEvent(str(deployment.id), deleted)], result=None)
+
+
+def decide_set_paused(deployment_id: uuid.UUID, paused: bool, deployment: Deployment | None,
+                      ctx: DecisionContext) -> Decision:
+    """DP-9 and DP-10: idempotent; the schedules' `active` flags stay as they are."""
+    if deployment is None:
+        raise deployment_not_found(deployment_id)
+    if deployment.paused == paused:
+        return Decision(events=[], result=None)
+    after = deployment.model_copy(update={"paused": paused, "updated": ctx.now})
+    return Decision(events=[NewEvent(str(after.id), DeploymentUpdated(deployment=after, changed=["paused"]))],
+                    result=None, after={str(after.id): after})
+
+
+def decide_create_schedules(cmd: CreateDeploymentSchedules, deployment: Deployment | None,
+                            ctx: DecisionContext) -> Decision:
+    """SC-7: added beside the existing ones (their `max_scheduled_runs` kept)."""
+    if deployment is None:
+        raise deployment_not_found(cmd.deployment_id)
+    made = _new_schedules(cmd.schedules, deployment.id, ctx, keep_max_runs=True)
+    schedules = [*deployment.schedules, *made]
+    if len(schedules) > MAX_SCHEDULES:
+        raise invalid(f"a deployment has at most {MAX_SCHEDULES} schedules", field="schedules")
+    _slugs_unique(schedules)
+    after = deployment.model_copy(update={"schedules": schedules, "updated": ctx.now})
+    return Decision(events=[NewEvent(str(after.id), DeploymentUpdated(deployment=after, changed=["schedules"]))],
+                    result=made, created=True, after={str(after.id): after})
+
+
+def _schedule_at(deployment: Deployment, schedule_id: uuid.UUID) -> int:
+    at = next((i for i, s in enumerate(deployment.schedules) if s.id == schedule_id), None)
+    if at is None:
+        raise not_found("Schedule not found.")
+    return at
+
+
+def decide_update_schedule(cmd: UpdateDeploymentSchedule, deployment: Deployment | None,
+                           ctx: DecisionContext) -> Decision:
+    if deployment is None:
+        raise deployment_not_found(cmd.deployment_id)
+    at = _schedule_at(deployment, cmd.schedule_id)
+    schedules = list(deployment.schedules)
+    schedules[at] = _patched(schedules[at], cmd, ctx.now)
+    _slugs_unique(schedules)
+    after = deployment.model_copy(update={"schedules": schedules, "updated": ctx.now})
+    return _updated(deployment, after)
+
+
+def decide_delete_schedule(cmd: DeleteDeploymentSchedule, deployment: Deployment | None,
+                           ctx: DecisionContext) -> Decision:
+    if deployment is None:
+        raise deployment_not_found(cmd.deployment_id)
+    at = _schedule_at(deployment, cmd.schedule_id)
+    schedules = [s for i, s in enumerate(deployment.schedules) if i != at]
+    after = deployment.model_copy(update={"schedules": schedules, "updated": ctx.now})
+    return Decision(events=[NewEvent(str(after.id), DeploymentUpdated(deployment=after, changed=["schedules"]))],
+                    result=None, after={str(after.id): after})

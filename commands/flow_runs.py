@@ -1,0 +1,356 @@
+"""Flow runs: one execution of a flow, moved through its states by orchestration.
+
+`FlowRun` is the one definition of a run's shape: the aggregate's state, the payload of its
+events, the read model's row and both replies. Its current `state` is part of it; every
+written state is also an event of its own (`FlowRunStateSet`), so a run's history is its log.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from . import work_pools as wp
+from .bounds import INT32_MAX, JsonDocument, StoredText, UtcDatetime
+from .decisions import Decision, NewEvent
+from .deployments import CreatedBy
+from .events import register_event
+from .flows import Tags
+from .messages import Command, DecisionContext, Event, invalid, not_found
+from .names import MAX_NAME_LENGTH
+from .states import State, StateCreate, StateType
+from .unique_keys import UniqueKeyClaim, UniqueKeyScope
+
+FLOW_RUN = "flow_run"
+# A run's idempotency key is unique within its flow (FR-2): key (flow id, idempotency key).
+FLOW_RUN_KEY = UniqueKeyScope("flow_run_key")
+
+
+class FlowRunPolicy(BaseModel):
+    """Prefect's `empirical_policy`: retries, and what pauses and retries have left behind."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_retries: int = 0  # deprecated in Prefect; kept for its clients
+    retry_delay_seconds: float = 0  # deprecated in Prefect; kept for its clients
+    retries: int | None = None
+    retry_delay: int | None = None
+    pause_keys: list[str] = []
+    resuming: bool = False
+    retry_type: Literal["in_process", "reschedule"] | None = None
+
+
+class FlowRun(BaseModel):
+    """A flow run, as stored, projected and answered (Prefect's field names; durations in
+    seconds, as Prefect writes them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_timedelta="float")
+
+    id: uuid.UUID
+    created: UtcDatetime
+    updated: UtcDatetime
+    name: str
+    flow_id: uuid.UUID
+    state_id: uuid.UUID | None = None
+    deployment_id: uuid.UUID | None = None
+    deployment_version: str | None = None
+    work_queue_name: str | None = None
+    work_queue_id: uuid.UUID | None = None
+    flow_version: str | None = None
+    parameters: dict[str, Any] = {}
+    idempotency_key: str | None = None
+    context: dict[str, Any] = {}
+    empirical_policy: FlowRunPolicy = FlowRunPolicy()
+    tags: list[str] = []
+    labels: dict[str, Any] = {}
+    parent_task_run_id: uuid.UUID | None = None
+    state_type: StateType | None = None
+    state_name: str | None = None
+    run_count: int = 0
+    expected_start_time: UtcDatetime | None = None
+    next_scheduled_start_time: UtcDatetime | None = None
+    start_time: UtcDatetime | None = None
+    end_time: UtcDatetime | None = None
+    total_run_time: timedelta = Field(default=timedelta(0))
+    auto_scheduled: bool = False
+    infrastructure_document_id: uuid.UUID | None = None
+    infrastructure_pid: str | None = None
+    created_by: CreatedBy | None = None
+    job_variables: dict[str, Any] = {}
+    state: State | None = None
+    # Beyond Prefect: a run's priority within its queue (lower first, like queue priorities),
+    # changeable while it waits; and why it waits, when something holds it back.
+    priority: int = 0
+    waiting_reason: str | None = None
+
+
+# The rules read `FlowRun` and this module's deciders call the rules: imported once the
+# shapes above exist, and used through the module, so either module may be imported first.
+from . import orchestration_rules  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# Events
+
+
+class _FlowRunEvent(Event):
+    aggregate_type: ClassVar[str] = FLOW_RUN
+
+
+@register_event
+class FlowRunCreated(_FlowRunEvent):
+    """A new run, with its first state (`run.state`)."""
+
+    event_type: ClassVar[str] = "FlowRunCreated"
+    run: FlowRun
+
+
+@register_event
+class FlowRunStateSet(_FlowRunEvent):
+    """A state was written (`run.state`, with the bookkeeping it caused)."""
+
+    event_type: ClassVar[str] = "FlowRunStateSet"
+    run: FlowRun
+
+
+@register_event
+class FlowRunUpdated(_FlowRunEvent):
+    event_type: ClassVar[str] = "FlowRunUpdated"
+    run: FlowRun
+    changed: list[str]
+
+
+@register_event
+class FlowRunDeleted(_FlowRunEvent):
+    event_type: ClassVar[str] = "FlowRunDeleted"
+    flow_run_id: uuid.UUID
+    flow_id: uuid.UUID
+    deleted: datetime
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+RunName = Annotated[StoredText, StringConstraints(max_length=MAX_NAME_LENGTH)]
+ShortText = Annotated[StoredText, StringConstraints(max_length=10_000)]
+RunPriority = Annotated[int, Field(ge=-INT32_MAX, le=INT32_MAX)]
+
+
+class FlowRunPolicyInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_retries: Annotated[int, Field(ge=0, le=INT32_MAX)] = 0
+    retry_delay_seconds: Annotated[float, Field(ge=0, le=INT32_MAX, allow_inf_nan=False)] = 0
+    retries: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
+    retry_delay: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
+    pause_keys: Annotated[list[ShortText], Field(max_length=1_000)] = []
+    resuming: bool = False
+    retry_type: Literal["in_process", "reschedule"] | None = None
+
+    def policy(self) -> FlowRunPolicy:
+        return FlowRunPolicy.model_validate(self.model_dump())
+
+
+class CreateFlowRun(Command):
+    """FR-2. `idempotency_key` is Prefect's: the existing run of this flow with this key comes
+    back unchanged (`created: false`). The bus's own key is `request_idempotency_key` here."""
+
+    BUS_KEY_FIELD: ClassVar[str] = "request_idempotency_key"
+    request_idempotency_key: StoredText | None = None
+
+    flow_id: uuid.UUID
+    name: RunName | None = None
+    state: StateCreate | None = None
+    deployment_id: uuid.UUID | None = None
+    deployment_version: ShortText | None = None
+    flow_version: ShortText | None = None
+    parameters: JsonDocument = {}
+    context: JsonDocument = {}
+    empirical_policy: FlowRunPolicyInput = FlowRunPolicyInput()
+    tags: Tags = []
+    labels: JsonDocument = {}
+    parent_task_run_id: uuid.UUID | None = None
+    work_pool_name: wp.PoolName | None = None
+    work_queue_name: wp.QueueName | None = None
+    infrastructure_document_id: uuid.UUID | None = None
+    job_variables: JsonDocument = {}
+    priority: RunPriority = 0
+
+
+class SetFlowRunState(Command):
+    """FR-3: propose a state; the orchestration rules decide what is written."""
+
+    id: uuid.UUID
+    state: StateCreate
+    force: bool = False
+
+
+class UpdateFlowRun(Command):
+    """FR-8: only the fields named change. `priority` (beyond Prefect) only while the run
+    waits (SCHEDULED)."""
+
+    id: uuid.UUID
+    name: RunName | None = None
+    flow_version: ShortText | None = None
+    parameters: JsonDocument | None = None
+    empirical_policy: FlowRunPolicyInput | None = None
+    tags: Tags | None = None
+    infrastructure_pid: ShortText | None = None
+    job_variables: JsonDocument | None = None
+    priority: RunPriority | None = None
+
+
+class DeleteFlowRun(Command):
+    id: uuid.UUID
+
+
+# ---------------------------------------------------------------------------------------------
+# Evolve and decide
+
+
+def evolve(run: FlowRun | None, event: Event) -> FlowRun | None:
+    match event:
+        case FlowRunCreated(run=r) | FlowRunStateSet(run=r) | FlowRunUpdated(run=r):
+            return r
+        case FlowRunDeleted():
+            return None
+    return run
+
+
+def flow_run_not_found(flow_run_id: uuid.UUID | None = None) -> Exception:
+    return not_found("Flow run not found")
+
+
+def key_of(flow_id: uuid.UUID, idempotency_key: str) -> str:
+    """The aggregate id of a run's (flow, idempotency key) claim."""
+    return FLOW_RUN_KEY.aggregate_id(str(flow_id), idempotency_key)
+
+
+_ADJECTIVES = ("amber", "bold", "brisk", "calm", "clever", "crimson", "daring", "eager", "fancy", "gentle",
+               "golden", "hasty", "icy", "jolly", "keen", "lively", "lucky", "mellow", "nimble", "olive",
+               "proud", "quick", "quiet", "rapid", "royal", "rustic", "silver", "smart", "snappy", "steady",
+               "sturdy", "swift", "tidy", "tough", "urban", "vivid", "wise", "witty", "zesty", "zippy")
+_ANIMALS = ("badger", "beaver", "bison", "bobcat", "camel", "cheetah", "coyote", "crane", "dingo", "dolphin",
+            "eagle", "falcon", "ferret", "gazelle", "gecko", "heron", "ibis", "jackal", "jaguar", "koala",
+            "lemur", "lynx", "marmot", "mink", "moose", "newt", "ocelot", "otter", "panda", "puffin",
+            "quail", "raven", "seal", "sloth", "tapir", "toucan", "vulture", "walrus", "yak", "zebra")
+
+
+def run_name(run_id: uuid.UUID) -> str:
+    """A two-word name, as Prefect gives a run without one; derived from the id, so a decision
+    replays to the same name."""
+    n = run_id.int
+    return f"{_ADJECTIVES[n % len(_ADJECTIVES)]}-{_ANIMALS[(n // len(_ADJECTIVES)) % len(_ANIMALS)]}"
+
+
+def _queue_fields(cmd: CreateFlowRun, pool: wp.WorkPool | None) -> dict[str, Any]:
+    """FR-2: a pool means its default queue, or the named queue of it, which must exist."""
+    if cmd.work_pool_name is None:
+        return {"work_queue_name": cmd.work_queue_name, "work_queue_id": None}
+    if pool is None:
+        raise not_found(f'Work pool "{cmd.work_pool_name}" not found.')
+    if cmd.work_queue_name is None:
+        queue = pool.queues[pool.default_queue_id]
+    else:
+        found = pool.queue_named(cmd.work_queue_name)
+        if found is None:
+            raise not_found(f'Work queue "{cmd.work_queue_name}" not found in work pool "{cmd.work_pool_name}".')
+        queue = found
+    return {"work_queue_name": queue.name, "work_queue_id": queue.id}
+
+
+def new_flow_run(cmd: CreateFlowRun, pool: wp.WorkPool | None, ctx: DecisionContext,
+                 *, run_id: uuid.UUID | None = None, extra: dict[str, Any] | None = None) -> FlowRun:
+    """The run a create makes, before its first state (the caller orchestrates that)."""
+    run_id = run_id or ctx.new_id()
+    return FlowRun.model_validate({
+        "id": run_id, "created": ctx.now, "updated": ctx.now, "name": cmd.name or run_name(run_id),
+        "flow_id": cmd.flow_id, "deployment_id": cmd.deployment_id, "deployment_version": cmd.deployment_version,
+        "flow_version": cmd.flow_version, "parameters": cmd.parameters, "idempotency_key": cmd.idempotency_key,
+        "context": cmd.context, "empirical_policy": cmd.empirical_policy.policy(),
+        "tags": list(dict.fromkeys(cmd.tags)), "labels": cmd.labels, "parent_task_run_id": cmd.parent_task_run_id,
+        "infrastructure_document_id": cmd.infrastructure_document_id, "job_variables": cmd.job_variables,
+        "priority": cmd.priority, **_queue_fields(cmd, pool), **(extra or {}),
+    })
+
+
+def decide_create_flow_run(cmd: CreateFlowRun, claim: UniqueKeyClaim | None, existing: FlowRun | None,
+                           flow_exists: bool, pool: wp.WorkPool | None, ctx: DecisionContext) -> Decision:
+    """FR-2: an existing run of this flow with this key comes back unchanged, its state not
+    applied; otherwise a new run, its first state applied with `force` semantics."""
+    if not flow_exists:
+        raise not_found(f"Flow {cmd.flow_id} not found.")
+    if claim is not None and claim.owner_id is not None:
+        if existing is None:  # the claim and its owner are written together; never apart
+            raise RuntimeError(f"flow run key is claimed by {claim.owner_id}, which does not exist")
+        return Decision(events=[], result=existing, created=False)
+    run = new_flow_run(cmd, pool, ctx)
+    transition = orchestration_rules.initial_flow_run_state(run, cmd.state, ctx)
+    run = transition.run
+    claims = ([FLOW_RUN_KEY.claim(run.id, str(cmd.flow_id), cmd.idempotency_key)]
+              if cmd.idempotency_key is not None else [])
+    return Decision(events=[*claims, NewEvent(str(run.id), FlowRunCreated(run=run))], result=run, created=True,
+                    after={str(run.id): run})
+
+
+def decide_set_state(cmd: SetFlowRunState, run: FlowRun | None, ctx: DecisionContext) -> Decision:
+    """FR-3: the result is the state written, or the current one when nothing is written."""
+    if run is None:
+        raise flow_run_not_found(cmd.id)
+    transition = orchestration_rules.set_flow_run_state(run, cmd.state, force=cmd.force, ctx=ctx)
+    if transition.state is None:
+        return Decision(events=[], result=run.state, orchestration=transition.orchestration)
+    after = transition.run
+    return Decision(events=[NewEvent(str(run.id), FlowRunStateSet(run=after))], result=after.state,
+                    created=True, after={str(run.id): after}, orchestration=transition.orchestration)
+
+
+def decide_update_flow_run(cmd: UpdateFlowRun, run: FlowRun | None, ctx: DecisionContext) -> Decision:
+    """FR-8. Job variables change only while the run is SCHEDULED and has a deployment; a
+    run's priority only while it waits (SCHEDULED)."""
+    if run is None:
+        raise flow_run_not_found(cmd.id)
+    given = cmd.explicitly_set() - {"id"}
+    values: dict[str, Any] = {f: getattr(cmd, f) for f in given}
+    if "job_variables" in values:
+        if run.state_type is None:
+            raise invalid("Flow run state is required to update job variables but none exists", field="job_variables")
+        if run.state_type is not StateType.SCHEDULED:
+            raise invalid(f"Job variables for a flow run in state {run.state_type.value} cannot be updated",
+                          field="job_variables")
+        if run.deployment_id is None:
+            raise invalid("A deployment for the flow run could not be found", field="job_variables")
+    if "priority" in values and run.state_type is not StateType.SCHEDULED:
+        raise invalid("A flow run's priority can change only while it is scheduled", field="priority")
+    for nullable in ("parameters", "job_variables", "tags"):
+        if nullable in values and values[nullable] is None:
+            values[nullable] = [] if nullable == "tags" else {}
+    if "tags" in values:
+        values["tags"] = list(dict.fromkeys(values["tags"]))
+    if values.get("empirical_policy") is not None:
+        values["empirical_policy"] = values["empirical_policy"].policy()
+    elif "empirical_policy" in values:
+        values["empirical_policy"] = FlowRunPolicy()
+    for required in ("name", "priority"):
+        if required in values and values[required] is None:
+            raise invalid(f"{required} cannot be null", field=required)
+    after = run.model_copy(update=values)
+    changed = sorted(f for f in values if getattr(run, f) != getattr(after, f))
+    if not changed:
+        return Decision(events=[], result=None)
+    after = after.model_copy(update={"updated": ctx.now})
+    return Decision(events=[NewEvent(str(run.id), FlowRunUpdated(run=after, changed=changed))], result=None,
+                    after={str(run.id): after})
+
+
+def decide_delete_flow_run(cmd: DeleteFlowRun, run: FlowRun | None, claim: UniqueKeyClaim | None,
+                           ctx: DecisionContext) -> Decision:
+    """The run's idempotency key is free again at once."""
+    if run is None:
+        raise flow_run_not_found(cmd.id)
+    releases = ([FLOW_RUN_KEY.release(run.id, str(run.flow_id), run.idempotency_key)]
+                if run.idempotency_key is not None and claim is not None and claim.owner_id == run.id else [])
+    deleted = FlowRunDeleted(flow_run_id=run.id, flow_id=run.flow_id, deleted=ctx.now)
+    return Decision(events=[*releases, NewEvent(str(run.id), deleted)], result=None)

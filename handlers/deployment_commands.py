@@ -1,0 +1,207 @@
+"""The deployment command table: what each command loads before its pure decider runs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+from runledger.commands import deployment_runs as sc
+from runledger.commands import deployments as dp
+from runledger.commands import flow_runs as fr
+from runledger.commands import flows as fl
+from runledger.commands import hydration
+from runledger.commands import unique_keys as uk
+from runledger.commands import variables as va
+from runledger.commands import work_pools as wp
+from runledger.commands.decisions import Decision
+from runledger.commands.messages import DecisionContext
+from runledger.infra.aggregates import AggregateKind
+
+from .command_bus import AggregateKey, CommandSpec, Unit
+
+# Every event of a deployment carries the whole deployment: its last event is its state.
+AGGREGATE_KINDS = [AggregateKind(dp.DEPLOYMENT, lambda: None, dp.evolve, last_event_only=True)]
+
+
+async def _placement(unit: Unit, pool_name: str | None, queue_name: str | None) -> dp.Placement:
+    """The pools DP-3 may read: the named pool, or the legacy pool for a bare queue name."""
+    if pool_name is not None:
+        claim = await unit.load(wp.WORK_POOL_NAME, wp.name_aggregate_id(pool_name))
+        pool = await unit.load(wp.WORK_POOL, str(claim.work_pool_id)) if claim.work_pool_id else None
+        return dp.Placement(pool=pool)
+    if queue_name is not None:
+        claim = await unit.load(wp.WORK_POOL_NAME, wp.name_aggregate_id(wp.LEGACY_POOL_NAME))
+        pool = await unit.load(wp.WORK_POOL, str(claim.work_pool_id)) if claim.work_pool_id else None
+        return dp.Placement(legacy_claim=claim, legacy_pool=pool)
+    return dp.Placement()
+
+
+async def create_deployment(unit: Unit, cmd: dp.CreateDeployment, ctx: DecisionContext) -> Decision:
+    claim = await unit.load(uk.UNIQUE_KEY, dp.name_key(cmd.flow_id, cmd.name))
+    existing = await unit.load(dp.DEPLOYMENT, str(claim.owner_id)) if claim.owner_id is not None else None
+    flow = await unit.load(fl.FLOW, str(cmd.flow_id))
+    placement = await _placement(unit, cmd.work_pool_name, cmd.work_queue_name)
+    return dp.decide_create_deployment(cmd, claim, existing, flow is not None, placement, ctx)
+
+
+async def update_deployment(unit: Unit, cmd: dp.UpdateDeployment, ctx: DecisionContext) -> Decision:
+    deployment = await unit.load(dp.DEPLOYMENT, str(cmd.id))
+    placement = await _placement(unit, cmd.work_pool_name, cmd.work_queue_name) if deployment else dp.Placement()
+    return dp.decide_update_deployment(cmd, deployment, placement, ctx)
+
+
+async def delete_deployment(unit: Unit, cmd: dp.DeleteDeployment, ctx: DecisionContext) -> Decision:
+    deployment = await unit.load(dp.DEPLOYMENT, str(cmd.id))
+    # The claim is released in the same batch: it must be loaded, for its expected sequence.
+    claim = (await unit.load(uk.UNIQUE_KEY, dp.name_key(deployment.flow_id, deployment.name))
+             if deployment is not None else None)
+    return dp.decide_delete_deployment(cmd, deployment, claim, ctx)
+
+
+async def pause_deployment(unit: Unit, cmd: dp.PauseDeployment, ctx: DecisionContext) -> Decision:
+    return dp.decide_set_paused(cmd.id, True, await unit.load(dp.DEPLOYMENT, str(cmd.id)), ctx)
+
+
+async def resume_deployment(unit: Unit, cmd: dp.ResumeDeployment, ctx: DecisionContext) -> Decision:
+    return dp.decide_set_paused(cmd.id, False, await unit.load(dp.DEPLOYMENT, str(cmd.id)), ctx)
+
+
+async def create_schedules(unit: Unit, cmd: dp.CreateDeploymentSchedules, ctx: DecisionContext) -> Decision:
+    return dp.decide_create_schedules(cmd, await unit.load(dp.DEPLOYMENT, str(cmd.deployment_id)), ctx)
+
+
+async def update_schedule(unit: Unit, cmd: dp.UpdateDeploymentSchedule, ctx: DecisionContext) -> Decision:
+    return dp.decide_update_schedule(cmd, await unit.load(dp.DEPLOYMENT, str(cmd.deployment_id)), ctx)
+
+
+async def delete_schedule(unit: Unit, cmd: dp.DeleteDeploymentSchedule, ctx: DecisionContext) -> Decision:
+    return dp.decide_delete_schedule(cmd, await unit.load(dp.DEPLOYMENT, str(cmd.deployment_id)), ctx)
+
+
+async def schedule_runs(unit: Unit, cmd: sc.ScheduleDeploymentRuns, ctx: DecisionContext) -> Decision:
+    """The runs of the planned dates are read at once (one direct get each, side by side): a
+    date whose run exists is skipped."""
+    deployment = await unit.load(dp.DEPLOYMENT, str(cmd.deployment_id))
+    planned = sc.planned_runs(deployment, cmd, ctx.now) if deployment is not None else []
+    runs = await asyncio.gather(*(unit.load(fr.FLOW_RUN, str(p.run_id)) for p in planned))
+    existing = {p.run_id: run for p, run in zip(planned, runs, strict=True)}
+    return sc.decide_schedule_runs(deployment, planned, existing, ctx)
+
+
+async def _run_inputs(unit: Unit, deployment: dp.Deployment,
+                      items: list[sc.FlowRunFromDeployment]) -> sc.RunInputs:
+    """The deployment's pool, the variables the parameters name, and the claims of the
+    idempotency keys given, read side by side."""
+    pool = None
+    if deployment.work_pool_name is not None:
+        pool_claim = await unit.load(wp.WORK_POOL_NAME, wp.name_aggregate_id(deployment.work_pool_name))
+        pool = await unit.load(wp.WORK_POOL, str(pool_claim.work_pool_id)) if pool_claim.work_pool_id else None
+    names = sorted({n for item in items for n in hydration.variable_names({**deployment.parameters, **item.parameters})})
+    variables: dict[str, Any] = {}
+    for name, claim in zip(names, await asyncio.gather(
+            *(unit.load(uk.UNIQUE_KEY, va.VARIABLE_NAME.aggregate_id(n)) for n in names)), strict=True):
+        variable = await unit.load(va.VARIABLE, str(claim.owner_id)) if claim.owner_id is not None else None
+        if variable is not None:
+            variables[name] = variable.value
+    keys = sorted({item.idempotency_key for item in items if item.idempotency_key is not None})
+    claims = {}
+    for key in keys:
+        claim = await unit.load(uk.UNIQUE_KEY, fr.key_of(deployment.flow_id, key))
+        holder = await unit.load(fr.FLOW_RUN, str(claim.owner_id)) if claim.owner_id is not None else None
+        claims[key] = (claim, holder)
+    return sc.RunInputs(pool=pool, variables=variables, claims=claims)
+
+
+async def create_run(unit: Unit, cmd: sc.CreateFlowRunFromDeployment, ctx: DecisionContext) -> Decision:
+    deployment = await unit.load(dp.DEPLOYMENT, str(cmd.deployment_id))
+    inputs = await _run_inputs(unit, deployment, [cmd]) if deployment is not None else sc.RunInputs()
+    return sc.decide_run_from_deployment(cmd, deployment, inputs, ctx)
+
+
+async def create_runs(unit: Unit, cmd: sc.CreateFlowRunsFromDeployment, ctx: DecisionContext) -> Decision:
+    deployment = await unit.load(dp.DEPLOYMENT, str(cmd.deployment_id))
+    inputs = await _run_inputs(unit, deployment, cmd.runs) if deployment is not None else sc.RunInputs()
+    return sc.decide_runs_from_deployment(cmd, deployment, inputs, ctx)
+
+
+def _deployment_reply(deployment: dp.Deployment) -> dict[str, Any]:
+    return deployment.reply()
+
+
+def _schedules_reply(schedules: list[dp.DeploymentSchedule]) -> list[dict[str, Any]]:
+    return [s.model_dump(mode="json") for s in schedules]
+
+
+def _run_ids_reply(run_ids: list[Any]) -> dict[str, Any]:
+    return {"flow_run_ids": [str(i) for i in run_ids]}
+
+
+def _run_reply(run: fr.FlowRun) -> dict[str, Any]:
+    return run.model_dump(mode="json")
+
+
+def _as_is(result: Any) -> Any:
+    return result
+
+
+def _nothing(_: Any) -> None:
+    return None
+
+
+def _pool_locks(cmd: dp.CreateDeployment | dp.UpdateDeployment) -> list[AggregateKey]:
+    """A deployment may create a queue in the pool it names (DP-3): it locks that pool's name,
+    as the pool's own commands do."""
+    if cmd.work_pool_name is not None:
+        return [(wp.WORK_POOL_NAME, cmd.work_pool_name)]
+    if cmd.work_queue_name is not None:
+        return [(wp.WORK_POOL_NAME, wp.LEGACY_POOL_NAME)]
+    return []
+
+
+def _create_locks(cmd: dp.CreateDeployment) -> Iterable[AggregateKey]:
+    return [(uk.UNIQUE_KEY, dp.name_key(cmd.flow_id, cmd.name)), *_pool_locks(cmd)]
+
+
+def _update_locks(cmd: dp.UpdateDeployment) -> Iterable[AggregateKey]:
+    return [(dp.DEPLOYMENT, str(cmd.id)), *_pool_locks(cmd)]
+
+
+def _run_locks(cmd: sc.CreateFlowRunFromDeployment | sc.CreateFlowRunsFromDeployment) -> Iterable[AggregateKey]:
+    """Runs with one idempotency key take turns (the key's claim is an aggregate of the run's
+    flow, which is known only once the deployment is read: the lock is named by deployment and
+    key, which determine it); so do runs that may create a queue in the deployment's pool. Runs
+    without either lock nothing: each is a new aggregate."""
+    items = cmd.runs if isinstance(cmd, sc.CreateFlowRunsFromDeployment) else [cmd]
+    keys: list[AggregateKey] = [("deployment_run_key", f"{cmd.deployment_id}/{item.idempotency_key}")
+                                for item in items if item.idempotency_key is not None]
+    if any(item.work_queue_name is not None for item in items):
+        keys.append((dp.DEPLOYMENT, str(cmd.deployment_id)))
+    return keys
+
+
+def _by_id(cmd: Any) -> Iterable[AggregateKey]:
+    return [(dp.DEPLOYMENT, str(cmd.id))]
+
+
+def _by_deployment_id(cmd: Any) -> Iterable[AggregateKey]:
+    return [(dp.DEPLOYMENT, str(cmd.deployment_id))]
+
+
+COMMANDS = {
+    "CreateDeployment": CommandSpec(dp.CreateDeployment, create_deployment, _deployment_reply, _create_locks),
+    "UpdateDeployment": CommandSpec(dp.UpdateDeployment, update_deployment, _deployment_reply, _update_locks),
+    "DeleteDeployment": CommandSpec(dp.DeleteDeployment, delete_deployment, _nothing, _by_id),
+    "PauseDeployment": CommandSpec(dp.PauseDeployment, pause_deployment, _nothing, _by_id),
+    "ResumeDeployment": CommandSpec(dp.ResumeDeployment, resume_deployment, _nothing, _by_id),
+    "CreateDeploymentSchedules": CommandSpec(dp.CreateDeploymentSchedules, create_schedules, _schedules_reply,
+                                             _by_deployment_id),
+    "UpdateDeploymentSchedule": CommandSpec(dp.UpdateDeploymentSchedule, update_schedule, _nothing,
+                                            _by_deployment_id),
+    "CreateFlowRunFromDeployment": CommandSpec(sc.CreateFlowRunFromDeployment, create_run, _run_reply, _run_locks),
+    "CreateFlowRunsFromDeployment": CommandSpec(sc.CreateFlowRunsFromDeployment, create_runs, _as_is, _run_locks),
+    "ScheduleDeploymentRuns": CommandSpec(sc.ScheduleDeploymentRuns, schedule_runs, _run_ids_reply,
+                                          _by_deployment_id),
+    "DeleteDeploymentSchedule": CommandSpec(dp.DeleteDeploymentSchedule, delete_schedule, _nothing,
+                                            _by_deployment_id),
+}

@@ -1,0 +1,71 @@
+"""The global concurrency limits read model: its projector and the queries over it. Rows are
+`ConcurrencyLimit` as stored in its events, and answers are `ConcurrencyLimit.reply()` of a
+row: the same shape both ways."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from runledger.commands import concurrency_limits as cl
+from runledger.commands import queries as q
+from runledger.commands.messages import Event
+
+from .tables import concurrency_limits
+
+
+class ConcurrencyLimitsProjector:
+    name = "concurrency_limits"
+    tables = (concurrency_limits,)
+    raw_payloads = False
+    handles = frozenset({cl.ConcurrencyLimitCreated.event_type, cl.ConcurrencyLimitUpdated.event_type,
+                         cl.ConcurrencyLimitDeleted.event_type})
+
+    async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, str, Event | dict]]) -> None:
+        for _, _, event in events:
+            if isinstance(event, cl.ConcurrencyLimitCreated | cl.ConcurrencyLimitUpdated):
+                row = event.limit.model_dump()
+                stmt = insert(concurrency_limits).values(**row)
+                await conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=row))
+            elif isinstance(event, cl.ConcurrencyLimitDeleted):
+                await conn.execute(delete(concurrency_limits).where(concurrency_limits.c.id == event.limit.id))
+
+
+def limit_reply(row: Any) -> dict[str, Any]:
+    return cl.ConcurrencyLimit.model_validate(dict(row._mapping)).reply()
+
+
+async def get_concurrency_limit(conn: AsyncConnection, query: q.GetConcurrencyLimit) -> dict[str, Any]:
+    row = (await conn.execute(select(concurrency_limits).where(concurrency_limits.c.id == query.id))).first()
+    if row is None:
+        raise cl.limit_not_found(query.id)
+    return limit_reply(row)
+
+
+async def get_concurrency_limit_by_name(conn: AsyncConnection, query: q.GetConcurrencyLimitByName) -> dict[str, Any]:
+    row = (await conn.execute(select(concurrency_limits).where(concurrency_limits.c.name == query.name))).first()
+    if row is None:
+        raise cl.limit_not_found(query.name)
+    return limit_reply(row)
+
+
+async def list_concurrency_limits(conn: AsyncConnection, query: q.ListConcurrencyLimits) -> list[dict[str, Any]]:
+    stmt = select(concurrency_limits).order_by(concurrency_limits.c.name, concurrency_limits.c.id)
+    rows = await conn.execute(stmt.limit(query.limit).offset(query.offset))
+    return [limit_reply(r) for r in rows]
+
+
+async def count_concurrency_limits(conn: AsyncConnection, query: q.CountConcurrencyLimits) -> int:
+    return (await conn.execute(select(func.count()).select_from(concurrency_limits))).scalar_one()
+
+
+QUERIES = {
+    "GetConcurrencyLimit": (q.GetConcurrencyLimit, get_concurrency_limit),
+    "GetConcurrencyLimitByName": (q.GetConcurrencyLimitByName, get_concurrency_limit_by_name),
+    "ListConcurrencyLimits": (q.ListConcurrencyLimits, list_concurrency_limits),
+    "CountConcurrencyLimits": (q.CountConcurrencyLimits, count_concurrency_limits),
+}

@@ -1,0 +1,146 @@
+"""The deployments read model: its projector and the queries over it. A row is `Deployment`
+as its latest event carries it, and an answer is `Deployment.reply()` of a row, with the
+queue's and pool's names as they are now (DP-3: a queue may have been renamed since)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from runledger.commands import deployments as dp
+from runledger.commands import queries as q
+from runledger.commands.messages import Event
+
+from .filters import where_filter
+from .tables import deployments, flows, work_pools, work_queues
+
+_JSON_COLUMNS = frozenset(c.name for c in deployments.columns if isinstance(c.type, JSONB))
+
+
+def deployment_row(deployment: dp.Deployment) -> dict[str, Any]:
+    """The row of a deployment: JSON columns as JSON, the rest as Python values."""
+    as_json = deployment.model_dump(mode="json", include=set(_JSON_COLUMNS))
+    return {**deployment.model_dump(exclude=set(_JSON_COLUMNS)), **as_json}
+
+
+class DeploymentsProjector:
+    name = "deployments"
+    tables = (deployments,)
+    raw_payloads = False
+    handles = frozenset({dp.DeploymentCreated.event_type, dp.DeploymentUpdated.event_type,
+                         dp.DeploymentDeleted.event_type})
+
+    async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, str, Event | dict]]) -> None:
+        # The last event of each deployment in the batch decides its row: one write each.
+        last: dict[Any, dp.Deployment | None] = {}
+        for _, _, event in events:
+            if isinstance(event, dp.DeploymentCreated | dp.DeploymentUpdated):
+                last[event.deployment.id] = event.deployment
+            elif isinstance(event, dp.DeploymentDeleted):
+                last[event.deployment_id] = None
+        gone = [i for i, d in last.items() if d is None]
+        if gone:
+            await conn.execute(delete(deployments).where(deployments.c.id.in_(gone)))
+        rows = [deployment_row(d) for d in last.values() if d is not None]
+        if rows:
+            stmt = insert(deployments)
+            await conn.execute(stmt.on_conflict_do_update(
+                index_elements=["id"], set_={c.name: stmt.excluded[c.name] for c in deployments.columns if c.name != "id"}),
+                rows)
+
+
+# Reads: the deployment row with its queue's and pool's current names.
+_queue = work_queues.alias("q")
+_pool = work_pools.alias("p")
+_READ = (
+    select(deployments, _queue.c.name.label("current_queue_name"), _pool.c.name.label("current_pool_name"))
+    .select_from(deployments.outerjoin(_queue, _queue.c.id == deployments.c.work_queue_id)
+                 .outerjoin(_pool, _pool.c.id == _queue.c.work_pool_id))
+)
+
+
+def deployment_reply(row: Any) -> dict[str, Any]:
+    values = dict(row._mapping)
+    queue_name, pool_name = values.pop("current_queue_name"), values.pop("current_pool_name")
+    if values["work_queue_id"] is not None and queue_name is not None:
+        values["work_queue_name"], values["work_pool_name"] = queue_name, pool_name
+    return dp.Deployment.model_validate(values).reply()
+
+
+def _filtered(stmt: Any, query: q.CountDeployments | q.ListDeployments) -> Any:
+    f = query.deployments
+    stmt = where_filter(stmt, deployments, f)
+    if f is not None and f.paused is not None:
+        stmt = stmt.where(deployments.c.paused == f.paused)
+    if query.flow_name is not None and query.flow_name.any_ is not None:
+        stmt = stmt.where(deployments.c.flow_id.in_(select(flows.c.id).where(flows.c.name.in_(query.flow_name.any_))))
+    if query.work_queue_name is not None and query.work_queue_name.any_ is not None:
+        stmt = stmt.where(_queue.c.name.in_(query.work_queue_name.any_))
+    if query.work_pool_name is not None and query.work_pool_name.any_ is not None:
+        stmt = stmt.where(_pool.c.name.in_(query.work_pool_name.any_))
+    return stmt
+
+
+async def get_deployment(conn: AsyncConnection, query: q.GetDeployment) -> dict[str, Any]:
+    row = (await conn.execute(_READ.where(deployments.c.id == query.id))).first()
+    if row is None:
+        raise dp.deployment_not_found(query.id)
+    return deployment_reply(row)
+
+
+async def get_deployment_by_name(conn: AsyncConnection, query: q.GetDeploymentByName) -> dict[str, Any]:
+    flow_ids = select(flows.c.id).where(flows.c.name == query.flow_name)
+    stmt = _READ.where(deployments.c.flow_id.in_(flow_ids), deployments.c.name == query.deployment_name)
+    row = (await conn.execute(stmt)).first()
+    if row is None:
+        raise dp.deployment_not_found()
+    return deployment_reply(row)
+
+
+async def list_deployments(conn: AsyncConnection, query: q.ListDeployments) -> list[dict[str, Any]]:
+    stmt = _filtered(_READ, query).order_by(deployments.c.name, deployments.c.id)
+    rows = await conn.execute(stmt.limit(query.limit).offset(query.offset))
+    return [deployment_reply(r) for r in rows]
+
+
+async def _count(conn: AsyncConnection, query: q.CountDeployments) -> int:
+    base = (select(func.count()).select_from(
+        deployments.outerjoin(_queue, _queue.c.id == deployments.c.work_queue_id)
+        .outerjoin(_pool, _pool.c.id == _queue.c.work_pool_id)))
+    return (await conn.execute(_filtered(base, query))).scalar_one()
+
+
+async def count_deployments(conn: AsyncConnection, query: q.CountDeployments) -> int:
+    return await _count(conn, query)
+
+
+async def paginate_deployments(conn: AsyncConnection, query: q.PaginateDeployments) -> dict[str, Any]:
+    """C-6: `pages = ceil(count / limit)`, 0 when `limit` is 0; a page past the end is empty."""
+    count = await _count(conn, query)
+    offset = (query.page - 1) * query.limit
+    stmt = _filtered(_READ, query).order_by(deployments.c.name, deployments.c.id)
+    rows: Any = await conn.execute(stmt.limit(query.limit).offset(offset)) if query.limit and offset < count else []
+    return {"results": [deployment_reply(r) for r in rows], "count": count, "limit": query.limit,
+            "page": query.page, "pages": math.ceil(count / query.limit) if query.limit else 0}
+
+
+async def list_deployment_schedules(conn: AsyncConnection, query: q.ListDeploymentSchedules) -> list[dict[str, Any]]:
+    row = (await conn.execute(select(deployments.c.schedules).where(deployments.c.id == query.deployment_id))).first()
+    if row is None:
+        raise dp.deployment_not_found(query.deployment_id)
+    return list(row.schedules)
+
+
+QUERIES = {
+    "GetDeployment": (q.GetDeployment, get_deployment),
+    "GetDeploymentByName": (q.GetDeploymentByName, get_deployment_by_name),
+    "ListDeployments": (q.ListDeployments, list_deployments),
+    "CountDeployments": (q.CountDeployments, count_deployments),
+    "PaginateDeployments": (q.PaginateDeployments, paginate_deployments),
+    "ListDeploymentSchedules": (q.ListDeploymentSchedules, list_deployment_schedules),
+}

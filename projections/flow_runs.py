@@ -1,0 +1,157 @@
+"""The flow-runs read model: one row per run (its current state included) and one per written
+state (its history); the queries over them. A row is `FlowRun` as its latest event carries
+it; an answer is that row with its queue's current name and pool (FR-9)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from runledger.commands import flow_runs as fr
+from runledger.commands import queries as q
+from runledger.commands.messages import Event
+from runledger.commands.states import State
+
+from .filters import where_filter
+from .tables import flow_run_states, flow_runs, work_pools, work_queues
+
+_JSON_COLUMNS = frozenset(c.name for c in flow_runs.columns if isinstance(c.type, JSONB))
+
+
+def flow_run_row(run: fr.FlowRun) -> dict[str, Any]:
+    """The row of a run: JSON columns as JSON, the rest as Python values."""
+    return {**run.model_dump(exclude=set(_JSON_COLUMNS)), **run.model_dump(mode="json", include=set(_JSON_COLUMNS))}
+
+
+def state_row(run_id: Any, state: State) -> dict[str, Any]:
+    as_json = state.model_dump(mode="json", include={"data", "state_details"})
+    return {**state.model_dump(exclude={"data", "state_details"}), **as_json, "flow_run_id": run_id}
+
+
+class FlowRunsProjector:
+    name = "flow_runs"
+    tables = (flow_runs, flow_run_states)
+    raw_payloads = False
+    handles = frozenset({fr.FlowRunCreated.event_type, fr.FlowRunStateSet.event_type,
+                         fr.FlowRunUpdated.event_type, fr.FlowRunDeleted.event_type})
+
+    async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, str, Event | dict]]) -> None:
+        # A run's last event in the batch decides its row; every written state is kept.
+        last: dict[Any, fr.FlowRun | None] = {}
+        states: dict[Any, dict[str, Any]] = {}
+        for _, _, event in events:
+            if isinstance(event, fr.FlowRunCreated | fr.FlowRunStateSet):
+                last[event.run.id] = event.run
+                if event.run.state is not None:
+                    states[event.run.state.id] = state_row(event.run.id, event.run.state)
+            elif isinstance(event, fr.FlowRunUpdated):
+                last[event.run.id] = event.run
+            elif isinstance(event, fr.FlowRunDeleted):
+                last[event.flow_run_id] = None
+                states = {k: v for k, v in states.items() if v["flow_run_id"] != event.flow_run_id}
+        gone = [i for i, run in last.items() if run is None]
+        if gone:
+            await conn.execute(delete(flow_run_states).where(flow_run_states.c.flow_run_id.in_(gone)))
+            await conn.execute(delete(flow_runs).where(flow_runs.c.id.in_(gone)))
+        if states:
+            stmt = insert(flow_run_states)
+            await conn.execute(stmt.on_conflict_do_nothing(index_elements=["id"]), list(states.values()))
+        rows = [flow_run_row(run) for run in last.values() if run is not None]
+        if rows:
+            stmt = insert(flow_runs)
+            await conn.execute(stmt.on_conflict_do_update(
+                index_elements=["id"], set_={c.name: stmt.excluded[c.name] for c in flow_runs.columns if c.name != "id"}),
+                rows)
+
+
+_queue = work_queues.alias("q")
+_pool = work_pools.alias("p")
+_JOINED = (flow_runs.outerjoin(_queue, _queue.c.id == flow_runs.c.work_queue_id)
+           .outerjoin(_pool, _pool.c.id == _queue.c.work_pool_id))
+_READ = select(flow_runs, _queue.c.name.label("current_queue_name"), _pool.c.id.label("work_pool_id"),
+               _pool.c.name.label("work_pool_name")).select_from(_JOINED)
+
+
+def flow_run_reply(row: Any) -> dict[str, Any]:
+    values = dict(row._mapping)
+    queue_name = values.pop("current_queue_name")
+    pool_id, pool_name = values.pop("work_pool_id"), values.pop("work_pool_name")
+    if values["work_queue_id"] is not None and queue_name is not None:
+        values["work_queue_name"] = queue_name
+    reply = fr.FlowRun.model_validate(values).model_dump(mode="json")
+    reply["work_pool_id"] = str(pool_id) if pool_id is not None else None
+    reply["work_pool_name"] = pool_name
+    return reply
+
+
+def _time_range(stmt: Any, column: Any, r: q.TimeRange | None) -> Any:
+    if r is None:
+        return stmt
+    if r.after_ is not None:
+        stmt = stmt.where(column >= r.after_)
+    if r.before_ is not None:
+        stmt = stmt.where(column <= r.before_)
+    if r.is_null_ is not None:
+        stmt = stmt.where(column.is_(None) if r.is_null_ else column.is_not(None))
+    return stmt
+
+
+def _filtered(stmt: Any, query: q.ListFlowRuns | q.CountFlowRuns) -> Any:
+    f = query.flow_runs
+    stmt = where_filter(stmt, flow_runs, f)
+    if f is not None:
+        stmt = _time_range(stmt, flow_runs.c.expected_start_time, f.expected_start_time)
+        stmt = _time_range(stmt, flow_runs.c.next_scheduled_start_time, f.next_scheduled_start_time)
+        stmt = _time_range(stmt, flow_runs.c.start_time, f.start_time)
+    if query.work_pool_name is not None and query.work_pool_name.any_ is not None:
+        stmt = stmt.where(_pool.c.name.in_(query.work_pool_name.any_))
+    return stmt
+
+
+_SORTS: dict[q.FlowRunSort, list[Any]] = {
+    q.FlowRunSort.ID_DESC: [flow_runs.c.id.desc()],
+    q.FlowRunSort.NAME_ASC: [flow_runs.c.name, flow_runs.c.id],
+    q.FlowRunSort.EXPECTED_START_TIME_ASC: [flow_runs.c.expected_start_time.asc().nulls_last(), flow_runs.c.id],
+    q.FlowRunSort.EXPECTED_START_TIME_DESC: [flow_runs.c.expected_start_time.desc().nulls_last(), flow_runs.c.id],
+    q.FlowRunSort.NEXT_SCHEDULED_START_TIME_ASC: [flow_runs.c.next_scheduled_start_time.asc().nulls_last(),
+                                                  flow_runs.c.id],
+    q.FlowRunSort.START_TIME_DESC: [flow_runs.c.start_time.desc().nulls_last(), flow_runs.c.id],
+}
+
+
+async def get_flow_run(conn: AsyncConnection, query: q.GetFlowRun) -> dict[str, Any]:
+    row = (await conn.execute(_READ.where(flow_runs.c.id == query.id))).first()
+    if row is None:
+        raise fr.flow_run_not_found(query.id)
+    return flow_run_reply(row)
+
+
+async def list_flow_runs(conn: AsyncConnection, query: q.ListFlowRuns) -> list[dict[str, Any]]:
+    stmt = _filtered(_READ, query).order_by(*_SORTS[query.sort])
+    rows = await conn.execute(stmt.limit(query.limit).offset(query.offset))
+    return [flow_run_reply(r) for r in rows]
+
+
+async def count_flow_runs(conn: AsyncConnection, query: q.CountFlowRuns) -> int:
+    return (await conn.execute(_filtered(select(func.count()).select_from(_JOINED), query))).scalar_one()
+
+
+async def list_flow_run_states(conn: AsyncConnection, query: q.ListFlowRunStates) -> list[dict[str, Any]]:
+    rows = await conn.execute(select(flow_run_states).where(flow_run_states.c.flow_run_id == query.flow_run_id)
+                              .order_by(flow_run_states.c.timestamp, flow_run_states.c.id))
+    found = [State.model_validate({k: v for k, v in r._mapping.items() if k != "flow_run_id"}).reply() for r in rows]
+    if not found and (await conn.execute(select(flow_runs.c.id).where(flow_runs.c.id == query.flow_run_id))).first() is None:
+        raise fr.flow_run_not_found(query.flow_run_id)
+    return found
+
+
+QUERIES = {
+    "GetFlowRun": (q.GetFlowRun, get_flow_run),
+    "ListFlowRuns": (q.ListFlowRuns, list_flow_runs),
+    "CountFlowRuns": (q.CountFlowRuns, count_flow_runs),
+    "ListFlowRunStates": (q.ListFlowRunStates, list_flow_run_states),
+}

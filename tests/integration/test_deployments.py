@@ -1,0 +1,358 @@
+"""Deployments through the broker, against real NATS and Postgres: the (flow, name) upsert
+(`created: true|false`, id kept, schedules replaced), queue resolution (a pool's default queue,
+a named queue created if missing, a bare queue name in the legacy pool), reads by id and by
+name with the queue's current names, filters, counts and pages, updates with schedule
+patching by slug, pause and resume, schedule CRUD, delete; a pair is unique under a race
+between two service instances; bad input is `invalid` and appends nothing; replay equals live."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from runledger.handlers.service import Service
+from runledger.infra.nats_connection import connect
+from tests.integration.broker import assert_live_equals_rebuild
+
+TEMPLATE = {
+    "job_configuration": {"image": "{{ image }}", "cpu": "{{ cpu }}"},
+    "variables": {"type": "object", "required": ["image"],
+                  "properties": {"image": {"type": "string", "default": "python:3.12"}, "cpu": {"type": "integer"}}},
+}
+
+
+async def a_flow(broker, name: str = "etl") -> str:
+    return (await broker.ok_cmd("CreateFlow", name=name))["id"]
+
+
+async def test_a_deployment_is_upserted_on_flow_and_name_and_read_back(broker):
+    flow_id = await a_flow(broker)
+    first = await broker.cmd("CreateDeployment", name="nightly", flow_id=flow_id, description="one",
+                             tags=["a", "b", "a"], schedules=[{"schedule": {"interval": 3600}, "slug": "hourly"}])
+    assert first["ok"] and first["created"] is True, first
+    d = first["result"]
+    assert d["name"] == "nightly" and d["flow_id"] == flow_id and d["tags"] == ["a", "b"]
+    assert d["paused"] is False and d["status"] == "NOT_READY" and d["enforce_parameter_schema"] is True
+    assert d["parameter_openapi_schema"] == {"type": "object", "properties": {}}
+    (schedule,) = d["schedules"]
+    assert schedule["slug"] == "hourly" and schedule["active"] is True and schedule["deployment_id"] == d["id"]
+    assert schedule["schedule"]["interval"] == 3600
+    assert await broker.ok_qry("GetDeployment", id=d["id"]) == d
+    assert await broker.ok_qry("GetDeploymentByName", flow_name="etl", deployment_name="nightly") == d
+    assert await broker.ok_qry("ListDeploymentSchedules", deployment_id=d["id"]) == d["schedules"]
+
+    again = await broker.cmd("CreateDeployment", name="nightly", flow_id=flow_id, paused=True)
+    assert again["ok"] and again["created"] is False
+    d2 = again["result"]
+    assert d2["id"] == d["id"] and d2["paused"] is True and d2["description"] == "one"
+    assert d2["schedules"] == []  # an upsert re-creates the schedules it is given: none
+    assert await broker.ok_qry("GetDeployment", id=d["id"]) == d2
+    assert await broker.ok_qry("CountDeployments") == 1
+
+
+async def test_unknown_flow_pool_or_deployment_is_not_found(broker):
+    missing = await broker.cmd("CreateDeployment", name="x", flow_id=str(uuid.uuid4()))
+    assert missing["error"]["code"] == "not_found"
+    flow_id = await a_flow(broker)
+    no_pool = await broker.cmd("CreateDeployment", name="x", flow_id=flow_id, work_pool_name="nope")
+    assert no_pool["error"] == {"code": "not_found", "message": 'Work pool "nope" not found.'}
+    for name in ("GetDeployment", "DeleteDeployment", "PauseDeployment", "ResumeDeployment"):
+        send = broker.qry if name.startswith("Get") else broker.cmd
+        assert (await send(name, id=str(uuid.uuid4())))["error"]["code"] == "not_found", name
+    assert (await broker.qry("GetDeploymentByName", flow_name="etl", deployment_name="x"))["error"]["code"] == "not_found"
+
+
+async def test_queues_are_resolved_and_created_as_prefect_does(broker):
+    flow_id = await a_flow(broker)
+    await broker.ok_cmd("CreateWorkPool", name="pool", type="process", base_job_template=TEMPLATE)
+    default = await broker.ok_cmd("CreateDeployment", name="d1", flow_id=flow_id, work_pool_name="pool")
+    assert (default["work_pool_name"], default["work_queue_name"]) == ("pool", "default")
+    named = await broker.ok_cmd("CreateDeployment", name="d2", flow_id=flow_id, work_pool_name="pool",
+                                work_queue_name="gpu")
+    queue = await broker.ok_qry("GetWorkQueue", work_pool_name="pool", work_queue_name="gpu")
+    assert named["work_queue_id"] == queue["id"] and queue["priority"] == 2
+    legacy = await broker.ok_cmd("CreateDeployment", name="d3", flow_id=flow_id, work_queue_name="old-style")
+    assert legacy["work_pool_name"] == "default-agent-pool" and legacy["work_queue_name"] == "old-style"
+    assert (await broker.ok_qry("GetLegacyWorkQueue", name="old-style"))["priority"] == 1
+
+    # A renamed queue is read with its new name.
+    await broker.ok_cmd("UpdateWorkQueue", work_pool_name="pool", work_queue_name="gpu", name="gpu2")
+    assert (await broker.ok_qry("GetDeployment", id=named["id"]))["work_queue_name"] == "gpu2"
+    by_queue = await broker.ok_qry("ListDeployments", work_queue_name={"any_": ["gpu2"]})
+    assert [d["name"] for d in by_queue] == ["d2"]
+    assert await broker.ok_qry("CountDeployments", work_pool_name={"any_": ["pool"]}) == 2
+
+
+async def test_job_variables_are_checked_against_the_pool(broker):
+    flow_id = await a_flow(broker)
+    await broker.ok_cmd("CreateWorkPool", name="pool", type="process", base_job_template=TEMPLATE)
+    bad = await broker.cmd("CreateDeployment", name="d", flow_id=flow_id, work_pool_name="pool",
+                           job_variables={"cpu": "lots"})
+    assert bad["error"]["code"] == "invalid" and "Validation failed for field 'cpu'" in bad["error"]["message"]
+    made = await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow_id, work_pool_name="pool",
+                               job_variables={"cpu": 2})
+    conflict = await broker.cmd("UpdateDeployment", id=made["id"], work_pool_name="pool", job_variables={"cpu": "x"})
+    assert conflict["error"]["code"] == "conflict"
+
+
+async def test_parameter_schemas_are_enforced(broker):
+    flow_id = await a_flow(broker)
+    schema = {"type": "object", "properties": {"foo": {"type": "string"}}, "required": ["foo"]}
+    bad = await broker.cmd("CreateDeployment", name="d", flow_id=flow_id, parameters={"foo": 1},
+                           parameter_openapi_schema=schema, enforce_parameter_schema=True)
+    assert bad["error"]["code"] == "invalid"
+    assert bad["error"]["message"] == "Validation failed for field 'foo'. Failure reason: 1 is not of type 'string'"
+    blork = await broker.cmd("CreateDeployment", name="d", flow_id=flow_id,
+                             parameter_openapi_schema={"type": "blork"}, enforce_parameter_schema=True)
+    assert blork["error"]["code"] == "invalid"
+    made = await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow_id, parameter_openapi_schema=schema)
+    update = await broker.cmd("UpdateDeployment", id=made["id"], parameters={"foo": 2})
+    assert update["error"]["code"] == "conflict"
+    ok = await broker.ok_cmd("UpdateDeployment", id=made["id"], parameters={"foo": "yes"})
+    assert ok["parameters"] == {"foo": "yes"}
+
+
+async def test_updates_patch_schedules_by_slug_pause_resume_and_delete(broker):
+    flow_id = await a_flow(broker)
+    d = await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow_id, schedules=[
+        {"schedule": {"cron": "0 9 * * *", "timezone": "Europe/Berlin"}, "slug": "morning"},
+        {"schedule": {"rrule": "FREQ=WEEKLY;BYDAY=MO"}, "slug": "weekly"}])
+    morning, weekly = d["schedules"]
+    after = await broker.ok_cmd("UpdateDeployment", id=d["id"], version="2", schedules=[
+        {"slug": "morning", "active": False}, {"slug": "mondays", "replaces": "weekly"}])
+    assert after["version"] == "2"
+    assert [(s["id"], s["slug"], s["active"]) for s in after["schedules"]] == [
+        (morning["id"], "morning", False), (weekly["id"], "mondays", True)]
+    unslugged = await broker.cmd("UpdateDeployment", id=d["id"], schedules=[{"schedule": {"interval": 60}}])
+    assert unslugged["error"]["code"] == "invalid"
+
+    await broker.ok_cmd("PauseDeployment", id=d["id"])
+    await broker.ok_cmd("PauseDeployment", id=d["id"])  # idempotent
+    paused = await broker.ok_qry("GetDeployment", id=d["id"])
+    assert paused["paused"] is True and paused["schedules"][1]["active"] is True
+    assert [x["name"] for x in await broker.ok_qry("ListDeployments", deployments={"paused": True})] == ["d"]
+    await broker.ok_cmd("ResumeDeployment", id=d["id"])
+    assert (await broker.ok_qry("GetDeployment", id=d["id"]))["paused"] is False
+
+    created = await broker.ok_cmd("CreateDeploymentSchedules", deployment_id=d["id"],
+                                  schedules=[{"schedule": {"interval": 600}, "max_scheduled_runs": 7}])
+    assert created[0]["max_scheduled_runs"] == 7
+    duplicate = await broker.cmd("CreateDeploymentSchedules", deployment_id=d["id"],
+                                 schedules=[{"schedule": {"interval": 600}, "slug": "morning"}])
+    assert duplicate["error"] == {"code": "conflict", "message": "Schedule slugs must be unique within a deployment."}
+    await broker.ok_cmd("UpdateDeploymentSchedule", deployment_id=d["id"], schedule_id=created[0]["id"], active=False)
+    await broker.ok_cmd("DeleteDeploymentSchedule", deployment_id=d["id"], schedule_id=morning["id"])
+    left = await broker.ok_qry("ListDeploymentSchedules", deployment_id=d["id"])
+    assert [(s["slug"], s["active"]) for s in left] == [("mondays", True), (None, False)]
+    unknown = await broker.cmd("DeleteDeploymentSchedule", deployment_id=d["id"], schedule_id=str(uuid.uuid4()))
+    assert unknown["error"] == {"code": "not_found", "message": "Schedule not found."}
+
+    await broker.ok_cmd("DeleteDeployment", id=d["id"])
+    assert (await broker.qry("GetDeployment", id=d["id"]))["error"]["code"] == "not_found"
+    again = await broker.cmd("CreateDeployment", name="d", flow_id=flow_id)
+    assert again["created"] is True and again["result"]["id"] != d["id"]
+
+
+async def test_deployments_are_filtered_counted_and_paginated(broker):
+    etl, other = await a_flow(broker, "etl"), await a_flow(broker, "other")
+    for i in range(5):
+        await broker.ok_cmd("CreateDeployment", name=f"d{i}", flow_id=etl if i % 2 else other, tags=[f"t{i % 2}"])
+    assert [d["name"] for d in await broker.ok_qry("ListDeployments")] == ["d0", "d1", "d2", "d3", "d4"]
+    assert [d["name"] for d in await broker.ok_qry("ListDeployments", flow_name={"any_": ["etl"]})] == ["d1", "d3"]
+    tagged = await broker.ok_qry("ListDeployments", deployments={"tags": {"all_": ["t0"]}}, limit=2, offset=1)
+    assert [d["name"] for d in tagged] == ["d2", "d4"]
+    page = await broker.ok_qry("PaginateDeployments", page=2, limit=2)
+    assert [d["name"] for d in page["results"]] == ["d2", "d3"]
+    assert (page["count"], page["pages"], page["page"], page["limit"]) == (5, 3, 2, 2)
+    assert (await broker.ok_qry("PaginateDeployments", page=9, limit=2))["results"] == []
+    assert (await broker.ok_qry("PaginateDeployments", limit=0))["pages"] == 0
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"flow_id": "00000000-0000-0000-0000-000000000001"}, "name"),
+    ({"name": "a/b", "flow_id": "00000000-0000-0000-0000-000000000001"}, "name"),
+    ({"name": "d"}, "flow_id"),
+    ({"name": "d", "flow_id": "nope"}, "flow_id"),
+    ({"name": "d", "flow_id": "00000000-0000-0000-0000-000000000001", "colour": "x"}, "colour"),
+    ({"name": "d", "flow_id": "00000000-0000-0000-0000-000000000001", "concurrency_limit": 0}, "concurrency_limit"),
+    ({"name": "d", "flow_id": "00000000-0000-0000-0000-000000000001", "schedules": [{"schedule": {"interval": 0}}]},
+     None),
+    ({"name": "d", "flow_id": "00000000-0000-0000-0000-000000000001", "schedules": [{"schedule": {"cron": "nope"}}]},
+     None),
+    ({"name": "d", "flow_id": "00000000-0000-0000-0000-000000000001",
+      "schedules": [{"schedule": {"interval": 60}, "max_scheduled_runs": 51}]}, None),
+    ({"name": "d", "flow_id": "00000000-0000-0000-0000-000000000001",
+      "schedules": [{"schedule": {"cron": "0 9 * * *", "timezone": "Mars/Olympus"}}]}, None),
+    ({"name": "d", "flow_id": "00000000-0000-0000-0000-000000000001", "parameters": {"x": "\u0000"}}, "parameters"),
+])
+async def test_bad_deployment_input_is_invalid_and_appends_nothing(broker, body, field):
+    before = await broker.stream_messages()
+    reply = await broker.raw(broker.settings.command_subject("CreateDeployment"), json.dumps(body).encode())
+    assert reply["ok"] is False and reply["error"]["code"] == "invalid", reply
+    if field is not None:
+        assert reply["error"]["field"] == field
+    assert await broker.stream_messages() == before
+
+
+async def test_racing_upserts_of_one_pair_on_two_instances_make_one_deployment(broker, settings, service):
+    flow_id = await a_flow(broker)
+    other = Service(settings, roles=frozenset({"commands"}))
+    await other.start()
+    nc = await connect(settings)
+    try:
+        body = json.dumps({"name": "contested", "flow_id": flow_id}).encode()
+        replies = await asyncio.gather(*(
+            nc.request(settings.command_subject("CreateDeployment"), body, timeout=20) for _ in range(30)))
+    finally:
+        await nc.close()
+        await other.stop()
+    bodies = [json.loads(r.data) for r in replies]
+    assert all(b["ok"] for b in bodies), [b for b in bodies if not b["ok"]][:2]
+    assert sum(b["created"] for b in bodies) == 1
+    assert len({b["result"]["id"] for b in bodies}) == 1
+    broker.last_seq = max(b["seq"] for b in bodies)
+    assert await broker.ok_qry("CountDeployments") == 1
+
+
+async def test_replay_of_deployments_equals_live(broker, service, settings):
+    flow_id = await a_flow(broker)
+    await broker.ok_cmd("CreateWorkPool", name="pool", type="process")
+    for i in range(4):
+        d = await broker.ok_cmd("CreateDeployment", name=f"d{i}", flow_id=flow_id, work_pool_name="pool",
+                                work_queue_name=f"q{i % 2}", schedules=[{"schedule": {"interval": 60 * (i + 1)}}])
+        await broker.ok_cmd("UpdateDeployment", id=d["id"], description=f"v{i}")
+    await broker.ok_cmd("DeleteDeployment", id=d["id"])
+    await broker.ok_qry("CountDeployments")
+    assert await assert_live_equals_rebuild(service, settings) >= 4
+
+
+async def test_schedule_makes_runs_once_each_with_prefects_shape(broker):
+    flow_id = await a_flow(broker)
+    d = await broker.ok_cmd("CreateDeployment", name="daily", flow_id=flow_id, tags=["t"], version="7",
+                            parameters={"a": 1, "b": 1}, schedules=[
+                                {"schedule": {"interval": 86400, "anchor_date": "2020-01-01T00:00:00Z"},
+                                 "parameters": {"b": 2}}])
+    first = await broker.ok_cmd("ScheduleDeploymentRuns", deployment_id=d["id"])
+    assert len(first["flow_run_ids"]) == 3  # SC-4: defaults give D+1, D+2, D+3
+    assert (await broker.ok_cmd("ScheduleDeploymentRuns", deployment_id=d["id"]))["flow_run_ids"] == []  # SC-3
+    runs = await broker.ok_qry("ListFlowRuns", flow_runs={"deployment_id": {"any_": [d["id"]]}},
+                               sort="EXPECTED_START_TIME_ASC")
+    assert [r["id"] for r in runs] == first["flow_run_ids"]
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    assert [datetime.fromisoformat(r["expected_start_time"]) for r in runs] == [today + timedelta(days=k)
+                                                                                for k in (1, 2, 3)]
+    (schedule,) = d["schedules"]
+    run = runs[0]
+    assert run["state"]["type"] == "SCHEDULED" and run["state"]["message"] == "Flow run scheduled"
+    assert run["tags"] == ["auto-scheduled", "t"] and run["auto_scheduled"] is True
+    assert run["parameters"] == {"a": 1, "b": 2} and run["deployment_version"] == "7"
+    assert run["labels"]["prefect.deployment.id"] == d["id"] and run["labels"]["prefect.flow.id"] == flow_id
+    assert run["created_by"] == {"id": schedule["id"], "type": "SCHEDULE", "display_value": "IntervalSchedule"}
+    assert run["idempotency_key"].startswith(f"scheduled {d['id']} {schedule['id']} ")
+    assert run["next_scheduled_start_time"] == run["expected_start_time"]
+    # A backfill (SC-4): start = now - 20 days, end = now, min_runs 100 -> D-19 .. D.
+    now = datetime.now(UTC)
+    backfill = await broker.ok_cmd("ScheduleDeploymentRuns", deployment_id=d["id"],
+                                   start_time=(now - timedelta(days=20)).isoformat(),
+                                   end_time=now.isoformat(), min_runs=100)
+    assert len(backfill["flow_run_ids"]) == 20
+    unknown = await broker.ok_cmd("ScheduleDeploymentRuns", deployment_id=str(uuid.uuid4()))
+    assert unknown["flow_run_ids"] == []
+
+
+async def test_two_instances_scheduling_one_deployment_write_each_run_once(broker, settings, service):
+    flow_id = await a_flow(broker)
+    d = await broker.ok_cmd("CreateDeployment", name="hourly", flow_id=flow_id,
+                            schedules=[{"schedule": {"interval": 3600}}])
+    other = Service(settings, roles=frozenset({"commands"}))
+    await other.start()
+    nc = await connect(settings)
+    try:
+        body = json.dumps({"deployment_id": d["id"], "min_runs": 50, "max_runs": 50}).encode()
+        replies = await asyncio.gather(*(nc.request(settings.command_subject("ScheduleDeploymentRuns"), body,
+                                                    timeout=20) for _ in range(10)))
+    finally:
+        await nc.close()
+        await other.stop()
+    bodies = [json.loads(r.data) for r in replies]
+    assert all(b["ok"] for b in bodies), bodies[:2]
+    created = [i for b in bodies for i in b["result"]["flow_run_ids"]]
+    assert len(created) == 50 and len(set(created)) == 50  # every date once, none twice
+    broker.last_seq = max(b["seq"] for b in bodies if b["seq"] is not None)
+    assert await broker.ok_qry("CountFlowRuns", flow_runs={"deployment_id": {"any_": [d["id"]]}}) == 50
+
+
+async def test_a_run_from_a_deployment_merges_hydrates_and_enforces_parameters(broker):
+    flow_id = await a_flow(broker)
+    await broker.ok_cmd("CreateVariable", name="region", value={"zone": "eu-1"})
+    schema = {"type": "object", "properties": {"x": {"type": "string"}, "nested": {"type": "object"},
+                                               "where": {"type": "object"}, "n": {"type": "integer"}},
+              "required": ["x"]}
+    d = await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow_id, tags=["dep"], labels={"team": "a"},
+                            parameters={"x": "default", "nested": {"a": 1, "b": 2}},
+                            parameter_openapi_schema=schema)
+    made = await broker.cmd("CreateFlowRunFromDeployment", deployment_id=d["id"], tags=["run", "dep"],
+                            labels={"mine": 1}, parameters={
+                                "nested": {"a": 9},
+                                "where": {"__prefect_kind": "workspace_variable", "variable_name": "region"},
+                                "n": {"__prefect_kind": "json", "value": "3"}})
+    assert made["ok"] and made["created"] is True, made
+    run = made["result"]
+    assert run["parameters"] == {"x": "default", "nested": {"a": 9}, "where": {"zone": "eu-1"}, "n": 3}  # DP-12
+    assert sorted(run["tags"]) == ["dep", "run"] and run["deployment_id"] == d["id"]
+    assert run["labels"] == {"team": "a", "prefect.flow.id": flow_id, "prefect.deployment.id": d["id"],
+                             "mine": 1}
+    assert run["state"]["type"] == "SCHEDULED"
+
+    missing = await broker.cmd("CreateFlowRunFromDeployment", deployment_id=d["id"], parameters={
+        "where": {"__prefect_kind": "workspace_variable", "variable_name": "nope"}})
+    assert missing["error"]["code"] == "invalid"
+    assert missing["error"]["message"] == "Error hydrating flow run parameters: Variable 'nope' not found in workspace."
+    wrong = await broker.cmd("CreateFlowRunFromDeployment", deployment_id=d["id"], parameters={"x": 1})
+    assert wrong["error"]["code"] == "conflict"
+    assert wrong["error"]["message"] == \
+        "Error creating flow run: Validation failed for field 'x'. Failure reason: 1 is not of type 'string'"
+    unchecked = await broker.cmd("CreateFlowRunFromDeployment", deployment_id=d["id"], parameters={"x": 1},
+                                 enforce_parameter_schema=False)
+    assert unchecked["ok"]
+    unknown = await broker.cmd("CreateFlowRunFromDeployment", deployment_id=str(uuid.uuid4()))
+    assert unknown["error"]["code"] == "not_found"
+
+
+async def test_a_run_from_a_deployment_uses_or_creates_a_queue_of_its_pool_and_is_idempotent(broker):
+    flow_id = await a_flow(broker)
+    await broker.ok_cmd("CreateWorkPool", name="pool", type="process", base_job_template=TEMPLATE)
+    d = await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow_id, work_pool_name="pool")
+    run = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=d["id"], work_queue_name="urgent")
+    queue = await broker.ok_qry("GetWorkQueue", work_pool_name="pool", work_queue_name="urgent")
+    assert run["work_queue_id"] == queue["id"]
+    assert (await broker.ok_qry("GetDeployment", id=d["id"]))["work_queue_name"] == "default"  # unchanged
+    bad_jv = await broker.cmd("CreateFlowRunFromDeployment", deployment_id=d["id"], job_variables={"cpu": "x"})
+    assert bad_jv["error"]["code"] == "invalid"
+    first = await broker.cmd("CreateFlowRunFromDeployment", deployment_id=d["id"], idempotency_key="once")
+    second = await broker.cmd("CreateFlowRunFromDeployment", deployment_id=d["id"], idempotency_key="once")
+    assert (first["created"], second["created"]) == (True, False)
+    assert second["result"]["id"] == first["result"]["id"]
+    poolless = await broker.ok_cmd("CreateDeployment", name="p", flow_id=flow_id)
+    refused = await broker.cmd("CreateFlowRunFromDeployment", deployment_id=poolless["id"], work_queue_name="q")
+    assert refused["error"]["code"] == "invalid"
+
+
+async def test_bulk_runs_from_a_deployment_report_each_item(broker):
+    flow_id = await a_flow(broker)
+    d = await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow_id)
+    results = await broker.ok_cmd("CreateFlowRunsFromDeployment", deployment_id=d["id"], runs=[
+        {"name": "a"}, {"parameters": {"v": {"__prefect_kind": "json", "value": "{bad"}}}, {"name": "c"}])
+    assert [r["status"] for r in results] == ["CREATED", "FAILED", "CREATED"]
+    assert results[1]["error"].startswith("Error hydrating flow run parameters: Invalid JSON")
+    runs = await broker.ok_qry("ListFlowRuns", flow_runs={"deployment_id": {"any_": [d["id"]]}}, sort="NAME_ASC")
+    assert [r["name"] for r in runs] == ["a", "c"]
+    assert {r["id"] for r in runs} == {results[0]["flow_run_id"], results[2]["flow_run_id"]}
+    too_many = await broker.cmd("CreateFlowRunsFromDeployment", deployment_id=d["id"], runs=[{}] * 101)
+    assert too_many["error"]["code"] == "invalid"
+    unknown = await broker.cmd("CreateFlowRunsFromDeployment", deployment_id=str(uuid.uuid4()), runs=[])
+    assert unknown["error"]["code"] == "not_found"

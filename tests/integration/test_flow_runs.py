@@ -1,0 +1,209 @@
+"""Flow runs through the broker, against real NATS and Postgres: create (Pending by default,
+idempotent on (flow, key)), queue placement, set_state through the orchestration rules with
+the outcome in the reply, the state history, bookkeeping in the read model, update (job
+variables and priority only while scheduled), delete, filters; bad input appends nothing;
+racing keyed creates make one run; replay equals live."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from runledger.infra.nats_connection import connect
+from tests.integration.broker import assert_live_equals_rebuild
+
+
+async def a_flow(broker, name: str = "etl") -> str:
+    return (await broker.ok_cmd("CreateFlow", name=name))["id"]
+
+
+async def set_state(broker, run_id: str, state_type: str, **extra):
+    state = {"type": state_type, **{k: v for k, v in extra.items() if k != "force"}}
+    reply = await broker.cmd("SetFlowRunState", id=run_id, state=state, force=extra.get("force", False))
+    assert reply["ok"], reply
+    return reply
+
+
+async def test_a_run_is_created_pending_and_walks_to_completed(broker):
+    flow_id = await a_flow(broker)
+    made = await broker.cmd("CreateFlowRun", flow_id=flow_id, parameters={"x": 1}, tags=["a", "a", "b"])
+    assert made["ok"] and made["created"] is True
+    run = made["result"]
+    assert run["state"]["type"] == "PENDING" and run["state"]["name"] == "Pending"
+    assert run["state_type"] == "PENDING" and run["tags"] == ["a", "b"] and run["run_count"] == 0
+    assert run["name"] and "-" in run["name"] and run["total_run_time"] == 0.0
+    assert run["state"]["state_details"]["flow_run_id"] == run["id"]
+
+    running = await set_state(broker, run["id"], "RUNNING")
+    assert running["orchestration"]["status"] == "ACCEPT" and running["result"]["type"] == "RUNNING"
+    done = await set_state(broker, run["id"], "COMPLETED", message="all good")
+    assert done["orchestration"]["status"] == "ACCEPT"
+
+    read = await broker.ok_qry("GetFlowRun", id=run["id"])
+    assert read["state_type"] == "COMPLETED" and read["state_name"] == "Completed"
+    assert read["run_count"] == 1 and read["start_time"] is not None and read["end_time"] is not None
+    assert read["total_run_time"] > 0 and read["state"]["message"] == "all good"
+    history = await broker.ok_qry("ListFlowRunStates", flow_run_id=run["id"])
+    assert [s["type"] for s in history] == ["PENDING", "RUNNING", "COMPLETED"]
+    stamps = [s["timestamp"] for s in history]
+    assert stamps == sorted(stamps) and len(set(stamps)) == 3
+
+
+async def test_orchestration_outcomes_reach_the_reply(broker):
+    flow_id = await a_flow(broker)
+    run = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id)
+    # OR-5: a second PENDING is aborted, nothing written, the reply carries the current state.
+    again = await set_state(broker, run["id"], "PENDING")
+    assert again["orchestration"]["status"] == "ABORT"
+    assert again["orchestration"]["details"]["reason"] == \
+        "This run is in a PENDING state and cannot transition to a PENDING state."
+    assert again["result"]["id"] == run["state"]["id"]
+    # OR-11: running before the scheduled time waits.
+    later = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
+    scheduled = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id,
+                                    state={"type": "SCHEDULED", "state_details": {"scheduled_time": later}})
+    wait = await set_state(broker, scheduled["id"], "RUNNING")
+    assert wait["orchestration"]["status"] == "WAIT"
+    assert 290 <= wait["orchestration"]["details"]["delay_seconds"] <= 300
+    # OR-12: a failure with retries left becomes AwaitingRetry.
+    retrying = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, empirical_policy={"retries": 1})
+    await set_state(broker, retrying["id"], "RUNNING")
+    failed = await set_state(broker, retrying["id"], "FAILED", message="boom")
+    assert failed["orchestration"]["status"] == "REJECT"
+    assert (failed["result"]["type"], failed["result"]["name"]) == ("SCHEDULED", "AwaitingRetry")
+    # force writes what the rules would refuse
+    forced = await set_state(broker, run["id"], "PENDING", name="Again", force=True)
+    assert forced["orchestration"]["status"] == "ACCEPT"
+
+
+async def test_unknown_flow_pool_queue_or_run(broker):
+    assert (await broker.cmd("CreateFlowRun", flow_id=str(uuid.uuid4())))["error"]["code"] == "not_found"
+    flow_id = await a_flow(broker)
+    no_pool = await broker.cmd("CreateFlowRun", flow_id=flow_id, work_pool_name="nope")
+    assert no_pool["error"] == {"code": "not_found", "message": 'Work pool "nope" not found.'}
+    await broker.ok_cmd("CreateWorkPool", name="pool", type="process")
+    no_queue = await broker.cmd("CreateFlowRun", flow_id=flow_id, work_pool_name="pool", work_queue_name="gpu")
+    assert no_queue["error"]["code"] == "not_found"  # FR-2: not created
+    assert (await broker.qry("GetWorkQueue", work_pool_name="pool", work_queue_name="gpu"))["error"]["code"] == "not_found"
+    unknown = str(uuid.uuid4())
+    assert (await broker.cmd("SetFlowRunState", id=unknown, state={"type": "RUNNING"}))["error"]["code"] == "not_found"
+    assert (await broker.cmd("DeleteFlowRun", id=unknown))["error"]["code"] == "not_found"
+    assert (await broker.qry("GetFlowRun", id=unknown))["error"]["code"] == "not_found"
+    assert (await broker.qry("ListFlowRunStates", flow_run_id=unknown))["error"]["code"] == "not_found"
+
+
+async def test_a_pool_means_its_default_queue_and_reads_name_the_pool(broker):
+    flow_id = await a_flow(broker)
+    pool = await broker.ok_cmd("CreateWorkPool", name="pool", type="process")
+    run = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, work_pool_name="pool")
+    assert run["work_queue_id"] == pool["default_queue_id"] and run["work_queue_name"] == "default"
+    read = await broker.ok_qry("GetFlowRun", id=run["id"])
+    assert read["work_pool_name"] == "pool" and read["work_pool_id"] == pool["id"]
+    assert [r["id"] for r in await broker.ok_qry("ListFlowRuns", work_pool_name={"any_": ["pool"]})] == [run["id"]]
+
+
+async def test_an_idempotency_key_returns_the_existing_run_within_its_flow(broker):
+    etl, other = await a_flow(broker, "etl"), await a_flow(broker, "other")
+    first = await broker.cmd("CreateFlowRun", flow_id=etl, idempotency_key="k1")
+    second = await broker.cmd("CreateFlowRun", flow_id=etl, idempotency_key="k1",
+                              state={"type": "RUNNING"}, parameters={"changed": True})
+    assert second["created"] is False and second["result"] == first["result"]  # unchanged, state not applied
+    elsewhere = await broker.cmd("CreateFlowRun", flow_id=other, idempotency_key="k1")
+    assert elsewhere["created"] is True and elsewhere["result"]["id"] != first["result"]["id"]
+    # The bus's own key is a different field and works as for every command.
+    once = await broker.cmd("CreateFlowRun", flow_id=etl, request_idempotency_key="r1")
+    repeat = await broker.cmd("CreateFlowRun", flow_id=etl, request_idempotency_key="r1")
+    assert repeat.get("repeat") is True and repeat["result"]["id"] == once["result"]["id"]
+    # Deleting the run frees its key.
+    await broker.ok_cmd("DeleteFlowRun", id=first["result"]["id"])
+    fresh = await broker.cmd("CreateFlowRun", flow_id=etl, idempotency_key="k1")
+    assert fresh["created"] is True and fresh["result"]["id"] != first["result"]["id"]
+
+
+async def test_thirty_racing_keyed_creates_make_one_run(broker, settings):
+    flow_id = await a_flow(broker)
+    nc = await connect(settings)
+    try:
+        body = json.dumps({"flow_id": flow_id, "idempotency_key": "contested"}).encode()
+        replies = await asyncio.gather(*(nc.request(settings.command_subject("CreateFlowRun"), body, timeout=20)
+                                         for _ in range(30)))
+    finally:
+        await nc.close()
+    bodies = [json.loads(r.data) for r in replies]
+    assert all(b["ok"] for b in bodies)
+    assert sum(b["created"] for b in bodies) == 1 and len({b["result"]["id"] for b in bodies}) == 1
+    broker.last_seq = max(b["seq"] for b in bodies)
+    assert await broker.ok_qry("CountFlowRuns") == 1
+
+
+async def test_updates_change_what_they_name_with_job_variables_and_priority_only_while_scheduled(broker):
+    flow_id = await a_flow(broker)
+    run = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id)
+    await broker.ok_cmd("UpdateFlowRun", id=run["id"], name="renamed", tags=["x"])
+    read = await broker.ok_qry("GetFlowRun", id=run["id"])
+    assert (read["name"], read["tags"], read["parameters"]) == ("renamed", ["x"], {})
+    jv = await broker.cmd("UpdateFlowRun", id=run["id"], job_variables={"a": 1})
+    assert jv["error"] == {"code": "invalid", "message": "Job variables for a flow run in state PENDING cannot be updated",
+                           "field": "job_variables"}
+    prio = await broker.cmd("UpdateFlowRun", id=run["id"], priority=5)
+    assert prio["error"]["code"] == "invalid"
+    waiting = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, state={"type": "SCHEDULED"})
+    await broker.ok_cmd("UpdateFlowRun", id=waiting["id"], priority=-3)
+    assert (await broker.ok_qry("GetFlowRun", id=waiting["id"]))["priority"] == -3
+
+
+async def test_flow_runs_are_filtered_sorted_and_counted(broker):
+    etl, other = await a_flow(broker, "etl"), await a_flow(broker, "other")
+    ids = []
+    for i in range(4):
+        state = {"type": "SCHEDULED"} if i % 2 else None
+        made = await broker.ok_cmd("CreateFlowRun", flow_id=etl if i < 3 else other, name=f"r{i}", tags=[f"t{i % 2}"],
+                                   **({"state": state} if state else {}))
+        ids.append(made["id"])
+    assert await broker.ok_qry("CountFlowRuns") == 4
+    assert await broker.ok_qry("CountFlowRuns", flow_runs={"flow_id": {"any_": [etl]}}) == 3
+    scheduled = await broker.ok_qry("ListFlowRuns", flow_runs={"state_type": {"any_": ["SCHEDULED"]}}, sort="NAME_ASC")
+    assert [r["name"] for r in scheduled] == ["r1", "r3"]
+    assert [r["name"] for r in await broker.ok_qry("ListFlowRuns", flow_runs={"tags": {"all_": ["t0"]}},
+                                                       sort="NAME_ASC")] == ["r0", "r2"]
+    newest_first = await broker.ok_qry("ListFlowRuns")
+    assert [r["id"] for r in newest_first] == sorted(ids, reverse=True)
+    soon = await broker.ok_qry("CountFlowRuns", flow_runs={"expected_start_time": {
+        "before_": (datetime.now(UTC) + timedelta(minutes=1)).isoformat()}})
+    assert soon == 4
+
+
+@pytest.mark.parametrize("name, body, field", [
+    ("CreateFlowRun", {}, "flow_id"),
+    ("CreateFlowRun", {"flow_id": "00000000-0000-0000-0000-000000000001", "state": {"type": "WALKING"}}, "state.type"),
+    ("CreateFlowRun", {"flow_id": "00000000-0000-0000-0000-000000000001", "name": "x\u0000"}, "name"),
+    ("CreateFlowRun", {"flow_id": "00000000-0000-0000-0000-000000000001", "empirical_policy": {"retries": -1}},
+     "empirical_policy.retries"),
+    ("CreateFlowRun", {"flow_id": "00000000-0000-0000-0000-000000000001", "colour": 1}, "colour"),
+    ("SetFlowRunState", {"id": "00000000-0000-0000-0000-000000000001"}, "state"),
+    ("SetFlowRunState", {"id": "00000000-0000-0000-0000-000000000001", "state": {"type": "RUNNING", "x": 1}},
+     "state.x"),
+    ("UpdateFlowRun", {"id": "00000000-0000-0000-0000-000000000001", "priority": 2**31}, "priority"),
+])
+async def test_bad_flow_run_input_is_invalid_and_appends_nothing(broker, name, body, field):
+    before = await broker.stream_messages()
+    reply = await broker.raw(broker.settings.command_subject(name), json.dumps(body).encode())
+    assert reply["ok"] is False and reply["error"]["code"] == "invalid", reply
+    assert reply["error"]["field"] == field
+    assert await broker.stream_messages() == before
+
+
+async def test_replay_of_flow_runs_equals_live(broker, service, settings):
+    flow_id = await a_flow(broker)
+    for i in range(4):
+        run = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, name=f"r{i}")
+        await set_state(broker, run["id"], "RUNNING")
+        if i % 2:
+            await set_state(broker, run["id"], "COMPLETED")
+    await broker.ok_cmd("DeleteFlowRun", id=run["id"])
+    await broker.ok_qry("CountFlowRuns")
+    assert await assert_live_equals_rebuild(service, settings) >= 4

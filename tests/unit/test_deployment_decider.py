@@ -1,0 +1,296 @@
+"""The deployment decider, pure: no I/O. Each test decides from states built by folding the
+decider's own events, as the service does."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from runledger.commands import deployments as dp
+from runledger.commands import unique_keys as uk
+from runledger.commands import work_pools as wp
+from runledger.commands.messages import DecisionContext, ErrorCode, Rejection
+
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+FLOW_ID = uuid.UUID(int=99)
+
+
+_IDS = itertools.count(1000)  # ids never repeat across decisions, as in the service
+
+
+def ctx(now: datetime = NOW) -> DecisionContext:
+    return DecisionContext.fixed(now, (uuid.UUID(int=next(_IDS)) for _ in itertools.count()))
+
+
+def fold_pool(decision) -> wp.WorkPool:
+    pool = None
+    for new in decision.events:
+        if new.aggregate_type == wp.WORK_POOL:
+            pool = wp.evolve(pool, new.event)
+    assert pool is not None
+    return pool
+
+
+def a_pool(name: str = "pool", variables: dict[str, Any] | None = None) -> wp.WorkPool:
+    template = {"job_configuration": {"image": "{{ image }}"},
+                "variables": variables or {"type": "object", "properties": {"image": {"type": "string", "default": "py"}}}}
+    made = wp.decide_create_work_pool(wp.CreateWorkPool(name=name, type="process", base_job_template=template),
+                                      wp.WorkPoolNameClaim(), ctx())
+    return fold_pool(made)
+
+
+def create(placement: dp.Placement | None = None, *, claim: uk.UniqueKeyClaim | None = None,
+           existing: dp.Deployment | None = None, flow_exists: bool = True, now: datetime = NOW, **fields):
+    cmd = dp.CreateDeployment.model_validate({"name": "nightly", "flow_id": str(FLOW_ID), **fields})
+    return dp.decide_create_deployment(cmd, claim or uk.UniqueKeyClaim(), existing, flow_exists,
+                                       placement or dp.Placement(), ctx(now))
+
+
+def deployment_of(decision) -> dp.Deployment:
+    state = None
+    for new in decision.events:
+        if new.aggregate_type == dp.DEPLOYMENT:
+            state = dp.evolve(state, new.event)
+    assert state is not None
+    return state
+
+
+def rejected(code: ErrorCode, fn, *args, **kwargs) -> Rejection:
+    with pytest.raises(Rejection) as e:
+        fn(*args, **kwargs)
+    assert e.value.code == code, e.value
+    return e.value
+
+
+def test_a_create_claims_the_flow_and_name_and_answers_with_the_defaults():
+    made = create()
+    d = deployment_of(made)
+    assert made.created is True and made.result == d
+    assert [n.event.event_type for n in made.events] == ["UniqueKeyClaimed", "DeploymentCreated"]
+    assert made.events[0].aggregate_id == dp.name_key(FLOW_ID, "nightly")
+    reply = d.reply()
+    assert reply["paused"] is False and reply["schedules"] == [] and reply["status"] == "NOT_READY"
+    assert reply["parameter_openapi_schema"] == {"type": "object", "properties": {}}
+    assert reply["enforce_parameter_schema"] is True and reply["work_queue_name"] is None
+    assert reply["labels"] == {"prefect.flow.id": str(FLOW_ID)}
+    assert reply["concurrency_limit"] is None and reply["global_concurrency_limit"] is None
+
+
+def test_a_deployment_name_may_be_empty_but_not_hold_banned_characters():
+    assert deployment_of(create(name="")).name == ""
+    with pytest.raises(ValidationError):
+        dp.CreateDeployment.model_validate({"name": "a/b", "flow_id": str(FLOW_ID)})
+
+
+def test_an_unknown_flow_is_not_found():
+    rejected(ErrorCode.NOT_FOUND, create, flow_exists=False)
+
+
+def test_a_second_create_of_the_pair_updates_in_place_keeps_the_id_and_replaces_schedules():
+    first = deployment_of(create(description="one", schedules=[{"schedule": {"interval": 3600}}], tags=["a"]))
+    later = NOW + timedelta(minutes=5)
+    again = create(claim=uk.UniqueKeyClaim(first.id), existing=first, now=later, paused=True)
+    d = again.result
+    assert again.created is False and d.id == first.id
+    assert d.paused is True and d.description == "one" and d.tags == ["a"]  # absent fields kept
+    assert d.schedules == []  # DP-2(b): omitted schedules leave none
+    assert d.created == first.created and d.updated == later
+    (event,) = again.events
+    assert event.event.event_type == "DeploymentUpdated"
+    assert set(event.event.changed) == {"paused", "schedules"}
+
+
+def test_an_upsert_that_changes_nothing_appends_nothing():
+    first = deployment_of(create(description="one"))
+    again = create(claim=uk.UniqueKeyClaim(first.id), existing=first, description="one")
+    assert again.events == [] and again.created is False
+
+
+def test_schedules_made_by_create_drop_max_scheduled_runs_as_prefect_does_and_get_an_anchor():
+    d = deployment_of(create(schedules=[{"schedule": {"interval": 60}, "max_scheduled_runs": 5, "slug": "s"}]))
+    (s,) = d.schedules
+    assert s.max_scheduled_runs is None and s.slug == "s" and s.active is True
+    assert s.deployment_id == d.id
+    assert s.schedule.anchor_date == NOW  # an interval without anchor starts now
+
+
+def test_duplicate_slugs_are_a_conflict():
+    rejected(ErrorCode.CONFLICT, create, schedules=[{"schedule": {"interval": 60}, "slug": "s"},
+                                                    {"schedule": {"interval": 120}, "slug": "s"}])
+
+
+def test_max_scheduled_runs_is_one_to_fifty():
+    for bad in (0, 51):
+        with pytest.raises(ValidationError):
+            dp.ScheduleCreate.model_validate({"schedule": {"interval": 60}, "max_scheduled_runs": bad})
+
+
+def test_a_pool_alone_means_its_default_queue():
+    pool = a_pool()
+    d = deployment_of(create(dp.Placement(pool=pool), work_pool_name="pool"))
+    assert (d.work_queue_id, d.work_queue_name, d.work_pool_name) == (pool.default_queue_id, "default", "pool")
+
+
+def test_a_missing_named_queue_is_created_in_the_same_decision():
+    pool = a_pool()
+    made = create(dp.Placement(pool=pool), work_pool_name="pool", work_queue_name="gpu")
+    kinds = [(n.aggregate_type, n.event.event_type) for n in made.events]
+    assert kinds[0] == (wp.WORK_POOL, "WorkQueueCreated")
+    queue = made.events[0].event.queue
+    assert queue.name == "gpu" and queue.priority == 2  # WQ-2: the next free priority
+    d = deployment_of(made)
+    assert d.work_queue_id == queue.id and d.work_queue_name == "gpu"
+
+
+def test_an_unknown_pool_is_not_found_with_prefects_message():
+    e = rejected(ErrorCode.NOT_FOUND, create, dp.Placement(pool=None), work_pool_name="nope")
+    assert e.message == 'Work pool "nope" not found.'
+
+
+def test_a_queue_named_without_a_pool_lives_in_the_legacy_pool_created_if_missing():
+    made = create(dp.Placement(legacy_claim=wp.WorkPoolNameClaim(), legacy_pool=None), work_queue_name="old")
+    types = [n.event.event_type for n in made.events]
+    assert types[:3] == ["WorkPoolNameClaimed", "WorkPoolCreated", "WorkQueueCreated"]
+    d = deployment_of(made)
+    assert d.work_pool_name == wp.LEGACY_POOL_NAME and d.work_queue_name == "old"
+
+
+def test_job_variables_are_checked_against_the_pools_schema_ignoring_required():
+    variables = {"type": "object", "required": ["image", "cpu"],
+                 "properties": {"image": {"type": "string", "default": "py"}, "cpu": {"type": "integer"}}}
+    pool = a_pool(variables=variables)
+    ok = deployment_of(create(dp.Placement(pool=pool), work_pool_name="pool", job_variables={"image": "x"}))
+    assert ok.job_variables == {"image": "x"}
+    e = rejected(ErrorCode.INVALID, create, dp.Placement(pool=pool), work_pool_name="pool", job_variables={"cpu": "many"})
+    assert e.message.startswith("Error creating deployment: Validation failed for field 'cpu'")
+
+
+SCHEMA = {"type": "object", "properties": {"foo": {"type": "string"}, "n": {"type": "integer"}}, "required": ["foo", "n"]}
+
+
+def test_parameters_are_enforced_at_create_only_when_the_request_says_so():
+    e = rejected(ErrorCode.INVALID, create, parameters={"foo": 1}, parameter_openapi_schema=SCHEMA,
+                 enforce_parameter_schema=True)
+    assert e.message == "Validation failed for field 'foo'. Failure reason: 1 is not of type 'string'"
+    # Partial parameters are fine (required ignored) ...
+    assert deployment_of(create(parameters={"n": 1}, parameter_openapi_schema=SCHEMA, enforce_parameter_schema=True))
+    # ... and the quirk: no check when the request omits enforce_parameter_schema.
+    assert deployment_of(create(parameters={"foo": 1}, parameter_openapi_schema=SCHEMA)).enforce_parameter_schema
+
+
+def test_an_invalid_schema_is_invalid_and_remote_refs_are_never_fetched():
+    rejected(ErrorCode.INVALID, create, parameter_openapi_schema={"type": "blork"}, enforce_parameter_schema=True)
+    remote = {"type": "object", "properties": {"x": {"$ref": "https://example.com/schema.json"}}}
+    rejected(ErrorCode.INVALID, create, parameters={"x": 1}, parameter_openapi_schema=remote,
+             enforce_parameter_schema=True)
+
+
+def test_parameters_larger_than_512_kib_are_invalid():
+    rejected(ErrorCode.INVALID, create, parameters={"x": "a" * dp.MAX_PARAMETERS_BYTES})
+
+
+def update(d: dp.Deployment, placement: dp.Placement | None = None, now: datetime = NOW, **fields):
+    cmd = dp.UpdateDeployment.model_validate({"id": str(d.id), **fields})
+    return dp.decide_update_deployment(cmd, d, placement or dp.Placement(), ctx(now))
+
+
+def test_an_update_changes_only_what_it_names():
+    d = deployment_of(create(description="one", tags=["a"], version="1"))
+    after = update(d, version="2").result
+    assert (after.version, after.description, after.tags) == ("2", "one", ["a"])
+    assert update(d).events == []  # nothing named, nothing changed
+
+
+def test_an_update_of_an_unknown_deployment_is_not_found():
+    cmd = dp.UpdateDeployment(id=uuid.uuid4())
+    rejected(ErrorCode.NOT_FOUND, dp.decide_update_deployment, cmd, None, dp.Placement(), ctx())
+
+
+def test_an_update_enforces_the_schema_with_the_stored_values_as_a_conflict():
+    d = deployment_of(create(parameter_openapi_schema=SCHEMA))
+    e = rejected(ErrorCode.CONFLICT, update, d, parameters={"foo": 1})
+    assert e.message.startswith("Error updating deployment: Validation failed for field 'foo'")
+    assert update(d, parameters={"foo": 1}, enforce_parameter_schema=False).result.parameters == {"foo": 1}
+
+
+def test_an_explicit_null_pool_clears_the_queue():
+    pool = a_pool()
+    d = deployment_of(create(dp.Placement(pool=pool), work_pool_name="pool"))
+    after = update(d, work_pool_name=None).result
+    assert after.work_queue_id is None and after.work_pool_name is None
+
+
+def test_schedules_with_slugs_are_patched_by_slug_and_renamed_with_replaces():
+    d = deployment_of(create(schedules=[{"schedule": {"interval": 60}, "slug": "a"},
+                                        {"schedule": {"interval": 120}, "slug": "b"}]))
+    a, b = d.schedules
+    after = update(d, schedules=[{"slug": "a", "active": False}, {"slug": "c", "replaces": "b"},
+                                 {"slug": "new", "schedule": {"interval": 30}}]).result
+    assert [s.slug for s in after.schedules] == ["a", "c", "new"]
+    assert after.schedules[0].id == a.id and after.schedules[0].active is False
+    assert after.schedules[1].id == b.id and after.schedules[1].schedule == b.schedule
+
+
+def test_a_list_without_slugs_for_slugged_schedules_is_invalid():
+    d = deployment_of(create(schedules=[{"schedule": {"interval": 60}, "slug": "a"}]))
+    rejected(ErrorCode.INVALID, update, d, schedules=[{"schedule": {"interval": 60}}])
+
+
+def test_schedules_without_slugs_are_replaced_whole():
+    d = deployment_of(create(schedules=[{"schedule": {"interval": 60}}]))
+    after = update(d, schedules=[{"schedule": {"interval": 10}}, {"schedule": {"cron": "0 9 * * *"}}]).result
+    assert len(after.schedules) == 2 and d.schedules[0].id not in {s.id for s in after.schedules}
+
+
+def test_pause_and_resume_are_idempotent_and_leave_schedules_active():
+    d = deployment_of(create(schedules=[{"schedule": {"interval": 60}}]))
+    paused = dp.decide_set_paused(d.id, True, d, ctx())
+    after = paused.after[str(d.id)]
+    assert after.paused is True and after.schedules[0].active is True
+    assert dp.decide_set_paused(d.id, True, after, ctx()).events == []
+    assert dp.decide_set_paused(d.id, False, after, ctx()).after[str(d.id)].paused is False
+    rejected(ErrorCode.NOT_FOUND, dp.decide_set_paused, d.id, True, None, ctx())
+
+
+def test_a_delete_frees_the_name():
+    d = deployment_of(create())
+    made = dp.decide_delete_deployment(dp.DeleteDeployment(id=d.id), d, uk.UniqueKeyClaim(d.id), ctx())
+    assert [n.event.event_type for n in made.events] == ["UniqueKeyReleased", "DeploymentDeleted"]
+    assert dp.evolve(d, made.events[-1].event) is None
+
+
+def test_schedule_crud_keeps_max_runs_refuses_duplicate_slugs_and_finds_unknown_ones():
+    d = deployment_of(create())
+    made = dp.decide_create_schedules(dp.CreateDeploymentSchedules.model_validate(
+        {"deployment_id": str(d.id), "schedules": [{"schedule": {"interval": 60}, "max_scheduled_runs": 5, "slug": "x"}]}),
+        d, ctx())
+    d2 = made.after[str(d.id)]
+    (s,) = d2.schedules
+    assert s.max_scheduled_runs == 5 and made.result == [s]
+    rejected(ErrorCode.CONFLICT, dp.decide_create_schedules, dp.CreateDeploymentSchedules.model_validate(
+        {"deployment_id": str(d.id), "schedules": [{"schedule": {"interval": 1}, "slug": "x"}]}), d2, ctx())
+    upd = dp.decide_update_schedule(dp.UpdateDeploymentSchedule(deployment_id=d.id, schedule_id=s.id, active=False),
+                                    d2, ctx())
+    assert upd.result.schedules[0].active is False
+    e = rejected(ErrorCode.NOT_FOUND, dp.decide_delete_schedule,
+                 dp.DeleteDeploymentSchedule(deployment_id=d.id, schedule_id=uuid.uuid4()), d2, ctx())
+    assert e.message == "Schedule not found."
+    gone = dp.decide_delete_schedule(dp.DeleteDeploymentSchedule(deployment_id=d.id, schedule_id=s.id), d2, ctx())
+    assert gone.after[str(d.id)].schedules == []
+
+
+def test_a_limit_is_reported_as_the_deployments_global_limit():
+    d = deployment_of(create(concurrency_limit=3, concurrency_options={"collision_strategy": "CANCEL_NEW"}))
+    reply = d.reply()
+    assert reply["concurrency_limit"] is None
+    assert reply["global_concurrency_limit"]["name"] == f"deployment:{d.id}"
+    assert reply["global_concurrency_limit"]["limit"] == 3
+    assert reply["concurrency_options"] == {"collision_strategy": "CANCEL_NEW", "grace_period_seconds": None}
+    # Kept unless named; an explicit null removes it.
+    assert update(d, description="x").result.concurrency_limit == 3
+    assert update(d, concurrency_limit=None).result.concurrency_limit is None

@@ -1,0 +1,73 @@
+"""Scheduling a deployment's runs, pure: which dates, which run ids, what each run holds."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from runledger.commands import deployments as dp
+from runledger.commands import deployment_runs as sc
+from runledger.commands import unique_keys as uk
+from runledger.commands.messages import DecisionContext
+
+NOW = datetime(2026, 3, 10, 12, 34, 56, tzinfo=UTC)
+D = datetime(2026, 3, 10, tzinfo=UTC)
+_IDS = itertools.count(1)
+
+
+def ctx(now: datetime = NOW) -> DecisionContext:
+    return DecisionContext.fixed(now, (uuid.UUID(int=next(_IDS)) for _ in itertools.count()))
+
+
+def deployment(*schedules: dict, **fields) -> dp.Deployment:
+    cmd = dp.CreateDeployment.model_validate({"name": "d", "flow_id": str(uuid.UUID(int=7)),
+                                              "schedules": list(schedules), **fields})
+    made = dp.decide_create_deployment(cmd, uk.UniqueKeyClaim(), None, True, dp.Placement(), ctx())
+    return made.result
+
+
+DAILY = {"schedule": {"interval": 86400, "anchor_date": "2020-01-01T00:00:00Z"}}
+
+
+def test_defaults_give_three_daily_runs_with_deterministic_ids():
+    d = deployment(DAILY)
+    planned = sc.planned_runs(d, sc.ScheduleDeploymentRuns(deployment_id=d.id), NOW)
+    assert [p.date for p in planned] == [D + timedelta(days=k) for k in (1, 2, 3)]
+    again = sc.planned_runs(d, sc.ScheduleDeploymentRuns(deployment_id=d.id), NOW + timedelta(minutes=1))
+    assert [p.run_id for p in again] == [p.run_id for p in planned]  # same dates, same runs
+
+
+def test_inactive_schedules_make_nothing_and_each_active_one_its_own_dates():
+    d = deployment({**DAILY, "active": False}, {"schedule": {"cron": "0 9 * * *"}})
+    planned = sc.planned_runs(d, sc.ScheduleDeploymentRuns(deployment_id=d.id), NOW)
+    assert [p.date for p in planned] == [D + timedelta(days=k, hours=9) for k in (1, 2, 3)]
+
+
+def test_existing_runs_are_skipped_and_new_ones_have_prefects_shape():
+    d = deployment(DAILY, tags=["x"], parameters={"a": 1})
+    planned = sc.planned_runs(d, sc.ScheduleDeploymentRuns(deployment_id=d.id), NOW)
+    first = sc.decide_schedule_runs(d, planned, {}, ctx())
+    assert first.result == [p.run_id for p in planned]
+    runs = [n.event.run for n in first.events]
+    existing = {runs[0].id: runs[0]}
+    second = sc.decide_schedule_runs(d, planned, existing, ctx())
+    assert second.result == [p.run_id for p in planned[1:]]
+    run = runs[0]
+    assert run.state is not None and run.state.type == "SCHEDULED" and run.state.name == "Scheduled"
+    assert run.state.state_details.scheduled_time == D + timedelta(days=1)
+    assert run.expected_start_time == run.next_scheduled_start_time == D + timedelta(days=1)
+    assert run.tags == ["auto-scheduled", "x"] and run.auto_scheduled and run.parameters == {"a": 1}
+    assert run.created_by is not None and run.created_by.type == "SCHEDULE"
+
+
+def test_an_unknown_deployment_schedules_nothing():
+    assert sc.decide_schedule_runs(None, [], {}, ctx()).result == []
+
+
+def test_one_command_makes_at_most_its_bound_earliest_first():
+    d = deployment(*({"schedule": {"interval": 60 * (i + 1)}} for i in range(8)))
+    cmd = sc.ScheduleDeploymentRuns(deployment_id=d.id, min_runs=100, max_runs=100)
+    planned = sc.planned_runs(d, cmd, NOW)
+    assert len(planned) == sc.MAX_RUNS_PER_COMMAND
+    assert [p.date for p in planned] == sorted(p.date for p in planned)
