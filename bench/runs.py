@@ -16,7 +16,16 @@ import asyncio
 import itertools
 import json
 
-from harness import bench_settings, cpu_seconds, now, percentile, report, rss_mb, servers, service_process
+from harness import (
+    bench_settings,
+    cpu_seconds,
+    now,
+    percentile,
+    report,
+    rss_mb,
+    servers,
+    service_process,
+)
 
 from runledger.infra.nats_connection import connect
 

@@ -76,6 +76,7 @@ class Decision:
     created: bool | None = None
     # The state of an aggregate after these events, by aggregate id, where the decider has
     # already folded them (it needed the state for its result): the bus caches it as it is
-    # instead of folding the events again.
+    # instead of folding the events again. Keyed by id alone: the aggregates of one decision
+    # must not share an id across types (a deployment's run index is `runs-<id>` for this).
     after: dict[str, Any] = field(default_factory=dict)
     orchestration: Orchestration | None = None

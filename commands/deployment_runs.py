@@ -28,10 +28,15 @@ from . import work_pools as wp
 from .bounds import JsonDocument, StoredText, UtcDatetime
 from .decisions import Decision, NewEvent
 from .deployments import (
-    CreatedBy,
     Deployment,
+    DeploymentRunsScheduled,
     DeploymentSchedule,
+    IndexedRuns,
+    ScheduledRunIndex,
+    TrackedRun,
     deployment_not_found,
+    forget_settled,
+    index_id,
     validation_problem,
 )
 from .flows import Tags
@@ -45,7 +50,7 @@ from .schedules import (
     scheduled_idempotency_key,
     scheduled_run_id,
 )
-from .states import StateCreate, StateDetails, StateType
+from .states import CreatedBy, StateCreate, StateDetails, StateType
 from .unique_keys import UniqueKeyClaim
 
 # Runs one command may create: an atomic batch holds at most 1,000 messages, and Prefect
@@ -114,13 +119,26 @@ def scheduled_run(deployment: Deployment, planned: PlannedRun, ctx: DecisionCont
 
 
 def decide_schedule_runs(deployment: Deployment | None, planned: list[PlannedRun],
-                         existing: dict[uuid.UUID, fr.FlowRun | None], ctx: DecisionContext) -> Decision:
-    """SC-3: the dates whose run exists are skipped; the result is the ids created."""
+                         existing: dict[uuid.UUID, fr.FlowRun | None], ctx: DecisionContext,
+                         indexed: IndexedRuns = IndexedRuns()) -> Decision:
+    """SC-3: the dates whose run exists are skipped; the result is the ids created. The new
+    runs join the deployment's index (a later upsert or pause finds them there), and the past
+    ones of the index that have run or gone leave it (`indexed.runs`: those the caller read)."""
     if deployment is None:
         return Decision(events=[], result=[])
     created = [scheduled_run(deployment, p, ctx) for p in planned if existing.get(p.run_id) is None]
-    return Decision(events=[NewEvent(str(run.id), fr.FlowRunCreated(run=run)) for run in created],
-                    result=[run.id for run in created], after={str(run.id): run for run in created})
+    events = [NewEvent(str(run.id), fr.FlowRunCreated(run=run)) for run in created]
+    dates = {p.run_id: p for p in planned}
+    if created:
+        events.append(NewEvent(index_id(deployment.id), DeploymentRunsScheduled(runs={
+            run.id: TrackedRun(date=dates[run.id].date, schedule_id=dates[run.id].schedule.id) for run in created})))
+    events += forget_settled(deployment.id, indexed)
+    return Decision(events=events, result=[run.id for run in created], after={str(run.id): run for run in created})
+
+
+def past_runs(indexed: ScheduledRunIndex, now: datetime) -> list[uuid.UUID]:
+    """The runs of the index whose date has passed: the scheduler reads them to prune it."""
+    return [run_id for run_id, tracked in indexed.runs.items() if tracked.date <= now]
 
 
 # ---------------------------------------------------------------------------------------------

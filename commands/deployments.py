@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from functools import lru_cache
@@ -33,10 +33,12 @@ from . import work_pools as wp
 from .bounds import JsonDocument, PositiveInt32, StoredText, UtcDatetime, check_json_document
 from .decisions import Decision, NewEvent
 from .events import register_event
+from .flow_runs import FlowRun, FlowRunDeleted
 from .flows import Tags
 from .messages import Command, DecisionContext, Event, conflict, invalid, not_found
 from .names import MAX_NAME_LENGTH, check_object_name
 from .schedules import Schedule, with_anchor
+from .states import TERMINAL, CreatedBy, StateType
 from .unique_keys import UniqueKeyClaim, UniqueKeyScope
 
 DEPLOYMENT = "deployment"
@@ -84,14 +86,6 @@ class ConcurrencyOptions(BaseModel):
 
     collision_strategy: CollisionStrategy = CollisionStrategy.ENQUEUE
     grace_period_seconds: Annotated[int, Field(ge=60, le=86_400)] | None = None
-
-
-class CreatedBy(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    id: uuid.UUID | None = None
-    type: Annotated[StoredText, StringConstraints(max_length=MAX_NAME_LENGTH)] | None = None
-    display_value: Annotated[StoredText, StringConstraints(max_length=MAX_NAME_LENGTH)] | None = None
 
 
 class DeploymentSchedule(BaseModel):
@@ -292,6 +286,110 @@ class UpdateDeploymentSchedule(Command):
 class DeleteDeploymentSchedule(Command):
     deployment_id: uuid.UUID
     schedule_id: uuid.UUID
+
+
+# ---------------------------------------------------------------------------------------------
+# The runs a deployment's schedules made (its own small aggregate, id: the deployment's id)
+
+DEPLOYMENT_RUNS = "deployment_runs"
+
+
+def index_id(deployment_id: uuid.UUID) -> str:
+    """The index's aggregate id: `runs-<deployment id>`, not the deployment's own id, since a
+    decision's folded states (`Decision.after`) are keyed by aggregate id alone."""
+    return f"runs-{deployment_id}"
+
+
+class TrackedRun(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    date: UtcDatetime
+    schedule_id: uuid.UUID
+
+
+class ScheduledRunIndex(BaseModel):
+    """The auto-scheduled runs of a deployment that an upsert, an update, a pause or a delete
+    may still have to delete (DP-2, DP-7, DP-8, DP-9, SC-7): the command side finds them here,
+    in the log, not in a read model. A run leaves the index once it can no longer be deleted
+    (it ran, or is gone); the scheduler prunes the past ones it passes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    runs: dict[uuid.UUID, TrackedRun] = {}
+
+
+class _IndexEvent(Event):
+    aggregate_type: ClassVar[str] = DEPLOYMENT_RUNS
+
+
+@register_event
+class DeploymentRunsScheduled(_IndexEvent):
+    event_type: ClassVar[str] = "DeploymentRunsScheduled"
+    runs: dict[uuid.UUID, TrackedRun]
+
+
+@register_event
+class DeploymentRunsForgotten(_IndexEvent):
+    event_type: ClassVar[str] = "DeploymentRunsForgotten"
+    run_ids: list[uuid.UUID]
+
+
+def evolve_index(index: ScheduledRunIndex, event: Event) -> ScheduledRunIndex:
+    match event:
+        case DeploymentRunsScheduled(runs=added):
+            return ScheduledRunIndex(runs={**index.runs, **added})
+        case DeploymentRunsForgotten(run_ids=gone):
+            dropped = set(gone)
+            return ScheduledRunIndex(runs={k: v for k, v in index.runs.items() if k not in dropped})
+    return index
+
+
+@dataclass(frozen=True)
+class IndexedRuns:
+    """What the deletion rules read: the index, and each indexed run as loaded (None: gone)."""
+
+    index: ScheduledRunIndex = ScheduledRunIndex()
+    runs: dict[uuid.UUID, FlowRun | None] = field(default_factory=dict)
+
+
+def deletable(run: FlowRun) -> bool:
+    """Prefect's filter for the runs a deployment change deletes: scheduled, never run, and not
+    waiting for a concurrency slot (that run belongs to the limit's queue of waiters)."""
+    return (run.state_type is StateType.SCHEDULED and run.run_count == 0
+            and run.state_name != "AwaitingConcurrencySlot")
+
+
+def delete_scheduled_runs(deployment_id: uuid.UUID, indexed: IndexedRuns, now: datetime, *, future_only: bool,
+                          schedule_id: uuid.UUID | None = None) -> list[NewEvent]:
+    """The deletions of DP-2(a) (`future_only`: next start after now), DP-9 (past ones too)
+    and SC-7 (`schedule_id`: one schedule's runs only); the runs that can no longer be deleted
+    leave the index at the same time."""
+    events: list[NewEvent] = []
+    forgotten: list[uuid.UUID] = []
+    for run_id, tracked in indexed.index.runs.items():
+        run = indexed.runs.get(run_id)
+        if run is None or not deletable(run):
+            if run is None or run.run_count > 0 or run.state_type in TERMINAL:
+                forgotten.append(run_id)
+            continue
+        if schedule_id is not None and tracked.schedule_id != schedule_id:
+            continue
+        start = run.next_scheduled_start_time
+        if future_only and (start is None or start <= now):
+            continue
+        events.append(NewEvent(str(run_id), FlowRunDeleted(flow_run_id=run_id, flow_id=run.flow_id, deleted=now)))
+        forgotten.append(run_id)
+    if forgotten:
+        events.append(NewEvent(index_id(deployment_id), DeploymentRunsForgotten(run_ids=forgotten)))
+    return events
+
+
+def forget_settled(deployment_id: uuid.UUID, indexed: IndexedRuns) -> list[NewEvent]:
+    """The loaded runs of the index that can no longer be deleted (gone, run, or ended) leave
+    it: the scheduler calls this for the past runs it passes, so the index stays small."""
+    settled = [run_id for run_id, run in indexed.runs.items() if run_id in indexed.index.runs
+               and (run is None or run.run_count > 0 or run.state_type in TERMINAL)]
+    return [NewEvent(index_id(deployment_id), DeploymentRunsForgotten(run_ids=settled))] if settled else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,8 +657,10 @@ def _given_values(cmd: _DeploymentFields) -> dict[str, Any]:
 
 
 def decide_create_deployment(cmd: CreateDeployment, claim: UniqueKeyClaim, existing: Deployment | None,
-                             flow_exists: bool, placement: Placement, ctx: DecisionContext) -> Decision:
-    """DP-1: create, or update in place the deployment that holds (flow, name)."""
+                             flow_exists: bool, placement: Placement, ctx: DecisionContext,
+                             indexed: IndexedRuns = IndexedRuns()) -> Decision:
+    """DP-1: create, or update in place the deployment that holds (flow, name); an update
+    deletes the future runs its schedules made (DP-2(a): they reflect the old deployment)."""
     if not flow_exists:
         raise not_found(f"Flow {cmd.flow_id} not found.")
     if cmd.work_pool_name is not None and placement.pool is not None:
@@ -580,7 +680,8 @@ def decide_create_deployment(cmd: CreateDeployment, claim: UniqueKeyClaim, exist
             values.update(queue_fields)
         after = existing.model_validate({**existing.model_dump(), **values})
         made = _updated(existing, after)
-        return Decision(events=queue_events + made.events, result=after, created=False, after=made.after)
+        deletions = delete_scheduled_runs(existing.id, indexed, ctx.now, future_only=True)
+        return Decision(events=queue_events + made.events + deletions, result=after, created=False, after=made.after)
     labels = {**cmd.labels, "prefect.flow.id": str(cmd.flow_id)}
     deployment = Deployment.model_validate({
         "id": deployment_id, "created": ctx.now, "name": cmd.name, "flow_id": cmd.flow_id,
@@ -594,9 +695,10 @@ def decide_create_deployment(cmd: CreateDeployment, claim: UniqueKeyClaim, exist
 
 
 def decide_update_deployment(cmd: UpdateDeployment, deployment: Deployment | None, placement: Placement,
-                             ctx: DecisionContext) -> Decision:
+                             ctx: DecisionContext, indexed: IndexedRuns = IndexedRuns()) -> Decision:
     """DP-7: a partial update; schedules patched by slug or replaced; parameters checked
-    against the schema when enforcement is on."""
+    against the schema when enforcement is on. Every update, even an empty one, deletes the
+    future runs the schedules made."""
     if deployment is None:
         raise deployment_not_found(cmd.id)
     given = cmd.explicitly_set()
@@ -628,31 +730,37 @@ def decide_update_deployment(cmd: UpdateDeployment, deployment: Deployment | Non
         _slugs_unique(values["schedules"])
     after = deployment.model_validate({**deployment.model_dump(), **values, "updated": ctx.now})
     made = _updated(deployment, after)
-    return Decision(events=queue_events + made.events, result=after, created=False, after=made.after)
+    deletions = delete_scheduled_runs(deployment.id, indexed, ctx.now, future_only=True)
+    return Decision(events=queue_events + made.events + deletions, result=after, created=False, after=made.after)
 
 
 def decide_delete_deployment(cmd: DeleteDeployment, deployment: Deployment | None, claim: UniqueKeyClaim | None,
-                             ctx: DecisionContext) -> Decision:
-    """DP-8: the (flow, name) key is free again at once; its limit goes with it."""
+                             ctx: DecisionContext, indexed: IndexedRuns = IndexedRuns()) -> Decision:
+    """DP-8: the (flow, name) key is free again at once; its limit goes with it, and its
+    schedules' runs that never ran (past ones too)."""
     if deployment is None:
         raise deployment_not_found(cmd.id)
     releases = ([DEPLOYMENT_NAME.release(deployment.id, str(deployment.flow_id), deployment.name)]
                 if claim is not None and claim.owner_id == deployment.id else [])
     deleted = DeploymentDeleted(deployment_id=deployment.id, flow_id=deployment.flow_id, name=deployment.name,
                                 deleted=ctx.now)
-    return Decision(events=[*releases, NewEvent(str(deployment.id), deleted)], result=None)
+    deletions = delete_scheduled_runs(deployment.id, indexed, ctx.now, future_only=False)
+    return Decision(events=[*releases, *deletions, NewEvent(str(deployment.id), deleted)], result=None)
 
 
 def decide_set_paused(deployment_id: uuid.UUID, paused: bool, deployment: Deployment | None,
-                      ctx: DecisionContext) -> Decision:
-    """DP-9 and DP-10: idempotent; the schedules' `active` flags stay as they are."""
+                      ctx: DecisionContext, indexed: IndexedRuns = IndexedRuns()) -> Decision:
+    """DP-9 and DP-10: idempotent; the schedules' `active` flags stay as they are. A pause
+    deletes the runs the schedules made that never ran, past ones (Late) too; a resume makes
+    none (the scheduler does)."""
     if deployment is None:
         raise deployment_not_found(deployment_id)
+    deletions = delete_scheduled_runs(deployment.id, indexed, ctx.now, future_only=False) if paused else []
     if deployment.paused == paused:
-        return Decision(events=[], result=None)
+        return Decision(events=deletions, result=None)
     after = deployment.model_copy(update={"paused": paused, "updated": ctx.now})
-    return Decision(events=[NewEvent(str(after.id), DeploymentUpdated(deployment=after, changed=["paused"]))],
-                    result=None, after={str(after.id): after})
+    return Decision(events=[NewEvent(str(after.id), DeploymentUpdated(deployment=after, changed=["paused"])),
+                            *deletions], result=None, after={str(after.id): after})
 
 
 def decide_create_schedules(cmd: CreateDeploymentSchedules, deployment: Deployment | None,
@@ -678,7 +786,8 @@ def _schedule_at(deployment: Deployment, schedule_id: uuid.UUID) -> int:
 
 
 def decide_update_schedule(cmd: UpdateDeploymentSchedule, deployment: Deployment | None,
-                           ctx: DecisionContext) -> Decision:
+                           ctx: DecisionContext, indexed: IndexedRuns = IndexedRuns()) -> Decision:
+    """SC-7: the deployment's future scheduled runs go (they may no longer match)."""
     if deployment is None:
         raise deployment_not_found(cmd.deployment_id)
     at = _schedule_at(deployment, cmd.schedule_id)
@@ -686,15 +795,19 @@ def decide_update_schedule(cmd: UpdateDeploymentSchedule, deployment: Deployment
     schedules[at] = _patched(schedules[at], cmd, ctx.now)
     _slugs_unique(schedules)
     after = deployment.model_copy(update={"schedules": schedules, "updated": ctx.now})
-    return _updated(deployment, after)
+    made = _updated(deployment, after)
+    deletions = delete_scheduled_runs(deployment.id, indexed, ctx.now, future_only=True)
+    return Decision(events=made.events + deletions, result=None, after=made.after)
 
 
 def decide_delete_schedule(cmd: DeleteDeploymentSchedule, deployment: Deployment | None,
-                           ctx: DecisionContext) -> Decision:
+                           ctx: DecisionContext, indexed: IndexedRuns = IndexedRuns()) -> Decision:
+    """SC-7: every run of this schedule that never ran goes, past ones too."""
     if deployment is None:
         raise deployment_not_found(cmd.deployment_id)
     at = _schedule_at(deployment, cmd.schedule_id)
     schedules = [s for i, s in enumerate(deployment.schedules) if i != at]
     after = deployment.model_copy(update={"schedules": schedules, "updated": ctx.now})
-    return Decision(events=[NewEvent(str(after.id), DeploymentUpdated(deployment=after, changed=["schedules"]))],
-                    result=None, after={str(after.id): after})
+    deletions = delete_scheduled_runs(deployment.id, indexed, ctx.now, future_only=False, schedule_id=cmd.schedule_id)
+    return Decision(events=[NewEvent(str(after.id), DeploymentUpdated(deployment=after, changed=["schedules"])),
+                            *deletions], result=None, after={str(after.id): after})

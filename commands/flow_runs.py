@@ -13,15 +13,15 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from . import orchestration_rules
 from . import work_pools as wp
 from .bounds import INT32_MAX, JsonDocument, StoredText, UtcDatetime
 from .decisions import Decision, NewEvent
-from .deployments import CreatedBy
 from .events import register_event
 from .flows import Tags
 from .messages import Command, DecisionContext, Event, invalid, not_found
 from .names import MAX_NAME_LENGTH
-from .states import State, StateCreate, StateType
+from .states import CreatedBy, State, StateCreate, StateType
 from .unique_keys import UniqueKeyClaim, UniqueKeyScope
 
 FLOW_RUN = "flow_run"
@@ -86,10 +86,6 @@ class FlowRun(BaseModel):
     priority: int = 0
     waiting_reason: str | None = None
 
-
-# The rules read `FlowRun` and this module's deciders call the rules: imported once the
-# shapes above exist, and used through the module, so either module may be imported first.
-from . import orchestration_rules  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Events

@@ -32,7 +32,14 @@ from pydantic_core import to_jsonable_python
 
 from . import concurrency_limits as cl
 from . import variables as va
-from .deployments import Deployment, DeploymentCreated, DeploymentDeleted, DeploymentUpdated
+from .deployments import (
+    Deployment,
+    DeploymentCreated,
+    DeploymentDeleted,
+    DeploymentRunsForgotten,
+    DeploymentRunsScheduled,
+    DeploymentUpdated,
+)
 from .events import EVENT_TYPES, EventEnvelope, UnknownEvent
 from .flow_runs import FlowRunCreated, FlowRunDeleted, FlowRunStateSet, FlowRunUpdated
 from .flows import FlowCreated, FlowDeleted
@@ -450,8 +457,8 @@ def _flow_run_gone(out: _Out, e: FlowRunDeleted | FlowRunUpdated, aggregate_id: 
 
 
 def _nothing(out: _Out, e: Event, aggregate_id: str, state: ExportState) -> None:
-    """Unique-key claims keep names unique, and Prefect emits no event for a flow's creation
-    or deletion: nothing to export."""
+    """Unique-key claims keep names unique and a deployment's index of scheduled runs is
+    runledger's bookkeeping: nothing to export. (Flows: not exported yet.)"""
 
 
 _HANDLERS: dict[type[Event], Callable[[_Out, Any, str, ExportState], None]] = {
@@ -471,6 +478,8 @@ _HANDLERS: dict[type[Event], Callable[[_Out, Any, str, ExportState], None]] = {
     DeploymentCreated: _deployment_event,
     DeploymentUpdated: _deployment_event,
     DeploymentDeleted: _deployment_event,
+    DeploymentRunsScheduled: _nothing,
+    DeploymentRunsForgotten: _nothing,
     FlowRunCreated: _flow_run_state_event,
     FlowRunStateSet: _flow_run_state_event,
     FlowRunUpdated: _flow_run_gone,

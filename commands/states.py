@@ -106,3 +106,14 @@ class State(BaseModel):
 
     def reply(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+class CreatedBy(BaseModel):
+    """Who made a run or a deployment (Prefect's `CreatedBy`): a schedule, a user, an
+    automation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: uuid.UUID | None = None
+    type: Annotated[StoredText, StringConstraints(max_length=255)] | None = None
+    display_value: Annotated[StoredText, StringConstraints(max_length=255)] | None = None

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import uuid
+from collections.abc import Callable, Iterable
 from typing import Any
+
+from pydantic import TypeAdapter
 
 from runledger.commands import deployment_runs as sc
 from runledger.commands import deployments as dp
@@ -16,12 +19,29 @@ from runledger.commands import variables as va
 from runledger.commands import work_pools as wp
 from runledger.commands.decisions import Decision
 from runledger.commands.messages import DecisionContext
-from runledger.infra.aggregates import AggregateKind
+from runledger.infra.aggregates import AggregateKind, SnapshotCodec
 
 from .command_bus import AggregateKey, CommandSpec, Unit
 
 # Every event of a deployment carries the whole deployment: its last event is its state.
-AGGREGATE_KINDS = [AggregateKind(dp.DEPLOYMENT, lambda: None, dp.evolve, last_event_only=True)]
+# The index of a deployment's scheduled runs is a fold of small events, snapshotted when long.
+_INDEX = TypeAdapter(dp.ScheduledRunIndex)
+INDEX_SNAPSHOTS = SnapshotCodec(version=1, dump=lambda index: _INDEX.dump_python(index, mode="json"),
+                                load=_INDEX.validate_python)
+AGGREGATE_KINDS = [
+    AggregateKind(dp.DEPLOYMENT, lambda: None, dp.evolve, last_event_only=True),
+    AggregateKind(dp.DEPLOYMENT_RUNS, dp.ScheduledRunIndex, dp.evolve_index, snapshots=INDEX_SNAPSHOTS),
+]
+
+
+async def _indexed(unit: Unit, deployment_id: uuid.UUID, only: Callable[[dp.ScheduledRunIndex], list[uuid.UUID]]
+                   | None = None) -> dp.IndexedRuns:
+    """The deployment's index of scheduled runs and those runs (all, or the ones `only`
+    names), read side by side."""
+    index = await unit.load(dp.DEPLOYMENT_RUNS, dp.index_id(deployment_id))
+    ids = only(index) if only is not None else list(index.runs)
+    runs = await asyncio.gather(*(unit.load(fr.FLOW_RUN, str(i)) for i in ids))
+    return dp.IndexedRuns(index=index, runs=dict(zip(ids, runs, strict=True)))
 
 
 async def _placement(unit: Unit, pool_name: str | None, queue_name: str | None) -> dp.Placement:
@@ -42,13 +62,15 @@ async def create_deployment(unit: Unit, cmd: dp.CreateDeployment, ctx: DecisionC
     existing = await unit.load(dp.DEPLOYMENT, str(claim.owner_id)) if claim.owner_id is not None else None
     flow = await unit.load(fl.FLOW, str(cmd.flow_id))
     placement = await _placement(unit, cmd.work_pool_name, cmd.work_queue_name)
-    return dp.decide_create_deployment(cmd, claim, existing, flow is not None, placement, ctx)
+    indexed = await _indexed(unit, existing.id) if existing is not None else dp.IndexedRuns()
+    return dp.decide_create_deployment(cmd, claim, existing, flow is not None, placement, ctx, indexed)
 
 
 async def update_deployment(unit: Unit, cmd: dp.UpdateDeployment, ctx: DecisionContext) -> Decision:
     deployment = await unit.load(dp.DEPLOYMENT, str(cmd.id))
     placement = await _placement(unit, cmd.work_pool_name, cmd.work_queue_name) if deployment else dp.Placement()
-    return dp.decide_update_deployment(cmd, deployment, placement, ctx)
+    indexed = await _indexed(unit, cmd.id) if deployment is not None else dp.IndexedRuns()
+    return dp.decide_update_deployment(cmd, deployment, placement, ctx, indexed)
 
 
 async def delete_deployment(unit: Unit, cmd: dp.DeleteDeployment, ctx: DecisionContext) -> Decision:
@@ -56,11 +78,14 @@ async def delete_deployment(unit: Unit, cmd: dp.DeleteDeployment, ctx: DecisionC
     # The claim is released in the same batch: it must be loaded, for its expected sequence.
     claim = (await unit.load(uk.UNIQUE_KEY, dp.name_key(deployment.flow_id, deployment.name))
              if deployment is not None else None)
-    return dp.decide_delete_deployment(cmd, deployment, claim, ctx)
+    indexed = await _indexed(unit, cmd.id) if deployment is not None else dp.IndexedRuns()
+    return dp.decide_delete_deployment(cmd, deployment, claim, ctx, indexed)
 
 
 async def pause_deployment(unit: Unit, cmd: dp.PauseDeployment, ctx: DecisionContext) -> Decision:
-    return dp.decide_set_paused(cmd.id, True, await unit.load(dp.DEPLOYMENT, str(cmd.id)), ctx)
+    deployment = await unit.load(dp.DEPLOYMENT, str(cmd.id))
+    indexed = await _indexed(unit, cmd.id) if deployment is not None else dp.IndexedRuns()
+    return dp.decide_set_paused(cmd.id, True, deployment, ctx, indexed)
 
 
 async def resume_deployment(unit: Unit, cmd: dp.ResumeDeployment, ctx: DecisionContext) -> Decision:
@@ -72,11 +97,15 @@ async def create_schedules(unit: Unit, cmd: dp.CreateDeploymentSchedules, ctx: D
 
 
 async def update_schedule(unit: Unit, cmd: dp.UpdateDeploymentSchedule, ctx: DecisionContext) -> Decision:
-    return dp.decide_update_schedule(cmd, await unit.load(dp.DEPLOYMENT, str(cmd.deployment_id)), ctx)
+    deployment = await unit.load(dp.DEPLOYMENT, str(cmd.deployment_id))
+    indexed = await _indexed(unit, cmd.deployment_id) if deployment is not None else dp.IndexedRuns()
+    return dp.decide_update_schedule(cmd, deployment, ctx, indexed)
 
 
 async def delete_schedule(unit: Unit, cmd: dp.DeleteDeploymentSchedule, ctx: DecisionContext) -> Decision:
-    return dp.decide_delete_schedule(cmd, await unit.load(dp.DEPLOYMENT, str(cmd.deployment_id)), ctx)
+    deployment = await unit.load(dp.DEPLOYMENT, str(cmd.deployment_id))
+    indexed = await _indexed(unit, cmd.deployment_id) if deployment is not None else dp.IndexedRuns()
+    return dp.decide_delete_schedule(cmd, deployment, ctx, indexed)
 
 
 async def schedule_runs(unit: Unit, cmd: sc.ScheduleDeploymentRuns, ctx: DecisionContext) -> Decision:
@@ -86,7 +115,9 @@ async def schedule_runs(unit: Unit, cmd: sc.ScheduleDeploymentRuns, ctx: Decisio
     planned = sc.planned_runs(deployment, cmd, ctx.now) if deployment is not None else []
     runs = await asyncio.gather(*(unit.load(fr.FLOW_RUN, str(p.run_id)) for p in planned))
     existing = {p.run_id: run for p, run in zip(planned, runs, strict=True)}
-    return sc.decide_schedule_runs(deployment, planned, existing, ctx)
+    indexed = (await _indexed(unit, cmd.deployment_id, lambda index: sc.past_runs(index, ctx.now))
+               if deployment is not None else dp.IndexedRuns())
+    return sc.decide_schedule_runs(deployment, planned, existing, ctx, indexed)
 
 
 async def _run_inputs(unit: Unit, deployment: dp.Deployment,

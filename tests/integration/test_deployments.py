@@ -356,3 +356,57 @@ async def test_bulk_runs_from_a_deployment_report_each_item(broker):
     assert too_many["error"]["code"] == "invalid"
     unknown = await broker.cmd("CreateFlowRunsFromDeployment", deployment_id=str(uuid.uuid4()), runs=[])
     assert unknown["error"]["code"] == "not_found"
+
+
+async def _scheduled(broker, deployment_id: str) -> list[dict]:
+    return await broker.ok_qry("ListFlowRuns", flow_runs={"deployment_id": {"any_": [deployment_id]},
+                                                          "state_type": {"any_": ["SCHEDULED"]}},
+                               sort="EXPECTED_START_TIME_ASC")
+
+
+async def test_changes_delete_the_runs_their_schedules_made_as_prefect_does(broker):
+    flow_id = await a_flow(broker)
+    d = await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow_id,
+                            schedules=[{"schedule": {"interval": 3600}, "slug": "hourly"}])
+    made = (await broker.ok_cmd("ScheduleDeploymentRuns", deployment_id=d["id"], min_runs=5))["flow_run_ids"]
+    assert len(made) == 5
+    manual = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=d["id"])
+    started = made[0]
+    await broker.ok_cmd("SetFlowRunState", id=started, state={"type": "PENDING"})
+    # An update, even an empty one, deletes the future auto-scheduled runs (DP-7); the one
+    # that left SCHEDULED and the manual one stay.
+    await broker.ok_cmd("UpdateDeployment", id=d["id"])
+    left = {r["id"] for r in await broker.ok_qry("ListFlowRuns", flow_runs={"deployment_id": {"any_": [d["id"]]}})}
+    assert left == {started, manual["id"]}
+    # Scheduled again: new runs (the same dates make the same run ids, re-created).
+    again = (await broker.ok_cmd("ScheduleDeploymentRuns", deployment_id=d["id"], min_runs=5))["flow_run_ids"]
+    assert len(again) >= 4
+    # A backfill in the past, then a pause: every auto-scheduled run that never ran goes, past ones too (DP-9).
+    now = datetime.now(UTC)
+    past = (await broker.ok_cmd("ScheduleDeploymentRuns", deployment_id=d["id"], start_time=(now - timedelta(hours=3, minutes=30)).isoformat(),
+                                end_time=(now - timedelta(minutes=1)).isoformat()))["flow_run_ids"]
+    assert len(past) == 3
+    await broker.ok_cmd("PauseDeployment", id=d["id"])
+    remaining = await _scheduled(broker, d["id"])
+    assert [r["id"] for r in remaining] == [manual["id"]]  # manually created scheduled runs stay
+    assert (await broker.ok_qry("GetFlowRun", id=started))["state_type"] == "PENDING"
+    # Resuming makes no runs.
+    await broker.ok_cmd("ResumeDeployment", id=d["id"])
+    assert [r["id"] for r in await _scheduled(broker, d["id"])] == [manual["id"]]
+
+
+async def test_a_schedules_delete_removes_its_runs_and_an_upsert_the_future_ones(broker):
+    flow_id = await a_flow(broker)
+    d = await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow_id, schedules=[
+        {"schedule": {"interval": 3600}, "slug": "a"}, {"schedule": {"interval": 7200}, "slug": "b"}])
+    a, b = d["schedules"]
+    await broker.ok_cmd("ScheduleDeploymentRuns", deployment_id=d["id"])
+    by_schedule = {}
+    for r in await _scheduled(broker, d["id"]):
+        by_schedule.setdefault(r["created_by"]["id"], []).append(r["id"])
+    assert set(by_schedule) == {a["id"], b["id"]}
+    await broker.ok_cmd("DeleteDeploymentSchedule", deployment_id=d["id"], schedule_id=a["id"])
+    assert {r["created_by"]["id"] for r in await _scheduled(broker, d["id"])} == {b["id"]}
+    await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow_id)  # the upsert: DP-2(a)
+    assert await _scheduled(broker, d["id"]) == []
+    await broker.ok_cmd("DeleteDeployment", id=d["id"])

@@ -276,7 +276,7 @@ def test_schedule_crud_keeps_max_runs_refuses_duplicate_slugs_and_finds_unknown_
         {"deployment_id": str(d.id), "schedules": [{"schedule": {"interval": 1}, "slug": "x"}]}), d2, ctx())
     upd = dp.decide_update_schedule(dp.UpdateDeploymentSchedule(deployment_id=d.id, schedule_id=s.id, active=False),
                                     d2, ctx())
-    assert upd.result.schedules[0].active is False
+    assert upd.after[str(d.id)].schedules[0].active is False
     e = rejected(ErrorCode.NOT_FOUND, dp.decide_delete_schedule,
                  dp.DeleteDeploymentSchedule(deployment_id=d.id, schedule_id=uuid.uuid4()), d2, ctx())
     assert e.message == "Schedule not found."
@@ -294,3 +294,50 @@ def test_a_limit_is_reported_as_the_deployments_global_limit():
     # Kept unless named; an explicit null removes it.
     assert update(d, description="x").result.concurrency_limit == 3
     assert update(d, concurrency_limit=None).result.concurrency_limit is None
+
+
+def _indexed_runs(d: dp.Deployment, now: datetime) -> tuple[dp.IndexedRuns, dict[str, Any]]:
+    """Five runs of the deployment's schedule: future, past (Late), started, awaiting a slot, gone."""
+    from runledger.commands import flow_runs as fr
+    from runledger.commands.states import StateCreate
+
+    def run(start: datetime, **state) -> fr.FlowRun:
+        made = fr.decide_create_flow_run(fr.CreateFlowRun(flow_id=FLOW_ID, state=StateCreate(
+            type="SCHEDULED", state_details={"scheduled_time": start}, **state)), None, None, True, None, ctx())
+        return made.result
+
+    future, late, waiting = run(now + timedelta(hours=1)), run(now - timedelta(hours=1), name="Late"), \
+        run(now + timedelta(hours=2), name="AwaitingConcurrencySlot")
+    started = run(now + timedelta(hours=3)).model_copy(update={"state_type": "RUNNING", "run_count": 1})
+    gone_id = uuid.uuid4()
+    schedule_id = uuid.uuid4()
+    runs = {"future": future, "late": late, "waiting": waiting, "started": started}
+    index = dp.ScheduledRunIndex(runs={
+        **{r.id: dp.TrackedRun(date=r.next_scheduled_start_time or now, schedule_id=schedule_id) for r in runs.values()},
+        gone_id: dp.TrackedRun(date=now, schedule_id=schedule_id)})
+    return dp.IndexedRuns(index=index, runs={**{r.id: r for r in runs.values()}, gone_id: None}), runs
+
+
+def deleted_ids(events) -> set:
+    return {n.event.flow_run_id for n in events if n.event.event_type == "FlowRunDeleted"}
+
+
+def forgotten_ids(events) -> set:
+    return {i for n in events if n.event.event_type == "DeploymentRunsForgotten" for i in n.event.run_ids}
+
+
+def test_an_update_deletes_the_future_runs_never_run_and_forgets_those_that_ran():
+    d = deployment_of(create())
+    indexed, runs = _indexed_runs(d, NOW)
+    events = dp.delete_scheduled_runs(d.id, indexed, NOW, future_only=True)
+    assert deleted_ids(events) == {runs["future"].id}  # not Late (past), not awaiting a slot, not started
+    assert forgotten_ids(events) == {runs["future"].id, runs["started"].id} | (set(indexed.index.runs) - set(
+        r.id for r in runs.values()))
+
+
+def test_a_pause_deletes_past_ones_too():
+    d = deployment_of(create())
+    indexed, runs = _indexed_runs(d, NOW)
+    paused = dp.decide_set_paused(d.id, True, d, ctx(), indexed)
+    assert deleted_ids(paused.events) == {runs["future"].id, runs["late"].id}
+    assert dp.decide_set_paused(d.id, False, d, ctx(), indexed).events == []  # a resume deletes nothing

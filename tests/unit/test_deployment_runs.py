@@ -49,7 +49,9 @@ def test_existing_runs_are_skipped_and_new_ones_have_prefects_shape():
     planned = sc.planned_runs(d, sc.ScheduleDeploymentRuns(deployment_id=d.id), NOW)
     first = sc.decide_schedule_runs(d, planned, {}, ctx())
     assert first.result == [p.run_id for p in planned]
-    runs = [n.event.run for n in first.events]
+    runs = [n.event.run for n in first.events if n.event.event_type == "FlowRunCreated"]
+    (index,) = [n.event for n in first.events if n.event.event_type == "DeploymentRunsScheduled"]
+    assert set(index.runs) == {p.run_id for p in planned}  # the deployment's index holds them
     existing = {runs[0].id: runs[0]}
     second = sc.decide_schedule_runs(d, planned, existing, ctx())
     assert second.result == [p.run_id for p in planned[1:]]
