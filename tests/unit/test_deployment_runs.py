@@ -6,8 +6,8 @@ import itertools
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from runledger.commands import deployments as dp
 from runledger.commands import deployment_runs as sc
+from runledger.commands import deployments as dp
 from runledger.commands import unique_keys as uk
 from runledger.commands.messages import DecisionContext
 
