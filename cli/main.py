@@ -14,8 +14,22 @@ app = typer.Typer(
 
 def _register() -> None:
     # Each module adds its own commands to `app`; importing here keeps start-up explicit.
-    # asyncapi; broker-config; flow ...; replay, verify, events; up, serve; status; work-pool ...; work-queue ...
-    from . import broker_config, contract, flows, replay, service, status, work_pools, work_queues  # noqa: F401
+    # asyncapi; broker-config; concurrency-limit ...; deployment ...; flow ...; flow-run ...; replay, verify,
+    # events; up, serve; status; variable ...; work-pool ...; work-queue ...
+    from . import (  # noqa: F401
+        broker_config,
+        concurrency_limits,
+        contract,
+        deployments,
+        flow_runs,
+        flows,
+        replay,
+        service,
+        status,
+        variables,
+        work_pools,
+        work_queues,
+    )
 
 
 def main() -> None:

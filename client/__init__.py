@@ -6,6 +6,9 @@
         pool = await rl.create_work_pool("etl", type="process", concurrency_limit=5)
         queue = await rl.create_work_queue("etl", "urgent", priority=1)
         flow = await rl.create_flow("etl", tags=["nightly"])  # by name: a second create returns it
+        deployment, created = await rl.create_deployment(flow.id, "nightly", work_pool_name="etl")
+        run = await rl.create_flow_run_from_deployment(deployment.id)
+        result = await rl.set_flow_run_state(run.id, "PENDING")  # result.status: ACCEPT, REJECT, ...
 
 `RunledgerClient(retries=2, idempotency_keys=True)` sends an `unavailable` request again, a
 command with the same idempotency key, so it is applied at most once.
@@ -21,22 +24,46 @@ from .errors import (
     RunledgerError,
     Unavailable,
 )
-from .models import Flow, WorkPool, WorkQueue
+from .models import (
+    ConcurrencyLimit,
+    Deployment,
+    DeploymentPage,
+    DeploymentSchedule,
+    Flow,
+    FlowRun,
+    FlowRunCreateResult,
+    OrchestrationDetails,
+    OrchestrationResult,
+    State,
+    Variable,
+    WorkPool,
+    WorkQueue,
+)
 from .runledger_client import RunledgerClient, new_idempotency_key
 
 __all__ = [
     "UNSET",
+    "ConcurrencyLimit",
     "Conflict",
+    "Deployment",
+    "DeploymentPage",
+    "DeploymentSchedule",
     "Flow",
+    "FlowRun",
+    "FlowRunCreateResult",
     "Forbidden",
     "Invalid",
     "NotFound",
+    "OrchestrationDetails",
+    "OrchestrationResult",
     "ProtocolError",
     "Reply",
     "RunledgerClient",
     "RunledgerError",
+    "State",
     "Unavailable",
     "Unset",
+    "Variable",
     "WorkPool",
     "WorkQueue",
     "new_idempotency_key",

@@ -1,6 +1,7 @@
 """The wire format of the broker contract: request bodies out, reply envelopes in.
 
-A success is `{"ok": true, "result": ..., "seq": int|null, "created": bool|null}`; an error is
+A success is `{"ok": true, "result": ..., "seq": int|null, "created": bool|null}` (and, for a
+proposed state, `"orchestration": {...}`); an error is
 `{"ok": false, "error": {"code", "message", "field"?, "details"?}}` and becomes the typed
 exception for its code (see `errors.py`)."""
 
@@ -42,6 +43,9 @@ class Reply:
     # Set when the service cut a list page to fit the broker's max payload (`truncated`): the
     # offset to ask for the rest from (docs/protocol.md, "Replies").
     next_offset: int | None = None
+    # A proposed state's outcome, beside the result (`SetFlowRunState`):
+    # `{"status": "ACCEPT"|"REJECT"|"WAIT"|"ABORT", "details": {...}}`.
+    orchestration: dict[str, Any] | None = None
 
 
 def given(**fields: Any) -> dict[str, Any]:
@@ -93,5 +97,8 @@ def parse_reply(data: bytes, subject: str) -> Reply:
     next_offset = envelope.get("next_offset") if envelope.get("truncated") is True else None
     if not (next_offset is None or (isinstance(next_offset, int) and not isinstance(next_offset, bool))):
         raise ProtocolError(f"reply on {subject} has a non-integer next_offset: {next_offset!r}")
+    orchestration = envelope.get("orchestration")
+    if not (orchestration is None or isinstance(orchestration, dict)):
+        raise ProtocolError(f"reply on {subject} has an orchestration that is not an object: {orchestration!r}")
     return Reply(result=envelope.get("result"), seq=seq, created=created if isinstance(created, bool) else None,
-                 next_offset=next_offset)
+                 next_offset=next_offset, orchestration=orchestration)

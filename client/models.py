@@ -1,12 +1,14 @@
-"""What the client returns: the work pool, work queue and flow reply shapes of the broker
-contract (`work_pool_reply` / `work_queue_reply` in `runledger.commands.work_pools`,
-`Flow.reply` in `runledger.commands.flows`).
+"""What the client returns: the work pool, work queue, flow, variable, concurrency limit,
+deployment, flow run and state reply shapes of the broker contract (`work_pool_reply` /
+`work_queue_reply` in `runledger.commands.work_pools`, `Flow.reply` in
+`runledger.commands.flows`, and the same for `Variable`, `ConcurrencyLimit`, `Deployment`,
+`FlowRun` and `State`).
 
 Unknown fields are kept (`extra="allow"`) so an older client still reads a newer service.
 Datetimes dump back as the service wrote them, so `model_dump(mode="json")` reproduces the
 service's JSON (the CLI's `--json` relies on it): a pool's and a queue's with `isoformat()`
-(`+00:00`), a flow's with pydantic's own format (`Z`), since the service dumps the `Flow`
-model itself."""
+(`+00:00`), a flow's, a variable's and a limit's with pydantic's own format (`Z`), since the
+service dumps those models themselves."""
 
 from __future__ import annotations
 
@@ -65,3 +67,206 @@ class Flow(BaseModel):
     name: str
     tags: list[str] = []
     labels: dict[str, Any] = {}
+
+
+class Variable(BaseModel):
+    """A variable: a named JSON value (`Variable.reply` in `runledger.commands.variables`)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: uuid.UUID
+    created: datetime  # the service dumps the model itself: UTC as `Z`, as for a flow
+    updated: datetime
+    name: str
+    value: Any = None
+    tags: list[str] = []
+
+
+class ConcurrencyLimit(BaseModel):
+    """A global concurrency limit (`ConcurrencyLimit.reply` in
+    `runledger.commands.concurrency_limits`; Prefect's `ConcurrencyLimitV2`)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: uuid.UUID
+    created: datetime
+    updated: datetime
+    name: str
+    limit: int
+    active: bool = True
+    active_slots: int = 0
+    denied_slots: int = 0
+    slot_decay_per_second: float = 0.0
+    avg_slot_occupancy_seconds: float = 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Deployments, flow runs and states. The service dumps these models itself (pydantic's format,
+# UTC as `Z`), so plain datetimes reproduce its JSON. Nested shapes the client does not read
+# (a schedule's definition, a run's policy) stay JSON objects, kept as the service sent them.
+
+
+class DeploymentSchedule(BaseModel):
+    """One schedule of a deployment. `schedule` is `{"interval": seconds, "anchor_date",
+    "timezone"}`, `{"cron", "timezone", "day_or"}` or `{"rrule", "timezone"}`."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: uuid.UUID
+    created: datetime
+    updated: datetime
+    deployment_id: uuid.UUID
+    schedule: dict[str, Any]
+    active: bool = True
+    max_scheduled_runs: int | None = None
+    parameters: dict[str, Any] = {}
+    slug: str | None = None
+
+
+class Deployment(BaseModel):
+    """A deployment (`Deployment.reply` in `runledger.commands.deployments`; Prefect's
+    `DeploymentResponse`). Its concurrency limit is `global_concurrency_limit` (the global
+    limit `deployment:<id>` that holds it); `concurrency_limit` is always null, as in Prefect."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: uuid.UUID
+    created: datetime
+    updated: datetime
+    name: str
+    flow_id: uuid.UUID
+    version: str | None = None
+    description: str | None = None
+    paused: bool = False
+    schedules: list[DeploymentSchedule] = []
+    concurrency_limit: int | None = None
+    global_concurrency_limit: dict[str, Any] | None = None
+    concurrency_options: dict[str, Any] | None = None
+    job_variables: dict[str, Any] = {}
+    parameters: dict[str, Any] = {}
+    parameter_openapi_schema: dict[str, Any] | None = None
+    enforce_parameter_schema: bool = True
+    pull_steps: list[Any] | None = None
+    tags: list[str] = []
+    labels: dict[str, Any] = {}
+    work_queue_name: str | None = None
+    work_queue_id: uuid.UUID | None = None
+    work_pool_name: str | None = None
+    path: str | None = None
+    entrypoint: str | None = None
+    storage_document_id: uuid.UUID | None = None
+    infrastructure_document_id: uuid.UUID | None = None
+    last_polled: datetime | None = None
+    status: str | None = None  # READY | NOT_READY
+    created_by: dict[str, Any] | None = None
+    updated_by: dict[str, Any] | None = None
+
+
+class DeploymentPage(BaseModel):
+    """One page of `paginate_deployments`: the deployments, how many match in all, and the
+    number of pages (0 when `limit` is 0)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    results: list[Deployment]
+    count: int
+    limit: int
+    page: int
+    pages: int
+
+
+class State(BaseModel):
+    """A written state of a run (`State.reply` in `runledger.commands.states`): `type` is one
+    of SCHEDULED, PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, CRASHED, PAUSED, CANCELLING;
+    `name` refines it (`AwaitingRetry`, `Late`, ...)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: uuid.UUID
+    type: str
+    name: str
+    timestamp: datetime
+    message: str | None = None
+    data: Any = None
+    state_details: dict[str, Any] = {}
+
+
+class FlowRun(BaseModel):
+    """A flow run (`FlowRun` in `runledger.commands.flow_runs`; Prefect's field names).
+    `total_run_time` is in seconds, as the service writes it. Reads also carry the run's pool
+    (`work_pool_id`, `work_pool_name`); a command's reply does not."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: uuid.UUID
+    created: datetime
+    updated: datetime
+    name: str
+    flow_id: uuid.UUID
+    state_id: uuid.UUID | None = None
+    deployment_id: uuid.UUID | None = None
+    deployment_version: str | None = None
+    work_queue_name: str | None = None
+    work_queue_id: uuid.UUID | None = None
+    flow_version: str | None = None
+    parameters: dict[str, Any] = {}
+    idempotency_key: str | None = None
+    context: dict[str, Any] = {}
+    empirical_policy: dict[str, Any] = {}
+    tags: list[str] = []
+    labels: dict[str, Any] = {}
+    parent_task_run_id: uuid.UUID | None = None
+    state_type: str | None = None
+    state_name: str | None = None
+    run_count: int = 0
+    expected_start_time: datetime | None = None
+    next_scheduled_start_time: datetime | None = None
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    total_run_time: float = 0.0
+    auto_scheduled: bool = False
+    infrastructure_document_id: uuid.UUID | None = None
+    infrastructure_pid: str | None = None
+    created_by: dict[str, Any] | None = None
+    job_variables: dict[str, Any] = {}
+    state: State | None = None
+    priority: int = 0  # beyond Prefect: lower runs first within its queue
+    waiting_reason: str | None = None  # beyond Prefect: why it waits, when something holds it back
+
+
+class OrchestrationDetails(BaseModel):
+    """Why the orchestration decided as it did: `reason` (REJECT, ABORT, WAIT) and
+    `delay_seconds` (WAIT: propose again after that long)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    reason: str | None = None
+    delay_seconds: int | float | None = None
+
+
+class OrchestrationResult(BaseModel):
+    """What a proposed state came to (Prefect's `OrchestrationResult`): `status` ACCEPT (the
+    state was written), REJECT (another state was written instead, e.g. AwaitingRetry), WAIT
+    (nothing written; propose again after `details.delay_seconds`) or ABORT (nothing written).
+    `state` is the run's state after the decision: the one written, or the current one."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    status: str
+    state: State | None = None
+    details: OrchestrationDetails = OrchestrationDetails()
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == "ACCEPT"
+
+
+class FlowRunCreateResult(BaseModel):
+    """One item of `create_flow_runs_from_deployment`: `status` CREATED (with its
+    `flow_run_id`) or FAILED (with the `error`)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    flow_run_id: uuid.UUID | None = None
+    status: str
+    error: str | None = None

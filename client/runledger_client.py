@@ -37,8 +37,21 @@ from runledger.infra.nats_connection import BrokerUnavailable, connect
 from runledger.infra.settings import Settings, load_settings
 
 from .envelope import UNSET, Reply, Unset, encode_body, given, parse_reply
-from .errors import ProtocolError, Unavailable
-from .models import Flow, WorkPool, WorkQueue
+from .errors import Invalid, ProtocolError, Unavailable
+from .models import (
+    ConcurrencyLimit,
+    Deployment,
+    DeploymentPage,
+    DeploymentSchedule,
+    Flow,
+    FlowRun,
+    FlowRunCreateResult,
+    OrchestrationResult,
+    State,
+    Variable,
+    WorkPool,
+    WorkQueue,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -46,6 +59,20 @@ M = TypeVar("M", bound=BaseModel)
 def new_idempotency_key() -> str:
     """A fresh, unguessable idempotency key."""
     return str(uuid.uuid4())
+
+
+# Commands whose bus idempotency key is not `idempotency_key`: there, as in Prefect,
+# `idempotency_key` means "the existing run of this flow with this key" (a domain key), and the
+# bus's own key is `request_idempotency_key` (the command's `BUS_KEY_FIELD` on the service).
+BUS_KEY_FIELDS: dict[str, str] = {
+    "CreateFlowRun": "request_idempotency_key",
+    "CreateFlowRunFromDeployment": "request_idempotency_key",
+}
+
+
+def bus_key_field(command: str) -> str:
+    """The body field that carries command `command`'s bus idempotency key."""
+    return BUS_KEY_FIELDS.get(command, "idempotency_key")
 
 
 def _filter(names: Sequence[str] | None, ids: Sequence[uuid.UUID | str] | None,
@@ -132,9 +159,10 @@ class RunledgerClient:
     async def command(self, name: str, body: Mapping[str, Any]) -> Reply:
         """Send command `name` and return its reply; an error reply raises its typed error.
         `unavailable` is retried as the class says (with the same idempotency key)."""
-        if self.idempotency_keys and body.get("idempotency_key") is None:
-            body = {**body, "idempotency_key": new_idempotency_key()}
-        keyed = body.get("idempotency_key") is not None
+        key_field = bus_key_field(name)
+        if self.idempotency_keys and body.get(key_field) is None:
+            body = {**body, key_field: new_idempotency_key()}
+        keyed = body.get(key_field) is not None
         subject = self.settings.command_subject(name)
         unknown = False
         attempt = 0
@@ -170,7 +198,7 @@ class RunledgerClient:
         if min_seq is None and self.consistent_reads:
             min_seq = self.last_seq
         timeout = self.settings.request_timeout
-        if min_seq is not None:
+        if min_seq:  # 0: no wait asked
             body = {**body, "min_seq": min_seq}
             timeout += self.settings.query_wait_timeout  # the service may wait that long first
         subject = self.settings.query_subject(name)
@@ -183,6 +211,19 @@ class RunledgerClient:
                 if attempt > self.retries:
                     raise self._gave_up(e, attempt, False) from None
             await self._pause(attempt)
+
+    async def catch_up(self) -> int | None:
+        """Make this client's next queries wait until the read models hold every write the
+        service had acknowledged when this is called, anyone's (not only this client's): for a
+        process that reads what another one just wrote (each CLI run is a new client). Returns
+        the stream sequence waited for (None: the service did not say)."""
+        reply = await self.query("GetServiceHealth", {}, min_seq=0)  # 0: no wait for this one
+        last = reply.result.get("stream_last_seq") if isinstance(reply.result, dict) else None
+        if isinstance(last, int) and not isinstance(last, bool) and last > 0:
+            if self.last_seq is None or last > self.last_seq:
+                self.last_seq = last
+            return last
+        return None
 
     async def _pause(self, attempt: int) -> None:
         """Before try `attempt + 1`: backoff * 2^(attempt-1), give or take a quarter."""
@@ -558,3 +599,691 @@ class RunledgerClient:
             body["flows"] = flt
         reply = await self.query("CountFlows", body, min_seq=min_seq)
         return self._count(reply.result)
+
+    # -----------------------------------------------------------------------------------------
+    # Variables
+
+    async def create_variable(
+        self,
+        name: str,
+        value: Any,
+        *,
+        tags: Sequence[str] | Unset = UNSET,
+        idempotency_key: str | None = None,
+    ) -> Variable:
+        """Create a variable: any JSON `value` (at most 5000 characters as JSON). A name that
+        is taken raises `Conflict`. Names: lowercase letters, digits, `-` and `_`."""
+        body = given(name=name, value=value, tags=tags)
+        reply = await self.command("CreateVariable", body | self._key(idempotency_key))
+        return self._one(Variable, reply.result)
+
+    async def update_variable(
+        self,
+        name: str,
+        *,
+        value: Any | Unset = UNSET,
+        tags: Sequence[str] | Unset = UNSET,
+        new_name: str | Unset = UNSET,
+        idempotency_key: str | None = None,
+    ) -> Variable:
+        """Change what is given (`value=None` stores null); `new_name` renames. Returns the
+        variable after the update."""
+        body = given(name=name, value=value, tags=tags, new_name=new_name)
+        reply = await self.command("UpdateVariable", body | self._key(idempotency_key))
+        return self._one(Variable, reply.result)
+
+    async def delete_variable(self, name: str, *, idempotency_key: str | None = None) -> None:
+        """Delete a variable by name; the name is free again at once."""
+        await self.command("DeleteVariable", {"name": name} | self._key(idempotency_key))
+
+    async def read_variable(self, id: uuid.UUID | str, *, min_seq: int | None = None) -> Variable:
+        reply = await self.query("GetVariable", {"id": str(id)}, min_seq=min_seq)
+        return self._one(Variable, reply.result)
+
+    async def read_variable_by_name(self, name: str, *, min_seq: int | None = None) -> Variable:
+        reply = await self.query("GetVariableByName", {"name": name}, min_seq=min_seq)
+        return self._one(Variable, reply.result)
+
+    @staticmethod
+    def _variable_filter(names: Sequence[str] | None, ids: Sequence[uuid.UUID | str] | None,
+                         like: str | None, tags: Sequence[str] | None) -> dict[str, Any] | None:
+        """A `VariableFilter` body: ids and names match any value given, `like` is a part of
+        the name (any case), `tags` every tag given."""
+        body = _flow_filter(names, ids, tags) or {}
+        if like is not None:
+            body["name"] = {**body.get("name", {}), "like_": like}
+        return body or None
+
+    async def list_variables(
+        self,
+        *,
+        names: Sequence[str] | None = None,
+        ids: Sequence[uuid.UUID | str] | None = None,
+        like: str | None = None,
+        tags: Sequence[str] | None = None,
+        limit: int | Unset = UNSET,
+        offset: int | Unset = UNSET,
+        min_seq: int | None = None,
+    ) -> list[Variable]:
+        """One page of variables, ordered by name. The server's limit is 200 at most."""
+        body = given(limit=limit, offset=offset)
+        if (flt := self._variable_filter(names, ids, like, tags)) is not None:
+            body["variables"] = flt
+        reply = await self._whole_page("ListVariables", body,
+                                       await self.query("ListVariables", body, min_seq=min_seq))
+        return self._many(Variable, reply.result)
+
+    async def count_variables(
+        self,
+        *,
+        names: Sequence[str] | None = None,
+        ids: Sequence[uuid.UUID | str] | None = None,
+        like: str | None = None,
+        tags: Sequence[str] | None = None,
+        min_seq: int | None = None,
+    ) -> int:
+        body: dict[str, Any] = {}
+        if (flt := self._variable_filter(names, ids, like, tags)) is not None:
+            body["variables"] = flt
+        reply = await self.query("CountVariables", body, min_seq=min_seq)
+        return self._count(reply.result)
+
+    # -----------------------------------------------------------------------------------------
+    # Global concurrency limits
+
+    @staticmethod
+    def _id_or_name(id_or_name: uuid.UUID | str) -> dict[str, str]:
+        """`{"id": ...}` for a UUID (or text that is one), else `{"name": ...}`, as Prefect's
+        `/v2/concurrency_limits/{id_or_name}` reads its path."""
+        if isinstance(id_or_name, uuid.UUID):
+            return {"id": str(id_or_name)}
+        try:
+            return {"id": str(uuid.UUID(id_or_name))}
+        except ValueError:
+            return {"name": id_or_name}
+
+    async def create_concurrency_limit(
+        self,
+        name: str,
+        limit: int,
+        *,
+        active: bool | Unset = UNSET,
+        active_slots: int | Unset = UNSET,
+        denied_slots: int | Unset = UNSET,
+        slot_decay_per_second: float | Unset = UNSET,
+        idempotency_key: str | None = None,
+    ) -> ConcurrencyLimit:
+        """Create a global concurrency limit of `limit` slots (>= 0); a taken name raises
+        `Conflict`."""
+        body = given(name=name, limit=limit, active=active, active_slots=active_slots, denied_slots=denied_slots,
+                     slot_decay_per_second=slot_decay_per_second)
+        reply = await self.command("CreateConcurrencyLimit", body | self._key(idempotency_key))
+        return self._one(ConcurrencyLimit, reply.result)
+
+    async def update_concurrency_limit(
+        self,
+        id_or_name: uuid.UUID | str,
+        *,
+        limit: int | Unset = UNSET,
+        active: bool | Unset = UNSET,
+        new_name: str | Unset = UNSET,
+        active_slots: int | Unset = UNSET,
+        denied_slots: int | Unset = UNSET,
+        slot_decay_per_second: float | Unset = UNSET,
+        idempotency_key: str | None = None,
+    ) -> ConcurrencyLimit:
+        """Change what is given, on the limit with this id (a UUID) or name. Returns the limit
+        after the update."""
+        body = self._id_or_name(id_or_name) | given(
+            limit=limit, active=active, new_name=new_name, active_slots=active_slots, denied_slots=denied_slots,
+            slot_decay_per_second=slot_decay_per_second)
+        reply = await self.command("UpdateConcurrencyLimit", body | self._key(idempotency_key))
+        return self._one(ConcurrencyLimit, reply.result)
+
+    async def delete_concurrency_limit(self, id_or_name: uuid.UUID | str, *,
+                                       idempotency_key: str | None = None) -> None:
+        """Delete the limit with this id (a UUID) or name; the name is free again at once."""
+        await self.command("DeleteConcurrencyLimit", self._id_or_name(id_or_name) | self._key(idempotency_key))
+
+    async def read_concurrency_limit(self, id: uuid.UUID | str, *, min_seq: int | None = None) -> ConcurrencyLimit:
+        reply = await self.query("GetConcurrencyLimit", {"id": str(id)}, min_seq=min_seq)
+        return self._one(ConcurrencyLimit, reply.result)
+
+    async def read_concurrency_limit_by_name(self, name: str, *, min_seq: int | None = None) -> ConcurrencyLimit:
+        reply = await self.query("GetConcurrencyLimitByName", {"name": name}, min_seq=min_seq)
+        return self._one(ConcurrencyLimit, reply.result)
+
+    async def list_concurrency_limits(
+        self,
+        *,
+        limit: int | Unset = UNSET,
+        offset: int | Unset = UNSET,
+        min_seq: int | None = None,
+    ) -> list[ConcurrencyLimit]:
+        """One page of global concurrency limits, ordered by name (at most 200)."""
+        body = given(limit=limit, offset=offset)
+        reply = await self._whole_page("ListConcurrencyLimits", body,
+                                       await self.query("ListConcurrencyLimits", body, min_seq=min_seq))
+        return self._many(ConcurrencyLimit, reply.result)
+
+    async def count_concurrency_limits(self, *, min_seq: int | None = None) -> int:
+        reply = await self.query("CountConcurrencyLimits", {}, min_seq=min_seq)
+        return self._count(reply.result)
+
+    # -----------------------------------------------------------------------------------------
+    # Deployments
+
+    @staticmethod
+    def _deployment_query(ids: Sequence[uuid.UUID | str] | None, names: Sequence[str] | None,
+                          flow_ids: Sequence[uuid.UUID | str] | None, work_queue_ids: Sequence[uuid.UUID | str] | None,
+                          tags: Sequence[str] | None, paused: bool | None, flow_names: Sequence[str] | None,
+                          work_pool_names: Sequence[str] | None,
+                          work_queue_names: Sequence[str] | None) -> dict[str, Any]:
+        """The filter fields of `ListDeployments` / `CountDeployments` / `PaginateDeployments`:
+        lists match any value given, `tags` every tag given; pool and queue names are the
+        queue's names as they are now."""
+        flt = _flow_filter(names, ids, tags) or {}
+        if flow_ids is not None:
+            flt["flow_id"] = {"any_": [str(i) for i in flow_ids]}
+        if work_queue_ids is not None:
+            flt["work_queue_id"] = {"any_": [str(i) for i in work_queue_ids]}
+        if paused is not None:
+            flt["paused"] = paused
+        body: dict[str, Any] = {"deployments": flt} if flt else {}
+        for key, values in (("flow_name", flow_names), ("work_pool_name", work_pool_names),
+                            ("work_queue_name", work_queue_names)):
+            if values is not None:
+                body[key] = {"any_": list(values)}
+        return body
+
+    async def create_deployment(
+        self,
+        flow_id: uuid.UUID | str,
+        name: str,
+        *,
+        version: str | None | Unset = UNSET,
+        description: str | None | Unset = UNSET,
+        paused: bool | Unset = UNSET,
+        schedules: Sequence[Mapping[str, Any]] | Unset = UNSET,
+        concurrency_limit: int | None | Unset = UNSET,
+        concurrency_options: Mapping[str, Any] | None | Unset = UNSET,
+        job_variables: Mapping[str, Any] | Unset = UNSET,
+        parameters: Mapping[str, Any] | Unset = UNSET,
+        parameter_openapi_schema: Mapping[str, Any] | None | Unset = UNSET,
+        enforce_parameter_schema: bool | Unset = UNSET,
+        pull_steps: Sequence[Any] | None | Unset = UNSET,
+        tags: Sequence[str] | Unset = UNSET,
+        labels: Mapping[str, Any] | Unset = UNSET,
+        work_pool_name: str | None | Unset = UNSET,
+        work_queue_name: str | None | Unset = UNSET,
+        path: str | None | Unset = UNSET,
+        entrypoint: str | None | Unset = UNSET,
+        storage_document_id: uuid.UUID | str | None | Unset = UNSET,
+        infrastructure_document_id: uuid.UUID | str | None | Unset = UNSET,
+        idempotency_key: str | None = None,
+    ) -> tuple[Deployment, bool]:
+        """Create the deployment `name` of a flow, or update in place the one that exists
+        (its id kept, the fields given changed, its schedules replaced by those given); returns
+        it and whether this call created it. A schedule is `{"schedule": {"cron": ...} |
+        {"interval": seconds} | {"rrule": ...}, "active", "max_scheduled_runs", "parameters",
+        "slug"}`. A pool means its default queue; a queue named in it is created when
+        missing."""
+        body = given(name=name, flow_id=str(flow_id), version=version, description=description, paused=paused,
+                     schedules=schedules, concurrency_limit=concurrency_limit,
+                     concurrency_options=concurrency_options, job_variables=job_variables, parameters=parameters,
+                     parameter_openapi_schema=parameter_openapi_schema,
+                     enforce_parameter_schema=enforce_parameter_schema, pull_steps=pull_steps, tags=tags,
+                     labels=labels, work_pool_name=work_pool_name, work_queue_name=work_queue_name, path=path,
+                     entrypoint=entrypoint, storage_document_id=storage_document_id,
+                     infrastructure_document_id=infrastructure_document_id)
+        reply = await self.command("CreateDeployment", body | self._key(idempotency_key))
+        if reply.created is None:
+            raise ProtocolError("the service's reply to CreateDeployment does not say whether it created the deployment")
+        return self._one(Deployment, reply.result), reply.created
+
+    async def update_deployment(
+        self,
+        id: uuid.UUID | str,
+        *,
+        version: str | None | Unset = UNSET,
+        description: str | None | Unset = UNSET,
+        paused: bool | Unset = UNSET,
+        schedules: Sequence[Mapping[str, Any]] | None | Unset = UNSET,
+        concurrency_limit: int | None | Unset = UNSET,
+        concurrency_options: Mapping[str, Any] | None | Unset = UNSET,
+        job_variables: Mapping[str, Any] | Unset = UNSET,
+        parameters: Mapping[str, Any] | Unset = UNSET,
+        parameter_openapi_schema: Mapping[str, Any] | None | Unset = UNSET,
+        enforce_parameter_schema: bool | Unset = UNSET,
+        pull_steps: Sequence[Any] | None | Unset = UNSET,
+        tags: Sequence[str] | Unset = UNSET,
+        labels: Mapping[str, Any] | Unset = UNSET,
+        work_pool_name: str | None | Unset = UNSET,
+        work_queue_name: str | None | Unset = UNSET,
+        path: str | None | Unset = UNSET,
+        entrypoint: str | None | Unset = UNSET,
+        storage_document_id: uuid.UUID | str | None | Unset = UNSET,
+        infrastructure_document_id: uuid.UUID | str | None | Unset = UNSET,
+        idempotency_key: str | None = None,
+    ) -> Deployment:
+        """Change the fields given. `schedules`: when every schedule (given and existing) has
+        a `slug`, each is patched by slug (`replaces` renames one); otherwise the list replaces
+        the deployment's. `work_pool_name=None` takes the deployment off its queue. Returns the
+        deployment after the update."""
+        body = given(id=str(id), version=version, description=description, paused=paused, schedules=schedules,
+                     concurrency_limit=concurrency_limit, concurrency_options=concurrency_options,
+                     job_variables=job_variables, parameters=parameters,
+                     parameter_openapi_schema=parameter_openapi_schema,
+                     enforce_parameter_schema=enforce_parameter_schema, pull_steps=pull_steps, tags=tags,
+                     labels=labels, work_pool_name=work_pool_name, work_queue_name=work_queue_name, path=path,
+                     entrypoint=entrypoint, storage_document_id=storage_document_id,
+                     infrastructure_document_id=infrastructure_document_id)
+        reply = await self.command("UpdateDeployment", body | self._key(idempotency_key))
+        return self._one(Deployment, reply.result)
+
+    async def delete_deployment(self, id: uuid.UUID | str, *, idempotency_key: str | None = None) -> None:
+        """Delete a deployment; its (flow, name) is free again at once."""
+        await self.command("DeleteDeployment", {"id": str(id)} | self._key(idempotency_key))
+
+    async def pause_deployment(self, id: uuid.UUID | str, *, idempotency_key: str | None = None) -> None:
+        """Pause a deployment (no new scheduled runs); its schedules keep their `active` flags."""
+        await self.command("PauseDeployment", {"id": str(id)} | self._key(idempotency_key))
+
+    async def resume_deployment(self, id: uuid.UUID | str, *, idempotency_key: str | None = None) -> None:
+        await self.command("ResumeDeployment", {"id": str(id)} | self._key(idempotency_key))
+
+    async def read_deployment(self, id: uuid.UUID | str, *, min_seq: int | None = None) -> Deployment:
+        reply = await self.query("GetDeployment", {"id": str(id)}, min_seq=min_seq)
+        return self._one(Deployment, reply.result)
+
+    async def read_deployment_by_name(self, name: str, *, min_seq: int | None = None) -> Deployment:
+        """By `"<flow name>/<deployment name>"`, as Prefect's client takes it (the first `/`
+        separates them: a flow name holds none)."""
+        flow_name, sep, deployment_name = name.partition("/")
+        if not sep:
+            raise Invalid(f"{name!r} is not <flow name>/<deployment name>", field="name")
+        body = {"flow_name": flow_name, "deployment_name": deployment_name}
+        reply = await self.query("GetDeploymentByName", body, min_seq=min_seq)
+        return self._one(Deployment, reply.result)
+
+    async def list_deployments(
+        self,
+        *,
+        ids: Sequence[uuid.UUID | str] | None = None,
+        names: Sequence[str] | None = None,
+        flow_ids: Sequence[uuid.UUID | str] | None = None,
+        flow_names: Sequence[str] | None = None,
+        work_pool_names: Sequence[str] | None = None,
+        work_queue_names: Sequence[str] | None = None,
+        work_queue_ids: Sequence[uuid.UUID | str] | None = None,
+        tags: Sequence[str] | None = None,
+        paused: bool | None = None,
+        limit: int | Unset = UNSET,
+        offset: int | Unset = UNSET,
+        min_seq: int | None = None,
+    ) -> list[Deployment]:
+        """One page of deployments, ordered by name (then id); lists match any value given,
+        `tags` every tag given. The server's limit is 200 at most."""
+        body = given(limit=limit, offset=offset) | self._deployment_query(
+            ids, names, flow_ids, work_queue_ids, tags, paused, flow_names, work_pool_names, work_queue_names)
+        reply = await self._whole_page("ListDeployments", body,
+                                       await self.query("ListDeployments", body, min_seq=min_seq))
+        return self._many(Deployment, reply.result)
+
+    read_deployments = list_deployments  # Prefect's name
+
+    async def count_deployments(
+        self,
+        *,
+        ids: Sequence[uuid.UUID | str] | None = None,
+        names: Sequence[str] | None = None,
+        flow_ids: Sequence[uuid.UUID | str] | None = None,
+        flow_names: Sequence[str] | None = None,
+        work_pool_names: Sequence[str] | None = None,
+        work_queue_names: Sequence[str] | None = None,
+        work_queue_ids: Sequence[uuid.UUID | str] | None = None,
+        tags: Sequence[str] | None = None,
+        paused: bool | None = None,
+        min_seq: int | None = None,
+    ) -> int:
+        body = self._deployment_query(ids, names, flow_ids, work_queue_ids, tags, paused, flow_names,
+                                      work_pool_names, work_queue_names)
+        reply = await self.query("CountDeployments", body, min_seq=min_seq)
+        return self._count(reply.result)
+
+    async def paginate_deployments(
+        self,
+        *,
+        page: int | Unset = UNSET,
+        limit: int | Unset = UNSET,
+        ids: Sequence[uuid.UUID | str] | None = None,
+        names: Sequence[str] | None = None,
+        flow_ids: Sequence[uuid.UUID | str] | None = None,
+        flow_names: Sequence[str] | None = None,
+        work_pool_names: Sequence[str] | None = None,
+        work_queue_names: Sequence[str] | None = None,
+        work_queue_ids: Sequence[uuid.UUID | str] | None = None,
+        tags: Sequence[str] | None = None,
+        paused: bool | None = None,
+        min_seq: int | None = None,
+    ) -> DeploymentPage:
+        """Page `page` (from 1) of `limit` deployments, with the total count and the number of
+        pages; a page past the end is empty."""
+        body = given(page=page, limit=limit) | self._deployment_query(
+            ids, names, flow_ids, work_queue_ids, tags, paused, flow_names, work_pool_names, work_queue_names)
+        reply = await self.query("PaginateDeployments", body, min_seq=min_seq)
+        return self._one(DeploymentPage, reply.result)
+
+    async def create_deployment_schedules(
+        self,
+        deployment_id: uuid.UUID | str,
+        schedules: Sequence[Mapping[str, Any]],
+        *,
+        idempotency_key: str | None = None,
+    ) -> list[DeploymentSchedule]:
+        """Add schedules beside the deployment's (`{"schedule": {...}, "active",
+        "max_scheduled_runs", "parameters", "slug"}` each); returns the ones added."""
+        body = {"deployment_id": str(deployment_id), "schedules": list(schedules)}
+        reply = await self.command("CreateDeploymentSchedules", body | self._key(idempotency_key))
+        return self._many(DeploymentSchedule, reply.result)
+
+    async def update_deployment_schedule(
+        self,
+        deployment_id: uuid.UUID | str,
+        schedule_id: uuid.UUID | str,
+        *,
+        schedule: Mapping[str, Any] | Unset = UNSET,
+        active: bool | Unset = UNSET,
+        max_scheduled_runs: int | None | Unset = UNSET,
+        parameters: Mapping[str, Any] | None | Unset = UNSET,
+        slug: str | None | Unset = UNSET,
+        idempotency_key: str | None = None,
+    ) -> None:
+        """Change what is given of one schedule."""
+        body = given(deployment_id=str(deployment_id), schedule_id=str(schedule_id), schedule=schedule,
+                     active=active, max_scheduled_runs=max_scheduled_runs, parameters=parameters, slug=slug)
+        await self.command("UpdateDeploymentSchedule", body | self._key(idempotency_key))
+
+    async def delete_deployment_schedule(self, deployment_id: uuid.UUID | str, schedule_id: uuid.UUID | str, *,
+                                         idempotency_key: str | None = None) -> None:
+        body = {"deployment_id": str(deployment_id), "schedule_id": str(schedule_id)}
+        await self.command("DeleteDeploymentSchedule", body | self._key(idempotency_key))
+
+    async def read_deployment_schedules(self, deployment_id: uuid.UUID | str, *,
+                                        min_seq: int | None = None) -> list[DeploymentSchedule]:
+        reply = await self.query("ListDeploymentSchedules", {"deployment_id": str(deployment_id)}, min_seq=min_seq)
+        return self._many(DeploymentSchedule, reply.result)
+
+    async def schedule_deployment_runs(
+        self,
+        deployment_id: uuid.UUID | str,
+        *,
+        start_time: datetime | Unset = UNSET,
+        end_time: datetime | Unset = UNSET,
+        min_time: float | Unset = UNSET,
+        min_runs: int | Unset = UNSET,
+        max_runs: int | Unset = UNSET,
+        idempotency_key: str | None = None,
+    ) -> list[uuid.UUID]:
+        """Make the `Scheduled` runs the deployment's active schedules give from `start_time`
+        (default now) to `end_time` (default 100 days later): at most `max_runs` per schedule
+        (default 100), stopping once there are `min_runs` (default 3) and `min_time` seconds
+        (default an hour) are covered. A date whose run exists is skipped, so scheduling twice
+        makes each run once; a start in the past backfills. Returns the ids of the runs made
+        (none for an unknown deployment, as in Prefect)."""
+        body = given(deployment_id=str(deployment_id), start_time=start_time, end_time=end_time, min_time=min_time,
+                     min_runs=min_runs, max_runs=max_runs)
+        reply = await self.command("ScheduleDeploymentRuns", body | self._key(idempotency_key))
+        ids = reply.result.get("flow_run_ids") if isinstance(reply.result, dict) else None
+        if not isinstance(ids, list):
+            raise ProtocolError(f"the service replied with {reply.result!r}, not {{'flow_run_ids': [...]}}")
+        try:
+            return [uuid.UUID(i) for i in ids]
+        except (TypeError, ValueError, AttributeError):
+            raise ProtocolError(f"the service replied with flow run ids that are not UUIDs: {ids!r}") from None
+
+    @staticmethod
+    def _run_fields(**fields: Any) -> dict[str, Any]:
+        """A proposed first state may be given as a `State`-like mapping or a type name."""
+        state = fields.get("state", UNSET)
+        if isinstance(state, str):
+            fields["state"] = {"type": state}
+        return given(**fields)
+
+    async def create_flow_run_from_deployment(
+        self,
+        deployment_id: uuid.UUID | str,
+        *,
+        parameters: Mapping[str, Any] | Unset = UNSET,
+        state: Mapping[str, Any] | str | None | Unset = UNSET,
+        name: str | None | Unset = UNSET,
+        tags: Sequence[str] | Unset = UNSET,
+        labels: Mapping[str, Any] | Unset = UNSET,
+        context: Mapping[str, Any] | Unset = UNSET,
+        work_queue_name: str | None | Unset = UNSET,
+        job_variables: Mapping[str, Any] | Unset = UNSET,
+        enforce_parameter_schema: bool | None | Unset = UNSET,
+        empirical_policy: Mapping[str, Any] | Unset = UNSET,
+        parent_task_run_id: uuid.UUID | str | None | Unset = UNSET,
+        infrastructure_document_id: uuid.UUID | str | None | Unset = UNSET,
+        priority: int | Unset = UNSET,
+        idempotency_key: str | None | Unset = UNSET,
+        request_idempotency_key: str | None = None,
+    ) -> FlowRun:
+        """A run of the deployment (`Scheduled` now unless `state` says otherwise): its
+        parameters over the deployment's, checked against its schema; `work_queue_name` picks
+        (or makes) a queue of the deployment's pool. `idempotency_key` is Prefect's: the run of
+        this flow that has it comes back unchanged. `request_idempotency_key` is the bus's (see
+        the class): a repeat returns the first reply."""
+        body = self._run_fields(
+            deployment_id=str(deployment_id), parameters=parameters, state=state, name=name, tags=tags,
+            labels=labels, context=context, work_queue_name=work_queue_name, job_variables=job_variables,
+            enforce_parameter_schema=enforce_parameter_schema, empirical_policy=empirical_policy,
+            parent_task_run_id=parent_task_run_id, infrastructure_document_id=infrastructure_document_id,
+            priority=priority, idempotency_key=idempotency_key)
+        if request_idempotency_key is not None:
+            body["request_idempotency_key"] = request_idempotency_key
+        reply = await self.command("CreateFlowRunFromDeployment", body)
+        return self._one(FlowRun, reply.result)
+
+    async def create_flow_runs_from_deployment(
+        self,
+        deployment_id: uuid.UUID | str,
+        runs: Sequence[Mapping[str, Any]],
+        *,
+        idempotency_key: str | None = None,
+    ) -> list[FlowRunCreateResult]:
+        """Up to 100 runs at once, each a mapping of `create_flow_run_from_deployment`'s
+        fields (`idempotency_key` there is Prefect's); each succeeds or fails on its own."""
+        body = {"deployment_id": str(deployment_id), "runs": [dict(r) for r in runs]}
+        reply = await self.command("CreateFlowRunsFromDeployment", body | self._key(idempotency_key))
+        return self._many(FlowRunCreateResult, reply.result)
+
+    # -----------------------------------------------------------------------------------------
+    # Flow runs
+
+    async def create_flow_run(
+        self,
+        flow_id: uuid.UUID | str,
+        *,
+        name: str | None | Unset = UNSET,
+        state: Mapping[str, Any] | str | None | Unset = UNSET,
+        parameters: Mapping[str, Any] | Unset = UNSET,
+        context: Mapping[str, Any] | Unset = UNSET,
+        tags: Sequence[str] | Unset = UNSET,
+        labels: Mapping[str, Any] | Unset = UNSET,
+        deployment_id: uuid.UUID | str | None | Unset = UNSET,
+        deployment_version: str | None | Unset = UNSET,
+        flow_version: str | None | Unset = UNSET,
+        empirical_policy: Mapping[str, Any] | Unset = UNSET,
+        parent_task_run_id: uuid.UUID | str | None | Unset = UNSET,
+        work_pool_name: str | None | Unset = UNSET,
+        work_queue_name: str | None | Unset = UNSET,
+        infrastructure_document_id: uuid.UUID | str | None | Unset = UNSET,
+        job_variables: Mapping[str, Any] | Unset = UNSET,
+        priority: int | Unset = UNSET,
+        idempotency_key: str | None | Unset = UNSET,
+        request_idempotency_key: str | None = None,
+    ) -> FlowRun:
+        """A run of a flow, `Pending` unless `state` (a mapping or a type name) says
+        otherwise. A pool means its default queue, or the named queue of it (which must
+        exist). `idempotency_key` is Prefect's: the run of this flow that has it comes back
+        unchanged, its state not applied. `request_idempotency_key` is the bus's."""
+        body = self._run_fields(
+            flow_id=str(flow_id), name=name, state=state, parameters=parameters, context=context, tags=tags,
+            labels=labels, deployment_id=deployment_id, deployment_version=deployment_version,
+            flow_version=flow_version, empirical_policy=empirical_policy, parent_task_run_id=parent_task_run_id,
+            work_pool_name=work_pool_name, work_queue_name=work_queue_name,
+            infrastructure_document_id=infrastructure_document_id, job_variables=job_variables, priority=priority,
+            idempotency_key=idempotency_key)
+        if request_idempotency_key is not None:
+            body["request_idempotency_key"] = request_idempotency_key
+        reply = await self.command("CreateFlowRun", body)
+        return self._one(FlowRun, reply.result)
+
+    async def set_flow_run_state(
+        self,
+        flow_run_id: uuid.UUID | str,
+        state: Mapping[str, Any] | str,
+        force: bool = False,
+        *,
+        idempotency_key: str | None = None,
+    ) -> OrchestrationResult:
+        """Propose a state (`{"type", "name", "message", "data", "state_details"}`, or just its
+        type); the orchestration rules decide what is written, and `force=True` writes it
+        anyway. A refusal is not an error: read `status` (ACCEPT, REJECT, WAIT, ABORT),
+        `details.reason`, and `state`, the run's state after the decision."""
+        proposed = {"type": state} if isinstance(state, str) else dict(state)
+        body: dict[str, Any] = {"id": str(flow_run_id), "state": proposed}
+        if force:
+            body["force"] = True
+        reply = await self.command("SetFlowRunState", body | self._key(idempotency_key))
+        if reply.orchestration is None:
+            raise ProtocolError("the service's reply to SetFlowRunState has no orchestration outcome")
+        return self._one(OrchestrationResult, {**reply.orchestration, "state": reply.result})
+
+    async def update_flow_run(
+        self,
+        flow_run_id: uuid.UUID | str,
+        *,
+        name: str | Unset = UNSET,
+        flow_version: str | None | Unset = UNSET,
+        parameters: Mapping[str, Any] | None | Unset = UNSET,
+        empirical_policy: Mapping[str, Any] | None | Unset = UNSET,
+        tags: Sequence[str] | None | Unset = UNSET,
+        infrastructure_pid: str | None | Unset = UNSET,
+        job_variables: Mapping[str, Any] | None | Unset = UNSET,
+        priority: int | Unset = UNSET,
+        idempotency_key: str | None = None,
+    ) -> None:
+        """Change the fields given. Job variables change only while the run is scheduled (and
+        has a deployment); `priority` only while it is scheduled."""
+        body = given(id=str(flow_run_id), name=name, flow_version=flow_version, parameters=parameters,
+                     empirical_policy=empirical_policy, tags=tags, infrastructure_pid=infrastructure_pid,
+                     job_variables=job_variables, priority=priority)
+        await self.command("UpdateFlowRun", body | self._key(idempotency_key))
+
+    async def delete_flow_run(self, flow_run_id: uuid.UUID | str, *, idempotency_key: str | None = None) -> None:
+        """Delete a run; its idempotency key is free again at once."""
+        await self.command("DeleteFlowRun", {"id": str(flow_run_id)} | self._key(idempotency_key))
+
+    async def read_flow_run(self, flow_run_id: uuid.UUID | str, *, min_seq: int | None = None) -> FlowRun:
+        reply = await self.query("GetFlowRun", {"id": str(flow_run_id)}, min_seq=min_seq)
+        return self._one(FlowRun, reply.result)
+
+    @staticmethod
+    def _flow_run_query(ids: Sequence[uuid.UUID | str] | None, names: Sequence[str] | None,
+                        flow_ids: Sequence[uuid.UUID | str] | None, deployment_ids: Sequence[uuid.UUID | str] | None,
+                        work_queue_ids: Sequence[uuid.UUID | str] | None, work_queue_names: Sequence[str] | None,
+                        state_types: Sequence[str] | None, state_names: Sequence[str] | None,
+                        tags: Sequence[str] | None, idempotency_keys: Sequence[str] | None,
+                        parent_task_run_ids: Sequence[uuid.UUID | str] | None,
+                        expected_start_time_after: datetime | None, expected_start_time_before: datetime | None,
+                        work_pool_names: Sequence[str] | None,
+                        flow_run_filter: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The filter fields of `ListFlowRuns` / `CountFlowRuns`: lists match any value given,
+        `tags` every tag given; `flow_run_filter` is a raw `FlowRunFilter` the keywords add to."""
+        flt: dict[str, Any] = dict(flow_run_filter or {})
+        for key, values in (("id", ids), ("name", names), ("flow_id", flow_ids), ("deployment_id", deployment_ids),
+                            ("work_queue_id", work_queue_ids), ("work_queue_name", work_queue_names),
+                            ("state_type", state_types), ("state_name", state_names),
+                            ("idempotency_key", idempotency_keys), ("parent_task_run_id", parent_task_run_ids)):
+            if values is not None:
+                flt[key] = {"any_": [str(v) for v in values]}
+        if tags is not None:
+            flt["tags"] = {"all_": list(tags)}
+        if expected_start_time_after is not None or expected_start_time_before is not None:
+            flt["expected_start_time"] = given(
+                after_=UNSET if expected_start_time_after is None else expected_start_time_after,
+                before_=UNSET if expected_start_time_before is None else expected_start_time_before)
+        body: dict[str, Any] = {"flow_runs": flt} if flt else {}
+        if work_pool_names is not None:
+            body["work_pool_name"] = {"any_": list(work_pool_names)}
+        return body
+
+    async def list_flow_runs(
+        self,
+        *,
+        ids: Sequence[uuid.UUID | str] | None = None,
+        names: Sequence[str] | None = None,
+        flow_ids: Sequence[uuid.UUID | str] | None = None,
+        deployment_ids: Sequence[uuid.UUID | str] | None = None,
+        work_pool_names: Sequence[str] | None = None,
+        work_queue_ids: Sequence[uuid.UUID | str] | None = None,
+        work_queue_names: Sequence[str] | None = None,
+        state_types: Sequence[str] | None = None,
+        state_names: Sequence[str] | None = None,
+        tags: Sequence[str] | None = None,
+        idempotency_keys: Sequence[str] | None = None,
+        parent_task_run_ids: Sequence[uuid.UUID | str] | None = None,
+        expected_start_time_after: datetime | None = None,
+        expected_start_time_before: datetime | None = None,
+        flow_run_filter: Mapping[str, Any] | None = None,
+        sort: str | Unset = UNSET,
+        limit: int | Unset = UNSET,
+        offset: int | Unset = UNSET,
+        min_seq: int | None = None,
+    ) -> list[FlowRun]:
+        """One page of flow runs, ordered by `sort` (ID_DESC, the default: newest first;
+        NAME_ASC, EXPECTED_START_TIME_ASC / _DESC, NEXT_SCHEDULED_START_TIME_ASC,
+        START_TIME_DESC). The server's limit is 200 at most."""
+        body = given(sort=sort, limit=limit, offset=offset) | self._flow_run_query(
+            ids, names, flow_ids, deployment_ids, work_queue_ids, work_queue_names, state_types, state_names, tags,
+            idempotency_keys, parent_task_run_ids, expected_start_time_after, expected_start_time_before,
+            work_pool_names, flow_run_filter)
+        reply = await self._whole_page("ListFlowRuns", body, await self.query("ListFlowRuns", body, min_seq=min_seq))
+        return self._many(FlowRun, reply.result)
+
+    read_flow_runs = list_flow_runs  # Prefect's name
+
+    async def count_flow_runs(
+        self,
+        *,
+        ids: Sequence[uuid.UUID | str] | None = None,
+        names: Sequence[str] | None = None,
+        flow_ids: Sequence[uuid.UUID | str] | None = None,
+        deployment_ids: Sequence[uuid.UUID | str] | None = None,
+        work_pool_names: Sequence[str] | None = None,
+        work_queue_ids: Sequence[uuid.UUID | str] | None = None,
+        work_queue_names: Sequence[str] | None = None,
+        state_types: Sequence[str] | None = None,
+        state_names: Sequence[str] | None = None,
+        tags: Sequence[str] | None = None,
+        idempotency_keys: Sequence[str] | None = None,
+        parent_task_run_ids: Sequence[uuid.UUID | str] | None = None,
+        expected_start_time_after: datetime | None = None,
+        expected_start_time_before: datetime | None = None,
+        flow_run_filter: Mapping[str, Any] | None = None,
+        min_seq: int | None = None,
+    ) -> int:
+        body = self._flow_run_query(
+            ids, names, flow_ids, deployment_ids, work_queue_ids, work_queue_names, state_types, state_names, tags,
+            idempotency_keys, parent_task_run_ids, expected_start_time_after, expected_start_time_before,
+            work_pool_names, flow_run_filter)
+        reply = await self.query("CountFlowRuns", body, min_seq=min_seq)
+        return self._count(reply.result)
+
+    async def read_flow_run_states(self, flow_run_id: uuid.UUID | str, *, min_seq: int | None = None) -> list[State]:
+        """A run's state history, oldest first."""
+        reply = await self.query("ListFlowRunStates", {"flow_run_id": str(flow_run_id)}, min_seq=min_seq)
+        return self._many(State, reply.result)

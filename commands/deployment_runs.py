@@ -60,7 +60,7 @@ AUTO_SCHEDULED_TAG = "auto-scheduled"
 
 
 class ScheduleDeploymentRuns(Command):
-    """SC-5: schedule runs from the deployment's active schedules. An unknown deployment is a
+    """Schedule runs from the deployment's active schedules. An unknown deployment is a
     silent no-op (no runs), as in Prefect."""
 
     deployment_id: uuid.UUID
@@ -169,7 +169,7 @@ class FlowRunFromDeployment(BaseModel):
 
 
 class CreateFlowRunFromDeployment(FlowRunFromDeployment, Command):
-    """DP-11 ... DP-16. `idempotency_key` is Prefect's (the existing run of the flow with this
+    """One run of a deployment. `idempotency_key` is Prefect's (the existing run of the flow with this
     key comes back, `created: false`); the bus's own key is `request_idempotency_key`."""
 
     BUS_KEY_FIELD: ClassVar[str] = "request_idempotency_key"
@@ -178,7 +178,7 @@ class CreateFlowRunFromDeployment(FlowRunFromDeployment, Command):
 
 
 class CreateFlowRunsFromDeployment(Command):
-    """DP-17: up to 100 runs; each item succeeds or fails on its own."""
+    """Up to 100 runs of a deployment; each item succeeds or fails on its own."""
 
     deployment_id: uuid.UUID
     runs: Annotated[list[FlowRunFromDeployment], Field(max_length=MAX_BULK)]

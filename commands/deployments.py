@@ -80,7 +80,7 @@ class CollisionStrategy(StrEnum):
 
 
 class ConcurrencyOptions(BaseModel):
-    """What a run does when its deployment's limit is full (SL-7)."""
+    """What a run does when its deployment's limit is full."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -221,7 +221,7 @@ class ScheduleUpdate(BaseModel):
 
 
 class _DeploymentFields(Command):
-    """Fields a create and an update share (absent ones keep their value, C-4)."""
+    """Fields a create and an update share (absent ones keep their value)."""
 
     version: ShortText | None = None
     description: ShortText | None = None
@@ -244,7 +244,7 @@ class _DeploymentFields(Command):
 
 
 class CreateDeployment(_DeploymentFields):
-    """An upsert on (flow_id, name) (DP-1)."""
+    """An upsert on (flow_id, name): an existing pair is updated in place and keeps its id."""
 
     name: DeploymentName
     flow_id: uuid.UUID
@@ -309,7 +309,7 @@ class TrackedRun(BaseModel):
 
 class ScheduledRunIndex(BaseModel):
     """The auto-scheduled runs of a deployment that an upsert, an update, a pause or a delete
-    may still have to delete (DP-2, DP-7, DP-8, DP-9, SC-7): the command side finds them here,
+    may still have to delete: the command side finds them here,
     in the log, not in a read model. A run leaves the index once it can no longer be deleted
     (it ran, or is gone); the scheduler prunes the past ones it passes."""
 
@@ -611,7 +611,7 @@ def _queue_of(pool: wp.WorkPool | None, legacy_pool: wp.WorkPool | None, pool_na
 
 @dataclass(frozen=True)
 class Placement:
-    """What the command side read to place a deployment on a queue (DP-3): the pool it names
+    """What the command side read to place a deployment on a queue: the pool it names
     (None when it names none or the pool does not exist), and the legacy pool with its name
     claim, for a queue named without a pool."""
 

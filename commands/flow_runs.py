@@ -150,7 +150,7 @@ class FlowRunPolicyInput(BaseModel):
 
 
 class CreateFlowRun(Command):
-    """FR-2. `idempotency_key` is Prefect's: the existing run of this flow with this key comes
+    """A new run. `idempotency_key` is Prefect's: the existing run of this flow with this key comes
     back unchanged (`created: false`). The bus's own key is `request_idempotency_key` here."""
 
     BUS_KEY_FIELD: ClassVar[str] = "request_idempotency_key"
@@ -176,7 +176,7 @@ class CreateFlowRun(Command):
 
 
 class SetFlowRunState(Command):
-    """FR-3: propose a state; the orchestration rules decide what is written."""
+    """Propose a state; the orchestration rules decide what is written."""
 
     id: uuid.UUID
     state: StateCreate
@@ -184,7 +184,7 @@ class SetFlowRunState(Command):
 
 
 class UpdateFlowRun(Command):
-    """FR-8: only the fields named change. `priority` (beyond Prefect) only while the run
+    """Only the fields named change. `priority` (beyond Prefect) only while the run
     waits (SCHEDULED)."""
 
     id: uuid.UUID

@@ -20,7 +20,7 @@ from .bounds import StoredText
 
 
 class Command(BaseModel):
-    """A request to change state. Unknown fields are rejected (C-3)."""
+    """A request to change state. Unknown fields are rejected."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, str_max_length=100_000)
 

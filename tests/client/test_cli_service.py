@@ -195,6 +195,17 @@ async def test_the_readme_tour_runs(service, settings):
     assert {n: q.priority for n, q in queues.items()} == {"low": 1, "high": 2, "default": 3}
     assert queues["low"].concurrency_limit is None
     assert (pool.description, pool.concurrency_limit, pool.is_paused) == ("nightly", 10, True)
+    async with RunledgerClient(settings) as rl:
+        deployment = await rl.read_deployment_by_name("etl/nightly")
+        runs = await rl.list_flow_runs(deployment_ids=[deployment.id])
+        (first,) = [r for r in runs if r.name == "first-run"]
+        history = await rl.read_flow_run_states(first.id)
+    assert [s.schedule for s in deployment.schedules] == [{"cron": "0 2 * * *", "timezone": "Europe/Berlin",
+                                                           "day_or": True}]
+    assert (deployment.work_pool_name, deployment.parameters) == ("my-pool", {"day": "monday"})
+    assert len(runs) == 4 and sum(r.auto_scheduled for r in runs) == 3
+    assert first.parameters == {"day": "friday"}
+    assert [s.type for s in history] == ["SCHEDULED", "PENDING", "RUNNING", "CANCELLING"]
 
 
 async def test_status_takes_output_json_too(service, settings):
