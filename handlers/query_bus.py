@@ -1,10 +1,16 @@
 """Query answering from the Postgres read models, with bounded read-your-writes waits.
 
 A query's `min_seq` asks the service to wait until the read models have applied that stream
-sequence. Such waits are bounded three ways: a `min_seq` beyond the stream's last sequence is
-refused at once (`invalid`: it can never be reached); at most `max_waiting` queries wait at
-once (more: `unavailable`, busy); and a waiting query holds no database slot, so ordinary
-queries go on beside any number of waits.
+sequence: every projection, unless `QueryBus.reads` names the ones a query reads. The service
+names none yet: a query may join other read models' tables (deployments read flows, pools
+and queues), so only an explicit list per query could say, and a wrong one would break
+read-your-writes. Idle projections are woken by a wait in the projections' own process
+(`CheckpointWatch.on_wait`), so waiting for all of them costs little.
+
+Such waits are bounded three ways: a `min_seq` beyond the stream's last sequence is refused
+at once (`invalid`: it can never be reached); at most `max_waiting` queries wait at once
+(more: `unavailable`, busy); and a waiting query holds no database slot, so ordinary queries
+go on beside any number of waits.
 """
 
 from __future__ import annotations
@@ -12,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runledger.commands.messages import ErrorCode, Rejection
@@ -37,16 +43,23 @@ FIRST_WAIT_SECONDS = 0.05  # before asking the stream whether a `min_seq` can be
 
 @dataclass
 class CheckpointWatch:
-    """How far the read models have got. A projection runner in this process reports each
-    commit through `applied`; otherwise one shared poller reads the checkpoints table while
-    anyone waits (not one poll per waiter)."""
+    """How far each read model has got. A projection runner in this process reports each
+    position through `applied`; for the others one shared poller reads the checkpoints table
+    while anyone waits (not one poll per waiter).
+
+    A wait names the projections it needs (the ones its query reads; all by default): each
+    projection filters the log to its own events, so one with nothing to do for a while
+    moves past other events only when it probes (projections/runner.py). `on_wait` tells
+    this process's runner that a query waits for one of its projections, so it probes at
+    once instead of at its next turn."""
 
     engine: AsyncEngine
     projections: Sequence[str]
     local: bool = False
-    _positions: dict[str, int] = field(default_factory=dict)
+    on_wait: Callable[[str, int], None] | None = None
+    _positions: dict[str, int] = field(default_factory=dict)  # reported by this process's runner
+    _polled: dict[str, int] = field(default_factory=dict)  # read from the checkpoints table
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
-    _polled: int = 0
     _waiters: int = 0
     _poller: asyncio.Task | None = None
 
@@ -64,28 +77,35 @@ class CheckpointWatch:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    def known(self) -> int:
-        """The position known without a database round trip (0 when none is)."""
-        if self.local and len(self._positions) == len(self.projections):
-            return min(self._positions.values())
-        return self._polled
+    def _names(self, projections: Sequence[str] | None) -> Sequence[str]:
+        return self.projections if projections is None else projections
 
-    async def position(self) -> int:
-        if self.local and len(self._positions) == len(self.projections):
-            return min(self._positions.values())
-        async with self.engine.connect() as conn:
-            stmt = select(func.min(projection_checkpoints.c.last_seq), func.count()).where(
-                projection_checkpoints.c.name.in_(list(self.projections))
-            )
-            low, count = (await conn.execute(stmt)).one()
-        pos = (low or 0) if count == len(self.projections) else 0
-        if pos > self._polled:
-            self._polled = pos
-        return pos
+    def _unreported(self, projections: Sequence[str] | None = None) -> list[str]:
+        """The projections whose position only the checkpoints table knows."""
+        return [n for n in self._names(projections) if n not in self._positions]
+
+    def known(self, projections: Sequence[str] | None = None) -> int:
+        """The lowest position of `projections` (default: all) known without a database
+        round trip (0 when one is unknown)."""
+        names = self._names(projections)
+        if not names:
+            return 0
+        return min(max(self._positions.get(n, 0), self._polled.get(n, 0)) for n in names)
+
+    async def position(self, projections: Sequence[str] | None = None) -> int:
+        unreported = self._unreported(projections)
+        if unreported:
+            async with self.engine.connect() as conn:
+                rows = await conn.execute(select(projection_checkpoints.c.name, projection_checkpoints.c.last_seq).where(
+                    projection_checkpoints.c.name.in_(unreported)))
+                for name, seq in rows:
+                    if seq > self._polled.get(name, 0):
+                        self._polled[name] = seq
+        return self.known(projections)
 
     async def _poll(self) -> None:
         while self._waiters > 0:
-            before = self._polled
+            before = dict(self._polled)
             try:
                 async with asyncio.timeout(5):
                     await self.position()
@@ -96,24 +116,29 @@ class CheckpointWatch:
             await asyncio.sleep(POLL_SECONDS)
         self._poller = None
 
-    async def wait_for(self, seq: int, timeout: float) -> bool:
-        if self.known() >= seq:
+    async def wait_for(self, seq: int, timeout: float, projections: Sequence[str] | None = None) -> bool:
+        """Whether `projections` (default: all) reached `seq` within `timeout` seconds."""
+        if self.known(projections) >= seq:
             return True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         self._waiters += 1
         try:
+            if self.on_wait is not None:
+                for name in self._names(projections):
+                    if self._positions.get(name, seq) < seq:
+                        self.on_wait(name, seq)
             with contextlib.suppress(Exception):  # a stalled database: wait for the poller
-                if self.known() < seq and await run_bounded(self.position(), min(timeout, 5.0)) >= seq:
+                if self.known(projections) < seq and await run_bounded(self.position(projections), min(timeout, 5.0)) >= seq:
                     return True
             while True:
                 changed = self._changed
-                if self.known() >= seq:
+                if self.known(projections) >= seq:
                     return True
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return False
-                if not self.local or len(self._positions) < len(self.projections):
+                if self._unreported(projections):
                     if self._poller is None or self._poller.done():
                         self._poller = asyncio.create_task(self._poll())
                 with contextlib.suppress(TimeoutError):
@@ -136,6 +161,9 @@ class QueryBus:
     concurrency: int = 64
     timeout: float = 4.0
     max_waiting: int = MAX_WAITING
+    # Query name -> the projections whose read models it reads (every table it may join):
+    # its `min_seq` waits for those alone. A query not named here waits for every projection.
+    reads: Mapping[str, Sequence[str]] = field(default_factory=dict)
     _slots: asyncio.Semaphore | None = None
     _waiting: int = 0
     _known_last: int = 0
@@ -150,14 +178,15 @@ class QueryBus:
             return parsed
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.concurrency)
+        reads = self.reads.get(name)
         try:
             min_seq = getattr(parsed, "min_seq", None)
-            if min_seq and self.watch.known() < min_seq:
-                refused = await self._wait(min_seq)
+            if min_seq and self.watch.known(reads) < min_seq:
+                refused = await self._wait(min_seq, reads)
                 if refused is not None:
                     return refused
             async with self._slots, asyncio.timeout(self.timeout + 1.0):  # a backstop: the endpoint's deadline answers first
-                result, seq = await self._read(fn, parsed)
+                result, seq = await self._read(fn, parsed, reads)
             return ok(result, seq)
         except Rejection as r:
             return {"ok": False, "error": r.as_reply()}
@@ -168,13 +197,14 @@ class QueryBus:
             log.exception("query %s failed", name)
             return error(ErrorCode.UNAVAILABLE, f"query {name} failed on the server; see the service log")
 
-    async def _read(self, fn: QueryFn, parsed: BaseModel) -> tuple[Any, int | None]:
+    async def _read(self, fn: QueryFn, parsed: BaseModel, reads: Sequence[str] | None) -> tuple[Any, int | None]:
         async with self.engine.connect() as conn:
             result = await fn(conn, parsed)
-        return result, (await self.watch.position() if self.watch.local else None)
+        return result, (await self.watch.position(reads) if self.watch.local else None)
 
-    async def _wait(self, min_seq: int) -> dict[str, Any] | None:
-        """None once the read models reached `min_seq`; else the reply that refuses it.
+    async def _wait(self, min_seq: int, reads: Sequence[str] | None = None) -> dict[str, Any] | None:
+        """None once the read models `reads` (default: all) reached `min_seq`; else the
+        reply that refuses it.
 
         Usually the read model is a few milliseconds behind a client's own write: a short wait
         first, and only if that is not enough one round trip to learn the stream's last
@@ -188,14 +218,14 @@ class QueryBus:
         started = loop.time()
         extend_deadline(self.wait_timeout)
         try:
-            if self.last_sequence is not None and min_seq > max(self._known_last, self.watch.known()):
-                if await self.watch.wait_for(min_seq, min(FIRST_WAIT_SECONDS, self.wait_timeout)):
+            if self.last_sequence is not None and min_seq > max(self._known_last, self.watch.known(reads)):
+                if await self.watch.wait_for(min_seq, min(FIRST_WAIT_SECONDS, self.wait_timeout), reads):
                     return None
                 self._known_last = max(self._known_last, await run_bounded(self.last_sequence(), self.timeout))
                 if min_seq > self._known_last:
                     return error(ErrorCode.INVALID, f"min_seq {min_seq} is beyond the stream's last sequence "
                                                     f"{self._known_last}: it can never be reached", field="min_seq")
-            reached = await self.watch.wait_for(min_seq, max(0.0, self.wait_timeout - (loop.time() - started)))
+            reached = await self.watch.wait_for(min_seq, max(0.0, self.wait_timeout - (loop.time() - started)), reads)
         finally:
             self._waiting -= 1
             extend_deadline(-max(0.0, self.wait_timeout - (loop.time() - started)))

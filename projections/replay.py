@@ -9,7 +9,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypedDict
 
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -21,7 +21,17 @@ from runledger.infra.database import check_database, create_engine, drop_schema,
 from runledger.infra.event_store import EventStore
 from runledger.infra.settings import Settings
 
-from .runner import ApplyFailure, Projector, RawEvent, apply_batch, apply_in_pieces, is_transient
+from .runner import (
+    ApplyFailure,
+    Projector,
+    RawEvent,
+    advance_checkpoint,
+    apply_batch,
+    apply_in_pieces,
+    is_transient,
+    projection_subjects,
+    read_checkpoint,
+)
 from .tables import MIGRATIONS, READ_MODEL_TABLES, projection_checkpoints
 
 
@@ -31,10 +41,10 @@ class _PullState(TypedDict):
     pending: int  # messages the consumer had left after the last one delivered
 
 
-async def iter_log(store: EventStore, subject_filter: str, start_seq: int = 1, *, until_seq: int | None = None,
-                   chunk: int = 4000) -> AsyncIterator[list[RawEvent]]:
+async def iter_log(store: EventStore, subject_filter: str | Sequence[str], start_seq: int = 1, *,
+                   until_seq: int | None = None, chunk: int = 4000) -> AsyncIterator[list[RawEvent]]:
     """The log in stream order, in chunks, up to `until_seq` (default: the end of the log when
-    called). Reads through an ephemeral pull consumer without acks: its deliveries carry only
+    called), of the subjects `subject_filter` names (one filter, or several). Reads through an ephemeral pull consumer without acks: its deliveries carry only
     the stored headers and take the sequence from the reply subject, where a direct get's
     replies carry six more headers to parse per event. The next chunk is pulled while the
     caller works on the current one. The server removes the consumer if we die."""
@@ -44,8 +54,11 @@ async def iter_log(store: EventStore, subject_filter: str, start_seq: int = 1, *
     nc, stream = store.nc, store.stream
     # Named here, so the create subject carries the name: the analyst role may create only
     # consumers named in the subject (infra/broker_auth.py), never the service's.
+    filters = [subject_filter] if isinstance(subject_filter, str) else list(subject_filter)
     config = ConsumerConfig(
-        name=f"read_{uuid.uuid4().hex}", filter_subject=subject_filter, ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+        name=f"read_{uuid.uuid4().hex}", filter_subject=filters[0] if len(filters) == 1 else None,
+        filter_subjects=filters if len(filters) > 1 else None,
+        ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
         opt_start_seq=max(1, start_seq), inactive_threshold=60, mem_storage=True, num_replicas=1,
     )
     consumer = await store.js.add_consumer(stream, config)
@@ -109,7 +122,7 @@ def _occurred(raw: RawEvent) -> datetime | None:
 class ReplayResult:
     schema: str
     events: int
-    last_seq: int
+    last_seq: int  # the stream sequence the rebuild reflects
     seconds: float
     per_projection: dict[str, int] = field(default_factory=dict)
 
@@ -127,7 +140,12 @@ async def replay(
 ) -> ReplayResult:
     """Rebuild every read model into `schema` (dropped first) from the log. `until_each`:
     a stream sequence per projection to stop each at (the live positions `verify` compares
-    with: projections advance on their own, so at any moment they may differ)."""
+    with: projections advance on their own, so at any moment they may differ).
+
+    It reads the subjects of the projections' aggregate types only, as the live consumers do
+    (`projection_subjects`), and, having read the log up to its target, sets each
+    projection's checkpoint to its target: a live projection's position is often an event of
+    another read model, or the stream's last sequence, which the rebuild never reads."""
     import time
 
     started = time.perf_counter()
@@ -140,7 +158,9 @@ async def replay(
             until_seq = max(until_each.values(), default=0)
         target = until_seq if until_seq is not None else await store.last_sequence()
         done = last = 0
-        async for batch in iter_log(store, f"{settings.event_subject_prefix}.>", until_seq=target):
+        stopped = False
+        subjects = sorted({s for p in projectors for s in projection_subjects(p, settings.event_subject_prefix)})
+        async for batch in iter_log(store, subjects, until_seq=target):
             if as_of is not None:
                 kept = [r for r in batch if (_occurred(r) or as_of) <= as_of]
                 stop = len(kept) < len(batch)
@@ -154,10 +174,25 @@ async def replay(
                 if on_progress:
                     on_progress(done, last)
             if stop:
+                stopped = True
                 break
+        if not stopped:  # the log was read up to the target: that is where each projection is
+            await _mark_positions(engine, {p.name: until_each.get(p.name, 0) if until_each is not None else target
+                                           for p in projectors})
+            last = max(last, target)
         return ReplayResult(schema, done, last, time.perf_counter() - started)
     finally:
         await engine.dispose()
+
+
+async def _mark_positions(engine: AsyncEngine, positions: Mapping[str, int]) -> None:
+    """Each projection's checkpoint moved up to its position (never back)."""
+    now = datetime.now(UTC)
+    async with engine.begin() as conn:
+        for name, seq in positions.items():
+            checkpoint = await read_checkpoint(conn, name, lock=True)
+            if seq > checkpoint:
+                await advance_checkpoint(conn, name, checkpoint, seq, now)
 
 
 class ReplayStopped(Exception):

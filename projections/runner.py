@@ -21,6 +21,39 @@ event by applying the batch in smaller pieces, commits everything before it, and
 the failure is kept in `projection_failures` (and `ProjectionRunner.failures`) for `runledger
 status` and `verify` to report, and the event is tried again every `stall_retry_seconds`, so a
 fixed projector or database resumes by itself.
+
+Each projection's consumer is filtered to the aggregate types it reads (`<ns>.evt.<type>.>`
+each; `projection_subjects`), derived from the event types it `handles` through the event
+registry, so a projection never receives, wakes up for or acknowledges another read model's
+events (the second projection had cost a quarter to a third of the command throughput when
+every consumer read the whole log: docs/benchmarks.md).
+
+Its position must still move past the events it never receives, or a read-your-writes query
+would wait for a projection with nothing to do. An idle projection *probes*: it takes a
+candidate sequence S, the highest position of another projection of this runner or the
+stream's last sequence (asked at most every `STREAM_LAST_SECONDS`), and asks the stream, with
+one direct get per subject (`next_by_subj` from its position + 1), for its first event after
+its position. If there is none at or below S, its position becomes S. This is safe because
+S was taken before the get and the stream only grows: every message at or below S is
+already stored, so the get sees all of this projection's events up to S, and those at or
+below its position are applied. The probe runs
+inside the projection's own loop, so its position cannot move under it. A position so
+reached is reported in memory and saved at once (probes come at most every `PROBE_SECONDS`,
+so they write no more transactions than a delayed save would).
+
+It probes when woken (another projection of this runner moved past it, or a query in this
+process waits for it: `want`) once `PROBE_SECONDS` passed without a batch or a probe, and
+unwoken `IDLE_PROBE_SECONDS` after its last batch or probe (for events no projection of this
+runner reads). A projection that keeps receiving batches does not probe: its own events move
+it, and a busy projection's probes would mostly find one of them first.
+
+The consumer's own info (`num_pending == 0` and its delivered stream sequence) looks like a
+cheaper answer but says what the server has *sent*, not what the projection has *applied*:
+messages in the socket or the client's queue would be passed over unless acknowledgements
+were reconciled too, and a filtered consumer's delivered sequence moves past other subjects
+only when the server looks for its next message, which new events of other subjects do not
+trigger. The direct get asks the store itself about exactly the range the position would
+skip.
 """
 
 from __future__ import annotations
@@ -66,7 +99,12 @@ class Projector(Protocol):
     """`apply` gets (aggregate id, event type, event) in stream order, for the types in
     `handles`: event models, or, when `raw_payloads` is true, the payload dicts in their current
     version's shape (the log was validated when written; a hot projector may skip validating
-    it again)."""
+    it again).
+
+    Its consumer reads the aggregate types of the event types in `handles` (the event
+    registry names each type's aggregate). A projector may name them itself with an
+    optional `aggregate_types` attribute (a set of aggregate type names), e.g. to read an
+    aggregate whose event types this process does not know."""
 
     name: str
     handles: frozenset[str]
@@ -91,6 +129,34 @@ async def read_checkpoint(conn: AsyncConnection, name: str, *, lock: bool = Fals
 
 
 CHECKPOINT_SAVE_SECONDS = 0.02  # a projection with nothing to apply saves its position this much later, at most
+PROBE_SECONDS = 0.02  # a projection probes at most this often
+IDLE_PROBE_SECONDS = 0.1  # and, woken by nothing, this long after its last batch or probe
+STREAM_LAST_SECONDS = 0.1  # a runner asks the stream's last sequence this often at most
+
+
+def aggregate_types(projector: Projector) -> frozenset[str]:
+    """The aggregate types whose events `projector` reads: its own `aggregate_types` when it
+    names them, else those of the event types it handles. An event type the registry does
+    not know, or a projector that would read nothing, is refused: its filter could not be
+    right."""
+    explicit = getattr(projector, "aggregate_types", None)
+    if explicit is not None:
+        types = frozenset(explicit)
+    else:
+        unknown = sorted(t for t in projector.handles if t not in EVENT_TYPES)
+        if unknown:
+            raise ValueError(f"projection {projector.name} handles event types the event registry does not know "
+                             f"({', '.join(unknown)}): register them, or give the projector `aggregate_types`")
+        types = frozenset(EVENT_TYPES[t].aggregate_type for t in projector.handles)
+    if not types:
+        raise ValueError(f"projection {projector.name} reads no aggregate type: it handles no event type")
+    return types
+
+
+def projection_subjects(projector: Projector, prefix: str) -> list[str]:
+    """The subjects of the log `projector` reads: `<prefix>.<aggregate type>.>` for each of
+    its aggregate types, sorted (the consumer's filter, and the probe's)."""
+    return [f"{prefix}.{t}.>" for t in sorted(aggregate_types(projector))]
 
 
 def concerns(projector: Projector, raw: RawEvent) -> bool:
@@ -339,10 +405,24 @@ class ProjectionRunner:
     applied: dict[str, int] = field(default_factory=dict)
     failures: dict[str, ApplyFailure] = field(default_factory=dict)
     leases: dict[str, Lease] = field(default_factory=dict)
+    # Per projection: the subjects it reads; what a query in this process waits for; the
+    # event that wakes it to probe at once.
+    _subjects: dict[str, list[str]] = field(default_factory=dict)
+    _wanted: dict[str, int] = field(default_factory=dict)
+    _wake: dict[str, asyncio.Event] = field(default_factory=dict)
+    # The stream's last sequence as last asked (event-loop time of the asking).
+    _stream_last: int = 0
+    _stream_last_at: float = float("-inf")
 
     @staticmethod
     def consumer_name(projector: Projector) -> str:
         return f"projection_{projector.name}"
+
+    def subjects(self, projector: Projector) -> list[str]:
+        """The subjects `projector`'s consumer reads (`projection_subjects`)."""
+        if projector.name not in self._subjects:
+            self._subjects[projector.name] = projection_subjects(projector, self.settings.event_subject_prefix)
+        return self._subjects[projector.name]
 
     def lease_key(self, projector: Projector) -> str:
         return f"projection.{projector.name}"
@@ -353,6 +433,8 @@ class ProjectionRunner:
         return dict(self.failures)
 
     async def start(self) -> None:
+        for projector in self.projectors:  # a projector whose subjects cannot be derived fails here
+            self.subjects(projector)
         leases: dict[str, Lease] = {}
         if self.use_leases:
             js = self.nc.jetstream(timeout=self.settings.request_timeout)
@@ -373,10 +455,24 @@ class ProjectionRunner:
                 await t
         self._tasks.clear()
 
+    def want(self, projection: str, seq: int) -> None:
+        """A query in this process waits until `projection` reaches `seq`: it probes as soon
+        as it may, and asks the stream's last sequence if nothing else it knows reaches `seq`."""
+        if projection not in self.applied or self.applied[projection] >= seq:
+            return
+        self._wanted[projection] = max(seq, self._wanted.get(projection, 0))
+        self._wake_event(projection).set()
+
+    def _wake_event(self, projection: str) -> asyncio.Event:
+        return self._wake.setdefault(projection, asyncio.Event())
+
     def _report(self, projector: Projector, seq: int) -> None:
         self.applied[projector.name] = seq
         if self.on_applied:
             self.on_applied(projector.name, seq)
+        for other, position in self.applied.items():  # behind this one: it may move up to here
+            if position < seq:
+                self._wake_event(other).set()
 
     async def _bind(self, projector: Projector):
         js = self.nc.jetstream(timeout=self.settings.request_timeout)
@@ -392,9 +488,13 @@ class ProjectionRunner:
         name = self.consumer_name(projector)
         with contextlib.suppress(NotFoundError):
             await js.delete_consumer(self.settings.stream_name, name)
+        # Deleted and created again at every bind, so a consumer of an older version (one that
+        # read the whole log) gets this projection's filter too.
+        subjects = self.subjects(projector)
         config = ConsumerConfig(
             durable_name=name,
-            filter_subject=f"{self.settings.event_subject_prefix}.>",
+            filter_subject=subjects[0] if len(subjects) == 1 else None,
+            filter_subjects=subjects if len(subjects) > 1 else None,
             ack_policy=AckPolicy.ALL,
             ack_wait=300,
             max_ack_pending=-1,
@@ -485,28 +585,63 @@ class ProjectionRunner:
         """Fetches the next batch while the current one is applied (the two round trips, to
         NATS and to Postgres, overlap); applies, commits and acknowledges strictly in order.
 
-        A batch with nothing for this projector (every projector reads the whole log) writes
-        nothing at once: its position is reported in memory (read-your-writes in this process
-        sees it) and saved at most `CHECKPOINT_SAVE_SECONDS` later, or with the next batch
-        that writes. Each projector wrote a transaction per batch before, so a second
-        projector doubled them and the lag's p50 with them."""
+        A batch with no event type this projector handles writes nothing at once: its
+        position is reported in memory (read-your-writes in this process sees it) and saved
+        at most `CHECKPOINT_SAVE_SECONDS` later, or with the next batch that writes (a
+        transaction per such batch had doubled the transactions and the lag's p50). When idle,
+        it probes past the events it does not receive (see the module's docstring)."""
         await self._bind(projector)
         batches: asyncio.Queue = asyncio.Queue(maxsize=2)
         reader = asyncio.create_task(self._read(projector, batches))
         loop = asyncio.get_running_loop()
+        wake = self._wake_event(projector.name)
         getting: asyncio.Future | None = None
-        unsaved: int | None = None  # reached by batches that wrote nothing; not yet saved
+        waking: asyncio.Future | None = None
+        unsaved: int | None = None  # reached without writing; not yet saved
         unsaved_since = 0.0
+        probe_due = True  # woken (or just bound): probe once PROBE_SECONDS passed without a batch or probe
+        last_active = float("-inf")  # when it last received a batch or probed
+
+        def probe_at() -> float:
+            return last_active + (PROBE_SECONDS if probe_due else IDLE_PROBE_SECONDS)
+
+        def reached(seq: int) -> None:
+            nonlocal unsaved, unsaved_since
+            self._report(projector, seq)
+            if unsaved is None:
+                unsaved_since = loop.time()
+            unsaved = seq
+
         try:
             while True:
+                # The probe's requests to NATS can swallow a cancel (Python 3.11's wait_for in
+                # nats-py): without this the loop would probe on for ever after `stop()`.
+                stop_if_cancelled()
                 if getting is None:
                     getting = asyncio.ensure_future(batches.get())
-                timeout = None if unsaved is None else max(0.0, unsaved_since + CHECKPOINT_SAVE_SECONDS - loop.time())
-                await asyncio.wait({getting, reader}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if waking is None and not probe_due:  # woken once is enough until it probes
+                    waking = asyncio.ensure_future(wake.wait())
+                deadline = probe_at() if unsaved is None else min(probe_at(), unsaved_since + CHECKPOINT_SAVE_SECONDS)
+                await asyncio.wait({getting, reader} if waking is None else {getting, reader, waking},
+                                   timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED)
+                if waking is not None and waking.done():
+                    wake.clear()
+                    waking, probe_due = None, True
                 if not getting.done():
                     if reader.done():  # the reader ended without handing anything over
                         raise RuntimeError("the projection's reader stopped") from (reader.exception() if not reader.cancelled() else None)
-                    if unsaved is not None:  # nothing came for a while: save the position
+                    if loop.time() >= probe_at():  # idle: move past the events it does not receive
+                        last_active, probe_due = loop.time(), False
+                        if projector.name not in self.failures:
+                            seq = await self._probe(projector)
+                            if seq > self.applied.get(projector.name, 0):
+                                # Saved at once: probes come at most every PROBE_SECONDS, as
+                                # delayed saves would, and a reader in another process sees it
+                                # without the delay.
+                                self._report(projector, seq)
+                                await self._save_position(projector, seq)
+                                unsaved = None
+                    if unsaved is not None and loop.time() - unsaved_since >= CHECKPOINT_SAVE_SECONDS:
                         await self._save_position(projector, unsaved)
                         unsaved = None
                     continue
@@ -516,6 +651,7 @@ class ProjectionRunner:
                 if item is None:
                     return  # a delivery gap: _run re-binds at checkpoint + 1
                 batch, last_msg = item
+                last_active = loop.time()
                 if self.crash_after_fetch:
                     raise _SimulatedCrash("after fetch, before commit")
                 started = time.perf_counter()
@@ -523,11 +659,8 @@ class ProjectionRunner:
                 if projector.name not in self.failures and not any(
                         concerns(projector, r) for r in batch if r.seq > seen):
                     await last_msg.ack()
-                    self._report(projector, max(seen, batch[-1].seq))
-                    if unsaved is None:
-                        unsaved_since = loop.time()
-                    unsaved = self.applied[projector.name]
-                    if loop.time() - unsaved_since >= CHECKPOINT_SAVE_SECONDS:
+                    reached(max(seen, batch[-1].seq))
+                    if unsaved is not None and loop.time() - unsaved_since >= CHECKPOINT_SAVE_SECONDS:
                         await self._save_position(projector, unsaved)
                         unsaved = None
                     continue
@@ -541,11 +674,51 @@ class ProjectionRunner:
                     await self._resumed(projector, last)
                 log.debug("projection %s applied %d events in %.1f ms", projector.name, len(batch), (time.perf_counter() - started) * 1000)
         finally:
-            if getting is not None:
-                getting.cancel()
+            for pending in (getting, waking):
+                if pending is not None:
+                    pending.cancel()
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
+
+    async def _probe(self, projector: Projector) -> int:
+        """The position `projector` may take without applying anything: S (see the module's
+        docstring) when the stream holds no event of its subjects after its position up to
+        S, else its position. A broker that does not answer leaves the position as it is."""
+        position = self.applied.get(projector.name, 0)
+        try:
+            candidate = await self._candidate(projector.name, position)
+            if candidate <= position:
+                return position
+            js = self.nc.jetstream(timeout=self.settings.request_timeout)
+            for subject in self.subjects(projector):
+                try:
+                    found = await js.get_msg(self.settings.stream_name, seq=position + 1, subject=subject,
+                                             next=True, direct=True)
+                except NotFoundError:  # none of this subject after the position
+                    continue
+                if found.seq is None or found.seq <= candidate:
+                    return position  # its own event comes first: the consumer brings it
+        except (nats.errors.Error, TimeoutError) as e:  # the reader meets an outage too, and re-binds
+            log.warning("projection %s: probing past other events failed (%s: %s)", projector.name, type(e).__name__, e)
+            return position
+        return candidate
+
+    async def _candidate(self, projection: str, position: int) -> int:
+        """S: the highest sequence known to be in the stream, from this runner's other
+        positions, or the stream's last sequence (asked again only when that would not
+        reach what is wanted, and at most every `STREAM_LAST_SECONDS`)."""
+        best = max((seq for name, seq in self.applied.items() if name != projection), default=0)
+        best = max(best, self._stream_last)
+        goal = max(position + 1, self._wanted.get(projection, 0))
+        loop = asyncio.get_running_loop()
+        if best < goal and loop.time() - self._stream_last_at >= STREAM_LAST_SECONDS:
+            self._stream_last_at = loop.time()
+            js = self.nc.jetstream(timeout=self.settings.request_timeout)
+            info = await js.stream_info(self.settings.stream_name)
+            self._stream_last = max(self._stream_last, info.state.last_seq)
+            best = max(best, self._stream_last)
+        return best
 
     async def _save_position(self, projector: Projector, seq: int) -> None:
         """The checkpoint of a projection that applied nothing up to `seq`: forward only."""
