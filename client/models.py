@@ -270,3 +270,29 @@ class FlowRunCreateResult(BaseModel):
     flow_run_id: uuid.UUID | None = None
     status: str
     error: str | None = None
+
+
+class Worker(BaseModel):
+    """A worker of a pool (`Worker` in `runledger.commands.workers`): its status is stored,
+    ONLINE on each heartbeat, OFFLINE once it missed three."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: uuid.UUID
+    created: datetime
+    updated: datetime
+    name: str
+    work_pool_id: uuid.UUID
+    last_heartbeat_time: datetime
+    heartbeat_interval_seconds: int | None = None
+    status: str  # ONLINE | OFFLINE
+
+
+class WorkerFlowRun(BaseModel):
+    """One run of a pool poll, with the pool and the queue it was found in."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    work_pool_id: uuid.UUID
+    work_queue_id: uuid.UUID
+    flow_run: FlowRun

@@ -49,9 +49,11 @@ from .models import (
     OrchestrationResult,
     State,
     Variable,
+    WorkerFlowRun,
     WorkPool,
     WorkQueue,
 )
+from .models import Worker as WorkerModel
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -518,6 +520,70 @@ class RunledgerClient:
         reply = await self._whole_page("ListAllWorkQueues", body,
                                        await self.query("ListAllWorkQueues", body, min_seq=min_seq))
         return self._many(WorkQueue, reply.result)
+
+    # -----------------------------------------------------------------------------------------
+    # Workers and the pool poll
+
+    async def worker_heartbeat(self, work_pool_name: str, name: str, *,
+                               heartbeat_interval_seconds: int | None = None,
+                               idempotency_key: str | None = None) -> WorkerModel:
+        """Record a heartbeat: the worker is created on its first, ONLINE on each; a NOT_READY
+        pool becomes READY. An absent interval keeps the one given before."""
+        body: dict[str, Any] = {"work_pool_name": work_pool_name, "name": name}
+        if heartbeat_interval_seconds is not None:
+            body["heartbeat_interval_seconds"] = heartbeat_interval_seconds
+        reply = await self.command("WorkerHeartbeat", body | self._key(idempotency_key))
+        return self._one(WorkerModel, reply.result)
+
+    async def read_workers(
+        self,
+        work_pool_name: str,
+        *,
+        statuses: Sequence[str] | None = None,
+        heartbeat_before: datetime | None = None,
+        heartbeat_after: datetime | None = None,
+        limit: int | Unset = UNSET,
+        offset: int | Unset = UNSET,
+        min_seq: int | None = None,
+    ) -> list[WorkerModel]:
+        """One page of a pool's workers, the latest heartbeat first."""
+        body = given(work_pool_name=work_pool_name, limit=limit, offset=offset)
+        workers: dict[str, Any] = {}
+        if statuses is not None:
+            workers["status"] = {"any_": list(statuses)}
+        times = {k: v.isoformat() for k, v in (("before_", heartbeat_before), ("after_", heartbeat_after))
+                 if v is not None}
+        if times:
+            workers["last_heartbeat_time"] = times
+        if workers:
+            body["workers"] = workers
+        reply = await self._whole_page("ListWorkers", body, await self.query("ListWorkers", body, min_seq=min_seq))
+        return self._many(WorkerModel, reply.result)
+
+    async def delete_worker(self, work_pool_name: str, name: str, *, idempotency_key: str | None = None) -> None:
+        await self.command("DeleteWorker", {"work_pool_name": work_pool_name, "name": name} | self._key(idempotency_key))
+
+    async def get_scheduled_flow_runs(
+        self,
+        work_pool_name: str,
+        *,
+        work_queue_names: Sequence[str] | None = None,
+        scheduled_before: datetime | None = None,
+        scheduled_after: datetime | None = None,
+        limit: int | Unset = UNSET,
+        min_seq: int | None = None,
+    ) -> list[WorkerFlowRun]:
+        """The pool poll: the runs a worker of the pool should start, within the limits; the
+        service records the poll (the queues and their deployments become READY)."""
+        body = given(work_pool_name=work_pool_name, limit=limit)
+        if work_queue_names is not None:
+            body["work_queue_names"] = list(work_queue_names)
+        if scheduled_before is not None:
+            body["scheduled_before"] = scheduled_before.isoformat()
+        if scheduled_after is not None:
+            body["scheduled_after"] = scheduled_after.isoformat()
+        reply = await self.query("GetScheduledFlowRuns", body, min_seq=min_seq)
+        return self._many(WorkerFlowRun, reply.result)
 
     # -----------------------------------------------------------------------------------------
     # Flows
@@ -1287,3 +1353,62 @@ class RunledgerClient:
         """A run's state history, oldest first."""
         reply = await self.query("ListFlowRunStates", {"flow_run_id": str(flow_run_id)}, min_seq=min_seq)
         return self._many(State, reply.result)
+
+    # -----------------------------------------------------------------------------------------
+    # The event log
+
+    async def read_events(
+        self,
+        *,
+        aggregate_type: str | None = None,
+        aggregate_id: uuid.UUID | str | None = None,
+        resource_id: str | None = None,
+        event_type: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        after_seq: int = 0,
+        limit: int | None = None,
+        vocabulary: str = "runledger",
+        prefect_event_prefix: str | None = None,
+        all_pages: bool = False,
+        min_seq: int | None = None,
+    ) -> EventPage:
+        """Events of the log after `after_seq`, in stream order (`ReadEvents`): the stored
+        envelopes, each with its `seq`, or (`vocabulary="prefect"`) Prefect's events, each with
+        the `seq` of the runledger event it comes from. A page may be short and still have a
+        `next_after_seq`; `all_pages=True` follows the cursor until the end of the log (`limit`
+        is then the size of each page) and returns every event with `next_after_seq` None.
+
+        The log is read directly, so no read-your-writes wait is needed: none is asked unless
+        `min_seq` is given, or `resource_id` names a work queue (its pool is looked up in the
+        read model)."""
+        if min_seq is None and not (resource_id and resource_id.startswith("prefect.work-queue.")):
+            min_seq = 0
+        body: dict[str, Any] = {"after_seq": after_seq, "vocabulary": vocabulary}
+        for key, value in (("aggregate_type", aggregate_type), ("resource_id", resource_id),
+                           ("event_type", event_type), ("since", since), ("until", until), ("limit", limit),
+                           ("prefect_event_prefix", prefect_event_prefix)):
+            if value is not None:
+                body[key] = value
+        if aggregate_id is not None:
+            body["aggregate_id"] = str(aggregate_id)
+        events: list[dict[str, Any]] = []
+        while True:
+            page = self._one(EventPage, (await self.query("ReadEvents", body, min_seq=min_seq)).result)
+            if not all_pages:
+                return page
+            events += page.events
+            if page.next_after_seq is None:
+                return EventPage(events=events, next_after_seq=None)
+            if page.next_after_seq <= body["after_seq"]:  # a cursor must move on
+                raise ProtocolError(f"ReadEvents answered the cursor {page.next_after_seq} for a page after "
+                                    f"{body['after_seq']}")
+            body["after_seq"] = page.next_after_seq
+
+
+class EventPage(BaseModel):
+    """A page of `ReadEvents`: the events, and the cursor for the next page (None: the end of
+    the log, as it was when the query was answered)."""
+
+    events: list[dict[str, Any]]
+    next_after_seq: int | None = None

@@ -32,6 +32,7 @@ from pydantic_core import to_jsonable_python
 
 from . import concurrency_limits as cl
 from . import variables as va
+from . import workers as wk
 from .deployments import (
     Deployment,
     DeploymentCreated,
@@ -47,6 +48,7 @@ from .messages import Event
 from .states import State, StateType
 from .unique_keys import UniqueKeyClaimed, UniqueKeyReleased
 from .work_pools import (
+    NOT_READY_AFTER,
     Change,
     Status,
     WorkPoolCreated,
@@ -55,8 +57,12 @@ from .work_pools import (
     WorkPoolNameReleased,
     WorkPoolSnapshot,
     WorkPoolUpdated,
+    WorkPoolWorkersChanged,
     WorkQueueCreated,
     WorkQueueDeleted,
+    WorkQueueDeploymentsNotReady,
+    WorkQueuesNotReady,
+    WorkQueuesPolled,
     WorkQueuesReprioritized,
     WorkQueueUpdated,
 )
@@ -100,6 +106,9 @@ class ExportState:
     deployments: dict[str, Deployment] = field(default_factory=dict)
     # Each flow run's current state, for the `initial_state` of its next state event.
     run_states: dict[str, State | None] = field(default_factory=dict)
+    # The READY deployments (by id) and when they were last polled: a poll reports only those
+    # that were NOT_READY, the foreman only those it finds still READY.
+    ready_deployments: dict[str, datetime] = field(default_factory=dict)
     skipped: Counter[str] = field(default_factory=Counter)
 
     def warning(self) -> str | None:
@@ -270,14 +279,63 @@ def _pool_updated(out: _Out, e: WorkPoolUpdated, pool_id: str, state: ExportStat
         out.emit("prefect.work-pool.updated", _pool_resource(pool_id, pool), payload=payload)
     # Every status write (WP-8), a repeated pause included, is a status event.
     if e.status is not None and e.status.new is not None:
-        follows = None
-        if pool.last_status_event is not None:
-            previous_id, previous_at = pool.last_status_event
-            if out.when - previous_at < FOLLOWS_WITHIN:
-                follows = previous_id
-        event_id = out.emit(f"prefect.work-pool.{_kebab(Status(e.status.new))}", _pool_labels(pool_id, pool),
-                            follows=follows)
+        _pool_status(out, pool_id, pool, Status(e.status.new))
+
+
+def _pool_status(out: _Out, pool_id: str, pool: PoolInfo | None, status: Status) -> None:
+    """`prefect.work-pool.<status>`, following the pool's previous status event when recent."""
+    follows = None
+    if pool is not None and pool.last_status_event is not None:
+        previous_id, previous_at = pool.last_status_event
+        if out.when - previous_at < FOLLOWS_WITHIN:
+            follows = previous_id
+    event_id = out.emit(f"prefect.work-pool.{_kebab(status)}", _pool_labels(pool_id, pool), follows=follows)
+    if pool is not None:
         pool.last_status_event = (event_id, out.when)
+
+
+def _workers_changed(out: _Out, e: WorkPoolWorkersChanged, pool_id: str, state: ExportState) -> None:
+    """A heartbeat's `prefect.work-pool.ready`, the foreman's `not-ready`; Prefect's server
+    emits no event of its own for a worker."""
+    if e.status is not None and e.status.new is not None:
+        _pool_status(out, pool_id, state.pools.get(pool_id), Status(e.status.new))
+
+
+def _queue_status(out: _Out, pool_id: str, state: ExportState, queue_ids: list[uuid.UUID], status: Status) -> None:
+    pool = state.pools.get(pool_id)
+    for qid in queue_ids:
+        queue = pool.queues.get(str(qid)) if pool else None
+        out.emit(f"prefect.work-queue.{_kebab(status)}", _queue_resource(str(qid), queue.name if queue else None),
+                 _queue_related(pool_id, pool))
+
+
+def _queues_polled(out: _Out, e: WorkQueuesPolled, pool_id: str, state: ExportState) -> None:
+    """`prefect.work-queue.ready` for each queue that was NOT_READY, then
+    `prefect.deployment.ready` for each deployment on a polled queue that was NOT_READY."""
+    _queue_status(out, pool_id, state, e.ready, Status.READY)
+    polled = {str(q) for q in e.queue_ids}
+    for deployment_id, d in state.deployments.items():
+        if d.work_queue_id is None or str(d.work_queue_id) not in polled:
+            continue
+        if deployment_id not in state.ready_deployments:
+            out.emit("prefect.deployment.ready", _deployment_resource(d), _deployment_related(d))
+        state.ready_deployments[deployment_id] = e.polled
+
+
+def _queues_not_ready(out: _Out, e: WorkQueuesNotReady, pool_id: str, state: ExportState) -> None:
+    _queue_status(out, pool_id, state, e.queue_ids, Status.NOT_READY)
+
+
+def _deployments_not_ready(out: _Out, e: WorkQueueDeploymentsNotReady, pool_id: str, state: ExportState) -> None:
+    """`prefect.deployment.not-ready` for those still READY, on that queue, and not polled
+    within 60 seconds (what the read model applies)."""
+    for deployment_id in map(str, e.deployment_ids):
+        d = state.deployments.get(deployment_id)
+        last = state.ready_deployments.get(deployment_id)
+        if d is None or last is None or d.work_queue_id != e.work_queue_id or last >= e.checked - NOT_READY_AFTER:
+            continue
+        del state.ready_deployments[deployment_id]
+        out.emit("prefect.deployment.not-ready", _deployment_resource(d), _deployment_related(d))
 
 
 def _pool_deleted(out: _Out, e: WorkPoolDeleted, pool_id: str, state: ExportState) -> None:
@@ -458,7 +516,8 @@ def _flow_run_gone(out: _Out, e: FlowRunDeleted | FlowRunUpdated, aggregate_id: 
 
 def _nothing(out: _Out, e: Event, aggregate_id: str, state: ExportState) -> None:
     """Unique-key claims keep names unique and a deployment's index of scheduled runs is
-    runledger's bookkeeping: nothing to export. (Flows: not exported yet.)"""
+    runledger's bookkeeping: nothing to export. Prefect's server emits nothing for a worker's
+    heartbeat, its going offline or its deletion. (Flows: not exported yet.)"""
 
 
 _HANDLERS: dict[type[Event], Callable[[_Out, Any, str, ExportState], None]] = {
@@ -490,4 +549,11 @@ _HANDLERS: dict[type[Event], Callable[[_Out, Any, str, ExportState], None]] = {
     cl.ConcurrencyLimitCreated: _concurrency_limit_event,
     cl.ConcurrencyLimitUpdated: _concurrency_limit_event,
     cl.ConcurrencyLimitDeleted: _concurrency_limit_event,
+    WorkPoolWorkersChanged: _workers_changed,
+    WorkQueuesPolled: _queues_polled,
+    WorkQueuesNotReady: _queues_not_ready,
+    WorkQueueDeploymentsNotReady: _deployments_not_ready,
+    wk.WorkerHeartbeatRecorded: _nothing,
+    wk.WorkerWentOffline: _nothing,
+    wk.WorkerDeleted: _nothing,
 }

@@ -18,6 +18,7 @@ from .flows import FlowName
 from .states import StateType
 from .variables import VariableName
 from .work_pools import PoolName, QueueName
+from .workers import WorkerName, WorkerStatus
 
 DEFAULT_LIMIT = 200
 
@@ -320,3 +321,127 @@ class ListFlowRunStates(Query):
     """A run's state history, oldest first."""
 
     flow_run_id: uuid.UUID
+
+
+class WorkerStatusFilter(AnyOf[WorkerStatus]):
+    """Workers whose stored status is any of these."""
+
+
+class HeartbeatTimeRange(BaseModel):
+    """Last heartbeats at or before `before_` and at or after `after_`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    before_: UtcDatetime | None = None
+    after_: UtcDatetime | None = None
+
+
+class WorkerFilter(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    status: WorkerStatusFilter | None = None
+    last_heartbeat_time: HeartbeatTimeRange | None = None
+
+
+class ListWorkers(Page):
+    """The workers of one pool, the most recent heartbeat first."""
+
+    work_pool_name: PoolName
+    workers: WorkerFilter | None = None
+
+
+class GetWorker(Query):
+    work_pool_name: PoolName
+    name: WorkerName
+
+
+class GetScheduledFlowRuns(Query):
+    """What a worker polls: the pool's SCHEDULED runs that its queues' and its own concurrency
+    limits leave room for, in queue priority order, then each run's priority (lower first),
+    then its next scheduled start time, then its id. Both time bounds are inclusive. Names no
+    queues (absent or empty): every queue of the pool. Recorded as a poll of those queues."""
+
+    work_pool_name: PoolName
+    work_queue_names: Annotated[list[QueueName], Field(max_length=MAX_FILTER_VALUES)] | None = None
+    scheduled_before: UtcDatetime | None = None
+    scheduled_after: UtcDatetime | None = None
+    limit: Annotated[int, Field(ge=0, le=DEFAULT_LIMIT)] = DEFAULT_LIMIT
+
+
+class GetLegacyQueueRuns(Query):
+    """A queue's SCHEDULED runs by the queue's name (any pool), earliest first, within the
+    queue's concurrency limit; nothing when the queue is paused. Recorded as a poll of the
+    queue unless `from_ui` (Prefect's `X-Prefect-UI` header)."""
+
+    id: uuid.UUID
+    limit: Annotated[int, Field(ge=0, le=DEFAULT_LIMIT)] = DEFAULT_LIMIT
+    scheduled_before: UtcDatetime | None = None
+    from_ui: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the event log (`ReadEvents`): answered from the JetStream log, not a read model.
+
+READ_EVENTS_DEFAULT_LIMIT = 100
+READ_EVENTS_MAX_LIMIT = 1000
+# One subject token as runledger writes them (commands/names.py `encode_token`): no dots,
+# wildcards, spaces or anything else a subject filter would read as structure.
+SubjectToken = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_~-]+$")]
+# A Prefect resource id naming one object: `prefect.<kind>.<uuid>`.
+PREFECT_RESOURCE_KINDS = ("work-pool", "work-queue", "deployment", "flow", "flow-run", "variable",
+                          "concurrency-limit")
+PrefectResourceId = Annotated[str, Field(
+    max_length=100,
+    pattern=r"^prefect\.(" + "|".join(PREFECT_RESOURCE_KINDS) + r")\.[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+            r"[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")]
+
+
+class EventVocabulary(StrEnum):
+    RUNLEDGER = "runledger"
+    PREFECT = "prefect"
+
+
+class ReadEvents(Query):
+    """The event log in stream order, a page at a time: the stored envelopes (each with its
+    stream sequence `seq`), or the events Prefect emits for the same facts (each with the `seq`
+    of the runledger event it comes from). Filters: aggregate type and id (or a Prefect
+    resource id such as `prefect.deployment.<uuid>`), runledger event type, the moment an event
+    occurred (`since`/`until`, inclusive; naive times are UTC) and, in Prefect's vocabulary, a
+    prefix of the Prefect event name. `after_seq` is the cursor: events with a greater
+    sequence. The result is `{events, next_after_seq}`; `next_after_seq` is null once the end
+    of the log (as it was when the query arrived) was reached, and a page may be short, even
+    empty, and still carry a cursor: each page reads a bounded part of the log."""
+
+    aggregate_type: SubjectToken | None = None
+    aggregate_id: SubjectToken | None = None
+    resource_id: PrefectResourceId | None = None
+    event_type: SubjectToken | None = None
+    since: UtcDatetime | None = None
+    until: UtcDatetime | None = None
+    after_seq: NonNegativeInt64 = 0
+    limit: Annotated[int, Field(ge=1, le=READ_EVENTS_MAX_LIMIT)] = READ_EVENTS_DEFAULT_LIMIT
+    vocabulary: EventVocabulary = EventVocabulary.RUNLEDGER
+    prefect_event_prefix: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+
+    @field_validator("resource_id")
+    @classmethod
+    def _one_aggregate(cls, value, info):
+        if value is not None and (info.data.get("aggregate_id") is not None
+                                  or info.data.get("aggregate_type") is not None):
+            raise ValueError("names the aggregate itself: give resource_id or aggregate_type/aggregate_id, not both")
+        return value
+
+    @field_validator("until")
+    @classmethod
+    def _since_before_until(cls, value, info):
+        since = info.data.get("since")
+        if value is not None and since is not None and since > value:
+            raise ValueError("must not be before since")
+        return value
+
+    @field_validator("prefect_event_prefix")
+    @classmethod
+    def _prefect_only(cls, value, info):
+        if value is not None and info.data.get("vocabulary") != EventVocabulary.PREFECT:
+            raise ValueError("applies only with vocabulary prefect")
+        return check_storable_text(value) if value is not None else value

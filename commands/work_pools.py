@@ -7,6 +7,14 @@ claims and a delete releases in the same atomic batch as the pool's own event.
 
 Each decision writes at most one event per aggregate; events carry the full state of what
 they change (a snapshot), plus the `changes` that Prefect's `updated` events report.
+
+What workers and polls change here is small and frequent, so it has small events of its own
+rather than pool snapshots: `WorkPoolWorkersChanged` (which workers are online, and the status
+that follows from them; commands/workers.py decides it beside the worker's own event),
+`WorkQueuesPolled` (one per poll, whatever the number of queues, runs or deployments it
+touches), `WorkQueuesNotReady` and `WorkQueueDeploymentsNotReady` (the foreman's). The pool
+keeps the names of its online workers, so that its status decisions (a heartbeat, a resume,
+the foreman) are checked against the log and never against a read model.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from enum import StrEnum
 from operator import attrgetter
 from typing import Annotated, Any, ClassVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from .bounds import (
     INT32_MAX,
@@ -60,6 +68,9 @@ LEGACY_POOL_TYPE = "prefect-agent"
 DEFAULT_QUEUE_NAME = "default"
 DEFAULT_QUEUE_DESCRIPTION = "The work pool's default queue."
 RECENTLY_POLLED = timedelta(seconds=60)
+# How long a queue or a deployment stays READY without a poll (the foreman's timeouts).
+NOT_READY_AFTER = timedelta(seconds=60)
+MAX_QUEUES_PER_COMMAND = 1_000
 PoolName = Annotated[str, StringConstraints(max_length=MAX_NAME_LENGTH), AfterValidator(check_work_pool_name)]
 QueueName = Annotated[str, StringConstraints(max_length=MAX_NAME_LENGTH), AfterValidator(check_object_name)]
 Description = Annotated[str, StringConstraints(max_length=10_000), AfterValidator(check_storable_text)]
@@ -118,6 +129,8 @@ class WorkPool:
     updated: datetime
     queues: dict[uuid.UUID, WorkQueue] = field(default_factory=dict)
     has_online_worker: bool = False
+    # The names of the pool's workers whose status is ONLINE (`has_online_worker` follows it).
+    online_workers: frozenset[str] = frozenset()
     # Queue name -> id, kept by `evolve` beside `queues` so lookups by name cost O(1).
     queue_ids_by_name: dict[str, uuid.UUID] = field(default_factory=dict)
 
@@ -277,6 +290,50 @@ class WorkQueuesReprioritized(_PoolEvent):
     updated: datetime
 
 
+@register_event
+class WorkPoolWorkersChanged(_PoolEvent):
+    """Workers of the pool came online (`online`) or stopped being online (`offline`, by name),
+    and, when it follows, the pool's status (`status`): ready on a heartbeat, not ready when no
+    worker is online any more."""
+
+    event_type: ClassVar[str] = "WorkPoolWorkersChanged"
+    online: list[str] = []
+    offline: list[str] = []
+    status: Change | None = None
+
+
+@register_event
+class WorkQueuesPolled(_PoolEvent):
+    """A worker polled these queues at `polled`: each gets `last_polled`, those in `ready`
+    (they were NOT_READY) become READY, and so do the deployments on any of them."""
+
+    event_type: ClassVar[str] = "WorkQueuesPolled"
+    queue_ids: list[uuid.UUID]
+    ready: list[uuid.UUID] = []
+    polled: datetime
+
+
+@register_event
+class WorkQueuesNotReady(_PoolEvent):
+    """READY queues not polled for more than 60 seconds became NOT_READY."""
+
+    event_type: ClassVar[str] = "WorkQueuesNotReady"
+    queue_ids: list[uuid.UUID]
+    checked: datetime
+
+
+@register_event
+class WorkQueueDeploymentsNotReady(_PoolEvent):
+    """The deployments on a queue not polled for more than 60 seconds (as of `checked`) that
+    were READY and not polled themselves since become NOT_READY; `deployment_ids` are the
+    candidates, the read model keeps only those still READY and still on that queue."""
+
+    event_type: ClassVar[str] = "WorkQueueDeploymentsNotReady"
+    work_queue_id: uuid.UUID
+    deployment_ids: list[uuid.UUID]
+    checked: datetime
+
+
 class _NameEvent(Event):
     aggregate_type: ClassVar[str] = WORK_POOL_NAME
 
@@ -382,6 +439,37 @@ class DeleteWorkQueueById(Command):
     id: uuid.UUID
 
 
+class RecordWorkQueuesPolled(Command):
+    """A worker polled these queues of the pool (ids of other pools' queues are ignored): sent
+    by the service after it answers a poll."""
+
+    work_pool_name: PoolName
+    work_queue_ids: Annotated[list[uuid.UUID], Field(max_length=MAX_QUEUES_PER_COMMAND)]
+
+
+class MarkWorkPoolNotReady(Command):
+    """The foreman's: a READY pool with no online worker becomes NOT_READY (else nothing)."""
+
+    work_pool_name: PoolName
+
+
+class MarkWorkQueuesNotReady(Command):
+    """The foreman's: those of these queues still READY and last polled more than 60 seconds
+    ago become NOT_READY."""
+
+    work_pool_name: PoolName
+    work_queue_ids: Annotated[list[uuid.UUID], Field(max_length=MAX_QUEUES_PER_COMMAND)]
+
+
+class MarkDeploymentsNotReady(Command):
+    """The foreman's: when the queue was not polled for more than 60 seconds, the READY
+    deployments among `deployment_ids` on it not polled since become NOT_READY."""
+
+    work_pool_name: PoolName
+    work_queue_id: uuid.UUID
+    deployment_ids: Annotated[list[uuid.UUID], Field(max_length=MAX_QUEUES_PER_COMMAND)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 
@@ -434,6 +522,23 @@ def evolve(pool: WorkPool | None, event: Event) -> WorkPool | None:
             return _with_priorities(replace(pool, queues=queues, queue_ids_by_name=names), moved, when)
         case WorkQueuesReprioritized(reprioritized=moved, updated=when):
             return _with_priorities(pool, moved, when)
+        case WorkPoolWorkersChanged(online=online, offline=offline, status=status):
+            online_now = (pool.online_workers | frozenset(online)) - frozenset(offline)
+            new_status = Status(status.new) if status is not None and status.new is not None else pool.status
+            return replace(pool, online_workers=online_now, has_online_worker=bool(online_now), status=new_status)
+        case WorkQueuesPolled(queue_ids=ids, ready=ready, polled=when):
+            queues = dict(pool.queues)
+            for qid in ids:
+                if qid in queues:
+                    queue_status = Status.READY if qid in ready else queues[qid].status
+                    queues[qid] = replace(queues[qid], last_polled=when, status=queue_status)
+            return replace(pool, queues=queues)
+        case WorkQueuesNotReady(queue_ids=ids):
+            queues = dict(pool.queues)
+            for qid in ids:
+                if qid in queues:
+                    queues[qid] = replace(queues[qid], status=Status.NOT_READY)
+            return replace(pool, queues=queues)
     return pool
 
 
@@ -718,6 +823,64 @@ def decide_set_work_queue_priorities(cmd: SetWorkQueuePriorities, pool: WorkPool
         return Decision(events=[], result=pool, created=False)
     event = WorkQueuesReprioritized(reprioritized=moved, updated=ctx.now)
     return Decision(events=[NewEvent(str(pool.id), event)], result=evolve(pool, event))
+
+
+def decide_record_polls(cmd: RecordWorkQueuesPolled, pool: WorkPool | None, ctx: DecisionContext) -> Decision:
+    """Every polled queue gets `last_polled = now`, paused ones included; a NOT_READY one
+    (even a paused one: a Prefect quirk) becomes READY. The pool's status is untouched."""
+    if pool is None:
+        raise pool_not_found(cmd.work_pool_name)
+    ids = [qid for qid in dict.fromkeys(cmd.work_queue_ids) if qid in pool.queues]
+    if not ids:
+        return Decision(events=[], result=None)
+    ready = [qid for qid in ids if pool.queues[qid].status == Status.NOT_READY]
+    event = WorkQueuesPolled(queue_ids=ids, ready=ready, polled=ctx.now)
+    return Decision(events=[NewEvent(str(pool.id), event)], result=None, after={str(pool.id): evolve(pool, event)})
+
+
+def decide_mark_work_pool_not_ready(cmd: MarkWorkPoolNotReady, pool: WorkPool | None, ctx: DecisionContext) -> Decision:
+    """Only a READY pool, and only when none of its workers is online: never makes a pool
+    READY, never touches a PAUSED or NOT_READY one."""
+    if pool is None:
+        raise pool_not_found(cmd.work_pool_name)
+    if pool.status != Status.READY or pool.has_online_worker:
+        return Decision(events=[], result=None)
+    event = WorkPoolWorkersChanged(status=Change(old=Status.READY, new=Status.NOT_READY))
+    return Decision(events=[NewEvent(str(pool.id), event)], result=None)
+
+
+def _unpolled(queue: WorkQueue, now: datetime) -> bool:
+    return queue.last_polled is None or now - queue.last_polled > NOT_READY_AFTER
+
+
+def decide_mark_work_queues_not_ready(cmd: MarkWorkQueuesNotReady, pool: WorkPool | None,
+                                      ctx: DecisionContext) -> Decision:
+    """Only READY queues that were polled once, more than 60 seconds ago: never PAUSED,
+    NOT_READY or never-polled ones."""
+    if pool is None:
+        raise pool_not_found(cmd.work_pool_name)
+    ids = [qid for qid in dict.fromkeys(cmd.work_queue_ids)
+           if (q := pool.queues.get(qid)) is not None and q.status == Status.READY
+           and q.last_polled is not None and _unpolled(q, ctx.now)]
+    if not ids:
+        return Decision(events=[], result=None)
+    event = WorkQueuesNotReady(queue_ids=ids, checked=ctx.now)
+    return Decision(events=[NewEvent(str(pool.id), event)], result=None)
+
+
+def decide_mark_deployments_not_ready(cmd: MarkDeploymentsNotReady, pool: WorkPool | None,
+                                      ctx: DecisionContext) -> Decision:
+    """Nothing while the deployments' queue has been polled within 60 seconds."""
+    if pool is None:
+        raise pool_not_found(cmd.work_pool_name)
+    queue = pool.queues.get(cmd.work_queue_id)
+    if queue is None:
+        raise queue_id_not_found(cmd.work_queue_id)
+    ids = list(dict.fromkeys(cmd.deployment_ids))
+    if not ids or not _unpolled(queue, ctx.now):
+        return Decision(events=[], result=None)
+    event = WorkQueueDeploymentsNotReady(work_queue_id=queue.id, deployment_ids=ids, checked=ctx.now)
+    return Decision(events=[NewEvent(str(pool.id), event)], result=None)
 
 
 def _dump(value: Any) -> Any:

@@ -6,8 +6,10 @@ Three promises (docs/protocol.md, "Replies"):
   service is the publisher, so client permissions cannot stop a reply from landing in our own
   streams. A reply subject must start with `settings.reply_subject_prefix` (`_INBOX.`), be a
   plain subject (no wildcards, no empty tokens, no spaces or control characters) and lie
-  outside every subject our streams and buckets capture. Other requests are dropped *without
-  being executed* (a command must not run when nobody may hear its outcome), counted, and
+  outside every subject our streams and buckets capture. A reply subject the server made for a
+  request that came through another account's service import (`_R_.`, nats-server's reserved
+  prefix: the analyst's `ReadEvents`, infra/broker_auth.py) is an inbox too: the server routes
+  the reply back to the requester's own. Other requests are dropped *without being executed* (a command must not run when nobody may hear its outcome), counted, and
   logged at most once per 10 s.
 - **Every admitted request gets exactly one reply, in bounded time.** The bus runs under a
   deadline; an exception, a deadline or an unencodable result still answers (`unavailable`).
@@ -63,8 +65,12 @@ _TOKEN = r"[\x21-\x29\x2b-\x2d\x2f-\x3d\x3f-\x7e]+"
 _PLAIN_SUBJECT = re.compile(rf"{_TOKEN}(?:\.{_TOKEN})*")
 
 
+# The reply subjects nats-server makes for requests that cross a service import.
+SERVICE_IMPORT_REPLY_PREFIX = "_R_."
+
+
 def reply_subject_allowed(reply: str | None, prefix: str, protected: tuple[str, ...]) -> bool:
-    if not reply or len(reply) > MAX_REPLY_SUBJECT or not reply.startswith(prefix):
+    if not reply or len(reply) > MAX_REPLY_SUBJECT or not reply.startswith((prefix, SERVICE_IMPORT_REPLY_PREFIX)):
         return False
     if reply.startswith(protected):
         return False

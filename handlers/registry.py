@@ -18,8 +18,10 @@ from runledger.projections import concurrency_limits as concurrency_limits_read_
 from runledger.projections import deployments as deployments_read_model
 from runledger.projections import flow_runs as flow_runs_read_model
 from runledger.projections import flows as flows_read_model
+from runledger.projections import scheduled_runs as scheduled_runs_read_model
 from runledger.projections import variables as variables_read_model
 from runledger.projections import work_pools as work_pools_read_model
+from runledger.projections import workers as workers_read_model
 from runledger.projections.runner import Projector
 
 from . import (
@@ -29,6 +31,7 @@ from . import (
     flow_run_commands,
     variable_commands,
     work_pool_commands,
+    worker_commands,
 )
 from .command_bus import CommandSpec
 
@@ -39,6 +42,7 @@ AGGREGATE_KINDS: list[AggregateKind] = [
     *flow_run_commands.AGGREGATE_KINDS,
     *variable_commands.AGGREGATE_KINDS,
     *concurrency_limit_commands.AGGREGATE_KINDS,
+    *worker_commands.AGGREGATE_KINDS,
 ]
 
 # Each read model's projector, made fresh per runner (projectors may keep per-run state).
@@ -49,6 +53,7 @@ PROJECTORS: list[Callable[[], Projector]] = [
     flow_runs_read_model.FlowRunsProjector,
     variables_read_model.VariablesProjector,
     concurrency_limits_read_model.ConcurrencyLimitsProjector,
+    workers_read_model.WorkersProjector,
 ]
 
 # Handlers that react to events with commands (e.g. waking the next waiter for a released
@@ -64,6 +69,9 @@ QUERIES: dict[str, tuple[Any, Any]] = {
     **flow_runs_read_model.QUERIES,
     **variables_read_model.QUERIES,
     **concurrency_limits_read_model.QUERIES,
+    **workers_read_model.QUERIES,
+    # The service serves these with their side effect (a poll is recorded): handlers/worker_polls.py.
+    **scheduled_runs_read_model.QUERIES,
 }
 
 
@@ -78,6 +86,7 @@ def command_specs(store: EventStore | None) -> dict[str, CommandSpec]:
         **flow_run_commands.COMMANDS,
         **variable_commands.COMMANDS,
         **concurrency_limit_commands.COMMANDS,
+        **worker_commands.COMMANDS,
     }
 
 

@@ -24,7 +24,7 @@ from runledger.infra.aggregates import AggregateRepository
 from runledger.infra.database import DatabaseUnavailable, check_database, create_engine, migrate
 from runledger.infra.event_store import EventStore
 from runledger.infra.jetstream_setup import ensure_event_stream
-from runledger.infra.leases import holder_lookup
+from runledger.infra.leases import Lease, holder_lookup
 from runledger.infra.nats_connection import connect
 from runledger.infra.settings import Settings
 from runledger.infra.snapshots import SnapshotStore, ensure_snapshot_bucket
@@ -33,13 +33,20 @@ from runledger.projections.runner import ProjectionRunner
 from runledger.projections.tables import MIGRATIONS
 
 from . import registry
+from .background import Clock, CommandSender, Scheduler, run_leased
 from .command_bus import CommandBus
 from .endpoint import Endpoint
+from .event_queries import event_queries
+from .foreman import Foreman
 from .query_bus import CheckpointWatch, QueryBus
+from .worker_polls import PollRecorder, poll_queries
 
 log = logging.getLogger("runledger.service")
 
 ALL_ROLES = frozenset({"commands", "queries", "projections"})
+# Single-active background services (handlers/background.py), each behind its lease: run by
+# `up` and `serve`; tests start them only where they test them.
+BACKGROUND_ROLES = frozenset({"scheduler", "clock", "foreman"})
 COMMAND_QUEUE_GROUP = "runledger-commands"
 QUERY_QUEUE_GROUP = "runledger-queries"
 
@@ -75,6 +82,9 @@ class Service:
     # Connections of their own for the request subscriptions (see Endpoint.serve).
     lanes: list[NATS] = field(default_factory=list)
     _stopping: bool = False
+    background: list[asyncio.Task] = field(default_factory=list)
+    # Records each worker poll as a command, in the background (handlers/worker_polls.py).
+    polls: PollRecorder | None = None
 
     async def _on_closed(self) -> None:
         if self._stopping:
@@ -117,6 +127,7 @@ class Service:
                                            on_released=self.watch.released,
                                            batch_size=s.projection_batch_size, lease_ttl=s.lease_ttl_seconds,
                                            stall_retry_seconds=s.projection_stall_retry_seconds)
+            self.watch.on_wait = self.runner.want  # a query that waits wakes an idle projection
             await self.runner.start()
         snapshots = None
         if "commands" in self.roles:  # only the command side loads aggregates
@@ -126,8 +137,10 @@ class Service:
         repo = AggregateRepository(self.store, registry.AGGREGATE_KINDS, snapshots=snapshots, snapshot_every=s.snapshot_every)
         self.commands = CommandBus(self.store, repo, registry.command_specs(self.store), retries=s.command_retries)
         deadline = request_deadline(s)
+        self.polls = PollRecorder(CommandSender(self.nc, s, timeout=s.request_timeout))
         specs = {**registry.QUERIES, **health_queries([p.name for p in projections], self.store.last_sequence,
-                                                   holder_lookup(self.nc.jetstream(timeout=s.request_timeout), s))}
+                                                   holder_lookup(self.nc.jetstream(timeout=s.request_timeout), s)),
+                 **poll_queries(self.polls), **event_queries(self.store)}
         self.queries = QueryBus(self.engine, specs, self.watch, wait_timeout=s.query_wait_timeout,
                                 last_sequence=self.store.last_sequence, concurrency=s.handler_concurrency,
                                 timeout=deadline)
@@ -146,12 +159,34 @@ class Service:
         await self.nc.flush()
         for lane in self.lanes:
             await lane.flush()
+        await self._start_background()
         log.info("runledger service ready: roles %s, NATS %s, namespace %s", ",".join(sorted(self.roles)), s.safe_nats_url(), s.namespace)
+
+    async def _start_background(self) -> None:
+        """The scheduler, the clock and the foreman, each waiting for its lease (infra/leases.py)."""
+        s = self.settings
+        assert self.nc is not None and self.engine is not None
+        send = CommandSender(self.nc, s, timeout=s.request_timeout)
+        services: dict[str, Scheduler | Clock | Foreman] = {"scheduler": Scheduler(self.engine, send),
+                                                            "clock": Clock(self.engine, send),
+                                                            "foreman": Foreman(self.engine, send)}
+        js = self.nc.jetstream(timeout=s.request_timeout)
+        for role, service in services.items():
+            if role not in self.roles:
+                continue
+            lease = await Lease.open(js, s, role, ttl=s.lease_ttl_seconds, label=role)
+            self.background.append(asyncio.create_task(run_leased(lease, role, service.run), name=f"runledger-{role}"))
 
     async def stop(self) -> None:
         """Stop taking requests, then stop projecting, then close connections; each step is
         bounded so that a signal always ends the process."""
         self._stopping = True
+        for task in self.background:
+            task.cancel()
+        if self.background:
+            await asyncio.wait(self.background, timeout=10)
+        if self.polls is not None:
+            await self.polls.drain(timeout=2)
         steps = [
             *(e.stop() for e in self.endpoints),
             *(lane.close() for lane in self.lanes if not lane.is_closed),

@@ -18,9 +18,10 @@ from runledger.infra.log_index import LogIndex
 from .command_bus import CommandSpec, Unit
 
 _POOL_STATE = TypeAdapter(wp.WorkPool)
-# Version 1 of the pool snapshot: the `WorkPool` dataclass as JSON. Bump it when its fields change.
+# The pool snapshot: the `WorkPool` dataclass as JSON. Bump the version when its fields change
+# (2: `online_workers`).
 POOL_SNAPSHOTS = SnapshotCodec(
-    version=1,
+    version=2,
     dump=lambda pool: _POOL_STATE.dump_python(pool, mode="json"),
     load=_POOL_STATE.validate_python,
 )
@@ -73,6 +74,22 @@ async def create_legacy_work_queue(unit: Unit, cmd: wp.CreateLegacyWorkQueue, ct
     claim = await _claim(unit, wp.LEGACY_POOL_NAME)
     pool = await unit.load(wp.WORK_POOL, str(claim.work_pool_id)) if claim.work_pool_id else None
     return wp.decide_create_legacy_work_queue(cmd, claim, pool, ctx)
+
+
+async def record_polls(unit: Unit, cmd: wp.RecordWorkQueuesPolled, ctx: DecisionContext) -> Decision:
+    return wp.decide_record_polls(cmd, await _pool_by_name(unit, cmd.work_pool_name), ctx)
+
+
+async def mark_work_pool_not_ready(unit: Unit, cmd: wp.MarkWorkPoolNotReady, ctx: DecisionContext) -> Decision:
+    return wp.decide_mark_work_pool_not_ready(cmd, await _pool_by_name(unit, cmd.work_pool_name), ctx)
+
+
+async def mark_work_queues_not_ready(unit: Unit, cmd: wp.MarkWorkQueuesNotReady, ctx: DecisionContext) -> Decision:
+    return wp.decide_mark_work_queues_not_ready(cmd, await _pool_by_name(unit, cmd.work_pool_name), ctx)
+
+
+async def mark_deployments_not_ready(unit: Unit, cmd: wp.MarkDeploymentsNotReady, ctx: DecisionContext) -> Decision:
+    return wp.decide_mark_deployments_not_ready(cmd, await _pool_by_name(unit, cmd.work_pool_name), ctx)
 
 
 def _pool_reply(result: wp.WorkPool) -> dict[str, Any]:
@@ -143,4 +160,12 @@ def command_specs(queues: LogIndex | None) -> dict[str, CommandSpec]:
         "CreateLegacyWorkQueue": CommandSpec(wp.CreateLegacyWorkQueue, create_legacy_work_queue, _queue_reply, legacy),
         "UpdateWorkQueueById": CommandSpec(wp.UpdateWorkQueueById, update_by_id, _queue_reply, _by_queue_id),
         "DeleteWorkQueueById": CommandSpec(wp.DeleteWorkQueueById, delete_by_id, _nothing, _by_queue_id),
+        "RecordWorkQueuesPolled": CommandSpec(wp.RecordWorkQueuesPolled, record_polls, _nothing,
+                                              _by_name("work_pool_name")),
+        "MarkWorkPoolNotReady": CommandSpec(wp.MarkWorkPoolNotReady, mark_work_pool_not_ready, _nothing,
+                                            _by_name("work_pool_name")),
+        "MarkWorkQueuesNotReady": CommandSpec(wp.MarkWorkQueuesNotReady, mark_work_queues_not_ready, _nothing,
+                                              _by_name("work_pool_name")),
+        "MarkDeploymentsNotReady": CommandSpec(wp.MarkDeploymentsNotReady, mark_deployments_not_ready, _nothing,
+                                               _by_name("work_pool_name")),
     }

@@ -12,7 +12,10 @@ Roles (each a NATS user with a password):
   create subject) for `runledger events`, `replay` and `verify`; publishes nothing to the
   log or the buckets and never touches the service's consumers. It is in an account of
   its own, importing that read API under ANALYST_JS_API: JetStream answers any reply
-  subject a request names, and from there no answer can be steered into the log.
+  subject a request names, and from there no answer can be steered into the log. It may
+  also send the read-only queries in ANALYST_QUERIES (`ReadEvents`: the log over the
+  broker contract), each imported as a service from the service's account under its own
+  subject; no other query and no command.
 - `task_worker`: reserved for a later role (it will pull work from work-queue streams);
   add it to `role_permissions` when that exists.
 
@@ -89,6 +92,14 @@ def service_consumer_names() -> list[str]:
 # imports of the service account's read API.
 ANALYST_JS_API = "$JS.READ.API"
 SERVICE_ACCOUNT, ANALYST_ACCOUNT = "RUNLEDGER", "ANALYST"
+# Queries the analyst may send (read-only, answered from the log): imported from the service's
+# account. Their replies reach the service with a reply subject the server made for the import
+# (`_R_.…`, see handlers/endpoint.py), routed back to the analyst's own inbox.
+ANALYST_QUERIES = ("ReadEvents",)
+
+
+def analyst_query_subjects(namespace: str) -> list[str]:
+    return [f"{namespace}.qry.{name}" for name in ANALYST_QUERIES]
 
 
 def analyst_api(stream: str) -> list[tuple[str, str]]:
@@ -118,6 +129,7 @@ def role_permissions(namespace: str, service_consumers: Sequence[str]) -> dict[s
         f"{ns}.evt.>", f"{ns}.idem.>",  # appends (single messages and atomic batches)
         *(f"$KV.{b}.>" for b in n.buckets),  # snapshot and lease keys: put, create, update, delete
         "_INBOX.>",  # replies to requests (the service only answers under reply_subject_prefix)
+        "_R_.>",  # replies to the queries the analyst's account imports (ANALYST_QUERIES)
         f"{api}.INFO",
     ]
     for s in own_streams:
@@ -139,7 +151,7 @@ def role_permissions(namespace: str, service_consumers: Sequence[str]) -> dict[s
     # consumers can be denied by name: the legacy ephemeral subject (`CONSUMER.CREATE.<stream>`,
     # name in the body) would let it update one of them.
     read = ANALYST_JS_API
-    analyst_pub = [f"{read}.{suffix}" for suffix, _ in analyst_api(stream)]
+    analyst_pub = [f"{read}.{suffix}" for suffix, _ in analyst_api(stream)] + analyst_query_subjects(ns)
     analyst_deny = []
     for c in service_consumers:
         analyst_deny += [
@@ -237,6 +249,10 @@ def nats_config(namespace: str, passwords: Mapping[str, str], store_dir: str, *,
                f'accounts: [{json.dumps(ANALYST_ACCOUNT)}]}}' for sub, kind in analyst_api(stream)]
     imports = [f'      {{service: {{account: {json.dumps(SERVICE_ACCOUNT)}, subject: {json.dumps("$JS.API." + sub)}}}, '
                f'to: {json.dumps(ANALYST_JS_API + "." + sub)}}}' for sub, _ in analyst_api(stream)]
+    for subject in analyst_query_subjects(namespace):  # one reply each, as every query
+        exports.append(f'      {{service: {json.dumps(subject)}, response_type: singleton, '
+                       f'accounts: [{json.dumps(ANALYST_ACCOUNT)}]}}')
+        imports.append(f'      {{service: {{account: {json.dumps(SERVICE_ACCOUNT)}, subject: {json.dumps(subject)}}}}}')
     lines += [
         "# The service and its clients share an account; the analyst has its own and reaches the",
         "# event stream's read API only through imports (answers come back on its own subjects).",

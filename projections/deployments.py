@@ -8,12 +8,13 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import delete, func, select
-from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy import bindparam, delete, func, select, text
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runledger.commands import deployments as dp
 from runledger.commands import queries as q
+from runledger.commands import work_pools as wp
 from runledger.commands.messages import Event
 
 from .filters import where_filter
@@ -29,31 +30,57 @@ def deployment_row(deployment: dp.Deployment) -> dict[str, Any]:
 
 
 
-# Insert or replace whole rows; built once (building it per batch cost ~5 % of the CPU).
+# Insert or replace whole rows; built once (building it per batch cost ~5 % of the CPU). A
+# deployment's `status` and `last_polled` are read-side fields, written by polls and the
+# foreman (`WorkQueuesPolled`, `WorkQueueDeploymentsNotReady`): a create or an update of an
+# existing row keeps them.
+_READ_SIDE = frozenset({"status", "last_polled"})
 _UPSERT = insert(deployments).on_conflict_do_update(
-    index_elements=["id"], set_={c.name: insert(deployments).excluded[c.name] for c in deployments.columns if c.name != "id"})
+    index_elements=["id"], set_={c.name: insert(deployments).excluded[c.name] for c in deployments.columns
+                                 if c.name != "id" and c.name not in _READ_SIDE})
+_POLLED = text("UPDATE deployments SET status = 'READY', last_polled = :polled WHERE work_queue_id = ANY(:queue_ids)")
+_NOT_READY = text(
+    "UPDATE deployments SET status = 'NOT_READY' WHERE id = ANY(:ids) AND work_queue_id = :queue_id"
+    " AND status = 'READY' AND last_polled IS NOT NULL AND last_polled < :stale_before"
+).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True))))
+_POLLED = _POLLED.bindparams(bindparam("queue_ids", type_=ARRAY(UUID(as_uuid=True))))
+
 
 class DeploymentsProjector:
     name = "deployments"
     tables = (deployments,)
     raw_payloads = False
     handles = frozenset({dp.DeploymentCreated.event_type, dp.DeploymentUpdated.event_type,
-                         dp.DeploymentDeleted.event_type})
+                         dp.DeploymentDeleted.event_type, wp.WorkQueuesPolled.event_type,
+                         wp.WorkQueueDeploymentsNotReady.event_type})
 
     async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, str, Event | dict]]) -> None:
-        # The last event of each deployment in the batch decides its row: one write each.
+        # The last event of each deployment in the batch decides its row: one write each,
+        # written before a poll or a not-ready check that follows it applies.
         last: dict[Any, dp.Deployment | None] = {}
         for _, _, event in events:
             if isinstance(event, dp.DeploymentCreated | dp.DeploymentUpdated):
                 last[event.deployment.id] = event.deployment
             elif isinstance(event, dp.DeploymentDeleted):
                 last[event.deployment_id] = None
+            elif isinstance(event, wp.WorkQueuesPolled):
+                await self._write(conn, last)
+                await conn.execute(_POLLED, {"polled": event.polled, "queue_ids": event.queue_ids})
+            elif isinstance(event, wp.WorkQueueDeploymentsNotReady):
+                await self._write(conn, last)
+                await conn.execute(_NOT_READY, {"ids": event.deployment_ids, "queue_id": event.work_queue_id,
+                                                "stale_before": event.checked - wp.NOT_READY_AFTER})
+        await self._write(conn, last)
+
+    @staticmethod
+    async def _write(conn: AsyncConnection, last: dict[Any, dp.Deployment | None]) -> None:
         gone = [i for i, d in last.items() if d is None]
         if gone:
             await conn.execute(delete(deployments).where(deployments.c.id.in_(gone)))
         rows = [deployment_row(d) for d in last.values() if d is not None]
         if rows:
             await conn.execute(_UPSERT, rows)
+        last.clear()
 
 
 # Reads: the deployment row with its queue's and pool's current names.

@@ -79,7 +79,12 @@ _READ = select(flow_runs, _queue.c.name.label("current_queue_name"), _pool.c.id.
 
 
 def flow_run_reply(row: Any) -> dict[str, Any]:
-    values = dict(row._mapping)
+    return flow_run_values_reply(dict(row._mapping))
+
+
+def flow_run_values_reply(values: dict[str, Any]) -> dict[str, Any]:
+    """A run's reply from its row's values with its queue's current name and its pool's id and
+    name (`current_queue_name`, `work_pool_id`, `work_pool_name`)."""
     queue_name = values.pop("current_queue_name")
     pool_id, pool_name = values.pop("work_pool_id"), values.pop("work_pool_name")
     if values["work_queue_id"] is not None and queue_name is not None:

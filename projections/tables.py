@@ -221,9 +221,24 @@ flow_run_states = Table(
     Index("flow_run_states_run", "flow_run_id", "timestamp"),
 )
 
+# One row per worker: `Worker` (commands/workers.py) column for column.
+workers = Table(
+    "workers", metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("created", DateTime(timezone=True), nullable=False),
+    Column("updated", DateTime(timezone=True), nullable=False),
+    Column("name", Text, nullable=False),
+    Column("work_pool_id", UUID(as_uuid=True), nullable=False),
+    Column("last_heartbeat_time", DateTime(timezone=True), nullable=False),
+    Column("heartbeat_interval_seconds", Integer),
+    Column("status", Text, nullable=False),
+    Index("workers_pool_heartbeat", "work_pool_id", "last_heartbeat_time"),
+    Index("workers_online", "status", "last_heartbeat_time"),
+)
+
 # Tables that hold read models (compared by `runledger verify`); the others are bookkeeping.
 READ_MODEL_TABLES = [work_pools, work_queues, flows, deployments, variables, concurrency_limits, flow_runs,
-                     flow_run_states]
+                     flow_run_states, workers]
 
 def ddl(table: Table) -> list[str]:
     """The statements that create `table` and its indexes, from its definition: a new table is
@@ -276,4 +291,11 @@ MIGRATIONS = [
         "CREATE INDEX concurrency_limits_name ON concurrency_limits (name)",
     ]),
     Migration(6, "flow runs and their states", [*ddl(flow_runs), *ddl(flow_run_states)]),
+    # The pool poll reads a queue's SCHEDULED runs in its order (run priority, next start,
+    # id): a partial index holds only those, however long the history of finished runs.
+    Migration(7, "workers, and the scheduled runs of each queue in poll order", [
+        *ddl(workers),
+        """CREATE INDEX flow_runs_scheduled_by_queue ON flow_runs
+               (work_queue_id, priority, next_scheduled_start_time, id) WHERE state_type = 'SCHEDULED'""",
+    ]),
 ]

@@ -51,7 +51,8 @@ class WorkPoolsProjector:
     raw_payloads = True
     handles = frozenset(cls.event_type for cls in (
         wp.WorkPoolCreated, wp.WorkPoolUpdated, wp.WorkPoolDeleted, wp.WorkQueueCreated,
-        wp.WorkQueueUpdated, wp.WorkQueueDeleted, wp.WorkQueuesReprioritized,
+        wp.WorkQueueUpdated, wp.WorkQueueDeleted, wp.WorkQueuesReprioritized, wp.WorkPoolWorkersChanged,
+        wp.WorkQueuesPolled, wp.WorkQueuesNotReady,
     ))
 
     async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, str, Event | dict]]) -> None:
@@ -59,9 +60,16 @@ class WorkPoolsProjector:
         pools: dict[str, Any] = {}
         queues: dict[str, Any] = {}
         moved_ids = {qid for _, _, e in payloads for qid in e.get("reprioritized", ())}
+        # Polls and status changes touch a few fields of rows the batch may not hold.
+        moved_ids.update(qid for _, t, e in payloads if t in ("WorkQueuesPolled", "WorkQueuesNotReady")
+                         for qid in e["queue_ids"])
         if moved_ids:
             rows = await conn.execute(select(work_queues).where(work_queues.c.id.in_([uuid.UUID(i) for i in moved_ids])))
             queues.update({str(r.id): dict(r._mapping) for r in rows})
+        status_pools = {pid for pid, t, e in payloads if t == "WorkPoolWorkersChanged" and e.get("status")}
+        if status_pools:
+            rows = await conn.execute(select(work_pools).where(work_pools.c.id.in_([uuid.UUID(i) for i in status_pools])))
+            pools.update({str(r.id): dict(r._mapping) for r in rows})
 
         def move(priorities: dict[str, int], when: str) -> None:
             stamp = _ts(when)
@@ -89,6 +97,22 @@ class WorkPoolsProjector:
                     move(e["reprioritized"], e["deleted"])
                 case "WorkQueuesReprioritized":
                     move(e["reprioritized"], e["updated"])
+                case "WorkPoolWorkersChanged":
+                    pool_row = pools.get(pool_id)
+                    if e.get("status") and isinstance(pool_row, dict):
+                        pools[pool_id] = {**pool_row, "status": e["status"]["new"]}
+                case "WorkQueuesPolled":
+                    polled, ready = _ts(e["polled"]), set(e["ready"])
+                    for qid in e["queue_ids"]:
+                        row = queues.get(qid)
+                        if isinstance(row, dict):
+                            queues[qid] = {**row, "last_polled": polled,
+                                           "status": wp.Status.READY.value if qid in ready else row["status"]}
+                case "WorkQueuesNotReady":
+                    for qid in e["queue_ids"]:
+                        row = queues.get(qid)
+                        if isinstance(row, dict):
+                            queues[qid] = {**row, "status": wp.Status.NOT_READY.value}
         await _write(conn, work_pools, pools)
         await _write(conn, work_queues, queues)
 

@@ -284,3 +284,35 @@ async def test_a_push_consumer_of_the_analyst_delivers_nothing_into_a_bucket(rol
     with contextlib.suppress(Exception):
         await js.delete_consumer(roles.stream, "push")
     assert await _state(roles) == before
+
+
+async def test_analyst_and_client_may_read_events_and_the_analyst_nothing_else(roles):
+    """`ReadEvents` is read-only and answered from the log: the client sends it like any query,
+    the analyst through its account's import of that one query subject. Every other query and
+    every command stays closed to the analyst."""
+    from runledger.client import RunledgerClient
+    from runledger.client.errors import Unavailable
+
+    pool = await _pool(roles)
+    for role in ("client", "analyst"):
+        async with RunledgerClient(roles.settings(role)) as rl:
+            page = await rl.read_events(aggregate_type="work_pool", aggregate_id=pool["id"])
+            assert [e["type"] for e in page.events] == ["WorkPoolCreated"], role
+            prefect = await rl.read_events(resource_id=f"prefect.work-pool.{pool['id']}", vocabulary="prefect",
+                                           prefect_event_prefix="prefect.work-pool.created")
+            assert [e["event"] for e in prefect.events] == ["prefect.work-pool.created"], role
+    ns = roles.namespace
+    before = await _state(roles)
+    nc, errors = await roles.connect("analyst")
+    refused = [f"{ns}.qry.GetWorkPool", f"{ns}.qry.GetServiceHealth", f"{ns}.cmd.CreateWorkPool",
+               f"{ns}.cmd.DeleteWorkPool", f"{ns}.qry.ReadEventsX"]
+    for subject in refused:
+        await nc.publish(subject, json.dumps({"name": pool["name"]}).encode(), reply=nc.new_inbox())
+    await nc.flush()
+    await asyncio.sleep(0.3)
+    for subject in refused:
+        assert any(f'permissions violation for publish to "{subject.lower()}"' in e.lower() for e in errors), (subject, errors)
+    assert await _state(roles) == before
+    async with RunledgerClient(roles.settings("analyst"), retries=0) as rl:  # the client sees no responder
+        with pytest.raises(Unavailable):
+            await rl.query("GetWorkPool", {"name": pool["name"]}, min_seq=0)

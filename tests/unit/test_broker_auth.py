@@ -56,8 +56,10 @@ def test_client_and_analyst_cannot_publish_to_the_log():
         assert not [s for s in allowed if s.startswith(("ns.evt", "ns.idem", "$KV.", "$JS.API.STREAM.PURGE",
                                                         "$JS.API.STREAM.DELETE", "$JS.ACK"))]
     assert f"{broker_auth.ANALYST_JS_API}.CONSUMER.DELETE.NS_EVENTS.projection_x" in perms["analyst"]["publish"]["deny"]
-    # The analyst reaches the JetStream API only through its account's imports.
-    assert all(s.startswith(broker_auth.ANALYST_JS_API + ".") for s in perms["analyst"]["publish"]["allow"])
+    # The analyst reaches the JetStream API only through its account's imports, and of the
+    # service's subjects only the read-only queries it imports (`ReadEvents`).
+    assert all(s.startswith(broker_auth.ANALYST_JS_API + ".") or s in ("ns.qry.ReadEvents",)
+               for s in perms["analyst"]["publish"]["allow"])
 
 
 def test_the_analyst_has_an_account_of_its_own():
@@ -65,3 +67,16 @@ def test_the_analyst_has_an_account_of_its_own():
     service, analyst = text.split("  ANALYST {")
     assert '"service"' in service and '"client"' in service and '"analyst"' not in service
     assert '"analyst"' in analyst and "jetstream" not in analyst
+
+
+def test_the_analyst_imports_only_the_read_events_query():
+    perms = broker_auth.role_permissions("ns", ["projection_x"])
+    assert [s for s in perms["analyst"]["publish"]["allow"] if s.startswith("ns.")] == ["ns.qry.ReadEvents"]
+    assert not [s for s in perms["analyst"]["subscribe"]["allow"] if s.startswith("ns.")]
+    assert "_R_.>" in perms["service"]["publish"]["allow"]  # replies to what crosses the import
+    text = broker_auth.compose_config("ns")
+    service, analyst = text.split("  ANALYST {")
+    assert '{service: "ns.qry.ReadEvents", response_type: singleton, accounts: ["ANALYST"]}' in service
+    assert '{service: {account: "RUNLEDGER", subject: "ns.qry.ReadEvents"}}' in analyst
+    assert "ns.cmd" not in analyst and [line for line in text.splitlines() if "ns.qry." in line and "ReadEvents" not in line
+                                        and "ns.qry.>" not in line] == []

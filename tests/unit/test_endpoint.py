@@ -60,3 +60,10 @@ def test_a_single_object_too_large_is_an_error_and_a_command_keeps_its_outcome()
     assert query["ok"] is False and query["error"]["code"] == "invalid" and "2500" in query["error"]["message"]
     command = json.loads(fit_reply(out, b"{}", 2500, "command"))
     assert command == {"ok": True, "result": None, "seq": 9, "created": True, "truncated": True}
+
+
+def test_a_reply_subject_made_for_a_service_import_is_an_inbox():
+    # nats-server's `_R_.` replies: a request that crossed an account import (the analyst's ReadEvents)
+    assert reply_subject_allowed("_R_.G9qraP.klUjl0", "_INBOX.", PROTECTED)
+    assert not reply_subject_allowed("_R_.*", "_INBOX.", PROTECTED)
+    assert not reply_subject_allowed("_R_..x", "_INBOX.", PROTECTED)

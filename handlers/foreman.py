@@ -1,0 +1,181 @@
+"""The foreman: a single-active background service (lease `foreman`, like the scheduler and the
+clock in handlers/background.py) that, every 15 s, in this order:
+
+1. marks OFFLINE the ONLINE workers whose last heartbeat is older than three heartbeat
+   intervals (30 s for a worker that gave none): `MarkWorkerOffline`;
+2. marks NOT_READY the READY pools with no ONLINE worker left: `MarkWorkPoolNotReady`;
+3. marks NOT_READY the READY deployments last polled more than 60 s ago whose queue was not
+   polled within 60 s either: `MarkDeploymentsNotReady`, one per queue;
+4. marks NOT_READY the READY queues last polled more than 60 s ago: `MarkWorkQueuesNotReady`,
+   one per pool.
+
+It finds candidates in the read models and acts through commands whose deciders check the
+condition again against the log (the worker's last heartbeat, the pool's online workers, the
+queue's last poll), so a stale read model, a restart or two foremen at once change nothing
+wrongly: a candidate that is no longer one is left as it is. It never makes anything READY.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import and_, func, literal, or_, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from runledger.commands import work_pools as wp
+from runledger.commands import workers as wk
+from runledger.infra.leases import stop_if_cancelled
+from runledger.projections.tables import deployments, work_pools, work_queues, workers
+
+from .background import _each
+
+log = logging.getLogger("runledger.foreman")
+
+FOREMAN_INTERVAL = 15.0
+BATCH = 500
+
+
+@dataclass
+class ForemanPass:
+    """What one pass asked for: workers it turned OFFLINE, and the pools, deployments and
+    queues it sent to their deciders (which may have found nothing left to do)."""
+
+    workers_offline: int = 0
+    pools_not_ready: int = 0
+    deployments_checked: int = 0
+    queues_checked: int = 0
+
+
+@dataclass
+class Foreman:
+    engine: AsyncEngine
+    send: Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+    interval: float = FOREMAN_INTERVAL
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    passes: int = 0
+    last: ForemanPass = field(default_factory=ForemanPass)  # the last pass's figures
+
+    async def _rows(self, stmt: Any) -> list[Any]:
+        async with self.engine.connect() as conn:
+            return list(await conn.execute(stmt))
+
+    async def workers_offline(self) -> set[str]:
+        """Workers gone silent; the pools they belonged to."""
+        now = self.clock()
+        interval = func.coalesce(func.nullif(workers.c.heartbeat_interval_seconds, 0), wk.HEARTBEAT_FALLBACK_SECONDS)
+        stmt = (select(work_pools.c.name.label("pool"), workers.c.name)
+                .join(work_pools, work_pools.c.id == workers.c.work_pool_id)
+                .where(workers.c.status == wk.WorkerStatus.ONLINE.value,
+                       workers.c.last_heartbeat_time
+                       < literal(now) - func.make_interval(0, 0, 0, 0, 0, 0, interval * wk.OFFLINE_MULTIPLIER))
+                .order_by(workers.c.last_heartbeat_time).limit(BATCH))
+        pools: set[str] = set()
+        marked = 0
+
+        async def one(row: Any) -> None:
+            nonlocal marked
+            reply = await self.send("MarkWorkerOffline", {"work_pool_name": row.pool, "name": row.name})
+            if reply.get("ok") and (reply.get("result") or {}).get("status") == wk.WorkerStatus.OFFLINE.value:
+                marked += 1
+                pools.add(row.pool)
+
+        await _each(await self._rows(stmt), one)
+        self.last.workers_offline = marked
+        return pools
+
+    async def pools_not_ready(self, also: frozenset[str] | set[str] = frozenset()) -> int:
+        """READY pools without an ONLINE worker in the read model, and the pools of the workers
+        just marked offline (the read model may not show that yet): the decider knows."""
+        online = select(workers.c.id).where(workers.c.work_pool_id == work_pools.c.id,
+                                            workers.c.status == wk.WorkerStatus.ONLINE.value)
+        stmt = (select(work_pools.c.name).where(work_pools.c.status == wp.Status.READY.value)
+                .where(or_(~online.exists(), work_pools.c.name.in_(sorted(also)))).order_by(work_pools.c.name))
+        names = [r.name for r in await self._rows(stmt)]
+        marked = 0
+
+        async def one(name: str) -> None:
+            nonlocal marked
+            reply = await self.send("MarkWorkPoolNotReady", {"work_pool_name": name})
+            if reply.get("ok"):
+                marked += 1
+
+        await _each(names, one)
+        self.last.pools_not_ready = marked
+        return marked
+
+    async def deployments_not_ready(self) -> int:
+        stale_before = self.clock() - wp.NOT_READY_AFTER
+        stmt = (select(work_pools.c.name.label("pool"), work_queues.c.id.label("queue_id"), deployments.c.id)
+                .join(work_queues, work_queues.c.id == deployments.c.work_queue_id)
+                .join(work_pools, work_pools.c.id == work_queues.c.work_pool_id)
+                .where(deployments.c.status == "READY", deployments.c.last_polled.is_not(None),
+                       deployments.c.last_polled < stale_before,
+                       or_(work_queues.c.last_polled.is_(None), work_queues.c.last_polled < stale_before))
+                .order_by(deployments.c.last_polled).limit(BATCH))
+        by_queue: dict[tuple[str, Any], list[str]] = defaultdict(list)
+        for row in await self._rows(stmt):
+            by_queue[(row.pool, row.queue_id)].append(str(row.id))
+        sent = 0
+
+        async def one(item: tuple[tuple[str, Any], list[str]]) -> None:
+            nonlocal sent
+            (pool, queue_id), ids = item
+            reply = await self.send("MarkDeploymentsNotReady", {"work_pool_name": pool, "work_queue_id": str(queue_id),
+                                                                "deployment_ids": ids})
+            if reply.get("ok"):
+                sent += len(ids)
+
+        await _each(list(by_queue.items()), one)
+        self.last.deployments_checked = sent
+        return sent
+
+    async def queues_not_ready(self) -> int:
+        stale_before = self.clock() - wp.NOT_READY_AFTER
+        stmt = (select(work_pools.c.name.label("pool"), work_queues.c.id)
+                .join(work_pools, work_pools.c.id == work_queues.c.work_pool_id)
+                .where(and_(work_queues.c.status == wp.Status.READY.value, work_queues.c.last_polled.is_not(None),
+                            work_queues.c.last_polled < stale_before))
+                .order_by(work_queues.c.last_polled).limit(BATCH))
+        by_pool: dict[str, list[str]] = defaultdict(list)
+        for row in await self._rows(stmt):
+            by_pool[row.pool].append(str(row.id))
+        sent = 0
+
+        async def one(item: tuple[str, list[str]]) -> None:
+            nonlocal sent
+            pool, ids = item
+            reply = await self.send("MarkWorkQueuesNotReady", {"work_pool_name": pool, "work_queue_ids": ids})
+            if reply.get("ok"):
+                sent += len(ids)
+
+        await _each(list(by_pool.items()), one)
+        self.last.queues_checked = sent
+        return sent
+
+    async def run_pass(self) -> ForemanPass:
+        """One tick, in the foreman's order."""
+        self.last = ForemanPass()
+        pools = await self.workers_offline()
+        await self.pools_not_ready(pools)
+        await self.deployments_not_ready()
+        await self.queues_not_ready()
+        self.passes += 1
+        return self.last
+
+    async def run(self) -> None:
+        while True:
+            stop_if_cancelled()
+            try:
+                await self.run_pass()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # Postgres or the broker away: try again next tick
+                log.warning("foreman pass failed: %s: %s", type(e).__name__, e)
+            await asyncio.sleep(self.interval)
+

@@ -1,0 +1,94 @@
+"""The scheduler and the clock against real NATS and Postgres: the scheduler schedules every
+deployment that is not paused and has an active schedule, and two schedulers (or a restart)
+write each run once; the clock marks Late the runs still Scheduled 15 s after their start."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+from runledger.handlers.background import Clock, CommandSender, Scheduler
+from runledger.infra.nats_connection import connect
+
+
+async def _deployment(broker, name: str, flow_id: str, **fields) -> dict:
+    return await broker.ok_cmd("CreateDeployment", name=name, flow_id=flow_id, **fields)
+
+
+async def test_the_scheduler_schedules_active_deployments_once_whatever_runs_it(broker, service, settings):
+    flow_id = (await broker.ok_cmd("CreateFlow", name="etl"))["id"]
+    hourly = [{"schedule": {"interval": 3600}}]
+    active = await _deployment(broker, "active", flow_id, schedules=hourly)
+    await _deployment(broker, "paused", flow_id, schedules=hourly, paused=True)
+    await _deployment(broker, "inactive", flow_id, schedules=[{**hourly[0], "active": False}])
+    await _deployment(broker, "none", flow_id)
+    await broker.ok_qry("CountDeployments")  # the read model has them
+    nc = await connect(settings)
+    try:
+        send = CommandSender(nc, settings)
+        first, second = Scheduler(service.engine, send), Scheduler(service.engine, send)
+        assert await first.schedulable() == [active["id"]]
+        made = await asyncio.gather(first.schedule([active["id"]]), second.schedule([active["id"]]))
+        assert sum(made) == 3  # two schedulers at once: each date once (SC-1 defaults: 3 runs)
+        assert await Scheduler(service.engine, send).schedule(await first.schedulable()) == 0  # a restart: none
+    finally:
+        await nc.close()
+    # The schedulers' commands were not the broker's: wait for everything the log holds.
+    broker.last_seq = (await broker.ok_qry("GetServiceHealth"))["stream_last_seq"]
+    runs = await broker.ok_qry("ListFlowRuns", flow_runs={"deployment_id": {"any_": [active["id"]]}})
+    assert len(runs) == 3 and len({r["expected_start_time"] for r in runs}) == 3
+
+
+async def test_the_clock_marks_late_runs_only(broker, service, settings):
+    flow_id = (await broker.ok_cmd("CreateFlow", name="etl"))["id"]
+    now = datetime.now(UTC)
+
+    async def scheduled(at: datetime, name: str | None = None) -> str:
+        state = {"type": "SCHEDULED", "state_details": {"scheduled_time": at.isoformat()}}
+        if name:
+            state["name"] = name
+        return (await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, state=state))["id"]
+
+    late = await scheduled(now - timedelta(seconds=30))
+    just_due = await scheduled(now - timedelta(seconds=5))
+    retrying = await scheduled(now - timedelta(minutes=5), name="AwaitingRetry")
+    await broker.ok_qry("CountFlowRuns")
+    nc = await connect(settings)
+    try:
+        clock = Clock(service.engine, CommandSender(nc, settings))
+        assert await clock.mark_late() == 1
+        broker.last_seq = (await broker.ok_qry("GetServiceHealth"))["stream_last_seq"]
+        await broker.ok_qry("CountFlowRuns")
+        assert await clock.mark_late() == 0  # already Late: nothing more
+    finally:
+        await nc.close()
+    broker.last_seq = (await broker.ok_qry("GetServiceHealth"))["stream_last_seq"]  # the clock's writes too
+    marked = await broker.ok_qry("GetFlowRun", id=late)
+    assert (marked["state_type"], marked["state_name"]) == ("SCHEDULED", "Late")
+    assert marked["state"]["state_details"]["scheduled_time"] == marked["next_scheduled_start_time"]
+    assert (await broker.ok_qry("GetFlowRun", id=just_due))["state_name"] == "Scheduled"
+    assert (await broker.ok_qry("GetFlowRun", id=retrying))["state_name"] == "AwaitingRetry"
+
+
+async def test_two_services_run_one_scheduler_and_runs_appear_on_their_own(broker, settings):
+    from runledger.handlers.service import ALL_ROLES, BACKGROUND_ROLES, Service
+
+    flow_id = (await broker.ok_cmd("CreateFlow", name="etl"))["id"]
+    d = await _deployment(broker, "every-minute", flow_id, schedules=[{"schedule": {"interval": 60}}])
+    services = [Service(settings, roles=BACKGROUND_ROLES | frozenset({"queries"})) for _ in range(2)]
+    for svc in services:
+        await svc.start()
+    try:
+        for _ in range(100):  # the scheduler's first pass comes at once (bounded wait, 10 s)
+            runs = await broker.ok_qry("ListFlowRuns", flow_runs={"deployment_id": {"any_": [d["id"]]}})
+            if len(runs) >= 60:
+                break
+            await asyncio.sleep(0.1)
+        # SC-1 defaults for a one-minute interval: runs until both 3 runs and 1 h ahead are reached.
+        assert len(runs) == 61, len(runs)
+        holders = [t for svc in services for t in svc.background if t.get_name() == "runledger-scheduler"]
+        assert len(holders) == 2  # both wait for the lease; one holds it
+    finally:
+        for svc in services:
+            await svc.stop()
+    assert ALL_ROLES.isdisjoint(BACKGROUND_ROLES)

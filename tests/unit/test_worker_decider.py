@@ -1,0 +1,144 @@
+"""Workers and what workers and polls decide on the pool, pure: heartbeats (WK-1, WK-2), going
+offline (WK-3), pools not ready (WK-4), deletion (WK-6), polls (GS-9, ST-2) and the foreman's
+re-checks (ST-2, ST-3). No broker, no database: time and ids come from the context."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from runledger.commands import work_pools as wp
+from runledger.commands import workers as wk
+from runledger.commands.decisions import Decision
+from runledger.commands.messages import DecisionContext, Rejection
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def ctx(at: datetime = NOW) -> DecisionContext:
+    return DecisionContext.fixed(at)
+
+
+def pool(**fields) -> wp.WorkPool:
+    made = wp.decide_create_work_pool(wp.CreateWorkPool(name="p", type="process", **fields),
+                                      wp.WorkPoolNameClaim(), ctx())
+    return made.result
+
+
+def fold(p: wp.WorkPool, worker: wk.Worker | None, d: Decision) -> tuple[wp.WorkPool, wk.Worker | None]:
+    for new in d.events:
+        if new.aggregate_type == wp.WORK_POOL:
+            p = wp.evolve(p, new.event)
+        else:
+            worker = wk.evolve(worker, new.event)
+    return p, worker
+
+
+def beat(p, worker, at=NOW, name="w", **fields):
+    d = wk.decide_heartbeat(wk.WorkerHeartbeat(work_pool_name="p", name=name, **fields), p, worker, ctx(at))
+    return d, *fold(p, worker, d)
+
+
+def test_a_first_heartbeat_makes_an_online_worker_and_a_ready_pool():
+    d, p, w = beat(pool(), None, heartbeat_interval_seconds=10)
+    assert w.status is wk.WorkerStatus.ONLINE and w.last_heartbeat_time == NOW and w.heartbeat_interval_seconds == 10
+    assert w.id == wk.worker_id(p.id, "w") and d.created is True
+    assert p.status is wp.Status.READY and p.online_workers == {"w"} and p.has_online_worker
+    pool_event = [e.event for e in d.events if e.aggregate_type == wp.WORK_POOL]
+    assert pool_event == [wp.WorkPoolWorkersChanged(online=["w"], status=wp.Change(old="NOT_READY", new="READY"))]
+
+
+def test_a_steady_heartbeat_writes_the_worker_alone_and_keeps_its_interval():
+    _, p, w = beat(pool(), None, heartbeat_interval_seconds=10)
+    d, p2, w2 = beat(p, w, NOW + timedelta(seconds=10))
+    assert [e.aggregate_type for e in d.events] == [wk.WORKER] and d.created is False
+    assert w2.heartbeat_interval_seconds == 10 and w2.created == NOW and w2.last_heartbeat_time > NOW
+    assert p2 == p
+
+
+def test_a_heartbeat_leaves_a_paused_pool_paused():
+    d, p, w = beat(pool(is_paused=True), None)
+    assert p.status is wp.Status.PAUSED and w.status is wk.WorkerStatus.ONLINE and p.has_online_worker
+    assert d.events[1].event.status is None
+
+
+def test_unknown_pool():
+    with pytest.raises(Rejection) as e:
+        wk.decide_heartbeat(wk.WorkerHeartbeat(work_pool_name="nope", name="w"), None, None, ctx())
+    assert e.value.code == "not_found"
+
+
+@pytest.mark.parametrize(("interval", "silent", "offline"), [
+    (None, 90, False), (None, 91, True), (0, 91, True), (60, 180, False), (60, 181, True)])
+def test_going_offline_after_three_intervals(interval, silent, offline):
+    _, p, w = beat(pool(), None, heartbeat_interval_seconds=interval)
+    d = wk.decide_mark_offline(wk.MarkWorkerOffline(work_pool_name="p", name="w"), p, w,
+                               ctx(NOW + timedelta(seconds=silent)))
+    assert bool(d.events) is offline
+    if offline:
+        p, w = fold(p, w, d)
+        assert w.status is wk.WorkerStatus.OFFLINE and p.online_workers == frozenset()
+        assert p.status is wp.Status.READY  # the foreman's next step decides the pool
+        again = wk.decide_mark_offline(wk.MarkWorkerOffline(work_pool_name="p", name="w"), p, w,
+                                       ctx(NOW + timedelta(hours=1)))
+        assert again.events == []
+
+
+def test_a_pool_is_not_ready_only_when_ready_and_without_online_workers():
+    mark = wp.MarkWorkPoolNotReady(work_pool_name="p")
+    _, p, w = beat(pool(), None)
+    assert wp.decide_mark_work_pool_not_ready(mark, p, ctx()).events == []  # a worker is online
+    d = wk.decide_mark_offline(wk.MarkWorkerOffline(work_pool_name="p", name="w"), p, w, ctx(NOW + timedelta(hours=1)))
+    p, w = fold(p, w, d)
+    d = wp.decide_mark_work_pool_not_ready(mark, p, ctx())
+    p = wp.evolve(p, d.events[0].event)
+    assert p.status is wp.Status.NOT_READY
+    assert wp.decide_mark_work_pool_not_ready(mark, p, ctx()).events == []  # never twice
+    assert wp.decide_mark_work_pool_not_ready(mark, pool(is_paused=True), ctx()).events == []  # never PAUSED
+
+
+def test_deleting_a_worker():
+    _, p, w = beat(pool(), None)
+    with pytest.raises(Rejection) as e:
+        wk.decide_delete_worker(wk.DeleteWorker(work_pool_name="p", name="x"), p, None, ctx())
+    assert (e.value.code, e.value.message) == ("not_found", "Worker not found.")
+    d = wk.decide_delete_worker(wk.DeleteWorker(work_pool_name="p", name="w"), p, w, ctx())
+    p, w = fold(p, w, d)
+    assert w is None and not p.has_online_worker
+
+
+def test_a_poll_records_every_queue_and_readies_the_not_ready_ones():
+    p = pool()
+    made = wp.decide_create_work_queue(wp.CreateWorkQueue(work_pool_name="p", name="paused", is_paused=True), p, ctx())
+    p, paused = made.result
+    other = uuid.UUID(int=999)
+    d = wp.decide_record_polls(wp.RecordWorkQueuesPolled(work_pool_name="p", work_queue_ids=[paused.id, other]), p, ctx())
+    event = d.events[0].event
+    assert event == wp.WorkQueuesPolled(queue_ids=[paused.id], ready=[paused.id], polled=NOW)
+    p = wp.evolve(p, event)
+    assert p.queues[paused.id].status is wp.Status.READY and p.queues[paused.id].last_polled == NOW
+    later = NOW + timedelta(seconds=5)
+    again = wp.decide_record_polls(wp.RecordWorkQueuesPolled(work_pool_name="p", work_queue_ids=[paused.id]), p, ctx(later))
+    assert again.events[0].event.ready == []  # READY stays, last_polled moves
+    assert p.status is wp.Status.NOT_READY  # a poll never touches the pool's status
+
+
+def test_the_foreman_rechecks_queues_and_deployments_against_the_log():
+    p = pool()
+    q = p.default_queue_id
+    p = wp.evolve(p, wp.WorkQueuesPolled(queue_ids=[q], ready=[q], polled=NOW))
+    queues = wp.MarkWorkQueuesNotReady(work_pool_name="p", work_queue_ids=[q])
+    deployments = wp.MarkDeploymentsNotReady(work_pool_name="p", work_queue_id=q, deployment_ids=[uuid.UUID(int=5)])
+    at_60 = ctx(NOW + timedelta(seconds=60))
+    assert wp.decide_mark_work_queues_not_ready(queues, p, at_60).events == []  # not older than 60 s
+    assert wp.decide_mark_deployments_not_ready(deployments, p, at_60).events == []
+    at_61 = ctx(NOW + timedelta(seconds=61))
+    d = wp.decide_mark_work_queues_not_ready(queues, p, at_61)
+    assert d.events[0].event == wp.WorkQueuesNotReady(queue_ids=[q], checked=at_61.now)
+    assert wp.decide_mark_deployments_not_ready(deployments, p, at_61).events[0].event.deployment_ids == [uuid.UUID(int=5)]
+    p = wp.evolve(p, d.events[0].event)
+    assert p.queues[q].status is wp.Status.NOT_READY
+    assert wp.decide_mark_work_queues_not_ready(queues, p, at_61).events == []
+    assert wp.decide_mark_work_queues_not_ready(queues, pool(), at_61).events == []  # never polled: untouched
