@@ -1,18 +1,36 @@
 """`runledger work-pool ...`: create, list, inspect, update, pause, resume, delete work pools and
-set or clear their concurrency limits, through the client only. Exit codes: see `output.py`
-(3 not found, 4 conflict, 5 invalid or forbidden, 6 unavailable, 2 usage, 1 other)."""
+set or clear their concurrency limits; `get-runs` polls a pool as its workers do and `preview`
+shows what they would get without polling; through the client only. Exit codes: see
+`output.py` (3 not found, 4 conflict, 5 invalid or forbidden, 6 unavailable, 2 usage, 1 other).
+
+`get-runs` and `preview` are reads by a new client (each CLI run is one): they first wait until
+the read models hold every write the service had acknowledged (`RunledgerClient.catch_up`)."""
 
 from __future__ import annotations
 
 import json
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from runledger.client import UNSET, Conflict, Invalid, RunledgerClient, WorkPool
+from runledger.client import (
+    UNSET,
+    Conflict,
+    FlowRun,
+    Invalid,
+    NotFound,
+    RunledgerClient,
+    WorkPool,
+    WorkQueue,
+)
+from runledger.client.models import WorkerFlowRun
 from runledger.commands.queries import DEFAULT_LIMIT
 
+from .deployments import when
 from .main import app
 from .output import (
     JsonFlag,
@@ -24,9 +42,12 @@ from .output import (
     print_json,
     run,
     run_command,
+    say,
     show_details,
+    show_rows,
     show_work_pools,
     success,
+    visible,
     wants_json,
 )
 
@@ -232,3 +253,128 @@ def delete(
         print_json(None)
     else:
         success(f"Deleted work pool {name!r}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# get-runs (the worker's poll) and preview (the same runs, without a poll)
+
+POLL_COLUMNS = ("ID", "Name", "Queue", "State", "Scheduled", "Priority")
+QUEUES_HELP = "Only this queue of the pool (repeat for more; default: every queue)."
+
+
+def show_poll_runs(runs: Iterable[FlowRun], title: str, empty: str) -> None:
+    """The runs as the poll orders them: queue priority, run priority, scheduled time, id."""
+    rows = [(str(r.id), visible(r.name), visible(r.work_queue_name or "-"), visible(r.state_name or "-"),
+             when(r.next_scheduled_start_time), str(r.priority)) for r in runs]
+    show_rows(title, POLL_COLUMNS, rows, empty)
+
+
+def _scheduled_before(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not an ISO 8601 time (e.g. 2025-01-31T09:00:00+01:00; "
+                                 "without an offset: UTC)", param_hint="--scheduled-before") from None
+
+
+@work_pool_app.command("get-runs")
+def get_runs(
+    name: str = typer.Argument(..., help=NAME_HELP),
+    queues: list[str] | None = typer.Option(None, "--queue", "-q", help=QUEUES_HELP),
+    limit: int | None = typer.Option(None, "--limit", "-l", min=0, max=DEFAULT_LIMIT,
+                                     help=f"Most runs to get (default and most: {DEFAULT_LIMIT})."),
+    scheduled_before: str | None = typer.Option(None, "--scheduled-before",
+                                                help="Only runs scheduled at or before this time (ISO 8601; "
+                                                     "without an offset: UTC)."),
+    as_json: JsonFlag = False,
+    output: OutputOption = None,
+) -> None:
+    """Poll a work pool as a worker does: the SCHEDULED runs its limits leave room for.
+
+    The poll is recorded, as a worker's: the queues polled, and their deployments, become READY.
+
+    Runs print in the service's order: queue priority, run priority, scheduled time. A paused pool or queue gives none.
+
+    With --json: the service's items, {work_pool_id, work_queue_id, flow_run}. To look without polling: `work-pool preview`."""
+    before = _scheduled_before(scheduled_before)
+
+    async def action(rl: RunledgerClient) -> list[WorkerFlowRun]:
+        await rl.catch_up()
+        return await rl.get_scheduled_flow_runs(name, work_queue_names=queues or None, scheduled_before=before,
+                                                limit=UNSET if limit is None else limit)
+
+    found = run(action)
+    if wants_json(as_json, output):
+        print_json(found)
+    else:
+        show_poll_runs((item.flow_run for item in found), f"Runs for work pool {name!r}",
+                       "No scheduled flow runs found.")
+
+
+def _poll_order(runs: Iterable[FlowRun], priorities: dict[uuid.UUID, int]) -> list[FlowRun]:
+    far = datetime.max.replace(tzinfo=UTC)
+    return sorted(runs, key=lambda r: (priorities.get(r.work_queue_id, 0) if r.work_queue_id else 0, r.priority,
+                                       r.next_scheduled_start_time or far, str(r.id)))
+
+
+async def _pool_queues(rl: RunledgerClient, name: str) -> list[WorkQueue]:
+    queues: list[WorkQueue] = []
+    while True:
+        page = await rl.list_work_queues(name, limit=DEFAULT_LIMIT, offset=len(queues))
+        queues.extend(page)
+        if len(page) < DEFAULT_LIMIT:
+            return queues
+
+
+async def _preview(rl: RunledgerClient, name: str, queue_names: Sequence[str], hours: float
+                   ) -> tuple[WorkPool, list[WorkQueue], list[FlowRun]]:
+    await rl.catch_up()
+    pool = await rl.read_work_pool(name)
+    queues = await _pool_queues(rl, name)
+    by_name = {q.name: q for q in queues}
+    for queue_name in queue_names:  # as the poll: every name must be a queue of this pool
+        if queue_name not in by_name:
+            raise NotFound(f"Work pool queue '{name}/{queue_name}' not found.")
+    chosen = [by_name[n] for n in dict.fromkeys(queue_names)] if queue_names else queues
+    where: dict[str, Any] = ({"work_queue_ids": [q.id for q in chosen]} if queue_names
+                             else {"work_pool_names": [name]})
+    horizon = datetime.now(UTC) + timedelta(hours=hours)
+    found: dict[uuid.UUID, FlowRun] = {}
+    offset = 0
+    while True:
+        page = await rl.list_flow_runs(
+            **where, state_types=["SCHEDULED"], sort="NEXT_SCHEDULED_START_TIME_ASC", limit=DEFAULT_LIMIT,
+            offset=offset, flow_run_filter={"next_scheduled_start_time": {"before_": horizon.isoformat()}})
+        offset += len(page)
+        # As the poll: a retry the run makes in its own process is not a worker's to start.
+        found.update((r.id, r) for r in page if r.empirical_policy.get("retry_type") != "in_process")
+        if len(page) < DEFAULT_LIMIT:
+            break
+    return pool, chosen, _poll_order(found.values(), {q.id: q.priority for q in queues})
+
+
+@work_pool_app.command()
+def preview(
+    name: str = typer.Argument(..., help=NAME_HELP),
+    queues: list[str] | None = typer.Option(None, "--queue", "-q", help=QUEUES_HELP),
+    hours: float = typer.Option(1.0, "--hours", "-h", min=0, help="How far ahead to look, in hours (default 1)."),
+    as_json: JsonFlag = False,
+    output: OutputOption = None,
+) -> None:
+    """Preview the runs a worker of the pool would get in the next HOURS hours; records no poll.
+
+    The service's poll always records itself, so preview reads the flow runs instead: the SCHEDULED runs of the pool's queues (or those given) due before now + HOURS, sorted as the poll sorts them (queue priority, run priority, scheduled time).
+
+    Concurrency limits and pauses are not applied (a paused pool or queue is noted): `work-pool get-runs` applies them, as a real poll. With --json: the flow runs."""
+    pool, chosen, found = run(lambda rl: _preview(rl, name, queues or [], hours))
+    if wants_json(as_json, output):
+        print_json(found)
+        return
+    show_poll_runs(found, f"Preview of work pool {name!r}", "No scheduled flow runs found.")
+    if pool.is_paused:
+        say(f"Note: work pool {name!r} is paused: its workers get no runs until it is resumed.")
+    paused = [q.name for q in chosen if q.is_paused]
+    if paused and not pool.is_paused:
+        say(f"Note: paused queues, whose runs workers do not get: {', '.join(paused)}.")

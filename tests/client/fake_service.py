@@ -185,3 +185,14 @@ def set_state_reply(run, state: dict[str, Any], force: bool = False, seq: int = 
     decision = decide_set_state(SetFlowRunState(id=run.id, state=state, force=force), run, ctx)
     return {"ok": True, "result": decision.result.reply() if decision.result is not None else None, "seq": seq,
             "created": decision.created, "orchestration": decision.orchestration.as_reply()}
+
+
+def sample_worker(name: str = "w1", pool_name: str = "etl", heartbeat_interval_seconds: int | None = 30,
+                  **fields: Any) -> dict[str, Any]:
+    """A worker reply, made by the service's own decider (its first heartbeat: ONLINE); `fields`
+    replace reply fields (`status="OFFLINE"`)."""
+    from runledger.commands.workers import WorkerHeartbeat, decide_heartbeat
+
+    pool = sample_pool_state(pool_name, type="process")
+    cmd = WorkerHeartbeat(work_pool_name=pool_name, name=name, heartbeat_interval_seconds=heartbeat_interval_seconds)
+    return {**decide_heartbeat(cmd, pool, None, DecisionContext.fixed(NOW)).result.reply(), **fields}

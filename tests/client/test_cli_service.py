@@ -193,6 +193,7 @@ async def test_the_readme_tour_runs(service, settings):
         queues = {q.name: q for q in await rl.list_work_queues("my-pool")}
         pool = await rl.read_work_pool("my-pool")
     assert {n: q.priority for n, q in queues.items()} == {"low": 1, "high": 2, "default": 3}
+    assert all(q.last_polled is not None for q in queues.values())  # `work-pool get-runs` polled them
     assert queues["low"].concurrency_limit is None
     assert (pool.description, pool.concurrency_limit, pool.is_paused) == ("nightly", 10, True)
     async with RunledgerClient(settings) as rl:
