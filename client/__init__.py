@@ -36,6 +36,8 @@ from .models import (
     OrchestrationResult,
     State,
     Variable,
+    Worker,
+    WorkerFlowRun,
     WorkPool,
     WorkQueue,
 )
@@ -64,6 +66,8 @@ __all__ = [
     "Unavailable",
     "Unset",
     "Variable",
+    "Worker",
+    "WorkerFlowRun",
     "WorkPool",
     "WorkQueue",
     "new_idempotency_key",

@@ -12,6 +12,7 @@ import time
 import pytest
 from sqlalchemy import text
 
+from runledger.handlers.registry import projectors
 from runledger.handlers.service import Service
 from runledger.infra.leases import Lease
 from runledger.infra.nats_connection import connect
@@ -227,7 +228,8 @@ async def test_two_services_with_the_projections_role_share_the_work_one_at_a_ti
         await first.stop()
         more = await _history(broker, "t")
         # Every projection: one with nothing to apply saves its position a moment later.
-        await _until(_caught_up(svc, more, names=("work_pools", "flows")), timeout=10)
+        every = tuple(p.name for p in projectors())
+        await _until(_caught_up(svc, more, names=every), timeout=10)
         assert second.runner.leases["work_pools"].held
     finally:
         await first.stop()
