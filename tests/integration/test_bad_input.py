@@ -375,3 +375,25 @@ async def test_commands_whose_messages_exceed_the_max_payload_are_invalid_before
     pool = await broker.ok_qry("GetWorkPool", name="big")  # min_seq: the latest command
     assert pool["description"] == "small change" and len(pool["base_job_template"]["job_configuration"]["blob"]) == limit // 3
     assert await broker.ok_qry("CountWorkPools") == 4
+
+
+async def test_every_command_refuses_malformed_bodies_and_appends_nothing(broker, settings):
+    """Whatever the command (every one the registry knows, new ones included): not JSON, not an
+    object, an unknown field, a NUL in a text field → `invalid`, and the log does not grow."""
+    from runledger.handlers.registry import command_specs
+
+    nc = await connect(settings)
+    js = nc.jetstream()
+    try:
+        start = (await js.stream_info(settings.stream_name)).state.messages
+        failures = []
+        for name in sorted(command_specs(None)):
+            for raw in (b"{not json", b"[1, 2]", json.dumps({"zz_unknown_field": 1}).encode(),
+                        json.dumps({"name": "x\u0000", "id": "x\u0000"}).encode()):
+                reply = json.loads((await nc.request(settings.command_subject(name), raw, timeout=10)).data)
+                if reply.get("ok") is not False or reply["error"]["code"] != "invalid":
+                    failures.append(f"{name} {raw!r}: {reply}")
+        assert failures == [], "\n".join(failures[:10])
+        assert (await js.stream_info(settings.stream_name)).state.messages == start
+    finally:
+        await nc.close()
