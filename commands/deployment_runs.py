@@ -233,18 +233,23 @@ def _queue(deployment: Deployment, item: FlowRunFromDeployment, pool: wp.WorkPoo
     return made.events, {"work_queue_name": queue.name, "work_queue_id": queue.id}
 
 
-def _check_job_variables(deployment: Deployment, item: FlowRunFromDeployment, pool: wp.WorkPool | None) -> None:
+def run_job_variables_problem(deployment: Deployment | None, pool: wp.WorkPool | None,
+                              job_variables: dict[str, Any]) -> str | None:
     """DP-15: pool defaults, then the deployment's, then the run's, against the pool's schema
-    with `required` enforced."""
-    if pool is None:
-        return
+    with `required` enforced; why they do not fit, or None."""
+    if pool is None or deployment is None:
+        return None
     schema = pool.base_job_template.get("variables") or {}
     if not isinstance(schema, dict) or not schema:
-        return
+        return None
     properties = schema.get("properties") or {}
     defaults = {k: v["default"] for k, v in properties.items() if isinstance(v, dict) and "default" in v}
-    problem = validation_problem({**defaults, **deployment.job_variables, **item.job_variables}, schema,
-                                 ignore_required=False)
+    return validation_problem({**defaults, **deployment.job_variables, **job_variables}, schema,
+                              ignore_required=False)
+
+
+def _check_job_variables(deployment: Deployment, item: FlowRunFromDeployment, pool: wp.WorkPool | None) -> None:
+    problem = run_job_variables_problem(deployment, pool, item.job_variables)
     if problem:
         raise invalid(f"Error creating flow run: {problem}", field="job_variables")
 

@@ -303,9 +303,11 @@ def decide_set_state(cmd: SetFlowRunState, run: FlowRun | None, ctx: DecisionCon
                     created=True, after={str(run.id): after}, orchestration=transition.orchestration)
 
 
-def decide_update_flow_run(cmd: UpdateFlowRun, run: FlowRun | None, ctx: DecisionContext) -> Decision:
-    """FR-8. Job variables change only while the run is SCHEDULED and has a deployment; a
-    run's priority only while it waits (SCHEDULED)."""
+def decide_update_flow_run(cmd: UpdateFlowRun, run: FlowRun | None, ctx: DecisionContext,
+                           job_variables_problem: str | None = None) -> Decision:
+    """FR-8. Job variables change only while the run is SCHEDULED and has a deployment, and
+    must fit its pool's schema (`job_variables_problem`: why they do not, found by the caller
+    from the deployment and its pool); a run's priority only while it waits (SCHEDULED)."""
     if run is None:
         raise flow_run_not_found(cmd.id)
     given = cmd.explicitly_set() - {"id"}
@@ -318,6 +320,8 @@ def decide_update_flow_run(cmd: UpdateFlowRun, run: FlowRun | None, ctx: Decisio
                           field="job_variables")
         if run.deployment_id is None:
             raise invalid("A deployment for the flow run could not be found", field="job_variables")
+        if job_variables_problem is not None:
+            raise invalid(f"Error updating flow run: {job_variables_problem}", field="job_variables")
     if "priority" in values and run.state_type is not StateType.SCHEDULED:
         raise invalid("A flow run's priority can change only while it is scheduled", field="priority")
     for nullable in ("parameters", "job_variables", "tags"):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from runledger.commands import deployment_runs as sc
+from runledger.commands import deployments as dp
 from runledger.commands import flow_runs as fr
 from runledger.commands import flows as fl
 from runledger.commands import unique_keys as uk
@@ -39,7 +41,17 @@ async def set_flow_run_state(unit: Unit, cmd: fr.SetFlowRunState, ctx: DecisionC
 
 
 async def update_flow_run(unit: Unit, cmd: fr.UpdateFlowRun, ctx: DecisionContext) -> Decision:
-    return fr.decide_update_flow_run(cmd, await unit.load(fr.FLOW_RUN, str(cmd.id)), ctx)
+    run = await unit.load(fr.FLOW_RUN, str(cmd.id))
+    problem = None
+    if run is not None and cmd.job_variables is not None and run.deployment_id is not None:
+        # FR-8 checks new job variables as a run of the deployment would be checked (DP-15).
+        deployment = await unit.load(dp.DEPLOYMENT, str(run.deployment_id))
+        pool = None
+        if deployment is not None and deployment.work_pool_name is not None:
+            claim = await unit.load(wp.WORK_POOL_NAME, wp.name_aggregate_id(deployment.work_pool_name))
+            pool = await unit.load(wp.WORK_POOL, str(claim.work_pool_id)) if claim.work_pool_id else None
+        problem = sc.run_job_variables_problem(deployment, pool, cmd.job_variables)
+    return fr.decide_update_flow_run(cmd, run, ctx, problem)
 
 
 async def delete_flow_run(unit: Unit, cmd: fr.DeleteFlowRun, ctx: DecisionContext) -> Decision:

@@ -410,3 +410,14 @@ async def test_a_schedules_delete_removes_its_runs_and_an_upsert_the_future_ones
     await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow_id)  # the upsert: DP-2(a)
     assert await _scheduled(broker, d["id"]) == []
     await broker.ok_cmd("DeleteDeployment", id=d["id"])
+
+
+async def test_a_scheduled_runs_job_variables_are_checked_like_a_new_runs(broker):
+    flow_id = await a_flow(broker)
+    await broker.ok_cmd("CreateWorkPool", name="pool", type="process", base_job_template=TEMPLATE)
+    d = await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow_id, work_pool_name="pool")
+    run = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=d["id"])
+    bad = await broker.cmd("UpdateFlowRun", id=run["id"], job_variables={"cpu": "many"})
+    assert bad["error"]["code"] == "invalid" and "Validation failed for field 'cpu'" in bad["error"]["message"]
+    await broker.ok_cmd("UpdateFlowRun", id=run["id"], job_variables={"cpu": 4})
+    assert (await broker.ok_qry("GetFlowRun", id=run["id"]))["job_variables"] == {"cpu": 4}
