@@ -35,6 +35,7 @@ from .decisions import Decision, NewEvent
 from .events import register_event
 from .flow_runs import FlowRun, FlowRunDeleted
 from .flows import Tags
+from .hydration import HydrationError, hydrate
 from .messages import Command, DecisionContext, Event, conflict, invalid, not_found
 from .names import MAX_NAME_LENGTH, check_object_name
 from .schedules import Schedule, with_anchor
@@ -695,7 +696,8 @@ def decide_create_deployment(cmd: CreateDeployment, claim: UniqueKeyClaim, exist
 
 
 def decide_update_deployment(cmd: UpdateDeployment, deployment: Deployment | None, placement: Placement,
-                             ctx: DecisionContext, indexed: IndexedRuns = IndexedRuns()) -> Decision:
+                             ctx: DecisionContext, indexed: IndexedRuns = IndexedRuns(),
+                             variables: dict[str, Any] | None = None) -> Decision:
     """DP-7: a partial update; schedules patched by slug or replaced; parameters checked
     against the schema when enforcement is on. Every update, even an empty one, deletes the
     future runs the schedules made."""
@@ -707,6 +709,11 @@ def decide_update_deployment(cmd: UpdateDeployment, deployment: Deployment | Non
         if problem:
             raise conflict(f"Error creating deployment: {problem}")
     values = _given_values(cmd)
+    if "parameters" in values:  # given parameters are hydrated (`variables`: those they name)
+        try:
+            values["parameters"] = hydrate(values["parameters"], variables or {})
+        except HydrationError as e:
+            raise invalid(f"Error hydrating deployment parameters: {e}", field="parameters") from None
     parameters = values.get("parameters", deployment.parameters)
     problem = _parameters_size_problem(parameters)
     if problem:

@@ -70,7 +70,8 @@ async def update_deployment(unit: Unit, cmd: dp.UpdateDeployment, ctx: DecisionC
     deployment = await unit.load(dp.DEPLOYMENT, str(cmd.id))
     placement = await _placement(unit, cmd.work_pool_name, cmd.work_queue_name) if deployment else dp.Placement()
     indexed = await _indexed(unit, cmd.id) if deployment is not None else dp.IndexedRuns()
-    return dp.decide_update_deployment(cmd, deployment, placement, ctx, indexed)
+    variables = await _variables(unit, cmd.parameters) if "parameters" in cmd.explicitly_set() else {}
+    return dp.decide_update_deployment(cmd, deployment, placement, ctx, indexed, variables)
 
 
 async def delete_deployment(unit: Unit, cmd: dp.DeleteDeployment, ctx: DecisionContext) -> Decision:
@@ -120,6 +121,18 @@ async def schedule_runs(unit: Unit, cmd: sc.ScheduleDeploymentRuns, ctx: Decisio
     return sc.decide_schedule_runs(deployment, planned, existing, ctx, indexed)
 
 
+async def _variables(unit: Unit, *parameters: Any) -> dict[str, Any]:
+    """The values of the workspace variables the parameters name (missing ones left out)."""
+    names = sorted({n for p in parameters for n in hydration.variable_names(p)})
+    variables: dict[str, Any] = {}
+    for name, claim in zip(names, await asyncio.gather(
+            *(unit.load(uk.UNIQUE_KEY, va.VARIABLE_NAME.aggregate_id(n)) for n in names)), strict=True):
+        variable = await unit.load(va.VARIABLE, str(claim.owner_id)) if claim.owner_id is not None else None
+        if variable is not None:
+            variables[name] = variable.value
+    return variables
+
+
 async def _run_inputs(unit: Unit, deployment: dp.Deployment,
                       items: list[sc.FlowRunFromDeployment]) -> sc.RunInputs:
     """The deployment's pool, the variables the parameters name, and the claims of the
@@ -128,13 +141,7 @@ async def _run_inputs(unit: Unit, deployment: dp.Deployment,
     if deployment.work_pool_name is not None:
         pool_claim = await unit.load(wp.WORK_POOL_NAME, wp.name_aggregate_id(deployment.work_pool_name))
         pool = await unit.load(wp.WORK_POOL, str(pool_claim.work_pool_id)) if pool_claim.work_pool_id else None
-    names = sorted({n for item in items for n in hydration.variable_names({**deployment.parameters, **item.parameters})})
-    variables: dict[str, Any] = {}
-    for name, claim in zip(names, await asyncio.gather(
-            *(unit.load(uk.UNIQUE_KEY, va.VARIABLE_NAME.aggregate_id(n)) for n in names)), strict=True):
-        variable = await unit.load(va.VARIABLE, str(claim.owner_id)) if claim.owner_id is not None else None
-        if variable is not None:
-            variables[name] = variable.value
+    variables = await _variables(unit, *({**deployment.parameters, **item.parameters} for item in items))
     keys = sorted({item.idempotency_key for item in items if item.idempotency_key is not None})
     claims = {}
     for key in keys:

@@ -421,3 +421,16 @@ async def test_a_scheduled_runs_job_variables_are_checked_like_a_new_runs(broker
     assert bad["error"]["code"] == "invalid" and "Validation failed for field 'cpu'" in bad["error"]["message"]
     await broker.ok_cmd("UpdateFlowRun", id=run["id"], job_variables={"cpu": 4})
     assert (await broker.ok_qry("GetFlowRun", id=run["id"]))["job_variables"] == {"cpu": 4}
+
+
+async def test_an_update_hydrates_the_parameters_it_is_given(broker):
+    flow_id = await a_flow(broker)
+    await broker.ok_cmd("CreateVariable", name="bucket", value="s3://data")
+    d = await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow_id)
+    updated = await broker.ok_cmd("UpdateDeployment", id=d["id"], parameters={
+        "where": {"__prefect_kind": "workspace_variable", "variable_name": "bucket"}})
+    assert updated["parameters"] == {"where": "s3://data"}
+    missing = await broker.cmd("UpdateDeployment", id=d["id"], parameters={
+        "where": {"__prefect_kind": "workspace_variable", "variable_name": "nope"}})
+    assert missing["error"] == {"code": "invalid", "field": "parameters",
+                                "message": "Error hydrating deployment parameters: Variable 'nope' not found in workspace."}
