@@ -25,23 +25,20 @@ class WorkersProjector:
     name = "workers"
     tables = (workers,)
     raw_payloads = False
+    # Worker events only: one aggregate type, so its consumer reads one subject filter (a
+    # consumer of several is much slower, projections/runner.py). A deleted pool's workers stay
+    # in the table unread: every read finds workers by their pool's current id.
     handles = frozenset({wk.WorkerHeartbeatRecorded.event_type, wk.WorkerWentOffline.event_type,
-                         wk.WorkerDeleted.event_type, wp.WorkPoolDeleted.event_type})
+                         wk.WorkerDeleted.event_type})
 
     async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, str, Event | dict]]) -> None:
         # Each worker's last event in the batch decides its row (heartbeats come in floods).
         last: dict[Any, wk.Worker | None] = {}
-        pools_gone = []
         for _, _, event in events:
             if isinstance(event, wk.WorkerHeartbeatRecorded | wk.WorkerWentOffline):
                 last[event.worker.id] = event.worker
             elif isinstance(event, wk.WorkerDeleted):
                 last[event.worker_id] = None
-            elif isinstance(event, wp.WorkPoolDeleted):
-                pools_gone.append(event.pool_id)
-                last = {k: v for k, v in last.items() if v is None or v.work_pool_id != event.pool_id}
-        if pools_gone:
-            await conn.execute(delete(workers).where(workers.c.work_pool_id.in_(pools_gone)))
         gone = [i for i, w in last.items() if w is None]
         if gone:
             await conn.execute(delete(workers).where(workers.c.id.in_(gone)))

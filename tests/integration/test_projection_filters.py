@@ -67,8 +67,9 @@ async def test_each_consumer_reads_the_subjects_of_its_aggregate_types(writer, s
         await runner.stop()
     assert configs["work_pools"].filter_subject == f"{prefix}.work_pool.>" and not configs["work_pools"].filter_subjects
     assert configs["flows"].filter_subject == f"{prefix}.flow.>" and not configs["flows"].filter_subjects
-    assert not configs["pools_and_flows"].filter_subject
-    assert sorted(configs["pools_and_flows"].filter_subjects or []) == [f"{prefix}.flow.>", f"{prefix}.work_pool.>"]
+    # Several types: one wide filter (nats-server delivers multi-filter consumers ~10x slower);
+    # its probe still looks at its own subjects only.
+    assert configs["pools_and_flows"].filter_subject == f"{prefix}.>" and not configs["pools_and_flows"].filter_subjects
     assert projection_subjects(PoolsAndFlows(), prefix) == [f"{prefix}.flow.>", f"{prefix}.work_pool.>"]
     async with svc.engine.connect() as conn:
         counts = dict((await conn.execute(text("SELECT key, n FROM applied_counts"))).all())
