@@ -29,6 +29,7 @@ import jsonschema
 from jsonschema.exceptions import SchemaError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
+from . import concurrency_limits as cl
 from . import work_pools as wp
 from .bounds import JsonDocument, PositiveInt32, StoredText, UtcDatetime, check_json_document
 from .decisions import Decision, NewEvent
@@ -154,8 +155,35 @@ class Deployment(BaseModel):
 
 
 def limit_id(deployment_id: uuid.UUID) -> uuid.UUID:
-    """The id of the global limit `deployment:<id>` (SL-7): derived, so it needs no event."""
+    """The id of the deployment's global limit `deployment:<id>` (SL-7): derived from the
+    deployment's, so the command side finds it without a lookup."""
     return uuid.uuid5(deployment_id, "deployment-concurrency-limit")
+
+
+def limit_name(deployment_id: uuid.UUID) -> str:
+    return f"deployment:{deployment_id}"
+
+
+@dataclass(frozen=True)
+class LimitState:
+    """The deployment's global limit as loaded (None: there is none) and its name's claim."""
+
+    limit: cl.ConcurrencyLimit | None = None
+    claim: UniqueKeyClaim = UniqueKeyClaim()
+
+
+def limit_events(deployment_id: uuid.UUID, wanted: int | None, state: LimitState,
+                 ctx: DecisionContext) -> list[NewEvent]:
+    """SL-7: a deployment's `concurrency_limit` is stored as the global concurrency limit
+    `deployment:<id>` (created, changed or deleted with the deployment, in the same batch), so
+    it is read and listed like any other global limit, and slots will be counted on it."""
+    if wanted is None:
+        return cl.delete_limit_events(state.limit) if state.limit is not None else []
+    if state.limit is not None:
+        return cl.update_limit_events(state.limit, wanted, ctx)
+    if state.claim.owner_id is not None:  # someone made a limit with this name by hand
+        raise cl.name_taken(limit_name(deployment_id))
+    return cl.new_limit_events(limit_id(deployment_id), limit_name(deployment_id), wanted, ctx)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -659,7 +687,7 @@ def _given_values(cmd: _DeploymentFields) -> dict[str, Any]:
 
 def decide_create_deployment(cmd: CreateDeployment, claim: UniqueKeyClaim, existing: Deployment | None,
                              flow_exists: bool, placement: Placement, ctx: DecisionContext,
-                             indexed: IndexedRuns = IndexedRuns()) -> Decision:
+                             indexed: IndexedRuns = IndexedRuns(), limit: LimitState = LimitState()) -> Decision:
     """DP-1: create, or update in place the deployment that holds (flow, name); an update
     deletes the future runs its schedules made (DP-2(a): they reflect the old deployment)."""
     if not flow_exists:
@@ -682,22 +710,26 @@ def decide_create_deployment(cmd: CreateDeployment, claim: UniqueKeyClaim, exist
         after = existing.model_validate({**existing.model_dump(), **values})
         made = _updated(existing, after)
         deletions = delete_scheduled_runs(existing.id, indexed, ctx.now, future_only=True)
-        return Decision(events=queue_events + made.events + deletions, result=after, created=False, after=made.after)
+        limits = (limit_events(existing.id, cmd.concurrency_limit, limit, ctx)
+                  if "concurrency_limit" in cmd.explicitly_set() else [])
+        return Decision(events=queue_events + made.events + deletions + limits, result=after, created=False,
+                        after=made.after)
     labels = {**cmd.labels, "prefect.flow.id": str(cmd.flow_id)}
     deployment = Deployment.model_validate({
         "id": deployment_id, "created": ctx.now, "name": cmd.name, "flow_id": cmd.flow_id,
         "parameter_openapi_schema": DEFAULT_PARAMETER_SCHEMA, **values, **queue_fields, "labels": labels,
     })
+    limits = limit_events(deployment.id, cmd.concurrency_limit, LimitState(), ctx)
     return Decision(
         events=[*queue_events, DEPLOYMENT_NAME.claim(deployment.id, str(cmd.flow_id), cmd.name),
-                NewEvent(str(deployment.id), DeploymentCreated(deployment=deployment))],
+                NewEvent(str(deployment.id), DeploymentCreated(deployment=deployment)), *limits],
         result=deployment, created=True, after={str(deployment.id): deployment},
     )
 
 
 def decide_update_deployment(cmd: UpdateDeployment, deployment: Deployment | None, placement: Placement,
                              ctx: DecisionContext, indexed: IndexedRuns = IndexedRuns(),
-                             variables: dict[str, Any] | None = None) -> Decision:
+                             variables: dict[str, Any] | None = None, limit: LimitState = LimitState()) -> Decision:
     """DP-7: a partial update; schedules patched by slug or replaced; parameters checked
     against the schema when enforcement is on. Every update, even an empty one, deletes the
     future runs the schedules made."""
@@ -738,11 +770,14 @@ def decide_update_deployment(cmd: UpdateDeployment, deployment: Deployment | Non
     after = deployment.model_validate({**deployment.model_dump(), **values, "updated": ctx.now})
     made = _updated(deployment, after)
     deletions = delete_scheduled_runs(deployment.id, indexed, ctx.now, future_only=True)
-    return Decision(events=queue_events + made.events + deletions, result=after, created=False, after=made.after)
+    limits = limit_events(deployment.id, cmd.concurrency_limit, limit, ctx) if "concurrency_limit" in given else []
+    return Decision(events=queue_events + made.events + deletions + limits, result=after, created=False,
+                    after=made.after)
 
 
 def decide_delete_deployment(cmd: DeleteDeployment, deployment: Deployment | None, claim: UniqueKeyClaim | None,
-                             ctx: DecisionContext, indexed: IndexedRuns = IndexedRuns()) -> Decision:
+                             ctx: DecisionContext, indexed: IndexedRuns = IndexedRuns(),
+                             limit: LimitState = LimitState()) -> Decision:
     """DP-8: the (flow, name) key is free again at once; its limit goes with it, and its
     schedules' runs that never ran (past ones too)."""
     if deployment is None:
@@ -752,7 +787,8 @@ def decide_delete_deployment(cmd: DeleteDeployment, deployment: Deployment | Non
     deleted = DeploymentDeleted(deployment_id=deployment.id, flow_id=deployment.flow_id, name=deployment.name,
                                 deleted=ctx.now)
     deletions = delete_scheduled_runs(deployment.id, indexed, ctx.now, future_only=False)
-    return Decision(events=[*releases, *deletions, NewEvent(str(deployment.id), deleted)], result=None)
+    limits = limit_events(deployment.id, None, limit, ctx)
+    return Decision(events=[*releases, *deletions, *limits, NewEvent(str(deployment.id), deleted)], result=None)
 
 
 def decide_set_paused(deployment_id: uuid.UUID, paused: bool, deployment: Deployment | None,

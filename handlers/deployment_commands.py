@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
+from runledger.commands import concurrency_limits as cl
 from runledger.commands import deployment_runs as sc
 from runledger.commands import deployments as dp
 from runledger.commands import flow_runs as fr
@@ -32,6 +33,13 @@ AGGREGATE_KINDS = [
     AggregateKind(dp.DEPLOYMENT, lambda: None, dp.evolve, last_event_only=True),
     AggregateKind(dp.DEPLOYMENT_RUNS, dp.ScheduledRunIndex, dp.evolve_index, snapshots=INDEX_SNAPSHOTS),
 ]
+
+
+async def _limit(unit: Unit, deployment_id: uuid.UUID) -> dp.LimitState:
+    """The deployment's global limit and its name's claim (loaded for their expected sequences)."""
+    limit = await unit.load(cl.CONCURRENCY_LIMIT, str(dp.limit_id(deployment_id)))
+    claim = await unit.load(uk.UNIQUE_KEY, cl.CONCURRENCY_LIMIT_NAME.aggregate_id(dp.limit_name(deployment_id)))
+    return dp.LimitState(limit=limit, claim=claim)
 
 
 async def _indexed(unit: Unit, deployment_id: uuid.UUID, only: Callable[[dp.ScheduledRunIndex], list[uuid.UUID]]
@@ -63,7 +71,8 @@ async def create_deployment(unit: Unit, cmd: dp.CreateDeployment, ctx: DecisionC
     flow = await unit.load(fl.FLOW, str(cmd.flow_id))
     placement = await _placement(unit, cmd.work_pool_name, cmd.work_queue_name)
     indexed = await _indexed(unit, existing.id) if existing is not None else dp.IndexedRuns()
-    return dp.decide_create_deployment(cmd, claim, existing, flow is not None, placement, ctx, indexed)
+    limit = await _limit(unit, existing.id) if existing is not None else dp.LimitState()
+    return dp.decide_create_deployment(cmd, claim, existing, flow is not None, placement, ctx, indexed, limit)
 
 
 async def update_deployment(unit: Unit, cmd: dp.UpdateDeployment, ctx: DecisionContext) -> Decision:
@@ -71,7 +80,8 @@ async def update_deployment(unit: Unit, cmd: dp.UpdateDeployment, ctx: DecisionC
     placement = await _placement(unit, cmd.work_pool_name, cmd.work_queue_name) if deployment else dp.Placement()
     indexed = await _indexed(unit, cmd.id) if deployment is not None else dp.IndexedRuns()
     variables = await _variables(unit, cmd.parameters) if "parameters" in cmd.explicitly_set() else {}
-    return dp.decide_update_deployment(cmd, deployment, placement, ctx, indexed, variables)
+    limit = await _limit(unit, cmd.id) if "concurrency_limit" in cmd.explicitly_set() else dp.LimitState()
+    return dp.decide_update_deployment(cmd, deployment, placement, ctx, indexed, variables, limit)
 
 
 async def delete_deployment(unit: Unit, cmd: dp.DeleteDeployment, ctx: DecisionContext) -> Decision:
@@ -80,7 +90,8 @@ async def delete_deployment(unit: Unit, cmd: dp.DeleteDeployment, ctx: DecisionC
     claim = (await unit.load(uk.UNIQUE_KEY, dp.name_key(deployment.flow_id, deployment.name))
              if deployment is not None else None)
     indexed = await _indexed(unit, cmd.id) if deployment is not None else dp.IndexedRuns()
-    return dp.decide_delete_deployment(cmd, deployment, claim, ctx, indexed)
+    limit = await _limit(unit, cmd.id) if deployment is not None else dp.LimitState()
+    return dp.decide_delete_deployment(cmd, deployment, claim, ctx, indexed, limit)
 
 
 async def pause_deployment(unit: Unit, cmd: dp.PauseDeployment, ctx: DecisionContext) -> Decision:

@@ -434,3 +434,22 @@ async def test_an_update_hydrates_the_parameters_it_is_given(broker):
         "where": {"__prefect_kind": "workspace_variable", "variable_name": "nope"}})
     assert missing["error"] == {"code": "invalid", "field": "parameters",
                                 "message": "Error hydrating deployment parameters: Variable 'nope' not found in workspace."}
+
+
+async def test_a_deployments_limit_is_the_global_limit_named_after_it(broker):
+    flow_id = await a_flow(broker)
+    d = await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow_id, concurrency_limit=3)
+    name = f"deployment:{d['id']}"
+    limit = await broker.ok_qry("GetConcurrencyLimitByName", name=name)
+    assert (limit["limit"], limit["active"], limit["active_slots"]) == (3, True, 0)
+    assert d["global_concurrency_limit"]["id"] == limit["id"] and d["concurrency_limit"] is None
+    await broker.ok_cmd("UpdateDeployment", id=d["id"], description="not the limit")  # kept
+    assert (await broker.ok_qry("GetConcurrencyLimitByName", name=name))["limit"] == 3
+    await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow_id, concurrency_limit=5)  # the upsert changes it
+    assert (await broker.ok_qry("GetConcurrencyLimitByName", name=name))["limit"] == 5
+    await broker.ok_cmd("UpdateDeployment", id=d["id"], concurrency_limit=None)  # an explicit null removes it
+    assert (await broker.qry("GetConcurrencyLimitByName", name=name))["error"]["code"] == "not_found"
+    assert (await broker.ok_qry("GetDeployment", id=d["id"]))["global_concurrency_limit"] is None
+    await broker.ok_cmd("UpdateDeployment", id=d["id"], concurrency_limit=2)
+    await broker.ok_cmd("DeleteDeployment", id=d["id"])  # goes with the deployment
+    assert (await broker.qry("GetConcurrencyLimitByName", name=name))["error"]["code"] == "not_found"
