@@ -26,29 +26,41 @@ Send = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class PollRecorder:
-    """Sends `RecordWorkQueuesPolled` commands without making anyone wait for them."""
+    """Sends `RecordWorkQueuesPolled` commands without making anyone wait for them. At most one
+    record per pool is in flight: polls of a pool that arrive meanwhile are merged into the
+    next one (their queues, at its time), so a flood of polls costs one command per pool at a
+    time, never a task per poll."""
 
     def __init__(self, send: Send):
         self.send = send
         self._pending: set[asyncio.Task] = set()
+        self._waiting: dict[str, set[str]] = {}  # pool name -> queues polled since its record began
 
     def record(self, work_pool_name: str, queue_ids: list[Any]) -> None:
         if not queue_ids:
             return
-        task = asyncio.create_task(self._record(work_pool_name, [str(i) for i in queue_ids]))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        queued = self._waiting.get(work_pool_name)
+        self._waiting[work_pool_name] = (queued or set()) | {str(i) for i in queue_ids}
+        if queued is None:  # nothing in flight for this pool: start one
+            task = asyncio.create_task(self._record(work_pool_name))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
 
-    async def _record(self, work_pool_name: str, queue_ids: list[str]) -> None:
+    async def _record(self, work_pool_name: str) -> None:
         try:
-            reply = await self.send("RecordWorkQueuesPolled", {"work_pool_name": work_pool_name,
-                                                               "work_queue_ids": queue_ids})
-            if not reply.get("ok"):
-                log.warning("recording a poll of %s failed: %s", work_pool_name, reply.get("error"))
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            log.warning("recording a poll of %s failed: %s: %s", work_pool_name, type(e).__name__, e)
+            while queue_ids := self._waiting.get(work_pool_name):
+                self._waiting[work_pool_name] = set()
+                try:
+                    reply = await self.send("RecordWorkQueuesPolled", {"work_pool_name": work_pool_name,
+                                                                       "work_queue_ids": sorted(queue_ids)})
+                    if not reply.get("ok"):
+                        log.warning("recording a poll of %s failed: %s", work_pool_name, reply.get("error"))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    log.warning("recording a poll of %s failed: %s: %s", work_pool_name, type(e).__name__, e)
+        finally:
+            self._waiting.pop(work_pool_name, None)
 
     async def drain(self, timeout: float = 5.0) -> None:
         """Wait (bounded) for the records sent so far: at shutdown, and in tests."""
