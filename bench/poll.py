@@ -2,14 +2,16 @@
 database work with `limit 10`, with 10,000 SCHEDULED runs over four queues (one with a
 concurrency limit, a pool limit too) and, by default, 1,000,000 finished runs of history.
 
-The figure is about the query, so the rows are written straight into the read model's tables
-with COPY (no broker, no projection): `.venv/bin/python -m bench.poll [--history N] [--polls N]`.
+The rows are written straight into the read model's tables with COPY (no projection); the
+poll is timed twice: the database work alone, and through the broker as a worker sends it
+(`runledger serve`): `.venv/bin/python -m bench.poll [--history N] [--polls N]`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -18,10 +20,11 @@ from sqlalchemy import text
 
 from runledger.commands import queries as q
 from runledger.infra.database import create_engine, migrate
+from runledger.infra.nats_connection import connect
 from runledger.projections.scheduled_runs import poll
 from runledger.projections.tables import MIGRATIONS, flow_runs
 
-from .harness import bench_settings, now, percentile, report, servers
+from .harness import bench_settings, now, percentile, report, servers, service_process
 
 QUEUES = ("default", "high", "low", "limited")
 COLUMNS = [c.name for c in flow_runs.columns]
@@ -99,6 +102,23 @@ async def main() -> None:
                     times.append((now() - t) * 1000)
                 assert len(answer.items) == 10, len(answer.items)
             figures[label] = times
+        # The same through the broker, as a worker polls: a `runledger serve` process answers
+        # the query (the poll's record of the queues is sent too, and refused: this pool
+        # exists only in the read model).
+        with service_process(settings):
+            nc = await connect(bench_settings(urls, role="client"))
+            for label, qry in (("whole pool", query), ("one queue with a limit", named)):
+                body = qry.model_dump_json(exclude_none=True).encode()
+                times = []
+                for i in range(20 + args.polls):
+                    t = now()
+                    reply = json.loads((await nc.request(settings.query_subject("GetScheduledFlowRuns"), body,
+                                                         timeout=10)).data)
+                    if i >= 20:
+                        times.append((now() - t) * 1000)
+                assert reply["ok"] and len(reply["result"]) == 10, reply
+                figures[f"{label}, through the broker"] = times
+            await nc.close()
         await engine.dispose()
     rows = [(f"poll, {label}, limit 10: p50 / p99", f"{percentile(t, 50):.2f} / {percentile(t, 99):.2f} ms", "")
             for label, t in figures.items()]

@@ -40,10 +40,10 @@ below its position are applied. The probe runs
 inside the projection's own loop, so its position cannot move under it. A position so
 reached is reported in memory and saved at once (one statement, forward only).
 
-It probes `IDLE_PROBE_SECONDS` (0.25 s) after its last batch or probe, woken (another
+It probes `IDLE_PROBE_SECONDS` (0.1 s) after its last batch or probe, woken (another
 projection of this runner moved past it) or not (for events no projection of this runner
 reads); and, when a query in this process waits for it (`want`), once `PROBE_SECONDS` passed:
-such a query waits a few milliseconds, one in another process up to a quarter second more. A projection that keeps receiving batches does not probe: its own events move
+such a query waits a few milliseconds, one in another process up to a tenth of a second more. A projection that keeps receiving batches does not probe: its own events move
 it, and a busy projection's probes would mostly find one of them first.
 
 The consumer's own info (`num_pending == 0` and its delivered stream sequence) looks like a
@@ -150,7 +150,7 @@ PROBE_SECONDS = 0.02  # a projection a query in this process waits for probes at
 # Any other idle projection probes at most this often, woken or not: with many read models,
 # probing each one at every other projection's batch cost a probe and a transaction per read
 # model per batch (a quarter of the service's CPU with eight idle projections).
-IDLE_PROBE_SECONDS = 0.25
+IDLE_PROBE_SECONDS = 0.1
 STREAM_LAST_SECONDS = 0.1  # a runner asks the stream's last sequence this often at most
 
 
