@@ -11,7 +11,7 @@ import uuid
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from .bounds import StoredText, UtcDatetime, check_json_document
 
@@ -48,6 +48,10 @@ def _json_value(value: Any) -> Any:
     return value
 
 
+# Text inside state details: stored in Postgres `jsonb`, so storable (no NUL), and bounded.
+Key = Annotated[StoredText, StringConstraints(max_length=2_000)]
+
+
 class StateDetails(BaseModel):
     """Prefect's `state_details`, key for key."""
 
@@ -64,7 +68,7 @@ class StateDetails(BaseModel):
     pause_timeout: UtcDatetime | None = None
     pause_reschedule: bool = False
     pause_key: Annotated[StoredText, StringConstraints(max_length=2_000)] | None = None
-    run_input_keyset: dict[str, Annotated[StoredText, StringConstraints(max_length=2_000)]] | None = None
+    run_input_keyset: Annotated[dict[Key, Key], Field(max_length=1_000)] | None = None
     refresh_cache: bool | None = None
     retriable: bool | None = None
     transition_id: uuid.UUID | None = None

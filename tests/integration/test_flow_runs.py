@@ -188,6 +188,10 @@ async def test_flow_runs_are_filtered_sorted_and_counted(broker):
     ("SetFlowRunState", {"id": "00000000-0000-0000-0000-000000000001", "state": {"type": "RUNNING", "x": 1}},
      "state.x"),
     ("UpdateFlowRun", {"id": "00000000-0000-0000-0000-000000000001", "priority": 2**31}, "priority"),
+    # Keys too are stored (jsonb): a NUL in one would stop the projection.
+    ("SetFlowRunState", {"id": "00000000-0000-0000-0000-000000000001", "state": {
+        "type": "PAUSED", "state_details": {"run_input_keyset": {"k\u0000": "v"}}}},
+     "state.state_details.run_input_keyset.k\x00.[key]"),
 ])
 async def test_bad_flow_run_input_is_invalid_and_appends_nothing(broker, name, body, field):
     before = await broker.stream_messages()
