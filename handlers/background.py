@@ -56,7 +56,7 @@ class CommandSender:
         return json.loads(reply.data)
 
 
-async def _each(items: list[Any], work: Callable[[Any], Awaitable[None]], concurrency: int = 16) -> None:
+async def each_bounded(items: list[Any], work: Callable[[Any], Awaitable[None]], concurrency: int = 16) -> None:
     """`work` on every item, `concurrency` at a time; one failure does not stop the others."""
     gate = asyncio.Semaphore(concurrency)
 
@@ -101,7 +101,7 @@ class Scheduler:
             made += len(reply["result"]["flow_run_ids"])
 
         for start in range(0, len(deployment_ids), SCHEDULER_BATCH):
-            await _each(deployment_ids[start:start + SCHEDULER_BATCH], one)
+            await each_bounded(deployment_ids[start:start + SCHEDULER_BATCH], one)
         return made
 
     async def run(self) -> None:
@@ -159,7 +159,7 @@ class Clock:
             if reply.get("ok") and reply.get("orchestration", {}).get("status") == "ACCEPT":
                 marked += 1
 
-        await _each(await self.late_runs(), one)
+        await each_bounded(await self.late_runs(), one)
         self.marked += marked
         return marked
 

@@ -23,6 +23,7 @@ from runledger.commands.messages import DecisionContext
 from runledger.infra.aggregates import AggregateKind, SnapshotCodec
 
 from .command_bus import AggregateKey, CommandSpec, Unit
+from .work_pool_commands import pool_by_name
 
 # Every event of a deployment carries the whole deployment: its last event is its state.
 # The index of a deployment's scheduled runs is a fold of small events, snapshotted when long.
@@ -148,10 +149,7 @@ async def _run_inputs(unit: Unit, deployment: dp.Deployment,
                       items: list[sc.FlowRunFromDeployment]) -> sc.RunInputs:
     """The deployment's pool, the variables the parameters name, and the claims of the
     idempotency keys given, read side by side."""
-    pool = None
-    if deployment.work_pool_name is not None:
-        pool_claim = await unit.load(wp.WORK_POOL_NAME, wp.name_aggregate_id(deployment.work_pool_name))
-        pool = await unit.load(wp.WORK_POOL, str(pool_claim.work_pool_id)) if pool_claim.work_pool_id else None
+    pool = await pool_by_name(unit, deployment.work_pool_name) if deployment.work_pool_name is not None else None
     variables = await _variables(unit, *({**deployment.parameters, **item.parameters} for item in items))
     keys = sorted({item.idempotency_key for item in items if item.idempotency_key is not None})
     claims = {}

@@ -10,13 +10,13 @@ from runledger.commands import deployments as dp
 from runledger.commands import flow_runs as fr
 from runledger.commands import flows as fl
 from runledger.commands import unique_keys as uk
-from runledger.commands import work_pools as wp
 from runledger.commands.decisions import Decision
 from runledger.commands.messages import DecisionContext
 from runledger.commands.states import State
 from runledger.infra.aggregates import AggregateKind
 
 from .command_bus import AggregateKey, CommandSpec, Unit
+from .work_pool_commands import pool_by_name
 
 # Every event of a run carries the whole run: its last event is its state (one read to load it).
 AGGREGATE_KINDS = [AggregateKind(fr.FLOW_RUN, lambda: None, fr.evolve, last_event_only=True)]
@@ -29,10 +29,7 @@ async def create_flow_run(unit: Unit, cmd: fr.CreateFlowRun, ctx: DecisionContex
         if claim.owner_id is not None:
             existing = await unit.load(fr.FLOW_RUN, str(claim.owner_id))
     flow = await unit.load(fl.FLOW, str(cmd.flow_id))
-    pool = None
-    if cmd.work_pool_name is not None:
-        pool_claim = await unit.load(wp.WORK_POOL_NAME, wp.name_aggregate_id(cmd.work_pool_name))
-        pool = await unit.load(wp.WORK_POOL, str(pool_claim.work_pool_id)) if pool_claim.work_pool_id else None
+    pool = await pool_by_name(unit, cmd.work_pool_name) if cmd.work_pool_name is not None else None
     return fr.decide_create_flow_run(cmd, claim, existing, flow is not None, pool, ctx)
 
 
@@ -46,10 +43,8 @@ async def update_flow_run(unit: Unit, cmd: fr.UpdateFlowRun, ctx: DecisionContex
     if run is not None and cmd.job_variables is not None and run.deployment_id is not None:
         # FR-8 checks new job variables as a run of the deployment would be checked (DP-15).
         deployment = await unit.load(dp.DEPLOYMENT, str(run.deployment_id))
-        pool = None
-        if deployment is not None and deployment.work_pool_name is not None:
-            claim = await unit.load(wp.WORK_POOL_NAME, wp.name_aggregate_id(deployment.work_pool_name))
-            pool = await unit.load(wp.WORK_POOL, str(claim.work_pool_id)) if claim.work_pool_id else None
+        pool = (await pool_by_name(unit, deployment.work_pool_name)
+                if deployment is not None and deployment.work_pool_name is not None else None)
         problem = sc.run_job_variables_problem(deployment, pool, cmd.job_variables)
     return fr.decide_update_flow_run(cmd, run, ctx, problem)
 

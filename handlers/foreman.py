@@ -33,7 +33,7 @@ from runledger.commands import workers as wk
 from runledger.infra.leases import stop_if_cancelled
 from runledger.projections.tables import deployments, work_pools, work_queues, workers
 
-from .background import _each
+from .background import each_bounded
 
 log = logging.getLogger("runledger.foreman")
 
@@ -85,7 +85,7 @@ class Foreman:
                 marked += 1
                 pools.add(row.pool)
 
-        await _each(await self._rows(stmt), one)
+        await each_bounded(await self._rows(stmt), one)
         self.last.workers_offline = marked
         return pools
 
@@ -105,7 +105,7 @@ class Foreman:
             if reply.get("ok"):
                 marked += 1
 
-        await _each(names, one)
+        await each_bounded(names, one)
         self.last.pools_not_ready = marked
         return marked
 
@@ -131,7 +131,7 @@ class Foreman:
             if reply.get("ok"):
                 sent += len(ids)
 
-        await _each(list(by_queue.items()), one)
+        await each_bounded(list(by_queue.items()), one)
         self.last.deployments_checked = sent
         return sent
 
@@ -154,7 +154,7 @@ class Foreman:
             if reply.get("ok"):
                 sent += len(ids)
 
-        await _each(list(by_pool.items()), one)
+        await each_bounded(list(by_pool.items()), one)
         self.last.queues_checked = sent
         return sent
 

@@ -35,7 +35,9 @@ async def _claim(unit: Unit, name: str) -> wp.WorkPoolNameClaim:
     return await unit.load(wp.WORK_POOL_NAME, wp.name_aggregate_id(name))
 
 
-async def _pool_by_name(unit: Unit, name: str) -> wp.WorkPool | None:
+async def pool_by_name(unit: Unit, name: str) -> wp.WorkPool | None:
+    """The pool that holds `name`, or None: its name claim, then the pool (both loaded for
+    their expected sequences). Every command that names a pool finds it here."""
     claim = await _claim(unit, name)
     if claim.work_pool_id is None:
         return None
@@ -47,27 +49,27 @@ async def create_work_pool(unit: Unit, cmd: wp.CreateWorkPool, ctx: DecisionCont
 
 
 async def update_work_pool(unit: Unit, cmd: wp.UpdateWorkPool, ctx: DecisionContext) -> Decision:
-    return wp.decide_update_work_pool(cmd, await _pool_by_name(unit, cmd.name), ctx)
+    return wp.decide_update_work_pool(cmd, await pool_by_name(unit, cmd.name), ctx)
 
 
 async def delete_work_pool(unit: Unit, cmd: wp.DeleteWorkPool, ctx: DecisionContext) -> Decision:
-    return wp.decide_delete_work_pool(cmd, await _pool_by_name(unit, cmd.name), ctx)
+    return wp.decide_delete_work_pool(cmd, await pool_by_name(unit, cmd.name), ctx)
 
 
 async def create_work_queue(unit: Unit, cmd: wp.CreateWorkQueue, ctx: DecisionContext) -> Decision:
-    return wp.decide_create_work_queue(cmd, await _pool_by_name(unit, cmd.work_pool_name), ctx)
+    return wp.decide_create_work_queue(cmd, await pool_by_name(unit, cmd.work_pool_name), ctx)
 
 
 async def update_work_queue(unit: Unit, cmd: wp.UpdateWorkQueue, ctx: DecisionContext) -> Decision:
-    return wp.decide_update_work_queue(cmd, await _pool_by_name(unit, cmd.work_pool_name), ctx)
+    return wp.decide_update_work_queue(cmd, await pool_by_name(unit, cmd.work_pool_name), ctx)
 
 
 async def delete_work_queue(unit: Unit, cmd: wp.DeleteWorkQueue, ctx: DecisionContext) -> Decision:
-    return wp.decide_delete_work_queue(cmd, await _pool_by_name(unit, cmd.work_pool_name), ctx)
+    return wp.decide_delete_work_queue(cmd, await pool_by_name(unit, cmd.work_pool_name), ctx)
 
 
 async def set_work_queue_priorities(unit: Unit, cmd: wp.SetWorkQueuePriorities, ctx: DecisionContext) -> Decision:
-    return wp.decide_set_work_queue_priorities(cmd, await _pool_by_name(unit, cmd.work_pool_name), ctx)
+    return wp.decide_set_work_queue_priorities(cmd, await pool_by_name(unit, cmd.work_pool_name), ctx)
 
 
 async def create_legacy_work_queue(unit: Unit, cmd: wp.CreateLegacyWorkQueue, ctx: DecisionContext) -> Decision:
@@ -77,19 +79,19 @@ async def create_legacy_work_queue(unit: Unit, cmd: wp.CreateLegacyWorkQueue, ct
 
 
 async def record_polls(unit: Unit, cmd: wp.RecordWorkQueuesPolled, ctx: DecisionContext) -> Decision:
-    return wp.decide_record_polls(cmd, await _pool_by_name(unit, cmd.work_pool_name), ctx)
+    return wp.decide_record_polls(cmd, await pool_by_name(unit, cmd.work_pool_name), ctx)
 
 
 async def mark_work_pool_not_ready(unit: Unit, cmd: wp.MarkWorkPoolNotReady, ctx: DecisionContext) -> Decision:
-    return wp.decide_mark_work_pool_not_ready(cmd, await _pool_by_name(unit, cmd.work_pool_name), ctx)
+    return wp.decide_mark_work_pool_not_ready(cmd, await pool_by_name(unit, cmd.work_pool_name), ctx)
 
 
 async def mark_work_queues_not_ready(unit: Unit, cmd: wp.MarkWorkQueuesNotReady, ctx: DecisionContext) -> Decision:
-    return wp.decide_mark_work_queues_not_ready(cmd, await _pool_by_name(unit, cmd.work_pool_name), ctx)
+    return wp.decide_mark_work_queues_not_ready(cmd, await pool_by_name(unit, cmd.work_pool_name), ctx)
 
 
 async def mark_deployments_not_ready(unit: Unit, cmd: wp.MarkDeploymentsNotReady, ctx: DecisionContext) -> Decision:
-    return wp.decide_mark_deployments_not_ready(cmd, await _pool_by_name(unit, cmd.work_pool_name), ctx)
+    return wp.decide_mark_deployments_not_ready(cmd, await pool_by_name(unit, cmd.work_pool_name), ctx)
 
 
 def _pool_reply(result: wp.WorkPool) -> dict[str, Any]:
