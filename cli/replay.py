@@ -7,6 +7,7 @@ import contextlib
 import gc
 import json
 import os
+import signal
 import sys
 import uuid
 from datetime import datetime
@@ -184,14 +185,18 @@ def events(
     lo, hi = aware(since), aware(until)
 
     async def go() -> None:
+        # Ctrl-C sets `stopped` rather than cancelling the task: on Python 3.11 a cancel that
+        # lands inside nats-py's `wait_for` can be swallowed, and a follower stayed deaf to it.
+        stopped = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if follow:
+            loop.add_signal_handler(signal.SIGINT, stopped.set)
         nc = await connect(settings, name="runledger-events", wait_for_server=False)
         printed = 0
         try:
             store = EventStore(nc, settings)
             start = 1 if prefect else from_seq
-            while True:
-                # Ctrl-C cancels this task; on Python 3.11 a cancel that lands inside nats-py's
-                # `wait_for` can be swallowed, and the loop would poll on, deaf to it.
+            while not stopped.is_set():
                 stop_if_cancelled()
                 end = await store.last_sequence()
                 async for batch in iter_log(store, subject, start, until_seq=end):
@@ -210,14 +215,19 @@ def events(
                             if limit is not None and printed >= limit:
                                 return
                     sys.stdout.flush()  # a follower sees each batch at once, even through a pipe
+                    if stopped.is_set():
+                        return
                 if not follow:
                     return
                 # Then poll: the log's end, and a read of what was appended since.
                 start = max(start, end + 1)
-                await asyncio.sleep(FOLLOW_POLL_SECONDS)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopped.wait(), FOLLOW_POLL_SECONDS)
         finally:
             with contextlib.suppress(BrokenPipeError):
                 sys.stdout.flush()
+            if follow:
+                loop.remove_signal_handler(signal.SIGINT)
             await nc.close()
             warning = export.warning() if export is not None else None
             if warning:
