@@ -90,6 +90,26 @@ class ConcurrencyLimitDeleted(_LimitEvent):
     limit: ConcurrencyLimit  # as it was: Prefect's `prefect.concurrency-limit.deleted` carries it
 
 
+@register_event
+class ConcurrencyLimitSlotTaken(_LimitEvent):
+    """A run took a slot of a global limit (a deployment's, when it entered PENDING)."""
+
+    event_type: ClassVar[str] = "ConcurrencyLimitSlotTaken"
+    limit: ConcurrencyLimit  # after: `active_slots` counts it
+    flow_run_id: uuid.UUID
+    lease_id: uuid.UUID
+
+
+@register_event
+class ConcurrencyLimitSlotReleased(_LimitEvent):
+    """A run gave its slot back."""
+
+    event_type: ClassVar[str] = "ConcurrencyLimitSlotReleased"
+    limit: ConcurrencyLimit  # after
+    flow_run_id: uuid.UUID
+    lease_id: uuid.UUID
+
+
 class CreateConcurrencyLimit(Command):
     """Prefect's `ConcurrencyLimitV2Create`."""
 
@@ -135,7 +155,8 @@ _UPDATE_FIELDS = ("limit", "active", "active_slots", "denied_slots", "slot_decay
 
 def evolve(limit: ConcurrencyLimit | None, event: Event) -> ConcurrencyLimit | None:
     match event:
-        case ConcurrencyLimitCreated(limit=created) | ConcurrencyLimitUpdated(limit=created):
+        case (ConcurrencyLimitCreated(limit=created) | ConcurrencyLimitUpdated(limit=created)
+              | ConcurrencyLimitSlotTaken(limit=created) | ConcurrencyLimitSlotReleased(limit=created)):
             return created
         case ConcurrencyLimitDeleted():
             return None

@@ -13,7 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from . import orchestration_rules
+from . import orchestration_rules, slots
 from . import work_pools as wp
 from .bounds import INT32_MAX, JsonDocument, StoredText, UtcDatetime
 from .decisions import Decision, NewEvent
@@ -119,6 +119,15 @@ class FlowRunUpdated(_FlowRunEvent):
 
 
 @register_event
+class FlowRunWaiting(_FlowRunEvent):
+    """A claim was refused because a limit is full, and nothing else was written: the run's
+    `waiting_reason` says which (recorded when it changes, not at every refused claim)."""
+
+    event_type: ClassVar[str] = "FlowRunWaiting"
+    run: FlowRun
+
+
+@register_event
 class FlowRunDeleted(_FlowRunEvent):
     event_type: ClassVar[str] = "FlowRunDeleted"
     flow_run_id: uuid.UUID
@@ -208,7 +217,7 @@ class DeleteFlowRun(Command):
 
 def evolve(run: FlowRun | None, event: Event) -> FlowRun | None:
     match event:
-        case FlowRunCreated(run=r) | FlowRunStateSet(run=r) | FlowRunUpdated(run=r):
+        case FlowRunCreated(run=r) | FlowRunStateSet(run=r) | FlowRunUpdated(run=r) | FlowRunWaiting(run=r):
             return r
         case FlowRunDeleted():
             return None
@@ -291,16 +300,27 @@ def decide_create_flow_run(cmd: CreateFlowRun, claim: UniqueKeyClaim | None, exi
                     after={str(run.id): run})
 
 
-def decide_set_state(cmd: SetFlowRunState, run: FlowRun | None, ctx: DecisionContext) -> Decision:
-    """FR-3: the result is the state written, or the current one when nothing is written."""
+def decide_set_state(cmd: SetFlowRunState, run: FlowRun | None, ctx: DecisionContext,
+                     limits: slots.Limits = slots.NO_LIMITS) -> Decision:
+    """FR-3: the result is the state written, or the current one when nothing is written.
+    `limits`: the pool, queue and deployment limits the run may take or give back a slot of;
+    their counts change in the same batch as the state (`slots.slot_events`)."""
     if run is None:
         raise flow_run_not_found(cmd.id)
-    transition = orchestration_rules.set_flow_run_state(run, cmd.state, force=cmd.force, ctx=ctx)
+    transition = orchestration_rules.set_flow_run_state(run, cmd.state, force=cmd.force, ctx=ctx, limits=limits)
+    waiting = transition.orchestration.reason if transition.waiting_for_a_slot else None
+    if transition.state is not None and transition.state.type is not StateType.SCHEDULED:
+        waiting = None  # cancelled (CANCEL_NEW) rather than waiting
     if transition.state is None:
-        return Decision(events=[], result=run.state, orchestration=transition.orchestration)
-    after = transition.run
-    return Decision(events=[NewEvent(str(run.id), FlowRunStateSet(run=after))], result=after.state,
-                    created=True, after={str(run.id): after}, orchestration=transition.orchestration)
+        if waiting is None or waiting == run.waiting_reason:
+            return Decision(events=[], result=run.state, orchestration=transition.orchestration)
+        after = run.model_copy(update={"waiting_reason": waiting, "updated": ctx.now})
+        return Decision(events=[NewEvent(str(run.id), FlowRunWaiting(run=after))], result=run.state,
+                        after={str(run.id): after}, orchestration=transition.orchestration)
+    after = transition.run.model_copy(update={"waiting_reason": waiting})
+    events = [NewEvent(str(run.id), FlowRunStateSet(run=after)), *slots.slot_events(run, after, limits)]
+    return Decision(events=events, result=after.state, created=True, after={str(run.id): after},
+                    orchestration=transition.orchestration)
 
 
 def decide_update_flow_run(cmd: UpdateFlowRun, run: FlowRun | None, ctx: DecisionContext,
@@ -346,11 +366,12 @@ def decide_update_flow_run(cmd: UpdateFlowRun, run: FlowRun | None, ctx: Decisio
 
 
 def decide_delete_flow_run(cmd: DeleteFlowRun, run: FlowRun | None, claim: UniqueKeyClaim | None,
-                           ctx: DecisionContext) -> Decision:
-    """The run's idempotency key is free again at once."""
+                           ctx: DecisionContext, limits: slots.Limits = slots.NO_LIMITS) -> Decision:
+    """The run's idempotency key is free again at once, and so are the slots it held (FR-8)."""
     if run is None:
         raise flow_run_not_found(cmd.id)
     releases = ([FLOW_RUN_KEY.release(run.id, str(run.flow_id), run.idempotency_key)]
                 if run.idempotency_key is not None and claim is not None and claim.owner_id == run.id else [])
     deleted = FlowRunDeleted(flow_run_id=run.id, flow_id=run.flow_id, deleted=ctx.now)
-    return Decision(events=[*releases, NewEvent(str(run.id), deleted)], result=None)
+    return Decision(events=[*releases, *slots.slot_events(run, None, limits), NewEvent(str(run.id), deleted)],
+                    result=None)

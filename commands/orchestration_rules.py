@@ -18,12 +18,11 @@ Nothing is read or written here: the run comes in, the clock and ids come throug
 state is written the run is unchanged: Prefect would still keep a policy change of a rule
 that refused (OR-10 marks a run `resuming` even when it refuses to resume it); we do not.
 
-Not here yet: the deployment concurrency rules OR-6 and OR-7, the slot release OR-13 and
-Prefect's `PreserveDeploymentConcurrencyLeaseId` arrive with the slot aggregates. A rule gets
-one read-only `RuleContext`, whose `deployment_limit` is `None` until then, so they are added
-to `FLOW_POLICY` (OR-6/OR-7 after OR-5, OR-13 at the end and in `FORCED_FLOW_POLICY`) without
-changing any other rule. Copying a subflow's state onto its parent task run (FR-6, last line)
-crosses aggregates and belongs to the caller.
+Slots: a rule reads the limits a claim touches (`RuleContext.limits`, loaded by the caller:
+`commands/slots.py`) and refuses when one is full; the counts themselves follow from what is
+written (`slots.slot_events`, bookkeeping that never refuses), so a forced transition still
+takes and gives back slots (OR-13 holds under `force` too). Copying a subflow's state onto its
+parent task run (FR-6, last line) crosses aggregates and belongs to the caller.
 """
 
 from __future__ import annotations
@@ -37,6 +36,13 @@ from typing import TYPE_CHECKING, Any
 
 from .decisions import Orchestration, Outcome
 from .messages import DecisionContext
+from .slots import (
+    DEPLOYMENT_SLOT_STATES,
+    DEPLOYMENT_SLOT_WAIT_SECONDS,
+    NO_LIMITS,
+    POOL_SLOT_STATES,
+    Limits,
+)
 from .states import TERMINAL, State, StateCreate, StateDetails, StateType, default_name
 
 if TYPE_CHECKING:
@@ -55,14 +61,14 @@ _ONE_MICROSECOND = timedelta(microseconds=1)
 @dataclass(frozen=True)
 class RuleContext:
     """What a rule may read. `run` carries the `empirical_policy` as earlier rules left it;
-    `proposed` is the proposal as earlier rules renamed or annotated it. `deployment_limit`
-    is the run's deployment concurrency slot state, for OR-6/OR-7 (None until they exist)."""
+    `proposed` is the proposal as earlier rules renamed or annotated it. `limits`: the pool,
+    queue and deployment limits the run's claim touches, with their counts."""
 
     run: FlowRun
     proposed: StateCreate
     now: datetime
     new_id: Callable[[], uuid.UUID]
-    deployment_limit: Any = None
+    limits: Limits = NO_LIMITS
 
     @property
     def current(self) -> State | None:
@@ -251,6 +257,54 @@ def prevent_pending_transitions(c: RuleContext) -> Verdict:
     return abort(f"This run is in a {current.type.name} state and cannot transition to a PENDING state.")
 
 
+_CLAIMING_FROM = ALL_STATES - POOL_SLOT_STATES
+
+
+@rule("SL-1/SL-2", from_states=_CLAIMING_FROM, to_states=POOL_SLOT_STATES)
+def respect_pool_and_queue_limits(c: RuleContext) -> Verdict:
+    """Beyond Prefect, which only caps what a poll returns, so two workers polling at once can
+    both submit past a limit: a run takes a slot of its queue and pool when it enters PENDING
+    or RUNNING, decided against the counts it changes. When either is full nothing is written;
+    the run stays where it is, in its place in the poll, and its read model says why it waits."""
+    full = c.limits.pool_or_queue_full(c.run)
+    return reject(full) if full is not None else GO_ON
+
+
+_DEPLOYMENT_LIMIT_REACHED = "Deployment concurrency limit reached."
+
+
+@rule("OR-7", from_states=ALL_STATES - DEPLOYMENT_SLOT_STATES, to_states={StateType.PENDING})
+def secure_flow_concurrency_slots(c: RuleContext) -> Verdict:
+    """Prefect's SecureFlowConcurrencySlots. A worker claims a deployment slot before it
+    provisions infrastructure, so a full deployment costs nothing to try. The slot's lease id
+    is recorded on the PENDING state (and carried while the run holds it); when none is free,
+    the run waits its turn (ENQUEUE: `AwaitingConcurrencySlot`, tried again later) or is
+    cancelled (CANCEL_NEW). A limit of 0 could never be met: the caller is told to stop."""
+    limits = c.limits
+    if c.run.deployment_id is None:
+        return GO_ON
+    if not limits.deployment_found:
+        return abort("Deployment not found.")
+    limit = limits.deployment_limit
+    if limit is None or not limits.deployment_limit_applies:
+        return GO_ON
+    if limit.limit == 0:
+        return abort("The deployment concurrency limit is 0. The flow will deadlock if submitted again.")
+    if limit.active_slots < limit.limit:
+        return go_on(_with_details(c.proposed, deployment_concurrency_lease_id=c.new_id()))
+    if limits.collision_strategy == "CANCEL_NEW":
+        return reject(_DEPLOYMENT_LIMIT_REACHED,
+                      StateCreate(type=StateType.CANCELLED, name="Cancelled", message=_DEPLOYMENT_LIMIT_REACHED))
+    retry_at = c.now + timedelta(seconds=DEPLOYMENT_SLOT_WAIT_SECONDS)
+    return reject(_DEPLOYMENT_LIMIT_REACHED,
+                  StateCreate(type=StateType.SCHEDULED, name="AwaitingConcurrencySlot",
+                              state_details=StateDetails(scheduled_time=retry_at)))
+
+
+# The rules that refuse a run because a limit is full: the reason they give is why it waits.
+LIMIT_RULES = frozenset({"respect_pool_and_queue_limits", "secure_flow_concurrency_slots"})
+
+
 @rule("OR-8", from_states=ALL_STATES, to_states={StateType.SCHEDULED})
 def ensure_only_scheduled_flows_marked_late(c: RuleContext) -> Verdict:
     """Prefect's EnsureOnlyScheduledFlowsMarkedLate. `Late` annotates a run still waiting
@@ -368,21 +422,20 @@ FLOW_POLICY: list[Rule] = [
     enforce_cancelling_to_cancelled_transition,
     bypass_cancelling_flow_runs_with_no_infra,
     prevent_pending_transitions,
-    # OR-6, OR-7 (deployment concurrency at RUNNING / PENDING) arrive with slots.
+    respect_pool_and_queue_limits,
+    secure_flow_concurrency_slots,
     ensure_only_scheduled_flows_marked_late,
     handle_pausing_flows,
     handle_resuming_paused_flows,
     copy_scheduled_time,
     wait_for_scheduled_time,
     retry_failed_flows,
-    # OR-13 (release the deployment slot) arrives with slots.
 ]
 
 # FR-5: what a forced transition still obeys (Prefect's MinimalFlowPolicy).
 FORCED_FLOW_POLICY: list[Rule] = [
     prevent_result_data_loss,
     bypass_cancelling_flow_runs_with_no_infra,
-    # OR-13 (release the deployment slot) arrives with slots.
 ]
 
 
@@ -404,12 +457,18 @@ class Transition:
     orchestration: Orchestration
     state: State | None
     run: FlowRun
+    refused_by: str | None = None  # the rule that rejected, delayed or aborted the proposal
+
+    @property
+    def waiting_for_a_slot(self) -> bool:
+        """Refused because a limit is full: `orchestration.details.reason` says which."""
+        return self.refused_by in LIMIT_RULES
 
 
 def set_flow_run_state(run: FlowRun, proposed: StateCreate, *, force: bool,
-                       ctx: DecisionContext) -> Transition:
+                       ctx: DecisionContext, limits: Limits = NO_LIMITS) -> Transition:
     """FR-3: the core rules decide; `force` (FR-5) keeps only `FORCED_FLOW_POLICY`."""
-    return orchestrate(FORCED_FLOW_POLICY if force else FLOW_POLICY, run, proposed, ctx)
+    return orchestrate(FORCED_FLOW_POLICY if force else FLOW_POLICY, run, proposed, ctx, limits)
 
 
 def initial_flow_run_state(run: FlowRun, proposed: StateCreate | None, ctx: DecisionContext) -> Transition:
@@ -419,32 +478,32 @@ def initial_flow_run_state(run: FlowRun, proposed: StateCreate | None, ctx: Deci
 
 
 def orchestrate(policy: Sequence[Rule], run: FlowRun, proposed: StateCreate,
-                ctx: DecisionContext) -> Transition:
+                ctx: DecisionContext, limits: Limits = NO_LIMITS) -> Transition:
     """Run `policy` over one proposal (the steps are in the module docstring)."""
     from_type = run.state.type if run.state is not None else None
     intended = proposed.type
-    proposal: StateCreate | None = _completed(proposed, ctx.now)
-    status, reason, delay = Outcome.ACCEPT, None, None
+    proposal: StateCreate | None = _completed(_server_details_only(proposed), ctx.now)
+    status, reason, delay, refused_by = Outcome.ACCEPT, None, None, None
     policy_so_far = run.empirical_policy
     fired: list[tuple[Rule, Verdict, StateType | None]] = []  # with the type each rule left
     for r in rules_for(policy, from_type, intended):
         if proposal is None or proposal.type is not intended:
             break  # FR-4: a rule changed the proposed type; the rest were chosen for another
         seen = run.model_copy(update={"empirical_policy": policy_so_far})
-        verdict = r.decide(RuleContext(run=seen, proposed=proposal, now=ctx.now, new_id=ctx.new_id))
+        verdict = r.decide(RuleContext(run=seen, proposed=proposal, now=ctx.now, new_id=ctx.new_id, limits=limits))
         if verdict.policy:
             policy_so_far = policy_so_far.model_copy(update=verdict.policy)
         if verdict.status is Outcome.ACCEPT:
             proposal = verdict.state if verdict.state is not None else proposal
         else:
             proposal = verdict.state if verdict.status is Outcome.REJECT else None
-            status, reason, delay = verdict.status, verdict.reason, verdict.delay_seconds
+            status, reason, delay, refused_by = verdict.status, verdict.reason, verdict.delay_seconds, r.name
         fired.append((r, verdict, proposal.type if proposal is not None else None))
 
     orchestration = Orchestration(status, reason=reason, delay_seconds=delay,
                                   details={"type": f"{status.value.lower()}_details"})
     if proposal is None:
-        return Transition(orchestration, None, run)
+        return Transition(orchestration, None, run, refused_by)
 
     written_type = proposal.type
     # A rule that left its own type in scope but sees another one written "fizzled": its
@@ -459,7 +518,7 @@ def orchestrate(policy: Sequence[Rule], run: FlowRun, proposed: StateCreate,
         if verdict.policy_after and left in r.to_states and left is written_type:
             after = after.model_copy(update={
                 "empirical_policy": after.empirical_policy.model_copy(update=verdict.policy_after)})
-    return Transition(orchestration, state, after)
+    return Transition(orchestration, state, after, refused_by)
 
 
 def _completed(state: StateCreate, now: datetime) -> StateCreate:
@@ -473,6 +532,14 @@ def _completed(state: StateCreate, now: datetime) -> StateCreate:
     return state.model_copy(update=update)
 
 
+def _server_details_only(state: StateCreate) -> StateCreate:
+    """A deployment slot's lease id is minted by OR-7 and carried by the bookkeeping: one
+    sent by a client would count as a slot nobody took."""
+    if state.state_details.deployment_concurrency_lease_id is None:
+        return state
+    return _with_details(state, deployment_concurrency_lease_id=None)
+
+
 def _book(run: FlowRun, proposal: StateCreate, policy: FlowRunPolicy,
           ctx: DecisionContext) -> tuple[State, FlowRun]:
     """FR-6, Prefect's global flow policy: mint the state and mirror it onto the run."""
@@ -483,6 +550,10 @@ def _book(run: FlowRun, proposal: StateCreate, policy: FlowRunPolicy,
     details: dict[str, Any] = {"flow_run_id": run.id}
     if run.parent_task_run_id is not None:
         details["task_run_id"] = run.parent_task_run_id
+    if (current is not None and current.type in DEPLOYMENT_SLOT_STATES and proposal.type in DEPLOYMENT_SLOT_STATES
+            and proposal.state_details.deployment_concurrency_lease_id is None):
+        # OR-6: a run keeps its deployment slot's lease while it holds the slot, forced or not.
+        details["deployment_concurrency_lease_id"] = current.state_details.deployment_concurrency_lease_id
     state = State(id=ctx.new_id(), type=proposal.type, name=proposal.name or default_name(proposal.type),
                   timestamp=timestamp, message=proposal.message, data=proposal.data,
                   state_details=proposal.state_details.model_copy(update=details))

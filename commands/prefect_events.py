@@ -42,9 +42,16 @@ from .deployments import (
     DeploymentUpdated,
 )
 from .events import EVENT_TYPES, EventEnvelope, UnknownEvent
-from .flow_runs import FlowRunCreated, FlowRunDeleted, FlowRunStateSet, FlowRunUpdated
+from .flow_runs import (
+    FlowRunCreated,
+    FlowRunDeleted,
+    FlowRunStateSet,
+    FlowRunUpdated,
+    FlowRunWaiting,
+)
 from .flows import FlowCreated, FlowDeleted
 from .messages import Event
+from .slots import PoolSlotReleased, PoolSlotTaken
 from .states import State, StateType
 from .unique_keys import UniqueKeyClaimed, UniqueKeyReleased
 from .work_pools import (
@@ -506,7 +513,7 @@ def _flow_run_state_event(out: _Out, e: FlowRunCreated | FlowRunStateSet, aggreg
     })
 
 
-def _flow_run_gone(out: _Out, e: FlowRunDeleted | FlowRunUpdated, aggregate_id: str, state: ExportState) -> None:
+def _flow_run_gone(out: _Out, e: FlowRunDeleted | FlowRunUpdated | FlowRunWaiting, aggregate_id: str, state: ExportState) -> None:
     """Prefect emits no event when a run is updated or deleted; the state is kept up to date."""
     if isinstance(e, FlowRunDeleted):
         state.run_states.pop(aggregate_id, None)
@@ -515,8 +522,8 @@ def _flow_run_gone(out: _Out, e: FlowRunDeleted | FlowRunUpdated, aggregate_id: 
 
 
 def _nothing(out: _Out, e: Event, aggregate_id: str, state: ExportState) -> None:
-    """Unique-key claims keep names unique and a deployment's index of scheduled runs is
-    runledger's bookkeeping: nothing to export. Prefect's server emits nothing for a worker's
+    """Unique-key claims keep names unique; a deployment's index of scheduled runs and the
+    slot counts of pools and limits are runledger's bookkeeping: nothing to export. Prefect's server emits nothing for a worker's
     heartbeat, its going offline or its deletion. (Flows: not exported yet.)"""
 
 
@@ -542,6 +549,7 @@ _HANDLERS: dict[type[Event], Callable[[_Out, Any, str, ExportState], None]] = {
     FlowRunCreated: _flow_run_state_event,
     FlowRunStateSet: _flow_run_state_event,
     FlowRunUpdated: _flow_run_gone,
+    FlowRunWaiting: _flow_run_gone,
     FlowRunDeleted: _flow_run_gone,
     va.VariableCreated: _variable_event,
     va.VariableUpdated: _variable_event,
@@ -549,6 +557,10 @@ _HANDLERS: dict[type[Event], Callable[[_Out, Any, str, ExportState], None]] = {
     cl.ConcurrencyLimitCreated: _concurrency_limit_event,
     cl.ConcurrencyLimitUpdated: _concurrency_limit_event,
     cl.ConcurrencyLimitDeleted: _concurrency_limit_event,
+    cl.ConcurrencyLimitSlotTaken: _nothing,
+    cl.ConcurrencyLimitSlotReleased: _nothing,
+    PoolSlotTaken: _nothing,
+    PoolSlotReleased: _nothing,
     WorkPoolWorkersChanged: _workers_changed,
     WorkQueuesPolled: _queues_polled,
     WorkQueuesNotReady: _queues_not_ready,

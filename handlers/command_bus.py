@@ -38,11 +38,22 @@ log = logging.getLogger("runledger.commands")
 class Unit:
     """The aggregates one attempt at a command has read, with the sequences they were read at."""
 
-    def __init__(self, repo: AggregateRepository, refresh: bool):
+    def __init__(self, repo: AggregateRepository, refresh: bool,
+                 lock_more: Callable[[Iterable[AggregateKey]], Awaitable[None]] | None = None):
         self.repo = repo
         self.refresh = refresh
         self.loaded: dict[tuple[str, str], int] = {}
         self.from_cache = False
+        self._lock_more = lock_more
+
+    async def lock(self, keys: Iterable[AggregateKey]) -> None:
+        """Lock aggregates found only by loading others (the slot counts of a run's pool):
+        commands of this process that touch them then take turns instead of racing for their
+        expected sequence. Call it once, with every such key, after the command's own locks
+        (`CommandSpec.locks`) are held: the keys are taken in sorted order, and nothing waits
+        for a command's own lock while holding one of these, so no two commands deadlock."""
+        if self._lock_more is not None:
+            await self._lock_more(keys)
 
     async def load(self, aggregate_type: str, aggregate_id: str) -> Any:
         key = (aggregate_type, aggregate_id)
@@ -148,11 +159,18 @@ class CommandBus:
             # Always in one order, so two commands that lock the same set never deadlock.
             wanted = sorted(set(spec.locks(cmd)))
             locks = [self._acquire_lock(key) for key in wanted]  # counted now, released below
-            keys = wanted
+            keys = list(wanted)
             async with contextlib.AsyncExitStack() as held:
                 for lock in locks:
                     await held.enter_async_context(lock)
-                return await self._execute(name, spec, cmd, raw)
+
+                async def lock_more(more: Iterable[AggregateKey]) -> None:
+                    for key in sorted(set(more) - set(keys)):
+                        lock = self._acquire_lock(key)
+                        keys.append(key)
+                        await held.enter_async_context(lock)
+
+                return await self._execute(name, spec, cmd, raw, lock_more)
         except Rejection as r:
             return {"ok": False, "error": r.as_reply()}
         except MessageTooLarge as e:
@@ -183,7 +201,9 @@ class CommandBus:
             del self._lock_users[key]
             del self._locks[key]
 
-    async def _execute(self, name: str, spec: CommandSpec, cmd: Command, raw: bytes) -> dict[str, Any]:
+    async def _execute(self, name: str, spec: CommandSpec, cmd: Command, raw: bytes,
+                       lock_more: Callable[[Iterable[AggregateKey]], Awaitable[None]] | None = None,
+                       ) -> dict[str, Any]:
         fingerprint = None
         if cmd.bus_key is not None:
             fingerprint = hashlib.sha256(name.encode() + b"\0" + cmd.model_dump_json(exclude={cmd.BUS_KEY_FIELD}).encode()).hexdigest()
@@ -192,7 +212,7 @@ class CommandBus:
                 return self._repeat_reply(earlier, fingerprint)
         refresh = False
         for _attempt in range(self.retries + 1):
-            unit = Unit(self.repo, refresh)
+            unit = Unit(self.repo, refresh, lock_more)
             ctx = self.clock()
             try:
                 decision = await spec.handle(unit, cmd, ctx)

@@ -16,7 +16,8 @@ from runledger.infra.aggregates import AggregateKind
 from .command_bus import CommandSpec, Unit
 
 AGGREGATE_KINDS = [
-    AggregateKind(cl.CONCURRENCY_LIMIT, lambda: None, cl.evolve),
+    # Every event carries the whole limit (slot events too): its last event is its state.
+    AggregateKind(cl.CONCURRENCY_LIMIT, lambda: None, cl.evolve, last_event_only=True),
 ]
 
 

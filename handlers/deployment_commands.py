@@ -15,14 +15,17 @@ from runledger.commands import deployments as dp
 from runledger.commands import flow_runs as fr
 from runledger.commands import flows as fl
 from runledger.commands import hydration
+from runledger.commands import slots as sl
 from runledger.commands import unique_keys as uk
 from runledger.commands import variables as va
 from runledger.commands import work_pools as wp
 from runledger.commands.decisions import Decision
 from runledger.commands.messages import DecisionContext
+from runledger.commands.states import StateType
 from runledger.infra.aggregates import AggregateKind, SnapshotCodec
 
 from .command_bus import AggregateKey, CommandSpec, Unit
+from .flow_run_commands import initial_slots
 from .work_pool_commands import pool_by_name
 
 # Every event of a deployment carries the whole deployment: its last event is its state.
@@ -163,13 +166,16 @@ async def _run_inputs(unit: Unit, deployment: dp.Deployment,
 async def create_run(unit: Unit, cmd: sc.CreateFlowRunFromDeployment, ctx: DecisionContext) -> Decision:
     deployment = await unit.load(dp.DEPLOYMENT, str(cmd.deployment_id))
     inputs = await _run_inputs(unit, deployment, [cmd]) if deployment is not None else sc.RunInputs()
-    return sc.decide_run_from_deployment(cmd, deployment, inputs, ctx)
+    decision = sc.decide_run_from_deployment(cmd, deployment, inputs, ctx)
+    return sl.with_initial_slots(decision, await initial_slots(unit, inputs.pool, [cmd.state], StateType.SCHEDULED))
 
 
 async def create_runs(unit: Unit, cmd: sc.CreateFlowRunsFromDeployment, ctx: DecisionContext) -> Decision:
     deployment = await unit.load(dp.DEPLOYMENT, str(cmd.deployment_id))
     inputs = await _run_inputs(unit, deployment, cmd.runs) if deployment is not None else sc.RunInputs()
-    return sc.decide_runs_from_deployment(cmd, deployment, inputs, ctx)
+    decision = sc.decide_runs_from_deployment(cmd, deployment, inputs, ctx)
+    slots = await initial_slots(unit, inputs.pool, [item.state for item in cmd.runs], StateType.SCHEDULED)
+    return sl.with_initial_slots(decision, slots)
 
 
 def _deployment_reply(deployment: dp.Deployment) -> dict[str, Any]:

@@ -5,21 +5,43 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from runledger.commands import concurrency_limits as cl
 from runledger.commands import deployment_runs as sc
 from runledger.commands import deployments as dp
 from runledger.commands import flow_runs as fr
 from runledger.commands import flows as fl
+from runledger.commands import slots as sl
 from runledger.commands import unique_keys as uk
+from runledger.commands import work_pools as wp
 from runledger.commands.decisions import Decision
 from runledger.commands.messages import DecisionContext
-from runledger.commands.states import State
+from runledger.commands.states import State, StateCreate, StateType
 from runledger.infra.aggregates import AggregateKind
+from runledger.infra.log_index import LogIndex
 
 from .command_bus import AggregateKey, CommandSpec, Unit
 from .work_pool_commands import pool_by_name
 
-# Every event of a run carries the whole run: its last event is its state (one read to load it).
-AGGREGATE_KINDS = [AggregateKind(fr.FLOW_RUN, lambda: None, fr.evolve, last_event_only=True)]
+# Every event of a run, and of a pool's slot counts, carries the whole state: its last event
+# is its state (one read to load it).
+AGGREGATE_KINDS = [
+    AggregateKind(fr.FLOW_RUN, lambda: None, fr.evolve, last_event_only=True),
+    AggregateKind(sl.POOL_SLOTS, lambda: None, sl.evolve, last_event_only=True),
+]
+
+
+async def pool_slots(unit: Unit, pool: wp.WorkPool) -> sl.PoolSlots:
+    """A pool's slot counts, locked for the rest of the command (claims on one pool take turns)."""
+    await unit.lock([(sl.POOL_SLOTS, sl.slots_id(pool.id))])
+    return await unit.load(sl.POOL_SLOTS, sl.slots_id(pool.id)) or sl.PoolSlots(pool_id=pool.id)
+
+
+async def initial_slots(unit: Unit, pool: wp.WorkPool | None, states: Iterable[StateCreate | None],
+                        default: StateType) -> sl.PoolSlots | None:
+    """The pool's counts when a create puts a run straight into a slot-holding state."""
+    if pool is None or not any((s.type if s is not None else default) in sl.POOL_SLOT_STATES for s in states):
+        return None
+    return await pool_slots(unit, pool)
 
 
 async def create_flow_run(unit: Unit, cmd: fr.CreateFlowRun, ctx: DecisionContext) -> Decision:
@@ -30,11 +52,10 @@ async def create_flow_run(unit: Unit, cmd: fr.CreateFlowRun, ctx: DecisionContex
             existing = await unit.load(fr.FLOW_RUN, str(claim.owner_id))
     flow = await unit.load(fl.FLOW, str(cmd.flow_id))
     pool = await pool_by_name(unit, cmd.work_pool_name) if cmd.work_pool_name is not None else None
-    return fr.decide_create_flow_run(cmd, claim, existing, flow is not None, pool, ctx)
-
-
-async def set_flow_run_state(unit: Unit, cmd: fr.SetFlowRunState, ctx: DecisionContext) -> Decision:
-    return fr.decide_set_state(cmd, await unit.load(fr.FLOW_RUN, str(cmd.id)), ctx)
+    decision = fr.decide_create_flow_run(cmd, claim, existing, flow is not None, pool, ctx)
+    if not decision.created:
+        return decision
+    return sl.with_initial_slots(decision, await initial_slots(unit, pool, [cmd.state], StateType.PENDING))
 
 
 async def update_flow_run(unit: Unit, cmd: fr.UpdateFlowRun, ctx: DecisionContext) -> Decision:
@@ -49,12 +70,6 @@ async def update_flow_run(unit: Unit, cmd: fr.UpdateFlowRun, ctx: DecisionContex
     return fr.decide_update_flow_run(cmd, run, ctx, problem)
 
 
-async def delete_flow_run(unit: Unit, cmd: fr.DeleteFlowRun, ctx: DecisionContext) -> Decision:
-    run = await unit.load(fr.FLOW_RUN, str(cmd.id))
-    claim = None
-    if run is not None and run.idempotency_key is not None:
-        claim = await unit.load(uk.UNIQUE_KEY, fr.key_of(run.flow_id, run.idempotency_key))
-    return fr.decide_delete_flow_run(cmd, run, claim, ctx)
 
 
 def _run_reply(run: fr.FlowRun) -> dict[str, Any]:
@@ -81,9 +96,52 @@ def _by_id(cmd: Any) -> Iterable[AggregateKey]:
     return [(fr.FLOW_RUN, str(cmd.id))]
 
 
-COMMANDS = {
-    "CreateFlowRun": CommandSpec(fr.CreateFlowRun, create_flow_run, _run_reply, _create_locks),
-    "SetFlowRunState": CommandSpec(fr.SetFlowRunState, set_flow_run_state, _state_reply, _by_id),
-    "UpdateFlowRun": CommandSpec(fr.UpdateFlowRun, update_flow_run, _nothing, _by_id),
-    "DeleteFlowRun": CommandSpec(fr.DeleteFlowRun, delete_flow_run, _nothing, _by_id),
-}
+def command_specs(queues: LogIndex | None) -> dict[str, CommandSpec]:
+    """`queues`: where a run's queue id finds its pool (None only where nothing is executed)."""
+
+    async def limits_of(unit: Unit, run: fr.FlowRun | None) -> sl.Limits:
+        """The limits the run's transitions touch: its queue's pool and that pool's counts, and
+        its deployment's limit, locked together (claims on one pool take turns). Loaded for
+        every transition (from the cache, mostly): which rule needs them depends on what the
+        rules decide."""
+        if run is None:
+            return sl.NO_LIMITS
+        pool = deployment = None
+        if run.work_queue_id is not None:
+            assert queues is not None
+            pool_id = await queues.lookup(str(run.work_queue_id))
+            pool = await unit.load(wp.WORK_POOL, pool_id) if pool_id else None
+        if run.deployment_id is not None:
+            deployment = await unit.load(dp.DEPLOYMENT, str(run.deployment_id))
+        limit_id = (str(dp.limit_id(deployment.id))
+                    if deployment is not None and deployment.concurrency_limit is not None else None)
+        await unit.lock([*([(sl.POOL_SLOTS, sl.slots_id(pool.id))] if pool is not None else []),
+                         *([(cl.CONCURRENCY_LIMIT, limit_id)] if limit_id is not None else [])])
+        slots = None
+        if pool is not None:
+            slots = await unit.load(sl.POOL_SLOTS, sl.slots_id(pool.id)) or sl.PoolSlots(pool_id=pool.id)
+        if deployment is None:
+            return sl.Limits(pool=pool, slots=slots, deployment_found=run.deployment_id is None)
+        limit = await unit.load(cl.CONCURRENCY_LIMIT, limit_id) if limit_id is not None else None
+        options = deployment.concurrency_options
+        return sl.Limits(pool=pool, slots=slots, deployment_limit=limit,
+                         collision_strategy=options.collision_strategy.value if options else "ENQUEUE",
+                         grace_period_seconds=options.grace_period_seconds if options else None)
+
+    async def set_flow_run_state(unit: Unit, cmd: fr.SetFlowRunState, ctx: DecisionContext) -> Decision:
+        run = await unit.load(fr.FLOW_RUN, str(cmd.id))
+        return fr.decide_set_state(cmd, run, ctx, await limits_of(unit, run))
+
+    async def delete_flow_run(unit: Unit, cmd: fr.DeleteFlowRun, ctx: DecisionContext) -> Decision:
+        run = await unit.load(fr.FLOW_RUN, str(cmd.id))
+        claim = None
+        if run is not None and run.idempotency_key is not None:
+            claim = await unit.load(uk.UNIQUE_KEY, fr.key_of(run.flow_id, run.idempotency_key))
+        return fr.decide_delete_flow_run(cmd, run, claim, ctx, await limits_of(unit, run))
+
+    return {
+        "CreateFlowRun": CommandSpec(fr.CreateFlowRun, create_flow_run, _run_reply, _create_locks),
+        "SetFlowRunState": CommandSpec(fr.SetFlowRunState, set_flow_run_state, _state_reply, _by_id),
+        "UpdateFlowRun": CommandSpec(fr.UpdateFlowRun, update_flow_run, _nothing, _by_id),
+        "DeleteFlowRun": CommandSpec(fr.DeleteFlowRun, delete_flow_run, _nothing, _by_id),
+    }

@@ -83,7 +83,7 @@ def command_specs(store: EventStore | None) -> dict[str, CommandSpec]:
         **work_pool_commands.command_specs(queues),
         **flow_commands.COMMANDS,
         **deployment_commands.COMMANDS,
-        **flow_run_commands.COMMANDS,
+        **flow_run_commands.command_specs(queues),
         **variable_commands.COMMANDS,
         **concurrency_limit_commands.COMMANDS,
         **worker_commands.COMMANDS,

@@ -23,11 +23,13 @@ class ConcurrencyLimitsProjector:
     tables = (concurrency_limits,)
     raw_payloads = False
     handles = frozenset({cl.ConcurrencyLimitCreated.event_type, cl.ConcurrencyLimitUpdated.event_type,
-                         cl.ConcurrencyLimitDeleted.event_type})
+                         cl.ConcurrencyLimitDeleted.event_type, cl.ConcurrencyLimitSlotTaken.event_type,
+                         cl.ConcurrencyLimitSlotReleased.event_type})
 
     async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, str, Event | dict]]) -> None:
         for _, _, event in events:
-            if isinstance(event, cl.ConcurrencyLimitCreated | cl.ConcurrencyLimitUpdated):
+            if isinstance(event, cl.ConcurrencyLimitCreated | cl.ConcurrencyLimitUpdated
+                          | cl.ConcurrencyLimitSlotTaken | cl.ConcurrencyLimitSlotReleased):
                 row = event.limit.model_dump()
                 stmt = insert(concurrency_limits).values(**row)
                 await conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=row))

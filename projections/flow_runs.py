@@ -42,7 +42,7 @@ class FlowRunsProjector:
     tables = (flow_runs, flow_run_states)
     raw_payloads = False
     handles = frozenset({fr.FlowRunCreated.event_type, fr.FlowRunStateSet.event_type,
-                         fr.FlowRunUpdated.event_type, fr.FlowRunDeleted.event_type})
+                         fr.FlowRunUpdated.event_type, fr.FlowRunWaiting.event_type, fr.FlowRunDeleted.event_type})
 
     async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, str, Event | dict]]) -> None:
         # A run's last event in the batch decides its row; every written state is kept.
@@ -53,7 +53,7 @@ class FlowRunsProjector:
                 last[event.run.id] = event.run
                 if event.run.state is not None:
                     states[event.run.state.id] = state_row(event.run.id, event.run.state)
-            elif isinstance(event, fr.FlowRunUpdated):
+            elif isinstance(event, fr.FlowRunUpdated | fr.FlowRunWaiting):
                 last[event.run.id] = event.run
             elif isinstance(event, fr.FlowRunDeleted):
                 last[event.flow_run_id] = None

@@ -1,0 +1,220 @@
+"""Concurrency slots: the runs that hold a slot of their work pool, their work queue and their
+deployment, counted in the log, so that a claim is decided against the counts it changes and
+appended with them in one atomic batch. Two claims racing for the last slot cannot both land:
+the second one's expected-sequence check on the counts fails, and it decides again.
+
+**Pools and queues.** A run holds a slot of its queue, and so of the queue's pool, while it
+is PENDING or RUNNING (the pool API's counting; CANCELLING does not count). Each pool has one
+`PoolSlots` aggregate (id `slots-<pool id>`) holding the count per queue. It is kept whether
+or not a limit is set, so a limit set later counts the runs already running; and it is an
+aggregate apart from the pool's, so editing a pool never conflicts with claims and claims do
+not churn the pool's snapshots. Every event carries the counts after it (one read loads it).
+
+**Deployments.** A deployment's limit is the global limit `deployment:<id>`; a run that
+enters PENDING takes one of its slots and records the lease id in its state's details
+(`deployment_concurrency_lease_id`); the slot is given back when the run leaves PENDING,
+RUNNING and CANCELLING. As in Prefect, only runs that entered PENDING while the limit existed
+hold one.
+
+The rules that refuse a claim are in `orchestration_rules.py`; this module keeps the counts:
+`Limits` is what those rules read, and `slot_events` is the bookkeeping that follows from
+whatever state is written (like FR-6, it never refuses).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from . import concurrency_limits as cl
+from .decisions import Decision, NewEvent
+from .events import register_event
+from .messages import Event
+from .states import StateType
+
+if TYPE_CHECKING:
+    from .flow_runs import FlowRun
+    from .work_pools import WorkPool
+
+POOL_SLOTS = "pool_slots"
+
+# The states in which a run holds its queue's and pool's slot, and those in which it holds
+# its deployment's (entered through PENDING, given back on leaving all three).
+POOL_SLOT_STATES = frozenset({StateType.PENDING, StateType.RUNNING})
+DEPLOYMENT_SLOT_STATES = frozenset({StateType.PENDING, StateType.RUNNING, StateType.CANCELLING})
+
+# Prefect's `concurrency_slot_wait_seconds`: when an ENQUEUE run is tried again.
+DEPLOYMENT_SLOT_WAIT_SECONDS = 30
+
+
+def slots_id(pool_id: uuid.UUID) -> str:
+    """The id of a pool's slot counts: not the pool's own id, since a decision's aggregates
+    are told apart by id alone."""
+    return f"slots-{pool_id}"
+
+
+class PoolSlots(BaseModel):
+    """How many runs of each queue of one pool hold a slot (queues at 0 are left out)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pool_id: uuid.UUID
+    by_queue: dict[uuid.UUID, int] = {}
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_queue.values())
+
+    def of_queue(self, queue_id: uuid.UUID) -> int:
+        return self.by_queue.get(queue_id, 0)
+
+    def changed(self, queue_id: uuid.UUID, delta: int) -> PoolSlots:
+        counts = dict(self.by_queue)
+        counts[queue_id] = max(0, counts.get(queue_id, 0) + delta)
+        if not counts[queue_id]:
+            del counts[queue_id]
+        return self.model_copy(update={"by_queue": counts})
+
+
+class _SlotEvent(Event):
+    aggregate_type: ClassVar[str] = POOL_SLOTS
+    flow_run_id: uuid.UUID
+    work_queue_id: uuid.UUID
+    slots: PoolSlots  # the counts after this event
+
+
+@register_event
+class PoolSlotTaken(_SlotEvent):
+    """A run of this pool entered PENDING or RUNNING."""
+
+    event_type: ClassVar[str] = "PoolSlotTaken"
+
+
+@register_event
+class PoolSlotReleased(_SlotEvent):
+    """A run of this pool left PENDING and RUNNING (or was deleted in them)."""
+
+    event_type: ClassVar[str] = "PoolSlotReleased"
+
+
+def evolve(state: PoolSlots | None, event: Event) -> PoolSlots | None:
+    if isinstance(event, _SlotEvent):
+        return event.slots
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# What the slot rules read
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits one run's transition may touch, as the caller loaded them.
+
+    `pool`/`slots`: the pool of the run's queue and its counts (None: the run has no queue, or
+    its pool is gone). `deployment_limit`: the run's deployment's global limit (None: no limit),
+    with what to do when it is full (`collision_strategy`, Prefect's default ENQUEUE) and how
+    long a slot is leased (`grace_period_seconds`). `deployment_found`: False when the run names
+    a deployment that no longer exists."""
+
+    pool: WorkPool | None = None
+    slots: PoolSlots | None = None
+    deployment_limit: cl.ConcurrencyLimit | None = None
+    collision_strategy: str = "ENQUEUE"
+    grace_period_seconds: int | None = None
+    deployment_found: bool = True
+
+    def pool_or_queue_full(self, run: FlowRun) -> str | None:
+        """Why the run cannot take a slot of its queue or pool now (None: it can)."""
+        if self.pool is None or self.slots is None or run.work_queue_id is None:
+            return None
+        queue = self.pool.queues.get(run.work_queue_id)
+        if queue is not None and queue.concurrency_limit is not None:
+            if self.slots.of_queue(queue.id) >= queue.concurrency_limit:
+                return (f"Work queue {queue.name!r} of work pool {self.pool.name!r} is at its concurrency limit "
+                        f"({queue.concurrency_limit}).")
+        if self.pool.concurrency_limit is not None and self.slots.total >= self.pool.concurrency_limit:
+            return f"Work pool {self.pool.name!r} is at its concurrency limit ({self.pool.concurrency_limit})."
+        return None
+
+    @property
+    def deployment_limit_applies(self) -> bool:
+        return self.deployment_limit is not None and self.deployment_limit.active
+
+
+NO_LIMITS = Limits()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bookkeeping: the slot events that follow from a written state
+
+
+def holds_pool_slot(run: FlowRun | None) -> bool:
+    return run is not None and run.work_queue_id is not None and run.state_type in POOL_SLOT_STATES
+
+
+def deployment_lease(run: FlowRun | None) -> uuid.UUID | None:
+    """The lease of the deployment slot the run holds, if it holds one."""
+    if run is None or run.state is None or run.state_type not in DEPLOYMENT_SLOT_STATES:
+        return None
+    return run.state.state_details.deployment_concurrency_lease_id
+
+
+def slot_events(before: FlowRun | None, after: FlowRun | None, limits: Limits) -> list[NewEvent]:
+    """The counts that change when the run goes from `before` to `after` (None: it does not
+    exist on that side: created, or deleted)."""
+    events: list[NewEvent] = []
+    slots = limits.slots
+    if slots is not None:
+        held, holds = holds_pool_slot(before), holds_pool_slot(after)
+        if holds != held:
+            run = after if holds else before
+            assert run is not None and run.work_queue_id is not None
+            counts = slots.changed(run.work_queue_id, 1 if holds else -1)
+            kind = PoolSlotTaken if holds else PoolSlotReleased
+            events.append(NewEvent(slots_id(slots.pool_id),
+                                   kind(flow_run_id=run.id, work_queue_id=run.work_queue_id, slots=counts)))
+    limit = limits.deployment_limit
+    old_lease, new_lease = deployment_lease(before), deployment_lease(after)
+    if limit is not None and old_lease != new_lease:
+        run_id = (after or before).id  # type: ignore[union-attr]
+        if old_lease is not None:
+            limit = limit.model_copy(update={"active_slots": max(0, limit.active_slots - 1)})
+            events.append(NewEvent(str(limit.id), cl.ConcurrencyLimitSlotReleased(
+                limit=limit, flow_run_id=run_id, lease_id=old_lease)))
+        if new_lease is not None:
+            limit = limit.model_copy(update={"active_slots": limit.active_slots + 1})
+            events.append(NewEvent(str(limit.id), cl.ConcurrencyLimitSlotTaken(
+                limit=limit, flow_run_id=run_id, lease_id=new_lease)))
+    return events
+
+
+def with_initial_slots(decision: Decision, slots: PoolSlots | None) -> Decision:
+    """A create whose runs start PENDING or RUNNING (FR-2: with `force` semantics, so no
+    limit refuses them) counts them in their pool's slots, in the same batch."""
+    if slots is None:
+        return decision
+    from .flow_runs import FlowRunCreated
+
+    extra: list[NewEvent] = []
+    limits = Limits(slots=slots)
+    for new in decision.events:
+        if isinstance(new.event, FlowRunCreated) and holds_pool_slot(new.event.run):
+            made = slot_events(None, new.event.run, limits)
+            extra += made
+            limits = Limits(slots=_counts_after(made, slots))
+    if not extra:
+        return decision
+    return Decision(events=[*decision.events, *extra], result=decision.result, created=decision.created,
+                    after=decision.after, orchestration=decision.orchestration)
+
+
+def _counts_after(events: Iterable[NewEvent], slots: PoolSlots) -> PoolSlots:
+    for new in events:
+        if isinstance(new.event, _SlotEvent):
+            slots = new.event.slots
+    return slots

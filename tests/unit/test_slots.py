@@ -1,0 +1,250 @@
+"""Slots, pure: the claim rules (a run's queue and pool limits; its deployment's, OR-7) and the
+counts that follow from whatever is written (OR-6, OR-13, FR-8), without I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from runledger.commands import concurrency_limits as cl
+from runledger.commands import flow_runs as fr
+from runledger.commands import slots as sl
+from runledger.commands import work_pools as wp
+from runledger.commands.decisions import Outcome
+from runledger.commands.messages import DecisionContext
+from runledger.commands.states import State, StateCreate, StateDetails, StateType
+
+T = StateType
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+EARLIER = NOW - timedelta(hours=1)
+_ids = (uuid.UUID(int=i) for i in itertools.count(500_000))
+
+
+def ctx() -> DecisionContext:
+    return DecisionContext.fixed(NOW, _ids)
+
+
+def a_pool(pool_limit: int | None = None, queue_limit: int | None = None) -> wp.WorkPool:
+    d = wp.decide_create_work_pool(wp.CreateWorkPool(name="p", concurrency_limit=pool_limit), wp.WorkPoolNameClaim(),
+                                   ctx())
+    pool = d.result
+    queue = pool.queues[pool.default_queue_id]
+    return dataclasses.replace(pool, queues={queue.id: dataclasses.replace(queue, concurrency_limit=queue_limit)})
+
+
+DEPLOYMENT_ID = uuid.UUID(int=9)
+
+
+def a_run(pool: wp.WorkPool | None, type_: StateType = T.SCHEDULED, *, deployment: bool = False,
+          lease: uuid.UUID | None = None, **fields: Any) -> fr.FlowRun:
+    details: dict[str, Any] = {"deployment_concurrency_lease_id": lease}
+    if type_ is T.SCHEDULED:
+        details["scheduled_time"] = EARLIER
+    state = State(id=uuid.uuid4(), type=type_, name=type_.value.title(), timestamp=EARLIER,
+                  state_details=StateDetails(**details))
+    return fr.FlowRun.model_validate({
+        "id": uuid.uuid4(), "created": EARLIER, "updated": EARLIER, "name": "calm-otter", "flow_id": uuid.UUID(int=8),
+        "work_queue_id": pool.default_queue_id if pool is not None else None,
+        "deployment_id": DEPLOYMENT_ID if deployment else None,
+        "state": state, "state_id": state.id, "state_type": state.type, "state_name": state.name, **fields})
+
+
+def counts(pool: wp.WorkPool, n: int) -> sl.PoolSlots:
+    return sl.PoolSlots(pool_id=pool.id, by_queue={pool.default_queue_id: n} if n else {})
+
+
+def a_limit(limit: int, active: int = 0) -> cl.ConcurrencyLimit:
+    return cl.ConcurrencyLimit(id=uuid.UUID(int=77), created=EARLIER, updated=EARLIER,
+                               name=f"deployment:{DEPLOYMENT_ID}", limit=limit, active_slots=active)
+
+
+def set_state(run: fr.FlowRun, type_: StateType, limits: sl.Limits, *, force: bool = False,
+              **details: Any) -> Any:
+    cmd = fr.SetFlowRunState(id=run.id, state=StateCreate(type=type_, state_details=StateDetails(**details)),
+                             force=force)
+    return fr.decide_set_state(cmd, run, ctx(), limits)
+
+
+def events_of(decision: Any, kind: type) -> list[Any]:
+    return [e.event for e in decision.events if isinstance(e.event, kind)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Queue and pool limits
+
+
+def test_a_claim_takes_a_slot_of_its_queue_in_the_same_batch() -> None:
+    pool = a_pool(pool_limit=5, queue_limit=2)
+    d = set_state(a_run(pool), T.PENDING, sl.Limits(pool=pool, slots=counts(pool, 1)))
+    assert d.orchestration.status is Outcome.ACCEPT
+    (taken,) = events_of(d, sl.PoolSlotTaken)
+    assert taken.slots.of_queue(pool.default_queue_id) == 2 and taken.slots.total == 2
+    assert d.result.type is T.PENDING
+
+
+def test_a_full_queue_refuses_the_claim_writes_no_state_and_records_why_the_run_waits() -> None:
+    pool = a_pool(queue_limit=2)
+    run = a_run(pool)
+    d = set_state(run, T.PENDING, sl.Limits(pool=pool, slots=counts(pool, 2)))
+    assert d.orchestration.status is Outcome.REJECT
+    assert d.result == run.state  # the current state: nothing written
+    assert "concurrency limit (2)" in d.orchestration.reason and "'default'" in d.orchestration.reason
+    (waiting,) = events_of(d, fr.FlowRunWaiting)
+    assert waiting.run.waiting_reason == d.orchestration.reason
+    assert waiting.run.state == run.state
+    assert not events_of(d, sl.PoolSlotTaken)
+    # Asked again while still full: the same answer, and nothing more in the log.
+    again = set_state(waiting.run, T.PENDING, sl.Limits(pool=pool, slots=counts(pool, 2)))
+    assert again.orchestration.status is Outcome.REJECT and again.events == []
+
+
+def test_a_full_pool_refuses_the_claim_whatever_its_queues_allow() -> None:
+    pool = a_pool(pool_limit=3)
+    d = set_state(a_run(pool), T.RUNNING, sl.Limits(pool=pool, slots=counts(pool, 3)))
+    assert d.orchestration.status is Outcome.REJECT
+    assert d.orchestration.reason == "Work pool 'p' is at its concurrency limit (3)."
+
+
+def test_a_claim_after_waiting_clears_the_reason() -> None:
+    pool = a_pool(pool_limit=1)
+    run = a_run(pool, waiting_reason="Work pool 'p' is at its concurrency limit (1).")
+    d = set_state(run, T.PENDING, sl.Limits(pool=pool, slots=counts(pool, 0)))
+    assert d.orchestration.status is Outcome.ACCEPT
+    (state_set,) = events_of(d, fr.FlowRunStateSet)
+    assert state_set.run.waiting_reason is None
+
+
+def test_runs_without_a_queue_or_limit_are_never_held_back() -> None:
+    pool = a_pool()
+    d = set_state(a_run(pool), T.PENDING, sl.Limits(pool=pool, slots=counts(pool, 10_000)))
+    assert d.orchestration.status is Outcome.ACCEPT
+    assert events_of(d, sl.PoolSlotTaken)[0].slots.total == 10_001  # counted all the same
+    d = set_state(a_run(None), T.PENDING, sl.NO_LIMITS)
+    assert d.orchestration.status is Outcome.ACCEPT and not events_of(d, sl.PoolSlotTaken)
+
+
+def test_pending_to_running_keeps_the_slot_and_leaving_both_gives_it_back() -> None:
+    pool = a_pool(queue_limit=1)
+    limits = sl.Limits(pool=pool, slots=counts(pool, 1))
+    running = set_state(a_run(pool, T.PENDING), T.RUNNING, limits)
+    assert running.orchestration.status is Outcome.ACCEPT
+    assert not events_of(running, sl.PoolSlotTaken) and not events_of(running, sl.PoolSlotReleased)
+    for end in (T.COMPLETED, T.FAILED, T.CRASHED, T.CANCELLING, T.PAUSED):
+        d = set_state(a_run(pool, T.RUNNING), end, limits, force=True)
+        (released,) = events_of(d, sl.PoolSlotReleased)
+        assert released.slots.total == 0, end
+
+
+def test_force_still_counts_even_past_a_limit() -> None:
+    """An operator's forced state is written; the count stays true, so later claims wait."""
+    pool = a_pool(pool_limit=1)
+    d = set_state(a_run(pool), T.RUNNING, sl.Limits(pool=pool, slots=counts(pool, 1)), force=True)
+    assert d.orchestration.status is Outcome.ACCEPT
+    assert events_of(d, sl.PoolSlotTaken)[0].slots.total == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Deployment limits (OR-6, OR-7, OR-13)
+
+
+def deployment_limits(limit: int, active: int, strategy: str = "ENQUEUE") -> sl.Limits:
+    return sl.Limits(deployment_limit=a_limit(limit, active), collision_strategy=strategy)
+
+
+def test_a_free_deployment_slot_is_taken_with_a_lease_on_the_pending_state() -> None:
+    d = set_state(a_run(None, deployment=True), T.PENDING, deployment_limits(2, 1))
+    assert d.orchestration.status is Outcome.ACCEPT
+    lease = d.result.state_details.deployment_concurrency_lease_id
+    assert lease is not None
+    (taken,) = events_of(d, cl.ConcurrencyLimitSlotTaken)
+    assert (taken.lease_id, taken.limit.active_slots) == (lease, 2)
+
+
+def test_a_full_deployment_enqueues_the_run_30_seconds_later_by_default() -> None:
+    d = set_state(a_run(None, deployment=True), T.PENDING, deployment_limits(2, 2))
+    assert d.orchestration.status is Outcome.REJECT
+    assert d.orchestration.reason == "Deployment concurrency limit reached."
+    assert (d.result.type, d.result.name) == (T.SCHEDULED, "AwaitingConcurrencySlot")
+    assert d.result.state_details.scheduled_time == NOW + timedelta(seconds=30)
+    (state_set,) = events_of(d, fr.FlowRunStateSet)
+    assert state_set.run.waiting_reason == "Deployment concurrency limit reached."
+    assert not events_of(d, cl.ConcurrencyLimitSlotTaken)
+
+
+def test_cancel_new_cancels_the_run_when_the_deployment_is_full() -> None:
+    d = set_state(a_run(None, deployment=True), T.PENDING, deployment_limits(1, 1, "CANCEL_NEW"))
+    assert d.orchestration.status is Outcome.REJECT
+    assert (d.result.type, d.result.message) == (T.CANCELLED, "Deployment concurrency limit reached.")
+    assert events_of(d, fr.FlowRunStateSet)[0].run.waiting_reason is None
+
+
+def test_a_zero_limit_or_a_missing_deployment_aborts() -> None:
+    d = set_state(a_run(None, deployment=True), T.PENDING, deployment_limits(0, 0))
+    assert d.orchestration.status is Outcome.ABORT and "limit is 0" in d.orchestration.reason
+    d = set_state(a_run(None, deployment=True), T.PENDING, sl.Limits(deployment_found=False))
+    assert d.orchestration.status is Outcome.ABORT and d.orchestration.reason == "Deployment not found."
+
+
+def test_an_inactive_deployment_limit_holds_nobody_back() -> None:
+    limits = sl.Limits(deployment_limit=a_limit(1, 1).model_copy(update={"active": False}))
+    d = set_state(a_run(None, deployment=True), T.PENDING, limits)
+    assert d.orchestration.status is Outcome.ACCEPT
+
+
+def test_the_lease_is_carried_to_running_and_given_back_on_leaving() -> None:
+    lease = uuid.uuid4()
+    limits = deployment_limits(1, 1)
+    running = set_state(a_run(None, T.PENDING, deployment=True, lease=lease), T.RUNNING, limits)
+    assert running.result.state_details.deployment_concurrency_lease_id == lease
+    assert not events_of(running, cl.ConcurrencyLimitSlotTaken) and not events_of(running, cl.ConcurrencyLimitSlotReleased)
+    forced = set_state(a_run(None, T.PENDING, deployment=True, lease=lease), T.RUNNING, limits, force=True)
+    assert forced.result.state_details.deployment_concurrency_lease_id == lease
+    # CANCELLING still holds the deployment's slot (not the pool's); CANCELLED gives it back.
+    cancelling = set_state(a_run(None, T.RUNNING, deployment=True, lease=lease), T.CANCELLING, limits)
+    assert not events_of(cancelling, cl.ConcurrencyLimitSlotReleased)
+    done = set_state(a_run(None, T.CANCELLING, deployment=True, lease=lease), T.CANCELLED, limits)
+    (released,) = events_of(done, cl.ConcurrencyLimitSlotReleased)
+    assert (released.lease_id, released.limit.active_slots) == (lease, 0)
+
+
+def test_a_lease_id_sent_by_a_client_is_ignored() -> None:
+    made_up = uuid.uuid4()
+    d = set_state(a_run(None, deployment=True), T.PENDING, sl.NO_LIMITS, deployment_concurrency_lease_id=made_up)
+    assert d.result.state_details.deployment_concurrency_lease_id is None
+    assert not events_of(d, cl.ConcurrencyLimitSlotTaken)
+
+
+def test_pool_full_is_decided_before_the_deployment_slot_is_taken() -> None:
+    pool = a_pool(pool_limit=1)
+    limits = dataclasses.replace(deployment_limits(5, 0), pool=pool, slots=counts(pool, 1))
+    d = set_state(a_run(pool, deployment=True), T.PENDING, limits)
+    assert d.orchestration.status is Outcome.REJECT and d.result.type is T.SCHEDULED
+    assert not events_of(d, cl.ConcurrencyLimitSlotTaken)
+
+
+# ---------------------------------------------------------------------------------------------
+# Creates and deletes
+
+
+def test_deleting_a_run_gives_back_what_it_held() -> None:
+    pool = a_pool(pool_limit=2)
+    run = a_run(pool, T.RUNNING, deployment=True, lease=uuid.uuid4())
+    limits = dataclasses.replace(deployment_limits(1, 1), pool=pool, slots=counts(pool, 1))
+    d = fr.decide_delete_flow_run(fr.DeleteFlowRun(id=run.id), run, None, ctx(), limits)
+    assert events_of(d, sl.PoolSlotReleased)[0].slots.total == 0
+    assert events_of(d, cl.ConcurrencyLimitSlotReleased)[0].limit.active_slots == 0
+
+
+def test_a_run_created_pending_in_a_pool_is_counted() -> None:
+    pool = a_pool(pool_limit=1)
+    cmd = fr.CreateFlowRun(flow_id=uuid.UUID(int=8), work_pool_name="p")
+    d = fr.decide_create_flow_run(cmd, None, None, True, pool, ctx())
+    d = sl.with_initial_slots(d, counts(pool, 0))
+    (taken,) = events_of(d, sl.PoolSlotTaken)
+    assert taken.flow_run_id == d.result.id and taken.slots.total == 1
+    scheduled = fr.CreateFlowRun(flow_id=uuid.UUID(int=8), work_pool_name="p", state=StateCreate(type=T.SCHEDULED))
+    d = sl.with_initial_slots(fr.decide_create_flow_run(scheduled, None, None, True, pool, ctx()), counts(pool, 0))
+    assert not events_of(d, sl.PoolSlotTaken)
