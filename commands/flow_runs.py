@@ -21,7 +21,7 @@ from .events import register_event
 from .flows import Tags
 from .messages import Command, DecisionContext, Event, invalid, not_found
 from .names import MAX_NAME_LENGTH
-from .states import CreatedBy, State, StateCreate, StateType
+from .states import CreatedBy, State, StateCreate, StateDetails, StateType
 from .unique_keys import UniqueKeyClaim, UniqueKeyScope
 
 FLOW_RUN = "flow_run"
@@ -318,9 +318,55 @@ def decide_set_state(cmd: SetFlowRunState, run: FlowRun | None, ctx: DecisionCon
         return Decision(events=[NewEvent(str(run.id), FlowRunWaiting(run=after))], result=run.state,
                         after={str(run.id): after}, orchestration=transition.orchestration)
     after = transition.run.model_copy(update={"waiting_reason": waiting})
-    events = [NewEvent(str(run.id), FlowRunStateSet(run=after)), *slots.slot_events(run, after, limits)]
+    enqueued = waiting is not None and transition.refused_by == "secure_flow_concurrency_slots"
+    events = [NewEvent(str(run.id), FlowRunStateSet(run=after)), *slots.slot_events(run, after, limits),
+              *waiter_events(run, after, enqueued, limits, ctx)]
     return Decision(events=events, result=after.state, created=True, after={str(run.id): after},
                     orchestration=transition.orchestration)
+
+
+def waiter_events(before: FlowRun | None, after: FlowRun | None, enqueued: bool, limits: slots.Limits,
+                  ctx: DecisionContext) -> list[NewEvent]:
+    """A run sent to wait for its deployment's slot (`enqueued`) joins the limit's waiters; a
+    run that gives its slot back wakes the first waiter still waiting: its next attempt is due
+    at once, not after the retry delay. A waiter that took a slot, or moved on, leaves."""
+    waiters = limits.waiters
+    run = after or before
+    if waiters is None or run is None:
+        return []
+    ids = list(waiters.run_ids)
+    added = woken = None
+    dropped: list[uuid.UUID] = []
+    events: list[NewEvent] = []
+    if enqueued and run.id not in ids and len(ids) < slots.MAX_WAITERS:
+        ids.append(run.id)
+        added = run.id
+    if slots.deployment_lease(after) is not None and run.id in ids:
+        ids.remove(run.id)  # it holds a slot now
+    if slots.deployment_lease(before) is not None and slots.deployment_lease(after) is None:
+        for waiter_id in ids[:slots.WAKE_LOOKAHEAD]:
+            if waiter_id not in limits.first_waiters:
+                break  # not loaded: leave it for the next release
+            waiter = limits.first_waiters[waiter_id]
+            if waiter is None or waiter.state_type is not StateType.SCHEDULED or waiter.state_name != _AWAITING:
+                dropped.append(waiter_id)
+                continue
+            wake = StateCreate(type=StateType.SCHEDULED, name=_AWAITING,
+                               message="A slot of the deployment's concurrency limit was freed.",
+                               state_details=StateDetails(scheduled_time=ctx.now))
+            woke = orchestration_rules.set_flow_run_state(waiter, wake, force=True, ctx=ctx).run
+            events.append(NewEvent(str(waiter.id), FlowRunStateSet(run=woke)))
+            woken = waiter_id
+            break
+        ids = [i for i in ids if i not in dropped and i != woken]
+    if ids != waiters.run_ids:
+        changed = slots.LimitWaitersChanged(waiters=waiters.model_copy(update={"run_ids": ids}), added=added,
+                                            woken=woken, dropped=dropped)
+        events.append(NewEvent(slots.waiters_id(waiters.limit_id), changed))
+    return events
+
+
+_AWAITING = "AwaitingConcurrencySlot"
 
 
 def decide_update_flow_run(cmd: UpdateFlowRun, run: FlowRun | None, ctx: DecisionContext,
@@ -373,5 +419,6 @@ def decide_delete_flow_run(cmd: DeleteFlowRun, run: FlowRun | None, claim: Uniqu
     releases = ([FLOW_RUN_KEY.release(run.id, str(run.flow_id), run.idempotency_key)]
                 if run.idempotency_key is not None and claim is not None and claim.owner_id == run.id else [])
     deleted = FlowRunDeleted(flow_run_id=run.id, flow_id=run.flow_id, deleted=ctx.now)
-    return Decision(events=[*releases, *slots.slot_events(run, None, limits), NewEvent(str(run.id), deleted)],
+    return Decision(events=[*releases, *slots.slot_events(run, None, limits),
+                            *waiter_events(run, None, False, limits, ctx), NewEvent(str(run.id), deleted)],
                     result=None)

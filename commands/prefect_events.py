@@ -51,7 +51,7 @@ from .flow_runs import (
 )
 from .flows import FlowCreated, FlowDeleted
 from .messages import Event
-from .slots import PoolSlotReleased, PoolSlotTaken
+from .slots import LimitWaitersChanged, PoolSlotReleased, PoolSlotTaken
 from .states import State, StateType
 from .unique_keys import UniqueKeyClaimed, UniqueKeyReleased
 from .work_pools import (
@@ -560,6 +560,7 @@ _HANDLERS: dict[type[Event], Callable[[_Out, Any, str, ExportState], None]] = {
     cl.ConcurrencyLimitSlotTaken: _nothing,
     cl.ConcurrencyLimitSlotReleased: _nothing,
     PoolSlotTaken: _nothing,
+    LimitWaitersChanged: _nothing,
     PoolSlotReleased: _nothing,
     WorkPoolWorkersChanged: _workers_changed,
     WorkQueuesPolled: _queues_polled,

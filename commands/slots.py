@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -108,6 +108,49 @@ def evolve(state: PoolSlots | None, event: Event) -> PoolSlots | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# A deployment limit's waiters
+
+LIMIT_WAITERS = "limit_waiters"
+# Runs beyond this many waiters still get their turn, by the retry delay instead of a wake.
+MAX_WAITERS = 1_000
+# How many waiters at the head a release looks at (skipping those that moved on) to wake one.
+WAKE_LOOKAHEAD = 3
+
+
+def waiters_id(limit_id: uuid.UUID) -> str:
+    return f"waiters-{limit_id}"
+
+
+class LimitWaiters(BaseModel):
+    """The runs waiting for a slot of one limit (`AwaitingConcurrencySlot`), first come first.
+
+    Prefect tries such a run again after a fixed delay (30 s), so a slot freed meanwhile sits
+    idle; here the release that frees it wakes the first waiter, in the same batch."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    limit_id: uuid.UUID
+    run_ids: list[uuid.UUID] = []
+
+
+@register_event
+class LimitWaitersChanged(Event):
+    """A run began to wait for a slot (`added`), or a release woke the first waiter (`woken`)
+    and let go of runs at the head that had moved on (`dropped`)."""
+
+    aggregate_type: ClassVar[str] = LIMIT_WAITERS
+    event_type: ClassVar[str] = "LimitWaitersChanged"
+    waiters: LimitWaiters  # after
+    added: uuid.UUID | None = None
+    woken: uuid.UUID | None = None
+    dropped: list[uuid.UUID] = []
+
+
+def evolve_waiters(state: LimitWaiters | None, event: Event) -> LimitWaiters | None:
+    return event.waiters if isinstance(event, LimitWaitersChanged) else state
+
+
+# ---------------------------------------------------------------------------------------------
 # What the slot rules read
 
 
@@ -119,7 +162,9 @@ class Limits:
     its pool is gone). `deployment_limit`: the run's deployment's global limit (None: no limit),
     with what to do when it is full (`collision_strategy`, Prefect's default ENQUEUE) and how
     long a slot is leased (`grace_period_seconds`). `deployment_found`: False when the run names
-    a deployment that no longer exists."""
+    a deployment that no longer exists. `waiters`: the deployment limit's waiters, and
+    `first_waiters` the first `WAKE_LOOKAHEAD` of them as loaded (None: gone), for a release
+    to wake the next one."""
 
     pool: WorkPool | None = None
     slots: PoolSlots | None = None
@@ -127,6 +172,8 @@ class Limits:
     collision_strategy: str = "ENQUEUE"
     grace_period_seconds: int | None = None
     deployment_found: bool = True
+    waiters: LimitWaiters | None = None
+    first_waiters: dict[uuid.UUID, FlowRun | None] = field(default_factory=dict)
 
     def pool_or_queue_full(self, run: FlowRun) -> str | None:
         """Why the run cannot take a slot of its queue or pool now (None: it can)."""

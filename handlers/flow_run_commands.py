@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,6 +28,7 @@ from .work_pool_commands import pool_by_name
 AGGREGATE_KINDS = [
     AggregateKind(fr.FLOW_RUN, lambda: None, fr.evolve, last_event_only=True),
     AggregateKind(sl.POOL_SLOTS, lambda: None, sl.evolve, last_event_only=True),
+    AggregateKind(sl.LIMIT_WAITERS, lambda: None, sl.evolve_waiters, last_event_only=True),
 ]
 
 
@@ -122,11 +124,22 @@ def command_specs(queues: LogIndex | None) -> dict[str, CommandSpec]:
             slots = await unit.load(sl.POOL_SLOTS, sl.slots_id(pool.id)) or sl.PoolSlots(pool_id=pool.id)
         if deployment is None:
             return sl.Limits(pool=pool, slots=slots, deployment_found=run.deployment_id is None)
-        limit = await unit.load(cl.CONCURRENCY_LIMIT, limit_id) if limit_id is not None else None
+        limit = waiters = None
+        first_waiters: dict[uuid.UUID, fr.FlowRun | None] = {}
+        if limit_id is not None:
+            limit = await unit.load(cl.CONCURRENCY_LIMIT, limit_id)
+        if limit is not None:
+            # Written only under the limit's lock, like the limit's counts.
+            waiters = (await unit.load(sl.LIMIT_WAITERS, sl.waiters_id(limit.id))
+                       or sl.LimitWaiters(limit_id=limit.id))
+            if sl.deployment_lease(run) is not None:  # this transition may give the slot back
+                for waiter_id in waiters.run_ids[:sl.WAKE_LOOKAHEAD]:
+                    first_waiters[waiter_id] = await unit.load(fr.FLOW_RUN, str(waiter_id))
         options = deployment.concurrency_options
         return sl.Limits(pool=pool, slots=slots, deployment_limit=limit,
                          collision_strategy=options.collision_strategy.value if options else "ENQUEUE",
-                         grace_period_seconds=options.grace_period_seconds if options else None)
+                         grace_period_seconds=options.grace_period_seconds if options else None,
+                         waiters=waiters, first_waiters=first_waiters)
 
     async def set_flow_run_state(unit: Unit, cmd: fr.SetFlowRunState, ctx: DecisionContext) -> Decision:
         run = await unit.load(fr.FLOW_RUN, str(cmd.id))

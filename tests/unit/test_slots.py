@@ -248,3 +248,52 @@ def test_a_run_created_pending_in_a_pool_is_counted() -> None:
     scheduled = fr.CreateFlowRun(flow_id=uuid.UUID(int=8), work_pool_name="p", state=StateCreate(type=T.SCHEDULED))
     d = sl.with_initial_slots(fr.decide_create_flow_run(scheduled, None, None, True, pool, ctx()), counts(pool, 0))
     assert not events_of(d, sl.PoolSlotTaken)
+
+
+# ---------------------------------------------------------------------------------------------
+# Waiters: a release wakes the first run waiting for the deployment's slot
+
+
+def waiting_limits(limit: cl.ConcurrencyLimit, waiting: list[fr.FlowRun | None], ids: list[uuid.UUID]) -> sl.Limits:
+    waiters = sl.LimitWaiters(limit_id=limit.id, run_ids=ids)
+    return sl.Limits(deployment_limit=limit, waiters=waiters, first_waiters=dict(zip(ids, waiting, strict=True)))
+
+
+def awaiting(**fields: Any) -> fr.FlowRun:
+    run = a_run(None, deployment=True, **fields)
+    state = run.state.model_copy(update={"name": "AwaitingConcurrencySlot",
+                                         "state_details": StateDetails(scheduled_time=NOW + timedelta(seconds=20))})
+    return run.model_copy(update={"state": state, "state_name": state.name})
+
+
+def test_an_enqueued_run_joins_the_waiters() -> None:
+    limit = a_limit(1, 1)
+    run = a_run(None, deployment=True)
+    d = set_state(run, T.PENDING, waiting_limits(limit, [], []))
+    (changed,) = events_of(d, sl.LimitWaitersChanged)
+    assert changed.added == run.id and changed.waiters.run_ids == [run.id]
+
+
+def test_a_release_wakes_the_first_waiter_still_waiting_and_drops_those_that_moved_on() -> None:
+    limit = a_limit(1, 1)
+    moved_on = a_run(None, T.RUNNING, deployment=True)
+    first, second = awaiting(), awaiting()
+    ids = [uuid.uuid4(), moved_on.id, first.id, second.id]  # a deleted run, one that moved on, two waiting
+    limits = waiting_limits(limit, [None, moved_on, first], ids[:3])
+    limits = dataclasses.replace(limits, waiters=sl.LimitWaiters(limit_id=limit.id, run_ids=ids))
+    d = set_state(a_run(None, T.RUNNING, deployment=True, lease=uuid.uuid4()), T.COMPLETED, limits)
+    (changed,) = events_of(d, sl.LimitWaitersChanged)
+    assert changed.woken == first.id and changed.dropped == ids[:2] and changed.waiters.run_ids == [second.id]
+    woke = [e.run for e in events_of(d, fr.FlowRunStateSet) if e.run.id == first.id]
+    assert woke and woke[0].state.name == "AwaitingConcurrencySlot"
+    assert woke[0].state.state_details.scheduled_time == NOW  # due now, not in 20 s
+    assert events_of(d, cl.ConcurrencyLimitSlotReleased)
+
+
+def test_a_waiter_that_takes_a_slot_leaves_the_waiters() -> None:
+    limit = a_limit(2, 1)
+    run = awaiting()
+    d = set_state(run, T.PENDING, waiting_limits(limit, [run], [run.id]), scheduled_time=NOW)
+    assert d.orchestration.status is Outcome.ACCEPT
+    (changed,) = events_of(d, sl.LimitWaitersChanged)
+    assert changed.waiters.run_ids == [] and changed.woken is None
