@@ -141,15 +141,16 @@ class Deployment(BaseModel):
     created_by: CreatedBy | None = None
     updated_by: CreatedBy | None = None
 
-    def reply(self) -> dict[str, Any]:
+    def reply(self, active_slots: int = 0) -> dict[str, Any]:
         """The reply both sides give. SL-7: the limit is reported as the global limit
-        `deployment:<id>` that holds it, and the deprecated `concurrency_limit` as null."""
+        `deployment:<id>` that holds it (with its `active_slots`, which the query side reads
+        from the limits read model), and the deprecated `concurrency_limit` as null."""
         body = self.model_dump(mode="json")
         limit = body.pop("concurrency_limit")
         body["concurrency_limit"] = None
         body["global_concurrency_limit"] = None if limit is None else {
             "id": str(limit_id(self.id)), "name": f"deployment:{self.id}", "limit": limit, "active": True,
-            "active_slots": 0, "slot_decay_per_second": 0.0,
+            "active_slots": active_slots, "slot_decay_per_second": 0.0,
         }
         return body
 

@@ -18,7 +18,7 @@ from runledger.commands import work_pools as wp
 from runledger.commands.messages import Event
 
 from .filters import where_filter
-from .tables import deployments, flows, work_pools, work_queues
+from .tables import concurrency_limits, deployments, flows, work_pools, work_queues
 
 _JSON_COLUMNS = frozenset(c.name for c in deployments.columns if isinstance(c.type, JSONB))
 
@@ -86,8 +86,13 @@ class DeploymentsProjector:
 # Reads: the deployment row with its queue's and pool's current names.
 _queue = work_queues.alias("q")
 _pool = work_pools.alias("p")
+# The slots taken of its concurrency limit, from the limits read model (by the limit's name).
+_LIMIT_ACTIVE = (select(concurrency_limits.c.active_slots)
+                 .where(concurrency_limits.c.name == func.concat("deployment:", deployments.c.id))
+                 .scalar_subquery().label("limit_active_slots"))
 _READ = (
-    select(deployments, _queue.c.name.label("current_queue_name"), _pool.c.name.label("current_pool_name"))
+    select(deployments, _queue.c.name.label("current_queue_name"), _pool.c.name.label("current_pool_name"),
+           _LIMIT_ACTIVE)
     .select_from(deployments.outerjoin(_queue, _queue.c.id == deployments.c.work_queue_id)
                  .outerjoin(_pool, _pool.c.id == _queue.c.work_pool_id))
 )
@@ -96,9 +101,10 @@ _READ = (
 def deployment_reply(row: Any) -> dict[str, Any]:
     values = dict(row._mapping)
     queue_name, pool_name = values.pop("current_queue_name"), values.pop("current_pool_name")
+    active_slots = values.pop("limit_active_slots", None) or 0
     if values["work_queue_id"] is not None and queue_name is not None:
         values["work_queue_name"], values["work_pool_name"] = queue_name, pool_name
-    return dp.Deployment.model_validate(values).reply()
+    return dp.Deployment.model_validate(values).reply(active_slots)
 
 
 def _filtered(stmt: Any, query: q.CountDeployments | q.ListDeployments) -> Any:

@@ -17,7 +17,7 @@ from runledger.commands import work_pools as wp
 from runledger.commands.messages import Event, not_found
 
 from .filters import where_filter
-from .tables import work_pools, work_queues
+from .tables import flow_runs, work_pools, work_queues
 
 _DELETED = object()
 _ts = datetime.fromisoformat
@@ -158,26 +158,48 @@ def _iso(v):
     return v.isoformat() if v is not None else None
 
 
+# Slot counts, from the flow runs read model (its index by queue and state type): a pool's
+# PENDING and RUNNING runs in any of its queues, paused ones included; a queue's, through the
+# pool API; a queue's with CANCELLING ones too, through the legacy queue API.
+_HOLDING = ("PENDING", "RUNNING")
+_HOLDING_LEGACY = ("PENDING", "RUNNING", "CANCELLING")
+_counted_queue = work_queues.alias("counted_queue")
+_POOL_ACTIVE = (select(func.count()).select_from(flow_runs.join(_counted_queue, _counted_queue.c.id == flow_runs.c.work_queue_id))
+                .where(_counted_queue.c.work_pool_id == work_pools.c.id, flow_runs.c.state_type.in_(_HOLDING))
+                .scalar_subquery().label("active_slots"))
+
+
+def _queue_active(states: tuple[str, ...], label: str) -> Any:
+    return (select(func.count()).select_from(flow_runs)
+            .where(flow_runs.c.work_queue_id == work_queues.c.id, flow_runs.c.state_type.in_(states))
+            .scalar_subquery().label(label))
+
+
+_QUEUE_ACTIVE = (_queue_active(_HOLDING, "active_slots"), _queue_active(_HOLDING_LEGACY, "legacy_active_slots"))
+
+
 def pool_reply(r) -> dict[str, Any]:
-    """WP-3: `prefect-agent` pools report no status; SL-1: `active_slots` only with a limit
-    (no runs exist yet, so it is 0)."""
+    """WP-3: `prefect-agent` pools report no status; SL-1: `active_slots` only with a limit."""
     return {
         "id": str(r.id), "created": _iso(r.created), "updated": _iso(r.updated), "name": r.name,
         "description": r.description, "type": r.type, "base_job_template": r.base_job_template,
         "is_paused": r.is_paused, "concurrency_limit": r.concurrency_limit,
         "status": None if r.type == wp.LEGACY_POOL_TYPE else r.status,
         "default_queue_id": str(r.default_queue_id), "storage_configuration": r.storage_configuration,
-        "active_slots": 0 if r.concurrency_limit is not None else None,
+        "active_slots": r.active_slots if r.concurrency_limit is not None else None,
     }
 
 
-def queue_reply(r, pool_name: str) -> dict[str, Any]:
+def queue_reply(r, pool_name: str, *, legacy: bool = False) -> dict[str, Any]:
+    """SL-2 (pool API) or SL-3 (`legacy`: the queue API, where CANCELLING runs count too):
+    `active_slots` only with a limit."""
+    active = r.legacy_active_slots if legacy else r.active_slots
     return {
         "id": str(r.id), "created": _iso(r.created), "updated": _iso(r.updated), "name": r.name,
         "description": r.description, "is_paused": r.is_paused, "concurrency_limit": r.concurrency_limit,
         "priority": r.priority, "work_pool_id": str(r.work_pool_id), "work_pool_name": pool_name,
         "last_polled": _iso(r.last_polled), "status": r.status, "filter": None,
-        "active_slots": 0 if r.concurrency_limit is not None else None,
+        "active_slots": active if r.concurrency_limit is not None else None,
     }
 
 
@@ -191,7 +213,7 @@ def _queue_filter(stmt, f: q.WorkQueueFilter | None):
 
 # The hot lookups are built once with bound parameters: building a SQLAlchemy statement and
 # its cache key per request was a third of a query's CPU (bench/queries.py).
-_POOL_BY_NAME = select(work_pools).where(work_pools.c.name == bindparam("name"))
+_POOL_BY_NAME = select(work_pools, _POOL_ACTIVE).where(work_pools.c.name == bindparam("name"))
 
 
 async def _pool_row_by_name(conn: AsyncConnection, name: str):
@@ -206,7 +228,7 @@ async def get_work_pool(conn: AsyncConnection, query: q.GetWorkPool) -> dict[str
 
 
 async def list_work_pools(conn: AsyncConnection, query: q.ListWorkPools) -> list[dict[str, Any]]:
-    stmt = _pool_filter(select(work_pools), query.work_pools).order_by(work_pools.c.name, work_pools.c.id)
+    stmt = _pool_filter(select(work_pools, _POOL_ACTIVE), query.work_pools).order_by(work_pools.c.name, work_pools.c.id)
     rows = await conn.execute(stmt.limit(query.limit).offset(query.offset))
     return [pool_reply(r) for r in rows]
 
@@ -216,14 +238,14 @@ async def count_work_pools(conn: AsyncConnection, query: q.CountWorkPools) -> in
     return (await conn.execute(stmt)).scalar_one()
 
 
-_queue_with_pool = select(work_queues, work_pools.c.name.label("pool_name")).join(
+_queue_with_pool = select(work_queues, *_QUEUE_ACTIVE, work_pools.c.name.label("pool_name")).join(
     work_pools, work_pools.c.id == work_queues.c.work_pool_id
 )
 
 
 _QUEUE_BY_NAMES = _queue_with_pool.where(work_pools.c.name == bindparam("pool"), work_queues.c.name == bindparam("queue"))
 _QUEUES_OF_POOL = (
-    select(work_queues).where(work_queues.c.work_pool_id == bindparam("pool_id"))
+    select(work_queues, *_QUEUE_ACTIVE).where(work_queues.c.work_pool_id == bindparam("pool_id"))
     .order_by(work_queues.c.priority, work_queues.c.created, work_queues.c.id)
     .limit(bindparam("limit")).offset(bindparam("offset"))
 )
@@ -243,7 +265,8 @@ async def list_work_queues(conn: AsyncConnection, query: q.ListWorkQueues) -> li
     if query.work_queues is None:
         rows = await conn.execute(_QUEUES_OF_POOL, {"pool_id": pool.id, "limit": query.limit, "offset": query.offset})
         return [queue_reply(r, pool.name) for r in rows]
-    stmt = _queue_filter(select(work_queues).where(work_queues.c.work_pool_id == pool.id), query.work_queues)
+    stmt = _queue_filter(select(work_queues, *_QUEUE_ACTIVE).where(work_queues.c.work_pool_id == pool.id),
+                         query.work_queues)
     stmt = stmt.order_by(work_queues.c.priority, work_queues.c.created, work_queues.c.id)
     rows = await conn.execute(stmt.limit(query.limit).offset(query.offset))
     return [queue_reply(r, pool.name) for r in rows]
@@ -259,7 +282,7 @@ async def get_work_queue_by_id(conn: AsyncConnection, query: q.GetWorkQueueById)
     row = (await conn.execute(_QUEUE_BY_ID, {"id": query.id})).first()
     if row is None:
         raise wp.queue_id_not_found(query.id)
-    return queue_reply(row, row.pool_name)
+    return queue_reply(row, row.pool_name, legacy=True)
 
 
 async def get_legacy_work_queue(conn: AsyncConnection, query: q.GetLegacyWorkQueue) -> dict[str, Any]:
@@ -268,13 +291,13 @@ async def get_legacy_work_queue(conn: AsyncConnection, query: q.GetLegacyWorkQue
     ))).first()
     if row is None:
         raise not_found(f"Work queue '{query.name}' not found.")
-    return queue_reply(row, row.pool_name)
+    return queue_reply(row, row.pool_name, legacy=True)
 
 
 async def list_all_work_queues(conn: AsyncConnection, query: q.ListAllWorkQueues) -> list[dict[str, Any]]:
     stmt = _queue_filter(_queue_with_pool, query.work_queues).order_by(work_queues.c.name, work_queues.c.id)
     rows = await conn.execute(stmt.limit(query.limit).offset(query.offset))
-    return [queue_reply(r, r.pool_name) for r in rows]
+    return [queue_reply(r, r.pool_name, legacy=True) for r in rows]
 
 
 QUERIES = {

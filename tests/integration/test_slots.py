@@ -1,0 +1,118 @@
+"""What slots look like from outside (BEHAVIOUR §4): the counts in pool, queue and deployment
+replies; a claim refused by a full queue, pool or deployment, with the reason in the run's
+read model and in `flow-run inspect`; slots given back when a run finishes or is deleted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from typer.testing import CliRunner
+
+from runledger.cli.main import _register, app
+from tests.integration.broker import assert_live_equals_rebuild, cli_env
+
+_register()
+
+
+async def _run_in(broker, flow_id: str, queue: str, state: str, **extra) -> dict:
+    return await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, work_pool_name="limited", work_queue_name=queue,
+                               state={"type": state}, **extra)
+
+
+async def _set(broker, run_id: str, state: str, force: bool = False) -> dict:
+    reply = await broker.cmd("SetFlowRunState", id=run_id, state={"type": state}, force=force)
+    assert reply["ok"], reply
+    return reply
+
+
+async def test_counts_in_replies_and_a_refused_claim_says_why(broker, service, settings):
+    await broker.ok_cmd("CreateWorkPool", name="limited", type="process", concurrency_limit=3)
+    await broker.ok_cmd("CreateWorkQueue", work_pool_name="limited", name="a", concurrency_limit=2)
+    await broker.ok_cmd("CreateWorkQueue", work_pool_name="limited", name="b")
+    flow_id = (await broker.ok_cmd("CreateFlow", name="counted"))["id"]
+    pending = await _run_in(broker, flow_id, "a", "PENDING")  # a create straight into a slot counts
+    running = await _run_in(broker, flow_id, "a", "SCHEDULED")
+    assert (await _set(broker, running["id"], "PENDING"))["orchestration"]["status"] == "ACCEPT"
+    assert (await _set(broker, running["id"], "RUNNING"))["orchestration"]["status"] == "ACCEPT"
+    waiting = await _run_in(broker, flow_id, "a", "SCHEDULED")
+
+    refused = await _set(broker, waiting["id"], "PENDING")
+    assert refused["orchestration"]["status"] == "REJECT"
+    reason = "Work queue 'a' of work pool 'limited' is at its concurrency limit (2)."
+    assert refused["orchestration"]["details"]["reason"] == reason
+    assert refused["result"]["type"] == "SCHEDULED"  # nothing written: the current state
+    read = await broker.ok_qry("GetFlowRun", id=waiting["id"])
+    assert read["waiting_reason"] == reason and read["state_type"] == "SCHEDULED"
+
+    pool = await broker.ok_qry("GetWorkPool", name="limited")
+    assert pool["active_slots"] == 2
+    queue_a = await broker.ok_qry("GetWorkQueue", work_pool_name="limited", work_queue_name="a")
+    assert queue_a["active_slots"] == 2
+    queue_b = await broker.ok_qry("GetWorkQueue", work_pool_name="limited", work_queue_name="b")
+    assert queue_b["active_slots"] is None  # no limit: no count (SL-2)
+
+    # The pool's limit is shared: queue b has room, the pool has one slot left.
+    other = await _run_in(broker, flow_id, "b", "SCHEDULED")
+    assert (await _set(broker, other["id"], "PENDING"))["orchestration"]["status"] == "ACCEPT"
+    last = await _run_in(broker, flow_id, "b", "SCHEDULED")
+    full = await _set(broker, last["id"], "PENDING")
+    assert full["orchestration"]["details"]["reason"] == "Work pool 'limited' is at its concurrency limit (3)."
+
+    # CANCELLING gives back the pool API's slot, not the legacy queue API's count.
+    assert (await _set(broker, running["id"], "CANCELLING"))["orchestration"]["status"] == "ACCEPT"
+    by_id = await broker.ok_qry("GetWorkQueueById", id=queue_a["id"])
+    assert by_id["active_slots"] == 2
+    assert (await broker.ok_qry("GetWorkPool", name="limited"))["active_slots"] == 2
+
+    # A freed slot: the waiting run's claim goes through and its reason is cleared.
+    await broker.ok_cmd("DeleteFlowRun", id=pending["id"])
+    assert (await _set(broker, waiting["id"], "PENDING"))["orchestration"]["status"] == "ACCEPT"
+    assert (await broker.ok_qry("GetFlowRun", id=waiting["id"]))["waiting_reason"] is None
+    await assert_live_equals_rebuild(service, settings)
+
+
+async def test_deployment_slots_in_its_reply_and_cancel_new(broker, service, settings):
+    await broker.ok_cmd("CreateWorkPool", name="limited", type="process")
+    flow_id = (await broker.ok_cmd("CreateFlow", name="deployed"))["id"]
+    deployment = await broker.ok_cmd("CreateDeployment", flow_id=flow_id, name="one", work_pool_name="limited",
+                                     concurrency_limit=1, concurrency_options={"collision_strategy": "CANCEL_NEW"})
+    first = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=deployment["id"])
+    second = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=deployment["id"])
+    took = await _set(broker, first["id"], "PENDING")
+    lease = took["result"]["state_details"]["deployment_concurrency_lease_id"]
+    assert took["orchestration"]["status"] == "ACCEPT" and lease is not None
+    read = await broker.ok_qry("GetDeployment", id=deployment["id"])
+    assert read["global_concurrency_limit"]["active_slots"] == 1
+
+    cancelled = await _set(broker, second["id"], "PENDING")
+    assert cancelled["orchestration"]["status"] == "REJECT"
+    assert (cancelled["result"]["type"], cancelled["result"]["message"]) == ("CANCELLED",
+                                                                              "Deployment concurrency limit reached.")
+    running = await _set(broker, first["id"], "RUNNING")
+    assert running["result"]["state_details"]["deployment_concurrency_lease_id"] == lease
+    await _set(broker, first["id"], "COMPLETED")
+    read = await broker.ok_qry("GetDeployment", id=deployment["id"])
+    assert read["global_concurrency_limit"]["active_slots"] == 0
+    await assert_live_equals_rebuild(service, settings)
+
+
+async def test_flow_run_inspect_shows_why_a_run_waits(broker, service, settings):
+    await broker.ok_cmd("CreateWorkPool", name="limited", type="process", concurrency_limit=1)
+    flow_id = (await broker.ok_cmd("CreateFlow", name="shown"))["id"]
+    await _run_in(broker, flow_id, "default", "RUNNING")
+    waiting = await _run_in(broker, flow_id, "default", "SCHEDULED", name="held-back")
+    env = cli_env(settings)
+    runner = CliRunner()
+
+    async def cli(*args: str):
+        return await asyncio.to_thread(runner.invoke, app, list(args), env=env)
+
+    claim = await cli("flow-run", "set-state", "held-back", "pending")
+    assert claim.exit_code == 8, claim.output
+    assert claim.stdout.startswith("REJECT: ") and "Work pool 'limited' is at its concurrency limit (1)." in claim.stdout
+    shown = await cli("flow-run", "inspect", "held-back")
+    assert shown.exit_code == 0, shown.output
+    assert "Waiting: Work pool 'limited' is at its concurrency limit (1)." in shown.stdout
+    as_json = json.loads((await cli("flow-run", "inspect", waiting["id"], "--json")).stdout)
+    assert as_json["waiting_reason"] == "Work pool 'limited' is at its concurrency limit (1)."
