@@ -232,6 +232,7 @@ class FlowRun(BaseModel):
     state: State | None = None
     priority: int = 0  # beyond Prefect: lower runs first within its queue
     waiting_reason: str | None = None  # beyond Prefect: why it waits, when something holds it back
+    worker_name: str | None = None  # beyond Prefect: the worker whose claim it holds, while it holds one
 
 
 class OrchestrationDetails(BaseModel):

@@ -1213,16 +1213,21 @@ class RunledgerClient:
         state: Mapping[str, Any] | str,
         force: bool = False,
         *,
+        worker_name: str | None = None,
         idempotency_key: str | None = None,
     ) -> OrchestrationResult:
         """Propose a state (`{"type", "name", "message", "data", "state_details"}`, or just its
         type); the orchestration rules decide what is written, and `force=True` writes it
         anyway. A refusal is not an error: read `status` (ACCEPT, REJECT, WAIT, ABORT),
-        `details.reason`, and `state`, the run's state after the decision."""
+        `details.reason`, and `state`, the run's state after the decision. A worker that
+        claims a run names itself (`worker_name`): it must be ONLINE in the run's pool, and
+        if it stops sending heartbeats the run is crashed and its slots given back."""
         proposed = {"type": state} if isinstance(state, str) else dict(state)
         body: dict[str, Any] = {"id": str(flow_run_id), "state": proposed}
         if force:
             body["force"] = True
+        if worker_name is not None:
+            body["worker_name"] = worker_name
         reply = await self.command("SetFlowRunState", body | self._key(idempotency_key))
         if reply.orchestration is None:
             raise ProtocolError("the service's reply to SetFlowRunState has no orchestration outcome")

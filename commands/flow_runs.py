@@ -23,6 +23,7 @@ from .messages import Command, DecisionContext, Event, invalid, not_found
 from .names import MAX_NAME_LENGTH
 from .states import CreatedBy, State, StateCreate, StateDetails, StateType
 from .unique_keys import UniqueKeyClaim, UniqueKeyScope
+from .workers import WorkerName
 
 FLOW_RUN = "flow_run"
 # A run's idempotency key is unique within its flow (FR-2): key (flow id, idempotency key).
@@ -85,6 +86,10 @@ class FlowRun(BaseModel):
     # changeable while it waits; and why it waits, when something holds it back.
     priority: int = 0
     waiting_reason: str | None = None
+    # Beyond Prefect: the worker whose claim the run holds (named when it claimed it), while
+    # the run is PENDING, RUNNING or CANCELLING; if that worker stops sending heartbeats the
+    # run is crashed and its slots given back (`CrashFlowRunOfLostWorker`).
+    worker_name: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,11 +190,23 @@ class CreateFlowRun(Command):
 
 
 class SetFlowRunState(Command):
-    """Propose a state; the orchestration rules decide what is written."""
+    """Propose a state; the orchestration rules decide what is written. `worker_name` (beyond
+    Prefect): the worker of the run's pool that claims it; it must be ONLINE, and the run's
+    claim then lasts as long as that worker's heartbeats."""
 
     id: uuid.UUID
     state: StateCreate
     force: bool = False
+    worker_name: WorkerName | None = None
+
+
+class CrashFlowRunOfLostWorker(Command):
+    """The foreman's: a run claimed by a worker that has gone OFFLINE (or was deleted) is
+    crashed, and the slots it held are given back. Nothing happens when the run has moved on
+    or its worker is ONLINE again."""
+
+    id: uuid.UUID
+    worker_name: WorkerName
 
 
 class UpdateFlowRun(Command):
@@ -307,7 +324,8 @@ def decide_set_state(cmd: SetFlowRunState, run: FlowRun | None, ctx: DecisionCon
     their counts change in the same batch as the state (`slots.slot_events`)."""
     if run is None:
         raise flow_run_not_found(cmd.id)
-    transition = orchestration_rules.set_flow_run_state(run, cmd.state, force=cmd.force, ctx=ctx, limits=limits)
+    transition = orchestration_rules.set_flow_run_state(run, cmd.state, force=cmd.force, ctx=ctx, limits=limits,
+                                                        claimant=cmd.worker_name)
     waiting = transition.orchestration.reason if transition.waiting_for_a_slot else None
     if transition.state is not None and transition.state.type is not StateType.SCHEDULED:
         waiting = None  # cancelled (CANCEL_NEW) rather than waiting
@@ -317,12 +335,37 @@ def decide_set_state(cmd: SetFlowRunState, run: FlowRun | None, ctx: DecisionCon
         after = run.model_copy(update={"waiting_reason": waiting, "updated": ctx.now})
         return Decision(events=[NewEvent(str(run.id), FlowRunWaiting(run=after))], result=run.state,
                         after={str(run.id): after}, orchestration=transition.orchestration)
-    after = transition.run.model_copy(update={"waiting_reason": waiting})
+    after = transition.run.model_copy(update={"waiting_reason": waiting,
+                                              "worker_name": _claimed_by(run, transition.run, cmd.worker_name)})
     enqueued = waiting is not None and transition.refused_by == "secure_flow_concurrency_slots"
     events = [NewEvent(str(run.id), FlowRunStateSet(run=after)), *slots.slot_events(run, after, limits),
               *waiter_events(run, after, enqueued, limits, ctx)]
     return Decision(events=events, result=after.state, created=True, after={str(run.id): after},
                     orchestration=transition.orchestration)
+
+
+def _claimed_by(before: FlowRun, after: FlowRun, claimant: str | None) -> str | None:
+    """A run keeps the worker that claimed it while it holds its claim; a state proposed by
+    another named worker (the one that runs it now) takes the claim over."""
+    if after.state_type not in slots.DEPLOYMENT_SLOT_STATES:
+        return None
+    return claimant or before.worker_name
+
+
+LOST_WORKER_MESSAGE = "Worker {name!r} of work pool {pool!r} stopped sending heartbeats; its run crashed."
+
+
+def decide_crash_run_of_lost_worker(cmd: CrashFlowRunOfLostWorker, run: FlowRun | None, worker_online: bool,
+                                    pool_name: str, ctx: DecisionContext,
+                                    limits: slots.Limits = slots.NO_LIMITS) -> Decision:
+    """`worker_online`: the worker exists and is ONLINE (it came back: its runs are its own)."""
+    if run is None:
+        raise flow_run_not_found(cmd.id)
+    if worker_online or run.worker_name != cmd.worker_name or run.state_type not in slots.DEPLOYMENT_SLOT_STATES:
+        return Decision(events=[], result=run.state)
+    crash = SetFlowRunState(id=run.id, force=True, state=StateCreate(
+        type=StateType.CRASHED, message=LOST_WORKER_MESSAGE.format(name=cmd.worker_name, pool=pool_name)))
+    return decide_set_state(crash, run, ctx, limits)
 
 
 def waiter_events(before: FlowRun | None, after: FlowRun | None, enqueued: bool, limits: slots.Limits,

@@ -69,6 +69,7 @@ class RuleContext:
     now: datetime
     new_id: Callable[[], uuid.UUID]
     limits: Limits = NO_LIMITS
+    claimant: str | None = None  # the worker that proposes the state, when it names itself
 
     @property
     def current(self) -> State | None:
@@ -260,6 +261,22 @@ def prevent_pending_transitions(c: RuleContext) -> Verdict:
 _CLAIMING_FROM = ALL_STATES - POOL_SLOT_STATES
 
 
+@rule("WK-1", from_states=_CLAIMING_FROM, to_states=POOL_SLOT_STATES)
+def claims_need_an_online_worker(c: RuleContext) -> Verdict:
+    """Beyond Prefect, whose runs stay PENDING or RUNNING for ever when their worker dies: a
+    worker that names itself claims the run for as long as it sends heartbeats, so it must be
+    an ONLINE worker of the run's pool. Once it goes offline, its runs are crashed and their
+    slots given back."""
+    if c.claimant is None:
+        return GO_ON
+    pool = c.limits.pool
+    if pool is None:
+        return reject(f"Worker {c.claimant!r} cannot claim a run that is not in a work pool.")
+    if c.claimant not in pool.online_workers:
+        return reject(f"Worker {c.claimant!r} is not online in work pool {pool.name!r}: send a heartbeat first.")
+    return GO_ON
+
+
 @rule("SL-1/SL-2", from_states=_CLAIMING_FROM, to_states=POOL_SLOT_STATES)
 def respect_pool_and_queue_limits(c: RuleContext) -> Verdict:
     """Beyond Prefect, which only caps what a poll returns, so two workers polling at once can
@@ -422,6 +439,7 @@ FLOW_POLICY: list[Rule] = [
     enforce_cancelling_to_cancelled_transition,
     bypass_cancelling_flow_runs_with_no_infra,
     prevent_pending_transitions,
+    claims_need_an_online_worker,
     respect_pool_and_queue_limits,
     secure_flow_concurrency_slots,
     ensure_only_scheduled_flows_marked_late,
@@ -466,9 +484,9 @@ class Transition:
 
 
 def set_flow_run_state(run: FlowRun, proposed: StateCreate, *, force: bool,
-                       ctx: DecisionContext, limits: Limits = NO_LIMITS) -> Transition:
+                       ctx: DecisionContext, limits: Limits = NO_LIMITS, claimant: str | None = None) -> Transition:
     """FR-3: the core rules decide; `force` (FR-5) keeps only `FORCED_FLOW_POLICY`."""
-    return orchestrate(FORCED_FLOW_POLICY if force else FLOW_POLICY, run, proposed, ctx, limits)
+    return orchestrate(FORCED_FLOW_POLICY if force else FLOW_POLICY, run, proposed, ctx, limits, claimant)
 
 
 def initial_flow_run_state(run: FlowRun, proposed: StateCreate | None, ctx: DecisionContext) -> Transition:
@@ -478,7 +496,7 @@ def initial_flow_run_state(run: FlowRun, proposed: StateCreate | None, ctx: Deci
 
 
 def orchestrate(policy: Sequence[Rule], run: FlowRun, proposed: StateCreate,
-                ctx: DecisionContext, limits: Limits = NO_LIMITS) -> Transition:
+                ctx: DecisionContext, limits: Limits = NO_LIMITS, claimant: str | None = None) -> Transition:
     """Run `policy` over one proposal (the steps are in the module docstring)."""
     from_type = run.state.type if run.state is not None else None
     intended = proposed.type
@@ -490,7 +508,8 @@ def orchestrate(policy: Sequence[Rule], run: FlowRun, proposed: StateCreate,
         if proposal is None or proposal.type is not intended:
             break  # FR-4: a rule changed the proposed type; the rest were chosen for another
         seen = run.model_copy(update={"empirical_policy": policy_so_far})
-        verdict = r.decide(RuleContext(run=seen, proposed=proposal, now=ctx.now, new_id=ctx.new_id, limits=limits))
+        verdict = r.decide(RuleContext(run=seen, proposed=proposal, now=ctx.now, new_id=ctx.new_id, limits=limits,
+                                       claimant=claimant))
         if verdict.policy:
             policy_so_far = policy_so_far.model_copy(update=verdict.policy)
         if verdict.status is Outcome.ACCEPT:

@@ -14,6 +14,7 @@ from runledger.commands import flows as fl
 from runledger.commands import slots as sl
 from runledger.commands import unique_keys as uk
 from runledger.commands import work_pools as wp
+from runledger.commands import workers as wk
 from runledger.commands.decisions import Decision
 from runledger.commands.messages import DecisionContext
 from runledger.commands.states import State, StateCreate, StateType
@@ -152,8 +153,19 @@ def command_specs(queues: LogIndex | None) -> dict[str, CommandSpec]:
             claim = await unit.load(uk.UNIQUE_KEY, fr.key_of(run.flow_id, run.idempotency_key))
         return fr.decide_delete_flow_run(cmd, run, claim, ctx, await limits_of(unit, run))
 
+    async def crash_run_of_lost_worker(unit: Unit, cmd: fr.CrashFlowRunOfLostWorker,
+                                       ctx: DecisionContext) -> Decision:
+        run = await unit.load(fr.FLOW_RUN, str(cmd.id))
+        limits = await limits_of(unit, run)
+        pool = limits.pool
+        worker = await unit.load(wk.WORKER, str(wk.worker_id(pool.id, cmd.worker_name))) if pool is not None else None
+        online = worker is not None and worker.status is wk.WorkerStatus.ONLINE
+        return fr.decide_crash_run_of_lost_worker(cmd, run, online, pool.name if pool else "", ctx, limits)
+
     return {
         "CreateFlowRun": CommandSpec(fr.CreateFlowRun, create_flow_run, _run_reply, _create_locks),
+        "CrashFlowRunOfLostWorker": CommandSpec(fr.CrashFlowRunOfLostWorker, crash_run_of_lost_worker, _state_reply,
+                                                _by_id),
         "SetFlowRunState": CommandSpec(fr.SetFlowRunState, set_flow_run_state, _state_reply, _by_id),
         "UpdateFlowRun": CommandSpec(fr.UpdateFlowRun, update_flow_run, _nothing, _by_id),
         "DeleteFlowRun": CommandSpec(fr.DeleteFlowRun, delete_flow_run, _nothing, _by_id),

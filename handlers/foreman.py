@@ -2,7 +2,9 @@
 clock in handlers/background.py) that, every 15 s, in this order:
 
 1. marks OFFLINE the ONLINE workers whose last heartbeat is older than three heartbeat
-   intervals (30 s for a worker that gave none): `MarkWorkerOffline`;
+   intervals (30 s for a worker that gave none): `MarkWorkerOffline`; then crashes the runs
+   such workers (and deleted ones) still hold, giving their slots back:
+   `CrashFlowRunOfLostWorker` (beyond Prefect, whose runs stay RUNNING for ever);
 2. marks NOT_READY the READY pools with no ONLINE worker left: `MarkWorkPoolNotReady`;
 3. marks NOT_READY the READY deployments last polled more than 60 s ago whose queue was not
    polled within 60 s either: `MarkDeploymentsNotReady`, one per queue;
@@ -31,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from runledger.commands import work_pools as wp
 from runledger.commands import workers as wk
 from runledger.infra.leases import stop_if_cancelled
-from runledger.projections.tables import deployments, work_pools, work_queues, workers
+from runledger.projections.tables import deployments, flow_runs, work_pools, work_queues, workers
 
 from .background import each_bounded
 
@@ -47,6 +49,7 @@ class ForemanPass:
     queues it sent to their deciders (which may have found nothing left to do)."""
 
     workers_offline: int = 0
+    runs_crashed: int = 0
     pools_not_ready: int = 0
     deployments_checked: int = 0
     queues_checked: int = 0
@@ -60,6 +63,7 @@ class Foreman:
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     passes: int = 0
     last: ForemanPass = field(default_factory=ForemanPass)  # the last pass's figures
+    _just_offline: set[tuple[str, str]] = field(default_factory=set)  # (pool, worker) marked this pass
 
     async def _rows(self, stmt: Any) -> list[Any]:
         async with self.engine.connect() as conn:
@@ -84,10 +88,41 @@ class Foreman:
             if reply.get("ok") and (reply.get("result") or {}).get("status") == wk.WorkerStatus.OFFLINE.value:
                 marked += 1
                 pools.add(row.pool)
+                self._just_offline.add((row.pool, row.name))
 
+        self._just_offline = set()
         await each_bounded(await self._rows(stmt), one)
         self.last.workers_offline = marked
         return pools
+
+    async def runs_of_lost_workers(self) -> int:
+        """Runs still claimed by a worker that is OFFLINE in the read model, was just marked so
+        (the read model may not show it yet), or was deleted: each is crashed by its decider,
+        which checks the worker against the log again."""
+        gone = or_(workers.c.id.is_(None), workers.c.status == wk.WorkerStatus.OFFLINE.value)
+        if self._just_offline:
+            pairs = [and_(work_pools.c.name == pool, flow_runs.c.worker_name == name)
+                     for pool, name in sorted(self._just_offline)]
+            gone = or_(gone, *pairs)
+        stmt = (select(flow_runs.c.id, flow_runs.c.worker_name)
+                .join(work_queues, work_queues.c.id == flow_runs.c.work_queue_id)
+                .join(work_pools, work_pools.c.id == work_queues.c.work_pool_id)
+                .outerjoin(workers, and_(workers.c.work_pool_id == work_pools.c.id,
+                                         workers.c.name == flow_runs.c.worker_name))
+                .where(flow_runs.c.worker_name.is_not(None),
+                       flow_runs.c.state_type.in_(("PENDING", "RUNNING", "CANCELLING")), gone)
+                .limit(BATCH))
+        crashed = 0
+
+        async def one(row: Any) -> None:
+            nonlocal crashed
+            reply = await self.send("CrashFlowRunOfLostWorker", {"id": str(row.id), "worker_name": row.worker_name})
+            if reply.get("ok") and (reply.get("result") or {}).get("type") == "CRASHED":
+                crashed += 1
+
+        await each_bounded(await self._rows(stmt), one)
+        self.last.runs_crashed = crashed
+        return crashed
 
     async def pools_not_ready(self, also: frozenset[str] | set[str] = frozenset()) -> int:
         """READY pools without an ONLINE worker in the read model, and the pools of the workers
@@ -162,6 +197,7 @@ class Foreman:
         """One tick, in the foreman's order."""
         self.last = ForemanPass()
         pools = await self.workers_offline()
+        await self.runs_of_lost_workers()
         await self.pools_not_ready(pools)
         await self.deployments_not_ready()
         await self.queues_not_ready()

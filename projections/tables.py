@@ -18,6 +18,7 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
+    text,
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB, UUID
@@ -199,12 +200,15 @@ flow_runs = Table(
     Column("state", JSONB),
     Column("priority", Integer, nullable=False),
     Column("waiting_reason", Text),
+    Column("worker_name", Text),
     Index("flow_runs_flow", "flow_id"),
     Index("flow_runs_deployment", "deployment_id", "state_type"),
     Index("flow_runs_queue", "work_queue_id", "state_type", "next_scheduled_start_time"),
     Index("flow_runs_state_type", "state_type"),
     Index("flow_runs_expected_start", "expected_start_time"),
     Index("flow_runs_tags", "tags", postgresql_using="gin"),
+    # The foreman's question: which runs does a worker that went away still hold?
+    Index("flow_runs_claimed_by_worker", "work_queue_id", "worker_name", postgresql_where=text("worker_name IS NOT NULL")),
 )
 
 # Every written state of every flow run: its history (`ListFlowRunStates`).
@@ -297,5 +301,11 @@ MIGRATIONS = [
         *ddl(workers),
         """CREATE INDEX flow_runs_scheduled_by_queue ON flow_runs
                (work_queue_id, priority, next_scheduled_start_time, id) WHERE state_type = 'SCHEDULED'""",
+    ]),
+    # Migration 6 creates flow_runs from its current definition, which has these already.
+    Migration(8, "the worker that holds a flow run's claim", [
+        "ALTER TABLE flow_runs ADD COLUMN IF NOT EXISTS worker_name text",
+        """CREATE INDEX IF NOT EXISTS flow_runs_claimed_by_worker ON flow_runs (work_queue_id, worker_name)
+               WHERE worker_name IS NOT NULL""",
     ]),
 ]

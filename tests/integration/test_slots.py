@@ -10,6 +10,9 @@ import json
 from typer.testing import CliRunner
 
 from runledger.cli.main import _register, app
+from runledger.handlers.background import CommandSender
+from runledger.handlers.foreman import Foreman
+from runledger.infra.nats_connection import connect
 from tests.integration.broker import assert_live_equals_rebuild, cli_env
 
 _register()
@@ -116,3 +119,68 @@ async def test_flow_run_inspect_shows_why_a_run_waits(broker, service, settings)
     assert "Waiting: Work pool 'limited' is at its concurrency limit (1)." in shown.stdout
     as_json = json.loads((await cli("flow-run", "inspect", waiting["id"], "--json")).stdout)
     assert as_json["waiting_reason"] == "Work pool 'limited' is at its concurrency limit (1)."
+
+
+async def test_a_worker_that_stops_heart_beating_has_its_runs_crashed_and_their_slots_freed(broker, service,
+                                                                                            settings):
+    """The claim lasts as long as the claiming worker's heartbeats: a worker that goes silent
+    is marked OFFLINE after 3 intervals, and the foreman's same tick crashes its runs, which
+    gives their slots back to the runs waiting for them."""
+    await broker.ok_cmd("CreateWorkPool", name="limited", type="process", concurrency_limit=1)
+    flow_id = (await broker.ok_cmd("CreateFlow", name="abandoned"))["id"]
+    for name in ("silent", "alive"):
+        await broker.ok_cmd("WorkerHeartbeat", work_pool_name="limited", name=name, heartbeat_interval_seconds=1)
+    held = await _run_in(broker, flow_id, "default", "SCHEDULED")
+    blocked = await _run_in(broker, flow_id, "default", "SCHEDULED")
+
+    ghost = await broker.cmd("SetFlowRunState", id=held["id"], state={"type": "PENDING"}, worker_name="ghost")
+    assert ghost["orchestration"]["status"] == "REJECT"
+    assert ghost["orchestration"]["details"]["reason"] == ("Worker 'ghost' is not online in work pool 'limited': "
+                                                            "send a heartbeat first.")
+    claimed = await broker.cmd("SetFlowRunState", id=held["id"], state={"type": "PENDING"}, worker_name="silent")
+    assert claimed["orchestration"]["status"] == "ACCEPT"
+    await _set(broker, held["id"], "RUNNING")
+    assert (await broker.ok_qry("GetFlowRun", id=held["id"]))["worker_name"] == "silent"
+    full = await broker.cmd("SetFlowRunState", id=blocked["id"], state={"type": "PENDING"}, worker_name="alive")
+    assert full["orchestration"]["status"] == "REJECT"
+
+    nc = await connect(settings)
+    foreman = Foreman(service.engine, CommandSender(nc, settings), interval=0.5)
+    stop = asyncio.Event()
+
+    async def keep_alive() -> None:
+        while not stop.is_set():
+            await broker.ok_cmd("WorkerHeartbeat", work_pool_name="limited", name="alive")
+            await asyncio.sleep(0.3)
+
+    loop = asyncio.get_running_loop()
+    silent_since = loop.time()
+    tasks = [asyncio.create_task(foreman.run()), asyncio.create_task(keep_alive())]
+    try:
+        while (await broker.ok_qry("GetFlowRun", id=held["id"]))["state_type"] != "CRASHED":
+            assert loop.time() - silent_since < 3 * 1 + 0.5 + 5, "the silent worker's run was never crashed"
+            await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await nc.close()
+
+    crashed = await broker.ok_qry("GetFlowRun", id=held["id"])
+    assert crashed["state"]["message"] == ("Worker 'silent' of work pool 'limited' stopped sending heartbeats; "
+                                           "its run crashed.")
+    assert crashed["worker_name"] is None
+    workers = {w["name"]: w["status"] for w in await broker.ok_qry("ListWorkers", work_pool_name="limited")}
+    assert workers == {"silent": "OFFLINE", "alive": "ONLINE"}
+    # Its slot is free: the waiting run's claim goes through.
+    now_claimed = await broker.cmd("SetFlowRunState", id=blocked["id"], state={"type": "PENDING"}, worker_name="alive")
+    assert now_claimed["orchestration"]["status"] == "ACCEPT"
+    # Asked again (a second foreman, a stale read), nothing more happens: the run moved on.
+    before = await broker.stream_messages()
+    again = await broker.cmd("CrashFlowRunOfLostWorker", id=held["id"], worker_name="silent")
+    assert again["ok"] and again["result"]["type"] == "CRASHED"
+    alive_run = await broker.cmd("CrashFlowRunOfLostWorker", id=blocked["id"], worker_name="alive")
+    assert alive_run["result"]["type"] == "PENDING"  # an ONLINE worker's run is its own
+    assert await broker.stream_messages() == before
+    await assert_live_equals_rebuild(service, settings)

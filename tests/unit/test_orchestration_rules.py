@@ -166,6 +166,7 @@ def test_flow_policy_lists_the_core_rules_in_prefects_order() -> None:
         ("OR-3", "enforce_cancelling_to_cancelled_transition"),
         ("OR-4", "bypass_cancelling_flow_runs_with_no_infra"),
         ("OR-5", "prevent_pending_transitions"),
+        ("WK-1", "claims_need_an_online_worker"),
         ("SL-1/SL-2", "respect_pool_and_queue_limits"),
         ("OR-7", "secure_flow_concurrency_slots"),
         ("OR-8", "ensure_only_scheduled_flows_marked_late"),
@@ -183,8 +184,8 @@ def test_flow_policy_lists_the_core_rules_in_prefects_order() -> None:
 
 def test_rules_are_chosen_by_the_intended_transition() -> None:
     chosen = orch.rules_for(orch.FLOW_POLICY, T.SCHEDULED, T.RUNNING)
-    assert [r.name for r in chosen] == ["prevent_duplicate_transitions", "respect_pool_and_queue_limits",
-                                        "wait_for_scheduled_time"]
+    assert [r.name for r in chosen] == ["prevent_duplicate_transitions", "claims_need_an_online_worker",
+                                        "respect_pool_and_queue_limits", "wait_for_scheduled_time"]
     assert orch.bypass_cancelling_flow_runs_with_no_infra.to_states == {T.CANCELLING}
     assert None in orch.handle_pausing_flows.from_states
 

@@ -297,3 +297,42 @@ def test_a_waiter_that_takes_a_slot_leaves_the_waiters() -> None:
     assert d.orchestration.status is Outcome.ACCEPT
     (changed,) = events_of(d, sl.LimitWaitersChanged)
     assert changed.waiters.run_ids == [] and changed.woken is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Claims held by a worker
+
+
+def test_a_worker_that_names_itself_must_be_online_in_the_runs_pool() -> None:
+    pool = dataclasses.replace(a_pool(), online_workers=frozenset({"w1"}))
+    limits = sl.Limits(pool=pool, slots=counts(pool, 0))
+    run = a_run(pool)
+    cmd = fr.SetFlowRunState(id=run.id, state=StateCreate(type=T.PENDING), worker_name="w2")
+    refused = fr.decide_set_state(cmd, run, ctx(), limits)
+    assert refused.orchestration.status is Outcome.REJECT and refused.events == []
+    cmd = fr.SetFlowRunState(id=run.id, state=StateCreate(type=T.PENDING), worker_name="w1")
+    claimed = fr.decide_set_state(cmd, run, ctx(), limits)
+    assert claimed.orchestration.status is Outcome.ACCEPT
+    (state_set,) = events_of(claimed, fr.FlowRunStateSet)
+    assert state_set.run.worker_name == "w1"
+    # Kept while it runs, dropped when it ends.
+    running = fr.decide_set_state(fr.SetFlowRunState(id=run.id, state=StateCreate(type=T.RUNNING)), state_set.run,
+                                  ctx(), limits)
+    assert events_of(running, fr.FlowRunStateSet)[0].run.worker_name == "w1"
+
+
+def test_a_lost_workers_run_is_crashed_once_and_gives_its_slots_back() -> None:
+    pool = a_pool(pool_limit=1)
+    run = a_run(pool, T.RUNNING, deployment=True, lease=uuid.uuid4(), worker_name="w1")
+    limits = dataclasses.replace(deployment_limits(1, 1), pool=pool, slots=counts(pool, 1))
+    cmd = fr.CrashFlowRunOfLostWorker(id=run.id, worker_name="w1")
+    d = fr.decide_crash_run_of_lost_worker(cmd, run, False, "p", ctx(), limits)
+    assert d.result.type is T.CRASHED and "'w1'" in d.result.message
+    assert events_of(d, sl.PoolSlotReleased) and events_of(d, cl.ConcurrencyLimitSlotReleased)
+    assert events_of(d, fr.FlowRunStateSet)[0].run.worker_name is None
+    # Back online, another worker's run, or a run that moved on: nothing.
+    assert fr.decide_crash_run_of_lost_worker(cmd, run, True, "p", ctx(), limits).events == []
+    other = fr.CrashFlowRunOfLostWorker(id=run.id, worker_name="w2")
+    assert fr.decide_crash_run_of_lost_worker(other, run, False, "p", ctx(), limits).events == []
+    done = events_of(d, fr.FlowRunStateSet)[0].run
+    assert fr.decide_crash_run_of_lost_worker(cmd, done, False, "p", ctx(), limits).events == []
