@@ -318,6 +318,21 @@ def secure_flow_concurrency_slots(c: RuleContext) -> Verdict:
                               state_details=StateDetails(scheduled_time=retry_at)))
 
 
+@rule("FR-7", from_states={StateType.SCHEDULED}, to_states={StateType.SCHEDULED})
+def cancel_new_runs_that_fall_due_behind_a_full_deployment(c: RuleContext) -> Verdict:
+    """Prefect's late-runs service, applied as a rule. A deployment that asks to cancel new
+    runs when it is full means every new run, also one that never reached PENDING because
+    something else held it back (a worker-pool limit, no worker): when such a run is marked
+    late and its deployment is still full, it is cancelled instead of waiting on."""
+    limits = c.limits
+    limit = limits.deployment_limit
+    if (c.proposed.name != "Late" or limit is None or not limits.deployment_limit_applies
+            or limits.collision_strategy != "CANCEL_NEW" or limit.active_slots < limit.limit):
+        return GO_ON
+    return reject(_DEPLOYMENT_LIMIT_REACHED,
+                  StateCreate(type=StateType.CANCELLED, name="Cancelled", message=_DEPLOYMENT_LIMIT_REACHED))
+
+
 # The rules that refuse a run because a limit is full: the reason they give is why it waits.
 LIMIT_RULES = frozenset({"respect_pool_and_queue_limits", "secure_flow_concurrency_slots"})
 
@@ -443,6 +458,7 @@ FLOW_POLICY: list[Rule] = [
     respect_pool_and_queue_limits,
     secure_flow_concurrency_slots,
     ensure_only_scheduled_flows_marked_late,
+    cancel_new_runs_that_fall_due_behind_a_full_deployment,
     handle_pausing_flows,
     handle_resuming_paused_flows,
     copy_scheduled_time,

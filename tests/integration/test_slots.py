@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime, timedelta
 
 from typer.testing import CliRunner
 
 from runledger.cli.main import _register, app
-from runledger.handlers.background import CommandSender
+from runledger.handlers.background import Clock, CommandSender
 from runledger.handlers.foreman import Foreman
 from runledger.infra.nats_connection import connect
 from tests.integration.broker import assert_live_equals_rebuild, cli_env
@@ -184,3 +185,27 @@ async def test_a_worker_that_stops_heart_beating_has_its_runs_crashed_and_their_
     assert alive_run["result"]["type"] == "PENDING"  # an ONLINE worker's run is its own
     assert await broker.stream_messages() == before
     await assert_live_equals_rebuild(service, settings)
+
+
+async def test_cancel_new_cancels_a_run_that_falls_due_while_its_deployment_is_full(broker, service, settings):
+    """Held back by something else than its deployment (here its pool's limit), a new run of a
+    CANCEL_NEW deployment is cancelled when the clock finds it late and the deployment full."""
+    await broker.ok_cmd("CreateWorkPool", name="limited", type="process", concurrency_limit=1)
+    flow_id = (await broker.ok_cmd("CreateFlow", name="impatient"))["id"]
+    deployment = await broker.ok_cmd("CreateDeployment", flow_id=flow_id, name="one", work_pool_name="limited",
+                                     concurrency_limit=1, concurrency_options={"collision_strategy": "CANCEL_NEW"})
+    first = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=deployment["id"])
+    assert (await _set(broker, first["id"], "PENDING"))["orchestration"]["status"] == "ACCEPT"
+    past = (datetime.now(UTC) - timedelta(seconds=30)).isoformat()
+    due = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=deployment["id"],
+                              state={"type": "SCHEDULED", "state_details": {"scheduled_time": past}})
+    await broker.ok_qry("CountFlowRuns")
+    nc = await connect(settings)
+    try:
+        await Clock(service.engine, CommandSender(nc, settings)).mark_late()
+    finally:
+        await nc.close()
+    broker.last_seq = (await broker.ok_qry("GetServiceHealth"))["stream_last_seq"]
+    cancelled = await broker.ok_qry("GetFlowRun", id=due["id"])
+    assert (cancelled["state_type"], cancelled["state"]["message"]) == ("CANCELLED",
+                                                                        "Deployment concurrency limit reached.")

@@ -170,6 +170,7 @@ def test_flow_policy_lists_the_core_rules_in_prefects_order() -> None:
         ("SL-1/SL-2", "respect_pool_and_queue_limits"),
         ("OR-7", "secure_flow_concurrency_slots"),
         ("OR-8", "ensure_only_scheduled_flows_marked_late"),
+        ("FR-7", "cancel_new_runs_that_fall_due_behind_a_full_deployment"),
         ("OR-9", "handle_pausing_flows"),
         ("OR-10", "handle_resuming_paused_flows"),
         ("OR-11", "copy_scheduled_time"),

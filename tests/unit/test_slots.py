@@ -336,3 +336,16 @@ def test_a_lost_workers_run_is_crashed_once_and_gives_its_slots_back() -> None:
     assert fr.decide_crash_run_of_lost_worker(other, run, False, "p", ctx(), limits).events == []
     done = events_of(d, fr.FlowRunStateSet)[0].run
     assert fr.decide_crash_run_of_lost_worker(cmd, done, False, "p", ctx(), limits).events == []
+
+
+def test_a_cancel_new_run_marked_late_behind_a_full_deployment_is_cancelled() -> None:
+    run = a_run(None, deployment=True)
+    late = {"scheduled_time": EARLIER}
+    cmd = fr.SetFlowRunState(id=run.id, state=StateCreate(type=T.SCHEDULED, name="Late",
+                                                          state_details=StateDetails(**late)))
+    full = fr.decide_set_state(cmd, run, ctx(), deployment_limits(1, 1, "CANCEL_NEW"))
+    assert full.orchestration.status is Outcome.REJECT
+    assert (full.result.type, full.result.message) == (T.CANCELLED, "Deployment concurrency limit reached.")
+    for limits in (deployment_limits(2, 1, "CANCEL_NEW"), deployment_limits(1, 1, "ENQUEUE"), sl.NO_LIMITS):
+        d = fr.decide_set_state(cmd, run, ctx(), limits)
+        assert d.orchestration.status is Outcome.ACCEPT and d.result.name == "Late"
