@@ -32,6 +32,7 @@ from .models import (
     Flow,
     FlowRun,
     FlowRunCreateResult,
+    FlowRunSlotSummary,
     OrchestrationDetails,
     OrchestrationResult,
     State,
@@ -39,7 +40,10 @@ from .models import (
     Worker,
     WorkerFlowRun,
     WorkPool,
+    WorkPoolConcurrencyStatus,
     WorkQueue,
+    WorkQueueConcurrencyStatus,
+    WorkQueueConcurrencyStatusDetail,
 )
 from .runledger_client import RunledgerClient, new_idempotency_key
 
@@ -68,7 +72,11 @@ __all__ = [
     "Variable",
     "Worker",
     "WorkerFlowRun",
+    "FlowRunSlotSummary",
     "WorkPool",
+    "WorkPoolConcurrencyStatus",
     "WorkQueue",
+    "WorkQueueConcurrencyStatus",
+    "WorkQueueConcurrencyStatusDetail",
     "new_idempotency_key",
 ]

@@ -297,3 +297,59 @@ class WorkerFlowRun(BaseModel):
     work_pool_id: uuid.UUID
     work_queue_id: uuid.UUID
     flow_run: FlowRun
+
+
+class FlowRunSlotSummary(BaseModel):
+    """A run that holds a slot, as the concurrency status views show it (Prefect's
+    `FlowRunSlotSummary`; `time_in_current_state` in seconds)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: uuid.UUID
+    name: str
+    state_type: str | None = None
+    state_name: str | None = None
+    start_time: datetime | None = None
+    state_timestamp: datetime | None = None
+    time_in_current_state: float | None = None
+
+
+class WorkQueueConcurrencyStatusDetail(BaseModel):
+    """One queue of a pool's concurrency status: its count and its first holders."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    queue_id: uuid.UUID
+    queue_name: str
+    active_slots: int
+    concurrency_limit: int | None = None
+    flow_runs: list[FlowRunSlotSummary] = []
+    flow_run_count: int = 0
+
+
+class WorkPoolConcurrencyStatus(BaseModel):
+    """Who holds a pool's slots (`active_slots`: every queue's, not only the page's)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    active_slots: int
+    concurrency_limit: int | None = None
+    work_queues: list[WorkQueueConcurrencyStatusDetail] = []
+    count: int = 0
+    limit: int = 0
+    page: int = 1
+    pages: int = 0
+
+
+class WorkQueueConcurrencyStatus(BaseModel):
+    """Who holds a queue's slots, counted as the legacy queue API does."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    active_slots: int
+    concurrency_limit: int | None = None
+    flow_runs: list[FlowRunSlotSummary] = []
+    count: int = 0
+    limit: int = 0
+    page: int = 1
+    pages: int = 0

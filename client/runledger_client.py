@@ -51,7 +51,9 @@ from .models import (
     Variable,
     WorkerFlowRun,
     WorkPool,
+    WorkPoolConcurrencyStatus,
     WorkQueue,
+    WorkQueueConcurrencyStatus,
 )
 from .models import Worker as WorkerModel
 
@@ -498,6 +500,22 @@ class RunledgerClient:
     async def read_work_queue_by_id(self, id: uuid.UUID | str, *, min_seq: int | None = None) -> WorkQueue:
         reply = await self.query("GetWorkQueueById", {"id": str(id)}, min_seq=min_seq)
         return self._one(WorkQueue, reply.result)
+
+    async def read_work_pool_concurrency_status(self, name: str, *, page: int = 1, limit: int = 200,
+                                                flow_run_limit: int = 10,
+                                                min_seq: int | None = None) -> WorkPoolConcurrencyStatus:
+        """Who holds the pool's slots: its count, and a page of its queues (priority order),
+        each with its count and its first `flow_run_limit` holders."""
+        body = {"work_pool_name": name, "page": page, "limit": limit, "flow_run_limit": flow_run_limit}
+        reply = await self.query("GetWorkPoolConcurrencyStatus", body, min_seq=min_seq)
+        return self._one(WorkPoolConcurrencyStatus, reply.result)
+
+    async def read_work_queue_concurrency_status(self, id: uuid.UUID | str, *, page: int = 1, limit: int = 200,
+                                                 min_seq: int | None = None) -> WorkQueueConcurrencyStatus:
+        """Who holds the queue's slots, counted as the legacy queue API does (CANCELLING too)."""
+        reply = await self.query("GetWorkQueueConcurrencyStatus", {"id": str(id), "page": page, "limit": limit},
+                                 min_seq=min_seq)
+        return self._one(WorkQueueConcurrencyStatus, reply.result)
 
     async def read_legacy_work_queue(self, name: str, *, min_seq: int | None = None) -> WorkQueue:
         """By name, inside `default-agent-pool` only."""

@@ -122,6 +122,25 @@ class GetWorkQueueById(Query):
     id: uuid.UUID
 
 
+class GetWorkPoolConcurrencyStatus(Query):
+    """Who holds a pool's slots: the pool's count, then its queues in priority order (a page of
+    `limit` queues, `page` from 1), each with its count and its first `flow_run_limit` holders."""
+
+    work_pool_name: PoolName
+    page: Annotated[int, Field(ge=1, le=INT64_MAX)] = 1
+    limit: Annotated[int, Field(ge=0, le=DEFAULT_LIMIT)] = DEFAULT_LIMIT
+    flow_run_limit: Annotated[int, Field(ge=0, le=200)] = 10
+
+
+class GetWorkQueueConcurrencyStatus(Query):
+    """Who holds a queue's slots, as the legacy queue API counts them (CANCELLING too, and runs
+    linked to the queue by name only): the total and a page of the holders, by id."""
+
+    id: uuid.UUID
+    page: Annotated[int, Field(ge=1, le=INT64_MAX)] = 1
+    limit: Annotated[int, Field(ge=0, le=DEFAULT_LIMIT)] = DEFAULT_LIMIT
+
+
 class GetLegacyWorkQueue(Query):
     """A queue by name, inside `default-agent-pool` only (the legacy queue API)."""
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import DateTime, and_, bindparam, func, or_, select
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -300,7 +300,74 @@ async def list_all_work_queues(conn: AsyncConnection, query: q.ListAllWorkQueues
     return [queue_reply(r, r.pool_name, legacy=True) for r in rows]
 
 
+# ---------------------------------------------------------------------------------------------
+# Concurrency status: who holds the slots
+
+
+def _slot_summary(r: Any, now: datetime) -> dict[str, Any]:
+    """Prefect's `FlowRunSlotSummary`."""
+    return {"id": str(r.id), "name": r.name, "state_type": r.state_type, "state_name": r.state_name,
+            "start_time": _iso(r.start_time), "state_timestamp": _iso(r.state_timestamp),
+            "time_in_current_state": (now - r.state_timestamp).total_seconds() if r.state_timestamp else None}
+
+
+_STATE_TIMESTAMP = func.cast(flow_runs.c.state["timestamp"].astext, DateTime(timezone=True)).label("state_timestamp")
+_SUMMARY_COLUMNS = (flow_runs.c.id, flow_runs.c.name, flow_runs.c.state_type, flow_runs.c.state_name,
+                    flow_runs.c.start_time, _STATE_TIMESTAMP)
+
+
+async def get_work_pool_concurrency_status(conn: AsyncConnection,
+                                           query: q.GetWorkPoolConcurrencyStatus) -> dict[str, Any]:
+    """SL-6: the pool's `active_slots` counts every queue (SL-1), not only the page's."""
+    pool = await _pool_row_by_name(conn, query.work_pool_name)
+    now = datetime.now(UTC)
+    offset = (query.page - 1) * query.limit
+    queues = list(await conn.execute(_QUEUES_OF_POOL, {"pool_id": pool.id, "limit": query.limit, "offset": offset}))
+    total_queues = (await conn.execute(select(func.count()).select_from(work_queues)
+                                       .where(work_queues.c.work_pool_id == pool.id))).scalar_one()
+    holders: dict[Any, list[dict[str, Any]]] = {r.id: [] for r in queues}
+    if queues and query.flow_run_limit:
+        ranked = (select(*_SUMMARY_COLUMNS, flow_runs.c.work_queue_id,
+                         func.row_number().over(partition_by=flow_runs.c.work_queue_id,
+                                                order_by=(flow_runs.c.start_time.nulls_last(), flow_runs.c.id))
+                         .label("n"))
+                  .where(flow_runs.c.work_queue_id.in_(list(holders)), flow_runs.c.state_type.in_(_HOLDING))
+                  .subquery())
+        for r in await conn.execute(select(ranked).where(ranked.c.n <= query.flow_run_limit)
+                                    .order_by(ranked.c.work_queue_id, ranked.c.n)):
+            holders[r.work_queue_id].append(_slot_summary(r, now))
+    return {
+        "active_slots": pool.active_slots, "concurrency_limit": pool.concurrency_limit,
+        "work_queues": [{"queue_id": str(r.id), "queue_name": r.name, "active_slots": r.active_slots,
+                         "concurrency_limit": r.concurrency_limit, "flow_runs": holders[r.id],
+                         "flow_run_count": r.active_slots} for r in queues],
+        "count": total_queues, "limit": query.limit, "page": query.page,
+        "pages": -(-total_queues // query.limit) if query.limit else 0,
+    }
+
+
+async def get_work_queue_concurrency_status(conn: AsyncConnection,
+                                            query: q.GetWorkQueueConcurrencyStatus) -> dict[str, Any]:
+    """SL-6 (legacy queue API): PENDING, RUNNING and CANCELLING runs of the queue, or linked to
+    it by name only; `active_slots` is the total, the page is by run id."""
+    queue = (await conn.execute(_QUEUE_BY_ID, {"id": query.id})).first()
+    if queue is None:
+        raise not_found("Work queue not found.")
+    held_here = and_(flow_runs.c.state_type.in_(_HOLDING_LEGACY),
+                     or_(flow_runs.c.work_queue_id == queue.id,
+                         and_(flow_runs.c.work_queue_id.is_(None), flow_runs.c.work_queue_name == queue.name)))
+    total = (await conn.execute(select(func.count()).select_from(flow_runs).where(held_here))).scalar_one()
+    rows = await conn.execute(select(*_SUMMARY_COLUMNS).where(held_here).order_by(flow_runs.c.id)
+                              .limit(query.limit).offset((query.page - 1) * query.limit))
+    now = datetime.now(UTC)
+    return {"active_slots": total, "concurrency_limit": queue.concurrency_limit,
+            "flow_runs": [_slot_summary(r, now) for r in rows], "count": total, "limit": query.limit,
+            "page": query.page, "pages": -(-total // query.limit) if query.limit else 0}
+
+
 QUERIES = {
+    "GetWorkPoolConcurrencyStatus": (q.GetWorkPoolConcurrencyStatus, get_work_pool_concurrency_status),
+    "GetWorkQueueConcurrencyStatus": (q.GetWorkQueueConcurrencyStatus, get_work_queue_concurrency_status),
     "GetWorkPool": (q.GetWorkPool, get_work_pool),
     "ListWorkPools": (q.ListWorkPools, list_work_pools),
     "CountWorkPools": (q.CountWorkPools, count_work_pools),

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typer.testing import CliRunner
 
 from runledger.cli.main import _register, app
+from runledger.client import RunledgerClient
 from runledger.handlers.background import Clock, CommandSender
 from runledger.handlers.foreman import Foreman
 from runledger.infra.nats_connection import connect
@@ -209,3 +210,48 @@ async def test_cancel_new_cancels_a_run_that_falls_due_while_its_deployment_is_f
     cancelled = await broker.ok_qry("GetFlowRun", id=due["id"])
     assert (cancelled["state_type"], cancelled["state"]["message"]) == ("CANCELLED",
                                                                         "Deployment concurrency limit reached.")
+
+
+async def test_concurrency_status_views_show_who_holds_the_slots(broker, service, settings):
+    await broker.ok_cmd("CreateWorkPool", name="limited", type="process", concurrency_limit=10)
+    await broker.ok_cmd("CreateWorkQueue", work_pool_name="limited", name="a", concurrency_limit=5, priority=1)
+    await broker.ok_cmd("CreateWorkQueue", work_pool_name="limited", name="b", priority=2)
+    await broker.ok_cmd("UpdateWorkQueue", work_pool_name="limited", work_queue_name="b", is_paused=True)
+    flow_id = (await broker.ok_cmd("CreateFlow", name="viewed"))["id"]
+    in_a = [await _run_in(broker, flow_id, "a", "PENDING") for _ in range(3)]
+    running = await _run_in(broker, flow_id, "b", "RUNNING")
+    cancelling = await _run_in(broker, flow_id, "a", "RUNNING")
+    await _set(broker, cancelling["id"], "CANCELLING")
+    await _run_in(broker, flow_id, "a", "SCHEDULED")  # holds nothing
+
+    status = await broker.ok_qry("GetWorkPoolConcurrencyStatus", work_pool_name="limited", flow_run_limit=2)
+    assert (status["active_slots"], status["concurrency_limit"]) == (4, 10)  # paused queue b's run counts
+    by_name = {q["queue_name"]: q for q in status["work_queues"]}
+    assert [q["queue_name"] for q in status["work_queues"]] == ["a", "b", "default"]
+    assert (by_name["a"]["active_slots"], by_name["a"]["flow_run_count"], len(by_name["a"]["flow_runs"])) == (3, 3, 2)
+    assert {r["id"] for r in by_name["a"]["flow_runs"]} <= {r["id"] for r in in_a}
+    assert [r["id"] for r in by_name["b"]["flow_runs"]] == [running["id"]]
+    summary = by_name["b"]["flow_runs"][0]
+    assert summary["state_type"] == "RUNNING" and summary["time_in_current_state"] >= 0
+    paged = await broker.ok_qry("GetWorkPoolConcurrencyStatus", work_pool_name="limited", page=2, limit=2)
+    assert [q["queue_name"] for q in paged["work_queues"]] == ["default"] and paged["pages"] == 2
+    assert paged["active_slots"] == 4  # the whole pool's, not the page's
+
+    queue_a = await broker.ok_qry("GetWorkQueue", work_pool_name="limited", work_queue_name="a")
+    legacy = await broker.ok_qry("GetWorkQueueConcurrencyStatus", id=queue_a["id"], limit=2)
+    assert legacy["active_slots"] == 4 and legacy["count"] == 4  # CANCELLING counts here
+    assert len(legacy["flow_runs"]) == 2 and legacy["pages"] == 2
+    ids = sorted([*(r["id"] for r in in_a), cancelling["id"]])
+    assert [r["id"] for r in legacy["flow_runs"]] == ids[:2]
+    missing = await broker.qry("GetWorkPoolConcurrencyStatus", work_pool_name="nope")
+    assert missing["error"]["code"] == "not_found"
+    missing = await broker.qry("GetWorkQueueConcurrencyStatus", id="00000000-0000-0000-0000-000000000000")
+    assert missing["error"]["code"] == "not_found"
+    async with RunledgerClient(settings) as rl:
+        await rl.catch_up()
+        pool_status = await rl.read_work_pool_concurrency_status("limited", flow_run_limit=1)
+        assert pool_status.active_slots == 4 and pool_status.work_queues[0].flow_runs[0].state_type == "PENDING"
+        queue_status = await rl.read_work_queue_concurrency_status(queue_a["id"])
+        assert queue_status.active_slots == 4 and len(queue_status.flow_runs) == 4
+        run = await rl.read_flow_run(cancelling["id"])
+        assert run.worker_name is None and run.state.type == "CANCELLING"
