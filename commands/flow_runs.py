@@ -26,6 +26,9 @@ from .unique_keys import UniqueKeyClaim, UniqueKeyScope
 from .workers import WorkerName
 
 FLOW_RUN = "flow_run"
+# How many runs a service keeps decided state of (~6 KB each): the runs moving now. Older ones
+# are loaded again from the log (one direct get) when touched.
+CACHED_RUNS = 20_000
 # A run's idempotency key is unique within its flow (FR-2): key (flow id, idempotency key).
 FLOW_RUN_KEY = UniqueKeyScope("flow_run_key")
 

@@ -27,7 +27,7 @@ from .work_pool_commands import pool_by_name
 # Every event of a run, and of a pool's slot counts, carries the whole state: its last event
 # is its state (one read to load it).
 AGGREGATE_KINDS = [
-    AggregateKind(fr.FLOW_RUN, lambda: None, fr.evolve, last_event_only=True),
+    AggregateKind(fr.FLOW_RUN, lambda: None, fr.evolve, last_event_only=True, max_cached=fr.CACHED_RUNS),
     AggregateKind(sl.POOL_SLOTS, lambda: None, sl.evolve, last_event_only=True),
     AggregateKind(sl.LIMIT_WAITERS, lambda: None, sl.evolve_waiters, last_event_only=True),
 ]

@@ -38,6 +38,10 @@ class AggregateKind:
     last_event_only: bool = False
     # Long-lived aggregates with long histories (pools) are snapshotted.
     snapshots: SnapshotCodec | None = None
+    # How many of this kind the cache keeps (None: the repository's default). Numerous,
+    # short-lived aggregates (runs: ~6 KB each) are kept fewer, so a long history of them
+    # cannot fill the service's memory with runs nobody will touch again.
+    max_cached: int | None = None
 
 
 @dataclass(frozen=True)
@@ -54,17 +58,18 @@ class AggregateRepository:
         self.store = store
         self.kinds = {k.name: k for k in kinds}
         self.max_cached = max_cached
-        self._cache: OrderedDict[tuple[str, str], Loaded] = OrderedDict()
+        # One least-recently-used order per kind, each with its own bound.
+        self._cache: dict[str, OrderedDict[str, Loaded]] = {k.name: OrderedDict() for k in kinds}
         self.snapshots = snapshots if snapshot_every > 0 else None
         self.snapshot_every = snapshot_every
         self._writing: set[asyncio.Task] = set()
 
     async def load(self, aggregate_type: str, aggregate_id: str, *, refresh: bool = False) -> Loaded:
-        key = (aggregate_type, aggregate_id)
         kind = self.kinds[aggregate_type]
-        cached = self._cache.get(key)
+        of_kind = self._cache[aggregate_type]
+        cached = of_kind.get(aggregate_id)
         if cached is not None and not refresh:
-            self._cache.move_to_end(key)
+            of_kind.move_to_end(aggregate_id)
             return cached
         if kind.last_event_only:
             last = await self.store.last_event(aggregate_type, aggregate_id)
@@ -82,14 +87,16 @@ class AggregateRepository:
         return loaded
 
     def remember(self, aggregate_type: str, aggregate_id: str, loaded: Loaded) -> None:
-        key = (aggregate_type, aggregate_id)
-        if self._snapshot_due(self.kinds[aggregate_type], loaded):
-            self._write_snapshot(self.kinds[aggregate_type], aggregate_id, loaded)
+        kind = self.kinds[aggregate_type]
+        if self._snapshot_due(kind, loaded):
+            self._write_snapshot(kind, aggregate_id, loaded)
             loaded = Loaded(loaded.state, loaded.seq, 0)
-        self._cache[key] = loaded
-        self._cache.move_to_end(key)
-        while len(self._cache) > self.max_cached:
-            self._cache.popitem(last=False)
+        of_kind = self._cache[aggregate_type]
+        of_kind[aggregate_id] = loaded
+        of_kind.move_to_end(aggregate_id)
+        bound = kind.max_cached if kind.max_cached is not None else self.max_cached
+        while len(of_kind) > bound:
+            of_kind.popitem(last=False)
 
     async def _from_snapshot(self, kind: AggregateKind, aggregate_id: str) -> Loaded | None:
         if self.snapshots is None or kind.snapshots is None:
@@ -127,10 +134,10 @@ class AggregateRepository:
             await asyncio.gather(*self._writing, return_exceptions=True)
 
     def cached(self, aggregate_type: str, aggregate_id: str) -> Loaded | None:
-        return self._cache.get((aggregate_type, aggregate_id))
+        return self._cache[aggregate_type].get(aggregate_id)
 
     def forget(self, aggregate_type: str, aggregate_id: str) -> None:
-        self._cache.pop((aggregate_type, aggregate_id), None)
+        self._cache[aggregate_type].pop(aggregate_id, None)
 
     def __len__(self) -> int:
-        return len(self._cache)
+        return sum(map(len, self._cache.values()))

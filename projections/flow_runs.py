@@ -4,11 +4,11 @@ it; an answer is that row with its queue's current name and pool (FR-9)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, func, select
-from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runledger.commands import flow_runs as fr
@@ -19,55 +19,64 @@ from runledger.commands.states import State
 from .filters import where_filter
 from .tables import flow_run_states, flow_runs, work_pools, work_queues
 
-_JSON_COLUMNS = frozenset(c.name for c in flow_runs.columns if isinstance(c.type, JSONB))
+
+def _populate_sql(table: Any, conflict: str) -> str:
+    """Insert (or replace) a batch of rows given as one JSON array of objects named like the
+    columns: Postgres turns each object into a row (`jsonb_populate_recordset`), so Python
+    neither validates nor converts a field (timestamps, ids, intervals, JSON columns)."""
+    columns = [c.name for c in table.columns]
+    on_conflict = ("DO NOTHING" if conflict == "nothing" else
+                   "DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in columns if c != "id"))
+    return (f"INSERT INTO {table.name} ({', '.join(columns)}) "
+            f"SELECT {', '.join(columns)} FROM jsonb_populate_recordset(NULL::{table.name}, $1::jsonb) "
+            f"ON CONFLICT (id) {on_conflict}")
 
 
-def flow_run_row(run: fr.FlowRun) -> dict[str, Any]:
-    """The row of a run: JSON columns as JSON, the rest as Python values."""
-    return {**run.model_dump(exclude=set(_JSON_COLUMNS)), **run.model_dump(mode="json", include=set(_JSON_COLUMNS))}
+_UPSERT_RUNS = _populate_sql(flow_runs, "update")
+_INSERT_STATES = _populate_sql(flow_run_states, "nothing")
+# A run written before a field existed lacks its key: its default, as the model would fill it.
+_RUN_DEFAULTS = {name: field.get_default(call_default_factory=True) for name, field in fr.FlowRun.model_fields.items()
+                 if not field.is_required()}
+_RUN_DEFAULTS = fr.FlowRun.model_construct(**_RUN_DEFAULTS).model_dump(mode="json", include=set(_RUN_DEFAULTS))
+_RUN_EVENTS = frozenset({"FlowRunCreated", "FlowRunStateSet", "FlowRunUpdated", "FlowRunWaiting"})
 
-
-def state_row(run_id: Any, state: State) -> dict[str, Any]:
-    as_json = state.model_dump(mode="json", include={"data", "state_details"})
-    return {**state.model_dump(exclude={"data", "state_details"}), **as_json, "flow_run_id": run_id}
-
-
-
-# Insert or replace whole rows; built once (building it per batch cost ~5 % of the CPU).
-_UPSERT = insert(flow_runs).on_conflict_do_update(
-    index_elements=["id"], set_={c.name: insert(flow_runs).excluded[c.name] for c in flow_runs.columns if c.name != "id"})
 
 class FlowRunsProjector:
+    """Reads payload dicts (`raw_payloads`): a run's events carry the whole run, so the batch's
+    last one per run is its row, written with every state of the batch in two statements."""
+
     name = "flow_runs"
     tables = (flow_runs, flow_run_states)
-    raw_payloads = False
+    raw_payloads = True
     handles = frozenset({fr.FlowRunCreated.event_type, fr.FlowRunStateSet.event_type,
                          fr.FlowRunUpdated.event_type, fr.FlowRunWaiting.event_type, fr.FlowRunDeleted.event_type})
 
     async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, str, Event | dict]]) -> None:
         # A run's last event in the batch decides its row; every written state is kept.
-        last: dict[Any, fr.FlowRun | None] = {}
-        states: dict[Any, dict[str, Any]] = {}
-        for _, _, event in events:
-            if isinstance(event, fr.FlowRunCreated | fr.FlowRunStateSet):
-                last[event.run.id] = event.run
-                if event.run.state is not None:
-                    states[event.run.state.id] = state_row(event.run.id, event.run.state)
-            elif isinstance(event, fr.FlowRunUpdated | fr.FlowRunWaiting):
-                last[event.run.id] = event.run
-            elif isinstance(event, fr.FlowRunDeleted):
-                last[event.flow_run_id] = None
-                states = {k: v for k, v in states.items() if v["flow_run_id"] != event.flow_run_id}
-        gone = [i for i, run in last.items() if run is None]
+        last: dict[str, dict[str, Any] | None] = {}
+        states: dict[str, dict[str, Any]] = {}
+        for _, event_type, payload in cast(Sequence[tuple[str, str, dict[str, Any]]], events):
+            if event_type in _RUN_EVENTS:
+                run = payload["run"]
+                last[run["id"]] = run
+                state = run.get("state")
+                if state is not None and event_type in ("FlowRunCreated", "FlowRunStateSet"):
+                    states[state["id"]] = {**state, "flow_run_id": run["id"]}
+            elif event_type == "FlowRunDeleted":
+                gone_id = payload["flow_run_id"]
+                last[gone_id] = None
+                states = {k: v for k, v in states.items() if v["flow_run_id"] != gone_id}
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None  # asyncpg's connection, under a pooled connection in use
+        gone = [run_id for run_id, run in last.items() if run is None]
         if gone:
-            await conn.execute(delete(flow_run_states).where(flow_run_states.c.flow_run_id.in_(gone)))
-            await conn.execute(delete(flow_runs).where(flow_runs.c.id.in_(gone)))
+            await driver.execute("DELETE FROM flow_run_states WHERE flow_run_id = ANY($1::uuid[])", gone)
+            await driver.execute("DELETE FROM flow_runs WHERE id = ANY($1::uuid[])", gone)
         if states:
-            stmt = insert(flow_run_states)
-            await conn.execute(stmt.on_conflict_do_nothing(index_elements=["id"]), list(states.values()))
-        rows = [flow_run_row(run) for run in last.values() if run is not None]
+            await driver.execute(_INSERT_STATES, json.dumps(list(states.values())))
+        rows = [{**_RUN_DEFAULTS, **run} for run in last.values() if run is not None]
         if rows:
-            await conn.execute(_UPSERT, rows)
+            await driver.execute(_UPSERT_RUNS, json.dumps(rows))
 
 
 _queue = work_queues.alias("q")
