@@ -29,6 +29,7 @@ from runledger.infra.event_store import (
     AppendUnavailable,
     EventStore,
     MessageTooLarge,
+    Pending,
     WrongExpectedSequence,
 )
 
@@ -42,9 +43,12 @@ class Unit:
                  lock_more: Callable[[Iterable[AggregateKey]], Awaitable[None]] | None = None):
         self.repo = repo
         self.refresh = refresh
-        self.loaded: dict[tuple[str, str], int] = {}
+        # The sequence each aggregate was read at, or the append not acknowledged yet whose
+        # state it was read in (`Pending`: the decision chains onto it).
+        self.loaded: dict[tuple[str, str], int | Pending] = {}
         self.from_cache = False
         self._lock_more = lock_more
+        self.locked_more: set[AggregateKey] = set()
 
     async def lock(self, keys: Iterable[AggregateKey]) -> None:
         """Lock aggregates found only by loading others (the slot counts of a run's pool):
@@ -52,12 +56,17 @@ class Unit:
         expected sequence. Call it once, with every such key, after the command's own locks
         (`CommandSpec.locks`) are held: the keys are taken in sorted order, and nothing waits
         for a command's own lock while holding one of these, so no two commands deadlock."""
+        keys = list(keys)
+        self.locked_more.update(keys)
         if self._lock_more is not None:
             await self._lock_more(keys)
 
     async def load(self, aggregate_type: str, aggregate_id: str) -> Any:
         key = (aggregate_type, aggregate_id)
-        cached = not self.refresh and self.repo.cached(*key) is not None
+        in_cache = self.repo.cached(*key)
+        if self.refresh and in_cache is not None and isinstance(in_cache.seq, Pending):
+            await in_cache.seq.settled()  # the log is about to hold it, or never will
+        cached = not self.refresh and in_cache is not None
         loaded = await self.repo.load(aggregate_type, aggregate_id, refresh=self.refresh)
         self.from_cache = self.from_cache or cached
         self.loaded[key] = loaded.seq
@@ -155,6 +164,15 @@ class CommandBus:
             return parsed
         cmd = parsed
         keys: list[AggregateKey] = []
+        # Locks taken while deciding (`Unit.lock`), held now: given back as soon as the
+        # decision is queued for the log, so the next decision on them can chain onto it.
+        more_held: dict[AggregateKey, asyncio.Lock] = {}
+
+        def release_more() -> None:
+            for lock in more_held.values():
+                lock.release()
+            more_held.clear()
+
         try:
             # Always in one order, so two commands that lock the same set never deadlock.
             wanted = sorted(set(spec.locks(cmd)))
@@ -165,12 +183,16 @@ class CommandBus:
                     await held.enter_async_context(lock)
 
                 async def lock_more(more: Iterable[AggregateKey]) -> None:
-                    for key in sorted(set(more) - set(keys)):
-                        lock = self._acquire_lock(key)
-                        keys.append(key)
-                        await held.enter_async_context(lock)
+                    for key in sorted(set(more) - set(wanted) - set(more_held)):
+                        if key not in keys:
+                            keys.append(key)
+                            lock = self._acquire_lock(key)
+                        else:
+                            lock = self._locks[key]
+                        await lock.acquire()
+                        more_held[key] = lock
 
-                return await self._execute(name, spec, cmd, raw, lock_more)
+                return await self._execute(name, spec, cmd, raw, lock_more, release_more)
         except Rejection as r:
             return {"ok": False, "error": r.as_reply()}
         except MessageTooLarge as e:
@@ -183,6 +205,7 @@ class CommandBus:
             log.exception("command %s failed", name)
             return error(ErrorCode.UNAVAILABLE, f"command {name} failed on the server; see the service log")
         finally:
+            release_more()
             for key in keys:
                 self._release_lock(key)
 
@@ -203,7 +226,7 @@ class CommandBus:
 
     async def _execute(self, name: str, spec: CommandSpec, cmd: Command, raw: bytes,
                        lock_more: Callable[[Iterable[AggregateKey]], Awaitable[None]] | None = None,
-                       ) -> dict[str, Any]:
+                       release_more: Callable[[], None] = lambda: None) -> dict[str, Any]:
         fingerprint = None
         if cmd.bus_key is not None:
             fingerprint = hashlib.sha256(name.encode() + b"\0" + cmd.model_dump_json(exclude={cmd.BUS_KEY_FIELD}).encode()).hexdigest()
@@ -226,7 +249,7 @@ class CommandBus:
                 if unit.from_cache:
                     refresh = True
                     continue
-                seq = max(unit.loaded.values(), default=None)
+                seq = max((s for s in unit.loaded.values() if isinstance(s, int)), default=None)
                 return ok(spec.to_reply(decision.result), seq, decision.created, decision.orchestration)
             envelopes = [
                 encode_event(e.aggregate_id, e.event, occurred=ctx.now, event_id=ctx.new_id(), idempotency_key=cmd.bus_key)
@@ -242,9 +265,13 @@ class CommandBus:
                 idem = (cmd.bus_key, json.dumps(record, default=str).encode())
             expected = {k: unit.loaded.get(k, 0) for k in {(e.aggregate_type, e.aggregate_id) for e in envelopes}}
             messages = self.store.build_messages(envelopes, expected, idem)
+            queued = self.store.submit(messages)
+            mine = self._remember_chainable(decision, unit, queued, offset=1 if idem is not None else 0)
+            release_more()
             try:
-                last_seq = await self.store.append(messages)
+                last_seq = await queued.result
             except WrongExpectedSequence:
+                self._forget_chained(decision)
                 if idem is not None:
                     earlier = await self.store.read_idempotency_record(idem[0])  # the command's key
                     if earlier is not None:
@@ -254,21 +281,73 @@ class CommandBus:
                 # instances contending for one aggregate take turns instead of colliding again.
                 await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2**_attempt)))
                 continue
-            self._remember(decision, unit, last_seq)
+            except BaseException:
+                self._forget_chained(decision)
+                raise
+            self._remember(decision, unit, last_seq, mine)
             return ok(reply_result, last_seq, decision.created, decision.orchestration)
         return error(ErrorCode.CONFLICT, f"{name} lost {self.retries + 1} races in a row for the same object; try again")
 
-    def _remember(self, decision: Decision, unit: Unit, last_seq: int) -> None:
+    def _remember_chainable(self, decision: Decision, unit: Unit, queued: Any, offset: int) -> dict[tuple[str, str], Pending]:
+        """Before the append is acknowledged, cache the state it leaves for the aggregates the
+        command locked while deciding (`Unit.lock`: hot ones, such as a pool's slot counts), so
+        that the next decision on them, let in as soon as this one is queued, decides against
+        it and chains onto it instead of waiting for the log (see `Pending`)."""
+        mine: dict[tuple[str, str], Pending] = {}
+        if not unit.locked_more:
+            return mine
+        by_agg: dict[tuple[str, str], list[tuple[int, Any]]] = {}
+        for i, new in enumerate(decision.events):
+            by_agg.setdefault((new.aggregate_type, new.aggregate_id), []).append((offset + i, new.event))
+        for key, items in by_agg.items():
+            if key not in unit.locked_more:
+                continue
+            kind = self.repo.kinds[key[0]]
+            assert kind.snapshots is None, "a chained aggregate is not snapshotted"
+            cached = self.repo.cached(*key)
+            loaded_at = unit.loaded.get(key, 0)
+            if cached is not None and (cached.seq is loaded_at or cached.seq == loaded_at):
+                state = cached.state
+            elif loaded_at == 0:
+                state = kind.initial()
+            else:
+                continue  # the cache moved on meanwhile: no chaining onto this one
+            if key[1] in decision.after:
+                state = decision.after[key[1]]
+            else:
+                for _, event in items:
+                    state = kind.evolve(state, event)
+            pending = Pending(queued, items[-1][0])
+            self.repo.remember(*key, Loaded(state, pending))  # type: ignore[arg-type]
+            mine[key] = pending
+        return mine
+
+    def _forget_chained(self, decision: Decision) -> None:
+        """An append failed: the states chained onto it never were; the next decision reads
+        the log."""
+        for new in decision.events:
+            cached = self.repo.cached(new.aggregate_type, new.aggregate_id)
+            if cached is not None and isinstance(cached.seq, Pending):
+                self.repo.forget(new.aggregate_type, new.aggregate_id)
+
+    def _remember(self, decision: Decision, unit: Unit, last_seq: int,
+                  chained: dict[tuple[str, str], Pending] | None = None) -> None:
         """Fold our own events into the cache so the next command needs no read. The events of
-        one append are stored contiguously, so each one's sequence follows from the last."""
+        one append are stored contiguously, so each one's sequence follows from the last.
+        `chained`: aggregates cached before the acknowledgement (`_remember_chainable`)."""
         n = len(decision.events)
         by_agg: dict[tuple[str, str], list[tuple[int, Any]]] = {}
         for i, new in enumerate(decision.events):
             by_agg.setdefault((new.aggregate_type, new.aggregate_id), []).append((last_seq - (n - 1 - i), new.event))
         for (atype, aid), items in by_agg.items():
             kind = self.repo.kinds[atype]
-            loaded_at = unit.loaded.get((atype, aid), 0)
             cached = self.repo.cached(atype, aid)
+            ours = (chained or {}).get((atype, aid))
+            if ours is not None:
+                if cached is not None and cached.seq is ours:  # nobody chained on since: now it is stored
+                    self.repo.remember(atype, aid, Loaded(cached.state, items[-1][0], cached.unsnapshotted))
+                continue
+            loaded_at = unit.loaded.get((atype, aid), 0)
             if cached is not None and cached.seq == loaded_at:
                 state, folded = cached.state, cached.unsnapshotted
             elif loaded_at == 0:

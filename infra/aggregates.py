@@ -47,7 +47,9 @@ class AggregateKind:
 @dataclass(frozen=True)
 class Loaded:
     state: Any
-    seq: int  # 0: the aggregate has no events
+    # 0: the aggregate has no events. In the command bus's cache, a hot aggregate's state may be
+    # one whose append is queued but not acknowledged yet: then `seq` is that `Pending` append.
+    seq: int
     # Events folded into `state` since the aggregate's last snapshot (or since its start).
     unsnapshotted: int = 0
 

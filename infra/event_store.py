@@ -14,11 +14,12 @@ alone, and the appends that wait at the same moment share one batch (`BatchGroup
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import cast
 
 from nats.aio.client import Client as NATS
@@ -56,6 +57,33 @@ class MessageTooLarge(Exception):
         self.limit = limit
 
 
+class Pending:
+    """Where an aggregate stands after an append that was submitted but not acknowledged yet:
+    the `index`-th message of a waiting append. A decision taken against the state that append
+    leaves *chains* onto it: its first message of that aggregate carries no sequence of its own
+    to check, and is stored right after the append it follows, in the same atomic batch when
+    both travel together, else with the sequence that append got. If that append fails, so does
+    every decision chained onto it (decided against a state that never was)."""
+
+    __slots__ = ("index", "waiting")
+
+    def __init__(self, waiting: _Waiting, index: int):
+        self.waiting = waiting
+        self.index = index
+
+    def landed_seq(self) -> int | None:
+        """The stream sequence of the message, once its append landed (None: not yet, or never)."""
+        result = self.waiting.result
+        if not result.done() or result.cancelled() or result.exception() is not None:
+            return None
+        return result.result() - (len(self.waiting.messages) - 1 - self.index)
+
+    async def settled(self) -> None:
+        """Wait until the append is acknowledged or has failed, whichever."""
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self.waiting.result)
+
+
 @dataclass(frozen=True)
 class OutgoingMessage:
     subject: str
@@ -63,6 +91,8 @@ class OutgoingMessage:
     msg_id: str
     expect_seq: int | None = None
     expect_subject: str | None = None
+    # Chained (see `Pending`): stored after that message, instead of checking a sequence.
+    after: Pending | None = None
 
     def headers(self) -> dict[str, str]:
         h = {MSG_ID: self.msg_id}
@@ -177,10 +207,37 @@ def _checked_subjects(messages: Sequence[OutgoingMessage]) -> set[str]:
     return {m.expect_subject or m.subject for m in messages if m.expect_seq is not None}
 
 
-@dataclass
+@dataclass(eq=False)
 class _Waiting:
     messages: list[OutgoingMessage]
     result: asyncio.Future
+
+
+class ChainBroken(WrongExpectedSequence):
+    """A decision chained onto an append that did not land: decide again."""
+
+
+def _resolve_chains(entry: _Waiting, group: list[_Waiting]) -> bool | None:
+    """Make `entry` sendable with `group`: a chained message whose predecessor travels in the
+    group stays chained (no check: the atomic batch keeps them in order); one whose predecessor
+    landed checks the sequence it got. True: ready; None: a predecessor has not settled yet;
+    False: a predecessor failed (the entry is settled with `ChainBroken`)."""
+    in_group = {id(w) for w in group}
+    resolved = []
+    for m in entry.messages:
+        dep = m.after
+        if dep is None or id(dep.waiting) in in_group:
+            resolved.append(m)
+            continue
+        if not dep.waiting.result.done():
+            return None
+        seq = dep.landed_seq()
+        if seq is None:
+            _settle(entry.result, error=ChainBroken("the decision it followed was not stored"))
+            return False
+        resolved.append(replace(m, expect_seq=seq, after=None))
+    entry.messages = resolved
+    return True
 
 
 class BatchGroups:
@@ -202,11 +259,16 @@ class BatchGroups:
         self.flusher: asyncio.Task | None = None
 
     async def append(self, messages: list[OutgoingMessage]) -> int:
+        return await self.submit(messages).result
+
+    def submit(self, messages: list[OutgoingMessage]) -> _Waiting:
+        """Queue an append; its `result` is the stream sequence of its last message. Later
+        decisions may chain onto it (`Pending`) before it is acknowledged."""
         entry = _Waiting(messages, asyncio.get_running_loop().create_future())
         self.waiting.append(entry)
         if self.flusher is None or self.flusher.done():
             self.flusher = asyncio.create_task(self._flush(), name="runledger-batch-groups")
-        return await entry.result
+        return entry
 
     def _next_group(self) -> list[_Waiting]:
         group: list[_Waiting] = []
@@ -214,23 +276,32 @@ class BatchGroups:
         size = 0
         kept: list[_Waiting] = []
         for entry in self.waiting:
+            if entry.result.done():
+                continue
+            ready = _resolve_chains(entry, group)
+            if ready is False:
+                continue
             subjects = _checked_subjects(entry.messages)
             # A decision over MAX_MESSAGES on its own still goes (alone), at its turn.
             fits = (not group or size + len(entry.messages) <= self.MAX_MESSAGES) and not subjects & checked
-            if fits and not entry.result.done():
+            if ready and fits:
                 group.append(entry)
                 checked |= subjects
                 size += len(entry.messages)
-            elif not entry.result.done():
-                kept.append(entry)  # overlaps or too big: the next group, in order
+            else:
+                kept.append(entry)  # overlaps, too big, or follows one not settled: later, in order
         self.waiting = kept
         return group
 
     async def _flush(self) -> None:
         while self.waiting:
             group = self._next_group()
-            if not group:
-                return
+            if not group:  # all wait for appends outside the queue: let those settle first
+                for entry in list(self.waiting):
+                    for m in entry.messages:
+                        if m.after is not None:
+                            await m.after.settled()
+                continue
             try:
                 await self._commit(group)
             except BaseException as e:  # never leave a caller waiting
@@ -261,6 +332,12 @@ class BatchGroups:
             await self._alone(entry, timed_out=timed_out)
 
     async def _alone(self, entry: _Waiting, timed_out: bool = False) -> None:
+        # Sent alone (its merged batch failed): whatever it follows was sent alone before it.
+        for m in entry.messages:
+            if m.after is not None:
+                await m.after.settled()
+        if not _resolve_chains(entry, []):
+            return
         try:
             _settle(entry.result, await self.store.append_alone(entry.messages, timed_out=timed_out))
         except Exception as e:
@@ -289,6 +366,7 @@ class EventStore:
         self.prefix = settings.event_subject_prefix
         self.acks = AckInbox(nc)
         self.groups = BatchGroups(self)
+        self._alone_tasks: set[asyncio.Task] = set()
 
     @property
     def max_payload(self) -> int:
@@ -311,7 +389,7 @@ class EventStore:
     def build_messages(
         self,
         envelopes: Sequence[EventEnvelope | EncodedEvent],
-        expected: dict[tuple[str, str], int],
+        expected: dict[tuple[str, str], int | Pending],
         idempotency: tuple[str, bytes] | None = None,
     ) -> list[OutgoingMessage]:
         out: list[OutgoingMessage] = []
@@ -325,15 +403,35 @@ class EventStore:
             data = env.data if isinstance(env, EncodedEvent) else env.model_dump_json().encode()
             if agg in checked:
                 out.append(OutgoingMessage(self.subject_of(env), data, str(env.id)))
+                continue
+            checked.add(agg)
+            at = expected.get(agg, 0)
+            if isinstance(at, Pending):  # chained onto an append not acknowledged yet
+                out.append(OutgoingMessage(self.subject_of(env), data, str(env.id), None,
+                                           self.aggregate_filter(*agg), after=at))
             else:
-                checked.add(agg)
-                out.append(
-                    OutgoingMessage(
-                        self.subject_of(env), data, str(env.id), expected.get(agg, 0),
-                        self.aggregate_filter(*agg),
-                    )
-                )
+                out.append(OutgoingMessage(self.subject_of(env), data, str(env.id), at, self.aggregate_filter(*agg)))
         return out
+
+    def submit(self, messages: list[OutgoingMessage]) -> _Waiting:
+        """`append` without waiting: the queued append (`result`: the last message's sequence),
+        for a decision that lets the next one on the same aggregate chain onto it."""
+        if not messages:
+            raise ValueError("nothing to append")
+        self.check_sizes(messages)
+        if len(messages) == 1 and messages[0].after is None and message_size(messages[0], batched=True) > self.max_payload:
+            entry = _Waiting(messages, asyncio.get_running_loop().create_future())  # too big for a batch
+
+            async def alone() -> None:
+                try:
+                    _settle(entry.result, await self.append_alone(messages))
+                except Exception as e:
+                    _settle(entry.result, error=e)
+
+            self._alone_tasks.add(task := asyncio.create_task(alone()))
+            task.add_done_callback(self._alone_tasks.discard)
+            return entry
+        return self.groups.submit(messages)
 
     async def append(self, messages: list[OutgoingMessage], *, attempts: int = 3) -> int:
         """Store all messages or none; returns the stream sequence of the last one.

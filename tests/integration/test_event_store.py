@@ -297,3 +297,33 @@ async def test_an_old_nats_server_is_refused_with_a_clear_error(tmp_path):
         if proc:
             proc.terminate()
             proc.wait()
+
+
+async def test_a_decision_chained_onto_a_queued_append_lands_right_after_it_or_not_at_all(store):
+    """Chaining (`Pending`): decisions on one hot aggregate, each taken against the state the
+    queued one before it leaves, land in order, in one atomic batch when they travel together;
+    one chained onto an append that fails fails too, and nothing of either is stored."""
+    from runledger.infra.event_store import ChainBroken, Pending
+
+    key = (wp.WORK_POOL_NAME, wp.name_aggregate_id("hot"))
+    pool_id = uuid.uuid4()
+    first = store.submit(store.build_messages([claim("hot", pool_id)], {key: 0}))
+    second = store.submit(store.build_messages([release("hot", pool_id)], {key: Pending(first, 0)}))
+    third = store.submit(store.build_messages([claim("hot", pool_id)], {key: Pending(second, 0)}))
+    seqs = [await w.result for w in (first, second, third)]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 3
+    stored = await store.read_aggregate(*key)
+    assert [s.seq for s in stored] == seqs
+    assert [s.envelope.type for s in stored] == ["WorkPoolNameClaimed", "WorkPoolNameReleased", "WorkPoolNameClaimed"]
+
+    before = await count(store)
+    stale = store.submit(store.build_messages([release("hot", pool_id)], {key: seqs[0]}))  # not the last one
+    chained = store.submit(store.build_messages([claim("hot", pool_id)], {key: Pending(stale, 0)}))
+    with pytest.raises(WrongExpectedSequence):
+        await stale.result
+    with pytest.raises(ChainBroken):
+        await chained.result
+    assert await count(store) == before
+    # A decision chained onto one that already landed checks the sequence it got.
+    after = store.submit(store.build_messages([release("hot", pool_id)], {key: Pending(third, 0)}))
+    assert await after.result > seqs[2]
