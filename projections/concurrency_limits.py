@@ -4,37 +4,47 @@ row: the same shape both ways."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, func, select
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runledger.commands import concurrency_limits as cl
 from runledger.commands import queries as q
 from runledger.commands.messages import Event
 
+from .bulk_writes import populate_sql
 from .tables import concurrency_limits
+
+_UPSERT_LIMITS = populate_sql(concurrency_limits, "update")
+_LIMIT_EVENTS = frozenset({cl.ConcurrencyLimitCreated.event_type, cl.ConcurrencyLimitUpdated.event_type,
+                           cl.ConcurrencyLimitSlotTaken.event_type, cl.ConcurrencyLimitSlotReleased.event_type})
 
 
 class ConcurrencyLimitsProjector:
+    """Reads payload dicts (`raw_payloads`): every event carries the whole limit, so the batch's
+    last one per limit is its row (a deployment's limit changes at every claim and release)."""
+
     name = "concurrency_limits"
     tables = (concurrency_limits,)
-    raw_payloads = False
-    handles = frozenset({cl.ConcurrencyLimitCreated.event_type, cl.ConcurrencyLimitUpdated.event_type,
-                         cl.ConcurrencyLimitDeleted.event_type, cl.ConcurrencyLimitSlotTaken.event_type,
-                         cl.ConcurrencyLimitSlotReleased.event_type})
+    raw_payloads = True
+    handles = frozenset({*_LIMIT_EVENTS, cl.ConcurrencyLimitDeleted.event_type})
 
     async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, str, Event | dict]]) -> None:
-        for _, _, event in events:
-            if isinstance(event, cl.ConcurrencyLimitCreated | cl.ConcurrencyLimitUpdated
-                          | cl.ConcurrencyLimitSlotTaken | cl.ConcurrencyLimitSlotReleased):
-                row = event.limit.model_dump()
-                stmt = insert(concurrency_limits).values(**row)
-                await conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=row))
-            elif isinstance(event, cl.ConcurrencyLimitDeleted):
-                await conn.execute(delete(concurrency_limits).where(concurrency_limits.c.id == event.limit.id))
+        last: dict[str, dict[str, Any] | None] = {}
+        for _, event_type, payload in cast(Sequence[tuple[str, str, dict[str, Any]]], events):
+            limit = payload["limit"]
+            last[limit["id"]] = limit if event_type in _LIMIT_EVENTS else None
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None  # asyncpg's connection, under a pooled connection in use
+        gone = [limit_id for limit_id, row in last.items() if row is None]
+        if gone:
+            await driver.execute("DELETE FROM concurrency_limits WHERE id = ANY($1::uuid[])", gone)
+        rows = [row for row in last.values() if row is not None]
+        if rows:
+            await driver.execute(_UPSERT_LIMITS, json.dumps(rows))
 
 
 def limit_reply(row: Any) -> dict[str, Any]:

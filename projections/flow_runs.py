@@ -16,24 +16,12 @@ from runledger.commands import queries as q
 from runledger.commands.messages import Event
 from runledger.commands.states import State
 
+from .bulk_writes import populate_sql
 from .filters import where_filter
 from .tables import flow_run_states, flow_runs, work_pools, work_queues
 
-
-def _populate_sql(table: Any, conflict: str) -> str:
-    """Insert (or replace) a batch of rows given as one JSON array of objects named like the
-    columns: Postgres turns each object into a row (`jsonb_populate_recordset`), so Python
-    neither validates nor converts a field (timestamps, ids, intervals, JSON columns)."""
-    columns = [c.name for c in table.columns]
-    on_conflict = ("DO NOTHING" if conflict == "nothing" else
-                   "DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in columns if c != "id"))
-    return (f"INSERT INTO {table.name} ({', '.join(columns)}) "
-            f"SELECT {', '.join(columns)} FROM jsonb_populate_recordset(NULL::{table.name}, $1::jsonb) "
-            f"ON CONFLICT (id) {on_conflict}")
-
-
-_UPSERT_RUNS = _populate_sql(flow_runs, "update")
-_INSERT_STATES = _populate_sql(flow_run_states, "nothing")
+_UPSERT_RUNS = populate_sql(flow_runs, "update")
+_INSERT_STATES = populate_sql(flow_run_states, "nothing")
 # A run written before a field existed lacks its key: its default, as the model would fill it.
 _RUN_DEFAULTS = {name: field.get_default(call_default_factory=True) for name, field in fr.FlowRun.model_fields.items()
                  if not field.is_required()}
