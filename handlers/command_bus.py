@@ -4,6 +4,12 @@ A command's handler function loads what it needs through a `Unit` (which remembe
 sequence each aggregate was loaded at) and returns the decider's `Decision`. The bus appends
 the decision's events with one expected-sequence check per aggregate, reloads and decides
 again on a conflict (bounded), and turns the outcome into the reply envelope.
+
+Hot aggregates (a pool's slot counts, a deployment's limit: every claim and release touches
+them) are locked while deciding (`Unit.lock`) and given back as soon as the decision is queued
+for the log, not when it is stored: the next decision on them is taken against the state the
+queued one leaves and chained onto it (`infra.event_store.Pending`), so successive decisions
+on one aggregate share appends instead of waiting for one each.
 """
 
 from __future__ import annotations
@@ -53,9 +59,11 @@ class Unit:
     async def lock(self, keys: Iterable[AggregateKey]) -> None:
         """Lock aggregates found only by loading others (the slot counts of a run's pool):
         commands of this process that touch them then take turns instead of racing for their
-        expected sequence. Call it once, with every such key, after the command's own locks
-        (`CommandSpec.locks`) are held: the keys are taken in sorted order, and nothing waits
-        for a command's own lock while holding one of these, so no two commands deadlock."""
+        expected sequence, each deciding against the state the one before left (chained, see
+        the module docstring). Call it once per attempt, with every such key, after the
+        command's own locks (`CommandSpec.locks`) are held: the keys are taken in sorted order,
+        and nothing waits for a command's own lock while holding one of these, so no two
+        commands deadlock."""
         keys = list(keys)
         self.locked_more.update(keys)
         if self._lock_more is not None:

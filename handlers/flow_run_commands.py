@@ -116,10 +116,12 @@ def command_specs(queues: LogIndex | None) -> dict[str, CommandSpec]:
             pool = await unit.load(wp.WORK_POOL, pool_id) if pool_id else None
         if run.deployment_id is not None:
             deployment = await unit.load(dp.DEPLOYMENT, str(run.deployment_id))
-        limit_id = (str(dp.limit_id(deployment.id))
-                    if deployment is not None and deployment.concurrency_limit is not None else None)
+        limited = deployment is not None and deployment.concurrency_limit is not None
+        limit_id = str(dp.limit_id(deployment.id)) if deployment is not None and limited else None
+        # The limit and its waiters change together: both are locked (and chained) with it.
         await unit.lock([*([(sl.POOL_SLOTS, sl.slots_id(pool.id))] if pool is not None else []),
-                         *([(cl.CONCURRENCY_LIMIT, limit_id)] if limit_id is not None else [])])
+                         *([(cl.CONCURRENCY_LIMIT, limit_id), (sl.LIMIT_WAITERS, sl.waiters_id(uuid.UUID(limit_id)))]
+                           if limit_id is not None else [])])
         slots = None
         if pool is not None:
             slots = await unit.load(sl.POOL_SLOTS, sl.slots_id(pool.id)) or sl.PoolSlots(pool_id=pool.id)
@@ -130,7 +132,6 @@ def command_specs(queues: LogIndex | None) -> dict[str, CommandSpec]:
         if limit_id is not None:
             limit = await unit.load(cl.CONCURRENCY_LIMIT, limit_id)
         if limit is not None:
-            # Written only under the limit's lock, like the limit's counts.
             waiters = (await unit.load(sl.LIMIT_WAITERS, sl.waiters_id(limit.id))
                        or sl.LimitWaiters(limit_id=limit.id))
             if sl.deployment_lease(run) is not None:  # this transition may give the slot back
