@@ -165,9 +165,10 @@ async def test_a_stale_member_fails_alone_and_the_rest_of_its_group_lands(store,
     assert len(await store.read_aggregate(*taken)) == 1
 
 
-async def test_concurrent_single_appends_share_batches_and_a_stale_one_fails_alone(store, batch_sizes):
-    """Single-message appends waiting at the same moment travel as one batch (one sync for
-    all of them); one whose check fails gets its error and the others still land."""
+async def test_concurrent_single_appends_go_side_by_side_and_a_stale_one_fails_alone(store, batch_sizes):
+    """Single-message appends need no atomic batch: they are sent at once, side by side (the
+    server pipelines them, where it commits atomic batches one at a time); one whose check
+    fails gets its error and the others land."""
     names = [f"one{i}" for i in range(30)]
     await store.append(store.build_messages([claim("one7")], {(wp.WORK_POOL_NAME, wp.name_aggregate_id("one7")): 0}))
     envs = [claim(n) for n in names]
@@ -181,12 +182,22 @@ async def test_concurrent_single_appends_share_batches_and_a_stale_one_fails_alo
         stored = await store.read_aggregate(wp.WORK_POOL_NAME, wp.name_aggregate_id(n))
         if i != 7:
             assert [(x.seq, x.envelope.id) for x in stored] == [(results[i], e.id)]
-    assert batch_sizes and max(batch_sizes) > 2  # merged, not one commit per append
+    assert batch_sizes == []  # none was merged into an atomic batch
+
+
+async def test_grouped_single_appends_share_batches_when_asked(store, batch_sizes):
+    """`group_single_messages` (how single appends went before): merged into atomic batches."""
+    store.group_single_messages = True
+    names = [f"grouped{i}" for i in range(30)]
+    results = await asyncio.gather(*(store.append(store.build_messages(
+        [claim(n)], {(wp.WORK_POOL_NAME, wp.name_aggregate_id(n)): 0})) for n in names))
+    assert len(set(results)) == 30 and max(batch_sizes) > 2
 
 
 async def test_a_single_message_too_big_for_the_batch_headers_goes_alone(store, monkeypatch):
     """Right under the max payload on its own, over it with the batch headers: it is never
     merged into a batch (the server would close the connection) and still lands."""
+    store.group_single_messages = True  # the others are merged; it is not
     batched_ids: list[str] = []
     real = store._publish_batch
 
