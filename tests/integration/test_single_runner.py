@@ -70,8 +70,10 @@ async def test_the_lease_itself(settings):
         assert await b.acquire()
         # The holder dies without a word: the TTL frees the lease.
         b.revision = None
-        waited = await _until(a.acquire, timeout=10)
-        assert waited < 4
+        # Freed by the TTL (1 s), not never: the server expires keys on its own timer, later
+        # under load (it once took over 4 s during a full test run).
+        waited = await _until(a.acquire, timeout=15)
+        assert waited < 10
         # A holder whose lease another took cannot renew it.
         b.revision = 1
         assert not await b.renew()
