@@ -9,6 +9,9 @@ queue's free slots and the request's limit allow: a LATERAL subquery with a LIMI
 the union in the pool's order with a window function, and cuts it at the pool's free slots
 and at the limit. Finished runs never enter the index, so a long history costs nothing.
 
+Beyond Prefect: runs whose deployment's concurrency limit is full (and would send them to wait)
+are left out, so they never take the place of runs that can start.
+
 Order (runledger's, the same at each cut): queue priority, then the run's `priority` (lower
 first), then `next_scheduled_start_time`, then id. Free slots: a queue's limit minus its
 PENDING and RUNNING runs; the pool's limit minus the PENDING and RUNNING runs of its
@@ -46,6 +49,14 @@ _POOL_AND_QUEUES = text(
     " FROM work_pools p LEFT JOIN work_queues q ON q.work_pool_id = p.id WHERE p.name = :name"
 )
 _RUN_COLUMNS = ", ".join(f"f.{c.name}" for c in flow_runs.columns)
+# A run whose deployment's limit is full and would make it wait (ENQUEUE) is not offered: its
+# claim could only send it to wait, and offering it would take the place of runs that can
+# start (Prefect #19403: 200 such runs at the head of a queue held every other run back). A
+# CANCEL_NEW deployment's runs are offered, so that their claim cancels them.
+_DEPLOYMENT_FULL = """EXISTS (
+            SELECT 1 FROM deployments d JOIN concurrency_limits cl ON cl.name = 'deployment:' || d.id::text
+            WHERE d.id = f.deployment_id AND cl.active AND cl.active_slots >= cl."limit"
+              AND COALESCE(d.concurrency_options ->> 'collision_strategy', 'ENQUEUE') <> 'CANCEL_NEW')"""
 _UUIDS = ARRAY(UUID(as_uuid=True))
 
 
@@ -77,13 +88,18 @@ ranked AS (
         SELECT f.id, f.priority, f.next_scheduled_start_time FROM flow_runs f
         WHERE f.work_queue_id = qr.id AND f.state_type = 'SCHEDULED'
           AND (f.empirical_policy ->> 'retry_type') IS DISTINCT FROM 'in_process'{bounds}
+          AND NOT {_DEPLOYMENT_FULL}
         ORDER BY f.priority, f.next_scheduled_start_time, f.id
         LIMIT LEAST(qr.room, :limit)
     ) r
 )
 SELECT ranked.queue_id AS poll_queue_id, {_RUN_COLUMNS}, q.name AS current_queue_name,
        q.work_pool_id AS work_pool_id, CAST(:pool_name AS text) AS work_pool_name
-FROM ranked JOIN flow_runs f ON f.id = ranked.id JOIN work_queues q ON q.id = ranked.queue_id
+FROM ranked
+-- Each chosen run by its primary key (OFFSET 0 keeps it a per-row lookup: estimating up to a
+-- thousand ranked rows, the planner hashed a scan of the whole table for a history of 100,000).
+CROSS JOIN LATERAL (SELECT * FROM flow_runs f WHERE f.id = ranked.id OFFSET 0) f
+JOIN work_queues q ON q.id = ranked.queue_id
 WHERE ranked.n <= (SELECT room FROM pool_room) AND ranked.n <= :limit
 ORDER BY ranked.n"""
     return text(sql).bindparams(bindparam("queue_ids", type_=_UUIDS), bindparam("unpaused_ids", type_=_UUIDS))

@@ -255,3 +255,38 @@ async def test_concurrency_status_views_show_who_holds_the_slots(broker, service
         assert queue_status.active_slots == 4 and len(queue_status.flow_runs) == 4
         run = await rl.read_flow_run(cancelling["id"])
         assert run.worker_name is None and run.state.type == "CANCELLING"
+
+
+async def test_runs_of_a_full_deployment_do_not_take_the_place_of_runs_that_can_start(broker, service, settings):
+    """Prefect #19403: a worker's poll is filled with runs whose deployment is at its limit,
+    each then sent to wait, and every other run of the queue waits behind them. Here the poll
+    leaves them out while the deployment is full (ENQUEUE); CANCEL_NEW runs are offered, so
+    that their claim cancels them."""
+    await broker.ok_cmd("CreateWorkPool", name="shared", type="process")
+    flow_id = (await broker.ok_cmd("CreateFlow", name="mixed"))["id"]
+    full = await broker.ok_cmd("CreateDeployment", flow_id=flow_id, name="one-at-a-time", work_pool_name="shared",
+                               concurrency_limit=1)
+    free = await broker.ok_cmd("CreateDeployment", flow_id=flow_id, name="free", work_pool_name="shared")
+    now = datetime.now(UTC)
+
+    async def scheduled(deployment: dict, minutes_ago: int) -> str:
+        at = (now - timedelta(minutes=minutes_ago)).isoformat()
+        return (await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=deployment["id"],
+                                    state={"type": "SCHEDULED", "state_details": {"scheduled_time": at}}))["id"]
+
+    holder = await scheduled(full, 60)
+    blocked = [await scheduled(full, 50 - i) for i in range(3)]  # earlier than the free ones
+    startable = [await scheduled(free, 10 - i) for i in range(2)]
+
+    async def poll() -> list[str]:
+        return [item["flow_run"]["id"] for item in
+                await broker.ok_qry("GetScheduledFlowRuns", work_pool_name="shared", limit=3)]
+
+    assert await poll() == [holder, *blocked[:2]]  # not full yet: time order, as Prefect
+    assert (await _set(broker, holder, "PENDING"))["orchestration"]["status"] == "ACCEPT"
+    assert await poll() == startable  # full: its runs stand aside
+    await _set(broker, holder, "COMPLETED")
+    assert await poll() == blocked  # a free slot: they are offered again
+    await broker.ok_cmd("UpdateDeployment", id=full["id"], concurrency_options={"collision_strategy": "CANCEL_NEW"})
+    assert (await _set(broker, blocked[0], "PENDING"))["orchestration"]["status"] == "ACCEPT"
+    assert await poll() == blocked[1:] + startable[:1]  # CANCEL_NEW: offered, to be cancelled
