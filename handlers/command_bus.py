@@ -314,7 +314,10 @@ class CommandBus:
             assert kind.snapshots is None, "a chained aggregate is not snapshotted"
             cached = self.repo.cached(*key)
             loaded_at = unit.loaded.get(key, 0)
-            if cached is not None and (cached.seq is loaded_at or cached.seq == loaded_at):
+            # What we decided against: the cache as we read it, or as the append we chained onto
+            # left it once it landed (its acknowledgement replaces its pending entry meanwhile).
+            landed = isinstance(loaded_at, Pending) and cached is not None and loaded_at.landed_seq() == cached.seq
+            if cached is not None and (cached.seq is loaded_at or cached.seq == loaded_at or landed):
                 state = cached.state
             elif loaded_at == 0:
                 state = kind.initial()
