@@ -160,8 +160,9 @@ class Limits:
 
     `pool`/`slots`: the pool of the run's queue and its counts (None: the run has no queue, or
     its pool is gone). `deployment_limit`: the run's deployment's global limit (None: no limit),
-    with what to do when it is full (`collision_strategy`, Prefect's default ENQUEUE) and how
-    long a slot is leased (`grace_period_seconds`). `deployment_found`: False when the run names
+    with what to do when it is full (`collision_strategy`, Prefect's default ENQUEUE) and its
+    `grace_period_seconds` (carried, not applied: a slot is not taken back after a time, but
+    when the worker that claimed the run stops sending heartbeats). `deployment_found`: False when the run names
     a deployment that no longer exists. `waiters`: the deployment limit's waiters, and
     `first_waiters` the first `WAKE_LOOKAHEAD` of them as loaded (None: gone), for a release
     to wake the next one."""
