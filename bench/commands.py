@@ -13,6 +13,7 @@ import json
 
 from harness import (
     bench_settings,
+    command_sender,
     cpu_seconds,
     now,
     percentile,
@@ -31,12 +32,7 @@ async def run(args) -> dict:
         with service_process(settings) as proc:
             nc = await connect(bench_settings(urls, role="client"))
 
-            async def cmd(name: str, body: dict) -> dict:
-                reply = await nc.request(settings.command_subject(name), json.dumps(body).encode(), timeout=30)
-                out = json.loads(reply.data)
-                if not out["ok"]:
-                    raise RuntimeError(out)
-                return out
+            cmd = command_sender(nc, settings)
 
             for c in range(args.clients):
                 await cmd("CreateWorkPool", {"name": f"bench-{c}", "type": "process"})

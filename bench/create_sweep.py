@@ -12,10 +12,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import time
 
-from harness import bench_settings, cpu_seconds, percentile, report, servers, service_process
+from harness import (
+    bench_settings,
+    command_sender,
+    cpu_seconds,
+    percentile,
+    report,
+    servers,
+    service_process,
+)
 
 from runledger.infra.nats_connection import connect
 
@@ -29,12 +36,7 @@ async def run(args) -> list[tuple[int, float, float, float]]:
             stack.enter_context(service_process(settings, "queries,projections"))
         nc = await connect(bench_settings(urls, role="client"))
 
-        async def cmd(name: str, body: dict) -> dict:
-            reply = await nc.request(settings.command_subject(name), json.dumps(body).encode(), timeout=30)
-            out = json.loads(reply.data)
-            if not out["ok"]:
-                raise RuntimeError(out)
-            return out
+        cmd = command_sender(nc, settings)
 
         flow = (await cmd("CreateFlow", {"name": "sweep"}))["result"]
         await cmd("CreateWorkPool", {"name": "pool", "type": "process"})

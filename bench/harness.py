@@ -204,3 +204,17 @@ def dump_json(path: str | None, data: dict) -> None:
 
 def now() -> float:
     return time.perf_counter()
+
+
+def command_sender(nc, settings: Settings):
+    """`await cmd(name, body)`: a command through the broker, its reply envelope, or
+    RuntimeError when it is not ok (a benchmark's commands are all expected to succeed)."""
+
+    async def cmd(name: str, body: dict) -> dict:
+        reply = await nc.request(settings.command_subject(name), json.dumps(body).encode(), timeout=30)
+        out = json.loads(reply.data)
+        if not out["ok"]:
+            raise RuntimeError(out)
+        return out
+
+    return cmd

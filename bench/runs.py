@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 
 from harness import (
     bench_settings,
+    command_sender,
     cpu_seconds,
     now,
     percentile,
@@ -41,12 +41,7 @@ async def run(args) -> dict:
         with service_process(settings) as proc:
             nc = await connect(bench_settings(urls, role="client"))
 
-            async def cmd(name: str, body: dict) -> dict:
-                reply = await nc.request(settings.command_subject(name), json.dumps(body).encode(), timeout=30)
-                out = json.loads(reply.data)
-                if not out["ok"]:
-                    raise RuntimeError(out)
-                return out
+            cmd = command_sender(nc, settings)
 
             flow = (await cmd("CreateFlow", {"name": "bench"}))["result"]
             await cmd("CreateWorkPool", {"name": "pool", "type": "process", "concurrency_limit": 1_000_000})

@@ -327,29 +327,27 @@ class WorkQueueConcurrencyStatusDetail(BaseModel):
     flow_run_count: int = 0
 
 
-class WorkPoolConcurrencyStatus(BaseModel):
-    """Who holds a pool's slots (`active_slots`: every queue's, not only the page's)."""
+class _ConcurrencyStatusPage(BaseModel):
+    """A count of slot holders with one page of what it counts (`count` items in `pages`)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
     active_slots: int
     concurrency_limit: int | None = None
+    count: int = 0
+    limit: int = 0
+    page: int = 1
+    pages: int = 0
+
+
+class WorkPoolConcurrencyStatus(_ConcurrencyStatusPage):
+    """Who holds a pool's slots (`active_slots`: every queue's, not only the page's; the page
+    is of queues)."""
+
     work_queues: list[WorkQueueConcurrencyStatusDetail] = []
-    count: int = 0
-    limit: int = 0
-    page: int = 1
-    pages: int = 0
 
 
-class WorkQueueConcurrencyStatus(BaseModel):
-    """Who holds a queue's slots, counted as the legacy queue API does."""
+class WorkQueueConcurrencyStatus(_ConcurrencyStatusPage):
+    """Who holds a queue's slots, counted as the legacy queue API does (the page is of runs)."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-    active_slots: int
-    concurrency_limit: int | None = None
     flow_runs: list[FlowRunSlotSummary] = []
-    count: int = 0
-    limit: int = 0
-    page: int = 1
-    pages: int = 0

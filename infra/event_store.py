@@ -258,9 +258,6 @@ class BatchGroups:
         self.waiting: list[_Waiting] = []
         self.flusher: asyncio.Task | None = None
 
-    async def append(self, messages: list[OutgoingMessage]) -> int:
-        return await self.submit(messages).result
-
     def submit(self, messages: list[OutgoingMessage]) -> _Waiting:
         """Queue an append; its `result` is the stream sequence of its last message. Later
         decisions may chain onto it (`Pending`) before it is acknowledged."""
@@ -439,7 +436,7 @@ class EventStore:
         task.add_done_callback(self._alone_tasks.discard)
         return entry
 
-    async def append(self, messages: list[OutgoingMessage], *, attempts: int = 3) -> int:
+    async def append(self, messages: list[OutgoingMessage]) -> int:
         """Store all messages or none; returns the stream sequence of the last one.
 
         A lost acknowledgement is retried with the same message ids. Because the server runs

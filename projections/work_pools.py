@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import DateTime, and_, bindparam, func, or_, select
+from sqlalchemy import DateTime, and_, bindparam, case, func, or_, select
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -169,10 +169,15 @@ _POOL_ACTIVE = (select(func.count()).select_from(flow_runs.join(_counted_queue, 
                 .scalar_subquery().label("active_slots"))
 
 
-def _queue_active(states: tuple[str, ...], label: str) -> Any:
-    return (select(func.count()).select_from(flow_runs)
-            .where(flow_runs.c.work_queue_id == work_queues.c.id, flow_runs.c.state_type.in_(states))
-            .scalar_subquery().label(label))
+def _queue_active(states: tuple[str, ...], label: str, *, always: bool = False) -> Any:
+    """A queue's count; in replies, only for a queue with a limit (they show none otherwise,
+    and Postgres runs the subquery only in the CASE branch that needs it)."""
+    count = (select(func.count()).select_from(flow_runs)
+             .where(flow_runs.c.work_queue_id == work_queues.c.id, flow_runs.c.state_type.in_(states))
+             .scalar_subquery())
+    if always:
+        return count.label(label)
+    return case((work_queues.c.concurrency_limit.is_(None), None), else_=count).label(label)
 
 
 _QUEUE_ACTIVE = (_queue_active(_HOLDING, "active_slots"), _queue_active(_HOLDING_LEGACY, "legacy_active_slots"))
@@ -311,6 +316,13 @@ def _slot_summary(r: Any, now: datetime) -> dict[str, Any]:
             "time_in_current_state": (now - r.state_timestamp).total_seconds() if r.state_timestamp else None}
 
 
+# The status view counts every queue's holders, limited or not.
+_COUNTED_QUEUES_OF_POOL = (
+    select(work_queues, _queue_active(_HOLDING, "active_slots", always=True))
+    .where(work_queues.c.work_pool_id == bindparam("pool_id"))
+    .order_by(work_queues.c.priority, work_queues.c.created, work_queues.c.id)
+    .limit(bindparam("limit")).offset(bindparam("offset"))
+)
 _STATE_TIMESTAMP = func.cast(flow_runs.c.state["timestamp"].astext, DateTime(timezone=True)).label("state_timestamp")
 _SUMMARY_COLUMNS = (flow_runs.c.id, flow_runs.c.name, flow_runs.c.state_type, flow_runs.c.state_name,
                     flow_runs.c.start_time, _STATE_TIMESTAMP)
@@ -322,7 +334,8 @@ async def get_work_pool_concurrency_status(conn: AsyncConnection,
     pool = await _pool_row_by_name(conn, query.work_pool_name)
     now = datetime.now(UTC)
     offset = (query.page - 1) * query.limit
-    queues = list(await conn.execute(_QUEUES_OF_POOL, {"pool_id": pool.id, "limit": query.limit, "offset": offset}))
+    queues = list(await conn.execute(_COUNTED_QUEUES_OF_POOL, {"pool_id": pool.id, "limit": query.limit,
+                                                               "offset": offset}))
     total_queues = (await conn.execute(select(func.count()).select_from(work_queues)
                                        .where(work_queues.c.work_pool_id == pool.id))).scalar_one()
     holders: dict[Any, list[dict[str, Any]]] = {r.id: [] for r in queues}

@@ -23,6 +23,18 @@ async def broker(service, settings):
 
 
 @pytest.fixture
+async def second_instance(service, settings):
+    """A second service taking commands beside `service`, with its own cache and locks: what
+    two instances decide apart, only the log keeps consistent."""
+    other = Service(settings, roles=frozenset({"commands"}))
+    await other.start()
+    try:
+        yield other
+    finally:
+        await other.stop()
+
+
+@pytest.fixture
 async def writer(settings):
     """A service that takes commands but projects nothing (the test runs its own projection
     runners), an `applied_counts` table for counting projectors, and a broker to talk to it."""

@@ -7,21 +7,8 @@ import asyncio
 import json
 import random
 
-import pytest
-
 from runledger.commands import work_pools as wp
-from runledger.handlers.service import Service
 from runledger.infra.nats_connection import connect
-
-
-@pytest.fixture
-async def second_instance(service, settings):
-    other = Service(settings, roles=frozenset({"commands"}))
-    await other.start()
-    try:
-        yield other
-    finally:
-        await other.stop()
 
 
 async def _cmd(nc, settings, name, body):

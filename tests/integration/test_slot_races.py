@@ -13,25 +13,12 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
-import pytest
-
-from runledger.handlers.service import Service
 from runledger.infra.event_store import EventStore
 from runledger.infra.nats_connection import connect
 from tests.integration.broker import assert_live_equals_rebuild
 
 CLAIMERS = 32
 HOLDING = {"PENDING", "RUNNING"}
-
-
-@pytest.fixture
-async def second_instance(service, settings):
-    other = Service(settings, roles=frozenset({"commands"}))
-    await other.start()
-    try:
-        yield other
-    finally:
-        await other.stop()
 
 
 async def _cmd(nc, settings, name: str, body: dict[str, Any]) -> dict[str, Any]:
