@@ -1,8 +1,8 @@
 """What the client returns: the work pool, work queue, flow, variable, concurrency limit,
-deployment, flow run and state reply shapes of the broker contract (`work_pool_reply` /
-`work_queue_reply` in `runledger.commands.work_pools`, `Flow.reply` in
+deployment, flow run, task run, state and run history reply shapes of the broker contract
+(`work_pool_reply` / `work_queue_reply` in `runledger.commands.work_pools`, `Flow.reply` in
 `runledger.commands.flows`, and the same for `Variable`, `ConcurrencyLimit`, `Deployment`,
-`FlowRun` and `State`).
+`FlowRun`, `TaskRun` and `State`).
 
 Unknown fields are kept (`extra="allow"`) so an older client still reads a newer service.
 Datetimes dump back as the service wrote them, so `model_dump(mode="json")` reproduces the
@@ -233,6 +233,69 @@ class FlowRun(BaseModel):
     priority: int = 0  # beyond Prefect: lower runs first within its queue
     waiting_reason: str | None = None  # beyond Prefect: why it waits, when something holds it back
     worker_name: str | None = None  # beyond Prefect: the worker whose claim it holds, while it holds one
+
+
+class TaskRun(BaseModel):
+    """A task run (`TaskRun` in `runledger.commands.task_runs`; Prefect's field names).
+    `flow_run_id` is null for a background task; `total_run_time` is in seconds.
+    `parameters`, `queued_state_id` and `task_worker_id` are runledger's: a background task's
+    parameters, the state that last queued it for a task worker, and the worker that holds it
+    while it runs."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: uuid.UUID
+    created: datetime
+    updated: datetime
+    name: str
+    flow_run_id: uuid.UUID | None = None
+    task_key: str
+    dynamic_key: str
+    cache_key: str | None = None
+    cache_expiration: datetime | None = None
+    task_version: str | None = None
+    empirical_policy: dict[str, Any] = {}
+    tags: list[str] = []
+    labels: dict[str, Any] = {}
+    task_inputs: dict[str, Any] = {}
+    state_id: uuid.UUID | None = None
+    state_type: str | None = None
+    state_name: str | None = None
+    run_count: int = 0
+    flow_run_run_count: int = 0
+    expected_start_time: datetime | None = None
+    next_scheduled_start_time: datetime | None = None
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    total_run_time: float = 0.0
+    state: State | None = None
+    parameters: dict[str, Any] = {}
+    queued_state_id: uuid.UUID | None = None
+    task_worker_id: str | None = None
+
+
+class HistoryState(BaseModel):
+    """The runs of one history interval in one state: how many, and the sums of their
+    estimated run time and lateness (seconds)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    state_type: str | None = None
+    state_name: str | None = None
+    count_runs: int
+    sum_estimated_run_time: float
+    sum_estimated_lateness: float
+
+
+class HistoryInterval(BaseModel):
+    """One interval of a run history, `[interval_start, interval_end)`, and its runs by state
+    (empty when it has none)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    interval_start: datetime
+    interval_end: datetime
+    states: list[HistoryState] = []
 
 
 class OrchestrationDetails(BaseModel):

@@ -46,8 +46,10 @@ from .models import (
     Flow,
     FlowRun,
     FlowRunCreateResult,
+    HistoryInterval,
     OrchestrationResult,
     State,
+    TaskRun,
     Variable,
     WorkerFlowRun,
     WorkPool,
@@ -1376,6 +1378,254 @@ class RunledgerClient:
         """A run's state history, oldest first."""
         reply = await self.query("ListFlowRunStates", {"flow_run_id": str(flow_run_id)}, min_seq=min_seq)
         return self._many(State, reply.result)
+
+    async def read_flow_run_state(self, state_id: uuid.UUID | str, *, min_seq: int | None = None) -> State:
+        """One written state of a flow run, by the state's id."""
+        reply = await self.query("GetFlowRunState", {"id": str(state_id)}, min_seq=min_seq)
+        return self._one(State, reply.result)
+
+    @staticmethod
+    def _history(history_start: datetime, history_end: datetime, history_interval_seconds: float) -> dict[str, Any]:
+        return {"history_start": history_start, "history_end": history_end,
+                "history_interval_seconds": history_interval_seconds}
+
+    async def flow_run_history(
+        self,
+        history_start: datetime,
+        history_end: datetime,
+        history_interval_seconds: float,
+        *,
+        flow_ids: Sequence[uuid.UUID | str] | None = None,
+        deployment_ids: Sequence[uuid.UUID | str] | None = None,
+        work_pool_names: Sequence[str] | None = None,
+        work_queue_names: Sequence[str] | None = None,
+        state_types: Sequence[str] | None = None,
+        state_names: Sequence[str] | None = None,
+        tags: Sequence[str] | None = None,
+        flow_run_filter: Mapping[str, Any] | None = None,
+        min_seq: int | None = None,
+    ) -> list[HistoryInterval]:
+        """Flow runs counted per interval of their expected start time (at least 1 s each, at
+        most 500 intervals), by state, with their estimated run time and lateness."""
+        body = self._history(history_start, history_end, history_interval_seconds) | self._flow_run_query(
+            None, None, flow_ids, deployment_ids, None, work_queue_names, state_types, state_names, tags, None, None,
+            None, None, work_pool_names, flow_run_filter)
+        reply = await self.query("GetFlowRunHistory", body, min_seq=min_seq)
+        return self._many(HistoryInterval, reply.result)
+
+    # -----------------------------------------------------------------------------------------
+    # Task runs (task queues and task workers: docs/tasks.md)
+
+    async def create_task_run(
+        self,
+        task_key: str,
+        dynamic_key: str,
+        *,
+        flow_run_id: uuid.UUID | str | None = None,
+        state: Mapping[str, Any] | str | None | Unset = UNSET,
+        id: uuid.UUID | str | Unset = UNSET,
+        name: str | None | Unset = UNSET,
+        cache_key: str | None | Unset = UNSET,
+        cache_expiration: datetime | None | Unset = UNSET,
+        task_version: str | None | Unset = UNSET,
+        empirical_policy: Mapping[str, Any] | Unset = UNSET,
+        tags: Sequence[str] | Unset = UNSET,
+        labels: Mapping[str, Any] | Unset = UNSET,
+        task_inputs: Mapping[str, Any] | Unset = UNSET,
+        parameters: Mapping[str, Any] | Unset = UNSET,
+        queue_wait_seconds: float | Unset = UNSET,
+        idempotency_key: str | None = None,
+    ) -> tuple[TaskRun, bool]:
+        """A task run, `Pending` unless `state` (a mapping or a type name) says otherwise; no
+        `flow_run_id` makes a background task. Returns it and whether this call created it:
+        a run with the same (flow run, task key, dynamic key) comes back unchanged, its state
+        not applied. An `id` that another run with other keys has → `Conflict`. A SCHEDULED
+        state with `state_details.deferred` queues the run for a task worker;
+        `queue_wait_seconds`: how long to wait for room when its key's queue is full."""
+        body = self._run_fields(
+            task_key=task_key, dynamic_key=dynamic_key, state=state, id=id, name=name, cache_key=cache_key,
+            cache_expiration=cache_expiration, task_version=task_version, empirical_policy=empirical_policy,
+            tags=tags, labels=labels, task_inputs=task_inputs, parameters=parameters,
+            queue_wait_seconds=queue_wait_seconds)
+        if flow_run_id is not None:
+            body["flow_run_id"] = str(flow_run_id)
+        reply = await self.command("CreateTaskRun", body | self._key(idempotency_key))
+        if reply.created is None:
+            raise ProtocolError("the service's reply to CreateTaskRun does not say whether it created the task run")
+        return self._one(TaskRun, reply.result), reply.created
+
+    async def set_task_run_state(
+        self,
+        task_run_id: uuid.UUID | str,
+        state: Mapping[str, Any] | str,
+        force: bool = False,
+        *,
+        task_worker_id: str | None = None,
+        delivery: Mapping[str, Any] | None = None,
+        queue_wait_seconds: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> OrchestrationResult:
+        """Propose a state; the task orchestration rules decide what is written (read
+        `status`, `details` and `state` as for `set_flow_run_state`). A task worker names
+        itself (`task_worker_id`) and, when it starts a run, the delivery it took it from
+        (`delivery`: `{"state_id", "attempt"}`)."""
+        proposed = {"type": state} if isinstance(state, str) else dict(state)
+        body: dict[str, Any] = {"id": str(task_run_id), "state": proposed}
+        if force:
+            body["force"] = True
+        if task_worker_id is not None:
+            body["task_worker_id"] = task_worker_id
+        if delivery is not None:
+            body["delivery"] = dict(delivery)
+        if queue_wait_seconds is not None:
+            body["queue_wait_seconds"] = queue_wait_seconds
+        reply = await self.command("SetTaskRunState", body | self._key(idempotency_key))
+        if reply.orchestration is None:
+            raise ProtocolError("the service's reply to SetTaskRunState has no orchestration outcome")
+        return self._one(OrchestrationResult, {**reply.orchestration, "state": reply.result})
+
+    async def update_task_run(self, task_run_id: uuid.UUID | str, *, name: str | Unset = UNSET,
+                              idempotency_key: str | None = None) -> None:
+        """Rename a task run (the one field Prefect's task-run update changes)."""
+        await self.command("UpdateTaskRun", given(id=str(task_run_id), name=name) | self._key(idempotency_key))
+
+    async def delete_task_run(self, task_run_id: uuid.UUID | str, *, idempotency_key: str | None = None) -> None:
+        """Delete a task run; its keys are free again at once."""
+        await self.command("DeleteTaskRun", {"id": str(task_run_id)} | self._key(idempotency_key))
+
+    async def read_task_run(self, task_run_id: uuid.UUID | str, *, min_seq: int | None = None) -> TaskRun:
+        reply = await self.query("GetTaskRun", {"id": str(task_run_id)}, min_seq=min_seq)
+        return self._one(TaskRun, reply.result)
+
+    @staticmethod
+    def _time_range(after: datetime | None, before: datetime | None) -> dict[str, Any] | None:
+        if after is None and before is None:
+            return None
+        return given(after_=UNSET if after is None else after, before_=UNSET if before is None else before)
+
+    @classmethod
+    def _task_run_query(cls, ids: Sequence[uuid.UUID | str] | None, names: Sequence[str] | None,
+                        flow_run_ids: Sequence[uuid.UUID | str] | None, flow_run_id_is_null: bool | None,
+                        task_keys: Sequence[str] | None, state_types: Sequence[str] | None,
+                        state_names: Sequence[str] | None, tags: Sequence[str] | None,
+                        expected_start_time: tuple[datetime | None, datetime | None],
+                        start_time: tuple[datetime | None, datetime | None],
+                        end_time: tuple[datetime | None, datetime | None],
+                        task_run_filter: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The `task_runs` filter of the task-run queries: lists match any value given, `tags`
+        every tag given, time ranges are (after, before), both inclusive; `task_run_filter` is
+        a raw `TaskRunFilter` the keywords add to."""
+        flt: dict[str, Any] = dict(task_run_filter or {})
+        for key, values in (("id", ids), ("name", names), ("flow_run_id", flow_run_ids), ("task_key", task_keys),
+                            ("state_type", state_types), ("state_name", state_names)):
+            if values is not None:
+                flt[key] = {"any_": [str(v) for v in values]}
+        if flow_run_id_is_null is not None:
+            flt["flow_run_id"] = {**flt.get("flow_run_id", {}), "is_null_": flow_run_id_is_null}
+        if tags is not None:
+            flt["tags"] = {"all_": list(tags)}
+        for key, (after, before) in (("expected_start_time", expected_start_time), ("start_time", start_time),
+                                     ("end_time", end_time)):
+            if (r := cls._time_range(after, before)) is not None:
+                flt[key] = r
+        return {"task_runs": flt} if flt else {}
+
+    async def list_task_runs(
+        self,
+        *,
+        ids: Sequence[uuid.UUID | str] | None = None,
+        names: Sequence[str] | None = None,
+        flow_run_ids: Sequence[uuid.UUID | str] | None = None,
+        flow_run_id_is_null: bool | None = None,
+        task_keys: Sequence[str] | None = None,
+        state_types: Sequence[str] | None = None,
+        state_names: Sequence[str] | None = None,
+        tags: Sequence[str] | None = None,
+        expected_start_time_after: datetime | None = None,
+        expected_start_time_before: datetime | None = None,
+        start_time_after: datetime | None = None,
+        start_time_before: datetime | None = None,
+        end_time_after: datetime | None = None,
+        end_time_before: datetime | None = None,
+        task_run_filter: Mapping[str, Any] | None = None,
+        sort: str | Unset = UNSET,
+        limit: int | Unset = UNSET,
+        offset: int | Unset = UNSET,
+        min_seq: int | None = None,
+    ) -> list[TaskRun]:
+        """One page of task runs, ordered by `sort` (ID_DESC, the default: newest first;
+        NAME_ASC / _DESC, EXPECTED_START_TIME_ASC / _DESC, NEXT_SCHEDULED_START_TIME_ASC,
+        START_TIME_DESC, END_TIME_DESC). `flow_run_id_is_null=True`: background tasks only
+        (no flow run); False: tasks of flow runs only. The server's limit is 200 at most."""
+        body = given(sort=sort, limit=limit, offset=offset) | self._task_run_query(
+            ids, names, flow_run_ids, flow_run_id_is_null, task_keys, state_types, state_names, tags,
+            (expected_start_time_after, expected_start_time_before), (start_time_after, start_time_before),
+            (end_time_after, end_time_before), task_run_filter)
+        reply = await self._whole_page("ListTaskRuns", body, await self.query("ListTaskRuns", body, min_seq=min_seq))
+        return self._many(TaskRun, reply.result)
+
+    read_task_runs = list_task_runs  # Prefect's name
+
+    async def count_task_runs(
+        self,
+        *,
+        ids: Sequence[uuid.UUID | str] | None = None,
+        names: Sequence[str] | None = None,
+        flow_run_ids: Sequence[uuid.UUID | str] | None = None,
+        flow_run_id_is_null: bool | None = None,
+        task_keys: Sequence[str] | None = None,
+        state_types: Sequence[str] | None = None,
+        state_names: Sequence[str] | None = None,
+        tags: Sequence[str] | None = None,
+        expected_start_time_after: datetime | None = None,
+        expected_start_time_before: datetime | None = None,
+        start_time_after: datetime | None = None,
+        start_time_before: datetime | None = None,
+        end_time_after: datetime | None = None,
+        end_time_before: datetime | None = None,
+        task_run_filter: Mapping[str, Any] | None = None,
+        min_seq: int | None = None,
+    ) -> int:
+        body = self._task_run_query(
+            ids, names, flow_run_ids, flow_run_id_is_null, task_keys, state_types, state_names, tags,
+            (expected_start_time_after, expected_start_time_before), (start_time_after, start_time_before),
+            (end_time_after, end_time_before), task_run_filter)
+        reply = await self.query("CountTaskRuns", body, min_seq=min_seq)
+        return self._count(reply.result)
+
+    async def read_task_run_states(self, task_run_id: uuid.UUID | str, *,
+                                   min_seq: int | None = None) -> list[State]:
+        """A task run's state history, oldest first."""
+        reply = await self.query("ListTaskRunStates", {"task_run_id": str(task_run_id)}, min_seq=min_seq)
+        return self._many(State, reply.result)
+
+    async def read_task_run_state(self, state_id: uuid.UUID | str, *, min_seq: int | None = None) -> State:
+        """One written state of a task run, by the state's id."""
+        reply = await self.query("GetTaskRunState", {"id": str(state_id)}, min_seq=min_seq)
+        return self._one(State, reply.result)
+
+    async def task_run_history(
+        self,
+        history_start: datetime,
+        history_end: datetime,
+        history_interval_seconds: float,
+        *,
+        flow_run_ids: Sequence[uuid.UUID | str] | None = None,
+        flow_run_id_is_null: bool | None = None,
+        task_keys: Sequence[str] | None = None,
+        state_types: Sequence[str] | None = None,
+        state_names: Sequence[str] | None = None,
+        tags: Sequence[str] | None = None,
+        task_run_filter: Mapping[str, Any] | None = None,
+        min_seq: int | None = None,
+    ) -> list[HistoryInterval]:
+        """Task runs counted per interval of their expected start time (at least 1 s each, at
+        most 500 intervals), by state, with their estimated run time and lateness."""
+        body = self._history(history_start, history_end, history_interval_seconds) | self._task_run_query(
+            None, None, flow_run_ids, flow_run_id_is_null, task_keys, state_types, state_names, tags,
+            (None, None), (None, None), (None, None), task_run_filter)
+        reply = await self.query("GetTaskRunHistory", body, min_seq=min_seq)
+        return self._many(HistoryInterval, reply.result)
 
     # -----------------------------------------------------------------------------------------
     # The event log

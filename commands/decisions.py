@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from .messages import Event
 
@@ -80,3 +80,17 @@ class Decision:
     # must not share an id across types (a deployment's run index is `runs-<id>` for this).
     after: dict[str, Any] = field(default_factory=dict)
     orchestration: Orchestration | None = None
+    # Task runs to queue on their key's subject once these events are stored.
+    queue: list[QueuedTaskRun] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class QueuedTaskRun:
+    """A task run written SCHEDULED and deferred, to be published on its key's `side` (TQ-4)
+    after its state is stored. `wait_seconds`: how long the publisher may wait for room on a
+    full key before it gives up (the run is then cancelled and the caller told)."""
+
+    task_key: str
+    side: Literal["scheduled", "retry"]
+    run: Any  # a TaskRun
+    wait_seconds: float = 0

@@ -70,6 +70,8 @@ class RuleContext:
     new_id: Callable[[], uuid.UUID]
     limits: Limits = NO_LIMITS
     claimant: str | None = None  # the worker that proposes the state, when it names itself
+    # What else the caller loaded for this kind of run's rules (task runs: `TaskFacts`).
+    facts: Any = None
 
     @property
     def current(self) -> State | None:
@@ -92,6 +94,8 @@ class Verdict:
     delay_seconds: int | None = None
     policy: dict[str, Any] = field(default_factory=dict)
     policy_after: dict[str, Any] = field(default_factory=dict)
+    # More for the reply's `details`, when refused (e.g. which worker holds the run).
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 GO_ON = Verdict()
@@ -103,9 +107,9 @@ def go_on(state: StateCreate | None = None, *, policy: dict[str, Any] | None = N
 
 
 def reject(reason: str, state: StateCreate | None = None, *, policy: dict[str, Any] | None = None,
-           policy_after: dict[str, Any] | None = None) -> Verdict:
+           policy_after: dict[str, Any] | None = None, details: dict[str, Any] | None = None) -> Verdict:
     return Verdict(Outcome.REJECT, state=state, reason=reason, policy=policy or {},
-                   policy_after=policy_after or {})
+                   policy_after=policy_after or {}, details=details or {})
 
 
 def wait(delay_seconds: int, reason: str) -> Verdict:
@@ -490,7 +494,7 @@ class Transition:
 
     orchestration: Orchestration
     state: State | None
-    run: FlowRun
+    run: Any  # a FlowRun or a TaskRun, as orchestrated
     refused_by: str | None = None  # the rule that rejected, delayed or aborted the proposal
 
     @property
@@ -511,13 +515,16 @@ def initial_flow_run_state(run: FlowRun, proposed: StateCreate | None, ctx: Deci
     return set_flow_run_state(run, proposed or StateCreate(type=StateType.PENDING), force=True, ctx=ctx)
 
 
-def orchestrate(policy: Sequence[Rule], run: FlowRun, proposed: StateCreate,
-                ctx: DecisionContext, limits: Limits = NO_LIMITS, claimant: str | None = None) -> Transition:
-    """Run `policy` over one proposal (the steps are in the module docstring)."""
+def orchestrate(policy: Sequence[Rule], run: Any, proposed: StateCreate,
+                ctx: DecisionContext, limits: Limits = NO_LIMITS, claimant: str | None = None, *,
+                facts: Any = None, book: Callable[..., tuple[State, Any]] | None = None) -> Transition:
+    """Run `policy` over one proposal (the steps are in the module docstring). `run`: a flow
+    run, or a task run with its own bookkeeping (`book`) and `facts` for its rules."""
     from_type = run.state.type if run.state is not None else None
     intended = proposed.type
     proposal: StateCreate | None = _completed(_server_details_only(proposed), ctx.now)
     status, reason, delay, refused_by = Outcome.ACCEPT, None, None, None
+    more: dict[str, Any] = {}
     policy_so_far = run.empirical_policy
     fired: list[tuple[Rule, Verdict, StateType | None]] = []  # with the type each rule left
     for r in rules_for(policy, from_type, intended):
@@ -525,7 +532,7 @@ def orchestrate(policy: Sequence[Rule], run: FlowRun, proposed: StateCreate,
             break  # FR-4: a rule changed the proposed type; the rest were chosen for another
         seen = run.model_copy(update={"empirical_policy": policy_so_far})
         verdict = r.decide(RuleContext(run=seen, proposed=proposal, now=ctx.now, new_id=ctx.new_id, limits=limits,
-                                       claimant=claimant))
+                                       claimant=claimant, facts=facts))
         if verdict.policy:
             policy_so_far = policy_so_far.model_copy(update=verdict.policy)
         if verdict.status is Outcome.ACCEPT:
@@ -533,10 +540,11 @@ def orchestrate(policy: Sequence[Rule], run: FlowRun, proposed: StateCreate,
         else:
             proposal = verdict.state if verdict.status is Outcome.REJECT else None
             status, reason, delay, refused_by = verdict.status, verdict.reason, verdict.delay_seconds, r.name
+            more = verdict.details
         fired.append((r, verdict, proposal.type if proposal is not None else None))
 
     orchestration = Orchestration(status, reason=reason, delay_seconds=delay,
-                                  details={"type": f"{status.value.lower()}_details"})
+                                  details={"type": f"{status.value.lower()}_details", **more})
     if proposal is None:
         return Transition(orchestration, None, run, refused_by)
 
@@ -548,7 +556,7 @@ def orchestrate(policy: Sequence[Rule], run: FlowRun, proposed: StateCreate,
         fizzled = left in r.to_states and left is not written_type
         if verdict.policy and not fizzled:
             run_policy = run_policy.model_copy(update=verdict.policy)
-    state, after = _book(run, _completed(proposal, ctx.now), run_policy, ctx)
+    state, after = (book or _book)(run, _completed(proposal, ctx.now), run_policy, ctx)
     for r, verdict, left in reversed(fired):
         if verdict.policy_after and left in r.to_states and left is written_type:
             after = after.model_copy(update={
@@ -579,9 +587,6 @@ def _book(run: FlowRun, proposal: StateCreate, policy: FlowRunPolicy,
           ctx: DecisionContext) -> tuple[State, FlowRun]:
     """FR-6, Prefect's global flow policy: mint the state and mirror it onto the run."""
     current = run.state
-    timestamp = ctx.now
-    if current is not None and timestamp <= current.timestamp:
-        timestamp = current.timestamp + _ONE_MICROSECOND  # two states never share a timestamp
     details: dict[str, Any] = {"flow_run_id": run.id}
     if run.parent_task_run_id is not None:
         details["task_run_id"] = run.parent_task_run_id
@@ -589,12 +594,35 @@ def _book(run: FlowRun, proposal: StateCreate, policy: FlowRunPolicy,
             and proposal.state_details.deployment_concurrency_lease_id is None):
         # OR-6: a run keeps its deployment slot's lease while it holds the slot, forced or not.
         details["deployment_concurrency_lease_id"] = current.state_details.deployment_concurrency_lease_id
-    state = State(id=ctx.new_id(), type=proposal.type, name=proposal.name or default_name(proposal.type),
-                  timestamp=timestamp, message=proposal.message, data=proposal.data,
-                  state_details=proposal.state_details.model_copy(update=details))
+    state = mint_state(current, proposal, details, ctx)
+    run_count = run.run_count
+    if state.type is StateType.RUNNING and not policy.resuming:
+        run_count += 1
+    if state.type is StateType.RUNNING or state.type in TERMINAL:
+        policy = policy.model_copy(update={"resuming": False})
+    return state, run.model_copy(update={**booked_times(run, state), "run_count": run_count,
+                                         "empirical_policy": policy, "updated": ctx.now})
+
+
+def mint_state(current: State | None, proposal: StateCreate, details: dict[str, Any],
+               ctx: DecisionContext) -> State:
+    """The written state: a new id, the server's timestamp (two states of one run never share
+    one), and the run's ids in its details."""
+    timestamp = ctx.now
+    if current is not None and timestamp <= current.timestamp:
+        timestamp = current.timestamp + _ONE_MICROSECOND
+    return State(id=ctx.new_id(), type=proposal.type, name=proposal.name or default_name(proposal.type),
+                 timestamp=timestamp, message=proposal.message, data=proposal.data,
+                 state_details=proposal.state_details.model_copy(update=details))
+
+
+def booked_times(run: Any, state: State) -> dict[str, Any]:
+    """FR-6 for flow and task runs alike: the run's fields that mirror its newly written
+    state, and its times (start, end, total run time, expected and next scheduled start)."""
+    current = run.state
+    timestamp = state.timestamp
     entering, leaving = state.type, current.type if current is not None else None
     scheduled_time = state.state_details.scheduled_time
-
     start_time, end_time = run.start_time, run.end_time
     if entering is StateType.RUNNING and start_time is None:
         start_time = timestamp
@@ -614,16 +642,6 @@ def _book(run: FlowRun, proposal: StateCreate, policy: FlowRunPolicy,
         next_scheduled_start_time = None
     if entering is StateType.SCHEDULED:
         next_scheduled_start_time = scheduled_time
-    run_count = run.run_count
-    if entering is StateType.RUNNING and not policy.resuming:
-        run_count += 1
-    if entering is StateType.RUNNING or entering in TERMINAL:
-        policy = policy.model_copy(update={"resuming": False})
-
-    return state, run.model_copy(update={
-        "state": state, "state_id": state.id, "state_type": state.type, "state_name": state.name,
-        "updated": ctx.now, "start_time": start_time, "end_time": end_time,
-        "total_run_time": total_run_time, "expected_start_time": expected_start_time,
-        "next_scheduled_start_time": next_scheduled_start_time, "run_count": run_count,
-        "empirical_policy": policy,
-    })
+    return {"state": state, "state_id": state.id, "state_type": state.type, "state_name": state.name,
+            "start_time": start_time, "end_time": end_time, "total_run_time": total_run_time,
+            "expected_start_time": expected_start_time, "next_scheduled_start_time": next_scheduled_start_time}

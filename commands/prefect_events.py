@@ -31,6 +31,7 @@ from pydantic import ValidationError
 from pydantic_core import to_jsonable_python
 
 from . import concurrency_limits as cl
+from . import task_runs as tr
 from . import variables as va
 from . import workers as wk
 from .deployments import (
@@ -521,6 +522,41 @@ def _flow_run_gone(out: _Out, e: FlowRunDeleted | FlowRunUpdated | FlowRunWaitin
         state.run_states[aggregate_id] = e.run.state
 
 
+def _task_run_state_event(out: _Out, e: tr.TaskRunCreated | tr.TaskRunStateSet, aggregate_id: str,
+                          state: ExportState) -> None:
+    """`prefect.task-run.<state name>` for each written state (Prefect's task engine emits
+    them), the run and its state as resource, its flow run and tags as related resources."""
+    run = e.run
+    initial = state.run_states.get(aggregate_id)
+    state.run_states[aggregate_id] = run.state
+    if run.state is None:
+        return
+    s = run.state
+    related = []
+    if run.flow_run_id is not None:
+        related.append({"prefect.resource.id": f"prefect.flow-run.{run.flow_run_id}",
+                        "prefect.resource.role": "flow-run"})
+    related += [{"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"} for tag in run.tags]
+    out.emit(f"prefect.task-run.{s.name}", {
+        "prefect.resource.id": f"prefect.task-run.{run.id}", "prefect.resource.name": run.name,
+        "prefect.run-count": str(run.run_count), "prefect.state-message": (s.message or "")[:100_000],
+        "prefect.state-name": s.name, "prefect.state-timestamp": to_jsonable_python(s.timestamp),
+        "prefect.state-type": s.type.value,
+    }, related, payload={
+        "intended": {"from": initial.type.value if initial else None, "to": s.type.value},
+        "initial_state": _state_payload(initial), "validated_state": _state_payload(s),
+        "task_run": {"task_key": run.task_key, "dynamic_key": run.dynamic_key},
+    })
+
+
+def _task_run_gone(out: _Out, e: tr.TaskRunDeleted | tr.TaskRunUpdated, aggregate_id: str,
+                   state: ExportState) -> None:
+    if isinstance(e, tr.TaskRunDeleted):
+        state.run_states.pop(aggregate_id, None)
+    else:
+        state.run_states[aggregate_id] = e.run.state
+
+
 def _nothing(out: _Out, e: Event, aggregate_id: str, state: ExportState) -> None:
     """Unique-key claims keep names unique; a deployment's index of scheduled runs and the
     slot counts of pools and limits are runledger's bookkeeping: nothing to export. Prefect's server emits nothing for a worker's
@@ -551,6 +587,11 @@ _HANDLERS: dict[type[Event], Callable[[_Out, Any, str, ExportState], None]] = {
     FlowRunUpdated: _flow_run_gone,
     FlowRunWaiting: _flow_run_gone,
     FlowRunDeleted: _flow_run_gone,
+    tr.TaskRunCreated: _task_run_state_event,
+    tr.TaskRunStateSet: _task_run_state_event,
+    tr.TaskRunUpdated: _task_run_gone,
+    tr.TaskRunDeleted: _task_run_gone,
+    tr.TaskCacheEntryRecorded: _nothing,
     va.VariableCreated: _variable_event,
     va.VariableUpdated: _variable_event,
     va.VariableDeleted: _variable_event,

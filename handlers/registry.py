@@ -19,6 +19,7 @@ from runledger.projections import deployments as deployments_read_model
 from runledger.projections import flow_runs as flow_runs_read_model
 from runledger.projections import flows as flows_read_model
 from runledger.projections import scheduled_runs as scheduled_runs_read_model
+from runledger.projections import task_runs as task_runs_read_model
 from runledger.projections import variables as variables_read_model
 from runledger.projections import work_pools as work_pools_read_model
 from runledger.projections import workers as workers_read_model
@@ -29,6 +30,7 @@ from . import (
     deployment_commands,
     flow_commands,
     flow_run_commands,
+    task_run_commands,
     variable_commands,
     work_pool_commands,
     worker_commands,
@@ -40,6 +42,7 @@ AGGREGATE_KINDS: list[AggregateKind] = [
     *flow_commands.AGGREGATE_KINDS,
     *deployment_commands.AGGREGATE_KINDS,
     *flow_run_commands.AGGREGATE_KINDS,
+    *task_run_commands.AGGREGATE_KINDS,
     *variable_commands.AGGREGATE_KINDS,
     *concurrency_limit_commands.AGGREGATE_KINDS,
     *worker_commands.AGGREGATE_KINDS,
@@ -54,6 +57,7 @@ PROJECTORS: list[Callable[[], Projector]] = [
     variables_read_model.VariablesProjector,
     concurrency_limits_read_model.ConcurrencyLimitsProjector,
     workers_read_model.WorkersProjector,
+    task_runs_read_model.TaskRunsProjector,
 ]
 
 # Handlers that react to events with commands (e.g. waking the next waiter for a released
@@ -70,20 +74,25 @@ QUERIES: dict[str, tuple[Any, Any]] = {
     **variables_read_model.QUERIES,
     **concurrency_limits_read_model.QUERIES,
     **workers_read_model.QUERIES,
+    **task_runs_read_model.QUERIES,
     # The service serves these with their side effect (a poll is recorded): handlers/worker_polls.py.
     **scheduled_runs_read_model.QUERIES,
 }
 
 
-def command_specs(store: EventStore | None) -> dict[str, CommandSpec]:
+def command_specs(store: EventStore | None,
+                  takeover_allowed: Callable[[], bool] = lambda: True) -> dict[str, CommandSpec]:
     """Command name -> spec. `store`: what commands that find their aggregate through the log
-    read it from (None where nothing runs, e.g. for the contract's schemas)."""
+    read it from (None where nothing runs, e.g. for the contract's schemas). `takeover_allowed`:
+    whether a task worker may take over a run another holds now (not just after a broker
+    restart)."""
     queues = work_pool_commands.queue_index(store) if store is not None else None
     return {
         **work_pool_commands.command_specs(queues),
         **flow_commands.COMMANDS,
         **deployment_commands.COMMANDS,
         **flow_run_commands.command_specs(queues),
+        **task_run_commands.command_specs(takeover_allowed),
         **variable_commands.COMMANDS,
         **concurrency_limit_commands.COMMANDS,
         **worker_commands.COMMANDS,

@@ -13,11 +13,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runledger.commands import flow_runs as fr
 from runledger.commands import queries as q
-from runledger.commands.messages import Event
+from runledger.commands.messages import Event, not_found
 from runledger.commands.states import State
 
 from .bulk_writes import populate_sql
-from .filters import where_filter
+from .filters import where_filter, where_time_range
+from .run_history import run_history
 from .tables import flow_run_states, flow_runs, work_pools, work_queues
 
 _UPSERT_RUNS = populate_sql(flow_runs, "update")
@@ -92,25 +93,13 @@ def flow_run_values_reply(values: dict[str, Any]) -> dict[str, Any]:
     return reply
 
 
-def _time_range(stmt: Any, column: Any, r: q.TimeRange | None) -> Any:
-    if r is None:
-        return stmt
-    if r.after_ is not None:
-        stmt = stmt.where(column >= r.after_)
-    if r.before_ is not None:
-        stmt = stmt.where(column <= r.before_)
-    if r.is_null_ is not None:
-        stmt = stmt.where(column.is_(None) if r.is_null_ else column.is_not(None))
-    return stmt
-
-
-def _filtered(stmt: Any, query: q.ListFlowRuns | q.CountFlowRuns) -> Any:
+def _filtered(stmt: Any, query: q.ListFlowRuns | q.CountFlowRuns | q.GetFlowRunHistory) -> Any:
     f = query.flow_runs
     stmt = where_filter(stmt, flow_runs, f)
     if f is not None:
-        stmt = _time_range(stmt, flow_runs.c.expected_start_time, f.expected_start_time)
-        stmt = _time_range(stmt, flow_runs.c.next_scheduled_start_time, f.next_scheduled_start_time)
-        stmt = _time_range(stmt, flow_runs.c.start_time, f.start_time)
+        stmt = where_time_range(stmt, flow_runs.c.expected_start_time, f.expected_start_time)
+        stmt = where_time_range(stmt, flow_runs.c.next_scheduled_start_time, f.next_scheduled_start_time)
+        stmt = where_time_range(stmt, flow_runs.c.start_time, f.start_time)
     if query.work_pool_name is not None and query.work_pool_name.any_ is not None:
         stmt = stmt.where(_pool.c.name.in_(query.work_pool_name.any_))
     return stmt
@@ -153,9 +142,22 @@ async def list_flow_run_states(conn: AsyncConnection, query: q.ListFlowRunStates
     return found
 
 
+async def get_flow_run_state(conn: AsyncConnection, query: q.GetFlowRunState) -> dict[str, Any]:
+    row = (await conn.execute(select(flow_run_states).where(flow_run_states.c.id == query.id))).first()
+    if row is None:
+        raise not_found("Flow run state not found")
+    return State.model_validate({k: v for k, v in row._mapping.items() if k != "flow_run_id"}).reply()
+
+
+async def get_flow_run_history(conn: AsyncConnection, query: q.GetFlowRunHistory) -> list[dict[str, Any]]:
+    return await run_history(conn, flow_runs, _filtered(select(flow_runs.c.id).select_from(_JOINED), query), query)
+
+
 QUERIES = {
     "GetFlowRun": (q.GetFlowRun, get_flow_run),
     "ListFlowRuns": (q.ListFlowRuns, list_flow_runs),
     "CountFlowRuns": (q.CountFlowRuns, count_flow_runs),
     "ListFlowRunStates": (q.ListFlowRunStates, list_flow_run_states),
+    "GetFlowRunState": (q.GetFlowRunState, get_flow_run_state),
+    "GetFlowRunHistory": (q.GetFlowRunHistory, get_flow_run_history),
 }

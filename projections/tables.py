@@ -240,9 +240,64 @@ workers = Table(
     Index("workers_online", "status", "last_heartbeat_time"),
 )
 
+# One row per task run: `TaskRun` (commands/task_runs.py) column for column, its current
+# state included.
+task_runs = Table(
+    "task_runs", metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("created", DateTime(timezone=True), nullable=False),
+    Column("updated", DateTime(timezone=True), nullable=False),
+    Column("name", Text, nullable=False),
+    Column("flow_run_id", UUID(as_uuid=True)),
+    Column("task_key", Text, nullable=False),
+    Column("dynamic_key", Text, nullable=False),
+    Column("cache_key", Text),
+    Column("cache_expiration", DateTime(timezone=True)),
+    Column("task_version", Text),
+    Column("empirical_policy", JSONB, nullable=False),
+    Column("tags", JSONB, nullable=False),
+    Column("labels", JSONB, nullable=False),
+    Column("task_inputs", JSONB, nullable=False),
+    Column("state_id", UUID(as_uuid=True)),
+    Column("state_type", Text),
+    Column("state_name", Text),
+    Column("run_count", Integer, nullable=False),
+    Column("flow_run_run_count", Integer, nullable=False),
+    Column("expected_start_time", DateTime(timezone=True)),
+    Column("next_scheduled_start_time", DateTime(timezone=True)),
+    Column("start_time", DateTime(timezone=True)),
+    Column("end_time", DateTime(timezone=True)),
+    Column("total_run_time", Interval, nullable=False),
+    Column("state", JSONB),
+    Column("parameters", JSONB, nullable=False),
+    Column("queued_state_id", UUID(as_uuid=True)),
+    Column("task_worker_id", Text),
+    Index("task_runs_flow_run", "flow_run_id"),
+    Index("task_runs_task_key", "task_key", "state_type"),
+    Index("task_runs_state_type", "state_type"),
+    Index("task_runs_expected_start", "expected_start_time"),
+    Index("task_runs_start", "start_time"),
+    Index("task_runs_end", "end_time"),
+    Index("task_runs_tags", "tags", postgresql_using="gin"),
+)
+
+# Every written state of every task run: its history (`ListTaskRunStates`).
+task_run_states = Table(
+    "task_run_states", metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("task_run_id", UUID(as_uuid=True), nullable=False),
+    Column("type", Text, nullable=False),
+    Column("name", Text, nullable=False),
+    Column("timestamp", DateTime(timezone=True), nullable=False),
+    Column("message", Text),
+    Column("data", JSONB),
+    Column("state_details", JSONB, nullable=False),
+    Index("task_run_states_run", "task_run_id", "timestamp"),
+)
+
 # Tables that hold read models (compared by `runledger verify`); the others are bookkeeping.
 READ_MODEL_TABLES = [work_pools, work_queues, flows, deployments, variables, concurrency_limits, flow_runs,
-                     flow_run_states, workers]
+                     flow_run_states, workers, task_runs, task_run_states]
 
 def ddl(table: Table) -> list[str]:
     """The statements that create `table` and its indexes, from its definition: a new table is
@@ -307,5 +362,12 @@ MIGRATIONS = [
         "ALTER TABLE flow_runs ADD COLUMN IF NOT EXISTS worker_name text",
         """CREATE INDEX IF NOT EXISTS flow_runs_claimed_by_worker ON flow_runs (work_queue_id, worker_name)
                WHERE worker_name IS NOT NULL""",
+    ]),
+    # The task recovery sweep reads the runs still queued for a task worker: a partial index
+    # holds only those, however many finished runs there are.
+    Migration(9, "task runs and their states", [
+        *ddl(task_runs), *ddl(task_run_states),
+        """CREATE INDEX task_runs_queued ON task_runs (updated)
+               WHERE state_type = 'SCHEDULED' AND queued_state_id = state_id""",
     ]),
 ]

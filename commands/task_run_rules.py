@@ -1,0 +1,323 @@
+"""Task-run orchestration: what is written when a state is proposed for a task run (BEHAVIOUR
+§7, TR-3…TR-6), in the shape of the flow rules (`orchestration_rules.py`, whose `orchestrate`
+runs these policies too): small named rules, each with the transitions it governs and why.
+
+Three policies, chosen by the proposal (TR-3): a `deferred` state (a background task, queued
+for a task worker) takes the background policy even when forced; else `force` keeps only
+the minimal one; else the core one. Nothing is read or written here: what the rules need
+beyond the run (its flow run, the cache entry of its key, who proposes the state) comes in
+`TaskFacts`, loaded by the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, cast
+
+from .messages import DecisionContext
+from .orchestration_rules import (
+    ALL_STATES,
+    TERMINAL_STATES,
+    Rule,
+    RuleContext,
+    Transition,
+    Verdict,
+    abort,
+    booked_times,
+    go_on,
+    mint_state,
+    orchestrate,
+    prevent_pending_transitions,
+    reject,
+    rule,
+    wait,
+    wait_for_scheduled_time,
+)
+from .states import TERMINAL, State, StateCreate, StateDetails, StateType
+
+if TYPE_CHECKING:
+    from .flow_runs import FlowRun
+    from .task_runs import TaskCacheEntry, TaskDelivery, TaskRun, TaskRunPolicy
+
+# While the service's own connection to the broker is younger than this, a task worker may not
+# take over a run another worker holds: after a broker restart every unacknowledged message is
+# redelivered at once, and the worker that holds it needs a moment to reconnect and report.
+TAKEOVER_GRACE_SECONDS = 10.0
+TAKEOVER_WAIT_SECONDS = 2
+
+
+@dataclass(frozen=True)
+class TaskFacts:
+    """What the task rules read besides the run. `flow_run`: the run's flow run (None for a
+    background task); `cached`: the cache entry under the proposed state's cache key;
+    `takeover_allowed`: False while a broker restart is recent (see `TAKEOVER_GRACE_SECONDS`);
+    `claimant` and `delivery`: the task worker proposing the state and the message it took
+    the run from."""
+
+    flow_run: FlowRun | None = None
+    cached: TaskCacheEntry | None = None
+    takeover_allowed: bool = True
+    claimant: str | None = None
+    delivery: TaskDelivery | None = None
+
+    def with_claim(self, claimant: str | None, delivery: TaskDelivery | None) -> TaskFacts:
+        return replace(self, claimant=claimant, delivery=delivery)
+
+
+NO_FACTS = TaskFacts()
+
+
+def cache_id(cache_key: str) -> str:
+    """The aggregate id of a cache key's entry."""
+    return "cache-" + hashlib.sha256(cache_key.encode()).hexdigest()[:40]
+
+
+def _run(c: RuleContext) -> TaskRun:
+    """The task run a task rule sees (rule contexts are typed for flow runs)."""
+    return cast("TaskRun", c.run)
+
+
+def _facts(c: RuleContext) -> TaskFacts:
+    facts = c.facts
+    assert isinstance(facts, TaskFacts)
+    return facts
+
+
+def _has_persisted_result(data: Any) -> bool:
+    return isinstance(data, dict) and data.get("type") != "unpersisted"
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules
+
+
+@rule("TQ-6", from_states=ALL_STATES, to_states=ALL_STATES)
+def one_task_worker_at_a_time(c: RuleContext) -> Verdict:
+    """Beyond Prefect, whose queue lives in one process: a task run's message is delivered
+    again when it is not acknowledged in time, and a copy may be queued twice (a recovered
+    publish). A delivery starts only a run that is still waiting; a run that is running is
+    taken over only on a redelivery of the message that queued it (its worker stopped
+    acknowledging it: it died), and not right after a broker restart, when every worker's
+    messages come back at once. A worker reports only on the runs it holds."""
+    facts = _facts(c)
+    run = _run(c)
+    current = c.current
+    if facts.claimant is None:
+        return go_on()
+    held_by_other = (current is not None and current.type is StateType.RUNNING
+                     and run.task_worker_id not in (None, facts.claimant))
+    if c.proposed.type is not StateType.RUNNING or facts.delivery is None:
+        if held_by_other:
+            return reject(f"Task run is held by task worker {run.task_worker_id!r}.",
+                          details={"task_worker_id": run.task_worker_id})
+        return go_on()
+    if current is None or current.type in (StateType.SCHEDULED, StateType.PENDING):
+        return go_on()
+    if current.type is StateType.RUNNING:
+        redelivered = facts.delivery.attempt > 1 and facts.delivery.state_id == run.queued_state_id
+        if not redelivered or run.task_worker_id == facts.claimant:
+            # The holder itself sending its start again (its first reply was lost) learns it
+            # holds the run from `details.task_worker_id`.
+            return reject(f"Task run is already running on task worker {run.task_worker_id!r}.",
+                          details={"task_worker_id": run.task_worker_id})
+        if not facts.takeover_allowed:
+            return wait(TAKEOVER_WAIT_SECONDS, "The broker restarted moments ago: the run's worker may still report.")
+        return go_on()
+    return reject(f"Task run is {current.type.value}: this delivery is not needed any more.")
+
+
+@rule("OR-14", from_states=ALL_STATES, to_states={StateType.RUNNING})
+def cache_retrieval(c: RuleContext) -> Verdict:
+    """Prefect's CacheRetrieval. A task whose inputs were computed before (same cache key, an
+    unexpired COMPLETED state) is not run again: it is given a copy of that state, `Cached`."""
+    details = c.proposed.state_details
+    cached = _facts(c).cached
+    if details.cache_key is None or details.refresh_cache or cached is None or cached.cache_key != details.cache_key:
+        return go_on()
+    expiration = cached.state.state_details.cache_expiration
+    if expiration is not None and expiration <= c.now:
+        return go_on()
+    old = cached.state
+    return reject("Retrieved state from cache", StateCreate(
+        type=StateType.COMPLETED, name="Cached", message=old.message, data=old.data,
+        state_details=old.state_details.model_copy(update={"flow_run_id": None, "task_run_id": None,
+                                                           "transition_id": None})))
+
+
+@rule("OR-15", from_states=TERMINAL_STATES, to_states=ALL_STATES)
+def handle_task_terminal_state_transitions(c: RuleContext) -> Verdict:
+    """Prefect's HandleTaskTerminalStateTransitions. A finished task may be run again (its
+    run count starts over), but it cannot be cancelled, paused or crashed after the fact, and
+    a completed task keeps its persisted result. A task run again because its flow run
+    retried says so (`Retrying`)."""
+    current, proposed = c.current, c.proposed
+    if current is None:
+        return go_on()
+    if proposed.type in (StateType.CANCELLING, StateType.PAUSED, StateType.CRASHED):
+        return abort(f"Run is already {current.type.value}.")
+    if current.type is StateType.COMPLETED and bool(current.data) and _has_persisted_result(current.data):
+        return reject("This run is already COMPLETED.")
+    flow_run = _facts(c).flow_run
+    if (proposed.type is StateType.RUNNING and flow_run is not None
+            and _run(c).flow_run_run_count < flow_run.run_count):
+        return go_on(proposed.model_copy(update={"name": "Retrying"}))
+    return go_on()
+
+
+@rule("OR-16", from_states=ALL_STATES, to_states={StateType.RUNNING})
+def prevent_running_tasks_from_stopped_flows(c: RuleContext) -> Verdict:
+    """Prefect's PreventRunningTasksFromStoppedFlows. A task of a flow run runs only while its
+    flow run runs; one of a paused flow run waits with it (`NotReady`). Background tasks have
+    no flow run and are not held back."""
+    if _run(c).flow_run_id is None:
+        return go_on()
+    flow_run = _facts(c).flow_run
+    flow_state = flow_run.state if flow_run is not None else None
+    if flow_state is not None and flow_state.type is StateType.PAUSED:
+        d = flow_state.state_details
+        return reject("The flow is paused, new tasks can execute after resuming flow run.", StateCreate(
+            type=StateType.PAUSED, name="NotReady",
+            state_details=StateDetails(pause_timeout=d.pause_timeout, pause_reschedule=d.pause_reschedule)))
+    if flow_state is None or flow_state.type is not StateType.RUNNING:
+        return abort("The enclosing flow must be running to begin task execution.")
+    return go_on()
+
+
+@rule("TR-5", from_states={StateType.SCHEDULED, StateType.PENDING}, to_states={StateType.PENDING, StateType.RUNNING})
+def copy_task_parameters_id(c: RuleContext) -> Verdict:
+    """Prefect's CopyTaskParametersID: a background task's parameters are stored once, under
+    the id its scheduled state names; the states that start it keep pointing there."""
+    current = c.current
+    if current is None or current.state_details.task_parameters_id is None:
+        return go_on()
+    if c.proposed.state_details.task_parameters_id is not None:
+        return go_on()
+    return go_on(c.proposed.model_copy(update={"state_details": c.proposed.state_details.model_copy(
+        update={"task_parameters_id": current.state_details.task_parameters_id})}))
+
+
+@rule("OR-19", from_states={StateType.RUNNING}, to_states={StateType.FAILED})
+def retry_failed_tasks(c: RuleContext) -> Verdict:
+    """Prefect's RetryFailedTasks. A task with retries left is not failed but scheduled again
+    (`AwaitingRetry`) after its delay: the delay of this attempt from the list, or the one
+    delay, spread by the jitter factor so that retries of many runs do not land together."""
+    if c.proposed.state_details.retriable is False:
+        return go_on()
+    run = _run(c)
+    policy = run.empirical_policy
+    retries = policy.retries if policy.retries is not None else policy.max_retries
+    if not retries or run.run_count > retries:
+        return go_on()
+    delay = retry_delay_seconds(policy, run.run_count, c.new_id().int)
+    retry = StateCreate(type=StateType.SCHEDULED, name="AwaitingRetry", message=c.proposed.message,
+                        data=c.proposed.data,
+                        state_details=StateDetails(scheduled_time=c.now + timedelta(seconds=delay)))
+    return reject("Retrying", retry)
+
+
+def retry_delay_seconds(policy: TaskRunPolicy, run_count: int, entropy: int) -> float:
+    """OR-19's delay for the attempt that just failed (`run_count`, from 1). `entropy`: random
+    bits from the decision's context, so a decision replays to the same delay."""
+    given = policy.retry_delay if policy.retry_delay is not None else policy.retry_delay_seconds
+    if isinstance(given, list):
+        delay = float(given[min(max(run_count - 1, 0), len(given) - 1)]) if given else 0.0
+    else:
+        delay = float(given or 0)
+    jitter = policy.retry_jitter_factor
+    if jitter and delay > 0:
+        spread = (entropy % 1_000_001) / 1_000_000 * 2 - 1  # in [-1, 1]
+        delay = max(0.0, delay * (1 + jitter * spread))
+    return delay
+
+
+@rule("OR-20", from_states=ALL_STATES, to_states={StateType.RUNNING})
+def rename_reruns(c: RuleContext) -> Verdict:
+    """Prefect's RenameReruns. A run that starts again says why: a retry (`Retrying`) or a
+    rerun (`Rerunning`); a first run keeps `Running`. A run leaving a finished state counts
+    from zero again (OR-15), so it starts as `Running`."""
+    current = c.current
+    restarted = current is not None and current.type in TERMINAL
+    if restarted or c.run.run_count <= 0 or c.proposed.name not in ("Running", None):
+        return go_on()
+    name = "Retrying" if current is not None and current.name == "AwaitingRetry" else "Rerunning"
+    return go_on(c.proposed.model_copy(update={"name": name}))
+
+
+CORE_TASK_POLICY: list[Rule] = [
+    one_task_worker_at_a_time,
+    cache_retrieval,
+    handle_task_terminal_state_transitions,
+    prevent_running_tasks_from_stopped_flows,
+    wait_for_scheduled_time,
+    retry_failed_tasks,
+    rename_reruns,
+]
+
+BACKGROUND_TASK_POLICY: list[Rule] = [
+    one_task_worker_at_a_time,
+    prevent_pending_transitions,
+    cache_retrieval,
+    handle_task_terminal_state_transitions,
+    wait_for_scheduled_time,
+    copy_task_parameters_id,
+    retry_failed_tasks,
+    rename_reruns,
+]
+
+# TR-3: a forced, non-deferred proposal keeps none of the rules (only the slot release, which
+# is bookkeeping here).
+MINIMAL_TASK_POLICY: list[Rule] = []
+
+
+@dataclass(frozen=True)
+class TaskTransition(Transition):
+    """A task transition, and whether its written state is queued for a task worker (TQ-4)."""
+
+    enqueue: bool = False
+
+
+def set_task_run_state(run: TaskRun, proposed: StateCreate, *, force: bool, ctx: DecisionContext,
+                       facts: TaskFacts = NO_FACTS) -> TaskTransition:
+    """TR-3: a deferred proposal takes the background policy, even forced; else `force` the
+    minimal one; else the core one."""
+    deferred = bool(proposed.state_details.deferred)
+    policy: Sequence[Rule] = (BACKGROUND_TASK_POLICY if deferred
+                              else MINIMAL_TASK_POLICY if force else CORE_TASK_POLICY)
+
+    def book(r: TaskRun, proposal: StateCreate, run_policy: Any, c: DecisionContext) -> tuple[State, TaskRun]:
+        return _book(r, proposal, facts, c)
+
+    t = orchestrate(policy, run, proposed, ctx, facts=facts, book=book)
+    enqueue = (deferred and proposed.type is StateType.SCHEDULED and t.state is not None
+               and bool(t.state.state_details.deferred))
+    after = t.run
+    if enqueue and t.state is not None:
+        after = after.model_copy(update={"queued_state_id": t.state.id})
+    return TaskTransition(t.orchestration, t.state, after, t.refused_by, enqueue=enqueue)
+
+
+def _book(run: TaskRun, proposal: StateCreate, facts: TaskFacts, ctx: DecisionContext) -> tuple[State, TaskRun]:
+    """FR-6 and TR-6 for task runs: mint the state, mirror it and the times onto the run; every
+    entry into RUNNING counts a run (a run leaving a finished state starts counting again, OR-15)
+    and copies its flow run's count; the task worker that starts it holds it while it runs."""
+    current = run.state
+    details: dict[str, Any] = {"task_run_id": run.id, "flow_run_id": run.flow_run_id}
+    state = mint_state(current, proposal, details, ctx)
+    leaving = current.type if current is not None else None
+    run_count, flow_run_run_count = run.run_count, run.flow_run_run_count
+    if leaving in TERMINAL and state.type not in TERMINAL:
+        run_count = 0
+    worker = run.task_worker_id
+    if state.type is StateType.RUNNING:
+        run_count += 1
+        if facts.flow_run is not None:
+            flow_run_run_count = facts.flow_run.run_count
+        worker = facts.claimant or (worker if leaving is StateType.RUNNING else None)
+    else:
+        worker = None
+    return state, run.model_copy(update={**booked_times(run, state), "run_count": run_count,
+                                         "flow_run_run_count": flow_run_run_count, "task_worker_id": worker,
+                                         "updated": ctx.now})

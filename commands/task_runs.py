@@ -1,0 +1,381 @@
+"""Task runs: the fine-grained units of work, run by task workers that take them from their
+task key's subjects (`commands/task_keys.py`).
+
+`TaskRun` is the one definition of a task run's shape: the aggregate's state, the payload of
+its events, the read model's row, both replies and the message a task worker receives. Its
+current `state` is part of it; every written state is an event of its own (`TaskRunStateSet`).
+
+A task run is unique on (flow run, task key, dynamic key), a missing flow run counting as a
+value: a create of those keys again returns the existing run, its state not applied (TR-1).
+
+Beyond Prefect, whose background tasks wait in one server's memory:
+- a run written SCHEDULED with `deferred` is queued on its key's subject once its events are
+  stored (`Decision.queue`), so a restart loses nothing;
+- a task worker that starts a run names itself and the delivery it took the run from
+  (`SetTaskRunState.task_worker_id`, `.delivery`): the run is held by that worker while it
+  runs, a second copy of its message cannot start it again, and a worker that stops
+  acknowledging it in time (it died) is replaced by the next one JetStream delivers it to.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from . import task_run_rules
+from .bounds import INT32_MAX, JsonDocument, StoredText, UtcDatetime
+from .decisions import Decision, NewEvent, QueuedTaskRun
+from .events import register_event
+from .flow_runs import FlowRun
+from .flows import Tags
+from .messages import Command, DecisionContext, Event, conflict, invalid, not_found
+from .names import MAX_NAME_LENGTH
+from .states import State, StateCreate, StateType
+from .unique_keys import UniqueKeyClaim, UniqueKeyScope
+
+TASK_RUN = "task_run"
+TASK_CACHE = "task_cache"
+# The runs moving now; older ones are loaded again from the log (one direct get) when touched.
+CACHED_TASK_RUNS = 50_000
+# (flow run id or "", task key, dynamic key) is held by one task run (TR-1).
+TASK_RUN_KEY = UniqueKeyScope("task_run_key")
+
+MAX_RETRY_DELAYS = 50
+MAX_CACHE_KEY_LENGTH = 2000
+# How long a submitter may ask to wait for room on a full task key.
+MAX_QUEUE_WAIT_SECONDS = 60.0
+
+TaskKey = Annotated[StoredText, StringConstraints(min_length=1, max_length=2_000)]
+DynamicKey = Annotated[StoredText, StringConstraints(max_length=2_000)]
+TaskWorkerId = Annotated[StoredText, StringConstraints(min_length=1, max_length=MAX_NAME_LENGTH)]
+ShortText = Annotated[StoredText, StringConstraints(max_length=10_000)]
+Seconds = Annotated[float, Field(ge=0, le=INT32_MAX, allow_inf_nan=False)]
+
+
+class TaskRunPolicy(BaseModel):
+    """Prefect's task `empirical_policy`: how many retries, after how long, with what jitter."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_retries: Annotated[int, Field(ge=0, le=INT32_MAX)] = 0  # deprecated in Prefect
+    retry_delay_seconds: Seconds = 0  # deprecated in Prefect
+    retries: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
+    retry_delay: Seconds | list[Seconds] | None = None
+    retry_jitter_factor: float | None = None
+
+    @field_validator("retry_delay")
+    @classmethod
+    def _at_most_50_delays(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(value) > MAX_RETRY_DELAYS:
+            raise ValueError(f"Can not configure more than {MAX_RETRY_DELAYS} retry delays per task.")
+        return value
+
+    @field_validator("retry_jitter_factor")
+    @classmethod
+    def _non_negative_jitter(cls, value: float | None) -> float | None:
+        if value is not None and (value < 0 or value != value or value > INT32_MAX):
+            raise ValueError("`retry_jitter_factor` must be >= 0.")
+        return value
+
+
+class TaskRun(BaseModel):
+    """A task run, as stored, projected, answered and queued (Prefect's field names; durations
+    in seconds)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_timedelta="float")
+
+    id: uuid.UUID
+    created: UtcDatetime
+    updated: UtcDatetime
+    name: str
+    flow_run_id: uuid.UUID | None = None
+    task_key: str
+    dynamic_key: str
+    cache_key: str | None = None
+    cache_expiration: UtcDatetime | None = None
+    task_version: str | None = None
+    empirical_policy: TaskRunPolicy = TaskRunPolicy()
+    tags: list[str] = []
+    labels: dict[str, Any] = {}
+    task_inputs: dict[str, Any] = {}
+    state_id: uuid.UUID | None = None
+    state_type: StateType | None = None
+    state_name: str | None = None
+    run_count: int = 0
+    flow_run_run_count: int = 0
+    expected_start_time: UtcDatetime | None = None
+    next_scheduled_start_time: UtcDatetime | None = None
+    start_time: UtcDatetime | None = None
+    end_time: UtcDatetime | None = None
+    total_run_time: timedelta = Field(default=timedelta(0))
+    state: State | None = None
+    # Beyond Prefect: a background task's parameters, kept in the log with it (Prefect keeps
+    # them in result storage under `task_parameters_id`), so a queued run can always be sent again.
+    parameters: dict[str, Any] = {}
+    # Beyond Prefect: the state that last queued the run on its key's subject, and the task
+    # worker that holds it while it runs.
+    queued_state_id: uuid.UUID | None = None
+    task_worker_id: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Events
+
+
+class _TaskRunEvent(Event):
+    aggregate_type: ClassVar[str] = TASK_RUN
+
+
+@register_event
+class TaskRunCreated(_TaskRunEvent):
+    """A new task run, with its first state (`run.state`) if it has one."""
+
+    event_type: ClassVar[str] = "TaskRunCreated"
+    run: TaskRun
+
+
+@register_event
+class TaskRunStateSet(_TaskRunEvent):
+    """A state was written (`run.state`, with the bookkeeping it caused)."""
+
+    event_type: ClassVar[str] = "TaskRunStateSet"
+    run: TaskRun
+
+
+@register_event
+class TaskRunUpdated(_TaskRunEvent):
+    event_type: ClassVar[str] = "TaskRunUpdated"
+    run: TaskRun
+    changed: list[str]
+
+
+@register_event
+class TaskRunDeleted(_TaskRunEvent):
+    event_type: ClassVar[str] = "TaskRunDeleted"
+    task_run_id: uuid.UUID
+    task_key: str
+
+
+class TaskCacheEntry(BaseModel):
+    """The newest COMPLETED state recorded under one cache key (OR-14)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cache_key: str
+    state: State
+
+
+@register_event
+class TaskCacheEntryRecorded(Event):
+    aggregate_type: ClassVar[str] = TASK_CACHE
+    event_type: ClassVar[str] = "TaskCacheEntryRecorded"
+    entry: TaskCacheEntry
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+RunName = Annotated[StoredText, StringConstraints(max_length=MAX_NAME_LENGTH)]
+CacheKey = Annotated[StoredText, StringConstraints(max_length=MAX_CACHE_KEY_LENGTH)]
+
+
+class CreateTaskRun(Command):
+    """A new task run, or the existing one with the same (flow run, task key, dynamic key)
+    (`created: false`, its state unchanged). A SCHEDULED state with `deferred` queues the run
+    on its key's subject for a task worker. `queue_wait_seconds` (beyond Prefect): how long to
+    wait for room when the key's queue is full, before the run is cancelled and the submitter
+    told; 0 = not at all."""
+
+    id: uuid.UUID | None = None
+    name: RunName | None = None
+    flow_run_id: uuid.UUID | None = None
+    task_key: TaskKey
+    dynamic_key: DynamicKey
+    cache_key: CacheKey | None = None
+    cache_expiration: UtcDatetime | None = None
+    task_version: ShortText | None = None
+    empirical_policy: TaskRunPolicy = TaskRunPolicy()
+    tags: Tags = []
+    labels: JsonDocument = {}
+    task_inputs: JsonDocument = {}
+    parameters: JsonDocument = {}
+    state: StateCreate | None = None
+    queue_wait_seconds: Annotated[float, Field(ge=0, le=MAX_QUEUE_WAIT_SECONDS, allow_inf_nan=False)] = 0
+
+
+class TaskDelivery(BaseModel):
+    """Which message a task worker took a run from: the state that queued it, and JetStream's
+    delivery count (above 1: the run was delivered before and not acknowledged in time)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    state_id: uuid.UUID
+    attempt: Annotated[int, Field(ge=1, le=INT32_MAX)] = 1
+
+
+class SetTaskRunState(Command):
+    """Propose a state; the task orchestration rules decide what is written (TR-3). A task
+    worker names itself (`task_worker_id`) and, when it starts a run, the delivery it took it
+    from (`delivery`)."""
+
+    id: uuid.UUID
+    state: StateCreate
+    force: bool = False
+    task_worker_id: TaskWorkerId | None = None
+    delivery: TaskDelivery | None = None
+    queue_wait_seconds: Annotated[float, Field(ge=0, le=MAX_QUEUE_WAIT_SECONDS, allow_inf_nan=False)] = 0
+
+
+class UpdateTaskRun(Command):
+    """Prefect's task-run update: the name."""
+
+    id: uuid.UUID
+    name: RunName | None = None
+
+
+class DeleteTaskRun(Command):
+    id: uuid.UUID
+
+
+# ---------------------------------------------------------------------------------------------
+# Evolve and decide
+
+
+def evolve(run: TaskRun | None, event: Event) -> TaskRun | None:
+    match event:
+        case TaskRunCreated(run=r) | TaskRunStateSet(run=r) | TaskRunUpdated(run=r):
+            return r
+        case TaskRunDeleted():
+            return None
+    return run
+
+
+def evolve_cache(entry: TaskCacheEntry | None, event: Event) -> TaskCacheEntry | None:
+    return event.entry if isinstance(event, TaskCacheEntryRecorded) else entry
+
+
+def task_run_not_found() -> Exception:
+    return not_found("Task run not found")
+
+
+def key_of(flow_run_id: uuid.UUID | None, task_key: str, dynamic_key: str) -> str:
+    """The aggregate id of a run's (flow run, task key, dynamic key) claim."""
+    return TASK_RUN_KEY.aggregate_id(str(flow_run_id) if flow_run_id is not None else "", task_key, dynamic_key)
+
+
+def cache_id(cache_key: str) -> str:
+    return task_run_rules.cache_id(cache_key)
+
+
+def _keys(run: TaskRun | CreateTaskRun) -> tuple[uuid.UUID | None, str, str]:
+    return run.flow_run_id, run.task_key, run.dynamic_key
+
+
+def decide_create_task_run(cmd: CreateTaskRun, claim: UniqueKeyClaim | None, existing: TaskRun | None,
+                           same_id: TaskRun | None, flow_run: FlowRun | None, ctx: DecisionContext,
+                           facts: task_run_rules.TaskFacts = task_run_rules.NO_FACTS) -> Decision:
+    """TR-1, TR-2. `existing`: the run holding these keys; `same_id`: the run already under the
+    id the client chose, if any; `flow_run`: the run's flow run, when it names one."""
+    if cmd.flow_run_id is not None and flow_run is None:
+        raise not_found(f"Flow run {cmd.flow_run_id} not found.")
+    if claim is not None and claim.owner_id is not None:
+        if existing is None:  # the claim and its owner are written together; never apart
+            raise RuntimeError(f"task run key is claimed by {claim.owner_id}, which does not exist")
+        if cmd.id is not None and cmd.id != existing.id:
+            raise conflict(f"Task run {existing.id} already holds these keys; a new run cannot take id {cmd.id}.")
+        return Decision(events=[], result=existing, created=False)
+    if same_id is not None:
+        raise conflict(f"Task run {same_id.id} exists with other keys (flow run, task key, dynamic key).")
+    run_id = cmd.id or ctx.new_id()
+    labels: dict[str, Any] = {}
+    if flow_run is not None:
+        labels = {**flow_run.labels, "prefect.flow-run.id": str(flow_run.id), "prefect.flow.id": str(flow_run.flow_id)}
+    run = TaskRun.model_validate({
+        "id": run_id, "created": ctx.now, "updated": ctx.now,
+        "name": cmd.name or f"{cmd.task_key}-{run_id.hex[:3]}",
+        "flow_run_id": cmd.flow_run_id, "task_key": cmd.task_key, "dynamic_key": cmd.dynamic_key,
+        "cache_key": cmd.cache_key, "cache_expiration": cmd.cache_expiration, "task_version": cmd.task_version,
+        "empirical_policy": cmd.empirical_policy, "tags": list(dict.fromkeys(cmd.tags)),
+        "labels": {**labels, **cmd.labels}, "task_inputs": cmd.task_inputs, "parameters": cmd.parameters,
+    })
+    claims = [TASK_RUN_KEY.claim(run.id, str(cmd.flow_run_id) if cmd.flow_run_id else "", cmd.task_key,
+                                 cmd.dynamic_key)]
+    transition = task_run_rules.set_task_run_state(run, cmd.state or StateCreate(type=StateType.PENDING),
+                                                   force=True, ctx=ctx, facts=facts)
+    after = transition.run
+    if transition.state is None:  # refused outright (e.g. a cache key too long): created without a state
+        after = run
+    events = [*claims, NewEvent(str(run.id), TaskRunCreated(run=after)),
+              *cache_events(transition)]
+    return Decision(events=events, result=after, created=True, after={str(run.id): after},
+                    queue=_queued(run, transition, cmd.queue_wait_seconds))
+
+
+def decide_set_task_run_state(cmd: SetTaskRunState, run: TaskRun | None, ctx: DecisionContext,
+                              facts: task_run_rules.TaskFacts = task_run_rules.NO_FACTS) -> Decision:
+    """TR-3: the result is the state written, or the current one when nothing is written."""
+    if run is None:
+        raise task_run_not_found()
+    facts = facts.with_claim(cmd.task_worker_id, cmd.delivery)
+    transition = task_run_rules.set_task_run_state(run, cmd.state, force=cmd.force, ctx=ctx, facts=facts)
+    if transition.state is None:
+        return Decision(events=[], result=run.state, orchestration=transition.orchestration)
+    after: TaskRun = transition.run
+    events = [NewEvent(str(run.id), TaskRunStateSet(run=after)), *cache_events(transition)]
+    return Decision(events=events, result=after.state, created=True, after={str(run.id): after},
+                    orchestration=transition.orchestration,
+                    queue=_queued(run, transition, cmd.queue_wait_seconds))
+
+
+def cache_events(transition: task_run_rules.TaskTransition) -> list[NewEvent]:
+    """OR-14: an accepted COMPLETED state with a cache key becomes that key's entry (the newest
+    wins); a copy handed out from the cache (`Cached`) is not recorded again."""
+    state = transition.state
+    if state is None or state.type is not StateType.COMPLETED or state.name == "Cached":
+        return []
+    key = state.state_details.cache_key
+    if key is None:
+        return []
+    return [NewEvent(cache_id(key), TaskCacheEntryRecorded(entry=TaskCacheEntry(cache_key=key, state=state)))]
+
+
+def _queued(before: TaskRun, transition: task_run_rules.TaskTransition,
+            wait_seconds: float) -> list[QueuedTaskRun]:
+    """TQ-4: a transition intended for SCHEDULED and written deferred queues the run as written:
+    on its key's retry side when the state is `AwaitingRetry`, else on its scheduled side."""
+    state = transition.state
+    if not transition.enqueue or state is None:
+        return []
+    side: Literal["retry", "scheduled"] = "retry" if state.name == "AwaitingRetry" else "scheduled"
+    return [QueuedTaskRun(task_key=before.task_key, side=side, run=transition.run, wait_seconds=wait_seconds)]
+
+
+def decide_update_task_run(cmd: UpdateTaskRun, run: TaskRun | None, ctx: DecisionContext) -> Decision:
+    if run is None:
+        raise task_run_not_found()
+    if "name" not in cmd.explicitly_set() or cmd.name is None or cmd.name == run.name:
+        if "name" in cmd.explicitly_set() and cmd.name is None:
+            raise invalid("name cannot be null", field="name")
+        return Decision(events=[], result=None)
+    after = run.model_copy(update={"name": cmd.name, "updated": ctx.now})
+    return Decision(events=[NewEvent(str(run.id), TaskRunUpdated(run=after, changed=["name"]))], result=None,
+                    after={str(run.id): after})
+
+
+def decide_delete_task_run(cmd: DeleteTaskRun, run: TaskRun | None, claim: UniqueKeyClaim | None) -> Decision:
+    """The run's keys are free again at once. A copy of it still queued is dropped by the
+    worker that takes it (the run is gone)."""
+    if run is None:
+        raise task_run_not_found()
+    flow_run_id, task_key, dynamic_key = _keys(run)
+    releases = ([TASK_RUN_KEY.release(run.id, str(flow_run_id) if flow_run_id else "", task_key, dynamic_key)]
+                if claim is not None and claim.owner_id == run.id else [])
+    return Decision(events=[*releases, NewEvent(str(run.id), TaskRunDeleted(task_run_id=run.id,
+                                                                             task_key=run.task_key))])
+
+
+def reply(run: TaskRun) -> dict[str, Any]:
+    return run.model_dump(mode="json")

@@ -1,0 +1,90 @@
+"""The task-run command table: what each command loads before its pure decider runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from runledger.commands import flow_runs as fr
+from runledger.commands import task_run_rules as rules
+from runledger.commands import task_runs as tr
+from runledger.commands import unique_keys as uk
+from runledger.commands.decisions import Decision
+from runledger.commands.messages import DecisionContext
+from runledger.commands.states import State, StateCreate, StateType
+from runledger.infra.aggregates import AggregateKind
+
+from .command_bus import AggregateKey, CommandSpec, Unit
+
+# Every event of a task run carries the whole run: its last event is its state.
+AGGREGATE_KINDS = [
+    AggregateKind(tr.TASK_RUN, lambda: None, tr.evolve, last_event_only=True, max_cached=tr.CACHED_TASK_RUNS),
+    AggregateKind(tr.TASK_CACHE, lambda: None, tr.evolve_cache, last_event_only=True, max_cached=10_000),
+]
+
+
+async def _facts(unit: Unit, run: tr.TaskRun | tr.CreateTaskRun, proposed: StateCreate | None,
+                 takeover_allowed: bool) -> rules.TaskFacts:
+    """What the task rules read besides the run: its flow run, and the cache entry under the
+    proposed state's cache key when the run is about to start."""
+    flow_run = await unit.load(fr.FLOW_RUN, str(run.flow_run_id)) if run.flow_run_id is not None else None
+    cached = None
+    if proposed is not None and proposed.type is StateType.RUNNING and proposed.state_details.cache_key is not None:
+        cached = await unit.load(tr.TASK_CACHE, tr.cache_id(proposed.state_details.cache_key))
+    return rules.TaskFacts(flow_run=flow_run, cached=cached, takeover_allowed=takeover_allowed)
+
+
+def _run_reply(run: tr.TaskRun) -> dict[str, Any]:
+    return tr.reply(run)
+
+
+def _state_reply(state: State | None) -> dict[str, Any] | None:
+    return state.reply() if state is not None else None
+
+
+def _nothing(_: Any) -> None:
+    return None
+
+
+def _create_locks(cmd: tr.CreateTaskRun) -> Iterable[AggregateKey]:
+    """A create locks its keys' claim (and the id it asks for)."""
+    locks = [(uk.UNIQUE_KEY, tr.key_of(cmd.flow_run_id, cmd.task_key, cmd.dynamic_key))]
+    return [*locks, (tr.TASK_RUN, str(cmd.id))] if cmd.id is not None else locks
+
+
+def _by_id(cmd: Any) -> Iterable[AggregateKey]:
+    return [(tr.TASK_RUN, str(cmd.id))]
+
+
+def command_specs(takeover_allowed: Callable[[], bool] = lambda: True) -> dict[str, CommandSpec]:
+    """`takeover_allowed`: False while the service's broker connection is fresh (a broker
+    restart redelivers every task at once; see `task_run_rules.TAKEOVER_GRACE_SECONDS`)."""
+
+    async def create_task_run(unit: Unit, cmd: tr.CreateTaskRun, ctx: DecisionContext) -> Decision:
+        claim = await unit.load(uk.UNIQUE_KEY, tr.key_of(cmd.flow_run_id, cmd.task_key, cmd.dynamic_key))
+        existing = await unit.load(tr.TASK_RUN, str(claim.owner_id)) if claim.owner_id is not None else None
+        same_id = await unit.load(tr.TASK_RUN, str(cmd.id)) if cmd.id is not None and existing is None else None
+        facts = await _facts(unit, cmd, cmd.state, takeover_allowed())
+        return tr.decide_create_task_run(cmd, claim, existing, same_id, facts.flow_run, ctx, facts)
+
+    async def set_task_run_state(unit: Unit, cmd: tr.SetTaskRunState, ctx: DecisionContext) -> Decision:
+        run = await unit.load(tr.TASK_RUN, str(cmd.id))
+        facts = await _facts(unit, run, cmd.state, takeover_allowed()) if run is not None else rules.NO_FACTS
+        return tr.decide_set_task_run_state(cmd, run, ctx, facts)
+
+    async def update_task_run(unit: Unit, cmd: tr.UpdateTaskRun, ctx: DecisionContext) -> Decision:
+        return tr.decide_update_task_run(cmd, await unit.load(tr.TASK_RUN, str(cmd.id)), ctx)
+
+    async def delete_task_run(unit: Unit, cmd: tr.DeleteTaskRun, ctx: DecisionContext) -> Decision:
+        run = await unit.load(tr.TASK_RUN, str(cmd.id))
+        claim = None
+        if run is not None:
+            claim = await unit.load(uk.UNIQUE_KEY, tr.key_of(run.flow_run_id, run.task_key, run.dynamic_key))
+        return tr.decide_delete_task_run(cmd, run, claim)
+
+    return {
+        "CreateTaskRun": CommandSpec(tr.CreateTaskRun, create_task_run, _run_reply, _create_locks),
+        "SetTaskRunState": CommandSpec(tr.SetTaskRunState, set_task_run_state, _state_reply, _by_id),
+        "UpdateTaskRun": CommandSpec(tr.UpdateTaskRun, update_task_run, _nothing, _by_id),
+        "DeleteTaskRun": CommandSpec(tr.DeleteTaskRun, delete_task_run, _nothing, _by_id),
+    }
