@@ -25,7 +25,7 @@ from .main import app
 
 console = Console(stderr=True, soft_wrap=True)
 EXIT_UNAVAILABLE = 6
-ROLES = ("commands", "queries", "projections", "scheduler", "clock", "foreman")
+ROLES = ("commands", "queries", "projections", "scheduler", "clock", "foreman", "task_recovery")
 
 
 def default_data_dir() -> Path:
@@ -95,7 +95,7 @@ def _parse_roles(roles: str) -> frozenset[str]:
 
 @app.command()
 def serve(
-    roles: str = typer.Option(",".join(ROLES), help="Which parts to run here: commands,queries,projections,scheduler,clock,foreman (the last three hold a lease: one active on the servers at a time)."),
+    roles: str = typer.Option(",".join(ROLES), help="Which parts to run here: commands,queries,projections,scheduler,clock,foreman,task_recovery (the last four hold a lease: one active on the servers at a time)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run the service against RUNLEDGER_NATS_URL and RUNLEDGER_DATABASE_URL."""

@@ -159,6 +159,9 @@ class CommandBus:
     specs: dict[str, CommandSpec]
     retries: int = 10
     clock: Callable[[], DecisionContext] = DecisionContext
+    # What is published once a decision's events are stored (the task runs it queues, the
+    # task runs it finishes): None, or why it could not be (the reply is then that error).
+    after_append: Callable[[Decision], Awaitable[str | None]] | None = None
     _locks: dict[AggregateKey, asyncio.Lock] = field(default_factory=dict)
     _lock_users: dict[AggregateKey, int] = field(default_factory=dict)
 
@@ -232,6 +235,11 @@ class CommandBus:
             del self._lock_users[key]
             del self._locks[key]
 
+    async def execute_unlocked(self, name: str, cmd: Command) -> dict[str, Any]:
+        """A command decided while the caller already holds the locks of what it touches (a
+        correction written by the same command: a task run that could not be queued)."""
+        return await self._execute(name, self.specs[name], cmd, b"")
+
     async def _execute(self, name: str, spec: CommandSpec, cmd: Command, raw: bytes,
                        lock_more: Callable[[Iterable[AggregateKey]], Awaitable[None]] | None = None,
                        release_more: Callable[[], None] = lambda: None) -> dict[str, Any]:
@@ -293,6 +301,10 @@ class CommandBus:
                 self._forget_chained(decision)
                 raise
             self._remember(decision, unit, last_seq, mine)
+            if self.after_append is not None:
+                problem = await self.after_append(decision)
+                if problem is not None:
+                    return error(ErrorCode.UNAVAILABLE, problem)
             return ok(reply_result, last_seq, decision.created, decision.orchestration)
         return error(ErrorCode.CONFLICT, f"{name} lost {self.retries + 1} races in a row for the same object; try again")
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 import nats.errors
 from nats.aio.client import Client as NATS
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from runledger.commands.task_run_rules import TAKEOVER_GRACE_SECONDS
 from runledger.infra.aggregates import AggregateRepository
 from runledger.infra.database import DatabaseUnavailable, check_database, create_engine, migrate
 from runledger.infra.event_store import EventStore
@@ -28,6 +30,7 @@ from runledger.infra.leases import Lease, holder_lookup
 from runledger.infra.nats_connection import connect
 from runledger.infra.settings import Settings
 from runledger.infra.snapshots import SnapshotStore, ensure_snapshot_bucket
+from runledger.infra.task_queues import TaskPublisher, ensure_task_streams
 from runledger.projections.health import health_queries
 from runledger.projections.runner import ProjectionRunner
 from runledger.projections.tables import MIGRATIONS
@@ -39,6 +42,7 @@ from .endpoint import Endpoint
 from .event_queries import event_queries
 from .foreman import Foreman
 from .query_bus import CheckpointWatch, QueryBus
+from .task_dispatch import TaskDispatch, TaskRecovery
 from .worker_polls import PollRecorder, poll_queries
 
 log = logging.getLogger("runledger.service")
@@ -46,7 +50,7 @@ log = logging.getLogger("runledger.service")
 ALL_ROLES = frozenset({"commands", "queries", "projections"})
 # Single-active background services (handlers/background.py), each behind its lease: run by
 # `up` and `serve`; tests start them only where they test them.
-BACKGROUND_ROLES = frozenset({"scheduler", "clock", "foreman"})
+BACKGROUND_ROLES = frozenset({"scheduler", "clock", "foreman", "task_recovery"})
 COMMAND_QUEUE_GROUP = "runledger-commands"
 QUERY_QUEUE_GROUP = "runledger-queries"
 
@@ -86,6 +90,17 @@ class Service:
     # Records each worker poll as a command, in the background (handlers/worker_polls.py).
     polls: PollRecorder | None = None
 
+    # When the service's main connection to the broker was last made: a broker restart
+    # redelivers every task run at once, and a worker may take over another's run only once the
+    # workers have had time to reconnect and report (commands/task_run_rules.py).
+    connected_at: float = field(default_factory=time.monotonic)
+
+    async def _on_reconnected(self) -> None:
+        self.connected_at = time.monotonic()
+
+    def _takeover_allowed(self) -> bool:
+        return time.monotonic() - self.connected_at >= TAKEOVER_GRACE_SECONDS
+
     async def _on_closed(self) -> None:
         if self._stopping:
             return
@@ -104,11 +119,13 @@ class Service:
     async def start(self) -> None:
         s = self.settings
         self.nc = await connect(s, name="runledger-service", closed_cb=self._on_closed,
-                                error_cb=self._on_error)  # refuses NATS < 2.12
+                                error_cb=self._on_error, reconnected_cb=self._on_reconnected)  # refuses NATS < 2.12
+        self.connected_at = time.monotonic()
         for i in range(s.request_lanes if self.roles & {"commands", "queries"} else 0):
             self.lanes.append(await connect(s, name=f"runledger-service-requests-{i}", closed_cb=self._on_closed,
                                             error_cb=self._on_error, check_version=False))
         await ensure_event_stream(self.nc.jetstream(), s)
+        await ensure_task_streams(self.nc.jetstream(), s)
         self.engine = create_engine(s)
         try:
             await check_database(self.engine, s)
@@ -135,7 +152,10 @@ class Service:
             await ensure_snapshot_bucket(js, s)
             snapshots = SnapshotStore(js, s)
         repo = AggregateRepository(self.store, registry.AGGREGATE_KINDS, snapshots=snapshots, snapshot_every=s.snapshot_every)
-        self.commands = CommandBus(self.store, repo, registry.command_specs(self.store), retries=s.command_retries)
+        self.commands = CommandBus(self.store, repo, registry.command_specs(self.store, self._takeover_allowed),
+                                   retries=s.command_retries)
+        self.commands.after_append = TaskDispatch(TaskPublisher(self.nc.jetstream(timeout=s.request_timeout), s),
+                                                  self.commands, self.nc, s)
         deadline = request_deadline(s)
         self.polls = PollRecorder(CommandSender(self.nc, s, timeout=s.request_timeout))
         specs = {**registry.QUERIES, **health_queries([p.name for p in projections], self.store.last_sequence,
@@ -163,14 +183,16 @@ class Service:
         log.info("runledger service ready: roles %s, NATS %s, namespace %s", ",".join(sorted(self.roles)), s.safe_nats_url(), s.namespace)
 
     async def _start_background(self) -> None:
-        """The scheduler, the clock and the foreman, each waiting for its lease (infra/leases.py)."""
+        """The scheduler, the clock, the foreman and the task recovery sweep, each waiting for its
+        lease (infra/leases.py)."""
         s = self.settings
         assert self.nc is not None and self.engine is not None
         send = CommandSender(self.nc, s, timeout=s.request_timeout)
-        services: dict[str, Scheduler | Clock | Foreman] = {"scheduler": Scheduler(self.engine, send),
-                                                            "clock": Clock(self.engine, send),
-                                                            "foreman": Foreman(self.engine, send)}
         js = self.nc.jetstream(timeout=s.request_timeout)
+        services: dict[str, Scheduler | Clock | Foreman | TaskRecovery] = {
+            "scheduler": Scheduler(self.engine, send), "clock": Clock(self.engine, send),
+            "foreman": Foreman(self.engine, send),
+            "task_recovery": TaskRecovery(self.engine, TaskPublisher(js, s))}
         for role, service in services.items():
             if role not in self.roles:
                 continue

@@ -16,8 +16,11 @@ Roles (each a NATS user with a password):
   also send the read-only queries in ANALYST_QUERIES (`ReadEvents`: the log over the
   broker contract), each imported as a service from the service's account under its own
   subject; no other query and no command.
-- `task_worker`: reserved for a later role (it will pull work from work-queue streams);
-  add it to `role_permissions` when that exists.
+- `task_worker`: takes task runs from the task-key streams (creates and reads their durable
+  consumers, acknowledges), reports their states (`SetTaskRunState`), submits task runs
+  (`CreateTaskRun`, a task may start others) and reads one (`GetTaskRun`), and hears that a
+  task run finished (`<ns>.taskrun.finished.>`). Nothing of the event log, no other command
+  or query.
 
 Everything not allowed is denied: an unauthenticated connection is refused, since the
 server has users and no `no_auth_user`. Each role's inbox prefix (`_INBOX.<role>`) is its
@@ -37,7 +40,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-ROLES = ("service", "client", "analyst")
+ROLES = ("service", "client", "analyst", "task_worker")
+# What a task worker may send: its reports, new task runs, and the read a `.result()` makes.
+TASK_WORKER_COMMANDS = ("CreateTaskRun", "SetTaskRunState")
+TASK_WORKER_QUERIES = ("GetTaskRun",)
 # Headers plus body of one message (nats-server counts both); the server's default, stated.
 MAX_PAYLOAD = 1024 * 1024
 
@@ -72,6 +78,12 @@ class Names:
     @property
     def stream(self) -> str:
         return f"{self.namespace.upper()}_EVENTS"
+
+    @property
+    def task_streams(self) -> tuple[str, str]:
+        """The task-key streams (infra/task_queues.py): scheduled and retry sides."""
+        ns = self.namespace.upper()
+        return (f"{ns}_TASKS", f"{ns}_TASK_RETRIES")
 
     @property
     def buckets(self) -> tuple[str, str]:
@@ -123,10 +135,12 @@ def role_permissions(namespace: str, service_consumers: Sequence[str]) -> dict[s
     ns, stream = namespace, n.stream
     api = "$JS.API"
     kv_streams = [f"KV_{b}" for b in n.buckets]
-    own_streams = [stream, *kv_streams]
+    own_streams = [stream, *kv_streams, *n.task_streams]
 
     service_pub = [
         f"{ns}.evt.>", f"{ns}.idem.>",  # appends (single messages and atomic batches)
+        f"{ns}.task.>",  # task runs onto their key's subjects
+        f"{ns}.taskrun.finished.>",  # a task run reached a final state (heard by `.result()`)
         *(f"$KV.{b}.>" for b in n.buckets),  # snapshot and lease keys: put, create, update, delete
         "_INBOX.>",  # replies to requests (the service only answers under reply_subject_prefix)
         "_R_.>",  # replies to the queries the analyst's account imports (ANALYST_QUERIES)
@@ -159,6 +173,13 @@ def role_permissions(namespace: str, service_consumers: Sequence[str]) -> dict[s
             f"{read}.CONSUMER.MSG.NEXT.{stream}.{c}", f"{read}.CONSUMER.DELETE.{stream}.{c}",
         ]
 
+    task_worker_pub = [f"{ns}.cmd.{c}" for c in TASK_WORKER_COMMANDS] + [f"{ns}.qry.{q}" for q in TASK_WORKER_QUERIES]
+    for s in n.task_streams:
+        task_worker_pub += [
+            f"{api}.CONSUMER.CREATE.{s}.>", f"{api}.CONSUMER.INFO.{s}.>", f"{api}.CONSUMER.MSG.NEXT.{s}.>",
+            f"$JS.ACK.{s}.>",
+        ]
+
     return {
         "service": {
             "publish": {"allow": service_pub, "deny": [
@@ -168,13 +189,16 @@ def role_permissions(namespace: str, service_consumers: Sequence[str]) -> dict[s
         },
         "client": {
             "publish": {"allow": [f"{ns}.cmd.>", f"{ns}.qry.>"]},
-            "subscribe": {"allow": [f"{inbox_prefix('client')}.>"]},
+            "subscribe": {"allow": [f"{inbox_prefix('client')}.>", f"{ns}.taskrun.finished.>"]},
+        },
+        "task_worker": {
+            "publish": {"allow": task_worker_pub},
+            "subscribe": {"allow": [f"{inbox_prefix('task_worker')}.>", f"{ns}.taskrun.finished.>"]},
         },
         "analyst": {
             "publish": {"allow": analyst_pub, "deny": analyst_deny},
             "subscribe": {"allow": [f"{inbox_prefix('analyst')}.>"]},
         },
-        # "task_worker": later: pull from the work-queue streams it serves, ack, its own inbox.
     }
 
 
@@ -257,7 +281,7 @@ def nats_config(namespace: str, passwords: Mapping[str, str], store_dir: str, *,
         "# The service and its clients share an account; the analyst has its own and reaches the",
         "# event stream's read API only through imports (answers come back on its own subjects).",
         "accounts {",
-        f"  {SERVICE_ACCOUNT} {{", "    jetstream: enabled", *users(["service", "client"]),
+        f"  {SERVICE_ACCOUNT} {{", "    jetstream: enabled", *users(["service", "client", "task_worker"]),
         "    exports: [", *exports, "    ]", "  }",
         f"  {ANALYST_ACCOUNT} {{", *users(["analyst"]), "    imports: [", *imports, "    ]", "  }",
         "}", "",
@@ -289,12 +313,18 @@ def local_credentials(data_dir) -> dict[str, dict[str, str]]:
     path = Path(data_dir) / "credentials.json"
     try:
         creds = json.loads(path.read_text())
-        if all(creds.get(r, {}).get("password") for r in ROLES):
-            creds["analyst"]["js_api_prefix"] = ANALYST_JS_API
-            return creds
     except (OSError, ValueError):
-        pass
-    creds = new_credentials()
+        creds = {}
+    if not isinstance(creds, dict) or not all(isinstance(creds.get(r), dict) for r in creds):
+        creds = {}
+    fresh = new_credentials()
+    missing = [r for r in ROLES if not creds.get(r, {}).get("password")]
+    if not missing:
+        creds["analyst"]["js_api_prefix"] = ANALYST_JS_API
+        return creds
+    # A role added since the directory was made gets its password; the others keep theirs.
+    creds = {**fresh, **{r: creds[r] for r in ROLES if r not in missing}}
+    creds["analyst"]["js_api_prefix"] = ANALYST_JS_API
     write_private(path, json.dumps(creds, indent=2))
     return creds
 

@@ -26,7 +26,7 @@ def _fmt(v: tuple[int, int, int]) -> str:
 
 
 async def connect(settings: Settings, *, name: str = "runledger", check_version: bool = True,
-                  wait_for_server: bool = True, closed_cb=None, error_cb=None) -> NATS:
+                  wait_for_server: bool = True, closed_cb=None, error_cb=None, reconnected_cb=None) -> NATS:
     """A connection that reconnects for ever once made. The first connect waits up to
     `max(5 s, request_timeout)` for a server that is starting (a service beside its broker),
     unless `wait_for_server` is False (the CLI and the client: nothing listening is said at
@@ -79,6 +79,8 @@ async def connect(settings: Settings, *, name: str = "runledger", check_version:
     # applies them to the first connect too: bound that one ourselves.
     if closed_cb is not None:  # the connection closed for good (or by `close`)
         options["closed_cb"] = closed_cb
+    if reconnected_cb is not None:
+        options["reconnected_cb"] = reconnected_cb
     connecting = asyncio.ensure_future(nats.connect(**options, error_cb=_on_error))
     limit = max(5.0, settings.request_timeout)
     try:

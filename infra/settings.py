@@ -78,6 +78,12 @@ class Settings(BaseSettings):
     # A single-active role (each projection; later the scheduler and clock) holds a lease with
     # this TTL (infra/leases.py): a standby takes over about this long after a holder dies.
     lease_ttl_seconds: int = Field(default=5, ge=1, le=300)
+    # Task-key subjects (infra/task_queues.py): how many runs may wait on each key's scheduled
+    # and retry sides; how long a worker may go without acknowledging (or extending) a run
+    # before it is delivered to another worker.
+    task_queue_size: int = Field(default=1000, ge=1, le=10_000_000)
+    task_retry_queue_size: int = Field(default=100, ge=1, le=10_000_000)
+    task_ack_wait_seconds: float = Field(default=3.0, ge=0.5, le=3600)
     # A projection stopped at an event it cannot apply tries that event again this often.
     projection_stall_retry_seconds: float = Field(default=30.0, gt=0)
 
@@ -144,7 +150,7 @@ class SettingsError(ValueError):
     the value (it may be a secret)."""
 
 
-BROKER_ROLES = ("client", "analyst", "service")
+BROKER_ROLES = ("client", "analyst", "service", "task_worker")
 _CREDENTIAL_VARS = ("RUNLEDGER_NATS_URL", "RUNLEDGER_NATS_USER", "RUNLEDGER_NATS_PASSWORD", "RUNLEDGER_NATS_TOKEN",
                     "RUNLEDGER_NATS_CREDS_FILE")
 
@@ -152,7 +158,7 @@ _CREDENTIAL_VARS = ("RUNLEDGER_NATS_URL", "RUNLEDGER_NATS_USER", "RUNLEDGER_NATS
 def load_settings(role: str = "client", **overrides: Any) -> Settings:
     """Environment first; where it is silent, the endpoint file of a running `runledger up`.
 
-    `role` (client, analyst, service; see infra/broker_auth.py) picks the broker user taken
+    `role` (client, analyst, service, task_worker; see infra/broker_auth.py) picks the broker user taken
     from the endpoint file, and the inbox prefix `_INBOX.<role>`, which that role's
     permissions allow it to receive on. The environment's own credentials or URL win."""
     if role not in BROKER_ROLES:

@@ -110,8 +110,11 @@ async def cleanup_namespace(settings) -> None:
     from runledger.infra.nats_connection import connect
 
     nc = await connect(settings)
-    with contextlib.suppress(NotFoundError):
-        await nc.jetstream().delete_stream(settings.stream_name)
+    from runledger.infra.task_queues import SIDES, task_stream_name
+
+    for stream in (settings.stream_name, *(task_stream_name(settings, side) for side in SIDES)):
+        with contextlib.suppress(NotFoundError):
+            await nc.jetstream().delete_stream(stream)
     for bucket in (settings.snapshot_bucket, settings.lease_bucket):
         with contextlib.suppress(NotFoundError):
             await nc.jetstream().delete_key_value(bucket)

@@ -316,3 +316,63 @@ async def test_analyst_and_client_may_read_events_and_the_analyst_nothing_else(r
     async with RunledgerClient(roles.settings("analyst"), retries=0) as rl:  # the client sees no responder
         with pytest.raises(Unavailable):
             await rl.query("GetWorkPool", {"name": pool["name"]}, min_seq=0)
+
+
+async def test_task_worker_serves_its_keys_and_submits_tasks_with_its_own_credentials(roles):
+    """The task-worker role runs the whole loop: creates and reads its keys' consumers, takes a
+    run, reports it, and awaits one it submitted; the client hears that it finished."""
+    from runledger.client import RunledgerClient
+    from runledger.client.tasks import submit_task, task_result, wait_for_task_run
+    from runledger.handlers.task_worker import TaskWorker
+
+    worker_settings = roles.settings("task_worker")
+    nc = await connect(worker_settings, name="task-worker", wait_for_server=False)
+    roles.connections.append(nc)
+
+    async def double(x: int) -> int:
+        return 2 * x
+
+    worker = TaskWorker(nc, worker_settings, {"double": double})
+    await worker.start()
+    stop = asyncio.Event()
+    serving = asyncio.create_task(worker.serve(stop))
+    try:
+        async with RunledgerClient(roles.settings("client")) as client:
+            run = await submit_task(client, "double", {"x": 21})
+            assert task_result(await wait_for_task_run(client, run.id, timeout=10)) == 42
+        async with RunledgerClient(worker_settings) as as_worker:  # a task may submit and await others
+            run = await submit_task(as_worker, "double", {"x": 5})
+            assert task_result(await wait_for_task_run(as_worker, run.id, timeout=10)) == 10
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 10)
+
+
+async def test_task_worker_cannot_touch_the_log_other_commands_or_queries(roles):
+    pool = await _pool(roles)
+    ns, stream = roles.namespace, roles.stream
+    await _assert_refused(roles, "task_worker", pool["id"], {
+        "read the log": (f"$JS.API.DIRECT.GET.{stream}", b'{"seq":1}', None),
+        "stream info": (f"$JS.API.STREAM.INFO.{stream}", b"", None),
+        "another command": (f"{ns}.cmd.DeleteWorkPool", json.dumps({"name": pool["name"]}).encode(), None),
+        "another query": (f"{ns}.qry.ListWorkPools", b"{}", None),
+        "a consumer of the log": (f"$JS.API.CONSUMER.CREATE.{stream}.x.{ns}.evt.>", b"{}", None),
+        "publish onto a task key itself": (f"{ns}.task.k.scheduled", b"{}", None),
+        "delete a task stream": (f"$JS.API.STREAM.DELETE.{ns.upper()}_TASKS", b"", None),
+        "purge a task stream": (f"$JS.API.STREAM.PURGE.{ns.upper()}_TASKS", b"", None),
+    })
+    await _assert_cannot_subscribe(roles, "task_worker", ["_INBOX.client.>", "_INBOX.service.>",
+                                                          f"{ns}.evt.>", f"{ns}.cmd.>", f"{ns}.task.>"])
+
+
+async def test_clients_and_analysts_cannot_take_task_runs(roles):
+    pool = await _pool(roles)
+    tasks = f"{roles.namespace.upper()}_TASKS"
+    take = {
+        "create a task consumer": (f"$JS.API.CONSUMER.CREATE.{tasks}.x.{roles.namespace}.task.k.scheduled",
+                                   b"{}", None),
+        "pull a task consumer": (f"$JS.API.CONSUMER.MSG.NEXT.{tasks}.task_scheduled_k", b'{"batch":1}', None),
+        "ack a task run": (f"$JS.ACK.{tasks}.task_scheduled_k.1.1.1.0.0", b"", None),
+    }
+    await _assert_refused(roles, "client", pool["id"], take)
+    await _assert_refused(roles, "analyst", pool["id"], take)

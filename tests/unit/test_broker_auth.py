@@ -78,5 +78,7 @@ def test_the_analyst_imports_only_the_read_events_query():
     service, analyst = text.split("  ANALYST {")
     assert '{service: "ns.qry.ReadEvents", response_type: singleton, accounts: ["ANALYST"]}' in service
     assert '{service: {account: "RUNLEDGER", subject: "ns.qry.ReadEvents"}}' in analyst
+    # No other query crosses accounts (the task worker's own `GetTaskRun` stays in the service's).
     assert "ns.cmd" not in analyst and [line for line in text.splitlines() if "ns.qry." in line and "ReadEvents" not in line
-                                        and "ns.qry.>" not in line] == []
+                                        and "service:" in line] == []
+    assert "GetTaskRun" not in analyst

@@ -1,0 +1,248 @@
+"""Background tasks as Prefect users know them: a decorator that gives a function `.delay()`,
+a future whose `.result()` waits for the outcome, and `submit_task` for any key.
+
+    from runledger.client.tasks import task
+
+    @task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    future = add.delay(1, 2)      # queued durably on the task key's subject
+    future.result(timeout=10)     # 3, once a task worker has run it
+
+In async code use `await add.adelay(1, 2)` and `await future.aresult()`; a function served by
+a task worker may itself submit and await others that way. Task workers run the functions
+(`runledger task-worker --module MOD --key KEY`); the key of a decorated function is
+`<module>.<qualified name>` unless `key=` says otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import threading
+import uuid
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Future as ThreadFuture
+from typing import Any, Generic, TypeVar
+
+from runledger.infra.settings import Settings, load_settings
+
+from .errors import RunledgerError
+from .models import TaskRun
+from .runledger_client import RunledgerClient
+
+R = TypeVar("R")
+
+# Every decorated function, by task key: what `runledger task-worker --module` serves.
+TASKS: dict[str, Task[Any]] = {}
+
+FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
+
+
+class TaskFailed(RunledgerError):
+    """The task run ended FAILED, CANCELLED or CRASHED: `run` says how (its state's message)."""
+
+    def __init__(self, run: TaskRun):
+        state = run.state
+        message = state.message if state is not None and state.message else f"task run {run.id} ended {run.state_type}"
+        super().__init__(message)
+        self.run = run
+
+
+def finished_subject(settings: Settings, task_run_id: uuid.UUID | str) -> str:
+    """Where the service announces a task run that reached a final state."""
+    return f"{settings.namespace}.taskrun.finished.{task_run_id}"
+
+
+def task_result(run: TaskRun) -> Any:
+    """The value a COMPLETED run returned; `TaskFailed` for a run that ended otherwise."""
+    if run.state_type != "COMPLETED":
+        raise TaskFailed(run)
+    data = run.state.data if run.state is not None else None
+    if isinstance(data, dict) and data.get("type") == "json":
+        return data.get("value")
+    return data
+
+
+async def submit_task(client: RunledgerClient, task_key: str, parameters: dict[str, Any] | None = None, *,
+                      retries: int | None = None, retry_delay: float | list[float] | None = None,
+                      retry_jitter_factor: float | None = None, tags: list[str] | None = None,
+                      queue_wait_seconds: float = 0.0, task_run_id: uuid.UUID | None = None,
+                      dynamic_key: str | None = None) -> TaskRun:
+    """Queues a new task run of `task_key` for a task worker (a SCHEDULED, deferred state) and
+    returns it. A key whose queue is full raises `Unavailable` at once, or after waiting up to
+    `queue_wait_seconds` for room; the run is then cancelled, never left behind unseen.
+
+    `dynamic_key` (default: a fresh one) makes the submission idempotent: the same task key and
+    dynamic key return the run made the first time, so a submitter that lost a reply sends it
+    again safely."""
+    policy: dict[str, Any] = {}
+    if retries is not None:
+        policy["retries"] = retries
+    if retry_delay is not None:
+        policy["retry_delay"] = retry_delay
+    if retry_jitter_factor is not None:
+        policy["retry_jitter_factor"] = retry_jitter_factor
+    body: dict[str, Any] = {
+        "task_key": task_key, "dynamic_key": dynamic_key if dynamic_key is not None else uuid.uuid4().hex, "parameters": parameters or {},
+        "state": {"type": "SCHEDULED", "state_details": {"deferred": True}},
+        "empirical_policy": policy, "tags": tags or [], "queue_wait_seconds": queue_wait_seconds,
+    }
+    if task_run_id is not None:
+        body["id"] = str(task_run_id)
+    reply = await client.command("CreateTaskRun", body)
+    return RunledgerClient._one(TaskRun, reply.result)
+
+
+async def wait_for_task_run(client: RunledgerClient, task_run_id: uuid.UUID | str,
+                            timeout: float | None = None) -> TaskRun:
+    """The run once it has reached a final state: announced by the service (no polling), or
+    read at once if it is already there."""
+    nc = client._nc
+    if nc is None:
+        raise RuntimeError("the client is not connected")
+    arrived: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def on_finished(msg: Any) -> None:
+        if not arrived.done():
+            arrived.set_result(msg.data)
+
+    sub = await nc.subscribe(finished_subject(client.settings, task_run_id), cb=on_finished)
+    try:
+        await nc.flush()
+        reply = await client.query("GetTaskRun", {"id": str(task_run_id)})
+        run = RunledgerClient._one(TaskRun, reply.result)
+        if run.state_type in FINAL_STATES:
+            return run
+        data = await asyncio.wait_for(arrived, timeout)
+        return TaskRun.model_validate_json(data)
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+class _Bridge:
+    """An event loop on a thread of its own with a connected client: what the synchronous
+    `.delay()` and `.result()` run on, so they work from plain (non-async) code."""
+
+    _lock = threading.Lock()
+    _instance: _Bridge | None = None
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="runledger-tasks", daemon=True)
+        self.thread.start()
+        self.client = self.run(RunledgerClient(_current_settings()).connect())
+
+    @classmethod
+    def get(cls) -> _Bridge:
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = _Bridge()
+            return cls._instance
+
+    def run(self, coro: Coroutine[Any, Any, R], timeout: float | None = None) -> R:
+        future: ThreadFuture[R] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+
+class TaskFuture(Generic[R]):
+    """A submitted task run: `result()` waits for it (synchronously), `aresult()` in async code.
+    Either returns the function's return value or raises `TaskFailed`."""
+
+    def __init__(self, task_run_id: uuid.UUID, client: RunledgerClient | None = None):
+        self.task_run_id = task_run_id
+        self._client = client
+
+    def result(self, timeout: float | None = None) -> R:
+        bridge = _Bridge.get()
+        run = bridge.run(wait_for_task_run(bridge.client, self.task_run_id, timeout))
+        return task_result(run)  # type: ignore[no-any-return]
+
+    async def aresult(self, timeout: float | None = None) -> R:
+        if self._client is None:
+            raise RuntimeError("this future was made by .delay(): wait for it with .result()")
+        return task_result(await wait_for_task_run(self._client, self.task_run_id, timeout))  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        return f"TaskFuture({self.task_run_id})"
+
+
+class Task(Generic[R]):
+    """A function that task workers run (see the module docstring)."""
+
+    def __init__(self, fn: Callable[..., R], *, key: str | None = None, retries: int | None = None,
+                 retry_delay: float | list[float] | None = None, retry_jitter_factor: float | None = None,
+                 tags: list[str] | None = None):
+        self.fn = fn
+        self.key = key or f"{fn.__module__}.{fn.__qualname__}"
+        self.retries, self.retry_delay, self.retry_jitter_factor = retries, retry_delay, retry_jitter_factor
+        self.tags = tags or []
+        self._signature = inspect.signature(fn)
+        self.__doc__ = fn.__doc__
+        self.__name__ = getattr(fn, "__name__", self.key)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> R:
+        return self.fn(*args, **kwargs)
+
+    def parameters(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The call's arguments by parameter name (defaults left to the worker's call)."""
+        return dict(self._signature.bind(*args, **kwargs).arguments)
+
+    async def _submit(self, client: RunledgerClient, parameters: dict[str, Any]) -> TaskRun:
+        return await submit_task(client, self.key, parameters, retries=self.retries, retry_delay=self.retry_delay,
+                                 retry_jitter_factor=self.retry_jitter_factor, tags=self.tags)
+
+    def delay(self, *args: Any, **kwargs: Any) -> TaskFuture[R]:
+        """Queues a run with these arguments for a task worker; returns at once with its future."""
+        bridge = _Bridge.get()
+        run = bridge.run(self._submit(bridge.client, self.parameters(*args, **kwargs)))
+        return TaskFuture(run.id)
+
+    async def adelay(self, *args: Any, client: RunledgerClient | None = None, **kwargs: Any) -> TaskFuture[R]:
+        """`delay` for async code. `client`: the connection to use (default: one shared by the
+        process's tasks, made on first use)."""
+        client = client or await _shared_client()
+        run = await self._submit(client, self.parameters(*args, **kwargs))
+        return TaskFuture(run.id, client)
+
+
+_clients: dict[int, RunledgerClient] = {}
+_settings: Settings | None = None
+
+
+def use_settings(settings: Settings | None) -> None:
+    """The settings `.delay()` and `.adelay()` connect with (default: `load_settings()`, the
+    client role); a task worker sets its own, so its tasks submit as it does."""
+    global _settings
+    _settings = settings
+
+
+def _current_settings() -> Settings:
+    return _settings if _settings is not None else load_settings()
+
+
+async def _shared_client() -> RunledgerClient:
+    """One client per event loop (a connection belongs to the loop that made it)."""
+    loop_id = id(asyncio.get_running_loop())
+    client = _clients.get(loop_id)
+    if client is None:
+        client = _clients[loop_id] = await RunledgerClient(_current_settings()).connect()
+    return client
+
+
+def task(fn: Callable[..., R] | None = None, *, key: str | None = None, retries: int | None = None,
+         retry_delay: float | list[float] | None = None, retry_jitter_factor: float | None = None,
+         tags: list[str] | None = None) -> Any:
+    """`@task` or `@task(key=..., retries=..., retry_delay=...)`: registers the function for task
+    workers and gives it `.delay()`."""
+
+    def wrap(f: Callable[..., R]) -> Task[R]:
+        t = Task(f, key=key, retries=retries, retry_delay=retry_delay, retry_jitter_factor=retry_jitter_factor,
+                 tags=tags)
+        TASKS[t.key] = t
+        return t
+
+    return wrap(fn) if fn is not None else wrap

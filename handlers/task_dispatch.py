@@ -1,0 +1,133 @@
+"""Putting task runs on their key's subject: right after their state is stored, and again by
+a recovery sweep for any the service could not publish (it died between the two, or the
+broker was away).
+
+The submit path does not wait for a projection: the command that writes a run SCHEDULED and
+deferred publishes it before it replies (message id: run id and state id, so a repeat is
+dropped by the stream). A key whose side is full gets the run back after a bounded wait: the
+run is then cancelled with the reason, and the submitter gets the error. Nothing is dropped
+silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from runledger.commands import task_runs as tr
+from runledger.commands.decisions import Decision, QueuedTaskRun
+from runledger.commands.states import TERMINAL, StateCreate, StateType
+from runledger.infra.settings import Settings
+from runledger.infra.task_queues import TaskKeyFull, TaskPublisher
+from runledger.projections import task_runs as read_model
+
+from .command_bus import CommandBus
+
+log = logging.getLogger("runledger.tasks")
+
+
+def task_message(run: tr.TaskRun) -> bytes:
+    """What a task worker receives: the run as written (TQ-4), with its parameters."""
+    return run.model_dump_json().encode()
+
+
+def finished_subject(settings: Settings, task_run_id: str) -> str:
+    """Where the service announces a task run that reached a final state (core NATS, not kept):
+    a `.result()` waits there instead of polling."""
+    return f"{settings.namespace}.taskrun.finished.{task_run_id}"
+
+
+class TaskDispatch:
+    """The command bus's `after_append`: queues the task runs a decision queued, and announces
+    the ones it finished."""
+
+    def __init__(self, publisher: TaskPublisher, bus: CommandBus, nc: Any, settings: Settings):
+        self.publisher = publisher
+        self.bus = bus
+        self.nc = nc
+        self.settings = settings
+
+    async def __call__(self, decision: Decision) -> str | None:
+        for new in decision.events:
+            event = new.event
+            if isinstance(event, tr.TaskRunStateSet | tr.TaskRunCreated) and event.run.state_type in TERMINAL:
+                await self.nc.publish(finished_subject(self.settings, str(event.run.id)), task_message(event.run))
+        if not decision.queue:
+            return None
+        return await self.queue(decision.queue)
+
+    async def queue(self, queued: list[QueuedTaskRun]) -> str | None:
+        problems: list[str] = []
+        for q in queued:
+            run: tr.TaskRun = q.run
+            assert run.state is not None
+            try:
+                await self.publisher.publish(q.task_key, q.side, str(run.id), str(run.state.id), task_message(run),
+                                             wait_seconds=q.wait_seconds)
+            except TaskKeyFull as full:
+                problems.append(await self._cancel(run, str(full)))
+            except Exception:
+                # Stored but not published: the recovery sweep publishes it (TaskRecovery).
+                log.warning("task run %s was stored but not yet queued; the recovery sweep will queue it", run.id,
+                            exc_info=True)
+        return " ".join(problems) if problems else None
+
+    async def _cancel(self, run: tr.TaskRun, reason: str) -> str:
+        """The run could not be queued: it is cancelled with the reason, so that it neither
+        waits for ever unseen nor runs after its submitter was told it failed."""
+        cancel = tr.SetTaskRunState(id=run.id, force=True, state=StateCreate(
+            type=StateType.CANCELLED, message=f"{reason} The task run was not queued."))
+        reply = await self.bus.execute_unlocked("SetTaskRunState", cancel)
+        if not reply.get("ok"):
+            log.warning("task run %s could not be queued nor cancelled: %s", run.id, reply)
+        return f"{reason} Task run {run.id} was cancelled; submit it again later, or wait longer for room."
+
+
+class TaskRecovery:
+    """Every few seconds, puts back on its subject any run that is queued in the log (SCHEDULED,
+    deferred, its queuing state the current one) and has waited a while, for keys whose subject
+    holds fewer messages than such runs. A copy queued twice is harmless: the first worker to
+    start the run holds it; the other copy is dropped when delivered."""
+
+    def __init__(self, engine: Any, publisher: TaskPublisher, *, every: float = 5.0, older_than: float = 10.0):
+        self.engine = engine
+        self.publisher = publisher
+        self.every = every
+        self.older_than = older_than
+
+    async def run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("the task recovery sweep failed; trying again", exc_info=True)
+            await asyncio.sleep(max(0.0, self.every - (time.monotonic() - started)))
+
+    async def sweep(self) -> int:
+        """Publishes the runs found missing; returns how many it published."""
+        runs = await read_model.queued_runs(self.engine, older_than_seconds=self.older_than)
+        by_key: dict[tuple[str, str], list[tr.TaskRun]] = {}
+        for run in runs:
+            side = "retry" if run.state_name == "AwaitingRetry" else "scheduled"
+            by_key.setdefault((run.task_key, side), []).append(run)
+        published = 0
+        for (key, side), waiting in by_key.items():
+            held = await self.publisher.count(key, side)  # type: ignore[arg-type]
+            if held >= len(waiting):
+                continue
+            for run in waiting:
+                assert run.state is not None
+                try:
+                    await self.publisher.publish(key, side, str(run.id), str(run.state.id),  # type: ignore[arg-type]
+                                                 task_message(run))
+                    published += 1
+                except TaskKeyFull:
+                    break
+        if published:
+            log.info("task recovery queued %d task runs again", published)
+        return published

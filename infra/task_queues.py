@@ -1,0 +1,172 @@
+"""Task-key subjects: the durable queues task workers take task runs from.
+
+Each task key has two sides, `<ns>.task.<encoded key>.scheduled` and `<ns>.task.<encoded
+key>.retry`, each in a stream of its own with work-queue retention (a message is gone once a
+worker acknowledges it) and a per-subject bound that refuses the next message when full
+(scheduled 1,000, retry 100 by default). Each side of each key has one durable pull consumer
+that every worker serving the key shares, so each run goes to one worker, and one that does
+not acknowledge it in time (it died) has it taken from it and delivered again.
+
+Task keys may hold what subjects may not (dots, spaces, `*`, `>`, unicode): `encode_task_key`
+is the one reversible encoding, used by the service, the workers and the docs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import time
+from typing import Literal
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
+
+from .settings import Settings
+
+Side = Literal["scheduled", "retry"]
+SIDES: tuple[Side, Side] = ("retry", "scheduled")  # the order a worker takes them in (retries first)
+
+_KEPT = re.compile(r"[A-Za-z0-9_\-]")
+_ESCAPE = "~"
+# The per-subject bound was reached (JetStream's "maximum messages per subject exceeded").
+_FULL = 10077
+
+
+def encode_task_key(key: str) -> str:
+    """One subject token for any task key: ASCII letters, digits, `_` and `-` stand for
+    themselves; every other character is `~` and the two hex digits of each of its UTF-8 bytes
+    (`my.task` → `my~2Etask`, `~` → `~7E`); the empty key is `~`."""
+    if not key:
+        return _ESCAPE
+    return "".join(ch if _KEPT.fullmatch(ch) else "".join(f"~{b:02X}" for b in ch.encode()) for ch in key)
+
+
+def decode_task_key(token: str) -> str:
+    """The task key `encode_task_key` made `token` from."""
+    if token == _ESCAPE:
+        return ""
+    out = bytearray()
+    i = 0
+    while i < len(token):
+        if token[i] == _ESCAPE:
+            out.append(int(token[i + 1:i + 3], 16))
+            i += 3
+        else:
+            out += token[i].encode()
+            i += 1
+    return out.decode()
+
+
+def task_subject(settings: Settings, task_key: str, side: Side) -> str:
+    return f"{settings.namespace}.task.{encode_task_key(task_key)}.{side}"
+
+
+def task_stream_name(settings: Settings, side: Side) -> str:
+    return f"{settings.namespace.upper()}_TASKS" if side == "scheduled" else f"{settings.namespace.upper()}_TASK_RETRIES"
+
+
+def consumer_name(task_key: str, side: Side) -> str:
+    """The durable consumer every worker of a key shares, for one side. Consumer names may not
+    hold `~`, so the encoded key's escapes become `_x`, and long names are cut to a hash."""
+    token = encode_task_key(task_key).replace("~", "_x")
+    if len(token) > 200:
+        token = token[:150] + "_" + hashlib.sha256(task_key.encode()).hexdigest()[:32]
+    return f"task_{side}_{token}"
+
+
+def task_stream_config(settings: Settings, side: Side) -> StreamConfig:
+    return StreamConfig(
+        name=task_stream_name(settings, side),
+        description=f"runledger task runs waiting for a task worker ({side} side of each task key)",
+        subjects=[f"{settings.namespace}.task.*.{side}"],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.NEW,
+        discard_new_per_subject=True,
+        max_msgs_per_subject=settings.task_queue_size if side == "scheduled" else settings.task_retry_queue_size,
+        duplicate_window=settings.event_duplicate_window_seconds,
+        allow_direct=True,
+    )
+
+
+async def ensure_task_streams(js: JetStreamContext, settings: Settings) -> None:
+    for side in SIDES:
+        wanted = task_stream_config(settings, side)
+        assert wanted.name is not None
+        try:
+            info = await js.stream_info(wanted.name)
+        except NotFoundError:
+            await js.add_stream(wanted)
+            continue
+        current = info.config
+        if (current.max_msgs_per_subject != wanted.max_msgs_per_subject
+                or current.duplicate_window != wanted.duplicate_window):
+            await js.update_stream(wanted)
+
+
+def task_consumer_config(task_key: str, side: Side, settings: Settings) -> ConsumerConfig:
+    """Explicit acks within `task_ack_wait_seconds` (a worker extends it while it runs a task,
+    so only a worker that stopped, or lost the broker, loses the run to another)."""
+    return ConsumerConfig(
+        name=consumer_name(task_key, side),
+        durable_name=consumer_name(task_key, side),
+        filter_subject=task_subject(settings, task_key, side),
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=settings.task_ack_wait_seconds,
+        max_ack_pending=-1,
+        inactive_threshold=None,
+    )
+
+
+class TaskKeyFull(Exception):
+    """A task key's side holds as many runs as it may."""
+
+    def __init__(self, task_key: str, side: Side, bound: int):
+        super().__init__(f"Task key {task_key!r} is full: {bound} runs already wait on its {side} side.")
+        self.task_key, self.side, self.bound = task_key, side, bound
+
+
+class TaskPublisher:
+    """Puts task runs on their key's subject, once each (message id: the run's id and the id of
+    the state that queued it), waiting for room up to a bound when the key is full."""
+
+    def __init__(self, js: JetStreamContext, settings: Settings):
+        self.js = js
+        self.settings = settings
+
+    async def publish(self, task_key: str, side: Side, run_id: str, state_id: str, body: bytes,
+                      wait_seconds: float = 0.0) -> None:
+        subject = task_subject(self.settings, task_key, side)
+        headers = {"Nats-Msg-Id": f"{run_id}:{state_id}"}
+        deadline = time.monotonic() + wait_seconds
+        pause = 0.01
+        while True:
+            try:
+                await self.js.publish(subject, body, headers=headers)
+                return
+            except (ServiceUnavailableError, APIError) as e:
+                if getattr(e, "err_code", None) != _FULL:
+                    raise
+                if time.monotonic() + pause > deadline:
+                    bound = (self.settings.task_queue_size if side == "scheduled"
+                             else self.settings.task_retry_queue_size)
+                    raise TaskKeyFull(task_key, side, bound) from e
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.2)
+
+    async def count(self, task_key: str, side: Side) -> int:
+        """How many runs wait on one side of a key (acknowledged ones are gone from the stream)."""
+        subject = task_subject(self.settings, task_key, side)
+        info = await self.js.stream_info(task_stream_name(self.settings, side), subjects_filter=subject)
+        return int((info.state.subjects or {}).get(subject, 0))

@@ -1,0 +1,191 @@
+"""Task runs through faults: the service restarted, the NATS server killed (-9) and restarted,
+while task runs flow. Every run submitted runs to completion exactly once: checked from what the
+task functions saw and from the event log (one COMPLETED state per run, no run started twice).
+A worker process killed (-9) mid-run loses its run to another worker."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from runledger.client import RunledgerClient
+from runledger.client.tasks import submit_task, wait_for_task_run
+from runledger.handlers.service import Service
+from runledger.handlers.task_worker import TaskWorker
+from runledger.infra.database import create_engine, drop_schema
+from runledger.infra.event_store import EventStore
+from runledger.infra.nats_connection import connect
+
+from .test_broker_restart import RestartableNats
+
+pytestmark = pytest.mark.timeout(240)
+
+TASKS = 600
+WORKERS = 4
+
+
+async def _submit_until_ok(client: RunledgerClient, i: int) -> uuid.UUID:
+    """Submits run i, again and again while the service or the broker is away: the dynamic key
+    makes a repeat return the run made the first time."""
+    while True:
+        try:
+            run = await submit_task(client, "work", {"i": i}, dynamic_key=f"run-{i}")
+            return run.id
+        except Exception:
+            await asyncio.sleep(0.2)
+
+
+async def _wait_all_finished(client: RunledgerClient, ids: list[uuid.UUID], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    pending = set(ids)
+    while pending and time.monotonic() < deadline:
+        for run_id in list(pending)[:200]:
+            with contextlib.suppress(Exception):
+                run = await wait_for_task_run(client, run_id, timeout=0.05)
+                if run.state_type == "COMPLETED":
+                    pending.discard(run_id)
+        await asyncio.sleep(0.1)
+    assert not pending, f"{len(pending)} task runs did not complete"
+
+
+async def test_service_restart_and_broker_kill_lose_nothing_and_run_nothing_twice(settings, tmp_path):
+    nats = RestartableNats(tmp_path / "nats")
+    nats.start()
+    settings = settings.model_copy(update={"nats_url": nats.url})
+    roles = frozenset({"commands", "queries", "projections", "task_recovery"})
+    service = Service(settings, roles=roles)
+    seen: collections.Counter[int] = collections.Counter()
+
+    async def work(i: int) -> int:
+        seen[i] += 1
+        await asyncio.sleep(0.02)
+        return i
+
+    connections = []
+    workers = []
+    stop = asyncio.Event()
+    try:
+        await service.start()
+        for n in range(WORKERS):
+            nc = await connect(settings, name=f"worker-{n}")
+            connections.append(nc)
+            w = TaskWorker(nc, settings, {"work": work}, limit=8, worker_id=f"w{n}")
+            await w.start()
+            workers.append(asyncio.create_task(w.serve(stop)))
+        client = await RunledgerClient(settings).connect()
+        ids: list[uuid.UUID] = []
+
+        async def submitter() -> None:
+            for i in range(TASKS):
+                ids.append(await _submit_until_ok(client, i))
+                if i % 50 == 0:
+                    await asyncio.sleep(0.05)  # a flow, not one burst
+
+        submitting = asyncio.create_task(submitter())
+        await asyncio.sleep(1.0)
+        await service.stop()  # the service restarts
+        await asyncio.sleep(0.5)
+        service = Service(settings, roles=roles)
+        await service.start()
+        await asyncio.sleep(1.0)
+        nats.kill()  # the broker is killed (-9) and comes back on its store
+        await asyncio.sleep(1.0)
+        nats.start()
+        await asyncio.wait_for(submitting, 120)
+        assert len(ids) == TASKS
+        await _wait_all_finished(client, ids, 120)
+
+        # What the functions saw: each run once.
+        assert sorted(seen) == list(range(TASKS))
+        twice = {i: n for i, n in seen.items() if n != 1}
+        assert not twice, f"ran more than once: {twice}"
+        # What the log says: each run started once and completed once.
+        store = EventStore(client._nc, settings)
+        for run_id in ids:
+            events = await store.read_aggregate("task_run", str(run_id))
+            types = [e.envelope.payload["run"]["state"]["type"] for e in events if "run" in e.envelope.payload]
+            assert types.count("RUNNING") == 1 and types.count("COMPLETED") == 1, (run_id, types)
+        await client.close()
+    finally:
+        stop.set()
+        for task in workers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 30)
+        for nc in connections:
+            with contextlib.suppress(Exception):
+                await nc.close()
+        await service.stop()
+        engine = create_engine(settings)
+        await drop_schema(engine, settings.db_schema)
+        await engine.dispose()
+        nats.kill()
+
+
+WORKER_MODULE = textwrap.dedent('''
+    import os, time
+    from pathlib import Path
+    from runledger.client.tasks import task
+
+    @task(key="slow")
+    def slow(label: str) -> str:
+        Path(os.environ["RL_TEST_OUT"], f"{os.getpid()}-{label}").touch()
+        time.sleep(float(os.environ.get("RL_TEST_SLEEP", "60")))
+        return label
+''')
+
+
+def _worker_process(settings, tmp_path: Path, out: Path, sleep: float, worker_id: str) -> subprocess.Popen:
+    env = {**os.environ, "RUNLEDGER_NATS_URL": settings.nats_url, "RUNLEDGER_NAMESPACE": settings.namespace,
+           "RUNLEDGER_DATABASE_URL": settings.database_url.get_secret_value(),
+           "RL_TEST_OUT": str(out), "RL_TEST_SLEEP": str(sleep), "PYTHONPATH": str(tmp_path)}
+    return subprocess.Popen([sys.executable, "-m", "runledger.cli.main", "task-worker", "--module", "slow_tasks",
+                             "--key", "slow", "--worker-id", worker_id], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+async def _until(predicate, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_worker_process_killed_mid_run_loses_it_to_another_worker(service, settings, tmp_path):
+    service.connected_at -= 60  # a service up for a while (right after a connect, takeovers wait)
+    (tmp_path / "slow_tasks.py").write_text(WORKER_MODULE)
+    out = tmp_path / "out"
+    out.mkdir()
+    doomed = _worker_process(settings, tmp_path, out, 60, "doomed")
+    heir = None
+    try:
+        async with RunledgerClient(settings) as client:
+            run = await submit_task(client, "slow", {"label": "x"})
+            await _until(lambda: any(out.iterdir()), 20)
+            doomed.send_signal(signal.SIGKILL)
+            doomed.wait()
+            killed = time.monotonic()
+            heir = _worker_process(settings, tmp_path, out, 0.1, "heir")
+            done = await wait_for_task_run(client, run.id, timeout=30)
+            assert done.state_type == "COMPLETED" and done.task_worker_id is None
+            # The heir's start-up (a Python process) is counted in: the run moved within 5 s of
+            # the kill, plus however long the heir took to start.
+            assert time.monotonic() - killed < 15
+            started = sorted(p.name.split("-", 1)[1] for p in out.iterdir())
+            assert started == ["x", "x"]  # once in the doomed worker, once in the heir
+    finally:
+        for p in (doomed, heir):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(20)

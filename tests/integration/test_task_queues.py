@@ -1,0 +1,257 @@
+"""Task runs on task-key subjects, served by task workers, through the broker against real NATS
+and Postgres: submit → a worker runs it → its outcome recorded and awaited; retries through the
+retry side; the order of keys and sides; a full key; a worker that dies mid-run; copies of a
+run that must not run it twice."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+
+import pytest
+
+from runledger.client import RunledgerClient, Unavailable
+from runledger.client.tasks import TaskFailed, submit_task, task_result, wait_for_task_run
+from runledger.handlers.service import Service
+from runledger.handlers.task_dispatch import task_message
+from runledger.handlers.task_worker import TaskWorker
+from runledger.infra.nats_connection import connect
+from runledger.infra.task_queues import TaskPublisher, task_subject
+
+pytestmark = pytest.mark.asyncio
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings, functions, **options):
+    """A task worker on a connection of its own, serving until the block ends."""
+    nc = await connect(settings, name="test-task-worker")
+    worker = TaskWorker(nc, settings, functions, **options)
+    await worker.start()
+    stop = asyncio.Event()
+    serving = asyncio.create_task(worker.serve(stop))
+    try:
+        yield worker
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 30)
+        await nc.close()
+
+
+async def state_names(client, run_id, field="name") -> list[str]:
+    """The run's state history, once the read model holds every write made so far (the
+    worker's, too)."""
+    await client.catch_up()
+    return [s[field] for s in (await client.query("ListTaskRunStates", {"task_run_id": str(run_id)})).result]
+
+
+@pytest.fixture
+async def client(service, settings):
+    async with RunledgerClient(settings) as rl:
+        yield rl
+
+
+async def test_a_submitted_task_runs_once_and_its_result_is_awaited(client, settings):
+    calls: list[dict] = []
+
+    async def add(x: int, y: int) -> int:
+        calls.append({"x": x, "y": y})
+        return x + y
+
+    async with running_worker(settings, {"math.add": add}):
+        run = await submit_task(client, "math.add", {"x": 2, "y": 3})
+        assert run.state_type == "SCHEDULED" and run.state.state_details["deferred"] is True
+        done = await wait_for_task_run(client, run.id, timeout=10)
+    assert task_result(done) == 5
+    assert calls == [{"x": 2, "y": 3}]
+    assert done.run_count == 1 and done.task_worker_id is None
+    assert await state_names(client, run.id, "type") == ["SCHEDULED", "RUNNING", "COMPLETED"]
+
+
+async def test_a_sync_function_runs_off_the_event_loop_and_a_failure_is_recorded(client, settings):
+    def boom(name: str) -> None:
+        time.sleep(0.05)
+        raise ValueError(f"no {name}")
+
+    async with running_worker(settings, {"boom": boom}):
+        run = await submit_task(client, "boom", {"name": "cheese"})
+        done = await wait_for_task_run(client, run.id, timeout=10)
+    assert done.state_type == "FAILED"
+    assert done.state.message == "ValueError: no cheese"
+    assert done.state.data["exception_type"] == "ValueError"
+    with pytest.raises(TaskFailed, match="no cheese"):
+        task_result(done)
+
+
+async def test_retries_go_through_the_retry_side_and_end_completed(client, settings):
+    attempts: list[float] = []
+
+    async def flaky() -> str:
+        attempts.append(time.monotonic())
+        if len(attempts) < 3:
+            raise RuntimeError("not yet")
+        return "ok"
+
+    async with running_worker(settings, {"flaky": flaky}):
+        run = await submit_task(client, "flaky", retries=3, retry_delay=[0, 1])
+        done = await wait_for_task_run(client, run.id, timeout=20)
+    assert task_result(done) == "ok"
+    assert done.run_count == 3 and done.state_name == "Completed"
+    assert await state_names(client, run.id) == ["Scheduled", "Running", "AwaitingRetry", "AwaitingRetry", "Retrying", "AwaitingRetry",
+                     "AwaitingRetry", "Retrying", "Completed"]
+    assert attempts[2] - attempts[1] >= 0.9  # the second delay of the list: 1 s
+
+
+async def test_retries_first_within_a_key_and_keys_in_the_order_given(client, settings):
+    """With one slot and runs already waiting: key `a` before key `b`, and within `a` its retry
+    side before its scheduled side."""
+    order: list[str] = []
+
+    async def record(label: str) -> None:
+        order.append(label)
+
+    publisher = TaskPublisher(client._nc.jetstream(), settings)
+    for label in ("b1", "b2"):
+        await submit_task(client, "b", {"label": label})
+    for label in ("a1", "a2"):
+        await submit_task(client, "a", {"label": label})
+    # A run on `a`'s retry side, queued after the others.
+    retry = await submit_task(client, "a", {"label": "a-retry"})
+    await publisher.publish("a", "retry", str(retry.id), "retry-copy", task_message_of(retry))
+    async with running_worker(settings, {"a": record, "b": record}, keys=["a", "b"], limit=1):
+        for _ in range(200):
+            if len(order) >= 5:
+                break
+            await asyncio.sleep(0.05)
+    assert order[0] == "a-retry"
+    assert set(order[1:3]) == {"a1", "a2"} and order[3:] == ["b1", "b2"]
+
+
+def task_message_of(client_run) -> bytes:
+    return client_run.model_dump_json().encode()
+
+
+async def test_a_full_key_refuses_the_submitter_and_keeps_what_is_queued(settings):
+    small = settings.model_copy(update={"task_queue_size": 3})
+    svc = Service(small)
+    await svc.start()
+    try:
+        async with RunledgerClient(small) as rl:
+            queued = [await submit_task(rl, "small", {"i": i}) for i in range(3)]
+            with pytest.raises(Unavailable, match="Task key 'small' is full: 3 runs already wait"):
+                await submit_task(rl, "small", {"i": 3})
+            refused = (await rl.query("ListTaskRuns", {"task_runs": {"task_key": {"any_": ["small"]}, "state_type": {"any_": ["CANCELLED"]}}})).result
+            assert len(refused) == 1 and "not queued" in refused[0]["state"]["message"]
+            # Waiting for room: a worker frees it meanwhile.
+            seen: list[int] = []
+
+            async def take(i: int) -> int:
+                seen.append(i)
+                return i
+
+            async with running_worker(small, {"small": take}):
+                late = await submit_task(rl, "small", {"i": 4}, queue_wait_seconds=10)
+                done = [await wait_for_task_run(rl, r.id, timeout=10) for r in [*queued, late]]
+            assert [task_result(d) for d in done] == [0, 1, 2, 4]
+            assert sorted(seen) == [0, 1, 2, 4]
+    finally:
+        await svc.stop()
+
+
+async def test_a_worker_that_dies_mid_run_loses_it_to_another_within_5_seconds(client, service, settings):
+    service.connected_at -= 60  # a service up for a while (just after a connect, takeovers wait)
+    started = asyncio.Event()
+    runs: list[str] = []
+
+    async def slow(label: str) -> str:
+        runs.append(label)
+        started.set()
+        await asyncio.sleep(60)
+        return label
+
+    async def quick(label: str) -> str:
+        runs.append(f"{label}-again")
+        return label
+
+    nc = await connect(settings, name="doomed-worker")
+    doomed = TaskWorker(nc, settings, {"job": slow}, worker_id="doomed")
+    await doomed.start()
+    stop = asyncio.Event()
+    serving = asyncio.create_task(doomed.serve(stop))
+    run = await submit_task(client, "job", {"label": "x"})
+    await asyncio.wait_for(started.wait(), 10)
+    # Dies: its connection gone, its tasks never finish nor hand anything back.
+    serving.cancel()
+    for task in list(doomed._running):
+        task.cancel()
+    await nc.close()
+    died = time.monotonic()
+    async with running_worker(settings, {"job": quick}, worker_id="heir"):
+        done = await wait_for_task_run(client, run.id, timeout=15)
+        taken_over_after = time.monotonic() - died
+    assert task_result(done) == "x"
+    assert runs == ["x", "x-again"]
+    assert taken_over_after < 5.0
+    assert await state_names(client, run.id) == ["Scheduled", "Running", "Rerunning", "Completed"]
+
+
+async def test_a_second_copy_of_a_queued_run_does_not_run_it_twice(client, settings):
+    runs: list[int] = []
+
+    async def once(i: int) -> int:
+        runs.append(i)
+        await asyncio.sleep(0.2)
+        return i
+
+    run = await submit_task(client, "once", {"i": 7})
+    publisher = TaskPublisher(client._nc.jetstream(), settings)
+    # Copies with other message ids (what a recovered publish after the dedup window makes).
+    for n in range(3):
+        await publisher.publish("once", "scheduled", str(run.id), f"copy-{n}", task_message_of(run))
+    async with running_worker(settings, {"once": once}, limit=4):
+        done = await wait_for_task_run(client, run.id, timeout=10)
+        await asyncio.sleep(1.0)  # the copies are delivered and dropped meanwhile
+        left = await publisher.count("once", "scheduled")
+    assert task_result(done) == 7
+    assert runs == [7]
+    assert left == 0
+
+
+def test_task_message_is_the_run_as_written():
+    from datetime import UTC, datetime
+
+    from runledger.commands.task_runs import TaskRun
+
+    run = TaskRun(id=uuid.uuid4(), created=datetime.now(UTC), updated=datetime.now(UTC), name="n", task_key="k",
+                  dynamic_key="d", parameters={"a": 1})
+    assert TaskRun.model_validate_json(task_message(run)) == run
+
+
+async def test_subjects_carry_the_encoded_key(settings):
+    assert task_subject(settings, "my.task key*>", "retry") == f"{settings.namespace}.task.my~2Etask~20key~2A~3E.retry"
+
+
+async def test_a_run_stored_but_never_published_is_queued_by_the_recovery_sweep(client, service, settings):
+    from runledger.handlers.task_dispatch import TaskRecovery
+
+    publish = service.commands.after_append
+    service.commands.after_append = None  # the service dies between the append and the publish
+    try:
+        lost = await submit_task(client, "lost", {"n": 1})
+    finally:
+        service.commands.after_append = publish
+    publisher = TaskPublisher(client._nc.jetstream(), settings)
+    assert await publisher.count("lost", "scheduled") == 0
+    await client.catch_up()
+    sweep = TaskRecovery(service.engine, publisher, older_than=0)
+    assert await sweep.sweep() == 1
+    assert await sweep.sweep() == 0  # on its subject now: nothing more to do
+    assert await publisher.count("lost", "scheduled") == 1
+
+    async def found(n: int) -> int:
+        return n
+
+    async with running_worker(settings, {"lost": found}):
+        assert task_result(await wait_for_task_run(client, lost.id, timeout=10)) == 1
+    assert await sweep.sweep() == 0

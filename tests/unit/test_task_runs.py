@@ -1,0 +1,335 @@
+"""Task runs, pure: creates and their keys (TR-1, TR-2), the three task policies (TR-3…TR-5,
+OR-14…OR-20), the bookkeeping (TR-6), what is queued on a task key (TQ-4) and the rule that a
+run is started by one task worker at a time; the key encoding of the task subjects."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from runledger.commands import flow_runs as fr
+from runledger.commands import task_run_rules as rules
+from runledger.commands import task_runs as tr
+from runledger.commands.decisions import Outcome
+from runledger.commands.messages import DecisionContext, Rejection
+from runledger.commands.states import State, StateCreate, StateDetails, StateType
+from runledger.commands.unique_keys import UniqueKeyClaim
+from runledger.infra.task_queues import decode_task_key, encode_task_key
+
+T = StateType
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+EARLIER = NOW - timedelta(minutes=5)
+_ids = (uuid.UUID(int=i) for i in itertools.count(700_000))
+
+
+def ctx(now: datetime = NOW) -> DecisionContext:
+    return DecisionContext.fixed(now, _ids)
+
+
+def create(**fields: Any) -> tr.CreateTaskRun:
+    return tr.CreateTaskRun(**{"task_key": "k", "dynamic_key": "0", **fields})
+
+
+def deferred(name: str = "Scheduled", at: datetime | None = None) -> StateCreate:
+    return StateCreate(type=T.SCHEDULED, name=name, state_details=StateDetails(deferred=True, scheduled_time=at))
+
+
+def a_run(state: StateCreate | None = None, **fields: Any) -> tr.TaskRun:
+    d = tr.decide_create_task_run(create(state=state or deferred(), **fields), UniqueKeyClaim(), None, None,
+                                  None, ctx(EARLIER))
+    return d.result
+
+
+def propose(run: tr.TaskRun, state: StateCreate, *, force: bool = False, worker: str | None = None,
+            delivery: tr.TaskDelivery | None = None, now: datetime = NOW,
+            facts: rules.TaskFacts = rules.NO_FACTS):
+    cmd = tr.SetTaskRunState(id=run.id, state=state, force=force, task_worker_id=worker, delivery=delivery)
+    return tr.decide_set_task_run_state(cmd, run, ctx(now), facts)
+
+
+def then(run: tr.TaskRun, decision) -> tr.TaskRun:
+    return decision.after.get(str(run.id), run)
+
+
+def start(run: tr.TaskRun, worker: str = "w1", attempt: int = 1, **kw: Any):
+    return propose(run, StateCreate(type=T.RUNNING), worker=worker,
+                   delivery=tr.TaskDelivery(state_id=run.queued_state_id, attempt=attempt), **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Creates
+
+
+def test_a_create_claims_its_keys_and_a_deferred_scheduled_state_queues_it_on_the_scheduled_side():
+    d = tr.decide_create_task_run(create(state=deferred(), parameters={"x": 1}), UniqueKeyClaim(), None, None, None,
+                                  ctx())
+    run = d.result
+    assert d.created is True and run.state_type is T.SCHEDULED and run.parameters == {"x": 1}
+    assert [type(e.event).__name__ for e in d.events] == ["UniqueKeyClaimed", "TaskRunCreated"]
+    assert [(q.task_key, q.side) for q in d.queue] == [("k", "scheduled")]
+    assert run.queued_state_id == run.state.id == d.queue[0].run.queued_state_id
+    assert run.state.state_details.task_run_id == run.id
+
+
+def test_without_a_state_a_create_is_pending_and_not_queued():
+    d = tr.decide_create_task_run(create(), UniqueKeyClaim(), None, None, None, ctx())
+    assert d.result.state_type is T.PENDING and d.queue == []
+
+
+def test_the_same_keys_return_the_existing_run_unchanged_its_state_ignored():
+    existing = a_run()
+    d = tr.decide_create_task_run(create(state=StateCreate(type=T.RUNNING)), UniqueKeyClaim(existing.id), existing,
+                                  None, None, ctx())
+    assert d.created is False and d.events == [] and d.result == existing and d.queue == []
+
+
+def test_a_client_id_taken_by_a_run_with_other_keys_is_a_conflict():
+    other = a_run()
+    with pytest.raises(Rejection) as e:
+        tr.decide_create_task_run(create(id=other.id, dynamic_key="1"), UniqueKeyClaim(), None, other, None, ctx())
+    assert e.value.code == "conflict"
+
+
+def test_a_null_flow_run_is_a_key_value_of_its_own():
+    assert tr.key_of(None, "k", "0") != tr.key_of(uuid.UUID(int=1), "k", "0")
+    assert tr.key_of(None, "k", "0") == tr.key_of(None, "k", "0")
+
+
+def test_a_flow_run_that_does_not_exist_is_not_found_and_one_that_does_gives_its_labels():
+    fid = uuid.UUID(int=5)
+    with pytest.raises(Rejection) as e:
+        tr.decide_create_task_run(create(flow_run_id=fid), UniqueKeyClaim(), None, None, None, ctx())
+    assert e.value.code == "not_found"
+    flow_run = fr.FlowRun(id=fid, created=NOW, updated=NOW, name="f", flow_id=uuid.UUID(int=6), labels={"team": "a"})
+    d = tr.decide_create_task_run(create(flow_run_id=fid, labels={"x": "y"}), UniqueKeyClaim(), None, None,
+                                  flow_run, ctx())
+    assert d.result.labels == {"team": "a", "prefect.flow-run.id": str(fid), "prefect.flow.id": str(flow_run.flow_id),
+                               "x": "y"}
+
+
+@pytest.mark.parametrize("policy, message", [
+    ({"retry_delay": [1] * 51}, "Can not configure more than 50 retry delays per task."),
+    ({"retry_jitter_factor": -1}, "`retry_jitter_factor` must be >= 0."),
+])
+def test_bad_retry_policies_are_invalid(policy, message):
+    with pytest.raises(ValidationError, match=message.replace("`", ".")):
+        create(empirical_policy=policy)
+
+
+def test_a_cache_key_over_2000_characters_is_invalid():
+    with pytest.raises(ValidationError):
+        create(cache_key="x" * 2001)
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting: one task worker at a time
+
+
+def test_a_delivery_starts_a_waiting_run_and_its_worker_holds_it_while_it_runs():
+    run = a_run()
+    d = start(run, "w1")
+    assert d.orchestration.status is Outcome.ACCEPT
+    running = then(run, d)
+    assert running.state_type is T.RUNNING and running.task_worker_id == "w1" and running.run_count == 1
+    done = then(running, propose(running, StateCreate(type=T.COMPLETED), worker="w1"))
+    assert done.state_type is T.COMPLETED and done.task_worker_id is None
+
+
+def test_a_copy_delivered_to_another_worker_while_it_runs_is_refused_naming_the_holder():
+    running = then(run := a_run(), start(run, "w1"))
+    d = start(running, "w2", attempt=1)
+    assert d.orchestration.status is Outcome.REJECT and d.events == []
+    assert d.orchestration.details["task_worker_id"] == "w1"
+
+
+def test_a_redelivery_is_taken_over_by_the_next_worker_unless_the_broker_just_restarted():
+    running = then(run := a_run(), start(run, "w1"))
+    d = start(running, "w2", attempt=2)
+    assert d.orchestration.status is Outcome.ACCEPT
+    taken = then(running, d)
+    assert taken.task_worker_id == "w2" and taken.state_name == "Rerunning" and taken.run_count == 2
+    waited = start(running, "w2", attempt=2, facts=rules.TaskFacts(takeover_allowed=False))
+    assert waited.orchestration.status is Outcome.WAIT and waited.events == []
+
+
+def test_a_finished_run_is_not_started_again_by_a_late_delivery():
+    running = then(run := a_run(), start(run, "w1"))
+    done = then(running, propose(running, StateCreate(type=T.COMPLETED), worker="w1"))
+    d = start(done, "w2", attempt=2)
+    assert d.orchestration.status is Outcome.REJECT and d.events == []
+
+
+def test_only_the_holder_reports_on_a_running_run():
+    running = then(run := a_run(), start(run, "w1"))
+    d = propose(running, StateCreate(type=T.COMPLETED), worker="w2")
+    assert d.orchestration.status is Outcome.REJECT and d.events == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The rules
+
+
+def test_or19_retries_with_a_delay_list_then_fail():
+    run = a_run(empirical_policy={"retries": 2, "retry_delay": [2, 3]})
+    running = then(run, start(run))
+    d = propose(running, StateCreate(type=T.FAILED, message="boom"), worker="w1")
+    assert d.orchestration.status is Outcome.REJECT
+    retry = d.result
+    assert retry.name == "AwaitingRetry" and retry.message == "boom"
+    assert retry.state_details.scheduled_time == NOW + timedelta(seconds=2)
+    assert d.queue == []  # the failure's call does not queue it (TQ-4): the worker does
+    waiting = then(running, d)
+    queued = propose(waiting, deferred("AwaitingRetry", retry.state_details.scheduled_time))
+    assert [(q.side) for q in queued.queue] == ["retry"]
+    second = then(waiting, queued)
+    early = start(second, now=NOW)
+    assert early.orchestration.status is Outcome.WAIT and early.orchestration.delay_seconds == 2
+    running2 = then(second, start(second, now=NOW + timedelta(seconds=3)))
+    assert running2.state_name == "Retrying" and running2.run_count == 2
+    d2 = propose(running2, StateCreate(type=T.FAILED), worker="w1")
+    assert d2.result.state_details.scheduled_time == NOW + timedelta(seconds=3)
+    running3 = then(then(running2, d2), start(then(running2, d2), now=NOW + timedelta(seconds=9)))
+    final = propose(running3, StateCreate(type=T.FAILED), worker="w1")
+    assert final.orchestration.status is Outcome.ACCEPT and final.result.type is T.FAILED
+
+
+def test_or19_a_failure_that_is_not_retriable_is_accepted():
+    run = a_run(empirical_policy={"retries": 5})
+    running = then(run, start(run))
+    d = propose(running, StateCreate(type=T.FAILED, state_details=StateDetails(retriable=False)), worker="w1")
+    assert d.orchestration.status is Outcome.ACCEPT
+
+
+def test_or19_the_last_delay_repeats_and_jitter_stays_within_its_factor():
+    policy = tr.TaskRunPolicy(retries=9, retry_delay=[2, 3, 5, 7])
+    assert rules.retry_delay_seconds(policy, 6, 0) == 7
+    jittered = tr.TaskRunPolicy(retries=1, retry_delay=10, retry_jitter_factor=0.5)
+    delays = {rules.retry_delay_seconds(jittered, 1, n) for n in range(0, 1_000_001, 50_000)}
+    assert min(delays) >= 5 and max(delays) <= 15 and len(delays) > 5
+
+
+def test_or15_a_finished_run_cannot_be_cancelled_and_a_rerun_counts_from_zero():
+    run = a_run(state=StateCreate(type=T.PENDING))
+    running = then(run, propose(run, StateCreate(type=T.RUNNING)))
+    done = then(running, propose(running, StateCreate(type=T.COMPLETED)))
+    assert propose(done, StateCreate(type=T.CANCELLING)).orchestration.status is Outcome.ABORT
+    rerun = then(done, propose(done, StateCreate(type=T.RUNNING)))
+    assert rerun.run_count == 1 and rerun.state_name == "Running"
+
+
+def test_or15_a_persisted_result_is_kept():
+    run = a_run(state=StateCreate(type=T.PENDING))
+    running = then(run, propose(run, StateCreate(type=T.RUNNING)))
+    done = then(running, propose(running, StateCreate(type=T.COMPLETED, data={"type": "json", "value": 1})))
+    d = propose(done, StateCreate(type=T.RUNNING))
+    assert d.orchestration.status is Outcome.REJECT and d.events == []
+
+
+def test_or16_a_task_of_a_flow_run_runs_only_while_its_flow_run_runs():
+    fid = uuid.UUID(int=42)
+
+    def flow_run(state_type: StateType | None, **details: Any) -> fr.FlowRun:
+        state = (State(id=uuid.uuid4(), type=state_type, name=state_type.value.title(), timestamp=EARLIER,
+                       state_details=StateDetails(**details)) if state_type else None)
+        return fr.FlowRun(id=fid, created=EARLIER, updated=EARLIER, name="f", flow_id=uuid.UUID(int=1), state=state,
+                          run_count=1)
+
+    run = tr.decide_create_task_run(create(flow_run_id=fid), UniqueKeyClaim(), None, None, flow_run(T.RUNNING),
+                                    ctx(EARLIER)).result
+    for state_type in (None, T.COMPLETED):
+        d = propose(run, StateCreate(type=T.RUNNING), facts=rules.TaskFacts(flow_run=flow_run(state_type)))
+        assert d.orchestration.status is Outcome.ABORT
+        assert d.orchestration.reason == "The enclosing flow must be running to begin task execution."
+    paused = propose(run, StateCreate(type=T.RUNNING),
+                     facts=rules.TaskFacts(flow_run=flow_run(T.PAUSED, pause_reschedule=True)))
+    assert paused.orchestration.status is Outcome.REJECT and paused.result.name == "NotReady"
+    ok = propose(run, StateCreate(type=T.RUNNING), facts=rules.TaskFacts(flow_run=flow_run(T.RUNNING)))
+    assert ok.orchestration.status is Outcome.ACCEPT and then(run, ok).flow_run_run_count == 1
+
+
+def test_or14_a_cached_completed_state_is_handed_out_and_a_completed_one_recorded():
+    run = a_run(state=StateCreate(type=T.PENDING))
+    running = then(run, propose(run, StateCreate(type=T.RUNNING)))
+    completed = propose(running, StateCreate(type=T.COMPLETED, data={"type": "json", "value": 9},
+                                             state_details=StateDetails(cache_key="c")))
+    entry_events = [e for e in completed.events if e.aggregate_type == tr.TASK_CACHE]
+    assert len(entry_events) == 1 and entry_events[0].aggregate_id == tr.cache_id("c")
+    entry = entry_events[0].event.entry
+    other = a_run(state=StateCreate(type=T.PENDING), dynamic_key="1")
+    wants = StateCreate(type=T.RUNNING, state_details=StateDetails(cache_key="c"))
+    d = propose(other, wants, facts=rules.TaskFacts(cached=entry))
+    assert d.orchestration.status is Outcome.REJECT and d.result.name == "Cached" and d.result.data["value"] == 9
+    assert not [e for e in d.events if e.aggregate_type == tr.TASK_CACHE]
+    refresh = StateCreate(type=T.RUNNING, state_details=StateDetails(cache_key="c", refresh_cache=True))
+    assert propose(other, refresh, facts=rules.TaskFacts(cached=entry)).orchestration.status is Outcome.ACCEPT
+    expired = tr.TaskCacheEntry(cache_key="c", state=entry.state.model_copy(update={
+        "state_details": entry.state.state_details.model_copy(update={"cache_expiration": NOW})}))
+    assert propose(other, wants, facts=rules.TaskFacts(cached=expired)).orchestration.status is Outcome.ACCEPT
+
+
+def test_tr4_the_core_policy_has_no_pending_guard_but_the_background_one_does():
+    run = a_run(state=StateCreate(type=T.PENDING))
+    assert propose(run, StateCreate(type=T.PENDING)).orchestration.status is Outcome.ACCEPT
+    d = propose(run, StateCreate(type=T.PENDING, state_details=StateDetails(deferred=True)))
+    assert d.orchestration.status is Outcome.ABORT
+
+
+def test_tr3_a_deferred_state_takes_the_background_policy_even_when_forced():
+    run = a_run(state=StateCreate(type=T.PENDING))
+    d = propose(run, StateCreate(type=T.PENDING, state_details=StateDetails(deferred=True)), force=True)
+    assert d.orchestration.status is Outcome.ABORT
+
+
+def test_forced_states_skip_the_rules():
+    run = a_run(empirical_policy={"retries": 3})
+    running = then(run, start(run))
+    d = propose(running, StateCreate(type=T.FAILED), force=True)
+    assert d.orchestration.status is Outcome.ACCEPT and d.result.type is T.FAILED
+
+
+def test_task_parameters_id_is_carried_into_the_states_that_start_the_run():
+    pid = uuid.UUID(int=3)
+    run = a_run(state=StateCreate(type=T.SCHEDULED, state_details=StateDetails(deferred=True, task_parameters_id=pid)))
+    d = propose(run, StateCreate(type=T.PENDING, state_details=StateDetails(deferred=True)))
+    assert d.result.state_details.task_parameters_id == pid
+
+
+def test_bookkeeping_times_and_counts():
+    run = a_run()
+    assert run.expected_start_time == run.state.state_details.scheduled_time == EARLIER
+    running = then(run, start(run, now=NOW))
+    assert running.start_time == NOW and running.next_scheduled_start_time is None
+    done = then(running, propose(running, StateCreate(type=T.COMPLETED), worker="w1",
+                                 now=NOW + timedelta(seconds=4)))
+    assert done.end_time == NOW + timedelta(seconds=4) and done.total_run_time == timedelta(seconds=4)
+
+
+def test_delete_frees_the_keys():
+    run = a_run()
+    d = tr.decide_delete_task_run(tr.DeleteTaskRun(id=run.id), run, UniqueKeyClaim(run.id))
+    assert [type(e.event).__name__ for e in d.events] == ["UniqueKeyReleased", "TaskRunDeleted"]
+    with pytest.raises(Rejection):
+        tr.decide_delete_task_run(tr.DeleteTaskRun(id=run.id), None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Task-key subjects
+
+
+@pytest.mark.parametrize("key", ["plain_key-1", "my.task", "with space", "*", ">", "ünïcødé", "~tilde", "", "a.b.c>d*",
+                                 "emoji 🚀", "mod.func-3f2a"])
+def test_every_task_key_encodes_to_one_subject_token_and_back(key):
+    token = encode_task_key(key)
+    assert token and all(c.isascii() and (c.isalnum() or c in "_-~") for c in token)
+    assert decode_task_key(token) == key
+
+
+def test_the_encoding_keeps_plain_keys_readable_and_distinct():
+    assert encode_task_key("etl_load-2") == "etl_load-2"
+    assert encode_task_key("my.task") == "my~2Etask"
+    assert len({encode_task_key(k) for k in ["a.b", "a~2Eb", "a b", "a_b"]}) == 4
