@@ -274,6 +274,17 @@ class TaskRun(BaseModel):
     task_worker_id: str | None = None
 
 
+class TaskWorker(BaseModel):
+    """A task worker serving now (Prefect's `TaskWorkerResponse`): its identifier, the task keys
+    it serves and its last heartbeat."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    identifier: str
+    task_keys: list[str] = []
+    timestamp: datetime
+
+
 class HistoryState(BaseModel):
     """The runs of one history interval in one state: how many, and the sums of their
     estimated run time and lateness (seconds)."""

@@ -50,6 +50,7 @@ from .models import (
     OrchestrationResult,
     State,
     TaskRun,
+    TaskWorker,
     Variable,
     WorkerFlowRun,
     WorkPool,
@@ -579,6 +580,13 @@ class RunledgerClient:
             body["workers"] = workers
         reply = await self._whole_page("ListWorkers", body, await self.query("ListWorkers", body, min_seq=min_seq))
         return self._many(WorkerModel, reply.result)
+
+    async def read_task_workers(self, task_keys: Sequence[str] | None = None) -> list[TaskWorker]:
+        """The task workers serving now, with their keys; those serving any of `task_keys`
+        when given (Prefect's `POST /task_workers/filter`)."""
+        body = {"task_keys": list(task_keys)} if task_keys is not None else {}
+        reply = await self.query("ListTaskWorkers", body, min_seq=0)
+        return self._many(TaskWorker, reply.result)
 
     async def delete_worker(self, work_pool_name: str, name: str, *, idempotency_key: str | None = None) -> None:
         await self.command("DeleteWorker", {"work_pool_name": work_pool_name, "name": name} | self._key(idempotency_key))

@@ -29,7 +29,7 @@ from typing import Any, Generic, TypeVar
 
 from runledger.infra.settings import Settings, load_settings
 
-from .errors import RunledgerError
+from .errors import NotFound, RunledgerError
 from .models import TaskRun
 from .runledger_client import RunledgerClient
 
@@ -99,7 +99,8 @@ async def submit_task(client: RunledgerClient, task_key: str, parameters: dict[s
 async def wait_for_task_run(client: RunledgerClient, task_run_id: uuid.UUID | str,
                             timeout: float | None = None) -> TaskRun:
     """The run once it has reached a final state: announced by the service (no polling), or
-    read at once if it is already there."""
+    read at once if it is already there. A run the read model does not hold yet (submitted a
+    moment ago by someone else) is waited for all the same: bound the wait with `timeout`."""
     nc = client._nc
     if nc is None:
         raise RuntimeError("the client is not connected")
@@ -112,10 +113,18 @@ async def wait_for_task_run(client: RunledgerClient, task_run_id: uuid.UUID | st
     sub = await nc.subscribe(finished_subject(client.settings, task_run_id), cb=on_finished)
     try:
         await nc.flush()
-        reply = await client.query("GetTaskRun", {"id": str(task_run_id)})
-        run = RunledgerClient._one(TaskRun, reply.result)
-        if run.state_type in FINAL_STATES:
-            return run
+        # Subscribed first: a finish from now on is heard. One that came before is in the read
+        # model once it holds the whole log as of now (`catch_up`), asked only when needed.
+        for caught_up in (False, True):
+            if caught_up:
+                await client.catch_up()
+            try:
+                reply = await client.query("GetTaskRun", {"id": str(task_run_id)})
+            except NotFound:
+                continue
+            run = RunledgerClient._one(TaskRun, reply.result)
+            if run.state_type in FINAL_STATES:
+                return run
         data = await asyncio.wait_for(arrived, timeout)
         return TaskRun.model_validate_json(data)
     finally:

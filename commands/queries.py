@@ -11,13 +11,21 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
 
 from .bounds import (
     INT32_MAX,
     INT64_MAX,
     MAX_FILTER_VALUES,
     NonNegativeInt64,
+    StoredText,
     UtcDatetime,
     check_storable_text,
 )
@@ -455,6 +463,14 @@ class GetTaskRunState(Query):
     """One written state of a task run, by its id."""
 
     id: uuid.UUID
+
+
+class ListTaskWorkers(Query):
+    """The task workers serving now (each heartbeat within the last three intervals), with the
+    keys they serve; only those serving any of `task_keys` when given."""
+
+    task_keys: Annotated[list[Annotated[StoredText, StringConstraints(max_length=2_000)]],
+                         Field(max_length=MAX_FILTER_VALUES)] | None = None
 
 
 class GetTaskRunHistory(RunHistory):

@@ -30,7 +30,11 @@ from runledger.infra.leases import Lease, holder_lookup
 from runledger.infra.nats_connection import connect
 from runledger.infra.settings import Settings
 from runledger.infra.snapshots import SnapshotStore, ensure_snapshot_bucket
-from runledger.infra.task_queues import TaskPublisher, ensure_task_streams
+from runledger.infra.task_queues import (
+    TaskPublisher,
+    ensure_task_streams,
+    ensure_task_worker_bucket,
+)
 from runledger.projections.health import health_queries
 from runledger.projections.runner import ProjectionRunner
 from runledger.projections.tables import MIGRATIONS
@@ -43,6 +47,7 @@ from .event_queries import event_queries
 from .foreman import Foreman
 from .query_bus import CheckpointWatch, QueryBus
 from .task_dispatch import TaskDispatch, TaskRecovery
+from .task_worker_queries import task_worker_queries
 from .worker_polls import PollRecorder, poll_queries
 
 log = logging.getLogger("runledger.service")
@@ -126,6 +131,7 @@ class Service:
                                             error_cb=self._on_error, check_version=False))
         await ensure_event_stream(self.nc.jetstream(), s)
         await ensure_task_streams(self.nc.jetstream(), s)
+        await ensure_task_worker_bucket(self.nc.jetstream(), s)
         self.engine = create_engine(s)
         try:
             await check_database(self.engine, s)
@@ -160,7 +166,8 @@ class Service:
         self.polls = PollRecorder(CommandSender(self.nc, s, timeout=s.request_timeout))
         specs = {**registry.QUERIES, **health_queries([p.name for p in projections], self.store.last_sequence,
                                                    holder_lookup(self.nc.jetstream(timeout=s.request_timeout), s)),
-                 **poll_queries(self.polls), **event_queries(self.store)}
+                 **poll_queries(self.polls), **event_queries(self.store),
+                 **task_worker_queries(self.nc.jetstream(timeout=s.request_timeout), s)}
         self.queries = QueryBus(self.engine, specs, self.watch, wait_timeout=s.query_wait_timeout,
                                 last_sequence=self.store.last_sequence, concurrency=s.handler_concurrency,
                                 timeout=deadline)

@@ -33,6 +33,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -43,8 +44,11 @@ from runledger.commands.task_runs import TaskRun
 from runledger.infra.settings import Settings
 from runledger.infra.task_queues import (
     SIDES,
+    TASK_WORKER_HEARTBEAT_SECONDS,
     Side,
     consumer_name,
+    forget_task_worker,
+    put_task_worker,
     task_consumer_config,
     task_stream_name,
 )
@@ -133,12 +137,28 @@ class TaskWorker:
     async def serve(self, stop: asyncio.Event) -> None:
         """Takes and runs task runs until `stop` is set, then stops as `stop()` says."""
         taking = asyncio.create_task(self._take_loop())
+        beating = asyncio.create_task(self._heartbeats())
         await stop.wait()
         self._taking = False
-        taking.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await taking
+        for task in (taking, beating):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.stop()
+        with contextlib.suppress(Exception):
+            await forget_task_worker(self.js, self.settings, self.worker_id)
+
+    async def _heartbeats(self) -> None:
+        """Says it is here, with its keys, so that task workers can be listed (`ListTaskWorkers`)."""
+        while True:
+            try:
+                await put_task_worker(self.js, self.settings, self.worker_id, self.keys,
+                                      datetime.now(UTC).isoformat())
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.info("a task worker heartbeat failed (%s); the next one follows", type(e).__name__)
+            await asyncio.sleep(TASK_WORKER_HEARTBEAT_SECONDS)
 
     async def stop(self) -> None:
         """Lets running runs finish within the grace period and hands back the rest."""

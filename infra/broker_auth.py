@@ -19,8 +19,8 @@ Roles (each a NATS user with a password):
 - `task_worker`: takes task runs from the task-key streams (creates and reads their durable
   consumers, acknowledges), reports their states (`SetTaskRunState`), submits task runs
   (`CreateTaskRun`, a task may start others) and reads one (`GetTaskRun`), and hears that a
-  task run finished (`<ns>.taskrun.finished.>`). Nothing of the event log, no other command
-  or query.
+  task run finished (`<ns>.taskrun.finished.>`), and puts its heartbeat in the task-workers
+  bucket. Nothing of the event log, no other command or query.
 
 Everything not allowed is denied: an unauthenticated connection is refused, since the
 server has users and no `no_auth_user`. Each role's inbox prefix (`_INBOX.<role>`) is its
@@ -86,9 +86,9 @@ class Names:
         return (f"{ns}_TASKS", f"{ns}_TASK_RETRIES")
 
     @property
-    def buckets(self) -> tuple[str, str]:
+    def buckets(self) -> tuple[str, str, str]:
         ns = self.namespace.upper()
-        return (f"{ns}_SNAPSHOTS", f"{ns}_LEASES")
+        return (f"{ns}_SNAPSHOTS", f"{ns}_LEASES", f"{ns}_TASK_WORKERS")
 
 
 def service_consumer_names() -> list[str]:
@@ -174,6 +174,7 @@ def role_permissions(namespace: str, service_consumers: Sequence[str]) -> dict[s
         ]
 
     task_worker_pub = [f"{ns}.cmd.{c}" for c in TASK_WORKER_COMMANDS] + [f"{ns}.qry.{q}" for q in TASK_WORKER_QUERIES]
+    task_worker_pub.append(f"$KV.{n.buckets[2]}.>")  # its heartbeat: the workers-present bucket
     for s in n.task_streams:
         task_worker_pub += [
             f"{api}.CONSUMER.CREATE.{s}.>", f"{api}.CONSUMER.INFO.{s}.>", f"{api}.CONSUMER.MSG.NEXT.{s}.>",

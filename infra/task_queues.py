@@ -170,3 +170,47 @@ class TaskPublisher:
         subject = task_subject(self.settings, task_key, side)
         info = await self.js.stream_info(task_stream_name(self.settings, side), subjects_filter=subject)
         return int((info.state.subjects or {}).get(subject, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Task workers present: each puts its entry in a KV bucket every few seconds; an entry not put
+# again within three intervals expires with the bucket's TTL, so the bucket lists the workers
+# alive now, without an event in the log for every heartbeat.
+
+TASK_WORKER_HEARTBEAT_SECONDS = 5.0
+
+
+def task_worker_bucket(settings: Settings) -> str:
+    return f"{settings.namespace.upper()}_TASK_WORKERS"
+
+
+def task_worker_key(identifier: str) -> str:
+    """A worker's key in the bucket: a hash of its identifier (KV keys allow few characters)."""
+    return hashlib.sha256(identifier.encode()).hexdigest()[:40]
+
+
+async def ensure_task_worker_bucket(js: JetStreamContext, settings: Settings) -> None:
+    from nats.js.api import KeyValueConfig
+    from nats.js.errors import BucketNotFoundError
+
+    try:
+        await js.key_value(task_worker_bucket(settings))
+    except BucketNotFoundError:
+        await js.create_key_value(KeyValueConfig(bucket=task_worker_bucket(settings), history=1,
+                                                 ttl=3 * TASK_WORKER_HEARTBEAT_SECONDS, storage=StorageType.FILE))
+
+
+async def put_task_worker(js: JetStreamContext, settings: Settings, identifier: str, task_keys: list[str],
+                          timestamp: str) -> None:
+    """A worker's heartbeat: a plain publish into the bucket's subject (no bucket lookup, so the
+    task worker's role needs nothing of the bucket's stream API)."""
+    import json
+
+    body = json.dumps({"identifier": identifier, "task_keys": task_keys, "timestamp": timestamp}).encode()
+    await js.publish(f"$KV.{task_worker_bucket(settings)}.{task_worker_key(identifier)}", body)
+
+
+async def forget_task_worker(js: JetStreamContext, settings: Settings, identifier: str) -> None:
+    """A worker that stops says so, instead of lingering until its entry expires."""
+    await js.publish(f"$KV.{task_worker_bucket(settings)}.{task_worker_key(identifier)}", b"",
+                     headers={"KV-Operation": "DEL"})

@@ -115,7 +115,9 @@ async def cleanup_namespace(settings) -> None:
     for stream in (settings.stream_name, *(task_stream_name(settings, side) for side in SIDES)):
         with contextlib.suppress(NotFoundError):
             await nc.jetstream().delete_stream(stream)
-    for bucket in (settings.snapshot_bucket, settings.lease_bucket):
+    from runledger.infra.task_queues import task_worker_bucket
+
+    for bucket in (settings.snapshot_bucket, settings.lease_bucket, task_worker_bucket(settings)):
         with contextlib.suppress(NotFoundError):
             await nc.jetstream().delete_key_value(bucket)
     await nc.close()

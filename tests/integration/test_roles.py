@@ -340,6 +340,8 @@ async def test_task_worker_serves_its_keys_and_submits_tasks_with_its_own_creden
         async with RunledgerClient(roles.settings("client")) as client:
             run = await submit_task(client, "double", {"x": 21})
             assert task_result(await wait_for_task_run(client, run.id, timeout=10)) == 42
+            # Its heartbeat went into the workers-present bucket with its own credentials.
+            assert [w.identifier for w in await client.read_task_workers(["double"])] == [worker.worker_id]
         async with RunledgerClient(worker_settings) as as_worker:  # a task may submit and await others
             run = await submit_task(as_worker, "double", {"x": 5})
             assert task_result(await wait_for_task_run(as_worker, run.id, timeout=10)) == 10

@@ -255,3 +255,22 @@ async def test_a_run_stored_but_never_published_is_queued_by_the_recovery_sweep(
     async with running_worker(settings, {"lost": found}):
         assert task_result(await wait_for_task_run(client, lost.id, timeout=10)) == 1
     assert await sweep.sweep() == 0
+
+
+async def test_task_workers_are_listed_while_they_serve_with_their_keys(client, settings):
+    async def noop() -> None:
+        return None
+
+    async with running_worker(settings, {"k1": noop, "k2": noop}, worker_id="lister-a"):
+        async with running_worker(settings, {"k3": noop}, worker_id="lister-b"):
+            for _ in range(50):
+                workers = await client.read_task_workers()
+                if len(workers) == 2:
+                    break
+                await asyncio.sleep(0.1)
+            assert [(w.identifier, w.task_keys) for w in workers] == [("lister-a", ["k1", "k2"]),
+                                                                       ("lister-b", ["k3"])]
+            assert [w.identifier for w in await client.read_task_workers(["k3", "nope"])] == ["lister-b"]
+            assert await client.read_task_workers(["nope"]) == []
+        # A worker that stops says so: it is gone at once, not when its entry expires.
+        assert [w.identifier for w in await client.read_task_workers()] == ["lister-a"]

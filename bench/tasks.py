@@ -1,0 +1,348 @@
+"""Task runs end to end: one `runledger serve` process, task workers as `runledger task-worker`
+processes (4 by default), submitters through the client, every state recorded.
+
+    python bench/tasks.py [--only latency,throughput,chain,faults,worker-kill,commands]
+                          [--workers 4] [--rate 200] [--seconds 10] [--tasks 20000]
+
+- latency: submit → the task function starts, at `--rate` tasks/s offered (p50, p99);
+- throughput: `--tasks` trivial tasks submitted by 8 clients and run by the workers, from the
+  first submit to the last COMPLETED;
+- chain: 40 steps of 10 ms, each submitted by the step before, the driver awaiting each;
+- faults: 1,000 tasks of 50 ms; the NATS server restarted, then killed (-9) and restarted,
+  in the middle: runs lost and runs started twice (from the workers' own records);
+- worker-kill: a worker killed (-9) mid-task: how long until another worker starts it;
+- commands: task-run creates and state transitions through commands, 8 clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from harness import (
+    bench_settings,
+    command_sender,
+    cpu_seconds,
+    now,
+    percentile,
+    report,
+    role_env,
+    servers,
+    service_process,
+)
+
+from runledger.client import RunledgerClient
+from runledger.client.tasks import submit_task, wait_for_task_run
+from runledger.infra.embedded import _wait_for_port, free_port, nats_server_binary
+from runledger.infra.settings import Settings
+
+HERE = Path(__file__).resolve().parent
+
+
+class Workers:
+    """`runledger task-worker` processes serving the bench's task keys, each recording its calls."""
+
+    def __init__(self, settings: Settings, out: Path, count: int, limit: int, keys: list[str]):
+        self.settings, self.out, self.count, self.limit, self.keys = settings, out, count, limit, keys
+        self.procs: list[subprocess.Popen] = []
+
+    def start_one(self, name: str) -> subprocess.Popen:
+        env = dict(os.environ, RUNLEDGER_NATS_URL=self.settings.nats_url, RUNLEDGER_NAMESPACE=self.settings.namespace,
+                   RUNLEDGER_DATABASE_URL=self.settings.database_url.get_secret_value(),
+                   RL_BENCH_OUT=str(self.out), PYTHONPATH=str(HERE), **role_env(self.settings))
+        exe = Path(sys.executable).parent / "runledger"
+        args = [str(exe), "task-worker", "--module", "task_functions", "--limit", str(self.limit),
+                "--worker-id", name, "--grace", "5"]
+        for key in self.keys:
+            args += ["--key", key]
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for line in proc.stderr:  # type: ignore[union-attr]
+            if "serving" in line:
+                break
+        else:
+            raise RuntimeError(f"task worker exited with {proc.wait()}")
+        subprocess.Popen(["cat"], stdin=proc.stderr, stdout=subprocess.DEVNULL)
+        self.procs.append(proc)
+        return proc
+
+    def __enter__(self) -> Workers:
+        for i in range(self.count):
+            self.start_one(f"bench-{i}")
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    def records(self) -> list[list[str]]:
+        lines: list[list[str]] = []
+        for f in self.out.glob("*.log"):
+            lines += [line.split() for line in f.read_text().splitlines() if line.strip()]
+        return lines
+
+
+async def _until(predicate, seconds: float, every: float = 0.05) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the bench waited too long")
+        await asyncio.sleep(every)
+
+
+async def latency(client: RunledgerClient, workers: Workers, rate: float, seconds: float) -> list[tuple]:
+    count = int(rate * seconds)
+    gap = 1.0 / rate
+    start = time.monotonic()
+    pending: set[asyncio.Task] = set()
+    for i in range(count):
+        delay = start + i * gap - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        t = asyncio.create_task(submit_task(client, "bench.trivial", {"label": f"l{i}", "sent": time.time()}))
+        pending.add(t)
+        t.add_done_callback(pending.discard)
+    await asyncio.gather(*pending)
+    await _until(lambda: sum(1 for r in workers.records() if r[1].startswith("l")) >= count, 60, 0.2)
+    waits = [float(r[2]) * 1000 for r in workers.records() if r[0] == "start" and r[1].startswith("l")]
+    return [("submit → task starts, p50", f"{percentile(waits, 50):.2f} ms", "≤ 1 ms"),
+            ("submit → task starts, p99", f"{percentile(waits, 99):.2f} ms", "≤ 3 ms"),
+            ("offered", f"{rate:g} tasks/s for {seconds:g} s ({count} tasks)", "")]
+
+
+async def throughput(client: RunledgerClient, workers: Workers, tasks: int, service_pid: int) -> list[tuple]:
+    before = sum(1 for r in workers.records() if r[1].startswith("t"))
+    cpu0 = cpu_seconds(service_pid)
+    t0 = now()
+    per = tasks // 8
+
+    async def submitter(c: int) -> None:
+        for i in range(per):
+            await submit_task(client, "bench.trivial", {"label": f"t{c}-{i}", "sent": time.time()},
+                              queue_wait_seconds=30)
+
+    await asyncio.gather(*(submitter(c) for c in range(8)))
+    submitted = now() - t0
+    await _until(lambda: sum(1 for r in workers.records() if r[1].startswith("t")) - before >= per * 8, 300, 0.2)
+    # The last one's COMPLETED is recorded right after its start; wait for the read model to say so.
+    total = now() - t0
+    cpu = cpu_seconds(service_pid) - cpu0
+    return [("end to end, trivial tasks, every state recorded", f"{per * 8 / total:,.0f} tasks/s "
+             f"({per * 8} tasks in {total:.1f} s; submits alone {per * 8 / submitted:,.0f}/s)", "≥ 5,000 tasks/s"),
+            ("service CPU per task", f"{cpu / (per * 8) * 1e6:.0f} µs", "")]
+
+
+async def chain(client: RunledgerClient, steps: int = 40, work: float = 0.010) -> list[tuple]:
+    per_step: list[float] = []
+    for _ in range(3):
+        t0 = time.monotonic()
+        run = await submit_task(client, "bench.chain", {"step": 0, "steps": steps, "work": work})
+        run_id = run.id
+        for _ in range(steps):
+            done = await wait_for_task_run(client, run_id, timeout=60)
+            data = done.state.data if done.state is not None else None
+            nxt = data.get("value") if isinstance(data, dict) else None
+            if nxt is None:
+                break
+            run_id = uuid.UUID(nxt)
+        per_step.append((time.monotonic() - t0) / steps * 1000)
+    return [(f"chain of {steps} tasks of {work * 1000:g} ms, per step", f"{min(per_step):.1f} ms (of 3: "
+             f"{', '.join(f'{x:.1f}' for x in per_step)})", "≤ 12 ms")]
+
+
+class OwnNats:
+    """A nats-server of the bench's own (no auth), restarted and killed on purpose."""
+
+    def __init__(self, store: Path):
+        self.store, self.port = store, free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(self.port), "-js",
+                                      "-sd", str(self.store)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_port(self.port, 10, self.proc)
+
+    def stop(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+
+
+async def faults(urls: dict, workers_count: int, tasks: int = 1000, work: float = 0.05) -> list[tuple]:
+    """The broker restarted and killed while tasks flow; its own server, so it can be killed."""
+    tmp = Path(tempfile.mkdtemp(prefix="rlbf-"))
+    nats = OwnNats(tmp / "nats")
+    nats.start()
+    settings = Settings(nats_url=nats.url, database_url=urls["database_url"],
+                        namespace=f"f{uuid.uuid4().hex[:10]}")
+    out = tmp / "out"
+    out.mkdir()
+    rows = []
+    try:
+        with service_process(settings, roles="commands,queries,projections,task_recovery"), \
+                Workers(settings, out, workers_count, 16, ["bench.sleepy"]) as workers:
+            client = await RunledgerClient(settings, retries=20, retry_backoff=0.2).connect()
+            ids: list[uuid.UUID] = []
+
+            async def submit(i: int) -> None:
+                while True:
+                    try:
+                        run = await submit_task(client, "bench.sleepy", {"label": f"f{i}", "seconds": work},
+                                                dynamic_key=f"f{i}", queue_wait_seconds=30)
+                        ids.append(run.id)
+                        return
+                    except Exception:
+                        await asyncio.sleep(0.2)
+
+            async def submitter() -> None:
+                for i in range(tasks):
+                    await submit(i)
+
+            submitting = asyncio.create_task(submitter())
+            await _until(lambda: len(workers.records()) >= tasks // 4, 120)
+            nats.stop(signal.SIGTERM)  # a restart
+            nats.start()
+            await _until(lambda: len(workers.records()) >= tasks // 2, 120)
+            nats.stop(signal.SIGKILL)  # a crash
+            nats.start()
+            await submitting
+            await _until(lambda: len({r[1] for r in workers.records()}) >= tasks, 300, 0.2)
+            await asyncio.sleep(2 * settings.task_ack_wait_seconds + 1)  # any late second start would show by now
+            labels = [r[1] for r in workers.records()]
+            twice = len(labels) - len(set(labels))
+            lost = tasks - len(set(labels))
+            await client.close()
+        rows = [(f"broker restart and kill -9 amid {tasks} tasks of {work * 1000:g} ms",
+                 f"{lost} lost, {twice} run twice", "0 lost, 0 run twice")]
+    finally:
+        nats.stop(signal.SIGKILL)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+async def worker_kill(client: RunledgerClient, settings: Settings, out: Path) -> list[tuple]:
+    """One worker takes a long task and is killed; a second, already serving, takes it over."""
+    moved = []
+    for attempt in range(3):
+        sub = out / f"kill{attempt}"
+        sub.mkdir()
+        with Workers(settings, sub, 0, 4, ["bench.sleepy"]) as workers:
+            doomed = workers.start_one(f"doomed-{attempt}")
+            run = await submit_task(client, "bench.sleepy", {"label": f"k{attempt}", "seconds": 3600})
+            await _until(lambda: bool(workers.records()), 30)
+            heir = workers.start_one(f"heir-{attempt}")
+            doomed.send_signal(signal.SIGKILL)
+            killed = time.time()
+            doomed.wait()
+            await _until(lambda: len(workers.records()) >= 2, 60)
+            started_again = max(float(r[2]) for r in workers.records())
+            moved.append(started_again - killed)
+            heir.send_signal(signal.SIGKILL)  # its copy would run for an hour
+            heir.wait()
+            with contextlib.suppress(Exception):
+                await client.command("SetTaskRunState", {"id": str(run.id), "force": True,
+                                                         "state": {"type": "CANCELLED"}})
+    return [("a worker killed mid-task: its task starts elsewhere after",
+             f"{max(moved):.1f} s (of 3: {', '.join(f'{m:.1f}' for m in moved)})", "≤ 5 s")]
+
+
+async def commands(nc, settings: Settings, seconds: float) -> list[tuple]:
+    cmd = command_sender(nc, settings)
+    stop_at = now() + seconds
+    made: list[list[str]] = [[] for _ in range(8)]
+
+    async def creator(c: int) -> None:
+        i = 0
+        while now() < stop_at:
+            out = await cmd("CreateTaskRun", {"task_key": "bench.create", "dynamic_key": f"{c}-{i}"})
+            made[c].append(out["result"]["id"])
+            i += 1
+
+    await asyncio.gather(*(creator(c) for c in range(8)))
+    creates = sum(len(m) for m in made) / seconds
+    stop_at = now() + seconds
+    moves = [0] * 8
+
+    async def mover(c: int) -> None:
+        cycle = ("RUNNING", "COMPLETED")
+        for run_id in made[c]:
+            for state in cycle:
+                if now() >= stop_at:
+                    return
+                await cmd("SetTaskRunState", {"id": run_id, "state": {"type": state}})
+                moves[c] += 1
+
+    await asyncio.gather(*(mover(c) for c in range(8)))
+    return [("task-run creates through commands, 8 clients", f"{creates:,.0f}/s", "≥ 5,000/s"),
+            ("task-run state transitions, 8 clients", f"{sum(moves) / seconds:,.0f}/s", "≥ 3,000/s")]
+
+
+async def run(args) -> list[tuple]:
+    only = set(args.only.split(","))
+    rows: list[tuple] = []
+    with servers() as urls:
+        settings = bench_settings(urls)
+        worker_settings = bench_settings(urls, role="task_worker")
+        out = Path(tempfile.mkdtemp(prefix="rlbt-"))
+        try:
+            with service_process(settings) as proc:
+                client = await RunledgerClient(bench_settings(urls, role="client")).connect()
+                if only & {"latency", "throughput", "chain"}:
+                    with Workers(worker_settings, out, args.workers, args.limit,
+                                 ["bench.trivial", "bench.chain"]) as workers:
+                        if "latency" in only:
+                            rows += await latency(client, workers, args.rate, args.seconds)
+                        if "throughput" in only:
+                            rows += await throughput(client, workers, args.tasks, proc.pid)
+                        if "chain" in only:
+                            rows += await chain(client)
+                if "worker-kill" in only:
+                    rows += await worker_kill(client, worker_settings, out)
+                if "commands" in only:
+                    rows += await commands(client._nc, settings, args.seconds)
+                await client.close()
+            if "faults" in only:
+                rows += await faults(urls, args.workers)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="latency,throughput,chain,faults,worker-kill,commands")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--limit", type=int, default=16, help="task runs each worker runs at once")
+    p.add_argument("--rate", type=float, default=200.0)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--tasks", type=int, default=20_000)
+    p.add_argument("--json")
+    args = p.parse_args()
+    rows = asyncio.run(run(args))
+    report("Task runs (bench/tasks.py)", rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
