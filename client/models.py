@@ -1,8 +1,8 @@
-"""What the client returns: the work pool, work queue, flow, variable, concurrency limit,
-deployment, flow run, task run, state and run history reply shapes of the broker contract
+"""What the client returns: the work pool, work queue, flow, variable, concurrency limit, task
+tag concurrency limit, deployment, flow run, task run, state and run history reply shapes of the broker contract
 (`work_pool_reply` / `work_queue_reply` in `runledger.commands.work_pools`, `Flow.reply` in
-`runledger.commands.flows`, and the same for `Variable`, `ConcurrencyLimit`, `Deployment`,
-`FlowRun`, `TaskRun` and `State`).
+`runledger.commands.flows`, and the same for `Variable`, `ConcurrencyLimit`,
+`TagConcurrencyLimit`, `Deployment`, `FlowRun`, `TaskRun` and `State`).
 
 Unknown fields are kept (`extra="allow"`) so an older client still reads a newer service.
 Datetimes dump back as the service wrote them, so `model_dump(mode="json")` reproduces the
@@ -98,6 +98,22 @@ class ConcurrencyLimit(BaseModel):
     denied_slots: int = 0
     slot_decay_per_second: float = 0.0
     avg_slot_occupancy_seconds: float = 2.0
+
+
+class TagConcurrencyLimit(BaseModel):
+    """A task tag concurrency limit (`TagConcurrencyLimit.reply` in
+    `runledger.commands.tag_concurrency_limits`; Prefect's classic `ConcurrencyLimit`): at
+    most `concurrency_limit` task runs carrying `tag` run at once; `active_slots` lists the
+    task runs holding a slot."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: uuid.UUID
+    created: datetime
+    updated: datetime
+    tag: str
+    concurrency_limit: int
+    active_slots: list[uuid.UUID] = []
 
 
 # ---------------------------------------------------------------------------------------------

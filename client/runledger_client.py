@@ -49,6 +49,7 @@ from .models import (
     HistoryInterval,
     OrchestrationResult,
     State,
+    TagConcurrencyLimit,
     TaskRun,
     TaskWorker,
     Variable,
@@ -863,6 +864,54 @@ class RunledgerClient:
     async def count_concurrency_limits(self, *, min_seq: int | None = None) -> int:
         reply = await self.query("CountConcurrencyLimits", {}, min_seq=min_seq)
         return self._count(reply.result)
+
+    # -----------------------------------------------------------------------------------------
+    # Task tag concurrency limits (Prefect's classic `/concurrency_limits/`)
+
+    async def create_tag_concurrency_limit(self, tag: str, concurrency_limit: int, *,
+                                           idempotency_key: str | None = None) -> tuple[TagConcurrencyLimit, bool]:
+        """Let at most `concurrency_limit` (>= 0) task runs carrying `tag` run at once. Returns
+        the limit and whether this call created it: a tag that has a limit gets the new number
+        and keeps the runs holding its slots. A task run held back by a full tag is told to
+        wait (`WAIT`, 10 s); a limit of 0 stops it (`ABORT`)."""
+        body = {"tag": tag, "concurrency_limit": concurrency_limit}
+        reply = await self.command("CreateTagConcurrencyLimit", body | self._key(idempotency_key))
+        if reply.created is None:
+            raise ProtocolError("the service's reply to CreateTagConcurrencyLimit does not say whether it created "
+                                "the limit")
+        return self._one(TagConcurrencyLimit, reply.result), reply.created
+
+    async def delete_tag_concurrency_limit(self, tag: str, *, idempotency_key: str | None = None) -> None:
+        """Remove the tag's limit (`NotFound` when it has none)."""
+        await self.command("DeleteTagConcurrencyLimit", {"tag": tag} | self._key(idempotency_key))
+
+    async def reset_tag_concurrency_limit(self, tag: str, slot_override: Sequence[uuid.UUID | str] | None = None, *,
+                                          idempotency_key: str | None = None) -> TagConcurrencyLimit:
+        """Replace the task runs holding the tag's slots by `slot_override` (none when not
+        given). Returns the limit after it."""
+        body: dict[str, Any] = {"tag": tag}
+        if slot_override is not None:
+            body["slot_override"] = [str(run_id) for run_id in slot_override]
+        reply = await self.command("ResetTagConcurrencyLimit", body | self._key(idempotency_key))
+        return self._one(TagConcurrencyLimit, reply.result)
+
+    async def read_tag_concurrency_limit(self, tag: str, *, min_seq: int | None = None) -> TagConcurrencyLimit:
+        """The tag's limit, with the task runs holding its slots (`NotFound` when it has none)."""
+        reply = await self.query("GetTagConcurrencyLimit", {"tag": tag}, min_seq=min_seq)
+        return self._one(TagConcurrencyLimit, reply.result)
+
+    async def list_tag_concurrency_limits(
+        self,
+        *,
+        limit: int | Unset = UNSET,
+        offset: int | Unset = UNSET,
+        min_seq: int | None = None,
+    ) -> list[TagConcurrencyLimit]:
+        """One page of task tag concurrency limits, ordered by tag (at most 200)."""
+        body = given(limit=limit, offset=offset)
+        reply = await self._whole_page("ListTagConcurrencyLimits", body,
+                                       await self.query("ListTagConcurrencyLimits", body, min_seq=min_seq))
+        return self._many(TagConcurrencyLimit, reply.result)
 
     # -----------------------------------------------------------------------------------------
     # Deployments

@@ -31,6 +31,7 @@ from pydantic import ValidationError
 from pydantic_core import to_jsonable_python
 
 from . import concurrency_limits as cl
+from . import tag_concurrency_limits as tcl
 from . import task_runs as tr
 from . import variables as va
 from . import workers as wk
@@ -560,7 +561,7 @@ def _task_run_gone(out: _Out, e: tr.TaskRunDeleted | tr.TaskRunUpdated, aggregat
 def _nothing(out: _Out, e: Event, aggregate_id: str, state: ExportState) -> None:
     """Unique-key claims keep names unique; a deployment's index of scheduled runs and the
     slot counts of pools and limits are runledger's bookkeeping: nothing to export. Prefect's server emits nothing for a worker's
-    heartbeat, its going offline or its deletion. (Flows: not exported yet.)"""
+    heartbeat, its going offline or its deletion. (Flows and task tag limits: not exported yet.)"""
 
 
 _HANDLERS: dict[type[Event], Callable[[_Out, Any, str, ExportState], None]] = {
@@ -600,6 +601,12 @@ _HANDLERS: dict[type[Event], Callable[[_Out, Any, str, ExportState], None]] = {
     cl.ConcurrencyLimitDeleted: _concurrency_limit_event,
     cl.ConcurrencyLimitSlotTaken: _nothing,
     cl.ConcurrencyLimitSlotReleased: _nothing,
+    tcl.TagConcurrencyLimitCreated: _nothing,
+    tcl.TagConcurrencyLimitUpdated: _nothing,
+    tcl.TagConcurrencyLimitReset: _nothing,
+    tcl.TagConcurrencyLimitDeleted: _nothing,
+    tcl.TagConcurrencyLimitSlotTaken: _nothing,
+    tcl.TagConcurrencyLimitSlotReleased: _nothing,
     PoolSlotTaken: _nothing,
     LimitWaitersChanged: _nothing,
     PoolSlotReleased: _nothing,

@@ -30,7 +30,7 @@ from .bounds import (
     check_storable_text,
 )
 from .concurrency_limits import LimitName
-from .flows import FlowName
+from .flows import FlowName, Tag
 from .states import StateType
 from .variables import VariableName
 from .work_pools import PoolName, QueueName
@@ -295,6 +295,16 @@ class ListConcurrencyLimits(Page):
 
 class CountConcurrencyLimits(Query):
     pass
+
+
+class GetTagConcurrencyLimit(Query):
+    """A task tag concurrency limit, by its tag, with the task runs holding its slots."""
+
+    tag: Tag
+
+
+class ListTagConcurrencyLimits(Page):
+    """Task tag concurrency limits, ordered by tag (Prefect's order; it takes no filter)."""
 
 
 class TimeRange(BaseModel):

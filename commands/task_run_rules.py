@@ -7,13 +7,18 @@ for a task worker) takes the background policy even when forced; else `force` ke
 the minimal one; else the core one. Nothing is read or written here: what the rules need
 beyond the run (its flow run, the cache entry of its key, who proposes the state) comes in
 `TaskFacts`, loaded by the caller.
+
+Tag slots (Prefect's classic task tag limits, `tag_concurrency_limits.py`) follow the flow
+runs' shape: a rule refuses a run whose tag is full, and the slots themselves follow from what
+is written (`TaskTransition.takes_tag_slots`, and `task_runs.tag_slot_events`), so a forced
+state still gives them back.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
 
@@ -40,6 +45,7 @@ from .states import TERMINAL, State, StateCreate, StateDetails, StateType
 
 if TYPE_CHECKING:
     from .flow_runs import FlowRun
+    from .tag_concurrency_limits import TagConcurrencyLimit
     from .task_runs import TaskCacheEntry, TaskDelivery, TaskRun, TaskRunPolicy
 
 # While the service's own connection to the broker is younger than this, a task worker may not
@@ -47,6 +53,9 @@ if TYPE_CHECKING:
 # redelivered at once, and the worker that holds it needs a moment to reconnect and report.
 TAKEOVER_GRACE_SECONDS = 10.0
 TAKEOVER_WAIT_SECONDS = 2
+# Prefect's `task_run_tag_concurrency_slot_wait_seconds`: when a run held back by a full tag
+# tries again.
+TAG_SLOT_WAIT_SECONDS = 10
 
 
 @dataclass(frozen=True)
@@ -55,13 +64,15 @@ class TaskFacts:
     background task); `cached`: the cache entry under the proposed state's cache key;
     `takeover_allowed`: False while a broker restart is recent (see `TAKEOVER_GRACE_SECONDS`);
     `claimant` and `delivery`: the task worker proposing the state and the message it took
-    the run from."""
+    the run from; `tag_limits`: the concurrency limits of the run's tags, by tag (tags
+    without a limit are left out)."""
 
     flow_run: FlowRun | None = None
     cached: TaskCacheEntry | None = None
     takeover_allowed: bool = True
     claimant: str | None = None
     delivery: TaskDelivery | None = None
+    tag_limits: Mapping[str, TagConcurrencyLimit] = field(default_factory=dict)
 
     def with_claim(self, claimant: str | None, delivery: TaskDelivery | None) -> TaskFacts:
         return replace(self, claimant=claimant, delivery=delivery)
@@ -186,6 +197,26 @@ def prevent_running_tasks_from_stopped_flows(c: RuleContext) -> Verdict:
     return go_on()
 
 
+@rule("OR-17", from_states=ALL_STATES, to_states={StateType.RUNNING})
+def secure_task_concurrency_slots(c: RuleContext) -> Verdict:
+    """Prefect's SecureTaskConcurrencySlots. A tag's limit caps how many task runs carrying it
+    run at once (say, the connections a database takes): a run starts only when each of its
+    limited tags has a free slot, and otherwise tries again a little later. A limit of 0 could
+    never be met, so the caller is told to stop rather than wait for ever. A run that holds a
+    tag's slot already (RUNNING again) keeps it and is not counted twice, so it never waits on
+    itself. The slots are taken with the state written, not here."""
+    run = _run(c)
+    limits = _facts(c).tag_limits
+    limited = [(tag, limits[tag]) for tag in sorted(run.tags) if tag in limits]  # Prefect reads them by tag
+    for tag, limit in limited:
+        if limit.concurrency_limit == 0:
+            return abort(f'The concurrency limit on tag "{tag}" is 0 and will deadlock if the task tries to run again.')
+    for tag, limit in limited:
+        if run.id not in limit.active_slots and len(limit.active_slots) >= limit.concurrency_limit:
+            return wait(TAG_SLOT_WAIT_SECONDS, f"Concurrency limit for the {tag} tag has been reached")
+    return go_on()
+
+
 @rule("TR-5", from_states={StateType.SCHEDULED, StateType.PENDING}, to_states={StateType.PENDING, StateType.RUNNING})
 def copy_task_parameters_id(c: RuleContext) -> Verdict:
     """Prefect's CopyTaskParametersID: a background task's parameters are stored once, under
@@ -251,6 +282,7 @@ CORE_TASK_POLICY: list[Rule] = [
     cache_retrieval,
     handle_task_terminal_state_transitions,
     prevent_running_tasks_from_stopped_flows,
+    secure_task_concurrency_slots,
     wait_for_scheduled_time,
     retry_failed_tasks,
     rename_reruns,
@@ -267,16 +299,19 @@ BACKGROUND_TASK_POLICY: list[Rule] = [
     rename_reruns,
 ]
 
-# TR-3: a forced, non-deferred proposal keeps none of the rules (only the slot release, which
-# is bookkeeping here).
+# TR-3: a forced, non-deferred proposal keeps none of the rules (only the release of tag
+# slots, OR-18, which is bookkeeping here: `task_runs.tag_slot_events`).
 MINIMAL_TASK_POLICY: list[Rule] = []
 
 
 @dataclass(frozen=True)
 class TaskTransition(Transition):
-    """A task transition, and whether its written state is queued for a task worker (TQ-4)."""
+    """A task transition, whether its written state is queued for a task worker (TQ-4), and
+    whether the run takes a slot of each of its limited tags (it entered RUNNING past
+    `secure_task_concurrency_slots`: the background and forced policies take none)."""
 
     enqueue: bool = False
+    takes_tag_slots: bool = False
 
 
 def set_task_run_state(run: TaskRun, proposed: StateCreate, *, force: bool, ctx: DecisionContext,
@@ -296,7 +331,11 @@ def set_task_run_state(run: TaskRun, proposed: StateCreate, *, force: bool, ctx:
     after = t.run
     if enqueue and t.state is not None:
         after = after.model_copy(update={"queued_state_id": t.state.id})
-    return TaskTransition(t.orchestration, t.state, after, t.refused_by, enqueue=enqueue)
+    # A RUNNING state written for a RUNNING proposal got past every rule for RUNNING, this one too.
+    takes_tag_slots = (secure_task_concurrency_slots in policy and proposed.type is StateType.RUNNING
+                       and t.state is not None and t.state.type is StateType.RUNNING)
+    return TaskTransition(t.orchestration, t.state, after, t.refused_by, enqueue=enqueue,
+                          takes_tag_slots=takes_tag_slots)
 
 
 def _book(run: TaskRun, proposal: StateCreate, facts: TaskFacts, ctx: DecisionContext) -> tuple[State, TaskRun]:

@@ -20,11 +20,13 @@ Beyond Prefect, whose background tasks wait in one server's memory:
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from . import tag_concurrency_limits as tcl
 from . import task_run_rules
 from .bounds import INT32_MAX, JsonDocument, StoredText, UtcDatetime
 from .decisions import Decision, NewEvent, QueuedTaskRun
@@ -278,7 +280,8 @@ def decide_create_task_run(cmd: CreateTaskRun, claim: UniqueKeyClaim | None, exi
                            same_id: TaskRun | None, flow_run: FlowRun | None, ctx: DecisionContext,
                            facts: task_run_rules.TaskFacts = task_run_rules.NO_FACTS) -> Decision:
     """TR-1, TR-2. `existing`: the run holding these keys; `same_id`: the run already under the
-    id the client chose, if any; `flow_run`: the run's flow run, when it names one."""
+    id the client chose, if any; `flow_run`: the run's flow run, when it names one. A new run
+    takes no tag slot, even created RUNNING: its first state is forced, as Prefect's."""
     if cmd.flow_run_id is not None and flow_run is None:
         raise not_found(f"Flow run {cmd.flow_run_id} not found.")
     if claim is not None and claim.owner_id is not None:
@@ -324,7 +327,8 @@ def decide_set_task_run_state(cmd: SetTaskRunState, run: TaskRun | None, ctx: De
     if transition.state is None:
         return Decision(events=[], result=run.state, orchestration=transition.orchestration)
     after: TaskRun = transition.run
-    events = [NewEvent(str(run.id), TaskRunStateSet(run=after)), *cache_events(transition)]
+    events = [NewEvent(str(run.id), TaskRunStateSet(run=after)), *cache_events(transition),
+              *tag_slot_events(run, transition, facts.tag_limits)]
     return Decision(events=events, result=after.state, created=True, after={str(run.id): after},
                     orchestration=transition.orchestration,
                     queue=_queued(run, transition, cmd.queue_wait_seconds))
@@ -340,6 +344,23 @@ def cache_events(transition: task_run_rules.TaskTransition) -> list[NewEvent]:
     if key is None:
         return []
     return [NewEvent(cache_id(key), TaskCacheEntryRecorded(entry=TaskCacheEntry(cache_key=key, state=state)))]
+
+
+def tag_slot_events(run: TaskRun, transition: task_run_rules.TaskTransition,
+                    limits: Mapping[str, tcl.TagConcurrencyLimit]) -> list[NewEvent]:
+    """SL-8: a run let into RUNNING by the tag-slot rule takes a slot of each of its limited
+    tags (OR-17); any written state but RUNNING and CANCELLING gives them back, forced or not
+    (OR-18). `limits`: those of the run's tags, as `TaskFacts.tag_limits`."""
+    state = transition.state
+    if state is None:
+        return []
+    if transition.takes_tag_slots:
+        made = [tcl.slot_taken(limits[tag], run.id) for tag in run.tags if tag in limits]
+    elif state.type not in tcl.SLOT_STATES:
+        made = [tcl.slot_released(limits[tag], run.id) for tag in run.tags if tag in limits]
+    else:
+        return []
+    return [e for e in made if e is not None]
 
 
 def _queued(before: TaskRun, transition: task_run_rules.TaskTransition,
@@ -365,16 +386,20 @@ def decide_update_task_run(cmd: UpdateTaskRun, run: TaskRun | None, ctx: Decisio
                     after={str(run.id): after})
 
 
-def decide_delete_task_run(cmd: DeleteTaskRun, run: TaskRun | None, claim: UniqueKeyClaim | None) -> Decision:
-    """The run's keys are free again at once. A copy of it still queued is dropped by the
-    worker that takes it (the run is gone)."""
+def decide_delete_task_run(cmd: DeleteTaskRun, run: TaskRun | None, claim: UniqueKeyClaim | None,
+                           tag_limits: Mapping[str, tcl.TagConcurrencyLimit] | None = None) -> Decision:
+    """The run's keys are free again at once, and so are the tag slots it holds (`tag_limits`:
+    its tags' limits; beyond Prefect, which leaves a deleted run in them). A copy of it still
+    queued is dropped by the worker that takes it (the run is gone)."""
     if run is None:
         raise task_run_not_found()
     flow_run_id, task_key, dynamic_key = _keys(run)
     releases = ([TASK_RUN_KEY.release(run.id, str(flow_run_id) if flow_run_id else "", task_key, dynamic_key)]
                 if claim is not None and claim.owner_id == run.id else [])
+    slots = [tcl.slot_released(limit, run.id) for limit in (tag_limits or {}).values()]
     return Decision(events=[*releases, NewEvent(str(run.id), TaskRunDeleted(task_run_id=run.id,
-                                                                             task_key=run.task_key))])
+                                                                             task_key=run.task_key)),
+                            *(e for e in slots if e is not None)])
 
 
 def reply(run: TaskRun) -> dict[str, Any]:

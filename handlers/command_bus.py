@@ -69,13 +69,18 @@ class Unit:
         if self._lock_more is not None:
             await self._lock_more(keys)
 
-    async def load(self, aggregate_type: str, aggregate_id: str) -> Any:
+    async def load(self, aggregate_type: str, aggregate_id: str, *, fresh: bool = False) -> Any:
+        """`fresh`: read this aggregate from the log whatever the cache holds: for a state this
+        instance may hold out of date where no expected-sequence check would tell, because the
+        decision writes nothing to it (that a tag has no concurrency limit: see
+        `task_run_commands.tag_limits_of`)."""
         key = (aggregate_type, aggregate_id)
+        refresh = self.refresh or fresh
         in_cache = self.repo.cached(*key)
-        if self.refresh and in_cache is not None and isinstance(in_cache.seq, Pending):
+        if refresh and in_cache is not None and isinstance(in_cache.seq, Pending):
             await in_cache.seq.settled()  # the log is about to hold it, or never will
-        cached = not self.refresh and in_cache is not None
-        loaded = await self.repo.load(aggregate_type, aggregate_id, refresh=self.refresh)
+        cached = not refresh and in_cache is not None
+        loaded = await self.repo.load(aggregate_type, aggregate_id, refresh=refresh)
         self.from_cache = self.from_cache or cached
         self.loaded[key] = loaded.seq
         return loaded.state

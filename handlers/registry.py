@@ -19,6 +19,7 @@ from runledger.projections import deployments as deployments_read_model
 from runledger.projections import flow_runs as flow_runs_read_model
 from runledger.projections import flows as flows_read_model
 from runledger.projections import scheduled_runs as scheduled_runs_read_model
+from runledger.projections import tag_concurrency_limits as tag_concurrency_limits_read_model
 from runledger.projections import task_runs as task_runs_read_model
 from runledger.projections import variables as variables_read_model
 from runledger.projections import work_pools as work_pools_read_model
@@ -30,6 +31,7 @@ from . import (
     deployment_commands,
     flow_commands,
     flow_run_commands,
+    tag_concurrency_limit_commands,
     task_run_commands,
     variable_commands,
     work_pool_commands,
@@ -43,6 +45,7 @@ AGGREGATE_KINDS: list[AggregateKind] = [
     *deployment_commands.AGGREGATE_KINDS,
     *flow_run_commands.AGGREGATE_KINDS,
     *task_run_commands.AGGREGATE_KINDS,
+    *tag_concurrency_limit_commands.AGGREGATE_KINDS,
     *variable_commands.AGGREGATE_KINDS,
     *concurrency_limit_commands.AGGREGATE_KINDS,
     *worker_commands.AGGREGATE_KINDS,
@@ -58,6 +61,7 @@ PROJECTORS: list[Callable[[], Projector]] = [
     concurrency_limits_read_model.ConcurrencyLimitsProjector,
     workers_read_model.WorkersProjector,
     task_runs_read_model.TaskRunsProjector,
+    tag_concurrency_limits_read_model.TagConcurrencyLimitsProjector,
 ]
 
 # Handlers that react to events with commands (e.g. waking the next waiter for a released
@@ -75,6 +79,7 @@ QUERIES: dict[str, tuple[Any, Any]] = {
     **concurrency_limits_read_model.QUERIES,
     **workers_read_model.QUERIES,
     **task_runs_read_model.QUERIES,
+    **tag_concurrency_limits_read_model.QUERIES,
     # The service serves these with their side effect (a poll is recorded): handlers/worker_polls.py.
     **scheduled_runs_read_model.QUERIES,
 }
@@ -93,6 +98,7 @@ def command_specs(store: EventStore | None,
         **deployment_commands.COMMANDS,
         **flow_run_commands.command_specs(queues),
         **task_run_commands.command_specs(takeover_allowed),
+        **tag_concurrency_limit_commands.COMMANDS,
         **variable_commands.COMMANDS,
         **concurrency_limit_commands.COMMANDS,
         **worker_commands.COMMANDS,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 from runledger.commands import flow_runs as fr
+from runledger.commands import tag_concurrency_limits as tcl
 from runledger.commands import task_run_rules as rules
 from runledger.commands import task_runs as tr
 from runledger.commands import unique_keys as uk
@@ -32,6 +34,43 @@ async def _facts(unit: Unit, run: tr.TaskRun | tr.CreateTaskRun, proposed: State
     if proposed is not None and proposed.type is StateType.RUNNING and proposed.state_details.cache_key is not None:
         cached = await unit.load(tr.TASK_CACHE, tr.cache_id(proposed.state_details.cache_key))
     return rules.TaskFacts(flow_run=flow_run, cached=cached, takeover_allowed=takeover_allowed)
+
+
+async def tag_limits_of(unit: Unit, run: tr.TaskRun,
+                        proposed: StateCreate | None) -> dict[str, tcl.TagConcurrencyLimit]:
+    """The concurrency limits of the run's tags, by tag; those that exist are locked for the
+    rest of the command, so that runs claiming one tag's slots take turns, each deciding
+    against the state the one before left (chained). When the run may take a slot (it proposes
+    RUNNING) or give one back (it is RUNNING or CANCELLING), what this instance may hold out
+    of date unnoticed is read again from the log (`_maybe_stale`)."""
+    if not run.tags:
+        return {}
+    starts = proposed is not None and proposed.type is StateType.RUNNING
+    slots_may_change = starts or run.state_type in tcl.SLOT_STATES
+    limited = []
+    for tag in run.tags:
+        key = (tcl.TAG_CONCURRENCY_LIMIT, tcl.limit_id(tag))
+        known = unit.repo.cached(*key)
+        fresh = slots_may_change and known is not None and _maybe_stale(known.state, run)
+        if await unit.load(*key, fresh=fresh) is not None:
+            limited.append((tag, key))
+    if not limited:
+        return {}
+    await unit.lock([key for _, key in limited])
+    limits = {tag: await unit.load(*key) for tag, key in limited}  # as the lock found them
+    return {tag: limit for tag, limit in limits.items() if limit is not None}
+
+
+def _maybe_stale(limit: tcl.TagConcurrencyLimit | None, run: tr.TaskRun) -> bool:
+    """Whether a cached limit may be out of date in a way no expected-sequence check would
+    catch, because the decision would then write nothing to it: another instance may have
+    limited a tag this one knows without a limit, or taken or given back the run's slot (the
+    cache then disagrees with the run's state, which is checked). A slot the cache shows
+    wrongly is caught when the decision writes to the limit, or, for a start refused as full,
+    when the bus decides again on the log."""
+    if limit is None:
+        return True
+    return (run.id in limit.active_slots) != (run.state_type in tcl.SLOT_STATES)
 
 
 def _run_reply(run: tr.TaskRun) -> dict[str, Any]:
@@ -69,7 +108,10 @@ def command_specs(takeover_allowed: Callable[[], bool] = lambda: True) -> dict[s
 
     async def set_task_run_state(unit: Unit, cmd: tr.SetTaskRunState, ctx: DecisionContext) -> Decision:
         run = await unit.load(tr.TASK_RUN, str(cmd.id))
-        facts = await _facts(unit, run, cmd.state, takeover_allowed()) if run is not None else rules.NO_FACTS
+        if run is None:
+            return tr.decide_set_task_run_state(cmd, run, ctx)
+        facts = await _facts(unit, run, cmd.state, takeover_allowed())
+        facts = replace(facts, tag_limits=await tag_limits_of(unit, run, cmd.state))
         return tr.decide_set_task_run_state(cmd, run, ctx, facts)
 
     async def update_task_run(unit: Unit, cmd: tr.UpdateTaskRun, ctx: DecisionContext) -> Decision:
@@ -77,10 +119,10 @@ def command_specs(takeover_allowed: Callable[[], bool] = lambda: True) -> dict[s
 
     async def delete_task_run(unit: Unit, cmd: tr.DeleteTaskRun, ctx: DecisionContext) -> Decision:
         run = await unit.load(tr.TASK_RUN, str(cmd.id))
-        claim = None
-        if run is not None:
-            claim = await unit.load(uk.UNIQUE_KEY, tr.key_of(run.flow_run_id, run.task_key, run.dynamic_key))
-        return tr.decide_delete_task_run(cmd, run, claim)
+        if run is None:
+            return tr.decide_delete_task_run(cmd, run, None)
+        claim = await unit.load(uk.UNIQUE_KEY, tr.key_of(run.flow_run_id, run.task_key, run.dynamic_key))
+        return tr.decide_delete_task_run(cmd, run, claim, await tag_limits_of(unit, run, None))
 
     return {
         "CreateTaskRun": CommandSpec(tr.CreateTaskRun, create_task_run, _run_reply, _create_locks),

@@ -162,6 +162,19 @@ concurrency_limits = Table(
     Column("updated", DateTime(timezone=True), nullable=False),
 )
 
+# One row per task tag concurrency limit: `TagConcurrencyLimit`
+# (commands/tag_concurrency_limits.py), the runs holding its slots as a JSON list of ids.
+tag_concurrency_limits = Table(
+    "tag_concurrency_limits", metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("created", DateTime(timezone=True), nullable=False),
+    Column("updated", DateTime(timezone=True), nullable=False),
+    Column("tag", Text, nullable=False),
+    Column("concurrency_limit", Integer, nullable=False),
+    Column("active_slots", JSONB, nullable=False),
+    Index("tag_concurrency_limits_tag", "tag"),
+)
+
 # One row per flow run: `FlowRun` (commands/flow_runs.py) column for column, its current
 # state included. Queue and pool names are read from `work_queues` at query time.
 flow_runs = Table(
@@ -297,7 +310,7 @@ task_run_states = Table(
 
 # Tables that hold read models (compared by `runledger verify`); the others are bookkeeping.
 READ_MODEL_TABLES = [work_pools, work_queues, flows, deployments, variables, concurrency_limits, flow_runs,
-                     flow_run_states, workers, task_runs, task_run_states]
+                     flow_run_states, workers, task_runs, task_run_states, tag_concurrency_limits]
 
 def ddl(table: Table) -> list[str]:
     """The statements that create `table` and its indexes, from its definition: a new table is
@@ -370,4 +383,5 @@ MIGRATIONS = [
         """CREATE INDEX task_runs_queued ON task_runs (updated)
                WHERE state_type = 'SCHEDULED' AND queued_state_id = state_id""",
     ]),
+    Migration(10, "task tag concurrency limits", ddl(tag_concurrency_limits)),
 ]

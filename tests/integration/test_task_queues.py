@@ -274,3 +274,36 @@ async def test_task_workers_are_listed_while_they_serve_with_their_keys(client, 
             assert await client.read_task_workers(["nope"]) == []
         # A worker that stops says so: it is gone at once, not when its entry expires.
         assert [w.identifier for w in await client.read_task_workers()] == ["lister-a"]
+
+
+async def test_a_stopping_worker_finishes_what_it_can_and_hands_back_the_rest(client, service, settings):
+    service.connected_at -= 60  # a service up for a while (right after a connect, takeovers wait)
+    started: list[str] = []
+
+    async def job(label: str, seconds: float) -> str:
+        started.append(label)
+        await asyncio.sleep(seconds)
+        return label
+
+    async with running_worker(settings, {"job": job}, worker_id="leaving", grace_seconds=1.0) as leaving:
+        short = await submit_task(client, "job", {"label": "short", "seconds": 0.3})
+        long = await submit_task(client, "job", {"label": "long", "seconds": 30})
+        for _ in range(100):
+            if len(started) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert sorted(started) == ["long", "short"]
+    # Stopped (SIGTERM's path): the short run finished within the grace period...
+    assert leaving.finished == 1
+    assert (await wait_for_task_run(client, short.id, timeout=5)).state_type == "COMPLETED"
+    # ...the long one was handed back at once, and another worker runs it.
+
+    async def quick(label: str, seconds: float) -> str:
+        started.append(f"{label}-again")
+        return label
+
+    t0 = time.monotonic()
+    async with running_worker(settings, {"job": quick}, worker_id="staying"):
+        done = await wait_for_task_run(client, long.id, timeout=10)
+    assert task_result(done) == "long" and time.monotonic() - t0 < 3
+    assert started.count("long-again") == 1

@@ -1,0 +1,72 @@
+"""The task tag concurrency limits read model: its projector and the queries over it. Rows are
+`TagConcurrencyLimit` as its events carry it, and answers are `TagConcurrencyLimit.reply()` of
+a row: the same shape both ways."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any, cast
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from runledger.commands import queries as q
+from runledger.commands import tag_concurrency_limits as tcl
+from runledger.commands.messages import Event
+
+from .bulk_writes import populate_sql
+from .tables import tag_concurrency_limits
+
+_UPSERT_LIMITS = populate_sql(tag_concurrency_limits, "update")
+_DELETED = tcl.TagConcurrencyLimitDeleted.event_type
+
+
+class TagConcurrencyLimitsProjector:
+    """Reads payload dicts (`raw_payloads`): every event carries the whole limit, so the batch's
+    last one per limit is its row (a limit changes at every slot taken and given back)."""
+
+    name = "tag_concurrency_limits"
+    tables = (tag_concurrency_limits,)
+    raw_payloads = True
+    handles = frozenset({tcl.TagConcurrencyLimitCreated.event_type, tcl.TagConcurrencyLimitUpdated.event_type,
+                         tcl.TagConcurrencyLimitReset.event_type, tcl.TagConcurrencyLimitSlotTaken.event_type,
+                         tcl.TagConcurrencyLimitSlotReleased.event_type, _DELETED})
+
+    async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, str, Event | dict]]) -> None:
+        last: dict[str, dict[str, Any] | None] = {}
+        for _, event_type, payload in cast(Sequence[tuple[str, str, dict[str, Any]]], events):
+            limit = payload["limit"]
+            last[limit["id"]] = None if event_type == _DELETED else limit
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None  # asyncpg's connection, under a pooled connection in use
+        gone = [limit_id for limit_id, row in last.items() if row is None]
+        if gone:
+            await driver.execute("DELETE FROM tag_concurrency_limits WHERE id = ANY($1::uuid[])", gone)
+        rows = [row for row in last.values() if row is not None]
+        if rows:
+            await driver.execute(_UPSERT_LIMITS, json.dumps(rows))
+
+
+def limit_reply(row: Any) -> dict[str, Any]:
+    return tcl.TagConcurrencyLimit.model_validate(dict(row._mapping)).reply()
+
+
+async def get_tag_concurrency_limit(conn: AsyncConnection, query: q.GetTagConcurrencyLimit) -> dict[str, Any]:
+    stmt = select(tag_concurrency_limits).where(tag_concurrency_limits.c.tag == query.tag)
+    row = (await conn.execute(stmt)).first()
+    if row is None:
+        raise tcl.limit_not_found()
+    return limit_reply(row)
+
+
+async def list_tag_concurrency_limits(conn: AsyncConnection, query: q.ListTagConcurrencyLimits) -> list[dict[str, Any]]:
+    stmt = select(tag_concurrency_limits).order_by(tag_concurrency_limits.c.tag, tag_concurrency_limits.c.id)
+    rows = await conn.execute(stmt.limit(query.limit).offset(query.offset))
+    return [limit_reply(r) for r in rows]
+
+
+QUERIES = {
+    "GetTagConcurrencyLimit": (q.GetTagConcurrencyLimit, get_tag_concurrency_limit),
+    "ListTagConcurrencyLimits": (q.ListTagConcurrencyLimits, list_tag_concurrency_limits),
+}

@@ -1,0 +1,249 @@
+"""Task tag concurrency limits through the broker, against real NATS and Postgres: create (an
+upsert by tag), read, list, reset and delete; task runs taking a tag's slots at RUNNING and
+giving them back (SL-8, OR-17, OR-18), seen in the read model; bad input is invalid and
+appends nothing; two service instances see what the other wrote to a limit; and 16 runs racing for a tag limited to 3 over two service instances never
+hold more than 3 slots, as the log shows."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import uuid
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from runledger.client import NotFound, RunledgerClient, TagConcurrencyLimit
+from runledger.commands import tag_concurrency_limits as tcl
+from runledger.infra.event_store import EventStore
+from runledger.infra.nats_connection import connect
+from tests.integration.broker import assert_live_equals_rebuild
+
+
+async def test_a_tag_limit_is_created_updated_read_listed_reset_and_deleted(service, settings):
+    async with RunledgerClient(settings) as rl:
+        limit, created = await rl.create_tag_concurrency_limit("db", 2)
+        assert created is True and isinstance(limit, TagConcurrencyLimit)
+        assert (limit.tag, limit.concurrency_limit, limit.active_slots) == ("db", 2, [])
+        assert await rl.read_tag_concurrency_limit("db") == limit
+
+        again, created = await rl.create_tag_concurrency_limit("db", 3)  # an upsert by tag
+        assert created is False and again.id == limit.id and again.concurrency_limit == 3
+        same, created = await rl.create_tag_concurrency_limit("db", 3)
+        assert created is False and same == again
+        assert (await rl.read_tag_concurrency_limit("db")).concurrency_limit == 3
+
+        for tag in ("web", "api", "zz"):
+            await rl.create_tag_concurrency_limit(tag, 1)
+        assert [x.tag for x in await rl.list_tag_concurrency_limits()] == ["api", "db", "web", "zz"]
+        assert [x.tag for x in await rl.list_tag_concurrency_limits(limit=2, offset=1)] == ["db", "web"]
+        assert await rl.list_tag_concurrency_limits(limit=0) == []
+
+        holders = [uuid.uuid4(), uuid.uuid4()]
+        reset = await rl.reset_tag_concurrency_limit("db", holders)
+        assert reset.active_slots == holders and (await rl.read_tag_concurrency_limit("db")).active_slots == holders
+        assert (await rl.reset_tag_concurrency_limit("db")).active_slots == []
+
+        await rl.delete_tag_concurrency_limit("db")
+        for call in (rl.read_tag_concurrency_limit("db"), rl.delete_tag_concurrency_limit("db"),
+                     rl.reset_tag_concurrency_limit("db")):
+            with pytest.raises(NotFound, match="Concurrency limit not found"):
+                await call
+        fresh, created = await rl.create_tag_concurrency_limit("db", 1)
+        assert created is True and fresh.id != limit.id  # a new limit
+    await assert_live_equals_rebuild(service, settings)
+
+
+async def test_runs_take_a_tags_slots_at_running_wait_while_it_is_full_and_give_them_back(service, settings):
+    async with RunledgerClient(settings) as rl:
+        await rl.create_tag_concurrency_limit("db", 1)
+        await rl.create_tag_concurrency_limit("api", 5)
+        first, _ = await rl.create_task_run("query", "1", tags=["db", "api", "unlimited"])
+        second, _ = await rl.create_task_run("query", "2", tags=["db"])
+
+        assert (await rl.set_task_run_state(first.id, "RUNNING")).accepted
+        assert (await rl.read_tag_concurrency_limit("db")).active_slots == [first.id]
+        assert (await rl.read_tag_concurrency_limit("api")).active_slots == [first.id]
+
+        waiting = await rl.set_task_run_state(second.id, "RUNNING")
+        assert waiting.status == "WAIT" and waiting.details.delay_seconds == 10
+        assert waiting.details.reason == "Concurrency limit for the db tag has been reached"
+        assert waiting.state is not None and waiting.state.type == "PENDING"
+        assert (await rl.read_task_run(second.id)).state_type == "PENDING"
+
+        # The holder may enter RUNNING again: it keeps its one slot, and does not wait on itself.
+        assert (await rl.set_task_run_state(first.id, "RUNNING")).accepted
+        assert (await rl.read_tag_concurrency_limit("db")).active_slots == [first.id]
+
+        assert (await rl.set_task_run_state(first.id, "COMPLETED")).accepted
+        assert (await rl.read_tag_concurrency_limit("db")).active_slots == []
+        assert (await rl.read_tag_concurrency_limit("api")).active_slots == []
+        assert (await rl.set_task_run_state(second.id, "RUNNING")).accepted
+        assert (await rl.read_tag_concurrency_limit("db")).active_slots == [second.id]
+
+        # A forced state gives the slot back too; a deleted run gives it back.
+        assert (await rl.set_task_run_state(second.id, "FAILED", force=True)).accepted
+        assert (await rl.read_tag_concurrency_limit("db")).active_slots == []
+        assert (await rl.set_task_run_state(second.id, "RUNNING")).accepted
+        await rl.delete_task_run(second.id)
+        assert (await rl.read_tag_concurrency_limit("db")).active_slots == []
+
+        await rl.create_tag_concurrency_limit("never", 0)
+        stuck, _ = await rl.create_task_run("query", "3", tags=["never"])
+        aborted = await rl.set_task_run_state(stuck.id, "RUNNING")
+        assert aborted.status == "ABORT" and aborted.details.reason == (
+            'The concurrency limit on tag "never" is 0 and will deadlock if the task tries to run again.')
+        assert (await rl.read_task_run(stuck.id)).state_type == "PENDING"
+    await assert_live_equals_rebuild(service, settings)
+
+
+@pytest.mark.parametrize("name, body, field", [
+    ("CreateTagConcurrencyLimit", {"tag": "db", "concurrency_limit": -1}, "concurrency_limit"),
+    ("CreateTagConcurrencyLimit", {"tag": "db", "concurrency_limit": "1"}, "concurrency_limit"),
+    ("CreateTagConcurrencyLimit", {"tag": "db"}, "concurrency_limit"),
+    ("CreateTagConcurrencyLimit", {"concurrency_limit": 1}, "tag"),
+    ("CreateTagConcurrencyLimit", {"tag": "x" * 256, "concurrency_limit": 1}, "tag"),
+    ("CreateTagConcurrencyLimit", {"tag": "db\u0000", "concurrency_limit": 1}, "tag"),
+    ("CreateTagConcurrencyLimit", {"tag": "db", "concurrency_limit": 1, "active_slots": []}, "active_slots"),
+    ("ResetTagConcurrencyLimit", {"tag": "db", "slot_override": ["not-a-uuid"]}, "slot_override.0"),
+    ("ResetTagConcurrencyLimit", {"tag": "db", "slot_override": [str(uuid.UUID(int=i)) for i in range(1001)]},
+     "slot_override"),
+    ("DeleteTagConcurrencyLimit", {}, "tag"),
+    ("DeleteTagConcurrencyLimit", {"tag": 5}, "tag"),
+])
+async def test_bad_tag_limit_commands_are_invalid_and_append_nothing(broker, name, body, field):
+    await broker.ok_cmd("CreateTagConcurrencyLimit", tag="db", concurrency_limit=2)
+    before = await broker.stream_messages()
+    reply = await broker.cmd(name, **body)
+    assert reply["ok"] is False and reply["error"]["code"] == "invalid", reply
+    assert reply["error"]["field"] == field
+    assert await broker.stream_messages() == before
+    assert (await broker.ok_qry("GetTagConcurrencyLimit", tag="db"))["concurrency_limit"] == 2
+
+
+@pytest.mark.parametrize("name, body, field", [
+    ("GetTagConcurrencyLimit", {}, "tag"),
+    ("GetTagConcurrencyLimit", {"tag": None}, "tag"),
+    ("ListTagConcurrencyLimits", {"limit": 201}, "limit"),
+    ("ListTagConcurrencyLimits", {"offset": -1}, "offset"),
+])
+async def test_bad_tag_limit_queries_are_invalid(broker, name, body, field):
+    reply = await broker.qry(name, **body)
+    assert reply["ok"] is False and reply["error"]["code"] == "invalid", reply
+    assert reply["error"]["field"] == field
+
+
+# ---------------------------------------------------------------------------------------------
+# Two instances, each with its own cache
+
+
+async def test_an_instance_sees_a_limit_or_a_slot_another_instance_wrote(service, settings, second_instance):
+    """Instance B knows the tag without a limit, then A limits it; A knows the limit without
+    the slot B's run took, and not the run (made on B), so finds it RUNNING in the log. Neither
+    would write to the limit from what it cached: each reads it again, so B's run takes the
+    slot and A's release of it is not lost."""
+    a, b = service.commands, second_instance.commands
+
+    async def on(bus: Any, name: str, **body: Any) -> dict[str, Any]:
+        reply = await bus.execute(name, json.dumps(body, default=str).encode())
+        assert reply["ok"], reply
+        return reply
+
+    async def slots() -> list[str]:
+        last = await service.store.last_event("tag_concurrency_limit", tcl.limit_id("t"))
+        return last.envelope.payload["limit"]["active_slots"]
+
+    first = (await on(a, "CreateTaskRun", task_key="k", dynamic_key="1", tags=["t"]))["result"]["id"]
+    second = (await on(b, "CreateTaskRun", task_key="k", dynamic_key="2", tags=["t"]))["result"]["id"]
+    for state in ("RUNNING", "COMPLETED"):  # B caches that "t" has no limit
+        await on(b, "SetTaskRunState", id=first, state={"type": state})
+    await on(a, "CreateTagConcurrencyLimit", tag="t", concurrency_limit=1)
+
+    assert (await on(b, "SetTaskRunState", id=second, state={"type": "RUNNING"}))["orchestration"]["status"] == "ACCEPT"
+    assert await slots() == [second]
+    await on(a, "SetTaskRunState", id=second, state={"type": "COMPLETED"})  # A cached the limit empty
+    assert await slots() == []
+    rerun = await on(b, "SetTaskRunState", id=first, state={"type": "RUNNING"})  # B cached it full
+    assert rerun["orchestration"]["status"] == "ACCEPT" and await slots() == [first]
+
+
+# ---------------------------------------------------------------------------------------------
+# A race
+
+RUNS = 16
+LIMIT = 3
+
+
+async def _cmd(nc: Any, settings: Any, name: str, body: dict[str, Any]) -> dict[str, Any]:
+    reply = await nc.request(settings.command_subject(name), json.dumps(body).encode(), timeout=30)
+    out = json.loads(reply.data)
+    assert out["ok"], out
+    return out
+
+
+async def _events_in_log_order(settings: Any, aggregate_type: str) -> list[dict[str, Any]]:
+    nc = await connect(settings)
+    try:
+        rows = await EventStore(nc, settings).read_subject(f"{settings.event_subject_prefix}.{aggregate_type}.*.*")
+    finally:
+        await nc.close()
+    return [json.loads(data) for _, _, data, _ in sorted(rows, key=lambda r: r[0])]
+
+
+async def test_16_runs_racing_for_a_tag_limited_to_3_never_hold_more_than_3_slots(broker, settings, second_instance):
+    await broker.ok_cmd("CreateTagConcurrencyLimit", tag="shared", concurrency_limit=LIMIT)
+    run_ids = [(await broker.ok_cmd("CreateTaskRun", task_key="raced", dynamic_key=str(i), tags=["shared"]))["id"]
+               for i in range(RUNS)]
+    conns = [await connect(settings) for _ in range(4)]  # the two instances share the requests
+    outcomes: Counter = Counter()
+    try:
+        first = await asyncio.gather(*(_cmd(conns[i % 4], settings, "SetTaskRunState",
+                                            {"id": run_id, "state": {"type": "RUNNING"}})
+                                       for i, run_id in enumerate(run_ids)))
+        statuses = Counter(reply["orchestration"]["status"] for reply in first)
+        assert statuses == {"ACCEPT": LIMIT, "WAIT": RUNS - LIMIT}
+        assert all(r["orchestration"]["details"]["delay_seconds"] == 10 for r in first
+                   if r["orchestration"]["status"] == "WAIT")
+        started = {run_id for run_id, r in zip(run_ids, first, strict=True)
+                   if r["orchestration"]["status"] == "ACCEPT"}
+
+        async def runner(i: int, run_id: str) -> None:
+            rng = random.Random(i)
+            nc = conns[i % 4]
+            running = run_id in started
+            while not running:  # the test tries again at once rather than after 10 s
+                await asyncio.sleep(rng.uniform(0, 0.02))
+                reply = await _cmd(nc, settings, "SetTaskRunState", {"id": run_id, "state": {"type": "RUNNING"}})
+                outcomes[reply["orchestration"]["status"]] += 1
+                running = reply["orchestration"]["status"] == "ACCEPT"
+            await asyncio.sleep(rng.uniform(0, 0.02))
+            done = await _cmd(nc, settings, "SetTaskRunState", {"id": run_id, "state": {"type": "COMPLETED"}})
+            assert done["orchestration"]["status"] == "ACCEPT", done
+
+        await asyncio.wait_for(asyncio.gather(*(runner(i, r) for i, r in enumerate(run_ids))), 120)
+    finally:
+        for nc in conns:
+            await nc.close()
+    assert outcomes["ACCEPT"] == RUNS - LIMIT and set(outcomes) <= {"ACCEPT", "WAIT"}
+
+    # The limit's own events: never more than 3 holders; each run took one slot and gave it back.
+    limit_events = await _events_in_log_order(settings, "tag_concurrency_limit")
+    holders = [e["payload"]["limit"]["active_slots"] for e in limit_events]
+    assert max(len(h) for h in holders) == LIMIT and holders[-1] == []
+    taken = Counter(e["payload"]["task_run_id"] for e in limit_events if e["type"] == "TagConcurrencyLimitSlotTaken")
+    released = Counter(e["payload"]["task_run_id"] for e in limit_events
+                       if e["type"] == "TagConcurrencyLimitSlotReleased")
+    assert taken == released == Counter(run_ids)
+    # The runs' own states, in log order: never more than 3 RUNNING at once.
+    running: set[str] = set()
+    most = 0
+    for e in await _events_in_log_order(settings, "task_run"):
+        run = e["payload"]["run"]
+        (running.add if run["state_type"] == "RUNNING" else running.discard)(run["id"])
+        most = max(most, len(running))
+    assert most == LIMIT and running == set()
+    limit = await broker.ok_qry("GetTagConcurrencyLimit", tag="shared")
+    assert limit["active_slots"] == []
+    await assert_live_equals_rebuild(second_instance, settings)

@@ -1,0 +1,281 @@
+"""Task tag concurrency limits, pure: the limit's deciders (create as an upsert by tag, delete,
+reset), and the slots task runs take and give back (SL-8): the rule at RUNNING (OR-17: a limit
+of 0 aborts, a full tag waits 10 s, one slot per limited tag, never a second one for a holder)
+and the release on any other written state, forced ones too (OR-18), and on delete."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from runledger.commands import tag_concurrency_limits as tcl
+from runledger.commands import task_run_rules as rules
+from runledger.commands import task_runs as tr
+from runledger.commands.decisions import Decision, Outcome
+from runledger.commands.messages import DecisionContext, Rejection
+from runledger.commands.states import StateCreate, StateDetails, StateType
+from runledger.commands.unique_keys import UniqueKeyClaim
+
+T = StateType
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+EARLIER = NOW - timedelta(minutes=5)
+_ids = (uuid.UUID(int=i) for i in itertools.count(900_000))
+
+
+def ctx(now: datetime = NOW) -> DecisionContext:
+    return DecisionContext.fixed(now, _ids)
+
+
+def a_limit(tag: str, concurrency_limit: int, *holders: uuid.UUID) -> tcl.TagConcurrencyLimit:
+    return tcl.TagConcurrencyLimit(id=uuid.uuid4(), created=EARLIER, updated=EARLIER, tag=tag,
+                                   concurrency_limit=concurrency_limit, active_slots=list(holders))
+
+
+def a_run(state: T = T.PENDING, tags: tuple[str, ...] = ("db",), **fields: Any) -> tr.TaskRun:
+    cmd = tr.CreateTaskRun(task_key="k", dynamic_key=str(uuid.uuid4()), tags=list(tags),
+                           state=StateCreate(type=state), **fields)
+    return tr.decide_create_task_run(cmd, UniqueKeyClaim(), None, None, None, ctx(EARLIER)).result
+
+
+def propose(run: tr.TaskRun, state: StateCreate | T, *limits: tcl.TagConcurrencyLimit, force: bool = False,
+            now: datetime = NOW) -> Decision:
+    proposed = StateCreate(type=state) if isinstance(state, T) else state
+    facts = rules.TaskFacts(tag_limits={limit.tag: limit for limit in limits})
+    return tr.decide_set_task_run_state(tr.SetTaskRunState(id=run.id, state=proposed, force=force), run, ctx(now),
+                                        facts)
+
+
+def slot_events(d: Decision) -> list[tuple[str, str, list[uuid.UUID]]]:
+    """(event type, tag, the limit's slots after) of each tag-limit event of a decision."""
+    return [(type(e.event).__name__, e.event.limit.tag, e.event.limit.active_slots) for e in d.events
+            if e.aggregate_type == tcl.TAG_CONCURRENCY_LIMIT]
+
+
+def then(run: tr.TaskRun, d: Decision) -> tr.TaskRun:
+    return d.after.get(str(run.id), run)
+
+
+def after(limit: tcl.TagConcurrencyLimit, d: Decision) -> tcl.TagConcurrencyLimit | None:
+    state: tcl.TagConcurrencyLimit | None = limit
+    for e in d.events:
+        if e.aggregate_id == tcl.limit_id(limit.tag):
+            state = tcl.evolve(state, e.event)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# The limit
+
+
+def test_a_tag_is_one_aggregate_whose_id_fits_a_subject_token():
+    assert tcl.limit_id("db") == tcl.limit_id("db") != tcl.limit_id("db ")
+    for tag in ("db", "with.dots and spaces", "*", ">", "ünïcødé", ""):
+        assert tcl.limit_id(tag).startswith("tag-") and len(tcl.limit_id(tag)) == 44
+        assert all(c.isalnum() or c == "-" for c in tcl.limit_id(tag))
+
+
+def test_create_is_an_upsert_by_tag_that_keeps_the_slots():
+    d = tcl.decide_create_tag_concurrency_limit(tcl.CreateTagConcurrencyLimit(tag="db", concurrency_limit=2), None,
+                                                ctx())
+    created = d.result
+    assert d.created is True and (created.tag, created.concurrency_limit, created.active_slots) == ("db", 2, [])
+    assert [(e.aggregate_id, type(e.event).__name__) for e in d.events] == [
+        (tcl.limit_id("db"), "TagConcurrencyLimitCreated")]
+    holder = uuid.UUID(int=1)
+    held = created.model_copy(update={"active_slots": [holder]})
+    same = tcl.decide_create_tag_concurrency_limit(tcl.CreateTagConcurrencyLimit(tag="db", concurrency_limit=2), held,
+                                                   ctx())
+    assert same.created is False and same.events == [] and same.result == held
+    raised = tcl.decide_create_tag_concurrency_limit(tcl.CreateTagConcurrencyLimit(tag="db", concurrency_limit=5),
+                                                     held, ctx())
+    assert raised.created is False and [type(e.event).__name__ for e in raised.events] == [
+        "TagConcurrencyLimitUpdated"]
+    assert (raised.result.id, raised.result.concurrency_limit, raised.result.active_slots) == (held.id, 5, [holder])
+    assert raised.events[0].event.changes["concurrency_limit"].model_dump() == {"old": 2, "new": 5}
+
+
+def test_delete_and_reset_need_a_limit():
+    for decide in (lambda e: tcl.decide_delete_tag_concurrency_limit(tcl.DeleteTagConcurrencyLimit(tag="db"), e),
+                   lambda e: tcl.decide_reset_tag_concurrency_limit(tcl.ResetTagConcurrencyLimit(tag="db"), e, ctx())):
+        with pytest.raises(Rejection) as e:
+            decide(None)
+        assert (e.value.code, e.value.message) == ("not_found", "Concurrency limit not found")
+    limit = a_limit("db", 1, uuid.UUID(int=1))
+    d = tcl.decide_delete_tag_concurrency_limit(tcl.DeleteTagConcurrencyLimit(tag="db"), limit)
+    assert after(limit, d) is None
+
+
+def test_reset_replaces_the_holders_by_the_override_or_by_none():
+    a, b = uuid.UUID(int=1), uuid.UUID(int=2)
+    limit = a_limit("db", 3, a)
+    d = tcl.decide_reset_tag_concurrency_limit(tcl.ResetTagConcurrencyLimit(tag="db", slot_override=[b, b]), limit,
+                                               ctx())
+    assert d.result.active_slots == [b] and after(limit, d) == d.result
+    cleared = tcl.decide_reset_tag_concurrency_limit(tcl.ResetTagConcurrencyLimit(tag="db"), limit, ctx())
+    assert cleared.result.active_slots == [] and cleared.result.id == limit.id
+    again = tcl.decide_reset_tag_concurrency_limit(tcl.ResetTagConcurrencyLimit(tag="db", slot_override=[a]), limit,
+                                                   ctx())
+    assert again.events == []
+
+
+@pytest.mark.parametrize("body", [
+    {"tag": "db", "concurrency_limit": -1},
+    {"tag": "db", "concurrency_limit": 2**31},
+    {"tag": "db"},
+    {"concurrency_limit": 1},
+    {"tag": "x" * 256, "concurrency_limit": 1},
+    {"tag": "nul\x00", "concurrency_limit": 1},
+    {"tag": "db", "concurrency_limit": 1, "active_slots": []},
+])
+def test_bad_creates_are_invalid(body):
+    with pytest.raises(ValidationError):
+        tcl.CreateTagConcurrencyLimit.model_validate(body)
+
+
+def test_a_reset_names_at_most_1000_runs():
+    with pytest.raises(ValidationError):
+        tcl.ResetTagConcurrencyLimit(tag="db", slot_override=[uuid.uuid4() for _ in range(1001)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Taking slots at RUNNING
+
+
+def test_a_limit_of_0_aborts_the_start():
+    run = a_run()
+    d = propose(run, T.RUNNING, a_limit("db", 0))
+    assert d.orchestration.status is Outcome.ABORT and d.events == []
+    assert d.orchestration.reason == ('The concurrency limit on tag "db" is 0 and will deadlock if the task tries '
+                                      'to run again.')
+
+
+def test_a_full_tag_waits_10_seconds_and_takes_nothing():
+    run = a_run(tags=("api", "db"))
+    d = propose(run, T.RUNNING, a_limit("api", 5), a_limit("db", 1, uuid.UUID(int=1)))
+    assert d.orchestration.status is Outcome.WAIT and d.orchestration.delay_seconds == 10
+    assert d.orchestration.reason == "Concurrency limit for the db tag has been reached"
+    assert d.events == []  # the free tag's slot is not taken either
+
+
+def test_a_limit_of_0_on_any_tag_aborts_even_when_another_tag_is_full():
+    run = a_run(tags=("a", "z"))
+    d = propose(run, T.RUNNING, a_limit("a", 1, uuid.UUID(int=1)), a_limit("z", 0))
+    assert d.orchestration.status is Outcome.ABORT and '"z"' in d.orchestration.reason
+
+
+def test_a_start_takes_one_slot_of_each_limited_tag():
+    run = a_run(tags=("db", "api", "free"))
+    other = uuid.UUID(int=1)
+    db, api = a_limit("db", 2, other), a_limit("api", 1)
+    d = propose(run, T.RUNNING, db, api)
+    assert d.orchestration.status is Outcome.ACCEPT and then(run, d).state_type is T.RUNNING
+    assert slot_events(d) == [("TagConcurrencyLimitSlotTaken", "db", [other, run.id]),
+                              ("TagConcurrencyLimitSlotTaken", "api", [run.id])]
+    assert [e.aggregate_id for e in d.events][1:] == [tcl.limit_id("db"), tcl.limit_id("api")]
+    assert {e.event.task_run_id for e in d.events[1:]} == {run.id}
+
+
+def test_a_run_holding_its_slot_enters_running_again_without_a_second_slot_even_when_full():
+    run = a_run()
+    limit = a_limit("db", 1)
+    started = propose(run, T.RUNNING, limit)
+    running, limit = then(run, started), after(limit, started)
+    assert limit is not None and limit.active_slots == [run.id]
+    again = propose(running, T.RUNNING, limit)
+    assert again.orchestration.status is Outcome.ACCEPT and slot_events(again) == []
+
+
+def test_a_run_without_limited_tags_runs_freely():
+    run = a_run(tags=())
+    d = propose(run, T.RUNNING, a_limit("db", 0))
+    assert d.orchestration.status is Outcome.ACCEPT and slot_events(d) == []
+
+
+def test_a_later_rule_that_holds_the_run_back_takes_nothing():
+    run = a_run(state=T.SCHEDULED)  # due now: EARLIER's scheduled time is the create's
+    waiting = then(run, propose(run, StateCreate(type=T.SCHEDULED,
+                                                 state_details=StateDetails(scheduled_time=NOW + timedelta(hours=1)))))
+    d = propose(waiting, T.RUNNING, a_limit("db", 3))
+    assert d.orchestration.status is Outcome.WAIT and d.orchestration.reason == "Scheduled time is in the future"
+    assert d.events == []
+
+
+def test_forced_and_background_starts_and_creates_take_no_slot():
+    limit = a_limit("db", 1, uuid.UUID(int=1))  # full: they are not held back either
+    forced = propose(a_run(), T.RUNNING, limit, force=True)
+    assert forced.orchestration.status is Outcome.ACCEPT and slot_events(forced) == []
+    deferred = StateCreate(type=T.RUNNING, state_details=StateDetails(deferred=True))
+    background = propose(a_run(), deferred, limit)
+    assert background.orchestration.status is Outcome.ACCEPT and slot_events(background) == []
+    created = tr.decide_create_task_run(tr.CreateTaskRun(task_key="k", dynamic_key="c", tags=["db"],
+                                                         state=StateCreate(type=T.RUNNING)),
+                                        UniqueKeyClaim(), None, None, None, ctx(),
+                                        rules.TaskFacts(tag_limits={"db": limit}))
+    assert created.result.state_type is T.RUNNING and slot_events(created) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Giving slots back
+
+
+def _holding(*tags: str) -> tuple[tr.TaskRun, list[tcl.TagConcurrencyLimit]]:
+    run = a_run(tags=tags)
+    limits = [a_limit(tag, 2) for tag in tags]
+    d = propose(run, T.RUNNING, *limits)
+    held = [after(limit, d) for limit in limits]
+    assert all(h is not None and h.active_slots == [run.id] for h in held)
+    return then(run, d), held  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("state", [T.COMPLETED, T.FAILED, T.CRASHED, T.CANCELLED, T.PENDING, T.SCHEDULED, T.PAUSED])
+@pytest.mark.parametrize("force", [False, True])
+def test_leaving_running_for_any_state_but_cancelling_gives_every_slot_back_forced_or_not(state, force):
+    running, limits = _holding("db", "api")
+    d = propose(running, state, *limits, force=force)
+    assert d.result.type is state
+    assert slot_events(d) == [("TagConcurrencyLimitSlotReleased", "db", []),
+                              ("TagConcurrencyLimitSlotReleased", "api", [])]
+
+
+def test_cancelling_keeps_the_slot_until_cancelled():
+    running, (limit,) = _holding("db")
+    d = propose(running, T.CANCELLING, limit)
+    assert d.result.type is T.CANCELLING and slot_events(d) == []
+    cancelled = propose(then(running, d), T.CANCELLED, limit)
+    assert slot_events(cancelled) == [("TagConcurrencyLimitSlotReleased", "db", [])]
+
+
+def test_a_retry_gives_the_slot_back_with_its_awaiting_retry_state():
+    run = a_run(empirical_policy={"retries": 1})
+    limit = a_limit("db", 1)
+    started = propose(run, T.RUNNING, limit)
+    d = propose(then(run, started), T.FAILED, after(limit, started))  # type: ignore[arg-type]
+    assert d.orchestration.status is Outcome.REJECT and d.result.name == "AwaitingRetry"
+    assert slot_events(d) == [("TagConcurrencyLimitSlotReleased", "db", [])]
+
+
+def test_a_run_that_holds_no_slot_gives_nothing_back():
+    run = a_run()
+    d = propose(run, T.COMPLETED, a_limit("db", 1, uuid.UUID(int=1)))
+    assert d.result.type is T.COMPLETED and slot_events(d) == []
+
+
+def test_a_deleted_run_gives_its_slots_back():
+    running, limits = _holding("db", "api")
+    d = tr.decide_delete_task_run(tr.DeleteTaskRun(id=running.id), running, UniqueKeyClaim(running.id),
+                                  {limit.tag: limit for limit in limits})
+    assert [type(e.event).__name__ for e in d.events] == [
+        "UniqueKeyReleased", "TaskRunDeleted", "TagConcurrencyLimitSlotReleased", "TagConcurrencyLimitSlotReleased"]
+    assert all(e.event.limit.active_slots == [] for e in d.events[2:])
+
+
+def test_a_limit_deleted_or_reset_meanwhile_is_left_alone():
+    running, (limit,) = _holding("db")
+    reset = limit.model_copy(update={"active_slots": []})
+    assert slot_events(propose(running, T.COMPLETED, reset)) == []
+    assert slot_events(propose(running, T.COMPLETED)) == []  # no limit any more
