@@ -254,9 +254,9 @@ class FlowRun(BaseModel):
 class TaskRun(BaseModel):
     """A task run (`TaskRun` in `runledger.commands.task_runs`; Prefect's field names).
     `flow_run_id` is null for a background task; `total_run_time` is in seconds.
-    `parameters`, `queued_state_id` and `task_worker_id` are runledger's: a background task's
-    parameters, the state that last queued it for a task worker, and the worker that holds it
-    while it runs."""
+    `parameters`, `queued_state_id`, `task_worker_id` and `task_message` are runledger's: a
+    background task's parameters, the state that last queued it for a task worker, and the
+    worker that holds it while it runs and the message it started it from."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
@@ -288,6 +288,7 @@ class TaskRun(BaseModel):
     parameters: dict[str, Any] = {}
     queued_state_id: uuid.UUID | None = None
     task_worker_id: str | None = None
+    task_message: str | None = None
 
 
 class TaskWorker(BaseModel):

@@ -164,9 +164,11 @@ class RunledgerClient:
     # -----------------------------------------------------------------------------------------
     # The contract, untyped: for commands and queries without a typed method yet.
 
-    async def command(self, name: str, body: Mapping[str, Any]) -> Reply:
+    async def command(self, name: str, body: Mapping[str, Any], *, extra_timeout: float = 0.0) -> Reply:
         """Send command `name` and return its reply; an error reply raises its typed error.
-        `unavailable` is retried as the class says (with the same idempotency key)."""
+        `unavailable` is retried as the class says (with the same idempotency key).
+        `extra_timeout`: seconds the service was asked to wait inside the command (a submit
+        waiting for room on a full task key), added to the request timeout."""
         key_field = bus_key_field(name)
         if self.idempotency_keys and body.get(key_field) is None:
             body = {**body, key_field: new_idempotency_key()}
@@ -177,7 +179,7 @@ class RunledgerClient:
         while True:
             attempt += 1
             try:
-                reply = await self._request(subject, body, self.settings.request_timeout, command=True)
+                reply = await self._request(subject, body, self.settings.request_timeout + extra_timeout, command=True)
                 break
             except Unavailable as e:
                 unknown = unknown or e.outcome_unknown

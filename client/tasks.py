@@ -92,7 +92,7 @@ async def submit_task(client: RunledgerClient, task_key: str, parameters: dict[s
     }
     if task_run_id is not None:
         body["id"] = str(task_run_id)
-    reply = await client.command("CreateTaskRun", body)
+    reply = await client.command("CreateTaskRun", body, extra_timeout=queue_wait_seconds)
     return RunledgerClient._one(TaskRun, reply.result)
 
 
@@ -197,8 +197,24 @@ class Task(Generic[R]):
         return self.fn(*args, **kwargs)
 
     def parameters(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """The call's arguments by parameter name (defaults left to the worker's call)."""
-        return dict(self._signature.bind(*args, **kwargs).arguments)
+        """The call's arguments by parameter name (defaults left to the worker's call), as the
+        worker passes them back: by keyword. Extra keywords of a `**kwargs` function travel as
+        keywords of their own; a `*args` function's extra positional arguments cannot travel."""
+        bound = self._signature.bind(*args, **kwargs).arguments
+        out: dict[str, Any] = {}
+        for name, value in bound.items():
+            kind = self._signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                out.update(value)
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
+                if value:
+                    raise TypeError(f"{self.key}: extra positional arguments (*{name}) cannot be sent to a task "
+                                    "worker; pass keyword arguments")
+            elif kind is inspect.Parameter.POSITIONAL_ONLY:
+                raise TypeError(f"{self.key}: positional-only parameter {name!r} cannot be sent by keyword")
+            else:
+                out[name] = value
+        return out
 
     async def _submit(self, client: RunledgerClient, parameters: dict[str, Any]) -> TaskRun:
         return await submit_task(client, self.key, parameters, retries=self.retries, retry_delay=self.retry_delay,

@@ -108,36 +108,52 @@ def _has_persisted_result(data: Any) -> bool:
 @rule("TQ-6", from_states=ALL_STATES, to_states=ALL_STATES)
 def one_task_worker_at_a_time(c: RuleContext) -> Verdict:
     """Beyond Prefect, whose queue lives in one process: a task run's message is delivered
-    again when it is not acknowledged in time, and a copy may be queued twice (a recovered
-    publish). A delivery starts only a run that is still waiting; a run that is running is
-    taken over only on a redelivery of the message that queued it (its worker stopped
-    acknowledging it: it died), and not right after a broker restart, when every worker's
-    messages come back at once. A worker reports only on the runs it holds."""
+    again when it is not acknowledged in time, and a run may be queued twice (a recovered
+    publish, a retry queued by a worker that died before it acknowledged). So a task worker
+    starts a run only from the message that queued it last, while the run still waits; it
+    takes over a running run only when JetStream delivers it the very message the run was
+    started from again (the worker that started it stopped acknowledging it: it died), and
+    not right after a broker restart, when every worker's messages come back at once. Any
+    other copy is refused, saying it is one (`details.copy`), so that its worker drops it.
+    A worker reports only on the runs it holds: one cancelled meanwhile is not its any more."""
     facts = _facts(c)
     run = _run(c)
     current = c.current
+    holder = run.task_worker_id if current is not None and current.type is StateType.RUNNING else None
     if facts.claimant is None:
         return go_on()
-    held_by_other = (current is not None and current.type is StateType.RUNNING
-                     and run.task_worker_id not in (None, facts.claimant))
-    if c.proposed.type is not StateType.RUNNING or facts.delivery is None:
-        if held_by_other:
-            return reject(f"Task run is held by task worker {run.task_worker_id!r}.",
-                          details={"task_worker_id": run.task_worker_id})
+    delivery = facts.delivery
+    if c.proposed.type is not StateType.RUNNING or delivery is None:
+        if holder == facts.claimant or current is None or (holder is None and current.type is not StateType.RUNNING
+                                                           and current.type not in TERMINAL):
+            return go_on()
+        what = f"held by task worker {holder!r}" if holder is not None else f"{current.type.value}"
+        return reject(f"Task run is {what}: this task worker no longer holds it.",
+                      details={"task_worker_id": holder})
+    if current is None or current.type is StateType.PENDING:
         return go_on()
-    if current is None or current.type in (StateType.SCHEDULED, StateType.PENDING):
+    if current.type is StateType.SCHEDULED:
+        if run.queued_state_id is not None and delivery.state_id != run.queued_state_id:
+            return reject("A later state queued this task run again: that message runs it, not this one.",
+                          details={"copy": True})
         return go_on()
     if current.type is StateType.RUNNING:
-        redelivered = facts.delivery.attempt > 1 and facts.delivery.state_id == run.queued_state_id
-        if not redelivered or run.task_worker_id == facts.claimant:
-            # The holder itself sending its start again (its first reply was lost) learns it
-            # holds the run from `details.task_worker_id`.
-            return reject(f"Task run is already running on task worker {run.task_worker_id!r}.",
-                          details={"task_worker_id": run.task_worker_id})
+        same_message = delivery.message is not None and delivery.message == run.task_message
+        if not same_message:
+            return reject(f"Task run is already running on task worker {holder!r}; this message is a copy.",
+                          details={"task_worker_id": holder, "copy": True})
+        if holder == facts.claimant:
+            # The holder sending its start again (its reply was lost, or it restarted under the
+            # same name) learns from `details.task_worker_id` that the run is its own.
+            return reject(f"Task run is already running on task worker {holder!r}.",
+                          details={"task_worker_id": holder})
+        if delivery.attempt <= 1:
+            return reject(f"Task run is already running on task worker {holder!r}.",
+                          details={"task_worker_id": holder})
         if not facts.takeover_allowed:
             return wait(TAKEOVER_WAIT_SECONDS, "The broker restarted moments ago: the run's worker may still report.")
         return go_on()
-    return reject(f"Task run is {current.type.value}: this delivery is not needed any more.")
+    return reject(f"Task run is {current.type.value}: this delivery is not needed any more.", details={"copy": True})
 
 
 @rule("OR-14", from_states=ALL_STATES, to_states={StateType.RUNNING})
@@ -349,14 +365,19 @@ def _book(run: TaskRun, proposal: StateCreate, facts: TaskFacts, ctx: DecisionCo
     run_count, flow_run_run_count = run.run_count, run.flow_run_run_count
     if leaving in TERMINAL and state.type not in TERMINAL:
         run_count = 0
-    worker = run.task_worker_id
+    worker, message = run.task_worker_id, run.task_message
     if state.type is StateType.RUNNING:
         run_count += 1
         if facts.flow_run is not None:
             flow_run_run_count = facts.flow_run.run_count
         worker = facts.claimant or (worker if leaving is StateType.RUNNING else None)
+        if facts.delivery is not None:
+            message = facts.delivery.message
+        elif leaving is not StateType.RUNNING:
+            message = None
     else:
-        worker = None
+        worker, message = None, None
     return state, run.model_copy(update={**booked_times(run, state), "run_count": run_count,
                                          "flow_run_run_count": flow_run_run_count, "task_worker_id": worker,
+                                         "task_message": message,
                                          "updated": ctx.now})

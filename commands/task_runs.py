@@ -24,7 +24,14 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 
 from . import tag_concurrency_limits as tcl
 from . import task_run_rules
@@ -36,6 +43,7 @@ from .flows import Tags
 from .messages import Command, DecisionContext, Event, conflict, invalid, not_found
 from .names import MAX_NAME_LENGTH
 from .states import State, StateCreate, StateType
+from .task_keys import check_task_key
 from .unique_keys import UniqueKeyClaim, UniqueKeyScope
 
 TASK_RUN = "task_run"
@@ -50,7 +58,7 @@ MAX_CACHE_KEY_LENGTH = 2000
 # How long a submitter may ask to wait for room on a full task key.
 MAX_QUEUE_WAIT_SECONDS = 60.0
 
-TaskKey = Annotated[StoredText, StringConstraints(min_length=1, max_length=2_000)]
+TaskKey = Annotated[StoredText, StringConstraints(min_length=1, max_length=2_000), AfterValidator(check_task_key)]
 DynamicKey = Annotated[StoredText, StringConstraints(max_length=2_000)]
 TaskWorkerId = Annotated[StoredText, StringConstraints(min_length=1, max_length=MAX_NAME_LENGTH)]
 ShortText = Annotated[StoredText, StringConstraints(max_length=10_000)]
@@ -121,6 +129,8 @@ class TaskRun(BaseModel):
     # worker that holds it while it runs.
     queued_state_id: uuid.UUID | None = None
     task_worker_id: str | None = None
+    # Beyond Prefect: the message (`<stream>:<sequence>`) the running run was started from.
+    task_message: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,12 +219,14 @@ class CreateTaskRun(Command):
 
 
 class TaskDelivery(BaseModel):
-    """Which message a task worker took a run from: the state that queued it, and JetStream's
-    delivery count (above 1: the run was delivered before and not acknowledged in time)."""
+    """Which message a task worker took a run from: the state that queued it, the message itself
+    (`<stream>:<sequence>`) and JetStream's delivery count (above 1: that message was delivered
+    before and not acknowledged in time)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     state_id: uuid.UUID
+    message: Annotated[StoredText, StringConstraints(max_length=200)] | None = None
     attempt: Annotated[int, Field(ge=1, le=INT32_MAX)] = 1
 
 

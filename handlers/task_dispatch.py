@@ -24,6 +24,7 @@ from runledger.infra.task_queues import TaskKeyFull, TaskPublisher
 from runledger.projections import task_runs as read_model
 
 from .command_bus import CommandBus
+from .endpoint import extend_deadline
 
 log = logging.getLogger("runledger.tasks")
 
@@ -63,10 +64,17 @@ class TaskDispatch:
         for q in queued:
             run: tr.TaskRun = q.run
             assert run.state is not None
+            if q.wait_seconds:
+                extend_deadline(q.wait_seconds)  # the submitter asked to wait that long for room
             try:
                 await self.publisher.publish(q.task_key, q.side, str(run.id), str(run.state.id), task_message(run),
                                              wait_seconds=q.wait_seconds)
             except TaskKeyFull as full:
+                if q.side == "retry":
+                    # Nobody submitted a retry to be told: it stays queued in the log, and the
+                    # recovery sweep puts it on the retry side once there is room.
+                    log.info("%s Task run %s waits in the log for room.", full, run.id)
+                    continue
                 problems.append(await self._cancel(run, str(full)))
             except Exception:
                 # Stored but not published: the recovery sweep publishes it (TaskRecovery).

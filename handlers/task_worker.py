@@ -32,14 +32,15 @@ import socket
 import traceback
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
+from runledger.commands.bounds import check_json_document
 from runledger.commands.task_runs import TaskRun
 from runledger.infra.settings import Settings
 from runledger.infra.task_queues import (
@@ -67,31 +68,52 @@ class ResultTooLarge(Exception):
     pass
 
 
+class TaskStreamsMissing(Exception):
+    """The service has never run in this namespace: there is nothing to take runs from."""
+
+
 def result_data(value: Any) -> dict[str, Any]:
-    """A COMPLETED state's data for a return value: JSON, and bounded."""
+    """A COMPLETED state's data for a return value: JSON the log and the read model can store
+    (no NUL, finite numbers, 64-bit integers, bounded depth), and bounded in size."""
+    data = {"type": "json", "value": value}
     try:
-        size = len(json.dumps(value))
-    except (TypeError, ValueError) as e:
-        raise ResultTooLarge(f"the task's result is not JSON-serialisable ({e})") from None
+        size = len(json.dumps(value, allow_nan=False))
+        check_json_document(data)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ResultTooLarge(f"the task's result cannot be recorded: {e}") from None
     if size > MAX_RESULT_BYTES:
         raise ResultTooLarge(f"the task's result is {size} bytes as JSON, more than {MAX_RESULT_BYTES} "
                              "can be recorded: store it yourself and return a reference to it") from None
-    return {"type": "json", "value": value}
+    return data
+
+
+def storable_text(text: str) -> str:
+    """Text the log and the read model can store: NUL and lone surrogates replaced."""
+    return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
 
 
 def failure_data(e: BaseException) -> dict[str, Any]:
     tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
-    return {"type": "exception", "exception_type": type(e).__qualname__, "message": str(e)[:2_000],
-            "traceback": tb[-8_000:]}
+    return {"type": "exception", "exception_type": storable_text(type(e).__qualname__)[:500],
+            "message": storable_text(str(e))[:2_000], "traceback": storable_text(tb)[-8_000:]}
 
 
 @dataclass
 class _Source:
-    """One side of one key: a durable consumer shared by every worker of the key."""
+    """One side of one key: a durable consumer shared by every worker of the key, pulled
+    through an inbox of this worker's own. `held`: messages delivered here and not yet started;
+    `pulling`: a pull request is outstanding (the server answers it with one message, or a
+    status when it expires)."""
 
     task_key: str
     side: Side
-    sub: JetStreamContext.PullSubscription
+    pull_subject: str
+    inbox: str
+    held: list[Msg] = field(default_factory=list)
+    pulling: bool = False
+    probing: bool = False  # the request out is a no-wait probe (answered at once)
+    pull_until: float = 0.0
+    sub: Any = None
 
 
 class TaskWorker:
@@ -114,13 +136,12 @@ class TaskWorker:
         self.worker_id = worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.grace_seconds = grace_seconds
         self.poll_seconds = poll_seconds
-        self.js = nc.jetstream(timeout=settings.request_timeout)
+        self.js = nc.jetstream(timeout=settings.request_timeout, prefix=settings.js_api_prefix)
         self.sources: list[_Source] = []
-        self._room = asyncio.Semaphore(limit)
         self._running: dict[asyncio.Task, Msg] = {}
-        self._held: list[tuple[int, Msg]] = []  # taken while waiting on all sources, not yet started
-        # The runs this worker runs now, with the stream sequence of the message each came from.
-        self._active: dict[uuid.UUID, int] = {}
+        self._wake = asyncio.Event()
+        # The runs this worker handles now, with the message (`<stream>:<sequence>`) each came from.
+        self._active: dict[uuid.UUID, str] = {}
         self._taking = True
         self.started = 0  # runs this worker started (for tests and benchmarks)
         self.finished = 0
@@ -130,9 +151,17 @@ class TaskWorker:
         for key in self.keys:
             for side in SIDES:
                 stream = task_stream_name(self.settings, side)
-                await self.js.add_consumer(stream, task_consumer_config(key, side, self.settings))
-                sub = await self.js.pull_subscribe_bind(durable=consumer_name(key, side), stream=stream)
-                self.sources.append(_Source(key, side, sub))
+                try:
+                    await self.js.add_consumer(stream, task_consumer_config(key, side, self.settings))
+                except NotFoundError:
+                    raise TaskStreamsMissing(
+                        f"the task stream {stream} does not exist: the runledger service creates it when it "
+                        f"starts (namespace {self.settings.namespace!r}); is it running?") from None
+                source = _Source(key, side, pull_subject=f"{self.settings.js_api_prefix}.CONSUMER.MSG.NEXT."
+                                                                   f"{stream}.{consumer_name(key, side)}",
+                                 inbox=self.nc.new_inbox())
+                source.sub = await self.nc.subscribe(source.inbox, cb=self._arrived(source))
+                self.sources.append(source)
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Takes and runs task runs until `stop` is set, then stops as `stop()` says."""
@@ -163,10 +192,7 @@ class TaskWorker:
     async def stop(self) -> None:
         """Lets running runs finish within the grace period and hands back the rest."""
         self._taking = False
-        for _, held in self._held:
-            with contextlib.suppress(Exception):
-                await held.nak()
-        self._held.clear()
+        await self._hand_back_held()
         if self._running:
             _, pending = await asyncio.wait(list(self._running), timeout=self.grace_seconds)
             for task in pending:
@@ -178,68 +204,120 @@ class TaskWorker:
         for source in self.sources:
             with contextlib.suppress(Exception):
                 await source.sub.unsubscribe()
+        await self._hand_back_held()  # delivered by a pull that was still outstanding
 
     # -----------------------------------------------------------------------------------------
     # Taking runs in order
 
     async def _take_loop(self) -> None:
+        """Starts the first run available, in the sources' order, whenever there is room.
+
+        Before each start it asks the sources ahead of the first one with a message here for
+        one message each (no wait), and chooses once they have answered: the first run in
+        order among those available. When none is, it asks all of them again, waiting, and
+        takes whichever comes first. Each source has at most one request out, so at most one
+        message per source waits here unstarted (kept alive meanwhile)."""
+        loop = asyncio.get_running_loop()
+        keep_alive_at = loop.time()
         while self._taking:
-            await self._room.acquire()
-            try:
-                index, msg = await self._next()
-            except asyncio.CancelledError:
-                self._room.release()
-                raise
-            except Exception:
-                self._room.release()
-                log.warning("taking a task run failed; trying again", exc_info=True)
-                await asyncio.sleep(0.5)
+            if self.limit - len(self._running) > 0:
+                # Sources before the first with a message here may have one on the server: ask
+                # them (no wait) and choose once they have answered.
+                first = self._first_held()
+                await self._ask(self.sources[:first], no_wait=True)
+                await self._until(lambda: not any(src.pulling and src.probing for src in self.sources),
+                                  timeout=self.settings.request_timeout)
+                first = self._first_held()
+                if first < len(self.sources):
+                    self._start(self.sources[first], self.sources[first].held.pop(0))
+                    continue
+                await self._ask(self.sources, no_wait=False)  # nothing anywhere: wait on all
+            self._wake.clear()
+            now = loop.time()
+            if now >= keep_alive_at:
+                await self._keep_held_alive()
+                keep_alive_at = now + max(0.2, self.settings.task_ack_wait_seconds / 3)
+            if not (self.limit - len(self._running) > 0 and self._first_held() < len(self.sources)):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+            for src in self.sources:
+                if src.pulling and loop.time() > src.pull_until + 1.0:
+                    src.pulling = src.probing = False  # its answer was lost (a reconnect): ask again
+
+    def _first_held(self) -> int:
+        """The index of the first source with a message here (len(sources): none has one)."""
+        return next((i for i, src in enumerate(self.sources) if src.held), len(self.sources))
+
+    async def _ask(self, sources: list[_Source], no_wait: bool) -> None:
+        """One pull request to each of `sources` that has none out and nothing held."""
+        loop = asyncio.get_running_loop()
+        for src in sources:
+            if src.pulling or src.held:
                 continue
-            source = self.sources[index]
-            task = asyncio.create_task(self._handle(source, msg))
-            self._running[task] = msg
-            task.add_done_callback(self._done)
+            request: dict[str, Any] = {"batch": 1}
+            if no_wait:
+                request["no_wait"] = True
+            else:
+                request["expires"] = int(self.poll_seconds * 1e9)
+            src.pulling, src.probing = True, no_wait
+            src.pull_until = loop.time() + (0.0 if no_wait else self.poll_seconds)
+            try:
+                await self.nc.publish(src.pull_subject, json.dumps(request).encode(), reply=src.inbox)
+            except Exception:
+                src.pulling = False
+                raise
+
+    async def _until(self, ready: Callable[[], bool], timeout: float) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not ready():
+            self._wake.clear()
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                for src in self.sources:
+                    if src.probing:
+                        src.pulling = src.probing = False
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), remaining)
+
+    def _arrived(self, source: _Source) -> Callable[[Msg], Any]:
+        async def on_message(msg: Msg) -> None:
+            source.pulling = source.probing = False
+            if msg.headers and msg.headers.get("Status"):  # 404 nothing there, 408 expired, 409 ...
+                if msg.headers.get("Status") not in ("404", "408", "100"):
+                    log.info("a pull on %s was answered %s %s", source.pull_subject, msg.headers.get("Status"),
+                             msg.headers.get("Description", ""))
+            elif self._taking:
+                source.held.append(msg)
+            else:
+                with contextlib.suppress(Exception):
+                    await msg.nak()  # stopping: back to another worker at once
+            self._wake.set()
+        return on_message
+
+    def _start(self, source: _Source, msg: Msg) -> None:
+        task = asyncio.create_task(self._handle(source, msg))
+        self._running[task] = msg
+        task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task) -> None:
         self._running.pop(task, None)
-        self._room.release()
+        self._wake.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("handling a task run failed", exc_info=task.exception())
 
-    async def _next(self) -> tuple[int, Msg]:
-        """The first run available in the sources' order, waiting on all of them when none is."""
-        while True:
-            if self._held:
-                self._held.sort(key=lambda item: item[0])
-                return self._held.pop(0)
-            for i, source in enumerate(self.sources):
-                got = await self._fetch(source, timeout=0.005)
-                if got is not None:
-                    return i, got
-            waits = {asyncio.create_task(self._fetch(source, timeout=self.poll_seconds)): i
-                     for i, source in enumerate(self.sources)}
-            try:
-                done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                for task in waits:
-                    task.cancel()
-                raise
-            for task in pending:
-                task.cancel()
-            # A fetch cancelled late may still have taken a message: keep every one taken.
-            for task in waits:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    taken = await task
-                    if taken is not None:
-                        self._held.append((waits[task], taken))
+    async def _keep_held_alive(self) -> None:
+        for src in self.sources:
+            for msg in src.held:
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
 
-    @staticmethod
-    async def _fetch(source: _Source, timeout: float) -> Msg | None:
-        try:
-            msgs = await source.sub.fetch(1, timeout=timeout)
-        except TimeoutError:
-            return None
-        return msgs[0] if msgs else None
+    async def _hand_back_held(self) -> None:
+        for src in self.sources:
+            held, src.held = src.held, []
+            for msg in held:
+                with contextlib.suppress(Exception):
+                    await msg.nak()
 
     # -----------------------------------------------------------------------------------------
     # Running one
@@ -251,23 +329,34 @@ class TaskWorker:
             log.error("a message on %s is not a task run; dropped", msg.subject)
             await msg.term()
             return
-        seq = msg.metadata.sequence.stream if msg.metadata else 0
+        message = f"{msg.metadata.stream}:{msg.metadata.sequence.stream}" if msg.metadata else ""
         if run.id in self._active:
-            if self._active[run.id] != seq:
-                await msg.ack()  # a second copy of a run this worker is running
+            if self._active[run.id] != message:
+                # Another message of a run this worker is busy with (its retry, queued by this
+                # worker a moment ago, or a copy): back in a moment, when the rules can tell.
+                await msg.nak(delay=0.5)
             return  # the same message again, while it runs: its ack settles it
-        self._active[run.id] = seq
+        self._active[run.id] = message
         try:
             await self._start_and_run(source, msg, run)
         finally:
             self._active.pop(run.id, None)
 
     async def _start_and_run(self, source: _Source, msg: Msg, run: TaskRun) -> None:
-        attempt = msg.metadata.num_delivered if msg.metadata else 1
+        due = run.state.state_details.scheduled_time if run.state is not None else None
+        early = (due - datetime.now(UTC)).total_seconds() if due is not None else 0.0
+        if early > 0.01:
+            # Queued for later (a retry's delay): back when it is due. The service would only
+            # say so in whole seconds.
+            await msg.nak(delay=early)
+            return
+        meta = msg.metadata
+        attempt = meta.num_delivered if meta else 1
         queued_by = run.queued_state_id or (run.state.id if run.state is not None else None)
         start: dict[str, Any] = {"id": str(run.id), "state": {"type": "RUNNING"}, "task_worker_id": self.worker_id}
         if queued_by is not None:
-            start["delivery"] = {"state_id": str(queued_by), "attempt": attempt}
+            message = f"{meta.stream}:{meta.sequence.stream}" if meta else None
+            start["delivery"] = {"state_id": str(queued_by), "attempt": attempt, "message": message}
         reply = await self._report(start, msg)
         if reply is None:
             return  # left for redelivery
@@ -280,35 +369,34 @@ class TaskWorker:
                 await msg.nak(delay=1)
             return
         status = reply["orchestration"]["status"]
+        details = reply["orchestration"]["details"]
         current = reply.get("result") or {}
         if status == "WAIT":
-            await msg.nak(delay=reply["orchestration"]["details"].get("delay_seconds") or 1)
+            await msg.nak(delay=details.get("delay_seconds") or 1)
             return
         if status != "ACCEPT":
-            holder = reply["orchestration"]["details"].get("task_worker_id")
-            if current.get("type") == "RUNNING" and status == "REJECT" and holder != self.worker_id:
-                return  # another worker runs it: its own delivery settles the message
-            if holder != self.worker_id or current.get("type") != "RUNNING":
-                await msg.ack()  # finished, cached, or not allowed to run: nothing to do
+            ours = (status == "REJECT" and current.get("type") == "RUNNING" and not details.get("copy")
+                    and details.get("task_worker_id") == self.worker_id)
+            if not ours:
+                if details.get("copy") or current.get("type") != "RUNNING":
+                    await msg.ack()  # a copy, or finished, cached, or not allowed to run
+                # else: the message another worker runs the run from, delivered here too: its
+                # holder's acknowledgement settles it.
                 return
             # Ours already: the reply to our start was lost and the start sent again.
         self.started += 1
         function = self.functions[source.task_key]
         keep_alive = asyncio.create_task(self._keep_alive(msg))
         try:
-            try:
-                if inspect.iscoroutinefunction(function):
-                    value = await function(**run.parameters)
-                else:
-                    value = await asyncio.to_thread(function, **run.parameters)
-                outcome: dict[str, Any] = {"type": "COMPLETED", "data": result_data(value)}
-            except asyncio.CancelledError:
-                raise
-            except ResultTooLarge as e:
-                outcome = {"type": "FAILED", "message": str(e), "state_details": {"retriable": False}}
-            except Exception as e:
-                outcome = {"type": "FAILED", "message": f"{type(e).__name__}: {e}"[:10_000], "data": failure_data(e)}
+            outcome = await self._call(function, run)
             reply = await self._report({"id": str(run.id), "state": outcome, "task_worker_id": self.worker_id}, msg)
+            if reply is not None and not reply.get("ok") and reply["error"].get("code") == "invalid":
+                # The outcome itself cannot be recorded (a value the log cannot store): say so.
+                problem = {"type": "FAILED", "state_details": {"retriable": False},
+                           "message": storable_text(f"The task's outcome could not be recorded: "
+                                                    f"{reply['error'].get('message')}")[:10_000]}
+                reply = await self._report({"id": str(run.id), "state": problem, "task_worker_id": self.worker_id},
+                                           msg)
             if reply is None:
                 return
             if reply.get("ok") and reply["orchestration"]["status"] == "REJECT":
@@ -320,13 +408,32 @@ class TaskWorker:
         finally:
             keep_alive.cancel()
 
+    @staticmethod
+    async def _call(function: TaskFunction, run: TaskRun) -> dict[str, Any]:
+        """The state the call comes to: COMPLETED with its value, or FAILED with its exception."""
+        try:
+            if inspect.iscoroutinefunction(function):
+                value = await function(**run.parameters)
+            else:
+                value = await asyncio.to_thread(function, **run.parameters)
+            return {"type": "COMPLETED", "data": result_data(value)}
+        except asyncio.CancelledError:
+            raise
+        except ResultTooLarge as e:
+            return {"type": "FAILED", "message": str(e), "state_details": {"retriable": False}}
+        except Exception as e:
+            return {"type": "FAILED", "message": storable_text(f"{type(e).__name__}: {e}")[:10_000],
+                    "data": failure_data(e)}
+
     async def _queue_retry(self, run: TaskRun, retry: dict[str, Any], msg: Msg) -> None:
         """The run's retries turned its failure into `AwaitingRetry`: that state, deferred, puts
-        it on the key's retry side, due after its delay."""
+        it on the key's retry side, due after its delay. Sent with an idempotency key, so that a
+        resend after a lost reply queues it once."""
         details = retry.get("state_details") or {}
         state = {"type": "SCHEDULED", "name": "AwaitingRetry", "message": retry.get("message"),
                  "state_details": {"deferred": True, "scheduled_time": details.get("scheduled_time")}}
-        await self._report({"id": str(run.id), "state": state, "queue_wait_seconds": 30.0}, msg)
+        await self._report({"id": str(run.id), "state": state, "idempotency_key": f"retry:{run.id}:{retry.get('id')}"},
+                           msg)
 
     async def _keep_alive(self, msg: Msg) -> None:
         """Tells JetStream the run is still being worked on, well within the ack wait."""

@@ -17,10 +17,16 @@ Roles (each a NATS user with a password):
   broker contract), each imported as a service from the service's account under its own
   subject; no other query and no command.
 - `task_worker`: takes task runs from the task-key streams (creates and reads their durable
-  consumers, acknowledges), reports their states (`SetTaskRunState`), submits task runs
-  (`CreateTaskRun`, a task may start others) and reads one (`GetTaskRun`), and hears that a
-  task run finished (`<ns>.taskrun.finished.>`), and puts its heartbeat in the task-workers
-  bucket. Nothing of the event log, no other command or query.
+  consumers, fetches from them, acknowledges), reports their states (`SetTaskRunState`),
+  submits task runs (`CreateTaskRun`, a task may start others), reads one (`GetTaskRun`) and
+  the service's health (`GetServiceHealth`: the position `.result()` catches up to), hears
+  that a task run finished (`<ns>.taskrun.finished.>`), and puts its heartbeat in the
+  task-workers bucket. Nothing of the event log, no other command or query. It too is in an
+  account of its own (TASK_WORKER_ACCOUNT), importing exactly that (`task_worker_api`,
+  TASK_WORKER_COMMANDS, TASK_WORKER_QUERIES, the task-workers bucket's subjects, the finished
+  notices as a stream) from the service's account, the JetStream API under TASK_WORKER_JS_API:
+  the server's answers to its requests go back to its own account, never into the log, a
+  bucket or a task stream.
 
 Everything not allowed is denied: an unauthenticated connection is refused, since the
 server has users and no `no_auth_user`. Each role's inbox prefix (`_INBOX.<role>`) is its
@@ -41,9 +47,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROLES = ("service", "client", "analyst", "task_worker")
-# What a task worker may send: its reports, new task runs, and the read a `.result()` makes.
+# What a task worker may send: its reports, new task runs, and the reads a `.result()` makes
+# (the run; the service's health, whose stream position `catch_up` waits for).
 TASK_WORKER_COMMANDS = ("CreateTaskRun", "SetTaskRunState")
-TASK_WORKER_QUERIES = ("GetTaskRun",)
+TASK_WORKER_QUERIES = ("GetTaskRun", "GetServiceHealth")
 # Headers plus body of one message (nats-server counts both); the server's default, stated.
 MAX_PAYLOAD = 1024 * 1024
 
@@ -65,8 +72,19 @@ def new_password() -> str:
 
 def new_credentials() -> dict[str, dict[str, str]]:
     creds = {role: {"user": role, "password": new_password()} for role in ROLES}
-    creds["analyst"]["js_api_prefix"] = ANALYST_JS_API  # where its account imports the read API
+    _set_js_api_prefixes(creds)
     return creds
+
+
+def _set_js_api_prefixes(creds: dict[str, dict[str, str]]) -> bool:
+    """Give the roles in accounts of their own the prefix their account imports the service
+    account's JetStream API under (Settings.js_api_prefix); True if one changed."""
+    changed = False
+    for role, prefix in JS_API_PREFIXES.items():
+        if creds[role].get("js_api_prefix") != prefix:
+            creds[role]["js_api_prefix"] = prefix
+            changed = True
+    return changed
 
 
 @dataclass(frozen=True)
@@ -103,7 +121,10 @@ def service_consumer_names() -> list[str]:
 # The analyst's JetStream API prefix (nats-py `prefix`, Settings.js_api_prefix): its account's
 # imports of the service account's read API.
 ANALYST_JS_API = "$JS.READ.API"
-SERVICE_ACCOUNT, ANALYST_ACCOUNT = "RUNLEDGER", "ANALYST"
+# The task worker's: its account's imports of the task streams' consumer API.
+TASK_WORKER_JS_API = "$JS.TASK.API"
+JS_API_PREFIXES = {"analyst": ANALYST_JS_API, "task_worker": TASK_WORKER_JS_API}
+SERVICE_ACCOUNT, ANALYST_ACCOUNT, TASK_WORKER_ACCOUNT = "RUNLEDGER", "ANALYST", "TASK_WORKERS"
 # Queries the analyst may send (read-only, answered from the log): imported from the service's
 # account. Their replies reach the service with a reply subject the server made for the import
 # (`_R_.…`, see handlers/endpoint.py), routed back to the analyst's own inbox.
@@ -129,6 +150,40 @@ def analyst_api(stream: str) -> list[tuple[str, str]]:
     ]
 
 
+def task_worker_api(names: Names) -> list[tuple[str, str]]:
+    """(subject after `$JS.API.`, response type) of each task-stream API the task worker
+    imports: what nats-py's `add_consumer` (a name and a filter subject: `CONSUMER.CREATE.
+    <stream>.<name>.<filter>`), `consumer_info` and a pull subscription's `fetch` send."""
+    api = []
+    for s in names.task_streams:
+        api += [
+            (f"CONSUMER.CREATE.{s}.*.>", "singleton"),
+            (f"CONSUMER.INFO.{s}.*", "singleton"),
+            (f"CONSUMER.MSG.NEXT.{s}.*", "stream"),  # a pull request answers with many messages
+        ]
+    return api
+
+
+def task_worker_services(names: Names) -> list[tuple[str, str]]:
+    """(subject, response type) of every other service the task worker's account imports
+    under its own name: acknowledgements of task runs, its heartbeat (a JetStream publish,
+    answered with one PubAck), its commands and queries (one reply each)."""
+    ns = names.namespace
+    return [
+        # A delivered run's reply subject is `$JS.ACK.<stream>.<consumer>.…`; the server keeps it
+        # as it is across the import, so the acknowledgement is sent there and imported as is.
+        *((f"$JS.ACK.{s}.>", "singleton") for s in names.task_streams),
+        (f"$KV.{names.buckets[2]}.>", "singleton"),
+        *((f"{ns}.cmd.{c}", "singleton") for c in TASK_WORKER_COMMANDS),
+        *((f"{ns}.qry.{q}", "singleton") for q in TASK_WORKER_QUERIES),
+    ]
+
+
+def finished_subject(namespace: str) -> str:
+    """Where the service announces finished task runs (core NATS; client/tasks.py)."""
+    return f"{namespace}.taskrun.finished.>"
+
+
 def role_permissions(namespace: str, service_consumers: Sequence[str]) -> dict[str, dict]:
     """NATS `permissions` per role. Subjects in allow lists are the only ones a role may use."""
     n = Names(namespace)
@@ -140,10 +195,10 @@ def role_permissions(namespace: str, service_consumers: Sequence[str]) -> dict[s
     service_pub = [
         f"{ns}.evt.>", f"{ns}.idem.>",  # appends (single messages and atomic batches)
         f"{ns}.task.>",  # task runs onto their key's subjects
-        f"{ns}.taskrun.finished.>",  # a task run reached a final state (heard by `.result()`)
+        finished_subject(ns),  # a task run reached a final state (heard by `.result()`)
         *(f"$KV.{b}.>" for b in n.buckets),  # snapshot and lease keys: put, create, update, delete
         "_INBOX.>",  # replies to requests (the service only answers under reply_subject_prefix)
-        "_R_.>",  # replies to the queries the analyst's account imports (ANALYST_QUERIES)
+        "_R_.>",  # replies to the queries and commands other accounts import (see nats_config)
         f"{api}.INFO",
     ]
     for s in own_streams:
@@ -173,13 +228,11 @@ def role_permissions(namespace: str, service_consumers: Sequence[str]) -> dict[s
             f"{read}.CONSUMER.MSG.NEXT.{stream}.{c}", f"{read}.CONSUMER.DELETE.{stream}.{c}",
         ]
 
-    task_worker_pub = [f"{ns}.cmd.{c}" for c in TASK_WORKER_COMMANDS] + [f"{ns}.qry.{q}" for q in TASK_WORKER_QUERIES]
-    task_worker_pub.append(f"$KV.{n.buckets[2]}.>")  # its heartbeat: the workers-present bucket
-    for s in n.task_streams:
-        task_worker_pub += [
-            f"{api}.CONSUMER.CREATE.{s}.>", f"{api}.CONSUMER.INFO.{s}.>", f"{api}.CONSUMER.MSG.NEXT.{s}.>",
-            f"$JS.ACK.{s}.>",
-        ]
+    # The task worker too has an account of its own: its JetStream API (the task streams'
+    # consumers) under TASK_WORKER_JS_API, everything else under the service's subjects; each
+    # an import, so that what the server answers comes back to its account.
+    task_worker_pub = [f"{TASK_WORKER_JS_API}.{suffix}" for suffix, _ in task_worker_api(n)]
+    task_worker_pub += [subject for subject, _ in task_worker_services(n)]
 
     return {
         "service": {
@@ -190,11 +243,11 @@ def role_permissions(namespace: str, service_consumers: Sequence[str]) -> dict[s
         },
         "client": {
             "publish": {"allow": [f"{ns}.cmd.>", f"{ns}.qry.>"]},
-            "subscribe": {"allow": [f"{inbox_prefix('client')}.>", f"{ns}.taskrun.finished.>"]},
+            "subscribe": {"allow": [f"{inbox_prefix('client')}.>", finished_subject(ns)]},
         },
         "task_worker": {
             "publish": {"allow": task_worker_pub},
-            "subscribe": {"allow": [f"{inbox_prefix('task_worker')}.>", f"{ns}.taskrun.finished.>"]},
+            "subscribe": {"allow": [f"{inbox_prefix('task_worker')}.>", finished_subject(ns)]},
         },
         "analyst": {
             "publish": {"allow": analyst_pub, "deny": analyst_deny},
@@ -269,22 +322,44 @@ def nats_config(namespace: str, passwords: Mapping[str, str], store_dir: str, *,
             out += ["      {", *_block(user, 4), "      }"]
         return out + ["    ]"]
 
-    stream = Names(namespace).stream
-    exports = [f'      {{service: {json.dumps("$JS.API." + sub)}, response_type: {kind}, '
-               f'accounts: [{json.dumps(ANALYST_ACCOUNT)}]}}' for sub, kind in analyst_api(stream)]
-    imports = [f'      {{service: {{account: {json.dumps(SERVICE_ACCOUNT)}, subject: {json.dumps("$JS.API." + sub)}}}, '
-               f'to: {json.dumps(ANALYST_JS_API + "." + sub)}}}' for sub, _ in analyst_api(stream)]
+    n = Names(namespace)
+    # What the service's account exports (subject: response type, accounts) and what each other
+    # account imports (subject in the service's account, the subject it has in the importer's).
+    exports: dict[str, tuple[str, list[str]]] = {}
+    imports: dict[str, list[str]] = {ANALYST_ACCOUNT: [], TASK_WORKER_ACCOUNT: []}
+
+    def service(account: str, subject: str, kind: str, to: str | None = None) -> None:
+        exports.setdefault(subject, (kind, []))[1].append(account)
+        rename = f", to: {json.dumps(to)}" if to and to != subject else ""
+        imports[account].append(f'      {{service: {{account: {json.dumps(SERVICE_ACCOUNT)}, '
+                                f'subject: {json.dumps(subject)}}}{rename}}}')
+
+    for sub, kind in analyst_api(n.stream):
+        service(ANALYST_ACCOUNT, "$JS.API." + sub, kind, f"{ANALYST_JS_API}.{sub}")
     for subject in analyst_query_subjects(namespace):  # one reply each, as every query
-        exports.append(f'      {{service: {json.dumps(subject)}, response_type: singleton, '
-                       f'accounts: [{json.dumps(ANALYST_ACCOUNT)}]}}')
-        imports.append(f'      {{service: {{account: {json.dumps(SERVICE_ACCOUNT)}, subject: {json.dumps(subject)}}}}}')
+        service(ANALYST_ACCOUNT, subject, "singleton")
+    for sub, kind in task_worker_api(n):
+        service(TASK_WORKER_ACCOUNT, "$JS.API." + sub, kind, f"{TASK_WORKER_JS_API}.{sub}")
+    for subject, kind in task_worker_services(n):
+        service(TASK_WORKER_ACCOUNT, subject, kind)
+    export_lines = [f'      {{service: {json.dumps(subject)}, response_type: {kind}, '
+                    f'accounts: {json.dumps(accounts).replace(",", ", ")}}}'
+                    for subject, (kind, accounts) in exports.items()]
+    # The notices of finished task runs: plain messages the service publishes, heard there too.
+    finished = finished_subject(namespace)
+    export_lines.append(f'      {{stream: {json.dumps(finished)}, accounts: [{json.dumps(TASK_WORKER_ACCOUNT)}]}}')
+    imports[TASK_WORKER_ACCOUNT].append(f'      {{stream: {{account: {json.dumps(SERVICE_ACCOUNT)}, '
+                                        f'subject: {json.dumps(finished)}}}}}')
     lines += [
-        "# The service and its clients share an account; the analyst has its own and reaches the",
-        "# event stream's read API only through imports (answers come back on its own subjects).",
+        "# The service and its clients share an account, the one with JetStream. The analyst and",
+        "# the task worker have accounts of their own and reach the service's only through",
+        "# imports, so that the server's answers to their requests come back on their own subjects.",
         "accounts {",
-        f"  {SERVICE_ACCOUNT} {{", "    jetstream: enabled", *users(["service", "client", "task_worker"]),
-        "    exports: [", *exports, "    ]", "  }",
-        f"  {ANALYST_ACCOUNT} {{", *users(["analyst"]), "    imports: [", *imports, "    ]", "  }",
+        f"  {SERVICE_ACCOUNT} {{", "    jetstream: enabled", *users(["service", "client"]),
+        "    exports: [", *export_lines, "    ]", "  }",
+        f"  {ANALYST_ACCOUNT} {{", *users(["analyst"]), "    imports: [", *imports[ANALYST_ACCOUNT], "    ]", "  }",
+        f"  {TASK_WORKER_ACCOUNT} {{", *users(["task_worker"]),
+        "    imports: [", *imports[TASK_WORKER_ACCOUNT], "    ]", "  }",
         "}", "",
     ]
     return "\n".join(lines)
@@ -320,13 +395,11 @@ def local_credentials(data_dir) -> dict[str, dict[str, str]]:
         creds = {}
     fresh = new_credentials()
     missing = [r for r in ROLES if not creds.get(r, {}).get("password")]
-    if not missing:
-        creds["analyst"]["js_api_prefix"] = ANALYST_JS_API
-        return creds
-    # A role added since the directory was made gets its password; the others keep theirs.
+    # A role added since the directory was made gets its password; the others keep theirs
+    # (and get the JetStream API prefix of a role moved to an account of its own since).
     creds = {**fresh, **{r: creds[r] for r in ROLES if r not in missing}}
-    creds["analyst"]["js_api_prefix"] = ANALYST_JS_API
-    write_private(path, json.dumps(creds, indent=2))
+    if _set_js_api_prefixes(creds) or missing:
+        write_private(path, json.dumps(creds, indent=2))
     return creds
 
 

@@ -7,15 +7,15 @@ worker acknowledges it) and a per-subject bound that refuses the next message wh
 that every worker serving the key shares, so each run goes to one worker, and one that does
 not acknowledge it in time (it died) has it taken from it and delivered again.
 
-Task keys may hold what subjects may not (dots, spaces, `*`, `>`, unicode): `encode_task_key`
-is the one reversible encoding, used by the service, the workers and the docs.
+Task keys may hold what subjects may not (dots, spaces, `*`, `>`, unicode):
+`commands/task_keys.encode_task_key` is the one reversible encoding, used everywhere.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
+import logging
 import time
 from typing import Literal
 
@@ -31,41 +31,16 @@ from nats.js.api import (
 )
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
+from runledger.commands.task_keys import encode_task_key
+
 from .settings import Settings
+
+log = logging.getLogger("runledger.tasks")
 
 Side = Literal["scheduled", "retry"]
 SIDES: tuple[Side, Side] = ("retry", "scheduled")  # the order a worker takes them in (retries first)
-
-_KEPT = re.compile(r"[A-Za-z0-9_\-]")
-_ESCAPE = "~"
 # The per-subject bound was reached (JetStream's "maximum messages per subject exceeded").
 _FULL = 10077
-
-
-def encode_task_key(key: str) -> str:
-    """One subject token for any task key: ASCII letters, digits, `_` and `-` stand for
-    themselves; every other character is `~` and the two hex digits of each of its UTF-8 bytes
-    (`my.task` → `my~2Etask`, `~` → `~7E`); the empty key is `~`."""
-    if not key:
-        return _ESCAPE
-    return "".join(ch if _KEPT.fullmatch(ch) else "".join(f"~{b:02X}" for b in ch.encode()) for ch in key)
-
-
-def decode_task_key(token: str) -> str:
-    """The task key `encode_task_key` made `token` from."""
-    if token == _ESCAPE:
-        return ""
-    out = bytearray()
-    i = 0
-    while i < len(token):
-        if token[i] == _ESCAPE:
-            out.append(int(token[i + 1:i + 3], 16))
-            i += 3
-        else:
-            out += token[i].encode()
-            i += 1
-    return out.decode()
-
 
 def task_subject(settings: Settings, task_key: str, side: Side) -> str:
     return f"{settings.namespace}.task.{encode_task_key(task_key)}.{side}"
@@ -76,12 +51,11 @@ def task_stream_name(settings: Settings, side: Side) -> str:
 
 
 def consumer_name(task_key: str, side: Side) -> str:
-    """The durable consumer every worker of a key shares, for one side. Consumer names may not
-    hold `~`, so the encoded key's escapes become `_x`, and long names are cut to a hash."""
-    token = encode_task_key(task_key).replace("~", "_x")
-    if len(token) > 200:
-        token = token[:150] + "_" + hashlib.sha256(task_key.encode()).hexdigest()[:32]
-    return f"task_{side}_{token}"
+    """The durable consumer every worker of a key shares, for one side: a readable part of the
+    key and a hash of all of it (consumer names allow fewer characters than keys, so the
+    readable part alone could make two keys share a consumer)."""
+    readable = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "_-") else "_" for ch in task_key)[:48]
+    return f"task_{side}_{readable}_{hashlib.sha256(task_key.encode()).hexdigest()[:24]}"
 
 
 def task_stream_config(settings: Settings, side: Side) -> StreamConfig:
@@ -100,6 +74,8 @@ def task_stream_config(settings: Settings, side: Side) -> StreamConfig:
 
 
 async def ensure_task_streams(js: JetStreamContext, settings: Settings) -> None:
+    """Creates the task streams, or raises their bounds. A lower bound is not applied: JetStream
+    would delete the oldest runs of every key over it."""
     for side in SIDES:
         wanted = task_stream_config(settings, side)
         assert wanted.name is not None
@@ -109,8 +85,13 @@ async def ensure_task_streams(js: JetStreamContext, settings: Settings) -> None:
             await js.add_stream(wanted)
             continue
         current = info.config
-        if (current.max_msgs_per_subject != wanted.max_msgs_per_subject
-                or current.duplicate_window != wanted.duplicate_window):
+        bound, wanted_bound = current.max_msgs_per_subject or 0, wanted.max_msgs_per_subject or 0
+        if 0 < wanted_bound < bound:
+            log.warning("stream %s keeps its bound of %d runs per task key: lowering it to %d would delete "
+                        "queued runs (drain the keys first, then delete the stream to recreate it)",
+                        wanted.name, bound, wanted_bound)
+            wanted = wanted.evolve(max_msgs_per_subject=bound)
+        if current.max_msgs_per_subject != wanted.max_msgs_per_subject or current.duplicate_window != wanted.duplicate_window:
             await js.update_stream(wanted)
 
 

@@ -285,6 +285,7 @@ task_runs = Table(
     Column("parameters", JSONB, nullable=False),
     Column("queued_state_id", UUID(as_uuid=True)),
     Column("task_worker_id", Text),
+    Column("task_message", Text),
     Index("task_runs_flow_run", "flow_run_id"),
     Index("task_runs_task_key", "task_key", "state_type"),
     Index("task_runs_state_type", "state_type"),

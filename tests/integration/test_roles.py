@@ -63,6 +63,19 @@ class Roles:
     def snapshots(self) -> str:
         return f"{self.namespace.upper()}_SNAPSHOTS"
 
+    @property
+    def leases(self) -> str:
+        return f"{self.namespace.upper()}_LEASES"
+
+    @property
+    def task_streams(self) -> tuple[str, str]:
+        return broker_auth.Names(self.namespace).task_streams
+
+    def violations(self, user: str) -> list[str]:
+        """The server's log lines of refused publishes and subscriptions by `user`."""
+        log = (self.server.store_dir / "nats-server.log").read_text(errors="replace")
+        return [line for line in log.splitlines() if "Violation" in line and f'user:{user}"' in line]
+
 
 @pytest.fixture
 async def roles(server_urls, tmp_path):
@@ -265,6 +278,14 @@ async def test_analyst_cannot_have_the_server_write_into_the_log(roles):
     await nc.flush()
     await asyncio.sleep(0.3)
     assert await _state(roles) == before
+    # An acknowledgement subject (kept as it is across an import) is refused as a reply subject.
+    nc, errors = await roles.connect("analyst")
+    forged_ack = f"$JS.ACK.{roles.stream}.{CONSUMERS[0]}.1.1.1.0.0"
+    await nc.publish(f"{read}.STREAM.INFO.{roles.stream}", b"", reply=forged_ack)
+    await nc.flush()
+    await asyncio.sleep(0.3)
+    assert any(f'permissions violation for publish with reply of "{forged_ack.lower()}"' in e.lower()
+               for e in errors), errors
 
 
 async def test_a_push_consumer_of_the_analyst_delivers_nothing_into_a_bucket(roles):
@@ -319,20 +340,28 @@ async def test_analyst_and_client_may_read_events_and_the_analyst_nothing_else(r
 
 
 async def test_task_worker_serves_its_keys_and_submits_tasks_with_its_own_credentials(roles):
-    """The task-worker role runs the whole loop: creates and reads its keys' consumers, takes a
-    run, reports it, and awaits one it submitted; the client hears that it finished."""
+    """The task-worker role runs the whole loop from its own account, through its imports:
+    creates and reads its keys' consumers, takes a run, reports it, awaits a run another
+    client submitted (reading it, catching up with the service, hearing it finish) and one it
+    submitted itself; the client hears that a run finished. None of it is refused."""
     from runledger.client import RunledgerClient
     from runledger.client.tasks import submit_task, task_result, wait_for_task_run
     from runledger.handlers.task_worker import TaskWorker
 
     worker_settings = roles.settings("task_worker")
+    assert worker_settings.js_api_prefix == broker_auth.TASK_WORKER_JS_API  # from its credentials
     nc = await connect(worker_settings, name="task-worker", wait_for_server=False)
     roles.connections.append(nc)
+    gate = asyncio.Event()
 
     async def double(x: int) -> int:
         return 2 * x
 
-    worker = TaskWorker(nc, worker_settings, {"double": double})
+    async def gated() -> str:
+        await gate.wait()
+        return "opened"
+
+    worker = TaskWorker(nc, worker_settings, {"double": double, "gated": gated})
     await worker.start()
     stop = asyncio.Event()
     serving = asyncio.create_task(worker.serve(stop))
@@ -342,29 +371,158 @@ async def test_task_worker_serves_its_keys_and_submits_tasks_with_its_own_creden
             assert task_result(await wait_for_task_run(client, run.id, timeout=10)) == 42
             # Its heartbeat went into the workers-present bucket with its own credentials.
             assert [w.identifier for w in await client.read_task_workers(["double"])] == [worker.worker_id]
+            held = await submit_task(client, "gated", {})  # runs until the gate opens
         async with RunledgerClient(worker_settings) as as_worker:  # a task may submit and await others
+            # A run someone else submitted, not finished yet: the wait reads it, catches up with
+            # the service (`GetServiceHealth`) and reads it again, then hears that it finished.
+            waiting = asyncio.create_task(wait_for_task_run(as_worker, held.id, timeout=15))
+            await asyncio.sleep(0.5)
+            assert not waiting.done()
+            gate.set()
+            assert task_result(await waiting) == "opened"
+            assert isinstance(await as_worker.catch_up(), int)
             run = await submit_task(as_worker, "double", {"x": 5})
             assert task_result(await wait_for_task_run(as_worker, run.id, timeout=10)) == 10
     finally:
+        gate.set()
         stop.set()
         await asyncio.wait_for(serving, 10)
+    assert not roles.violations("task_worker")
+
+
+async def test_a_push_consumer_of_the_task_worker_delivers_nothing_into_the_log(roles):
+    """As the analyst's (above): a push consumer it creates on a task stream, delivering into
+    the log, takes a run queued on its filter and delivers nothing there."""
+    from runledger.client import RunledgerClient
+    from runledger.client.tasks import submit_task
+
+    pool = await _pool(roles)
+    ns, tasks = roles.namespace, roles.task_streams[0]
+    nc, _ = await roles.connect("task_worker")
+    into = f"{ns}.evt.work_pool.{pool['id']}.WorkPoolDeleted"
+    config = {"stream_name": tasks, "config": {
+        "name": "push", "deliver_subject": into, "ack_policy": "explicit", "deliver_policy": "all",
+        "filter_subject": f"{ns}.task.p.scheduled"}}
+    created = await nc.request(f"{broker_auth.TASK_WORKER_JS_API}.CONSUMER.CREATE.{tasks}.push.{ns}.task.p.scheduled",
+                               json.dumps(config).encode(), timeout=3)
+    assert "error" not in json.loads(created.data), created.data
+    async with RunledgerClient(roles.settings("client")) as client:
+        await submit_task(client, "p", {})
+    await asyncio.sleep(0.5)
+    service, _ = await roles.connect("service")
+    pool_subjects = (await service.jetstream().stream_info(roles.stream, subjects_filter=f"{ns}.evt.work_pool.{pool['id']}.>")
+                     ).state.subjects
+    assert pool_subjects == {f"{ns}.evt.work_pool.{pool['id']}.WorkPoolCreated": 1}, pool_subjects
 
 
 async def test_task_worker_cannot_touch_the_log_other_commands_or_queries(roles):
     pool = await _pool(roles)
     ns, stream = roles.namespace, roles.stream
-    await _assert_refused(roles, "task_worker", pool["id"], {
-        "read the log": (f"$JS.API.DIRECT.GET.{stream}", b'{"seq":1}', None),
-        "stream info": (f"$JS.API.STREAM.INFO.{stream}", b"", None),
+    tasks = roles.task_streams[0]
+    attacks = {
         "another command": (f"{ns}.cmd.DeleteWorkPool", json.dumps({"name": pool["name"]}).encode(), None),
         "another query": (f"{ns}.qry.ListWorkPools", b"{}", None),
-        "a consumer of the log": (f"$JS.API.CONSUMER.CREATE.{stream}.x.{ns}.evt.>", b"{}", None),
+        "the analyst's query": (f"{ns}.qry.ReadEvents", b"{}", None),
         "publish onto a task key itself": (f"{ns}.task.k.scheduled", b"{}", None),
-        "delete a task stream": (f"$JS.API.STREAM.DELETE.{ns.upper()}_TASKS", b"", None),
-        "purge a task stream": (f"$JS.API.STREAM.PURGE.{ns.upper()}_TASKS", b"", None),
-    })
-    await _assert_cannot_subscribe(roles, "task_worker", ["_INBOX.client.>", "_INBOX.service.>",
-                                                          f"{ns}.evt.>", f"{ns}.cmd.>", f"{ns}.task.>"])
+        "write a lease": (f"$KV.{roles.leases}.projection.x", b"{}", None),
+    }
+    # Its account's own JetStream API (none: it is not enabled there), the service account's
+    # under the usual prefix, and what its imports do not cover under its own.
+    for api in ("$JS.API", broker_auth.TASK_WORKER_JS_API):
+        attacks |= {
+            f"{api}: read the log": (f"{api}.DIRECT.GET.{stream}", b'{"seq":1}', None),
+            f"{api}: stream info": (f"{api}.STREAM.INFO.{stream}", b"", None),
+            f"{api}: a consumer of the log": (f"{api}.CONSUMER.CREATE.{stream}.x.{ns}.evt.>", b"{}", None),
+            f"{api}: pull the service's consumer": (f"{api}.CONSUMER.MSG.NEXT.{stream}.{CONSUMERS[0]}",
+                                                    b'{"batch":1}', None),
+            f"{api}: delete a task stream": (f"{api}.STREAM.DELETE.{tasks}", b"", None),
+            f"{api}: purge a task stream": (f"{api}.STREAM.PURGE.{tasks}", b"", None),
+            f"{api}: a task stream's info": (f"{api}.STREAM.INFO.{tasks}", b"", None),
+            f"{api}: read a task stream": (f"{api}.DIRECT.GET.{tasks}", b'{"seq":1}', None),
+            f"{api}: delete a task consumer": (f"{api}.CONSUMER.DELETE.{tasks}.task_scheduled_k", b"", None),
+            f"{api}: a task consumer named in the body": (f"{api}.CONSUMER.CREATE.{tasks}", b"{}", None),
+            f"{api}: a legacy durable task consumer": (f"{api}.CONSUMER.DURABLE.CREATE.{tasks}.x", b"{}", None),
+            f"{api}: a snapshot bucket's info": (f"{api}.STREAM.INFO.KV_{roles.snapshots}", b"", None),
+        }
+    attacks["$JS.API: create a task consumer"] = (f"$JS.API.CONSUMER.CREATE.{tasks}.x.{ns}.task.k.scheduled",
+                                                   b"{}", None)
+    await _assert_refused(roles, "task_worker", pool["id"], attacks)
+    await _assert_cannot_subscribe(roles, "task_worker", ["_INBOX.client.>", "_INBOX.service.>", "_INBOX.analyst.>",
+                                                          "_INBOX.>", "_R_.>", f"{ns}.evt.>", f"{ns}.cmd.>",
+                                                          f"{ns}.qry.>", f"{ns}.task.>"])
+
+
+async def _task_streams_and_leases(r: Roles) -> tuple[int, int, int]:
+    """(messages in each task stream, messages in the lease bucket)."""
+    nc, _ = await r.connect("service")
+    js = nc.jetstream()
+    counts = [(await js.stream_info(s)).state.messages for s in r.task_streams]
+    leases = (await js.stream_info(f"KV_{r.leases}")).state.messages
+    await nc.close()
+    return counts[0], counts[1], leases
+
+
+async def test_task_worker_cannot_have_the_server_write_into_the_log(roles):
+    """As for the analyst: JetStream (and the service) answer on whatever reply subject a
+    request names. In the service's account that let a task worker have answers stored in the
+    log, a bucket or a task stream; from its own account, through its imports, they come back
+    on its account's subjects, where nothing is stored. Through `$JS.API` it sends nothing."""
+    from runledger.client import RunledgerClient
+    from runledger.client.tasks import submit_task
+    from runledger.infra.task_queues import consumer_name, task_consumer_config
+
+    pool = await _pool(roles)
+    ns, (tasks, retries) = roles.namespace, roles.task_streams
+    async with RunledgerClient(roles.settings("client")) as client:
+        waiting = await submit_task(client, "k", {})  # a run no worker takes: something to fetch
+    settings = roles.settings("task_worker")
+    nc, errors = await roles.connect("task_worker")
+    js = nc.jetstream(prefix=settings.js_api_prefix)
+    for side, stream in (("scheduled", tasks), ("retry", retries)):  # as a worker binds its key
+        await js.add_consumer(stream, task_consumer_config("k", side, settings))
+    scheduled, retry = consumer_name("k", "scheduled"), consumer_name("k", "retry")
+    before = await _state(roles), await _task_streams_and_leases(roles)
+    assert before[1][0] == 1, before
+
+    into = [f"{ns}.evt.work_pool.{pool['id']}.WorkPoolDeleted", f"{ns}.idem.{'2' * 40}",
+            f"$KV.{roles.snapshots}.work_pool.{pool['id']}", f"$KV.{roles.leases}.forged",
+            f"{ns}.task.x.scheduled", f"{ns}.task.x.retry"]
+    refused = []
+    for api in (broker_auth.TASK_WORKER_JS_API, "$JS.API"):
+        requests = [
+            (f"{api}.CONSUMER.INFO.{tasks}.{scheduled}", b""),
+            (f"{api}.CONSUMER.INFO.{retries}.{retry}", b""),
+            (f"{api}.CONSUMER.CREATE.{tasks}.{scheduled}.{ns}.task.k.scheduled",
+             json.dumps({"stream_name": tasks, "config": task_consumer_config("k", "scheduled", settings).as_dict()}
+                        ).encode()),
+            (f"{api}.CONSUMER.MSG.NEXT.{retries}.{retry}", b'{"batch":1,"no_wait":true}'),  # an empty answer
+            (f"{api}.CONSUMER.MSG.NEXT.{tasks}.{scheduled}", b'{"batch":1,"no_wait":true}'),  # the waiting run
+        ]
+        for subject, body in requests:
+            for reply in into:
+                await nc.publish(subject, body, reply=reply)
+        if api == "$JS.API":
+            refused += [subject for subject, _ in requests]
+    for reply in into:  # its other imports: a heartbeat (a PubAck), a query, an acknowledgement
+        await nc.publish(f"$KV.{broker_auth.Names(ns).buckets[2]}.probe", b"{}", reply=reply)
+        await nc.publish(f"{ns}.qry.GetServiceHealth", b"{}", reply=reply)
+        await nc.publish(f"{ns}.qry.GetTaskRun", json.dumps({"id": str(waiting.id)}).encode(), reply=reply)
+        await nc.publish(f"$JS.ACK.{retries}.{retry}.1.999.999.0.0", b"", reply=reply)
+    # An answer steered onto an acknowledgement subject of the service's consumers: the server
+    # keeps a `$JS.ACK.` reply as it is across an import, and refuses one its sender may not
+    # publish to (an empty answer would acknowledge for that consumer).
+    forged_ack = f"$JS.ACK.{roles.stream}.{CONSUMERS[0]}.1.1.1.0.0"
+    await nc.publish(f"{broker_auth.TASK_WORKER_JS_API}.CONSUMER.MSG.NEXT.{retries}.{retry}",
+                     b'{"batch":1,"no_wait":true}', reply=forged_ack)
+    await nc.flush()
+    await asyncio.sleep(0.5)
+    after = await _state(roles), await _task_streams_and_leases(roles)
+    assert after == before
+    for subject in refused:
+        assert any(f'permissions violation for publish to "{subject.lower()}"' in e.lower() for e in errors), (subject, errors)
+    assert any(f'permissions violation for publish with reply of "{forged_ack.lower()}"' in e.lower()
+               for e in errors), errors
+    assert not nc.is_closed
 
 
 async def test_clients_and_analysts_cannot_take_task_runs(roles):

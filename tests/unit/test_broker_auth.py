@@ -3,6 +3,7 @@ configuration is its output, and the generated configurations are valid for nats
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -11,6 +12,14 @@ from runledger.infra import broker_auth
 from runledger.infra.embedded import nats_server_binary
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _accounts(text: str) -> dict[str, str]:
+    """The configuration text of each account, by name."""
+    names = (broker_auth.SERVICE_ACCOUNT, broker_auth.ANALYST_ACCOUNT, broker_auth.TASK_WORKER_ACCOUNT)
+    starts = sorted((text.index(f"\n  {name} {{\n"), name) for name in names)
+    ends = [start for start, _ in starts[1:]] + [len(text)]
+    return {name: text[start:end] for (start, name), end in zip(starts, ends, strict=True)}
 
 
 def test_deploy_config_is_the_generators_output():
@@ -47,6 +56,20 @@ def test_local_credentials_are_made_once_and_private(tmp_path):
     config = broker_auth.write_local_config(tmp_path, "t1", first, tmp_path / "nats")
     assert config.stat().st_mode & 0o777 == 0o600
     assert first["service"]["password"] in config.read_text()
+    # The roles in accounts of their own carry the prefix of their imported JetStream API.
+    assert first["analyst"]["js_api_prefix"] == broker_auth.ANALYST_JS_API
+    assert first["task_worker"]["js_api_prefix"] == broker_auth.TASK_WORKER_JS_API
+    assert "js_api_prefix" not in first["client"] and "js_api_prefix" not in first["service"]
+
+
+def test_credentials_made_before_the_task_workers_account_get_its_prefix(tmp_path):
+    old = broker_auth.new_credentials()
+    del old["task_worker"]["js_api_prefix"]
+    (tmp_path / "credentials.json").write_text(json.dumps(old))
+    creds = broker_auth.local_credentials(tmp_path)
+    assert creds["task_worker"] == {**old["task_worker"], "js_api_prefix": broker_auth.TASK_WORKER_JS_API}
+    assert {r: c["password"] for r, c in creds.items()} == {r: c["password"] for r, c in old.items()}
+    assert json.loads((tmp_path / "credentials.json").read_text()) == creds  # as `up` records them
 
 
 def test_client_and_analyst_cannot_publish_to_the_log():
@@ -55,6 +78,9 @@ def test_client_and_analyst_cannot_publish_to_the_log():
         allowed = perms[role]["publish"]["allow"]
         assert not [s for s in allowed if s.startswith(("ns.evt", "ns.idem", "$KV.", "$JS.API.STREAM.PURGE",
                                                         "$JS.API.STREAM.DELETE", "$JS.ACK"))]
+    allowed = perms["task_worker"]["publish"]["allow"]
+    assert not [s for s in allowed if s.startswith(("ns.evt", "ns.idem", "ns.task.", "$JS.API", "$KV.NS_SNAPSHOTS",
+                                                    "$KV.NS_LEASES", "$JS.ACK.NS_EVENTS", "$JS.ACK.KV_"))]
     assert f"{broker_auth.ANALYST_JS_API}.CONSUMER.DELETE.NS_EVENTS.projection_x" in perms["analyst"]["publish"]["deny"]
     # The analyst reaches the JetStream API only through its account's imports, and of the
     # service's subjects only the read-only queries it imports (`ReadEvents`).
@@ -62,11 +88,14 @@ def test_client_and_analyst_cannot_publish_to_the_log():
                for s in perms["analyst"]["publish"]["allow"])
 
 
-def test_the_analyst_has_an_account_of_its_own():
-    text = broker_auth.compose_config()
-    service, analyst = text.split("  ANALYST {")
-    assert '"service"' in service and '"client"' in service and '"analyst"' not in service
-    assert '"analyst"' in analyst and "jetstream" not in analyst
+def test_the_analyst_and_the_task_worker_have_accounts_of_their_own():
+    accounts = _accounts(broker_auth.compose_config())
+    service, analyst, worker = (accounts[a] for a in (broker_auth.SERVICE_ACCOUNT, broker_auth.ANALYST_ACCOUNT,
+                                                       broker_auth.TASK_WORKER_ACCOUNT))
+    assert '"service"' in service and '"client"' in service and "jetstream: enabled" in service
+    assert '"analyst"' not in service and '"task_worker"' not in service
+    assert '"analyst"' in analyst and "jetstream" not in analyst and '"task_worker"' not in analyst
+    assert '"task_worker"' in worker and "jetstream" not in worker and '"analyst"' not in worker
 
 
 def test_the_analyst_imports_only_the_read_events_query():
@@ -74,11 +103,42 @@ def test_the_analyst_imports_only_the_read_events_query():
     assert [s for s in perms["analyst"]["publish"]["allow"] if s.startswith("ns.")] == ["ns.qry.ReadEvents"]
     assert not [s for s in perms["analyst"]["subscribe"]["allow"] if s.startswith("ns.")]
     assert "_R_.>" in perms["service"]["publish"]["allow"]  # replies to what crosses the import
-    text = broker_auth.compose_config("ns")
-    service, analyst = text.split("  ANALYST {")
+    accounts = _accounts(broker_auth.compose_config("ns"))
+    service, analyst = accounts[broker_auth.SERVICE_ACCOUNT], accounts[broker_auth.ANALYST_ACCOUNT]
     assert '{service: "ns.qry.ReadEvents", response_type: singleton, accounts: ["ANALYST"]}' in service
     assert '{service: {account: "RUNLEDGER", subject: "ns.qry.ReadEvents"}}' in analyst
-    # No other query crosses accounts (the task worker's own `GetTaskRun` stays in the service's).
-    assert "ns.cmd" not in analyst and [line for line in text.splitlines() if "ns.qry." in line and "ReadEvents" not in line
-                                        and "service:" in line] == []
-    assert "GetTaskRun" not in analyst
+    # No other query, and no command, crosses into the analyst's account.
+    assert "ns.cmd" not in analyst and [line for line in analyst.splitlines() if "ns.qry." in line
+                                        and "ReadEvents" not in line] == []
+
+
+def test_the_task_worker_imports_what_it_uses_and_nothing_else():
+    perms = broker_auth.role_permissions("ns", ["projection_x"])
+    api = broker_auth.TASK_WORKER_JS_API
+    assert sorted(perms["task_worker"]["publish"]["allow"]) == sorted([
+        *(f"{api}.CONSUMER.{what}.{s}{tail}" for s in ("NS_TASKS", "NS_TASK_RETRIES")
+          for what, tail in (("CREATE", ".*.>"), ("INFO", ".*"), ("MSG.NEXT", ".*"))),
+        "$JS.ACK.NS_TASKS.>", "$JS.ACK.NS_TASK_RETRIES.>", "$KV.NS_TASK_WORKERS.>",
+        "ns.cmd.CreateTaskRun", "ns.cmd.SetTaskRunState", "ns.qry.GetTaskRun", "ns.qry.GetServiceHealth",
+    ])
+    assert perms["task_worker"]["subscribe"]["allow"] == ["_INBOX.task_worker.>", "ns.taskrun.finished.>"]
+    assert "deny" not in perms["task_worker"]["publish"]
+    accounts = _accounts(broker_auth.compose_config("ns"))
+    service, worker = accounts[broker_auth.SERVICE_ACCOUNT], accounts[broker_auth.TASK_WORKER_ACCOUNT]
+    imports = [line.strip() for line in worker.split("imports: [")[1].splitlines() if line.strip().startswith("{")]
+    # Every subject it may publish to is an import from the service's account, the JetStream API
+    # renamed under its prefix (one reply, or a stream of them for a pull request) ...
+    for subject in perms["task_worker"]["publish"]["allow"]:
+        if subject.startswith(api + "."):
+            inner = "$JS.API" + subject[len(api):]
+            assert (f'{{service: {{account: "RUNLEDGER", subject: "{inner}"}}, to: "{subject}"}}') in imports
+            kind = "stream" if ".MSG.NEXT." in subject else "singleton"
+            assert f'{{service: "{inner}", response_type: {kind}, accounts: ["TASK_WORKERS"]}}' in service
+        else:
+            assert f'{{service: {{account: "RUNLEDGER", subject: "{subject}"}}}}' in imports
+            assert f'{{service: "{subject}", response_type: singleton, accounts: ["TASK_WORKERS"]}}' in service
+    # ... and the notices of finished runs a stream it hears; nothing else crosses.
+    assert '{stream: {account: "RUNLEDGER", subject: "ns.taskrun.finished.>"}}' in imports
+    assert '{stream: "ns.taskrun.finished.>", accounts: ["TASK_WORKERS"]}' in service
+    assert len(imports) == len(perms["task_worker"]["publish"]["allow"]) + 1
+    assert len([line for line in service.splitlines() if '"TASK_WORKERS"' in line]) == len(imports)

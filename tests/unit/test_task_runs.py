@@ -18,8 +18,8 @@ from runledger.commands import task_runs as tr
 from runledger.commands.decisions import Outcome
 from runledger.commands.messages import DecisionContext, Rejection
 from runledger.commands.states import State, StateCreate, StateDetails, StateType
+from runledger.commands.task_keys import MAX_ENCODED_TASK_KEY, decode_task_key, encode_task_key
 from runledger.commands.unique_keys import UniqueKeyClaim
-from runledger.infra.task_queues import decode_task_key, encode_task_key
 
 T = StateType
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -56,9 +56,9 @@ def then(run: tr.TaskRun, decision) -> tr.TaskRun:
     return decision.after.get(str(run.id), run)
 
 
-def start(run: tr.TaskRun, worker: str = "w1", attempt: int = 1, **kw: Any):
+def start(run: tr.TaskRun, worker: str = "w1", attempt: int = 1, message: str = "TASKS:1", **kw: Any):
     return propose(run, StateCreate(type=T.RUNNING), worker=worker,
-                   delivery=tr.TaskDelivery(state_id=run.queued_state_id, attempt=attempt), **kw)
+                   delivery=tr.TaskDelivery(state_id=run.queued_state_id, attempt=attempt, message=message), **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,11 +140,36 @@ def test_a_delivery_starts_a_waiting_run_and_its_worker_holds_it_while_it_runs()
     assert done.state_type is T.COMPLETED and done.task_worker_id is None
 
 
-def test_a_copy_delivered_to_another_worker_while_it_runs_is_refused_naming_the_holder():
+def test_a_copy_delivered_to_another_worker_while_it_runs_is_refused_as_a_copy():
     running = then(run := a_run(), start(run, "w1"))
+    assert running.task_message == "TASKS:1"
+    for attempt in (1, 2):  # a copy stays a copy however often it is delivered
+        d = start(running, "w2", attempt=attempt, message="TASKS:7")
+        assert d.orchestration.status is Outcome.REJECT and d.events == []
+        assert d.orchestration.details == {"type": "reject_details", "task_worker_id": "w1", "copy": True}
+    # The message it runs from, delivered to another worker without a redelivery: not a takeover.
     d = start(running, "w2", attempt=1)
+    assert d.orchestration.status is Outcome.REJECT and not d.orchestration.details.get("copy")
+
+
+def test_a_message_superseded_by_a_later_queuing_does_not_start_the_run():
+    run = a_run(empirical_policy={"retries": 1})
+    running = then(run, start(run))
+    waiting = then(running, propose(running, StateCreate(type=T.FAILED), worker="w1"))
+    requeued = then(waiting, propose(waiting, deferred("AwaitingRetry", NOW)))
+    stale = propose(requeued, StateCreate(type=T.RUNNING), worker="w2",  # the first message, back after a crash
+                    delivery=tr.TaskDelivery(state_id=run.queued_state_id, attempt=2, message="TASKS:1"))
+    assert stale.orchestration.status is Outcome.REJECT and stale.orchestration.details["copy"] is True
+    fresh = propose(requeued, StateCreate(type=T.RUNNING), worker="w2",
+                    delivery=tr.TaskDelivery(state_id=requeued.queued_state_id, message="TASK_RETRIES:1"))
+    assert fresh.orchestration.status is Outcome.ACCEPT
+
+
+def test_a_worker_reports_only_on_runs_it_holds():
+    running = then(run := a_run(), start(run, "w1"))
+    cancelled = then(running, propose(running, StateCreate(type=T.CANCELLED), force=True))
+    d = propose(cancelled, StateCreate(type=T.COMPLETED, data={"type": "json", "value": 1}), worker="w1")
     assert d.orchestration.status is Outcome.REJECT and d.events == []
-    assert d.orchestration.details["task_worker_id"] == "w1"
 
 
 def test_a_redelivery_is_taken_over_by_the_next_worker_unless_the_broker_just_restarted():
@@ -161,7 +186,7 @@ def test_a_finished_run_is_not_started_again_by_a_late_delivery():
     running = then(run := a_run(), start(run, "w1"))
     done = then(running, propose(running, StateCreate(type=T.COMPLETED), worker="w1"))
     d = start(done, "w2", attempt=2)
-    assert d.orchestration.status is Outcome.REJECT and d.events == []
+    assert d.orchestration.status is Outcome.REJECT and d.events == [] and d.orchestration.details["copy"] is True
 
 
 def test_only_the_holder_reports_on_a_running_run():
@@ -333,3 +358,25 @@ def test_the_encoding_keeps_plain_keys_readable_and_distinct():
     assert encode_task_key("etl_load-2") == "etl_load-2"
     assert encode_task_key("my.task") == "my~2Etask"
     assert len({encode_task_key(k) for k in ["a.b", "a~2Eb", "a b", "a_b"]}) == 4
+
+
+def test_a_task_key_whose_subject_would_be_too_long_is_invalid():
+    create(task_key="a" * MAX_ENCODED_TASK_KEY)
+    create(task_key="é" * (MAX_ENCODED_TASK_KEY // 6))  # 2 bytes, 6 characters each
+    with pytest.raises(ValidationError, match="once encoded for its subject"):
+        create(task_key="é" * (MAX_ENCODED_TASK_KEY // 6 + 1))
+    with pytest.raises(ValidationError):
+        create(task_key="a" * (MAX_ENCODED_TASK_KEY + 1))
+
+
+def test_a_task_sends_its_arguments_by_keyword_as_the_worker_calls_it():
+    from runledger.client.tasks import Task
+
+    def f(a, b=2, *rest, c, **more):
+        return a
+
+    t = Task(f, key="k")
+    assert t.parameters(1, c=3, d=4) == {"a": 1, "c": 3, "d": 4}
+    with pytest.raises(TypeError, match="extra positional arguments"):
+        t.parameters(1, 2, 3, c=3)
+    assert Task(f).key.endswith("test_task_runs.f") or Task(f).key.endswith(".f")
