@@ -275,6 +275,14 @@ def task_run_not_found() -> Exception:
     return not_found("Task run not found")
 
 
+def still_there(run: TaskRun | None, flow_run_exists: bool) -> TaskRun | None:
+    """A task run of a flow run that was deleted went with it (as Prefect deletes a flow run's
+    task runs): no command finds it any more, and its read model drops it."""
+    if run is not None and run.flow_run_id is not None and not flow_run_exists:
+        return None
+    return run
+
+
 def key_of(flow_run_id: uuid.UUID | None, task_key: str, dynamic_key: str) -> str:
     """The aggregate id of a run's (flow run, task key, dynamic key) claim."""
     return TASK_RUN_KEY.aggregate_id(str(flow_run_id) if flow_run_id is not None else "", task_key, dynamic_key)
@@ -299,8 +307,7 @@ def decide_create_task_run(cmd: CreateTaskRun, claim: UniqueKeyClaim | None, exi
     if claim is not None and claim.owner_id is not None:
         if existing is None:  # the claim and its owner are written together; never apart
             raise RuntimeError(f"task run key is claimed by {claim.owner_id}, which does not exist")
-        if cmd.id is not None and cmd.id != existing.id:
-            raise conflict(f"Task run {existing.id} already holds these keys; a new run cannot take id {cmd.id}.")
+        # Whatever id was asked for: the keys name the run (Prefect inserts nothing and reads it).
         return Decision(events=[], result=existing, created=False)
     if same_id is not None:
         raise conflict(f"Task run {same_id.id} exists with other keys (flow run, task key, dynamic key).")

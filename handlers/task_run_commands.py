@@ -95,6 +95,14 @@ def _by_id(cmd: Any) -> Iterable[AggregateKey]:
     return [(tr.TASK_RUN, str(cmd.id))]
 
 
+async def load_task_run(unit: Unit, task_run_id: Any) -> tr.TaskRun | None:
+    """The task run, unless it went with its deleted flow run (`task_runs.still_there`)."""
+    run = await unit.load(tr.TASK_RUN, str(task_run_id))
+    if run is None or run.flow_run_id is None:
+        return run
+    return tr.still_there(run, await unit.load(fr.FLOW_RUN, str(run.flow_run_id)) is not None)
+
+
 def command_specs(takeover_allowed: Callable[[], bool] = lambda: True) -> dict[str, CommandSpec]:
     """`takeover_allowed`: False while the service's broker connection is fresh (a broker
     restart redelivers every task at once; see `task_run_rules.TAKEOVER_GRACE_SECONDS`)."""
@@ -107,7 +115,7 @@ def command_specs(takeover_allowed: Callable[[], bool] = lambda: True) -> dict[s
         return tr.decide_create_task_run(cmd, claim, existing, same_id, facts.flow_run, ctx, facts)
 
     async def set_task_run_state(unit: Unit, cmd: tr.SetTaskRunState, ctx: DecisionContext) -> Decision:
-        run = await unit.load(tr.TASK_RUN, str(cmd.id))
+        run = await load_task_run(unit, cmd.id)
         if run is None:
             return tr.decide_set_task_run_state(cmd, run, ctx)
         facts = await _facts(unit, run, cmd.state, takeover_allowed())
@@ -115,10 +123,10 @@ def command_specs(takeover_allowed: Callable[[], bool] = lambda: True) -> dict[s
         return tr.decide_set_task_run_state(cmd, run, ctx, facts)
 
     async def update_task_run(unit: Unit, cmd: tr.UpdateTaskRun, ctx: DecisionContext) -> Decision:
-        return tr.decide_update_task_run(cmd, await unit.load(tr.TASK_RUN, str(cmd.id)), ctx)
+        return tr.decide_update_task_run(cmd, await load_task_run(unit, cmd.id), ctx)
 
     async def delete_task_run(unit: Unit, cmd: tr.DeleteTaskRun, ctx: DecisionContext) -> Decision:
-        run = await unit.load(tr.TASK_RUN, str(cmd.id))
+        run = await load_task_run(unit, cmd.id)
         if run is None:
             return tr.decide_delete_task_run(cmd, run, None)
         claim = await unit.load(uk.UNIQUE_KEY, tr.key_of(run.flow_run_id, run.task_key, run.dynamic_key))

@@ -11,6 +11,7 @@ from typing import Any, cast
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from runledger.commands import flow_runs as fr
 from runledger.commands import queries as q
 from runledger.commands import task_runs as tr
 from runledger.commands.messages import Event, not_found
@@ -40,12 +41,15 @@ class TaskRunsProjector:
     name = "task_runs"
     tables = (task_runs, task_run_states)
     raw_payloads = True
-    handles = frozenset({*_RUN_EVENTS, tr.TaskRunDeleted.event_type})
+    # A flow run's deletion takes its task runs with it (no task event can follow it: a task
+    # run of a deleted flow run is not found by any command).
+    handles = frozenset({*_RUN_EVENTS, tr.TaskRunDeleted.event_type, fr.FlowRunDeleted.event_type})
 
     async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, str, Event | dict]]) -> None:
         # A run's last event in the batch decides its row; every written state is kept.
         last: dict[str, dict[str, Any] | None] = {}
         states: dict[str, dict[str, Any]] = {}
+        flow_runs_gone: list[str] = []
         for _, event_type, payload in cast(Sequence[tuple[str, str, dict[str, Any]]], events):
             if event_type in _RUN_EVENTS:
                 run = payload["run"]
@@ -57,6 +61,8 @@ class TaskRunsProjector:
                 gone_id = payload["task_run_id"]
                 last[gone_id] = None
                 states = {k: v for k, v in states.items() if v["task_run_id"] != gone_id}
+            elif event_type == fr.FlowRunDeleted.event_type:
+                flow_runs_gone.append(payload["flow_run_id"])
         driver = (await conn.get_raw_connection()).driver_connection
         assert driver is not None  # asyncpg's connection, under a pooled connection in use
         gone = [run_id for run_id, run in last.items() if run is None]
@@ -68,6 +74,10 @@ class TaskRunsProjector:
         rows = [{**_RUN_DEFAULTS, **run} for run in last.values() if run is not None]
         if rows:
             await driver.execute(_UPSERT_RUNS, json.dumps(rows))
+        if flow_runs_gone:
+            await driver.execute("""DELETE FROM task_run_states WHERE task_run_id IN
+                                    (SELECT id FROM task_runs WHERE flow_run_id = ANY($1::uuid[]))""", flow_runs_gone)
+            await driver.execute("DELETE FROM task_runs WHERE flow_run_id = ANY($1::uuid[])", flow_runs_gone)
 
 
 async def queued_runs(engine: Any, older_than_seconds: float, limit: int = 5_000) -> list[tr.TaskRun]:

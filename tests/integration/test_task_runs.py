@@ -75,6 +75,9 @@ async def test_a_create_with_the_same_keys_returns_the_run_and_a_reused_id_confl
         assert created is True and other.id == chosen
         with pytest.raises(Conflict):
             await rl.create_task_run("report", "c", id=chosen)  # the id exists with other keys
+        # The same keys with another id: the keys name the run, whatever id was asked for.
+        same, created = await rl.create_task_run("report", "b", id=uuid.uuid4())
+        assert created is False and same.id == chosen
         assert await rl.count_task_runs() == 2
 
 
@@ -214,6 +217,27 @@ async def test_a_deleted_task_run_is_gone_from_the_read_model(service, settings)
             await rl.delete_task_run(run.id)
         again, created = await rl.create_task_run("gone", "0")  # its keys are free again
         assert created is True and again.id != run.id
+
+
+async def test_deleting_a_flow_run_deletes_its_task_runs(service, settings):
+    async with RunledgerClient(settings) as rl:
+        flow_run_id = await a_running_flow_run(rl)
+        mine, _ = await rl.create_task_run("step", "0", flow_run_id=flow_run_id)
+        assert (await rl.set_task_run_state(mine.id, "RUNNING")).accepted
+        other, _ = await rl.create_task_run("step", "0")  # a background run of the same key stays
+        await rl.delete_flow_run(flow_run_id)
+        with pytest.raises(NotFound):
+            await rl.read_task_run(mine.id)
+        with pytest.raises(NotFound):
+            await rl.read_task_run_states(mine.id)
+        for command in (rl.set_task_run_state(mine.id, "COMPLETED"), rl.update_task_run(mine.id, name="x"),
+                        rl.delete_task_run(mine.id)):
+            with pytest.raises(NotFound, match="Task run not found"):
+                await command
+        with pytest.raises(NotFound):  # nor can a new one be made in it
+            await rl.create_task_run("step", "1", flow_run_id=flow_run_id)
+        assert [r.id for r in await rl.list_task_runs()] == [other.id]
+        await assert_live_equals_rebuild(service, settings)
 
 
 @pytest.mark.parametrize("name, body, field", [
