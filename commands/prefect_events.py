@@ -593,6 +593,8 @@ _HANDLERS: dict[type[Event], Callable[[_Out, Any, str, ExportState], None]] = {
     tr.TaskRunUpdated: _task_run_gone,
     tr.TaskRunDeleted: _task_run_gone,
     tr.TaskCacheEntryRecorded: _nothing,
+    tr.TaskRunKeysTaken: _nothing,
+    tr.TaskRunKeysReleased: _nothing,
     va.VariableCreated: _variable_event,
     va.VariableUpdated: _variable_event,
     va.VariableDeleted: _variable_event,

@@ -19,6 +19,7 @@ Beyond Prefect, whose background tasks wait in one server's memory:
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping
 from datetime import timedelta
@@ -44,14 +45,14 @@ from .messages import Command, DecisionContext, Event, conflict, invalid, not_fo
 from .names import MAX_NAME_LENGTH
 from .states import State, StateCreate, StateType
 from .task_keys import check_task_key
-from .unique_keys import UniqueKeyClaim, UniqueKeyScope
 
 TASK_RUN = "task_run"
 TASK_CACHE = "task_cache"
 # The runs moving now; older ones are loaded again from the log (one direct get) when touched.
 CACHED_TASK_RUNS = 50_000
-# (flow run id or "", task key, dynamic key) is held by one task run (TR-1).
-TASK_RUN_KEY = UniqueKeyScope("task_run_key")
+# The id a task run's keys (flow run id or "", task key, dynamic key) make: the run's own id
+# when the creator chose none, else the id of a marker naming the run that holds them (TR-1).
+_KEYS_NAMESPACE = uuid.UUID("6f1c1a2e-5b8e-4c1e-9a43-7d2f0c9b8e51")
 
 MAX_RETRY_DELAYS = 50
 MAX_CACHE_KEY_LENGTH = 2000
@@ -171,6 +172,34 @@ class TaskRunDeleted(_TaskRunEvent):
     task_key: str
 
 
+class TaskRunKeys(BaseModel):
+    """Which run holds a set of keys, when its creator chose its id (a run created without one
+    takes the id its keys make, and is its own marker)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task_run_id: uuid.UUID
+    flow_run_id: uuid.UUID | None = None
+    task_key: str
+    dynamic_key: str
+
+
+@register_event
+class TaskRunKeysTaken(_TaskRunEvent):
+    """Written under the id the keys make, beside the run's creation under its own id."""
+
+    event_type: ClassVar[str] = "TaskRunKeysTaken"
+    keys: TaskRunKeys
+
+
+@register_event
+class TaskRunKeysReleased(_TaskRunEvent):
+    """The run holding the keys was deleted: they are free again."""
+
+    event_type: ClassVar[str] = "TaskRunKeysReleased"
+    task_run_id: uuid.UUID
+
+
 class TaskCacheEntry(BaseModel):
     """The newest COMPLETED state recorded under one cache key (OR-14)."""
 
@@ -258,11 +287,13 @@ class DeleteTaskRun(Command):
 # Evolve and decide
 
 
-def evolve(run: TaskRun | None, event: Event) -> TaskRun | None:
+def evolve(run: TaskRun | TaskRunKeys | None, event: Event) -> TaskRun | TaskRunKeys | None:
     match event:
         case TaskRunCreated(run=r) | TaskRunStateSet(run=r) | TaskRunUpdated(run=r):
             return r
-        case TaskRunDeleted():
+        case TaskRunKeysTaken(keys=k):
+            return k
+        case TaskRunDeleted() | TaskRunKeysReleased():
             return None
     return run
 
@@ -283,9 +314,12 @@ def still_there(run: TaskRun | None, flow_run_exists: bool) -> TaskRun | None:
     return run
 
 
-def key_of(flow_run_id: uuid.UUID | None, task_key: str, dynamic_key: str) -> str:
-    """The aggregate id of a run's (flow run, task key, dynamic key) claim."""
-    return TASK_RUN_KEY.aggregate_id(str(flow_run_id) if flow_run_id is not None else "", task_key, dynamic_key)
+def keys_id(flow_run_id: uuid.UUID | None, task_key: str, dynamic_key: str) -> uuid.UUID:
+    """The id a run's (flow run, task key, dynamic key) make: a create of those keys writes
+    under it, with an expected-sequence check, so two creates of one set of keys cannot both
+    succeed; a create without an id of its own is a single event there."""
+    return uuid.uuid5(_KEYS_NAMESPACE, json.dumps([str(flow_run_id) if flow_run_id is not None else "", task_key,
+                                                   dynamic_key], ensure_ascii=False))
 
 
 def cache_id(cache_key: str) -> str:
@@ -296,22 +330,28 @@ def _keys(run: TaskRun | CreateTaskRun) -> tuple[uuid.UUID | None, str, str]:
     return run.flow_run_id, run.task_key, run.dynamic_key
 
 
-def decide_create_task_run(cmd: CreateTaskRun, claim: UniqueKeyClaim | None, existing: TaskRun | None,
+def decide_create_task_run(cmd: CreateTaskRun, at_keys: TaskRun | TaskRunKeys | None, holder: TaskRun | None,
                            same_id: TaskRun | None, flow_run: FlowRun | None, ctx: DecisionContext,
-                           facts: task_run_rules.TaskFacts = task_run_rules.NO_FACTS) -> Decision:
-    """TR-1, TR-2. `existing`: the run holding these keys; `same_id`: the run already under the
-    id the client chose, if any; `flow_run`: the run's flow run, when it names one. A new run
-    takes no tag slot, even created RUNNING: its first state is forced, as Prefect's."""
+                           facts: task_run_rules.TaskFacts = task_run_rules.NO_FACTS,
+                           keys_used_before: bool = False) -> Decision:
+    """TR-1, TR-2. `at_keys`: what is under the id the keys make (the run, a marker naming
+    it, or nothing); `holder`: the run a marker names; `same_id`: the run already under the id
+    the client chose, if any; `flow_run`: the run's flow run, when it names one;
+    `keys_used_before`: a deleted run held these keys (a new run then gets a fresh id, so no
+    id ever names two runs). A new run takes no tag slot, even created RUNNING: its first
+    state is forced, as Prefect's."""
     if cmd.flow_run_id is not None and flow_run is None:
         raise not_found(f"Flow run {cmd.flow_run_id} not found.")
-    if claim is not None and claim.owner_id is not None:
-        if existing is None:  # the claim and its owner are written together; never apart
-            raise RuntimeError(f"task run key is claimed by {claim.owner_id}, which does not exist")
+    existing = at_keys if isinstance(at_keys, TaskRun) else holder
+    if at_keys is not None:
+        if existing is None:  # a marker and its run are written together; never apart
+            raise RuntimeError(f"task run keys are held by {at_keys}, which does not exist")
         # Whatever id was asked for: the keys name the run (Prefect inserts nothing and reads it).
         return Decision(events=[], result=existing, created=False)
     if same_id is not None:
         raise conflict(f"Task run {same_id.id} exists with other keys (flow run, task key, dynamic key).")
-    run_id = cmd.id or ctx.new_id()
+    at = keys_id(cmd.flow_run_id, cmd.task_key, cmd.dynamic_key)
+    run_id = cmd.id or (ctx.new_id() if keys_used_before else at)
     labels: dict[str, Any] = {}
     if flow_run is not None:
         labels = {**flow_run.labels, "prefect.flow-run.id": str(flow_run.id), "prefect.flow.id": str(flow_run.flow_id)}
@@ -323,15 +363,15 @@ def decide_create_task_run(cmd: CreateTaskRun, claim: UniqueKeyClaim | None, exi
         "empirical_policy": cmd.empirical_policy, "tags": list(dict.fromkeys(cmd.tags)),
         "labels": {**labels, **cmd.labels}, "task_inputs": cmd.task_inputs, "parameters": cmd.parameters,
     })
-    claims = [TASK_RUN_KEY.claim(run.id, str(cmd.flow_run_id) if cmd.flow_run_id else "", cmd.task_key,
-                                 cmd.dynamic_key)]
+    marker = ([NewEvent(str(at), TaskRunKeysTaken(keys=TaskRunKeys(
+        task_run_id=run.id, flow_run_id=cmd.flow_run_id, task_key=cmd.task_key, dynamic_key=cmd.dynamic_key)))]
+        if run.id != at else [])
     transition = task_run_rules.set_task_run_state(run, cmd.state or StateCreate(type=StateType.PENDING),
                                                    force=True, ctx=ctx, facts=facts)
     after = transition.run
     if transition.state is None:  # refused outright (e.g. a cache key too long): created without a state
         after = run
-    events = [*claims, NewEvent(str(run.id), TaskRunCreated(run=after)),
-              *cache_events(transition)]
+    events = [*marker, NewEvent(str(run.id), TaskRunCreated(run=after)), *cache_events(transition)]
     return Decision(events=events, result=after, created=True, after={str(run.id): after},
                     queue=_queued(run, transition, cmd.queue_wait_seconds))
 
@@ -405,16 +445,15 @@ def decide_update_task_run(cmd: UpdateTaskRun, run: TaskRun | None, ctx: Decisio
                     after={str(run.id): after})
 
 
-def decide_delete_task_run(cmd: DeleteTaskRun, run: TaskRun | None, claim: UniqueKeyClaim | None,
+def decide_delete_task_run(cmd: DeleteTaskRun, run: TaskRun | None,
                            tag_limits: Mapping[str, tcl.TagConcurrencyLimit] | None = None) -> Decision:
     """The run's keys are free again at once, and so are the tag slots it holds (`tag_limits`:
     its tags' limits; beyond Prefect, which leaves a deleted run in them). A copy of it still
     queued is dropped by the worker that takes it (the run is gone)."""
     if run is None:
         raise task_run_not_found()
-    flow_run_id, task_key, dynamic_key = _keys(run)
-    releases = ([TASK_RUN_KEY.release(run.id, str(flow_run_id) if flow_run_id else "", task_key, dynamic_key)]
-                if claim is not None and claim.owner_id == run.id else [])
+    at = keys_id(*_keys(run))
+    releases = [NewEvent(str(at), TaskRunKeysReleased(task_run_id=run.id))] if at != run.id else []
     slots = [tcl.slot_released(limit, run.id) for limit in (tag_limits or {}).values()]
     return Decision(events=[*releases, NewEvent(str(run.id), TaskRunDeleted(task_run_id=run.id,
                                                                              task_key=run.task_key)),

@@ -10,7 +10,6 @@ from runledger.commands import flow_runs as fr
 from runledger.commands import tag_concurrency_limits as tcl
 from runledger.commands import task_run_rules as rules
 from runledger.commands import task_runs as tr
-from runledger.commands import unique_keys as uk
 from runledger.commands.decisions import Decision
 from runledger.commands.messages import DecisionContext
 from runledger.commands.states import State, StateCreate, StateType
@@ -86,8 +85,8 @@ def _nothing(_: Any) -> None:
 
 
 def _create_locks(cmd: tr.CreateTaskRun) -> Iterable[AggregateKey]:
-    """A create locks its keys' claim (and the id it asks for)."""
-    locks = [(uk.UNIQUE_KEY, tr.key_of(cmd.flow_run_id, cmd.task_key, cmd.dynamic_key))]
+    """A create locks the id its keys make (and the id it asks for)."""
+    locks = [(tr.TASK_RUN, str(tr.keys_id(cmd.flow_run_id, cmd.task_key, cmd.dynamic_key)))]
     return [*locks, (tr.TASK_RUN, str(cmd.id))] if cmd.id is not None else locks
 
 
@@ -96,9 +95,12 @@ def _by_id(cmd: Any) -> Iterable[AggregateKey]:
 
 
 async def load_task_run(unit: Unit, task_run_id: Any) -> tr.TaskRun | None:
-    """The task run, unless it went with its deleted flow run (`task_runs.still_there`)."""
+    """The task run, unless it went with its deleted flow run (`task_runs.still_there`). The
+    marker a set of keys leaves under the id they make is not a run."""
     run = await unit.load(tr.TASK_RUN, str(task_run_id))
-    if run is None or run.flow_run_id is None:
+    if not isinstance(run, tr.TaskRun):
+        return None
+    if run.flow_run_id is None:
         return run
     return tr.still_there(run, await unit.load(fr.FLOW_RUN, str(run.flow_run_id)) is not None)
 
@@ -108,11 +110,19 @@ def command_specs(takeover_allowed: Callable[[], bool] = lambda: True) -> dict[s
     restart redelivers every task at once; see `task_run_rules.TAKEOVER_GRACE_SECONDS`)."""
 
     async def create_task_run(unit: Unit, cmd: tr.CreateTaskRun, ctx: DecisionContext) -> Decision:
-        claim = await unit.load(uk.UNIQUE_KEY, tr.key_of(cmd.flow_run_id, cmd.task_key, cmd.dynamic_key))
-        existing = await unit.load(tr.TASK_RUN, str(claim.owner_id)) if claim.owner_id is not None else None
-        same_id = await unit.load(tr.TASK_RUN, str(cmd.id)) if cmd.id is not None and existing is None else None
+        at = tr.keys_id(cmd.flow_run_id, cmd.task_key, cmd.dynamic_key)
+        at_keys = await unit.load(tr.TASK_RUN, str(at))
+        holder = (await unit.load(tr.TASK_RUN, str(at_keys.task_run_id))
+                  if isinstance(at_keys, tr.TaskRunKeys) else None)
+        same_id = None
+        if at_keys is None and cmd.id is not None and cmd.id != at:
+            same_id = await unit.load(tr.TASK_RUN, str(cmd.id))
         facts = await _facts(unit, cmd, cmd.state, takeover_allowed())
-        return tr.decide_create_task_run(cmd, claim, existing, same_id, facts.flow_run, ctx, facts)
+        # The keys' subject has events yet holds nothing: a run that held them was deleted.
+        loaded_at = unit.loaded.get((tr.TASK_RUN, str(at)))
+        used = loaded_at is not None and loaded_at != 0
+        return tr.decide_create_task_run(cmd, at_keys, holder, same_id if isinstance(same_id, tr.TaskRun) else None,
+                                         facts.flow_run, ctx, facts, keys_used_before=used)
 
     async def set_task_run_state(unit: Unit, cmd: tr.SetTaskRunState, ctx: DecisionContext) -> Decision:
         run = await load_task_run(unit, cmd.id)
@@ -128,9 +138,11 @@ def command_specs(takeover_allowed: Callable[[], bool] = lambda: True) -> dict[s
     async def delete_task_run(unit: Unit, cmd: tr.DeleteTaskRun, ctx: DecisionContext) -> Decision:
         run = await load_task_run(unit, cmd.id)
         if run is None:
-            return tr.decide_delete_task_run(cmd, run, None)
-        claim = await unit.load(uk.UNIQUE_KEY, tr.key_of(run.flow_run_id, run.task_key, run.dynamic_key))
-        return tr.decide_delete_task_run(cmd, run, claim, await tag_limits_of(unit, run, None))
+            return tr.decide_delete_task_run(cmd, run)
+        if run.id != tr.keys_id(run.flow_run_id, run.task_key, run.dynamic_key):
+            # Its keys' marker is released in the same append: read, for its sequence check.
+            await unit.load(tr.TASK_RUN, str(tr.keys_id(run.flow_run_id, run.task_key, run.dynamic_key)))
+        return tr.decide_delete_task_run(cmd, run, await tag_limits_of(unit, run, None))
 
     return {
         "CreateTaskRun": CommandSpec(tr.CreateTaskRun, create_task_run, _run_reply, _create_locks),

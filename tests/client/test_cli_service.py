@@ -156,8 +156,46 @@ async def test_events_follow_prints_new_events_until_ctrl_c(service, settings):
 
 
 def _readme_python() -> str:
-    (snippet,) = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    return snippet
+    """The client example (the README's first Python block)."""
+    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)[0]
+
+
+def _readme_tasks() -> tuple[str, list[str]]:
+    """The background-task example: its module (the Python block that starts `# mytasks.py`)
+    and the shell lines after it."""
+    text = README.read_text()
+    module = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if b.startswith("# mytasks.py"))
+    after = text.split(module, 1)[1]
+    (shell,) = re.findall(r"```bash\n(.*?)```", after, re.S)[:1]
+    return module, [line for line in shell.splitlines() if line.strip()]
+
+
+async def test_the_readme_task_example_runs_as_pasted(service, settings, tmp_path):
+    """The worker line started as written (in the background), then the submit line: it
+    prints the task's result."""
+    import shlex
+
+    module, (worker_line, submit_line) = _readme_tasks()
+    (tmp_path / "mytasks.py").write_text(module)
+    env = {**_process_env(settings), "PYTHONPATH": str(tmp_path)}
+    worker_args = shlex.split(worker_line, comments=True)
+    assert worker_args[0] == "runledger" and worker_args[-1] == "&"
+    exe = os.path.join(os.path.dirname(sys.executable), "runledger")
+    worker = await asyncio.create_subprocess_exec(exe, *worker_args[1:-1], env=env, cwd=tmp_path,
+                                                  stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        submit = shlex.split(submit_line, comments=True)
+        assert submit[0] == "python"
+        proc = await asyncio.create_subprocess_exec(sys.executable, *submit[1:], env=env, cwd=tmp_path,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        assert out.decode() == "3\n"
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, werr = await asyncio.wait_for(worker.communicate(), 60)
+    assert worker.returncode == 0, werr.decode()
+    assert b"1 task runs finished" in werr
 
 
 async def test_the_readme_python_snippet_runs_as_pasted(service, settings):

@@ -53,6 +53,7 @@ async def test_a_tag_limit_is_created_updated_read_listed_reset_and_deleted(serv
                 await call
         fresh, created = await rl.create_tag_concurrency_limit("db", 1)
         assert created is True and fresh.id != limit.id  # a new limit
+        assert await rl.read_tag_concurrency_limit("db") == fresh
     await assert_live_equals_rebuild(service, settings)
 
 

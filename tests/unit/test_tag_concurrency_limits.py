@@ -19,7 +19,6 @@ from runledger.commands import task_runs as tr
 from runledger.commands.decisions import Decision, Outcome
 from runledger.commands.messages import DecisionContext, Rejection
 from runledger.commands.states import StateCreate, StateDetails, StateType
-from runledger.commands.unique_keys import UniqueKeyClaim
 
 T = StateType
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -39,7 +38,7 @@ def a_limit(tag: str, concurrency_limit: int, *holders: uuid.UUID) -> tcl.TagCon
 def a_run(state: T = T.PENDING, tags: tuple[str, ...] = ("db",), **fields: Any) -> tr.TaskRun:
     cmd = tr.CreateTaskRun(task_key="k", dynamic_key=str(uuid.uuid4()), tags=list(tags),
                            state=StateCreate(type=state), **fields)
-    return tr.decide_create_task_run(cmd, UniqueKeyClaim(), None, None, None, ctx(EARLIER)).result
+    return tr.decide_create_task_run(cmd, None, None, None, None, ctx(EARLIER)).result
 
 
 def propose(run: tr.TaskRun, state: StateCreate | T, *limits: tcl.TagConcurrencyLimit, force: bool = False,
@@ -214,7 +213,7 @@ def test_forced_and_background_starts_and_creates_take_no_slot():
     assert background.orchestration.status is Outcome.ACCEPT and slot_events(background) == []
     created = tr.decide_create_task_run(tr.CreateTaskRun(task_key="k", dynamic_key="c", tags=["db"],
                                                          state=StateCreate(type=T.RUNNING)),
-                                        UniqueKeyClaim(), None, None, None, ctx(),
+                                        None, None, None, None, ctx(),
                                         rules.TaskFacts(tag_limits={"db": limit}))
     assert created.result.state_type is T.RUNNING and slot_events(created) == []
 
@@ -267,11 +266,11 @@ def test_a_run_that_holds_no_slot_gives_nothing_back():
 
 def test_a_deleted_run_gives_its_slots_back():
     running, limits = _holding("db", "api")
-    d = tr.decide_delete_task_run(tr.DeleteTaskRun(id=running.id), running, UniqueKeyClaim(running.id),
+    d = tr.decide_delete_task_run(tr.DeleteTaskRun(id=running.id), running,
                                   {limit.tag: limit for limit in limits})
     assert [type(e.event).__name__ for e in d.events] == [
-        "UniqueKeyReleased", "TaskRunDeleted", "TagConcurrencyLimitSlotReleased", "TagConcurrencyLimitSlotReleased"]
-    assert all(e.event.limit.active_slots == [] for e in d.events[2:])
+        "TaskRunDeleted", "TagConcurrencyLimitSlotReleased", "TagConcurrencyLimitSlotReleased"]
+    assert all(e.event.limit.active_slots == [] for e in d.events[1:])
 
 
 def test_a_limit_deleted_or_reset_meanwhile_is_left_alone():

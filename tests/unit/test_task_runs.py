@@ -19,7 +19,6 @@ from runledger.commands.decisions import Outcome
 from runledger.commands.messages import DecisionContext, Rejection
 from runledger.commands.states import State, StateCreate, StateDetails, StateType
 from runledger.commands.task_keys import MAX_ENCODED_TASK_KEY, decode_task_key, encode_task_key
-from runledger.commands.unique_keys import UniqueKeyClaim
 
 T = StateType
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -40,7 +39,7 @@ def deferred(name: str = "Scheduled", at: datetime | None = None) -> StateCreate
 
 
 def a_run(state: StateCreate | None = None, **fields: Any) -> tr.TaskRun:
-    d = tr.decide_create_task_run(create(state=state or deferred(), **fields), UniqueKeyClaim(), None, None,
+    d = tr.decide_create_task_run(create(state=state or deferred(), **fields), None, None, None,
                                   None, ctx(EARLIER))
     return d.result
 
@@ -66,47 +65,63 @@ def start(run: tr.TaskRun, worker: str = "w1", attempt: int = 1, message: str = 
 
 
 def test_a_create_claims_its_keys_and_a_deferred_scheduled_state_queues_it_on_the_scheduled_side():
-    d = tr.decide_create_task_run(create(state=deferred(), parameters={"x": 1}), UniqueKeyClaim(), None, None, None,
+    d = tr.decide_create_task_run(create(state=deferred(), parameters={"x": 1}), None, None, None, None,
                                   ctx())
     run = d.result
     assert d.created is True and run.state_type is T.SCHEDULED and run.parameters == {"x": 1}
-    assert [type(e.event).__name__ for e in d.events] == ["UniqueKeyClaimed", "TaskRunCreated"]
+    assert [type(e.event).__name__ for e in d.events] == ["TaskRunCreated"]  # one event: its id is its keys'
+    assert run.id == tr.keys_id(None, "k", "0")
     assert [(q.task_key, q.side) for q in d.queue] == [("k", "scheduled")]
     assert run.queued_state_id == run.state.id == d.queue[0].run.queued_state_id
     assert run.state.state_details.task_run_id == run.id
 
 
 def test_without_a_state_a_create_is_pending_and_not_queued():
-    d = tr.decide_create_task_run(create(), UniqueKeyClaim(), None, None, None, ctx())
+    d = tr.decide_create_task_run(create(), None, None, None, None, ctx())
     assert d.result.state_type is T.PENDING and d.queue == []
 
 
 def test_the_same_keys_return_the_existing_run_unchanged_its_state_ignored():
     existing = a_run()
-    d = tr.decide_create_task_run(create(state=StateCreate(type=T.RUNNING)), UniqueKeyClaim(existing.id), existing,
+    d = tr.decide_create_task_run(create(state=StateCreate(type=T.RUNNING)), existing, None,
                                   None, None, ctx())
     assert d.created is False and d.events == [] and d.result == existing and d.queue == []
+
+
+def test_a_client_chosen_id_writes_a_marker_under_the_keys_id_and_frees_it_on_delete():
+    chosen = uuid.UUID(int=77)
+    d = tr.decide_create_task_run(create(id=chosen), None, None, None, None, ctx())
+    assert d.result.id == chosen
+    assert [(e.aggregate_id, type(e.event).__name__) for e in d.events] == [
+        (str(tr.keys_id(None, "k", "0")), "TaskRunKeysTaken"), (str(chosen), "TaskRunCreated")]
+    marker = d.events[0].event.keys
+    again = tr.decide_create_task_run(create(id=uuid.UUID(int=78)), marker, d.result, None, None, ctx())
+    assert again.created is False and again.result == d.result
+    gone = tr.decide_delete_task_run(tr.DeleteTaskRun(id=chosen), d.result)
+    assert [(e.aggregate_id, type(e.event).__name__) for e in gone.events] == [
+        (str(tr.keys_id(None, "k", "0")), "TaskRunKeysReleased"), (str(chosen), "TaskRunDeleted")]
 
 
 def test_a_client_id_taken_by_a_run_with_other_keys_is_a_conflict():
     other = a_run()
     with pytest.raises(Rejection) as e:
-        tr.decide_create_task_run(create(id=other.id, dynamic_key="1"), UniqueKeyClaim(), None, other, None, ctx())
+        tr.decide_create_task_run(create(id=other.id, dynamic_key="1"), None, None, other, None, ctx())
     assert e.value.code == "conflict"
 
 
 def test_a_null_flow_run_is_a_key_value_of_its_own():
-    assert tr.key_of(None, "k", "0") != tr.key_of(uuid.UUID(int=1), "k", "0")
-    assert tr.key_of(None, "k", "0") == tr.key_of(None, "k", "0")
+    assert tr.keys_id(None, "k", "0") != tr.keys_id(uuid.UUID(int=1), "k", "0")
+    assert tr.keys_id(None, "k", "0") == tr.keys_id(None, "k", "0")
+    assert tr.keys_id(None, "a.b", "c") != tr.keys_id(None, "a", "b.c")
 
 
 def test_a_flow_run_that_does_not_exist_is_not_found_and_one_that_does_gives_its_labels():
     fid = uuid.UUID(int=5)
     with pytest.raises(Rejection) as e:
-        tr.decide_create_task_run(create(flow_run_id=fid), UniqueKeyClaim(), None, None, None, ctx())
+        tr.decide_create_task_run(create(flow_run_id=fid), None, None, None, None, ctx())
     assert e.value.code == "not_found"
     flow_run = fr.FlowRun(id=fid, created=NOW, updated=NOW, name="f", flow_id=uuid.UUID(int=6), labels={"team": "a"})
-    d = tr.decide_create_task_run(create(flow_run_id=fid, labels={"x": "y"}), UniqueKeyClaim(), None, None,
+    d = tr.decide_create_task_run(create(flow_run_id=fid, labels={"x": "y"}), None, None, None,
                                   flow_run, ctx())
     assert d.result.labels == {"team": "a", "prefect.flow-run.id": str(fid), "prefect.flow.id": str(flow_run.flow_id),
                                "x": "y"}
@@ -264,7 +279,7 @@ def test_or16_a_task_of_a_flow_run_runs_only_while_its_flow_run_runs():
         return fr.FlowRun(id=fid, created=EARLIER, updated=EARLIER, name="f", flow_id=uuid.UUID(int=1), state=state,
                           run_count=1)
 
-    run = tr.decide_create_task_run(create(flow_run_id=fid), UniqueKeyClaim(), None, None, flow_run(T.RUNNING),
+    run = tr.decide_create_task_run(create(flow_run_id=fid), None, None, None, flow_run(T.RUNNING),
                                     ctx(EARLIER)).result
     for state_type in (None, T.COMPLETED):
         d = propose(run, StateCreate(type=T.RUNNING), facts=rules.TaskFacts(flow_run=flow_run(state_type)))
@@ -336,8 +351,8 @@ def test_bookkeeping_times_and_counts():
 
 def test_delete_frees_the_keys():
     run = a_run()
-    d = tr.decide_delete_task_run(tr.DeleteTaskRun(id=run.id), run, UniqueKeyClaim(run.id))
-    assert [type(e.event).__name__ for e in d.events] == ["UniqueKeyReleased", "TaskRunDeleted"]
+    d = tr.decide_delete_task_run(tr.DeleteTaskRun(id=run.id), run)
+    assert [type(e.event).__name__ for e in d.events] == ["TaskRunDeleted"]  # its own id was its keys'
     with pytest.raises(Rejection):
         tr.decide_delete_task_run(tr.DeleteTaskRun(id=run.id), None, None)
 
@@ -380,3 +395,9 @@ def test_a_task_sends_its_arguments_by_keyword_as_the_worker_calls_it():
     with pytest.raises(TypeError, match="extra positional arguments"):
         t.parameters(1, 2, 3, c=3)
     assert Task(f).key.endswith("test_task_runs.f") or Task(f).key.endswith(".f")
+
+
+def test_after_a_delete_the_same_keys_make_a_run_with_a_fresh_id():
+    d = tr.decide_create_task_run(create(), None, None, None, None, ctx(), keys_used_before=True)
+    assert d.result.id != tr.keys_id(None, "k", "0")
+    assert [type(e.event).__name__ for e in d.events] == ["TaskRunKeysTaken", "TaskRunCreated"]
