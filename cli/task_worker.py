@@ -63,7 +63,7 @@ def task_worker(
 
 async def _serve(functions: dict, keys: list[str], limit: int, worker_id: str | None, grace: float) -> int:
     from runledger.client import tasks
-    from runledger.handlers.task_worker import TaskStreamsMissing, TaskWorker
+    from runledger.handlers.task_worker import TaskSourcesUnavailable, TaskWorker
     from runledger.infra.nats_connection import BrokerUnavailable, connect
     from runledger.infra.settings import load_settings
 
@@ -82,7 +82,7 @@ async def _serve(functions: dict, keys: list[str], limit: int, worker_id: str | 
     try:
         try:
             await worker.start()
-        except TaskStreamsMissing as e:
+        except TaskSourcesUnavailable as e:
             console.print(f"[red]Error (unavailable):[/red] {e}", highlight=False)
             return EXIT_UNAVAILABLE
         console.print(f"task worker {worker.worker_id} serving {', '.join(map(repr, keys))} "

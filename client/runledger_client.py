@@ -1508,7 +1508,8 @@ class RunledgerClient:
             queue_wait_seconds=queue_wait_seconds)
         if flow_run_id is not None:
             body["flow_run_id"] = str(flow_run_id)
-        reply = await self.command("CreateTaskRun", body | self._key(idempotency_key))
+        wait = queue_wait_seconds if isinstance(queue_wait_seconds, int | float) else 0.0
+        reply = await self.command("CreateTaskRun", body | self._key(idempotency_key), extra_timeout=wait)
         if reply.created is None:
             raise ProtocolError("the service's reply to CreateTaskRun does not say whether it created the task run")
         return self._one(TaskRun, reply.result), reply.created
@@ -1527,7 +1528,7 @@ class RunledgerClient:
         """Propose a state; the task orchestration rules decide what is written (read
         `status`, `details` and `state` as for `set_flow_run_state`). A task worker names
         itself (`task_worker_id`) and, when it starts a run, the delivery it took it from
-        (`delivery`: `{"state_id", "attempt"}`)."""
+        (`delivery`: `{"state_id", "message", "attempt"}`)."""
         proposed = {"type": state} if isinstance(state, str) else dict(state)
         body: dict[str, Any] = {"id": str(task_run_id), "state": proposed}
         if force:
@@ -1538,7 +1539,8 @@ class RunledgerClient:
             body["delivery"] = dict(delivery)
         if queue_wait_seconds is not None:
             body["queue_wait_seconds"] = queue_wait_seconds
-        reply = await self.command("SetTaskRunState", body | self._key(idempotency_key))
+        reply = await self.command("SetTaskRunState", body | self._key(idempotency_key),
+                                   extra_timeout=queue_wait_seconds or 0.0)
         if reply.orchestration is None:
             raise ProtocolError("the service's reply to SetTaskRunState has no orchestration outcome")
         return self._one(OrchestrationResult, {**reply.orchestration, "state": reply.result})

@@ -119,7 +119,8 @@ def one_task_worker_at_a_time(c: RuleContext) -> Verdict:
     facts = _facts(c)
     run = _run(c)
     current = c.current
-    holder = run.task_worker_id if current is not None and current.type is StateType.RUNNING else None
+    holder = (run.task_worker_id if current is not None and current.type in (StateType.RUNNING, StateType.CANCELLING)
+              else None)
     if facts.claimant is None:
         return go_on()
     delivery = facts.delivery
@@ -375,8 +376,8 @@ def _book(run: TaskRun, proposal: StateCreate, facts: TaskFacts, ctx: DecisionCo
             message = facts.delivery.message
         elif leaving is not StateType.RUNNING:
             message = None
-    else:
-        worker, message = None, None
+    elif not (state.type is StateType.CANCELLING and leaving in (StateType.RUNNING, StateType.CANCELLING)):
+        worker, message = None, None  # a cancelling run is still its worker's: it reports the end
     return state, run.model_copy(update={**booked_times(run, state), "run_count": run_count,
                                          "flow_run_run_count": flow_run_run_count, "task_worker_id": worker,
                                          "task_message": message,

@@ -20,7 +20,7 @@ from runledger.commands import task_runs as tr
 from runledger.commands.decisions import Decision, QueuedTaskRun
 from runledger.commands.states import TERMINAL, StateCreate, StateType
 from runledger.infra.settings import Settings
-from runledger.infra.task_queues import TaskKeyFull, TaskPublisher
+from runledger.infra.task_queues import TaskKeyFull, TaskPublisher, task_stream_name
 from runledger.projections import task_runs as read_model
 
 from .command_bus import CommandBus
@@ -119,14 +119,19 @@ class TaskRecovery:
     async def sweep(self) -> int:
         """Publishes the runs found missing; returns how many it published."""
         runs = await read_model.queued_runs(self.engine, older_than_seconds=self.older_than)
+        if not runs:
+            return 0
         by_key: dict[tuple[str, str], list[tr.TaskRun]] = {}
         for run in runs:
             side = "retry" if run.state_name == "AwaitingRetry" else "scheduled"
             by_key.setdefault((run.task_key, side), []).append(run)
+        # A running run's message stays on its subject until its worker reports the end.
+        running = await read_model.running_from_messages(self.engine)
         published = 0
         for (key, side), waiting in by_key.items():
             held = await self.publisher.count(key, side)  # type: ignore[arg-type]
-            if held >= len(waiting):
+            stream = task_stream_name(self.publisher.settings, side)  # type: ignore[arg-type]
+            if held >= len(waiting) + running.get((key, stream), 0):
                 continue
             for run in waiting:
                 assert run.state is not None

@@ -38,7 +38,7 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from runledger.commands.bounds import check_json_document
 from runledger.commands.task_runs import TaskRun
@@ -68,16 +68,18 @@ class ResultTooLarge(Exception):
     pass
 
 
-class TaskStreamsMissing(Exception):
-    """The service has never run in this namespace: there is nothing to take runs from."""
+class TaskSourcesUnavailable(Exception):
+    """The worker cannot bind to its keys' consumers: the service never ran in this namespace
+    (no task streams), or the broker refused a consumer."""
 
 
 def result_data(value: Any) -> dict[str, Any]:
     """A COMPLETED state's data for a return value: JSON the log and the read model can store
     (no NUL, finite numbers, 64-bit integers, bounded depth), and bounded in size."""
-    data = {"type": "json", "value": value}
     try:
-        size = len(json.dumps(value, allow_nan=False))
+        text = json.dumps(value, allow_nan=False)  # tuples become lists, keys strings, as JSON has them
+        data = {"type": "json", "value": json.loads(text)}
+        size = len(text)
         check_json_document(data)
     except (TypeError, ValueError, RecursionError) as e:
         raise ResultTooLarge(f"the task's result cannot be recorded: {e}") from None
@@ -154,9 +156,12 @@ class TaskWorker:
                 try:
                     await self.js.add_consumer(stream, task_consumer_config(key, side, self.settings))
                 except NotFoundError:
-                    raise TaskStreamsMissing(
+                    raise TaskSourcesUnavailable(
                         f"the task stream {stream} does not exist: the runledger service creates it when it "
                         f"starts (namespace {self.settings.namespace!r}); is it running?") from None
+                except APIError as e:
+                    raise TaskSourcesUnavailable(f"the consumer of task key {key!r} ({side} side) on {stream} cannot be "
+                                             f"created: {e.description or e}") from None
                 source = _Source(key, side, pull_subject=f"{self.settings.js_api_prefix}.CONSUMER.MSG.NEXT."
                                                                    f"{stream}.{consumer_name(key, side)}",
                                  inbox=self.nc.new_inbox())
@@ -307,7 +312,16 @@ class TaskWorker:
             log.error("handling a task run failed", exc_info=task.exception())
 
     async def _keep_held_alive(self) -> None:
+        """Messages delivered here while every slot is busy go back at once to other workers
+        (a negative acknowledgement); while there is room they wait their turn, kept alive."""
+        busy = len(self._running) >= self.limit
         for src in self.sources:
+            if busy:
+                held, src.held = src.held, []
+                for msg in held:
+                    with contextlib.suppress(Exception):
+                        await msg.nak()
+                continue
             for msg in src.held:
                 with contextlib.suppress(Exception):
                     await msg.in_progress()
@@ -374,6 +388,14 @@ class TaskWorker:
         if status == "WAIT":
             await msg.nak(delay=details.get("delay_seconds") or 1)
             return
+        if status == "ABORT":
+            # It can never start (a tag limit of 0, a stopped flow run): ended, so that it
+            # neither waits for ever nor comes back from the recovery sweep.
+            await self._report({"id": str(run.id), "state": {
+                "type": "FAILED", "state_details": {"retriable": False},
+                "message": storable_text(f"The task run cannot start: {details.get('reason')}")[:10_000]}}, msg)
+            await msg.ack()
+            return
         if status != "ACCEPT":
             ours = (status == "REJECT" and current.get("type") == "RUNNING" and not details.get("copy")
                     and details.get("task_worker_id") == self.worker_id)
@@ -401,6 +423,11 @@ class TaskWorker:
                 return
             if reply.get("ok") and reply["orchestration"]["status"] == "REJECT":
                 written = reply.get("result") or {}
+                holder = reply["orchestration"]["details"].get("task_worker_id")
+                if holder not in (None, self.worker_id):
+                    # Taken over (this worker was presumed dead): the message is the new holder's
+                    # now, and an acknowledgement would remove it under that holder.
+                    return
                 if written.get("name") == "AwaitingRetry":
                     await self._queue_retry(run, written, msg)
             self.finished += 1

@@ -8,7 +8,7 @@ import json
 from collections.abc import Sequence
 from typing import Any, cast
 
-from sqlalchemy import func, select
+from sqlalchemy import func, literal_column, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runledger.commands import flow_runs as fr
@@ -90,6 +90,18 @@ async def queued_runs(engine: Any, older_than_seconds: float, limit: int = 5_000
             .order_by(task_runs.c.updated).limit(limit))
     async with engine.connect() as conn:
         return [tr.TaskRun.model_validate(dict(row._mapping)) for row in await conn.execute(stmt)]
+
+
+async def running_from_messages(engine: Any) -> dict[tuple[str, str], int]:
+    """Runs started from a message that is still on its subject until their worker reports the
+    end (RUNNING or CANCELLING with a `task_message`), per (task key, stream)."""
+    stream = func.split_part(task_runs.c.task_message, literal_column("':'"), literal_column("1")).label("stream")
+    stmt = (select(task_runs.c.task_key, stream, func.count())
+            .where(task_runs.c.state_type.in_(["RUNNING", "CANCELLING"]))
+            .where(task_runs.c.task_message.is_not(None))
+            .group_by(task_runs.c.task_key, literal_column("stream")))
+    async with engine.connect() as conn:
+        return {(key, stream): n for key, stream, n in await conn.execute(stmt)}
 
 
 def task_run_reply(row: Any) -> dict[str, Any]:

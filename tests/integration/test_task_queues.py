@@ -310,3 +310,18 @@ async def test_a_stopping_worker_finishes_what_it_can_and_hands_back_the_rest(cl
         done = await wait_for_task_run(client, long.id, timeout=10)
     assert task_result(done) == "long" and time.monotonic() - t0 < 3
     assert started.count("long-again") == 1
+
+
+async def test_a_run_that_can_never_start_ends_failed_saying_why(client, settings):
+    await client.create_tag_concurrency_limit("blocked", 0)
+    ran: list[int] = []
+
+    async def never(i: int) -> int:
+        ran.append(i)
+        return i
+
+    async with running_worker(settings, {"never": never}):
+        run = await submit_task(client, "never", {"i": 1}, tags=["blocked"])
+        done = await wait_for_task_run(client, run.id, timeout=10)
+    assert ran == [] and done.state_type == "FAILED"
+    assert "cannot start" in done.state.message and "is 0 and will deadlock" in done.state.message

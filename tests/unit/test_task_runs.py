@@ -401,3 +401,22 @@ def test_after_a_delete_the_same_keys_make_a_run_with_a_fresh_id():
     d = tr.decide_create_task_run(create(), None, None, None, None, ctx(), keys_used_before=True)
     assert d.result.id != tr.keys_id(None, "k", "0")
     assert [type(e.event).__name__ for e in d.events] == ["TaskRunKeysTaken", "TaskRunCreated"]
+
+
+def test_a_cancelling_run_stays_its_workers_until_it_reports_the_end():
+    running = then(run := a_run(), start(run, "w1"))
+    cancelling = then(running, propose(running, StateCreate(type=T.CANCELLING)))
+    assert cancelling.state_type is T.CANCELLING and cancelling.task_worker_id == "w1"
+    assert propose(cancelling, StateCreate(type=T.COMPLETED), worker="w2").orchestration.status is Outcome.REJECT
+    done = propose(cancelling, StateCreate(type=T.CANCELLED), worker="w1")
+    assert done.orchestration.status is Outcome.ACCEPT and then(cancelling, done).task_worker_id is None
+
+
+def test_results_travel_as_json_has_them():
+    from runledger.handlers.task_worker import ResultTooLarge, result_data
+
+    assert result_data((1, 2)) == {"type": "json", "value": [1, 2]}
+    assert result_data({1: "a"}) == {"type": "json", "value": {"1": "a"}}
+    for unstorable in (float("nan"), "a\x00b", 2**70, object()):
+        with pytest.raises(ResultTooLarge):
+            result_data(unstorable)
