@@ -31,7 +31,7 @@ from .test_broker_restart import RestartableNats
 
 pytestmark = pytest.mark.timeout(240)
 
-TASKS = 600
+TASKS = 5000
 WORKERS = 4
 
 
@@ -189,3 +189,57 @@ async def test_a_worker_process_killed_mid_run_loses_it_to_another_worker(servic
                 p.terminate()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     p.wait(20)
+
+
+async def test_eight_workers_over_five_keys_run_each_task_once_and_retries_once_more(service, settings):
+    """2,000 tasks over 5 keys, 8 workers each serving every key (in orders of their own); one
+    task in five fails its first run and is retried (through the retry side). Every task ends
+    COMPLETED; from the functions' own counts and from the log, each ran once, and each of the
+    failing ones exactly twice."""
+    keys = [f"k{n}" for n in range(5)]
+    calls: collections.Counter[str] = collections.Counter()
+
+    def for_key(key: str):
+        async def work(label: str, fail_first: bool) -> str:
+            calls[label] += 1
+            if fail_first and calls[label] == 1:
+                raise RuntimeError("first run fails")
+            return label
+        return work
+
+    connections, serving, stop = [], [], asyncio.Event()
+    try:
+        for n in range(8):
+            nc = await connect(settings, name=f"w{n}")
+            connections.append(nc)
+            order = keys[n % 5:] + keys[:n % 5]
+            worker = TaskWorker(nc, settings, {k: for_key(k) for k in keys}, keys=order, limit=8, worker_id=f"w{n}")
+            await worker.start()
+            serving.append(asyncio.create_task(worker.serve(stop)))
+        async with RunledgerClient(settings) as client:
+            ids: dict[uuid.UUID, tuple[str, bool]] = {}
+
+            async def submitter(c: int) -> None:
+                for i in range(c, 2000, 8):
+                    label, fail_first = f"t{i}", i % 5 == 0
+                    run = await submit_task(client, keys[i % 5], {"label": label, "fail_first": fail_first},
+                                            retries=1, retry_delay=0, queue_wait_seconds=30)
+                    ids[run.id] = (label, fail_first)
+
+            await asyncio.gather(*(submitter(c) for c in range(8)))
+            await _wait_all_finished(client, list(ids), 180)
+            for label, fail_first in ids.values():
+                assert calls[label] == (2 if fail_first else 1), (label, calls[label])
+            store = EventStore(client._nc, settings)
+            for run_id, (_, fail_first) in list(ids.items())[::10]:  # the log of one run in ten
+                events = await store.read_aggregate("task_run", str(run_id))
+                types = [e.envelope.payload["run"]["state"]["type"] for e in events if "run" in e.envelope.payload]
+                assert types.count("RUNNING") == (2 if fail_first else 1) and types[-1] == "COMPLETED", types
+    finally:
+        stop.set()
+        for task in serving:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 30)
+        for nc in connections:
+            with contextlib.suppress(Exception):
+                await nc.close()
