@@ -172,12 +172,14 @@ class TaskWorker:
         """Takes and runs task runs until `stop` is set, then stops as `stop()` says."""
         taking = asyncio.create_task(self._take_loop())
         beating = asyncio.create_task(self._heartbeats())
-        await stop.wait()
-        self._taking = False
-        for task in (taking, beating):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        try:
+            await stop.wait()
+        finally:
+            self._taking = False
+            for task in (taking, beating):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         await self.stop()
         with contextlib.suppress(Exception):
             await forget_task_worker(self.js, self.settings, self.worker_id)
@@ -222,6 +224,20 @@ class TaskWorker:
         order among those available. When none is, it asks all of them again, waiting, and
         takes whichever comes first. Each source has at most one request out, so at most one
         message per source waits here unstarted (kept alive meanwhile)."""
+        while self._taking:
+            try:
+                await self._take_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if self.nc.is_closed:
+                    log.error("task worker %s lost its broker connection for good; it takes no more runs",
+                              self.worker_id)
+                    return
+                log.warning("taking task runs failed (%s: %s); trying again", type(e).__name__, e)
+                await asyncio.sleep(0.5)
+
+    async def _take_once(self) -> None:
         loop = asyncio.get_running_loop()
         keep_alive_at = loop.time()
         while self._taking:
