@@ -3,6 +3,7 @@ processes (4 by default), submitters through the client, every state recorded.
 
     python bench/tasks.py [--only latency,throughput,chain,faults,worker-kill,commands]
                           [--workers 4] [--rate 200] [--seconds 10] [--tasks 20000]
+                          [--worker-kind native|faststream]
 
 - latency: submit → the task function starts, at `--rate` tasks/s offered (p50, p99);
 - throughput: `--tasks` trivial tasks submitted by 8 clients and run by the workers, from the
@@ -53,17 +54,22 @@ HERE = Path(__file__).resolve().parent
 class Workers:
     """`runledger task-worker` processes serving the bench's task keys, each recording its calls."""
 
-    def __init__(self, settings: Settings, out: Path, count: int, limit: int, keys: list[str]):
+    def __init__(self, settings: Settings, out: Path, count: int, limit: int, keys: list[str],
+                 kind: str = "native"):
         self.settings, self.out, self.count, self.limit, self.keys = settings, out, count, limit, keys
+        self.kind = kind  # native: `runledger task-worker`; faststream: bench/faststream_worker.py
         self.procs: list[subprocess.Popen] = []
 
     def start_one(self, name: str) -> subprocess.Popen:
         env = dict(os.environ, RUNLEDGER_NATS_URL=self.settings.nats_url, RUNLEDGER_NAMESPACE=self.settings.namespace,
                    RUNLEDGER_DATABASE_URL=self.settings.database_url.get_secret_value(),
                    RL_BENCH_OUT=str(self.out), PYTHONPATH=str(HERE), **role_env(self.settings))
-        exe = Path(sys.executable).parent / "runledger"
-        args = [str(exe), "task-worker", "--module", "task_functions", "--limit", str(self.limit),
-                "--worker-id", name, "--grace", "5"]
+        if self.kind == "faststream":
+            args = [sys.executable, str(HERE / "faststream_worker.py"), "--limit", str(self.limit), "--worker-id", name]
+        else:
+            exe = Path(sys.executable).parent / "runledger"
+            args = [str(exe), "task-worker", "--module", "task_functions", "--limit", str(self.limit),
+                    "--worker-id", name, "--grace", "5"]
         for key in self.keys:
             args += ["--key", key]
         proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -309,7 +315,7 @@ async def run(args) -> list[tuple]:
                 client = await RunledgerClient(bench_settings(urls, role="client")).connect()
                 if only & {"latency", "throughput", "chain"}:
                     with Workers(worker_settings, out, args.workers, args.limit,
-                                 ["bench.trivial", "bench.chain"]) as workers:
+                                 ["bench.trivial", "bench.chain"], kind=args.worker_kind) as workers:
                         if "latency" in only:
                             rows += await latency(client, workers, args.rate, args.seconds)
                         if "throughput" in only:
@@ -336,10 +342,12 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=200.0)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--tasks", type=int, default=20_000)
+    p.add_argument("--worker-kind", choices=("native", "faststream"), default="native",
+                   help="workers as `runledger task-worker` processes, or as FastStream apps")
     p.add_argument("--json")
     args = p.parse_args()
     rows = asyncio.run(run(args))
-    report("Task runs (bench/tasks.py)", rows)
+    report(f"Task runs (bench/tasks.py, {args.worker_kind} workers)", rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 
