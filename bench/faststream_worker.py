@@ -16,6 +16,7 @@ import sys
 import task_functions  # noqa: F401  (registers the bench's @task functions)
 from faststream import FastStream
 from faststream.nats import NatsBroker
+from faststream.security import SASLPlaintext
 
 from runledger.client import tasks as client_tasks
 from runledger.handlers.faststream_tasks import RunledgerTasks
@@ -25,9 +26,11 @@ from runledger.infra.settings import load_settings
 async def main(args) -> None:
     settings = load_settings("task_worker")
     client_tasks.use_settings(settings)
-    password = settings.nats_password.get_secret_value() if settings.nats_password else None
-    broker = NatsBroker(settings.nats_url, user=settings.nats_user, password=password,
-                        inbox_prefix=settings.inbox_prefix, max_reconnect_attempts=-1, logger=None)
+    security = None
+    if settings.nats_user and settings.nats_password:
+        security = SASLPlaintext(username=settings.nats_user, password=settings.nats_password.get_secret_value())
+    broker = NatsBroker(settings.nats_url, security=security, inbox_prefix=settings.inbox_prefix,
+                        max_reconnect_attempts=-1, logger=None)
     app = FastStream(broker, logger=None)
     tasks = RunledgerTasks(broker, settings=settings, limit=args.limit, worker_id=args.worker_id, grace_seconds=5)
     for key in args.key:

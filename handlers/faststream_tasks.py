@@ -2,9 +2,11 @@
 
     from faststream import FastStream
     from faststream.nats import NatsBroker
+    from faststream.security import SASLPlaintext
     from runledger.handlers.faststream_tasks import RunledgerTasks
 
-    broker = NatsBroker("nats://...", user="task_worker", password="...", inbox_prefix="_INBOX.task_worker")
+    broker = NatsBroker("nats://...", inbox_prefix="_INBOX.task_worker",
+                        security=SASLPlaintext(username="task_worker", password="..."))
     app = FastStream(broker)
     tasks = RunledgerTasks(broker, limit=10)
 
