@@ -160,8 +160,9 @@ class TaskWorker:
                         f"the task stream {stream} does not exist: the runledger service creates it when it "
                         f"starts (namespace {self.settings.namespace!r}); is it running?") from None
                 except APIError as e:
-                    raise TaskSourcesUnavailable(f"the consumer of task key {key!r} ({side} side) on {stream} cannot be "
-                                             f"created: {e.description or e}") from None
+                    raise TaskSourcesUnavailable(
+                        f"the consumer of task key {key!r} ({side} side) on {stream} cannot be created: "
+                        f"{e.description or e}") from None
                 source = _Source(key, side, pull_subject=f"{self.settings.js_api_prefix}.CONSUMER.MSG.NEXT."
                                                                    f"{stream}.{consumer_name(key, side)}",
                                  inbox=self.nc.new_inbox())
@@ -223,10 +224,12 @@ class TaskWorker:
         one message each (no wait), and chooses once they have answered: the first run in
         order among those available. When none is, it asks all of them again, waiting, and
         takes whichever comes first. Each source has at most one request out, so at most one
-        message per source waits here unstarted (kept alive meanwhile)."""
+        message per source waits here unstarted (kept alive meanwhile, or handed back when
+        every slot is busy). An error (a broker away) is logged and the loop goes on, unless
+        the connection closed for good."""
         while self._taking:
             try:
-                await self._take_once()
+                await self._take_runs()
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -237,7 +240,7 @@ class TaskWorker:
                 log.warning("taking task runs failed (%s: %s); trying again", type(e).__name__, e)
                 await asyncio.sleep(0.5)
 
-    async def _take_once(self) -> None:
+    async def _take_runs(self) -> None:
         loop = asyncio.get_running_loop()
         keep_alive_at = loop.time()
         while self._taking:
