@@ -7,7 +7,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, FilePath, SecretStr, ValidationError, field_validator
@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     # before it is delivered to another worker.
     task_queue_size: int = Field(default=1000, ge=1, le=10_000_000)
     task_retry_queue_size: int = Field(default=100, ge=1, le=10_000_000)
+    # Per task key, where a key needs another bound (JSON: {"key": n}).
+    task_queue_sizes: dict[str, Annotated[int, Field(ge=1, le=10_000_000)]] = {}
+    task_retry_queue_sizes: dict[str, Annotated[int, Field(ge=1, le=10_000_000)]] = {}
     task_ack_wait_seconds: float = Field(default=3.0, ge=0.5, le=3600)
     # A projection stopped at an event it cannot apply tries that event again this often.
     projection_stall_retry_seconds: float = Field(default=30.0, gt=0)

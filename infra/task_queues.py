@@ -58,6 +58,21 @@ def consumer_name(task_key: str, side: Side) -> str:
     return f"task_{side}_{readable}_{hashlib.sha256(task_key.encode()).hexdigest()[:24]}"
 
 
+def queue_bound(settings: Settings, task_key: str, side: Side) -> int:
+    """How many runs may wait on one side of a key: its own bound, else the side's default."""
+    if side == "scheduled":
+        return settings.task_queue_sizes.get(task_key, settings.task_queue_size)
+    return settings.task_retry_queue_sizes.get(task_key, settings.task_retry_queue_size)
+
+
+def stream_bound(settings: Settings, side: Side) -> int:
+    """The stream's per-subject bound: the largest of the side's bounds. A key whose own bound
+    is lower is held to it by the publisher, which counts before it publishes."""
+    sizes = settings.task_queue_sizes if side == "scheduled" else settings.task_retry_queue_sizes
+    default = settings.task_queue_size if side == "scheduled" else settings.task_retry_queue_size
+    return max([default, *sizes.values()])
+
+
 def task_stream_config(settings: Settings, side: Side) -> StreamConfig:
     return StreamConfig(
         name=task_stream_name(settings, side),
@@ -67,7 +82,7 @@ def task_stream_config(settings: Settings, side: Side) -> StreamConfig:
         storage=StorageType.FILE,
         discard=DiscardPolicy.NEW,
         discard_new_per_subject=True,
-        max_msgs_per_subject=settings.task_queue_size if side == "scheduled" else settings.task_retry_queue_size,
+        max_msgs_per_subject=stream_bound(settings, side),
         duplicate_window=settings.event_duplicate_window_seconds,
         allow_direct=True,
     )
@@ -125,26 +140,40 @@ class TaskPublisher:
     def __init__(self, js: JetStreamContext, settings: Settings):
         self.js = js
         self.settings = settings
+        # Each stream's per-subject bound as the server has it (a lowered setting is not
+        # applied to an existing stream: see `ensure_task_streams`), read once.
+        self._stream_bounds: dict[Side, int] = {}
+
+    async def _stream_bound(self, side: Side) -> int:
+        if side not in self._stream_bounds:
+            info = await self.js.stream_info(task_stream_name(self.settings, side))
+            self._stream_bounds[side] = info.config.max_msgs_per_subject or stream_bound(self.settings, side)
+        return self._stream_bounds[side]
 
     async def publish(self, task_key: str, side: Side, run_id: str, state_id: str, body: bytes,
                       wait_seconds: float = 0.0) -> None:
+        """The stream refuses a message over its per-subject bound (the largest bound of the
+        side); a key with a lower bound of its own is counted first (one more request; two
+        publishers at once may pass it by one each)."""
         subject = task_subject(self.settings, task_key, side)
         headers = {"Nats-Msg-Id": f"{run_id}:{state_id}"}
+        bound = queue_bound(self.settings, task_key, side)
+        counted = bound < await self._stream_bound(side)
         deadline = time.monotonic() + wait_seconds
         pause = 0.01
         while True:
-            try:
-                await self.js.publish(subject, body, headers=headers)
-                return
-            except (ServiceUnavailableError, APIError) as e:
-                if getattr(e, "err_code", None) != _FULL:
-                    raise
-                if time.monotonic() + pause > deadline:
-                    bound = (self.settings.task_queue_size if side == "scheduled"
-                             else self.settings.task_retry_queue_size)
-                    raise TaskKeyFull(task_key, side, bound) from e
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.2)
+            full = counted and await self.count(task_key, side) >= bound
+            if not full:
+                try:
+                    await self.js.publish(subject, body, headers=headers)
+                    return
+                except (ServiceUnavailableError, APIError) as e:
+                    if getattr(e, "err_code", None) != _FULL:
+                        raise
+            if time.monotonic() + pause > deadline:
+                raise TaskKeyFull(task_key, side, bound)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.2)
 
     async def count(self, task_key: str, side: Side) -> int:
         """How many runs wait on one side of a key (acknowledged ones are gone from the stream)."""

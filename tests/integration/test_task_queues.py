@@ -19,6 +19,7 @@ from runledger.handlers.task_dispatch import task_message
 from runledger.handlers.task_worker import TaskWorker
 from runledger.infra.nats_connection import connect
 from runledger.infra.task_queues import TaskPublisher, task_subject
+from tests.conftest import cleanup_namespace
 
 pytestmark = pytest.mark.asyncio
 
@@ -157,6 +158,7 @@ async def test_a_full_key_refuses_the_submitter_and_keeps_what_is_queued(setting
             assert sorted(seen) == [0, 1, 2, 4]
     finally:
         await svc.stop()
+        await cleanup_namespace(settings)
 
 
 async def test_a_worker_that_dies_mid_run_loses_it_to_another_within_5_seconds(client, service, settings):
@@ -325,3 +327,21 @@ async def test_a_run_that_can_never_start_ends_failed_saying_why(client, setting
         done = await wait_for_task_run(client, run.id, timeout=10)
     assert ran == [] and done.state_type == "FAILED"
     assert "cannot start" in done.state.message and "is 0 and will deadlock" in done.state.message
+
+
+async def test_a_key_may_have_a_bound_of_its_own_above_or_below_the_default(settings):
+    sized = settings.model_copy(update={"task_queue_size": 3, "task_queue_sizes": {"small": 1, "big": 5}})
+    svc = Service(sized)
+    await svc.start()
+    try:
+        async with RunledgerClient(sized) as rl:
+            for key, bound in (("small", 1), ("plain", 3), ("big", 5)):
+                for i in range(bound):
+                    await submit_task(rl, key, {"i": i})
+                with pytest.raises(Unavailable, match=f"Task key '{key}' is full: {bound} runs already wait"):
+                    await submit_task(rl, key, {"i": bound})
+            publisher = TaskPublisher(rl._nc.jetstream(), sized)
+            assert [await publisher.count(k, "scheduled") for k in ("small", "plain", "big")] == [1, 3, 5]
+    finally:
+        await svc.stop()
+        await cleanup_namespace(settings)
