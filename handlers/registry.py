@@ -1,5 +1,5 @@
-"""The one list of what runledger runs: aggregate kinds, commands, queries, projectors and
-reactors. The service, the broker contract (AsyncAPI), replay and verify, the broker's
+"""The one list of what runledger runs: aggregate kinds, commands, queries and projectors
+(what reacts to decisions: see the note below the projectors). The service, the broker contract (AsyncAPI), replay and verify, the broker's
 permissions (one consumer per projector) and the benchmarks all read it, so adding an
 aggregate is one module of rules, one of commands, one read model, and a line each here.
 
@@ -64,9 +64,12 @@ PROJECTORS: list[Callable[[], Projector]] = [
     tag_concurrency_limits_read_model.TagConcurrencyLimitsProjector,
 ]
 
-# Handlers that react to events with commands (e.g. waking the next waiter for a released
-# slot): none yet; each will run behind a lease, like a projector.
-REACTORS: list[Callable[[], Any]] = []
+# What reacts to decisions is not a list of event consumers, each where it is cheapest and
+# safest: waking a slot's next waiter is part of the release's own decision (same atomic batch,
+# commands/flow_runs.waiter_events); queuing a task run and announcing a finished one follow
+# the append in the command bus (`CommandBus.after_append`: handlers/task_dispatch.TaskDispatch),
+# with a leased sweep for what an outage left unpublished (TaskRecovery, role `task_recovery`);
+# crashing a lost worker's runs is the foreman's (handlers/foreman.py, leased).
 
 # Query name -> (request model, handler(conn, query)). The health query is added by the
 # service: it reads the service's own runner and the stream.
