@@ -19,8 +19,11 @@ a task worker may itself submit and await others that way. Task workers run the 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import inspect
+import json
 import threading
 import uuid
 from collections.abc import Callable, Coroutine
@@ -57,13 +60,31 @@ def finished_subject(settings: Settings, task_run_id: uuid.UUID | str) -> str:
 
 
 def task_result(run: TaskRun) -> Any:
-    """The value a COMPLETED run returned; `TaskFailed` for a run that ended otherwise."""
+    """The value a COMPLETED run returned; `TaskFailed` for a run that ended otherwise. A
+    result stored apart (too large for its state) is returned as its reference: read it with
+    `fetch_task_result`."""
     if run.state_type != "COMPLETED":
         raise TaskFailed(run)
     data = run.state.data if run.state is not None else None
     if isinstance(data, dict) and data.get("type") == "json":
         return data.get("value")
     return data
+
+
+async def fetch_task_result(client: RunledgerClient, run: TaskRun) -> Any:
+    """The value a COMPLETED run returned, read from the result store when it was too large for
+    its state (checked against its SHA-256); `TaskFailed` for a run that ended otherwise."""
+    value = task_result(run)
+    if not (isinstance(value, dict) and value.get("type") == "reference" and value.get("storage") == "task-results"):
+        return value
+    parts = []
+    for chunk in range(int(value["chunks"])):
+        reply = await client.query("GetTaskRunResult", {"id": str(run.id), "chunk": chunk}, min_seq=0)
+        parts.append(base64.b64decode(reply.result["data"]))
+    encoded = b"".join(parts)
+    if hashlib.sha256(encoded).hexdigest() != value["sha256"]:
+        raise RunledgerError(f"task run {run.id}: the stored result does not match its checksum")
+    return json.loads(encoded)
 
 
 async def submit_task(client: RunledgerClient, task_key: str, parameters: dict[str, Any] | None = None, *,
@@ -168,12 +189,13 @@ class TaskFuture(Generic[R]):
     def result(self, timeout: float | None = None) -> R:
         bridge = _Bridge.get()
         run = bridge.run(wait_for_task_run(bridge.client, self.task_run_id, timeout))
-        return task_result(run)  # type: ignore[no-any-return]
+        return bridge.run(fetch_task_result(bridge.client, run))  # type: ignore[no-any-return]
 
     async def aresult(self, timeout: float | None = None) -> R:
         if self._client is None:
             raise RuntimeError("this future was made by .delay(): wait for it with .result()")
-        return task_result(await wait_for_task_run(self._client, self.task_run_id, timeout))  # type: ignore[no-any-return]
+        run = await wait_for_task_run(self._client, self.task_run_id, timeout)
+        return await fetch_task_result(self._client, run)  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:
         return f"TaskFuture({self.task_run_id})"

@@ -475,6 +475,14 @@ class GetTaskRunState(Query):
     id: uuid.UUID
 
 
+class GetTaskRunResult(Query):
+    """One chunk of a task run's result stored apart (its COMPLETED state's data is
+    `{"type": "reference", "chunks": n, ...}`): chunk `chunk` of `n`, base64."""
+
+    id: uuid.UUID
+    chunk: Annotated[int, Field(ge=0, le=INT32_MAX)] = 0
+
+
 class ListTaskWorkers(Query):
     """The task workers serving now (each heartbeat within the last three intervals), with the
     keys they serve; only those serving any of `task_keys` when given."""

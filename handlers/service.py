@@ -32,6 +32,7 @@ from runledger.infra.settings import Settings
 from runledger.infra.snapshots import SnapshotStore, ensure_snapshot_bucket
 from runledger.infra.task_queues import (
     TaskPublisher,
+    ensure_result_stream,
     ensure_task_streams,
     ensure_task_worker_bucket,
 )
@@ -132,6 +133,7 @@ class Service:
         await ensure_event_stream(self.nc.jetstream(), s)
         await ensure_task_streams(self.nc.jetstream(), s)
         await ensure_task_worker_bucket(self.nc.jetstream(), s)
+        await ensure_result_stream(self.nc.jetstream(), s)
         self.engine = create_engine(s)
         try:
             await check_database(self.engine, s)

@@ -44,12 +44,14 @@ from runledger.commands.bounds import check_json_document
 from runledger.commands.task_runs import TaskRun
 from runledger.infra.settings import Settings
 from runledger.infra.task_queues import (
+    MAX_STORED_RESULT_BYTES,
     SIDES,
     TASK_WORKER_HEARTBEAT_SECONDS,
     Side,
     consumer_name,
     forget_task_worker,
     put_task_worker,
+    store_result,
     task_consumer_config,
     task_stream_name,
 )
@@ -57,7 +59,8 @@ from runledger.infra.task_queues import (
 log = logging.getLogger("runledger.task_worker")
 
 TaskFunction = Callable[..., Any]
-# A result larger than this is refused (FAILED, saying so) rather than written into the log.
+# A result larger than this (as JSON) is stored apart (infra/task_queues.store_result) and its
+# state carries a reference; one larger than MAX_STORED_RESULT_BYTES is refused (FAILED).
 MAX_RESULT_BYTES = 256 * 1024
 # How long a report is tried again while the service or the broker is away, before the run is
 # left for its message's redelivery to settle.
@@ -65,7 +68,11 @@ REPORT_PATIENCE_SECONDS = 300.0
 
 
 class ResultTooLarge(Exception):
-    pass
+    """A result that cannot travel in its state: unstorable, or (`encoded` set) too large."""
+
+    def __init__(self, message: str, encoded: bytes | None = None):
+        super().__init__(message)
+        self.encoded = encoded
 
 
 class TaskSourcesUnavailable(Exception):
@@ -75,17 +82,17 @@ class TaskSourcesUnavailable(Exception):
 
 def result_data(value: Any) -> dict[str, Any]:
     """A COMPLETED state's data for a return value: JSON the log and the read model can store
-    (no NUL, finite numbers, 64-bit integers, bounded depth), and bounded in size."""
+    (no NUL, finite numbers, 64-bit integers, bounded depth), and bounded in size. A larger one
+    raises `ResultTooLarge` with its JSON (`.encoded`), for the result store."""
     try:
         text = json.dumps(value, allow_nan=False)  # tuples become lists, keys strings, as JSON has them
         data = {"type": "json", "value": json.loads(text)}
-        size = len(text)
         check_json_document(data)
     except (TypeError, ValueError, RecursionError) as e:
         raise ResultTooLarge(f"the task's result cannot be recorded: {e}") from None
-    if size > MAX_RESULT_BYTES:
-        raise ResultTooLarge(f"the task's result is {size} bytes as JSON, more than {MAX_RESULT_BYTES} "
-                             "can be recorded: store it yourself and return a reference to it") from None
+    encoded = text.encode()
+    if len(encoded) > MAX_RESULT_BYTES:
+        raise ResultTooLarge(f"the task's result is {len(encoded)} bytes as JSON", encoded)
     return data
 
 
@@ -429,7 +436,7 @@ class TaskWorker:
         function = self.functions[source.task_key]
         keep_alive = asyncio.create_task(self._keep_alive(msg))
         try:
-            outcome = await self._call(function, run)
+            outcome = await self._call(function, run, str((reply.get("result") or {}).get("id") or run.id))
             reply = await self._report({"id": str(run.id), "state": outcome, "task_worker_id": self.worker_id}, msg)
             if reply is not None and not reply.get("ok") and reply["error"].get("code") == "invalid":
                 # The outcome itself cannot be recorded (a value the log cannot store): say so.
@@ -454,9 +461,9 @@ class TaskWorker:
         finally:
             keep_alive.cancel()
 
-    @staticmethod
-    async def _call(function: TaskFunction, run: TaskRun) -> dict[str, Any]:
-        """The state the call comes to: COMPLETED with its value, or FAILED with its exception."""
+    async def _call(self, function: TaskFunction, run: TaskRun, attempt: str) -> dict[str, Any]:
+        """The state the call comes to: COMPLETED with its value (or, when large, a reference to
+        it in the result store), or FAILED with its exception."""
         try:
             if inspect.iscoroutinefunction(function):
                 value = await function(**run.parameters)
@@ -466,6 +473,13 @@ class TaskWorker:
         except asyncio.CancelledError:
             raise
         except ResultTooLarge as e:
+            if e.encoded is not None and len(e.encoded) <= MAX_STORED_RESULT_BYTES:
+                reference = await store_result(self.js, self.settings, str(run.id), attempt, e.encoded)
+                return {"type": "COMPLETED", "data": reference}
+            if e.encoded is not None:
+                e = ResultTooLarge(f"the task's result is {len(e.encoded)} bytes as JSON, more than the "
+                                   f"{MAX_STORED_RESULT_BYTES} a task run may store: store it yourself and "
+                                   "return a reference to it")
             return {"type": "FAILED", "message": str(e), "state_details": {"retriable": False}}
         except Exception as e:
             return {"type": "FAILED", "message": storable_text(f"{type(e).__name__}: {e}")[:10_000],

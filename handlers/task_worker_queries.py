@@ -1,9 +1,10 @@
-"""The query `ListTaskWorkers`: the task workers serving now, from the bucket their heartbeats
-keep (infra/task_queues.py), not from a read model: presence is not history, so it is not in
-the event log."""
+"""Task-worker queries answered beside the read models: `ListTaskWorkers`, the workers serving
+now, from the bucket their heartbeats keep (presence is not history, so it is not in the log);
+`GetTaskRunResult`, a chunk of a large result from the result store (infra/task_queues.py)."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable
 from functools import partial
@@ -11,10 +12,14 @@ from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.errors import NoKeysError
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from runledger.commands.queries import ListTaskWorkers
+from runledger.commands.messages import not_found
+from runledger.commands.queries import GetTaskRunResult, ListTaskWorkers
 from runledger.infra.settings import Settings
-from runledger.infra.task_queues import task_worker_bucket
+from runledger.infra.task_queues import read_result_chunk, task_worker_bucket
+from runledger.projections.tables import task_runs
 
 
 async def list_task_workers(_conn: Any, query: ListTaskWorkers, *, js: JetStreamContext,
@@ -38,6 +43,22 @@ async def list_task_workers(_conn: Any, query: ListTaskWorkers, *, js: JetStream
     return sorted(workers, key=lambda w: w["identifier"])
 
 
-def task_worker_queries(js: JetStreamContext, settings: Settings) -> dict[str, tuple[type[ListTaskWorkers],
-                                                                                    Callable[..., Any]]]:
-    return {"ListTaskWorkers": (ListTaskWorkers, partial(list_task_workers, js=js, settings=settings))}
+async def get_task_run_result(conn: AsyncConnection, query: GetTaskRunResult, *, js: JetStreamContext,
+                              settings: Settings) -> dict[str, Any]:
+    """`{chunk, chunks, size, sha256, data}` (data: base64) of the run's stored result."""
+    row = (await conn.execute(select(task_runs.c.state).where(task_runs.c.id == query.id))).first()
+    if row is None:
+        raise not_found("Task run not found")
+    data = (row.state or {}).get("data")
+    if not isinstance(data, dict) or data.get("type") != "reference":
+        raise not_found("Task run has no stored result (a small result is in its state's data)")
+    if query.chunk >= int(data["chunks"]):
+        raise not_found(f"The result has {data['chunks']} chunks")
+    chunk = await read_result_chunk(js, settings, str(query.id), str(data["attempt"]), query.chunk)
+    return {"chunk": query.chunk, "chunks": data["chunks"], "size": data["size"], "sha256": data["sha256"],
+            "data": base64.b64encode(chunk).decode()}
+
+
+def task_worker_queries(js: JetStreamContext, settings: Settings) -> dict[str, tuple[Any, Callable[..., Any]]]:
+    return {"ListTaskWorkers": (ListTaskWorkers, partial(list_task_workers, js=js, settings=settings)),
+            "GetTaskRunResult": (GetTaskRunResult, partial(get_task_run_result, js=js, settings=settings))}

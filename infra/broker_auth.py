@@ -50,7 +50,7 @@ ROLES = ("service", "client", "analyst", "task_worker")
 # What a task worker may send: its reports, new task runs, and the reads a `.result()` makes
 # (the run; the service's health, whose stream position `catch_up` waits for).
 TASK_WORKER_COMMANDS = ("CreateTaskRun", "SetTaskRunState")
-TASK_WORKER_QUERIES = ("GetTaskRun", "GetServiceHealth")
+TASK_WORKER_QUERIES = ("GetTaskRun", "GetServiceHealth", "GetTaskRunResult")
 # Headers plus body of one message (nats-server counts both); the server's default, stated.
 MAX_PAYLOAD = 1024 * 1024
 
@@ -102,6 +102,11 @@ class Names:
         """The task-key streams (infra/task_queues.py): scheduled and retry sides."""
         ns = self.namespace.upper()
         return (f"{ns}_TASKS", f"{ns}_TASK_RETRIES")
+
+    @property
+    def result_stream(self) -> str:
+        """Large task results, in chunks (infra/task_queues.py)."""
+        return f"{self.namespace.upper()}_TASK_RESULTS"
 
     @property
     def buckets(self) -> tuple[str, str, str]:
@@ -174,6 +179,7 @@ def task_worker_services(names: Names) -> list[tuple[str, str]]:
         # as it is across the import, so the acknowledgement is sent there and imported as is.
         *((f"$JS.ACK.{s}.>", "singleton") for s in names.task_streams),
         (f"$KV.{names.buckets[2]}.>", "singleton"),
+        (f"{ns}.result.>", "singleton"),  # a large result's chunks (a JetStream publish each)
         *((f"{ns}.cmd.{c}", "singleton") for c in TASK_WORKER_COMMANDS),
         *((f"{ns}.qry.{q}", "singleton") for q in TASK_WORKER_QUERIES),
     ]
@@ -190,7 +196,7 @@ def role_permissions(namespace: str, service_consumers: Sequence[str]) -> dict[s
     ns, stream = namespace, n.stream
     api = "$JS.API"
     kv_streams = [f"KV_{b}" for b in n.buckets]
-    own_streams = [stream, *kv_streams, *n.task_streams]
+    own_streams = [stream, *kv_streams, *n.task_streams, n.result_stream]
 
     service_pub = [
         f"{ns}.evt.>", f"{ns}.idem.>",  # appends (single messages and atomic batches)

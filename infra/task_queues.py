@@ -224,3 +224,55 @@ async def forget_task_worker(js: JetStreamContext, settings: Settings, identifie
     """A worker that stops says so, instead of lingering until its entry expires."""
     await js.publish(f"$KV.{task_worker_bucket(settings)}.{task_worker_key(identifier)}", b"",
                      headers={"KV-Operation": "DEL"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Large results: a task whose return value is too large to travel in its state stores it here,
+# in chunks, and its COMPLETED state names them (`{"type": "reference", ...}`). One stream,
+# limits retention (kept like the log), one subject per chunk, read back by direct gets.
+
+RESULT_CHUNK_BYTES = 512 * 1024  # well inside the broker's 1 MiB message, headers included
+MAX_STORED_RESULT_BYTES = 64 * 1024 * 1024
+
+
+def result_stream_name(settings: Settings) -> str:
+    return f"{settings.namespace.upper()}_TASK_RESULTS"
+
+
+def result_subject(settings: Settings, task_run_id: str, attempt: str, index: int) -> str:
+    """`attempt`: the id of the RUNNING state the result came from."""
+    return f"{settings.namespace}.result.{task_run_id}.{attempt}.{index}"
+
+
+async def ensure_result_stream(js: JetStreamContext, settings: Settings) -> None:
+    config = StreamConfig(
+        name=result_stream_name(settings),
+        description="runledger task results too large for their task run's state",
+        subjects=[f"{settings.namespace}.result.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.NEW,
+        allow_direct=True,
+        max_msg_size=RESULT_CHUNK_BYTES + 64 * 1024,
+    )
+    try:
+        await js.stream_info(result_stream_name(settings))
+    except NotFoundError:
+        await js.add_stream(config)
+
+
+async def store_result(js: JetStreamContext, settings: Settings, task_run_id: str, attempt: str,
+                       encoded: bytes) -> dict[str, object]:
+    """Stores a large result in chunks; returns the reference a COMPLETED state carries."""
+    chunks = [encoded[i:i + RESULT_CHUNK_BYTES] for i in range(0, len(encoded), RESULT_CHUNK_BYTES)] or [b""]
+    for index, chunk in enumerate(chunks):
+        await js.publish(result_subject(settings, task_run_id, attempt, index), chunk)
+    return {"type": "reference", "storage": "task-results", "task_run_id": task_run_id, "attempt": attempt,
+            "chunks": len(chunks), "size": len(encoded), "sha256": hashlib.sha256(encoded).hexdigest()}
+
+
+async def read_result_chunk(js: JetStreamContext, settings: Settings, task_run_id: str, attempt: str,
+                            index: int) -> bytes:
+    msg = await js.get_last_msg(result_stream_name(settings), result_subject(settings, task_run_id, attempt, index),
+                                direct=True)
+    return msg.data or b""

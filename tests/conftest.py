@@ -110,9 +110,10 @@ async def cleanup_namespace(settings) -> None:
     from runledger.infra.nats_connection import connect
 
     nc = await connect(settings)
-    from runledger.infra.task_queues import SIDES, task_stream_name
+    from runledger.infra.task_queues import SIDES, result_stream_name, task_stream_name
 
-    for stream in (settings.stream_name, *(task_stream_name(settings, side) for side in SIDES)):
+    for stream in (settings.stream_name, *(task_stream_name(settings, side) for side in SIDES),
+                   result_stream_name(settings)):
         with contextlib.suppress(NotFoundError):
             await nc.jetstream().delete_stream(stream)
     from runledger.infra.task_queues import task_worker_bucket

@@ -345,7 +345,12 @@ async def test_task_worker_serves_its_keys_and_submits_tasks_with_its_own_creden
     client submitted (reading it, catching up with the service, hearing it finish) and one it
     submitted itself; the client hears that a run finished. None of it is refused."""
     from runledger.client import RunledgerClient
-    from runledger.client.tasks import submit_task, task_result, wait_for_task_run
+    from runledger.client.tasks import (
+        fetch_task_result,
+        submit_task,
+        task_result,
+        wait_for_task_run,
+    )
     from runledger.handlers.task_worker import TaskWorker
 
     worker_settings = roles.settings("task_worker")
@@ -361,7 +366,10 @@ async def test_task_worker_serves_its_keys_and_submits_tasks_with_its_own_creden
         await gate.wait()
         return "opened"
 
-    worker = TaskWorker(nc, worker_settings, {"double": double, "gated": gated})
+    async def big() -> str:  # stored apart, in chunks, through its imports
+        return "y" * 700_000
+
+    worker = TaskWorker(nc, worker_settings, {"double": double, "gated": gated, "big": big})
     await worker.start()
     stop = asyncio.Event()
     serving = asyncio.create_task(worker.serve(stop))
@@ -383,6 +391,12 @@ async def test_task_worker_serves_its_keys_and_submits_tasks_with_its_own_creden
             assert isinstance(await as_worker.catch_up(), int)
             run = await submit_task(as_worker, "double", {"x": 5})
             assert task_result(await wait_for_task_run(as_worker, run.id, timeout=10)) == 10
+            large = await submit_task(as_worker, "big", {})
+            assert await fetch_task_result(as_worker, await wait_for_task_run(as_worker, large.id, timeout=10)) == \
+                "y" * 700_000
+        async with RunledgerClient(roles.settings("client")) as client:  # a client reads it too
+            assert await fetch_task_result(client, await wait_for_task_run(client, large.id, timeout=10)) == \
+                "y" * 700_000
     finally:
         gate.set()
         stop.set()

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from runledger.client import RunledgerClient, Unavailable
+from runledger.client import NotFound, RunledgerClient, Unavailable
 from runledger.client.tasks import TaskFailed, submit_task, task_result, wait_for_task_run
 from runledger.handlers.service import Service
 from runledger.handlers.task_dispatch import task_message
@@ -345,3 +345,24 @@ async def test_a_key_may_have_a_bound_of_its_own_above_or_below_the_default(sett
     finally:
         await svc.stop()
         await cleanup_namespace(settings)
+
+
+async def test_a_large_result_is_stored_apart_and_read_back_whole(client, settings):
+    from runledger.client.tasks import fetch_task_result
+    from runledger.handlers.task_worker import MAX_RESULT_BYTES
+
+    big = {"rows": [f"row {i} " + "x" * 90 for i in range(30_000)]}  # ~3 MB as JSON: 6 chunks
+
+    async def report() -> dict:
+        return big
+
+    async with running_worker(settings, {"report": report}):
+        run = await submit_task(client, "report")
+        done = await wait_for_task_run(client, run.id, timeout=20)
+    reference = done.state.data
+    assert done.state_type == "COMPLETED" and reference["type"] == "reference"
+    assert reference["size"] > MAX_RESULT_BYTES and reference["chunks"] >= 6
+    assert await fetch_task_result(client, done) == big
+    with pytest.raises(NotFound):  # a small result is in its state
+        small = await submit_task(client, "nothing-stored")
+        await client.query("GetTaskRunResult", {"id": str(small.id)})
