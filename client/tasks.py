@@ -79,7 +79,8 @@ async def fetch_task_result(client: RunledgerClient, run: TaskRun) -> Any:
         return value
     parts = []
     for chunk in range(int(value["chunks"])):
-        reply = await client.query("GetTaskRunResult", {"id": str(run.id), "chunk": chunk}, min_seq=0)
+        reply = await client.query("GetTaskRunResult", {"id": str(run.id), "attempt": value["attempt"],
+                                                         "chunk": chunk}, min_seq=0)
         parts.append(base64.b64decode(reply.result["data"]))
     encoded = b"".join(parts)
     if hashlib.sha256(encoded).hexdigest() != value["sha256"]:

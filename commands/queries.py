@@ -477,9 +477,12 @@ class GetTaskRunState(Query):
 
 class GetTaskRunResult(Query):
     """One chunk of a task run's result stored apart (its COMPLETED state's data is
-    `{"type": "reference", "chunks": n, ...}`): chunk `chunk` of `n`, base64."""
+    `{"type": "reference", "attempt": ..., "chunks": n, ...}`): chunk `chunk`, base64. With the
+    reference's `attempt` it is read from the result store at once; without, the reference is
+    looked up in the read model first (which may not hold the run's end yet)."""
 
     id: uuid.UUID
+    attempt: uuid.UUID | None = None
     chunk: Annotated[int, Field(ge=0, le=INT32_MAX)] = 0
 
 

@@ -11,7 +11,7 @@ from functools import partial
 from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.errors import NoKeysError
+from nats.js.errors import NoKeysError, NotFoundError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -45,7 +45,14 @@ async def list_task_workers(_conn: Any, query: ListTaskWorkers, *, js: JetStream
 
 async def get_task_run_result(conn: AsyncConnection, query: GetTaskRunResult, *, js: JetStreamContext,
                               settings: Settings) -> dict[str, Any]:
-    """`{chunk, chunks, size, sha256, data}` (data: base64) of the run's stored result."""
+    """`{chunk, data}` (data: base64), with `chunks`, `size` and `sha256` when the reference was
+    looked up in the read model."""
+    if query.attempt is not None:
+        try:
+            chunk = await read_result_chunk(js, settings, str(query.id), str(query.attempt), query.chunk)
+        except NotFoundError:
+            raise not_found("No such chunk of a stored task result") from None
+        return {"chunk": query.chunk, "data": base64.b64encode(chunk).decode()}
     row = (await conn.execute(select(task_runs.c.state).where(task_runs.c.id == query.id))).first()
     if row is None:
         raise not_found("Task run not found")

@@ -363,6 +363,13 @@ async def test_a_large_result_is_stored_apart_and_read_back_whole(client, settin
     assert done.state_type == "COMPLETED" and reference["type"] == "reference"
     assert reference["size"] > MAX_RESULT_BYTES and reference["chunks"] >= 6
     assert await fetch_task_result(client, done) == big
+    # Without the reference's attempt, the read model's reference is used.
+    await client.catch_up()
+    first = (await client.query("GetTaskRunResult", {"id": str(run.id)})).result
+    assert (first["chunks"], first["size"], first["sha256"]) == (
+        reference["chunks"], reference["size"], reference["sha256"])
+    with pytest.raises(NotFound):
+        await client.query("GetTaskRunResult", {"id": str(run.id), "attempt": str(uuid.uuid4())}, min_seq=0)
     with pytest.raises(NotFound):  # a small result is in its state
         small = await submit_task(client, "nothing-stored")
         await client.query("GetTaskRunResult", {"id": str(small.id)})
