@@ -45,7 +45,7 @@ from harness import (
 
 from runledger.client import RunledgerClient
 from runledger.client.tasks import submit_task, wait_for_task_run
-from runledger.infra.embedded import _wait_for_port, free_port, nats_server_binary
+from runledger.infra.embedded import RestartableNats
 from runledger.infra.settings import Settings
 
 HERE = Path(__file__).resolve().parent
@@ -178,32 +178,10 @@ async def chain(client: RunledgerClient, steps: int = 40, work: float = 0.010) -
              f"{', '.join(f'{x:.1f}' for x in per_step)})", "≤ 12 ms")]
 
 
-class OwnNats:
-    """A nats-server of the bench's own (no auth), restarted and killed on purpose."""
-
-    def __init__(self, store: Path):
-        self.store, self.port = store, free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(self.port), "-js",
-                                      "-sd", str(self.store)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_for_port(self.port, 10, self.proc)
-
-    def stop(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(30)
-
-
 async def faults(urls: dict, workers_count: int, tasks: int = 1000, work: float = 0.05) -> list[tuple]:
     """The broker restarted and killed while tasks flow; its own server, so it can be killed."""
     tmp = Path(tempfile.mkdtemp(prefix="rlbf-"))
-    nats = OwnNats(tmp / "nats")
+    nats = RestartableNats(tmp / "nats")
     nats.start()
     settings = Settings(nats_url=nats.url, database_url=urls["database_url"],
                         namespace=f"f{uuid.uuid4().hex[:10]}")

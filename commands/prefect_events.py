@@ -486,16 +486,33 @@ def _state_payload(s: State | None) -> dict[str, str] | None:
     return payload
 
 
-def _flow_run_state_event(out: _Out, e: FlowRunCreated | FlowRunStateSet, aggregate_id: str,
-                          state: ExportState) -> None:
-    """`prefect.flow-run.<state name>` for each written state, the run and its state as
-    resource, the run's flow, deployment, queue and tags as related resources."""
-    run = e.run
+def _emit_run_state(out: _Out, kind: str, run: Any, aggregate_id: str, state: ExportState,
+                    related: list[dict[str, str]], **payload: Any) -> None:
+    """`prefect.<kind>.<state name>` for a written state of a flow or task run, the run and its
+    state as resource; the state before it is remembered per run (`initial_state`)."""
     initial = state.run_states.get(aggregate_id)
     state.run_states[aggregate_id] = run.state
     if run.state is None:
         return
     s = run.state
+    related = [*related, *({"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}
+                           for tag in run.tags)]
+    out.emit(f"prefect.{kind}.{s.name}", {
+        "prefect.resource.id": f"prefect.{kind}.{run.id}", "prefect.resource.name": run.name,
+        "prefect.run-count": str(run.run_count), "prefect.state-message": (s.message or "")[:100_000],
+        "prefect.state-name": s.name, "prefect.state-timestamp": to_jsonable_python(s.timestamp),
+        "prefect.state-type": s.type.value,
+    }, related, payload={
+        "intended": {"from": initial.type.value if initial else None, "to": s.type.value},
+        "initial_state": _state_payload(initial), "validated_state": _state_payload(s), **payload,
+    })
+
+
+def _flow_run_state_event(out: _Out, e: FlowRunCreated | FlowRunStateSet, aggregate_id: str,
+                          state: ExportState) -> None:
+    """`prefect.flow-run.<state name>` for each written state; the run's flow, deployment,
+    queue and tags as related resources."""
+    run = e.run
     related = [{"prefect.resource.id": f"prefect.flow.{run.flow_id}", "prefect.resource.role": "flow"}]
     if run.deployment_id is not None:
         related.append({"prefect.resource.id": f"prefect.deployment.{run.deployment_id}",
@@ -503,56 +520,24 @@ def _flow_run_state_event(out: _Out, e: FlowRunCreated | FlowRunStateSet, aggreg
     if run.work_queue_id is not None:
         related.append({"prefect.resource.id": f"prefect.work-queue.{run.work_queue_id}",
                         "prefect.resource.name": run.work_queue_name or "", "prefect.resource.role": "work-queue"})
-    related += [{"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"} for tag in run.tags]
-    out.emit(f"prefect.flow-run.{s.name}", {
-        "prefect.resource.id": f"prefect.flow-run.{run.id}", "prefect.resource.name": run.name,
-        "prefect.run-count": str(run.run_count), "prefect.state-message": (s.message or "")[:100_000],
-        "prefect.state-name": s.name, "prefect.state-timestamp": to_jsonable_python(s.timestamp),
-        "prefect.state-type": s.type.value,
-    }, related, payload={
-        "intended": {"from": initial.type.value if initial else None, "to": s.type.value},
-        "initial_state": _state_payload(initial), "validated_state": _state_payload(s),
-    })
-
-
-def _flow_run_gone(out: _Out, e: FlowRunDeleted | FlowRunUpdated | FlowRunWaiting, aggregate_id: str, state: ExportState) -> None:
-    """Prefect emits no event when a run is updated or deleted; the state is kept up to date."""
-    if isinstance(e, FlowRunDeleted):
-        state.run_states.pop(aggregate_id, None)
-    else:
-        state.run_states[aggregate_id] = e.run.state
+    _emit_run_state(out, "flow-run", run, aggregate_id, state, related)
 
 
 def _task_run_state_event(out: _Out, e: tr.TaskRunCreated | tr.TaskRunStateSet, aggregate_id: str,
                           state: ExportState) -> None:
     """`prefect.task-run.<state name>` for each written state (Prefect's task engine emits
-    them), the run and its state as resource, its flow run and tags as related resources."""
+    them); its flow run and tags as related resources."""
     run = e.run
-    initial = state.run_states.get(aggregate_id)
-    state.run_states[aggregate_id] = run.state
-    if run.state is None:
-        return
-    s = run.state
-    related = []
-    if run.flow_run_id is not None:
-        related.append({"prefect.resource.id": f"prefect.flow-run.{run.flow_run_id}",
-                        "prefect.resource.role": "flow-run"})
-    related += [{"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"} for tag in run.tags]
-    out.emit(f"prefect.task-run.{s.name}", {
-        "prefect.resource.id": f"prefect.task-run.{run.id}", "prefect.resource.name": run.name,
-        "prefect.run-count": str(run.run_count), "prefect.state-message": (s.message or "")[:100_000],
-        "prefect.state-name": s.name, "prefect.state-timestamp": to_jsonable_python(s.timestamp),
-        "prefect.state-type": s.type.value,
-    }, related, payload={
-        "intended": {"from": initial.type.value if initial else None, "to": s.type.value},
-        "initial_state": _state_payload(initial), "validated_state": _state_payload(s),
-        "task_run": {"task_key": run.task_key, "dynamic_key": run.dynamic_key},
-    })
+    related = ([{"prefect.resource.id": f"prefect.flow-run.{run.flow_run_id}", "prefect.resource.role": "flow-run"}]
+               if run.flow_run_id is not None else [])
+    _emit_run_state(out, "task-run", run, aggregate_id, state, related,
+                    task_run={"task_key": run.task_key, "dynamic_key": run.dynamic_key})
 
 
-def _task_run_gone(out: _Out, e: tr.TaskRunDeleted | tr.TaskRunUpdated, aggregate_id: str,
-                   state: ExportState) -> None:
-    if isinstance(e, tr.TaskRunDeleted):
+def _run_gone(out: _Out, e: Any, aggregate_id: str, state: ExportState) -> None:
+    """Prefect emits no event when a flow or task run is updated or deleted; the state each
+    run's next event starts from is kept up to date."""
+    if isinstance(e, FlowRunDeleted | tr.TaskRunDeleted):
         state.run_states.pop(aggregate_id, None)
     else:
         state.run_states[aggregate_id] = e.run.state
@@ -585,13 +570,13 @@ _HANDLERS: dict[type[Event], Callable[[_Out, Any, str, ExportState], None]] = {
     DeploymentRunsForgotten: _nothing,
     FlowRunCreated: _flow_run_state_event,
     FlowRunStateSet: _flow_run_state_event,
-    FlowRunUpdated: _flow_run_gone,
-    FlowRunWaiting: _flow_run_gone,
-    FlowRunDeleted: _flow_run_gone,
+    FlowRunUpdated: _run_gone,
+    FlowRunWaiting: _run_gone,
+    FlowRunDeleted: _run_gone,
     tr.TaskRunCreated: _task_run_state_event,
     tr.TaskRunStateSet: _task_run_state_event,
-    tr.TaskRunUpdated: _task_run_gone,
-    tr.TaskRunDeleted: _task_run_gone,
+    tr.TaskRunUpdated: _run_gone,
+    tr.TaskRunDeleted: _run_gone,
     tr.TaskCacheEntryRecorded: _nothing,
     tr.TaskRunKeysTaken: _nothing,
     tr.TaskRunKeysReleased: _nothing,

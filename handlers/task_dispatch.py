@@ -54,7 +54,12 @@ class TaskDispatch:
         for new in decision.events:
             event = new.event
             if isinstance(event, tr.TaskRunStateSet | tr.TaskRunCreated) and event.run.state_type in TERMINAL:
-                await self.nc.publish(finished_subject(self.settings, str(event.run.id)), task_message(event.run))
+                try:
+                    await self.nc.publish(finished_subject(self.settings, str(event.run.id)), task_message(event.run))
+                except Exception:
+                    # The state is stored: the command succeeded and says so. A waiter that starts
+                    # later reads the run finished; one already waiting waits to its timeout.
+                    log.warning("the finish of task run %s was stored but not announced", event.run.id, exc_info=True)
         if not decision.queue:
             return None
         return await self.queue(decision.queue)

@@ -119,3 +119,30 @@ class EmbeddedNats:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+class RestartableNats:
+    """A JetStream nats-server (no auth) on a fixed port and store directory, stopped with the
+    signal asked for (SIGTERM: a restart; SIGKILL: a crash) and started again on the same store:
+    for the fault tests and benchmarks. Not tied to its parent: stop it yourself."""
+
+    def __init__(self, store: Path):
+        self.store, self.port = store, free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(self.port), "-js",
+                                      "-sd", str(self.store)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_port(self.port, 10, self.proc)
+
+    def stop(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)

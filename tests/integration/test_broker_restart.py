@@ -6,41 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
-from pathlib import Path
 
 import pytest
 
 from runledger.handlers.service import Service
 from runledger.infra.database import create_engine, drop_schema
-from runledger.infra.embedded import _wait_for_port, free_port, nats_server_binary
+from runledger.infra.embedded import RestartableNats
 from runledger.infra.nats_connection import connect
 
 from .broker import Broker, assert_live_equals_rebuild
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class RestartableNats:
-    """A JetStream nats-server on a fixed port and store directory, killed and started again."""
-
-    def __init__(self, store: Path):
-        self.store, self.port = store, free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(self.port), "-js",
-                                      "-sd", str(self.store)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_for_port(self.port, 10, self.proc)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 async def _until_ok(broker: Broker, name: str, /, seconds: float = 30, **body) -> dict:

@@ -20,9 +20,9 @@ from runledger.client.tasks import submit_task, task_result, wait_for_task_run
 from runledger.handlers.faststream_tasks import RunledgerTasks
 from runledger.handlers.service import Service
 from runledger.infra.database import create_engine, drop_schema
+from runledger.infra.embedded import RestartableNats
 from runledger.infra.event_store import EventStore
 
-from .test_broker_restart import RestartableNats
 from .test_task_faults import _submit_until_ok, _wait_all_finished
 
 pytestmark = pytest.mark.timeout(240)

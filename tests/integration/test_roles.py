@@ -438,6 +438,7 @@ async def test_task_worker_cannot_touch_the_log_other_commands_or_queries(roles)
         "another query": (f"{ns}.qry.ListWorkPools", b"{}", None),
         "the analyst's query": (f"{ns}.qry.ReadEvents", b"{}", None),
         "publish onto a task key itself": (f"{ns}.task.k.scheduled", b"{}", None),
+        "forge a finish notice": (f"{ns}.taskrun.finished.{uuid.uuid4()}", b"{}", None),
         "write a lease": (f"$KV.{roles.leases}.projection.x", b"{}", None),
     }
     # Its account's own JetStream API (none: it is not enabled there), the service account's
@@ -540,13 +541,19 @@ async def test_task_worker_cannot_have_the_server_write_into_the_log(roles):
 
 
 async def test_clients_and_analysts_cannot_take_task_runs(roles):
+    """Nor queue runs, store results, write the task workers' bucket or forge a finish notice:
+    those subjects are the service's and the task worker's."""
     pool = await _pool(roles)
-    tasks = f"{roles.namespace.upper()}_TASKS"
+    ns, tasks = roles.namespace, f"{roles.namespace.upper()}_TASKS"
     take = {
-        "create a task consumer": (f"$JS.API.CONSUMER.CREATE.{tasks}.x.{roles.namespace}.task.k.scheduled",
+        "create a task consumer": (f"$JS.API.CONSUMER.CREATE.{tasks}.x.{ns}.task.k.scheduled",
                                    b"{}", None),
         "pull a task consumer": (f"$JS.API.CONSUMER.MSG.NEXT.{tasks}.task_scheduled_k", b'{"batch":1}', None),
         "ack a task run": (f"$JS.ACK.{tasks}.task_scheduled_k.1.1.1.0.0", b"", None),
+        "queue a run on a key": (f"{ns}.task.k.scheduled", b"{}", None),
+        "store a result chunk": (f"{ns}.result.{uuid.uuid4()}.{uuid.uuid4()}.0", b"x", None),
+        "write the task workers' bucket": (f"$KV.{ns.upper()}_TASK_WORKERS.forged", b"{}", None),
+        "forge a finish notice": (f"{ns}.taskrun.finished.{uuid.uuid4()}", b"{}", None),
     }
     await _assert_refused(roles, "client", pool["id"], take)
     await _assert_refused(roles, "analyst", pool["id"], take)

@@ -24,10 +24,9 @@ from runledger.client.tasks import submit_task, wait_for_task_run
 from runledger.handlers.service import Service
 from runledger.handlers.task_worker import TaskWorker
 from runledger.infra.database import create_engine, drop_schema
+from runledger.infra.embedded import RestartableNats
 from runledger.infra.event_store import EventStore
 from runledger.infra.nats_connection import connect
-
-from .test_broker_restart import RestartableNats
 
 pytestmark = pytest.mark.timeout(240)
 
