@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from .settings import Settings
 
@@ -100,3 +101,17 @@ async def migrate(engine: AsyncEngine, schema: str, migrations: Sequence[Migrati
 async def drop_schema(engine: AsyncEngine, schema: str) -> None:
     async with engine.begin() as conn:
         await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+
+
+async def asyncpg_connection(conn: AsyncConnection) -> Any:
+    """asyncpg's own connection under `conn`, for statements SQLAlchemy would only slow down
+    (bulk writes from payload dicts, checkpoints), inside `conn`'s transaction when it has
+    one. SQLAlchemy's asyncpg adapter sends BEGIN lazily, with its first statement: without
+    this, statements sent to the driver before any SQLAlchemy statement ran in autocommit,
+    so a batch that failed half-way, or lost a race for its checkpoint, kept the rows it had
+    written (and a row lock taken `FOR UPDATE` was let go at once)."""
+    pooled = await conn.get_raw_connection()
+    adapter: Any = pooled.dbapi_connection
+    if conn.in_transaction() and adapter._transaction is None:
+        await adapter._start_transaction()  # the BEGIN SQLAlchemy commits or rolls back
+    return pooled.driver_connection

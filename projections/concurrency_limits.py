@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from runledger.commands import concurrency_limits as cl
 from runledger.commands import queries as q
 from runledger.commands.messages import Event
+from runledger.infra.database import asyncpg_connection
 
 from .bulk_writes import populate_sql
 from .tables import concurrency_limits
@@ -37,8 +38,7 @@ class ConcurrencyLimitsProjector:
         for _, event_type, payload in cast(Sequence[tuple[str, str, dict[str, Any]]], events):
             limit = payload["limit"]
             last[limit["id"]] = limit if event_type in _LIMIT_EVENTS else None
-        driver = (await conn.get_raw_connection()).driver_connection
-        assert driver is not None  # asyncpg's connection, under a pooled connection in use
+        driver = await asyncpg_connection(conn)
         gone = [limit_id for limit_id, row in last.items() if row is None]
         if gone:
             await driver.execute("DELETE FROM concurrency_limits WHERE id = ANY($1::uuid[])", gone)

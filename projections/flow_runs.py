@@ -15,6 +15,7 @@ from runledger.commands import flow_runs as fr
 from runledger.commands import queries as q
 from runledger.commands.messages import Event, not_found
 from runledger.commands.states import State
+from runledger.infra.database import asyncpg_connection
 
 from .bulk_writes import populate_sql
 from .filters import where_filter, where_time_range
@@ -55,8 +56,7 @@ class FlowRunsProjector:
                 gone_id = payload["flow_run_id"]
                 last[gone_id] = None
                 states = {k: v for k, v in states.items() if v["flow_run_id"] != gone_id}
-        driver = (await conn.get_raw_connection()).driver_connection
-        assert driver is not None  # asyncpg's connection, under a pooled connection in use
+        driver = await asyncpg_connection(conn)
         gone = [run_id for run_id, run in last.items() if run is None]
         if gone:
             await driver.execute("DELETE FROM flow_run_states WHERE flow_run_id = ANY($1::uuid[])", gone)

@@ -16,6 +16,7 @@ from runledger.commands import queries as q
 from runledger.commands import task_runs as tr
 from runledger.commands.messages import Event, not_found
 from runledger.commands.states import State
+from runledger.infra.database import asyncpg_connection
 
 from .bulk_writes import populate_sql
 from .filters import where_filter, where_time_range
@@ -63,8 +64,7 @@ class TaskRunsProjector:
                 states = {k: v for k, v in states.items() if v["task_run_id"] != gone_id}
             elif event_type == fr.FlowRunDeleted.event_type:
                 flow_runs_gone.append(payload["flow_run_id"])
-        driver = (await conn.get_raw_connection()).driver_connection
-        assert driver is not None  # asyncpg's connection, under a pooled connection in use
+        driver = await asyncpg_connection(conn)
         gone = [run_id for run_id, run in last.items() if run is None]
         if gone:
             await driver.execute("DELETE FROM task_run_states WHERE task_run_id = ANY($1::uuid[])", gone)

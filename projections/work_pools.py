@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from runledger.commands import queries as q
 from runledger.commands import work_pools as wp
 from runledger.commands.messages import Event, not_found
+from runledger.infra.database import asyncpg_connection
 
 from .filters import where_filter
 from .tables import flow_runs, work_pools, work_queues
@@ -136,8 +137,7 @@ async def _write(conn: AsyncConnection, table, rows: dict[str, Any]) -> None:
     kept = [v for v in rows.values() if v is not _DELETED]
     if not gone and not kept:
         return
-    driver = (await conn.get_raw_connection()).driver_connection
-    assert driver is not None  # asyncpg's connection, under a pooled connection in use
+    driver = await asyncpg_connection(conn)
     if gone:
         await driver.execute(f"DELETE FROM {table.name} WHERE id = ANY($1::uuid[])", gone)
     if kept:

@@ -14,6 +14,7 @@ from sqlalchemy import text
 
 from runledger.handlers.registry import projectors
 from runledger.handlers.service import Service
+from runledger.infra.database import asyncpg_connection
 from runledger.infra.leases import Lease
 from runledger.infra.nats_connection import connect
 from runledger.projections.runner import (
@@ -280,3 +281,55 @@ async def test_a_process_that_stops_projecting_still_reads_its_writes(writer, se
     finally:
         await first.stop()
         await second.stop()
+
+
+async def test_a_batch_written_through_asyncpg_is_one_transaction(writer, settings):
+    """The hot read models write with asyncpg itself, under SQLAlchemy's connection: their
+    rows and the checkpoint must commit together. The loser of a race for the first batch,
+    and a batch that fails after writing, leave no row behind."""
+    svc, broker = writer
+    last = await _history(broker, "t")
+    rows = await svc.store.read_subject(f"{settings.event_subject_prefix}.>")
+    batch = [RawEvent(seq, subject, data) for seq, subject, data, _ in rows]
+    both_applying = asyncio.Barrier(2)
+
+    class DriverCountingProjector(CountingProjector):
+        name = "driver_counting"
+        fail = False
+
+        async def apply(self, conn, events):
+            driver = await asyncpg_connection(conn)
+            await both_applying.wait()
+            for aggregate_id, _, event in events:
+                await driver.execute(
+                    "INSERT INTO applied_counts (key, n) VALUES ($1, 1) "
+                    "ON CONFLICT (key) DO UPDATE SET n = applied_counts.n + 1",
+                    f"driver:{aggregate_id}:{event.event_type}:{event.model_dump_json()}")
+            if self.fail:
+                raise RuntimeError("a row the read model refuses")
+
+    async def driver_counts() -> dict[int, int]:
+        async with svc.engine.connect() as conn:
+            return dict((await conn.execute(text(
+                "SELECT n, count(*) FROM applied_counts WHERE key LIKE 'driver:%' GROUP BY n"))).all())
+
+    failing = DriverCountingProjector()
+    failing.fail = True
+    both_applying = asyncio.Barrier(1)
+    with pytest.raises(RuntimeError):
+        async with svc.engine.begin() as conn:
+            await apply_batch(conn, failing, batch)
+    assert await driver_counts() == {}
+
+    both_applying = asyncio.Barrier(2)
+    projector = DriverCountingProjector()
+
+    async def one() -> int:
+        async with svc.engine.begin() as conn:
+            return await apply_batch(conn, projector, batch)
+
+    results = await asyncio.wait_for(asyncio.gather(one(), one(), return_exceptions=True), 20)
+    assert sorted(type(r).__name__ for r in results) == ["CheckpointConflict", "int"], results
+    assert await driver_counts() == {1: 2 * 3}  # the loser's rows went with its transaction
+    async with svc.engine.connect() as conn:
+        assert await read_checkpoint(conn, "driver_counting") == last
