@@ -32,7 +32,7 @@ from typing import Any, Generic, TypeVar
 
 from runledger.infra.settings import Settings, load_settings
 
-from .errors import NotFound, RunledgerError
+from .errors import NotFound, RunledgerError, Unavailable
 from .models import TaskRun
 from .runledger_client import RunledgerClient
 
@@ -99,7 +99,8 @@ async def submit_task(client: RunledgerClient, task_key: str, parameters: dict[s
 
     `dynamic_key` (default: a fresh one) makes the submission idempotent: the same task key and
     dynamic key return the run made the first time, so a submitter that lost a reply sends it
-    again safely."""
+    again safely; if that run was cancelled (its key was full, or someone cancelled it), it
+    raises `Unavailable` again instead."""
     policy: dict[str, Any] = {}
     if retries is not None:
         policy["retries"] = retries
@@ -115,7 +116,13 @@ async def submit_task(client: RunledgerClient, task_key: str, parameters: dict[s
     if task_run_id is not None:
         body["id"] = str(task_run_id)
     reply = await client.command("CreateTaskRun", body, extra_timeout=queue_wait_seconds)
-    return RunledgerClient._one(TaskRun, reply.result)
+    run = RunledgerClient._one(TaskRun, reply.result)
+    if reply.created is False and run.state_type == "CANCELLED":
+        # Sent again (same dynamic key) after the first was refused, or cancelled since: it
+        # will not run, and the caller asked for a run that does.
+        message = run.state.message if run.state is not None else None
+        raise Unavailable(f"Task run {run.id} of this submission was cancelled and will not run: {message}")
+    return run
 
 
 async def wait_for_task_run(client: RunledgerClient, task_run_id: uuid.UUID | str,

@@ -309,7 +309,10 @@ class CommandBus:
             if self.after_append is not None:
                 problem = await self.after_append(decision)
                 if problem is not None:
-                    return error(ErrorCode.UNAVAILABLE, problem)
+                    refused = error(ErrorCode.UNAVAILABLE, problem)
+                    if idem is not None:
+                        await self._record_refusal(idem[0], name, fingerprint, refused)
+                    return refused
             return ok(reply_result, last_seq, decision.created, decision.orchestration)
         return error(ErrorCode.CONFLICT, f"{name} lost {self.retries + 1} races in a row for the same object; try again")
 
@@ -390,11 +393,25 @@ class CommandBus:
                     state = kind.evolve(state, event)
             self.repo.remember(atype, aid, Loaded(state, items[-1][0], folded + len(items)))
 
+    async def _record_refusal(self, bus_key: str, name: str, fingerprint: str | None, refused: dict[str, Any]) -> None:
+        """The decision was stored, but what had to follow it could not be done and was undone
+        (a task run whose key was full, cancelled): its idempotency record, written with its
+        events, says it succeeded. A later record under the same key, with the error, is the
+        one a resent command finds, so a client retrying after a lost reply is told the same."""
+        record = {"command": name, "fingerprint": fingerprint, "error": refused["error"], "events": 0}
+        try:
+            await self.store.replace_idempotency_record(bus_key, json.dumps(record).encode())
+        except Exception:
+            log.warning("command %s: the refusal could not be recorded under its idempotency key; a resent "
+                        "command would be told it succeeded", name, exc_info=True)
+
     @staticmethod
     def _repeat_reply(earlier: tuple[int, dict], fingerprint: str | None) -> dict[str, Any]:
         seq, record = earlier
         if fingerprint is not None and record.get("fingerprint") != fingerprint:
             return error(ErrorCode.CONFLICT, "this idempotency key was already used for a different command")
+        if "error" in record:
+            return {"ok": False, "error": record["error"], "repeat": True}
         reply = ok(record.get("result"), seq + int(record.get("events", 0)), record.get("created"))
         if "orchestration" in record:
             reply["orchestration"] = record["orchestration"]

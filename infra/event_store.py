@@ -579,6 +579,13 @@ class EventStore:
         assert msg.subject is not None  # set for every message a direct get finds
         return msg.subject.startswith(f"{self.prefix}.{aggregate_type}.{aggregate_id}.")
 
+    async def replace_idempotency_record(self, key: str, record: bytes) -> int:
+        """A record after the first under `key` (which is written with its command's events,
+        checked to be the first): the one `read_idempotency_record` finds from then on. The
+        caller holds what the command locked, so no other record can come in between."""
+        subject = idempotency_subject(self.settings, key)
+        return await self.submit([OutgoingMessage(subject, record, f"idem:{subject}:{uuid.uuid4()}")]).result
+
     async def read_idempotency_record(self, key: str) -> tuple[int, dict] | None:
         try:
             msg = await self.js.get_last_msg(self.stream, idempotency_subject(self.settings, key), direct=True)

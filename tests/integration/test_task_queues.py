@@ -144,6 +144,22 @@ async def test_a_full_key_refuses_the_submitter_and_keeps_what_is_queued(setting
                 await submit_task(rl, "small", {"i": 3})
             refused = (await rl.query("ListTaskRuns", {"task_runs": {"task_key": {"any_": ["small"]}, "state_type": {"any_": ["CANCELLED"]}}})).result
             assert len(refused) == 1 and "not queued" in refused[0]["state"]["message"]
+            # Sent again, as a client does after a lost reply, it is refused again: by the same
+            # dynamic key (the run it made comes back cancelled) ...
+            with pytest.raises(Unavailable, match="was cancelled and will not run: Task key 'small' is full"):
+                await submit_task(rl, "small", {"i": 3}, dynamic_key=refused[0]["dynamic_key"])
+            # ... and by the same idempotency key of the bus (its first reply, recorded).
+            body = {"task_key": "small", "dynamic_key": "resent", "parameters": {},
+                    "state": {"type": "SCHEDULED", "state_details": {"deferred": True}},
+                    "idempotency_key": "submission-1"}
+            for attempt in range(2):
+                with pytest.raises(Unavailable, match="Task key 'small' is full") as refusal:
+                    await rl.command("CreateTaskRun", body)
+                assert refusal.value.message.endswith("submit it again later, or wait longer for room."), attempt
+            log_end = (await rl._nc.jetstream().stream_info(small.stream_name)).state.last_seq
+            refused = (await rl.query("ListTaskRuns", {"task_runs": {"task_key": {"any_": ["small"]}, "state_type": {"any_": ["CANCELLED"]}}},
+                                      min_seq=log_end)).result
+            assert len(refused) == 2  # the resent ones made nothing new
             # Waiting for room: a worker frees it meanwhile.
             seen: list[int] = []
 
