@@ -15,7 +15,7 @@ app = typer.Typer(
 def _register() -> None:
     # Each module adds its own commands to `app`; importing here keeps start-up explicit.
     # asyncapi; broker-config; concurrency-limit ...; deployment ...; flow ...; flow-run ...; replay, verify,
-    # events; up, serve; status; task-worker; variable ...; worker ...; work-pool ...; work-queue ...
+    # events; up, serve; status; task-run ...; task-worker; variable ...; worker ...; work-pool ...; work-queue ...
     from . import (  # noqa: F401
         broker_config,
         concurrency_limits,
@@ -26,6 +26,7 @@ def _register() -> None:
         replay,
         service,
         status,
+        task_runs,
         task_worker,
         variables,
         work_pools,
