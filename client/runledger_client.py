@@ -1545,6 +1545,20 @@ class RunledgerClient:
             raise ProtocolError("the service's reply to SetTaskRunState has no orchestration outcome")
         return self._one(OrchestrationResult, {**reply.orchestration, "state": reply.result})
 
+    async def cancel_task_run(self, task_run_id: uuid.UUID | str, *,
+                              idempotency_key: str | None = None) -> OrchestrationResult:
+        """Cancel a task run. A running one is set CANCELLING: the task worker running it stops
+        it (an async function is cancelled; a plain function's thread cannot be, and its
+        outcome is dropped) and reports CANCELLED. One not started yet is set CANCELLED at
+        once: it never runs. A finished one is left as it is (`status` ABORT). Read `status`
+        and `state` as for `set_task_run_state`; wait for the end with
+        `tasks.wait_for_task_run`. The run is read first, as of every write acknowledged now."""
+        run = await self.read_task_run(task_run_id, min_seq=await self.catch_up())
+        # Waiting: CANCELLED (nothing runs it to stop). Else CANCELLING: for a running run its
+        # worker's cue, for a finished one refused with the reason.
+        proposed = "CANCELLED" if run.state_type in (None, "SCHEDULED", "PENDING", "PAUSED") else "CANCELLING"
+        return await self.set_task_run_state(task_run_id, proposed, idempotency_key=idempotency_key)
+
     async def update_task_run(self, task_run_id: uuid.UUID | str, *, name: str | Unset = UNSET,
                               idempotency_key: str | None = None) -> None:
         """Rename a task run (the one field Prefect's task-run update changes)."""

@@ -54,15 +54,30 @@ class TaskFailed(RunledgerError):
         self.run = run
 
 
+class TaskCancelled(TaskFailed):
+    """The task run ended CANCELLED (cancelled while it waited or while it ran, see
+    `RunledgerClient.cancel_task_run`, or refused by a full key): its message says so, then
+    why (its state's message); `run` is the run."""
+
+    def __init__(self, run: TaskRun):
+        state = run.state
+        why = f": {state.message}" if state is not None and state.message else "."
+        RunledgerError.__init__(self, f"Task run {run.id} was cancelled{why}")
+        self.run = run
+
+
 def finished_subject(settings: Settings, task_run_id: uuid.UUID | str) -> str:
-    """Where the service announces a task run that reached a final state."""
+    """Where the service announces a task run that reached a final state, or CANCELLING (for
+    the task worker running it: a waiter skips it)."""
     return f"{settings.namespace}.taskrun.finished.{task_run_id}"
 
 
 def task_result(run: TaskRun) -> Any:
-    """The value a COMPLETED run returned; `TaskFailed` for a run that ended otherwise. A
-    result stored apart (too large for its state) is returned as its reference: read it with
-    `fetch_task_result`."""
+    """The value a COMPLETED run returned; `TaskFailed` for a run that ended otherwise
+    (`TaskCancelled`, a kind of it, for a CANCELLED one). A result stored apart (too large for
+    its state) is returned as its reference: read it with `fetch_task_result`."""
+    if run.state_type == "CANCELLED":
+        raise TaskCancelled(run)
     if run.state_type != "COMPLETED":
         raise TaskFailed(run)
     data = run.state.data if run.state is not None else None
@@ -136,8 +151,10 @@ async def wait_for_task_run(client: RunledgerClient, task_run_id: uuid.UUID | st
     arrived: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
     async def on_finished(msg: Any) -> None:
-        if not arrived.done():
-            arrived.set_result(msg.data)
+        # The subject also carries the run's CANCELLING (for its task worker): not an end.
+        with contextlib.suppress(ValueError):
+            if not arrived.done() and TaskRun.model_validate_json(msg.data).state_type in FINAL_STATES:
+                arrived.set_result(msg.data)
 
     sub = await nc.subscribe(finished_subject(client.settings, task_run_id), cb=on_finished)
     try:

@@ -154,7 +154,27 @@ def one_task_worker_at_a_time(c: RuleContext) -> Verdict:
         if not facts.takeover_allowed:
             return wait(TAKEOVER_WAIT_SECONDS, "The broker restarted moments ago: the run's worker may still report.")
         return go_on()
+    if (current.type is StateType.CANCELLING and holder is not None and holder != facts.claimant
+            and delivery.attempt > 1 and delivery.message is not None and delivery.message == run.task_message
+            and facts.takeover_allowed):
+        # Its worker died while the run was being cancelled: nobody else would ever end it.
+        return reject("The task run was being cancelled and its task worker stopped: it is cancelled.",
+                      StateCreate(type=StateType.CANCELLED,
+                                  message=f"Cancelled: task worker {holder!r} stopped before it ended the run."),
+                      details={"copy": True})
     return reject(f"Task run is {current.type.value}: this delivery is not needed any more.", details={"copy": True})
+
+
+@rule("OR-3", from_states={StateType.CANCELLING}, to_states=TERMINAL_STATES - {StateType.CANCELLED})
+def cancelling_task_runs_end_cancelled(c: RuleContext) -> Verdict:
+    """Beyond Prefect (whose flow runs have this rule, its task runs not): a task run being
+    cancelled ends CANCELLED, whatever its worker reports. The worker is told of the cancel by
+    a notice that is not stored; one that missed it, or whose outcome crossed the cancel,
+    reports an outcome that would otherwise undo a cancel already accepted."""
+    if _facts(c).claimant is None:
+        return go_on()  # not a worker's report: Prefect's own rules apply
+    return reject("The task run was being cancelled: it is cancelled, whatever its outcome.",
+                  StateCreate(type=StateType.CANCELLED, message="Cancelled while it ran; its outcome was not kept."))
 
 
 @rule("OR-14", from_states=ALL_STATES, to_states={StateType.RUNNING})
@@ -296,6 +316,7 @@ def rename_reruns(c: RuleContext) -> Verdict:
 
 CORE_TASK_POLICY: list[Rule] = [
     one_task_worker_at_a_time,
+    cancelling_task_runs_end_cancelled,
     cache_retrieval,
     handle_task_terminal_state_transitions,
     prevent_running_tasks_from_stopped_flows,

@@ -34,15 +34,21 @@ def task_message(run: tr.TaskRun) -> bytes:
     return run.model_dump_json().encode()
 
 
+# The states a task run is announced in: the final ones, and CANCELLING, which tells the task
+# worker holding the run to stop it (its waiters skip it: it is not final).
+ANNOUNCED = TERMINAL | {StateType.CANCELLING}
+
+
 def finished_subject(settings: Settings, task_run_id: str) -> str:
-    """Where the service announces a task run that reached a final state (core NATS, not kept):
-    a `.result()` waits there instead of polling."""
+    """Where the service announces a task run that reached a final state or CANCELLING (core
+    NATS, not kept): a `.result()` waits there instead of polling, and the task worker running
+    the run hears there that it is cancelled."""
     return f"{settings.namespace}.taskrun.finished.{task_run_id}"
 
 
 class TaskDispatch:
     """The command bus's `after_append`: queues the task runs a decision queued, and announces
-    the ones it finished."""
+    the ones it finished or set CANCELLING."""
 
     def __init__(self, publisher: TaskPublisher, bus: CommandBus, nc: Any, settings: Settings):
         self.publisher = publisher
@@ -53,7 +59,7 @@ class TaskDispatch:
     async def __call__(self, decision: Decision) -> str | None:
         for new in decision.events:
             event = new.event
-            if isinstance(event, tr.TaskRunStateSet | tr.TaskRunCreated) and event.run.state_type in TERMINAL:
+            if isinstance(event, tr.TaskRunStateSet | tr.TaskRunCreated) and event.run.state_type in ANNOUNCED:
                 try:
                     await self.nc.publish(finished_subject(self.settings, str(event.run.id)), task_message(event.run))
                 except Exception:

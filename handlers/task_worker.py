@@ -17,6 +17,12 @@ Outcomes: a return value is recorded with COMPLETED (`data = {"type": "json", "v
 an exception with FAILED; a FAILED turned into `AwaitingRetry` by the run's retries is queued
 again on the key's retry side (a deferred `AwaitingRetry` state), after its delay.
 
+Cancels: while it handles a run, the worker listens to the run's notices (the service's
+`<ns>.taskrun.finished.<id>`, which carries CANCELLING too). When the run becomes CANCELLING or
+CANCELLED it stops the call (an async function is cancelled; a plain function's thread cannot
+be, and its outcome is dropped), reports CANCELLED for a CANCELLING run it holds, acknowledges
+the message and frees the slot at once.
+
 SIGTERM (`stop`): stops taking runs, lets the running ones finish within a grace period, and
 hands back the rest (a negative acknowledgement: delivered again at once to another worker).
 """
@@ -65,6 +71,11 @@ MAX_RESULT_BYTES = 256 * 1024
 # How long a report is tried again while the service or the broker is away, before the run is
 # left for its message's redelivery to settle.
 REPORT_PATIENCE_SECONDS = 300.0
+# How long a cancelled async function may take to stop (its `except CancelledError` and
+# `finally` blocks) before the worker reports the run CANCELLED and frees its slot anyway.
+CANCEL_WAIT_SECONDS = 1.0
+# The run's notices that stop its call.
+CANCEL_STATES = ("CANCELLING", "CANCELLED")
 
 
 class ResultTooLarge(Exception):
@@ -125,6 +136,35 @@ class _Source:
     sub: Any = None
 
 
+class _CancelWatch:
+    """The notices of one task run, heard from before its start until its call ends: `heard`
+    is set to the run (as JSON) once it is CANCELLING or CANCELLED."""
+
+    def __init__(self) -> None:
+        self.heard: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.sub: Any = None
+
+    async def on_notice(self, msg: Msg) -> None:
+        try:
+            run = json.loads(msg.data)
+        except ValueError:
+            return
+        if isinstance(run, dict) and run.get("state_type") in CANCEL_STATES and not self.heard.done():
+            self.heard.set_result(run)
+
+    async def close(self) -> None:
+        sub, self.sub = self.sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """A call's exception is read (and so not reported as never retrieved) once it ends."""
+    if not task.cancelled():
+        task.exception()
+
+
 class TaskWorker:
     """`functions`: task key → function (async or sync; called with the run's parameters as
     keyword arguments). The keys are served in the order of `keys` (default: `functions`')."""
@@ -154,6 +194,9 @@ class TaskWorker:
         self._taking = True
         self.started = 0  # runs this worker started (for tests and benchmarks)
         self.finished = 0
+        self.cancelled = 0  # runs it stopped because they were cancelled while they ran
+        # Cancelled async calls that did not stop within CANCEL_WAIT_SECONDS (kept referenced).
+        self._strays: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         """Binds to (creating if needed) the durable consumers of its keys."""
@@ -382,6 +425,19 @@ class TaskWorker:
         finally:
             self._active.pop(run.id, None)
 
+    async def _watch(self, run: TaskRun) -> _CancelWatch:
+        """Listens to the run's notices. Subscribed before the start is sent, on the same
+        connection, so that a cancel written after the start is heard."""
+        watch = _CancelWatch()
+        try:
+            # The subject of `task_dispatch.finished_subject` (not imported: it brings the service's modules).
+            watch.sub = await self.nc.subscribe(f"{self.settings.namespace}.taskrun.finished.{run.id}",
+                                                cb=watch.on_notice)
+        except Exception as e:
+            log.warning("task run %s: cannot listen for its cancel (%s: %s); it runs all the same", run.id,
+                        type(e).__name__, e)
+        return watch
+
     async def _start_and_run(self, source: _Source, msg: Msg, run: TaskRun) -> None:
         due = run.state.state_details.scheduled_time if run.state is not None else None
         early = (due - datetime.now(UTC)).total_seconds() if due is not None else 0.0
@@ -390,6 +446,13 @@ class TaskWorker:
             # say so in whole seconds.
             await msg.nak(delay=early)
             return
+        watch = await self._watch(run)
+        try:
+            await self._start_and_run_watched(source, msg, run, watch)
+        finally:
+            await watch.close()
+
+    async def _start_and_run_watched(self, source: _Source, msg: Msg, run: TaskRun, watch: _CancelWatch) -> None:
         meta = msg.metadata
         attempt = meta.num_delivered if meta else 1
         queued_by = run.queued_state_id or (run.state.id if run.state is not None else None)
@@ -426,6 +489,11 @@ class TaskWorker:
             ours = (status == "REJECT" and current.get("type") == "RUNNING" and not details.get("copy")
                     and details.get("task_worker_id") == self.worker_id)
             if not ours:
+                if details.get("copy") and current.get("type") == "CANCELLING":
+                    # Set CANCELLING while it waited (or before this worker's start took): it ends
+                    # CANCELLED, never run. (For a copy of a run another worker holds, that report
+                    # is refused: its holder ends it.)
+                    await self._end_cancelling(run, msg, current.get("message") or "Cancelled before it started.")
                 if details.get("copy") or current.get("type") != "RUNNING":
                     await msg.ack()  # a copy, or finished, cached, or not allowed to run
                 # else: the message another worker runs the run from, delivered here too: its
@@ -436,7 +504,18 @@ class TaskWorker:
         function = self.functions[source.task_key]
         keep_alive = asyncio.create_task(self._keep_alive(msg))
         try:
-            outcome = await self._call(function, run, str((reply.get("result") or {}).get("id") or run.id))
+            call = asyncio.create_task(self._call(function, run, str((reply.get("result") or {}).get("id") or run.id)))
+            call.add_done_callback(_retrieve)
+            try:
+                await asyncio.wait({call, watch.heard}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                call.cancel()  # the worker is stopping and the grace period ran out
+                raise
+            await watch.close()  # no need to hear the outcome this worker reports
+            if watch.heard.done():  # cancelled before its outcome was reported: that outcome is dropped
+                await self._stop_cancelled(run, msg, call, watch.heard.result())
+                return
+            outcome = call.result()
             reply = await self._report({"id": str(run.id), "state": outcome, "task_worker_id": self.worker_id}, msg)
             if reply is not None and not reply.get("ok") and reply["error"].get("code") == "invalid":
                 # The outcome itself cannot be recorded (a value the log cannot store): say so.
@@ -460,6 +539,39 @@ class TaskWorker:
             await msg.ack()
         finally:
             keep_alive.cancel()
+
+    async def _stop_cancelled(self, run: TaskRun, msg: Msg, call: asyncio.Task, notice: dict[str, Any]) -> None:
+        """The run became CANCELLING or CANCELLED while its function ran: the call is cancelled
+        (a plain function's thread runs on, its outcome dropped), a CANCELLING run this worker
+        holds is reported CANCELLED, and its message is acknowledged, so that it is not run
+        again."""
+        if not call.done():
+            call.cancel()
+            await asyncio.wait({call}, timeout=CANCEL_WAIT_SECONDS)
+            if not call.done():
+                log.warning("task run %s was cancelled but its function did not stop within %g s; its outcome "
+                            "will be dropped", run.id, CANCEL_WAIT_SECONDS)
+                self._strays.add(call)
+                call.add_done_callback(self._strays.discard)
+        self.cancelled += 1
+        if notice.get("state_type") == "CANCELLING":
+            holder = notice.get("task_worker_id")
+            if holder not in (None, self.worker_id):
+                return  # taken over (this worker was presumed dead): the holder ends it, and owns the message
+            message = (notice.get("state") or {}).get("message")
+            if not await self._end_cancelling(run, msg, message):
+                return  # left for redelivery
+        await msg.ack()
+        log.info("task run %s was cancelled while it ran; stopped", run.id)
+
+    async def _end_cancelling(self, run: TaskRun, msg: Msg, message: str | None) -> bool:
+        """Reports CANCELLED for a CANCELLING run, as its holder (or for a run set CANCELLING while
+        it waited, which nobody holds): Prefect's CANCELLING -> CANCELLED once the run stopped.
+        False when the report never got through."""
+        state = {"type": "CANCELLED",
+                 "message": message or f"Stopped by task worker {self.worker_id!r} while it ran."}
+        reply = await self._report({"id": str(run.id), "state": state, "task_worker_id": self.worker_id}, msg)
+        return reply is not None
 
     async def _call(self, function: TaskFunction, run: TaskRun, attempt: str) -> dict[str, Any]:
         """The state the call comes to: COMPLETED with its value (or, when large, a reference to

@@ -239,7 +239,7 @@ async def test_a_second_copy_of_a_queued_run_does_not_run_it_twice(client, setti
     assert left == 0
 
 
-def test_task_message_is_the_run_as_written():
+async def test_task_message_is_the_run_as_written():
     from datetime import UTC, datetime
 
     from runledger.commands.task_runs import TaskRun

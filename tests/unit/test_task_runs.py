@@ -420,3 +420,65 @@ def test_results_travel_as_json_has_them():
     for unstorable in (float("nan"), "a\x00b", 2**70, object()):
         with pytest.raises(ResultTooLarge):
             result_data(unstorable)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cancelling a task run (the rules a task worker's cancel relies on; no rule of its own)
+
+
+def test_a_run_set_cancelling_while_it_waits_is_not_started_and_its_worker_may_end_it_cancelled():
+    waiting = a_run()
+    cancelling = then(waiting, propose(waiting, StateCreate(type=T.CANCELLING)))
+    assert cancelling.state_type is T.CANCELLING and cancelling.task_worker_id is None
+    refused = start(cancelling, "w1")
+    assert refused.orchestration.status is Outcome.REJECT and refused.orchestration.details["copy"] is True
+    ended = propose(cancelling, StateCreate(type=T.CANCELLED), worker="w1")
+    assert ended.orchestration.status is Outcome.ACCEPT and then(cancelling, ended).state_type is T.CANCELLED
+
+
+def test_only_the_holder_of_a_cancelling_run_ends_it_and_a_finished_run_is_not_cancelled():
+    running = then(run := a_run(), start(run, "w1"))
+    cancelling = then(running, propose(running, StateCreate(type=T.CANCELLING)))
+    other = propose(cancelling, StateCreate(type=T.CANCELLED), worker="w2")
+    assert other.orchestration.status is Outcome.REJECT
+    assert other.orchestration.details["task_worker_id"] == "w1"
+    done = then(running, propose(running, StateCreate(type=T.COMPLETED), worker="w1"))
+    assert propose(done, StateCreate(type=T.CANCELLING)).orchestration.status is Outcome.ABORT
+
+
+def test_a_cancelled_run_raises_task_cancelled_saying_so():
+    from runledger.client.models import TaskRun as ClientTaskRun
+    from runledger.client.tasks import TaskCancelled, TaskFailed, task_result
+
+    waiting = a_run()
+    cancelled = then(waiting, propose(waiting, StateCreate(type=T.CANCELLED, message="not needed")))
+    with pytest.raises(TaskCancelled, match=f"^Task run {waiting.id} was cancelled: not needed$") as raised:
+        task_result(ClientTaskRun.model_validate_json(cancelled.model_dump_json()))
+    assert isinstance(raised.value, TaskFailed) and raised.value.run.id == waiting.id
+    silent = then(waiting, propose(waiting, StateCreate(type=T.CANCELLED)))
+    with pytest.raises(TaskCancelled, match=r"was cancelled\.$"):
+        task_result(ClientTaskRun.model_validate_json(silent.model_dump_json()))
+
+
+def test_a_worker_outcome_after_the_cancel_was_accepted_ends_the_run_cancelled():
+    running = then(run := a_run(), start(run, "w1"))
+    cancelling = then(running, propose(running, StateCreate(type=T.CANCELLING)))
+    for outcome in (T.COMPLETED, T.FAILED):
+        d = propose(cancelling, StateCreate(type=outcome, data={"type": "json", "value": 1}), worker="w1")
+        assert d.orchestration.status is Outcome.REJECT
+        ended = then(cancelling, d)
+        assert ended.state_type is T.CANCELLED and "outcome was not kept" in ended.state.message
+    # Not a worker's report (an operator, a client): Prefect's task rules, which let it through.
+    assert propose(cancelling, StateCreate(type=T.COMPLETED)).orchestration.status is Outcome.ACCEPT
+
+
+def test_a_cancelling_run_whose_worker_died_is_cancelled_by_the_redelivery_of_its_message():
+    running = then(run := a_run(), start(run, "w1"))
+    cancelling = then(running, propose(running, StateCreate(type=T.CANCELLING)))
+    d = start(cancelling, "w2", attempt=2)
+    assert d.orchestration.status is Outcome.REJECT and d.orchestration.details["copy"] is True
+    assert then(cancelling, d).state_type is T.CANCELLED
+    # Not a redelivery of the message it ran from, or moments after a broker restart: a copy.
+    for copy in (start(cancelling, "w2", attempt=2, message="TASKS:9"), start(cancelling, "w2", attempt=1),
+                 start(cancelling, "w2", attempt=2, facts=rules.TaskFacts(takeover_allowed=False))):
+        assert copy.orchestration.status is Outcome.REJECT and copy.events == []
