@@ -20,20 +20,33 @@ from typing import Any
 
 import typer
 
-from runledger.client import Conflict, FlowRun, NotFound, RunledgerClient, State, TaskRun
+from runledger.client import (
+    Conflict,
+    FlowRun,
+    NotFound,
+    OrchestrationResult,
+    RunledgerClient,
+    State,
+    TaskRun,
+)
 from runledger.client.models import TaskWorker
 from runledger.commands.queries import DEFAULT_LIMIT, TaskRunSort
 
 from .deployments import as_uuid, state_words, when
-from .flow_runs import show_states, state_type
+from .flow_runs import EXIT_NOT_ACCEPTED, show_states, state_type
 from .main import app
 from .output import (
     JsonFlag,
+    KeyOption,
     OutputOption,
+    command_line,
     print_json,
     run,
+    run_command,
+    say,
     show_details,
     show_rows,
+    success,
     to_json,
     visible,
     wants_json,
@@ -248,3 +261,35 @@ def list_task_workers(
         print_json(workers)
     else:
         show_task_workers(workers)
+
+
+@task_run_app.command()
+def cancel(
+    name: str = typer.Argument(..., metavar="RUN", help=RUN_HELP),
+    as_json: JsonFlag = False,
+    output: OutputOption = None,
+    idempotency_key: KeyOption = None,
+) -> None:
+    """Cancel a task run: one still waiting is CANCELLED and never runs; a running one is set
+    CANCELLING, and the task worker running it stops it and reports CANCELLED.
+
+    Exit 0 when accepted, 8 when not (e.g. the run has ended already)."""
+
+    async def action(rl: RunledgerClient, key: str) -> OrchestrationResult:
+        found = await resolve_task_run(rl, name)
+        return await rl.cancel_task_run(found.id, idempotency_key=key)
+
+    result = run_command(action, idempotency_key, command_line("runledger", "task-run", "inspect", name))
+    if wants_json(as_json, output):
+        print_json(result)
+    else:
+        now = "-" if result.state is None else state_words(result.state.type, result.state.name)
+        line = f"{result.status}: task run {name!r} is {now}."
+        if result.accepted:
+            success(line)
+        else:
+            say(line)
+        if result.details.reason:
+            say(f"Reason: {result.details.reason}")
+    if not result.accepted:
+        raise typer.Exit(EXIT_NOT_ACCEPTED)

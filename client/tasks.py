@@ -214,13 +214,13 @@ class TaskFuture(Generic[R]):
     def result(self, timeout: float | None = None) -> R:
         bridge = _Bridge.get()
         run = bridge.run(wait_for_task_run(bridge.client, self.task_run_id, timeout))
-        return bridge.run(fetch_task_result(bridge.client, run))  # type: ignore[no-any-return]
+        return bridge.run(fetch_task_result(bridge.client, run))
 
     async def aresult(self, timeout: float | None = None) -> R:
         if self._client is None:
             raise RuntimeError("this future was made by .delay(): wait for it with .result()")
         run = await wait_for_task_run(self._client, self.task_run_id, timeout)
-        return await fetch_task_result(self._client, run)  # type: ignore[no-any-return]
+        return await fetch_task_result(self._client, run)
 
     def __repr__(self) -> str:
         return f"TaskFuture({self.task_run_id})"

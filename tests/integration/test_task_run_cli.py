@@ -151,6 +151,27 @@ async def test_task_run_inspect_shows_the_run_and_its_states(service, settings):
     assert json.loads((await cli("task-run", "inspect", str(twin_a.id), "--json")).stdout)["name"] == "twin"
 
 
+async def test_task_run_cancel_cancels_a_waiting_run_and_refuses_a_finished_one(service, settings):
+    cli = _cli(settings)
+    async with RunledgerClient(settings) as rl:
+        waiting, _ = await rl.create_task_run("mytasks.add", "c1", name="to-cancel")
+        done, _ = await rl.create_task_run("mytasks.add", "c2", name="done-already")
+        for state in ("RUNNING", "COMPLETED"):
+            assert (await rl.set_task_run_state(done.id, state)).accepted
+
+    cancelled = await cli("task-run", "cancel", "to-cancel")
+    assert cancelled.exit_code == 0, cancelled.output
+    assert cancelled.stdout == "ACCEPT: task run 'to-cancel' is CANCELLED.\n"
+    async with RunledgerClient(settings) as rl:
+        assert (await rl.read_task_run(waiting.id, min_seq=await rl.catch_up())).state_type == "CANCELLED"
+
+    refused = await cli("task-run", "cancel", str(done.id), "--json")
+    assert refused.exit_code == 8, refused.output
+    assert json.loads(refused.stdout)["status"] == "ABORT"
+    async with RunledgerClient(settings) as rl:
+        assert (await rl.read_task_run(done.id, min_seq=await rl.catch_up())).state_type == "COMPLETED"
+
+
 @contextlib.asynccontextmanager
 async def _serving(settings, keys: list[str], worker_id: str):
     """A task worker serving `keys` on a connection of its own until the block ends."""
