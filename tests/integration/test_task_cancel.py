@@ -245,6 +245,42 @@ async def test_a_finished_run_is_not_cancelled(client, settings):
     assert result.status == "ABORT" and result.state.type == "COMPLETED"
 
 
+async def test_a_run_whose_worker_died_during_the_cancel_is_cancelled_by_the_next_worker(client, service, settings):
+    """The worker dies; the cancel comes while nobody runs the run (no worker hears it): the
+    next worker its message is delivered to ends it CANCELLED, and runs nothing."""
+    service.connected_at -= 60  # a service up for a while (just after a connect, takeovers wait)
+    started = asyncio.Event()
+    ran: list[str] = []
+
+    async def slow() -> None:
+        ran.append("doomed")
+        started.set()
+        await asyncio.sleep(60)
+
+    async def heir() -> None:
+        ran.append("heir")
+
+    doomed_settings = settings.model_copy(update={"task_ack_wait_seconds": ACK_WAIT})
+    nc = await connect(doomed_settings, name="doomed-worker")
+    doomed = TaskWorker(nc, doomed_settings, {"dies": slow}, worker_id="doomed")
+    await doomed.start()
+    serving = asyncio.create_task(doomed.serve(asyncio.Event()))
+    run = await submit_task(client, "dies", {})
+    await asyncio.wait_for(started.wait(), 10)
+    serving.cancel()  # dies: its connection gone, nothing reported or handed back
+    for task in list(doomed._running):
+        task.cancel()
+    await nc.close()
+    result = await client.cancel_task_run(run.id)
+    assert result.status == "ACCEPT" and result.state.type == "CANCELLING"
+    async with running_worker(settings, {"dies": heir}, worker_id="heir"):
+        ended = await wait_for_task_run(client, run.id, timeout=15)
+    assert ended.state_type == "CANCELLED" and "'doomed' stopped" in ended.state.message
+    assert ran == ["doomed"]
+    assert await history(client, run.id) == ["SCHEDULED", "RUNNING", "CANCELLING", "CANCELLED"]
+    await nothing_redelivered(client, settings, "dies")
+
+
 async def test_a_task_worker_hears_the_cancel_with_its_own_credentials(roles):  # noqa: F811
     """With the broker roles in force: the task worker hears its run's CANCELLING through its
     account's import of the notices, and stops and reports it, refused nothing."""
