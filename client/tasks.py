@@ -28,6 +28,7 @@ import threading
 import uuid
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future as ThreadFuture
+from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 from runledger.infra.settings import Settings, load_settings
@@ -93,8 +94,9 @@ async def fetch_task_result(client: RunledgerClient, run: TaskRun) -> Any:
     if not (isinstance(value, dict) and value.get("type") == "reference" and value.get("storage") == "task-results"):
         return value
     parts = []
+    stored_by = value.get("task_run_id") or str(run.id)  # a cached copy names the run that stored it
     for chunk in range(int(value["chunks"])):
-        reply = await client.query("GetTaskRunResult", {"id": str(run.id), "attempt": value["attempt"],
+        reply = await client.query("GetTaskRunResult", {"id": stored_by, "attempt": value["attempt"],
                                                          "chunk": chunk}, min_seq=0)
         parts.append(base64.b64decode(reply.result["data"]))
     encoded = b"".join(parts)
@@ -107,7 +109,8 @@ async def submit_task(client: RunledgerClient, task_key: str, parameters: dict[s
                       retries: int | None = None, retry_delay: float | list[float] | None = None,
                       retry_jitter_factor: float | None = None, tags: list[str] | None = None,
                       queue_wait_seconds: float = 0.0, task_run_id: uuid.UUID | None = None,
-                      dynamic_key: str | None = None) -> TaskRun:
+                      dynamic_key: str | None = None, cache_key: str | None = None,
+                      cache_expiration: datetime | None = None) -> TaskRun:
     """Queues a new task run of `task_key` for a task worker (a SCHEDULED, deferred state) and
     returns it. A key whose queue is full raises `Unavailable` at once, or after waiting up to
     `queue_wait_seconds` for room; the run is then cancelled, never left behind unseen.
@@ -115,7 +118,11 @@ async def submit_task(client: RunledgerClient, task_key: str, parameters: dict[s
     `dynamic_key` (default: a fresh one) makes the submission idempotent: the same task key and
     dynamic key return the run made the first time, so a submitter that lost a reply sends it
     again safely; if that run was cancelled (its key was full, or someone cancelled it), it
-    raises `Unavailable` again instead."""
+    raises `Unavailable` again instead.
+
+    `cache_key` (and `cache_expiration`, when the cached state stops counting): a run whose
+    key has an unexpired COMPLETED state is given a copy of it when a worker takes it
+    (`Cached`), without running; a run that completes records its state under the key."""
     policy: dict[str, Any] = {}
     if retries is not None:
         policy["retries"] = retries
@@ -130,6 +137,10 @@ async def submit_task(client: RunledgerClient, task_key: str, parameters: dict[s
     }
     if task_run_id is not None:
         body["id"] = str(task_run_id)
+    if cache_key is not None:
+        body["cache_key"] = cache_key
+        if cache_expiration is not None:
+            body["cache_expiration"] = cache_expiration.isoformat()
     reply = await client.command("CreateTaskRun", body, extra_timeout=queue_wait_seconds)
     run = RunledgerClient._one(TaskRun, reply.result)
     if reply.created is False and run.state_type == "CANCELLED":
@@ -231,11 +242,18 @@ class Task(Generic[R]):
 
     def __init__(self, fn: Callable[..., R], *, key: str | None = None, retries: int | None = None,
                  retry_delay: float | list[float] | None = None, retry_jitter_factor: float | None = None,
-                 tags: list[str] | None = None):
+                 tags: list[str] | None = None, cache_policy: str | None = None,
+                 cache_key_fn: Callable[[dict[str, Any]], str | None] | None = None,
+                 cache_expiration: timedelta | None = None):
+        if cache_policy not in (None, "inputs"):
+            raise ValueError(f"cache_policy {cache_policy!r}: the one policy is 'inputs'")
+        if cache_policy is not None and cache_key_fn is not None:
+            raise ValueError("give cache_policy or cache_key_fn, not both")
         self.fn = fn
         self.key = key or f"{fn.__module__}.{fn.__qualname__}"
         self.retries, self.retry_delay, self.retry_jitter_factor = retries, retry_delay, retry_jitter_factor
         self.tags = tags or []
+        self.cache_policy, self.cache_key_fn, self.cache_expiration = cache_policy, cache_key_fn, cache_expiration
         self._signature = inspect.signature(fn)
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", self.key)
@@ -263,9 +281,23 @@ class Task(Generic[R]):
                 out[name] = value
         return out
 
+    def cache_key(self, parameters: dict[str, Any]) -> str | None:
+        """The key a run with these parameters is cached under (None: not cached). `inputs`:
+        the task key and a SHA-256 of the parameters as canonical JSON."""
+        if self.cache_key_fn is not None:
+            return self.cache_key_fn(parameters)
+        if self.cache_policy == "inputs":
+            canonical = json.dumps(parameters, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+            return f"{self.key}:{hashlib.sha256(canonical.encode()).hexdigest()}"
+        return None
+
     async def _submit(self, client: RunledgerClient, parameters: dict[str, Any]) -> TaskRun:
+        cache_key = self.cache_key(parameters)
+        expiration = (datetime.now(UTC) + self.cache_expiration
+                      if cache_key is not None and self.cache_expiration is not None else None)
         return await submit_task(client, self.key, parameters, retries=self.retries, retry_delay=self.retry_delay,
-                                 retry_jitter_factor=self.retry_jitter_factor, tags=self.tags)
+                                 retry_jitter_factor=self.retry_jitter_factor, tags=self.tags,
+                                 cache_key=cache_key, cache_expiration=expiration)
 
     def delay(self, *args: Any, **kwargs: Any) -> TaskFuture[R]:
         """Queues a run with these arguments for a task worker; returns at once with its future."""
@@ -307,13 +339,18 @@ async def _shared_client() -> RunledgerClient:
 
 def task(fn: Callable[..., R] | None = None, *, key: str | None = None, retries: int | None = None,
          retry_delay: float | list[float] | None = None, retry_jitter_factor: float | None = None,
-         tags: list[str] | None = None) -> Any:
+         tags: list[str] | None = None, cache_policy: str | None = None,
+         cache_key_fn: Callable[[dict[str, Any]], str | None] | None = None,
+         cache_expiration: timedelta | None = None) -> Any:
     """`@task` or `@task(key=..., retries=..., retry_delay=...)`: registers the function for task
-    workers and gives it `.delay()`."""
+    workers and gives it `.delay()`. Caching, as Prefect's: `cache_policy="inputs"` (or a
+    `cache_key_fn(parameters) -> str`) makes a run whose key has an unexpired COMPLETED state
+    take a copy of it (`Cached`) instead of running; `cache_expiration` counts from the
+    submission."""
 
     def wrap(f: Callable[..., R]) -> Task[R]:
         t = Task(f, key=key, retries=retries, retry_delay=retry_delay, retry_jitter_factor=retry_jitter_factor,
-                 tags=tags)
+                 tags=tags, cache_policy=cache_policy, cache_key_fn=cache_key_fn, cache_expiration=cache_expiration)
         TASKS[t.key] = t
         return t
 

@@ -27,10 +27,12 @@ AGGREGATE_KINDS = [
 async def _facts(unit: Unit, run: tr.TaskRun | tr.CreateTaskRun, proposed: StateCreate | None,
                  takeover_allowed: bool) -> rules.TaskFacts:
     """What the task rules read besides the run: its flow run, and the cache entry under the
-    proposed state's cache key when the run is about to start."""
+    proposed state's cache key when the run is about to start, or completes (its state then
+    replaces the entry, appended after the one loaded)."""
     flow_run = await unit.load(fr.FLOW_RUN, str(run.flow_run_id)) if run.flow_run_id is not None else None
     cached = None
-    if proposed is not None and proposed.type is StateType.RUNNING and proposed.state_details.cache_key is not None:
+    if (proposed is not None and proposed.type in (StateType.RUNNING, StateType.COMPLETED)
+            and proposed.state_details.cache_key is not None):
         cached = await unit.load(tr.TASK_CACHE, tr.cache_id(proposed.state_details.cache_key))
     return rules.TaskFacts(flow_run=flow_run, cached=cached, takeover_allowed=takeover_allowed)
 

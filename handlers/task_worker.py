@@ -457,6 +457,9 @@ class TaskWorker:
         attempt = meta.num_delivered if meta else 1
         queued_by = run.queued_state_id or (run.state.id if run.state is not None else None)
         start: dict[str, Any] = {"id": str(run.id), "state": {"type": "RUNNING"}, "task_worker_id": self.worker_id}
+        if run.cache_key is not None:
+            # A cached run is answered with a copy of its key's state (REJECT, `Cached`): not run.
+            start["state"]["state_details"] = {"cache_key": run.cache_key}
         if queued_by is not None:
             message = f"{meta.stream}:{meta.sequence.stream}" if meta else None
             start["delivery"] = {"state_id": str(queued_by), "attempt": attempt, "message": message}
@@ -516,6 +519,11 @@ class TaskWorker:
                 await self._stop_cancelled(run, msg, call, watch.heard.result())
                 return
             outcome = call.result()
+            if outcome["type"] == "COMPLETED" and run.cache_key is not None:
+                # Recorded under its cache key, for the runs that ask for it later.
+                outcome["state_details"] = {**outcome.get("state_details", {}), "cache_key": run.cache_key,
+                                            "cache_expiration": run.cache_expiration.isoformat()
+                                            if run.cache_expiration is not None else None}
             reply = await self._report({"id": str(run.id), "state": outcome, "task_worker_id": self.worker_id}, msg)
             if reply is not None and not reply.get("ok") and reply["error"].get("code") == "invalid":
                 # The outcome itself cannot be recorded (a value the log cannot store): say so.
