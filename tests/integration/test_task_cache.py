@@ -10,7 +10,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from runledger.client import RunledgerClient
-from runledger.client.tasks import Task, fetch_task_result, submit_task, task_result, wait_for_task_run
+from runledger.client.tasks import (
+    Task,
+    fetch_task_result,
+    submit_task,
+    task_result,
+    wait_for_task_run,
+)
 from tests.integration.test_task_queues import running_worker, state_names
 
 pytestmark = pytest.mark.asyncio

@@ -264,7 +264,7 @@ async def test_a_run_stored_but_never_published_is_queued_by_the_recovery_sweep(
         service.commands.after_append = publish
     publisher = TaskPublisher(client._nc.jetstream(), settings)
     assert await publisher.count("lost", "scheduled") == 0
-    await client.catch_up()
+    await client.read_task_run(lost.id, min_seq=await client.catch_up())  # the read model holds it: the sweep reads there
     sweep = TaskRecovery(service.engine, publisher, older_than=0)
     assert await sweep.sweep() == 1
     assert await sweep.sweep() == 0  # on its subject now: nothing more to do
