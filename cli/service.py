@@ -138,9 +138,9 @@ def up(
         raise typer.Exit(EXIT_UNAVAILABLE) from None
     # Users and permissions per role (infra/broker_auth.py), passwords made once per data dir;
     # the server refuses unauthenticated connections and syncs every write before its ack.
-    creds = broker_auth.local_credentials(data_dir)
-    nats_config = broker_auth.write_local_config(data_dir, load_settings(role="service").namespace, creds,
-                                                 data_dir / "nats")
+    service_settings = load_settings(role="service")
+    creds = broker_auth.local_credentials(data_dir, service_settings.task_worker_keys)
+    nats_config = broker_auth.write_local_config(data_dir, service_settings.namespace, creds, data_dir / "nats")
     nats_server = EmbeddedNats(data_dir / "nats", config_file=nats_config)
     postgres = EmbeddedPostgres(data_dir / "pg")
     try:  # its binaries and, as root, the user it runs as and that user's way in

@@ -52,22 +52,60 @@ def task_worker(
     worker_id: str | None = typer.Option(None, "--worker-id", help="This worker's name (default: host name and a random suffix)."),
     grace: float = typer.Option(30.0, "--grace", min=0, help="Seconds running tasks get to finish after SIGTERM."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    bound_as: str | None = typer.Option(
+        None, "--as", help="Serve as the task worker bound to keys under this name (RUNLEDGER_TASK_WORKER_KEYS): "
+                           "its own broker user, task_worker_<name>, which may serve those keys only."),
 ) -> None:
     """Run task runs of the given keys as task workers do: durably, each once in effect."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("nats").setLevel(logging.WARNING)
     functions = _load_functions(module, key)
-    sys.exit(asyncio.run(_serve(functions, list(functions), limit, worker_id, grace)))
+    settings = _settings(bound_as, list(functions))
+    sys.exit(asyncio.run(_serve(settings, functions, list(functions), limit, worker_id, grace)))
 
 
-async def _serve(functions: dict, keys: list[str], limit: int, worker_id: str | None, grace: float) -> int:
+def _settings(bound_as: str | None, keys: list[str]):
+    """The task worker role's settings, or those of the task worker bound to keys named
+    `bound_as`, which must be bound to every key served."""
+    from runledger.infra.broker_auth import bound_task_worker_user
+    from runledger.infra.settings import load_settings
+
+    if bound_as is None:
+        return load_settings("task_worker")
+    settings = load_settings("task_worker", user=bound_task_worker_user(bound_as))
+    bound = settings.task_worker_keys.get(bound_as) or _recorded_keys(bound_task_worker_user(bound_as))
+    if bound is None:
+        raise typer.BadParameter(f"no task worker is bound to keys under the name {bound_as!r} "
+                                 "(RUNLEDGER_TASK_WORKER_KEYS, given to `runledger up` and the service)",
+                                 param_hint="--as")
+    outside = [k for k in keys if k not in bound]
+    if outside:
+        raise typer.BadParameter(f"{bound_as!r} is bound to {', '.join(map(repr, bound))}, not to "
+                                 f"{', '.join(map(repr, outside))}", param_hint="--as")
+    return settings
+
+
+def _recorded_keys(user: str) -> list[str] | None:
+    """The keys `runledger up` recorded for a bound task worker's user (None: not recorded)."""
+    import json
+
+    from runledger.infra.settings import endpoint_file
+
+    try:
+        recorded = json.loads(endpoint_file().read_text())
+    except (OSError, ValueError):
+        return None
+    entry = (recorded.get("nats_users") or {}).get(user) if isinstance(recorded, dict) else None
+    keys = entry.get("task_keys") if isinstance(entry, dict) else None
+    return list(keys) if isinstance(keys, list) else None
+
+
+async def _serve(settings, functions: dict, keys: list[str], limit: int, worker_id: str | None, grace: float) -> int:
     from runledger.client import tasks
     from runledger.handlers.task_worker import TaskSourcesUnavailable, TaskWorker
     from runledger.infra.nats_connection import BrokerUnavailable, connect
-    from runledger.infra.settings import load_settings
 
-    settings = load_settings("task_worker")
     tasks.use_settings(settings)  # tasks that submit tasks connect as this role too
     try:
         nc = await connect(settings, name="runledger-task-worker", check_version=False)

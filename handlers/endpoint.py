@@ -137,6 +137,40 @@ def extend_deadline(seconds: float) -> None:
         req.due += seconds
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who sent the request being answered, as the broker says: the account and user of a
+    request that crossed into the service's account through an import that shares them (the
+    `Nats-Request-Info` header, which the server writes, replacing any the sender wrote). A
+    request from the service's own account carries none: `account` and `user` None."""
+
+    account: str | None = None
+    user: str | None = None
+
+
+REQUEST_INFO_HEADER = "Nats-Request-Info"
+_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("runledger_caller", default=Caller())  # noqa: B039 - frozen
+
+
+def current_caller() -> Caller:
+    """The sender of the request this task is answering (`Caller()` outside a request)."""
+    return _caller.get()
+
+
+def _caller_of(msg: Any) -> Caller:
+    raw = msg.headers.get(REQUEST_INFO_HEADER) if msg.headers else None
+    if not raw:
+        return Caller()
+    try:
+        info = json.loads(raw)
+    except ValueError:
+        return Caller()
+    if not isinstance(info, dict):
+        return Caller()
+    account, user = info.get("acc"), info.get("user")
+    return Caller(account if isinstance(account, str) else None, user if isinstance(user, str) else None)
+
+
 def _spawn(coro: Awaitable[Any]) -> None:
     task = asyncio.ensure_future(coro)
     _orphans.add(task)
@@ -326,6 +360,7 @@ class Endpoint:
         req = _Pending(self._loop.time() + self.deadline, msg, name)
         self._pending[me] = req
         _extend_deadline.set(req)  # this task's own context
+        _caller.set(_caller_of(msg))
         try:
             try:
                 out = await self._run(name, msg.data, size, req)

@@ -9,7 +9,7 @@ history is ordered, and its versions must not depend on the order of this list.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from runledger.infra.aggregates import AggregateKind
@@ -89,18 +89,19 @@ QUERIES: dict[str, tuple[Any, Any]] = {
 
 
 def command_specs(store: EventStore | None,
-                  takeover_allowed: Callable[[], bool] = lambda: True) -> dict[str, CommandSpec]:
+                  takeover_allowed: Callable[[], bool] = lambda: True,
+                  bound_task_workers: Mapping[str, Sequence[str]] | None = None) -> dict[str, CommandSpec]:
     """Command name -> spec. `store`: what commands that find their aggregate through the log
     read it from (None where nothing runs, e.g. for the contract's schemas). `takeover_allowed`:
     whether a task worker may take over a run another holds now (not just after a broker
-    restart)."""
+    restart). `bound_task_workers`: the task workers bound to keys (Settings.task_worker_keys)."""
     queues = work_pool_commands.queue_index(store) if store is not None else None
     return {
         **work_pool_commands.command_specs(queues),
         **flow_commands.COMMANDS,
         **deployment_commands.COMMANDS,
         **flow_run_commands.command_specs(queues),
-        **task_run_commands.command_specs(takeover_allowed),
+        **task_run_commands.command_specs(takeover_allowed, bound_task_workers),
         **tag_concurrency_limit_commands.COMMANDS,
         **variable_commands.COMMANDS,
         **concurrency_limit_commands.COMMANDS,

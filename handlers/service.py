@@ -160,7 +160,7 @@ class Service:
             await ensure_snapshot_bucket(js, s)
             snapshots = SnapshotStore(js, s)
         repo = AggregateRepository(self.store, registry.AGGREGATE_KINDS, snapshots=snapshots, snapshot_every=s.snapshot_every)
-        self.commands = CommandBus(self.store, repo, registry.command_specs(self.store, self._takeover_allowed),
+        self.commands = CommandBus(self.store, repo, registry.command_specs(self.store, self._takeover_allowed, s.task_worker_keys),
                                    retries=s.command_retries)
         self.commands.after_append = TaskDispatch(TaskPublisher(self.nc.jetstream(timeout=s.request_timeout), s),
                                                   self.commands, self.nc, s)

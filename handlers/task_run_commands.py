@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -11,11 +11,13 @@ from runledger.commands import tag_concurrency_limits as tcl
 from runledger.commands import task_run_rules as rules
 from runledger.commands import task_runs as tr
 from runledger.commands.decisions import Decision
-from runledger.commands.messages import DecisionContext
+from runledger.commands.messages import DecisionContext, forbidden
 from runledger.commands.states import State, StateCreate, StateType
 from runledger.infra.aggregates import AggregateKind
+from runledger.infra.broker_auth import TASK_WORKER_ACCOUNT, bound_task_worker_name
 
 from .command_bus import AggregateKey, CommandSpec, Unit
+from .endpoint import current_caller
 
 # Every event of a task run carries the whole run: its last event is its state.
 AGGREGATE_KINDS = [
@@ -107,9 +109,41 @@ async def load_task_run(unit: Unit, task_run_id: Any) -> tr.TaskRun | None:
     return tr.still_there(run, await unit.load(fr.FLOW_RUN, str(run.flow_run_id)) is not None)
 
 
-def command_specs(takeover_allowed: Callable[[], bool] = lambda: True) -> dict[str, CommandSpec]:
+def keys_of_caller(bound: Mapping[str, Sequence[str]]) -> frozenset[str] | None:
+    """The task keys the sender of the command being answered may report on: None (any) for
+    a client, the service itself and the task worker role's own user; a bound task worker's
+    keys (`bound`: Settings.task_worker_keys) for its user. Any other user of the task worker's
+    account, or one the broker did not name while task workers are bound to keys (a broker
+    configuration older than the service's), may report on none: the broker and the service
+    were not given the same bound task workers, and the narrower reading is the safe one."""
+    caller = current_caller()
+    if caller.account != TASK_WORKER_ACCOUNT or caller.user == "task_worker":
+        return None
+    if caller.user is None and not bound:
+        return None
+    name = bound_task_worker_name(caller.user)
+    return frozenset(bound[name]) if name is not None and name in bound else frozenset()
+
+
+def hold_to_its_keys(cmd: tr.SetTaskRunState, run: tr.TaskRun | None, allowed: frozenset[str] | None) -> None:
+    """A task worker bound to keys reports on its keys' runs only, and never forces a state:
+    its credentials are meant for one set of tasks, and a report on another's run, or a forced
+    one, could end a run it does not hold."""
+    if allowed is None:
+        return
+    if cmd.force:
+        raise forbidden("A task worker bound to task keys may not force a state.")
+    if run is not None and run.task_key not in allowed:
+        raise forbidden(f"This task worker may report only on runs of the task keys {sorted(allowed)}, "
+                        f"not {run.task_key!r}.")
+
+
+def command_specs(takeover_allowed: Callable[[], bool] = lambda: True,
+                  bound_task_workers: Mapping[str, Sequence[str]] | None = None) -> dict[str, CommandSpec]:
     """`takeover_allowed`: False while the service's broker connection is fresh (a broker
-    restart redelivers every task at once; see `task_run_rules.TAKEOVER_GRACE_SECONDS`)."""
+    restart redelivers every task at once; see `task_run_rules.TAKEOVER_GRACE_SECONDS`).
+    `bound_task_workers`: the task workers bound to keys (Settings.task_worker_keys)."""
+    bound = dict(bound_task_workers or {})
 
     async def create_task_run(unit: Unit, cmd: tr.CreateTaskRun, ctx: DecisionContext) -> Decision:
         at = tr.keys_id(cmd.flow_run_id, cmd.task_key, cmd.dynamic_key)
@@ -128,6 +162,7 @@ def command_specs(takeover_allowed: Callable[[], bool] = lambda: True) -> dict[s
 
     async def set_task_run_state(unit: Unit, cmd: tr.SetTaskRunState, ctx: DecisionContext) -> Decision:
         run = await load_task_run(unit, cmd.id)
+        hold_to_its_keys(cmd, run, keys_of_caller(bound))
         if run is None:
             return tr.decide_set_task_run_state(cmd, run, ctx)
         facts = await _facts(unit, run, cmd.state, takeover_allowed())

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runledger.commands.messages import not_found
 from runledger.commands.queries import GetTaskRunResult, ListTaskWorkers
+from runledger.infra.broker_auth import bound_task_worker_name
 from runledger.infra.settings import Settings
 from runledger.infra.task_queues import read_result_chunk, task_worker_bucket
 from runledger.projections.tables import task_runs
@@ -38,6 +39,12 @@ async def list_task_workers(_conn: Any, query: ListTaskWorkers, *, js: JetStream
         if not entry.value:
             continue
         worker = json.loads(entry.value)
+        bound = bound_task_worker_name(key.split(".", 1)[0])
+        if bound is not None:  # written by a task worker bound to keys: only its keys count
+            allowed = set(settings.task_worker_keys.get(bound, []))
+            worker["task_keys"] = [k for k in worker.get("task_keys", []) if k in allowed]
+            if not worker["task_keys"]:
+                continue
         if wanted is None or wanted & set(worker.get("task_keys", [])):
             workers.append(worker)
     return sorted(workers, key=lambda w: w["identifier"])

@@ -45,6 +45,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROLES = ("service", "client", "analyst", "task_worker")
 # What a task worker may send: its reports, new task runs, and the reads a `.result()` makes
@@ -190,6 +191,46 @@ def finished_subject(namespace: str) -> str:
     return f"{namespace}.taskrun.finished.>"
 
 
+# Task workers bound to task keys (Settings.task_worker_keys): each name a user of its own in
+# the task worker's account, `task_worker_<name>`, that may take, acknowledge and report on the
+# runs of its keys only (the service checks its reports: see `bound_task_worker_name`).
+BOUND_TASK_WORKER_PREFIX = "task_worker_"
+
+
+def bound_task_worker_user(name: str) -> str:
+    return f"{BOUND_TASK_WORKER_PREFIX}{name}"
+
+
+def bound_task_worker_name(user: str | None) -> str | None:
+    """The name a bound task worker's broker user stands for (None: not one)."""
+    if user is None or not user.startswith(BOUND_TASK_WORKER_PREFIX):
+        return None
+    return user[len(BOUND_TASK_WORKER_PREFIX):]
+
+
+def bound_task_worker_permissions(namespace: str, user: str, task_keys: Sequence[str]) -> dict:
+    """The task worker's permissions narrowed to `task_keys`: the durable consumers of those
+    keys only (create, info, pull, acknowledge), its heartbeats under its own name in the
+    task-workers bucket, its own inbox; the same commands and queries (the service refuses
+    its reports on other keys' runs)."""
+    from .task_queues import consumer_name  # the one definition of a key's consumer names
+
+    n = Names(namespace)
+    pub: list[str] = []
+    for key in task_keys:
+        for stream, side in zip(n.task_streams, ("scheduled", "retry"), strict=True):
+            consumer = consumer_name(key, side)  # type: ignore[arg-type]
+            pub += [f"{TASK_WORKER_JS_API}.CONSUMER.CREATE.{stream}.{consumer}.>",
+                    f"{TASK_WORKER_JS_API}.CONSUMER.INFO.{stream}.{consumer}",
+                    f"{TASK_WORKER_JS_API}.CONSUMER.MSG.NEXT.{stream}.{consumer}",
+                    f"$JS.ACK.{stream}.{consumer}.>"]
+    pub += [f"$KV.{n.buckets[2]}.{user}.>", f"{namespace}.result.>",
+            *(f"{namespace}.cmd.{c}" for c in TASK_WORKER_COMMANDS),
+            *(f"{namespace}.qry.{q}" for q in TASK_WORKER_QUERIES)]
+    return {"publish": {"allow": pub},
+            "subscribe": {"allow": [f"{inbox_prefix(user)}.>", finished_subject(namespace)]}}
+
+
 def role_permissions(namespace: str, service_consumers: Sequence[str]) -> dict[str, dict]:
     """NATS `permissions` per role. Subjects in allow lists are the only ones a role may use."""
     n = Names(namespace)
@@ -289,15 +330,19 @@ def _block(d: Mapping, indent: int) -> list[str]:
 
 def nats_config(namespace: str, passwords: Mapping[str, str], store_dir: str, *,
                 listen: str | None = None, host: str | None = None, http_port: int | None = None,
-                service_consumers: Sequence[str] | None = None, sync_always: bool = True) -> str:
-    """nats-server configuration text for one namespace. `passwords`: per role, a literal
-    password or an `EnvRef` (`$ENV_VAR`, resolved by nats-server from its environment).
-    `listen` (host:port) or `host`, `http_port`: the command line may set them instead."""
+                service_consumers: Sequence[str] | None = None, sync_always: bool = True,
+                task_worker_keys: Mapping[str, Sequence[str]] | None = None) -> str:
+    """nats-server configuration text for one namespace. `passwords`: per role (and per bound
+    task worker's user, `bound_task_worker_user`), a literal password or an `EnvRef`
+    (`$ENV_VAR`, resolved by nats-server from its environment). `listen` (host:port) or
+    `host`, `http_port`: the command line may set them instead. `task_worker_keys`: the task
+    workers bound to keys (Settings.task_worker_keys)."""
     if not re.fullmatch(r"[a-z][a-z0-9_]{0,40}", namespace):  # as Settings.namespace
         raise ValueError(f"not a runledger namespace: {namespace!r}")
-    missing = set(ROLES) - set(passwords)
+    bound = {bound_task_worker_user(name): list(keys) for name, keys in (task_worker_keys or {}).items()}
+    missing = (set(ROLES) | set(bound)) - set(passwords)
     if missing:
-        raise ValueError(f"no password for role(s) {', '.join(sorted(missing))}")
+        raise ValueError(f"no password for role(s) or user(s) {', '.join(sorted(missing))}")
     consumers = service_consumer_names() if service_consumers is None else list(service_consumers)
     perms = role_permissions(namespace, consumers)
     top: dict = {}
@@ -324,7 +369,8 @@ def nats_config(namespace: str, passwords: Mapping[str, str], store_dir: str, *,
     def users(roles: Sequence[str]) -> list[str]:
         out = ["    users: ["]
         for role in roles:
-            user = {"user": role, "password": passwords[role], "permissions": perms[role]}
+            user = {"user": role, "password": passwords[role], "permissions":
+                    perms[role] if role in perms else bound_task_worker_permissions(namespace, role, bound[role])}
             out += ["      {", *_block(user, 4), "      }"]
         return out + ["    ]"]
 
@@ -337,8 +383,12 @@ def nats_config(namespace: str, passwords: Mapping[str, str], store_dir: str, *,
     def service(account: str, subject: str, kind: str, to: str | None = None) -> None:
         exports.setdefault(subject, (kind, []))[1].append(account)
         rename = f", to: {json.dumps(to)}" if to and to != subject else ""
+        # The task worker's commands carry who sent them (the `Nats-Request-Info` header, with
+        # the user: the server sets it, replacing any the sender wrote), so that the service
+        # holds a bound task worker to its keys.
+        share = ", share: true" if account == TASK_WORKER_ACCOUNT and ".cmd." in subject else ""
         imports[account].append(f'      {{service: {{account: {json.dumps(SERVICE_ACCOUNT)}, '
-                                f'subject: {json.dumps(subject)}}}{rename}}}')
+                                f'subject: {json.dumps(subject)}}}{rename}{share}}}')
 
     for sub, kind in analyst_api(n.stream):
         service(ANALYST_ACCOUNT, "$JS.API." + sub, kind, f"{ANALYST_JS_API}.{sub}")
@@ -364,21 +414,26 @@ def nats_config(namespace: str, passwords: Mapping[str, str], store_dir: str, *,
         f"  {SERVICE_ACCOUNT} {{", "    jetstream: enabled", *users(["service", "client"]),
         "    exports: [", *export_lines, "    ]", "  }",
         f"  {ANALYST_ACCOUNT} {{", *users(["analyst"]), "    imports: [", *imports[ANALYST_ACCOUNT], "    ]", "  }",
-        f"  {TASK_WORKER_ACCOUNT} {{", *users(["task_worker"]),
+        f"  {TASK_WORKER_ACCOUNT} {{", *users(["task_worker", *bound]),
         "    imports: [", *imports[TASK_WORKER_ACCOUNT], "    ]", "  }",
         "}", "",
     ]
     return "\n".join(lines)
 
 
-def env_references() -> dict[str, str]:
-    return {role: EnvRef(f"${env_var(role)}") for role in ROLES}
+def env_references(task_worker_keys: Mapping[str, Sequence[str]] | None = None) -> dict[str, str]:
+    users = [*ROLES, *(bound_task_worker_user(name) for name in task_worker_keys or {})]
+    return {user: EnvRef(f"${env_var(user)}") for user in users}
 
 
-def dotenv(credentials: Mapping[str, Mapping[str, str]] | None = None) -> str:
+def dotenv(credentials: Mapping[str, Mapping[str, str]] | None = None,
+           task_worker_keys: Mapping[str, Sequence[str]] | None = None) -> str:
     """Fresh passwords as a `.env` file for docker compose."""
-    creds = credentials or new_credentials()
-    return "".join(f"{env_var(role)}={creds[role]['password']}\n" for role in ROLES)
+    creds = dict(credentials or new_credentials())
+    users = [*ROLES, *(bound_task_worker_user(name) for name in task_worker_keys or {})]
+    for user in users:
+        creds.setdefault(user, {"user": user, "password": new_password()})
+    return "".join(f"{env_var(user)}={creds[user]['password']}\n" for user in users)
 
 
 def write_private(path, text: str) -> None:
@@ -389,9 +444,11 @@ def write_private(path, text: str) -> None:
     os.chmod(path, 0o600)  # an older file keeps its mode through O_CREAT
 
 
-def local_credentials(data_dir) -> dict[str, dict[str, str]]:
+def local_credentials(data_dir, task_worker_keys: Mapping[str, Sequence[str]] | None = None) -> dict[str, dict[str, Any]]:
     """The role credentials of a `runledger up` data directory: made once, kept in
-    `<data_dir>/credentials.json` (mode 0600)."""
+    `<data_dir>/credentials.json` (mode 0600); with those of the task workers bound to keys
+    (`task_worker_keys`), each under its user's name (`bound_task_worker_user`), with its keys,
+    inbox prefix and JetStream API prefix: what `load_settings(user=...)` needs."""
     path = Path(data_dir) / "credentials.json"
     try:
         creds = json.loads(path.read_text())
@@ -403,23 +460,36 @@ def local_credentials(data_dir) -> dict[str, dict[str, str]]:
     missing = [r for r in ROLES if not creds.get(r, {}).get("password")]
     # A role added since the directory was made gets its password; the others keep theirs
     # (and get the JetStream API prefix of a role moved to an account of its own since).
+    kept_bound = {u: c for u, c in creds.items() if bound_task_worker_name(u) is not None and isinstance(c, dict)}
     creds = {**fresh, **{r: creds[r] for r in ROLES if r not in missing}}
-    if _set_js_api_prefixes(creds) or missing:
+    changed = bool(missing)
+    for name, keys in (task_worker_keys or {}).items():
+        user = bound_task_worker_user(name)
+        entry = {"user": user, "password": kept_bound.get(user, {}).get("password") or new_password(),
+                 "js_api_prefix": TASK_WORKER_JS_API, "inbox_prefix": inbox_prefix(user), "task_keys": list(keys)}
+        changed = changed or kept_bound.get(user) != entry
+        creds[user] = entry
+    changed = changed or set(kept_bound) - set(creds) != set()  # a name no longer bound: forgotten
+    if _set_js_api_prefixes(creds) or changed:
         write_private(path, json.dumps(creds, indent=2))
     return creds
 
 
-def write_local_config(data_dir, namespace: str, creds: Mapping[str, Mapping[str, str]], store_dir,
+def write_local_config(data_dir, namespace: str, creds: Mapping[str, Mapping[str, Any]], store_dir,
                        sync_always: bool = True) -> Path:
-    """`<data_dir>/nats.conf` (mode 0600) for `runledger up`; returns its path."""
+    """`<data_dir>/nats.conf` (mode 0600) for `runledger up`; returns its path. The task workers
+    bound to keys are those `creds` holds (`local_credentials`)."""
     path = Path(data_dir) / "nats.conf"
+    bound = {name: creds[user]["task_keys"] for user in creds if (name := bound_task_worker_name(user)) is not None}
+    passwords = {u: creds[u]["password"] for u in [*ROLES, *(bound_task_worker_user(n) for n in bound)]}
     # 127.0.0.1 here too, not only on up's command line: the file alone never opens the broker wider.
-    write_private(path, nats_config(namespace, {r: creds[r]["password"] for r in ROLES}, str(store_dir),
-                                    host="127.0.0.1", sync_always=sync_always))
+    write_private(path, nats_config(namespace, passwords, str(store_dir), host="127.0.0.1",
+                                    sync_always=sync_always, task_worker_keys=bound))
     return path
 
 
-def compose_config(namespace: str = "runledger") -> str:
+def compose_config(namespace: str = "runledger", task_worker_keys: Mapping[str, Sequence[str]] | None = None) -> str:
     """The configuration of `deploy/nats.conf`: passwords from the server's environment,
     listening on all interfaces of its container, monitoring on 8222, the store on /data."""
-    return nats_config(namespace, env_references(), "/data", listen="0.0.0.0:4222", http_port=8222)
+    return nats_config(namespace, env_references(task_worker_keys), "/data", listen="0.0.0.0:4222", http_port=8222,
+                       task_worker_keys=task_worker_keys)

@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     task_queue_sizes: dict[str, Annotated[int, Field(ge=1, le=10_000_000)]] = {}
     task_retry_queue_sizes: dict[str, Annotated[int, Field(ge=1, le=10_000_000)]] = {}
     task_ack_wait_seconds: float = Field(default=3.0, ge=0.5, le=3600)
+    # Task workers bound to task keys (JSON: {"name": ["key", ...]}): each name is a broker user
+    # of its own, `task_worker_<name>`, that may take and report on the runs of those keys only
+    # (infra/broker_auth.py). The broker configuration and the service must be given the same.
+    task_worker_keys: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,30}$")],
+                           Annotated[list[Annotated[str, Field(min_length=1, max_length=1024)]], Field(min_length=1)]] = {}
     # A projection stopped at an event it cannot apply tries that event again this often.
     projection_stall_retry_seconds: float = Field(default=30.0, gt=0)
 
@@ -158,12 +163,14 @@ _CREDENTIAL_VARS = ("RUNLEDGER_NATS_URL", "RUNLEDGER_NATS_USER", "RUNLEDGER_NATS
                     "RUNLEDGER_NATS_CREDS_FILE")
 
 
-def load_settings(role: str = "client", **overrides: Any) -> Settings:
+def load_settings(role: str = "client", user: str | None = None, **overrides: Any) -> Settings:
     """Environment first; where it is silent, the endpoint file of a running `runledger up`.
 
     `role` (client, analyst, service, task_worker; see infra/broker_auth.py) picks the broker user taken
     from the endpoint file, and the inbox prefix `_INBOX.<role>`, which that role's
-    permissions allow it to receive on. The environment's own credentials or URL win."""
+    permissions allow it to receive on; `user` another user recorded there (a task worker
+    bound to keys, `task_worker_<name>`), with its own inbox prefix. The environment's own
+    credentials or URL win."""
     if role not in BROKER_ROLES:
         raise ValueError(f"unknown broker role {role!r}")
     recorded: dict[str, Any] = {}
@@ -178,13 +185,13 @@ def load_settings(role: str = "client", **overrides: Any) -> Settings:
         if f"RUNLEDGER_{key.upper()}" not in os.environ and key in recorded:
             values[key] = recorded[key]
     # The recorded users belong to the recorded server: not with another URL or other credentials.
-    user = (recorded.get("nats_users") or {}).get(role)
-    if isinstance(user, dict) and not any(v in os.environ for v in _CREDENTIAL_VARS):
-        values["nats_user"], values["nats_password"] = user.get("user"), user.get("password")
-        if user.get("js_api_prefix") and "RUNLEDGER_JS_API_PREFIX" not in os.environ:
-            values["js_api_prefix"] = user["js_api_prefix"]
+    entry = (recorded.get("nats_users") or {}).get(user or role)
+    if isinstance(entry, dict) and not any(v in os.environ for v in _CREDENTIAL_VARS):
+        values["nats_user"], values["nats_password"] = entry.get("user"), entry.get("password")
+        if entry.get("js_api_prefix") and "RUNLEDGER_JS_API_PREFIX" not in os.environ:
+            values["js_api_prefix"] = entry["js_api_prefix"]
     if "RUNLEDGER_INBOX_PREFIX" not in os.environ:
-        values["inbox_prefix"] = f"_INBOX.{role}"
+        values["inbox_prefix"] = (entry.get("inbox_prefix") if user and isinstance(entry, dict) else None) or f"_INBOX.{role}"
     values.update(overrides)
     try:
         return Settings(**values)

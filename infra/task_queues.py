@@ -194,9 +194,12 @@ def task_worker_bucket(settings: Settings) -> str:
     return f"{settings.namespace.upper()}_TASK_WORKERS"
 
 
-def task_worker_key(identifier: str) -> str:
-    """A worker's key in the bucket: a hash of its identifier (KV keys allow few characters)."""
-    return hashlib.sha256(identifier.encode()).hexdigest()[:40]
+def task_worker_key(settings: Settings, identifier: str) -> str:
+    """A worker's key in the bucket: its broker user, then a hash of its identifier (KV keys
+    allow few characters). Under its user, so that a task worker bound to keys may write its
+    own entries and no other worker's (infra/broker_auth.py)."""
+    owner = settings.nats_user or "task_worker"
+    return f"{owner}.{hashlib.sha256(identifier.encode()).hexdigest()[:40]}"
 
 
 async def ensure_task_worker_bucket(js: JetStreamContext, settings: Settings) -> None:
@@ -217,12 +220,12 @@ async def put_task_worker(js: JetStreamContext, settings: Settings, identifier: 
     import json
 
     body = json.dumps({"identifier": identifier, "task_keys": task_keys, "timestamp": timestamp}).encode()
-    await js.publish(f"$KV.{task_worker_bucket(settings)}.{task_worker_key(identifier)}", body)
+    await js.publish(f"$KV.{task_worker_bucket(settings)}.{task_worker_key(settings, identifier)}", body)
 
 
 async def forget_task_worker(js: JetStreamContext, settings: Settings, identifier: str) -> None:
     """A worker that stops says so, instead of lingering until its entry expires."""
-    await js.publish(f"$KV.{task_worker_bucket(settings)}.{task_worker_key(identifier)}", b"",
+    await js.publish(f"$KV.{task_worker_bucket(settings)}.{task_worker_key(settings, identifier)}", b"",
                      headers={"KV-Operation": "DEL"})
 
 

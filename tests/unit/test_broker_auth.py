@@ -8,6 +8,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from runledger.infra import broker_auth
 from runledger.infra.embedded import nats_server_binary
 
@@ -136,10 +138,34 @@ def test_the_task_worker_imports_what_it_uses_and_nothing_else():
             kind = "stream" if ".MSG.NEXT." in subject else "singleton"
             assert f'{{service: "{inner}", response_type: {kind}, accounts: ["TASK_WORKERS"]}}' in service
         else:
-            assert f'{{service: {{account: "RUNLEDGER", subject: "{subject}"}}}}' in imports
+            # Its commands carry who sent them (the broker's `Nats-Request-Info`, with the user).
+            share = ", share: true" if ".cmd." in subject else ""
+            assert f'{{service: {{account: "RUNLEDGER", subject: "{subject}"}}{share}}}' in imports
             assert f'{{service: "{subject}", response_type: singleton, accounts: ["TASK_WORKERS"]}}' in service
     # ... and the notices of finished runs a stream it hears; nothing else crosses.
     assert '{stream: {account: "RUNLEDGER", subject: "ns.taskrun.finished.>"}}' in imports
     assert '{stream: "ns.taskrun.finished.>", accounts: ["TASK_WORKERS"]}' in service
     assert len(imports) == len(perms["task_worker"]["publish"]["allow"]) + 1
     assert len([line for line in service.splitlines() if '"TASK_WORKERS"' in line]) == len(imports)
+
+
+def test_a_task_worker_bound_to_keys_reaches_only_its_keys_consumers_and_heartbeats():
+    from runledger.infra.task_queues import consumer_name
+
+    config = broker_auth.nats_config("ns", {**{r: "p" for r in broker_auth.ROLES}, "task_worker_adder": "q"}, "/d",
+                                     task_worker_keys={"adder": ["add", "sub"]})
+    worker = _accounts(config)[broker_auth.TASK_WORKER_ACCOUNT]
+    assert 'user: "task_worker_adder"' in worker and 'password: "q"' in worker
+    perms = broker_auth.bound_task_worker_permissions("ns", "task_worker_adder", ["add", "sub"])
+    allowed = perms["publish"]["allow"]
+    api = broker_auth.TASK_WORKER_JS_API
+    for key in ("add", "sub"):
+        for stream, side in (("NS_TASKS", "scheduled"), ("NS_TASK_RETRIES", "retry")):
+            c = consumer_name(key, side)
+            assert {f"{api}.CONSUMER.CREATE.{stream}.{c}.>", f"{api}.CONSUMER.MSG.NEXT.{stream}.{c}",
+                    f"$JS.ACK.{stream}.{c}.>"} <= set(allowed)
+    assert not [s for s in allowed if s.endswith(".*.>") or s.endswith(".*") or s in ("$JS.ACK.NS_TASKS.>",)]
+    assert "$KV.NS_TASK_WORKERS.task_worker_adder.>" in allowed and "$KV.NS_TASK_WORKERS.>" not in allowed
+    assert perms["subscribe"]["allow"] == ["_INBOX.task_worker_adder.>", "ns.taskrun.finished.>"]
+    with pytest.raises(ValueError, match="task_worker_adder"):
+        broker_auth.nats_config("ns", {r: "p" for r in broker_auth.ROLES}, "/d", task_worker_keys={"adder": ["add"]})
