@@ -54,7 +54,7 @@ class WorkQueue(BaseModel):
     work_pool_name: str
     last_polled: IsoDatetime | None = None
     status: str | None = None  # READY | NOT_READY | PAUSED
-    filter: Any = None  # deprecated, always null
+    filter: Any = None  # Prefect's deprecated tag-based queue filter (legacy queues), else null
     active_slots: int | None = None  # only with a concurrency limit
 
 

@@ -474,11 +474,14 @@ class RunledgerClient:
         is_paused: bool | Unset = UNSET,
         concurrency_limit: int | None | Unset = UNSET,
         priority: int | Unset = UNSET,
+        filter: dict[str, Any] | None | Unset = UNSET,
         idempotency_key: str | None = None,
     ) -> WorkQueue:
-        """A queue in `default-agent-pool`, which is created when missing."""
+        """A queue in `default-agent-pool`, which is created when missing. `filter`
+        (`{"tags": [...], "deployment_ids": [...]}`): Prefect's deprecated tag-based queue, whose
+        legacy poll serves the scheduled runs of deployments with all those tags."""
         body = given(name=name, description=description, is_paused=is_paused,
-                     concurrency_limit=concurrency_limit, priority=priority)
+                     concurrency_limit=concurrency_limit, priority=priority, filter=filter)
         reply = await self.command("CreateLegacyWorkQueue", body | self._key(idempotency_key))
         return self._one(WorkQueue, reply.result)
 
@@ -492,11 +495,13 @@ class RunledgerClient:
         concurrency_limit: int | None | Unset = UNSET,
         priority: int | Unset = UNSET,
         last_polled: datetime | Unset = UNSET,
+        filter: dict[str, Any] | None | Unset = UNSET,
         idempotency_key: str | None = None,
     ) -> WorkQueue:
-        """Like `update_work_queue`, but a priority is stored as given: no other queue moves (as in Prefect)."""
+        """Like `update_work_queue`, but a priority is stored as given: no other queue moves (as in
+        Prefect); `filter` sets or (None) removes Prefect's deprecated tag-based filter."""
         body = given(id=str(id), name=name, description=description, is_paused=is_paused,
-                     concurrency_limit=concurrency_limit, priority=priority, last_polled=last_polled)
+                     concurrency_limit=concurrency_limit, priority=priority, last_polled=last_polled, filter=filter)
         reply = await self.command("UpdateWorkQueueById", body | self._key(idempotency_key))
         return self._one(WorkQueue, reply.result)
 

@@ -111,6 +111,7 @@ class WorkQueue:
     last_polled: datetime | None
     created: datetime
     updated: datetime
+    filter: QueueFilter | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +164,17 @@ class WorkPoolNameClaim:
 # Event payloads
 
 
+class QueueFilter(BaseModel):
+    """Prefect's deprecated tag-based work queue filter: a queue with one serves, through the
+    legacy queue poll, the scheduled runs that have all of `tags` and belong to a deployment
+    (one of `deployment_ids` when given), whatever queue they name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tags: list[StoredText] | None = None
+    deployment_ids: list[uuid.UUID] | None = None
+
+
 class WorkQueueSnapshot(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -176,6 +188,7 @@ class WorkQueueSnapshot(BaseModel):
     last_polled: datetime | None
     created: datetime
     updated: datetime
+    filter: QueueFilter | None = None
 
     @classmethod
     def of(cls, q: WorkQueue) -> WorkQueueSnapshot:
@@ -414,13 +427,15 @@ class SetWorkQueuePriorities(Command):
 
 
 class CreateLegacyWorkQueue(Command):
-    """A queue in `default-agent-pool`, creating that pool when missing."""
+    """A queue in `default-agent-pool`, creating that pool when missing. `filter`: Prefect's
+    deprecated tag-based queue (`QueueFilter`)."""
 
     name: QueueName
     description: Description | None = ""
     is_paused: bool = False
     concurrency_limit: NonNegative | None = None
     priority: Positive | None = None
+    filter: QueueFilter | None = None
 
 
 class UpdateWorkQueueById(Command):
@@ -433,6 +448,7 @@ class UpdateWorkQueueById(Command):
     concurrency_limit: NonNegative | None = None
     priority: Positive | None = None
     last_polled: UtcDatetime | None = None
+    filter: QueueFilter | None = None  # Prefect's deprecated tag-based queue; null removes it
 
 
 class DeleteWorkQueueById(Command):
@@ -673,7 +689,8 @@ def _refuse_past_int32(pool: WorkPool, priorities: dict[uuid.UUID, int], field: 
 
 
 def _new_queue_events(pool: WorkPool, name: str, description: str | None, is_paused: bool,
-                      concurrency_limit: int | None, priority: int | None, ctx: DecisionContext) -> Decision:
+                      concurrency_limit: int | None, priority: int | None, ctx: DecisionContext,
+                      queue_filter: QueueFilter | None = None) -> Decision:
     if pool.queue_named(name) is not None:
         raise conflict("A work queue with this name already exists.")
     queue_id = ctx.new_id()
@@ -689,7 +706,7 @@ def _new_queue_events(pool: WorkPool, name: str, description: str | None, is_pau
     queue = WorkQueueSnapshot(
         id=queue_id, name=name, description=description, is_paused=is_paused,
         concurrency_limit=concurrency_limit, priority=given, status=Status.NOT_READY,  # WQ-4 quirk
-        last_polled=None, created=ctx.now, updated=ctx.now,
+        last_polled=None, created=ctx.now, updated=ctx.now, filter=queue_filter,
     )
     event = WorkQueueCreated(queue=queue, reprioritized=moved)
     after_pool = evolve(pool, event)
@@ -717,11 +734,12 @@ def decide_create_legacy_work_queue(
         assert pool is not None
         if cmd.name == DEFAULT_QUEUE_NAME:
             return Decision(events=events, result=(pool, pool.queues[pool.default_queue_id]), created=True)
-    made = _new_queue_events(pool, cmd.name, cmd.description, cmd.is_paused, cmd.concurrency_limit, cmd.priority, ctx)
+    made = _new_queue_events(pool, cmd.name, cmd.description, cmd.is_paused, cmd.concurrency_limit, cmd.priority, ctx,
+                             cmd.filter)
     return Decision(events=events + made.events, result=made.result, created=True)
 
 
-_QUEUE_UPDATE_FIELDS = ("name", "description", "is_paused", "concurrency_limit", "priority", "last_polled")
+_QUEUE_UPDATE_FIELDS = ("name", "description", "is_paused", "concurrency_limit", "priority", "last_polled", "filter")
 
 
 def _decide_update_queue(pool: WorkPool, queue: WorkQueue, cmd: UpdateWorkQueue | UpdateWorkQueueById,
@@ -729,7 +747,7 @@ def _decide_update_queue(pool: WorkPool, queue: WorkQueue, cmd: UpdateWorkQueue 
     given = cmd.explicitly_set()
     values: dict[str, Any] = {}
     for name in _QUEUE_UPDATE_FIELDS:
-        if name in given:
+        if name in given:  # `filter` only by id (the legacy queue API)
             value = getattr(cmd, name)
             if value is None and name in ("name", "is_paused", "priority"):  # last_polled may be cleared (C-4)
                 continue
@@ -928,6 +946,6 @@ def work_queue_reply(pool: WorkPool, queue: WorkQueue, active_slots: int | None 
         "work_pool_name": pool.name,
         "last_polled": queue.last_polled.isoformat() if queue.last_polled else None,
         "status": queue.status.value,
-        "filter": None,
+        "filter": queue.filter.model_dump(mode="json") if queue.filter is not None else None,
         "active_slots": (active_slots or 0) if queue.concurrency_limit is not None else None,
     }

@@ -23,6 +23,7 @@ The caller (handlers/worker_polls.py) records the poll: `poll` says which queues
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from functools import cache
@@ -159,7 +160,7 @@ async def get_scheduled_flow_runs(conn: AsyncConnection, query: q.GetScheduledFl
 
 
 _QUEUE = text(
-    "SELECT q.id, q.name, q.is_paused, q.concurrency_limit, p.name AS pool_name FROM work_queues q"
+    "SELECT q.id, q.name, q.is_paused, q.concurrency_limit, q.filter, p.name AS pool_name FROM work_queues q"
     " JOIN work_pools p ON p.id = q.work_pool_id WHERE q.id = :id"
 )
 
@@ -178,6 +179,26 @@ LIMIT GREATEST(0, LEAST(:limit, CASE WHEN CAST(:queue_limit AS integer) IS NULL 
     return text(sql)
 
 
+# A tag-based queue's runs (Prefect's deprecated `filter`): every tag of the filter, and a
+# deployment, one of the filter's when it names some, whatever queue the run names.
+_MATCHES_FILTER = ("{a}.deployment_id IS NOT NULL AND {a}.tags @> CAST(:tags AS jsonb)"
+                   " AND (CAST(:deployment_ids AS uuid[]) IS NULL OR {a}.deployment_id = ANY(CAST(:deployment_ids AS uuid[])))")
+
+
+@cache
+def _filtered_statement(before: bool) -> Any:
+    bound = " AND f.next_scheduled_start_time <= :before" if before else ""
+    sql = f"""
+SELECT {_RUN_COLUMNS}, q.name AS current_queue_name, p.id AS work_pool_id, p.name AS work_pool_name
+FROM flow_runs f LEFT JOIN work_queues q ON q.id = f.work_queue_id LEFT JOIN work_pools p ON p.id = q.work_pool_id
+WHERE f.state_type = 'SCHEDULED' AND {_MATCHES_FILTER.format(a="f")}{bound}
+ORDER BY f.next_scheduled_start_time, f.id
+LIMIT GREATEST(0, LEAST(:limit, CASE WHEN CAST(:queue_limit AS integer) IS NULL THEN :limit
+    ELSE CAST(:queue_limit AS integer) - (SELECT count(*) FROM flow_runs a WHERE {_MATCHES_FILTER.format(a="a")}
+                               AND a.state_type IN ('PENDING', 'RUNNING')) END))"""
+    return text(sql)
+
+
 @dataclass(frozen=True)
 class LegacyPoll:
     runs: list[dict[str, Any]]
@@ -187,7 +208,8 @@ class LegacyPoll:
 
 async def legacy_poll(conn: AsyncConnection, query: q.GetLegacyQueueRuns) -> LegacyPoll:
     """Runs matched by the queue's name, in any pool (its id is not consulted); active runs
-    are counted by name too, CANCELLING included."""
+    are counted by name too, CANCELLING included. A queue with Prefect's deprecated tag-based
+    `filter` matches runs by the filter instead, and counts PENDING and RUNNING ones."""
     queue = (await conn.execute(_QUEUE, {"id": query.id})).first()
     if queue is None:
         raise wp.queue_id_not_found(query.id)
@@ -197,7 +219,13 @@ async def legacy_poll(conn: AsyncConnection, query: q.GetLegacyQueueRuns) -> Leg
                                   "queue_limit": queue.concurrency_limit}
         if query.scheduled_before is not None:
             params["before"] = query.scheduled_before
-        rows = await conn.execute(_legacy_statement(query.scheduled_before is not None), params)
+        statement = _legacy_statement(query.scheduled_before is not None)
+        if isinstance(queue.filter, dict):  # a deprecated tag-based queue: its runs by tags and deployments
+            statement = _filtered_statement(query.scheduled_before is not None)
+            ids = queue.filter.get("deployment_ids")
+            params.update(tags=json.dumps(queue.filter.get("tags") or []),
+                          deployment_ids=[uuid.UUID(i) for i in ids] if ids is not None else None)
+        rows = await conn.execute(statement, params)
         runs = [flow_run_values_reply(dict(r._mapping)) for r in rows]
     return LegacyPoll(runs, None if query.from_ui else queue.pool_name, queue.id)
 

@@ -87,6 +87,7 @@ work_queues = Table(
     Column("last_polled", DateTime(timezone=True)),
     Column("created", DateTime(timezone=True), nullable=False),
     Column("updated", DateTime(timezone=True), nullable=False),
+    Column("filter", JSONB),  # Prefect's deprecated tag-based queue filter (JSON null: none)
 )
 
 flows = Table(
@@ -385,4 +386,7 @@ MIGRATIONS = [
                WHERE state_type = 'SCHEDULED' AND queued_state_id = state_id""",
     ]),
     Migration(10, "task tag concurrency limits", ddl(tag_concurrency_limits)),
+    Migration(11, "the deprecated tag-based filter of a legacy work queue", [
+        "ALTER TABLE work_queues ADD COLUMN IF NOT EXISTS filter jsonb",
+    ]),
 ]

@@ -39,7 +39,7 @@ def _queue_row(pool_id: str, q: dict[str, Any]) -> dict[str, Any]:
         "id": q["id"], "work_pool_id": pool_id, "name": q["name"], "description": q["description"],
         "is_paused": q["is_paused"], "concurrency_limit": q["concurrency_limit"], "priority": q["priority"],
         "status": q["status"], "last_polled": _ts(q["last_polled"]) if q["last_polled"] else None,
-        "created": _ts(q["created"]), "updated": _ts(q["updated"]),
+        "created": _ts(q["created"]), "updated": _ts(q["updated"]), "filter": q.get("filter"),
     }
 
 
@@ -203,7 +203,7 @@ def queue_reply(r, pool_name: str, *, legacy: bool = False) -> dict[str, Any]:
         "id": str(r.id), "created": _iso(r.created), "updated": _iso(r.updated), "name": r.name,
         "description": r.description, "is_paused": r.is_paused, "concurrency_limit": r.concurrency_limit,
         "priority": r.priority, "work_pool_id": str(r.work_pool_id), "work_pool_name": pool_name,
-        "last_polled": _iso(r.last_polled), "status": r.status, "filter": None,
+        "last_polled": _iso(r.last_polled), "status": r.status, "filter": r.filter,
         "active_slots": active if r.concurrency_limit is not None else None,
     }
 

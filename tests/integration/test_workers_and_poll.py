@@ -319,6 +319,54 @@ async def test_the_legacy_queue_poll(broker):
     assert missing["error"]["code"] == "not_found"
 
 
+async def test_a_deprecated_tag_based_queue_polls_runs_by_tags_and_deployments(broker):
+    """Prefect's deprecated tag-filter queues: the legacy poll serves SCHEDULED runs that have
+    every tag of the filter and a deployment (one of the filter's when it names some), whatever
+    queue they name; the cap counts PENDING and RUNNING matches only."""
+    await broker.ok_cmd("CreateWorkPool", name="p", type="process")
+    await broker.ok_cmd("CreateWorkQueue", work_pool_name="p", name="q")
+    flow_id = (await broker.ok_cmd("CreateFlow", name="etl"))["id"]
+    d1, d2 = [(await broker.ok_cmd("CreateDeployment", name=n, flow_id=flow_id, work_pool_name="p"))["id"]
+              for n in ("d1", "d2")]
+    now = datetime.now(UTC)
+
+    async def run(state: dict, tags: list[str], deployment: str | None) -> str:
+        return await _run(broker, flow_id, "q", state, tags=tags, deployment_id=deployment)
+
+    first = await run(_scheduled(now), ["gpu", "x"], d1)
+    await run(_scheduled(now), ["x"], d1)  # lacks a tag
+    other_deployment = await run(_scheduled(now + HOUR), ["gpu"], d2)
+    await run(_scheduled(now), ["gpu"], None)  # no deployment: never matched
+    later = await run(_scheduled(now + 2 * HOUR), ["gpu"], d1)
+    await run({"type": "RUNNING"}, ["gpu"], d1)  # counted against the limit
+    await run({"type": "CANCELLING"}, ["gpu"], d1)  # not counted (unlike the name-based poll)
+
+    tagged = await broker.ok_cmd("CreateLegacyWorkQueue", name="tagged", concurrency_limit=10,
+                                 filter={"tags": ["gpu"], "deployment_ids": [d1]})
+    assert tagged["filter"] == {"tags": ["gpu"], "deployment_ids": [d1]}
+    assert (await broker.ok_qry("GetWorkQueueById", id=tagged["id"]))["filter"] == tagged["filter"]
+
+    async def runs(**body) -> list[str]:
+        return [r["id"] for r in await broker.ok_qry("GetLegacyQueueRuns", id=tagged["id"], **body)]
+
+    assert await runs() == [first, later]
+    assert await runs(limit=1) == [first]
+    assert await runs(scheduled_before=(now + 30 * timedelta(minutes=1)).isoformat()) == [first]
+    await broker.ok_cmd("UpdateWorkQueueById", id=tagged["id"], concurrency_limit=2)
+    assert await runs() == [first]  # 2 - 1 RUNNING match
+    await broker.ok_cmd("UpdateWorkQueueById", id=tagged["id"], concurrency_limit=None, filter={"tags": ["gpu"]})
+    assert await runs() == [first, other_deployment, later]  # any deployment, but one
+    await broker.ok_cmd("UpdateWorkQueueById", id=tagged["id"], filter=None)
+    assert await runs() == []  # by its name again: no run names `tagged`
+    assert (await broker.ok_qry("GetWorkQueueById", id=tagged["id"]))["filter"] is None
+    for bad in ({"tags": "gpu"}, {"tags": ["gpu"], "flows": []}, {"deployment_ids": ["not-a-uuid"]}):
+        refused = await broker.cmd("CreateLegacyWorkQueue", name="bad", filter=bad)
+        assert refused["error"]["code"] == "invalid" and refused["error"]["field"].startswith("filter"), refused
+    # The pool API's queues take no filter.
+    refused = await broker.cmd("CreateWorkQueue", work_pool_name="p", name="f", filter={"tags": ["gpu"]})
+    assert refused["error"]["code"] == "invalid"
+
+
 async def _status(broker, queue: str) -> str | None:
     q = await broker.ok_qry("GetWorkQueue", work_pool_name="p", work_queue_name=queue)
     return q["status"] if q["status"] == "READY" else None
