@@ -195,7 +195,7 @@ def test_get_runs_errors_exit_with_their_codes(cli, fake):
     no_queue = cli("work-pool", "get-runs", "etl", "-q", "gpu")
     assert no_queue.exit_code == 3 and "Work pool queue 'etl/gpu' not found." in no_queue.stderr
     fake.replies["GetScheduledFlowRuns"] = SILENT
-    slow = cli("work-pool", "get-runs", "etl", RUNLEDGER_REQUEST_TIMEOUT="0.2")
+    slow = cli("work-pool", "get-runs", "etl", RUNLEDGER_REQUEST_TIMEOUT="0.2", RUNLEDGER_QUERY_WAIT_TIMEOUT="0.2")
     assert slow.exit_code == 6 and slow.stderr.startswith("Error (unavailable): no reply on ")
 
 
