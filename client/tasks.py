@@ -110,7 +110,7 @@ async def submit_task(client: RunledgerClient, task_key: str, parameters: dict[s
                       retry_jitter_factor: float | None = None, tags: list[str] | None = None,
                       queue_wait_seconds: float = 0.0, task_run_id: uuid.UUID | None = None,
                       dynamic_key: str | None = None, cache_key: str | None = None,
-                      cache_expiration: datetime | None = None) -> TaskRun:
+                      cache_expiration: datetime | None = None, scheduled_time: datetime | None = None) -> TaskRun:
     """Queues a new task run of `task_key` for a task worker (a SCHEDULED, deferred state) and
     returns it. A key whose queue is full raises `Unavailable` at once, or after waiting up to
     `queue_wait_seconds` for room; the run is then cancelled, never left behind unseen.
@@ -122,7 +122,10 @@ async def submit_task(client: RunledgerClient, task_key: str, parameters: dict[s
 
     `cache_key` (and `cache_expiration`, when the cached state stops counting): a run whose
     key has an unexpired COMPLETED state is given a copy of it when a worker takes it
-    (`Cached`), without running; a run that completes records its state under the key."""
+    (`Cached`), without running; a run that completes records its state under the key.
+
+    `scheduled_time`: no worker starts the run before then (it waits on its key's subject,
+    counted against the key's bound)."""
     policy: dict[str, Any] = {}
     if retries is not None:
         policy["retries"] = retries
@@ -132,7 +135,8 @@ async def submit_task(client: RunledgerClient, task_key: str, parameters: dict[s
         policy["retry_jitter_factor"] = retry_jitter_factor
     body: dict[str, Any] = {
         "task_key": task_key, "dynamic_key": dynamic_key if dynamic_key is not None else uuid.uuid4().hex, "parameters": parameters or {},
-        "state": {"type": "SCHEDULED", "state_details": {"deferred": True}},
+        "state": {"type": "SCHEDULED", "state_details": {
+            "deferred": True, **({"scheduled_time": _aware(scheduled_time).isoformat()} if scheduled_time else {})}},
         "empirical_policy": policy, "tags": tags or [], "queue_wait_seconds": queue_wait_seconds,
     }
     if task_run_id is not None:
@@ -291,13 +295,14 @@ class Task(Generic[R]):
             return f"{self.key}:{hashlib.sha256(canonical.encode()).hexdigest()}"
         return None
 
-    async def _submit(self, client: RunledgerClient, parameters: dict[str, Any]) -> TaskRun:
+    async def _submit(self, client: RunledgerClient, parameters: dict[str, Any],
+                      scheduled_time: datetime | None = None) -> TaskRun:
         cache_key = self.cache_key(parameters)
         expiration = (datetime.now(UTC) + self.cache_expiration
                       if cache_key is not None and self.cache_expiration is not None else None)
         return await submit_task(client, self.key, parameters, retries=self.retries, retry_delay=self.retry_delay,
                                  retry_jitter_factor=self.retry_jitter_factor, tags=self.tags,
-                                 cache_key=cache_key, cache_expiration=expiration)
+                                 cache_key=cache_key, cache_expiration=expiration, scheduled_time=scheduled_time)
 
     def delay(self, *args: Any, **kwargs: Any) -> TaskFuture[R]:
         """Queues a run with these arguments for a task worker; returns at once with its future."""
@@ -311,6 +316,25 @@ class Task(Generic[R]):
         client = client or await _shared_client()
         run = await self._submit(client, self.parameters(*args, **kwargs))
         return TaskFuture(run.id, client)
+
+    def delay_until(self, when: datetime, *args: Any, **kwargs: Any) -> TaskFuture[R]:
+        """`delay`, for a run that no worker starts before `when` (timezone-aware)."""
+        bridge = _Bridge.get()
+        run = bridge.run(self._submit(bridge.client, self.parameters(*args, **kwargs), _aware(when)))
+        return TaskFuture(run.id)
+
+    async def adelay_until(self, when: datetime, *args: Any, client: RunledgerClient | None = None,
+                           **kwargs: Any) -> TaskFuture[R]:
+        """`delay_until` for async code."""
+        client = client or await _shared_client()
+        run = await self._submit(client, self.parameters(*args, **kwargs), _aware(when))
+        return TaskFuture(run.id, client)
+
+
+def _aware(when: datetime) -> datetime:
+    if when.tzinfo is None:
+        raise ValueError("a start time must say its time zone (e.g. datetime.now(UTC) + timedelta(minutes=5))")
+    return when
 
 
 _clients: dict[int, RunledgerClient] = {}

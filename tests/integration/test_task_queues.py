@@ -389,3 +389,31 @@ async def test_a_large_result_is_stored_apart_and_read_back_whole(client, settin
     with pytest.raises(NotFound):  # a small result is in its state
         small = await submit_task(client, "nothing-stored")
         await client.query("GetTaskRunResult", {"id": str(small.id)})
+
+
+async def test_a_run_given_a_start_time_starts_no_earlier(client, settings):
+    from datetime import UTC, datetime, timedelta
+
+    from runledger.client.tasks import Task
+
+    started: list[datetime] = []
+
+    async def when(label: str) -> str:
+        started.append(datetime.now(UTC))
+        return label
+
+    later = Task(when, key="later")
+    with pytest.raises(ValueError, match="time zone"):
+        await later.adelay_until(datetime.now() + timedelta(seconds=1), "naive", client=client)  # noqa: DTZ005
+    async with running_worker(settings, {"later": when}):
+        at = datetime.now(UTC) + timedelta(seconds=1.5)
+        future = await later.adelay_until(at, "first", client=client)
+        now = await submit_task(client, "later", {"label": "now"})
+        assert task_result(await wait_for_task_run(client, now.id, timeout=10)) == "now"
+        assert len(started) == 1  # the later one waits while the other runs
+        assert await future.aresult(timeout=10) == "first"
+    assert started[1] >= at
+    run = await client.read_task_run(future.task_run_id, min_seq=await client.catch_up())
+    assert run.state_name == "Completed"
+    states = await client.read_task_run_states(future.task_run_id)
+    assert states[0].state_details["scheduled_time"] is not None
