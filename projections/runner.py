@@ -435,6 +435,7 @@ class ProjectionRunner:
     # Idle projections' positions waiting for the one statement that saves them together.
     _positions_to_save: dict[str, int] = field(default_factory=dict)
     _position_saver: asyncio.Task | None = None
+    _positions_failing: bool = False
 
     @staticmethod
     def consumer_name(projector: Projector) -> str:
@@ -780,8 +781,12 @@ class ProjectionRunner:
                 async with self.engine.connect() as conn:  # no transaction: one statement, forward only
                     await (await asyncpg_connection(conn)).execute(
                         _MOVE_CHECKPOINTS_FORWARD_SQL, list(positions), list(positions.values()), datetime.now(UTC))
+                self._positions_failing = False
             except Exception as e:  # noqa: BLE001 - an outage: the next batch or probe saves it
-                log.warning("projections: saving the positions of %s failed (%s)", ", ".join(positions), describe_error(e))
+                if not self._positions_failing:  # once per outage, not at every probe round
+                    log.warning("projections: saving the positions of %s failed (%s); trying again at the next "
+                                "probe", ", ".join(positions), describe_error(e))
+                self._positions_failing = True
 
     async def _read(self, projector: Projector, batches: asyncio.Queue) -> None:
         """Pulls with raw `CONSUMER.MSG.NEXT` requests into a callback subscription and hands
