@@ -29,7 +29,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
@@ -155,6 +155,17 @@ _caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("runledger_call
 def current_caller() -> Caller:
     """The sender of the request this task is answering (`Caller()` outside a request)."""
     return _caller.get()
+
+
+@contextlib.contextmanager
+def as_the_service() -> Iterator[None]:
+    """What the service decides on its own while answering a request (a correction such as
+    cancelling a task run that could not be queued) is not held to the sender's limits."""
+    token = _caller.set(Caller())
+    try:
+        yield
+    finally:
+        _caller.reset(token)
 
 
 def _caller_of(msg: Any) -> Caller:

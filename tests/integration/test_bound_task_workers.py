@@ -41,7 +41,8 @@ async def bound(server_urls, tmp_path):
     config = broker_auth.write_local_config(tmp_path, namespace, creds, tmp_path / "nats")
     server = EmbeddedNats(tmp_path / "nats", config_file=config).start()
     r = Roles(server, server_urls["database_url"], namespace, creds)
-    service_settings = r.settings("service").model_copy(update={"task_worker_keys": BOUND})
+    service_settings = r.settings("service").model_copy(update={"task_worker_keys": BOUND,
+                                                                 "task_queue_sizes": {"tiny": 1}})
     service = Service(service_settings)
     try:
         await service.start()
@@ -175,3 +176,20 @@ async def test_task_worker_as_a_bound_name_serves_only_its_keys(tmp_path, monkey
     assert outside.exit_code == 2 and "'adder' is bound to 'add', not to 'mul'" in said(outside)
     unknown = runner.invoke(app, ["task-worker", "--module", "bound_tasks_mod", "--key", "add", "--as", "nobody"], env=env)
     assert unknown.exit_code == 2 and "no task worker is bound to keys under the name 'nobody'" in said(unknown)
+
+
+async def test_a_run_a_bound_task_worker_submits_to_a_full_key_is_cancelled_for_it(bound):
+    """The service's own correction (cancelling a run it could not queue, a forced state) is
+    not held to the submitter's limits."""
+    from runledger.client import Unavailable
+
+    async with RunledgerClient(bound.settings(ADDER)) as as_adder:
+        queued = await submit_task(as_adder, "tiny", {})  # another key: a task may submit any
+        with pytest.raises(Unavailable, match="Task key 'tiny' is full"):
+            await submit_task(as_adder, "tiny", {})
+    async with RunledgerClient(bound.settings("client")) as client:
+        await client.catch_up()
+        runs = (await client.query("ListTaskRuns", {"task_runs": {"task_key": {"any_": ["tiny"]}}},
+                                   min_seq=await client.catch_up())).result
+    assert sorted(r["state_type"] for r in runs) == ["CANCELLED", "SCHEDULED"]
+    assert [r["id"] for r in runs if r["state_type"] == "SCHEDULED"] == [str(queued.id)]
