@@ -279,6 +279,10 @@ def is_transient(error: BaseException) -> bool:
             return True
         if isinstance(e, asyncpg.exceptions.ConnectionDoesNotExistError | asyncpg.exceptions.InternalClientError):
             return True
+        # A pooled connection whose server went away (a killed or restarted Postgres): asyncpg
+        # refuses to use it before sending anything. Not an event's fault: it must not stall.
+        if isinstance(e, asyncpg.exceptions.InterfaceError) and "connection is closed" in str(e):
+            return True
         if isinstance(e, sa_exc.DBAPIError) and e.connection_invalidated:
             return True
         if isinstance(e, sa_exc.DisconnectionError | sa_exc.TimeoutError | sa_exc.ResourceClosedError):

@@ -31,6 +31,7 @@ def _wrapped(error: Exception) -> sa_exc.DBAPIError:
 
 @pytest.mark.parametrize("error", [
     asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+    asyncpg.exceptions.InterfaceError("connection is closed"),  # a pooled connection after a Postgres restart
     asyncpg.exceptions.AdminShutdownError("terminating connection due to administrator command"),
     asyncpg.exceptions.CannotConnectNowError("the database system is starting up"),
     asyncpg.exceptions.QueryCanceledError("canceling statement due to statement timeout"),
@@ -56,6 +57,7 @@ def test_outages_are_transient(error):
     asyncpg.exceptions.NotNullViolationError("null value in column"),
     asyncpg.exceptions.UndefinedColumnError("column does not exist"),
     asyncpg.exceptions.DataError("invalid input for query argument $1"),  # client-side encoding
+    asyncpg.exceptions.InterfaceError("cannot perform operation: another operation is in progress"),  # a bug
     KeyError("pool"),
     TypeError("bad"),
 ])
