@@ -182,7 +182,9 @@ async def test_a_projection_process_killed_at_random_moments_loses_nothing(in_pr
 
     # Small batches: many commits, so a kill lands between any two of the steps that matter
     # (fetch, apply, commit, ack) rather than after the one big batch that would do it all.
-    projection = ServeProcess(settings, "projections", workdir, RUNLEDGER_PROJECTION_BATCH_SIZE="40")
+    # A 2 s lease (5 s by default): each life waits for the killed one's lease to run out first.
+    projection = ServeProcess(settings, "projections", workdir, RUNLEDGER_PROJECTION_BATCH_SIZE="40",
+                              RUNLEDGER_LEASE_TTL_SECONDS="2")
     writing = asyncio.create_task(_write_history(broker, rng, "b", 60, pace=0.05))  # more while it projects
     kills: list[tuple[str, int, int, int]] = []  # (when, checkpoint at start, at kill, log end at kill)
     try:
