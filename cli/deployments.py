@@ -353,9 +353,8 @@ def resume(
     _paused(name, False, idempotency_key, as_json, output)
 
 
-def _time(text: str | None, option: str) -> datetime | Any:
-    if text is None:
-        return UNSET
+def parse_time(text: str, option: str) -> datetime:
+    """An ISO 8601 time given to `option`; else a usage error."""
     try:
         return datetime.fromisoformat(text)
     except ValueError:
@@ -381,7 +380,8 @@ def schedule(
 
     A time whose run exists is skipped, so scheduling again makes no duplicates."""
     check_deployment_name(name)
-    start_time, end_time = _time(start, "--start"), _time(end, "--end")
+    start_time = UNSET if start is None else parse_time(start, "--start")
+    end_time = UNSET if end is None else parse_time(end, "--end")
 
     async def action(rl: RunledgerClient, key: str) -> tuple[list[uuid.UUID], list[FlowRun]]:
         deployment = await resolve_deployment(rl, name)

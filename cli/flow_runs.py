@@ -209,13 +209,14 @@ def inspect(
 # set-state, cancel
 
 
-def _report(name: str, result: OrchestrationResult, as_json: bool) -> None:
-    """The outcome, as JSON or a line or two; exit 8 unless it was accepted."""
+def report_orchestration(noun: str, name: str, result: OrchestrationResult, as_json: bool) -> None:
+    """The outcome of a proposed state for the `noun` (flow run, task run) named `name`, as
+    JSON or a line or two; exit 8 unless it was accepted."""
     if as_json:
         print_json(result)
     else:
         now = "-" if result.state is None else state_words(result.state.type, result.state.name)
-        line = f"{result.status}: flow run {name!r} is {now}."
+        line = f"{result.status}: {noun} {name!r} is {now}."
         if result.status == "WAIT" and result.details.delay_seconds is not None:
             line += f" Propose it again in {result.details.delay_seconds:g} s."
         if result.accepted:
@@ -255,7 +256,7 @@ def set_state(
         proposed["name"] = state_name
     if message is not None:
         proposed["message"] = message
-    _report(name, _propose(name, proposed, force, idempotency_key), wants_json(as_json, output))
+    report_orchestration("flow run", name, _propose(name, proposed, force, idempotency_key), wants_json(as_json, output))
 
 
 @flow_run_app.command()
@@ -268,4 +269,4 @@ def cancel(
     """Cancel a flow run: propose CANCELLING.
 
     Exit 0 when accepted, 8 when not (e.g. the run has ended already)."""
-    _report(name, _propose(name, {"type": "CANCELLING"}, False, idempotency_key), wants_json(as_json, output))
+    report_orchestration("flow run", name, _propose(name, {"type": "CANCELLING"}, False, idempotency_key), wants_json(as_json, output))

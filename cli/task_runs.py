@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from datetime import datetime
 from typing import Any
 
 import typer
@@ -32,8 +31,8 @@ from runledger.client import (
 from runledger.client.models import TaskWorker
 from runledger.commands.queries import DEFAULT_LIMIT, TaskRunSort
 
-from .deployments import as_uuid, state_words, when
-from .flow_runs import EXIT_NOT_ACCEPTED, show_states, state_type
+from .deployments import as_uuid, parse_time, state_words, when
+from .flow_runs import report_orchestration, show_states, state_type
 from .main import app
 from .output import (
     JsonFlag,
@@ -43,10 +42,8 @@ from .output import (
     print_json,
     run,
     run_command,
-    say,
     show_details,
     show_rows,
-    success,
     to_json,
     visible,
     wants_json,
@@ -69,16 +66,6 @@ def _sort(text: str) -> str:
     if upper not in SORTS:
         raise typer.BadParameter(f"{text!r} is not one of {', '.join(SORTS)}", param_hint="--sort")
     return upper
-
-
-def _time(text: str | None, option: str) -> datetime | None:
-    if text is None:
-        return None
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not an ISO 8601 time (e.g. 2025-01-31T09:00:00+01:00; "
-                                 "without an offset: UTC)", param_hint=option) from None
 
 
 async def resolve_task_run(rl: RunledgerClient, name: str) -> TaskRun:
@@ -203,8 +190,8 @@ def list_task_runs(
         "tags": tags or None,
         "names": names or None,
         "flow_run_id_is_null": True if background else None,
-        "start_time_after": _time(started_after, "--started-after"),
-        "start_time_before": _time(started_before, "--started-before"),
+        "start_time_after": parse_time(started_after, "--started-after") if started_after else None,
+        "start_time_before": parse_time(started_before, "--started-before") if started_before else None,
     }
     order = _sort(sort)
     json_out = wants_json(as_json, output)
@@ -280,16 +267,4 @@ def cancel(
         return await rl.cancel_task_run(found.id, idempotency_key=key)
 
     result = run_command(action, idempotency_key, command_line("runledger", "task-run", "inspect", name))
-    if wants_json(as_json, output):
-        print_json(result)
-    else:
-        now = "-" if result.state is None else state_words(result.state.type, result.state.name)
-        line = f"{result.status}: task run {name!r} is {now}."
-        if result.accepted:
-            success(line)
-        else:
-            say(line)
-        if result.details.reason:
-            say(f"Reason: {result.details.reason}")
-    if not result.accepted:
-        raise typer.Exit(EXIT_NOT_ACCEPTED)
+    report_orchestration("task run", name, result, wants_json(as_json, output))

@@ -88,15 +88,9 @@ def _settings(bound_as: str | None, keys: list[str]):
 
 def _recorded_keys(user: str) -> list[str] | None:
     """The keys `runledger up` recorded for a bound task worker's user (None: not recorded)."""
-    import json
+    from runledger.infra.settings import recorded_endpoint
 
-    from runledger.infra.settings import endpoint_file
-
-    try:
-        recorded = json.loads(endpoint_file().read_text())
-    except (OSError, ValueError):
-        return None
-    entry = (recorded.get("nats_users") or {}).get(user) if isinstance(recorded, dict) else None
+    entry = (recorded_endpoint().get("nats_users") or {}).get(user)
     keys = entry.get("task_keys") if isinstance(entry, dict) else None
     return list(keys) if isinstance(keys, list) else None
 

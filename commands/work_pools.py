@@ -40,6 +40,7 @@ from .bounds import (
 )
 from .decisions import Decision, NewEvent
 from .events import register_event
+from .flows import Tag
 from .job_templates import base_job_template_problem
 from .messages import (
     Command,
@@ -171,8 +172,8 @@ class QueueFilter(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    tags: list[StoredText] | None = None
-    deployment_ids: list[uuid.UUID] | None = None
+    tags: Annotated[list[Tag], Field(max_length=1_000)] | None = None
+    deployment_ids: Annotated[list[uuid.UUID], Field(max_length=1_000)] | None = None
 
 
 class WorkQueueSnapshot(BaseModel):

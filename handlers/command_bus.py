@@ -39,6 +39,8 @@ from runledger.infra.event_store import (
     WrongExpectedSequence,
 )
 
+from .endpoint import as_the_service
+
 log = logging.getLogger("runledger.commands")
 
 
@@ -242,8 +244,10 @@ class CommandBus:
 
     async def execute_unlocked(self, name: str, cmd: Command) -> dict[str, Any]:
         """A command decided while the caller already holds the locks of what it touches (a
-        correction written by the same command: a task run that could not be queued)."""
-        return await self._execute(name, self.specs[name], cmd, b"")
+        correction written by the same command: a task run that could not be queued). The
+        service's own: not held to the limits of whoever sent the command it corrects."""
+        with as_the_service():
+            return await self._execute(name, self.specs[name], cmd, b"")
 
     async def _execute(self, name: str, spec: CommandSpec, cmd: Command, raw: bytes,
                        lock_more: Callable[[Iterable[AggregateKey]], Awaitable[None]] | None = None,

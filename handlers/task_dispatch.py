@@ -24,7 +24,7 @@ from runledger.infra.task_queues import TaskKeyFull, TaskPublisher, task_stream_
 from runledger.projections import task_runs as read_model
 
 from .command_bus import CommandBus
-from .endpoint import as_the_service, extend_deadline
+from .endpoint import extend_deadline
 
 log = logging.getLogger("runledger.tasks")
 
@@ -98,8 +98,7 @@ class TaskDispatch:
         waits for ever unseen nor runs after its submitter was told it failed."""
         cancel = tr.SetTaskRunState(id=run.id, force=True, state=StateCreate(
             type=StateType.CANCELLED, message=f"{reason} The task run was not queued."))
-        with as_the_service():  # forced: a task worker bound to keys may submit, but never force
-            reply = await self.bus.execute_unlocked("SetTaskRunState", cancel)
+        reply = await self.bus.execute_unlocked("SetTaskRunState", cancel)
         if not reply.get("ok"):
             log.warning("task run %s could not be queued nor cancelled: %s", run.id, reply)
         return f"{reason} Task run {run.id} was cancelled; submit it again later, or wait longer for room."

@@ -163,6 +163,15 @@ _CREDENTIAL_VARS = ("RUNLEDGER_NATS_URL", "RUNLEDGER_NATS_USER", "RUNLEDGER_NATS
                     "RUNLEDGER_NATS_CREDS_FILE")
 
 
+def recorded_endpoint() -> dict[str, Any]:
+    """What a running `runledger up` recorded in its endpoint file (empty: none, or unreadable)."""
+    try:
+        recorded = json.loads(endpoint_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
 def load_settings(role: str = "client", user: str | None = None, **overrides: Any) -> Settings:
     """Environment first; where it is silent, the endpoint file of a running `runledger up`.
 
@@ -173,13 +182,7 @@ def load_settings(role: str = "client", user: str | None = None, **overrides: An
     credentials or URL win."""
     if role not in BROKER_ROLES:
         raise ValueError(f"unknown broker role {role!r}")
-    recorded: dict[str, Any] = {}
-    path = endpoint_file()
-    if path.exists():
-        try:
-            recorded = json.loads(path.read_text())
-        except (OSError, ValueError):
-            recorded = {}
+    recorded = recorded_endpoint()
     values: dict[str, Any] = {}
     for key in ("nats_url", "database_url", "namespace"):
         if f"RUNLEDGER_{key.upper()}" not in os.environ and key in recorded:

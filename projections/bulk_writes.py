@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+from functools import cache
 from typing import Any
 
 
+@cache
 def populate_sql(table: Any, conflict: str) -> str:
     """Insert (or replace) a batch of rows given as one JSON array of objects named like the
     columns: Postgres turns each object into a row (`jsonb_populate_recordset`), so Python
@@ -15,3 +19,14 @@ def populate_sql(table: Any, conflict: str) -> str:
     return (f"INSERT INTO {table.name} ({', '.join(columns)}) "
             f"SELECT {', '.join(columns)} FROM jsonb_populate_recordset(NULL::{table.name}, $1::jsonb) "
             f"ON CONFLICT (id) {on_conflict}")
+
+
+async def write_last_rows(driver: Any, table: Any, last: Mapping[str, dict[str, Any] | None]) -> None:
+    """Each row's last value in a batch, by id: None deletes the row, a dict (named like the
+    columns) replaces it. `driver`: asyncpg's connection, in the batch's transaction."""
+    gone = [row_id for row_id, row in last.items() if row is None]
+    if gone:
+        await driver.execute(f"DELETE FROM {table.name} WHERE id = ANY($1::uuid[])", gone)
+    rows = [row for row in last.values() if row is not None]
+    if rows:
+        await driver.execute(populate_sql(table, "update"), json.dumps(rows))

@@ -4,7 +4,6 @@ row: the same shape both ways."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -16,10 +15,9 @@ from runledger.commands import queries as q
 from runledger.commands.messages import Event
 from runledger.infra.database import asyncpg_connection
 
-from .bulk_writes import populate_sql
+from .bulk_writes import write_last_rows
 from .tables import concurrency_limits
 
-_UPSERT_LIMITS = populate_sql(concurrency_limits, "update")
 _LIMIT_EVENTS = frozenset({cl.ConcurrencyLimitCreated.event_type, cl.ConcurrencyLimitUpdated.event_type,
                            cl.ConcurrencyLimitSlotTaken.event_type, cl.ConcurrencyLimitSlotReleased.event_type})
 
@@ -38,13 +36,7 @@ class ConcurrencyLimitsProjector:
         for _, event_type, payload in cast(Sequence[tuple[str, str, dict[str, Any]]], events):
             limit = payload["limit"]
             last[limit["id"]] = limit if event_type in _LIMIT_EVENTS else None
-        driver = await asyncpg_connection(conn)
-        gone = [limit_id for limit_id, row in last.items() if row is None]
-        if gone:
-            await driver.execute("DELETE FROM concurrency_limits WHERE id = ANY($1::uuid[])", gone)
-        rows = [row for row in last.values() if row is not None]
-        if rows:
-            await driver.execute(_UPSERT_LIMITS, json.dumps(rows))
+        await write_last_rows(await asyncpg_connection(conn), concurrency_limits, last)
 
 
 def limit_reply(row: Any) -> dict[str, Any]:

@@ -4,7 +4,6 @@ a row: the same shape both ways."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -16,10 +15,9 @@ from runledger.commands import tag_concurrency_limits as tcl
 from runledger.commands.messages import Event
 from runledger.infra.database import asyncpg_connection
 
-from .bulk_writes import populate_sql
+from .bulk_writes import write_last_rows
 from .tables import tag_concurrency_limits
 
-_UPSERT_LIMITS = populate_sql(tag_concurrency_limits, "update")
 _DELETED = tcl.TagConcurrencyLimitDeleted.event_type
 
 
@@ -39,13 +37,7 @@ class TagConcurrencyLimitsProjector:
         for _, event_type, payload in cast(Sequence[tuple[str, str, dict[str, Any]]], events):
             limit = payload["limit"]
             last[limit["id"]] = None if event_type == _DELETED else limit
-        driver = await asyncpg_connection(conn)
-        gone = [limit_id for limit_id, row in last.items() if row is None]
-        if gone:
-            await driver.execute("DELETE FROM tag_concurrency_limits WHERE id = ANY($1::uuid[])", gone)
-        rows = [row for row in last.values() if row is not None]
-        if rows:
-            await driver.execute(_UPSERT_LIMITS, json.dumps(rows))
+        await write_last_rows(await asyncpg_connection(conn), tag_concurrency_limits, last)
 
 
 def limit_reply(row: Any) -> dict[str, Any]:

@@ -166,6 +166,7 @@ async def test_task_worker_as_a_bound_name_serves_only_its_keys(tmp_path, monkey
         "@task(key='add')\nasync def add(a, b):\n    return a + b\n\n"
         "@task(key='mul')\nasync def mul(a, b):\n    return a * b\n")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # "." may be cached for another directory by now
     monkeypatch.setenv("RUNLEDGER_CONFIG_DIR", str(tmp_path / "config"))  # no endpoint file
     env = {"RUNLEDGER_TASK_WORKER_KEYS": json.dumps(BOUND)}
     runner = CliRunner()

@@ -6,7 +6,6 @@ starts never runs; its waiter is told it was cancelled."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import threading
 import time
@@ -24,6 +23,7 @@ from runledger.client.tasks import (
 from runledger.handlers.task_worker import TaskWorker
 from runledger.infra.nats_connection import connect
 from runledger.infra.task_queues import TaskPublisher, consumer_name, task_stream_name
+from tests.integration import test_task_queues as queue_tests
 from tests.integration.test_roles import roles  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.asyncio
@@ -33,21 +33,10 @@ pytestmark = pytest.mark.asyncio
 ACK_WAIT = 1.0
 
 
-@contextlib.asynccontextmanager
-async def running_worker(settings, functions, **options):
-    """A task worker on a connection of its own, serving until the block ends."""
-    settings = settings.model_copy(update={"task_ack_wait_seconds": ACK_WAIT})
-    nc = await connect(settings, name="test-task-worker")
-    worker = TaskWorker(nc, settings, functions, **options)
-    await worker.start()
-    stop = asyncio.Event()
-    serving = asyncio.create_task(worker.serve(stop))
-    try:
-        yield worker
-    finally:
-        stop.set()
-        await asyncio.wait_for(serving, 30)
-        await nc.close()
+def running_worker(settings, functions, **options):
+    """`test_task_queues.running_worker`, with the short acknowledgement wait above."""
+    return queue_tests.running_worker(settings.model_copy(update={"task_ack_wait_seconds": ACK_WAIT}), functions,
+                                      **options)
 
 
 @pytest.fixture
