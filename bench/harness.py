@@ -136,6 +136,26 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_by_kind() -> dict[str, float]:
+    """CPU seconds used so far by every nats-server and every Postgres process on the machine
+    (the embedded ones, and any other, idle, beside them)."""
+    used = {"nats-server": 0.0, "postgres": 0.0}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().split(b"\0")[0].decode(errors="replace")
+            seconds = cpu_seconds(int(pid))
+        except (OSError, IndexError, ValueError):
+            continue
+        name = os.path.basename(command.split()[0]) if command else ""
+        for kind in used:
+            if name.startswith(kind):
+                used[kind] += seconds
+    return used
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     if not ordered:

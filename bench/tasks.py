@@ -35,6 +35,7 @@ from pathlib import Path
 from harness import (
     bench_settings,
     command_sender,
+    cpu_by_kind,
     cpu_seconds,
     now,
     percentile,
@@ -138,6 +139,7 @@ async def throughput(client: RunledgerClient, workers: Workers, tasks: int, serv
     before = sum(1 for r in workers.records() if r[1].startswith("t"))
     cpu0 = cpu_seconds(service_pid)
     workers_cpu0 = sum(cpu_seconds(p.pid) for p in workers.procs)
+    others0 = cpu_by_kind()
     t0 = now()
     per = tasks // submitters
 
@@ -154,11 +156,14 @@ async def throughput(client: RunledgerClient, workers: Workers, tasks: int, serv
     total = now() - t0
     cpu = cpu_seconds(service_pid) - cpu0
     workers_cpu = sum(cpu_seconds(p.pid) for p in workers.procs) - workers_cpu0
+    others = {kind: used - others0[kind] for kind, used in cpu_by_kind().items()}
     return [(f"end to end, trivial tasks, every state recorded, {submitters} submitters",
              f"{done / total:,.0f} tasks/s ({done} tasks in {total:.1f} s; submits alone {done / submitted:,.0f}/s)",
              "≥ 5,000 tasks/s"),
             ("service CPU per task", f"{cpu / done * 1e6:.0f} µs", ""),
-            (f"task workers' CPU per task ({workers.kind})", f"{workers_cpu / done * 1e6:.0f} µs", "")]
+            (f"task workers' CPU per task ({workers.kind})", f"{workers_cpu / done * 1e6:.0f} µs", ""),
+            ("nats-server's CPU per task", f"{others['nats-server'] / done * 1e6:.0f} µs", ""),
+            ("Postgres' CPU per task", f"{others['postgres'] / done * 1e6:.0f} µs", "")]
 
 
 async def chain(client: RunledgerClient, steps: int = 40, work: float = 0.010) -> list[tuple]:

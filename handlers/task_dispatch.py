@@ -19,6 +19,7 @@ from typing import Any
 from runledger.commands import task_runs as tr
 from runledger.commands.decisions import Decision, QueuedTaskRun
 from runledger.commands.states import TERMINAL, StateCreate, StateType
+from runledger.commands.task_keys import encode_task_key
 from runledger.infra.settings import Settings
 from runledger.infra.task_queues import TaskKeyFull, TaskPublisher, task_stream_name
 from runledger.projections import task_runs as read_model
@@ -34,15 +35,24 @@ def task_message(run: tr.TaskRun) -> bytes:
     return run.model_dump_json().encode()
 
 
-# The states a task run is announced in: the final ones, and CANCELLING, which tells the task
-# worker holding the run to stop it (its waiters skip it: it is not final).
+# The states a task run is announced in: the final ones, and CANCELLING (its waiters skip it:
+# it is not final; a task worker older than the cancel notices hears there that it is cancelled).
 ANNOUNCED = TERMINAL | {StateType.CANCELLING}
+
+
+# The states whose notice the task workers of the run's key hear: the run is to be stopped.
+CANCELLED_STATES = frozenset({StateType.CANCELLING, StateType.CANCELLED})
+
+
+def cancel_notice_subject(settings: Settings, run: tr.TaskRun) -> str:
+    """Where the task workers of a run's key hear that it is cancelled (core NATS, not kept):
+    one subscription per key (`broker_auth.cancel_subject`), not one per run."""
+    return f"{settings.namespace}.taskrun.cancel.{encode_task_key(run.task_key)}.{run.id}"
 
 
 def finished_subject(settings: Settings, task_run_id: str) -> str:
     """Where the service announces a task run that reached a final state or CANCELLING (core
-    NATS, not kept): a `.result()` waits there instead of polling, and the task worker running
-    the run hears there that it is cancelled."""
+    NATS, not kept): a `.result()` waits there instead of polling."""
     return f"{settings.namespace}.taskrun.finished.{task_run_id}"
 
 
@@ -61,7 +71,10 @@ class TaskDispatch:
             event = new.event
             if isinstance(event, tr.TaskRunStateSet | tr.TaskRunCreated) and event.run.state_type in ANNOUNCED:
                 try:
-                    await self.nc.publish(finished_subject(self.settings, str(event.run.id)), task_message(event.run))
+                    notice = task_message(event.run)
+                    await self.nc.publish(finished_subject(self.settings, str(event.run.id)), notice)
+                    if event.run.state_type in CANCELLED_STATES:
+                        await self.nc.publish(cancel_notice_subject(self.settings, event.run), notice)
                 except Exception:
                     # The state is stored: the command succeeded and says so. A waiter that starts
                     # later reads the run finished; one already waiting waits to its timeout.

@@ -17,9 +17,9 @@ Outcomes: a return value is recorded with COMPLETED (`data = {"type": "json", "v
 an exception with FAILED; a FAILED turned into `AwaitingRetry` by the run's retries is queued
 again on the key's retry side (a deferred `AwaitingRetry` state), after its delay.
 
-Cancels: while it handles a run, the worker listens to the run's notices (the service's
-`<ns>.taskrun.finished.<id>`, which carries CANCELLING too). When the run becomes CANCELLING or
-CANCELLED it stops the call (an async function is cancelled; a plain function's thread cannot
+Cancels: the worker listens to its keys' cancel notices (the service's
+`<ns>.taskrun.cancel.<encoded key>.<id>`, one subscription per key), and heeds those of the
+runs it handles. When one becomes CANCELLING or CANCELLED it stops the call (an async function is cancelled; a plain function's thread cannot
 be, and its outcome is dropped), reports CANCELLED for a CANCELLING run it holds, acknowledges
 the message and frees the slot at once.
 
@@ -47,6 +47,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import APIError, NotFoundError
 
 from runledger.commands.bounds import check_json_document
+from runledger.commands.task_keys import encode_task_key
 from runledger.commands.task_runs import TaskRun
 from runledger.infra.settings import Settings
 from runledger.infra.task_queues import (
@@ -137,26 +138,28 @@ class _Source:
 
 
 class _CancelWatch:
-    """The notices of one task run, heard from before its start until its call ends: `heard`
-    is set to the run (as JSON) once it is CANCELLING or CANCELLED."""
+    """The cancel notices of one task run, heeded from before its start until its call ends:
+    `heard` is set to the run (as JSON) once it is CANCELLING or CANCELLED. Registered in
+    `watches` (run id → watch), which the worker's subscriptions to its keys' cancel notices
+    read."""
 
-    def __init__(self) -> None:
+    def __init__(self, watches: dict[str, _CancelWatch], run_id: str) -> None:
         self.heard: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.sub: Any = None
+        self._watches = watches
+        self._run_id = run_id
+        watches[run_id] = self
 
-    async def on_notice(self, msg: Msg) -> None:
+    def on_notice(self, data: bytes) -> None:
         try:
-            run = json.loads(msg.data)
+            run = json.loads(data)
         except ValueError:
             return
         if isinstance(run, dict) and run.get("state_type") in CANCEL_STATES and not self.heard.done():
             self.heard.set_result(run)
 
     async def close(self) -> None:
-        sub, self.sub = self.sub, None
-        if sub is not None:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        if self._watches.get(self._run_id) is self:
+            del self._watches[self._run_id]
 
 
 def _retrieve(task: asyncio.Task) -> None:
@@ -197,6 +200,10 @@ class TaskWorker:
         self.cancelled = 0  # runs it stopped because they were cancelled while they ran
         # Cancelled async calls that did not stop within CANCEL_WAIT_SECONDS (kept referenced).
         self._strays: set[asyncio.Task] = set()
+        # The runs whose cancel notices it heeds now (run id → watch), and its subscriptions to
+        # its keys' notices.
+        self._watches: dict[str, _CancelWatch] = {}
+        self._cancel_subs: list[Any] = []
 
     async def start(self) -> None:
         """Binds to (creating if needed) the durable consumers of its keys."""
@@ -218,6 +225,14 @@ class TaskWorker:
                                  inbox=self.nc.new_inbox())
                 source.sub = await self.nc.subscribe(source.inbox, cb=self._arrived(source))
                 self.sources.append(source)
+            # The subject of `broker_auth.cancel_subject` (not imported: it brings the broker's configuration).
+            self._cancel_subs.append(await self.nc.subscribe(
+                f"{self.settings.namespace}.taskrun.cancel.{encode_task_key(key)}.*", cb=self._on_cancel_notice))
+
+    async def _on_cancel_notice(self, msg: Msg) -> None:
+        watch = self._watches.get(msg.subject.rsplit(".", 1)[-1])
+        if watch is not None:
+            watch.on_notice(msg.data)
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Takes and runs task runs until `stop` is set, then stops as `stop()` says."""
@@ -259,9 +274,9 @@ class TaskWorker:
                 if running is not None:
                     with contextlib.suppress(Exception):
                         await running.nak()
-        for source in self.sources:
+        for sub in [*(source.sub for source in self.sources), *self._cancel_subs]:
             with contextlib.suppress(Exception):
-                await source.sub.unsubscribe()
+                await sub.unsubscribe()
         await self._hand_back_held()  # delivered by a pull that was still outstanding
 
     # -----------------------------------------------------------------------------------------
@@ -425,18 +440,10 @@ class TaskWorker:
         finally:
             self._active.pop(run.id, None)
 
-    async def _watch(self, run: TaskRun) -> _CancelWatch:
-        """Listens to the run's notices. Subscribed before the start is sent, on the same
-        connection, so that a cancel written after the start is heard."""
-        watch = _CancelWatch()
-        try:
-            # The subject of `task_dispatch.finished_subject` (not imported: it brings the service's modules).
-            watch.sub = await self.nc.subscribe(f"{self.settings.namespace}.taskrun.finished.{run.id}",
-                                                cb=watch.on_notice)
-        except Exception as e:
-            log.warning("task run %s: cannot listen for its cancel (%s: %s); it runs all the same", run.id,
-                        type(e).__name__, e)
-        return watch
+    def _watch(self, run: TaskRun) -> _CancelWatch:
+        """Heeds the run's cancel notices, from before its start is sent, so that a cancel
+        written after the start is heard (the key's subscription is older than both)."""
+        return _CancelWatch(self._watches, str(run.id))
 
     async def _start_and_run(self, source: _Source, msg: Msg, run: TaskRun) -> None:
         due = run.state.state_details.scheduled_time if run.state is not None else None
@@ -446,7 +453,7 @@ class TaskWorker:
             # say so in whole seconds.
             await msg.nak(delay=early)
             return
-        watch = await self._watch(run)
+        watch = self._watch(run)
         try:
             await self._start_and_run_watched(source, msg, run, watch)
         finally:

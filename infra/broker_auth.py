@@ -20,11 +20,12 @@ Roles (each a NATS user with a password):
   consumers, fetches from them, acknowledges), reports their states (`SetTaskRunState`),
   submits task runs (`CreateTaskRun`, a task may start others), reads one (`GetTaskRun`) and
   the service's health (`GetServiceHealth`: the position `.result()` catches up to), hears
-  that a task run finished (`<ns>.taskrun.finished.>`), and puts its heartbeat in the
+  that a task run finished (`<ns>.taskrun.finished.>`) or is cancelled while it runs
+  (`<ns>.taskrun.cancel.>`), and puts its heartbeat in the
   task-workers bucket. Nothing of the event log, no other command or query. It too is in an
   account of its own (TASK_WORKER_ACCOUNT), importing exactly that (`task_worker_api`,
   TASK_WORKER_COMMANDS, TASK_WORKER_QUERIES, the task-workers bucket's subjects, the finished
-  notices as a stream) from the service's account, the JetStream API under TASK_WORKER_JS_API:
+  and cancel notices as streams) from the service's account, the JetStream API under TASK_WORKER_JS_API:
   the server's answers to its requests go back to its own account, never into the log, a
   bucket or a task stream.
 
@@ -191,6 +192,13 @@ def finished_subject(namespace: str) -> str:
     return f"{namespace}.taskrun.finished.>"
 
 
+def cancel_subject(namespace: str, encoded_task_key: str = "*") -> str:
+    """Where the service announces that a task run of a key is cancelled (core NATS; heard by
+    the task workers of the key, handlers/task_worker.py): `<ns>.taskrun.cancel.<encoded
+    task key>.<task run id>`. This pattern: every run of one key (`*`: of every key)."""
+    return f"{namespace}.taskrun.cancel.{encoded_task_key}.*"
+
+
 # Task workers bound to task keys (Settings.task_worker_keys): each name a user of its own in
 # the task worker's account, `task_worker_<name>`, that may take, acknowledge and report on the
 # runs of its keys only (the service checks its reports: see `bound_task_worker_name`).
@@ -210,9 +218,11 @@ def bound_task_worker_name(user: str | None) -> str | None:
 
 def bound_task_worker_permissions(namespace: str, user: str, task_keys: Sequence[str]) -> dict:
     """The task worker's permissions narrowed to `task_keys`: the durable consumers of those
-    keys only (create, info, pull, acknowledge), its heartbeats under its own name in the
-    task-workers bucket, its own inbox; the same commands and queries (the service refuses
-    its reports on other keys' runs)."""
+    keys only (create, info, pull, acknowledge), their cancel notices, its heartbeats under
+    its own name in the task-workers bucket, its own inbox; the same commands and queries (the
+    service refuses its reports on other keys' runs)."""
+    from runledger.commands.task_keys import encode_task_key
+
     from .task_queues import consumer_name  # the one definition of a key's consumer names
 
     n = Names(namespace)
@@ -228,7 +238,8 @@ def bound_task_worker_permissions(namespace: str, user: str, task_keys: Sequence
             *(f"{namespace}.cmd.{c}" for c in TASK_WORKER_COMMANDS),
             *(f"{namespace}.qry.{q}" for q in TASK_WORKER_QUERIES)]
     return {"publish": {"allow": pub},
-            "subscribe": {"allow": [f"{inbox_prefix(user)}.>", finished_subject(namespace)]}}
+            "subscribe": {"allow": [f"{inbox_prefix(user)}.>", finished_subject(namespace),
+                                    *(cancel_subject(namespace, encode_task_key(k)) for k in task_keys)]}}
 
 
 def role_permissions(namespace: str, service_consumers: Sequence[str]) -> dict[str, dict]:
@@ -243,6 +254,7 @@ def role_permissions(namespace: str, service_consumers: Sequence[str]) -> dict[s
         f"{ns}.evt.>", f"{ns}.idem.>",  # appends (single messages and atomic batches)
         f"{ns}.task.>",  # task runs onto their key's subjects
         finished_subject(ns),  # a task run reached a final state (heard by `.result()`)
+        cancel_subject(ns),  # a task run is cancelled (heard by the task workers of its key)
         *(f"$KV.{b}.>" for b in n.buckets),  # snapshot and lease keys: put, create, update, delete
         "_INBOX.>",  # replies to requests (the service only answers under reply_subject_prefix)
         "_R_.>",  # replies to the queries and commands other accounts import (see nats_config)
@@ -294,7 +306,7 @@ def role_permissions(namespace: str, service_consumers: Sequence[str]) -> dict[s
         },
         "task_worker": {
             "publish": {"allow": task_worker_pub},
-            "subscribe": {"allow": [f"{inbox_prefix('task_worker')}.>", finished_subject(ns)]},
+            "subscribe": {"allow": [f"{inbox_prefix('task_worker')}.>", finished_subject(ns), cancel_subject(ns)]},
         },
         "analyst": {
             "publish": {"allow": analyst_pub, "deny": analyst_deny},
@@ -401,11 +413,12 @@ def nats_config(namespace: str, passwords: Mapping[str, str], store_dir: str, *,
     export_lines = [f'      {{service: {json.dumps(subject)}, response_type: {kind}, '
                     f'accounts: {json.dumps(accounts).replace(",", ", ")}}}'
                     for subject, (kind, accounts) in exports.items()]
-    # The notices of finished task runs: plain messages the service publishes, heard there too.
-    finished = finished_subject(namespace)
-    export_lines.append(f'      {{stream: {json.dumps(finished)}, accounts: [{json.dumps(TASK_WORKER_ACCOUNT)}]}}')
-    imports[TASK_WORKER_ACCOUNT].append(f'      {{stream: {{account: {json.dumps(SERVICE_ACCOUNT)}, '
-                                        f'subject: {json.dumps(finished)}}}}}')
+    # The notices of finished and of cancelled task runs: plain messages the service publishes,
+    # heard there too.
+    for notices in (finished_subject(namespace), cancel_subject(namespace)):
+        export_lines.append(f'      {{stream: {json.dumps(notices)}, accounts: [{json.dumps(TASK_WORKER_ACCOUNT)}]}}')
+        imports[TASK_WORKER_ACCOUNT].append(f'      {{stream: {{account: {json.dumps(SERVICE_ACCOUNT)}, '
+                                            f'subject: {json.dumps(notices)}}}}}')
     lines += [
         "# The service and its clients share an account, the one with JetStream. The analyst and",
         "# the task worker have accounts of their own and reach the service's only through",

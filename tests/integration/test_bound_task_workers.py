@@ -1,7 +1,7 @@
 """Task workers bound to task keys, against a real nats-server configured as `runledger up`
 configures it: a worker bound to `add` serves `add` with its own credentials, and can neither
-take, settle nor report on the runs of another key, nor force a state, nor write another
-worker's heartbeat; a header it forges does not change who the broker says it is; the task
+take, settle nor report on the runs of another key, nor hear its cancels, nor force a state,
+nor write another worker's heartbeat; a header it forges does not change who the broker says it is; the task
 worker role's own user still serves every key."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 
 from runledger.client import RunledgerClient
 from runledger.client.tasks import submit_task, task_result, wait_for_task_run
+from runledger.commands.task_keys import encode_task_key
 from runledger.handlers.task_worker import TaskWorker
 from runledger.infra import broker_auth
 from runledger.infra.embedded import EmbeddedNats
@@ -111,12 +112,17 @@ async def test_a_bound_task_worker_cannot_take_settle_or_report_on_other_keys(bo
     await nc.publish(f"$JS.ACK.{stream}.{theirs}.1.1.1.0.0", b"+ACK")
     # Another worker's heartbeat entry.
     await nc.publish(f"$KV.{bound.namespace.upper()}_TASK_WORKERS.task_worker.forged", b"{}")
+    # The other key's cancel notices: not heard; nor any key's forged.
+    their_cancels = broker_auth.cancel_subject(bound.namespace, encode_task_key("mul"))
+    await nc.subscribe(their_cancels)
+    await nc.publish(f"{bound.namespace}.taskrun.cancel.{encode_task_key('add')}.{mine.id}", b"{}")
     await nc.flush()
     await asyncio.sleep(0.3)
     refused = "\n".join(bound.violations(ADDER))
     for subject in (create, f"CONSUMER.MSG.NEXT.{stream}.{theirs}", f"$JS.ACK.{stream}.{theirs}",
-                    "_TASK_WORKERS.task_worker.forged"):
+                    "_TASK_WORKERS.task_worker.forged", f"{bound.namespace}.taskrun.cancel.add."):
         assert subject in refused, subject
+    assert any(f'violation for subscription to "{their_cancels}"' in e.lower() for e in errors), errors
 
     # Reports: not on another key's run, not forced, whatever header it writes itself.
     start = {"id": str(other.id), "state": {"type": "RUNNING"}, "task_worker_id": "adder-1"}
@@ -145,6 +151,35 @@ async def test_a_bound_task_worker_cannot_take_settle_or_report_on_other_keys(bo
         stop.set()
         await asyncio.wait_for(serving, 10)
     assert not bound.violations("task_worker")
+
+
+async def test_a_bound_task_worker_hears_the_cancels_of_its_keys(bound):
+    """Its permissions name its keys' cancel notices: a run of its key cancelled while it runs
+    is stopped and ends CANCELLED, and nothing it did was refused."""
+    started = asyncio.Event()
+    stopped: list[bool] = []
+
+    async def add(a: int, b: int) -> int:
+        started.set()
+        try:
+            await asyncio.sleep(120)
+        except asyncio.CancelledError:
+            stopped.append(True)
+            raise
+        return a + b
+
+    worker, stop, serving = await _serving(bound, ADDER, {"add": add})
+    try:
+        async with RunledgerClient(bound.settings("client")) as client:
+            run = await submit_task(client, "add", {"a": 1, "b": 2})
+            await asyncio.wait_for(started.wait(), 10)
+            assert (await client.cancel_task_run(run.id)).state.type == "CANCELLING"
+            assert (await wait_for_task_run(client, run.id, timeout=5)).state_type == "CANCELLED"
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 10)
+    assert stopped == [True] and worker.cancelled == 1
+    assert not bound.violations(ADDER)
 
 
 def broker_auth_header() -> str:

@@ -439,6 +439,7 @@ async def test_task_worker_cannot_touch_the_log_other_commands_or_queries(roles)
         "the analyst's query": (f"{ns}.qry.ReadEvents", b"{}", None),
         "publish onto a task key itself": (f"{ns}.task.k.scheduled", b"{}", None),
         "forge a finish notice": (f"{ns}.taskrun.finished.{uuid.uuid4()}", b"{}", None),
+        "forge a cancel notice": (f"{ns}.taskrun.cancel.k.{uuid.uuid4()}", b"{}", None),
         "write a lease": (f"$KV.{roles.leases}.projection.x", b"{}", None),
     }
     # Its account's own JetStream API (none: it is not enabled there), the service account's
@@ -541,8 +542,8 @@ async def test_task_worker_cannot_have_the_server_write_into_the_log(roles):
 
 
 async def test_clients_and_analysts_cannot_take_task_runs(roles):
-    """Nor queue runs, store results, write the task workers' bucket or forge a finish notice:
-    those subjects are the service's and the task worker's."""
+    """Nor queue runs, store results, write the task workers' bucket, forge a finish or cancel
+    notice, or hear the cancels: those subjects are the service's and the task worker's."""
     pool = await _pool(roles)
     ns, tasks = roles.namespace, f"{roles.namespace.upper()}_TASKS"
     take = {
@@ -554,6 +555,10 @@ async def test_clients_and_analysts_cannot_take_task_runs(roles):
         "store a result chunk": (f"{ns}.result.{uuid.uuid4()}.{uuid.uuid4()}.0", b"x", None),
         "write the task workers' bucket": (f"$KV.{ns.upper()}_TASK_WORKERS.forged", b"{}", None),
         "forge a finish notice": (f"{ns}.taskrun.finished.{uuid.uuid4()}", b"{}", None),
+        "forge a cancel notice": (f"{ns}.taskrun.cancel.k.{uuid.uuid4()}", b"{}", None),
     }
     await _assert_refused(roles, "client", pool["id"], take)
     await _assert_refused(roles, "analyst", pool["id"], take)
+    # The cancel notices are the task workers' to hear.
+    await _assert_cannot_subscribe(roles, "client", [f"{ns}.taskrun.cancel.>"])
+    await _assert_cannot_subscribe(roles, "analyst", [f"{ns}.taskrun.cancel.>"])

@@ -124,7 +124,8 @@ def test_the_task_worker_imports_what_it_uses_and_nothing_else():
         "ns.cmd.CreateTaskRun", "ns.cmd.SetTaskRunState", "ns.qry.GetTaskRun", "ns.qry.GetServiceHealth",
         "ns.qry.GetTaskRunResult",
     ])
-    assert perms["task_worker"]["subscribe"]["allow"] == ["_INBOX.task_worker.>", "ns.taskrun.finished.>"]
+    assert perms["task_worker"]["subscribe"]["allow"] == ["_INBOX.task_worker.>", "ns.taskrun.finished.>",
+                                                          "ns.taskrun.cancel.*.*"]
     assert "deny" not in perms["task_worker"]["publish"]
     accounts = _accounts(broker_auth.compose_config("ns"))
     service, worker = accounts[broker_auth.SERVICE_ACCOUNT], accounts[broker_auth.TASK_WORKER_ACCOUNT]
@@ -142,10 +143,11 @@ def test_the_task_worker_imports_what_it_uses_and_nothing_else():
             share = ", share: true" if ".cmd." in subject else ""
             assert f'{{service: {{account: "RUNLEDGER", subject: "{subject}"}}{share}}}' in imports
             assert f'{{service: "{subject}", response_type: singleton, accounts: ["TASK_WORKERS"]}}' in service
-    # ... and the notices of finished runs a stream it hears; nothing else crosses.
-    assert '{stream: {account: "RUNLEDGER", subject: "ns.taskrun.finished.>"}}' in imports
-    assert '{stream: "ns.taskrun.finished.>", accounts: ["TASK_WORKERS"]}' in service
-    assert len(imports) == len(perms["task_worker"]["publish"]["allow"]) + 1
+    # ... and the notices of finished and of cancelled runs streams it hears; nothing else crosses.
+    for notices in ("ns.taskrun.finished.>", "ns.taskrun.cancel.*.*"):
+        assert f'{{stream: {{account: "RUNLEDGER", subject: "{notices}"}}}}' in imports
+        assert f'{{stream: "{notices}", accounts: ["TASK_WORKERS"]}}' in service
+    assert len(imports) == len(perms["task_worker"]["publish"]["allow"]) + 2
     assert len([line for line in service.splitlines() if '"TASK_WORKERS"' in line]) == len(imports)
 
 
@@ -166,6 +168,8 @@ def test_a_task_worker_bound_to_keys_reaches_only_its_keys_consumers_and_heartbe
                     f"$JS.ACK.{stream}.{c}.>"} <= set(allowed)
     assert not [s for s in allowed if s.endswith(".*.>") or s.endswith(".*") or s in ("$JS.ACK.NS_TASKS.>",)]
     assert "$KV.NS_TASK_WORKERS.task_worker_adder.>" in allowed and "$KV.NS_TASK_WORKERS.>" not in allowed
-    assert perms["subscribe"]["allow"] == ["_INBOX.task_worker_adder.>", "ns.taskrun.finished.>"]
+    # The cancel notices of its keys only (each key one subject token).
+    assert perms["subscribe"]["allow"] == ["_INBOX.task_worker_adder.>", "ns.taskrun.finished.>",
+                                           "ns.taskrun.cancel.add.*", "ns.taskrun.cancel.sub.*"]
     with pytest.raises(ValueError, match="task_worker_adder"):
         broker_auth.nats_config("ns", {r: "p" for r in broker_auth.ROLES}, "/d", task_worker_keys={"adder": ["add"]})
