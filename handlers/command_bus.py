@@ -71,14 +71,25 @@ class Unit:
         if self._lock_more is not None:
             await self._lock_more(keys)
 
-    async def load(self, aggregate_type: str, aggregate_id: str, *, fresh: bool = False) -> Any:
+    async def load(self, aggregate_type: str, aggregate_id: str, *, fresh: bool = False,
+                   presumed_new: bool = False) -> Any:
         """`fresh`: read this aggregate from the log whatever the cache holds: for a state this
         instance may hold out of date where no expected-sequence check would tell, because the
         decision writes nothing to it (that a tag has no concurrency limit: see
-        `task_run_commands.tag_limits_of`)."""
+        `task_run_commands.tag_limits_of`).
+
+        `presumed_new`: an aggregate the cache does not hold is taken to have no events, without
+        reading the log, for an id that is almost always new (one made from a fresh random key):
+        the decision is checked against an empty subject when appended, and if the aggregate
+        did exist, that check fails, or a refusal comes, and the command is decided again on
+        the log. It saves a read of the log per such command."""
         key = (aggregate_type, aggregate_id)
         refresh = self.refresh or fresh
         in_cache = self.repo.cached(*key)
+        if presumed_new and not refresh and in_cache is None:
+            self.from_cache = True  # a presumption: a refusal, or no events, is checked on the log
+            self.loaded[key] = 0
+            return self.repo.kinds[aggregate_type].initial()
         if refresh and in_cache is not None and isinstance(in_cache.seq, Pending):
             await in_cache.seq.settled()  # the log is about to hold it, or never will
         cached = not refresh and in_cache is not None

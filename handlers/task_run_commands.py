@@ -147,7 +147,9 @@ def command_specs(takeover_allowed: Callable[[], bool] = lambda: True,
 
     async def create_task_run(unit: Unit, cmd: tr.CreateTaskRun, ctx: DecisionContext) -> Decision:
         at = tr.keys_id(cmd.flow_run_id, cmd.task_key, cmd.dynamic_key)
-        at_keys = await unit.load(tr.TASK_RUN, str(at))
+        # Keys seen before are in the cache or, rarely, only in the log: their append's check
+        # finds them (`Unit.load`). A submission's keys are almost always new (a fresh dynamic key).
+        at_keys = await unit.load(tr.TASK_RUN, str(at), presumed_new=True)
         holder = (await unit.load(tr.TASK_RUN, str(at_keys.task_run_id))
                   if isinstance(at_keys, tr.TaskRunKeys) else None)
         same_id = None

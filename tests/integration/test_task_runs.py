@@ -19,6 +19,7 @@ from runledger.client import (
     State,
     TaskRun,
 )
+from runledger.commands.task_runs import keys_id
 from tests.integration.broker import assert_live_equals_rebuild
 
 
@@ -79,6 +80,27 @@ async def test_a_create_with_the_same_keys_returns_the_run_and_a_reused_id_confl
         same, created = await rl.create_task_run("report", "b", id=uuid.uuid4())
         assert created is False and same.id == chosen
         assert await rl.count_task_runs() == 2
+
+
+async def test_keys_the_service_no_longer_holds_in_memory_still_name_their_run(service, settings):
+    """A create presumes keys it does not remember are new (it does not read the log for
+    them): keys seen before and forgotten since (another instance wrote them, or the cache let
+    them go) are found by the append's check, and the create is decided again on the log. So
+    their run comes back unchanged, nothing appended, and keys whose run was deleted get a new
+    run under a fresh id, as before."""
+    async with RunledgerClient(settings) as rl:
+        first, _ = await rl.create_task_run("report", "a")
+        gone, _ = await rl.create_task_run("report", "b")
+        await rl.delete_task_run(gone.id)
+        for run in (first, gone):
+            service.commands.repo.forget("task_run", str(keys_id(None, "report", run.dynamic_key)))
+            service.commands.repo.forget("task_run", str(run.id))
+        last = await service.store.last_sequence()
+        again, created = await rl.create_task_run("report", "a", tags=["changed"])
+        assert created is False and again == first
+        assert await service.store.last_sequence() == last  # nothing appended
+        new, created = await rl.create_task_run("report", "b")
+        assert created is True and new.id != gone.id and new.dynamic_key == "b"
 
 
 async def test_task_runs_are_filtered_sorted_and_counted(service, settings):
