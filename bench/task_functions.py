@@ -34,11 +34,15 @@ async def sleepy(label: str, seconds: float) -> str:
 
 
 @task(key="bench.chain")
-async def chain(step: int, steps: int, work: float) -> str | None:
-    """A step of a chain: works, then submits the next step; returns the next step's run id."""
+async def chain(step: int, steps: int, work: float, label: str = "") -> str | None:
+    """A step of a chain: works, then submits the next step; returns the next step's run id.
+    Records when it started, when its work was done and when its submission was answered."""
+    _record("cstart", label, step, time.time())
     await asyncio.sleep(work)
     _record("step", step, time.time())
+    _record("cwork", label, step, time.time())
     if step + 1 >= steps:
         return None
-    future = await chain.adelay(step + 1, steps, work)
+    future = await chain.adelay(step + 1, steps, work, label)
+    _record("csubmitted", label, step, time.time())
     return str(future.task_run_id)

@@ -166,12 +166,14 @@ async def throughput(client: RunledgerClient, workers: Workers, tasks: int, serv
             ("Postgres' CPU per task", f"{others['postgres'] / done * 1e6:.0f} µs", "")]
 
 
-async def chain(client: RunledgerClient, steps: int = 40, work: float = 0.010) -> list[tuple]:
+async def chain(client: RunledgerClient, workers: Workers, steps: int = 40, work: float = 0.010) -> list[tuple]:
     per_step: list[float] = []
     ids: list[uuid.UUID] = []
+    label = ""
     for _ in range(3):
-        t0 = time.monotonic()
-        run = await submit_task(client, "bench.chain", {"step": 0, "steps": steps, "work": work})
+        t0 = time.time()
+        label = uuid.uuid4().hex[:8]
+        run = await submit_task(client, "bench.chain", {"step": 0, "steps": steps, "work": work, "label": label})
         run_id = run.id
         ids = []
         for _ in range(steps):
@@ -182,26 +184,43 @@ async def chain(client: RunledgerClient, steps: int = 40, work: float = 0.010) -
             if nxt is None:
                 break
             run_id = uuid.UUID(nxt)
-        per_step.append((time.monotonic() - t0) / steps * 1000)
-    # Where a step's time goes, from the service's own timestamps of the last chain's states:
-    # queued (SCHEDULED) → RUNNING (publish, delivery, the start's round trip), RUNNING →
-    # the next step queued (the work, then the next create), RUNNING → COMPLETED.
-    marks = []
-    for run_id in ids:
-        states = {s.type: s.timestamp for s in await client.read_task_run_states(run_id)}
-        marks.append(states)
-    def ms(pairs: list[float]) -> str:
-        return f"{statistics.median(pairs) * 1000:.1f} ms"
-    start = [m["RUNNING"] - m["SCHEDULED"] for m in marks if {"RUNNING", "SCHEDULED"} <= m.keys()]
-    to_next = [b["SCHEDULED"] - a["RUNNING"] for a, b in zip(marks, marks[1:], strict=False)
-               if "RUNNING" in a and "SCHEDULED" in b]
-    finish = [m["COMPLETED"] - m["RUNNING"] for m in marks if {"RUNNING", "COMPLETED"} <= m.keys()]
+        # From the submission of the first step to the last step's COMPLETED as the service
+        # recorded it (the driver follows the chain run by run, behind it, to learn the ids).
+        last = {s.type: s.timestamp.timestamp() for s in await client.read_task_run_states(ids[-1])}
+        per_step.append((last["COMPLETED"] - t0) / steps * 1000)
+    # Where a step's time goes, from the service's own timestamps of the last chain's states and
+    # the function's own records (one clock: the same machine).
+    states = [{s.type: s.timestamp.timestamp() for s in await client.read_task_run_states(run_id)} for run_id in ids]
+    seen: dict[str, dict[int, float]] = {"cstart": {}, "cwork": {}, "csubmitted": {}}
+    for record in workers.records():
+        if record[0] in seen and record[1] == label:
+            seen[record[0]][int(record[2])] = float(record[3])
+
+    def median_ms(pairs: list[float]) -> str:
+        return f"{statistics.median(pairs) * 1000:.1f} ms" if pairs else "n/a"
+
+    def gaps(before, after) -> list[float]:
+        out = []
+        for i in range(len(states)):
+            a, b = before(i), after(i)
+            if a is not None and b is not None:
+                out.append(b - a)
+        return out
+
+    state = lambda kind, i: states[i].get(kind) if 0 <= i < len(states) else None  # noqa: E731
     return [(f"chain of {steps} tasks of {work * 1000:g} ms, per step", f"{min(per_step):.1f} ms (of 3: "
              f"{', '.join(f'{x:.1f}' for x in per_step)})", "≤ 12 ms"),
-            ("chain step: queued → RUNNING recorded, median", ms([d.total_seconds() for d in start]), ""),
-            ("chain step: RUNNING → the next step queued (the work, then the create), median",
-             ms([d.total_seconds() for d in to_next]), ""),
-            ("chain step: RUNNING → COMPLETED recorded, median", ms([d.total_seconds() for d in finish]), "")]
+            ("chain step: queued (SCHEDULED decided) → RUNNING decided: the create's append, the publish on "
+             "the key, the delivery, the start's request",
+             median_ms(gaps(lambda i: state("SCHEDULED", i), lambda i: state("RUNNING", i))), ""),
+            ("chain step: RUNNING decided → the function starts: its append, the reply, the call",
+             median_ms(gaps(lambda i: state("RUNNING", i), lambda i: seen["cstart"].get(i))), ""),
+            ("chain step: the function's work (asyncio.sleep)",
+             median_ms(gaps(lambda i: seen["cstart"].get(i), lambda i: seen["cwork"].get(i))), ""),
+            ("chain step: work done → the next step's create decided: the request",
+             median_ms(gaps(lambda i: seen["cwork"].get(i), lambda i: state("SCHEDULED", i + 1))), ""),
+            ("chain step: the next step's create decided → its submitter answered",
+             median_ms(gaps(lambda i: state("SCHEDULED", i + 1), lambda i: seen["csubmitted"].get(i))), "")]
 
 
 async def faults(urls: dict, workers_count: int, tasks: int = 1000, work: float = 0.05) -> list[tuple]:
@@ -331,7 +350,7 @@ async def run(args) -> list[tuple]:
                         if "throughput" in only:
                             rows += await throughput(client, workers, args.tasks, proc.pid, args.submitters)
                         if "chain" in only:
-                            rows += await chain(client)
+                            rows += await chain(client, workers)
                 if "worker-kill" in only:
                     rows += await worker_kill(client, worker_settings, out)
                 if "commands" in only:
