@@ -134,10 +134,10 @@ async def latency(client: RunledgerClient, workers: Workers, rate: float, second
             ("offered", f"{rate:g} tasks/s for {seconds:g} s ({count} tasks)", "")]
 
 
-async def throughput(client: RunledgerClient, workers: Workers, tasks: int, service_pid: int,
+async def throughput(client: RunledgerClient, workers: Workers, tasks: int, service_pids: list[int],
                      submitters: int = 8) -> list[tuple]:
     before = sum(1 for r in workers.records() if r[1].startswith("t"))
-    cpu0 = cpu_seconds(service_pid)
+    cpu0 = sum(cpu_seconds(pid) for pid in service_pids)
     workers_cpu0 = sum(cpu_seconds(p.pid) for p in workers.procs)
     others0 = cpu_by_kind()
     t0 = now()
@@ -154,7 +154,7 @@ async def throughput(client: RunledgerClient, workers: Workers, tasks: int, serv
     await _until(lambda: sum(1 for r in workers.records() if r[1].startswith("t")) - before >= done, 300, 0.2)
     # The last one's COMPLETED is recorded right after its start; wait for the read model to say so.
     total = now() - t0
-    cpu = cpu_seconds(service_pid) - cpu0
+    cpu = sum(cpu_seconds(pid) for pid in service_pids) - cpu0
     workers_cpu = sum(cpu_seconds(p.pid) for p in workers.procs) - workers_cpu0
     others = {kind: used - others0[kind] for kind, used in cpu_by_kind().items()}
     return [(f"end to end, trivial tasks, every state recorded, {submitters} submitters",
@@ -340,7 +340,11 @@ async def run(args) -> list[tuple]:
         worker_settings = bench_settings(urls, role="task_worker")
         out = Path(tempfile.mkdtemp(prefix="rlbt-"))
         try:
-            with service_process(settings) as proc:
+            with contextlib.ExitStack() as processes:
+                # --split: the projections in a process of their own, beside the commands and queries.
+                pids = [processes.enter_context(service_process(settings, roles)).pid
+                        for roles in (("commands,queries", "projections") if args.split
+                                      else ("commands,queries,projections",))]
                 client = await RunledgerClient(bench_settings(urls, role="client")).connect()
                 if only & {"latency", "throughput", "chain"}:
                     with Workers(worker_settings, out, args.workers, args.limit,
@@ -348,7 +352,7 @@ async def run(args) -> list[tuple]:
                         if "latency" in only:
                             rows += await latency(client, workers, args.rate, args.seconds)
                         if "throughput" in only:
-                            rows += await throughput(client, workers, args.tasks, proc.pid, args.submitters)
+                            rows += await throughput(client, workers, args.tasks, pids, args.submitters)
                         if "chain" in only:
                             rows += await chain(client, workers)
                 if "worker-kill" in only:
@@ -374,6 +378,8 @@ def main() -> None:
     p.add_argument("--submitters", type=int, default=8, help="concurrent submitters in the throughput figure")
     p.add_argument("--worker-kind", choices=("native", "faststream"), default="native",
                    help="workers as `runledger task-worker` processes, or as FastStream apps")
+    p.add_argument("--split", action="store_true",
+                   help="run the projections in a service process of their own (--roles projections)")
     p.add_argument("--json")
     args = p.parse_args()
     rows = asyncio.run(run(args))
