@@ -110,7 +110,8 @@ async def submit_task(client: RunledgerClient, task_key: str, parameters: dict[s
                       retry_jitter_factor: float | None = None, tags: list[str] | None = None,
                       queue_wait_seconds: float = 0.0, task_run_id: uuid.UUID | None = None,
                       dynamic_key: str | None = None, cache_key: str | None = None,
-                      cache_expiration: datetime | None = None, scheduled_time: datetime | None = None) -> TaskRun:
+                      cache_expiration: datetime | None = None, refresh_cache: bool = False,
+                      scheduled_time: datetime | None = None) -> TaskRun:
     """Queues a new task run of `task_key` for a task worker (a SCHEDULED, deferred state) and
     returns it. A key whose queue is full raises `Unavailable` at once, or after waiting up to
     `queue_wait_seconds` for room; the run is then cancelled, never left behind unseen.
@@ -123,6 +124,8 @@ async def submit_task(client: RunledgerClient, task_key: str, parameters: dict[s
     `cache_key` (and `cache_expiration`, when the cached state stops counting): a run whose
     key has an unexpired COMPLETED state is given a copy of it when a worker takes it
     (`Cached`), without running; a run that completes records its state under the key.
+    `refresh_cache`: the run does not take a cached state; it runs, and its COMPLETED state
+    replaces the one under its key (Prefect's `refresh_cache`).
 
     `scheduled_time`: no worker starts the run before then (it waits on its key's subject,
     counted against the key's bound)."""
@@ -136,7 +139,8 @@ async def submit_task(client: RunledgerClient, task_key: str, parameters: dict[s
     body: dict[str, Any] = {
         "task_key": task_key, "dynamic_key": dynamic_key if dynamic_key is not None else uuid.uuid4().hex, "parameters": parameters or {},
         "state": {"type": "SCHEDULED", "state_details": {
-            "deferred": True, **({"scheduled_time": _aware(scheduled_time).isoformat()} if scheduled_time else {})}},
+            "deferred": True, **({"scheduled_time": _aware(scheduled_time).isoformat()} if scheduled_time else {}),
+            **({"refresh_cache": True} if refresh_cache else {})}},
         "empirical_policy": policy, "tags": tags or [], "queue_wait_seconds": queue_wait_seconds,
     }
     if task_run_id is not None:
@@ -248,7 +252,7 @@ class Task(Generic[R]):
                  retry_delay: float | list[float] | None = None, retry_jitter_factor: float | None = None,
                  tags: list[str] | None = None, cache_policy: str | None = None,
                  cache_key_fn: Callable[[dict[str, Any]], str | None] | None = None,
-                 cache_expiration: timedelta | None = None):
+                 cache_expiration: timedelta | None = None, refresh_cache: bool = False):
         if cache_policy not in (None, "inputs"):
             raise ValueError(f"cache_policy {cache_policy!r}: the one policy is 'inputs'")
         if cache_policy is not None and cache_key_fn is not None:
@@ -258,6 +262,7 @@ class Task(Generic[R]):
         self.retries, self.retry_delay, self.retry_jitter_factor = retries, retry_delay, retry_jitter_factor
         self.tags = tags or []
         self.cache_policy, self.cache_key_fn, self.cache_expiration = cache_policy, cache_key_fn, cache_expiration
+        self.refresh_cache = refresh_cache
         self._signature = inspect.signature(fn)
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", self.key)
@@ -302,7 +307,9 @@ class Task(Generic[R]):
                       if cache_key is not None and self.cache_expiration is not None else None)
         return await submit_task(client, self.key, parameters, retries=self.retries, retry_delay=self.retry_delay,
                                  retry_jitter_factor=self.retry_jitter_factor, tags=self.tags,
-                                 cache_key=cache_key, cache_expiration=expiration, scheduled_time=scheduled_time)
+                                 cache_key=cache_key, cache_expiration=expiration,
+                                 refresh_cache=self.refresh_cache and cache_key is not None,
+                                 scheduled_time=scheduled_time)
 
     def delay(self, *args: Any, **kwargs: Any) -> TaskFuture[R]:
         """Queues a run with these arguments for a task worker; returns at once with its future."""
@@ -365,16 +372,18 @@ def task(fn: Callable[..., R] | None = None, *, key: str | None = None, retries:
          retry_delay: float | list[float] | None = None, retry_jitter_factor: float | None = None,
          tags: list[str] | None = None, cache_policy: str | None = None,
          cache_key_fn: Callable[[dict[str, Any]], str | None] | None = None,
-         cache_expiration: timedelta | None = None) -> Any:
+         cache_expiration: timedelta | None = None, refresh_cache: bool = False) -> Any:
     """`@task` or `@task(key=..., retries=..., retry_delay=...)`: registers the function for task
     workers and gives it `.delay()`. Caching, as Prefect's: `cache_policy="inputs"` (or a
     `cache_key_fn(parameters) -> str`) makes a run whose key has an unexpired COMPLETED state
     take a copy of it (`Cached`) instead of running; `cache_expiration` counts from the
-    submission."""
+    submission; `refresh_cache=True` runs it all the same and replaces the cached state with
+    the new one."""
 
     def wrap(f: Callable[..., R]) -> Task[R]:
         t = Task(f, key=key, retries=retries, retry_delay=retry_delay, retry_jitter_factor=retry_jitter_factor,
-                 tags=tags, cache_policy=cache_policy, cache_key_fn=cache_key_fn, cache_expiration=cache_expiration)
+                 tags=tags, cache_policy=cache_policy, cache_key_fn=cache_key_fn, cache_expiration=cache_expiration,
+                 refresh_cache=refresh_cache)
         TASKS[t.key] = t
         return t
 

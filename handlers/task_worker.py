@@ -162,6 +162,13 @@ class _CancelWatch:
             del self._watches[self._run_id]
 
 
+def _refresh(run: TaskRun) -> dict[str, bool]:
+    """`refresh_cache`, as its submitter wrote it in the state that queued the run: carried to
+    its start (no cached state taken) and to its retries."""
+    details = run.state.state_details if run.state is not None else None
+    return {"refresh_cache": True} if details is not None and details.refresh_cache else {}
+
+
 def _retrieve(task: asyncio.Task) -> None:
     """A call's exception is read (and so not reported as never retrieved) once it ends."""
     if not task.cancelled():
@@ -465,8 +472,9 @@ class TaskWorker:
         queued_by = run.queued_state_id or (run.state.id if run.state is not None else None)
         start: dict[str, Any] = {"id": str(run.id), "state": {"type": "RUNNING"}, "task_worker_id": self.worker_id}
         if run.cache_key is not None:
-            # A cached run is answered with a copy of its key's state (REJECT, `Cached`): not run.
-            start["state"]["state_details"] = {"cache_key": run.cache_key}
+            # A cached run is answered with a copy of its key's state (REJECT, `Cached`): not run,
+            # unless its submitter asked for the cache to be refreshed.
+            start["state"]["state_details"] = {"cache_key": run.cache_key, **_refresh(run)}
         if queued_by is not None:
             message = f"{meta.stream}:{meta.sequence.stream}" if meta else None
             start["delivery"] = {"state_id": str(queued_by), "attempt": attempt, "message": message}
@@ -618,7 +626,7 @@ class TaskWorker:
         resend after a lost reply queues it once."""
         details = retry.get("state_details") or {}
         state = {"type": "SCHEDULED", "name": "AwaitingRetry", "message": retry.get("message"),
-                 "state_details": {"deferred": True, "scheduled_time": details.get("scheduled_time")}}
+                 "state_details": {"deferred": True, "scheduled_time": details.get("scheduled_time"), **_refresh(run)}}
         await self._report({"id": str(run.id), "state": state, "idempotency_key": f"retry:{run.id}:{retry.get('id')}"},
                            msg)
 

@@ -1,7 +1,8 @@
 """Caching of background task runs, against real NATS and Postgres: a run submitted with the
 cache key of an unexpired COMPLETED state is given a copy of it (`Cached`) by the service when
 a worker takes it, and its function does not run; an expired entry, another key, or a failure
-does not count. `@task(cache_policy="inputs")` makes the key from the parameters."""
+does not count; `refresh_cache` runs it all the same and replaces the cached state.
+`@task(cache_policy="inputs")` makes the key from the parameters."""
 
 from __future__ import annotations
 
@@ -46,6 +47,49 @@ async def test_a_run_with_a_cached_key_takes_a_copy_of_its_state_and_does_not_ru
     assert task_result(first) == task_result(again) == 9 and task_result(other) == 16
     assert again.state_name == "Cached" and first.state_name == "Completed"
     assert await state_names(client, again.id) == ["Scheduled", "Cached"]
+
+
+async def test_refresh_cache_runs_the_task_and_replaces_the_cached_state(client, settings):
+    """Prefect's `refresh_cache`: the run does not take the cached state, it runs, and what it
+    returns is the key's state from then on; without it the next run takes the new state. It
+    holds through a retry too."""
+    calls: list[int] = []
+
+    async def count(x: int) -> int:
+        calls.append(x)
+        if len(calls) == 3:
+            raise RuntimeError("the refreshed run fails once, then retries")
+        return len(calls)
+
+    async with running_worker(settings, {"count": count}):
+        async def run(**options) -> object:
+            submitted = await submit_task(client, "count", {"x": 1}, cache_key="c", **options)
+            return await wait_for_task_run(client, submitted.id, timeout=15)
+
+        first = await run()
+        refreshed = await run(refresh_cache=True)
+        cached = await run()
+        retried = await run(refresh_cache=True, retries=1, retry_delay=0)
+        cached_again = await run()
+    assert [task_result(r) for r in (first, refreshed, cached, retried, cached_again)] == [1, 2, 2, 4, 4]
+    assert len(calls) == 4 and (refreshed.state_name, cached.state_name) == ("Completed", "Cached")
+    assert await state_names(client, retried.id) == ["Scheduled", "Running", "AwaitingRetry", "AwaitingRetry",
+                                                     "Retrying", "Completed"]
+
+
+async def test_task_refresh_cache_option_refreshes_every_run(client, settings):
+    calls: list[int] = []
+
+    async def double(x: int) -> int:
+        calls.append(x)
+        return 2 * x
+
+    doubled = Task(double, key="double", cache_policy="inputs", refresh_cache=True)
+    async with running_worker(settings, {"double": double}):
+        for _ in range(2):
+            future = await doubled.adelay(5, client=client)
+            assert await future.aresult(timeout=10) == 10
+    assert calls == [5, 5]
 
 
 async def test_an_expired_entry_or_a_failure_is_not_used(client, settings):
