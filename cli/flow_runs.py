@@ -202,6 +202,9 @@ def inspect(
     show_details(flow_run, f"Flow run {flow_run.name!r}")
     if flow_run.waiting_reason:
         say(f"Waiting: {flow_run.waiting_reason}")
+    if flow_run.deployment_lease_expired:
+        say("Deployment slot: its lease expired while the run was PENDING and the slot was given back; "
+            "it takes one again when it starts, or is cancelled if none is free.")
     show_states(states)
 
 

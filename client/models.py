@@ -249,6 +249,9 @@ class FlowRun(BaseModel):
     priority: int = 0  # beyond Prefect: lower runs first within its queue
     waiting_reason: str | None = None  # beyond Prefect: why it waits, when something holds it back
     worker_name: str | None = None  # beyond Prefect: the worker whose claim it holds, while it holds one
+    # Beyond Prefect's reply: it stayed PENDING past its deployment slot's lease and gave the
+    # slot back; it takes one again when it starts running, or is cancelled if none is free.
+    deployment_lease_expired: bool = False
 
 
 class TaskRun(BaseModel):

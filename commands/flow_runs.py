@@ -93,6 +93,10 @@ class FlowRun(BaseModel):
     # the run is PENDING, RUNNING or CANCELLING; if that worker stops sending heartbeats the
     # run is crashed and its slots given back (`CrashFlowRunOfLostWorker`).
     worker_name: str | None = None
+    # The run stayed PENDING longer than its deployment slot's lease lasts and gave the slot
+    # back (`ExpireDeploymentSlotLease`): it holds none, and takes one again when it starts
+    # running, or is cancelled if none is free (OR-6). Cleared by the next state written.
+    deployment_lease_expired: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +137,17 @@ class FlowRunWaiting(_FlowRunEvent):
 
     event_type: ClassVar[str] = "FlowRunWaiting"
     run: FlowRun
+
+
+@register_event
+class FlowRunDeploymentLeaseExpired(_FlowRunEvent):
+    """The run stayed PENDING longer than its deployment slot's lease lasts: the slot was given
+    back in the same append (`run.deployment_lease_expired`; `lease_id`: the lease that
+    expired)."""
+
+    event_type: ClassVar[str] = "FlowRunDeploymentLeaseExpired"
+    run: FlowRun
+    lease_id: uuid.UUID
 
 
 @register_event
@@ -212,6 +227,17 @@ class CrashFlowRunOfLostWorker(Command):
     worker_name: WorkerName
 
 
+class ExpireDeploymentSlotLease(Command):
+    """The foreman's: a run that has held its deployment's slot in PENDING for longer than the
+    slot's lease lasts (the deployment's `concurrency_options.grace_period_seconds`, else the
+    service's `deployment_slot_lease_seconds`, 300 s by default) gives the slot back, as
+    Prefect's lease reaper does. Nothing happens when the run has moved on, holds another
+    lease, or its lease has time left."""
+
+    id: uuid.UUID
+    lease_id: uuid.UUID
+
+
 class UpdateFlowRun(Command):
     """Only the fields named change. `priority` (beyond Prefect) only while the run
     waits (SCHEDULED)."""
@@ -237,7 +263,8 @@ class DeleteFlowRun(Command):
 
 def evolve(run: FlowRun | None, event: Event) -> FlowRun | None:
     match event:
-        case FlowRunCreated(run=r) | FlowRunStateSet(run=r) | FlowRunUpdated(run=r) | FlowRunWaiting(run=r):
+        case (FlowRunCreated(run=r) | FlowRunStateSet(run=r) | FlowRunUpdated(run=r) | FlowRunWaiting(run=r)
+              | FlowRunDeploymentLeaseExpired(run=r)):
             return r
         case FlowRunDeleted():
             return None
@@ -369,6 +396,26 @@ def decide_crash_run_of_lost_worker(cmd: CrashFlowRunOfLostWorker, run: FlowRun 
     crash = SetFlowRunState(id=run.id, force=True, state=StateCreate(
         type=StateType.CRASHED, message=LOST_WORKER_MESSAGE.format(name=cmd.worker_name, pool=pool_name)))
     return decide_set_state(crash, run, ctx, limits)
+
+
+def decide_expire_deployment_slot_lease(cmd: ExpireDeploymentSlotLease, run: FlowRun | None,
+                                        ctx: DecisionContext, limits: slots.Limits = slots.NO_LIMITS) -> Decision:
+    """A slot held by a run whose infrastructure never came up would otherwise be held for
+    ever, and every other run of the deployment would wait behind it (Prefect bounds it with
+    the lease's time to live; runledger's worker heartbeats cover a worker that died, not a
+    worker that is alive but whose run never starts). The slot goes back and wakes the next
+    waiter; the run stays PENDING, and OR-6 decides at its start."""
+    if run is None:
+        raise flow_run_not_found(cmd.id)
+    lease = slots.deployment_lease(run)
+    if (run.state is None or run.state_type is not StateType.PENDING or lease is None or lease != cmd.lease_id
+            or limits.deployment_limit is None
+            or ctx.now < run.state.timestamp + timedelta(seconds=limits.lease_seconds)):
+        return Decision(events=[], result=run.state)
+    after = run.model_copy(update={"deployment_lease_expired": True, "updated": ctx.now})
+    events = [NewEvent(str(run.id), FlowRunDeploymentLeaseExpired(run=after, lease_id=lease)),
+              *slots.slot_events(run, after, limits), *waiter_events(run, after, False, limits, ctx)]
+    return Decision(events=events, result=after.state, created=True, after={str(run.id): after})
 
 
 def waiter_events(before: FlowRun | None, after: FlowRun | None, enqueued: bool, limits: slots.Limits,

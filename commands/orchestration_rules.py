@@ -294,6 +294,24 @@ def respect_pool_and_queue_limits(c: RuleContext) -> Verdict:
 _DEPLOYMENT_LIMIT_REACHED = "Deployment concurrency limit reached."
 
 
+@rule("OR-6", from_states={StateType.PENDING}, to_states={StateType.RUNNING})
+def take_a_deployment_slot_again_after_its_lease_expired(c: RuleContext) -> Verdict:
+    """Prefect's ValidateDeploymentConcurrencyAtRunning. A run that stayed PENDING longer than
+    its deployment slot's lease gave the slot back (its infrastructure was slow to come up);
+    starting without one would run past the limit. It takes a slot again when one is free;
+    otherwise it cannot wait (its infrastructure is up) and is cancelled."""
+    limits = c.limits
+    limit = limits.deployment_limit
+    if not c.run.deployment_lease_expired or limit is None or not limits.deployment_limit_applies:
+        return GO_ON
+    if limit.active_slots < limit.limit:
+        return go_on(_with_details(c.proposed, deployment_concurrency_lease_id=c.new_id()))
+    return reject("Deployment concurrency limit reached after lease expiry.",
+                  StateCreate(type=StateType.CANCELLED, name="Cancelled",
+                              message="Deployment concurrency slot lost during provisioning - no slots available "
+                                      "to continue execution"))
+
+
 @rule("OR-7", from_states=ALL_STATES - DEPLOYMENT_SLOT_STATES, to_states={StateType.PENDING})
 def secure_flow_concurrency_slots(c: RuleContext) -> Verdict:
     """Prefect's SecureFlowConcurrencySlots. A worker claims a deployment slot before it
@@ -460,6 +478,7 @@ FLOW_POLICY: list[Rule] = [
     prevent_pending_transitions,
     claims_need_an_online_worker,
     respect_pool_and_queue_limits,
+    take_a_deployment_slot_again_after_its_lease_expired,
     secure_flow_concurrency_slots,
     ensure_only_scheduled_flows_marked_late,
     cancel_new_runs_that_fall_due_behind_a_full_deployment,
@@ -591,8 +610,9 @@ def _book(run: FlowRun, proposal: StateCreate, policy: FlowRunPolicy,
     if run.parent_task_run_id is not None:
         details["task_run_id"] = run.parent_task_run_id
     if (current is not None and current.type in DEPLOYMENT_SLOT_STATES and proposal.type in DEPLOYMENT_SLOT_STATES
-            and proposal.state_details.deployment_concurrency_lease_id is None):
-        # OR-6: a run keeps its deployment slot's lease while it holds the slot, forced or not.
+            and proposal.state_details.deployment_concurrency_lease_id is None and not run.deployment_lease_expired):
+        # OR-6: a run keeps its deployment slot's lease while it holds the slot, forced or not
+        # (not one that expired: the slot was given back).
         details["deployment_concurrency_lease_id"] = current.state_details.deployment_concurrency_lease_id
     state = mint_state(current, proposal, details, ctx)
     run_count = run.run_count
@@ -601,7 +621,8 @@ def _book(run: FlowRun, proposal: StateCreate, policy: FlowRunPolicy,
     if state.type is StateType.RUNNING or state.type in TERMINAL:
         policy = policy.model_copy(update={"resuming": False})
     return state, run.model_copy(update={**booked_times(run, state), "run_count": run_count,
-                                         "empirical_policy": policy, "updated": ctx.now})
+                                         "empirical_policy": policy, "updated": ctx.now,
+                                         "deployment_lease_expired": False})
 
 
 def mint_state(current: State | None, proposal: StateCreate, details: dict[str, Any],

@@ -47,6 +47,7 @@ from .events import EVENT_TYPES, EventEnvelope, UnknownEvent
 from .flow_runs import (
     FlowRunCreated,
     FlowRunDeleted,
+    FlowRunDeploymentLeaseExpired,
     FlowRunStateSet,
     FlowRunUpdated,
     FlowRunWaiting,
@@ -572,6 +573,7 @@ _HANDLERS: dict[type[Event], Callable[[_Out, Any, str, ExportState], None]] = {
     FlowRunStateSet: _flow_run_state_event,
     FlowRunUpdated: _run_gone,
     FlowRunWaiting: _run_gone,
+    FlowRunDeploymentLeaseExpired: _run_gone,
     FlowRunDeleted: _run_gone,
     tr.TaskRunCreated: _task_run_state_event,
     tr.TaskRunStateSet: _task_run_state_event,

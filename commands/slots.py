@@ -49,6 +49,10 @@ DEPLOYMENT_SLOT_STATES = frozenset({StateType.PENDING, StateType.RUNNING, StateT
 
 # Prefect's `concurrency_slot_wait_seconds`: when an ENQUEUE run is tried again.
 DEPLOYMENT_SLOT_WAIT_SECONDS = 30
+# How long a deployment slot's lease lasts while its run is PENDING, when the deployment names
+# no `grace_period_seconds` (Prefect's `initial_deployment_lease_duration`); the service's
+# `deployment_slot_lease_seconds` setting changes it.
+DEFAULT_DEPLOYMENT_LEASE_SECONDS = 300.0
 
 
 def slots_id(pool_id: uuid.UUID) -> str:
@@ -160,9 +164,10 @@ class Limits:
 
     `pool`/`slots`: the pool of the run's queue and its counts (None: the run has no queue, or
     its pool is gone). `deployment_limit`: the run's deployment's global limit (None: no limit),
-    with what to do when it is full (`collision_strategy`, Prefect's default ENQUEUE) and its
-    `grace_period_seconds` (carried, not applied: a slot is not taken back after a time, but
-    when the worker that claimed the run stops sending heartbeats). `deployment_found`: False when the run names
+    with what to do when it is full (`collision_strategy`, Prefect's default ENQUEUE) and how
+    long a slot's lease lasts while its run is PENDING (`lease_seconds`: the deployment's
+    `grace_period_seconds`, else the service's default; RUNNING runs keep theirs while their
+    worker sends heartbeats). `deployment_found`: False when the run names
     a deployment that no longer exists. `waiters`: the deployment limit's waiters, and
     `first_waiters` the first `WAKE_LOOKAHEAD` of them as loaded (None: gone), for a release
     to wake the next one."""
@@ -171,7 +176,7 @@ class Limits:
     slots: PoolSlots | None = None
     deployment_limit: cl.ConcurrencyLimit | None = None
     collision_strategy: str = "ENQUEUE"
-    grace_period_seconds: int | None = None
+    lease_seconds: float = DEFAULT_DEPLOYMENT_LEASE_SECONDS
     deployment_found: bool = True
     waiters: LimitWaiters | None = None
     first_waiters: dict[uuid.UUID, FlowRun | None] = field(default_factory=dict)
@@ -206,8 +211,8 @@ def holds_pool_slot(run: FlowRun | None) -> bool:
 
 
 def deployment_lease(run: FlowRun | None) -> uuid.UUID | None:
-    """The lease of the deployment slot the run holds, if it holds one."""
-    if run is None or run.state is None or run.state_type not in DEPLOYMENT_SLOT_STATES:
+    """The lease of the deployment slot the run holds, if it holds one (not once it expired)."""
+    if run is None or run.state is None or run.state_type not in DEPLOYMENT_SLOT_STATES or run.deployment_lease_expired:
         return None
     return run.state.state_details.deployment_concurrency_lease_id
 

@@ -99,8 +99,11 @@ def _by_id(cmd: Any) -> Iterable[AggregateKey]:
     return [(fr.FLOW_RUN, str(cmd.id))]
 
 
-def command_specs(queues: LogIndex | None) -> dict[str, CommandSpec]:
-    """`queues`: where a run's queue id finds its pool (None only where nothing is executed)."""
+def command_specs(queues: LogIndex | None,
+                  deployment_lease_seconds: float = sl.DEFAULT_DEPLOYMENT_LEASE_SECONDS) -> dict[str, CommandSpec]:
+    """`queues`: where a run's queue id finds its pool (None only where nothing is executed).
+    `deployment_lease_seconds`: how long a deployment slot's lease lasts while its run is
+    PENDING, for deployments that name no grace period (Settings.deployment_slot_lease_seconds)."""
 
     async def limits_of(unit: Unit, run: fr.FlowRun | None) -> sl.Limits:
         """The limits the run's transitions touch: its queue's pool and that pool's counts, and
@@ -140,7 +143,8 @@ def command_specs(queues: LogIndex | None) -> dict[str, CommandSpec]:
         options = deployment.concurrency_options
         return sl.Limits(pool=pool, slots=slots, deployment_limit=limit,
                          collision_strategy=options.collision_strategy.value if options else "ENQUEUE",
-                         grace_period_seconds=options.grace_period_seconds if options else None,
+                         lease_seconds=(options.grace_period_seconds if options and options.grace_period_seconds
+                                        else deployment_lease_seconds),
                          waiters=waiters, first_waiters=first_waiters)
 
     async def set_flow_run_state(unit: Unit, cmd: fr.SetFlowRunState, ctx: DecisionContext) -> Decision:
@@ -163,11 +167,18 @@ def command_specs(queues: LogIndex | None) -> dict[str, CommandSpec]:
         online = worker is not None and worker.status is wk.WorkerStatus.ONLINE
         return fr.decide_crash_run_of_lost_worker(cmd, run, online, pool.name if pool else "", ctx, limits)
 
+    async def expire_deployment_slot_lease(unit: Unit, cmd: fr.ExpireDeploymentSlotLease,
+                                           ctx: DecisionContext) -> Decision:
+        run = await unit.load(fr.FLOW_RUN, str(cmd.id))
+        return fr.decide_expire_deployment_slot_lease(cmd, run, ctx, await limits_of(unit, run))
+
     return {
         "CreateFlowRun": CommandSpec(fr.CreateFlowRun, create_flow_run, _run_reply, _create_locks),
         "CrashFlowRunOfLostWorker": CommandSpec(fr.CrashFlowRunOfLostWorker, crash_run_of_lost_worker, _state_reply,
                                                 _by_id),
         "SetFlowRunState": CommandSpec(fr.SetFlowRunState, set_flow_run_state, _state_reply, _by_id),
+        "ExpireDeploymentSlotLease": CommandSpec(fr.ExpireDeploymentSlotLease, expire_deployment_slot_lease,
+                                                 _state_reply, _by_id),
         "UpdateFlowRun": CommandSpec(fr.UpdateFlowRun, update_flow_run, _nothing, _by_id),
         "DeleteFlowRun": CommandSpec(fr.DeleteFlowRun, delete_flow_run, _nothing, _by_id),
     }

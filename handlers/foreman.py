@@ -10,6 +10,9 @@ clock in handlers/background.py) that, every 15 s, in this order:
    polled within 60 s either: `MarkDeploymentsNotReady`, one per queue;
 4. marks NOT_READY the READY queues last polled more than 60 s ago: `MarkWorkQueuesNotReady`,
    one per pool.
+5. gives back the deployment slots of runs PENDING for longer than the slot's lease lasts
+   (the deployment's `concurrency_options.grace_period_seconds`, else the service's
+   `deployment_slot_lease_seconds`): `ExpireDeploymentSlotLease`, as Prefect's lease reaper.
 
 It finds candidates in the read models and acts through commands whose deciders check the
 condition again against the log (the worker's last heartbeat, the pool's online workers, the
@@ -27,11 +30,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, func, literal, or_, select
+from sqlalchemy import DateTime, Float, and_, func, literal, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from runledger.commands import work_pools as wp
 from runledger.commands import workers as wk
+from runledger.commands.slots import DEFAULT_DEPLOYMENT_LEASE_SECONDS
 from runledger.infra.leases import stop_if_cancelled
 from runledger.projections.tables import deployments, flow_runs, work_pools, work_queues, workers
 
@@ -50,6 +54,7 @@ class ForemanPass:
 
     workers_offline: int = 0
     runs_crashed: int = 0
+    leases_expired: int = 0
     pools_not_ready: int = 0
     deployments_checked: int = 0
     queues_checked: int = 0
@@ -61,6 +66,7 @@ class Foreman:
     send: Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
     interval: float = FOREMAN_INTERVAL
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    deployment_lease_seconds: float = DEFAULT_DEPLOYMENT_LEASE_SECONDS  # Settings.deployment_slot_lease_seconds
     passes: int = 0
     last: ForemanPass = field(default_factory=ForemanPass)  # the last pass's figures
     _just_offline: set[tuple[str, str]] = field(default_factory=set)  # (pool, worker) marked this pass
@@ -193,6 +199,33 @@ class Foreman:
         self.last.queues_checked = sent
         return sent
 
+    async def deployment_leases_expired(self) -> int:
+        """Runs PENDING for longer than their deployment slot's lease lasts, in the read model:
+        each is sent to its decider, which checks the run, its lease and the time against the
+        log again."""
+        state = flow_runs.c.state
+        lease = state["state_details"]["deployment_concurrency_lease_id"].astext
+        pending_since = state["timestamp"].astext.cast(DateTime(timezone=True))
+        grace = deployments.c.concurrency_options["grace_period_seconds"].astext.cast(Float)
+        lasts = func.coalesce(grace, self.deployment_lease_seconds)
+        stmt = (select(flow_runs.c.id, lease.label("lease_id"))
+                .join(deployments, deployments.c.id == flow_runs.c.deployment_id)
+                .where(flow_runs.c.state_type == "PENDING", flow_runs.c.deployment_lease_expired.is_(False),
+                       deployments.c.concurrency_limit.is_not(None), lease.is_not(None),
+                       pending_since < literal(self.clock()) - func.make_interval(0, 0, 0, 0, 0, 0, lasts))
+                .order_by(pending_since).limit(BATCH))
+        expired = 0
+
+        async def one(row: Any) -> None:
+            nonlocal expired
+            reply = await self.send("ExpireDeploymentSlotLease", {"id": str(row.id), "lease_id": row.lease_id})
+            if reply.get("ok") and reply.get("created") is True:  # its lease expired now
+                expired += 1
+
+        await each_bounded(await self._rows(stmt), one)
+        self.last.leases_expired = expired
+        return expired
+
     async def run_pass(self) -> ForemanPass:
         """One tick, in the foreman's order."""
         self.last = ForemanPass()
@@ -201,6 +234,7 @@ class Foreman:
         await self.pools_not_ready(pools)
         await self.deployments_not_ready()
         await self.queues_not_ready()
+        await self.deployment_leases_expired()
         self.passes += 1
         return self.last
 

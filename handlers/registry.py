@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from runledger.commands.slots import DEFAULT_DEPLOYMENT_LEASE_SECONDS
 from runledger.infra.aggregates import AggregateKind
 from runledger.infra.event_store import EventStore
 from runledger.projections import concurrency_limits as concurrency_limits_read_model
@@ -90,17 +91,19 @@ QUERIES: dict[str, tuple[Any, Any]] = {
 
 def command_specs(store: EventStore | None,
                   takeover_allowed: Callable[[], bool] = lambda: True,
-                  bound_task_workers: Mapping[str, Sequence[str]] | None = None) -> dict[str, CommandSpec]:
+                  bound_task_workers: Mapping[str, Sequence[str]] | None = None,
+                  deployment_lease_seconds: float = DEFAULT_DEPLOYMENT_LEASE_SECONDS) -> dict[str, CommandSpec]:
     """Command name -> spec. `store`: what commands that find their aggregate through the log
     read it from (None where nothing runs, e.g. for the contract's schemas). `takeover_allowed`:
     whether a task worker may take over a run another holds now (not just after a broker
-    restart). `bound_task_workers`: the task workers bound to keys (Settings.task_worker_keys)."""
+    restart). `bound_task_workers`: the task workers bound to keys (Settings.task_worker_keys).
+    `deployment_lease_seconds`: Settings.deployment_slot_lease_seconds."""
     queues = work_pool_commands.queue_index(store) if store is not None else None
     return {
         **work_pool_commands.command_specs(queues),
         **flow_commands.COMMANDS,
         **deployment_commands.COMMANDS,
-        **flow_run_commands.command_specs(queues),
+        **flow_run_commands.command_specs(queues, deployment_lease_seconds),
         **task_run_commands.command_specs(takeover_allowed, bound_task_workers),
         **tag_concurrency_limit_commands.COMMANDS,
         **variable_commands.COMMANDS,

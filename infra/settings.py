@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     # (infra/broker_auth.py). The broker configuration and the service must be given the same.
     task_worker_keys: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,30}$")],
                            Annotated[list[Annotated[str, Field(min_length=1, max_length=1024)]], Field(min_length=1)]] = {}
+    # How long a deployment concurrency slot's lease lasts while its run is PENDING, for a
+    # deployment whose `concurrency_options` name no `grace_period_seconds` (Prefect's
+    # `initial_deployment_lease_duration`); the foreman then gives the slot back.
+    deployment_slot_lease_seconds: float = Field(default=300.0, gt=0, le=86_400)
     # A projection stopped at an event it cannot apply tries that event again this often.
     projection_stall_retry_seconds: float = Field(default=30.0, gt=0)
 

@@ -28,7 +28,8 @@ _INSERT_STATES = populate_sql(flow_run_states, "nothing")
 _RUN_DEFAULTS = {name: field.get_default(call_default_factory=True) for name, field in fr.FlowRun.model_fields.items()
                  if not field.is_required()}
 _RUN_DEFAULTS = fr.FlowRun.model_construct(**_RUN_DEFAULTS).model_dump(mode="json", include=set(_RUN_DEFAULTS))
-_RUN_EVENTS = frozenset({"FlowRunCreated", "FlowRunStateSet", "FlowRunUpdated", "FlowRunWaiting"})
+_RUN_EVENTS = frozenset({"FlowRunCreated", "FlowRunStateSet", "FlowRunUpdated", "FlowRunWaiting",
+                         "FlowRunDeploymentLeaseExpired"})
 
 
 class FlowRunsProjector:
@@ -39,7 +40,8 @@ class FlowRunsProjector:
     tables = (flow_runs, flow_run_states)
     raw_payloads = True
     handles = frozenset({fr.FlowRunCreated.event_type, fr.FlowRunStateSet.event_type,
-                         fr.FlowRunUpdated.event_type, fr.FlowRunWaiting.event_type, fr.FlowRunDeleted.event_type})
+                         fr.FlowRunUpdated.event_type, fr.FlowRunWaiting.event_type, fr.FlowRunDeleted.event_type,
+                         fr.FlowRunDeploymentLeaseExpired.event_type})
 
     async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, str, Event | dict]]) -> None:
         # A run's last event in the batch decides its row; every written state is kept.

@@ -215,6 +215,7 @@ flow_runs = Table(
     Column("priority", Integer, nullable=False),
     Column("waiting_reason", Text),
     Column("worker_name", Text),
+    Column("deployment_lease_expired", Boolean, nullable=False, server_default=text("false")),
     Index("flow_runs_flow", "flow_id"),
     Index("flow_runs_deployment", "deployment_id", "state_type"),
     Index("flow_runs_queue", "work_queue_id", "state_type", "next_scheduled_start_time"),
@@ -388,5 +389,9 @@ MIGRATIONS = [
     Migration(10, "task tag concurrency limits", ddl(tag_concurrency_limits)),
     Migration(11, "the deprecated tag-based filter of a legacy work queue", [
         "ALTER TABLE work_queues ADD COLUMN IF NOT EXISTS filter jsonb",
+    ]),
+    # Migration 6 creates flow_runs from its current definition, which has it already.
+    Migration(12, "a flow run whose deployment slot's lease expired while it was PENDING", [
+        "ALTER TABLE flow_runs ADD COLUMN IF NOT EXISTS deployment_lease_expired boolean NOT NULL DEFAULT false",
     ]),
 ]

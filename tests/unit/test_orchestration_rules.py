@@ -168,6 +168,7 @@ def test_flow_policy_lists_the_core_rules_in_prefects_order() -> None:
         ("OR-5", "prevent_pending_transitions"),
         ("WK-1", "claims_need_an_online_worker"),
         ("SL-1/SL-2", "respect_pool_and_queue_limits"),
+        ("OR-6", "take_a_deployment_slot_again_after_its_lease_expired"),
         ("OR-7", "secure_flow_concurrency_slots"),
         ("OR-8", "ensure_only_scheduled_flows_marked_late"),
         ("FR-7", "cancel_new_runs_that_fall_due_behind_a_full_deployment"),

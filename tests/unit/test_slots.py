@@ -349,3 +349,66 @@ def test_a_cancel_new_run_marked_late_behind_a_full_deployment_is_cancelled() ->
     for limits in (deployment_limits(2, 1, "CANCEL_NEW"), deployment_limits(1, 1, "ENQUEUE"), sl.NO_LIMITS):
         d = fr.decide_set_state(cmd, run, ctx(), limits)
         assert d.orchestration.status is Outcome.ACCEPT and d.result.name == "Late"
+
+
+# ---------------------------------------------------------------------------------------------
+# A deployment slot's lease while its run is PENDING (Prefect's lease reaper, and OR-6)
+
+
+def expire(run: fr.FlowRun, limits: sl.Limits, lease: uuid.UUID | None = None) -> Any:
+    cmd = fr.ExpireDeploymentSlotLease(id=run.id, lease_id=lease or run.state.state_details.deployment_concurrency_lease_id)
+    return fr.decide_expire_deployment_slot_lease(cmd, run, ctx(), limits)
+
+
+def test_a_run_pending_past_its_lease_gives_the_slot_back_and_wakes_the_next_waiter() -> None:
+    limit = a_limit(1, 1)
+    waiter = awaiting()
+    run = a_run(None, T.PENDING, deployment=True, lease=uuid.uuid4())  # pending for an hour
+    limits = dataclasses.replace(waiting_limits(limit, [waiter], [waiter.id]), lease_seconds=600)
+    d = expire(run, limits)
+    (expired,) = events_of(d, fr.FlowRunDeploymentLeaseExpired)
+    assert expired.run.deployment_lease_expired and expired.run.state == run.state  # still PENDING
+    assert expired.lease_id == run.state.state_details.deployment_concurrency_lease_id
+    (released,) = events_of(d, cl.ConcurrencyLimitSlotReleased)
+    assert released.limit.active_slots == 0 and released.lease_id == expired.lease_id
+    (woken,) = [e.run for e in events_of(d, fr.FlowRunStateSet)]
+    assert woken.id == waiter.id and woken.state.state_details.scheduled_time == NOW
+    assert d.created is True
+    # Once expired, or for another lease: nothing more.
+    assert expire(expired.run, limits, expired.lease_id).events == []
+    assert expire(run, limits, uuid.uuid4()).events == []
+
+
+def test_a_lease_with_time_left_or_a_run_that_moved_on_is_left_alone() -> None:
+    lease = uuid.uuid4()
+    pending = a_run(None, T.PENDING, deployment=True, lease=lease)  # its PENDING state is an hour old
+    assert expire(pending, dataclasses.replace(deployment_limits(1, 1), lease_seconds=3_601)).events == []
+    assert expire(pending, dataclasses.replace(deployment_limits(1, 1), lease_seconds=3_599)).events != []
+    running = a_run(None, T.RUNNING, deployment=True, lease=lease)  # its worker's heartbeats keep it
+    assert expire(running, dataclasses.replace(deployment_limits(1, 1), lease_seconds=60)).events == []
+    # The deployment has no limit (any more): nothing to give back.
+    assert expire(pending, sl.Limits(lease_seconds=60)).events == []
+
+
+def test_a_run_whose_lease_expired_takes_a_slot_again_at_running_or_is_cancelled() -> None:
+    run = a_run(None, T.PENDING, deployment=True, lease=uuid.uuid4())
+    expired = events_of(expire(run, dataclasses.replace(deployment_limits(1, 1), lease_seconds=60)),
+                        fr.FlowRunDeploymentLeaseExpired)[0].run
+    # A slot is free: it takes it, under a new lease, and the flag is cleared.
+    free = set_state(expired, T.RUNNING, deployment_limits(1, 0))
+    assert free.orchestration.status is Outcome.ACCEPT and free.result.type is T.RUNNING
+    (taken,) = events_of(free, cl.ConcurrencyLimitSlotTaken)
+    new_lease = free.result.state_details.deployment_concurrency_lease_id
+    assert new_lease not in (None, run.state.state_details.deployment_concurrency_lease_id)
+    assert taken.lease_id == new_lease and taken.limit.active_slots == 1
+    assert not events_of(free, fr.FlowRunStateSet)[0].run.deployment_lease_expired
+    # None is free: cancelled, its infrastructure cannot wait; no slot released twice.
+    full = set_state(expired, T.RUNNING, deployment_limits(1, 1))
+    assert full.orchestration.status is Outcome.REJECT
+    assert full.orchestration.reason == "Deployment concurrency limit reached after lease expiry."
+    assert full.result.type is T.CANCELLED and "slot lost during provisioning" in full.result.message
+    assert not events_of(full, cl.ConcurrencyLimitSlotReleased) and not events_of(full, cl.ConcurrencyLimitSlotTaken)
+    # Forced on, it holds nothing it did not take: no old lease carried.
+    forced = set_state(expired, T.RUNNING, deployment_limits(1, 1), force=True)
+    assert forced.result.state_details.deployment_concurrency_lease_id is None
+    assert not events_of(forced, cl.ConcurrencyLimitSlotReleased) and not events_of(forced, cl.ConcurrencyLimitSlotTaken)
