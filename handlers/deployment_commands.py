@@ -125,11 +125,16 @@ async def delete_schedule(unit: Unit, cmd: dp.DeleteDeploymentSchedule, ctx: Dec
 
 
 async def schedule_runs(unit: Unit, cmd: sc.ScheduleDeploymentRuns, ctx: DecisionContext) -> Decision:
-    """The runs of the planned dates are read at once (one direct get each, side by side): a
-    date whose run exists is skipped."""
+    """A date whose run exists is skipped. The runs of the planned dates the deployment's index
+    holds (scheduled before) are read at once, one direct get each, side by side; a date the
+    index does not hold is presumed new, without a read (`Unit.load`): its run's append checks
+    that the run does not exist, and when it does (a run that left the index because it ran
+    early, or was deleted), the command is decided again on the log."""
     deployment = await unit.load(dp.DEPLOYMENT, str(cmd.deployment_id))
     planned = sc.planned_runs(deployment, cmd, ctx.now) if deployment is not None else []
-    runs = await asyncio.gather(*(unit.load(fr.FLOW_RUN, str(p.run_id)) for p in planned))
+    index = await unit.load(dp.DEPLOYMENT_RUNS, dp.index_id(cmd.deployment_id)) if planned else None
+    runs = await asyncio.gather(*(unit.load(fr.FLOW_RUN, str(p.run_id), presumed_new=p.run_id not in index.runs)
+                                  for p in planned)) if index is not None else []
     existing = {p.run_id: run for p, run in zip(planned, runs, strict=True)}
     indexed = (await _indexed(unit, cmd.deployment_id, lambda index: sc.past_runs(index, ctx.now))
                if deployment is not None else dp.IndexedRuns())

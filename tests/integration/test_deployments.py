@@ -264,6 +264,30 @@ async def test_schedule_makes_runs_once_each_with_prefects_shape(broker):
     assert unknown["flow_run_ids"] == []
 
 
+async def test_scheduling_again_after_the_service_forgot_the_runs_skips_each_existing_date(broker, service):
+    """The scheduler presumes a date its deployment's index does not hold is new, without
+    reading the log: a run the service no longer remembers (one that ran early, one deleted)
+    is found by the append's check and the command decided again on the log, as before: the
+    run that ran is kept, the deleted date is scheduled again, nothing else is written."""
+    flow_id = await a_flow(broker)
+    d = await broker.ok_cmd("CreateDeployment", name="hourly", flow_id=flow_id,
+                            schedules=[{"schedule": {"interval": 3600}}])
+    first = (await broker.ok_cmd("ScheduleDeploymentRuns", deployment_id=d["id"], min_runs=3, max_runs=3))[
+        "flow_run_ids"]
+    ran, deleted, kept = first
+    for state in ("PENDING", "RUNNING", "COMPLETED"):
+        assert (await broker.cmd("SetFlowRunState", id=ran, state={"type": state}))["ok"]
+    await broker.ok_cmd("DeleteFlowRun", id=deleted)
+    for run_id in first:
+        service.commands.repo.forget("flow_run", run_id)
+    again = await broker.ok_cmd("ScheduleDeploymentRuns", deployment_id=d["id"], min_runs=3, max_runs=3)
+    assert again["flow_run_ids"] == [deleted]
+    runs = await broker.ok_qry("ListFlowRuns", flow_runs={"deployment_id": {"any_": [d["id"]]}},
+                               sort="EXPECTED_START_TIME_ASC")
+    assert [(r["id"], r["state_type"]) for r in runs] == [(ran, "COMPLETED"), (deleted, "SCHEDULED"),
+                                                          (kept, "SCHEDULED")]
+
+
 async def test_two_instances_scheduling_one_deployment_write_each_run_once(broker, settings, service):
     flow_id = await a_flow(broker)
     d = await broker.ok_cmd("CreateDeployment", name="hourly", flow_id=flow_id,
