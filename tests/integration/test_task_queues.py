@@ -18,7 +18,7 @@ from runledger.handlers.service import Service
 from runledger.handlers.task_dispatch import task_message
 from runledger.handlers.task_worker import TaskWorker
 from runledger.infra.nats_connection import connect
-from runledger.infra.task_queues import TaskPublisher, task_subject
+from runledger.infra.task_queues import TaskPublisher, consumer_name, task_stream_name, task_subject
 from tests.conftest import cleanup_namespace
 
 pytestmark = pytest.mark.asyncio
@@ -67,6 +67,27 @@ async def test_a_submitted_task_runs_once_and_its_result_is_awaited(client, sett
     assert task_result(done) == 5
     assert calls == [{"x": 2, "y": 3}]
     assert done.run_count == 1 and done.task_worker_id is None
+    assert await state_names(client, run.id, "type") == ["SCHEDULED", "RUNNING", "COMPLETED"]
+
+
+async def test_a_run_longer_than_the_ack_wait_is_kept_and_not_taken_by_another_worker(client, settings):
+    """While a run runs, its worker tells JetStream it still works on it: a second worker of
+    the key, idle, is never handed the run, however long it takes past the ack wait."""
+    quick = settings.model_copy(update={"task_ack_wait_seconds": 0.5})
+    calls: list[str] = []
+
+    async def slow(label: str) -> str:
+        calls.append(label)
+        await asyncio.sleep(2.0)  # four ack waits
+        return label
+
+    async with running_worker(quick, {"slow": slow}) as first, running_worker(quick, {"slow": slow}):
+        run = await submit_task(client, "slow", {"label": "once"})
+        done = await wait_for_task_run(client, run.id, timeout=15)
+        consumer = await first.js.consumer_info(task_stream_name(settings, "scheduled"),
+                                                consumer_name("slow", "scheduled"))
+    assert task_result(done) == "once" and calls == ["once"]
+    assert consumer.delivered.consumer_seq == 1  # delivered once, never handed to anyone again
     assert await state_names(client, run.id, "type") == ["SCHEDULED", "RUNNING", "COMPLETED"]
 
 
