@@ -102,7 +102,7 @@ async def _serve(settings, functions: dict, keys: list[str], limit: int, worker_
 
     tasks.use_settings(settings)  # tasks that submit tasks connect as this role too
     try:
-        nc = await connect(settings, name="runledger-task-worker", check_version=False)
+        nc = await connect(settings, name="runledger-task-worker", check_version=False, lazy_headers=True)
     except BrokerUnavailable as e:
         console.print(f"[red]Error (unavailable):[/red] {e}", highlight=False)
         return EXIT_UNAVAILABLE

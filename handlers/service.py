@@ -124,11 +124,11 @@ class Service:
 
     async def start(self) -> None:
         s = self.settings
-        self.nc = await connect(s, name="runledger-service", closed_cb=self._on_closed,
+        self.nc = await connect(s, name="runledger-service", lazy_headers=True, closed_cb=self._on_closed,
                                 error_cb=self._on_error, reconnected_cb=self._on_reconnected)  # refuses NATS < 2.12
         self.connected_at = time.monotonic()
         for i in range(s.request_lanes if self.roles & {"commands", "queries"} else 0):
-            self.lanes.append(await connect(s, name=f"runledger-service-requests-{i}", closed_cb=self._on_closed,
+            self.lanes.append(await connect(s, name=f"runledger-service-requests-{i}", lazy_headers=True, closed_cb=self._on_closed,
                                             error_cb=self._on_error, check_version=False))
         await ensure_event_stream(self.nc.jetstream(), s)
         await ensure_task_streams(self.nc.jetstream(), s)

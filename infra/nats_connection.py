@@ -39,7 +39,12 @@ class LazyHeaders(dict):
     carry headers nobody looks at (every event delivered to a projection has its message id,
     its expected-sequence check and its batch's headers); reading them all was up to 8 % of
     the service's CPU. A status line (`NATS/1.0 404 …`) is never here (`LazyClient` reads
-    those at once), so asking for the status costs nothing."""
+    those at once), so asking for the status costs nothing.
+
+    Every Python use reads them first; C code that looks at a dict's storage directly does
+    not (`json.dumps` writes `{}`): hand it `dict(headers)`. So only runledger's own
+    connections read headers this way (`connect(lazy_headers=True)`: the service's and the
+    task worker's), never one a user's code receives messages on."""
 
     __slots__ = ("_raw",)
 
@@ -82,6 +87,30 @@ class LazyHeaders(dict):
     def __eq__(self, other) -> bool:
         self._read()
         return super().__eq__(other)
+
+    def __ne__(self, other) -> bool:
+        self._read()
+        return super().__ne__(other)
+
+    def __or__(self, other):
+        self._read()
+        return dict(self) | other
+
+    def __ror__(self, other):
+        self._read()
+        return other | dict(self)
+
+    def __reversed__(self):
+        self._read()
+        return super().__reversed__()
+
+    def popitem(self):
+        self._read()
+        return super().popitem()
+
+    def clear(self) -> None:
+        self._raw = None
+        super().clear()
 
     __hash__ = None
 
@@ -163,11 +192,13 @@ async def _connected(nc: NATS, options: dict, error_cb) -> NATS:
 
 
 async def connect(settings: Settings, *, name: str = "runledger", check_version: bool = True,
-                  wait_for_server: bool = True, closed_cb=None, error_cb=None, reconnected_cb=None) -> NATS:
+                  wait_for_server: bool = True, closed_cb=None, error_cb=None, reconnected_cb=None,
+                  lazy_headers: bool = False) -> NATS:
     """A connection that reconnects for ever once made. The first connect waits up to
     `max(5 s, request_timeout)` for a server that is starting (a service beside its broker),
     unless `wait_for_server` is False (the CLI and the client: nothing listening is said at
-    once); a refused login always ends it at once."""
+    once); a refused login always ends it at once. `lazy_headers`: read message headers on
+    first use (`LazyClient`), for connections only runledger's own code reads from."""
     options: dict = {
         "servers": [settings.nats_url],
         "name": name,
@@ -218,7 +249,7 @@ async def connect(settings: Settings, *, name: str = "runledger", check_version:
         options["closed_cb"] = closed_cb
     if reconnected_cb is not None:
         options["reconnected_cb"] = reconnected_cb
-    nc = LazyClient()
+    nc = LazyClient() if lazy_headers else NATS()
     connecting = asyncio.ensure_future(_connected(nc, options, _on_error))
     limit = max(5.0, settings.request_timeout)
     try:

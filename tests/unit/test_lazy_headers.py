@@ -4,6 +4,8 @@ without reading the rest."""
 
 from __future__ import annotations
 
+import copy
+import json
 import pickle
 
 import pytest
@@ -44,6 +46,12 @@ async def test_a_message_without_a_status_line_is_read_only_when_used():
     assert headers.get("Nats-Expected-Last-Subject-Sequence") == "12"
     assert dict(headers.items()) == {"Nats-Msg-Id": "abc", "Nats-Expected-Last-Subject-Sequence": "12"}
     assert pickle.loads(pickle.dumps(headers)) == dict(headers)
+    for fresh in [await LazyClient()._process_headers(BLOCKS[0]) for _ in range(6)]:
+        assert fresh != {}  # each comparison, copy or encoding reads them first
+    assert json.loads(json.dumps(dict(await LazyClient()._process_headers(BLOCKS[0]))))["Nats-Msg-Id"] == "abc"
+    assert {**(await LazyClient()._process_headers(BLOCKS[0]))}["Nats-Msg-Id"] == "abc"
+    assert ((await LazyClient()._process_headers(BLOCKS[0])) | {"x": "1"})["Nats-Msg-Id"] == "abc"
+    assert copy.copy(await LazyClient()._process_headers(BLOCKS[0]))["Nats-Msg-Id"] == "abc"
 
 
 async def test_a_status_header_a_sender_wrote_is_not_a_server_status():
