@@ -546,10 +546,12 @@ def orchestrate(policy: Sequence[Rule], run: Any, proposed: StateCreate,
     more: dict[str, Any] = {}
     policy_so_far = run.empirical_policy
     fired: list[tuple[Rule, Verdict, StateType | None]] = []  # with the type each rule left
+    seen = run  # the run as the rules see it: with the policy earlier rules changed
     for r in rules_for(policy, from_type, intended):
         if proposal is None or proposal.type is not intended:
             break  # FR-4: a rule changed the proposed type; the rest were chosen for another
-        seen = run.model_copy(update={"empirical_policy": policy_so_far})
+        if seen.empirical_policy is not policy_so_far:  # a copy only when a rule changed it
+            seen = run.model_copy(update={"empirical_policy": policy_so_far})
         verdict = r.decide(RuleContext(run=seen, proposed=proposal, now=ctx.now, new_id=ctx.new_id, limits=limits,
                                        claimant=claimant, facts=facts))
         if verdict.policy:
@@ -586,12 +588,12 @@ def orchestrate(policy: Sequence[Rule], run: Any, proposed: StateCreate,
 def _completed(state: StateCreate, now: datetime) -> StateCreate:
     """FR-1: a state without a name takes its type's; a SCHEDULED one without
     `scheduled_time` is due now. The client's timestamp is dropped (the state is minted)."""
-    update: dict[str, Any] = {"timestamp": None}
+    update: dict[str, Any] = {} if state.timestamp is None else {"timestamp": None}
     if state.name is None:
         update["name"] = default_name(state.type)
     if state.type is StateType.SCHEDULED and state.state_details.scheduled_time is None:
         update["state_details"] = state.state_details.model_copy(update={"scheduled_time": now})
-    return state.model_copy(update=update)
+    return state.model_copy(update=update) if update else state  # complete already: as it is
 
 
 def _server_details_only(state: StateCreate) -> StateCreate:
