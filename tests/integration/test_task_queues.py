@@ -71,14 +71,15 @@ async def test_a_submitted_task_runs_once_and_its_result_is_awaited(client, sett
 
 
 async def test_a_run_longer_than_the_ack_wait_is_kept_and_not_taken_by_another_worker(client, settings):
-    """While a run runs, its worker tells JetStream it still works on it: a second worker of
-    the key, idle, is never handed the run, however long it takes past the ack wait."""
-    quick = settings.model_copy(update={"task_ack_wait_seconds": 0.5})
+    """While a run runs, its worker tells JetStream it still works on it (every third of the
+    ack wait): a second worker of the key, idle, is never handed the run, however long it takes
+    past the ack wait."""
+    quick = settings.model_copy(update={"task_ack_wait_seconds": 1.0})
     calls: list[str] = []
 
     async def slow(label: str) -> str:
         calls.append(label)
-        await asyncio.sleep(2.0)  # four ack waits
+        await asyncio.sleep(3.5)  # three and a half ack waits
         return label
 
     async with running_worker(quick, {"slow": slow}) as first, running_worker(quick, {"slow": slow}):
