@@ -136,6 +136,11 @@ class Lease:
             return True
         except KeyWrongLastSequenceError:
             pass
+        except NotFoundError:
+            # nats-py's `create`, refused because the key exists, reads it to see whether it
+            # was deleted; when its TTL ran out in between, that read finds nothing and raises
+            # this. The key is free now: taken at the next poll.
+            return False
         try:
             entry = await self.kv.get(self.key)
         except NotFoundError:  # expired or released since: try again at the next poll
