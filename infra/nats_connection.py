@@ -68,29 +68,9 @@ class LazyHeaders(dict):
             return b":" in self._raw  # a header line, or nothing nats-py would keep
         return len(self) > 0
 
-    def __getitem__(self, key):
+    def copy(self) -> dict:
         self._read()
-        return super().__getitem__(key)
-
-    def __contains__(self, key) -> bool:
-        self._read()
-        return super().__contains__(key)
-
-    def __iter__(self):
-        self._read()
-        return super().__iter__()
-
-    def __len__(self) -> int:
-        self._read()
-        return super().__len__()
-
-    def __eq__(self, other) -> bool:
-        self._read()
-        return super().__eq__(other)
-
-    def __ne__(self, other) -> bool:
-        self._read()
-        return super().__ne__(other)
+        return dict(self)
 
     def __or__(self, other):
         self._read()
@@ -100,63 +80,33 @@ class LazyHeaders(dict):
         self._read()
         return other | dict(self)
 
-    def __reversed__(self):
-        self._read()
-        return super().__reversed__()
-
-    def popitem(self):
-        self._read()
-        return super().popitem()
-
     def clear(self) -> None:
         self._raw = None
         super().clear()
 
     __hash__ = None
 
-    def __repr__(self) -> str:
-        self._read()
-        return super().__repr__()
-
-    def keys(self):
-        self._read()
-        return super().keys()
-
-    def values(self):
-        self._read()
-        return super().values()
-
-    def items(self):
-        self._read()
-        return super().items()
-
-    def copy(self) -> dict:
-        self._read()
-        return dict(self)
-
-    def pop(self, *args):
-        self._read()
-        return super().pop(*args)
-
-    def setdefault(self, *args):
-        self._read()
-        return super().setdefault(*args)
-
-    def update(self, *args, **kwargs) -> None:
-        self._read()
-        super().update(*args, **kwargs)
-
-    def __setitem__(self, key, value) -> None:
-        self._read()
-        super().__setitem__(key, value)
-
-    def __delitem__(self, key) -> None:
-        self._read()
-        super().__delitem__(key)
-
     def __reduce__(self):
         self._read()
         return (dict, (dict(self),))
+
+
+def _read_first(name: str):
+    """`dict.<name>`, after the headers are read."""
+    method = getattr(dict, name)
+
+    def read_first(self: LazyHeaders, *args, **kwargs):
+        self._read()
+        return method(self, *args, **kwargs)
+
+    read_first.__name__ = name
+    return read_first
+
+
+# Every other way to look at or change the headers reads them first.
+for _name in ("__getitem__", "__contains__", "__iter__", "__len__", "__eq__", "__ne__", "__repr__", "__reversed__",
+              "keys", "values", "items", "pop", "popitem", "setdefault", "update", "__setitem__", "__delitem__"):
+    setattr(LazyHeaders, _name, _read_first(_name))
 
 
 class LazyClient(NATS):

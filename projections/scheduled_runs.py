@@ -165,37 +165,28 @@ _QUEUE = text(
 )
 
 
-@cache
-def _legacy_statement(before: bool) -> Any:
-    bound = " AND f.next_scheduled_start_time <= :before" if before else ""
-    sql = f"""
-SELECT {_RUN_COLUMNS}, q.name AS current_queue_name, p.id AS work_pool_id, p.name AS work_pool_name
-FROM flow_runs f LEFT JOIN work_queues q ON q.id = f.work_queue_id LEFT JOIN work_pools p ON p.id = q.work_pool_id
-WHERE f.state_type = 'SCHEDULED' AND f.work_queue_name = :queue_name{bound}
-ORDER BY f.next_scheduled_start_time, f.id
-LIMIT GREATEST(0, LEAST(:limit, CASE WHEN CAST(:queue_limit AS integer) IS NULL THEN :limit
-    ELSE CAST(:queue_limit AS integer) - (SELECT count(*) FROM flow_runs a WHERE a.work_queue_name = :queue_name
-                               AND a.state_type IN ('PENDING', 'RUNNING', 'CANCELLING')) END))"""
-    return text(sql)
-
-
-# A tag-based queue's runs (Prefect's deprecated `filter`): every tag of the filter, and a
-# deployment, one of the filter's when it names some, whatever queue the run names.
+# The runs a legacy queue serves, and the active ones counted against its limit: by the
+# queue's name (CANCELLING counted too), or, for Prefect's deprecated tag-based `filter`, every
+# tag of the filter and a deployment, one of the filter's when it names some, whatever queue
+# the run names (PENDING and RUNNING counted).
+_MATCHES_NAME = "{a}.work_queue_name = :queue_name"
 _MATCHES_FILTER = ("{a}.deployment_id IS NOT NULL AND {a}.tags @> CAST(:tags AS jsonb)"
                    " AND (CAST(:deployment_ids AS uuid[]) IS NULL OR {a}.deployment_id = ANY(CAST(:deployment_ids AS uuid[])))")
 
 
 @cache
-def _filtered_statement(before: bool) -> Any:
+def _legacy_statement(before: bool, by_filter: bool) -> Any:
     bound = " AND f.next_scheduled_start_time <= :before" if before else ""
+    matches, active = ((_MATCHES_FILTER, "'PENDING', 'RUNNING'") if by_filter
+                       else (_MATCHES_NAME, "'PENDING', 'RUNNING', 'CANCELLING'"))
     sql = f"""
 SELECT {_RUN_COLUMNS}, q.name AS current_queue_name, p.id AS work_pool_id, p.name AS work_pool_name
 FROM flow_runs f LEFT JOIN work_queues q ON q.id = f.work_queue_id LEFT JOIN work_pools p ON p.id = q.work_pool_id
-WHERE f.state_type = 'SCHEDULED' AND {_MATCHES_FILTER.format(a="f")}{bound}
+WHERE f.state_type = 'SCHEDULED' AND {matches.format(a="f")}{bound}
 ORDER BY f.next_scheduled_start_time, f.id
 LIMIT GREATEST(0, LEAST(:limit, CASE WHEN CAST(:queue_limit AS integer) IS NULL THEN :limit
-    ELSE CAST(:queue_limit AS integer) - (SELECT count(*) FROM flow_runs a WHERE {_MATCHES_FILTER.format(a="a")}
-                               AND a.state_type IN ('PENDING', 'RUNNING')) END))"""
+    ELSE CAST(:queue_limit AS integer) - (SELECT count(*) FROM flow_runs a WHERE {matches.format(a="a")}
+                               AND a.state_type IN ({active})) END))"""
     return text(sql)
 
 
@@ -219,9 +210,9 @@ async def legacy_poll(conn: AsyncConnection, query: q.GetLegacyQueueRuns) -> Leg
                                   "queue_limit": queue.concurrency_limit}
         if query.scheduled_before is not None:
             params["before"] = query.scheduled_before
-        statement = _legacy_statement(query.scheduled_before is not None)
-        if isinstance(queue.filter, dict):  # a deprecated tag-based queue: its runs by tags and deployments
-            statement = _filtered_statement(query.scheduled_before is not None)
+        by_filter = isinstance(queue.filter, dict)  # a deprecated tag-based queue: by tags and deployments
+        statement = _legacy_statement(query.scheduled_before is not None, by_filter)
+        if by_filter:
             ids = queue.filter.get("deployment_ids")
             params.update(tags=json.dumps(queue.filter.get("tags") or []),
                           deployment_ids=[uuid.UUID(i) for i in ids] if ids is not None else None)

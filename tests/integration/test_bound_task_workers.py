@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import shutil
-import uuid
 
 import nats
 import pytest
@@ -20,11 +18,11 @@ from runledger.client.tasks import submit_task, task_result, wait_for_task_run
 from runledger.commands.task_keys import encode_task_key
 from runledger.handlers.task_worker import TaskWorker
 from runledger.infra import broker_auth
-from runledger.infra.embedded import EmbeddedNats
 from runledger.infra.nats_connection import connect
 from runledger.infra.task_queues import consumer_name, task_stream_name, task_subject
 
-from .test_roles import Roles
+from .test_roles import Roles, roles_served
+from .test_task_cancel import blocking_task
 
 pytestmark = pytest.mark.asyncio
 
@@ -34,30 +32,8 @@ ADDER = broker_auth.bound_task_worker_user("adder")
 
 @pytest.fixture
 async def bound(server_urls, tmp_path):
-    from runledger.handlers.service import Service
-    from runledger.infra.database import create_engine, drop_schema
-
-    namespace = f"b{uuid.uuid4().hex[:12]}"
-    creds = broker_auth.local_credentials(tmp_path, BOUND)
-    config = broker_auth.write_local_config(tmp_path, namespace, creds, tmp_path / "nats")
-    server = EmbeddedNats(tmp_path / "nats", config_file=config).start()
-    r = Roles(server, server_urls["database_url"], namespace, creds)
-    service_settings = r.settings("service").model_copy(update={"task_worker_keys": BOUND,
-                                                                 "task_queue_sizes": {"tiny": 1}})
-    service = Service(service_settings)
-    try:
-        await service.start()
+    async with roles_served(server_urls, tmp_path, BOUND, task_queue_sizes={"tiny": 1}) as r:
         yield r
-    finally:
-        for nc in r.connections:
-            if not nc.is_closed:
-                await nc.close()
-        await service.stop()
-        engine = create_engine(service_settings)
-        await drop_schema(engine, namespace)
-        await engine.dispose()
-        server.stop()
-        shutil.rmtree(tmp_path / "nats", ignore_errors=True)
 
 
 async def _serving(r: Roles, user: str, functions: dict) -> tuple[TaskWorker, asyncio.Event, asyncio.Task]:
@@ -156,18 +132,7 @@ async def test_a_bound_task_worker_cannot_take_settle_or_report_on_other_keys(bo
 async def test_a_bound_task_worker_hears_the_cancels_of_its_keys(bound):
     """Its permissions name its keys' cancel notices: a run of its key cancelled while it runs
     is stopped and ends CANCELLED, and nothing it did was refused."""
-    started = asyncio.Event()
-    stopped: list[bool] = []
-
-    async def add(a: int, b: int) -> int:
-        started.set()
-        try:
-            await asyncio.sleep(120)
-        except asyncio.CancelledError:
-            stopped.append(True)
-            raise
-        return a + b
-
+    add, started, stopped = blocking_task()
     worker, stop, serving = await _serving(bound, ADDER, {"add": add})
     try:
         async with RunledgerClient(bound.settings("client")) as client:

@@ -77,17 +77,22 @@ class Roles:
         return [line for line in log.splitlines() if "Violation" in line and f'user:{user}"' in line]
 
 
-@pytest.fixture
-async def roles(server_urls, tmp_path):
+@contextlib.asynccontextmanager
+async def roles_served(server_urls, tmp_path, task_worker_keys=None, **service_settings):
+    """A nats-server configured as `runledger up` configures it (with `task_worker_keys`: task
+    workers bound to keys) and a service beside it; its log is checked afterwards: the
+    service's own work needs nothing its role lacks (its refused purge/delete aside)."""
     from runledger.handlers.service import Service
     from runledger.infra.database import create_engine, drop_schema
 
     namespace = f"r{uuid.uuid4().hex[:12]}"
-    creds = broker_auth.local_credentials(tmp_path)
+    creds = broker_auth.local_credentials(tmp_path, task_worker_keys)
     config = broker_auth.write_local_config(tmp_path, namespace, creds, tmp_path / "nats")
     server = EmbeddedNats(tmp_path / "nats", config_file=config).start()
     r = Roles(server, server_urls["database_url"], namespace, creds)
-    service = Service(r.settings("service"))
+    settings = r.settings("service").model_copy(update={"task_worker_keys": task_worker_keys or {},
+                                                          **service_settings})
+    service = Service(settings)
     try:
         await service.start()
         yield r
@@ -96,16 +101,21 @@ async def roles(server_urls, tmp_path):
             if not nc.is_closed:
                 await nc.close()
         await service.stop()
-        engine = create_engine(r.settings("service"))
+        engine = create_engine(settings)
         await drop_schema(engine, namespace)
         await engine.dispose()
         server.stop()
         log = (tmp_path / "nats" / "nats-server.log").read_text(errors="replace")
         shutil.rmtree(tmp_path / "nats", ignore_errors=True)
-    # The service's own work needs nothing its role lacks (its refused purge/delete aside).
     refused = [line for line in log.splitlines() if "Violation" in line and '/user:service"' in line
                and ".STREAM.PURGE." not in line and ".STREAM.DELETE." not in line]
     assert not refused, refused
+
+
+@pytest.fixture
+async def roles(server_urls, tmp_path):
+    async with roles_served(server_urls, tmp_path) as r:
+        yield r
 
 
 async def _pool(r: Roles) -> dict:

@@ -39,6 +39,23 @@ def running_worker(settings, functions, **options):
                                       **options)
 
 
+def blocking_task():
+    """A task that runs until it is cancelled: `(function, started, stopped)`, `started` set
+    once it runs, `stopped` holding True once it saw its cancel. Its parameters are ignored."""
+    started = asyncio.Event()
+    stopped: list[bool] = []
+
+    async def blocking(**_: object) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(120)
+        except asyncio.CancelledError:
+            stopped.append(True)
+            raise
+
+    return blocking, started, stopped
+
+
 @pytest.fixture
 async def client(service, settings):
     async with RunledgerClient(settings) as rl:
@@ -168,17 +185,7 @@ async def test_a_plain_function_cancelled_while_it_runs_has_its_outcome_dropped(
 
 
 async def test_a_run_set_cancelled_outright_while_it_runs_is_stopped_and_acknowledged(client, settings):
-    started = asyncio.Event()
-    stopped: list[bool] = []
-
-    async def job() -> None:
-        started.set()
-        try:
-            await asyncio.sleep(120)
-        except asyncio.CancelledError:
-            stopped.append(True)
-            raise
-
+    job, started, stopped = blocking_task()
     async with running_worker(settings, {"job": job}) as worker:
         run = await submit_task(client, "job")
         await asyncio.wait_for(started.wait(), 10)
@@ -276,17 +283,7 @@ async def test_a_task_worker_hears_the_cancel_with_its_own_credentials(roles):  
     worker_settings = roles.settings("task_worker").model_copy(update={"task_ack_wait_seconds": ACK_WAIT})
     nc = await connect(worker_settings, name="task-worker", wait_for_server=False)
     roles.connections.append(nc)
-    started = asyncio.Event()
-    stopped: list[bool] = []
-
-    async def job() -> None:
-        started.set()
-        try:
-            await asyncio.sleep(120)
-        except asyncio.CancelledError:
-            stopped.append(True)
-            raise
-
+    job, started, stopped = blocking_task()
     worker = TaskWorker(nc, worker_settings, {"job": job})
     await worker.start()
     stop = asyncio.Event()
