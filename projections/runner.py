@@ -147,6 +147,12 @@ async def read_checkpoint(conn: AsyncConnection, name: str, *, lock: bool = Fals
     return await (await _driver(conn)).fetchval(sql, name) or 0
 
 
+# A projection of several aggregate types binds to the whole log when more than this many
+# events are past its checkpoint, and again when its own subjects hold more than this many
+# undelivered; it binds back to its own subjects once a batch leaves at most NARROW_PENDING
+# behind (`consumer_filter`).
+WIDE_BACKLOG = 2_000
+NARROW_PENDING = 100
 CHECKPOINT_SAVE_SECONDS = 0.02  # a projection with nothing to apply saves its position this much later, at most
 PROBE_SECONDS = 0.02  # a projection a query in this process waits for probes at most this often
 # Any other idle projection probes at most this often, woken or not: with many read models,
@@ -436,6 +442,8 @@ class ProjectionRunner:
     # The stream's last sequence as last asked (event-loop time of the asking).
     _stream_last: int = 0
     _stream_last_at: float = float("-inf")
+    # Per projection of several aggregate types: whether its consumer reads the whole log.
+    _wide: dict[str, bool] = field(default_factory=dict)
     # Idle projections' positions waiting for the one statement that saves them together.
     _positions_to_save: dict[str, int] = field(default_factory=dict)
     _position_saver: asyncio.Task | None = None
@@ -451,15 +459,34 @@ class ProjectionRunner:
             self._subjects[projector.name] = projection_subjects(projector, self.settings.event_subject_prefix)
         return self._subjects[projector.name]
 
-    def consumer_filter(self, projector: Projector) -> list[str]:
-        """What the consumer reads: its one aggregate type's subjects, or, for a projector of
-        several types, the whole log (skipped by type, unparsed). nats-server delivers a
-        consumer with several filter subjects about ten times slower than one with a single
-        filter (measured: 30,000 pool events skipped in 20 s against 2 s; see
-        docs/benchmarks.md), so one wide filter costs less than several narrow ones. The probe
-        still looks only at the projector's own subjects (`subjects`)."""
+    def consumer_filter(self, projector: Projector, backlog: int = 0) -> list[str]:
+        """What the consumer reads: its one aggregate type's subjects; for a projector of
+        several types, those subjects while it is near the end of the log, and the whole log
+        (skipped by type, unparsed) while it catches up on `backlog` events or more than
+        `WIDE_BACKLOG`. nats-server 2.15 finds a multi-filter consumer's next message by
+        looking through every subject of a message block: at the tail that costs what one
+        filter costs, but through a backlog where its events are many and their subjects
+        too (a task run is a subject) it delivered ~1,700 events/s against ~40,000 for the
+        whole log (measured: docs/benchmarks.md, session 11). The whole log at the tail, in
+        turn, sent a read model of deployments every task run's events. The probe still
+        looks only at the projector's own subjects (`subjects`)."""
         subjects = self.subjects(projector)
-        return subjects if len(subjects) == 1 else [f"{self.settings.event_subject_prefix}.>"]
+        if len(subjects) == 1 or backlog <= WIDE_BACKLOG:
+            return subjects
+        return [f"{self.settings.event_subject_prefix}.>"]
+
+    def reads_the_whole_log(self, projector: Projector) -> bool:
+        """Whether its consumer is bound to the whole log (catching up), not its subjects."""
+        return self._wide.get(projector.name, False)
+
+    def _should_rebind(self, projector: Projector, pending: int) -> bool:
+        """Whether its consumer should read otherwise: the whole log caught up with, or its own
+        subjects fallen far behind."""
+        if len(self.subjects(projector)) == 1:
+            return False
+        if self.reads_the_whole_log(projector):
+            return pending <= NARROW_PENDING
+        return pending > WIDE_BACKLOG
 
     def lease_key(self, projector: Projector) -> str:
         return f"projection.{projector.name}"
@@ -530,7 +557,13 @@ class ProjectionRunner:
             await js.delete_consumer(self.settings.stream_name, name)
         # Deleted and created again at every bind, so a consumer of an older version (one that
         # read the whole log) gets this projection's filter too.
-        subjects = self.consumer_filter(projector)
+        backlog = 0
+        if len(self.subjects(projector)) > 1:
+            last = (await js.stream_info(self.settings.stream_name)).state.last_seq
+            self._stream_last = max(self._stream_last, last)
+            backlog = last - checkpoint
+        subjects = self.consumer_filter(projector, backlog)
+        self._wide[projector.name] = subjects != self.subjects(projector)
         config = ConsumerConfig(
             durable_name=name,
             filter_subject=subjects[0] if len(subjects) == 1 else None,
@@ -547,7 +580,8 @@ class ProjectionRunner:
             mem_storage=True,
         )
         await js.add_consumer(self.settings.stream_name, config)
-        self._report(projector, checkpoint)
+        # Not below a position this runner reached already (bound again, with another filter).
+        self._report(projector, max(checkpoint, self.applied.get(projector.name, 0)))
 
     async def _run_leased(self, projector: Projector, lease: Lease) -> None:
         while True:
@@ -695,8 +729,10 @@ class ProjectionRunner:
                 item, getting = getting.result(), None
                 if isinstance(item, BaseException):
                     raise item
-                if item is None:
-                    return  # a delivery gap: _run re-binds at checkpoint + 1
+                if item is None:  # a delivery gap, or another filter: _run binds again at checkpoint + 1
+                    if unsaved is not None:
+                        await self._save_position(projector, unsaved)
+                    return
                 batch, last_msg = item
                 last_active = loop.time()
                 if self.crash_after_fetch:
@@ -845,6 +881,12 @@ class ProjectionRunner:
                 expected_consumer_seq = _sequences(msgs[-1].reply)[1] + 1
                 batch = [RawEvent(_sequences(m.reply)[0], m.subject, m.data) for m in msgs]
                 await batches.put((batch, msgs[-1]))
+                if self._should_rebind(projector, _pending(msgs[-1].reply)):
+                    # Bound again at its checkpoint once this batch is applied (`consumer_filter`).
+                    log.debug("projection %s binds again, to %s", projector.name,
+                              "its own subjects" if self.reads_the_whole_log(projector) else "the whole log")
+                    await batches.put(None)
+                    return
         except asyncio.CancelledError:
             raise
         except Exception as e:  # hand it to the applying side, which restarts from the checkpoint
@@ -853,6 +895,14 @@ class ProjectionRunner:
             if sub is not None:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+
+
+def _pending(reply: str) -> int:
+    """The messages of the consumer's filter still to deliver after this one (the last token
+    of `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`; the v2 form
+    ends with a random token after it)."""
+    tokens = reply.split(".")
+    return int(tokens[8] if len(tokens) == 9 else tokens[10])
 
 
 def _sequences(reply: str) -> tuple[int, int]:

@@ -5,6 +5,7 @@ own that it has not applied. Against real NATS and Postgres."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 
 from nats.js.api import ConsumerConfig
@@ -14,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from runledger.commands.messages import Event
 from runledger.handlers.service import Service, projectors
 from runledger.infra.nats_connection import connect
+from runledger.projections import runner as projection_runner
 from runledger.projections.flows import FlowsProjector
 from runledger.projections.runner import ProjectionRunner, projection_subjects, read_checkpoint
 from runledger.projections.work_pools import WorkPoolsProjector
@@ -67,9 +69,9 @@ async def test_each_consumer_reads_the_subjects_of_its_aggregate_types(writer, s
         await runner.stop()
     assert configs["work_pools"].filter_subject == f"{prefix}.work_pool.>" and not configs["work_pools"].filter_subjects
     assert configs["flows"].filter_subject == f"{prefix}.flow.>" and not configs["flows"].filter_subjects
-    # Several types: one wide filter (nats-server delivers multi-filter consumers ~10x slower);
-    # its probe still looks at its own subjects only.
-    assert configs["pools_and_flows"].filter_subject == f"{prefix}.>" and not configs["pools_and_flows"].filter_subjects
+    # Several types, near the end of the log: its own subjects (the whole log only to catch up).
+    assert configs["pools_and_flows"].filter_subjects == [f"{prefix}.flow.>", f"{prefix}.work_pool.>"]
+    assert not configs["pools_and_flows"].filter_subject
     assert projection_subjects(PoolsAndFlows(), prefix) == [f"{prefix}.flow.>", f"{prefix}.work_pool.>"]
     async with svc.engine.connect() as conn:
         counts = dict((await conn.execute(text("SELECT key, n FROM applied_counts"))).all())
@@ -245,3 +247,73 @@ async def test_a_new_namespace_projection_reaches_the_end_of_a_log_without_its_e
     async with svc.engine.connect() as conn:
         assert (await conn.execute(text("SELECT count(*) FROM flows"))).scalar_one() == 0
         assert await read_checkpoint(conn, "flows") == broker.last_seq
+
+
+class SlowPoolsAndFlows(PoolsAndFlows):
+    """Two aggregate types, applied slowly in small batches: it falls behind while commands flow."""
+
+    async def apply(self, conn, events):
+        await asyncio.sleep(0.05)
+        await super().apply(conn, events)
+
+
+async def test_a_projection_of_several_types_reads_the_whole_log_only_while_it_catches_up(writer, settings, monkeypatch):
+    """Bound far behind the log's end, a projection of two aggregate types reads the whole log;
+    caught up, it binds to its own subjects; fallen far behind again, to the whole log, and back.
+    Through every change of filter each of its events is applied once, none passed over."""
+    monkeypatch.setattr(projection_runner, "WIDE_BACKLOG", 10)
+    monkeypatch.setattr(projection_runner, "NARROW_PENDING", 0)
+    svc, broker = writer
+    prefix = settings.event_subject_prefix
+    js = broker.nc.jetstream()
+    own = [f"{prefix}.flow.>", f"{prefix}.work_pool.>"]
+    expected: set[str] = set()
+    for i in range(30):  # a flow and its name claim, a pool and its name claim: 120 events
+        expected.add(f"FlowCreated:{(await broker.ok_cmd('CreateFlow', name=f'f{i}'))['id']}")
+        expected.add(f"WorkPoolCreated:{(await broker.ok_cmd('CreateWorkPool', name=f'p{i}', type='process'))['id']}")
+    filters: list[str] = []  # what the consumer was bound to, in order
+
+    async def seen_filter() -> None:
+        config = (await js.consumer_info(settings.stream_name, "projection_pools_and_flows")).config
+        now = "own" if config.filter_subjects == own else "whole" if config.filter_subject == f"{prefix}.>" else "?"
+        if not filters or filters[-1] != now:
+            filters.append(now)
+
+    runner = ProjectionRunner(broker.nc, settings, svc.engine, [SlowPoolsAndFlows()], batch_size=5, use_leases=False)
+    stop = asyncio.Event()
+
+    async def watch() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(Exception):  # deleted and created again in between
+                await seen_filter()
+            await asyncio.sleep(0.005)
+
+    await runner.start()
+    watching = asyncio.create_task(watch())
+    try:
+        async def counted(n: int) -> bool:
+            async with svc.engine.connect() as conn:
+                return (await conn.execute(text("SELECT count(*) FROM applied_counts"))).scalar_one() >= n
+
+        await _until(lambda: counted(60), "the first 60 events of its own applied")
+        await _until(lambda: _true(filters and filters[-1] == "own"), "bound to its own subjects once caught up")
+        # Fallen behind on its own subjects: 40 more of its events while it applies 5 per 50 ms.
+        for i in range(20):
+            expected.add(f"FlowCreated:{(await broker.ok_cmd('CreateFlow', name=f'g{i}'))['id']}")
+            expected.add(f"WorkPoolCreated:{(await broker.ok_cmd('CreateWorkPool', name=f'q{i}', type='process'))['id']}")
+        await _until(lambda: counted(100), "every event of its own applied")
+        await _until(lambda: _true(runner.applied.get("pools_and_flows", 0) >= broker.last_seq), "caught up")
+        await _until(lambda: _true(filters[-1] == "own"), "bound to its own subjects again")
+    finally:
+        stop.set()
+        await watching
+        await runner.stop()
+    assert filters[0] == "whole" and "own" in filters, filters
+    assert any(a == "own" and b == "whole" for a, b in zip(filters, filters[1:], strict=False)), filters
+    async with svc.engine.connect() as conn:
+        counts = dict((await conn.execute(text("SELECT key, n FROM applied_counts"))).all())
+    assert set(counts) == expected and set(counts.values()) == {1}
+
+
+async def _true(value) -> bool:
+    return bool(value)
