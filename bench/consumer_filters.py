@@ -1,0 +1,143 @@
+"""What a projection's consumer filter costs nats-server 2.15: one consumer with several filter
+subjects (a projection of several aggregate types, bound to its own subjects) against one that
+reads the whole log, (1) catching up on a backlog where its events are many and each has a
+subject of its own (a task run is a subject), (2) at the tail, where its events are rare among
+others. The reason `ProjectionRunner.consumer_filter` reads the whole log only to catch up.
+
+    python bench/consumer_filters.py [--backlog 60000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+import nats
+from harness import report
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
+
+from runledger.infra.embedded import free_port, nats_server_binary
+
+
+def cpu(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+class Server:
+    def __enter__(self):
+        self.dir = tempfile.mkdtemp(prefix="rlcf-")
+        self.port = free_port()
+        self.proc = subprocess.Popen([str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(self.port), "-js",
+                                      "-sd", self.dir], stderr=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def connect(server: Server):
+    for _ in range(50):
+        try:
+            return await nats.connect(f"nats://127.0.0.1:{server.port}")
+        except Exception:  # noqa: BLE001 - not up yet
+            await asyncio.sleep(0.1)
+    raise RuntimeError("nats-server did not start")
+
+
+def config(kind: str, **more) -> ConsumerConfig:
+    filters = {"own": {"filter_subjects": ["e.deployment.>", "e.task_run.>"]}, "whole": {"filter_subject": "e.>"}}[kind]
+    return ConsumerConfig(durable_name=kind, ack_policy=AckPolicy.ALL, mem_storage=True, **filters, **more)
+
+
+async def publish(js, nc, subjects) -> None:
+    for i, subject in enumerate(subjects):
+        await js.publish_async(subject, b"x" * 300)
+        if i % 2000 == 0:
+            await nc.flush()
+    await nc.flush()
+
+
+async def drain(sub, count: int) -> None:
+    got = 0
+    while got < count:
+        try:
+            msgs = await sub.fetch(1000, timeout=5)
+        except nats.errors.TimeoutError:
+            continue
+        got += len(msgs)
+        await msgs[-1].ack()
+
+
+async def catch_up(kind: str, backlog: int) -> float:
+    """Events/s delivered through a backlog of task-run events (3 per run, each run its own
+    subject), one in 20 a pool's."""
+    with Server() as server:
+        nc = await connect(server)
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="E", subjects=["e.>"]))
+        await publish(js, nc, (f"e.work_pool.{i % 50}.X" if i % 20 == 0 else f"e.task_run.{i // 3}.S"
+                               for i in range(backlog)))
+        mine = sum(1 for i in range(backlog) if i % 20) if kind == "own" else backlog
+        await js.add_consumer("E", config(kind))
+        sub = await js.pull_subscribe_bind(kind, stream="E")
+        t0 = time.perf_counter()
+        await drain(sub, mine)
+        rate = mine / (time.perf_counter() - t0)
+        await nc.close()
+        return rate
+
+
+async def tail(kind: str, events: int = 30_000) -> tuple[float, int]:
+    """nats-server's CPU while `events` task-run events are appended at ~3,000/s, one in 500 a
+    deployment's, with the consumer at the end of the log; and the events it delivered."""
+    with Server() as server:
+        nc = await connect(server)
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="E", subjects=["e.>"]))
+        await publish(js, nc, (f"e.task_run.{i // 3}.S" for i in range(30_000)))
+        last = (await js.stream_info("E")).state.last_seq
+        await js.add_consumer("E", config(kind, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=last + 1))
+        sub = await js.pull_subscribe_bind(kind, stream="E")
+        delivered = events if kind == "whole" else events // 500
+        consumer = asyncio.create_task(drain(sub, delivered))
+        c0 = cpu(server.proc.pid)
+        for i in range(events):
+            await js.publish_async(f"e.deployment.{i % 7}.D" if i % 500 == 0 else f"e.task_run.{100_000 + i // 3}.S", b"x" * 300)
+            if i % 100 == 0:
+                await nc.flush()
+                await asyncio.sleep(0.03)
+        await consumer
+        used = cpu(server.proc.pid) - c0
+        await nc.close()
+        return used, delivered
+
+
+async def run(args) -> list[tuple]:
+    rows = []
+    for kind, what in (("own", "its own two subjects"), ("whole", "the whole log")):
+        rate = await catch_up(kind, args.backlog)
+        rows.append((f"catch-up through {args.backlog:,} events, 95 % its own, reading {what}", f"{rate:,.0f} events/s", ""))
+    for kind, what in (("own", "its own two subjects"), ("whole", "the whole log")):
+        used, delivered = await tail(kind)
+        rows.append((f"at the tail, 30,000 task-run events (1 in 500 its own), reading {what}",
+                     f"nats-server CPU {used:.2f} s, {delivered:,} delivered", ""))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backlog", type=int, default=60_000)
+    args = p.parse_args()
+    report("Consumer filters (bench/consumer_filters.py)", asyncio.run(run(args)))
+
+
+if __name__ == "__main__":
+    main()
