@@ -3,6 +3,8 @@ subjects (a projection of several aggregate types, bound to its own subjects) ag
 reads the whole log, (1) catching up on a backlog where its events are many and each has a
 subject of its own (a task run is a subject), (2) at the tail, where its events are rare among
 others. The reason `ProjectionRunner.consumer_filter` reads the whole log only to catch up.
+(3) What `runledger replay` reads from a log of task runs through `iter_log`: every read
+model's aggregate types in one consumer (what it read before), or the whole log (what it reads now).
 
     python bench/consumer_filters.py [--backlog 60000]
 """
@@ -16,12 +18,19 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 
 import nats
 from harness import report
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 
+from runledger.handlers.registry import projectors
 from runledger.infra.embedded import free_port, nats_server_binary
+from runledger.infra.event_store import EventStore
+from runledger.infra.jetstream_setup import ensure_event_stream
+from runledger.infra.settings import Settings
+from runledger.projections.replay import iter_log
+from runledger.projections.runner import aggregate_types
 
 
 def cpu(pid: int) -> float:
@@ -120,6 +129,28 @@ async def tail(kind: str, events: int = 30_000) -> tuple[float, int]:
         return used, delivered
 
 
+async def replay_read(backlog: int) -> dict[str, float]:
+    """Events/s `iter_log` reads from a log of `backlog` task-run events (3 per run), filtered
+    to every projection's subjects, and the whole log."""
+    with Server() as server:
+        settings = Settings(nats_url=f"nats://127.0.0.1:{server.port}", namespace="bench")
+        nc = await connect(server)
+        await ensure_event_stream(nc.jetstream(), settings)
+        store = EventStore(nc, settings)
+        prefix = settings.event_subject_prefix
+        await publish(store.js, nc, (f"{prefix}.task_run.{uuid.UUID(int=i // 3)}.TaskRunStateSet" for i in range(backlog)))
+        # What it read before: each read model's aggregate types, all in one consumer.
+        subjects = sorted({f"{prefix}.{t}.>" for p in projectors() for t in aggregate_types(p)})
+        rates = {}
+        for name, read in (("every read model's aggregate types", subjects), ("the whole log", f"{prefix}.>")):
+            t0, n = time.perf_counter(), 0
+            async for batch in iter_log(store, read):
+                n += len(batch)
+            rates[name] = n / (time.perf_counter() - t0)
+        await nc.close()
+        return rates
+
+
 async def run(args) -> list[tuple]:
     rows = []
     for kind, what in (("own", "its own two subjects"), ("whole", "the whole log")):
@@ -129,6 +160,9 @@ async def run(args) -> list[tuple]:
         used, delivered = await tail(kind)
         rows.append((f"at the tail, 30,000 task-run events (1 in 500 its own), reading {what}",
                      f"nats-server CPU {used:.2f} s, {delivered:,} delivered", ""))
+    for name, rate in (await replay_read(args.backlog)).items():
+        rows.append((f"`runledger replay`'s read of {args.backlog:,} task-run events, filtered to {name}",
+                     f"{rate:,.0f} events/s", ""))
     return rows
 
 

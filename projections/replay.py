@@ -142,8 +142,13 @@ async def replay(
     a stream sequence per projection to stop each at (the live positions `verify` compares
     with: projections advance on their own, so at any moment they may differ).
 
-    It reads the subjects of the projections' aggregate types only, as the live consumers do
-    (`projection_subjects`), and, having read the log up to its target, sets each
+    It reads the whole log, or the subjects of the one projection it rebuilds
+    (`projection_subjects`), skipping the events no projection reads unparsed (by the type
+    in their subject). A consumer filtered to the subjects of several read models, which are
+    most of the log's aggregate types anyway, delivered 422 events/s from a log of task runs
+    (nats-server looks through every subject of a message block for each next message, and
+    each task run is a subject) where the whole log comes at ~180,000 events/s
+    (docs/benchmarks.md, session 11). Having read the log up to its target, it sets each
     projection's checkpoint to its target: a live projection's position is often an event of
     another read model, or the stream's last sequence, which the rebuild never reads."""
     import time
@@ -160,7 +165,8 @@ async def replay(
         done = last = 0
         stopped = False
         subjects = sorted({s for p in projectors for s in projection_subjects(p, settings.event_subject_prefix)})
-        async for batch in iter_log(store, subjects, until_seq=target):
+        read = subjects[0] if len(subjects) == 1 else f"{settings.event_subject_prefix}.>"
+        async for batch in iter_log(store, read, until_seq=target):
             if as_of is not None:
                 kept = [r for r in batch if (_occurred(r) or as_of) <= as_of]
                 stop = len(kept) < len(batch)

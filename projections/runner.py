@@ -183,9 +183,23 @@ def aggregate_types(projector: Projector) -> frozenset[str]:
 
 
 def projection_subjects(projector: Projector, prefix: str) -> list[str]:
-    """The subjects of the log `projector` reads: `<prefix>.<aggregate type>.>` for each of
-    its aggregate types, sorted (the consumer's filter, and the probe's)."""
-    return [f"{prefix}.{t}.>" for t in sorted(aggregate_types(projector))]
+    """The subjects of the log `projector` reads, sorted (the consumer's filter, and the
+    probe's): `<prefix>.<aggregate type>.>` for each aggregate type of which it reads half
+    the event types or more; for one of which it reads fewer, `<prefix>.<type>.*.<event
+    type>` for each of those (an aggregate id is one token). A read model that needs a few
+    events of another's busy aggregate (the deployments' two poll events among a pool's
+    slot changes; the task runs' flow-run deletion among every flow run's transitions) is
+    then not sent the rest."""
+    subjects: list[str] = []
+    handled = getattr(projector, "aggregate_types", None) is None
+    for t in sorted(aggregate_types(projector)):
+        of_type = sorted(name for name, spec in EVENT_TYPES.items() if spec.aggregate_type == t)
+        mine = [name for name in of_type if name in projector.handles] if handled else of_type
+        if 2 * len(mine) >= len(of_type):
+            subjects.append(f"{prefix}.{t}.>")
+        else:
+            subjects += [f"{prefix}.{t}.*.{name}" for name in mine]
+    return sorted(subjects)
 
 
 def concerns(projector: Projector, raw: RawEvent) -> bool:
