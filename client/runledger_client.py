@@ -72,14 +72,16 @@ def new_idempotency_key() -> str:
 # Commands whose bus idempotency key is not `idempotency_key`: there, as in Prefect,
 # `idempotency_key` means "the existing run of this flow with this key" (a domain key), and the
 # bus's own key is `request_idempotency_key` (the command's `BUS_KEY_FIELD` on the service).
-BUS_KEY_FIELDS: dict[str, str] = {
+BUS_KEY_FIELDS: dict[str, str | None] = {
     "CreateFlowRun": "request_idempotency_key",
     "CreateFlowRunFromDeployment": "request_idempotency_key",
+    "CreateTaskRuns": None,  # each run's own keys make it safe to send again
 }
 
 
-def bus_key_field(command: str) -> str:
-    """The body field that carries command `command`'s bus idempotency key."""
+def bus_key_field(command: str) -> str | None:
+    """The body field that carries command `command`'s bus idempotency key (None: it takes
+    none, and is safe to send again as it is)."""
     return BUS_KEY_FIELDS.get(command, "idempotency_key")
 
 
@@ -170,9 +172,9 @@ class RunledgerClient:
         `extra_timeout`: seconds the service was asked to wait inside the command (a submit
         waiting for room on a full task key), added to the request timeout."""
         key_field = bus_key_field(name)
-        if self.idempotency_keys and body.get(key_field) is None:
+        if key_field is not None and self.idempotency_keys and body.get(key_field) is None:
             body = {**body, key_field: new_idempotency_key()}
-        keyed = body.get(key_field) is not None
+        keyed = key_field is None or body.get(key_field) is not None
         subject = self.settings.command_subject(name)
         unknown = False
         attempt = 0

@@ -26,14 +26,14 @@ import inspect
 import json
 import threading
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import Future as ThreadFuture
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 from runledger.infra.settings import Settings, load_settings
 
-from .errors import NotFound, RunledgerError, Unavailable
+from .errors import NotFound, RunledgerError, Unavailable, error_from_reply
 from .models import TaskRun
 from .runledger_client import RunledgerClient
 
@@ -129,6 +129,28 @@ async def submit_task(client: RunledgerClient, task_key: str, parameters: dict[s
 
     `scheduled_time`: no worker starts the run before then (it waits on its key's subject,
     counted against the key's bound)."""
+    body = _submission(task_key, parameters, retries=retries, retry_delay=retry_delay,
+                       retry_jitter_factor=retry_jitter_factor, tags=tags, queue_wait_seconds=queue_wait_seconds,
+                       task_run_id=task_run_id, dynamic_key=dynamic_key, cache_key=cache_key,
+                       cache_expiration=cache_expiration, refresh_cache=refresh_cache, scheduled_time=scheduled_time)
+    reply = await client.command("CreateTaskRun", body, extra_timeout=queue_wait_seconds)
+    run = RunledgerClient._one(TaskRun, reply.result)
+    if reply.created is False and run.state_type == "CANCELLED":
+        # Sent again (same dynamic key) after the first was refused, or cancelled since: it
+        # will not run, and the caller asked for a run that does.
+        message = run.state.message if run.state is not None else None
+        raise Unavailable(f"Task run {run.id} of this submission was cancelled and will not run: {message}")
+    return run
+
+
+def _submission(task_key: str, parameters: dict[str, Any] | None = None, *,
+                retries: int | None = None, retry_delay: float | list[float] | None = None,
+                retry_jitter_factor: float | None = None, tags: list[str] | None = None,
+                queue_wait_seconds: float = 0.0, task_run_id: uuid.UUID | None = None,
+                dynamic_key: str | None = None, cache_key: str | None = None,
+                cache_expiration: datetime | None = None, refresh_cache: bool = False,
+                scheduled_time: datetime | None = None) -> dict[str, Any]:
+    """A `CreateTaskRun` body (see `submit_task`)."""
     policy: dict[str, Any] = {}
     if retries is not None:
         policy["retries"] = retries
@@ -149,14 +171,68 @@ async def submit_task(client: RunledgerClient, task_key: str, parameters: dict[s
         body["cache_key"] = cache_key
         if cache_expiration is not None:
             body["cache_expiration"] = cache_expiration.isoformat()
-    reply = await client.command("CreateTaskRun", body, extra_timeout=queue_wait_seconds)
-    run = RunledgerClient._one(TaskRun, reply.result)
-    if reply.created is False and run.state_type == "CANCELLED":
-        # Sent again (same dynamic key) after the first was refused, or cancelled since: it
-        # will not run, and the caller asked for a run that does.
-        message = run.state.message if run.state is not None else None
-        raise Unavailable(f"Task run {run.id} of this submission was cancelled and will not run: {message}")
-    return run
+    return body
+
+
+# A bulk submission's requests: at most this many runs, and about this many bytes of body
+# (the broker's max payload is 1 MiB by default, and the reply lists every run too).
+MAX_RUNS_PER_REQUEST = 1_000
+MAX_BODY_BYTES_PER_REQUEST = 256 * 1024
+
+
+class SubmissionRefused(RunledgerError):
+    """Some runs of a bulk submission (`submit_tasks`, `Task.map`) were not queued; the others
+    were. `task_run_ids`: each submission's run id in order, None where refused; `errors`: the
+    refusals, by position. The code and message are the first refusal's."""
+
+    def __init__(self, task_run_ids: list[uuid.UUID | None], errors: dict[int, RunledgerError]):
+        first = min(errors)
+        super().__init__(f"{len(errors)} of {len(task_run_ids)} task runs were not queued; the first "
+                         f"(#{first}): {errors[first].message}", code=errors[first].code)
+        self.task_run_ids = task_run_ids
+        self.errors = errors
+
+
+async def submit_tasks(client: RunledgerClient, task_key: str, parameters: Sequence[dict[str, Any]], *,
+                       queue_wait_seconds: float = 0.0, **options: Any) -> list[uuid.UUID]:
+    """Queues one run of `task_key` per item of `parameters`, as `submit_task` would each (the
+    same `options`, each run a fresh dynamic key), in as few requests as fit (`CreateTaskRuns`,
+    up to 1,000 runs each): Prefect's `.map(..., deferred=True)`. Returns the runs' ids in
+    order. A run refused (its key full) does not stop the others: `SubmissionRefused` is
+    raised once all were sent, naming the ones queued."""
+    bodies = [_submission(task_key, p, queue_wait_seconds=queue_wait_seconds, **options) for p in parameters]
+    return await _submit_all(client, bodies, queue_wait_seconds)
+
+
+async def _submit_all(client: RunledgerClient, bodies: list[dict[str, Any]], queue_wait_seconds: float = 0.0
+                      ) -> list[uuid.UUID]:
+    ids: list[uuid.UUID | None] = []
+    errors: dict[int, RunledgerError] = {}
+    for chunk in _chunks(bodies):
+        reply = await client.command("CreateTaskRuns", {"task_runs": chunk}, extra_timeout=queue_wait_seconds)
+        for item in reply.result:
+            if item.get("ok") and not (item.get("created") is False and item["result"]["state_type"] == "CANCELLED"):
+                ids.append(uuid.UUID(item["result"]["id"]))
+                continue
+            errors[len(ids)] = (error_from_reply(item["error"]) if not item.get("ok") else Unavailable(
+                f"Task run {item['result']['id']} of this submission was cancelled and will not run"))
+            ids.append(None)
+    if errors:
+        raise SubmissionRefused(ids, errors)
+    return [i for i in ids if i is not None]
+
+
+def _chunks(bodies: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    chunks: list[list[dict[str, Any]]] = [[]]
+    size = 0
+    for body in bodies:
+        length = len(json.dumps(body, default=str))
+        if chunks[-1] and (len(chunks[-1]) >= MAX_RUNS_PER_REQUEST or size + length > MAX_BODY_BYTES_PER_REQUEST):
+            chunks.append([])
+            size = 0
+        chunks[-1].append(body)
+        size += length
+    return [c for c in chunks if c]
 
 
 async def wait_for_task_run(client: RunledgerClient, task_run_id: uuid.UUID | str,
@@ -300,16 +376,41 @@ class Task(Generic[R]):
             return f"{self.key}:{hashlib.sha256(canonical.encode()).hexdigest()}"
         return None
 
-    async def _submit(self, client: RunledgerClient, parameters: dict[str, Any],
-                      scheduled_time: datetime | None = None) -> TaskRun:
+    def _options(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        """`submit_task`'s options for a run of this task with these parameters."""
         cache_key = self.cache_key(parameters)
         expiration = (datetime.now(UTC) + self.cache_expiration
                       if cache_key is not None and self.cache_expiration is not None else None)
-        return await submit_task(client, self.key, parameters, retries=self.retries, retry_delay=self.retry_delay,
-                                 retry_jitter_factor=self.retry_jitter_factor, tags=self.tags,
-                                 cache_key=cache_key, cache_expiration=expiration,
-                                 refresh_cache=self.refresh_cache and cache_key is not None,
-                                 scheduled_time=scheduled_time)
+        return {"retries": self.retries, "retry_delay": self.retry_delay, "retry_jitter_factor": self.retry_jitter_factor,
+                "tags": self.tags, "cache_key": cache_key, "cache_expiration": expiration,
+                "refresh_cache": self.refresh_cache and cache_key is not None}
+
+    async def _submit(self, client: RunledgerClient, parameters: dict[str, Any],
+                      scheduled_time: datetime | None = None) -> TaskRun:
+        return await submit_task(client, self.key, parameters, scheduled_time=scheduled_time, **self._options(parameters))
+
+    def map(self, *args: Any, deferred: bool = True, **kwargs: Any) -> list[TaskFuture[R]]:
+        """Queues one run per element of the iterable arguments, as Prefect's
+        `.map(..., deferred=True)`: lists, tuples and other iterables are mapped element by
+        element (all of one length); anything else, and strings, bytes and mappings, goes to
+        every run as it is, as does an iterable wrapped in `unmapped(...)`. The runs go in
+        as few requests as fit (`submit_tasks`); returns their futures in order."""
+        bridge = _Bridge.get()
+        return bridge.run(self._map(bridge.client, args, kwargs, deferred, own_client=False))
+
+    async def amap(self, *args: Any, client: RunledgerClient | None = None, deferred: bool = True,
+                   **kwargs: Any) -> list[TaskFuture[R]]:
+        """`map` for async code."""
+        return await self._map(client or await _shared_client(), args, kwargs, deferred, own_client=True)
+
+    async def _map(self, client: RunledgerClient, args: tuple, kwargs: dict[str, Any], deferred: bool,
+                   own_client: bool) -> list[TaskFuture[R]]:
+        if not deferred:
+            raise ValueError("runledger runs tasks in task workers only: map(..., deferred=True)")
+        calls = [self.parameters(*a, **k) for a, k in _mapped_calls(args, kwargs)]
+        bodies = [_submission(self.key, p, **self._options(p)) for p in calls]
+        ids = await _submit_all(client, bodies)
+        return [TaskFuture(i, client if own_client else None) for i in ids]
 
     def delay(self, *args: Any, **kwargs: Any) -> TaskFuture[R]:
         """Queues a run with these arguments for a task worker; returns at once with its future."""
@@ -336,6 +437,37 @@ class Task(Generic[R]):
         client = client or await _shared_client()
         run = await self._submit(client, self.parameters(*args, **kwargs), _aware(when))
         return TaskFuture(run.id, client)
+
+
+class unmapped:  # noqa: N801 - Prefect's name
+    """An iterable argument of `Task.map` given whole to every run, not mapped."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
+def _is_mapped(value: Any) -> bool:
+    return (isinstance(value, Iterable) and not isinstance(value, str | bytes | bytearray | Mapping | unmapped))
+
+
+def _mapped_calls(args: tuple, kwargs: dict[str, Any]) -> list[tuple[list[Any], dict[str, Any]]]:
+    """The argument lists of `Task.map`'s runs: the mapped arguments element by element."""
+    args_seen = [list(a) if _is_mapped(a) else a for a in args]
+    kwargs_seen = {k: list(v) if _is_mapped(v) else v for k, v in kwargs.items()}
+    lengths = {len(v) for v in (*args_seen, *kwargs_seen.values()) if isinstance(v, list) and not isinstance(v, unmapped)}
+    mapped_args = [isinstance(a, list) for a in args_seen]
+    mapped_kwargs = {k: isinstance(v, list) for k, v in kwargs_seen.items()}
+    if not lengths:
+        raise ValueError("map needs at least one iterable argument (a list, a tuple, ...)")
+    if len(lengths) > 1:
+        raise ValueError(f"map's iterable arguments differ in length: {sorted(lengths)}")
+    (n,) = lengths
+
+    def plain(v: Any) -> Any:
+        return v.value if isinstance(v, unmapped) else v
+
+    return [([a[i] if m else plain(a) for a, m in zip(args_seen, mapped_args, strict=True)],
+             {k: v[i] if mapped_kwargs[k] else plain(v) for k, v in kwargs_seen.items()}) for i in range(n)]
 
 
 def _aware(when: datetime) -> datetime:

@@ -172,7 +172,7 @@ class CreateFlowRunFromDeployment(FlowRunFromDeployment, Command):
     """One run of a deployment. `idempotency_key` is Prefect's (the existing run of the flow with this
     key comes back, `created: false`); the bus's own key is `request_idempotency_key`."""
 
-    BUS_KEY_FIELD: ClassVar[str] = "request_idempotency_key"
+    BUS_KEY_FIELD: ClassVar[str | None] = "request_idempotency_key"
     request_idempotency_key: StoredText | None = None
     deployment_id: uuid.UUID
 

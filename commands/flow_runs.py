@@ -185,7 +185,7 @@ class CreateFlowRun(Command):
     """A new run. `idempotency_key` is Prefect's: the existing run of this flow with this key comes
     back unchanged (`created: false`). The bus's own key is `request_idempotency_key` here."""
 
-    BUS_KEY_FIELD: ClassVar[str] = "request_idempotency_key"
+    BUS_KEY_FIELD: ClassVar[str | None] = "request_idempotency_key"
     request_idempotency_key: StoredText | None = None
 
     flow_id: uuid.UUID

@@ -27,12 +27,13 @@ class Command(BaseModel):
     idempotency_key: StoredText | None = None
     # The field that holds the bus's idempotency key (one reply per key, whatever is sent
     # again). A command whose Prefect shape already gives `idempotency_key` a domain meaning
-    # (a flow run's: "the existing run of this flow with this key") names another field.
-    BUS_KEY_FIELD: ClassVar[str] = "idempotency_key"
+    # (a flow run's: "the existing run of this flow with this key") names another field; one
+    # that is safe to send again by its own content (a bulk of runs with their keys), None.
+    BUS_KEY_FIELD: ClassVar[str | None] = "idempotency_key"
 
     @property
     def bus_key(self) -> str | None:
-        return getattr(self, self.BUS_KEY_FIELD)
+        return getattr(self, self.BUS_KEY_FIELD) if self.BUS_KEY_FIELD else None
 
     def explicitly_set(self) -> set[str]:
         """C-4: the fields the caller sent, so absent fields keep their value."""

@@ -32,6 +32,7 @@ from pydantic import (
     Field,
     StringConstraints,
     field_validator,
+    model_validator,
 )
 
 from . import tag_concurrency_limits as tcl
@@ -245,6 +246,28 @@ class CreateTaskRun(Command):
     parameters: JsonDocument = {}
     state: StateCreate | None = None
     queue_wait_seconds: Annotated[float, Field(ge=0, le=MAX_QUEUE_WAIT_SECONDS, allow_inf_nan=False)] = 0
+
+
+MAX_TASK_RUNS_PER_COMMAND = 1_000
+
+
+class CreateTaskRuns(Command):
+    """Many task runs in one request (`Task.map`): each item is a `CreateTaskRun`, decided as
+    if sent alone (side by side), so an item that fails (its key full) does not undo the
+    others. The reply's result lists one short reply per item, in the order given: the run's
+    id, keys and state, or the item's error. A body with an invalid item is refused whole,
+    nothing created. Sending it again is safe through each run's own keys (flow run, task
+    key, dynamic key), so the bulk takes no `idempotency_key` of its own."""
+
+    task_runs: Annotated[list[CreateTaskRun], Field(min_length=1, max_length=MAX_TASK_RUNS_PER_COMMAND)]
+    BUS_KEY_FIELD: ClassVar[str | None] = None
+
+    @model_validator(mode="after")
+    def _no_bus_key(self) -> CreateTaskRuns:
+        if self.idempotency_key is not None:
+            raise ValueError("CreateTaskRuns takes no idempotency_key: each run's (flow_run_id, task_key, "
+                             "dynamic_key) makes sending it again safe")
+        return self
 
 
 class TaskDelivery(BaseModel):

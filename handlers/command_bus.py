@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -113,7 +113,22 @@ class CommandSpec:
     locks: Callable[[Any], Iterable[AggregateKey]]
 
 
+@dataclass(frozen=True)
+class BulkSpec:
+    """A command that carries many of another (`CreateTaskRuns`: many `CreateTaskRun`): each
+    item is decided and appended as if sent alone, side by side, and the reply's result lists
+    `item_reply` of each item's reply, in order. One request instead of one per item; nothing
+    of the items' rules is written twice."""
+
+    model: type[Command]
+    item_command: str
+    items: Callable[[Any], Sequence[Command]]
+    item_reply: Callable[[dict[str, Any]], dict[str, Any]]
+
+
 AggregateKey = tuple[str, str]
+# A bulk command's items decided at once, at most (`CommandBus._execute_bulk`).
+BULK_AT_ONCE = 64
 
 
 def ok(result: Any, seq: int | None, created: bool | None = None,
@@ -174,7 +189,7 @@ def largest_field(cmd: BaseModel) -> str | None:
 class CommandBus:
     store: EventStore
     repo: AggregateRepository
-    specs: dict[str, CommandSpec]
+    specs: dict[str, CommandSpec | BulkSpec]
     retries: int = 10
     clock: Callable[[], DecisionContext] = DecisionContext
     # What is published once a decision's events are stored (the task runs it queues, the
@@ -191,7 +206,27 @@ class CommandBus:
         parsed = parse_payload(spec.model, raw)
         if isinstance(parsed, dict):
             return parsed
-        cmd = parsed
+        if isinstance(spec, BulkSpec):
+            return await self._execute_bulk(spec, parsed)
+        return await self._execute_locked(name, spec, parsed)
+
+    async def _execute_bulk(self, bulk: BulkSpec, cmd: Command) -> dict[str, Any]:
+        """Each item through `_execute_locked`, at most `BULK_AT_ONCE` at a time (as many
+        concurrent commands as a busy service takes from its endpoint), each with its own
+        locks; the reply's `seq` is the highest of the items' (read-your-writes for all)."""
+        spec = self.specs[bulk.item_command]
+        assert isinstance(spec, CommandSpec), "a bulk command carries commands decided alone"
+        room = asyncio.Semaphore(BULK_AT_ONCE)
+
+        async def one(item: Command) -> dict[str, Any]:
+            async with room:
+                return await self._execute_locked(bulk.item_command, spec, item)
+
+        replies = await asyncio.gather(*(one(item) for item in bulk.items(cmd)))
+        seq = max((r["seq"] for r in replies if r.get("ok") and r.get("seq") is not None), default=None)
+        return ok([bulk.item_reply(r) for r in replies], seq)
+
+    async def _execute_locked(self, name: str, spec: CommandSpec, cmd: Command) -> dict[str, Any]:
         keys: list[AggregateKey] = []
         # Locks taken while deciding (`Unit.lock`), held now: given back as soon as the
         # decision is queued for the log, so the next decision on them can chain onto it.
@@ -221,7 +256,7 @@ class CommandBus:
                         await lock.acquire()
                         more_held[key] = lock
 
-                return await self._execute(name, spec, cmd, raw, lock_more, release_more)
+                return await self._execute(name, spec, cmd, lock_more, release_more)
         except Rejection as r:
             return {"ok": False, "error": r.as_reply()}
         except MessageTooLarge as e:
@@ -258,14 +293,16 @@ class CommandBus:
         correction written by the same command: a task run that could not be queued). The
         service's own: not held to the limits of whoever sent the command it corrects."""
         with as_the_service():
-            return await self._execute(name, self.specs[name], cmd, b"")
+            spec = self.specs[name]
+            assert isinstance(spec, CommandSpec)
+            return await self._execute(name, spec, cmd)
 
-    async def _execute(self, name: str, spec: CommandSpec, cmd: Command, raw: bytes,
+    async def _execute(self, name: str, spec: CommandSpec, cmd: Command,
                        lock_more: Callable[[Iterable[AggregateKey]], Awaitable[None]] | None = None,
                        release_more: Callable[[], None] = lambda: None) -> dict[str, Any]:
         fingerprint = None
         if cmd.bus_key is not None:
-            fingerprint = hashlib.sha256(name.encode() + b"\0" + cmd.model_dump_json(exclude={cmd.BUS_KEY_FIELD}).encode()).hexdigest()
+            fingerprint = hashlib.sha256(name.encode() + b"\0" + cmd.model_dump_json(exclude={cmd.BUS_KEY_FIELD or ""}).encode()).hexdigest()
             earlier = await self.store.read_idempotency_record(cmd.bus_key)
             if earlier is not None:
                 return self._repeat_reply(earlier, fingerprint)

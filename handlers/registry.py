@@ -38,7 +38,7 @@ from . import (
     work_pool_commands,
     worker_commands,
 )
-from .command_bus import CommandSpec
+from .command_bus import BulkSpec, CommandSpec
 
 AGGREGATE_KINDS: list[AggregateKind] = [
     *work_pool_commands.AGGREGATE_KINDS,
@@ -92,7 +92,7 @@ QUERIES: dict[str, tuple[Any, Any]] = {
 def command_specs(store: EventStore | None,
                   takeover_allowed: Callable[[], bool] = lambda: True,
                   bound_task_workers: Mapping[str, Sequence[str]] | None = None,
-                  deployment_lease_seconds: float = DEFAULT_DEPLOYMENT_LEASE_SECONDS) -> dict[str, CommandSpec]:
+                  deployment_lease_seconds: float = DEFAULT_DEPLOYMENT_LEASE_SECONDS) -> dict[str, CommandSpec | BulkSpec]:
     """Command name -> spec. `store`: what commands that find their aggregate through the log
     read it from (None where nothing runs, e.g. for the contract's schemas). `takeover_allowed`:
     whether a task worker may take over a run another holds now (not just after a broker

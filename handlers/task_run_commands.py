@@ -16,7 +16,7 @@ from runledger.commands.states import State, StateCreate, StateType
 from runledger.infra.aggregates import AggregateKind
 from runledger.infra.broker_auth import TASK_WORKER_ACCOUNT, bound_task_worker_name
 
-from .command_bus import AggregateKey, CommandSpec, Unit
+from .command_bus import AggregateKey, BulkSpec, CommandSpec, Unit
 from .endpoint import current_caller
 
 # Every event of a task run carries the whole run: its last event is its state.
@@ -80,6 +80,18 @@ def _run_reply(run: tr.TaskRun) -> dict[str, Any]:
     return tr.reply(run)
 
 
+# What a bulk create answers of each run: enough to follow it, small enough that a thousand
+# fit a reply whatever their parameters (a run's whole reply carries them back).
+_SHORT_FIELDS = ("id", "task_key", "dynamic_key", "flow_run_id", "state_type", "state_name")
+
+
+def _short_reply(reply: dict[str, Any]) -> dict[str, Any]:
+    if not reply.get("ok"):
+        return {"ok": False, "error": reply["error"]}
+    run = reply["result"]
+    return {"ok": True, "result": {k: run.get(k) for k in _SHORT_FIELDS}, "created": reply.get("created")}
+
+
 def _state_reply(state: State | None) -> dict[str, Any] | None:
     return state.reply() if state is not None else None
 
@@ -139,7 +151,7 @@ def hold_to_its_keys(cmd: tr.SetTaskRunState, run: tr.TaskRun | None, allowed: f
 
 
 def command_specs(takeover_allowed: Callable[[], bool] = lambda: True,
-                  bound_task_workers: Mapping[str, Sequence[str]] | None = None) -> dict[str, CommandSpec]:
+                  bound_task_workers: Mapping[str, Sequence[str]] | None = None) -> dict[str, CommandSpec | BulkSpec]:
     """`takeover_allowed`: False while the service's broker connection is fresh (a broker
     restart redelivers every task at once; see `task_run_rules.TAKEOVER_GRACE_SECONDS`).
     `bound_task_workers`: the task workers bound to keys (Settings.task_worker_keys)."""
@@ -188,4 +200,5 @@ def command_specs(takeover_allowed: Callable[[], bool] = lambda: True,
         "SetTaskRunState": CommandSpec(tr.SetTaskRunState, set_task_run_state, _state_reply, _by_id),
         "UpdateTaskRun": CommandSpec(tr.UpdateTaskRun, update_task_run, _nothing, _by_id),
         "DeleteTaskRun": CommandSpec(tr.DeleteTaskRun, delete_task_run, _nothing, _by_id),
+        "CreateTaskRuns": BulkSpec(tr.CreateTaskRuns, "CreateTaskRun", lambda cmd: cmd.task_runs, _short_reply),
     }

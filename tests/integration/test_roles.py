@@ -358,6 +358,7 @@ async def test_task_worker_serves_its_keys_and_submits_tasks_with_its_own_creden
     from runledger.client.tasks import (
         fetch_task_result,
         submit_task,
+        submit_tasks,
         task_result,
         wait_for_task_run,
     )
@@ -401,6 +402,8 @@ async def test_task_worker_serves_its_keys_and_submits_tasks_with_its_own_creden
             assert isinstance(await as_worker.catch_up(), int)
             run = await submit_task(as_worker, "double", {"x": 5})
             assert task_result(await wait_for_task_run(as_worker, run.id, timeout=10)) == 10
+            mapped = await submit_tasks(as_worker, "double", [{"x": 6}, {"x": 7}])  # in one request
+            assert [task_result(await wait_for_task_run(as_worker, i, timeout=10)) for i in mapped] == [12, 14]
             large = await submit_task(as_worker, "big", {})
             assert await fetch_task_result(as_worker, await wait_for_task_run(as_worker, large.id, timeout=10)) == \
                 "y" * 700_000
