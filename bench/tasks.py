@@ -1,18 +1,20 @@
 """Task runs end to end: one `runledger serve` process, task workers as `runledger task-worker`
 processes (4 by default), submitters through the client, every state recorded.
 
-    python bench/tasks.py [--only latency,throughput,chain,faults,worker-kill,commands]
+    python bench/tasks.py [--only latency,throughput,throughput-map,chain,faults,worker-kill,commands]
                           [--workers 4] [--rate 200] [--seconds 10] [--tasks 20000]
                           [--worker-kind native|faststream]
 
 - latency: submit → the task function starts, at `--rate` tasks/s offered (p50, p99);
 - throughput: `--tasks` trivial tasks submitted by 8 clients and run by the workers, from the
-  first submit to the last COMPLETED;
+  first submit to the last COMPLETED; throughput-map: the same, submitted 100 per request
+  (`submit_tasks`, what `Task.map` sends);
 - chain: 40 steps of 10 ms, each submitted by the step before, the driver awaiting each;
 - faults: 1,000 tasks of 50 ms; the NATS server restarted, then killed (-9) and restarted,
   in the middle: runs lost and runs started twice (from the workers' own records);
 - worker-kill: a worker killed (-9) mid-task: how long until another worker starts it;
-- commands: task-run creates and state transitions through commands, 8 clients.
+- commands: task-run creates (one per command, and 100 per `CreateTaskRuns`) and state
+  transitions through commands, 8 clients.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from harness import (
 )
 
 from runledger.client import RunledgerClient
-from runledger.client.tasks import submit_task, wait_for_task_run
+from runledger.client.tasks import submit_task, submit_tasks, wait_for_task_run
 from runledger.infra.embedded import RestartableNats
 from runledger.infra.settings import Settings
 
@@ -135,7 +137,7 @@ async def latency(client: RunledgerClient, workers: Workers, rate: float, second
 
 
 async def throughput(client: RunledgerClient, workers: Workers, tasks: int, service_pids: list[int],
-                     submitters: int = 8) -> list[tuple]:
+                     submitters: int = 8, bulk: int = 1) -> list[tuple]:
     before = sum(1 for r in workers.records() if r[1].startswith("t"))
     cpu0 = sum(cpu_seconds(pid) for pid in service_pids)
     workers_cpu0 = sum(cpu_seconds(p.pid) for p in workers.procs)
@@ -144,6 +146,12 @@ async def throughput(client: RunledgerClient, workers: Workers, tasks: int, serv
     per = tasks // submitters
 
     async def submitter(c: int) -> None:
+        if bulk > 1:  # `submit_tasks` (what `Task.map` sends): `bulk` runs per request
+            for start in range(0, per, bulk):
+                await submit_tasks(client, "bench.trivial", [{"label": f"t{c}-{i}", "sent": time.time()}
+                                                             for i in range(start, min(per, start + bulk))],
+                                   queue_wait_seconds=30)
+            return
         for i in range(per):
             await submit_task(client, "bench.trivial", {"label": f"t{c}-{i}", "sent": time.time()},
                               queue_wait_seconds=30)
@@ -157,7 +165,8 @@ async def throughput(client: RunledgerClient, workers: Workers, tasks: int, serv
     cpu = sum(cpu_seconds(pid) for pid in service_pids) - cpu0
     workers_cpu = sum(cpu_seconds(p.pid) for p in workers.procs) - workers_cpu0
     others = {kind: used - others0[kind] for kind, used in cpu_by_kind().items()}
-    return [(f"end to end, trivial tasks, every state recorded, {submitters} submitters",
+    how = f"{submitters} submitters" + (f", {bulk} runs per request (`Task.map`)" if bulk > 1 else "")
+    return [(f"end to end, trivial tasks, every state recorded, {how}",
              f"{done / total:,.0f} tasks/s ({done} tasks in {total:.1f} s; submits alone {done / submitted:,.0f}/s)",
              "≥ 5,000 tasks/s"),
             ("service CPU per task", f"{cpu / done * 1e6:.0f} µs", ""),
@@ -316,6 +325,19 @@ async def commands(nc, settings: Settings, seconds: float) -> list[tuple]:
     await asyncio.gather(*(creator(c) for c in range(8)))
     creates = sum(len(m) for m in made) / seconds
     stop_at = now() + seconds
+    in_bulk = [0] * 8
+
+    async def bulk_creator(c: int) -> None:
+        i = 0
+        while now() < stop_at:
+            out = await cmd("CreateTaskRuns", {"task_runs": [{"task_key": "bench.create", "dynamic_key": f"b{c}-{i + j}"}
+                                                             for j in range(100)]})
+            in_bulk[c] += sum(1 for r in out["result"] if r["ok"])
+            i += 100
+
+    await asyncio.gather(*(bulk_creator(c) for c in range(8)))
+    bulk_creates = sum(in_bulk) / seconds
+    stop_at = now() + seconds
     moves = [0] * 8
 
     async def mover(c: int) -> None:
@@ -329,6 +351,7 @@ async def commands(nc, settings: Settings, seconds: float) -> list[tuple]:
 
     await asyncio.gather(*(mover(c) for c in range(8)))
     return [("task-run creates through commands, 8 clients", f"{creates:,.0f}/s", "≥ 5,000/s"),
+            ("task-run creates, 100 per `CreateTaskRuns`, 8 clients", f"{bulk_creates:,.0f}/s", ""),
             ("task-run state transitions, 8 clients", f"{sum(moves) / seconds:,.0f}/s", "≥ 3,000/s")]
 
 
@@ -346,13 +369,15 @@ async def run(args) -> list[tuple]:
                         for roles in (("commands,queries", "projections") if args.split
                                       else ("commands,queries,projections",))]
                 client = await RunledgerClient(bench_settings(urls, role="client")).connect()
-                if only & {"latency", "throughput", "chain"}:
+                if only & {"latency", "throughput", "throughput-map", "chain"}:
                     with Workers(worker_settings, out, args.workers, args.limit,
                                  ["bench.trivial", "bench.chain"], kind=args.worker_kind) as workers:
                         if "latency" in only:
                             rows += await latency(client, workers, args.rate, args.seconds)
                         if "throughput" in only:
                             rows += await throughput(client, workers, args.tasks, pids, args.submitters)
+                        if "throughput-map" in only:
+                            rows += await throughput(client, workers, args.tasks, pids, args.submitters, bulk=100)
                         if "chain" in only:
                             rows += await chain(client, workers)
                 if "worker-kill" in only:
@@ -369,7 +394,7 @@ async def run(args) -> list[tuple]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default="latency,throughput,chain,faults,worker-kill,commands")
+    p.add_argument("--only", default="latency,throughput,throughput-map,chain,faults,worker-kill,commands")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--limit", type=int, default=16, help="task runs each worker runs at once")
     p.add_argument("--rate", type=float, default=200.0)
