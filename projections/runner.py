@@ -474,10 +474,10 @@ class ProjectionRunner:
         return self._subjects[projector.name]
 
     def consumer_filter(self, projector: Projector, backlog: int = 0) -> list[str]:
-        """What the consumer reads: its one aggregate type's subjects; for a projector of
-        several types, those subjects while it is near the end of the log, and the whole log
-        (skipped by type, unparsed) while it catches up on `backlog` events or more than
-        `WIDE_BACKLOG`. nats-server 2.15 finds a multi-filter consumer's next message by
+        """What the consumer reads: its subjects (`subjects`); for a projector of several, the
+        whole log (skipped by type, unparsed) while it catches up on more than `WIDE_BACKLOG`
+        of its own events (`backlog`: the pending count of a consumer of its subjects, bound
+        first to learn it; sparse among others, they come quickly). nats-server 2.15 finds a multi-filter consumer's next message by
         looking through every subject of a message block: at the tail that costs what one
         filter costs, but through a backlog where its events are many and their subjects
         too (a task run is a subject) it delivered ~1,700 events/s against ~40,000 for the
@@ -571,15 +571,19 @@ class ProjectionRunner:
             await js.delete_consumer(self.settings.stream_name, name)
         # Deleted and created again at every bind, so a consumer of an older version (one that
         # read the whole log) gets this projection's filter too.
-        backlog = 0
-        if len(self.subjects(projector)) > 1:
-            last = (await js.stream_info(self.settings.stream_name)).state.last_seq
-            self._stream_last = max(self._stream_last, last)
-            backlog = last - checkpoint
+        info = await js.add_consumer(self.settings.stream_name, self._consumer_config(projector, checkpoint, 0))
+        self._wide[projector.name] = False
+        if info.num_pending is not None and info.num_pending > WIDE_BACKLOG and len(self.subjects(projector)) > 1:
+            # Many of its own events to catch up on: the whole log instead (`consumer_filter`).
+            await js.delete_consumer(self.settings.stream_name, name)
+            await js.add_consumer(self.settings.stream_name, self._consumer_config(projector, checkpoint, info.num_pending))
+            self._wide[projector.name] = True
+        # Not below a position this runner reached already (bound again, with another filter).
+        self._report(projector, max(checkpoint, self.applied.get(projector.name, 0)))
+
+    def _consumer_config(self, projector: Projector, checkpoint: int, backlog: int) -> ConsumerConfig:
         subjects = self.consumer_filter(projector, backlog)
-        self._wide[projector.name] = subjects != self.subjects(projector)
-        config = ConsumerConfig(
-            durable_name=name,
+        return ConsumerConfig(
             filter_subject=subjects[0] if len(subjects) == 1 else None,
             filter_subjects=subjects if len(subjects) > 1 else None,
             ack_policy=AckPolicy.ALL,
@@ -592,10 +596,8 @@ class ProjectionRunner:
             # disk would only add a synced write per acknowledged batch (sync_interval: always)
             # that competes with the appends' syncs (the lag's p99 doubled).
             mem_storage=True,
+            durable_name=self.consumer_name(projector),
         )
-        await js.add_consumer(self.settings.stream_name, config)
-        # Not below a position this runner reached already (bound again, with another filter).
-        self._report(projector, max(checkpoint, self.applied.get(projector.name, 0)))
 
     async def _run_leased(self, projector: Projector, lease: Lease) -> None:
         while True:
