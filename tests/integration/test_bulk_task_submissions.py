@@ -5,6 +5,7 @@ not fit; mapped task functions run and their results come back."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -139,3 +140,22 @@ async def test_map_queues_a_run_per_element_and_their_results_come_back(client, 
         await scale.amap([1, 2], [1, 2, 3], unmapped([]), client=client)
     with pytest.raises(ValueError, match="task workers only"):
         await scale.amap([1], 1, unmapped([]), client=client, deferred=False)
+
+
+async def test_map_from_plain_code_runs_on_the_bridge(client, settings):
+    """`.map()` and `.result()` from plain (non-async) code, as the README shows: on the
+    module's own event loop thread, with the settings given to `use_settings`."""
+    from runledger.client import tasks as task_module
+
+    task_module.use_settings(settings)
+    try:
+        async with running_worker(settings, {"bulk.scale": scale.fn}):
+            results = await asyncio.to_thread(
+                lambda: [f.result(timeout=10) for f in scale.map([1, 2], factor=3, labels=unmapped(["x"]))])
+        assert results == [[3, ["x"]], [6, ["x"]]]
+    finally:
+        bridge, task_module._Bridge._instance = task_module._Bridge._instance, None
+        task_module.use_settings(None)
+        if bridge is not None:
+            bridge.run(bridge.client.close())
+            bridge.loop.call_soon_threadsafe(bridge.loop.stop)
