@@ -22,7 +22,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_json
@@ -113,6 +113,19 @@ class CommandSpec:
     locks: Callable[[Any], Iterable[AggregateKey]]
 
 
+class AfterAppend(Protocol):
+    """What follows a decision's append (handlers/task_dispatch.TaskDispatch)."""
+
+    def begin(self, decision: Decision) -> asyncio.Future[Any] | None:
+        """Called as soon as the append is queued, before it is acknowledged: starts what may go
+        out meanwhile, and is then handed to `__call__` (None: nothing started). It may go out
+        for a decision whose append then fails: what it sends must be harmless then."""
+
+    async def __call__(self, decision: Decision, begun: asyncio.Future[Any] | None) -> str | None:
+        """Once the append is stored: the rest, and what `begin` started, waited for. None, or
+        why it could not be done (the command's reply is then that error)."""
+
+
 @dataclass(frozen=True)
 class BulkSpec:
     """A command that carries many of another (`CreateTaskRuns`: many `CreateTaskRun`): each
@@ -192,9 +205,9 @@ class CommandBus:
     specs: dict[str, CommandSpec | BulkSpec]
     retries: int = 10
     clock: Callable[[], DecisionContext] = DecisionContext
-    # What is published once a decision's events are stored (the task runs it queues, the
-    # task runs it finishes): None, or why it could not be (the reply is then that error).
-    after_append: Callable[[Decision], Awaitable[str | None]] | None = None
+    # What is published around a decision's append (the task runs it queues, the task runs it
+    # finishes): handlers/task_dispatch.TaskDispatch.
+    after_append: AfterAppend | None = None
     _locks: dict[AggregateKey, asyncio.Lock] = field(default_factory=dict)
     _lock_users: dict[AggregateKey, int] = field(default_factory=dict)
 
@@ -339,6 +352,7 @@ class CommandBus:
             expected = {k: unit.loaded.get(k, 0) for k in {(e.aggregate_type, e.aggregate_id) for e in envelopes}}
             messages = self.store.build_messages(envelopes, expected, idem)
             queued = self.store.submit(messages)
+            begun = self.after_append.begin(decision) if self.after_append is not None else None
             mine = self._remember_chainable(decision, unit, queued, offset=1 if idem is not None else 0)
             release_more()
             try:
@@ -359,7 +373,7 @@ class CommandBus:
                 raise
             self._remember(decision, unit, last_seq, mine)
             if self.after_append is not None:
-                problem = await self.after_append(decision)
+                problem = await self.after_append(decision, begun)
                 if problem is not None:
                     refused = error(ErrorCode.UNAVAILABLE, problem)
                     if idem is not None:

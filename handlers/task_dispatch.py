@@ -3,10 +3,16 @@ a recovery sweep for any the service could not publish (it died between the two,
 broker was away).
 
 The submit path does not wait for a projection: the command that writes a run SCHEDULED and
-deferred publishes it before it replies (message id: run id and state id, so a repeat is
-dropped by the stream). A key whose side is full gets the run back after a bounded wait: the
-run is then cancelled with the reason, and the submitter gets the error. Nothing is dropped
-silently.
+deferred publishes it while its append is in flight, and replies once both are stored
+(message id: run id and state id, so a repeat is dropped by the stream). Side by side, not
+one after the other: a chain of tasks went 17.7 -> 16.5 ms per step (docs/benchmarks.md,
+session 11). A worker that takes the run at once and asks to start it waits for the append:
+in this service on the run's lock, in another one it hears `not_found` and gets the message
+again a moment later (handlers/task_worker.py). A message for a run whose append then failed
+is a copy of nothing: its worker drops it once it is older than that moment.
+
+A key whose side is full gets the run back after a bounded wait: the run is then cancelled
+with the reason, and the submitter gets the error. Nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -28,6 +34,11 @@ from .command_bus import CommandBus
 from .endpoint import extend_deadline
 
 log = logging.getLogger("runledger.tasks")
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def task_message(run: tr.TaskRun) -> bytes:
@@ -57,8 +68,9 @@ def finished_subject(settings: Settings, task_run_id: str) -> str:
 
 
 class TaskDispatch:
-    """The command bus's `after_append`: queues the task runs a decision queued, and announces
-    the ones it finished or set CANCELLING."""
+    """The command bus's `after_append`: queues the task runs a decision queued (`begin`, while
+    the append is in flight), and announces the ones it finished or set CANCELLING (once it
+    is stored)."""
 
     def __init__(self, publisher: TaskPublisher, bus: CommandBus, nc: Any, settings: Settings):
         self.publisher = publisher
@@ -66,7 +78,15 @@ class TaskDispatch:
         self.nc = nc
         self.settings = settings
 
-    async def __call__(self, decision: Decision) -> str | None:
+    def begin(self, decision: Decision) -> asyncio.Future[list[tuple[tr.TaskRun, TaskKeyFull]]] | None:
+        if not decision.queue:
+            return None
+        publishing = asyncio.ensure_future(self.publish(decision.queue))
+        publishing.add_done_callback(_retrieve)  # an append that failed leaves it unawaited
+        return publishing
+
+    async def __call__(self, decision: Decision,
+                       begun: asyncio.Future[list[tuple[tr.TaskRun, TaskKeyFull]]] | None = None) -> str | None:
         for new in decision.events:
             event = new.event
             if isinstance(event, tr.TaskRunStateSet | tr.TaskRunCreated) and event.run.state_type in ANNOUNCED:
@@ -81,10 +101,14 @@ class TaskDispatch:
                     log.warning("the finish of task run %s was stored but not announced", event.run.id, exc_info=True)
         if not decision.queue:
             return None
-        return await self.queue(decision.queue)
+        full = await begun if begun is not None else await self.publish(decision.queue)
+        problems = [await self._cancel(run, str(refused)) for run, refused in full]
+        return " ".join(problems) if problems else None
 
-    async def queue(self, queued: list[QueuedTaskRun]) -> str | None:
-        problems: list[str] = []
+    async def publish(self, queued: list[QueuedTaskRun]) -> list[tuple[tr.TaskRun, TaskKeyFull]]:
+        """Puts the runs on their keys' subjects; returns the scheduled ones refused for room
+        (a retry refused waits in the log instead)."""
+        full: list[tuple[tr.TaskRun, TaskKeyFull]] = []
         for q in queued:
             run: tr.TaskRun = q.run
             assert run.state is not None
@@ -93,18 +117,18 @@ class TaskDispatch:
             try:
                 await self.publisher.publish(q.task_key, q.side, str(run.id), str(run.state.id), task_message(run),
                                              wait_seconds=q.wait_seconds)
-            except TaskKeyFull as full:
+            except TaskKeyFull as refused:
                 if q.side == "retry":
                     # Nobody submitted a retry to be told: it stays queued in the log, and the
                     # recovery sweep puts it on the retry side once there is room.
-                    log.info("%s Task run %s waits in the log for room.", full, run.id)
+                    log.info("%s Task run %s waits in the log for room.", refused, run.id)
                     continue
-                problems.append(await self._cancel(run, str(full)))
+                full.append((run, refused))
             except Exception:
                 # Stored but not published: the recovery sweep publishes it (TaskRecovery).
                 log.warning("task run %s was stored but not yet queued; the recovery sweep will queue it", run.id,
                             exc_info=True)
-        return " ".join(problems) if problems else None
+        return full
 
     async def _cancel(self, run: tr.TaskRun, reason: str) -> str:
         """The run could not be queued: it is cancelled with the reason, so that it neither

@@ -77,6 +77,17 @@ REPORT_PATIENCE_SECONDS = 300.0
 CANCEL_WAIT_SECONDS = 1.0
 # The run's notices that stop its call.
 CANCEL_STATES = ("CANCELLING", "CANCELLED")
+# A run its service does not know, from a message younger than this, is asked for again a
+# moment later: the message goes out while the run's create is being stored.
+NOT_FOUND_GRACE_SECONDS = 5.0
+
+
+def _age_seconds(meta: Any) -> float:
+    """How long ago the message was stored (JetStream's timestamp; unknown: very long)."""
+    stored = getattr(meta, "timestamp", None)
+    if stored is None:
+        return float("inf")
+    return (datetime.now(UTC) - stored).total_seconds()
 
 
 class ResultTooLarge(Exception):
@@ -511,7 +522,12 @@ class TaskWorker:
         if not reply.get("ok"):
             code = reply["error"].get("code")
             if code == "not_found":
-                await msg.ack()  # deleted meanwhile: nothing to run
+                if _age_seconds(meta) < NOT_FOUND_GRACE_SECONDS:
+                    # Published while its create was being stored: another service instance may
+                    # not see it yet (handlers/task_dispatch.py). Again in a moment.
+                    await msg.nak(delay=0.2)
+                else:
+                    await msg.ack()  # deleted meanwhile, or its create never stored: nothing to run
             else:
                 log.warning("task run %s could not start: %s", run.id, reply["error"])
                 await msg.nak(delay=1)

@@ -438,3 +438,37 @@ async def test_a_run_given_a_start_time_starts_no_earlier(client, settings):
     assert run.state_name == "Completed"
     states = await client.read_task_run_states(future.task_run_id)
     assert states[0].state_details["scheduled_time"] is not None
+
+
+async def test_a_message_of_a_run_not_stored_yet_is_asked_for_again_then_dropped(client, settings, monkeypatch):
+    """The service publishes a run while its create is being stored; a worker whose start
+    meets `not_found` (another service instance may not see the create yet) gets the message
+    again a moment later instead of dropping it, and drops it once it is older than the grace
+    (a run whose create never landed). Its function never runs."""
+    from datetime import UTC, datetime
+
+    from runledger.commands.task_runs import TaskRun
+    from runledger.handlers import task_worker
+
+    monkeypatch.setattr(task_worker, "NOT_FOUND_GRACE_SECONDS", 1.5)
+    calls: list[int] = []
+
+    async def never(n: int) -> int:
+        calls.append(n)
+        return n
+
+    now = datetime.now(UTC)
+    ghost = TaskRun(id=uuid.uuid4(), created=now, updated=now, name="ghost", task_key="ghost", dynamic_key="g",
+                    parameters={"n": 1})
+    publisher = TaskPublisher(client._nc.jetstream(), settings)
+    await publisher.publish("ghost", "scheduled", str(ghost.id), "s1", task_message(ghost))
+    async with running_worker(settings, {"ghost": never}):
+        await asyncio.sleep(0.8)
+        kept = await publisher.count("ghost", "scheduled")  # asked for again, not dropped
+        for _ in range(60):
+            if await publisher.count("ghost", "scheduled") == 0:
+                break
+            await asyncio.sleep(0.1)
+        left = await publisher.count("ghost", "scheduled")
+    assert kept == 1 and left == 0
+    assert calls == []
