@@ -171,11 +171,13 @@ def _readme_tasks() -> tuple[str, list[str]]:
 
 
 async def test_the_readme_task_example_runs_as_pasted(service, settings, tmp_path):
-    """The worker line started as written (in the background), then the submit line: it
-    prints the task's result."""
+    """The worker line started as written (in the background), then each submit line: each
+    prints what its comment says (up to a remark in parentheses)."""
+    import ast
     import shlex
 
-    module, (worker_line, submit_line) = _readme_tasks()
+    module, (worker_line, *submit_lines) = _readme_tasks()
+    assert submit_lines
     (tmp_path / "mytasks.py").write_text(module)
     env = {**_process_env(settings), "PYTHONPATH": str(tmp_path)}
     worker_args = shlex.split(worker_line, comments=True)
@@ -183,19 +185,24 @@ async def test_the_readme_task_example_runs_as_pasted(service, settings, tmp_pat
     exe = os.path.join(os.path.dirname(sys.executable), "runledger")
     worker = await asyncio.create_subprocess_exec(exe, *worker_args[1:-1], env=env, cwd=tmp_path,
                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    runs = 0
     try:
-        submit = shlex.split(submit_line, comments=True)
-        assert submit[0] == "python"
-        proc = await asyncio.create_subprocess_exec(sys.executable, *submit[1:], env=env, cwd=tmp_path,
-                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-        assert proc.returncode == 0, err.decode()
-        assert out.decode() == "3\n"
+        for submit_line in submit_lines:
+            submit = shlex.split(submit_line, comments=True)
+            assert submit[0] == "python"
+            expected = submit_line.rsplit("#", 1)[1].split(" (")[0].strip()
+            proc = await asyncio.create_subprocess_exec(sys.executable, *submit[1:], env=env, cwd=tmp_path,
+                                                        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 0, err.decode()
+            assert out.decode() == expected + "\n"
+            value = ast.literal_eval(expected)
+            runs += len(value) if isinstance(value, list) else 1
     finally:
         worker.send_signal(signal.SIGTERM)
         _, werr = await asyncio.wait_for(worker.communicate(), 60)
     assert worker.returncode == 0, werr.decode()
-    assert b"1 task runs finished" in werr
+    assert f"{runs} task runs finished".encode() in werr
 
 
 async def test_the_readme_python_snippet_runs_as_pasted(service, settings):
