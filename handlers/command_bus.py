@@ -130,8 +130,9 @@ class AfterAppend(Protocol):
 class BulkSpec:
     """A command that carries many of another (`CreateTaskRuns`: many `CreateTaskRun`): each
     item is decided and appended as if sent alone, side by side, and the reply's result lists
-    `item_reply` of each item's reply, in order. One request instead of one per item; nothing
-    of the items' rules is written twice."""
+    `item_reply` of each item's reply, in order. One request instead of one per item; the
+    items' rules stay the item command's own. The whole bulk counts as one request against the
+    endpoint's limits and deadline; its items go `BULK_AT_ONCE` at a time."""
 
     model: type[Command]
     item_command: str
