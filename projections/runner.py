@@ -147,10 +147,9 @@ async def read_checkpoint(conn: AsyncConnection, name: str, *, lock: bool = Fals
     return await (await _driver(conn)).fetchval(sql, name) or 0
 
 
-# A projection of several aggregate types binds to the whole log when more than this many
-# events are past its checkpoint, and again when its own subjects hold more than this many
-# undelivered; it binds back to its own subjects once a batch leaves at most NARROW_PENDING
-# behind (`consumer_filter`).
+# A projection of several subjects binds to the whole log when more than this many of its own
+# events wait (at a bind, or while it runs); it binds back to its own subjects once a batch of
+# the whole log leaves at most NARROW_PENDING behind (`consumer_filter`).
 WIDE_BACKLOG = 2_000
 NARROW_PENDING = 100
 CHECKPOINT_SAVE_SECONDS = 0.02  # a projection with nothing to apply saves its position this much later, at most
@@ -477,13 +476,15 @@ class ProjectionRunner:
         """What the consumer reads: its subjects (`subjects`); for a projector of several, the
         whole log (skipped by type, unparsed) while it catches up on more than `WIDE_BACKLOG`
         of its own events (`backlog`: the pending count of a consumer of its subjects, bound
-        first to learn it; sparse among others, they come quickly). nats-server 2.15 finds a multi-filter consumer's next message by
-        looking through every subject of a message block: at the tail that costs what one
-        filter costs, but through a backlog where its events are many and their subjects
-        too (a task run is a subject) it delivered ~1,700 events/s against ~40,000 for the
-        whole log (measured: docs/benchmarks.md, session 11). The whole log at the tail, in
-        turn, sent a read model of deployments every task run's events. The probe still
-        looks only at the projector's own subjects (`subjects`)."""
+        first to learn it; sparse among others, they come quickly).
+
+        nats-server 2.15 finds a multi-filter consumer's next message by looking through the
+        subjects of a message block: at the tail that costs what one filter costs, but
+        through a backlog where its events are many and their subjects too (a task run is a
+        subject) it delivered ~1,900 events/s against ~40,000 for the whole log
+        (`bench/consumer_filters.py`). The whole log at the tail, in turn, sent the
+        deployments' read model every task run's events. The probe still looks only at the
+        projector's own subjects."""
         subjects = self.subjects(projector)
         if len(subjects) == 1 or backlog <= WIDE_BACKLOG:
             return subjects
