@@ -451,23 +451,23 @@ def _is_mapped(value: Any) -> bool:
 
 
 def _mapped_calls(args: tuple, kwargs: dict[str, Any]) -> list[tuple[list[Any], dict[str, Any]]]:
-    """The argument lists of `Task.map`'s runs: the mapped arguments element by element."""
-    args_seen = [list(a) if _is_mapped(a) else a for a in args]
-    kwargs_seen = {k: list(v) if _is_mapped(v) else v for k, v in kwargs.items()}
-    lengths = {len(v) for v in (*args_seen, *kwargs_seen.values()) if isinstance(v, list) and not isinstance(v, unmapped)}
-    mapped_args = [isinstance(a, list) for a in args_seen]
-    mapped_kwargs = {k: isinstance(v, list) for k, v in kwargs_seen.items()}
+    """The argument lists of `Task.map`'s runs: the mapped arguments element by element, the
+    others whole (unwrapped from `unmapped`)."""
+    def split(value: Any) -> tuple[bool, Any]:
+        if _is_mapped(value):
+            return True, list(value)
+        return False, value.value if isinstance(value, unmapped) else value
+
+    positional = [split(a) for a in args]
+    named = {k: split(v) for k, v in kwargs.items()}
+    lengths = {len(v) for mapped, v in (*positional, *named.values()) if mapped}
     if not lengths:
         raise ValueError("map needs at least one iterable argument (a list, a tuple, ...)")
     if len(lengths) > 1:
         raise ValueError(f"map's iterable arguments differ in length: {sorted(lengths)}")
     (n,) = lengths
-
-    def plain(v: Any) -> Any:
-        return v.value if isinstance(v, unmapped) else v
-
-    return [([a[i] if m else plain(a) for a, m in zip(args_seen, mapped_args, strict=True)],
-             {k: v[i] if mapped_kwargs[k] else plain(v) for k, v in kwargs_seen.items()}) for i in range(n)]
+    return [([v[i] if mapped else v for mapped, v in positional],
+             {k: v[i] if mapped else v for k, (mapped, v) in named.items()}) for i in range(n)]
 
 
 def _aware(when: datetime) -> datetime:
