@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
+import contextlib
 import shutil
-import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import nats
-from harness import report
+from harness import cpu_seconds, report
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 
 from runledger.handlers.registry import projectors
-from runledger.infra.embedded import free_port, nats_server_binary
+from runledger.infra.embedded import EmbeddedNats
 from runledger.infra.event_store import EventStore
 from runledger.infra.jetstream_setup import ensure_event_stream
 from runledger.infra.settings import Settings
@@ -33,32 +34,16 @@ from runledger.projections.replay import iter_log
 from runledger.projections.runner import aggregate_types
 
 
-def cpu(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().split()
-    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
-
-
-class Server:
-    def __enter__(self):
-        self.dir = tempfile.mkdtemp(prefix="rlcf-")
-        self.port = free_port()
-        self.proc = subprocess.Popen([str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(self.port), "-js",
-                                      "-sd", self.dir], stderr=subprocess.DEVNULL)
-        return self
-
-    def __exit__(self, *exc):
-        self.proc.terminate()
-        self.proc.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-async def connect(server: Server):
-    for _ in range(50):
-        try:
-            return await nats.connect(f"nats://127.0.0.1:{server.port}")
-        except Exception:  # noqa: BLE001 - not up yet
-            await asyncio.sleep(0.1)
-    raise RuntimeError("nats-server did not start")
+@contextlib.contextmanager
+def server() -> Iterator[EmbeddedNats]:
+    """A JetStream nats-server of its own (no authentication, default sync), on a fresh store."""
+    store = Path(tempfile.mkdtemp(prefix="rlcf-"))
+    nats_server = EmbeddedNats(store / "nats").start()
+    try:
+        yield nats_server
+    finally:
+        nats_server.stop()
+        shutil.rmtree(store, ignore_errors=True)
 
 
 def config(kind: str, **more) -> ConsumerConfig:
@@ -88,8 +73,8 @@ async def drain(sub, count: int) -> None:
 async def catch_up(kind: str, backlog: int) -> float:
     """Events/s delivered through a backlog of task-run events (3 per run, each run its own
     subject), one in 20 a pool's."""
-    with Server() as server:
-        nc = await connect(server)
+    with server() as embedded:
+        nc = await nats.connect(embedded.url)
         js = nc.jetstream()
         await js.add_stream(StreamConfig(name="E", subjects=["e.>"]))
         await publish(js, nc, (f"e.work_pool.{i % 50}.X" if i % 20 == 0 else f"e.task_run.{i // 3}.S"
@@ -107,8 +92,8 @@ async def catch_up(kind: str, backlog: int) -> float:
 async def tail(kind: str, events: int = 30_000) -> tuple[float, int]:
     """nats-server's CPU while `events` task-run events are appended at ~3,000/s, one in 500 a
     deployment's, with the consumer at the end of the log; and the events it delivered."""
-    with Server() as server:
-        nc = await connect(server)
+    with server() as embedded:
+        nc = await nats.connect(embedded.url)
         js = nc.jetstream()
         await js.add_stream(StreamConfig(name="E", subjects=["e.>"]))
         await publish(js, nc, (f"e.task_run.{i // 3}.S" for i in range(30_000)))
@@ -117,14 +102,14 @@ async def tail(kind: str, events: int = 30_000) -> tuple[float, int]:
         sub = await js.pull_subscribe_bind(kind, stream="E")
         delivered = events if kind == "whole" else events // 500
         consumer = asyncio.create_task(drain(sub, delivered))
-        c0 = cpu(server.proc.pid)
+        c0 = cpu_seconds(embedded.process.pid)
         for i in range(events):
             await js.publish_async(f"e.deployment.{i % 7}.D" if i % 500 == 0 else f"e.task_run.{100_000 + i // 3}.S", b"x" * 300)
             if i % 100 == 0:
                 await nc.flush()
                 await asyncio.sleep(0.03)
         await consumer
-        used = cpu(server.proc.pid) - c0
+        used = cpu_seconds(embedded.process.pid) - c0
         await nc.close()
         return used, delivered
 
@@ -132,9 +117,9 @@ async def tail(kind: str, events: int = 30_000) -> tuple[float, int]:
 async def replay_read(backlog: int) -> dict[str, float]:
     """Events/s `iter_log` reads from a log of `backlog` task-run events (3 per run), filtered
     to every projection's subjects, and the whole log."""
-    with Server() as server:
-        settings = Settings(nats_url=f"nats://127.0.0.1:{server.port}", namespace="bench")
-        nc = await connect(server)
+    with server() as embedded:
+        settings = Settings(nats_url=embedded.url, namespace="bench")
+        nc = await nats.connect(embedded.url)
         await ensure_event_stream(nc.jetstream(), settings)
         store = EventStore(nc, settings)
         prefix = settings.event_subject_prefix

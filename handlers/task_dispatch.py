@@ -125,8 +125,9 @@ class TaskDispatch:
                     continue
                 full.append((run, refused))
             except Exception:
-                # Stored but not published: the recovery sweep publishes it (TaskRecovery).
-                log.warning("task run %s was stored but not yet queued; the recovery sweep will queue it", run.id,
+                # Not published (its append may still be in flight): once stored, the recovery
+                # sweep publishes it (TaskRecovery).
+                log.warning("task run %s was not queued; the recovery sweep will queue it once it is stored", run.id,
                             exc_info=True)
         return full
 

@@ -1,6 +1,7 @@
 import pytest
 from sqlalchemy import text
 
+from runledger.client import RunledgerClient
 from runledger.handlers.service import Service
 from runledger.infra.nats_connection import connect
 
@@ -20,6 +21,13 @@ async def broker(service, settings):
         yield Broker(nc, settings)
     finally:
         await nc.close()
+
+
+@pytest.fixture
+async def client(service, settings):
+    """A client of the running service (the tests of task runs and their workers)."""
+    async with RunledgerClient(settings) as rl:
+        yield rl
 
 
 @pytest.fixture

@@ -28,12 +28,6 @@ from .test_task_queues import running_worker, state_names
 pytestmark = pytest.mark.asyncio
 
 
-@pytest.fixture
-async def client(service, settings):
-    async with RunledgerClient(settings) as rl:
-        yield rl
-
-
 def body(key: str, dynamic_key: str, **parameters) -> dict:
     return {"task_key": key, "dynamic_key": dynamic_key, "parameters": parameters,
             "state": {"type": "SCHEDULED", "state_details": {"deferred": True}}}

@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from runledger.client import RunledgerClient
 from runledger.client.tasks import (
     Task,
     fetch_task_result,
@@ -21,12 +20,6 @@ from runledger.client.tasks import (
 from tests.integration.test_task_queues import running_worker, state_names
 
 pytestmark = pytest.mark.asyncio
-
-
-@pytest.fixture
-async def client(service, settings):
-    async with RunledgerClient(settings) as rl:
-        yield rl
 
 
 async def test_a_run_with_a_cached_key_takes_a_copy_of_its_state_and_does_not_run(client, settings):

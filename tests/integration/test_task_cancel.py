@@ -56,12 +56,6 @@ def blocking_task():
     return blocking, started, stopped
 
 
-@pytest.fixture
-async def client(service, settings):
-    async with RunledgerClient(settings) as rl:
-        yield rl
-
-
 async def history(client, run_id) -> list[str]:
     """The run's state types, oldest first, once the read model holds every write made so far."""
     await client.catch_up()

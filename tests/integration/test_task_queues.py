@@ -47,12 +47,6 @@ async def state_names(client, run_id, field="name") -> list[str]:
     return [s[field] for s in (await client.query("ListTaskRunStates", {"task_run_id": str(run_id)})).result]
 
 
-@pytest.fixture
-async def client(service, settings):
-    async with RunledgerClient(settings) as rl:
-        yield rl
-
-
 async def test_a_submitted_task_runs_once_and_its_result_is_awaited(client, settings):
     calls: list[dict] = []
 
