@@ -3,6 +3,10 @@ deployment, state transitions Scheduled -> Pending -> Running -> Completed, and 
 schedule turned into runs.
 
     python bench/runs.py [--clients 8] [--seconds 10] [--deployments 100] [--runs-per-deployment 100]
+                         [--only create,transitions,handoffs,schedule] [--split]
+
+(`--only transitions` still creates the runs it walks; with RUNLEDGER_BENCH_PROFILE set, the
+profile then covers the creates too.)
 
 The transitions run in a pool, queue and deployment that all have limits (large enough never
 to refuse), so each claim and each release is decided against the pool's slot counts and the
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 
 from harness import (
@@ -38,7 +43,12 @@ from runledger.infra.nats_connection import connect
 async def run(args) -> dict:
     with servers() as urls:
         settings = bench_settings(urls)
-        with service_process(settings) as proc:
+        with contextlib.ExitStack() as processes:
+            # --split: the projections in a process of their own, beside the commands and queries
+            # (the CPU and RSS figures are then the commands' process's).
+            proc = [processes.enter_context(service_process(settings, roles))
+                    for roles in (("commands,queries",) if args.split == "none" else ("commands,queries", "projections") if args.split
+                                  else ("commands,queries,projections",))][0]
             nc = await connect(bench_settings(urls, role="client"))
 
             cmd = command_sender(nc, settings)
@@ -50,8 +60,10 @@ async def run(args) -> dict:
                 "name": "d", "flow_id": flow["id"], "work_pool_name": "pool", "work_queue_name": "q",
                 "concurrency_limit": 1_000_000, "parameters": {"x": 1}}))["result"]
 
+            out: dict = {}
+            only = set(args.only.split(","))
             # 1. Runs from a deployment, each client one request at a time.
-            stop_at = now() + args.seconds
+            stop_at = now() + (args.seconds if only & {"create", "transitions"} else 0)
             made: list[list[str]] = [[] for _ in range(args.clients)]
             latencies: list[float] = []
 
@@ -66,12 +78,13 @@ async def run(args) -> dict:
             t0, cpu0 = now(), cpu_seconds(proc.pid)
             await asyncio.gather(*(creator(c) for c in range(args.clients)))
             created = sum(map(len, made))
-            create_rate = created / (now() - t0)
-            create_cpu = (cpu_seconds(proc.pid) - cpu0) / created * 1e6
-            create_p50, create_p99 = percentile(latencies, 50), percentile(latencies, 99)
+            if "create" in only:
+                out.update(create_rate=created / (now() - t0), created=created,
+                           create_cpu=(cpu_seconds(proc.pid) - cpu0) / created * 1e6,
+                           create_p50=percentile(latencies, 50), create_p99=percentile(latencies, 99))
 
             # 2. Transitions: each client walks its own runs Scheduled -> Pending -> Running -> Completed.
-            stop_at = now() + args.seconds
+            stop_at = now() + (args.seconds if "transitions" in only else 0)
             transitions = [0] * args.clients
 
             async def walker(c: int) -> None:
@@ -89,8 +102,9 @@ async def run(args) -> dict:
             t0, cpu0 = now(), cpu_seconds(proc.pid)
             await asyncio.gather(*(walker(c) for c in range(args.clients)))
             moved = sum(transitions)
-            transition_rate = moved / (now() - t0)
-            transition_cpu = (cpu_seconds(proc.pid) - cpu0) / max(moved, 1) * 1e6
+            if "transitions" in only:
+                out.update(transition_rate=moved / (now() - t0), transitions=moved,
+                           transition_cpu=(cpu_seconds(proc.pid) - cpu0) / max(moved, 1) * 1e6)
 
             # 3. A release to the next waiter's claim.
             limited = (await cmd("CreateDeployment", {"name": "one-at-a-time", "flow_id": flow["id"],
@@ -104,7 +118,7 @@ async def run(args) -> dict:
 
             holder = await new_run()
             await cmd("SetFlowRunState", {"id": holder, "state": {"type": "PENDING"}})
-            for _ in range(args.handoffs):
+            for _ in range(args.handoffs if "handoffs" in only else 0):
                 waiter = await new_run()
                 sent = await cmd("SetFlowRunState", {"id": waiter, "state": {"type": "PENDING"}})
                 assert sent["result"]["name"] == "AwaitingConcurrencySlot", sent
@@ -116,10 +130,14 @@ async def run(args) -> dict:
                     handoffs.append((now() - t) * 1000)
                     after_release.append((now() - released) * 1000)
                 holder = waiter
+            if "handoffs" in only:
+                out.update(handoff_p50=percentile(handoffs, 50), handoff_p99=percentile(handoffs, 99),
+                           handoffs=len(handoffs), acked_p50=percentile(after_release, 50),
+                           acked_p99=percentile(after_release, 99))
 
             # 4. The schedule: deployments x runs, scheduled by 8 clients side by side.
             ids = []
-            for i in range(args.deployments):
+            for i in range(args.deployments if "schedule" in only else 0):
                 ids.append((await cmd("CreateDeployment", {
                     "name": f"s{i}", "flow_id": flow["id"],
                     "schedules": [{"schedule": {"interval": 60, "anchor_date": "2020-01-01T00:00:00Z"}}]}))["result"]["id"])
@@ -135,19 +153,17 @@ async def run(args) -> dict:
 
             t0 = now()
             await asyncio.gather(*(scheduler() for _ in range(args.clients)))
-            schedule_rate = scheduled[0] / (now() - t0)
-            again = 0
-            for dep in ids[:10]:
-                again += len((await cmd("ScheduleDeploymentRuns", {"deployment_id": dep, "min_runs": args.runs_per_deployment,
-                                                                   "max_runs": args.runs_per_deployment}))["result"]["flow_run_ids"])
-            memory = rss_mb(proc.pid)
+            if "schedule" in only:
+                out.update(schedule_rate=scheduled[0] / (now() - t0), scheduled=scheduled[0])
+                again = 0
+                for dep in ids[:10]:
+                    again += len((await cmd("ScheduleDeploymentRuns", {
+                        "deployment_id": dep, "min_runs": args.runs_per_deployment,
+                        "max_runs": args.runs_per_deployment}))["result"]["flow_run_ids"])
+                out["duplicates"] = again
+            out["rss_mb"] = rss_mb(proc.pid)
             await nc.close()
-    return {"create_rate": create_rate, "created": created, "create_cpu": create_cpu, "create_p50": create_p50,
-            "create_p99": create_p99, "transition_rate": transition_rate, "transitions": moved,
-            "transition_cpu": transition_cpu, "schedule_rate": schedule_rate, "scheduled": scheduled[0],
-            "duplicates": again, "rss_mb": memory, "handoff_p50": percentile(handoffs, 50),
-            "handoff_p99": percentile(handoffs, 99), "handoffs": len(handoffs),
-            "acked_p50": percentile(after_release, 50), "acked_p99": percentile(after_release, 99)}
+    return out
 
 
 def main() -> None:
@@ -157,25 +173,40 @@ def main() -> None:
     p.add_argument("--deployments", type=int, default=100)
     p.add_argument("--runs-per-deployment", type=int, default=100)
     p.add_argument("--handoffs", type=int, default=200)
+    p.add_argument("--split", nargs="?", const="yes", help="the projections in a service process of their own")
+    p.add_argument("--only", default="create,transitions,handoffs,schedule",
+                   help="comma-separated: create, transitions, handoffs, schedule")
     args = p.parse_args()
     r = asyncio.run(run(args))
-    report("Flow runs through the whole path (bench/runs.py)", [
-        (f"create a flow run from a deployment, {args.clients} clients",
-         f"{r['create_rate']:,.0f} runs/s ({r['created']} in {args.seconds:g} s)", ">= 2,000 runs/s (Prefect ≈ 15)"),
-        ("  round trip p50 / p99", f"{r['create_p50']:.2f} / {r['create_p99']:.2f} ms", ""),
-        ("  service CPU per run", f"{r['create_cpu']:.0f} µs", ""),
-        (f"transitions Scheduled -> Pending -> Running -> Completed, {args.clients} clients",
-         f"{r['transition_rate']:,.0f} transitions/s ({r['transitions']})", ">= 3,000/s (Prefect ≈ 30)"),
-        ("  service CPU per transition", f"{r['transition_cpu']:.0f} µs", ""),
-        (f"a slot's release to the next waiting run's claim ({r['handoffs']} handoffs), p50 / p99",
-         f"{r['handoff_p50']:.2f} / {r['handoff_p99']:.2f} ms", "p50 <= 10 ms (Prefect: the waiter retries after 30 s)"),
-        ("  from the release's acknowledgement to the claim's, p50 / p99",
-         f"{r['acked_p50']:.2f} / {r['acked_p99']:.2f} ms", ""),
-        (f"schedule {args.deployments} deployments x {args.runs_per_deployment} runs, {args.clients} clients",
-         f"{r['schedule_rate']:,.0f} runs/s ({r['scheduled']} runs)", ">= 10,000 runs/s"),
-        ("  runs written again by scheduling 10 of them a second time", f"{r['duplicates']}", "0"),
-        ("service RSS after the run", f"{r['rss_mb']:.0f} MB", ""),
-    ])
+    rows = []
+    if "create_rate" in r:
+        rows += [
+            (f"create a flow run from a deployment, {args.clients} clients",
+             f"{r['create_rate']:,.0f} runs/s ({r['created']} in {args.seconds:g} s)", ">= 2,000 runs/s (Prefect ≈ 15)"),
+            ("  round trip p50 / p99", f"{r['create_p50']:.2f} / {r['create_p99']:.2f} ms", ""),
+            ("  service CPU per run", f"{r['create_cpu']:.0f} µs", ""),
+    ]
+    if "transition_rate" in r:
+        rows += [
+            (f"transitions Scheduled -> Pending -> Running -> Completed, {args.clients} clients",
+             f"{r['transition_rate']:,.0f} transitions/s ({r['transitions']})", ">= 3,000/s (Prefect ≈ 30)"),
+            ("  service CPU per transition", f"{r['transition_cpu']:.0f} µs", ""),
+    ]
+    if "handoff_p50" in r:
+        rows += [
+            (f"a slot's release to the next waiting run's claim ({r['handoffs']} handoffs), p50 / p99",
+             f"{r['handoff_p50']:.2f} / {r['handoff_p99']:.2f} ms", "p50 <= 10 ms (Prefect: the waiter retries after 30 s)"),
+            ("  from the release's acknowledgement to the claim's, p50 / p99",
+             f"{r['acked_p50']:.2f} / {r['acked_p99']:.2f} ms", ""),
+    ]
+    if "schedule_rate" in r:
+        rows += [
+            (f"schedule {args.deployments} deployments x {args.runs_per_deployment} runs, {args.clients} clients",
+             f"{r['schedule_rate']:,.0f} runs/s ({r['scheduled']} runs)", ">= 10,000 runs/s"),
+            ("  runs written again by scheduling 10 of them a second time", f"{r['duplicates']}", "0"),
+    ]
+    rows.append(("service RSS after the run", f"{r['rss_mb']:.0f} MB", ""))
+    report("Flow runs through the whole path (bench/runs.py)", rows)
 
 
 if __name__ == "__main__":

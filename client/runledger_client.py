@@ -76,6 +76,7 @@ BUS_KEY_FIELDS: dict[str, str | None] = {
     "CreateFlowRun": "request_idempotency_key",
     "CreateFlowRunFromDeployment": "request_idempotency_key",
     "CreateTaskRuns": None,  # each run's own keys make it safe to send again
+    "SetTaskRunStates": None,  # each item carries its own
 }
 
 

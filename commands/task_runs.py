@@ -295,6 +295,26 @@ class SetTaskRunState(Command):
     queue_wait_seconds: Annotated[float, Field(ge=0, le=MAX_QUEUE_WAIT_SECONDS, allow_inf_nan=False)] = 0
 
 
+MAX_STATES_PER_COMMAND = 100
+
+
+class SetTaskRunStates(Command):
+    """Many `SetTaskRunState` in one request: what a task worker sends when several of its runs
+    start or end at the same moment (one request instead of one per run). Each item is decided
+    as if sent alone, side by side, with its own `idempotency_key` if it has one; the reply
+    lists one reply per item, in order. A body with an invalid item is refused whole, nothing
+    written: the worker then sends each alone, so that each hears its own answer."""
+
+    states: Annotated[list[SetTaskRunState], Field(min_length=1, max_length=MAX_STATES_PER_COMMAND)]
+    BUS_KEY_FIELD: ClassVar[str | None] = None
+
+    @model_validator(mode="after")
+    def _no_bus_key(self) -> SetTaskRunStates:
+        if self.idempotency_key is not None:
+            raise ValueError("SetTaskRunStates takes no idempotency_key: give each item its own")
+        return self
+
+
 class UpdateTaskRun(Command):
     """Prefect's task-run update: the name."""
 

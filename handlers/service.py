@@ -163,7 +163,8 @@ class Service:
         self.commands = CommandBus(self.store, repo, registry.command_specs(self.store, self._takeover_allowed, s.task_worker_keys,
                                                                   s.deployment_slot_lease_seconds),
                                    retries=s.command_retries)
-        self.commands.after_append = TaskDispatch(TaskPublisher(self.nc.jetstream(timeout=s.request_timeout), s),
+        self.commands.after_append = TaskDispatch(TaskPublisher(self.nc.jetstream(timeout=s.request_timeout), s,
+                                                              acks=self.store.acks),
                                                   self.commands, self.nc, s)
         deadline = request_deadline(s)
         self.polls = PollRecorder(CommandSender(self.nc, s, timeout=s.request_timeout))

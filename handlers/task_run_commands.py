@@ -96,6 +96,15 @@ def _state_reply(state: State | None) -> dict[str, Any] | None:
     return state.reply() if state is not None else None
 
 
+def _short_state_reply(reply: dict[str, Any]) -> dict[str, Any]:
+    """An item of `SetTaskRunStates`' reply: the item's reply without the state's `data` (a
+    result of up to 256 KiB each would make a hundred too large for one reply)."""
+    state = reply.get("result")
+    if not reply.get("ok") or not isinstance(state, dict):
+        return reply
+    return {**reply, "result": {k: v for k, v in state.items() if k != "data"}}
+
+
 def _nothing(_: Any) -> None:
     return None
 
@@ -201,4 +210,6 @@ def command_specs(takeover_allowed: Callable[[], bool] = lambda: True,
         "UpdateTaskRun": CommandSpec(tr.UpdateTaskRun, update_task_run, _nothing, _by_id),
         "DeleteTaskRun": CommandSpec(tr.DeleteTaskRun, delete_task_run, _nothing, _by_id),
         "CreateTaskRuns": BulkSpec(tr.CreateTaskRuns, "CreateTaskRun", lambda cmd: cmd.task_runs, _short_reply),
+        "SetTaskRunStates": BulkSpec(tr.SetTaskRunStates, "SetTaskRunState", lambda cmd: cmd.states,
+                                     _short_state_reply),
     }

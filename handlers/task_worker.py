@@ -63,6 +63,8 @@ from runledger.infra.task_queues import (
     task_stream_name,
 )
 
+from .task_reports import ReportBatcher
+
 log = logging.getLogger("runledger.task_worker")
 
 TaskFunction = Callable[..., Any]
@@ -249,6 +251,13 @@ class TaskWorker:
         self._watches: dict[str, _CancelWatch] = {}
         self._cancel_subs: list[Any] = []
         self._beats: set[asyncio.Task] = set()  # the in-progress acknowledgements being sent
+        # Its starts and outcomes, sent together when several are made at once.
+        self.reports = ReportBatcher(self._command)
+
+    async def _command(self, name: str, body: bytes) -> dict[str, Any]:
+        raw = await self.nc.request(self.settings.command_subject(name), body, timeout=self.settings.request_timeout)
+        reply: dict[str, Any] = json.loads(raw.data)
+        return reply
 
     async def start(self) -> None:
         """Binds to (creating if needed) the durable consumers of its keys."""
@@ -680,8 +689,9 @@ class TaskWorker:
         return _KeepAlive(msg, max(0.2, self.settings.task_ack_wait_seconds / 3), self._beats)
 
     async def _report(self, body: dict[str, Any], msg: Msg) -> dict[str, Any] | None:
-        """A command, tried again while the service or the broker is away (the run's message is
-        kept alive meanwhile); None when it never got through."""
+        """A `SetTaskRunState`, tried again while the service or the broker is away (the run's
+        message is kept alive meanwhile); None when it never got through. Sent with the other
+        reports made at the same moment (`task_reports.ReportBatcher`)."""
         keep_alive = self._keep_alive(msg)
         pause = 0.05
         loop = asyncio.get_running_loop()
@@ -689,9 +699,7 @@ class TaskWorker:
         try:
             while True:
                 try:
-                    raw = await self.nc.request(self.settings.command_subject("SetTaskRunState"),
-                                                json.dumps(body).encode(), timeout=self.settings.request_timeout)
-                    reply: dict[str, Any] = json.loads(raw.data)
+                    reply = await self.reports.report(body)
                     if reply.get("ok") or reply.get("error", {}).get("code") != "unavailable":
                         return reply
                 except asyncio.CancelledError:

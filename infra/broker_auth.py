@@ -51,7 +51,7 @@ from typing import Any
 ROLES = ("service", "client", "analyst", "task_worker")
 # What a task worker may send: its reports, new task runs, and the reads a `.result()` makes
 # (the run; the service's health, whose stream position `catch_up` waits for).
-TASK_WORKER_COMMANDS = ("CreateTaskRun", "CreateTaskRuns", "SetTaskRunState")
+TASK_WORKER_COMMANDS = ("CreateTaskRun", "CreateTaskRuns", "SetTaskRunState", "SetTaskRunStates")
 TASK_WORKER_QUERIES = ("GetTaskRun", "GetServiceHealth", "GetTaskRunResult")
 # Headers plus body of one message (nats-server counts both); the server's default, stated.
 MAX_PAYLOAD = 1024 * 1024

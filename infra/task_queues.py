@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import time
 from typing import Literal
@@ -33,6 +34,7 @@ from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from runledger.commands.task_keys import encode_task_key
 
+from .event_store import AckInbox
 from .settings import Settings
 
 log = logging.getLogger("runledger.tasks")
@@ -137,9 +139,12 @@ class TaskPublisher:
     """Puts task runs on their key's subject, once each (message id: the run's id and the id of
     the state that queued it), waiting for room up to a bound when the key is full."""
 
-    def __init__(self, js: JetStreamContext, settings: Settings):
+    def __init__(self, js: JetStreamContext, settings: Settings, acks: AckInbox | None = None):
         self.js = js
         self.settings = settings
+        # Where the stream's acknowledgements come back (the event store's, on the service):
+        # nats-py's `publish` costs ~4 % of the service's CPU more per task run.
+        self.acks = acks
         # Each stream's per-subject bound as the server has it (a lowered setting is not
         # applied to an existing stream: see `ensure_task_streams`), read once.
         self._stream_bounds: dict[Side, int] = {}
@@ -165,7 +170,7 @@ class TaskPublisher:
             full = counted and await self.count(task_key, side) >= bound
             if not full:
                 try:
-                    await self.js.publish(subject, body, headers=headers)
+                    await self._put(subject, body, headers)
                     return
                 except (ServiceUnavailableError, APIError) as e:
                     if getattr(e, "err_code", None) != _FULL:
@@ -174,6 +179,15 @@ class TaskPublisher:
                 raise TaskKeyFull(task_key, side, bound)
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.2)
+
+    async def _put(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
+        if self.acks is None:
+            await self.js.publish(subject, body, headers=headers)
+            return
+        reply = await self.acks.request(subject, body, headers, self.settings.request_timeout)
+        error = json.loads(reply.data).get("error")
+        if error:
+            raise APIError(code=error.get("code"), err_code=error.get("err_code"), description=error.get("description"))
 
     async def count(self, task_key: str, side: Side) -> int:
         """How many runs wait on one side of a key (acknowledged ones are gone from the stream)."""

@@ -110,6 +110,10 @@ async def test_a_bound_task_worker_cannot_take_settle_or_report_on_other_keys(bo
     forced = await _command(nc, bound, "SetTaskRunState", {"id": str(mine.id), "state": {"type": "COMPLETED"},
                                                             "force": True})
     assert forced["error"]["code"] == "forbidden" and "may not force" in forced["error"]["message"]
+    # The same in one request of many: each held to the keys on its own.
+    bulk = await _command(nc, bound, "SetTaskRunStates", {"states": [
+        start, {"id": str(mine.id), "state": {"type": "COMPLETED"}, "force": True}]})
+    assert [item["error"]["code"] for item in bulk["result"]] == ["forbidden", "forbidden"], bulk
     allowed = await _command(nc, bound, "SetTaskRunState", {"id": str(mine.id), "state": {"type": "CANCELLED"}})
     assert allowed["ok"] and allowed["orchestration"]["status"] == "ACCEPT", allowed
     async with RunledgerClient(bound.settings("client")) as client:

@@ -404,6 +404,10 @@ async def test_task_worker_serves_its_keys_and_submits_tasks_with_its_own_creden
             assert task_result(await wait_for_task_run(as_worker, run.id, timeout=10)) == 10
             mapped = await submit_tasks(as_worker, "double", [{"x": 6}, {"x": 7}])  # in one request
             assert [task_result(await wait_for_task_run(as_worker, i, timeout=10)) for i in mapped] == [12, 14]
+            # Many reports in one request (a busy worker's): through its import too.
+            unknown = [{"id": str(uuid.uuid4()), "state": {"type": "RUNNING"}} for _ in range(2)]
+            reports = await as_worker.command("SetTaskRunStates", {"states": unknown})
+            assert [item["error"]["code"] for item in reports.result] == ["not_found", "not_found"]
             large = await submit_task(as_worker, "big", {})
             assert await fetch_task_result(as_worker, await wait_for_task_run(as_worker, large.id, timeout=10)) == \
                 "y" * 700_000

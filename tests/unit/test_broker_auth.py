@@ -121,7 +121,8 @@ def test_the_task_worker_imports_what_it_uses_and_nothing_else():
         *(f"{api}.CONSUMER.{what}.{s}{tail}" for s in ("NS_TASKS", "NS_TASK_RETRIES")
           for what, tail in (("CREATE", ".*.>"), ("INFO", ".*"), ("MSG.NEXT", ".*"))),
         "$JS.ACK.NS_TASKS.>", "$JS.ACK.NS_TASK_RETRIES.>", "$KV.NS_TASK_WORKERS.>", "ns.result.>",
-        "ns.cmd.CreateTaskRun", "ns.cmd.CreateTaskRuns", "ns.cmd.SetTaskRunState", "ns.qry.GetTaskRun",
+        "ns.cmd.CreateTaskRun", "ns.cmd.CreateTaskRuns", "ns.cmd.SetTaskRunState", "ns.cmd.SetTaskRunStates",
+        "ns.qry.GetTaskRun",
         "ns.qry.GetServiceHealth",
         "ns.qry.GetTaskRunResult",
     ])
