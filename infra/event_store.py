@@ -293,6 +293,8 @@ class BatchGroups:
     async def _flush(self) -> None:
         while self.waiting:
             group = self._next_group()
+            if not group and not self.waiting:
+                return  # every one left was settled meanwhile (its chain broke, or it was answered)
             if not group:
                 # The first waits for an append outside the queue (a single message sent on its
                 # own): let it settle. (Those behind it may wait for ones in the queue.)

@@ -334,6 +334,8 @@ async def test_a_decision_chained_onto_a_queued_append_lands_right_after_it_or_n
         await stale.result
     with pytest.raises(ChainBroken):
         await chained.result
+    # The group commit's flusher, left with nothing but a broken chain, ends cleanly.
+    await asyncio.wait_for(store.groups.flusher, 5)
     assert await count(store) == before
     # A decision chained onto one that already landed checks the sequence it got.
     after = store.submit(store.build_messages([release("hot", pool_id)], {key: Pending(third, 0)}))

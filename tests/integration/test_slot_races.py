@@ -42,6 +42,12 @@ async def _claim_all(settings, run_ids: list[str], seed: int) -> Counter:
             now = datetime.now(UTC).isoformat()
             reply = await _cmd(nc, settings, "SetFlowRunState",
                                {"id": run_id, "state": {"type": "PENDING", "state_details": {"scheduled_time": now}}})
+            if not reply["ok"] and reply["error"]["code"] == "conflict":
+                # Two instances fighting for one limit: a claim that lost every race of its
+                # retries says so (`conflict`: try again), as a worker's claim would hear it.
+                outcomes["conflict"] += 1
+                await asyncio.sleep(rng.uniform(0, 0.005))
+                continue
             assert reply["ok"], reply
             status = reply["orchestration"]["status"]
             outcomes[status] += 1
