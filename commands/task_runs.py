@@ -23,6 +23,7 @@ import json
 import uuid
 from collections.abc import Mapping
 from datetime import timedelta
+from functools import lru_cache
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -357,6 +358,7 @@ def still_there(run: TaskRun | None, flow_run_exists: bool) -> TaskRun | None:
     return run
 
 
+@lru_cache(maxsize=4096)  # a create asks three times (its locks, its handler, its decider)
 def keys_id(flow_run_id: uuid.UUID | None, task_key: str, dynamic_key: str) -> uuid.UUID:
     """The id a run's (flow run, task key, dynamic key) make: a create of those keys writes
     under it, with an expected-sequence check, so two creates of one set of keys cannot both

@@ -4,7 +4,6 @@ it; an answer is that row with its queue's current name and pool (FR-9)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -17,7 +16,7 @@ from runledger.commands.messages import Event, not_found
 from runledger.commands.states import State
 from runledger.infra.database import asyncpg_connection
 
-from .bulk_writes import populate_sql
+from .bulk_writes import json_param, populate_sql
 from .filters import where_filter, where_time_range
 from .run_history import run_history
 from .tables import flow_run_states, flow_runs, work_pools, work_queues
@@ -64,10 +63,10 @@ class FlowRunsProjector:
             await driver.execute("DELETE FROM flow_run_states WHERE flow_run_id = ANY($1::uuid[])", gone)
             await driver.execute("DELETE FROM flow_runs WHERE id = ANY($1::uuid[])", gone)
         if states:
-            await driver.execute(_INSERT_STATES, json.dumps(list(states.values())))
+            await driver.execute(_INSERT_STATES, json_param(list(states.values())))
         rows = [{**_RUN_DEFAULTS, **run} for run in last.values() if run is not None]
         if rows:
-            await driver.execute(_UPSERT_RUNS, json.dumps(rows))
+            await driver.execute(_UPSERT_RUNS, json_param(rows))
 
 
 _queue = work_queues.alias("q")

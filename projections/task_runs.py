@@ -4,7 +4,6 @@ and so is an answer: the same shape both ways."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -18,7 +17,7 @@ from runledger.commands.messages import Event, not_found
 from runledger.commands.states import State
 from runledger.infra.database import asyncpg_connection
 
-from .bulk_writes import populate_sql
+from .bulk_writes import json_param, populate_sql
 from .filters import where_filter, where_time_range
 from .run_history import run_history
 from .tables import task_run_states, task_runs
@@ -70,10 +69,10 @@ class TaskRunsProjector:
             await driver.execute("DELETE FROM task_run_states WHERE task_run_id = ANY($1::uuid[])", gone)
             await driver.execute("DELETE FROM task_runs WHERE id = ANY($1::uuid[])", gone)
         if states:
-            await driver.execute(_INSERT_STATES, json.dumps(list(states.values())))
+            await driver.execute(_INSERT_STATES, json_param(list(states.values())))
         rows = [{**_RUN_DEFAULTS, **run} for run in last.values() if run is not None]
         if rows:
-            await driver.execute(_UPSERT_RUNS, json.dumps(rows))
+            await driver.execute(_UPSERT_RUNS, json_param(rows))
         if flow_runs_gone:
             await driver.execute("""DELETE FROM task_run_states WHERE task_run_id IN
                                     (SELECT id FROM task_runs WHERE flow_run_id = ANY($1::uuid[]))""", flow_runs_gone)
