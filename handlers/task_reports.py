@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,6 +24,10 @@ REQUESTS_OUT = 2
 # whatever the results (a result of up to 256 KiB travels in its report).
 MAX_REPORTS_PER_REQUEST = 100
 MAX_REQUEST_BYTES = 512 * 1024
+# After a request of several reports got no answer, reports go one by one this long.
+ALONE_AFTER_FAILURE_SECONDS = 60.0
+
+log = logging.getLogger("runledger.task_worker")
 
 # (command name, body) -> the reply, decoded; raises when no reply came (a timeout, no
 # responders, a broker away).
@@ -39,6 +44,7 @@ class ReportBatcher:
         self._out = 0  # requests out now
         self._sending: set[asyncio.Task[None]] = set()
         self.bulks = 0  # `SetTaskRunStates` answered item by item so far (tests, benchmarks)
+        self._alone_until = 0.0  # loop time before which reports go one by one (a bulk got no answer)
 
     async def report(self, body: dict[str, Any]) -> dict[str, Any]:
         encoded = json.dumps(body).encode()
@@ -84,12 +90,21 @@ class ReportBatcher:
             return
         if not batch:
             return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._alone_until:
+            await asyncio.gather(*(self._send_one(body, future) for body, future in batch))
+            return
         try:
             reply = await self._request("SetTaskRunStates", b'{"states":[' + b",".join(b for b, _ in batch) + b"]}")
         except Exception as e:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(e)
+            # No answer. A broker whose configuration predates the command refuses it without
+            # one, and the request times out: each alone now (as a resend after a lost reply
+            # would be), and none together for a while.
+            log.warning("a task worker's reports sent together got no answer (%s); sending them one by one "
+                        "for %.0f s (if the broker refuses %s, regenerate its configuration: "
+                        "runledger broker-config)", type(e).__name__, ALONE_AFTER_FAILURE_SECONDS, "SetTaskRunStates")
+            self._alone_until = loop.time() + ALONE_AFTER_FAILURE_SECONDS
+            await asyncio.gather(*(self._send_one(body, future) for body, future in batch))
             return
         items = reply.get("result") if reply.get("ok") else None
         if not isinstance(items, list) or len(items) != len(batch):

@@ -97,7 +97,20 @@ async def test_a_bulk_refused_whole_is_sent_again_one_report_at_a_time():
     await asyncio.gather(*blockers)
 
 
-async def test_a_request_that_fails_fails_each_of_its_reports():
+async def answer_all(requests: Requests, reports: list[asyncio.Task]) -> None:
+    """Answers every request, as it comes, until `reports` are answered."""
+    while not all(report.done() for report in reports):
+        for _, sent, pending in requests.sent:
+            if not pending.done():
+                pending.set_result({"ok": True, "result": [answered(0)] * len(sent["states"])} if "states" in sent
+                                   else answered(0))
+        await asyncio.sleep(0)
+
+
+async def test_reports_sent_together_without_answer_go_again_alone_and_alone_for_a_while(monkeypatch):
+    """No answer: the service or the broker away, or a broker whose configuration refuses the
+    command (an older one); each report is sent again alone, as after a lost reply."""
+    monkeypatch.setattr(task_reports, "ALONE_AFTER_FAILURE_SECONDS", 0.2)
     requests = Requests()
     batcher = ReportBatcher(requests)
     blockers = [asyncio.create_task(batcher.report(body(n))) for n in range(REQUESTS_OUT)]
@@ -106,13 +119,36 @@ async def test_a_request_that_fails_fails_each_of_its_reports():
     await asyncio.sleep(0)
     requests.sent[0][2].set_result(answered(0))
     await requests.wait_for(REQUESTS_OUT + 1)
+    assert requests.sent[-1][0] == "SetTaskRunStates"
     requests.sent[-1][2].set_exception(TimeoutError())
-    for report in later:
-        with pytest.raises(TimeoutError):
-            await report
-    for _, _, pending in requests.sent[1:REQUESTS_OUT]:
-        pending.set_result(answered(1))
-    await asyncio.gather(*blockers)
+    await requests.wait_for(REQUESTS_OUT + 3)
+    alone = requests.sent[-2:]
+    assert [(name, sent) for name, sent, _ in alone] == [("SetTaskRunState", body(7)), ("SetTaskRunState", body(8))]
+    alone[0][2].set_result(answered(7))
+    alone[1][2].set_exception(TimeoutError())  # this one's caller tries again itself
+    assert await later[0] == answered(7)
+    with pytest.raises(TimeoutError):
+        await later[1]
+    # For a while, reports made together go one by one; then together again.
+    async def two_waiting_then_answered(first: int) -> list[tuple[str, dict]]:
+        """Requests out to the limit, two reports made meanwhile: how those two are sent."""
+        for _ in range(3):
+            await asyncio.sleep(0)  # requests answered give their room back
+        filler = [asyncio.create_task(batcher.report(body(n))) for n in range(100, 100 + REQUESTS_OUT - batcher._out)]
+        waiting = [asyncio.create_task(batcher.report(body(n))) for n in (first, first + 1)]
+        sent_before = len(requests.sent) + len(filler)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert batcher._out == REQUESTS_OUT and len(batcher._waiting) == 2
+        await answer_all(requests, [*filler, *waiting, *blockers])
+        return [(name, sent) for name, sent, _ in requests.sent[sent_before:] if "states" in sent
+                or sent["id"] in (f"run-{first}", f"run-{first + 1}")]
+
+    assert await two_waiting_then_answered(20) == [("SetTaskRunState", body(20)), ("SetTaskRunState", body(21))]
+    await asyncio.sleep(0.25)
+    blockers = [asyncio.create_task(batcher.report(body(n))) for n in range(REQUESTS_OUT)]
+    await requests.wait_for(len(requests.sent) + REQUESTS_OUT)
+    assert await two_waiting_then_answered(40) == [("SetTaskRunStates", {"states": [body(40), body(41)]})]
 
 
 async def test_a_request_carries_no_more_than_its_limits(monkeypatch):
@@ -125,12 +161,7 @@ async def test_a_request_carries_no_more_than_its_limits(monkeypatch):
     big = {"id": "run-big", "state": {"type": "COMPLETED", "message": "x" * 20_000}}
     later = [asyncio.create_task(batcher.report(b)) for b in [body(10), body(11), body(12), body(13), big, body(14)]]
     await asyncio.sleep(0)
-    while not all(report.done() for report in [*blockers, *later]):  # every request answered as it comes
-        for _, sent, pending in requests.sent:
-            if not pending.done():
-                pending.set_result({"ok": True, "result": [answered(0)] * len(sent["states"])} if "states" in sent
-                                   else answered(0))
-        await asyncio.sleep(0)
+    await answer_all(requests, [*blockers, *later])
     after = [sent.get("states", [sent]) for _, sent, _ in requests.sent[REQUESTS_OUT:]]
     # Three at most in one; one too large to share a request goes alone, and so does the one
     # that would not fit beside it.
