@@ -3,7 +3,7 @@ deployment, state transitions Scheduled -> Pending -> Running -> Completed, and 
 schedule turned into runs.
 
     python bench/runs.py [--clients 8] [--seconds 10] [--deployments 100] [--runs-per-deployment 100]
-                         [--only create,transitions,handoffs,schedule] [--split]
+                         [--only create,transitions,handoffs,schedule] [--split [none]]
 
 (`--only transitions` still creates the runs it walks; with RUNLEDGER_BENCH_PROFILE set, the
 profile then covers the creates too.)
@@ -39,16 +39,18 @@ from harness import (
 
 from runledger.infra.nats_connection import connect
 
+# The service processes started (their `--roles`): one for all (default); `--split`: the
+# projections in a second; `--split none`: no projection at all (what the commands cost alone).
+LAYOUTS = {None: ("commands,queries,projections",), "yes": ("commands,queries", "projections"),
+           "none": ("commands,queries",)}
+
 
 async def run(args) -> dict:
     with servers() as urls:
         settings = bench_settings(urls)
         with contextlib.ExitStack() as processes:
-            # --split: the projections in a process of their own, beside the commands and queries
-            # (the CPU and RSS figures are then the commands' process's).
-            proc = [processes.enter_context(service_process(settings, roles))
-                    for roles in (("commands,queries",) if args.split == "none" else ("commands,queries", "projections") if args.split
-                                  else ("commands,queries,projections",))][0]
+            # The CPU and RSS figures are the first process's: the one that decides commands.
+            proc = [processes.enter_context(service_process(settings, roles)) for roles in LAYOUTS[args.split]][0]
             nc = await connect(bench_settings(urls, role="client"))
 
             cmd = command_sender(nc, settings)
@@ -173,7 +175,8 @@ def main() -> None:
     p.add_argument("--deployments", type=int, default=100)
     p.add_argument("--runs-per-deployment", type=int, default=100)
     p.add_argument("--handoffs", type=int, default=200)
-    p.add_argument("--split", nargs="?", const="yes", help="the projections in a service process of their own")
+    p.add_argument("--split", nargs="?", const="yes", choices=["yes", "none"],
+                   help="the projections in a service process of their own ('none': no projections)")
     p.add_argument("--only", default="create,transitions,handoffs,schedule",
                    help="comma-separated: create, transitions, handoffs, schedule")
     args = p.parse_args()
