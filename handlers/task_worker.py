@@ -84,6 +84,16 @@ CANCEL_STATES = ("CANCELLING", "CANCELLED")
 NOT_FOUND_GRACE_SECONDS = 5.0
 
 
+def _pending_after(msg: Msg) -> int | None:
+    """How many messages its consumer still held when `msg` was delivered (JetStream's
+    metadata, from its reply subject; parsed once per message, read again at its start), or
+    None when it carries none."""
+    try:
+        return int(msg.metadata.num_pending)
+    except Exception:  # not a JetStream delivery: unknown
+        return None
+
+
 def _age_seconds(meta: Any) -> float:
     """How long ago the message was stored (JetStream's timestamp; unknown: very long)."""
     stored = getattr(meta, "timestamp", None)
@@ -148,6 +158,9 @@ class _Source:
     probing: bool = False  # the request out is a no-wait probe (answered at once)
     pull_until: float = 0.0
     sub: Any = None
+    # Whether its last answer said more messages wait (a message's pending count), or nothing
+    # is known: worth a no-wait probe. A source emptied by its last answer is pulled waiting.
+    more: bool = True
 
 
 class _CancelWatch:
@@ -243,6 +256,7 @@ class TaskWorker:
         self._taking = True
         self.started = 0  # runs this worker started (for tests and benchmarks)
         self.finished = 0
+        self.pulls = 0  # pull requests it sent
         self.cancelled = 0  # runs it stopped because they were cancelled while they ran
         # Cancelled async calls that did not stop within CANCEL_WAIT_SECONDS (kept referenced).
         self._strays: set[asyncio.Task] = set()
@@ -341,8 +355,9 @@ class TaskWorker:
 
         Before each start it asks the sources ahead of the first one with a message here for
         one message each (no wait), and chooses once they have answered: the first run in
-        order among those available. When none is, it asks all of them again, waiting, and
-        takes whichever comes first. Each source has at most one request out, so at most one
+        order among those available. (With no message here, it asks only up to the last source
+        whose last answer said more were waiting.) When none is, it asks all of them again,
+        waiting, and takes whichever comes first. Each source has at most one request out, so at most one
         message per source waits here unstarted (kept alive meanwhile, or handed back when
         every slot is busy). An error (a broker away) is logged and the loop goes on, unless
         the connection closed for good."""
@@ -365,8 +380,13 @@ class TaskWorker:
         while self._taking:
             if self.limit - len(self._running) > 0:
                 # Sources before the first with a message here may have one on the server: ask
-                # them (no wait) and choose once they have answered.
+                # them (no wait) and choose once they have answered. With none here, the sources
+                # after the last that said more were waiting are not probed: they were empty a
+                # moment ago, and a probe would mostly hear so (a round trip per run at a
+                # worker that keeps up); they are pulled waiting below instead.
                 first = self._first_held()
+                if first == len(self.sources):
+                    first = 1 + max((i for i, src in enumerate(self.sources) if src.more), default=-1)
                 await self._ask(self.sources[:first], no_wait=True)
                 await self._until(lambda: not any(src.pulling and src.probing for src in self.sources),
                                   timeout=self.settings.request_timeout)
@@ -403,6 +423,7 @@ class TaskWorker:
             else:
                 request["expires"] = int(self.poll_seconds * 1e9)
             src.pulling, src.probing = True, no_wait
+            self.pulls += 1
             src.pull_until = loop.time() + (0.0 if no_wait else self.poll_seconds)
             try:
                 await self.nc.publish(src.pull_subject, json.dumps(request).encode(), reply=src.inbox)
@@ -426,10 +447,15 @@ class TaskWorker:
     def _arrived(self, source: _Source) -> Callable[[Msg], Any]:
         async def on_message(msg: Msg) -> None:
             source.pulling = source.probing = False
-            if msg.headers and msg.headers.get("Status"):  # 404 nothing there, 408 expired, 409 ...
-                if msg.headers.get("Status") not in ("404", "408", "100"):
-                    log.info("a pull on %s was answered %s %s", source.pull_subject, msg.headers.get("Status"),
-                             msg.headers.get("Description", ""))
+            status = msg.headers.get("Status") if msg.headers else None
+            if status in ("404", "408"):
+                source.more = False
+            elif status is None:
+                source.more = _pending_after(msg) != 0
+            if status:  # 404 nothing there, 408 expired, 409 ...
+                if status not in ("404", "408", "100"):
+                    log.info("a pull on %s was answered %s %s", source.pull_subject, status,
+                             (msg.headers or {}).get("Description", ""))
             elif self._taking:
                 source.held.append(msg)
             else:

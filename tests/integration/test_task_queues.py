@@ -466,3 +466,23 @@ async def test_a_message_of_a_run_not_stored_yet_is_asked_for_again_then_dropped
         left = await publisher.count("ghost", "scheduled")
     assert kept == 1 and left == 0
     assert calls == []
+
+
+async def test_a_worker_that_keeps_up_takes_each_run_with_one_pull(client, settings):
+    """A worker whose key empties as fast as runs come does not ask for a run it was just told
+    is not there: each run costs it one pull (a waiting one), not a probe that hears "none"
+    and then the waiting pull (two requests and two answers per run through the broker)."""
+    async def job(i: int) -> int:
+        return i
+
+    async with running_worker(settings, {"pulls.k": job}, poll_seconds=5.0) as worker:
+        first = await submit_task(client, "pulls.k", {"i": -1})
+        await wait_for_task_run(client, first.id, timeout=10)
+        await asyncio.sleep(0.2)  # its next pulls are out, waiting
+        before = worker.pulls
+        for i in range(20):
+            run = await submit_task(client, "pulls.k", {"i": i})
+            assert task_result(await wait_for_task_run(client, run.id, timeout=10)) == i
+        await asyncio.sleep(0.2)
+        pulls = worker.pulls - before
+    assert pulls <= 24, pulls  # one per run, give or take the retry side's; it was ~40
