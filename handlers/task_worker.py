@@ -357,9 +357,9 @@ class TaskWorker:
         one message each (no wait), and chooses once they have answered: the first run in
         order among those available. (With no message here, it asks only up to the last source
         whose last answer said more were waiting.) When none is, it asks all of them again,
-        waiting, and takes whichever comes first. Each source has at most one request out, so at most one
-        message per source waits here unstarted (kept alive meanwhile, or handed back when
-        every slot is busy). An error (a broker away) is logged and the loop goes on, unless
+        waiting, and takes whichever comes first. Each source has at most one request out, so
+        at most one message per source waits here unstarted (kept alive meanwhile, or handed
+        back when every slot is busy). An error (a broker away) is logged and the loop goes on, unless
         the connection closed for good."""
         while self._taking:
             try:

@@ -74,7 +74,9 @@ async def test_reports_made_while_requests_are_out_go_together_each_answered_its
     assert await first[0] == answered(0)
 
 
-async def test_a_bulk_refused_whole_is_sent_again_one_report_at_a_time():
+async def reports_7_and_8_sent_together() -> tuple[Requests, ReportBatcher, list[asyncio.Task], list[asyncio.Task]]:
+    """Requests out to the limit, two reports (7 and 8) made meanwhile, the first request
+    answered: the two have just gone out together, unanswered. The other blockers still wait."""
     requests = Requests()
     batcher = ReportBatcher(requests)
     blockers = [asyncio.create_task(batcher.report(body(n))) for n in range(REQUESTS_OUT)]
@@ -83,6 +85,12 @@ async def test_a_bulk_refused_whole_is_sent_again_one_report_at_a_time():
     await asyncio.sleep(0)
     requests.sent[0][2].set_result(answered(0))
     await requests.wait_for(REQUESTS_OUT + 1)
+    assert requests.sent[-1][:2] == ("SetTaskRunStates", {"states": [body(7), body(8)]})
+    return requests, batcher, blockers, later
+
+
+async def test_a_bulk_refused_whole_is_sent_again_one_report_at_a_time():
+    requests, batcher, blockers, later = await reports_7_and_8_sent_together()
     requests.sent[-1][2].set_result({"ok": False, "error": {"code": "invalid", "message": "states.1.state: ..."}})
     await requests.wait_for(REQUESTS_OUT + 3)
     alone = requests.sent[-2:]
@@ -111,15 +119,7 @@ async def test_reports_sent_together_without_answer_go_again_alone_and_alone_for
     """No answer: the service or the broker away, or a broker whose configuration refuses the
     command (an older one); each report is sent again alone, as after a lost reply."""
     monkeypatch.setattr(task_reports, "ALONE_AFTER_FAILURE_SECONDS", 0.2)
-    requests = Requests()
-    batcher = ReportBatcher(requests)
-    blockers = [asyncio.create_task(batcher.report(body(n))) for n in range(REQUESTS_OUT)]
-    await requests.wait_for(REQUESTS_OUT)
-    later = [asyncio.create_task(batcher.report(body(n))) for n in (7, 8)]
-    await asyncio.sleep(0)
-    requests.sent[0][2].set_result(answered(0))
-    await requests.wait_for(REQUESTS_OUT + 1)
-    assert requests.sent[-1][0] == "SetTaskRunStates"
+    requests, batcher, blockers, later = await reports_7_and_8_sent_together()
     requests.sent[-1][2].set_exception(TimeoutError())
     await requests.wait_for(REQUESTS_OUT + 3)
     alone = requests.sent[-2:]
