@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 from sqlalchemy import text
 
@@ -28,6 +30,27 @@ async def client(service, settings):
     """A client of the running service (the tests of task runs and their workers)."""
     async with RunledgerClient(settings) as rl:
         yield rl
+
+
+@pytest.fixture
+def service_with(settings):
+    """`async with service_with(**changes) as (changed, client)`: a service of its own whose
+    settings differ (a task key's bound), and a client of it; the namespace is cleaned after."""
+    from tests.conftest import cleanup_namespace
+
+    @contextlib.asynccontextmanager
+    async def start(**changes):
+        changed = settings.model_copy(update=changes)
+        svc = Service(changed)
+        await svc.start()
+        try:
+            async with RunledgerClient(changed) as rl:
+                yield changed, rl
+        finally:
+            await svc.stop()
+            await cleanup_namespace(settings)
+
+    return start
 
 
 @pytest.fixture

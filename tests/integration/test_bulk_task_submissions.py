@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from runledger.client import Invalid, RunledgerClient
+from runledger.client import Invalid
 from runledger.client.tasks import (
     SubmissionRefused,
     submit_tasks,
@@ -19,9 +19,7 @@ from runledger.client.tasks import (
     unmapped,
     wait_for_task_run,
 )
-from runledger.handlers.service import Service
 from runledger.infra.nats_connection import connect
-from tests.conftest import cleanup_namespace
 
 from .test_task_queues import running_worker, state_names
 
@@ -85,35 +83,28 @@ async def test_an_invalid_bulk_creates_nothing(client, settings):
         await client.command("CreateTaskRuns", {"task_runs": [body("k", "a")], "idempotency_key": "k1"})
 
 
-async def test_a_full_key_refuses_only_the_runs_that_do_not_fit(settings):
-    small = settings.model_copy(update={"task_queue_size": 3})
-    svc = Service(small)
-    await svc.start()
-    try:
-        async with RunledgerClient(small) as rl:
-            with pytest.raises(SubmissionRefused) as refused:
-                await submit_tasks(rl, "small.bulk", [{"i": i} for i in range(5)])
-            ids, errors = refused.value.task_run_ids, refused.value.errors
-            assert len(ids) == 5 and sum(i is not None for i in ids) == 3
-            assert sorted(errors) == [n for n, i in enumerate(ids) if i is None]
-            assert all(e.code == "unavailable" and "is full" in e.message for e in errors.values())
-            assert refused.value.code == "unavailable"
-            # The three queued run; the two refused are cancelled, never run.
-            seen: list[int] = []
+async def test_a_full_key_refuses_only_the_runs_that_do_not_fit(service_with):
+    async with service_with(task_queue_size=3) as (small, rl):
+        with pytest.raises(SubmissionRefused) as refused:
+            await submit_tasks(rl, "small.bulk", [{"i": i} for i in range(5)])
+        ids, errors = refused.value.task_run_ids, refused.value.errors
+        assert len(ids) == 5 and sum(i is not None for i in ids) == 3
+        assert sorted(errors) == [n for n, i in enumerate(ids) if i is None]
+        assert all(e.code == "unavailable" and "is full" in e.message for e in errors.values())
+        assert refused.value.code == "unavailable"
+        # The three queued run; the two refused are cancelled, never run.
+        seen: list[int] = []
 
-            async def take(i: int) -> int:
-                seen.append(i)
-                return i
+        async def take(i: int) -> int:
+            seen.append(i)
+            return i
 
-            async with running_worker(small, {"small.bulk": take}):
-                done = [await wait_for_task_run(rl, i, timeout=10) for i in ids if i is not None]
-            assert sorted(task_result(d) for d in done) == sorted(seen) and len(seen) == 3
-            cancelled = (await rl.query("ListTaskRuns", {"task_runs": {"task_key": {"any_": ["small.bulk"]},
-                                                                       "state_type": {"any_": ["CANCELLED"]}}})).result
-            assert len(cancelled) == 2
-    finally:
-        await svc.stop()
-        await cleanup_namespace(settings)
+        async with running_worker(small, {"small.bulk": take}):
+            done = [await wait_for_task_run(rl, i, timeout=10) for i in ids if i is not None]
+        assert sorted(task_result(d) for d in done) == sorted(seen) and len(seen) == 3
+        cancelled = (await rl.query("ListTaskRuns", {"task_runs": {"task_key": {"any_": ["small.bulk"]},
+                                                                   "state_type": {"any_": ["CANCELLED"]}}})).result
+        assert len(cancelled) == 2
 
 
 @task(key="bulk.scale")

@@ -336,7 +336,7 @@ async def test_analyst_and_client_may_read_events_and_the_analyst_nothing_else(r
     before = await _state(roles)
     nc, errors = await roles.connect("analyst")
     refused = [f"{ns}.qry.GetWorkPool", f"{ns}.qry.GetServiceHealth", f"{ns}.cmd.CreateWorkPool",
-               f"{ns}.cmd.DeleteWorkPool", f"{ns}.qry.ReadEventsX"]
+               f"{ns}.cmd.DeleteWorkPool", f"{ns}.cmd.SetTaskRunStates", f"{ns}.qry.ReadEventsX"]
     for subject in refused:
         await nc.publish(subject, json.dumps({"name": pool["name"]}).encode(), reply=nc.new_inbox())
     await nc.flush()

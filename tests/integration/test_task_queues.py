@@ -12,14 +12,12 @@ import uuid
 
 import pytest
 
-from runledger.client import NotFound, RunledgerClient, Unavailable
+from runledger.client import NotFound, Unavailable
 from runledger.client.tasks import TaskFailed, submit_task, task_result, wait_for_task_run
-from runledger.handlers.service import Service
 from runledger.handlers.task_dispatch import task_message
 from runledger.handlers.task_worker import TaskWorker
 from runledger.infra.nats_connection import connect
 from runledger.infra.task_queues import TaskPublisher, consumer_name, task_stream_name, task_subject
-from tests.conftest import cleanup_namespace
 
 pytestmark = pytest.mark.asyncio
 
@@ -149,48 +147,41 @@ def task_message_of(client_run) -> bytes:
     return client_run.model_dump_json().encode()
 
 
-async def test_a_full_key_refuses_the_submitter_and_keeps_what_is_queued(settings):
-    small = settings.model_copy(update={"task_queue_size": 3})
-    svc = Service(small)
-    await svc.start()
-    try:
-        async with RunledgerClient(small) as rl:
-            queued = [await submit_task(rl, "small", {"i": i}) for i in range(3)]
-            with pytest.raises(Unavailable, match="Task key 'small' is full: 3 runs already wait"):
-                await submit_task(rl, "small", {"i": 3})
-            refused = (await rl.query("ListTaskRuns", {"task_runs": {"task_key": {"any_": ["small"]}, "state_type": {"any_": ["CANCELLED"]}}})).result
-            assert len(refused) == 1 and "not queued" in refused[0]["state"]["message"]
-            # Sent again, as a client does after a lost reply, it is refused again: by the same
-            # dynamic key (the run it made comes back cancelled) ...
-            with pytest.raises(Unavailable, match="was cancelled and will not run: Task key 'small' is full"):
-                await submit_task(rl, "small", {"i": 3}, dynamic_key=refused[0]["dynamic_key"])
-            # ... and by the same idempotency key of the bus (its first reply, recorded).
-            body = {"task_key": "small", "dynamic_key": "resent", "parameters": {},
-                    "state": {"type": "SCHEDULED", "state_details": {"deferred": True}},
-                    "idempotency_key": "submission-1"}
-            for attempt in range(2):
-                with pytest.raises(Unavailable, match="Task key 'small' is full") as refusal:
-                    await rl.command("CreateTaskRun", body)
-                assert refusal.value.message.endswith("submit it again later, or wait longer for room."), attempt
-            log_end = (await rl._nc.jetstream().stream_info(small.stream_name)).state.last_seq
-            refused = (await rl.query("ListTaskRuns", {"task_runs": {"task_key": {"any_": ["small"]}, "state_type": {"any_": ["CANCELLED"]}}},
-                                      min_seq=log_end)).result
-            assert len(refused) == 2  # the resent ones made nothing new
-            # Waiting for room: a worker frees it meanwhile.
-            seen: list[int] = []
+async def test_a_full_key_refuses_the_submitter_and_keeps_what_is_queued(service_with):
+    async with service_with(task_queue_size=3) as (small, rl):
+        queued = [await submit_task(rl, "small", {"i": i}) for i in range(3)]
+        with pytest.raises(Unavailable, match="Task key 'small' is full: 3 runs already wait"):
+            await submit_task(rl, "small", {"i": 3})
+        refused = (await rl.query("ListTaskRuns", {"task_runs": {"task_key": {"any_": ["small"]}, "state_type": {"any_": ["CANCELLED"]}}})).result
+        assert len(refused) == 1 and "not queued" in refused[0]["state"]["message"]
+        # Sent again, as a client does after a lost reply, it is refused again: by the same
+        # dynamic key (the run it made comes back cancelled) ...
+        with pytest.raises(Unavailable, match="was cancelled and will not run: Task key 'small' is full"):
+            await submit_task(rl, "small", {"i": 3}, dynamic_key=refused[0]["dynamic_key"])
+        # ... and by the same idempotency key of the bus (its first reply, recorded).
+        body = {"task_key": "small", "dynamic_key": "resent", "parameters": {},
+                "state": {"type": "SCHEDULED", "state_details": {"deferred": True}},
+                "idempotency_key": "submission-1"}
+        for attempt in range(2):
+            with pytest.raises(Unavailable, match="Task key 'small' is full") as refusal:
+                await rl.command("CreateTaskRun", body)
+            assert refusal.value.message.endswith("submit it again later, or wait longer for room."), attempt
+        log_end = (await rl._nc.jetstream().stream_info(small.stream_name)).state.last_seq
+        refused = (await rl.query("ListTaskRuns", {"task_runs": {"task_key": {"any_": ["small"]}, "state_type": {"any_": ["CANCELLED"]}}},
+                                  min_seq=log_end)).result
+        assert len(refused) == 2  # the resent ones made nothing new
+        # Waiting for room: a worker frees it meanwhile.
+        seen: list[int] = []
 
-            async def take(i: int) -> int:
-                seen.append(i)
-                return i
+        async def take(i: int) -> int:
+            seen.append(i)
+            return i
 
-            async with running_worker(small, {"small": take}):
-                late = await submit_task(rl, "small", {"i": 4}, queue_wait_seconds=10)
-                done = [await wait_for_task_run(rl, r.id, timeout=10) for r in [*queued, late]]
-            assert [task_result(d) for d in done] == [0, 1, 2, 4]
-            assert sorted(seen) == [0, 1, 2, 4]
-    finally:
-        await svc.stop()
-        await cleanup_namespace(settings)
+        async with running_worker(small, {"small": take}):
+            late = await submit_task(rl, "small", {"i": 4}, queue_wait_seconds=10)
+            done = [await wait_for_task_run(rl, r.id, timeout=10) for r in [*queued, late]]
+        assert [task_result(d) for d in done] == [0, 1, 2, 4]
+        assert sorted(seen) == [0, 1, 2, 4]
 
 
 async def test_a_worker_that_dies_mid_run_loses_it_to_another_within_5_seconds(client, service, settings):
@@ -361,22 +352,15 @@ async def test_a_run_that_can_never_start_ends_failed_saying_why(client, setting
     assert "cannot start" in done.state.message and "is 0 and will deadlock" in done.state.message
 
 
-async def test_a_key_may_have_a_bound_of_its_own_above_or_below_the_default(settings):
-    sized = settings.model_copy(update={"task_queue_size": 3, "task_queue_sizes": {"small": 1, "big": 5}})
-    svc = Service(sized)
-    await svc.start()
-    try:
-        async with RunledgerClient(sized) as rl:
-            for key, bound in (("small", 1), ("plain", 3), ("big", 5)):
-                for i in range(bound):
-                    await submit_task(rl, key, {"i": i})
-                with pytest.raises(Unavailable, match=f"Task key '{key}' is full: {bound} runs already wait"):
-                    await submit_task(rl, key, {"i": bound})
-            publisher = TaskPublisher(rl._nc.jetstream(), sized)
-            assert [await publisher.count(k, "scheduled") for k in ("small", "plain", "big")] == [1, 3, 5]
-    finally:
-        await svc.stop()
-        await cleanup_namespace(settings)
+async def test_a_key_may_have_a_bound_of_its_own_above_or_below_the_default(service_with):
+    async with service_with(task_queue_size=3, task_queue_sizes={"small": 1, "big": 5}) as (sized, rl):
+        for key, bound in (("small", 1), ("plain", 3), ("big", 5)):
+            for i in range(bound):
+                await submit_task(rl, key, {"i": i})
+            with pytest.raises(Unavailable, match=f"Task key '{key}' is full: {bound} runs already wait"):
+                await submit_task(rl, key, {"i": bound})
+        publisher = TaskPublisher(rl._nc.jetstream(), sized)
+        assert [await publisher.count(k, "scheduled") for k in ("small", "plain", "big")] == [1, 3, 5]
 
 
 async def test_a_large_result_is_stored_apart_and_read_back_whole(client, settings):
