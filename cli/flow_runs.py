@@ -205,6 +205,10 @@ def inspect(
     if flow_run.deployment_lease_expired:
         say("Deployment slot: its lease expired while the run was PENDING and the slot was given back; "
             "it takes one again when it starts, or is cancelled if none is free.")
+    if flow_run.state is not None and flow_run.state.type == "SCHEDULED" and (
+            flow_run.pool_slot_reserved or flow_run.state.state_details.get("deployment_concurrency_lease_id")):
+        say("Slots: a release handed this run the slots it freed; they are held for it until a worker claims it "
+            "(30 s at most).")
     show_states(states)
 
 

@@ -252,6 +252,9 @@ class FlowRun(BaseModel):
     # Beyond Prefect's reply: it stayed PENDING past its deployment slot's lease and gave the
     # slot back; it takes one again when it starts running, or is cancelled if none is free.
     deployment_lease_expired: bool = False
+    # Beyond Prefect: a release woke it and handed it its queue's and pool's slot, which it
+    # holds while it is SCHEDULED (for 30 s at most), so no other run takes it meanwhile.
+    pool_slot_reserved: bool = False
 
 
 class TaskRun(BaseModel):

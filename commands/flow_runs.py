@@ -97,6 +97,10 @@ class FlowRun(BaseModel):
     # back (`ExpireDeploymentSlotLease`): it holds none, and takes one again when it starts
     # running, or is cancelled if none is free (OR-6). Cleared by the next state written.
     deployment_lease_expired: bool = False
+    # Beyond Prefect: a release that woke this run (waiting for its deployment's slot) handed it
+    # its queue's and pool's slot too, which it holds while it stays SCHEDULED, so that its
+    # claim writes nothing but its own state (`slots.hand_over`). Cleared by the next state.
+    pool_slot_reserved: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +235,9 @@ class ExpireDeploymentSlotLease(Command):
     """The foreman's: a run that has held its deployment's slot in PENDING for longer than the
     slot's lease lasts (the deployment's `concurrency_options.grace_period_seconds`, else the
     service's `deployment_slot_lease_seconds`, 300 s by default) gives the slot back, as
-    Prefect's lease reaper does. Nothing happens when the run has moved on, holds another
+    Prefect's lease reaper does. Beyond Prefect, the same for a waiting run that a release
+    handed its slot (`slots.hand_over`) and that nobody claimed within
+    the service's `handed_slot_seconds`. Nothing happens when the run has moved on, holds another
     lease, or its lease has time left."""
 
     id: uuid.UUID
@@ -368,8 +374,9 @@ def decide_set_state(cmd: SetFlowRunState, run: FlowRun | None, ctx: DecisionCon
     after = transition.run.model_copy(update={"waiting_reason": waiting,
                                               "worker_name": _claimed_by(run, transition.run, cmd.worker_name)})
     enqueued = waiting is not None and transition.refused_by == "secure_flow_concurrency_slots"
-    events = [NewEvent(str(run.id), FlowRunStateSet(run=after)), *slots.slot_events(run, after, limits),
-              *waiter_events(run, after, enqueued, limits, ctx)]
+    changes = slots.slot_events(run, after, limits)
+    events = [NewEvent(str(run.id), FlowRunStateSet(run=after)), *changes,
+              *waiter_events(run, after, enqueued, limits, ctx, changes)]
     return Decision(events=events, result=after.state, created=True, after={str(run.id): after},
                     orchestration=transition.orchestration)
 
@@ -408,21 +415,45 @@ def decide_expire_deployment_slot_lease(cmd: ExpireDeploymentSlotLease, run: Flo
     if run is None:
         raise flow_run_not_found(cmd.id)
     lease = slots.deployment_lease(run)
+    if slots.holds_handed_slots(run):
+        return _unclaimed_handed_slots(cmd, run, ctx, limits)
     if (run.state is None or run.state_type is not StateType.PENDING or lease is None or lease != cmd.lease_id
             or limits.deployment_limit is None
             or ctx.now < run.state.timestamp + timedelta(seconds=limits.lease_seconds)):
         return Decision(events=[], result=run.state)
     after = run.model_copy(update={"deployment_lease_expired": True, "updated": ctx.now})
-    events = [NewEvent(str(run.id), FlowRunDeploymentLeaseExpired(run=after, lease_id=lease)),
-              *slots.slot_events(run, after, limits), *waiter_events(run, after, False, limits, ctx)]
+    changes = slots.slot_events(run, after, limits)
+    events = [NewEvent(str(run.id), FlowRunDeploymentLeaseExpired(run=after, lease_id=lease)), *changes,
+              *waiter_events(run, after, False, limits, ctx, changes)]
+    return Decision(events=events, result=after.state, created=True, after={str(run.id): after})
+
+
+def _unclaimed_handed_slots(cmd: ExpireDeploymentSlotLease, run: FlowRun, ctx: DecisionContext,
+                            limits: slots.Limits) -> Decision:
+    """A waiter handed its slots by a release, whose worker never came for it (it stopped
+    polling, or polls other queues): the slots go back, to the next waiter if there is one,
+    and the run waits again at the end of the line, due now, so a poll still offers it."""
+    assert run.state is not None
+    if (slots.deployment_lease(run) != cmd.lease_id
+            or ctx.now < run.state.timestamp + timedelta(seconds=limits.handed_slot_seconds)):
+        return Decision(events=[], result=run.state)
+    again = StateCreate(type=StateType.SCHEDULED, name=_AWAITING, state_details=StateDetails(scheduled_time=ctx.now),
+                        message=f"The slot handed to this run went unclaimed for {limits.handed_slot_seconds:g} s "
+                                "and was given back; the run waits for its turn again.")
+    after = orchestration_rules.set_flow_run_state(run, again, force=True, ctx=ctx).run
+    changes = slots.slot_events(run, after, limits)
+    events = [NewEvent(str(run.id), FlowRunStateSet(run=after)), *changes,
+              *waiter_events(run, after, True, limits, ctx, changes)]
     return Decision(events=events, result=after.state, created=True, after={str(run.id): after})
 
 
 def waiter_events(before: FlowRun | None, after: FlowRun | None, enqueued: bool, limits: slots.Limits,
-                  ctx: DecisionContext) -> list[NewEvent]:
+                  ctx: DecisionContext, changes: list[NewEvent] | None = None) -> list[NewEvent]:
     """A run sent to wait for its deployment's slot (`enqueued`) joins the limit's waiters; a
-    run that gives its slot back wakes the first waiter still waiting: its next attempt is due
-    at once, not after the retry delay. A waiter that took a slot, or moved on, leaves."""
+    run that gives its slot back wakes the first waiter still waiting and hands it the slots
+    it freed (`slots.hand_over`): its next attempt is due at once, not after the retry delay,
+    and no other run can take them meanwhile. A waiter that took a slot, or moved on, leaves.
+    `changes`: the slot events of `before` -> `after`, which the hand-over follows."""
     waiters = limits.waiters
     run = after or before
     if waiters is None or run is None:
@@ -448,7 +479,10 @@ def waiter_events(before: FlowRun | None, after: FlowRun | None, enqueued: bool,
                                message="A slot of the deployment's concurrency limit was freed.",
                                state_details=StateDetails(scheduled_time=ctx.now))
             woke = orchestration_rules.set_flow_run_state(waiter, wake, force=True, ctx=ctx).run
-            events.append(NewEvent(str(waiter.id), FlowRunStateSet(run=woke)))
+            freed = slots.limits_after(limits, changes or [])
+            handed = slots.hand_over(woke, freed, ctx.new_id())
+            events.append(NewEvent(str(waiter.id), FlowRunStateSet(run=handed)))
+            events += slots.slot_events(waiter, handed, freed)
             woken = waiter_id
             break
         ids = [i for i in ids if i not in dropped and i != woken]
@@ -512,6 +546,6 @@ def decide_delete_flow_run(cmd: DeleteFlowRun, run: FlowRun | None, claim: Uniqu
     releases = ([FLOW_RUN_KEY.release(run.id, str(run.flow_id), run.idempotency_key)]
                 if run.idempotency_key is not None and claim is not None and claim.owner_id == run.id else [])
     deleted = FlowRunDeleted(flow_run_id=run.id, flow_id=run.flow_id, deleted=ctx.now)
-    return Decision(events=[*releases, *slots.slot_events(run, None, limits),
-                            *waiter_events(run, None, False, limits, ctx), NewEvent(str(run.id), deleted)],
-                    result=None)
+    changes = slots.slot_events(run, None, limits)
+    return Decision(events=[*releases, *changes, *waiter_events(run, None, False, limits, ctx, changes),
+                            NewEvent(str(run.id), deleted)], result=None)

@@ -42,6 +42,8 @@ from .slots import (
     NO_LIMITS,
     POOL_SLOT_STATES,
     Limits,
+    deployment_lease,
+    holds_pool_slot,
 )
 from .states import TERMINAL, State, StateCreate, StateDetails, StateType, default_name
 
@@ -286,7 +288,10 @@ def respect_pool_and_queue_limits(c: RuleContext) -> Verdict:
     """Beyond Prefect, which only caps what a poll returns, so two workers polling at once can
     both submit past a limit: a run takes a slot of its queue and pool when it enters PENDING
     or RUNNING, decided against the counts it changes. When either is full nothing is written;
-    the run stays where it is, in its place in the poll, and its read model says why it waits."""
+    the run stays where it is, in its place in the poll, and its read model says why it waits.
+    A run that a release handed the slot it freed holds it already (`slots.hand_over`)."""
+    if holds_pool_slot(c.run):
+        return GO_ON
     full = c.limits.pool_or_queue_full(c.run)
     return reject(full) if full is not None else GO_ON
 
@@ -318,9 +323,10 @@ def secure_flow_concurrency_slots(c: RuleContext) -> Verdict:
     provisions infrastructure, so a full deployment costs nothing to try. The slot's lease id
     is recorded on the PENDING state (and carried while the run holds it); when none is free,
     the run waits its turn (ENQUEUE: `AwaitingConcurrencySlot`, tried again later) or is
-    cancelled (CANCEL_NEW). A limit of 0 could never be met: the caller is told to stop."""
+    cancelled (CANCEL_NEW). A limit of 0 could never be met: the caller is told to stop. A
+    waiter that a release handed its slot holds it already, and keeps its lease."""
     limits = c.limits
-    if c.run.deployment_id is None:
+    if c.run.deployment_id is None or deployment_lease(c.run) is not None:
         return GO_ON
     if not limits.deployment_found:
         return abort("Deployment not found.")
@@ -611,11 +617,13 @@ def _book(run: FlowRun, proposal: StateCreate, policy: FlowRunPolicy,
     details: dict[str, Any] = {"flow_run_id": run.id}
     if run.parent_task_run_id is not None:
         details["task_run_id"] = run.parent_task_run_id
-    if (current is not None and current.type in DEPLOYMENT_SLOT_STATES and proposal.type in DEPLOYMENT_SLOT_STATES
-            and proposal.state_details.deployment_concurrency_lease_id is None and not run.deployment_lease_expired):
+    lease = deployment_lease(run)
+    if (lease is not None and proposal.type in DEPLOYMENT_SLOT_STATES
+            and proposal.state_details.deployment_concurrency_lease_id is None):
         # OR-6: a run keeps its deployment slot's lease while it holds the slot, forced or not
-        # (not one that expired: the slot was given back).
-        details["deployment_concurrency_lease_id"] = current.state_details.deployment_concurrency_lease_id
+        # (not one that expired: the slot was given back); a waiter handed the slot by a
+        # release takes it into PENDING (or RUNNING).
+        details["deployment_concurrency_lease_id"] = lease
     state = mint_state(current, proposal, details, ctx)
     run_count = run.run_count
     if state.type is StateType.RUNNING and not policy.resuming:
@@ -624,7 +632,7 @@ def _book(run: FlowRun, proposal: StateCreate, policy: FlowRunPolicy,
         policy = policy.model_copy(update={"resuming": False})
     return state, run.model_copy(update={**booked_times(run, state), "run_count": run_count,
                                          "empirical_policy": policy, "updated": ctx.now,
-                                         "deployment_lease_expired": False})
+                                         "deployment_lease_expired": False, "pool_slot_reserved": False})
 
 
 def mint_state(current: State | None, proposal: StateCreate, details: dict[str, Any],

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -49,6 +49,11 @@ DEPLOYMENT_SLOT_STATES = frozenset({StateType.PENDING, StateType.RUNNING, StateT
 
 # Prefect's `concurrency_slot_wait_seconds`: when an ENQUEUE run is tried again.
 DEPLOYMENT_SLOT_WAIT_SECONDS = 30
+# How long a run handed a slot by a release keeps it unclaimed, by default (the service's
+# `handed_slot_seconds` setting): then the slot goes back (and to the next waiter), and the run
+# waits again (`flow_runs.decide_expire_deployment_slot_lease`). Prefect's own retry delay for
+# such a run, so a worker that never polls costs no more than there.
+HANDED_SLOT_SECONDS = float(DEPLOYMENT_SLOT_WAIT_SECONDS)
 # How long a deployment slot's lease lasts while its run is PENDING, when the deployment names
 # no `grace_period_seconds` (Prefect's `initial_deployment_lease_duration`); the service's
 # `deployment_slot_lease_seconds` setting changes it.
@@ -167,7 +172,8 @@ class Limits:
     with what to do when it is full (`collision_strategy`, Prefect's default ENQUEUE) and how
     long a slot's lease lasts while its run is PENDING (`lease_seconds`: the deployment's
     `grace_period_seconds`, else the service's default; RUNNING runs keep theirs while their
-    worker sends heartbeats). `deployment_found`: False when the run names
+    worker sends heartbeats); `handed_slot_seconds`: how long a waiter keeps the slots a
+    release handed it (`hand_over`). `deployment_found`: False when the run names
     a deployment that no longer exists. `waiters`: the deployment limit's waiters, and
     `first_waiters` the first `WAKE_LOOKAHEAD` of them as loaded (None: gone), for a release
     to wake the next one."""
@@ -177,6 +183,7 @@ class Limits:
     deployment_limit: cl.ConcurrencyLimit | None = None
     collision_strategy: str = "ENQUEUE"
     lease_seconds: float = DEFAULT_DEPLOYMENT_LEASE_SECONDS
+    handed_slot_seconds: float = HANDED_SLOT_SECONDS
     deployment_found: bool = True
     waiters: LimitWaiters | None = None
     first_waiters: dict[uuid.UUID, FlowRun | None] = field(default_factory=dict)
@@ -207,14 +214,55 @@ NO_LIMITS = Limits()
 
 
 def holds_pool_slot(run: FlowRun | None) -> bool:
-    return run is not None and run.work_queue_id is not None and run.state_type in POOL_SLOT_STATES
+    """PENDING or RUNNING, or SCHEDULED with the slot a release handed it (`hand_over`)."""
+    return (run is not None and run.work_queue_id is not None
+            and (run.state_type in POOL_SLOT_STATES or (run.state_type is StateType.SCHEDULED and run.pool_slot_reserved)))
 
 
 def deployment_lease(run: FlowRun | None) -> uuid.UUID | None:
-    """The lease of the deployment slot the run holds, if it holds one (not once it expired)."""
-    if run is None or run.state is None or run.state_type not in DEPLOYMENT_SLOT_STATES or run.deployment_lease_expired:
+    """The lease of the deployment slot the run holds, if it holds one (not once it expired):
+    in PENDING, RUNNING and CANCELLING, or SCHEDULED when a release handed it the slot (a
+    SCHEDULED state carries a lease id only then: `hand_over`)."""
+    if run is None or run.state is None or run.deployment_lease_expired:
+        return None
+    if run.state_type not in DEPLOYMENT_SLOT_STATES and run.state_type is not StateType.SCHEDULED:
         return None
     return run.state.state_details.deployment_concurrency_lease_id
+
+
+def holds_handed_slots(run: FlowRun | None) -> bool:
+    """A SCHEDULED run that a release handed its deployment's slot (and perhaps its pool's)."""
+    return run is not None and run.state_type is StateType.SCHEDULED and deployment_lease(run) is not None
+
+
+
+def hand_over(woken: FlowRun, limits: Limits, lease_id: uuid.UUID) -> FlowRun:
+    """The waiter a release woke, holding the slots the release freed, so that its claim
+    writes its own state and nothing else: one append, not an atomic batch over the limits'
+    aggregates (which costs several times as much on the server). `limits`: as the release
+    left them. The deployment's slot is handed over when the limit has room; the queue's and
+    pool's when the run's queue is in the pool `limits` holds the counts of and both have
+    room. A run that does not claim it within `limits.handed_slot_seconds` gives it back."""
+    limit = limits.deployment_limit
+    if woken.state is None or limit is None or not limits.deployment_limit_applies or limit.active_slots >= limit.limit:
+        return woken
+    details = woken.state.state_details.model_copy(update={"deployment_concurrency_lease_id": lease_id})
+    in_pool = (limits.pool is not None and limits.slots is not None and woken.work_queue_id is not None
+               and woken.work_queue_id in limits.pool.queues and limits.pool_or_queue_full(woken) is None)
+    return woken.model_copy(update={"state": woken.state.model_copy(update={"state_details": details}),
+                                    "pool_slot_reserved": in_pool})
+
+
+def limits_after(limits: Limits, events: Iterable[NewEvent]) -> Limits:
+    """The limits as `events` (slot bookkeeping) leave them: the counts and the deployment
+    limit each event carries after it."""
+    slots, limit = limits.slots, limits.deployment_limit
+    for new in events:
+        if isinstance(new.event, _SlotEvent):
+            slots = new.event.slots
+        elif isinstance(new.event, cl.ConcurrencyLimitSlotReleased | cl.ConcurrencyLimitSlotTaken):
+            limit = new.event.limit
+    return replace(limits, slots=slots, deployment_limit=limit)
 
 
 def slot_events(before: FlowRun | None, after: FlowRun | None, limits: Limits) -> list[NewEvent]:

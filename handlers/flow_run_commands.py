@@ -100,10 +100,13 @@ def _by_id(cmd: Any) -> Iterable[AggregateKey]:
 
 
 def command_specs(queues: LogIndex | None,
-                  deployment_lease_seconds: float = sl.DEFAULT_DEPLOYMENT_LEASE_SECONDS) -> dict[str, CommandSpec]:
+                  deployment_lease_seconds: float = sl.DEFAULT_DEPLOYMENT_LEASE_SECONDS,
+                  handed_slot_seconds: float = sl.HANDED_SLOT_SECONDS) -> dict[str, CommandSpec]:
     """`queues`: where a run's queue id finds its pool (None only where nothing is executed).
     `deployment_lease_seconds`: how long a deployment slot's lease lasts while its run is
-    PENDING, for deployments that name no grace period (Settings.deployment_slot_lease_seconds)."""
+    PENDING, for deployments that name no grace period (Settings.deployment_slot_lease_seconds).
+    `handed_slot_seconds`: how long a waiting run keeps the slots a release handed it
+    (Settings.handed_slot_seconds)."""
 
     async def limits_of(unit: Unit, run: fr.FlowRun | None) -> sl.Limits:
         """The limits the run's transitions touch: its queue's pool and that pool's counts, and
@@ -145,6 +148,7 @@ def command_specs(queues: LogIndex | None,
                          collision_strategy=options.collision_strategy.value if options else "ENQUEUE",
                          lease_seconds=(options.grace_period_seconds if options and options.grace_period_seconds
                                         else deployment_lease_seconds),
+                         handed_slot_seconds=handed_slot_seconds,
                          waiters=waiters, first_waiters=first_waiters)
 
     async def set_flow_run_state(unit: Unit, cmd: fr.SetFlowRunState, ctx: DecisionContext) -> Decision:

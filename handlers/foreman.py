@@ -12,7 +12,9 @@ clock in handlers/background.py) that, every 15 s, in this order:
    one per pool.
 5. gives back the deployment slots of runs PENDING for longer than the slot's lease lasts
    (the deployment's `concurrency_options.grace_period_seconds`, else the service's
-   `deployment_slot_lease_seconds`): `ExpireDeploymentSlotLease`, as Prefect's lease reaper.
+   `deployment_slot_lease_seconds`): `ExpireDeploymentSlotLease`, as Prefect's lease reaper;
+   and the slots a release handed to a waiting run that nobody claimed within
+   `handed_slot_seconds` (30 s by default).
 
 It finds candidates in the read models and acts through commands whose deciders check the
 condition again against the log (the worker's last heartbeat, the pool's online workers, the
@@ -35,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from runledger.commands import work_pools as wp
 from runledger.commands import workers as wk
-from runledger.commands.slots import DEFAULT_DEPLOYMENT_LEASE_SECONDS
+from runledger.commands.slots import DEFAULT_DEPLOYMENT_LEASE_SECONDS, HANDED_SLOT_SECONDS
 from runledger.infra.leases import stop_if_cancelled
 from runledger.projections.tables import deployments, flow_runs, work_pools, work_queues, workers
 
@@ -67,6 +69,7 @@ class Foreman:
     interval: float = FOREMAN_INTERVAL
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     deployment_lease_seconds: float = DEFAULT_DEPLOYMENT_LEASE_SECONDS  # Settings.deployment_slot_lease_seconds
+    handed_slot_seconds: float = HANDED_SLOT_SECONDS  # Settings.handed_slot_seconds
     passes: int = 0
     last: ForemanPass = field(default_factory=ForemanPass)  # the last pass's figures
     _just_offline: set[tuple[str, str]] = field(default_factory=set)  # (pool, worker) marked this pass
@@ -200,20 +203,26 @@ class Foreman:
         return sent
 
     async def deployment_leases_expired(self) -> int:
-        """Runs PENDING for longer than their deployment slot's lease lasts, in the read model:
+        """Runs PENDING for longer than their deployment slot's lease lasts, and waiting runs
+        handed a slot by a release longer ago than `handed_slot_seconds`, in the read model:
         each is sent to its decider, which checks the run, its lease and the time against the
         log again."""
         state = flow_runs.c.state
         lease = state["state_details"]["deployment_concurrency_lease_id"].astext
-        pending_since = state["timestamp"].astext.cast(DateTime(timezone=True))
+        since = state["timestamp"].astext.cast(DateTime(timezone=True))
         grace = deployments.c.concurrency_options["grace_period_seconds"].astext.cast(Float)
         lasts = func.coalesce(grace, self.deployment_lease_seconds)
+        now = literal(self.clock())
+        pending_too_long = and_(flow_runs.c.state_type == "PENDING", flow_runs.c.deployment_lease_expired.is_(False),
+                                since < now - func.make_interval(0, 0, 0, 0, 0, 0, lasts))
+        handed_unclaimed = and_(flow_runs.c.state_type == "SCHEDULED",
+                                flow_runs.c.state_name == "AwaitingConcurrencySlot",
+                                since < now - func.make_interval(0, 0, 0, 0, 0, 0, self.handed_slot_seconds))
         stmt = (select(flow_runs.c.id, lease.label("lease_id"))
                 .join(deployments, deployments.c.id == flow_runs.c.deployment_id)
-                .where(flow_runs.c.state_type == "PENDING", flow_runs.c.deployment_lease_expired.is_(False),
-                       deployments.c.concurrency_limit.is_not(None), lease.is_not(None),
-                       pending_since < literal(self.clock()) - func.make_interval(0, 0, 0, 0, 0, 0, lasts))
-                .order_by(pending_since).limit(BATCH))
+                .where(deployments.c.concurrency_limit.is_not(None), lease.is_not(None),
+                       or_(pending_too_long, handed_unclaimed))
+                .order_by(since).limit(BATCH))
         expired = 0
 
         async def one(row: Any) -> None:

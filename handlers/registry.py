@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from runledger.commands.slots import DEFAULT_DEPLOYMENT_LEASE_SECONDS
+from runledger.commands.slots import DEFAULT_DEPLOYMENT_LEASE_SECONDS, HANDED_SLOT_SECONDS
 from runledger.infra.aggregates import AggregateKind
 from runledger.infra.event_store import EventStore
 from runledger.projections import concurrency_limits as concurrency_limits_read_model
@@ -92,18 +92,20 @@ QUERIES: dict[str, tuple[Any, Any]] = {
 def command_specs(store: EventStore | None,
                   takeover_allowed: Callable[[], bool] = lambda: True,
                   bound_task_workers: Mapping[str, Sequence[str]] | None = None,
-                  deployment_lease_seconds: float = DEFAULT_DEPLOYMENT_LEASE_SECONDS) -> dict[str, CommandSpec | BulkSpec]:
+                  deployment_lease_seconds: float = DEFAULT_DEPLOYMENT_LEASE_SECONDS,
+                  handed_slot_seconds: float = HANDED_SLOT_SECONDS) -> dict[str, CommandSpec | BulkSpec]:
     """Command name -> spec. `store`: what commands that find their aggregate through the log
     read it from (None where nothing runs, e.g. for the contract's schemas). `takeover_allowed`:
     whether a task worker may take over a run another holds now (not just after a broker
     restart). `bound_task_workers`: the task workers bound to keys (Settings.task_worker_keys).
-    `deployment_lease_seconds`: Settings.deployment_slot_lease_seconds."""
+    `deployment_lease_seconds`, `handed_slot_seconds`: the settings of those names (the first
+    is `deployment_slot_lease_seconds`)."""
     queues = work_pool_commands.queue_index(store) if store is not None else None
     return {
         **work_pool_commands.command_specs(queues),
         **flow_commands.COMMANDS,
         **deployment_commands.COMMANDS,
-        **flow_run_commands.command_specs(queues, deployment_lease_seconds),
+        **flow_run_commands.command_specs(queues, deployment_lease_seconds, handed_slot_seconds),
         **task_run_commands.command_specs(takeover_allowed, bound_task_workers),
         **tag_concurrency_limit_commands.COMMANDS,
         **variable_commands.COMMANDS,

@@ -161,7 +161,7 @@ class Service:
             snapshots = SnapshotStore(js, s)
         repo = AggregateRepository(self.store, registry.AGGREGATE_KINDS, snapshots=snapshots, snapshot_every=s.snapshot_every)
         self.commands = CommandBus(self.store, repo, registry.command_specs(self.store, self._takeover_allowed, s.task_worker_keys,
-                                                                  s.deployment_slot_lease_seconds),
+                                                                  s.deployment_slot_lease_seconds, s.handed_slot_seconds),
                                    retries=s.command_retries)
         self.commands.after_append = TaskDispatch(TaskPublisher(self.nc.jetstream(timeout=s.request_timeout), s,
                                                               acks=self.store.acks),
@@ -202,7 +202,8 @@ class Service:
         js = self.nc.jetstream(timeout=s.request_timeout)
         services: dict[str, Scheduler | Clock | Foreman | TaskRecovery] = {
             "scheduler": Scheduler(self.engine, send), "clock": Clock(self.engine, send),
-            "foreman": Foreman(self.engine, send, deployment_lease_seconds=s.deployment_slot_lease_seconds),
+            "foreman": Foreman(self.engine, send, deployment_lease_seconds=s.deployment_slot_lease_seconds,
+                               handed_slot_seconds=s.handed_slot_seconds),
             "task_recovery": TaskRecovery(self.engine, TaskPublisher(js, s))}
         for role, service in services.items():
             if role not in self.roles:

@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     # deployment whose `concurrency_options` name no `grace_period_seconds` (Prefect's
     # `initial_deployment_lease_duration`); the foreman then gives the slot back.
     deployment_slot_lease_seconds: float = Field(default=300.0, gt=0, le=86_400)
+    # How long a waiting run keeps the slots a release handed it before a worker claims it;
+    # the foreman then gives them back, to the next waiter if there is one.
+    handed_slot_seconds: float = Field(default=30.0, gt=0, le=3_600)
     # A projection stopped at an event it cannot apply tries that event again this often.
     projection_stall_retry_seconds: float = Field(default=30.0, gt=0)
 

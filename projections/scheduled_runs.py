@@ -12,11 +12,14 @@ and at the limit. Finished runs never enter the index, so a long history costs n
 Beyond Prefect: runs whose deployment's concurrency limit is full (and would send them to wait)
 are left out, so they never take the place of runs that can start.
 
-Order (runledger's, the same at each cut): queue priority, then the run's `priority` (lower
-first), then `next_scheduled_start_time`, then id. Free slots: a queue's limit minus its
-PENDING and RUNNING runs; the pool's limit minus the PENDING and RUNNING runs of its
-unpaused queues (runs in a paused queue do not use up the pool's slots here, as in
-Prefect on Postgres). Polling claims nothing: the claim is the run's move to PENDING.
+Order (runledger's, the same at each cut): first the waiting runs that a release handed the
+slot it freed (`pool_slot_reserved`: they hold their queue's and pool's slot already, and
+their claim is theirs alone), then queue priority, then the run's `priority` (lower first),
+then `next_scheduled_start_time`, then id. Free slots: a queue's limit minus its PENDING and
+RUNNING runs and the runs handed a slot; the pool's limit minus the same in its unpaused
+queues (runs in a paused queue do not use up the pool's slots here, as in Prefect on
+Postgres); a run handed a slot is offered whatever the free slots. Polling claims nothing:
+the claim is the run's move to PENDING.
 
 The caller (handlers/worker_polls.py) records the poll: `poll` says which queues it read.
 """
@@ -58,6 +61,10 @@ _DEPLOYMENT_FULL = """EXISTS (
             SELECT 1 FROM deployments d JOIN concurrency_limits cl ON cl.name = 'deployment:' || d.id::text
             WHERE d.id = f.deployment_id AND cl.active AND cl.active_slots >= cl."limit"
               AND COALESCE(d.concurrency_options ->> 'collision_strategy', 'ENQUEUE') <> 'CANCEL_NEW')"""
+# A SCHEDULED state carries a lease id only when a release handed the run its deployment's
+# slot (commands/slots.hand_over): that run holds the slot, and is offered however full.
+_HOLDS_DEPLOYMENT_SLOT = "(f.state -> 'state_details' ->> 'deployment_concurrency_lease_id') IS NOT NULL"
+_HANDED = "(SELECT count(*) FROM flow_runs h WHERE h.work_queue_id = {queues} AND h.pool_slot_reserved)"
 _UUIDS = ARRAY(UUID(as_uuid=True))
 
 
@@ -71,7 +78,8 @@ WITH queue_room AS (
     SELECT q.id, q.priority,
            CASE WHEN q.concurrency_limit IS NULL THEN {PER_QUEUE_CAP}
                 ELSE LEAST({PER_QUEUE_CAP}, GREATEST(0, q.concurrency_limit - (
-                    SELECT count(*) FROM flow_runs a WHERE a.work_queue_id = q.id AND a.state_type IN {_ACTIVE})))
+                    SELECT count(*) FROM flow_runs a WHERE a.work_queue_id = q.id AND a.state_type IN {_ACTIVE})
+                    - {_HANDED.format(queues="q.id")}))
            END AS room
     FROM work_queues q WHERE q.id = ANY(:queue_ids)
 ),
@@ -79,19 +87,26 @@ pool_room AS (
     SELECT CASE WHEN CAST(:pool_limit AS integer) IS NULL THEN {PER_POOL_CAP}
                 ELSE LEAST({PER_POOL_CAP}, GREATEST(0, CAST(:pool_limit AS integer) - (
                     SELECT count(*) FROM flow_runs a
-                    WHERE a.work_queue_id = ANY(:unpaused_ids) AND a.state_type IN {_ACTIVE})))
+                    WHERE a.work_queue_id = ANY(:unpaused_ids) AND a.state_type IN {_ACTIVE})
+                    - {_HANDED.format(queues="ANY(:unpaused_ids)")}))
            END AS room
 ),
 ranked AS (
-    SELECT r.id, qr.id AS queue_id,
-           row_number() OVER (ORDER BY qr.priority, r.priority, r.next_scheduled_start_time, r.id) AS n
+    SELECT r.id, qr.id AS queue_id, r.handed,
+           row_number() OVER (ORDER BY r.handed DESC, qr.priority, r.priority, r.next_scheduled_start_time, r.id) AS n,
+           row_number() OVER (PARTITION BY r.handed
+                              ORDER BY qr.priority, r.priority, r.next_scheduled_start_time, r.id) AS n_of_kind
     FROM queue_room qr CROSS JOIN LATERAL (
-        SELECT f.id, f.priority, f.next_scheduled_start_time FROM flow_runs f
-        WHERE f.work_queue_id = qr.id AND f.state_type = 'SCHEDULED'
-          AND (f.empirical_policy ->> 'retry_type') IS DISTINCT FROM 'in_process'{bounds}
-          AND NOT {_DEPLOYMENT_FULL}
-        ORDER BY f.priority, f.next_scheduled_start_time, f.id
-        LIMIT LEAST(qr.room, :limit)
+        (SELECT f.id, f.priority, f.next_scheduled_start_time, true AS handed FROM flow_runs f
+         WHERE f.work_queue_id = qr.id AND f.pool_slot_reserved AND f.state_type = 'SCHEDULED'{bounds}
+         LIMIT :limit)
+        UNION ALL
+        (SELECT f.id, f.priority, f.next_scheduled_start_time, false AS handed FROM flow_runs f
+         WHERE f.work_queue_id = qr.id AND f.state_type = 'SCHEDULED' AND NOT f.pool_slot_reserved
+           AND (f.empirical_policy ->> 'retry_type') IS DISTINCT FROM 'in_process'{bounds}
+           AND ({_HOLDS_DEPLOYMENT_SLOT} OR NOT {_DEPLOYMENT_FULL})
+         ORDER BY f.priority, f.next_scheduled_start_time, f.id
+         LIMIT LEAST(qr.room, :limit))
     ) r
 )
 SELECT ranked.queue_id AS poll_queue_id, {_RUN_COLUMNS}, q.name AS current_queue_name,
@@ -101,7 +116,7 @@ FROM ranked
 -- thousand ranked rows, the planner hashed a scan of the whole table for a history of 100,000).
 CROSS JOIN LATERAL (SELECT * FROM flow_runs f WHERE f.id = ranked.id OFFSET 0) f
 JOIN work_queues q ON q.id = ranked.queue_id
-WHERE ranked.n <= (SELECT room FROM pool_room) AND ranked.n <= :limit
+WHERE (ranked.handed OR ranked.n_of_kind <= (SELECT room FROM pool_room)) AND ranked.n <= :limit
 ORDER BY ranked.n"""
     return text(sql).bindparams(bindparam("queue_ids", type_=_UUIDS), bindparam("unpaused_ids", type_=_UUIDS))
 

@@ -216,12 +216,15 @@ flow_runs = Table(
     Column("waiting_reason", Text),
     Column("worker_name", Text),
     Column("deployment_lease_expired", Boolean, nullable=False, server_default=text("false")),
+    Column("pool_slot_reserved", Boolean, nullable=False, server_default=text("false")),
     Index("flow_runs_flow", "flow_id"),
     Index("flow_runs_deployment", "deployment_id", "state_type"),
     Index("flow_runs_queue", "work_queue_id", "state_type", "next_scheduled_start_time"),
     Index("flow_runs_state_type", "state_type"),
     Index("flow_runs_expected_start", "expected_start_time"),
     Index("flow_runs_tags", "tags", postgresql_using="gin"),
+    # The poll offers first the few runs a release handed a slot to (`pool_slot_reserved`).
+    Index("flow_runs_slot_reserved", "work_queue_id", postgresql_where=text("pool_slot_reserved")),
     # The foreman's question: which runs does a worker that went away still hold?
     Index("flow_runs_claimed_by_worker", "work_queue_id", "worker_name", postgresql_where=text("worker_name IS NOT NULL")),
 )
@@ -393,5 +396,10 @@ MIGRATIONS = [
     # Migration 6 creates flow_runs from its current definition, which has it already.
     Migration(12, "a flow run whose deployment slot's lease expired while it was PENDING", [
         "ALTER TABLE flow_runs ADD COLUMN IF NOT EXISTS deployment_lease_expired boolean NOT NULL DEFAULT false",
+    ]),
+    # Migration 6 creates flow_runs from its current definition, which has these already.
+    Migration(13, "a waiting flow run handed its queue's and pool's slot by a release", [
+        "ALTER TABLE flow_runs ADD COLUMN IF NOT EXISTS pool_slot_reserved boolean NOT NULL DEFAULT false",
+        "CREATE INDEX IF NOT EXISTS flow_runs_slot_reserved ON flow_runs (work_queue_id) WHERE pool_slot_reserved",
     ]),
 ]

@@ -25,8 +25,10 @@ LEASE_SECONDS = 1.0
 
 @pytest.fixture
 def settings(settings):
-    """The service's default lease (no `grace_period_seconds` on the deployment), shortened."""
-    return settings.model_copy(update={"deployment_slot_lease_seconds": LEASE_SECONDS})
+    """The service's default lease (no `grace_period_seconds` on the deployment), and how long
+    a waiting run keeps the slots a release handed it, shortened."""
+    return settings.model_copy(update={"deployment_slot_lease_seconds": LEASE_SECONDS,
+                                       "handed_slot_seconds": LEASE_SECONDS})
 
 
 async def _set(broker, run_id: str, state: str) -> dict:
@@ -80,11 +82,17 @@ async def test_a_run_pending_past_its_lease_gives_its_slot_to_the_next_run(broke
         shown = await asyncio.to_thread(CliRunner().invoke, app, ["flow-run", "inspect", stuck["id"]],
                                         env=cli_env(settings))
         assert shown.exit_code == 0 and "Deployment slot: its lease expired" in shown.stdout, shown.output
-        assert await _active_slots(broker, deployment["id"]) == 0
-        # The waiting run was woken (due now, not in 30 s) and takes the slot.
+        # The slot went to the waiting run, woken (due now, not in 30 s) and holding it until
+        # its claim, which takes it.
+        assert await _active_slots(broker, deployment["id"]) == 1
         woken = await broker.ok_qry("GetFlowRun", id=waiting["id"])
         assert datetime.fromisoformat(woken["next_scheduled_start_time"]) <= datetime.now(UTC)
-        assert (await _set(broker, waiting["id"], "PENDING"))["orchestration"]["status"] == "ACCEPT"
+        assert woken["state"]["state_details"]["deployment_concurrency_lease_id"] is not None
+        claimed = await _set(broker, waiting["id"], "PENDING")
+        assert claimed["orchestration"]["status"] == "ACCEPT"
+        assert (claimed["result"]["state_details"]["deployment_concurrency_lease_id"]
+                == woken["state"]["state_details"]["deployment_concurrency_lease_id"])
+        assert await _active_slots(broker, deployment["id"]) == 1
 
         # The slow run's infrastructure comes up at last: no slot is free, so it is cancelled.
         late = await _set(broker, stuck["id"], "RUNNING")
@@ -141,3 +149,41 @@ async def test_a_deployments_grace_period_is_its_slots_lease(broker, service, se
     finally:
         await nc.close()
     assert await _active_slots(broker, deployment["id"]) == 1
+
+
+async def test_slots_handed_to_a_run_nobody_claims_go_to_the_next_waiter(broker, service, settings):
+    """A release hands the slots it frees to the run it wakes; when that run's worker never
+    comes for it (it stopped polling), the foreman gives them back after `handed_slot_seconds`:
+    to the next waiter, and the first one waits again at the end of the line."""
+    await broker.ok_cmd("CreateWorkPool", name="p", type="process")
+    flow_id = (await broker.ok_cmd("CreateFlow", name="forgotten"))["id"]
+    deployment = await broker.ok_cmd("CreateDeployment", flow_id=flow_id, name="one", work_pool_name="p",
+                                     concurrency_limit=1)
+    holder, first, second = [(await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=deployment["id"]))["id"]
+                             for _ in range(3)]
+    await _set(broker, holder, "PENDING")
+    for waiter in (first, second):
+        assert (await _set(broker, waiter, "PENDING"))["result"]["name"] == "AwaitingConcurrencySlot"
+    await _set(broker, holder, "COMPLETED")
+    handed = await broker.ok_qry("GetFlowRun", id=first)
+    assert handed["state"]["state_details"]["deployment_concurrency_lease_id"] is not None
+
+    nc = await connect(settings)
+    try:
+        foreman = Foreman(service.engine, CommandSender(nc, settings), deployment_lease_seconds=LEASE_SECONDS,
+                          handed_slot_seconds=LEASE_SECONDS)
+        await _expire_leases(broker, foreman, 1)
+    finally:
+        await nc.close()
+    gave_back = await broker.ok_qry("GetFlowRun", id=first)
+    assert gave_back["state_name"] == "AwaitingConcurrencySlot" and gave_back["pool_slot_reserved"] is False
+    assert gave_back["state"]["state_details"]["deployment_concurrency_lease_id"] is None
+    assert "went unclaimed" in gave_back["state"]["message"]
+    now_second = await broker.ok_qry("GetFlowRun", id=second)
+    assert now_second["pool_slot_reserved"] is True
+    assert now_second["state"]["state_details"]["deployment_concurrency_lease_id"] is not None
+    assert await _active_slots(broker, deployment["id"]) == 1  # still one: the second run's
+    # The first run's claim now waits again; the second's goes through.
+    assert (await _set(broker, first, "PENDING"))["result"]["name"] == "AwaitingConcurrencySlot"
+    assert (await _set(broker, second, "PENDING"))["orchestration"]["status"] == "ACCEPT"
+    await assert_live_equals_rebuild(service, settings)

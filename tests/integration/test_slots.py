@@ -290,3 +290,54 @@ async def test_runs_of_a_full_deployment_do_not_take_the_place_of_runs_that_can_
     await broker.ok_cmd("UpdateDeployment", id=full["id"], concurrency_options={"collision_strategy": "CANCEL_NEW"})
     assert (await _set(broker, blocked[0], "PENDING"))["orchestration"]["status"] == "ACCEPT"
     assert await poll() == blocked[1:] + startable[:1]  # CANCEL_NEW: offered, to be cancelled
+
+
+async def test_a_release_hands_the_slots_it_frees_to_the_run_it_wakes(broker, service, settings):
+    """Beyond Prefect, where a freed slot waits for the next retry of whichever run gets there
+    first (#23183, #15618): the release wakes the first run waiting for the deployment's slot
+    and hands it the deployment's, queue's and pool's slots it freed. No other run takes them
+    meanwhile, the poll offers that run first, and its claim writes its own state alone."""
+    await broker.ok_cmd("CreateWorkPool", name="limited", type="process", concurrency_limit=2)
+    flow_id = (await broker.ok_cmd("CreateFlow", name="handed"))["id"]
+    deployment = await broker.ok_cmd("CreateDeployment", flow_id=flow_id, name="one", work_pool_name="limited",
+                                     concurrency_limit=1)
+    holder, waiter = [(await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=deployment["id"]))["id"]
+                      for _ in range(2)]
+    an_hour_ago = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    other = (await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, work_pool_name="limited", state={
+        "type": "SCHEDULED", "state_details": {"scheduled_time": an_hour_ago}}))["id"]  # due before both
+    assert (await _set(broker, holder, "PENDING"))["orchestration"]["status"] == "ACCEPT"
+    assert (await _set(broker, waiter, "PENDING"))["result"]["name"] == "AwaitingConcurrencySlot"
+    filler = await _run_in(broker, flow_id, "default", "PENDING")  # the pool's other slot
+
+    await _set(broker, holder, "COMPLETED")
+    woken = await broker.ok_qry("GetFlowRun", id=waiter)
+    assert woken["state_name"] == "AwaitingConcurrencySlot" and woken["pool_slot_reserved"] is True
+    lease = woken["state"]["state_details"]["deployment_concurrency_lease_id"]
+    assert lease is not None
+    deployment_read = await broker.ok_qry("GetDeployment", id=deployment["id"])
+    assert deployment_read["global_concurrency_limit"]["active_slots"] == 1
+    shown = await asyncio.to_thread(CliRunner().invoke, app, ["flow-run", "inspect", waiter], env=cli_env(settings))
+    assert shown.exit_code == 0 and "a release handed this run the slots it freed" in shown.stdout, shown.output
+
+    # The run due an hour earlier is not offered and cannot take the pool's only slot.
+    polled = await broker.ok_qry("GetScheduledFlowRuns", work_pool_name="limited", limit=10)
+    assert [item["flow_run"]["id"] for item in polled] == [waiter]
+    refused = await _set(broker, other, "PENDING")
+    assert refused["orchestration"]["details"]["reason"] == "Work pool 'limited' is at its concurrency limit (2)."
+
+    before = await broker.stream_messages()
+    claimed = await _set(broker, waiter, "PENDING")
+    assert claimed["orchestration"]["status"] == "ACCEPT"
+    assert claimed["result"]["state_details"]["deployment_concurrency_lease_id"] == lease
+    assert await broker.stream_messages() == before + 1  # its own state, nothing else
+    claimed_read = await broker.ok_qry("GetFlowRun", id=waiter)
+    assert claimed_read["state_type"] == "PENDING" and claimed_read["pool_slot_reserved"] is False
+    assert (await broker.ok_qry("GetWorkPool", name="limited"))["active_slots"] == 2
+    assert (await broker.ok_qry("GetScheduledFlowRuns", work_pool_name="limited", limit=10)) == []
+    # The filler ends: the run due an hour ago is offered and takes the freed slot.
+    await _set(broker, filler["id"], "COMPLETED")
+    polled = await broker.ok_qry("GetScheduledFlowRuns", work_pool_name="limited", limit=10)
+    assert [item["flow_run"]["id"] for item in polled] == [other]
+    assert (await _set(broker, other, "PENDING"))["orchestration"]["status"] == "ACCEPT"
+    await assert_live_equals_rebuild(service, settings)

@@ -299,6 +299,102 @@ def test_a_waiter_that_takes_a_slot_leaves_the_waiters() -> None:
     assert changed.waiters.run_ids == [] and changed.woken is None
 
 
+def _release_to_a_waiter(pool: wp.WorkPool, pool_count: int, limit: cl.ConcurrencyLimit) -> tuple[Any, fr.FlowRun]:
+    """A run of `pool` holding its queue's slot and the deployment's completes; one run waits."""
+    waiter = awaiting().model_copy(update={"work_queue_id": pool.default_queue_id})
+    holder = a_run(pool, T.RUNNING, deployment=True, lease=uuid.uuid4())
+    limits = dataclasses.replace(waiting_limits(limit, [waiter], [waiter.id]), pool=pool,
+                                 slots=counts(pool, pool_count))
+    d = set_state(holder, T.COMPLETED, limits)
+    (woken,) = [e.run for e in events_of(d, fr.FlowRunStateSet) if e.run.id == waiter.id]
+    return d, woken
+
+
+def test_a_release_hands_the_slots_it_frees_to_the_waiter_it_wakes() -> None:
+    pool = a_pool(pool_limit=1)
+    d, woken = _release_to_a_waiter(pool, 1, a_limit(1, 1))
+    # The deployment's slot: released by the holder, taken by the waiter under a new lease.
+    released, taken = events_of(d, cl.ConcurrencyLimitSlotReleased), events_of(d, cl.ConcurrencyLimitSlotTaken)
+    assert [e.limit.active_slots for e in [*released, *taken]] == [0, 1]
+    assert taken[0].flow_run_id == woken.id
+    assert taken[0].lease_id == woken.state.state_details.deployment_concurrency_lease_id is not None
+    # The pool's slot: the same.
+    assert [e.slots.total for e in events_of(d, sl.PoolSlotReleased)] == [0]
+    assert [(e.flow_run_id, e.slots.total) for e in events_of(d, sl.PoolSlotTaken)] == [(woken.id, 1)]
+    assert woken.state_type is T.SCHEDULED and woken.pool_slot_reserved
+    assert sl.holds_pool_slot(woken) and sl.deployment_lease(woken) is not None and sl.holds_handed_slots(woken)
+
+
+def test_the_claim_of_a_run_handed_its_slots_writes_its_own_state_only() -> None:
+    """One event, so one append instead of an atomic batch over the pool's counts and the
+    deployment's limit: what makes a freed slot's hand-over fast."""
+    pool = a_pool(pool_limit=1)
+    d, woken = _release_to_a_waiter(pool, 1, a_limit(1, 1))
+    after = sl.limits_after(sl.Limits(pool=pool, slots=counts(pool, 1), deployment_limit=a_limit(1, 1)), d.events)
+    limits = dataclasses.replace(after, waiters=sl.LimitWaiters(limit_id=after.deployment_limit.id))
+    assert after.slots.total == 1 and after.deployment_limit.active_slots == 1  # held for the woken run
+    claim = set_state(woken, T.PENDING, limits)
+    assert claim.orchestration.status is Outcome.ACCEPT
+    assert [type(e.event) for e in claim.events] == [fr.FlowRunStateSet]
+    claimed = claim.events[0].event.run
+    assert claimed.state_type is T.PENDING and not claimed.pool_slot_reserved
+    assert (claimed.state.state_details.deployment_concurrency_lease_id
+            == woken.state.state_details.deployment_concurrency_lease_id)
+    # Another run of the pool finds both full meanwhile.
+    other = set_state(a_run(pool, deployment=True), T.PENDING, limits)
+    assert other.orchestration.status is Outcome.REJECT
+    # The handed run cancelled instead: it gives both back.
+    cancelled = set_state(woken, T.CANCELLED, limits)
+    assert events_of(cancelled, sl.PoolSlotReleased) and events_of(cancelled, cl.ConcurrencyLimitSlotReleased)
+
+
+def test_a_waiter_is_handed_no_pool_slot_its_queue_has_no_room_for_nor_one_of_another_pool() -> None:
+    pool = a_pool(pool_limit=1)
+    # The pool stays full after the release (another run holds its only slot, the holder's
+    # count was off): only the deployment's slot is handed over.
+    d, woken = _release_to_a_waiter(pool, 2, a_limit(1, 1))
+    assert not woken.pool_slot_reserved and sl.deployment_lease(woken) is not None
+    assert not events_of(d, sl.PoolSlotTaken)
+    # A waiter in a queue of another pool: the same.
+    elsewhere = awaiting().model_copy(update={"work_queue_id": uuid.uuid4()})
+    limits = dataclasses.replace(waiting_limits(a_limit(1, 1), [elsewhere], [elsewhere.id]), pool=pool,
+                                 slots=counts(pool, 1))
+    d = set_state(a_run(pool, T.RUNNING, deployment=True, lease=uuid.uuid4()), T.COMPLETED, limits)
+    (woken,) = [e.run for e in events_of(d, fr.FlowRunStateSet) if e.run.id == elsewhere.id]
+    assert not woken.pool_slot_reserved and sl.deployment_lease(woken) is not None
+
+
+def test_a_limit_still_full_after_the_release_hands_nothing_over() -> None:
+    d, woken = _release_to_a_waiter(a_pool(), 0, a_limit(1, 2))  # lowered below its active slots
+    assert sl.deployment_lease(woken) is None and not woken.pool_slot_reserved
+    assert not events_of(d, cl.ConcurrencyLimitSlotTaken)
+
+
+def test_slots_handed_over_and_never_claimed_go_back_and_to_the_next_waiter() -> None:
+    pool = a_pool(pool_limit=1)
+    _, woken = _release_to_a_waiter(pool, 1, a_limit(1, 1))
+    lease = woken.state.state_details.deployment_concurrency_lease_id
+    nxt = awaiting().model_copy(update={"work_queue_id": pool.default_queue_id})
+    limits = dataclasses.replace(waiting_limits(a_limit(1, 1), [nxt], [nxt.id]), pool=pool, slots=counts(pool, 1))
+    cmd = fr.ExpireDeploymentSlotLease(id=woken.id, lease_id=lease)
+    # Within `HANDED_SLOT_SECONDS` of the hand-over (at NOW): kept.
+    soon = DecisionContext.fixed(NOW + timedelta(seconds=sl.HANDED_SLOT_SECONDS - 1), _ids)
+    assert fr.decide_expire_deployment_slot_lease(cmd, woken, soon, limits).events == []
+    later = DecisionContext.fixed(NOW + timedelta(seconds=sl.HANDED_SLOT_SECONDS), _ids)
+    d = fr.decide_expire_deployment_slot_lease(cmd, woken, later, limits)
+    runs = {e.run.id: e.run for e in events_of(d, fr.FlowRunStateSet)}
+    again = runs[woken.id]
+    assert again.state.name == "AwaitingConcurrencySlot" and not sl.holds_handed_slots(again)
+    assert not again.pool_slot_reserved and "went unclaimed" in again.state.message
+    assert sl.holds_handed_slots(runs[nxt.id]) and runs[nxt.id].pool_slot_reserved  # the next one's turn
+    (changed,) = events_of(d, sl.LimitWaitersChanged)
+    assert changed.woken == nxt.id and changed.waiters.run_ids == [woken.id]  # back in line
+    # Another lease, or sent again: nothing.
+    assert fr.decide_expire_deployment_slot_lease(cmd.model_copy(update={"lease_id": uuid.uuid4()}), woken, later,
+                                                  limits).events == []
+    assert fr.decide_expire_deployment_slot_lease(cmd, again, later, limits).events == []
+
+
 # ---------------------------------------------------------------------------------------------
 # Claims held by a worker
 
