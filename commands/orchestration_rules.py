@@ -326,10 +326,12 @@ def secure_flow_concurrency_slots(c: RuleContext) -> Verdict:
     cancelled (CANCEL_NEW). A limit of 0 could never be met: the caller is told to stop. A
     waiter that a release handed its slot holds it already, and keeps its lease."""
     limits = c.limits
-    if c.run.deployment_id is None or deployment_lease(c.run) is not None:
+    if c.run.deployment_id is None:
         return GO_ON
     if not limits.deployment_found:
         return abort("Deployment not found.")
+    if deployment_lease(c.run) is not None:
+        return GO_ON
     limit = limits.deployment_limit
     if limit is None or not limits.deployment_limit_applies:
         return GO_ON

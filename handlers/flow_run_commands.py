@@ -132,7 +132,8 @@ def command_specs(queues: LogIndex | None,
         if pool is not None:
             slots = await unit.load(sl.POOL_SLOTS, sl.slots_id(pool.id)) or sl.PoolSlots(pool_id=pool.id)
         if deployment is None:
-            return sl.Limits(pool=pool, slots=slots, deployment_found=run.deployment_id is None)
+            return sl.Limits(pool=pool, slots=slots, deployment_found=run.deployment_id is None,
+                             handed_slot_seconds=handed_slot_seconds)
         limit = waiters = None
         first_waiters: dict[uuid.UUID, fr.FlowRun | None] = {}
         if limit_id is not None:

@@ -215,13 +215,14 @@ class Foreman:
         now = literal(self.clock())
         pending_too_long = and_(flow_runs.c.state_type == "PENDING", flow_runs.c.deployment_lease_expired.is_(False),
                                 since < now - func.make_interval(0, 0, 0, 0, 0, 0, lasts))
+        # Also when the deployment or its limit is gone meanwhile: the run still holds its pool slot.
         handed_unclaimed = and_(flow_runs.c.state_type == "SCHEDULED",
                                 flow_runs.c.state_name == "AwaitingConcurrencySlot",
                                 since < now - func.make_interval(0, 0, 0, 0, 0, 0, self.handed_slot_seconds))
         stmt = (select(flow_runs.c.id, lease.label("lease_id"))
-                .join(deployments, deployments.c.id == flow_runs.c.deployment_id)
-                .where(deployments.c.concurrency_limit.is_not(None), lease.is_not(None),
-                       or_(pending_too_long, handed_unclaimed))
+                .outerjoin(deployments, deployments.c.id == flow_runs.c.deployment_id)
+                .where(lease.is_not(None),
+                       or_(and_(pending_too_long, deployments.c.concurrency_limit.is_not(None)), handed_unclaimed))
                 .order_by(since).limit(BATCH))
         expired = 0
 

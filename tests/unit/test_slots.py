@@ -393,6 +393,12 @@ def test_slots_handed_over_and_never_claimed_go_back_and_to_the_next_waiter() ->
     assert fr.decide_expire_deployment_slot_lease(cmd.model_copy(update={"lease_id": uuid.uuid4()}), woken, later,
                                                   limits).events == []
     assert fr.decide_expire_deployment_slot_lease(cmd, again, later, limits).events == []
+    # The deployment was deleted meanwhile: the pool's slot still goes back.
+    gone = sl.Limits(pool=pool, slots=counts(pool, 1), deployment_found=False)
+    d = fr.decide_expire_deployment_slot_lease(cmd, woken, later, gone)
+    assert [e.slots.total for e in events_of(d, sl.PoolSlotReleased)] == [0]
+    # ... and its claim is told the deployment is gone, not let through on the handed lease.
+    assert set_state(woken, T.PENDING, gone).orchestration.status is Outcome.ABORT
 
 
 # ---------------------------------------------------------------------------------------------
