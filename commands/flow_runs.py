@@ -236,9 +236,9 @@ class ExpireDeploymentSlotLease(Command):
     slot's lease lasts (the deployment's `concurrency_options.grace_period_seconds`, else the
     service's `deployment_slot_lease_seconds`, 300 s by default) gives the slot back, as
     Prefect's lease reaper does. Beyond Prefect, the same for a waiting run that a release
-    handed its slot (`slots.hand_over`) and that nobody claimed within
-    the service's `handed_slot_seconds`. Nothing happens when the run has moved on, holds another
-    lease, or its lease has time left."""
+    handed its slots (`slots.hand_over`) and that nobody claimed within the service's
+    `handed_slot_seconds`. Nothing happens when the run has moved on, holds another lease, or
+    its lease has time left."""
 
     id: uuid.UUID
     lease_id: uuid.UUID

@@ -235,7 +235,6 @@ def holds_handed_slots(run: FlowRun | None) -> bool:
     return run is not None and run.state_type is StateType.SCHEDULED and deployment_lease(run) is not None
 
 
-
 def hand_over(woken: FlowRun, limits: Limits, lease_id: uuid.UUID) -> FlowRun:
     """The waiter a release woke, holding the slots the release freed, so that its claim
     writes its own state and nothing else: one append, not an atomic batch over the limits'

@@ -274,7 +274,8 @@ class TaskWorker:
         return reply
 
     async def start(self) -> None:
-        """Binds to (creating if needed) the durable consumers of its keys."""
+        """Binds to (creating if needed) the durable consumers of its keys, and says it is here
+        (its first heartbeat), so that a worker that has started is listed at once."""
         for key in self.keys:
             for side in SIDES:
                 stream = task_stream_name(self.settings, side)
@@ -296,6 +297,7 @@ class TaskWorker:
             # The subject of `broker_auth.cancel_subject` (not imported: it brings the broker's configuration).
             self._cancel_subs.append(await self.nc.subscribe(
                 f"{self.settings.namespace}.taskrun.cancel.{encode_task_key(key)}.*", cb=self._on_cancel_notice))
+        await self._heartbeat()
 
     async def _on_cancel_notice(self, msg: Msg) -> None:
         watch = self._watches.get(msg.subject.rsplit(".", 1)[-1])
@@ -321,14 +323,16 @@ class TaskWorker:
     async def _heartbeats(self) -> None:
         """Says it is here, with its keys, so that task workers can be listed (`ListTaskWorkers`)."""
         while True:
-            try:
-                await put_task_worker(self.js, self.settings, self.worker_id, self.keys,
-                                      datetime.now(UTC).isoformat())
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.info("a task worker heartbeat failed (%s); the next one follows", type(e).__name__)
             await asyncio.sleep(TASK_WORKER_HEARTBEAT_SECONDS)
+            await self._heartbeat()
+
+    async def _heartbeat(self) -> None:
+        try:
+            await put_task_worker(self.js, self.settings, self.worker_id, self.keys, datetime.now(UTC).isoformat())
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.info("a task worker heartbeat failed (%s); the next one follows", type(e).__name__)
 
     async def stop(self) -> None:
         """Lets running runs finish within the grace period and hands back the rest."""
