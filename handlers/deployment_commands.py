@@ -133,9 +133,12 @@ async def schedule_runs(unit: Unit, cmd: sc.ScheduleDeploymentRuns, ctx: Decisio
     deployment = await unit.load(dp.DEPLOYMENT, str(cmd.deployment_id))
     planned = sc.planned_runs(deployment, cmd, ctx.now) if deployment is not None else []
     index = await unit.load(dp.DEPLOYMENT_RUNS, dp.index_id(cmd.deployment_id)) if planned else None
-    runs = await asyncio.gather(*(unit.load(fr.FLOW_RUN, str(p.run_id), presumed_new=p.run_id not in index.runs)
-                                  for p in planned)) if index is not None else []
-    existing = {p.run_id: run for p, run in zip(planned, runs, strict=True)}
+    indexed_ids = [p.run_id for p in planned if index is not None and p.run_id in index.runs]
+    runs = await asyncio.gather(*(unit.load(fr.FLOW_RUN, str(i)) for i in indexed_ids))
+    existing = dict(zip(indexed_ids, runs, strict=True))
+    for p in planned:  # presumed new: no read, so no task of its own either
+        if p.run_id not in existing:
+            existing[p.run_id] = await unit.load(fr.FLOW_RUN, str(p.run_id), presumed_new=True)
     indexed = (await _indexed(unit, cmd.deployment_id, lambda index: sc.past_runs(index, ctx.now))
                if deployment is not None else dp.IndexedRuns())
     return sc.decide_schedule_runs(deployment, planned, existing, ctx, indexed)

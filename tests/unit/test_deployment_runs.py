@@ -73,3 +73,24 @@ def test_one_command_makes_at_most_its_bound_earliest_first():
     planned = sc.planned_runs(d, cmd, NOW)
     assert len(planned) == sc.MAX_RUNS_PER_COMMAND
     assert [p.date for p in planned] == sorted(p.date for p in planned)
+
+
+def test_runs_scheduled_together_equal_runs_made_one_by_one():
+    """`scheduled_runs` copies each schedule's first run for its other dates: every copy must be
+    the run `scheduled_run` would have made (same ids drawn in the same order)."""
+    d = deployment({"schedule": {"interval": 3600}, "parameters": {"b": 2}, "slug": "hourly"},
+                   {"schedule": {"cron": "30 2 * * *", "timezone": "Europe/Berlin"}},
+                   {"schedule": {"rrule": "FREQ=DAILY;BYHOUR=7", "timezone": "America/New_York"}},
+                   tags=["x"], parameters={"a": 1}, labels={"team": "data"})
+    cmd = sc.ScheduleDeploymentRuns(deployment_id=d.id, min_runs=40, max_runs=40)
+    planned = sc.planned_runs(d, cmd, NOW)
+    assert len({p.schedule.id for p in planned}) == 3 and len(planned) > 40
+
+    def same_ids() -> DecisionContext:
+        return DecisionContext.fixed(NOW, (uuid.UUID(int=i) for i in itertools.count(10_000)))
+
+    together = sc.scheduled_runs(d, planned, same_ids())
+    one_by_one_ctx = same_ids()
+    one_by_one = [sc.scheduled_run(d, p, one_by_one_ctx) for p in planned]
+    assert together == one_by_one
+    assert [r.model_dump(mode="json") for r in together] == [r.model_dump(mode="json") for r in one_by_one]
