@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import json
 
 from harness import (
     bench_settings,
@@ -43,6 +44,16 @@ from runledger.infra.nats_connection import connect
 # projections in a second; `--split none`: no projection at all (what the commands cost alone).
 LAYOUTS = {None: ("commands,queries,projections",), "yes": ("commands,queries", "projections"),
            "none": ("commands,queries",)}
+
+
+async def caught_up(nc, settings, seq: int) -> None:
+    """Waits until every read model holds the log up to `seq` (a query's `min_seq` waits for
+    all of them; each wait is bounded by the service, so it is asked again)."""
+    while True:
+        reply = await nc.request(settings.query_subject("CountFlowRuns"), json.dumps({"min_seq": seq}).encode(),
+                                 timeout=30)
+        if json.loads(reply.data)["ok"]:
+            return
 
 
 async def run(args) -> dict:
@@ -108,9 +119,14 @@ async def run(args) -> dict:
                 out.update(transition_rate=moved / (now() - t0), transitions=moved,
                            transition_cpu=(cpu_seconds(proc.pid) - cpu0) / max(moved, 1) * 1e6)
 
-            # 3. A release to the next waiter's claim.
-            limited = (await cmd("CreateDeployment", {"name": "one-at-a-time", "flow_id": flow["id"],
-                                                      "work_pool_name": "pool", "concurrency_limit": 1}))["result"]
+            # 3. A release to the next waiter's claim, once the read models have caught up with
+            # what came before (so that the figure is the handoff's, not that of a backlog's
+            # projection beside it).
+            made_limited = await cmd("CreateDeployment", {"name": "one-at-a-time", "flow_id": flow["id"],
+                                                          "work_pool_name": "pool", "concurrency_limit": 1})
+            limited = made_limited["result"]
+            if "handoffs" in only and args.split != "none":
+                await caught_up(nc, settings, made_limited["seq"])
             handoffs: list[float] = []
             after_release: list[float] = []  # from the release's acknowledgement
 
