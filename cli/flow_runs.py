@@ -207,8 +207,8 @@ def inspect(
             "it takes one again when it starts, or is cancelled if none is free.")
     if flow_run.state is not None and flow_run.state.type == "SCHEDULED" and (
             flow_run.pool_slot_reserved or flow_run.state.state_details.get("deployment_concurrency_lease_id")):
-        say("Slots: a release handed this run the slots it freed; they are held for it until a worker claims it "
-            "(30 s at most).")
+        say("Slots: a release handed this run the slots it freed; they are held for it until a worker claims it, "
+            "for the service's handed_slot_seconds at most (30 s by default).")
     show_states(states)
 
 

@@ -253,7 +253,8 @@ class FlowRun(BaseModel):
     # slot back; it takes one again when it starts running, or is cancelled if none is free.
     deployment_lease_expired: bool = False
     # Beyond Prefect: a release woke it and handed it its queue's and pool's slot, which it
-    # holds while it is SCHEDULED (for 30 s at most), so no other run takes it meanwhile.
+    # holds while it is SCHEDULED (for the service's `handed_slot_seconds` at most, 30 s by
+    # default), so no other run takes it meanwhile.
     pool_slot_reserved: bool = False
 
 
