@@ -38,6 +38,7 @@ def _run(queue: tuple[uuid.UUID, str], flow_id: uuid.UUID, state_type: str, stat
         "empirical_policy": '{"retries": 0}', "tags": "[]", "labels": "{}", "state_type": state_type,
         "state_name": state_name, "run_count": 0, "expected_start_time": at, "next_scheduled_start_time": at,
         "total_run_time": timedelta(0), "auto_scheduled": True, "job_variables": "{}", "priority": priority,
+        "deployment_lease_expired": False, "pool_slot_reserved": False,
     }
     return tuple(values.get(c) for c in COLUMNS)
 
