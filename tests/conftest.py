@@ -7,6 +7,7 @@ Postgres schema."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -37,6 +38,24 @@ def no_temporary_directory_left_behind() -> Iterator[None]:
         tempfile.mkdtemp = original
     left = [p for p in made if os.path.exists(p)]
     assert not left, f"temporary directories left behind: {left}"
+
+
+@pytest.fixture(autouse=True)
+def one_heavy_test_at_a_time(request, tmp_path_factory) -> Iterator[None]:
+    """With the suite in two processes (pytest-xdist, `addopts`), a test marked `alone` (a burst
+    of 270 MB, processes killed, a broker restarted: what a busy neighbour would make fail,
+    since it measures bounded replies and delays) runs while no other test runs: it takes a
+    lock that every other test takes shared. A no-op in one process."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    path = tmp_path_factory.getbasetemp().parent / "one-heavy-test-at-a-time.lock"  # shared by the workers
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if request.node.get_closest_marker("alone") else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _docker_engine() -> bool:

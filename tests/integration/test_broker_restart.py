@@ -16,7 +16,7 @@ from runledger.infra.nats_connection import connect
 
 from .broker import Broker, assert_live_equals_rebuild
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.alone]
 
 
 async def _until_ok(broker: Broker, name: str, /, seconds: float = 30, **body) -> dict:

@@ -38,7 +38,7 @@ from runledger.projections.runner import read_checkpoint
 
 from .broker import Broker, assert_live_equals_rebuild
 
-pytestmark = pytest.mark.timeout(120)  # a safety net only: the file takes well under 30 s
+pytestmark = [pytest.mark.timeout(120), pytest.mark.alone]  # the timeout: a safety net only (the file takes well under 30 s)
 
 # The `runledger` script's folder depends on the venv: run the CLI with this interpreter.
 RUNLEDGER = [sys.executable, "-m", "runledger.cli"]

@@ -224,6 +224,7 @@ async def test_a_list_too_large_for_one_message_comes_in_pages(service, broker, 
 # -- 6. a burst: every request one reply, no slow-consumer disconnect ----------------------
 
 
+@pytest.mark.alone
 async def test_a_burst_of_large_requests_is_answered_without_a_disconnect(service, broker, settings):
     # From another process, as requesters are: one in this process would share (and block)
     # the service's event loop while it writes its 270 MB.

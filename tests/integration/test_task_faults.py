@@ -28,7 +28,7 @@ from runledger.infra.embedded import RestartableNats
 from runledger.infra.event_store import EventStore
 from runledger.infra.nats_connection import connect
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.alone]
 
 TASKS = 5000
 WORKERS = 4
