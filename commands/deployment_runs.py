@@ -124,7 +124,8 @@ def scheduled_runs(deployment: Deployment, planned: list[PlannedRun], ctx: Decis
     of that schedule are copies of it that differ only where the date makes them differ: id,
     name, idempotency key, state (its id, `scheduled_time` and `flow_run_id`) and the two start
     times the state sets. Validating and orchestrating each was most of a scheduler command's
-    CPU; a unit test checks that the copies equal runs made one by one."""
+    CPU; a unit test checks that the copies equal runs made one by one. The copies share their
+    parameters, labels and tags with the first (frozen models, never changed in place)."""
     first_of: dict[uuid.UUID, fr.FlowRun] = {}
     runs = []
     for p in planned:

@@ -374,9 +374,7 @@ def decide_set_state(cmd: SetFlowRunState, run: FlowRun | None, ctx: DecisionCon
     after = transition.run.model_copy(update={"waiting_reason": waiting,
                                               "worker_name": _claimed_by(run, transition.run, cmd.worker_name)})
     enqueued = waiting is not None and transition.refused_by == "secure_flow_concurrency_slots"
-    changes = slots.slot_events(run, after, limits)
-    events = [NewEvent(str(run.id), FlowRunStateSet(run=after)), *changes,
-              *waiter_events(run, after, enqueued, limits, ctx, changes)]
+    events = [NewEvent(str(run.id), FlowRunStateSet(run=after)), *slot_bookkeeping(run, after, enqueued, limits, ctx)]
     return Decision(events=events, result=after.state, created=True, after={str(run.id): after},
                     orchestration=transition.orchestration)
 
@@ -422,9 +420,8 @@ def decide_expire_deployment_slot_lease(cmd: ExpireDeploymentSlotLease, run: Flo
             or ctx.now < run.state.timestamp + timedelta(seconds=limits.lease_seconds)):
         return Decision(events=[], result=run.state)
     after = run.model_copy(update={"deployment_lease_expired": True, "updated": ctx.now})
-    changes = slots.slot_events(run, after, limits)
-    events = [NewEvent(str(run.id), FlowRunDeploymentLeaseExpired(run=after, lease_id=lease)), *changes,
-              *waiter_events(run, after, False, limits, ctx, changes)]
+    events = [NewEvent(str(run.id), FlowRunDeploymentLeaseExpired(run=after, lease_id=lease)),
+              *slot_bookkeeping(run, after, False, limits, ctx)]
     return Decision(events=events, result=after.state, created=True, after={str(run.id): after})
 
 
@@ -441,14 +438,20 @@ def _unclaimed_handed_slots(cmd: ExpireDeploymentSlotLease, run: FlowRun, ctx: D
                         message=f"The slot handed to this run went unclaimed for {limits.handed_slot_seconds:g} s "
                                 "and was given back; the run waits for its turn again.")
     after = orchestration_rules.set_flow_run_state(run, again, force=True, ctx=ctx).run
-    changes = slots.slot_events(run, after, limits)
-    events = [NewEvent(str(run.id), FlowRunStateSet(run=after)), *changes,
-              *waiter_events(run, after, True, limits, ctx, changes)]
+    events = [NewEvent(str(run.id), FlowRunStateSet(run=after)), *slot_bookkeeping(run, after, True, limits, ctx)]
     return Decision(events=events, result=after.state, created=True, after={str(run.id): after})
 
 
+def slot_bookkeeping(before: FlowRun | None, after: FlowRun | None, enqueued: bool, limits: slots.Limits,
+                     ctx: DecisionContext) -> list[NewEvent]:
+    """What follows from the run going from `before` to `after` (None: created, or deleted):
+    its slot counts (`slots.slot_events`), then its deployment limit's waiters."""
+    changes = slots.slot_events(before, after, limits)
+    return [*changes, *waiter_events(before, after, enqueued, limits, ctx, changes)]
+
+
 def waiter_events(before: FlowRun | None, after: FlowRun | None, enqueued: bool, limits: slots.Limits,
-                  ctx: DecisionContext, changes: list[NewEvent] | None = None) -> list[NewEvent]:
+                  ctx: DecisionContext, changes: list[NewEvent]) -> list[NewEvent]:
     """A run sent to wait for its deployment's slot (`enqueued`) joins the limit's waiters; a
     run that gives its slot back wakes the first waiter still waiting and hands it the slots
     it freed (`slots.hand_over`): its next attempt is due at once, not after the retry delay,
@@ -479,7 +482,7 @@ def waiter_events(before: FlowRun | None, after: FlowRun | None, enqueued: bool,
                                message="A slot of the deployment's concurrency limit was freed.",
                                state_details=StateDetails(scheduled_time=ctx.now))
             woke = orchestration_rules.set_flow_run_state(waiter, wake, force=True, ctx=ctx).run
-            freed = slots.limits_after(limits, changes or [])
+            freed = slots.limits_after(limits, changes)
             handed = slots.hand_over(woke, freed, ctx.new_id())
             events.append(NewEvent(str(waiter.id), FlowRunStateSet(run=handed)))
             events += slots.slot_events(waiter, handed, freed)
@@ -546,6 +549,5 @@ def decide_delete_flow_run(cmd: DeleteFlowRun, run: FlowRun | None, claim: Uniqu
     releases = ([FLOW_RUN_KEY.release(run.id, str(run.flow_id), run.idempotency_key)]
                 if run.idempotency_key is not None and claim is not None and claim.owner_id == run.id else [])
     deleted = FlowRunDeleted(flow_run_id=run.id, flow_id=run.flow_id, deleted=ctx.now)
-    changes = slots.slot_events(run, None, limits)
-    return Decision(events=[*releases, *changes, *waiter_events(run, None, False, limits, ctx, changes),
-                            NewEvent(str(run.id), deleted)], result=None)
+    return Decision(events=[*releases, *slot_bookkeeping(run, None, False, limits, ctx), NewEvent(str(run.id), deleted)],
+                    result=None)
