@@ -130,10 +130,13 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far."""
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """User + system CPU time a process has used so far; with `children`, also that of its
+    children that have ended (Postgres's backends and workers come and go: without them a
+    kind's CPU could seem to fall)."""
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_by_kind() -> dict[str, float]:
@@ -146,7 +149,7 @@ def cpu_by_kind() -> dict[str, float]:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 command = f.read().split(b"\0")[0].decode(errors="replace")
-            seconds = cpu_seconds(int(pid))
+            seconds = cpu_seconds(int(pid), children=True)
         except (OSError, IndexError, ValueError):
             continue
         name = os.path.basename(command.split()[0]) if command else ""
