@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import cache
 from typing import Any
 
 from pydantic_core import to_json
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from runledger.infra.database import asyncpg_connection
 
 
 def json_param(rows: Any) -> str:
@@ -29,12 +32,26 @@ def populate_sql(table: Any, conflict: str) -> str:
             f"ON CONFLICT (id) {on_conflict}")
 
 
-async def write_last_rows(driver: Any, table: Any, last: Mapping[str, dict[str, Any] | None]) -> None:
+Write = tuple[str, tuple[Any, ...]]
+"""One statement of a batch and its arguments ($1, $2, … in order)."""
+
+
+def last_rows_writes(table: Any, last: Mapping[str, dict[str, Any] | None]) -> list[Write]:
     """Each row's last value in a batch, by id: None deletes the row, a dict (named like the
-    columns) replaces it. `driver`: asyncpg's connection, in the batch's transaction."""
+    columns) replaces it. The two statements touch different rows (a row is either gone or
+    kept), so they may run as one (`Projector.writes`)."""
     gone = [row_id for row_id, row in last.items() if row is None]
-    if gone:
-        await driver.execute(f"DELETE FROM {table.name} WHERE id = ANY($1::uuid[])", gone)
     rows = [row for row in last.values() if row is not None]
+    writes: list[Write] = []
+    if gone:
+        writes.append((f"DELETE FROM {table.name} WHERE id = ANY($1::uuid[])", (gone,)))
     if rows:
-        await driver.execute(populate_sql(table, "update"), json_param(rows))
+        writes.append((populate_sql(table, "update"), (json_param(rows),)))
+    return writes
+
+
+async def run_writes(conn: AsyncConnection, writes: Sequence[Write]) -> None:
+    """Run a batch's statements one after the other, in `conn`'s transaction."""
+    driver = await asyncpg_connection(conn)
+    for sql, args in writes:
+        await driver.execute(sql, *args)

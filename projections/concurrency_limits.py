@@ -13,9 +13,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from runledger.commands import concurrency_limits as cl
 from runledger.commands import queries as q
 from runledger.commands.messages import Event
-from runledger.infra.database import asyncpg_connection
 
-from .bulk_writes import write_last_rows
+from .bulk_writes import Write, last_rows_writes, run_writes
 from .tables import concurrency_limits
 
 _LIMIT_EVENTS = frozenset({cl.ConcurrencyLimitCreated.event_type, cl.ConcurrencyLimitUpdated.event_type,
@@ -32,11 +31,14 @@ class ConcurrencyLimitsProjector:
     handles = frozenset({*_LIMIT_EVENTS, cl.ConcurrencyLimitDeleted.event_type})
 
     async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, str, Event | dict]]) -> None:
+        await run_writes(conn, self.writes(events))
+
+    def writes(self, events: Sequence[tuple[str, str, Event | dict]]) -> list[Write]:
         last: dict[str, dict[str, Any] | None] = {}
         for _, event_type, payload in cast(Sequence[tuple[str, str, dict[str, Any]]], events):
             limit = payload["limit"]
             last[limit["id"]] = limit if event_type in _LIMIT_EVENTS else None
-        await write_last_rows(await asyncpg_connection(conn), concurrency_limits, last)
+        return last_rows_writes(concurrency_limits, last)
 
 
 def limit_reply(row: Any) -> dict[str, Any]:

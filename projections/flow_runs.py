@@ -14,9 +14,8 @@ from runledger.commands import flow_runs as fr
 from runledger.commands import queries as q
 from runledger.commands.messages import Event, not_found
 from runledger.commands.states import State
-from runledger.infra.database import asyncpg_connection
 
-from .bulk_writes import json_param, populate_sql
+from .bulk_writes import Write, json_param, populate_sql, run_writes
 from .filters import where_filter, where_time_range
 from .run_history import run_history
 from .tables import flow_run_states, flow_runs, work_pools, work_queues
@@ -33,7 +32,8 @@ _RUN_EVENTS = frozenset({"FlowRunCreated", "FlowRunStateSet", "FlowRunUpdated", 
 
 class FlowRunsProjector:
     """Reads payload dicts (`raw_payloads`): a run's events carry the whole run, so the batch's
-    last one per run is its row, written with every state of the batch in two statements."""
+    last one per run is its row, written with every state of the batch in two statements
+    (which the runner sends as one, with the checkpoint: `writes`)."""
 
     name = "flow_runs"
     tables = (flow_runs, flow_run_states)
@@ -43,6 +43,10 @@ class FlowRunsProjector:
                          fr.FlowRunDeploymentLeaseExpired.event_type})
 
     async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, str, Event | dict]]) -> None:
+        await run_writes(conn, self.writes(events))
+
+    def writes(self, events: Sequence[tuple[str, str, Event | dict]]) -> list[Write]:
+        """Disjoint rows: a run deleted in the batch is neither written nor given states."""
         # A run's last event in the batch decides its row; every written state is kept.
         last: dict[str, dict[str, Any] | None] = {}
         states: dict[str, dict[str, Any]] = {}
@@ -57,16 +61,17 @@ class FlowRunsProjector:
                 gone_id = payload["flow_run_id"]
                 last[gone_id] = None
                 states = {k: v for k, v in states.items() if v["flow_run_id"] != gone_id}
-        driver = await asyncpg_connection(conn)
+        writes: list[Write] = []
         gone = [run_id for run_id, run in last.items() if run is None]
         if gone:
-            await driver.execute("DELETE FROM flow_run_states WHERE flow_run_id = ANY($1::uuid[])", gone)
-            await driver.execute("DELETE FROM flow_runs WHERE id = ANY($1::uuid[])", gone)
+            writes += [("DELETE FROM flow_run_states WHERE flow_run_id = ANY($1::uuid[])", (gone,)),
+                       ("DELETE FROM flow_runs WHERE id = ANY($1::uuid[])", (gone,))]
         if states:
-            await driver.execute(_INSERT_STATES, json_param(list(states.values())))
+            writes.append((_INSERT_STATES, (json_param(list(states.values())),)))
         rows = [{**_RUN_DEFAULTS, **run} for run in last.values() if run is not None]
         if rows:
-            await driver.execute(_UPSERT_RUNS, json_param(rows))
+            writes.append((_UPSERT_RUNS, (json_param(rows),)))
+        return writes
 
 
 _queue = work_queues.alias("q")

@@ -402,4 +402,15 @@ MIGRATIONS = [
         "ALTER TABLE flow_runs ADD COLUMN IF NOT EXISTS pool_slot_reserved boolean NOT NULL DEFAULT false",
         "CREATE INDEX IF NOT EXISTS flow_runs_slot_reserved ON flow_runs (work_queue_id) WHERE pool_slot_reserved",
     ]),
+    # A batch written as one statement with its checkpoint (projections/runner.py,
+    # `apply_in_one_statement`) calls it when the checkpoint is no longer below the batch:
+    # the error undoes the whole statement.
+    Migration(14, "a projection's batch in one statement refuses a checkpoint another runner moved", [
+        """CREATE OR REPLACE FUNCTION projection_checkpoint_moved(projection text) RETURNS bigint
+           LANGUAGE plpgsql AS $$
+           BEGIN
+             RAISE EXCEPTION 'projection %: its checkpoint moved past this batch (another runner applied it)',
+               projection USING ERRCODE = 'serialization_failure';
+           END $$""",
+    ]),
 ]

@@ -13,9 +13,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from runledger.commands import queries as q
 from runledger.commands import tag_concurrency_limits as tcl
 from runledger.commands.messages import Event
-from runledger.infra.database import asyncpg_connection
 
-from .bulk_writes import write_last_rows
+from .bulk_writes import Write, last_rows_writes, run_writes
 from .tables import tag_concurrency_limits
 
 _DELETED = tcl.TagConcurrencyLimitDeleted.event_type
@@ -33,11 +32,14 @@ class TagConcurrencyLimitsProjector:
                          tcl.TagConcurrencyLimitSlotReleased.event_type, _DELETED})
 
     async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, str, Event | dict]]) -> None:
+        await run_writes(conn, self.writes(events))
+
+    def writes(self, events: Sequence[tuple[str, str, Event | dict]]) -> list[Write]:
         last: dict[str, dict[str, Any] | None] = {}
         for _, event_type, payload in cast(Sequence[tuple[str, str, dict[str, Any]]], events):
             limit = payload["limit"]
             last[limit["id"]] = None if event_type == _DELETED else limit
-        await write_last_rows(await asyncpg_connection(conn), tag_concurrency_limits, last)
+        return last_rows_writes(tag_concurrency_limits, last)
 
 
 def limit_reply(row: Any) -> dict[str, Any]:

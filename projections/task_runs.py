@@ -15,9 +15,8 @@ from runledger.commands import queries as q
 from runledger.commands import task_runs as tr
 from runledger.commands.messages import Event, not_found
 from runledger.commands.states import State
-from runledger.infra.database import asyncpg_connection
 
-from .bulk_writes import json_param, populate_sql
+from .bulk_writes import Write, json_param, populate_sql, run_writes
 from .filters import where_filter, where_time_range
 from .run_history import run_history
 from .tables import task_run_states, task_runs
@@ -46,6 +45,15 @@ class TaskRunsProjector:
     handles = frozenset({*_RUN_EVENTS, tr.TaskRunDeleted.event_type, fr.FlowRunDeleted.event_type})
 
     async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, str, Event | dict]]) -> None:
+        await run_writes(conn, self._writes(events)[0])
+
+    def writes(self, events: Sequence[tuple[str, str, Event | dict]]) -> list[Write] | None:
+        """None when a flow run's deletion follows: it deletes task runs the batch may have
+        written, so it must run after them (`apply`)."""
+        writes, in_any_order = self._writes(events)
+        return writes if in_any_order else None
+
+    def _writes(self, events: Sequence[tuple[str, str, Event | dict]]) -> tuple[list[Write], bool]:
         # A run's last event in the batch decides its row; every written state is kept.
         last: dict[str, dict[str, Any] | None] = {}
         states: dict[str, dict[str, Any]] = {}
@@ -63,20 +71,21 @@ class TaskRunsProjector:
                 states = {k: v for k, v in states.items() if v["task_run_id"] != gone_id}
             elif event_type == fr.FlowRunDeleted.event_type:
                 flow_runs_gone.append(payload["flow_run_id"])
-        driver = await asyncpg_connection(conn)
+        writes: list[Write] = []
         gone = [run_id for run_id, run in last.items() if run is None]
         if gone:
-            await driver.execute("DELETE FROM task_run_states WHERE task_run_id = ANY($1::uuid[])", gone)
-            await driver.execute("DELETE FROM task_runs WHERE id = ANY($1::uuid[])", gone)
+            writes += [("DELETE FROM task_run_states WHERE task_run_id = ANY($1::uuid[])", (gone,)),
+                       ("DELETE FROM task_runs WHERE id = ANY($1::uuid[])", (gone,))]
         if states:
-            await driver.execute(_INSERT_STATES, json_param(list(states.values())))
+            writes.append((_INSERT_STATES, (json_param(list(states.values())),)))
         rows = [{**_RUN_DEFAULTS, **run} for run in last.values() if run is not None]
         if rows:
-            await driver.execute(_UPSERT_RUNS, json_param(rows))
+            writes.append((_UPSERT_RUNS, (json_param(rows),)))
         if flow_runs_gone:
-            await driver.execute("""DELETE FROM task_run_states WHERE task_run_id IN
-                                    (SELECT id FROM task_runs WHERE flow_run_id = ANY($1::uuid[]))""", flow_runs_gone)
-            await driver.execute("DELETE FROM task_runs WHERE flow_run_id = ANY($1::uuid[])", flow_runs_gone)
+            writes += [("""DELETE FROM task_run_states WHERE task_run_id IN
+                           (SELECT id FROM task_runs WHERE flow_run_id = ANY($1::uuid[]))""", (flow_runs_gone,)),
+                       ("DELETE FROM task_runs WHERE flow_run_id = ANY($1::uuid[])", (flow_runs_gone,))]
+        return writes, not flow_runs_gone
 
 
 async def queued_runs(engine: Any, older_than_seconds: float, limit: int = 5_000) -> list[tr.TaskRun]:

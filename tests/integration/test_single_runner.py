@@ -177,6 +177,65 @@ async def test_two_transactions_applying_the_same_first_batch_cannot_both_commit
             await advance_checkpoint(conn, "counting", last, last, datetime.now(UTC))
 
 
+class CountingWritesProjector(CountingProjector):
+    """The same counts, given as statements (`writes`): applied in one statement with the
+    checkpoint, and no row lock taken before."""
+
+    name = "counting"
+
+    def writes(self, events):
+        keys = [f"{aggregate_id}:{event.event_type}:{event.model_dump_json()}" for aggregate_id, _, event in events]
+        return [("INSERT INTO applied_counts (key, n) SELECT k, 1 FROM unnest($1::text[]) AS k "
+                 "ON CONFLICT (key) DO UPDATE SET n = applied_counts.n + 1", (keys,))]
+
+    async def apply(self, conn, events):
+        from runledger.projections.bulk_writes import run_writes
+
+        await run_writes(conn, self.writes(events))
+
+
+async def test_a_batch_in_one_statement_is_applied_once_and_a_second_applier_writes_nothing(writer, settings):
+    """`apply_in_one_statement` moves the checkpoint with the batch's writes; another runner
+    applying the same batch from the same position (a stale holder) fails whole, its writes
+    with it, and so does one that comes back later; and a runner applies through it."""
+    from runledger.projections.runner import apply_in_one_statement
+
+    svc, broker = writer
+    last = await _history(broker, "o")
+    rows = await svc.store.read_subject(f"{settings.event_subject_prefix}.>")
+    batch = [RawEvent(seq, subject, data) for seq, subject, data, _ in rows]
+    async with svc.engine.begin() as conn:  # the row a runner's bind makes
+        await conn.execute(text("INSERT INTO projection_checkpoints (name, last_seq, updated) "
+                                "VALUES ('counting', 0, now())"))
+    projector = CountingWritesProjector()
+    results = await asyncio.wait_for(asyncio.gather(
+        apply_in_one_statement(svc.engine, projector, batch, 0),
+        apply_in_one_statement(svc.engine, projector, batch, 0), return_exceptions=True), 20)
+    assert sorted(type(r).__name__ for r in results) == ["CheckpointConflict", "int"], results
+    assert last in results
+    assert await _counts(svc) == {1: 2 * 3}
+    with pytest.raises(CheckpointConflict):  # later, from a position it still believes in
+        await apply_in_one_statement(svc.engine, projector, batch[2:], batch[1].seq)
+    assert await _counts(svc) == {1: 2 * 3}
+    async with svc.engine.connect() as conn:
+        assert await read_checkpoint(conn, "counting") == last
+
+    # A runner's batches go this way (its `apply` would stall the projection): everything
+    # applied once, the checkpoint at the end.
+    class OnlyWrites(CountingWritesProjector):
+        async def apply(self, conn, events):
+            raise AssertionError("applied one statement at a time")
+
+    more = await _history(broker, "p")
+    runner = ProjectionRunner(svc.nc, settings, svc.engine, [OnlyWrites()], batch_size=5)
+    await runner.start()
+    try:
+        await _until(_caught_up(svc, more, names=("counting",)))
+    finally:
+        await runner.stop()
+    assert await _counts(svc) == {1: 2 * 2 * 3}
+
+
 async def test_a_holder_whose_renewal_fails_stops_its_work_at_once(settings):
     nc = await connect(settings)
     try:

@@ -76,3 +76,15 @@ def test_the_description_names_the_database_error_without_a_nul():
 def test_the_event_type_comes_from_the_envelope_or_the_subject():
     assert event_type_of(RawEvent(1, "ns.evt.work_pool.1.WorkPoolCreated", b'{"type": "WorkPoolCreated"}')) == "WorkPoolCreated"
     assert event_type_of(RawEvent(1, "ns.evt.work_pool.1.WorkPoolCreated", b"not json")) == "WorkPoolCreated"
+
+
+def test_a_batchs_statements_become_one_with_their_parameters_numbered_on():
+    from runledger.projections.runner import _one_statement_sql
+
+    sql, counts = _one_statement_sql(("DELETE FROM t WHERE id = ANY($1::uuid[])",
+                                      "INSERT INTO u SELECT $1, $2 WHERE $2 > $1"))
+    assert counts == (1, 2)
+    # The checkpoint's four parameters come first; each statement's follow, in order.
+    assert "w0 AS (DELETE FROM t WHERE id = ANY($5::uuid[]))" in sql
+    assert "w1 AS (INSERT INTO u SELECT $6, $7 WHERE $7 > $6)" in sql
+    assert sql.startswith("WITH checkpoint AS (UPDATE projection_checkpoints") and "$8" not in sql
