@@ -50,6 +50,27 @@ def last_rows_writes(table: Any, last: Mapping[str, dict[str, Any] | None]) -> l
     return writes
 
 
+def runs_with_states_writes(runs: Any, states_table: Any, run_column: str, defaults: Mapping[str, Any],
+                            last: Mapping[str, dict[str, Any] | None],
+                            states: Mapping[str, dict[str, Any]]) -> list[Write]:
+    """A run read model's batch (flow runs, task runs): each run's last value (None: deleted,
+    its states with it; a dict: its row, `defaults` filling the fields an older event lacks)
+    and the states written (rows of `states_table`, whose `run_column` names their run). The
+    caller leaves out the states of runs the batch deletes, so the statements touch disjoint
+    rows and may run as one (`Projector.writes`)."""
+    writes: list[Write] = []
+    gone = [run_id for run_id, run in last.items() if run is None]
+    if gone:
+        writes += [(f"DELETE FROM {states_table.name} WHERE {run_column} = ANY($1::uuid[])", (gone,)),
+                   (f"DELETE FROM {runs.name} WHERE id = ANY($1::uuid[])", (gone,))]
+    if states:
+        writes.append((populate_sql(states_table, "nothing"), (json_param(list(states.values())),)))
+    rows = [{**defaults, **run} for run in last.values() if run is not None]
+    if rows:
+        writes.append((populate_sql(runs, "update"), (json_param(rows),)))
+    return writes
+
+
 async def run_writes(conn: AsyncConnection, writes: Sequence[Write]) -> None:
     """Run a batch's statements one after the other, in `conn`'s transaction."""
     driver = await asyncpg_connection(conn)

@@ -15,13 +15,11 @@ from runledger.commands import queries as q
 from runledger.commands.messages import Event, not_found
 from runledger.commands.states import State
 
-from .bulk_writes import Write, json_param, populate_sql, run_writes
+from .bulk_writes import Write, run_writes, runs_with_states_writes
 from .filters import where_filter, where_time_range
 from .run_history import run_history
 from .tables import flow_run_states, flow_runs, work_pools, work_queues
 
-_UPSERT_RUNS = populate_sql(flow_runs, "update")
-_INSERT_STATES = populate_sql(flow_run_states, "nothing")
 # A run written before a field existed lacks its key: its default, as the model would fill it.
 _RUN_DEFAULTS = {name: field.get_default(call_default_factory=True) for name, field in fr.FlowRun.model_fields.items()
                  if not field.is_required()}
@@ -61,17 +59,7 @@ class FlowRunsProjector:
                 gone_id = payload["flow_run_id"]
                 last[gone_id] = None
                 states = {k: v for k, v in states.items() if v["flow_run_id"] != gone_id}
-        writes: list[Write] = []
-        gone = [run_id for run_id, run in last.items() if run is None]
-        if gone:
-            writes += [("DELETE FROM flow_run_states WHERE flow_run_id = ANY($1::uuid[])", (gone,)),
-                       ("DELETE FROM flow_runs WHERE id = ANY($1::uuid[])", (gone,))]
-        if states:
-            writes.append((_INSERT_STATES, (json_param(list(states.values())),)))
-        rows = [{**_RUN_DEFAULTS, **run} for run in last.values() if run is not None]
-        if rows:
-            writes.append((_UPSERT_RUNS, (json_param(rows),)))
-        return writes
+        return runs_with_states_writes(flow_runs, flow_run_states, "flow_run_id", _RUN_DEFAULTS, last, states)
 
 
 _queue = work_queues.alias("q")

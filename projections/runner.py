@@ -310,8 +310,10 @@ async def apply_in_one_statement(engine: AsyncEngine, projector: Projector, batc
     moves the checkpoint past its events, so a checkpoint below the first one says that none
     of the batch was applied."""
     writes_of = getattr(projector, "writes", None)
+    if writes_of is None:
+        return None
     fresh = [e for e in batch if e.seq > position]
-    if writes_of is None or not fresh:
+    if not fresh:
         return None
     now = datetime.now(UTC)
     decoded, skipped = decode_batch(projector, fresh, now)

@@ -16,13 +16,11 @@ from runledger.commands import task_runs as tr
 from runledger.commands.messages import Event, not_found
 from runledger.commands.states import State
 
-from .bulk_writes import Write, json_param, populate_sql, run_writes
+from .bulk_writes import Write, run_writes, runs_with_states_writes
 from .filters import where_filter, where_time_range
 from .run_history import run_history
 from .tables import task_run_states, task_runs
 
-_UPSERT_RUNS = populate_sql(task_runs, "update")
-_INSERT_STATES = populate_sql(task_run_states, "nothing")
 # A run written before a field existed lacks its key: its default, as the model would fill it.
 _RUN_DEFAULTS = {name: field.get_default(call_default_factory=True) for name, field in tr.TaskRun.model_fields.items()
                  if not field.is_required()}
@@ -71,16 +69,7 @@ class TaskRunsProjector:
                 states = {k: v for k, v in states.items() if v["task_run_id"] != gone_id}
             elif event_type == fr.FlowRunDeleted.event_type:
                 flow_runs_gone.append(payload["flow_run_id"])
-        writes: list[Write] = []
-        gone = [run_id for run_id, run in last.items() if run is None]
-        if gone:
-            writes += [("DELETE FROM task_run_states WHERE task_run_id = ANY($1::uuid[])", (gone,)),
-                       ("DELETE FROM task_runs WHERE id = ANY($1::uuid[])", (gone,))]
-        if states:
-            writes.append((_INSERT_STATES, (json_param(list(states.values())),)))
-        rows = [{**_RUN_DEFAULTS, **run} for run in last.values() if run is not None]
-        if rows:
-            writes.append((_UPSERT_RUNS, (json_param(rows),)))
+        writes = runs_with_states_writes(task_runs, task_run_states, "task_run_id", _RUN_DEFAULTS, last, states)
         if flow_runs_gone:
             writes += [("""DELETE FROM task_run_states WHERE task_run_id IN
                            (SELECT id FROM task_runs WHERE flow_run_id = ANY($1::uuid[]))""", (flow_runs_gone,)),
