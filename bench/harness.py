@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -47,6 +48,7 @@ def servers() -> Iterator[dict[str, str]]:
     stack.callback(shutil.rmtree, tmp, True)
     namespace = f"b{uuid.uuid4().hex[:10]}"
     users = None
+    monitor_url = store_dir = None
     with stack:
         if not nats_url:
             # As `runledger up` runs it: a user per role, nothing for anyone else, every write
@@ -59,11 +61,13 @@ def servers() -> Iterator[dict[str, str]]:
             n = EmbeddedNats(tmp / "nats", config_file=config).start()
             stack.callback(n.stop)
             nats_url = n.url
+            monitor_url, store_dir = f"http://127.0.0.1:{n.monitor_port}", str(tmp / "nats")
         if not db_url:
             pg = EmbeddedPostgres(tmp / "pg").start()
             stack.callback(pg.stop)
             db_url = pg.url
-        yield {"nats_url": nats_url, "database_url": db_url, "namespace": namespace, "nats_users": users}
+        yield {"nats_url": nats_url, "database_url": db_url, "namespace": namespace, "nats_users": users,
+               "monitor_url": monitor_url, "store_dir": store_dir}
 
 
 def bench_settings(urls: dict, role: str = "service") -> Settings:
@@ -157,6 +161,35 @@ def cpu_by_kind() -> dict[str, float]:
             if name.startswith(kind):
                 used[kind] += seconds
     return used
+
+
+def stored_messages(urls: dict) -> int | None:
+    """Messages stored so far in every stream of the embedded nats-server (its monitoring
+    endpoint's `/jsz`: the sum of the streams' last sequences, so removed ones count too);
+    None with a server of the environment's."""
+    if not urls.get("monitor_url"):
+        return None
+    with urllib.request.urlopen(f"{urls['monitor_url']}/jsz?streams=true", timeout=10) as r:
+        jsz = json.load(r)
+    return sum(stream["state"]["last_seq"] for account in jsz.get("account_details", [])
+               for stream in account.get("stream_detail", []))
+
+
+def fsyncs_per_second(directory: str, count: int = 2000) -> float:
+    """How many small appends, each followed by an fsync, one file takes per second in
+    `directory`: what one stream with `sync_interval: always` does for every message it
+    stores (its messages are written one after the other)."""
+    path = os.path.join(directory, f"fsync-probe-{uuid.uuid4().hex}")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        started = time.perf_counter()
+        for _ in range(count):
+            os.write(fd, b"x" * 300)
+            os.fsync(fd)
+        return count / (time.perf_counter() - started)
+    finally:
+        os.close(fd)
+        os.unlink(path)
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -38,6 +38,7 @@ from harness import (
     rss_mb,
     servers,
     service_process,
+    stored_messages,
 )
 
 from runledger.infra.nats_connection import connect
@@ -67,6 +68,11 @@ def cpu_now(pid: int) -> dict[str, float]:
 def cpu_per(before: dict[str, float], after: dict[str, float], count: int) -> dict[str, float]:
     """Each process kind's CPU per operation, in µs."""
     return {kind: (after[kind] - before[kind]) / max(count, 1) * 1e6 for kind in before}
+
+
+def messages_per(before: int | None, after: int | None, count: int) -> float | None:
+    """Messages the broker stored per operation (every stream), where it can be asked."""
+    return None if before is None or after is None else (after - before) / max(count, 1)
 
 
 async def run(args) -> dict:
@@ -101,12 +107,13 @@ async def run(args) -> dict:
                     latencies.append((now() - t) * 1000)
                     made[c].append(out["result"]["id"])
 
-            t0, cpu0 = now(), cpu_now(proc.pid)
+            t0, cpu0, stored0 = now(), cpu_now(proc.pid), stored_messages(urls)
             await asyncio.gather(*(creator(c) for c in range(args.clients)))
             created = sum(map(len, made))
             if "create" in only:
                 out.update(create_rate=created / (now() - t0), created=created,
                            create_cpu=cpu_per(cpu0, cpu_now(proc.pid), created),
+                           create_messages=messages_per(stored0, stored_messages(urls), created),
                            create_p50=percentile(latencies, 50), create_p99=percentile(latencies, 99))
 
             # 2. Transitions: each client walks its own runs Scheduled -> Pending -> Running -> Completed.
@@ -125,12 +132,13 @@ async def run(args) -> dict:
                     else:
                         continue
 
-            t0, cpu0 = now(), cpu_now(proc.pid)
+            t0, cpu0, stored0 = now(), cpu_now(proc.pid), stored_messages(urls)
             await asyncio.gather(*(walker(c) for c in range(args.clients)))
             moved = sum(transitions)
             if "transitions" in only:
                 out.update(transition_rate=moved / (now() - t0), transitions=moved,
-                           transition_cpu=cpu_per(cpu0, cpu_now(proc.pid), moved))
+                           transition_cpu=cpu_per(cpu0, cpu_now(proc.pid), moved),
+                           transition_messages=messages_per(stored0, stored_messages(urls), moved))
 
             # 3. A release to the next waiter's claim, once the read models have caught up with
             # what came before (so that the figure is the handoff's, not that of a backlog's
@@ -182,11 +190,12 @@ async def run(args) -> dict:
                                                                "max_runs": args.runs_per_deployment})
                     scheduled[0] += len(out["result"]["flow_run_ids"])
 
-            t0, cpu0 = now(), cpu_now(proc.pid)
+            t0, cpu0, stored0 = now(), cpu_now(proc.pid), stored_messages(urls)
             await asyncio.gather(*(scheduler() for _ in range(args.clients)))
             if "schedule" in only:
                 out.update(schedule_rate=scheduled[0] / (now() - t0), scheduled=scheduled[0],
-                           schedule_cpu=cpu_per(cpu0, cpu_now(proc.pid), scheduled[0]))
+                           schedule_cpu=cpu_per(cpu0, cpu_now(proc.pid), scheduled[0]),
+                           schedule_messages=messages_per(stored0, stored_messages(urls), scheduled[0]))
                 again = 0
                 for dep in ids[:10]:
                     again += len((await cmd("ScheduleDeploymentRuns", {
@@ -199,6 +208,10 @@ async def run(args) -> dict:
 
 
 CPU_KINDS = "service / nats-server / postgres / clients"
+
+
+def messages_row(per: float | None, what: str) -> list[tuple[str, str, str]]:
+    return [] if per is None else [(f"  messages the broker stored per {what}", f"{per:.2f}", "")]
 
 
 def cpu_cells(per: dict[str, float]) -> str:
@@ -225,12 +238,14 @@ def main() -> None:
              f"{r['create_rate']:,.0f} runs/s ({r['created']} in {args.seconds:g} s)", ">= 2,000 runs/s (Prefect ≈ 15)"),
             ("  round trip p50 / p99", f"{r['create_p50']:.2f} / {r['create_p99']:.2f} ms", ""),
             ("  CPU per run: " + CPU_KINDS, cpu_cells(r["create_cpu"]), ""),
+            *messages_row(r["create_messages"], "run"),
     ]
     if "transition_rate" in r:
         rows += [
             (f"transitions Scheduled -> Pending -> Running -> Completed, {args.clients} clients",
              f"{r['transition_rate']:,.0f} transitions/s ({r['transitions']})", ">= 3,000/s (Prefect ≈ 30)"),
             ("  CPU per transition: " + CPU_KINDS, cpu_cells(r["transition_cpu"]), ""),
+            *messages_row(r["transition_messages"], "transition"),
     ]
     if "handoff_p50" in r:
         rows += [
@@ -244,6 +259,7 @@ def main() -> None:
             (f"schedule {args.deployments} deployments x {args.runs_per_deployment} runs, {args.clients} clients",
              f"{r['schedule_rate']:,.0f} runs/s ({r['scheduled']} runs)", ">= 10,000 runs/s"),
             ("  CPU per run scheduled: " + CPU_KINDS, cpu_cells(r["schedule_cpu"]), ""),
+            *messages_row(r["schedule_messages"], "run scheduled"),
             ("  runs written again by scheduling 10 of them a second time", f"{r['duplicates']}", "0"),
     ]
     rows.append(("service RSS after the run", f"{r['rss_mb']:.0f} MB", ""))

@@ -3,6 +3,11 @@ path (`EventStore.append`: one message with the aggregate-wide expected-sequence
 atomic batch, alone or group-committed), with many appends in flight over many aggregates. This is the ceiling that
 says when to partition the log over several streams (docs/operations.md, "Scaling").
 
+Then what one append costs, one at a time: an atomic batch of 1 to 48 messages, its time and
+nats-server's CPU, and how many fsyncs a second the disk under the store takes in one file
+(with `sync_interval: always`, a stream fsyncs every message it stores, one after the other,
+those of an atomic batch included).
+
     python bench/stream_ceiling.py [--seconds 8] [--in-flight 256] [--aggregates 2000]
 """
 
@@ -13,7 +18,7 @@ import asyncio
 import uuid
 from datetime import UTC, datetime
 
-from harness import bench_settings, now, report, servers
+from harness import bench_settings, cpu_by_kind, fsyncs_per_second, now, report, servers
 
 from runledger.commands import work_pools as wp
 from runledger.commands.events import encode_event
@@ -63,6 +68,17 @@ async def measure(store: EventStore, seconds: float, in_flight: int, aggregates:
     return appended / (now() - started)
 
 
+async def one_at_a_time(store: EventStore, size: int, count: int) -> tuple[float, float]:
+    """Appends of `size` messages (an atomic batch from 2 on, each message its own aggregate's),
+    each awaited before the next: (ms per append, nats-server's CPU ms per append)."""
+    cpu0, started = cpu_by_kind()["nats-server"], now()
+    for _ in range(count):
+        ids = [uuid.uuid4() for _ in range(size)]
+        events = [encode_event(str(x), _event(), occurred=datetime.now(UTC), event_id=uuid.uuid4()) for x in ids]
+        await store.append_alone(store.build_messages(events, {(wp.WORK_POOL, str(x)): 0 for x in ids}))
+    return (now() - started) / count * 1000, (cpu_by_kind()["nats-server"] - cpu0) / count * 1000
+
+
 async def run(args) -> list[tuple[str, str, str]]:
     with servers() as urls:
         settings = bench_settings(urls)
@@ -74,8 +90,10 @@ async def run(args) -> list[tuple[str, str, str]]:
             awaited = await measure(store, args.seconds / 2, 1, args.aggregates, 1)
             alone = await measure(store, args.seconds, args.in_flight, args.aggregates, 2, grouped=False)
             batches = await measure(store, args.seconds, args.in_flight, args.aggregates, 2)
+            costs = [(size, *await one_at_a_time(store, size, 300 if size < 12 else 100)) for size in (1, 2, 3, 12, 48)]
         finally:
             await nc.close()
+        disk = fsyncs_per_second(urls["store_dir"]) if urls.get("store_dir") else None
     return [
         (f"single-message appends with the expected-sequence check, {args.in_flight} in flight over "
          f"{args.aggregates:,} aggregates", f"{single:,.0f} appends/s", ""),
@@ -84,6 +102,10 @@ async def run(args) -> list[tuple[str, str, str]]:
          f"{alone / 2:,.0f} batches/s", ""),
         ("the same through the group commit (`EventStore.append`)", f"{batches / 2:,.0f} decisions/s "
          f"({batches:,.0f} messages/s)", ""),
+        *[(f"one append of {size} message{'s' if size > 1 else ''}" + (" (an atomic batch)" if size > 1 else "")
+           + ", one at a time: time, nats-server's CPU", f"{ms:.2f} ms, {cpu:.2f} ms", "") for size, ms, cpu in costs],
+        *([("the disk under the store: fsyncs a second in one file (300-byte appends)", f"{disk:,.0f}/s", "")]
+          if disk is not None else []),
     ]
 
 

@@ -45,6 +45,7 @@ from harness import (
     role_env,
     servers,
     service_process,
+    stored_messages,
 )
 
 from runledger.client import RunledgerClient
@@ -137,8 +138,9 @@ async def latency(client: RunledgerClient, workers: Workers, rate: float, second
 
 
 async def throughput(client: RunledgerClient, workers: Workers, tasks: int, service_pids: list[int],
-                     submitters: int = 8, bulk: int = 1) -> list[tuple]:
+                     submitters: int = 8, bulk: int = 1, urls: dict | None = None) -> list[tuple]:
     before = sum(1 for r in workers.records() if r[1].startswith("t"))
+    stored0 = stored_messages(urls or {})
     cpu0 = sum(cpu_seconds(pid) for pid in service_pids)
     workers_cpu0 = sum(cpu_seconds(p.pid) for p in workers.procs)
     others0 = cpu_by_kind()
@@ -165,6 +167,7 @@ async def throughput(client: RunledgerClient, workers: Workers, tasks: int, serv
     cpu = sum(cpu_seconds(pid) for pid in service_pids) - cpu0
     workers_cpu = sum(cpu_seconds(p.pid) for p in workers.procs) - workers_cpu0
     others = {kind: used - others0[kind] for kind, used in cpu_by_kind().items()}
+    stored = stored_messages(urls or {})
     how = f"{submitters} submitters" + (f", {bulk} runs per request (`Task.map`)" if bulk > 1 else "")
     return [(f"end to end, trivial tasks, every state recorded, {how}",
              f"{done / total:,.0f} tasks/s ({done} tasks in {total:.1f} s; submits alone {done / submitted:,.0f}/s)",
@@ -172,7 +175,9 @@ async def throughput(client: RunledgerClient, workers: Workers, tasks: int, serv
             ("service CPU per task", f"{cpu / done * 1e6:.0f} µs", ""),
             (f"task workers' CPU per task ({workers.kind})", f"{workers_cpu / done * 1e6:.0f} µs", ""),
             ("nats-server's CPU per task", f"{others['nats-server'] / done * 1e6:.0f} µs", ""),
-            ("Postgres' CPU per task", f"{others['postgres'] / done * 1e6:.0f} µs", "")]
+            ("Postgres' CPU per task", f"{others['postgres'] / done * 1e6:.0f} µs", ""),
+            *([("messages the broker stored per task (the log and the task queues)",
+                f"{(stored - stored0) / done:.2f}", "")] if stored is not None and stored0 is not None else [])]
 
 
 async def chain(client: RunledgerClient, workers: Workers, steps: int = 40, work: float = 0.010) -> list[tuple]:
@@ -391,9 +396,9 @@ async def run(args) -> list[tuple]:
                         if "latency" in only:
                             rows += await latency(client, workers, args.rate, args.seconds)
                         if "throughput" in only:
-                            rows += await throughput(client, workers, args.tasks, pids, args.submitters)
+                            rows += await throughput(client, workers, args.tasks, pids, args.submitters, urls=urls)
                         if "throughput-map" in only:
-                            rows += await throughput(client, workers, args.tasks, pids, args.submitters, bulk=100)
+                            rows += await throughput(client, workers, args.tasks, pids, args.submitters, bulk=100, urls=urls)
                         if "chain" in only:
                             rows += await chain(client, workers)
                 if "worker-kill" in only:
