@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from runledger.infra import event_loop
 from runledger.infra.database import DatabaseUnavailable
 from runledger.infra.nats_connection import BrokerUnavailable
 from runledger.infra.settings import Settings, endpoint_file, load_settings
@@ -104,7 +105,7 @@ def serve(
     chosen = _parse_roles(roles)
     _tune_garbage_collector()
     try:
-        asyncio.run(_serve_until_signalled(settings, chosen))
+        event_loop.run(_serve_until_signalled(settings, chosen), settings.event_loop)
     except (BrokerUnavailable, DatabaseUnavailable) as e:
         console.print(f"[red]Error (unavailable):[/red] {e}")
         raise typer.Exit(EXIT_UNAVAILABLE) from None
@@ -174,7 +175,7 @@ def up(
             console.print(f"  endpoint  {record}  (other terminals find the service through it)")
             console.print("Press Ctrl-C to stop.")
 
-        asyncio.run(_serve_until_signalled(settings, frozenset(ROLES), on_ready=ready))
+        event_loop.run(_serve_until_signalled(settings, frozenset(ROLES), on_ready=ready), settings.event_loop)
     except (BrokerUnavailable, DatabaseUnavailable, PostgresUnavailable, DataDirInUse) as e:
         console.print(f"[red]Error (unavailable):[/red] {escape(str(e))}")
         raise typer.Exit(EXIT_UNAVAILABLE) from None

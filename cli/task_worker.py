@@ -62,7 +62,9 @@ def task_worker(
     logging.getLogger("nats").setLevel(logging.WARNING)
     functions = _load_functions(module, key)
     settings = _settings(bound_as, list(functions))
-    sys.exit(asyncio.run(_serve(settings, functions, list(functions), limit, worker_id, grace)))
+    from runledger.infra import event_loop
+
+    sys.exit(event_loop.run(_serve(settings, functions, list(functions), limit, worker_id, grace), settings.event_loop))
 
 
 def _settings(bound_as: str | None, keys: list[str]):

@@ -99,21 +99,22 @@ class DroppedRequests:
 def widen_reads(nc: NATS, size: int = 4 * 1024 * 1024) -> bool:
     """Let one event-loop turn read up to `size` bytes from the connection's socket.
 
-    asyncio reads at most 256 KiB per turn and nats-py pauses its socket past 64 KiB buffered,
-    so a process busy with large requests reads a few hundred KiB per turn while publishers
-    write megabytes: the server's buffer for us passes its `max_pending` (64 MiB) and it
-    disconnects us as a slow consumer. Plain TCP only (private attributes of asyncio and
-    nats-py, checked; a TLS connection is left as it is). Call again after a reconnect."""
+    nats-py pauses its socket past 64 KiB buffered, and asyncio's own loop reads at most
+    256 KiB per turn, so a process busy with large requests reads a few hundred KiB per turn
+    while publishers write megabytes: the server's buffer for us passes its `max_pending`
+    (64 MiB) and it disconnects us as a slow consumer. The reader's limit is widened on any
+    connection; the read size only on asyncio's own plain TCP transport (uvloop reads until
+    the socket is drained, up to 32 reads of 256 KiB a turn). Private attributes of asyncio
+    and nats-py, checked: anything else is left as it is. Call again after a reconnect."""
     transport = getattr(nc, "_transport", None)
     reader = getattr(transport, "_io_reader", None)
     writer = getattr(transport, "_io_writer", None)
     socket_transport = getattr(writer, "transport", None)
-    if reader is None or not isinstance(getattr(reader, "_limit", None), int):
-        return False
-    if socket_transport is None or not isinstance(getattr(socket_transport, "max_size", None), int):
+    if reader is None or not isinstance(getattr(reader, "_limit", None), int) or socket_transport is None:
         return False
     reader._limit = max(reader._limit, size // 2)
-    socket_transport.max_size = max(socket_transport.max_size, size)
+    if isinstance(getattr(socket_transport, "max_size", None), int):  # asyncio's selector transport
+        socket_transport.max_size = max(socket_transport.max_size, size)
     return True
 
 

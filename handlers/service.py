@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from runledger.commands.task_run_rules import TAKEOVER_GRACE_SECONDS
 from runledger.infra.aggregates import AggregateRepository
 from runledger.infra.database import DatabaseUnavailable, check_database, create_engine, migrate
+from runledger.infra.event_loop import running_loop_name
 from runledger.infra.event_store import EventStore
 from runledger.infra.jetstream_setup import ensure_event_stream
 from runledger.infra.leases import Lease, holder_lookup
@@ -191,7 +192,8 @@ class Service:
         for lane in self.lanes:
             await lane.flush()
         await self._start_background()
-        log.info("runledger service ready: roles %s, NATS %s, namespace %s", ",".join(sorted(self.roles)), s.safe_nats_url(), s.namespace)
+        log.info("runledger service ready: roles %s, NATS %s, namespace %s, event loop %s", ",".join(sorted(self.roles)),
+                 s.safe_nats_url(), s.namespace, running_loop_name())
 
     async def _start_background(self) -> None:
         """The scheduler, the clock, the foreman and the task recovery sweep, each waiting for its

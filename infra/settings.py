@@ -7,7 +7,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, FilePath, SecretStr, ValidationError, field_validator
@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     handed_slot_seconds: float = Field(default=30.0, gt=0, le=3_600)
     # A projection stopped at an event it cannot apply tries that event again this often.
     projection_stall_retry_seconds: float = Field(default=30.0, gt=0)
+    # The event loop of `serve`, `up` and `task-worker`: uvloop (where installed) or asyncio's
+    # own (infra/event_loop.py).
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
     @field_validator("database_url", mode="before")
     @classmethod

@@ -128,6 +128,7 @@ async def test_serve_with_secrets_logs_none_of_them(settings):
     try:
         assert code == 0, out
         assert "service ready" in out
+        assert "event loop uvloop" in out  # the default where uvloop installs (infra/event_loop.py)
         assert_no_secret(out)
     finally:
         # The stream lived on the throw-away server; the schema is in the shared Postgres.
