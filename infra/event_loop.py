@@ -5,10 +5,11 @@ asyncio's own loop elsewhere, or when the setting `event_loop` (`RUNLEDGER_EVENT
 
 Why: the service and the task workers spend a large part of their CPU in the event loop
 itself (socket reads and writes, readiness polling, callbacks: a quarter of the service's
-profile under load, half of a task worker's). uvloop does that work in C (libuv); measured
-side by side, the service's CPU per flow run created fell about a fifth and the task figures
-rose 10 - 13 % (docs/benchmarks.md, session 15). The code is the same on both loops; the
-suite runs the service processes it starts on uvloop and its in-process tests on asyncio's."""
+profile under load, half of a task worker's). uvloop does the loop's own part in C (libuv;
+the system calls stay): in alternating rounds the service's CPU per flow run created was
+2 - 8 % lower one request at a time and 5 - 17 % lower with 8 clients (`bench/event_loop.py`,
+docs/benchmarks.md, session 15). The code is the same on both loops; the suite runs the
+service processes it starts on uvloop and its in-process tests on asyncio's."""
 
 from __future__ import annotations
 
