@@ -8,8 +8,8 @@ itself (socket reads and writes, readiness polling, callbacks: a quarter of the 
 profile under load, half of a task worker's). uvloop does the loop's own part in C (libuv;
 the system calls stay): in alternating rounds the service's CPU per flow run created was
 2 - 8 % lower one request at a time and 5 - 17 % lower with 8 clients (`bench/event_loop.py`,
-docs/benchmarks.md, session 15). The code is the same on both loops; the suite runs the
-service processes it starts on uvloop and its in-process tests on asyncio's."""
+docs/benchmarks.md, session 15). The code is the same on both loops; the test suite runs
+on uvloop (tests/conftest.py), asyncio's loop is checked by tests/unit/test_event_loop.py."""
 
 from __future__ import annotations
 

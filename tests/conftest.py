@@ -18,6 +18,19 @@ from pathlib import Path
 import pytest
 
 
+def pytest_asyncio_loop_factories(config, item):
+    """The async tests run on the event loop the service runs on by default (uvloop where it
+    is installed: infra/event_loop.py), so the service's code is tested on the loop users run
+    it on; asyncio's own loop, the fallback, by tests/unit/test_event_loop.py."""
+    from runledger.infra import event_loop
+
+    if event_loop.uvloop_available():
+        import uvloop
+
+        return {"uvloop": uvloop.new_event_loop}
+    return None
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_temporary_directory_left_behind() -> Iterator[None]:
     """Every directory a test makes with `tempfile.mkdtemp` is removed by the end of the run:
