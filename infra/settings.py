@@ -7,11 +7,13 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, FilePath, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .event_loop import EventLoop
 
 MIN_NATS_VERSION = (2, 12, 0)
 
@@ -103,7 +105,7 @@ class Settings(BaseSettings):
     projection_stall_retry_seconds: float = Field(default=30.0, gt=0)
     # The event loop of `serve`, `up` and `task-worker`: uvloop (where installed) or asyncio's
     # own (infra/event_loop.py).
-    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    event_loop: EventLoop = "uvloop"
 
     @field_validator("database_url", mode="before")
     @classmethod
