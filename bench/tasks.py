@@ -162,9 +162,20 @@ async def latency(client: RunledgerClient, workers: Workers, rate: float, second
             ("  RUNNING decided → the function starts: the append, the reply, the call", median_ms(stages[2]), "")]
 
 
+async def _completed_once_settled(client: RunledgerClient) -> int:
+    """The trivial runs COMPLETED, counted once none of an earlier phase is still finishing."""
+    deadline = now() + 60
+    while True:
+        completed = await client.count_task_runs(task_keys=["bench.trivial"], state_types=["COMPLETED"])
+        if completed >= await client.count_task_runs(task_keys=["bench.trivial"]) or now() > deadline:
+            return completed
+        await asyncio.sleep(0.05)
+
+
 async def throughput(client: RunledgerClient, workers: Workers, tasks: int, service_pids: list[int],
                      submitters: int = 8, bulk: int = 1, urls: dict | None = None) -> list[tuple]:
     before = sum(1 for r in workers.records() if r[1].startswith("t"))
+    completed0 = await _completed_once_settled(client)
     stored0 = stored_messages(urls or {})
     cpu0 = sum(cpu_seconds(pid) for pid in service_pids)
     workers_cpu0 = sum(cpu_seconds(p.pid) for p in workers.procs)
@@ -187,7 +198,11 @@ async def throughput(client: RunledgerClient, workers: Workers, tasks: int, serv
     submitted = now() - t0
     done = per * submitters
     await _until(lambda: sum(1 for r in workers.records() if r[1].startswith("t")) - before >= done, 300, 0.2)
-    # The last one's COMPLETED is recorded right after its start; wait for the read model to say so.
+    # Every one's COMPLETED recorded, as the read model shows it (the last ones follow their starts).
+    while await client.count_task_runs(task_keys=["bench.trivial"], state_types=["COMPLETED"]) < completed0 + done:
+        if now() - t0 > 300:
+            raise TimeoutError("the bench waited too long for the runs' COMPLETED states")
+        await asyncio.sleep(0.02)
     total = now() - t0
     cpu = sum(cpu_seconds(pid) for pid in service_pids) - cpu0
     workers_cpu = sum(cpu_seconds(p.pid) for p in workers.procs) - workers_cpu0
