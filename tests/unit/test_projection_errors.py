@@ -10,8 +10,10 @@ from sqlalchemy import exc as sa_exc
 
 from runledger.infra.database import DatabaseUnavailable
 from runledger.projections.runner import (
+    _NOTHING,
     CheckpointConflict,
     RawEvent,
+    _join_waiting,
     describe_error,
     event_type_of,
     is_transient,
@@ -88,3 +90,41 @@ def test_a_batchs_statements_become_one_with_their_parameters_numbered_on():
     assert "w0 AS (DELETE FROM t WHERE id = ANY($5::uuid[]))" in sql
     assert "w1 AS (INSERT INTO u SELECT $6, $7 WHERE $7 > $6)" in sql
     assert sql.startswith("WITH checkpoint AS (UPDATE projection_checkpoints") and "$8" not in sql
+
+
+def _queued(*items):
+    import asyncio
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for item in items:
+        queue.put_nowait(item)
+    return queue
+
+
+def _events(*seqs: int) -> list[RawEvent]:
+    return [RawEvent(seq, f"ns.evt.flow_run.{seq}.FlowRunCreated", b"{}") for seq in seqs]
+
+
+def test_batches_waiting_behind_a_batch_join_it_in_order():
+    queue = _queued((_events(3, 4), "ack-4"), (_events(5), "ack-5"))
+    batch, last_msg, carried = _join_waiting(queue, _events(1, 2), "ack-2", limit=100)
+    assert [e.seq for e in batch] == [1, 2, 3, 4, 5]
+    assert last_msg == "ack-5"  # acknowledging it acknowledges them all (AckPolicy.ALL)
+    assert carried is _NOTHING and queue.empty()
+
+
+def test_a_rebind_or_an_error_behind_a_batch_is_carried_to_the_next_turn_not_joined():
+    boom = RuntimeError("the reader failed")
+    for behind in (None, boom):
+        queue = _queued((_events(2), "ack-2"), behind, (_events(9), "ack-9"))
+        batch, last_msg, carried = _join_waiting(queue, _events(1), "ack-1", limit=100)
+        assert [e.seq for e in batch] == [1, 2] and last_msg == "ack-2"
+        assert carried is behind
+        assert queue.qsize() == 1  # what follows waits for the re-bind's or the error's handling
+
+
+def test_a_batch_that_would_pass_the_limit_waits_for_the_next_turn():
+    waiting = (_events(3, 4, 5), "ack-5")
+    batch, last_msg, carried = _join_waiting(_queued(waiting), _events(1, 2), "ack-2", limit=4)
+    assert [e.seq for e in batch] == [1, 2] and last_msg == "ack-2"
+    assert carried is waiting
