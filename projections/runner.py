@@ -87,7 +87,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runledger.commands.events import EVENT_TYPES, UnknownEvent, decode_event, upcast_payload
 from runledger.commands.messages import Event
-from runledger.infra.database import DatabaseUnavailable, asyncpg_connection
+from runledger.infra.database import DatabaseUnavailable, DriverConnections, asyncpg_connection
 from runledger.infra.leases import DEFAULT_TTL_SECONDS, Lease, stop_if_cancelled
 from runledger.infra.settings import Settings
 
@@ -295,7 +295,7 @@ def _one_statement_sql(statements: tuple[str, ...]) -> tuple[str, tuple[int, ...
             tuple(counts))
 
 
-async def apply_in_one_statement(engine: AsyncEngine, projector: Projector, batch: Sequence[RawEvent],
+async def apply_in_one_statement(connections: DriverConnections, projector: Projector, batch: Sequence[RawEvent],
                                  position: int) -> int | None:
     """Apply the events of `batch` above `position` (this runner's) and move the checkpoint,
     in one statement, so one round trip to Postgres instead of five or six (BEGIN, the
@@ -327,8 +327,7 @@ async def apply_in_one_statement(engine: AsyncEngine, projector: Projector, batc
             raise ValueError(f"projection {projector.name}: a write takes {count} parameters, "
                              f"was given {len(values)}: {statement[:80]}")
         args += values
-    async with engine.connect() as conn:  # no BEGIN: the statement is its own transaction
-        driver = await asyncpg_connection(conn)
+    async with (await connections.pool()).acquire() as driver:  # no BEGIN: the statement is its own transaction
         try:
             await driver.fetchval(sql, *args)
         except asyncpg.exceptions.SerializationError as e:
@@ -550,6 +549,12 @@ class ProjectionRunner:
     _positions_to_save: dict[str, int] = field(default_factory=dict)
     _position_saver: asyncio.Task | None = None
     _positions_failing: bool = False
+    # The hot statements' connections (a batch in one statement, positions saved): straight
+    # from asyncpg, connected as `engine` is.
+    statements: DriverConnections = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.statements = DriverConnections(self.engine)
 
     @staticmethod
     def consumer_name(projector: Projector) -> str:
@@ -625,6 +630,7 @@ class ProjectionRunner:
         if self._position_saver is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._position_saver  # what the stopped projections reached, saved
+        await self.statements.close()
 
     def want(self, projection: str, seq: int) -> None:
         """A query in this process waits until `projection` reaches `seq`: it probes as soon
@@ -744,7 +750,7 @@ class ProjectionRunner:
         """Apply one batch with its checkpoint; on a failure that is not an outage, find the
         event that fails, commit what precedes it and raise `ProjectionStalled`."""
         try:
-            last = await apply_in_one_statement(self.engine, projector, batch, self.applied.get(projector.name, 0))
+            last = await apply_in_one_statement(self.statements, projector, batch, self.applied.get(projector.name, 0))
             if last is not None:
                 return last
             async with self.engine.begin() as conn:
@@ -935,8 +941,8 @@ class ProjectionRunner:
             await asyncio.sleep(POSITIONS_GATHER_SECONDS)
             positions, self._positions_to_save = self._positions_to_save, {}
             try:
-                async with self.engine.connect() as conn:  # no transaction: one statement, forward only
-                    await (await asyncpg_connection(conn)).execute(
+                async with (await self.statements.pool()).acquire() as driver:  # one statement, forward only
+                    await driver.execute(
                         _MOVE_CHECKPOINTS_FORWARD_SQL, list(positions), list(positions.values()), datetime.now(UTC))
                 self._positions_failing = False
             except Exception as e:  # noqa: BLE001 - an outage: the next batch or probe saves it

@@ -198,6 +198,7 @@ async def test_a_batch_in_one_statement_is_applied_once_and_a_second_applier_wri
     """`apply_in_one_statement` moves the checkpoint with the batch's writes; another runner
     applying the same batch from the same position (a stale holder) fails whole, its writes
     with it, and so does one that comes back later; and a runner applies through it."""
+    from runledger.infra.database import DriverConnections
     from runledger.projections.runner import apply_in_one_statement
 
     svc, broker = writer
@@ -208,14 +209,16 @@ async def test_a_batch_in_one_statement_is_applied_once_and_a_second_applier_wri
         await conn.execute(text("INSERT INTO projection_checkpoints (name, last_seq, updated) "
                                 "VALUES ('counting', 0, now())"))
     projector = CountingWritesProjector()
+    statements = DriverConnections(svc.engine)
     results = await asyncio.wait_for(asyncio.gather(
-        apply_in_one_statement(svc.engine, projector, batch, 0),
-        apply_in_one_statement(svc.engine, projector, batch, 0), return_exceptions=True), 20)
+        apply_in_one_statement(statements, projector, batch, 0),
+        apply_in_one_statement(statements, projector, batch, 0), return_exceptions=True), 20)
     assert sorted(type(r).__name__ for r in results) == ["CheckpointConflict", "int"], results
     assert last in results
     assert await _counts(svc) == {1: 2 * 3}
     with pytest.raises(CheckpointConflict):  # later, from a position it still believes in
-        await apply_in_one_statement(svc.engine, projector, batch[2:], batch[1].seq)
+        await apply_in_one_statement(statements, projector, batch[2:], batch[1].seq)
+    await statements.close()
     assert await _counts(svc) == {1: 2 * 3}
     async with svc.engine.connect() as conn:
         assert await read_checkpoint(conn, "counting") == last
