@@ -15,7 +15,14 @@ from runledger.commands import queries as q
 from runledger.commands.messages import Event, not_found
 from runledger.commands.states import State
 
-from .bulk_writes import Write, run_writes, runs_with_states_writes
+from .bulk_writes import (
+    StoredEvent,
+    Write,
+    json_param,
+    run_writes,
+    runs_with_states_envelope_writes,
+    runs_with_states_writes,
+)
 from .filters import where_filter, where_time_range
 from .run_history import run_history
 from .tables import flow_run_states, flow_runs, work_pools, work_queues
@@ -26,6 +33,9 @@ _RUN_DEFAULTS = {name: field.get_default(call_default_factory=True) for name, fi
 _RUN_DEFAULTS = fr.FlowRun.model_construct(**_RUN_DEFAULTS).model_dump(mode="json", include=set(_RUN_DEFAULTS))
 _RUN_EVENTS = frozenset({"FlowRunCreated", "FlowRunStateSet", "FlowRunUpdated", "FlowRunWaiting",
                          "FlowRunDeploymentLeaseExpired"})
+_RUN_DEFAULTS_JSON = json_param(_RUN_DEFAULTS)
+# The events that write a state (the others carry the run's current one again).
+_STATE_EVENTS = frozenset({"FlowRunCreated", "FlowRunStateSet"})
 
 
 class FlowRunsProjector:
@@ -53,13 +63,18 @@ class FlowRunsProjector:
                 run = payload["run"]
                 last[run["id"]] = run
                 state = run.get("state")
-                if state is not None and event_type in ("FlowRunCreated", "FlowRunStateSet"):
+                if state is not None and event_type in _STATE_EVENTS:
                     states[state["id"]] = {**state, "flow_run_id": run["id"]}
             elif event_type == "FlowRunDeleted":
                 gone_id = payload["flow_run_id"]
                 last[gone_id] = None
                 states = {k: v for k, v in states.items() if v["flow_run_id"] != gone_id}
         return runs_with_states_writes(flow_runs, flow_run_states, "flow_run_id", _RUN_DEFAULTS, last, states)
+
+    def raw_writes(self, events: Sequence[StoredEvent]) -> list[Write]:
+        """The same writes, Postgres reading the rows out of the events as stored."""
+        return runs_with_states_envelope_writes(flow_runs, flow_run_states, "flow_run_id", _RUN_DEFAULTS_JSON,
+                                                events, _RUN_EVENTS, _STATE_EVENTS, "FlowRunDeleted")
 
 
 _queue = work_queues.alias("q")

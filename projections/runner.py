@@ -116,7 +116,10 @@ class Projector(Protocol):
     `writes(events)` returns them (`bulk_writes.Write`: the SQL and its arguments), touching
     rows no other of them touches, so that they may run in any order, as one statement with
     the checkpoint (`apply_in_one_statement`); or None when this batch's must run in order.
-    Its `apply` then runs the same statements one after the other."""
+    Its `apply` then runs the same statements one after the other. It may also give the same
+    writes from the events as stored, unparsed: an optional `raw_writes(events)` of
+    `bulk_writes.StoredEvent`s (Postgres reads the rows out of the envelopes), used when every
+    event of the batch is at its current schema version (`stored_events`)."""
 
     name: str
     handles: frozenset[str]
@@ -250,6 +253,33 @@ def decode_batch(projector: Projector, fresh: Sequence[RawEvent],
     return decoded, skipped
 
 
+def stored_events(projector: Projector, fresh: Sequence[RawEvent]) -> list[tuple[str, str, bytes]] | None:
+    """The events of `fresh` that `projector` handles, as stored, for its optional
+    `raw_writes`: (aggregate id, event type, envelope bytes), the first two from the subject
+    (`<prefix>.<aggregate type>.<aggregate id>.<event type>`), nothing parsed. None when one
+    needs reading first: an unknown event type, or an envelope not at its type's current
+    schema version (`decode_batch` upcasts it, or records why it cannot)."""
+    out: list[tuple[str, str, bytes]] = []
+    for raw in fresh:
+        _, aggregate_id, event_type = raw.subject.rsplit(".", 2)
+        if event_type not in projector.handles:
+            if event_type not in EVENT_TYPES:
+                return None
+            continue
+        data = raw.data
+        if data.find(_current_version(event_type), 0, data.find(b'"payload":')) < 0:
+            return None
+        out.append((aggregate_id, event_type, data))
+    return out
+
+
+@functools.cache
+def _current_version(event_type: str) -> bytes:
+    """How an envelope of this type at its current version says so, as the store writes it
+    (`encode_event`: compact JSON, the version before the payload)."""
+    return b'"schema_version":%d,' % EVENT_TYPES[event_type].schema_version
+
+
 async def apply_batch(conn: AsyncConnection, projector: Projector, batch: Sequence[RawEvent]) -> int:
     """Apply the events above the checkpoint and move it, inside the caller's transaction.
     Returns the new checkpoint. Unreadable or unknown events are recorded and skipped."""
@@ -316,10 +346,16 @@ async def apply_in_one_statement(connections: DriverConnections, projector: Proj
     if not fresh:
         return None
     now = datetime.now(UTC)
-    decoded, skipped = decode_batch(projector, fresh, now)
-    writes = writes_of(decoded) if decoded else []
-    if skipped or writes is None:
-        return None
+    writes = None
+    raw_writes_of = getattr(projector, "raw_writes", None)
+    if raw_writes_of is not None:
+        stored = stored_events(projector, fresh)
+        writes = raw_writes_of(stored) if stored else None
+    if writes is None:
+        decoded, skipped = decode_batch(projector, fresh, now)
+        writes = writes_of(decoded) if decoded else []
+        if skipped or writes is None:
+            return None
     sql, counts = _one_statement_sql(tuple(statement for statement, _ in writes))
     args: list[Any] = [projector.name, fresh[-1].seq, now, fresh[0].seq]
     for (statement, values), count in zip(writes, counts, strict=True):

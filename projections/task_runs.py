@@ -16,7 +16,14 @@ from runledger.commands import task_runs as tr
 from runledger.commands.messages import Event, not_found
 from runledger.commands.states import State
 
-from .bulk_writes import Write, run_writes, runs_with_states_writes
+from .bulk_writes import (
+    StoredEvent,
+    Write,
+    json_param,
+    run_writes,
+    runs_with_states_envelope_writes,
+    runs_with_states_writes,
+)
 from .filters import where_filter, where_time_range
 from .run_history import run_history
 from .tables import task_run_states, task_runs
@@ -28,6 +35,7 @@ _RUN_DEFAULTS = tr.TaskRun.model_construct(**_RUN_DEFAULTS).model_dump(mode="jso
 _RUN_EVENTS = frozenset({tr.TaskRunCreated.event_type, tr.TaskRunStateSet.event_type, tr.TaskRunUpdated.event_type})
 # The events that write a state (an update carries the run's current one again).
 _STATE_EVENTS = frozenset({tr.TaskRunCreated.event_type, tr.TaskRunStateSet.event_type})
+_RUN_DEFAULTS_JSON = json_param(_RUN_DEFAULTS)
 
 
 class TaskRunsProjector:
@@ -75,6 +83,14 @@ class TaskRunsProjector:
                            (SELECT id FROM task_runs WHERE flow_run_id = ANY($1::uuid[]))""", (flow_runs_gone,)),
                        ("DELETE FROM task_runs WHERE flow_run_id = ANY($1::uuid[])", (flow_runs_gone,))]
         return writes, not flow_runs_gone
+
+    def raw_writes(self, events: Sequence[StoredEvent]) -> list[Write] | None:
+        """The same writes, Postgres reading the rows out of the events as stored; None when a
+        flow run's deletion is among them (`writes`)."""
+        if any(event_type == fr.FlowRunDeleted.event_type for _, event_type, _ in events):
+            return None
+        return runs_with_states_envelope_writes(task_runs, task_run_states, "task_run_id", _RUN_DEFAULTS_JSON,
+                                                events, _RUN_EVENTS, _STATE_EVENTS, tr.TaskRunDeleted.event_type)
 
 
 async def queued_runs(engine: Any, older_than_seconds: float, limit: int = 5_000) -> list[tr.TaskRun]:
