@@ -41,7 +41,16 @@ from .deployments import (
 )
 from .flows import Tags
 from .hydration import HydrationError, hydrate
-from .messages import Command, DecisionContext, Rejection, conflict, invalid
+from .messages import (
+    Command,
+    DecisionContext,
+    Rejection,
+    conflict,
+    empty_dict,
+    empty_list,
+    invalid,
+    new_model_default,
+)
 from .schedules import (
     SCHEDULE_DEFAULTS,
     dates_to_schedule,
@@ -186,17 +195,17 @@ class FlowRunFromDeployment(BaseModel):
 
     state: StateCreate | None = None
     name: fr.RunName | None = None
-    parameters: JsonDocument = {}
+    parameters: JsonDocument = empty_dict()
     enforce_parameter_schema: bool | None = None
-    context: JsonDocument = {}
+    context: JsonDocument = empty_dict()
     infrastructure_document_id: uuid.UUID | None = None
-    empirical_policy: fr.FlowRunPolicyInput = fr.FlowRunPolicyInput()
-    tags: Tags = []
+    empirical_policy: fr.FlowRunPolicyInput = new_model_default(fr.FlowRunPolicyInput)
+    tags: Tags = empty_list()
     idempotency_key: StoredText | None = None
-    labels: JsonDocument = {}
+    labels: JsonDocument = empty_dict()
     parent_task_run_id: uuid.UUID | None = None
     work_queue_name: wp.QueueName | None = None
-    job_variables: JsonDocument = {}
+    job_variables: JsonDocument = empty_dict()
     priority: fr.RunPriority = 0
 
 

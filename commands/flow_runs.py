@@ -19,7 +19,16 @@ from .bounds import INT32_MAX, JsonDocument, StoredText, UtcDatetime
 from .decisions import Decision, NewEvent
 from .events import register_event
 from .flows import Tags
-from .messages import Command, DecisionContext, Event, invalid, not_found
+from .messages import (
+    Command,
+    DecisionContext,
+    Event,
+    empty_dict,
+    empty_list,
+    invalid,
+    new_model_default,
+    not_found,
+)
 from .names import MAX_NAME_LENGTH
 from .states import CreatedBy, State, StateCreate, StateDetails, StateType
 from .unique_keys import UniqueKeyClaim, UniqueKeyScope
@@ -64,12 +73,12 @@ class FlowRun(BaseModel):
     work_queue_name: str | None = None
     work_queue_id: uuid.UUID | None = None
     flow_version: str | None = None
-    parameters: dict[str, Any] = {}
+    parameters: dict[str, Any] = empty_dict()
     idempotency_key: str | None = None
-    context: dict[str, Any] = {}
-    empirical_policy: FlowRunPolicy = FlowRunPolicy()
-    tags: list[str] = []
-    labels: dict[str, Any] = {}
+    context: dict[str, Any] = empty_dict()
+    empirical_policy: FlowRunPolicy = new_model_default(FlowRunPolicy)
+    tags: list[str] = empty_list()
+    labels: dict[str, Any] = empty_dict()
     parent_task_run_id: uuid.UUID | None = None
     state_type: StateType | None = None
     state_name: str | None = None
@@ -83,7 +92,7 @@ class FlowRun(BaseModel):
     infrastructure_document_id: uuid.UUID | None = None
     infrastructure_pid: str | None = None
     created_by: CreatedBy | None = None
-    job_variables: dict[str, Any] = {}
+    job_variables: dict[str, Any] = empty_dict()
     state: State | None = None
     # Beyond Prefect: a run's priority within its queue (lower first, like queue priorities),
     # changeable while it waits; and why it waits, when something holds it back.
@@ -182,7 +191,12 @@ class FlowRunPolicyInput(BaseModel):
     retry_type: Literal["in_process", "reschedule"] | None = None
 
     def policy(self) -> FlowRunPolicy:
+        if not self.model_fields_set:  # most runs: one shared, frozen default, neither dumped nor validated
+            return _DEFAULT_POLICY
         return FlowRunPolicy.model_validate(self.model_dump())
+
+
+_DEFAULT_POLICY = FlowRunPolicy()
 
 
 class CreateFlowRun(Command):
@@ -198,16 +212,16 @@ class CreateFlowRun(Command):
     deployment_id: uuid.UUID | None = None
     deployment_version: ShortText | None = None
     flow_version: ShortText | None = None
-    parameters: JsonDocument = {}
-    context: JsonDocument = {}
-    empirical_policy: FlowRunPolicyInput = FlowRunPolicyInput()
-    tags: Tags = []
-    labels: JsonDocument = {}
+    parameters: JsonDocument = empty_dict()
+    context: JsonDocument = empty_dict()
+    empirical_policy: FlowRunPolicyInput = new_model_default(FlowRunPolicyInput)
+    tags: Tags = empty_list()
+    labels: JsonDocument = empty_dict()
     parent_task_run_id: uuid.UUID | None = None
     work_pool_name: wp.PoolName | None = None
     work_queue_name: wp.QueueName | None = None
     infrastructure_document_id: uuid.UUID | None = None
-    job_variables: JsonDocument = {}
+    job_variables: JsonDocument = empty_dict()
     priority: RunPriority = 0
 
 

@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from .bounds import StoredText
 
@@ -137,3 +137,24 @@ class DecisionContext:
     def fixed(cls, now: datetime, ids: Iterator[uuid.UUID] | None = None) -> DecisionContext:
         it = ids if ids is not None else (uuid.UUID(int=i) for i in range(1, 1 << 62))
         return cls(now=now, new_id=lambda: next(it))
+
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def new_model_default(model: type[_Model]) -> Any:
+    """A field's default that is a new `model()` each time (its JSON schema still shows it).
+    pydantic deep-copies a default it cannot hash (a model holding a list, such as a run's
+    policy; an empty dict or list) for every instance it validates: a command that creates a
+    run took 18 – 26 µs to validate with those copies, 7.6 µs with factories instead."""
+    return Field(default_factory=model, json_schema_extra={"default": model().model_dump(mode="json")})
+
+
+def empty_dict() -> Any:
+    """A field's default that is a new `{}` each time, not a deep copy (`new_model_default`)."""
+    return Field(default_factory=dict, json_schema_extra={"default": {}})
+
+
+def empty_list() -> Any:
+    """A field's default that is a new `[]` each time, not a deep copy (`new_model_default`)."""
+    return Field(default_factory=list, json_schema_extra={"default": []})

@@ -43,7 +43,16 @@ from .decisions import Decision, NewEvent, QueuedTaskRun
 from .events import register_event
 from .flow_runs import FlowRun
 from .flows import Tags
-from .messages import Command, DecisionContext, Event, conflict, invalid, not_found
+from .messages import (
+    Command,
+    DecisionContext,
+    Event,
+    conflict,
+    empty_dict,
+    empty_list,
+    invalid,
+    not_found,
+)
 from .names import MAX_NAME_LENGTH
 from .states import State, StateCreate, StateType
 from .task_keys import check_task_key
@@ -111,9 +120,9 @@ class TaskRun(BaseModel):
     cache_expiration: UtcDatetime | None = None
     task_version: str | None = None
     empirical_policy: TaskRunPolicy = TaskRunPolicy()
-    tags: list[str] = []
-    labels: dict[str, Any] = {}
-    task_inputs: dict[str, Any] = {}
+    tags: list[str] = empty_list()
+    labels: dict[str, Any] = empty_dict()
+    task_inputs: dict[str, Any] = empty_dict()
     state_id: uuid.UUID | None = None
     state_type: StateType | None = None
     state_name: str | None = None
@@ -127,7 +136,7 @@ class TaskRun(BaseModel):
     state: State | None = None
     # Beyond Prefect: a background task's parameters, kept in the log with it (Prefect keeps
     # them in result storage under `task_parameters_id`), so a queued run can always be sent again.
-    parameters: dict[str, Any] = {}
+    parameters: dict[str, Any] = empty_dict()
     # Beyond Prefect: the state that last queued the run on its key's subject, and the task
     # worker that holds it while it runs.
     queued_state_id: uuid.UUID | None = None
@@ -241,10 +250,10 @@ class CreateTaskRun(Command):
     cache_expiration: UtcDatetime | None = None
     task_version: ShortText | None = None
     empirical_policy: TaskRunPolicy = TaskRunPolicy()
-    tags: Tags = []
-    labels: JsonDocument = {}
-    task_inputs: JsonDocument = {}
-    parameters: JsonDocument = {}
+    tags: Tags = empty_list()
+    labels: JsonDocument = empty_dict()
+    task_inputs: JsonDocument = empty_dict()
+    parameters: JsonDocument = empty_dict()
     state: StateCreate | None = None
     queue_wait_seconds: Annotated[float, Field(ge=0, le=MAX_QUEUE_WAIT_SECONDS, allow_inf_nan=False)] = 0
 

@@ -71,9 +71,17 @@ def runs_with_states_writes(runs: Any, states_table: Any, run_column: str, defau
     return writes
 
 
+class SharedArgument(str):
+    """An argument that several writes of one batch pass (the same object): sent once, as one
+    parameter, so that Postgres parses it once (`apply_in_one_statement`)."""
+
+    __slots__ = ()
+
+
 def envelope_rows_sql(table: Any, conflict: str, row: str, where: str = "") -> str:
-    """Like `populate_sql`, from events as stored: `$1` is a JSON array of event envelopes and
-    `row` makes one row's object of an envelope `e.v` (e.g. `e.v->'payload'->'run'`)."""
+    """Like `populate_sql`, from events as stored: `$1` is a JSON array of event envelopes,
+    `$2` the positions (from 1) of those to write, and `row` makes one row's object of an
+    envelope `e.v` (e.g. `e.v->'payload'->'run'`)."""
     return _envelope_rows_sql(table, conflict, row, where)
 
 
@@ -83,15 +91,16 @@ def _envelope_rows_sql(table: Any, conflict: str, row: str, where: str) -> str:
     on_conflict = ("DO NOTHING" if conflict == "nothing" else
                    "DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in columns if c != '"id"'))
     return (f"INSERT INTO {table.name} ({', '.join(columns)}) "
-            f"SELECT {', '.join('r.' + c for c in columns)} FROM jsonb_array_elements($1::jsonb) AS e(v), "
-            f"jsonb_populate_record(NULL::{table.name}, {row}) AS r{' WHERE ' + where if where else ''} "
-            f"ON CONFLICT (id) {on_conflict}")
+            f"SELECT {', '.join('r.' + c for c in columns)} "
+            f"FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(v, n), "
+            f"jsonb_populate_record(NULL::{table.name}, {row}) AS r "
+            f"WHERE e.n = ANY($2::int[]){' AND ' + where if where else ''} ON CONFLICT (id) {on_conflict}")
 
 
-def envelopes_param(envelopes: Sequence[bytes]) -> str:
+def envelopes_param(envelopes: Sequence[bytes]) -> SharedArgument:
     """Events as stored, as one JSON array for a `$1::jsonb` parameter: their bytes joined,
     nothing parsed or encoded."""
-    return (b"[" + b",".join(envelopes) + b"]").decode()
+    return SharedArgument((b"[" + b",".join(envelopes) + b"]").decode())
 
 
 StoredEvent = tuple[str, str, bytes]
@@ -102,35 +111,39 @@ def runs_with_states_envelope_writes(runs: Any, states_table: Any, run_column: s
                                      events: Sequence[StoredEvent], run_events: frozenset[str],
                                      state_events: frozenset[str], deleted_event: str) -> list[Write]:
     """The writes of `runs_with_states_writes` for the same batch, with Postgres reading each
-    run's row (`payload.run`) and its state out of the events as stored: the service neither
-    parses an event nor encodes a row, which was about a ninth of its CPU while it scheduled
-    runs. Every event of `run_events` carries its whole run, whose id is the event's aggregate
-    id; `deleted_event` deletes the run it names so. `defaults_json`: the defaults as one JSON
-    object (`json_param`)."""
-    last: dict[str, bytes | None] = {}
-    states: list[tuple[str, bytes]] = []
+    run's row (`payload.run`) and its state out of the events as stored, sent once for both
+    tables: the service neither parses an event nor encodes a row, which was about a ninth of
+    its CPU while it scheduled runs. Every event of `run_events` carries its whole run, whose
+    id is the event's aggregate id; `deleted_event` deletes the run it names so.
+    `defaults_json`: the defaults as one JSON object (`json_param`)."""
+    envelopes: list[bytes] = []
+    last: dict[str, int | None] = {}  # a run's last envelope (its position from 1), None: deleted
+    states: list[tuple[str, int]] = []
     for run_id, event_type, data in events:
         if event_type in run_events:
-            last[run_id] = data
+            envelopes.append(data)
+            last[run_id] = len(envelopes)
             if event_type in state_events:
-                states.append((run_id, data))
+                states.append((run_id, len(envelopes)))
         elif event_type == deleted_event:
             last[run_id] = None
             states = [s for s in states if s[0] != run_id]
     writes: list[Write] = []
-    gone = [run_id for run_id, data in last.items() if data is None]
+    gone = [run_id for run_id, at in last.items() if at is None]
     if gone:
         writes += [(f"DELETE FROM {states_table.name} WHERE {run_column} = ANY($1::uuid[])", (gone,)),
                    (f"DELETE FROM {runs.name} WHERE id = ANY($1::uuid[])", (gone,))]
+    if not envelopes:
+        return writes
+    shared = envelopes_param(envelopes)
     run = "e.v->'payload'->'run'"
     if states:
         writes.append((envelope_rows_sql(
             states_table, "nothing", f"({run}->'state') || jsonb_build_object('{run_column}', {run}->'id')",
-            where=f"jsonb_typeof({run}->'state') = 'object'"), (envelopes_param([data for _, data in states]),)))
-    rows = [data for data in last.values() if data is not None]
+            where=f"jsonb_typeof({run}->'state') = 'object'"), (shared, [at for _, at in states])))
+    rows = [at for at in last.values() if at is not None]
     if rows:
-        writes.append((envelope_rows_sql(runs, "update", f"$2::jsonb || ({run})"),
-                       (envelopes_param(rows), defaults_json)))
+        writes.append((envelope_rows_sql(runs, "update", f"$3::jsonb || ({run})"), (shared, rows, defaults_json)))
     return writes
 
 

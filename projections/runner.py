@@ -91,6 +91,7 @@ from runledger.infra.database import DatabaseUnavailable, DriverConnections, asy
 from runledger.infra.leases import DEFAULT_TTL_SECONDS, Lease, stop_if_cancelled
 from runledger.infra.settings import Settings
 
+from .bulk_writes import SharedArgument, Write
 from .tables import projection_checkpoints, projection_failures, skipped_events
 
 log = logging.getLogger("runledger.projections")
@@ -307,22 +308,45 @@ _PARAMETER = re.compile(r"\$(\d+)")
 
 
 @functools.lru_cache(maxsize=256)
-def _one_statement_sql(statements: tuple[str, ...]) -> tuple[str, tuple[int, ...]]:
-    """`statements` as data-modifying parts of one statement after the checkpoint's, their
-    parameters numbered on from the checkpoint's four; and how many parameters each takes."""
-    parts, counts, offset = [_MOVE_CHECKPOINT_CTE], [], 4
+def _one_statement_sql(statements: tuple[str, ...], numbers: tuple[tuple[int, ...], ...]) -> str:
+    """`statements` as data-modifying parts of one statement after the checkpoint's; the
+    `$k` of statement i becomes `$numbers[i][k - 1]` (numbered on from the checkpoint's four;
+    an argument several of them share is one parameter)."""
+    def renumbered(sql: str, mine: tuple[int, ...]) -> str:
+        return _PARAMETER.sub(lambda m: f"${mine[int(m.group(1)) - 1]}", sql)
 
-    def renumbered(sql: str, by: int) -> str:
-        return _PARAMETER.sub(lambda m: f"${int(m.group(1)) + by}", sql)
-
-    for i, sql in enumerate(statements):
-        count = max((int(n) for n in _PARAMETER.findall(sql)), default=0)
-        parts.append(f"w{i} AS ({renumbered(sql, offset)})")
-        counts.append(count)
-        offset += count
+    parts = [_MOVE_CHECKPOINT_CTE]
+    parts += [f"w{i} AS ({renumbered(sql, mine)})" for i, (sql, mine) in enumerate(zip(statements, numbers, strict=True))]
     return ("WITH " + ", ".join(parts) +
-            " SELECT CASE WHEN EXISTS (SELECT FROM checkpoint) THEN $2 ELSE projection_checkpoint_moved($1) END",
-            tuple(counts))
+            " SELECT CASE WHEN EXISTS (SELECT FROM checkpoint) THEN $2 ELSE projection_checkpoint_moved($1) END")
+
+
+@functools.lru_cache(maxsize=256)
+def _parameter_count(sql: str) -> int:
+    return max((int(n) for n in _PARAMETER.findall(sql)), default=0)
+
+
+def _numbered_arguments(writes: Sequence[Write], args: list[Any], projection: str) -> tuple[tuple[int, ...], ...]:
+    """Appends the writes' arguments to `args` and says which parameter number each of their
+    `$k` takes: a `SharedArgument` passed by several writes is sent once."""
+    numbers: list[tuple[int, ...]] = []
+    shared: dict[int, int] = {}
+    for statement, values in writes:
+        count = _parameter_count(statement)
+        if len(values) != count:
+            raise ValueError(f"projection {projection}: a write takes {count} parameters, "
+                             f"was given {len(values)}: {statement[:80]}")
+        mine = []
+        for value in values:
+            number = shared.get(id(value)) if isinstance(value, SharedArgument) else None
+            if number is None:
+                args.append(value)
+                number = len(args)
+                if isinstance(value, SharedArgument):
+                    shared[id(value)] = number
+            mine.append(number)
+        numbers.append(tuple(mine))
+    return tuple(numbers)
 
 
 async def apply_in_one_statement(connections: DriverConnections, projector: Projector, batch: Sequence[RawEvent],
@@ -356,13 +380,9 @@ async def apply_in_one_statement(connections: DriverConnections, projector: Proj
         writes = writes_of(decoded) if decoded else []
         if skipped or writes is None:
             return None
-    sql, counts = _one_statement_sql(tuple(statement for statement, _ in writes))
     args: list[Any] = [projector.name, fresh[-1].seq, now, fresh[0].seq]
-    for (statement, values), count in zip(writes, counts, strict=True):
-        if len(values) != count:
-            raise ValueError(f"projection {projector.name}: a write takes {count} parameters, "
-                             f"was given {len(values)}: {statement[:80]}")
-        args += values
+    numbers = _numbered_arguments(writes, args, projector.name)
+    sql = _one_statement_sql(tuple(statement for statement, _ in writes), numbers)
     async with (await connections.pool()).acquire() as driver:  # no BEGIN: the statement is its own transaction
         try:
             await driver.fetchval(sql, *args)

@@ -81,15 +81,37 @@ def test_the_event_type_comes_from_the_envelope_or_the_subject():
 
 
 def test_a_batchs_statements_become_one_with_their_parameters_numbered_on():
-    from runledger.projections.runner import _one_statement_sql
+    from runledger.projections.runner import _numbered_arguments, _one_statement_sql
 
-    sql, counts = _one_statement_sql(("DELETE FROM t WHERE id = ANY($1::uuid[])",
-                                      "INSERT INTO u SELECT $1, $2 WHERE $2 > $1"))
-    assert counts == (1, 2)
+    writes = [("DELETE FROM t WHERE id = ANY($1::uuid[])", (["a"],)),
+              ("INSERT INTO u SELECT $1, $2 WHERE $2 > $1", (1, 2))]
+    args: list = ["name", 9, "now", 7]
+    numbers = _numbered_arguments(writes, args, "p")
+    assert numbers == ((5,), (6, 7)) and args == ["name", 9, "now", 7, ["a"], 1, 2]
+    sql = _one_statement_sql(tuple(s for s, _ in writes), numbers)
     # The checkpoint's four parameters come first; each statement's follow, in order.
     assert "w0 AS (DELETE FROM t WHERE id = ANY($5::uuid[]))" in sql
     assert "w1 AS (INSERT INTO u SELECT $6, $7 WHERE $7 > $6)" in sql
     assert sql.startswith("WITH checkpoint AS (UPDATE projection_checkpoints") and "$8" not in sql
+
+
+def test_an_argument_several_writes_share_is_one_parameter():
+    """The events of a run read model's batch are sent once for its two tables; an equal
+    argument that is not shared on purpose stays a parameter of its own."""
+    from runledger.projections.bulk_writes import SharedArgument
+    from runledger.projections.runner import _numbered_arguments, _one_statement_sql
+
+    events = SharedArgument("[]")
+    writes = [("INSERT INTO s SELECT $1::jsonb, $2::int[]", (events, [1])),
+              ("INSERT INTO r SELECT $1::jsonb, $2::int[], $3", (events, [2], "[]"))]
+    args: list = ["name", 9, "now", 7]
+    numbers = _numbered_arguments(writes, args, "p")
+    assert numbers == ((5, 6), (5, 7, 8)) and args == ["name", 9, "now", 7, events, [1], [2], "[]"]
+    sql = _one_statement_sql(tuple(s for s, _ in writes), numbers)
+    assert "w0 AS (INSERT INTO s SELECT $5::jsonb, $6::int[])" in sql
+    assert "w1 AS (INSERT INTO r SELECT $5::jsonb, $7::int[], $8)" in sql
+    with pytest.raises(ValueError, match="takes 2 parameters, was given 1"):
+        _numbered_arguments([("SELECT $1, $2", (1,))], [], "p")
 
 
 def _queued(*items):
