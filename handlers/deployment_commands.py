@@ -148,6 +148,8 @@ async def _variables(unit: Unit, *parameters: Any) -> dict[str, Any]:
     """The values of the workspace variables the parameters name (missing ones left out)."""
     names = sorted({n for p in parameters for n in hydration.variable_names(p)})
     variables: dict[str, Any] = {}
+    if not names:  # most runs: not even an empty gather (each asks the loop for itself)
+        return variables
     for name, claim in zip(names, await asyncio.gather(
             *(unit.load(uk.UNIQUE_KEY, va.VARIABLE_NAME.aggregate_id(n)) for n in names)), strict=True):
         variable = await unit.load(va.VARIABLE, str(claim.owner_id)) if claim.owner_id is not None else None

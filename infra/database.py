@@ -101,10 +101,16 @@ class DriverConnections:
                                                        reset=_keep_session, **params)
             return self._pool
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = 5.0) -> None:
+        """Closes the connections, or drops them past `timeout` (a stalled server must not
+        hold up a shutdown)."""
         pool, self._pool = self._pool, None
-        if pool is not None:
-            await pool.close()
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), timeout)
+        except (TimeoutError, OSError):
+            pool.terminate()
 
 
 async def check_database(engine: AsyncEngine, settings: Settings) -> None:
