@@ -3,7 +3,7 @@ deployment, state transitions Scheduled -> Pending -> Running -> Completed, and 
 schedule turned into runs.
 
     python bench/runs.py [--clients 8] [--seconds 10] [--deployments 100] [--runs-per-deployment 100]
-                         [--only create,transitions,handoffs,schedule] [--split [none]]
+                         [--only create,transitions,handoffs,schedule] [--split [none|two]]
 
 (`--only transitions` still creates the runs it walks; with RUNLEDGER_BENCH_PROFILE set, the
 profile then covers the creates too.)
@@ -44,8 +44,11 @@ from harness import (
 from runledger.infra.nats_connection import connect
 
 # The service processes started (their `--roles`): one for all (default); `--split`: the
-# projections in a second; `--split none`: no projection at all (what the commands cost alone).
+# projections in a second; `--split none`: no projection at all (what the commands cost alone);
+# `--split two`: a second process taking commands beside the first (the CPU printed is the
+# first's).
 LAYOUTS = {None: ("commands,queries,projections",), "yes": ("commands,queries", "projections"),
+           "two": ("commands,queries,projections", "commands,queries"),
            "none": ("commands,queries",)}
 
 
@@ -225,7 +228,7 @@ def main() -> None:
     p.add_argument("--deployments", type=int, default=100)
     p.add_argument("--runs-per-deployment", type=int, default=100)
     p.add_argument("--handoffs", type=int, default=200)
-    p.add_argument("--split", nargs="?", const="yes", choices=["yes", "none"],
+    p.add_argument("--split", nargs="?", const="yes", choices=["yes", "none", "two"],
                    help="the projections in a service process of their own ('none': no projections)")
     p.add_argument("--only", default="create,transitions,handoffs,schedule",
                    help="comma-separated: create, transitions, handoffs, schedule")
