@@ -74,10 +74,10 @@ async def _keep_session(_connection: Any) -> None:
 class DriverConnections:
     """asyncpg's own pool beside an engine, connected as the engine connects (its URL, schema
     and timeouts), for statements sent straight to the driver on a hot path: the projections'
-    one-statement batches and checkpoints. Taking a connection from the engine's pool and
-    giving it back cost ~95 µs a batch (SQLAlchemy's connection, a greenlet, its events), from
-    this pool ~23 µs (`bench/projections.py` runs the batches; measured on this machine with
-    3,000 of each). Connects on first use; a connection found closed is replaced."""
+    one-statement batches and saved positions. Taking a connection from the engine's pool and
+    giving it back cost ~105 µs a batch (SQLAlchemy's connection, a greenlet, its events), from
+    this pool ~27 µs (measured on uvloop, 3,000 of each, docs/benchmarks.md "Session 16").
+    Connects on first use; a connection found closed is replaced."""
 
     def __init__(self, engine: AsyncEngine, size: int = 2):
         self.engine = engine
@@ -86,8 +86,7 @@ class DriverConnections:
         self._opening = asyncio.Lock()
 
     async def pool(self) -> Any:
-        """The pool (`async with (await conns.pool()).acquire() as driver`): a context manager
-        of our own around its `acquire` cost half of what it saves."""
+        """The pool, opened on first use: `async with (await conns.pool()).acquire() as driver`."""
         if self._pool is not None:
             return self._pool
         import asyncpg

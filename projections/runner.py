@@ -262,13 +262,17 @@ def stored_events(projector: Projector, fresh: Sequence[RawEvent]) -> list[tuple
     schema version (`decode_batch` upcasts it, or records why it cannot)."""
     out: list[tuple[str, str, bytes]] = []
     for raw in fresh:
-        _, aggregate_id, event_type = raw.subject.rsplit(".", 2)
+        tokens = raw.subject.rsplit(".", 2)
+        if len(tokens) != 3:
+            return None
+        _, aggregate_id, event_type = tokens
         if event_type not in projector.handles:
             if event_type not in EVENT_TYPES:
                 return None
             continue
         data = raw.data
-        if data.find(_current_version(event_type), 0, data.find(b'"payload":')) < 0:
+        head_end = data.find(b'"payload":')
+        if head_end < 0 or data.find(_current_version(event_type), 0, head_end) < 0:
             return None
         out.append((aggregate_id, event_type, data))
     return out

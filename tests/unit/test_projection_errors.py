@@ -150,3 +150,25 @@ def test_a_batch_that_would_pass_the_limit_waits_for_the_next_turn():
     batch, last_msg, carried = _join_waiting(_queued(waiting), _events(1, 2), "ack-2", limit=4)
     assert [e.seq for e in batch] == [1, 2] and last_msg == "ack-2"
     assert carried is waiting
+
+
+def test_events_as_stored_are_used_only_when_nothing_needs_reading_first():
+    """`stored_events` hands a projector the envelopes unparsed only when every one it handles
+    is at its type's current version and well formed; otherwise the decoded path (which
+    upcasts, or records what it cannot read) takes the batch."""
+    from runledger.commands.events import EVENT_TYPES
+    from runledger.projections.flow_runs import FlowRunsProjector
+    from runledger.projections.runner import stored_events
+
+    version = EVENT_TYPES["FlowRunCreated"].schema_version
+    current = b'{"id":"e","type":"FlowRunCreated","schema_version":%d,"payload":{"run":{}}}' % version
+    older = b'{"id":"e","type":"FlowRunCreated","schema_version":%d,"payload":{"run":{}}}' % (version - 1)
+    projector = FlowRunsProjector()
+    subject = "ns.evt.flow_run.r1.FlowRunCreated"
+    assert stored_events(projector, [RawEvent(1, subject, current)]) == [("r1", "FlowRunCreated", current)]
+    assert stored_events(projector, [RawEvent(1, subject, current), RawEvent(2, subject, older)]) is None
+    assert stored_events(projector, [RawEvent(1, subject, b'{"schema_version":%d,}' % version)]) is None
+    assert stored_events(projector, [RawEvent(1, "FlowRunCreated", current)]) is None
+    assert stored_events(projector, [RawEvent(1, "ns.evt.flow_run.r1.NoSuchEvent", current)]) is None
+    # Another read model's event is left out, unread.
+    assert stored_events(projector, [RawEvent(1, "ns.evt.flow.f1.FlowCreated", b"not json")]) == []
