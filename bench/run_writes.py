@@ -8,12 +8,16 @@ statement's time per event; no NATS, an embedded Postgres (or RUNLEDGER_DATABASE
 Task runs of three states each (created, RUNNING, COMPLETED). "apart": each batch holds
 distinct runs, as when tasks stream through (a run's states come milliseconds apart);
 "together": a run's three states in one batch, the case where the envelopes cost Postgres
-most (each state event carries the whole run, parsed for the state alone).
+most (each state event carries the whole run, parsed for the state alone). Then what taking
+a connection and giving it back costs a batch: from the engine's (SQLAlchemy's) pool, as the
+projections did, and from `DriverConnections` (asyncpg's pool), as they do now; and how long
+validating a create-run command's body takes (the models' defaults made without copies).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 import uuid
@@ -23,9 +27,10 @@ from harness import bench_settings, report, servers
 from sqlalchemy import text
 
 from runledger.commands import task_runs as tr
+from runledger.commands.deployment_runs import CreateFlowRunFromDeployment
 from runledger.commands.events import encode_event
 from runledger.commands.states import State, StateDetails, StateType
-from runledger.infra.database import DriverConnections, create_engine, migrate
+from runledger.infra.database import DriverConnections, asyncpg_connection, create_engine, migrate
 from runledger.infra.event_loop import run
 from runledger.projections.runner import (
     RawEvent,
@@ -88,6 +93,30 @@ async def one_pass(connections: DriverConnections, log: list[RawEvent], batch: i
     return python / len(log), statement / len(log)
 
 
+async def checkout_seconds(engine, connections: DriverConnections, times: int) -> tuple[float, float]:
+    """Seconds per connection taken and given back: the engine's pool, then the driver's."""
+    t0 = time.perf_counter()
+    for _ in range(times):
+        async with engine.connect() as conn:
+            await asyncpg_connection(conn)
+    t1 = time.perf_counter()
+    for _ in range(times):
+        async with (await connections.pool()).acquire():
+            pass
+    return (t1 - t0) / times, (time.perf_counter() - t1) / times
+
+
+def validation_seconds(times: int) -> float:
+    """Seconds per create-run command body validated as the command bus does (strict, JSON)."""
+    body = json.dumps({"deployment_id": str(uuid.uuid4()), "parameters": {"c": 1}}).encode()
+    model = CreateFlowRunFromDeployment
+    model.model_validate_json(body, strict=True)
+    t0 = time.perf_counter()
+    for _ in range(times):
+        model.model_validate_json(body, strict=True)
+    return (time.perf_counter() - t0) / times
+
+
 async def main(args: argparse.Namespace) -> None:
     rows = []
     with servers() as urls:
@@ -110,6 +139,12 @@ async def main(args: argparse.Namespace) -> None:
                         py, st = medians[stored]
                         rows.append((f"task-run events {name}, {where}, batches of {batch}: service's part / "
                                      f"statement, per event", f"{py:.1f} / {st:.1f} µs", ""))
+            checkouts = [await checkout_seconds(engine, connections, 3000) for _ in range(args.rounds)]
+            rows.append(("a connection taken and given back: the engine's pool / asyncpg's (`DriverConnections`)",
+                         f"{statistics.median(c[0] for c in checkouts) * 1e6:.1f} / "
+                         f"{statistics.median(c[1] for c in checkouts) * 1e6:.1f} µs", ""))
+            rows.append(("a create-run command's body validated",
+                         f"{statistics.median(validation_seconds(5000) for _ in range(args.rounds)) * 1e6:.1f} µs", ""))
         finally:
             await connections.close()
             async with engine.begin() as conn:

@@ -146,7 +146,8 @@ def new_model_default(model: type[_Model]) -> Any:
     """A field's default that is a new `model()` each time (its JSON schema still shows it).
     pydantic deep-copies a default it cannot hash (a model holding a list, such as a run's
     policy; an empty dict or list) for every instance it validates: a command that creates a
-    run took 18 – 26 µs to validate with those copies, 7.4 µs with factories instead."""
+    run took 18 – 26 µs to validate with those copies, 7.4 – 9.4 µs with factories instead
+    (`bench/run_writes.py` prints the latter)."""
     return Field(default_factory=model, json_schema_extra={"default": model().model_dump(mode="json")})
 
 

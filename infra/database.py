@@ -76,7 +76,7 @@ class DriverConnections:
     and timeouts), for statements sent straight to the driver on a hot path: the projections'
     one-statement batches and saved positions. Taking a connection from the engine's pool and
     giving it back cost ~105 µs a batch (SQLAlchemy's connection, a greenlet, its events), from
-    this pool ~27 µs (measured on uvloop, 3,000 of each, docs/benchmarks.md "Session 16").
+    this pool ~27 – 30 µs (`bench/run_writes.py` prints both; docs/benchmarks.md, session 16).
     Connects on first use; a connection found closed is replaced."""
 
     def __init__(self, engine: AsyncEngine, size: int = 2):

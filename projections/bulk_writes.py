@@ -24,12 +24,20 @@ def populate_sql(table: Any, conflict: str) -> str:
     """Insert (or replace) a batch of rows given as one JSON array of objects named like the
     columns: Postgres turns each object into a row (`jsonb_populate_recordset`), so Python
     neither validates nor converts a field (timestamps, ids, intervals, JSON columns)."""
-    columns = [f'"{c.name}"' for c in table.columns]  # quoted: a limit's column `limit` is a keyword
-    on_conflict = ("DO NOTHING" if conflict == "nothing" else
-                   "DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in columns if c != '"id"'))
+    columns = _quoted_columns(table)
     return (f"INSERT INTO {table.name} ({', '.join(columns)}) "
             f"SELECT {', '.join(columns)} FROM jsonb_populate_recordset(NULL::{table.name}, $1::jsonb) "
-            f"ON CONFLICT (id) {on_conflict}")
+            f"{_on_conflict(columns, conflict)}")
+
+
+def _quoted_columns(table: Any) -> list[str]:
+    return [f'"{c.name}"' for c in table.columns]  # quoted: a limit's column `limit` is a keyword
+
+
+def _on_conflict(columns: list[str], conflict: str) -> str:
+    """`nothing`: a row already there stays; `update`: it is replaced."""
+    return "ON CONFLICT (id) " + ("DO NOTHING" if conflict == "nothing" else
+                                  "DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in columns if c != '"id"'))
 
 
 Write = tuple[str, tuple[Any, ...]]
@@ -58,17 +66,21 @@ def runs_with_states_writes(runs: Any, states_table: Any, run_column: str, defau
     and the states written (rows of `states_table`, whose `run_column` names their run). The
     caller leaves out the states of runs the batch deletes, so the statements touch disjoint
     rows and may run as one (`Projector.writes`)."""
-    writes: list[Write] = []
-    gone = [run_id for run_id, run in last.items() if run is None]
-    if gone:
-        writes += [(f"DELETE FROM {states_table.name} WHERE {run_column} = ANY($1::uuid[])", (gone,)),
-                   (f"DELETE FROM {runs.name} WHERE id = ANY($1::uuid[])", (gone,))]
+    writes = _runs_gone_writes(runs, states_table, run_column, [run_id for run_id, run in last.items() if run is None])
     if states:
         writes.append((populate_sql(states_table, "nothing"), (json_param(list(states.values())),)))
     rows = [{**defaults, **run} for run in last.values() if run is not None]
     if rows:
         writes.append((populate_sql(runs, "update"), (json_param(rows),)))
     return writes
+
+
+def _runs_gone_writes(runs: Any, states_table: Any, run_column: str, gone: list[str]) -> list[Write]:
+    """The runs a batch deletes, with their states."""
+    if not gone:
+        return []
+    return [(f"DELETE FROM {states_table.name} WHERE {run_column} = ANY($1::uuid[])", (gone,)),
+            (f"DELETE FROM {runs.name} WHERE id = ANY($1::uuid[])", (gone,))]
 
 
 class SharedArgument(str):
@@ -92,17 +104,14 @@ def envelope_rows_sql(table: Any, conflict: str, row: str, *, base: str = "NULL"
 @cache
 def _envelope_rows_sql(table: Any, conflict: str, row: str, base: str, where: str,
                        columns: tuple[tuple[str, str], ...]) -> str:
-    names = [c.name for c in table.columns]
     given = dict(columns)
-    quoted = [f'"{name}"' for name in names]  # quoted: a limit's column `limit` is a keyword
-    on_conflict = ("DO NOTHING" if conflict == "nothing" else
-                   "DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in quoted if c != '"id"'))
-    values = [given.get(name, f'r."{name}"') for name in names]
+    quoted = _quoted_columns(table)
+    values = [given.get(c.name, f'r.{q}') for c, q in zip(table.columns, quoted, strict=True)]
     return (f"INSERT INTO {table.name} ({', '.join(quoted)}) "
             f"SELECT {', '.join(values)} "
             f"FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(v, n), "
             f"jsonb_populate_record({base}, {row}) AS r "
-            f"WHERE e.n = ANY($2::int[]){' AND ' + where if where else ''} ON CONFLICT (id) {on_conflict}")
+            f"WHERE e.n = ANY($2::int[]){' AND ' + where if where else ''} {_on_conflict(quoted, conflict)}")
 
 
 def envelopes_param(envelopes: Sequence[bytes]) -> SharedArgument:
@@ -136,11 +145,7 @@ def runs_with_states_envelope_writes(runs: Any, states_table: Any, run_column: s
         elif event_type == deleted_event:
             last[run_id] = None
             states = [s for s in states if s[0] != run_id]
-    writes: list[Write] = []
-    gone = [run_id for run_id, at in last.items() if at is None]
-    if gone:
-        writes += [(f"DELETE FROM {states_table.name} WHERE {run_column} = ANY($1::uuid[])", (gone,)),
-                   (f"DELETE FROM {runs.name} WHERE id = ANY($1::uuid[])", (gone,))]
+    writes = _runs_gone_writes(runs, states_table, run_column, [run_id for run_id, at in last.items() if at is None])
     if not envelopes:
         return writes
     shared = envelopes_param(envelopes)
