@@ -24,7 +24,7 @@ from runledger.commands import work_pools as wp
 from runledger.commands.events import EventEnvelope
 from runledger.commands.messages import DecisionContext
 from runledger.infra import broker_auth
-from runledger.infra.embedded import EmbeddedNats, EmbeddedPostgres
+from runledger.infra.embedded import EmbeddedNats, EmbeddedNatsCluster, EmbeddedPostgres
 from runledger.infra.event_store import EventStore
 from runledger.infra.settings import Settings
 
@@ -57,11 +57,26 @@ def servers() -> Iterator[dict[str, str]]:
             # RUNLEDGER_BENCH_SYNC=interval: nats-server's default sync (every 2 min), only to
             # measure what syncing every write costs.
             sync_always = os.environ.get("RUNLEDGER_BENCH_SYNC", "always") != "interval"
-            config = broker_auth.write_local_config(tmp, namespace, users, tmp / "nats", sync_always=sync_always)
-            n = EmbeddedNats(tmp / "nats", config_file=config).start()
-            stack.callback(n.stop)
-            nats_url = n.url
-            monitor_url, store_dir = f"http://127.0.0.1:{n.monitor_port}", str(tmp / "nats")
+            cluster_size = int(os.environ.get("RUNLEDGER_BENCH_CLUSTER", "1"))
+            if cluster_size > 1:
+                # RUNLEDGER_BENCH_CLUSTER=3: a cluster of three nodes on this machine, every
+                # stream with three replicas (the service is given RUNLEDGER_STREAM_REPLICAS).
+                configs = []
+                for i in range(cluster_size):
+                    (tmp / f"node{i}").mkdir()
+                    configs.append(broker_auth.write_local_config(tmp / f"node{i}", namespace, users, tmp / f"node{i}",
+                                                                  sync_always=sync_always))
+                cluster = EmbeddedNatsCluster(tmp, cluster_size, configs).start()
+                stack.callback(cluster.stop)
+                os.environ["RUNLEDGER_STREAM_REPLICAS"] = str(min(cluster_size, 3))
+                nats_url = cluster.url
+                monitor_url, store_dir = f"http://127.0.0.1:{cluster.nodes[0].monitor_port}", str(tmp / "node0")
+            else:
+                config = broker_auth.write_local_config(tmp, namespace, users, tmp / "nats", sync_always=sync_always)
+                n = EmbeddedNats(tmp / "nats", config_file=config).start()
+                stack.callback(n.stop)
+                nats_url = n.url
+                monitor_url, store_dir = f"http://127.0.0.1:{n.monitor_port}", str(tmp / "nats")
         if not db_url:
             pg = EmbeddedPostgres(tmp / "pg").start()
             stack.callback(pg.stop)

@@ -13,7 +13,8 @@ import subprocess
 import sys
 import sysconfig
 import time
-from dataclasses import dataclass
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from runledger.infra.embedded_postgres import EmbeddedPostgres, PostgresUnavailable
@@ -28,7 +29,7 @@ from runledger.infra.lifetime import (
     stop_orphan,
 )
 
-__all__ = ["EmbeddedNats", "EmbeddedPostgres", "PostgresUnavailable", "free_port", "nats_server_binary"]
+__all__ = ["EmbeddedNats", "EmbeddedNatsCluster", "EmbeddedPostgres", "PostgresUnavailable", "free_port", "nats_server_binary"]
 
 
 def free_port() -> int:
@@ -68,6 +69,9 @@ class EmbeddedNats:
     # A configuration file (users, permissions, `jetstream { store_dir, sync_interval }`, as
     # `runledger up` writes it); without one the server runs with no authentication (tests).
     config_file: Path | None = None
+    server_name: str = "runledger-embedded"
+    # More of the command line (a cluster node's `--cluster`, `--routes`, `--cluster_name`).
+    extra_args: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -104,7 +108,8 @@ class EmbeddedNats:
         store = ["-c", str(self.config_file)] if self.config_file else ["-js", "-sd", str(self.store_dir)]
         self.process = subprocess.Popen(
             [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(self.port), *store,
-             "-m", str(self.monitor_port), "--server_name", "runledger-embedded", "-P", str(self.pid_file)],
+             "-m", str(self.monitor_port), "--server_name", self.server_name, "-P", str(self.pid_file),
+             *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=die_with_parent(signal.SIGTERM),  # it never outlives us (Linux)
         )
@@ -119,6 +124,53 @@ class EmbeddedNats:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+@dataclass
+class EmbeddedNatsCluster:
+    """Nodes of one NATS cluster on this machine, routed to each other, for the tests and
+    benchmarks of replicated streams (`stream_replicas`). `config_files`: one per node (each
+    names its own store), or none (no authentication, each node's store under `base_dir`)."""
+
+    base_dir: Path
+    size: int = 3
+    config_files: list[Path] | None = None
+    nodes: list[EmbeddedNats] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """Every node's URL: a client connected to one moves to another when it goes."""
+        return ",".join(node.url for node in self.nodes)
+
+    def start(self, timeout: float = 30.0) -> EmbeddedNatsCluster:
+        route_ports = [free_port() for _ in range(self.size)]
+        routes = ",".join(f"nats://127.0.0.1:{port}" for port in route_ports)
+        for i, route_port in enumerate(route_ports):
+            config = self.config_files[i] if self.config_files else None
+            node = EmbeddedNats(self.base_dir / f"node{i}", config_file=config, server_name=f"runledger-node{i}",
+                                extra_args=["--cluster_name", "runledger", "--cluster", f"nats://127.0.0.1:{route_port}",
+                                            "--routes", routes])
+            self.nodes.append(node.start(timeout))
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:  # JetStream answers once the nodes have chosen its leader
+            while not _healthy(node.monitor_port):
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"the NATS cluster under {self.base_dir} was not ready within {timeout:.0f} s")
+                time.sleep(0.1)
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def _healthy(monitor_port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{monitor_port}/healthz", timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
 
 
 class RestartableNats:

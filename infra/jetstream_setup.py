@@ -24,6 +24,7 @@ def event_stream_config(settings: Settings) -> StreamConfig:
         allow_atomic=True,
         deny_delete=True,
         duplicate_window=settings.event_duplicate_window_seconds,
+        num_replicas=settings.stream_replicas,
     )
 
 

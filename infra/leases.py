@@ -53,7 +53,8 @@ DEFAULT_TTL_SECONDS = 5
 
 def lease_bucket_config(settings: Settings) -> KeyValueConfig:
     return KeyValueConfig(bucket=settings.lease_bucket, history=1, ttl=BUCKET_MAX_AGE_SECONDS,
-                          storage=StorageType.FILE, description="runledger leases of the single-active roles")
+                          storage=StorageType.FILE, description="runledger leases of the single-active roles",
+                          replicas=settings.stream_replicas)
 
 
 async def ensure_lease_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:

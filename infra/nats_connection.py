@@ -150,7 +150,7 @@ async def connect(settings: Settings, *, name: str = "runledger", check_version:
     once); a refused login always ends it at once. `lazy_headers`: read message headers on
     first use (`LazyClient`), for connections only runledger's own code reads from."""
     options: dict = {
-        "servers": [settings.nats_url],
+        "servers": settings.nats_servers,
         "name": name,
         "connect_timeout": 3,
         "max_reconnect_attempts": -1,

@@ -34,6 +34,7 @@ def endpoint_file() -> Path:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RUNLEDGER_", extra="ignore")
 
+    # One server's URL, or a cluster's, comma-separated (a client moves to another when one goes).
     nats_url: str = "nats://127.0.0.1:4222"
     nats_user: str | None = None
     nats_password: SecretStr | None = None
@@ -59,6 +60,11 @@ class Settings(BaseSettings):
     handler_concurrency: int = 64
     projection_batch_size: int = 4000
     event_duplicate_window_seconds: float = 120.0
+    # How many copies of each stream and bucket runledger creates: 1 on one server (as `up`
+    # runs it), 3 on a NATS cluster of three or more nodes (docs/operations.md, "A NATS
+    # cluster"). A replicated stream also stages atomic batches in memory, where a
+    # one-replica file stream makes a file store for each.
+    stream_replicas: int = Field(default=1, ge=1, le=5)
     # A snapshot of an aggregate's state after this many events since its last one (0: never).
     snapshot_every: int = Field(default=1000, ge=0)
 
@@ -142,8 +148,12 @@ class Settings(BaseSettings):
     def db_schema(self) -> str:
         return self.namespace
 
+    @property
+    def nats_servers(self) -> list[str]:
+        return [url.strip() for url in self.nats_url.split(",") if url.strip()]
+
     def safe_nats_url(self) -> str:
-        return redact_url(self.nats_url)
+        return ",".join(redact_url(url) for url in self.nats_servers)
 
     def safe_database_url(self) -> str:
         return redact_url(self.database_url.get_secret_value())

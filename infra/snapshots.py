@@ -24,7 +24,8 @@ log = logging.getLogger("runledger.snapshots")
 
 def snapshot_bucket_config(settings: Settings) -> KeyValueConfig:
     return KeyValueConfig(bucket=settings.snapshot_bucket, history=1, storage=StorageType.FILE,
-                          description="runledger aggregate snapshots: a cache of the event log")
+                          description="runledger aggregate snapshots: a cache of the event log",
+                          replicas=settings.stream_replicas)
 
 
 async def ensure_snapshot_bucket(js: JetStreamContext, settings: Settings) -> None:

@@ -87,6 +87,7 @@ def task_stream_config(settings: Settings, side: Side) -> StreamConfig:
         max_msgs_per_subject=stream_bound(settings, side),
         duplicate_window=settings.event_duplicate_window_seconds,
         allow_direct=True,
+        num_replicas=settings.stream_replicas,
     )
 
 
@@ -225,7 +226,8 @@ async def ensure_task_worker_bucket(js: JetStreamContext, settings: Settings) ->
         await js.key_value(task_worker_bucket(settings))
     except BucketNotFoundError:
         await js.create_key_value(KeyValueConfig(bucket=task_worker_bucket(settings), history=1,
-                                                 ttl=3 * TASK_WORKER_HEARTBEAT_SECONDS, storage=StorageType.FILE))
+                                                 ttl=3 * TASK_WORKER_HEARTBEAT_SECONDS, storage=StorageType.FILE,
+                                                 replicas=settings.stream_replicas))
 
 
 async def put_task_worker(js: JetStreamContext, settings: Settings, identifier: str, task_keys: list[str],
@@ -272,6 +274,7 @@ async def ensure_result_stream(js: JetStreamContext, settings: Settings) -> None
         discard=DiscardPolicy.NEW,
         allow_direct=True,
         max_msg_size=RESULT_CHUNK_BYTES + 64 * 1024,
+        num_replicas=settings.stream_replicas,
     )
     try:
         await js.stream_info(result_stream_name(settings))
