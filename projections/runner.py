@@ -752,6 +752,10 @@ class ProjectionRunner:
             # disk would only add a synced write per acknowledged batch (sync_interval: always)
             # that competes with the appends' syncs (the lag's p99 doubled).
             mem_storage=True,
+            # One copy, on a cluster too: a copy on each node would only replicate every
+            # acknowledgement. If its node dies the reader stops hearing from it and binds
+            # again, and the server places the new consumer on a node that is up.
+            num_replicas=1,
             durable_name=self.consumer_name(projector),
         )
 
