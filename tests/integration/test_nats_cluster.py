@@ -2,21 +2,29 @@
 `RUNLEDGER_STREAM_REPLICAS=3`): every stream and bucket it creates has three replicas, and when
 the node leading the event log dies (SIGKILL) the service goes on deciding commands once the
 other two have chosen a new leader, nothing acknowledged is lost, and the read model equals a
-rebuild of the log."""
+rebuild of the log. Task runs flowing through task workers while the node leading their task
+stream dies each run to completion exactly once."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import uuid
 
 import pytest
 
+from runledger.client import RunledgerClient
 from runledger.handlers.service import Service
+from runledger.handlers.task_worker import TaskWorker
 from runledger.infra.database import create_engine, drop_schema
 from runledger.infra.embedded import EmbeddedNatsCluster
+from runledger.infra.event_store import EventStore
 from runledger.infra.nats_connection import connect
+from runledger.infra.task_queues import task_stream_name
 
 from .broker import Broker, assert_live_equals_rebuild
+from .test_task_faults import _submit_until_ok, _wait_all_finished
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.alone]
 
@@ -92,3 +100,69 @@ async def test_a_three_node_cluster_loses_nothing_when_the_log_leader_dies(setti
         await engine.dispose()
         cluster.stop()
 
+
+
+async def test_task_runs_run_once_each_when_their_task_streams_leader_dies(settings, tmp_path):
+    cluster = EmbeddedNatsCluster(tmp_path / "cluster", size=3).start()
+    settings = settings.model_copy(update={"nats_url": cluster.url, "stream_replicas": 3})
+    service = Service(settings, roles=frozenset({"commands", "queries", "projections", "task_recovery"}))
+    seen: collections.Counter[int] = collections.Counter()
+    tasks = 600
+
+    async def work(i: int) -> int:
+        seen[i] += 1
+        await asyncio.sleep(0.01)
+        return i
+
+    connections, workers, stop = [], [], asyncio.Event()
+    client = None
+    try:
+        await service.start()
+        for n in range(3):
+            nc = await connect(settings, name=f"worker-{n}")
+            connections.append(nc)
+            worker = TaskWorker(nc, settings, {"work": work}, limit=8, worker_id=f"w{n}")
+            await worker.start()
+            workers.append(asyncio.create_task(worker.serve(stop)))
+        client = await RunledgerClient(settings).connect()
+        ids: list[uuid.UUID] = []
+
+        async def submitter() -> None:
+            for i in range(tasks):
+                ids.append(await _submit_until_ok(client, i))
+                if i % 50 == 0:
+                    await asyncio.sleep(0.05)  # a flow, not one burst
+
+        submitting = asyncio.create_task(submitter())
+        while len(ids) < tasks // 4:
+            await asyncio.sleep(0.05)
+        js = client._nc.jetstream()
+        leader = (await js.stream_info(task_stream_name(settings, "scheduled"))).cluster.leader
+        doomed = next(node for node in cluster.nodes if node.server_name == leader)
+        assert doomed.process is not None
+        doomed.process.kill()
+        doomed.process.wait()
+
+        await asyncio.wait_for(submitting, 120)
+        assert len(ids) == tasks
+        await _wait_all_finished(client, ids, 120)
+        assert sorted(seen) == list(range(tasks))
+        assert not {i: n for i, n in seen.items() if n != 1}, "a task ran more than once"
+        store = EventStore(client._nc, settings)
+        for run_id in ids:
+            events = await store.read_aggregate("task_run", str(run_id))
+            types = [e.envelope.payload["run"]["state"]["type"] for e in events if "run" in e.envelope.payload]
+            assert types.count("RUNNING") == 1 and types.count("COMPLETED") == 1, (run_id, types)
+    finally:
+        stop.set()
+        for task in workers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 30)
+        for nc in [*connections, *([client._nc] if client is not None else [])]:
+            with contextlib.suppress(Exception):
+                await nc.close()
+        await service.stop()
+        engine = create_engine(settings)
+        await drop_schema(engine, settings.db_schema)
+        await engine.dispose()
+        cluster.stop()
