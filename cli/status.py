@@ -35,7 +35,7 @@ def status(as_json: JsonFlag = False, output: OutputOption = None) -> None:
         return {"answering": True, "work_pools": count.result, "read_model_seq": count.seq,
                 "nats_url": client.settings.safe_nats_url(), "namespace": client.settings.namespace,
                 "stream_last_seq": h.get("stream_last_seq"), "projections": h.get("projections", []),
-                "stalled": h.get("stalled", [])}
+                "stalled": h.get("stalled", []), "replication": h.get("replication")}
 
     info = run(ask)
     if wants_json(as_json, output):
@@ -44,6 +44,10 @@ def status(as_json: JsonFlag = False, output: OutputOption = None) -> None:
         typer.echo(f"runledger is answering on {info['nats_url']} (namespace {info['namespace']}): "
                    f"{info['work_pools']} work pools, read models at stream sequence {info['read_model_seq']}"
                    + (f" of {info['stream_last_seq']}" if info["stream_last_seq"] is not None else ""))
+        if (copies := info["replication"]) is not None:
+            typer.echo(f"  event log: {copies['replicas']} replicas, led by {copies['leader']}; " + ", ".join(
+                f"{peer['name']} " + ("offline" if peer["offline"] else "current" if peer["current"]
+                                      else f"{peer['lag']} behind") for peer in copies["peers"]))
         for p in info["projections"]:
             where = f"at {p['checkpoint']}" + (f", {p['behind']} behind" if p.get("behind") else "")
             holder = p.get("lease_holder", "-")

@@ -20,7 +20,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import cast
+from typing import Any, cast
 
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
@@ -599,3 +599,14 @@ class EventStore:
     async def last_sequence(self) -> int:
         info = await self.js.stream_info(self.stream)
         return info.state.last_seq
+
+    async def replication(self) -> dict[str, Any] | None:
+        """How the event log is copied on a NATS cluster: its replicas, the node leading it,
+        and each other copy (current, offline, how many operations behind); None for a
+        stream of one replica."""
+        info = await self.js.stream_info(self.stream)
+        if (info.config.num_replicas or 1) <= 1 or info.cluster is None:
+            return None
+        return {"replicas": info.config.num_replicas, "leader": info.cluster.leader,
+                "peers": [{"name": peer.name, "current": bool(peer.current), "offline": bool(peer.offline),
+                           "lag": peer.lag or 0} for peer in info.cluster.replicas or []]}

@@ -1,6 +1,7 @@
 """The read side's health, as the query `GetServiceHealth` answers it (and `runledger status`
-shows it): each projection's checkpoint, how far the log goes, and the projections stopped at
-an event they cannot apply (projections/runner.py writes those to `projection_failures`)."""
+shows it): each projection's checkpoint, how far the log goes, the projections stopped at an
+event they cannot apply (projections/runner.py writes those to `projection_failures`), and on
+a NATS cluster how the log is copied."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from .tables import projection_checkpoints
 
 class GetServiceHealth(Query):
     """The read side's health: every projection's checkpoint, the event log's last stream
-    sequence, and the projections stalled at an event they cannot apply."""
+    sequence, the projections stalled at an event they cannot apply, and the log's copies
+    (`replication`: None on one server)."""
 
 
 def _iso(v):
@@ -28,7 +30,8 @@ def _iso(v):
 
 async def service_health(conn: AsyncConnection, query: GetServiceHealth, *, projections: Sequence[str],
                          last_sequence: Callable[[], Awaitable[int]] | None = None,
-                         lease_holder: Callable[[str], Awaitable[str | None]] | None = None) -> dict[str, Any]:
+                         lease_holder: Callable[[str], Awaitable[str | None]] | None = None,
+                         replication: Callable[[], Awaitable[dict[str, Any] | None]] | None = None) -> dict[str, Any]:
     rows = await conn.execute(select(projection_checkpoints.c.name, projection_checkpoints.c.last_seq))
     checkpoints = {r.name: r.last_seq for r in rows}
     failures = {f["projection"]: f for f in await read_failures(conn)}
@@ -48,11 +51,14 @@ async def service_health(conn: AsyncConnection, query: GetServiceHealth, *, proj
         if lease_holder is not None:  # the process applying it (host:pid:tag), None: nobody
             entry["lease_holder"] = await lease_holder(f"projection.{name}")
         out.append(entry)
-    return {"stream_last_seq": last, "projections": out, "stalled": stalled}
+    copies = await replication() if replication is not None else None
+    return {"stream_last_seq": last, "projections": out, "stalled": stalled, "replication": copies}
 
 
 def health_queries(projections: Sequence[str], last_sequence: Callable[[], Awaitable[int]] | None = None,
-                   lease_holder: Callable[[str], Awaitable[str | None]] | None = None) -> dict:
+                   lease_holder: Callable[[str], Awaitable[str | None]] | None = None,
+                   replication: Callable[[], Awaitable[dict[str, Any] | None]] | None = None) -> dict:
     """The query registry entry (name -> (model, function)) for a service."""
-    fn = partial(service_health, projections=list(projections), last_sequence=last_sequence, lease_holder=lease_holder)
+    fn = partial(service_health, projections=list(projections), last_sequence=last_sequence, lease_holder=lease_holder,
+                 replication=replication)
     return {"GetServiceHealth": (GetServiceHealth, fn)}

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import uuid
 
 import pytest
+from typer.testing import CliRunner
 
 from runledger.client import RunledgerClient
 from runledger.handlers.service import Service
@@ -23,7 +25,7 @@ from runledger.infra.event_store import EventStore
 from runledger.infra.nats_connection import connect
 from runledger.infra.task_queues import task_stream_name
 
-from .broker import Broker, assert_live_equals_rebuild
+from .broker import Broker, assert_live_equals_rebuild, cli_env
 from .test_task_faults import _submit_until_ok, _wait_all_finished
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.alone]
@@ -90,6 +92,20 @@ async def test_a_three_node_cluster_loses_nothing_when_the_log_leader_dies(setti
         assert {q["name"] for q in queues} == ({"default"} | {f"before-{i}" for i in range(10)}
                                               | {f"after-{i}" for i in range(10)})
         await assert_live_equals_rebuild(service, settings)
+
+        # `runledger status` shows how the log is copied: the dead node's copy is not current.
+        from runledger.cli.main import _register, app
+        _register()
+        env = cli_env(settings)
+        result = await asyncio.to_thread(CliRunner().invoke, app, ["status", "--json"], env=env)
+        assert result.exit_code == 0, result.output
+        copies = json.loads(result.stdout)["replication"]
+        assert copies["replicas"] == 3 and copies["leader"] not in (None, leader), copies
+        peers = {peer["name"]: peer for peer in copies["peers"]}
+        assert set(peers) | {copies["leader"]} == {node.server_name for node in cluster.nodes}, copies
+        assert not peers[leader]["current"], copies
+        result = await asyncio.to_thread(CliRunner().invoke, app, ["status"], env=env)
+        assert f"event log: 3 replicas, led by {copies['leader']}; " in result.stdout, result.output
     finally:
         if nc is not None:
             with contextlib.suppress(Exception):

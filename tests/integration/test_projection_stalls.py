@@ -164,6 +164,7 @@ async def test_status_verify_and_replay_report_a_stalled_projection(writer, sett
         [stalled] = info["stalled"]
         assert (stalled["projection"], stalled["seq"], stalled["event_type"]) == ("work_pools", poison, "WorkPoolCreated")
         assert info["stream_last_seq"] == broker.last_seq
+        assert info["replication"] is None  # one server: no copies to report
         by_name = {p["name"]: p for p in info["projections"]}
         assert by_name["work_pools"] == {"name": "work_pools", "checkpoint": poison - 1,
                                          "behind": broker.last_seq - poison + 1, "stalled": True,
