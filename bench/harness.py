@@ -61,12 +61,8 @@ def servers() -> Iterator[dict[str, str]]:
             if cluster_size > 1:
                 # RUNLEDGER_BENCH_CLUSTER=3: a cluster of three nodes on this machine, every
                 # stream with three replicas (the service is given RUNLEDGER_STREAM_REPLICAS).
-                configs = []
-                for i in range(cluster_size):
-                    (tmp / f"node{i}").mkdir()
-                    configs.append(broker_auth.write_local_config(tmp / f"node{i}", namespace, users, tmp / f"node{i}",
-                                                                  sync_always=sync_always))
-                cluster = EmbeddedNatsCluster(tmp, cluster_size, configs).start()
+                cluster = EmbeddedNatsCluster(tmp, cluster_size, namespace=namespace, credentials=users,
+                                              sync_always=sync_always).start()
                 stack.callback(cluster.stop)
                 os.environ["RUNLEDGER_STREAM_REPLICAS"] = str(min(cluster_size, 3))
                 nats_url = cluster.url

@@ -1,9 +1,11 @@
 """`runledger broker-config`: the nats-server configuration of runledger's broker roles for a
 namespace (what deploy/nats.conf holds for `runledger`), or fresh passwords for it as a
-`.env` file for docker compose."""
+`.env` file for docker compose. With `--server-name` and `--route`, one node's of a NATS
+cluster (docs/operations.md, "A NATS cluster")."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -18,6 +20,10 @@ def broker_config(
     namespace: str = typer.Option("runledger", help="The namespace whose subjects, stream and buckets the roles cover."),
     env_file: bool = typer.Option(False, "--env-file",
                                   help="Print fresh random passwords as a .env file (RUNLEDGER_<ROLE>_PASSWORD=...) instead."),
+    server_name: str | None = typer.Option(None, "--server-name", help="This node's name in a NATS cluster."),
+    route: list[str] = typer.Option([], "--route", help="Another node's route address (host:port), once per node; "
+                                    "the routes log in with RUNLEDGER_ROUTE_PASSWORD, which the file then holds."),
+    cluster_listen: str = typer.Option("0.0.0.0:6222", "--cluster-listen", help="Where this node listens for the others."),
 ) -> None:
     """Print a nats-server configuration with users service, client, analyst and task_worker,
     whose passwords nats-server reads from RUNLEDGER_<ROLE>_PASSWORD, and one user per task
@@ -26,5 +32,16 @@ def broker_config(
     from runledger.infra.settings import load_settings
 
     bound = load_settings(role="service").task_worker_keys
-    sys.stdout.write(broker_auth.dotenv(task_worker_keys=bound) if env_file
-                     else broker_auth.compose_config(namespace, bound))
+    if env_file:
+        sys.stdout.write(broker_auth.dotenv(task_worker_keys=bound))
+        return
+    cluster = None
+    if server_name is not None or route:
+        if server_name is None or not route:
+            raise typer.BadParameter("a cluster node needs both --server-name and at least one --route")
+        try:
+            cluster = broker_auth.ClusterNode(server_name, route, os.environ.get(broker_auth.ROUTE_PASSWORD_VAR, ""),
+                                              listen=cluster_listen)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+    sys.stdout.write(broker_auth.compose_config(namespace, bound, cluster))

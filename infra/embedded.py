@@ -6,6 +6,7 @@ direct children that die with the process that started them (Linux)."""
 from __future__ import annotations
 
 import contextlib
+import secrets
 import shutil
 import signal
 import socket
@@ -14,9 +15,12 @@ import sys
 import sysconfig
 import time
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from runledger.infra.broker_auth import ClusterNode, write_local_config
 from runledger.infra.embedded_postgres import EmbeddedPostgres, PostgresUnavailable
 from runledger.infra.lifetime import (
     DataDirInUse,
@@ -129,13 +133,19 @@ class EmbeddedNats:
 @dataclass
 class EmbeddedNatsCluster:
     """Nodes of one NATS cluster on this machine, routed to each other, for the tests and
-    benchmarks of replicated streams (`stream_replicas`). `config_files`: one per node (each
-    names its own store), or none (no authentication, each node's store under `base_dir`)."""
+    benchmarks of replicated streams (`stream_replicas`). With `credentials` (as
+    `broker_auth.local_credentials` makes them) and `namespace`, each node runs on the
+    configuration `runledger broker-config` writes for a cluster node: the roles' users and
+    permissions, and routes that log in with `route_password`. Without, nobody logs in."""
 
     base_dir: Path
     size: int = 3
-    config_files: list[Path] | None = None
+    namespace: str | None = None
+    credentials: Mapping[str, Mapping[str, Any]] | None = None
+    sync_always: bool = True
+    route_password: str = field(default_factory=lambda: secrets.token_hex(16))
     nodes: list[EmbeddedNats] = field(default_factory=list)
+    route_ports: list[int] = field(default_factory=list)  # where each node listens for the others
 
     @property
     def url(self) -> str:
@@ -143,13 +153,21 @@ class EmbeddedNatsCluster:
         return ",".join(node.url for node in self.nodes)
 
     def start(self, timeout: float = 30.0) -> EmbeddedNatsCluster:
-        route_ports = [free_port() for _ in range(self.size)]
+        self.route_ports = route_ports = [free_port() for _ in range(self.size)]
         routes = ",".join(f"nats://127.0.0.1:{port}" for port in route_ports)
         for i, route_port in enumerate(route_ports):
-            config = self.config_files[i] if self.config_files else None
-            node = EmbeddedNats(self.base_dir / f"node{i}", config_file=config, server_name=f"runledger-node{i}",
-                                extra_args=["--cluster_name", "runledger", "--cluster", f"nats://127.0.0.1:{route_port}",
-                                            "--routes", routes])
+            node_dir, name = self.base_dir / f"node{i}", f"runledger-node{i}"
+            if self.credentials is not None and self.namespace is not None:
+                node_dir.mkdir(parents=True, exist_ok=True)
+                others = [f"127.0.0.1:{port}" for j, port in enumerate(route_ports) if j != i]
+                cluster = ClusterNode(name, others, self.route_password, listen=f"127.0.0.1:{route_port}")
+                config: Path | None = write_local_config(node_dir, self.namespace, self.credentials, node_dir,
+                                                         sync_always=self.sync_always, cluster=cluster)
+                extra: list[str] = []
+            else:
+                config, extra = None, ["--cluster_name", "runledger", "--cluster", f"nats://127.0.0.1:{route_port}",
+                                       "--routes", routes]
+            node = EmbeddedNats(node_dir, config_file=config, server_name=name, extra_args=extra)
             self.nodes.append(node.start(timeout))
         deadline = time.monotonic() + timeout
         for node in self.nodes:  # JetStream answers once the nodes have chosen its leader

@@ -172,6 +172,9 @@ async def connect(settings: Settings, *, name: str = "runledger", check_version:
         options["tls"] = tls
 
     refused: asyncio.Future = asyncio.get_running_loop().create_future()
+    # A cluster's node that is down refuses connections while the others take them: with
+    # several servers only the bounded wait below gives up.
+    one_server = len(options["servers"]) == 1
     last_error: list[str] = []
 
     async def _on_error(e: Exception) -> None:  # nats-py logs by default; keep it quiet
@@ -187,9 +190,9 @@ async def connect(settings: Settings, *, name: str = "runledger", check_version:
         elif isinstance(e, ssl.SSLError):  # retrying cannot mend a certificate
             detail = getattr(e, "verify_message", None) or getattr(e, "reason", None) or type(e).__name__
             refused.set_result(f"the TLS handshake failed ({type(e).__name__}: {detail})")
-        elif not wait_for_server and isinstance(e, ConnectionRefusedError):
+        elif one_server and not wait_for_server and isinstance(e, ConnectionRefusedError):
             refused.set_result("nothing accepts connections there (ConnectionRefusedError)")
-        elif not wait_for_server and isinstance(e, OSError):
+        elif one_server and not wait_for_server and isinstance(e, OSError):
             refused.set_result(f"the connection failed ({type(e).__name__}; a TLS server that wants a client "
                                "certificate resets connections without one)")
 

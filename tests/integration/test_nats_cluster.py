@@ -3,7 +3,8 @@
 the node leading the event log dies (SIGKILL) the service goes on deciding commands once the
 other two have chosen a new leader, nothing acknowledged is lost, and the read model equals a
 rebuild of the log. Task runs flowing through task workers while the node leading their task
-stream dies each run to completion exactly once."""
+stream dies each run to completion exactly once. A cluster configured as `runledger
+broker-config` writes it lets its nodes in through authenticated routes, and nobody else."""
 
 from __future__ import annotations
 
@@ -11,17 +12,21 @@ import asyncio
 import collections
 import contextlib
 import json
+import urllib.request
 import uuid
 
+import pydantic
 import pytest
 from typer.testing import CliRunner
 
 from runledger.client import RunledgerClient
 from runledger.handlers.service import Service
 from runledger.handlers.task_worker import TaskWorker
+from runledger.infra import broker_auth
 from runledger.infra.database import create_engine, drop_schema
-from runledger.infra.embedded import EmbeddedNatsCluster
+from runledger.infra.embedded import EmbeddedNats, EmbeddedNatsCluster, free_port
 from runledger.infra.event_store import EventStore
+from runledger.infra.jetstream_setup import ensure_event_stream
 from runledger.infra.nats_connection import connect
 from runledger.infra.task_queues import task_stream_name
 
@@ -181,4 +186,43 @@ async def test_task_runs_run_once_each_when_their_task_streams_leader_dies(setti
         engine = create_engine(settings)
         await drop_schema(engine, settings.db_schema)
         await engine.dispose()
+        cluster.stop()
+
+
+def _route_names(node: EmbeddedNats) -> set[str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.monitor_port}/routez", timeout=5) as response:
+        return {route.get("remote_name") for route in json.load(response)["routes"]}
+
+
+async def test_a_cluster_from_broker_config_lets_in_its_nodes_and_nobody_else(settings, tmp_path):
+    creds = broker_auth.local_credentials(tmp_path)
+    cluster = EmbeddedNatsCluster(tmp_path / "cluster", size=3, namespace=settings.namespace, credentials=creds).start()
+    intruder = None
+    try:
+        # The nodes found each other through their authenticated routes (JetStream answers).
+        assert _route_names(cluster.nodes[0]) == {"runledger-node1", "runledger-node2"}
+        service = settings.model_copy(update={
+            "nats_url": cluster.url, "stream_replicas": 3, "nats_user": creds["service"]["user"],
+            "nats_password": pydantic.SecretStr(creds["service"]["password"]),
+            "inbox_prefix": broker_auth.inbox_prefix("service")})
+        nc = await connect(service)
+        try:
+            await ensure_event_stream(nc.jetstream(), service)
+            info = await nc.jetstream().stream_info(service.stream_name)
+            assert info.config.num_replicas == 3 and len(info.cluster.replicas) == 2
+        finally:
+            await nc.close()
+
+        # A server that knows the route port but not the password is refused.
+        route_port = cluster.route_ports[0]
+        intruder = EmbeddedNats(tmp_path / "intruder", server_name="intruder", extra_args=[
+            "--cluster_name", "runledger", "--cluster", f"nats://127.0.0.1:{free_port()}",
+            "--routes", f"nats://127.0.0.1:{route_port}"]).start()
+        await asyncio.sleep(3)
+        assert "intruder" not in _route_names(cluster.nodes[0])
+        log = (tmp_path / "cluster" / "node0" / "nats-server.log").read_text()
+        assert "authentication error" in log.lower() or "authorization violation" in log.lower(), log[-2000:]
+    finally:
+        if intruder is not None:
+            intruder.stop()
         cluster.stop()

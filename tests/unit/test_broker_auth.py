@@ -175,3 +175,50 @@ def test_a_task_worker_bound_to_keys_reaches_only_its_keys_consumers_and_heartbe
                                            "ns.taskrun.cancel.add.*", "ns.taskrun.cancel.sub.*"]
     with pytest.raises(ValueError, match="task_worker_adder"):
         broker_auth.nats_config("ns", {r: "p" for r in broker_auth.ROLES}, "/d", task_worker_keys={"adder": ["add"]})
+
+
+def test_a_cluster_nodes_config_is_valid_and_its_routes_log_in(tmp_path):
+    node = broker_auth.ClusterNode("n1", ["n2:6222", "nats://10.0.0.3:6222"], "p@ss/word")
+    text = broker_auth.compose_config(cluster=node)
+    assert 'server_name: "n1"' in text
+    # The node checks the password from its environment; the routes carry it (URL-quoted).
+    assert "password: $RUNLEDGER_ROUTE_PASSWORD" in text
+    assert '"nats://route:p%40ss%2Fword@n2:6222"' in text and '"nats://route:p%40ss%2Fword@10.0.0.3:6222"' in text
+    path = tmp_path / "node.conf"
+    path.write_text(text)
+    env = {**os.environ, **{broker_auth.env_var(r): broker_auth.new_password() for r in broker_auth.ROLES},
+           broker_auth.ROUTE_PASSWORD_VAR: "p@ss/word"}
+    done = subprocess.run([str(nats_server_binary()), "-c", str(path), "-t"], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "cluster {" not in broker_auth.compose_config()  # one server: no cluster block
+
+
+@pytest.mark.parametrize(("name", "routes", "password", "says"), [
+    ("n 1", ["n2:6222"], "pw", "server name"),
+    ("n1", ["n2"], "pw", "route address"),
+    ("n1", ["n2:6222/x"], "pw", "route address"),
+    ("n1", ["n2:6222"], "", "RUNLEDGER_ROUTE_PASSWORD"),
+])
+def test_a_cluster_node_refuses_what_would_make_a_broken_config(name, routes, password, says):
+    with pytest.raises(ValueError, match=says):
+        broker_auth.ClusterNode(name, routes, password)
+
+
+def test_broker_config_writes_a_cluster_node_only_with_a_route_password(monkeypatch):
+    from typer.testing import CliRunner
+
+    from runledger.cli.main import _register, app
+
+    _register()
+    monkeypatch.delenv(broker_auth.ROUTE_PASSWORD_VAR, raising=False)
+    cli = CliRunner()
+    refused = cli.invoke(app, ["broker-config", "--server-name", "n1", "--route", "n2:6222"])
+    assert refused.exit_code == 2 and "RUNLEDGER_ROUTE_PASSWORD" in refused.output
+    half = cli.invoke(app, ["broker-config", "--server-name", "n1"])
+    assert half.exit_code == 2 and "--route" in half.output
+    monkeypatch.setenv(broker_auth.ROUTE_PASSWORD_VAR, "s3cret")
+    done = cli.invoke(app, ["broker-config", "--server-name", "n1", "--route", "n2:6222", "--route", "n3:6222"])
+    assert done.exit_code == 0, done.output
+    assert '"nats://route:s3cret@n2:6222"' in done.stdout and '"nats://route:s3cret@n3:6222"' in done.stdout
+    assert broker_auth.ROUTE_PASSWORD_VAR in cli.invoke(app, ["broker-config", "--env-file"]).stdout
