@@ -135,8 +135,9 @@ class EmbeddedNatsCluster:
     """Nodes of one NATS cluster on this machine, routed to each other, for the tests and
     benchmarks of replicated streams (`stream_replicas`). With `credentials` (as
     `broker_auth.local_credentials` makes them) and `namespace`, each node runs on the
-    configuration `runledger broker-config` writes for a cluster node: the roles' users and
-    permissions, and routes that log in with `route_password`. Without, nobody logs in."""
+    configuration `runledger up` writes (the roles' users and permissions) with the cluster
+    block `runledger broker-config` writes for a node (routes that log in with
+    `route_password`). Without them, nobody logs in, not even between the nodes."""
 
     base_dir: Path
     size: int = 3
