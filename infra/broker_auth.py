@@ -344,6 +344,9 @@ class ClusterNode:
     route_password: str
     listen: str = "0.0.0.0:6222"
     cluster_name: str = "runledger"
+    # The routes' TLS, each node proving itself to the others (cert, key, CA): the routes carry
+    # every account's messages, so across machines they go encrypted.
+    tls: RouteTLS | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", self.server_name):
@@ -359,8 +362,21 @@ class ClusterNode:
         the file); the routes carry `route_password` itself (a URL cannot name a variable)."""
         secret = quote(self.route_password, safe="")
         urls = [f"nats://{ROUTE_USER}:{secret}@{route.split('://')[-1]}" for route in self.routes]
-        return {"name": self.cluster_name, "listen": self.listen,
-                "authorization": {"user": ROUTE_USER, "password": password}, "routes": urls}
+        block: dict[str, Any] = {"name": self.cluster_name, "listen": self.listen}
+        if self.tls is not None:
+            block["tls"] = {"cert_file": str(self.tls.cert_file), "key_file": str(self.tls.key_file),
+                            "ca_file": str(self.tls.ca_file), "verify": True}
+        return {**block, "authorization": {"user": ROUTE_USER, "password": password}, "routes": urls}
+
+
+@dataclass(frozen=True)
+class RouteTLS:
+    """A cluster node's certificate and key for its routes, and the CA it trusts the other
+    nodes' certificates from (each node verifies the other's)."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str
 
 
 def _block(d: Mapping, indent: int) -> list[str]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runledger.infra.broker_auth import ClusterNode, write_local_config
+from runledger.infra.broker_auth import ClusterNode, RouteTLS, write_local_config
 from runledger.infra.embedded_postgres import EmbeddedPostgres, PostgresUnavailable
 from runledger.infra.lifetime import (
     DataDirInUse,
@@ -145,6 +145,7 @@ class EmbeddedNatsCluster:
     credentials: Mapping[str, Mapping[str, Any]] | None = None
     sync_always: bool = True
     route_password: str = field(default_factory=lambda: secrets.token_hex(16))
+    route_tls: RouteTLS | None = None  # with credentials: the routes' TLS
     nodes: list[EmbeddedNats] = field(default_factory=list)
     route_ports: list[int] = field(default_factory=list)  # where each node listens for the others
 
@@ -161,7 +162,8 @@ class EmbeddedNatsCluster:
             if self.credentials is not None and self.namespace is not None:
                 node_dir.mkdir(parents=True, exist_ok=True)
                 others = [f"127.0.0.1:{port}" for j, port in enumerate(route_ports) if j != i]
-                cluster = ClusterNode(name, others, self.route_password, listen=f"127.0.0.1:{route_port}")
+                cluster = ClusterNode(name, others, self.route_password, listen=f"127.0.0.1:{route_port}",
+                                      tls=self.route_tls)
                 config: Path | None = write_local_config(node_dir, self.namespace, self.credentials, node_dir,
                                                          sync_always=self.sync_always, cluster=cluster)
                 extra: list[str] = []

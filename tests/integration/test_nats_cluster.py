@@ -194,9 +194,24 @@ def _route_names(node: EmbeddedNats) -> set[str]:
         return {route.get("remote_name") for route in json.load(response)["routes"]}
 
 
-async def test_a_cluster_from_broker_config_lets_in_its_nodes_and_nobody_else(settings, tmp_path):
+def _route_tls(tmp_path) -> broker_auth.RouteTLS:
+    """A throw-away CA and one certificate for 127.0.0.1 that every node presents (trustme)."""
+    import trustme
+
+    ca = trustme.CA()
+    node = ca.issue_cert("127.0.0.1", "localhost")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    node.cert_chain_pems[0].write_to_path(str(tmp_path / "node.pem"))
+    node.private_key_pem.write_to_path(str(tmp_path / "node.key"))
+    return broker_auth.RouteTLS(str(tmp_path / "node.pem"), str(tmp_path / "node.key"), str(tmp_path / "ca.pem"))
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["password", "password-and-tls"])
+async def test_a_cluster_from_broker_config_lets_in_its_nodes_and_nobody_else(settings, tmp_path, tls):
     creds = broker_auth.local_credentials(tmp_path)
-    cluster = EmbeddedNatsCluster(tmp_path / "cluster", size=3, namespace=settings.namespace, credentials=creds).start()
+    cluster = EmbeddedNatsCluster(tmp_path / "cluster", size=3, namespace=settings.namespace, credentials=creds,
+                                  route_tls=_route_tls(tmp_path) if tls else None)
+    cluster.start()
     intruder = None
     try:
         # The nodes found each other through their authenticated routes (JetStream answers).
@@ -213,15 +228,18 @@ async def test_a_cluster_from_broker_config_lets_in_its_nodes_and_nobody_else(se
         finally:
             await nc.close()
 
-        # A server that knows the route port but not the password is refused.
+        # A server that knows the route port but not the password is refused; with TLS, one
+        # that knows the password but has no certificate too.
         route_port = cluster.route_ports[0]
+        password = f"route:{cluster.route_password}@" if tls else ""
         intruder = EmbeddedNats(tmp_path / "intruder", server_name="intruder", extra_args=[
             "--cluster_name", "runledger", "--cluster", f"nats://127.0.0.1:{free_port()}",
-            "--routes", f"nats://127.0.0.1:{route_port}"]).start()
+            "--routes", f"nats://{password}127.0.0.1:{route_port}"]).start()
         await asyncio.sleep(3)
         assert "intruder" not in _route_names(cluster.nodes[0])
-        log = (tmp_path / "cluster" / "node0" / "nats-server.log").read_text()
-        assert "authentication error" in log.lower() or "authorization violation" in log.lower(), log[-2000:]
+        log = (tmp_path / "cluster" / "node0" / "nats-server.log").read_text().lower()
+        said = ("tls handshake failure", "tls route handshake error") if tls else ("authentication error",)
+        assert any(s in log for s in said), log[-2000:]
     finally:
         if intruder is not None:
             intruder.stop()

@@ -222,3 +222,18 @@ def test_broker_config_writes_a_cluster_node_only_with_a_route_password(monkeypa
     assert done.exit_code == 0, done.output
     assert '"nats://route:s3cret@n2:6222"' in done.stdout and '"nats://route:s3cret@n3:6222"' in done.stdout
     assert broker_auth.ROUTE_PASSWORD_VAR in cli.invoke(app, ["broker-config", "--env-file"]).stdout
+
+
+def test_a_cluster_nodes_routes_can_have_tls_and_the_cli_wants_all_three_files(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from runledger.cli.main import _register, app
+
+    tls = broker_auth.RouteTLS("node.pem", "node.key", "ca.pem")
+    text = broker_auth.compose_config(cluster=broker_auth.ClusterNode("n1", ["n2:6222"], "pw", tls=tls))
+    assert 'cert_file: "node.pem"' in text and 'ca_file: "ca.pem"' in text and "verify: true" in text
+    _register()
+    monkeypatch.setenv(broker_auth.ROUTE_PASSWORD_VAR, "s3cret")
+    half = CliRunner().invoke(app, ["broker-config", "--server-name", "n1", "--route", "n2:6222",
+                                    "--route-tls-cert", "node.pem"])
+    assert half.exit_code == 2 and "route TLS needs all of" in half.output
