@@ -211,6 +211,7 @@ async def test_the_readme_python_snippet_runs_as_pasted(service, settings):
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
     async with RunledgerClient(settings) as rl:
+        await rl.catch_up()  # another process wrote it: wait until the read model holds it
         queue = await rl.read_work_queue("etl", "urgent")
     assert queue.priority == 1
     assert out.decode() == "etl urgent 1\n"
@@ -235,6 +236,7 @@ async def test_the_readme_tour_runs(service, settings):
         result = await _cli(env, *args)
         assert result.exit_code == 0, (args, result.output)
     async with RunledgerClient(settings) as rl:
+        await rl.catch_up()  # the tour's clients wrote it: wait until the read model holds it
         queues = {q.name: q for q in await rl.list_work_queues("my-pool")}
         pool = await rl.read_work_pool("my-pool")
     assert {n: q.priority for n, q in queues.items()} == {"low": 1, "high": 2, "default": 3}
