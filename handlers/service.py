@@ -169,9 +169,8 @@ class Service:
                                                   self.commands, self.nc, s)
         deadline = request_deadline(s)
         self.polls = PollRecorder(CommandSender(self.nc, s, timeout=s.request_timeout))
-        specs = {**registry.QUERIES, **health_queries([p.name for p in projections], self.store.last_sequence,
-                                                   holder_lookup(self.nc.jetstream(timeout=s.request_timeout), s),
-                                                   self.store.replication),
+        specs = {**registry.QUERIES, **health_queries([p.name for p in projections], self.store.log_status,
+                                                   holder_lookup(self.nc.jetstream(timeout=s.request_timeout), s)),
                  **poll_queries(self.polls), **event_queries(self.store),
                  **task_worker_queries(self.nc.jetstream(timeout=s.request_timeout), s)}
         self.queries = QueryBus(self.engine, specs, self.watch, wait_timeout=s.query_wait_timeout,

@@ -600,13 +600,14 @@ class EventStore:
         info = await self.js.stream_info(self.stream)
         return info.state.last_seq
 
-    async def replication(self) -> dict[str, Any] | None:
-        """How the event log is copied on a NATS cluster: its replicas, the node leading it,
-        and each other copy (current, offline, how many operations behind); None for a
-        stream of one replica."""
+    async def log_status(self) -> tuple[int, dict[str, Any] | None]:
+        """The log's last sequence, and how it is copied on a NATS cluster (None for a
+        stream of one replica): its replicas, the node leading it, and each other copy
+        (current, offline, how many operations behind). One stream info for both."""
         info = await self.js.stream_info(self.stream)
         if (info.config.num_replicas or 1) <= 1 or info.cluster is None:
-            return None
-        return {"replicas": info.config.num_replicas, "leader": info.cluster.leader,
-                "peers": [{"name": peer.name, "current": bool(peer.current), "offline": bool(peer.offline),
-                           "lag": peer.lag or 0} for peer in info.cluster.replicas or []]}
+            return info.state.last_seq, None
+        return info.state.last_seq, {
+            "replicas": info.config.num_replicas, "leader": info.cluster.leader,
+            "peers": [{"name": peer.name, "current": bool(peer.current), "offline": bool(peer.offline),
+                       "lag": peer.lag or 0} for peer in info.cluster.replicas or []]}

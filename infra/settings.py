@@ -113,6 +113,13 @@ class Settings(BaseSettings):
     # own (infra/event_loop.py).
     event_loop: EventLoop = "uvloop"
 
+    @field_validator("nats_url")
+    @classmethod
+    def _some_server(cls, v: str) -> str:
+        if not any(url.strip() for url in v.split(",")):
+            raise ValueError("names no NATS server (one URL, or several comma-separated)")
+        return v
+
     @field_validator("database_url", mode="before")
     @classmethod
     def _asyncpg_scheme(cls, v: Any) -> Any:

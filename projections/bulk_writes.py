@@ -6,10 +6,19 @@ from collections.abc import Mapping, Sequence
 from functools import cache
 from typing import Any
 
+from pydantic import BaseModel
 from pydantic_core import to_json
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runledger.infra.database import asyncpg_connection
+
+
+def model_defaults(model: type[BaseModel]) -> dict[str, Any]:
+    """Each optional field's default as JSON, as the model fills it in: what a row written
+    from an event stored before the field existed gets for it."""
+    defaults = {name: field.get_default(call_default_factory=True) for name, field in model.model_fields.items()
+                if not field.is_required()}
+    return model.model_construct(**defaults).model_dump(mode="json", include=set(defaults))
 
 
 def json_param(rows: Any) -> str:

@@ -19,6 +19,7 @@ from .bulk_writes import (
     StoredEvent,
     Write,
     json_param,
+    model_defaults,
     run_writes,
     runs_with_states_envelope_writes,
     runs_with_states_writes,
@@ -28,9 +29,7 @@ from .run_history import run_history
 from .tables import flow_run_states, flow_runs, work_pools, work_queues
 
 # A run written before a field existed lacks its key: its default, as the model would fill it.
-_RUN_DEFAULTS = {name: field.get_default(call_default_factory=True) for name, field in fr.FlowRun.model_fields.items()
-                 if not field.is_required()}
-_RUN_DEFAULTS = fr.FlowRun.model_construct(**_RUN_DEFAULTS).model_dump(mode="json", include=set(_RUN_DEFAULTS))
+_RUN_DEFAULTS = model_defaults(fr.FlowRun)
 _RUN_EVENTS = frozenset({"FlowRunCreated", "FlowRunStateSet", "FlowRunUpdated", "FlowRunWaiting",
                          "FlowRunDeploymentLeaseExpired"})
 _RUN_DEFAULTS_JSON = json_param(_RUN_DEFAULTS)

@@ -28,14 +28,17 @@ def _iso(v):
     return v.isoformat() if v is not None else None
 
 
+# The log's last sequence and its copies (EventStore.log_status).
+LogStatus = Callable[[], Awaitable[tuple[int, dict[str, Any] | None]]]
+
+
 async def service_health(conn: AsyncConnection, query: GetServiceHealth, *, projections: Sequence[str],
-                         last_sequence: Callable[[], Awaitable[int]] | None = None,
-                         lease_holder: Callable[[str], Awaitable[str | None]] | None = None,
-                         replication: Callable[[], Awaitable[dict[str, Any] | None]] | None = None) -> dict[str, Any]:
+                         log_status: LogStatus | None = None,
+                         lease_holder: Callable[[str], Awaitable[str | None]] | None = None) -> dict[str, Any]:
     rows = await conn.execute(select(projection_checkpoints.c.name, projection_checkpoints.c.last_seq))
     checkpoints = {r.name: r.last_seq for r in rows}
     failures = {f["projection"]: f for f in await read_failures(conn)}
-    last = await last_sequence() if last_sequence is not None else None
+    last, copies = await log_status() if log_status is not None else (None, None)
     stalled = [
         {"projection": f["projection"], "seq": f["seq"], "subject": f["subject"], "event_type": f["event_type"],
          "error": f["error"], "attempts": f["attempts"], "first_seen": _iso(f["first_seen"]),
@@ -51,14 +54,11 @@ async def service_health(conn: AsyncConnection, query: GetServiceHealth, *, proj
         if lease_holder is not None:  # the process applying it (host:pid:tag), None: nobody
             entry["lease_holder"] = await lease_holder(f"projection.{name}")
         out.append(entry)
-    copies = await replication() if replication is not None else None
     return {"stream_last_seq": last, "projections": out, "stalled": stalled, "replication": copies}
 
 
-def health_queries(projections: Sequence[str], last_sequence: Callable[[], Awaitable[int]] | None = None,
-                   lease_holder: Callable[[str], Awaitable[str | None]] | None = None,
-                   replication: Callable[[], Awaitable[dict[str, Any] | None]] | None = None) -> dict:
+def health_queries(projections: Sequence[str], log_status: LogStatus | None = None,
+                   lease_holder: Callable[[str], Awaitable[str | None]] | None = None) -> dict:
     """The query registry entry (name -> (model, function)) for a service."""
-    fn = partial(service_health, projections=list(projections), last_sequence=last_sequence, lease_holder=lease_holder,
-                 replication=replication)
+    fn = partial(service_health, projections=list(projections), log_status=log_status, lease_holder=lease_holder)
     return {"GetServiceHealth": (GetServiceHealth, fn)}

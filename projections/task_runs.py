@@ -20,6 +20,7 @@ from .bulk_writes import (
     StoredEvent,
     Write,
     json_param,
+    model_defaults,
     run_writes,
     runs_with_states_envelope_writes,
     runs_with_states_writes,
@@ -29,9 +30,7 @@ from .run_history import run_history
 from .tables import task_run_states, task_runs
 
 # A run written before a field existed lacks its key: its default, as the model would fill it.
-_RUN_DEFAULTS = {name: field.get_default(call_default_factory=True) for name, field in tr.TaskRun.model_fields.items()
-                 if not field.is_required()}
-_RUN_DEFAULTS = tr.TaskRun.model_construct(**_RUN_DEFAULTS).model_dump(mode="json", include=set(_RUN_DEFAULTS))
+_RUN_DEFAULTS = model_defaults(tr.TaskRun)
 _RUN_EVENTS = frozenset({tr.TaskRunCreated.event_type, tr.TaskRunStateSet.event_type, tr.TaskRunUpdated.event_type})
 # The events that write a state (an update carries the run's current one again).
 _STATE_EVENTS = frozenset({tr.TaskRunCreated.event_type, tr.TaskRunStateSet.event_type})

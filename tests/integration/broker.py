@@ -62,6 +62,18 @@ class Broker:
             seq = msg.seq + 1
 
 
+async def drop_service_schema(settings) -> None:
+    """Drops the read models' schema a test's own service made (the `service` fixture's
+    clean-up, for tests that start services themselves)."""
+    from runledger.infra.database import create_engine, drop_schema
+
+    engine = create_engine(settings)
+    try:
+        await drop_schema(engine, settings.db_schema)
+    finally:
+        await engine.dispose()
+
+
 def cli_env(settings) -> dict[str, str]:
     """The environment that points an in-process `runledger` CLI run at the test's servers."""
     return {

@@ -10,11 +10,10 @@ import contextlib
 import pytest
 
 from runledger.handlers.service import Service
-from runledger.infra.database import create_engine, drop_schema
 from runledger.infra.embedded import RestartableNats
 from runledger.infra.nats_connection import connect
 
-from .broker import Broker, assert_live_equals_rebuild
+from .broker import Broker, assert_live_equals_rebuild, drop_service_schema
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.alone]
 
@@ -72,7 +71,5 @@ async def test_the_service_survives_a_broker_crash_and_loses_nothing(settings, t
             with contextlib.suppress(Exception):
                 await nc.close()
         await service.stop()
-        engine = create_engine(settings)
-        await drop_schema(engine, settings.db_schema)
-        await engine.dispose()
+        await drop_service_schema(settings)
         nats.kill()

@@ -19,11 +19,11 @@ from runledger.client import RunledgerClient
 from runledger.client.tasks import submit_task, task_result, wait_for_task_run
 from runledger.handlers.faststream_tasks import RunledgerTasks
 from runledger.handlers.service import Service
-from runledger.infra.database import create_engine, drop_schema
 from runledger.infra.embedded import RestartableNats
 from runledger.infra.event_store import EventStore
 
-from .test_task_faults import _submit_until_ok, _wait_all_finished
+from .broker import drop_service_schema
+from .task_flow import submit_until_ok, wait_all_finished
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -92,7 +92,7 @@ async def test_faststream_apps_lose_nothing_and_run_nothing_twice_through_a_brok
 
         async def submitter() -> None:
             for i in range(1000):
-                ids.append(await _submit_until_ok(client, i))
+                ids.append(await submit_until_ok(client, i))
 
         submitting = asyncio.create_task(submitter())
         await asyncio.sleep(1.5)
@@ -100,7 +100,7 @@ async def test_faststream_apps_lose_nothing_and_run_nothing_twice_through_a_brok
         await asyncio.sleep(1.0)
         nats.start()
         await asyncio.wait_for(submitting, 120)
-        await _wait_all_finished(client, ids, 120)
+        await wait_all_finished(client, ids, 120)
         assert sorted(seen) == list(range(1000))
         assert not {i: n for i, n in seen.items() if n != 1}
         store = EventStore(client._nc, settings)
@@ -114,9 +114,7 @@ async def test_faststream_apps_lose_nothing_and_run_nothing_twice_through_a_brok
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(app.stop(), 30)
         await service.stop()
-        engine = create_engine(settings)
-        await drop_schema(engine, settings.db_schema)
-        await engine.dispose()
+        await drop_service_schema(settings)
         nats.kill()
 
 

@@ -21,17 +21,14 @@ from typer.testing import CliRunner
 
 from runledger.client import RunledgerClient
 from runledger.handlers.service import Service
-from runledger.handlers.task_worker import TaskWorker
 from runledger.infra import broker_auth
-from runledger.infra.database import create_engine, drop_schema
 from runledger.infra.embedded import EmbeddedNats, EmbeddedNatsCluster, free_port
-from runledger.infra.event_store import EventStore
 from runledger.infra.jetstream_setup import ensure_event_stream
 from runledger.infra.nats_connection import connect
 from runledger.infra.task_queues import task_stream_name
 
-from .broker import Broker, assert_live_equals_rebuild, cli_env
-from .test_task_faults import _submit_until_ok, _wait_all_finished
+from .broker import Broker, assert_live_equals_rebuild, cli_env, drop_service_schema
+from .task_flow import assert_each_ran_once, submit_flow, task_workers, wait_all_finished
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.alone]
 
@@ -51,6 +48,14 @@ async def _until_ok(broker: Broker, name: str, /, seconds: float = 60, **body) -
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"{name} did not succeed within {seconds} s of a node's death")
         await asyncio.sleep(0.2)
+
+
+def _kill(cluster: EmbeddedNatsCluster, server_name: str) -> None:
+    """SIGKILL the node of that name, and wait until it is gone."""
+    doomed = next(node for node in cluster.nodes if node.server_name == server_name)
+    assert doomed.process is not None
+    doomed.process.kill()
+    doomed.process.wait()
 
 
 async def test_a_three_node_cluster_loses_nothing_when_the_log_leader_dies(settings, tmp_path):
@@ -75,10 +80,7 @@ async def test_a_three_node_cluster_loses_nothing_when_the_log_leader_dies(setti
 
         leader = (await js.stream_info(settings.stream_name)).cluster.leader
         events_before = await broker.stream_messages()
-        doomed = next(node for node in cluster.nodes if node.server_name == leader)
-        assert doomed.process is not None
-        doomed.process.kill()
-        doomed.process.wait()
+        _kill(cluster, leader)
 
         await _until_ok(broker, "CreateWorkQueue", work_pool_name="replicated", name="after-0",
                         idempotency_key="after-0")
@@ -116,11 +118,8 @@ async def test_a_three_node_cluster_loses_nothing_when_the_log_leader_dies(setti
             with contextlib.suppress(Exception):
                 await nc.close()
         await service.stop()
-        engine = create_engine(settings)
-        await drop_schema(engine, settings.db_schema)
-        await engine.dispose()
+        await drop_service_schema(settings)
         cluster.stop()
-
 
 
 async def test_task_runs_run_once_each_when_their_task_streams_leader_dies(settings, tmp_path):
@@ -135,57 +134,28 @@ async def test_task_runs_run_once_each_when_their_task_streams_leader_dies(setti
         await asyncio.sleep(0.01)
         return i
 
-    connections, workers, stop = [], [], asyncio.Event()
     client = None
     try:
         await service.start()
-        for n in range(3):
-            nc = await connect(settings, name=f"worker-{n}")
-            connections.append(nc)
-            worker = TaskWorker(nc, settings, {"work": work}, limit=8, worker_id=f"w{n}")
-            await worker.start()
-            workers.append(asyncio.create_task(worker.serve(stop)))
-        client = await RunledgerClient(settings).connect()
-        ids: list[uuid.UUID] = []
+        async with task_workers(settings, {"work": work}, 3):
+            client = await RunledgerClient(settings).connect()
+            ids: list[uuid.UUID] = []
+            submitting = asyncio.create_task(submit_flow(client, tasks, ids))
+            while len(ids) < tasks // 4:
+                await asyncio.sleep(0.05)
+            js = client._nc.jetstream()
+            _kill(cluster, (await js.stream_info(task_stream_name(settings, "scheduled"))).cluster.leader)
 
-        async def submitter() -> None:
-            for i in range(tasks):
-                ids.append(await _submit_until_ok(client, i))
-                if i % 50 == 0:
-                    await asyncio.sleep(0.05)  # a flow, not one burst
-
-        submitting = asyncio.create_task(submitter())
-        while len(ids) < tasks // 4:
-            await asyncio.sleep(0.05)
-        js = client._nc.jetstream()
-        leader = (await js.stream_info(task_stream_name(settings, "scheduled"))).cluster.leader
-        doomed = next(node for node in cluster.nodes if node.server_name == leader)
-        assert doomed.process is not None
-        doomed.process.kill()
-        doomed.process.wait()
-
-        await asyncio.wait_for(submitting, 120)
-        assert len(ids) == tasks
-        await _wait_all_finished(client, ids, 120)
-        assert sorted(seen) == list(range(tasks))
-        assert not {i: n for i, n in seen.items() if n != 1}, "a task ran more than once"
-        store = EventStore(client._nc, settings)
-        for run_id in ids:
-            events = await store.read_aggregate("task_run", str(run_id))
-            types = [e.envelope.payload["run"]["state"]["type"] for e in events if "run" in e.envelope.payload]
-            assert types.count("RUNNING") == 1 and types.count("COMPLETED") == 1, (run_id, types)
+            await asyncio.wait_for(submitting, 120)
+            assert len(ids) == tasks
+            await wait_all_finished(client, ids, 120)
+            await assert_each_ran_once(client, settings, ids, seen)
     finally:
-        stop.set()
-        for task in workers:
+        if client is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 30)
-        for nc in [*connections, *([client._nc] if client is not None else [])]:
-            with contextlib.suppress(Exception):
-                await nc.close()
+                await client.close()
         await service.stop()
-        engine = create_engine(settings)
-        await drop_schema(engine, settings.db_schema)
-        await engine.dispose()
+        await drop_service_schema(settings)
         cluster.stop()
 
 

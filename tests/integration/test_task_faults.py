@@ -22,40 +22,16 @@ import pytest
 from runledger.client import RunledgerClient
 from runledger.client.tasks import submit_task, wait_for_task_run
 from runledger.handlers.service import Service
-from runledger.handlers.task_worker import TaskWorker
-from runledger.infra.database import create_engine, drop_schema
 from runledger.infra.embedded import RestartableNats
 from runledger.infra.event_store import EventStore
-from runledger.infra.nats_connection import connect
+
+from .broker import drop_service_schema
+from .task_flow import assert_each_ran_once, submit_flow, task_workers, wait_all_finished
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.alone]
 
 TASKS = 5000
 WORKERS = 4
-
-
-async def _submit_until_ok(client: RunledgerClient, i: int) -> uuid.UUID:
-    """Submits run i, again and again while the service or the broker is away: the dynamic key
-    makes a repeat return the run made the first time."""
-    while True:
-        try:
-            run = await submit_task(client, "work", {"i": i}, dynamic_key=f"run-{i}")
-            return run.id
-        except Exception:
-            await asyncio.sleep(0.2)
-
-
-async def _wait_all_finished(client: RunledgerClient, ids: list[uuid.UUID], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    pending = set(ids)
-    while pending and time.monotonic() < deadline:
-        for run_id in list(pending)[:200]:
-            with contextlib.suppress(Exception):
-                run = await wait_for_task_run(client, run_id, timeout=0.05)
-                if run.state_type == "COMPLETED":
-                    pending.discard(run_id)
-        await asyncio.sleep(0.1)
-    assert not pending, f"{len(pending)} task runs did not complete"
 
 
 async def test_service_restart_and_broker_kill_lose_nothing_and_run_nothing_twice(settings, tmp_path):
@@ -71,63 +47,29 @@ async def test_service_restart_and_broker_kill_lose_nothing_and_run_nothing_twic
         await asyncio.sleep(0.02)
         return i
 
-    connections = []
-    workers = []
-    stop = asyncio.Event()
     try:
         await service.start()
-        for n in range(WORKERS):
-            nc = await connect(settings, name=f"worker-{n}")
-            connections.append(nc)
-            w = TaskWorker(nc, settings, {"work": work}, limit=8, worker_id=f"w{n}")
-            await w.start()
-            workers.append(asyncio.create_task(w.serve(stop)))
-        client = await RunledgerClient(settings).connect()
-        ids: list[uuid.UUID] = []
-
-        async def submitter() -> None:
-            for i in range(TASKS):
-                ids.append(await _submit_until_ok(client, i))
-                if i % 50 == 0:
-                    await asyncio.sleep(0.05)  # a flow, not one burst
-
-        submitting = asyncio.create_task(submitter())
-        await asyncio.sleep(1.0)
-        await service.stop()  # the service restarts
-        await asyncio.sleep(0.5)
-        service = Service(settings, roles=roles)
-        await service.start()
-        await asyncio.sleep(1.0)
-        nats.kill()  # the broker is killed (-9) and comes back on its store
-        await asyncio.sleep(1.0)
-        nats.start()
-        await asyncio.wait_for(submitting, 120)
-        assert len(ids) == TASKS
-        await _wait_all_finished(client, ids, 120)
-
-        # What the functions saw: each run once.
-        assert sorted(seen) == list(range(TASKS))
-        twice = {i: n for i, n in seen.items() if n != 1}
-        assert not twice, f"ran more than once: {twice}"
-        # What the log says: each run started once and completed once.
-        store = EventStore(client._nc, settings)
-        for run_id in ids:
-            events = await store.read_aggregate("task_run", str(run_id))
-            types = [e.envelope.payload["run"]["state"]["type"] for e in events if "run" in e.envelope.payload]
-            assert types.count("RUNNING") == 1 and types.count("COMPLETED") == 1, (run_id, types)
-        await client.close()
+        async with task_workers(settings, {"work": work}, WORKERS):
+            client = await RunledgerClient(settings).connect()
+            ids: list[uuid.UUID] = []
+            submitting = asyncio.create_task(submit_flow(client, TASKS, ids))
+            await asyncio.sleep(1.0)
+            await service.stop()  # the service restarts
+            await asyncio.sleep(0.5)
+            service = Service(settings, roles=roles)
+            await service.start()
+            await asyncio.sleep(1.0)
+            nats.kill()  # the broker is killed (-9) and comes back on its store
+            await asyncio.sleep(1.0)
+            nats.start()
+            await asyncio.wait_for(submitting, 120)
+            assert len(ids) == TASKS
+            await wait_all_finished(client, ids, 120)
+            await assert_each_ran_once(client, settings, ids, seen)
+            await client.close()
     finally:
-        stop.set()
-        for task in workers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 30)
-        for nc in connections:
-            with contextlib.suppress(Exception):
-                await nc.close()
         await service.stop()
-        engine = create_engine(settings)
-        await drop_schema(engine, settings.db_schema)
-        await engine.dispose()
+        await drop_service_schema(settings)
         nats.kill()
 
 
@@ -206,15 +148,7 @@ async def test_eight_workers_over_five_keys_run_each_task_once_and_retries_once_
             return label
         return work
 
-    connections, serving, stop = [], [], asyncio.Event()
-    try:
-        for n in range(8):
-            nc = await connect(settings, name=f"w{n}")
-            connections.append(nc)
-            order = keys[n % 5:] + keys[:n % 5]
-            worker = TaskWorker(nc, settings, {k: for_key(k) for k in keys}, keys=order, limit=8, worker_id=f"w{n}")
-            await worker.start()
-            serving.append(asyncio.create_task(worker.serve(stop)))
+    async with task_workers(settings, {k: for_key(k) for k in keys}, 8, keys_of=lambda n: keys[n % 5:] + keys[:n % 5]):
         async with RunledgerClient(settings) as client:
             ids: dict[uuid.UUID, tuple[str, bool]] = {}
 
@@ -226,7 +160,7 @@ async def test_eight_workers_over_five_keys_run_each_task_once_and_retries_once_
                     ids[run.id] = (label, fail_first)
 
             await asyncio.gather(*(submitter(c) for c in range(8)))
-            await _wait_all_finished(client, list(ids), 180)
+            await wait_all_finished(client, list(ids), 180)
             for label, fail_first in ids.values():
                 assert calls[label] == (2 if fail_first else 1), (label, calls[label])
             store = EventStore(client._nc, settings)
@@ -234,11 +168,3 @@ async def test_eight_workers_over_five_keys_run_each_task_once_and_retries_once_
                 events = await store.read_aggregate("task_run", str(run_id))
                 types = [e.envelope.payload["run"]["state"]["type"] for e in events if "run" in e.envelope.payload]
                 assert types.count("RUNNING") == (2 if fail_first else 1) and types[-1] == "COMPLETED", types
-    finally:
-        stop.set()
-        for task in serving:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 30)
-        for nc in connections:
-            with contextlib.suppress(Exception):
-                await nc.close()

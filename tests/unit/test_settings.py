@@ -37,3 +37,9 @@ def test_every_stream_and_bucket_gets_the_replicas_asked_for():
 def test_replicas_outside_one_to_five_are_refused(replicas):
     with pytest.raises(pydantic.ValidationError, match="stream_replicas"):
         Settings(stream_replicas=replicas)
+
+
+@pytest.mark.parametrize("url", ["", " , ,"])
+def test_a_nats_url_naming_no_server_is_refused(url):
+    with pytest.raises(pydantic.ValidationError, match="names no NATS server"):
+        Settings(nats_url=url)
