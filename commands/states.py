@@ -50,6 +50,7 @@ def _json_value(value: Any) -> Any:
 
 # Text inside state details: stored in Postgres `jsonb`, so storable (no NUL), and bounded.
 Key = Annotated[StoredText, StringConstraints(max_length=2_000)]
+MAX_STORED_CACHE_KEY_LENGTH = 10_000
 
 
 class StateDetails(BaseModel):
@@ -61,7 +62,9 @@ class StateDetails(BaseModel):
     task_run_id: uuid.UUID | None = None
     child_flow_run_id: uuid.UUID | None = None
     scheduled_time: UtcDatetime | None = None
-    cache_key: Annotated[StoredText, StringConstraints(max_length=2_000)] | None = None
+    # Beyond Prefect's cache limit (2000, a REJECT by the task rules, OR-14), a bound that only
+    # keeps a state small enough to travel and be stored.
+    cache_key: Annotated[StoredText, StringConstraints(max_length=MAX_STORED_CACHE_KEY_LENGTH)] | None = None
     cache_expiration: UtcDatetime | None = None
     deferred: bool | None = False
     untrackable_result: bool = False

@@ -17,6 +17,7 @@ state still gives them back.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -32,6 +33,7 @@ from .orchestration_rules import (
     Verdict,
     abort,
     booked_times,
+    copy_scheduled_time,
     go_on,
     mint_state,
     orchestrate,
@@ -46,7 +48,7 @@ from .states import TERMINAL, State, StateCreate, StateDetails, StateType
 if TYPE_CHECKING:
     from .flow_runs import FlowRun
     from .tag_concurrency_limits import TagConcurrencyLimit
-    from .task_runs import TaskCacheEntry, TaskDelivery, TaskRun, TaskRunPolicy
+    from .task_runs import TaskCache, TaskDelivery, TaskRun, TaskRunPolicy
 
 # While the service's own connection to the broker is younger than this, a task worker may not
 # take over a run another worker holds: after a broker restart every unacknowledged message is
@@ -56,19 +58,21 @@ TAKEOVER_WAIT_SECONDS = 2
 # Prefect's `task_run_tag_concurrency_slot_wait_seconds`: when a run held back by a full tag
 # tries again.
 TAG_SLOT_WAIT_SECONDS = 10
+# Prefect's `server.tasks.max_cache_key_length` (its default): a longer key is not cached.
+MAX_CACHE_KEY_LENGTH = 2000
 
 
 @dataclass(frozen=True)
 class TaskFacts:
     """What the task rules read besides the run. `flow_run`: the run's flow run (None for a
-    background task); `cached`: the cache entry under the proposed state's cache key;
+    background task); `cached`: the cache entries under the proposed state's cache key;
     `takeover_allowed`: False while a broker restart is recent (see `TAKEOVER_GRACE_SECONDS`);
     `claimant` and `delivery`: the task worker proposing the state and the message it took
     the run from; `tag_limits`: the concurrency limits of the run's tags, by tag (tags
     without a limit are left out)."""
 
     flow_run: FlowRun | None = None
-    cached: TaskCacheEntry | None = None
+    cached: TaskCache | None = None
     takeover_allowed: bool = True
     claimant: str | None = None
     delivery: TaskDelivery | None = None
@@ -180,15 +184,17 @@ def cancelling_task_runs_end_cancelled(c: RuleContext) -> Verdict:
 @rule("OR-14", from_states=ALL_STATES, to_states={StateType.RUNNING})
 def cache_retrieval(c: RuleContext) -> Verdict:
     """Prefect's CacheRetrieval. A task whose inputs were computed before (same cache key, an
-    unexpired COMPLETED state) is not run again: it is given a copy of that state, `Cached`."""
+    unexpired COMPLETED state) is not run again: it is given a copy of that state, `Cached`.
+    The newest state still unexpired answers, so an entry expiring soon does not hide an older
+    one that never expires."""
     details = c.proposed.state_details
     cached = _facts(c).cached
     if details.cache_key is None or details.refresh_cache or cached is None or cached.cache_key != details.cache_key:
         return go_on()
-    expiration = cached.state.state_details.cache_expiration
-    if expiration is not None and expiration <= c.now:
+    entry = cached.newest_unexpired(c.now)
+    if entry is None:
         return go_on()
-    old = cached.state
+    old = entry.state
     return reject("Retrieved state from cache", StateCreate(
         type=StateType.COMPLETED, name="Cached", message=old.message, data=old.data,
         state_details=old.state_details.model_copy(update={"flow_run_id": None, "task_run_id": None,
@@ -207,7 +213,7 @@ def handle_task_terminal_state_transitions(c: RuleContext) -> Verdict:
     if proposed.type in (StateType.CANCELLING, StateType.PAUSED, StateType.CRASHED):
         return abort(f"Run is already {current.type.value}.")
     if current.type is StateType.COMPLETED and bool(current.data) and _has_persisted_result(current.data):
-        return reject("This run is already COMPLETED.")
+        return reject("This run is already completed.")
     flow_run = _facts(c).flow_run
     if (proposed.type is StateType.RUNNING and flow_run is not None
             and _run(c).flow_run_run_count < flow_run.run_count):
@@ -275,43 +281,85 @@ def retry_failed_tasks(c: RuleContext) -> Verdict:
     if c.proposed.state_details.retriable is False:
         return go_on()
     run = _run(c)
-    policy = run.empirical_policy
-    retries = policy.retries if policy.retries is not None else policy.max_retries
+    retries = configured_retries(run.empirical_policy)
     if not retries or run.run_count > retries:
         return go_on()
-    delay = retry_delay_seconds(policy, run.run_count, c.new_id().int)
+    delay = retry_delay_seconds(run.empirical_policy, run.run_count, c.new_id().int)
     retry = StateCreate(type=StateType.SCHEDULED, name="AwaitingRetry", message=c.proposed.message,
                         data=c.proposed.data,
                         state_details=StateDetails(scheduled_time=c.now + timedelta(seconds=delay)))
     return reject("Retrying", retry)
 
 
+def configured_retries(policy: TaskRunPolicy) -> int | None:
+    """The retries a policy asks for. Prefect still honours its deprecated `max_retries` when
+    `retries` is unset or 0 (its `set_run_policy_deprecated_fields`), so older clients that
+    send only `max_retries` keep retrying."""
+    if not policy.retries and policy.max_retries != 0:
+        return policy.max_retries
+    return policy.retries
+
+
 def retry_delay_seconds(policy: TaskRunPolicy, run_count: int, entropy: int) -> float:
-    """OR-19's delay for the attempt that just failed (`run_count`, from 1). `entropy`: random
-    bits from the decision's context, so a decision replays to the same delay."""
-    given = policy.retry_delay if policy.retry_delay is not None else policy.retry_delay_seconds
+    """OR-19's delay for the attempt that just failed (`run_count`, from 1). A delay unset or 0
+    falls back on the deprecated `retry_delay_seconds`, as in Prefect. `entropy`: random bits
+    from the decision's context, so a decision replays to the same delay."""
+    given = (policy.retry_delay_seconds if not policy.retry_delay and policy.retry_delay_seconds != 0
+             else policy.retry_delay)
     if isinstance(given, list):
         delay = float(given[min(max(run_count - 1, 0), len(given) - 1)]) if given else 0.0
     else:
         delay = float(given or 0)
     jitter = policy.retry_jitter_factor
     if jitter and delay > 0:
-        spread = (entropy % 1_000_001) / 1_000_000 * 2 - 1  # in [-1, 1]
-        delay = max(0.0, delay * (1 + jitter * spread))
+        delay = clamped_poisson_interval(delay, jitter, (entropy % 1_000_001) / 1_000_000)
     return delay
+
+
+def clamped_poisson_interval(average: float, clamping_factor: float, u: float) -> float:
+    """Prefect's `clamped_poisson_interval` (`prefect/utilities/math.py`), with its uniform draw
+    given (`u` in [0, 1]) instead of taken, so the delay replays. Retries of many runs that
+    failed together spread out as arrivals of a Poisson process would, never later than
+    `average × (1 + factor)` and never sooner than a bound chosen to keep the average about
+    `average`: the delay never drops to 0, which would retry at once."""
+    upper_multiple = 1 + clamping_factor
+    # Prefect's `lower_clamp_multiple`: 0 for large factors, where 2**k would overflow.
+    lower_multiple = 0.0 if upper_multiple >= 50 else math.log(max(2**upper_multiple / (2**upper_multiple - 1),
+                                                                     1e-10), 2)
+    upper_rv = _exponential_cdf(average * upper_multiple, average)
+    lower_rv = _exponential_cdf(max(0.0, average * lower_multiple), average)
+    drawn = lower_rv + (upper_rv - lower_rv) * u
+    return -math.log(max(1 - drawn, 1e-10)) * average
+
+
+def _exponential_cdf(x: float, average: float) -> float:
+    return 1 - math.exp(-x / average)
 
 
 @rule("OR-20", from_states=ALL_STATES, to_states={StateType.RUNNING})
 def rename_reruns(c: RuleContext) -> Verdict:
-    """Prefect's RenameReruns. A run that starts again says why: a retry (`Retrying`) or a
-    rerun (`Rerunning`); a first run keeps `Running`. A run leaving a finished state counts
-    from zero again (OR-15), so it starts as `Running`."""
+    """Prefect's RenameReruns. A run that starts again says why, whatever name was proposed: a
+    retry (`Retrying`) or a rerun (`Rerunning`); a first run keeps its name. A run leaving a
+    finished state counts from zero again (OR-15), so it keeps its name too (OR-15's
+    `Retrying` among them)."""
     current = c.current
     restarted = current is not None and current.type in TERMINAL
-    if restarted or c.run.run_count <= 0 or c.proposed.name not in ("Running", None):
+    if restarted or c.run.run_count <= 0:
         return go_on()
     name = "Retrying" if current is not None and current.name == "AwaitingRetry" else "Rerunning"
     return go_on(c.proposed.model_copy(update={"name": name}))
+
+
+@rule("OR-14", from_states=ALL_STATES, to_states={StateType.COMPLETED})
+def cache_insertion(c: RuleContext) -> Verdict:
+    """Prefect's CacheInsertion (its check; the entry itself follows from what is written,
+    `task_runs.cache_events`). A key past Prefect's limit is not looked up or stored: the state
+    is written as proposed but the caller is told, by a REJECT, that it was not cached."""
+    key = c.proposed.state_details.cache_key
+    if key is not None and len(key) > MAX_CACHE_KEY_LENGTH:
+        return reject(f"Cache key exceeded maximum allowed length of {MAX_CACHE_KEY_LENGTH} characters.",
+                      c.proposed)
+    return go_on()
 
 
 CORE_TASK_POLICY: list[Rule] = [
@@ -321,9 +369,11 @@ CORE_TASK_POLICY: list[Rule] = [
     handle_task_terminal_state_transitions,
     prevent_running_tasks_from_stopped_flows,
     secure_task_concurrency_slots,
+    copy_scheduled_time,
     wait_for_scheduled_time,
     retry_failed_tasks,
     rename_reruns,
+    cache_insertion,
 ]
 
 BACKGROUND_TASK_POLICY: list[Rule] = [
@@ -331,10 +381,12 @@ BACKGROUND_TASK_POLICY: list[Rule] = [
     prevent_pending_transitions,
     cache_retrieval,
     handle_task_terminal_state_transitions,
-    wait_for_scheduled_time,
+    copy_scheduled_time,
     copy_task_parameters_id,
+    wait_for_scheduled_time,
     retry_failed_tasks,
     rename_reruns,
+    cache_insertion,
 ]
 
 # TR-3: a forced, non-deferred proposal keeps none of the rules (only the release of tag

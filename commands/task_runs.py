@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -66,7 +66,10 @@ CACHED_TASK_RUNS = 50_000
 _KEYS_NAMESPACE = uuid.UUID("6f1c1a2e-5b8e-4c1e-9a43-7d2f0c9b8e51")
 
 MAX_RETRY_DELAYS = 50
-MAX_CACHE_KEY_LENGTH = 2000
+MAX_CACHE_KEY_LENGTH = task_run_rules.MAX_CACHE_KEY_LENGTH
+# How many entries one cache key keeps at most (`TaskCache`): only entries that expire later
+# than every newer one are kept, so more than a few takes expirations set ever sooner.
+MAX_CACHE_ENTRIES_PER_KEY = 16
 # How long a submitter may ask to wait for room on a full task key.
 MAX_QUEUE_WAIT_SECONDS = 60.0
 
@@ -212,12 +215,49 @@ class TaskRunKeysReleased(_TaskRunEvent):
 
 
 class TaskCacheEntry(BaseModel):
-    """The newest COMPLETED state recorded under one cache key (OR-14)."""
+    """A COMPLETED state recorded under its cache key (a lookup takes the newest one unexpired)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     cache_key: str
     state: State
+
+    @property
+    def expiration(self) -> datetime | None:
+        return self.state.state_details.cache_expiration
+
+    def expired(self, now: datetime) -> bool:
+        return self.expiration is not None and self.expiration <= now
+
+
+class TaskCache(BaseModel):
+    """What one cache key holds (the cache aggregate's state, folded from its entries): the
+    entries that may still answer a lookup, newest first. A lookup takes the newest one not
+    expired, as Prefect's does; an entry is dropped once it has expired, or once a newer one
+    expires no sooner (that one answers whenever it could), so at most one never-expiring
+    entry is kept, last."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cache_key: str
+    entries: tuple[TaskCacheEntry, ...] = ()
+
+    def newest_unexpired(self, now: datetime) -> TaskCacheEntry | None:
+        return next((e for e in self.entries if not e.expired(now)), None)
+
+    def recorded(self, entry: TaskCacheEntry) -> TaskCache:
+        """With `entry` as the newest; expiry is judged at its state's time, so that a replay
+        folds to the same entries."""
+        kept = [entry]
+        for older in self.entries:
+            newest_kept = kept[-1].expiration
+            if newest_kept is None or len(kept) >= MAX_CACHE_ENTRIES_PER_KEY:
+                break
+            if older.expired(entry.state.timestamp):
+                continue
+            if older.expiration is None or older.expiration > newest_kept:
+                kept.append(older)
+        return TaskCache(cache_key=entry.cache_key, entries=tuple(kept))
 
 
 @register_event
@@ -225,6 +265,9 @@ class TaskCacheEntryRecorded(Event):
     aggregate_type: ClassVar[str] = TASK_CACHE
     event_type: ClassVar[str] = "TaskCacheEntryRecorded"
     entry: TaskCacheEntry
+    # The older entries the key keeps beside this one (`TaskCache.recorded`), so that a key
+    # loads from its last event however often it was written. Empty in events written before.
+    kept: tuple[TaskCacheEntry, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +336,7 @@ class TaskDelivery(BaseModel):
 
 
 class SetTaskRunState(Command):
-    """Propose a state; the task orchestration rules decide what is written (TR-3). A task
+    """Propose a state; the task orchestration rules decide what is written. A task
     worker names itself (`task_worker_id`) and, when it starts a run, the delivery it took it
     from (`delivery`)."""
 
@@ -351,8 +394,11 @@ def evolve(run: TaskRun | TaskRunKeys | None, event: Event) -> TaskRun | TaskRun
     return run
 
 
-def evolve_cache(entry: TaskCacheEntry | None, event: Event) -> TaskCacheEntry | None:
-    return event.entry if isinstance(event, TaskCacheEntryRecorded) else entry
+def evolve_cache(cache: TaskCache | None, event: Event) -> TaskCache | None:
+    """A key's entries are those its last event names (loaded from that event alone)."""
+    if not isinstance(event, TaskCacheEntryRecorded):
+        return cache
+    return TaskCache(cache_key=event.entry.cache_key, entries=(event.entry, *event.kept))
 
 
 def task_run_not_found() -> Exception:
@@ -423,9 +469,9 @@ def decide_create_task_run(cmd: CreateTaskRun, at_keys: TaskRun | TaskRunKeys | 
     transition = task_run_rules.set_task_run_state(run, cmd.state or StateCreate(type=StateType.PENDING),
                                                    force=True, ctx=ctx, facts=facts)
     after = transition.run
-    if transition.state is None:  # refused outright (e.g. a cache key too long): created without a state
+    if transition.state is None:  # refused outright by a rule: created without a state
         after = run
-    events = [*marker, NewEvent(str(run.id), TaskRunCreated(run=after)), *cache_events(transition)]
+    events = [*marker, NewEvent(str(run.id), TaskRunCreated(run=after)), *cache_events(transition, facts.cached)]
     return Decision(events=events, result=after, created=True, after={str(run.id): after},
                     queue=_queued(run, transition, cmd.queue_wait_seconds))
 
@@ -440,23 +486,32 @@ def decide_set_task_run_state(cmd: SetTaskRunState, run: TaskRun | None, ctx: De
     if transition.state is None:
         return Decision(events=[], result=run.state, orchestration=transition.orchestration)
     after: TaskRun = transition.run
-    events = [NewEvent(str(run.id), TaskRunStateSet(run=after)), *cache_events(transition),
+    events = [NewEvent(str(run.id), TaskRunStateSet(run=after)), *cache_events(transition, facts.cached),
               *tag_slot_events(run, transition, facts.tag_limits)]
     return Decision(events=events, result=after.state, created=True, after={str(run.id): after},
                     orchestration=transition.orchestration,
                     queue=_queued(run, transition, cmd.queue_wait_seconds))
 
 
-def cache_events(transition: task_run_rules.TaskTransition) -> list[NewEvent]:
-    """OR-14: an accepted COMPLETED state with a cache key becomes that key's entry (the newest
-    wins); a copy handed out from the cache (`Cached`) is not recorded again."""
+def cache_events(transition: task_run_rules.TaskTransition,
+                 cached: TaskCache | None = None) -> list[NewEvent]:
+    """OR-14: a COMPLETED state written with a cache key becomes an entry of that key, beside
+    the entries of `cached` (the key's, as loaded) that may still answer; a copy handed out
+    from the cache (`Cached`) is not recorded again, nor is a key too long to be cached
+    (written, but refused by `cache_insertion`)."""
     state = transition.state
     if state is None or state.type is not StateType.COMPLETED or state.name == "Cached":
         return []
     key = state.state_details.cache_key
-    if key is None:
+    if key is None or len(key) > MAX_CACHE_KEY_LENGTH:
         return []
-    return [NewEvent(cache_id(key), TaskCacheEntryRecorded(entry=TaskCacheEntry(cache_key=key, state=state)))]
+    return [NewEvent(cache_id(key), cache_entry_recorded(TaskCacheEntry(cache_key=key, state=state), cached))]
+
+
+def cache_entry_recorded(entry: TaskCacheEntry, cached: TaskCache | None) -> TaskCacheEntryRecorded:
+    """`entry` recorded under its key, with the entries of `cached` it keeps beside it."""
+    before = cached if cached is not None and cached.cache_key == entry.cache_key else TaskCache(cache_key=entry.cache_key)
+    return TaskCacheEntryRecorded(entry=entry, kept=before.recorded(entry).entries[1:])
 
 
 def tag_slot_events(run: TaskRun, transition: task_run_rules.TaskTransition,

@@ -19,7 +19,8 @@ from runledger.infra.broker_auth import TASK_WORKER_ACCOUNT, bound_task_worker_n
 from .command_bus import AggregateKey, BulkSpec, CommandSpec, Unit
 from .endpoint import current_caller
 
-# Every event of a task run carries the whole run: its last event is its state.
+# Every event of a task run carries the whole run, and every event of a cache key the entries
+# it keeps: the last event is the state.
 AGGREGATE_KINDS = [
     AggregateKind(tr.TASK_RUN, lambda: None, tr.evolve, last_event_only=True, max_cached=tr.CACHED_TASK_RUNS),
     AggregateKind(tr.TASK_CACHE, lambda: None, tr.evolve_cache, last_event_only=True, max_cached=10_000),
@@ -30,7 +31,7 @@ async def _facts(unit: Unit, run: tr.TaskRun | tr.CreateTaskRun, proposed: State
                  takeover_allowed: bool) -> rules.TaskFacts:
     """What the task rules read besides the run: its flow run, and the cache entry under the
     proposed state's cache key when the run is about to start, or completes (its state then
-    replaces the entry, appended after the one loaded)."""
+    joins them, appended after the ones loaded)."""
     flow_run = await unit.load(fr.FLOW_RUN, str(run.flow_run_id)) if run.flow_run_id is not None else None
     cached = None
     if (proposed is not None and proposed.type in (StateType.RUNNING, StateType.COMPLETED)

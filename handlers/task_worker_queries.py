@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable
+from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -26,28 +27,36 @@ from runledger.projections.tables import task_runs
 async def list_task_workers(_conn: Any, query: ListTaskWorkers, *, js: JetStreamContext,
                             settings: Settings) -> list[dict[str, Any]]:
     """`{identifier, task_keys, timestamp}` of each worker, by identifier; those serving any of
-    `query.task_keys` when given."""
+    `query.task_keys` when some are given (none, or an empty list: every worker). The
+    connections sharing an identifier are one worker, as in Prefect: the union of their keys,
+    at the newest of their heartbeats."""
     kv = await js.key_value(task_worker_bucket(settings))
     try:
         keys = await kv.keys()
     except NoKeysError:
         return []
-    wanted = set(query.task_keys) if query.task_keys is not None else None
-    workers = []
-    for key in keys:
+    workers: dict[str, dict[str, Any]] = {}
+    for key in sorted(keys):
         entry = await kv.get(key)
         if not entry.value:
             continue
         worker = json.loads(entry.value)
+        task_keys = list(worker.get("task_keys", []))
         bound = bound_task_worker_name(key.split(".", 1)[0])
         if bound is not None:  # written by a task worker bound to keys: only its keys count
             allowed = set(settings.task_worker_keys.get(bound, []))
-            worker["task_keys"] = [k for k in worker.get("task_keys", []) if k in allowed]
-            if not worker["task_keys"]:
+            task_keys = [k for k in task_keys if k in allowed]
+            if not task_keys:
                 continue
-        if wanted is None or wanted & set(worker.get("task_keys", [])):
-            workers.append(worker)
-    return sorted(workers, key=lambda w: w["identifier"])
+        known = workers.get(worker["identifier"])
+        if known is None:
+            workers[worker["identifier"]] = {**worker, "task_keys": task_keys}
+            continue
+        known["task_keys"] = list(dict.fromkeys([*known["task_keys"], *task_keys]))
+        known["timestamp"] = max(known["timestamp"], worker["timestamp"], key=datetime.fromisoformat)
+    wanted = set(query.task_keys or ())
+    return sorted((w for w in workers.values() if not wanted or wanted & set(w["task_keys"])),
+                  key=lambda w: w["identifier"])
 
 
 async def get_task_run_result(conn: AsyncConnection, query: GetTaskRunResult, *, js: JetStreamContext,

@@ -18,6 +18,8 @@ import hashlib
 import json
 import logging
 import time
+import uuid
+import weakref
 from typing import Literal
 
 from nats.js import JetStreamContext
@@ -210,12 +212,25 @@ def task_worker_bucket(settings: Settings) -> str:
     return f"{settings.namespace.upper()}_TASK_WORKERS"
 
 
-def task_worker_key(settings: Settings, identifier: str) -> str:
-    """A worker's key in the bucket: its broker user, then a hash of its identifier (KV keys
-    allow few characters). Under its user, so that a task worker bound to keys may write its
-    own entries and no other worker's (infra/broker_auth.py)."""
+# One token per connection's JetStream context: several task workers may share an identifier
+# (one worker's processes, as Prefect's `client_id`), and each must keep its own entry.
+_connections: weakref.WeakKeyDictionary[JetStreamContext, str] = weakref.WeakKeyDictionary()
+
+
+def task_worker_key(settings: Settings, identifier: str, connection: str) -> str:
+    """An entry's key in the bucket: its broker user, a hash of its identifier (KV keys allow
+    few characters), then its connection's token, so that connections sharing an identifier do
+    not overwrite each other (the listing merges them). Under its user, so that a task worker
+    bound to keys may write its own entries and no other worker's (infra/broker_auth.py)."""
     owner = settings.nats_user or "task_worker"
-    return f"{owner}.{hashlib.sha256(identifier.encode()).hexdigest()[:40]}"
+    return f"{owner}.{hashlib.sha256(identifier.encode()).hexdigest()[:40]}.{connection}"
+
+
+def _connection_token(js: JetStreamContext) -> str:
+    token = _connections.get(js)
+    if token is None:
+        token = _connections[js] = uuid.uuid4().hex[:16]
+    return token
 
 
 async def ensure_task_worker_bucket(js: JetStreamContext, settings: Settings) -> None:
@@ -237,13 +252,15 @@ async def put_task_worker(js: JetStreamContext, settings: Settings, identifier: 
     import json
 
     body = json.dumps({"identifier": identifier, "task_keys": task_keys, "timestamp": timestamp}).encode()
-    await js.publish(f"$KV.{task_worker_bucket(settings)}.{task_worker_key(settings, identifier)}", body)
+    key = task_worker_key(settings, identifier, _connection_token(js))
+    await js.publish(f"$KV.{task_worker_bucket(settings)}.{key}", body)
 
 
 async def forget_task_worker(js: JetStreamContext, settings: Settings, identifier: str) -> None:
-    """A worker that stops says so, instead of lingering until its entry expires."""
-    await js.publish(f"$KV.{task_worker_bucket(settings)}.{task_worker_key(settings, identifier)}", b"",
-                     headers={"KV-Operation": "DEL"})
+    """A worker that stops says so, instead of lingering until its entry expires (its other
+    connections under the same identifier keep theirs)."""
+    key = task_worker_key(settings, identifier, _connection_token(js))
+    await js.publish(f"$KV.{task_worker_bucket(settings)}.{key}", b"", headers={"KV-Operation": "DEL"})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ does not count; `refresh_cache` runs it all the same and replaces the cached sta
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -105,6 +107,23 @@ async def test_an_expired_entry_or_a_failure_is_not_used(client, settings):
                                             timeout=10)
     assert calls == [1, 1, 1]  # the entry recorded by `expired` had expired when it was written
     assert ran_again.state_name == "Completed"
+
+
+async def test_an_older_entry_that_never_expires_answers_once_a_newer_one_has_expired(client):
+    """Prefect looks up the newest entry not expired, not merely the newest."""
+    key = f"cache-{uuid.uuid4()}"
+    never, _ = await client.create_task_run("cache", "never")
+    assert (await client.set_task_run_state(never.id, {"type": "COMPLETED", "data": {"type": "unpersisted"},
+                                                       "state_details": {"cache_key": key}})).accepted
+    short, _ = await client.create_task_run("cache", "short")
+    soon = datetime.now(UTC) + timedelta(seconds=1)
+    assert (await client.set_task_run_state(short.id, {"type": "COMPLETED", "state_details": {
+        "cache_key": key, "cache_expiration": soon.isoformat()}})).accepted
+    await asyncio.sleep(max(0.0, (soon - datetime.now(UTC)).total_seconds()) + 0.1)
+    third, _ = await client.create_task_run("cache", "third")
+    result = await client.set_task_run_state(third.id, {"type": "RUNNING", "state_details": {"cache_key": key}})
+    assert result.status == "REJECT" and result.state.name == "Cached"
+    assert result.state.data == {"type": "unpersisted"}  # the older entry's
 
 
 async def test_task_cache_policy_inputs_caches_by_parameters(client, settings):

@@ -302,6 +302,25 @@ async def test_task_workers_are_listed_while_they_serve_with_their_keys(client, 
             assert await client.read_task_workers(["nope"]) == []
         # A worker that stops says so: it is gone at once, not when its entry expires.
         assert [w.identifier for w in await client.read_task_workers()] == ["lister-a"]
+        assert [w.identifier for w in await client.read_task_workers([])] == ["lister-a"]  # no filter: every one
+
+
+async def test_connections_sharing_an_id_are_one_worker_with_the_union_of_their_keys(client, settings):
+    async def noop() -> None:
+        return None
+
+    async with running_worker(settings, {"same.a": noop}, worker_id="same"):
+        async with running_worker(settings, {"same.b": noop}, worker_id="same"):
+            for _ in range(100):  # each connection's first heartbeat
+                workers = await client.read_task_workers()
+                if [sorted(w.task_keys) for w in workers] == [["same.a", "same.b"]]:
+                    break
+                await asyncio.sleep(0.1)
+            assert [(w.identifier, sorted(w.task_keys)) for w in workers] == [("same", ["same.a", "same.b"])]
+            assert [w.identifier for w in await client.read_task_workers(["same.a"])] == ["same"]
+            assert [w.identifier for w in await client.read_task_workers(["same.b"])] == ["same"]
+        # One connection stops: the worker stays, with the other's keys.
+        assert [(w.identifier, w.task_keys) for w in await client.read_task_workers()] == [("same", ["same.a"])]
 
 
 async def test_a_stopping_worker_finishes_what_it_can_and_hands_back_the_rest(client, service, settings):

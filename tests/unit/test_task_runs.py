@@ -5,6 +5,7 @@ run is started by one task worker at a time; the key encoding of the task subjec
 from __future__ import annotations
 
 import itertools
+import math
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -245,12 +246,26 @@ def test_or19_a_failure_that_is_not_retriable_is_accepted():
     assert d.orchestration.status is Outcome.ACCEPT
 
 
-def test_or19_the_last_delay_repeats_and_jitter_stays_within_its_factor():
+def test_or19_the_last_delay_repeats_and_jitter_is_prefects_clamped_poisson_interval():
     policy = tr.TaskRunPolicy(retries=9, retry_delay=[2, 3, 5, 7])
     assert rules.retry_delay_seconds(policy, 6, 0) == 7
     jittered = tr.TaskRunPolicy(retries=1, retry_delay=10, retry_jitter_factor=0.5)
     delays = {rules.retry_delay_seconds(jittered, 1, n) for n in range(0, 1_000_001, 50_000)}
-    assert min(delays) >= 5 and max(delays) <= 15 and len(delays) > 5
+    assert min(delays) >= 5 and max(delays) == pytest.approx(15) and len(delays) > 5
+    # Prefect's bounds: at most delay x (1 + factor); at least delay x log2(2^k / (2^k - 1)), k = 1 + factor.
+    wide = tr.TaskRunPolicy(retries=3, retry_delay=10, retry_jitter_factor=2.0)
+    vals = [rules.retry_delay_seconds(wide, 1, e) for e in range(0, 1_000_001, 1000)]
+    assert min(vals) == pytest.approx(10 * math.log2(8 / 7)) and max(vals) == pytest.approx(30)
+    assert rules.retry_delay_seconds(wide, 1, 12345) == rules.retry_delay_seconds(wide, 1, 12345)  # replays
+
+
+@pytest.mark.parametrize("policy", [{"retries": 0, "max_retries": 2}, {"max_retries": 2}])
+def test_or19_the_deprecated_max_retries_counts_when_retries_is_unset_or_0(policy):
+    run = a_run(empirical_policy={**policy, "retry_delay": 0, "retry_delay_seconds": 4})
+    running = then(run, start(run))
+    d = propose(running, StateCreate(type=T.FAILED), worker="w1")
+    assert d.orchestration.status is Outcome.REJECT and d.result.name == "AwaitingRetry"
+    assert d.result.state_details.scheduled_time == NOW + timedelta(seconds=4)
 
 
 def test_or15_a_finished_run_cannot_be_cancelled_and_a_rerun_counts_from_zero():
@@ -268,6 +283,29 @@ def test_or15_a_persisted_result_is_kept():
     done = then(running, propose(running, StateCreate(type=T.COMPLETED, data={"type": "json", "value": 1})))
     d = propose(done, StateCreate(type=T.RUNNING))
     assert d.orchestration.status is Outcome.REJECT and d.events == []
+    assert d.orchestration.reason == "This run is already completed."
+
+
+def test_or11_pending_keeps_the_scheduled_time_and_running_waits_for_it():
+    later = NOW + timedelta(minutes=5)
+    for state in (StateCreate(type=T.SCHEDULED, state_details=StateDetails(scheduled_time=later)), deferred(at=later)):
+        run = a_run(state=state)
+        pending = propose(run, StateCreate(type=T.PENDING, state_details=StateDetails(deferred=state.state_details.deferred)))
+        assert pending.orchestration.status is Outcome.ACCEPT
+        assert pending.result.state_details.scheduled_time == later
+        d = propose(then(run, pending), StateCreate(type=T.RUNNING))
+        assert d.orchestration.status is Outcome.WAIT and d.orchestration.delay_seconds == 300
+    own = propose(a_run(state=StateCreate(type=T.SCHEDULED, state_details=StateDetails(scheduled_time=later))),
+                  StateCreate(type=T.PENDING, state_details=StateDetails(scheduled_time=NOW)))
+    assert own.result.state_details.scheduled_time == NOW
+
+
+def test_or20_a_rerun_is_renamed_whatever_name_was_proposed():
+    run = a_run(state=StateCreate(type=T.PENDING))
+    running = then(run, propose(run, StateCreate(type=T.RUNNING, name="Working")))
+    assert running.state_name == "Working"  # a first run keeps the name proposed
+    again = propose(running, StateCreate(type=T.RUNNING, name="Working"))
+    assert again.result.name == "Rerunning"
 
 
 def test_or16_a_task_of_a_flow_run_runs_only_while_its_flow_run_runs():
@@ -299,17 +337,80 @@ def test_or14_a_cached_completed_state_is_handed_out_and_a_completed_one_recorde
                                              state_details=StateDetails(cache_key="c")))
     entry_events = [e for e in completed.events if e.aggregate_type == tr.TASK_CACHE]
     assert len(entry_events) == 1 and entry_events[0].aggregate_id == tr.cache_id("c")
-    entry = entry_events[0].event.entry
+    cache = tr.evolve_cache(None, entry_events[0].event)
     other = a_run(state=StateCreate(type=T.PENDING), dynamic_key="1")
     wants = StateCreate(type=T.RUNNING, state_details=StateDetails(cache_key="c"))
-    d = propose(other, wants, facts=rules.TaskFacts(cached=entry))
+    d = propose(other, wants, facts=rules.TaskFacts(cached=cache))
     assert d.orchestration.status is Outcome.REJECT and d.result.name == "Cached" and d.result.data["value"] == 9
     assert not [e for e in d.events if e.aggregate_type == tr.TASK_CACHE]
     refresh = StateCreate(type=T.RUNNING, state_details=StateDetails(cache_key="c", refresh_cache=True))
-    assert propose(other, refresh, facts=rules.TaskFacts(cached=entry)).orchestration.status is Outcome.ACCEPT
-    expired = tr.TaskCacheEntry(cache_key="c", state=entry.state.model_copy(update={
-        "state_details": entry.state.state_details.model_copy(update={"cache_expiration": NOW})}))
+    assert propose(other, refresh, facts=rules.TaskFacts(cached=cache)).orchestration.status is Outcome.ACCEPT
+    expired = tr.evolve_cache(None, recorded("c", expiration=NOW, at=EARLIER))
     assert propose(other, wants, facts=rules.TaskFacts(cached=expired)).orchestration.status is Outcome.ACCEPT
+
+
+def recorded(key: str, *, expiration: datetime | None = None, at: datetime = EARLIER,
+             value: int = 0) -> tr.TaskCacheEntryRecorded:
+    state = State(id=uuid.uuid4(), type=T.COMPLETED, name="Completed", timestamp=at, data={"type": "json", "value": value},
+                  state_details=StateDetails(cache_key=key, cache_expiration=expiration))
+    return tr.TaskCacheEntryRecorded(entry=tr.TaskCacheEntry(cache_key=key, state=state))
+
+
+def fold(cache: tr.TaskCache | None, event: tr.TaskCacheEntryRecorded) -> tr.TaskCache | None:
+    """The key after `event` is recorded as the deciders record it: with what it keeps."""
+    return tr.evolve_cache(cache, tr.cache_entry_recorded(event.entry, cache))
+
+
+def test_or14_the_newest_unexpired_entry_answers_not_merely_the_newest():
+    never = recorded("c", value=1, at=EARLIER)
+    soon = recorded("c", value=2, expiration=NOW + timedelta(seconds=1), at=EARLIER + timedelta(seconds=1))
+    cache = fold(fold(None, never), soon)
+    other = a_run(state=StateCreate(type=T.PENDING), dynamic_key="1")
+    wants = StateCreate(type=T.RUNNING, state_details=StateDetails(cache_key="c"))
+    assert propose(other, wants, facts=rules.TaskFacts(cached=cache)).result.data["value"] == 2
+    later = propose(other, wants, now=NOW + timedelta(seconds=2), facts=rules.TaskFacts(cached=cache))
+    assert later.orchestration.status is Outcome.REJECT and later.result.name == "Cached"
+    assert later.result.data["value"] == 1
+
+
+def test_or14_a_key_keeps_only_the_entries_that_may_still_answer():
+    def values(cache: tr.TaskCache | None) -> list[int]:
+        return [e.state.data["value"] for e in cache.entries] if cache else []
+
+    cache = None
+    for event in (recorded("c", value=1, expiration=NOW + timedelta(hours=1)),  # outlived by 2
+                  recorded("c", value=2),  # never expires: nothing older can answer again
+                  recorded("c", value=3, expiration=NOW + timedelta(minutes=5)),
+                  recorded("c", value=4, expiration=NOW + timedelta(minutes=1)),
+                  recorded("c", value=5, expiration=NOW + timedelta(minutes=2))):  # outlives 4
+        cache = fold(cache, event)
+    assert values(cache) == [5, 3, 2]
+    # Entries expired when a new one is recorded are dropped; a newer never-expiring one ends the list.
+    cache = fold(cache, recorded("c", value=6, expiration=NOW + timedelta(days=1),
+                                            at=NOW + timedelta(minutes=3)))
+    assert values(cache) == [6, 2]
+    assert values(fold(cache, recorded("c", value=7))) == [7]
+    for n in range(100):  # ever sooner expirations stay bounded
+        cache = fold(cache, recorded("c", value=n, expiration=NOW + timedelta(days=1, seconds=-n)))
+    assert len(cache.entries) == tr.MAX_CACHE_ENTRIES_PER_KEY
+    # The last event alone holds the key (it is loaded from that event), and one written before
+    # events named what they keep holds its own entry alone.
+    last = tr.cache_entry_recorded(recorded("c", value=8, expiration=NOW + timedelta(hours=1)).entry, cache)
+    assert values(tr.evolve_cache(None, last))[:2] == [8, 99] and len(last.kept) == tr.MAX_CACHE_ENTRIES_PER_KEY - 1
+    assert values(tr.evolve_cache(cache, recorded("c", value=9))) == [9]
+
+
+def test_or14_a_completed_state_with_a_key_over_2000_characters_is_written_but_rejected_and_not_cached():
+    running = then(a_run(state=StateCreate(type=T.PENDING)),
+                   propose(a_run(state=StateCreate(type=T.PENDING)), StateCreate(type=T.RUNNING)))
+    d = propose(running, StateCreate(type=T.COMPLETED, state_details=StateDetails(cache_key="x" * 2001)))
+    assert d.orchestration.status is Outcome.REJECT
+    assert d.orchestration.reason == "Cache key exceeded maximum allowed length of 2000 characters."
+    assert d.result.type is T.COMPLETED and then(running, d).state_type is T.COMPLETED
+    assert not [e for e in d.events if e.aggregate_type == tr.TASK_CACHE]
+    at_limit = propose(running, StateCreate(type=T.COMPLETED, state_details=StateDetails(cache_key="x" * 2000)))
+    assert at_limit.orchestration.status is Outcome.ACCEPT
+    assert [e.aggregate_type for e in at_limit.events].count(tr.TASK_CACHE) == 1
 
 
 def test_tr4_the_core_policy_has_no_pending_guard_but_the_background_one_does():
