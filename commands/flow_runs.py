@@ -11,7 +11,7 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from . import orchestration_rules, slots
 from . import work_pools as wp
@@ -30,7 +30,7 @@ from .messages import (
     not_found,
 )
 from .names import MAX_NAME_LENGTH
-from .states import CreatedBy, State, StateCreate, StateDetails, StateType
+from .states import TERMINAL, CreatedBy, State, StateCreate, StateDetails, StateType
 from .unique_keys import UniqueKeyClaim, UniqueKeyScope
 from .workers import WorkerName
 
@@ -112,6 +112,29 @@ class FlowRun(BaseModel):
     pool_slot_reserved: bool = False
 
 
+def run_estimates(run: Any, now: datetime) -> dict[str, float]:
+    """Prefect's `estimated_run_time` and `estimated_start_time_delta` (seconds) of a flow or
+    task run, as of `now`: they change while the run runs or waits, so they are computed when
+    a reply is made, never stored. Run time: `total_run_time`, plus the time in the current
+    state while RUNNING. Start delta: how late it started; if it has not started, is not
+    finished and was expected already, how late it is now; else 0."""
+    run_time = run.total_run_time
+    if run.state_type is StateType.RUNNING and run.state is not None:
+        run_time += now - run.state.timestamp
+    expected, started = run.expected_start_time, run.start_time
+    delta = timedelta(0)
+    if started is not None and expected is not None and started > expected:
+        delta = started - expected
+    elif started is None and expected is not None and expected < now and run.state_type not in TERMINAL:
+        delta = now - expected
+    return {"estimated_run_time": run_time.total_seconds(), "estimated_start_time_delta": delta.total_seconds()}
+
+
+def flow_run_reply(run: FlowRun, now: datetime) -> dict[str, Any]:
+    """A run as replies carry it: the run, and its estimates as of `now` (FR-1)."""
+    return {**run.model_dump(mode="json"), **run_estimates(run, now)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Events
 
@@ -190,6 +213,20 @@ class FlowRunPolicyInput(BaseModel):
     resuming: bool = False
     retry_type: Literal["in_process", "reschedule"] | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_fields_still_retry(cls, values: Any) -> Any:
+        """Prefect's `set_run_policy_deprecated_fields`: older clients send only `max_retries`
+        and `retry_delay_seconds`, and their runs must retry all the same (OR-12)."""
+        if not isinstance(values, dict):
+            return values
+        values = dict(values)
+        if not values.get("retries") and values.get("max_retries", 0) != 0:
+            values["retries"] = values["max_retries"]
+        if not values.get("retry_delay") and values.get("retry_delay_seconds", 0) != 0:
+            values["retry_delay"] = values["retry_delay_seconds"]
+        return values
+
     def policy(self) -> FlowRunPolicy:
         if not self.model_fields_set:  # most runs: one shared, frozen default, neither dumped nor validated
             return _DEFAULT_POLICY
@@ -234,6 +271,15 @@ class SetFlowRunState(Command):
     state: StateCreate
     force: bool = False
     worker_name: WorkerName | None = None
+
+
+class MarkFlowRunLate(Command):
+    """Sent by the clock: a run still `Scheduled` past its time is marked `Late`, keeping the
+    time it was due, by Prefect's late-runs rules rather than the core ones: a run of a
+    deployment that cancels new runs when full is cancelled instead while it is full. Nothing
+    is written when the run has moved on or is late already."""
+
+    id: uuid.UUID
 
 
 class CrashFlowRunOfLostWorker(Command):
@@ -376,6 +422,22 @@ def decide_set_state(cmd: SetFlowRunState, run: FlowRun | None, ctx: DecisionCon
         raise flow_run_not_found(cmd.id)
     transition = orchestration_rules.set_flow_run_state(run, cmd.state, force=cmd.force, ctx=ctx, limits=limits,
                                                         claimant=cmd.worker_name)
+    return _transition_decided(run, transition, cmd.worker_name, ctx, limits)
+
+
+def decide_mark_late(cmd: MarkFlowRunLate, run: FlowRun | None, ctx: DecisionContext,
+                     limits: slots.Limits = slots.NO_LIMITS) -> Decision:
+    """FR-7, as `decide_set_state` answers: the state written (`Late`, or `Cancelled`), or the
+    current one."""
+    if run is None:
+        raise flow_run_not_found(cmd.id)
+    return _transition_decided(run, orchestration_rules.mark_flow_run_late(run, ctx, limits), None, ctx, limits)
+
+
+def _transition_decided(run: FlowRun, transition: orchestration_rules.Transition, claimant: str | None,
+                        ctx: DecisionContext, limits: slots.Limits) -> Decision:
+    """The events of a transition: its state with the run's claim and why it waits, and the
+    slot counts and waiters that follow."""
     waiting = transition.orchestration.reason if transition.waiting_for_a_slot else None
     if transition.state is not None and transition.state.type is not StateType.SCHEDULED:
         waiting = None  # cancelled (CANCEL_NEW) rather than waiting
@@ -386,7 +448,7 @@ def decide_set_state(cmd: SetFlowRunState, run: FlowRun | None, ctx: DecisionCon
         return Decision(events=[NewEvent(str(run.id), FlowRunWaiting(run=after))], result=run.state,
                         after={str(run.id): after}, orchestration=transition.orchestration)
     after = transition.run.model_copy(update={"waiting_reason": waiting,
-                                              "worker_name": _claimed_by(run, transition.run, cmd.worker_name)})
+                                              "worker_name": _claimed_by(run, transition.run, claimant)})
     enqueued = waiting is not None and transition.refused_by == "secure_flow_concurrency_slots"
     events = [NewEvent(str(run.id), FlowRunStateSet(run=after)), *slot_bookkeeping(run, after, enqueued, limits, ctx)]
     return Decision(events=events, result=after.state, created=True, after={str(run.id): after},
@@ -517,12 +579,14 @@ def decide_update_flow_run(cmd: UpdateFlowRun, run: FlowRun | None, ctx: Decisio
                            job_variables_problem: str | None = None) -> Decision:
     """FR-8. Job variables change only while the run is SCHEDULED and has a deployment, and
     must fit its pool's schema (`job_variables_problem`: why they do not, found by the caller
-    from the deployment and its pool); a run's priority only while it waits (SCHEDULED)."""
+    from the deployment and its pool); a null clears them whatever the state, as in Prefect,
+    which checks only new ones. A run's priority changes only while it waits (SCHEDULED). A
+    null or empty name gives the run a fresh one, as Prefect's update does."""
     if run is None:
         raise flow_run_not_found(cmd.id)
     given = cmd.explicitly_set() - {"id"}
     values: dict[str, Any] = {f: getattr(cmd, f) for f in given}
-    if "job_variables" in values:
+    if values.get("job_variables") is not None:
         if run.state_type is None:
             raise invalid("Flow run state is required to update job variables but none exists", field="job_variables")
         if run.state_type is not StateType.SCHEDULED:
@@ -543,9 +607,10 @@ def decide_update_flow_run(cmd: UpdateFlowRun, run: FlowRun | None, ctx: Decisio
         values["empirical_policy"] = values["empirical_policy"].policy()
     elif "empirical_policy" in values:
         values["empirical_policy"] = FlowRunPolicy()
-    for required in ("name", "priority"):
-        if required in values and values[required] is None:
-            raise invalid(f"{required} cannot be null", field=required)
+    if "name" in values and not values["name"]:
+        values["name"] = run_name(ctx.new_id())
+    if "priority" in values and values["priority"] is None:
+        raise invalid("priority cannot be null", field="priority")
     after = run.model_copy(update=values)
     changed = sorted(f for f in values if getattr(run, f) != getattr(after, f))
     if not changed:

@@ -22,7 +22,7 @@ Slots: a rule reads the limits a claim touches (`RuleContext.limits`, loaded by 
 `commands/slots.py`) and refuses when one is full; the counts themselves follow from what is
 written (`slots.slot_events`, bookkeeping that never refuses), so a forced transition still
 takes and gives back slots (OR-13 holds under `force` too). Copying a subflow's state onto its
-parent task run (FR-6, last line) crosses aggregates and belongs to the caller.
+parent task run (FR-6, last line) crosses aggregates: `subflows.py`, called by the handlers.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class Verdict:
 
     `policy`: fields of `empirical_policy` set at once, before the state is written (undone
     if a later rule changes the proposed type). `policy_after`: fields set after the state is
-    written and booked, when what is written is still of this rule's type."""
+    written and booked, when what is written is of the type first proposed."""
 
     status: Outcome = Outcome.ACCEPT
     state: StateCreate | None = None
@@ -350,16 +350,17 @@ def secure_flow_concurrency_slots(c: RuleContext) -> Verdict:
 
 @rule("FR-7", from_states={StateType.SCHEDULED}, to_states={StateType.SCHEDULED})
 def cancel_new_runs_that_fall_due_behind_a_full_deployment(c: RuleContext) -> Verdict:
-    """Prefect's late-runs service, applied as a rule. A deployment that asks to cancel new
-    runs when it is full means every new run, also one that never reached PENDING because
-    something else held it back (a worker-pool limit, no worker): when such a run is marked
-    late and its deployment is still full, it is cancelled instead of waiting on."""
+    """Prefect's EnforceDeploymentConcurrencyOnLate, in the late-runs policy only (a client
+    that proposes `Late` itself goes through the core rules). A deployment that asks to cancel
+    new runs when it is full means every new run, also one that never reached PENDING because
+    something else held it back (a worker-pool limit, no worker): when the clock finds such a
+    run late and its deployment still full, it is cancelled instead of waiting on."""
     limits = c.limits
     limit = limits.deployment_limit
     if (c.proposed.name != "Late" or limit is None or not limits.deployment_limit_applies
             or limits.collision_strategy != "CANCEL_NEW" or limit.active_slots < limit.limit):
         return GO_ON
-    return reject(_DEPLOYMENT_LIMIT_REACHED,
+    return reject("Deployment concurrency limit is full and uses the CANCEL_NEW strategy.",
                   StateCreate(type=StateType.CANCELLED, name="Cancelled", message=_DEPLOYMENT_LIMIT_REACHED))
 
 
@@ -431,7 +432,7 @@ def handle_resuming_paused_flows(c: RuleContext) -> Verdict:
     if timeout is not None and timeout < c.now:
         failed = StateCreate(type=StateType.FAILED, name="Failed",
                              message=f"The flow was {shown} and never resumed.")
-        # Prefect marks even this run `resuming` (its rule still holds for a FAILED write).
+        # `resuming` sticks only when FAILED was proposed: otherwise the rule fizzles (FR-4).
         return reject(f"The flow run {verb} has timed out and can no longer resume.", failed,
                       policy_after={"resuming": True})
     return go_on(policy_after={"resuming": True})
@@ -489,7 +490,6 @@ FLOW_POLICY: list[Rule] = [
     take_a_deployment_slot_again_after_its_lease_expired,
     secure_flow_concurrency_slots,
     ensure_only_scheduled_flows_marked_late,
-    cancel_new_runs_that_fall_due_behind_a_full_deployment,
     handle_pausing_flows,
     handle_resuming_paused_flows,
     copy_scheduled_time,
@@ -501,6 +501,13 @@ FLOW_POLICY: list[Rule] = [
 FORCED_FLOW_POLICY: list[Rule] = [
     prevent_result_data_loss,
     bypass_cancelling_flow_runs_with_no_infra,
+]
+
+
+# FR-7: what the clock's late marking obeys (Prefect's MarkLateRunsPolicy).
+LATE_RUNS_POLICY: list[Rule] = [
+    ensure_only_scheduled_flows_marked_late,
+    cancel_new_runs_that_fall_due_behind_a_full_deployment,
 ]
 
 
@@ -534,6 +541,13 @@ def set_flow_run_state(run: FlowRun, proposed: StateCreate, *, force: bool,
                        ctx: DecisionContext, limits: Limits = NO_LIMITS, claimant: str | None = None) -> Transition:
     """FR-3: the core rules decide; `force` (FR-5) keeps only `FORCED_FLOW_POLICY`."""
     return orchestrate(FORCED_FLOW_POLICY if force else FLOW_POLICY, run, proposed, ctx, limits, claimant)
+
+
+def mark_flow_run_late(run: FlowRun, ctx: DecisionContext, limits: Limits = NO_LIMITS) -> Transition:
+    """FR-7: the clock's `Late`, keeping the time the run was due, by `LATE_RUNS_POLICY`."""
+    late = StateCreate(type=StateType.SCHEDULED, name="Late",
+                       state_details=StateDetails(scheduled_time=run.next_scheduled_start_time))
+    return orchestrate(LATE_RUNS_POLICY, run, late, ctx, limits)
 
 
 def initial_flow_run_state(run: FlowRun, proposed: StateCreate | None, ctx: DecisionContext) -> Transition:
@@ -586,8 +600,10 @@ def orchestrate(policy: Sequence[Rule], run: Any, proposed: StateCreate,
         if verdict.policy and not fizzled:
             run_policy = run_policy.model_copy(update=verdict.policy)
     state, after = (book or _book)(run, _completed(proposal, ctx.now), run_policy, ctx)
-    for r, verdict, left in reversed(fired):
-        if verdict.policy_after and left in r.to_states and left is written_type:
+    for _, verdict, _ in reversed(fired):
+        # Prefect's after-step fires only for the transition the rule was chosen for: a rule
+        # that replaced the proposal by another type (OR-10's timed-out pause) fizzled too.
+        if verdict.policy_after and written_type is intended:
             after = after.model_copy(update={
                 "empirical_policy": after.empirical_policy.model_copy(update=verdict.policy_after)})
     return Transition(orchestration, state, after, refused_by)

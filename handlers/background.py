@@ -10,8 +10,8 @@ deciders re-check everything against the log, so a stale read, a restart or two 
   (5), the deployments updated since the last pass. A run's id is derived from its deployment,
   schedule and date, so a pass that repeats another appends nothing.
 - the **clock** marks `Late` the runs still `Scheduled` 15 s after their start time (FR-7), in
-  batches of 400 every 5 s, through `SetFlowRunState` (the Late rule refuses a run that moved
-  meanwhile).
+  batches of 400 every 5 s, through `MarkFlowRunLate` (the late-runs rules: a run that moved
+  meanwhile is left alone; a run of a full CANCEL_NEW deployment is cancelled).
 
 An error for one deployment or run is logged and the others go on.
 """
@@ -137,25 +137,22 @@ class Clock:
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     marked: int = 0
 
-    async def late_runs(self) -> list[tuple[str, Any]]:
+    async def late_runs(self) -> list[str]:
         """FR-7: runs still `Scheduled` (exactly: AwaitingRetry and AwaitingConcurrencySlot are
         never late) 15 s past their start, oldest first."""
-        stmt = (select(flow_runs.c.id, flow_runs.c.state)
+        stmt = (select(flow_runs.c.id)
                 .where(flow_runs.c.state_type == "SCHEDULED", flow_runs.c.state_name == "Scheduled",
                        flow_runs.c.next_scheduled_start_time <= self.clock() - LATE_AFTER)
                 .order_by(flow_runs.c.next_scheduled_start_time).limit(LATE_BATCH))
         async with self.engine.connect() as conn:
-            return [(str(r.id), r.state) for r in await conn.execute(stmt)]
+            return [str(r.id) for r in await conn.execute(stmt)]
 
     async def mark_late(self) -> int:
         marked = 0
 
-        async def one(item: tuple[str, Any]) -> None:
+        async def one(run_id: str) -> None:
             nonlocal marked
-            run_id, state = item
-            scheduled_time = ((state or {}).get("state_details") or {}).get("scheduled_time")
-            reply = await self.send("SetFlowRunState", {"id": run_id, "state": {
-                "type": "SCHEDULED", "name": "Late", "state_details": {"scheduled_time": scheduled_time}}})
+            reply = await self.send("MarkFlowRunLate", {"id": run_id})
             if reply.get("ok") and reply.get("orchestration", {}).get("status") == "ACCEPT":
                 marked += 1
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 from runledger.commands import concurrency_limits as cl
@@ -12,6 +13,9 @@ from runledger.commands import deployments as dp
 from runledger.commands import flow_runs as fr
 from runledger.commands import flows as fl
 from runledger.commands import slots as sl
+from runledger.commands import subflows as sf
+from runledger.commands import task_run_rules as task_rules
+from runledger.commands import task_runs as tr
 from runledger.commands import unique_keys as uk
 from runledger.commands import work_pools as wp
 from runledger.commands import workers as wk
@@ -22,6 +26,7 @@ from runledger.infra.aggregates import AggregateKind
 from runledger.infra.log_index import LogIndex
 
 from .command_bus import AggregateKey, CommandSpec, Unit
+from .task_run_commands import load_task_run, tag_limits_of
 from .work_pool_commands import pool_by_name
 
 # Every event of a run, and of a pool's slot counts, carries the whole state: its last event
@@ -47,6 +52,24 @@ async def initial_slots(unit: Unit, pool: wp.WorkPool | None, states: Iterable[S
     return await pool_slots(unit, pool)
 
 
+async def onto_parent_task(unit: Unit, decision: Decision, before: fr.FlowRun | None, run_id: str,
+                           ctx: DecisionContext) -> Decision:
+    """FR-6: a state written for a subflow is copied onto its parent task run in the same
+    append (`subflows`). The task run is locked after the run's limits (`Unit.lock`'s order),
+    and its tags' limits after it, as its own commands take them."""
+    subflow = sf.state_written(decision, before, run_id)
+    if subflow is None:
+        return decision
+    await unit.lock([(tr.TASK_RUN, str(subflow.parent_task_run_id))])
+    parent = await load_task_run(unit, subflow.parent_task_run_id)
+    if parent is None:
+        return sf.with_parent_task_state(decision, subflow, None, ctx, created=before is None)
+    flow_run = await unit.load(fr.FLOW_RUN, str(parent.flow_run_id)) if parent.flow_run_id is not None else None
+    facts = task_rules.TaskFacts(flow_run=flow_run,
+                                 tag_limits=await tag_limits_of(unit, parent, sf.parent_task_state(subflow)))
+    return sf.with_parent_task_state(decision, subflow, parent, ctx, facts, created=before is None)
+
+
 async def create_flow_run(unit: Unit, cmd: fr.CreateFlowRun, ctx: DecisionContext) -> Decision:
     claim = existing = None
     if cmd.idempotency_key is not None:
@@ -58,7 +81,8 @@ async def create_flow_run(unit: Unit, cmd: fr.CreateFlowRun, ctx: DecisionContex
     decision = fr.decide_create_flow_run(cmd, claim, existing, flow is not None, pool, ctx)
     if not decision.created:
         return decision
-    return sl.with_initial_slots(decision, await initial_slots(unit, pool, [cmd.state], StateType.PENDING))
+    decision = sl.with_initial_slots(decision, await initial_slots(unit, pool, [cmd.state], StateType.PENDING))
+    return await onto_parent_task(unit, decision, None, str(decision.result.id), ctx)
 
 
 async def update_flow_run(unit: Unit, cmd: fr.UpdateFlowRun, ctx: DecisionContext) -> Decision:
@@ -76,7 +100,7 @@ async def update_flow_run(unit: Unit, cmd: fr.UpdateFlowRun, ctx: DecisionContex
 
 
 def _run_reply(run: fr.FlowRun) -> dict[str, Any]:
-    return run.model_dump(mode="json")
+    return fr.flow_run_reply(run, datetime.now(UTC))
 
 
 def _state_reply(state: State | None) -> dict[str, Any] | None:
@@ -154,14 +178,38 @@ def command_specs(queues: LogIndex | None,
 
     async def set_flow_run_state(unit: Unit, cmd: fr.SetFlowRunState, ctx: DecisionContext) -> Decision:
         run = await unit.load(fr.FLOW_RUN, str(cmd.id))
-        return fr.decide_set_state(cmd, run, ctx, await limits_of(unit, run))
+        decision = fr.decide_set_state(cmd, run, ctx, await limits_of(unit, run))
+        return await onto_parent_task(unit, decision, run, str(cmd.id), ctx)
 
-    async def delete_flow_run(unit: Unit, cmd: fr.DeleteFlowRun, ctx: DecisionContext) -> Decision:
+    async def mark_flow_run_late(unit: Unit, cmd: fr.MarkFlowRunLate, ctx: DecisionContext) -> Decision:
         run = await unit.load(fr.FLOW_RUN, str(cmd.id))
+        decision = fr.decide_mark_late(cmd, run, ctx, await limits_of(unit, run))
+        return await onto_parent_task(unit, decision, run, str(cmd.id), ctx)
+
+    async def deletion_inputs(unit: Unit, run: fr.FlowRun | None) -> tuple[uk.UniqueKeyClaim | None, sl.Limits]:
+        """What a run's deletion writes to besides the run: its idempotency key's claim (released
+        in the same batch, so loaded for its expected sequence) and its limits."""
         claim = None
         if run is not None and run.idempotency_key is not None:
             claim = await unit.load(uk.UNIQUE_KEY, fr.key_of(run.flow_id, run.idempotency_key))
-        return fr.decide_delete_flow_run(cmd, run, claim, ctx, await limits_of(unit, run))
+        return claim, await limits_of(unit, run)
+
+    async def delete_flow_run(unit: Unit, cmd: fr.DeleteFlowRun, ctx: DecisionContext) -> Decision:
+        run = await unit.load(fr.FLOW_RUN, str(cmd.id))
+        claim, limits = await deletion_inputs(unit, run)
+        return fr.decide_delete_flow_run(cmd, run, claim, ctx, limits)
+
+    async def delete_run_of_deleted_deployment(unit: Unit, cmd: dp.DeleteRunOfDeletedDeployment,
+                                               ctx: DecisionContext) -> Decision:
+        """The deployment is read from the log (`fresh`), whatever this instance's cache holds:
+        the decision writes nothing to it, so no expected-sequence check would catch a cache
+        that missed its deletion on another instance. Its sequence tells a deleted deployment
+        (its log has events) from one never created (none)."""
+        run = await unit.load(fr.FLOW_RUN, str(cmd.id))
+        deployment = await unit.load(dp.DEPLOYMENT, str(cmd.deployment_id), fresh=True)
+        in_log = unit.loaded[(dp.DEPLOYMENT, str(cmd.deployment_id))] != 0
+        claim, limits = await deletion_inputs(unit, run)
+        return dp.decide_delete_run_of_deleted_deployment(cmd, run, deployment, in_log, claim, ctx, limits)
 
     async def crash_run_of_lost_worker(unit: Unit, cmd: fr.CrashFlowRunOfLostWorker,
                                        ctx: DecisionContext) -> Decision:
@@ -170,20 +218,25 @@ def command_specs(queues: LogIndex | None,
         pool = limits.pool
         worker = await unit.load(wk.WORKER, str(wk.worker_id(pool.id, cmd.worker_name))) if pool is not None else None
         online = worker is not None and worker.status is wk.WorkerStatus.ONLINE
-        return fr.decide_crash_run_of_lost_worker(cmd, run, online, pool.name if pool else "", ctx, limits)
+        decision = fr.decide_crash_run_of_lost_worker(cmd, run, online, pool.name if pool else "", ctx, limits)
+        return await onto_parent_task(unit, decision, run, str(cmd.id), ctx)
 
     async def expire_deployment_slot_lease(unit: Unit, cmd: fr.ExpireDeploymentSlotLease,
                                            ctx: DecisionContext) -> Decision:
         run = await unit.load(fr.FLOW_RUN, str(cmd.id))
-        return fr.decide_expire_deployment_slot_lease(cmd, run, ctx, await limits_of(unit, run))
+        decision = fr.decide_expire_deployment_slot_lease(cmd, run, ctx, await limits_of(unit, run))
+        return await onto_parent_task(unit, decision, run, str(cmd.id), ctx)
 
     return {
         "CreateFlowRun": CommandSpec(fr.CreateFlowRun, create_flow_run, _run_reply, _create_locks),
         "CrashFlowRunOfLostWorker": CommandSpec(fr.CrashFlowRunOfLostWorker, crash_run_of_lost_worker, _state_reply,
                                                 _by_id),
         "SetFlowRunState": CommandSpec(fr.SetFlowRunState, set_flow_run_state, _state_reply, _by_id),
+        "MarkFlowRunLate": CommandSpec(fr.MarkFlowRunLate, mark_flow_run_late, _state_reply, _by_id),
         "ExpireDeploymentSlotLease": CommandSpec(fr.ExpireDeploymentSlotLease, expire_deployment_slot_lease,
                                                  _state_reply, _by_id),
         "UpdateFlowRun": CommandSpec(fr.UpdateFlowRun, update_flow_run, _nothing, _by_id),
         "DeleteFlowRun": CommandSpec(fr.DeleteFlowRun, delete_flow_run, _nothing, _by_id),
+        "DeleteRunOfDeletedDeployment": CommandSpec(dp.DeleteRunOfDeletedDeployment, delete_run_of_deleted_deployment,
+                                                    _nothing, _by_id),
     }

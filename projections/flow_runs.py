@@ -5,6 +5,7 @@ it; an answer is that row with its queue's current name and pool (FR-9)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import func, select
@@ -12,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runledger.commands import flow_runs as fr
 from runledger.commands import queries as q
+from runledger.commands import work_pools as wp
 from runledger.commands.messages import Event, not_found
 from runledger.commands.states import State
 
@@ -37,27 +39,78 @@ _RUN_DEFAULTS_JSON = json_param(_RUN_DEFAULTS)
 _STATE_EVENTS = frozenset({"FlowRunCreated", "FlowRunStateSet"})
 
 
+# A deleted queue's runs keep existing without it (WP-9): their row's `work_queue_id` is cleared,
+# and stays so whatever their later events, which were decided with the queue, carry (a run's
+# queue is set at its creation and never changes otherwise). Served by `flow_runs_queue`.
+_QUEUES_GONE_EVENTS = frozenset({wp.WorkPoolDeleted.event_type, wp.WorkQueueDeleted.event_type})
+_QUEUES_GONE_SQL = "UPDATE flow_runs SET work_queue_id = NULL WHERE work_queue_id = ANY($1::uuid[])"
+_KEPT_NULL = ("work_queue_id",)
+
+
+def _gone_queue_ids(event_type: str, payload: dict[str, Any]) -> list[str]:
+    return payload["queue_ids"] if event_type == wp.WorkPoolDeleted.event_type else [payload["queue_id"]]
+
+
+def _in_order(kinds: Sequence[tuple[str, str]]) -> bool:
+    """Whether a batch of (run id, event type) needs its writes in log order: it deletes
+    queues, or deletes a run that it then makes again (its new row must not meet the old one's
+    cleared queue)."""
+    deleted: set[str] = set()
+    for run_id, event_type in kinds:
+        if event_type in _QUEUES_GONE_EVENTS or (event_type in _RUN_EVENTS and run_id in deleted):
+            return True
+        if event_type == "FlowRunDeleted":
+            deleted.add(run_id)
+    return False
+
+
 class FlowRunsProjector:
     """Reads payload dicts (`raw_payloads`): a run's events carry the whole run, so the batch's
     last one per run is its row, written with every state of the batch in two statements
-    (which the runner sends as one, with the checkpoint: `writes`)."""
+    (which the runner sends as one, with the checkpoint: `writes`). A batch that deletes queues
+    (or a run it makes again) is written in log order instead, in pieces (`apply`)."""
 
     name = "flow_runs"
     tables = (flow_runs, flow_run_states)
     raw_payloads = True
     handles = frozenset({fr.FlowRunCreated.event_type, fr.FlowRunStateSet.event_type,
                          fr.FlowRunUpdated.event_type, fr.FlowRunWaiting.event_type, fr.FlowRunDeleted.event_type,
-                         fr.FlowRunDeploymentLeaseExpired.event_type})
+                         fr.FlowRunDeploymentLeaseExpired.event_type, *_QUEUES_GONE_EVENTS})
 
     async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, str, Event | dict]]) -> None:
-        await run_writes(conn, self.writes(events))
+        payloads = cast(Sequence[tuple[str, str, dict[str, Any]]], events)
+        if not _in_order([(i, t) for i, t, _ in payloads]):
+            await run_writes(conn, self._run_writes(payloads))
+            return
+        # Pieces cut after each queue or run deletion: each piece's runs are written before
+        # what follows it applies.
+        piece: list[tuple[str, str, dict[str, Any]]] = []
+        for aggregate_id, event_type, payload in payloads:
+            if event_type in _QUEUES_GONE_EVENTS:
+                await run_writes(conn, [*self._run_writes(piece),
+                                        (_QUEUES_GONE_SQL, (_gone_queue_ids(event_type, payload),))])
+                piece = []
+                continue
+            piece.append((aggregate_id, event_type, payload))
+            if event_type == "FlowRunDeleted":
+                await run_writes(conn, self._run_writes(piece))
+                piece = []
+        await run_writes(conn, self._run_writes(piece))
 
-    def writes(self, events: Sequence[tuple[str, str, Event | dict]]) -> list[Write]:
-        """Disjoint rows: a run deleted in the batch is neither written nor given states."""
+    def writes(self, events: Sequence[tuple[str, str, Event | dict]]) -> list[Write] | None:
+        """Disjoint rows: a run deleted in the batch is neither written nor given states.
+        None when the batch must be written in order (`_in_order`)."""
+        payloads = cast(Sequence[tuple[str, str, dict[str, Any]]], events)
+        if _in_order([(i, t) for i, t, _ in payloads]):
+            return None
+        return self._run_writes(payloads)
+
+    @staticmethod
+    def _run_writes(events: Sequence[tuple[str, str, dict[str, Any]]]) -> list[Write]:
         # A run's last event in the batch decides its row; every written state is kept.
         last: dict[str, dict[str, Any] | None] = {}
         states: dict[str, dict[str, Any]] = {}
-        for _, event_type, payload in cast(Sequence[tuple[str, str, dict[str, Any]]], events):
+        for _, event_type, payload in events:
             if event_type in _RUN_EVENTS:
                 run = payload["run"]
                 last[run["id"]] = run
@@ -68,12 +121,17 @@ class FlowRunsProjector:
                 gone_id = payload["flow_run_id"]
                 last[gone_id] = None
                 states = {k: v for k, v in states.items() if v["flow_run_id"] != gone_id}
-        return runs_with_states_writes(flow_runs, flow_run_states, "flow_run_id", _RUN_DEFAULTS, last, states)
+        return runs_with_states_writes(flow_runs, flow_run_states, "flow_run_id", _RUN_DEFAULTS, last, states,
+                                       kept_null=_KEPT_NULL)
 
-    def raw_writes(self, events: Sequence[StoredEvent]) -> list[Write]:
-        """The same writes, Postgres reading the rows out of the events as stored."""
+    def raw_writes(self, events: Sequence[StoredEvent]) -> list[Write] | None:
+        """The same writes, Postgres reading the rows out of the events as stored; None when
+        the batch must be written in order."""
+        if _in_order([(i, t) for i, t, _ in events]):
+            return None
         return runs_with_states_envelope_writes(flow_runs, flow_run_states, "flow_run_id", _RUN_DEFAULTS_JSON,
-                                                events, _RUN_EVENTS, _STATE_EVENTS, "FlowRunDeleted")
+                                                events, _RUN_EVENTS, _STATE_EVENTS, "FlowRunDeleted",
+                                                kept_null=_KEPT_NULL)
 
 
 _queue = work_queues.alias("q")
@@ -90,12 +148,12 @@ def flow_run_reply(row: Any) -> dict[str, Any]:
 
 def flow_run_values_reply(values: dict[str, Any]) -> dict[str, Any]:
     """A run's reply from its row's values with its queue's current name and its pool's id and
-    name (`current_queue_name`, `work_pool_id`, `work_pool_name`)."""
+    name (`current_queue_name`, `work_pool_id`, `work_pool_name`), and its estimates as of now."""
     queue_name = values.pop("current_queue_name")
     pool_id, pool_name = values.pop("work_pool_id"), values.pop("work_pool_name")
     if values["work_queue_id"] is not None and queue_name is not None:
         values["work_queue_name"] = queue_name
-    reply = fr.FlowRun.model_validate(values).model_dump(mode="json")
+    reply = fr.flow_run_reply(fr.FlowRun.model_validate(values), datetime.now(UTC))
     reply["work_pool_id"] = str(pool_id) if pool_id is not None else None
     reply["work_pool_name"] = pool_name
     return reply
@@ -142,12 +200,10 @@ async def count_flow_runs(conn: AsyncConnection, query: q.CountFlowRuns) -> int:
 
 
 async def list_flow_run_states(conn: AsyncConnection, query: q.ListFlowRunStates) -> list[dict[str, Any]]:
+    """A filter, as Prefect's `GET /flow_run_states/`: an unknown run has no states, not an error."""
     rows = await conn.execute(select(flow_run_states).where(flow_run_states.c.flow_run_id == query.flow_run_id)
                               .order_by(flow_run_states.c.timestamp, flow_run_states.c.id))
-    found = [State.model_validate({k: v for k, v in r._mapping.items() if k != "flow_run_id"}).reply() for r in rows]
-    if not found and (await conn.execute(select(flow_runs.c.id).where(flow_runs.c.id == query.flow_run_id))).first() is None:
-        raise fr.flow_run_not_found(query.flow_run_id)
-    return found
+    return [State.model_validate({k: v for k, v in r._mapping.items() if k != "flow_run_id"}).reply() for r in rows]
 
 
 async def get_flow_run_state(conn: AsyncConnection, query: q.GetFlowRunState) -> dict[str, Any]:

@@ -28,6 +28,34 @@ async def set_state(broker, run_id: str, state_type: str, **extra):
     return reply
 
 
+def without_estimates(run: dict) -> dict:
+    return {k: v for k, v in run.items() if not k.startswith("estimated_")}
+
+
+async def test_fr1_replies_estimate_run_time_and_lateness_as_of_the_reply(broker):
+    flow_id = await a_flow(broker)
+    due = datetime.now(UTC) - timedelta(minutes=10)
+    made = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id,
+                               state={"type": "SCHEDULED", "state_details": {"scheduled_time": due.isoformat()}})
+    # Not started, expected 10 minutes ago: as late as that, and no run time yet.
+    assert made["estimated_run_time"] == 0.0 and 595 <= made["estimated_start_time_delta"] <= 700
+    read = await broker.ok_qry("GetFlowRun", id=made["id"])
+    assert read["estimated_run_time"] == 0.0 and read["estimated_start_time_delta"] >= made["estimated_start_time_delta"]
+    await set_state(broker, made["id"], "RUNNING")
+    await asyncio.sleep(0.2)
+    running = await broker.ok_qry("GetFlowRun", id=made["id"])
+    started_late = (datetime.fromisoformat(running["start_time"]) - due).total_seconds()
+    assert running["estimated_start_time_delta"] == pytest.approx(started_late)  # fixed once started
+    assert running["total_run_time"] == 0.0 and running["estimated_run_time"] >= 0.2  # counted while RUNNING
+    await set_state(broker, made["id"], "COMPLETED")
+    [done] = await broker.ok_qry("ListFlowRuns", flow_runs={"id": {"any_": [made["id"]]}})
+    assert done["estimated_run_time"] == done["total_run_time"] > 0
+    # On time (or not due yet): no lateness.
+    on_time = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, state={"type": "SCHEDULED", "state_details": {
+        "scheduled_time": (datetime.now(UTC) + timedelta(minutes=5)).isoformat()}})
+    assert on_time["estimated_start_time_delta"] == 0.0
+
+
 async def test_a_run_is_created_pending_and_walks_to_completed(broker):
     flow_id = await a_flow(broker)
     made = await broker.cmd("CreateFlowRun", flow_id=flow_id, parameters={"x": 1}, tags=["a", "a", "b"])
@@ -80,6 +108,72 @@ async def test_orchestration_outcomes_reach_the_reply(broker):
     assert forced["orchestration"]["status"] == "ACCEPT"
 
 
+async def test_or12_deprecated_max_retries_still_retries(broker):
+    """Prefect's older clients send `max_retries` / `retry_delay_seconds` only."""
+    flow_id = await a_flow(broker)
+    run = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id,
+                              empirical_policy={"max_retries": 1, "retry_delay_seconds": 2})
+    assert (run["empirical_policy"]["retries"], run["empirical_policy"]["retry_delay"]) == (1, 2)
+    await set_state(broker, run["id"], "RUNNING")
+    failed = await set_state(broker, run["id"], "FAILED", message="boom")
+    assert (failed["result"]["type"], failed["result"]["name"]) == ("SCHEDULED", "AwaitingRetry")
+    # `retries` given wins; so does an update's policy.
+    both = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, empirical_policy={"max_retries": 5, "retries": 2})
+    assert both["empirical_policy"]["retries"] == 2
+    await broker.ok_cmd("UpdateFlowRun", id=both["id"], empirical_policy={"max_retries": 3})
+    assert (await broker.ok_qry("GetFlowRun", id=both["id"]))["empirical_policy"]["retries"] == 3
+
+
+async def test_fr7_only_the_clocks_late_marking_cancels_behind_a_full_cancel_new_deployment(broker):
+    flow_id = await a_flow(broker)
+    deployment = await broker.ok_cmd("CreateDeployment", flow_id=flow_id, name="one", concurrency_limit=1,
+                                     concurrency_options={"collision_strategy": "CANCEL_NEW"})
+    holder = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=deployment["id"])
+    assert (await set_state(broker, holder["id"], "PENDING"))["orchestration"]["status"] == "ACCEPT"
+    mine, clocks = [await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=deployment["id"])
+                    for _ in range(2)]
+    own = await set_state(broker, mine["id"], "SCHEDULED", name="Late")  # a client's own: the core rules
+    assert (own["orchestration"]["status"], own["result"]["name"]) == ("ACCEPT", "Late")
+    marked = await broker.cmd("MarkFlowRunLate", id=clocks["id"])
+    assert marked["orchestration"]["status"] == "REJECT"
+    assert marked["orchestration"]["details"]["reason"] == \
+        "Deployment concurrency limit is full and uses the CANCEL_NEW strategy."
+    assert (marked["result"]["type"], marked["result"]["message"]) == ("CANCELLED",
+                                                                       "Deployment concurrency limit reached.")
+    again = await broker.cmd("MarkFlowRunLate", id=mine["id"])  # late already: nothing written
+    assert again["orchestration"]["status"] == "REJECT" and again["result"]["name"] == "Late"
+
+
+async def test_fr6_a_subflow_state_is_copied_onto_its_parent_task_run(broker, service, settings):
+    flow_id = await a_flow(broker)
+    parent = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id)
+    await set_state(broker, parent["id"], "RUNNING")
+    task = await broker.ok_cmd("CreateTaskRun", flow_run_id=parent["id"], task_key="child", dynamic_key="0")
+    child = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, parent_task_run_id=task["id"])
+    read = await broker.ok_qry("GetTaskRun", id=task["id"])
+    assert (read["state_type"], read["state"]["state_details"]["child_flow_run_id"]) == ("PENDING", child["id"])
+    running = await set_state(broker, child["id"], "RUNNING")
+    read = await broker.ok_qry("GetTaskRun", id=task["id"])
+    assert read["state_type"] == "RUNNING"
+    copied = read["state"]
+    assert copied["state_details"]["child_flow_run_id"] == child["id"]
+    assert copied["state_details"]["task_run_id"] == task["id"]
+    assert copied["state_details"]["flow_run_id"] == parent["id"]
+    assert copied["id"] != running["result"]["id"]  # a copy: a state of its own
+    await set_state(broker, child["id"], "COMPLETED", data={"type": "unpersisted"}, message="done")
+    read = await broker.ok_qry("GetTaskRun", id=task["id"])
+    assert (read["state_type"], read["state"]["message"]) == ("COMPLETED", "done")
+    # A refused proposal writes nothing on either.
+    refused = await set_state(broker, child["id"], "PAUSED")
+    assert refused["orchestration"]["status"] == "ABORT"
+    assert (await broker.ok_qry("GetTaskRun", id=task["id"]))["state"]["id"] == read["state"]["id"]
+    # A subflow needs its parent task run (Prefect's foreign key).
+    missing = str(uuid.uuid4())
+    orphan = await broker.cmd("CreateFlowRun", flow_id=flow_id, parent_task_run_id=missing)
+    assert orphan["error"] == {"code": "not_found", "message": f"Task run {missing} not found."}
+    await assert_live_equals_rebuild(service, settings)
+
+
 async def test_unknown_flow_pool_queue_or_run(broker):
     assert (await broker.cmd("CreateFlowRun", flow_id=str(uuid.uuid4())))["error"]["code"] == "not_found"
     flow_id = await a_flow(broker)
@@ -93,7 +187,7 @@ async def test_unknown_flow_pool_queue_or_run(broker):
     assert (await broker.cmd("SetFlowRunState", id=unknown, state={"type": "RUNNING"}))["error"]["code"] == "not_found"
     assert (await broker.cmd("DeleteFlowRun", id=unknown))["error"]["code"] == "not_found"
     assert (await broker.qry("GetFlowRun", id=unknown))["error"]["code"] == "not_found"
-    assert (await broker.qry("ListFlowRunStates", flow_run_id=unknown))["error"]["code"] == "not_found"
+    assert await broker.ok_qry("ListFlowRunStates", flow_run_id=unknown) == []  # a filter, as Prefect's
 
 
 async def test_a_pool_means_its_default_queue_and_reads_name_the_pool(broker):
@@ -111,7 +205,8 @@ async def test_an_idempotency_key_returns_the_existing_run_within_its_flow(broke
     first = await broker.cmd("CreateFlowRun", flow_id=etl, idempotency_key="k1")
     second = await broker.cmd("CreateFlowRun", flow_id=etl, idempotency_key="k1",
                               state={"type": "RUNNING"}, parameters={"changed": True})
-    assert second["created"] is False and second["result"] == first["result"]  # unchanged, state not applied
+    assert second["created"] is False  # unchanged, state not applied (its estimates are as of each reply)
+    assert without_estimates(second["result"]) == without_estimates(first["result"])
     elsewhere = await broker.cmd("CreateFlowRun", flow_id=other, idempotency_key="k1")
     assert elsewhere["created"] is True and elsewhere["result"]["id"] != first["result"]["id"]
     # The bus's own key is a different field and works as for every command.
@@ -154,6 +249,20 @@ async def test_updates_change_what_they_name_with_job_variables_and_priority_onl
     waiting = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, state={"type": "SCHEDULED"})
     await broker.ok_cmd("UpdateFlowRun", id=waiting["id"], priority=-3)
     assert (await broker.ok_qry("GetFlowRun", id=waiting["id"]))["priority"] == -3
+
+
+async def test_fr8_explicit_null_job_variables_clears_them_unchecked_and_no_name_gets_a_fresh_one(broker):
+    """As Prefect's PATCH: only new job variables are checked; a null or empty name is a new slug."""
+    flow_id = await a_flow(broker)
+    run = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, name="named", job_variables={"a": 1})
+    await set_state(broker, run["id"], "RUNNING")
+    reply = await broker.cmd("UpdateFlowRun", id=run["id"], job_variables=None)
+    assert reply["ok"], reply
+    assert (await broker.ok_qry("GetFlowRun", id=run["id"]))["job_variables"] == {}
+    for no_name in (None, ""):
+        await broker.ok_cmd("UpdateFlowRun", id=run["id"], name=no_name)
+        renamed = (await broker.ok_qry("GetFlowRun", id=run["id"]))["name"]
+        assert renamed not in ("named", "") and "-" in renamed
 
 
 async def test_flow_runs_are_filtered_sorted_and_counted(broker):

@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 
+from runledger.commands import concurrency_limits as cl
 from runledger.commands import orchestration_rules as orch
+from runledger.commands import slots as sl
 from runledger.commands.decisions import Outcome
 from runledger.commands.flow_runs import FlowRun, FlowRunPolicy
 from runledger.commands.messages import DecisionContext
@@ -171,7 +173,6 @@ def test_flow_policy_lists_the_core_rules_in_prefects_order() -> None:
         ("OR-6", "take_a_deployment_slot_again_after_its_lease_expired"),
         ("OR-7", "secure_flow_concurrency_slots"),
         ("OR-8", "ensure_only_scheduled_flows_marked_late"),
-        ("FR-7", "cancel_new_runs_that_fall_due_behind_a_full_deployment"),
         ("OR-9", "handle_pausing_flows"),
         ("OR-10", "handle_resuming_paused_flows"),
         ("OR-11", "copy_scheduled_time"),
@@ -180,7 +181,9 @@ def test_flow_policy_lists_the_core_rules_in_prefects_order() -> None:
     ]
     assert [r.name for r in orch.FORCED_FLOW_POLICY] == ["prevent_result_data_loss",
                                                          "bypass_cancelling_flow_runs_with_no_infra"]
-    for r in [*orch.FLOW_POLICY, *orch.FORCED_FLOW_POLICY]:
+    assert [r.name for r in orch.LATE_RUNS_POLICY] == ["ensure_only_scheduled_flows_marked_late",
+                                                       "cancel_new_runs_that_fall_due_behind_a_full_deployment"]
+    for r in [*orch.FLOW_POLICY, *orch.FORCED_FLOW_POLICY, *orch.LATE_RUNS_POLICY]:
         assert r.doc.strip() and r.from_states and r.to_states
 
 
@@ -495,6 +498,33 @@ def test_or8_other_scheduled_names_and_a_run_without_state_pass() -> None:
     assert_written(set_state(run_in(None), propose(T.SCHEDULED, "Late")), T.SCHEDULED, "Late")
 
 
+def full_cancel_new_deployment() -> sl.Limits:
+    limit = cl.ConcurrencyLimit(id=uuid.uuid4(), created=NOW, updated=NOW, name="d", limit=1, active=True,
+                                active_slots=1)
+    return sl.Limits(deployment_limit=limit, collision_strategy="CANCEL_NEW")
+
+
+def test_fr7_a_client_proposing_late_goes_through_the_core_rules_whatever_its_deployment() -> None:
+    """Prefect's EnforceDeploymentConcurrencyOnLate is in its late-runs policy only."""
+    run = run_in(written(T.SCHEDULED), deployment_id=DEPLOYMENT_ID)
+    t = orch.set_flow_run_state(run, propose(T.SCHEDULED, "Late"), force=False, ctx=ctx(),
+                                limits=full_cancel_new_deployment())
+    assert t.orchestration.status is Outcome.ACCEPT
+    assert_written(t, T.SCHEDULED, "Late")
+
+
+def test_fr7_the_clock_cancels_a_late_run_of_a_full_cancel_new_deployment() -> None:
+    run = run_in(written(T.SCHEDULED), deployment_id=DEPLOYMENT_ID, next_scheduled_start_time=EARLIER)
+    t = orch.mark_flow_run_late(run, ctx(), full_cancel_new_deployment())
+    assert t.orchestration.status is Outcome.REJECT
+    assert t.orchestration.reason == "Deployment concurrency limit is full and uses the CANCEL_NEW strategy."
+    assert assert_written(t, T.CANCELLED, "Cancelled").message == "Deployment concurrency limit reached."
+    late = assert_written(orch.mark_flow_run_late(run, ctx()), T.SCHEDULED, "Late")
+    assert late.state_details.scheduled_time == EARLIER  # the time it was due
+    for moved_on in (run_in(written(T.PENDING)), run_in(written(T.SCHEDULED, name="Late"))):
+        assert_nothing_written(orch.mark_flow_run_late(moved_on, ctx(), full_cancel_new_deployment()), moved_on)
+
+
 # ---------------------------------------------------------------------------------------------
 # OR-9 pausing
 
@@ -602,6 +632,25 @@ def test_or10_a_timed_out_pause_fails_the_run() -> None:
     assert failed.message == "The flow was running and never resumed."  # Prefect names the proposal
     assert t.run.end_time == failed.timestamp
     assert t.run.run_count == 1
+
+
+def test_or10_a_timed_out_pause_proposed_running_does_not_leave_the_run_resuming() -> None:
+    """FR-4: the rule was chosen for PAUSED -> RUNNING and wrote FAILED, so it fizzles and its
+    after-write mark is skipped; the next RUNNING counts as another run."""
+    run = run_in(written(T.PAUSED, pause_timeout=NOW - timedelta(seconds=1)), run_count=1)
+    t = set_state(run, propose(T.RUNNING))
+    assert_written(t, T.FAILED)
+    assert t.run.empirical_policy.resuming is False
+    again = set_state(t.run, propose(T.RUNNING), force=True, now=NOW + timedelta(seconds=5))
+    assert again.run.run_count == 2
+
+
+def test_or10_a_timed_out_pause_proposed_failed_is_marked_resuming_as_prefect_does() -> None:
+    run = run_in(written(T.PAUSED, pause_timeout=NOW - timedelta(seconds=1)), run_count=1)
+    t = set_state(run, propose(T.FAILED))
+    assert t.orchestration.status is Outcome.REJECT
+    assert_written(t, T.FAILED)
+    assert t.run.empirical_policy.resuming is True
 
 
 def test_or10_a_suspended_run_resumes_through_scheduled_without_counting_another_run() -> None:

@@ -440,17 +440,20 @@ def test_a_lost_workers_run_is_crashed_once_and_gives_its_slots_back() -> None:
     assert fr.decide_crash_run_of_lost_worker(cmd, done, False, "p", ctx(), limits).events == []
 
 
-def test_a_cancel_new_run_marked_late_behind_a_full_deployment_is_cancelled() -> None:
+def test_a_cancel_new_run_the_clock_finds_late_behind_a_full_deployment_is_cancelled() -> None:
     run = a_run(None, deployment=True)
-    late = {"scheduled_time": EARLIER}
-    cmd = fr.SetFlowRunState(id=run.id, state=StateCreate(type=T.SCHEDULED, name="Late",
-                                                          state_details=StateDetails(**late)))
-    full = fr.decide_set_state(cmd, run, ctx(), deployment_limits(1, 1, "CANCEL_NEW"))
+    cmd = fr.MarkFlowRunLate(id=run.id)
+    full = fr.decide_mark_late(cmd, run, ctx(), deployment_limits(1, 1, "CANCEL_NEW"))
     assert full.orchestration.status is Outcome.REJECT
     assert (full.result.type, full.result.message) == (T.CANCELLED, "Deployment concurrency limit reached.")
     for limits in (deployment_limits(2, 1, "CANCEL_NEW"), deployment_limits(1, 1, "ENQUEUE"), sl.NO_LIMITS):
-        d = fr.decide_set_state(cmd, run, ctx(), limits)
+        d = fr.decide_mark_late(cmd, run, ctx(), limits)
         assert d.orchestration.status is Outcome.ACCEPT and d.result.name == "Late"
+    # A client's own `Late` goes through the core rules (Prefect's), whatever the deployment.
+    late = fr.SetFlowRunState(id=run.id, state=StateCreate(type=T.SCHEDULED, name="Late",
+                                                           state_details=StateDetails(scheduled_time=EARLIER)))
+    own = fr.decide_set_state(late, run, ctx(), deployment_limits(1, 1, "CANCEL_NEW"))
+    assert own.orchestration.status is Outcome.ACCEPT and own.result.name == "Late"
 
 
 # ---------------------------------------------------------------------------------------------
