@@ -1,5 +1,6 @@
 """`runledger work-queue ...`: create, list, inspect, update, pause, resume, delete and
-re-prioritise work queues and set or clear their concurrency limits, through the client only.
+re-prioritise work queues, set or clear their concurrency limits and show their health
+(`status`), through the client only.
 Exit codes: see `output.py` (3 not found, 4 conflict, 5 invalid or forbidden, 6 unavailable,
 2 usage, 1 other).
 
@@ -15,7 +16,7 @@ from typing import Any
 
 import typer
 
-from runledger.client import RunledgerClient, WorkQueue
+from runledger.client import RunledgerClient, WorkQueue, WorkQueueStatusDetail
 from runledger.commands.queries import DEFAULT_LIMIT
 from runledger.commands.work_pools import LEGACY_POOL_NAME
 
@@ -146,6 +147,15 @@ def list_queues(
         show_work_queues(queues, title, empty)
 
 
+async def _read(rl: RunledgerClient, name: str, pool: str | None) -> WorkQueue:
+    queue_id = _as_uuid(name)
+    if pool is not None:
+        return await rl.read_work_queue(pool, name)
+    if queue_id is not None:
+        return await rl.read_work_queue_by_id(queue_id)
+    return await rl.read_legacy_work_queue(name)
+
+
 @work_queue_app.command()
 def inspect(
     name: str = typer.Argument(..., help=REF_HELP),
@@ -154,17 +164,31 @@ def inspect(
     output: OutputOption = None,
 ) -> None:
     """Show one work queue."""
-    queue_id = _as_uuid(name)
-    if pool is not None:
-        queue = run(lambda rl: rl.read_work_queue(pool, name))
-    elif queue_id is not None:
-        queue = run(lambda rl: rl.read_work_queue_by_id(queue_id))
-    else:
-        queue = run(lambda rl: rl.read_legacy_work_queue(name))
+    queue = run(lambda rl: _read(rl, name, pool))
     if wants_json(as_json, output):
         print_json(queue)
     else:
         show_details(queue, _title(queue))
+
+
+@work_queue_app.command()
+def status(
+    name: str = typer.Argument(..., help=REF_HELP),
+    pool: str | None = typer.Option(None, "--pool", "-p", help=POOL_HELP),
+    as_json: JsonFlag = False,
+    output: OutputOption = None,
+) -> None:
+    """Show a work queue's health: no Late runs, and polled within the last 60 s."""
+
+    async def health(rl: RunledgerClient) -> tuple[WorkQueue, WorkQueueStatusDetail]:
+        queue = await _read(rl, name, pool)
+        return queue, await rl.read_work_queue_status(queue.id)
+
+    queue, detail = run(health)
+    if wants_json(as_json, output):
+        print_json(detail)
+    else:
+        show_details(detail, f"{_title(queue)}: {'healthy' if detail.healthy else 'unhealthy'}")
 
 
 @work_queue_app.command()

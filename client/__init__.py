@@ -48,6 +48,8 @@ from .models import (
     WorkQueue,
     WorkQueueConcurrencyStatus,
     WorkQueueConcurrencyStatusDetail,
+    WorkQueueHealthPolicy,
+    WorkQueueStatusDetail,
 )
 from .runledger_client import RunledgerClient, new_idempotency_key
 
@@ -86,5 +88,7 @@ __all__ = [
     "WorkQueue",
     "WorkQueueConcurrencyStatus",
     "WorkQueueConcurrencyStatusDetail",
+    "WorkQueueHealthPolicy",
+    "WorkQueueStatusDetail",
     "new_idempotency_key",
 ]

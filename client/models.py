@@ -442,10 +442,30 @@ class WorkPoolConcurrencyStatus(_ConcurrencyStatusPage):
     """Who holds a pool's slots (`active_slots`: every queue's, not only the page's; the page
     is of queues)."""
 
-    work_queues: list[WorkQueueConcurrencyStatusDetail] = []
+    queues: list[WorkQueueConcurrencyStatusDetail] = []
 
 
 class WorkQueueConcurrencyStatus(_ConcurrencyStatusPage):
     """Who holds a queue's slots, counted as the legacy queue API does (the page is of runs)."""
 
     flow_runs: list[FlowRunSlotSummary] = []
+
+
+class WorkQueueHealthPolicy(BaseModel):
+    """What a queue's health is judged by (the same for every queue)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    maximum_late_runs: int | None = 0
+    maximum_seconds_since_last_polled: int | None = 60
+
+
+class WorkQueueStatusDetail(BaseModel):
+    """A queue's health: no Late run in it, and polled within the policy's seconds."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    healthy: bool
+    late_runs_count: int = 0
+    last_polled: IsoDatetime | None = None
+    health_check_policy: WorkQueueHealthPolicy

@@ -58,6 +58,7 @@ from .models import (
     WorkPoolConcurrencyStatus,
     WorkQueue,
     WorkQueueConcurrencyStatus,
+    WorkQueueStatusDetail,
 )
 from .models import Worker as WorkerModel
 
@@ -531,6 +532,12 @@ class RunledgerClient:
                                  min_seq=min_seq)
         return self._one(WorkQueueConcurrencyStatus, reply.result)
 
+    async def read_work_queue_status(self, id: uuid.UUID | str, *, min_seq: int | None = None) -> WorkQueueStatusDetail:
+        """The queue's health: healthy while none of its runs is Late and a worker polled it
+        within the last 60 s."""
+        reply = await self.query("GetWorkQueueStatus", {"id": str(id)}, min_seq=min_seq)
+        return self._one(WorkQueueStatusDetail, reply.result)
+
     async def read_legacy_work_queue(self, name: str, *, min_seq: int | None = None) -> WorkQueue:
         """By name, inside `default-agent-pool` only."""
         reply = await self.query("GetLegacyWorkQueue", {"name": name}, min_seq=min_seq)
@@ -623,6 +630,23 @@ class RunledgerClient:
             body["scheduled_after"] = scheduled_after.isoformat()
         reply = await self.query("GetScheduledFlowRuns", body, min_seq=min_seq)
         return self._many(WorkerFlowRun, reply.result)
+
+    async def get_scheduled_flow_runs_for_deployments(
+        self,
+        deployment_ids: Sequence[uuid.UUID | str],
+        *,
+        scheduled_before: datetime | None = None,
+        limit: int | Unset = UNSET,
+        min_seq: int | None = None,
+    ) -> list[FlowRun]:
+        """The runner poll (Prefect's `POST /deployments/get_scheduled_flow_runs`): the
+        SCHEDULED runs of these deployments, the earliest first; the service records the poll
+        (the deployments become READY)."""
+        body = given(deployment_ids=[str(i) for i in deployment_ids], limit=limit)
+        if scheduled_before is not None:
+            body["scheduled_before"] = scheduled_before.isoformat()
+        reply = await self.query("GetScheduledFlowRunsForDeployments", body, min_seq=min_seq)
+        return self._many(FlowRun, reply.result)
 
     # -----------------------------------------------------------------------------------------
     # Flows

@@ -1,5 +1,5 @@
 """WP-6: a work pool's `base_job_template` is `{}` or a job configuration whose `{{ placeholders }}`
-are all declared in its `variables` schema."""
+are all declared in its `variables` schema, and whose defaults reference no block."""
 
 from __future__ import annotations
 
@@ -42,3 +42,19 @@ def base_job_template_problem(template: dict[str, Any]) -> str | None:
             f"undeclared variable(s): {', '.join(missing)}."
         )
     return None
+
+
+def references_a_block(template: dict[str, Any]) -> bool:
+    """Whether a variable's default is a reference to a block document
+    (`{"$ref": {"block_document_id": ...}}`). Prefect answers 404 when that block does not
+    exist; runledger has no blocks, so no such block can."""
+    variables = template.get("variables")
+    properties = variables.get("properties") if isinstance(variables, dict) else None
+    if not isinstance(properties, dict):
+        return False
+    for attrs in properties.values():
+        default = attrs.get("default") if isinstance(attrs, dict) else None
+        ref = default.get("$ref") if isinstance(default, dict) else None
+        if isinstance(ref, dict) and ref.get("block_document_id") is not None:
+            return True
+    return False

@@ -30,6 +30,7 @@ from .bounds import (
     check_storable_text,
 )
 from .concurrency_limits import LimitName
+from .deployment_polls import MAX_DEPLOYMENTS_PER_POLL
 from .flows import FlowName, Tag
 from .states import StateType
 from .variables import VariableName
@@ -155,6 +156,13 @@ class GetWorkQueueConcurrencyStatus(Query):
     id: uuid.UUID
     page: Annotated[int, Field(ge=1, le=INT64_MAX)] = 1
     limit: Annotated[int, Field(ge=0, le=DEFAULT_LIMIT)] = DEFAULT_LIMIT
+
+
+class GetWorkQueueStatus(Query):
+    """A queue's health (the legacy queue API): healthy while none of its runs is Late and a
+    worker polled it within the last 60 s."""
+
+    id: uuid.UUID
 
 
 class GetLegacyWorkQueue(Query):
@@ -554,6 +562,16 @@ class GetLegacyQueueRuns(Query):
     limit: Annotated[int, Field(ge=0, le=DEFAULT_LIMIT)] = DEFAULT_LIMIT
     scheduled_before: UtcDatetime | None = None
     from_ui: bool = False
+
+
+class GetScheduledFlowRunsForDeployments(Query):
+    """What a runner polls: the SCHEDULED runs of these deployments, the earliest
+    `next_scheduled_start_time` first (then id), at or before `scheduled_before` when given.
+    Unknown ids match nothing. Recorded as a poll of those deployments (they become READY)."""
+
+    deployment_ids: Annotated[list[uuid.UUID], Field(max_length=MAX_DEPLOYMENTS_PER_POLL)]
+    scheduled_before: UtcDatetime | None = None
+    limit: Annotated[int, Field(ge=0, le=DEFAULT_LIMIT)] = DEFAULT_LIMIT
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from .bounds import (
 from .decisions import Decision, NewEvent
 from .events import register_event
 from .flows import Tag
-from .job_templates import base_job_template_problem
+from .job_templates import base_job_template_problem, references_a_block
 from .messages import (
     Command,
     DecisionContext,
@@ -590,6 +590,8 @@ def decide_create_work_pool(
         raise invalid(problem, field="base_job_template")
     if is_reserved_work_pool_name(cmd.name) and not internal:
         raise forbidden("Work pools starting with 'Prefect' are reserved for internal use.")
+    if references_a_block(cmd.base_job_template):  # Prefect resolves the defaults here: after the 403
+        raise not_found("Block not found.")
     if claim.work_pool_id is not None:
         raise conflict("A work pool with this name already exists.")
     pool_id, queue_id = ctx.new_id(), ctx.new_id()
@@ -912,6 +914,23 @@ def _dump(value: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------
 # Replies (Prefect's response shapes)
+
+
+# Every queue's health policy (WQ-13): Prefect has no other yet.
+HEALTH_CHECK_POLICY = {"maximum_late_runs": 0, "maximum_seconds_since_last_polled": 60}
+
+
+def work_queue_health(late_runs_count: int, last_polled: datetime | None, now: datetime) -> dict[str, Any]:
+    """WQ-13: a queue is healthy while no run waits in it past its time and a worker asked it
+    for work within the last minute; never polled is unhealthy, since nothing would run."""
+    stale = (last_polled is None
+             or (now - last_polled).total_seconds() > HEALTH_CHECK_POLICY["maximum_seconds_since_last_polled"])
+    return {
+        "healthy": late_runs_count <= HEALTH_CHECK_POLICY["maximum_late_runs"] and not stale,
+        "late_runs_count": late_runs_count,
+        "last_polled": last_polled.isoformat() if last_polled else None,
+        "health_check_policy": dict(HEALTH_CHECK_POLICY),
+    }
 
 
 def work_pool_reply(pool: WorkPool, active_slots: int | None = None) -> dict[str, Any]:

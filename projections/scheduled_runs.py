@@ -189,6 +189,23 @@ _MATCHES_FILTER = ("{a}.deployment_id IS NOT NULL AND {a}.tags @> CAST(:tags AS 
                    " AND (CAST(:deployment_ids AS uuid[]) IS NULL OR {a}.deployment_id = ANY(CAST(:deployment_ids AS uuid[])))")
 
 
+_FILTER_ACTIVE = text(f"SELECT count(*) FROM flow_runs a WHERE {_MATCHES_FILTER.format(a='a')}"
+                      f" AND a.state_type IN {_ACTIVE}")
+
+
+def filter_params(queue_filter: dict[str, Any]) -> dict[str, Any]:
+    """The bind parameters of `_MATCHES_FILTER` for a queue's deprecated tag-based filter."""
+    ids = queue_filter.get("deployment_ids")
+    return {"tags": json.dumps(queue_filter.get("tags") or []),
+            "deployment_ids": [uuid.UUID(i) for i in ids] if ids is not None else None}
+
+
+async def count_filter_active(conn: AsyncConnection, queue_filter: dict[str, Any]) -> int:
+    """SL-3: a deprecated tag-based queue's slots are held by the PENDING and RUNNING runs its
+    filter matches, wherever they are queued: what its legacy poll counts against its limit."""
+    return (await conn.execute(_FILTER_ACTIVE, filter_params(queue_filter))).scalar_one()
+
+
 @cache
 def _legacy_statement(before: bool, by_filter: bool) -> Any:
     bound = " AND f.next_scheduled_start_time <= :before" if before else ""
@@ -228,9 +245,7 @@ async def legacy_poll(conn: AsyncConnection, query: q.GetLegacyQueueRuns) -> Leg
         by_filter = isinstance(queue.filter, dict)  # a deprecated tag-based queue: by tags and deployments
         statement = _legacy_statement(query.scheduled_before is not None, by_filter)
         if by_filter:
-            ids = queue.filter.get("deployment_ids")
-            params.update(tags=json.dumps(queue.filter.get("tags") or []),
-                          deployment_ids=[uuid.UUID(i) for i in ids] if ids is not None else None)
+            params.update(filter_params(queue.filter))
         rows = await conn.execute(statement, params)
         runs = [flow_run_values_reply(dict(r._mapping)) for r in rows]
     return LegacyPoll(runs, None if query.from_ui else queue.pool_name, queue.id)

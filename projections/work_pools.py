@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import DateTime, and_, bindparam, case, func, or_, select
+from sqlalchemy import DateTime, and_, bindparam, case, func, literal_column, or_, select
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -18,6 +18,7 @@ from runledger.commands.messages import Event, not_found
 from runledger.infra.database import asyncpg_connection
 
 from .filters import where_filter
+from .scheduled_runs import count_filter_active
 from .tables import flow_runs, work_pools, work_queues
 
 _DELETED = object()
@@ -160,7 +161,8 @@ def _iso(v):
 
 # Slot counts, from the flow runs read model (its index by queue and state type): a pool's
 # PENDING and RUNNING runs in any of its queues, paused ones included; a queue's, through the
-# pool API; a queue's with CANCELLING ones too, through the legacy queue API.
+# pool API; a queue's with CANCELLING ones too, through the legacy queue API (but a tag-based
+# queue's, there, by its filter: `legacy_queue_reply`).
 _HOLDING = ("PENDING", "RUNNING")
 _HOLDING_LEGACY = ("PENDING", "RUNNING", "CANCELLING")
 _counted_queue = work_queues.alias("counted_queue")
@@ -206,6 +208,16 @@ def queue_reply(r, pool_name: str, *, legacy: bool = False) -> dict[str, Any]:
         "last_polled": _iso(r.last_polled), "status": r.status, "filter": r.filter,
         "active_slots": active if r.concurrency_limit is not None else None,
     }
+
+
+async def legacy_queue_reply(conn: AsyncConnection, r, pool_name: str) -> dict[str, Any]:
+    """A queue through the legacy queue API (SL-3). A deprecated tag-based queue's slots are
+    its filter's matches, not its own runs: counted apart, as Prefect does, since each filter
+    is its own predicate (and such queues are few)."""
+    reply = queue_reply(r, pool_name, legacy=True)
+    if isinstance(r.filter, dict) and r.concurrency_limit is not None:
+        reply["active_slots"] = await count_filter_active(conn, r.filter)
+    return reply
 
 
 def _pool_filter(stmt, f: q.WorkPoolFilter | None):
@@ -258,9 +270,9 @@ _QUEUE_BY_ID = _queue_with_pool.where(work_queues.c.id == bindparam("id"))
 
 
 async def get_work_queue(conn: AsyncConnection, query: q.GetWorkQueue) -> dict[str, Any]:
+    """WQ-7: an unknown pool gets the queue's message too (Prefect looks the pair up at once)."""
     row = (await conn.execute(_QUEUE_BY_NAMES, {"pool": query.work_pool_name, "queue": query.work_queue_name})).first()
     if row is None:
-        await _pool_row_by_name(conn, query.work_pool_name)
         raise wp.queue_not_found(query.work_pool_name, query.work_queue_name)
     return queue_reply(row, row.pool_name)
 
@@ -287,7 +299,7 @@ async def get_work_queue_by_id(conn: AsyncConnection, query: q.GetWorkQueueById)
     row = (await conn.execute(_QUEUE_BY_ID, {"id": query.id})).first()
     if row is None:
         raise wp.queue_id_not_found(query.id)
-    return queue_reply(row, row.pool_name, legacy=True)
+    return await legacy_queue_reply(conn, row, row.pool_name)
 
 
 async def get_legacy_work_queue(conn: AsyncConnection, query: q.GetLegacyWorkQueue) -> dict[str, Any]:
@@ -296,13 +308,29 @@ async def get_legacy_work_queue(conn: AsyncConnection, query: q.GetLegacyWorkQue
     ))).first()
     if row is None:
         raise not_found(f"Work queue '{query.name}' not found.")
-    return queue_reply(row, row.pool_name, legacy=True)
+    return await legacy_queue_reply(conn, row, row.pool_name)
 
 
 async def list_all_work_queues(conn: AsyncConnection, query: q.ListAllWorkQueues) -> list[dict[str, Any]]:
     stmt = _queue_filter(_queue_with_pool, query.work_queues).order_by(work_queues.c.name, work_queues.c.id)
     rows = await conn.execute(stmt.limit(query.limit).offset(query.offset))
-    return [queue_reply(r, r.pool_name, legacy=True) for r in rows]
+    return [await legacy_queue_reply(conn, r, r.pool_name) for r in rows]
+
+
+# A queue's Late runs, by state name as Prefect counts them, from the partial index
+# `flow_runs_late_by_queue` (the name is a literal, not a parameter, so that even a generic
+# plan of the prepared statement matches the index's predicate).
+_LATE_RUNS = (select(func.count()).select_from(flow_runs)
+              .where(flow_runs.c.work_queue_id == work_queues.c.id, flow_runs.c.state_name == literal_column("'Late'"))
+              .scalar_subquery().label("late_runs_count"))
+_QUEUE_HEALTH = select(work_queues.c.last_polled, _LATE_RUNS).where(work_queues.c.id == bindparam("id"))
+
+
+async def get_work_queue_status(conn: AsyncConnection, query: q.GetWorkQueueStatus) -> dict[str, Any]:
+    row = (await conn.execute(_QUEUE_HEALTH, {"id": query.id})).first()
+    if row is None:
+        raise not_found(f"Work queue with id {query.id} not found")
+    return wp.work_queue_health(row.late_runs_count, row.last_polled, datetime.now(UTC))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +358,8 @@ _SUMMARY_COLUMNS = (flow_runs.c.id, flow_runs.c.name, flow_runs.c.state_type, fl
 
 async def get_work_pool_concurrency_status(conn: AsyncConnection,
                                            query: q.GetWorkPoolConcurrencyStatus) -> dict[str, Any]:
-    """SL-6: the pool's `active_slots` counts every queue (SL-1), not only the page's."""
+    """SL-6: the pool's `active_slots` counts every queue (SL-1), not only the page's; each
+    queue's holders are its first by id, as Prefect's `get_work_pool_slot_holders` cuts them."""
     pool = await _pool_row_by_name(conn, query.work_pool_name)
     now = datetime.now(UTC)
     offset = (query.page - 1) * query.limit
@@ -341,8 +370,7 @@ async def get_work_pool_concurrency_status(conn: AsyncConnection,
     holders: dict[Any, list[dict[str, Any]]] = {r.id: [] for r in queues}
     if queues and query.flow_run_limit:
         ranked = (select(*_SUMMARY_COLUMNS, flow_runs.c.work_queue_id,
-                         func.row_number().over(partition_by=flow_runs.c.work_queue_id,
-                                                order_by=(flow_runs.c.start_time.nulls_last(), flow_runs.c.id))
+                         func.row_number().over(partition_by=flow_runs.c.work_queue_id, order_by=flow_runs.c.id)
                          .label("n"))
                   .where(flow_runs.c.work_queue_id.in_(list(holders)), flow_runs.c.state_type.in_(_HOLDING))
                   .subquery())
@@ -351,9 +379,9 @@ async def get_work_pool_concurrency_status(conn: AsyncConnection,
             holders[r.work_queue_id].append(_slot_summary(r, now))
     return {
         "active_slots": pool.active_slots, "concurrency_limit": pool.concurrency_limit,
-        "work_queues": [{"queue_id": str(r.id), "queue_name": r.name, "active_slots": r.active_slots,
-                         "concurrency_limit": r.concurrency_limit, "flow_runs": holders[r.id],
-                         "flow_run_count": r.active_slots} for r in queues],
+        "queues": [{"queue_id": str(r.id), "queue_name": r.name, "active_slots": r.active_slots,
+                    "concurrency_limit": r.concurrency_limit, "flow_runs": holders[r.id],
+                    "flow_run_count": r.active_slots} for r in queues],
         "count": total_queues, "limit": query.limit, "page": query.page,
         "pages": -(-total_queues // query.limit) if query.limit else 0,
     }
@@ -388,6 +416,7 @@ QUERIES = {
     "ListWorkQueues": (q.ListWorkQueues, list_work_queues),
     "CountWorkQueues": (q.CountWorkQueues, count_work_queues),
     "GetWorkQueueById": (q.GetWorkQueueById, get_work_queue_by_id),
+    "GetWorkQueueStatus": (q.GetWorkQueueStatus, get_work_queue_status),
     "GetLegacyWorkQueue": (q.GetLegacyWorkQueue, get_legacy_work_queue),
     "ListAllWorkQueues": (q.ListAllWorkQueues, list_all_work_queues),
 }

@@ -242,6 +242,28 @@ def test_work_queue_without_pool_means_legacy_name_or_id(cli, fake):
     assert fake.sent("DeleteWorkQueueById") == [{"id": q["id"]}]
 
 
+def test_work_queue_status_by_pool_and_name_or_id(cli, fake):
+    q = sample_queue("urgent")
+    health = {"healthy": False, "late_runs_count": 2, "last_polled": None,
+              "health_check_policy": {"maximum_late_runs": 0, "maximum_seconds_since_last_polled": 60}}
+    fake.ok("GetWorkQueue", q)
+    fake.ok("GetWorkQueueById", q)
+    fake.ok("GetWorkQueueStatus", health)
+    as_json = cli("work-queue", "status", "urgent", "--pool", "etl", "--json")
+    assert as_json.exit_code == 0, as_json.output
+    assert json.loads(as_json.stdout) == health
+    human = cli("work-queue", "status", q["id"])
+    assert human.exit_code == 0, human.output
+    assert [line.split() for line in human.stdout.splitlines()[:3]] == [
+        ["healthy", "false"], ["late_runs_count", "2"], ["last_polled", "-"]]
+    assert fake.sent("GetWorkQueue") == [{"work_pool_name": "etl", "work_queue_name": "urgent"}]
+    assert fake.sent("GetWorkQueueById") == [{"id": q["id"]}]
+    assert fake.sent("GetWorkQueueStatus") == [{"id": q["id"]}, {"id": q["id"]}]
+    fake.error("GetLegacyWorkQueue", "not_found", "Work queue 'nope' not found.")
+    missing = cli("work-queue", "status", "nope")
+    assert missing.exit_code == 3 and missing.stderr == "Error (not_found): Work queue 'nope' not found.\n"
+
+
 def test_work_queue_conflict_exit_code(cli, fake):
     fake.error("DeleteWorkQueue", "conflict", "Can't delete a pool's default queue.")
     result = cli("work-queue", "delete", "default", "--pool", "etl")

@@ -231,6 +231,19 @@ async def test_legacy_work_queue_calls(rl, fake):
     assert fake.bodies("DeleteWorkQueueById") == [{"id": str(queue_id)}]
 
 
+async def test_work_queue_status(rl, fake):
+    queue_id = uuid.uuid4()
+    polled = "2026-03-01T12:00:00.123456+00:00"
+    raw = {"healthy": True, "late_runs_count": 0, "last_polled": polled,
+           "health_check_policy": {"maximum_late_runs": 0, "maximum_seconds_since_last_polled": 60}}
+    fake.ok("GetWorkQueueStatus", raw)
+    health = await rl.read_work_queue_status(queue_id)
+    assert health.healthy and health.late_runs_count == 0
+    assert health.health_check_policy.maximum_seconds_since_last_polled == 60
+    assert health.model_dump(mode="json") == raw
+    assert fake.bodies("GetWorkQueueStatus") == [{"id": str(queue_id)}]
+
+
 async def test_no_responder_is_unavailable_naming_subject_and_safe_url(nats_url, namespace):
     # Credentials in the URL are accepted by an auth-less server; they must never be printed.
     url = nats_url.replace("nats://", "nats://bob:s3cret@")

@@ -226,15 +226,15 @@ async def test_concurrency_status_views_show_who_holds_the_slots(broker, service
 
     status = await broker.ok_qry("GetWorkPoolConcurrencyStatus", work_pool_name="limited", flow_run_limit=2)
     assert (status["active_slots"], status["concurrency_limit"]) == (4, 10)  # paused queue b's run counts
-    by_name = {q["queue_name"]: q for q in status["work_queues"]}
-    assert [q["queue_name"] for q in status["work_queues"]] == ["a", "b", "default"]
+    by_name = {q["queue_name"]: q for q in status["queues"]}
+    assert [q["queue_name"] for q in status["queues"]] == ["a", "b", "default"]
     assert (by_name["a"]["active_slots"], by_name["a"]["flow_run_count"], len(by_name["a"]["flow_runs"])) == (3, 3, 2)
-    assert {r["id"] for r in by_name["a"]["flow_runs"]} <= {r["id"] for r in in_a}
+    assert [r["id"] for r in by_name["a"]["flow_runs"]] == sorted(r["id"] for r in in_a)[:2]  # the first by id
     assert [r["id"] for r in by_name["b"]["flow_runs"]] == [running["id"]]
     summary = by_name["b"]["flow_runs"][0]
     assert summary["state_type"] == "RUNNING" and summary["time_in_current_state"] >= 0
     paged = await broker.ok_qry("GetWorkPoolConcurrencyStatus", work_pool_name="limited", page=2, limit=2)
-    assert [q["queue_name"] for q in paged["work_queues"]] == ["default"] and paged["pages"] == 2
+    assert [q["queue_name"] for q in paged["queues"]] == ["default"] and paged["pages"] == 2
     assert paged["active_slots"] == 4  # the whole pool's, not the page's
 
     queue_a = await broker.ok_qry("GetWorkQueue", work_pool_name="limited", work_queue_name="a")
@@ -250,11 +250,55 @@ async def test_concurrency_status_views_show_who_holds_the_slots(broker, service
     async with RunledgerClient(settings) as rl:
         await rl.catch_up()
         pool_status = await rl.read_work_pool_concurrency_status("limited", flow_run_limit=1)
-        assert pool_status.active_slots == 4 and pool_status.work_queues[0].flow_runs[0].state_type == "PENDING"
+        assert pool_status.active_slots == 4 and pool_status.queues[0].flow_runs[0].state_type == "PENDING"
         queue_status = await rl.read_work_queue_concurrency_status(queue_a["id"])
         assert queue_status.active_slots == 4 and len(queue_status.flow_runs) == 4
         run = await rl.read_flow_run(cancelling["id"])
         assert run.worker_name is None and run.state.type == "CANCELLING"
+
+
+async def test_a_pool_concurrency_status_shows_each_queues_runs_by_id(broker):
+    """As Prefect's `get_work_pool_slot_holders`: by id, whatever the runs' start times."""
+    await broker.ok_cmd("CreateWorkPool", name="limited", type="process", concurrency_limit=10)
+    await broker.ok_cmd("CreateWorkQueue", work_pool_name="limited", name="q")
+    flow_id = (await broker.ok_cmd("CreateFlow", name="etl"))["id"]
+    ids = [(await _run_in(broker, flow_id, "q", "PENDING"))["id"] for _ in range(5)]
+    while True:  # a run with a start time, and an id after a PENDING one's (ids are random)
+        ids.append((await _run_in(broker, flow_id, "q", "RUNNING"))["id"])
+        if ids[-1] > min(ids[:5]):
+            break
+    status = await broker.ok_qry("GetWorkPoolConcurrencyStatus", work_pool_name="limited", flow_run_limit=len(ids))
+    q = [x for x in status["queues"] if x["queue_name"] == "q"][0]
+    assert [r["id"] for r in q["flow_runs"]] == sorted(ids)
+    cut = await broker.ok_qry("GetWorkPoolConcurrencyStatus", work_pool_name="limited", flow_run_limit=2)
+    assert [r["id"] for r in [x for x in cut["queues"] if x["queue_name"] == "q"][0]["flow_runs"]] == sorted(ids)[:2]
+
+
+async def test_a_tag_filter_queue_counts_the_runs_its_filter_matches(broker):
+    """Through the legacy queue API, a deprecated tag-based queue's `active_slots` are the
+    PENDING and RUNNING runs its filter matches, wherever they are queued, not its own runs."""
+    await broker.ok_cmd("CreateWorkPool", name="limited", type="process")
+    await broker.ok_cmd("CreateWorkQueue", work_pool_name="limited", name="q")
+    flow_id = (await broker.ok_cmd("CreateFlow", name="etl"))["id"]
+    d1 = (await broker.ok_cmd("CreateDeployment", name="d1", flow_id=flow_id, work_pool_name="limited"))["id"]
+    tagged = await broker.ok_cmd("CreateLegacyWorkQueue", name="tagged", concurrency_limit=10,
+                                 filter={"tags": ["gpu"], "deployment_ids": [d1]})
+    await _run_in(broker, flow_id, "q", "RUNNING", tags=["gpu"], deployment_id=d1)
+    await _run_in(broker, flow_id, "q", "PENDING", tags=["gpu", "x"], deployment_id=d1)
+    await _run_in(broker, flow_id, "q", "CANCELLING", tags=["gpu"], deployment_id=d1)  # not counted here
+    await _run_in(broker, flow_id, "q", "RUNNING", tags=["cpu"], deployment_id=d1)  # lacks the tag
+    await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, work_pool_name="default-agent-pool",
+                        work_queue_name="tagged", state={"type": "CANCELLING"})  # its own, but matches nothing
+
+    async def counts() -> set[int]:
+        by_id = await broker.ok_qry("GetWorkQueueById", id=tagged["id"])
+        by_name = await broker.ok_qry("GetLegacyWorkQueue", name="tagged")
+        listed = [w for w in await broker.ok_qry("ListAllWorkQueues") if w["id"] == tagged["id"]][0]
+        return {by_id["active_slots"], by_name["active_slots"], listed["active_slots"]}
+
+    assert await counts() == {2}
+    await broker.ok_cmd("UpdateWorkQueueById", id=tagged["id"], filter=None)  # by its own runs again
+    assert await counts() == {1}
 
 
 async def test_runs_of_a_full_deployment_do_not_take_the_place_of_runs_that_can_start(broker, service, settings):

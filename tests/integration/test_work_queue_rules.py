@@ -1,10 +1,12 @@
-"""BEHAVIOUR §2 through the broker, against real NATS and Postgres: work queues (WQ-1…WQ-11)
-and priorities (PR-1…PR-5), observed in the command replies, the read model and the event log.
+"""BEHAVIOUR §2 through the broker, against real NATS and Postgres: work queues (WQ-1…WQ-11,
+WQ-13) and priorities (PR-1…PR-5), observed in the command replies, the read model and the
+event log.
 
-Not here: WQ-12 (implicit queues need deployments) and WQ-13 (queue health needs flow runs)."""
+Not here: WQ-12 (implicit queues need deployments)."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta, timezone
 
 LETTERS = "ABCDE"
@@ -74,9 +76,9 @@ async def test_create_in_a_pool(broker):
     assert elsewhere["id"] != q["id"] and elsewhere["work_pool_name"] == "other"
     # names are case-sensitive: "Q" is another queue
     assert (await broker.ok_cmd("CreateWorkQueue", work_pool_name="p", name="Q"))["priority"] == 4
-    # WQ-7 reads: unknown pool / queue; filters and C-2 paging within one pool
+    # WQ-7 reads: unknown pool / queue (both the queue's message); filters and C-2 paging within one pool
     assert err(await broker.qry("GetWorkQueue", work_pool_name="nope", work_queue_name="q")) == (
-        "not_found", 'Work pool "nope" not found.')
+        "not_found", "Work pool queue 'nope/q' not found.")
     assert err(await broker.qry("GetWorkQueue", work_pool_name="other", work_queue_name="bare")) == (
         "not_found", "Work pool queue 'other/bare' not found.")
     named = await broker.ok_qry("ListWorkQueues", work_pool_name="p", work_queues={"name": {"any_": ["Q", "q", "zz"]}})
@@ -520,3 +522,60 @@ async def test_legacy_create_with_a_priority_and_after_the_pool_is_gone(broker):
     pool = await broker.ok_qry("GetWorkPool", name="default-agent-pool")
     assert again["result"]["id"] == pool["default_queue_id"]
     assert await layout(broker, "default-agent-pool") == {"default": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# WQ-13
+
+
+HEALTH_CHECK_POLICY = {"maximum_late_runs": 0, "maximum_seconds_since_last_polled": 60}
+
+
+async def test_wq13_queue_health_query_exists(broker):
+    q = await broker.ok_cmd("CreateLegacyWorkQueue", name="h")
+    reply = await broker.qry("GetWorkQueueStatus", id=q["id"])
+    assert reply["ok"], reply
+    assert reply["result"] == {"healthy": False, "late_runs_count": 0, "last_polled": None,  # never polled
+                               "health_check_policy": HEALTH_CHECK_POLICY}
+
+
+async def test_wq13_healthy_once_polled_and_unhealthy_with_a_late_run_or_a_stale_poll(broker):
+    q = await broker.ok_cmd("CreateLegacyWorkQueue", name="h")
+    other = await broker.ok_cmd("CreateLegacyWorkQueue", name="other")
+    await broker.ok_qry("GetLegacyQueueRuns", id=q["id"])  # a worker's poll, recorded just after
+
+    async def status(queue_id: str) -> dict:
+        return await broker.ok_qry("GetWorkQueueStatus", id=queue_id)
+
+    deadline = asyncio.get_running_loop().time() + 5
+    while not (health := await status(q["id"]))["healthy"] and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    polled = (await broker.ok_qry("GetWorkQueueById", id=q["id"]))["last_polled"]
+    assert polled is not None
+    assert health == {"healthy": True, "late_runs_count": 0, "last_polled": polled,
+                      "health_check_policy": HEALTH_CHECK_POLICY}
+    # Late runs count by state name, in this queue only.
+    flow_id = (await broker.ok_cmd("CreateFlow", name="etl"))["id"]
+    now = datetime.now(UTC)
+
+    async def run(queue: str, name: str) -> None:
+        state = {"type": "SCHEDULED", "name": name, "state_details": {"scheduled_time": now.isoformat()}}
+        await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, work_pool_name="default-agent-pool",
+                            work_queue_name=queue, state=state)
+
+    await run("h", "Scheduled")
+    await run("other", "Late")
+    assert (await status(q["id"]))["healthy"] is True
+    await run("h", "Late")
+    await run("h", "Late")
+    assert await status(q["id"]) == {"healthy": False, "late_runs_count": 2, "last_polled": polled,
+                                     "health_check_policy": HEALTH_CHECK_POLICY}
+    # Polled more than 60 s ago: unhealthy, with no Late run.
+    stale = (datetime.now(UTC) - timedelta(seconds=90)).isoformat()
+    stale_queue = await broker.ok_cmd("CreateLegacyWorkQueue", name="stale")
+    await broker.ok_cmd("UpdateWorkQueueById", id=stale_queue["id"], last_polled=stale)
+    assert await status(stale_queue["id"]) == {"healthy": False, "late_runs_count": 0, "last_polled": stale,
+                                               "health_check_policy": HEALTH_CHECK_POLICY}
+    assert (await status(other["id"]))["late_runs_count"] == 1
+    missing = await broker.qry("GetWorkQueueStatus", id="00000000-0000-0000-0000-000000000001")
+    assert err(missing) == ("not_found", "Work queue with id 00000000-0000-0000-0000-000000000001 not found")

@@ -374,6 +374,33 @@ def test_wp6_template_checked_on_update_before_forbidden_and_not_found():
     assert d.result.base_job_template == {}
 
 
+def _block_default(default: Any) -> dict[str, Any]:
+    return {"job_configuration": {"image": "{{ image }}"},
+            "variables": {"type": "object", "properties": {"image": {"type": "string", "default": default}}}}
+
+
+def test_wp6_block_reference_defaults_must_exist():
+    """runledger has no blocks: a default that references one names a block that cannot exist."""
+    tmpl = _block_default({"$ref": {"block_document_id": str(uuid.uuid4())}})
+    r = rejection(wp.decide_create_work_pool, wp.CreateWorkPool(name="p", type="docker", base_job_template=tmpl),
+                  wp.WorkPoolNameClaim(), DecisionContext.fixed(datetime(2025, 1, 1, tzinfo=UTC)))
+    assert (r.code, r.message) == ("not_found", "Block not found.")
+    # As in Prefect: after the template's own check and the reserved name, before the name's conflict.
+    r = rejection(wp.decide_create_work_pool, wp.CreateWorkPool(name="prefect-x", base_job_template=tmpl),
+                  wp.WorkPoolNameClaim(), Env().ctx())
+    assert r.code == "forbidden"
+    r = rejection(wp.decide_create_work_pool, wp.CreateWorkPool(name="p", base_job_template=tmpl),
+                  wp.WorkPoolNameClaim(uid(7)), Env().ctx())
+    assert r.code == "not_found"
+
+
+@pytest.mark.parametrize("default", [
+    "plain", {"$ref": {}}, {"$ref": {"block_document_id": None}}, {"$ref": "#/definitions/x"}, {"ref": {}},
+])
+def test_wp6_defaults_that_name_no_block_are_fine(default):
+    assert Env().pool(base_job_template=_block_default(default)).base_job_template == _block_default(default)
+
+
 # =============================================================================================
 # WP-7 / WP-8 update
 
@@ -948,6 +975,27 @@ def test_wq11_unknown_id_is_not_found():
     assert r.code == "not_found" and str(uid(404)) in r.message
     r = rejection(wp.decide_update_work_queue_by_id, wp.UpdateWorkQueueById(id=uid(404)), None, env.ctx())
     assert r.code == "not_found"
+
+
+# =============================================================================================
+# WQ-13 queue health
+
+
+POLICY = {"maximum_late_runs": 0, "maximum_seconds_since_last_polled": 60}
+
+
+@pytest.mark.parametrize(("late", "polled_ago", "healthy"), [
+    (0, timedelta(seconds=5), True),
+    (0, timedelta(seconds=60), True),  # at most 60 s ago
+    (0, timedelta(seconds=60, microseconds=1), False),
+    (1, timedelta(seconds=5), False),
+    (0, None, False),  # never polled
+])
+def test_wq13_a_queue_is_healthy_without_late_runs_and_recently_polled(late, polled_ago, healthy):
+    last_polled = NOW - polled_ago if polled_ago is not None else None
+    assert wp.work_queue_health(late, last_polled, NOW) == {
+        "healthy": healthy, "late_runs_count": late,
+        "last_polled": last_polled.isoformat() if last_polled else None, "health_check_policy": POLICY}
 
 
 # =============================================================================================
