@@ -33,6 +33,7 @@ from .deployments import (
     DeploymentSchedule,
     IndexedRuns,
     ScheduledRunIndex,
+    SizedParameters,
     TrackedRun,
     deployment_not_found,
     forget_settled,
@@ -195,7 +196,7 @@ class FlowRunFromDeployment(BaseModel):
 
     state: StateCreate | None = None
     name: fr.RunName | None = None
-    parameters: JsonDocument = empty_dict()
+    parameters: SizedParameters = empty_dict()
     enforce_parameter_schema: bool | None = None
     context: JsonDocument = empty_dict()
     infrastructure_document_id: uuid.UUID | None = None
@@ -248,7 +249,7 @@ def _parameters(deployment: Deployment, item: FlowRunFromDeployment, variables: 
         schema = deployment.parameter_openapi_schema
         if not isinstance(schema, dict):
             raise conflict("Error creating flow run: the deployment's parameter schema is not an object")
-        problem = validation_problem(parameters, schema, ignore_required=False)
+        problem = validation_problem(parameters, schema, ignore_required=False, preprocess=True)
         if problem is not None and "circular" in problem.lower():
             raise invalid(f"Error creating flow run: {problem}", field="parameters")
         if problem:
@@ -277,7 +278,8 @@ def _queue(deployment: Deployment, item: FlowRunFromDeployment, pool: wp.WorkPoo
 def run_job_variables_problem(deployment: Deployment | None, pool: wp.WorkPool | None,
                               job_variables: dict[str, Any]) -> str | None:
     """DP-15: pool defaults, then the deployment's, then the run's, against the pool's schema
-    with `required` enforced; why they do not fit, or None."""
+    with `required` enforced (null accepted for an optional variable, as DP-4); why they do not
+    fit, or None."""
     if pool is None or deployment is None:
         return None
     schema = pool.base_job_template.get("variables") or {}
@@ -286,7 +288,7 @@ def run_job_variables_problem(deployment: Deployment | None, pool: wp.WorkPool |
     properties = schema.get("properties") or {}
     defaults = {k: v["default"] for k, v in properties.items() if isinstance(v, dict) and "default" in v}
     return validation_problem({**defaults, **deployment.job_variables, **job_variables}, schema,
-                              ignore_required=False)
+                              ignore_required=False, preprocess=True, allow_none_with_default=True)
 
 
 def _check_job_variables(deployment: Deployment, item: FlowRunFromDeployment, pool: wp.WorkPool | None) -> None:

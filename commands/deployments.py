@@ -17,6 +17,7 @@ delete make (the deployment's future auto-scheduled runs) arrive with flow runs.
 
 from __future__ import annotations
 
+import copy
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -28,13 +29,15 @@ from typing import Annotated, Any, ClassVar
 import jsonschema
 from jsonschema.exceptions import SchemaError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic_core import to_json
 
 from . import concurrency_limits as cl
+from . import slots
 from . import work_pools as wp
 from .bounds import JsonDocument, PositiveInt32, StoredText, UtcDatetime, check_json_document
 from .decisions import Decision, NewEvent
 from .events import register_event
-from .flow_runs import FlowRun, FlowRunDeleted
+from .flow_runs import DeleteFlowRun, FlowRun, FlowRunDeleted, decide_delete_flow_run
 from .flows import Tags
 from .hydration import HydrationError, hydrate
 from .messages import Command, DecisionContext, Event, conflict, invalid, not_found
@@ -209,6 +212,9 @@ class DeploymentUpdated(_DeploymentEvent):
     event_type: ClassVar[str] = "DeploymentUpdated"
     deployment: Deployment
     changed: list[str]
+    # Written by PauseDeployment / ResumeDeployment: Prefect's pause and resume routes set the
+    # flag without an event, where an update naming `paused` reports it.
+    by_pause_or_resume: bool = False
 
 
 @register_event
@@ -288,6 +294,16 @@ class UpdateDeployment(_DeploymentFields):
 
 class DeleteDeployment(Command):
     id: uuid.UUID
+
+
+class DeleteRunOfDeletedDeployment(Command):
+    """The foreman's: a run of a deleted deployment that the delete left (one made on demand)
+    and that is still deletable goes after it. Nothing happens when the run is gone, names
+    another deployment, or can no longer be deleted, or when the log shows the deployment
+    existing, or never holding it."""
+
+    id: uuid.UUID
+    deployment_id: uuid.UUID
 
 
 class PauseDeployment(Command):
@@ -389,20 +405,17 @@ def deletable(run: FlowRun) -> bool:
             and run.state_name != "AwaitingConcurrencySlot")
 
 
-def delete_scheduled_runs(deployment_id: uuid.UUID, indexed: IndexedRuns, now: datetime, *, future_only: bool,
-                          schedule_id: uuid.UUID | None = None) -> list[NewEvent]:
-    """The deletions of DP-2(a) (`future_only`: next start after now), DP-9 (past ones too)
-    and SC-7 (`schedule_id`: one schedule's runs only); the runs that can no longer be deleted
-    leave the index at the same time."""
+def delete_scheduled_runs(deployment_id: uuid.UUID, indexed: IndexedRuns, now: datetime, *,
+                          future_only: bool) -> list[NewEvent]:
+    """The deletions of DP-2(a) (`future_only`: next start after now), DP-9 and SC-7 (past ones
+    too); the runs that can no longer be deleted leave the index at the same time."""
     events: list[NewEvent] = []
     forgotten: list[uuid.UUID] = []
-    for run_id, tracked in indexed.index.runs.items():
+    for run_id in indexed.index.runs:
         run = indexed.runs.get(run_id)
         if run is None or not deletable(run):
             if run is None or run.run_count > 0 or run.state_type in TERMINAL:
                 forgotten.append(run_id)
-            continue
-        if schedule_id is not None and tracked.schedule_id != schedule_id:
             continue
         start = run.next_scheduled_start_time
         if future_only and (start is None or start <= now):
@@ -433,6 +446,17 @@ def evolve(deployment: Deployment | None, event: Event) -> Deployment | None:
         case DeploymentDeleted():
             return None
     return deployment
+
+
+def without_deleted_queue(deployment: Deployment, pool: wp.WorkPool | None) -> Deployment:
+    """WP-9: a deployment whose queue was deleted since, alone or with its pool, has no queue
+    and so no pool (Prefect's foreign key sets the queue null, and the pool is read through
+    it); its `work_queue_name` text stays. A pool's deletion does not know its deployments, so
+    no event of theirs says so: whoever reads a deployment to write it or to make its runs
+    passes it through here, with `pool` the pool it names as that pool is now."""
+    if deployment.work_queue_id is None or (pool is not None and deployment.work_queue_id in pool.queues):
+        return deployment
+    return deployment.model_copy(update={"work_queue_id": None, "work_pool_name": None})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,14 +497,19 @@ def schema_problem(schema: dict[str, Any]) -> str | None:
     return None
 
 
-def validation_problem(value: dict[str, Any], schema: dict[str, Any], *, ignore_required: bool) -> str | None:
+def validation_problem(value: dict[str, Any], schema: dict[str, Any], *, ignore_required: bool,
+                       preprocess: bool = False, allow_none_with_default: bool = False) -> str | None:
     """Why `value` does not conform to `schema`, in Prefect's words ("Validation failed for
-    field 'x'. Failure reason: ..."), or None. References are resolved inside the schema only."""
+    field 'x'. Failure reason: ..."), or None. References are resolved inside the schema only.
+    `preprocess`: Prefect's newer checks (a run's parameters and job variables, an update's
+    parameters) fix the schema first (`preprocess_schema`), so that null is accepted where
+    Pydantic v1 schemas meant it; the create-time check (DP-5) does not."""
     try:
-        validator = _validator(json.dumps(schema, sort_keys=True), ignore_required)
+        validator = _validator(json.dumps(schema, sort_keys=True), ignore_required, preprocess,
+                               allow_none_with_default)
         errors = sorted(validator.iter_errors(value), key=lambda e: list(map(str, e.path)))
     except RecursionError:
-        return "Validation failed: the schema is circular"
+        return CIRCULAR_SCHEMA
     except Exception as e:  # an unresolvable $ref
         return f"Validation failed: {type(e).__name__}: {e}"
     if not errors:
@@ -492,33 +521,122 @@ def validation_problem(value: dict[str, Any], schema: dict[str, Any], *, ignore_
     return f"Validation failed. Failure reason: {first.message}"
 
 
+CIRCULAR_SCHEMA = "Invalid schema: Unable to validate schema with circular references."
+
+
 @lru_cache(maxsize=256)
-def _validator(schema_json: str, ignore_required: bool) -> Any:
+def _validator(schema_json: str, ignore_required: bool, preprocess: bool, allow_none_with_default: bool) -> Any:
     """One validator per schema, kept: building one costs more than validating with it, and a
     deployment's runs all use its schema. Keyed by the schema's JSON text (dicts do not hash)."""
     from referencing import Registry
 
     schema = json.loads(schema_json)
+    if preprocess:  # before `required` goes: it says which properties may be null
+        schema = preprocess_schema(schema, allow_none_with_default)
     checked = _without_required(schema) if ignore_required else schema
     return jsonschema.Draft202012Validator(checked, registry=Registry(retrieve=_no_remote_refs))  # type: ignore[call-arg]
 
 
+def _fix_null_typing(key: str, schema: dict[str, Any], required_fields: list[str],
+                     allow_none_with_default: bool) -> None:
+    """Pydantic v1 wrote an optional field as its type alone: a property that is not required
+    and has no default (or any, with `allow_none_with_default`) accepts null too."""
+    if (key not in required_fields and "type" in schema and schema.get("type") != "null"
+            and ("default" not in schema or allow_none_with_default)):
+        schema["anyOf"] = [{"type": schema["type"]}, {"type": "null"}]
+        del schema["type"]
+
+
+def _fix_tuple_items(schema: dict[str, Any]) -> None:
+    """Pydantic v1 wrote a tuple's items as a list, which draft 2020-12 spells `prefixItems`."""
+    if schema.get("items") and isinstance(schema["items"], list) and not schema.get("prefixItems"):
+        schema["prefixItems"] = copy.deepcopy(schema["items"])
+        del schema["items"]
+
+
+def _process_properties(properties: dict[str, Any], required_fields: list[str],
+                        allow_none_with_default: bool = False) -> None:
+    """Prefect's `process_properties`, quirks kept so that the same values pass: nested
+    properties are fixed without `allow_none_with_default`, and once a property with nested
+    properties is met, its `required` list is used for the siblings that follow it."""
+    for key, schema in properties.items():
+        if not isinstance(schema, dict):
+            continue
+        _fix_null_typing(key, schema, required_fields, allow_none_with_default)
+        _fix_tuple_items(schema)
+        if isinstance(schema.get("properties"), dict):
+            required_fields = schema.get("required", [])
+            _process_properties(schema["properties"], required_fields)
+
+
+def preprocess_schema(schema: dict[str, Any], allow_none_with_default: bool = False) -> dict[str, Any]:
+    """Prefect's `preprocess_schema` (`prefect.utilities.schema_tools.validation`), ported
+    as it is: a parameter schema written by Pydantic v1 is made a valid draft 2020-12 schema
+    that accepts what the flow accepts (null for an optional field, tuples), and a block type
+    in `definitions` may also be given as a reference to a block document."""
+    schema = copy.deepcopy(schema)
+    if isinstance(schema.get("properties"), dict):
+        _process_properties(schema["properties"], schema.get("required", []), allow_none_with_default)
+    definitions = schema.get("definitions")
+    if isinstance(definitions, dict):
+        for definition in list(definitions.values()):
+            if not isinstance(definition, dict):
+                continue
+            if isinstance(definition.get("properties"), dict):
+                _process_properties(definition["properties"], definition.get("required", []),
+                                    allow_none_with_default)
+            if "block_type_slug" in definition:
+                definitions[definition["title"]] = {"oneOf": [definition, {
+                    "type": "object",
+                    "properties": {"$ref": {"oneOf": [
+                        {"type": "string", "format": "uuid"},
+                        {"type": "object", "additionalProperties": {"type": "string"}, "minProperties": 1},
+                    ]}},
+                    "required": ["$ref"],
+                }]}
+    return schema
+
+
 def _parameters_size_problem(parameters: dict[str, Any]) -> str | None:
-    size = len(json.dumps(parameters, separators=(",", ":"), ensure_ascii=False).encode())
+    """DP-6, counted as Prefect counts it: compact JSON with non-ASCII characters escaped
+    (`\\u00e9` is six bytes), so the same parameters pass or fail on both. Escaping makes a
+    character at most six times its UTF-8 size, so most parameters are known to fit from
+    pydantic-core's quicker UTF-8 encoding, and only the rest are counted exactly."""
+    if not parameters:
+        return None
+    utf8 = len(to_json(parameters))
+    if 6 * utf8 <= MAX_PARAMETERS_BYTES:
+        return None
+    size = len(json.dumps(parameters, separators=(",", ":")).encode())
     if size > MAX_PARAMETERS_BYTES:
         return f"parameters are {size} bytes once serialised, more than the {MAX_PARAMETERS_BYTES} allowed"
     return None
 
 
+def _sized(parameters: dict[str, Any]) -> dict[str, Any]:
+    problem = _parameters_size_problem(parameters)
+    if problem:
+        raise ValueError(problem)
+    return parameters
+
+
+# DP-6 for a run's parameters: checked with the request's body, as Prefect's `SizedParameters`
+# is (a bulk with one oversized item is refused whole).
+SizedParameters = Annotated[JsonDocument, AfterValidator(_sized)]
+
+
 def job_variables_problem(pool: wp.WorkPool, job_variables: dict[str, Any]) -> str | None:
     """DP-4: the pool's variable defaults overlaid by the deployment's job variables must fit
-    the pool's variables schema, `required` aside (a run may supply the rest)."""
+    the pool's variables schema, `required` aside (a run may supply the rest). Null is
+    accepted for an optional variable even when it has a default, as Prefect accepts it (blocks
+    hold null defaults)."""
     variables = pool.base_job_template.get("variables") or {}
     if not isinstance(variables, dict) or not variables:
         return None
     properties = variables.get("properties") or {}
     defaults = {k: v["default"] for k, v in properties.items() if isinstance(v, dict) and "default" in v}
-    return validation_problem({**defaults, **job_variables}, variables, ignore_required=True)
+    return validation_problem({**defaults, **job_variables}, variables, ignore_required=True, preprocess=True,
+                              allow_none_with_default=True)
 
 
 def _check_parameters(cmd: CreateDeployment, parameters: dict[str, Any], schema: dict[str, Any] | None) -> None:
@@ -581,14 +699,16 @@ def _updated_schedules(existing: list[DeploymentSchedule], given: list[ScheduleU
                        ctx: DecisionContext) -> list[DeploymentSchedule]:
     """DP-7: patch by slug when every existing and every given schedule has one; refuse a list
     without slugs for a deployment whose schedules all have them (it would drop them all by
-    accident); otherwise replace the whole list."""
+    accident); otherwise replace the whole list with the given items that have a schedule."""
     all_given_slugged = all(s.slug is not None for s in given)
     all_existing_slugged = bool(existing) and all(s.slug is not None for s in existing)
     if not (all_given_slugged and all_existing_slugged):
         if all_existing_slugged:
             raise invalid("Please provide a slug for each schedule in your request to ensure schedules are "
                           "updated correctly.", field="schedules")
-        return _new_schedules(given, deployment_id, ctx, keep_max_runs=False)
+        # Prefect re-creates only the items that carry a schedule; the others are dropped.
+        return _new_schedules([s for s in given if s.schedule is not None], deployment_id, ctx,
+                              keep_max_runs=False)
     replaced: dict[str, str] = {}
     for s in given:
         if s.replaces:
@@ -631,6 +751,9 @@ def _queue_of(pool: wp.WorkPool | None, legacy_pool: wp.WorkPool | None, pool_na
     if queue_name is not None:
         if legacy_pool is not None and legacy_pool.queue_named(queue_name) is not None:
             return [], legacy_pool, legacy_pool.queue_named(queue_name)
+        if legacy_pool is not None and queue_name == wp.DEFAULT_QUEUE_NAME:
+            # WQ-12: "default" is the legacy pool's default queue, whatever it is called now.
+            return [], legacy_pool, legacy_pool.queues[legacy_pool.default_queue_id]
         assert legacy_claim is not None
         made = wp.decide_create_legacy_work_queue(
             wp.CreateLegacyWorkQueue(name=queue_name, priority=1), legacy_claim, legacy_pool, ctx)
@@ -686,11 +809,21 @@ def _given_values(cmd: _DeploymentFields) -> dict[str, Any]:
     return values
 
 
+def _with_system_labels(cmd: CreateDeployment, flow_labels: dict[str, Any]) -> dict[str, Any]:
+    """DP-1: the labels a create, or an upsert that gives labels, stores, as Prefect's
+    `with_system_labels_for_deployment` makes them: the flow's, then the system label, then
+    the request's (which may override either). An upsert without labels keeps the stored ones
+    (DP-1: absent fields keep their values), where Prefect would reset them."""
+    return {**flow_labels, "prefect.flow.id": str(cmd.flow_id), **cmd.labels}
+
+
 def decide_create_deployment(cmd: CreateDeployment, claim: UniqueKeyClaim, existing: Deployment | None,
                              flow_exists: bool, placement: Placement, ctx: DecisionContext,
-                             indexed: IndexedRuns = IndexedRuns(), limit: LimitState = LimitState()) -> Decision:
+                             indexed: IndexedRuns = IndexedRuns(), limit: LimitState = LimitState(),
+                             flow_labels: dict[str, Any] | None = None) -> Decision:
     """DP-1: create, or update in place the deployment that holds (flow, name); an update
-    deletes the future runs its schedules made (DP-2(a): they reflect the old deployment)."""
+    deletes the future runs its schedules made (DP-2(a): they reflect the old deployment).
+    `flow_labels`: the flow's, which the deployment's labels start from."""
     if not flow_exists:
         raise not_found(f"Flow {cmd.flow_id} not found.")
     if cmd.work_pool_name is not None and placement.pool is not None:
@@ -705,6 +838,8 @@ def decide_create_deployment(cmd: CreateDeployment, claim: UniqueKeyClaim, exist
     _slugs_unique(schedules)
     queue_events, queue_fields = _placed(cmd, placement, ctx)
     values = {**_given_values(cmd), "schedules": schedules, "updated": ctx.now}
+    if existing is None or "labels" in values:
+        values["labels"] = _with_system_labels(cmd, flow_labels or {})
     if existing is not None:
         if cmd.work_pool_name is not None or cmd.work_queue_name is not None:
             values.update(queue_fields)
@@ -715,10 +850,9 @@ def decide_create_deployment(cmd: CreateDeployment, claim: UniqueKeyClaim, exist
                   if "concurrency_limit" in cmd.explicitly_set() else [])
         return Decision(events=queue_events + made.events + deletions + limits, result=after, created=False,
                         after=made.after)
-    labels = {**cmd.labels, "prefect.flow.id": str(cmd.flow_id)}
     deployment = Deployment.model_validate({
         "id": deployment_id, "created": ctx.now, "name": cmd.name, "flow_id": cmd.flow_id,
-        "parameter_openapi_schema": DEFAULT_PARAMETER_SCHEMA, **values, **queue_fields, "labels": labels,
+        "parameter_openapi_schema": DEFAULT_PARAMETER_SCHEMA, **values, **queue_fields,
     })
     limits = limit_events(deployment.id, cmd.concurrency_limit, LimitState(), ctx)
     return Decision(
@@ -756,7 +890,10 @@ def decide_update_deployment(cmd: UpdateDeployment, deployment: Deployment | Non
     if enforce:
         if not isinstance(schema, dict):
             raise conflict("Error updating deployment: the parameter schema is not an object")
-        problem = schema_problem(schema) or validation_problem(parameters, schema, ignore_required=True)
+        problem = schema_problem(schema) or validation_problem(parameters, schema, ignore_required=True,
+                                                               preprocess=True)
+        if problem == CIRCULAR_SCHEMA:  # the schema is at fault, not the parameters: Prefect's 422
+            raise invalid(problem, field="parameter_openapi_schema")
         if problem:
             raise conflict(f"Error updating deployment: {problem}")
     queue_events: list[NewEvent] = []
@@ -780,7 +917,8 @@ def decide_delete_deployment(cmd: DeleteDeployment, deployment: Deployment | Non
                              ctx: DecisionContext, indexed: IndexedRuns = IndexedRuns(),
                              limit: LimitState = LimitState()) -> Decision:
     """DP-8: the (flow, name) key is free again at once; its limit goes with it, and its
-    schedules' runs that never ran (past ones too)."""
+    schedules' runs that never ran (past ones too). Its runs made on demand that never ran go
+    after it, by the foreman (`DeleteRunOfDeletedDeployment`)."""
     if deployment is None:
         raise deployment_not_found(cmd.id)
     releases = ([DEPLOYMENT_NAME.release(deployment.id, str(deployment.flow_id), deployment.name)]
@@ -790,6 +928,28 @@ def decide_delete_deployment(cmd: DeleteDeployment, deployment: Deployment | Non
     deletions = delete_scheduled_runs(deployment.id, indexed, ctx.now, future_only=False)
     limits = limit_events(deployment.id, None, limit, ctx)
     return Decision(events=[*releases, *deletions, *limits, NewEvent(str(deployment.id), deleted)], result=None)
+
+
+def decide_delete_run_of_deleted_deployment(cmd: DeleteRunOfDeletedDeployment, run: FlowRun | None,
+                                            deployment: Deployment | None, deployment_in_log: bool,
+                                            claim: UniqueKeyClaim | None, ctx: DecisionContext,
+                                            limits: slots.Limits = slots.NO_LIMITS) -> Decision:
+    """DP-8's runs made on demand, deleted after the deployment by a sweep rather than with it.
+    The command side cannot list them without reading the read model: a run names its
+    deployment, not the other way round, and an index of them in the log, written with every
+    run made from a deployment, doubled the cost of the busiest write there is. So the delete
+    takes the auto-scheduled runs it indexes at once, and the foreman finds the rest in the
+    read model and sends each here, where everything is checked again on the log (a stale read
+    model, a repeat or a second foreman change nothing): the run must still name the
+    deployment and be `deletable` (the same rule as the auto-scheduled ones), and the
+    deployment must be gone from a log that held it (`deployment_in_log`: it has events). A
+    run naming a deployment the log never held is kept, as Prefect keeps it. The deletion is
+    `DeleteFlowRun`'s (idempotency key, slots); `created` says whether it happened."""
+    if (run is None or run.deployment_id != cmd.deployment_id or deployment is not None or not deployment_in_log
+            or not deletable(run)):
+        return Decision(events=[], result=None, created=False)
+    deleted = decide_delete_flow_run(DeleteFlowRun(id=run.id), run, claim, ctx, limits)
+    return Decision(events=deleted.events, result=None, created=True)
 
 
 def decide_set_paused(deployment_id: uuid.UUID, paused: bool, deployment: Deployment | None,
@@ -803,7 +963,8 @@ def decide_set_paused(deployment_id: uuid.UUID, paused: bool, deployment: Deploy
     if deployment.paused == paused:
         return Decision(events=deletions, result=None)
     after = deployment.model_copy(update={"paused": paused, "updated": ctx.now})
-    return Decision(events=[NewEvent(str(after.id), DeploymentUpdated(deployment=after, changed=["paused"])),
+    return Decision(events=[NewEvent(str(after.id), DeploymentUpdated(deployment=after, changed=["paused"],
+                                                                      by_pause_or_resume=True)),
                             *deletions], result=None, after={str(after.id): after})
 
 
@@ -846,12 +1007,13 @@ def decide_update_schedule(cmd: UpdateDeploymentSchedule, deployment: Deployment
 
 def decide_delete_schedule(cmd: DeleteDeploymentSchedule, deployment: Deployment | None,
                            ctx: DecisionContext, indexed: IndexedRuns = IndexedRuns()) -> Decision:
-    """SC-7: every run of this schedule that never ran goes, past ones too."""
+    """SC-7: every auto-scheduled run of the deployment that never ran goes, past ones too, not
+    only this schedule's (Prefect deletes them all; the scheduler makes the others again)."""
     if deployment is None:
         raise deployment_not_found(cmd.deployment_id)
     at = _schedule_at(deployment, cmd.schedule_id)
     schedules = [s for i, s in enumerate(deployment.schedules) if i != at]
     after = deployment.model_copy(update={"schedules": schedules, "updated": ctx.now})
-    deletions = delete_scheduled_runs(deployment.id, indexed, ctx.now, future_only=False, schedule_id=cmd.schedule_id)
+    deletions = delete_scheduled_runs(deployment.id, indexed, ctx.now, future_only=False)
     return Decision(events=[NewEvent(str(after.id), DeploymentUpdated(deployment=after, changed=["schedules"])),
                             *deletions], result=None, after={str(after.id): after})

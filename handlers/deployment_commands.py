@@ -39,6 +39,16 @@ AGGREGATE_KINDS = [
 ]
 
 
+async def _deployment(unit: Unit, deployment_id: uuid.UUID) -> dp.Deployment | None:
+    """The deployment as its commands see it: without a queue deleted since (WP-9), which the
+    pool it names, loaded by name, tells (`dp.without_deleted_queue`)."""
+    deployment = await unit.load(dp.DEPLOYMENT, str(deployment_id))
+    if deployment is None or deployment.work_queue_id is None:
+        return deployment
+    pool = await pool_by_name(unit, deployment.work_pool_name) if deployment.work_pool_name is not None else None
+    return dp.without_deleted_queue(deployment, pool)
+
+
 async def _limit(unit: Unit, deployment_id: uuid.UUID) -> dp.LimitState:
     """The deployment's global limit and its name's claim (loaded for their expected sequences)."""
     limit = await unit.load(cl.CONCURRENCY_LIMIT, str(dp.limit_id(deployment_id)))
@@ -71,16 +81,17 @@ async def _placement(unit: Unit, pool_name: str | None, queue_name: str | None) 
 
 async def create_deployment(unit: Unit, cmd: dp.CreateDeployment, ctx: DecisionContext) -> Decision:
     claim = await unit.load(uk.UNIQUE_KEY, dp.name_key(cmd.flow_id, cmd.name))
-    existing = await unit.load(dp.DEPLOYMENT, str(claim.owner_id)) if claim.owner_id is not None else None
+    existing = await _deployment(unit, claim.owner_id) if claim.owner_id is not None else None
     flow = await unit.load(fl.FLOW, str(cmd.flow_id))
     placement = await _placement(unit, cmd.work_pool_name, cmd.work_queue_name)
     indexed = await _indexed(unit, existing.id) if existing is not None else dp.IndexedRuns()
     limit = await _limit(unit, existing.id) if existing is not None else dp.LimitState()
-    return dp.decide_create_deployment(cmd, claim, existing, flow is not None, placement, ctx, indexed, limit)
+    return dp.decide_create_deployment(cmd, claim, existing, flow is not None, placement, ctx, indexed, limit,
+                                       flow_labels=flow.labels if flow is not None else None)
 
 
 async def update_deployment(unit: Unit, cmd: dp.UpdateDeployment, ctx: DecisionContext) -> Decision:
-    deployment = await unit.load(dp.DEPLOYMENT, str(cmd.id))
+    deployment = await _deployment(unit, cmd.id)
     placement = await _placement(unit, cmd.work_pool_name, cmd.work_queue_name) if deployment else dp.Placement()
     indexed = await _indexed(unit, cmd.id) if deployment is not None else dp.IndexedRuns()
     variables = await _variables(unit, cmd.parameters) if "parameters" in cmd.explicitly_set() else {}
@@ -89,7 +100,7 @@ async def update_deployment(unit: Unit, cmd: dp.UpdateDeployment, ctx: DecisionC
 
 
 async def delete_deployment(unit: Unit, cmd: dp.DeleteDeployment, ctx: DecisionContext) -> Decision:
-    deployment = await unit.load(dp.DEPLOYMENT, str(cmd.id))
+    deployment = await _deployment(unit, cmd.id)
     # The claim is released in the same batch: it must be loaded, for its expected sequence.
     claim = (await unit.load(uk.UNIQUE_KEY, dp.name_key(deployment.flow_id, deployment.name))
              if deployment is not None else None)
@@ -99,27 +110,27 @@ async def delete_deployment(unit: Unit, cmd: dp.DeleteDeployment, ctx: DecisionC
 
 
 async def pause_deployment(unit: Unit, cmd: dp.PauseDeployment, ctx: DecisionContext) -> Decision:
-    deployment = await unit.load(dp.DEPLOYMENT, str(cmd.id))
+    deployment = await _deployment(unit, cmd.id)
     indexed = await _indexed(unit, cmd.id) if deployment is not None else dp.IndexedRuns()
     return dp.decide_set_paused(cmd.id, True, deployment, ctx, indexed)
 
 
 async def resume_deployment(unit: Unit, cmd: dp.ResumeDeployment, ctx: DecisionContext) -> Decision:
-    return dp.decide_set_paused(cmd.id, False, await unit.load(dp.DEPLOYMENT, str(cmd.id)), ctx)
+    return dp.decide_set_paused(cmd.id, False, await _deployment(unit, cmd.id), ctx)
 
 
 async def create_schedules(unit: Unit, cmd: dp.CreateDeploymentSchedules, ctx: DecisionContext) -> Decision:
-    return dp.decide_create_schedules(cmd, await unit.load(dp.DEPLOYMENT, str(cmd.deployment_id)), ctx)
+    return dp.decide_create_schedules(cmd, await _deployment(unit, cmd.deployment_id), ctx)
 
 
 async def update_schedule(unit: Unit, cmd: dp.UpdateDeploymentSchedule, ctx: DecisionContext) -> Decision:
-    deployment = await unit.load(dp.DEPLOYMENT, str(cmd.deployment_id))
+    deployment = await _deployment(unit, cmd.deployment_id)
     indexed = await _indexed(unit, cmd.deployment_id) if deployment is not None else dp.IndexedRuns()
     return dp.decide_update_schedule(cmd, deployment, ctx, indexed)
 
 
 async def delete_schedule(unit: Unit, cmd: dp.DeleteDeploymentSchedule, ctx: DecisionContext) -> Decision:
-    deployment = await unit.load(dp.DEPLOYMENT, str(cmd.deployment_id))
+    deployment = await _deployment(unit, cmd.deployment_id)
     indexed = await _indexed(unit, cmd.deployment_id) if deployment is not None else dp.IndexedRuns()
     return dp.decide_delete_schedule(cmd, deployment, ctx, indexed)
 
@@ -130,7 +141,7 @@ async def schedule_runs(unit: Unit, cmd: sc.ScheduleDeploymentRuns, ctx: Decisio
     index does not hold is presumed new, without a read (`Unit.load`): its run's append checks
     that the run does not exist, and when it does (a run that left the index because it ran
     early, or was deleted), the command is decided again on the log."""
-    deployment = await unit.load(dp.DEPLOYMENT, str(cmd.deployment_id))
+    deployment = await _deployment(unit, cmd.deployment_id)
     planned = sc.planned_runs(deployment, cmd, ctx.now) if deployment is not None else []
     index = await unit.load(dp.DEPLOYMENT_RUNS, dp.index_id(cmd.deployment_id)) if planned else None
     indexed_ids = [p.run_id for p in planned if index is not None and p.run_id in index.runs]
@@ -174,14 +185,14 @@ async def _run_inputs(unit: Unit, deployment: dp.Deployment,
 
 
 async def create_run(unit: Unit, cmd: sc.CreateFlowRunFromDeployment, ctx: DecisionContext) -> Decision:
-    deployment = await unit.load(dp.DEPLOYMENT, str(cmd.deployment_id))
+    deployment = await _deployment(unit, cmd.deployment_id)
     inputs = await _run_inputs(unit, deployment, [cmd]) if deployment is not None else sc.RunInputs()
     decision = sc.decide_run_from_deployment(cmd, deployment, inputs, ctx)
     return sl.with_initial_slots(decision, await initial_slots(unit, inputs.pool, [cmd.state], StateType.SCHEDULED))
 
 
 async def create_runs(unit: Unit, cmd: sc.CreateFlowRunsFromDeployment, ctx: DecisionContext) -> Decision:
-    deployment = await unit.load(dp.DEPLOYMENT, str(cmd.deployment_id))
+    deployment = await _deployment(unit, cmd.deployment_id)
     inputs = await _run_inputs(unit, deployment, cmd.runs) if deployment is not None else sc.RunInputs()
     decision = sc.decide_runs_from_deployment(cmd, deployment, inputs, ctx)
     slots = await initial_slots(unit, inputs.pool, [item.state for item in cmd.runs], StateType.SCHEDULED)

@@ -7,7 +7,8 @@ clock in handlers/background.py) that, every 15 s, in this order:
    `CrashFlowRunOfLostWorker` (beyond Prefect, whose runs stay RUNNING for ever);
 2. marks NOT_READY the READY pools with no ONLINE worker left: `MarkWorkPoolNotReady`;
 3. marks NOT_READY the READY deployments last polled more than 60 s ago whose queue was not
-   polled within 60 s either: `MarkDeploymentsNotReady`, one per queue;
+   polled within 60 s either: `MarkDeploymentsNotReady`, one per queue; and those without a
+   queue: `MarkQueuelessDeploymentsNotReady`;
 4. marks NOT_READY the READY queues last polled more than 60 s ago: `MarkWorkQueuesNotReady`,
    one per pool.
 5. gives back the deployment slots of runs PENDING for longer than the slot's lease lasts
@@ -15,6 +16,16 @@ clock in handlers/background.py) that, every 15 s, in this order:
    `deployment_slot_lease_seconds`): `ExpireDeploymentSlotLease`, as Prefect's lease reaper;
    and the slots a release handed to a waiting run that nobody claimed within
    `handed_slot_seconds` (30 s by default).
+6. crashes the task runs left RUNNING or CANCELLING in a flow run that ended (COMPLETED,
+   FAILED, CANCELLED or CRASHED) more than one pass ago: a proposed `CRASHED` state through
+   `SetTaskRunState`, which gives back their tag concurrency slots (SL-8). The process that
+   ran them is gone, so nothing else would ever end them, and their slots would stay held until
+   someone reset the tag's limit (Prefect issue #17415). Background task runs (no flow run) are
+   not touched: a dead task worker's runs are delivered to another one, with their slots.
+7. deletes the runs of deleted deployments still SCHEDULED, never run and not
+   `AwaitingConcurrencySlot`: `DeleteRunOfDeletedDeployment`. A deployment's delete takes the
+   runs its schedules made, which it finds in the log; the runs made from it on demand are
+   found only in the read model, so they go here, within a pass of the delete.
 
 It finds candidates in the read models and acts through commands whose deciders check the
 condition again against the log (the worker's last heartbeat, the pool's online workers, the
@@ -29,17 +40,26 @@ import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import DateTime, Float, and_, func, literal, or_, select
+from sqlalchemy import DateTime, Float, and_, exists, func, literal, literal_column, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from runledger.commands import tag_concurrency_limits as tcl
 from runledger.commands import work_pools as wp
 from runledger.commands import workers as wk
 from runledger.commands.slots import DEFAULT_DEPLOYMENT_LEASE_SECONDS, HANDED_SLOT_SECONDS
+from runledger.commands.states import TERMINAL
 from runledger.infra.leases import stop_if_cancelled
-from runledger.projections.tables import deployments, flow_runs, work_pools, work_queues, workers
+from runledger.projections.tables import (
+    deployments,
+    flow_runs,
+    task_runs,
+    work_pools,
+    work_queues,
+    workers,
+)
 
 from .background import each_bounded
 
@@ -47,6 +67,10 @@ log = logging.getLogger("runledger.foreman")
 
 FOREMAN_INTERVAL = 15.0
 BATCH = 500
+# How long after its flow run ended a task run still RUNNING is left alone: a run's last task
+# reports may arrive just after its flow's own terminal state (they are sent in batches).
+ENDED_FLOW_RUN_GRACE_SECONDS = FOREMAN_INTERVAL
+ENDED_FLOW_RUN_MESSAGE = "Its flow run ended ({state}) while this task run was still running."
 
 
 @dataclass
@@ -57,6 +81,8 @@ class ForemanPass:
     workers_offline: int = 0
     runs_crashed: int = 0
     leases_expired: int = 0
+    task_runs_crashed: int = 0
+    runs_of_deleted_deployments: int = 0
     pools_not_ready: int = 0
     deployments_checked: int = 0
     queues_checked: int = 0
@@ -70,6 +96,7 @@ class Foreman:
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     deployment_lease_seconds: float = DEFAULT_DEPLOYMENT_LEASE_SECONDS  # Settings.deployment_slot_lease_seconds
     handed_slot_seconds: float = HANDED_SLOT_SECONDS  # Settings.handed_slot_seconds
+    ended_flow_run_grace_seconds: float = ENDED_FLOW_RUN_GRACE_SECONDS
     passes: int = 0
     last: ForemanPass = field(default_factory=ForemanPass)  # the last pass's figures
     _just_offline: set[tuple[str, str]] = field(default_factory=set)  # (pool, worker) marked this pass
@@ -154,24 +181,30 @@ class Foreman:
         return marked
 
     async def deployments_not_ready(self) -> int:
+        """Outer-joined to their queues, as Prefect's foreman: a deployment without a queue
+        (polled by a runner, or its queue deleted) goes NOT_READY on its own last poll, through
+        `MarkQueuelessDeploymentsNotReady`; one with a queue through its pool, by queue."""
         stale_before = self.clock() - wp.NOT_READY_AFTER
         stmt = (select(work_pools.c.name.label("pool"), work_queues.c.id.label("queue_id"), deployments.c.id)
-                .join(work_queues, work_queues.c.id == deployments.c.work_queue_id)
-                .join(work_pools, work_pools.c.id == work_queues.c.work_pool_id)
+                .outerjoin(work_queues, work_queues.c.id == deployments.c.work_queue_id)
+                .outerjoin(work_pools, work_pools.c.id == work_queues.c.work_pool_id)
                 .where(deployments.c.status == "READY", deployments.c.last_polled.is_not(None),
                        deployments.c.last_polled < stale_before,
                        or_(work_queues.c.last_polled.is_(None), work_queues.c.last_polled < stale_before))
                 .order_by(deployments.c.last_polled).limit(BATCH))
         by_queue: dict[tuple[str, Any], list[str]] = defaultdict(list)
         for row in await self._rows(stmt):
-            by_queue[(row.pool, row.queue_id)].append(str(row.id))
+            by_queue[(row.pool, row.queue_id) if row.queue_id is not None else ("", None)].append(str(row.id))
         sent = 0
 
         async def one(item: tuple[tuple[str, Any], list[str]]) -> None:
             nonlocal sent
             (pool, queue_id), ids = item
-            reply = await self.send("MarkDeploymentsNotReady", {"work_pool_name": pool, "work_queue_id": str(queue_id),
-                                                                "deployment_ids": ids})
+            if queue_id is None:
+                reply = await self.send("MarkQueuelessDeploymentsNotReady", {"deployment_ids": ids})
+            else:
+                reply = await self.send("MarkDeploymentsNotReady", {"work_pool_name": pool, "work_queue_id": str(queue_id),
+                                                                    "deployment_ids": ids})
             if reply.get("ok"):
                 sent += len(ids)
 
@@ -236,6 +269,72 @@ class Foreman:
         self.last.leases_expired = expired
         return expired
 
+    async def task_runs_of_ended_flow_runs(self) -> int:
+        """Task runs RUNNING or CANCELLING in the read model whose flow run ended more than
+        `ended_flow_run_grace_seconds` ago. The state proposed is not forced, so that the task
+        rules refuse to crash a run that has ended meanwhile (a stale read model, a second
+        foreman): a forced state would overwrite its outcome. Served by the index on the task
+        runs' state type (the few live runs), then the flow runs' primary key."""
+        ended_before = self.clock() - timedelta(seconds=self.ended_flow_run_grace_seconds)
+        flow_state_since = flow_runs.c.state["timestamp"].astext.cast(DateTime(timezone=True))
+        stmt = (select(task_runs.c.id, flow_runs.c.state_type.label("flow_state"))
+                .join(flow_runs, flow_runs.c.id == task_runs.c.flow_run_id)
+                .where(task_runs.c.state_type.in_(sorted(tcl.SLOT_STATES)),
+                       flow_runs.c.state_type.in_(sorted(TERMINAL)), flow_state_since < literal(ended_before))
+                .limit(BATCH))
+        crashed = 0
+
+        async def one(row: Any) -> None:
+            nonlocal crashed
+            state = {"type": "CRASHED", "message": ENDED_FLOW_RUN_MESSAGE.format(state=row.flow_state)}
+            reply = await self.send("SetTaskRunState", {"id": str(row.id), "state": state})
+            if reply.get("ok") and (reply.get("orchestration") or {}).get("status") == "ACCEPT":
+                crashed += 1
+
+        await each_bounded(await self._rows(stmt), one)
+        self.last.task_runs_crashed = crashed
+        return crashed
+
+    async def runs_of_deleted_deployments(self) -> int:
+        """Runs still SCHEDULED, never run and not waiting for a slot, whose deployment is not in
+        the deployments read model (deleted, its deletion projected), up to `BATCH`: each is sent
+        to its decider, which checks the run and the deployment's deletion against the log
+        again (a deployment not projected yet, or a run that moved on, is left as it is).
+
+        Served by the partial index `flow_runs_deletable_by_deployment` (the runs such a delete
+        may take: few, however long the history), its predicate written out literally so that
+        the planner may use it: a skip scan lists the deployments the index names, one probe
+        each (a recursive query), the deployments' primary key keeps those that are gone, and
+        their runs are read from the same index."""
+        runs = flow_runs.c
+        deletable = and_(runs.state_type == literal_column("'SCHEDULED'"), runs.run_count == literal_column("0"),
+                         runs.state_name != literal_column("'AwaitingConcurrencySlot'"),
+                         runs.deployment_id.is_not(None))
+
+        def first_after(after: Any) -> Any:
+            stmt = select(runs.deployment_id).where(deletable)
+            if after is not None:
+                stmt = stmt.where(runs.deployment_id > after)
+            return stmt.order_by(runs.deployment_id).limit(1).scalar_subquery()
+
+        named = select(first_after(None).label("id")).cte("named", recursive=True)
+        named = named.union_all(select(first_after(named.c.id)).where(named.c.id.is_not(None)))
+        gone = (select(named.c.id)
+                .where(named.c.id.is_not(None), ~exists().where(deployments.c.id == named.c.id)))
+        stmt = select(runs.id, runs.deployment_id).where(deletable, runs.deployment_id.in_(gone)).limit(BATCH)
+        deleted = 0
+
+        async def one(row: Any) -> None:
+            nonlocal deleted
+            reply = await self.send("DeleteRunOfDeletedDeployment",
+                                    {"id": str(row.id), "deployment_id": str(row.deployment_id)})
+            if reply.get("ok") and reply.get("created") is True:  # deleted now
+                deleted += 1
+
+        await each_bounded(await self._rows(stmt), one)
+        self.last.runs_of_deleted_deployments = deleted
+        return deleted
+
     async def run_pass(self) -> ForemanPass:
         """One tick, in the foreman's order."""
         self.last = ForemanPass()
@@ -245,6 +344,8 @@ class Foreman:
         await self.deployments_not_ready()
         await self.queues_not_ready()
         await self.deployment_leases_expired()
+        await self.task_runs_of_ended_flow_runs()
+        await self.runs_of_deleted_deployments()
         self.passes += 1
         return self.last
 

@@ -37,6 +37,7 @@ from . import (
     variable_commands,
     work_pool_commands,
     worker_commands,
+    worker_polls,
 )
 from .command_bus import BulkSpec, CommandSpec
 
@@ -50,6 +51,7 @@ AGGREGATE_KINDS: list[AggregateKind] = [
     *variable_commands.AGGREGATE_KINDS,
     *concurrency_limit_commands.AGGREGATE_KINDS,
     *worker_commands.AGGREGATE_KINDS,
+    *worker_polls.AGGREGATE_KINDS,
 ]
 
 # Each read model's projector, made fresh per runner (projectors may keep per-run state).
@@ -84,7 +86,8 @@ QUERIES: dict[str, tuple[Any, Any]] = {
     **workers_read_model.QUERIES,
     **task_runs_read_model.QUERIES,
     **tag_concurrency_limits_read_model.QUERIES,
-    # The service serves these with their side effect (a poll is recorded): handlers/worker_polls.py.
+    # The service serves these (and the runner poll, GetScheduledFlowRunsForDeployments) with
+    # their side effect (a poll is recorded): handlers/worker_polls.py.
     **scheduled_runs_read_model.QUERIES,
 }
 
@@ -111,6 +114,7 @@ def command_specs(store: EventStore | None,
         **variable_commands.COMMANDS,
         **concurrency_limit_commands.COMMANDS,
         **worker_commands.COMMANDS,
+        **worker_polls.COMMANDS,
     }
 
 

@@ -29,24 +29,33 @@ def json_param(rows: Any) -> str:
 
 
 @cache
-def populate_sql(table: Any, conflict: str) -> str:
+def populate_sql(table: Any, conflict: str, kept_null: tuple[str, ...] = ()) -> str:
     """Insert (or replace) a batch of rows given as one JSON array of objects named like the
     columns: Postgres turns each object into a row (`jsonb_populate_recordset`), so Python
-    neither validates nor converts a field (timestamps, ids, intervals, JSON columns)."""
+    neither validates nor converts a field (timestamps, ids, intervals, JSON columns).
+    `kept_null`: columns a replaced row keeps once they are null (`_on_conflict`)."""
     columns = _quoted_columns(table)
     return (f"INSERT INTO {table.name} ({', '.join(columns)}) "
             f"SELECT {', '.join(columns)} FROM jsonb_populate_recordset(NULL::{table.name}, $1::jsonb) "
-            f"{_on_conflict(columns, conflict)}")
+            f"{_on_conflict(table, columns, conflict, kept_null)}")
 
 
 def _quoted_columns(table: Any) -> list[str]:
     return [f'"{c.name}"' for c in table.columns]  # quoted: a limit's column `limit` is a keyword
 
 
-def _on_conflict(columns: list[str], conflict: str) -> str:
-    """`nothing`: a row already there stays; `update`: it is replaced."""
-    return "ON CONFLICT (id) " + ("DO NOTHING" if conflict == "nothing" else
-                                  "DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in columns if c != '"id"'))
+def _on_conflict(table: Any, columns: list[str], conflict: str, kept_null: tuple[str, ...] = ()) -> str:
+    """`nothing`: a row already there stays; `update`: it is replaced, but a column of
+    `kept_null` that the row holds null stays null (a value the read model cleared, which the
+    events written before that do not know: a deleted queue's runs, WP-9)."""
+    if conflict == "nothing":
+        return "ON CONFLICT (id) DO NOTHING"
+    kept = {f'"{name}"' for name in kept_null}
+
+    def value(c: str) -> str:
+        return f"CASE WHEN {table.name}.{c} IS NULL THEN NULL ELSE EXCLUDED.{c} END" if c in kept else f"EXCLUDED.{c}"
+
+    return "ON CONFLICT (id) DO UPDATE SET " + ", ".join(f"{c} = {value(c)}" for c in columns if c != '"id"')
 
 
 Write = tuple[str, tuple[Any, ...]]
@@ -69,7 +78,7 @@ def last_rows_writes(table: Any, last: Mapping[str, dict[str, Any] | None]) -> l
 
 def runs_with_states_writes(runs: Any, states_table: Any, run_column: str, defaults: Mapping[str, Any],
                             last: Mapping[str, dict[str, Any] | None],
-                            states: Mapping[str, dict[str, Any]]) -> list[Write]:
+                            states: Mapping[str, dict[str, Any]], kept_null: tuple[str, ...] = ()) -> list[Write]:
     """A run read model's batch (flow runs, task runs): each run's last value (None: deleted,
     its states with it; a dict: its row, `defaults` filling the fields an older event lacks)
     and the states written (rows of `states_table`, whose `run_column` names their run). The
@@ -80,7 +89,7 @@ def runs_with_states_writes(runs: Any, states_table: Any, run_column: str, defau
         writes.append((populate_sql(states_table, "nothing"), (json_param(list(states.values())),)))
     rows = [{**defaults, **run} for run in last.values() if run is not None]
     if rows:
-        writes.append((populate_sql(runs, "update"), (json_param(rows),)))
+        writes.append((populate_sql(runs, "update", kept_null), (json_param(rows),)))
     return writes
 
 
@@ -100,19 +109,19 @@ class SharedArgument(str):
 
 
 def envelope_rows_sql(table: Any, conflict: str, row: str, *, base: str = "NULL", where: str = "",
-                      columns: tuple[tuple[str, str], ...] = ()) -> str:
+                      columns: tuple[tuple[str, str], ...] = (), kept_null: tuple[str, ...] = ()) -> str:
     """Like `populate_sql`, from events as stored: `$1` is a JSON array of event envelopes,
     `$2` the positions (from 1) of those to write; `row` picks one row's object out of an
     envelope `e.v` (e.g. `e.v->'payload'->'run'`), `base` is the record whose values fill
     the columns the object lacks, and `columns` gives some columns from an expression of their
     own (name, SQL) instead. Neither merges JSON per row: that had made Postgres's part cost
     more than the service saved."""
-    return _envelope_rows_sql(table, conflict, row, base, where, columns)
+    return _envelope_rows_sql(table, conflict, row, base, where, columns, kept_null)
 
 
 @cache
 def _envelope_rows_sql(table: Any, conflict: str, row: str, base: str, where: str,
-                       columns: tuple[tuple[str, str], ...]) -> str:
+                       columns: tuple[tuple[str, str], ...], kept_null: tuple[str, ...]) -> str:
     given = dict(columns)
     quoted = _quoted_columns(table)
     values = [given.get(c.name, f'r.{q}') for c, q in zip(table.columns, quoted, strict=True)]
@@ -120,7 +129,8 @@ def _envelope_rows_sql(table: Any, conflict: str, row: str, base: str, where: st
             f"SELECT {', '.join(values)} "
             f"FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(v, n), "
             f"jsonb_populate_record({base}, {row}) AS r "
-            f"WHERE e.n = ANY($2::int[]){' AND ' + where if where else ''} {_on_conflict(quoted, conflict)}")
+            f"WHERE e.n = ANY($2::int[]){' AND ' + where if where else ''} "
+            f"{_on_conflict(table, quoted, conflict, kept_null)}")
 
 
 def envelopes_param(envelopes: Sequence[bytes]) -> SharedArgument:
@@ -135,7 +145,8 @@ StoredEvent = tuple[str, str, bytes]
 
 def runs_with_states_envelope_writes(runs: Any, states_table: Any, run_column: str, defaults_json: str,
                                      events: Sequence[StoredEvent], run_events: frozenset[str],
-                                     state_events: frozenset[str], deleted_event: str) -> list[Write]:
+                                     state_events: frozenset[str], deleted_event: str,
+                                     kept_null: tuple[str, ...] = ()) -> list[Write]:
     """The writes of `runs_with_states_writes` for the same batch, with Postgres reading each
     run's row (`payload.run`) and its state out of the events as stored, sent once for both
     tables: the service neither parses an event nor encodes a row, which was about a ninth of
@@ -167,7 +178,8 @@ def runs_with_states_envelope_writes(runs: Any, states_table: Any, run_column: s
     rows = [at for at in last.values() if at is not None]
     if rows:
         writes.append((envelope_rows_sql(runs, "update", run,
-                                         base=f"(SELECT jsonb_populate_record(NULL::{runs.name}, $3::jsonb))"),
+                                         base=f"(SELECT jsonb_populate_record(NULL::{runs.name}, $3::jsonb))",
+                                         kept_null=kept_null),
                        (shared, rows, defaults_json)))
     return writes
 

@@ -5,6 +5,7 @@ queue's and pool's names as they are now (DP-3: a queue may have been renamed si
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,11 +13,14 @@ from sqlalchemy import bindparam, delete, func, select, text
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from runledger.commands import deployment_polls as dpp
 from runledger.commands import deployments as dp
 from runledger.commands import queries as q
 from runledger.commands import work_pools as wp
 from runledger.commands.messages import Event
+from runledger.commands.states import StateType
 
+from . import flow_runs as flow_runs_read_model
 from .filters import where_filter
 from .tables import concurrency_limits, deployments, flows, work_pools, work_queues
 
@@ -32,8 +36,8 @@ def deployment_row(deployment: dp.Deployment) -> dict[str, Any]:
 
 # Insert or replace whole rows; built once (building it per batch cost ~5 % of the CPU). A
 # deployment's `status` and `last_polled` are read-side fields, written by polls and the
-# foreman (`WorkQueuesPolled`, `WorkQueueDeploymentsNotReady`): a create or an update of an
-# existing row keeps them.
+# foreman (`WorkQueuesPolled`, `WorkQueueDeploymentsNotReady`, `DeploymentsPolled`,
+# `QueuelessDeploymentsNotReady`): a create or an update of an existing row keeps them.
 _READ_SIDE = frozenset({"status", "last_polled"})
 _UPSERT = insert(deployments).on_conflict_do_update(
     index_elements=["id"], set_={c.name: insert(deployments).excluded[c.name] for c in deployments.columns
@@ -44,6 +48,20 @@ _NOT_READY = text(
     " AND status = 'READY' AND last_polled IS NOT NULL AND last_polled < :stale_before"
 ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True))))
 _POLLED = _POLLED.bindparams(bindparam("queue_ids", type_=ARRAY(UUID(as_uuid=True))))
+# WP-9: a deleted queue's deployments keep their `work_queue_name` text; the pool, read through
+# the queue, goes with it (the command side writes them so from then on: dp.without_deleted_queue).
+_QUEUES_GONE = text(
+    "UPDATE deployments SET work_queue_id = NULL, work_pool_name = NULL WHERE work_queue_id = ANY(:queue_ids)"
+).bindparams(bindparam("queue_ids", type_=ARRAY(UUID(as_uuid=True))))
+# A runner's poll names deployments, not queues (DP-17); the foreman turns those without a queue
+# NOT_READY by id (ST-3).
+_RUNNER_POLLED = text(
+    "UPDATE deployments SET status = 'READY', last_polled = :polled WHERE id = ANY(:ids)"
+).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True))))
+_QUEUELESS_NOT_READY = text(
+    "UPDATE deployments SET status = 'NOT_READY' WHERE id = ANY(:ids) AND work_queue_id IS NULL"
+    " AND status = 'READY' AND last_polled IS NOT NULL AND last_polled < :stale_before"
+).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True))))
 
 
 class DeploymentsProjector:
@@ -52,7 +70,9 @@ class DeploymentsProjector:
     raw_payloads = False
     handles = frozenset({dp.DeploymentCreated.event_type, dp.DeploymentUpdated.event_type,
                          dp.DeploymentDeleted.event_type, wp.WorkQueuesPolled.event_type,
-                         wp.WorkQueueDeploymentsNotReady.event_type})
+                         wp.WorkQueueDeploymentsNotReady.event_type, wp.WorkPoolDeleted.event_type,
+                         wp.WorkQueueDeleted.event_type, dpp.DeploymentsPolled.event_type,
+                         dpp.QueuelessDeploymentsNotReady.event_type})
 
     async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, str, Event | dict]]) -> None:
         # The last event of each deployment in the batch decides its row: one write each,
@@ -70,6 +90,17 @@ class DeploymentsProjector:
                 await self._write(conn, last)
                 await conn.execute(_NOT_READY, {"ids": event.deployment_ids, "queue_id": event.work_queue_id,
                                                 "stale_before": event.checked - wp.NOT_READY_AFTER})
+            elif isinstance(event, wp.WorkPoolDeleted | wp.WorkQueueDeleted):
+                await self._write(conn, last)
+                gone = event.queue_ids if isinstance(event, wp.WorkPoolDeleted) else [event.queue_id]
+                await conn.execute(_QUEUES_GONE, {"queue_ids": gone})
+            elif isinstance(event, dpp.DeploymentsPolled):
+                await self._write(conn, last)
+                await conn.execute(_RUNNER_POLLED, {"ids": event.deployment_ids, "polled": event.polled})
+            elif isinstance(event, dpp.QueuelessDeploymentsNotReady):
+                await self._write(conn, last)
+                await conn.execute(_QUEUELESS_NOT_READY, {"ids": event.deployment_ids,
+                                                          "stale_before": event.checked - wp.NOT_READY_AFTER})
         await self._write(conn, last)
 
     @staticmethod
@@ -171,6 +202,18 @@ async def list_deployment_schedules(conn: AsyncConnection, query: q.ListDeployme
     return list(row.schedules)
 
 
+async def get_scheduled_flow_runs_for_deployments(conn: AsyncConnection,
+                                                  query: q.GetScheduledFlowRunsForDeployments) -> list[dict[str, Any]]:
+    """DP-17: the runs as `ListFlowRuns` answers them (Prefect answers full flow runs too), by
+    the index on the runs' deployment and state type. No queue, pool or limit is consulted: a
+    runner serves its own deployments."""
+    runs = q.FlowRunFilter(deployment_id=q.AnyOf[uuid.UUID](any_=query.deployment_ids),
+                           state_type=q.AnyOf[StateType](any_=[StateType.SCHEDULED]),
+                           next_scheduled_start_time=q.TimeRange(before_=query.scheduled_before))
+    return await flow_runs_read_model.list_flow_runs(conn, q.ListFlowRuns(
+        flow_runs=runs, sort=q.FlowRunSort.NEXT_SCHEDULED_START_TIME_ASC, limit=query.limit))
+
+
 QUERIES = {
     "GetDeployment": (q.GetDeployment, get_deployment),
     "GetDeploymentByName": (q.GetDeploymentByName, get_deployment_by_name),
@@ -178,4 +221,7 @@ QUERIES = {
     "CountDeployments": (q.CountDeployments, count_deployments),
     "PaginateDeployments": (q.PaginateDeployments, paginate_deployments),
     "ListDeploymentSchedules": (q.ListDeploymentSchedules, list_deployment_schedules),
+    # The service serves it with its side effect (the poll is recorded): handlers/worker_polls.py.
+    "GetScheduledFlowRunsForDeployments": (q.GetScheduledFlowRunsForDeployments,
+                                           get_scheduled_flow_runs_for_deployments),
 }

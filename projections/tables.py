@@ -225,6 +225,13 @@ flow_runs = Table(
     Index("flow_runs_tags", "tags", postgresql_using="gin"),
     # The poll offers first the few runs a release handed a slot to (`pool_slot_reserved`).
     Index("flow_runs_slot_reserved", "work_queue_id", postgresql_where=text("pool_slot_reserved")),
+    # A queue's health counts its Late runs (`GetWorkQueueStatus`): few, however long the history.
+    Index("flow_runs_late_by_queue", "work_queue_id", postgresql_where=text("state_name = 'Late'")),
+    # The foreman's other question: which runs of deleted deployments are left to delete? The
+    # runs a deployment's delete may still delete: few, however long the history.
+    Index("flow_runs_deletable_by_deployment", "deployment_id", postgresql_where=text(
+        "state_type = 'SCHEDULED' AND run_count = 0 AND state_name <> 'AwaitingConcurrencySlot' "
+        "AND deployment_id IS NOT NULL")),
     # The foreman's question: which runs does a worker that went away still hold?
     Index("flow_runs_claimed_by_worker", "work_queue_id", "worker_name", postgresql_where=text("worker_name IS NOT NULL")),
 )
@@ -412,5 +419,15 @@ MIGRATIONS = [
              RAISE EXCEPTION 'projection %: its checkpoint moved past this batch (another runner applied it)',
                projection USING ERRCODE = 'serialization_failure';
            END $$""",
+    ]),
+    # Migration 6 creates flow_runs from its current definition, which has it already.
+    Migration(15, "a queue's Late runs, for its health", [
+        "CREATE INDEX IF NOT EXISTS flow_runs_late_by_queue ON flow_runs (work_queue_id) WHERE state_name = 'Late'",
+    ]),
+    # Migration 6 creates flow_runs from its current definition, which has it already.
+    Migration(16, "the runs a deployment's delete may still delete, by deployment", [
+        """CREATE INDEX IF NOT EXISTS flow_runs_deletable_by_deployment ON flow_runs (deployment_id)
+               WHERE state_type = 'SCHEDULED' AND run_count = 0 AND state_name <> 'AwaitingConcurrencySlot'
+               AND deployment_id IS NOT NULL""",
     ]),
 ]

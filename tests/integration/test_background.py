@@ -1,13 +1,16 @@
-"""The scheduler and the clock against real NATS and Postgres: the scheduler schedules every
-deployment that is not paused and has an active schedule, and two schedulers (or a restart)
-write each run once; the clock marks Late the runs still Scheduled 15 s after their start."""
+"""The scheduler, the clock and the foreman against real NATS and Postgres: the scheduler
+schedules every deployment that is not paused and has an active schedule, and two schedulers
+(or a restart) write each run once; the clock marks Late the runs still Scheduled 15 s after
+their start; the foreman turns deployments without a queue NOT_READY too (ST-3)."""
 
 from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+from runledger.commands.messages import DecisionContext
 from runledger.handlers.background import Clock, CommandSender, Scheduler
+from runledger.handlers.foreman import Foreman
 from runledger.infra.nats_connection import connect
 
 
@@ -68,6 +71,46 @@ async def test_the_clock_marks_late_runs_only(broker, service, settings):
     assert marked["state"]["state_details"]["scheduled_time"] == marked["next_scheduled_start_time"]
     assert (await broker.ok_qry("GetFlowRun", id=just_due))["state_name"] == "Scheduled"
     assert (await broker.ok_qry("GetFlowRun", id=retrying))["state_name"] == "AwaitingRetry"
+
+
+async def test_the_foreman_turns_a_ready_deployment_without_a_queue_not_ready(broker, service, settings):
+    """A runner's poll makes a deployment without a queue READY; 60 s after it, the foreman
+    (outer-joined to the queues, as Prefect's) makes it NOT_READY, and only then. A deployment
+    whose queue is gone counts as one without."""
+    await broker.ok_cmd("CreateWorkPool", name="p", type="process")
+    flow_id = (await broker.ok_cmd("CreateFlow", name="etl"))["id"]
+    runner = await _deployment(broker, "runner", flow_id)
+    pooled = await _deployment(broker, "pooled", flow_id, work_pool_name="p", work_queue_name="q")
+    ids = [runner["id"], pooled["id"]]
+    await broker.ok_qry("GetScheduledFlowRunsForDeployments", deployment_ids=ids)
+    await broker.ok_cmd("DeleteWorkQueue", work_pool_name="p", work_queue_name="q")
+
+    async def statuses() -> list[tuple[str, str | None]]:
+        broker.last_seq = (await broker.ok_qry("GetServiceHealth"))["stream_last_seq"]
+        return [(d["status"], d["last_polled"]) for d in [await broker.ok_qry("GetDeployment", id=i) for i in ids]]
+
+    for _ in range(100):  # the poll is recorded in the background
+        ready = await statuses()
+        if all(status == "READY" for status, _ in ready):
+            break
+        await asyncio.sleep(0.05)
+    assert [status for status, _ in ready] == ["READY", "READY"], ready
+    polled = datetime.fromisoformat(ready[0][1])
+    real_clock = service.commands.clock
+    nc = await connect(settings)
+    try:
+        def foreman_at(seconds: float) -> Foreman:
+            when = polled + timedelta(seconds=seconds)
+            service.commands.clock = lambda: DecisionContext(now=when)
+            return Foreman(service.engine, CommandSender(nc, settings), clock=lambda: when)
+
+        await foreman_at(30).deployments_not_ready()
+        assert [status for status, _ in await statuses()] == ["READY", "READY"]
+        assert await foreman_at(61).deployments_not_ready() == 2
+        assert [status for status, _ in await statuses()] == ["NOT_READY", "NOT_READY"]
+    finally:
+        service.commands.clock = real_clock
+        await nc.close()
 
 
 async def test_two_services_run_one_scheduler_and_runs_appear_on_their_own(broker, settings):

@@ -14,6 +14,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from runledger.handlers.background import CommandSender
+from runledger.handlers.foreman import Foreman, ForemanPass
 from runledger.handlers.service import Service
 from runledger.infra.nats_connection import connect
 from tests.integration.broker import assert_live_equals_rebuild
@@ -429,11 +431,169 @@ async def test_a_schedules_delete_removes_its_runs_and_an_upsert_the_future_ones
     for r in await _scheduled(broker, d["id"]):
         by_schedule.setdefault(r["created_by"]["id"], []).append(r["id"])
     assert set(by_schedule) == {a["id"], b["id"]}
+    # Deleting one schedule deletes every auto-scheduled run of the deployment, as Prefect does
+    # (SC-7); the scheduler makes the other schedule's again.
     await broker.ok_cmd("DeleteDeploymentSchedule", deployment_id=d["id"], schedule_id=a["id"])
+    assert await _scheduled(broker, d["id"]) == []
+    await broker.ok_cmd("ScheduleDeploymentRuns", deployment_id=d["id"])
     assert {r["created_by"]["id"] for r in await _scheduled(broker, d["id"])} == {b["id"]}
     await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow_id)  # the upsert: DP-2(a)
     assert await _scheduled(broker, d["id"]) == []
     await broker.ok_cmd("DeleteDeployment", id=d["id"])
+
+
+async def test_sc7_deleting_a_schedule_deletes_every_auto_scheduled_run_of_the_deployment(broker):
+    d = await broker.ok_cmd("CreateDeployment", name="d", flow_id=await a_flow(broker), schedules=[
+        {"schedule": {"interval": 3600}, "slug": "a"}, {"schedule": {"interval": 7200}, "slug": "b"}])
+    await broker.ok_cmd("ScheduleDeploymentRuns", deployment_id=d["id"])
+    manual = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=d["id"])
+    await broker.ok_cmd("DeleteDeploymentSchedule", deployment_id=d["id"], schedule_id=d["schedules"][0]["id"])
+    assert [r["id"] for r in await _scheduled(broker, d["id"])] == [manual["id"]]  # manual runs stay
+
+
+async def _foreman_pass(broker, service, settings) -> ForemanPass:
+    """One pass of the foreman once the read models hold everything written so far; later
+    queries wait for what it wrote."""
+    await broker.ok_qry("CountFlowRuns")
+    nc = await connect(settings)
+    try:
+        done = await Foreman(service.engine, CommandSender(nc, settings)).run_pass()
+    finally:
+        await nc.close()
+    broker.last_seq = (await broker.nc.jetstream().stream_info(settings.stream_name)).state.last_seq
+    return done
+
+
+async def test_dp8_delete_deployment_deletes_manual_scheduled_runs_too(broker, service, settings):
+    flow_id = await a_flow(broker)
+    d = await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow_id,
+                            schedules=[{"schedule": {"interval": 3600}, "slug": "hourly"}])
+    auto = (await broker.ok_cmd("ScheduleDeploymentRuns", deployment_id=d["id"], min_runs=3))["flow_run_ids"]
+    manual = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=d["id"], idempotency_key="once")
+    bulk = await broker.ok_cmd("CreateFlowRunsFromDeployment", deployment_id=d["id"], runs=[{}, {}])
+    named = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, deployment_id=d["id"],
+                                state={"type": "SCHEDULED"})  # a plain create naming the deployment
+    started = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=d["id"])
+    await broker.ok_cmd("SetFlowRunState", id=started["id"], state={"type": "PENDING"})
+    waiting = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=d["id"],
+                                  state={"type": "SCHEDULED", "name": "AwaitingConcurrencySlot"})
+    other = await broker.ok_cmd("CreateDeployment", name="other", flow_id=flow_id)
+    kept_elsewhere = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=other["id"])
+    orphan = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, deployment_id=str(uuid.uuid4()),
+                                 state={"type": "SCHEDULED"})  # names a deployment that never was
+
+    async def gone(run_id: str) -> bool:
+        return (await broker.qry("GetFlowRun", id=run_id)).get("error", {}).get("code") == "not_found"
+
+    await broker.ok_cmd("DeleteDeployment", id=d["id"])
+    # The runs its schedules made go with it, at once.
+    assert all([await gone(r) for r in auto])
+    # The runs made on demand go at the foreman's next pass.
+    on_demand = [manual["id"], *(r["flow_run_id"] for r in bulk), named["id"]]
+    assert not any([await gone(r) for r in on_demand])
+    assert (await _foreman_pass(broker, service, settings)).runs_of_deleted_deployments == len(on_demand)
+    for run_id in on_demand:
+        assert await gone(run_id), run_id
+    # Its idempotency key went with it, as a DeleteFlowRun frees it.
+    again = await broker.cmd("CreateFlowRun", flow_id=flow_id, idempotency_key="once")
+    assert again["created"] is True, again
+    # Runs that left SCHEDULED, or wait for a slot, stay with their deployment_id; so do the
+    # runs of a deployment that exists, and of one the log never held.
+    for kept in (started, waiting):
+        assert (await broker.ok_qry("GetFlowRun", id=kept["id"]))["deployment_id"] == d["id"]
+    for kept in (kept_elsewhere, orphan):
+        assert (await broker.ok_qry("GetFlowRun", id=kept["id"]))["state_type"] == "SCHEDULED"
+    # A second pass (or a second foreman) finds nothing left to do.
+    assert (await _foreman_pass(broker, service, settings)).runs_of_deleted_deployments == 0
+    assert (await broker.ok_qry("GetFlowRun", id=waiting["id"]))["state_name"] == "AwaitingConcurrencySlot"
+
+
+async def test_runs_made_at_once_from_one_deployment_all_go_at_the_foremans_pass(broker, service, settings):
+    d = await broker.ok_cmd("CreateDeployment", name="d", flow_id=await a_flow(broker))
+    made = await asyncio.gather(*(broker.cmd("CreateFlowRunFromDeployment", deployment_id=d["id"])
+                                  for _ in range(50)),
+                                *(broker.cmd("CreateFlowRunsFromDeployment", deployment_id=d["id"],
+                                             runs=[{} for _ in range(50)]) for _ in range(2)))
+    assert all(m["ok"] for m in made), [m for m in made if not m["ok"]][:2]
+    everything = {"flow_runs": {"deployment_id": {"any_": [d["id"]]}}}
+    assert await broker.ok_qry("CountFlowRuns", **everything) == 150
+    await broker.ok_cmd("DeleteDeployment", id=d["id"])
+    assert (await _foreman_pass(broker, service, settings)).runs_of_deleted_deployments == 150
+    assert await broker.ok_qry("CountFlowRuns", **everything) == 0
+
+
+async def test_dp6_a_runs_parameters_are_size_checked(broker):
+    d = await broker.ok_cmd("CreateDeployment", name="d", flow_id=await a_flow(broker))
+    big = await broker.cmd("CreateFlowRunFromDeployment", deployment_id=d["id"], parameters={"s": "é" * 100_000})
+    assert big["error"]["code"] == "invalid" and "600008 bytes" in big["error"]["message"], big
+    bulk = await broker.cmd("CreateFlowRunsFromDeployment", deployment_id=d["id"],
+                            runs=[{}, {"parameters": {"s": "a" * 600_000}}])
+    assert bulk["error"]["code"] == "invalid", bulk
+    assert await broker.ok_qry("CountFlowRuns", flow_runs={"deployment_id": {"any_": [d["id"]]}}) == 0
+
+
+NULLABLE_TEMPLATE = {
+    "job_configuration": {"image": "{{ image }}", "cpu": "{{ cpu }}"},
+    "variables": {"type": "object", "properties": {"image": {"type": "string", "default": "python:3.12"},
+                                                   "cpu": {"type": "integer"}}},
+}
+
+
+async def test_dp14_dp7_null_for_an_optional_parameter_is_accepted(broker):
+    d = await broker.ok_cmd("CreateDeployment", name="d", flow_id=await a_flow(broker),
+                            parameter_openapi_schema={"type": "object", "properties": {"x": {"type": "string"}}})
+    assert (r := await broker.cmd("CreateFlowRunFromDeployment", deployment_id=d["id"], parameters={"x": None}))["ok"], r
+    assert (u := await broker.cmd("UpdateDeployment", id=d["id"], parameters={"x": None}))["ok"], u
+
+
+async def test_dp4_dp15_null_job_variable_is_accepted(broker):
+    flow_id = await a_flow(broker)
+    await broker.ok_cmd("CreateWorkPool", name="pool", type="process", base_job_template=NULLABLE_TEMPLATE)
+    made = await broker.cmd("CreateDeployment", name="d", flow_id=flow_id, work_pool_name="pool",
+                            job_variables={"image": None})
+    assert made["ok"], made
+    d = await broker.ok_cmd("CreateDeployment", name="d2", flow_id=flow_id, work_pool_name="pool")
+    assert (r := await broker.cmd("CreateFlowRunFromDeployment", deployment_id=d["id"], job_variables={"cpu": None}))["ok"], r
+
+
+async def test_dp1_an_upsert_that_gives_labels_keeps_the_system_label(broker):
+    flow_id = await a_flow(broker)
+    d = await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow_id, labels={"a": 1})
+    assert d["labels"] == {"prefect.flow.id": flow_id, "a": 1}
+    again = await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow_id, labels={"b": 2})
+    assert again["labels"] == {"prefect.flow.id": flow_id, "b": 2}
+    assert (await broker.ok_qry("GetDeployment", id=d["id"]))["labels"] == again["labels"]
+
+
+async def test_dp7_a_replace_list_drops_items_without_a_schedule(broker):
+    d = await broker.ok_cmd("CreateDeployment", name="d", flow_id=await a_flow(broker))
+    after = await broker.ok_cmd("UpdateDeployment", id=d["id"],
+                                schedules=[{"active": False}, {"schedule": {"interval": 60}}])
+    assert [s["schedule"]["interval"] for s in after["schedules"]] == [60.0]
+
+
+async def test_wq12_default_is_the_legacy_default_queue_even_when_renamed(broker):
+    await broker.ok_cmd("CreateLegacyWorkQueue", name="x")
+    pool = await broker.ok_qry("GetWorkPool", name="default-agent-pool")
+    await broker.ok_cmd("UpdateWorkQueue", work_pool_name="default-agent-pool", work_queue_name="default",
+                        name="renamed")
+    flow_id = await a_flow(broker)
+    d = await broker.ok_cmd("CreateDeployment", name="dep", flow_id=flow_id, work_queue_name="default")
+    assert d["work_queue_id"] == pool["default_queue_id"]
+    queues = await broker.ok_qry("ListWorkQueues", work_pool_name="default-agent-pool")
+    assert [(q["name"], q["priority"]) for q in queues] == [("renamed", 1), ("x", 2)]
+
+
+async def test_dp16_a_queue_named_for_a_run_needs_a_deployment_in_a_pool(broker):
+    d = await broker.ok_cmd("CreateDeployment", name="p", flow_id=await a_flow(broker))
+    refused = await broker.cmd("CreateFlowRunFromDeployment", deployment_id=d["id"], work_queue_name="q")
+    assert refused["error"] == {"code": "invalid", "field": "work_queue_name", "message": (
+        f"Cannot create a flow run in work queue 'q' because deployment {d['id']} is not associated with a "
+        "work pool.")}
+    (item,) = await broker.ok_cmd("CreateFlowRunsFromDeployment", deployment_id=d["id"],
+                                  runs=[{"work_queue_name": "q"}])
+    assert item["status"] == "FAILED" and "is not associated with a work pool" in item["error"]
+    assert await broker.ok_qry("CountFlowRuns", flow_runs={"deployment_id": {"any_": [d["id"]]}}) == 0
 
 
 async def test_a_scheduled_runs_job_variables_are_checked_like_a_new_runs(broker):

@@ -1,6 +1,7 @@
 """Task tag concurrency limits through the broker, against real NATS and Postgres: create (an
 upsert by tag), read, list, reset and delete; task runs taking a tag's slots at RUNNING and
-giving them back (SL-8, OR-17, OR-18), seen in the read model; bad input is invalid and
+giving them back (SL-8, OR-17, OR-18), seen in the read model; the foreman crashing the task
+runs left running in a flow run that ended, which gives their slots back; bad input is invalid and
 appends nothing; two service instances see what the other wrote to a limit; and 16 runs racing for a tag limited to 3 over two service instances never
 hold more than 3 slots, as the log shows."""
 
@@ -11,12 +12,15 @@ import json
 import random
 import uuid
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from runledger.client import NotFound, RunledgerClient, TagConcurrencyLimit
 from runledger.commands import tag_concurrency_limits as tcl
+from runledger.handlers.background import CommandSender
+from runledger.handlers.foreman import ENDED_FLOW_RUN_GRACE_SECONDS, Foreman
 from runledger.infra.event_store import EventStore
 from runledger.infra.nats_connection import connect
 from tests.integration.broker import assert_live_equals_rebuild
@@ -248,3 +252,87 @@ async def test_16_runs_racing_for_a_tag_limited_to_3_never_hold_more_than_3_slot
     limit = await broker.ok_qry("GetTagConcurrencyLimit", tag="shared")
     assert limit["active_slots"] == []
     await assert_live_equals_rebuild(second_instance, settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# The foreman: task runs left running in a flow run that ended give their slots back
+
+
+async def _foreman_pass(broker, service, settings, after_seconds: float) -> int:
+    """One foreman pass, its clock `after_seconds` ahead, once the read models hold every
+    command sent so far; the task runs it crashed. Later queries wait for its writes too."""
+    await broker.ok_qry("CountTaskRuns")
+    when = datetime.now(UTC) + timedelta(seconds=after_seconds)
+    nc = await connect(settings)
+    try:
+        crashed = (await Foreman(service.engine, CommandSender(nc, settings), clock=lambda: when).run_pass()
+                   ).task_runs_crashed
+    finally:
+        await nc.close()
+    broker.last_seq = (await broker.nc.jetstream().stream_info(settings.stream_name)).state.last_seq
+    return crashed
+
+
+async def test_a_tag_slot_of_a_dead_task_run_is_released(broker, service, settings):
+    """The auditor's case: the only `db` slot held by a task run whose flow run was crashed
+    (its process died) is given back at the foreman's first pass past the grace."""
+    await broker.ok_cmd("CreateTagConcurrencyLimit", tag="db", concurrency_limit=1)
+    flow_id = (await broker.ok_cmd("CreateFlow", name="f"))["id"]
+    fr = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, state={"type": "RUNNING"})
+    t1 = await broker.ok_cmd("CreateTaskRun", flow_run_id=fr["id"], task_key="k", dynamic_key="1", tags=["db"])
+    assert (await broker.cmd("SetTaskRunState", id=t1["id"], state={"type": "RUNNING"}))["orchestration"]["status"] == "ACCEPT"
+    await broker.ok_cmd("SetFlowRunState", id=fr["id"], state={"type": "CRASHED"}, force=True)
+    assert await _foreman_pass(broker, service, settings, ENDED_FLOW_RUN_GRACE_SECONDS + 1) == 1
+
+    dead = await broker.ok_qry("GetTaskRun", id=t1["id"])
+    assert dead["state_type"] == "CRASHED"
+    assert dead["state"]["message"] == "Its flow run ended (CRASHED) while this task run was still running."
+    assert (await broker.ok_qry("GetTagConcurrencyLimit", tag="db"))["active_slots"] == []
+    fr2 = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, state={"type": "RUNNING"})
+    t2 = await broker.ok_cmd("CreateTaskRun", flow_run_id=fr2["id"], task_key="k", dynamic_key="2", tags=["db"])
+    r2 = await broker.cmd("SetTaskRunState", id=t2["id"], state={"type": "RUNNING"})
+    assert r2["orchestration"]["status"] == "ACCEPT"   # before the fix: WAIT, the dead run still in active_slots
+
+    # A second pass (or a second foreman) finds nothing: t1 ended, t2's flow run runs.
+    assert await _foreman_pass(broker, service, settings, ENDED_FLOW_RUN_GRACE_SECONDS + 1) == 0
+    assert (await broker.ok_qry("GetTagConcurrencyLimit", tag="db"))["active_slots"] == [t2["id"]]
+    assert (await broker.ok_qry("GetTaskRun", id=t2["id"]))["state_type"] == "RUNNING"
+    await assert_live_equals_rebuild(service, settings)
+
+
+async def test_the_foreman_leaves_task_runs_of_running_flow_runs_and_of_runs_just_ended(broker, service, settings):
+    """A task run whose flow run still runs is its process's to end; one whose flow run ended
+    within the grace may still be reporting its outcome. Neither is touched until the flow run
+    ended longer ago than the grace; a CANCELLING one is crashed too, and a finished one never."""
+    await broker.ok_cmd("CreateTagConcurrencyLimit", tag="db", concurrency_limit=5)
+    flow_id = (await broker.ok_cmd("CreateFlow", name="f"))["id"]
+    live = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, state={"type": "RUNNING"})
+    ended = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, state={"type": "RUNNING"})
+
+    async def running(flow_run_id: str, key: str) -> str:
+        run = await broker.ok_cmd("CreateTaskRun", flow_run_id=flow_run_id, task_key="k", dynamic_key=key, tags=["db"])
+        reply = await broker.cmd("SetTaskRunState", id=run["id"], state={"type": "RUNNING"})
+        assert reply["orchestration"]["status"] == "ACCEPT", reply
+        return run["id"]
+
+    alive = await running(live["id"], "alive")
+    orphan = await running(ended["id"], "orphan")
+    cancelling = await running(ended["id"], "cancelling")
+    await broker.ok_cmd("SetTaskRunState", id=cancelling, state={"type": "CANCELLING"})
+    finished = await running(ended["id"], "finished")
+    await broker.ok_cmd("SetTaskRunState", id=finished, state={"type": "COMPLETED"})
+    await broker.ok_cmd("SetFlowRunState", id=ended["id"], state={"type": "FAILED"}, force=True)
+
+    # Within the grace: nothing, and not far past the flow run's end either.
+    assert await _foreman_pass(broker, service, settings, 0) == 0
+    assert await _foreman_pass(broker, service, settings, ENDED_FLOW_RUN_GRACE_SECONDS - 5) == 0
+    slots = (await broker.ok_qry("GetTagConcurrencyLimit", tag="db"))["active_slots"]
+    assert sorted(slots) == sorted([alive, orphan, cancelling])
+
+    assert await _foreman_pass(broker, service, settings, ENDED_FLOW_RUN_GRACE_SECONDS + 1) == 2
+    states = {run_id: (await broker.ok_qry("GetTaskRun", id=run_id))["state"]
+              for run_id in (alive, orphan, cancelling, finished)}
+    assert {run_id: s["type"] for run_id, s in states.items()} == {
+        alive: "RUNNING", orphan: "CRASHED", cancelling: "CRASHED", finished: "COMPLETED"}
+    assert states[orphan]["message"] == "Its flow run ended (FAILED) while this task run was still running."
+    assert (await broker.ok_qry("GetTagConcurrencyLimit", tag="db"))["active_slots"] == [alive]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 
 from runledger.commands import work_pools as wp
 from runledger.handlers import work_pool_commands as wpc
@@ -184,6 +185,12 @@ async def test_base_job_template_validation(broker):
         reply = await broker.cmd(name, **body, base_job_template=undeclared)
         assert (err(reply)[0], reply["error"].get("field")) == ("invalid", "base_job_template"), (name, body)
     assert await broker.stream_messages() == before
+    # A default that references a block names one that cannot exist (runledger has no blocks).
+    with_block = {"job_configuration": {"image": "{{ image }}"},
+                  "variables": {"properties": {"image": {"default": {"$ref": {"block_document_id": str(uuid.uuid4())}}}}}}
+    reply = await broker.cmd("CreateWorkPool", name="tpl2", type="docker", base_job_template=with_block)
+    assert err(reply) == ("not_found", "Block not found.")
+    assert await broker.stream_messages() == before
     # {} is valid on update too
     assert (await broker.ok_cmd("UpdateWorkPool", name="tpl", base_job_template={}))["base_job_template"] == {}
     assert (await broker.ok_qry("GetWorkPool", name="tpl"))["base_job_template"] == {}
@@ -351,6 +358,54 @@ async def test_delete_removes_the_pool_and_its_queues(broker):
     queues = await broker.ok_qry("ListWorkQueues", work_pool_name="gone")
     assert [(q["name"], q["priority"], q["id"]) for q in queues] == [("default", 1, again["result"]["default_queue_id"])]
     assert (await broker.ok_qry("GetWorkPool", name="gone"))["type"] == "docker"
+
+
+async def test_wp9_deleting_a_pool_clears_work_queue_id(broker):
+    await broker.ok_cmd("CreateWorkPool", name="gone", type="process")
+    q = await broker.ok_cmd("CreateWorkQueue", work_pool_name="gone", name="q")
+    flow_id = (await broker.ok_cmd("CreateFlow", name="etl"))["id"]
+    d = await broker.ok_cmd("CreateDeployment", name="dep", flow_id=flow_id, work_pool_name="gone",
+                            work_queue_name="q")
+    run = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=d["id"])
+    assert run["work_queue_id"] == q["id"]
+    await broker.ok_cmd("DeleteWorkPool", name="gone")
+    d2 = await broker.ok_qry("GetDeployment", id=d["id"])
+    r2 = await broker.ok_qry("GetFlowRun", id=run["id"])
+    assert (d2["work_queue_id"], d2["work_queue_name"], d2["work_pool_name"]) == (None, "q", None)
+    assert (r2["work_queue_id"], r2["work_queue_name"], r2["work_pool_name"]) == (None, "q", None)
+    assert await broker.ok_qry("ListFlowRuns", flow_runs={"work_queue_id": {"any_": [q["id"]]}}) == []
+    assert await broker.ok_qry("ListDeployments", deployments={"work_queue_id": {"any_": [q["id"]]}}) == []
+    later = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=d["id"])
+    assert (later["work_queue_id"], later["work_queue_name"]) == (None, "q")
+    # The runs' and the deployment's later events, decided with the queue or not, keep it cleared;
+    # so does a new pool of the same name, whose queue "q" is another one.
+    await broker.ok_cmd("CreateWorkPool", name="gone", type="process")
+    await broker.ok_cmd("CreateWorkQueue", work_pool_name="gone", name="q")
+    moved = await broker.cmd("SetFlowRunState", id=run["id"], state={"type": "RUNNING"})
+    assert moved["ok"] and moved["orchestration"]["status"] == "ACCEPT", moved
+    await broker.ok_cmd("PauseDeployment", id=d["id"])
+    assert (await broker.ok_qry("GetFlowRun", id=run["id"]))["work_queue_id"] is None
+    d3 = await broker.ok_qry("GetDeployment", id=d["id"])
+    assert (d3["work_queue_id"], d3["work_pool_name"], d3["paused"]) == (None, None, True)
+
+
+async def test_deleting_a_queue_clears_deployment_work_queue_id(broker):
+    await broker.ok_cmd("CreateWorkPool", name="p", type="process")
+    q = await broker.ok_cmd("CreateWorkQueue", work_pool_name="p", name="q")
+    flow_id = (await broker.ok_cmd("CreateFlow", name="etl"))["id"]
+    d = await broker.ok_cmd("CreateDeployment", name="dep", flow_id=flow_id, work_pool_name="p", work_queue_name="q")
+    run = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=d["id"])
+    await broker.ok_cmd("DeleteWorkQueue", work_pool_name="p", work_queue_name="q")
+    after = await broker.ok_qry("GetDeployment", id=d["id"])
+    assert (after["work_queue_id"], after["work_queue_name"], after["work_pool_name"]) == (None, "q", None)
+    assert (await broker.ok_qry("GetFlowRun", id=run["id"]))["work_queue_id"] is None
+    later = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=d["id"])
+    assert later["work_queue_id"] is None
+    # A queue of the same name made again is another queue: the deployment does not follow it.
+    await broker.ok_cmd("CreateWorkQueue", work_pool_name="p", name="q")
+    await broker.ok_cmd("UpdateDeployment", id=d["id"], description="again")
+    assert (await broker.ok_qry("GetDeployment", id=d["id"]))["work_queue_id"] is None
+    assert q["id"] not in {r["work_queue_id"] for r in await broker.ok_qry("ListFlowRuns")}
 
 
 # ---------------------------------------------------------------------------------------------

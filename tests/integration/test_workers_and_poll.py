@@ -7,6 +7,7 @@ with a fake clock."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -204,6 +205,23 @@ async def test_a_paused_pool_yields_nothing(broker, gs7):
     assert await _poll(broker) == []
 
 
+async def test_sl4_quirk_runs_in_a_paused_queue_leave_the_pools_slots_to_the_poll(broker):
+    """Postgres's Prefect: a pool's free slots for a poll count the runs of its unpaused queues
+    only, while its `active_slots` counts every queue's."""
+    await broker.ok_cmd("CreateWorkPool", name="p", type="process", concurrency_limit=3)
+    for queue in ("a", "b"):
+        await broker.ok_cmd("CreateWorkQueue", work_pool_name="p", name=queue)
+    flow_id = (await broker.ok_cmd("CreateFlow", name="etl"))["id"]
+    for _ in range(2):
+        await _run(broker, flow_id, "a", {"type": "RUNNING"})
+    now = datetime.now(UTC)
+    scheduled = [await _run(broker, flow_id, "b", _scheduled(now + k * HOUR)) for k in range(3)]
+    assert _ids(await _poll(broker)) == scheduled[:1]
+    await broker.ok_cmd("UpdateWorkQueue", work_pool_name="p", work_queue_name="a", is_paused=True)
+    assert _ids(await _poll(broker)) == scheduled
+    assert (await broker.ok_qry("GetWorkPool", name="p"))["active_slots"] == 2
+
+
 async def test_poll_resolution_errors(broker, gs7):
     await broker.ok_cmd("CreateWorkPool", name="other", type="process")
     await broker.ok_cmd("CreateWorkQueue", work_pool_name="other", name="elsewhere")
@@ -288,6 +306,71 @@ async def test_a_poll_makes_queues_and_their_deployments_ready(broker):
     events = await broker.pool_events(default["work_pool_id"])
     polled = [e for e in events if e["type"] == "WorkQueuesPolled"]
     assert len(polled) == 1 and len(polled[0]["payload"]["queue_ids"]) == 2
+
+
+async def _runner_poll(broker, **body) -> list[dict]:
+    return await broker.ok_qry("GetScheduledFlowRunsForDeployments", **body)
+
+
+async def test_the_runner_poll_answers_its_deployments_scheduled_runs_earliest_first(broker):
+    await broker.ok_cmd("CreateWorkPool", name="p", type="process")
+    flow_id = (await broker.ok_cmd("CreateFlow", name="etl"))["id"]
+    a = await broker.ok_cmd("CreateDeployment", name="a", flow_id=flow_id)  # a runner's: no pool
+    b = await broker.ok_cmd("CreateDeployment", name="b", flow_id=flow_id, work_pool_name="p")
+    other = await broker.ok_cmd("CreateDeployment", name="other", flow_id=flow_id)
+    now = datetime.now(UTC)
+
+    async def run(deployment: dict, at: datetime, **state) -> str:
+        return (await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=deployment["id"],
+                                    state={**_scheduled(at), **state}))["id"]
+
+    late_b = await run(b, now - HOUR)
+    soon_a = await run(a, now + HOUR)
+    later_a = await run(a, now + 2 * HOUR)
+    await run(other, now - 2 * HOUR)
+    running = await run(a, now - 3 * HOUR)
+    await broker.ok_cmd("SetFlowRunState", id=running, state={"type": "RUNNING"})
+    ids = [a["id"], b["id"], str(uuid.uuid4())]  # an unknown id matches nothing
+    polled = await _runner_poll(broker, deployment_ids=ids)
+    assert [r["id"] for r in polled] == [late_b, soon_a, later_a]
+    assert polled[0]["deployment_id"] == b["id"] and polled[0]["state"]["type"] == "SCHEDULED"  # whole runs
+    assert [r["id"] for r in await _runner_poll(broker, deployment_ids=ids, limit=2)] == [late_b, soon_a]
+    before = (now + HOUR).isoformat()  # inclusive
+    assert [r["id"] for r in await _runner_poll(broker, deployment_ids=ids, scheduled_before=before)] == [late_b, soon_a]
+    assert await _runner_poll(broker, deployment_ids=[]) == []
+    assert (await broker.qry("GetScheduledFlowRunsForDeployments", deployment_ids=ids, limit=201))["error"]["code"] \
+        == "invalid"
+
+
+async def test_the_runner_poll_makes_its_deployments_ready_without_updating_them(broker):
+    flow_id = (await broker.ok_cmd("CreateFlow", name="etl"))["id"]
+    d = await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow_id)
+    untouched = await broker.ok_cmd("CreateDeployment", name="e", flow_id=flow_id)
+    before = await broker.ok_qry("GetDeployment", id=d["id"])
+    assert (before["status"], before["last_polled"]) == ("NOT_READY", None)
+    await _runner_poll(broker, deployment_ids=[d["id"]])
+
+    async def ready():
+        got = await broker.ok_qry("GetDeployment", id=d["id"])
+        return got if got["status"] == "READY" else None
+
+    first = await _eventually(ready)
+    assert first and first["last_polled"] is not None and first["updated"] == before["updated"]
+    assert (await broker.ok_qry("GetDeployment", id=untouched["id"]))["status"] == "NOT_READY"
+    await _runner_poll(broker, deployment_ids=[d["id"]])  # again: a later last_polled, no second event
+
+    async def polled_again():
+        got = await broker.ok_qry("GetDeployment", id=d["id"])
+        return got if _t(got["last_polled"]) > _t(first["last_polled"]) else None
+
+    second = await _eventually(polled_again)
+    assert second and second["status"] == "READY" and second["updated"] == before["updated"]
+    broker.last_seq = (await broker.ok_qry("GetServiceHealth"))["stream_last_seq"]
+    polls = await broker.ok_qry("ReadEvents", event_type="DeploymentsPolled")
+    assert [e["payload"]["deployment_ids"] for e in polls["events"]] == [[d["id"]], [d["id"]]]  # one per poll
+    prefect = await broker.ok_qry("ReadEvents", vocabulary="prefect", prefect_event_prefix="prefect.deployment.ready")
+    assert [(e["event"], e["resource"]["prefect.resource.id"]) for e in prefect["events"]] == [
+        ("prefect.deployment.ready", f"prefect.deployment.{d['id']}")]
 
 
 async def test_the_legacy_queue_poll(broker):
@@ -460,6 +543,10 @@ async def test_the_client_methods(service, settings):
                                            state={"type": "SCHEDULED"})
         polled = await client.get_scheduled_flow_runs("p", limit=5)
         assert [p.flow_run.id for p in polled] == [run.id]
+        deployment, _ = await client.create_deployment(flow.id, "d")
+        from_deployment = await client.create_flow_run_from_deployment(deployment.id, state={"type": "SCHEDULED"})
+        runner_polled = await client.get_scheduled_flow_runs_for_deployments([deployment.id], limit=5)
+        assert [r.id for r in runner_polled] == [from_deployment.id]
         await client.delete_worker("p", "w1")
         with pytest.raises(NotFound):
             await client.delete_worker("p", "w1")

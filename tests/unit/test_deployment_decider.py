@@ -341,3 +341,140 @@ def test_a_pause_deletes_past_ones_too():
     paused = dp.decide_set_paused(d.id, True, d, ctx(), indexed)
     assert deleted_ids(paused.events) == {runs["future"].id, runs["late"].id}
     assert dp.decide_set_paused(d.id, False, d, ctx(), indexed).events == []  # a resume deletes nothing
+
+
+def test_dp8_a_delete_takes_the_runs_its_schedules_made_and_leaves_the_others_to_the_foreman():
+    d = deployment_of(create())
+    indexed, runs = _indexed_runs(d, NOW)
+    made = dp.decide_delete_deployment(dp.DeleteDeployment(id=d.id), d, uk.UniqueKeyClaim(d.id), ctx(), indexed)
+    # Past ones (Late) too; not the one awaiting a slot, nor the one that started.
+    assert deleted_ids(made.events) == {runs["future"].id, runs["late"].id}
+    # Nothing else is read: the runs made on demand are not known here (see below).
+    assert {n.event.event_type for n in made.events} == {"UniqueKeyReleased", "FlowRunDeleted",
+                                                         "DeploymentRunsForgotten", "DeploymentDeleted"}
+
+
+def _run_of_deleted(d: dp.Deployment, **fields) -> Any:
+    """A run made from `d` on demand, still SCHEDULED, with an idempotency key."""
+    from runledger.commands import flow_runs as fr
+    from runledger.commands.states import StateCreate
+
+    made = fr.decide_create_flow_run(fr.CreateFlowRun(flow_id=FLOW_ID, deployment_id=d.id, idempotency_key="k",
+                                                      state=StateCreate(type="SCHEDULED")), None, None, True, None,
+                                     ctx())
+    return made.result.model_copy(update=fields)
+
+
+def _sweep(run, deployment_id: uuid.UUID, deployment: dp.Deployment | None = None, in_log: bool = True):
+    from runledger.commands import flow_runs as fr
+
+    claim = uk.UniqueKeyClaim(run.id) if run is not None else None
+    cmd = dp.DeleteRunOfDeletedDeployment(id=run.id if run is not None else uuid.uuid4(), deployment_id=deployment_id)
+    return dp.decide_delete_run_of_deleted_deployment(cmd, run, deployment, in_log, claim, ctx()), fr, claim
+
+
+def test_dp8_the_foreman_deletes_a_run_of_a_deleted_deployment_as_delete_flow_run_does():
+    d = deployment_of(create())
+    run = _run_of_deleted(d)
+    made, fr, claim = _sweep(run, d.id)
+    assert made.created is True and made.result is None
+    assert deleted_ids(made.events) == {run.id}
+    alone = fr.decide_delete_flow_run(fr.DeleteFlowRun(id=run.id), run, claim, ctx())
+    assert [(n.aggregate_id, n.event) for n in made.events] == [(n.aggregate_id, n.event) for n in alone.events]
+    assert "UniqueKeyReleased" in {n.event.event_type for n in made.events}  # its key is free again
+    late, _, _ = _sweep(run.model_copy(update={"state_name": "Late"}), d.id)
+    assert deleted_ids(late.events) == {run.id}  # past ones too
+
+
+@pytest.mark.parametrize("case", ["run gone", "another deployment", "deployment exists", "never in the log",
+                                  "awaiting a slot", "ran", "pending", "ended"])
+def test_dp8_the_foreman_deletes_nothing_when_the_log_says_otherwise(case: str):
+    d = deployment_of(create())
+    run = _run_of_deleted(d)
+    deployment_id, deployment, in_log = d.id, None, True
+    if case == "run gone":
+        run = None
+    elif case == "another deployment":
+        deployment_id = uuid.uuid4()
+    elif case == "deployment exists":
+        deployment = d
+    elif case == "never in the log":
+        in_log = False
+    elif case == "awaiting a slot":
+        run = run.model_copy(update={"state_name": "AwaitingConcurrencySlot"})
+    elif case == "ran":
+        run = run.model_copy(update={"run_count": 1})
+    else:
+        run = run.model_copy(update={"state_type": "PENDING" if case == "pending" else "COMPLETED"})
+    made, _, _ = _sweep(run, deployment_id, deployment, in_log)
+    assert made.events == [] and made.created is False and made.result is None
+
+
+def test_sc7_deleting_a_schedule_deletes_every_auto_scheduled_run_of_the_deployment():
+    d = deployment_of(create(schedules=[{"schedule": {"interval": 60}, "slug": "a"},
+                                        {"schedule": {"interval": 120}, "slug": "b"}]))
+    indexed, runs = _indexed_runs(d, NOW)  # tracked under a schedule that is neither a nor b
+    made = dp.decide_delete_schedule(dp.DeleteDeploymentSchedule(deployment_id=d.id, schedule_id=d.schedules[0].id),
+                                     d, ctx(), indexed)
+    assert deleted_ids(made.events) == {runs["future"].id, runs["late"].id}
+
+
+def test_dp7_circular_schema_on_update_is_invalid():
+    circ = {"type": "object", "properties": {"x": {"$ref": "#/properties/x"}}}
+    d = deployment_of(create(parameter_openapi_schema=circ))
+    cmd = dp.UpdateDeployment.model_validate({"id": str(d.id), "parameters": {"x": 1}})
+    e = rejected(ErrorCode.INVALID, dp.decide_update_deployment, cmd, d, dp.Placement(), ctx())
+    assert e.message == "Invalid schema: Unable to validate schema with circular references."
+
+
+def test_dp7_a_replace_list_drops_the_items_without_a_schedule():
+    d = deployment_of(create(schedules=[{"schedule": {"interval": 60}}]))
+    after = update(d, schedules=[{"active": False}, {"schedule": {"interval": 10}}]).result
+    assert [s.schedule.interval for s in after.schedules] == [timedelta(seconds=10)]
+    # Patching by slug still refuses a new slug without a schedule.
+    slugged = deployment_of(create(name="s", schedules=[{"schedule": {"interval": 60}, "slug": "a"}]))
+    rejected(ErrorCode.INVALID, update, slugged, schedules=[{"slug": "b", "active": True}])
+
+
+def test_dp1_labels_are_the_flows_then_the_system_label_then_the_requests_on_every_upsert():
+    cmd = dp.CreateDeployment.model_validate({"name": "n", "flow_id": str(FLOW_ID), "labels": {"a": 1}})
+    made = dp.decide_create_deployment(cmd, uk.UniqueKeyClaim(), None, True, dp.Placement(), ctx(),
+                                       flow_labels={"team": "x", "a": 0})
+    d = deployment_of(made)
+    assert d.labels == {"team": "x", "a": 1, "prefect.flow.id": str(FLOW_ID)}
+    upsert = dp.CreateDeployment.model_validate({"name": "n", "flow_id": str(FLOW_ID), "labels": {"b": 2}})
+    again = dp.decide_create_deployment(upsert, uk.UniqueKeyClaim(d.id), d, True, dp.Placement(), ctx())
+    assert again.result.labels == {"b": 2, "prefect.flow.id": str(FLOW_ID)}
+    kept = dp.CreateDeployment.model_validate({"name": "n", "flow_id": str(FLOW_ID)})
+    assert dp.decide_create_deployment(kept, uk.UniqueKeyClaim(d.id), d, True, dp.Placement(), ctx()).result.labels \
+        == d.labels  # absent: kept (DP-1)
+
+
+def test_dp6_parameters_are_measured_as_prefect_escapes_them():
+    # 100,000 × "é" is 200,008 bytes of UTF-8 but 600,008 of escaped JSON, as Prefect counts.
+    e = rejected(ErrorCode.INVALID, create, parameters={"s": "é" * 100_000})
+    assert "600008 bytes" in e.message
+    assert deployment_of(create(parameters={"s": "é" * 80_000}))  # 480,008 bytes
+
+
+NULLABLE = {"type": "object", "properties": {"image": {"type": "string", "default": "python:3.12"},
+                                             "cpu": {"type": "integer"}}}
+
+
+def test_dp4_dp7_null_is_accepted_for_an_optional_field_as_prefect_preprocesses_schemas():
+    pool = a_pool(variables=NULLABLE)
+    d = deployment_of(create(dp.Placement(pool=pool), work_pool_name="pool", job_variables={"image": None},
+                             parameter_openapi_schema={"type": "object", "properties": {"x": {"type": "string"}}}))
+    assert d.job_variables == {"image": None}
+    assert update(d, parameters={"x": None}).result.parameters == {"x": None}
+    rejected(ErrorCode.CONFLICT, update, d, parameters={"x": 1})
+    # A required property, or one with a default (parameters), stays non-null.
+    assert dp.preprocess_schema({"properties": {"r": {"type": "string"}, "d": {"type": "string", "default": "a"}},
+                                 "required": ["r"]}) == {
+        "properties": {"r": {"type": "string"}, "d": {"type": "string", "default": "a"}}, "required": ["r"]}
+    assert dp.preprocess_schema({"properties": {"d": {"type": "string", "default": "a"}}},
+                                allow_none_with_default=True) == {
+        "properties": {"d": {"default": "a", "anyOf": [{"type": "string"}, {"type": "null"}]}}}
+    # DP-5 at create keeps Prefect's older check, without preprocessing.
+    rejected(ErrorCode.INVALID, create, parameters={"x": None}, enforce_parameter_schema=True,
+             parameter_openapi_schema={"type": "object", "properties": {"x": {"type": "string"}}})

@@ -6,10 +6,14 @@ import itertools
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import pytest
+from pydantic import ValidationError
+
 from runledger.commands import deployment_runs as sc
 from runledger.commands import deployments as dp
 from runledger.commands import unique_keys as uk
-from runledger.commands.messages import DecisionContext
+from runledger.commands import work_pools as wp
+from runledger.commands.messages import DecisionContext, ErrorCode, Rejection
 
 NOW = datetime(2026, 3, 10, 12, 34, 56, tzinfo=UTC)
 D = datetime(2026, 3, 10, tzinfo=UTC)
@@ -94,3 +98,53 @@ def test_runs_scheduled_together_equal_runs_made_one_by_one():
     one_by_one = [sc.scheduled_run(d, p, one_by_one_ctx) for p in planned]
     assert together == one_by_one
     assert [r.model_dump(mode="json") for r in together] == [r.model_dump(mode="json") for r in one_by_one]
+
+
+# ---------------------------------------------------------------------------------------------
+# On demand
+
+
+def run_of(d: dp.Deployment, inputs: sc.RunInputs | None = None, **fields):
+    cmd = sc.CreateFlowRunFromDeployment.model_validate({"deployment_id": str(d.id), **fields})
+    return sc.decide_run_from_deployment(cmd, d, inputs or sc.RunInputs(), ctx())
+
+
+def test_a_run_made_on_demand_writes_only_the_run():
+    """Making a run from a deployment appends the run and nothing of the deployment's: the
+    runs a delete leaves are found by the foreman, not recorded on this path."""
+    d = deployment()
+    made = run_of(d)
+    assert [n.event.event_type for n in made.events] == ["FlowRunCreated"]
+    bulk = sc.decide_runs_from_deployment(sc.CreateFlowRunsFromDeployment.model_validate(
+        {"deployment_id": str(d.id), "runs": [{"name": "a"}, {"name": "b"}]}), d, sc.RunInputs(), ctx())
+    assert [n.event.event_type for n in bulk.events] == ["FlowRunCreated", "FlowRunCreated"]
+
+
+def test_dp6_a_runs_parameters_are_size_checked_as_prefect_counts_them():
+    d = deployment()
+    for big in ({"s": "a" * 600_000}, {"s": "é" * 100_000}):  # the second: 600,008 bytes escaped
+        with pytest.raises(ValidationError, match="bytes once serialised"):
+            sc.CreateFlowRunFromDeployment.model_validate({"deployment_id": str(d.id), "parameters": big})
+        with pytest.raises(ValidationError, match="bytes once serialised"):  # one item refuses the bulk
+            sc.CreateFlowRunsFromDeployment.model_validate(
+                {"deployment_id": str(d.id), "runs": [{}, {"parameters": big}]})
+    assert run_of(d, parameters={"s": "é" * 80_000}).created
+
+
+def test_dp14_dp15_null_for_an_optional_parameter_or_job_variable_is_accepted():
+    schema = {"type": "object", "properties": {"x": {"type": "string"}, "r": {"type": "string"}}, "required": ["r"]}
+    d = deployment(parameter_openapi_schema=schema)
+    assert run_of(d, parameters={"x": None, "r": "y"}).result.parameters == {"x": None, "r": "y"}
+    with pytest.raises(Rejection) as e:  # a required one is not nullable
+        run_of(d, parameters={"r": None})
+    assert e.value.code == ErrorCode.CONFLICT
+    template = {"job_configuration": {"cpu": "{{ cpu }}"}, "variables": {"type": "object", "properties": {
+        "image": {"type": "string", "default": "python:3.12"}, "cpu": {"type": "integer"}}}}
+    pool_made = wp.decide_create_work_pool(wp.CreateWorkPool(name="pool", type="process", base_job_template=template),
+                                           wp.WorkPoolNameClaim(), ctx())
+    pool = None
+    for n in pool_made.events:
+        if n.aggregate_type == wp.WORK_POOL:
+            pool = wp.evolve(pool, n.event)
+    assert sc.run_job_variables_problem(d, pool, {"cpu": None, "image": None}) is None
+    assert "Validation failed for field 'cpu'" in (sc.run_job_variables_problem(d, pool, {"cpu": "x"}) or "")
