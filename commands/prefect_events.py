@@ -35,6 +35,7 @@ from . import tag_concurrency_limits as tcl
 from . import task_runs as tr
 from . import variables as va
 from . import workers as wk
+from .deployment_polls import DeploymentsPolled, QueuelessDeploymentsNotReady
 from .deployments import (
     Deployment,
     DeploymentCreated,
@@ -42,6 +43,7 @@ from .deployments import (
     DeploymentRunsForgotten,
     DeploymentRunsScheduled,
     DeploymentUpdated,
+    limit_id,
 )
 from .events import EVENT_TYPES, EventEnvelope, UnknownEvent
 from .flow_runs import (
@@ -52,7 +54,7 @@ from .flow_runs import (
     FlowRunUpdated,
     FlowRunWaiting,
 )
-from .flows import FlowCreated, FlowDeleted
+from .flows import Flow, FlowCreated, FlowDeleted
 from .messages import Event
 from .slots import LimitWaitersChanged, PoolSlotReleased, PoolSlotTaken
 from .states import State, StateType
@@ -114,6 +116,8 @@ class ExportState:
     pools: dict[str, PoolInfo] = field(default_factory=dict)
     # Deployments by id as last seen: an `updated` event reports each changed field from/to.
     deployments: dict[str, Deployment] = field(default_factory=dict)
+    # Flows by id, for the payload of their `deleted` event.
+    flows: dict[str, Flow] = field(default_factory=dict)
     # Each flow run's current state, for the `initial_state` of its next state event.
     run_states: dict[str, State | None] = field(default_factory=dict)
     # The READY deployments (by id) and when they were last polled: a poll reports only those
@@ -332,6 +336,29 @@ def _queues_polled(out: _Out, e: WorkQueuesPolled, pool_id: str, state: ExportSt
         state.ready_deployments[deployment_id] = e.polled
 
 
+def _deployments_polled(out: _Out, e: DeploymentsPolled, aggregate_id: str, state: ExportState) -> None:
+    """A runner's poll: `prefect.deployment.ready` for each deployment it names that was
+    NOT_READY."""
+    for d in (state.deployments.get(str(i)) for i in e.deployment_ids):
+        if d is None:
+            continue
+        if str(d.id) not in state.ready_deployments:
+            out.emit("prefect.deployment.ready", _deployment_resource(d), _deployment_related(d))
+        state.ready_deployments[str(d.id)] = e.polled
+
+
+def _queueless_not_ready(out: _Out, e: QueuelessDeploymentsNotReady, aggregate_id: str, state: ExportState) -> None:
+    """`prefect.deployment.not-ready` for those still READY, without a queue, and not polled
+    within 60 seconds (what the read model applies)."""
+    for deployment_id in map(str, e.deployment_ids):
+        d = state.deployments.get(deployment_id)
+        last = state.ready_deployments.get(deployment_id)
+        if d is None or last is None or d.work_queue_id is not None or last >= e.checked - NOT_READY_AFTER:
+            continue
+        del state.ready_deployments[deployment_id]
+        out.emit("prefect.deployment.not-ready", _deployment_resource(d), _deployment_related(d))
+
+
 def _queues_not_ready(out: _Out, e: WorkQueuesNotReady, pool_id: str, state: ExportState) -> None:
     _queue_status(out, pool_id, state, e.queue_ids, Status.NOT_READY)
 
@@ -348,9 +375,18 @@ def _deployments_not_ready(out: _Out, e: WorkQueueDeploymentsNotReady, pool_id: 
         out.emit("prefect.deployment.not-ready", _deployment_resource(d), _deployment_related(d))
 
 
+def _queues_gone(state: ExportState, queue_ids: list[uuid.UUID]) -> None:
+    """WP-9: the deployments on deleted queues have no queue from then on (their later events
+    say so too: deployments.without_deleted_queue)."""
+    for deployment_id, d in state.deployments.items():
+        if d.work_queue_id is not None and d.work_queue_id in queue_ids:
+            state.deployments[deployment_id] = d.model_copy(update={"work_queue_id": None, "work_pool_name": None})
+
+
 def _pool_deleted(out: _Out, e: WorkPoolDeleted, pool_id: str, state: ExportState) -> None:
     # The payload names the queues by id only (in priority order); their names, the pool's
     # type and default queue come from the history.
+    _queues_gone(state, e.queue_ids)
     pool = state.pools.pop(pool_id, None)
     for qid in e.queue_ids:
         queue = pool.queues.get(str(qid)) if pool else None
@@ -382,6 +418,7 @@ def _queue_updated(out: _Out, e: WorkQueueUpdated, pool_id: str, state: ExportSt
 
 
 def _queue_deleted(out: _Out, e: WorkQueueDeleted, pool_id: str, state: ExportState) -> None:
+    _queues_gone(state, [e.queue_id])
     pool = state.pools.get(pool_id)
     if pool is not None:
         pool.queues.pop(str(e.queue_id), None)
@@ -415,17 +452,45 @@ def _variable_event(out: _Out, e: va.VariableCreated | va.VariableUpdated | va.V
              payload={"name": v.name, "value": v.value, "tags": v.tags})
 
 
+def _flow_event(out: _Out, e: FlowCreated | FlowDeleted, aggregate_id: str, state: ExportState) -> None:
+    """Prefect's lifecycle `prefect.flow.created|deleted`: the flow as resource, its name,
+    tags and labels as payload."""
+    if isinstance(e, FlowCreated):
+        state.flows[aggregate_id] = e.flow
+        action, flow_id, name, tags, labels = "created", e.flow.id, e.flow.name, e.flow.tags, e.flow.labels
+    else:
+        gone = state.flows.pop(aggregate_id, None)
+        action, flow_id, name = "deleted", e.flow_id, e.name
+        tags, labels = (gone.tags, gone.labels) if gone is not None else ([], {})
+    out.emit(f"prefect.flow.{action}", {"prefect.resource.id": f"prefect.flow.{flow_id}",
+                                         "prefect.resource.name": name},
+             payload={"name": name, "tags": list(tags), "labels": to_jsonable_python(labels)})
+
+
 def _concurrency_limit_event(out: _Out, e: cl.ConcurrencyLimitCreated | cl.ConcurrencyLimitUpdated
                              | cl.ConcurrencyLimitDeleted, aggregate_id: str, state: ExportState) -> None:
     """Prefect's lifecycle `prefect.concurrency-limit.created|updated|deleted` of a global
-    (v2) limit: name, limit, active and slot decay as payload."""
+    (v2) limit: name, limit, active and slot decay as payload. A deployment's own limit
+    (`deployment:<id>`) is none: Prefect writes it with the deployment, without an event."""
     action = {cl.ConcurrencyLimitCreated: "created", cl.ConcurrencyLimitUpdated: "updated",
               cl.ConcurrencyLimitDeleted: "deleted"}[type(e)]
     lim = e.limit
+    if _a_deployments_own(lim):
+        return
     out.emit(f"prefect.concurrency-limit.{action}",
              {"prefect.resource.id": f"prefect.concurrency-limit.{lim.id}", "prefect.resource.name": lim.name},
              payload={"name": lim.name, "limit": lim.limit, "active": lim.active,
                       "slot_decay_per_second": lim.slot_decay_per_second})
+
+
+def _a_deployments_own(lim: cl.ConcurrencyLimit) -> bool:
+    """The limit a deployment's `concurrency_limit` makes, told by its id, which is derived
+    from the deployment's (a limit a user named `deployment:...` has another id)."""
+    owner = lim.name.removeprefix("deployment:")
+    try:
+        return owner != lim.name and lim.id == limit_id(uuid.UUID(owner))
+    except ValueError:
+        return False
 
 
 # Prefect's deployment `updated` event reports these fields (`job_variables` under its
@@ -435,6 +500,15 @@ DEPLOYMENT_EVENT_FIELDS = ("description", "tags", "parameters", "parameter_opena
                            "job_variables", "paused", "labels", "version", "concurrency_limit",
                            "concurrency_options")
 _PREFECT_FIELD_NAMES = {"job_variables": "infra_overrides", "concurrency_limit": "concurrency_limit_id"}
+
+
+def _prefect_value(d: Deployment, field: str) -> Any:
+    """A field's value as Prefect's event reports it. Prefect edits a deployment's limit in
+    place, so its `concurrency_limit_id` changes only when a limit is added or removed; the
+    limit's value is not a deployment field there."""
+    if field == "concurrency_limit":
+        return str(limit_id(d.id)) if d.concurrency_limit is not None else None
+    return to_jsonable_python(getattr(d, field))
 
 
 def _deployment_resource(d: Deployment) -> dict[str, str]:
@@ -466,10 +540,12 @@ def _deployment_event(out: _Out, e: DeploymentCreated | DeploymentUpdated | Depl
     if isinstance(e, DeploymentCreated) or before is None:
         out.emit("prefect.deployment.created", _deployment_resource(after), _deployment_related(after))
         return
+    if isinstance(e, DeploymentUpdated) and e.by_pause_or_resume:
+        return  # Prefect's pause and resume routes write the flag without an event
     updates = {
-        _PREFECT_FIELD_NAMES.get(f, f): {"from": to_jsonable_python(getattr(before, f)),
-                                         "to": to_jsonable_python(getattr(after, f))}
-        for f in DEPLOYMENT_EVENT_FIELDS if getattr(before, f) != getattr(after, f)
+        _PREFECT_FIELD_NAMES.get(f, f): {"from": old, "to": new}
+        for f in DEPLOYMENT_EVENT_FIELDS
+        if (old := _prefect_value(before, f)) != (new := _prefect_value(after, f))
     }
     if updates:
         out.emit("prefect.deployment.updated", _deployment_resource(after), _deployment_related(after),
@@ -562,8 +638,8 @@ _HANDLERS: dict[type[Event], Callable[[_Out, Any, str, ExportState], None]] = {
     WorkPoolNameReleased: _nothing,
     UniqueKeyClaimed: _nothing,
     UniqueKeyReleased: _nothing,
-    FlowCreated: _nothing,
-    FlowDeleted: _nothing,
+    FlowCreated: _flow_event,
+    FlowDeleted: _flow_event,
     DeploymentCreated: _deployment_event,
     DeploymentUpdated: _deployment_event,
     DeploymentDeleted: _deployment_event,
@@ -603,6 +679,8 @@ _HANDLERS: dict[type[Event], Callable[[_Out, Any, str, ExportState], None]] = {
     WorkQueuesPolled: _queues_polled,
     WorkQueuesNotReady: _queues_not_ready,
     WorkQueueDeploymentsNotReady: _deployments_not_ready,
+    DeploymentsPolled: _deployments_polled,
+    QueuelessDeploymentsNotReady: _queueless_not_ready,
     wk.WorkerHeartbeatRecorded: _nothing,
     wk.WorkerWentOffline: _nothing,
     wk.WorkerDeleted: _nothing,

@@ -4,7 +4,8 @@ and for `runledger broker-config`).
 
 Roles (each a NATS user with a password):
 
-- `service`: serves `<ns>.cmd.>` and `<ns>.qry.>`, appends to the event stream, runs the
+- `service`: serves `<ns>.cmd.>` and `<ns>.qry.>` (and sends its background services'
+  commands there), appends to the event stream, runs the
   projections' durable consumers, reads and writes the snapshot and lease buckets. It may
   not purge or delete the event stream nor delete messages in it.
 - `client`: sends commands and queries; receives its replies on `_INBOX.client.>`.
@@ -254,6 +255,7 @@ def role_permissions(namespace: str, service_consumers: Sequence[str]) -> dict[s
     service_pub = [
         f"{ns}.evt.>", f"{ns}.idem.>",  # appends (single messages and atomic batches)
         f"{ns}.task.>",  # task runs onto their key's subjects
+        f"{ns}.cmd.>",  # its background services' commands (scheduler, clock, foreman, poll records)
         finished_subject(ns),  # a task run reached a final state (heard by `.result()`)
         cancel_subject(ns),  # a task run is cancelled (heard by the task workers of its key)
         *(f"$KV.{b}.>" for b in n.buckets),  # snapshot and lease keys: put, create, update, delete

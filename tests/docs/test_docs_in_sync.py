@@ -24,3 +24,16 @@ def test_every_command_and_query_is_in_the_protocol_doc():
     doc = asyncapi_document()
     missing = [name for name in doc["operations"] if f"`{name}`" not in protocol]
     assert missing == []
+
+
+def test_no_user_facing_document_cites_a_rule_id_of_the_behaviour_contract():
+    """The behaviour contract's rule ids (`FR-7`, `OR-14`, ...) are the developers' shorthand,
+    from a document the project does not ship: a user reading the docs or the AsyncAPI
+    contract (built from docstrings) would find them unexplained."""
+    import re
+
+    rule_id = re.compile(r"\b(?:C|DP|SC|OR|FR|SL|GS|WQ|WP|TQ|TR|LQ|ST|WK|PR)-\d+\b")
+    texts = {p.name: p.read_text() for p in [*DOCS.glob("*.md"), DOCS.parent / "README.md"]}
+    texts["asyncapi (generated)"] = json.dumps(asyncapi_document())
+    cited = {name: sorted(set(rule_id.findall(text))) for name, text in texts.items() if rule_id.search(text)}
+    assert cited == {}

@@ -214,6 +214,39 @@ async def test_client_round_trip_and_nothing_else(roles):
                                                      f"{roles.namespace}.cmd.>", f"{roles.namespace}.evt.>"])
 
 
+async def test_only_clients_poll_for_their_deployments_runs(roles):
+    """The runner poll and its record are a client's, as the pool poll is: the analyst and the
+    task worker may neither ask it nor forge its record. The record itself is a command the
+    service sends itself, as its scheduler, clock and foreman do: with the broker's
+    permissions it arrives (and `roles_served` finds no refused publish of the service's)."""
+    nc, _ = await roles.connect("client")
+    broker = Broker(nc, roles.settings("client"))
+    flow = await broker.ok_cmd("CreateFlow", name="etl")
+    deployment = await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow["id"])
+    await broker.ok_qry("GetDeployment", id=deployment["id"])  # projected
+    assert await broker.ok_qry("GetScheduledFlowRunsForDeployments", deployment_ids=[deployment["id"]]) == []
+    for _ in range(100):  # the poll's record is sent in the background
+        if (await broker.ok_qry("GetDeployment", id=deployment["id"]))["status"] == "READY":
+            break
+        await asyncio.sleep(0.05)
+    assert (await broker.ok_qry("GetDeployment", id=deployment["id"]))["status"] == "READY"
+    body = json.dumps({"deployment_ids": [str(uuid.uuid4())]}).encode()
+    ns = roles.namespace
+    for role in ("analyst", "task_worker"):
+        before = await _state(roles)
+        nc, errors = await roles.connect(role)
+        refused = [f"{ns}.qry.GetScheduledFlowRunsForDeployments", f"{ns}.cmd.RecordDeploymentsPolled",
+                   f"{ns}.cmd.MarkQueuelessDeploymentsNotReady"]
+        for subject in refused:
+            await nc.publish(subject, body, reply=nc.new_inbox())
+        await nc.flush()
+        await asyncio.sleep(0.3)
+        for subject in refused:
+            assert any(f'permissions violation for publish to "{subject.lower()}"' in e.lower() for e in errors), \
+                (role, subject, errors)
+        assert await _state(roles) == before
+
+
 async def test_analyst_reads_the_log_as_events_and_replay_do(roles):
     pool = await _pool(roles)
     settings = roles.settings("analyst")
@@ -335,8 +368,9 @@ async def test_analyst_and_client_may_read_events_and_the_analyst_nothing_else(r
     ns = roles.namespace
     before = await _state(roles)
     nc, errors = await roles.connect("analyst")
-    refused = [f"{ns}.qry.GetWorkPool", f"{ns}.qry.GetServiceHealth", f"{ns}.cmd.CreateWorkPool",
-               f"{ns}.cmd.DeleteWorkPool", f"{ns}.cmd.SetTaskRunStates", f"{ns}.qry.ReadEventsX"]
+    refused = [f"{ns}.qry.GetWorkPool", f"{ns}.qry.GetServiceHealth", f"{ns}.qry.GetWorkQueueStatus",
+               f"{ns}.cmd.CreateWorkPool", f"{ns}.cmd.DeleteWorkPool", f"{ns}.cmd.SetTaskRunStates", f"{ns}.cmd.MarkFlowRunLate",
+               f"{ns}.cmd.DeleteRunOfDeletedDeployment", f"{ns}.qry.ReadEventsX"]
     for subject in refused:
         await nc.publish(subject, json.dumps({"name": pool["name"]}).encode(), reply=nc.new_inbox())
     await nc.flush()
@@ -452,7 +486,12 @@ async def test_task_worker_cannot_touch_the_log_other_commands_or_queries(roles)
     tasks = roles.task_streams[0]
     attacks = {
         "another command": (f"{ns}.cmd.DeleteWorkPool", json.dumps({"name": pool["name"]}).encode(), None),
+        "the clock's command": (f"{ns}.cmd.MarkFlowRunLate", json.dumps({"id": str(uuid.uuid4())}).encode(), None),
+        "the foreman's command": (f"{ns}.cmd.DeleteRunOfDeletedDeployment",
+                                  json.dumps({"id": str(uuid.uuid4()), "deployment_id": str(uuid.uuid4())}).encode(),
+                                  None),
         "another query": (f"{ns}.qry.ListWorkPools", b"{}", None),
+        "a queue's health": (f"{ns}.qry.GetWorkQueueStatus", b"{}", None),
         "the analyst's query": (f"{ns}.qry.ReadEvents", b"{}", None),
         "publish onto a task key itself": (f"{ns}.task.k.scheduled", b"{}", None),
         "forge a finish notice": (f"{ns}.taskrun.finished.{uuid.uuid4()}", b"{}", None),

@@ -42,7 +42,8 @@ def test_a_deployment_is_created_updated_with_its_changed_fields_and_deleted():
     d = made.result
     updated = dp.decide_update_deployment(dp.UpdateDeployment(id=d.id, version="2", job_variables={"a": 1}), d,
                                           dp.Placement(), ctx())
-    paused = dp.decide_set_paused(d.id, True, updated.result, ctx())
+    paused = dp.decide_update_deployment(dp.UpdateDeployment(id=d.id, paused=True), updated.result,
+                                         dp.Placement(), ctx())
     deleted = dp.decide_delete_deployment(dp.DeleteDeployment(id=d.id), paused.after[str(d.id)], None, ctx())
     events = export([made, updated, paused, deleted], state)
     assert [e["event"] for e in events] == ["prefect.deployment.created", "prefect.deployment.updated",
@@ -51,6 +52,29 @@ def test_a_deployment_is_created_updated_with_its_changed_fields_and_deleted():
     assert events[1]["payload"]["updated_fields"] == ["infra_overrides", "version"]
     assert events[1]["payload"]["updates"]["version"] == {"from": "1", "to": "2"}
     assert events[2]["payload"]["updates"] == {"paused": {"from": False, "to": True}}
+
+
+def test_pause_and_resume_write_the_flag_without_an_event_as_in_prefect():
+    state = pe.ExportState()
+    made = dp.decide_create_deployment(dp.CreateDeployment(name="d", flow_id=uuid.UUID(int=5)),
+                                       uk.UniqueKeyClaim(), None, True, dp.Placement(), ctx())
+    paused = dp.decide_set_paused(made.result.id, True, made.result, ctx())
+    resumed = dp.decide_set_paused(made.result.id, False, paused.after[str(made.result.id)], ctx())
+    assert [e["event"] for e in export([made, paused, resumed], state)] == ["prefect.deployment.created"]
+
+
+def test_a_deployment_limit_is_reported_by_its_id_and_only_when_it_appears_or_goes():
+    state = pe.ExportState()
+    made = dp.decide_create_deployment(dp.CreateDeployment(name="d", flow_id=uuid.UUID(int=5), concurrency_limit=1),
+                                       uk.UniqueKeyClaim(), None, True, dp.Placement(), ctx())
+    d = made.result
+    raised = dp.decide_update_deployment(dp.UpdateDeployment(id=d.id, concurrency_limit=2), d, dp.Placement(), ctx())
+    cleared = dp.decide_update_deployment(dp.UpdateDeployment(id=d.id, concurrency_limit=None),
+                                          raised.after[str(d.id)], dp.Placement(), ctx())
+    events = export([made, raised, cleared], state)
+    assert [e["event"] for e in events] == ["prefect.deployment.created", "prefect.deployment.updated"]
+    assert events[1]["payload"]["updates"] == {
+        "concurrency_limit_id": {"from": str(dp.limit_id(d.id)), "to": None}}
 
 
 def test_each_written_flow_run_state_is_an_event_named_by_the_state():
@@ -69,3 +93,16 @@ def test_each_written_flow_run_state_is_an_event_named_by_the_state():
     assert last["payload"]["intended"] == {"from": "PENDING", "to": "RUNNING"}
     assert {"prefect.resource.id": "prefect.tag.x", "prefect.resource.role": "tag"} in last["related"]
     json.dumps(events)  # what the CLI prints
+
+
+def test_a_flow_is_created_and_deleted_with_its_name_tags_and_labels():
+    from runledger.commands import flows as fl
+    state = pe.ExportState()
+    made = fl.decide_create_flow(fl.CreateFlow(name="etl", tags=["nightly"], labels={"team": "data"}),
+                                 uk.UniqueKeyClaim(), None, ctx())
+    flow = made.result
+    gone = fl.decide_delete_flow(fl.DeleteFlow(id=flow.id), flow, uk.UniqueKeyClaim(owner_id=flow.id), ctx())
+    events = export([made, gone], state)
+    assert [e["event"] for e in events] == ["prefect.flow.created", "prefect.flow.deleted"]
+    assert events[0]["resource"] == {"prefect.resource.id": f"prefect.flow.{flow.id}", "prefect.resource.name": "etl"}
+    assert events[1]["payload"] == {"name": "etl", "tags": ["nightly"], "labels": {"team": "data"}}
