@@ -17,12 +17,14 @@ Each rule is one function and one type here; the error messages name what is wro
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field
+from pydantic_core import to_json
 
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
@@ -122,6 +124,35 @@ def as_bounded_utc(value: datetime) -> datetime:
 
 StoredText = Annotated[str, AfterValidator(check_storable_text)]
 JsonDocument = Annotated[dict[str, Any], AfterValidator(check_json_document)]
+
+
+# Prefect's limit on the parameters of a deployment or a run (`SizedParameters`).
+MAX_PARAMETERS_BYTES = 524_288
+
+
+def parameters_size_problem(parameters: dict[str, Any]) -> str | None:
+    """Why parameters are too large, counted as Prefect counts them: compact JSON with
+    non-ASCII characters escaped (`\\u00e9` is six bytes), so the same parameters pass or fail
+    on both. Escaping makes a character at most six times its UTF-8 size, so most parameters
+    are known to fit from pydantic-core's quicker UTF-8 encoding; only the rest are counted."""
+    if not parameters or 6 * len(to_json(parameters)) <= MAX_PARAMETERS_BYTES:
+        return None
+    size = len(json.dumps(parameters, separators=(",", ":")).encode())
+    if size > MAX_PARAMETERS_BYTES:
+        return f"parameters are {size} bytes once serialised, more than the {MAX_PARAMETERS_BYTES} allowed"
+    return None
+
+
+def _sized(parameters: dict[str, Any]) -> dict[str, Any]:
+    problem = parameters_size_problem(parameters)
+    if problem:
+        raise ValueError(problem)
+    return parameters
+
+
+# A run's parameters, checked with the request's body as Prefect's `SizedParameters` is (a bulk
+# with one oversized item is refused whole).
+SizedParameters = Annotated[JsonDocument, AfterValidator(_sized)]
 NonNegativeInt32 = Annotated[int, Field(ge=0, le=INT32_MAX)]
 PositiveInt32 = Annotated[int, Field(gt=0, le=INT32_MAX)]
 NonNegativeInt64 = Annotated[int, Field(ge=0, le=INT64_MAX)]

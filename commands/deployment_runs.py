@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from . import flow_runs as fr
 from . import orchestration_rules
 from . import work_pools as wp
-from .bounds import JsonDocument, StoredText, UtcDatetime
+from .bounds import JsonDocument, SizedParameters, StoredText, UtcDatetime
 from .decisions import Decision, NewEvent
 from .deployments import (
     Deployment,
@@ -33,7 +33,6 @@ from .deployments import (
     DeploymentSchedule,
     IndexedRuns,
     ScheduledRunIndex,
-    SizedParameters,
     TrackedRun,
     deployment_not_found,
     forget_settled,

@@ -29,12 +29,18 @@ from typing import Annotated, Any, ClassVar
 import jsonschema
 from jsonschema.exceptions import SchemaError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
-from pydantic_core import to_json
 
 from . import concurrency_limits as cl
 from . import slots
 from . import work_pools as wp
-from .bounds import JsonDocument, PositiveInt32, StoredText, UtcDatetime, check_json_document
+from .bounds import (
+    JsonDocument,
+    PositiveInt32,
+    StoredText,
+    UtcDatetime,
+    check_json_document,
+    parameters_size_problem,
+)
 from .decisions import Decision, NewEvent
 from .events import register_event
 from .flow_runs import DeleteFlowRun, FlowRun, FlowRunDeleted, decide_delete_flow_run
@@ -50,7 +56,6 @@ DEPLOYMENT = "deployment"
 DEPLOYMENT_NAME = UniqueKeyScope("deployment_name")  # key: (flow id, deployment name)
 
 # DP-6: JSON-serialised (compact) parameters larger than this are refused.
-MAX_PARAMETERS_BYTES = 524_288
 MAX_SCHEDULES = 100
 DEFAULT_PARAMETER_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}}
 
@@ -597,32 +602,6 @@ def preprocess_schema(schema: dict[str, Any], allow_none_with_default: bool = Fa
     return schema
 
 
-def _parameters_size_problem(parameters: dict[str, Any]) -> str | None:
-    """DP-6, counted as Prefect counts it: compact JSON with non-ASCII characters escaped
-    (`\\u00e9` is six bytes), so the same parameters pass or fail on both. Escaping makes a
-    character at most six times its UTF-8 size, so most parameters are known to fit from
-    pydantic-core's quicker UTF-8 encoding, and only the rest are counted exactly."""
-    if not parameters:
-        return None
-    utf8 = len(to_json(parameters))
-    if 6 * utf8 <= MAX_PARAMETERS_BYTES:
-        return None
-    size = len(json.dumps(parameters, separators=(",", ":")).encode())
-    if size > MAX_PARAMETERS_BYTES:
-        return f"parameters are {size} bytes once serialised, more than the {MAX_PARAMETERS_BYTES} allowed"
-    return None
-
-
-def _sized(parameters: dict[str, Any]) -> dict[str, Any]:
-    problem = _parameters_size_problem(parameters)
-    if problem:
-        raise ValueError(problem)
-    return parameters
-
-
-# DP-6 for a run's parameters: checked with the request's body, as Prefect's `SizedParameters`
-# is (a bulk with one oversized item is refused whole).
-SizedParameters = Annotated[JsonDocument, AfterValidator(_sized)]
 
 
 def job_variables_problem(pool: wp.WorkPool, job_variables: dict[str, Any]) -> str | None:
@@ -642,7 +621,7 @@ def job_variables_problem(pool: wp.WorkPool, job_variables: dict[str, Any]) -> s
 def _check_parameters(cmd: CreateDeployment, parameters: dict[str, Any], schema: dict[str, Any] | None) -> None:
     """DP-5 and DP-6 at create. Quirk kept: the schema is enforced only when the request itself
     says `enforce_parameter_schema: true`."""
-    problem = _parameters_size_problem(parameters)
+    problem = parameters_size_problem(parameters)
     if problem:
         raise invalid(problem, field="parameters")
     if "enforce_parameter_schema" not in cmd.model_fields_set or not cmd.enforce_parameter_schema:
@@ -882,7 +861,7 @@ def decide_update_deployment(cmd: UpdateDeployment, deployment: Deployment | Non
         except HydrationError as e:
             raise invalid(f"Error hydrating deployment parameters: {e}", field="parameters") from None
     parameters = values.get("parameters", deployment.parameters)
-    problem = _parameters_size_problem(parameters)
+    problem = parameters_size_problem(parameters)
     if problem:
         raise invalid(problem, field="parameters")
     enforce = values.get("enforce_parameter_schema", deployment.enforce_parameter_schema)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 from . import orchestration_rules, slots
 from . import work_pools as wp
-from .bounds import INT32_MAX, JsonDocument, StoredText, UtcDatetime
+from .bounds import INT32_MAX, JsonDocument, SizedParameters, StoredText, UtcDatetime
 from .decisions import Decision, NewEvent
 from .events import register_event
 from .flows import Tags
@@ -249,7 +249,7 @@ class CreateFlowRun(Command):
     deployment_id: uuid.UUID | None = None
     deployment_version: ShortText | None = None
     flow_version: ShortText | None = None
-    parameters: JsonDocument = empty_dict()
+    parameters: SizedParameters = empty_dict()
     context: JsonDocument = empty_dict()
     empirical_policy: FlowRunPolicyInput = new_model_default(FlowRunPolicyInput)
     tags: Tags = empty_list()
@@ -311,7 +311,7 @@ class UpdateFlowRun(Command):
     id: uuid.UUID
     name: RunName | None = None
     flow_version: ShortText | None = None
-    parameters: JsonDocument | None = None
+    parameters: SizedParameters | None = None
     empirical_policy: FlowRunPolicyInput | None = None
     tags: Tags | None = None
     infrastructure_pid: ShortText | None = None

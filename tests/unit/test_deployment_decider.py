@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from runledger.commands import deployments as dp
 from runledger.commands import unique_keys as uk
 from runledger.commands import work_pools as wp
+from runledger.commands.bounds import MAX_PARAMETERS_BYTES
 from runledger.commands.messages import DecisionContext, ErrorCode, Rejection
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -191,7 +192,7 @@ def test_an_invalid_schema_is_invalid_and_remote_refs_are_never_fetched():
 
 
 def test_parameters_larger_than_512_kib_are_invalid():
-    rejected(ErrorCode.INVALID, create, parameters={"x": "a" * dp.MAX_PARAMETERS_BYTES})
+    rejected(ErrorCode.INVALID, create, parameters={"x": "a" * MAX_PARAMETERS_BYTES})
 
 
 def update(d: dp.Deployment, placement: dp.Placement | None = None, now: datetime = NOW, **fields):

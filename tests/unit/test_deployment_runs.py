@@ -131,6 +131,19 @@ def test_dp6_a_runs_parameters_are_size_checked_as_prefect_counts_them():
     assert run_of(d, parameters={"s": "é" * 80_000}).created
 
 
+def test_dp6_a_flow_runs_own_parameters_have_the_same_limit_on_create_and_update():
+    from runledger.commands import flow_runs as fr
+
+    flow_id, run_id = str(uuid.uuid4()), str(uuid.uuid4())
+    for big in ({"s": "a" * 600_000}, {"s": "é" * 100_000}):
+        with pytest.raises(ValidationError, match="bytes once serialised"):
+            fr.CreateFlowRun.model_validate({"flow_id": flow_id, "parameters": big})
+        with pytest.raises(ValidationError, match="bytes once serialised"):
+            fr.UpdateFlowRun.model_validate({"id": run_id, "parameters": big})
+    assert fr.CreateFlowRun.model_validate({"flow_id": flow_id, "parameters": {"s": "é" * 80_000}})
+    assert fr.UpdateFlowRun.model_validate({"id": run_id, "parameters": None}).parameters is None
+
+
 def test_dp14_dp15_null_for_an_optional_parameter_or_job_variable_is_accepted():
     schema = {"type": "object", "properties": {"x": {"type": "string"}, "r": {"type": "string"}}, "required": ["r"]}
     d = deployment(parameter_openapi_schema=schema)
