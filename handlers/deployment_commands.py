@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import TypeAdapter
@@ -25,7 +26,7 @@ from runledger.commands.states import StateType
 from runledger.infra.aggregates import AggregateKind, SnapshotCodec
 
 from .command_bus import AggregateKey, CommandSpec, Unit
-from .flow_run_commands import initial_slots
+from .flow_run_commands import initial_slots, onto_parent_task
 from .work_pool_commands import pool_by_name
 
 # Every event of a deployment carries the whole deployment: its last event is its state.
@@ -188,7 +189,12 @@ async def create_run(unit: Unit, cmd: sc.CreateFlowRunFromDeployment, ctx: Decis
     deployment = await _deployment(unit, cmd.deployment_id)
     inputs = await _run_inputs(unit, deployment, [cmd]) if deployment is not None else sc.RunInputs()
     decision = sc.decide_run_from_deployment(cmd, deployment, inputs, ctx)
-    return sl.with_initial_slots(decision, await initial_slots(unit, inputs.pool, [cmd.state], StateType.SCHEDULED))
+    decision = sl.with_initial_slots(decision, await initial_slots(unit, inputs.pool, [cmd.state], StateType.SCHEDULED))
+    if not decision.created:
+        return decision
+    # A subflow run from a deployment (Prefect's `run_deployment` inside a task) stands for
+    # that task run too, from its first state on.
+    return await onto_parent_task(unit, decision, None, str(decision.result.id), ctx)
 
 
 async def create_runs(unit: Unit, cmd: sc.CreateFlowRunsFromDeployment, ctx: DecisionContext) -> Decision:
@@ -212,7 +218,7 @@ def _run_ids_reply(run_ids: list[Any]) -> dict[str, Any]:
 
 
 def _run_reply(run: fr.FlowRun) -> dict[str, Any]:
-    return run.model_dump(mode="json")
+    return fr.flow_run_reply(run, datetime.now(UTC))
 
 
 def _as_is(result: Any) -> Any:

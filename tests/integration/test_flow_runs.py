@@ -174,6 +174,24 @@ async def test_fr6_a_subflow_state_is_copied_onto_its_parent_task_run(broker, se
     await assert_live_equals_rebuild(service, settings)
 
 
+async def test_fr6_a_subflow_run_from_a_deployment_stands_for_its_parent_task_run_from_its_first_state(broker):
+    """Prefect's `run_deployment` inside a task makes the subflow from a deployment."""
+    flow_id = await a_flow(broker)
+    parent = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id)
+    await set_state(broker, parent["id"], "RUNNING")
+    task = await broker.ok_cmd("CreateTaskRun", flow_run_id=parent["id"], task_key="run_deployment", dynamic_key="0")
+    deployment = await broker.ok_cmd("CreateDeployment", name="child", flow_id=flow_id)
+    child = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=deployment["id"],
+                                parent_task_run_id=task["id"])
+    assert {"estimated_run_time", "estimated_start_time_delta"} <= set(child)
+    read = await broker.ok_qry("GetTaskRun", id=task["id"])
+    assert (read["state_type"], read["state"]["state_details"]["child_flow_run_id"]) == ("SCHEDULED", child["id"])
+    missing = str(uuid.uuid4())
+    orphan = await broker.cmd("CreateFlowRunFromDeployment", deployment_id=deployment["id"],
+                              parent_task_run_id=missing)
+    assert orphan["error"] == {"code": "not_found", "message": f"Task run {missing} not found."}
+
+
 async def test_unknown_flow_pool_queue_or_run(broker):
     assert (await broker.cmd("CreateFlowRun", flow_id=str(uuid.uuid4())))["error"]["code"] == "not_found"
     flow_id = await a_flow(broker)
