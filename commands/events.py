@@ -81,6 +81,8 @@ class EncodedEvent:
     aggregate_type: str
     aggregate_id: str
     data: bytes
+    # `Event.expires_no_sooner_than`: None, kept for ever.
+    expires_no_sooner_than: float | None = None
 
 
 def encode_event(aggregate_id: str, event: Event, *, occurred: datetime, event_id: uuid.UUID,
@@ -91,7 +93,8 @@ def encode_event(aggregate_id: str, event: Event, *, occurred: datetime, event_i
     })
     data = b"".join((head[:-1], b',"payload":', event.__pydantic_serializer__.to_json(event),
                      b',"idempotency_key":', to_json(idempotency_key), b"}"))
-    return EncodedEvent(event_id, event.event_type, event.aggregate_type, aggregate_id, data)
+    return EncodedEvent(event_id, event.event_type, event.aggregate_type, aggregate_id, data,
+                        event.expires_no_sooner_than())
 
 
 def upcast_payload(event_type: str, schema_version: int, payload: dict[str, Any]) -> dict[str, Any]:

@@ -49,6 +49,12 @@ class Event(BaseModel):
     aggregate_type: ClassVar[str]
     schema_version: ClassVar[int] = 1
 
+    def expires_no_sooner_than(self) -> float | None:
+        """None: the log keeps this event for ever (every event but routine ones). Else it may
+        expire from the log (`Settings.heartbeat_retention_seconds`), but not within this
+        many seconds: while it may still be its aggregate's latest word."""
+        return None
+
 
 class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"

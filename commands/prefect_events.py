@@ -682,6 +682,7 @@ _HANDLERS: dict[type[Event], Callable[[_Out, Any, str, ExportState], None]] = {
     DeploymentsPolled: _deployments_polled,
     QueuelessDeploymentsNotReady: _queueless_not_ready,
     wk.WorkerHeartbeatRecorded: _nothing,
+    wk.WorkerHeartbeatRenewed: _nothing,
     wk.WorkerWentOffline: _nothing,
     wk.WorkerDeleted: _nothing,
 }

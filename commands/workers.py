@@ -94,6 +94,24 @@ class WorkerHeartbeatRecorded(_WorkerEvent):
 
 
 @register_event
+class WorkerHeartbeatRenewed(_WorkerEvent):
+    """A routine heartbeat: the worker was ONLINE already, with the same interval; only its
+    heartbeat time moved. Each carries the whole worker, so only the latest matters to its
+    state: these expire from the log (`Settings.heartbeat_retention_seconds`), but not before
+    the worker would be marked offline without a newer one. A worker beating every 30 s
+    would otherwise add ~2,900 events a day to the log, for ever."""
+
+    event_type: ClassVar[str] = "WorkerHeartbeatRenewed"
+    worker: Worker
+
+    def expires_no_sooner_than(self) -> float | None:
+        # One more interval past the moment the worker counts as offline without a newer beat:
+        # by then a newer beat or its `WorkerWentOffline` (kept) says what this one said.
+        interval = self.worker.heartbeat_interval_seconds or HEARTBEAT_FALLBACK_SECONDS
+        return self.worker.offline_after().total_seconds() + interval
+
+
+@register_event
 class WorkerWentOffline(_WorkerEvent):
     """The worker missed three heartbeats: OFFLINE."""
 
@@ -142,7 +160,7 @@ class MarkWorkerOffline(Command):
 
 def evolve(worker: Worker | None, event: Event) -> Worker | None:
     match event:
-        case WorkerHeartbeatRecorded(worker=w) | WorkerWentOffline(worker=w):
+        case WorkerHeartbeatRecorded(worker=w) | WorkerHeartbeatRenewed(worker=w) | WorkerWentOffline(worker=w):
             return w
         case WorkerDeleted():
             return None
@@ -165,7 +183,8 @@ def _pool_event(pool: wp.WorkPool, *, online: tuple[str, ...] = (), offline: tup
 
 def decide_heartbeat(cmd: WorkerHeartbeat, pool: wp.WorkPool | None, worker: Worker | None,
                      ctx: DecisionContext) -> Decision:
-    """Upsert by (pool, name); a NOT_READY pool becomes READY (a PAUSED one stays PAUSED)."""
+    """Upsert by (pool, name); a NOT_READY pool becomes READY (a PAUSED one stays PAUSED). A
+    beat that changes nothing but the time is a `WorkerHeartbeatRenewed`, which may expire."""
     if pool is None:
         raise wp.pool_not_found(cmd.work_pool_name)
     wid = worker_id(pool.id, cmd.name)
@@ -176,7 +195,10 @@ def decide_heartbeat(cmd: WorkerHeartbeat, pool: wp.WorkPool | None, worker: Wor
                    work_pool_id=pool.id, last_heartbeat_time=ctx.now, heartbeat_interval_seconds=interval,
                    status=WorkerStatus.ONLINE)
     status = wp.Change(old=wp.Status.NOT_READY, new=wp.Status.READY) if pool.status == wp.Status.NOT_READY else None
-    events = [NewEvent(str(wid), WorkerHeartbeatRecorded(worker=after)),
+    routine = (worker is not None and worker.status is WorkerStatus.ONLINE
+               and worker.heartbeat_interval_seconds == interval)
+    beat = WorkerHeartbeatRenewed(worker=after) if routine else WorkerHeartbeatRecorded(worker=after)
+    events = [NewEvent(str(wid), beat),
               *_pool_event(pool, online=(cmd.name,), status=status)]
     return Decision(events=events, result=after, created=worker is None, after={str(wid): after})
 

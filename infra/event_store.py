@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -34,6 +35,8 @@ from .settings import Settings
 EXPECTED_SEQ = "Nats-Expected-Last-Subject-Sequence"
 EXPECTED_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
 MSG_ID = "Nats-Msg-Id"
+# A message the server removes after this many seconds (the stream allows per-message TTLs).
+MESSAGE_TTL = "Nats-TTL"
 WRONG_LAST_SEQUENCE = 10071
 BATCH_DUPLICATE_MSG_ID = 10201
 
@@ -93,6 +96,8 @@ class OutgoingMessage:
     expect_subject: str | None = None
     # Chained (see `Pending`): stored after that message, instead of checking a sequence.
     after: Pending | None = None
+    # Seconds until the server removes it (a routine heartbeat); None: kept for ever.
+    ttl: int | None = None
 
     def headers(self) -> dict[str, str]:
         h = {MSG_ID: self.msg_id}
@@ -100,6 +105,8 @@ class OutgoingMessage:
             h[EXPECTED_SEQ] = str(self.expect_seq)
             if self.expect_subject:
                 h[EXPECTED_SUBJECT] = self.expect_subject
+        if self.ttl is not None:
+            h[MESSAGE_TTL] = str(self.ttl)
         return h
 
 
@@ -145,6 +152,15 @@ class StoredEvent:
     seq: int
     subject: str
     envelope: EventEnvelope
+
+
+def message_ttl(floor: float | None, retention: int) -> int | None:
+    """How long the log keeps an event (`Event.expires_no_sooner_than`: `floor`): for ever
+    (None) unless it is a routine one and `retention` is set; then the retention, and never
+    less than the event's floor."""
+    if floor is None or retention <= 0:
+        return None
+    return max(retention, math.ceil(floor))
 
 
 def idempotency_subject(settings: Settings, key: str) -> str:
@@ -403,17 +419,23 @@ class EventStore:
         for env in envelopes:
             agg = (env.aggregate_type, env.aggregate_id)
             data = env.data if isinstance(env, EncodedEvent) else env.model_dump_json().encode()
+            ttl = self.ttl_of(env)
             if agg in checked:
-                out.append(OutgoingMessage(self.subject_of(env), data, str(env.id)))
+                out.append(OutgoingMessage(self.subject_of(env), data, str(env.id), ttl=ttl))
                 continue
             checked.add(agg)
             at = expected.get(agg, 0)
             if isinstance(at, Pending):  # chained onto an append not acknowledged yet
                 out.append(OutgoingMessage(self.subject_of(env), data, str(env.id), None,
-                                           self.aggregate_filter(*agg), after=at))
+                                           self.aggregate_filter(*agg), after=at, ttl=ttl))
             else:
-                out.append(OutgoingMessage(self.subject_of(env), data, str(env.id), at, self.aggregate_filter(*agg)))
+                out.append(OutgoingMessage(self.subject_of(env), data, str(env.id), at, self.aggregate_filter(*agg),
+                                           ttl=ttl))
         return out
+
+    def ttl_of(self, env: EventEnvelope | EncodedEvent) -> int | None:
+        floor = env.expires_no_sooner_than if isinstance(env, EncodedEvent) else None
+        return message_ttl(floor, self.settings.heartbeat_retention_seconds)
 
     def submit(self, messages: list[OutgoingMessage]) -> _Waiting:
         """`append` without waiting: the queued append (`result`: the last message's sequence),

@@ -23,6 +23,8 @@ def event_stream_config(settings: Settings) -> StreamConfig:
         allow_direct=True,
         allow_atomic=True,
         deny_delete=True,
+        # Routine heartbeats expire (`Settings.heartbeat_retention_seconds`); nothing else does.
+        allow_msg_ttl=True,
         duplicate_window=settings.event_duplicate_window_seconds,
         num_replicas=settings.stream_replicas,
     )
@@ -41,6 +43,7 @@ async def ensure_event_stream(js: JetStreamContext, settings: Settings) -> None:
             sorted(current.subjects or []) != sorted(wanted.subjects or [])
             or not current.allow_direct
             or not current.allow_atomic
+            or not current.allow_msg_ttl
             or current.duplicate_window != wanted.duplicate_window
         ):
             info = await js.update_stream(wanted)

@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     stream_replicas: int = Field(default=1, ge=1, le=5)
     # A snapshot of an aggregate's state after this many events since its last one (0: never).
     snapshot_every: int = Field(default=1000, ge=0)
+    # How long the log keeps a routine heartbeat (a worker already online, only its time
+    # moved; at least until a newer word on the worker is sure to exist): 0 keeps every one
+    # for ever. The first beat, a changed interval and a return from OFFLINE are always kept.
+    heartbeat_retention_seconds: int = Field(default=86_400, ge=0, le=10 * 365 * 86_400)
 
     # Inboxes: this process's own (nats-py's `inbox_prefix`; each role gets its own prefix
     # under `_INBOX.` so one role cannot read another's replies), and the prefix every reply

@@ -28,14 +28,15 @@ class WorkersProjector:
     # Worker events only: one aggregate type, so its consumer reads one subject filter (a
     # consumer of several is much slower, projections/runner.py). A deleted pool's workers stay
     # in the table unread: every read finds workers by their pool's current id.
-    handles = frozenset({wk.WorkerHeartbeatRecorded.event_type, wk.WorkerWentOffline.event_type,
+    handles = frozenset({wk.WorkerHeartbeatRecorded.event_type, wk.WorkerHeartbeatRenewed.event_type,
+                         wk.WorkerWentOffline.event_type,
                          wk.WorkerDeleted.event_type})
 
     async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, str, Event | dict]]) -> None:
         # Each worker's last event in the batch decides its row (heartbeats come in floods).
         last: dict[Any, wk.Worker | None] = {}
         for _, _, event in events:
-            if isinstance(event, wk.WorkerHeartbeatRecorded | wk.WorkerWentOffline):
+            if isinstance(event, wk.WorkerHeartbeatRecorded | wk.WorkerHeartbeatRenewed | wk.WorkerWentOffline):
                 last[event.worker.id] = event.worker
             elif isinstance(event, wk.WorkerDeleted):
                 last[event.worker_id] = None

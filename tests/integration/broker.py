@@ -46,10 +46,14 @@ class Broker:
         return (await self.nc.jetstream().stream_info(self.settings.stream_name)).state.messages
 
     async def pool_events(self, pool_id: str) -> list[dict]:
-        """Every event envelope of one pool aggregate, in log order, read with direct gets;
-        each is checked to sit on the subject its type names."""
+        """Every event envelope of one pool aggregate, in log order (`aggregate_events`)."""
+        return await self.aggregate_events("work_pool", pool_id)
+
+    async def aggregate_events(self, aggregate_type: str, aggregate_id: str) -> list[dict]:
+        """Every event envelope of one aggregate the log holds, in log order, read with direct
+        gets; each is checked to sit on the subject its type names."""
         js = self.nc.jetstream()
-        prefix = f"{self.settings.event_subject_prefix}.work_pool.{pool_id}"
+        prefix = f"{self.settings.event_subject_prefix}.{aggregate_type}.{aggregate_id}"
         out, seq = [], 1
         while True:
             try:

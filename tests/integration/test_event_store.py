@@ -340,3 +340,24 @@ async def test_a_decision_chained_onto_a_queued_append_lands_right_after_it_or_n
     # A decision chained onto one that already landed checks the sequence it got.
     after = store.submit(store.build_messages([release("hot", pool_id)], {key: Pending(third, 0)}))
     assert await after.result > seqs[2]
+
+
+async def test_a_log_made_before_heartbeats_expired_is_given_message_ttls_keeping_its_events(settings):
+    """A log created by an earlier runledger (no per-message TTLs) is updated in place when the
+    service starts, and keeps what it holds."""
+    import dataclasses
+
+    from runledger.infra.jetstream_setup import event_stream_config
+
+    nc = await connect(settings)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(dataclasses.replace(event_stream_config(settings), allow_msg_ttl=False))
+        store = EventStore(nc, settings)
+        await store.append(store.build_messages([claim("kept")], {(wp.WORK_POOL_NAME, wp.name_aggregate_id("kept")): 0}))
+        await ensure_event_stream(js, settings)
+        info = await js.stream_info(settings.stream_name)
+        assert info.config.allow_msg_ttl and info.config.deny_delete and info.state.messages == 1
+    finally:
+        await nc.close()
+        await cleanup_namespace(settings)

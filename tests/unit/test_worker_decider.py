@@ -58,6 +58,43 @@ def test_a_steady_heartbeat_writes_the_worker_alone_and_keeps_its_interval():
     assert p2 == p
 
 
+def test_only_a_beat_that_changes_nothing_but_the_time_may_expire_from_the_log():
+    from runledger.commands.events import encode_event
+
+    def kinds(d: Decision) -> list[str]:
+        return [e.event.event_type for e in d.events if e.aggregate_type == wk.WORKER]
+
+    first, p, w = beat(pool(), None, heartbeat_interval_seconds=10)
+    assert kinds(first) == ["WorkerHeartbeatRecorded"]
+    routine, p, w2 = beat(p, w, NOW + timedelta(seconds=10))
+    assert kinds(routine) == ["WorkerHeartbeatRenewed"] and w2.last_heartbeat_time == NOW + timedelta(seconds=10)
+    # Kept at least until the worker, silent, would have been marked offline, and an interval more.
+    renewed = routine.events[0].event
+    assert renewed.expires_no_sooner_than() == 40
+    assert encode_event("w", renewed, occurred=NOW, event_id=uuid.uuid4()).expires_no_sooner_than == 40
+    assert first.events[0].event.expires_no_sooner_than() is None
+    changed, p, w3 = beat(p, w2, NOW + timedelta(seconds=20), heartbeat_interval_seconds=30)
+    assert kinds(changed) == ["WorkerHeartbeatRecorded"] and w3.heartbeat_interval_seconds == 30
+    offline = wk.decide_mark_offline(wk.MarkWorkerOffline(work_pool_name="p", name="w"), p, w3,
+                                     ctx(NOW + timedelta(seconds=200)))
+    p, w4 = fold(p, w3, offline)
+    assert w4.status is wk.WorkerStatus.OFFLINE
+    back, _, w5 = beat(p, w4, NOW + timedelta(seconds=210))
+    assert kinds(back) == ["WorkerHeartbeatRecorded"] and w5.status is wk.WorkerStatus.ONLINE
+
+
+@pytest.mark.parametrize(("floor", "retention", "ttl"), [
+    (None, 86_400, None),  # every event but a routine one is kept for ever
+    (40.0, 0, None),  # retention 0: routine beats too
+    (40.0, 86_400, 86_400),
+    (40.0, 10, 40),  # never before the worker's latest word is sure to be another event
+    (40.2, 1, 41)])
+def test_how_long_the_log_keeps_an_event(floor, retention, ttl):
+    from runledger.infra.event_store import message_ttl
+
+    assert message_ttl(floor, retention) == ttl
+
+
 def test_a_heartbeat_leaves_a_paused_pool_paused():
     d, p, w = beat(pool(is_paused=True), None)
     assert p.status is wp.Status.PAUSED and w.status is wk.WorkerStatus.ONLINE and p.has_online_worker
