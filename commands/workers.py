@@ -40,6 +40,9 @@ from .names import MAX_NAME_LENGTH
 WORKER = "worker"
 HEARTBEAT_FALLBACK_SECONDS = 30
 OFFLINE_MULTIPLIER = 3
+# How long a routine heartbeat outlives the moment its worker counts as offline: the foreman,
+# every 15 s, has marked it offline (an event kept) well before.
+EXPIRY_MARGIN_SECONDS = 60
 WORKER_ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "runledger:worker")
 WorkerName = Annotated[StoredText, StringConstraints(max_length=MAX_NAME_LENGTH)]
 
@@ -105,10 +108,9 @@ class WorkerHeartbeatRenewed(_WorkerEvent):
     worker: Worker
 
     def expires_no_sooner_than(self) -> float | None:
-        # One more interval past the moment the worker counts as offline without a newer beat:
-        # by then a newer beat or its `WorkerWentOffline` (kept) says what this one said.
-        interval = self.worker.heartbeat_interval_seconds or HEARTBEAT_FALLBACK_SECONDS
-        return self.worker.offline_after().total_seconds() + interval
+        # A while past the moment the worker counts as offline without a newer beat: by then a
+        # newer beat or the foreman's `WorkerWentOffline` (kept) says what this one said.
+        return self.worker.offline_after().total_seconds() + EXPIRY_MARGIN_SECONDS
 
 
 @register_event

@@ -19,9 +19,11 @@ async def _types(broker: Broker, worker_id: str) -> list[str]:
     return [e["type"] for e in await broker.aggregate_events(wk.WORKER, worker_id)]
 
 
-async def test_routine_heartbeats_expire_and_the_worker_is_rebuilt_the_same(settings):
+async def test_routine_heartbeats_expire_and_the_worker_is_rebuilt_the_same(settings, monkeypatch):
     # Retention 1 s: a beat every second is kept 4 s (the worker would be offline after 3 s
-    # without a newer one, and one interval more), the floor the service never goes below.
+    # without a newer one, and a margin more, made 1 s here from a minute), the floor the
+    # service never goes below.
+    monkeypatch.setattr(wk, "EXPIRY_MARGIN_SECONDS", 1)
     changed = settings.model_copy(update={"heartbeat_retention_seconds": 1})
     service = Service(changed)
     await service.start()

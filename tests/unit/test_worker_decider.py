@@ -68,10 +68,10 @@ def test_only_a_beat_that_changes_nothing_but_the_time_may_expire_from_the_log()
     assert kinds(first) == ["WorkerHeartbeatRecorded"]
     routine, p, w2 = beat(p, w, NOW + timedelta(seconds=10))
     assert kinds(routine) == ["WorkerHeartbeatRenewed"] and w2.last_heartbeat_time == NOW + timedelta(seconds=10)
-    # Kept at least until the worker, silent, would have been marked offline, and an interval more.
+    # Kept at least until the worker, silent, would have been marked offline, and a margin more.
     renewed = routine.events[0].event
-    assert renewed.expires_no_sooner_than() == 40
-    assert encode_event("w", renewed, occurred=NOW, event_id=uuid.uuid4()).expires_no_sooner_than == 40
+    assert renewed.expires_no_sooner_than() == 30 + wk.EXPIRY_MARGIN_SECONDS
+    assert encode_event("w", renewed, occurred=NOW, event_id=uuid.uuid4()).expires_no_sooner_than == 90
     assert first.events[0].event.expires_no_sooner_than() is None
     changed, p, w3 = beat(p, w2, NOW + timedelta(seconds=20), heartbeat_interval_seconds=30)
     assert kinds(changed) == ["WorkerHeartbeatRecorded"] and w3.heartbeat_interval_seconds == 30
