@@ -37,10 +37,10 @@ from .deployments import (
     deployment_not_found,
     forget_settled,
     index_id,
-    validation_problem,
 )
 from .flows import Tags
 from .hydration import HydrationError, hydrate
+from .json_schemas import validation_problem
 from .messages import (
     Command,
     DecisionContext,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from .json_schemas import schema_problem, validation_problem
+
 PLACEHOLDER = re.compile(r"\{\{\s*([\w\.\-\[\]$]+)\s*\}\}")
 
 
@@ -58,3 +60,30 @@ def references_a_block(template: dict[str, Any]) -> bool:
         if isinstance(ref, dict) and ref.get("block_document_id") is not None:
             return True
     return False
+
+
+def variables_schema_problem(template: dict[str, Any]) -> str | None:
+    """Why a template's `variables` is not a valid JSON Schema ("Invalid schema: ..."), or
+    None; Prefect refuses such a pool at creation, before reading its defaults."""
+    variables = template.get("variables")
+    return schema_problem(variables) if isinstance(variables, dict) and variables else None
+
+
+def variable_defaults_problem(template: dict[str, Any]) -> str | None:
+    """Why the variables' own defaults do not fit their schema, in Prefect's words, or None:
+    checked at a pool's creation, `required` aside (a deployment or run may give the rest) and
+    null accepted for an optional variable, as Prefect checks them."""
+    variables = template.get("variables")
+    if not isinstance(variables, dict) or not isinstance(properties := variables.get("properties"), dict):
+        return None
+    # A reference (`{"$ref": ...}`) stands for a block's value, not checked here (Prefect
+    # checks the block it resolves to; runledger has none, see `references_a_block`).
+    defaults = {name: attrs["default"] for name, attrs in properties.items()
+                if isinstance(attrs, dict) and "default" in attrs
+                and not (isinstance(attrs["default"], dict) and "$ref" in attrs["default"])}
+    if not defaults:
+        return None
+    problem = validation_problem(defaults, variables, ignore_required=True, preprocess=True,
+                                 allow_none_with_default=True)
+    return f"Validation failed for work pool's job variable defaults: {problem}" if problem else None
+

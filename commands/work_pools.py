@@ -41,7 +41,12 @@ from .bounds import (
 from .decisions import Decision, NewEvent
 from .events import register_event
 from .flows import Tag
-from .job_templates import base_job_template_problem, references_a_block
+from .job_templates import (
+    base_job_template_problem,
+    references_a_block,
+    variable_defaults_problem,
+    variables_schema_problem,
+)
 from .messages import (
     Command,
     DecisionContext,
@@ -590,8 +595,14 @@ def decide_create_work_pool(
         raise invalid(problem, field="base_job_template")
     if is_reserved_work_pool_name(cmd.name) and not internal:
         raise forbidden("Work pools starting with 'Prefect' are reserved for internal use.")
-    if references_a_block(cmd.base_job_template):  # Prefect resolves the defaults here: after the 403
+    # Then Prefect checks the variables' schema, resolves the defaults' block references and
+    # checks the defaults against the schema: after the 403.
+    if (problem := variables_schema_problem(cmd.base_job_template)) is not None:
+        raise invalid(problem, field="base_job_template")
+    if references_a_block(cmd.base_job_template):
         raise not_found("Block not found.")
+    if (problem := variable_defaults_problem(cmd.base_job_template)) is not None:
+        raise invalid(problem, field="base_job_template")
     if claim.work_pool_id is not None:
         raise conflict("A work pool with this name already exists.")
     pool_id, queue_id = ctx.new_id(), ctx.new_id()

@@ -15,6 +15,7 @@ from runledger.commands import deployments as dp
 from runledger.commands import unique_keys as uk
 from runledger.commands import work_pools as wp
 from runledger.commands.bounds import MAX_PARAMETERS_BYTES
+from runledger.commands.json_schemas import preprocess_schema
 from runledger.commands.messages import DecisionContext, ErrorCode, Rejection
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -470,10 +471,10 @@ def test_dp4_dp7_null_is_accepted_for_an_optional_field_as_prefect_preprocesses_
     assert update(d, parameters={"x": None}).result.parameters == {"x": None}
     rejected(ErrorCode.CONFLICT, update, d, parameters={"x": 1})
     # A required property, or one with a default (parameters), stays non-null.
-    assert dp.preprocess_schema({"properties": {"r": {"type": "string"}, "d": {"type": "string", "default": "a"}},
+    assert preprocess_schema({"properties": {"r": {"type": "string"}, "d": {"type": "string", "default": "a"}},
                                  "required": ["r"]}) == {
         "properties": {"r": {"type": "string"}, "d": {"type": "string", "default": "a"}}, "required": ["r"]}
-    assert dp.preprocess_schema({"properties": {"d": {"type": "string", "default": "a"}}},
+    assert preprocess_schema({"properties": {"d": {"type": "string", "default": "a"}}},
                                 allow_none_with_default=True) == {
         "properties": {"d": {"default": "a", "anyOf": [{"type": "string"}, {"type": "null"}]}}}
     # DP-5 at create keeps Prefect's older check, without preprocessing.

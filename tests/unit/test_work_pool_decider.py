@@ -395,10 +395,31 @@ def test_wp6_block_reference_defaults_must_exist():
 
 
 @pytest.mark.parametrize("default", [
-    "plain", {"$ref": {}}, {"$ref": {"block_document_id": None}}, {"$ref": "#/definitions/x"}, {"ref": {}},
+    "plain", {"$ref": {}}, {"$ref": {"block_document_id": None}}, {"$ref": "#/definitions/x"},
 ])
 def test_wp6_defaults_that_name_no_block_are_fine(default):
     assert Env().pool(base_job_template=_block_default(default)).base_job_template == _block_default(default)
+
+
+def test_a_new_pools_variables_must_be_a_valid_schema_and_their_defaults_fit_it():
+    """As Prefect checks them at creation (its update does not): the schema first, then the
+    defaults, `required` aside and null accepted for an optional variable."""
+    def template(variables: dict) -> dict:
+        return {"job_configuration": {"image": "{{ image }}"}, "variables": variables}
+
+    bad_schema = template({"type": "nonsense", "properties": {"image": {"type": "string"}}})
+    r = rejection(wp.decide_create_work_pool, wp.CreateWorkPool(name="p", base_job_template=bad_schema),
+                  wp.WorkPoolNameClaim(uid(7)), Env().ctx())
+    assert r.code == "invalid" and r.message.startswith("Invalid schema:")
+    for default in (5, {"ref": {}}):
+        bad_default = template({"type": "object", "properties": {"image": {"type": "string", "default": default}}})
+        r = rejection(wp.decide_create_work_pool, wp.CreateWorkPool(name="p", base_job_template=bad_default),
+                      wp.WorkPoolNameClaim(uid(7)), Env().ctx())
+        assert r.code == "invalid"
+        assert r.message.startswith("Validation failed for work pool's job variable defaults: Validation failed for field 'image'")
+    fine = template({"type": "object", "required": ["cpu"],
+                     "properties": {"image": {"type": "string", "default": None}, "cpu": {"type": "integer"}}})
+    assert Env().pool(base_job_template=fine).base_job_template == fine
 
 
 # =============================================================================================
