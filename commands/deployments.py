@@ -11,8 +11,11 @@ payload of its events, the read model's row and both replies. The names of its q
 pool are copied into it when the queue is chosen; reads take them from the queue as it is now
 (a queue may be renamed later).
 
-Scheduled runs do not exist yet: the run deletions that an upsert, an update, a pause or a
-delete make (the deployment's future auto-scheduled runs) arrive with flow runs.
+The runs a deployment's schedules made are listed in an index of its own
+(`DEPLOYMENT_RUNS`), so that an upsert, an update, a pause or a delete deletes them in the
+same decision. The runs made on demand are not listed anywhere on the command side (that
+would cost every run made a second write): a delete leaves them to the foreman's sweep,
+`decide_delete_run_of_deleted_deployment`.
 """
 
 from __future__ import annotations
