@@ -348,14 +348,18 @@ def _deployments_polled(out: _Out, e: DeploymentsPolled, aggregate_id: str, stat
 
 
 def _queueless_not_ready(out: _Out, e: QueuelessDeploymentsNotReady, aggregate_id: str, state: ExportState) -> None:
-    """`prefect.deployment.not-ready` for those still READY, without a queue, and not polled
-    within 60 seconds (what the read model applies)."""
+    """`prefect.deployment.not-ready` for those still READY, without a queue (or naming one the
+    decider found deleted, which they drop: not one set by an update decided after the check),
+    and not polled within 60 seconds (what the read model applies)."""
     for deployment_id in map(str, e.deployment_ids):
         d = state.deployments.get(deployment_id)
         last = state.ready_deployments.get(deployment_id)
-        if d is None or last is None or d.work_queue_id is not None or last >= e.checked - NOT_READY_AFTER:
+        if (d is None or last is None or (d.work_queue_id is not None and d.updated > e.checked)
+                or last >= e.checked - NOT_READY_AFTER):
             continue
         del state.ready_deployments[deployment_id]
+        if d.work_queue_id is not None:
+            d = state.deployments[deployment_id] = d.model_copy(update={"work_queue_id": None, "work_pool_name": None})
         out.emit("prefect.deployment.not-ready", _deployment_resource(d), _deployment_related(d))
 
 

@@ -22,10 +22,11 @@ clock in handlers/background.py) that, every 15 s, in this order:
    ran them is gone, so nothing else would ever end them, and their slots would stay held until
    someone reset the tag's limit (Prefect issue #17415). Background task runs (no flow run) are
    not touched: a dead task worker's runs are delivered to another one, with their slots.
-7. deletes the runs of deleted deployments still SCHEDULED, never run and not
-   `AwaitingConcurrencySlot`: `DeleteRunOfDeletedDeployment`. A deployment's delete takes the
-   runs its schedules made, which it finds in the log; the runs made from it on demand are
-   found only in the read model, so they go here, within a pass of the delete.
+7. deletes the runs of deleted deployments (their tombstones in the read model) still
+   SCHEDULED, never run and not `AwaitingConcurrencySlot`: `DeleteRunOfDeletedDeployment`. A
+   deployment's delete takes the runs its schedules made, which it finds in the log; the runs
+   made from it on demand are found only in the read model, so they go here, within a pass of
+   the delete.
 
 It finds candidates in the read models and acts through commands whose deciders check the
 condition again against the log (the worker's last heartbeat, the pool's online workers, the
@@ -53,6 +54,7 @@ from runledger.commands.slots import DEFAULT_DEPLOYMENT_LEASE_SECONDS, HANDED_SL
 from runledger.commands.states import TERMINAL
 from runledger.infra.leases import stop_if_cancelled
 from runledger.projections.tables import (
+    deleted_deployments,
     deployments,
     flow_runs,
     task_runs,
@@ -296,16 +298,18 @@ class Foreman:
         return crashed
 
     async def runs_of_deleted_deployments(self) -> int:
-        """Runs still SCHEDULED, never run and not waiting for a slot, whose deployment is not in
-        the deployments read model (deleted, its deletion projected), up to `BATCH`: each is sent
-        to its decider, which checks the run and the deployment's deletion against the log
-        again (a deployment not projected yet, or a run that moved on, is left as it is).
+        """Runs still SCHEDULED, never run and not waiting for a slot, whose deployment was
+        deleted (its tombstone in `deleted_deployments`, its row gone), up to `BATCH`: each is
+        sent to its decider, which checks the run and the deployment's deletion against the log
+        again (a run that moved on is left as it is). A deployment merely absent from the read
+        model is not enough: a run may name one that never existed, which the decider keeps,
+        and 500 such runs, found first at every pass, had hidden the rest for ever.
 
         Served by the partial index `flow_runs_deletable_by_deployment` (the runs such a delete
         may take: few, however long the history), its predicate written out literally so that
         the planner may use it: a skip scan lists the deployments the index names, one probe
-        each (a recursive query), the deployments' primary key keeps those that are gone, and
-        their runs are read from the same index."""
+        each (a recursive query), the tombstones' and deployments' primary keys keep those that
+        were deleted, and their runs are read from the same index."""
         runs = flow_runs.c
         deletable = and_(runs.state_type == literal_column("'SCHEDULED'"), runs.run_count == literal_column("0"),
                          runs.state_name != literal_column("'AwaitingConcurrencySlot'"),
@@ -320,7 +324,8 @@ class Foreman:
         named = select(first_after(None).label("id")).cte("named", recursive=True)
         named = named.union_all(select(first_after(named.c.id)).where(named.c.id.is_not(None)))
         gone = (select(named.c.id)
-                .where(named.c.id.is_not(None), ~exists().where(deployments.c.id == named.c.id)))
+                .where(named.c.id.is_not(None), exists().where(deleted_deployments.c.id == named.c.id),
+                       ~exists().where(deployments.c.id == named.c.id)))
         stmt = select(runs.id, runs.deployment_id).where(deletable, runs.deployment_id.in_(gone)).limit(BATCH)
         deleted = 0
 

@@ -22,7 +22,14 @@ from runledger.commands.states import StateType
 
 from . import flow_runs as flow_runs_read_model
 from .filters import where_filter
-from .tables import concurrency_limits, deployments, flows, work_pools, work_queues
+from .tables import (
+    concurrency_limits,
+    deleted_deployments,
+    deployments,
+    flows,
+    work_pools,
+    work_queues,
+)
 
 _JSON_COLUMNS = frozenset(c.name for c in deployments.columns if isinstance(c.type, JSONB))
 
@@ -58,15 +65,23 @@ _QUEUES_GONE = text(
 _RUNNER_POLLED = text(
     "UPDATE deployments SET status = 'READY', last_polled = :polled WHERE id = ANY(:ids)"
 ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True))))
+# The decider found each of them without a live queue in the log, a deleted queue counting as
+# none (dp.without_deleted_queue); the row may still name that queue (an update decided before
+# the queue's deletion and appended after it), so it drops it here as the log does, or the
+# foreman would find the row READY with a queue at every pass and send it again. A queue set by
+# an update decided after the check (`updated` past `checked`) is not the decider's to drop.
 _QUEUELESS_NOT_READY = text(
-    "UPDATE deployments SET status = 'NOT_READY' WHERE id = ANY(:ids) AND work_queue_id IS NULL"
+    "UPDATE deployments SET status = 'NOT_READY', work_queue_id = NULL, work_pool_name = NULL"
+    " WHERE id = ANY(:ids) AND (work_queue_id IS NULL OR updated <= :checked)"
     " AND status = 'READY' AND last_polled IS NOT NULL AND last_polled < :stale_before"
 ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True))))
+# A deleted deployment's tombstone, for the foreman's sweep of the runs it left (tables.py).
+_TOMBSTONES = insert(deleted_deployments).on_conflict_do_nothing(index_elements=["id"])
 
 
 class DeploymentsProjector:
     name = "deployments"
-    tables = (deployments,)
+    tables = (deployments, deleted_deployments)
     raw_payloads = False
     handles = frozenset({dp.DeploymentCreated.event_type, dp.DeploymentUpdated.event_type,
                          dp.DeploymentDeleted.event_type, wp.WorkQueuesPolled.event_type,
@@ -78,11 +93,13 @@ class DeploymentsProjector:
         # The last event of each deployment in the batch decides its row: one write each,
         # written before a poll or a not-ready check that follows it applies.
         last: dict[Any, dp.Deployment | None] = {}
+        deleted: dict[Any, Any] = {}  # id: when, the batch's deletions (ids are never made again)
         for _, _, event in events:
             if isinstance(event, dp.DeploymentCreated | dp.DeploymentUpdated):
                 last[event.deployment.id] = event.deployment
             elif isinstance(event, dp.DeploymentDeleted):
                 last[event.deployment_id] = None
+                deleted[event.deployment_id] = event.deleted
             elif isinstance(event, wp.WorkQueuesPolled):
                 await self._write(conn, last)
                 await conn.execute(_POLLED, {"polled": event.polled, "queue_ids": event.queue_ids})
@@ -99,9 +116,11 @@ class DeploymentsProjector:
                 await conn.execute(_RUNNER_POLLED, {"ids": event.deployment_ids, "polled": event.polled})
             elif isinstance(event, dpp.QueuelessDeploymentsNotReady):
                 await self._write(conn, last)
-                await conn.execute(_QUEUELESS_NOT_READY, {"ids": event.deployment_ids,
+                await conn.execute(_QUEUELESS_NOT_READY, {"ids": event.deployment_ids, "checked": event.checked,
                                                           "stale_before": event.checked - wp.NOT_READY_AFTER})
         await self._write(conn, last)
+        if deleted:
+            await conn.execute(_TOMBSTONES, [{"id": i, "deleted": when} for i, when in deleted.items()])
 
     @staticmethod
     async def _write(conn: AsyncConnection, last: dict[Any, dp.Deployment | None]) -> None:

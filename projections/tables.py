@@ -139,6 +139,17 @@ deployments = Table(
     Index("deployments_tags", "tags", postgresql_using="gin"),
 )
 
+# One row per deleted deployment, written by the deployments projector with its deletion: the
+# foreman's sweep of the runs a deleted deployment left (handlers/foreman.py) asks for those
+# deployments alone. "Not in `deployments`" also matched every deployment a run names that
+# never existed (a plain create may name any id), and those runs, kept for ever, came back
+# first at every pass. Ids are never reused, so a tombstone is never taken back.
+deleted_deployments = Table(
+    "deleted_deployments", metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("deleted", DateTime(timezone=True), nullable=False),
+)
+
 variables = Table(
     "variables", metadata,
     Column("id", UUID(as_uuid=True), primary_key=True),
@@ -322,8 +333,8 @@ task_run_states = Table(
 )
 
 # Tables that hold read models (compared by `runledger verify`); the others are bookkeeping.
-READ_MODEL_TABLES = [work_pools, work_queues, flows, deployments, variables, concurrency_limits, flow_runs,
-                     flow_run_states, workers, task_runs, task_run_states, tag_concurrency_limits]
+READ_MODEL_TABLES = [work_pools, work_queues, flows, deployments, deleted_deployments, variables, concurrency_limits,
+                     flow_runs, flow_run_states, workers, task_runs, task_run_states, tag_concurrency_limits]
 
 def ddl(table: Table) -> list[str]:
     """The statements that create `table` and its indexes, from its definition: a new table is
@@ -429,5 +440,20 @@ MIGRATIONS = [
         """CREATE INDEX IF NOT EXISTS flow_runs_deletable_by_deployment ON flow_runs (deployment_id)
                WHERE state_type = 'SCHEDULED' AND run_count = 0 AND state_name <> 'AwaitingConcurrencySlot'
                AND deployment_id IS NOT NULL""",
+    ]),
+    # The release before this one did not give these two projections the deletions of pools and
+    # queues (which clear `work_queue_id` on runs and deployments), and a projection bound again
+    # starts after its checkpoint: the deletions below it would never be read. So both rebuild
+    # from the log, once: without a checkpoint row the runner binds at the log's start
+    # (projections/runner.py, `_bind`), and saved positions are written only by a running
+    # service, after the migrations. The rebuild also fills `deleted_deployments` from every
+    # deletion in the log. TRUNCATE, not DELETE: as fast for a million runs as for none. On a
+    # fresh database the tables are empty and there is nothing to remove.
+    Migration(17, "the flow runs' and deployments' read models rebuilt from the log, with deleted deployments", [
+        *ddl(deleted_deployments),
+        "TRUNCATE flow_runs, flow_run_states, deployments",
+        "DELETE FROM projection_checkpoints WHERE name IN ('flow_runs', 'deployments')",
+        "DELETE FROM projection_failures WHERE projection IN ('flow_runs', 'deployments')",
+        "DELETE FROM skipped_events WHERE projection IN ('flow_runs', 'deployments')",
     ]),
 ]

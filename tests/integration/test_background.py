@@ -6,12 +6,19 @@ their start; the foreman turns deployments without a queue NOT_READY too (ST-3).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
+import uuid
 from datetime import UTC, datetime, timedelta
 
+from typer.testing import CliRunner
+
+from runledger.commands.deployment_polls import DEPLOYMENT_POLL, poll_id
 from runledger.commands.messages import DecisionContext
 from runledger.handlers.background import Clock, CommandSender, Scheduler
 from runledger.handlers.foreman import Foreman
 from runledger.infra.nats_connection import connect
+from tests.integration.broker import assert_live_equals_rebuild, cli_env
 
 
 async def _deployment(broker, name: str, flow_id: str, **fields) -> dict:
@@ -111,6 +118,76 @@ async def test_the_foreman_turns_a_ready_deployment_without_a_queue_not_ready(br
     finally:
         service.commands.clock = real_clock
         await nc.close()
+
+
+async def test_the_foreman_marks_a_deployment_naming_a_deleted_queue_not_ready_once(broker, service, settings,
+                                                                                     monkeypatch):
+    """An update decided while its queue was alive and written just after the queue's deletion
+    leaves the row naming the deleted queue (the two touch different aggregates). The foreman
+    counts it queueless, as its decider does on the log; the read model then drops the queue
+    with the status, so the next pass finds nothing to send (it had sent the same command, and
+    written a kept event, every 15 s for ever)."""
+    await broker.ok_cmd("CreateWorkPool", name="p", type="process")
+    flow_id = (await broker.ok_cmd("CreateFlow", name="etl"))["id"]
+    d = await _deployment(broker, "pooled", flow_id, work_pool_name="p", work_queue_name="q")
+    await broker.ok_qry("GetScheduledFlowRunsForDeployments", deployment_ids=[d["id"]])
+
+    async def deployment() -> dict:
+        broker.last_seq = (await broker.ok_qry("GetServiceHealth"))["stream_last_seq"]
+        return await broker.ok_qry("GetDeployment", id=d["id"])
+
+    for _ in range(100):  # the poll is recorded in the background
+        if (await deployment())["status"] == "READY":
+            break
+        await asyncio.sleep(0.05)
+    polled = datetime.fromisoformat((await deployment())["last_polled"])
+    # The race, in order: the update is decided, the queue is deleted, the update is written.
+    spec = service.commands.specs["UpdateDeployment"]
+
+    async def decided_before_the_queue_went(unit, cmd, ctx):
+        decision = await spec.handle(unit, cmd, ctx)
+        deleted = await service.commands.execute("DeleteWorkQueue", json.dumps(
+            {"work_pool_name": "p", "work_queue_name": "q"}).encode())
+        assert deleted["ok"], deleted
+        return decision
+
+    monkeypatch.setitem(service.commands.specs, "UpdateDeployment",
+                        dataclasses.replace(spec, handle=decided_before_the_queue_went))
+    await broker.ok_cmd("UpdateDeployment", id=d["id"], description="changed")
+    monkeypatch.setitem(service.commands.specs, "UpdateDeployment", spec)
+    stale = await deployment()
+    assert (stale["status"], stale["work_queue_id"]) == ("READY", d["work_queue_id"])
+    real_clock = service.commands.clock
+    nc = await connect(settings)
+    try:
+        def foreman_at(seconds: float) -> Foreman:
+            when = polled + timedelta(seconds=seconds)
+            service.commands.clock = lambda: DecisionContext(now=when)
+            return Foreman(service.engine, CommandSender(nc, settings), clock=lambda: when)
+
+        assert await foreman_at(61).deployments_not_ready() == 1
+        marked = await deployment()
+        assert (marked["status"], marked["work_queue_id"], marked["work_pool_name"], marked["work_queue_name"]) == (
+            "NOT_READY", None, None, "q")
+        second = foreman_at(76)
+        assert (await second.run_pass()).deployments_checked == 0
+    finally:
+        service.commands.clock = real_clock
+        await nc.close()
+    events = await broker.aggregate_events(DEPLOYMENT_POLL, poll_id([uuid.UUID(d["id"])]))
+    assert [e["type"] for e in events].count("QueuelessDeploymentsNotReady") == 1
+    await assert_live_equals_rebuild(service, settings)
+    # The export in Prefect's vocabulary says what the read model did: not ready, no queue.
+    from runledger.cli.main import _register, app
+
+    _register()
+    result = await asyncio.to_thread(CliRunner().invoke, app, ["events", "--vocabulary", "prefect"],
+                                     env=cli_env(settings))
+    assert result.exit_code == 0, result.output
+    not_ready = [e for line in result.stdout.splitlines() if (e := json.loads(line))["event"] == "prefect.deployment.not-ready"
+                 and e["resource"]["prefect.resource.id"] == f"prefect.deployment.{d['id']}"]
+    assert len(not_ready) == 1
+    assert [r["prefect.resource.role"] for r in not_ready[0]["related"]] == ["flow"]
 
 
 async def test_two_services_run_one_scheduler_and_runs_appear_on_their_own(broker, settings):

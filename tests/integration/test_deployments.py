@@ -508,6 +508,43 @@ async def test_dp8_delete_deployment_deletes_manual_scheduled_runs_too(broker, s
     assert (await broker.ok_qry("GetFlowRun", id=waiting["id"]))["state_name"] == "AwaitingConcurrencySlot"
 
 
+async def test_runs_of_a_deployment_that_never_was_do_not_hide_those_of_a_deleted_one(broker, service, settings):
+    """A plain create may name any deployment id, and the decider keeps the runs of one the log
+    never held: the sweep asks only for deployments with a tombstone, so 510 such runs (more
+    than a pass takes) neither fill every pass with useless commands nor hide the run of a
+    deployment actually deleted."""
+    flow_id = await a_flow(broker)
+    never = str(uuid.UUID(int=1))  # first in the index's order, as in the log's
+    scheduled = {"type": "SCHEDULED"}
+    for _ in range(510 // 85):
+        made = await asyncio.gather(*(broker.cmd("CreateFlowRun", flow_id=flow_id, deployment_id=never, state=scheduled)
+                                      for _i in range(85)))
+        assert all(m["ok"] for m in made), [m for m in made if not m["ok"]][:2]
+    d = await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow_id)
+    run = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=d["id"])
+    await broker.ok_cmd("DeleteDeployment", id=d["id"])
+    await broker.ok_qry("CountFlowRuns")
+    sent: list[str] = []
+    nc = await connect(settings)
+    try:
+        sender = CommandSender(nc, settings)
+
+        async def counted(name: str, body: dict) -> dict:
+            sent.append(name)
+            return await sender(name, body)
+
+        done = await Foreman(service.engine, counted).run_pass()
+    finally:
+        await nc.close()
+    assert done.runs_of_deleted_deployments == 1
+    assert sent.count("DeleteRunOfDeletedDeployment") == 1, len(sent)
+    broker.last_seq = (await broker.nc.jetstream().stream_info(settings.stream_name)).state.last_seq
+    assert (await broker.qry("GetFlowRun", id=run["id"]))["error"]["code"] == "not_found"
+    everything = {"flow_runs": {"deployment_id": {"any_": [never]}}}
+    assert await broker.ok_qry("CountFlowRuns", **everything) == 510
+    await assert_live_equals_rebuild(service, settings)
+
+
 async def test_runs_made_at_once_from_one_deployment_all_go_at_the_foremans_pass(broker, service, settings):
     d = await broker.ok_cmd("CreateDeployment", name="d", flow_id=await a_flow(broker))
     made = await asyncio.gather(*(broker.cmd("CreateFlowRunFromDeployment", deployment_id=d["id"])
