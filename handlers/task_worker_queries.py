@@ -12,7 +12,7 @@ from functools import partial
 from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.errors import NoKeysError, NotFoundError
+from nats.js.errors import NotFoundError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -30,17 +30,9 @@ async def list_task_workers(_conn: Any, query: ListTaskWorkers, *, js: JetStream
     `query.task_keys` when some are given (none, or an empty list: every worker). The
     connections sharing an identifier are one worker, as in Prefect: the union of their keys,
     at the newest of their heartbeats."""
-    kv = await js.key_value(task_worker_bucket(settings))
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
-        return []
     workers: dict[str, dict[str, Any]] = {}
-    for key in sorted(keys):
-        entry = await kv.get(key)
-        if not entry.value:
-            continue
-        worker = json.loads(entry.value)
+    for key, value in await _live_entries(js, task_worker_bucket(settings)):
+        worker = json.loads(value)
         task_keys = list(worker.get("task_keys", []))
         bound = bound_task_worker_name(key.split(".", 1)[0])
         if bound is not None:  # written by a task worker bound to keys: only its keys count
@@ -57,6 +49,28 @@ async def list_task_workers(_conn: Any, query: ListTaskWorkers, *, js: JetStream
     wanted = set(query.task_keys or ())
     return sorted((w for w in workers.values() if not wanted or wanted & set(w["task_keys"])),
                   key=lambda w: w["identifier"])
+
+
+async def _live_entries(js: JetStreamContext, bucket: str) -> list[tuple[str, bytes]]:
+    """(key, value) of each live entry of a bucket, by key. Read from the bucket's stream: one
+    request for its subjects, then each subject's last message (a deleted key's is a marker
+    with no value; an entry that expires meanwhile is simply missing). Listed before through
+    nats-py's `keys()` watcher and a `get` per key, a worker that served went missing once
+    under load, in the full test suite; this has no watcher to end early and no `get` to race."""
+    stream, prefix = f"KV_{bucket}", f"$KV.{bucket}."
+    try:
+        subjects = (await js.stream_info(stream, subjects_filter=f"{prefix}>")).state.subjects or {}
+    except NotFoundError:
+        return []
+    entries = []
+    for subject in sorted(subjects):
+        try:
+            msg = await js.get_last_msg(stream, subject)
+        except NotFoundError:
+            continue
+        if msg.data and (msg.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
+            entries.append((subject.removeprefix(prefix), msg.data))
+    return entries
 
 
 async def get_task_run_result(conn: AsyncConnection, query: GetTaskRunResult, *, js: JetStreamContext,
