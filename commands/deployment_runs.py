@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import flow_runs as fr
 from . import orchestration_rules
+from . import subflows as sf
 from . import work_pools as wp
 from .bounds import JsonDocument, SizedParameters, StoredText, UtcDatetime
 from .decisions import Decision, NewEvent
@@ -228,12 +229,15 @@ class CreateFlowRunsFromDeployment(Command):
 @dataclass(frozen=True)
 class RunInputs:
     """What a run of a deployment may read beyond the deployment: the pool of its queue (job
-    variables, a queue named in the request), the variables its parameters name, and per
-    idempotency key its claim and the run holding it."""
+    variables, a queue named in the request), the variables its parameters name, per
+    idempotency key its claim and the run holding it, and (for the bulk form, which decides
+    every item's copy itself) per `parent_task_run_id` the parent task run, None when it does
+    not exist."""
 
     pool: wp.WorkPool | None = None
     variables: dict[str, Any] | None = None
     claims: dict[str, tuple[UniqueKeyClaim, fr.FlowRun | None]] | None = None
+    parent_tasks: dict[uuid.UUID, sf.ParentTask | None] | None = None
 
 
 def _parameters(deployment: Deployment, item: FlowRunFromDeployment, variables: dict[str, Any]) -> dict[str, Any]:
@@ -339,20 +343,34 @@ def decide_run_from_deployment(cmd: CreateFlowRunFromDeployment, deployment: Dep
 def decide_runs_from_deployment(cmd: CreateFlowRunsFromDeployment, deployment: Deployment | None,
                                 inputs: RunInputs, ctx: DecisionContext) -> Decision:
     """DP-17: each item is `{flow_run_id, status: CREATED|FAILED, error}`; the created ones are
-    appended together. Two items with one idempotency key make one run."""
+    appended together. Two items with one idempotency key make one run. A new run with a
+    `parent_task_run_id` stands for that task run from its first state, as the single form's
+    (FR-6, `subflows`): an unknown parent fails its item alone, and a second subflow of one
+    parent copies its state on top of the first's."""
     if deployment is None:
         raise deployment_not_found(cmd.deployment_id)
     events: list[NewEvent] = []
     results: list[dict[str, Any]] = []
+    after: dict[str, Any] = {}
+    queue = []
     pool = inputs.pool
     claims = dict(inputs.claims or {})
+    parents = dict(inputs.parent_tasks or {})
     for item in cmd.runs:
         try:
             made = run_from_deployment(deployment, item, RunInputs(pool, inputs.variables, claims), ctx)
+            subflow = sf.state_written(made, None, str(made.result.id)) if made.created else None
+            if subflow is not None and subflow.parent_task_run_id is not None:
+                parent = parents.get(subflow.parent_task_run_id)
+                made = sf.with_parent_task_state(made, subflow, parent, ctx, created=True)
+                if parent is not None:
+                    parents[parent.run.id] = parent.after(made)
         except Rejection as e:
             results.append({"flow_run_id": None, "status": "FAILED", "error": e.message})
             continue
         events.extend(made.events)
+        after.update(made.after)
+        queue.extend(made.queue)
         run = made.result
         for new in made.events:  # a queue made for one item exists for the next
             if new.aggregate_type == wp.WORK_POOL and pool is not None:
@@ -360,4 +378,4 @@ def decide_runs_from_deployment(cmd: CreateFlowRunsFromDeployment, deployment: D
         if item.idempotency_key is not None:
             claims[item.idempotency_key] = (UniqueKeyClaim(run.id), run)
         results.append({"flow_run_id": str(run.id), "status": "CREATED", "error": None})
-    return Decision(events=events, result=results)
+    return Decision(events=events, result=results, after=after, queue=queue)

@@ -40,7 +40,7 @@ from .bounds import (
     parameters_size_problem,
 )
 from .decisions import Decision, NewEvent
-from .events import register_event
+from .events import register_event, register_upcaster
 from .flow_runs import DeleteFlowRun, FlowRun, FlowRunDeleted, decide_delete_flow_run
 from .flows import Tags
 from .hydration import HydrationError, hydrate
@@ -214,11 +214,22 @@ class DeploymentUpdated(_DeploymentEvent):
     names them)."""
 
     event_type: ClassVar[str] = "DeploymentUpdated"
+    # v2 added `by_pause_or_resume`: a reader of v1 refuses it cleanly as newer, where it would
+    # fail on the unknown field (events forbid extra fields).
+    schema_version: ClassVar[int] = 2
     deployment: Deployment
     changed: list[str]
     # Written by PauseDeployment / ResumeDeployment: Prefect's pause and resume routes set the
     # flag without an event, where an update naming `paused` reports it.
     by_pause_or_resume: bool = False
+
+
+@register_upcaster("DeploymentUpdated", 1)
+def _deployment_updated_v1(payload: dict[str, Any]) -> dict[str, Any]:
+    """v2 only added `by_pause_or_resume`, whose default (False: an update reported as any
+    other) is what a v1 event meant, so a v1 payload is read as it is. One written at v1 with
+    the field already (before the version was raised) keeps its value."""
+    return payload
 
 
 @register_event

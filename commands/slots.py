@@ -310,7 +310,7 @@ def with_initial_slots(decision: Decision, slots: PoolSlots | None) -> Decision:
     if not extra:
         return decision
     return Decision(events=[*decision.events, *extra], result=decision.result, created=decision.created,
-                    after=decision.after, orchestration=decision.orchestration)
+                    after=decision.after, orchestration=decision.orchestration, queue=decision.queue)
 
 
 def _counts_after(events: Iterable[NewEvent], slots: PoolSlots) -> PoolSlots:

@@ -396,21 +396,38 @@ MINIMAL_TASK_POLICY: list[Rule] = []
 
 @dataclass(frozen=True)
 class TaskTransition(Transition):
-    """A task transition, whether its written state is queued for a task worker (TQ-4), and
+    """A task transition, whether its written state is queued for a task worker (TQ-4),
     whether the run takes a slot of each of its limited tags (it entered RUNNING past
-    `secure_task_concurrency_slots`: the background and forced policies take none)."""
+    `secure_task_concurrency_slots`: the background and forced policies take none), and
+    whether a COMPLETED state it writes becomes an entry of its cache key (`records_cache`:
+    the policy that decided holds `cache_insertion`, as Prefect's core and background ones do
+    and its minimal one, for forced proposals, does not; `task_runs.cache_events`)."""
 
     enqueue: bool = False
     takes_tag_slots: bool = False
+    records_cache: bool = False
+
+
+def task_policy(proposed: StateCreate, *, force: bool) -> Sequence[Rule]:
+    """TR-3: a deferred proposal takes the background policy, even forced; else `force` the
+    minimal one; else the core one."""
+    if proposed.state_details.deferred:
+        return BACKGROUND_TASK_POLICY
+    return MINIMAL_TASK_POLICY if force else CORE_TASK_POLICY
+
+
+def records_cache(proposed: StateCreate, *, force: bool) -> bool:
+    """Whether the policy `proposed` takes records a COMPLETED state under its cache key: a
+    handler loads the key's entries only then (a forced copy, such as a subflow's state on its
+    parent task run, caches nothing in Prefect, so it neither reads nor writes the key)."""
+    return cache_insertion in task_policy(proposed, force=force)
 
 
 def set_task_run_state(run: TaskRun, proposed: StateCreate, *, force: bool, ctx: DecisionContext,
                        facts: TaskFacts = NO_FACTS) -> TaskTransition:
-    """TR-3: a deferred proposal takes the background policy, even forced; else `force` the
-    minimal one; else the core one."""
+    """TR-3: the policy is chosen by the proposal (`task_policy`)."""
     deferred = bool(proposed.state_details.deferred)
-    policy: Sequence[Rule] = (BACKGROUND_TASK_POLICY if deferred
-                              else MINIMAL_TASK_POLICY if force else CORE_TASK_POLICY)
+    policy = task_policy(proposed, force=force)
 
     def book(r: TaskRun, proposal: StateCreate, run_policy: Any, c: DecisionContext) -> tuple[State, TaskRun]:
         return _book(r, proposal, facts, c)
@@ -425,7 +442,7 @@ def set_task_run_state(run: TaskRun, proposed: StateCreate, *, force: bool, ctx:
     takes_tag_slots = (secure_task_concurrency_slots in policy and proposed.type is StateType.RUNNING
                        and t.state is not None and t.state.type is StateType.RUNNING)
     return TaskTransition(t.orchestration, t.state, after, t.refused_by, enqueue=enqueue,
-                          takes_tag_slots=takes_tag_slots)
+                          takes_tag_slots=takes_tag_slots, records_cache=cache_insertion in policy)
 
 
 def _book(run: TaskRun, proposal: StateCreate, facts: TaskFacts, ctx: DecisionContext) -> tuple[State, TaskRun]:

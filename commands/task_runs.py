@@ -40,7 +40,7 @@ from . import tag_concurrency_limits as tcl
 from . import task_run_rules
 from .bounds import INT32_MAX, JsonDocument, StoredText, UtcDatetime
 from .decisions import Decision, NewEvent, QueuedTaskRun
-from .events import register_event
+from .events import register_event, register_upcaster
 from .flow_runs import FlowRun
 from .flows import Tags
 from .messages import (
@@ -264,10 +264,21 @@ class TaskCache(BaseModel):
 class TaskCacheEntryRecorded(Event):
     aggregate_type: ClassVar[str] = TASK_CACHE
     event_type: ClassVar[str] = "TaskCacheEntryRecorded"
+    # v2 added `kept`: a reader of v1 refuses it cleanly as newer, where it would fail on the
+    # unknown field (events forbid extra fields).
+    schema_version: ClassVar[int] = 2
     entry: TaskCacheEntry
     # The older entries the key keeps beside this one (`TaskCache.recorded`), so that a key
     # loads from its last event however often it was written. Empty in events written before.
     kept: tuple[TaskCacheEntry, ...] = ()
+
+
+@register_upcaster("TaskCacheEntryRecorded", 1)
+def _task_cache_entry_recorded_v1(payload: dict[str, Any]) -> dict[str, Any]:
+    """v2 only added `kept`, whose default (none: the key holds this entry alone) is what a
+    v1 event meant, so a v1 payload is read as it is. One written at v1 with `kept` already
+    (before the version was raised) keeps its entries."""
+    return payload
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,9 +509,12 @@ def cache_events(transition: task_run_rules.TaskTransition,
     """OR-14: a COMPLETED state written with a cache key becomes an entry of that key, beside
     the entries of `cached` (the key's, as loaded) that may still answer; a copy handed out
     from the cache (`Cached`) is not recorded again, nor is a key too long to be cached
-    (written, but refused by `cache_insertion`)."""
+    (written, but refused by `cache_insertion`), nor a state written by a policy without
+    `cache_insertion` (a forced, non-deferred one: Prefect's minimal policy caches nothing, and
+    its handler has not loaded the key, so an entry here would also fail the append)."""
     state = transition.state
-    if state is None or state.type is not StateType.COMPLETED or state.name == "Cached":
+    if (not transition.records_cache or state is None or state.type is not StateType.COMPLETED
+            or state.name == "Cached"):
         return []
     key = state.state_details.cache_key
     if key is None or len(key) > MAX_CACHE_KEY_LENGTH:

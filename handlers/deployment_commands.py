@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -17,16 +18,20 @@ from runledger.commands import flow_runs as fr
 from runledger.commands import flows as fl
 from runledger.commands import hydration
 from runledger.commands import slots as sl
+from runledger.commands import subflows as sf
+from runledger.commands import tag_concurrency_limits as tcl
+from runledger.commands import task_runs as tr
 from runledger.commands import unique_keys as uk
 from runledger.commands import variables as va
 from runledger.commands import work_pools as wp
 from runledger.commands.decisions import Decision
 from runledger.commands.messages import DecisionContext
-from runledger.commands.states import StateType
+from runledger.commands.states import StateCreate, StateType
 from runledger.infra.aggregates import AggregateKind, SnapshotCodec
 
 from .command_bus import AggregateKey, CommandSpec, Unit
-from .flow_run_commands import initial_slots, onto_parent_task
+from .flow_run_commands import initial_slots, onto_parent_task, parent_task
+from .task_run_commands import load_task_run
 from .work_pool_commands import pool_by_name
 
 # Every event of a deployment carries the whole deployment: its last event is its state.
@@ -197,11 +202,32 @@ async def create_run(unit: Unit, cmd: sc.CreateFlowRunFromDeployment, ctx: Decis
     return await onto_parent_task(unit, decision, None, str(decision.result.id), ctx)
 
 
+async def _parent_tasks(unit: Unit, items: list[sc.FlowRunFromDeployment]) -> dict[uuid.UUID, sf.ParentTask | None]:
+    """The parent task runs the items name, by id (None: no such task run), each with what the
+    forced copy of the first item naming it reads (a later item's copy applies on top, decided
+    by the decider). The task runs are locked at once, then the limits of all their tags at
+    once, so that two commands with several parents each take them in one order."""
+    firsts: dict[uuid.UUID, StateCreate] = {}
+    for item in items:
+        if item.parent_task_run_id is not None and item.parent_task_run_id not in firsts:
+            firsts[item.parent_task_run_id] = item.state or StateCreate(type=StateType.SCHEDULED)
+    if not firsts:
+        return {}
+    await unit.lock([(tr.TASK_RUN, str(i)) for i in firsts])
+    runs = [await load_task_run(unit, i) for i in sorted(firsts)]
+    await unit.lock([(tcl.TAG_CONCURRENCY_LIMIT, tcl.limit_id(tag)) for run in runs if run is not None
+                     for tag in run.tags])
+    return {i: await parent_task(unit, i, firsts[i]) for i in sorted(firsts)}
+
+
 async def create_runs(unit: Unit, cmd: sc.CreateFlowRunsFromDeployment, ctx: DecisionContext) -> Decision:
     deployment = await _deployment(unit, cmd.deployment_id)
     inputs = await _run_inputs(unit, deployment, cmd.runs) if deployment is not None else sc.RunInputs()
-    decision = sc.decide_runs_from_deployment(cmd, deployment, inputs, ctx)
+    # The pool's slots are locked before the parent task runs, as the single form takes them.
     slots = await initial_slots(unit, inputs.pool, [item.state for item in cmd.runs], StateType.SCHEDULED)
+    if deployment is not None:  # FR-6, as `create_run`: each subflow stands for its parent task run
+        inputs = dataclasses.replace(inputs, parent_tasks=await _parent_tasks(unit, cmd.runs))
+    decision = sc.decide_runs_from_deployment(cmd, deployment, inputs, ctx)
     return sl.with_initial_slots(decision, slots)
 
 

@@ -52,22 +52,34 @@ async def initial_slots(unit: Unit, pool: wp.WorkPool | None, states: Iterable[S
     return await pool_slots(unit, pool)
 
 
+async def parent_task(unit: Unit, task_run_id: uuid.UUID, copied: StateCreate) -> sf.ParentTask | None:
+    """A subflow's parent task run and what the forced rules that copy `copied` onto it read
+    (None: no such task run). The task run is locked after the run's limits (`Unit.lock`'s
+    order), and its tags' limits after it, as its own commands take them. A forced copy caches
+    nothing (Prefect's minimal policy), unless the state is deferred and takes the background
+    policy: only then are its cache key's entries loaded, to append the new one after them."""
+    await unit.lock([(tr.TASK_RUN, str(task_run_id))])
+    parent = await load_task_run(unit, task_run_id)
+    if parent is None:
+        return None
+    flow_run = await unit.load(fr.FLOW_RUN, str(parent.flow_run_id)) if parent.flow_run_id is not None else None
+    key = copied.state_details.cache_key
+    cached = (await unit.load(tr.TASK_CACHE, tr.cache_id(key))
+              if key is not None and copied.type is StateType.COMPLETED
+              and task_rules.records_cache(copied, force=True) else None)
+    return sf.ParentTask(run=parent, facts=task_rules.TaskFacts(
+        flow_run=flow_run, cached=cached, tag_limits=await tag_limits_of(unit, parent, copied)))
+
+
 async def onto_parent_task(unit: Unit, decision: Decision, before: fr.FlowRun | None, run_id: str,
                            ctx: DecisionContext) -> Decision:
     """FR-6: a state written for a subflow is copied onto its parent task run in the same
-    append (`subflows`). The task run is locked after the run's limits (`Unit.lock`'s order),
-    and its tags' limits after it, as its own commands take them."""
+    append (`subflows`)."""
     subflow = sf.state_written(decision, before, run_id)
-    if subflow is None:
+    if subflow is None or subflow.parent_task_run_id is None:
         return decision
-    await unit.lock([(tr.TASK_RUN, str(subflow.parent_task_run_id))])
-    parent = await load_task_run(unit, subflow.parent_task_run_id)
-    if parent is None:
-        return sf.with_parent_task_state(decision, subflow, None, ctx, created=before is None)
-    flow_run = await unit.load(fr.FLOW_RUN, str(parent.flow_run_id)) if parent.flow_run_id is not None else None
-    facts = task_rules.TaskFacts(flow_run=flow_run,
-                                 tag_limits=await tag_limits_of(unit, parent, sf.parent_task_state(subflow)))
-    return sf.with_parent_task_state(decision, subflow, parent, ctx, facts, created=before is None)
+    parent = await parent_task(unit, subflow.parent_task_run_id, sf.parent_task_state(subflow))
+    return sf.with_parent_task_state(decision, subflow, parent, ctx, created=before is None)
 
 
 async def create_flow_run(unit: Unit, cmd: fr.CreateFlowRun, ctx: DecisionContext) -> Decision:

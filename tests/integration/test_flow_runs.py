@@ -192,6 +192,64 @@ async def test_fr6_a_subflow_run_from_a_deployment_stands_for_its_parent_task_ru
     assert orphan["error"] == {"code": "not_found", "message": f"Task run {missing} not found."}
 
 
+async def test_fr6_each_bulk_subflow_from_a_deployment_stands_for_its_parent_task_run(broker):
+    """`CreateFlowRunsFromDeployment` copies as the single form does, item by item: an unknown
+    parent fails its item alone, and a second subflow of one parent writes on top of the first."""
+    flow_id = await a_flow(broker)
+    parent = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id)
+    await set_state(broker, parent["id"], "RUNNING")
+    task = await broker.ok_cmd("CreateTaskRun", flow_run_id=parent["id"], task_key="run_deployment", dynamic_key="0")
+    deployment = await broker.ok_cmd("CreateDeployment", name="children", flow_id=flow_id)
+    missing = str(uuid.uuid4())
+    items = await broker.ok_cmd("CreateFlowRunsFromDeployment", deployment_id=deployment["id"], runs=[
+        {"parent_task_run_id": task["id"]}, {"parent_task_run_id": missing}, {},
+        {"parent_task_run_id": task["id"], "state": {"type": "PENDING"}}])
+    assert [(i["status"], i["error"]) for i in items] == [
+        ("CREATED", None), ("FAILED", f"Task run {missing} not found."), ("CREATED", None), ("CREATED", None)]
+    first, last = items[0]["flow_run_id"], items[3]["flow_run_id"]
+    history = await broker.ok_qry("ListTaskRunStates", task_run_id=task["id"])
+    assert [(s["type"], s["state_details"]["child_flow_run_id"]) for s in history] == [
+        ("PENDING", None), ("SCHEDULED", first), ("PENDING", last)]
+    read = await broker.ok_qry("GetTaskRun", id=task["id"])
+    assert (read["state_type"], read["state"]["state_details"]["child_flow_run_id"]) == ("PENDING", last)
+    # Its later states are copied too, as any subflow's.
+    await set_state(broker, last, "RUNNING")
+    assert (await broker.ok_qry("GetTaskRun", id=task["id"]))["state_type"] == "RUNNING"
+
+
+async def test_fr6_a_subflow_state_with_a_cache_key_is_copied_but_not_cached(broker):
+    """The copy onto the parent task run is forced: Prefect's minimal policy, which has no cache
+    insertion, decides it. A key in use stays as it was (the copy once failed to append, its
+    cache entry expecting the key to be new), and an unused key gets no entry."""
+    flow_id = await a_flow(broker)
+    parent = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id)
+    await set_state(broker, parent["id"], "RUNNING")
+    key, unused = f"k-{uuid.uuid4()}", f"unused-{uuid.uuid4()}"
+    other = await broker.ok_cmd("CreateTaskRun", flow_run_id=parent["id"], task_key="t", dynamic_key="x")
+    assert (await broker.cmd("SetTaskRunState", id=other["id"], state={"type": "RUNNING"}))["ok"]
+    assert (await broker.cmd("SetTaskRunState", id=other["id"], state={
+        "type": "COMPLETED", "message": "other's", "state_details": {"cache_key": key}}))["ok"]
+    for n, cache_key in enumerate([key, unused]):
+        task = await broker.ok_cmd("CreateTaskRun", flow_run_id=parent["id"], task_key="child", dynamic_key=str(n))
+        child = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, parent_task_run_id=task["id"])
+        await set_state(broker, child["id"], "RUNNING")
+        done = await broker.cmd("SetFlowRunState", id=child["id"], state={
+            "type": "COMPLETED", "message": "the subflow's", "state_details": {"cache_key": cache_key}})
+        assert done["ok"], done
+        read = await broker.ok_qry("GetTaskRun", id=task["id"])
+        assert (read["state_type"], read["state"]["message"]) == ("COMPLETED", "the subflow's")
+    # The key in use still answers with `other`'s state; the unused one answers nothing.
+    probe = await broker.ok_cmd("CreateTaskRun", flow_run_id=parent["id"], task_key="probe", dynamic_key="0")
+    cached = await broker.cmd("SetTaskRunState", id=probe["id"], state={
+        "type": "RUNNING", "state_details": {"cache_key": key}})
+    assert cached["orchestration"]["status"] == "REJECT", cached
+    assert (cached["result"]["name"], cached["result"]["message"]) == ("Cached", "other's")
+    fresh = await broker.ok_cmd("CreateTaskRun", flow_run_id=parent["id"], task_key="probe", dynamic_key="1")
+    runs = await broker.cmd("SetTaskRunState", id=fresh["id"], state={
+        "type": "RUNNING", "state_details": {"cache_key": unused}})
+    assert (runs["orchestration"]["status"], runs["result"]["type"]) == ("ACCEPT", "RUNNING"), runs
+
+
 async def test_unknown_flow_pool_queue_or_run(broker):
     assert (await broker.cmd("CreateFlowRun", flow_id=str(uuid.uuid4())))["error"]["code"] == "not_found"
     flow_id = await a_flow(broker)

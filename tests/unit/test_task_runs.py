@@ -413,6 +413,28 @@ def test_or14_a_completed_state_with_a_key_over_2000_characters_is_written_but_r
     assert [e.aggregate_type for e in at_limit.events].count(tr.TASK_CACHE) == 1
 
 
+def test_or14_only_a_policy_with_cache_insertion_records_an_entry():
+    """Prefect's CacheInsertion is in its core and background policies, not in the minimal one
+    that decides forced, non-deferred proposals (a subflow's state copied onto its parent task
+    run, a run created in a state): those write the state and cache nothing."""
+    def entries(d) -> int:
+        return [e.aggregate_type for e in d.events].count(tr.TASK_CACHE)
+
+    keyed = StateDetails(cache_key="c")
+    running = then(a_run(state=StateCreate(type=T.PENDING)),
+                   propose(a_run(state=StateCreate(type=T.PENDING)), StateCreate(type=T.RUNNING)))
+    forced = propose(running, StateCreate(type=T.COMPLETED, state_details=keyed), force=True)
+    assert forced.result.type is T.COMPLETED and entries(forced) == 0
+    assert entries(propose(running, StateCreate(type=T.COMPLETED, state_details=keyed))) == 1
+    in_background = StateDetails(cache_key="c", deferred=True)
+    assert entries(propose(running, StateCreate(type=T.COMPLETED, state_details=in_background), force=True)) == 1
+    created = tr.decide_create_task_run(create(state=StateCreate(type=T.COMPLETED, state_details=keyed)),
+                                        None, None, None, None, ctx())
+    assert created.result.state_type is T.COMPLETED and entries(created) == 0
+    assert not rules.records_cache(StateCreate(type=T.COMPLETED, state_details=keyed), force=True)
+    assert rules.records_cache(StateCreate(type=T.COMPLETED, state_details=in_background), force=True)
+
+
 def test_tr4_the_core_policy_has_no_pending_guard_but_the_background_one_does():
     run = a_run(state=StateCreate(type=T.PENDING))
     assert propose(run, StateCreate(type=T.PENDING)).orchestration.status is Outcome.ACCEPT
