@@ -3,6 +3,8 @@ declare, which silently rewrites stream settings)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
@@ -46,7 +48,11 @@ async def ensure_event_stream(js: JetStreamContext, settings: Settings) -> None:
             or not current.allow_msg_ttl
             or current.duplicate_window != wanted.duplicate_window
         ):
-            info = await js.update_stream(wanted)
+            # Only what runledger needs changes: limits an operator set on the stream (a
+            # `max_bytes` alarm, its replicas edited by hand) stay as they are.
+            info = await js.update_stream(dataclasses.replace(
+                current, subjects=wanted.subjects, allow_direct=True, allow_atomic=True, allow_msg_ttl=True,
+                duplicate_window=wanted.duplicate_window))
     # A server that does not know atomic batches drops the flag silently: refuse it.
     if not getattr(info.config, "allow_atomic", False):
         raise BrokerUnavailable(

@@ -352,12 +352,14 @@ async def test_a_log_made_before_heartbeats_expired_is_given_message_ttls_keepin
     nc = await connect(settings)
     try:
         js = nc.jetstream()
-        await js.add_stream(dataclasses.replace(event_stream_config(settings), allow_msg_ttl=False))
+        await js.add_stream(dataclasses.replace(event_stream_config(settings), allow_msg_ttl=False,
+                                                max_bytes=512 * 1024 * 1024))  # an operator's limit
         store = EventStore(nc, settings)
         await store.append(store.build_messages([claim("kept")], {(wp.WORK_POOL_NAME, wp.name_aggregate_id("kept")): 0}))
         await ensure_event_stream(js, settings)
         info = await js.stream_info(settings.stream_name)
         assert info.config.allow_msg_ttl and info.config.deny_delete and info.state.messages == 1
+        assert info.config.max_bytes == 512 * 1024 * 1024  # the operator's limit is kept
     finally:
         await nc.close()
         await cleanup_namespace(settings)
