@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -40,6 +41,11 @@ class Broker:
         out = await self.qry(_name, **body)
         assert out["ok"], out
         return out["result"]
+
+    async def catch_up(self) -> None:
+        """Later queries read after everything the log holds now, the service's own writes too
+        (a background poll record, the clock's, the foreman's), not only this broker's."""
+        self.last_seq = (await self.ok_qry("GetServiceHealth"))["stream_last_seq"]
 
     async def stream_messages(self) -> int:
         """How many messages the event stream holds (events and idempotency records)."""
@@ -125,3 +131,27 @@ async def assert_live_equals_rebuild(service, settings, last_seq: int | None = N
         skipped = (await conn.execute(text("SELECT projection, seq, reason FROM skipped_events"))).all()
     assert skipped == []
     return sum(len(rows) for rows in live.values())
+
+
+@contextlib.asynccontextmanager
+async def foreman_clock(service, settings):
+    """`at(moment)`: a foreman whose clock, and the service's decisions, say `moment` (the
+    service's own clock is given back after)."""
+    from runledger.commands.messages import DecisionContext
+    from runledger.handlers.background import CommandSender
+    from runledger.handlers.foreman import Foreman
+    from runledger.infra.nats_connection import connect
+
+    real_clock = service.commands.clock
+    nc = await connect(settings)
+
+    def at(moment) -> Foreman:
+        service.commands.clock = lambda: DecisionContext(now=moment)
+        return Foreman(service.engine, CommandSender(nc, settings), clock=lambda: moment)
+
+    try:
+        yield at
+    finally:
+        service.commands.clock = real_clock
+        await nc.close()
+

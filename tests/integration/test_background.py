@@ -14,11 +14,9 @@ from datetime import UTC, datetime, timedelta
 from typer.testing import CliRunner
 
 from runledger.commands.deployment_polls import DEPLOYMENT_POLL, poll_id
-from runledger.commands.messages import DecisionContext
 from runledger.handlers.background import Clock, CommandSender, Scheduler
-from runledger.handlers.foreman import Foreman
 from runledger.infra.nats_connection import connect
-from tests.integration.broker import assert_live_equals_rebuild, cli_env
+from tests.integration.broker import assert_live_equals_rebuild, cli_env, foreman_clock
 
 
 async def _deployment(broker, name: str, flow_id: str, **fields) -> dict:
@@ -44,7 +42,7 @@ async def test_the_scheduler_schedules_active_deployments_once_whatever_runs_it(
     finally:
         await nc.close()
     # The schedulers' commands were not the broker's: wait for everything the log holds.
-    broker.last_seq = (await broker.ok_qry("GetServiceHealth"))["stream_last_seq"]
+    await broker.catch_up()
     runs = await broker.ok_qry("ListFlowRuns", flow_runs={"deployment_id": {"any_": [active["id"]]}})
     assert len(runs) == 3 and len({r["expected_start_time"] for r in runs}) == 3
 
@@ -67,12 +65,12 @@ async def test_the_clock_marks_late_runs_only(broker, service, settings):
     try:
         clock = Clock(service.engine, CommandSender(nc, settings))
         assert await clock.mark_late() == 1
-        broker.last_seq = (await broker.ok_qry("GetServiceHealth"))["stream_last_seq"]
+        await broker.catch_up()
         await broker.ok_qry("CountFlowRuns")
         assert await clock.mark_late() == 0  # already Late: nothing more
     finally:
         await nc.close()
-    broker.last_seq = (await broker.ok_qry("GetServiceHealth"))["stream_last_seq"]  # the clock's writes too
+    await broker.catch_up()  # the clock's writes too
     marked = await broker.ok_qry("GetFlowRun", id=late)
     assert (marked["state_type"], marked["state_name"]) == ("SCHEDULED", "Late")
     assert marked["state"]["state_details"]["scheduled_time"] == marked["next_scheduled_start_time"]
@@ -93,7 +91,7 @@ async def test_the_foreman_turns_a_ready_deployment_without_a_queue_not_ready(br
     await broker.ok_cmd("DeleteWorkQueue", work_pool_name="p", work_queue_name="q")
 
     async def statuses() -> list[tuple[str, str | None]]:
-        broker.last_seq = (await broker.ok_qry("GetServiceHealth"))["stream_last_seq"]
+        await broker.catch_up()
         return [(d["status"], d["last_polled"]) for d in [await broker.ok_qry("GetDeployment", id=i) for i in ids]]
 
     for _ in range(100):  # the poll is recorded in the background
@@ -103,21 +101,11 @@ async def test_the_foreman_turns_a_ready_deployment_without_a_queue_not_ready(br
         await asyncio.sleep(0.05)
     assert [status for status, _ in ready] == ["READY", "READY"], ready
     polled = datetime.fromisoformat(ready[0][1])
-    real_clock = service.commands.clock
-    nc = await connect(settings)
-    try:
-        def foreman_at(seconds: float) -> Foreman:
-            when = polled + timedelta(seconds=seconds)
-            service.commands.clock = lambda: DecisionContext(now=when)
-            return Foreman(service.engine, CommandSender(nc, settings), clock=lambda: when)
-
-        await foreman_at(30).deployments_not_ready()
+    async with foreman_clock(service, settings) as at:
+        await at(polled + timedelta(seconds=30)).deployments_not_ready()
         assert [status for status, _ in await statuses()] == ["READY", "READY"]
-        assert await foreman_at(61).deployments_not_ready() == 2
+        assert await at(polled + timedelta(seconds=61)).deployments_not_ready() == 2
         assert [status for status, _ in await statuses()] == ["NOT_READY", "NOT_READY"]
-    finally:
-        service.commands.clock = real_clock
-        await nc.close()
 
 
 async def test_the_foreman_marks_a_deployment_naming_a_deleted_queue_not_ready_once(broker, service, settings,
@@ -133,7 +121,7 @@ async def test_the_foreman_marks_a_deployment_naming_a_deleted_queue_not_ready_o
     await broker.ok_qry("GetScheduledFlowRunsForDeployments", deployment_ids=[d["id"]])
 
     async def deployment() -> dict:
-        broker.last_seq = (await broker.ok_qry("GetServiceHealth"))["stream_last_seq"]
+        await broker.catch_up()
         return await broker.ok_qry("GetDeployment", id=d["id"])
 
     for _ in range(100):  # the poll is recorded in the background
@@ -157,23 +145,13 @@ async def test_the_foreman_marks_a_deployment_naming_a_deleted_queue_not_ready_o
     monkeypatch.setitem(service.commands.specs, "UpdateDeployment", spec)
     stale = await deployment()
     assert (stale["status"], stale["work_queue_id"]) == ("READY", d["work_queue_id"])
-    real_clock = service.commands.clock
-    nc = await connect(settings)
-    try:
-        def foreman_at(seconds: float) -> Foreman:
-            when = polled + timedelta(seconds=seconds)
-            service.commands.clock = lambda: DecisionContext(now=when)
-            return Foreman(service.engine, CommandSender(nc, settings), clock=lambda: when)
-
-        assert await foreman_at(61).deployments_not_ready() == 1
+    async with foreman_clock(service, settings) as at:
+        assert await at(polled + timedelta(seconds=61)).deployments_not_ready() == 1
         marked = await deployment()
         assert (marked["status"], marked["work_queue_id"], marked["work_pool_name"], marked["work_queue_name"]) == (
             "NOT_READY", None, None, "q")
-        second = foreman_at(76)
+        second = at(polled + timedelta(seconds=76))
         assert (await second.run_pass()).deployments_checked == 0
-    finally:
-        service.commands.clock = real_clock
-        await nc.close()
     events = await broker.aggregate_events(DEPLOYMENT_POLL, poll_id([uuid.UUID(d["id"])]))
     assert [e["type"] for e in events].count("QueuelessDeploymentsNotReady") == 1
     await assert_live_equals_rebuild(service, settings)

@@ -206,7 +206,7 @@ async def test_cancel_new_cancels_a_run_that_falls_due_while_its_deployment_is_f
         await Clock(service.engine, CommandSender(nc, settings)).mark_late()
     finally:
         await nc.close()
-    broker.last_seq = (await broker.ok_qry("GetServiceHealth"))["stream_last_seq"]
+    await broker.catch_up()
     cancelled = await broker.ok_qry("GetFlowRun", id=due["id"])
     assert (cancelled["state_type"], cancelled["state"]["message"]) == ("CANCELLED",
                                                                         "Deployment concurrency limit reached.")

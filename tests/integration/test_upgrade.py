@@ -64,7 +64,7 @@ async def test_an_upgrade_rebuilds_runs_and_deployments_so_deleted_queues_are_cl
         nc = await connect(settings)
         try:
             b = Broker(nc, settings)
-            b.last_seq = (await b.ok_qry("GetServiceHealth"))["stream_last_seq"]
+            await b.catch_up()
             assert (await b.ok_qry("GetFlowRun", id=run["id"]))["work_queue_id"] is None
             upgraded = await b.ok_qry("GetDeployment", id=d["id"])
             assert (upgraded["work_queue_id"], upgraded["work_pool_name"], upgraded["work_queue_name"]) == (None, None, "q")

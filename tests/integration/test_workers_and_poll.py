@@ -12,10 +12,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from runledger.commands.messages import DecisionContext
 from runledger.handlers.background import CommandSender
 from runledger.handlers.foreman import Foreman
-from runledger.infra.nats_connection import connect
+
+from .broker import foreman_clock
 
 HOUR = timedelta(hours=1)
 
@@ -365,7 +365,7 @@ async def test_the_runner_poll_makes_its_deployments_ready_without_updating_them
 
     second = await _eventually(polled_again)
     assert second and second["status"] == "READY" and second["updated"] == before["updated"]
-    broker.last_seq = (await broker.ok_qry("GetServiceHealth"))["stream_last_seq"]
+    await broker.catch_up()
     polls = await broker.ok_qry("ReadEvents", event_type="DeploymentsPolled")
     assert [e["payload"]["deployment_ids"] for e in polls["events"]] == [[d["id"]], [d["id"]]]  # one per poll
     prefect = await broker.ok_qry("ReadEvents", vocabulary="prefect", prefect_event_prefix="prefect.deployment.ready")
@@ -471,12 +471,9 @@ async def test_the_foreman_turns_silent_workers_pools_deployments_and_queues_not
     assert await _eventually(lambda: _status(broker, "default")) == "READY"
     start = _t(silent["last_heartbeat_time"])
     real_clock = service.commands.clock
-    nc = await connect(settings)
-    try:
+    async with foreman_clock(service, settings) as foreman_at:
         def at(offset: float) -> Foreman:
-            when = start + timedelta(seconds=offset)
-            service.commands.clock = lambda: DecisionContext(now=when)
-            return Foreman(service.engine, CommandSender(nc, settings), clock=lambda: when)
+            return foreman_at(start + timedelta(seconds=offset))
 
         async def state() -> tuple:
             workers = {w["name"]: w["status"] for w in await broker.ok_qry("ListWorkers", work_pool_name="p")}
@@ -493,7 +490,7 @@ async def test_the_foreman_turns_silent_workers_pools_deployments_and_queues_not
         assert await state() == ready
         # A stale or wrong read changes nothing: the deciders check the log at their own time.
         service.commands.clock = real_clock
-        stale = Foreman(service.engine, CommandSender(nc, settings), clock=lambda: start + timedelta(seconds=500))
+        stale = Foreman(service.engine, CommandSender(broker.nc, settings), clock=lambda: start + timedelta(seconds=500))
         await stale.run_pass()
         await broker.ok_qry("CountWorkPools")
         assert await state() == ready
@@ -516,9 +513,6 @@ async def test_the_foreman_turns_silent_workers_pools_deployments_and_queues_not
         assert await state() == expected
         # The other pool never had a worker: NOT_READY from the start, never touched.
         assert (await broker.ok_qry("GetWorkPool", name="busy"))["status"] == "NOT_READY"
-    finally:
-        service.commands.clock = real_clock
-        await nc.close()
     # A heartbeat brings the pool back.
     await broker.ok_cmd("WorkerHeartbeat", work_pool_name="p", name="silent")
     assert (await broker.ok_qry("GetWorkPool", name="p"))["status"] == "READY"
