@@ -40,6 +40,12 @@ class Command(BaseModel):
         return set(self.model_fields_set) - {self.BUS_KEY_FIELD}
 
 
+# How long a routine record (a heartbeat, a poll) outlives the moment a newer word is due
+# without it (a worker offline, a queue not ready): the foreman, every 15 s, has written that
+# word (an event kept) well before.
+EXPIRY_MARGIN_SECONDS = 60
+
+
 class Event(BaseModel):
     """A fact. `event_type` names the subject suffix; `schema_version` drives upcasting."""
 
@@ -51,7 +57,7 @@ class Event(BaseModel):
 
     def expires_no_sooner_than(self) -> float | None:
         """None: the log keeps this event for ever (every event but routine ones). Else it may
-        expire from the log (`Settings.heartbeat_retention_seconds`), but not within this
+        expire from the log (`Settings.routine_retention_seconds`), but not within this
         many seconds: while it may still be its aggregate's latest word."""
         return None
 

@@ -28,6 +28,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
+from . import messages
 from .bounds import (
     INT32_MAX,
     JsonDocument,
@@ -39,7 +40,7 @@ from .bounds import (
     first_past_int32,
 )
 from .decisions import Decision, NewEvent
-from .events import register_event
+from .events import register_event, register_upcaster
 from .flows import Tag
 from .job_templates import (
     base_job_template_problem,
@@ -324,21 +325,50 @@ class WorkPoolWorkersChanged(_PoolEvent):
 @register_event
 class WorkQueuesPolled(_PoolEvent):
     """A worker polled these queues at `polled`: each gets `last_polled`, those in `ready`
-    (they were NOT_READY) become READY, and so do the deployments on any of them."""
+    (they were NOT_READY) become READY, and so do the deployments on any of them.
+
+    A `routine` poll (every queue it names was READY already, so only their `last_polled`
+    moves) expires from the log (`Settings.routine_retention_seconds`), but not before its
+    queues would be marked NOT_READY without a newer poll: by then a newer poll, or the
+    foreman's `WorkQueuesNotReady` (kept, with each queue's last poll), says what it said. A
+    worker polls every 10 s or so: ~8,600 events a day each, for ever, without this."""
 
     event_type: ClassVar[str] = "WorkQueuesPolled"
+    schema_version: ClassVar[int] = 2
     queue_ids: list[uuid.UUID]
     ready: list[uuid.UUID] = []
     polled: datetime
+    routine: bool = False
+
+    def expires_no_sooner_than(self) -> float | None:
+        if not self.routine:
+            return None
+        return NOT_READY_AFTER.total_seconds() + messages.EXPIRY_MARGIN_SECONDS
+
+
+@register_upcaster("WorkQueuesPolled", 1)
+def _work_queues_polled_v1(payload: dict[str, Any]) -> dict[str, Any]:
+    """v2 added `routine`; a v1 poll was kept for ever, which the default (False) means."""
+    return payload
 
 
 @register_event
 class WorkQueuesNotReady(_PoolEvent):
-    """READY queues not polled for more than 60 seconds became NOT_READY."""
+    """READY queues not polled for more than 60 seconds became NOT_READY; `last_polled` is each
+    one's last poll (absent before v2), which the routine polls that said it may outlive."""
 
     event_type: ClassVar[str] = "WorkQueuesNotReady"
+    schema_version: ClassVar[int] = 2
     queue_ids: list[uuid.UUID]
     checked: datetime
+    last_polled: dict[uuid.UUID, datetime] = {}
+
+
+@register_upcaster("WorkQueuesNotReady", 1)
+def _work_queues_not_ready_v1(payload: dict[str, Any]) -> dict[str, Any]:
+    """v2 added `last_polled`; a v1 event left the queues' last polls as they were, which the
+    empty default means."""
+    return payload
 
 
 @register_event
@@ -348,9 +378,19 @@ class WorkQueueDeploymentsNotReady(_PoolEvent):
     candidates, the read model keeps only those still READY and still on that queue."""
 
     event_type: ClassVar[str] = "WorkQueueDeploymentsNotReady"
+    schema_version: ClassVar[int] = 2
     work_queue_id: uuid.UUID
     deployment_ids: list[uuid.UUID]
     checked: datetime
+    # The queue's last poll (absent before v2): the deployments' `last_polled` is at least
+    # that, which the routine polls that said it may outlive.
+    queue_last_polled: datetime | None = None
+
+
+@register_upcaster("WorkQueueDeploymentsNotReady", 1)
+def _work_queue_deployments_not_ready_v1(payload: dict[str, Any]) -> dict[str, Any]:
+    """v2 added `queue_last_polled`; None (leave `last_polled` as it is) is what v1 meant."""
+    return payload
 
 
 class _NameEvent(Event):
@@ -555,11 +595,12 @@ def evolve(pool: WorkPool | None, event: Event) -> WorkPool | None:
                     queue_status = Status.READY if qid in ready else queues[qid].status
                     queues[qid] = replace(queues[qid], last_polled=when, status=queue_status)
             return replace(pool, queues=queues)
-        case WorkQueuesNotReady(queue_ids=ids):
+        case WorkQueuesNotReady(queue_ids=ids, last_polled=last_polled):
             queues = dict(pool.queues)
             for qid in ids:
                 if qid in queues:
-                    queues[qid] = replace(queues[qid], status=Status.NOT_READY)
+                    queues[qid] = replace(queues[qid], status=Status.NOT_READY,
+                                          last_polled=last_polled.get(qid, queues[qid].last_polled))
             return replace(pool, queues=queues)
     return pool
 
@@ -866,7 +907,8 @@ def decide_record_polls(cmd: RecordWorkQueuesPolled, pool: WorkPool | None, ctx:
     if not ids:
         return Decision(events=[], result=None)
     ready = [qid for qid in ids if pool.queues[qid].status == Status.NOT_READY]
-    event = WorkQueuesPolled(queue_ids=ids, ready=ready, polled=ctx.now)
+    routine = all(pool.queues[qid].status == Status.READY for qid in ids)
+    event = WorkQueuesPolled(queue_ids=ids, ready=ready, polled=ctx.now, routine=routine)
     return Decision(events=[NewEvent(str(pool.id), event)], result=None, after={str(pool.id): evolve(pool, event)})
 
 
@@ -896,7 +938,8 @@ def decide_mark_work_queues_not_ready(cmd: MarkWorkQueuesNotReady, pool: WorkPoo
            and q.last_polled is not None and _unpolled(q, ctx.now)]
     if not ids:
         return Decision(events=[], result=None)
-    event = WorkQueuesNotReady(queue_ids=ids, checked=ctx.now)
+    event = WorkQueuesNotReady(queue_ids=ids, checked=ctx.now,
+                               last_polled={qid: pool.queues[qid].last_polled for qid in ids})  # type: ignore[misc]
     return Decision(events=[NewEvent(str(pool.id), event)], result=None)
 
 
@@ -911,7 +954,8 @@ def decide_mark_deployments_not_ready(cmd: MarkDeploymentsNotReady, pool: WorkPo
     ids = list(dict.fromkeys(cmd.deployment_ids))
     if not ids or not _unpolled(queue, ctx.now):
         return Decision(events=[], result=None)
-    event = WorkQueueDeploymentsNotReady(work_queue_id=queue.id, deployment_ids=ids, checked=ctx.now)
+    event = WorkQueueDeploymentsNotReady(work_queue_id=queue.id, deployment_ids=ids, checked=ctx.now,
+                                         queue_last_polled=queue.last_polled)
     return Decision(events=[NewEvent(str(pool.id), event)], result=None)
 
 

@@ -30,6 +30,7 @@ from typing import Annotated, ClassVar
 
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
+from . import messages
 from . import work_pools as wp
 from .bounds import NonNegativeInt32, StoredText, UtcDatetime
 from .decisions import Decision, NewEvent
@@ -40,9 +41,6 @@ from .names import MAX_NAME_LENGTH
 WORKER = "worker"
 HEARTBEAT_FALLBACK_SECONDS = 30
 OFFLINE_MULTIPLIER = 3
-# How long a routine heartbeat outlives the moment its worker counts as offline: the foreman,
-# every 15 s, has marked it offline (an event kept) well before.
-EXPIRY_MARGIN_SECONDS = 60
 WORKER_ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "runledger:worker")
 WorkerName = Annotated[StoredText, StringConstraints(max_length=MAX_NAME_LENGTH)]
 
@@ -100,7 +98,7 @@ class WorkerHeartbeatRecorded(_WorkerEvent):
 class WorkerHeartbeatRenewed(_WorkerEvent):
     """A routine heartbeat: the worker was ONLINE already, with the same interval; only its
     heartbeat time moved. Each carries the whole worker, so only the latest matters to its
-    state: these expire from the log (`Settings.heartbeat_retention_seconds`), but not before
+    state: these expire from the log (`Settings.routine_retention_seconds`), but not before
     the worker would be marked offline without a newer one. A worker beating every 30 s
     would otherwise add ~2,900 events a day to the log, for ever."""
 
@@ -110,7 +108,7 @@ class WorkerHeartbeatRenewed(_WorkerEvent):
     def expires_no_sooner_than(self) -> float | None:
         # A while past the moment the worker counts as offline without a newer beat: by then a
         # newer beat or the foreman's `WorkerWentOffline` (kept) says what this one said.
-        return self.worker.offline_after().total_seconds() + EXPIRY_MARGIN_SECONDS
+        return self.worker.offline_after().total_seconds() + messages.EXPIRY_MARGIN_SECONDS
 
 
 @register_event

@@ -441,9 +441,10 @@ class CommandBus:
             kind = self.repo.kinds[atype]
             cached = self.repo.cached(atype, aid)
             ours = (chained or {}).get((atype, aid))
+            expiring = items[-1][1].expires_no_sooner_than() is not None
             if ours is not None:
                 if cached is not None and cached.seq is ours:  # nobody chained on since: now it is stored
-                    self.repo.remember(atype, aid, Loaded(cached.state, items[-1][0], cached.unsnapshotted))
+                    self.repo.remember(atype, aid, Loaded(cached.state, items[-1][0], cached.unsnapshotted, expiring))
                 continue
             loaded_at = unit.loaded.get((atype, aid), 0)
             if cached is not None and cached.seq == loaded_at:
@@ -458,7 +459,7 @@ class CommandBus:
             else:
                 for _, event in items:
                     state = kind.evolve(state, event)
-            self.repo.remember(atype, aid, Loaded(state, items[-1][0], folded + len(items)))
+            self.repo.remember(atype, aid, Loaded(state, items[-1][0], folded + len(items), expiring))
 
     async def _record_refusal(self, bus_key: str, name: str, fingerprint: str | None, refused: dict[str, Any]) -> None:
         """The decision was stored, but what had to follow it could not be done and was undone

@@ -52,6 +52,10 @@ class Loaded:
     seq: int
     # Events folded into `state` since the aggregate's last snapshot (or since its start).
     unsnapshotted: int = 0
+    # The event at `seq` is a routine one that expires from the log (a routine poll): no
+    # snapshot is anchored there, since an anchor that left the log looks like a log that was
+    # deleted and started again. The next kept event anchors it.
+    expiring: bool = False
 
 
 class AggregateRepository:
@@ -78,13 +82,14 @@ class AggregateRepository:
             loaded = Loaded(kind.initial(), 0) if last is None else Loaded(kind.evolve(kind.initial(), last.envelope.decode()), last.seq)
         else:
             base = cached or await self._from_snapshot(kind, aggregate_id) or Loaded(kind.initial(), 0)
-            state, seq, folded = base.state, base.seq, base.unsnapshotted
+            state, seq, folded, expiring = base.state, base.seq, base.unsnapshotted, base.expiring
             for stored in await self.store.read_aggregate(aggregate_type, aggregate_id, after_seq=seq):
                 # An unknown event (from a newer version) raises UnknownEvent: deciding on a
                 # state whose history we cannot read would be deciding blind.
-                state = kind.evolve(state, stored.envelope.decode())
-                seq, folded = stored.seq, folded + 1
-            loaded = Loaded(state, seq, folded)
+                event = stored.envelope.decode()
+                state = kind.evolve(state, event)
+                seq, folded, expiring = stored.seq, folded + 1, event.expires_no_sooner_than() is not None
+            loaded = Loaded(state, seq, folded, expiring)
         self.remember(aggregate_type, aggregate_id, loaded)
         return loaded
 
@@ -120,7 +125,7 @@ class AggregateRepository:
 
     def _snapshot_due(self, kind: AggregateKind, loaded: Loaded) -> bool:
         return (self.snapshots is not None and kind.snapshots is not None and loaded.state is not None
-                and loaded.unsnapshotted >= self.snapshot_every)
+                and loaded.unsnapshotted >= self.snapshot_every and not loaded.expiring)
 
     def _write_snapshot(self, kind: AggregateKind, aggregate_id: str, loaded: Loaded) -> None:
         """In the background: a command never waits for its aggregate's snapshot."""

@@ -435,7 +435,7 @@ class EventStore:
 
     def ttl_of(self, env: EventEnvelope | EncodedEvent) -> int | None:
         floor = env.expires_no_sooner_than if isinstance(env, EncodedEvent) else None
-        return message_ttl(floor, self.settings.heartbeat_retention_seconds)
+        return message_ttl(floor, self.settings.routine_retention_seconds)
 
     def submit(self, messages: list[OutgoingMessage]) -> _Waiting:
         """`append` without waiting: the queued append (`result`: the last message's sequence),

@@ -25,7 +25,7 @@ def event_stream_config(settings: Settings) -> StreamConfig:
         allow_direct=True,
         allow_atomic=True,
         deny_delete=True,
-        # Routine heartbeats expire (`Settings.heartbeat_retention_seconds`); nothing else does.
+        # Routine heartbeats and polls expire (`Settings.routine_retention_seconds`); nothing else does.
         allow_msg_ttl=True,
         duplicate_window=settings.event_duplicate_window_seconds,
         num_replicas=settings.stream_replicas,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, FilePath, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, FilePath, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .event_loop import EventLoop
@@ -67,10 +67,14 @@ class Settings(BaseSettings):
     stream_replicas: int = Field(default=1, ge=1, le=5)
     # A snapshot of an aggregate's state after this many events since its last one (0: never).
     snapshot_every: int = Field(default=1000, ge=0)
-    # How long the log keeps a routine heartbeat (a worker already online, only its time
-    # moved; at least until a newer word on the worker is sure to exist): 0 keeps every one
-    # for ever. The first beat, a changed interval and a return from OFFLINE are always kept.
-    heartbeat_retention_seconds: int = Field(default=86_400, ge=0, le=10 * 365 * 86_400)
+    # How long the log keeps a routine record: a heartbeat of a worker already online, a poll
+    # of queues already READY (only a time moved; kept at least until a newer word is sure to
+    # exist). 0 keeps every one for ever. What changes a status is always kept. Its first
+    # name, RUNLEDGER_HEARTBEAT_RETENTION_SECONDS, is still read.
+    routine_retention_seconds: int = Field(
+        default=86_400, ge=0, le=10 * 365 * 86_400,
+        validation_alias=AliasChoices("routine_retention_seconds", "RUNLEDGER_ROUTINE_RETENTION_SECONDS",
+                                      "RUNLEDGER_HEARTBEAT_RETENTION_SECONDS"))
 
     # Inboxes: this process's own (nats-py's `inbox_prefix`; each role gets its own prefix
     # under `_INBOX.` so one role cannot read another's replies), and the prefix every reply

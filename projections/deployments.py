@@ -54,6 +54,12 @@ _NOT_READY = text(
     "UPDATE deployments SET status = 'NOT_READY' WHERE id = ANY(:ids) AND work_queue_id = :queue_id"
     " AND status = 'READY' AND last_polled IS NOT NULL AND last_polled < :stale_before"
 ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True))))
+# The queue's last poll, which the routine polls that said it may outlive (they expire from the
+# log): a rebuild without them gets the deployments' `last_polled` from here.
+_QUEUE_LAST_POLLED = text(
+    "UPDATE deployments SET last_polled = :polled WHERE id = ANY(:ids) AND work_queue_id = :queue_id"
+    " AND (last_polled IS NULL OR last_polled < :polled)"
+).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True))))
 _POLLED = _POLLED.bindparams(bindparam("queue_ids", type_=ARRAY(UUID(as_uuid=True))))
 # WP-9: a deleted queue's deployments keep their `work_queue_name` text; the pool, read through
 # the queue, goes with it (the command side writes them so from then on: dp.without_deleted_queue).
@@ -107,6 +113,9 @@ class DeploymentsProjector:
                 await self._write(conn, last)
                 await conn.execute(_NOT_READY, {"ids": event.deployment_ids, "queue_id": event.work_queue_id,
                                                 "stale_before": event.checked - wp.NOT_READY_AFTER})
+                if event.queue_last_polled is not None:
+                    await conn.execute(_QUEUE_LAST_POLLED, {"ids": event.deployment_ids, "queue_id": event.work_queue_id,
+                                                            "polled": event.queue_last_polled})
             elif isinstance(event, wp.WorkPoolDeleted | wp.WorkQueueDeleted):
                 await self._write(conn, last)
                 gone = event.queue_ids if isinstance(event, wp.WorkPoolDeleted) else [event.queue_id]

@@ -111,10 +111,13 @@ class WorkPoolsProjector:
                             queues[qid] = {**row, "last_polled": polled,
                                            "status": wp.Status.READY.value if qid in ready else row["status"]}
                 case "WorkQueuesNotReady":
+                    last_polled = e.get("last_polled") or {}  # v2: what expired routine polls said
                     for qid in e["queue_ids"]:
                         row = queues.get(qid)
                         if isinstance(row, dict):
-                            queues[qid] = {**row, "status": wp.Status.NOT_READY.value}
+                            last = last_polled.get(qid)
+                            queues[qid] = {**row, "status": wp.Status.NOT_READY.value,
+                                           "last_polled": _ts(last) if last else row["last_polled"]}
         await _write(conn, work_pools, pools)
         await _write(conn, work_queues, queues)
 

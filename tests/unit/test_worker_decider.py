@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from runledger.commands import messages
 from runledger.commands import work_pools as wp
 from runledger.commands import workers as wk
 from runledger.commands.decisions import Decision
@@ -70,7 +71,7 @@ def test_only_a_beat_that_changes_nothing_but_the_time_may_expire_from_the_log()
     assert kinds(routine) == ["WorkerHeartbeatRenewed"] and w2.last_heartbeat_time == NOW + timedelta(seconds=10)
     # Kept at least until the worker, silent, would have been marked offline, and a margin more.
     renewed = routine.events[0].event
-    assert renewed.expires_no_sooner_than() == 30 + wk.EXPIRY_MARGIN_SECONDS
+    assert renewed.expires_no_sooner_than() == 30 + messages.EXPIRY_MARGIN_SECONDS
     assert encode_event("w", renewed, occurred=NOW, event_id=uuid.uuid4()).expires_no_sooner_than == 90
     assert first.events[0].event.expires_no_sooner_than() is None
     changed, p, w3 = beat(p, w2, NOW + timedelta(seconds=20), heartbeat_interval_seconds=30)
@@ -162,6 +163,26 @@ def test_a_poll_records_every_queue_and_readies_the_not_ready_ones():
     assert p.status is wp.Status.NOT_READY  # a poll never touches the pool's status
 
 
+def test_a_poll_is_routine_only_when_every_queue_it_names_was_ready():
+    """A routine poll moves nothing but `last_polled`, so it may expire from the log; one that
+    makes a queue READY, or names a PAUSED or NOT_READY one, is kept."""
+    p = pool()
+    q = p.default_queue_id
+    p, paused = wp.decide_create_work_queue(wp.CreateWorkQueue(work_pool_name="p", name="paused", is_paused=True),
+                                            p, ctx()).result
+
+    def poll(*ids):
+        return wp.decide_record_polls(wp.RecordWorkQueuesPolled(work_pool_name="p", work_queue_ids=list(ids)),
+                                      p, ctx()).events[0].event
+
+    first = poll(q)
+    assert (first.routine, first.expires_no_sooner_than()) == (False, None)
+    p = wp.evolve(p, first)
+    second = poll(q)
+    assert second.routine and second.expires_no_sooner_than() == 60 + messages.EXPIRY_MARGIN_SECONDS
+    assert not poll(q, paused.id).routine  # a paused queue's last poll has no foreman to keep it
+
+
 def test_the_foreman_rechecks_queues_and_deployments_against_the_log():
     p = pool()
     q = p.default_queue_id
@@ -173,8 +194,10 @@ def test_the_foreman_rechecks_queues_and_deployments_against_the_log():
     assert wp.decide_mark_deployments_not_ready(deployments, p, at_60).events == []
     at_61 = ctx(NOW + timedelta(seconds=61))
     d = wp.decide_mark_work_queues_not_ready(queues, p, at_61)
-    assert d.events[0].event == wp.WorkQueuesNotReady(queue_ids=[q], checked=at_61.now)
-    assert wp.decide_mark_deployments_not_ready(deployments, p, at_61).events[0].event.deployment_ids == [uuid.UUID(int=5)]
+    # Each queue's last poll goes with it: the routine polls that said it may leave the log.
+    assert d.events[0].event == wp.WorkQueuesNotReady(queue_ids=[q], checked=at_61.now, last_polled={q: NOW})
+    marked = wp.decide_mark_deployments_not_ready(deployments, p, at_61).events[0].event
+    assert (marked.deployment_ids, marked.queue_last_polled) == ([uuid.UUID(int=5)], NOW)
     p = wp.evolve(p, d.events[0].event)
     assert p.queues[q].status is wp.Status.NOT_READY
     assert wp.decide_mark_work_queues_not_ready(queues, p, at_61).events == []

@@ -1,0 +1,136 @@
+"""Routine heartbeats and polls expire from the log (`Settings.routine_retention_seconds`),
+against a real NATS server and Postgres: a worker beating every 30 s and polling every 10 s
+would otherwise add ~11,500 events a day to the log, for ever. What the state needs stays: a
+worker's first beat, a changed interval, a return from OFFLINE, a poll that makes a queue
+READY, and always the latest word (the foreman's NOT_READY carries the last poll), so a
+rebuild of the read models still equals the live ones."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+
+from runledger.commands import messages
+from runledger.commands import work_pools as wp
+from runledger.commands import workers as wk
+from runledger.handlers.service import Service
+from runledger.infra.nats_connection import connect
+
+from .broker import Broker, assert_live_equals_rebuild, drop_service_schema, foreman_clock
+
+
+async def _types(broker: Broker, worker_id: str) -> list[str]:
+    return [e["type"] for e in await broker.aggregate_events(wk.WORKER, worker_id)]
+
+
+async def test_routine_heartbeats_expire_and_the_worker_is_rebuilt_the_same(settings, monkeypatch):
+    # Retention 1 s: a beat every second is kept 4 s (the worker would be offline after 3 s
+    # without a newer one, and a margin more, made 1 s here from a minute), the floor the
+    # service never goes below.
+    monkeypatch.setattr(messages, "EXPIRY_MARGIN_SECONDS", 1)
+    changed = settings.model_copy(update={"routine_retention_seconds": 1})
+    service = Service(changed)
+    await service.start()
+    nc = await connect(changed)
+    try:
+        broker = Broker(nc, changed)
+        await broker.ok_cmd("CreateWorkPool", name="p", type="process")
+        beats = [await broker.ok_cmd("WorkerHeartbeat", work_pool_name="p", name="w", heartbeat_interval_seconds=1)
+                 for _ in range(4)]
+        worker_id = beats[0]["id"]
+        assert await _types(broker, worker_id) == ["WorkerHeartbeatRecorded"] + ["WorkerHeartbeatRenewed"] * 3
+        for _ in range(100):  # the server removes them once their 4 s are up
+            if "WorkerHeartbeatRenewed" not in await _types(broker, worker_id):
+                break
+            await asyncio.sleep(0.1)
+        kept = await _types(broker, worker_id)
+        # The first beat stays (and the foreman's OFFLINE, if it passed meanwhile).
+        assert kept[0] == "WorkerHeartbeatRecorded" and "WorkerHeartbeatRenewed" not in kept
+        last = await broker.ok_cmd("WorkerHeartbeat", work_pool_name="p", name="w", heartbeat_interval_seconds=1)
+        listed = await broker.ok_qry("ListWorkers", work_pool_name="p")
+        assert [(w["name"], w["status"], w["last_heartbeat_time"]) for w in listed] == [
+            ("w", "ONLINE", last["last_heartbeat_time"])]
+        await assert_live_equals_rebuild(service, changed)
+    finally:
+        await nc.close()
+        await service.stop()
+        await drop_service_schema(changed)
+
+
+async def test_a_routine_heartbeat_is_stored_with_the_retention_as_its_ttl(broker, settings):
+    assert settings.routine_retention_seconds == 86_400  # the default keeps a routine beat a day
+    beats = []
+    await broker.ok_cmd("CreateWorkPool", name="p", type="process")
+    for _ in range(3):
+        beats.append(await broker.ok_cmd("WorkerHeartbeat", work_pool_name="p", name="w"))
+    js = broker.nc.jetstream()
+    subject = f"{settings.event_subject_prefix}.{wk.WORKER}.{beats[0]['id']}.WorkerHeartbeatRenewed"
+    stored = await js.get_msg(settings.stream_name, subject=subject, direct=True, seq=1, next=True)
+    assert stored.headers is not None and stored.headers.get("Nats-TTL") == "86400"
+
+
+def _at(stamp: str | None) -> datetime | None:
+    return None if stamp is None else datetime.fromisoformat(stamp)
+
+
+async def _polls(broker: Broker, pool_id: str) -> list[bool]:
+    """The pool's polls the log holds, in order: whether each is a routine one."""
+    return [e["payload"]["routine"] for e in await broker.aggregate_events(wp.WORK_POOL, pool_id)
+            if e["type"] == "WorkQueuesPolled"]
+
+
+async def test_routine_polls_expire_and_the_foreman_keeps_the_last_poll(settings, monkeypatch):
+    # Retention 1 s, a queue not ready 1 s after its last poll and a margin of 1 s: a routine
+    # poll is kept 2 s.
+    monkeypatch.setattr(messages, "EXPIRY_MARGIN_SECONDS", 1)
+    monkeypatch.setattr(wp, "NOT_READY_AFTER", timedelta(seconds=1))
+    changed = settings.model_copy(update={"routine_retention_seconds": 1, "snapshot_every": 3})
+    service = Service(changed)
+    await service.start()
+    nc = await connect(changed)
+    try:
+        broker = Broker(nc, changed)
+        pool = await broker.ok_cmd("CreateWorkPool", name="p", type="process")
+        queue_id = pool["default_queue_id"]
+        flow_id = (await broker.ok_cmd("CreateFlow", name="etl"))["id"]
+        deployment = await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow_id, work_pool_name="p")
+        for _ in range(4):
+            await broker.ok_cmd("RecordWorkQueuesPolled", work_pool_name="p", work_queue_ids=[queue_id])
+        # The first made the queue READY and is kept; the others only moved its last poll.
+        assert await _polls(broker, pool["id"]) == [False, True, True, True]
+        await broker.catch_up()
+        queue = await broker.ok_qry("GetWorkQueue", work_pool_name="p", work_queue_name="default")
+        last_polled = datetime.fromisoformat(queue["last_polled"])
+        assert queue["status"] == "READY"
+        assert _at((await broker.ok_qry("GetDeployment", id=deployment["id"]))["last_polled"]) == last_polled
+        async with foreman_clock(service, changed) as at:
+            await at(last_polled + timedelta(seconds=5)).run_pass()
+        for _ in range(100):  # the server removes the routine polls once their 2 s are up
+            if await _polls(broker, pool["id"]) == [False]:
+                break
+            await asyncio.sleep(0.1)
+        assert await _polls(broker, pool["id"]) == [False]
+        await broker.catch_up()
+        queue = await broker.ok_qry("GetWorkQueue", work_pool_name="p", work_queue_name="default")
+        assert (queue["status"], _at(queue["last_polled"])) == ("NOT_READY", last_polled)
+        got = await broker.ok_qry("GetDeployment", id=deployment["id"])
+        assert (got["status"], _at(got["last_polled"])) == ("NOT_READY", last_polled)
+        # The pool's snapshot (one every 3 events here) rests on an event still in the log, not
+        # on a routine poll: one that left would make every cold load a full one.
+        found = await service.commands.repo.snapshots.get(wp.WORK_POOL, pool["id"])
+        assert found is not None and await service.store.holds(found[1], wp.WORK_POOL, pool["id"])
+        # A rebuild from what the log still holds gives the same read models.
+        await assert_live_equals_rebuild(service, changed)
+        # And the pool, loaded cold from its snapshot and the log, says the same.
+        fresh = Service(changed, roles=frozenset({"commands"}))
+        await fresh.start()
+        try:
+            loaded = await fresh.commands.repo.load(wp.WORK_POOL, pool["id"])
+            q = loaded.state.queues[wp.uuid.UUID(queue_id)]
+            assert (q.status, q.last_polled) == (wp.Status.NOT_READY, last_polled)
+        finally:
+            await fresh.stop()
+    finally:
+        await nc.close()
+        await service.stop()
+        await drop_service_schema(changed)
