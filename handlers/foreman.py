@@ -135,8 +135,8 @@ class Foreman:
 
     async def runs_of_lost_workers(self) -> int:
         """Runs still claimed by a worker that is OFFLINE in the read model, was just marked so
-        (the read model may not show it yet), or was deleted: each is crashed by its decider,
-        which checks the worker against the log again."""
+        (the read model may not show it yet), or was deleted, whether or not their queue still
+        exists: each is crashed by its decider, which checks the worker against the log again."""
         gone = or_(workers.c.id.is_(None), workers.c.status == wk.WorkerStatus.OFFLINE.value)
         if self._just_offline:
             pairs = [and_(work_pools.c.name == pool, flow_runs.c.worker_name == name)
@@ -150,6 +150,17 @@ class Foreman:
                 .where(flow_runs.c.worker_name.is_not(None),
                        flow_runs.c.state_type.in_(("PENDING", "RUNNING", "CANCELLING")), gone)
                 .limit(BATCH))
+        # A run whose queue (or pool) was deleted after its claim has no queue in the read model
+        # any more, but still holds its slots in the log: a candidate while no worker of that
+        # name is ONLINE in any pool (its decider finds its pool in the log and checks there).
+        online_namesake = select(workers.c.id).where(workers.c.name == flow_runs.c.worker_name,
+                                                     workers.c.status == wk.WorkerStatus.ONLINE.value)
+        just_offline = sorted({name for _, name in self._just_offline})
+        orphaned = (select(flow_runs.c.id, flow_runs.c.worker_name)
+                    .where(flow_runs.c.worker_name.is_not(None), flow_runs.c.work_queue_id.is_(None),
+                           flow_runs.c.state_type.in_(("PENDING", "RUNNING", "CANCELLING")),
+                           or_(~online_namesake.exists(), flow_runs.c.worker_name.in_(just_offline)))
+                    .limit(BATCH))
         crashed = 0
 
         async def one(row: Any) -> None:
@@ -158,7 +169,7 @@ class Foreman:
             if reply.get("ok") and (reply.get("result") or {}).get("type") == "CRASHED":
                 crashed += 1
 
-        await each_bounded(await self._rows(stmt), one)
+        await each_bounded([*await self._rows(stmt), *await self._rows(orphaned)], one)
         self.last.runs_crashed = crashed
         return crashed
 

@@ -544,3 +544,28 @@ async def test_the_client_methods(service, settings):
         await client.delete_worker("p", "w1")
         with pytest.raises(NotFound):
             await client.delete_worker("p", "w1")
+
+
+async def test_a_lost_worker_s_run_is_crashed_after_its_queue_was_deleted(broker, service, settings):
+    """Deleting a queue takes it off its runs in the read model, but a run it held still holds
+    its slots in the log: when its worker goes silent, the foreman still finds and crashes it,
+    so the pool's limit is not lost for good."""
+    await broker.ok_cmd("CreateWorkPool", name="p", type="process", concurrency_limit=1)
+    await broker.ok_cmd("CreateWorkQueue", work_pool_name="p", name="q")
+    flow_id = (await broker.ok_cmd("CreateFlow", name="etl"))["id"]
+    beat = await broker.ok_cmd("WorkerHeartbeat", work_pool_name="p", name="w", heartbeat_interval_seconds=1)
+    run = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, work_pool_name="p", work_queue_name="q",
+                              state={"type": "SCHEDULED"})
+    claimed = await broker.cmd("SetFlowRunState", id=run["id"], state={"type": "PENDING"}, worker_name="w")
+    assert claimed["orchestration"]["status"] == "ACCEPT"
+    await broker.ok_cmd("SetFlowRunState", id=run["id"], state={"type": "RUNNING"})
+    await broker.ok_cmd("DeleteWorkQueue", work_pool_name="p", work_queue_name="q")
+    await broker.catch_up()
+    assert (await broker.ok_qry("GetFlowRun", id=run["id"]))["work_queue_id"] is None
+    async with foreman_clock(service, settings) as at:
+        foreman = at(_t(beat["last_heartbeat_time"]) + timedelta(seconds=10))
+        await foreman.run_pass()
+    assert foreman.last.runs_crashed == 1
+    await broker.catch_up()
+    crashed = await broker.ok_qry("GetFlowRun", id=run["id"])
+    assert crashed["state_type"] == "CRASHED" and crashed["worker_name"] is None
