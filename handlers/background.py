@@ -4,10 +4,11 @@ standby. Each finds its candidates in a read model and acts through ordinary com
 deciders re-check everything against the log, so a stale read, a restart or two holders at once
 (a paused holder past its TTL) can never write anything twice:
 
-- the **scheduler** asks every deployment that is not paused and has an active schedule to
-  schedule its runs (`ScheduleDeploymentRuns`, now to now + 100 days, at least 3 runs and 1 h
-  ahead), every `scheduler_interval_seconds` (60); and, every `scheduler_recent_interval_seconds`
-  (5), the deployments updated since the last pass. A run's id is derived from its deployment,
+- the **scheduler** asks every deployment that is not paused and has an active schedule short
+  of runs (fewer than 3 future ones, or none an hour ahead) to schedule its runs
+  (`ScheduleDeploymentRuns`, now to now + 100 days, at least 3 runs and 1 h ahead), every
+  `scheduler_interval_seconds` (60); and, every `scheduler_recent_interval_seconds` (5), the
+  deployments updated since the last pass. A run's id is derived from its deployment,
   schedule and date, so a pass that repeats another appends nothing.
 - the **clock** marks `Late` the runs still `Scheduled` 15 s after their start time (FR-7), in
   batches of 400 every 5 s, through `MarkFlowRunLate` (the late-runs rules: a run that moved
@@ -27,9 +28,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from nats.aio.client import Client as NATS
-from sqlalchemy import select
+from sqlalchemy import and_, column, func, literal, or_, select
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from runledger.commands.schedules import SCHEDULE_DEFAULTS
 from runledger.infra.leases import Lease, stop_if_cancelled
 from runledger.infra.settings import Settings
 from runledger.projections.tables import deployments, flow_runs
@@ -72,6 +75,25 @@ async def each_bounded(items: list[Any], work: Callable[[Any], Awaitable[None]],
     await asyncio.gather(*(one(i) for i in items))
 
 
+def short_of_runs(now: datetime) -> Any:
+    """A deployment some active schedule of which has fewer than 3 future SCHEDULED runs that
+    it made, or none later than an hour from now: only those are asked to schedule on a full
+    pass, as Prefect's scheduler selects them. Asking every deployment every minute would send
+    a command for each whatever it needs (10,000 deployments: 10,000 commands a minute that
+    change nothing), and bring back within a minute a future run a user deleted, where
+    Prefect brings it back only when the schedule runs short."""
+    schedule = func.jsonb_array_elements(deployments.c.schedules).table_valued(column("value", JSONB)).alias("schedule")
+    of_schedule = and_(flow_runs.c.deployment_id == deployments.c.id, flow_runs.c.state_type == "SCHEDULED",
+                       flow_runs.c.auto_scheduled.is_(True), flow_runs.c.next_scheduled_start_time >= now,
+                       flow_runs.c.created_by["id"].astext == schedule.c.value["id"].astext)
+    count = select(func.count()).where(of_schedule).correlate(deployments).scalar_subquery()
+    latest = select(func.max(flow_runs.c.next_scheduled_start_time)).where(of_schedule).correlate(deployments).scalar_subquery()
+    return (select(literal(1)).select_from(schedule)
+            .where(schedule.c.value["active"].as_boolean().is_(True),
+                   or_(count < SCHEDULE_DEFAULTS.min_runs, latest < now + SCHEDULE_DEFAULTS.min_time))
+            .exists())
+
+
 @dataclass
 class Scheduler:
     engine: AsyncEngine
@@ -82,11 +104,15 @@ class Scheduler:
     passes: int = 0  # full passes made (for tests and status)
 
     async def schedulable(self, updated_since: datetime | None = None) -> list[str]:
-        """Deployments not paused with an active schedule (updated since, when given)."""
+        """Deployments not paused with an active schedule: those updated since `updated_since`
+        when given (the recent loop), else those with an active schedule short of runs
+        (`short_of_runs`)."""
         stmt = (select(deployments.c.id).where(deployments.c.paused.is_(False))
                 .where(deployments.c.schedules.contains([{"active": True}])).order_by(deployments.c.id))
         if updated_since is not None:
             stmt = stmt.where(deployments.c.updated >= updated_since)
+        else:
+            stmt = stmt.where(short_of_runs(self.clock()))
         async with self.engine.connect() as conn:
             return [str(r.id) for r in await conn.execute(stmt)]
 

@@ -38,13 +38,21 @@ async def test_the_scheduler_schedules_active_deployments_once_whatever_runs_it(
         assert await first.schedulable() == [active["id"]]
         made = await asyncio.gather(first.schedule([active["id"]]), second.schedule([active["id"]]))
         assert sum(made) == 3  # two schedulers at once: each date once (SC-1 defaults: 3 runs)
-        assert await Scheduler(service.engine, send).schedule(await first.schedulable()) == 0  # a restart: none
+        assert await Scheduler(service.engine, send).schedule([active["id"]]) == 0  # a restart: none
+        # The schedulers' commands were not the broker's: wait for everything the log holds.
+        await broker.catch_up()
+        runs = await broker.ok_qry("ListFlowRuns", flow_runs={"deployment_id": {"any_": [active["id"]]}})
+        assert len(runs) == 3 and len({r["expected_start_time"] for r in runs}) == 3
+        # A full pass asks only deployments short of runs: three ahead, the last 2 h ahead, is enough.
+        assert await first.schedulable() == []
+        # One fewer (deleted): short again, and the pass makes it again.
+        latest = max(runs, key=lambda r: r["expected_start_time"])
+        await broker.ok_cmd("DeleteFlowRun", id=latest["id"])
+        await broker.catch_up()
+        assert await first.schedulable() == [active["id"]]
+        assert await first.schedule(await first.schedulable()) == 1
     finally:
         await nc.close()
-    # The schedulers' commands were not the broker's: wait for everything the log holds.
-    await broker.catch_up()
-    runs = await broker.ok_qry("ListFlowRuns", flow_runs={"deployment_id": {"any_": [active["id"]]}})
-    assert len(runs) == 3 and len({r["expected_start_time"] for r in runs}) == 3
 
 
 async def test_the_clock_marks_late_runs_only(broker, service, settings):
