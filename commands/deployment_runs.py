@@ -91,7 +91,9 @@ class PlannedRun:
 def planned_runs(deployment: Deployment, cmd: ScheduleDeploymentRuns, now: datetime) -> list[PlannedRun]:
     """SC-1: for each active schedule, its dates from `start` (default now) to `end` (default
     start + 100 days), at most `max_runs`, stopping once both `min_runs` and `start + min_time`
-    are reached. At most `MAX_RUNS_PER_COMMAND` in all, earliest first."""
+    are reached; earliest first. All of them: the dates whose run exists are skipped before a
+    command's `MAX_RUNS_PER_COMMAND` are taken (`to_create`), so that a repeated backfill of
+    more dates than that goes on where the last one stopped."""
     start = cmd.start_time or now
     end = cmd.end_time or (start + SCHEDULE_DEFAULTS.max_time)
     min_time = timedelta(seconds=cmd.min_time) if cmd.min_time is not None else SCHEDULE_DEFAULTS.min_time
@@ -105,7 +107,13 @@ def planned_runs(deployment: Deployment, cmd: ScheduleDeploymentRuns, now: datet
                                       max_runs=max_runs):
             planned.append(PlannedRun(scheduled_run_id(deployment.id, s.id, date), s, date))
     planned.sort(key=lambda p: (p.date, str(p.run_id)))
-    return planned[:MAX_RUNS_PER_COMMAND]
+    return planned
+
+
+def to_create(planned: list[PlannedRun], existing: dict[uuid.UUID, fr.FlowRun | None]) -> list[PlannedRun]:
+    """The planned dates whose run does not exist (`existing`: the runs as read, None or absent
+    when there is none), earliest first, at most `MAX_RUNS_PER_COMMAND`."""
+    return [p for p in planned if existing.get(p.run_id) is None][:MAX_RUNS_PER_COMMAND]
 
 
 def scheduled_run(deployment: Deployment, planned: PlannedRun, ctx: DecisionContext) -> fr.FlowRun:
@@ -163,12 +171,13 @@ def _same_run_another_date(template: fr.FlowRun, deployment: Deployment, p: Plan
 def decide_schedule_runs(deployment: Deployment | None, planned: list[PlannedRun],
                          existing: dict[uuid.UUID, fr.FlowRun | None], ctx: DecisionContext,
                          indexed: IndexedRuns = IndexedRuns()) -> Decision:
-    """SC-3: the dates whose run exists are skipped; the result is the ids created. The new
+    """SC-3: the dates whose run exists are skipped, then at most `MAX_RUNS_PER_COMMAND` of the
+    others are made (`to_create`); the result is the ids created. The new
     runs join the deployment's index (a later upsert or pause finds them there), and the past
     ones of the index that have run or gone leave it (`indexed.runs`: those the caller read)."""
     if deployment is None:
         return Decision(events=[], result=[])
-    created = scheduled_runs(deployment, [p for p in planned if existing.get(p.run_id) is None], ctx)
+    created = scheduled_runs(deployment, to_create(planned, existing), ctx)
     events = [NewEvent(str(run.id), fr.FlowRunCreated(run=run)) for run in created]
     dates = {p.run_id: p for p in planned}
     if created:

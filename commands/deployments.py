@@ -13,7 +13,10 @@ pool are copied into it when the queue is chosen; reads take them from the queue
 
 The runs a deployment's schedules made are listed in an index of its own
 (`DEPLOYMENT_RUNS`), so that an upsert, an update, a pause or a delete deletes them in the
-same decision. The runs made on demand are not listed anywhere on the command side (that
+same decision. Every change of the deployment also notes its new `updated` in that index
+(`ScheduledRunIndex.revision`), in the same batch: the scheduler, which writes the runs and the
+index but not the deployment, thereby never makes runs from a deployment older than the one
+the index follows (`follows`), and a change landing while it decides fails its append. The runs made on demand are not listed anywhere on the command side (that
 would cost every run made a second write): a delete leaves them to the foreman's sweep,
 `decide_delete_run_of_deleted_deployment`.
 """
@@ -152,7 +155,8 @@ class Deployment(BaseModel):
         """The reply both sides give. SL-7: the limit is reported as the global limit
         `deployment:<id>` that holds it (with its `active_slots`, which the query side reads
         from the limits read model), and the deprecated `concurrency_limit` as null."""
-        body = self.model_dump(mode="json")
+        body = self.model_dump(mode="json", exclude={"schedules"})
+        body["schedules"] = [s.model_dump(mode="json") for s in newest_first(self.schedules)]
         limit = body.pop("concurrency_limit")
         body["concurrency_limit"] = None
         body["global_concurrency_limit"] = None if limit is None else {
@@ -160,6 +164,13 @@ class Deployment(BaseModel):
             "active_slots": active_slots, "slot_decay_per_second": 0.0,
         }
         return body
+
+
+def newest_first(schedules: list[DeploymentSchedule]) -> list[DeploymentSchedule]:
+    """Schedules in the order Prefect answers them (a deployment's, or its schedules read
+    alone): last updated first; those updated together keep their order. They are stored in
+    the order they were added."""
+    return sorted(schedules, key=lambda s: s.updated, reverse=True)
 
 
 def limit_id(deployment_id: uuid.UUID) -> uuid.UUID:
@@ -377,6 +388,9 @@ class ScheduledRunIndex(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     runs: dict[uuid.UUID, TrackedRun] = {}
+    # The `updated` of the deployment as its last change left it (its deletion's time once
+    # deleted); None while it is as created (or changed only before runledger noted changes).
+    revision: UtcDatetime | None = None
 
 
 class _IndexEvent(Event):
@@ -391,18 +405,46 @@ class DeploymentRunsScheduled(_IndexEvent):
 
 @register_event
 class DeploymentRunsForgotten(_IndexEvent):
+    """Runs that leave the index; written by a change of the deployment, it also carries the
+    deployment's new `updated` (`revision`), even when no run leaves, so that a scheduler that
+    read the deployment before the change cannot append its runs after it (see the module
+    docstring)."""
+
     event_type: ClassVar[str] = "DeploymentRunsForgotten"
+    # v2 added `revision`: a reader of v1 refuses it cleanly as newer, where it would fail on the
+    # unknown field (events forbid extra fields).
+    schema_version: ClassVar[int] = 2
     run_ids: list[uuid.UUID]
+    revision: datetime | None = None
+
+
+@register_upcaster("DeploymentRunsForgotten", 1)
+def _deployment_runs_forgotten_v1(payload: dict[str, Any]) -> dict[str, Any]:
+    """v2 only added `revision`, whose default (None: no change of the deployment noted) is
+    what a v1 event meant."""
+    return payload
 
 
 def evolve_index(index: ScheduledRunIndex, event: Event) -> ScheduledRunIndex:
     match event:
         case DeploymentRunsScheduled(runs=added):
             return ScheduledRunIndex(runs={**index.runs, **added})
-        case DeploymentRunsForgotten(run_ids=gone):
+        case DeploymentRunsForgotten(run_ids=gone, revision=revision):
             dropped = set(gone)
-            return ScheduledRunIndex(runs={k: v for k, v in index.runs.items() if k not in dropped})
+            return ScheduledRunIndex(runs={k: v for k, v in index.runs.items() if k not in dropped},
+                                     revision=revision if revision is not None else index.revision)
     return index
+
+
+def follows(index: ScheduledRunIndex, deployment: Deployment | None) -> bool:
+    """Whether `deployment` is the deployment as the index last noted it: the scheduler reads
+    the deployment again from the log when it is not (its copy may be older than a change
+    another instance made). An index that noted no change stands for the deployment as created
+    (`updated` equal to `created`), which a create does not note, to keep it one event less; a
+    deployment changed only before runledger noted changes is always read again."""
+    if deployment is None:
+        return False
+    return deployment.updated == (index.revision if index.revision is not None else deployment.created)
 
 
 @dataclass(frozen=True)
@@ -421,9 +463,11 @@ def deletable(run: FlowRun) -> bool:
 
 
 def delete_scheduled_runs(deployment_id: uuid.UUID, indexed: IndexedRuns, now: datetime, *,
-                          future_only: bool) -> list[NewEvent]:
+                          future_only: bool, revision: datetime | None = None) -> list[NewEvent]:
     """The deletions of DP-2(a) (`future_only`: next start after now), DP-9 and SC-7 (past ones
-    too); the runs that can no longer be deleted leave the index at the same time."""
+    too); the runs that can no longer be deleted leave the index at the same time. `revision`:
+    the deployment changed (its new `updated`), which the index notes even with no run to
+    delete (`revised`)."""
     events: list[NewEvent] = []
     forgotten: list[uuid.UUID] = []
     for run_id in indexed.index.runs:
@@ -437,9 +481,16 @@ def delete_scheduled_runs(deployment_id: uuid.UUID, indexed: IndexedRuns, now: d
             continue
         events.append(NewEvent(str(run_id), FlowRunDeleted(flow_run_id=run_id, flow_id=run.flow_id, deleted=now)))
         forgotten.append(run_id)
-    if forgotten:
-        events.append(NewEvent(index_id(deployment_id), DeploymentRunsForgotten(run_ids=forgotten)))
+    if forgotten or revision is not None:
+        events.append(NewEvent(index_id(deployment_id), DeploymentRunsForgotten(run_ids=forgotten,
+                                                                                revision=revision)))
     return events
+
+
+def revised(deployment_id: uuid.UUID, revision: datetime) -> NewEvent:
+    """A change of the deployment that deletes no run, noted in its index: the one event of the
+    index such a decision writes (the caller loaded the index, for its expected sequence)."""
+    return NewEvent(index_id(deployment_id), DeploymentRunsForgotten(run_ids=[], revision=revision))
 
 
 def forget_settled(deployment_id: uuid.UUID, indexed: IndexedRuns) -> list[NewEvent]:
@@ -526,8 +577,9 @@ def _slugs_unique(schedules: list[DeploymentSchedule]) -> None:
 
 def _new_schedules(given: list[ScheduleCreate] | list[ScheduleUpdate], deployment_id: uuid.UUID,
                    ctx: DecisionContext, *, keep_max_runs: bool) -> list[DeploymentSchedule]:
-    """Schedules made from a request. Quirk kept (Prefect re-creates an upsert's schedules
-    without it): `max_scheduled_runs` is dropped unless `keep_max_runs`."""
+    """Schedules made from a request. Quirk kept (Prefect re-creates an upsert's schedules, and
+    makes an update's new ones, without it): `max_scheduled_runs` is dropped unless
+    `keep_max_runs` (`CreateDeploymentSchedules`)."""
     made = []
     for s in given:
         if s.schedule is None:
@@ -544,16 +596,12 @@ def _new_schedules(given: list[ScheduleCreate] | list[ScheduleUpdate], deploymen
 
 def _patched(schedule: DeploymentSchedule, given: ScheduleUpdate | UpdateDeploymentSchedule,
              now: datetime) -> DeploymentSchedule:
+    """The schedule with the given fields. A null changes nothing, as Prefect patches a
+    schedule with the request's non-null fields only (`exclude_none`)."""
     fields = given.model_fields_set & {"schedule", "active", "max_scheduled_runs", "parameters", "slug"}
-    values: dict[str, Any] = {f: getattr(given, f) for f in fields}
-    if values.get("schedule") is not None:
+    values: dict[str, Any] = {f: getattr(given, f) for f in fields if getattr(given, f) is not None}
+    if "schedule" in values:
         values["schedule"] = with_anchor(values["schedule"], now)
-    if "active" in values and values["active"] is None:
-        del values["active"]
-    if "parameters" in values and values["parameters"] is None:
-        values["parameters"] = {}
-    if "schedule" in values and values["schedule"] is None:
-        del values["schedule"]
     return schedule.model_copy(update={**values, "updated": now})
 
 
@@ -589,8 +637,8 @@ def _updated_schedules(existing: list[DeploymentSchedule], given: list[ScheduleU
         at = next((i for i, e in enumerate(result) if e.slug == target), None)
         if at is not None:
             result[at] = _patched(result[at], s, ctx.now)
-        else:
-            result.extend(_new_schedules([s], deployment_id, ctx, keep_max_runs=True))
+        else:  # made as Prefect makes them, without `max_scheduled_runs`
+            result.extend(_new_schedules([s], deployment_id, ctx, keep_max_runs=False))
     return result
 
 
@@ -707,7 +755,8 @@ def decide_create_deployment(cmd: CreateDeployment, claim: UniqueKeyClaim, exist
             values.update(queue_fields)
         after = existing.model_validate({**existing.model_dump(), **values})
         made = _updated(existing, after)
-        deletions = delete_scheduled_runs(existing.id, indexed, ctx.now, future_only=True)
+        deletions = delete_scheduled_runs(existing.id, indexed, ctx.now, future_only=True,
+                                          revision=after.updated if made.events else None)
         limits = (limit_events(existing.id, cmd.concurrency_limit, limit, ctx)
                   if "concurrency_limit" in cmd.explicitly_set() else [])
         return Decision(events=queue_events + made.events + deletions + limits, result=after, created=False,
@@ -769,7 +818,8 @@ def decide_update_deployment(cmd: UpdateDeployment, deployment: Deployment | Non
         _slugs_unique(values["schedules"])
     after = deployment.model_validate({**deployment.model_dump(), **values, "updated": ctx.now})
     made = _updated(deployment, after)
-    deletions = delete_scheduled_runs(deployment.id, indexed, ctx.now, future_only=True)
+    deletions = delete_scheduled_runs(deployment.id, indexed, ctx.now, future_only=True,
+                                      revision=after.updated if made.events else None)
     limits = limit_events(deployment.id, cmd.concurrency_limit, limit, ctx) if "concurrency_limit" in given else []
     return Decision(events=queue_events + made.events + deletions + limits, result=after, created=False,
                     after=made.after)
@@ -787,7 +837,7 @@ def decide_delete_deployment(cmd: DeleteDeployment, deployment: Deployment | Non
                 if claim is not None and claim.owner_id == deployment.id else [])
     deleted = DeploymentDeleted(deployment_id=deployment.id, flow_id=deployment.flow_id, name=deployment.name,
                                 deleted=ctx.now)
-    deletions = delete_scheduled_runs(deployment.id, indexed, ctx.now, future_only=False)
+    deletions = delete_scheduled_runs(deployment.id, indexed, ctx.now, future_only=False, revision=ctx.now)
     limits = limit_events(deployment.id, None, limit, ctx)
     return Decision(events=[*releases, *deletions, *limits, NewEvent(str(deployment.id), deleted)], result=None)
 
@@ -818,16 +868,19 @@ def decide_set_paused(deployment_id: uuid.UUID, paused: bool, deployment: Deploy
                       ctx: DecisionContext, indexed: IndexedRuns = IndexedRuns()) -> Decision:
     """DP-9 and DP-10: idempotent; the schedules' `active` flags stay as they are. A pause
     deletes the runs the schedules made that never ran, past ones (Late) too; a resume makes
-    none (the scheduler does)."""
+    none (the scheduler does). A change is noted in the index (`indexed.index` loaded for it,
+    its runs only for a pause)."""
     if deployment is None:
         raise deployment_not_found(deployment_id)
-    deletions = delete_scheduled_runs(deployment.id, indexed, ctx.now, future_only=False) if paused else []
     if deployment.paused == paused:
+        deletions = delete_scheduled_runs(deployment.id, indexed, ctx.now, future_only=False) if paused else []
         return Decision(events=deletions, result=None)
     after = deployment.model_copy(update={"paused": paused, "updated": ctx.now})
+    index_events = (delete_scheduled_runs(deployment.id, indexed, ctx.now, future_only=False, revision=after.updated)
+                    if paused else [revised(deployment.id, after.updated)])
     return Decision(events=[NewEvent(str(after.id), DeploymentUpdated(deployment=after, changed=["paused"],
                                                                       by_pause_or_resume=True)),
-                            *deletions], result=None, after={str(after.id): after})
+                            *index_events], result=None, after={str(after.id): after})
 
 
 def decide_create_schedules(cmd: CreateDeploymentSchedules, deployment: Deployment | None,
@@ -841,7 +894,8 @@ def decide_create_schedules(cmd: CreateDeploymentSchedules, deployment: Deployme
         raise invalid(f"a deployment has at most {MAX_SCHEDULES} schedules", field="schedules")
     _slugs_unique(schedules)
     after = deployment.model_copy(update={"schedules": schedules, "updated": ctx.now})
-    return Decision(events=[NewEvent(str(after.id), DeploymentUpdated(deployment=after, changed=["schedules"]))],
+    return Decision(events=[NewEvent(str(after.id), DeploymentUpdated(deployment=after, changed=["schedules"])),
+                            revised(deployment.id, after.updated)],
                     result=made, created=True, after={str(after.id): after})
 
 
@@ -863,7 +917,8 @@ def decide_update_schedule(cmd: UpdateDeploymentSchedule, deployment: Deployment
     _slugs_unique(schedules)
     after = deployment.model_copy(update={"schedules": schedules, "updated": ctx.now})
     made = _updated(deployment, after)
-    deletions = delete_scheduled_runs(deployment.id, indexed, ctx.now, future_only=True)
+    deletions = delete_scheduled_runs(deployment.id, indexed, ctx.now, future_only=True,
+                                      revision=after.updated if made.events else None)
     return Decision(events=made.events + deletions, result=None, after=made.after)
 
 
@@ -876,6 +931,6 @@ def decide_delete_schedule(cmd: DeleteDeploymentSchedule, deployment: Deployment
     at = _schedule_at(deployment, cmd.schedule_id)
     schedules = [s for i, s in enumerate(deployment.schedules) if i != at]
     after = deployment.model_copy(update={"schedules": schedules, "updated": ctx.now})
-    deletions = delete_scheduled_runs(deployment.id, indexed, ctx.now, future_only=False)
+    deletions = delete_scheduled_runs(deployment.id, indexed, ctx.now, future_only=False, revision=after.updated)
     return Decision(events=[NewEvent(str(after.id), DeploymentUpdated(deployment=after, changed=["schedules"])),
                             *deletions], result=None, after={str(after.id): after})

@@ -30,14 +30,15 @@ from runledger.commands.states import StateCreate, StateType
 from runledger.infra.aggregates import AggregateKind, SnapshotCodec
 
 from .command_bus import AggregateKey, CommandSpec, Unit
-from .flow_run_commands import initial_slots, onto_parent_task, parent_task
+from .flow_run_commands import initial_slots, key_holder, onto_parent_task, parent_task
 from .task_run_commands import load_task_run
 from .work_pool_commands import pool_by_name
 
 # Every event of a deployment carries the whole deployment: its last event is its state.
-# The index of a deployment's scheduled runs is a fold of small events, snapshotted when long.
+# The index of a deployment's scheduled runs is a fold of small events, snapshotted when long
+# (version 2: the index holds the deployment's `revision`).
 _INDEX = TypeAdapter(dp.ScheduledRunIndex)
-INDEX_SNAPSHOTS = SnapshotCodec(version=1, dump=lambda index: _INDEX.dump_python(index, mode="json"),
+INDEX_SNAPSHOTS = SnapshotCodec(version=2, dump=lambda index: _INDEX.dump_python(index, mode="json"),
                                 load=_INDEX.validate_python)
 AGGREGATE_KINDS = [
     AggregateKind(dp.DEPLOYMENT, lambda: None, dp.evolve, last_event_only=True),
@@ -45,10 +46,11 @@ AGGREGATE_KINDS = [
 ]
 
 
-async def _deployment(unit: Unit, deployment_id: uuid.UUID) -> dp.Deployment | None:
+async def _deployment(unit: Unit, deployment_id: uuid.UUID, *, fresh: bool = False) -> dp.Deployment | None:
     """The deployment as its commands see it: without a queue deleted since (WP-9), which the
-    pool it names, loaded by name, tells (`dp.without_deleted_queue`)."""
-    deployment = await unit.load(dp.DEPLOYMENT, str(deployment_id))
+    pool it names, loaded by name, tells (`dp.without_deleted_queue`). `fresh`: read from the
+    log whatever this instance's cache holds."""
+    deployment = await unit.load(dp.DEPLOYMENT, str(deployment_id), fresh=fresh)
     if deployment is None or deployment.work_queue_id is None:
         return deployment
     pool = await pool_by_name(unit, deployment.work_pool_name) if deployment.work_pool_name is not None else None
@@ -121,12 +123,23 @@ async def pause_deployment(unit: Unit, cmd: dp.PauseDeployment, ctx: DecisionCon
     return dp.decide_set_paused(cmd.id, True, deployment, ctx, indexed)
 
 
+async def _index(unit: Unit, deployment_id: uuid.UUID) -> dp.IndexedRuns:
+    """The deployment's index alone, without its runs: a change that deletes none still notes
+    itself there (`dp.revised`), appended with the index's expected sequence."""
+    return dp.IndexedRuns(index=await unit.load(dp.DEPLOYMENT_RUNS, dp.index_id(deployment_id)))
+
+
 async def resume_deployment(unit: Unit, cmd: dp.ResumeDeployment, ctx: DecisionContext) -> Decision:
-    return dp.decide_set_paused(cmd.id, False, await _deployment(unit, cmd.id), ctx)
+    deployment = await _deployment(unit, cmd.id)
+    indexed = await _index(unit, cmd.id) if deployment is not None else dp.IndexedRuns()
+    return dp.decide_set_paused(cmd.id, False, deployment, ctx, indexed)
 
 
 async def create_schedules(unit: Unit, cmd: dp.CreateDeploymentSchedules, ctx: DecisionContext) -> Decision:
-    return dp.decide_create_schedules(cmd, await _deployment(unit, cmd.deployment_id), ctx)
+    deployment = await _deployment(unit, cmd.deployment_id)
+    if deployment is not None:
+        await _index(unit, cmd.deployment_id)  # for its expected sequence: the decision notes itself there
+    return dp.decide_create_schedules(cmd, deployment, ctx)
 
 
 async def update_schedule(unit: Unit, cmd: dp.UpdateDeploymentSchedule, ctx: DecisionContext) -> Decision:
@@ -146,16 +159,28 @@ async def schedule_runs(unit: Unit, cmd: sc.ScheduleDeploymentRuns, ctx: Decisio
     holds (scheduled before) are read at once, one direct get each, side by side; a date the
     index does not hold is presumed new, without a read (`Unit.load`): its run's append checks
     that the run does not exist, and when it does (a run that left the index because it ran
-    early, or was deleted), the command is decided again on the log."""
+    early, or was deleted), the command is decided again on the log.
+
+    The index is read first, then the deployment: a copy of the deployment other than the one
+    the index last noted (this instance's cache, older than a change another instance made) is
+    read again from the log (`dp.follows`). The runs are appended with the index's expected
+    sequence, so a change of the deployment landing meanwhile (it notes itself in the index)
+    sends the command back to be decided on the log."""
+    index = await unit.load(dp.DEPLOYMENT_RUNS, dp.index_id(cmd.deployment_id))
     deployment = await _deployment(unit, cmd.deployment_id)
+    if not dp.follows(index, deployment):
+        deployment = await _deployment(unit, cmd.deployment_id, fresh=True)
     planned = sc.planned_runs(deployment, cmd, ctx.now) if deployment is not None else []
-    index = await unit.load(dp.DEPLOYMENT_RUNS, dp.index_id(cmd.deployment_id)) if planned else None
-    indexed_ids = [p.run_id for p in planned if index is not None and p.run_id in index.runs]
+    indexed_ids = [p.run_id for p in planned if p.run_id in index.runs]
     runs = await asyncio.gather(*(unit.load(fr.FLOW_RUN, str(i)) for i in indexed_ids))
     existing = dict(zip(indexed_ids, runs, strict=True))
+    new = 0
     for p in planned:  # presumed new: no read, so no task of its own either
         if p.run_id not in existing:
             existing[p.run_id] = await unit.load(fr.FLOW_RUN, str(p.run_id), presumed_new=True)
+        new += existing[p.run_id] is None
+        if new == sc.MAX_RUNS_PER_COMMAND:  # the decider makes no more (`sc.to_create`)
+            break
     indexed = (await _indexed(unit, cmd.deployment_id, lambda index: sc.past_runs(index, ctx.now))
                if deployment is not None else dp.IndexedRuns())
     return sc.decide_schedule_runs(deployment, planned, existing, ctx, indexed)
@@ -184,9 +209,7 @@ async def _run_inputs(unit: Unit, deployment: dp.Deployment,
     keys = sorted({item.idempotency_key for item in items if item.idempotency_key is not None})
     claims = {}
     for key in keys:
-        claim = await unit.load(uk.UNIQUE_KEY, fr.key_of(deployment.flow_id, key))
-        holder = await unit.load(fr.FLOW_RUN, str(claim.owner_id)) if claim.owner_id is not None else None
-        claims[key] = (claim, holder)
+        claims[key] = await key_holder(unit, deployment.flow_id, key)
     return sc.RunInputs(pool=pool, variables=variables, claims=claims)
 
 

@@ -227,7 +227,8 @@ async def list_deployment_schedules(conn: AsyncConnection, query: q.ListDeployme
     row = (await conn.execute(select(deployments.c.schedules).where(deployments.c.id == query.deployment_id))).first()
     if row is None:
         raise dp.deployment_not_found(query.deployment_id)
-    return list(row.schedules)
+    schedules = [dp.DeploymentSchedule.model_validate(s) for s in row.schedules]
+    return [s.model_dump(mode="json") for s in dp.newest_first(schedules)]
 
 
 async def get_scheduled_flow_runs_for_deployments(conn: AsyncConnection,

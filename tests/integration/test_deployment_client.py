@@ -64,7 +64,7 @@ async def test_each_deployment_method_against_the_service(service, settings):
         assert isinstance(added[0], DeploymentSchedule) and added[0].max_scheduled_runs == 5
         await rl.update_deployment_schedule(made.id, added[0].id, active=False)
         schedules = await rl.read_deployment_schedules(made.id)
-        assert [(s.slug, s.active) for s in schedules] == [("hourly", True), (None, False)]
+        assert [(s.slug, s.active) for s in schedules] == [(None, False), ("hourly", True)]  # last updated first
         await rl.delete_deployment_schedule(made.id, added[0].id)
         assert [s.slug for s in await rl.read_deployment_schedules(made.id)] == ["hourly"]
 

@@ -149,7 +149,7 @@ async def test_updates_patch_schedules_by_slug_pause_resume_and_delete(broker):
     await broker.ok_cmd("UpdateDeploymentSchedule", deployment_id=d["id"], schedule_id=created[0]["id"], active=False)
     await broker.ok_cmd("DeleteDeploymentSchedule", deployment_id=d["id"], schedule_id=morning["id"])
     left = await broker.ok_qry("ListDeploymentSchedules", deployment_id=d["id"])
-    assert [(s["slug"], s["active"]) for s in left] == [("mondays", True), (None, False)]
+    assert [(s["slug"], s["active"]) for s in left] == [(None, False), ("mondays", True)]  # last updated first
     unknown = await broker.cmd("DeleteDeploymentSchedule", deployment_id=d["id"], schedule_id=str(uuid.uuid4()))
     assert unknown["error"] == {"code": "not_found", "message": "Schedule not found."}
 
@@ -674,3 +674,105 @@ async def test_a_deployments_limit_is_the_global_limit_named_after_it(broker):
     await broker.ok_cmd("UpdateDeployment", id=d["id"], concurrency_limit=2)
     await broker.ok_cmd("DeleteDeployment", id=d["id"])  # goes with the deployment
     assert (await broker.qry("GetConcurrencyLimitByName", name=name))["error"]["code"] == "not_found"
+
+
+async def _runs_of(broker, deployment_id: str) -> list[dict]:
+    await broker.catch_up()
+    return await broker.ok_qry("ListFlowRuns", flow_runs={"deployment_id": {"any_": [deployment_id]}},
+                               sort="EXPECTED_START_TIME_ASC")
+
+
+async def _on(instance, command: str, **body) -> dict:
+    reply = await instance.commands.execute(command, json.dumps(body).encode())
+    assert reply["ok"], reply
+    return reply
+
+
+@pytest.mark.parametrize("cached_by", ["PauseDeployment", "CreateFlowRunFromDeployment"])
+async def test_a_redeploy_on_one_instance_is_followed_by_the_scheduler_on_another(broker, service,
+                                                                                 second_instance, cached_by):
+    """A second instance holds the deployment as it was (it handled a command on it), the first
+    redeploys it (unpaused, new parameters, a new schedule id, no run to delete): the
+    scheduler's command on the second instance, then on the first, makes each date once, from
+    the redeployed deployment. Either way the second instance cached it: with its index (a
+    pause), or alone (a run made on demand, which must not touch the index)."""
+    flow_id = await a_flow(broker)
+    cron = [{"schedule": {"cron": "0 * * * *"}}]
+    d = await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow_id, paused=True, schedules=cron,
+                            parameters={"v": 1})
+    if cached_by == "PauseDeployment":
+        await _on(second_instance, "PauseDeployment", id=d["id"])  # a no-op: nothing written
+    else:
+        made = await _on(second_instance, "CreateFlowRunFromDeployment", deployment_id=d["id"])
+        await broker.ok_cmd("DeleteFlowRun", id=made["result"]["id"])
+    redeployed = await _on(service, "CreateDeployment", name="d", flow_id=flow_id, paused=False, schedules=cron,
+                           parameters={"v": 2})
+    assert redeployed["created"] is False
+    new_schedule = redeployed["result"]["schedules"][0]["id"]
+    stale = await _on(second_instance, "ScheduleDeploymentRuns", deployment_id=d["id"])
+    fresh = await _on(service, "ScheduleDeploymentRuns", deployment_id=d["id"])
+    broker.last_seq = max(r["seq"] for r in (stale, fresh) if r["seq"] is not None)
+    runs = await _runs_of(broker, d["id"])
+    dates = [r["expected_start_time"] for r in runs]
+    assert len(runs) == 3 and len(set(dates)) == 3, [(r["expected_start_time"], r["created_by"]) for r in runs]
+    assert all(r["created_by"]["id"] == new_schedule and r["parameters"] == {"v": 2} for r in runs)
+
+
+async def test_a_backfill_of_more_dates_than_one_command_makes_goes_on_where_it_stopped(broker):
+    """One command makes at most 500 runs: an identical second command makes the rest, the
+    dates that already have a run being skipped before the 500 are counted."""
+    flow_id = await a_flow(broker)
+    d = await broker.ok_cmd("CreateDeployment", name="m", flow_id=flow_id,
+                            schedules=[{"schedule": {"interval": 60, "anchor_date": "2020-01-01T00:00:00Z"}}])
+    end = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(seconds=30)
+    body = dict(deployment_id=d["id"], start_time=(end - timedelta(minutes=800)).isoformat(),
+                end_time=end.isoformat(), min_runs=1000, max_runs=1000)
+    first = (await broker.ok_cmd("ScheduleDeploymentRuns", **body))["flow_run_ids"]
+    second = (await broker.ok_cmd("ScheduleDeploymentRuns", **body))["flow_run_ids"]
+    third = (await broker.ok_cmd("ScheduleDeploymentRuns", **body))["flow_run_ids"]
+    assert (len(first), len(second), third) == (500, 300, [])
+    assert len(set(first) | set(second)) == 800
+
+
+async def test_nulls_in_a_schedule_update_change_nothing(broker):
+    """Prefect's schedule PATCH applies the non-null fields only: by id, and by slug in an
+    update of the deployment."""
+    flow_id = await a_flow(broker)
+    d = await broker.ok_cmd("CreateDeployment", name="p", flow_id=flow_id, schedules=[])
+    (s,) = await broker.ok_cmd("CreateDeploymentSchedules", deployment_id=d["id"], schedules=[
+        {"schedule": {"interval": 600}, "slug": "s1", "max_scheduled_runs": 5, "parameters": {"a": 1}}])
+    await broker.ok_cmd("UpdateDeploymentSchedule", deployment_id=d["id"], schedule_id=s["id"], slug=None,
+                        max_scheduled_runs=None, parameters=None, active=None, schedule=None)
+    await broker.ok_cmd("UpdateDeployment", id=d["id"], schedules=[{"slug": "s1", "max_scheduled_runs": None,
+                                                                    "parameters": None}])
+    (after,) = await broker.ok_qry("ListDeploymentSchedules", deployment_id=d["id"])
+    assert (after["id"], after["slug"], after["max_scheduled_runs"], after["parameters"]) == (s["id"], "s1", 5,
+                                                                                           {"a": 1})
+
+
+async def test_a_schedule_added_by_slug_drops_max_scheduled_runs_and_schedules_read_last_updated_first(broker):
+    """A schedule an update adds by slug is made as Prefect makes it (without
+    `max_scheduled_runs`); a deployment's schedules, and its schedules read alone, come last
+    updated first."""
+    flow_id = await a_flow(broker)
+    d = await broker.ok_cmd("CreateDeployment", name="s", flow_id=flow_id,
+                            schedules=[{"schedule": {"interval": 600}, "slug": "a"}])
+    await broker.ok_cmd("CreateDeploymentSchedules", deployment_id=d["id"],
+                        schedules=[{"schedule": {"interval": 700}, "slug": "b"}])
+    assert [x["slug"] for x in await broker.ok_qry("ListDeploymentSchedules", deployment_id=d["id"])] == ["b", "a"]
+    after = await broker.ok_cmd("UpdateDeployment", id=d["id"], schedules=[
+        {"slug": "a", "active": False}, {"slug": "b"},
+        {"slug": "c", "schedule": {"interval": 900}, "max_scheduled_runs": 7}])
+    # `a`, `b` and `c` are updated (or made) together, in the request's order
+    assert [(x["slug"], x["max_scheduled_runs"]) for x in after["schedules"]] == [("a", None), ("b", None),
+                                                                                  ("c", None)]
+    a = after["schedules"][0]["id"]
+    await broker.ok_cmd("UpdateDeploymentSchedule", deployment_id=d["id"], schedule_id=a, active=True)
+    read = await broker.ok_qry("GetDeployment", id=d["id"])
+    assert [x["slug"] for x in read["schedules"]] == ["a", "b", "c"]
+    await broker.ok_cmd("UpdateDeploymentSchedule", deployment_id=d["id"], schedule_id=after["schedules"][2]["id"],
+                        active=False)
+    read = await broker.ok_qry("GetDeployment", id=d["id"])
+    assert [x["slug"] for x in read["schedules"]] == ["c", "a", "b"]
+    listed = await broker.ok_qry("ListDeploymentSchedules", deployment_id=d["id"])
+    assert [x["slug"] for x in listed] == ["c", "a", "b"]

@@ -102,9 +102,10 @@ def test_a_second_create_of_the_pair_updates_in_place_keeps_the_id_and_replaces_
     assert d.paused is True and d.description == "one" and d.tags == ["a"]  # absent fields kept
     assert d.schedules == []  # DP-2(b): omitted schedules leave none
     assert d.created == first.created and d.updated == later
-    (event,) = again.events
+    event, noted = again.events
     assert event.event.event_type == "DeploymentUpdated"
     assert set(event.event.changed) == {"paused", "schedules"}
+    assert noted.aggregate_id == dp.index_id(d.id) and noted.event.revision == later  # the index notes it
 
 
 def test_an_upsert_that_changes_nothing_appends_nothing():
@@ -262,7 +263,8 @@ def test_pause_and_resume_are_idempotent_and_leave_schedules_active():
 def test_a_delete_frees_the_name():
     d = deployment_of(create())
     made = dp.decide_delete_deployment(dp.DeleteDeployment(id=d.id), d, uk.UniqueKeyClaim(d.id), ctx())
-    assert [n.event.event_type for n in made.events] == ["UniqueKeyReleased", "DeploymentDeleted"]
+    assert [n.event.event_type for n in made.events] == ["UniqueKeyReleased", "DeploymentRunsForgotten",
+                                                         "DeploymentDeleted"]
     assert dp.evolve(d, made.events[-1].event) is None
 
 
@@ -480,3 +482,103 @@ def test_dp4_dp7_null_is_accepted_for_an_optional_field_as_prefect_preprocesses_
     # DP-5 at create keeps Prefect's older check, without preprocessing.
     rejected(ErrorCode.INVALID, create, parameters={"x": None}, enforce_parameter_schema=True,
              parameter_openapi_schema={"type": "object", "properties": {"x": {"type": "string"}}})
+
+
+def _index_after(events, index: dp.ScheduledRunIndex = dp.ScheduledRunIndex()) -> dp.ScheduledRunIndex:
+    for new in events:
+        if new.aggregate_type == dp.DEPLOYMENT_RUNS:
+            index = dp.evolve_index(index, new.event)
+    return index
+
+
+def test_every_change_notes_the_deployment_in_its_index_so_a_stale_copy_is_not_followed():
+    """The scheduler writes runs and the index, never the deployment: each change of the
+    deployment notes its new `updated` in the index (one event there, even with no run to
+    delete), and a copy of the deployment other than the noted one is not followed."""
+    d = deployment_of(create(schedules=[{"schedule": {"interval": 60}, "slug": "a"}]))
+    index = dp.ScheduledRunIndex()
+    assert dp.follows(index, d)  # as created: nothing noted, nothing needed
+    later = NOW + timedelta(minutes=1)
+    changes = [
+        lambda d: create(claim=uk.UniqueKeyClaim(d.id), existing=d, now=later, parameters={"v": 2},
+                         schedules=[{"schedule": {"interval": 60}, "slug": "a"}]),
+        lambda d: update(d, now=later, parameters={"v": 3}),
+        lambda d: dp.decide_set_paused(d.id, True, d, ctx(later)),
+        lambda d: dp.decide_set_paused(d.id, False, d, ctx(later)),
+        lambda d: dp.decide_create_schedules(dp.CreateDeploymentSchedules.model_validate(
+            {"deployment_id": str(d.id), "schedules": [{"schedule": {"interval": 5}}]}), d, ctx(later)),
+        lambda d: dp.decide_update_schedule(dp.UpdateDeploymentSchedule(deployment_id=d.id, schedule_id=d.schedules[0].id,
+                                                                        active=False), d, ctx(later)),
+        lambda d: dp.decide_delete_schedule(dp.DeleteDeploymentSchedule(deployment_id=d.id,
+                                                                        schedule_id=d.schedules[0].id), d, ctx(later)),
+    ]
+    for change in changes:
+        made = change(d)
+        after = deployment_of(made)
+        noted = [n for n in made.events if n.aggregate_type == dp.DEPLOYMENT_RUNS]
+        assert len(noted) == 1 and noted[0].event.run_ids == []  # nothing indexed: nothing deleted
+        index = _index_after(made.events, index)
+        assert dp.follows(index, after) and not dp.follows(index, d)
+        d, later = after, later + timedelta(minutes=1)
+    gone = dp.decide_delete_deployment(dp.DeleteDeployment(id=d.id), d, uk.UniqueKeyClaim(d.id), ctx(later))
+    assert not dp.follows(_index_after(gone.events, index), d)
+    # A change that changes nothing notes nothing (the deployment is as noted).
+    assert update(d, parameters=d.parameters).events == []
+    assert dp.decide_set_paused(d.id, d.paused, d, ctx(later)).events == []
+
+
+def test_a_changed_deployment_not_noted_is_never_followed():
+    """A deployment changed before changes were noted (its `updated` after its `created`, the
+    index without a revision) is read again from the log by the scheduler."""
+    d = deployment_of(create())
+    assert not dp.follows(dp.ScheduledRunIndex(), d.model_copy(update={"updated": NOW + timedelta(seconds=1)}))
+    assert not dp.follows(dp.ScheduledRunIndex(), None)
+
+
+def test_a_forgotten_event_of_version_1_reads_without_a_revision():
+    from runledger.commands.events import decode_event
+
+    read = decode_event("DeploymentRunsForgotten", 1, {"run_ids": [str(uuid.UUID(int=1))]})
+    assert read == dp.DeploymentRunsForgotten(run_ids=[uuid.UUID(int=1)]) and dp.evolve_index(dp.ScheduledRunIndex(revision=NOW), read).revision == NOW
+
+
+def test_nulls_in_a_schedule_patch_change_nothing_as_prefect_excludes_them():
+    """Prefect patches a schedule with the request's non-null fields (`exclude_none`): an
+    explicit null keeps the value, by id and by slug alike."""
+    d = deployment_of(create())
+    made = dp.decide_create_schedules(dp.CreateDeploymentSchedules.model_validate(
+        {"deployment_id": str(d.id), "schedules": [{"schedule": {"interval": 60}, "max_scheduled_runs": 5,
+                                                    "slug": "s1", "parameters": {"a": 1}}]}), d, ctx())
+    d = made.after[str(d.id)]
+    (s,) = d.schedules
+    cmd = dp.UpdateDeploymentSchedule.model_validate({"deployment_id": str(d.id), "schedule_id": str(s.id),
+                                                      "slug": None, "max_scheduled_runs": None, "parameters": None,
+                                                      "active": None, "schedule": None})
+    (after,) = deployment_of(dp.decide_update_schedule(cmd, d, ctx(NOW + timedelta(minutes=1)))).schedules
+    assert (after.slug, after.max_scheduled_runs, after.parameters, after.active) == ("s1", 5, {"a": 1}, True)
+    by_slug = update(d, schedules=[{"slug": "s1", "max_scheduled_runs": None, "parameters": None}]).result
+    (kept,) = by_slug.schedules
+    assert (kept.max_scheduled_runs, kept.parameters) == (5, {"a": 1})
+
+
+def test_a_schedule_added_by_slug_in_an_update_drops_max_scheduled_runs_as_prefect_does():
+    d = deployment_of(create(schedules=[{"schedule": {"interval": 600}, "slug": "a"}]))
+    after = update(d, schedules=[{"slug": "a", "max_scheduled_runs": 3},
+                                 {"slug": "b", "schedule": {"interval": 900}, "max_scheduled_runs": 7}]).result
+    assert [(s.slug, s.max_scheduled_runs) for s in after.schedules] == [("a", 3), ("b", None)]
+
+
+def test_schedules_are_answered_last_updated_first():
+    d = deployment_of(create(schedules=[{"schedule": {"interval": 60}, "slug": "a"},
+                                        {"schedule": {"interval": 70}, "slug": "b"}]))
+    assert [s["slug"] for s in d.reply()["schedules"]] == ["a", "b"]  # updated together: as stored
+    a = d.schedules[0]
+    later = dp.decide_update_schedule(dp.UpdateDeploymentSchedule(deployment_id=d.id, schedule_id=a.id,
+                                                                  active=False), d, ctx(NOW + timedelta(minutes=1)))
+    after = later.after[str(d.id)]
+    assert [s.slug for s in after.schedules] == ["a", "b"]  # stored as added
+    assert [s["slug"] for s in after.reply()["schedules"]] == ["a", "b"]
+    b = after.schedules[1]
+    last = dp.decide_update_schedule(dp.UpdateDeploymentSchedule(deployment_id=d.id, schedule_id=b.id,
+                                                                 active=False), after, ctx(NOW + timedelta(minutes=2)))
+    assert [s["slug"] for s in last.after[str(d.id)].reply()["schedules"]] == ["b", "a"]

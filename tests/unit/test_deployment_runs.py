@@ -75,8 +75,20 @@ def test_one_command_makes_at_most_its_bound_earliest_first():
     d = deployment(*({"schedule": {"interval": 60 * (i + 1)}} for i in range(8)))
     cmd = sc.ScheduleDeploymentRuns(deployment_id=d.id, min_runs=100, max_runs=100)
     planned = sc.planned_runs(d, cmd, NOW)
-    assert len(planned) == sc.MAX_RUNS_PER_COMMAND
-    assert [p.date for p in planned] == sorted(p.date for p in planned)
+    assert len(planned) == 800 and [p.date for p in planned] == sorted(p.date for p in planned)
+    made = sc.decide_schedule_runs(d, planned, {}, ctx())
+    assert made.result == [p.run_id for p in planned[:sc.MAX_RUNS_PER_COMMAND]]
+
+
+def test_the_bound_counts_only_dates_without_a_run_so_a_long_backfill_goes_on():
+    """The dates whose run exists are skipped before the bound is taken: a second identical
+    command makes the dates the first one left, where cutting first made none."""
+    d = deployment(*({"schedule": {"interval": 60 * (i + 1)}} for i in range(8)))
+    planned = sc.planned_runs(d, sc.ScheduleDeploymentRuns(deployment_id=d.id, min_runs=100, max_runs=100), NOW)
+    first = sc.decide_schedule_runs(d, planned, {}, ctx())
+    existing = {n.event.run.id: n.event.run for n in first.events if n.event.event_type == "FlowRunCreated"}
+    second = sc.decide_schedule_runs(d, planned, existing, ctx())
+    assert second.result == [p.run_id for p in planned[sc.MAX_RUNS_PER_COMMAND:]]
 
 
 def test_runs_scheduled_together_equal_runs_made_one_by_one():
