@@ -1,4 +1,4 @@
-"""`runledger flow-run ...`: list and inspect flow runs, propose states and cancel runs,
+"""`runledger flow-run ...`: list and inspect flow runs, propose states, cancel and delete runs,
 through the client only. A run is named by its id, or by its name when exactly one run has it.
 
 Exit codes: see `output.py` (3 not found, 4 conflict: a name that several runs have, 5 invalid,
@@ -8,6 +8,10 @@ Exit codes: see `output.py` (3 not found, 4 conflict: a name that several runs h
     8  the orchestration did not accept it: REJECT (another state was written instead, e.g.
        AwaitingRetry), WAIT (nothing written; propose again after the delay given) or ABORT
        (nothing written). The status and the reason are printed, on stdout, as the result.
+
+`cancel` exits 0 whenever the run ends up CANCELLING or CANCELLED: a run that had not started
+is cancelled at once (the orchestration answers REJECT and writes Cancelled instead), which is
+what the user asked for.
 
 Each CLI run is a new client, so the reads here first wait until the read models hold every
 write the service had acknowledged (`RunledgerClient.catch_up`)."""
@@ -58,6 +62,13 @@ EXIT_NOT_ACCEPTED = 8
 
 STATE_TYPES = ("SCHEDULED", "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "CRASHED", "PAUSED",
                "CANCELLING")
+# The state names Prefect's `flow-run ls --state` knows, in any case, as they are spelled; any
+# other name is matched as given.
+STATE_NAMES = {name.upper(): name for name in (
+    "Scheduled", "Pending", "Running", "Completed", "Failed", "Cancelled", "Crashed", "Paused", "Cancelling",
+    "Suspended", "AwaitingRetry", "Retrying", "Late", "AwaitingConcurrencySlot", "Resuming", "Cached",
+    "RolledBack")}
+CANCELLED_TYPES = ("CANCELLING", "CANCELLED")
 RUN_COLUMNS = ("Name", "Flow", "State", "Expected Start", "ID")
 STATE_COLUMNS = ("Type", "Name", "Timestamp", "Message")
 RUN_HELP = "The run's id, or its name when exactly one run has it."
@@ -70,6 +81,12 @@ def state_type(text: str, hint: str = "TYPE") -> str:
     if upper not in STATE_TYPES:
         raise typer.BadParameter(f"{text!r} is not one of {', '.join(STATE_TYPES)}", param_hint=hint)
     return upper
+
+
+def state_name(text: str) -> str:
+    """A state name as Prefect's CLI reads it: a known one in any case (`late` is `Late`),
+    any other as given (a state's name is free text)."""
+    return STATE_NAMES.get(text.upper(), text)
 
 
 async def resolve_run(rl: RunledgerClient, name: str) -> FlowRun:
@@ -138,7 +155,7 @@ async def _filters(rl: RunledgerClient, flows: list[str] | None,
 
 
 async def _runs(rl: RunledgerClient, flows: list[str] | None, deployments: list[str] | None,
-                states: list[str] | None, limit: int) -> list[FlowRun]:
+                names: list[str] | None, types: list[str] | None, limit: int) -> list[FlowRun]:
     await rl.catch_up()
     filters = await _filters(rl, flows, deployments)
     if filters is None:
@@ -146,8 +163,8 @@ async def _runs(rl: RunledgerClient, flows: list[str] | None, deployments: list[
     runs: list[FlowRun] = []
     while len(runs) < limit:
         want = min(DEFAULT_LIMIT, limit - len(runs))
-        page = await rl.list_flow_runs(**filters, state_types=states, sort="EXPECTED_START_TIME_DESC", limit=want,
-                                       offset=len(runs))
+        page = await rl.list_flow_runs(**filters, state_names=names, state_types=types, sort="EXPECTED_START_TIME_DESC",
+                                       limit=want, offset=len(runs))
         runs.extend(page)
         if len(page) < want:
             break
@@ -161,17 +178,25 @@ def list_flow_runs(
                                                  help="Only this deployment's runs: <flow>/<deployment> or an id "
                                                       "(repeat for more)."),
     states: list[str] | None = typer.Option(None, "--state", "-s",
-                                            help="Only runs in this state type, e.g. SCHEDULED (repeat for more)."),
+                                            help="Only runs whose state has this NAME, e.g. Late or AwaitingRetry "
+                                                 "(any case; repeat for more). For a state type, --state-type."),
+    state_types: list[str] | None = typer.Option(None, "--state-type",
+                                                 help=f"Only runs whose state is of this TYPE: "
+                                                      f"{', '.join(STATE_TYPES)} (any case; repeat for more)."),
     limit: int = typer.Option(DEFAULT_LS_LIMIT, "--limit", "-l", min=0,
                               help=f"Most runs to list (default {DEFAULT_LS_LIMIT})."),
     as_json: JsonFlag = False,
     output: OutputOption = None,
 ) -> None:
-    """List flow runs, latest expected start first."""
-    types = [state_type(s, "--state") for s in states] if states else None
+    """List flow runs, latest expected start first.
+
+    --state matches a state's name (a SCHEDULED run that is late is named Late), --state-type
+    its type; given both, a run must match both."""
+    names = [state_name(s) for s in states] if states else None
+    types = [state_type(s, "--state-type") for s in state_types] if state_types else None
 
     async def action(rl: RunledgerClient) -> tuple[list[FlowRun], dict[uuid.UUID, str]]:
-        found = await _runs(rl, flows or None, deployments or None, types, limit)
+        found = await _runs(rl, flows or None, deployments or None, names, types, limit)
         return found, ({} if wants_json(as_json, output) else await flow_names(rl, (r.flow_id for r in found)))
 
     runs, names = run(action)
@@ -213,7 +238,7 @@ def inspect(
 
 
 # ---------------------------------------------------------------------------------------------
-# set-state, cancel
+# set-state, cancel, delete
 
 
 def report_orchestration(noun: str, name: str, result: OrchestrationResult, as_json: bool) -> None:
@@ -273,7 +298,45 @@ def cancel(
     output: OutputOption = None,
     idempotency_key: KeyOption = None,
 ) -> None:
-    """Cancel a flow run: propose CANCELLING.
+    """Cancel a flow run: propose CANCELLING. A run that has not started (SCHEDULED) has nothing to
+    tear down and is CANCELLED at once.
 
-    Exit 0 when accepted, 8 when not (e.g. the run has ended already)."""
-    report_orchestration("flow run", name, _propose(name, {"type": "CANCELLING"}, False, idempotency_key), wants_json(as_json, output))
+    Exit 0 when the run is now CANCELLING or CANCELLED, 8 when the cancellation was refused
+    (e.g. the run has ended already)."""
+    result = _propose(name, {"type": "CANCELLING"}, False, idempotency_key)
+    now = result.state.type if result.state is not None else None
+    if result.accepted or now not in CANCELLED_TYPES:
+        report_orchestration("flow run", name, result, wants_json(as_json, output))
+        return
+    # Not accepted as proposed, yet cancelled: Cancelled was written instead (REJECT), or the
+    # run was cancelled already (nothing written).
+    if wants_json(as_json, output):
+        print_json(result)
+        return
+    assert result.state is not None
+    words = state_words(result.state.type, result.state.name)
+    written = result.status == "REJECT" and result.state.type == "CANCELLED"
+    success(f"Cancelled: flow run {name!r} is now {words}." if written else f"Flow run {name!r} is {words} already.")
+    if result.details.reason:
+        say(f"Reason: {result.details.reason}")
+
+
+@flow_run_app.command()
+def delete(
+    name: str = typer.Argument(..., metavar="RUN", help=RUN_HELP),
+    as_json: JsonFlag = False,
+    output: OutputOption = None,
+    idempotency_key: KeyOption = None,
+) -> None:
+    """Delete a flow run, whatever its state; its idempotency key is free again at once, and the
+    slots it held are given back."""
+
+    async def action(rl: RunledgerClient, key: str) -> None:
+        found = await resolve_run(rl, name)
+        await rl.delete_flow_run(found.id, idempotency_key=key)
+
+    run_command(action, idempotency_key, _check(name))
+    if wants_json(as_json, output):
+        print_json(None)
+    else:
+        success(f"Deleted flow run {name!r}.")

@@ -1427,8 +1427,9 @@ class RunledgerClient:
         min_seq: int | None = None,
     ) -> list[FlowRun]:
         """One page of flow runs, ordered by `sort` (ID_DESC, the default: newest first;
-        NAME_ASC, EXPECTED_START_TIME_ASC / _DESC, NEXT_SCHEDULED_START_TIME_ASC,
-        START_TIME_DESC). The server's limit is 200 at most."""
+        NAME_ASC / _DESC, EXPECTED_START_TIME_ASC / _DESC, NEXT_SCHEDULED_START_TIME_ASC,
+        START_TIME_ASC / _DESC: by when the run started or, not started yet, is expected to;
+        END_TIME_DESC). The server's limit is 200 at most."""
         body = given(sort=sort, limit=limit, offset=offset) | self._flow_run_query(
             ids, names, flow_ids, deployment_ids, work_queue_ids, work_queue_names, state_types, state_names, tags,
             idempotency_keys, parent_task_run_ids, expected_start_time_after, expected_start_time_before,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timedelta
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -30,9 +30,13 @@ from .messages import (
     not_found,
 )
 from .names import MAX_NAME_LENGTH
+from .schedules import scheduled_run_id
 from .states import TERMINAL, CreatedBy, State, StateCreate, StateDetails, StateType
 from .unique_keys import UniqueKeyClaim, UniqueKeyScope
 from .workers import WorkerName
+
+if TYPE_CHECKING:
+    from .deployments import Deployment
 
 FLOW_RUN = "flow_run"
 # How many runs a service keeps decided state of (~6 KB each): the runs moving now. Older ones
@@ -363,6 +367,45 @@ def run_name(run_id: uuid.UUID) -> str:
     return f"{_ADJECTIVES[n % len(_ADJECTIVES)]}-{_ANIMALS[(n // len(_ADJECTIVES)) % len(_ANIMALS)]}"
 
 
+def scheduled_run_of_key(idempotency_key: str) -> uuid.UUID | None:
+    """The id of the run a schedule made under `idempotency_key`, when the key has the shape a
+    schedule gives its runs (`scheduled <deployment id> <schedule id> <date>`); else None.
+    A schedule writes no claim for its runs' keys (a claim per scheduled run cost too much):
+    the key holds its run through that run's id, derived from the same three parts."""
+    parts = idempotency_key.split(" ", 3)
+    if len(parts) != 4 or parts[0] != "scheduled":
+        return None
+    try:
+        deployment_id, schedule_id, date = uuid.UUID(parts[1]), uuid.UUID(parts[2]), datetime.fromisoformat(parts[3])
+    except ValueError:
+        return None
+    if date.tzinfo is None:
+        return None
+    return scheduled_run_id(deployment_id, schedule_id, date)
+
+
+def claim_of_scheduled_run(claim: UniqueKeyClaim, scheduled: FlowRun | None, flow_id: uuid.UUID,
+                           idempotency_key: str) -> UniqueKeyClaim:
+    """FR-2 for a key a schedule gave its run: `scheduled` (the run `scheduled_run_of_key`
+    names, None if it does not exist) holds the key within its flow as a claim would, when it
+    is of this flow and carries this very key. `claim`: the key's written claim."""
+    if (claim.owner_id is None and scheduled is not None and scheduled.flow_id == flow_id
+            and scheduled.idempotency_key == idempotency_key):
+        return UniqueKeyClaim(scheduled.id)
+    return claim
+
+
+def inherited_labels(flow_id: uuid.UUID, flow_labels: dict[str, Any], deployment: Deployment | None) -> dict[str, Any]:
+    """The labels a new run starts from, before its request's own (Prefect's
+    `with_system_labels_for_flow_run`): a run naming an existing deployment takes the
+    deployment's labels, then `prefect.flow.id` (the deployment's flow) and
+    `prefect.deployment.id`; any other run its flow's labels, then `prefect.flow.id`."""
+    if deployment is not None:
+        return {**deployment.labels, "prefect.flow.id": str(deployment.flow_id),
+                "prefect.deployment.id": str(deployment.id)}
+    return {**flow_labels, "prefect.flow.id": str(flow_id)}
+
+
 def _queue_fields(cmd: CreateFlowRun, pool: wp.WorkPool | None) -> dict[str, Any]:
     """FR-2: a pool means its default queue, or the named queue of it, which must exist."""
     if cmd.work_pool_name is None:
@@ -380,31 +423,37 @@ def _queue_fields(cmd: CreateFlowRun, pool: wp.WorkPool | None) -> dict[str, Any
 
 
 def new_flow_run(cmd: CreateFlowRun, pool: wp.WorkPool | None, ctx: DecisionContext,
-                 *, run_id: uuid.UUID | None = None, extra: dict[str, Any] | None = None) -> FlowRun:
-    """The run a create makes, before its first state (the caller orchestrates that)."""
+                 *, run_id: uuid.UUID | None = None, extra: dict[str, Any] | None = None,
+                 inherited: dict[str, Any] | None = None) -> FlowRun:
+    """The run a create makes, before its first state (the caller orchestrates that).
+    `inherited`: the labels the request's own are laid over (`inherited_labels`)."""
     run_id = run_id or ctx.new_id()
     return FlowRun.model_validate({
         "id": run_id, "created": ctx.now, "updated": ctx.now, "name": cmd.name or run_name(run_id),
         "flow_id": cmd.flow_id, "deployment_id": cmd.deployment_id, "deployment_version": cmd.deployment_version,
         "flow_version": cmd.flow_version, "parameters": cmd.parameters, "idempotency_key": cmd.idempotency_key,
         "context": cmd.context, "empirical_policy": cmd.empirical_policy.policy(),
-        "tags": list(dict.fromkeys(cmd.tags)), "labels": cmd.labels, "parent_task_run_id": cmd.parent_task_run_id,
+        "tags": list(dict.fromkeys(cmd.tags)), "labels": {**(inherited or {}), **cmd.labels},
+        "parent_task_run_id": cmd.parent_task_run_id,
         "infrastructure_document_id": cmd.infrastructure_document_id, "job_variables": cmd.job_variables,
         "priority": cmd.priority, **_queue_fields(cmd, pool), **(extra or {}),
     })
 
 
 def decide_create_flow_run(cmd: CreateFlowRun, claim: UniqueKeyClaim | None, existing: FlowRun | None,
-                           flow_exists: bool, pool: wp.WorkPool | None, ctx: DecisionContext) -> Decision:
+                           flow_exists: bool, pool: wp.WorkPool | None, ctx: DecisionContext,
+                           inherited: dict[str, Any] | None = None) -> Decision:
     """FR-2: an existing run of this flow with this key comes back unchanged, its state not
-    applied; otherwise a new run, its first state applied with `force` semantics."""
+    applied; otherwise a new run, its first state applied with `force` semantics. `claim`: the
+    key's holder (`claim_of_scheduled_run` included); `inherited`: the labels the new run
+    starts from (`inherited_labels`; the handler always gives them)."""
     if not flow_exists:
         raise not_found(f"Flow {cmd.flow_id} not found.")
     if claim is not None and claim.owner_id is not None:
         if existing is None:  # the claim and its owner are written together; never apart
             raise RuntimeError(f"flow run key is claimed by {claim.owner_id}, which does not exist")
         return Decision(events=[], result=existing, created=False)
-    run = new_flow_run(cmd, pool, ctx)
+    run = new_flow_run(cmd, pool, ctx, inherited=inherited)
     transition = orchestration_rules.initial_flow_run_state(run, cmd.state, ctx)
     run = transition.run
     claims = ([FLOW_RUN_KEY.claim(run.id, str(cmd.flow_id), cmd.idempotency_key)]

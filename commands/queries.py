@@ -223,7 +223,7 @@ class GetDeploymentByName(Query):
     """By `<flow name>/<deployment name>`, given as its two parts."""
 
     flow_name: FlowName
-    deployment_name: Annotated[str, Field(max_length=255)]
+    deployment_name: Annotated[StoredText, Field(max_length=255)]
 
 
 class ListDeployments(Page):
@@ -345,12 +345,18 @@ class FlowRunFilter(BaseModel):
 
 
 class FlowRunSort(StrEnum):
+    """Prefect's flow-run orders. START_TIME_*: by when the run started, or (not started yet)
+    when it is expected to."""
+
     ID_DESC = "ID_DESC"
-    NAME_ASC = "NAME_ASC"
+    START_TIME_ASC = "START_TIME_ASC"
+    START_TIME_DESC = "START_TIME_DESC"
     EXPECTED_START_TIME_ASC = "EXPECTED_START_TIME_ASC"
     EXPECTED_START_TIME_DESC = "EXPECTED_START_TIME_DESC"
+    NAME_ASC = "NAME_ASC"
+    NAME_DESC = "NAME_DESC"
     NEXT_SCHEDULED_START_TIME_ASC = "NEXT_SCHEDULED_START_TIME_ASC"
-    START_TIME_DESC = "START_TIME_DESC"
+    END_TIME_DESC = "END_TIME_DESC"
 
 
 class GetFlowRun(Query):

@@ -171,14 +171,20 @@ def _filtered(stmt: Any, query: q.ListFlowRuns | q.CountFlowRuns | q.GetFlowRunH
     return stmt
 
 
+# Prefect's START_TIME_* order by coalesce(start_time, expected_start_time): a run that has not
+# started sorts by when it is due. Runs without the time sort last; ties by id.
+_STARTED_OR_DUE = func.coalesce(flow_runs.c.start_time, flow_runs.c.expected_start_time)
 _SORTS: dict[q.FlowRunSort, list[Any]] = {
     q.FlowRunSort.ID_DESC: [flow_runs.c.id.desc()],
     q.FlowRunSort.NAME_ASC: [flow_runs.c.name, flow_runs.c.id],
+    q.FlowRunSort.NAME_DESC: [flow_runs.c.name.desc(), flow_runs.c.id],
     q.FlowRunSort.EXPECTED_START_TIME_ASC: [flow_runs.c.expected_start_time.asc().nulls_last(), flow_runs.c.id],
     q.FlowRunSort.EXPECTED_START_TIME_DESC: [flow_runs.c.expected_start_time.desc().nulls_last(), flow_runs.c.id],
     q.FlowRunSort.NEXT_SCHEDULED_START_TIME_ASC: [flow_runs.c.next_scheduled_start_time.asc().nulls_last(),
                                                   flow_runs.c.id],
-    q.FlowRunSort.START_TIME_DESC: [flow_runs.c.start_time.desc().nulls_last(), flow_runs.c.id],
+    q.FlowRunSort.START_TIME_ASC: [_STARTED_OR_DUE.asc().nulls_last(), flow_runs.c.id],
+    q.FlowRunSort.START_TIME_DESC: [_STARTED_OR_DUE.desc().nulls_last(), flow_runs.c.id],
+    q.FlowRunSort.END_TIME_DESC: [flow_runs.c.end_time.desc().nulls_last(), flow_runs.c.id],
 }
 
 

@@ -463,7 +463,7 @@ def test_deployment_create_ensures_the_flow_and_upserts(cli, fake):
     ["deployment", "run", "nightly"],
     ["deployment", "schedule", "etl/nightly", "--start", "yesterday"],
     ["flow-run", "set-state", "r", "WALKING"],
-    ["flow-run", "ls", "--state", "done"],
+    ["flow-run", "ls", "--state-type", "done"],
     ["flow-run", "ls", "--deployment", "nightly"],
 ])
 def test_usage_errors_exit_2_and_send_nothing(cli, fake, args):
@@ -595,8 +595,8 @@ def test_flow_run_ls_filters_by_flow_deployment_and_state(cli, fake):
     fake.ok("ListFlows", [FLOW])
     fake.ok("ListDeployments", [deployment])
     fake.ok("ListFlowRuns", runs)
-    result = cli("flow-run", "ls", "--flow", "etl", "--deployment", "etl/nightly", "--state", "scheduled",
-                 "--state", "PENDING", "--limit", "3")
+    result = cli("flow-run", "ls", "--flow", "etl", "--deployment", "etl/nightly", "--state-type", "scheduled",
+                 "--state-type", "PENDING", "--state", "late", "--state", "Mine", "--limit", "3")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert re.match(r"Name +Flow +State +Expected Start +ID$", lines[0])
@@ -605,7 +605,7 @@ def test_flow_run_ls_filters_by_flow_deployment_and_state(cli, fake):
     list_bodies = fake.sent("ListFlowRuns")
     assert list_bodies == [{"sort": "EXPECTED_START_TIME_DESC", "limit": 3, "offset": 0, "min_seq": 40, "flow_runs": {
         "flow_id": {"any_": [FLOW["id"]]}, "deployment_id": {"any_": [deployment["id"]]},
-        "state_type": {"any_": ["SCHEDULED", "PENDING"]}}}]
+        "state_type": {"any_": ["SCHEDULED", "PENDING"]}, "state_name": {"any_": ["Late", "Mine"]}}}]
     assert fake.sent("ListDeployments")[0] == {"deployments": {"name": {"any_": ["nightly"]}},
                                                "flow_name": {"any_": ["etl"]}, "min_seq": 40}
     assert json.loads(cli("flow-run", "ls", "--json").stdout) == runs

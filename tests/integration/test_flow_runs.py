@@ -295,6 +295,53 @@ async def test_an_idempotency_key_returns_the_existing_run_within_its_flow(broke
     assert fresh["created"] is True and fresh["result"]["id"] != first["result"]["id"]
 
 
+async def test_a_scheduled_runs_key_holds_its_run_within_its_flow(broker):
+    """A schedule writes no claim for its runs' keys: a create with such a key still finds the
+    scheduled run, whichever way the run is asked for, and makes no second run of that key."""
+    flow_id, other = await a_flow(broker, "etl"), await a_flow(broker, "other")
+    deployment = await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow_id,
+                                     schedules=[{"schedule": {"interval": 3600, "timezone": "Europe/Berlin"}}])
+    ids = (await broker.ok_cmd("ScheduleDeploymentRuns", deployment_id=deployment["id"], max_runs=2))["flow_run_ids"]
+    scheduled = await broker.ok_qry("GetFlowRun", id=ids[0])
+    key = scheduled["idempotency_key"]
+    assert key.startswith(f"scheduled {deployment['id']} ")
+    ad_hoc = await broker.cmd("CreateFlowRun", flow_id=flow_id, idempotency_key=key, state={"type": "RUNNING"})
+    assert ad_hoc["created"] is False and ad_hoc["result"]["id"] == scheduled["id"]
+    assert ad_hoc["result"]["state_type"] == "SCHEDULED"  # unchanged, its state not applied
+    from_deployment = await broker.cmd("CreateFlowRunFromDeployment", deployment_id=deployment["id"],
+                                       idempotency_key=key)
+    assert from_deployment["created"] is False and from_deployment["result"]["id"] == scheduled["id"]
+    bulk = await broker.ok_cmd("CreateFlowRunsFromDeployment", deployment_id=deployment["id"],
+                               runs=[{"idempotency_key": key}])
+    assert bulk == [{"flow_run_id": scheduled["id"], "status": "CREATED", "error": None}]
+    with_key = await broker.ok_qry("ListFlowRuns", flow_runs={"idempotency_key": {"any_": [key]}})
+    assert [r["id"] for r in with_key] == [scheduled["id"]]
+    # The key is unique within its flow only; and a deleted scheduled run holds it no more.
+    elsewhere = await broker.cmd("CreateFlowRun", flow_id=other, idempotency_key=key)
+    assert elsewhere["created"] is True
+    await broker.ok_cmd("DeleteFlowRun", id=scheduled["id"])
+    fresh = await broker.cmd("CreateFlowRun", flow_id=flow_id, idempotency_key=key)
+    assert fresh["created"] is True and fresh["result"]["id"] != scheduled["id"]
+
+
+async def test_a_created_run_gets_its_flows_or_deployments_labels_and_the_system_ones(broker):
+    """As Prefect: the flow's labels (or, for a run naming a deployment, the deployment's), then
+    `prefect.flow.id` (and `prefect.deployment.id`), then the request's own, which win."""
+    flow_id = (await broker.ok_cmd("CreateFlow", name="etl", labels={"team": "a", "tier": "1"}))["id"]
+    run = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, labels={"mine": 1, "tier": "2"})
+    assert run["labels"] == {"team": "a", "tier": "2", "prefect.flow.id": flow_id, "mine": 1}
+    deployment = await broker.ok_cmd("CreateDeployment", flow_id=flow_id, name="d", labels={"dep": "x"})
+    of_deployment = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, deployment_id=deployment["id"],
+                                        labels={"prefect.flow.id": "mine"})
+    assert of_deployment["labels"] == {**deployment["labels"], "prefect.flow.id": "mine",
+                                       "prefect.deployment.id": deployment["id"]}
+    assert "team" in deployment["labels"] and "dep" in deployment["labels"]
+    unknown = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, deployment_id=str(uuid.uuid4()))
+    assert unknown["labels"] == {"team": "a", "tier": "1", "prefect.flow.id": flow_id}
+    read = await broker.ok_qry("GetFlowRun", id=run["id"])
+    assert read["labels"] == run["labels"]
+
+
 async def test_thirty_racing_keyed_creates_make_one_run(broker, settings):
     flow_id = await a_flow(broker)
     nc = await connect(settings)
@@ -360,6 +407,37 @@ async def test_flow_runs_are_filtered_sorted_and_counted(broker):
     soon = await broker.ok_qry("CountFlowRuns", flow_runs={"expected_start_time": {
         "before_": (datetime.now(UTC) + timedelta(minutes=1)).isoformat()}})
     assert soon == 4
+
+
+async def test_flow_runs_sort_by_start_or_due_time_name_and_end_time_as_prefect(broker):
+    """START_TIME_*: by when a run started or, not started yet, is due (Prefect's
+    coalesce(start_time, expected_start_time)); NAME_DESC; END_TIME_DESC, unfinished runs last."""
+    flow_id = await a_flow(broker)
+    now = datetime.now(UTC)
+
+    def due(days: int) -> dict:
+        return {"type": "SCHEDULED", "state_details": {"scheduled_time": (now + timedelta(days=days)).isoformat()}}
+
+    names = {}
+    for name, state in (("b-due-tomorrow", due(1)), ("c-due-yesterday", due(-1)), ("a-running", due(-2)),
+                        ("d-done-first", None), ("e-done-last", None)):
+        names[name] = (await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, name=name,
+                                           **({"state": state} if state else {})))["id"]
+    await set_state(broker, names["a-running"], "RUNNING", force=True)  # due two days ago, started now
+    for name in ("d-done-first", "e-done-last"):
+        await set_state(broker, names[name], "RUNNING")
+        await set_state(broker, names[name], "COMPLETED")
+
+    async def order(sort: str) -> list[str]:
+        return [r["name"] for r in await broker.ok_qry("ListFlowRuns", sort=sort)]
+
+    by_start = ["b-due-tomorrow", "e-done-last", "d-done-first", "a-running", "c-due-yesterday"]
+    assert await order("START_TIME_DESC") == by_start
+    assert await order("START_TIME_ASC") == by_start[::-1]
+    assert await order("NAME_DESC") == sorted(names, reverse=True)
+    by_end = await order("END_TIME_DESC")
+    assert by_end[:2] == ["e-done-last", "d-done-first"]
+    assert by_end[2:] == sorted(by_end[2:], key=lambda n: names[n])  # no end time: last, by id
 
 
 @pytest.mark.parametrize("name, body, field", [

@@ -1,0 +1,89 @@
+"""The `flow-run` verbs against the real service, as Prefect's CLI has them: `ls --state` takes a
+state's name and `--state-type` its type; `cancel` of a run that has not started cancels it at
+once and says so (exit 0), a refused one exits 8; `delete` removes a run. Each CLI run is a new
+client that must see what was written just before it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from typer.testing import CliRunner
+
+from runledger.cli.main import _register, app
+from tests.integration.broker import cli_env
+
+_register()
+
+
+def _cli(settings):
+    env = cli_env(settings)
+    runner = CliRunner()
+
+    async def cli(*args: str):
+        # The CLI runs its own event loop, and the service runs on this one: a thread for the CLI.
+        return await asyncio.to_thread(runner.invoke, app, list(args), env=env)
+
+    return cli
+
+
+async def _runs(broker) -> dict[str, str]:
+    """Runs `waiting` (SCHEDULED), `late` (SCHEDULED, named Late), `running` and `done`
+    (COMPLETED), by name."""
+    flow_id = (await broker.ok_cmd("CreateFlow", name="etl"))["id"]
+    ids = {}
+    for name, state in (("waiting", {"type": "SCHEDULED"}), ("late", {"type": "SCHEDULED", "name": "Late"}),
+                        ("running", {"type": "RUNNING"}), ("done", {"type": "COMPLETED"})):
+        ids[name] = (await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, name=name, state=state))["id"]
+    return ids
+
+
+def _names(result) -> list[str]:
+    assert result.exit_code == 0, result.output
+    return sorted(r["name"] for r in json.loads(result.stdout))
+
+
+async def test_ls_state_is_a_state_name_and_state_type_a_type(broker, settings):
+    cli = _cli(settings)
+    await _runs(broker)
+    assert _names(await cli("flow-run", "ls", "--state", "late", "--json")) == ["late"]
+    assert _names(await cli("flow-run", "ls", "--state", "Scheduled", "-s", "COMPLETED", "--json")) == [
+        "done", "waiting"]
+    assert _names(await cli("flow-run", "ls", "--state-type", "scheduled", "--json")) == ["late", "waiting"]
+    assert _names(await cli("flow-run", "ls", "--state-type", "SCHEDULED", "--state", "Late", "--json")) == ["late"]
+    assert _names(await cli("flow-run", "ls", "--state", "NoSuchName", "--json")) == []
+    bad = await cli("flow-run", "ls", "--state-type", "late")
+    assert bad.exit_code == 2 and "--state-type" in bad.output
+    shown = await cli("flow-run", "ls", "--help")
+    assert "--state-type" in shown.stdout and "NAME" in shown.stdout and "TYPE" in shown.stdout
+
+
+async def test_cancel_says_a_run_not_started_is_cancelled_and_exits_0(broker, settings):
+    cli = _cli(settings)
+    ids = await _runs(broker)
+    waiting = await cli("flow-run", "cancel", "waiting")
+    assert waiting.exit_code == 0, waiting.output
+    assert waiting.stdout.startswith("Cancelled: flow run 'waiting' is now CANCELLED.")
+    assert (await broker.ok_qry("GetFlowRun", id=ids["waiting"]))["state_type"] == "CANCELLED"
+    as_json = await cli("flow-run", "cancel", "late", "--json")
+    assert as_json.exit_code == 0 and json.loads(as_json.stdout)["state"]["type"] == "CANCELLED"
+    running = await cli("flow-run", "cancel", "running")
+    assert running.exit_code == 0 and running.stdout.startswith("ACCEPT: flow run 'running' is CANCELLING.")
+    again = await cli("flow-run", "cancel", "waiting")
+    assert again.exit_code == 0 and again.stdout.startswith("Flow run 'waiting' is CANCELLED already."), again.output
+    done = await cli("flow-run", "cancel", "done")  # a real refusal: it has ended
+    assert done.exit_code == 8 and done.stdout.startswith("ABORT: flow run 'done' is COMPLETED.")
+    assert (await broker.ok_qry("GetFlowRun", id=ids["done"]))["state_type"] == "COMPLETED"
+
+
+async def test_delete_removes_a_run_by_name_or_id(broker, settings):
+    cli = _cli(settings)
+    ids = await _runs(broker)
+    deleted = await cli("flow-run", "delete", "running")
+    assert deleted.exit_code == 0, deleted.output
+    assert deleted.stdout == "Deleted flow run 'running'.\n"
+    assert (await cli("flow-run", "inspect", "running")).exit_code == 3
+    assert (await cli("flow-run", "delete", ids["done"], "--json")).stdout.strip() == "null"
+    assert _names(await cli("flow-run", "ls", "--json")) == ["late", "waiting"]
+    gone = await cli("flow-run", "delete", ids["done"])
+    assert gone.exit_code == 3 and gone.stderr == f"Error (not_found): Flow run '{ids['done']}' not found.\n"
