@@ -33,7 +33,8 @@ from typing import Any, Generic, TypeVar
 
 from runledger.infra.settings import Settings, load_settings
 
-from .errors import NotFound, RunledgerError, Unavailable, error_from_reply
+from .envelope import _json_default as json_default
+from .errors import Invalid, NotFound, RunledgerError, Unavailable, error_from_reply
 from .models import TaskRun
 from .runledger_client import RunledgerClient
 
@@ -372,8 +373,7 @@ class Task(Generic[R]):
         if self.cache_key_fn is not None:
             return self.cache_key_fn(parameters)
         if self.cache_policy == "inputs":
-            canonical = json.dumps(parameters, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-            return f"{self.key}:{hashlib.sha256(canonical.encode()).hexdigest()}"
+            return f"{self.key}:{hashlib.sha256(_canonical_json(parameters).encode()).hexdigest()}"
         return None
 
     def _options(self, parameters: dict[str, Any]) -> dict[str, Any]:
@@ -468,6 +468,26 @@ def _mapped_calls(args: tuple, kwargs: dict[str, Any]) -> list[tuple[list[Any], 
     (n,) = lengths
     return [([v[i] if mapped else v for mapped, v in positional],
              {k: v[i] if mapped else v for k, (mapped, v) in named.items()}) for i in range(n)]
+
+
+def _canonical_json(parameters: dict[str, Any]) -> str:
+    """The parameters as canonical JSON, after the conversion the client sends them with (a
+    `datetime`, `date` or `UUID` as a string, a tuple as a list, a pydantic model as a dict),
+    so that the key is made of what the worker receives. A set's elements are sorted when
+    they can be, so that its key does not depend on the order a process happens to hold them
+    in. A value that cannot be sent is `Invalid`, as `.delay()` says of it."""
+    def convert(value: Any) -> Any:
+        if isinstance(value, set | frozenset):
+            try:
+                return sorted(value)
+            except TypeError:
+                pass
+        return json_default(value)
+
+    try:
+        return json.dumps(parameters, default=convert, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError) as e:
+        raise Invalid(f"parameters: {e}", field="parameters") from None
 
 
 def _aware(when: datetime) -> datetime:

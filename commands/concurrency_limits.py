@@ -30,7 +30,7 @@ from pydantic import (
 
 from .bounds import NonNegativeInt32, UtcDatetime
 from .decisions import Decision, NewEvent
-from .events import register_event
+from .events import register_event, register_upcaster
 from .messages import Command, DecisionContext, Event, conflict, not_found
 from .names import MAX_NAME_LENGTH, check_object_name
 from .unique_keys import UniqueKeyClaim, UniqueKeyScope
@@ -92,22 +92,38 @@ class ConcurrencyLimitDeleted(_LimitEvent):
 
 @register_event
 class ConcurrencyLimitSlotTaken(_LimitEvent):
-    """A run took a slot of a global limit (a deployment's, when it entered PENDING)."""
+    """A run took a slot of a global limit: a flow run of a deployment's when it entered
+    PENDING (`flow_run_id`, `lease_id`), or a task run one of a `tag:<tag>` limit when it
+    entered RUNNING (`task_run_id`; `tag_concurrency_limits.global_slot_taken`)."""
 
     event_type: ClassVar[str] = "ConcurrencyLimitSlotTaken"
+    # v2: `flow_run_id` and `lease_id` may be null, and `task_run_id` was added (task runs
+    # take slots of `tag:<tag>` limits); a v1 event is a flow run's, read as it is.
+    schema_version: ClassVar[int] = 2
     limit: ConcurrencyLimit  # after: `active_slots` counts it
-    flow_run_id: uuid.UUID
-    lease_id: uuid.UUID
+    flow_run_id: uuid.UUID | None = None
+    lease_id: uuid.UUID | None = None
+    task_run_id: uuid.UUID | None = None
 
 
 @register_event
 class ConcurrencyLimitSlotReleased(_LimitEvent):
-    """A run gave its slot back."""
+    """A run gave its slot back (the same runs as `ConcurrencyLimitSlotTaken`)."""
 
     event_type: ClassVar[str] = "ConcurrencyLimitSlotReleased"
+    schema_version: ClassVar[int] = 2  # as `ConcurrencyLimitSlotTaken`
     limit: ConcurrencyLimit  # after
-    flow_run_id: uuid.UUID
-    lease_id: uuid.UUID
+    flow_run_id: uuid.UUID | None = None
+    lease_id: uuid.UUID | None = None
+    task_run_id: uuid.UUID | None = None
+
+
+@register_upcaster("ConcurrencyLimitSlotTaken", 1)
+@register_upcaster("ConcurrencyLimitSlotReleased", 1)
+def _slot_event_v1(payload: dict[str, Any]) -> dict[str, Any]:
+    """v2 only made the flow run's fields optional and added `task_run_id`: a v1 payload (a
+    flow run's slot) reads as it is."""
+    return payload
 
 
 class CreateConcurrencyLimit(Command):

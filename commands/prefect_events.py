@@ -56,7 +56,7 @@ from .flow_runs import (
 )
 from .flows import Flow, FlowCreated, FlowDeleted
 from .messages import Event
-from .slots import LimitWaitersChanged, PoolSlotReleased, PoolSlotTaken
+from .slots import LimitWaitersChanged, PoolQueueSlotsDropped, PoolSlotReleased, PoolSlotTaken
 from .states import State, StateType
 from .unique_keys import UniqueKeyClaimed, UniqueKeyReleased
 from .work_pools import (
@@ -676,9 +676,12 @@ _HANDLERS: dict[type[Event], Callable[[_Out, Any, str, ExportState], None]] = {
     tcl.TagConcurrencyLimitDeleted: _nothing,
     tcl.TagConcurrencyLimitSlotTaken: _nothing,
     tcl.TagConcurrencyLimitSlotReleased: _nothing,
+    tcl.GlobalTagSlotTaken: _nothing,
+    tcl.GlobalTagSlotReleased: _nothing,
     PoolSlotTaken: _nothing,
     LimitWaitersChanged: _nothing,
     PoolSlotReleased: _nothing,
+    PoolQueueSlotsDropped: _nothing,
     WorkPoolWorkersChanged: _workers_changed,
     WorkQueuesPolled: _queues_polled,
     WorkQueuesNotReady: _queues_not_ready,

@@ -9,6 +9,9 @@ is PENDING or RUNNING (the pool API's counting; CANCELLING does not count). Each
 or not a limit is set, so a limit set later counts the runs already running; and it is an
 aggregate apart from the pool's, so editing a pool never conflicts with claims and claims do
 not churn the pool's snapshots. Every event carries the counts after it (one read loads it).
+Deleting a queue drops its count in the same batch (`queue_deleted`): its runs are then in no
+pool, as the read models show them, so they neither count nor are held back. A deleted pool's
+counts are simply never read again (its runs find no pool, so their transitions count nothing).
 
 **Deployments.** A deployment's limit is the global limit `deployment:<id>`; a run that
 enters PENDING takes one of its slots and records the lease id in its state's details
@@ -110,10 +113,45 @@ class PoolSlotReleased(_SlotEvent):
     event_type: ClassVar[str] = "PoolSlotReleased"
 
 
+@register_event
+class PoolQueueSlotsDropped(Event):
+    """A queue of this pool was deleted, in the same atomic batch as its `WorkQueueDeleted`:
+    its runs leave the pool (the read models clear their queue), so what they held stops
+    counting at once, as in Prefect, where such runs count for nothing. Written even when the
+    queue held nothing, so that a claim decided against the pool as it was before the deletion
+    fails its expected-sequence check on these counts and is decided again."""
+
+    aggregate_type: ClassVar[str] = POOL_SLOTS
+    event_type: ClassVar[str] = "PoolQueueSlotsDropped"
+    work_queue_id: uuid.UUID
+    dropped: int  # how many runs of the queue were counted
+    slots: PoolSlots  # the counts after this event
+
+
 def evolve(state: PoolSlots | None, event: Event) -> PoolSlots | None:
-    if isinstance(event, _SlotEvent):
+    if isinstance(event, _SlotEvent | PoolQueueSlotsDropped):
         return event.slots
     return state
+
+
+def queue_deleted(slots: PoolSlots, queue_id: uuid.UUID) -> NewEvent:
+    """The counts without the deleted queue's entry. Its runs keep their queue id in their own
+    events; `slot_events` then counts them in no pool, so none of them gives a slot back twice."""
+    counts = {qid: n for qid, n in slots.by_queue.items() if qid != queue_id}
+    return NewEvent(slots_id(slots.pool_id), PoolQueueSlotsDropped(
+        work_queue_id=queue_id, dropped=slots.of_queue(queue_id), slots=slots.model_copy(update={"by_queue": counts})))
+
+
+def with_queue_deleted(decision: Decision, slots: PoolSlots) -> Decision:
+    """A queue's deletion (`work_pools.decide_delete_work_queue*`) drops its count from its
+    pool's `slots` in the same atomic batch (the pool's deciders cannot import this module)."""
+    from .work_pools import WorkQueueDeleted
+
+    extra = [queue_deleted(slots, new.event.queue_id) for new in decision.events
+             if isinstance(new.event, WorkQueueDeleted)]
+    if not extra:
+        return decision
+    return replace(decision, events=[*decision.events, *extra])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,8 +209,9 @@ class Limits:
     its pool is gone). `deployment_limit`: the run's deployment's global limit (None: no limit),
     with what to do when it is full (`collision_strategy`, Prefect's default ENQUEUE) and how
     long a slot's lease lasts while its run is PENDING (`lease_seconds`: the deployment's
-    `grace_period_seconds`, else the service's default; RUNNING runs keep theirs while their
-    worker sends heartbeats); `handed_slot_seconds`: how long a waiter keeps the slots a
+    `grace_period_seconds`, else the service's default; a RUNNING run keeps its slot until it
+    leaves RUNNING, which a claim naming a worker bounds: that worker going offline crashes
+    the run); `handed_slot_seconds`: how long a waiter keeps the slots a
     release handed it (`hand_over`). `deployment_found`: False when the run names
     a deployment that no longer exists. `waiters`: the deployment limit's waiters, and
     `first_waiters` the first `WAKE_LOOKAHEAD` of them as loaded (None: gone), for a release
@@ -189,11 +228,15 @@ class Limits:
     first_waiters: dict[uuid.UUID, FlowRun | None] = field(default_factory=dict)
 
     def pool_or_queue_full(self, run: FlowRun) -> str | None:
-        """Why the run cannot take a slot of its queue or pool now (None: it can)."""
+        """Why the run cannot take a slot of its queue or pool now (None: it can). A run whose
+        queue was deleted is in no pool any more (the read models clear its queue; Prefect
+        nulls it): no limit holds it back, and it takes no slot (`slot_events`)."""
         if self.pool is None or self.slots is None or run.work_queue_id is None:
             return None
         queue = self.pool.queues.get(run.work_queue_id)
-        if queue is not None and queue.concurrency_limit is not None:
+        if queue is None:
+            return None
+        if queue.concurrency_limit is not None:
             if self.slots.of_queue(queue.id) >= queue.concurrency_limit:
                 return (f"Work queue {queue.name!r} of work pool {self.pool.name!r} is at its concurrency limit "
                         f"({queue.concurrency_limit}).")
@@ -270,7 +313,8 @@ def slot_events(before: FlowRun | None, after: FlowRun | None, limits: Limits) -
     events: list[NewEvent] = []
     slots = limits.slots
     if slots is not None:
-        held, holds = holds_pool_slot(before), holds_pool_slot(after)
+        held = before is not None and holds_pool_slot(before) and _still_counted(before, limits, slots)
+        holds = after is not None and holds_pool_slot(after) and _in_pool(after, limits)
         if holds != held:
             run = after if holds else before
             assert run is not None and run.work_queue_id is not None
@@ -291,6 +335,21 @@ def slot_events(before: FlowRun | None, after: FlowRun | None, limits: Limits) -
             events.append(NewEvent(str(limit.id), cl.ConcurrencyLimitSlotTaken(
                 limit=limit, flow_run_id=run_id, lease_id=new_lease)))
     return events
+
+
+def _in_pool(run: FlowRun, limits: Limits) -> bool:
+    """Whether the run's queue is one of the pool's (`limits.pool` None: the caller passed
+    the counts of the pool the run is created in, whose queue it found there)."""
+    return limits.pool is None or run.work_queue_id in limits.pool.queues
+
+
+def _still_counted(run: FlowRun, limits: Limits, slots: PoolSlots) -> bool:
+    """Whether a run that held a slot still has it counted. Not once its queue is deleted: the
+    deletion dropped its queue's count (`queue_deleted`), so its release gives nothing back.
+    Unless a claim decided against the pool as it was before the deletion counted it there
+    after all: what is still counted for that queue is given back then, never more."""
+    assert run.work_queue_id is not None
+    return _in_pool(run, limits) or slots.of_queue(run.work_queue_id) > 0
 
 
 def with_initial_slots(decision: Decision, slots: PoolSlots | None) -> Decision:

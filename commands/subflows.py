@@ -56,7 +56,9 @@ class ParentTask:
             elif new.aggregate_type == tr.TASK_CACHE and (cached is None
                                                           or new.aggregate_id == tr.cache_id(cached.cache_key)):
                 cached = tr.evolve_cache(cached, new.event)
-        return ParentTask(run=run, facts=dataclasses.replace(self.facts, tag_limits=limits, cached=cached))
+        return ParentTask(run=run, facts=dataclasses.replace(
+            self.facts, tag_limits=limits, cached=cached,
+            global_tag_limits=tcl.global_limits_after(self.facts.global_tag_limits, decision.events)))
 
 
 def parent_task_state(subflow: FlowRun) -> StateCreate:

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from . import concurrency_limits as cl
 from .bounds import NonNegativeInt32, UtcDatetime
 from .decisions import Decision, NewEvent
 from .events import register_event
@@ -204,3 +207,189 @@ def slot_released(limit: TagConcurrencyLimit, task_run_id: uuid.UUID) -> NewEven
         return None
     after = limit.model_copy(update={"active_slots": [s for s in limit.active_slots if s != task_run_id]})
     return NewEvent(limit_id(limit.tag), TagConcurrencyLimitSlotReleased(limit=after, task_run_id=task_run_id))
+
+
+# ---------------------------------------------------------------------------------------------
+# Global limits named `tag:<tag>` (Prefect 3's way to limit a tag): when one is active it holds
+# task runs carrying the tag back instead of the tag's classic limit above. Its slots are a
+# count (`ConcurrencyLimit.active_slots`, which other users of the limit share), so the task
+# runs holding one are kept beside it, in an aggregate of their own per limit
+# (`GlobalTagSlots`, id `tagslots-<limit id>`): a run takes at most one slot per limit and
+# gives back only one it holds, and slots whose run is gone can be found and given back
+# (`decide_release_gone_tag_slots`). Both are written in the same atomic batch as the run's
+# state, like the classic limit's slots.
+
+GLOBAL_TAG_SLOTS = "global_tag_slots"
+GLOBAL_TAG_PREFIX = "tag:"
+
+
+def global_limit_name(tag: str) -> str:
+    """The name of the global limit that limits `tag`."""
+    return GLOBAL_TAG_PREFIX + tag
+
+
+def global_slots_id(limit_id: uuid.UUID) -> str:
+    """The aggregate id of the task runs holding slots of the global limit `limit_id` (not the
+    limit's own id: one decision writes both, and `Decision.after` is keyed by id alone)."""
+    return f"tagslots-{limit_id}"
+
+
+class GlobalTagSlots(BaseModel):
+    """The task runs holding a slot of a global limit named `tag:<tag>`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    limit_id: uuid.UUID
+    task_run_ids: list[uuid.UUID] = []
+
+
+class _GlobalTagSlotEvent(Event):
+    aggregate_type: ClassVar[str] = GLOBAL_TAG_SLOTS
+    slots: GlobalTagSlots  # after the event
+    task_run_id: uuid.UUID
+
+
+@register_event
+class GlobalTagSlotTaken(_GlobalTagSlotEvent):
+    """A task run carrying the tag entered RUNNING and took a slot of the tag's global limit
+    (with the limit's `ConcurrencyLimitSlotTaken`)."""
+
+    event_type: ClassVar[str] = "GlobalTagSlotTaken"
+
+
+@register_event
+class GlobalTagSlotReleased(_GlobalTagSlotEvent):
+    """A task run gave its slot back (with the limit's `ConcurrencyLimitSlotReleased`): it left
+    RUNNING and CANCELLING, was deleted, or is gone with its flow run."""
+
+    event_type: ClassVar[str] = "GlobalTagSlotReleased"
+
+
+def evolve_global_slots(slots: GlobalTagSlots | None, event: Event) -> GlobalTagSlots | None:
+    if isinstance(event, _GlobalTagSlotEvent):
+        return event.slots
+    return slots
+
+
+@dataclass(frozen=True)
+class GlobalTagLimit:
+    """A global limit named `tag:<tag>`, as a task run's rules read it: the limit and the task
+    runs holding its slots (loaded by the handler from `global_slots_id(limit.id)`)."""
+
+    limit: cl.ConcurrencyLimit
+    holders: GlobalTagSlots
+
+    @property
+    def governs(self) -> bool:
+        """Whether it holds runs back (and replaces the tag's classic limit): while active."""
+        return self.limit.active
+
+    def holds(self, task_run_id: uuid.UUID) -> bool:
+        return task_run_id in self.holders.task_run_ids
+
+    def full_for(self, task_run_id: uuid.UUID) -> bool:
+        """No slot for this run: it holds none, and the taken ones reach the limit."""
+        return not self.holds(task_run_id) and self.limit.active_slots >= self.limit.limit
+
+    @property
+    def occupancy(self) -> float:
+        return self.limit.active_slots / self.limit.limit if self.limit.limit else float("inf")
+
+
+def global_slot_taken(limit: GlobalTagLimit, task_run_id: uuid.UUID) -> list[NewEvent]:
+    """A slot taken by a run that holds none of this limit (none when it holds one)."""
+    if limit.holds(task_run_id):
+        return []
+    after = limit.limit.model_copy(update={"active_slots": limit.limit.active_slots + 1})
+    holders = limit.holders.model_copy(update={"task_run_ids": [*limit.holders.task_run_ids, task_run_id]})
+    return [NewEvent(str(after.id), cl.ConcurrencyLimitSlotTaken(limit=after, task_run_id=task_run_id)),
+            NewEvent(global_slots_id(after.id), GlobalTagSlotTaken(slots=holders, task_run_id=task_run_id))]
+
+
+def global_slot_released(limit: GlobalTagLimit, task_run_id: uuid.UUID) -> list[NewEvent]:
+    """The run's slot given back, whether the limit is active or not (none when it holds none).
+    The count never drops below 0: an update may have set it lower meanwhile."""
+    if not limit.holds(task_run_id):
+        return []
+    return _released(limit, [task_run_id])
+
+
+def _released(limit: GlobalTagLimit, task_run_ids: list[uuid.UUID]) -> list[NewEvent]:
+    """Each run's slot given back, one pair of events per run (each names its run)."""
+    events: list[NewEvent] = []
+    current, holders = limit.limit, limit.holders
+    for task_run_id in task_run_ids:
+        current = current.model_copy(update={"active_slots": max(0, current.active_slots - 1)})
+        holders = holders.model_copy(update={"task_run_ids": [r for r in holders.task_run_ids if r != task_run_id]})
+        events += [NewEvent(str(current.id), cl.ConcurrencyLimitSlotReleased(limit=current, task_run_id=task_run_id)),
+                   NewEvent(global_slots_id(current.id), GlobalTagSlotReleased(slots=holders, task_run_id=task_run_id))]
+    return events
+
+
+def global_limits_after(limits: Mapping[str, GlobalTagLimit], events: Iterable[NewEvent]) -> dict[str, GlobalTagLimit]:
+    """`limits` as `events` (a decision's) leave them: the limit and its holders each slot
+    event carries after it (a second state copied onto one task run in one decision decides
+    against the first one's slots)."""
+    by_id = {g.limit.id: tag for tag, g in limits.items()}
+    out = dict(limits)
+    for new in events:
+        event = new.event
+        if isinstance(event, cl.ConcurrencyLimitSlotTaken | cl.ConcurrencyLimitSlotReleased) and event.limit.id in by_id:
+            tag = by_id[event.limit.id]
+            out[tag] = GlobalTagLimit(event.limit, out[tag].holders)
+        elif isinstance(event, _GlobalTagSlotEvent) and event.slots.limit_id in by_id:
+            tag = by_id[event.slots.limit_id]
+            out[tag] = GlobalTagLimit(out[tag].limit, event.slots)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Slots whose task run is gone: a flow run's deletion takes its task runs with it without an
+# event of theirs, so the slots its running tasks held would stay taken for ever. The foreman
+# finds such holders on the read models and sends this command; the decider gives back only
+# the slots whose run the handler found, on the log, gone or no longer running.
+
+MAX_GONE_HOLDERS = 1_000
+
+
+class ReleaseTagSlotsOfGoneTaskRuns(Command):
+    """Give back the slots of `tag`'s limits (its classic one and its global `tag:<tag>` one)
+    held by task runs that no longer exist (deleted, or gone with their flow run) or are no
+    longer RUNNING or CANCELLING. `task_run_ids`: the holders to check (the foreman's
+    candidates); none given: every holder of the tag's limits. A holder still running keeps
+    its slot, whatever the sender believed."""
+
+    tag: Tag
+    task_run_ids: Annotated[list[uuid.UUID], Field(max_length=MAX_GONE_HOLDERS)] | None = None
+
+
+def holders_to_check(cmd: ReleaseTagSlotsOfGoneTaskRuns, limit: TagConcurrencyLimit | None,
+                     global_limit: GlobalTagLimit | None) -> list[uuid.UUID]:
+    """The holders of the tag's slots the command asks about (in the order the limits list
+    them): the handler reads each of them from the log."""
+    held = [*(limit.active_slots if limit is not None else []),
+            *(global_limit.holders.task_run_ids if global_limit is not None else [])]
+    asked = set(cmd.task_run_ids) if cmd.task_run_ids is not None else None
+    return [r for r in dict.fromkeys(held) if asked is None or r in asked]
+
+
+def decide_release_gone_tag_slots(cmd: ReleaseTagSlotsOfGoneTaskRuns, limit: TagConcurrencyLimit | None,
+                                  global_limit: GlobalTagLimit | None,
+                                  states: Mapping[uuid.UUID, StateType | None]) -> Decision:
+    """`states`: the state type of each holder to check (`holders_to_check`), as the handler
+    read it from the log after the limits, None for a run that is gone. A holder in RUNNING or
+    CANCELLING, or not read, keeps its slot; the result names the runs whose slots were given
+    back. Nothing is written when none was."""
+    gone = [r for r in holders_to_check(cmd, limit, global_limit) if r in states and states[r] not in SLOT_STATES]
+    events: list[NewEvent] = []
+    if limit is not None:
+        current: TagConcurrencyLimit = limit
+        for task_run_id in gone:
+            released = slot_released(current, task_run_id)
+            if released is not None:
+                events.append(released)
+                assert isinstance(released.event, _TagLimitEvent)
+                current = released.event.limit
+    if global_limit is not None:
+        events += _released(global_limit, [r for r in gone if global_limit.holds(r)])
+    return Decision(events=events, result={"released": [str(r) for r in gone]})

@@ -47,7 +47,7 @@ from .states import TERMINAL, State, StateCreate, StateDetails, StateType
 
 if TYPE_CHECKING:
     from .flow_runs import FlowRun
-    from .tag_concurrency_limits import TagConcurrencyLimit
+    from .tag_concurrency_limits import GlobalTagLimit, TagConcurrencyLimit
     from .task_runs import TaskCache, TaskDelivery, TaskRun, TaskRunPolicy
 
 # While the service's own connection to the broker is younger than this, a task worker may not
@@ -69,7 +69,8 @@ class TaskFacts:
     `takeover_allowed`: False while a broker restart is recent (see `TAKEOVER_GRACE_SECONDS`);
     `claimant` and `delivery`: the task worker proposing the state and the message it took
     the run from; `tag_limits`: the concurrency limits of the run's tags, by tag (tags
-    without a limit are left out)."""
+    without a limit are left out); `global_tag_limits`: the global limits named `tag:<tag>`
+    of the run's tags, active or not, by tag (the same)."""
 
     flow_run: FlowRun | None = None
     cached: TaskCache | None = None
@@ -77,6 +78,7 @@ class TaskFacts:
     claimant: str | None = None
     delivery: TaskDelivery | None = None
     tag_limits: Mapping[str, TagConcurrencyLimit] = field(default_factory=dict)
+    global_tag_limits: Mapping[str, GlobalTagLimit] = field(default_factory=dict)
 
     def with_claim(self, claimant: str | None, delivery: TaskDelivery | None) -> TaskFacts:
         return replace(self, claimant=claimant, delivery=delivery)
@@ -230,9 +232,9 @@ def prevent_running_tasks_from_stopped_flows(c: RuleContext) -> Verdict:
         return go_on()
     flow_run = _facts(c).flow_run
     flow_state = flow_run.state if flow_run is not None else None
-    if flow_state is not None and flow_state.type is StateType.PAUSED:
+    if flow_run is not None and flow_state is not None and flow_state.type is StateType.PAUSED:
         d = flow_state.state_details
-        return reject("The flow is paused, new tasks can execute after resuming flow run.", StateCreate(
+        return reject(f"The flow is paused, new tasks can execute after resuming flow run: {flow_run.id}.", StateCreate(
             type=StateType.PAUSED, name="NotReady",
             state_details=StateDetails(pause_timeout=d.pause_timeout, pause_reschedule=d.pause_reschedule)))
     if flow_state is None or flow_state.type is not StateType.RUNNING:
@@ -247,10 +249,27 @@ def secure_task_concurrency_slots(c: RuleContext) -> Verdict:
     limited tags has a free slot, and otherwise tries again a little later. A limit of 0 could
     never be met, so the caller is told to stop rather than wait for ever. A run that holds a
     tag's slot already (RUNNING again) keeps it and is not counted twice, so it never waits on
-    itself. The slots are taken with the state written, not here."""
+    itself. The slots are taken with the state written, not here.
+
+    A tag is limited by an active global limit named `tag:<tag>` (Prefect 3's tag limits)
+    instead of its classic limit, when it has one; those are checked first, as in Prefect,
+    and a run held back by one tries again after a random delay around how long its slots are
+    usually held (at most `TAG_SLOT_WAIT_SECONDS`), so that waiting runs do not all come back
+    at the same moment."""
     run = _run(c)
-    limits = _facts(c).tag_limits
-    limited = [(tag, limits[tag]) for tag in sorted(run.tags) if tag in limits]  # Prefect reads them by tag
+    facts = _facts(c)
+    governing = governing_global_limits(run.tags, facts.global_tag_limits)
+    for tag, g in governing.items():
+        if g.limit.limit == 0:
+            return abort(f'The concurrency limit on tag "{tag}" is 0 and will deadlock if the task tries to run again.')
+    if any(g.full_for(run.id) for g in governing.values()):
+        blocking = max(governing.values(), key=lambda g: g.occupancy)
+        average = min(blocking.limit.avg_slot_occupancy_seconds or TAG_SLOT_WAIT_SECONDS, TAG_SLOT_WAIT_SECONDS)
+        delay = clamped_poisson_interval(average, 0.3, (c.new_id().int % 1_000_001) / 1_000_000)
+        return wait(round(delay), f"Concurrency limit reached for tags: {', '.join(governing)}")
+    limits = facts.tag_limits
+    # Prefect reads the classic ones by tag; a tag under an active global limit has none here.
+    limited = [(tag, limits[tag]) for tag in sorted(run.tags) if tag in limits and tag not in governing]
     for tag, limit in limited:
         if limit.concurrency_limit == 0:
             return abort(f'The concurrency limit on tag "{tag}" is 0 and will deadlock if the task tries to run again.')
@@ -258,6 +277,12 @@ def secure_task_concurrency_slots(c: RuleContext) -> Verdict:
         if run.id not in limit.active_slots and len(limit.active_slots) >= limit.concurrency_limit:
             return wait(TAG_SLOT_WAIT_SECONDS, f"Concurrency limit for the {tag} tag has been reached")
     return go_on()
+
+
+def governing_global_limits(tags: Sequence[str], limits: Mapping[str, GlobalTagLimit]) -> dict[str, GlobalTagLimit]:
+    """The run's tags under an active global `tag:<tag>` limit, by tag, in sorted order: these
+    tags' classic limits do not apply (OR-17; `task_runs.tag_slot_events` takes their slots)."""
+    return {tag: limits[tag] for tag in sorted(set(tags)) if tag in limits and limits[tag].governs}
 
 
 @rule("TR-5", from_states={StateType.SCHEDULED, StateType.PENDING}, to_states={StateType.PENDING, StateType.RUNNING})
@@ -429,8 +454,10 @@ def set_task_run_state(run: TaskRun, proposed: StateCreate, *, force: bool, ctx:
     deferred = bool(proposed.state_details.deferred)
     policy = task_policy(proposed, force=force)
 
+    tracks_flow_run = policy is not MINIMAL_TASK_POLICY
+
     def book(r: TaskRun, proposal: StateCreate, run_policy: Any, c: DecisionContext) -> tuple[State, TaskRun]:
-        return _book(r, proposal, facts, c)
+        return _book(r, proposal, facts, c, tracks_flow_run=tracks_flow_run)
 
     t = orchestrate(policy, run, proposed, ctx, facts=facts, book=book)
     enqueue = (deferred and proposed.type is StateType.SCHEDULED and t.state is not None
@@ -445,10 +472,13 @@ def set_task_run_state(run: TaskRun, proposed: StateCreate, *, force: bool, ctx:
                           takes_tag_slots=takes_tag_slots, records_cache=cache_insertion in policy)
 
 
-def _book(run: TaskRun, proposal: StateCreate, facts: TaskFacts, ctx: DecisionContext) -> tuple[State, TaskRun]:
+def _book(run: TaskRun, proposal: StateCreate, facts: TaskFacts, ctx: DecisionContext, *,
+          tracks_flow_run: bool) -> tuple[State, TaskRun]:
     """FR-6 and TR-6 for task runs: mint the state, mirror it and the times onto the run; every
     entry into RUNNING counts a run (a run leaving a finished state starts counting again, OR-15)
-    and copies its flow run's count; the task worker that starts it holds it while it runs."""
+    and, under the core and background policies (`tracks_flow_run`: Prefect's
+    UpdateFlowRunTrackerOnTasks is in those, not in the minimal one a forced state takes),
+    copies its flow run's count; the task worker that starts it holds it while it runs."""
     current = run.state
     details: dict[str, Any] = {"task_run_id": run.id, "flow_run_id": run.flow_run_id}
     state = mint_state(current, proposal, details, ctx)
@@ -459,7 +489,7 @@ def _book(run: TaskRun, proposal: StateCreate, facts: TaskFacts, ctx: DecisionCo
     worker, message = run.task_worker_id, run.task_message
     if state.type is StateType.RUNNING:
         run_count += 1
-        if facts.flow_run is not None:
+        if tracks_flow_run and facts.flow_run is not None:
             flow_run_run_count = facts.flow_run.run_count
         worker = facts.claimant or (worker if leaving is StateType.RUNNING else None)
         if facts.delivery is not None:

@@ -78,17 +78,24 @@ DynamicKey = Annotated[StoredText, StringConstraints(max_length=2_000)]
 TaskWorkerId = Annotated[StoredText, StringConstraints(min_length=1, max_length=MAX_NAME_LENGTH)]
 ShortText = Annotated[StoredText, StringConstraints(max_length=10_000)]
 Seconds = Annotated[float, Field(ge=0, le=INT32_MAX, allow_inf_nan=False)]
+# A retry count or delay as Prefect's `TaskRunPolicy` takes it: with no lower bound. A negative
+# count retries nothing; a negative delay schedules the retry that far in the past, so it is
+# due at once (as a delay of 0 would be).
+SignedCount = Annotated[int, Field(ge=-INT32_MAX, le=INT32_MAX)]
+SignedSeconds = Annotated[float, Field(ge=-INT32_MAX, le=INT32_MAX, allow_inf_nan=False)]
 
 
 class TaskRunPolicy(BaseModel):
-    """Prefect's task `empirical_policy`: how many retries, after how long, with what jitter."""
+    """Prefect's task `empirical_policy`: how many retries, after how long, with what jitter.
+    As in Prefect, counts and delays may be negative (only the number of delays and the jitter
+    are checked): a negative count means no retries, a negative delay a retry due at once."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_retries: Annotated[int, Field(ge=0, le=INT32_MAX)] = 0  # deprecated in Prefect
-    retry_delay_seconds: Seconds = 0  # deprecated in Prefect
-    retries: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
-    retry_delay: Seconds | list[Seconds] | None = None
+    max_retries: SignedCount = 0  # deprecated in Prefect
+    retry_delay_seconds: SignedSeconds = 0  # deprecated in Prefect
+    retries: SignedCount | None = None
+    retry_delay: SignedSeconds | list[SignedSeconds] | None = None
     retry_jitter_factor: float | None = None
 
     @field_validator("retry_delay")
@@ -498,7 +505,7 @@ def decide_set_task_run_state(cmd: SetTaskRunState, run: TaskRun | None, ctx: De
         return Decision(events=[], result=run.state, orchestration=transition.orchestration)
     after: TaskRun = transition.run
     events = [NewEvent(str(run.id), TaskRunStateSet(run=after)), *cache_events(transition, facts.cached),
-              *tag_slot_events(run, transition, facts.tag_limits)]
+              *tag_slot_events(run, transition, facts.tag_limits, facts.global_tag_limits)]
     return Decision(events=events, result=after.state, created=True, after={str(run.id): after},
                     orchestration=transition.orchestration,
                     queue=_queued(run, transition, cmd.queue_wait_seconds))
@@ -529,20 +536,33 @@ def cache_entry_recorded(entry: TaskCacheEntry, cached: TaskCache | None) -> Tas
 
 
 def tag_slot_events(run: TaskRun, transition: task_run_rules.TaskTransition,
-                    limits: Mapping[str, tcl.TagConcurrencyLimit]) -> list[NewEvent]:
+                    limits: Mapping[str, tcl.TagConcurrencyLimit],
+                    global_limits: Mapping[str, tcl.GlobalTagLimit] | None = None) -> list[NewEvent]:
     """SL-8: a run let into RUNNING by the tag-slot rule takes a slot of each of its limited
-    tags (OR-17); any written state but RUNNING and CANCELLING gives them back, forced or not
-    (OR-18). `limits`: those of the run's tags, as `TaskFacts.tag_limits`."""
+    tags (OR-17): of the tag's active global `tag:<tag>` limit when it has one, else of its
+    classic limit; any written state but RUNNING and CANCELLING gives back every slot it
+    holds, of either kind, forced or not (OR-18). `limits`, `global_limits`: those of the
+    run's tags, as `TaskFacts.tag_limits` and `.global_tag_limits`."""
     state = transition.state
     if state is None:
         return []
+    global_limits = global_limits or {}
     if transition.takes_tag_slots:
-        made = [tcl.slot_taken(limits[tag], run.id) for tag in run.tags if tag in limits]
-    elif state.type not in tcl.SLOT_STATES:
-        made = [tcl.slot_released(limits[tag], run.id) for tag in run.tags if tag in limits]
-    else:
-        return []
-    return [e for e in made if e is not None]
+        governing = task_run_rules.governing_global_limits(run.tags, global_limits)
+        taken = [e for tag in governing for e in tcl.global_slot_taken(governing[tag], run.id)]
+        made = [tcl.slot_taken(limits[tag], run.id) for tag in run.tags if tag in limits and tag not in governing]
+        return [*taken, *(e for e in made if e is not None)]
+    if state.type not in tcl.SLOT_STATES:
+        return released_tag_slots(run.id, limits, global_limits)
+    return []
+
+
+def released_tag_slots(task_run_id: uuid.UUID, limits: Mapping[str, tcl.TagConcurrencyLimit],
+                       global_limits: Mapping[str, tcl.GlobalTagLimit]) -> list[NewEvent]:
+    """Every tag slot the run holds given back, classic and global (active or not)."""
+    made = [tcl.slot_released(limit, task_run_id) for limit in limits.values()]
+    return [*(e for e in made if e is not None),
+            *(e for limit in global_limits.values() for e in tcl.global_slot_released(limit, task_run_id))]
 
 
 def _queued(before: TaskRun, transition: task_run_rules.TaskTransition,
@@ -569,18 +589,18 @@ def decide_update_task_run(cmd: UpdateTaskRun, run: TaskRun | None, ctx: Decisio
 
 
 def decide_delete_task_run(cmd: DeleteTaskRun, run: TaskRun | None,
-                           tag_limits: Mapping[str, tcl.TagConcurrencyLimit] | None = None) -> Decision:
-    """The run's keys are free again at once, and so are the tag slots it holds (`tag_limits`:
-    its tags' limits; beyond Prefect, which leaves a deleted run in them). A copy of it still
-    queued is dropped by the worker that takes it (the run is gone)."""
+                           tag_limits: Mapping[str, tcl.TagConcurrencyLimit] | None = None,
+                           global_tag_limits: Mapping[str, tcl.GlobalTagLimit] | None = None) -> Decision:
+    """The run's keys are free again at once, and so are the tag slots it holds (`tag_limits`,
+    `global_tag_limits`: its tags' limits; beyond Prefect, which leaves a deleted run in
+    them). A copy of it still queued is dropped by the worker that takes it (the run is gone)."""
     if run is None:
         raise task_run_not_found()
     at = keys_id(*_keys(run))
     releases = [NewEvent(str(at), TaskRunKeysReleased(task_run_id=run.id))] if at != run.id else []
-    slots = [tcl.slot_released(limit, run.id) for limit in (tag_limits or {}).values()]
     return Decision(events=[*releases, NewEvent(str(run.id), TaskRunDeleted(task_run_id=run.id,
                                                                              task_key=run.task_key)),
-                            *(e for e in slots if e is not None)])
+                            *released_tag_slots(run.id, tag_limits or {}, global_tag_limits or {})])
 
 
 def reply(run: TaskRun) -> dict[str, Any]:

@@ -67,8 +67,8 @@ async def parent_task(unit: Unit, task_run_id: uuid.UUID, copied: StateCreate) -
     cached = (await unit.load(tr.TASK_CACHE, tr.cache_id(key))
               if key is not None and copied.type is StateType.COMPLETED
               and task_rules.records_cache(copied, force=True) else None)
-    return sf.ParentTask(run=parent, facts=task_rules.TaskFacts(
-        flow_run=flow_run, cached=cached, tag_limits=await tag_limits_of(unit, parent, copied)))
+    return sf.ParentTask(run=parent, facts=(await tag_limits_of(unit, parent, copied, lock_global=False)).into(
+        task_rules.TaskFacts(flow_run=flow_run, cached=cached)))
 
 
 async def onto_parent_task(unit: Unit, decision: Decision, before: fr.FlowRun | None, run_id: str,
@@ -82,15 +82,31 @@ async def onto_parent_task(unit: Unit, decision: Decision, before: fr.FlowRun | 
     return sf.with_parent_task_state(decision, subflow, parent, ctx, created=before is None)
 
 
+async def key_holder(unit: Unit, flow_id: uuid.UUID, idempotency_key: str
+                     ) -> tuple[uk.UniqueKeyClaim, fr.FlowRun | None]:
+    """Who holds a run's idempotency key within its flow, and that run: the key's claim, or
+    (a schedule writes none) the scheduled run the key names (`fr.scheduled_run_of_key`). Only
+    the claim is locked: a scheduled run is not a holder to take turns with, it is there or not."""
+    claim = await unit.load(uk.UNIQUE_KEY, fr.key_of(flow_id, idempotency_key))
+    if claim.owner_id is None and (scheduled_id := fr.scheduled_run_of_key(idempotency_key)) is not None:
+        scheduled = await unit.load(fr.FLOW_RUN, str(scheduled_id))
+        claim = fr.claim_of_scheduled_run(claim, scheduled, flow_id, idempotency_key)
+    holder = await unit.load(fr.FLOW_RUN, str(claim.owner_id)) if claim.owner_id is not None else None
+    return claim, holder
+
+
 async def create_flow_run(unit: Unit, cmd: fr.CreateFlowRun, ctx: DecisionContext) -> Decision:
     claim = existing = None
     if cmd.idempotency_key is not None:
-        claim = await unit.load(uk.UNIQUE_KEY, fr.key_of(cmd.flow_id, cmd.idempotency_key))
-        if claim.owner_id is not None:
-            existing = await unit.load(fr.FLOW_RUN, str(claim.owner_id))
+        claim, existing = await key_holder(unit, cmd.flow_id, cmd.idempotency_key)
     flow = await unit.load(fl.FLOW, str(cmd.flow_id))
     pool = await pool_by_name(unit, cmd.work_pool_name) if cmd.work_pool_name is not None else None
-    decision = fr.decide_create_flow_run(cmd, claim, existing, flow is not None, pool, ctx)
+    inherited = None
+    if flow is not None and existing is None:
+        # A run naming a deployment inherits its labels; an unknown one, its flow's (as Prefect).
+        deployment = await unit.load(dp.DEPLOYMENT, str(cmd.deployment_id)) if cmd.deployment_id is not None else None
+        inherited = fr.inherited_labels(cmd.flow_id, flow.labels, deployment)
+    decision = fr.decide_create_flow_run(cmd, claim, existing, flow is not None, pool, ctx, inherited)
     if not decision.created:
         return decision
     decision = sl.with_initial_slots(decision, await initial_slots(unit, pool, [cmd.state], StateType.PENDING))
@@ -156,6 +172,10 @@ def command_specs(queues: LogIndex | None,
             assert queues is not None
             pool_id = await queues.lookup(str(run.work_queue_id))
             pool = await unit.load(wp.WORK_POOL, pool_id) if pool_id else None
+            if pool_id is not None and pool is not None and run.work_queue_id not in pool.queues:
+                # Deleted (its runs are in no pool: `slots.slot_events`), or created after this
+                # instance cached the pool: the log tells which.
+                pool = await unit.load(wp.WORK_POOL, pool_id, fresh=True)
         if run.deployment_id is not None:
             deployment = await unit.load(dp.DEPLOYMENT, str(run.deployment_id))
         limited = deployment is not None and deployment.concurrency_limit is not None

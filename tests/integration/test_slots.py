@@ -14,6 +14,7 @@ from runledger.cli.main import _register, app
 from runledger.client import RunledgerClient
 from runledger.handlers.background import Clock, CommandSender
 from runledger.handlers.foreman import Foreman
+from runledger.handlers.service import Service
 from runledger.infra.nats_connection import connect
 from tests.integration.broker import assert_live_equals_rebuild, cli_env
 
@@ -385,3 +386,128 @@ async def test_a_release_hands_the_slots_it_frees_to_the_run_it_wakes(broker, se
     assert [item["flow_run"]["id"] for item in polled] == [other]
     assert (await _set(broker, other, "PENDING"))["orchestration"]["status"] == "ACCEPT"
     await assert_live_equals_rebuild(service, settings)
+
+
+async def test_deleting_a_queue_frees_the_pool_slots_its_runs_held_at_once(broker, service, settings):
+    """As in Prefect, where deleting a queue clears its runs' queue and such runs count for
+    nothing: the claim side agrees with the pool's count and the poll at once, and the deleted
+    queue's runs, ending or claimed later, neither give back nor take a slot of the pool."""
+    await broker.ok_cmd("CreateWorkPool", name="limited", type="process", concurrency_limit=1)
+    await broker.ok_cmd("CreateWorkQueue", work_pool_name="limited", name="q", concurrency_limit=1)
+    flow_id = (await broker.ok_cmd("CreateFlow", name="requeued"))["id"]
+    held = await _run_in(broker, flow_id, "q", "SCHEDULED")
+    assert (await _set(broker, held["id"], "PENDING"))["orchestration"]["status"] == "ACCEPT"
+    assert (await _set(broker, held["id"], "RUNNING"))["orchestration"]["status"] == "ACCEPT"
+    orphan = await _run_in(broker, flow_id, "q", "SCHEDULED")
+    waiting = await _run_in(broker, flow_id, "default", "SCHEDULED")
+    full = "Work pool 'limited' is at its concurrency limit (1)."
+    assert (await _set(broker, waiting["id"], "PENDING"))["orchestration"]["details"]["reason"] == full
+
+    await broker.ok_cmd("DeleteWorkQueue", work_pool_name="limited", work_queue_name="q")
+    assert (await broker.ok_qry("GetWorkPool", name="limited"))["active_slots"] == 0
+    polled = await broker.ok_qry("GetScheduledFlowRuns", work_pool_name="limited", limit=10)
+    assert [item["flow_run"]["id"] for item in polled] == [waiting["id"]]
+    claimed = await _set(broker, waiting["id"], "PENDING")
+    assert claimed["orchestration"]["status"] == "ACCEPT", claimed
+    assert (await broker.ok_qry("GetFlowRun", id=waiting["id"]))["waiting_reason"] is None
+
+    # The deleted queue's runs are in no pool: the one that held a slot gives nothing back (the
+    # pool stays full), and the other's claim is held back by no limit and counts nothing.
+    await _set(broker, held["id"], "COMPLETED")
+    late = await _run_in(broker, flow_id, "default", "SCHEDULED")
+    assert (await _set(broker, late["id"], "PENDING"))["orchestration"]["details"]["reason"] == full
+    assert (await _set(broker, orphan["id"], "PENDING"))["orchestration"]["status"] == "ACCEPT"
+    assert (await broker.ok_qry("GetWorkPool", name="limited"))["active_slots"] == 1
+    await _set(broker, waiting["id"], "COMPLETED")
+    assert (await _set(broker, late["id"], "PENDING"))["orchestration"]["status"] == "ACCEPT"
+    await assert_live_equals_rebuild(service, settings)
+
+
+async def test_update_replies_count_the_runs_holding_slots(broker):
+    """An update's reply shows the same `active_slots` as a read of the pool or queue. By id,
+    too, the reply counts PENDING and RUNNING runs (the log's counts), as `GetWorkQueue` does;
+    `GetWorkQueueById` also counts CANCELLING ones."""
+    await broker.ok_cmd("CreateWorkPool", name="limited", type="process", concurrency_limit=3)
+    queue = await broker.ok_cmd("CreateWorkQueue", work_pool_name="limited", name="a", concurrency_limit=3)
+    flow_id = (await broker.ok_cmd("CreateFlow", name="counted"))["id"]
+    await _run_in(broker, flow_id, "a", "PENDING")
+    await _run_in(broker, flow_id, "a", "RUNNING")
+    cancelling = await _run_in(broker, flow_id, "a", "RUNNING")
+    await _set(broker, cancelling["id"], "CANCELLING")
+
+    pool = await broker.ok_cmd("UpdateWorkPool", name="limited", concurrency_limit=5)
+    assert pool["active_slots"] == 2 == (await broker.ok_qry("GetWorkPool", name="limited"))["active_slots"]
+    unchanged = await broker.ok_cmd("UpdateWorkPool", name="limited", concurrency_limit=5)
+    assert unchanged["active_slots"] == 2
+    assert (await broker.ok_cmd("UpdateWorkPool", name="limited", concurrency_limit=None))["active_slots"] is None
+    by_name = await broker.ok_cmd("UpdateWorkQueue", work_pool_name="limited", work_queue_name="a", concurrency_limit=4)
+    read = await broker.ok_qry("GetWorkQueue", work_pool_name="limited", work_queue_name="a")
+    assert by_name["active_slots"] == 2 == read["active_slots"]
+    by_id = await broker.ok_cmd("UpdateWorkQueueById", id=queue["id"], description="counted")
+    assert by_id["active_slots"] == 2
+    assert (await broker.ok_qry("GetWorkQueueById", id=queue["id"]))["active_slots"] == 3  # CANCELLING too
+    moved = await broker.ok_cmd("SetWorkQueuePriorities", work_pool_name="limited", priorities={"a": 2})
+    assert {q["name"]: q["active_slots"] for q in moved} == {"a": 2, "default": None}
+
+
+async def test_a_run_claimed_without_a_worker_holds_its_slots_until_an_operator_ends_it(broker, service, settings):
+    """What the docs promise for a claim that names no worker: nothing ties it to a heartbeat,
+    so a RUNNING run whose process died keeps its pool's, queue's and deployment's slots (no
+    lease of a RUNNING run expires) until a final state is set, as operations.md tells the
+    operator to do with the CLI."""
+    await broker.ok_cmd("CreateWorkPool", name="limited", type="process", concurrency_limit=1)
+    flow_id = (await broker.ok_cmd("CreateFlow", name="unnamed"))["id"]
+    deployment = await broker.ok_cmd("CreateDeployment", flow_id=flow_id, name="one", work_pool_name="limited",
+                                     concurrency_limit=1)
+    held, waiting = [(await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=deployment["id"],
+                                          name=name))["id"] for name in ("lost-run", "next-run")]
+    assert (await _set(broker, held, "PENDING"))["orchestration"]["status"] == "ACCEPT"
+    assert (await _set(broker, held, "RUNNING"))["orchestration"]["status"] == "ACCEPT"
+    assert (await broker.ok_qry("GetFlowRun", id=held))["worker_name"] is None
+    assert (await _set(broker, waiting, "PENDING"))["orchestration"]["status"] == "REJECT"
+
+    ended = await asyncio.to_thread(CliRunner().invoke, app, ["flow-run", "set-state", "lost-run", "CRASHED",
+                                                              "-m", "its process died"], env=cli_env(settings))
+    assert ended.exit_code == 0, ended.output
+    await broker.catch_up()  # the CLI's write, which the broker's own reads do not wait for
+    assert (await broker.ok_qry("GetWorkPool", name="limited"))["active_slots"] == 0
+    read = await broker.ok_qry("GetDeployment", id=deployment["id"])
+    assert read["global_concurrency_limit"]["active_slots"] == 0
+    claimed = await broker.cmd("SetFlowRunState", id=waiting, state={"type": "PENDING"})
+    assert claimed["orchestration"]["status"] == "ACCEPT", claimed
+
+
+async def test_a_queue_made_after_an_instance_cached_its_pool_still_counts_there(broker, service, settings):
+    """A run's queue missing from the pool an instance cached is either deleted (the run is in
+    no pool) or newer than that cache: the instance reads the pool from the log to tell, so a
+    claim there counts the run against the pool's limit as any other."""
+    await broker.ok_cmd("CreateWorkPool", name="limited", type="process", concurrency_limit=1)
+    flow_id = (await broker.ok_cmd("CreateFlow", name="two-instances"))["id"]
+    other = Service(settings, roles=frozenset({"commands"}))
+    await other.start()
+
+    async def claim(run_id: str, state: str = "PENDING") -> str:
+        body = json.dumps({"id": run_id, "state": {"type": state}}).encode()
+        reply = await other.commands.execute("SetFlowRunState", body)
+        assert reply["ok"], reply
+        return reply["orchestration"]["status"]
+
+    try:
+        first = await _run_in(broker, flow_id, "default", "SCHEDULED")
+        assert await claim(first["id"]) == "ACCEPT"  # the other instance caches the pool now
+        assert await claim(first["id"], "COMPLETED") == "ACCEPT"
+        # Sent to the first instance alone (the broker would balance them over both).
+        async def on_first(command: str, **body: object) -> dict:
+            reply = await service.commands.execute(command, json.dumps(body).encode())
+            assert reply["ok"], reply
+            return reply["result"]
+
+        await on_first("CreateWorkQueue", work_pool_name="limited", name="newer")
+        in_newer, blocked = [await on_first("CreateFlowRun", flow_id=flow_id, work_pool_name="limited",
+                                            work_queue_name=queue, state={"type": "SCHEDULED"})
+                             for queue in ("newer", "default")]
+        assert await claim(in_newer["id"]) == "ACCEPT"
+        assert await claim(blocked["id"]) == "REJECT"
+    finally:
+        await other.stop()
+    assert (await broker.ok_qry("GetWorkPool", name="limited"))["active_slots"] == 1

@@ -174,6 +174,39 @@ async def test_an_instance_sees_a_limit_or_a_slot_another_instance_wrote(service
     assert rerun["orchestration"]["status"] == "ACCEPT" and await slots() == [first]
 
 
+async def test_an_instance_sees_a_global_tag_limit_or_its_slot_another_instance_wrote(service, settings,
+                                                                                       second_instance):
+    """As above, for a global limit `tag:g`: B caches that no such limit exists, A creates it;
+    B's run then takes its slot, and A, which cached no holder, still gives it back."""
+    a, b = service.commands, second_instance.commands
+
+    async def on(bus: Any, _name: str, /, **body: Any) -> dict[str, Any]:
+        reply = await bus.execute(_name, json.dumps(body, default=str).encode())
+        assert reply["ok"], reply
+        return reply
+
+    first = (await on(a, "CreateTaskRun", task_key="k", dynamic_key="1", tags=["g"]))["result"]["id"]
+    second = (await on(b, "CreateTaskRun", task_key="k", dynamic_key="2", tags=["g"]))["result"]["id"]
+    for state in ("RUNNING", "COMPLETED"):  # B caches that "tag:g" names no limit
+        await on(b, "SetTaskRunState", id=first, state={"type": state})
+    limit_id = (await on(a, "CreateConcurrencyLimit", name="tag:g", limit=1))["result"]["id"]
+
+    async def taken() -> int:
+        last = await service.store.last_event("concurrency_limit", limit_id)
+        return last.envelope.payload["limit"]["active_slots"]
+
+    third = (await on(a, "CreateTaskRun", task_key="k", dynamic_key="3", tags=["g"]))["result"]["id"]
+    for state in ("RUNNING", "COMPLETED"):  # A caches the limit without holders
+        await on(a, "SetTaskRunState", id=third, state={"type": state})
+    assert (await on(b, "SetTaskRunState", id=second, state={"type": "RUNNING"}))["orchestration"]["status"] == "ACCEPT"
+    assert await taken() == 1
+    full = await on(b, "SetTaskRunState", id=first, state={"type": "RUNNING"})
+    assert full["orchestration"]["status"] == "WAIT"
+    await on(a, "SetTaskRunState", id=second, state={"type": "COMPLETED"})
+    assert await taken() == 0
+    assert (await on(b, "SetTaskRunState", id=first, state={"type": "RUNNING"}))["orchestration"]["status"] == "ACCEPT"
+
+
 # ---------------------------------------------------------------------------------------------
 # A race
 
@@ -336,3 +369,97 @@ async def test_the_foreman_leaves_task_runs_of_running_flow_runs_and_of_runs_jus
         alive: "RUNNING", orphan: "CRASHED", cancelling: "CRASHED", finished: "COMPLETED"}
     assert states[orphan]["message"] == "Its flow run ended (FAILED) while this task run was still running."
     assert (await broker.ok_qry("GetTagConcurrencyLimit", tag="db"))["active_slots"] == [alive]
+
+
+async def _running(broker, task_run_id: str) -> dict[str, Any]:
+    return (await broker.cmd("SetTaskRunState", id=task_run_id, state={"type": "RUNNING"}))["orchestration"]
+
+
+async def test_a_global_limit_named_tag_holds_task_runs_back_instead_of_the_classic_one(broker, service, settings):
+    """A global limit `tag:<tag>`, while active, limits the tag's task runs: a full one makes
+    the next run wait (a short random delay), 0 aborts, the tag's classic limit is ignored
+    meanwhile, and a run leaving RUNNING gives its slot back."""
+    await broker.ok_cmd("CreateTagConcurrencyLimit", tag="db", concurrency_limit=0)  # ignored: `tag:db` governs
+    await broker.ok_cmd("CreateConcurrencyLimit", name="tag:db", limit=1)
+    first = await broker.ok_cmd("CreateTaskRun", task_key="q", dynamic_key="1", tags=["db", "free"])
+    second = await broker.ok_cmd("CreateTaskRun", task_key="q", dynamic_key="2", tags=["db"])
+
+    assert (await _running(broker, first["id"]))["status"] == "ACCEPT"
+    assert (await broker.ok_qry("GetConcurrencyLimitByName", name="tag:db"))["active_slots"] == 1
+    assert (await broker.ok_qry("GetTagConcurrencyLimit", tag="db"))["active_slots"] == []
+    assert (await _running(broker, first["id"]))["status"] == "ACCEPT"  # a holder running again keeps its one slot
+    assert (await broker.ok_qry("GetConcurrencyLimitByName", name="tag:db"))["active_slots"] == 1
+
+    waiting = await _running(broker, second["id"])
+    assert waiting["status"] == "WAIT" and waiting["details"]["reason"] == "Concurrency limit reached for tags: db"
+    assert 1 <= waiting["details"]["delay_seconds"] <= 10
+    assert (await broker.ok_qry("GetTaskRun", id=second["id"]))["state_type"] == "PENDING"
+
+    await broker.ok_cmd("SetTaskRunState", id=first["id"], state={"type": "COMPLETED"})
+    assert (await broker.ok_qry("GetConcurrencyLimitByName", name="tag:db"))["active_slots"] == 0
+    assert (await _running(broker, second["id"]))["status"] == "ACCEPT"
+    await broker.ok_cmd("DeleteTaskRun", id=second["id"])  # a deleted run gives its slot back too
+    assert (await broker.ok_qry("GetConcurrencyLimitByName", name="tag:db"))["active_slots"] == 0
+
+    # Inactive, it holds nothing back and the classic limit applies again (0: abort).
+    await broker.ok_cmd("UpdateConcurrencyLimit", name="tag:db", active=False)
+    third = await broker.ok_cmd("CreateTaskRun", task_key="q", dynamic_key="3", tags=["db"])
+    classic = await _running(broker, third["id"])
+    assert classic["status"] == "ABORT" and "0 and will deadlock" in classic["details"]["reason"]
+
+    await broker.ok_cmd("CreateConcurrencyLimit", name="tag:never", limit=0)
+    stuck = await broker.ok_cmd("CreateTaskRun", task_key="q", dynamic_key="4", tags=["never"])
+    aborted = await _running(broker, stuck["id"])
+    assert aborted["status"] == "ABORT" and aborted["details"]["reason"] == (
+        'The concurrency limit on tag "never" is 0 and will deadlock if the task tries to run again.')
+    assert (await broker.ok_qry("GetTaskRun", id=stuck["id"]))["state_type"] == "PENDING"
+    await assert_live_equals_rebuild(service, settings)
+
+
+async def test_the_tag_slots_of_task_runs_gone_with_their_flow_run_are_released(broker, service, settings):
+    """A flow run deleted while its tasks ran takes them with it: the foreman's
+    `ReleaseTagSlotsOfGoneTaskRuns` gives back their slots, classic and global, and keeps
+    those of runs still running."""
+    await broker.ok_cmd("CreateTagConcurrencyLimit", tag="db", concurrency_limit=2)
+    await broker.ok_cmd("CreateConcurrencyLimit", name="tag:api", limit=1)
+    flow_id = (await broker.ok_cmd("CreateFlow", name="f"))["id"]
+    doomed = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, state={"type": "RUNNING"})
+    kept = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, state={"type": "RUNNING"})
+    gone = await broker.ok_cmd("CreateTaskRun", flow_run_id=doomed["id"], task_key="k", dynamic_key="1",
+                               tags=["db", "api"])
+    alive = await broker.ok_cmd("CreateTaskRun", flow_run_id=kept["id"], task_key="k", dynamic_key="2", tags=["db"])
+    assert (await _running(broker, gone["id"]))["status"] == "ACCEPT"
+    assert (await _running(broker, alive["id"]))["status"] == "ACCEPT"
+    await broker.ok_cmd("DeleteFlowRun", id=doomed["id"])
+    assert set((await broker.ok_qry("GetTagConcurrencyLimit", tag="db"))["active_slots"]) == {gone["id"], alive["id"]}
+    assert (await broker.ok_qry("GetConcurrencyLimitByName", name="tag:api"))["active_slots"] == 1
+    next_api = await broker.ok_cmd("CreateTaskRun", task_key="k", dynamic_key="3", tags=["api"])
+    assert (await _running(broker, next_api["id"]))["status"] == "WAIT"  # the leak
+
+    released = await broker.ok_cmd("ReleaseTagSlotsOfGoneTaskRuns", tag="db", task_run_ids=[gone["id"], alive["id"]])
+    assert released == {"released": [gone["id"]]}
+    assert (await broker.ok_qry("GetTagConcurrencyLimit", tag="db"))["active_slots"] == [alive["id"]]
+    assert (await broker.ok_cmd("ReleaseTagSlotsOfGoneTaskRuns", tag="api")) == {"released": [gone["id"]]}
+    assert (await broker.ok_qry("GetConcurrencyLimitByName", name="tag:api"))["active_slots"] == 0
+    assert (await _running(broker, next_api["id"]))["status"] == "ACCEPT"
+    # Nothing left to release: nothing is written; a running holder keeps its slot.
+    before = await broker.stream_messages()
+    assert (await broker.ok_cmd("ReleaseTagSlotsOfGoneTaskRuns", tag="api")) == {"released": []}
+    assert (await broker.ok_cmd("ReleaseTagSlotsOfGoneTaskRuns", tag="db")) == {"released": []}
+    assert await broker.stream_messages() == before
+    assert (await broker.ok_qry("GetConcurrencyLimitByName", name="tag:api"))["active_slots"] == 1
+    await assert_live_equals_rebuild(service, settings)
+
+
+async def test_a_subflow_state_copied_onto_its_parent_task_run_gives_its_global_tag_slot_back(broker, service,
+                                                                                                settings):
+    await broker.ok_cmd("CreateConcurrencyLimit", name="tag:api", limit=1)
+    flow_id = (await broker.ok_cmd("CreateFlow", name="f"))["id"]
+    parent = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, state={"type": "RUNNING"})
+    task = await broker.ok_cmd("CreateTaskRun", flow_run_id=parent["id"], task_key="k", dynamic_key="0", tags=["api"])
+    assert (await _running(broker, task["id"]))["status"] == "ACCEPT"
+    assert (await broker.ok_qry("GetConcurrencyLimitByName", name="tag:api"))["active_slots"] == 1
+    await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, parent_task_run_id=task["id"])  # copies PENDING onto it
+    assert (await broker.ok_qry("GetTaskRun", id=task["id"]))["state_type"] == "PENDING"
+    assert (await broker.ok_qry("GetConcurrencyLimitByName", name="tag:api"))["active_slots"] == 0
+    await assert_live_equals_rebuild(service, settings)

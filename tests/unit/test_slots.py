@@ -146,6 +146,50 @@ def test_force_still_counts_even_past_a_limit() -> None:
     assert events_of(d, sl.PoolSlotTaken)[0].slots.total == 2
 
 
+def _with_queue(pool: wp.WorkPool, limit: int | None = None) -> tuple[wp.WorkPool, uuid.UUID]:
+    d = wp.decide_create_work_queue(wp.CreateWorkQueue(work_pool_name="p", name="q", concurrency_limit=limit), pool,
+                                    ctx())
+    after = wp.evolve(pool, d.events[0].event)
+    assert after is not None
+    return after, d.result[1].id
+
+
+def test_deleting_a_queue_drops_its_count_in_the_same_batch() -> None:
+    pool, qid = _with_queue(a_pool(pool_limit=1))
+    slots = sl.PoolSlots(pool_id=pool.id, by_queue={qid: 1, pool.default_queue_id: 2})
+    d = wp.decide_delete_work_queue(wp.DeleteWorkQueue(work_pool_name="p", work_queue_name="q"), pool, ctx())
+    with_counts = sl.with_queue_deleted(d, slots)
+    assert [type(e.event) for e in with_counts.events] == [wp.WorkQueueDeleted, sl.PoolQueueSlotsDropped]
+    (dropped,) = events_of(with_counts, sl.PoolQueueSlotsDropped)
+    assert with_counts.events[1].aggregate_id == sl.slots_id(pool.id)
+    assert (dropped.work_queue_id, dropped.dropped, dropped.slots.by_queue) == (qid, 1, {pool.default_queue_id: 2})
+    assert sl.evolve(slots, dropped) == dropped.slots
+    # Written when it held nothing too: a claim decided before it then fails its sequence check.
+    (empty,) = events_of(sl.with_queue_deleted(d, sl.PoolSlots(pool_id=pool.id)), sl.PoolQueueSlotsDropped)
+    assert empty.dropped == 0 and empty.slots.by_queue == {}
+
+
+def test_a_run_of_a_deleted_queue_is_in_no_pool_and_gives_back_nothing_twice() -> None:
+    pool, qid = _with_queue(a_pool(pool_limit=1), limit=1)
+    running = a_run(pool, T.RUNNING, work_queue_id=qid)
+    waiting = a_run(pool, work_queue_id=qid)
+    d = wp.decide_delete_work_queue(wp.DeleteWorkQueue(work_pool_name="p", work_queue_name="q"), pool, ctx())
+    gone = wp.evolve(pool, d.events[0].event)
+    assert gone is not None
+    counts_after = events_of(sl.with_queue_deleted(d, counts(pool, 1).changed(qid, 1)), sl.PoolQueueSlotsDropped)[0].slots
+    limits = sl.Limits(pool=gone, slots=counts_after)  # the default queue's run fills the pool
+    ended = set_state(running, T.COMPLETED, limits)
+    assert ended.orchestration.status is Outcome.ACCEPT
+    assert not events_of(ended, sl.PoolSlotReleased)  # its count went with the queue
+    claimed = set_state(waiting, T.PENDING, limits)  # neither its queue's nor its pool's limit holds it back
+    assert claimed.orchestration.status is Outcome.ACCEPT and not events_of(claimed, sl.PoolSlotTaken)
+    # A claim decided against the pool as it was before the deletion counted it there after all:
+    # its release gives that back, and no more.
+    stale = sl.PoolSlots(pool_id=pool.id, by_queue={qid: 1, pool.default_queue_id: 1})
+    (released,) = events_of(set_state(running, T.COMPLETED, sl.Limits(pool=gone, slots=stale)), sl.PoolSlotReleased)
+    assert released.slots.by_queue == {pool.default_queue_id: 1}
+
+
 # ---------------------------------------------------------------------------------------------
 # Deployment limits (OR-6, OR-7, OR-13)
 

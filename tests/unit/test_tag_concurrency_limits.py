@@ -278,3 +278,105 @@ def test_a_limit_deleted_or_reset_meanwhile_is_left_alone():
     reset = limit.model_copy(update={"active_slots": []})
     assert slot_events(propose(running, T.COMPLETED, reset)) == []
     assert slot_events(propose(running, T.COMPLETED)) == []  # no limit any more
+
+
+# ---------------------------------------------------------------------------------------------
+# Global limits named `tag:<tag>`
+
+
+def a_global(tag: str, limit: int, *holders: uuid.UUID, active: bool = True, taken: int | None = None,
+             occupancy: float = 2.0) -> tcl.GlobalTagLimit:
+    from runledger.commands import concurrency_limits as cl
+    lid = uuid.uuid4()
+    return tcl.GlobalTagLimit(
+        cl.ConcurrencyLimit(id=lid, created=EARLIER, updated=EARLIER, name=tcl.global_limit_name(tag), limit=limit,
+                            active=active, active_slots=len(holders) if taken is None else taken,
+                            avg_slot_occupancy_seconds=occupancy),
+        tcl.GlobalTagSlots(limit_id=lid, task_run_ids=list(holders)))
+
+
+def propose_with(run: tr.TaskRun, state: StateCreate | T, classic: tuple[tcl.TagConcurrencyLimit, ...] = (),
+                 globals_: tuple[tuple[str, tcl.GlobalTagLimit], ...] = (), force: bool = False) -> Decision:
+    proposed = StateCreate(type=state) if isinstance(state, T) else state
+    facts = rules.TaskFacts(tag_limits={limit.tag: limit for limit in classic}, global_tag_limits=dict(globals_))
+    return tr.decide_set_task_run_state(tr.SetTaskRunState(id=run.id, state=proposed, force=force), run, ctx(), facts)
+
+
+def global_events(d: Decision) -> list[tuple[str, str, Any]]:
+    return [(type(e.event).__name__, e.aggregate_id,
+             e.event.limit.active_slots if hasattr(e.event, "limit") else e.event.slots.task_run_ids)
+            for e in d.events if e.aggregate_type in ("concurrency_limit", tcl.GLOBAL_TAG_SLOTS)]
+
+
+def test_an_active_global_tag_limit_replaces_the_classic_one_and_takes_its_slot():
+    run = a_run(tags=("db", "api"))
+    g = a_global("db", 1)
+    d = propose_with(run, T.RUNNING, (a_limit("db", 0), a_limit("api", 2)), (("db", g),))
+    assert d.orchestration.status is Outcome.ACCEPT  # the classic `db` limit of 0 is not read
+    assert global_events(d) == [("ConcurrencyLimitSlotTaken", str(g.limit.id), 1),
+                                ("GlobalTagSlotTaken", tcl.global_slots_id(g.limit.id), [run.id])]
+    assert slot_events(d) == [("TagConcurrencyLimitSlotTaken", "api", [run.id])]
+    running = then(run, d)
+    holding = tcl.global_limits_after({"db": g}, d.events)["db"]
+    assert holding.holds(run.id) and holding.limit.active_slots == 1
+    again = propose_with(running, T.RUNNING, (), (("db", holding),))
+    assert again.orchestration.status is Outcome.ACCEPT and global_events(again) == []  # one slot per run
+
+
+def test_a_full_global_tag_limit_waits_a_random_delay_around_its_occupancy_and_0_aborts():
+    d = propose_with(a_run(), T.RUNNING, (), (("db", a_global("db", 1, uuid.uuid4(), occupancy=4.0)),))
+    assert d.orchestration.status is Outcome.WAIT and d.events == []
+    assert d.orchestration.reason == "Concurrency limit reached for tags: db"
+    assert 3 <= d.orchestration.delay_seconds <= 6  # Prefect's clamped Poisson interval around 4 s
+    long = propose_with(a_run(), T.RUNNING, (), (("db", a_global("db", 1, taken=1, occupancy=100.0)),))
+    assert 7 <= long.orchestration.delay_seconds <= 13  # around at most 10 s
+    zero = propose_with(a_run(tags=("db", "zz")), T.RUNNING, (a_limit("zz", 1),), (("db", a_global("db", 0)),))
+    assert zero.orchestration.status is Outcome.ABORT and zero.orchestration.reason == (
+        'The concurrency limit on tag "db" is 0 and will deadlock if the task tries to run again.')
+
+
+def test_an_inactive_global_tag_limit_holds_nothing_back_but_its_slot_is_still_given_back():
+    run = a_run()
+    d = propose_with(run, T.RUNNING, (a_limit("db", 1),), (("db", a_global("db", 0, active=False)),))
+    assert d.orchestration.status is Outcome.ACCEPT and global_events(d) == []
+    assert slot_events(d) == [("TagConcurrencyLimitSlotTaken", "db", [run.id])]
+    running = then(run, d)
+    g = a_global("db", 1, running.id, active=False)
+    done = propose_with(running, T.COMPLETED, (a_limit("db", 1, running.id),), (("db", g),), force=True)
+    assert global_events(done) == [("ConcurrencyLimitSlotReleased", str(g.limit.id), 0),
+                                   ("GlobalTagSlotReleased", tcl.global_slots_id(g.limit.id), [])]
+    assert slot_events(done) == [("TagConcurrencyLimitSlotReleased", "db", [])]
+    gone = tr.decide_delete_task_run(tr.DeleteTaskRun(id=running.id), running, {}, {"db": g})
+    assert [n for n, _, _ in global_events(gone)] == ["ConcurrencyLimitSlotReleased", "GlobalTagSlotReleased"]
+
+
+def test_slots_of_gone_or_stopped_holders_are_released_and_running_ones_kept():
+    gone, stopped, running, unread = (uuid.uuid4() for _ in range(4))
+    classic = a_limit("db", 5, gone, stopped, running, unread)
+    g = a_global("db", 5, gone, running)
+    states = {gone: None, stopped: T.COMPLETED, running: T.RUNNING}
+    cmd = tcl.ReleaseTagSlotsOfGoneTaskRuns(tag="db")
+    assert tcl.holders_to_check(cmd, classic, g) == [gone, stopped, running, unread]
+    d = tcl.decide_release_gone_tag_slots(cmd, classic, g, states)
+    assert d.result == {"released": [str(gone), str(stopped)]}
+    assert slot_events(d) == [("TagConcurrencyLimitSlotReleased", "db", [stopped, running, unread]),
+                              ("TagConcurrencyLimitSlotReleased", "db", [running, unread])]
+    assert [(n, s) for n, _, s in global_events(d)] == [("ConcurrencyLimitSlotReleased", 1),
+                                                        ("GlobalTagSlotReleased", [running])]
+    only = tcl.ReleaseTagSlotsOfGoneTaskRuns(tag="db", task_run_ids=[running, gone])
+    assert tcl.holders_to_check(only, classic, None) == [gone, running]
+    assert tcl.decide_release_gone_tag_slots(only, None, None, {}).events == []
+    with pytest.raises(ValidationError):
+        tcl.ReleaseTagSlotsOfGoneTaskRuns(tag="db", task_run_ids=[uuid.uuid4() for _ in range(1001)])
+
+
+def test_a_v1_slot_event_of_a_global_limit_reads_as_a_flow_runs():
+    from runledger.commands import concurrency_limits as cl
+    from runledger.commands.events import decode_event
+    g = a_global("x", 3, taken=1)
+    payload = {"limit": g.limit.model_dump(mode="json"), "flow_run_id": str(uuid.UUID(int=1)),
+               "lease_id": str(uuid.UUID(int=2))}
+    for name in ("ConcurrencyLimitSlotTaken", "ConcurrencyLimitSlotReleased"):
+        event = decode_event(name, 1, payload)
+        assert isinstance(event, cl.ConcurrencyLimitSlotTaken | cl.ConcurrencyLimitSlotReleased)
+        assert (event.flow_run_id, event.lease_id, event.task_run_id) == (uuid.UUID(int=1), uuid.UUID(int=2), None)

@@ -239,6 +239,32 @@ def test_or19_retries_with_a_delay_list_then_fail():
     assert final.orchestration.status is Outcome.ACCEPT and final.result.type is T.FAILED
 
 
+@pytest.mark.parametrize("policy", [{"retries": -1}, {"retries": -1, "retry_delay": 5}, {"max_retries": -3}])
+def test_or19_a_negative_retry_count_is_accepted_and_retries_nothing(policy):
+    run = a_run(empirical_policy=policy)
+    running = then(run, start(run))
+    d = propose(running, StateCreate(type=T.FAILED), worker="w1")
+    assert d.orchestration.status is Outcome.ACCEPT and d.result.type is T.FAILED
+
+
+def test_or19_a_negative_delay_is_accepted_and_the_retry_is_due_at_once():
+    """As Prefect: the retry is scheduled `delay` seconds from now, so in the past: it starts
+    at once, as after a delay of 0."""
+    run = a_run(empirical_policy={"retries": 2, "retry_delay": [1, -2], "retry_delay_seconds": -1})
+    running = then(run, start(run))
+    first = propose(running, StateCreate(type=T.FAILED), worker="w1")
+    assert first.result.state_details.scheduled_time == NOW + timedelta(seconds=1)
+    waiting = then(running, first)
+    again = then(waiting, propose(waiting, deferred("AwaitingRetry", first.result.state_details.scheduled_time)))
+    running2 = then(again, start(again, now=NOW + timedelta(seconds=1)))
+    second = propose(running2, StateCreate(type=T.FAILED), worker="w1", now=NOW + timedelta(seconds=1))
+    due = second.result.state_details.scheduled_time
+    assert second.result.name == "AwaitingRetry" and due == NOW - timedelta(seconds=1)
+    queued = then(then(running2, second), propose(then(running2, second), deferred("AwaitingRetry", due),
+                                                  now=NOW + timedelta(seconds=1)))
+    assert start(queued, now=NOW + timedelta(seconds=1)).orchestration.status is Outcome.ACCEPT
+
+
 def test_or19_a_failure_that_is_not_retriable_is_accepted():
     run = a_run(empirical_policy={"retries": 5})
     running = then(run, start(run))
@@ -326,8 +352,28 @@ def test_or16_a_task_of_a_flow_run_runs_only_while_its_flow_run_runs():
     paused = propose(run, StateCreate(type=T.RUNNING),
                      facts=rules.TaskFacts(flow_run=flow_run(T.PAUSED, pause_reschedule=True)))
     assert paused.orchestration.status is Outcome.REJECT and paused.result.name == "NotReady"
+    assert paused.orchestration.reason == (
+        f"The flow is paused, new tasks can execute after resuming flow run: {fid}.")
     ok = propose(run, StateCreate(type=T.RUNNING), facts=rules.TaskFacts(flow_run=flow_run(T.RUNNING)))
     assert ok.orchestration.status is Outcome.ACCEPT and then(run, ok).flow_run_run_count == 1
+
+
+def test_a_forced_running_state_does_not_track_the_flow_run_attempt():
+    """Prefect's UpdateFlowRunTrackerOnTasks is in the core and background policies only: a
+    forced RUNNING (the minimal policy) leaves `flow_run_run_count` as it was."""
+    fid = uuid.UUID(int=43)
+    state = State(id=uuid.uuid4(), type=T.RUNNING, name="Running", timestamp=EARLIER)
+    flow_run = fr.FlowRun(id=fid, created=EARLIER, updated=EARLIER, name="f", flow_id=uuid.UUID(int=1),
+                          state=state, run_count=3)
+    run = tr.decide_create_task_run(create(flow_run_id=fid), None, None, None, flow_run, ctx(EARLIER)).result
+    facts = rules.TaskFacts(flow_run=flow_run)
+    forced = propose(run, StateCreate(type=T.RUNNING), force=True, facts=facts)
+    assert forced.result.type is T.RUNNING and then(run, forced).flow_run_run_count == 0
+    created_running = tr.decide_create_task_run(create(flow_run_id=fid, dynamic_key="1",
+                                                       state=StateCreate(type=T.RUNNING)),
+                                                None, None, None, flow_run, ctx(EARLIER), facts).result
+    assert created_running.state_type is T.RUNNING and created_running.flow_run_run_count == 0
+    assert then(run, propose(run, StateCreate(type=T.RUNNING), facts=facts)).flow_run_run_count == 3
 
 
 def test_or14_a_cached_completed_state_is_handed_out_and_a_completed_one_recorded():
