@@ -5,10 +5,8 @@ tag concurrency limit, deployment, flow run, task run, state and run history rep
 `TagConcurrencyLimit`, `Deployment`, `FlowRun`, `TaskRun` and `State`).
 
 Unknown fields are kept (`extra="allow"`) so an older client still reads a newer service.
-Datetimes dump back as the service wrote them, so `model_dump(mode="json")` reproduces the
-service's JSON (the CLI's `--json` relies on it): a pool's and a queue's with `isoformat()`
-(`+00:00`), a flow's, a variable's and a limit's with pydantic's own format (`Z`), since the
-service dumps those models themselves."""
+Datetimes dump back as the service writes them, in UTC with `Z`, so `model_dump(mode="json")`
+reproduces the service's JSON (the CLI's `--json` relies on it)."""
 
 from __future__ import annotations
 
@@ -18,7 +16,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, PlainSerializer
 
-IsoDatetime = Annotated[datetime, PlainSerializer(lambda d: d.isoformat(), return_type=str, when_used="json")]
+from runledger.commands.bounds import json_time
+
+IsoDatetime = Annotated[datetime, PlainSerializer(json_time, return_type=str, when_used="json")]
 
 
 class WorkPool(BaseModel):

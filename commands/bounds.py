@@ -159,6 +159,12 @@ NonNegativeInt64 = Annotated[int, Field(ge=0, le=INT64_MAX)]
 UtcDatetime = Annotated[datetime, AfterValidator(as_bounded_utc)]
 
 
+def json_time(value: datetime | None) -> str | None:
+    """A time in a reply built by hand, written as every model's reply writes it (pydantic):
+    ISO 8601 in UTC with `Z`, so one reply never says `+00:00` where another says `Z`."""
+    return None if value is None else value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 def first_past_int32(values: dict[Any, int]) -> tuple[Any, int] | None:
     """The first (key, value) above `INT32_MAX`, or None: for values the rules derive."""
     for key, value in values.items():

@@ -38,6 +38,7 @@ from .bounds import (
     UtcDatetime,
     check_storable_text,
     first_past_int32,
+    json_time,
 )
 from .decisions import Decision, NewEvent
 from .events import register_event, register_upcaster
@@ -983,17 +984,19 @@ def work_queue_health(late_runs_count: int, last_polled: datetime | None, now: d
     return {
         "healthy": late_runs_count <= HEALTH_CHECK_POLICY["maximum_late_runs"] and not stale,
         "late_runs_count": late_runs_count,
-        "last_polled": last_polled.isoformat() if last_polled else None,
+        "last_polled": json_time(last_polled),
         "health_check_policy": dict(HEALTH_CHECK_POLICY),
     }
 
 
 def work_pool_reply(pool: WorkPool, active_slots: int | None = None) -> dict[str, Any]:
-    """WP-3: `prefect-agent` pools report no status; SL-1: `active_slots` only with a limit."""
+    """WP-3: `prefect-agent` pools report no status; SL-1: `active_slots` only with a limit.
+    `active_slots`: the runs holding a slot of the pool (`slots.PoolSlots.total`), which the
+    handler loads; None only for a pool that cannot have any yet (just created)."""
     return {
         "id": str(pool.id),
-        "created": pool.created.isoformat(),
-        "updated": pool.updated.isoformat(),
+        "created": json_time(pool.created),
+        "updated": json_time(pool.updated),
         "name": pool.name,
         "description": pool.description,
         "type": pool.type,
@@ -1008,10 +1011,12 @@ def work_pool_reply(pool: WorkPool, active_slots: int | None = None) -> dict[str
 
 
 def work_queue_reply(pool: WorkPool, queue: WorkQueue, active_slots: int | None = None) -> dict[str, Any]:
+    """SL-2: `active_slots` only with a limit: the queue's runs holding a slot
+    (`slots.PoolSlots.of_queue`), which the handler loads; None only for a new queue."""
     return {
         "id": str(queue.id),
-        "created": queue.created.isoformat(),
-        "updated": queue.updated.isoformat(),
+        "created": json_time(queue.created),
+        "updated": json_time(queue.updated),
         "name": queue.name,
         "description": queue.description,
         "is_paused": queue.is_paused,
@@ -1019,7 +1024,7 @@ def work_queue_reply(pool: WorkPool, queue: WorkQueue, active_slots: int | None 
         "priority": queue.priority,
         "work_pool_id": str(pool.id),
         "work_pool_name": pool.name,
-        "last_polled": queue.last_polled.isoformat() if queue.last_polled else None,
+        "last_polled": json_time(queue.last_polled),
         "status": queue.status.value,
         "filter": queue.filter.model_dump(mode="json") if queue.filter is not None else None,
         "active_slots": (active_slots or 0) if queue.concurrency_limit is not None else None,

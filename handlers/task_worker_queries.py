@@ -5,23 +5,37 @@ now, from the bucket their heartbeats keep (presence is not history, so it is no
 from __future__ import annotations
 
 import base64
-import json
+import logging
 from collections.abc import Callable
-from datetime import datetime
 from functools import partial
-from typing import Any
+from typing import Annotated, Any
 
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
+from pydantic import BaseModel, Field, StringConstraints, TypeAdapter
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from runledger.commands.bounds import StoredText, UtcDatetime, json_time
 from runledger.commands.messages import not_found
 from runledger.commands.queries import GetTaskRunResult, ListTaskWorkers
 from runledger.infra.broker_auth import bound_task_worker_name
 from runledger.infra.settings import Settings
 from runledger.infra.task_queues import read_result_chunk, task_worker_bucket
 from runledger.projections.tables import task_runs
+
+log = logging.getLogger("runledger.task_workers")
+
+
+class _Heartbeat(BaseModel):
+    """A task worker's entry in the bucket, as `put_task_worker` writes it."""
+
+    identifier: Annotated[StoredText, StringConstraints(min_length=1, max_length=2_000)]
+    task_keys: Annotated[list[Annotated[StoredText, StringConstraints(max_length=2_000)]], Field(max_length=10_000)]
+    timestamp: UtcDatetime
+
+
+_ENTRY = TypeAdapter(_Heartbeat)
 
 
 async def list_task_workers(_conn: Any, query: ListTaskWorkers, *, js: JetStreamContext,
@@ -32,8 +46,16 @@ async def list_task_workers(_conn: Any, query: ListTaskWorkers, *, js: JetStream
     at the newest of their heartbeats."""
     workers: dict[str, dict[str, Any]] = {}
     for key, value in await _live_entries(js, task_worker_bucket(settings)):
-        worker = json.loads(value)
-        task_keys = list(worker.get("task_keys", []))
+        try:
+            entry = _ENTRY.validate_json(value)
+        except ValueError:
+            # Any task worker may write the bucket: an entry that is not a heartbeat (a bug, an
+            # older or a hostile writer) is left out, never the whole answer.
+            log.warning("ListTaskWorkers: an entry of the task-worker bucket that is no heartbeat left out: %s", key)
+            continue
+        worker: dict[str, Any] = {"identifier": entry.identifier, "task_keys": entry.task_keys,
+                                  "timestamp": entry.timestamp}
+        task_keys = list(entry.task_keys)
         bound = bound_task_worker_name(key.split(".", 1)[0])
         if bound is not None:  # written by a task worker bound to keys: only its keys count
             allowed = set(settings.task_worker_keys.get(bound, []))
@@ -45,10 +67,11 @@ async def list_task_workers(_conn: Any, query: ListTaskWorkers, *, js: JetStream
             workers[worker["identifier"]] = {**worker, "task_keys": task_keys}
             continue
         known["task_keys"] = list(dict.fromkeys([*known["task_keys"], *task_keys]))
-        known["timestamp"] = max(known["timestamp"], worker["timestamp"], key=datetime.fromisoformat)
+        known["timestamp"] = max(known["timestamp"], worker["timestamp"])
     wanted = set(query.task_keys or ())
-    return sorted((w for w in workers.values() if not wanted or wanted & set(w["task_keys"])),
-                  key=lambda w: w["identifier"])
+    return sorted(({**w, "timestamp": json_time(w["timestamp"])} for w in workers.values()
+                   if not wanted or wanted & set(w["task_keys"])), key=lambda w: w["identifier"])
+
 
 
 async def _live_entries(js: JetStreamContext, bucket: str) -> list[tuple[str, bytes]]:

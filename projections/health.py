@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from runledger.commands.bounds import json_time
 from runledger.commands.queries import Query
 
 from .runner import read_failures
@@ -24,8 +25,7 @@ class GetServiceHealth(Query):
     (`replication`: None on one server)."""
 
 
-def _iso(v):
-    return v.isoformat() if v is not None else None
+_iso = json_time  # the replies' one way of writing a time
 
 
 # The log's last sequence and its copies (EventStore.log_status).

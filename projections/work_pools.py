@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runledger.commands import queries as q
 from runledger.commands import work_pools as wp
+from runledger.commands.bounds import json_time
 from runledger.commands.messages import Event, not_found
 from runledger.infra.database import asyncpg_connection
 
@@ -158,8 +159,7 @@ async def _write(conn: AsyncConnection, table, rows: dict[str, Any]) -> None:
 # Queries
 
 
-def _iso(v):
-    return v.isoformat() if v is not None else None
+_iso = json_time  # the replies' one way of writing a time
 
 
 # Slot counts, from the flow runs read model (its index by queue and state type): a pool's

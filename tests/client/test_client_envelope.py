@@ -233,7 +233,7 @@ async def test_legacy_work_queue_calls(rl, fake):
 
 async def test_work_queue_status(rl, fake):
     queue_id = uuid.uuid4()
-    polled = "2026-03-01T12:00:00.123456+00:00"
+    polled = "2026-03-01T12:00:00.123456Z"  # as the service writes a time
     raw = {"healthy": True, "late_runs_count": 0, "last_polled": polled,
            "health_check_policy": {"maximum_late_runs": 0, "maximum_seconds_since_last_polled": 60}}
     fake.ok("GetWorkQueueStatus", raw)

@@ -17,7 +17,13 @@ from runledger.client.tasks import TaskFailed, submit_task, task_result, wait_fo
 from runledger.handlers.task_dispatch import task_message
 from runledger.handlers.task_worker import TaskWorker
 from runledger.infra.nats_connection import connect
-from runledger.infra.task_queues import TaskPublisher, consumer_name, task_stream_name, task_subject
+from runledger.infra.task_queues import (
+    TaskPublisher,
+    consumer_name,
+    task_stream_name,
+    task_subject,
+    task_worker_bucket,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -303,6 +309,34 @@ async def test_task_workers_are_listed_while_they_serve_with_their_keys(client, 
         # A worker that stops says so: it is gone at once, not when its entry expires.
         assert [w.identifier for w in await client.read_task_workers()] == ["lister-a"]
         assert [w.identifier for w in await client.read_task_workers([])] == ["lister-a"]  # no filter: every one
+
+
+async def test_an_entry_that_is_no_heartbeat_leaves_the_other_workers_listed(client, settings):
+    """Any task worker may write the bucket of heartbeats: what is not one (not JSON, a field
+    missing or of the wrong type, a time that is no time) is left out of the list, never the
+    whole answer; the times answered are written as every other reply writes them."""
+    async def noop() -> None:
+        return None
+
+    nc = await connect(settings)
+    try:
+        js = nc.jetstream()
+        bucket = task_worker_bucket(settings)
+        for n, body in enumerate([b"not json", b'{"identifier": "x"}', b'{"identifier": 5, "task_keys": [], '
+                                  b'"timestamp": "2026-01-01T00:00:00Z"}',
+                                  b'{"identifier": "y", "task_keys": ["k"], "timestamp": "yesterday"}']):
+            await js.publish(f"$KV.{bucket}.junk{n}", body)
+        async with running_worker(settings, {"k1": noop}, worker_id="honest"):
+            for _ in range(50):
+                workers = await client.read_task_workers()
+                if workers:
+                    break
+                await asyncio.sleep(0.1)
+            assert [(w.identifier, w.task_keys) for w in workers] == [("honest", ["k1"])]
+            raw = await client.query("ListTaskWorkers", {})
+            assert raw.result[0]["timestamp"].endswith("Z")
+    finally:
+        await nc.close()
 
 
 async def test_connections_sharing_an_id_are_one_worker_with_the_union_of_their_keys(client, settings):

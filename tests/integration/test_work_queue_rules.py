@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta, timezone
 
+from runledger.commands.bounds import json_time
+
 LETTERS = "ABCDE"
 
 
@@ -345,8 +347,8 @@ async def test_queue_status_follows_pause_and_polls(broker):
         read = await broker.ok_qry("GetWorkQueue", work_pool_name="p", work_queue_name="q")
         return read["is_paused"], read["status"]
 
-    recent = (datetime.now(UTC) - timedelta(seconds=10)).isoformat()
-    stale = (datetime.now(UTC) - timedelta(seconds=120)).isoformat()
+    recent = json_time(datetime.now(UTC) - timedelta(seconds=10))  # as replies write a time
+    stale = json_time(datetime.now(UTC) - timedelta(seconds=120))
     # last_polled alone never changes the status
     out = (await upd(last_polled=recent))["result"]
     assert (out["status"], out["last_polled"]) == ("NOT_READY", recent)
@@ -382,12 +384,12 @@ async def test_queue_status_follows_pause_and_polls(broker):
     naive = (datetime.now(UTC) - timedelta(seconds=5)).replace(tzinfo=None)
     await upd(is_paused=True)
     out = (await upd(last_polled=naive.isoformat()))["result"]
-    assert out["last_polled"] == naive.replace(tzinfo=UTC).isoformat()
+    assert out["last_polled"] == json_time(naive.replace(tzinfo=UTC))
     out = await broker.ok_cmd("UpdateWorkQueue", work_pool_name="p", work_queue_name="q", is_paused=False)
     assert out["status"] == "READY"
     plus2 = datetime.now(UTC).astimezone(timezone(timedelta(hours=2)))
     out = (await upd(last_polled=plus2.isoformat()))["result"]
-    assert out["last_polled"] == plus2.astimezone(UTC).isoformat()
+    assert out["last_polled"] == json_time(plus2)
     assert (await broker.ok_qry("GetWorkQueue", work_pool_name="p", work_queue_name="q"))["last_polled"] == out["last_polled"]
     # C-4: an explicit null clears last_polled, and WQ-8 then uses that null -> NOT_READY
     await upd(is_paused=True)
@@ -571,7 +573,7 @@ async def test_wq13_healthy_once_polled_and_unhealthy_with_a_late_run_or_a_stale
     assert await status(q["id"]) == {"healthy": False, "late_runs_count": 2, "last_polled": polled,
                                      "health_check_policy": HEALTH_CHECK_POLICY}
     # Polled more than 60 s ago: unhealthy, with no Late run.
-    stale = (datetime.now(UTC) - timedelta(seconds=90)).isoformat()
+    stale = json_time(datetime.now(UTC) - timedelta(seconds=90))
     stale_queue = await broker.ok_cmd("CreateLegacyWorkQueue", name="stale")
     await broker.ok_cmd("UpdateWorkQueueById", id=stale_queue["id"], last_polled=stale)
     assert await status(stale_queue["id"]) == {"healthy": False, "late_runs_count": 0, "last_polled": stale,

@@ -14,6 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from runledger.commands import work_pools as wp
+from runledger.commands.bounds import json_time
 from runledger.commands.decisions import NewEvent
 from runledger.commands.events import EventEnvelope, decode_event, encode_event
 from runledger.commands.messages import DecisionContext, Rejection
@@ -140,7 +141,7 @@ def test_wp1_replies():
     env = Env()
     pool = env.pool(type="process", concurrency_limit=3)
     assert wp.work_pool_reply(pool) == {
-        "id": str(uid(1)), "created": NOW.isoformat(), "updated": NOW.isoformat(), "name": "p",
+        "id": str(uid(1)), "created": json_time(NOW), "updated": json_time(NOW), "name": "p",
         "description": None, "type": "process", "base_job_template": {}, "is_paused": False,
         "concurrency_limit": 3, "status": "NOT_READY", "default_queue_id": str(uid(2)),
         "storage_configuration": {"bundle_upload_step": None, "bundle_execution_step": None,
@@ -148,7 +149,7 @@ def test_wp1_replies():
         "active_slots": 0,
     }
     assert wp.work_queue_reply(pool, pool.queues[uid(2)]) == {
-        "id": str(uid(2)), "created": NOW.isoformat(), "updated": NOW.isoformat(), "name": "default",
+        "id": str(uid(2)), "created": json_time(NOW), "updated": json_time(NOW), "name": "default",
         "description": "The work pool's default queue.", "is_paused": False, "concurrency_limit": None,
         "priority": 1, "work_pool_id": str(uid(1)), "work_pool_name": "p", "last_polled": None,
         "status": "NOT_READY", "filter": None, "active_slots": None,
@@ -1016,7 +1017,7 @@ def test_wq13_a_queue_is_healthy_without_late_runs_and_recently_polled(late, pol
     last_polled = NOW - polled_ago if polled_ago is not None else None
     assert wp.work_queue_health(late, last_polled, NOW) == {
         "healthy": healthy, "late_runs_count": late,
-        "last_polled": last_polled.isoformat() if last_polled else None, "health_check_policy": POLICY}
+        "last_polled": json_time(last_polled), "health_check_policy": POLICY}
 
 
 # =============================================================================================
