@@ -10,21 +10,39 @@ raises `HydrationError` with Prefect's message.
 The variables come in as a mapping (`variable_names` says which ones a value refers to, so the
 caller loads only those). Templates render in a sandbox whose work is bounded: a template is
 user input, and no input may hold the service (ranges, repetition and output size capped).
+
+What hydration makes is checked as the request's own values were (`bounds`): a `json` or
+`jinja` value can hold what the request could not (a NUL, a lone surrogate, NaN, an integer
+past 64 bits), and what the read model cannot store would stop its projection for good.
+Hydrated values together may not pass Prefect's size limit on parameters either.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from typing import Any
 
-from jinja2 import ChainableUndefined, TemplateError
+from jinja2 import ChainableUndefined, TemplateError, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from pydantic_core import to_json
+
+from .bounds import MAX_PARAMETERS_BYTES, check_json_document, parameters_size_problem
 
 KIND = "__prefect_kind"
 MAX_TEMPLATE_RANGE = 100  # Prefect's bound on `range()` in a template
 MAX_RENDERED_LENGTH = 100_000
 MAX_TEMPLATE_LENGTH = 100_000
+MAX_LOOP_COUNT = 10  # Prefect's bounds on `for` loops in a template (`validate_user_template`)
+MAX_NESTED_LOOP_DEPTH = 2
+# Loop iterations and calls one render may make: a render runs on the service's event loop, so
+# it must end fast whatever the template (two nested loops over a 100,000-character string
+# pass the loop rules and make 10^10 iterations; a macro calling itself twice per level makes
+# 2^n calls). Prefect's loop rules allow at most ~50,000 iterations over ranges.
+MAX_TEMPLATE_STEPS = 200_000
+CALL_STEPS = 5  # a call (a macro's, a method's) costs about five loop steps' time
+_STEPS: ContextVar[list[int]] = ContextVar("template_steps")
 
 
 class HydrationError(Exception):
@@ -36,6 +54,20 @@ class _Drop:
 
 
 _DROP = _Drop()
+
+
+def _step(n: int = 1) -> None:
+    left = _STEPS.get()
+    left[0] -= n
+    if left[0] < 0:
+        raise SecurityError(f"the template does too much work (more than {MAX_TEMPLATE_STEPS} loop steps and calls)")
+
+
+def _counted(iterable: Any) -> Iterator[Any]:
+    """A loop's iterable, each step counted (`render_template` wraps every `for` in it)."""
+    for item in iterable:
+        _step()
+        yield item
 
 
 def _bounded_range(*args: int) -> range:
@@ -54,6 +86,11 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
     def __init__(self) -> None:
         super().__init__(undefined=ChainableUndefined)
         self.globals["range"] = _bounded_range
+        self.globals[_COUNTED] = _counted
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (jinja's names)
+        _step(CALL_STEPS)
+        return super().call(__context, __obj, *args, **kwargs)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "**" and isinstance(right, int | float) and abs(right) > 64:
@@ -66,14 +103,50 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
 
+_COUNTED = "__runledger_counted"
 _ENVIRONMENT = _BoundedEnvironment()
+
+
+def _count_loops(parsed: nodes.Template) -> nodes.Template:
+    """Every `for` iterates over `_counted(its iterable)`: each step of every loop counts."""
+    for loop in parsed.find_all(nodes.For):
+        loop.iter = nodes.Call(nodes.Name(_COUNTED, "load", lineno=loop.lineno), [loop.iter], [], None, None,
+                               lineno=loop.lineno)
+    parsed.set_environment(_ENVIRONMENT)
+    return parsed
+
+
+def _nested_loop_depth(node: nodes.Node, depth: int = 0) -> int:
+    depth += isinstance(node, nodes.For)
+    return max((_nested_loop_depth(child, depth) for child in node.iter_child_nodes()), default=depth)
+
+
+def _check_loops(parsed: nodes.Template) -> None:
+    """Prefect's loop constraints: at most `MAX_LOOP_COUNT` loops, nested at most
+    `MAX_NESTED_LOOP_DEPTH` deep (with ranges of 100 at most, four nested loops made 10^8
+    iterations), with Prefect's messages."""
+    loops = list(parsed.find_all(nodes.For))
+    if len(loops) > MAX_LOOP_COUNT:
+        raise SecurityError(f"Contains {len(loops)} for loops. Templates can contain no more than "
+                            f"{MAX_LOOP_COUNT} for loops.")
+    depth = max((_nested_loop_depth(loop) for loop in loops), default=0)
+    if depth > MAX_NESTED_LOOP_DEPTH:
+        raise SecurityError(f"Contains nested for loops at a depth of {depth}. Templates can nest for loops "
+                            f"no more than {MAX_NESTED_LOOP_DEPTH} loops deep.")
 
 
 def render_template(template: str) -> str:
     if len(template) > MAX_TEMPLATE_LENGTH:
         raise HydrationError(f"Invalid jinja: the template is longer than {MAX_TEMPLATE_LENGTH} characters")
     try:
-        rendered = _ENVIRONMENT.from_string(template).render()
+        parsed = _ENVIRONMENT.parse(template)
+        _check_loops(parsed)
+        compiled = _ENVIRONMENT.from_string(_count_loops(parsed))
+        steps = _STEPS.set([MAX_TEMPLATE_STEPS])
+        try:
+            rendered = compiled.render()
+        finally:
+            _STEPS.reset(steps)
     except (TemplateError, SecurityError, OverflowError, RecursionError, MemoryError, TypeError, ValueError,
             ArithmeticError) as e:
         raise HydrationError(f"Invalid jinja: {e}") from None
@@ -95,53 +168,80 @@ def variable_names(value: Any) -> Iterator[str]:
 
 
 def hydrate(parameters: dict[str, Any], variables: Mapping[str, Any]) -> dict[str, Any]:
-    """`parameters` with every `__prefect_kind` value resolved."""
-    result = _hydrate(parameters, variables)
-    return {} if result is _DROP else result
+    """`parameters` with every `__prefect_kind` value resolved, checked as storable."""
+    made = _Hydration(variables)
+    result = made.hydrate(parameters)
+    hydrated = {} if result is _DROP else result
+    try:
+        check_json_document(hydrated)
+    except ValueError as e:
+        raise HydrationError(f"Invalid hydrated value: {e}") from None
+    if made.produced:  # plain parameters were sized with the request, as Prefect sizes them
+        problem = parameters_size_problem(hydrated)
+        if problem:
+            raise HydrationError(f"Invalid hydrated value: {problem}")
+    return hydrated
 
 
-def _hydrate(value: Any, variables: Mapping[str, Any]) -> Any:
-    if isinstance(value, dict) and KIND in value:
-        return _resolve(value, variables)
-    if isinstance(value, dict):
-        return {k: h for k, v in value.items() if (h := _hydrate(v, variables)) is not _DROP}
-    if isinstance(value, list):
-        return [h for v in value if (h := _hydrate(v, variables)) is not _DROP]
-    return value
+class _Hydration:
+    """One hydration: the variables, and how many characters the resolved values have made
+    so far. A few bytes of request can make much more (each template up to
+    `MAX_RENDERED_LENGTH`, a large variable named many times), so hydration stops once they
+    alone pass the size limit on parameters, before the rest is made."""
 
+    def __init__(self, variables: Mapping[str, Any]) -> None:
+        self.variables = variables
+        self.produced = 0
 
-def _inner(value: Any, variables: Mapping[str, Any]) -> Any:
-    return _hydrate(value, variables) if isinstance(value, dict) else value
+    def _made(self, value: Any, size: int) -> Any:
+        self.produced += size
+        if self.produced > MAX_PARAMETERS_BYTES:
+            raise HydrationError(f"Invalid hydrated value: the hydrated values are longer than the "
+                                 f"{MAX_PARAMETERS_BYTES} bytes allowed for parameters")
+        return value
 
+    def hydrate(self, value: Any) -> Any:
+        if isinstance(value, dict) and KIND in value:
+            return self._resolve(value)
+        if isinstance(value, dict):
+            return {k: h for k, v in value.items() if (h := self.hydrate(v)) is not _DROP}
+        if isinstance(value, list):
+            return [h for v in value if (h := self.hydrate(v)) is not _DROP]
+        return value
 
-def _resolve(obj: dict[str, Any], variables: Mapping[str, Any]) -> Any:
-    kind = obj[KIND]
-    if kind == "none":
-        if "value" not in obj:
-            raise HydrationError("Missing 'value' key in __prefect object")
-        return _hydrate(obj["value"], variables)
-    if kind == "json":
-        if "value" not in obj:
-            return _DROP
-        raw = _inner(obj["value"], variables)
-        if not isinstance(raw, str):
-            return raw
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise HydrationError(f"Invalid JSON: {e}") from None
-    if kind == "jinja":
-        if "template" not in obj:
-            raise HydrationError("Missing 'template' key in __prefect object")
-        template = _inner(obj["template"], variables)
-        if not isinstance(template, str):
-            raise HydrationError("Invalid jinja: the template is not a string")
-        return render_template(template)
-    if kind == "workspace_variable":
-        if "variable_name" not in obj:
-            return _DROP
-        name = _inner(obj["variable_name"], variables)
-        if not isinstance(name, str) or name not in variables:
-            raise HydrationError(f"Variable '{name}' not found in workspace.")
-        return variables[name]
-    return obj.get("value")
+    def _inner(self, value: Any) -> Any:
+        return self.hydrate(value) if isinstance(value, dict) else value
+
+    def _resolve(self, obj: dict[str, Any]) -> Any:
+        kind = obj[KIND]
+        if kind == "none":
+            if "value" not in obj:
+                raise HydrationError("Missing 'value' key in __prefect object")
+            return self.hydrate(obj["value"])
+        if kind == "json":
+            if "value" not in obj:
+                return _DROP
+            raw = self._inner(obj["value"])
+            if not isinstance(raw, str):
+                return raw
+            try:  # ValueError: also an integer of more than 4,300 digits
+                return self._made(json.loads(raw), len(raw))
+            except (ValueError, RecursionError) as e:
+                raise HydrationError(f"Invalid JSON: {e}") from None
+        if kind == "jinja":
+            if "template" not in obj:
+                raise HydrationError("Missing 'template' key in __prefect object")
+            template = self._inner(obj["template"])
+            if not isinstance(template, str):
+                raise HydrationError("Invalid jinja: the template is not a string")
+            rendered = render_template(template)
+            return self._made(rendered, len(rendered))
+        if kind == "workspace_variable":
+            if "variable_name" not in obj:
+                return _DROP
+            name = self._inner(obj["variable_name"])
+            if not isinstance(name, str) or name not in self.variables:
+                raise HydrationError(f"Variable '{name}' not found in workspace.")
+            value = self.variables[name]
+            return self._made(value, len(to_json(value)))
+        return obj.get("value")

@@ -2,17 +2,152 @@
 pool's job variables. Validation resolves references inside the schema only (nothing is
 fetched), keeps one validator per schema, and, where Prefect preprocesses a schema written
 by Pydantic v1 (`preprocess_schema`), does the same, so the same values pass or fail on both.
+
+Validation runs inside a decider, on the service's event loop, and both the schema and the
+value are user input; so its work is bounded (`_BoundedValidator`): keywords that are
+quadratic in jsonschema are made linear, each pattern match and the whole validation have
+a time limit, and past one the request is refused as invalid rather than holding every
+other request.
 """
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import json
+import time
+import types
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import Any
 
 import jsonschema
+import jsonschema._keywords
+import jsonschema._utils
+import regex  # type: ignore[import-untyped]
 from jsonschema.exceptions import SchemaError
+
+from .messages import invalid
+
+# How long one validation may take (seconds): at the largest parameters allowed (512 KiB),
+# a plain schema takes about half a second; a schema whose `anyOf`s branch exponentially
+# would take hours.
+VALIDATION_TIME_LIMIT = 3.0
+# How long one pattern may take to match one string (seconds): real patterns take
+# microseconds; one that backtracks catastrophically (`^(a|aa)+$`) would take minutes.
+PATTERN_TIME_LIMIT = 0.1
+
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("json_schema_deadline", default=None)
+
+
+class _TooCostly(Exception):
+    """A validation that ran out of time; `str()` says what could not be checked."""
+
+
+def _remaining() -> float:
+    deadline = _DEADLINE.get()
+    return VALIDATION_TIME_LIMIT if deadline is None else deadline - time.monotonic()
+
+
+@lru_cache(maxsize=512)
+def _compiled(pattern: str) -> Any:
+    return regex.compile(pattern)
+
+
+class _BoundedPatterns:
+    """What jsonschema's keywords use of `re` (only `search`), done by the `regex` package,
+    which supports the same syntax and, unlike `re`, stops a match after a timeout."""
+
+    @staticmethod
+    def search(pattern: str, string: str) -> Any:
+        remaining = _remaining()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            return _compiled(pattern).search(string, timeout=min(remaining, PATTERN_TIME_LIMIT))
+        except TimeoutError:
+            raise _TooCostly(f"the pattern {pattern!r} could not be checked in time (it backtracks too "
+                             "much); use a simpler pattern") from None
+
+
+def _canonical(value: Any) -> Any:
+    """`value` with every integral float made an int: JSON Schema's equality holds 1 == 1.0."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def _unique(container: Iterable[Any]) -> bool:
+    """jsonschema's `uniq` in linear time: two items are equal exactly when their canonical
+    JSON texts are (sorted keys; 1 == 1.0 but true != 1, as `jsonschema._utils.equal` has
+    it). jsonschema compares unsortable items (objects) pairwise: 5,000 of them took 36 s.
+    Anything that is not plain JSON goes to jsonschema's own check."""
+    seen: set[str] = set()
+    items = list(container)
+    try:
+        for item in items:
+            text = json.dumps(_canonical(item), sort_keys=True, allow_nan=False)
+            if text in seen:
+                return False
+            seen.add(text)
+    except (TypeError, ValueError):
+        return bool(jsonschema._utils.uniq(items))
+    return True
+
+
+def _rebound(function: Any, namespace: dict[str, Any]) -> Any:
+    """`function` as it is, but looking its global names up in `namespace`."""
+    clone = types.FunctionType(function.__code__, namespace, function.__name__, function.__defaults__,
+                               function.__closure__)
+    clone.__kwdefaults__ = function.__kwdefaults__
+    return clone
+
+
+def _as_set(find: Callable[..., Iterable[Any]]) -> Callable[..., set[Any]]:
+    """`unevaluatedItems` and `unevaluatedProperties` test each item against the list these
+    return (quadratic: 30,000 keys took 8 s); a set makes it linear."""
+    return lambda *args: set(find(*args))
+
+
+def _bounded_keywords() -> dict[str, Any]:
+    """jsonschema's draft 2020-12 keywords, unchanged in what they accept and say, but with the
+    helpers they call replaced: patterns by `_BoundedPatterns`, `uniq` by `_unique`, the
+    evaluated items and keys by sets. Each keyword also checks the time limit on entry, which
+    bounds schemas that branch exponentially."""
+    utils = dict(vars(jsonschema._utils), re=_BoundedPatterns)
+    find_keys = _rebound(jsonschema._utils.find_evaluated_property_keys_by_schema, utils)
+    utils["find_evaluated_property_keys_by_schema"] = find_keys
+    keywords = dict(
+        vars(jsonschema._keywords), re=_BoundedPatterns, uniq=_unique,
+        find_additional_properties=_rebound(jsonschema._utils.find_additional_properties, utils),
+        find_evaluated_property_keys_by_schema=_as_set(find_keys),
+        find_evaluated_item_indexes_by_schema=_as_set(jsonschema._utils.find_evaluated_item_indexes_by_schema),
+    )
+    bounded = {}
+    for name, keyword in jsonschema.Draft202012Validator.VALIDATORS.items():
+        if getattr(keyword, "__module__", None) == jsonschema._keywords.__name__:
+            keyword = _rebound(keyword, keywords)
+        bounded[name] = _timed(keyword)
+    return bounded
+
+
+def _timed(keyword: Callable[..., Any]) -> Callable[..., Any]:
+    """`keyword`, refused once the validation is past its time limit: every keyword runs
+    through here, so a schema whose `anyOf`s (or `$ref`s) branch exponentially stops too."""
+
+    def checked(validator: Any, value: Any, instance: Any, schema: Any) -> Any:
+        if _remaining() <= 0:
+            raise _TooCostly(f"the value could not be checked against the schema within {VALIDATION_TIME_LIMIT} "
+                             "seconds")
+        return keyword(validator, value, instance, schema)
+    return checked
+
+
+_BoundedValidator: Any = jsonschema.validators.extend(jsonschema.Draft202012Validator, _bounded_keywords())
 
 
 def _without_required(schema: Any) -> Any:
@@ -46,15 +181,21 @@ def validation_problem(value: dict[str, Any], schema: dict[str, Any], *, ignore_
     field 'x'. Failure reason: ..."), or None. References are resolved inside the schema only.
     `preprocess`: Prefect's newer checks (a run's parameters and job variables, an update's
     parameters) fix the schema first (`preprocess_schema`), so that null is accepted where
-    Pydantic v1 schemas meant it; the create-time check (DP-5) does not."""
+    Pydantic v1 schemas meant it; the create-time check (DP-5) does not.
+    Raises `invalid` when the value cannot be checked within `VALIDATION_TIME_LIMIT`."""
+    deadline = _DEADLINE.set(time.monotonic() + VALIDATION_TIME_LIMIT)
     try:
         validator = _validator(json.dumps(schema, sort_keys=True), ignore_required, preprocess,
                                allow_none_with_default)
         errors = sorted(validator.iter_errors(value), key=lambda e: list(map(str, e.path)))
+    except _TooCostly as e:
+        raise invalid(f"Validation failed: {e}") from None
     except RecursionError:
         return CIRCULAR_SCHEMA
     except Exception as e:  # an unresolvable $ref
         return f"Validation failed: {type(e).__name__}: {e}"
+    finally:
+        _DEADLINE.reset(deadline)
     if not errors:
         return None
     first = errors[0]
@@ -77,7 +218,7 @@ def _validator(schema_json: str, ignore_required: bool, preprocess: bool, allow_
     if preprocess:  # before `required` goes: it says which properties may be null
         schema = preprocess_schema(schema, allow_none_with_default)
     checked = _without_required(schema) if ignore_required else schema
-    return jsonschema.Draft202012Validator(checked, registry=Registry(retrieve=_no_remote_refs))  # type: ignore[call-arg]
+    return _BoundedValidator(checked, registry=Registry(retrieve=_no_remote_refs))  # type: ignore[call-arg]
 
 
 def _fix_null_typing(key: str, schema: dict[str, Any], required_fields: list[str],

@@ -226,6 +226,7 @@ CASES = [
     Q("GetWorkPool", {"name": NUL}, "invalid", "name", "NUL"),
     Q("GetWorkQueue", {"work_pool_name": "p", "work_queue_name": NUL}, "invalid", "work_queue_name", "NUL"),
     Q("GetLegacyWorkQueue", {"name": f"q{NUL}"}, "invalid", "name", "NUL"),
+    Q("GetDeploymentByName", {"flow_name": "f", "deployment_name": f"a{NUL}b"}, "invalid", "deployment_name", "NUL"),
 ]
 
 

@@ -242,3 +242,68 @@ async def test_a_burst_of_large_requests_is_answered_without_a_disconnect(servic
     connections = [service.nc, *service.lanes]
     assert all(c.is_connected and c.stats["reconnects"] == 0 for c in connections), "disconnected (slow consumer?)"
     await broker.ok_cmd("CreateWorkPool", name="after-burst", type="process")
+
+
+# -- 7. no value made from a request stops a projection; no schema check holds the service ---
+
+
+HYDRATED_UNSTORABLE = {
+    "json NUL": {"__prefect_kind": "json", "value": '"a\\u0000b"'},
+    "json NUL key": {"__prefect_kind": "json", "value": '{"a\\u0000": 1}'},
+    "json lone surrogate": {"__prefect_kind": "json", "value": '"\\ud800"'},
+    "json NaN": {"__prefect_kind": "json", "value": "NaN"},
+    "json integer past 64 bits": {"__prefect_kind": "json", "value": "9" * 30},
+    "json 5,000 digits": {"__prefect_kind": "json", "value": "1" * 5000},
+    "jinja NUL": {"__prefect_kind": "jinja", "template": "a{{ '\\x00' }}b"},
+    "jinja lone surrogate": {"__prefect_kind": "jinja", "template": "{{ '\\ud800' }}"},
+}
+
+
+async def test_hydrated_values_the_read_model_cannot_store_are_invalid(broker):
+    """Postgres rejects a NUL (and cannot encode a lone surrogate); had such a value been
+    appended, the projection would stop at it for good, and no later write would be readable."""
+    flow = await broker.ok_cmd("CreateFlow", name="etl")
+    deployment = await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow["id"], enforce_parameter_schema=False)
+    before = await broker.stream_messages()
+    for label, value in HYDRATED_UNSTORABLE.items():
+        for name, body in (("CreateFlowRunFromDeployment", {"deployment_id": deployment["id"]}),
+                           ("UpdateDeployment", {"id": deployment["id"]})):
+            out = await broker.cmd(name, **body, parameters={"x": value})
+            got = (out["ok"], out.get("error", {}).get("code"), out.get("error", {}).get("field"))
+            assert got == (False, "invalid", "parameters"), (label, name, out)
+            assert "hydrating" in out["error"]["message"], (label, name, out)
+    assert await broker.stream_messages() == before
+    # Both projections still advance: later writes are readable (queries wait for them).
+    run = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=deployment["id"], parameters={"x": "ok"})
+    await broker.ok_cmd("UpdateDeployment", id=deployment["id"], description="later")
+    assert (await broker.ok_qry("GetFlowRun", id=run["id"]))["parameters"] == {"x": "ok"}
+    assert (await broker.ok_qry("GetDeployment", id=deployment["id"]))["description"] == "later"
+
+
+async def test_parameter_schemas_that_were_slow_to_check_are_answered_and_the_service_stays_up(broker):
+    """Each of these held the service's event loop, and so every other request, for 30 s to
+    hours: unique objects (compared pairwise), a pattern that backtracks catastrophically, and
+    one that still backtracks too much (refused as invalid)."""
+    flow = await broker.ok_cmd("CreateFlow", name="etl")
+    unique = {"type": "object", "properties": {"x": {"type": "array", "uniqueItems": True}}}
+    deployment = await broker.ok_cmd("CreateDeployment", name="unique", flow_id=flow["id"],
+                                     parameter_openapi_schema=unique, enforce_parameter_schema=True)
+    run = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=deployment["id"],
+                              parameters={"x": [{"a": i} for i in range(5000)]})
+    assert len(run["parameters"]["x"]) == 5000
+
+    def backtracking(pattern: str) -> dict:
+        return {"type": "object", "properties": {"x": {"type": "string", "pattern": pattern}}}
+
+    out = await broker.cmd("CreateDeployment", name="p1", flow_id=flow["id"], enforce_parameter_schema=True,
+                           parameter_openapi_schema=backtracking("^(a+)+$"), parameters={"x": "a" * 29 + "!"})
+    assert (out["ok"], out["error"]["code"]) == (False, "invalid"), out  # as any mismatch at creation
+    assert "does not match '^(a+)+$'" in out["error"]["message"]
+    before = await broker.stream_messages()
+    out = await broker.cmd("CreateDeployment", name="p2", flow_id=flow["id"], enforce_parameter_schema=True,
+                           parameter_openapi_schema=backtracking("^(a|aa)+$"), parameters={"x": "a" * 60 + "!"})
+    assert (out["ok"], out["error"]["code"]) == (False, "invalid"), out
+    assert "could not be checked in time" in out["error"]["message"]
+    assert await broker.stream_messages() == before
+    assert (await broker.ok_qry("GetServiceHealth"))["projections"]
+    assert (await broker.ok_qry("GetFlowRun", id=run["id"]))["parameters"]["x"][4999] == {"a": 4999}

@@ -61,3 +61,70 @@ def test_the_variables_named_are_found_for_loading():
     params = {"a": {"__prefect_kind": "workspace_variable", "variable_name": "x"},
               "b": [{"c": {"__prefect_kind": "workspace_variable", "variable_name": "y"}}]}
     assert sorted(variable_names(params)) == ["x", "y"]
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"__prefect_kind": "json", "value": '"a\\u0000b"'}, "NUL"),
+    ({"__prefect_kind": "json", "value": '{"a\\u0000": 1}'}, "NUL"),
+    ({"__prefect_kind": "json", "value": '"\\ud800"'}, "lone surrogate"),
+    ({"__prefect_kind": "json", "value": "NaN"}, "finite"),
+    ({"__prefect_kind": "json", "value": "1e999"}, "finite"),
+    ({"__prefect_kind": "json", "value": "9" * 30}, "between -2^63 and 2^64-1"),
+    ({"__prefect_kind": "json", "value": "[" * 100 + "]" * 100}, "nest deeper"),
+    ({"__prefect_kind": "json", "value": "1" * 5000}, "Invalid JSON: "),
+    ({"__prefect_kind": "jinja", "template": "a{{ '\\x00' }}b"}, "NUL"),
+    ({"__prefect_kind": "jinja", "template": "{{ '\\ud800' }}"}, "lone surrogate"),
+])
+def test_what_hydration_makes_is_checked_as_storable(value, message):
+    """A `json` or `jinja` value can make what the request itself could not hold; the read
+    model could not store it, and its projection would stop at the event for good."""
+    with pytest.raises(HydrationError) as e:
+        hydrate({"p": value}, {})
+    assert message in str(e.value)
+
+
+def test_hydrated_values_together_are_bounded_in_size():
+    """Many small templates each rendering the most a template may: refused as soon as they
+    pass the size limit on parameters, before the rest is rendered."""
+    big = {"__prefect_kind": "jinja", "template": "{{ 'a' * 100000 }}"}
+    with pytest.raises(HydrationError) as e:
+        hydrate({f"p{i}": big for i in range(1000)}, {})
+    assert "bytes allowed for parameters" in str(e.value)
+    variable = {"__prefect_kind": "workspace_variable", "variable_name": "v"}
+    with pytest.raises(HydrationError):
+        hydrate({"p": [variable] * 1000}, {"v": "x" * 10_000})
+    assert hydrate({"p": [variable] * 10}, {"v": "x" * 10_000}) == {"p": ["x" * 10_000] * 10}
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{% for a in range(100) %}" * 3 + "{% endfor %}" * 3,
+     "Contains nested for loops at a depth of 3. Templates can nest for loops no more than 2 loops deep."),
+    ("{% for a in range(1) %}{% endfor %}" * 11,
+     "Contains 11 for loops. Templates can contain no more than 10 for loops."),
+])
+def test_loops_are_bounded_as_prefect_bounds_them(template, message):
+    """Four nested loops over `range(100)` rendered 10^8 times (7.6 s)."""
+    with pytest.raises(HydrationError) as e:
+        hydrate({"t": {"__prefect_kind": "jinja", "template": template}}, {})
+    assert str(e.value) == f"Invalid jinja: {message}"
+    nested = "{% for a in range(3) %}{% for b in range(2) %}x{% endfor %}{% endfor %}"
+    assert hydrate({"t": {"__prefect_kind": "jinja", "template": nested}}, {}) == {"t": "x" * 6}
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("template", [
+    # Within the loop rules, but 10^10 iterations.
+    "{% for a in 'x' * 100000 %}{% for b in 'x' * 100000 %}{% endfor %}{% endfor %}",
+    # No loop at all: a macro calling itself twice per level makes 2^40 calls.
+    "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}",
+])
+def test_a_template_s_work_is_bounded_so_a_render_ends_fast(template):
+    """A render runs on the service's event loop: whatever the template, it ends after a
+    bounded number of loop steps and calls, with a clear error (before, these ran for hours)."""
+    with pytest.raises(HydrationError) as e:
+        hydrate({"t": {"__prefect_kind": "jinja", "template": template}}, {})
+    assert str(e.value) == ("Invalid jinja: the template does too much work "
+                            "(more than 200000 loop steps and calls)")
+    # What Prefect's rules allow still renders: two nested loops of 100.
+    full = "{% for i in range(100) %}{% for j in range(100) %}.{% endfor %}{% endfor %}"
+    assert hydrate({"t": {"__prefect_kind": "jinja", "template": full}}, {}) == {"t": "." * 10_000}
