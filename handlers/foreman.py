@@ -27,6 +27,11 @@ clock in handlers/background.py) that, every 15 s, in this order:
    deployment's delete takes the runs its schedules made, which it finds in the log; the runs
    made from it on demand are found only in the read model, so they go here, within a pass of
    the delete.
+8. gives back the tag concurrency slots held by task runs that are gone (a flow run's delete
+   takes its task runs with it, and writes nothing on their limits) or no longer RUNNING or
+   CANCELLING: `ReleaseTagSlotsOfGoneTaskRuns`, one per tag, for its classic limit and its
+   global `tag:<tag>` one. Without it such a slot stays taken for good, and the tag's next
+   runs wait for ever.
 
 It finds candidates in the read models and acts through commands whose deciders check the
 condition again against the log (the worker's last heartbeat, the pool's online workers, the
@@ -44,7 +49,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import DateTime, Float, and_, exists, func, literal, literal_column, or_, select
+from sqlalchemy import (
+    DateTime,
+    Float,
+    and_,
+    exists,
+    func,
+    literal,
+    literal_column,
+    or_,
+    select,
+    text,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from runledger.commands import tag_concurrency_limits as tcl
@@ -69,6 +85,20 @@ log = logging.getLogger("runledger.foreman")
 
 FOREMAN_INTERVAL = 15.0
 BATCH = 500
+# Step 8's candidates. A classic limit lists its holders (`active_slots`); a `tag:<tag>` global
+# limit only counts them, so it is a candidate when it counts more than the tag's running runs.
+_CLASSIC_GONE_HOLDERS = text(
+    "SELECT l.tag, array_agg(h.holder::uuid) AS task_run_ids"
+    " FROM tag_concurrency_limits l CROSS JOIN LATERAL jsonb_array_elements_text(l.active_slots) AS h(holder)"
+    " LEFT JOIN task_runs t ON t.id = h.holder::uuid"
+    " WHERE t.id IS NULL OR t.state_type IS NULL OR t.state_type NOT IN ('RUNNING', 'CANCELLING')"
+    " GROUP BY l.tag ORDER BY l.tag LIMIT 500")
+_GLOBAL_OVERCOUNTED = text(
+    "SELECT substr(c.name, 5) AS tag FROM concurrency_limits c"
+    " WHERE c.name LIKE 'tag:%' AND c.active_slots > 0 AND c.active_slots > ("
+    "   SELECT count(*) FROM task_runs t"
+    "   WHERE t.tags ? substr(c.name, 5) AND t.state_type IN ('RUNNING', 'CANCELLING'))"
+    " ORDER BY c.name LIMIT 500")
 # How long after its flow run ended a task run still RUNNING is left alone: a run's last task
 # reports may arrive just after its flow's own terminal state (they are sent in batches).
 ENDED_FLOW_RUN_GRACE_SECONDS = FOREMAN_INTERVAL
@@ -85,6 +115,7 @@ class ForemanPass:
     leases_expired: int = 0
     task_runs_crashed: int = 0
     runs_of_deleted_deployments: int = 0
+    tag_slots_released: int = 0
     pools_not_ready: int = 0
     deployments_checked: int = 0
     queues_checked: int = 0
@@ -351,6 +382,31 @@ class Foreman:
         self.last.runs_of_deleted_deployments = deleted
         return deleted
 
+    async def tag_slots_of_gone_task_runs(self) -> int:
+        """Tags whose limits list a task run holding a slot that, in the read model, is gone or
+        no longer RUNNING or CANCELLING (a flow run's deletion takes its task runs with it and
+        writes nothing on their limits); and `tag:<tag>` global limits counting more slots than
+        the tag has running task runs (their holders are in no read model). Each tag gets
+        `ReleaseTagSlotsOfGoneTaskRuns`, whose decider reads every candidate from the log: a
+        stale read model (a run just started) releases nothing."""
+        async with self.engine.connect() as conn:
+            classic = list(await conn.execute(_CLASSIC_GONE_HOLDERS))
+            global_ = list(await conn.execute(_GLOBAL_OVERCOUNTED))
+        bodies = [{"tag": row.tag, "task_run_ids": [str(i) for i in row.task_run_ids[:tcl.MAX_GONE_HOLDERS]]}
+                  for row in classic]
+        bodies += [{"tag": row.tag} for row in global_ if row.tag not in {b["tag"] for b in bodies}]
+        released = 0
+
+        async def one(body: dict[str, Any]) -> None:
+            nonlocal released
+            reply = await self.send("ReleaseTagSlotsOfGoneTaskRuns", body)
+            if reply.get("ok"):
+                released += len((reply.get("result") or {}).get("released") or [])
+
+        await each_bounded(bodies, one)
+        self.last.tag_slots_released = released
+        return released
+
     async def run_pass(self) -> ForemanPass:
         """One tick, in the foreman's order."""
         self.last = ForemanPass()
@@ -362,6 +418,7 @@ class Foreman:
         await self.deployment_leases_expired()
         await self.task_runs_of_ended_flow_runs()
         await self.runs_of_deleted_deployments()
+        await self.tag_slots_of_gone_task_runs()
         self.passes += 1
         return self.last
 

@@ -451,6 +451,38 @@ async def test_the_tag_slots_of_task_runs_gone_with_their_flow_run_are_released(
     await assert_live_equals_rebuild(service, settings)
 
 
+async def test_the_foreman_gives_back_the_tag_slots_of_task_runs_gone_with_their_flow_run(broker, service, settings):
+    """The foreman finds the slots held by task runs that no longer exist, on classic limits by
+    their holders and on `tag:<tag>` ones by their count, and gives them back; a running
+    holder's slot stays, and a second pass finds nothing."""
+    await broker.ok_cmd("CreateTagConcurrencyLimit", tag="db", concurrency_limit=1)
+    await broker.ok_cmd("CreateConcurrencyLimit", name="tag:api", limit=2)
+    flow_id = (await broker.ok_cmd("CreateFlow", name="f"))["id"]
+    doomed = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, state={"type": "RUNNING"})
+    kept = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, state={"type": "RUNNING"})
+    gone = await broker.ok_cmd("CreateTaskRun", flow_run_id=doomed["id"], task_key="k", dynamic_key="1",
+                               tags=["db", "api"])
+    alive = await broker.ok_cmd("CreateTaskRun", flow_run_id=kept["id"], task_key="k", dynamic_key="2", tags=["api"])
+    assert (await _running(broker, gone["id"]))["status"] == "ACCEPT"
+    assert (await _running(broker, alive["id"]))["status"] == "ACCEPT"
+    await broker.ok_cmd("DeleteFlowRun", id=doomed["id"])
+    waiting = await broker.ok_cmd("CreateTaskRun", task_key="k", dynamic_key="3", tags=["db"])
+    assert (await _running(broker, waiting["id"]))["status"] == "WAIT"  # the deleted run's slot
+    await broker.catch_up()
+    nc = await connect(settings)
+    try:
+        foreman = Foreman(service.engine, CommandSender(nc, settings))
+        assert await foreman.tag_slots_of_gone_task_runs() == 2  # one classic, one global
+        await broker.catch_up()
+        assert await foreman.tag_slots_of_gone_task_runs() == 0
+    finally:
+        await nc.close()
+    assert (await broker.ok_qry("GetTagConcurrencyLimit", tag="db"))["active_slots"] == []
+    assert (await broker.ok_qry("GetConcurrencyLimitByName", name="tag:api"))["active_slots"] == 1  # alive's
+    assert (await _running(broker, waiting["id"]))["status"] == "ACCEPT"
+    await assert_live_equals_rebuild(service, settings)
+
+
 async def test_a_subflow_state_copied_onto_its_parent_task_run_gives_its_global_tag_slot_back(broker, service,
                                                                                                 settings):
     await broker.ok_cmd("CreateConcurrencyLimit", name="tag:api", limit=1)
