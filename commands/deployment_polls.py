@@ -21,10 +21,12 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import Field
 
+from .bounds import UtcDatetime
 from .decisions import Decision, NewEvent
 from .deployments import Deployment
-from .events import register_event
+from .events import register_event, register_upcaster
 from .messages import Command, DecisionContext, Event
+from .work_pools import last_polled_of
 
 DEPLOYMENT_POLL = "deployment_poll"
 # A runner serves a handful of deployments; a poll's record loads each one it names.
@@ -55,11 +57,20 @@ class DeploymentsPolled(_PollEvent):
 class QueuelessDeploymentsNotReady(_PollEvent):
     """The deployments without a queue that were READY and last polled more than 60 seconds
     before `checked` become NOT_READY; `deployment_ids` are the candidates, the read model
-    keeps only those still READY, stale and without a queue."""
+    keeps only those still READY, stale and without a queue. `last_polled`: each one's last
+    poll (absent before v2: `work_pools.last_polled_of`)."""
 
     event_type: ClassVar[str] = "QueuelessDeploymentsNotReady"
+    schema_version: ClassVar[int] = 2
     deployment_ids: list[uuid.UUID]
     checked: datetime
+    last_polled: dict[uuid.UUID, datetime] = {}
+
+
+@register_upcaster("QueuelessDeploymentsNotReady", 1)
+def _queueless_not_ready_v1(payload: dict[str, Any]) -> dict[str, Any]:
+    """v2 added `last_polled`; empty (leave the deployments' as they are) is what v1 meant."""
+    return payload
 
 
 class RecordDeploymentsPolled(Command):
@@ -74,6 +85,8 @@ class MarkQueuelessDeploymentsNotReady(Command):
     NOT_READY (those that have a queue, or are gone, are left alone)."""
 
     deployment_ids: Annotated[list[uuid.UUID], Field(min_length=1, max_length=MAX_DEPLOYMENTS_PER_POLL)]
+    # Each one's last poll as the foreman read it (`QueuelessDeploymentsNotReady.last_polled`).
+    last_polled: Annotated[dict[uuid.UUID, UtcDatetime], Field(max_length=MAX_DEPLOYMENTS_PER_POLL)] = {}
 
 
 def evolve(state: Any, event: Event) -> None:
@@ -105,5 +118,6 @@ def decide_mark_queueless_not_ready(cmd: MarkQueuelessDeploymentsNotReady,
            if (d := found.get(i)) is not None and d.work_queue_id is None]
     if not ids:
         return Decision(events=[], result=None)
-    event = QueuelessDeploymentsNotReady(deployment_ids=ids, checked=ctx.now)
+    event = QueuelessDeploymentsNotReady(deployment_ids=ids, checked=ctx.now,
+                                         last_polled=last_polled_of(ids, cmd.last_polled, ctx.now))
     return Decision(events=[NewEvent(poll_id(cmd.deployment_ids), event)], result=None)

@@ -20,6 +20,7 @@ the foreman) are checked against the log and never against a read model.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -383,15 +384,24 @@ class WorkQueueDeploymentsNotReady(_PoolEvent):
     work_queue_id: uuid.UUID
     deployment_ids: list[uuid.UUID]
     checked: datetime
-    # The queue's last poll (absent before v2): the deployments' `last_polled` is at least
-    # that, which the routine polls that said it may outlive.
-    queue_last_polled: datetime | None = None
+    # Each deployment's last poll (absent before v2), which the routine polls that said it may
+    # outlive (`last_polled_of`).
+    last_polled: dict[uuid.UUID, datetime] = {}
 
 
 @register_upcaster("WorkQueueDeploymentsNotReady", 1)
 def _work_queue_deployments_not_ready_v1(payload: dict[str, Any]) -> dict[str, Any]:
-    """v2 added `queue_last_polled`; None (leave `last_polled` as it is) is what v1 meant."""
+    """v2 added `last_polled`; empty (leave the deployments' as they are) is what v1 meant."""
     return payload
+
+
+def last_polled_of(ids: list[uuid.UUID], told: Mapping[uuid.UUID, datetime], now: datetime) -> dict[uuid.UUID, datetime]:
+    """The last polls of the deployments a not-ready event names, as the foreman read them in
+    the read model (a deployment's last poll is a read-side fact: no aggregate holds it), never
+    later than now. The routine polls that set them expire from the log; the event keeps them,
+    so a rebuild gives the deployments the `last_polled` they have live, wherever their queue
+    went since."""
+    return {i: min(told[i], now) for i in ids if i in told}
 
 
 class _NameEvent(Event):
@@ -531,6 +541,8 @@ class MarkDeploymentsNotReady(Command):
     work_pool_name: PoolName
     work_queue_id: uuid.UUID
     deployment_ids: Annotated[list[uuid.UUID], Field(max_length=MAX_QUEUES_PER_COMMAND)]
+    # Each one's last poll as the foreman read it (`WorkQueueDeploymentsNotReady.last_polled`).
+    last_polled: Annotated[dict[uuid.UUID, UtcDatetime], Field(max_length=MAX_QUEUES_PER_COMMAND)] = {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -956,7 +968,7 @@ def decide_mark_deployments_not_ready(cmd: MarkDeploymentsNotReady, pool: WorkPo
     if not ids or not _unpolled(queue, ctx.now):
         return Decision(events=[], result=None)
     event = WorkQueueDeploymentsNotReady(work_queue_id=queue.id, deployment_ids=ids, checked=ctx.now,
-                                         queue_last_polled=queue.last_polled)
+                                         last_polled=last_polled_of(ids, cmd.last_polled, ctx.now))
     return Decision(events=[NewEvent(str(pool.id), event)], result=None)
 
 

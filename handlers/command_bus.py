@@ -30,7 +30,7 @@ from pydantic_core import to_json
 from runledger.commands.decisions import Decision, Orchestration
 from runledger.commands.events import UnknownEvent, encode_event
 from runledger.commands.messages import Command, DecisionContext, ErrorCode, Rejection
-from runledger.infra.aggregates import AggregateRepository, Loaded
+from runledger.infra.aggregates import AggregateRepository, Loaded, kept_after
 from runledger.infra.event_store import (
     AppendUnavailable,
     EventStore,
@@ -441,10 +441,10 @@ class CommandBus:
             kind = self.repo.kinds[atype]
             cached = self.repo.cached(atype, aid)
             ours = (chained or {}).get((atype, aid))
-            expiring = items[-1][1].expires_no_sooner_than() is not None
             if ours is not None:
                 if cached is not None and cached.seq is ours:  # nobody chained on since: now it is stored
-                    self.repo.remember(atype, aid, Loaded(cached.state, items[-1][0], cached.unsnapshotted, expiring))
+                    # (a chained aggregate is never snapshotted: its anchor is not followed)
+                    self.repo.remember(atype, aid, Loaded(cached.state, items[-1][0], cached.unsnapshotted))
                 continue
             loaded_at = unit.loaded.get((atype, aid), 0)
             if cached is not None and cached.seq == loaded_at:
@@ -459,7 +459,10 @@ class CommandBus:
             else:
                 for _, event in items:
                     state = kind.evolve(state, event)
-            self.repo.remember(atype, aid, Loaded(state, items[-1][0], folded + len(items), expiring))
+            kept, before = (cached.kept_seq, loaded_at) if cached is not None and cached.seq == loaded_at else (None, 0)
+            for at, event in items:
+                kept, before = kept_after(kept, before, event), at
+            self.repo.remember(atype, aid, Loaded(state, items[-1][0], folded + len(items), kept))
 
     async def _record_refusal(self, bus_key: str, name: str, fingerprint: str | None, refused: dict[str, Any]) -> None:
         """The decision was stored, but what had to follow it could not be done and was undone

@@ -229,26 +229,31 @@ class Foreman:
         (polled by a runner, or its queue deleted) goes NOT_READY on its own last poll, through
         `MarkQueuelessDeploymentsNotReady`; one with a queue through its pool, by queue."""
         stale_before = self.clock() - wp.NOT_READY_AFTER
-        stmt = (select(work_pools.c.name.label("pool"), work_queues.c.id.label("queue_id"), deployments.c.id)
+        stmt = (select(work_pools.c.name.label("pool"), work_queues.c.id.label("queue_id"), deployments.c.id,
+                       deployments.c.last_polled)
                 .outerjoin(work_queues, work_queues.c.id == deployments.c.work_queue_id)
                 .outerjoin(work_pools, work_pools.c.id == work_queues.c.work_pool_id)
                 .where(deployments.c.status == "READY", deployments.c.last_polled.is_not(None),
                        deployments.c.last_polled < stale_before,
                        or_(work_queues.c.last_polled.is_(None), work_queues.c.last_polled < stale_before))
                 .order_by(deployments.c.last_polled).limit(BATCH))
-        by_queue: dict[tuple[str, Any], list[str]] = defaultdict(list)
+        by_queue: dict[tuple[str, Any], dict[str, str]] = defaultdict(dict)
         for row in await self._rows(stmt):
-            by_queue[(row.pool, row.queue_id) if row.queue_id is not None else ("", None)].append(str(row.id))
+            # Each one's last poll goes with it: the routine polls that set it leave the log.
+            by_queue[(row.pool, row.queue_id) if row.queue_id is not None else ("", None)][str(row.id)] = \
+                row.last_polled.isoformat()
         sent = 0
 
-        async def one(item: tuple[tuple[str, Any], list[str]]) -> None:
+        async def one(item: tuple[tuple[str, Any], dict[str, str]]) -> None:
             nonlocal sent
-            (pool, queue_id), ids = item
+            (pool, queue_id), last_polled = item
+            ids = list(last_polled)
             if queue_id is None:
-                reply = await self.send("MarkQueuelessDeploymentsNotReady", {"deployment_ids": ids})
+                reply = await self.send("MarkQueuelessDeploymentsNotReady",
+                                        {"deployment_ids": ids, "last_polled": last_polled})
             else:
                 reply = await self.send("MarkDeploymentsNotReady", {"work_pool_name": pool, "work_queue_id": str(queue_id),
-                                                                    "deployment_ids": ids})
+                                                                    "deployment_ids": ids, "last_polled": last_polled})
             if reply.get("ok"):
                 sent += len(ids)
 

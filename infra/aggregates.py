@@ -52,10 +52,26 @@ class Loaded:
     seq: int
     # Events folded into `state` since the aggregate's last snapshot (or since its start).
     unsnapshotted: int = 0
-    # The event at `seq` is a routine one that expires from the log (a routine poll): no
-    # snapshot is anchored there, since an anchor that left the log looks like a log that was
-    # deleted and started again. The next kept event anchors it.
-    expiring: bool = False
+    # The sequence of the aggregate's last event that stays in the log, when the events after
+    # it (up to `seq`) are routine ones that expire (a pool's routine polls); None: `seq`. A
+    # snapshot is anchored there, never on an event that will leave the log (an anchor gone
+    # looks like a log deleted and started again): a load from it folds those routine events
+    # again, which changes nothing, since each says what the state says already (a queue's
+    # last poll, in order).
+    kept_seq: int | None = None
+
+
+def kept_after(kept_seq: int | None, seq: int, event: Event) -> int | None:
+    """`Loaded.kept_seq` once `event` is folded after the one at `seq` (whose own is
+    `kept_seq`): unchanged by a routine event, None (the event itself) by a kept one."""
+    if event.expires_no_sooner_than() is None:
+        return None
+    return seq if kept_seq is None else kept_seq
+
+
+def anchor_of(loaded: Loaded) -> int:
+    """Where a snapshot of `loaded` is anchored: its last event that stays in the log."""
+    return loaded.seq if loaded.kept_seq is None else loaded.kept_seq
 
 
 class AggregateRepository:
@@ -82,14 +98,15 @@ class AggregateRepository:
             loaded = Loaded(kind.initial(), 0) if last is None else Loaded(kind.evolve(kind.initial(), last.envelope.decode()), last.seq)
         else:
             base = cached or await self._from_snapshot(kind, aggregate_id) or Loaded(kind.initial(), 0)
-            state, seq, folded, expiring = base.state, base.seq, base.unsnapshotted, base.expiring
+            state, seq, folded, kept = base.state, base.seq, base.unsnapshotted, base.kept_seq
             for stored in await self.store.read_aggregate(aggregate_type, aggregate_id, after_seq=seq):
                 # An unknown event (from a newer version) raises UnknownEvent: deciding on a
                 # state whose history we cannot read would be deciding blind.
                 event = stored.envelope.decode()
                 state = kind.evolve(state, event)
-                seq, folded, expiring = stored.seq, folded + 1, event.expires_no_sooner_than() is not None
-            loaded = Loaded(state, seq, folded, expiring)
+                kept = kept_after(kept, seq, event)
+                seq, folded = stored.seq, folded + 1
+            loaded = Loaded(state, seq, folded, kept)
         self.remember(aggregate_type, aggregate_id, loaded)
         return loaded
 
@@ -97,7 +114,7 @@ class AggregateRepository:
         kind = self.kinds[aggregate_type]
         if self._snapshot_due(kind, loaded):
             self._write_snapshot(kind, aggregate_id, loaded)
-            loaded = Loaded(loaded.state, loaded.seq, 0)
+            loaded = Loaded(loaded.state, loaded.seq, 0, loaded.kept_seq)
         of_kind = self._cache[aggregate_type]
         of_kind[aggregate_id] = loaded
         of_kind.move_to_end(aggregate_id)
@@ -125,13 +142,14 @@ class AggregateRepository:
 
     def _snapshot_due(self, kind: AggregateKind, loaded: Loaded) -> bool:
         return (self.snapshots is not None and kind.snapshots is not None and loaded.state is not None
-                and loaded.unsnapshotted >= self.snapshot_every and not loaded.expiring)
+                and loaded.unsnapshotted >= self.snapshot_every and anchor_of(loaded) > 0)
 
     def _write_snapshot(self, kind: AggregateKind, aggregate_id: str, loaded: Loaded) -> None:
         """In the background: a command never waits for its aggregate's snapshot."""
         assert self.snapshots is not None and kind.snapshots is not None
         encoded = kind.snapshots.dump(loaded.state)
-        task = asyncio.create_task(self.snapshots.put(kind.name, aggregate_id, kind.snapshots.version, loaded.seq, encoded))
+        task = asyncio.create_task(self.snapshots.put(kind.name, aggregate_id, kind.snapshots.version,
+                                                      anchor_of(loaded), encoded))
         self._writing.add(task)
         task.add_done_callback(self._writing.discard)
 

@@ -32,7 +32,8 @@ def endpoint_file() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="RUNLEDGER_", extra="ignore")
+    # `populate_by_name`: a field with an alias (its old name's too) is still set by its own name.
+    model_config = SettingsConfigDict(env_prefix="RUNLEDGER_", extra="ignore", populate_by_name=True)
 
     # One server's URL, or a cluster's, comma-separated (a client moves to another when one goes).
     nats_url: str = "nats://127.0.0.1:4222"
@@ -73,8 +74,7 @@ class Settings(BaseSettings):
     # name, RUNLEDGER_HEARTBEAT_RETENTION_SECONDS, is still read.
     routine_retention_seconds: int = Field(
         default=86_400, ge=0, le=10 * 365 * 86_400,
-        validation_alias=AliasChoices("routine_retention_seconds", "RUNLEDGER_ROUTINE_RETENTION_SECONDS",
-                                      "RUNLEDGER_HEARTBEAT_RETENTION_SECONDS"))
+        validation_alias=AliasChoices("RUNLEDGER_ROUTINE_RETENTION_SECONDS", "RUNLEDGER_HEARTBEAT_RETENTION_SECONDS"))
 
     # Inboxes: this process's own (nats-py's `inbox_prefix`; each role gets its own prefix
     # under `_INBOX.` so one role cannot read another's replies), and the prefix every reply

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, select, text
+from sqlalchemy import DateTime, bindparam, delete, func, select, text
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -54,12 +54,14 @@ _NOT_READY = text(
     "UPDATE deployments SET status = 'NOT_READY' WHERE id = ANY(:ids) AND work_queue_id = :queue_id"
     " AND status = 'READY' AND last_polled IS NOT NULL AND last_polled < :stale_before"
 ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True))))
-# The queue's last poll, which the routine polls that said it may outlive (they expire from the
-# log): a rebuild without them gets the deployments' `last_polled` from here.
-_QUEUE_LAST_POLLED = text(
-    "UPDATE deployments SET last_polled = :polled WHERE id = ANY(:ids) AND work_queue_id = :queue_id"
-    " AND (last_polled IS NULL OR last_polled < :polled)"
-).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True))))
+# The deployments' last polls a not-ready event carries (`work_pools.last_polled_of`): the
+# routine polls that set them expire from the log, so a rebuild gets them from here. Never
+# moves one back; live, each equals the row's already.
+_LAST_POLLED = text(
+    "UPDATE deployments AS d SET last_polled = v.polled FROM unnest(:ids, :polled) AS v(id, polled)"
+    " WHERE d.id = v.id AND (d.last_polled IS NULL OR d.last_polled < v.polled)"
+).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True))),
+             bindparam("polled", type_=ARRAY(DateTime(timezone=True))))
 _POLLED = _POLLED.bindparams(bindparam("queue_ids", type_=ARRAY(UUID(as_uuid=True))))
 # WP-9: a deleted queue's deployments keep their `work_queue_name` text; the pool, read through
 # the queue, goes with it (the command side writes them so from then on: dp.without_deleted_queue).
@@ -111,11 +113,9 @@ class DeploymentsProjector:
                 await conn.execute(_POLLED, {"polled": event.polled, "queue_ids": event.queue_ids})
             elif isinstance(event, wp.WorkQueueDeploymentsNotReady):
                 await self._write(conn, last)
+                await _restore_last_polled(conn, event.last_polled)
                 await conn.execute(_NOT_READY, {"ids": event.deployment_ids, "queue_id": event.work_queue_id,
                                                 "stale_before": event.checked - wp.NOT_READY_AFTER})
-                if event.queue_last_polled is not None:
-                    await conn.execute(_QUEUE_LAST_POLLED, {"ids": event.deployment_ids, "queue_id": event.work_queue_id,
-                                                            "polled": event.queue_last_polled})
             elif isinstance(event, wp.WorkPoolDeleted | wp.WorkQueueDeleted):
                 await self._write(conn, last)
                 gone = event.queue_ids if isinstance(event, wp.WorkPoolDeleted) else [event.queue_id]
@@ -125,6 +125,7 @@ class DeploymentsProjector:
                 await conn.execute(_RUNNER_POLLED, {"ids": event.deployment_ids, "polled": event.polled})
             elif isinstance(event, dpp.QueuelessDeploymentsNotReady):
                 await self._write(conn, last)
+                await _restore_last_polled(conn, event.last_polled)
                 await conn.execute(_QUEUELESS_NOT_READY, {"ids": event.deployment_ids, "checked": event.checked,
                                                           "stale_before": event.checked - wp.NOT_READY_AFTER})
         await self._write(conn, last)
@@ -140,6 +141,11 @@ class DeploymentsProjector:
         if rows:
             await conn.execute(_UPSERT, rows)
         last.clear()
+
+
+async def _restore_last_polled(conn: AsyncConnection, last_polled: dict[Any, Any]) -> None:
+    if last_polled:
+        await conn.execute(_LAST_POLLED, {"ids": list(last_polled), "polled": list(last_polled.values())})
 
 
 # Reads: the deployment row with its queue's and pool's current names.

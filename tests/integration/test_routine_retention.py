@@ -8,6 +8,7 @@ rebuild of the read models still equals the live ones."""
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import datetime, timedelta
 
 from runledger.commands import messages
@@ -98,6 +99,13 @@ async def test_routine_polls_expire_and_the_foreman_keeps_the_last_poll(settings
             await broker.ok_cmd("RecordWorkQueuesPolled", work_pool_name="p", work_queue_ids=[queue_id])
         # The first made the queue READY and is kept; the others only moved its last poll.
         assert await _polls(broker, pool["id"]) == [False, True, True, True]
+        # A pool polled all day is still snapshotted (one every 3 events here), anchored on its
+        # last event that stays in the log, not on a routine poll that will leave it.
+        await service.commands.repo.flush_snapshots()
+        found = await service.commands.repo.snapshots.get(wp.WORK_POOL, pool["id"])
+        assert found is not None
+        anchor = await nc.jetstream().get_msg(changed.stream_name, seq=found[1], direct=True)
+        assert anchor.subject.endswith(".WorkQueuesPolled") and not json.loads(anchor.data)["payload"]["routine"]
         await broker.catch_up()
         queue = await broker.ok_qry("GetWorkQueue", work_pool_name="p", work_queue_name="default")
         last_polled = datetime.fromisoformat(queue["last_polled"])
@@ -130,6 +138,53 @@ async def test_routine_polls_expire_and_the_foreman_keeps_the_last_poll(settings
             assert (q.status, q.last_polled) == (wp.Status.NOT_READY, last_polled)
         finally:
             await fresh.stop()
+    finally:
+        await nc.close()
+        await service.stop()
+        await drop_service_schema(changed)
+
+
+async def test_a_deployment_polled_only_by_routine_polls_is_rebuilt_the_same_wherever_its_queue_went(
+        settings, monkeypatch):
+    """A deployment's last poll may come from routine polls alone (made on a queue already
+    READY), and its queue may be gone or changed by the time the foreman marks it NOT_READY:
+    the foreman's event carries that last poll, so a rebuild after the polls left the log
+    still equals the live read model."""
+    monkeypatch.setattr(messages, "EXPIRY_MARGIN_SECONDS", 1)
+    monkeypatch.setattr(wp, "NOT_READY_AFTER", timedelta(seconds=1))
+    changed = settings.model_copy(update={"routine_retention_seconds": 1})
+    service = Service(changed)
+    await service.start()
+    nc = await connect(changed)
+    try:
+        broker = Broker(nc, changed)
+        pool = await broker.ok_cmd("CreateWorkPool", name="p", type="process")
+        queue_ids = {name: (await broker.ok_cmd("CreateWorkQueue", work_pool_name="p", name=name))["id"]
+                     for name in ("gone", "left", "other")}
+        flow_id = (await broker.ok_cmd("CreateFlow", name="etl"))["id"]
+        poll = {"work_pool_name": "p", "work_queue_ids": [queue_ids["gone"], queue_ids["left"]]}
+        await broker.ok_cmd("RecordWorkQueuesPolled", **poll)  # kept: the queues become READY
+        deployments = {name: await broker.ok_cmd("CreateDeployment", name=name, flow_id=flow_id, work_pool_name="p",
+                                                 work_queue_name=name) for name in ("gone", "left")}
+        await broker.ok_cmd("RecordWorkQueuesPolled", **poll)  # routine: the deployments' only poll
+        assert await _polls(broker, pool["id"]) == [False, True]
+        await broker.ok_cmd("DeleteWorkQueue", work_pool_name="p", work_queue_name="gone")
+        await broker.ok_cmd("UpdateDeployment", id=deployments["left"]["id"], work_queue_name="other")
+        await broker.catch_up()
+        polled = {n: _at((await broker.ok_qry("GetDeployment", id=d["id"]))["last_polled"]) for n, d in deployments.items()}
+        assert None not in polled.values()
+        async with foreman_clock(service, changed) as at:
+            await at(max(polled.values()) + timedelta(seconds=5)).run_pass()
+        for _ in range(100):  # the routine poll leaves the log once its 2 s are up
+            if await _polls(broker, pool["id"]) == [False]:
+                break
+            await asyncio.sleep(0.1)
+        assert await _polls(broker, pool["id"]) == [False]
+        await broker.catch_up()
+        for name, d in deployments.items():
+            got = await broker.ok_qry("GetDeployment", id=d["id"])
+            assert (got["status"], _at(got["last_polled"])) == ("NOT_READY", polled[name])
+        await assert_live_equals_rebuild(service, changed)
     finally:
         await nc.close()
         await service.stop()

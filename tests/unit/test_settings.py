@@ -43,3 +43,18 @@ def test_replicas_outside_one_to_five_are_refused(replicas):
 def test_a_nats_url_naming_no_server_is_refused(url):
     with pytest.raises(pydantic.ValidationError, match="names no NATS server"):
         Settings(nats_url=url)
+
+
+def test_the_routine_retention_is_read_by_its_name_and_its_first_name_only(monkeypatch):
+    """`RUNLEDGER_ROUTINE_RETENTION_SECONDS`, or its first name `..._HEARTBEAT_...`; never a
+    variable without the prefix, which belongs to somebody else."""
+    for name in ("RUNLEDGER_ROUTINE_RETENTION_SECONDS", "RUNLEDGER_HEARTBEAT_RETENTION_SECONDS",
+                 "ROUTINE_RETENTION_SECONDS", "routine_retention_seconds"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ROUTINE_RETENTION_SECONDS", "5")
+    assert Settings().routine_retention_seconds == 86_400
+    monkeypatch.setenv("RUNLEDGER_HEARTBEAT_RETENTION_SECONDS", "6")
+    assert Settings().routine_retention_seconds == 6
+    monkeypatch.setenv("RUNLEDGER_ROUTINE_RETENTION_SECONDS", "7")
+    assert Settings().routine_retention_seconds == 7
+    assert Settings(routine_retention_seconds=3).routine_retention_seconds == 3

@@ -188,7 +188,9 @@ def test_the_foreman_rechecks_queues_and_deployments_against_the_log():
     q = p.default_queue_id
     p = wp.evolve(p, wp.WorkQueuesPolled(queue_ids=[q], ready=[q], polled=NOW))
     queues = wp.MarkWorkQueuesNotReady(work_pool_name="p", work_queue_ids=[q])
-    deployments = wp.MarkDeploymentsNotReady(work_pool_name="p", work_queue_id=q, deployment_ids=[uuid.UUID(int=5)])
+    later = NOW + timedelta(hours=1)  # told by a client: never later than the decision's now
+    deployments = wp.MarkDeploymentsNotReady(work_pool_name="p", work_queue_id=q, deployment_ids=[uuid.UUID(int=5)],
+                                             last_polled={uuid.UUID(int=5): NOW, uuid.UUID(int=6): later})
     at_60 = ctx(NOW + timedelta(seconds=60))
     assert wp.decide_mark_work_queues_not_ready(queues, p, at_60).events == []  # not older than 60 s
     assert wp.decide_mark_deployments_not_ready(deployments, p, at_60).events == []
@@ -197,7 +199,8 @@ def test_the_foreman_rechecks_queues_and_deployments_against_the_log():
     # Each queue's last poll goes with it: the routine polls that said it may leave the log.
     assert d.events[0].event == wp.WorkQueuesNotReady(queue_ids=[q], checked=at_61.now, last_polled={q: NOW})
     marked = wp.decide_mark_deployments_not_ready(deployments, p, at_61).events[0].event
-    assert (marked.deployment_ids, marked.queue_last_polled) == ([uuid.UUID(int=5)], NOW)
+    assert (marked.deployment_ids, marked.last_polled) == ([uuid.UUID(int=5)], {uuid.UUID(int=5): NOW})
+    assert wp.last_polled_of([uuid.UUID(int=6)], {uuid.UUID(int=6): later}, at_61.now) == {uuid.UUID(int=6): at_61.now}
     p = wp.evolve(p, d.events[0].event)
     assert p.queues[q].status is wp.Status.NOT_READY
     assert wp.decide_mark_work_queues_not_ready(queues, p, at_61).events == []
