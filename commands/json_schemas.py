@@ -34,8 +34,10 @@ from .messages import invalid
 # would take hours.
 VALIDATION_TIME_LIMIT = 3.0
 # How long one pattern may take to match one string (seconds): real patterns take
-# microseconds; one that backtracks catastrophically (`^(a|aa)+$`) would take minutes.
-PATTERN_TIME_LIMIT = 0.1
+# microseconds on short strings, and up to ~0.1 s on a value near the size limit (500,000
+# characters), more on a busy machine; one that backtracks catastrophically (`^(a|aa)+$`)
+# would take minutes. The `regex` package may overshoot the limit two or three times.
+PATTERN_TIME_LIMIT = 0.5
 
 _DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("json_schema_deadline", default=None)
 
@@ -160,6 +162,19 @@ def _without_required(schema: Any) -> Any:
     return schema
 
 
+def _without_dialects(schema: Any) -> Any:
+    """A schema without its `$schema` declarations, at any depth: every part is checked as
+    draft 2020-12 by the bounded validator. jsonschema picks the validator of a part that
+    declares a dialect by that declaration, the stock one with `re` and no time limit, which
+    a single pattern could then hold for minutes. (A property named `$schema` is a schema, not
+    a string: it stays.)"""
+    if isinstance(schema, dict):
+        return {k: _without_dialects(v) for k, v in schema.items() if not (k == "$schema" and isinstance(v, str))}
+    if isinstance(schema, list):
+        return [_without_dialects(v) for v in schema]
+    return schema
+
+
 def _no_remote_refs(uri: str) -> Any:
     raise ValueError(f"references outside the schema are not fetched: {uri}")
 
@@ -217,7 +232,7 @@ def _validator(schema_json: str, ignore_required: bool, preprocess: bool, allow_
     schema = json.loads(schema_json)
     if preprocess:  # before `required` goes: it says which properties may be null
         schema = preprocess_schema(schema, allow_none_with_default)
-    checked = _without_required(schema) if ignore_required else schema
+    checked = _without_dialects(_without_required(schema) if ignore_required else schema)
     return _BoundedValidator(checked, registry=Registry(retrieve=_no_remote_refs))  # type: ignore[call-arg]
 
 

@@ -262,7 +262,8 @@ def secure_task_concurrency_slots(c: RuleContext) -> Verdict:
     for tag, g in governing.items():
         if g.limit.limit == 0:
             return abort(f'The concurrency limit on tag "{tag}" is 0 and will deadlock if the task tries to run again.')
-    if any(g.full_for(run.id) for g in governing.values()):
+    if any(g.full_for(run.id) and not holds_tag_slot(run.id, tag, facts.tag_limits, facts.global_tag_limits)
+           for tag, g in governing.items()):
         blocking = max(governing.values(), key=lambda g: g.occupancy)
         average = min(blocking.limit.avg_slot_occupancy_seconds or TAG_SLOT_WAIT_SECONDS, TAG_SLOT_WAIT_SECONDS)
         delay = clamped_poisson_interval(average, 0.3, (c.new_id().int % 1_000_001) / 1_000_000)
@@ -274,9 +275,19 @@ def secure_task_concurrency_slots(c: RuleContext) -> Verdict:
         if limit.concurrency_limit == 0:
             return abort(f'The concurrency limit on tag "{tag}" is 0 and will deadlock if the task tries to run again.')
     for tag, limit in limited:
-        if run.id not in limit.active_slots and len(limit.active_slots) >= limit.concurrency_limit:
+        if (not holds_tag_slot(run.id, tag, limits, facts.global_tag_limits)
+                and len(limit.active_slots) >= limit.concurrency_limit):
             return wait(TAG_SLOT_WAIT_SECONDS, f"Concurrency limit for the {tag} tag has been reached")
     return go_on()
+
+
+def holds_tag_slot(task_run_id: Any, tag: str, limits: Mapping[str, Any], global_limits: Mapping[str, GlobalTagLimit]) -> bool:
+    """Whether the run holds a slot of `tag`, of either kind: a run that took the classic slot
+    before a `tag:<tag>` global limit was made active (or the global one before it was made
+    inactive) holds the tag already, and re-entering RUNNING neither waits nor takes a second."""
+    classic = limits.get(tag)
+    return ((classic is not None and task_run_id in classic.active_slots)
+            or (tag in global_limits and global_limits[tag].holds(task_run_id)))
 
 
 def governing_global_limits(tags: Sequence[str], limits: Mapping[str, GlobalTagLimit]) -> dict[str, GlobalTagLimit]:

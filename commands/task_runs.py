@@ -549,8 +549,10 @@ def tag_slot_events(run: TaskRun, transition: task_run_rules.TaskTransition,
     global_limits = global_limits or {}
     if transition.takes_tag_slots:
         governing = task_run_rules.governing_global_limits(run.tags, global_limits)
-        taken = [e for tag in governing for e in tcl.global_slot_taken(governing[tag], run.id)]
-        made = [tcl.slot_taken(limits[tag], run.id) for tag in run.tags if tag in limits and tag not in governing]
+        fresh = [tag for tag in dict.fromkeys(run.tags)
+                 if not task_run_rules.holds_tag_slot(run.id, tag, limits, global_limits)]  # one slot per tag
+        taken = [e for tag in fresh if tag in governing for e in tcl.global_slot_taken(governing[tag], run.id)]
+        made = [tcl.slot_taken(limits[tag], run.id) for tag in fresh if tag in limits and tag not in governing]
         return [*taken, *(e for e in made if e is not None)]
     if state.type not in tcl.SLOT_STATES:
         return released_tag_slots(run.id, limits, global_limits)

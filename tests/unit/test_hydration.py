@@ -128,3 +128,31 @@ def test_a_template_s_work_is_bounded_so_a_render_ends_fast(template):
     # What Prefect's rules allow still renders: two nested loops of 100.
     full = "{% for i in range(100) %}{% for j in range(100) %}.{% endfor %}{% endfor %}"
     assert hydrate({"t": {"__prefect_kind": "jinja", "template": full}}, {}) == {"t": "." * 10_000}
+
+
+_S = '{% set s = "x" * 100000 %}'
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("template, message", [
+    # Filters walk what they are given, and are called directly (no call to count).
+    (_S + '{% for i in range(100) %}{% for j in range(10) %}{{ (s|unique|list|length) and "" }}{% endfor %}'
+     '{% endfor %}', "the template does too much work (more than 200000 loop steps and calls)"),
+    # A recursive loop's `loop(items)` walks its items.
+    (_S + '{% for c in [' + ",".join(["s"] * 2000) + '] recursive %}{% if c is string and c|length == 1 %}'
+     '{% else %}{{ loop(c) }}{% endif %}{% endfor %}',
+     "the template does too much work (more than 200000 loop steps and calls)"),
+    # Text joined again and again grows without bound.
+    (_S + '{% set ns = namespace(x="") %}{% for i in range(100) %}{% for j in range(100) %}'
+     '{% set ns.x = ns.x ~ s %}{% endfor %}{% endfor %}', "the joined value is too long for a template"),
+    # Output stops at its bound, not after it was made.
+    (_S + '{% for i in range(100) %}{% for j in range(100) %}{{ s }}{% endfor %}{% endfor %}',
+     "the result is longer than 100000 characters"),
+])
+def test_filters_calls_joins_and_output_are_paid_for(template, message):
+    """(Before: 22 s, 57 s, hours and 1 GB.)"""
+    with pytest.raises(HydrationError) as e:
+        hydrate({"t": {"__prefect_kind": "jinja", "template": template}}, {})
+    assert str(e.value) == f"Invalid jinja: {message}"
+    ordinary = '{{ "a" ~ "b" ~ 1 }}{% for x in [1, 2] %}{{ x|string|upper }}{% endfor %}{{ "%s!"|format("w") }}'
+    assert hydrate({"t": {"__prefect_kind": "jinja", "template": ordinary}}, {}) == {"t": "ab112w!"}

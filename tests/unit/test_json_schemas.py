@@ -93,3 +93,22 @@ def test_unevaluated_keywords_are_linear(schema, value):
     assert validation_problem({"x": value}, {"properties": {"x": schema}}, ignore_required=False) is None
     bad = {**value, "z": 1} if isinstance(value, dict) else [*value, "z"]
     assert "Unevaluated" in validation_problem({"x": bad}, {"properties": {"x": schema}}, ignore_required=False)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("schema", [
+    # A part declaring its dialect: jsonschema would check it with its stock validator.
+    {"type": "object", "properties": {"x": {"$schema": "https://json-schema.org/draft/2020-12/schema",
+                                            "type": "string", "pattern": "^(a|aa)+$"}}},
+    # A root declaring one, reached again through `$ref: "#"`.
+    {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
+     "properties": {"y": {"$ref": "#"}, "x": {"type": "string", "pattern": "^(a|aa)+$"}}},
+])
+def test_a_part_that_declares_its_dialect_is_bounded_too(schema):
+    with pytest.raises(Rejection) as refused:
+        validation_problem({"y": {"x": "a" * 38 + "b"}, "x": "a" * 38 + "b"}, schema, ignore_required=False)
+    assert refused.value.code is ErrorCode.INVALID and "could not be checked in time" in refused.value.message
+    # A property named `$schema` is a property like any other.
+    named = {"type": "object", "properties": {"$schema": {"type": "integer"}}}
+    assert validation_problem({"$schema": "no"}, named, ignore_required=False) == (
+        "Validation failed for field '$schema'. Failure reason: 'no' is not of type 'integer'")

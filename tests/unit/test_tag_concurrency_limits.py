@@ -350,6 +350,22 @@ def test_an_inactive_global_tag_limit_holds_nothing_back_but_its_slot_is_still_g
     assert [n for n, _, _ in global_events(gone)] == ["ConcurrencyLimitSlotReleased", "GlobalTagSlotReleased"]
 
 
+def test_a_run_holding_a_tag_s_slot_of_either_kind_re_enters_running_without_a_second_one():
+    """A run that took the classic slot before a `tag:<tag>` global limit was made active (or
+    the global one before it was made inactive) holds the tag: RUNNING again neither waits on a
+    full limit of the other kind nor takes a second slot."""
+    run = a_run()
+    running = then(run, propose_with(run, T.RUNNING, (a_limit("db", 5),)))
+    classic = a_limit("db", 5, running.id)
+    full = propose_with(running, T.RUNNING, (classic,), (("db", a_global("db", 1, uuid.uuid4())),))
+    assert full.orchestration.status is Outcome.ACCEPT and global_events(full) == [] and slot_events(full) == []
+    roomy = propose_with(running, T.RUNNING, (classic,), (("db", a_global("db", 2)),))
+    assert roomy.orchestration.status is Outcome.ACCEPT and global_events(roomy) == []
+    held = a_global("db", 1, running.id, active=False)  # the global one, made inactive since
+    back = propose_with(running, T.RUNNING, (a_limit("db", 1, uuid.uuid4()),), (("db", held),))
+    assert back.orchestration.status is Outcome.ACCEPT and slot_events(back) == [] and global_events(back) == []
+
+
 def test_slots_of_gone_or_stopped_holders_are_released_and_running_ones_kept():
     gone, stopped, running, unread = (uuid.uuid4() for _ in range(4))
     classic = a_limit("db", 5, gone, stopped, running, unread)
