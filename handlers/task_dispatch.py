@@ -18,10 +18,13 @@ with the reason, and the submitter gets the error. Nothing is dropped silently.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
 
+from runledger.commands import concurrency_limits as cl
+from runledger.commands import tag_concurrency_limits as tcl
 from runledger.commands import task_runs as tr
 from runledger.commands.decisions import Decision, QueuedTaskRun
 from runledger.commands.states import TERMINAL, StateCreate, StateType
@@ -67,10 +70,38 @@ def finished_subject(settings: Settings, task_run_id: str) -> str:
     return f"{settings.namespace}.taskrun.finished.{task_run_id}"
 
 
+def tag_freed_subject(settings: Settings, tag: str) -> str:
+    """Where the service announces that slots of a tag's limit were given back (core NATS, not
+    kept): the task workers holding runs that wait for the tag propose them again at once,
+    instead of after the WAIT's delay. The subject of `broker_auth.tag_freed_subject`."""
+    return f"{settings.namespace}.taskrun.tagfreed.{encode_task_key(tag)}"
+
+
+def freed_tags(decision: Decision) -> dict[str, int]:
+    """The tags whose slots the decision gave back, with how many: a classic limit's
+    `TagConcurrencyLimitSlotReleased`, and a global `tag:<tag>` limit's
+    `ConcurrencyLimitSlotReleased` (written with its `GlobalTagSlotReleased`, which names the
+    limit only by id). Whatever released them (a run leaving RUNNING, a deleted run, a subflow's
+    state copied onto its parent task run, the foreman's `ReleaseTagSlotsOfGoneTaskRuns`), it
+    is one of these events in a decision of this bus."""
+    freed: dict[str, int] = {}
+    for new in decision.events:
+        event = new.event
+        if isinstance(event, tcl.TagConcurrencyLimitSlotReleased):
+            tag = event.limit.tag
+        elif (isinstance(event, cl.ConcurrencyLimitSlotReleased)
+              and event.limit.name.startswith(tcl.GLOBAL_TAG_PREFIX)):
+            tag = event.limit.name[len(tcl.GLOBAL_TAG_PREFIX):]
+        else:
+            continue
+        freed[tag] = freed.get(tag, 0) + 1
+    return freed
+
+
 class TaskDispatch:
     """The command bus's `after_append`: queues the task runs a decision queued (`begin`, while
-    the append is in flight), and announces the ones it finished or set CANCELLING (once it
-    is stored)."""
+    the append is in flight), and announces the ones it finished or set CANCELLING, and the
+    tag slots it gave back (once it is stored)."""
 
     def __init__(self, publisher: TaskPublisher, bus: CommandBus, nc: Any, settings: Settings):
         self.publisher = publisher
@@ -99,11 +130,24 @@ class TaskDispatch:
                     # The state is stored: the command succeeded and says so. A waiter that starts
                     # later reads the run finished; one already waiting waits to its timeout.
                     log.warning("the finish of task run %s was stored but not announced", event.run.id, exc_info=True)
+        await self._announce_freed_tags(decision)
         if not decision.queue:
             return None
         full = await begun if begun is not None else await self.publish(decision.queue)
         problems = [await self._cancel(run, str(refused)) for run, refused in full]
         return " ".join(problems) if problems else None
+
+    async def _announce_freed_tags(self, decision: Decision) -> None:
+        """A notice per tag whose slots the decision gave back: a release is an event its
+        waiters hear at once (handlers/task_worker.py proposes their runs again)."""
+        for tag, freed in freed_tags(decision).items():
+            try:
+                await self.nc.publish(tag_freed_subject(self.settings, tag),
+                                      json.dumps({"tag": tag, "freed": freed}).encode())
+            except Exception:
+                # The release is stored: its waiters come back after their WAIT's delay instead.
+                log.warning("the release of %d slot(s) of tag %r was stored but not announced", freed, tag,
+                            exc_info=True)
 
     async def publish(self, queued: list[QueuedTaskRun]) -> list[tuple[tr.TaskRun, TaskKeyFull]]:
         """Puts the runs on their keys' subjects; returns the scheduled ones refused for room

@@ -23,8 +23,18 @@ runs it handles. When one becomes CANCELLING or CANCELLED it stops the call (an 
 be, and its outcome is dropped), reports CANCELLED for a CANCELLING run it holds, acknowledges
 the message and frees the slot at once.
 
+Tag limits: a run whose tags' concurrency limit is full is answered WAIT. The worker keeps its
+message (alive, `in_progress`) without holding one of its `limit` slots, and proposes the run
+again through the same start path as soon as the service announces that a slot of one of its
+tags was given back (`<ns>.taskrun.tagfreed.<encoded tag>`, one subscription for every tag),
+or once the WAIT's delay has passed, whichever comes first. A notice of n slots wakes at most
+n of this worker's runs waiting for the tag, the oldest first, each after a small random
+jitter; one that loses the slot to another run is answered WAIT again and waits again. A WAIT
+of a run without tags is handed back with its delay.
+
 SIGTERM (`stop`): stops taking runs, lets the running ones finish within a grace period, and
-hands back the rest (a negative acknowledgement: delivered again at once to another worker).
+hands back the rest (a negative acknowledgement: delivered again at once to another worker),
+the runs waiting for a tag's slot included.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import contextlib
 import inspect
 import json
 import logging
+import random
 import socket
 import traceback
 import uuid
@@ -47,7 +58,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import APIError, NotFoundError
 
 from runledger.commands.bounds import check_json_document
-from runledger.commands.task_keys import encode_task_key
+from runledger.commands.task_keys import decode_task_key, encode_task_key
 from runledger.commands.task_runs import TaskRun
 from runledger.infra.settings import Settings
 from runledger.infra.task_queues import (
@@ -82,6 +93,9 @@ CANCEL_STATES = ("CANCELLING", "CANCELLED")
 # A run its service does not know, from a message younger than this, is asked for again a
 # moment later: the message goes out while the run's create is being stored.
 NOT_FOUND_GRACE_SECONDS = 5.0
+# The most a tag-freed notice's jitter delays the proposals it wakes: the runs of several
+# workers woken by one release do not all reach the service at the same instant.
+TAG_WAKE_JITTER_SECONDS = 0.02
 
 
 def _pending_after(msg: Msg) -> int | None:
@@ -214,6 +228,33 @@ class _KeepAlive:
             self.timer = None
 
 
+class _SlotWait:
+    """A run its tags' limits hold back (WAIT), whose message this worker keeps, alive, until a
+    slot of one of its tags is given back or the WAIT's delay has passed (`timer`). It holds
+    none of the worker's run slots meanwhile. `waking`: a notice chose it (its jitter runs);
+    `woken`: it waits for a run slot of this worker, to be proposed again."""
+
+    def __init__(self, source: _Source, msg: Msg, run: TaskRun, keep_alive: _KeepAlive, watch: _CancelWatch):
+        self.source = source
+        self.msg = msg
+        self.run = run
+        self.tags = list(dict.fromkeys(run.tags))
+        self.keep_alive = keep_alive
+        self.watch = watch
+        self.timer: asyncio.TimerHandle | None = None
+        self.waking = False
+        self.woken = False
+
+
+def _freed_count(data: bytes) -> int:
+    """How many slots a tag-freed notice says were given back (at least 1)."""
+    try:
+        freed = json.loads(data).get("freed")
+    except (ValueError, AttributeError):
+        return 1
+    return max(1, min(freed, 10_000)) if isinstance(freed, int) and not isinstance(freed, bool) else 1
+
+
 def _refresh(run: TaskRun) -> dict[str, bool]:
     """`refresh_cache`, as its submitter wrote it in the state that queued the run: carried to
     its start (no cached state taken) and to its retries."""
@@ -258,12 +299,22 @@ class TaskWorker:
         self.finished = 0
         self.pulls = 0  # pull requests it sent
         self.cancelled = 0  # runs it stopped because they were cancelled while they ran
+        self.tag_waits = 0  # times a run was told to WAIT for its tags and kept here until a slot is freed
         # Cancelled async calls that did not stop within CANCEL_WAIT_SECONDS (kept referenced).
         self._strays: set[asyncio.Task] = set()
         # The runs whose cancel notices it heeds now (run id → watch), and its subscriptions to
         # its keys' notices.
         self._watches: dict[str, _CancelWatch] = {}
         self._cancel_subs: list[Any] = []
+        # The runs waiting for a slot of their tags (run id → wait), each tag's oldest first, the
+        # ones woken and waiting for a run slot here, and the subscription to the tag-freed notices.
+        self._slot_waits: dict[uuid.UUID, _SlotWait] = {}
+        self._tag_waiters: dict[str, list[_SlotWait]] = {}
+        self._woken: list[_SlotWait] = []
+        self._tag_sub: Any = None
+        # When each tag's last notice was heard (loop time): a notice heard while a run's start
+        # was on its way, before its WAIT came back, wakes it as soon as it waits.
+        self._freed_at: dict[str, float] = {}
         self._beats: set[asyncio.Task] = set()  # the in-progress acknowledgements being sent
         # Its starts and outcomes, sent together when several are made at once.
         self.reports = ReportBatcher(self._command)
@@ -297,6 +348,10 @@ class TaskWorker:
             # The subject of `broker_auth.cancel_subject` (not imported: it brings the broker's configuration).
             self._cancel_subs.append(await self.nc.subscribe(
                 f"{self.settings.namespace}.taskrun.cancel.{encode_task_key(key)}.*", cb=self._on_cancel_notice))
+        # The subject of `broker_auth.tag_freed_subject`. A broker whose configuration predates it
+        # refuses the subscription (asynchronously): the runs then wait out their WAIT's delay.
+        self._tag_sub = await self.nc.subscribe(f"{self.settings.namespace}.taskrun.tagfreed.*",
+                                                cb=self._on_tag_freed)
         await self._heartbeat()
 
     async def _on_cancel_notice(self, msg: Msg) -> None:
@@ -338,6 +393,7 @@ class TaskWorker:
         """Lets running runs finish within the grace period and hands back the rest."""
         self._taking = False
         await self._hand_back_held()
+        await self._hand_back_slot_waits()
         if self._running:
             _, pending = await asyncio.wait(list(self._running), timeout=self.grace_seconds)
             for task in pending:
@@ -346,10 +402,13 @@ class TaskWorker:
                 if running is not None:
                     with contextlib.suppress(Exception):
                         await running.nak()
-        for sub in [*(source.sub for source in self.sources), *self._cancel_subs]:
+        for sub in [*(source.sub for source in self.sources), *self._cancel_subs, self._tag_sub]:
+            if sub is None:
+                continue
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         await self._hand_back_held()  # delivered by a pull that was still outstanding
+        await self._hand_back_slot_waits()  # told WAIT while the grace period ran
 
     # -----------------------------------------------------------------------------------------
     # Taking runs in order
@@ -382,6 +441,10 @@ class TaskWorker:
         loop = asyncio.get_running_loop()
         keep_alive_at = loop.time()
         while self._taking:
+            if self.limit - len(self._running) > 0 and self._woken:
+                # A run woken from its wait for a tag's slot: it was taken before anything held now.
+                self._resume(self._woken.pop(0))
+                continue
             if self.limit - len(self._running) > 0:
                 # Sources before the first with a message here may have one on the server: ask
                 # them (no wait) and choose once they have answered. With none here, the sources
@@ -404,7 +467,7 @@ class TaskWorker:
             if now >= keep_alive_at:
                 await self._keep_held_alive()
                 keep_alive_at = now + max(0.2, self.settings.task_ack_wait_seconds / 3)
-            if not (self.limit - len(self._running) > 0 and self._first_held() < len(self.sources)):
+            if not (self.limit - len(self._running) > 0 and (self._first_held() < len(self.sources) or self._woken)):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
             for src in self.sources:
@@ -483,6 +546,10 @@ class TaskWorker:
         """Messages delivered here while every slot is busy go back at once to other workers
         (a negative acknowledgement); while there is room they wait their turn, kept alive."""
         busy = len(self._running) >= self.limit
+        if busy:
+            woken, self._woken = self._woken, []
+            for wait in woken:
+                await self._give_back_wait(wait)
         for src in self.sources:
             if busy:
                 held, src.held = src.held, []
@@ -500,6 +567,91 @@ class TaskWorker:
             for msg in held:
                 with contextlib.suppress(Exception):
                     await msg.nak()
+
+    # -----------------------------------------------------------------------------------------
+    # Waiting for a tag's slot
+
+    def _wait_for_slot(self, source: _Source, msg: Msg, run: TaskRun, delay: float, proposed_at: float) -> None:
+        """Keeps the message of a run its tags' limits hold back, alive and outside the run
+        slots, until a notice of one of its tags wakes it or `delay` has passed; it is then
+        proposed again (`_resume`). The run stays in `_active` meanwhile: a copy of its message
+        delivered here is handled as one of a run this worker is busy with."""
+        wait = _SlotWait(source, msg, run, self._keep_alive(msg), self._watch(run))
+        self.tag_waits += 1
+        loop = asyncio.get_running_loop()
+        wait.timer = loop.call_later(delay, self._wake_slot_wait, wait)
+        # Cancelled while it waits: proposed again at once, to be ended CANCELLED, never run.
+        wait.watch.heard.add_done_callback(lambda _: self._wake_slot_wait(wait))
+        self._slot_waits[run.id] = wait
+        for tag in wait.tags:
+            self._tag_waiters.setdefault(tag, []).append(wait)
+        if any(self._freed_at.get(tag, float("-inf")) >= proposed_at for tag in wait.tags):
+            # A slot was freed while the start was on its way (the WAIT may predate it).
+            wait.waking = True
+            loop.call_later(random.uniform(0, TAG_WAKE_JITTER_SECONDS), self._wake_slot_wait, wait)
+
+    async def _on_tag_freed(self, msg: Msg) -> None:
+        """`freed` slots of a tag were given back: at most that many of the runs waiting here for
+        the tag (the oldest first) are proposed again, each after a small random jitter."""
+        try:
+            tag = decode_task_key(msg.subject.rsplit(".", 1)[-1])
+        except (ValueError, IndexError):
+            return
+        loop = asyncio.get_running_loop()
+        if len(self._freed_at) > 1_000:  # only the last moments matter (see `_wait_for_slot`)
+            self._freed_at = {t: at for t, at in self._freed_at.items() if at > loop.time() - 60}
+        self._freed_at[tag] = loop.time()
+        chosen = [w for w in self._tag_waiters.get(tag, []) if not w.waking][:_freed_count(msg.data)]
+        for wait in chosen:
+            wait.waking = True
+            loop.call_later(random.uniform(0, TAG_WAKE_JITTER_SECONDS), self._wake_slot_wait, wait)
+
+    def _forget_slot_wait(self, wait: _SlotWait) -> None:
+        """No longer waiting for a tag (woken, or handed back)."""
+        if wait.timer is not None:
+            wait.timer.cancel()
+            wait.timer = None
+        for tag in wait.tags:
+            waiters = self._tag_waiters.get(tag)
+            if waiters is not None and wait in waiters:
+                waiters.remove(wait)
+                if not waiters:
+                    del self._tag_waiters[tag]
+
+    def _wake_slot_wait(self, wait: _SlotWait) -> None:
+        """Its wait is over: it is proposed again once this worker has a run slot for it."""
+        if wait.woken or self._slot_waits.get(wait.run.id) is not wait:
+            return
+        wait.woken = True
+        self._forget_slot_wait(wait)
+        self._woken.append(wait)
+        self._wake.set()
+
+    def _resume(self, wait: _SlotWait) -> None:
+        """Proposes a woken run again, in one of the worker's run slots, through the path of a
+        fresh delivery of its message (which may WAIT again)."""
+        self._release_slot_wait(wait)
+        self._start(wait.source, wait.msg)
+
+    def _release_slot_wait(self, wait: _SlotWait) -> None:
+        self._forget_slot_wait(wait)
+        wait.keep_alive.cancel()
+        if self._slot_waits.get(wait.run.id) is wait:
+            del self._slot_waits[wait.run.id]
+            self._active.pop(wait.run.id, None)
+        if self._watches.get(str(wait.run.id)) is wait.watch:
+            del self._watches[str(wait.run.id)]
+
+    async def _give_back_wait(self, wait: _SlotWait) -> None:
+        """Hands a waiting run's message back (delivered again at once, to any worker)."""
+        self._release_slot_wait(wait)
+        with contextlib.suppress(Exception):
+            await wait.msg.nak()
+
+    async def _hand_back_slot_waits(self) -> None:
+        self._woken = []
+        for wait in list(self._slot_waits.values()):
+            await self._give_back_wait(wait)
 
     # -----------------------------------------------------------------------------------------
     # Running one
@@ -522,7 +674,8 @@ class TaskWorker:
         try:
             await self._start_and_run(source, msg, run)
         finally:
-            self._active.pop(run.id, None)
+            if run.id not in self._slot_waits:  # a run waiting for a tag's slot stays this worker's
+                self._active.pop(run.id, None)
 
     def _watch(self, run: TaskRun) -> _CancelWatch:
         """Heeds the run's cancel notices, from before its start is sent, so that a cancel
@@ -555,6 +708,7 @@ class TaskWorker:
         if queued_by is not None:
             message = f"{meta.stream}:{meta.sequence.stream}" if meta else None
             start["delivery"] = {"state_id": str(queued_by), "attempt": attempt, "message": message}
+        proposed_at = asyncio.get_running_loop().time()
         reply = await self._report(start, msg)
         if reply is None:
             return  # left for redelivery
@@ -575,7 +729,13 @@ class TaskWorker:
         details = reply["orchestration"]["details"]
         current = reply.get("result") or {}
         if status == "WAIT":
-            await msg.nak(delay=details.get("delay_seconds") or 1)
+            delay = details.get("delay_seconds") or 1
+            if run.tags and self._taking:
+                # Held back by its tags' limits (a run without tags waits for another reason): kept
+                # here, out of the run slots, until a slot of one of its tags is given back.
+                self._wait_for_slot(source, msg, run, delay, proposed_at)
+            else:
+                await msg.nak(delay=delay)
             return
         if status == "ABORT":
             # It can never start (a tag limit of 0, a stopped flow run): ended, so that it

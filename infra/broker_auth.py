@@ -22,11 +22,12 @@ Roles (each a NATS user with a password):
   submits task runs (`CreateTaskRun`, a task may start others), reads one (`GetTaskRun`) and
   the service's health (`GetServiceHealth`: the position `.result()` catches up to), hears
   that a task run finished (`<ns>.taskrun.finished.>`) or is cancelled while it runs
-  (`<ns>.taskrun.cancel.>`), and puts its heartbeat in the
+  (`<ns>.taskrun.cancel.>`) and that slots of a tag's limit were given back
+  (`<ns>.taskrun.tagfreed.*`), and puts its heartbeat in the
   task-workers bucket. Nothing of the event log, no other command or query. It too is in an
   account of its own (TASK_WORKER_ACCOUNT), importing exactly that (`task_worker_api`,
-  TASK_WORKER_COMMANDS, TASK_WORKER_QUERIES, the task-workers bucket's subjects, the finished
-  and cancel notices as streams) from the service's account, the JetStream API under TASK_WORKER_JS_API:
+  TASK_WORKER_COMMANDS, TASK_WORKER_QUERIES, the task-workers bucket's subjects, the finished,
+  cancel and tag-freed notices as streams) from the service's account, the JetStream API under TASK_WORKER_JS_API:
   the server's answers to its requests go back to its own account, never into the log, a
   bucket or a task stream.
 
@@ -201,6 +202,14 @@ def cancel_subject(namespace: str, encoded_task_key: str = "*") -> str:
     return f"{namespace}.taskrun.cancel.{encoded_task_key}.*"
 
 
+def tag_freed_subject(namespace: str) -> str:
+    """Where the service announces that slots of a tag's concurrency limit were given back
+    (core NATS; heard by every task worker, handlers/task_worker.py, which proposes the runs
+    waiting for the tag again): `<ns>.taskrun.tagfreed.<encoded tag>`, every tag. Only the
+    service publishes there: a forged notice could only make waiting runs ask again early."""
+    return f"{namespace}.taskrun.tagfreed.*"
+
+
 # Task workers bound to task keys (Settings.task_worker_keys): each name a user of its own in
 # the task worker's account, `task_worker_<name>`, that may take, acknowledge and report on the
 # runs of its keys only (the service checks its reports: see `bound_task_worker_name`).
@@ -220,7 +229,8 @@ def bound_task_worker_name(user: str | None) -> str | None:
 
 def bound_task_worker_permissions(namespace: str, user: str, task_keys: Sequence[str]) -> dict:
     """The task worker's permissions narrowed to `task_keys`: the durable consumers of those
-    keys only (create, info, pull, acknowledge), their cancel notices, its heartbeats under
+    keys only (create, info, pull, acknowledge), their cancel notices, the tag-freed notices
+    (of every tag: a run of its keys may carry any), its heartbeats under
     its own name in the task-workers bucket, its own inbox; the same commands and queries (the
     service refuses its reports on other keys' runs)."""
     from runledger.commands.task_keys import encode_task_key
@@ -241,7 +251,8 @@ def bound_task_worker_permissions(namespace: str, user: str, task_keys: Sequence
             *(f"{namespace}.qry.{q}" for q in TASK_WORKER_QUERIES)]
     return {"publish": {"allow": pub},
             "subscribe": {"allow": [f"{inbox_prefix(user)}.>", finished_subject(namespace),
-                                    *(cancel_subject(namespace, encode_task_key(k)) for k in task_keys)]}}
+                                    *(cancel_subject(namespace, encode_task_key(k)) for k in task_keys),
+                                    tag_freed_subject(namespace)]}}
 
 
 def role_permissions(namespace: str, service_consumers: Sequence[str]) -> dict[str, dict]:
@@ -258,6 +269,7 @@ def role_permissions(namespace: str, service_consumers: Sequence[str]) -> dict[s
         f"{ns}.cmd.>",  # its background services' commands (scheduler, clock, foreman, poll records)
         finished_subject(ns),  # a task run reached a final state (heard by `.result()`)
         cancel_subject(ns),  # a task run is cancelled (heard by the task workers of its key)
+        tag_freed_subject(ns),  # a tag's slots were given back (heard by the task workers)
         *(f"$KV.{b}.>" for b in n.buckets),  # snapshot and lease keys: put, create, update, delete
         "_INBOX.>",  # replies to requests (the service only answers under reply_subject_prefix)
         "_R_.>",  # replies to the queries and commands other accounts import (see nats_config)
@@ -309,7 +321,8 @@ def role_permissions(namespace: str, service_consumers: Sequence[str]) -> dict[s
         },
         "task_worker": {
             "publish": {"allow": task_worker_pub},
-            "subscribe": {"allow": [f"{inbox_prefix('task_worker')}.>", finished_subject(ns), cancel_subject(ns)]},
+            "subscribe": {"allow": [f"{inbox_prefix('task_worker')}.>", finished_subject(ns), cancel_subject(ns),
+                                    tag_freed_subject(ns)]},
         },
         "analyst": {
             "publish": {"allow": analyst_pub, "deny": analyst_deny},
@@ -474,9 +487,9 @@ def nats_config(namespace: str, passwords: Mapping[str, str], store_dir: str, *,
     export_lines = [f'      {{service: {json.dumps(subject)}, response_type: {kind}, '
                     f'accounts: {json.dumps(accounts).replace(",", ", ")}}}'
                     for subject, (kind, accounts) in exports.items()]
-    # The notices of finished and of cancelled task runs: plain messages the service publishes,
-    # heard there too.
-    for notices in (finished_subject(namespace), cancel_subject(namespace)):
+    # The notices of finished and of cancelled task runs, and of freed tag slots: plain messages
+    # the service publishes, heard there too.
+    for notices in (finished_subject(namespace), cancel_subject(namespace), tag_freed_subject(namespace)):
         export_lines.append(f'      {{stream: {json.dumps(notices)}, accounts: [{json.dumps(TASK_WORKER_ACCOUNT)}]}}')
         imports[TASK_WORKER_ACCOUNT].append(f'      {{stream: {{account: {json.dumps(SERVICE_ACCOUNT)}, '
                                             f'subject: {json.dumps(notices)}}}}}')

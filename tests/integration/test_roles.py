@@ -496,6 +496,7 @@ async def test_task_worker_cannot_touch_the_log_other_commands_or_queries(roles)
         "publish onto a task key itself": (f"{ns}.task.k.scheduled", b"{}", None),
         "forge a finish notice": (f"{ns}.taskrun.finished.{uuid.uuid4()}", b"{}", None),
         "forge a cancel notice": (f"{ns}.taskrun.cancel.k.{uuid.uuid4()}", b"{}", None),
+        "forge a tag-freed notice": (f"{ns}.taskrun.tagfreed.db", b'{"tag":"db","freed":1}', None),
         "write a lease": (f"$KV.{roles.leases}.projection.x", b"{}", None),
     }
     # Its account's own JetStream API (none: it is not enabled there), the service account's
@@ -612,9 +613,39 @@ async def test_clients_and_analysts_cannot_take_task_runs(roles):
         "write the task workers' bucket": (f"$KV.{ns.upper()}_TASK_WORKERS.forged", b"{}", None),
         "forge a finish notice": (f"{ns}.taskrun.finished.{uuid.uuid4()}", b"{}", None),
         "forge a cancel notice": (f"{ns}.taskrun.cancel.k.{uuid.uuid4()}", b"{}", None),
+        "forge a tag-freed notice": (f"{ns}.taskrun.tagfreed.db", b'{"tag":"db","freed":1}', None),
     }
     await _assert_refused(roles, "client", pool["id"], take)
     await _assert_refused(roles, "analyst", pool["id"], take)
-    # The cancel notices are the task workers' to hear.
-    await _assert_cannot_subscribe(roles, "client", [f"{ns}.taskrun.cancel.>"])
-    await _assert_cannot_subscribe(roles, "analyst", [f"{ns}.taskrun.cancel.>"])
+    # The cancel and tag-freed notices are the task workers' to hear.
+    await _assert_cannot_subscribe(roles, "client", [f"{ns}.taskrun.cancel.>", f"{ns}.taskrun.tagfreed.*"])
+    await _assert_cannot_subscribe(roles, "analyst", [f"{ns}.taskrun.cancel.>", f"{ns}.taskrun.tagfreed.*"])
+
+
+async def test_a_task_worker_hears_freed_tag_slots_with_its_own_credentials(roles):
+    """The service announces a tag slot given back; the task worker hears it through its
+    account's import, and its worker subscribes without a permissions violation."""
+    from runledger.handlers.task_worker import TaskWorker
+
+    worker_settings = roles.settings("task_worker")
+    nc, _ = await roles.connect("task_worker")
+    heard: asyncio.Queue = asyncio.Queue()
+
+    async def on_notice(msg) -> None:
+        await heard.put((msg.subject, json.loads(msg.data)))
+
+    await nc.subscribe(f"{roles.namespace}.taskrun.tagfreed.*", cb=on_notice)
+    await nc.flush()
+    worker_nc = await connect(worker_settings, name="task-worker", wait_for_server=False)
+    roles.connections.append(worker_nc)
+    worker = TaskWorker(worker_nc, worker_settings, {"k": lambda: None})
+    await worker.start()
+    client_nc, _ = await roles.connect("client")
+    broker = Broker(client_nc, roles.settings("client"))
+    await broker.ok_cmd("CreateTagConcurrencyLimit", tag="db", concurrency_limit=1)
+    await broker.ok_cmd("ResetTagConcurrencyLimit", tag="db", slot_override=[str(uuid.uuid4())])
+    await broker.ok_cmd("ReleaseTagSlotsOfGoneTaskRuns", tag="db")
+    assert await asyncio.wait_for(heard.get(), 5) == (f"{roles.namespace}.taskrun.tagfreed.db",
+                                                      {"tag": "db", "freed": 1})
+    await worker.stop()
+    assert not roles.violations("task_worker")

@@ -90,6 +90,21 @@ def test_client_and_analyst_cannot_publish_to_the_log():
                for s in perms["analyst"]["publish"]["allow"])
 
 
+def test_only_the_service_announces_freed_tag_slots_and_only_task_workers_hear_them():
+    """`<ns>.taskrun.tagfreed.<tag>`: published by the service alone (a forged notice would make
+    waiting runs ask again early), heard by every task worker, bound or not, and by nobody else."""
+    perms = broker_auth.role_permissions("ns", ["projection_x"])
+    bound = broker_auth.bound_task_worker_permissions("ns", "task_worker_adder", ["add"])
+    assert broker_auth.tag_freed_subject("ns") == "ns.taskrun.tagfreed.*"
+    assert "ns.taskrun.tagfreed.*" in perms["service"]["publish"]["allow"]
+    for role, p in [*((r, perms[r]) for r in ("client", "analyst", "task_worker")), ("bound", bound)]:
+        assert not [s for s in p["publish"]["allow"] if s.startswith(("ns.taskrun", "ns.>", ">"))], role
+    assert "ns.taskrun.tagfreed.*" in perms["task_worker"]["subscribe"]["allow"]
+    assert "ns.taskrun.tagfreed.*" in bound["subscribe"]["allow"]
+    for role in ("client", "analyst"):
+        assert not [s for s in perms[role]["subscribe"]["allow"] if "tagfreed" in s or s in ("ns.>", "ns.taskrun.>")]
+
+
 def test_the_analyst_and_the_task_worker_have_accounts_of_their_own():
     accounts = _accounts(broker_auth.compose_config())
     service, analyst, worker = (accounts[a] for a in (broker_auth.SERVICE_ACCOUNT, broker_auth.ANALYST_ACCOUNT,
@@ -127,7 +142,7 @@ def test_the_task_worker_imports_what_it_uses_and_nothing_else():
         "ns.qry.GetTaskRunResult",
     ])
     assert perms["task_worker"]["subscribe"]["allow"] == ["_INBOX.task_worker.>", "ns.taskrun.finished.>",
-                                                          "ns.taskrun.cancel.*.*"]
+                                                          "ns.taskrun.cancel.*.*", "ns.taskrun.tagfreed.*"]
     assert "deny" not in perms["task_worker"]["publish"]
     accounts = _accounts(broker_auth.compose_config("ns"))
     service, worker = accounts[broker_auth.SERVICE_ACCOUNT], accounts[broker_auth.TASK_WORKER_ACCOUNT]
@@ -145,11 +160,12 @@ def test_the_task_worker_imports_what_it_uses_and_nothing_else():
             share = ", share: true" if ".cmd." in subject else ""
             assert f'{{service: {{account: "RUNLEDGER", subject: "{subject}"}}{share}}}' in imports
             assert f'{{service: "{subject}", response_type: singleton, accounts: ["TASK_WORKERS"]}}' in service
-    # ... and the notices of finished and of cancelled runs streams it hears; nothing else crosses.
-    for notices in ("ns.taskrun.finished.>", "ns.taskrun.cancel.*.*"):
+    # ... and the notices of finished and of cancelled runs and of freed tag slots, streams it
+    # hears; nothing else crosses.
+    for notices in ("ns.taskrun.finished.>", "ns.taskrun.cancel.*.*", "ns.taskrun.tagfreed.*"):
         assert f'{{stream: {{account: "RUNLEDGER", subject: "{notices}"}}}}' in imports
         assert f'{{stream: "{notices}", accounts: ["TASK_WORKERS"]}}' in service
-    assert len(imports) == len(perms["task_worker"]["publish"]["allow"]) + 2
+    assert len(imports) == len(perms["task_worker"]["publish"]["allow"]) + 3
     assert len([line for line in service.splitlines() if '"TASK_WORKERS"' in line]) == len(imports)
 
 
@@ -170,9 +186,11 @@ def test_a_task_worker_bound_to_keys_reaches_only_its_keys_consumers_and_heartbe
                     f"$JS.ACK.{stream}.{c}.>"} <= set(allowed)
     assert not [s for s in allowed if s.endswith(".*.>") or s.endswith(".*") or s in ("$JS.ACK.NS_TASKS.>",)]
     assert "$KV.NS_TASK_WORKERS.task_worker_adder.>" in allowed and "$KV.NS_TASK_WORKERS.>" not in allowed
-    # The cancel notices of its keys only (each key one subject token).
+    # The cancel notices of its keys only (each key one subject token); the tag-freed notices of
+    # every tag (a run of its keys may carry any).
     assert perms["subscribe"]["allow"] == ["_INBOX.task_worker_adder.>", "ns.taskrun.finished.>",
-                                           "ns.taskrun.cancel.add.*", "ns.taskrun.cancel.sub.*"]
+                                           "ns.taskrun.cancel.add.*", "ns.taskrun.cancel.sub.*",
+                                           "ns.taskrun.tagfreed.*"]
     with pytest.raises(ValueError, match="task_worker_adder"):
         broker_auth.nats_config("ns", {r: "p" for r in broker_auth.ROLES}, "/d", task_worker_keys={"adder": ["add"]})
 
