@@ -46,3 +46,9 @@ async def chain(step: int, steps: int, work: float, label: str = "") -> str | No
     future = await chain.adelay(step + 1, steps, work, label)
     _record("csubmitted", label, step, time.time())
     return str(future.task_run_id)
+
+
+@task(key="bench.tagged")
+async def tagged(seconds: float) -> None:
+    """Holds its tag's one slot for `seconds` (the tag-handoff figure)."""
+    await asyncio.sleep(seconds)

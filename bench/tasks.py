@@ -1,7 +1,7 @@
 """Task runs end to end: one `runledger serve` process, task workers as `runledger task-worker`
 processes (4 by default), submitters through the client, every state recorded.
 
-    python bench/tasks.py [--only latency,throughput,throughput-map,chain,faults,worker-kill,commands]
+    python bench/tasks.py [--only latency,throughput,throughput-map,chain,tag-handoff,faults,worker-kill,commands]
                           [--workers 4] [--rate 200] [--seconds 10] [--tasks 20000]
                           [--worker-kind native|faststream]
 
@@ -10,6 +10,8 @@ processes (4 by default), submitters through the client, every state recorded.
   first submit to the last COMPLETED; throughput-map: the same, submitted 100 per request
   (`submit_tasks`, what `Task.map` sends);
 - chain: 40 steps of 10 ms, each submitted by the step before, the driver awaiting each;
+- tag-handoff: 40 runs of 20 ms under a tag limited to 1, submitted at once: how long a slot
+  given back sits idle before the next waiting run starts;
 - faults: 1,000 tasks of 50 ms; the NATS server restarted, then killed (-9) and restarted,
   in the middle: runs lost and runs started twice (from the workers' own records);
 - worker-kill: a worker killed (-9) mid-task: how long until another worker starts it;
@@ -277,6 +279,30 @@ async def chain(client: RunledgerClient, workers: Workers, steps: int = 40, work
              median_ms(gaps(lambda i: state("SCHEDULED", i + 1), lambda i: seen["csubmitted"].get(i))), "")]
 
 
+async def tag_handoff(client: RunledgerClient, runs: int = 40, work: float = 0.02) -> list[tuple]:
+    """A tag limited to one run at a time and `runs` tasks carrying it, submitted at once to the
+    workers: each one waits until the one before gives the slot back. From the service's own
+    timestamps: the holder's COMPLETED → the next run's RUNNING, i.e. how long a freed slot
+    sits idle (a waiting run used to try again only after its WAIT's 10 s)."""
+    tag = f"bench-{uuid.uuid4().hex[:6]}"
+    await client.create_tag_concurrency_limit(tag, 1)
+    t0 = time.time()
+    ids = [(await submit_task(client, "bench.tagged", {"seconds": work}, tags=[tag])).id for _ in range(runs)]
+    for run_id in ids:
+        await wait_for_task_run(client, run_id, timeout=runs * 15)
+    elapsed = time.time() - t0
+    spans = []
+    for run_id in ids:
+        times = {s.type: s.timestamp.timestamp() for s in await client.read_task_run_states(run_id)}
+        spans.append((times["RUNNING"], times["COMPLETED"]))
+    spans.sort()
+    gaps = sorted((nxt[0] - prev[1]) * 1000 for prev, nxt in zip(spans, spans[1:], strict=False))
+    p50, p99 = gaps[len(gaps) // 2], gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))]
+    return [(f"a freed tag slot → the next waiting task run's RUNNING, tag limit 1, {runs} runs of "
+             f"{work * 1000:g} ms at once, p50 / p99 / max", f"{p50:.1f} / {p99:.1f} / {gaps[-1]:.1f} ms", ""),
+            ("  the same runs, first submit → last COMPLETED", f"{elapsed:.2f} s", "")]
+
+
 async def faults(urls: dict, workers_count: int, tasks: int = 1000, work: float = 0.05) -> list[tuple]:
     """The broker restarted and killed while tasks flow; its own server, so it can be killed."""
     tmp = Path(tempfile.mkdtemp(prefix="rlbf-"))
@@ -430,9 +456,9 @@ async def run(args) -> list[tuple]:
                         for roles in (("commands,queries", "projections") if args.split
                                       else ("commands,queries,projections",))]
                 client = await RunledgerClient(bench_settings(urls, role="client")).connect()
-                if only & {"latency", "throughput", "throughput-map", "chain"}:
+                if only & {"latency", "throughput", "throughput-map", "chain", "tag-handoff"}:
                     with Workers(worker_settings, out, args.workers, args.limit,
-                                 ["bench.trivial", "bench.chain"], kind=args.worker_kind) as workers:
+                                 ["bench.trivial", "bench.chain", "bench.tagged"], kind=args.worker_kind) as workers:
                         if "latency" in only:
                             rows += await latency(client, workers, args.rate, args.seconds)
                         if "throughput" in only:
@@ -441,6 +467,8 @@ async def run(args) -> list[tuple]:
                             rows += await throughput(client, workers, args.tasks, pids, args.submitters, bulk=100, urls=urls)
                         if "chain" in only:
                             rows += await chain(client, workers)
+                        if "tag-handoff" in only:
+                            rows += await tag_handoff(client, args.tagged)
                 if "worker-kill" in only:
                     rows += await worker_kill(client, worker_settings, out)
                 if "commands" in only:
@@ -455,12 +483,13 @@ async def run(args) -> list[tuple]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default="latency,throughput,throughput-map,chain,faults,worker-kill,commands")
+    p.add_argument("--only", default="latency,throughput,throughput-map,chain,tag-handoff,faults,worker-kill,commands")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--limit", type=int, default=16, help="task runs each worker runs at once")
     p.add_argument("--rate", type=float, default=200.0)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--tasks", type=int, default=20_000)
+    p.add_argument("--tagged", type=int, default=40, help="runs in the tag-handoff figure")
     p.add_argument("--submitters", type=int, default=8, help="concurrent submitters in the throughput figure")
     p.add_argument("--worker-kind", choices=("native", "faststream"), default="native",
                    help="workers as `runledger task-worker` processes, or as FastStream apps")
