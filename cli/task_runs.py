@@ -42,6 +42,7 @@ from .output import (
     print_json,
     run,
     run_command,
+    say,
     show_details,
     show_rows,
     to_json,
@@ -213,7 +214,7 @@ def inspect(
     as_json: JsonFlag = False,
     output: OutputOption = None,
 ) -> None:
-    """Show one task run: its fields and its state history, oldest first.
+    """Show one task run: its fields, why it waits, and its state history, oldest first.
 
     With --json: the run, with its history as `state_history`."""
 
@@ -226,6 +227,8 @@ def inspect(
         print_json({**to_json(task_run), "state_history": to_json(states)})
         return
     show_details(task_run, f"Task run {task_run.name!r}")
+    if task_run.waiting_reason:
+        say(f"Waiting: {task_run.waiting_reason}")
     show_states(states)
 
 

@@ -261,9 +261,10 @@ class FlowRun(BaseModel):
 class TaskRun(BaseModel):
     """A task run (`TaskRun` in `runledger.commands.task_runs`; Prefect's field names).
     `flow_run_id` is null for a background task; `total_run_time` is in seconds.
-    `parameters`, `queued_state_id`, `task_worker_id` and `task_message` are runledger's: a
-    background task's parameters, the state that last queued it for a task worker, and the
-    worker that holds it while it runs and the message it started it from."""
+    `parameters`, `queued_state_id`, `task_worker_id`, `task_message` and `waiting_reason`
+    are runledger's: a background task's parameters, the state that last queued it for a task
+    worker, the worker that holds it while it runs and the message it started it from, and why
+    it waits when its tags' concurrency limits hold it back."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
@@ -296,6 +297,7 @@ class TaskRun(BaseModel):
     queued_state_id: uuid.UUID | None = None
     task_worker_id: str | None = None
     task_message: str | None = None
+    waiting_reason: str | None = None
 
 
 class TaskWorker(BaseModel):

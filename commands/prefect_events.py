@@ -658,6 +658,7 @@ _HANDLERS: dict[type[Event], Callable[[_Out, Any, str, ExportState], None]] = {
     tr.TaskRunCreated: _task_run_state_event,
     tr.TaskRunStateSet: _task_run_state_event,
     tr.TaskRunUpdated: _run_gone,
+    tr.TaskRunWaiting: _run_gone,
     tr.TaskRunDeleted: _run_gone,
     tr.TaskCacheEntryRecorded: _nothing,
     tr.TaskRunKeysTaken: _nothing,

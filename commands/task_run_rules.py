@@ -443,6 +443,12 @@ class TaskTransition(Transition):
     takes_tag_slots: bool = False
     records_cache: bool = False
 
+    @property
+    def waiting_for_a_tag_slot(self) -> bool:
+        """Refused by its tags' limits (told to WAIT, or to stop on a limit of 0) with nothing
+        written: `orchestration.reason` says which tag, and is why the run waits."""
+        return self.state is None and self.refused_by == secure_task_concurrency_slots.name
+
 
 def task_policy(proposed: StateCreate, *, force: bool) -> Sequence[Rule]:
     """TR-3: a deferred proposal takes the background policy, even forced; else `force` the
@@ -485,7 +491,8 @@ def set_task_run_state(run: TaskRun, proposed: StateCreate, *, force: bool, ctx:
 
 def _book(run: TaskRun, proposal: StateCreate, facts: TaskFacts, ctx: DecisionContext, *,
           tracks_flow_run: bool) -> tuple[State, TaskRun]:
-    """FR-6 and TR-6 for task runs: mint the state, mirror it and the times onto the run; every
+    """FR-6 and TR-6 for task runs: mint the state, mirror it and the times onto the run (a
+    state written ends any wait its tags' limits caused: `waiting_reason` is cleared); every
     entry into RUNNING counts a run (a run leaving a finished state starts counting again, OR-15)
     and, under the core and background policies (`tracks_flow_run`: Prefect's
     UpdateFlowRunTrackerOnTasks is in those, not in the minimal one a forced state takes),
@@ -511,5 +518,5 @@ def _book(run: TaskRun, proposal: StateCreate, facts: TaskFacts, ctx: DecisionCo
         worker, message = None, None  # a cancelling run is still its worker's: it reports the end
     return state, run.model_copy(update={**booked_times(run, state), "run_count": run_count,
                                          "flow_run_run_count": flow_run_run_count, "task_worker_id": worker,
-                                         "task_message": message,
+                                         "task_message": message, "waiting_reason": None,
                                          "updated": ctx.now})

@@ -153,6 +153,9 @@ class TaskRun(BaseModel):
     task_worker_id: str | None = None
     # Beyond Prefect: the message (`<stream>:<sequence>`) the running run was started from.
     task_message: str | None = None
+    # Beyond Prefect: why the run waits, when its tags' concurrency limits hold it back (the
+    # reason its last refused start was given). Cleared by the next state written.
+    waiting_reason: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,11 +166,18 @@ class _TaskRunEvent(Event):
     aggregate_type: ClassVar[str] = TASK_RUN
 
 
+# The events that carry the whole run are at v2 since the run gained `waiting_reason`: a reader
+# of v1 refuses them cleanly as newer, where it would fail on the unknown field (events forbid
+# extra fields). A v1 payload reads as it is: the run did not wait.
+_RUN_SHAPE_VERSION = 2
+
+
 @register_event
 class TaskRunCreated(_TaskRunEvent):
     """A new task run, with its first state (`run.state`) if it has one."""
 
     event_type: ClassVar[str] = "TaskRunCreated"
+    schema_version: ClassVar[int] = _RUN_SHAPE_VERSION
     run: TaskRun
 
 
@@ -176,14 +186,35 @@ class TaskRunStateSet(_TaskRunEvent):
     """A state was written (`run.state`, with the bookkeeping it caused)."""
 
     event_type: ClassVar[str] = "TaskRunStateSet"
+    schema_version: ClassVar[int] = _RUN_SHAPE_VERSION
     run: TaskRun
 
 
 @register_event
 class TaskRunUpdated(_TaskRunEvent):
     event_type: ClassVar[str] = "TaskRunUpdated"
+    schema_version: ClassVar[int] = _RUN_SHAPE_VERSION
     run: TaskRun
     changed: list[str]
+
+
+@register_upcaster("TaskRunCreated", 1)
+@register_upcaster("TaskRunStateSet", 1)
+@register_upcaster("TaskRunUpdated", 1)
+def _task_run_v1(payload: dict[str, Any]) -> dict[str, Any]:
+    """v2 only added the run's `waiting_reason`, whose default (None: not waiting) is what a v1
+    run meant, so a v1 payload is read as it is."""
+    return payload
+
+
+@register_event
+class TaskRunWaiting(_TaskRunEvent):
+    """A start was refused because a tag's concurrency limit is full (or 0), and nothing else was
+    written: the run's `waiting_reason` says which tag (recorded when it changes, not at every
+    refused start, which a task worker proposes again after each wait)."""
+
+    event_type: ClassVar[str] = "TaskRunWaiting"
+    run: TaskRun
 
 
 @register_event
@@ -403,7 +434,7 @@ class DeleteTaskRun(Command):
 
 def evolve(run: TaskRun | TaskRunKeys | None, event: Event) -> TaskRun | TaskRunKeys | None:
     match event:
-        case TaskRunCreated(run=r) | TaskRunStateSet(run=r) | TaskRunUpdated(run=r):
+        case TaskRunCreated(run=r) | TaskRunStateSet(run=r) | TaskRunUpdated(run=r) | TaskRunWaiting(run=r):
             return r
         case TaskRunKeysTaken(keys=k):
             return k
@@ -496,19 +527,37 @@ def decide_create_task_run(cmd: CreateTaskRun, at_keys: TaskRun | TaskRunKeys | 
 
 def decide_set_task_run_state(cmd: SetTaskRunState, run: TaskRun | None, ctx: DecisionContext,
                               facts: task_run_rules.TaskFacts = task_run_rules.NO_FACTS) -> Decision:
-    """TR-3: the result is the state written, or the current one when nothing is written."""
+    """TR-3: the result is the state written, or the current one when nothing is written. The
+    state written clears the run's `waiting_reason` (`task_run_rules._book`)."""
     if run is None:
         raise task_run_not_found()
     facts = facts.with_claim(cmd.task_worker_id, cmd.delivery)
     transition = task_run_rules.set_task_run_state(run, cmd.state, force=cmd.force, ctx=ctx, facts=facts)
     if transition.state is None:
-        return Decision(events=[], result=run.state, orchestration=transition.orchestration)
+        return _refused(run, transition, ctx)
     after: TaskRun = transition.run
     events = [NewEvent(str(run.id), TaskRunStateSet(run=after)), *cache_events(transition, facts.cached),
               *tag_slot_events(run, transition, facts.tag_limits, facts.global_tag_limits)]
     return Decision(events=events, result=after.state, created=True, after={str(run.id): after},
                     orchestration=transition.orchestration,
                     queue=_queued(run, transition, cmd.queue_wait_seconds))
+
+
+def _refused(run: TaskRun, transition: task_run_rules.TaskTransition, ctx: DecisionContext) -> Decision:
+    """Nothing written. A start its tags' limits refused records why the run waits, when the
+    reason is new: a task worker proposes the run again after every wait, and the same reason
+    each time must not add an event each time. Any other refusal writes nothing at all."""
+    waiting = transition.orchestration.reason if transition.waiting_for_a_tag_slot else None
+    if waiting is None or waiting == run.waiting_reason:
+        return Decision(events=[], result=run.state, orchestration=transition.orchestration)
+    after = run.model_copy(update={"waiting_reason": waiting, "updated": ctx.now})
+    return Decision(events=[NewEvent(str(run.id), TaskRunWaiting(run=after))], result=run.state,
+                    after={str(run.id): after}, orchestration=transition.orchestration)
+
+
+def records_waiting_only(decision: Decision) -> bool:
+    """Whether a decision writes nothing but why its run waits (`TaskRunWaiting`)."""
+    return bool(decision.events) and all(isinstance(e.event, TaskRunWaiting) for e in decision.events)
 
 
 def cache_events(transition: task_run_rules.TaskTransition,

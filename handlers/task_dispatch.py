@@ -45,8 +45,10 @@ def _retrieve(future: asyncio.Future) -> None:
 
 
 def task_message(run: tr.TaskRun) -> bytes:
-    """What a task worker receives: the run as written (TQ-4), with its parameters."""
-    return run.model_dump_json().encode()
+    """What a task worker receives: the run as written (TQ-4), with its parameters. Without
+    `waiting_reason` while it has none (a run just queued never has one): a task worker older
+    than that field would drop the message as not a task run (it refuses unknown fields)."""
+    return run.model_dump_json(exclude={"waiting_reason"} if run.waiting_reason is None else None).encode()
 
 
 # The states a task run is announced in: the final ones, and CANCELLING (its waiters skip it:

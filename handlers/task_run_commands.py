@@ -240,6 +240,17 @@ async def tag_limits_of_tag(unit: Unit, tag: str) -> tuple[tcl.TagConcurrencyLim
     return limit, (await _global_limit(unit, None, tag, claim.owner_id) if claim.owner_id is not None else None)
 
 
+def decided_on_the_log_before_it_waits(unit: Unit, decision: Decision) -> Decision:
+    """A start refused because a tag is full, decided on what this instance cached, is decided
+    again on the log before its run records why it waits: another instance may have freed the
+    slot, and the run's `TaskRunWaiting` is checked against the run alone, not the limit. A
+    refusal that writes nothing is decided again so by the bus (`CommandBus._execute`), and so
+    is this one, handed back without its event; decided on the log, it is written."""
+    if unit.from_cache and tr.records_waiting_only(decision):
+        return replace(decision, events=[], after={})
+    return decision
+
+
 def keys_of_caller(bound: Mapping[str, Sequence[str]]) -> frozenset[str] | None:
     """The task keys the sender of the command being answered may report on: None (any) for
     a client, the service itself and the task worker role's own user; a bound task worker's
@@ -300,7 +311,7 @@ def command_specs(takeover_allowed: Callable[[], bool] = lambda: True,
             return tr.decide_set_task_run_state(cmd, run, ctx)
         facts = await _facts(unit, run, cmd.state, takeover_allowed())
         facts = (await tag_limits_of(unit, run, cmd.state)).into(facts)
-        return tr.decide_set_task_run_state(cmd, run, ctx, facts)
+        return decided_on_the_log_before_it_waits(unit, tr.decide_set_task_run_state(cmd, run, ctx, facts))
 
     async def update_task_run(unit: Unit, cmd: tr.UpdateTaskRun, ctx: DecisionContext) -> Decision:
         return tr.decide_update_task_run(cmd, await load_task_run(unit, cmd.id), ctx)

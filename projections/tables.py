@@ -309,6 +309,7 @@ task_runs = Table(
     Column("queued_state_id", UUID(as_uuid=True)),
     Column("task_worker_id", Text),
     Column("task_message", Text),
+    Column("waiting_reason", Text),
     Index("task_runs_flow_run", "flow_run_id"),
     Index("task_runs_task_key", "task_key", "state_type"),
     Index("task_runs_state_type", "state_type"),
@@ -455,5 +456,10 @@ MIGRATIONS = [
         "DELETE FROM projection_checkpoints WHERE name IN ('flow_runs', 'deployments')",
         "DELETE FROM projection_failures WHERE projection IN ('flow_runs', 'deployments')",
         "DELETE FROM skipped_events WHERE projection IN ('flow_runs', 'deployments')",
+    ]),
+    # Migration 9 creates task_runs from its current definition, which has it already. Rows
+    # written before are of runs that never recorded a wait: null is what they mean.
+    Migration(18, "why a task run waits for its tags' concurrency limits", [
+        "ALTER TABLE task_runs ADD COLUMN IF NOT EXISTS waiting_reason text",
     ]),
 ]

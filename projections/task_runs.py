@@ -31,8 +31,9 @@ from .tables import task_run_states, task_runs
 
 # A run written before a field existed lacks its key: its default, as the model would fill it.
 _RUN_DEFAULTS = model_defaults(tr.TaskRun)
-_RUN_EVENTS = frozenset({tr.TaskRunCreated.event_type, tr.TaskRunStateSet.event_type, tr.TaskRunUpdated.event_type})
-# The events that write a state (an update carries the run's current one again).
+_RUN_EVENTS = frozenset({tr.TaskRunCreated.event_type, tr.TaskRunStateSet.event_type, tr.TaskRunUpdated.event_type,
+                         tr.TaskRunWaiting.event_type})
+# The events that write a state (an update, or why the run waits, carries its current one again).
 _STATE_EVENTS = frozenset({tr.TaskRunCreated.event_type, tr.TaskRunStateSet.event_type})
 _RUN_DEFAULTS_JSON = json_param(_RUN_DEFAULTS)
 

@@ -30,6 +30,12 @@ async def _history(broker) -> None:
     await broker.ok_cmd("SetTaskRunState", id=tasks[0]["id"], state={"type": "COMPLETED"})
     await broker.ok_cmd("UpdateTaskRun", id=tasks[1]["id"], name="renamed")
     await broker.ok_cmd("DeleteTaskRun", id=tasks[2]["id"])
+    # A run held back by its tag records why it waits (`TaskRunWaiting`, its `waiting_reason`).
+    await broker.ok_cmd("CreateTagConcurrencyLimit", tag="w", concurrency_limit=1)
+    tagged = [await broker.ok_cmd("CreateTaskRun", task_key="k", dynamic_key=f"w{i}", flow_run_id=runs[0]["id"],
+                                  tags=["w"]) for i in range(2)]
+    for run in tagged:
+        await broker.ok_cmd("SetTaskRunState", id=run["id"], state={"type": "RUNNING"})
     await broker.ok_cmd("SetFlowRunState", id=runs[0]["id"], state={"type": "COMPLETED"})
 
 

@@ -16,14 +16,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from runledger.cli.main import _register, app
 from runledger.client import NotFound, RunledgerClient, TagConcurrencyLimit
 from runledger.commands import tag_concurrency_limits as tcl
 from runledger.handlers.background import CommandSender
 from runledger.handlers.foreman import ENDED_FLOW_RUN_GRACE_SECONDS, Foreman
 from runledger.infra.event_store import EventStore
 from runledger.infra.nats_connection import connect
-from tests.integration.broker import assert_live_equals_rebuild
+from tests.integration.broker import assert_live_equals_rebuild, cli_env
 
 
 async def test_a_tag_limit_is_created_updated_read_listed_reset_and_deleted(service, settings):
@@ -205,6 +207,57 @@ async def test_an_instance_sees_a_global_tag_limit_or_its_slot_another_instance_
     await on(a, "SetTaskRunState", id=second, state={"type": "COMPLETED"})
     assert await taken() == 0
     assert (await on(b, "SetTaskRunState", id=first, state={"type": "RUNNING"}))["orchestration"]["status"] == "ACCEPT"
+
+
+async def _events_of(service: Any, settings: Any, task_run_id: Any) -> list[str]:
+    """The event types of one task run's subject, in log order."""
+    rows = await service.store.read_subject(f"{settings.event_subject_prefix}.task_run.{task_run_id}.*")
+    return [subject.rsplit(".", 1)[1] for _, subject, _, _ in sorted(rows, key=lambda r: r[0])]
+
+
+async def test_a_task_run_held_back_by_its_tag_says_why_it_waits_until_it_runs(service, settings):
+    """A run told to WAIT by its tag's limit records why (once, however often its worker asks
+    again): its reply, the listing and `task-run inspect` show it; a global `tag:<tag>` limit's
+    reason replaces it; the state written when it finally runs clears it."""
+    _register()
+    env, runner = cli_env(settings), CliRunner()
+
+    async def inspect(run_id: Any) -> str:
+        shown = await asyncio.to_thread(runner.invoke, app, ["task-run", "inspect", str(run_id)], env=env)
+        assert shown.exit_code == 0, shown.output
+        return shown.stdout
+
+    async with RunledgerClient(settings) as rl:
+        await rl.create_tag_concurrency_limit("db", 1)
+        holder, _ = await rl.create_task_run("query", "1", tags=["db"])
+        waiter, _ = await rl.create_task_run("query", "2", tags=["db"])
+        assert (await rl.set_task_run_state(holder.id, "RUNNING")).accepted
+        assert (await rl.read_task_run(holder.id)).waiting_reason is None
+
+        for _ in range(3):  # a worker proposing the run again after each wait
+            waiting = await rl.set_task_run_state(waiter.id, "RUNNING")
+            assert waiting.status == "WAIT"
+        reason = "Concurrency limit for the db tag has been reached"
+        read = await rl.read_task_run(waiter.id)
+        assert (read.state_type, read.waiting_reason) == ("PENDING", reason)
+        assert [r.waiting_reason for r in await rl.list_task_runs(ids=[waiter.id])] == [reason]
+        assert await _events_of(service, settings, waiter.id) == ["TaskRunCreated", "TaskRunWaiting"]
+        assert f"Waiting: {reason}\n" in await inspect(waiter.id)
+
+        await rl.create_concurrency_limit("tag:db", 1)  # now the tag's limit, held by no one
+        other, _ = await rl.create_task_run("query", "3", tags=["db"])
+        assert (await rl.set_task_run_state(other.id, "RUNNING")).accepted
+        assert (await rl.set_task_run_state(waiter.id, "RUNNING")).status == "WAIT"
+        assert (await rl.read_task_run(waiter.id)).waiting_reason == "Concurrency limit reached for tags: db"
+
+        assert (await rl.set_task_run_state(other.id, "COMPLETED")).accepted
+        assert (await rl.set_task_run_state(waiter.id, "RUNNING")).accepted
+        ran = await rl.read_task_run(waiter.id)
+        assert (ran.state_type, ran.waiting_reason) == ("RUNNING", None)
+        assert "Waiting:" not in await inspect(waiter.id)
+        assert await _events_of(service, settings, waiter.id) == [
+            "TaskRunCreated", "TaskRunWaiting", "TaskRunWaiting", "TaskRunStateSet"]
+    await assert_live_equals_rebuild(service, settings)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -253,6 +253,7 @@ async def test_a_second_copy_of_a_queued_run_does_not_run_it_twice(client, setti
 
 
 async def test_task_message_is_the_run_as_written():
+    import json
     from datetime import UTC, datetime
 
     from runledger.commands.task_runs import TaskRun
@@ -260,6 +261,10 @@ async def test_task_message_is_the_run_as_written():
     run = TaskRun(id=uuid.uuid4(), created=datetime.now(UTC), updated=datetime.now(UTC), name="n", task_key="k",
                   dynamic_key="d", parameters={"a": 1})
     assert TaskRun.model_validate_json(task_message(run)) == run
+    # A task worker older than `waiting_reason` reads it (it refuses fields it does not know).
+    assert "waiting_reason" not in json.loads(task_message(run))
+    waiting = run.model_copy(update={"waiting_reason": "Concurrency limit for the db tag has been reached"})
+    assert TaskRun.model_validate_json(task_message(waiting)) == waiting
 
 
 async def test_subjects_carry_the_encoded_key(settings):

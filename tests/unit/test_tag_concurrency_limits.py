@@ -59,6 +59,12 @@ def then(run: tr.TaskRun, d: Decision) -> tr.TaskRun:
     return d.after.get(str(run.id), run)
 
 
+def waited(d: Decision) -> list[str | None]:
+    """The waiting reason each event of a decision records, if it records nothing else."""
+    assert all(isinstance(e.event, tr.TaskRunWaiting) for e in d.events), d.events
+    return [e.event.run.waiting_reason for e in d.events]
+
+
 def after(limit: tcl.TagConcurrencyLimit, d: Decision) -> tcl.TagConcurrencyLimit | None:
     state: tcl.TagConcurrencyLimit | None = limit
     for e in d.events:
@@ -148,9 +154,9 @@ def test_a_reset_names_at_most_1000_runs():
 def test_a_limit_of_0_aborts_the_start():
     run = a_run()
     d = propose(run, T.RUNNING, a_limit("db", 0))
-    assert d.orchestration.status is Outcome.ABORT and d.events == []
-    assert d.orchestration.reason == ('The concurrency limit on tag "db" is 0 and will deadlock if the task tries '
-                                      'to run again.')
+    reason = 'The concurrency limit on tag "db" is 0 and will deadlock if the task tries to run again.'
+    assert d.orchestration.status is Outcome.ABORT and d.orchestration.reason == reason
+    assert waited(d) == [reason] and then(run, d).state == run.state  # only why it is held back: the run stays
 
 
 def test_a_full_tag_waits_10_seconds_and_takes_nothing():
@@ -158,7 +164,43 @@ def test_a_full_tag_waits_10_seconds_and_takes_nothing():
     d = propose(run, T.RUNNING, a_limit("api", 5), a_limit("db", 1, uuid.UUID(int=1)))
     assert d.orchestration.status is Outcome.WAIT and d.orchestration.delay_seconds == 10
     assert d.orchestration.reason == "Concurrency limit for the db tag has been reached"
-    assert d.events == []  # the free tag's slot is not taken either
+    assert slot_events(d) == []  # the free tag's slot is not taken either
+    assert waited(d) == ["Concurrency limit for the db tag has been reached"]
+
+
+def test_a_start_held_back_by_a_full_tag_records_why_once_and_the_next_written_state_clears_it():
+    """A task worker proposes a waiting run again after each wait: its reason is recorded the
+    first time only (the run's last event carries it), and is gone with the next state."""
+    run, full = a_run(), a_limit("db", 1, uuid.UUID(int=1))
+    first = propose(run, T.RUNNING, full)
+    reason = "Concurrency limit for the db tag has been reached"
+    assert first.orchestration.status is Outcome.WAIT and waited(first) == [reason]
+    waiting = then(run, first)
+    assert waiting.waiting_reason == reason and waiting.state == run.state and waiting.updated == NOW
+    assert tr.evolve(run, first.events[0].event) == waiting
+    assert tr.records_waiting_only(first)
+
+    again = propose(waiting, T.RUNNING, full)
+    assert again.orchestration.status is Outcome.WAIT and again.events == [] and then(waiting, again) == waiting
+    assert not tr.records_waiting_only(again)
+
+    other = propose(waiting, T.RUNNING, a_limit("db", 0))  # another reason is recorded
+    assert other.orchestration.status is Outcome.ABORT and then(waiting, other).waiting_reason.startswith(
+        'The concurrency limit on tag "db" is 0')
+
+    started = propose(waiting, T.RUNNING, a_limit("db", 1))
+    assert started.orchestration.status is Outcome.ACCEPT and then(waiting, started).waiting_reason is None
+    assert not tr.records_waiting_only(started)
+    for state, force in ((T.CANCELLED, False), (T.FAILED, True)):  # any state written clears it, forced too
+        assert then(waiting, propose(waiting, state, full, force=force)).waiting_reason is None
+
+
+def test_a_start_held_back_by_another_rule_records_nothing():
+    run = a_run(tags=())  # no tags: nothing read, nothing recorded
+    waiting = then(run, propose(run, StateCreate(type=T.SCHEDULED, state_details=StateDetails(
+        scheduled_time=NOW + timedelta(hours=1)))))
+    d = propose(waiting, T.RUNNING)
+    assert d.orchestration.status is Outcome.WAIT and d.events == [] and then(waiting, d).waiting_reason is None
 
 
 def test_a_limit_of_0_on_any_tag_aborts_even_when_another_tag_is_full():
@@ -324,9 +366,13 @@ def test_an_active_global_tag_limit_replaces_the_classic_one_and_takes_its_slot(
 
 
 def test_a_full_global_tag_limit_waits_a_random_delay_around_its_occupancy_and_0_aborts():
-    d = propose_with(a_run(), T.RUNNING, (), (("db", a_global("db", 1, uuid.uuid4(), occupancy=4.0)),))
-    assert d.orchestration.status is Outcome.WAIT and d.events == []
+    run = a_run()
+    d = propose_with(run, T.RUNNING, (), (("db", a_global("db", 1, uuid.uuid4(), occupancy=4.0)),))
+    assert d.orchestration.status is Outcome.WAIT and global_events(d) == []
     assert d.orchestration.reason == "Concurrency limit reached for tags: db"
+    assert waited(d) == ["Concurrency limit reached for tags: db"]
+    again = propose_with(then(run, d), T.RUNNING, (), (("db", a_global("db", 1, uuid.uuid4(), occupancy=4.0)),))
+    assert again.orchestration.status is Outcome.WAIT and again.events == []  # the same reason: nothing more
     assert 3 <= d.orchestration.delay_seconds <= 6  # Prefect's clamped Poisson interval around 4 s
     long = propose_with(a_run(), T.RUNNING, (), (("db", a_global("db", 1, taken=1, occupancy=100.0)),))
     assert 7 <= long.orchestration.delay_seconds <= 13  # around at most 10 s

@@ -92,9 +92,28 @@ def test_a_v1_task_cache_entry_reads_as_it_did():
     assert tr.evolve_cache(None, event) == tr.TaskCache(cache_key="k", entries=(entry,))
 
 
-@pytest.mark.parametrize("event", [_deployment_updated()[1], tr.TaskCacheEntryRecorded(
-    entry=_cache_entry(), kept=(_cache_entry(6),))],
-    ids=["DeploymentUpdated", "TaskCacheEntryRecorded"])
+def _task_run(**fields) -> tr.TaskRun:
+    made = tr.decide_create_task_run(tr.CreateTaskRun(task_key="k", dynamic_key="d"), None, None, None, None,
+                                     DecisionContext.fixed(NOW, _ids()))
+    return made.result.model_copy(update=fields)
+
+
+@pytest.mark.parametrize("event_type", ["TaskRunCreated", "TaskRunStateSet", "TaskRunUpdated"])
+def test_a_v1_task_run_event_reads_as_a_run_that_does_not_wait(event_type):
+    run = _task_run()
+    v1 = run.model_dump(mode="json")
+    del v1["waiting_reason"]  # v1 runs had no such field
+    payload = {"run": v1, **({"changed": ["name"]} if event_type == "TaskRunUpdated" else {})}
+    event = decode_event(event_type, 1, payload)
+    assert event.run == run and event.run.waiting_reason is None
+    assert tr.evolve(None, event) == run
+
+
+@pytest.mark.parametrize("event", [
+    _deployment_updated()[1], tr.TaskCacheEntryRecorded(entry=_cache_entry(), kept=(_cache_entry(6),)),
+    tr.TaskRunCreated(run=_task_run()), tr.TaskRunStateSet(run=_task_run()),
+    tr.TaskRunUpdated(run=_task_run(), changed=["name"])],
+    ids=["DeploymentUpdated", "TaskCacheEntryRecorded", "TaskRunCreated", "TaskRunStateSet", "TaskRunUpdated"])
 def test_events_with_a_new_field_are_written_at_v2_and_refused_cleanly_by_a_v1_reader(event, monkeypatch):
     encoded = json.loads(encode_event("a", event, occurred=NOW, event_id=uuid.uuid4()).data)
     assert encoded["schema_version"] == 2
