@@ -510,4 +510,5 @@ async def test_a_queue_made_after_an_instance_cached_its_pool_still_counts_there
         assert await claim(blocked["id"]) == "REJECT"
     finally:
         await other.stop()
+    await broker.catch_up()  # the instances' writes, which the broker's own reads do not wait for
     assert (await broker.ok_qry("GetWorkPool", name="limited"))["active_slots"] == 1
