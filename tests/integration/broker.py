@@ -84,6 +84,26 @@ async def drop_service_schema(settings) -> None:
         await engine.dispose()
 
 
+def cli_in_thread(settings):
+    """`await cli("flow-run", "ls", ...)`: the `runledger` CLI run in process against the test's
+    servers. The CLI runs its own event loop, and the service runs on the test's: a thread for
+    the CLI. Each run is a new client, which does not wait for what another one wrote."""
+    import asyncio
+
+    from typer.testing import CliRunner
+
+    from runledger.cli.main import _register, app
+
+    _register()
+    env = cli_env(settings)
+    runner = CliRunner()
+
+    async def cli(*args: str):
+        return await asyncio.to_thread(runner.invoke, app, list(args), env=env)
+
+    return cli
+
+
 def cli_env(settings) -> dict[str, str]:
     """The environment that points an in-process `runledger` CLI run at the test's servers."""
     return {

@@ -6,26 +6,11 @@ client, which does not wait for what another one wrote: the tests wait for the r
 
 from __future__ import annotations
 
-import asyncio
 import json
 
-from typer.testing import CliRunner
+from tests.integration.broker import cli_in_thread
 
-from runledger.cli.main import _register, app
-from tests.integration.broker import cli_env
-
-_register()
-
-
-def _cli(settings):
-    env = cli_env(settings)
-    runner = CliRunner()
-
-    async def cli(*args: str):
-        # The CLI runs its own event loop, and the service runs on this one: a thread for the CLI.
-        return await asyncio.to_thread(runner.invoke, app, list(args), env=env)
-
-    return cli
+_cli = cli_in_thread
 
 
 async def _runs(broker) -> dict[str, str]:

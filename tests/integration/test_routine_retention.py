@@ -8,6 +8,7 @@ rebuild of the read models still equals the live ones."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from datetime import datetime, timedelta
 
@@ -20,6 +21,26 @@ from runledger.infra.nats_connection import connect
 from .broker import Broker, assert_live_equals_rebuild, drop_service_schema, foreman_clock
 
 
+@contextlib.asynccontextmanager
+async def _short_retention(settings, monkeypatch, *, polls: bool = True, **changes):
+    """A service of its own keeping routine records 1 s (never less than their floor: a
+    heartbeat 3 intervals and a margin, a poll the not-ready delay and a margin; the margin made
+    1 s here from a minute, and, with `polls`, the not-ready delay 1 s from 60), and a broker."""
+    monkeypatch.setattr(messages, "EXPIRY_MARGIN_SECONDS", 1)
+    if polls:
+        monkeypatch.setattr(wp, "NOT_READY_AFTER", timedelta(seconds=1))
+    changed = settings.model_copy(update={"routine_retention_seconds": 1, **changes})
+    service = Service(changed)
+    await service.start()
+    nc = await connect(changed)
+    try:
+        yield service, Broker(nc, changed), changed
+    finally:
+        await nc.close()
+        await service.stop()
+        await drop_service_schema(changed)
+
+
 async def _types(broker: Broker, worker_id: str) -> list[str]:
     return [e["type"] for e in await broker.aggregate_events(wk.WORKER, worker_id)]
 
@@ -28,13 +49,7 @@ async def test_routine_heartbeats_expire_and_the_worker_is_rebuilt_the_same(sett
     # Retention 1 s: a beat every second is kept 4 s (the worker would be offline after 3 s
     # without a newer one, and a margin more, made 1 s here from a minute), the floor the
     # service never goes below.
-    monkeypatch.setattr(messages, "EXPIRY_MARGIN_SECONDS", 1)
-    changed = settings.model_copy(update={"routine_retention_seconds": 1})
-    service = Service(changed)
-    await service.start()
-    nc = await connect(changed)
-    try:
-        broker = Broker(nc, changed)
+    async with _short_retention(settings, monkeypatch, polls=False) as (service, broker, changed):
         await broker.ok_cmd("CreateWorkPool", name="p", type="process")
         beats = [await broker.ok_cmd("WorkerHeartbeat", work_pool_name="p", name="w", heartbeat_interval_seconds=1)
                  for _ in range(4)]
@@ -52,10 +67,6 @@ async def test_routine_heartbeats_expire_and_the_worker_is_rebuilt_the_same(sett
         assert [(w["name"], w["status"], w["last_heartbeat_time"]) for w in listed] == [
             ("w", "ONLINE", last["last_heartbeat_time"])]
         await assert_live_equals_rebuild(service, changed)
-    finally:
-        await nc.close()
-        await service.stop()
-        await drop_service_schema(changed)
 
 
 async def test_a_routine_heartbeat_is_stored_with_the_retention_as_its_ttl(broker, settings):
@@ -83,14 +94,7 @@ async def _polls(broker: Broker, pool_id: str) -> list[bool]:
 async def test_routine_polls_expire_and_the_foreman_keeps_the_last_poll(settings, monkeypatch):
     # Retention 1 s, a queue not ready 1 s after its last poll and a margin of 1 s: a routine
     # poll is kept 2 s.
-    monkeypatch.setattr(messages, "EXPIRY_MARGIN_SECONDS", 1)
-    monkeypatch.setattr(wp, "NOT_READY_AFTER", timedelta(seconds=1))
-    changed = settings.model_copy(update={"routine_retention_seconds": 1, "snapshot_every": 3})
-    service = Service(changed)
-    await service.start()
-    nc = await connect(changed)
-    try:
-        broker = Broker(nc, changed)
+    async with _short_retention(settings, monkeypatch, snapshot_every=3) as (service, broker, changed):
         pool = await broker.ok_cmd("CreateWorkPool", name="p", type="process")
         queue_id = pool["default_queue_id"]
         flow_id = (await broker.ok_cmd("CreateFlow", name="etl"))["id"]
@@ -104,7 +108,7 @@ async def test_routine_polls_expire_and_the_foreman_keeps_the_last_poll(settings
         await service.commands.repo.flush_snapshots()
         found = await service.commands.repo.snapshots.get(wp.WORK_POOL, pool["id"])
         assert found is not None
-        anchor = await nc.jetstream().get_msg(changed.stream_name, seq=found[1], direct=True)
+        anchor = await broker.nc.jetstream().get_msg(changed.stream_name, seq=found[1], direct=True)
         assert anchor.subject.endswith(".WorkQueuesPolled") and not json.loads(anchor.data)["payload"]["routine"]
         await broker.catch_up()
         queue = await broker.ok_qry("GetWorkQueue", work_pool_name="p", work_queue_name="default")
@@ -138,10 +142,6 @@ async def test_routine_polls_expire_and_the_foreman_keeps_the_last_poll(settings
             assert (q.status, q.last_polled) == (wp.Status.NOT_READY, last_polled)
         finally:
             await fresh.stop()
-    finally:
-        await nc.close()
-        await service.stop()
-        await drop_service_schema(changed)
 
 
 async def test_a_deployment_polled_only_by_routine_polls_is_rebuilt_the_same_wherever_its_queue_went(
@@ -150,14 +150,7 @@ async def test_a_deployment_polled_only_by_routine_polls_is_rebuilt_the_same_whe
     READY), and its queue may be gone or changed by the time the foreman marks it NOT_READY:
     the foreman's event carries that last poll, so a rebuild after the polls left the log
     still equals the live read model."""
-    monkeypatch.setattr(messages, "EXPIRY_MARGIN_SECONDS", 1)
-    monkeypatch.setattr(wp, "NOT_READY_AFTER", timedelta(seconds=1))
-    changed = settings.model_copy(update={"routine_retention_seconds": 1})
-    service = Service(changed)
-    await service.start()
-    nc = await connect(changed)
-    try:
-        broker = Broker(nc, changed)
+    async with _short_retention(settings, monkeypatch) as (service, broker, changed):
         pool = await broker.ok_cmd("CreateWorkPool", name="p", type="process")
         queue_ids = {name: (await broker.ok_cmd("CreateWorkQueue", work_pool_name="p", name=name))["id"]
                      for name in ("gone", "left", "other")}
@@ -185,7 +178,3 @@ async def test_a_deployment_polled_only_by_routine_polls_is_rebuilt_the_same_whe
             got = await broker.ok_qry("GetDeployment", id=d["id"])
             assert (got["status"], _at(got["last_polled"])) == ("NOT_READY", polled[name])
         await assert_live_equals_rebuild(service, changed)
-    finally:
-        await nc.close()
-        await service.stop()
-        await drop_service_schema(changed)

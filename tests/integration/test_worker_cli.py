@@ -9,24 +9,10 @@ import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 
-from typer.testing import CliRunner
-
-from runledger.cli.main import _register, app
 from runledger.client import RunledgerClient
-from tests.integration.broker import cli_env
+from tests.integration.broker import cli_in_thread
 
-_register()
-
-
-def _cli(settings):
-    env = cli_env(settings)
-    runner = CliRunner()
-
-    async def cli(*args: str):
-        # The CLI runs its own event loop, and the service runs on this one: a thread for the CLI.
-        return await asyncio.to_thread(runner.invoke, app, list(args), env=env)
-
-    return cli
+_cli = cli_in_thread
 
 
 async def _eventually(check, timeout: float = 5.0):
