@@ -87,7 +87,8 @@ async def drop_service_schema(settings) -> None:
 def cli_in_thread(settings):
     """`await cli("flow-run", "ls", ...)`: the `runledger` CLI run in process against the test's
     servers. The CLI runs its own event loop, and the service runs on the test's: a thread for
-    the CLI. Each run is a new client, which does not wait for what another one wrote."""
+    the CLI. Each run is a new client, whose reads first catch up with every write acknowledged
+(`RunledgerClient.catch_up`); the test's `Broker` does not wait for the CLI's writes."""
     import asyncio
 
     from typer.testing import CliRunner
