@@ -96,6 +96,8 @@ NOT_FOUND_GRACE_SECONDS = 5.0
 # The most a tag-freed notice's jitter delays the proposals it wakes: the runs of several
 # workers woken by one release do not all reach the service at the same instant.
 TAG_WAKE_JITTER_SECONDS = 0.02
+# How long a stopping worker waits for the broker to confirm it sent all it will to a pull inbox.
+DRAIN_SECONDS = 5.0
 
 
 def _pending_after(msg: Msg) -> int | None:
@@ -390,8 +392,15 @@ class TaskWorker:
             log.info("a task worker heartbeat failed (%s); the next one follows", type(e).__name__)
 
     async def stop(self) -> None:
-        """Lets running runs finish within the grace period and hands back the rest."""
+        """Lets running runs finish within the grace period and hands back the rest.
+
+        The pull inboxes are drained before anything is handed back: a message handed back
+        while a pull request of this worker is still open on the server may be delivered to
+        it again, and once the inbox is gone that delivery is lost until the acknowledgement
+        wait runs out (a minute by default). Drained, the server knows no one listens there
+        and skips those requests; what it sent before is handed back as it arrives."""
         self._taking = False
+        await self._drain_pulls()
         await self._hand_back_held()
         await self._hand_back_slot_waits()
         if self._running:
@@ -402,13 +411,27 @@ class TaskWorker:
                 if running is not None:
                     with contextlib.suppress(Exception):
                         await running.nak()
-        for sub in [*(source.sub for source in self.sources), *self._cancel_subs, self._tag_sub]:
+        for sub in [*self._cancel_subs, self._tag_sub]:
             if sub is None:
                 continue
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        await self._hand_back_held()  # delivered by a pull that was still outstanding
-        await self._hand_back_slot_waits()  # told WAIT while the grace period ran
+
+    async def _drain_pulls(self) -> None:
+        """Unsubscribes the pull inboxes once the server has sent all it will send there (a
+        round trip), each message of it handed back by `_arrived`; a plain unsubscription if
+        the broker does not answer in time."""
+        for source in self.sources:
+            if source.sub is None:
+                continue
+            try:
+                await asyncio.wait_for(source.sub.drain(), DRAIN_SECONDS)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                with contextlib.suppress(Exception):
+                    await source.sub.unsubscribe()
+            source.sub = None
 
     # -----------------------------------------------------------------------------------------
     # Taking runs in order
