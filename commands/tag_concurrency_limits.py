@@ -393,3 +393,44 @@ def decide_release_gone_tag_slots(cmd: ReleaseTagSlotsOfGoneTaskRuns, limit: Tag
     if global_limit is not None:
         events += _released(global_limit, [r for r in gone if global_limit.holds(r)])
     return Decision(events=events, result={"released": [str(r) for r in gone]})
+
+
+# A notice's `freed` for a limit that no longer holds anything back (deleted, or a global one
+# made inactive): every run waiting for the tag may start (a worker wakes at most this many).
+EVERY_WAITER = 10_000
+
+
+def room_made(events: Iterable[NewEvent]) -> dict[str, int]:
+    """The tags whose limits have more room after these events (a decision's), with how many
+    more runs may start: what the service announces to the task workers that keep runs waiting
+    for a tag (handlers/task_dispatch.py), so that those start at once rather than after their
+    WAIT's delay (10 s for a classic limit).
+
+    Slots given back: a classic limit's `TagConcurrencyLimitSlotReleased`, and a global
+    `tag:<tag>` limit's `ConcurrencyLimitSlotReleased` (written with its `GlobalTagSlotReleased`,
+    which names the limit only by id), whatever released them (a run leaving RUNNING, a deleted
+    run, a subflow's state copied onto its parent task run, the foreman's
+    `ReleaseTagSlotsOfGoneTaskRuns`). And an operator's change that makes room: a limit raised,
+    its slots reset, a global one made inactive, or either kind deleted."""
+    freed: dict[str, int] = {}
+
+    def add(tag: str, count: int) -> None:
+        if count > 0:
+            freed[tag] = min(EVERY_WAITER, freed.get(tag, 0) + count)
+
+    for new in events:
+        match new.event:
+            case TagConcurrencyLimitSlotReleased(limit=limit):
+                add(limit.tag, 1)
+            case TagConcurrencyLimitUpdated(limit=limit) | TagConcurrencyLimitReset(limit=limit):
+                add(limit.tag, limit.concurrency_limit - len(limit.active_slots))
+            case TagConcurrencyLimitDeleted(limit=limit):
+                add(limit.tag, EVERY_WAITER)
+            case cl.ConcurrencyLimitSlotReleased(limit=glimit) if glimit.name.startswith(GLOBAL_TAG_PREFIX):
+                add(glimit.name[len(GLOBAL_TAG_PREFIX):], 1)
+            case cl.ConcurrencyLimitUpdated(limit=glimit) if glimit.name.startswith(GLOBAL_TAG_PREFIX):
+                add(glimit.name[len(GLOBAL_TAG_PREFIX):],
+                    glimit.limit - glimit.active_slots if glimit.active else EVERY_WAITER)
+            case cl.ConcurrencyLimitDeleted(limit=glimit) if glimit.name.startswith(GLOBAL_TAG_PREFIX):
+                add(glimit.name[len(GLOBAL_TAG_PREFIX):], EVERY_WAITER)
+    return freed

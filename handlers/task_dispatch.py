@@ -23,7 +23,6 @@ import logging
 import time
 from typing import Any
 
-from runledger.commands import concurrency_limits as cl
 from runledger.commands import tag_concurrency_limits as tcl
 from runledger.commands import task_runs as tr
 from runledger.commands.decisions import Decision, QueuedTaskRun
@@ -79,27 +78,6 @@ def tag_freed_subject(settings: Settings, tag: str) -> str:
     return f"{settings.namespace}.taskrun.tagfreed.{encode_task_key(tag)}"
 
 
-def freed_tags(decision: Decision) -> dict[str, int]:
-    """The tags whose slots the decision gave back, with how many: a classic limit's
-    `TagConcurrencyLimitSlotReleased`, and a global `tag:<tag>` limit's
-    `ConcurrencyLimitSlotReleased` (written with its `GlobalTagSlotReleased`, which names the
-    limit only by id). Whatever released them (a run leaving RUNNING, a deleted run, a subflow's
-    state copied onto its parent task run, the foreman's `ReleaseTagSlotsOfGoneTaskRuns`), it
-    is one of these events in a decision of this bus."""
-    freed: dict[str, int] = {}
-    for new in decision.events:
-        event = new.event
-        if isinstance(event, tcl.TagConcurrencyLimitSlotReleased):
-            tag = event.limit.tag
-        elif (isinstance(event, cl.ConcurrencyLimitSlotReleased)
-              and event.limit.name.startswith(tcl.GLOBAL_TAG_PREFIX)):
-            tag = event.limit.name[len(tcl.GLOBAL_TAG_PREFIX):]
-        else:
-            continue
-        freed[tag] = freed.get(tag, 0) + 1
-    return freed
-
-
 class TaskDispatch:
     """The command bus's `after_append`: queues the task runs a decision queued (`begin`, while
     the append is in flight), and announces the ones it finished or set CANCELLING, and the
@@ -142,7 +120,7 @@ class TaskDispatch:
     async def _announce_freed_tags(self, decision: Decision) -> None:
         """A notice per tag whose slots the decision gave back: a release is an event its
         waiters hear at once (handlers/task_worker.py proposes their runs again)."""
-        for tag, freed in freed_tags(decision).items():
+        for tag, freed in tcl.room_made(decision.events).items():
             try:
                 await self.nc.publish(tag_freed_subject(self.settings, tag),
                                       json.dumps({"tag": tag, "freed": freed}).encode())

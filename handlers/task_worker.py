@@ -26,7 +26,8 @@ the message and frees the slot at once.
 Tag limits: a run whose tags' concurrency limit is full is answered WAIT. The worker keeps its
 message (alive, `in_progress`) without holding one of its `limit` slots, and proposes the run
 again through the same start path as soon as the service announces that a slot of one of its
-tags was given back (`<ns>.taskrun.tagfreed.<encoded tag>`, one subscription for every tag),
+tags was given back, or that the limit was raised, reset or removed
+(`<ns>.taskrun.tagfreed.<encoded tag>`, one subscription for every tag),
 or once the WAIT's delay has passed, whichever comes first. A notice of n slots wakes at most
 n of this worker's runs waiting for the tag, the oldest first, each after a small random
 jitter; one that loses the slot to another run is answered WAIT again and waits again. A WAIT
@@ -58,6 +59,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import APIError, NotFoundError
 
 from runledger.commands.bounds import check_json_document
+from runledger.commands.tag_concurrency_limits import EVERY_WAITER
 from runledger.commands.task_keys import decode_task_key, encode_task_key
 from runledger.commands.task_runs import TaskRun
 from runledger.infra.settings import Settings
@@ -249,12 +251,13 @@ class _SlotWait:
 
 
 def _freed_count(data: bytes) -> int:
-    """How many slots a tag-freed notice says were given back (at least 1)."""
+    """How many more runs a tag-freed notice says may start (at least 1, at most
+    `EVERY_WAITER`: a limit removed)."""
     try:
         freed = json.loads(data).get("freed")
     except (ValueError, AttributeError):
         return 1
-    return max(1, min(freed, 10_000)) if isinstance(freed, int) and not isinstance(freed, bool) else 1
+    return max(1, min(freed, EVERY_WAITER)) if isinstance(freed, int) and not isinstance(freed, bool) else 1
 
 
 def _refresh(run: TaskRun) -> dict[str, bool]:

@@ -16,6 +16,7 @@ import uuid
 import pytest
 
 from runledger.client.tasks import submit_task, wait_for_task_run
+from runledger.commands.tag_concurrency_limits import EVERY_WAITER
 from runledger.infra.nats_connection import connect
 from runledger.infra.task_queues import TaskPublisher
 from tests.integration.test_task_cancel import history, until
@@ -150,3 +151,42 @@ async def test_a_run_cancelled_while_it_waits_for_its_tag_is_ended_at_once(clien
         assert time.monotonic() < cancelled_at + WAKE_BOUND
         assert (await wait_for_task_run(client, waiting.id, timeout=5)).state_type == "CANCELLED"
     assert "waiting" not in times
+
+
+@pytest.mark.parametrize("change", ["raise", "reset", "delete"])
+async def test_a_run_waiting_for_its_tag_starts_as_soon_as_an_operator_makes_room(client, settings, change):
+    """Raising the tag's limit, resetting its slots or deleting it is announced like a slot given
+    back: the waiting run starts at once, not after the WAIT's 10 s."""
+    await client.create_tag_concurrency_limit("db", 1)
+    await client.reset_tag_concurrency_limit("db", [uuid.uuid4()])  # held by a run that never ends
+    functions, times = timed_tasks()
+    async with tag_notices(settings) as notices, running_worker(settings, functions, limit=2) as worker:
+        waiting = await submit_task(client, "quick", {"name": "waiting"}, tags=["db"])
+        await held_back(worker)
+        changed_at = time.monotonic()
+        if change == "raise":
+            await client.create_tag_concurrency_limit("db", 3)
+        elif change == "reset":
+            await client.reset_tag_concurrency_limit("db")
+        else:
+            await client.delete_tag_concurrency_limit("db")
+        assert (await wait_for_task_run(client, waiting.id, timeout=20)).state_type == "COMPLETED"
+    assert times["waiting"]["start"] < changed_at + WAKE_BOUND, (times, changed_at)
+    freed = {"raise": 2, "reset": 1, "delete": EVERY_WAITER}[change]
+    assert (f"{settings.namespace}.taskrun.tagfreed.db", {"tag": "db", "freed": freed}) in notices
+
+
+async def test_a_global_tag_limit_raised_made_inactive_or_deleted_is_announced(client, settings):
+    """What the runs waiting for a `tag:<tag>` limit hear (their worker's wake-up is the one above)."""
+    limit = await client.create_concurrency_limit("tag:db", 1, active_slots=1)
+    subject = f"{settings.namespace}.taskrun.tagfreed.db"
+    async with tag_notices(settings) as notices:
+        await client.update_concurrency_limit(limit.id, slot_decay_per_second=0.5)  # still full: no room
+        await client.update_concurrency_limit(limit.id, limit=2)
+        await until(lambda: len(notices) == 1)
+        await client.update_concurrency_limit(limit.id, active=False)
+        await until(lambda: len(notices) == 2)
+        await client.delete_concurrency_limit(limit.id)
+        await until(lambda: len(notices) == 3)
+    assert notices == [(subject, {"tag": "db", "freed": 1}), (subject, {"tag": "db", "freed": EVERY_WAITER}),
+                       (subject, {"tag": "db", "freed": EVERY_WAITER})]

@@ -442,3 +442,48 @@ def test_a_v1_slot_event_of_a_global_limit_reads_as_a_flow_runs():
         event = decode_event(name, 1, payload)
         assert isinstance(event, cl.ConcurrencyLimitSlotTaken | cl.ConcurrencyLimitSlotReleased)
         assert (event.flow_run_id, event.lease_id, event.task_run_id) == (uuid.UUID(int=1), uuid.UUID(int=2), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The room a decision makes for the runs waiting for a tag (announced to the task workers)
+
+
+def test_room_is_made_by_each_slot_given_back_and_by_an_operator_raising_resetting_or_deleting_a_limit():
+    running, (db, api) = _holding("db", "api")
+    assert tcl.room_made(propose(running, T.COMPLETED, db, api).events) == {"db": 1, "api": 1}
+    full = a_limit("db", 1, uuid.UUID(int=1))
+
+    def create(limit: int) -> Decision:
+        return tcl.decide_create_tag_concurrency_limit(tcl.CreateTagConcurrencyLimit(tag="db", concurrency_limit=limit),
+                                                       full, ctx())
+
+    assert tcl.room_made(create(3).events) == {"db": 2}  # 3 slots, 1 held
+    assert tcl.room_made(create(0).events) == {}  # lowered: no room
+    assert tcl.room_made(tcl.decide_reset_tag_concurrency_limit(tcl.ResetTagConcurrencyLimit(tag="db"), full,
+                                                                ctx()).events) == {"db": 1}
+    assert tcl.room_made(tcl.decide_delete_tag_concurrency_limit(tcl.DeleteTagConcurrencyLimit(tag="db"), full).events
+                         ) == {"db": tcl.EVERY_WAITER}
+    assert tcl.room_made(propose(a_run(), T.RUNNING, a_limit("db", 2)).events) == {}  # a slot taken
+
+
+def test_room_is_made_in_a_global_tag_limit_raised_made_inactive_deleted_or_given_back():
+    from runledger.commands import concurrency_limits as cl
+    run = a_run()
+    g = a_global("db", 1, run.id)
+
+    def update(**changes: Any) -> Decision:
+        return cl.decide_update_concurrency_limit(cl.UpdateConcurrencyLimit(id=g.limit.id, **changes), g.limit,
+                                                  None, ctx())
+
+    assert tcl.room_made(update(limit=3).events) == {"db": 2}
+    assert tcl.room_made(update(active=False).events) == {"db": tcl.EVERY_WAITER}
+    assert tcl.room_made(update(slot_decay_per_second=1.0).events) == {}  # still full
+    deleted = cl.decide_delete_concurrency_limit(cl.DeleteConcurrencyLimit(id=g.limit.id), g.limit, ctx())
+    assert tcl.room_made(deleted.events) == {"db": tcl.EVERY_WAITER}
+    running = a_run(state=T.RUNNING)
+    held = a_global("db", 1, running.id)
+    done = propose_with(running, T.COMPLETED, (), (("db", held),))
+    assert tcl.room_made(done.events) == {"db": 1}
+    other = a_global("db", 1, run.id).limit.model_copy(update={"name": "not-a-tag"})
+    assert tcl.room_made(cl.decide_delete_concurrency_limit(cl.DeleteConcurrencyLimit(id=other.id), other,
+                                                            ctx()).events) == {}
