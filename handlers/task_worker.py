@@ -422,19 +422,18 @@ class TaskWorker:
 
     async def _drain_pulls(self) -> None:
         """Unsubscribes the pull inboxes once the server has sent all it will send there (a
-        round trip), each message of it handed back by `_arrived`; a plain unsubscription if
-        the broker does not answer in time."""
+        round trip, all inboxes at once), each message of it handed back by `_arrived`; plainly,
+        if the broker does not answer in time."""
+        subs = [source.sub for source in self.sources if source.sub is not None]
         for source in self.sources:
-            if source.sub is None:
-                continue
-            try:
-                await asyncio.wait_for(source.sub.drain(), DRAIN_SECONDS)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                with contextlib.suppress(Exception):
-                    await source.sub.unsubscribe()
             source.sub = None
+        try:
+            await asyncio.wait_for(asyncio.gather(*(sub.drain() for sub in subs), return_exceptions=True),
+                                   DRAIN_SECONDS)
+        except TimeoutError:
+            for sub in subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
 
     # -----------------------------------------------------------------------------------------
     # Taking runs in order
