@@ -400,6 +400,11 @@ def decide_release_gone_tag_slots(cmd: ReleaseTagSlotsOfGoneTaskRuns, limit: Tag
 EVERY_WAITER = 10_000
 
 
+def _governed_tag(limit_name: str) -> str | None:
+    """The tag a global limit of this name holds back (`tag:<tag>`), if any."""
+    return limit_name[len(GLOBAL_TAG_PREFIX):] if limit_name.startswith(GLOBAL_TAG_PREFIX) else None
+
+
 def room_made(events: Iterable[NewEvent]) -> dict[str, int]:
     """The tags whose limits have more room after these events (a decision's), with how many
     more runs may start: what the service announces to the task workers that keep runs waiting
@@ -411,7 +416,8 @@ def room_made(events: Iterable[NewEvent]) -> dict[str, int]:
     which names the limit only by id), whatever released them (a run leaving RUNNING, a deleted
     run, a subflow's state copied onto its parent task run, the foreman's
     `ReleaseTagSlotsOfGoneTaskRuns`). And an operator's change that makes room: a limit raised,
-    its slots reset, a global one made inactive, or either kind deleted."""
+    its slots reset, a global one created with room (it replaces the classic one), made
+    inactive or renamed away from `tag:<tag>`, or either kind deleted."""
     freed: dict[str, int] = {}
 
     def add(tag: str, count: int) -> None:
@@ -426,11 +432,18 @@ def room_made(events: Iterable[NewEvent]) -> dict[str, int]:
                 add(limit.tag, limit.concurrency_limit - len(limit.active_slots))
             case TagConcurrencyLimitDeleted(limit=limit):
                 add(limit.tag, EVERY_WAITER)
-            case cl.ConcurrencyLimitSlotReleased(limit=glimit) if glimit.name.startswith(GLOBAL_TAG_PREFIX):
-                add(glimit.name[len(GLOBAL_TAG_PREFIX):], 1)
-            case cl.ConcurrencyLimitUpdated(limit=glimit) if glimit.name.startswith(GLOBAL_TAG_PREFIX):
-                add(glimit.name[len(GLOBAL_TAG_PREFIX):],
-                    glimit.limit - glimit.active_slots if glimit.active else EVERY_WAITER)
-            case cl.ConcurrencyLimitDeleted(limit=glimit) if glimit.name.startswith(GLOBAL_TAG_PREFIX):
-                add(glimit.name[len(GLOBAL_TAG_PREFIX):], EVERY_WAITER)
+            case cl.ConcurrencyLimitSlotReleased(limit=glimit) if (tag := _governed_tag(glimit.name)) is not None:
+                add(tag, 1)
+            case cl.ConcurrencyLimitCreated(limit=glimit) if (tag := _governed_tag(glimit.name)) is not None:
+                # It replaces the tag's classic limit, which may have been the full one.
+                add(tag, glimit.limit - glimit.active_slots if glimit.active else 0)
+            case cl.ConcurrencyLimitUpdated(limit=glimit, changes=changes):
+                tag = _governed_tag(glimit.name)
+                before = _governed_tag(changes["name"].old) if "name" in changes else tag
+                if before is not None and before != tag:
+                    add(before, EVERY_WAITER)  # renamed away: it no longer holds that tag back
+                if tag is not None:
+                    add(tag, glimit.limit - glimit.active_slots if glimit.active else EVERY_WAITER)
+            case cl.ConcurrencyLimitDeleted(limit=glimit) if (tag := _governed_tag(glimit.name)) is not None:
+                add(tag, EVERY_WAITER)
     return freed

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from runledger.commands import tag_concurrency_limits as tcl
 from runledger.commands import task_run_rules as rules
 from runledger.commands import task_runs as tr
+from runledger.commands import unique_keys as uk
 from runledger.commands.decisions import Decision, Outcome
 from runledger.commands.messages import DecisionContext, Rejection
 from runledger.commands.states import StateCreate, StateDetails, StateType
@@ -466,7 +467,7 @@ def test_room_is_made_by_each_slot_given_back_and_by_an_operator_raising_resetti
     assert tcl.room_made(propose(a_run(), T.RUNNING, a_limit("db", 2)).events) == {}  # a slot taken
 
 
-def test_room_is_made_in_a_global_tag_limit_raised_made_inactive_deleted_or_given_back():
+def test_room_is_made_in_a_global_tag_limit_raised_made_inactive_renamed_deleted_created_or_given_back():
     from runledger.commands import concurrency_limits as cl
     run = a_run()
     g = a_global("db", 1, run.id)
@@ -484,6 +485,18 @@ def test_room_is_made_in_a_global_tag_limit_raised_made_inactive_deleted_or_give
     held = a_global("db", 1, running.id)
     done = propose_with(running, T.COMPLETED, (), (("db", held),))
     assert tcl.room_made(done.events) == {"db": 1}
+    renamed = cl.decide_update_concurrency_limit(cl.UpdateConcurrencyLimit(id=g.limit.id, new_name="tag:api"), g.limit,
+                                                 uk.UniqueKeyClaim(), ctx())
+    assert tcl.room_made(renamed.events) == {"db": tcl.EVERY_WAITER}  # `db` is no longer held back; `api` is full
+
+    def create(**fields: Any) -> Decision:
+        return cl.decide_create_concurrency_limit(cl.CreateConcurrencyLimit(name="tag:db", **fields),
+                                                  uk.UniqueKeyClaim(), ctx())
+
+    # It replaces the tag's classic limit, which may be the full one: its room is announced.
+    assert tcl.room_made(create(limit=2, active_slots=1).events) == {"db": 1}
+    assert tcl.room_made(create(limit=1, active_slots=1).events) == {}
+    assert tcl.room_made(create(limit=5, active=False).events) == {}  # holds nothing back, replaces nothing
     other = a_global("db", 1, run.id).limit.model_copy(update={"name": "not-a-tag"})
     assert tcl.room_made(cl.decide_delete_concurrency_limit(cl.DeleteConcurrencyLimit(id=other.id), other,
                                                             ctx()).events) == {}
