@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from runledger.commands.events import EVENT_TYPES
-from runledger.commands.queries import ReadEvents
+from runledger.commands.queries import GetTaskRunResult, ListTaskWorkers, ReadEvents
 from runledger.projections.health import GetServiceHealth
 
 from .registry import QUERIES, command_specs
@@ -62,8 +62,10 @@ def asyncapi_document(namespace: str = "runledger") -> dict[str, Any]:
     operations: dict[str, Any] = {}
     messages: dict[str, Any] = {"Reply": {"name": "Reply", "payload": REPLY_SCHEMA}}
     kinds = [("cmd", {n: s.model for n, s in command_specs(None).items()}),
+             # The queries answered beside the read models too (handlers/task_worker_queries.py).
              ("qry", {**{n: m for n, (m, _) in QUERIES.items()}, "GetServiceHealth": GetServiceHealth,
-                     "ReadEvents": ReadEvents})]
+                     "ReadEvents": ReadEvents, "GetTaskRunResult": GetTaskRunResult,
+                     "ListTaskWorkers": ListTaskWorkers})]
     for kind, models in kinds:
         for name, model in sorted(models.items()):
             address = f"{namespace}.{kind}.{name}"
