@@ -161,7 +161,8 @@ def events(
     vocabulary: Literal["runledger", "prefect"] = typer.Option(
         "runledger", "--vocabulary",
         help="runledger: the stored envelopes, each with its seq. prefect: the events Prefect emits for "
-             "the same facts (prefect.work-pool.*, prefect.work-queue.*); the filters pick the runledger "
+             "the same facts (prefect.* events: pools, queues, deployments, flows, flow runs, variables, "
+             "concurrency limits..., listed in docs/events.md); the filters pick the runledger "
              "events whose Prefect events are printed, --limit counts printed lines."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new events as they are appended, until Ctrl-C."),
 ) -> None:
