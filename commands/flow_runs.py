@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from . import concurrency_limits as cl
 from . import orchestration_rules, slots
 from . import work_pools as wp
 from .bounds import INT32_MAX, JsonDocument, SizedParameters, StoredText, UtcDatetime
@@ -595,7 +596,8 @@ def waiter_events(before: FlowRun | None, after: FlowRun | None, enqueued: bool,
         added = run.id
     if slots.deployment_lease(after) is not None and run.id in ids:
         ids.remove(run.id)  # it holds a slot now
-    if slots.deployment_lease(before) is not None and slots.deployment_lease(after) is None:
+    freed = any(isinstance(new.event, cl.ConcurrencyLimitSlotReleased) for new in changes)
+    if freed and slots.deployment_lease(after) is None:
         for waiter_id in ids[:slots.WAKE_LOOKAHEAD]:
             if waiter_id not in limits.first_waiters:
                 break  # not loaded: leave it for the next release
@@ -607,10 +609,10 @@ def waiter_events(before: FlowRun | None, after: FlowRun | None, enqueued: bool,
                                message="A slot of the deployment's concurrency limit was freed.",
                                state_details=StateDetails(scheduled_time=ctx.now))
             woke = orchestration_rules.set_flow_run_state(waiter, wake, force=True, ctx=ctx).run
-            freed = slots.limits_after(limits, changes)
-            handed = slots.hand_over(woke, freed, ctx.new_id())
+            after_release = slots.limits_after(limits, changes)
+            handed = slots.hand_over(woke, after_release, ctx.new_id())
             events.append(NewEvent(str(waiter.id), FlowRunStateSet(run=handed)))
-            events += slots.slot_events(waiter, handed, freed)
+            events += slots.slot_events(waiter, handed, after_release)
             woken = waiter_id
             break
         ids = [i for i in ids if i not in dropped and i != woken]

@@ -44,6 +44,8 @@ from .slots import (
     Limits,
     deployment_lease,
     holds_pool_slot,
+    lease_of,
+    new_lease_id,
 )
 from .states import TERMINAL, State, StateCreate, StateDetails, StateType, default_name
 
@@ -252,15 +254,18 @@ def prevent_pending_transitions(c: RuleContext) -> Verdict:
     it; a second worker that finds it PENDING or RUNNING already must not submit it again.
     Cancelled runs are rerun through SCHEDULED (deployments) or RUNNING (ad hoc). Named
     PENDING sub-states (`Submitting`, `InfrastructurePending`) may follow each other, keeping
-    what the first PENDING state recorded."""
+    what the first PENDING state recorded, but not a deployment slot's lease that expired: that
+    slot was given back (perhaps to another run), so carrying its id would count it as taken
+    again without a check; the run holds none until OR-6 decides at its RUNNING."""
     current, proposed = c.current, c.proposed
     if current is None:
         return GO_ON
     if (current.type is StateType.PENDING and current.name != proposed.name
             and proposed.name != "Pending"):
         carried = current.state_details
+        lease = None if c.run.deployment_lease_expired else carried.deployment_concurrency_lease_id
         return go_on(_with_details(proposed, scheduled_time=carried.scheduled_time,
-                                   deployment_concurrency_lease_id=carried.deployment_concurrency_lease_id))
+                                   deployment_concurrency_lease_id=lease))
     return abort(f"This run is in a {current.type.name} state and cannot transition to a PENDING state.")
 
 
@@ -310,7 +315,7 @@ def take_a_deployment_slot_again_after_its_lease_expired(c: RuleContext) -> Verd
     if not c.run.deployment_lease_expired or limit is None or not limits.deployment_limit_applies:
         return GO_ON
     if limit.active_slots < limit.limit:
-        return go_on(_with_details(c.proposed, deployment_concurrency_lease_id=c.new_id()))
+        return go_on(_with_details(c.proposed, deployment_concurrency_lease_id=new_lease_id(limit, c.new_id())))
     return reject("Deployment concurrency limit reached after lease expiry.",
                   StateCreate(type=StateType.CANCELLED, name="Cancelled",
                               message="Deployment concurrency slot lost during provisioning - no slots available "
@@ -324,21 +329,24 @@ def secure_flow_concurrency_slots(c: RuleContext) -> Verdict:
     is recorded on the PENDING state (and carried while the run holds it); when none is free,
     the run waits its turn (ENQUEUE: `AwaitingConcurrencySlot`, tried again later) or is
     cancelled (CANCEL_NEW). A limit of 0 could never be met: the caller is told to stop. A
-    waiter that a release handed its slot holds it already, and keeps its lease."""
+    waiter that a release handed its slot holds it already, and keeps its lease, unless the
+    limit was removed and set again since: that slot is of no limit now, and the run claims
+    one of the new limit like any other."""
     limits = c.limits
     if c.run.deployment_id is None:
         return GO_ON
     if not limits.deployment_found:
         return abort("Deployment not found.")
-    if deployment_lease(c.run) is not None:
-        return GO_ON
     limit = limits.deployment_limit
+    handed = deployment_lease(c.run)
+    if handed is not None and (limit is None or lease_of(limit, handed)):
+        return GO_ON
     if limit is None or not limits.deployment_limit_applies:
         return GO_ON
     if limit.limit == 0:
         return abort("The deployment concurrency limit is 0. The flow will deadlock if submitted again.")
     if limit.active_slots < limit.limit:
-        return go_on(_with_details(c.proposed, deployment_concurrency_lease_id=c.new_id()))
+        return go_on(_with_details(c.proposed, deployment_concurrency_lease_id=new_lease_id(limit, c.new_id())))
     if limits.collision_strategy == "CANCEL_NEW":
         return reject(_DEPLOYMENT_LIMIT_REACHED,
                       StateCreate(type=StateType.CANCELLED, name="Cancelled", message=_DEPLOYMENT_LIMIT_REACHED))
@@ -380,6 +388,26 @@ def ensure_only_scheduled_flows_marked_late(c: RuleContext) -> Verdict:
         return reject("Only scheduled flows can be marked late.")
     if current.name == "Late":
         return reject("This flow run is already marked late.")
+    return GO_ON
+
+
+# FR-7: how long past its time a run still `Scheduled` is late (the clock looks for such runs).
+LATE_AFTER = timedelta(seconds=15)
+
+
+@rule("FR-7", from_states=ALL_STATES, to_states={StateType.SCHEDULED})
+def mark_late_only_runs_still_scheduled_past_their_time(c: RuleContext) -> Verdict:
+    """Prefect's late-runs job marks only runs whose state is named `Scheduled` exactly and
+    that were due `LATE_AFTER` ago; it picks them in the same statement. The clock here picks
+    them from a read model that may lag the log: a run that has since been sent to wait for a
+    slot (renamed, it would lose its place among its limit's waiters), to retry, or
+    rescheduled later is not late, and nothing is written."""
+    current = c.current
+    if current is None or current.name != "Scheduled":
+        return reject("Only runs in a state named Scheduled are marked late.")
+    due = c.run.next_scheduled_start_time
+    if due is None or due > c.now - LATE_AFTER:
+        return reject("This flow run is not late.")
     return GO_ON
 
 
@@ -507,6 +535,7 @@ FORCED_FLOW_POLICY: list[Rule] = [
 # FR-7: what the clock's late marking obeys (Prefect's MarkLateRunsPolicy).
 LATE_RUNS_POLICY: list[Rule] = [
     ensure_only_scheduled_flows_marked_late,
+    mark_late_only_runs_still_scheduled_past_their_time,
     cancel_new_runs_that_fall_due_behind_a_full_deployment,
 ]
 
@@ -648,9 +677,13 @@ def _book(run: FlowRun, proposal: StateCreate, policy: FlowRunPolicy,
         run_count += 1
     if state.type is StateType.RUNNING or state.type in TERMINAL:
         policy = policy.model_copy(update={"resuming": False})
+    # A lease that expired stays so through PENDING's sub-states (OR-5), until OR-6 decides at
+    # RUNNING whether the run takes a slot again; any other state ends it.
+    still_expired = (run.deployment_lease_expired and state.type is StateType.PENDING
+                     and current is not None and current.type is StateType.PENDING)
     return state, run.model_copy(update={**booked_times(run, state), "run_count": run_count,
                                          "empirical_policy": policy, "updated": ctx.now,
-                                         "deployment_lease_expired": False, "pool_slot_reserved": False})
+                                         "deployment_lease_expired": still_expired, "pool_slot_reserved": False})
 
 
 def mint_state(current: State | None, proposal: StateCreate, details: dict[str, Any],

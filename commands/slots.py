@@ -17,7 +17,10 @@ counts are simply never read again (its runs find no pool, so their transitions 
 enters PENDING takes one of its slots and records the lease id in its state's details
 (`deployment_concurrency_lease_id`); the slot is given back when the run leaves PENDING,
 RUNNING and CANCELLING. As in Prefect, only runs that entered PENDING while the limit existed
-hold one.
+hold one. A limit removed and set again keeps its id (`deployments.limit_id`) but is a new
+limit, as Prefect's (a new row, a new id): each lease names the limit it was taken from
+(`new_lease_id`), and a lease of the limit as it was before neither counts in nor gives back
+a slot of the new one (`lease_of`).
 
 The rules that refuse a claim are in `orchestration_rules.py`; this module keeps the counts:
 `Limits` is what those rules read, and `slot_events` is the bookkeeping that follows from
@@ -26,9 +29,11 @@ whatever state is written (like FR-6, it never refuses).
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -273,22 +278,57 @@ def deployment_lease(run: FlowRun | None) -> uuid.UUID | None:
     return run.state.state_details.deployment_concurrency_lease_id
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_LEASE_VERSION = 8  # RFC 9562's version for a layout of one's own
+_LIMIT_BITS = 48  # the lease's first bits: which limit it was taken from
+_RANDOM_BITS = 128 - _LIMIT_BITS
+
+
+def _limit_digest(limit: cl.ConcurrencyLimit) -> int:
+    """The limit's identity across its removal and re-creation: its id (which a deployment's
+    limit keeps) and when it was created (which it does not)."""
+    created = (limit.created - _EPOCH) // timedelta(microseconds=1)
+    digest = hashlib.sha256(limit.id.bytes + created.to_bytes(16, "big", signed=True)).digest()
+    return int.from_bytes(digest[:_LIMIT_BITS // 8], "big")
+
+
+def new_lease_id(limit: cl.ConcurrencyLimit, random_id: uuid.UUID) -> uuid.UUID:
+    """A lease of a slot of `limit` as it is now: the limit's digest, then `random_id`'s bits
+    (a version-8 UUID). A run carries nothing else from its take to its release, so the lease
+    itself says which limit it holds a slot of."""
+    value = (_limit_digest(limit) << _RANDOM_BITS) | (random_id.int & ((1 << _RANDOM_BITS) - 1))
+    value = (value & ~(0xF << 76)) | (_LEASE_VERSION << 76)
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
+    return uuid.UUID(int=value)
+
+
+def lease_of(limit: cl.ConcurrencyLimit, lease: uuid.UUID) -> bool:
+    """Whether `lease` holds a slot of `limit` as it is now, rather than of the limit of the
+    same id that was removed before this one was set. A lease taken before leases named their
+    limit (a random UUID) is taken to be of it, as every lease was then."""
+    if lease.version != _LEASE_VERSION:
+        return True
+    return lease.int >> _RANDOM_BITS == _limit_digest(limit)
+
+
 def holds_handed_slots(run: FlowRun | None) -> bool:
     """A SCHEDULED run that a release handed its deployment's slot (and perhaps its pool's)."""
     return run is not None and run.state_type is StateType.SCHEDULED and deployment_lease(run) is not None
 
 
-def hand_over(woken: FlowRun, limits: Limits, lease_id: uuid.UUID) -> FlowRun:
+def hand_over(woken: FlowRun, limits: Limits, random_id: uuid.UUID) -> FlowRun:
     """The waiter a release woke, holding the slots the release freed, so that its claim
     writes its own state and nothing else: one append, not an atomic batch over the limits'
     aggregates (which costs several times as much on the server). `limits`: as the release
     left them. The deployment's slot is handed over when the limit has room; the queue's and
     pool's when the run's queue is in the pool `limits` holds the counts of and both have
-    room. A run that does not claim it within `limits.handed_slot_seconds` gives it back."""
+    room. A run that does not claim it within `limits.handed_slot_seconds` gives it back.
+    `random_id`: what makes the lease (`new_lease_id`) unique."""
     limit = limits.deployment_limit
     if woken.state is None or limit is None or not limits.deployment_limit_applies or limit.active_slots >= limit.limit:
         return woken
-    details = woken.state.state_details.model_copy(update={"deployment_concurrency_lease_id": lease_id})
+    lease = new_lease_id(limit, random_id)
+    details = woken.state.state_details.model_copy(update={"deployment_concurrency_lease_id": lease})
     in_pool = (limits.pool is not None and limits.slots is not None and woken.work_queue_id is not None
                and woken.work_queue_id in limits.pool.queues and limits.pool_or_queue_full(woken) is None)
     return woken.model_copy(update={"state": woken.state.model_copy(update={"state_details": details}),
@@ -309,7 +349,8 @@ def limits_after(limits: Limits, events: Iterable[NewEvent]) -> Limits:
 
 def slot_events(before: FlowRun | None, after: FlowRun | None, limits: Limits) -> list[NewEvent]:
     """The counts that change when the run goes from `before` to `after` (None: it does not
-    exist on that side: created, or deleted)."""
+    exist on that side: created, or deleted). A lease of a limit removed before the run's
+    deployment's was set again is of no slot of it (`lease_of`): nothing to take or give back."""
     events: list[NewEvent] = []
     slots = limits.slots
     if slots is not None:
@@ -326,11 +367,11 @@ def slot_events(before: FlowRun | None, after: FlowRun | None, limits: Limits) -
     old_lease, new_lease = deployment_lease(before), deployment_lease(after)
     if limit is not None and old_lease != new_lease:
         run_id = (after or before).id  # type: ignore[union-attr]
-        if old_lease is not None:
+        if old_lease is not None and lease_of(limit, old_lease):
             limit = limit.model_copy(update={"active_slots": max(0, limit.active_slots - 1)})
             events.append(NewEvent(str(limit.id), cl.ConcurrencyLimitSlotReleased(
                 limit=limit, flow_run_id=run_id, lease_id=old_lease)))
-        if new_lease is not None:
+        if new_lease is not None and lease_of(limit, new_lease):
             limit = limit.model_copy(update={"active_slots": limit.active_slots + 1})
             events.append(NewEvent(str(limit.id), cl.ConcurrencyLimitSlotTaken(
                 limit=limit, flow_run_id=run_id, lease_id=new_lease)))

@@ -32,6 +32,7 @@ from sqlalchemy import and_, column, func, literal, or_, select
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from runledger.commands.orchestration_rules import LATE_AFTER
 from runledger.commands.schedules import SCHEDULE_DEFAULTS
 from runledger.infra.leases import Lease, stop_if_cancelled
 from runledger.infra.settings import Settings
@@ -39,7 +40,6 @@ from runledger.projections.tables import deployments, flow_runs
 
 log = logging.getLogger("runledger.background")
 
-LATE_AFTER = timedelta(seconds=15)
 LATE_BATCH = 400
 SCHEDULER_BATCH = 100
 

@@ -130,8 +130,10 @@ async def test_fr7_only_the_clocks_late_marking_cancels_behind_a_full_cancel_new
                                      concurrency_options={"collision_strategy": "CANCEL_NEW"})
     holder = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=deployment["id"])
     assert (await set_state(broker, holder["id"], "PENDING"))["orchestration"]["status"] == "ACCEPT"
-    mine, clocks = [await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=deployment["id"])
-                    for _ in range(2)]
+    mine = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=deployment["id"])
+    past = (datetime.now(UTC) - timedelta(seconds=30)).isoformat()  # late by the clock's measure
+    clocks = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=deployment["id"],
+                                 state={"type": "SCHEDULED", "state_details": {"scheduled_time": past}})
     own = await set_state(broker, mine["id"], "SCHEDULED", name="Late")  # a client's own: the core rules
     assert (own["orchestration"]["status"], own["result"]["name"]) == ("ACCEPT", "Late")
     marked = await broker.cmd("MarkFlowRunLate", id=clocks["id"])

@@ -182,6 +182,7 @@ def test_flow_policy_lists_the_core_rules_in_prefects_order() -> None:
     assert [r.name for r in orch.FORCED_FLOW_POLICY] == ["prevent_result_data_loss",
                                                          "bypass_cancelling_flow_runs_with_no_infra"]
     assert [r.name for r in orch.LATE_RUNS_POLICY] == ["ensure_only_scheduled_flows_marked_late",
+                                                       "mark_late_only_runs_still_scheduled_past_their_time",
                                                        "cancel_new_runs_that_fall_due_behind_a_full_deployment"]
     for r in [*orch.FLOW_POLICY, *orch.FORCED_FLOW_POLICY, *orch.LATE_RUNS_POLICY]:
         assert r.doc.strip() and r.from_states and r.to_states

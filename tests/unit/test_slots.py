@@ -485,7 +485,7 @@ def test_a_lost_workers_run_is_crashed_once_and_gives_its_slots_back() -> None:
 
 
 def test_a_cancel_new_run_the_clock_finds_late_behind_a_full_deployment_is_cancelled() -> None:
-    run = a_run(None, deployment=True)
+    run = a_run(None, deployment=True, next_scheduled_start_time=EARLIER)
     cmd = fr.MarkFlowRunLate(id=run.id)
     full = fr.decide_mark_late(cmd, run, ctx(), deployment_limits(1, 1, "CANCEL_NEW"))
     assert full.orchestration.status is Outcome.REJECT
@@ -561,3 +561,109 @@ def test_a_run_whose_lease_expired_takes_a_slot_again_at_running_or_is_cancelled
     forced = set_state(expired, T.RUNNING, deployment_limits(1, 1), force=True)
     assert forced.result.state_details.deployment_concurrency_lease_id is None
     assert not events_of(forced, cl.ConcurrencyLimitSlotReleased) and not events_of(forced, cl.ConcurrencyLimitSlotTaken)
+
+
+def _pending_sub_state(run: fr.FlowRun, name: str, limits: sl.Limits) -> Any:
+    cmd = fr.SetFlowRunState(id=run.id, state=StateCreate(type=T.PENDING, name=name))
+    return fr.decide_set_state(cmd, run, ctx(), limits)
+
+
+def test_a_run_whose_lease_expired_takes_no_slot_through_its_pending_sub_states() -> None:
+    """The expired lease is not carried into `InfrastructurePending` (the slot went to another
+    run): the run holds none, and OR-6 still decides at its RUNNING."""
+    run = a_run(None, T.PENDING, deployment=True, lease=uuid.uuid4())
+    expired = events_of(expire(run, dataclasses.replace(deployment_limits(1, 1), lease_seconds=60)),
+                        fr.FlowRunDeploymentLeaseExpired)[0].run
+    full = deployment_limits(1, 1)  # another run took the slot given back
+    for name in ("Submitting", "InfrastructurePending"):
+        d = _pending_sub_state(expired, name, full)
+        assert d.orchestration.status is Outcome.ACCEPT and d.result.name == name
+        assert d.result.state_details.deployment_concurrency_lease_id is None
+        assert not events_of(d, cl.ConcurrencyLimitSlotTaken) and not events_of(d, cl.ConcurrencyLimitSlotReleased)
+        expired = events_of(d, fr.FlowRunStateSet)[0].run
+        assert expired.deployment_lease_expired and sl.deployment_lease(expired) is None
+    cancelled = set_state(expired, T.RUNNING, full)
+    assert cancelled.orchestration.status is Outcome.REJECT and cancelled.result.type is T.CANCELLED
+    assert not events_of(cancelled, cl.ConcurrencyLimitSlotTaken)
+    started = set_state(expired, T.RUNNING, deployment_limits(1, 0))
+    assert started.orchestration.status is Outcome.ACCEPT
+    assert [e.limit.active_slots for e in events_of(started, cl.ConcurrencyLimitSlotTaken)] == [1]
+    # A run that still holds its lease keeps it through its sub-states, as before.
+    holding = a_run(None, T.PENDING, deployment=True, lease=uuid.uuid4())
+    kept = _pending_sub_state(holding, "InfrastructurePending", full)
+    assert (kept.result.state_details.deployment_concurrency_lease_id
+            == holding.state.state_details.deployment_concurrency_lease_id)
+    assert not events_of(kept, cl.ConcurrencyLimitSlotTaken)
+
+
+# ---------------------------------------------------------------------------------------------
+# A deployment's limit removed and set again: a new limit, which old leases are not of
+
+
+def _taken_under(limit: cl.ConcurrencyLimit) -> fr.FlowRun:
+    """A run that took a slot of `limit` (as it was then) and is RUNNING with it."""
+    d = set_state(a_run(None, deployment=True), T.PENDING, sl.Limits(deployment_limit=limit))
+    pending = events_of(d, fr.FlowRunStateSet)[0].run
+    assert sl.deployment_lease(pending) is not None
+    return events_of(set_state(pending, T.RUNNING, sl.Limits(deployment_limit=limit)), fr.FlowRunStateSet)[0].run
+
+
+def test_a_lease_of_a_removed_limit_gives_back_nothing_of_the_limit_set_again() -> None:
+    old = a_limit(1, 0)
+    again = old.model_copy(update={"created": NOW, "updated": NOW, "active_slots": 1})  # same id, a new limit
+    holder = _taken_under(old)
+    current = _taken_under(again.model_copy(update={"active_slots": 0}))
+    waiter = awaiting()
+    limits = waiting_limits(again, [waiter], [waiter.id])
+    done = set_state(holder, T.COMPLETED, limits)
+    assert done.orchestration.status is Outcome.ACCEPT
+    assert not events_of(done, cl.ConcurrencyLimitSlotReleased) and not events_of(done, cl.ConcurrencyLimitSlotTaken)
+    assert [e.run.id for e in events_of(done, fr.FlowRunStateSet)] == [holder.id]  # nobody woken
+    # A run of the limit as it is now gives its slot back, and wakes the waiter.
+    freed = set_state(current, T.COMPLETED, limits)
+    assert [e.limit.active_slots for e in events_of(freed, cl.ConcurrencyLimitSlotReleased)] == [0]
+    assert waiter.id in [e.run.id for e in events_of(freed, fr.FlowRunStateSet)]
+    # A lease minted before leases named their limit (a random one) still gives its slot back.
+    legacy = set_state(a_run(None, T.RUNNING, deployment=True, lease=uuid.uuid4()), T.COMPLETED, limits)
+    assert [e.limit.active_slots for e in events_of(legacy, cl.ConcurrencyLimitSlotReleased)] == [0]
+
+
+def test_a_waiter_handed_a_slot_of_a_removed_limit_claims_one_of_the_limit_set_again() -> None:
+    old = a_limit(1, 1)
+    pool = a_pool()
+    _, woken = _release_to_a_waiter(pool, 0, old)
+    handed = woken.state.state_details.deployment_concurrency_lease_id
+    again = old.model_copy(update={"created": NOW, "updated": NOW, "active_slots": 1})
+    refused = set_state(woken, T.PENDING, sl.Limits(deployment_limit=again))
+    assert refused.orchestration.status is Outcome.REJECT and refused.result.name == "AwaitingConcurrencySlot"
+    assert not events_of(refused, cl.ConcurrencyLimitSlotReleased) and not events_of(refused, cl.ConcurrencyLimitSlotTaken)
+    claimed = set_state(woken, T.PENDING, sl.Limits(deployment_limit=again.model_copy(update={"active_slots": 0})))
+    assert claimed.orchestration.status is Outcome.ACCEPT
+    lease = claimed.result.state_details.deployment_concurrency_lease_id
+    assert lease not in (None, handed)
+    assert [(e.lease_id, e.limit.active_slots) for e in events_of(claimed, cl.ConcurrencyLimitSlotTaken)] == [(lease, 1)]
+    assert not events_of(claimed, cl.ConcurrencyLimitSlotReleased)
+
+
+# ---------------------------------------------------------------------------------------------
+# The clock marks late only runs still `Scheduled` 15 s past their time (FR-7)
+
+
+def test_the_clock_marks_late_only_a_run_still_scheduled_15_seconds_past_its_time() -> None:
+    def scheduled(at: datetime, name: str = "Scheduled") -> fr.FlowRun:
+        run = a_run(None, deployment=True)
+        state = run.state.model_copy(update={"name": name, "state_details": StateDetails(scheduled_time=at)})
+        return run.model_copy(update={"state": state, "state_name": name, "next_scheduled_start_time": at})
+
+    due = NOW - timedelta(seconds=15)
+    marked = fr.decide_mark_late(fr.MarkFlowRunLate(id=uuid.uuid4()), scheduled(due), ctx(), sl.NO_LIMITS)
+    assert marked.orchestration.status is Outcome.ACCEPT and marked.result.name == "Late"
+    assert marked.result.state_details.scheduled_time == due
+    not_late = [scheduled(NOW - timedelta(seconds=14)), scheduled(NOW + timedelta(minutes=5)),
+                scheduled(EARLIER, "AwaitingRetry"), scheduled(EARLIER, "AwaitingConcurrencySlot"),
+                scheduled(EARLIER, "Late")]
+    for run in not_late:
+        for limits in (sl.NO_LIMITS, deployment_limits(1, 1, "CANCEL_NEW")):
+            d = fr.decide_mark_late(fr.MarkFlowRunLate(id=run.id), run, ctx(), limits)
+            assert d.events == [] and d.result == run.state, (run.state_name, run.next_scheduled_start_time)
+            assert d.orchestration.status is Outcome.REJECT
