@@ -131,8 +131,7 @@ def one_task_worker_at_a_time(c: RuleContext) -> Verdict:
         return go_on()
     delivery = facts.delivery
     if c.proposed.type is not StateType.RUNNING or delivery is None:
-        if holder == facts.claimant or current is None or (holder is None and current.type is not StateType.RUNNING
-                                                           and current.type not in TERMINAL):
+        if holder == facts.claimant or current is None or (holder is None and _unheld_report_allowed(c)):
             return go_on()
         what = f"held by task worker {holder!r}" if holder is not None else f"{current.type.value}"
         return reject(f"Task run is {what}: this task worker no longer holds it.",
@@ -169,6 +168,24 @@ def one_task_worker_at_a_time(c: RuleContext) -> Verdict:
                                   message=f"Cancelled: task worker {holder!r} stopped before it ended the run."),
                       details={"copy": True})
     return reject(f"Task run is {current.type.value}: this delivery is not needed any more.", details={"copy": True})
+
+
+def _unheld_report_allowed(c: RuleContext) -> bool:
+    """The reports a task worker makes on a run nobody holds: its start without a delivery
+    (a message that names no state), the end of a cancel that came while the run waited (its
+    CANCELLED, from CANCELLING), and the queuing of the retry its failure became (a deferred
+    `AwaitingRetry`, from the `AwaitingRetry` not yet queued). Nothing else: an outcome sent
+    again after its run was retried or cancelled would fail or end a run that is not its
+    worker's any more, and a retry queued after a cancel would run a cancelled run again."""
+    current, proposed = c.current, c.proposed
+    assert current is not None
+    if proposed.type is StateType.RUNNING:
+        return current.type is not StateType.RUNNING and current.type not in TERMINAL
+    if proposed.type is StateType.CANCELLED:
+        return current.type is StateType.CANCELLING
+    return (proposed.type is StateType.SCHEDULED and proposed.name == "AwaitingRetry"
+            and bool(proposed.state_details.deferred) and current.type is StateType.SCHEDULED
+            and current.name == "AwaitingRetry" and not current.state_details.deferred)
 
 
 @rule("OR-3", from_states={StateType.CANCELLING}, to_states=TERMINAL_STATES - {StateType.CANCELLED})

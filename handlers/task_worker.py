@@ -9,13 +9,18 @@ it is queued.
 Exactly once in effect: a run is started with `SetTaskRunState(RUNNING)` naming this worker
 and the delivery it came from, and only then run. A copy of a run another worker holds, or
 one that has finished, is not run (the rules refuse it). While a run runs, the worker keeps
-its message from being delivered to another worker (`in_progress` within the ack wait); its
+its message from being delivered to another worker (`in_progress` within the ack wait, sent
+from a thread of its own, `_Pulse`, which an async task blocking the loop does not stop); its
 message is acknowledged only once the outcome is recorded. A worker killed mid-run stops
 doing so: the run is delivered again after the ack wait and the next worker takes it over.
 
 Outcomes: a return value is recorded with COMPLETED (`data = {"type": "json", "value": ...}`);
-an exception with FAILED; a FAILED turned into `AwaitingRetry` by the run's retries is queued
-again on the key's retry side (a deferred `AwaitingRetry` state), after its delay.
+an exception with FAILED, each under an idempotency key naming the attempt, so that a report
+sent again after a lost reply gets the first one's answer; a FAILED turned into
+`AwaitingRetry` by the run's retries is queued again on the key's retry side (a deferred
+`AwaitingRetry` state, which the rules take from this worker only while the run is still in
+that `AwaitingRetry`: not after a cancel), after its delay, and the message is acknowledged
+only once it is queued.
 
 Cancels: the worker listens to its keys' cancel notices (the service's
 `<ns>.taskrun.cancel.<encoded key>.<id>`, one subscription per key), and heeds those of the
@@ -47,9 +52,12 @@ import json
 import logging
 import random
 import socket
+import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -62,6 +70,7 @@ from runledger.commands.bounds import check_json_document
 from runledger.commands.tag_concurrency_limits import EVERY_WAITER
 from runledger.commands.task_keys import decode_task_key, encode_task_key
 from runledger.commands.task_runs import TaskRun
+from runledger.infra.nats_connection import connect
 from runledger.infra.settings import Settings
 from runledger.infra.task_queues import (
     MAX_STORED_RESULT_BYTES,
@@ -100,6 +109,8 @@ NOT_FOUND_GRACE_SECONDS = 5.0
 TAG_WAKE_JITTER_SECONDS = 0.02
 # How long a stopping worker waits for the broker to confirm it sent all it will to a pull inbox.
 DRAIN_SECONDS = 5.0
+# How often the worker's event loop shows its keep-alive thread it is alive (`_Pulse`).
+LOOP_STAMP_SECONDS = 0.5
 
 
 def _pending_after(msg: Msg) -> int | None:
@@ -206,15 +217,131 @@ class _CancelWatch:
             del self._watches[self._run_id]
 
 
-class _KeepAlive:
-    """A message's in-progress acknowledgement every `every` seconds, until `cancel()`."""
+class _Pulse:
+    """Keeps the worker's messages alive from a thread of its own, with its own event loop and
+    its own connection: an in-progress acknowledgement (`+WPI`, what `Msg.in_progress` sends)
+    to the reply subject of each message held (`hold` … `release`, counted: a run's message is
+    held by its call and by a report at once) every `every` seconds. On the worker's loop,
+    those timers would stop while an async task blocks the loop, and after the ack wait its
+    run would be delivered to another worker and run twice.
 
-    def __init__(self, msg: Msg, every: float, beats: set[asyncio.Task]):
+    The thread keeps messages alive only while the worker's loop shows life (`stamp`, every
+    `LOOP_STAMP_SECONDS`): a loop stuck for longer than `stuck_after` seconds loses its runs to
+    other workers, as a dead worker does. A killed process takes the thread with it."""
+
+    def __init__(self, settings: Settings, name: str, every: float, stuck_after: float) -> None:
+        self.settings = settings
+        self.name = name
+        self.every = every
+        self.stuck_after = stuck_after
+        self.beats = 0  # rounds of acknowledgements sent (tests)
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._seen_at = time.monotonic()
+        self._stuck = False
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+
+    async def start(self) -> None:
+        """Starts the thread and waits for its connection (raises what the connect raised)."""
+        ready: Future[None] = Future()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name=self.name, daemon=True)
+        self._thread.start()
+        try:
+            await asyncio.wrap_future(ready)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Stops the thread (its connection closed) and waits for it to end."""
+        self._stopping = True
+        loop, wake, thread = self._loop, self._wake, self._thread
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):  # its loop ended already
+                loop.call_soon_threadsafe(wake.set)
+        if thread is not None:
+            await asyncio.to_thread(thread.join)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and not self._stopping
+
+    def stamp(self) -> None:
+        self._seen_at = time.monotonic()
+
+    def hold(self, subject: str) -> None:
+        with self._lock:
+            self._held[subject] = self._held.get(subject, 0) + 1
+
+    def release(self, subject: str) -> None:
+        with self._lock:
+            left = self._held.get(subject, 0) - 1
+            if left > 0:
+                self._held[subject] = left
+            else:
+                self._held.pop(subject, None)
+
+    def _run(self, ready: Future[None]) -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._serve(ready))
+        finally:
+            loop.close()
+
+    async def _serve(self, ready: Future[None]) -> None:
+        try:
+            nc = await connect(self.settings, name=self.name, check_version=False)
+        except BaseException as e:
+            ready.set_exception(e)
+            return
+        self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
+        ready.set_result(None)
+        try:
+            while not self._stopping:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.every)
+                if not self._stopping:
+                    await self._beat(nc)
+        finally:
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+    async def _beat(self, nc: NATS) -> None:
+        if time.monotonic() - self._seen_at > self.stuck_after:
+            if not self._stuck:
+                log.error("task worker %s: its event loop has shown no life for %.0f s; its runs are no longer "
+                          "kept and will be delivered to other workers", self.name, self.stuck_after)
+                self._stuck = True
+            return
+        self._stuck = False
+        with self._lock:
+            subjects = list(self._held)
+        for subject in subjects:
+            with contextlib.suppress(Exception):
+                await nc.publish(subject, b"+WPI")
+        self.beats += 1
+
+
+class _KeepAlive:
+    """A message kept from being delivered to another worker, until `cancel()`: by the pulse
+    thread when the worker has one (`_Pulse`), else by an in-progress acknowledgement every
+    `every` seconds from the worker's loop."""
+
+    def __init__(self, msg: Msg, every: float, beats: set[asyncio.Task], pulse: _Pulse | None = None):
         self.msg = msg
         self.every = every
         self.beats = beats
         self.loop = asyncio.get_running_loop()
-        self.timer: asyncio.TimerHandle | None = self.loop.call_later(every, self._beat)
+        self.pulse = pulse if pulse is not None and pulse.running and msg.reply else None
+        self.timer: asyncio.TimerHandle | None = None
+        if self.pulse is not None:
+            self.pulse.hold(msg.reply)
+        else:
+            self.timer = self.loop.call_later(every, self._beat)
 
     def _beat(self) -> None:
         beat = asyncio.ensure_future(self._send())
@@ -227,6 +354,9 @@ class _KeepAlive:
             await self.msg.in_progress()
 
     def cancel(self) -> None:
+        if self.pulse is not None:
+            self.pulse.release(self.msg.reply)
+            self.pulse = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -321,6 +451,10 @@ class TaskWorker:
         # was on its way, before its WAIT came back, wakes it as soon as it waits.
         self._freed_at: dict[str, float] = {}
         self._beats: set[asyncio.Task] = set()  # the in-progress acknowledgements being sent
+        # The thread that keeps its messages alive while it works on them (from `start` to
+        # `stop`), and the task by which its loop shows that thread it is alive.
+        self._pulse: _Pulse | None = None
+        self._stamping: asyncio.Task | None = None
         # Its starts and outcomes, sent together when several are made at once.
         self.reports = ReportBatcher(self._command)
 
@@ -357,7 +491,41 @@ class TaskWorker:
         # refuses the subscription (asynchronously): the runs then wait out their WAIT's delay.
         self._tag_sub = await self.nc.subscribe(f"{self.settings.namespace}.taskrun.tagfreed.*",
                                                 cb=self._on_tag_freed)
+        await self._start_pulse()
         await self._heartbeat()
+
+    async def _start_pulse(self) -> None:
+        """Its keep-alive thread, on a connection of its own with the same settings. Where that
+        connection cannot be made (a FastStream app whose broker was given credentials the
+        settings lack), its loop keeps its messages alive, as before, and says so."""
+        pulse = _Pulse(self.settings, f"{self.worker_id}-keepalive", self._keep_alive_every(),
+                       self.settings.task_worker_stuck_loop_seconds)
+        try:
+            await pulse.start()
+        except Exception as e:
+            log.warning("task worker %s could not open its keep-alive connection (%s: %s): its event loop keeps "
+                        "its runs alive, and an async task that blocks that loop longer than the ack wait "
+                        "(%g s) may run twice", self.worker_id, type(e).__name__, e,
+                        self.settings.task_ack_wait_seconds)
+            return
+        self._pulse = pulse
+        self._stamping = asyncio.create_task(self._stamp_loop())
+
+    async def _stamp_loop(self) -> None:
+        pulse = self._pulse
+        while pulse is not None:
+            pulse.stamp()
+            await asyncio.sleep(LOOP_STAMP_SECONDS)
+
+    async def _stop_pulse(self) -> None:
+        stamping, self._stamping = self._stamping, None
+        if stamping is not None:
+            stamping.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await stamping
+        pulse, self._pulse = self._pulse, None
+        if pulse is not None:
+            await pulse.stop()
 
     async def _on_cancel_notice(self, msg: Msg) -> None:
         watch = self._watches.get(msg.subject.rsplit(".", 1)[-1])
@@ -369,16 +537,19 @@ class TaskWorker:
         taking = asyncio.create_task(self._take_loop())
         beating = asyncio.create_task(self._heartbeats())
         try:
-            await stop.wait()
+            try:
+                await stop.wait()
+            finally:
+                self._taking = False
+                for task in (taking, beating):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+            await self.stop()
+            with contextlib.suppress(Exception):
+                await forget_task_worker(self.js, self.settings, self.worker_id)
         finally:
-            self._taking = False
-            for task in (taking, beating):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        await self.stop()
-        with contextlib.suppress(Exception):
-            await forget_task_worker(self.js, self.settings, self.worker_id)
+            await self._stop_pulse()  # cancelled too: nothing it held is kept alive any more
 
     async def _heartbeats(self) -> None:
         """Says it is here, with its keys, so that task workers can be listed (`ListTaskWorkers`)."""
@@ -419,6 +590,7 @@ class TaskWorker:
                 continue
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+        await self._stop_pulse()
 
     async def _drain_pulls(self) -> None:
         """Unsubscribes the pull inboxes once the server has sent all it will send there (a
@@ -788,8 +960,9 @@ class TaskWorker:
         self.started += 1
         function = self.functions[source.task_key]
         keep_alive = self._keep_alive(msg)
+        running_id = (reply.get("result") or {}).get("id")  # the RUNNING state this attempt runs in
         try:
-            call = asyncio.create_task(self._call(function, run, str((reply.get("result") or {}).get("id") or run.id)))
+            call = asyncio.create_task(self._call(function, run, str(running_id or run.id)))
             call.add_done_callback(_retrieve)
             try:
                 await asyncio.wait({call, watch.heard}, return_when=asyncio.FIRST_COMPLETED)
@@ -806,14 +979,13 @@ class TaskWorker:
                 outcome["state_details"] = {**outcome.get("state_details", {}), "cache_key": run.cache_key,
                                             "cache_expiration": run.cache_expiration.isoformat()
                                             if run.cache_expiration is not None else None}
-            reply = await self._report({"id": str(run.id), "state": outcome, "task_worker_id": self.worker_id}, msg)
+            reply = await self._report(self._outcome_report(run, running_id, outcome), msg)
             if reply is not None and not reply.get("ok") and reply["error"].get("code") == "invalid":
                 # The outcome itself cannot be recorded (a value the log cannot store): say so.
                 problem = {"type": "FAILED", "state_details": {"retriable": False},
                            "message": storable_text(f"The task's outcome could not be recorded: "
                                                     f"{reply['error'].get('message')}")[:10_000]}
-                reply = await self._report({"id": str(run.id), "state": problem, "task_worker_id": self.worker_id},
-                                           msg)
+                reply = await self._report(self._outcome_report(run, running_id, problem, "unrecordable"), msg)
             if reply is None:
                 return
             if reply.get("ok") and reply["orchestration"]["status"] == "REJECT":
@@ -823,8 +995,10 @@ class TaskWorker:
                     # Taken over (this worker was presumed dead): the message is the new holder's
                     # now, and an acknowledgement would remove it under that holder.
                     return
-                if written.get("name") == "AwaitingRetry":
-                    await self._queue_retry(run, written, msg)
+                if written.get("name") == "AwaitingRetry" and not await self._queue_retry(run, written, msg):
+                    # Not queued: the message is left for its redelivery, which starts the retry
+                    # (an AwaitingRetry not queued is no recovery sweep's to requeue).
+                    return
             self.finished += 1
             await msg.ack()
         finally:
@@ -887,21 +1061,39 @@ class TaskWorker:
             return {"type": "FAILED", "message": storable_text(f"{type(e).__name__}: {e}")[:10_000],
                     "data": failure_data(e)}
 
-    async def _queue_retry(self, run: TaskRun, retry: dict[str, Any], msg: Msg) -> None:
+    def _outcome_report(self, run: TaskRun, running_id: str | None, state: dict[str, Any],
+                        what: str = "outcome") -> dict[str, Any]:
+        """The report of how the attempt that runs in the RUNNING state `running_id` ended. Its
+        idempotency key names that attempt: sent again after a lost reply (a reconnect, a
+        timeout, a bulk request that got no answer), it is answered as the first one was (a
+        failure turned into `AwaitingRetry` stays a retry), never decided again against the
+        state the first one wrote."""
+        body: dict[str, Any] = {"id": str(run.id), "state": state, "task_worker_id": self.worker_id}
+        if running_id is not None:
+            body["idempotency_key"] = f"{what}:{run.id}:{running_id}"
+        return body
+
+    async def _queue_retry(self, run: TaskRun, retry: dict[str, Any], msg: Msg) -> bool:
         """The run's retries turned its failure into `AwaitingRetry`: that state, deferred, puts
-        it on the key's retry side, due after its delay. Sent with an idempotency key, so that a
-        resend after a lost reply queues it once."""
+        it on the key's retry side, due after its delay. Sent as this worker's (`task_worker_id`),
+        which the rules accept only from the `AwaitingRetry` not yet queued: a run cancelled
+        meanwhile stays cancelled. Sent with an idempotency key, so that a resend after a lost
+        reply queues it once. False when the report never got through."""
         details = retry.get("state_details") or {}
         state = {"type": "SCHEDULED", "name": "AwaitingRetry", "message": retry.get("message"),
                  "state_details": {"deferred": True, "scheduled_time": details.get("scheduled_time"), **_refresh(run)}}
-        await self._report({"id": str(run.id), "state": state, "idempotency_key": f"retry:{run.id}:{retry.get('id')}"},
-                           msg)
+        reply = await self._report({"id": str(run.id), "state": state, "task_worker_id": self.worker_id,
+                                    "idempotency_key": f"retry:{run.id}:{retry.get('id')}"}, msg)
+        return reply is not None
 
     def _keep_alive(self, msg: Msg) -> _KeepAlive:
         """Tells JetStream the run is still being worked on, every third of the ack wait, until
-        cancelled. A timer rather than a task: most runs and reports end before the first beat,
-        and then cost one timer."""
-        return _KeepAlive(msg, max(0.2, self.settings.task_ack_wait_seconds / 3), self._beats)
+        cancelled: from the keep-alive thread (`_Pulse`), which an async task blocking the
+        loop does not stop; without one, from a timer on the loop."""
+        return _KeepAlive(msg, self._keep_alive_every(), self._beats, self._pulse)
+
+    def _keep_alive_every(self) -> float:
+        return max(0.2, self.settings.task_ack_wait_seconds / 3)
 
     async def _report(self, body: dict[str, Any], msg: Msg) -> dict[str, Any] | None:
         """A `SetTaskRunState`, tried again while the service or the broker is away (the run's

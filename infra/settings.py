@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     task_queue_sizes: dict[str, Annotated[int, Field(ge=1, le=10_000_000)]] = {}
     task_retry_queue_sizes: dict[str, Annotated[int, Field(ge=1, le=10_000_000)]] = {}
     task_ack_wait_seconds: float = Field(default=3.0, ge=0.5, le=3600)
+    # A task worker keeps its runs' messages alive from a thread of its own, so an async task
+    # that blocks the worker's event loop does not lose its run to another worker; it stops
+    # doing so once the loop has shown no life for this long (stuck for good: its runs go to
+    # other workers).
+    task_worker_stuck_loop_seconds: float = Field(default=300.0, ge=1, le=86_400)
     # Task workers bound to task keys (JSON: {"name": ["key", ...]}): each name is a broker user
     # of its own, `task_worker_<name>`, that may take and report on the runs of those keys only
     # (infra/broker_auth.py). The broker configuration and the service must be given the same.

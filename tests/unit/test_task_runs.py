@@ -651,3 +651,34 @@ def test_a_cancelling_run_whose_worker_died_is_cancelled_by_the_redelivery_of_it
     for copy in (start(cancelling, "w2", attempt=2, message="TASKS:9"), start(cancelling, "w2", attempt=1),
                  start(cancelling, "w2", attempt=2, facts=rules.TaskFacts(takeover_allowed=False))):
         assert copy.orchestration.status is Outcome.REJECT and copy.events == []
+
+
+# ---------------------------------------------------------------------------------------------
+# A worker's reports after a failure that is retried
+
+
+def test_a_worker_failure_report_again_after_its_retry_does_not_end_the_run():
+    """The worker's FAILED, answered `AwaitingRetry`, sent again (its reply was lost): the run
+    is not its worker's any more and is not failed by it."""
+    run = a_run(empirical_policy={"retries": 1})
+    running = then(run, start(run))
+    waiting = then(running, propose(running, StateCreate(type=T.FAILED), worker="w1"))
+    assert waiting.state_name == "AwaitingRetry" and waiting.task_worker_id is None
+    again = propose(waiting, StateCreate(type=T.FAILED), worker="w1")
+    assert again.orchestration.status is Outcome.REJECT and again.events == []
+    assert propose(waiting, StateCreate(type=T.COMPLETED), worker="w1").events == []
+
+
+def test_a_worker_queues_the_retry_its_failure_became_but_not_one_cancelled_meanwhile():
+    run = a_run(empirical_policy={"retries": 1})
+    running = then(run, start(run))
+    waiting = then(running, propose(running, StateCreate(type=T.FAILED), worker="w1"))
+    queued = propose(waiting, deferred("AwaitingRetry", NOW), worker="w1")
+    assert queued.orchestration.status is Outcome.ACCEPT and [q.side for q in queued.queue] == ["retry"]
+    # Queued once: the same proposal again (no reply came back, and no record) queues nothing more.
+    requeued = then(waiting, queued)
+    assert propose(requeued, deferred("AwaitingRetry", NOW), worker="w1").events == []
+    # Cancelled before the worker queued it: it stays cancelled, never runs again.
+    cancelled = then(waiting, propose(waiting, StateCreate(type=T.CANCELLED)))
+    refused = propose(cancelled, deferred("AwaitingRetry", NOW), worker="w1")
+    assert refused.orchestration.status is Outcome.REJECT and refused.events == [] and refused.queue == []
