@@ -37,7 +37,9 @@ WORKERS = 4
 async def test_service_restart_and_broker_kill_lose_nothing_and_run_nothing_twice(settings, tmp_path):
     nats = RestartableNats(tmp_path / "nats")
     nats.start()
-    settings = settings.model_copy(update={"nats_url": nats.url})
+    # Room for every run at once: a loaded machine's workers may fall behind the submitter, and
+    # a full key (its bound is tested elsewhere) would refuse runs this test counts on.
+    settings = settings.model_copy(update={"nats_url": nats.url, "task_queue_size": TASKS})
     roles = frozenset({"commands", "queries", "projections", "task_recovery"})
     service = Service(settings, roles=roles)
     seen: collections.Counter[int] = collections.Counter()
