@@ -15,8 +15,9 @@ message is acknowledged only once the outcome is recorded. A worker killed mid-r
 doing so: the run is delivered again after the ack wait and the next worker takes it over.
 
 Outcomes: a return value is recorded with COMPLETED (`data = {"type": "json", "value": ...}`);
-an exception with FAILED, each under an idempotency key naming the attempt, so that a report
-sent again after a lost reply gets the first one's answer; a FAILED turned into
+an exception with FAILED. Sent again after a lost reply, such a report is refused (the run is
+no longer this worker's), and the refusal's state is what the first one wrote: a failure
+turned into `AwaitingRetry` is still queued. A FAILED turned into
 `AwaitingRetry` by the run's retries is queued again on the key's retry side (a deferred
 `AwaitingRetry` state, which the rules take from this worker only while the run is still in
 that `AwaitingRetry`: not after a cancel), after its delay, and the message is acknowledged
@@ -217,6 +218,13 @@ class _CancelWatch:
             del self._watches[self._run_id]
 
 
+def _server_identity(nc: NATS) -> str | None:
+    """The cluster a connection reached, or its server when it is alone: the keep-alive
+    connection must reach the broker the worker's messages came from."""
+    info = getattr(nc, "_server_info", None) or {}
+    return info.get("cluster") or info.get("server_id")
+
+
 class _Pulse:
     """Keeps the worker's messages alive from a thread of its own, with its own event loop and
     its own connection: an in-progress acknowledgement (`+WPI`, what `Msg.in_progress` sends)
@@ -235,6 +243,7 @@ class _Pulse:
         self.every = every
         self.stuck_after = stuck_after
         self.beats = 0  # rounds of acknowledgements sent (tests)
+        self.server: str | None = None  # the NATS server (or cluster) its connection reached
         self._held: dict[str, int] = {}
         self._lock = threading.Lock()
         self._seen_at = time.monotonic()
@@ -296,11 +305,15 @@ class _Pulse:
         try:
             nc = await connect(self.settings, name=self.name, check_version=False)
         except BaseException as e:
-            ready.set_exception(e)
+            if not ready.cancelled():
+                ready.set_exception(e)
             return
         self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
-        ready.set_result(None)
+        self.server = _server_identity(nc)
         try:
+            if ready.cancelled():  # its start was given up while it connected
+                return
+            ready.set_result(None)
             while not self._stopping:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.every)
@@ -492,7 +505,11 @@ class TaskWorker:
         self._tag_sub = await self.nc.subscribe(f"{self.settings.namespace}.taskrun.tagfreed.*",
                                                 cb=self._on_tag_freed)
         await self._start_pulse()
-        await self._heartbeat()
+        try:
+            await self._heartbeat()
+        except BaseException:
+            await self._stop_pulse()  # a start given up leaves no thread nor connection behind
+            raise
 
     async def _start_pulse(self) -> None:
         """Its keep-alive thread, on a connection of its own with the same settings. Where that
@@ -502,6 +519,10 @@ class TaskWorker:
                        self.settings.task_worker_stuck_loop_seconds)
         try:
             await pulse.start()
+            if pulse.server != _server_identity(self.nc):
+                await pulse.stop()
+                raise ConnectionError(f"its settings reach {pulse.server!r}, the worker's connection "
+                                      f"{_server_identity(self.nc)!r}")
         except Exception as e:
             log.warning("task worker %s could not open its keep-alive connection (%s: %s): its event loop keeps "
                         "its runs alive, and an async task that blocks that loop longer than the ack wait "
@@ -663,7 +684,7 @@ class TaskWorker:
             now = loop.time()
             if now >= keep_alive_at:
                 await self._keep_held_alive()
-                keep_alive_at = now + max(0.2, self.settings.task_ack_wait_seconds / 3)
+                keep_alive_at = now + self._keep_alive_every()
             if not (self.limit - len(self._running) > 0 and (self._first_held() < len(self.sources) or self._woken)):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
@@ -979,13 +1000,14 @@ class TaskWorker:
                 outcome["state_details"] = {**outcome.get("state_details", {}), "cache_key": run.cache_key,
                                             "cache_expiration": run.cache_expiration.isoformat()
                                             if run.cache_expiration is not None else None}
-            reply = await self._report(self._outcome_report(run, running_id, outcome), msg)
+            reply = await self._report({"id": str(run.id), "state": outcome, "task_worker_id": self.worker_id}, msg)
             if reply is not None and not reply.get("ok") and reply["error"].get("code") == "invalid":
                 # The outcome itself cannot be recorded (a value the log cannot store): say so.
                 problem = {"type": "FAILED", "state_details": {"retriable": False},
                            "message": storable_text(f"The task's outcome could not be recorded: "
                                                     f"{reply['error'].get('message')}")[:10_000]}
-                reply = await self._report(self._outcome_report(run, running_id, problem, "unrecordable"), msg)
+                reply = await self._report({"id": str(run.id), "state": problem, "task_worker_id": self.worker_id},
+                                           msg)
             if reply is None:
                 return
             if reply.get("ok") and reply["orchestration"]["status"] == "REJECT":
@@ -1061,30 +1083,18 @@ class TaskWorker:
             return {"type": "FAILED", "message": storable_text(f"{type(e).__name__}: {e}")[:10_000],
                     "data": failure_data(e)}
 
-    def _outcome_report(self, run: TaskRun, running_id: str | None, state: dict[str, Any],
-                        what: str = "outcome") -> dict[str, Any]:
-        """The report of how the attempt that runs in the RUNNING state `running_id` ended. Its
-        idempotency key names that attempt: sent again after a lost reply (a reconnect, a
-        timeout, a bulk request that got no answer), it is answered as the first one was (a
-        failure turned into `AwaitingRetry` stays a retry), never decided again against the
-        state the first one wrote."""
-        body: dict[str, Any] = {"id": str(run.id), "state": state, "task_worker_id": self.worker_id}
-        if running_id is not None:
-            body["idempotency_key"] = f"{what}:{run.id}:{running_id}"
-        return body
-
     async def _queue_retry(self, run: TaskRun, retry: dict[str, Any], msg: Msg) -> bool:
         """The run's retries turned its failure into `AwaitingRetry`: that state, deferred, puts
         it on the key's retry side, due after its delay. Sent as this worker's (`task_worker_id`),
         which the rules accept only from the `AwaitingRetry` not yet queued: a run cancelled
         meanwhile stays cancelled. Sent with an idempotency key, so that a resend after a lost
-        reply queues it once. False when the report never got through."""
+        reply queues it once. False when the report never got through or was answered an error."""
         details = retry.get("state_details") or {}
         state = {"type": "SCHEDULED", "name": "AwaitingRetry", "message": retry.get("message"),
                  "state_details": {"deferred": True, "scheduled_time": details.get("scheduled_time"), **_refresh(run)}}
         reply = await self._report({"id": str(run.id), "state": state, "task_worker_id": self.worker_id,
                                     "idempotency_key": f"retry:{run.id}:{retry.get('id')}"}, msg)
-        return reply is not None
+        return reply is not None and bool(reply.get("ok"))
 
     def _keep_alive(self, msg: Msg) -> _KeepAlive:
         """Tells JetStream the run is still being worked on, every third of the ack wait, until

@@ -192,7 +192,7 @@ async def test_a_full_key_refuses_the_submitter_and_keeps_what_is_queued(service
         assert sorted(seen) == [0, 1, 2, 4]
 
 
-async def test_a_worker_that_dies_mid_run_loses_it_to_another_within_5_seconds(client, service, settings):
+async def test_a_worker_that_dies_mid_run_loses_it_to_another_soon_after_the_ack_wait(client, service, settings):
     service.connected_at -= 60  # a service up for a while (just after a connect, takeovers wait)
     started = asyncio.Event()
     runs: list[str] = []

@@ -79,9 +79,11 @@ async def test_a_failure_report_sent_again_after_its_reply_was_lost_still_retrie
         run = await submit_task(client, "flaky", retries=1, retry_delay=0)
         done = await wait_for_task_run(client, run.id, timeout=20)
     assert task_result(done) == "ok" and calls == ["called", "called"]
-    # The report sent again is answered as the first one was, nothing written again.
-    assert [r.get("repeat", False) for r in replies] == [False, True]
+    # The report sent again is refused (the run is no longer the worker's), nothing written
+    # again, with the state the first one wrote: the retry is queued all the same.
+    assert [r["orchestration"]["status"] for r in replies] == ["REJECT", "REJECT"]
     assert replies[0]["result"]["name"] == replies[1]["result"]["name"] == "AwaitingRetry"
+    assert replies[0]["result"]["id"] == replies[1]["result"]["id"]
     assert await state_names(client, run.id, "type") == ["SCHEDULED", "RUNNING", "SCHEDULED", "SCHEDULED",
                                                          "RUNNING", "COMPLETED"]
 
