@@ -356,7 +356,13 @@ async def faults(urls: dict, workers_count: int, tasks: int = 1000, work: float 
 
 
 async def worker_kill(client: RunledgerClient, settings: Settings, out: Path) -> list[tuple]:
-    """One worker takes a long task and is killed; a second, already serving, takes it over."""
+    """One worker takes a long task and is killed; a second, already serving, takes it over.
+    Measured once the service has been connected for longer than its takeover grace: right after
+    it (re)connects, it holds takeovers back for that long (a broker restart brings every
+    worker's messages back at once, while their workers still hold them)."""
+    from runledger.commands.task_run_rules import TAKEOVER_GRACE_SECONDS
+
+    await asyncio.sleep(TAKEOVER_GRACE_SECONDS)
     moved = []
     for attempt in range(3):
         sub = out / f"kill{attempt}"
