@@ -38,7 +38,14 @@ def register_upcaster(event_type: str, from_version: int):
 
 
 class UnknownEvent(Exception):
-    """An event type (or version) this reader does not know: recorded and skipped, never fatal."""
+    """An event this reader cannot read: one a projection records and skips."""
+
+
+class NewerThanReader(UnknownEvent):
+    """An event type, or a version of one, that this reader does not know yet: written by a
+    newer runledger (during a rolling upgrade; no event type was ever removed). A projection
+    waits at it, rather than skipping it, until it runs the version that reads it: skipped,
+    it would be missing from the read model for good."""
 
 
 class EventEnvelope(BaseModel):
@@ -101,10 +108,10 @@ def upcast_payload(event_type: str, schema_version: int, payload: dict[str, Any]
     """A payload in its current version's shape, upcast step by step from an older one."""
     cls = EVENT_TYPES.get(event_type)
     if cls is None:
-        raise UnknownEvent(f"unknown event type {event_type!r}")
+        raise NewerThanReader(f"unknown event type {event_type!r}")
     version = schema_version
     if version > cls.schema_version:
-        raise UnknownEvent(f"{event_type} v{version} is newer than this reader (v{cls.schema_version})")
+        raise NewerThanReader(f"{event_type} v{version} is newer than this reader (v{cls.schema_version})")
     while version < cls.schema_version:
         step = UPCASTERS.get((event_type, version))
         if step is None:

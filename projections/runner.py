@@ -85,7 +85,13 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from runledger.commands.events import EVENT_TYPES, UnknownEvent, decode_event, upcast_payload
+from runledger.commands.events import (
+    EVENT_TYPES,
+    NewerThanReader,
+    UnknownEvent,
+    decode_event,
+    upcast_payload,
+)
 from runledger.commands.messages import Event
 from runledger.infra.database import DatabaseUnavailable, DriverConnections, asyncpg_connection
 from runledger.infra.leases import DEFAULT_TTL_SECONDS, Lease, stop_if_cancelled
@@ -228,7 +234,8 @@ def concerns(projector: Projector, raw: RawEvent) -> bool:
 def decode_batch(projector: Projector, fresh: Sequence[RawEvent],
                  now: datetime) -> tuple[list[tuple[str, str, Event | dict]], list[dict]]:
     """The events of `fresh` that `projector` handles, as it reads them, and the rows of
-    `skipped_events` for those it cannot read."""
+    `skipped_events` for those it can never read. One written by a newer runledger
+    (`NewerThanReader`) raises: the projection stalls there until it runs that version."""
     decoded: list[tuple[str, str, Event | dict]] = []
     skipped: list[dict] = []
     raw_payloads = getattr(projector, "raw_payloads", False)
@@ -240,7 +247,7 @@ def decode_batch(projector: Projector, fresh: Sequence[RawEvent],
             event_type = envelope["type"]
             if event_type not in projector.handles:
                 if event_type not in EVENT_TYPES:
-                    raise UnknownEvent(f"unknown event type {event_type!r}")
+                    raise NewerThanReader(f"unknown event type {event_type!r}")
                 continue
             event: Event | dict
             if raw_payloads:
@@ -248,6 +255,8 @@ def decode_batch(projector: Projector, fresh: Sequence[RawEvent],
             else:
                 event = decode_event(event_type, envelope["schema_version"], envelope["payload"])
             decoded.append((envelope["aggregate_id"], event_type, event))
+        except NewerThanReader:
+            raise
         except (UnknownEvent, ValidationError, ValueError, KeyError, TypeError) as e:
             skipped.append({"projection": projector.name, "seq": raw.seq, "subject": raw.subject,
                             "reason": _clean(f"{type(e).__name__}: {e}")[:2000], "recorded": now})

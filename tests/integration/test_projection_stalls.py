@@ -195,3 +195,60 @@ async def test_status_verify_and_replay_report_a_stalled_projection(writer, sett
         engine = create_engine(settings, schema=f"{settings.namespace}_replay")
         await drop_schema(engine, f"{settings.namespace}_replay")
         await engine.dispose()
+
+
+async def test_an_event_written_by_a_newer_version_holds_the_projection_until_it_reads_that_version(
+        writer, settings, monkeypatch):
+    """A rolling upgrade: a newer command process writes `WorkPoolUpdated` at a version this
+    projector does not know yet. Skipped, the update would be missing from the read model for
+    good; the projection waits there instead, reported, and applies it (and what follows) once
+    it runs the version that reads it."""
+    from runledger.commands import events as ev
+    from runledger.commands.work_pools import WorkPoolUpdated
+
+    svc, broker = writer
+    pool = await broker.ok_cmd("CreateWorkPool", name="rolling")
+    await broker.ok_cmd("UpdateWorkPool", name="rolling", description="v-current")
+    update = [e for e in await broker.pool_events(pool["id"]) if e["type"] == "WorkPoolUpdated"][-1]
+    newer = copy.deepcopy(update)
+    newer["id"] = str(uuid.uuid4())
+    newer["schema_version"] = WorkPoolUpdated.schema_version + 1
+    newer["payload"]["pool"]["description"] = "written-by-newer"
+    subject = f"{settings.event_subject_prefix}.work_pool.{pool['id']}.WorkPoolUpdated"
+    newer_seq = (await broker.nc.jetstream().publish(subject, json.dumps(newer).encode())).seq
+    await broker.ok_cmd("CreateWorkPool", name="later")
+    last = broker.last_seq
+
+    async def description() -> str:
+        async with svc.engine.connect() as conn:
+            return (await conn.execute(text("SELECT description FROM work_pools WHERE name = 'rolling'"))).scalar_one()
+
+    old = ProjectionRunner(broker.nc, settings, svc.engine, [WorkPoolsProjector()], stall_retry_seconds=0.3)
+    await old.start()
+    try:
+        await _until(lambda: asyncio.sleep(0, "work_pools" in old.failures))
+        failure = old.failures["work_pools"]
+        assert (failure.seq, failure.event_type) == (newer_seq, "WorkPoolUpdated")
+        assert "newer than this reader" in failure.error
+        async with svc.engine.connect() as conn:
+            assert await read_checkpoint(conn, "work_pools") == newer_seq - 1
+            skipped = (await conn.execute(text("SELECT seq FROM skipped_events"))).all()
+        assert skipped == [] and await description() == "v-current"
+    finally:
+        await old.stop()
+
+    # The upgraded process reads the new version (here: the same shape, one version up).
+    monkeypatch.setattr(WorkPoolUpdated, "schema_version", WorkPoolUpdated.schema_version + 1)
+    monkeypatch.setitem(ev.UPCASTERS, ("WorkPoolUpdated", WorkPoolUpdated.schema_version - 1), lambda p: p)
+    upgraded = ProjectionRunner(broker.nc, settings, svc.engine, [WorkPoolsProjector()], stall_retry_seconds=0.3)
+    await upgraded.start()
+    try:
+        async def caught_up():
+            async with svc.engine.connect() as conn:
+                return await read_checkpoint(conn, "work_pools") == last
+        await _until(caught_up)
+        assert await description() == "written-by-newer"
+        assert await _pool_names(svc) == ["later", "rolling"]
+        assert await _failures(svc) == []
+    finally:
+        await upgraded.stop()

@@ -13,7 +13,12 @@ import pytest
 from runledger.commands import deployments as dp
 from runledger.commands import events
 from runledger.commands import task_runs as tr
-from runledger.commands.events import EventEnvelope, UnknownEvent, decode_event, encode_event
+from runledger.commands.events import (
+    EventEnvelope,
+    NewerThanReader,
+    decode_event,
+    encode_event,
+)
 from runledger.commands.messages import DecisionContext, Event
 from runledger.commands.states import State, StateDetails, StateType
 from runledger.commands.unique_keys import UniqueKeyClaim
@@ -50,15 +55,16 @@ def test_an_old_version_is_upcast_to_the_current_model():
     assert envelope.decode() == _Renamed(label="c", size=0)
 
 
-def test_unknown_types_and_newer_versions_are_refused():
-    with pytest.raises(UnknownEvent, match="unknown event type"):
+def test_unknown_types_and_newer_versions_are_refused_as_written_by_a_newer_version():
+    with pytest.raises(NewerThanReader, match="unknown event type"):
         decode_event("NoSuchEvent", 1, {})
-    with pytest.raises(UnknownEvent, match="newer than this reader"):
+    with pytest.raises(NewerThanReader, match="newer than this reader"):
         decode_event("TestRenamed", 4, {})
 
 
 # Events that gained a field are a new version: an older reader then refuses them as newer
-# (UnknownEvent, skipped) instead of failing on a field it does not know (events forbid extra).
+# (NewerThanReader: its projections wait there) instead of failing on a field it does not
+# know (events forbid extra).
 
 def _deployment_updated() -> tuple[dp.Deployment, dp.DeploymentUpdated]:
     made = dp.decide_create_deployment(
@@ -119,5 +125,5 @@ def test_events_with_a_new_field_are_written_at_v2_and_refused_cleanly_by_a_v1_r
     assert encoded["schema_version"] == 2
     assert decode_event(event.event_type, 2, encoded["payload"]) == event
     monkeypatch.setattr(type(event), "schema_version", 1)  # a reader from before the field
-    with pytest.raises(UnknownEvent, match="newer than this reader"):
+    with pytest.raises(NewerThanReader, match="newer than this reader"):
         decode_event(event.event_type, 2, encoded["payload"])
