@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal
 
 import typer
@@ -28,7 +28,9 @@ from runledger.infra.nats_connection import BrokerUnavailable, connect
 from runledger.infra.settings import Settings, load_settings
 from runledger.projections.replay import (
     ReplayStopped,
+    SchemaNotMadeByReplay,
     compare,
+    default_schema,
     iter_log,
     replay,
     snapshot,
@@ -37,6 +39,7 @@ from runledger.projections.replay import (
 from runledger.projections.runner import read_failures
 
 from .main import app
+from .output import EXIT_INVALID
 from .status import EXIT_STALLED, stalled_line
 
 console = Console(stderr=True, soft_wrap=True)
@@ -50,6 +53,12 @@ def _projectors():
     return projectors()
 
 
+def _aware(moment: datetime | None) -> datetime | None:
+    """A moment as typed (typer parses it without a zone) read as UTC, as the help says: the
+    log's times carry their zone, and a naive one cannot be compared with them."""
+    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
+
+
 def _run(coro):
     try:
         return asyncio.run(coro)
@@ -59,6 +68,9 @@ def _run(coro):
     except ReplayStopped as e:  # an event a projection cannot apply: one line, not a traceback
         console.print(f"[red]Error (stalled):[/red] {escape(str(e))}")
         raise typer.Exit(EXIT_STALLED) from None
+    except SchemaNotMadeByReplay as e:
+        console.print(f"[red]Error (invalid):[/red] {escape(str(e))}")
+        raise typer.Exit(EXIT_INVALID) from None
 
 
 async def _rebuild(settings: Settings, schema: str, until_seq: int | None, as_of: datetime | None, quiet: bool,
@@ -81,22 +93,23 @@ async def _rebuild(settings: Settings, schema: str, until_seq: int | None, as_of
 
 @app.command("replay")
 def replay_command(
-    schema: str = typer.Option(None, help="Schema to rebuild into (default: <namespace>_replay). Dropped first."),
+    schema: str = typer.Option(None, help="Schema to rebuild into (default: <namespace>_replay): a new or empty "
+                                             "one, or one replay made, which is dropped first."),
     until_seq: int = typer.Option(None, help="Stop after this stream sequence."),
     as_of: datetime = typer.Option(None, help="Stop at events that occurred after this moment (UTC)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Rebuild every read model from the event log into a fresh schema."""
     settings = load_settings(role="analyst")
-    target = schema or f"{settings.namespace}_replay"
+    target = schema or default_schema(settings)
     if target == settings.db_schema:
         console.print("[red]Error (invalid):[/red] refusing to replay into the live schema")
-        raise typer.Exit(5)
+        raise typer.Exit(EXIT_INVALID)
     # Decoding allocates many short-lived dicts; the cyclic collector's default (gen 0 every
     # 700 allocations) then scans the whole heap often. Nothing here builds cycles to collect.
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
-    result = _run(_rebuild(settings, target, until_seq, as_of, quiet))
+    result = _run(_rebuild(settings, target, until_seq, _aware(as_of), quiet))
     rate = result.events / result.seconds if result.seconds else 0
     console.print(f"rebuilt schema [bold]{result.schema}[/bold]: {result.events} events up to seq {result.last_seq} "
                   f"in {result.seconds:.2f} s ({rate:,.0f} events/s)")
@@ -178,12 +191,7 @@ def events(
         # a deleted pool): read each aggregate's whole history, print only what the filters keep.
         subject = ".".join([settings.event_subject_prefix, aggregate or "*", aggregate_id or "*", "*"])
 
-    def aware(t: datetime | None) -> datetime | None:
-        from datetime import UTC
-
-        return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
-
-    lo, hi = aware(since), aware(until)
+    lo, hi = _aware(since), _aware(until)
 
     async def go() -> None:
         # Ctrl-C sets `stopped` rather than cancelling the task: on Python 3.11 a cancel that

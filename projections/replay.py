@@ -17,7 +17,7 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from runledger.commands.events import EventEnvelope
-from runledger.infra.database import check_database, create_engine, drop_schema, migrate
+from runledger.infra.database import check_database, create_engine, migrate
 from runledger.infra.event_store import EventStore
 from runledger.infra.settings import Settings
 
@@ -118,6 +118,57 @@ def _occurred(raw: RawEvent) -> datetime | None:
         return None
 
 
+MADE_BY_REPLAY = "made_by_replay"  # the marker table of a schema replay made, naming it
+
+
+def default_schema(settings: Settings) -> str:
+    """Where `runledger replay` rebuilds unless told otherwise."""
+    return f"{settings.namespace}_replay"
+
+
+class SchemaNotMadeByReplay(Exception):
+    """The schema to rebuild into exists, holds something, and replay did not make it:
+    dropping it would destroy what it holds (another service's tables, a typo's `public`)."""
+
+    def __init__(self, schema: str, default: str):
+        super().__init__(f'schema "{schema}" exists and was not made by replay; replay into --schema {default} '
+                         f"or a new schema, or drop it yourself if it may go")
+        self.schema = schema
+
+
+async def _take_schema(engine: AsyncEngine, schema: str, default: str) -> None:
+    """Leave `schema` empty and marked as replay's, or raise SchemaNotMadeByReplay. A rebuild
+    drops its schema first (CASCADE), so it takes only a schema that is new, empty, its own
+    default, or marked as made by replay under this name: the marker records the name, so a
+    replayed schema renamed into service (the recovery swap in docs/operations.md) is no
+    longer replay's to drop. The mark is made with the schema, in one transaction, so that a
+    rebuild that dies half-way leaves a schema the next one may take."""
+    if schema in ("public", "information_schema") or schema.startswith("pg_"):
+        raise SchemaNotMadeByReplay(schema, default)  # the database's own, empty or not
+    async with engine.begin() as conn:
+        await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:s))"), {"s": f"runledger-migrate:{schema}"})
+        oid = (await conn.execute(text("SELECT oid FROM pg_namespace WHERE nspname = :s"), {"s": schema})).scalar()
+        if oid is not None:
+            marker = (await conn.execute(text("SELECT to_regclass(format('%I.%I', CAST(:s AS text), CAST(:t AS text)))"),
+                                         {"s": schema, "t": MADE_BY_REPLAY})).scalar()
+            made_here = marker is not None and schema in (await conn.execute(
+                text(f'SELECT schema_name FROM "{schema}".{MADE_BY_REPLAY}'))).scalars().all()
+            # What DROP SCHEMA ... CASCADE would remove: everything that depends on the schema.
+            holds = (await conn.execute(text(
+                "SELECT count(*) FROM pg_depend WHERE refclassid = 'pg_namespace'::regclass AND refobjid = :oid"),
+                {"oid": oid})).scalar()
+            if made_here or schema == default:
+                await conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+                oid = None
+            elif holds:
+                raise SchemaNotMadeByReplay(schema, default)
+        if oid is None:
+            await conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        await conn.execute(text(f'CREATE TABLE "{schema}".{MADE_BY_REPLAY} (schema_name text NOT NULL, '
+                                "made timestamptz NOT NULL DEFAULT now())"))
+        await conn.execute(text(f'INSERT INTO "{schema}".{MADE_BY_REPLAY} (schema_name) VALUES (:s)'), {"s": schema})
+
+
 @dataclass
 class ReplayResult:
     schema: str
@@ -138,7 +189,8 @@ async def replay(
     on_progress: Callable[[int, int], None] | None = None,
     until_each: Mapping[str, int] | None = None,
 ) -> ReplayResult:
-    """Rebuild every read model into `schema` (dropped first) from the log. `until_each`:
+    """Rebuild every read model into `schema` (dropped first; only a new or empty schema or
+    one replay made, see `_take_schema`) from the log. `until_each`:
     a stream sequence per projection to stop each at (the live positions `verify` compares
     with: projections advance on their own, so at any moment they may differ).
 
@@ -157,7 +209,7 @@ async def replay(
     engine = create_engine(settings, schema=schema, pool_size=2)
     try:
         await check_database(engine, settings)
-        await drop_schema(engine, schema)
+        await _take_schema(engine, schema, default_schema(settings))
         await migrate(engine, schema, MIGRATIONS)
         if until_each is not None:
             until_seq = max(until_each.values(), default=0)
