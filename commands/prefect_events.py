@@ -325,11 +325,14 @@ def _queue_status(out: _Out, pool_id: str, state: ExportState, queue_ids: list[u
 
 def _queues_polled(out: _Out, e: WorkQueuesPolled, pool_id: str, state: ExportState) -> None:
     """`prefect.work-queue.ready` for each queue that was NOT_READY, then
-    `prefect.deployment.ready` for each deployment on a polled queue that was NOT_READY."""
+    `prefect.deployment.ready` for each deployment on a polled queue that was NOT_READY (a
+    routine poll readies none, as in the read model)."""
     _queue_status(out, pool_id, state, e.ready, Status.READY)
     polled = {str(q) for q in e.queue_ids}
     for deployment_id, d in state.deployments.items():
         if d.work_queue_id is None or str(d.work_queue_id) not in polled:
+            continue
+        if e.routine and deployment_id not in state.ready_deployments:
             continue
         if deployment_id not in state.ready_deployments:
             out.emit("prefect.deployment.ready", _deployment_resource(d), _deployment_related(d))

@@ -327,10 +327,12 @@ class WorkPoolWorkersChanged(_PoolEvent):
 @register_event
 class WorkQueuesPolled(_PoolEvent):
     """A worker polled these queues at `polled`: each gets `last_polled`, those in `ready`
-    (they were NOT_READY) become READY, and so do the deployments on any of them.
+    (they were NOT_READY) become READY, and so do the deployments on any of them (with their
+    `last_polled`). A `routine` poll changes no status: it moves the `last_polled` of its
+    queues and of their READY deployments only.
 
-    A `routine` poll (every queue it names was READY already, so only their `last_polled`
-    moves) expires from the log (`Settings.routine_retention_seconds`), but not before its
+    A `routine` poll (every queue it names was READY already, and so was every deployment on
+    them as the service read them when it answered, so only `last_polled` moves) expires from the log (`Settings.routine_retention_seconds`), but not before its
     queues would be marked NOT_READY without a newer poll: by then a newer poll, or the
     foreman's `WorkQueuesNotReady` (kept, with each queue's last poll), says what it said. A
     worker polls every 10 s or so: ~8,600 events a day each, for ever, without this."""
@@ -518,6 +520,9 @@ class RecordWorkQueuesPolled(Command):
 
     work_pool_name: PoolName
     work_queue_ids: Annotated[list[uuid.UUID], Field(max_length=MAX_QUEUES_PER_COMMAND)]
+    # Some deployment on these queues was not READY when the service answered the poll (it
+    # reads the read model): the poll makes it READY, a change the log keeps (not routine).
+    readies_deployments: bool = False
 
 
 class MarkWorkPoolNotReady(Command):
@@ -920,7 +925,7 @@ def decide_record_polls(cmd: RecordWorkQueuesPolled, pool: WorkPool | None, ctx:
     if not ids:
         return Decision(events=[], result=None)
     ready = [qid for qid in ids if pool.queues[qid].status == Status.NOT_READY]
-    routine = all(pool.queues[qid].status == Status.READY for qid in ids)
+    routine = not cmd.readies_deployments and all(pool.queues[qid].status == Status.READY for qid in ids)
     event = WorkQueuesPolled(queue_ids=ids, ready=ready, polled=ctx.now, routine=routine)
     return Decision(events=[NewEvent(str(pool.id), event)], result=None, after={str(pool.id): evolve(pool, event)})
 

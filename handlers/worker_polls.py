@@ -48,8 +48,12 @@ class PollRecorder:
         self._pending: set[asyncio.Task] = set()
         # (command, pool name or deployment set) -> ids polled since its record began
         self._waiting: dict[tuple[str, str], set[str]] = {}
+        # Pools one of whose polls since then found a deployment to make READY.
+        self._readying: set[str] = set()
 
-    def record(self, work_pool_name: str, queue_ids: list[Any]) -> None:
+    def record(self, work_pool_name: str, queue_ids: list[Any], readies_deployments: bool = False) -> None:
+        if readies_deployments and queue_ids:
+            self._readying.add(work_pool_name)
         self._enqueue(("RecordWorkQueuesPolled", work_pool_name), queue_ids)
 
     def record_deployments(self, deployment_ids: list[Any]) -> None:
@@ -73,6 +77,9 @@ class PollRecorder:
                 self._waiting[key] = set()
                 body: dict[str, Any] = ({"work_pool_name": name, "work_queue_ids": sorted(ids)}
                                         if command == "RecordWorkQueuesPolled" else {"deployment_ids": sorted(ids)})
+                if command == "RecordWorkQueuesPolled" and name in self._readying:
+                    self._readying.discard(name)
+                    body["readies_deployments"] = True
                 try:
                     reply = await self.send(command, body)
                     if not reply.get("ok"):
@@ -93,13 +100,15 @@ class PollRecorder:
 def poll_queries(recorder: PollRecorder) -> dict[str, tuple[Any, Any]]:
     async def get_scheduled_flow_runs(conn: AsyncConnection, query: q.GetScheduledFlowRuns) -> list[dict[str, Any]]:
         answer = await scheduled_runs.poll(conn, query)
-        recorder.record(answer.work_pool_name, answer.polled_queue_ids)
+        recorder.record(answer.work_pool_name, answer.polled_queue_ids,
+                        await deployments_read_model.any_not_ready_on(conn, answer.polled_queue_ids))
         return answer.items
 
     async def get_legacy_queue_runs(conn: AsyncConnection, query: q.GetLegacyQueueRuns) -> list[dict[str, Any]]:
         answer = await scheduled_runs.legacy_poll(conn, query)
         if answer.work_pool_name is not None:
-            recorder.record(answer.work_pool_name, [answer.queue_id])
+            recorder.record(answer.work_pool_name, [answer.queue_id],
+                            await deployments_read_model.any_not_ready_on(conn, [answer.queue_id]))
         return answer.runs
 
     async def get_scheduled_flow_runs_for_deployments(conn: AsyncConnection,

@@ -50,6 +50,12 @@ _UPSERT = insert(deployments).on_conflict_do_update(
     index_elements=["id"], set_={c.name: insert(deployments).excluded[c.name] for c in deployments.columns
                                  if c.name != "id" and c.name not in _READ_SIDE})
 _POLLED = text("UPDATE deployments SET status = 'READY', last_polled = :polled WHERE work_queue_id = ANY(:queue_ids)")
+# A routine poll changes no status (`WorkQueuesPolled.routine`: it leaves the log): a deployment
+# not READY as the read model says here (written after the service read it for the poll) waits
+# for the next poll, which is kept and makes it READY.
+_ROUTINE_POLLED = text(
+    "UPDATE deployments SET last_polled = :polled WHERE work_queue_id = ANY(:queue_ids) AND status = 'READY'"
+).bindparams(bindparam("queue_ids", type_=ARRAY(UUID(as_uuid=True))))
 _NOT_READY = text(
     "UPDATE deployments SET status = 'NOT_READY' WHERE id = ANY(:ids) AND work_queue_id = :queue_id"
     " AND status = 'READY' AND last_polled IS NOT NULL AND last_polled < :stale_before"
@@ -110,7 +116,8 @@ class DeploymentsProjector:
                 deleted[event.deployment_id] = event.deleted
             elif isinstance(event, wp.WorkQueuesPolled):
                 await self._write(conn, last)
-                await conn.execute(_POLLED, {"polled": event.polled, "queue_ids": event.queue_ids})
+                await conn.execute(_ROUTINE_POLLED if event.routine else _POLLED,
+                                   {"polled": event.polled, "queue_ids": event.queue_ids})
             elif isinstance(event, wp.WorkQueueDeploymentsNotReady):
                 await self._write(conn, last)
                 await _restore_last_polled(conn, event.last_polled)
@@ -184,6 +191,16 @@ def _filtered(stmt: Any, query: q.CountDeployments | q.ListDeployments) -> Any:
     if query.work_pool_name is not None and query.work_pool_name.any_ is not None:
         stmt = stmt.where(_pool.c.name.in_(query.work_pool_name.any_))
     return stmt
+
+
+async def any_not_ready_on(conn: AsyncConnection, queue_ids: Sequence[Any]) -> bool:
+    """Whether a deployment on these queues is not READY: a poll of them then makes it READY,
+    a change the log keeps (`RecordWorkQueuesPolled.readies_deployments`)."""
+    if not queue_ids:
+        return False
+    found = await conn.execute(select(deployments.c.id).where(
+        deployments.c.work_queue_id.in_(list(queue_ids)), deployments.c.status != "READY").limit(1))
+    return found.first() is not None
 
 
 async def get_deployment(conn: AsyncConnection, query: q.GetDeployment) -> dict[str, Any]:

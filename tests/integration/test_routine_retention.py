@@ -146,8 +146,8 @@ async def test_routine_polls_expire_and_the_foreman_keeps_the_last_poll(settings
 
 async def test_a_deployment_polled_only_by_routine_polls_is_rebuilt_the_same_wherever_its_queue_went(
         settings, monkeypatch):
-    """A deployment's last poll may come from routine polls alone (made on a queue already
-    READY), and its queue may be gone or changed by the time the foreman marks it NOT_READY:
+    """A deployment's last poll may come from a routine poll (its queue and itself READY
+    already), and its queue may be gone or changed by the time the foreman marks it NOT_READY:
     the foreman's event carries that last poll, so a rebuild after the polls left the log
     still equals the live read model."""
     async with _short_retention(settings, monkeypatch) as (service, broker, changed):
@@ -159,8 +159,10 @@ async def test_a_deployment_polled_only_by_routine_polls_is_rebuilt_the_same_whe
         await broker.ok_cmd("RecordWorkQueuesPolled", **poll)  # kept: the queues become READY
         deployments = {name: await broker.ok_cmd("CreateDeployment", name=name, flow_id=flow_id, work_pool_name="p",
                                                  work_queue_name=name) for name in ("gone", "left")}
-        await broker.ok_cmd("RecordWorkQueuesPolled", **poll)  # routine: the deployments' only poll
-        assert await _polls(broker, pool["id"]) == [False, True]
+        # Kept: it makes the deployments READY (the service saw them not READY when it answered).
+        await broker.ok_cmd("RecordWorkQueuesPolled", **poll, readies_deployments=True)
+        await broker.ok_cmd("RecordWorkQueuesPolled", **poll)  # routine: the deployments' last poll
+        assert await _polls(broker, pool["id"]) == [False, False, True]
         await broker.ok_cmd("DeleteWorkQueue", work_pool_name="p", work_queue_name="gone")
         await broker.ok_cmd("UpdateDeployment", id=deployments["left"]["id"], work_queue_name="other")
         await broker.catch_up()
@@ -169,12 +171,48 @@ async def test_a_deployment_polled_only_by_routine_polls_is_rebuilt_the_same_whe
         async with foreman_clock(service, changed) as at:
             await at(max(polled.values()) + timedelta(seconds=5)).run_pass()
         for _ in range(100):  # the routine poll leaves the log once its 2 s are up
-            if await _polls(broker, pool["id"]) == [False]:
+            if await _polls(broker, pool["id"]) == [False, False]:
                 break
             await asyncio.sleep(0.1)
-        assert await _polls(broker, pool["id"]) == [False]
+        assert await _polls(broker, pool["id"]) == [False, False]
         await broker.catch_up()
         for name, d in deployments.items():
             got = await broker.ok_qry("GetDeployment", id=d["id"])
             assert (got["status"], _at(got["last_polled"])) == ("NOT_READY", polled[name])
+        await assert_live_equals_rebuild(service, changed)
+
+
+async def test_a_poll_that_makes_a_deployment_ready_is_kept_though_its_queue_was_ready(settings, monkeypatch):
+    """A deployment made on a queue a worker polls already: the next poll makes it READY. That
+    is a change the log must keep (a rebuild as of any moment, the Prefect events' `ready` and
+    later `not-ready`), not a routine poll that leaves the log: the service, answering the
+    poll, sees the deployment not READY and says so in the record."""
+    async with _short_retention(settings, monkeypatch) as (service, broker, changed):
+        pool = await broker.ok_cmd("CreateWorkPool", name="p", type="process")
+
+        async def worker_poll() -> None:
+            await broker.catch_up()
+            await broker.ok_qry("GetScheduledFlowRuns", work_pool_name="p")
+            await service.polls.drain()
+
+        await worker_poll()  # the queue becomes READY: kept
+        flow_id = (await broker.ok_cmd("CreateFlow", name="etl"))["id"]
+        deployment = await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow_id, work_pool_name="p")
+        await worker_poll()  # the deployment becomes READY: kept
+        await worker_poll()  # nothing changes: routine
+        assert await _polls(broker, pool["id"]) == [False, False, True]
+        await broker.catch_up()
+        got = await broker.ok_qry("GetDeployment", id=deployment["id"])
+        assert got["status"] == "READY"
+        async with foreman_clock(service, changed) as at:  # the worker stopped polling (a minute ago:
+            # the Prefect events read the not-ready delay as it is, not as this test made it)
+            await at(_at(got["last_polled"]) + timedelta(seconds=65)).run_pass()
+        for _ in range(100):  # the routine poll leaves the log once its 2 s are up
+            if await _polls(broker, pool["id"]) == [False, False]:
+                break
+            await asyncio.sleep(0.1)
+        assert await _polls(broker, pool["id"]) == [False, False]
+        result = await broker.ok_qry("ReadEvents", vocabulary="prefect")
+        names = [e["event"] for e in result["events"] if e["resource"]["prefect.resource.id"].endswith(deployment["id"])]
+        assert names == ["prefect.deployment.created", "prefect.deployment.ready", "prefect.deployment.not-ready"]
         await assert_live_equals_rebuild(service, changed)
