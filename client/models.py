@@ -247,7 +247,10 @@ class FlowRun(BaseModel):
     job_variables: dict[str, Any] = {}
     state: State | None = None
     priority: int = 0  # beyond Prefect: lower runs first within its queue
-    waiting_reason: str | None = None  # beyond Prefect: why it waits, when something holds it back
+    # Beyond Prefect: why it waits, when something holds it back. `read_flow_run` also says why a
+    # scheduled run is not offered to workers (a paused or full pool, queue or deployment, no
+    # worker polling...), worked out as it reads; lists carry only what a refused claim stored.
+    waiting_reason: str | None = None
     worker_name: str | None = None  # beyond Prefect: the worker whose claim it holds, while it holds one
     # Beyond Prefect's reply: it stayed PENDING past its deployment slot's lease and gave the
     # slot back; it takes one again when it starts running, or is cancelled if none is free.

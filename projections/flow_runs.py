@@ -8,14 +8,15 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runledger.commands import flow_runs as fr
 from runledger.commands import queries as q
+from runledger.commands import run_waits
 from runledger.commands import work_pools as wp
 from runledger.commands.messages import Event, not_found
-from runledger.commands.states import State
+from runledger.commands.states import State, StateType
 
 from .bulk_writes import (
     StoredEvent,
@@ -149,11 +150,21 @@ def flow_run_reply(row: Any) -> dict[str, Any]:
 def flow_run_values_reply(values: dict[str, Any]) -> dict[str, Any]:
     """A run's reply from its row's values with its queue's current name and its pool's id and
     name (`current_queue_name`, `work_pool_id`, `work_pool_name`), and its estimates as of now."""
+    run, pool_id, pool_name = _run_of(values)
+    return _reply(run, pool_id, pool_name, datetime.now(UTC))
+
+
+def _run_of(values: dict[str, Any]) -> tuple[fr.FlowRun, Any, str | None]:
+    """The run of a row's values, and its pool's id and name."""
     queue_name = values.pop("current_queue_name")
     pool_id, pool_name = values.pop("work_pool_id"), values.pop("work_pool_name")
     if values["work_queue_id"] is not None and queue_name is not None:
         values["work_queue_name"] = queue_name
-    reply = fr.flow_run_reply(fr.FlowRun.model_validate(values), datetime.now(UTC))
+    return fr.FlowRun.model_validate(values), pool_id, pool_name
+
+
+def _reply(run: fr.FlowRun, pool_id: Any, pool_name: str | None, now: datetime) -> dict[str, Any]:
+    reply = fr.flow_run_reply(run, now)
     reply["work_pool_id"] = str(pool_id) if pool_id is not None else None
     reply["work_pool_name"] = pool_name
     return reply
@@ -188,11 +199,51 @@ _SORTS: dict[q.FlowRunSort, list[Any]] = {
 }
 
 
+# A run's queue and pool as the pool poll sees them (projections/scheduled_runs.py counts the
+# same slots: PENDING and RUNNING runs plus the runs a release handed one; the pool's over its
+# unpaused queues).
+_SLOTS_TAKEN = ("(SELECT count(*) FROM flow_runs a WHERE a.work_queue_id {queues} AND a.state_type IN ('PENDING', 'RUNNING'))"
+                " + (SELECT count(*) FROM flow_runs h WHERE h.work_queue_id {queues} AND h.pool_slot_reserved)")
+_QUEUE_FACTS = text(f"""
+SELECT p.name AS pool_name, p.is_paused AS pool_paused, p.concurrency_limit AS pool_limit,
+       {_SLOTS_TAKEN.format(queues="IN (SELECT u.id FROM work_queues u WHERE u.work_pool_id = p.id AND NOT u.is_paused)")}
+         AS pool_slots_taken,
+       q.name AS queue_name, q.is_paused AS queue_paused, q.concurrency_limit AS queue_limit,
+       {_SLOTS_TAKEN.format(queues="= q.id")} AS queue_slots_taken, q.last_polled
+FROM work_queues q JOIN work_pools p ON p.id = q.work_pool_id WHERE q.id = :queue_id""")
+_DEPLOYMENT_LIMIT_FACTS = text("""
+SELECT cl."limit", cl.active_slots AS slots_taken, cl.active,
+       COALESCE(d.concurrency_options ->> 'collision_strategy', 'ENQUEUE') AS collision_strategy
+FROM deployments d JOIN concurrency_limits cl ON cl.name = 'deployment:' || d.id::text
+WHERE d.id = :deployment_id""")
+
+
+async def _why_waiting(conn: AsyncConnection, run: fr.FlowRun, now: datetime) -> str | None:
+    """Why a SCHEDULED run no claim was refused for is not handed to a worker now
+    (`run_waits.why_waiting`), from the read models as they are."""
+    if run.work_queue_id is None:
+        return None  # not the pool poll's to offer
+    found = (await conn.execute(_QUEUE_FACTS, {"queue_id": run.work_queue_id})).first()
+    if found is None:
+        return None
+    queue, deployment_limit = run_waits.QueueFacts(**found._mapping), None
+    if run.deployment_id is not None:
+        limit = (await conn.execute(_DEPLOYMENT_LIMIT_FACTS, {"deployment_id": run.deployment_id})).first()
+        deployment_limit = run_waits.DeploymentLimitFacts(**limit._mapping) if limit is not None else None
+    return run_waits.why_waiting(run, queue, deployment_limit, now)
+
+
 async def get_flow_run(conn: AsyncConnection, query: q.GetFlowRun) -> dict[str, Any]:
+    """A SCHEDULED run that no refused claim gave a `waiting_reason` gets one computed now,
+    when something keeps it from the pool poll (`run_waits`): nothing is stored."""
     row = (await conn.execute(_READ.where(flow_runs.c.id == query.id))).first()
     if row is None:
         raise fr.flow_run_not_found(query.id)
-    return flow_run_reply(row)
+    run, pool_id, pool_name = _run_of(dict(row._mapping))
+    now = datetime.now(UTC)
+    if run.state_type is StateType.SCHEDULED and run.waiting_reason is None:
+        run = run.model_copy(update={"waiting_reason": await _why_waiting(conn, run, now)})
+    return _reply(run, pool_id, pool_name, now)
 
 
 async def list_flow_runs(conn: AsyncConnection, query: q.ListFlowRuns) -> list[dict[str, Any]]:
