@@ -93,8 +93,8 @@ async def _rebuild(settings: Settings, schema: str, until_seq: int | None, as_of
 
 @app.command("replay")
 def replay_command(
-    schema: str = typer.Option(None, help="Schema to rebuild into (default: <namespace>_replay): a new or empty "
-                                             "one, or one replay made, which is dropped first."),
+    schema: str = typer.Option(None, help="Schema to rebuild into (default: <namespace>_replay, dropped first): "
+                                             "a new or empty one, or one replay made, which is dropped first."),
     until_seq: int = typer.Option(None, help="Stop after this stream sequence."),
     as_of: datetime = typer.Option(None, help="Stop at events that occurred after this moment (UTC)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),

@@ -42,10 +42,11 @@ class UnknownEvent(Exception):
 
 
 class NewerThanReader(UnknownEvent):
-    """An event type, or a version of one, that this reader does not know yet: written by a
-    newer runledger (during a rolling upgrade; no event type was ever removed). A projection
-    waits at it, rather than skipping it, until it runs the version that reads it: skipped,
-    it would be missing from the read model for good."""
+    """A version of a known event type that this reader does not know yet: written by a newer
+    runledger (during a rolling upgrade). A projection that handles the type waits at it,
+    rather than skipping it, until it runs the version that reads it: skipped, it would be
+    missing from the read model for good. (An unknown type reaches no projection that runs:
+    each receives only the subjects of the types it handles.)"""
 
 
 class EventEnvelope(BaseModel):
@@ -108,7 +109,7 @@ def upcast_payload(event_type: str, schema_version: int, payload: dict[str, Any]
     """A payload in its current version's shape, upcast step by step from an older one."""
     cls = EVENT_TYPES.get(event_type)
     if cls is None:
-        raise NewerThanReader(f"unknown event type {event_type!r}")
+        raise UnknownEvent(f"unknown event type {event_type!r}")
     version = schema_version
     if version > cls.schema_version:
         raise NewerThanReader(f"{event_type} v{version} is newer than this reader (v{cls.schema_version})")

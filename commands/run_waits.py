@@ -55,7 +55,8 @@ def why_waiting(run: FlowRun, queue: QueueFacts | None, deployment_limit: Deploy
                 now: datetime) -> str | None:
     """The first thing that keeps a SCHEDULED run from the pool poll now, broadest first: a
     paused pool, a paused queue, a full queue, a full pool (in the claim's order), a full deployment, a time not come
-    yet, a queue no worker polls. None when nothing does (a worker's next poll offers it), and
+    yet, a queue no worker polls. None when nothing does (a worker's next poll may offer it:
+    room permitting, after the runs ahead of it in the poll's order), and
     for a run the pool poll never offers: not SCHEDULED, retried in its own process, or in no
     queue (`queue` None: a runner's poll, which consults no limit, serves it, or nothing does).
 

@@ -234,8 +234,9 @@ def concerns(projector: Projector, raw: RawEvent) -> bool:
 def decode_batch(projector: Projector, fresh: Sequence[RawEvent],
                  now: datetime) -> tuple[list[tuple[str, str, Event | dict]], list[dict]]:
     """The events of `fresh` that `projector` handles, as it reads them, and the rows of
-    `skipped_events` for those it can never read. One written by a newer runledger
-    (`NewerThanReader`) raises: the projection stalls there until it runs that version."""
+    `skipped_events` for those it cannot read. One of a type it handles at a version written by
+    a newer runledger (`NewerThanReader`) raises: the projection stalls there until it runs
+    that version."""
     decoded: list[tuple[str, str, Event | dict]] = []
     skipped: list[dict] = []
     raw_payloads = getattr(projector, "raw_payloads", False)
@@ -247,7 +248,7 @@ def decode_batch(projector: Projector, fresh: Sequence[RawEvent],
             event_type = envelope["type"]
             if event_type not in projector.handles:
                 if event_type not in EVENT_TYPES:
-                    raise NewerThanReader(f"unknown event type {event_type!r}")
+                    raise UnknownEvent(f"unknown event type {event_type!r}")
                 continue
             event: Event | dict
             if raw_payloads:
@@ -296,7 +297,8 @@ def _current_version(event_type: str) -> bytes:
 
 async def apply_batch(conn: AsyncConnection, projector: Projector, batch: Sequence[RawEvent]) -> int:
     """Apply the events above the checkpoint and move it, inside the caller's transaction.
-    Returns the new checkpoint. Unreadable or unknown events are recorded and skipped."""
+    Returns the new checkpoint. Unreadable or unknown events are recorded and skipped; a newer
+    version of a type it handles raises (`decode_batch`)."""
     checkpoint = await read_checkpoint(conn, projector.name, lock=True)
     fresh = [e for e in batch if e.seq > checkpoint]
     if not fresh:
