@@ -96,7 +96,7 @@ def replay_command(
     schema: str = typer.Option(None, help="Schema to rebuild into (default: <namespace>_replay, dropped first): "
                                              "a new or empty one, or one replay made, which is dropped first."),
     until_seq: int = typer.Option(None, help="Stop after this stream sequence."),
-    as_of: datetime = typer.Option(None, help="Stop at events that occurred after this moment (UTC)."),
+    as_of: datetime = typer.Option(None, help="The read models as of this moment (UTC): the events the log had stored by then."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Rebuild every read model from the event log into a fresh schema."""

@@ -75,8 +75,9 @@ async def iter_log(store: EventStore, subject_filter: str | Sequence[str], start
         else:
             tokens = msg.reply.split(".")
             stream_seq = int(tokens[5] if len(tokens) == 9 else tokens[7])
+            stored_ns = int(tokens[7] if len(tokens) == 9 else tokens[9])
             state["pending"] = int(tokens[8] if len(tokens) == 9 else tokens[10])
-            arrived.append(RawEvent(stream_seq, msg.subject, msg.data))
+            arrived.append(RawEvent(stream_seq, msg.subject, msg.data, stored_ns))
             state["open"] -= 1
         if state["open"] <= 0:
             ready.set()
@@ -111,11 +112,17 @@ async def iter_log(store: EventStore, subject_filter: str | Sequence[str], start
             await store.js.delete_consumer(stream, consumer.name)
 
 
-def _occurred(raw: RawEvent) -> datetime | None:
+def _stored_by(raw: RawEvent, moment: datetime) -> bool:
+    """Whether the stream had stored the event by `moment`: by the stream's own time, which
+    follows stream order (an event's `occurred` is when its command was decided, and two
+    service instances decide side by side: a later event may say an earlier moment). Without
+    the stored time, by `occurred`."""
+    if raw.stored_ns:
+        return raw.stored_ns <= int(moment.timestamp() * 1_000_000) * 1_000
     try:
-        return EventEnvelope.model_validate_json(raw.data).occurred
+        return EventEnvelope.model_validate_json(raw.data).occurred <= moment
     except ValueError:
-        return None
+        return True
 
 
 MADE_BY_REPLAY = "made_by_replay"  # the marker table of a schema replay made, naming it
@@ -190,7 +197,8 @@ async def replay(
     until_each: Mapping[str, int] | None = None,
 ) -> ReplayResult:
     """Rebuild every read model into `schema` (dropped first; only a new or empty schema or
-    one replay made, see `_take_schema`) from the log. `until_each`:
+    one replay made, see `_take_schema`) from the log. `as_of`: only the events the stream
+    had stored by that moment (a prefix of the log). `until_each`:
     a stream sequence per projection to stop each at (the live positions `verify` compares
     with: projections advance on their own, so at any moment they may differ).
 
@@ -220,9 +228,10 @@ async def replay(
         read = subjects[0] if len(subjects) == 1 else f"{settings.event_subject_prefix}.>"
         async for batch in iter_log(store, read, until_seq=target):
             if as_of is not None:
-                kept = [r for r in batch if (_occurred(r) or as_of) <= as_of]
-                stop = len(kept) < len(batch)
-                batch = kept
+                # The log as it was at that moment: the events stored by then, a prefix.
+                cut = next((i for i, r in enumerate(batch) if not _stored_by(r, as_of)), len(batch))
+                stop = cut < len(batch)
+                batch = batch[:cut]
             else:
                 stop = False
             if batch:

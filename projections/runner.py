@@ -141,6 +141,9 @@ class RawEvent:
     seq: int
     subject: str
     data: bytes
+    # When the stream stored it (ns since the epoch, the server's clock: in stream order); 0
+    # when not read (`replay`'s `as_of` reads it).
+    stored_ns: int = 0
 
 
 # Idle projections' positions, saved together: forward only, whatever the rows hold.
