@@ -22,12 +22,12 @@ from .output import (
     OutputOption,
     command_line,
     emit,
+    emit_done,
     print_json,
     run,
     run_command,
     show_details,
     show_rows,
-    success,
     visible,
     wants_json,
 )
@@ -132,7 +132,4 @@ def delete(
     """Delete a global concurrency limit; its name is free again at once."""
     run_command(lambda rl, k: rl.delete_concurrency_limit(name, idempotency_key=k), idempotency_key,
                 command_line("runledger", "concurrency-limit", "inspect", name))
-    if wants_json(as_json, output):
-        print_json(None)
-    else:
-        success(f"Deleted global concurrency limit {name!r}.")
+    emit_done(wants_json(as_json, output), f"Deleted global concurrency limit {name!r}.")

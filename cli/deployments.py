@@ -30,6 +30,7 @@ from .output import (
     OutputOption,
     command_line,
     emit,
+    emit_done,
     print_json,
     run,
     run_command,
@@ -421,7 +422,4 @@ def delete(
         await rl.delete_deployment(deployment.id, idempotency_key=key)
 
     run_command(action, idempotency_key, _check(name))
-    if wants_json(as_json, output):
-        print_json(None)
-    else:
-        success(f"Deleted deployment {name!r}.")
+    emit_done(wants_json(as_json, output), f"Deleted deployment {name!r}.")

@@ -41,6 +41,7 @@ from .output import (
     KeyOption,
     OutputOption,
     command_line,
+    emit_done,
     print_json,
     run,
     run_command,
@@ -338,7 +339,4 @@ def delete(
         await rl.delete_flow_run(found.id, idempotency_key=key)
 
     run_command(action, idempotency_key, _check(name))
-    if wants_json(as_json, output):
-        print_json(None)
-    else:
-        success(f"Deleted flow run {name!r}.")
+    emit_done(wants_json(as_json, output), f"Deleted flow run {name!r}.")

@@ -22,6 +22,7 @@ from .output import (
     KeyOption,
     OutputOption,
     command_line,
+    emit_done,
     print_json,
     run,
     run_command,
@@ -135,7 +136,4 @@ def delete(
     """Delete a flow; its name is free again at once."""
     run_command(lambda rl, k: rl.delete_flow(flow_id, idempotency_key=k), idempotency_key,
                 command_line("runledger", "flow", "inspect", flow_id))
-    if wants_json(as_json, output):
-        print_json(None)
-    else:
-        success(f"Deleted flow {flow_id}.")
+    emit_done(wants_json(as_json, output), f"Deleted flow {flow_id}.")

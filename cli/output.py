@@ -285,6 +285,14 @@ def show_details(obj: BaseModel, title: str) -> None:
     console.print(table, soft_wrap=False)  # a centred title; cells fold at the width
 
 
+def emit_done(as_json: bool, message: str) -> None:
+    """A command that answers nothing (a delete): `null` as JSON, or the message."""
+    if as_json:
+        print_json(None)
+    else:
+        success(message)
+
+
 def emit(obj: BaseModel, as_json: bool, message: str, title: str) -> None:
     """A command's result: the object as JSON, or the message and the object's details."""
     if as_json:

@@ -24,12 +24,12 @@ from .output import (
     OutputOption,
     command_line,
     emit,
+    emit_done,
     print_json,
     run,
     run_command,
     show_details,
     show_rows,
-    success,
     visible,
     wants_json,
 )
@@ -152,8 +152,5 @@ def unset(
     """Delete a variable; its name is free again at once."""
     run_command(lambda rl, k: rl.delete_variable(name, idempotency_key=k), idempotency_key,
                 command_line("runledger", "variable", "inspect", name))
-    if wants_json(as_json, output):
-        print_json(None)
-    else:
-        success(f"Unset variable {name!r}.")
+    emit_done(wants_json(as_json, output), f"Unset variable {name!r}.")
 

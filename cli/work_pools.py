@@ -38,6 +38,7 @@ from .output import (
     OutputOption,
     command_line,
     emit,
+    emit_done,
     fail,
     print_json,
     run,
@@ -46,7 +47,6 @@ from .output import (
     show_details,
     show_rows,
     show_work_pools,
-    success,
     visible,
     wants_json,
 )
@@ -249,10 +249,7 @@ def delete(
 ) -> None:
     """Delete a work pool with all its queues."""
     run_command(lambda rl, k: rl.delete_work_pool(name, idempotency_key=k), idempotency_key, _check(name))
-    if wants_json(as_json, output):
-        print_json(None)
-    else:
-        success(f"Deleted work pool {name!r}.")
+    emit_done(wants_json(as_json, output), f"Deleted work pool {name!r}.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,12 +27,12 @@ from .output import (
     OutputOption,
     command_line,
     emit,
+    emit_done,
     print_json,
     run,
     run_command,
     show_details,
     show_work_queues,
-    success,
     wants_json,
 )
 
@@ -313,7 +313,4 @@ def delete(
         pool_name = pool if pool is not None else LEGACY_POOL_NAME
         run_command(lambda rl, k: rl.delete_work_queue(pool_name, name, idempotency_key=k), idempotency_key, check)
         where = f"work queue {name!r} in pool {pool_name!r}"
-    if wants_json(as_json, output):
-        print_json(None)
-    else:
-        success(f"Deleted {where}.")
+    emit_done(wants_json(as_json, output), f"Deleted {where}.")

@@ -24,11 +24,11 @@ from .output import (
     KeyOption,
     OutputOption,
     command_line,
+    emit_done,
     print_json,
     run,
     run_command,
     show_rows,
-    success,
     visible,
     wants_json,
 )
@@ -110,7 +110,4 @@ def delete(
             raise
 
     run_command(action, idempotency_key, command_line("runledger", "worker", "ls", "--pool", pool))
-    if wants_json(as_json, output):
-        print_json(None)
-    else:
-        success(f"Deleted worker {name!r} of work pool {pool!r}.")
+    emit_done(wants_json(as_json, output), f"Deleted worker {name!r} of work pool {pool!r}.")

@@ -301,7 +301,7 @@ def respect_pool_and_queue_limits(c: RuleContext) -> Verdict:
     return reject(full) if full is not None else GO_ON
 
 
-_DEPLOYMENT_LIMIT_REACHED = "Deployment concurrency limit reached."
+DEPLOYMENT_LIMIT_REACHED = "Deployment concurrency limit reached."
 
 
 @rule("OR-6", from_states={StateType.PENDING}, to_states={StateType.RUNNING})
@@ -348,10 +348,10 @@ def secure_flow_concurrency_slots(c: RuleContext) -> Verdict:
     if limit.active_slots < limit.limit:
         return go_on(_with_details(c.proposed, deployment_concurrency_lease_id=new_lease_id(limit, c.new_id())))
     if limits.collision_strategy == "CANCEL_NEW":
-        return reject(_DEPLOYMENT_LIMIT_REACHED,
-                      StateCreate(type=StateType.CANCELLED, name="Cancelled", message=_DEPLOYMENT_LIMIT_REACHED))
+        return reject(DEPLOYMENT_LIMIT_REACHED,
+                      StateCreate(type=StateType.CANCELLED, name="Cancelled", message=DEPLOYMENT_LIMIT_REACHED))
     retry_at = c.now + timedelta(seconds=DEPLOYMENT_SLOT_WAIT_SECONDS)
-    return reject(_DEPLOYMENT_LIMIT_REACHED,
+    return reject(DEPLOYMENT_LIMIT_REACHED,
                   StateCreate(type=StateType.SCHEDULED, name="AwaitingConcurrencySlot",
                               state_details=StateDetails(scheduled_time=retry_at)))
 
@@ -369,7 +369,7 @@ def cancel_new_runs_that_fall_due_behind_a_full_deployment(c: RuleContext) -> Ve
             or limits.collision_strategy != "CANCEL_NEW" or limit.active_slots < limit.limit):
         return GO_ON
     return reject("Deployment concurrency limit is full and uses the CANCEL_NEW strategy.",
-                  StateCreate(type=StateType.CANCELLED, name="Cancelled", message=_DEPLOYMENT_LIMIT_REACHED))
+                  StateCreate(type=StateType.CANCELLED, name="Cancelled", message=DEPLOYMENT_LIMIT_REACHED))
 
 
 # The rules that refuse a run because a limit is full: the reason they give is why it waits.

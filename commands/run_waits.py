@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from .flow_runs import FlowRun
-from .orchestration_rules import _DEPLOYMENT_LIMIT_REACHED
+from .orchestration_rules import DEPLOYMENT_LIMIT_REACHED
 from .states import StateType
 from .work_pools import NOT_READY_AFTER
 
@@ -87,7 +87,7 @@ def why_waiting(run: FlowRun, queue: QueueFacts | None, deployment_limit: Deploy
     if (limit is not None and limit.active and limit.slots_taken >= limit.limit and not handed_deployment_slot
             and limit.collision_strategy != "CANCEL_NEW"):
         # A CANCEL_NEW deployment's runs are offered: their claim cancels them.
-        return (f"{_DEPLOYMENT_LIMIT_REACHED} ({_slots(limit.slots_taken, limit.limit)}; collision strategy "
+        return (f"{DEPLOYMENT_LIMIT_REACHED} ({_slots(limit.slots_taken, limit.limit)}; collision strategy "
                 f"{limit.collision_strategy}: the run waits for a slot.)")
     due = run.next_scheduled_start_time
     if due is not None and due > now:

@@ -18,6 +18,7 @@ from runledger.commands import work_pools as wp
 from runledger.commands.messages import Event, not_found
 from runledger.commands.states import State, StateType
 
+from . import slot_counts
 from .bulk_writes import (
     StoredEvent,
     Write,
@@ -199,23 +200,17 @@ _SORTS: dict[q.FlowRunSort, list[Any]] = {
 }
 
 
-# A run's queue and pool as the pool poll sees them (projections/scheduled_runs.py counts the
-# same slots: PENDING and RUNNING runs plus the runs a release handed one; the pool's over its
-# unpaused queues).
-_SLOTS_TAKEN = ("(SELECT count(*) FROM flow_runs a WHERE a.work_queue_id {queues} AND a.state_type IN ('PENDING', 'RUNNING'))"
-                " + (SELECT count(*) FROM flow_runs h WHERE h.work_queue_id {queues} AND h.pool_slot_reserved)")
+# A run's queue and pool as the pool poll sees them (the pool's slots over its unpaused queues).
 _QUEUE_FACTS = text(f"""
 SELECT p.name AS pool_name, p.is_paused AS pool_paused, p.concurrency_limit AS pool_limit,
-       {_SLOTS_TAKEN.format(queues="IN (SELECT u.id FROM work_queues u WHERE u.work_pool_id = p.id AND NOT u.is_paused)")}
+       {slot_counts.slots_taken("IN (SELECT u.id FROM work_queues u WHERE u.work_pool_id = p.id AND NOT u.is_paused)")}
          AS pool_slots_taken,
        q.name AS queue_name, q.is_paused AS queue_paused, q.concurrency_limit AS queue_limit,
-       {_SLOTS_TAKEN.format(queues="= q.id")} AS queue_slots_taken, q.last_polled
+       {slot_counts.slots_taken("= q.id")} AS queue_slots_taken, q.last_polled
 FROM work_queues q JOIN work_pools p ON p.id = q.work_pool_id WHERE q.id = :queue_id""")
-_DEPLOYMENT_LIMIT_FACTS = text("""
-SELECT cl."limit", cl.active_slots AS slots_taken, cl.active,
-       COALESCE(d.concurrency_options ->> 'collision_strategy', 'ENQUEUE') AS collision_strategy
-FROM deployments d JOIN concurrency_limits cl ON cl.name = 'deployment:' || d.id::text
-WHERE d.id = :deployment_id""")
+_DEPLOYMENT_LIMIT_FACTS = text(f"""
+SELECT cl."limit", cl.active_slots AS slots_taken, cl.active, {slot_counts.COLLISION_STRATEGY} AS collision_strategy
+FROM {slot_counts.DEPLOYMENT_LIMIT} WHERE d.id = :deployment_id""")
 
 
 async def _why_waiting(conn: AsyncConnection, run: fr.FlowRun, now: datetime) -> str | None:

@@ -39,13 +39,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from runledger.commands import queries as q
 from runledger.commands import work_pools as wp
 
+from . import slot_counts
 from .flow_runs import flow_run_values_reply
 from .tables import flow_runs
 
 # Prefect's internal caps on what one queue and one pool contribute to a poll.
 PER_QUEUE_CAP = 1000
 PER_POOL_CAP = 1000
-_ACTIVE = "('PENDING', 'RUNNING')"
+_ACTIVE = slot_counts.ACTIVE
 
 _POOL_AND_QUEUES = text(
     "SELECT p.id AS pool_id, p.name AS pool_name, p.is_paused AS pool_paused, p.concurrency_limit AS pool_limit,"
@@ -57,14 +58,13 @@ _RUN_COLUMNS = ", ".join(f"f.{c.name}" for c in flow_runs.columns)
 # claim could only send it to wait, and offering it would take the place of runs that can
 # start (Prefect #19403: 200 such runs at the head of a queue held every other run back). A
 # CANCEL_NEW deployment's runs are offered, so that their claim cancels them.
-_DEPLOYMENT_FULL = """EXISTS (
-            SELECT 1 FROM deployments d JOIN concurrency_limits cl ON cl.name = 'deployment:' || d.id::text
+_DEPLOYMENT_FULL = f"""EXISTS (
+            SELECT 1 FROM {slot_counts.DEPLOYMENT_LIMIT}
             WHERE d.id = f.deployment_id AND cl.active AND cl.active_slots >= cl."limit"
-              AND COALESCE(d.concurrency_options ->> 'collision_strategy', 'ENQUEUE') <> 'CANCEL_NEW')"""
+              AND {slot_counts.COLLISION_STRATEGY} <> 'CANCEL_NEW')"""
 # A SCHEDULED state carries a lease id only when a release handed the run its deployment's
 # slot (commands/slots.hand_over): that run holds the slot, and is offered however full.
 _HOLDS_DEPLOYMENT_SLOT = "(f.state -> 'state_details' ->> 'deployment_concurrency_lease_id') IS NOT NULL"
-_HANDED = "(SELECT count(*) FROM flow_runs h WHERE h.work_queue_id = {queues} AND h.pool_slot_reserved)"
 _UUIDS = ARRAY(UUID(as_uuid=True))
 
 
@@ -78,17 +78,14 @@ WITH queue_room AS (
     SELECT q.id, q.priority,
            CASE WHEN q.concurrency_limit IS NULL THEN {PER_QUEUE_CAP}
                 ELSE LEAST({PER_QUEUE_CAP}, GREATEST(0, q.concurrency_limit - (
-                    SELECT count(*) FROM flow_runs a WHERE a.work_queue_id = q.id AND a.state_type IN {_ACTIVE})
-                    - {_HANDED.format(queues="q.id")}))
+                    {slot_counts.slots_taken("= q.id")})))
            END AS room
     FROM work_queues q WHERE q.id = ANY(:queue_ids)
 ),
 pool_room AS (
     SELECT CASE WHEN CAST(:pool_limit AS integer) IS NULL THEN {PER_POOL_CAP}
                 ELSE LEAST({PER_POOL_CAP}, GREATEST(0, CAST(:pool_limit AS integer) - (
-                    SELECT count(*) FROM flow_runs a
-                    WHERE a.work_queue_id = ANY(:unpaused_ids) AND a.state_type IN {_ACTIVE})
-                    - {_HANDED.format(queues="ANY(:unpaused_ids)")}))
+                    {slot_counts.slots_taken("= ANY(:unpaused_ids)")})))
            END AS room
 ),
 ranked AS (

@@ -470,21 +470,28 @@ async def test_a_global_limit_named_tag_holds_task_runs_back_instead_of_the_clas
     await assert_live_equals_rebuild(service, settings)
 
 
+async def _one_running_task_run_gone_with_its_flow_run(broker, alive_tags: list[str]) -> tuple[dict, dict]:
+    """Two RUNNING task runs, each of a RUNNING flow run: `gone` (tags db and api), whose flow
+    run is then deleted, and `alive` (`alive_tags`)."""
+    flow_id = (await broker.ok_cmd("CreateFlow", name="f"))["id"]
+    doomed = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, state={"type": "RUNNING"})
+    kept = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, state={"type": "RUNNING"})
+    gone = await broker.ok_cmd("CreateTaskRun", flow_run_id=doomed["id"], task_key="k", dynamic_key="1",
+                               tags=["db", "api"])
+    alive = await broker.ok_cmd("CreateTaskRun", flow_run_id=kept["id"], task_key="k", dynamic_key="2", tags=alive_tags)
+    assert (await _running(broker, gone["id"]))["status"] == "ACCEPT"
+    assert (await _running(broker, alive["id"]))["status"] == "ACCEPT"
+    await broker.ok_cmd("DeleteFlowRun", id=doomed["id"])
+    return gone, alive
+
+
 async def test_the_tag_slots_of_task_runs_gone_with_their_flow_run_are_released(broker, service, settings):
     """A flow run deleted while its tasks ran takes them with it: the foreman's
     `ReleaseTagSlotsOfGoneTaskRuns` gives back their slots, classic and global, and keeps
     those of runs still running."""
     await broker.ok_cmd("CreateTagConcurrencyLimit", tag="db", concurrency_limit=2)
     await broker.ok_cmd("CreateConcurrencyLimit", name="tag:api", limit=1)
-    flow_id = (await broker.ok_cmd("CreateFlow", name="f"))["id"]
-    doomed = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, state={"type": "RUNNING"})
-    kept = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, state={"type": "RUNNING"})
-    gone = await broker.ok_cmd("CreateTaskRun", flow_run_id=doomed["id"], task_key="k", dynamic_key="1",
-                               tags=["db", "api"])
-    alive = await broker.ok_cmd("CreateTaskRun", flow_run_id=kept["id"], task_key="k", dynamic_key="2", tags=["db"])
-    assert (await _running(broker, gone["id"]))["status"] == "ACCEPT"
-    assert (await _running(broker, alive["id"]))["status"] == "ACCEPT"
-    await broker.ok_cmd("DeleteFlowRun", id=doomed["id"])
+    gone, alive = await _one_running_task_run_gone_with_its_flow_run(broker, alive_tags=["db"])
     assert set((await broker.ok_qry("GetTagConcurrencyLimit", tag="db"))["active_slots"]) == {gone["id"], alive["id"]}
     assert (await broker.ok_qry("GetConcurrencyLimitByName", name="tag:api"))["active_slots"] == 1
     next_api = await broker.ok_cmd("CreateTaskRun", task_key="k", dynamic_key="3", tags=["api"])
@@ -511,15 +518,7 @@ async def test_the_foreman_gives_back_the_tag_slots_of_task_runs_gone_with_their
     holder's slot stays, and a second pass finds nothing."""
     await broker.ok_cmd("CreateTagConcurrencyLimit", tag="db", concurrency_limit=1)
     await broker.ok_cmd("CreateConcurrencyLimit", name="tag:api", limit=2)
-    flow_id = (await broker.ok_cmd("CreateFlow", name="f"))["id"]
-    doomed = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, state={"type": "RUNNING"})
-    kept = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, state={"type": "RUNNING"})
-    gone = await broker.ok_cmd("CreateTaskRun", flow_run_id=doomed["id"], task_key="k", dynamic_key="1",
-                               tags=["db", "api"])
-    alive = await broker.ok_cmd("CreateTaskRun", flow_run_id=kept["id"], task_key="k", dynamic_key="2", tags=["api"])
-    assert (await _running(broker, gone["id"]))["status"] == "ACCEPT"
-    assert (await _running(broker, alive["id"]))["status"] == "ACCEPT"
-    await broker.ok_cmd("DeleteFlowRun", id=doomed["id"])
+    gone, alive = await _one_running_task_run_gone_with_its_flow_run(broker, alive_tags=["api"])
     waiting = await broker.ok_cmd("CreateTaskRun", task_key="k", dynamic_key="3", tags=["db"])
     assert (await _running(broker, waiting["id"]))["status"] == "WAIT"  # the deleted run's slot
     await broker.catch_up()

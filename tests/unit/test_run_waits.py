@@ -144,5 +144,5 @@ def test_the_words_are_the_claims() -> None:
     limit = cl.ConcurrencyLimit(id=uuid.UUID(int=77), created=DUE, updated=DUE, name="deployment:x", limit=1,
                                 active_slots=1)
     refused = fr.decide_set_state(claim, a_run(), ctx, sl.Limits(deployment_limit=limit)).orchestration
-    assert refused.reason == orchestration_rules._DEPLOYMENT_LIMIT_REACHED
+    assert refused.reason == orchestration_rules.DEPLOYMENT_LIMIT_REACHED
     assert why_waiting(a_run(), FREE, FULL_DEPLOYMENT, NOW).startswith(refused.reason)  # type: ignore[union-attr]
