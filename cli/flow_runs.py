@@ -230,9 +230,15 @@ def inspect(
     show_details(flow_run, f"Flow run {flow_run.name!r}")
     if flow_run.waiting_reason:
         say(f"Waiting: {flow_run.waiting_reason}")
-    if flow_run.deployment_lease_expired:
+    if flow_run.deployment_lease_expired and flow_run.state_type == "PENDING":
         say("Deployment slot: its lease expired while the run was PENDING and the slot was given back; "
             "it takes one again when it starts, or is cancelled if none is free.")
+    elif flow_run.deployment_lease_expired:
+        say("Deployment slot: its lease ran out (its process stopped renewing it) and the slot was given back; "
+            "the run holds none.")
+    elif flow_run.deployment_lease_expiration is not None:
+        say(f"Deployment slot: held under a renewed lease until {flow_run.deployment_lease_expiration.isoformat()}, "
+            "given back then unless renewed again.")
     if flow_run.state is not None and flow_run.state.type == "SCHEDULED" and (
             flow_run.pool_slot_reserved or flow_run.state.state_details.get("deployment_concurrency_lease_id")):
         say("Slots: a release handed this run the slots it freed; they are held for it until a worker claims it, "

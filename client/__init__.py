@@ -24,6 +24,7 @@ from .errors import (
     RunledgerError,
     Unavailable,
 )
+from .leases import DeploymentSlotLease, DeploymentSlotLost
 from .models import (
     ConcurrencyLimit,
     Deployment,
@@ -35,6 +36,7 @@ from .models import (
     FlowRunSlotSummary,
     HistoryInterval,
     HistoryState,
+    LeaseRenewal,
     OrchestrationDetails,
     OrchestrationResult,
     State,
@@ -60,6 +62,8 @@ __all__ = [
     "Deployment",
     "DeploymentPage",
     "DeploymentSchedule",
+    "DeploymentSlotLease",
+    "DeploymentSlotLost",
     "Flow",
     "FlowRun",
     "FlowRunCreateResult",
@@ -67,6 +71,7 @@ __all__ = [
     "HistoryInterval",
     "HistoryState",
     "Invalid",
+    "LeaseRenewal",
     "NotFound",
     "OrchestrationDetails",
     "OrchestrationResult",

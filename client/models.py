@@ -259,6 +259,18 @@ class FlowRun(BaseModel):
     # holds while it is SCHEDULED (for the service's `handed_slot_seconds` at most, 30 s by
     # default), so no other run takes it meanwhile.
     pool_slot_reserved: bool = False
+    # When its deployment slot's lease runs out, once its process renewed it
+    # (`renew_deployment_slot_lease`, `hold_deployment_slot`); None: never renewed.
+    deployment_lease_expiration: datetime | None = None
+
+
+class LeaseRenewal(BaseModel):
+    """A deployment slot's lease renewed: which one, and when it now runs out."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    lease_id: uuid.UUID
+    expiration: datetime
 
 
 class TaskRun(BaseModel):

@@ -38,6 +38,7 @@ from runledger.infra.settings import Settings, load_settings
 
 from .envelope import UNSET, Reply, Unset, encode_body, given, parse_reply
 from .errors import Invalid, ProtocolError, Unavailable
+from .leases import DeploymentSlotLease
 from .models import (
     ConcurrencyLimit,
     Deployment,
@@ -47,6 +48,7 @@ from .models import (
     FlowRun,
     FlowRunCreateResult,
     HistoryInterval,
+    LeaseRenewal,
     OrchestrationResult,
     State,
     TagConcurrencyLimit,
@@ -1343,6 +1345,30 @@ class RunledgerClient:
         if reply.orchestration is None:
             raise ProtocolError("the service's reply to SetFlowRunState has no orchestration outcome")
         return self._one(OrchestrationResult, {**reply.orchestration, "state": reply.result})
+
+    async def renew_deployment_slot_lease(self, flow_run_id: uuid.UUID | str, *, lease_id: uuid.UUID | str | None = None,
+                                          lease_seconds: float = 300.0,
+                                          idempotency_key: str | None = None) -> LeaseRenewal:
+        """Renew the run's deployment concurrency slot lease (`lease_id`, else whichever it
+        holds): it then runs out `lease_seconds` from now, and once a lease has been renewed
+        the slot is given back when it runs out. `NotFound` when the run holds no lease (or
+        not that one): it ran out, or the run gave the slot back. `hold_deployment_slot`
+        does this for the length of a block."""
+        body = {"id": str(flow_run_id), "lease_seconds": lease_seconds}
+        if lease_id is not None:
+            body["lease_id"] = str(lease_id)
+        reply = await self.command("RenewDeploymentSlotLease", body | self._key(idempotency_key))
+        return self._one(LeaseRenewal, reply.result)
+
+    def hold_deployment_slot(self, flow_run_id: uuid.UUID | str, *, lease_seconds: float = 300.0,
+                             strict: bool = True) -> DeploymentSlotLease:
+        """`async with rl.hold_deployment_slot(run_id):` keeps the run's deployment slot for the
+        length of the block, as Prefect's engine does while a flow runs: the lease is renewed at
+        once and every three quarters of `lease_seconds`. If this process dies, the slot goes
+        back within `lease_seconds` (and a pass of the service's foreman). If a renewal finds
+        the lease gone, the block is cancelled and raises `DeploymentSlotLost` (`strict=False`:
+        it runs on, and the holder's `lost` is set)."""
+        return DeploymentSlotLease(self, flow_run_id, lease_seconds=lease_seconds, strict=strict)
 
     async def update_flow_run(
         self,

@@ -21,6 +21,7 @@ from .decisions import Decision, NewEvent
 from .events import register_event
 from .flows import Tags
 from .messages import (
+    EXPIRY_MARGIN_SECONDS,
     Command,
     DecisionContext,
     Event,
@@ -111,6 +112,14 @@ class FlowRun(BaseModel):
     # back (`ExpireDeploymentSlotLease`): it holds none, and takes one again when it starts
     # running, or is cancelled if none is free (OR-6). Cleared by the next state written.
     deployment_lease_expired: bool = False
+    # When the deployment slot's lease runs out, once the process running the run has renewed
+    # it (`RenewDeploymentSlotLease`, as Prefect's engine renews it while the flow runs): from
+    # then on the slot is given back at that time unless renewed again, whatever the state
+    # that holds it. None: never renewed, so a PENDING run's lease lasts `lease_seconds` from
+    # its PENDING state and a RUNNING one's lasts until the run ends (its worker's heartbeats
+    # stand for it, as for Prefect's clients that do not renew). Kept while the run holds the
+    # same lease; cleared with it.
+    deployment_lease_expiration: UtcDatetime | None = None
     # Beyond Prefect: a release that woke this run (waiting for its deployment's slot) handed it
     # its queue's and pool's slot too, which it holds while it stays SCHEDULED, so that its
     # claim writes nothing but its own state (`slots.hand_over`). Cleared by the next state.
@@ -182,13 +191,35 @@ class FlowRunWaiting(_FlowRunEvent):
 
 @register_event
 class FlowRunDeploymentLeaseExpired(_FlowRunEvent):
-    """The run stayed PENDING longer than its deployment slot's lease lasts: the slot was given
-    back in the same append (`run.deployment_lease_expired`; `lease_id`: the lease that
-    expired)."""
+    """The run's deployment slot's lease ran out (it stayed PENDING longer than the lease
+    lasts, or the process running it stopped renewing it): the slot was given back in the same
+    append (`run.deployment_lease_expired`; `lease_id`: the lease that expired)."""
 
     event_type: ClassVar[str] = "FlowRunDeploymentLeaseExpired"
     run: FlowRun
     lease_id: uuid.UUID
+
+
+@register_event
+class FlowRunDeploymentLeaseRenewed(_FlowRunEvent):
+    """The process running the run renewed its deployment slot's lease: it now runs out at
+    `run.deployment_lease_expiration` (`lease_seconds` from the renewal). The first renewal of
+    a lease is kept in the log: it is what makes the lease run out at all. The later ones
+    (`routine`) each carry the whole run, so only the latest matters: they expire from the log
+    (`Settings.routine_retention_seconds`), but not while they may still be the run's latest
+    word. A run renewing every few minutes would otherwise add hundreds of events a day to the
+    log, for ever."""
+
+    event_type: ClassVar[str] = "FlowRunDeploymentLeaseRenewed"
+    run: FlowRun
+    lease_id: uuid.UUID
+    lease_seconds: float
+    routine: bool = False
+
+    def expires_no_sooner_than(self) -> float | None:
+        # Past the moment the lease runs out without a newer renewal: by then a newer one, or the
+        # foreman's FlowRunDeploymentLeaseExpired (kept), says what this one said.
+        return self.lease_seconds + EXPIRY_MARGIN_SECONDS if self.routine else None
 
 
 @register_event
@@ -309,6 +340,25 @@ class ExpireDeploymentSlotLease(Command):
     lease_id: uuid.UUID
 
 
+# Prefect's bounds on a renewal's lease duration are 60 s to a day; runledger takes shorter ones.
+MAX_LEASE_SECONDS = 86_400.0
+LEASE_NOT_FOUND = "Lease not found - it may have expired or been revoked"
+
+
+class RenewDeploymentSlotLease(Command):
+    """The process running a flow run keeps the run's deployment concurrency slot: the lease
+    then runs out `lease_seconds` from now unless renewed again (Prefect's lease renewal,
+    which its engine sends every three quarters of the lease while the flow runs). Once a
+    lease has been renewed, the foreman gives the slot back when it runs out, so a process
+    that dies holds it no longer than that (Prefect issue #17415). `lease_id`: the lease the
+    caller holds; none: whichever the run holds now. `not_found` when the run holds no lease,
+    or not that one: it ran out, or the run gave the slot back."""
+
+    id: uuid.UUID
+    lease_id: uuid.UUID | None = None
+    lease_seconds: Annotated[float, Field(gt=0, le=MAX_LEASE_SECONDS, allow_inf_nan=False)] = 300.0
+
+
 class UpdateFlowRun(Command):
     """Only the fields named change. `priority` (beyond Prefect) only while the run
     waits (SCHEDULED)."""
@@ -335,7 +385,7 @@ class DeleteFlowRun(Command):
 def evolve(run: FlowRun | None, event: Event) -> FlowRun | None:
     match event:
         case (FlowRunCreated(run=r) | FlowRunStateSet(run=r) | FlowRunUpdated(run=r) | FlowRunWaiting(run=r)
-              | FlowRunDeploymentLeaseExpired(run=r)):
+              | FlowRunDeploymentLeaseExpired(run=r) | FlowRunDeploymentLeaseRenewed(run=r)):
             return r
         case FlowRunDeleted():
             return None
@@ -529,23 +579,58 @@ def decide_crash_run_of_lost_worker(cmd: CrashFlowRunOfLostWorker, run: FlowRun 
     return decide_set_state(crash, run, ctx, limits)
 
 
+def deployment_lease_runs_out(run: FlowRun, limits: slots.Limits) -> datetime | None:
+    """When the deployment slot's lease the run holds runs out, if it does: once renewed, when
+    the last renewal said (`deployment_lease_expiration`), in whichever state holds the slot;
+    never renewed, `limits.lease_seconds` after its PENDING state, and never while RUNNING or
+    CANCELLING (a run claimed by a worker is crashed when its worker goes offline, and a
+    process that does not renew would lose its slot while its flow still runs)."""
+    if run.state is None or slots.deployment_lease(run) is None or run.state_type not in slots.DEPLOYMENT_SLOT_STATES:
+        return None
+    if run.deployment_lease_expiration is not None:
+        return run.deployment_lease_expiration
+    if run.state_type is StateType.PENDING:
+        return run.state.timestamp + timedelta(seconds=limits.lease_seconds)
+    return None
+
+
+def decide_renew_deployment_slot_lease(cmd: RenewDeploymentSlotLease, run: FlowRun | None,
+                                       ctx: DecisionContext) -> Decision:
+    """As Prefect's lease storage, a lease is renewed as long as the run holds it, even past
+    its time when the foreman has not given it back yet: whichever of the two is decided first
+    on the log wins, and the other sees its outcome."""
+    if run is None:
+        raise flow_run_not_found(cmd.id)
+    lease = slots.deployment_lease(run)
+    if (lease is None or run.state_type not in slots.DEPLOYMENT_SLOT_STATES
+            or (cmd.lease_id is not None and cmd.lease_id != lease)):
+        raise not_found(LEASE_NOT_FOUND)
+    after = run.model_copy(update={"deployment_lease_expiration": ctx.now + timedelta(seconds=cmd.lease_seconds)})
+    renewed = FlowRunDeploymentLeaseRenewed(run=after, lease_id=lease, lease_seconds=cmd.lease_seconds,
+                                            routine=run.deployment_lease_expiration is not None)
+    return Decision(events=[NewEvent(str(run.id), renewed)], result=after, after={str(run.id): after})
+
+
 def decide_expire_deployment_slot_lease(cmd: ExpireDeploymentSlotLease, run: FlowRun | None,
                                         ctx: DecisionContext, limits: slots.Limits = slots.NO_LIMITS) -> Decision:
-    """A slot held by a run whose infrastructure never came up would otherwise be held for
-    ever, and every other run of the deployment would wait behind it (Prefect bounds it with
-    the lease's time to live; runledger's worker heartbeats cover a worker that died, not a
-    worker that is alive but whose run never starts). The slot goes back and wakes the next
-    waiter; the run stays PENDING, and OR-6 decides at its start."""
+    """A slot held by a run whose infrastructure never came up, or by a run whose process died
+    after renewing its lease, would otherwise be held for ever, and every other run of the
+    deployment would wait behind it (Prefect bounds it with the lease's time to live;
+    runledger's worker heartbeats cover a worker that died, not a worker that is alive but
+    whose run never starts, nor a run no worker claimed). The slot goes back and wakes the
+    next waiter; the run stays in its state: a PENDING one takes a slot again at its start
+    (OR-6), or is cancelled; a RUNNING one runs on without it, as in Prefect, and its
+    process, told so by its next renewal, may stop it."""
     if run is None:
         raise flow_run_not_found(cmd.id)
     lease = slots.deployment_lease(run)
     if slots.holds_handed_slots(run):
         return _unclaimed_handed_slots(cmd, run, ctx, limits)
-    if (run.state is None or run.state_type is not StateType.PENDING or lease is None or lease != cmd.lease_id
-            or limits.deployment_limit is None
-            or ctx.now < run.state.timestamp + timedelta(seconds=limits.lease_seconds)):
+    runs_out = deployment_lease_runs_out(run, limits)
+    if lease is None or lease != cmd.lease_id or limits.deployment_limit is None or runs_out is None or ctx.now < runs_out:
         return Decision(events=[], result=run.state)
-    after = run.model_copy(update={"deployment_lease_expired": True, "updated": ctx.now})
+    after = run.model_copy(update={"deployment_lease_expired": True, "deployment_lease_expiration": None,
+                                   "updated": ctx.now})
     events = [NewEvent(str(run.id), FlowRunDeploymentLeaseExpired(run=after, lease_id=lease)),
               *slot_bookkeeping(run, after, False, limits, ctx)]
     return Decision(events=events, result=after.state, created=True, after={str(run.id): after})

@@ -681,9 +681,13 @@ def _book(run: FlowRun, proposal: StateCreate, policy: FlowRunPolicy,
     # RUNNING whether the run takes a slot again; any other state ends it.
     still_expired = (run.deployment_lease_expired and state.type is StateType.PENDING
                      and current is not None and current.type is StateType.PENDING)
+    # A renewed lease runs out when its renewal said for as long as the run holds that lease.
+    renewed_until = (run.deployment_lease_expiration
+                     if lease is not None and state.state_details.deployment_concurrency_lease_id == lease else None)
     return state, run.model_copy(update={**booked_times(run, state), "run_count": run_count,
                                          "empirical_policy": policy, "updated": ctx.now,
-                                         "deployment_lease_expired": still_expired, "pool_slot_reserved": False})
+                                         "deployment_lease_expired": still_expired,
+                                         "deployment_lease_expiration": renewed_until, "pool_slot_reserved": False})
 
 
 def mint_state(current: State | None, proposal: StateCreate, details: dict[str, Any],

@@ -135,6 +135,14 @@ def _state_reply(state: State | None) -> dict[str, Any] | None:
     return state.reply() if state is not None else None
 
 
+def _lease_reply(run: fr.FlowRun) -> dict[str, Any]:
+    """The lease renewed, and when it runs out unless renewed again."""
+    lease = sl.deployment_lease(run)
+    return {"lease_id": str(lease) if lease else None,
+            "expiration": run.model_dump(mode="json", include={"deployment_lease_expiration"})[
+                "deployment_lease_expiration"]}
+
+
 def _nothing(_: Any) -> None:
     return None
 
@@ -259,6 +267,10 @@ def command_specs(queues: LogIndex | None,
         decision = fr.decide_expire_deployment_slot_lease(cmd, run, ctx, await limits_of(unit, run))
         return await onto_parent_task(unit, decision, run, str(cmd.id), ctx)
 
+    async def renew_deployment_slot_lease(unit: Unit, cmd: fr.RenewDeploymentSlotLease,
+                                          ctx: DecisionContext) -> Decision:
+        return fr.decide_renew_deployment_slot_lease(cmd, await unit.load(fr.FLOW_RUN, str(cmd.id)), ctx)
+
     return {
         "CreateFlowRun": CommandSpec(fr.CreateFlowRun, create_flow_run, _run_reply, _create_locks),
         "CrashFlowRunOfLostWorker": CommandSpec(fr.CrashFlowRunOfLostWorker, crash_run_of_lost_worker, _state_reply,
@@ -267,6 +279,8 @@ def command_specs(queues: LogIndex | None,
         "MarkFlowRunLate": CommandSpec(fr.MarkFlowRunLate, mark_flow_run_late, _state_reply, _by_id),
         "ExpireDeploymentSlotLease": CommandSpec(fr.ExpireDeploymentSlotLease, expire_deployment_slot_lease,
                                                  _state_reply, _by_id),
+        "RenewDeploymentSlotLease": CommandSpec(fr.RenewDeploymentSlotLease, renew_deployment_slot_lease,
+                                                _lease_reply, _by_id),
         "UpdateFlowRun": CommandSpec(fr.UpdateFlowRun, update_flow_run, _nothing, _by_id),
         "DeleteFlowRun": CommandSpec(fr.DeleteFlowRun, delete_flow_run, _nothing, _by_id),
         "DeleteRunOfDeletedDeployment": CommandSpec(dp.DeleteRunOfDeletedDeployment, delete_run_of_deleted_deployment,

@@ -13,7 +13,9 @@ clock in handlers/background.py) that, every 15 s, in this order:
    one per pool.
 5. gives back the deployment slots of runs PENDING for longer than the slot's lease lasts
    (the deployment's `concurrency_options.grace_period_seconds`, else the service's
-   `deployment_slot_lease_seconds`): `ExpireDeploymentSlotLease`, as Prefect's lease reaper;
+   `deployment_slot_lease_seconds`), and of runs whose process renewed their lease and then
+   stopped renewing it past its time (`RenewDeploymentSlotLease`; its process died, most
+   likely): `ExpireDeploymentSlotLease`, as Prefect's lease reaper;
    and the slots a release handed to a waiting run that nobody claimed within
    `handed_slot_seconds` (30 s by default).
 6. crashes the task runs left RUNNING or CANCELLING in a flow run that ended (COMPLETED,
@@ -285,8 +287,9 @@ class Foreman:
         return sent
 
     async def deployment_leases_expired(self) -> int:
-        """Runs PENDING for longer than their deployment slot's lease lasts, and waiting runs
-        handed a slot by a release longer ago than `handed_slot_seconds`, in the read model:
+        """Runs PENDING for longer than their deployment slot's lease lasts, runs whose renewed
+        lease ran out, and waiting runs handed a slot by a release longer ago than
+        `handed_slot_seconds`, in the read model:
         each is sent to its decider, which checks the run, its lease and the time against the
         log again."""
         state = flow_runs.c.state
@@ -296,7 +299,12 @@ class Foreman:
         lasts = func.coalesce(grace, self.deployment_lease_seconds)
         now = literal(self.clock())
         pending_too_long = and_(flow_runs.c.state_type == "PENDING", flow_runs.c.deployment_lease_expired.is_(False),
+                                flow_runs.c.deployment_lease_expiration.is_(None),
                                 since < now - func.make_interval(0, 0, 0, 0, 0, 0, lasts))
+        # A lease its run's process renewed, and then stopped renewing (it died, most likely).
+        renewal_ran_out = and_(flow_runs.c.deployment_lease_expiration < now,
+                               flow_runs.c.state_type.in_(("PENDING", "RUNNING", "CANCELLING")),
+                               flow_runs.c.deployment_lease_expired.is_(False))
         # Also when the deployment or its limit is gone meanwhile: the run still holds its pool slot.
         handed_unclaimed = and_(flow_runs.c.state_type == "SCHEDULED",
                                 flow_runs.c.state_name == "AwaitingConcurrencySlot",
@@ -304,7 +312,8 @@ class Foreman:
         stmt = (select(flow_runs.c.id, lease.label("lease_id"))
                 .outerjoin(deployments, deployments.c.id == flow_runs.c.deployment_id)
                 .where(lease.is_not(None),
-                       or_(and_(pending_too_long, deployments.c.concurrency_limit.is_not(None)), handed_unclaimed))
+                       or_(and_(or_(pending_too_long, renewal_ran_out), deployments.c.concurrency_limit.is_not(None)),
+                           handed_unclaimed))
                 .order_by(since).limit(BATCH))
         expired = 0
 

@@ -35,7 +35,7 @@ from .tables import flow_run_states, flow_runs, work_pools, work_queues
 # A run written before a field existed lacks its key: its default, as the model would fill it.
 _RUN_DEFAULTS = model_defaults(fr.FlowRun)
 _RUN_EVENTS = frozenset({"FlowRunCreated", "FlowRunStateSet", "FlowRunUpdated", "FlowRunWaiting",
-                         "FlowRunDeploymentLeaseExpired"})
+                         "FlowRunDeploymentLeaseExpired", "FlowRunDeploymentLeaseRenewed"})
 _RUN_DEFAULTS_JSON = json_param(_RUN_DEFAULTS)
 # The events that write a state (the others carry the run's current one again).
 _STATE_EVENTS = frozenset({"FlowRunCreated", "FlowRunStateSet"})
@@ -77,7 +77,8 @@ class FlowRunsProjector:
     raw_payloads = True
     handles = frozenset({fr.FlowRunCreated.event_type, fr.FlowRunStateSet.event_type,
                          fr.FlowRunUpdated.event_type, fr.FlowRunWaiting.event_type, fr.FlowRunDeleted.event_type,
-                         fr.FlowRunDeploymentLeaseExpired.event_type, *_QUEUES_GONE_EVENTS})
+                         fr.FlowRunDeploymentLeaseExpired.event_type, fr.FlowRunDeploymentLeaseRenewed.event_type,
+                         *_QUEUES_GONE_EVENTS})
 
     async def apply(self, conn: AsyncConnection, events: Sequence[tuple[str, str, Event | dict]]) -> None:
         payloads = cast(Sequence[tuple[str, str, dict[str, Any]]], events)

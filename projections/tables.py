@@ -228,6 +228,7 @@ flow_runs = Table(
     Column("worker_name", Text),
     Column("deployment_lease_expired", Boolean, nullable=False, server_default=text("false")),
     Column("pool_slot_reserved", Boolean, nullable=False, server_default=text("false")),
+    Column("deployment_lease_expiration", DateTime(timezone=True)),
     Index("flow_runs_flow", "flow_id"),
     Index("flow_runs_deployment", "deployment_id", "state_type"),
     Index("flow_runs_queue", "work_queue_id", "state_type", "next_scheduled_start_time"),
@@ -238,6 +239,9 @@ flow_runs = Table(
     Index("flow_runs_slot_reserved", "work_queue_id", postgresql_where=text("pool_slot_reserved")),
     # A queue's health counts its Late runs (`GetWorkQueueStatus`): few, however long the history.
     Index("flow_runs_late_by_queue", "work_queue_id", postgresql_where=text("state_name = 'Late'")),
+    # The foreman's look for renewed leases that ran out: the few runs whose process renews one.
+    Index("flow_runs_renewed_leases", "deployment_lease_expiration",
+          postgresql_where=text("deployment_lease_expiration IS NOT NULL")),
     # The foreman's other question: which runs of deleted deployments are left to delete? The
     # runs a deployment's delete may still delete: few, however long the history.
     Index("flow_runs_deletable_by_deployment", "deployment_id", postgresql_where=text(
@@ -461,5 +465,12 @@ MIGRATIONS = [
     # written before are of runs that never recorded a wait: null is what they mean.
     Migration(18, "why a task run waits for its tags' concurrency limits", [
         "ALTER TABLE task_runs ADD COLUMN IF NOT EXISTS waiting_reason text",
+    ]),
+    # Migration 6 creates flow_runs from its current definition, which has these already. Rows
+    # written before are of runs whose lease was never renewed: null is what they mean.
+    Migration(19, "when a renewed deployment slot lease runs out", [
+        "ALTER TABLE flow_runs ADD COLUMN IF NOT EXISTS deployment_lease_expiration timestamptz",
+        """CREATE INDEX IF NOT EXISTS flow_runs_renewed_leases ON flow_runs (deployment_lease_expiration)
+               WHERE deployment_lease_expiration IS NOT NULL""",
     ]),
 ]
