@@ -198,8 +198,10 @@ async def any_not_ready_on(conn: AsyncConnection, queue_ids: Sequence[Any]) -> b
     a change the log keeps (`RecordWorkQueuesPolled.readies_deployments`)."""
     if not queue_ids:
         return False
+    # The status inlined, not bound: a partial index (`deployments_not_ready_by_queue`) serves
+    # only a predicate the planner can see implies its own.
     found = await conn.execute(select(deployments.c.id).where(
-        deployments.c.work_queue_id.in_(list(queue_ids)), deployments.c.status != "READY").limit(1))
+        deployments.c.work_queue_id.in_(list(queue_ids)), text("deployments.status <> 'READY'")).limit(1))
     return found.first() is not None
 
 

@@ -136,6 +136,9 @@ deployments = Table(
     Index("deployments_flow_name", "flow_id", "name"),
     Index("deployments_name", "name"),
     Index("deployments_work_queue", "work_queue_id"),
+    # Whether a poll readies a deployment (`any_not_ready_on`, at every poll): the few not READY
+    # of its queues, not every deployment on them.
+    Index("deployments_not_ready_by_queue", "work_queue_id", postgresql_where=text("status <> 'READY'")),
     Index("deployments_tags", "tags", postgresql_using="gin"),
 )
 
@@ -472,5 +475,8 @@ MIGRATIONS = [
         "ALTER TABLE flow_runs ADD COLUMN IF NOT EXISTS deployment_lease_expiration timestamptz",
         """CREATE INDEX IF NOT EXISTS flow_runs_renewed_leases ON flow_runs (deployment_lease_expiration)
                WHERE deployment_lease_expiration IS NOT NULL""",
+    ]),
+    Migration(20, "the deployments not READY, by queue, for every poll", [
+        "CREATE INDEX IF NOT EXISTS deployments_not_ready_by_queue ON deployments (work_queue_id) WHERE status <> 'READY'",
     ]),
 ]
