@@ -176,7 +176,9 @@ def events(
         help="runledger: the stored envelopes, each with its seq. prefect: the events Prefect emits for "
              "the same facts (prefect.* events: pools, queues, deployments, flows, flow runs, variables, "
              "concurrency limits..., listed in docs/events.md); the filters pick the runledger "
-             "events whose Prefect events are printed, --limit counts printed lines."),
+             "events whose Prefect events are printed, --limit counts printed lines. A deployment or "
+             "flow run (--aggregate and --id) also gets the events other aggregates write about it "
+             "(a deployment's ready / not-ready)."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new events as they are appended, until Ctrl-C."),
 ) -> None:
     """Print the event log as JSON lines: one event per line, with its stream sequence, or
@@ -205,10 +207,21 @@ def events(
         try:
             store = EventStore(nc, settings)
             start = 1 if prefect else from_seq
+            from runledger.handlers.event_queries import WITH_NEIGHBOURS, neighbour_subjects
+            from runledger.handlers.work_pool_commands import queue_index
+
+            subjects, about = [subject], None
+            if prefect and aggregate in WITH_NEIGHBOURS and aggregate_id:
+                # One deployment or run: read with the aggregates that name what it relates and
+                # those that write events about it (a deployment's READY / NOT_READY), as found
+                # when the command starts; of theirs, print only the events about it.
+                subjects += await neighbour_subjects(store, queue_index(store), aggregate, aggregate_id,
+                                                     await store.last_sequence())
+                about = f"prefect.{WITH_NEIGHBOURS[aggregate]}.{aggregate_id}"
             while not stopped.is_set():
                 stop_if_cancelled()
                 end = await store.last_sequence()
-                async for batch in iter_log(store, subject, start, until_seq=end):
+                async for batch in iter_log(store, subjects, start, until_seq=end):
                     for raw in batch:
                         env = EventEnvelope.model_validate_json(raw.data)
                         # The Prefect export folds every event it reads, printed or not.
@@ -217,6 +230,9 @@ def events(
                             continue
                         if (lo and env.occurred < lo) or (hi and env.occurred > hi):
                             continue
+                        neighbour = about is not None and (env.aggregate_type, env.aggregate_id) != (aggregate, aggregate_id)
+                        if exported is not None and neighbour:
+                            exported = [e for e in exported if e["resource"].get("prefect.resource.id") == about]
                         lines = exported if exported is not None else [{"seq": raw.seq, **env.model_dump(mode="json")}]
                         for line in lines:
                             sys.stdout.write(json.dumps(line) + "\n")

@@ -12,7 +12,18 @@ an aggregate's whole history through it, in log order, and print only what you w
 The shapes follow Prefect's `prefect.server.models.events` (`work_pool_created_event`,
 `work_pool_updated_event`, `work_pool_status_event`, `work_queue_*_event`) at the commit
 BEHAVIOUR.md names. Every exported event gets a deterministic id (a UUIDv5 of the runledger
-event id and the position in its list), so two exports of the same log are identical.
+event id and the position in its list; a run's state event, as in Prefect, its state's id), so
+two exports of the same log are identical.
+
+Flow-run state events follow `InstrumentFlowRunStateTransitions` (`flow_run_state_change_event`
+and `_flow_run_related_resources_from_orm`): the event is the state's (its id, its timestamp,
+`follows` the previous state's event when tight), and relates the run's flow, deployment, queue,
+pool and parent task run by name, their tags and the run's creator. Those names come from the
+other aggregates' events, so an export of one run or deployment reads them too (`neighbours`).
+What the log cannot tell: an object whose history was not folded is related by id only (a
+queue with the name the run carries); one seen deleted is left out, as Prefect no longer finds
+it; Prefect caches a run's related resources for a while, so it may report an older name than
+the export, which uses the names as of each event.
 
 Event types the export does not know (a newer runledger, a newer schema version, an unreadable
 payload) produce nothing and are counted in `ExportState.skipped`.
@@ -35,8 +46,9 @@ from . import tag_concurrency_limits as tcl
 from . import task_runs as tr
 from . import variables as va
 from . import workers as wk
-from .deployment_polls import DeploymentsPolled, QueuelessDeploymentsNotReady
+from .deployment_polls import DEPLOYMENT_POLL, DeploymentsPolled, QueuelessDeploymentsNotReady
 from .deployments import (
+    DEPLOYMENT,
     Deployment,
     DeploymentCreated,
     DeploymentDeleted,
@@ -47,14 +59,16 @@ from .deployments import (
 )
 from .events import EVENT_TYPES, EventEnvelope, UnknownEvent
 from .flow_runs import (
+    FlowRun,
     FlowRunCreated,
     FlowRunDeleted,
     FlowRunDeploymentLeaseExpired,
+    FlowRunDeploymentLeaseRenewed,
     FlowRunStateSet,
     FlowRunUpdated,
     FlowRunWaiting,
 )
-from .flows import Flow, FlowCreated, FlowDeleted
+from .flows import FLOW, Flow, FlowCreated, FlowDeleted
 from .messages import Event
 from .slots import LimitWaitersChanged, PoolQueueSlotsDropped, PoolSlotReleased, PoolSlotTaken
 from .states import State, StateType
@@ -120,6 +134,14 @@ class ExportState:
     flows: dict[str, Flow] = field(default_factory=dict)
     # Each flow run's current state, for the `initial_state` of its next state event.
     run_states: dict[str, State | None] = field(default_factory=dict)
+    # Every queue seen created -> its pool's id, kept after the queue is deleted: a queue known
+    # here but gone from its pool was deleted, and Prefect relates a run to it no more.
+    queue_pools: dict[str, str] = field(default_factory=dict)
+    # The flows and deployments seen deleted (`prefect.<kind>.<id>`): Prefect no longer finds
+    # them, so later run events do not relate them.
+    deleted: set[str] = field(default_factory=set)
+    # Task runs by id: (name, tags), for the subflow runs whose parent they are.
+    task_runs: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
     # The READY deployments (by id) and when they were last polled: a poll reports only those
     # that were NOT_READY, the foreman only those it finds still READY.
     ready_deployments: dict[str, datetime] = field(default_factory=dict)
@@ -161,6 +183,46 @@ def export_log(envelopes: Iterable[EventEnvelope], state: ExportState | None = N
     return events, state
 
 
+@dataclass
+class Neighbours:
+    """The other aggregates the export of one aggregate reads with it: those whose events name
+    what its events refer to (a run's flow, deployment, queue and pool, parent task run; a
+    deployment's flow, queue and pool), and those that write events about it (a deployment's
+    READY / NOT_READY are decided by the polls of its queue's pool and by runners' polls)."""
+
+    aggregates: set[tuple[str, str]] = field(default_factory=set)
+    # Queues whose pools' aggregates are read too (the caller looks each pool up).
+    queue_ids: set[str] = field(default_factory=set)
+    # Aggregate types read whole: a runner's poll lives in an aggregate of the set of
+    # deployments it polled, which no deployment's events name.
+    aggregate_types: set[str] = field(default_factory=set)
+
+
+def neighbours(envelopes: Iterable[EventEnvelope]) -> Neighbours:
+    """What `Neighbours` the export of the aggregate whose history is `envelopes` needs."""
+    found = Neighbours()
+    for envelope in envelopes:
+        try:
+            event = envelope.decode()
+        except (UnknownEvent, ValidationError):
+            continue
+        run = getattr(event, "run", None)
+        if isinstance(run, FlowRun):
+            found.aggregates.add((FLOW, str(run.flow_id)))
+            if run.deployment_id is not None:
+                found.aggregates.add((DEPLOYMENT, str(run.deployment_id)))
+            if run.work_queue_id is not None:
+                found.queue_ids.add(str(run.work_queue_id))
+            if run.parent_task_run_id is not None:
+                found.aggregates.add((tr.TASK_RUN, str(run.parent_task_run_id)))
+        elif isinstance(event, DeploymentCreated | DeploymentUpdated):
+            found.aggregates.add((FLOW, str(event.deployment.flow_id)))
+            if event.deployment.work_queue_id is not None:
+                found.queue_ids.add(str(event.deployment.work_queue_id))
+            found.aggregate_types.add(DEPLOYMENT_POLL)
+    return found
+
+
 def _skip_label(envelope: EventEnvelope, error: Exception) -> str:
     if isinstance(error, ValidationError):
         return f"{envelope.type} (unreadable payload)"
@@ -183,10 +245,13 @@ class _Out:
         self.events: list[PrefectEvent] = []
 
     def emit(self, name: str, resource: dict[str, str], related: list[dict[str, str]] | None = None,
-             payload: dict[str, Any] | None = None, follows: str | None = None) -> str:
-        event_id = str(uuid.uuid5(EXPORT_NAMESPACE, f"{self.source_id}/{len(self.events)}"))
+             payload: dict[str, Any] | None = None, follows: str | None = None, *,
+             event_id: str | None = None, occurred: datetime | None = None) -> str:
+        """Append one event; `event_id` and `occurred` replace the derived id and the runledger
+        event's time (a run's state event takes its state's, as Prefect's does)."""
+        event_id = event_id or str(uuid.uuid5(EXPORT_NAMESPACE, f"{self.source_id}/{len(self.events)}"))
         self.events.append({
-            "occurred": self.occurred,
+            "occurred": self.occurred if occurred is None else to_jsonable_python(occurred),
             "event": name,
             "resource": resource,
             "related": related or [],
@@ -275,6 +340,7 @@ def _pool_created(out: _Out, e: WorkPoolCreated, pool_id: str, state: ExportStat
     q = e.default_queue
     pool = _pool_info(e.pool, {str(q.id): QueueInfo(q.name, q.priority)})
     state.pools[pool_id] = pool
+    state.queue_pools[str(q.id)] = pool_id
     # Prefect's create_work_pool creates the default queue first (its `created` event names
     # the pool), then emits the pool's `created`; the API route then emits the initial status.
     out.emit("prefect.work-queue.created", _queue_resource(str(q.id), q.name), _queue_related(pool_id, pool))
@@ -335,7 +401,7 @@ def _queues_polled(out: _Out, e: WorkQueuesPolled, pool_id: str, state: ExportSt
         if e.routine and deployment_id not in state.ready_deployments:
             continue
         if deployment_id not in state.ready_deployments:
-            out.emit("prefect.deployment.ready", _deployment_resource(d), _deployment_related(d))
+            out.emit("prefect.deployment.ready", _deployment_resource(d), _deployment_related(d, state))
         state.ready_deployments[deployment_id] = e.polled
 
 
@@ -346,7 +412,7 @@ def _deployments_polled(out: _Out, e: DeploymentsPolled, aggregate_id: str, stat
         if d is None:
             continue
         if str(d.id) not in state.ready_deployments:
-            out.emit("prefect.deployment.ready", _deployment_resource(d), _deployment_related(d))
+            out.emit("prefect.deployment.ready", _deployment_resource(d), _deployment_related(d, state))
         state.ready_deployments[str(d.id)] = e.polled
 
 
@@ -363,7 +429,7 @@ def _queueless_not_ready(out: _Out, e: QueuelessDeploymentsNotReady, aggregate_i
         del state.ready_deployments[deployment_id]
         if d.work_queue_id is not None:
             d = state.deployments[deployment_id] = d.model_copy(update={"work_queue_id": None, "work_pool_name": None})
-        out.emit("prefect.deployment.not-ready", _deployment_resource(d), _deployment_related(d))
+        out.emit("prefect.deployment.not-ready", _deployment_resource(d), _deployment_related(d, state))
 
 
 def _queues_not_ready(out: _Out, e: WorkQueuesNotReady, pool_id: str, state: ExportState) -> None:
@@ -379,7 +445,7 @@ def _deployments_not_ready(out: _Out, e: WorkQueueDeploymentsNotReady, pool_id: 
         if d is None or last is None or d.work_queue_id != e.work_queue_id or last >= e.checked - NOT_READY_AFTER:
             continue
         del state.ready_deployments[deployment_id]
-        out.emit("prefect.deployment.not-ready", _deployment_resource(d), _deployment_related(d))
+        out.emit("prefect.deployment.not-ready", _deployment_resource(d), _deployment_related(d, state))
 
 
 def _queues_gone(state: ExportState, queue_ids: list[uuid.UUID]) -> None:
@@ -403,6 +469,7 @@ def _pool_deleted(out: _Out, e: WorkPoolDeleted, pool_id: str, state: ExportStat
 
 
 def _queue_created(out: _Out, e: WorkQueueCreated, pool_id: str, state: ExportState) -> None:
+    state.queue_pools[str(e.queue.id)] = pool_id
     pool = state.pools.get(pool_id)
     if pool is not None:
         pool.queues[str(e.queue.id)] = QueueInfo(e.queue.name, e.queue.priority)
@@ -467,6 +534,7 @@ def _flow_event(out: _Out, e: FlowCreated | FlowDeleted, aggregate_id: str, stat
         action, flow_id, name, tags, labels = "created", e.flow.id, e.flow.name, e.flow.tags, e.flow.labels
     else:
         gone = state.flows.pop(aggregate_id, None)
+        state.deleted.add(f"prefect.flow.{e.flow_id}")
         action, flow_id, name = "deleted", e.flow_id, e.name
         tags, labels = (gone.tags, gone.labels) if gone is not None else ([], {})
     out.emit(f"prefect.flow.{action}", {"prefect.resource.id": f"prefect.flow.{flow_id}",
@@ -522,11 +590,53 @@ def _deployment_resource(d: Deployment) -> dict[str, str]:
     return {"prefect.resource.id": f"prefect.deployment.{d.id}", "prefect.resource.name": d.name}
 
 
-def _deployment_related(d: Deployment) -> list[dict[str, str]]:
-    related = [{"prefect.resource.id": f"prefect.flow.{d.flow_id}", "prefect.resource.role": "flow"}]
+def _queue_and_pool(queue_id: uuid.UUID, state: ExportState) -> tuple[dict[str, str], dict[str, str]] | None:
+    """A queue's and its pool's related entries (ids, names, the pool's type) when the export
+    knows the queue; None when it saw the queue deleted, or never saw it (the caller decides)."""
+    pool_id = state.queue_pools.get(str(queue_id))
+    pool = state.pools.get(pool_id) if pool_id is not None else None
+    queue = pool.queues.get(str(queue_id)) if pool is not None else None
+    if pool_id is None or pool is None or queue is None:
+        return None
+    return ({"prefect.resource.id": f"prefect.work-queue.{queue_id}", "prefect.resource.name": queue.name,
+             "prefect.resource.role": "work-queue"},
+            {"prefect.resource.id": f"prefect.work-pool.{pool_id}", "prefect.resource.name": pool.name,
+             "prefect.work-pool.type": pool.type, "prefect.resource.role": "work-pool"})
+
+
+def _flow_entry(flow_id: uuid.UUID, state: ExportState) -> dict[str, str] | None:
+    """A related flow with its name; without it when the export never saw the flow (its
+    history was not read); None once deleted (Prefect finds it no more)."""
+    if f"prefect.flow.{flow_id}" in state.deleted:
+        return None
+    entry = {"prefect.resource.id": f"prefect.flow.{flow_id}"}
+    flow = state.flows.get(str(flow_id))
+    if flow is not None:
+        entry["prefect.resource.name"] = flow.name
+    entry["prefect.resource.role"] = "flow"
+    return entry
+
+
+def _deployment_related(d: Deployment, state: ExportState) -> list[dict[str, str]]:
+    """Prefect's `_deployment_related_resources`: the flow, the queue, its pool, the storage
+    and infrastructure blocks, the deployment's own concurrency limit."""
+    related = [entry] if (entry := _flow_entry(d.flow_id, state)) is not None else []
     if d.work_queue_id is not None:
-        related.append({"prefect.resource.id": f"prefect.work-queue.{d.work_queue_id}",
-                        "prefect.resource.name": d.work_queue_name or "", "prefect.resource.role": "work-queue"})
+        known = _queue_and_pool(d.work_queue_id, state)
+        if known is not None:
+            related += known
+        elif str(d.work_queue_id) not in state.queue_pools:  # never seen: the name it carries
+            related.append({"prefect.resource.id": f"prefect.work-queue.{d.work_queue_id}",
+                            "prefect.resource.name": d.work_queue_name or "", "prefect.resource.role": "work-queue"})
+    if d.storage_document_id is not None:
+        related.append({"prefect.resource.id": f"prefect.block-document.{d.storage_document_id}",
+                        "prefect.resource.role": "storage"})
+    if d.infrastructure_document_id is not None:
+        related.append({"prefect.resource.id": f"prefect.block-document.{d.infrastructure_document_id}",
+                        "prefect.resource.role": "infrastructure"})
+    if d.concurrency_limit is not None:
+        related.append({"prefect.resource.id": f"prefect.concurrency-limit.{limit_id(d.id)}",
+                        "prefect.resource.role": "concurrency-limit"})
     return related
 
 
@@ -537,15 +647,16 @@ def _deployment_event(out: _Out, e: DeploymentCreated | DeploymentUpdated | Depl
     an event in Prefect."""
     if isinstance(e, DeploymentDeleted):
         gone = state.deployments.pop(aggregate_id, None)
+        state.deleted.add(f"prefect.deployment.{e.deployment_id}")
         resource = _deployment_resource(gone) if gone is not None else {
             "prefect.resource.id": f"prefect.deployment.{e.deployment_id}", "prefect.resource.name": e.name}
-        out.emit("prefect.deployment.deleted", resource, _deployment_related(gone) if gone else [])
+        out.emit("prefect.deployment.deleted", resource, _deployment_related(gone, state) if gone else [])
         return
     before = state.deployments.get(aggregate_id)
     after = e.deployment
     state.deployments[aggregate_id] = after
     if isinstance(e, DeploymentCreated) or before is None:
-        out.emit("prefect.deployment.created", _deployment_resource(after), _deployment_related(after))
+        out.emit("prefect.deployment.created", _deployment_resource(after), _deployment_related(after, state))
         return
     if isinstance(e, DeploymentUpdated) and e.by_pause_or_resume:
         return  # Prefect's pause and resume routes write the flag without an event
@@ -555,76 +666,144 @@ def _deployment_event(out: _Out, e: DeploymentCreated | DeploymentUpdated | Depl
         if (old := _prefect_value(before, f)) != (new := _prefect_value(after, f))
     }
     if updates:
-        out.emit("prefect.deployment.updated", _deployment_resource(after), _deployment_related(after),
+        out.emit("prefect.deployment.updated", _deployment_resource(after), _deployment_related(after, state),
                  payload={"updated_fields": list(updates), "updates": updates})
 
 
+# Prefect truncates state messages in its events to this many characters (keeping both ends),
+# and links a run's state event to the previous one (`follows`) when their times are closer
+# than TIGHT_TIMING (`_timing_is_tight`).
+TRUNCATE_STATE_MESSAGES_AT = 100_000
+TIGHT_TIMING = timedelta(minutes=5)
+
+
+def _truncated(value: str | None, length: int = TRUNCATE_STATE_MESSAGES_AT) -> str:
+    """Prefect's `truncated_to`: "" for none; a longer text keeps its two ends around a count."""
+    if not value:
+        return ""
+    if len(value) <= length:
+        return value
+    half = length // 2
+    proposed = f"{value[:half]}...{len(value) - 2 * half} additional characters...{value[-half:]}"
+    return proposed if len(proposed) < len(value) else value
+
+
 def _state_payload(s: State | None) -> dict[str, str] | None:
+    """Prefect's `state_payload`."""
     if s is None:
         return None
-    payload = {"type": s.type.value, "name": s.name}
+    payload = {"type": s.type.value}
+    if s.name:
+        payload["name"] = s.name
     if s.message:
-        payload["message"] = s.message[:100_000]
+        payload["message"] = _truncated(s.message)
     if s.type is StateType.PAUSED:
         payload["pause_reschedule"] = str(s.state_details.pause_reschedule).lower()
     return payload
 
 
+def _tags(tags: Iterable[str]) -> list[dict[str, str]]:
+    return [{"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"} for tag in sorted(tags)]
+
+
 def _emit_run_state(out: _Out, kind: str, run: Any, aggregate_id: str, state: ExportState,
-                    related: list[dict[str, str]], **payload: Any) -> None:
+                    related: list[dict[str, str]], labels: dict[str, str] | None = None, **payload: Any) -> None:
     """`prefect.<kind>.<state name>` for a written state of a flow or task run, the run and its
-    state as resource; the state before it is remembered per run (`initial_state`)."""
+    state as resource. As in Prefect, the event is the state's: its id is the state's id, it
+    occurred at the state's timestamp, and it `follows` the previous state's event when the
+    two are less than five minutes apart. The state before it is remembered per run
+    (`initial_state`); an event that writes no new state (the same state id) is no transition."""
     initial = state.run_states.get(aggregate_id)
     state.run_states[aggregate_id] = run.state
-    if run.state is None:
-        return
     s = run.state
-    related = [*related, *({"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}
-                           for tag in run.tags)]
+    if s is None or (initial is not None and initial.id == s.id):
+        return
+    tight = initial is not None and -TIGHT_TIMING < s.timestamp - initial.timestamp < TIGHT_TIMING
     out.emit(f"prefect.{kind}.{s.name}", {
         "prefect.resource.id": f"prefect.{kind}.{run.id}", "prefect.resource.name": run.name,
-        "prefect.run-count": str(run.run_count), "prefect.state-message": (s.message or "")[:100_000],
-        "prefect.state-name": s.name, "prefect.state-timestamp": to_jsonable_python(s.timestamp),
-        "prefect.state-type": s.type.value,
+        "prefect.run-count": str(run.run_count), "prefect.state-message": _truncated(s.message),
+        "prefect.state-name": s.name or "", "prefect.state-timestamp": s.timestamp.isoformat(),
+        "prefect.state-type": s.type.value, **(labels or {}),
     }, related, payload={
         "intended": {"from": initial.type.value if initial else None, "to": s.type.value},
         "initial_state": _state_payload(initial), "validated_state": _state_payload(s), **payload,
-    })
+    }, follows=str(initial.id) if tight and initial is not None else None, event_id=str(s.id), occurred=s.timestamp)
+
+
+def _flow_run_related(run: Any, state: ExportState) -> list[dict[str, str]]:
+    """Prefect's `_flow_run_related_resources_from_orm`: the flow, deployment, queue, pool and
+    parent task run with their names (the pool with its type), then a tag for each tag of the
+    run, its flow, its deployment and its parent task run (sorted), then its creator when a
+    deployment or an automation made it. What Prefect would no longer find (a flow, deployment
+    or queue seen deleted) is left out, as there; what the export never saw (its history was
+    not read) is given by id, with the name the run itself carries where it has one."""
+    related: list[dict[str, str]] = []
+    tags = set(run.tags)
+    if (flow_entry := _flow_entry(run.flow_id, state)) is not None:
+        related.append(flow_entry)
+        if (flow := state.flows.get(str(run.flow_id))) is not None:
+            tags |= set(flow.tags)
+    if run.deployment_id is not None and f"prefect.deployment.{run.deployment_id}" not in state.deleted:
+        entry = {"prefect.resource.id": f"prefect.deployment.{run.deployment_id}", "prefect.resource.role": "deployment"}
+        if (d := state.deployments.get(str(run.deployment_id))) is not None:
+            entry["prefect.resource.name"] = d.name
+            tags |= set(d.tags)
+        related.append(entry)
+    if run.work_queue_id is not None:
+        known = _queue_and_pool(run.work_queue_id, state)
+        if known is not None:
+            queue, pool = known
+            related += [{k: queue[k] for k in ("prefect.resource.id", "prefect.resource.role", "prefect.resource.name")},
+                        {k: pool[k] for k in ("prefect.resource.id", "prefect.resource.role", "prefect.resource.name",
+                                              "prefect.work-pool.type")}]
+        elif str(run.work_queue_id) not in state.queue_pools:
+            related.append({"prefect.resource.id": f"prefect.work-queue.{run.work_queue_id}",
+                            "prefect.resource.role": "work-queue", "prefect.resource.name": run.work_queue_name or ""})
+    if run.parent_task_run_id is not None:
+        entry = {"prefect.resource.id": f"prefect.task-run.{run.parent_task_run_id}", "prefect.resource.role": "task-run"}
+        if (parent := state.task_runs.get(str(run.parent_task_run_id))) is not None:
+            entry["prefect.resource.name"] = parent[0]
+            tags |= set(parent[1])
+        related.append(entry)
+    related += _tags(tags)
+    creator = run.created_by
+    if creator is not None and creator.id is not None and creator.type in ("DEPLOYMENT", "AUTOMATION"):
+        entry = {"prefect.resource.id": f"prefect.{creator.type.lower()}.{creator.id}", "prefect.resource.role": "creator"}
+        if creator.display_value:
+            entry["prefect.resource.name"] = creator.display_value
+        related.append(entry)
+    return related
 
 
 def _flow_run_state_event(out: _Out, e: FlowRunCreated | FlowRunStateSet, aggregate_id: str,
                           state: ExportState) -> None:
-    """`prefect.flow-run.<state name>` for each written state; the run's flow, deployment,
-    queue and tags as related resources."""
-    run = e.run
-    related = [{"prefect.resource.id": f"prefect.flow.{run.flow_id}", "prefect.resource.role": "flow"}]
-    if run.deployment_id is not None:
-        related.append({"prefect.resource.id": f"prefect.deployment.{run.deployment_id}",
-                        "prefect.resource.role": "deployment"})
-    if run.work_queue_id is not None:
-        related.append({"prefect.resource.id": f"prefect.work-queue.{run.work_queue_id}",
-                        "prefect.resource.name": run.work_queue_name or "", "prefect.resource.role": "work-queue"})
-    _emit_run_state(out, "flow-run", run, aggregate_id, state, related)
+    """`prefect.flow-run.<state name>` for each written state (Prefect's
+    `InstrumentFlowRunStateTransitions`)."""
+    _emit_run_state(out, "flow-run", e.run, aggregate_id, state, _flow_run_related(e.run, state))
 
 
 def _task_run_state_event(out: _Out, e: tr.TaskRunCreated | tr.TaskRunStateSet, aggregate_id: str,
                           state: ExportState) -> None:
     """`prefect.task-run.<state name>` for each written state (Prefect's task engine emits
-    them); its flow run and tags as related resources."""
+    them, `"prefect.orchestration": "client"`); its flow run and tags as related resources."""
     run = e.run
+    state.task_runs[aggregate_id] = (run.name, list(run.tags))
     related = ([{"prefect.resource.id": f"prefect.flow-run.{run.flow_run_id}", "prefect.resource.role": "flow-run"}]
                if run.flow_run_id is not None else [])
-    _emit_run_state(out, "task-run", run, aggregate_id, state, related,
-                    task_run={"task_key": run.task_key, "dynamic_key": run.dynamic_key})
+    _emit_run_state(out, "task-run", run, aggregate_id, state, [*related, *_tags(run.tags)],
+                    {"prefect.orchestration": "client"}, task_run={"task_key": run.task_key, "dynamic_key": run.dynamic_key})
 
 
 def _run_gone(out: _Out, e: Any, aggregate_id: str, state: ExportState) -> None:
     """Prefect emits no event when a flow or task run is updated or deleted; the state each
-    run's next event starts from is kept up to date."""
+    run's next event starts from (and a task run's name and tags) is kept up to date."""
     if isinstance(e, FlowRunDeleted | tr.TaskRunDeleted):
         state.run_states.pop(aggregate_id, None)
-    else:
-        state.run_states[aggregate_id] = e.run.state
+        state.task_runs.pop(aggregate_id, None)
+        return
+    state.run_states[aggregate_id] = e.run.state
+    if isinstance(e.run, tr.TaskRun):
+        state.task_runs[aggregate_id] = (e.run.name, list(e.run.tags))
 
 
 def _nothing(out: _Out, e: Event, aggregate_id: str, state: ExportState) -> None:
@@ -657,6 +836,7 @@ _HANDLERS: dict[type[Event], Callable[[_Out, Any, str, ExportState], None]] = {
     FlowRunUpdated: _run_gone,
     FlowRunWaiting: _run_gone,
     FlowRunDeploymentLeaseExpired: _run_gone,
+    FlowRunDeploymentLeaseRenewed: _run_gone,
     FlowRunDeleted: _run_gone,
     tr.TaskRunCreated: _task_run_state_event,
     tr.TaskRunStateSet: _task_run_state_event,

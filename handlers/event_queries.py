@@ -15,6 +15,13 @@ what it returns:
   emits only what lies past the cursor. A page reads at most `MAX_FOLD` events in all, from
   sequence 1: past that, with nothing to return yet, the query is `invalid` (narrow it by
   aggregate, or export with `runledger events --vocabulary prefect`).
+- One deployment or flow run (by aggregate id or resource id) in Prefect's vocabulary is read
+  with its neighbours (`prefect_events.Neighbours`), merged in stream order by one direct-get
+  reader per subject: the aggregates that name what its events relate (its flow, deployment,
+  pool, parent task run), and those that write events about it (a deployment's READY and
+  NOT_READY come from its pools' polls and the runners' polls, which every runner poll's
+  aggregate is read for). Of the neighbours' events only those about it are kept. A work
+  queue's pool is found by the log's queue index, so a deleted queue's history is found too.
 
 Every page also fits the broker's max payload: it stops before the event that would not fit.
 """
@@ -22,15 +29,14 @@ Every page also fits the broker's max payload: it stops before the event that wo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import uuid
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from functools import partial
 from typing import Any
 
 from pydantic import ValidationError
 from pydantic_core import to_json
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runledger.commands.concurrency_limits import CONCURRENCY_LIMIT
@@ -39,12 +45,19 @@ from runledger.commands.events import EventEnvelope
 from runledger.commands.flow_runs import FLOW_RUN
 from runledger.commands.flows import FLOW
 from runledger.commands.messages import ErrorCode, Rejection
-from runledger.commands.prefect_events import ExportState, PrefectEvent, to_prefect_events
+from runledger.commands.prefect_events import (
+    ExportState,
+    PrefectEvent,
+    neighbours,
+    to_prefect_events,
+)
 from runledger.commands.queries import EventVocabulary, ReadEvents
 from runledger.commands.variables import VARIABLE
 from runledger.commands.work_pools import WORK_POOL
 from runledger.infra.event_store import EventStore
-from runledger.projections.tables import work_queues
+from runledger.infra.log_index import LogIndex
+
+from .work_pool_commands import queue_index
 
 log = logging.getLogger("runledger.queries")
 
@@ -59,20 +72,69 @@ READ_BATCH = 256  # events per direct-get batch (and between two yields to the e
 REPLY_OVERHEAD = 1024
 
 # Prefect resource kinds whose id is their runledger aggregate's id. A work queue lives in its
-# pool's aggregate: its pool is looked up in the read model.
+# pool's aggregate: its pool is looked up in the log's queue index.
 RESOURCE_AGGREGATES = {"work-pool": WORK_POOL, "deployment": DEPLOYMENT, "flow": FLOW, "flow-run": FLOW_RUN,
                        "variable": VARIABLE, "concurrency-limit": CONCURRENCY_LIMIT}
+# The aggregates whose Prefect export reads other aggregates with them (`prefect_events.Neighbours`),
+# by the Prefect resource kind each one is.
+WITH_NEIGHBOURS = {DEPLOYMENT: "deployment", FLOW_RUN: "flow-run"}
 
 
-async def _aggregate_of(conn: AsyncConnection, kind: str, object_id: str) -> tuple[str, str]:
-    """(aggregate type, aggregate id) that holds the events of a Prefect resource."""
+async def _aggregate_of(queues: LogIndex, kind: str, object_id: str) -> tuple[str, str]:
+    """(aggregate type, aggregate id) that holds the events of a Prefect resource. A queue is
+    found by the log's own index, so a deleted queue's history (its deletion included) is
+    found too; `not_found` only for a queue the log never had."""
     if kind in RESOURCE_AGGREGATES:
         return RESOURCE_AGGREGATES[kind], object_id
-    pool_id = (await conn.execute(select(work_queues.c.work_pool_id).where(
-        work_queues.c.id == uuid.UUID(object_id)))).scalar_one_or_none()
+    pool_id = await queues.lookup(object_id)
     if pool_id is None:
         raise Rejection(ErrorCode.NOT_FOUND, f"Work queue {object_id} not found.", field="resource_id")
-    return WORK_POOL, str(pool_id)
+    return WORK_POOL, pool_id
+
+
+async def neighbour_subjects(store: EventStore, queues: LogIndex, aggregate_type: str, aggregate_id: str,
+                             end: int) -> list[str]:
+    """The subjects of the aggregates the Prefect export of this one reads with it (its
+    `Neighbours`: a run's flow, deployment, pool and parent task run; a deployment's flow and
+    pools, and the runners' polls), found from its own events up to `end`."""
+    if aggregate_type not in WITH_NEIGHBOURS:
+        return []
+    rows = await store.read_subject(store.aggregate_filter(aggregate_type, aggregate_id), 1, max_messages=MAX_FOLD)
+    found = neighbours(env for seq, _, data, _ in rows if seq <= end and (env := _envelope(seq, data)) is not None)
+    pools = {pool_id for queue_id in sorted(found.queue_ids) if (pool_id := await queues.lookup(queue_id))}
+    return ([f"{store.prefix}.{kind}.{i}.*" for kind, i in sorted(found.aggregates)]
+            + [f"{store.prefix}.{WORK_POOL}.{pool_id}.*" for pool_id in sorted(pools)]
+            + [f"{store.prefix}.{kind}.*.*" for kind in sorted(found.aggregate_types)])
+
+
+async def read_merged(store: EventStore, subjects: list[str], start: int, end: int, batch: int
+                      ) -> AsyncGenerator[tuple[list[tuple[int, str, bytes, dict]], bool], None]:
+    """The events matching any of `subjects` from `start` through `end`, in stream order, a
+    batch at a time by direct gets, with whether it is the last batch. Each subject is read a
+    batch ahead; what is given out never passes the last sequence read of a subject that may
+    hold more, so the merge is in stream order."""
+    subjects = list(dict.fromkeys(subjects))
+    next_start = dict.fromkeys(subjects, start)
+    buffered: dict[str, list[tuple[int, str, bytes, dict]]] = {s: [] for s in subjects}
+    unfinished = set(subjects)
+    while True:
+        for subject in subjects:
+            if subject in unfinished and not buffered[subject]:
+                rows = await store.read_subject(subject, next_start[subject], batch=batch, max_messages=batch)
+                kept = [r for r in rows if r[0] <= end]
+                if len(kept) < batch:
+                    unfinished.discard(subject)
+                if kept:
+                    next_start[subject] = kept[-1][0] + 1
+                buffered[subject] = kept
+        frontier = min((buffered[s][-1][0] for s in unfinished), default=end)
+        out = sorted((r for s in subjects for r in buffered[s] if r[0] <= frontier), key=lambda r: r[0])
+        for subject in subjects:
+            buffered[subject] = [r for r in buffered[subject] if r[0] > frontier]
+        last = not unfinished and not any(buffered.values())
+        yield out, last
+        if last:
+            return
 
 
 class _Page:
@@ -113,14 +175,17 @@ def _envelope(seq: int, data: bytes) -> EventEnvelope | None:
         return None
 
 
-async def read_events(conn: AsyncConnection, query: ReadEvents, *, store: EventStore) -> dict[str, Any]:
-    """One page of the log (see the module docstring for what a page reads)."""
+async def read_events(conn: AsyncConnection, query: ReadEvents, *, store: EventStore,
+                      queues: LogIndex | None = None) -> dict[str, Any]:
+    """One page of the log (see the module docstring for what a page reads). `queues`: the
+    service's queue index (queue id -> pool id, read from the log); one is made if not given."""
+    queues = queues if queues is not None else queue_index(store)
     aggregate_type, aggregate_id = query.aggregate_type, query.aggregate_id
     resource = None
     if query.resource_id is not None:
         _, kind, object_id = query.resource_id.split(".", 2)
         resource = f"prefect.{kind}.{object_id.lower()}"  # as the export writes it
-        aggregate_type, aggregate_id = await _aggregate_of(conn, kind, object_id.lower())
+        aggregate_type, aggregate_id = await _aggregate_of(queues, kind, object_id.lower())
     page = _Page(query.limit, store.max_payload - REPLY_OVERHEAD)
     end = await store.last_sequence()  # the page ends there, whatever is appended meanwhile
     if query.after_seq >= end:
@@ -128,18 +193,26 @@ async def read_events(conn: AsyncConnection, query: ReadEvents, *, store: EventS
     prefect = query.vocabulary == EventVocabulary.PREFECT
     # The Prefect vocabulary folds every event of the aggregates, whatever their type.
     event_type = None if prefect else query.event_type
-    subject = ".".join([store.prefix, aggregate_type or "*", aggregate_id or "*", event_type or "*"])
+    subjects = [".".join([store.prefix, aggregate_type or "*", aggregate_id or "*", event_type or "*"])]
+    # In Prefect's vocabulary, one deployment or run is read with its neighbours; of their
+    # events, only those about it are kept (a deployment's READY and NOT_READY).
+    about = None
+    if prefect and aggregate_type in WITH_NEIGHBOURS and aggregate_id is not None:
+        subjects += await neighbour_subjects(store, queues, aggregate_type, aggregate_id, end)
+        about = f"prefect.{WITH_NEIGHBOURS[aggregate_type]}.{aggregate_id}"
 
     def wanted(env: EventEnvelope) -> bool:
         return not ((query.event_type and env.type != query.event_type)
                     or (query.since and env.occurred < query.since)
                     or (query.until and env.occurred > query.until))
 
-    def exported(seq: int, events: list[PrefectEvent]) -> list[dict[str, Any]]:
+    def exported(seq: int, env: EventEnvelope, events: list[PrefectEvent]) -> list[dict[str, Any]]:
         prefix = query.prefect_event_prefix
+        own = about is None or (env.aggregate_type == aggregate_type and env.aggregate_id == aggregate_id)
         return [{"seq": seq, **e} for e in events
                 if (prefix is None or e["event"].startswith(prefix))
-                and (resource is None or e["resource"].get("prefect.resource.id") == resource)]
+                and (resource is None or e["resource"].get("prefect.resource.id") == resource)
+                and (own or e["resource"].get("prefect.resource.id") == about)]
 
     state = ExportState() if prefect else None
     loop = asyncio.get_running_loop()
@@ -147,40 +220,40 @@ async def read_events(conn: AsyncConnection, query: ReadEvents, *, store: EventS
     position = query.after_seq  # the last event this page has dealt with: the cursor
     start = 1 if prefect else query.after_seq + 1
     read = 0
-    while True:
-        rows = [r for r in await store.read_subject(subject, start, batch=READ_BATCH, max_messages=READ_BATCH)
-                if r[0] <= end]
-        for seq, _, data, _ in rows:
-            read += 1
-            env = _envelope(seq, data)
-            if env is None:
-                position = max(position, seq)
-                continue
-            events = to_prefect_events(env, state) if state is not None else None  # folded, kept or not
-            if seq <= query.after_seq:
-                continue
-            if wanted(env):
-                items = exported(seq, events) if events is not None else [{"seq": seq, **env.model_dump(mode="json")}]
-                if items and not page.add(seq, items):
-                    return page.result(position)
-            position = seq
-            if page.full:
-                return page.result(None if position >= end else position)
-        if len(rows) < READ_BATCH:
-            return page.result(None)  # the log's end (as it was when the query arrived)
-        start = rows[-1][0] + 1
-        progressed = position > query.after_seq
-        if progressed and (loop.time() >= deadline or read >= (MAX_FOLD if prefect else MAX_SCAN)):
-            return page.result(position)
-        if not progressed and prefect and read >= MAX_FOLD:
-            raise Rejection(ErrorCode.INVALID, f"the Prefect vocabulary folds each aggregate's history from the start "
-                                               f"of the log, and this page would read more than {MAX_FOLD:,} events "
-                                               "before its first: narrow it by aggregate_type/aggregate_id or "
-                                               "resource_id, or export with `runledger events --vocabulary prefect`",
-                            field="vocabulary")
-        await asyncio.sleep(0)  # let the service's other requests run between batches
+    async with contextlib.aclosing(read_merged(store, subjects, start, end, READ_BATCH)) as batches:
+        async for rows, last in batches:
+            for seq, _, data, _ in rows:
+                read += 1
+                env = _envelope(seq, data)
+                if env is None:
+                    position = max(position, seq)
+                    continue
+                events = to_prefect_events(env, state) if state is not None else None  # folded, kept or not
+                if seq <= query.after_seq:
+                    continue
+                if wanted(env):
+                    items = (exported(seq, env, events) if events is not None
+                             else [{"seq": seq, **env.model_dump(mode="json")}])
+                    if items and not page.add(seq, items):
+                        return page.result(position)
+                position = seq
+                if page.full:
+                    return page.result(None if position >= end else position)
+            if last:
+                return page.result(None)  # the log's end (as it was when the query arrived)
+            progressed = position > query.after_seq
+            if progressed and (loop.time() >= deadline or read >= (MAX_FOLD if prefect else MAX_SCAN)):
+                return page.result(position)
+            if not progressed and prefect and read >= MAX_FOLD:
+                raise Rejection(ErrorCode.INVALID, f"the Prefect vocabulary folds each aggregate's history from the start "
+                                                   f"of the log, and this page would read more than {MAX_FOLD:,} events "
+                                                   "before its first: narrow it by aggregate_type/aggregate_id or "
+                                                   "resource_id, or export with `runledger events --vocabulary prefect`",
+                                field="vocabulary")
+            await asyncio.sleep(0)  # let the service's other requests run between batches
+    return page.result(None)
 
 
 def event_queries(store: EventStore) -> dict[str, tuple[type[ReadEvents], Callable[..., Any]]]:
     """The query registry entry (name -> (model, function)) for a service."""
-    return {"ReadEvents": (ReadEvents, partial(read_events, store=store))}
+    return {"ReadEvents": (ReadEvents, partial(read_events, store=store, queues=queue_index(store)))}

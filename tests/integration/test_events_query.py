@@ -250,3 +250,66 @@ async def test_bad_input_is_invalid(broker, body, field):
     out = await broker.qry("ReadEvents", **body)
     assert out["ok"] is False and out["error"]["code"] == "invalid", out
     assert out["error"]["field"] == field
+
+
+async def test_a_deployment_and_a_run_read_alone_in_prefects_vocabulary(broker, settings):
+    """A deployment's READY is written by its pool's polls and by runners' polls, outside its
+    own aggregate: read by itself (resource id, aggregate id, or the CLI's --aggregate/--id),
+    it still has those events. A run read by itself relates its flow, deployment, queue and
+    pool by name, as in the export of the whole log."""
+    pool = await broker.ok_cmd("CreateWorkPool", name="etl-pool", type="process")
+    flow = await broker.ok_cmd("CreateFlow", name="etl", tags=["team"])
+    placed = await broker.ok_cmd("CreateDeployment", name="placed", flow_id=flow["id"], work_pool_name="etl-pool")
+    served = await broker.ok_cmd("CreateDeployment", name="served", flow_id=flow["id"])
+    await broker.ok_cmd("RecordWorkQueuesPolled", work_pool_name="etl-pool",
+                        work_queue_ids=[pool["default_queue_id"]], readies_deployments=True)
+    await broker.ok_cmd("RecordDeploymentsPolled", deployment_ids=[served["id"]])
+    run = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=placed["id"])
+
+    def brief(events):
+        return [(e["event"], e["resource"]["prefect.resource.id"]) for e in events]
+
+    for d in (placed, served):
+        expected = [("prefect.deployment.created", f"prefect.deployment.{d['id']}"),
+                    ("prefect.deployment.ready", f"prefect.deployment.{d['id']}")]
+        by_resource = await _all(broker, vocabulary="prefect", resource_id=f"prefect.deployment.{d['id']}")
+        assert brief(by_resource) == expected
+        by_aggregate = await _all(broker, vocabulary="prefect", aggregate_type="deployment", aggregate_id=d["id"])
+        assert by_aggregate == by_resource
+        from tests.integration.test_prefect_export import _export
+
+        cli = await _export(settings, "--aggregate", "deployment", "--id", d["id"])
+        assert cli == [{k: v for k, v in e.items() if k != "seq"} for e in by_resource]
+    ready = by_aggregate[-1]
+    assert ready["resource"]["prefect.resource.name"] == "served"
+    assert ready["related"] == [{"prefect.resource.id": f"prefect.flow.{flow['id']}", "prefect.resource.name": "etl",
+                                 "prefect.resource.role": "flow"}]
+
+    whole = await _all(broker, vocabulary="prefect", limit=1000)
+    run_events = await _all(broker, vocabulary="prefect", resource_id=f"prefect.flow-run.{run['id']}")
+    assert brief(run_events) == [("prefect.flow-run.Scheduled", f"prefect.flow-run.{run['id']}")]
+    assert run_events == [e for e in whole if e["resource"]["prefect.resource.id"] == f"prefect.flow-run.{run['id']}"]
+    related = {r["prefect.resource.role"]: r.get("prefect.resource.name") for r in run_events[0]["related"]}
+    assert related == {"flow": "etl", "deployment": "placed", "work-queue": "default", "work-pool": "etl-pool",
+                       "tag": None}
+    assert run_events[0]["related"][3]["prefect.work-pool.type"] == "process"
+
+
+async def test_a_deleted_queue_is_found_by_its_resource_id(broker):
+    """What happened to a queue, asked after it was deleted: its events, its deletion
+    included; `not_found` only for a queue the log never had."""
+    await broker.ok_cmd("CreateWorkPool", name="p", type="process")
+    queue = await broker.ok_cmd("CreateWorkQueue", work_pool_name="p", name="short-lived")
+    await broker.ok_cmd("UpdateWorkQueue", work_pool_name="p", work_queue_name="short-lived", description="x")
+    await broker.ok_cmd("DeleteWorkQueue", work_pool_name="p", work_queue_name="short-lived")
+    resource = f"prefect.work-queue.{queue['id']}"
+    events = await _all(broker, vocabulary="prefect", resource_id=resource)
+    assert [e["event"] for e in events] == ["prefect.work-queue.created", "prefect.work-queue.updated",
+                                            "prefect.work-queue.deleted"]
+    stored = await _all(broker, resource_id=resource)  # the pool's events, in runledger's vocabulary
+    assert [e["type"] for e in stored][-1] == "WorkQueueDeleted"
+    # A queue that goes with its pool is found too.
+    other = await broker.ok_cmd("CreateWorkPool", name="gone", type="process")
+    await broker.ok_cmd("DeleteWorkPool", name="gone")
+    events = await _all(broker, vocabulary="prefect", resource_id=f"prefect.work-queue.{other['default_queue_id']}")
+    assert [e["event"] for e in events] == ["prefect.work-queue.created", "prefect.work-queue.deleted"]
