@@ -378,6 +378,16 @@ class DeleteFlowRun(Command):
     id: uuid.UUID
 
 
+class DeleteFinishedFlowRun(Command):
+    """The vacuum's (`RUNLEDGER_FLOW_RUN_RETENTION_SECONDS`): a run that ended before
+    `ended_before` and is still in a final state is deleted as `DeleteFlowRun` deletes it.
+    Nothing happens when the run is gone, has moved on from its final state (rerun), or
+    ended later."""
+
+    id: uuid.UUID
+    ended_before: UtcDatetime
+
+
 # ---------------------------------------------------------------------------------------------
 # Evolve and decide
 
@@ -754,6 +764,17 @@ def decide_update_flow_run(cmd: UpdateFlowRun, run: FlowRun | None, ctx: Decisio
     after = after.model_copy(update={"updated": ctx.now})
     return Decision(events=[NewEvent(str(run.id), FlowRunUpdated(run=after, changed=changed))], result=None,
                     after={str(run.id): after})
+
+
+def decide_delete_finished_flow_run(cmd: DeleteFinishedFlowRun, run: FlowRun | None, claim: UniqueKeyClaim | None,
+                                    ctx: DecisionContext, limits: slots.Limits = slots.NO_LIMITS) -> Decision:
+    """The vacuum finds its candidates in the read model, which may lag: the run's end is
+    checked again on the log, so a run rerun meanwhile (forced out of its final state) is
+    kept. `created` says whether it was deleted."""
+    if run is None or run.state_type not in TERMINAL or run.end_time is None or run.end_time >= cmd.ended_before:
+        return Decision(events=[], result=None, created=False)
+    deleted = decide_delete_flow_run(DeleteFlowRun(id=run.id), run, claim, ctx, limits)
+    return Decision(events=deleted.events, result=None, created=True)
 
 
 def decide_delete_flow_run(cmd: DeleteFlowRun, run: FlowRun | None, claim: UniqueKeyClaim | None,

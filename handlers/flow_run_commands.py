@@ -239,6 +239,11 @@ def command_specs(queues: LogIndex | None,
         claim, limits = await deletion_inputs(unit, run)
         return fr.decide_delete_flow_run(cmd, run, claim, ctx, limits)
 
+    async def delete_finished_flow_run(unit: Unit, cmd: fr.DeleteFinishedFlowRun, ctx: DecisionContext) -> Decision:
+        run = await unit.load(fr.FLOW_RUN, str(cmd.id))
+        claim, limits = await deletion_inputs(unit, run)
+        return fr.decide_delete_finished_flow_run(cmd, run, claim, ctx, limits)
+
     async def delete_run_of_deleted_deployment(unit: Unit, cmd: dp.DeleteRunOfDeletedDeployment,
                                                ctx: DecisionContext) -> Decision:
         """The deployment is read from the log (`fresh`), whatever this instance's cache holds:
@@ -283,6 +288,7 @@ def command_specs(queues: LogIndex | None,
                                                 _lease_reply, _by_id),
         "UpdateFlowRun": CommandSpec(fr.UpdateFlowRun, update_flow_run, _nothing, _by_id),
         "DeleteFlowRun": CommandSpec(fr.DeleteFlowRun, delete_flow_run, _nothing, _by_id),
+        "DeleteFinishedFlowRun": CommandSpec(fr.DeleteFinishedFlowRun, delete_finished_flow_run, _nothing, _by_id),
         "DeleteRunOfDeletedDeployment": CommandSpec(dp.DeleteRunOfDeletedDeployment, delete_run_of_deleted_deployment,
                                                     _nothing, _by_id),
     }

@@ -50,6 +50,7 @@ from .foreman import Foreman
 from .query_bus import CheckpointWatch, QueryBus
 from .task_dispatch import TaskDispatch, TaskRecovery
 from .task_worker_queries import task_worker_queries
+from .vacuum import Vacuum
 from .worker_polls import PollRecorder, poll_queries
 
 log = logging.getLogger("runledger.service")
@@ -202,13 +203,15 @@ class Service:
         assert self.nc is not None and self.engine is not None
         send = CommandSender(self.nc, s, timeout=s.request_timeout)
         js = self.nc.jetstream(timeout=s.request_timeout)
-        services: dict[str, Scheduler | Clock | Foreman | TaskRecovery] = {
+        services: dict[str, Scheduler | Clock | Foreman | TaskRecovery | Vacuum] = {
             "scheduler": Scheduler(self.engine, send), "clock": Clock(self.engine, send),
             "foreman": Foreman(self.engine, send, deployment_lease_seconds=s.deployment_slot_lease_seconds,
                                handed_slot_seconds=s.handed_slot_seconds),
             "task_recovery": TaskRecovery(self.engine, TaskPublisher(js, s))}
+        if s.flow_run_retention_seconds and "foreman" in self.roles:  # with the foreman, its own lease
+            services["vacuum"] = Vacuum(self.engine, send, retention_seconds=s.flow_run_retention_seconds)
         for role, service in services.items():
-            if role not in self.roles:
+            if role not in self.roles | {"vacuum"}:
                 continue
             lease = await Lease.open(js, s, role, ttl=s.lease_ttl_seconds, label=role)
             self.background.append(asyncio.create_task(run_leased(lease, role, service.run), name=f"runledger-{role}"))

@@ -120,6 +120,12 @@ class Settings(BaseSettings):
     # How long a waiting run keeps the slots a release handed it before a worker claims it;
     # the foreman then gives them back, to the next waiter if there is one.
     handed_slot_seconds: float = Field(default=30.0, gt=0, le=3_600)
+    # How long a finished flow run stays in the read models after its end before the vacuum
+    # (handlers/vacuum.py) deletes it, with `DeleteFlowRun`, as Prefect's `db_vacuum`; finished
+    # background task runs likewise. 0 (the default, as in Prefect): never. Else at least an
+    # hour, Prefect's minimum too: a run's last task reports and the foreman's clean-up of its
+    # left-over task runs come well before, and a value meant in hours cannot empty the history.
+    flow_run_retention_seconds: int = Field(default=0, ge=0, le=100 * 365 * 86_400)
     # A projection stopped at an event it cannot apply tries that event again this often.
     projection_stall_retry_seconds: float = Field(default=30.0, gt=0)
     # The event loop of `serve`, `up` and `task-worker`: uvloop (where installed) or asyncio's
@@ -131,6 +137,13 @@ class Settings(BaseSettings):
     def _some_server(cls, v: str) -> str:
         if not any(url.strip() for url in v.split(",")):
             raise ValueError("names no NATS server (one URL, or several comma-separated)")
+        return v
+
+    @field_validator("flow_run_retention_seconds")
+    @classmethod
+    def _off_or_an_hour(cls, v: int) -> int:
+        if 0 < v < 3600:
+            raise ValueError("must be 0 (keep finished runs for ever) or at least 3600 (an hour)")
         return v
 
     @field_validator("database_url", mode="before")

@@ -242,6 +242,8 @@ flow_runs = Table(
     Index("flow_runs_slot_reserved", "work_queue_id", postgresql_where=text("pool_slot_reserved")),
     # A queue's health counts its Late runs (`GetWorkQueueStatus`): few, however long the history.
     Index("flow_runs_late_by_queue", "work_queue_id", postgresql_where=text("state_name = 'Late'")),
+    # The vacuum's candidates, oldest end first (`handlers/vacuum.py`): ended runs only.
+    Index("flow_runs_ended", "end_time", "id", postgresql_where=text("end_time IS NOT NULL")),
     # The foreman's look for renewed leases that ran out: the few runs whose process renews one.
     Index("flow_runs_renewed_leases", "deployment_lease_expiration",
           postgresql_where=text("deployment_lease_expiration IS NOT NULL")),
@@ -478,5 +480,8 @@ MIGRATIONS = [
     ]),
     Migration(20, "the deployments not READY, by queue, for every poll", [
         "CREATE INDEX IF NOT EXISTS deployments_not_ready_by_queue ON deployments (work_queue_id) WHERE status <> 'READY'",
+    ]),
+    Migration(21, "the ended flow runs by their end, for the vacuum", [
+        "CREATE INDEX IF NOT EXISTS flow_runs_ended ON flow_runs (end_time, id) WHERE end_time IS NOT NULL",
     ]),
 ]
