@@ -371,6 +371,7 @@ async def test_analyst_and_client_may_read_events_and_the_analyst_nothing_else(r
     refused = [f"{ns}.qry.GetWorkPool", f"{ns}.qry.GetServiceHealth", f"{ns}.qry.GetWorkQueueStatus",
                f"{ns}.cmd.CreateWorkPool", f"{ns}.cmd.DeleteWorkPool", f"{ns}.cmd.SetTaskRunStates", f"{ns}.cmd.MarkFlowRunLate",
                f"{ns}.cmd.DeleteRunOfDeletedDeployment", f"{ns}.cmd.RenewDeploymentSlotLease",
+               f"{ns}.cmd.DeleteFinishedFlowRun",
                f"{ns}.qry.ReadEventsX"]
     for subject in refused:
         await nc.publish(subject, json.dumps({"name": pool["name"]}).encode(), reply=nc.new_inbox())
@@ -493,6 +494,9 @@ async def test_task_worker_cannot_touch_the_log_other_commands_or_queries(roles)
                                   None),
         "keep a flow run's deployment slot": (f"{ns}.cmd.RenewDeploymentSlotLease",
                                               json.dumps({"id": str(uuid.uuid4())}).encode(), None),
+        "the vacuum's command": (f"{ns}.cmd.DeleteFinishedFlowRun",
+                                 json.dumps({"id": str(uuid.uuid4()), "ended_before": "2026-01-01T00:00:00Z"}).encode(),
+                                 None),
         "another query": (f"{ns}.qry.ListWorkPools", b"{}", None),
         "a queue's health": (f"{ns}.qry.GetWorkQueueStatus", b"{}", None),
         "the analyst's query": (f"{ns}.qry.ReadEvents", b"{}", None),
