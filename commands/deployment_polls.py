@@ -21,6 +21,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import Field
 
+from . import messages, work_pools
 from .bounds import UtcDatetime
 from .decisions import Decision, NewEvent
 from .deployments import Deployment
@@ -46,11 +47,31 @@ class _PollEvent(Event):
 
 @register_event
 class DeploymentsPolled(_PollEvent):
-    """A runner polled these deployments at `polled`: each becomes READY with `last_polled`."""
+    """A runner polled these deployments at `polled`: each becomes READY with `last_polled`. A
+    `routine` poll (every one was READY already as the service read them when it answered)
+    changes no status: it moves the `last_polled` of the READY ones only, and expires from the
+    log (`Settings.routine_retention_seconds`), but not before they would be marked NOT_READY
+    without a newer poll: by then a newer poll, or the foreman's not-ready event (kept, with
+    each deployment's last poll), says what it said. A runner polls every 10 s or so: ~8,600
+    events a day each, for ever, without this."""
 
     event_type: ClassVar[str] = "DeploymentsPolled"
+    schema_version: ClassVar[int] = 2
     deployment_ids: list[uuid.UUID]
     polled: datetime
+    routine: bool = False
+
+    def expires_no_sooner_than(self) -> float | None:
+        if not self.routine:
+            return None
+        return work_pools.NOT_READY_AFTER.total_seconds() + messages.EXPIRY_MARGIN_SECONDS
+
+
+@register_upcaster("DeploymentsPolled", 1)
+def _deployments_polled_v1(payload: dict[str, Any]) -> dict[str, Any]:
+    """v2 added `routine`; a v1 poll was kept for ever and made its deployments READY, which the
+    default (False) means."""
+    return payload
 
 
 @register_event
@@ -75,9 +96,12 @@ def _queueless_not_ready_v1(payload: dict[str, Any]) -> dict[str, Any]:
 
 class RecordDeploymentsPolled(Command):
     """A runner polled these deployments (unknown ids are ignored): sent by the service after
-    it answers the poll."""
+    it answers the poll. `all_ready`: every one was READY as the service read them when it
+    answered, so the poll moves nothing but their last poll (a routine poll, which leaves the
+    log after a while)."""
 
     deployment_ids: Annotated[list[uuid.UUID], Field(min_length=1, max_length=MAX_DEPLOYMENTS_PER_POLL)]
+    all_ready: bool = False
 
 
 class MarkQueuelessDeploymentsNotReady(Command):
@@ -105,7 +129,7 @@ def decide_record_polls(cmd: RecordDeploymentsPolled, found: Mapping[uuid.UUID, 
     ids = _existing(cmd.deployment_ids, found)
     if not ids:
         return Decision(events=[], result=None)
-    event = DeploymentsPolled(deployment_ids=ids, polled=ctx.now)
+    event = DeploymentsPolled(deployment_ids=ids, polled=ctx.now, routine=cmd.all_ready)
     return Decision(events=[NewEvent(poll_id(cmd.deployment_ids), event)], result=None)
 
 

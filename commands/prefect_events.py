@@ -407,9 +407,9 @@ def _queues_polled(out: _Out, e: WorkQueuesPolled, pool_id: str, state: ExportSt
 
 def _deployments_polled(out: _Out, e: DeploymentsPolled, aggregate_id: str, state: ExportState) -> None:
     """A runner's poll: `prefect.deployment.ready` for each deployment it names that was
-    NOT_READY."""
+    NOT_READY (a routine poll readies none, as in the read model)."""
     for d in (state.deployments.get(str(i)) for i in e.deployment_ids):
-        if d is None:
+        if d is None or (e.routine and str(d.id) not in state.ready_deployments):
             continue
         if str(d.id) not in state.ready_deployments:
             out.emit("prefect.deployment.ready", _deployment_resource(d), _deployment_related(d, state))

@@ -48,17 +48,22 @@ class PollRecorder:
         self._pending: set[asyncio.Task] = set()
         # (command, pool name or deployment set) -> ids polled since its record began
         self._waiting: dict[tuple[str, str], set[str]] = {}
-        # Pools one of whose polls since then found a deployment to make READY.
-        self._readying: set[str] = set()
+        # Pools (and sets of deployments) one of whose polls since then found a deployment to
+        # make READY.
+        self._readying: set[tuple[str, str]] = set()
 
     def record(self, work_pool_name: str, queue_ids: list[Any], readies_deployments: bool = False) -> None:
+        key = ("RecordWorkQueuesPolled", work_pool_name)
         if readies_deployments and queue_ids:
-            self._readying.add(work_pool_name)
-        self._enqueue(("RecordWorkQueuesPolled", work_pool_name), queue_ids)
+            self._readying.add(key)
+        self._enqueue(key, queue_ids)
 
-    def record_deployments(self, deployment_ids: list[Any]) -> None:
+    def record_deployments(self, deployment_ids: list[Any], all_ready: bool = False) -> None:
         ids = sorted({str(i) for i in deployment_ids})
-        self._enqueue(("RecordDeploymentsPolled", ",".join(ids)), ids)
+        key = ("RecordDeploymentsPolled", ",".join(ids))
+        if not all_ready and ids:
+            self._readying.add(key)
+        self._enqueue(key, ids)
 
     def _enqueue(self, key: tuple[str, str], ids: list[Any]) -> None:
         if not ids:
@@ -77,9 +82,13 @@ class PollRecorder:
                 self._waiting[key] = set()
                 body: dict[str, Any] = ({"work_pool_name": name, "work_queue_ids": sorted(ids)}
                                         if command == "RecordWorkQueuesPolled" else {"deployment_ids": sorted(ids)})
-                if command == "RecordWorkQueuesPolled" and name in self._readying:
-                    self._readying.discard(name)
-                    body["readies_deployments"] = True
+                readies = key in self._readying
+                self._readying.discard(key)
+                if command == "RecordWorkQueuesPolled":
+                    if readies:
+                        body["readies_deployments"] = True
+                elif not readies:
+                    body["all_ready"] = True
                 try:
                     reply = await self.send(command, body)
                     if not reply.get("ok"):
@@ -115,7 +124,8 @@ def poll_queries(recorder: PollRecorder) -> dict[str, tuple[Any, Any]]:
                                                       query: q.GetScheduledFlowRunsForDeployments
                                                       ) -> list[dict[str, Any]]:
         runs = await deployments_read_model.get_scheduled_flow_runs_for_deployments(conn, query)
-        recorder.record_deployments(query.deployment_ids)
+        recorder.record_deployments(query.deployment_ids,
+                                    await deployments_read_model.all_ready(conn, query.deployment_ids))
         return runs
 
     return {

@@ -79,6 +79,11 @@ _QUEUES_GONE = text(
 _RUNNER_POLLED = text(
     "UPDATE deployments SET status = 'READY', last_polled = :polled WHERE id = ANY(:ids)"
 ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True))))
+# A routine one (`DeploymentsPolled.routine`: it leaves the log) changes no status, as a routine
+# queue poll.
+_RUNNER_ROUTINE_POLLED = text(
+    "UPDATE deployments SET last_polled = :polled WHERE id = ANY(:ids) AND status = 'READY'"
+).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True))))
 # The decider found each of them without a live queue in the log, a deleted queue counting as
 # none (dp.without_deleted_queue); the row may still name that queue (an update decided before
 # the queue's deletion and appended after it), so it drops it here as the log does, or the
@@ -129,7 +134,8 @@ class DeploymentsProjector:
                 await conn.execute(_QUEUES_GONE, {"queue_ids": gone})
             elif isinstance(event, dpp.DeploymentsPolled):
                 await self._write(conn, last)
-                await conn.execute(_RUNNER_POLLED, {"ids": event.deployment_ids, "polled": event.polled})
+                await conn.execute(_RUNNER_ROUTINE_POLLED if event.routine else _RUNNER_POLLED,
+                                   {"ids": event.deployment_ids, "polled": event.polled})
             elif isinstance(event, dpp.QueuelessDeploymentsNotReady):
                 await self._write(conn, last)
                 await _restore_last_polled(conn, event.last_polled)
@@ -191,6 +197,14 @@ def _filtered(stmt: Any, query: q.CountDeployments | q.ListDeployments) -> Any:
     if query.work_pool_name is not None and query.work_pool_name.any_ is not None:
         stmt = stmt.where(_pool.c.name.in_(query.work_pool_name.any_))
     return stmt
+
+
+async def all_ready(conn: AsyncConnection, deployment_ids: Sequence[Any]) -> bool:
+    """Whether none of these deployments is known and not READY: a runner's poll of them then
+    makes none READY (`RecordDeploymentsPolled.all_ready`)."""
+    found = await conn.execute(select(deployments.c.id).where(
+        deployments.c.id.in_(list(deployment_ids)), deployments.c.status != "READY").limit(1))
+    return found.first() is None
 
 
 async def any_not_ready_on(conn: AsyncConnection, queue_ids: Sequence[Any]) -> bool:

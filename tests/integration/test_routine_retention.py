@@ -216,3 +216,48 @@ async def test_a_poll_that_makes_a_deployment_ready_is_kept_though_its_queue_was
         names = [e["event"] for e in result["events"] if e["resource"]["prefect.resource.id"].endswith(deployment["id"])]
         assert names == ["prefect.deployment.created", "prefect.deployment.ready", "prefect.deployment.not-ready"]
         await assert_live_equals_rebuild(service, changed)
+
+
+async def test_a_runners_routine_polls_expire_and_a_rebuild_keeps_its_deployments_last_poll(settings, monkeypatch):
+    """A runner polls its deployments every 10 s or so: one event each, which stayed in the
+    log for ever. The poll that makes them READY is kept; the later ones (the service saw them
+    all READY already when it answered) leave it, and the foreman's not-ready event carries the
+    last poll, so a rebuild still equals the live read models, and the Prefect events still
+    say ready, then not-ready."""
+    from runledger.commands import deployment_polls as dpp
+
+    async with _short_retention(settings, monkeypatch) as (service, broker, changed):
+        flow_id = (await broker.ok_cmd("CreateFlow", name="etl"))["id"]
+        deployment = await broker.ok_cmd("CreateDeployment", name="served", flow_id=flow_id)  # no pool: a runner's
+        poll_id = dpp.poll_id([deployment["id"]])
+
+        async def runner_poll() -> None:
+            await broker.catch_up()
+            await broker.ok_qry("GetScheduledFlowRunsForDeployments", deployment_ids=[deployment["id"]])
+            await service.polls.drain()
+
+        async def polls() -> list[bool]:
+            return [e["payload"]["routine"] for e in await broker.aggregate_events(dpp.DEPLOYMENT_POLL, poll_id)
+                    if e["type"] == "DeploymentsPolled"]
+
+        for _ in range(3):
+            await runner_poll()
+        assert await polls() == [False, True, True]  # the first made it READY
+        await broker.catch_up()
+        got = await broker.ok_qry("GetDeployment", id=deployment["id"])
+        assert got["status"] == "READY"
+        last_polled = _at(got["last_polled"])
+        async with foreman_clock(service, changed) as at:  # the runner stopped a minute ago
+            await at(last_polled + timedelta(seconds=65)).run_pass()
+        for _ in range(100):  # the routine polls leave the log once their 2 s are up
+            if await polls() == [False]:
+                break
+            await asyncio.sleep(0.1)
+        assert await polls() == [False]
+        await broker.catch_up()
+        got = await broker.ok_qry("GetDeployment", id=deployment["id"])
+        assert (got["status"], _at(got["last_polled"])) == ("NOT_READY", last_polled)
+        result = await broker.ok_qry("ReadEvents", vocabulary="prefect", resource_id=f"prefect.deployment.{deployment['id']}")
+        assert [e["event"] for e in result["events"]] == ["prefect.deployment.created", "prefect.deployment.ready",
+                                                         "prefect.deployment.not-ready"]
+        await assert_live_equals_rebuild(service, changed)

@@ -53,6 +53,17 @@ def test_a_poll_records_the_deployments_that_exist_once_each():
     assert dpp.decide_record_polls(nothing, {unknown: None}, DecisionContext.fixed(NOW)).events == []
 
 
+def test_a_poll_of_deployments_all_ready_is_routine_and_leaves_the_log_only_after_the_not_ready_delay():
+    known = _deployment(None)
+    for all_ready in (False, True):
+        cmd = dpp.RecordDeploymentsPolled(deployment_ids=[known.id], all_ready=all_ready)
+        [new] = dpp.decide_record_polls(cmd, {known.id: known}, DecisionContext.fixed(NOW)).events
+        assert new.event.routine is all_ready
+        floor = new.event.expires_no_sooner_than()
+        # Kept for ever when it makes one READY; else not before the deployments would be NOT_READY.
+        assert floor is None if not all_ready else floor > wp.NOT_READY_AFTER.total_seconds()
+
+
 def test_only_deployments_without_a_queue_are_marked_not_ready_by_id():
     queueless, queued = _deployment(None), _deployment(uuid.uuid4())
     cmd = dpp.MarkQueuelessDeploymentsNotReady(deployment_ids=[queued.id, queueless.id])
