@@ -183,6 +183,12 @@ def export_log(envelopes: Iterable[EventEnvelope], state: ExportState | None = N
     return events, state
 
 
+# The events of a pool that name it and its queues (what a run's events relate), without the
+# polls and status changes that make up most of a busy pool's history.
+POOL_NAMING_EVENTS = frozenset({"WorkPoolCreated", "WorkPoolUpdated", "WorkPoolDeleted", "WorkQueueCreated",
+                                "WorkQueueUpdated", "WorkQueueDeleted", "WorkQueuesReprioritized"})
+
+
 @dataclass
 class Neighbours:
     """The other aggregates the export of one aggregate reads with it: those whose events name

@@ -46,6 +46,7 @@ from runledger.commands.flow_runs import FLOW_RUN
 from runledger.commands.flows import FLOW
 from runledger.commands.messages import ErrorCode, Rejection
 from runledger.commands.prefect_events import (
+    POOL_NAMING_EVENTS,
     ExportState,
     PrefectEvent,
     neighbours,
@@ -102,8 +103,12 @@ async def neighbour_subjects(store: EventStore, queues: LogIndex, aggregate_type
     rows = await store.read_subject(store.aggregate_filter(aggregate_type, aggregate_id), 1, max_messages=MAX_FOLD)
     found = neighbours(env for seq, _, data, _ in rows if seq <= end and (env := _envelope(seq, data)) is not None)
     pools = {pool_id for queue_id in sorted(found.queue_ids) if (pool_id := await queues.lookup(queue_id))}
+    # A run's events need only the names of its pool and queue, not the pool's polls (a busy
+    # pool's workers write thousands a day, which would use up the page's reads); a
+    # deployment's need its pools' polls too, whose ready and not-ready are about it.
+    pool_types = ["*"] if aggregate_type == DEPLOYMENT else sorted(POOL_NAMING_EVENTS)
     return ([f"{store.prefix}.{kind}.{i}.*" for kind, i in sorted(found.aggregates)]
-            + [f"{store.prefix}.{WORK_POOL}.{pool_id}.*" for pool_id in sorted(pools)]
+            + [f"{store.prefix}.{WORK_POOL}.{pool_id}.{t}" for pool_id in sorted(pools) for t in pool_types]
             + [f"{store.prefix}.{kind}.*.*" for kind in sorted(found.aggregate_types)])
 
 

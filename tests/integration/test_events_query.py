@@ -313,3 +313,22 @@ async def test_a_deleted_queue_is_found_by_its_resource_id(broker):
     await broker.ok_cmd("DeleteWorkPool", name="gone")
     events = await _all(broker, vocabulary="prefect", resource_id=f"prefect.work-queue.{other['default_queue_id']}")
     assert [e["event"] for e in events] == ["prefect.work-queue.created", "prefect.work-queue.deleted"]
+
+
+async def test_a_run_in_a_busy_pool_is_read_alone_without_the_pools_polls(broker, monkeypatch):
+    """A run's Prefect events need its pool's and queue's names, not the pool's polls: a busy
+    pool's workers write thousands a day, which would use up a page's reads before the run's
+    own events and make it `invalid`."""
+    await broker.ok_cmd("CreateWorkPool", name="busy", type="process")
+    flow = await broker.ok_cmd("CreateFlow", name="etl")
+    deployment = await broker.ok_cmd("CreateDeployment", name="d", flow_id=flow["id"], work_pool_name="busy")
+    pool = await broker.ok_qry("GetWorkPool", name="busy")
+    run = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=deployment["id"])
+    for _ in range(40):
+        await broker.ok_cmd("RecordWorkQueuesPolled", work_pool_name="busy", work_queue_ids=[pool["default_queue_id"]])
+    await broker.ok_cmd("SetFlowRunState", id=run["id"], state={"type": "PENDING"})
+    monkeypatch.setattr(event_queries, "READ_BATCH", 4)
+    monkeypatch.setattr(event_queries, "MAX_FOLD", 30)
+    events = await _all(broker, vocabulary="prefect", resource_id=f"prefect.flow-run.{run['id']}")
+    assert [e["event"] for e in events] == ["prefect.flow-run.Scheduled", "prefect.flow-run.Pending"]
+    assert {r["prefect.resource.role"]: r.get("prefect.resource.name") for r in events[-1]["related"]}["work-pool"] == "busy"
