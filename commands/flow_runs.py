@@ -767,11 +767,14 @@ def decide_update_flow_run(cmd: UpdateFlowRun, run: FlowRun | None, ctx: Decisio
 
 
 def decide_delete_finished_flow_run(cmd: DeleteFinishedFlowRun, run: FlowRun | None, claim: UniqueKeyClaim | None,
-                                    ctx: DecisionContext, limits: slots.Limits = slots.NO_LIMITS) -> Decision:
-    """The vacuum finds its candidates in the read model, which may lag: the run's end is
-    checked again on the log, so a run rerun meanwhile (forced out of its final state) is
-    kept. `created` says whether it was deleted."""
-    if run is None or run.state_type not in TERMINAL or run.end_time is None or run.end_time >= cmd.ended_before:
+                                    ctx: DecisionContext, limits: slots.Limits = slots.NO_LIMITS, *,
+                                    parent_exists: bool = False) -> Decision:
+    """The vacuum finds its candidates in read models, which may lag: the run's end is checked
+    again on the log, so a run rerun meanwhile (forced out of its final state) is kept, and so
+    is a subflow run whose parent task run is still there (`parent_exists`, in the log): it
+    goes with its parent. `created` says whether it was deleted."""
+    if (run is None or run.state_type not in TERMINAL or run.end_time is None or run.end_time >= cmd.ended_before
+            or parent_exists):
         return Decision(events=[], result=None, created=False)
     deleted = decide_delete_flow_run(DeleteFlowRun(id=run.id), run, claim, ctx, limits)
     return Decision(events=deleted.events, result=None, created=True)

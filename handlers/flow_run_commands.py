@@ -240,9 +240,13 @@ def command_specs(queues: LogIndex | None,
         return fr.decide_delete_flow_run(cmd, run, claim, ctx, limits)
 
     async def delete_finished_flow_run(unit: Unit, cmd: fr.DeleteFinishedFlowRun, ctx: DecisionContext) -> Decision:
+        """A subflow run's parent is looked for in the log: the vacuum found it gone in a read
+        model that may lag behind the runs' (a rebuild under way)."""
         run = await unit.load(fr.FLOW_RUN, str(cmd.id))
+        parent = (await load_task_run(unit, run.parent_task_run_id)
+                  if run is not None and run.parent_task_run_id is not None else None)
         claim, limits = await deletion_inputs(unit, run)
-        return fr.decide_delete_finished_flow_run(cmd, run, claim, ctx, limits)
+        return fr.decide_delete_finished_flow_run(cmd, run, claim, ctx, limits, parent_exists=parent is not None)
 
     async def delete_run_of_deleted_deployment(unit: Unit, cmd: dp.DeleteRunOfDeletedDeployment,
                                                ctx: DecisionContext) -> Decision:

@@ -66,6 +66,11 @@ def test_the_vacuums_delete_checks_the_runs_end_again_on_the_log():
                  a_run(None, StateType.FAILED)):  # no end recorded
         decision = vacuum(kept)
         assert decision.events == [] and decision.created is False
+    # A subflow run whose parent is still in the log stays, whatever a lagging read model said.
+    subflow = a_run(None, StateType.COMPLETED, end_time=EARLIER, parent_task_run_id=uuid.uuid4())
+    assert fr.decide_delete_finished_flow_run(fr.DeleteFinishedFlowRun(id=subflow.id, ended_before=cutoff), subflow,
+                                              None, ctx(), parent_exists=True).events == []
+    assert vacuum(subflow).created is True  # its parent gone
     missing = fr.decide_delete_finished_flow_run(fr.DeleteFinishedFlowRun(id=uuid.uuid4(), ended_before=cutoff),
                                                  None, None, ctx())
     assert missing.events == [] and missing.created is False
