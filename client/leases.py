@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from runledger.commands.flow_runs import LEASE_NOT_FOUND
 
-from .errors import NotFound, Unavailable
+from .errors import NotFound, RunledgerError, Unavailable
 
 if TYPE_CHECKING:
     from .runledger_client import RunledgerClient
@@ -38,6 +38,8 @@ RENEWAL_FRACTION = 0.75
 # A renewal that finds the service unavailable is sent again this often until it lands or the
 # lease would have run out.
 RETRY_SECONDS = 1.0
+# How often a block entered before its run took its deployment's slot looks for the lease.
+LOOK_FOR_LEASE_SECONDS = 5.0
 
 
 class DeploymentSlotLost(NotFound):
@@ -47,8 +49,10 @@ class DeploymentSlotLost(NotFound):
 
 class DeploymentSlotLease:
     """Renews a flow run's deployment slot lease at once and then every three quarters of
-    `lease_seconds`, until the block ends. A run that holds no lease (its deployment has no
-    limit, or it has not taken a slot yet) leaves nothing to renew: `lease_id` stays None.
+    `lease_seconds`, until the block ends: whichever lease the run holds (a run whose lease
+    ran out while PENDING takes a new one when it starts). A block entered before the run took
+    its slot (still SCHEDULED) looks for the lease every few seconds and keeps it from then
+    on; a run without a limited deployment leaves nothing to keep (`lease_id` stays None).
     If the lease is lost, `lost` is set and, when `strict` (the default, as Prefect's engine
     does), the block is cancelled and `DeploymentSlotLost` raised from it; otherwise a
     warning is logged and the block runs on."""
@@ -66,46 +70,68 @@ class DeploymentSlotLease:
         self._cancelled_owner = False
 
     async def __aenter__(self) -> DeploymentSlotLease:
-        try:
-            renewal = await self.client.renew_deployment_slot_lease(self.flow_run_id, lease_seconds=self.lease_seconds)
-        except NotFound as e:
-            if e.message != LEASE_NOT_FOUND:
-                raise  # no such run
-            return self  # it holds no lease: nothing to keep
-        self.lease_id = renewal.lease_id
         self._owner = asyncio.current_task()
-        self._renewing = asyncio.create_task(self._renew(), name=f"deployment-slot-lease-{self.flow_run_id}")
+        if await self._renew_once() or await self._limited():
+            self._renewing = asyncio.create_task(self._keep(), name=f"deployment-slot-lease-{self.flow_run_id}")
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         if self._renewing is not None:
             self._renewing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewing
+            await asyncio.wait([self._renewing])  # a cancel of this task meanwhile is not swallowed
         if self._cancelled_owner and self._owner is not None and exc_type is asyncio.CancelledError:
             self._owner.uncancel()
             raise DeploymentSlotLost(f"Flow run {self.flow_run_id}: its deployment slot's lease {self.lease_id} "
                                      "ran out and the slot was given back") from None
 
-    async def _renew(self) -> None:
+    async def _renew_once(self) -> bool:
+        """Renew whichever lease the run holds: False when it holds none (`not_found`)."""
+        try:
+            renewal = await self.client.renew_deployment_slot_lease(self.flow_run_id, lease_seconds=self.lease_seconds)
+        except NotFound as e:
+            if e.message != LEASE_NOT_FOUND:
+                raise  # no such run
+            return False
+        self.lease_id = renewal.lease_id
+        return True
+
+    async def _limited(self) -> bool:
+        """Whether the run may still take a deployment slot to keep: its deployment has a
+        concurrency limit and the run has not started yet."""
+        run = await self.client.read_flow_run(self.flow_run_id)
+        if run.deployment_id is None or run.state_type not in (None, "SCHEDULED"):
+            return False
+        deployment = await self.client.read_deployment(run.deployment_id)
+        return deployment.global_concurrency_limit is not None  # its `concurrency_limit` is always null
+
+    async def _keep(self) -> None:
         loop = asyncio.get_running_loop()
+        while self.lease_id is None:  # entered before the run took its slot
+            await asyncio.sleep(min(LOOK_FOR_LEASE_SECONDS, self.lease_seconds * RENEWAL_FRACTION))
+            with contextlib.suppress(Unavailable):
+                await self._renew_once()
         runs_out = loop.time() + self.lease_seconds
+        warned = False
         while True:
             await asyncio.sleep(self.lease_seconds * RENEWAL_FRACTION)
             while True:
                 try:
-                    await self.client.renew_deployment_slot_lease(self.flow_run_id, lease_id=self.lease_id,
-                                                                  lease_seconds=self.lease_seconds)
+                    if not await self._renew_once():
+                        self._lose()
+                        return
                     runs_out = loop.time() + self.lease_seconds
+                    warned = False
                     break
-                except NotFound:
-                    self._lose()
-                    return
                 except Unavailable as e:
-                    if loop.time() + RETRY_SECONDS >= runs_out:
+                    if not warned and loop.time() + RETRY_SECONDS >= runs_out:
                         log.warning("flow run %s: cannot renew its deployment slot's lease (%s)", self.flow_run_id, e)
+                        warned = True
                     await asyncio.sleep(RETRY_SECONDS)
+                except RunledgerError as e:  # refused: not a thing a retry mends
+                    log.error("flow run %s: renewing its deployment slot's lease was refused (%s); no longer "
+                              "renewing it", self.flow_run_id, e)
+                    return
 
     def _lose(self) -> None:
         self.lost = True

@@ -637,7 +637,10 @@ def decide_expire_deployment_slot_lease(cmd: ExpireDeploymentSlotLease, run: Flo
     if slots.holds_handed_slots(run):
         return _unclaimed_handed_slots(cmd, run, ctx, limits)
     runs_out = deployment_lease_runs_out(run, limits)
-    if lease is None or lease != cmd.lease_id or limits.deployment_limit is None or runs_out is None or ctx.now < runs_out:
+    # A renewed lease runs out even when its limit is gone (nothing to give back then): its last
+    # renewal is a routine event that leaves the log, so the run's state must not rest on it.
+    no_limit = limits.deployment_limit is None and run.deployment_lease_expiration is None
+    if lease is None or lease != cmd.lease_id or no_limit or runs_out is None or ctx.now < runs_out:
         return Decision(events=[], result=run.state)
     after = run.model_copy(update={"deployment_lease_expired": True, "deployment_lease_expiration": None,
                                    "updated": ctx.now})

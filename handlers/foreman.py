@@ -312,7 +312,7 @@ class Foreman:
         stmt = (select(flow_runs.c.id, lease.label("lease_id"))
                 .outerjoin(deployments, deployments.c.id == flow_runs.c.deployment_id)
                 .where(lease.is_not(None),
-                       or_(and_(or_(pending_too_long, renewal_ran_out), deployments.c.concurrency_limit.is_not(None)),
+                       or_(and_(pending_too_long, deployments.c.concurrency_limit.is_not(None)), renewal_ran_out,
                            handed_unclaimed))
                 .order_by(since).limit(BATCH))
         expired = 0

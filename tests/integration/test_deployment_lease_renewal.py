@@ -148,3 +148,29 @@ async def test_hold_deployment_slot_keeps_the_slot_and_stops_the_block_once_it_i
 
 async def _flow_id(rl: RunledgerClient) -> str:
     return str((await rl.create_flow("renewing")).id)
+
+
+async def test_a_block_entered_before_the_run_takes_its_slot_keeps_the_lease_it_takes(client, monkeypatch):
+    """A process that runs the flow itself enters the block first, then claims the run: the
+    lease taken at PENDING is found and renewed from then on."""
+    rl = client
+    monkeypatch.setattr(client_leases, "LOOK_FOR_LEASE_SECONDS", 0.1)
+    await rl.create_work_pool("p", type="process")
+    flow = await rl.create_flow("self-run")
+    deployment, _ = await rl.create_deployment(flow.id, "one", work_pool_name="p", concurrency_limit=1)
+    run = await rl.create_flow_run_from_deployment(deployment.id)
+    async with rl.hold_deployment_slot(run.id, lease_seconds=60) as held:
+        assert held.lease_id is None  # SCHEDULED: no slot yet
+        assert (await rl.set_flow_run_state(run.id, "PENDING")).status == "ACCEPT"
+        for _ in range(50):
+            if held.lease_id is not None:
+                break
+            await asyncio.sleep(0.1)
+        read = await rl.read_flow_run(run.id)
+        assert str(held.lease_id) == read.state.state_details["deployment_concurrency_lease_id"]
+        assert read.deployment_lease_expiration is not None  # renewed: it runs out if this process dies
+    # A run of a deployment without a limit has nothing to keep, and nothing is looked for.
+    free, _ = await rl.create_deployment(flow.id, "free", work_pool_name="p")
+    other = await rl.create_flow_run_from_deployment(free.id)
+    async with rl.hold_deployment_slot(other.id) as nothing:
+        assert nothing.lease_id is None and nothing._renewing is None

@@ -140,3 +140,15 @@ def test_the_lease_duration_is_bounded() -> None:
     for bad in (0, -1, 86_401, float("inf")):
         with pytest.raises(ValueError):
             fr.RenewDeploymentSlotLease(id=uuid.uuid4(), lease_seconds=bad)
+
+
+def test_a_renewed_lease_runs_out_even_when_its_limit_is_gone() -> None:
+    """Its last renewal leaves the log after a while: the run's state must not rest on it."""
+    run = renewed(a_run(None, T.RUNNING, deployment=True, lease=uuid.uuid4()), 60)
+    d = expire(run, sl.Limits(lease_seconds=60), NOW + timedelta(seconds=60))
+    (expired,) = events_of(d, fr.FlowRunDeploymentLeaseExpired)
+    assert expired.run.deployment_lease_expiration is None and [type(e.event) for e in d.events] == [
+        fr.FlowRunDeploymentLeaseExpired]  # nothing to give back
+    # Never renewed, nothing to do without a limit, as before.
+    plain = a_run(None, T.PENDING, deployment=True, lease=uuid.uuid4())
+    assert expire(plain, sl.Limits(lease_seconds=60), NOW + timedelta(days=1)).events == []
