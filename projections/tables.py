@@ -21,7 +21,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from runledger.infra.database import Migration
@@ -33,6 +33,10 @@ projection_checkpoints = Table(
     Column("name", Text, primary_key=True),
     Column("last_seq", BigInteger, nullable=False),
     Column("updated", DateTime(timezone=True), nullable=False),
+    # The event types the projection handled when it was last bound (null: bound by a version
+    # before this column): one that handles more now rebuilds if the log holds those below its
+    # checkpoint (projections/runner.py, `_bind`).
+    Column("handles", ARRAY(Text)),
 )
 
 skipped_events = Table(
@@ -483,5 +487,8 @@ MIGRATIONS = [
     ]),
     Migration(21, "the ended flow runs by their end, for the vacuum", [
         "CREATE INDEX IF NOT EXISTS flow_runs_ended ON flow_runs (end_time, id) WHERE end_time IS NOT NULL",
+    ]),
+    Migration(22, "the event types each projection handled when it was last bound", [
+        "ALTER TABLE projection_checkpoints ADD COLUMN IF NOT EXISTS handles text[]",
     ]),
 ]
