@@ -6,6 +6,7 @@ from the Postgres read models in `projections/`.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -623,6 +624,16 @@ class ReadEvents(Query):
     limit: Annotated[int, Field(ge=1, le=READ_EVENTS_MAX_LIMIT)] = READ_EVENTS_DEFAULT_LIMIT
     vocabulary: EventVocabulary = EventVocabulary.RUNLEDGER
     prefect_event_prefix: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+
+    @field_validator("aggregate_id")
+    @classmethod
+    def _uuid_as_stored(cls, value):
+        """A hyphenated UUID in upper case is the one the log stores in lower case (a subject
+        token matches exactly); any other id is taken as it is."""
+        if value is not None and len(value) == 36 and value.count("-") == 4:
+            with contextlib.suppress(ValueError):
+                return str(uuid.UUID(value))
+        return value
 
     @field_validator("resource_id")
     @classmethod

@@ -103,13 +103,29 @@ async def neighbour_subjects(store: EventStore, queues: LogIndex, aggregate_type
     rows = await store.read_subject(store.aggregate_filter(aggregate_type, aggregate_id), 1, max_messages=MAX_FOLD)
     found = neighbours(env for seq, _, data, _ in rows if seq <= end and (env := _envelope(seq, data)) is not None)
     pools = {pool_id for queue_id in sorted(found.queue_ids) if (pool_id := await queues.lookup(queue_id))}
-    # A run's events need only the names of its pool and queue, not the pool's polls (a busy
-    # pool's workers write thousands a day, which would use up the page's reads); a
-    # deployment's need its pools' polls too, whose ready and not-ready are about it.
-    pool_types = ["*"] if aggregate_type == DEPLOYMENT else sorted(POOL_NAMING_EVENTS)
-    return ([f"{store.prefix}.{kind}.{i}.*" for kind, i in sorted(found.aggregates)]
-            + [f"{store.prefix}.{WORK_POOL}.{pool_id}.{t}" for pool_id in sorted(pools) for t in pool_types]
-            + [f"{store.prefix}.{kind}.*.*" for kind in sorted(found.aggregate_types)])
+    own = [f"{store.prefix}.{kind}.{i}.*" for kind, i in sorted(found.aggregates)]
+    naming = [f"{store.prefix}.{WORK_POOL}.{pool_id}.{t}" for pool_id in sorted(pools) for t in sorted(POOL_NAMING_EVENTS)]
+    if aggregate_type != DEPLOYMENT:
+        # A run's events need only the names of its pool and queue, not the pool's polls (a
+        # busy pool's workers write thousands a day, which would use up the page's reads).
+        return own + naming
+    # A deployment's need its pools' polls and the runners' polls too, whose ready and
+    # not-ready are about it, unless there are too many of them for a page to read: then it
+    # is read without them (its ready and not-ready left out) rather than refused.
+    polls = ([f"{store.prefix}.{WORK_POOL}.{pool_id}.*" for pool_id in sorted(pools)]
+             + [f"{store.prefix}.{kind}.*.*" for kind in sorted(found.aggregate_types)])
+    if sum([await _count(store, subject) for subject in polls]) > MAX_FOLD // 2:
+        log.info("ReadEvents of deployment %s leaves out its pools' and the runners' polls: more than %d",
+                 aggregate_id, MAX_FOLD // 2)
+        return own + naming
+    return own + polls
+
+
+async def _count(store: EventStore, subject: str) -> int:
+    """How many events the log holds on `subject` (a wildcard: summed over the subjects it
+    matches, which the server counts)."""
+    info = await store.js.stream_info(store.stream, subjects_filter=subject)
+    return sum((info.state.subjects or {}).values())
 
 
 async def read_merged(store: EventStore, subjects: list[str], start: int, end: int, batch: int

@@ -332,3 +332,30 @@ async def test_a_run_in_a_busy_pool_is_read_alone_without_the_pools_polls(broker
     events = await _all(broker, vocabulary="prefect", resource_id=f"prefect.flow-run.{run['id']}")
     assert [e["event"] for e in events] == ["prefect.flow-run.Scheduled", "prefect.flow-run.Pending"]
     assert {r["prefect.resource.role"]: r.get("prefect.resource.name") for r in events[-1]["related"]}["work-pool"] == "busy"
+
+
+async def test_a_deployment_among_many_runner_polls_is_read_without_them(broker, monkeypatch):
+    """The runners' polls of other deployments (one event each, kept a day or more) would use up
+    a page's reads before the deployment's own events: past half a page's reads they are left
+    out, with its ready and not-ready, rather than the read refused."""
+    flow = await broker.ok_cmd("CreateFlow", name="etl")
+    mine = await broker.ok_cmd("CreateDeployment", name="mine", flow_id=flow["id"])
+    other = await broker.ok_cmd("CreateDeployment", name="other", flow_id=flow["id"])
+    await broker.ok_cmd("RecordDeploymentsPolled", deployment_ids=[mine["id"]])
+    for _ in range(40):
+        await broker.ok_cmd("RecordDeploymentsPolled", deployment_ids=[other["id"]], all_ready=True)
+    await broker.ok_cmd("UpdateDeployment", id=mine["id"], description="changed")
+    resource = f"prefect.deployment.{mine['id']}"
+    with_polls = [e["event"] for e in await _all(broker, vocabulary="prefect", resource_id=resource)]
+    assert with_polls == ["prefect.deployment.created", "prefect.deployment.ready", "prefect.deployment.updated"]
+    monkeypatch.setattr(event_queries, "READ_BATCH", 4)
+    monkeypatch.setattr(event_queries, "MAX_FOLD", 30)
+    without = [e["event"] for e in await _all(broker, vocabulary="prefect", resource_id=resource)]
+    assert without == ["prefect.deployment.created", "prefect.deployment.updated"]
+
+
+async def test_an_aggregate_id_in_upper_case_finds_the_aggregate(broker):
+    pool = await broker.ok_cmd("CreateWorkPool", name="upper", type="process")
+    lower = await _read(broker, aggregate_type="work_pool", aggregate_id=pool["id"])
+    upper = await _read(broker, aggregate_type="work_pool", aggregate_id=pool["id"].upper())
+    assert upper == lower and [e["type"] for e in upper["events"]] == ["WorkPoolCreated"]
