@@ -97,7 +97,7 @@ def _parse_roles(roles: str) -> frozenset[str]:
 @app.command()
 def serve(
     roles: str = typer.Option(",".join(ROLES), help="Which parts to run here: commands,queries,projections,scheduler,clock,foreman,task_recovery (the last four hold a lease: one active on the servers at a time)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level, not INFO."),
 ) -> None:
     """Run the service against RUNLEDGER_NATS_URL and RUNLEDGER_DATABASE_URL."""
     _configure_logging(verbose)
@@ -117,7 +117,7 @@ def serve(
 @app.command()
 def up(
     data_dir: Path = typer.Option(None, "--data-dir", help="Where NATS and Postgres keep their data (default: ~/.local/share/runledger; as root /var/lib/runledger)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level, not INFO."),
 ) -> None:
     """Start an embedded NATS and Postgres (127.0.0.1 only, free ports) and the service, in one
     command. Ctrl-C stops all three; the data stays in the data directory."""

@@ -51,7 +51,7 @@ def task_worker(
     limit: int = typer.Option(10, "--limit", "-l", min=1, help="How many task runs to run at once."),
     worker_id: str | None = typer.Option(None, "--worker-id", help="This worker's name (default: host name and a random suffix)."),
     grace: float = typer.Option(30.0, "--grace", min=0, help="Seconds running tasks get to finish after SIGTERM."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level, not INFO."),
     bound_as: str | None = typer.Option(
         None, "--as", help="Serve as the task worker bound to keys under this name (RUNLEDGER_TASK_WORKER_KEYS): "
                            "its own broker user, task_worker_<name>, which may serve those keys only."),

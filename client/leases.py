@@ -52,7 +52,8 @@ class DeploymentSlotLease:
     `lease_seconds`, until the block ends: whichever lease the run holds (a run whose lease
     ran out while PENDING takes a new one when it starts). A block entered before the run took
     its slot (still SCHEDULED) looks for the lease every few seconds and keeps it from then
-    on; a run without a limited deployment leaves nothing to keep (`lease_id` stays None).
+    on, at once when this client moves the run to PENDING or RUNNING; a run without a limited
+    deployment leaves nothing to keep (`lease_id` stays None).
     If the lease is lost, `lost` is set and, when `strict` (the default, as Prefect's engine
     does), the block is cancelled and `DeploymentSlotLost` raised from it; otherwise a
     warning is logged and the block runs on."""
@@ -68,16 +69,27 @@ class DeploymentSlotLease:
         self._owner: asyncio.Task | None = None
         self._renewing: asyncio.Task | None = None
         self._cancelled_owner = False
+        self._nudged = asyncio.Event()
+
+    def nudge(self) -> None:
+        """The run may have taken its slot just now (this client set its state): look for the
+        lease at once rather than at the next look."""
+        self._nudged.set()
 
     async def __aenter__(self) -> DeploymentSlotLease:
         self._owner = asyncio.current_task()
         if await self._renew_once() or await self._limited():
+            self.client._slot_holders.setdefault(self.flow_run_id, set()).add(self)
             self._renewing = asyncio.create_task(self._keep(), name=f"deployment-slot-lease-{self.flow_run_id}")
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         if self._renewing is not None:
+            holders = self.client._slot_holders.get(self.flow_run_id, set())
+            holders.discard(self)
+            if not holders:
+                self.client._slot_holders.pop(self.flow_run_id, None)
             self._renewing.cancel()
             await asyncio.wait([self._renewing])  # a cancel of this task meanwhile is not swallowed
         if self._cancelled_owner and self._owner is not None and exc_type is asyncio.CancelledError:
@@ -108,7 +120,10 @@ class DeploymentSlotLease:
     async def _keep(self) -> None:
         loop = asyncio.get_running_loop()
         while self.lease_id is None:  # entered before the run took its slot
-            await asyncio.sleep(min(LOOK_FOR_LEASE_SECONDS, self.lease_seconds * RENEWAL_FRACTION))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(LOOK_FOR_LEASE_SECONDS, self.lease_seconds * RENEWAL_FRACTION)):
+                    await self._nudged.wait()
+            self._nudged.clear()
             with contextlib.suppress(Unavailable):
                 await self._renew_once()
         runs_out = loop.time() + self.lease_seconds

@@ -129,6 +129,8 @@ class RunledgerClient:
         self.last_seq: int | None = None
         self._nc: NATS | None = None
         self._owns_connection = False
+        # Flow run id -> the `hold_deployment_slot` blocks of this client waiting for its lease.
+        self._slot_holders: dict[str, set[DeploymentSlotLease]] = {}
 
     @classmethod
     def from_nats(cls, nc: NATS, settings: Settings | None = None, *, consistent_reads: bool = True,
@@ -1344,6 +1346,8 @@ class RunledgerClient:
         reply = await self.command("SetFlowRunState", body | self._key(idempotency_key))
         if reply.orchestration is None:
             raise ProtocolError("the service's reply to SetFlowRunState has no orchestration outcome")
+        for holder in self._slot_holders.get(str(flow_run_id), ()):
+            holder.nudge()  # the run may hold its deployment slot's lease now
         return self._one(OrchestrationResult, {**reply.orchestration, "state": reply.result})
 
     async def renew_deployment_slot_lease(self, flow_run_id: uuid.UUID | str, *, lease_id: uuid.UUID | str | None = None,

@@ -331,8 +331,9 @@ def hand_over(woken: FlowRun, limits: Limits, random_id: uuid.UUID) -> FlowRun:
     details = woken.state.state_details.model_copy(update={"deployment_concurrency_lease_id": lease})
     in_pool = (limits.pool is not None and limits.slots is not None and woken.work_queue_id is not None
                and woken.work_queue_id in limits.pool.queues and limits.pool_or_queue_full(woken) is None)
+    # It no longer waits for the slot: the reason its refused claim stored goes.
     return woken.model_copy(update={"state": woken.state.model_copy(update={"state_details": details}),
-                                    "pool_slot_reserved": in_pool})
+                                    "pool_slot_reserved": in_pool, "waiting_reason": None})
 
 
 def limits_after(limits: Limits, events: Iterable[NewEvent]) -> Limits:

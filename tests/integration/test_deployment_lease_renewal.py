@@ -152,9 +152,10 @@ async def _flow_id(rl: RunledgerClient) -> str:
 
 async def test_a_block_entered_before_the_run_takes_its_slot_keeps_the_lease_it_takes(client, monkeypatch):
     """A process that runs the flow itself enters the block first, then claims the run: the
-    lease taken at PENDING is found and renewed from then on."""
+    lease taken at PENDING is found at once (the client's own state change tells the block)
+    and renewed from then on."""
     rl = client
-    monkeypatch.setattr(client_leases, "LOOK_FOR_LEASE_SECONDS", 0.1)
+    monkeypatch.setattr(client_leases, "LOOK_FOR_LEASE_SECONDS", 60.0)  # found by the nudge, not a look
     await rl.create_work_pool("p", type="process")
     flow = await rl.create_flow("self-run")
     deployment, _ = await rl.create_deployment(flow.id, "one", work_pool_name="p", concurrency_limit=1)
@@ -162,7 +163,7 @@ async def test_a_block_entered_before_the_run_takes_its_slot_keeps_the_lease_it_
     async with rl.hold_deployment_slot(run.id, lease_seconds=60) as held:
         assert held.lease_id is None  # SCHEDULED: no slot yet
         assert (await rl.set_flow_run_state(run.id, "PENDING")).status == "ACCEPT"
-        for _ in range(50):
+        for _ in range(20):
             if held.lease_id is not None:
                 break
             await asyncio.sleep(0.1)

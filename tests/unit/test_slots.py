@@ -345,7 +345,8 @@ def test_a_waiter_that_takes_a_slot_leaves_the_waiters() -> None:
 
 def _release_to_a_waiter(pool: wp.WorkPool, pool_count: int, limit: cl.ConcurrencyLimit) -> tuple[Any, fr.FlowRun]:
     """A run of `pool` holding its queue's slot and the deployment's completes; one run waits."""
-    waiter = awaiting().model_copy(update={"work_queue_id": pool.default_queue_id})
+    waiter = awaiting(waiting_reason="Deployment concurrency limit reached.").model_copy(
+        update={"work_queue_id": pool.default_queue_id})
     holder = a_run(pool, T.RUNNING, deployment=True, lease=uuid.uuid4())
     limits = dataclasses.replace(waiting_limits(limit, [waiter], [waiter.id]), pool=pool,
                                  slots=counts(pool, pool_count))
@@ -366,6 +367,7 @@ def test_a_release_hands_the_slots_it_frees_to_the_waiter_it_wakes() -> None:
     assert [e.slots.total for e in events_of(d, sl.PoolSlotReleased)] == [0]
     assert [(e.flow_run_id, e.slots.total) for e in events_of(d, sl.PoolSlotTaken)] == [(woken.id, 1)]
     assert woken.state_type is T.SCHEDULED and woken.pool_slot_reserved
+    assert woken.waiting_reason is None  # it no longer waits for the slot
     assert sl.holds_pool_slot(woken) and sl.deployment_lease(woken) is not None and sl.holds_handed_slots(woken)
 
 
