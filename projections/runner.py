@@ -80,7 +80,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 from pydantic_core import from_json
-from sqlalchemy import case, delete, select, text
+from sqlalchemy import case, delete, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -731,8 +731,7 @@ class ProjectionRunner:
             # A row to lock from the first batch on (`apply_batch` reads it FOR UPDATE).
             await conn.execute(insert(projection_checkpoints).values(
                 name=projector.name, last_seq=0, updated=datetime.now(UTC)).on_conflict_do_nothing())
-            if await self._rebuild_for_new_types(conn, js, projector):
-                self.failures.pop(projector.name, None)
+            await self._note_missed_types(conn, js, projector)
             checkpoint = await read_checkpoint(conn, projector.name)
             row = (await conn.execute(select(projection_failures).where(
                 projection_failures.c.projection == projector.name))).first()
@@ -753,46 +752,50 @@ class ProjectionRunner:
         # Not below a position this runner reached already (bound again, with another filter).
         self._report(projector, max(checkpoint, self.applied.get(projector.name, 0)))
 
-    async def _rebuild_for_new_types(self, conn: AsyncConnection, js: Any, projector: Projector) -> bool:
+    async def _note_missed_types(self, conn: AsyncConnection, js: Any, projector: Projector) -> None:
         """A projection that handles an event type it did not handle when it was last bound
         (this version knows a type the one before did not) may have gone past events of that
         type: during a rolling upgrade, a newer command process wrote them while an older
-        process ran the projection, whose consumer did not even receive them. They would never
-        be applied. When the log holds one below the checkpoint, the projection's tables are
-        emptied and it is rebuilt from the log's start, as `runledger replay` would build it;
-        its queries see it fill up meanwhile (and a query with `min_seq` waits for it). Returns
-        whether it was. The types are recorded at every bind (in the checkpoint's row)."""
+        process ran the projection, whose consumer did not even receive them. They are not in
+        its read model, and a rebuild would have them (`runledger verify` shows the
+        difference). When the log holds one below the checkpoint, this says so once, in the
+        log and in `skipped_events` (the first such event of each type), with the way to
+        rebuild the read model; the projection goes on applying what comes next. (Rebuilding
+        it here, in place, would move its checkpoint back, which the forward-only checkpoint
+        writes of a process that lost its lease would then undo.) The types are recorded at
+        every bind, in the checkpoint's row."""
         row = (await conn.execute(select(projection_checkpoints.c.last_seq, projection_checkpoints.c.handles)
                                   .where(projection_checkpoints.c.name == projector.name).with_for_update())).one()
         current = sorted(projector.handles)
-        rebuild = False
         if row.handles is not None and row.last_seq > 0:
-            learned = sorted(set(current) - set(row.handles))
-            held = [t for t in learned if await self._first_seq_of(js, t) <= row.last_seq]
-            if held:
-                log.warning("projection %s now handles %s, which the log holds below its checkpoint (%d; written "
-                            "while an older version ran it): rebuilding it from the log", projector.name,
-                            ", ".join(held), row.last_seq)
-                self.applied.pop(projector.name, None)
-                self._report(projector, 0)  # this process's queries wait for it from now on
-                await conn.execute(text("TRUNCATE " + ", ".join(f'"{t.name}"' for t in projector.tables)))
-                await conn.execute(delete(projection_failures).where(projection_failures.c.projection == projector.name))
-                await conn.execute(delete(skipped_events).where(skipped_events.c.projection == projector.name))
-                rebuild = True
-        if rebuild or row.handles != current:
+            for event_type in sorted(set(current) - set(row.handles)):
+                first = await self._first_of(js, event_type)
+                if first is None or first[0] > row.last_seq:
+                    continue
+                reason = (f"written while an older version ran projection {projector.name}, which never received "
+                          f"{event_type} events (before its checkpoint {row.last_seq}): its read model lacks them; "
+                          "rebuild it (docs/operations.md, \"Replay, verify, events\": replay, then swap the schemas)")
+                log.error("projection %s now handles %s, but the log holds such events below its checkpoint (%d, "
+                          "first at stream sequence %d): %s", projector.name, event_type, row.last_seq, first[0], reason)
+                await conn.execute(insert(skipped_events).values(
+                    projection=projector.name, seq=first[0], subject=first[1], reason=reason,
+                    recorded=datetime.now(UTC)).on_conflict_do_nothing())
+        if row.handles != current:
             await conn.execute(projection_checkpoints.update().where(projection_checkpoints.c.name == projector.name)
-                               .values(handles=current, **({"last_seq": 0, "updated": datetime.now(UTC)}
-                                                           if rebuild else {})))
-        return rebuild
+                               .values(handles=current))
 
-    async def _first_seq_of(self, js: Any, event_type: str) -> float:
-        """The stream sequence of the log's first event of this type (infinity: none)."""
+    async def _first_of(self, js: Any, event_type: str) -> tuple[int, str] | None:
+        """The stream sequence and subject of the log's first event of this type, if any (by
+        the subjects of its aggregate type: a wildcard over every subject of the log would have
+        the server look through each task run's)."""
+        spec = EVENT_TYPES.get(event_type)
+        aggregate = spec.aggregate_type if spec is not None else "*"
         try:
             msg = await js.get_msg(self.settings.stream_name, seq=1, next=True,
-                                   subject=f"{self.settings.event_subject_prefix}.*.*.{event_type}")
+                                   subject=f"{self.settings.event_subject_prefix}.{aggregate}.*.{event_type}")
         except NotFoundError:
-            return math.inf
-        return msg.seq if msg.seq is not None else math.inf
+            return None
+        return (msg.seq, msg.subject) if msg.seq is not None else None
 
     def _consumer_config(self, projector: Projector, checkpoint: int, backlog: int) -> ConsumerConfig:
         subjects = self.consumer_filter(projector, backlog)
