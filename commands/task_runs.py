@@ -54,7 +54,7 @@ from .messages import (
     not_found,
 )
 from .names import MAX_NAME_LENGTH
-from .states import State, StateCreate, StateType
+from .states import TERMINAL, State, StateCreate, StateType
 from .task_keys import check_task_key
 
 TASK_RUN = "task_run"
@@ -428,6 +428,16 @@ class DeleteTaskRun(Command):
     id: uuid.UUID
 
 
+class DeleteFinishedTaskRun(Command):
+    """The vacuum's (`RUNLEDGER_FLOW_RUN_RETENTION_SECONDS`): a background task run (no flow
+    run) that ended before `ended_before` and is still in a final state is deleted as
+    `DeleteTaskRun` deletes it. Nothing happens when the run is gone, belongs to a flow run,
+    has moved on from its final state (rerun), or ended later."""
+
+    id: uuid.UUID
+    ended_before: UtcDatetime
+
+
 # ---------------------------------------------------------------------------------------------
 # Evolve and decide
 
@@ -637,6 +647,18 @@ def decide_update_task_run(cmd: UpdateTaskRun, run: TaskRun | None, ctx: Decisio
     after = run.model_copy(update={"name": cmd.name, "updated": ctx.now})
     return Decision(events=[NewEvent(str(run.id), TaskRunUpdated(run=after, changed=["name"]))], result=None,
                     after={str(run.id): after})
+
+
+def decide_delete_finished_task_run(cmd: DeleteFinishedTaskRun, run: TaskRun | None,
+                                    tag_limits: Mapping[str, tcl.TagConcurrencyLimit] | None = None,
+                                    global_tag_limits: Mapping[str, tcl.GlobalTagLimit] | None = None) -> Decision:
+    """The vacuum finds its candidates in the read model, which may lag: the run's end is
+    checked again on the log. `created` says whether it was deleted."""
+    if (run is None or run.flow_run_id is not None or run.state_type not in TERMINAL or run.end_time is None
+            or run.end_time >= cmd.ended_before):
+        return Decision(events=[], result=None, created=False)
+    deleted = decide_delete_task_run(DeleteTaskRun(id=run.id), run, tag_limits, global_tag_limits)
+    return Decision(events=deleted.events, result=None, created=True)
 
 
 def decide_delete_task_run(cmd: DeleteTaskRun, run: TaskRun | None,

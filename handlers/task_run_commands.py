@@ -316,21 +316,33 @@ def command_specs(takeover_allowed: Callable[[], bool] = lambda: True,
     async def update_task_run(unit: Unit, cmd: tr.UpdateTaskRun, ctx: DecisionContext) -> Decision:
         return tr.decide_update_task_run(cmd, await load_task_run(unit, cmd.id), ctx)
 
+    async def deletion_inputs(unit: Unit, run: tr.TaskRun) -> TagLimits:
+        """What a run's deletion writes to besides the run: its keys' marker (released in the
+        same append: read, for its sequence check) and its tags' limits."""
+        if run.id != tr.keys_id(run.flow_run_id, run.task_key, run.dynamic_key):
+            await unit.load(tr.TASK_RUN, str(tr.keys_id(run.flow_run_id, run.task_key, run.dynamic_key)))
+        return await tag_limits_of(unit, run, None)
+
     async def delete_task_run(unit: Unit, cmd: tr.DeleteTaskRun, ctx: DecisionContext) -> Decision:
         run = await load_task_run(unit, cmd.id)
         if run is None:
             return tr.decide_delete_task_run(cmd, run)
-        if run.id != tr.keys_id(run.flow_run_id, run.task_key, run.dynamic_key):
-            # Its keys' marker is released in the same append: read, for its sequence check.
-            await unit.load(tr.TASK_RUN, str(tr.keys_id(run.flow_run_id, run.task_key, run.dynamic_key)))
-        limits = await tag_limits_of(unit, run, None)
+        limits = await deletion_inputs(unit, run)
         return tr.decide_delete_task_run(cmd, run, limits.classic, limits.global_)
+
+    async def delete_finished_task_run(unit: Unit, cmd: tr.DeleteFinishedTaskRun, ctx: DecisionContext) -> Decision:
+        run = await load_task_run(unit, cmd.id)
+        if run is None:
+            return tr.decide_delete_finished_task_run(cmd, run)
+        limits = await deletion_inputs(unit, run)
+        return tr.decide_delete_finished_task_run(cmd, run, limits.classic, limits.global_)
 
     return {
         "CreateTaskRun": CommandSpec(tr.CreateTaskRun, create_task_run, _run_reply, _create_locks),
         "SetTaskRunState": CommandSpec(tr.SetTaskRunState, set_task_run_state, _state_reply, _by_id),
         "UpdateTaskRun": CommandSpec(tr.UpdateTaskRun, update_task_run, _nothing, _by_id),
         "DeleteTaskRun": CommandSpec(tr.DeleteTaskRun, delete_task_run, _nothing, _by_id),
+        "DeleteFinishedTaskRun": CommandSpec(tr.DeleteFinishedTaskRun, delete_finished_task_run, _nothing, _by_id),
         "CreateTaskRuns": BulkSpec(tr.CreateTaskRuns, "CreateTaskRun", lambda cmd: cmd.task_runs, _short_reply),
         "SetTaskRunStates": BulkSpec(tr.SetTaskRunStates, "SetTaskRunState", lambda cmd: cmd.states,
                                      _short_state_reply),

@@ -19,12 +19,11 @@ Every `interval` (5 minutes) it finds in the read models, oldest end first, in b
    is not past the cutoff too (one cancelled before its date) is kept: deleted, the scheduler
    would make it again for that date, as a new SCHEDULED run.
 2. background task runs (no flow run) in a final state that ended before the cutoff:
-   `DeleteTaskRun`.
+   `DeleteFinishedTaskRun`, checked again on the log as the flow runs are.
 
 Deleting a finished run gives back nothing: it holds no slot. The deciders read the run from
-the log, so a run deleted meanwhile is counted as nothing. `DeleteTaskRun` does not check a
-background task run's state again: one forced out of its final state between this read and
-its delete (a rerun of a run finished over the retention ago) goes.
+the log, so a run deleted meanwhile, or rerun since (forced out of its final state), is
+counted as nothing and kept.
 
 Both kinds are read oldest end first through an index on their end time (`flow_runs_ended`,
 `task_runs_end`), so a batch costs the same however long the history.
@@ -105,9 +104,8 @@ class Vacuum:
         async def one(row: Any) -> None:
             nonlocal deleted
             reply = await self.send(command, {"id": str(row.id), **extra})
-            # DeleteFinishedFlowRun says whether it deleted the run (`created`); DeleteTaskRun
-            # answers `not_found` for a run deleted meanwhile.
-            if reply.get("ok") and reply.get("created") is not False:
+            # Each says whether it deleted the run (`created`).
+            if reply.get("ok") and reply.get("created") is True:
                 deleted += 1
 
         for _ in range(MAX_BATCHES):
@@ -130,7 +128,8 @@ class Vacuum:
                                                                   "DeleteFinishedFlowRun",
                                                                   {"ended_before": cutoff.isoformat()})
             self.last.task_runs_deleted = await self._delete_each(self.old_background_task_runs(cutoff), task_runs,
-                                                                  "DeleteTaskRun")
+                                                                  "DeleteFinishedTaskRun",
+                                                                  {"ended_before": cutoff.isoformat()})
             if self.last.flow_runs_deleted or self.last.task_runs_deleted:
                 log.info("vacuum: %d flow runs and %d background task runs that ended before %s deleted",
                          self.last.flow_runs_deleted, self.last.task_runs_deleted, cutoff.isoformat())

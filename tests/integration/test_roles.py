@@ -371,7 +371,7 @@ async def test_analyst_and_client_may_read_events_and_the_analyst_nothing_else(r
     refused = [f"{ns}.qry.GetWorkPool", f"{ns}.qry.GetServiceHealth", f"{ns}.qry.GetWorkQueueStatus",
                f"{ns}.cmd.CreateWorkPool", f"{ns}.cmd.DeleteWorkPool", f"{ns}.cmd.SetTaskRunStates", f"{ns}.cmd.MarkFlowRunLate",
                f"{ns}.cmd.DeleteRunOfDeletedDeployment", f"{ns}.cmd.RenewDeploymentSlotLease",
-               f"{ns}.cmd.DeleteFinishedFlowRun",
+               f"{ns}.cmd.DeleteFinishedFlowRun", f"{ns}.cmd.DeleteFinishedTaskRun",
                f"{ns}.qry.ReadEventsX"]
     for subject in refused:
         await nc.publish(subject, json.dumps({"name": pool["name"]}).encode(), reply=nc.new_inbox())

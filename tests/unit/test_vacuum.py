@@ -74,3 +74,32 @@ def test_the_vacuums_delete_checks_the_runs_end_again_on_the_log():
     missing = fr.decide_delete_finished_flow_run(fr.DeleteFinishedFlowRun(id=uuid.uuid4(), ended_before=cutoff),
                                                  None, None, ctx())
     assert missing.events == [] and missing.created is False
+
+
+def test_the_vacuums_delete_of_a_background_task_run_checks_it_again_on_the_log():
+    from datetime import timedelta
+
+    from runledger.commands import task_runs as tr
+    from runledger.commands.states import State, StateType
+    from tests.unit.test_slots import EARLIER
+
+    cutoff = EARLIER + timedelta(minutes=1)
+
+    def run(state: StateType, end, flow_run_id=None) -> tr.TaskRun:
+        s = State(id=uuid.uuid4(), type=state, name=state.value.title(), timestamp=EARLIER)
+        return tr.TaskRun.model_validate({"id": uuid.uuid4(), "created": EARLIER, "updated": EARLIER, "name": "t",
+                                          "task_key": "k", "dynamic_key": "0", "flow_run_id": flow_run_id,
+                                          "state": s, "state_type": state, "state_name": s.name, "end_time": end})
+
+    def vacuum(r):
+        return tr.decide_delete_finished_task_run(tr.DeleteFinishedTaskRun(id=r.id, ended_before=cutoff), r)
+
+    gone = vacuum(run(StateType.COMPLETED, EARLIER))
+    assert gone.created is True and any(isinstance(e.event, tr.TaskRunDeleted) for e in gone.events)
+    for kept in (run(StateType.RUNNING, EARLIER),  # rerun since it ended
+                 run(StateType.FAILED, cutoff),  # ended at the cutoff, not before
+                 run(StateType.COMPLETED, EARLIER, flow_run_id=uuid.uuid4())):  # goes with its flow run
+        decision = vacuum(kept)
+        assert decision.events == [] and decision.created is False
+    assert tr.decide_delete_finished_task_run(tr.DeleteFinishedTaskRun(id=uuid.uuid4(), ended_before=cutoff),
+                                              None).created is False
