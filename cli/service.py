@@ -26,7 +26,7 @@ from .main import app
 
 console = Console(stderr=True, soft_wrap=True)
 EXIT_UNAVAILABLE = 6
-ROLES = ("commands", "queries", "projections", "scheduler", "clock", "foreman", "task_recovery")
+ROLES = ("commands", "queries", "projections", "scheduler", "clock", "foreman", "task_recovery", "vacuum")
 
 
 def default_data_dir() -> Path:
@@ -96,7 +96,7 @@ def _parse_roles(roles: str) -> frozenset[str]:
 
 @app.command()
 def serve(
-    roles: str = typer.Option(",".join(ROLES), help="Which parts to run here: commands,queries,projections,scheduler,clock,foreman,task_recovery (the last four hold a lease: one active on the servers at a time)."),
+    roles: str = typer.Option(",".join(ROLES), help="Which parts to run here: commands,queries,projections,scheduler,clock,foreman,task_recovery,vacuum (the last five hold a lease: one active on the servers at a time; the vacuum runs only with RUNLEDGER_FLOW_RUN_RETENTION_SECONDS set)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level, not INFO."),
 ) -> None:
     """Run the service against RUNLEDGER_NATS_URL and RUNLEDGER_DATABASE_URL."""

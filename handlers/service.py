@@ -58,7 +58,7 @@ log = logging.getLogger("runledger.service")
 ALL_ROLES = frozenset({"commands", "queries", "projections"})
 # Single-active background services (handlers/background.py), each behind its lease: run by
 # `up` and `serve`; tests start them only where they test them.
-BACKGROUND_ROLES = frozenset({"scheduler", "clock", "foreman", "task_recovery"})
+BACKGROUND_ROLES = frozenset({"scheduler", "clock", "foreman", "task_recovery", "vacuum"})
 COMMAND_QUEUE_GROUP = "runledger-commands"
 QUERY_QUEUE_GROUP = "runledger-queries"
 
@@ -208,10 +208,10 @@ class Service:
             "foreman": Foreman(self.engine, send, deployment_lease_seconds=s.deployment_slot_lease_seconds,
                                handed_slot_seconds=s.handed_slot_seconds),
             "task_recovery": TaskRecovery(self.engine, TaskPublisher(js, s))}
-        if s.flow_run_retention_seconds and "foreman" in self.roles:  # with the foreman, its own lease
+        if s.flow_run_retention_seconds:  # off (no task, no lease) unless a retention is set
             services["vacuum"] = Vacuum(self.engine, send, retention_seconds=s.flow_run_retention_seconds)
         for role, service in services.items():
-            if role not in self.roles | {"vacuum"}:
+            if role not in self.roles:
                 continue
             lease = await Lease.open(js, s, role, ttl=s.lease_ttl_seconds, label=role)
             self.background.append(asyncio.create_task(run_leased(lease, role, service.run), name=f"runledger-{role}"))

@@ -1,4 +1,4 @@
-"""The vacuum: a single-active background service (lease `vacuum`, started with the foreman)
+"""The vacuum: a single-active background service (role and lease `vacuum`)
 that deletes finished runs older than `flow_run_retention_seconds` from the read models, as
 Prefect's `db_vacuum` deletes old flow runs, so that `flow_runs`, `flow_run_states`,
 `task_runs` and `task_run_states` stop growing for ever. Off while the setting is 0 (the
