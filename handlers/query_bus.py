@@ -64,10 +64,7 @@ class CheckpointWatch:
     _poller: asyncio.Task | None = None
 
     def applied(self, projection: str, seq: int) -> None:
-        """This process's runner applies `projection`: its report is the position, even below
-        one read from the table before (a projection rebuilt at its bind starts again at 0)."""
         self._positions[projection] = seq
-        self._polled.pop(projection, None)
         self._notify()
 
     def released(self, projection: str) -> None:
@@ -102,10 +99,7 @@ class CheckpointWatch:
                 rows = await conn.execute(select(projection_checkpoints.c.name, projection_checkpoints.c.last_seq).where(
                     projection_checkpoints.c.name.in_(unreported)))
                 for name, seq in rows:
-                    # Not for one this process's runner reported meanwhile: its report rules.
-                    # As the table says, even below what it said before: a projection rebuilt
-                    # in place starts again at 0, and a query must then wait for it.
-                    if name not in self._positions:
+                    if seq > self._polled.get(name, 0):
                         self._polled[name] = seq
         return self.known(projections)
 

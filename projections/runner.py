@@ -80,7 +80,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 from pydantic_core import from_json
-from sqlalchemy import case, delete, select, text
+from sqlalchemy import case, delete, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -146,21 +146,17 @@ class RawEvent:
     stored_ns: int = 0
 
 
-# Idle projections' positions, saved together: forward only, whatever the rows hold, and only
-# in the generation each was bound in (`_bind`: a projection rebuilt since starts a new one).
+# Idle projections' positions, saved together: forward only, whatever the rows hold.
 _MOVE_CHECKPOINTS_FORWARD_SQL = (
-    "INSERT INTO projection_checkpoints (name, last_seq, updated, generation) "
-    "SELECT name, last_seq, $3, generation FROM unnest($1::text[], $2::bigint[], $4::int[]) "
-    "AS t(name, last_seq, generation) "
+    "INSERT INTO projection_checkpoints (name, last_seq, updated) "
+    "SELECT name, last_seq, $3 FROM unnest($1::text[], $2::bigint[]) AS t(name, last_seq) "
     "ON CONFLICT (name) DO UPDATE SET last_seq = EXCLUDED.last_seq, updated = EXCLUDED.updated "
-    "WHERE projection_checkpoints.last_seq < EXCLUDED.last_seq "
-    "AND projection_checkpoints.generation = EXCLUDED.generation")
+    "WHERE projection_checkpoints.last_seq < EXCLUDED.last_seq")
 
 
 # Every batch reads and moves its checkpoint: through asyncpg itself (SQLAlchemy's statement
 # execution cost ~6 % of the service's CPU at flow-run rates, for two one-row statements).
 _READ_CHECKPOINT_SQL = "SELECT last_seq FROM projection_checkpoints WHERE name = $1"
-_READ_GENERATION_SQL = "SELECT last_seq, generation FROM projection_checkpoints WHERE name = $1 FOR UPDATE"
 _ADVANCE_CHECKPOINT_SQL = (
     "INSERT INTO projection_checkpoints (name, last_seq, updated) VALUES ($1, $2, $3) "
     "ON CONFLICT (name) DO UPDATE SET last_seq = EXCLUDED.last_seq, updated = EXCLUDED.updated "
@@ -302,18 +298,11 @@ def _current_version(event_type: str) -> bytes:
     return b'"schema_version":%d,' % EVENT_TYPES[event_type].schema_version
 
 
-async def apply_batch(conn: AsyncConnection, projector: Projector, batch: Sequence[RawEvent], *,
-                      generation: int = 0) -> int:
+async def apply_batch(conn: AsyncConnection, projector: Projector, batch: Sequence[RawEvent]) -> int:
     """Apply the events above the checkpoint and move it, inside the caller's transaction.
     Returns the new checkpoint. Unreadable or unknown events are recorded and skipped; a newer
-    version of a type it handles raises (`decode_batch`). `generation`: the one the caller
-    bound the projection in; another one in the row (it was rebuilt since) is a
-    `CheckpointConflict`, before anything is written."""
-    row = await (await _driver(conn)).fetchrow(_READ_GENERATION_SQL, projector.name)
-    if row is not None and row["generation"] != generation:
-        raise CheckpointConflict(f"projection {projector.name}: rebuilt since it was bound (generation "
-                                 f"{row['generation']}, not {generation})")
-    checkpoint = row["last_seq"] if row is not None else 0
+    version of a type it handles raises (`decode_batch`)."""
+    checkpoint = await read_checkpoint(conn, projector.name, lock=True)
     fresh = [e for e in batch if e.seq > checkpoint]
     if not fresh:
         return checkpoint
@@ -332,14 +321,14 @@ async def apply_batch(conn: AsyncConnection, projector: Projector, batch: Sequen
 # The checkpoint moved with a batch's writes, in one statement (`apply_in_one_statement`):
 # forward only, and only from below the batch's first event.
 _MOVE_CHECKPOINT_CTE = ("checkpoint AS (UPDATE projection_checkpoints SET last_seq = $2, updated = $3 "
-                        "WHERE name = $1 AND last_seq < $4 AND generation = $5 RETURNING 1)")
+                        "WHERE name = $1 AND last_seq < $4 RETURNING 1)")
 _PARAMETER = re.compile(r"\$(\d+)")
 
 
 @functools.lru_cache(maxsize=256)
 def _one_statement_sql(statements: tuple[str, ...], numbers: tuple[tuple[int, ...], ...]) -> str:
     """`statements` as data-modifying parts of one statement after the checkpoint's; the
-    `$k` of statement i becomes `$numbers[i][k - 1]` (numbered on from the checkpoint's five;
+    `$k` of statement i becomes `$numbers[i][k - 1]` (numbered on from the checkpoint's four;
     an argument several of them share is one parameter)."""
     def renumbered(sql: str, mine: tuple[int, ...]) -> str:
         return _PARAMETER.sub(lambda m: f"${mine[int(m.group(1)) - 1]}", sql)
@@ -379,7 +368,7 @@ def _numbered_arguments(writes: Sequence[Write], args: list[Any], projection: st
 
 
 async def apply_in_one_statement(connections: DriverConnections, projector: Projector, batch: Sequence[RawEvent],
-                                 position: int, *, generation: int = 0) -> int | None:
+                                 position: int) -> int | None:
     """Apply the events of `batch` above `position` (this runner's) and move the checkpoint,
     in one statement, so one round trip to Postgres instead of five or six (BEGIN, the
     checkpoint's read, each write, the checkpoint's move, COMMIT), which were a tenth of the
@@ -409,7 +398,7 @@ async def apply_in_one_statement(connections: DriverConnections, projector: Proj
         writes = writes_of(decoded) if decoded else []
         if skipped or writes is None:
             return None
-    args: list[Any] = [projector.name, fresh[-1].seq, now, fresh[0].seq, generation]
+    args: list[Any] = [projector.name, fresh[-1].seq, now, fresh[0].seq]
     numbers = _numbered_arguments(writes, args, projector.name)
     sql = _one_statement_sql(tuple(statement for statement, _ in writes), numbers)
     async with (await connections.pool()).acquire() as driver:  # no BEGIN: the statement is its own transaction
@@ -540,7 +529,7 @@ class _ProjectorFailed(Exception):
 
 
 async def apply_in_pieces(engine: AsyncEngine, projectors: Sequence[Projector], batch: Sequence[RawEvent], *,
-                          first_piece: int | None = None, tries_alone: int = 2, generation: int = 0,
+                          first_piece: int | None = None, tries_alone: int = 2,
                           ) -> tuple[int, ApplyFailure | None]:
     """Apply `batch` (after a failure of the whole) in consecutive pieces, each in its own
     transaction, halving a piece that fails until the failing event stands alone; everything
@@ -556,7 +545,7 @@ async def apply_in_pieces(engine: AsyncEngine, projectors: Sequence[Projector], 
             async with engine.begin() as conn:
                 for projector in projectors:
                     try:
-                        await apply_batch(conn, projector, piece, generation=generation)
+                        await apply_batch(conn, projector, piece)
                     except Exception as e:
                         raise _ProjectorFailed(projector.name, e) from e
         except _ProjectorFailed as failed:
@@ -632,9 +621,6 @@ class ProjectionRunner:
     _wide: dict[str, bool] = field(default_factory=dict)
     # Idle projections' positions waiting for the one statement that saves them together.
     _positions_to_save: dict[str, int] = field(default_factory=dict)
-    # Per projection: the generation of its checkpoint row it was bound in (`_bind`); every
-    # write of its checkpoint holds only in that one.
-    _generation: dict[str, int] = field(default_factory=dict)
     _position_saver: asyncio.Task | None = None
     _positions_failing: bool = False
     # The hot statements' connections (a batch in one statement, positions saved): straight
@@ -745,8 +731,7 @@ class ProjectionRunner:
             # A row to lock from the first batch on (`apply_batch` reads it FOR UPDATE).
             await conn.execute(insert(projection_checkpoints).values(
                 name=projector.name, last_seq=0, updated=datetime.now(UTC)).on_conflict_do_nothing())
-            if await self._bind_generation(conn, js, projector):
-                self.failures.pop(projector.name, None)
+            await self._note_missed_types(conn, js, projector)
             checkpoint = await read_checkpoint(conn, projector.name)
             row = (await conn.execute(select(projection_failures).where(
                 projection_failures.c.projection == projector.name))).first()
@@ -767,47 +752,37 @@ class ProjectionRunner:
         # Not below a position this runner reached already (bound again, with another filter).
         self._report(projector, max(checkpoint, self.applied.get(projector.name, 0)))
 
-    async def _bind_generation(self, conn: AsyncConnection, js: Any, projector: Projector) -> bool:
-        """Reads the generation of the projection's checkpoint row this runner binds in, and
-        rebuilds the projection when it must. Returns whether it did.
-
-        A projection that handles an event type it did not handle when it was last bound (this
-        version knows a type the one before did not) may have gone past events of that type:
-        during a rolling upgrade, a newer command process wrote them while an older process
-        ran the projection, whose consumer did not even receive them. When the log holds one
-        below the checkpoint, the projection's tables are emptied and it starts again from the
-        log's first event, in a new generation: the checkpoint goes back to 0, and every
-        checkpoint write of the generation before (a process that lost its lease but has not
-        noticed yet, or its saver of idle positions) now matches no row and changes nothing,
-        its data writes with it. Queries see the read model fill up again meanwhile; a query
-        with `min_seq` to this process waits for it. The types are recorded at every bind."""
-        row = (await conn.execute(select(projection_checkpoints.c.last_seq, projection_checkpoints.c.handles,
-                                         projection_checkpoints.c.generation)
+    async def _note_missed_types(self, conn: AsyncConnection, js: Any, projector: Projector) -> None:
+        """A projection that handles an event type it did not handle when it was last bound
+        (this version knows a type the one before did not) may have gone past events of that
+        type: during a rolling upgrade, a newer command process wrote them while an older
+        process ran the projection, whose consumer did not even receive them. They are not in
+        its read model, and a rebuild would have them (`runledger verify` shows the
+        difference). When the log holds one below the checkpoint, this says so once, in the
+        log and in `skipped_events` (the first such event of each type), with the way to
+        rebuild the read model; the projection goes on applying what comes next. (Rebuilding
+        it here, in place, would move its checkpoint back, which the forward-only checkpoint
+        writes of a process that lost its lease would then undo.) The types are recorded at
+        every bind, in the checkpoint's row."""
+        row = (await conn.execute(select(projection_checkpoints.c.last_seq, projection_checkpoints.c.handles)
                                   .where(projection_checkpoints.c.name == projector.name).with_for_update())).one()
         current = sorted(projector.handles)
-        held: list[str] = []
-        if row.handles is not None and row.last_seq > 0 and projector.tables:
+        if row.handles is not None and row.last_seq > 0:
             for event_type in sorted(set(current) - set(row.handles)):
                 first = await self._first_of(js, event_type)
-                if first is not None and first[0] <= row.last_seq:
-                    held.append(event_type)
-        generation = row.generation + (1 if held else 0)
-        self._generation[projector.name] = generation
-        if held:
-            log.warning("projection %s now handles %s, which the log holds below its checkpoint (%d; written while "
-                        "an older version ran it): rebuilding it from the log", projector.name, ", ".join(held),
-                        row.last_seq)
-            self._positions_to_save.pop(projector.name, None)
-            self.applied.pop(projector.name, None)
-            self._report(projector, 0)  # this process's queries wait for it from now on
-            await conn.execute(text("TRUNCATE " + ", ".join(f'"{t.name}"' for t in projector.tables)))
-            await conn.execute(delete(projection_failures).where(projection_failures.c.projection == projector.name))
-            await conn.execute(delete(skipped_events).where(skipped_events.c.projection == projector.name))
-        if held or row.handles != current:
+                if first is None or first[0] > row.last_seq:
+                    continue
+                reason = (f"written while an older version ran projection {projector.name}, which never received "
+                          f"{event_type} events (before its checkpoint {row.last_seq}): its read model lacks them; "
+                          "rebuild it (docs/operations.md, \"Replay, verify, events\": replay, then swap the schemas)")
+                log.error("projection %s now handles %s, but the log holds such events below its checkpoint (%d, "
+                          "first at stream sequence %d): %s", projector.name, event_type, row.last_seq, first[0], reason)
+                await conn.execute(insert(skipped_events).values(
+                    projection=projector.name, seq=first[0], subject=first[1], reason=reason,
+                    recorded=datetime.now(UTC)).on_conflict_do_nothing())
+        if row.handles != current:
             await conn.execute(projection_checkpoints.update().where(projection_checkpoints.c.name == projector.name)
-                               .values(handles=current, generation=generation,
-                                       **({"last_seq": 0, "updated": datetime.now(UTC)} if held else {})))
-        return bool(held)
+                               .values(handles=current))
 
     async def _first_of(self, js: Any, event_type: str) -> tuple[int, str] | None:
         """The stream sequence and subject of the log's first event of this type, if any (by
@@ -899,13 +874,11 @@ class ProjectionRunner:
         """Apply one batch with its checkpoint; on a failure that is not an outage, find the
         event that fails, commit what precedes it and raise `ProjectionStalled`."""
         try:
-            generation = self._generation.get(projector.name, 0)
-            last = await apply_in_one_statement(self.statements, projector, batch, self.applied.get(projector.name, 0),
-                                                generation=generation)
+            last = await apply_in_one_statement(self.statements, projector, batch, self.applied.get(projector.name, 0))
             if last is not None:
                 return last
             async with self.engine.begin() as conn:
-                return await apply_batch(conn, projector, batch, generation=generation)
+                return await apply_batch(conn, projector, batch)
         except Exception as e:
             if is_transient(e):
                 raise
@@ -914,8 +887,7 @@ class ProjectionRunner:
         known = self.failures.get(projector.name)
         fresh = [r for r in batch if r.seq > self.applied.get(projector.name, 0)]
         first_piece = 1 if known is not None and fresh and fresh[0].seq == known.seq else None
-        last, failure = await apply_in_pieces(self.engine, [projector], fresh or batch, first_piece=first_piece,
-                                              generation=self._generation.get(projector.name, 0))
+        last, failure = await apply_in_pieces(self.engine, [projector], fresh or batch, first_piece=first_piece)
         if last:
             self._report(projector, max(last, self.applied.get(projector.name, 0)))
         if failure is not None:
@@ -1095,8 +1067,7 @@ class ProjectionRunner:
             try:
                 async with (await self.statements.pool()).acquire() as driver:  # one statement, forward only
                     await driver.execute(
-                        _MOVE_CHECKPOINTS_FORWARD_SQL, list(positions), list(positions.values()), datetime.now(UTC),
-                        [self._generation.get(name, 0) for name in positions])
+                        _MOVE_CHECKPOINTS_FORWARD_SQL, list(positions), list(positions.values()), datetime.now(UTC))
                 self._positions_failing = False
             except Exception as e:  # noqa: BLE001 - an outage: the next batch or probe saves it
                 if not self._positions_failing:  # once per outage, not at every probe round

@@ -37,10 +37,6 @@ projection_checkpoints = Table(
     # before this column): one that handles more now rebuilds if the log holds those below its
     # checkpoint (projections/runner.py, `_bind`).
     Column("handles", ARRAY(Text)),
-    # Moved on when the projection is rebuilt in place (its checkpoint back to 0): a checkpoint
-    # write holds only in the generation its writer was bound in, so one from before the
-    # rebuild changes nothing.
-    Column("generation", Integer, nullable=False, server_default=text("0")),
 )
 
 skipped_events = Table(
@@ -492,8 +488,7 @@ MIGRATIONS = [
     Migration(21, "the ended flow runs by their end, for the vacuum", [
         "CREATE INDEX IF NOT EXISTS flow_runs_ended ON flow_runs (end_time, id) WHERE end_time IS NOT NULL",
     ]),
-    Migration(22, "the event types each projection handled when it was last bound, and its generation", [
+    Migration(22, "the event types each projection handled when it was last bound", [
         "ALTER TABLE projection_checkpoints ADD COLUMN IF NOT EXISTS handles text[]",
-        "ALTER TABLE projection_checkpoints ADD COLUMN IF NOT EXISTS generation integer NOT NULL DEFAULT 0",
     ]),
 ]
