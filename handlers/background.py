@@ -75,6 +75,21 @@ async def each_bounded(items: list[Any], work: Callable[[Any], Awaitable[None]],
     await asyncio.gather(*(one(i) for i in items))
 
 
+async def every(interval: float, name: str, one_pass: Callable[[], Awaitable[Any]]) -> None:
+    """`one_pass`, then a pause of `interval` seconds, for ever: the loop of a single-active
+    background role. A pass that fails (Postgres or the broker away) is logged and the next
+    one tries again; only a cancel ends it."""
+    while True:
+        stop_if_cancelled()
+        try:
+            await one_pass()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning("%s pass failed: %s: %s", name, type(e).__name__, e)
+        await asyncio.sleep(interval)
+
+
 def short_of_runs(now: datetime) -> Any:
     """A deployment some active schedule of which has fewer than 3 future SCHEDULED runs that
     it made, or none later than an hour from now: only those are asked to schedule on a full
@@ -187,15 +202,7 @@ class Clock:
         return marked
 
     async def run(self) -> None:
-        while True:
-            stop_if_cancelled()
-            try:
-                await self.mark_late()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.warning("clock pass failed: %s: %s", type(e).__name__, e)
-            await asyncio.sleep(self.interval)
+        await every(self.interval, "clock", self.mark_late)
 
 
 async def run_leased(lease: Lease | None, name: str, work: Callable[[], Awaitable[None]]) -> None:

@@ -43,7 +43,6 @@ wrongly: a candidate that is no longer one is left as it is. It never makes anyt
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -70,7 +69,6 @@ from runledger.commands import work_pools as wp
 from runledger.commands import workers as wk
 from runledger.commands.slots import DEFAULT_DEPLOYMENT_LEASE_SECONDS, HANDED_SLOT_SECONDS
 from runledger.commands.states import TERMINAL
-from runledger.infra.leases import stop_if_cancelled
 from runledger.projections.tables import (
     deleted_deployments,
     deployments,
@@ -81,7 +79,7 @@ from runledger.projections.tables import (
     workers,
 )
 
-from .background import each_bounded
+from .background import each_bounded, every
 
 log = logging.getLogger("runledger.foreman")
 
@@ -437,13 +435,5 @@ class Foreman:
         return self.last
 
     async def run(self) -> None:
-        while True:
-            stop_if_cancelled()
-            try:
-                await self.run_pass()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # Postgres or the broker away: try again next tick
-                log.warning("foreman pass failed: %s: %s", type(e).__name__, e)
-            await asyncio.sleep(self.interval)
+        await every(self.interval, "foreman", self.run_pass)
 

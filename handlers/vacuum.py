@@ -31,7 +31,6 @@ Both kinds are read oldest end first through an index on their end time (`flow_r
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -42,10 +41,9 @@ from sqlalchemy import Select, exists, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from runledger.commands.states import TERMINAL
-from runledger.infra.leases import stop_if_cancelled
 from runledger.projections.tables import flow_runs, projection_failures, task_runs
 
-from .background import each_bounded
+from .background import each_bounded, every
 
 log = logging.getLogger("runledger.vacuum")
 
@@ -137,12 +135,4 @@ class Vacuum:
         return self.last
 
     async def run(self) -> None:
-        while True:
-            stop_if_cancelled()
-            try:
-                await self.run_pass()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # Postgres or the broker away: try again next time
-                log.warning("vacuum pass failed: %s: %s", type(e).__name__, e)
-            await asyncio.sleep(self.interval)
+        await every(self.interval, "vacuum", self.run_pass)
