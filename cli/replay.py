@@ -163,6 +163,62 @@ def verify(keep: bool = typer.Option(False, help="Keep the rebuilt schema for in
 
 
 @app.command()
+def rebuild(
+    projections: list[str] = typer.Argument(None, help="The projections to rebuild, e.g. flow_runs (see --list)."),
+    all_: bool = typer.Option(False, "--all", help="Rebuild every projection, one after the other."),
+    list_: bool = typer.Option(False, "--list", help="List the projections and their tables, and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Rebuild live read models from the log while the service runs: each is replayed into a
+    schema of its own, brought up to its live checkpoint, and swapped in under a lock the live
+    projection waits on for a moment (docs/operations.md, "Rebuilding a read model")."""
+    from runledger.projections.rebuild import RebuildFailed, rebuild_live
+
+    by_name = {p.name: p for p in _projectors()}
+    if list_:
+        for name, p in by_name.items():
+            print(f"{name}: {', '.join(t.name for t in p.tables)}")
+        return
+    names = list(by_name) if all_ else list(dict.fromkeys(projections or []))
+    if not names:
+        console.print("[red]Error (invalid):[/red] name the projections to rebuild, or --all (--list shows them)")
+        raise typer.Exit(EXIT_INVALID)
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        console.print(f"[red]Error (invalid):[/red] no projection named {', '.join(unknown)}; "
+                      f"the projections are {', '.join(by_name)}")
+        raise typer.Exit(EXIT_INVALID)
+    settings = load_settings(role="analyst")
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+    async def go() -> None:
+        nc = await connect(settings, name="runledger-rebuild", wait_for_server=False)
+        try:
+            await ensure_event_stream(nc.jetstream(prefix=settings.js_api_prefix), settings)
+            store = EventStore(nc, settings)
+            for name in names:
+                with Progress(TextColumn(f"rebuilding {name}"), BarColumn(), MofNCompleteColumn(), TextColumn("seq"),
+                              TimeRemainingColumn(), console=console, disable=quiet, transient=True) as progress:
+                    task = progress.add_task(name, total=None)
+
+                    def shown(_: int, seq: int, task=task, progress=progress) -> None:
+                        progress.update(task, completed=seq)
+
+                    result = await rebuild_live(settings, store, by_name[name], on_progress=shown)
+                rate = result.events / result.seconds if result.seconds else 0
+                console.print(f"rebuilt [bold]{name}[/bold] ({', '.join(result.tables)}): {result.events} events up to "
+                              f"seq {result.last_seq} in {result.seconds:.2f} s ({rate:,.0f} events/s), swapped in")
+        except RebuildFailed as e:
+            console.print(f"[red]Error (unavailable):[/red] {escape(str(e))}")
+            raise typer.Exit(EXIT_UNAVAILABLE) from None
+        finally:
+            await nc.close()
+
+    _run(go())
+
+
+@app.command()
 def events(
     aggregate: str = typer.Option(None, "--aggregate", help="Aggregate type, e.g. work_pool."),
     aggregate_id: str = typer.Option(None, "--id", help="Aggregate id."),

@@ -760,7 +760,8 @@ class ProjectionRunner:
         its read model, and a rebuild would have them (`runledger verify` shows the
         difference). When the log holds one below the checkpoint, this says so once, in the
         log and in `skipped_events` (the first such event of each type), with the way to
-        rebuild the read model; the projection goes on applying what comes next. (Rebuilding
+        rebuild the read model (`runledger rebuild`, projections/rebuild.py: beside the live
+        one, then swapped in); the projection goes on applying what comes next. (Rebuilding
         it here, in place, would move its checkpoint back, which the forward-only checkpoint
         writes of a process that lost its lease would then undo.) The types are recorded at
         every bind, in the checkpoint's row."""
@@ -774,7 +775,7 @@ class ProjectionRunner:
                     continue
                 reason = (f"written while an older version ran projection {projector.name}, which never received "
                           f"{event_type} events (before its checkpoint {row.last_seq}): its read model lacks them; "
-                          "rebuild it (docs/operations.md, \"Replay, verify, events\": replay, then swap the schemas)")
+                          f"rebuild it, while the service runs: runledger rebuild {projector.name}")
                 log.error("projection %s now handles %s, but the log holds such events below its checkpoint (%d, "
                           "first at stream sequence %d): %s", projector.name, event_type, row.last_seq, first[0], reason)
                 await conn.execute(insert(skipped_events).values(

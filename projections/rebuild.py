@@ -1,0 +1,158 @@
+"""Rebuilding one live read model from the log while the service runs (`runledger rebuild`).
+
+A read model that lacks events (a rolling upgrade done in the wrong order: an older process ran
+its projection while a newer one wrote a type it did not know) or holds damaged rows is rebuilt
+beside the live one and swapped in, without stopping anything:
+
+1. the projection is replayed into a schema of its own (`<namespace>_rebuild_<projection>`) up
+   to the live projection's checkpoint, then chases that checkpoint as the live one moves on;
+2. once it is close, one transaction on the live schema takes the live checkpoint's row lock
+   (every batch a runner commits takes it, or moves the checkpoint from below its first event,
+   so no batch commits meanwhile) and its tables' exclusive locks (no query reads them
+   half-swapped); the rebuild applies the last few events up to that checkpoint; the live
+   tables are dropped and the rebuilt ones moved into the live schema, under the same names,
+   with their indexes; the projection's `skipped_events` up to the checkpoint are replaced by
+   the rebuild's. The checkpoint itself does not move.
+
+Why not rebuild in place, moving the checkpoint back: the checkpoint writes are forward-only,
+which is what makes a process that lost its lease without noticing harmless; a checkpoint moved
+back would let such a process move it forward again past the events the rebuild had not yet
+reached. Here the checkpoint never goes back: whatever commits after the swap starts from it,
+into the rebuilt tables, as it would have into the old ones."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from runledger.infra.database import create_engine, drop_schema
+from runledger.infra.event_store import EventStore
+from runledger.infra.settings import Settings
+
+from .replay import _apply_chunk, _mark_positions, iter_log, replay
+from .runner import Projector, _causes, projection_subjects, read_checkpoint
+
+log = logging.getLogger("runledger.rebuild")
+
+# The rebuild chases the live checkpoint without locks until it is this close behind, then
+# takes the locks and applies the rest with the live read model standing still.
+CLOSE_ENOUGH = 200
+# How long the swap waits for its locks (a long query holds the tables) before it lets go and
+# tries again, so that the live projection is never held for longer.
+LOCK_WAIT_SECONDS = 2.0
+SWAP_TRIES = 20
+
+
+class RebuildFailed(Exception):
+    """The swap could not take its locks, try after try."""
+
+
+@dataclass
+class RebuildResult:
+    projection: str
+    events: int  # events the rebuild applied, the chase's included
+    last_seq: int  # the live checkpoint at the swap: the rebuilt read model reflects the log up to it
+    tables: tuple[str, ...]
+    seconds: float
+    swap_tries: int
+
+
+def side_schema(settings: Settings, projector: Projector) -> str:
+    """Where a projection is rebuilt before the swap."""
+    return f"{settings.namespace}_rebuild_{projector.name}"
+
+
+async def _live_checkpoint(engine: AsyncEngine, name: str) -> int:
+    async with engine.connect() as conn:
+        return await read_checkpoint(conn, name)
+
+
+async def _chase(store: EventStore, side: AsyncEngine, projector: Projector, subjects: list[str],
+                 position: int, target: int) -> int:
+    """Applies the projection's events in (position, target] to the rebuild and sets its
+    checkpoint to `target`; returns how many events it applied."""
+    applied = 0
+    if target <= position:
+        return 0
+    async for batch in iter_log(store, subjects, start_seq=position + 1, until_seq=target):
+        await _apply_chunk(side, [projector], batch)
+        applied += len(batch)
+    await _mark_positions(side, {projector.name: target})
+    return applied
+
+
+async def rebuild_live(settings: Settings, store: EventStore, projector: Projector, *,
+                       on_progress: Callable[[int, int], None] | None = None) -> RebuildResult:
+    """Rebuild `projector`'s live read model from the log and swap it in (module docstring)."""
+    started = time.perf_counter()
+    live_schema, side_name = settings.db_schema, side_schema(settings, projector)
+    live = create_engine(settings, pool_size=2)
+    side = create_engine(settings, schema=side_name, pool_size=2)
+    subjects = projection_subjects(projector, settings.event_subject_prefix)
+    tables = tuple(t.name for t in projector.tables)
+    try:
+        first = await _live_checkpoint(live, projector.name)
+        result = await replay(settings, store, [projector], side_name, until_each={projector.name: first},
+                              on_progress=on_progress)
+        events, position = result.events, first
+        while (now := await _live_checkpoint(live, projector.name)) - position > CLOSE_ENOUGH:
+            events += await _chase(store, side, projector, subjects, position, now)
+            position = now
+        for attempt in range(1, SWAP_TRIES + 1):
+            try:
+                swapped_at, tail = await _swap(live, side, store, projector, subjects, position, live_schema, side_name)
+            except DBAPIError as e:
+                # lock_not_available (a long query holds a table), deadlock_detected (a batch
+                # took a table before the checkpoint's row): let go, catch up, try again.
+                code = next((c for c in (getattr(x, "sqlstate", None) for x in _causes(e)) if c), None)
+                if code not in ("55P03", "40P01"):
+                    raise
+                log.info("rebuild of %s: the swap could not take its locks (%s), trying again", projector.name, code)
+                now = await _live_checkpoint(live, projector.name)
+                events += await _chase(store, side, projector, subjects, position, now)
+                position = now
+                await asyncio.sleep(min(0.05 * attempt, 1.0))
+                continue
+            events += tail
+            await drop_schema(live, side_name)
+            return RebuildResult(projector.name, events, swapped_at, tables, time.perf_counter() - started, attempt)
+        raise RebuildFailed(f"the swap of {projector.name} could not take its locks in {SWAP_TRIES} tries "
+                            f"(a query or transaction holds its tables); the rebuild is left in schema {side_name}")
+    finally:
+        await side.dispose()
+        await live.dispose()
+
+
+async def _swap(live: AsyncEngine, side: AsyncEngine, store: EventStore, projector: Projector, subjects: list[str],
+                position: int, live_schema: str, side_name: str) -> tuple[int, int]:
+    """One transaction: the live checkpoint locked, the rebuild brought up to it, the tables
+    swapped. Returns (the checkpoint, events applied to bring the rebuild up to it)."""
+    quoted = ", ".join(f'"{live_schema}"."{t.name}"' for t in projector.tables)
+    async with live.begin() as conn:
+        await conn.execute(text(f"SET LOCAL lock_timeout = '{int(LOCK_WAIT_SECONDS * 1000)}ms'"))
+        # The same order as a runner's batch: the checkpoint's row first, then the tables.
+        checkpoint = await read_checkpoint(conn, projector.name, lock=True)
+        await conn.execute(text(f"LOCK TABLE {quoted} IN ACCESS EXCLUSIVE MODE"))
+        tail = await _chase(store, side, projector, subjects, position, checkpoint)
+        async with side.connect() as side_conn:
+            rebuilt_at = await read_checkpoint(side_conn, projector.name)
+        if rebuilt_at != checkpoint:  # cannot happen: the chase sets it; never swap a read model elsewhere
+            raise RuntimeError(f"rebuild of {projector.name} reached {rebuilt_at}, the live checkpoint is {checkpoint}")
+        for table in projector.tables:
+            await conn.execute(text(f'DROP TABLE "{live_schema}"."{table.name}"'))
+            await conn.execute(text(f'ALTER TABLE "{side_name}"."{table.name}" SET SCHEMA "{live_schema}"'))
+        # What the live projection recorded as passed over (a missed type among them) is
+        # replaced by what the rebuild passed over, up to the same point.
+        await conn.execute(text(f'DELETE FROM "{live_schema}".skipped_events WHERE projection = :p AND seq <= :s'),
+                           {"p": projector.name, "s": checkpoint})
+        await conn.execute(text(f'INSERT INTO "{live_schema}".skipped_events SELECT * FROM "{side_name}".skipped_events '
+                                "WHERE projection = :p AND seq <= :s ON CONFLICT DO NOTHING"),
+                           {"p": projector.name, "s": checkpoint})
+    return checkpoint, tail
