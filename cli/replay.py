@@ -39,7 +39,7 @@ from runledger.projections.replay import (
 from runledger.projections.runner import read_failures
 
 from .main import app
-from .output import EXIT_INVALID
+from .output import EXIT_CONFLICT, EXIT_INVALID
 from .status import EXIT_STALLED, stalled_line
 
 console = Console(stderr=True, soft_wrap=True)
@@ -210,8 +210,8 @@ def rebuild(
                 console.print(f"rebuilt [bold]{name}[/bold] ({', '.join(result.tables)}): {result.events} events up to "
                               f"seq {result.last_seq} in {result.seconds:.2f} s ({rate:,.0f} events/s), swapped in")
         except RebuildFailed as e:
-            console.print(f"[red]Error (unavailable):[/red] {escape(str(e))}")
-            raise typer.Exit(EXIT_UNAVAILABLE) from None
+            console.print(f"[red]Error ({e.kind}):[/red] {escape(str(e))}")
+            raise typer.Exit({"conflict": EXIT_CONFLICT, "invalid": EXIT_INVALID}.get(e.kind, EXIT_UNAVAILABLE)) from None
         finally:
             await nc.close()
 

@@ -38,6 +38,7 @@ from runledger.infra.settings import Settings
 
 from .replay import _apply_chunk, _mark_positions, iter_log, replay
 from .runner import Projector, _causes, projection_subjects, read_checkpoint
+from .tables import MIGRATIONS
 
 log = logging.getLogger("runledger.rebuild")
 
@@ -51,7 +52,14 @@ SWAP_TRIES = 20
 
 
 class RebuildFailed(Exception):
-    """The swap could not take its locks, try after try."""
+    """The rebuild was refused before touching anything live (`kind` "conflict": another
+    rebuild of the same projection is running; "invalid": the live schema is at another
+    migration than this version's), or its swap could not take its locks, try after try
+    ("unavailable")."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
@@ -92,42 +100,68 @@ async def rebuild_live(settings: Settings, store: EventStore, projector: Project
                        on_progress: Callable[[int, int], None] | None = None) -> RebuildResult:
     """Rebuild `projector`'s live read model from the log and swap it in (module docstring)."""
     started = time.perf_counter()
-    live_schema, side_name = settings.db_schema, side_schema(settings, projector)
-    live = create_engine(settings, pool_size=2)
+    side_name = side_schema(settings, projector)
+    live = create_engine(settings, pool_size=3)
     side = create_engine(settings, schema=side_name, pool_size=2)
     subjects = projection_subjects(projector, settings.event_subject_prefix)
     tables = tuple(t.name for t in projector.tables)
     try:
-        first = await _live_checkpoint(live, projector.name)
-        result = await replay(settings, store, [projector], side_name, until_each={projector.name: first},
-                              on_progress=on_progress)
-        events, position = result.events, first
-        while (now := await _live_checkpoint(live, projector.name)) - position > CLOSE_ENOUGH:
-            events += await _chase(store, side, projector, subjects, position, now)
-            position = now
-        for attempt in range(1, SWAP_TRIES + 1):
+        async with live.connect() as guard:  # held to the end: one rebuild of a projection at a time
+            key = {"k": f"runledger-rebuild:{side_name}"}
+            if not (await guard.execute(text("SELECT pg_try_advisory_lock(hashtext(:k))"), key)).scalar():
+                raise RebuildFailed("conflict", f"another rebuild of {projector.name} is running (schema {side_name})")
+            await guard.commit()
             try:
-                swapped_at, tail = await _swap(live, side, store, projector, subjects, position, live_schema, side_name)
-            except DBAPIError as e:
-                # lock_not_available (a long query holds a table), deadlock_detected (a batch
-                # took a table before the checkpoint's row): let go, catch up, try again.
-                code = next((c for c in (getattr(x, "sqlstate", None) for x in _causes(e)) if c), None)
-                if code not in ("55P03", "40P01"):
-                    raise
-                log.info("rebuild of %s: the swap could not take its locks (%s), trying again", projector.name, code)
-                now = await _live_checkpoint(live, projector.name)
-                events += await _chase(store, side, projector, subjects, position, now)
-                position = now
-                await asyncio.sleep(min(0.05 * attempt, 1.0))
-                continue
-            events += tail
-            await drop_schema(live, side_name)
-            return RebuildResult(projector.name, events, swapped_at, tables, time.perf_counter() - started, attempt)
-        raise RebuildFailed(f"the swap of {projector.name} could not take its locks in {SWAP_TRIES} tries "
-                            f"(a query or transaction holds its tables); the rebuild is left in schema {side_name}")
+                return await _rebuild(settings, store, projector, live, side, subjects, tables, started, on_progress)
+            finally:
+                await guard.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), key)
+                await guard.commit()
     finally:
         await side.dispose()
         await live.dispose()
+
+
+async def _migrated_to(engine: AsyncEngine) -> int:
+    async with engine.connect() as conn:
+        return (await conn.execute(text("SELECT coalesce(max(version), 0) FROM schema_migrations"))).scalar() or 0
+
+
+async def _rebuild(settings: Settings, store: EventStore, projector: Projector, live: AsyncEngine, side: AsyncEngine,
+                   subjects: list[str], tables: tuple[str, ...], started: float,
+                   on_progress: Callable[[int, int], None] | None) -> RebuildResult:
+    live_schema, side_name = settings.db_schema, side_schema(settings, projector)
+    # Tables of another version's shape must not replace the live ones under the service.
+    ours = max(m.version for m in MIGRATIONS)
+    if (theirs := await _migrated_to(live)) != ours:
+        raise RebuildFailed("invalid", f"the live schema {live_schema} is at migration {theirs}, this runledger's at {ours}: "
+                            "rebuild with the version the service runs")
+    first = await _live_checkpoint(live, projector.name)
+    result = await replay(settings, store, [projector], side_name, until_each={projector.name: first},
+                          on_progress=on_progress)
+    events, position = result.events, first
+    while (now := await _live_checkpoint(live, projector.name)) - position > CLOSE_ENOUGH:
+        events += await _chase(store, side, projector, subjects, position, now)
+        position = now
+    for attempt in range(1, SWAP_TRIES + 1):
+        try:
+            swapped_at, tail = await _swap(live, side, store, projector, subjects, position, live_schema, side_name)
+        except DBAPIError as e:
+            # lock_not_available (a long query holds a table), deadlock_detected (a batch
+            # took a table before the checkpoint's row): let go, catch up, try again.
+            code = next((c for c in (getattr(x, "sqlstate", None) for x in _causes(e)) if c), None)
+            if code not in ("55P03", "40P01"):
+                raise
+            log.info("rebuild of %s: the swap could not take its locks (%s), trying again", projector.name, code)
+            now = await _live_checkpoint(live, projector.name)
+            events += await _chase(store, side, projector, subjects, position, now)
+            position = now
+            await asyncio.sleep(min(0.05 * attempt, 1.0))
+            continue
+        events += tail
+        await drop_schema(live, side_name)
+        return RebuildResult(projector.name, events, swapped_at, tables, time.perf_counter() - started, attempt)
+    raise RebuildFailed("unavailable", f"the swap of {projector.name} could not take its locks in {SWAP_TRIES} tries "
+                        f"(a query or transaction holds its tables); the rebuild is left in schema {side_name}")
 
 
 async def _swap(live: AsyncEngine, side: AsyncEngine, store: EventStore, projector: Projector, subjects: list[str],

@@ -150,3 +150,57 @@ async def test_rebuild_through_the_cli(broker, service, settings):
     assert result.exit_code == 5 and "--all" in result.output
     result = await asyncio.to_thread(CliRunner().invoke, app, ["rebuild", "--list"], env=env)
     assert result.exit_code == 0 and "flow_runs: flow_runs, flow_run_states" in result.output
+
+
+async def test_a_rebuild_is_refused_before_touching_anything_live(broker, service, settings):
+    """Another rebuild of the same projection running, or a live schema at another migration
+    than this version's (its tables would not be the shape the service expects)."""
+    from runledger.projections.rebuild import RebuildFailed, side_schema
+
+    await broker.ok_cmd("CreateFlow", name="kept")
+    await broker.catch_up()
+    flows = _projector("flows")
+    async with service.engine.connect() as holder:
+        await holder.execute(text("SELECT pg_advisory_lock(hashtext(:k))"),
+                             {"k": f"runledger-rebuild:{side_schema(settings, flows)}"})
+        try:
+            await rebuild_live(settings, service.store, flows)
+            raise AssertionError("not refused")
+        except RebuildFailed as e:
+            assert e.kind == "conflict" and "another rebuild of flows is running" in str(e)
+        await holder.execute(text("SELECT pg_advisory_unlock_all()"))
+    async with service.engine.begin() as conn:
+        await conn.execute(text("INSERT INTO schema_migrations (version, description) VALUES (9999, 'newer')"))
+    try:
+        try:
+            await rebuild_live(settings, service.store, flows)
+            raise AssertionError("not refused")
+        except RebuildFailed as e:
+            assert e.kind == "invalid" and "at migration 9999" in str(e)
+    finally:
+        async with service.engine.begin() as conn:
+            await conn.execute(text("DELETE FROM schema_migrations WHERE version = 9999"))
+    assert (await broker.ok_qry("GetFlowByName", name="kept"))["name"] == "kept"
+
+
+async def test_the_swap_waits_out_a_long_reader_and_tries_again(broker, service, settings, monkeypatch):
+    """A transaction that holds the tables makes the swap let go of its locks (the live
+    projection is not held meanwhile) and try again once the reader is done."""
+    from runledger.projections import rebuild
+
+    monkeypatch.setattr(rebuild, "LOCK_WAIT_SECONDS", 0.2)
+    await broker.ok_cmd("CreateFlow", name="read-long")
+    await broker.catch_up()
+    async with service.engine.connect() as reader:
+        await reader.execute(text("SELECT count(*) FROM flows"))  # holds the table until its transaction ends
+        swap = asyncio.create_task(rebuild_live(settings, service.store, _projector("flows")))
+        await asyncio.sleep(1.0)
+        # Meanwhile the live projection and the queries go on: the swap lets go between tries.
+        await broker.ok_cmd("CreateFlow", name="while-waiting")
+        assert (await broker.ok_qry("GetFlowByName", name="while-waiting"))["name"] == "while-waiting"
+        assert not swap.done()
+        await reader.rollback()
+    result = await swap
+    assert result.swap_tries > 1
+    assert {(await broker.ok_qry("GetFlowByName", name=n))["name"] for n in ("read-long", "while-waiting")} == {
+        "read-long", "while-waiting"}
