@@ -235,7 +235,14 @@ class _Pulse:
 
     The thread keeps messages alive only while the worker's loop shows life (`stamp`, every
     `LOOP_STAMP_SECONDS`): a loop stuck for longer than `stuck_after` seconds loses its runs to
-    other workers, as a dead worker does. A killed process takes the thread with it."""
+    other workers, as a dead worker does. A killed process takes the thread with it.
+
+    A message it kept alive that the worker hands back with a delay goes back through it
+    (`nak`), after its keep-alives: JetStream takes a `+WPI` that reaches it after a delayed
+    nak as a fresh start of the ack wait (nats-server `progressUpdate` resets the time the nak
+    had set), so a keep-alive of this connection landing after a nak of the worker's (two
+    connections: no order between them) would bring the message back after the ack wait
+    instead of the delay, or cut a delay longer than the ack wait short."""
 
     def __init__(self, settings: Settings, name: str, every: float, stuck_after: float) -> None:
         self.settings = settings
@@ -252,6 +259,8 @@ class _Pulse:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
+        self._nc: NATS | None = None
+        self._naks: set[asyncio.Task] = set()  # on their way out, on its loop
 
     async def start(self) -> None:
         """Starts the thread and waits for its connection (raises what the connect raised)."""
@@ -294,6 +303,31 @@ class _Pulse:
             else:
                 self._held.pop(subject, None)
 
+    def nak(self, subject: str, delay: float) -> bool:
+        """Hands a released message back with a delay (`-NAK {"delay": ns}`, what
+        `Msg.nak(delay)` sends) on this thread's connection, behind every keep-alive it has sent
+        for it; not waited for (a nak is never answered). False when the thread has stopped or
+        is stopping: the caller sends it itself."""
+        loop, nc = self._loop, self._nc
+        if self._stopping or loop is None or nc is None:
+            return False
+        payload = b"-NAK " + json.dumps({"delay": int(delay * 1e9)}).encode() if delay else b"-NAK"
+        try:
+            loop.call_soon_threadsafe(self._send_nak, nc, subject, payload)
+        except RuntimeError:  # its loop has ended
+            return False
+        return True
+
+    def _send_nak(self, nc: NATS, subject: str, payload: bytes) -> None:
+        sending = asyncio.ensure_future(self._publish(nc, subject, payload))
+        self._naks.add(sending)
+        sending.add_done_callback(self._naks.discard)
+
+    @staticmethod
+    async def _publish(nc: NATS, subject: str, payload: bytes) -> None:
+        with contextlib.suppress(Exception):  # lost, as a nak of a broken connection is
+            await nc.publish(subject, payload)
+
     def _run(self, ready: Future[None]) -> None:
         loop = asyncio.new_event_loop()
         try:
@@ -308,7 +342,7 @@ class _Pulse:
             if not ready.cancelled():
                 ready.set_exception(e)
             return
-        self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
+        self._loop, self._wake, self._nc = asyncio.get_running_loop(), asyncio.Event(), nc
         self.server = _server_identity(nc)
         try:
             if ready.cancelled():  # its start was given up while it connected
@@ -320,6 +354,7 @@ class _Pulse:
                 if not self._stopping:
                     await self._beat(nc)
         finally:
+            await asyncio.gather(*self._naks, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await nc.close()
 
@@ -334,6 +369,12 @@ class _Pulse:
         with self._lock:
             subjects = list(self._held)
         for subject in subjects:
+            with self._lock:
+                if subject not in self._held:
+                    # Released during this round: its nak may be on its way (`nak`). Checked
+                    # and sent in one step of this loop, which a nak handed over meanwhile
+                    # follows.
+                    continue
             with contextlib.suppress(Exception):
                 await nc.publish(subject, b"+WPI")
         self.beats += 1
@@ -342,7 +383,8 @@ class _Pulse:
 class _KeepAlive:
     """A message kept from being delivered to another worker, until `cancel()`: by the pulse
     thread when the worker has one (`_Pulse`), else by an in-progress acknowledgement every
-    `every` seconds from the worker's loop."""
+    `every` seconds from the worker's loop. One due but not yet sent when it is cancelled is
+    dropped: sent after a delayed nak, it would replace the nak's delay with the ack wait."""
 
     def __init__(self, msg: Msg, every: float, beats: set[asyncio.Task], pulse: _Pulse | None = None):
         self.msg = msg
@@ -351,6 +393,7 @@ class _KeepAlive:
         self.loop = asyncio.get_running_loop()
         self.pulse = pulse if pulse is not None and pulse.running and msg.reply else None
         self.timer: asyncio.TimerHandle | None = None
+        self.cancelled = False
         if self.pulse is not None:
             self.pulse.hold(msg.reply)
         else:
@@ -363,10 +406,13 @@ class _KeepAlive:
         self.timer = self.loop.call_later(self.every, self._beat)
 
     async def _send(self) -> None:
+        if self.cancelled:
+            return
         with contextlib.suppress(Exception):
             await self.msg.in_progress()
 
     def cancel(self) -> None:
+        self.cancelled = True
         if self.pulse is not None:
             self.pulse.release(self.msg.reply)
             self.pulse = None
@@ -936,12 +982,12 @@ class TaskWorker:
                 if _age_seconds(meta) < NOT_FOUND_GRACE_SECONDS:
                     # Published while its create was being stored: another service instance may
                     # not see it yet (handlers/task_dispatch.py). Again in a moment.
-                    await msg.nak(delay=0.2)
+                    await self._nak_after_report(msg, 0.2)
                 else:
                     await msg.ack()  # deleted meanwhile, or its create never stored: nothing to run
             else:
                 log.warning("task run %s could not start: %s", run.id, reply["error"])
-                await msg.nak(delay=1)
+                await self._nak_after_report(msg, 1)
             return
         status = reply["orchestration"]["status"]
         details = reply["orchestration"]["details"]
@@ -953,7 +999,7 @@ class TaskWorker:
                 # here, out of the run slots, until a slot of one of its tags is given back.
                 self._wait_for_slot(source, msg, run, delay, proposed_at)
             else:
-                await msg.nak(delay=delay)
+                await self._nak_after_report(msg, delay)
             return
         if status == "ABORT":
             # It can never start (a tag limit of 0, a stopped flow run): ended, so that it
@@ -1095,6 +1141,16 @@ class TaskWorker:
         reply = await self._report({"id": str(run.id), "state": state, "task_worker_id": self.worker_id,
                                     "idempotency_key": f"retry:{run.id}:{retry.get('id')}"}, msg)
         return reply is not None and bool(reply.get("ok"))
+
+    async def _nak_after_report(self, msg: Msg, delay: float) -> None:
+        """Hands back with a delay a message just reported on, which the keep-alive thread held
+        meanwhile: through that thread (`_Pulse.nak`), behind the keep-alives it sent, which a
+        nak on this connection could overtake. Those this connection sent went out before the
+        report's request, so the server had them before it answered. No round trip: the thread
+        sends it when its loop next runs."""
+        pulse = self._pulse
+        if pulse is None or not msg.reply or not pulse.nak(msg.reply, delay):
+            await msg.nak(delay=delay)
 
     def _keep_alive(self, msg: Msg) -> _KeepAlive:
         """Tells JetStream the run is still being worked on, every third of the ack wait, until
