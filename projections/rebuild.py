@@ -14,6 +14,10 @@ beside the live one and swapped in, without stopping anything:
    with their indexes; the projection's `skipped_events` up to the checkpoint are replaced by
    the rebuild's. The checkpoint itself does not move.
 
+It is refused before anything live is touched when another runledger version runs it (the
+live schema's migrations, the event types the live projection handles), when the tables belong
+to another database role or carry grants, or while another rebuild of the projection runs.
+
 Why not rebuild in place, moving the checkpoint back: the checkpoint writes are forward-only,
 which is what makes a process that lost its lease without noticing harmless; a checkpoint moved
 back would let such a process move it forward again past the events the rebuild had not yet
@@ -28,17 +32,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from runledger.infra.database import create_engine, drop_schema
+from runledger.infra.database import create_engine
 from runledger.infra.event_store import EventStore
 from runledger.infra.settings import Settings
 
 from .replay import _apply_chunk, _mark_positions, iter_log, replay
 from .runner import Projector, _causes, projection_subjects, read_checkpoint
-from .tables import MIGRATIONS
+from .tables import MIGRATIONS, projection_checkpoints
 
 log = logging.getLogger("runledger.rebuild")
 
@@ -49,6 +53,9 @@ CLOSE_ENOUGH = 200
 # tries again, so that the live projection is never held for longer.
 LOCK_WAIT_SECONDS = 2.0
 SWAP_TRIES = 20
+# How long the swap's transaction may sit idle (its tail read from the log) before Postgres
+# ends it: a rebuild process that freezes mid-swap lets go of the live tables.
+IDLE_LIMIT_SECONDS = 30.0
 
 
 class RebuildFailed(Exception):
@@ -121,47 +128,102 @@ async def rebuild_live(settings: Settings, store: EventStore, projector: Project
         await live.dispose()
 
 
-async def _migrated_to(engine: AsyncEngine) -> int:
-    async with engine.connect() as conn:
-        return (await conn.execute(text("SELECT coalesce(max(version), 0) FROM schema_migrations"))).scalar() or 0
+async def _same_version(conn: AsyncConnection, projector: Projector, live_schema: str) -> None:
+    """Refuses (`invalid`) a rebuild by another runledger version than the live projection's:
+    tables of another migration's shape would break the service (and undo a migration that
+    its `schema_migrations` says is done), and a projector that handles fewer event types
+    would leave their effects out of the swapped-in tables, for ever, since the live
+    projection goes on past them. Both are read from the live schema: its migrations, and the
+    event types the live projection recorded when it last started (`projection_checkpoints`)."""
+    ours = max(m.version for m in MIGRATIONS)
+    theirs = (await conn.execute(text("SELECT coalesce(max(version), 0) FROM schema_migrations"))).scalar() or 0
+    if theirs != ours:
+        raise RebuildFailed("invalid", f"the live schema {live_schema} is at migration {theirs}, this runledger's at {ours}: "
+                            "rebuild with the version the service runs")
+    handles = (await conn.execute(select(projection_checkpoints.c.handles)
+                                  .where(projection_checkpoints.c.name == projector.name))).scalar()
+    if handles is None:
+        raise RebuildFailed("invalid", f"projection {projector.name} has not run on this version yet (it records the "
+                            "event types it handles when it starts): start the service first")
+    if sorted(handles) != sorted(projector.handles):
+        raise RebuildFailed("invalid", f"the live projection {projector.name} handles other event types than this "
+                            "runledger's: rebuild with the version the service runs")
+
+
+async def _owned_here(conn: AsyncConnection, projector: Projector, live_schema: str) -> None:
+    """Refuses (`invalid`) tables owned by another database role, or with grants: the rebuilt
+    ones would belong to this role without them, and the service or a reader would be denied."""
+    rows = (await conn.execute(text(
+        "SELECT c.relname, pg_get_userbyid(c.relowner) AS owner, EXISTS (SELECT 1 FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner) AS granted "
+        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = :s AND c.relname = ANY(:t)"),
+        {"s": live_schema, "t": [t.name for t in projector.tables]})).all()
+    me = (await conn.execute(text("SELECT current_user"))).scalar()
+    for row in rows:
+        if row.owner != me or row.granted:
+            raise RebuildFailed("invalid", f"table {live_schema}.{row.relname} belongs to role {row.owner}"
+                                f"{' and carries grants' if row.granted else ''}: run the rebuild as {row.owner}, "
+                                "on tables without grants")
+
+
+def _lock_trouble(error: BaseException) -> str | None:
+    """lock_not_available (a query, a batch or a bind held a table or the checkpoint's row
+    past the wait) or deadlock_detected (a batch took a table before the checkpoint's row),
+    however the driver wrapped it."""
+    for cause in _causes(error):
+        code = getattr(cause, "sqlstate", None)
+        if code in ("55P03", "40P01"):
+            return str(code)
+    return None
 
 
 async def _rebuild(settings: Settings, store: EventStore, projector: Projector, live: AsyncEngine, side: AsyncEngine,
                    subjects: list[str], tables: tuple[str, ...], started: float,
                    on_progress: Callable[[int, int], None] | None) -> RebuildResult:
     live_schema, side_name = settings.db_schema, side_schema(settings, projector)
-    # Tables of another version's shape must not replace the live ones under the service.
-    ours = max(m.version for m in MIGRATIONS)
-    if (theirs := await _migrated_to(live)) != ours:
-        raise RebuildFailed("invalid", f"the live schema {live_schema} is at migration {theirs}, this runledger's at {ours}: "
-                            "rebuild with the version the service runs")
+    async with live.connect() as conn:  # refused early; checked again in the swap
+        await _same_version(conn, projector, live_schema)
+        await _owned_here(conn, projector, live_schema)
     first = await _live_checkpoint(live, projector.name)
     result = await replay(settings, store, [projector], side_name, until_each={projector.name: first},
                           on_progress=on_progress)
     events, position = result.events, first
-    while (now := await _live_checkpoint(live, projector.name)) - position > CLOSE_ENOUGH:
-        events += await _chase(store, side, projector, subjects, position, now)
-        position = now
     for attempt in range(1, SWAP_TRIES + 1):
-        try:
-            swapped_at, tail = await _swap(live, side, store, projector, subjects, position, live_schema, side_name)
-        except DBAPIError as e:
-            # lock_not_available (a long query holds a table), deadlock_detected (a batch
-            # took a table before the checkpoint's row): let go, catch up, try again.
-            code = next((c for c in (getattr(x, "sqlstate", None) for x in _causes(e)) if c), None)
-            if code not in ("55P03", "40P01"):
-                raise
-            log.info("rebuild of %s: the swap could not take its locks (%s), trying again", projector.name, code)
-            now = await _live_checkpoint(live, projector.name)
+        while (now := await _live_checkpoint(live, projector.name)) - position > CLOSE_ENOUGH:
             events += await _chase(store, side, projector, subjects, position, now)
             position = now
+        try:
+            swapped_at, tail = await _swap(live, side, store, projector, subjects, position, live_schema, side_name)
+        except Exception as e:
+            code = _lock_trouble(e)
+            if code is None:
+                raise
+            log.info("rebuild of %s: the swap could not take its locks (%s), trying again", projector.name, code)
             await asyncio.sleep(min(0.05 * attempt, 1.0))
             continue
         events += tail
-        await drop_schema(live, side_name)
+        await _drop_side(live, side_name)
         return RebuildResult(projector.name, events, swapped_at, tables, time.perf_counter() - started, attempt)
     raise RebuildFailed("unavailable", f"the swap of {projector.name} could not take its locks in {SWAP_TRIES} tries "
                         f"(a query or transaction holds its tables); the rebuild is left in schema {side_name}")
+
+
+async def _drop_side(live: AsyncEngine, side_name: str) -> None:
+    """The side schema's tables and functions, then the schema, without CASCADE: a moved table that came to
+    depend on something left in it (a type, a function) keeps it, and the schema stays."""
+    try:
+        async with live.begin() as conn:
+            names = (await conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = :s"),
+                                        {"s": side_name})).scalars().all()
+            for name in names:
+                await conn.execute(text(f'DROP TABLE "{side_name}"."{name}"'))
+            functions = (await conn.execute(text("SELECT oid::regprocedure::text FROM pg_proc WHERE pronamespace = "
+                                                 "CAST(:s AS regnamespace)"), {"s": f'"{side_name}"'})).scalars().all()
+            for function in functions:  # e.g. projection_checkpoint_moved, which the migrations make
+                await conn.execute(text(f"DROP FUNCTION {function}"))
+            await conn.execute(text(f'DROP SCHEMA "{side_name}"'))
+    except DBAPIError as e:
+        log.warning("rebuild: schema %s left in place (%s); drop it once nothing depends on it", side_name, e)
 
 
 async def _swap(live: AsyncEngine, side: AsyncEngine, store: EventStore, projector: Projector, subjects: list[str],
@@ -171,9 +233,16 @@ async def _swap(live: AsyncEngine, side: AsyncEngine, store: EventStore, project
     quoted = ", ".join(f'"{live_schema}"."{t.name}"' for t in projector.tables)
     async with live.begin() as conn:
         await conn.execute(text(f"SET LOCAL lock_timeout = '{int(LOCK_WAIT_SECONDS * 1000)}ms'"))
+        # A rebuild that stops answering (a frozen process) lets go of its locks.
+        await conn.execute(text(f"SET LOCAL idle_in_transaction_session_timeout = '{int(IDLE_LIMIT_SECONDS * 1000)}ms'"))
+        # No migration while the tables are swapped (the lock `migrate` takes, taken first as
+        # it does), and none since the rebuild began.
+        await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:s))"), {"s": f"runledger-migrate:{live_schema}"})
+        await _same_version(conn, projector, live_schema)
         # The same order as a runner's batch: the checkpoint's row first, then the tables.
         checkpoint = await read_checkpoint(conn, projector.name, lock=True)
         await conn.execute(text(f"LOCK TABLE {quoted} IN ACCESS EXCLUSIVE MODE"))
+        await _owned_here(conn, projector, live_schema)
         tail = await _chase(store, side, projector, subjects, position, checkpoint)
         async with side.connect() as side_conn:
             rebuilt_at = await read_checkpoint(side_conn, projector.name)

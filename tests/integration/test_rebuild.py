@@ -18,6 +18,32 @@ from runledger.projections.replay import compare, replay, snapshot_each
 from .broker import cli_env
 
 
+def _failed_swaps(monkeypatch) -> list[BaseException]:
+    """The swap's tries that failed, as they fail (the swap wrapped)."""
+    from runledger.projections import rebuild
+
+    failed: list[BaseException] = []
+    swap = rebuild._swap
+
+    async def counted(*args, **kwargs):
+        try:
+            return await swap(*args, **kwargs)
+        except Exception as e:
+            failed.append(e)
+            raise
+
+    monkeypatch.setattr(rebuild, "_swap", counted)
+    return failed
+
+
+async def _until(condition, seconds: float = 30.0) -> None:
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("waited in vain")
+
+
 def _projector(name: str):
     return next(p for p in projectors() if p.name == name)
 
@@ -180,7 +206,20 @@ async def test_a_rebuild_is_refused_before_touching_anything_live(broker, servic
     finally:
         async with service.engine.begin() as conn:
             await conn.execute(text("DELETE FROM schema_migrations WHERE version = 9999"))
+    # Tables with grants (or another owner) would lose them to the rebuilt ones.
+    async with service.engine.begin() as conn:
+        await conn.execute(text("GRANT SELECT ON flows TO PUBLIC"))
+    try:
+        try:
+            await rebuild_live(settings, service.store, flows)
+            raise AssertionError("not refused")
+        except RebuildFailed as e:
+            assert e.kind == "invalid" and "carries grants" in str(e)
+    finally:
+        async with service.engine.begin() as conn:
+            await conn.execute(text("REVOKE SELECT ON flows FROM PUBLIC"))
     assert (await broker.ok_qry("GetFlowByName", name="kept"))["name"] == "kept"
+    await rebuild_live(settings, service.store, flows)  # the grant taken back: its own ACL left is no grant
 
 
 async def test_the_swap_waits_out_a_long_reader_and_tries_again(broker, service, settings, monkeypatch):
@@ -193,8 +232,9 @@ async def test_the_swap_waits_out_a_long_reader_and_tries_again(broker, service,
     await broker.catch_up()
     async with service.engine.connect() as reader:
         await reader.execute(text("SELECT count(*) FROM flows"))  # holds the table until its transaction ends
+        failed = _failed_swaps(monkeypatch)
         swap = asyncio.create_task(rebuild_live(settings, service.store, _projector("flows")))
-        await asyncio.sleep(1.0)
+        await _until(lambda: failed)
         # Meanwhile the live projection and the queries go on: the swap lets go between tries.
         await broker.ok_cmd("CreateFlow", name="while-waiting")
         assert (await broker.ok_qry("GetFlowByName", name="while-waiting"))["name"] == "while-waiting"
@@ -204,3 +244,64 @@ async def test_the_swap_waits_out_a_long_reader_and_tries_again(broker, service,
     assert result.swap_tries > 1
     assert {(await broker.ok_qry("GetFlowByName", name=n))["name"] for n in ("read-long", "while-waiting")} == {
         "read-long", "while-waiting"}
+
+
+async def test_a_rebuild_by_another_version_is_refused(broker, service, settings, monkeypatch):
+    """A projector that handles fewer event types than the live one (an older runledger), or a
+    migration that lands while the rebuild replays: either would leave the swapped-in tables
+    short of what the service wrote or expects, so nothing is swapped."""
+    import copy
+
+    from runledger.projections import rebuild
+    from runledger.projections.rebuild import RebuildFailed
+
+    await broker.ok_cmd("CreateWorkPool", name="v", type="process")
+    await broker.ok_cmd("UpdateWorkQueue", work_pool_name="v", work_queue_name="default", description="changed")
+    await broker.catch_up()
+    older = copy.copy(_projector("work_pools"))
+    older.handles = older.handles - {"WorkQueueUpdated"}
+    try:
+        await rebuild_live(settings, service.store, older)
+        raise AssertionError("not refused")
+    except RebuildFailed as e:
+        assert e.kind == "invalid" and "handles other event types" in str(e)
+
+    replayed = rebuild.replay
+
+    async def replay_then_migrate(*args, **kwargs):
+        result = await replayed(*args, **kwargs)
+        async with service.engine.begin() as conn:  # a newer service migrates meanwhile
+            await conn.execute(text("INSERT INTO schema_migrations (version, description) VALUES (9998, 'newer')"))
+        return result
+
+    monkeypatch.setattr(rebuild, "replay", replay_then_migrate)
+    try:
+        try:
+            await rebuild_live(settings, service.store, _projector("work_pools"))
+            raise AssertionError("not refused")
+        except RebuildFailed as e:
+            assert e.kind == "invalid" and "at migration 9998" in str(e)
+    finally:
+        async with service.engine.begin() as conn:
+            await conn.execute(text("DELETE FROM schema_migrations WHERE version = 9998"))
+    got = await broker.ok_qry("GetWorkQueue", work_pool_name="v", work_queue_name="default")
+    assert got["description"] == "changed"
+
+
+async def test_the_swap_waits_out_a_held_checkpoint_row(broker, service, settings, monkeypatch):
+    """The checkpoint's row held past the wait (a long batch, a bind) is tried again, not a crash."""
+    from runledger.projections import rebuild
+
+    monkeypatch.setattr(rebuild, "LOCK_WAIT_SECONDS", 0.2)
+    await broker.ok_cmd("CreateFlow", name="row-held")
+    await broker.catch_up()
+    async with service.engine.connect() as holder:
+        await holder.execute(text("SELECT 1 FROM projection_checkpoints WHERE name = 'flows' FOR UPDATE"))
+        failed = _failed_swaps(monkeypatch)
+        swap = asyncio.create_task(rebuild_live(settings, service.store, _projector("flows")))
+        await _until(lambda: failed)
+        assert not swap.done()
+        await holder.rollback()
+    result = await swap
+    assert result.swap_tries > 1
+    assert (await broker.ok_qry("GetFlowByName", name="row-held"))["name"] == "row-held"
