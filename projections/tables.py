@@ -491,4 +491,9 @@ MIGRATIONS = [
     Migration(22, "the event types each projection handled when it was last bound", [
         "ALTER TABLE projection_checkpoints ADD COLUMN IF NOT EXISTS handles text[]",
     ]),
+    # The column joined the table's definition after migration 9 had been written from it, so
+    # a schema made in between lacks it (a fresh one has it from migration 9).
+    Migration(23, "the task message a task run was queued with, for schemas made before it", [
+        "ALTER TABLE task_runs ADD COLUMN IF NOT EXISTS task_message text",
+    ]),
 ]
