@@ -153,7 +153,8 @@ class Service:
             self.runner = ProjectionRunner(self.nc, s, self.batch_engine, projections, on_applied=self.watch.applied,
                                            on_released=self.watch.released,
                                            batch_size=s.projection_batch_size, lease_ttl=s.lease_ttl_seconds,
-                                           stall_retry_seconds=s.projection_stall_retry_seconds)
+                                           stall_retry_seconds=s.projection_stall_retry_seconds,
+                                           rebuild_missed=s.rebuild_missed_event_types)
             self.watch.on_wait = self.runner.want  # a query that waits wakes an idle projection
             await self.runner.start()
         snapshots = None

@@ -128,6 +128,10 @@ class Settings(BaseSettings):
     flow_run_retention_seconds: int = Field(default=0, ge=0, le=100 * 365 * 86_400)
     # A projection stopped at an event it cannot apply tries that event again this often.
     projection_stall_retry_seconds: float = Field(default=30.0, gt=0)
+    # A projection that finds events of a type it now handles below its checkpoint (a rolling
+    # upgrade done in the wrong order) rebuilds its read model beside the live one and swaps
+    # it in (projections/rebuild.py), as `runledger rebuild` does. Off: it only says so.
+    rebuild_missed_event_types: bool = True
     # The event loop of `serve`, `up` and `task-worker`: uvloop (where installed) or asyncio's
     # own (infra/event_loop.py).
     event_loop: EventLoop = "uvloop"

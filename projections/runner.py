@@ -586,6 +586,10 @@ async def read_failures(conn: AsyncConnection) -> list[dict]:
     return [dict(r._mapping) for r in rows]
 
 
+# How `skipped_events` records an event type a projection went past before it handled it.
+MISSED_TYPE_REASON = "written while an older version ran projection"
+
+
 @dataclass
 class ProjectionRunner:
     nc: NATS
@@ -605,6 +609,10 @@ class ProjectionRunner:
     lease_ttl: int = DEFAULT_TTL_SECONDS
     # How often a projection stopped at an event it cannot apply tries that event again.
     stall_retry_seconds: float = 30.0
+    # Whether a projection that went past events of a type it now handles rebuilds its read
+    # model (`_rebuild_missed`) or only says so (`_note_missed_types`).
+    rebuild_missed: bool = False
+    _rebuilds: dict[str, asyncio.Task] = field(default_factory=dict)
     _tasks: list[asyncio.Task] = field(default_factory=list)
     applied: dict[str, int] = field(default_factory=dict)
     failures: dict[str, ApplyFailure] = field(default_factory=dict)
@@ -695,8 +703,12 @@ class ProjectionRunner:
             self._tasks.append(asyncio.create_task(work, name=f"projection:{projector.name}"))
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        for t in [*self._tasks, *self._rebuilds.values()]:
             t.cancel()
+        for t in self._rebuilds.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._rebuilds.clear()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
@@ -735,6 +747,11 @@ class ProjectionRunner:
             checkpoint = await read_checkpoint(conn, projector.name)
             row = (await conn.execute(select(projection_failures).where(
                 projection_failures.c.projection == projector.name))).first()
+            missed = (await conn.execute(select(skipped_events.c.seq).where(
+                skipped_events.c.projection == projector.name,
+                skipped_events.c.reason.startswith(MISSED_TYPE_REASON)).limit(1))).first()
+        if missed is not None and self.rebuild_missed:
+            self._start_rebuild(projector)
         if row is not None and projector.name not in self.failures:
             self.failures[projector.name] = ApplyFailure(row.projection, row.seq, row.subject, row.event_type, row.error)
         name = self.consumer_name(projector)
@@ -773,7 +790,7 @@ class ProjectionRunner:
                 first = await self._first_of(js, event_type)
                 if first is None or first[0] > row.last_seq:
                     continue
-                reason = (f"written while an older version ran projection {projector.name}, which never received "
+                reason = (f"{MISSED_TYPE_REASON} {projector.name}, which never received "
                           f"{event_type} events (before its checkpoint {row.last_seq}): its read model lacks them; "
                           f"rebuild it, while the service runs: runledger rebuild {projector.name}")
                 log.error("projection %s now handles %s, but the log holds such events below its checkpoint (%d, "
@@ -784,6 +801,36 @@ class ProjectionRunner:
         if row.handles != current:
             await conn.execute(projection_checkpoints.update().where(projection_checkpoints.c.name == projector.name)
                                .values(handles=current))
+
+    def _start_rebuild(self, projector: Projector) -> None:
+        """The read model that missed events rebuilt beside the live one and swapped in, in the
+        background (the projection goes on meanwhile); the rows that record the miss go with
+        the swap. Until then each bind of the projection, in any process, starts it again: a
+        rebuild cut short (the process stopped) leaves them, and a second one at once is
+        refused (one per projection)."""
+        running = self._rebuilds.get(projector.name)
+        if running is None or running.done():
+            self._rebuilds[projector.name] = asyncio.create_task(self._rebuild_missed(projector),
+                                                                 name=f"rebuild:{projector.name}")
+
+    async def _rebuild_missed(self, projector: Projector) -> None:
+        from runledger.infra.event_store import EventStore
+
+        from .rebuild import RebuildFailed, rebuild_live
+
+        log.warning("projection %s: rebuilding its read model from the log, for the events it missed", projector.name)
+        try:
+            result = await rebuild_live(self.settings, EventStore(self.nc, self.settings), projector)
+        except RebuildFailed as e:
+            log.warning("projection %s: not rebuilt: %s", projector.name, e)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.error("projection %s: its rebuild failed (%s); rebuild it with `runledger rebuild %s`",
+                      projector.name, describe_error(e), projector.name)
+        else:
+            log.warning("projection %s: rebuilt from the log up to seq %d and swapped in (%.1f s)",
+                        projector.name, result.last_seq, result.seconds)
 
     async def _first_of(self, js: Any, event_type: str) -> tuple[int, str] | None:
         """The stream sequence and subject of the log's first event of this type, if any (by

@@ -1,12 +1,14 @@
 """A rolling upgrade that teaches a projection a new event type: a newer command process may
 write events of that type while an older process still runs the projection, whose consumer
 never receives them. Once the projection runs the newer version, it finds those events below
-its checkpoint and says so (the log, `skipped_events`) with the way to rebuild, instead of
-leaving the gap unsaid; it goes on applying what comes next; `runledger rebuild` fills the gap. Against real NATS and Postgres,
+its checkpoint and says so (the log, `skipped_events`); by default it then rebuilds its read
+model beside the live one and swaps it in, and with that off `runledger rebuild` fills the
+gap; it goes on applying what comes next meanwhile. Against real NATS and Postgres,
 the older version played by the flow-runs projection without the lease renewals."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from sqlalchemy import text
@@ -47,7 +49,56 @@ async def _started(settings) -> tuple[Service, RunledgerClient]:
     return service, rl
 
 
+async def _older_wrote_a_renewal(settings, monkeypatch) -> str:
+    """An older version's service (its flow-runs projection without the renewals) while a
+    renewal is written: returns the run's id."""
+    monkeypatch.setattr(FlowRunsProjector, "handles", OLD_HANDLES)
+    older, rl = await _started(settings)
+    try:
+        run_id = await _renewed_run(rl)
+        await rl.catch_up()
+        assert (await rl.read_flow_run(run_id)).deployment_lease_expiration is None  # never received
+        assert await _skipped(older) == []
+    finally:
+        await rl.close()
+        await older.stop()
+    monkeypatch.undo()  # the newer version
+    return run_id
+
+
+async def test_a_projection_that_went_past_events_it_now_handles_rebuilds_itself(settings, monkeypatch, caplog):
+    caplog.set_level(logging.WARNING, logger="runledger")
+    try:
+        run_id = await _older_wrote_a_renewal(settings, monkeypatch)
+        newer, rl = await _started(settings)
+        try:
+            for _ in range(1500):  # rebuilt in the background, swapped in
+                if (await rl.read_flow_run(run_id)).deployment_lease_expiration is not None:
+                    break
+                await asyncio.sleep(0.02)
+            assert (await rl.read_flow_run(run_id)).deployment_lease_expiration is not None
+            for _ in range(500):
+                if not await _skipped(newer):
+                    break
+                await asyncio.sleep(0.02)
+            assert await _skipped(newer) == []
+            for _ in range(500):  # said once its side schema is dropped, just after the swap
+                if any("rebuilt from the log" in r.getMessage() for r in caplog.records):
+                    break
+                await asyncio.sleep(0.02)
+            assert any("rebuilt from the log" in r.getMessage() for r in caplog.records)
+            # What comes next is applied, into the rebuilt tables.
+            renewal = await rl.renew_deployment_slot_lease(run_id, lease_seconds=900)
+            assert (await rl.read_flow_run(run_id)).deployment_lease_expiration == renewal.expiration
+        finally:
+            await rl.close()
+            await newer.stop()
+    finally:
+        await drop_service_schema(settings)
+
+
 async def test_a_projection_that_learns_an_event_type_says_it_went_past_some(settings, monkeypatch, caplog):
+    settings = settings.model_copy(update={"rebuild_missed_event_types": False})
     caplog.set_level(logging.ERROR, logger="runledger")
     try:
         monkeypatch.setattr(FlowRunsProjector, "handles", OLD_HANDLES)  # the older version
