@@ -46,6 +46,10 @@ class Reply:
     # A proposed state's outcome, beside the result (`SetFlowRunState`):
     # `{"status": "ACCEPT"|"REJECT"|"WAIT"|"ABORT", "details": {...}}`.
     orchestration: dict[str, Any] | None = None
+    # Read models a query's `min_seq` wait left out: stopped at an event they cannot apply at
+    # or before it, so the answer may lack what came later in them (docs/protocol.md):
+    # `[{"projection", "seq", "event_type"}]`.
+    stalled: list[dict[str, Any]] | None = None
 
 
 def given(**fields: Any) -> dict[str, Any]:
@@ -100,5 +104,8 @@ def parse_reply(data: bytes, subject: str) -> Reply:
     orchestration = envelope.get("orchestration")
     if not (orchestration is None or isinstance(orchestration, dict)):
         raise ProtocolError(f"reply on {subject} has an orchestration that is not an object: {orchestration!r}")
+    stalled = envelope.get("stalled")
+    if not (stalled is None or (isinstance(stalled, list) and all(isinstance(s, dict) for s in stalled))):
+        raise ProtocolError(f"reply on {subject} has a stalled that is not a list of objects: {stalled!r}")
     return Reply(result=envelope.get("result"), seq=seq, created=created if isinstance(created, bool) else None,
-                 next_offset=next_offset, orchestration=orchestration)
+                 next_offset=next_offset, orchestration=orchestration, stalled=stalled or None)

@@ -21,6 +21,7 @@ learn it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import uuid
 from collections.abc import Mapping, Sequence
@@ -63,6 +64,8 @@ from .models import (
     WorkQueueStatusDetail,
 )
 from .models import Worker as WorkerModel
+
+log = logging.getLogger("runledger.client")
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -131,6 +134,8 @@ class RunledgerClient:
         self._owns_connection = False
         # Flow run id -> the `hold_deployment_slot` blocks of this client waiting for its lease.
         self._slot_holders: dict[str, set[DeploymentSlotLease]] = {}
+        # The stalls already warned of (`_warn_stalled`): (projection, seq).
+        self._stalls_warned: set[tuple[Any, Any]] = set()
 
     @classmethod
     def from_nats(cls, nc: NATS, settings: Settings | None = None, *, consistent_reads: bool = True,
@@ -224,11 +229,24 @@ class RunledgerClient:
         while True:
             attempt += 1
             try:
-                return await self._request(subject, body, timeout)
+                reply = await self._request(subject, body, timeout)
             except Unavailable as e:
                 if attempt > self.retries:
                     raise self._gave_up(e, attempt, False) from None
-            await self._pause(attempt)
+                await self._pause(attempt)
+                continue
+            for stall in reply.stalled or ():
+                self._warn_stalled(stall)
+            return reply
+
+    def _warn_stalled(self, stall: Mapping[str, Any]) -> None:
+        """Once per stall: the answers that read a stalled read model may lack later events."""
+        key = (stall.get("projection"), stall.get("seq"))
+        if key in self._stalls_warned:
+            return
+        self._stalls_warned.add(key)
+        log.warning("read model %s is stalled at stream sequence %s (%s): answers that read it lack what came "
+                    "after; see `runledger status`", stall.get("projection"), stall.get("seq"), stall.get("event_type"))
 
     async def catch_up(self) -> int | None:
         """Make this client's next queries wait until the read models hold every write the

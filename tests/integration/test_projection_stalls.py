@@ -252,3 +252,34 @@ async def test_an_event_written_by_a_newer_version_holds_the_projection_until_it
         assert await _failures(svc) == []
     finally:
         await upgraded.stop()
+
+
+async def test_a_stalled_projection_does_not_hold_the_reads(broker, service, settings, caplog):
+    """Reads wait for the read models to reach the reader's writes (`min_seq`); one stalled
+    before that point can never get there. The reads answer anyway, from the stalled read
+    model as it stands, and say so (`stalled`), instead of failing, every one of them, for as
+    long as the stall lasts (the CLI included, which catches up with the log first)."""
+    from runledger.client import RunledgerClient
+
+    await broker.ok_cmd("CreateWorkPool", name="before")
+    poison = await append_poison(broker, settings)
+    await broker.ok_cmd("CreateWorkPool", name="after")
+    await broker.ok_cmd("CreateFlow", name="f")
+    await _until(lambda: _failures(service))
+
+    reply = await broker.qry("GetFlowByName", name="f")  # min_seq: the last write, past the stall
+    assert reply["ok"] and reply["result"]["name"] == "f"
+    assert reply["stalled"] == [{"projection": "work_pools", "seq": poison, "event_type": "WorkPoolCreated"}]
+    reply = await broker.qry("GetWorkPool", name="after")  # its read model stops before it
+    assert not reply["ok"] and reply["error"]["code"] == "not_found" and reply["stalled"][0]["seq"] == poison
+    assert f"read model work_pools is stalled at stream sequence {poison}" in reply["error"]["message"]
+    reply = await broker.qry("GetWorkPool", name="before", min_seq=poison - 1)  # reached: nothing to say
+    assert reply["ok"] and "stalled" not in reply
+
+    caplog.set_level(logging.WARNING, logger="runledger.client")
+    async with RunledgerClient(settings) as rl:
+        await rl.create_variable("v", 1)
+        assert (await rl.read_flow_by_name("f")).name == "f"
+        assert [v.name for v in await rl.list_variables()] == ["v"]
+    warned = [r.getMessage() for r in caplog.records if "is stalled" in r.getMessage()]
+    assert len(warned) == 1 and f"read model work_pools is stalled at stream sequence {poison}" in warned[0]
