@@ -12,6 +12,13 @@ from runledger.projections.health import GetServiceHealth
 
 from .registry import QUERIES, command_specs
 
+STALLED_SCHEMA: dict[str, Any] = {
+    "type": "array",
+    "description": "On a query whose `min_seq` a read model cannot reach: it is stopped at an event it cannot apply at or before it; the answer comes from it as it stands, without that event and what followed.",
+    "items": {"type": "object", "required": ["projection", "seq", "event_type"], "properties": {
+        "projection": {"type": "string"}, "seq": {"type": "integer"}, "event_type": {"type": "string"}}},
+}
+
 REPLY_SCHEMA: dict[str, Any] = {
     "oneOf": [
         {
@@ -34,6 +41,7 @@ REPLY_SCHEMA: dict[str, Any] = {
                             "reason": {"type": "string"}, "delay_seconds": {"type": "integer"}}},
                     },
                 },
+                "stalled": STALLED_SCHEMA,
             },
         },
         {
@@ -51,6 +59,7 @@ REPLY_SCHEMA: dict[str, Any] = {
                         "details": {},
                     },
                 },
+                "stalled": STALLED_SCHEMA,
             },
         },
     ]
