@@ -24,12 +24,41 @@ def event_stream_config(settings: Settings) -> StreamConfig:
         discard=DiscardPolicy.NEW,
         allow_direct=True,
         allow_atomic=True,
+        # Neither the message-delete nor the purge API may remove an event, whoever asks (the
+        # service included: its role must update the stream to upgrade it, see drops_events).
         deny_delete=True,
+        deny_purge=True,
         # Routine heartbeats and polls expire (`Settings.routine_retention_seconds`); nothing else does.
         allow_msg_ttl=True,
         duplicate_window=settings.event_duplicate_window_seconds,
         num_replicas=settings.stream_replicas,
     )
+
+
+def drops_events(config: StreamConfig) -> list[tuple[str, str]]:
+    """The settings of `config` under which nats-server removes stored events by itself, each
+    with the `nats stream edit` flag that undoes it. Anyone with the service's credentials can
+    set them (the role updates its streams to upgrade them); refusing to run on them turns a
+    silent erasure into a loud stop. Limits with discard new only refuse appends (an alarm an
+    operator may set on purpose) and stay allowed. Checked in nats-server's filestore: max_age
+    expires and max_msgs_per_subject trims a subject whatever the discard policy; interest
+    retention drops what every consumer acked; a roll-up header purges a subject."""
+    problems: list[tuple[str, str]] = []
+    if config.discard == DiscardPolicy.OLD:
+        limits = [f"{name}={value}" for name, value in (("max_msgs", config.max_msgs), ("max_bytes", config.max_bytes))
+                  if (value or 0) > 0]
+        if limits:
+            problems.append((f"discard=old with {' and '.join(limits)}", "--discard new"))
+    if (config.max_age or 0) > 0:
+        seconds = f"{config.max_age:.3f}".rstrip("0").rstrip(".")
+        problems.append((f"max_age={seconds}s", "--max-age 0"))
+    if (config.max_msgs_per_subject or 0) > 0:
+        problems.append((f"max_msgs_per_subject={config.max_msgs_per_subject}", "--max-msgs-per-subject -1"))
+    if config.retention not in (None, RetentionPolicy.LIMITS):
+        problems.append((f"retention={RetentionPolicy(config.retention).value}", "--retention limits"))
+    if config.allow_rollup_hdrs:
+        problems.append(("allow_rollup_hdrs=true", "--no-allow-rollup"))
+    return problems
 
 
 async def ensure_event_stream(js: JetStreamContext, settings: Settings) -> None:
@@ -41,18 +70,27 @@ async def ensure_event_stream(js: JetStreamContext, settings: Settings) -> None:
         info = await js.add_stream(wanted)
     else:
         current = info.config
+        # Before changing anything: an upgrade must not carry such settings along as if all were well.
+        if problems := drops_events(current):
+            raise BrokerUnavailable(
+                f"stream {wanted.name} drops stored events ({'; '.join(setting for setting, _ in problems)}): "
+                "runledger refuses to run on a log that loses events, and leaves its settings to you; fix them "
+                f"with `nats stream edit {wanted.name} {' '.join(flag for _, flag in problems)}`, then start again."
+            )
         if (
             sorted(current.subjects or []) != sorted(wanted.subjects or [])
             or not current.allow_direct
             or not current.allow_atomic
             or not current.allow_msg_ttl
+            or not current.deny_delete
+            or not current.deny_purge
             or current.duplicate_window != wanted.duplicate_window
         ):
             # Only what runledger needs changes: limits an operator set on the stream (a
             # `max_bytes` alarm, its replicas edited by hand) stay as they are.
             info = await js.update_stream(dataclasses.replace(
                 current, subjects=wanted.subjects, allow_direct=True, allow_atomic=True, allow_msg_ttl=True,
-                duplicate_window=wanted.duplicate_window))
+                deny_delete=True, deny_purge=True, duplicate_window=wanted.duplicate_window))
     # A server that does not know atomic batches drops the flag silently: refuse it.
     if not getattr(info.config, "allow_atomic", False):
         raise BrokerUnavailable(
