@@ -7,7 +7,10 @@ Roles (each a NATS user with a password):
 - `service`: serves `<ns>.cmd.>` and `<ns>.qry.>` (and sends its background services'
   commands there), appends to the event stream, runs the
   projections' durable consumers, reads and writes the snapshot and lease buckets. It may
-  not purge or delete the event stream nor delete messages in it.
+  not purge or delete the event stream nor delete messages in it; it may update its
+  streams' settings (to upgrade them), which NATS permissions cannot narrow to the harmless
+  ones, so its credentials could shrink the log's limits and erase it (docs/security.md;
+  the service refuses to start on such settings: infra/jetstream_setup.py).
 - `client`: sends commands and queries; receives its replies on `_INBOX.client.>`.
 - `analyst`: reads the log (stream info, direct gets, consumers it names itself in the
   create subject) for `runledger events`, `replay` and `verify`; publishes nothing to the
