@@ -36,17 +36,45 @@ def _register() -> None:
 
 
 def main() -> None:
+    import nats.errors
+
     from runledger.infra.settings import SettingsError
 
     _register()
     try:
         app()
     except SettingsError as e:  # from any command: one line, exit code 5 (invalid)
-        from rich.console import Console
-        from rich.markup import escape
-
-        Console(stderr=True, soft_wrap=True).print(f"[red]Error (invalid settings):[/red] {escape(str(e))}", highlight=False)
+        _error_line(f"[red]Error (invalid settings):[/red] {_escape(str(e))}")
         raise SystemExit(5) from None
+    except nats.errors.TimeoutError as e:  # a request nobody answered: one line, exit code 6 (unavailable)
+        _error_line(f"[red]Error (unavailable):[/red] {_escape(_timeout_message(e))}")
+        raise SystemExit(6) from None
+
+
+def _timeout_message(e: BaseException) -> str:
+    """Why a request may have gone unanswered. A JetStream request of a role in an account of
+    its own (the analyst, task workers) under another prefix than its account's is dropped by
+    the server: the setting is then the likely cause, not the broker."""
+    tb = e.__traceback__
+    while tb is not None:
+        if str(tb.tb_frame.f_globals.get("__name__", "")).startswith("nats.js"):
+            return ("the broker answered no JetStream request in time (nats: timeout), as it does a request the "
+                    "user may not make: is RUNLEDGER_JS_API_PREFIX the one of the user's account? ('$JS.READ.API' "
+                    "for analyst, '$JS.TASK.API' for task_worker and task_worker_<name>, '$JS.API' for service)")
+        tb = tb.tb_next
+    return "the broker answered no request in time (nats: timeout)"
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _error_line(markup: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, soft_wrap=True).print(markup, highlight=False)
 
 
 if __name__ == "__main__":

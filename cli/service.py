@@ -94,6 +94,12 @@ def _parse_roles(roles: str) -> frozenset[str]:
     return chosen
 
 
+def _roles_to_run(chosen: frozenset[str], settings: Settings) -> frozenset[str]:
+    """Without a retention (RUNLEDGER_FLOW_RUN_RETENTION_SECONDS) the vacuum does nothing: left
+    out, so that the ready line does not name it among the roles running."""
+    return chosen if settings.flow_run_retention_seconds else chosen - {"vacuum"}
+
+
 @app.command()
 def serve(
     roles: str = typer.Option(",".join(ROLES), help="Which parts to run here: commands,queries,projections,scheduler,clock,foreman,task_recovery,vacuum (the last five hold a lease: one active on the servers at a time; the vacuum runs only with RUNLEDGER_FLOW_RUN_RETENTION_SECONDS set)."),
@@ -102,7 +108,7 @@ def serve(
     """Run the service against RUNLEDGER_NATS_URL and RUNLEDGER_DATABASE_URL."""
     _configure_logging(verbose)
     settings = load_settings(role="service")  # credentials and inbox prefix from the environment
-    chosen = _parse_roles(roles)
+    chosen = _roles_to_run(_parse_roles(roles), settings)
     _tune_garbage_collector()
     try:
         event_loop.run(_serve_until_signalled(settings, chosen), settings.event_loop)
@@ -131,6 +137,12 @@ def up(
     if data_dir is None and default_data_dir() != legacy and (legacy / "pg").is_dir():
         console.print(f"note: data from an earlier runledger is in {legacy}; --data-dir {legacy} uses it")
     data_dir = (data_dir or default_data_dir()).expanduser().resolve()
+    if (other := _other_live_up(data_dir)) is not None:  # before anything is made: its endpoint file is the CLI's way to it
+        pid, other_dir = other
+        console.print(f"[red]Error (in use):[/red] {escape(str(endpoint_file()))} belongs to runledger up process "
+                      f"{pid} of {escape(other_dir)}, still running; set RUNLEDGER_CONFIG_DIR to another directory "
+                      "for this one (and for the CLI that talks to it)", highlight=False)
+        raise typer.Exit(EXIT_UNAVAILABLE)
     data_dir.mkdir(parents=True, exist_ok=True)
     try:  # one `up` per data dir, for its whole life; the kernel drops the lock when it dies
         lock = DataDirLock(data_dir).acquire()
@@ -175,7 +187,8 @@ def up(
             console.print(f"  endpoint  {record}  (other terminals find the service through it)")
             console.print("Press Ctrl-C to stop.")
 
-        event_loop.run(_serve_until_signalled(settings, frozenset(ROLES), on_ready=ready), settings.event_loop)
+        event_loop.run(_serve_until_signalled(settings, _roles_to_run(frozenset(ROLES), settings), on_ready=ready),
+                       settings.event_loop)
     except (BrokerUnavailable, DatabaseUnavailable, PostgresUnavailable, DataDirInUse) as e:
         console.print(f"[red]Error (unavailable):[/red] {escape(str(e))}")
         raise typer.Exit(EXIT_UNAVAILABLE) from None
@@ -185,6 +198,22 @@ def up(
         nats_server.stop()
         lock.release()
         console.print("runledger stopped; data kept in", str(data_dir))
+
+
+def _other_live_up(data_dir: Path) -> tuple[int, str] | None:
+    """The pid and data dir of a running `up` whose endpoint file this one would overwrite: the
+    file is one per config dir, and the first would be left unreachable by the CLI. Its own data
+    dir's lock refuses a second `up` there, naming it, so only another data dir is refused here."""
+    from runledger.infra.lifetime import alive, program_cmdline
+    from runledger.infra.settings import recorded_endpoint
+
+    recorded = recorded_endpoint()
+    pid, other_dir = recorded.get("pid"), recorded.get("data_dir")
+    if not isinstance(pid, int) or not isinstance(other_dir, str) or other_dir == str(data_dir) or not alive(pid):
+        return None
+    if "up" not in (program_cmdline(pid) or []):  # its pid taken since by another program
+        return None
+    return pid, other_dir
 
 
 def _remove_own_record(record: Path) -> None:

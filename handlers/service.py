@@ -86,7 +86,7 @@ class Service:
     queries: QueryBus | None = None
     runner: ProjectionRunner | None = None
     watch: CheckpointWatch | None = None
-    # Set when the NATS connection closed for good (not by `stop`): nats-py does not reconnect
+    # Set when the NATS connection closed for good (not by `stop` or a failed start): nats-py does not reconnect
     # after a fatal protocol error ("maximum payload exceeded"), so the process must end and
     # let its supervisor start it again instead of living on deaf.
     lost: asyncio.Event = field(default_factory=asyncio.Event)
@@ -140,6 +140,7 @@ class Service:
         try:
             await check_database(self.engine, s)
         except DatabaseUnavailable:
+            self._stopping = True  # closed by us: not a connection lost (`_on_closed`)
             for conn in (self.nc, *self.lanes):
                 await conn.close()
             await self.engine.dispose()

@@ -13,6 +13,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import AliasChoices, Field, FilePath, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .broker_auth import ANALYST_JS_API, TASK_WORKER_JS_API, bound_task_worker_name
+from .broker_auth import inbox_prefix as broker_inbox_prefix
 from .event_loop import EventLoop
 
 MIN_NATS_VERSION = (2, 12, 0)
@@ -222,6 +224,17 @@ _CREDENTIAL_VARS = ("RUNLEDGER_NATS_URL", "RUNLEDGER_NATS_USER", "RUNLEDGER_NATS
                     "RUNLEDGER_NATS_CREDS_FILE")
 
 
+def role_js_api_prefix(nats_user: str | None) -> str | None:
+    """The JetStream API prefix of runledger's role users in accounts of their own: the
+    analyst's, the task worker's and the bound task workers' (`task_worker_<name>`); None for
+    any other user, which reaches JetStream under `$JS.API`."""
+    if nats_user == "analyst":
+        return ANALYST_JS_API
+    if nats_user == "task_worker" or bound_task_worker_name(nats_user):
+        return TASK_WORKER_JS_API
+    return None
+
+
 def recorded_endpoint() -> dict[str, Any]:
     """What a running `runledger up` recorded in its endpoint file (empty: none, or unreadable)."""
     try:
@@ -252,8 +265,18 @@ def load_settings(role: str = "client", user: str | None = None, **overrides: An
         values["nats_user"], values["nats_password"] = entry.get("user"), entry.get("password")
         if entry.get("js_api_prefix") and "RUNLEDGER_JS_API_PREFIX" not in os.environ:
             values["js_api_prefix"] = entry["js_api_prefix"]
+    # A role user's own JetStream prefix and inbox follow from its name when nothing says
+    # otherwise: credentials from the environment, or an endpoint file older than the prefixes.
+    nats_user = overrides.get("nats_user") or values.get("nats_user") or os.environ.get("RUNLEDGER_NATS_USER")
+    if "js_api_prefix" not in values and "RUNLEDGER_JS_API_PREFIX" not in os.environ:
+        if (prefix := role_js_api_prefix(nats_user)) is not None:
+            values["js_api_prefix"] = prefix
     if "RUNLEDGER_INBOX_PREFIX" not in os.environ:
-        values["inbox_prefix"] = (entry.get("inbox_prefix") if user and isinstance(entry, dict) else None) or f"_INBOX.{role}"
+        recorded_inbox = entry.get("inbox_prefix") if user and isinstance(entry, dict) else None
+        connecting_as = nats_user or user
+        # A bound task worker's inbox is its own, `_INBOX.task_worker_<name>`.
+        own = connecting_as if connecting_as is not None and bound_task_worker_name(connecting_as) else role
+        values["inbox_prefix"] = recorded_inbox or broker_inbox_prefix(own)
     values.update(overrides)
     try:
         return Settings(**values)

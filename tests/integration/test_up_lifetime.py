@@ -1,7 +1,8 @@
 """One `runledger up` per data directory, and its servers never outlive it.
 
 - A second `up` on the same data dir exits at once, naming the first; the first goes on serving
-  and its endpoint file is untouched.
+  and its endpoint file is untouched. So does a second `up` of another data dir with the same
+  config dir (one endpoint file), saying to give it a RUNLEDGER_CONFIG_DIR of its own.
 - SIGKILL or SIGHUP of `up` ends its nats-server and its Postgres within seconds (they are
   tied to it), and what was acknowledged before a kill -9 is there after the next `up`.
 - Servers an earlier crash left behind on the data dir (from before they were tied to `up`)
@@ -151,6 +152,30 @@ def test_a_second_up_on_the_same_data_dir_exits_at_once_naming_the_first(dirs):
     finally:
         first.kill()
     assert not (config_dir / "endpoint.json").exists()
+
+
+def test_a_second_up_with_another_data_dir_but_the_same_config_dir_refuses_naming_the_way_out(dirs):
+    """The endpoint file is one per config dir: a second `up` writing it would leave the first
+    unreachable by the CLI (and remove it when it stops)."""
+    data_dir, config_dir = dirs
+    first = Up(data_dir, config_dir).start()
+    try:
+        endpoint = config_dir / "endpoint.json"
+        before = (endpoint.read_bytes(), endpoint.stat().st_mtime_ns)
+        other = data_dir.parent / "other-data"
+        second = subprocess.run([*CLI, "up", "--data-dir", str(other)], env=_env(config_dir),
+                                capture_output=True, text=True, timeout=60)
+        out = (second.stdout + second.stderr).strip()
+        assert second.returncode == 6, out
+        assert len(out.splitlines()) == 1, out
+        assert f"process {first.proc.pid}" in out and str(data_dir) in out and "RUNLEDGER_CONFIG_DIR" in out, out
+        assert (endpoint.read_bytes(), endpoint.stat().st_mtime_ns) == before
+        assert _servers_on(other) == {"nats-server": [], "postgres": []}
+        listed = cli(config_dir, "work-pool", "ls", "--json")
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        assert first.signal(signal.SIGTERM) == 0, "".join(first.output)
+    finally:
+        first.kill()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP], ids=["SIGKILL", "SIGHUP"])

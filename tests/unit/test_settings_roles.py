@@ -46,3 +46,42 @@ def test_recorded_users_are_not_sent_to_another_server(endpoint):
 def test_unknown_role():
     with pytest.raises(ValueError):
         load_settings(role="admin")
+
+
+@pytest.mark.parametrize(("user", "js_api_prefix"), [
+    ("analyst", "$JS.READ.API"), ("task_worker", "$JS.TASK.API"), ("task_worker_billing", "$JS.TASK.API"),
+    ("client", "$JS.API"), ("service", "$JS.API"), ("someone", "$JS.API"),
+])
+def test_role_users_from_the_environment_get_their_accounts_jetstream_prefix(endpoint, user, js_api_prefix):
+    """The analyst's and task workers' accounts import JetStream under prefixes of their own: with
+    their credentials from the environment and no RUNLEDGER_JS_API_PREFIX, `$JS.API` would
+    time out (the role may not publish there)."""
+    endpoint.delenv("RUNLEDGER_JS_API_PREFIX", raising=False)
+    endpoint.setenv("RUNLEDGER_NATS_USER", user)
+    endpoint.setenv("RUNLEDGER_NATS_PASSWORD", "secret")
+    for role in ("analyst", "task_worker", "client"):
+        assert load_settings(role=role).js_api_prefix == js_api_prefix, role
+
+
+def test_an_explicit_jetstream_prefix_wins(endpoint):
+    endpoint.setenv("RUNLEDGER_NATS_USER", "analyst")
+    endpoint.setenv("RUNLEDGER_NATS_PASSWORD", "secret")
+    endpoint.setenv("RUNLEDGER_JS_API_PREFIX", "$JS.OTHER.API")
+    assert load_settings(role="analyst").js_api_prefix == "$JS.OTHER.API"
+
+
+def test_an_endpoint_file_without_prefixes_still_gives_the_roles_theirs(endpoint):
+    """An endpoint file written before the analyst had an account of its own names no prefix."""
+    endpoint.delenv("RUNLEDGER_JS_API_PREFIX", raising=False)
+    assert load_settings(role="analyst").js_api_prefix == "$JS.READ.API"
+    assert load_settings(role="client").js_api_prefix == "$JS.API"
+
+
+def test_a_bound_task_worker_from_the_environment_receives_on_its_own_inbox(endpoint):
+    """`task_worker_<name>` may subscribe under `_INBOX.task_worker_<name>` only."""
+    endpoint.setenv("RUNLEDGER_NATS_USER", "task_worker_billing")
+    endpoint.setenv("RUNLEDGER_NATS_PASSWORD", "secret")
+    assert load_settings("task_worker", user="task_worker_billing").inbox_prefix == "_INBOX.task_worker_billing"
+    assert load_settings("task_worker").inbox_prefix == "_INBOX.task_worker_billing"
+    endpoint.setenv("RUNLEDGER_INBOX_PREFIX", "_INBOX.mine")
+    assert load_settings("task_worker").inbox_prefix == "_INBOX.mine"
