@@ -414,13 +414,15 @@ def _block(d: Mapping, indent: int) -> list[str]:
 
 def nats_config(namespace: str, passwords: Mapping[str, str], store_dir: str, *,
                 listen: str | None = None, host: str | None = None, http_port: int | None = None,
-                service_consumers: Sequence[str] | None = None, sync_always: bool = True,
+                http: str | None = None, service_consumers: Sequence[str] | None = None, sync_always: bool = True,
                 task_worker_keys: Mapping[str, Sequence[str]] | None = None,
                 cluster: ClusterNode | None = None, cluster_password: str | EnvRef | None = None) -> str:
     """nats-server configuration text for one namespace. `passwords`: per role (and per bound
     task worker's user, `bound_task_worker_user`), a literal password or an `EnvRef`
     (`$ENV_VAR`, resolved by nats-server from its environment). `listen` (host:port) or
-    `host`, `http_port`: the command line may set them instead. `task_worker_keys`: the task
+    `host`, `http_port`: the command line may set them instead; `http` (host:port): the
+    monitoring endpoint on that interface alone (`http_port` alone listens on every one,
+    unauthenticated: `/connz?auth=1` names the users). `task_worker_keys`: the task
     workers bound to keys (Settings.task_worker_keys). `cluster`: this node's place in a
     cluster (`cluster_password`: what it checks, by default the route password itself)."""
     if not re.fullmatch(r"[a-z][a-z0-9_]{0,40}", namespace):  # as Settings.namespace
@@ -436,7 +438,9 @@ def nats_config(namespace: str, passwords: Mapping[str, str], store_dir: str, *,
         top["listen"] = listen
     elif host:
         top["host"] = host
-    if http_port:
+    if http:
+        top["http"] = http
+    elif http_port:
         top["http_port"] = http_port
     top["max_payload"] = MAX_PAYLOAD
     if cluster is not None:
@@ -582,9 +586,10 @@ def write_local_config(data_dir, namespace: str, creds: Mapping[str, Mapping[str
 def compose_config(namespace: str = "runledger", task_worker_keys: Mapping[str, Sequence[str]] | None = None,
                    cluster: ClusterNode | None = None) -> str:
     """The configuration of `deploy/nats.conf`: passwords from the server's environment,
-    listening on all interfaces of its container, monitoring on 8222, the store on /data.
+    listening on all interfaces of its container, monitoring on 8222 of the container's own
+    loopback (its health check; nothing outside it reaches it), the store on /data.
     With `cluster`, one node's: the password it checks on its route port from its
     environment too."""
-    return nats_config(namespace, env_references(task_worker_keys), "/data", listen="0.0.0.0:4222", http_port=8222,
+    return nats_config(namespace, env_references(task_worker_keys), "/data", listen="0.0.0.0:4222", http="127.0.0.1:8222",
                        task_worker_keys=task_worker_keys, cluster=cluster,
                        cluster_password=EnvRef(f"${ROUTE_PASSWORD_VAR}"))
