@@ -255,7 +255,7 @@ class QueryBus:
         started = loop.time()
         extend_deadline(self.wait_timeout)
         stalled: list[dict[str, Any]] = []
-        waits = reads
+        waits: Sequence[str] | None = reads  # None: every projection
         try:
             if await self.watch.wait_for(min_seq, min(FIRST_WAIT_SECONDS, self.wait_timeout), reads):
                 return None, []
@@ -269,7 +269,7 @@ class QueryBus:
             if stalled:
                 gone = {s["projection"] for s in stalled}
                 waits = [n for n in self.watch.names(reads) if n not in gone]
-            reached = not waits or await self.watch.wait_for(
+            reached = (waits is not None and not waits) or await self.watch.wait_for(
                 min_seq, max(0.0, self.wait_timeout - (loop.time() - started)), waits)
         finally:
             self._waiting -= 1

@@ -283,3 +283,13 @@ async def test_a_stalled_projection_does_not_hold_the_reads(broker, service, set
         assert [v.name for v in await rl.list_variables()] == ["v"]
     warned = [r.getMessage() for r in caplog.records if "is stalled" in r.getMessage()]
     assert len(warned) == 1 and f"read model work_pools is stalled at stream sequence {poison}" in warned[0]
+
+
+async def test_a_read_after_a_write_waits_for_a_read_model_that_is_only_behind(writer, settings):
+    """Nothing stalled, the read model behind (no projection runs here): the read waits for
+    the write and, past the wait, is refused; it never answers without the write."""
+    svc, broker = writer
+    await broker.ok_cmd("CreateFlow", name="mine")
+    reply = await broker.qry("GetFlowByName", name="mine")
+    assert not reply["ok"] and reply["error"]["code"] == "unavailable", reply
+    assert "did not reach stream sequence" in reply["error"]["message"]
