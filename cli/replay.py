@@ -77,7 +77,7 @@ async def _rebuild(settings: Settings, schema: str, until_seq: int | None, as_of
                    until_each: dict[str, int] | None = None):
     nc = await connect(settings, name="runledger-replay", wait_for_server=False)
     try:
-        await ensure_event_stream(nc.jetstream(prefix=settings.js_api_prefix), settings)
+        await ensure_event_stream(nc.jetstream(prefix=settings.js_api_prefix), settings, upgrade=False)
         store = EventStore(nc, settings)
         total = max(until_each.values(), default=0) if until_each is not None else until_seq or await store.last_sequence()
         with Progress(TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TextColumn("seq"),
@@ -195,7 +195,7 @@ def rebuild(
     async def go() -> None:
         nc = await connect(settings, name="runledger-rebuild", wait_for_server=False)
         try:
-            await ensure_event_stream(nc.jetstream(prefix=settings.js_api_prefix), settings)
+            await ensure_event_stream(nc.jetstream(prefix=settings.js_api_prefix), settings, upgrade=False)
             store = EventStore(nc, settings)
             for name in names:
                 with Progress(TextColumn(f"rebuilding {name}"), BarColumn(), MofNCompleteColumn(), TextColumn("seq"),

@@ -61,7 +61,10 @@ def drops_events(config: StreamConfig) -> list[tuple[str, str]]:
     return problems
 
 
-async def ensure_event_stream(js: JetStreamContext, settings: Settings) -> None:
+async def ensure_event_stream(js: JetStreamContext, settings: Settings, *, upgrade: bool = True) -> None:
+    """Creates the event stream, or checks it (`drops_events`) and upgrades an older one's
+    settings. `upgrade` False: only checks (the analyst's verbs, which may not update it: an
+    older stream they read as it is, until the service of this version has upgraded it)."""
     wanted = event_stream_config(settings)
     assert wanted.name is not None  # event_stream_config names it
     try:
@@ -77,7 +80,7 @@ async def ensure_event_stream(js: JetStreamContext, settings: Settings) -> None:
                 "runledger refuses to run on a log that loses events, and leaves its settings to you; fix them "
                 f"with `nats stream edit {wanted.name} {' '.join(flag for _, flag in problems)}`, then start again."
             )
-        if (
+        if upgrade and (
             sorted(current.subjects or []) != sorted(wanted.subjects or [])
             or not current.allow_direct
             or not current.allow_atomic

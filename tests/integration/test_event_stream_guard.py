@@ -142,3 +142,22 @@ async def test_a_log_made_before_purges_were_denied_is_given_deny_purge_at_start
     finally:
         await nc.close()
         await cleanup_namespace(settings)
+
+
+async def test_the_analysts_verbs_read_an_older_log_as_it_is(settings):
+    """`replay`, `verify` and `rebuild` run as the analyst, who may not update the stream: on a
+    log an earlier runledger made they only check it (an update would be refused, and the verb
+    would time out), until this version's service upgrades it."""
+    nc = await connect(settings)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(dataclasses.replace(event_stream_config(settings), deny_purge=False))
+        await ensure_event_stream(js, settings, upgrade=False)
+        assert not (await js.stream_info(settings.stream_name)).config.deny_purge  # left as it was
+        await js.update_stream(dataclasses.replace((await js.stream_info(settings.stream_name)).config,
+                                                   max_age=3600.0))
+        with pytest.raises(BrokerUnavailable, match="max_age=3600s"):  # still checked
+            await ensure_event_stream(js, settings, upgrade=False)
+    finally:
+        await nc.close()
+        await cleanup_namespace(settings)
