@@ -204,16 +204,36 @@ def _other_live_up(data_dir: Path) -> tuple[int, str] | None:
     """The pid and data dir of a running `up` whose endpoint file this one would overwrite: the
     file is one per config dir, and the first would be left unreachable by the CLI. Its own data
     dir's lock refuses a second `up` there, naming it, so only another data dir is refused here."""
-    from runledger.infra.lifetime import alive, program_cmdline
+    from runledger.infra.lifetime import alive
     from runledger.infra.settings import recorded_endpoint
 
     recorded = recorded_endpoint()
     pid, other_dir = recorded.get("pid"), recorded.get("data_dir")
     if not isinstance(pid, int) or not isinstance(other_dir, str) or other_dir == str(data_dir) or not alive(pid):
         return None
-    if "up" not in (program_cmdline(pid) or []):  # its pid taken since by another program
+    if not _locked(Path(other_dir)):  # that `up` is gone (its pid may be another program's since)
         return None
     return pid, other_dir
+
+
+def _locked(data_dir: Path) -> bool:
+    """Whether a live `up` holds that data dir's lock (`DataDirLock`), looked at without
+    taking it for long nor writing to it."""
+    import fcntl
+
+    from runledger.infra.lifetime import LOCK_NAME
+
+    try:
+        fd = os.open(data_dir / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock taken here
+    return False
 
 
 def _remove_own_record(record: Path) -> None:

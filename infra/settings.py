@@ -261,14 +261,16 @@ def load_settings(role: str = "client", user: str | None = None, **overrides: An
             values[key] = recorded[key]
     # The recorded users belong to the recorded server: not with another URL or other credentials.
     entry = (recorded.get("nats_users") or {}).get(user or role)
-    if isinstance(entry, dict) and not any(v in os.environ for v in _CREDENTIAL_VARS):
+    from_endpoint = isinstance(entry, dict) and not any(v in os.environ for v in _CREDENTIAL_VARS)
+    if isinstance(entry, dict) and from_endpoint:
         values["nats_user"], values["nats_password"] = entry.get("user"), entry.get("password")
         if entry.get("js_api_prefix") and "RUNLEDGER_JS_API_PREFIX" not in os.environ:
             values["js_api_prefix"] = entry["js_api_prefix"]
     # A role user's own JetStream prefix and inbox follow from its name when nothing says
-    # otherwise: credentials from the environment, or an endpoint file older than the prefixes.
+    # otherwise, for credentials from the environment. An endpoint file's entry without a
+    # prefix comes from an `up` older than the accounts of their own, where `$JS.API` is right.
     nats_user = overrides.get("nats_user") or values.get("nats_user") or os.environ.get("RUNLEDGER_NATS_USER")
-    if "js_api_prefix" not in values and "RUNLEDGER_JS_API_PREFIX" not in os.environ:
+    if "js_api_prefix" not in values and "RUNLEDGER_JS_API_PREFIX" not in os.environ and not from_endpoint:
         if (prefix := role_js_api_prefix(nats_user)) is not None:
             values["js_api_prefix"] = prefix
     if "RUNLEDGER_INBOX_PREFIX" not in os.environ:

@@ -588,6 +588,7 @@ async def read_failures(conn: AsyncConnection) -> list[dict]:
 
 # How `skipped_events` records an event type a projection went past before it handled it.
 MISSED_TYPE_REASON = "written while an older version ran projection"
+REBUILD_RETRY_SECONDS = 600.0  # a failed rebuild of a missed type waits this long to be tried again
 
 
 @dataclass
@@ -613,6 +614,8 @@ class ProjectionRunner:
     # model (`_rebuild_missed`) or only says so (`_note_missed_types`).
     rebuild_missed: bool = False
     _rebuilds: dict[str, asyncio.Task] = field(default_factory=dict)
+    # Per projection: not before this (event-loop time) is a failed rebuild started again.
+    _rebuild_not_before: dict[str, float] = field(default_factory=dict)
     _tasks: list[asyncio.Task] = field(default_factory=list)
     applied: dict[str, int] = field(default_factory=dict)
     failures: dict[str, ApplyFailure] = field(default_factory=dict)
@@ -807,8 +810,13 @@ class ProjectionRunner:
         background (the projection goes on meanwhile); the rows that record the miss go with
         the swap. Until then each bind of the projection, in any process, starts it again: a
         rebuild cut short (the process stopped) leaves them, and a second one at once is
-        refused (one per projection)."""
+        refused (one per projection). One that failed waits `REBUILD_RETRY_SECONDS` (a bind
+        comes every few seconds while a projection is in trouble, and each try replays the
+        log); one refused as invalid (tables with grants, another version's) is not tried
+        again by this process."""
         running = self._rebuilds.get(projector.name)
+        if asyncio.get_running_loop().time() < self._rebuild_not_before.get(projector.name, float("-inf")):
+            return
         if running is None or running.done():
             self._rebuilds[projector.name] = asyncio.create_task(self._rebuild_missed(projector),
                                                                  name=f"rebuild:{projector.name}")
@@ -819,15 +827,18 @@ class ProjectionRunner:
         from .rebuild import RebuildFailed, rebuild_live
 
         log.warning("projection %s: rebuilding its read model from the log, for the events it missed", projector.name)
+        retry_at = asyncio.get_running_loop().time() + REBUILD_RETRY_SECONDS
         try:
             result = await rebuild_live(self.settings, EventStore(self.nc, self.settings), projector)
         except RebuildFailed as e:
             log.warning("projection %s: not rebuilt: %s", projector.name, e)
+            self._rebuild_not_before[projector.name] = float("inf") if e.kind == "invalid" else retry_at
         except asyncio.CancelledError:
             raise
         except Exception as e:
             log.error("projection %s: its rebuild failed (%s); rebuild it with `runledger rebuild %s`",
                       projector.name, describe_error(e), projector.name)
+            self._rebuild_not_before[projector.name] = retry_at
         else:
             log.warning("projection %s: rebuilt from the log up to seq %d and swapped in (%.1f s)",
                         projector.name, result.last_seq, result.seconds)

@@ -70,10 +70,11 @@ def test_an_explicit_jetstream_prefix_wins(endpoint):
     assert load_settings(role="analyst").js_api_prefix == "$JS.OTHER.API"
 
 
-def test_an_endpoint_file_without_prefixes_still_gives_the_roles_theirs(endpoint):
-    """An endpoint file written before the analyst had an account of its own names no prefix."""
+def test_an_endpoint_file_without_prefixes_keeps_the_service_accounts(endpoint):
+    """An endpoint file names no prefix when an `up` older than the accounts of their own wrote
+    it: its analyst lives in the service's account, under `$JS.API`."""
     endpoint.delenv("RUNLEDGER_JS_API_PREFIX", raising=False)
-    assert load_settings(role="analyst").js_api_prefix == "$JS.READ.API"
+    assert load_settings(role="analyst").js_api_prefix == "$JS.API"
     assert load_settings(role="client").js_api_prefix == "$JS.API"
 
 
