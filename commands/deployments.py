@@ -364,6 +364,8 @@ class DeleteDeploymentSchedule(Command):
 # The runs a deployment's schedules made (its own small aggregate, id: the deployment's id)
 
 DEPLOYMENT_RUNS = "deployment_runs"
+# How many indexed runs, over all deployments, the command side's cache keeps in memory.
+CACHED_INDEXED_RUNS = 200_000
 
 
 def index_id(deployment_id: uuid.UUID) -> str:

@@ -42,7 +42,11 @@ INDEX_SNAPSHOTS = SnapshotCodec(version=2, dump=lambda index: _INDEX.dump_python
                                 load=_INDEX.validate_python)
 AGGREGATE_KINDS = [
     AggregateKind(dp.DEPLOYMENT, lambda: None, dp.evolve, last_event_only=True),
-    AggregateKind(dp.DEPLOYMENT_RUNS, dp.ScheduledRunIndex, dp.evolve_index, snapshots=INDEX_SNAPSHOTS),
+    # Each index holds a deployment's future scheduled runs (~0.8 KB each in memory): bounded by
+    # runs held, so that a million runs scheduled ahead cannot fill the service's memory
+    # (bench/history_memory.py); an index left out is loaded again from its snapshot.
+    AggregateKind(dp.DEPLOYMENT_RUNS, dp.ScheduledRunIndex, dp.evolve_index, snapshots=INDEX_SNAPSHOTS,
+                  weight=lambda index: 1 + len(index.runs), max_weight=dp.CACHED_INDEXED_RUNS),
 ]
 
 

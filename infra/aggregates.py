@@ -42,6 +42,11 @@ class AggregateKind:
     # short-lived aggregates (runs: ~6 KB each) are kept fewer, so a long history of them
     # cannot fill the service's memory with runs nobody will touch again.
     max_cached: int | None = None
+    # For aggregates whose size grows with what they hold (a deployment's index of its
+    # scheduled runs: ~0.8 KB per run): the cache keeps at most `max_weight` of `weight(state)`
+    # in all, of this kind, on top of the count. None: the count alone.
+    weight: Callable[[Any], int] | None = None
+    max_weight: int | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,9 @@ class AggregateRepository:
         self.max_cached = max_cached
         # One least-recently-used order per kind, each with its own bound.
         self._cache: dict[str, OrderedDict[str, Loaded]] = {k.name: OrderedDict() for k in kinds}
+        # Per weighed kind: each cached aggregate's weight, and their sum.
+        self._weights: dict[str, dict[str, int]] = {k.name: {} for k in kinds if k.weight is not None}
+        self._weighed: dict[str, int] = dict.fromkeys(self._weights, 0)
         self.snapshots = snapshots if snapshot_every > 0 else None
         self.snapshot_every = snapshot_every
         self._writing: set[asyncio.Task] = set()
@@ -118,9 +126,21 @@ class AggregateRepository:
         of_kind = self._cache[aggregate_type]
         of_kind[aggregate_id] = loaded
         of_kind.move_to_end(aggregate_id)
+        if kind.weight is not None:
+            weights = self._weights[aggregate_type]
+            weight = kind.weight(loaded.state)
+            self._weighed[aggregate_type] += weight - weights.get(aggregate_id, 0)
+            weights[aggregate_id] = weight
         bound = kind.max_cached if kind.max_cached is not None else self.max_cached
-        while len(of_kind) > bound:
-            of_kind.popitem(last=False)
+        while len(of_kind) > bound or (
+                kind.max_weight is not None and len(of_kind) > 1 and self._weighed[aggregate_type] > kind.max_weight):
+            self._drop(aggregate_type, next(iter(of_kind)))
+
+    def _drop(self, aggregate_type: str, aggregate_id: str) -> None:
+        self._cache[aggregate_type].pop(aggregate_id, None)
+        weights = self._weights.get(aggregate_type)
+        if weights is not None:
+            self._weighed[aggregate_type] -= weights.pop(aggregate_id, 0)
 
     async def _from_snapshot(self, kind: AggregateKind, aggregate_id: str) -> Loaded | None:
         if self.snapshots is None or kind.snapshots is None:
@@ -162,7 +182,7 @@ class AggregateRepository:
         return self._cache[aggregate_type].get(aggregate_id)
 
     def forget(self, aggregate_type: str, aggregate_id: str) -> None:
-        self._cache[aggregate_type].pop(aggregate_id, None)
+        self._drop(aggregate_type, aggregate_id)
 
     def __len__(self) -> int:
         return sum(map(len, self._cache.values()))
