@@ -285,11 +285,22 @@ async def test_a_stalled_projection_does_not_hold_the_reads(broker, service, set
     assert len(warned) == 1 and f"read model work_pools is stalled at stream sequence {poison}" in warned[0]
 
 
-async def test_a_read_after_a_write_waits_for_a_read_model_that_is_only_behind(writer, settings):
+async def test_a_read_after_a_write_waits_for_a_read_model_that_is_only_behind(settings):
     """Nothing stalled, the read model behind (no projection runs here): the read waits for
     the write and, past the wait, is refused; it never answers without the write."""
-    svc, broker = writer
-    await broker.ok_cmd("CreateFlow", name="mine")
-    reply = await broker.qry("GetFlowByName", name="mine")
-    assert not reply["ok"] and reply["error"]["code"] == "unavailable", reply
-    assert "did not reach stream sequence" in reply["error"]["message"]
+    from tests.conftest import cleanup_namespace
+
+    settings = settings.model_copy(update={"query_wait_timeout": 1.0})
+    svc = Service(settings, roles=frozenset({"commands", "queries"}))
+    await svc.start()
+    nc = await connect(settings)
+    try:
+        broker = Broker(nc, settings)
+        await broker.ok_cmd("CreateFlow", name="mine")
+        reply = await broker.qry("GetFlowByName", name="mine")
+        assert not reply["ok"] and reply["error"]["code"] == "unavailable", reply
+        assert "did not reach stream sequence" in reply["error"]["message"]
+    finally:
+        await nc.close()
+        await svc.stop()
+        await cleanup_namespace(settings)
