@@ -46,29 +46,35 @@ async def start_refused(settings) -> str:
     return str(refused.value)
 
 
-async def test_a_log_whose_limits_were_shrunk_stops_the_service_naming_the_setting_and_the_fix(settings):
+@pytest.fixture
+async def nc(settings):
+    """A connection to the test's broker; the namespace's streams and schema go afterwards."""
+    conn = await connect(settings)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+        await cleanup_namespace(settings)
+
+
+async def test_a_log_whose_limits_were_shrunk_stops_the_service_naming_the_setting_and_the_fix(settings, nc):
     """The audit's attack: with the service's rights, `max_msgs=1, discard=old` erases all but
     the last event. The erasure cannot be undone, but the service no longer starts on it as
     if nothing happened (and then accepts a duplicate pool name): it stops, saying why."""
-    nc = await connect(settings)
-    try:
-        js = nc.jetstream()
-        await ensure_event_stream(js, settings)
-        await append_claims(nc, settings, "etl", "nightly")
-        current = (await js.stream_info(settings.stream_name)).config
-        await js.update_stream(dataclasses.replace(current, max_msgs=1, discard=DiscardPolicy.OLD))
-        assert (await js.stream_info(settings.stream_name)).state.messages == 1  # erased, as the audit found
+    js = nc.jetstream()
+    await ensure_event_stream(js, settings)
+    await append_claims(nc, settings, "etl", "nightly")
+    current = (await js.stream_info(settings.stream_name)).config
+    await js.update_stream(dataclasses.replace(current, max_msgs=1, discard=DiscardPolicy.OLD))
+    assert (await js.stream_info(settings.stream_name)).state.messages == 1  # erased, as the audit found
 
-        line = await start_refused(settings)
-        assert "\n" not in line
-        assert settings.stream_name in line and "discard=old" in line and "max_msgs=1" in line
-        assert f"nats stream edit {settings.stream_name} --discard new" in line
-        # The service leaves the operator's settings alone.
-        after = (await js.stream_info(settings.stream_name)).config
-        assert after.max_msgs == 1 and after.discard == DiscardPolicy.OLD
-    finally:
-        await nc.close()
-        await cleanup_namespace(settings)
+    line = await start_refused(settings)
+    assert "\n" not in line
+    assert settings.stream_name in line and "discard=old" in line and "max_msgs=1" in line
+    assert f"nats stream edit {settings.stream_name} --discard new" in line
+    # The service leaves the operator's settings alone.
+    after = (await js.stream_info(settings.stream_name)).config
+    assert after.max_msgs == 1 and after.discard == DiscardPolicy.OLD
 
 
 @pytest.mark.parametrize(("changes", "named", "fix"), [
@@ -80,84 +86,59 @@ async def test_a_log_whose_limits_were_shrunk_stops_the_service_naming_the_setti
     ({"retention": RetentionPolicy.INTEREST}, "retention=interest", "--retention limits"),
     ({"allow_rollup_hdrs": True, "deny_purge": False}, "allow_rollup_hdrs", "--no-allow-rollup"),
 ], ids=["discard-old-max-bytes", "max-age", "max-msgs-per-subject", "interest", "rollup"])
-async def test_every_setting_that_drops_stored_events_is_refused(settings, changes, named, fix):
-    nc = await connect(settings)
-    try:
-        js = nc.jetstream()
-        await js.add_stream(dataclasses.replace(event_stream_config(settings), **changes))
-        with pytest.raises(BrokerUnavailable) as refused:
-            await ensure_event_stream(js, settings)
-        assert named in str(refused.value) and f"nats stream edit {settings.stream_name} {fix}" in str(refused.value)
-    finally:
-        await nc.close()
-        await cleanup_namespace(settings)
+async def test_every_setting_that_drops_stored_events_is_refused(settings, nc, changes, named, fix):
+    js = nc.jetstream()
+    await js.add_stream(dataclasses.replace(event_stream_config(settings), **changes))
+    with pytest.raises(BrokerUnavailable) as refused:
+        await ensure_event_stream(js, settings)
+    assert named in str(refused.value) and f"nats stream edit {settings.stream_name} {fix}" in str(refused.value)
 
 
-async def test_an_operators_size_alarm_with_discard_new_lets_the_service_start(settings):
+async def test_an_operators_size_alarm_with_discard_new_lets_the_service_start(settings, nc):
     """`max_bytes` with discard new refuses appends when full instead of dropping old events:
     an alarm an operator may set on purpose, kept as it is."""
-    nc = await connect(settings)
-    try:
-        js = nc.jetstream()
-        await js.add_stream(dataclasses.replace(event_stream_config(settings), max_bytes=512 * 1024 * 1024,
-                                                max_msgs=10_000_000, discard=DiscardPolicy.NEW))
-        svc = Service(settings)
-        await svc.start()
-        await svc.stop()
-        config = (await js.stream_info(settings.stream_name)).config
-        assert config.max_bytes == 512 * 1024 * 1024 and config.max_msgs == 10_000_000
-    finally:
-        await nc.close()
-        await cleanup_namespace(settings)
+    js = nc.jetstream()
+    await js.add_stream(dataclasses.replace(event_stream_config(settings), max_bytes=512 * 1024 * 1024,
+                                            max_msgs=10_000_000, discard=DiscardPolicy.NEW))
+    svc = Service(settings)
+    await svc.start()
+    await svc.stop()
+    config = (await js.stream_info(settings.stream_name)).config
+    assert config.max_bytes == 512 * 1024 * 1024 and config.max_msgs == 10_000_000
 
 
-async def test_a_fresh_log_cannot_be_purged(settings):
-    nc = await connect(settings)
-    try:
-        js = nc.jetstream()
-        await ensure_event_stream(js, settings)
-        await append_claims(nc, settings, "kept")
-        assert (await js.stream_info(settings.stream_name)).config.deny_purge
-        with pytest.raises(APIError):
-            await js.purge_stream(settings.stream_name)
-        assert (await js.stream_info(settings.stream_name)).state.messages == 1
-    finally:
-        await nc.close()
-        await cleanup_namespace(settings)
+async def test_a_fresh_log_cannot_be_purged(settings, nc):
+    js = nc.jetstream()
+    await ensure_event_stream(js, settings)
+    await append_claims(nc, settings, "kept")
+    assert (await js.stream_info(settings.stream_name)).config.deny_purge
+    with pytest.raises(APIError):
+        await js.purge_stream(settings.stream_name)
+    assert (await js.stream_info(settings.stream_name)).state.messages == 1
 
 
-async def test_a_log_made_before_purges_were_denied_is_given_deny_purge_at_start_keeping_its_events(settings):
-    nc = await connect(settings)
-    try:
-        js = nc.jetstream()
-        await js.add_stream(dataclasses.replace(event_stream_config(settings), deny_purge=False))
-        await append_claims(nc, settings, "a", "b")
-        svc = Service(settings)
-        await svc.start()
-        await svc.stop()
-        info = await js.stream_info(settings.stream_name)
-        assert info.config.deny_purge and info.config.deny_delete and info.state.messages == 2
-        with pytest.raises(APIError):
-            await js.purge_stream(settings.stream_name)
-    finally:
-        await nc.close()
-        await cleanup_namespace(settings)
+async def test_a_log_made_before_purges_were_denied_is_given_deny_purge_at_start_keeping_its_events(settings, nc):
+    js = nc.jetstream()
+    await js.add_stream(dataclasses.replace(event_stream_config(settings), deny_purge=False))
+    await append_claims(nc, settings, "a", "b")
+    svc = Service(settings)
+    await svc.start()
+    await svc.stop()
+    info = await js.stream_info(settings.stream_name)
+    assert info.config.deny_purge and info.config.deny_delete and info.state.messages == 2
+    with pytest.raises(APIError):
+        await js.purge_stream(settings.stream_name)
 
 
-async def test_the_analysts_verbs_read_an_older_log_as_it_is(settings):
+async def test_the_analysts_verbs_read_an_older_log_as_it_is(settings, nc):
     """`replay`, `verify` and `rebuild` run as the analyst, who may not update the stream: on a
     log an earlier runledger made they only check it (an update would be refused, and the verb
     would time out), until this version's service upgrades it."""
-    nc = await connect(settings)
-    try:
-        js = nc.jetstream()
-        await js.add_stream(dataclasses.replace(event_stream_config(settings), deny_purge=False))
+    js = nc.jetstream()
+    await js.add_stream(dataclasses.replace(event_stream_config(settings), deny_purge=False))
+    await ensure_event_stream(js, settings, upgrade=False)
+    assert not (await js.stream_info(settings.stream_name)).config.deny_purge  # left as it was
+    await js.update_stream(dataclasses.replace((await js.stream_info(settings.stream_name)).config,
+                                               max_age=3600.0))
+    with pytest.raises(BrokerUnavailable, match="max_age=3600s"):  # still checked
         await ensure_event_stream(js, settings, upgrade=False)
-        assert not (await js.stream_info(settings.stream_name)).config.deny_purge  # left as it was
-        await js.update_stream(dataclasses.replace((await js.stream_info(settings.stream_name)).config,
-                                                   max_age=3600.0))
-        with pytest.raises(BrokerUnavailable, match="max_age=3600s"):  # still checked
-            await ensure_event_stream(js, settings, upgrade=False)
-    finally:
-        await nc.close()
-        await cleanup_namespace(settings)

@@ -49,6 +49,14 @@ async def _started(settings) -> tuple[Service, RunledgerClient]:
     return service, rl
 
 
+async def _until(condition, seconds: float = 30.0) -> None:
+    for _ in range(int(seconds / 0.02)):
+        if await condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{condition.__name__}: waited in vain")
+
+
 async def _older_wrote_a_renewal(settings, monkeypatch) -> str:
     """An older version's service (its flow-runs projection without the renewals) while a
     renewal is written: returns the run's id."""
@@ -72,21 +80,17 @@ async def test_a_projection_that_went_past_events_it_now_handles_rebuilds_itself
         run_id = await _older_wrote_a_renewal(settings, monkeypatch)
         newer, rl = await _started(settings)
         try:
-            for _ in range(1500):  # rebuilt in the background, swapped in
-                if (await rl.read_flow_run(run_id)).deployment_lease_expiration is not None:
-                    break
-                await asyncio.sleep(0.02)
-            assert (await rl.read_flow_run(run_id)).deployment_lease_expiration is not None
-            for _ in range(500):
-                if not await _skipped(newer):
-                    break
-                await asyncio.sleep(0.02)
-            assert await _skipped(newer) == []
-            for _ in range(500):  # said once its side schema is dropped, just after the swap
-                if any("rebuilt from the log" in r.getMessage() for r in caplog.records):
-                    break
-                await asyncio.sleep(0.02)
-            assert any("rebuilt from the log" in r.getMessage() for r in caplog.records)
+            async def renewal_read() -> bool:
+                return (await rl.read_flow_run(run_id)).deployment_lease_expiration is not None
+
+            async def miss_cleared() -> bool:
+                return await _skipped(newer) == []
+
+            async def said() -> bool:  # once its side schema is dropped, just after the swap
+                return any("rebuilt from the log" in r.getMessage() for r in caplog.records)
+
+            for rebuilt in (renewal_read, miss_cleared, said):  # rebuilt in the background, swapped in
+                await _until(rebuilt)
             # What comes next is applied, into the rebuilt tables.
             renewal = await rl.renew_deployment_slot_lease(run_id, lease_seconds=900)
             assert (await rl.read_flow_run(run_id)).deployment_lease_expiration == renewal.expiration
@@ -101,18 +105,7 @@ async def test_a_projection_that_learns_an_event_type_says_it_went_past_some(set
     settings = settings.model_copy(update={"rebuild_missed_event_types": False})
     caplog.set_level(logging.ERROR, logger="runledger")
     try:
-        monkeypatch.setattr(FlowRunsProjector, "handles", OLD_HANDLES)  # the older version
-        older, rl = await _started(settings)
-        try:
-            run_id = await _renewed_run(rl)
-            await rl.catch_up()
-            assert (await rl.read_flow_run(run_id)).deployment_lease_expiration is None  # never received
-            assert await _skipped(older) == []
-        finally:
-            await rl.close()
-            await older.stop()
-
-        monkeypatch.undo()  # the newer version
+        run_id = await _older_wrote_a_renewal(settings, monkeypatch)
         newer, rl = await _started(settings)
         try:
             [(projection, reason)] = await _skipped(newer)

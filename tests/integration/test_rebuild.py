@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 from datetime import UTC, datetime
 
+import pytest
 from sqlalchemy import text
 from typer.testing import CliRunner
 
@@ -189,35 +190,29 @@ async def test_a_rebuild_is_refused_before_touching_anything_live(broker, servic
     async with service.engine.connect() as holder:
         await holder.execute(text("SELECT pg_advisory_lock(hashtext(:k))"),
                              {"k": f"runledger-rebuild:{side_schema(settings, flows)}"})
-        try:
+        with pytest.raises(RebuildFailed) as refused:
             await rebuild_live(settings, service.store, flows)
-            raise AssertionError("not refused")
-        except RebuildFailed as e:
-            assert e.kind == "conflict" and "another rebuild of flows is running" in str(e)
+        assert refused.value.kind == "conflict" and "another rebuild of flows is running" in str(refused.value)
         await holder.execute(text("SELECT pg_advisory_unlock_all()"))
-    async with service.engine.begin() as conn:
-        await conn.execute(text("INSERT INTO schema_migrations (version, description) VALUES (9999, 'newer')"))
-    try:
-        try:
-            await rebuild_live(settings, service.store, flows)
-            raise AssertionError("not refused")
-        except RebuildFailed as e:
-            assert e.kind == "invalid" and "at migration 9999" in str(e)
-    finally:
+
+    async def refused_while(change: str, undo: str) -> str:
+        """The refusal (invalid) of a rebuild while the live schema has `change`."""
         async with service.engine.begin() as conn:
-            await conn.execute(text("DELETE FROM schema_migrations WHERE version = 9999"))
+            await conn.execute(text(change))
+        try:
+            with pytest.raises(RebuildFailed) as refused:
+                await rebuild_live(settings, service.store, flows)
+            assert refused.value.kind == "invalid"
+            return str(refused.value)
+        finally:
+            async with service.engine.begin() as conn:
+                await conn.execute(text(undo))
+
+    assert "at migration 9999" in await refused_while(
+        "INSERT INTO schema_migrations (version, description) VALUES (9999, 'newer')",
+        "DELETE FROM schema_migrations WHERE version = 9999")
     # Tables with grants (or another owner) would lose them to the rebuilt ones.
-    async with service.engine.begin() as conn:
-        await conn.execute(text("GRANT SELECT ON flows TO PUBLIC"))
-    try:
-        try:
-            await rebuild_live(settings, service.store, flows)
-            raise AssertionError("not refused")
-        except RebuildFailed as e:
-            assert e.kind == "invalid" and "carries grants" in str(e)
-    finally:
-        async with service.engine.begin() as conn:
-            await conn.execute(text("REVOKE SELECT ON flows FROM PUBLIC"))
+    assert "carries grants" in await refused_while("GRANT SELECT ON flows TO PUBLIC", "REVOKE SELECT ON flows FROM PUBLIC")
     assert (await broker.ok_qry("GetFlowByName", name="kept"))["name"] == "kept"
     await rebuild_live(settings, service.store, flows)  # the grant taken back: its own ACL left is no grant
 
@@ -260,11 +255,9 @@ async def test_a_rebuild_by_another_version_is_refused(broker, service, settings
     await broker.catch_up()
     older = copy.copy(_projector("work_pools"))
     older.handles = older.handles - {"WorkQueueUpdated"}
-    try:
+    with pytest.raises(RebuildFailed) as refused:
         await rebuild_live(settings, service.store, older)
-        raise AssertionError("not refused")
-    except RebuildFailed as e:
-        assert e.kind == "invalid" and "handles other event types" in str(e)
+    assert refused.value.kind == "invalid" and "handles other event types" in str(refused.value)
 
     replayed = rebuild.replay
 
@@ -276,11 +269,9 @@ async def test_a_rebuild_by_another_version_is_refused(broker, service, settings
 
     monkeypatch.setattr(rebuild, "replay", replay_then_migrate)
     try:
-        try:
+        with pytest.raises(RebuildFailed) as refused:
             await rebuild_live(settings, service.store, _projector("work_pools"))
-            raise AssertionError("not refused")
-        except RebuildFailed as e:
-            assert e.kind == "invalid" and "at migration 9998" in str(e)
+        assert refused.value.kind == "invalid" and "at migration 9998" in str(refused.value)
     finally:
         async with service.engine.begin() as conn:
             await conn.execute(text("DELETE FROM schema_migrations WHERE version = 9998"))
