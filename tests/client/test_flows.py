@@ -264,7 +264,7 @@ def test_flow_delete(cli, fake):
 
 def test_an_unknown_flow_outcome_says_how_to_check(cli, fake):
     fake.replies["CreateFlow"] = SILENT
-    result = cli("flow", "create", "my flow", RUNLEDGER_REQUEST_TIMEOUT="0.2")
+    result = cli("flow", "create", "my flow", RUNLEDGER_REQUEST_TIMEOUT="0.5")
     assert result.exit_code == 6
     keys = fake.keys("CreateFlow")
     assert len(keys) == 3 and len(set(keys)) == 1
