@@ -16,7 +16,9 @@ beside the live one and swapped in, without stopping anything:
 
 It is refused before anything live is touched when another runledger version runs it (the
 live schema's migrations, the event types the live projection handles), when the tables belong
-to another database role or carry grants, or while another rebuild of the projection runs.
+to another database role or carry grants on single columns, or while another rebuild of the
+projection runs. Grants on whole tables (a dashboard's read-only role) are given to the rebuilt
+tables in the swap's transaction, as the live ones had them.
 
 Why not rebuild in place, moving the checkpoint back: the checkpoint writes are forward-only,
 which is what makes a process that lost its lease without noticing harmless; a checkpoint moved
@@ -150,20 +152,35 @@ async def _same_version(conn: AsyncConnection, projector: Projector, live_schema
                             "runledger's: rebuild with the version the service runs")
 
 
-async def _owned_here(conn: AsyncConnection, projector: Projector, live_schema: str) -> None:
-    """Refuses (`invalid`) tables owned by another database role, or with grants: the rebuilt
-    ones would belong to this role without them, and the service or a reader would be denied."""
+async def _owned_here(conn: AsyncConnection, projector: Projector, live_schema: str) -> list[str]:
+    """Refuses (`invalid`) tables owned by another database role, or with grants on single
+    columns: the rebuilt ones would belong to this role, and the service or a reader would be
+    denied. Returns the GRANT statements that give the rebuilt tables the live ones' grants
+    on whole tables (each grantee's privileges, with their grant option), to run after the swap."""
+    tables = [t.name for t in projector.tables]
     rows = (await conn.execute(text(
-        "SELECT c.relname, pg_get_userbyid(c.relowner) AS owner, EXISTS (SELECT 1 FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner) AS granted "
+        "SELECT c.relname, pg_get_userbyid(c.relowner) AS owner, "
+        "EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attacl IS NOT NULL) AS column_grants "
         "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE n.nspname = :s AND c.relname = ANY(:t)"),
-        {"s": live_schema, "t": [t.name for t in projector.tables]})).all()
+        {"s": live_schema, "t": tables})).all()
     me = (await conn.execute(text("SELECT current_user"))).scalar()
     for row in rows:
-        if row.owner != me or row.granted:
-            raise RebuildFailed("invalid", f"table {live_schema}.{row.relname} belongs to role {row.owner}"
-                                f"{' and carries grants' if row.granted else ''}: run the rebuild as {row.owner}, "
-                                "on tables without grants")
+        if row.owner != me:
+            raise RebuildFailed("invalid", f"table {live_schema}.{row.relname} belongs to role {row.owner}: "
+                                f"run the rebuild as {row.owner}")
+        if row.column_grants:
+            raise RebuildFailed("invalid", f"table {live_schema}.{row.relname} carries grants on single columns, "
+                                "which the rebuild does not copy: grant on the whole table, or revoke them first")
+    grants = (await conn.execute(text(
+        "SELECT format('GRANT %s ON %I.%I TO %s%s', a.privilege_type, n.nspname, c.relname, "
+        "CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END, "
+        "CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END) "
+        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, aclexplode(c.relacl) a "
+        "WHERE n.nspname = :s AND c.relname = ANY(:t) AND a.grantee <> c.relowner "
+        "ORDER BY c.relname, a.grantee, a.privilege_type"),
+        {"s": live_schema, "t": tables})).scalars().all()
+    return list(grants)
 
 
 def _lock_trouble(error: BaseException) -> str | None:
@@ -242,7 +259,7 @@ async def _swap(live: AsyncEngine, side: AsyncEngine, store: EventStore, project
         # The same order as a runner's batch: the checkpoint's row first, then the tables.
         checkpoint = await read_checkpoint(conn, projector.name, lock=True)
         await conn.execute(text(f"LOCK TABLE {quoted} IN ACCESS EXCLUSIVE MODE"))
-        await _owned_here(conn, projector, live_schema)
+        grants = await _owned_here(conn, projector, live_schema)
         tail = await _chase(store, side, projector, subjects, position, checkpoint)
         async with side.connect() as side_conn:
             rebuilt_at = await read_checkpoint(side_conn, projector.name)
@@ -251,6 +268,8 @@ async def _swap(live: AsyncEngine, side: AsyncEngine, store: EventStore, project
         for table in projector.tables:
             await conn.execute(text(f'DROP TABLE "{live_schema}"."{table.name}"'))
             await conn.execute(text(f'ALTER TABLE "{side_name}"."{table.name}" SET SCHEMA "{live_schema}"'))
+        for grant in grants:  # made by `format` with quoted names, from the live tables' own grants
+            await conn.execute(text(grant))
         # What the live projection recorded as passed over (a missed type among them) is
         # replaced by what the rebuild passed over, up to the same point.
         await conn.execute(text(f'DELETE FROM "{live_schema}".skipped_events WHERE projection = :p AND seq <= :s'),
