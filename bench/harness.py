@@ -4,6 +4,7 @@ a synthetic but valid history, and percentile arithmetic."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+from runledger.cli.broker_config import set_up_broker
 from runledger.commands import work_pools as wp
 from runledger.commands.events import EventEnvelope
 from runledger.commands.messages import DecisionContext
@@ -73,6 +75,14 @@ def servers() -> Iterator[dict[str, str]]:
                 stack.callback(n.stop)
                 nats_url = n.url
                 monitor_url, store_dir = f"http://127.0.0.1:{n.monitor_port}", str(tmp / "nats")
+        if users is not None:
+            # The streams and buckets are the admin's to make (the service's role may not), as
+            # `runledger up` and `runledger broker-setup` make them.
+            admin = Settings(nats_url=nats_url, namespace=namespace, nats_user=users["admin"]["user"],
+                             nats_password=users["admin"]["password"], inbox_prefix=broker_auth.inbox_prefix("admin"))
+            # In a thread of its own: some benches enter `servers()` inside their event loop.
+            with concurrent.futures.ThreadPoolExecutor(1) as setup:
+                setup.submit(asyncio.run, set_up_broker(admin, change=True)).result()
         if not db_url:
             pg = EmbeddedPostgres(tmp / "pg").start()
             stack.callback(pg.stop)

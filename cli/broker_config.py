@@ -1,18 +1,24 @@
 """`runledger broker-config`: the nats-server configuration of runledger's broker roles for a
 namespace (what deploy/nats.conf holds for `runledger`), or fresh passwords for it as a
 `.env` file for docker compose. With `--server-name` and `--route`, one node's of a NATS
-cluster (docs/operations.md, "A NATS cluster")."""
+cluster (docs/operations.md, "A NATS cluster").
+
+`runledger broker-setup`: makes and upgrades runledger's streams and buckets as the admin role,
+since the service's own may not (docs/security.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 
 import typer
 
 from runledger.infra import broker_auth
+from runledger.infra.settings import Settings
 
 from .main import app
+from .output import EXIT_ERROR, EXIT_UNAVAILABLE, err_console
 
 
 @app.command("broker-config")
@@ -29,7 +35,7 @@ def broker_config(
     route_tls_ca: str | None = typer.Option(None, "--route-tls-ca",
                                             help="The CA the other nodes' certificates are checked against (PEM)."),
 ) -> None:
-    """Print a nats-server configuration with users service, client, analyst and task_worker,
+    """Print a nats-server configuration with users service, client, analyst, task_worker and admin,
     whose passwords nats-server reads from RUNLEDGER_<ROLE>_PASSWORD, and one user per task
     worker bound to keys (RUNLEDGER_TASK_WORKER_KEYS, JSON {"name": ["key", ...]}): user
     task_worker_<name>, password from RUNLEDGER_TASK_WORKER_<NAME>_PASSWORD."""
@@ -53,3 +59,61 @@ def broker_config(
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
     sys.stdout.write(broker_auth.compose_config(namespace, bound, cluster))
+
+
+async def set_up_broker(settings: Settings, *, change: bool) -> list[str]:
+    """`ensure_broker` over a connection of its own (`settings`: the admin's credentials, the
+    service's namespace and stream settings)."""
+    from runledger.infra.jetstream_setup import ensure_broker
+    from runledger.infra.nats_connection import connect
+
+    nc = await connect(settings, name="runledger-broker-setup", wait_for_server=False)
+    try:
+        return await ensure_broker(nc.jetstream(timeout=settings.request_timeout), settings, change=change)
+    finally:
+        await nc.close()
+
+
+def admin_settings() -> Settings:
+    """The admin's credentials (RUNLEDGER_NATS_USER and RUNLEDGER_NATS_PASSWORD, or those a
+    running `runledger up` recorded), with its own inbox unless RUNLEDGER_INBOX_PREFIX names
+    one; the stream settings (namespace, replicas, task queue bounds) are the service's, from
+    the same environment."""
+    from runledger.infra.settings import load_settings
+
+    settings = load_settings(role="service", user="admin")
+    if "RUNLEDGER_INBOX_PREFIX" not in os.environ:
+        settings = settings.model_copy(update={"inbox_prefix": broker_auth.inbox_prefix("admin")})
+    return settings
+
+
+@app.command("broker-setup")
+def broker_setup(
+    check: bool = typer.Option(False, "--check", help="Change nothing: print what is missing or outdated, "
+                               "and exit 1 if anything is."),
+) -> None:
+    """Make or upgrade runledger's streams and buckets, as the admin role (its credentials from
+    RUNLEDGER_NATS_USER=admin and RUNLEDGER_NATS_PASSWORD, or a running `runledger up`'s).
+    Run it before the first start and before starting a new version; the service, with its own
+    credentials, only checks them. Prints each change, or "already set up"."""
+    from runledger.infra.nats_connection import BrokerUnavailable
+
+    settings = admin_settings()
+    try:
+        said = asyncio.run(set_up_broker(settings, change=not check))
+    except BrokerUnavailable as e:
+        err_console.print(f"[red]Error (unavailable):[/red] {_escape(str(e))}")
+        raise typer.Exit(EXIT_UNAVAILABLE) from None
+    except OSError as e:
+        err_console.print(f"[red]Error (unavailable):[/red] {type(e).__name__}: {_escape(str(e.strerror or e))}")
+        raise typer.Exit(EXIT_UNAVAILABLE) from None
+    for line in said or ["already set up"]:
+        typer.echo(line)
+    if check and said:
+        raise typer.Exit(EXIT_ERROR)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)

@@ -14,7 +14,7 @@ app = typer.Typer(
 
 def _register() -> None:
     # Each module adds its own commands to `app`; importing here keeps start-up explicit.
-    # asyncapi; broker-config; concurrency-limit ...; deployment ...; flow ...; flow-run ...; replay, verify,
+    # asyncapi; broker-config, broker-setup; concurrency-limit ...; deployment ...; flow ...; flow-run ...; replay, verify,
     # events; up, serve; status; task-run ...; task-worker; variable ...; worker ...; work-pool ...; work-queue ...
     from . import (  # noqa: F401
         broker_config,

@@ -127,9 +127,13 @@ def up(
 ) -> None:
     """Start an embedded NATS and Postgres (127.0.0.1 only, free ports) and the service, in one
     command. Ctrl-C stops all three; the data stays in the data directory."""
+    from pydantic import SecretStr
+
     from runledger.infra import broker_auth
     from runledger.infra.embedded import EmbeddedNats, EmbeddedPostgres, PostgresUnavailable
     from runledger.infra.lifetime import DataDirInUse, DataDirLock
+
+    from .broker_config import set_up_broker
 
     _configure_logging(verbose)
     started = time.perf_counter()
@@ -187,8 +191,18 @@ def up(
             console.print(f"  endpoint  {record}  (other terminals find the service through it)")
             console.print("Press Ctrl-C to stop.")
 
-        event_loop.run(_serve_until_signalled(settings, _roles_to_run(frozenset(ROLES), settings), on_ready=ready),
-                       settings.event_loop)
+        # The streams and buckets are the admin's to make and upgrade (the service's role may
+        # not): done here, in-process, with the admin's credentials, before the service starts.
+        admin = settings.model_copy(update={"nats_user": creds["admin"]["user"],
+                                            "nats_password": SecretStr(creds["admin"]["password"]),
+                                            "inbox_prefix": broker_auth.inbox_prefix("admin")})
+
+        async def set_up_and_serve() -> None:
+            for line in await set_up_broker(admin, change=True):
+                logging.getLogger("runledger.up").info("broker set up: %s", line)
+            await _serve_until_signalled(settings, _roles_to_run(frozenset(ROLES), settings), on_ready=ready)
+
+        event_loop.run(set_up_and_serve(), settings.event_loop)
     except (BrokerUnavailable, DatabaseUnavailable, PostgresUnavailable, DataDirInUse) as e:
         console.print(f"[red]Error (unavailable):[/red] {escape(str(e))}")
         raise typer.Exit(EXIT_UNAVAILABLE) from None

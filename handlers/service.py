@@ -26,17 +26,12 @@ from runledger.infra.aggregates import AggregateRepository
 from runledger.infra.database import DatabaseUnavailable, check_database, create_engine, migrate
 from runledger.infra.event_loop import running_loop_name
 from runledger.infra.event_store import EventStore
-from runledger.infra.jetstream_setup import ensure_event_stream
+from runledger.infra.jetstream_setup import ensure_broker
 from runledger.infra.leases import Lease, holder_lookup
-from runledger.infra.nats_connection import connect
+from runledger.infra.nats_connection import BrokerUnavailable, connect
 from runledger.infra.settings import Settings
-from runledger.infra.snapshots import SnapshotStore, ensure_snapshot_bucket
-from runledger.infra.task_queues import (
-    TaskPublisher,
-    ensure_result_stream,
-    ensure_task_streams,
-    ensure_task_worker_bucket,
-)
+from runledger.infra.snapshots import SnapshotStore
+from runledger.infra.task_queues import TaskPublisher
 from runledger.projections.health import health_queries
 from runledger.projections.runner import ProjectionRunner
 from runledger.projections.tables import MIGRATIONS
@@ -132,18 +127,35 @@ class Service:
         for i in range(s.request_lanes if self.roles & {"commands", "queries"} else 0):
             self.lanes.append(await connect(s, name=f"runledger-service-requests-{i}", lazy_headers=True, closed_cb=self._on_closed,
                                             error_cb=self._on_error, check_version=False))
-        await ensure_event_stream(self.nc.jetstream(), s)
-        await ensure_task_streams(self.nc.jetstream(), s)
-        await ensure_task_worker_bucket(self.nc.jetstream(), s)
-        await ensure_result_stream(self.nc.jetstream(), s)
+
+        async def refused() -> None:
+            self._stopping = True  # closed by us: not a connection lost (`_on_closed`)
+            for conn in (self.nc, *self.lanes):
+                if conn is not None and not conn.is_closed:
+                    await conn.close()
+            if self.engine is not None:
+                await self.engine.dispose()
+
+        # Its streams and buckets are the admin role's to make and upgrade (its own role may not
+        # create or update a stream, docs/security.md); on a broker without users it makes them.
+        setting_up = s.nats_user is None
+        try:
+            said = await ensure_broker(self.nc.jetstream(), s, change=setting_up)
+        except BrokerUnavailable:  # a log that drops events
+            await refused()
+            raise
+        if said and setting_up:
+            log.info("set up the broker: %s", "; ".join(said))
+        elif said:
+            await refused()
+            raise BrokerUnavailable(
+                f"the broker is not set up for this runledger ({'; '.join(said)}): run `runledger broker-setup` "
+                "with the admin role's credentials, then start again.")
         self.engine = create_engine(s)
         try:
             await check_database(self.engine, s)
         except DatabaseUnavailable:
-            self._stopping = True  # closed by us: not a connection lost (`_on_closed`)
-            for conn in (self.nc, *self.lanes):
-                await conn.close()
-            await self.engine.dispose()
+            await refused()
             raise
         self.batch_engine = create_engine(s, pool_size=2, statement_timeout=max(60.0, 10 * s.statement_timeout_seconds))
         await migrate(self.batch_engine, s.db_schema, MIGRATIONS)
@@ -160,9 +172,7 @@ class Service:
             await self.runner.start()
         snapshots = None
         if "commands" in self.roles:  # only the command side loads aggregates
-            js = self.nc.jetstream(timeout=s.request_timeout)
-            await ensure_snapshot_bucket(js, s)
-            snapshots = SnapshotStore(js, s)
+            snapshots = SnapshotStore(self.nc.jetstream(timeout=s.request_timeout), s)
         repo = AggregateRepository(self.store, registry.AGGREGATE_KINDS, snapshots=snapshots, snapshot_every=s.snapshot_every)
         self.commands = CommandBus(self.store, repo, registry.command_specs(self.store, self._takeover_allowed, s.task_worker_keys,
                                                                   s.deployment_slot_lease_seconds, s.handed_slot_seconds),

@@ -7,10 +7,14 @@ Roles (each a NATS user with a password):
 - `service`: serves `<ns>.cmd.>` and `<ns>.qry.>` (and sends its background services'
   commands there), appends to the event stream, runs the
   projections' durable consumers, reads and writes the snapshot and lease buckets. It may
-  not purge or delete the event stream nor delete messages in it; it may update its
-  streams' settings (to upgrade them), which NATS permissions cannot narrow to the harmless
-  ones, so its credentials could shrink the log's limits and erase it (docs/security.md;
-  the service refuses to start on such settings: infra/jetstream_setup.py).
+  not purge or delete the event stream nor delete messages in it, nor create or update any
+  stream: a stream update cannot be narrowed to harmless settings, and one shrinking the
+  log's limits would have nats-server erase it (docs/security.md). At start it only checks
+  its streams and buckets (infra/jetstream_setup.py `ensure_broker`).
+- `admin`: makes and upgrades runledger's streams and buckets (`runledger broker-setup`;
+  `runledger up` runs it before the service starts): their info, create and update, and
+  nothing else (no purge or delete, no event, no key, no consumer). In the service's account,
+  under `$JS.API`. Its password belongs where upgrades are run, not on the service's machine.
 - `client`: sends commands and queries; receives its replies on `_INBOX.client.>`.
 - `analyst`: reads the log (stream info, direct gets, consumers it names itself in the
   create subject) for `runledger events`, `replay` and `verify`; publishes nothing to the
@@ -54,7 +58,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-ROLES = ("service", "client", "analyst", "task_worker")
+ROLES = ("service", "client", "analyst", "task_worker", "admin")
 # What a task worker may send: its reports, new task runs, and the reads a `.result()` makes
 # (the run; the service's health, whose stream position `catch_up` waits for).
 TASK_WORKER_COMMANDS = ("CreateTaskRun", "CreateTaskRuns", "SetTaskRunState", "SetTaskRunStates")
@@ -280,7 +284,7 @@ def role_permissions(namespace: str, service_consumers: Sequence[str]) -> dict[s
     ]
     for s in own_streams:
         service_pub += [
-            f"{api}.STREAM.INFO.{s}", f"{api}.STREAM.CREATE.{s}", f"{api}.STREAM.UPDATE.{s}",
+            f"{api}.STREAM.INFO.{s}",
             f"{api}.STREAM.MSG.GET.{s}", f"{api}.DIRECT.GET.{s}", f"{api}.DIRECT.GET.{s}.>",
             f"{api}.CONSUMER.CREATE.{s}", f"{api}.CONSUMER.CREATE.{s}.>",
             f"{api}.CONSUMER.DURABLE.CREATE.{s}.>", f"{api}.CONSUMER.DELETE.{s}.>",
@@ -289,6 +293,13 @@ def role_permissions(namespace: str, service_consumers: Sequence[str]) -> dict[s
         ]
     for s in kv_streams:  # a bucket's own upkeep (purging deleted keys)
         service_pub += [f"{api}.STREAM.PURGE.{s}", f"{api}.STREAM.MSG.DELETE.{s}"]
+
+    # The admin makes and upgrades the streams and buckets (`runledger broker-setup`): what
+    # nats-py's `stream_info`, `add_stream`, `update_stream`, `key_value` and `create_key_value`
+    # send (the last may ask for the account's info), and nothing else.
+    admin_pub = [f"{api}.INFO"]
+    for s in own_streams:
+        admin_pub += [f"{api}.STREAM.INFO.{s}", f"{api}.STREAM.CREATE.{s}", f"{api}.STREAM.UPDATE.{s}"]
 
     # The analyst lives in an account of its own and reaches the event stream's read API only
     # through imports (`analyst_api`), under ANALYST_JS_API: the server then answers on a reply
@@ -330,6 +341,10 @@ def role_permissions(namespace: str, service_consumers: Sequence[str]) -> dict[s
         "analyst": {
             "publish": {"allow": analyst_pub, "deny": analyst_deny},
             "subscribe": {"allow": [f"{inbox_prefix('analyst')}.>"]},
+        },
+        "admin": {
+            "publish": {"allow": admin_pub},
+            "subscribe": {"allow": [f"{inbox_prefix('admin')}.>"]},
         },
     }
 
@@ -505,7 +520,7 @@ def nats_config(namespace: str, passwords: Mapping[str, str], store_dir: str, *,
         "# the task worker have accounts of their own and reach the service's only through",
         "# imports, so that the server's answers to their requests come back on their own subjects.",
         "accounts {",
-        f"  {SERVICE_ACCOUNT} {{", "    jetstream: enabled", *users(["service", "client"]),
+        f"  {SERVICE_ACCOUNT} {{", "    jetstream: enabled", *users(["service", "client", "admin"]),
         "    exports: [", *export_lines, "    ]", "  }",
         f"  {ANALYST_ACCOUNT} {{", *users(["analyst"]), "    imports: [", *imports[ANALYST_ACCOUNT], "    ]", "  }",
         f"  {TASK_WORKER_ACCOUNT} {{", *users(["task_worker", *bound]),

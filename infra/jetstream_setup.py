@@ -1,5 +1,7 @@
-"""The streams runledger owns, created and updated by our own code (never by FastStream's
-declare, which silently rewrites stream settings)."""
+"""The streams and buckets runledger owns, created and updated by our own code (never by
+FastStream's declare, which silently rewrites stream settings): by the admin role
+(`runledger broker-setup`, `runledger up`), or by the service itself on a broker without
+users; a service with its own credentials only checks them (`ensure_broker`)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,11 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
+from .leases import ensure_lease_bucket
 from .nats_connection import BrokerUnavailable
 from .settings import Settings
+from .snapshots import ensure_snapshot_bucket
+from .task_queues import ensure_result_stream, ensure_task_streams, ensure_task_worker_bucket
 
 
 def event_stream_config(settings: Settings) -> StreamConfig:
@@ -25,7 +30,7 @@ def event_stream_config(settings: Settings) -> StreamConfig:
         allow_direct=True,
         allow_atomic=True,
         # Neither the message-delete nor the purge API may remove an event, whoever asks (the
-        # service included: its role must update the stream to upgrade it, see drops_events).
+        # admin included, who may update the stream: see drops_events).
         deny_delete=True,
         deny_purge=True,
         # Routine heartbeats and polls expire (`Settings.routine_retention_seconds`); nothing else does.
@@ -37,8 +42,8 @@ def event_stream_config(settings: Settings) -> StreamConfig:
 
 def drops_events(config: StreamConfig) -> list[tuple[str, str]]:
     """The settings of `config` under which nats-server removes stored events by itself, each
-    with the `nats stream edit` flag that undoes it. Anyone with the service's credentials can
-    set them (the role updates its streams to upgrade them); refusing to run on them turns a
+    with the `nats stream edit` flag that undoes it. Anyone with the admin's credentials (or a
+    user of the account without permissions) can set them; refusing to run on them turns a
     silent erasure into a loud stop. Limits with discard new only refuse appends (an alarm an
     operator may set on purpose) and stay allowed. Checked in nats-server's filestore: max_age
     expires and max_msgs_per_subject trims a subject whatever the discard policy; interest
@@ -61,16 +66,29 @@ def drops_events(config: StreamConfig) -> list[tuple[str, str]]:
     return problems
 
 
-async def ensure_event_stream(js: JetStreamContext, settings: Settings, *, upgrade: bool = True) -> None:
+def _outdated(current: StreamConfig, wanted: StreamConfig) -> list[str]:
+    """What an existing event stream lacks of what runledger needs (an older version made it)."""
+    flags = ("allow_direct", "allow_atomic", "allow_msg_ttl", "deny_delete", "deny_purge")
+    return ([*(["subjects"] if sorted(current.subjects or []) != sorted(wanted.subjects or []) else []),
+             *(f for f in flags if not getattr(current, f, False)),
+             *(["duplicate_window"] if current.duplicate_window != wanted.duplicate_window else [])])
+
+
+async def ensure_event_stream(js: JetStreamContext, settings: Settings, *, upgrade: bool = True,
+                              change: bool = True) -> list[str]:
     """Creates the event stream, or checks it (`drops_events`) and upgrades an older one's
-    settings. `upgrade` False: only checks (the analyst's verbs, which may not update it: an
-    older stream they read as it is, until the service of this version has upgraded it)."""
+    settings; returns what it did. `change` False: changes nothing and returns what it would
+    change (the service's start, whose role may not). `upgrade` False: an older stream is read
+    as it is, unreported (the analyst's verbs, until the admin has upgraded it)."""
     wanted = event_stream_config(settings)
     assert wanted.name is not None  # event_stream_config names it
     try:
         info = await js.stream_info(wanted.name)
     except NotFoundError:
+        if not change:
+            return [f"stream {wanted.name} missing"]
         info = await js.add_stream(wanted)
+        done = [f"created stream {wanted.name}"]
     else:
         current = info.config
         # Before changing anything: an upgrade must not carry such settings along as if all were well.
@@ -80,23 +98,34 @@ async def ensure_event_stream(js: JetStreamContext, settings: Settings, *, upgra
                 "runledger refuses to run on a log that loses events, and leaves its settings to you; fix them "
                 f"with `nats stream edit {wanted.name} {' '.join(flag for _, flag in problems)}`, then start again."
             )
-        if upgrade and (
-            sorted(current.subjects or []) != sorted(wanted.subjects or [])
-            or not current.allow_direct
-            or not current.allow_atomic
-            or not current.allow_msg_ttl
-            or not current.deny_delete
-            or not current.deny_purge
-            or current.duplicate_window != wanted.duplicate_window
-        ):
+        outdated = _outdated(current, wanted) if upgrade else []
+        if outdated and not change:
+            return [f"stream {wanted.name} outdated: {', '.join(outdated)}"]
+        done = []
+        if outdated:
             # Only what runledger needs changes: limits an operator set on the stream (a
             # `max_bytes` alarm, its replicas edited by hand) stay as they are.
             info = await js.update_stream(dataclasses.replace(
                 current, subjects=wanted.subjects, allow_direct=True, allow_atomic=True, allow_msg_ttl=True,
                 deny_delete=True, deny_purge=True, duplicate_window=wanted.duplicate_window))
+            done = [f"upgraded stream {wanted.name}: {', '.join(outdated)}"]
     # A server that does not know atomic batches drops the flag silently: refuse it.
     if not getattr(info.config, "allow_atomic", False):
         raise BrokerUnavailable(
             f"stream {wanted.name} does not report allow_atomic=true: the NATS server ignores atomic "
             "batches; runledger needs NATS >= 2.12."
         )
+    return done
+
+
+async def ensure_broker(js: JetStreamContext, settings: Settings, *, change: bool) -> list[str]:
+    """Every stream and bucket this runledger needs, made or upgraded (`change`: by the admin
+    role, `runledger broker-setup`; or by a service on a broker without users) or only checked
+    (a service with its own credentials, which may not create or update a stream): one line
+    per stream or bucket made or upgraded, or missing or outdated. A log that drops events is
+    refused either way (`drops_events`)."""
+    said = await ensure_event_stream(js, settings, change=change)
+    for ensure in (ensure_task_streams, ensure_result_stream, ensure_snapshot_bucket, ensure_lease_bucket,
+                   ensure_task_worker_bucket):
+        said += await ensure(js, settings, change=change)
+    return said

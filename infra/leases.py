@@ -39,6 +39,7 @@ from nats.js.api import Header, KeyValueConfig, StorageType
 from nats.js.errors import APIError, BucketNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
+from .nats_connection import BrokerUnavailable
 from .settings import Settings
 
 log = logging.getLogger("runledger.leases")
@@ -57,20 +58,27 @@ def lease_bucket_config(settings: Settings) -> KeyValueConfig:
                           replicas=settings.stream_replicas)
 
 
-async def ensure_lease_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
-    """The lease bucket, created if missing (nats-py creates KV buckets with per-message TTLs
-    allowed)."""
+async def ensure_lease_bucket(js: JetStreamContext, settings: Settings, *, change: bool = True) -> list[str]:
+    """Creates the lease bucket if missing (nats-py creates KV buckets with per-message TTLs
+    allowed), or allows the TTLs on one made without them; returns what it did (`change`
+    False: what it would do)."""
+    bucket = settings.lease_bucket
     try:
-        kv = await js.key_value(settings.lease_bucket)
+        await js.key_value(bucket)
     except BucketNotFoundError:
-        return await js.create_key_value(lease_bucket_config(settings))
+        if not change:
+            return [f"bucket {bucket} missing"]
+        await js.create_key_value(lease_bucket_config(settings))
+        return [f"created bucket {bucket}"]
     # Made by someone else without per-message TTLs (a lease could then never be written):
     # allow them (a stream can gain the setting, never lose it).
-    info = await js.stream_info(f"KV_{settings.lease_bucket}")
-    if not info.config.allow_msg_ttl:
-        log.info("allowing per-message TTLs on the lease bucket %s", settings.lease_bucket)
-        await js.update_stream(dataclasses.replace(info.config, allow_msg_ttl=True))
-    return kv
+    info = await js.stream_info(f"KV_{bucket}")
+    if info.config.allow_msg_ttl:
+        return []
+    if not change:
+        return [f"bucket {bucket} outdated: allow_msg_ttl"]
+    await js.update_stream(dataclasses.replace(info.config, allow_msg_ttl=True))
+    return [f"upgraded bucket {bucket}: allow_msg_ttl"]
 
 
 def default_owner() -> str:
@@ -120,8 +128,18 @@ class Lease:
 
     @classmethod
     async def open(cls, js: JetStreamContext, settings: Settings, key: str, **kwargs) -> Lease:
-        """A lease on `key` in this namespace's lease bucket (created if missing)."""
-        kv = await ensure_lease_bucket(js, settings)
+        """A lease on `key` in this namespace's lease bucket. On a broker without users the
+        bucket is made if missing, as the service sets such a broker up itself; with
+        credentials it must be there (`runledger broker-setup`): the service's role may not
+        create a stream, and the request would only time out."""
+        if settings.nats_user is None:
+            await ensure_lease_bucket(js, settings)
+        try:
+            kv = await js.key_value(settings.lease_bucket)
+        except BucketNotFoundError:
+            raise BrokerUnavailable(
+                f"the lease bucket {settings.lease_bucket} is missing: run `runledger broker-setup` with the admin "
+                "role's credentials, then start again.") from None
         return cls(js, kv, settings.lease_bucket, key, **kwargs)
 
     @property

@@ -28,11 +28,18 @@ def snapshot_bucket_config(settings: Settings) -> KeyValueConfig:
                           replicas=settings.stream_replicas)
 
 
-async def ensure_snapshot_bucket(js: JetStreamContext, settings: Settings) -> None:
+async def ensure_snapshot_bucket(js: JetStreamContext, settings: Settings, *, change: bool = True) -> list[str]:
+    """Creates the bucket if missing; returns what it did (`change` False: what it would do).
+    A store whose bucket went missing since reads and writes nothing (a cache) rather than
+    making it: setup belongs to the admin role (infra/jetstream_setup.py `ensure_broker`)."""
     try:
         await js.key_value(settings.snapshot_bucket)
+        return []
     except BucketNotFoundError:
-        await js.create_key_value(snapshot_bucket_config(settings))
+        if not change:
+            return [f"bucket {settings.snapshot_bucket} missing"]
+    await js.create_key_value(snapshot_bucket_config(settings))
+    return [f"created bucket {settings.snapshot_bucket}"]
 
 
 class SnapshotStore:

@@ -93,16 +93,20 @@ def task_stream_config(settings: Settings, side: Side) -> StreamConfig:
     )
 
 
-async def ensure_task_streams(js: JetStreamContext, settings: Settings) -> None:
-    """Creates the task streams, or raises their bounds. A lower bound is not applied: JetStream
-    would delete the oldest runs of every key over it."""
+async def ensure_task_streams(js: JetStreamContext, settings: Settings, *, change: bool = True) -> list[str]:
+    """Creates the task streams, or raises their bounds; returns what it did (`change` False:
+    what it would do, changing nothing). A lower bound is not applied: JetStream would delete
+    the oldest runs of every key over it."""
+    said = []
     for side in SIDES:
         wanted = task_stream_config(settings, side)
         assert wanted.name is not None
         try:
             info = await js.stream_info(wanted.name)
         except NotFoundError:
-            await js.add_stream(wanted)
+            if change:
+                await js.add_stream(wanted)
+            said.append(f"created stream {wanted.name}" if change else f"stream {wanted.name} missing")
             continue
         current = info.config
         bound, wanted_bound = current.max_msgs_per_subject or 0, wanted.max_msgs_per_subject or 0
@@ -111,8 +115,14 @@ async def ensure_task_streams(js: JetStreamContext, settings: Settings) -> None:
                         "queued runs (drain the keys first, then delete the stream to recreate it)",
                         wanted.name, bound, wanted_bound)
             wanted = wanted.evolve(max_msgs_per_subject=bound)
-        if current.max_msgs_per_subject != wanted.max_msgs_per_subject or current.duplicate_window != wanted.duplicate_window:
-            await js.update_stream(wanted)
+        outdated = [field for field in ("max_msgs_per_subject", "duplicate_window")
+                    if getattr(current, field) != getattr(wanted, field)]
+        if outdated:
+            if change:
+                await js.update_stream(wanted)
+            said.append(f"upgraded stream {wanted.name}: {', '.join(outdated)}" if change
+                        else f"stream {wanted.name} outdated: {', '.join(outdated)}")
+    return said
 
 
 def task_consumer_config(task_key: str, side: Side, settings: Settings) -> ConsumerConfig:
@@ -233,16 +243,22 @@ def _connection_token(js: JetStreamContext) -> str:
     return token
 
 
-async def ensure_task_worker_bucket(js: JetStreamContext, settings: Settings) -> None:
+async def ensure_task_worker_bucket(js: JetStreamContext, settings: Settings, *, change: bool = True) -> list[str]:
+    """Creates the task workers' bucket if missing; returns what it did (`change` False: what it
+    would do)."""
     from nats.js.api import KeyValueConfig
     from nats.js.errors import BucketNotFoundError
 
+    bucket = task_worker_bucket(settings)
     try:
-        await js.key_value(task_worker_bucket(settings))
+        await js.key_value(bucket)
+        return []
     except BucketNotFoundError:
-        await js.create_key_value(KeyValueConfig(bucket=task_worker_bucket(settings), history=1,
-                                                 ttl=3 * TASK_WORKER_HEARTBEAT_SECONDS, storage=StorageType.FILE,
-                                                 replicas=settings.stream_replicas))
+        if not change:
+            return [f"bucket {bucket} missing"]
+    await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, ttl=3 * TASK_WORKER_HEARTBEAT_SECONDS,
+                                             storage=StorageType.FILE, replicas=settings.stream_replicas))
+    return [f"created bucket {bucket}"]
 
 
 async def put_task_worker(js: JetStreamContext, settings: Settings, identifier: str, task_keys: list[str],
@@ -281,7 +297,9 @@ def result_subject(settings: Settings, task_run_id: str, attempt: str, index: in
     return f"{settings.namespace}.result.{task_run_id}.{attempt}.{index}"
 
 
-async def ensure_result_stream(js: JetStreamContext, settings: Settings) -> None:
+async def ensure_result_stream(js: JetStreamContext, settings: Settings, *, change: bool = True) -> list[str]:
+    """Creates the result stream if missing; returns what it did (`change` False: what it
+    would do)."""
     config = StreamConfig(
         name=result_stream_name(settings),
         description="runledger task results too large for their task run's state",
@@ -295,8 +313,12 @@ async def ensure_result_stream(js: JetStreamContext, settings: Settings) -> None
     )
     try:
         await js.stream_info(result_stream_name(settings))
+        return []
     except NotFoundError:
-        await js.add_stream(config)
+        if not change:
+            return [f"stream {config.name} missing"]
+    await js.add_stream(config)
+    return [f"created stream {config.name}"]
 
 
 async def store_result(js: JetStreamContext, settings: Settings, task_run_id: str, attempt: str,

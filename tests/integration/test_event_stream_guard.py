@@ -1,7 +1,7 @@
 """The event stream's settings guard the log: the service refuses to run on a stream whose
-limits drop stored events (anyone holding the service's credentials can set them, since the
-service must be able to update its streams' settings to upgrade them), and the purge API is
-denied on the stream, even to the service."""
+limits drop stored events (the admin role, which upgrades the streams, can set them, and so can
+a user of the account without permissions), and the purge API is denied on the stream, even to
+the service."""
 
 from __future__ import annotations
 

@@ -19,11 +19,12 @@ import pydantic
 import pytest
 from typer.testing import CliRunner
 
+from runledger.cli.broker_config import set_up_broker
 from runledger.client import RunledgerClient
 from runledger.handlers.service import Service
 from runledger.infra import broker_auth
 from runledger.infra.embedded import EmbeddedNats, EmbeddedNatsCluster, free_port
-from runledger.infra.jetstream_setup import ensure_event_stream
+from runledger.infra.jetstream_setup import ensure_broker
 from runledger.infra.nats_connection import connect
 from runledger.infra.task_queues import task_stream_name
 
@@ -186,13 +187,15 @@ async def test_a_cluster_from_broker_config_lets_in_its_nodes_and_nobody_else(se
     try:
         # The nodes found each other through their authenticated routes (JetStream answers).
         assert _route_names(cluster.nodes[0]) == {"runledger-node1", "runledger-node2"}
-        service = settings.model_copy(update={
-            "nats_url": cluster.url, "stream_replicas": 3, "nats_user": creds["service"]["user"],
-            "nats_password": pydantic.SecretStr(creds["service"]["password"]),
-            "inbox_prefix": broker_auth.inbox_prefix("service")})
+        # The admin makes the stream (the service's role may not), the service reads it.
+        admin, service = (settings.model_copy(update={
+            "nats_url": cluster.url, "stream_replicas": 3, "nats_user": creds[role]["user"],
+            "nats_password": pydantic.SecretStr(creds[role]["password"]),
+            "inbox_prefix": broker_auth.inbox_prefix(role)}) for role in ("admin", "service"))
+        assert await set_up_broker(admin, change=True)
         nc = await connect(service)
         try:
-            await ensure_event_stream(nc.jetstream(), service)
+            assert await ensure_broker(nc.jetstream(), service, change=False) == []
             info = await nc.jetstream().stream_info(service.stream_name)
             assert info.config.num_replicas == 3 and len(info.cluster.replicas) == 2
         finally:

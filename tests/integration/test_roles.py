@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import shutil
 import uuid
@@ -17,10 +18,11 @@ import nats.errors
 import pytest
 from nats.js.errors import NotFoundError
 
+from runledger.cli.broker_config import set_up_broker
 from runledger.infra import broker_auth
 from runledger.infra.embedded import EmbeddedNats
 from runledger.infra.event_store import EventStore
-from runledger.infra.jetstream_setup import ensure_event_stream
+from runledger.infra.jetstream_setup import ensure_broker, ensure_event_stream
 from runledger.infra.nats_connection import BrokerUnavailable, connect
 from runledger.infra.settings import Settings
 from runledger.projections.replay import iter_log
@@ -54,6 +56,12 @@ class Roles:
                                 allow_reconnect=False, connect_timeout=3)
         self.connections.append(nc)
         return nc, errors
+
+    def admin_settings(self, settings: Settings) -> Settings:
+        """`settings` (the service's: its stream settings) with the admin's credentials."""
+        admin = self.settings("admin")
+        return settings.model_copy(update={"nats_user": admin.nats_user, "nats_password": admin.nats_password,
+                                           "inbox_prefix": admin.inbox_prefix})
 
     @property
     def stream(self) -> str:
@@ -94,6 +102,8 @@ async def roles_served(server_urls, tmp_path, task_worker_keys=None, **service_s
                                                           **service_settings})
     service = Service(settings)
     try:
+        # As `runledger broker-setup` (and `up`) do: the service's own credentials make no stream.
+        assert await set_up_broker(r.admin_settings(settings), change=True)
         await service.start()
         yield r
     finally:
@@ -108,7 +118,8 @@ async def roles_served(server_urls, tmp_path, task_worker_keys=None, **service_s
         log = (tmp_path / "nats" / "nats-server.log").read_text(errors="replace")
         shutil.rmtree(tmp_path / "nats", ignore_errors=True)
     refused = [line for line in log.splitlines() if "Violation" in line and '/user:service"' in line
-               and ".STREAM.PURGE." not in line and ".STREAM.DELETE." not in line]
+               and ".STREAM.PURGE." not in line and ".STREAM.DELETE." not in line
+               and ".STREAM.UPDATE." not in line and ".STREAM.CREATE." not in line]
     assert not refused, refused
 
 
@@ -303,6 +314,83 @@ async def test_service_cannot_purge_or_delete_the_log(roles):
     await asyncio.sleep(0.3)
     assert sum("permissions violation" in e.lower() for e in errors) == 2, errors
     assert await _state(roles) == before
+
+
+async def _stream_config_and_count(r: Roles) -> tuple[dict, int]:
+    nc, _ = await r.connect("service")
+    info = await nc.jetstream().stream_info(r.stream)
+    await nc.close()
+    return info.config.as_dict(), info.state.messages
+
+
+async def test_the_services_credentials_can_neither_shrink_the_log_nor_make_a_stream(roles):
+    """The audit's attack: with the service's password, `max_msgs=1, discard=old` erased all but
+    the last event. Stream updates and creations are the admin's now: refused, nothing changed."""
+    await _pool(roles)
+    await _pool(roles)  # events enough for a shrink to erase some
+    before = await _stream_config_and_count(roles)
+    assert before[1] >= 2
+    nc, errors = await roles.connect("service")  # not `_assert_refused`: the service may append
+    streams = (await nc.jetstream().account_info()).streams
+    shrunk = {**before[0], "max_msgs": 1, "discard": "old"}
+    other = f"{roles.namespace.upper()}_OTHER"
+    attacks = {
+        "shrink the log": (f"$JS.API.STREAM.UPDATE.{roles.stream}", json.dumps(shrunk).encode(), None),
+        "make a stream": (f"$JS.API.STREAM.CREATE.{other}",
+                          json.dumps({"name": other, "subjects": [f"{roles.namespace}.other.>"]}).encode(), None),
+        **{f"update {s}": (f"$JS.API.STREAM.UPDATE.{s}", b"{}", None)
+           for s in (*roles.task_streams, f"KV_{roles.snapshots}", f"KV_{roles.leases}")},
+    }
+    for subject, body, _ in attacks.values():
+        await nc.publish(subject, body, reply=nc.new_inbox())
+    await nc.flush()
+    await asyncio.sleep(0.3)
+    for what, (subject, _, _) in attacks.items():
+        assert any(f'permissions violation for publish to "{subject.lower()}"' in e.lower() for e in errors), (what, errors)
+    assert await _stream_config_and_count(roles) == before
+    assert (await nc.jetstream().account_info()).streams == streams  # no other stream
+
+
+async def test_no_other_role_can_use_the_admins_subjects(roles):
+    pool = await _pool(roles)
+    ns, stream = roles.namespace, roles.stream
+    streams = (stream, *roles.task_streams, f"KV_{roles.snapshots}")
+    for role, apis in (("client", ["$JS.API"]), ("analyst", ["$JS.API", broker_auth.ANALYST_JS_API]),
+                       ("task_worker", ["$JS.API", broker_auth.TASK_WORKER_JS_API])):
+        attacks = {f"{api}: {op} {s}": (f"{api}.STREAM.{op}.{s}", b"{}", None)
+                   for api in apis for s in streams for op in ("CREATE", "UPDATE")}
+        attacks |= {f"{api}: account info": (f"{api}.INFO", b"", None) for api in apis}
+        attacks[f"{apis[0]}: make a stream"] = (f"{apis[0]}.STREAM.CREATE.{ns.upper()}_OTHER", b"{}", None)
+        await _assert_refused(roles, role, pool["id"], attacks)
+        await _assert_cannot_subscribe(roles, role, ["_INBOX.admin.>"])
+
+
+async def test_the_admin_sets_up_and_upgrades_and_cannot_erase_or_write_the_log(roles):
+    """The admin made every stream and bucket (`roles_served`); it upgrades an outdated one,
+    and reaches nothing else: no purge or delete of the log, no event, no key, no consumer."""
+    pool = await _pool(roles)
+    service = roles.settings("service")
+    admin = roles.admin_settings(service)
+    nc = await connect(admin, name="admin", wait_for_server=False)
+    roles.connections.append(nc)
+    js = nc.jetstream()
+    assert await ensure_broker(js, service, change=False) == []  # set up already
+    current = (await js.stream_info(roles.stream)).config
+    await js.update_stream(dataclasses.replace(current, duplicate_window=current.duplicate_window / 2))
+    assert await ensure_broker(js, service, change=False) == [f"stream {roles.stream} outdated: duplicate_window"]
+    assert await ensure_broker(js, service, change=True) == [f"upgraded stream {roles.stream}: duplicate_window"]
+    assert (await js.stream_info(roles.stream)).config.duplicate_window == current.duplicate_window
+    await _assert_refused(roles, "admin", pool["id"], {
+        "a command": (f"{roles.namespace}.cmd.CreateWorkPool", b'{"name":"x","type":"process"}', None),
+        "a query": (f"{roles.namespace}.qry.ListWorkPools", b"{}", None),
+        "read the log": (f"$JS.API.DIRECT.GET.{roles.stream}", b'{"seq":1}', None),
+        "a consumer of the log": (f"$JS.API.CONSUMER.CREATE.{roles.stream}.x", b"{}", None),
+        "purge a bucket": (f"$JS.API.STREAM.PURGE.KV_{roles.leases}", b"", None),
+        "delete a task stream": (f"$JS.API.STREAM.DELETE.{roles.task_streams[0]}", b"", None),
+        "put a task run": (f"{roles.namespace}.task.k.scheduled", b"{}", None),
+    })
+    await _assert_cannot_subscribe(roles, "admin", ["_INBOX.service.>", "_INBOX.client.>", f"{roles.namespace}.cmd.>",
+                                                    f"{roles.namespace}.evt.>"])
 
 
 async def test_analyst_cannot_have_the_server_write_into_the_log(roles):

@@ -115,9 +115,16 @@ def test_up_serves_the_cli_stops_cleanly_and_keeps_its_data(up_dirs):
     gone = cli(config_dir, "work-pool", "ls")
     assert gone.returncode == 6, gone.stdout + gone.stderr
 
+    # As an older runledger left the data dir: no admin role, the service's users alone.
+    made_before = json.loads((data_dir / "credentials.json").read_text())
+    del made_before["admin"]
+    (data_dir / "credentials.json").write_text(json.dumps(made_before))
     second = Up(data_dir, config_dir)
     try:
         second.start()
+        credentials = json.loads((data_dir / "credentials.json").read_text())
+        assert credentials["admin"]["password"] and {r: credentials[r] for r in made_before} == made_before
+        assert 'user: "admin"' in (data_dir / "nats.conf").read_text()
         listed = cli(config_dir, "work-queue", "ls", "--pool", "kept", "--json")
         assert listed.returncode == 0, listed.stderr
         assert [(q["name"], q["priority"]) for q in json.loads(listed.stdout)] == [("q1", 1), ("default", 2)]

@@ -71,7 +71,7 @@ async def test_up_needs_credentials_and_the_cli_finds_them(up):
     data_dir, config_dir, monitor = up
     endpoint = json.loads((config_dir / "endpoint.json").read_text())
     assert oct((config_dir / "endpoint.json").stat().st_mode & 0o777) == "0o600"
-    assert set(endpoint["nats_users"]) == {"service", "client", "analyst", "task_worker"}
+    assert set(endpoint["nats_users"]) == {"service", "client", "analyst", "task_worker", "admin"}
     assert all(u["password"] for u in endpoint["nats_users"].values())
     for name in ("credentials.json", "nats.conf"):
         assert oct((data_dir / name).stat().st_mode & 0o777) == "0o600", name

@@ -61,7 +61,7 @@ def test_local_credentials_are_made_once_and_private(tmp_path):
     # The roles in accounts of their own carry the prefix of their imported JetStream API.
     assert first["analyst"]["js_api_prefix"] == broker_auth.ANALYST_JS_API
     assert first["task_worker"]["js_api_prefix"] == broker_auth.TASK_WORKER_JS_API
-    assert "js_api_prefix" not in first["client"] and "js_api_prefix" not in first["service"]
+    assert all("js_api_prefix" not in first[r] for r in ("client", "service", "admin"))  # `$JS.API`
 
 
 def test_credentials_made_before_the_task_workers_account_get_its_prefix(tmp_path):
@@ -72,6 +72,48 @@ def test_credentials_made_before_the_task_workers_account_get_its_prefix(tmp_pat
     assert creds["task_worker"] == {**old["task_worker"], "js_api_prefix": broker_auth.TASK_WORKER_JS_API}
     assert {r: c["password"] for r, c in creds.items()} == {r: c["password"] for r, c in old.items()}
     assert json.loads((tmp_path / "credentials.json").read_text()) == creds  # as `up` records them
+
+
+def test_a_data_dir_made_before_the_admin_role_gets_its_password_and_keeps_the_others(tmp_path):
+    old = broker_auth.new_credentials()
+    del old["admin"]
+    (tmp_path / "credentials.json").write_text(json.dumps(old))
+    creds = broker_auth.local_credentials(tmp_path)
+    assert creds["admin"]["user"] == "admin" and creds["admin"]["password"]
+    assert {r: c for r, c in creds.items() if r != "admin"} == old
+    assert json.loads((tmp_path / "credentials.json").read_text()) == creds
+    config = broker_auth.write_local_config(tmp_path, "t1", creds, tmp_path / "nats").read_text()
+    assert 'user: "admin"' in _accounts(config)[broker_auth.SERVICE_ACCOUNT]
+
+
+OWN_STREAMS = ("NS_EVENTS", "KV_NS_SNAPSHOTS", "KV_NS_LEASES", "KV_NS_TASK_WORKERS", "NS_TASKS", "NS_TASK_RETRIES",
+               "NS_TASK_RESULTS")
+
+
+def test_only_the_admin_creates_or_updates_streams_and_it_cannot_erase_or_write_the_log():
+    """The service's credentials could shrink the log's limits while they could update its
+    stream: stream setup and upgrades are the admin's alone, and the admin reaches nothing
+    else (no purge or delete, no event, no bucket key, no consumer)."""
+    perms = broker_auth.role_permissions("ns", ["projection_x"])
+    admin = perms["admin"]["publish"]["allow"]
+    assert sorted(admin) == sorted(["$JS.API.INFO", *(f"$JS.API.STREAM.{op}.{s}" for s in OWN_STREAMS
+                                                      for op in ("INFO", "CREATE", "UPDATE"))])
+    assert perms["admin"]["subscribe"]["allow"] == ["_INBOX.admin.>"]
+    assert not [s for s in admin if "PURGE" in s or "DELETE" in s or "*" in s or ">" in s]
+    service = perms["service"]["publish"]["allow"]
+    assert not [s for s in service if ".STREAM.CREATE." in s or ".STREAM.UPDATE." in s]
+    # What the service keeps: its streams' info, the consumers, direct gets, its buckets' upkeep.
+    for s in OWN_STREAMS:
+        assert {f"$JS.API.STREAM.INFO.{s}", f"$JS.API.DIRECT.GET.{s}", f"$JS.API.CONSUMER.CREATE.{s}.>"} <= set(service)
+    assert "$JS.API.STREAM.PURGE.KV_NS_LEASES" in service and "$JS.API.STREAM.PURGE.NS_EVENTS" not in service
+    for role in ("client", "analyst", "task_worker"):
+        assert not [s for s in perms[role]["publish"]["allow"] if ".STREAM.CREATE." in s or ".STREAM.UPDATE." in s]
+    # In the service's account (the one with JetStream), reaching it under `$JS.API`.
+    accounts = _accounts(broker_auth.compose_config("ns"))
+    assert 'user: "admin"' in accounts[broker_auth.SERVICE_ACCOUNT]
+    assert "admin" not in broker_auth.JS_API_PREFIXES
+    assert broker_auth.env_references()["admin"] == "$RUNLEDGER_ADMIN_PASSWORD"
+    assert "RUNLEDGER_ADMIN_PASSWORD=rl" in broker_auth.dotenv()
 
 
 def test_client_and_analyst_cannot_publish_to_the_log():
