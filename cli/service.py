@@ -4,6 +4,7 @@ the environment names)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -120,13 +121,41 @@ def serve(
         raise typer.Exit(EXIT_UNAVAILABLE) from None
 
 
+def _ports_of_last_run(data_dir: Path) -> tuple[int, int, int | None]:
+    """The NATS client and monitoring ports `up` listened on last time in this data directory,
+    where still free (0: a free one), and the client port it had to leave (None: kept or none
+    recorded). Keeping them keeps the task workers and other clients of the last run, which
+    reconnect to the address they were given, working across a restart of `up`."""
+    from runledger.infra.embedded import port_free
+
+    try:
+        last = json.loads((data_dir / PORTS_FILE).read_text())
+        nats_port, monitor_port = int(last["nats"]), int(last["monitor"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0, 0, None
+    if not (0 < nats_port < 65536 and 0 < monitor_port < 65536 and nats_port != monitor_port):
+        return 0, 0, None
+    kept_nats = nats_port if port_free(nats_port) else 0
+    kept_monitor = monitor_port if port_free(monitor_port) else 0
+    return kept_nats, kept_monitor, (nats_port if not kept_nats else None)
+
+
+def _keep_ports(data_dir: Path, nats_port: int, monitor_port: int) -> None:
+    with contextlib.suppress(OSError):
+        (data_dir / PORTS_FILE).write_text(json.dumps({"nats": nats_port, "monitor": monitor_port}) + "\n")
+
+
+# Where `up` notes the ports it listened on, to take them again on its next start.
+PORTS_FILE = "ports.json"
+
+
 @app.command()
 def up(
     data_dir: Path = typer.Option(None, "--data-dir", help="Where NATS and Postgres keep their data (default: ~/.local/share/runledger; as root /var/lib/runledger)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level, not INFO."),
 ) -> None:
-    """Start an embedded NATS and Postgres (127.0.0.1 only, free ports) and the service, in one
-    command. Ctrl-C stops all three; the data stays in the data directory."""
+    """Start an embedded NATS and Postgres (127.0.0.1 only; NATS on the ports of the last run in
+    this data directory when they are free, else free ones) and the service, in one command. Ctrl-C stops all three; the data stays in the data directory."""
     from pydantic import SecretStr
 
     from runledger.infra import broker_auth
@@ -158,7 +187,8 @@ def up(
     service_settings = load_settings(role="service")
     creds = broker_auth.local_credentials(data_dir, service_settings.task_worker_keys)
     nats_config = broker_auth.write_local_config(data_dir, service_settings.namespace, creds, data_dir / "nats")
-    nats_server = EmbeddedNats(data_dir / "nats", config_file=nats_config)
+    nats_port, monitor_port, moved = _ports_of_last_run(data_dir)
+    nats_server = EmbeddedNats(data_dir / "nats", port=nats_port, monitor_port=monitor_port, config_file=nats_config)
     postgres = EmbeddedPostgres(data_dir / "pg")
     try:  # its binaries and, as root, the user it runs as and that user's way in
         postgres.prepare()
@@ -172,6 +202,10 @@ def up(
         with console.status("starting NATS and Postgres..."):
             nats_server.start()
             postgres.start()
+        _keep_ports(data_dir, nats_server.port, nats_server.monitor_port)
+        if moved:
+            console.print(f"note: NATS listens on {nats_server.port}, not on {moved} as last time (another process holds "
+                          "it): restart the task workers and other long-running clients of the last run")
         settings = load_settings(role="service", nats_url=nats_server.url, database_url=postgres.url,
                                  nats_user=creds["service"]["user"], nats_password=creds["service"]["password"])
         _tune_garbage_collector()  # as `serve` does: `up` served ~25 % fewer commands without it

@@ -33,13 +33,24 @@ from runledger.infra.lifetime import (
     stop_orphan,
 )
 
-__all__ = ["EmbeddedNats", "EmbeddedNatsCluster", "EmbeddedPostgres", "PostgresUnavailable", "free_port", "nats_server_binary"]
+__all__ = ["EmbeddedNats", "EmbeddedNatsCluster", "EmbeddedPostgres", "PostgresUnavailable", "free_port", "nats_server_binary", "port_free"]
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_free(port: int) -> bool:
+    """Whether 127.0.0.1:`port` can be listened on now (nothing else holds it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as nats-server binds: a closed port's TIME_WAIT is no owner
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def nats_server_binary() -> Path:

@@ -122,6 +122,8 @@ def test_up_serves_the_cli_stops_cleanly_and_keeps_its_data(up_dirs):
     second = Up(data_dir, config_dir)
     try:
         second.start()
+        # The same address as last time: the task workers and clients of the first run reconnect to it.
+        assert json.loads((config_dir / "endpoint.json").read_text())["nats_url"] == endpoint["nats_url"]
         credentials = json.loads((data_dir / "credentials.json").read_text())
         assert credentials["admin"]["password"] and {r: credentials[r] for r in made_before} == made_before
         assert 'user: "admin"' in (data_dir / "nats.conf").read_text()
