@@ -46,6 +46,7 @@ from .output import (
     run,
     run_command,
     say,
+    say_if_more,
     show_details,
     show_rows,
     success,
@@ -184,7 +185,7 @@ def list_flow_runs(
     state_types: list[str] | None = typer.Option(None, "--state-type",
                                                  help=f"Only runs whose state is of this TYPE: "
                                                       f"{', '.join(STATE_TYPES)} (any case; repeat for more)."),
-    limit: int = typer.Option(DEFAULT_LS_LIMIT, "--limit", "-l", min=0,
+    limit: int = typer.Option(DEFAULT_LS_LIMIT, "--limit", "-l", min=1,
                               help=f"Most runs to list (default {DEFAULT_LS_LIMIT})."),
     as_json: JsonFlag = False,
     output: OutputOption = None,
@@ -197,14 +198,16 @@ def list_flow_runs(
     types = [state_type(s, "--state-type") for s in state_types] if state_types else None
 
     async def action(rl: RunledgerClient) -> tuple[list[FlowRun], dict[uuid.UUID, str]]:
-        found = await _runs(rl, flows or None, deployments or None, names, types, limit)
-        return found, ({} if wants_json(as_json, output) else await flow_names(rl, (r.flow_id for r in found)))
+        found = await _runs(rl, flows or None, deployments or None, names, types, limit + 1)  # one more: are there more?
+        return found, ({} if wants_json(as_json, output) else await flow_names(rl, (r.flow_id for r in found[:limit])))
 
     runs, names = run(action)
+    more, runs = len(runs) > limit, runs[:limit]
     if wants_json(as_json, output):
         print_json(runs)
     else:
         show_flow_runs(runs, names)
+        say_if_more(len(runs), more, "flow runs")
 
 
 @flow_run_app.command()

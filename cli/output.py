@@ -215,6 +215,13 @@ def say(message: str) -> None:
     console.print(Text(visible(message)))
 
 
+def say_if_more(shown: int, more: bool, what: str) -> None:
+    """A listing cut at its `--limit`: said on stderr, so that no one takes the first page
+    for all there is (stdout stays the listing alone)."""
+    if more:
+        err_console.print(Text(f"the first {shown} {what} are shown; there are more: raise --limit to see them"))
+
+
 def _cell(value: Any) -> str:
     return "-" if value is None else visible(value)
 

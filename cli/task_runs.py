@@ -43,6 +43,7 @@ from .output import (
     run,
     run_command,
     say,
+    say_if_more,
     show_details,
     show_rows,
     to_json,
@@ -175,7 +176,7 @@ def list_task_runs(
                                                    "without an offset: UTC)."),
     sort: str = typer.Option(DEFAULT_SORT, "--sort",
                              help=f"The order: {', '.join(SORTS)} (any case)."),
-    limit: int = typer.Option(DEFAULT_LS_LIMIT, "--limit", "-l", min=0,
+    limit: int = typer.Option(DEFAULT_LS_LIMIT, "--limit", "-l", min=1,
                               help=f"Most runs to list (default {DEFAULT_LS_LIMIT})."),
     as_json: JsonFlag = False,
     output: OutputOption = None,
@@ -198,14 +199,16 @@ def list_task_runs(
     json_out = wants_json(as_json, output)
 
     async def action(rl: RunledgerClient) -> tuple[list[TaskRun], dict[uuid.UUID, str]]:
-        found = await _runs(rl, filters, flow_runs or None, order, limit)
-        return found, ({} if json_out else await flow_run_names(rl, (r.flow_run_id for r in found)))
+        found = await _runs(rl, filters, flow_runs or None, order, limit + 1)  # one more: are there more?
+        return found, ({} if json_out else await flow_run_names(rl, (r.flow_run_id for r in found[:limit])))
 
     runs, flow_names = run(action)
+    more, runs = len(runs) > limit, runs[:limit]
     if json_out:
         print_json(runs)
     else:
         show_task_runs(runs, flow_names)
+        say_if_more(len(runs), more, "task runs")
 
 
 @task_run_app.command()

@@ -44,6 +44,18 @@ async def test_ls_state_is_a_state_name_and_state_type_a_type(broker, settings):
     assert "--state-type" in shown.stdout and "NAME" in shown.stdout and "TYPE" in shown.stdout
 
 
+async def test_ls_cut_at_its_limit_says_so(broker, settings):
+    cli = _cli(settings)
+    await _runs(broker)
+    cut = await cli("flow-run", "ls", "--limit", "3")
+    assert len(cut.stdout.splitlines()) == 1 + 3  # stdout is the table alone: its header and 3 runs
+    assert "the first 3 flow runs are shown; there are more: raise --limit" in cut.stderr
+    as_json = await cli("flow-run", "ls", "--limit", "3", "--json")
+    assert len(json.loads(as_json.stdout)) == 3 and as_json.stderr == ""  # JSON for scripts: nothing else
+    assert "there are more" not in (await cli("flow-run", "ls", "--limit", "4")).stderr
+    assert (await cli("flow-run", "ls", "--limit", "0")).exit_code == 2
+
+
 async def test_cancel_says_a_run_not_started_is_cancelled_and_exits_0(broker, settings):
     cli = _cli(settings)
     ids = await _runs(broker)

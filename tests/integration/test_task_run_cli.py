@@ -86,6 +86,12 @@ async def test_task_run_ls_shows_the_runs_and_filters_them(service, settings):
     assert _names((await cli("task-run", "ls", "--state-name", "Running", "--json")).stdout) == ["report"]
     assert _names((await cli("task-run", "ls", "--limit", "2", "--json")).stdout) == ["extract-1", "report"]
     assert len(json.loads((await cli("task-run", "ls", "--json")).stdout)[0]["id"]) == 36
+    # A listing cut at its limit says so on stderr; one that holds every run does not.
+    cut = await cli("task-run", "ls", "--limit", "2")
+    assert [r[0] for r in _table(cut.stdout)[1]] == ["extract-1", "report"]
+    assert "the first 2 task runs are shown; there are more: raise --limit" in cut.stderr
+    assert "there are more" not in table.stderr + (await cli("task-run", "ls", "--limit", "4")).stderr
+    assert (await cli("task-run", "ls", "--limit", "0")).exit_code == 2
 
     none = await cli("task-run", "ls", "--flow-run", "no-such-flow-run")
     assert none.exit_code == 0 and none.stdout == "No task runs found.\n"
