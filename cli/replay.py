@@ -47,6 +47,14 @@ EXIT_UNAVAILABLE = 6
 FOLLOW_POLL_SECONDS = 0.25  # how often `events --follow` looks for new events
 
 
+async def _log_is_there(js, settings: Settings) -> None:
+    """The log as it is, checked (`ensure_event_stream`): the analyst may not make or upgrade
+    it, so a missing one is said, not asked for (the request would only time out)."""
+    if missing := await ensure_event_stream(js, settings, upgrade=False, change=False):
+        raise BrokerUnavailable(f"{missing[0]} in namespace {settings.namespace!r}: nothing to read until the "
+                                "service has started there (or `runledger broker-setup` has made it)")
+
+
 def _projectors():
     from runledger.handlers.registry import projectors
 
@@ -77,7 +85,7 @@ async def _rebuild(settings: Settings, schema: str, until_seq: int | None, as_of
                    until_each: dict[str, int] | None = None):
     nc = await connect(settings, name="runledger-replay", wait_for_server=False)
     try:
-        await ensure_event_stream(nc.jetstream(prefix=settings.js_api_prefix), settings, upgrade=False)
+        await _log_is_there(nc.jetstream(prefix=settings.js_api_prefix), settings)
         store = EventStore(nc, settings)
         total = max(until_each.values(), default=0) if until_each is not None else until_seq or await store.last_sequence()
         with Progress(TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TextColumn("seq"),
@@ -195,7 +203,7 @@ def rebuild(
     async def go() -> None:
         nc = await connect(settings, name="runledger-rebuild", wait_for_server=False)
         try:
-            await ensure_event_stream(nc.jetstream(prefix=settings.js_api_prefix), settings, upgrade=False)
+            await _log_is_there(nc.jetstream(prefix=settings.js_api_prefix), settings)
             store = EventStore(nc, settings)
             for name in names:
                 with Progress(TextColumn(f"rebuilding {name}"), BarColumn(), MofNCompleteColumn(), TextColumn("seq"),

@@ -138,10 +138,10 @@ class Service:
 
         # Its streams and buckets are the admin role's to make and upgrade (its own role may not
         # create or update a stream, docs/security.md); on a broker without users it makes them.
-        setting_up = s.nats_user is None
+        setting_up = not s.logs_in
         try:
             said = await ensure_broker(self.nc.jetstream(), s, change=setting_up)
-        except BrokerUnavailable:  # a log that drops events
+        except BaseException:  # a log that drops events, the broker gone: nothing left open
             await refused()
             raise
         if said and setting_up:

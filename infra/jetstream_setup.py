@@ -15,7 +15,15 @@ from .leases import ensure_lease_bucket
 from .nats_connection import BrokerUnavailable
 from .settings import Settings
 from .snapshots import ensure_snapshot_bucket
-from .task_queues import ensure_result_stream, ensure_task_streams, ensure_task_worker_bucket
+from .task_queues import (
+    SIDES,
+    ensure_result_stream,
+    ensure_task_streams,
+    ensure_task_worker_bucket,
+    result_stream_name,
+    task_stream_name,
+    task_worker_bucket,
+)
 
 
 def event_stream_config(settings: Settings) -> StreamConfig:
@@ -74,6 +82,37 @@ def _outdated(current: StreamConfig, wanted: StreamConfig) -> list[str]:
              *(["duplicate_window"] if current.duplicate_window != wanted.duplicate_window else [])])
 
 
+def diverted(config: StreamConfig) -> list[str]:
+    """The settings of `config` that carry messages into or out of the stream other than
+    through runledger's own subjects and APIs, or freeze it: a source or mirror (another
+    stream's messages, transformed into events or task runs), a republish (every stored message
+    sent on to a subject others hear: the log read by whoever listens), a subject transform,
+    `sealed` (no append ever again, and it cannot be undone). A stream update sets any of them,
+    and NATS permissions cannot tell such an update from an upgrade; runledger sets none, so
+    finding one means someone else did."""
+    found = []
+    if config.mirror is not None:
+        found.append("mirror")
+    if config.sources:
+        found.append("sources")
+    if config.republish is not None:
+        found.append("republish")
+    if config.subject_transform is not None:
+        found.append("subject_transform")
+    if config.sealed:
+        found.append("sealed")
+    return found
+
+
+def _refuse_diverted(name: str, config: StreamConfig) -> None:
+    if settings := diverted(config):
+        raise BrokerUnavailable(
+            f"stream {name} has {', '.join(settings)}, which runledger never sets: its messages can come from "
+            "elsewhere or go on to others (or, sealed, it takes no more); runledger refuses to run on it. Remove "
+            f"them (`nats stream info {name}` shows them; `nats stream edit {name}` changes them; a sealed stream "
+            "must be restored from a backup), then start again.")
+
+
 async def ensure_event_stream(js: JetStreamContext, settings: Settings, *, upgrade: bool = True,
                               change: bool = True) -> list[str]:
     """Creates the event stream, or checks it (`drops_events`) and upgrades an older one's
@@ -92,6 +131,7 @@ async def ensure_event_stream(js: JetStreamContext, settings: Settings, *, upgra
     else:
         current = info.config
         # Before changing anything: an upgrade must not carry such settings along as if all were well.
+        _refuse_diverted(wanted.name, current)
         if problems := drops_events(current):
             raise BrokerUnavailable(
                 f"stream {wanted.name} drops stored events ({'; '.join(setting for setting, _ in problems)}): "
@@ -123,9 +163,18 @@ async def ensure_broker(js: JetStreamContext, settings: Settings, *, change: boo
     role, `runledger broker-setup`; or by a service on a broker without users) or only checked
     (a service with its own credentials, which may not create or update a stream): one line
     per stream or bucket made or upgraded, or missing or outdated. A log that drops events is
-    refused either way (`drops_events`)."""
+    refused either way (`drops_events`), and so is any of them that takes messages from
+    elsewhere, sends them on, or is sealed (`diverted`)."""
     said = await ensure_event_stream(js, settings, change=change)
     for ensure in (ensure_task_streams, ensure_result_stream, ensure_snapshot_bucket, ensure_lease_bucket,
                    ensure_task_worker_bucket):
         said += await ensure(js, settings, change=change)
+    for name in (*(task_stream_name(settings, side) for side in SIDES), result_stream_name(settings),
+                 *(f"KV_{bucket}" for bucket in (settings.snapshot_bucket, settings.lease_bucket,
+                                                 task_worker_bucket(settings)))):
+        try:
+            info = await js.stream_info(name)
+        except NotFoundError:
+            continue  # missing: said above
+        _refuse_diverted(name, info.config)
     return said

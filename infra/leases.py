@@ -132,7 +132,7 @@ class Lease:
         bucket is made if missing, as the service sets such a broker up itself; with
         credentials it must be there (`runledger broker-setup`): the service's role may not
         create a stream, and the request would only time out."""
-        if settings.nats_user is None:
+        if not settings.logs_in:
             await ensure_lease_bucket(js, settings)
         try:
             kv = await js.key_value(settings.lease_bucket)

@@ -191,6 +191,15 @@ class Settings(BaseSettings):
     def nats_servers(self) -> list[str]:
         return [url.strip() for url in self.nats_url.split(",") if url.strip()]
 
+    @property
+    def logs_in(self) -> bool:
+        """Whether the connection to the broker logs in as someone (a user, a token, a creds
+        file, or a user in a server's URL): such a user has a role's permissions, which may not
+        include making or changing streams; without any, the broker has no users (a
+        development broker) and the service sets its streams up itself."""
+        return bool(self.nats_user or self.nats_token or self.nats_creds_file
+                    or any(urlsplit(url).username for url in self.nats_servers))
+
     def safe_nats_url(self) -> str:
         return ",".join(redact_url(url) for url in self.nats_servers)
 

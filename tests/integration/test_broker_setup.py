@@ -144,3 +144,51 @@ async def test_an_outdated_event_stream_is_reported_and_upgraded_by_broker_setup
     assert (code, out.strip()) == (0, "already set up"), out + err
     await _starts(service)
     assert not fresh.violations("service") and not fresh.violations("admin")
+
+
+async def test_a_service_logging_in_by_its_url_is_refused_too_not_left_to_time_out(fresh):
+    """The user and password in the server's URL (no RUNLEDGER_NATS_USER) log in as the
+    service all the same: its start checks, and says what to run, rather than asking to make a
+    stream its role may not make."""
+    service = fresh.settings("service")
+    password = service.nats_password.get_secret_value() if service.nats_password else ""
+    in_url = service.model_copy(update={"nats_url": fresh.server.url.replace("nats://", f"nats://service:{password}@"),
+                                        "nats_user": None, "nats_password": None})
+    assert in_url.logs_in
+    refused = await asyncio.wait_for(_start_refused(in_url), 20)
+    assert "run `runledger broker-setup`" in refused, refused
+    assert not fresh.violations("service")  # it asked for nothing its role lacks
+
+
+async def test_streams_that_take_in_or_send_on_messages_or_are_sealed_are_refused(fresh, tmp_path):
+    """A stream update sets sources, republish or sealed as easily as an upgrade's settings
+    (NATS permissions cannot tell them apart): a log that republishes every event would be read
+    by whoever listens, a task stream sourcing another stream would take runs from it. The
+    service, `broker-setup` and its check refuse them, naming them; setting up changes nothing."""
+    from nats.js.api import RePublish, StreamSource
+
+    service = fresh.settings("service")
+    nc, _ = await fresh.connect("admin")
+    js = nc.jetstream()
+    code, out, err = await _cli(_env(fresh, tmp_path), "broker-setup")
+    assert code == 0, out + err
+    log = (await js.stream_info(service.stream_name)).config
+    await js.update_stream(dataclasses.replace(log, republish=RePublish(src=">", dest="leak.>")))
+    for args in (["broker-setup", "--check"], ["broker-setup"]):
+        code, out, err = await _cli(_env(fresh, tmp_path), *args)
+        assert code == 6 and f"stream {service.stream_name} has republish, which runledger never sets" in err, out + err
+    assert "runledger never sets" in await _start_refused(service)
+    await js.update_stream(log)  # the republish taken away: set up again
+    await _starts(service)
+
+    tasks = broker_auth.Names(fresh.namespace).task_streams[0]
+    task_config = (await js.stream_info(tasks)).config
+    await js.update_stream(dataclasses.replace(task_config, sources=[StreamSource(name=service.stream_name)]))
+    refused = await _start_refused(service)
+    assert f"stream {tasks} has sources" in refused, refused
+    await js.update_stream(dataclasses.replace(task_config, sources=None))
+    await _starts(service)
+
+    results = broker_auth.Names(fresh.namespace).result_stream
+    await js.update_stream(dataclasses.replace((await js.stream_info(results)).config, sealed=True))
+    assert f"stream {results} has sealed" in await _start_refused(service)
