@@ -603,7 +603,8 @@ def test_flow_run_ls_filters_by_flow_deployment_and_state(cli, fake):
     assert lines[1].split()[:4] == ["late-one", "etl", "SCHEDULED", "(Late)"]
     assert lines[2].split()[:3] == ["other", runs[1]["flow_id"], "PENDING"]
     list_bodies = fake.sent("ListFlowRuns")
-    assert list_bodies == [{"sort": "EXPECTED_START_TIME_DESC", "limit": 3, "offset": 0, "min_seq": 40, "flow_runs": {
+    assert list_bodies == [  # one more than --limit: are there more?
+        {"sort": "EXPECTED_START_TIME_DESC", "limit": 4, "offset": 0, "min_seq": 40, "flow_runs": {
         "flow_id": {"any_": [FLOW["id"]]}, "deployment_id": {"any_": [deployment["id"]]},
         "state_type": {"any_": ["SCHEDULED", "PENDING"]}, "state_name": {"any_": ["Late", "Mine"]}}}]
     assert fake.sent("ListDeployments")[0] == {"deployments": {"name": {"any_": ["nightly"]}},
