@@ -610,7 +610,7 @@ def test_flow_run_ls_filters_by_flow_deployment_and_state(cli, fake):
     assert fake.sent("ListDeployments")[0] == {"deployments": {"name": {"any_": ["nightly"]}},
                                                "flow_name": {"any_": ["etl"]}, "min_seq": 40}
     assert json.loads(cli("flow-run", "ls", "--json").stdout) == runs
-    assert fake.sent("ListFlowRuns")[-1] == {"sort": "EXPECTED_START_TIME_DESC", "limit": 100, "offset": 0,
+    assert fake.sent("ListFlowRuns")[-1] == {"sort": "EXPECTED_START_TIME_DESC", "limit": 101, "offset": 0,
                                              "min_seq": 40}
     fake.ok("ListFlows", [])
     before = len(fake.sent("ListFlowRuns"))
