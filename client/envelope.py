@@ -72,9 +72,13 @@ def _json_default(value: Any) -> Any:
 def encode_body(body: Mapping[str, Any]) -> bytes:
     """JSON for a request, unvalidated: the service decides what is valid, so its `invalid`
     replies (with field and reason) are what the caller sees. Only a value JSON cannot express
-    is refused here, as `Invalid` naming the field."""
+    is refused here, as `Invalid` naming the field.
+
+    Text goes as UTF-8, not as `\\u` escapes, which make a character up to six bytes (and a
+    request past the broker's max payload sooner); the service reads both alike. A lone
+    surrogate has no UTF-8: that body goes escaped, and the service says which field holds it."""
     try:
-        return json.dumps(body, default=_json_default, separators=(",", ":")).encode()
+        text = json.dumps(body, default=_json_default, separators=(",", ":"), ensure_ascii=False)
     except (TypeError, ValueError):
         for key, value in body.items():
             try:
@@ -82,6 +86,21 @@ def encode_body(body: Mapping[str, Any]) -> bytes:
             except (TypeError, ValueError) as e:
                 raise Invalid(f"{key}: {e}", field=key) from None
         raise
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(body, default=_json_default, separators=(",", ":")).encode()
+
+
+def too_large_to_send(name: str, body: Mapping[str, Any], size: int, limit: int) -> Invalid:
+    """The error for a request over the broker's max payload, which nats-py refuses before
+    sending anything: the caller's to change (as the service's own "too large" `invalid`,
+    naming the largest field), not a retry's."""
+    sizes = {key: len(json.dumps(value, default=_json_default, ensure_ascii=False).encode(errors="replace"))
+             for key, value in body.items()}
+    field = max(sizes, key=sizes.__getitem__) if sizes else None
+    return Invalid(f"{name} is too large to send: its request would be {size:,} bytes; the server's max payload is "
+                   f"{limit:,} bytes", field=field)
 
 
 def parse_reply(data: bytes, subject: str) -> Reply:

@@ -37,7 +37,7 @@ from runledger.commands.queries import DEFAULT_LIMIT
 from runledger.infra.nats_connection import BrokerUnavailable, connect
 from runledger.infra.settings import Settings, load_settings
 
-from .envelope import UNSET, Reply, Unset, encode_body, given, parse_reply
+from .envelope import UNSET, Reply, Unset, encode_body, given, parse_reply, too_large_to_send
 from .errors import Invalid, ProtocolError, Unavailable
 from .leases import DeploymentSlotLease
 from .models import (
@@ -279,8 +279,12 @@ class RunledgerClient:
             raise RuntimeError("RunledgerClient is not connected; use `async with RunledgerClient() as rl:`")
         payload = encode_body(body)
         where = f"on {subject} at {self.settings.safe_nats_url()}"
+        if len(payload) > self._nc.max_payload:  # nats-py would refuse it, sending nothing
+            raise too_large_to_send(subject.rsplit(".", 1)[-1], body, len(payload), self._nc.max_payload)
         try:
             msg = await self._nc.request(subject, payload, timeout=timeout)
+        except nats.errors.MaxPayloadError:  # the limit changed meanwhile (a reconnect): nothing was sent
+            raise too_large_to_send(subject.rsplit(".", 1)[-1], body, len(payload), self._nc.max_payload) from None
         except nats.errors.NoRespondersError:
             raise Unavailable(f"no runledger service answers {where} (namespace "
                               f"{self.settings.namespace!r}); is `runledger up` or `runledger serve` running?") from None

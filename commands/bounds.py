@@ -38,6 +38,7 @@ EARLIEST = datetime(1, 1, 2, tzinfo=UTC)
 LATEST = datetime(9999, 12, 30, tzinfo=UTC)
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # C0 controls, DEL and C1 controls, plus what text may not hold at all.
 _NOT_IN_NAMES = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
@@ -102,6 +103,31 @@ def _json_problem(value: Any, depth: int, path: str) -> str | None:
     return f"must be JSON (found a {type(value).__name__}){where}"
 
 
+def lone_surrogate_at(value: Any) -> tuple[str, str] | None:
+    """Where a decoded JSON value first holds a lone surrogate, as (its dotted path, what is
+    wrong), or None. JSON's own parser refuses a lone surrogate escape (`"\\ud800"`) before any
+    field sees it; Python's `json` decodes it, and this says which field holds it. A key's path
+    ends in `[key]` after its object's (the key itself cannot be named: it is the surrogate)."""
+    stack: list[tuple[tuple[str, ...], Any]] = [((), value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            found = _LONE_SURROGATE.search(item)
+            if found:
+                return ".".join(path), f"must not contain {_describe(found.group())}"
+        elif isinstance(item, list):
+            stack.extend(((*path, str(i)), v) for i, v in reversed(list(enumerate(item))))
+        elif isinstance(item, dict):
+            children = []
+            for key, v in item.items():
+                found = _LONE_SURROGATE.search(key)
+                if found:
+                    return ".".join((*path, "[key]")), f"keys must not contain {_describe(found.group())}"
+                children.append(((*path, key), v))
+            stack.extend(reversed(children))
+    return None
+
+
 def check_json_document(value: dict[str, Any]) -> dict[str, Any]:
     """A JSON object Postgres `jsonb` stores as it is."""
     problem = _json_problem(value, 0, "")
@@ -128,6 +154,12 @@ JsonDocument = Annotated[dict[str, Any], AfterValidator(check_json_document)]
 
 # Prefect's limit on the parameters of a deployment or a run (`SizedParameters`).
 MAX_PARAMETERS_BYTES = 524_288
+
+# What a run's creation must leave free under the broker's max payload: every later state of
+# the run is an event that carries the whole run again, with the state (its message, its
+# details, an inline result) on top. A run created closer to the limit could never be moved
+# to another state, not even cancelled or failed.
+RUN_STATE_HEADROOM_BYTES = 64 * 1024
 
 
 def parameters_size_problem(parameters: dict[str, Any]) -> str | None:

@@ -35,6 +35,7 @@ from . import concurrency_limits as cl
 from . import slots
 from . import work_pools as wp
 from .bounds import (
+    RUN_STATE_HEADROOM_BYTES,
     JsonDocument,
     PositiveInt32,
     StoredText,
@@ -216,6 +217,9 @@ class _DeploymentEvent(Event):
 @register_event
 class DeploymentCreated(_DeploymentEvent):
     event_type: ClassVar[str] = "DeploymentCreated"
+    # Its runs carry its parameters, labels and tags, then their later states
+    # (`events.size_headroom`).
+    size_headroom: ClassVar[int] = RUN_STATE_HEADROOM_BYTES
     deployment: Deployment
 
 
@@ -228,6 +232,7 @@ class DeploymentUpdated(_DeploymentEvent):
     # v2 added `by_pause_or_resume`: a reader of v1 refuses it cleanly as newer, where it would
     # fail on the unknown field (events forbid extra fields).
     schema_version: ClassVar[int] = 2
+    size_headroom: ClassVar[int] = RUN_STATE_HEADROOM_BYTES  # as DeploymentCreated's
     deployment: Deployment
     changed: list[str]
     # Written by PauseDeployment / ResumeDeployment: Prefect's pause and resume routes set the

@@ -29,6 +29,15 @@ def register_event(cls: type[Event]) -> type[Event]:
     return cls
 
 
+def size_headroom(event_type: str) -> int:
+    """The bytes an event of this type must leave free under the broker's max payload when it
+    is appended (its class's `size_headroom`, 0 when it has none): an event that creates a run
+    (or what runs copy from, a deployment) leaves room for the run's later events, which carry
+    the whole run again with more on top. It bounds the append only: nothing of it is stored."""
+    cls = EVENT_TYPES.get(event_type)
+    return int(getattr(cls, "size_headroom", 0)) if cls is not None else 0
+
+
 def register_upcaster(event_type: str, from_version: int):
     def wrap(fn: Callable[[dict[str, Any]], dict[str, Any]]):
         UPCASTERS[(event_type, from_version)] = fn

@@ -16,7 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from . import concurrency_limits as cl
 from . import orchestration_rules, slots
 from . import work_pools as wp
-from .bounds import INT32_MAX, JsonDocument, SizedParameters, StoredText, UtcDatetime
+from .bounds import (
+    INT32_MAX,
+    RUN_STATE_HEADROOM_BYTES,
+    JsonDocument,
+    SizedParameters,
+    StoredText,
+    UtcDatetime,
+)
 from .decisions import Decision, NewEvent
 from .events import register_event
 from .flows import Tags
@@ -162,6 +169,8 @@ class FlowRunCreated(_FlowRunEvent):
     """A new run, with its first state (`run.state`)."""
 
     event_type: ClassVar[str] = "FlowRunCreated"
+    # Every later state carries the whole run again (`events.size_headroom`).
+    size_headroom: ClassVar[int] = RUN_STATE_HEADROOM_BYTES
     run: FlowRun
 
 
@@ -176,6 +185,9 @@ class FlowRunStateSet(_FlowRunEvent):
 @register_event
 class FlowRunUpdated(_FlowRunEvent):
     event_type: ClassVar[str] = "FlowRunUpdated"
+    # An update (parameters, job variables, tags) may grow the run: it must leave the room its
+    # creation had to.
+    size_headroom: ClassVar[int] = RUN_STATE_HEADROOM_BYTES
     run: FlowRun
     changed: list[str]
 

@@ -38,7 +38,7 @@ from pydantic import (
 
 from . import tag_concurrency_limits as tcl
 from . import task_run_rules
-from .bounds import INT32_MAX, JsonDocument, StoredText, UtcDatetime
+from .bounds import INT32_MAX, RUN_STATE_HEADROOM_BYTES, JsonDocument, StoredText, UtcDatetime
 from .decisions import Decision, NewEvent, QueuedTaskRun
 from .events import register_event, register_upcaster
 from .flow_runs import FlowRun
@@ -178,6 +178,8 @@ class TaskRunCreated(_TaskRunEvent):
 
     event_type: ClassVar[str] = "TaskRunCreated"
     schema_version: ClassVar[int] = _RUN_SHAPE_VERSION
+    # Every later state carries the whole run again (`events.size_headroom`).
+    size_headroom: ClassVar[int] = RUN_STATE_HEADROOM_BYTES
     run: TaskRun
 
 

@@ -27,6 +27,7 @@ from typing import Any, Protocol, TypeVar
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_json
 
+from runledger.commands.bounds import lone_surrogate_at
 from runledger.commands.decisions import Decision, Orchestration
 from runledger.commands.events import UnknownEvent, encode_event
 from runledger.commands.messages import Command, DecisionContext, ErrorCode, Rejection
@@ -159,11 +160,23 @@ def error(code: ErrorCode | str, message: str, **extra: Any) -> dict[str, Any]:
     return {"ok": False, "error": body}
 
 
+def _string_length(err: Any) -> tuple[str, str] | None:
+    """A length error on a string, said in characters. A bound on text whose other checks run
+    first (`StoredText`) is applied to whatever they return, and pydantic then counts "items"."""
+    kind = {"too_long": "most", "too_short": "least"}.get(err["type"])
+    if kind is None or not isinstance(err.get("input"), str):
+        return None
+    bound = (err.get("ctx") or {}).get("max_length" if kind == "most" else "min_length")
+    if not isinstance(bound, int):
+        return None
+    return f"String should have at {kind} {bound} character{'' if bound == 1 else 's'}", f"string_{err['type']}"
+
+
 def validation_error_reply(e: ValidationError) -> dict[str, Any]:
-    details = [
-        {"field": ".".join(str(p) for p in err["loc"]) or None, "reason": err["msg"], "type": err["type"]}
-        for err in e.errors(include_url=False, include_input=False)
-    ]
+    details = []
+    for err in e.errors(include_url=False):
+        reason, kind = _string_length(err) or (err["msg"], err["type"])
+        details.append({"field": ".".join(str(p) for p in err["loc"]) or None, "reason": reason, "type": kind})
     first = details[0]
     where = first["field"] or "body"
     return error(ErrorCode.INVALID, f"{where}: {first['reason']}", field=first["field"], details=details)
@@ -184,12 +197,32 @@ def parse_payload(model: type[M], raw: bytes) -> M | dict[str, Any]:
     except ValidationError as e:
         errors = e.errors(include_url=False, include_input=False)
         if errors and errors[0]["type"] in ("json_invalid", "model_type") and not errors[0]["loc"]:
+            if errors[0]["type"] == "json_invalid" and ("surrogate" in errors[0]["msg"] or "hex escape" in errors[0]["msg"]):
+                found = _lone_surrogate(raw)
+                if found is not None:
+                    return found
             what = "valid JSON" if errors[0]["type"] == "json_invalid" else "a JSON object"
             return error(ErrorCode.INVALID, f"body is not {what}: {errors[0]['msg']}")
         return validation_error_reply(e)
     except Exception as e:  # e.g. OverflowError or RecursionError inside a validator
         log.exception("validating a %s body failed unexpectedly", model.__name__)
         return error(ErrorCode.INVALID, f"body could not be validated: {type(e).__name__}: {e}")
+
+
+def _lone_surrogate(raw: bytes) -> dict[str, Any] | None:
+    """The `invalid` reply naming the field that holds a lone surrogate escape (`"\\ud800"`),
+    which JSON's parser refuses as malformed: Python's `json` reads it, so the reply can say
+    what is wrong and where, as for any other text the read models cannot store. None: the
+    body is malformed otherwise."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    found = lone_surrogate_at(body) if isinstance(body, dict) else None
+    if found is None:
+        return None
+    where, problem = found
+    return error(ErrorCode.INVALID, f"{where}: {problem}", field=where)
 
 
 def largest_field(cmd: BaseModel) -> str | None:

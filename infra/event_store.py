@@ -28,7 +28,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError, NotFoundError
 
-from runledger.commands.events import EncodedEvent, EventEnvelope
+from runledger.commands.events import EncodedEvent, EventEnvelope, size_headroom
 
 from .settings import Settings
 
@@ -50,14 +50,23 @@ class AppendUnavailable(Exception):
 
 
 class MessageTooLarge(Exception):
-    """A message of an append would exceed the server's max payload (headers included):
-    nothing was sent. The command is the client's to change, not a retry's."""
+    """A message of an append would exceed the server's max payload (headers included), or
+    come within its event's `headroom` of it: nothing was sent. The command is the client's to
+    change, not a retry's. `whose`: what must leave the headroom ("a run", "a deployment")."""
 
-    def __init__(self, what: str, size: int, limit: int):
-        super().__init__(f"{what} would be {size:,} bytes with its headers; the server's max payload is {limit:,} bytes")
+    def __init__(self, what: str, size: int, limit: int, headroom: int = 0, whose: str = "a run"):
+        if headroom:
+            after = ("its later states, which carry the whole run again" if whose == "a run" else
+                     "the runs it makes, which carry its parameters, labels and tags, and their later states")
+            message = (f"{what} would be {size:,} bytes with its headers; {whose} must stay {headroom:,} bytes under "
+                       f"the server's max payload of {limit:,} bytes, to leave room for {after}")
+        else:
+            message = f"{what} would be {size:,} bytes with its headers; the server's max payload is {limit:,} bytes"
+        super().__init__(message)
         self.what = what
         self.size = size
         self.limit = limit
+        self.headroom = headroom
 
 
 class Pending:
@@ -98,6 +107,8 @@ class OutgoingMessage:
     after: Pending | None = None
     # Seconds until the server removes it (a routine heartbeat); None: kept for ever.
     ttl: int | None = None
+    # Bytes it must leave free under the max payload (`events.size_headroom`): checked, not sent.
+    headroom: int = 0
 
     def headers(self) -> dict[str, str]:
         h = {MSG_ID: self.msg_id}
@@ -138,13 +149,16 @@ def _what(m: OutgoingMessage) -> str:
 
 
 def check_sizes(messages: Sequence[OutgoingMessage], limit: int) -> None:
-    """Raise `MessageTooLarge` for the first message over `limit`, before any is sent: a batch
-    whose later message the server refuses has already sent (and staged) its earlier ones."""
+    """Raise `MessageTooLarge` for the first message over `limit` (less its headroom), before
+    any is sent: a batch whose later message the server refuses has already sent (and staged)
+    its earlier ones."""
     batched = len(messages) > 1
     for m in messages:
         size = message_size(m, batched)
-        if size > limit:
-            raise MessageTooLarge(_what(m), size, limit)
+        if size + m.headroom > limit:
+            tokens = m.subject.split(".")
+            whose = "a deployment" if len(tokens) >= 3 and tokens[-3] == "deployment" else "a run"
+            raise MessageTooLarge(_what(m), size, limit, m.headroom, whose)
 
 
 @dataclass(frozen=True)
@@ -420,17 +434,18 @@ class EventStore:
             agg = (env.aggregate_type, env.aggregate_id)
             data = env.data if isinstance(env, EncodedEvent) else env.model_dump_json().encode()
             ttl = self.ttl_of(env)
+            headroom = size_headroom(env.type)
             if agg in checked:
-                out.append(OutgoingMessage(self.subject_of(env), data, str(env.id), ttl=ttl))
+                out.append(OutgoingMessage(self.subject_of(env), data, str(env.id), ttl=ttl, headroom=headroom))
                 continue
             checked.add(agg)
             at = expected.get(agg, 0)
             if isinstance(at, Pending):  # chained onto an append not acknowledged yet
                 out.append(OutgoingMessage(self.subject_of(env), data, str(env.id), None,
-                                           self.aggregate_filter(*agg), after=at, ttl=ttl))
+                                           self.aggregate_filter(*agg), after=at, ttl=ttl, headroom=headroom))
             else:
                 out.append(OutgoingMessage(self.subject_of(env), data, str(env.id), at, self.aggregate_filter(*agg),
-                                           ttl=ttl))
+                                           ttl=ttl, headroom=headroom))
         return out
 
     def ttl_of(self, env: EventEnvelope | EncodedEvent) -> int | None:

@@ -227,6 +227,21 @@ CASES = [
     Q("GetWorkQueue", {"work_pool_name": "p", "work_queue_name": NUL}, "invalid", "work_queue_name", "NUL"),
     Q("GetLegacyWorkQueue", {"name": f"q{NUL}"}, "invalid", "name", "NUL"),
     Q("GetDeploymentByName", {"flow_name": "f", "deployment_name": f"a{NUL}b"}, "invalid", "deployment_name", "NUL"),
+    # A lone surrogate sent as a JSON escape: JSON's parser refuses it, and the reply says what
+    # and where, as for any other unstorable text (not "unexpected end of hex escape").
+    C("CreateTaskRun", b'{"task_key": "ab\\ud800", "dynamic_key": "0"}', "invalid", "task_key",
+      "must not contain a lone surrogate (U+D800)"),
+    C("CreateTaskRun", b'{"task_key": "k", "dynamic_key": "\\udfff"}', "invalid", "dynamic_key",
+      "must not contain a lone surrogate (U+DFFF)"),
+    C("CreateTaskRun", b'{"task_key": "k", "dynamic_key": "0", "labels": {"a": ["x\\ud800\\u0041"]}}', "invalid",
+      "labels.a.0", "lone surrogate (U+D800)"),
+    C("CreateFlow", b'{"name": "f", "labels": {"\\ud83d": 1}}', "invalid", "labels.[key]", "lone surrogate (U+D83D)"),
+    Q("GetWorkPool", b'{"name": "\\ud800"}', "invalid", "name", "lone surrogate"),
+    # A string's length is counted in characters, not items.
+    C("CreateFlow", {"name": "f", "tags": ["t" * 5_000]}, "invalid", "tags.0", "at most 255 characters"),
+    C("CreateTaskRun", {"task_key": "k", "dynamic_key": "d" * 2_001}, "invalid", "dynamic_key",
+      "at most 2000 characters"),
+    C("CreateTaskRun", {"task_key": "", "dynamic_key": "0"}, "invalid", "task_key", "at least 1 character"),
 ]
 
 

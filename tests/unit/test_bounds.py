@@ -418,6 +418,80 @@ def test_the_idempotency_record_is_named_when_it_is_the_large_one():
     assert "idempotency record" in str(info.value)
 
 
+def test_a_message_must_leave_its_headroom_under_the_limit():
+    limit = 1000
+    fits = replace(msg(0), headroom=100)
+    fits = replace(fits, data=b"x" * (limit - 100 - message_size(fits, batched=False)))
+    check_sizes([fits], limit)
+    with pytest.raises(MessageTooLarge) as info:
+        check_sizes([replace(fits, data=fits.data + b"x")], limit)
+    assert (info.value.size, info.value.limit, info.value.headroom) == (901, 1000, 100)
+    assert "a run must stay 100 bytes under the server's max payload of 1,000 bytes" in str(info.value)
+    assert "later states" in str(info.value)
+    deployment = replace(fits, subject="ns.evt.deployment.1.DeploymentCreated", data=fits.data + b"x")
+    with pytest.raises(MessageTooLarge) as info:
+        check_sizes([deployment], limit)
+    assert "a deployment must stay 100 bytes under" in str(info.value) and "the runs it makes" in str(info.value)
+
+
+def test_what_creates_or_grows_a_run_carries_the_headroom_and_stores_nothing_of_it():
+    from runledger.commands import deployments as dp
+    from runledger.commands import flow_runs as fr
+    from runledger.commands import task_runs as tr
+    from runledger.commands.bounds import RUN_STATE_HEADROOM_BYTES
+    from runledger.commands.events import encode_event, size_headroom
+
+    held = {"TaskRunCreated", "FlowRunCreated", "FlowRunUpdated", "DeploymentCreated", "DeploymentUpdated"}
+    for event in (tr.TaskRunCreated, fr.FlowRunCreated, fr.FlowRunUpdated, dp.DeploymentCreated, dp.DeploymentUpdated,
+                  tr.TaskRunStateSet, fr.FlowRunStateSet, wp.WorkPoolUpdated):
+        assert size_headroom(event.event_type) == (RUN_STATE_HEADROOM_BYTES if event.event_type in held else 0)
+    assert size_headroom("NoSuchEvent") == 0
+    run = tr.TaskRun(id=uuid.uuid4(), created=NOW, updated=NOW, name="r", task_key="k", dynamic_key="0")
+    encoded = encode_event(str(run.id), tr.TaskRunCreated(run=run), occurred=NOW, event_id=uuid.uuid4())
+    assert set(json.loads(encoded.data)["payload"]) == {"run"}
+
+
+@pytest.mark.parametrize(("value", "found"), [
+    ({"a": "x", "b": ["ok", {"c": "y\ud800z"}]}, ("b.1.c", "must not contain a lone surrogate (U+D800)")),
+    ({"a": {"\udfff": 1}}, ("a.[key]", "keys must not contain a lone surrogate (U+DFFF)")),
+    ({"a": "\x00", "b": "\udc00"}, ("b", "must not contain a lone surrogate (U+DC00)")),
+    ({"a": "\x00\ud800"}, ("a", "must not contain a lone surrogate (U+D800)")),
+    ({"a": ["\U0001f600", 1, None, 2.5]}, None),
+])
+def test_a_lone_surrogate_is_found_where_it_is(value, found):
+    from runledger.commands.bounds import lone_surrogate_at
+
+    assert lone_surrogate_at(value) == found
+
+
+def test_a_lone_surrogate_escape_names_its_field_not_the_json_parser():
+    from runledger.commands import task_runs as tr
+
+    reply = parse_payload(tr.CreateTaskRun, b'{"task_key": "ab\\ud800", "dynamic_key": "0"}')
+    assert reply == {"ok": False, "error": {"code": "invalid", "field": "task_key",
+                                            "message": "task_key: must not contain a lone surrogate (U+D800)"}}
+    # Malformed otherwise: JSON's own message, as before.
+    reply = parse_payload(tr.CreateTaskRun, b'{"task_key": "ab\\ud800", "dynamic_key": }')
+    assert isinstance(reply, dict) and reply["error"]["message"].startswith("body is not valid JSON:")
+    reply = parse_payload(tr.CreateTaskRun, b'"\\ud800"')
+    assert isinstance(reply, dict) and reply["error"]["message"].startswith("body is not valid JSON:")
+
+
+def test_a_string_too_long_or_short_is_counted_in_characters():
+    from runledger.commands import flows as fl
+    from runledger.commands import task_runs as tr
+
+    reply = parse_payload(fl.CreateFlow, json.dumps({"name": "f", "tags": ["t" * 5_000]}).encode())
+    assert isinstance(reply, dict)
+    assert reply["error"]["message"] == "tags.0: String should have at most 255 characters"
+    assert reply["error"]["details"][0]["type"] == "string_too_long"
+    reply = parse_payload(tr.CreateTaskRun, b'{"task_key": "", "dynamic_key": "0"}')
+    assert isinstance(reply, dict) and reply["error"]["message"] == "task_key: String should have at least 1 character"
+    # A list is still counted in items.
+    reply = parse_payload(fl.CreateFlow, json.dumps({"name": "f", "tags": ["t"] * 1_001}).encode())
+    assert isinstance(reply, dict) and "at most 1000 items" in reply["error"]["message"]
+
+
 class _RecordingNats:
     max_payload = 1000
 
