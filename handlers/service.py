@@ -150,7 +150,7 @@ class Service:
             await refused()
             raise BrokerUnavailable(
                 f"the broker is not set up for this runledger ({'; '.join(said)}): run `runledger broker-setup` "
-                "with the admin role's credentials, then start again.")
+                "with the admin role's credentials (or others that may create and update streams), then start again.")
         self.engine = create_engine(s)
         try:
             await check_database(self.engine, s)

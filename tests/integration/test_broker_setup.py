@@ -98,7 +98,7 @@ async def test_the_service_refuses_a_fresh_broker_and_broker_setup_sets_it_up(fr
     assert "\n" not in refused
     assert refused.startswith("the broker is not set up for this runledger (")
     assert all(f"{s} missing" in refused for s in _made(fresh)), refused
-    assert "run `runledger broker-setup` with the admin role's credentials, then start again" in refused
+    assert "run `runledger broker-setup` with the admin role's credentials (or others that may create and update streams), then start again" in refused
     nc, _ = await fresh.connect("admin")
     assert (await nc.jetstream().account_info()).streams == 0  # the refused start made nothing
 

@@ -286,6 +286,11 @@ async def test_a_creds_file_from_the_environment_serves_commands_and_its_seed_ne
            "RUNLEDGER_DATABASE_URL": settings.database_url.get_secret_value()}
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("RUNLEDGER_")}
     full_env.update(RUNLEDGER_NAMESPACE=settings.namespace, RUNLEDGER_CONFIG_DIR=os.environ["RUNLEDGER_CONFIG_DIR"], **env)
+    # Logged in, the service only checks its streams: the creds file's user may do anything, so
+    # it sets them up first, as the admin role would.
+    setup = subprocess.run([sys.executable, "-m", "runledger.cli", "broker-setup"], capture_output=True, text=True,
+                           timeout=60, env=full_env)
+    assert setup.returncode == 0 and seed not in setup.stdout + setup.stderr, setup.stdout + setup.stderr
     proc = subprocess.Popen([sys.executable, "-m", "runledger.cli", "serve", "--verbose"], env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
