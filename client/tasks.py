@@ -267,7 +267,12 @@ async def wait_for_task_run(client: RunledgerClient, task_run_id: uuid.UUID | st
             run = RunledgerClient._one(TaskRun, reply.result)
             if run.state_type in FINAL_STATES:
                 return run
-        data = await asyncio.wait_for(arrived, timeout)
+        try:
+            data = await asyncio.wait_for(arrived, timeout)
+        except TimeoutError:
+            raise TimeoutError(f"task run {task_run_id} did not finish within {timeout:g} s; it may still run: "
+                               "wait again, or cancel it (`runledger task-run cancel "
+                               f"{task_run_id}`)") from None
         return TaskRun.model_validate_json(data)
     finally:
         with contextlib.suppress(Exception):
@@ -307,6 +312,12 @@ class TaskFuture(Generic[R]):
         self.task_run_id = task_run_id
         self._client = client
 
+    @property
+    def id(self) -> uuid.UUID:
+        """The task run's id, as `TaskRun.id` names it (the same as `task_run_id`): what
+        `cancel_task_run` and `runledger task-run inspect` take."""
+        return self.task_run_id
+
     def result(self, timeout: float | None = None) -> R:
         bridge = _Bridge.get()
         run = bridge.run(wait_for_task_run(bridge.client, self.task_run_id, timeout))
@@ -335,7 +346,7 @@ class Task(Generic[R]):
         if cache_policy is not None and cache_key_fn is not None:
             raise ValueError("give cache_policy or cache_key_fn, not both")
         self.fn = fn
-        self.key = key or f"{fn.__module__}.{fn.__qualname__}"
+        self.key = _submittable_key(key if key is not None else f"{fn.__module__}.{fn.__qualname__}")
         self.retries, self.retry_delay, self.retry_jitter_factor = retries, retry_delay, retry_jitter_factor
         self.tags = tags or []
         self.cache_policy, self.cache_key_fn, self.cache_expiration = cache_policy, cache_key_fn, cache_expiration
@@ -520,6 +531,36 @@ async def _shared_client() -> RunledgerClient:
     return client
 
 
+def _submittable_key(key: str) -> str:
+    """A key the service accepts for a run (`CreateTaskRun.task_key`: 1 to 2,000 characters,
+    at most 1,024 once encoded for its subject), checked when the task is defined: a key it
+    refuses would make every `.delay()` fail, and a worker serve a key no run can reach."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from runledger.commands.task_runs import TaskKey
+
+    try:
+        return TypeAdapter(TaskKey).validate_python(key)
+    except ValidationError as e:
+        error = e.errors()[0]
+        why = {"too_short": "it is empty", "too_long": f"it is {len(key)} characters, more than 2,000"}.get(
+            error["type"], error["msg"].removeprefix("Value error, "))
+        shown = key if len(key) <= 60 else key[:57] + "..."
+        raise ValueError(f"task key {shown!r} cannot be submitted: {why}; give @task a key= the service accepts "
+                         "(1 to 2,000 characters, at most 1,024 once encoded for its subject)") from None
+
+
+def _same_function(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
+    """The same function defined again (its module reloaded, a test defining it twice): the
+    same module and qualified name."""
+    return (getattr(a, "__module__", None), getattr(a, "__qualname__", None)) == (
+        getattr(b, "__module__", None), getattr(b, "__qualname__", None))
+
+
+def _function_name(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
 def task(fn: Callable[..., R] | None = None, *, key: str | None = None, retries: int | None = None,
          retry_delay: float | list[float] | None = None, retry_jitter_factor: float | None = None,
          tags: list[str] | None = None, cache_policy: str | None = None,
@@ -536,6 +577,11 @@ def task(fn: Callable[..., R] | None = None, *, key: str | None = None, retries:
         t = Task(f, key=key, retries=retries, retry_delay=retry_delay, retry_jitter_factor=retry_jitter_factor,
                  tags=tags, cache_policy=cache_policy, cache_key_fn=cache_key_fn, cache_expiration=cache_expiration,
                  refresh_cache=refresh_cache)
+        registered = TASKS.get(t.key)
+        if registered is not None and not _same_function(registered.fn, f):
+            # A worker serves one function per key: the second would silently replace the first.
+            raise ValueError(f"task key {t.key!r} is already registered by {_function_name(registered.fn)}; "
+                             f"{_function_name(f)} cannot take it too: give one of them another key=")
         TASKS[t.key] = t
         return t
 

@@ -14,9 +14,13 @@ from a thread of its own, `_Pulse`, which an async task blocking the loop does n
 message is acknowledged only once the outcome is recorded. A worker killed mid-run stops
 doing so: the run is delivered again after the ack wait and the next worker takes it over.
 
-Outcomes: a return value is recorded with COMPLETED (`data = {"type": "json", "value": ...}`);
-an exception with FAILED. Sent again after a lost reply, such a report is refused (the run is
-no longer this worker's), and the refusal's state is what the first one wrote: a failure
+Outcomes: a return value is recorded with COMPLETED (`data = {"type": "json", "value": ...}`,
+or a reference to it in the result store when it is large, or would not fit beside the run in
+one event); an exception with FAILED. An outcome the service refuses as invalid is replaced by
+a short FAILED saying so; a run whose outcome is not recorded at all is never acknowledged as
+if finished: its message goes back after a delay (`_unrecorded`). Sent again after a lost
+reply, such a report is refused (the run is no longer this worker's), and the refusal's state
+is what the first one wrote: a failure
 turned into `AwaitingRetry` is still queued. A FAILED turned into
 `AwaitingRetry` by the run's retries is queued again on the key's retry side (a deferred
 `AwaitingRetry` state, which the rules take from this worker only while the run is still in
@@ -39,9 +43,10 @@ n of this worker's runs waiting for the tag, the oldest first, each after a smal
 jitter; one that loses the slot to another run is answered WAIT again and waits again. A WAIT
 of a run without tags is handed back with its delay.
 
-SIGTERM (`stop`): stops taking runs, lets the running ones finish within a grace period, and
-hands back the rest (a negative acknowledgement: delivered again at once to another worker),
-the runs waiting for a tag's slot included.
+SIGTERM (`stop`): stops taking runs, lets the running ones finish within a grace period (ended
+at once by `hand_back_now`, a second SIGTERM), and hands back the rest (a negative
+acknowledgement: delivered again at once to another worker), the runs waiting for a tag's
+slot included.
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.errors import APIError, NotFoundError
 
-from runledger.commands.bounds import check_json_document
+from runledger.commands.bounds import MAX_JSON_DEPTH, RUN_STATE_HEADROOM_BYTES, check_json_document
 from runledger.commands.tag_concurrency_limits import EVERY_WAITER
 from runledger.commands.task_keys import decode_task_key, encode_task_key
 from runledger.commands.task_runs import TaskRun
@@ -92,8 +97,21 @@ log = logging.getLogger("runledger.task_worker")
 
 TaskFunction = Callable[..., Any]
 # A result larger than this (as JSON) is stored apart (infra/task_queues.store_result) and its
-# state carries a reference; one larger than MAX_STORED_RESULT_BYTES is refused (FAILED).
+# state carries a reference; one larger than MAX_STORED_RESULT_BYTES is refused (FAILED). So is
+# a smaller one that would not fit in one event beside its run (`inline_limit`).
 MAX_RESULT_BYTES = 256 * 1024
+# A result this small travels in its state whatever the run's size: a reference takes about as
+# much room, and the room every run keeps under the max payload (RUN_STATE_HEADROOM_BYTES) holds it.
+SMALL_RESULT_BYTES = 1024
+# How deep a result may nest: the service checks a state's data as one level inside a document
+# (commands/states.py), and the result is one level inside the data (`{"type": "json", ...}`).
+MAX_RESULT_DEPTH = MAX_JSON_DEPTH - 2
+# An outcome the service refused, and the short FAILED that said so refused too: its message is
+# handed back after this many seconds, doubled at each delivery, up to UNRECORDED_RETRY_MAX_SECONDS.
+UNRECORDED_RETRY_SECONDS = 60.0
+UNRECORDED_RETRY_MAX_SECONDS = 3600.0
+# The longest message of that short FAILED: the service's reason, cut.
+SHORT_FAILURE_MESSAGE = 500
 # How long a report is tried again while the service or the broker is away, before the run is
 # left for its message's redelivery to settle.
 REPORT_PATIENCE_SECONDS = 300.0
@@ -145,20 +163,57 @@ class TaskSourcesUnavailable(Exception):
     (no task streams), or the broker refused a consumer."""
 
 
-def result_data(value: Any) -> dict[str, Any]:
+def result_data(value: Any, inline_limit: int = MAX_RESULT_BYTES) -> dict[str, Any]:
     """A COMPLETED state's data for a return value: JSON the log and the read model can store
-    (no NUL, finite numbers, 64-bit integers, bounded depth), and bounded in size. A larger one
-    raises `ResultTooLarge` with its JSON (`.encoded`), for the result store."""
+    (no NUL, finite numbers, 64-bit integers, at most `MAX_RESULT_DEPTH` levels, checked as the
+    service checks a state's data), and at most `inline_limit` bytes. A larger one raises
+    `ResultTooLarge` with its JSON (`.encoded`), for the result store."""
     try:
         text = json.dumps(value, allow_nan=False)  # tuples become lists, keys strings, as JSON has them
         data = {"type": "json", "value": json.loads(text)}
-        check_json_document(data)
     except (TypeError, ValueError, RecursionError) as e:
         raise ResultTooLarge(f"the task's result cannot be recorded: {e}") from None
+    try:
+        check_json_document({"": data})  # as `StateCreate.data` is checked
+    except ValueError as e:
+        levels = _nesting(data["value"])
+        why = f"it nests {levels} levels deep, more than the {MAX_RESULT_DEPTH} a result may" \
+            if levels > MAX_RESULT_DEPTH else str(e)
+        raise ResultTooLarge(f"the task's result cannot be recorded: {why}") from None
     encoded = text.encode()
-    if len(encoded) > MAX_RESULT_BYTES:
+    if len(encoded) > inline_limit:
         raise ResultTooLarge(f"the task's result is {len(encoded)} bytes as JSON", encoded)
     return data
+
+
+def _nesting(value: Any) -> int:
+    """How many levels of lists and objects `value` nests (a scalar: 0, `[]`: 1)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def inline_limit(max_payload: int, run_size: int) -> int:
+    """The largest result (as JSON) that travels in its state beside a run of `run_size` bytes:
+    its event carries the run and the state together, and must leave the room a run keeps
+    under the broker's max payload (RUN_STATE_HEADROOM_BYTES, for the state's other fields and
+    the event's envelope). A larger one is stored apart."""
+    return min(MAX_RESULT_BYTES, max(SMALL_RESULT_BYTES, max_payload - RUN_STATE_HEADROOM_BYTES - run_size))
+
+
+def _cut(text: str, most: int) -> str:
+    return text if len(text) <= most else text[:most - 1] + "…"
+
+
+def _unrecorded_delay(delivered: int) -> float:
+    """How long the message of a run whose outcome could not be recorded waits before its next
+    delivery (`delivered`: deliveries so far)."""
+    return min(UNRECORDED_RETRY_SECONDS * 2 ** min(max(delivered - 1, 0), 16), UNRECORDED_RETRY_MAX_SECONDS)
 
 
 def storable_text(text: str) -> str:
@@ -489,6 +544,8 @@ class TaskWorker:
         # The runs this worker handles now, with the message (`<stream>:<sequence>`) each came from.
         self._active: dict[uuid.UUID, str] = {}
         self._taking = True
+        # Set by `hand_back_now`: a stop's grace period ends at once.
+        self._hurry = asyncio.Event()
         self.started = 0  # runs this worker started (for tests and benchmarks)
         self.finished = 0
         self.pulls = 0  # pull requests it sent
@@ -632,8 +689,20 @@ class TaskWorker:
         except Exception as e:
             log.info("a task worker heartbeat failed (%s); the next one follows", type(e).__name__)
 
+    @property
+    def running(self) -> int:
+        """How many runs it is running now (those a stop lets finish)."""
+        return len(self._running)
+
+    def hand_back_now(self) -> None:
+        """Ends the grace period of a stop at once (or of the next one): the runs still running
+        are cancelled and handed back, as when the grace period runs out. A second SIGTERM or
+        Ctrl-C of `runledger task-worker`."""
+        self._hurry.set()
+
     async def stop(self) -> None:
-        """Lets running runs finish within the grace period and hands back the rest.
+        """Lets running runs finish within the grace period (cut short by `hand_back_now`) and
+        hands back the rest.
 
         The pull inboxes are drained before anything is handed back: a message handed back
         while a pull request of this worker is still open on the server may be delivered to
@@ -645,7 +714,16 @@ class TaskWorker:
         await self._hand_back_held()
         await self._hand_back_slot_waits()
         if self._running:
-            _, pending = await asyncio.wait(list(self._running), timeout=self.grace_seconds)
+            loop = asyncio.get_running_loop()
+            until = loop.time() + self.grace_seconds
+            hurry = asyncio.create_task(self._hurry.wait())
+            try:
+                while self._running and not self._hurry.is_set() and loop.time() < until:
+                    await asyncio.wait([*self._running, hurry], timeout=until - loop.time(),
+                                       return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                hurry.cancel()
+            pending = list(self._running)
             for task in pending:
                 running = self._running.get(task)
                 task.cancel()
@@ -985,6 +1063,13 @@ class TaskWorker:
                     await self._nak_after_report(msg, 0.2)
                 else:
                     await msg.ack()  # deleted meanwhile, or its create never stored: nothing to run
+            elif code == "invalid":
+                # Refused as it is (a run too large for any state): asked again each time
+                # sooner would only repeat the refusal, once a second, for ever.
+                delay = _unrecorded_delay(attempt)
+                log.error("task run %s cannot start: %s; its message is handed back, to be tried again in %g s",
+                          run.id, _cut(str(reply["error"].get("message")), 2_000), delay)
+                await self._nak_after_report(msg, delay)
             else:
                 log.warning("task run %s could not start: %s", run.id, reply["error"])
                 await self._nak_after_report(msg, 1)
@@ -1029,7 +1114,10 @@ class TaskWorker:
         keep_alive = self._keep_alive(msg)
         running_id = (reply.get("result") or {}).get("id")  # the RUNNING state this attempt runs in
         try:
-            call = asyncio.create_task(self._call(function, run, str(running_id or run.id)))
+            # The run's own size, as the service wrote it in its message: the outcome's event
+            # carries the run again.
+            room = inline_limit(self.nc.max_payload, len(msg.data))
+            call = asyncio.create_task(self._call(function, run, str(running_id or run.id), room))
             call.add_done_callback(_retrieve)
             try:
                 await asyncio.wait({call, watch.heard}, return_when=asyncio.FIRST_COMPLETED)
@@ -1047,14 +1135,20 @@ class TaskWorker:
                                             "cache_expiration": run.cache_expiration.isoformat()
                                             if run.cache_expiration is not None else None}
             reply = await self._report({"id": str(run.id), "state": outcome, "task_worker_id": self.worker_id}, msg)
+            refusals: list[str] = []
             if reply is not None and not reply.get("ok") and reply["error"].get("code") == "invalid":
-                # The outcome itself cannot be recorded (a value the log cannot store): say so.
+                # The outcome itself cannot be recorded (a value the log cannot store): say so, in
+                # as few bytes as can say it, no data, so that it fits where the outcome did not.
+                why = storable_text(str(reply["error"].get("message")))
+                refusals.append(why)
                 problem = {"type": "FAILED", "state_details": {"retriable": False},
-                           "message": storable_text(f"The task's outcome could not be recorded: "
-                                                    f"{reply['error'].get('message')}")[:10_000]}
+                           "message": _cut(f"The task's outcome could not be recorded: {why}", SHORT_FAILURE_MESSAGE)}
                 reply = await self._report({"id": str(run.id), "state": problem, "task_worker_id": self.worker_id},
                                            msg)
             if reply is None:
+                return
+            if not reply.get("ok") and reply["error"].get("code") != "not_found":  # not_found: deleted, nothing runs
+                await self._unrecorded(run, msg, "; then ".join([*refusals, str(reply["error"].get("message"))]))
                 return
             if reply.get("ok") and reply["orchestration"]["status"] == "REJECT":
                 written = reply.get("result") or {}
@@ -1072,14 +1166,35 @@ class TaskWorker:
         finally:
             keep_alive.cancel()
 
+    async def _unrecorded(self, run: TaskRun, msg: Msg, why: str) -> None:
+        """Neither the run's outcome nor the short FAILED that says so was recorded: the run
+        is still RUNNING, held by this worker, and an acknowledgement would leave it so for ever
+        (nothing settles a RUNNING run whose message is gone). Its message goes back instead,
+        after a delay that doubles at each delivery: the next delivery starts it again (as its
+        holder, or taken over by another worker) and runs the function again, at least once
+        as a takeover would. A cause that goes away (the broker's max payload raised, the
+        service upgraded) lets a later attempt record the outcome; one that stays costs one
+        attempt an hour, each logged, never a fast loop. A terminated message would stop the
+        attempts, and leave the run RUNNING with nothing to end it."""
+        meta = msg.metadata
+        delay = _unrecorded_delay(meta.num_delivered if meta else 1)
+        log.error("task run %s: its outcome could not be recorded (%s); it stays RUNNING and its message is "
+                  "handed back, to be run again in %g s", run.id, _cut(why, 2_000), delay)
+        await self._nak_after_report(msg, delay)
+
     async def _stop_cancelled(self, run: TaskRun, msg: Msg, call: asyncio.Task, notice: dict[str, Any]) -> None:
         """The run became CANCELLING or CANCELLED while its function ran: the call is cancelled
         (a plain function's thread runs on, its outcome dropped), a CANCELLING run this worker
         holds is reported CANCELLED, and its message is acknowledged, so that it is not run
         again."""
-        if not call.done():
+        # A plain function runs in a thread: cancelling its call stops the wait for it, not the
+        # thread, which runs the function to its end.
+        in_thread = not inspect.iscoroutinefunction(self.functions.get(run.task_key))
+        stopped = call.done()
+        if not stopped:
             call.cancel()
             await asyncio.wait({call}, timeout=CANCEL_WAIT_SECONDS)
+            stopped = call.done() and not in_thread
             if not call.done():
                 log.warning("task run %s was cancelled but its function did not stop within %g s; its outcome "
                             "will be dropped", run.id, CANCEL_WAIT_SECONDS)
@@ -1094,7 +1209,14 @@ class TaskWorker:
             if not await self._end_cancelling(run, msg, message):
                 return  # left for redelivery
         await msg.ack()
-        log.info("task run %s was cancelled while it ran; stopped", run.id)
+        if stopped:
+            log.info("task run %s was cancelled while it ran; its function stopped", run.id)
+        elif in_thread:
+            log.info("task run %s was cancelled while it ran; its slot is free, but a plain function cannot be "
+                     "interrupted: its thread runs on to the function's end, and what it returns is dropped", run.id)
+        else:
+            log.info("task run %s was cancelled while it ran; its slot is free, and its function, still running, "
+                     "will have its outcome dropped", run.id)
 
     async def _end_cancelling(self, run: TaskRun, msg: Msg, message: str | None) -> bool:
         """Reports CANCELLED for a CANCELLING run, as its holder (or for a run set CANCELLING while
@@ -1105,15 +1227,16 @@ class TaskWorker:
         reply = await self._report({"id": str(run.id), "state": state, "task_worker_id": self.worker_id}, msg)
         return reply is not None
 
-    async def _call(self, function: TaskFunction, run: TaskRun, attempt: str) -> dict[str, Any]:
-        """The state the call comes to: COMPLETED with its value (or, when large, a reference to
-        it in the result store), or FAILED with its exception."""
+    async def _call(self, function: TaskFunction, run: TaskRun, attempt: str,
+                    room: int = MAX_RESULT_BYTES) -> dict[str, Any]:
+        """The state the call comes to: COMPLETED with its value (or, when larger than `room`, a
+        reference to it in the result store), or FAILED with its exception."""
         try:
             if inspect.iscoroutinefunction(function):
                 value = await function(**run.parameters)
             else:
                 value = await asyncio.to_thread(function, **run.parameters)
-            return {"type": "COMPLETED", "data": result_data(value)}
+            return {"type": "COMPLETED", "data": result_data(value, room)}
         except asyncio.CancelledError:
             raise
         except ResultTooLarge as e:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import threading
 import time
 
@@ -149,8 +150,9 @@ async def test_a_waiter_is_not_woken_by_cancelling_only_by_the_end(client, setti
     assert done.state_type == "CANCELLED"
 
 
-async def test_a_plain_function_cancelled_while_it_runs_has_its_outcome_dropped(client, settings):
+async def test_a_plain_function_cancelled_while_it_runs_has_its_outcome_dropped(client, settings, caplog):
     started, release, returned = threading.Event(), threading.Event(), threading.Event()
+    caplog.set_level(logging.INFO, logger="runledger.task_worker")
 
     def blocking() -> str:
         started.set()
@@ -165,6 +167,10 @@ async def test_a_plain_function_cancelled_while_it_runs_has_its_outcome_dropped(
             await client.cancel_task_run(run.id)
             done = await wait_for_task_run(client, run.id, timeout=5)
             assert done.state_type == "CANCELLED" and not returned.is_set()  # its thread still runs
+            # The log says what happens: not "stopped", but its thread running on.
+            said = [r.getMessage() for r in caplog.records if str(run.id) in r.getMessage()]
+            assert any("its thread runs on" in line for line in said), said
+            assert not any("stopped" in line for line in said), said
             # Its slot is free: the worker takes another run meanwhile.
             release_next = await submit_task(client, "blocking")
             assert worker.cancelled == 1
