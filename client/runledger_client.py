@@ -1560,6 +1560,15 @@ class RunledgerClient:
     # -----------------------------------------------------------------------------------------
     # Task runs (task queues and task workers: docs/tasks.md)
 
+    async def submit_task(self, task_key: str, parameters: dict[str, Any] | None = None, **options: Any) -> TaskRun:
+        """Queues a run of `task_key` for a task worker and returns it (SCHEDULED, deferred):
+        `runledger.client.tasks.submit_task` with this client, its options (retries, tags,
+        queue_wait_seconds, dynamic_key, scheduled_time, ...) the same. Await its end with
+        `runledger.client.tasks.wait_for_task_run`."""
+        from .tasks import submit_task  # client/tasks.py builds on this client
+
+        return await submit_task(self, task_key, parameters, **options)
+
     async def create_task_run(
         self,
         task_key: str,

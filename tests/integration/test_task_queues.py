@@ -67,6 +67,12 @@ async def test_a_submitted_task_runs_once_and_its_result_is_awaited(client, sett
     assert done.run_count == 1 and done.task_worker_id is None
     assert await state_names(client, run.id, "type") == ["SCHEDULED", "RUNNING", "COMPLETED"]
 
+    # The same through the client's own method, with an option passed on.
+    async with running_worker(settings, {"math.add": add}):
+        run = await client.submit_task("math.add", {"x": 4, "y": 5}, tags=["via-method"])
+        assert run.task_key == "math.add" and run.tags == ["via-method"]
+        assert task_result(await wait_for_task_run(client, run.id, timeout=10)) == 9
+
 
 async def test_a_run_longer_than_the_ack_wait_is_kept_and_not_taken_by_another_worker(client, settings):
     """While a run runs, its worker tells JetStream it still works on it (every third of the
