@@ -160,6 +160,14 @@ MAX_PARAMETERS_BYTES = 524_288
 # details, an inline result) on top. A run created closer to the limit could never be moved
 # to another state, not even cancelled or failed.
 RUN_STATE_HEADROOM_BYTES = 64 * 1024
+# A run made from a deployment is larger than the deployment's own event for the same
+# parameters, labels and tags (its name, state, `created_by`, two labels, a tag, a batch's
+# headers): a deployment leaves this much more.
+RUN_FROM_DEPLOYMENT_BYTES = 8 * 1024
+# An update of what was created with room to spare may take a little of it (the event's
+# `changed` list, a longer value): it need not leave quite as much as the creation did, so
+# that what was made within the rules can always be changed back.
+UPDATE_SLACK_BYTES = 4 * 1024
 
 
 def parameters_size_problem(parameters: dict[str, Any]) -> str | None:

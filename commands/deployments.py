@@ -35,7 +35,9 @@ from . import concurrency_limits as cl
 from . import slots
 from . import work_pools as wp
 from .bounds import (
+    RUN_FROM_DEPLOYMENT_BYTES,
     RUN_STATE_HEADROOM_BYTES,
+    UPDATE_SLACK_BYTES,
     JsonDocument,
     PositiveInt32,
     StoredText,
@@ -217,10 +219,12 @@ class _DeploymentEvent(Event):
 @register_event
 class DeploymentCreated(_DeploymentEvent):
     event_type: ClassVar[str] = "DeploymentCreated"
-    # Its runs carry its parameters, labels and tags, then their later states
-    # (`events.size_headroom`).
-    size_headroom: ClassVar[int] = RUN_STATE_HEADROOM_BYTES
     deployment: Deployment
+
+    def append_headroom(self) -> int:
+        # Its runs carry its parameters, labels and tags, with more of their own, then their
+        # later states.
+        return RUN_STATE_HEADROOM_BYTES + RUN_FROM_DEPLOYMENT_BYTES
 
 
 @register_event
@@ -232,12 +236,19 @@ class DeploymentUpdated(_DeploymentEvent):
     # v2 added `by_pause_or_resume`: a reader of v1 refuses it cleanly as newer, where it would
     # fail on the unknown field (events forbid extra fields).
     schema_version: ClassVar[int] = 2
-    size_headroom: ClassVar[int] = RUN_STATE_HEADROOM_BYTES  # as DeploymentCreated's
     deployment: Deployment
     changed: list[str]
     # Written by PauseDeployment / ResumeDeployment: Prefect's pause and resume routes set the
     # flag without an event, where an update naming `paused` reports it.
     by_pause_or_resume: bool = False
+
+    def append_headroom(self) -> int:
+        """Nearly the room its creation left (so that what was made within the rules can
+        always be changed); none for a pause or resume, which grows nothing and is the way out
+        for a deployment too large for its runs (one stored before the rule, say)."""
+        if self.by_pause_or_resume:
+            return 0
+        return RUN_STATE_HEADROOM_BYTES + RUN_FROM_DEPLOYMENT_BYTES - UPDATE_SLACK_BYTES
 
 
 @register_upcaster("DeploymentUpdated", 1)

@@ -29,15 +29,6 @@ def register_event(cls: type[Event]) -> type[Event]:
     return cls
 
 
-def size_headroom(event_type: str) -> int:
-    """The bytes an event of this type must leave free under the broker's max payload when it
-    is appended (its class's `size_headroom`, 0 when it has none): an event that creates a run
-    (or what runs copy from, a deployment) leaves room for the run's later events, which carry
-    the whole run again with more on top. It bounds the append only: nothing of it is stored."""
-    cls = EVENT_TYPES.get(event_type)
-    return int(getattr(cls, "size_headroom", 0)) if cls is not None else 0
-
-
 def register_upcaster(event_type: str, from_version: int):
     def wrap(fn: Callable[[dict[str, Any]], dict[str, Any]]):
         UPCASTERS[(event_type, from_version)] = fn
@@ -100,6 +91,8 @@ class EncodedEvent:
     data: bytes
     # `Event.expires_no_sooner_than`: None, kept for ever.
     expires_no_sooner_than: float | None = None
+    # `Event.append_headroom`: what it must leave free under the max payload (not stored).
+    headroom: int = 0
 
 
 def encode_event(aggregate_id: str, event: Event, *, occurred: datetime, event_id: uuid.UUID,
@@ -111,7 +104,7 @@ def encode_event(aggregate_id: str, event: Event, *, occurred: datetime, event_i
     data = b"".join((head[:-1], b',"payload":', event.__pydantic_serializer__.to_json(event),
                      b',"idempotency_key":', to_json(idempotency_key), b"}"))
     return EncodedEvent(event_id, event.event_type, event.aggregate_type, aggregate_id, data,
-                        event.expires_no_sooner_than())
+                        event.expires_no_sooner_than(), event.append_headroom())
 
 
 def upcast_payload(event_type: str, schema_version: int, payload: dict[str, Any]) -> dict[str, Any]:

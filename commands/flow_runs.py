@@ -19,6 +19,7 @@ from . import work_pools as wp
 from .bounds import (
     INT32_MAX,
     RUN_STATE_HEADROOM_BYTES,
+    UPDATE_SLACK_BYTES,
     JsonDocument,
     SizedParameters,
     StoredText,
@@ -169,9 +170,10 @@ class FlowRunCreated(_FlowRunEvent):
     """A new run, with its first state (`run.state`)."""
 
     event_type: ClassVar[str] = "FlowRunCreated"
-    # Every later state carries the whole run again (`events.size_headroom`).
-    size_headroom: ClassVar[int] = RUN_STATE_HEADROOM_BYTES
     run: FlowRun
+
+    def append_headroom(self) -> int:
+        return RUN_STATE_HEADROOM_BYTES  # every later state carries the whole run again
 
 
 @register_event
@@ -185,11 +187,13 @@ class FlowRunStateSet(_FlowRunEvent):
 @register_event
 class FlowRunUpdated(_FlowRunEvent):
     event_type: ClassVar[str] = "FlowRunUpdated"
-    # An update (parameters, job variables, tags) may grow the run: it must leave the room its
-    # creation had to.
-    size_headroom: ClassVar[int] = RUN_STATE_HEADROOM_BYTES
     run: FlowRun
     changed: list[str]
+
+    def append_headroom(self) -> int:
+        # An update (parameters, job variables, tags) may grow the run: it must leave nearly the
+        # room its creation had to, so that a run made within the rules can always be updated.
+        return RUN_STATE_HEADROOM_BYTES - UPDATE_SLACK_BYTES
 
 
 @register_event

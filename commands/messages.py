@@ -55,6 +55,13 @@ class Event(BaseModel):
     aggregate_type: ClassVar[str]
     schema_version: ClassVar[int] = 1
 
+    def append_headroom(self) -> int:
+        """Bytes this event must leave free under the broker's max payload when it is appended
+        (checked, never stored): 0 for most. An event that creates or grows a run leaves room
+        for the run's later events, which carry the whole run again with more on top
+        (commands/bounds.py `RUN_STATE_HEADROOM_BYTES`)."""
+        return 0
+
     def expires_no_sooner_than(self) -> float | None:
         """None: the log keeps this event for ever (every event but routine ones). Else it may
         expire from the log (`Settings.routine_retention_seconds`), but not within this

@@ -178,9 +178,10 @@ class TaskRunCreated(_TaskRunEvent):
 
     event_type: ClassVar[str] = "TaskRunCreated"
     schema_version: ClassVar[int] = _RUN_SHAPE_VERSION
-    # Every later state carries the whole run again (`events.size_headroom`).
-    size_headroom: ClassVar[int] = RUN_STATE_HEADROOM_BYTES
     run: TaskRun
+
+    def append_headroom(self) -> int:
+        return RUN_STATE_HEADROOM_BYTES  # every later state carries the whole run again
 
 
 @register_event

@@ -1148,6 +1148,9 @@ class TaskWorker:
             if reply is None:
                 return
             if not reply.get("ok") and reply["error"].get("code") != "not_found":  # not_found: deleted, nothing runs
+                # Its keep-alive let go first: one landing after the delayed nak would cut the delay
+                # to the ack wait (`_Pulse.nak`).
+                keep_alive.cancel()
                 await self._unrecorded(run, msg, "; then ".join([*refusals, str(reply["error"].get("message"))]))
                 return
             if reply.get("ok") and reply["orchestration"]["status"] == "REJECT":
@@ -1285,8 +1288,9 @@ class TaskWorker:
         return max(0.2, self.settings.task_ack_wait_seconds / 3)
 
     async def _report(self, body: dict[str, Any], msg: Msg) -> dict[str, Any] | None:
-        """A `SetTaskRunState`, tried again while the service or the broker is away (the run's
-        message is kept alive meanwhile); None when it never got through. Sent with the other
+        """A `SetTaskRunState`, tried again while the service or the broker is away, or the
+        service lost its races for the run (the run's message is kept alive meanwhile); None
+        when it never got through. Sent with the other
         reports made at the same moment (`task_reports.ReportBatcher`)."""
         keep_alive = self._keep_alive(msg)
         pause = 0.05
@@ -1296,7 +1300,10 @@ class TaskWorker:
             while True:
                 try:
                     reply = await self.reports.report(body)
-                    if reply.get("ok") or reply.get("error", {}).get("code") != "unavailable":
+                    # `conflict`: the service lost its races for the run too often in a row and
+                    # appended nothing; the report is safe to send again, as after an outage
+                    # (where running the function again would not be).
+                    if reply.get("ok") or reply.get("error", {}).get("code") not in ("unavailable", "conflict"):
                         return reply
                 except asyncio.CancelledError:
                     raise

@@ -28,7 +28,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError, NotFoundError
 
-from runledger.commands.events import EncodedEvent, EventEnvelope, size_headroom
+from runledger.commands.events import EncodedEvent, EventEnvelope
 
 from .settings import Settings
 
@@ -107,7 +107,7 @@ class OutgoingMessage:
     after: Pending | None = None
     # Seconds until the server removes it (a routine heartbeat); None: kept for ever.
     ttl: int | None = None
-    # Bytes it must leave free under the max payload (`events.size_headroom`): checked, not sent.
+    # Bytes it must leave free under the max payload (`Event.append_headroom`): checked, not sent.
     headroom: int = 0
 
     def headers(self) -> dict[str, str]:
@@ -434,7 +434,7 @@ class EventStore:
             agg = (env.aggregate_type, env.aggregate_id)
             data = env.data if isinstance(env, EncodedEvent) else env.model_dump_json().encode()
             ttl = self.ttl_of(env)
-            headroom = size_headroom(env.type)
+            headroom = env.headroom if isinstance(env, EncodedEvent) else 0
             if agg in checked:
                 out.append(OutgoingMessage(self.subject_of(env), data, str(env.id), ttl=ttl, headroom=headroom))
                 continue

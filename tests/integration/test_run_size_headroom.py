@@ -13,7 +13,14 @@ from __future__ import annotations
 import pytest
 
 from runledger.client import Invalid, RunledgerClient
-from runledger.commands.bounds import RUN_STATE_HEADROOM_BYTES
+from runledger.commands.bounds import (
+    RUN_FROM_DEPLOYMENT_BYTES,
+    RUN_STATE_HEADROOM_BYTES,
+    UPDATE_SLACK_BYTES,
+)
+
+# What a deployment's creation leaves (its runs are larger than it), and an update of it.
+DEPLOYMENT_HEADROOM = RUN_STATE_HEADROOM_BYTES + RUN_FROM_DEPLOYMENT_BYTES
 
 # How far from a bound the tests aim: more than NATS headers (~250 bytes), the run's generated
 # name and times vary by, far less than the headroom.
@@ -28,14 +35,14 @@ async def stored_size(broker, aggregate_type: str, aggregate_id: str, event_type
     return len(msg.data)
 
 
-async def refused(broker, _name: str, _field: str, /, **body) -> dict:
+async def refused(broker, _name: str, _field: str, /, _headroom: int = RUN_STATE_HEADROOM_BYTES, **body) -> dict:
     """`invalid`, naming `_field` and the headroom, with nothing appended."""
     before = await broker.stream_messages()
     reply = await broker.cmd(_name, **body)
     assert reply["ok"] is False, str(reply)[:300]
     error = reply["error"]
     assert (error["code"], error.get("field")) == ("invalid", _field), error
-    assert f"{RUN_STATE_HEADROOM_BYTES:,} bytes" in error["message"] and "later states" in error["message"], error
+    assert f"{_headroom:,} bytes" in error["message"] and "later states" in error["message"], error
     assert f"{broker.nc.max_payload:,} bytes" in error["message"], error
     assert await broker.stream_messages() == before
     return reply
@@ -123,9 +130,12 @@ async def test_a_flow_run_too_close_to_the_max_payload_is_refused_and_one_under_
         reply = await broker.cmd("SetFlowRunState", id=made["id"], state={"type": state, "data": {"answer": 42}})
         assert reply["ok"] and reply["orchestration"]["status"] == "ACCEPT", str(reply)[:300]
     other = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, parameters=parameters, context=fill)
-    # An update cannot bring a run closer than its creation could (parameters still under 512 KiB).
-    await refused(broker, "UpdateFlowRun", "parameters", id=other["id"],
+    # An update cannot bring a run much closer than its creation could (parameters still under
+    # 512 KiB); one that keeps its size, or shrinks it, always can.
+    await refused(broker, "UpdateFlowRun", "parameters", id=other["id"], _headroom=RUN_STATE_HEADROOM_BYTES - UPDATE_SLACK_BYTES,
                   parameters={"p": blob(400_000 + RUN_STATE_HEADROOM_BYTES)})
+    assert (await broker.cmd("UpdateFlowRun", id=other["id"], tags=["kept-its-size"]))["ok"]
+    assert (await broker.cmd("UpdateFlowRun", id=other["id"], tags=[]))["ok"]
     cancelled = await broker.cmd("SetFlowRunState", id=other["id"], state={"type": "CANCELLED"})
     assert cancelled["ok"] and cancelled["orchestration"]["status"] == "ACCEPT", str(cancelled)[:300]
     assert (await broker.ok_qry("GetFlowRun", id=made["id"]))["state_type"] == "COMPLETED"
@@ -142,19 +152,33 @@ async def test_a_deployment_leaves_the_headroom_its_runs_need(broker):
     probe = await broker.ok_cmd("CreateDeployment", name="probe", flow_id=flow_id, labels={"l": ""})
     overhead = await stored_size(broker, "deployment", probe["id"], "DeploymentCreated")
 
-    await refused(broker, "CreateDeployment", "labels", name="big", flow_id=flow_id,
+    await refused(broker, "CreateDeployment", "labels", name="big", flow_id=flow_id, _headroom=DEPLOYMENT_HEADROOM,
                   labels={"l": blob(limit - overhead - MARGIN)})
+    # Within the runs' allowance: a deployment whose runs would not fit is refused too.
+    await refused(broker, "CreateDeployment", "labels", name="big", flow_id=flow_id, _headroom=DEPLOYMENT_HEADROOM,
+                  labels={"l": blob(limit - RUN_STATE_HEADROOM_BYTES - overhead - 1_000)})
     # An upsert of an existing deployment, and an update, are held to it too.
     await refused(broker, "CreateDeployment", "labels", name="probe", flow_id=flow_id,
-                  labels={"l": blob(limit - overhead - MARGIN)})
-    await refused(broker, "UpdateDeployment", "labels", id=probe["id"], labels={"l": blob(limit - overhead - MARGIN)})
+                  _headroom=DEPLOYMENT_HEADROOM - UPDATE_SLACK_BYTES, labels={"l": blob(limit - overhead - MARGIN)})
+    await refused(broker, "UpdateDeployment", "labels", id=probe["id"], labels={"l": blob(limit - overhead - MARGIN)},
+                  _headroom=DEPLOYMENT_HEADROOM - UPDATE_SLACK_BYTES)
 
+    # As close as a deployment may be made: its runs are made (by hand and by its schedule)
+    # and walk to their end; it can be paused, resumed and have its schedule switched off.
     made = await broker.ok_cmd("CreateDeployment", name="big", flow_id=flow_id,
-                               labels={"l": blob(limit - RUN_STATE_HEADROOM_BYTES - overhead - MARGIN)})
+                               labels={"l": blob(limit - DEPLOYMENT_HEADROOM - overhead - 1_500)},  # its schedule takes some
+                               schedules=[{"schedule": {"interval": 3600}}])
     run = await broker.ok_cmd("CreateFlowRunFromDeployment", deployment_id=made["id"])
     for state in ("PENDING", "RUNNING", "COMPLETED"):
         reply = await broker.cmd("SetFlowRunState", id=run["id"], state={"type": state})
         assert reply["ok"] and reply["orchestration"]["status"] == "ACCEPT", str(reply)[:300]
+    scheduled = await broker.ok_cmd("ScheduleDeploymentRuns", deployment_id=made["id"], min_runs=3, max_runs=3)
+    assert len(scheduled["flow_run_ids"]) == 3, scheduled
+    for command in ("PauseDeployment", "ResumeDeployment"):
+        assert (await broker.cmd(command, id=made["id"]))["ok"], command
+    schedule_id = (await broker.ok_qry("GetDeployment", id=made["id"]))["schedules"][0]["id"]
+    off = await broker.cmd("UpdateDeploymentSchedule", deployment_id=made["id"], schedule_id=schedule_id, active=False)
+    assert off["ok"], str(off)[:300]
 
 
 async def test_a_bulk_of_runs_from_a_deployment_with_an_oversized_item_appends_nothing(broker):

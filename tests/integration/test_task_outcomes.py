@@ -138,6 +138,33 @@ async def test_an_outcome_that_cannot_be_recorded_is_not_acknowledged_but_tried_
     assert any(str(run.id) in e and "could not be recorded" in e for e in errors), errors
 
 
+async def test_an_outcome_the_service_lost_its_races_for_is_sent_again_not_run_again(client, settings):
+    """`conflict` on a report (the service lost its races for the run too many times in a row and
+    appended nothing) is transient: the report is sent again and the function is not run twice."""
+    calls: list[int] = []
+    sent: list[dict] = []
+
+    async def job() -> str:
+        calls.append(1)
+        return "once"
+
+    async with running_worker(settings, {"outcomes.raced": job}) as worker:
+        report = worker.reports.report
+
+        async def racing(body: dict) -> dict:
+            if body["state"]["type"] == "COMPLETED" and not sent:
+                sent.append(body)
+                return {"ok": False, "error": {"code": "conflict", "message": "SetTaskRunState lost 11 races in a "
+                                                                             "row for the same object; try again"}}
+            return await report(body)
+
+        worker.reports.report = racing  # type: ignore[method-assign]
+        run = await submit_task(client, "outcomes.raced")
+        done = await wait_for_task_run(client, run.id, timeout=10)  # not after the 60 s of a run handed back
+    assert task_result(done) == "once" and len(calls) == 1 and len(sent) == 1
+    assert await state_names(client, run.id, "type") == ["SCHEDULED", "RUNNING", "COMPLETED"]
+
+
 async def test_a_start_refused_as_invalid_is_tried_again_after_a_delay_not_every_second(
         client, settings, monkeypatch, caplog):
     monkeypatch.setattr(task_worker, "UNRECORDED_RETRY_SECONDS", 2.0)

@@ -438,17 +438,30 @@ def test_what_creates_or_grows_a_run_carries_the_headroom_and_stores_nothing_of_
     from runledger.commands import deployments as dp
     from runledger.commands import flow_runs as fr
     from runledger.commands import task_runs as tr
-    from runledger.commands.bounds import RUN_STATE_HEADROOM_BYTES
-    from runledger.commands.events import encode_event, size_headroom
+    from runledger.commands.bounds import (
+        RUN_FROM_DEPLOYMENT_BYTES,
+        RUN_STATE_HEADROOM_BYTES,
+        UPDATE_SLACK_BYTES,
+    )
+    from runledger.commands.events import encode_event
 
-    held = {"TaskRunCreated", "FlowRunCreated", "FlowRunUpdated", "DeploymentCreated", "DeploymentUpdated"}
-    for event in (tr.TaskRunCreated, fr.FlowRunCreated, fr.FlowRunUpdated, dp.DeploymentCreated, dp.DeploymentUpdated,
-                  tr.TaskRunStateSet, fr.FlowRunStateSet, wp.WorkPoolUpdated):
-        assert size_headroom(event.event_type) == (RUN_STATE_HEADROOM_BYTES if event.event_type in held else 0)
-    assert size_headroom("NoSuchEvent") == 0
     run = tr.TaskRun(id=uuid.uuid4(), created=NOW, updated=NOW, name="r", task_key="k", dynamic_key="0")
     encoded = encode_event(str(run.id), tr.TaskRunCreated(run=run), occurred=NOW, event_id=uuid.uuid4())
-    assert set(json.loads(encoded.data)["payload"]) == {"run"}
+    assert encoded.headroom == RUN_STATE_HEADROOM_BYTES
+    assert set(json.loads(encoded.data)["payload"]) == {"run"}  # nothing of it stored
+    state_set = encode_event(str(run.id), tr.TaskRunStateSet(run=run), occurred=NOW, event_id=uuid.uuid4())
+    assert state_set.headroom == 0  # a state is never refused for the run's size
+    # A deployment leaves room for its runs, which are larger than it; an update leaves a little
+    # less than its creation did, a pause or resume none (the way out).
+    created = RUN_STATE_HEADROOM_BYTES + RUN_FROM_DEPLOYMENT_BYTES
+    assert dp.DeploymentCreated.model_construct().append_headroom() == created
+    updated = dp.DeploymentUpdated.model_construct(changed=["parameters"], by_pause_or_resume=False)
+    assert updated.append_headroom() == created - UPDATE_SLACK_BYTES
+    paused = dp.DeploymentUpdated.model_construct(changed=["paused"], by_pause_or_resume=True)
+    assert paused.append_headroom() == 0
+    assert fr.FlowRunUpdated.model_construct(changed=["tags"]).append_headroom() == RUN_STATE_HEADROOM_BYTES - UPDATE_SLACK_BYTES
+    assert fr.FlowRunStateSet.model_construct().append_headroom() == 0
+    assert wp.WorkPoolUpdated.model_construct().append_headroom() == 0
 
 
 @pytest.mark.parametrize(("value", "found"), [
