@@ -105,7 +105,7 @@ class Service:
         return time.monotonic() - self.connected_at >= TAKEOVER_GRACE_SECONDS
 
     async def _on_closed(self) -> None:
-        if self._stopping:
+        if self._stopping or self.nc is None:  # None: closed within `connect` (a server too old), not lost
             return
         err = getattr(self.nc, "last_error", None)
         self.lost_reason = f"{type(err).__name__}: {err}" if err is not None else "closed by the server"
