@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 import typer
+from rich.text import Text
 
 from runledger.client import UNSET, Deployment, FlowRun, NotFound, RunledgerClient
 from runledger.commands.queries import DEFAULT_LIMIT
@@ -31,6 +32,7 @@ from .output import (
     command_line,
     emit,
     emit_done,
+    err_console,
     print_json,
     run,
     run_command,
@@ -339,7 +341,8 @@ def pause(
     output: OutputOption = None,
     idempotency_key: KeyOption = None,
 ) -> None:
-    """Pause a deployment: its schedules make no new runs until it is resumed."""
+    """Pause a deployment: the scheduler makes no new runs of its schedules until it is resumed
+    (`deployment schedule` and `deployment run` still make runs when asked, as in Prefect)."""
     _paused(name, True, idempotency_key, as_json, output)
 
 
@@ -379,13 +382,17 @@ def schedule(
 ) -> None:
     """Make the scheduled runs of a deployment's active schedules.
 
-    A time whose run exists is skipped, so scheduling again makes no duplicates."""
+    A time whose run exists is skipped, so scheduling again makes no duplicates. A paused
+    deployment is scheduled all the same (as in Prefect): a note says so."""
     check_deployment_name(name)
     start_time = UNSET if start is None else parse_time(start, "--start")
     end_time = UNSET if end is None else parse_time(end, "--end")
 
+    paused = [False]
+
     async def action(rl: RunledgerClient, key: str) -> tuple[list[uuid.UUID], list[FlowRun]]:
         deployment = await resolve_deployment(rl, name)
+        paused[0] = bool(deployment.paused)
         ids = await rl.schedule_deployment_runs(
             deployment.id, start_time=start_time, end_time=end_time, min_runs=UNSET if min_runs is None else min_runs,
             max_runs=UNSET if max_runs is None else max_runs, idempotency_key=key)
@@ -403,6 +410,9 @@ def schedule(
         print_json({"flow_run_ids": [str(i) for i in ids]})
         return
     success(f"Scheduled {len(ids)} run{'' if len(ids) == 1 else 's'} of deployment {name!r}.")
+    if paused[0] and ids:
+        err_console.print(Text(f"note: deployment {name!r} is paused; its scheduler makes no runs, but these were "
+                               "asked for and workers will get them (`runledger deployment resume` or cancel them)"))
     if runs:
         show_runs(runs, "Scheduled Runs", "")  # earliest first, as the service made them
 

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import typer
+from rich.text import Text
 
 from runledger.client import (
     Conflict,
@@ -42,6 +43,7 @@ from .output import (
     OutputOption,
     command_line,
     emit_done,
+    err_console,
     print_json,
     run,
     run_command,
@@ -129,12 +131,14 @@ def show_states(states: Iterable[State]) -> None:
 # ls, inspect
 
 
-async def _filters(rl: RunledgerClient, flows: list[str] | None,
-                   deployments: list[str] | None) -> dict[str, Any] | None:
-    """The ids of the flows and deployments named; None when a filter given matches nothing."""
+async def _filters(rl: RunledgerClient, flows: list[str] | None, deployments: list[str] | None,
+                   unknown: list[str]) -> dict[str, Any] | None:
+    """The ids of the flows and deployments named; None when a filter given matches nothing.
+    `unknown` gets each name that names nothing (a typo would otherwise read as "no runs")."""
     out: dict[str, Any] = {}
     if flows:
         found = await rl.list_flows(names=flows, limit=min(len(flows), DEFAULT_LIMIT))
+        unknown += [f"no flow is named {n!r}" for n in dict.fromkeys(flows) if n not in {f.name for f in found}]
         if not found:
             return None
         out["flow_ids"] = [f.id for f in found]
@@ -149,7 +153,10 @@ async def _filters(rl: RunledgerClient, flows: list[str] | None,
             if not sep:
                 raise typer.BadParameter(f"{name!r} is neither <flow>/<deployment> nor an id",
                                          param_hint="--deployment")
-            ids += [d.id for d in await rl.list_deployments(flow_names=[flow_name], names=[deployment_name])]
+            named = [d.id for d in await rl.list_deployments(flow_names=[flow_name], names=[deployment_name])]
+            if not named:
+                unknown.append(f"no deployment is named {name!r}")
+            ids += named
         if not ids:
             return None
         out["deployment_ids"] = ids
@@ -157,9 +164,10 @@ async def _filters(rl: RunledgerClient, flows: list[str] | None,
 
 
 async def _runs(rl: RunledgerClient, flows: list[str] | None, deployments: list[str] | None,
-                names: list[str] | None, types: list[str] | None, limit: int) -> list[FlowRun]:
+                names: list[str] | None, types: list[str] | None, limit: int,
+                unknown: list[str] | None = None) -> list[FlowRun]:
     await rl.catch_up()
-    filters = await _filters(rl, flows, deployments)
+    filters = await _filters(rl, flows, deployments, unknown if unknown is not None else [])
     if filters is None:
         return []
     runs: list[FlowRun] = []
@@ -197,8 +205,11 @@ def list_flow_runs(
     names = [state_name(s) for s in states] if states else None
     types = [state_type(s, "--state-type") for s in state_types] if state_types else None
 
+    unknown: list[str] = []  # filters that name nothing
+
     async def action(rl: RunledgerClient) -> tuple[list[FlowRun], dict[uuid.UUID, str]]:
-        found = await _runs(rl, flows or None, deployments or None, names, types, limit + 1)  # one more: are there more?
+        found = await _runs(rl, flows or None, deployments or None, names, types, limit + 1,  # one more: are there more?
+                            unknown)
         return found, ({} if wants_json(as_json, output) else await flow_names(rl, (r.flow_id for r in found[:limit])))
 
     runs, names = run(action)
@@ -208,6 +219,8 @@ def list_flow_runs(
     else:
         show_flow_runs(runs, names)
         say_if_more(len(runs), more, "flow runs")
+        for note in unknown:  # a typo in a filter is not "no runs"
+            err_console.print(Text(f"note: {note}"))
 
 
 @flow_run_app.command()

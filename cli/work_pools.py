@@ -325,6 +325,10 @@ async def _pool_queues(rl: RunledgerClient, name: str) -> list[WorkQueue]:
             return queues
 
 
+# How far `preview` may look: past this, the horizon leaves what a date can hold.
+MAX_PREVIEW_HOURS = 876_000
+
+
 async def _preview(rl: RunledgerClient, name: str, queue_names: Sequence[str], hours: float
                    ) -> tuple[WorkPool, list[WorkQueue], list[FlowRun]]:
     await rl.catch_up()
@@ -356,7 +360,9 @@ async def _preview(rl: RunledgerClient, name: str, queue_names: Sequence[str], h
 def preview(
     name: str = typer.Argument(..., help=NAME_HELP),
     queues: list[str] | None = typer.Option(None, "--queue", "-q", help=QUEUES_HELP),
-    hours: float = typer.Option(1.0, "--hours", "-h", min=0, help="How far ahead to look, in hours (default 1)."),
+    hours: float = typer.Option(1.0, "--hours", "-h", min=0, max=MAX_PREVIEW_HOURS,
+                                help=f"How far ahead to look, in hours (default 1; at most {MAX_PREVIEW_HOURS:,}: "
+                                     "a hundred years)."),
     as_json: JsonFlag = False,
     output: OutputOption = None,
 ) -> None:

@@ -189,6 +189,10 @@ async def test_deployment_and_flow_run_verbs_in_the_cli(service, settings):
 
     assert (await cli("deployment", "pause", "etl/nightly")).exit_code == 0
     assert json.loads((await cli("deployment", "inspect", "etl/nightly", "--json")).stdout)["paused"] is True
+    # Scheduled when asked all the same (as Prefect's route does), and said so.
+    while_paused = await cli("deployment", "schedule", "etl/nightly", "--max-runs", "4")
+    assert while_paused.exit_code == 0 and while_paused.stdout.startswith("Scheduled "), while_paused.output
+    assert "note: deployment 'etl/nightly' is paused" in while_paused.stderr
     assert (await cli("deployment", "resume", "etl/nightly")).exit_code == 0
     assert (await cli("deployment", "delete", "etl/nightly")).exit_code == 0
     gone = await cli("deployment", "inspect", "etl/nightly")

@@ -56,6 +56,17 @@ async def test_ls_cut_at_its_limit_says_so(broker, settings):
     assert (await cli("flow-run", "ls", "--limit", "0")).exit_code == 2
 
 
+async def test_ls_says_which_filter_names_nothing(broker, settings):
+    """A typo in --flow or --deployment is said on stderr, not taken for "no runs"."""
+    cli = _cli(settings)
+    await _runs(broker)
+    typo = await cli("flow-run", "ls", "--flow", "etl", "--flow", "etll", "--deployment", "etl/nosuch")
+    assert typo.exit_code == 0 and typo.stdout == "No flow runs found.\n"
+    assert "note: no flow is named 'etll'" in typo.stderr and "note: no deployment is named 'etl/nosuch'" in typo.stderr
+    assert "no flow is named 'etl'" not in typo.stderr
+    assert (await cli("flow-run", "ls", "--flow", "etl")).stderr == ""
+
+
 async def test_cancel_says_a_run_not_started_is_cancelled_and_exits_0(broker, settings):
     cli = _cli(settings)
     ids = await _runs(broker)

@@ -134,6 +134,9 @@ async def test_work_pool_preview(service, settings):
     assert noted.exit_code == 0, noted.output
     assert [line.split()[1] for line in noted.stdout.splitlines()[1:3]] == ["u-low", "d-soon"]
     assert noted.stdout.splitlines()[-1] == "Note: paused queues, whose runs workers do not get: urgent."
+    for hours in ("1e9", "inf"):  # past what a date holds: a usage error, not a traceback
+        far = await cli("work-pool", "preview", "pool", "--hours", hours)
+        assert far.exit_code == 2 and "--hours" in far.stderr and "Traceback" not in far.output, far.output
     missing = await cli("work-pool", "preview", "nope")
     assert missing.exit_code == 3 and missing.stderr == 'Error (not_found): Work pool "nope" not found.\n'
     # Nothing was recorded: no queue was polled, none became READY.
