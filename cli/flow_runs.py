@@ -235,8 +235,10 @@ def inspect(
 
     async def action(rl: RunledgerClient) -> tuple[FlowRun, list[State]]:
         found = await resolve_run(rl, name)
-        if as_uuid(name) is None and found.state_type == "SCHEDULED" and found.waiting_reason is None:
-            found = await rl.read_flow_run(found.id)  # a list does not say why a run waits; one run's read does
+        if as_uuid(name) is None and found.state_type == "SCHEDULED":
+            # A list carries the reason a refused claim recorded, maybe since overtaken; one run's
+            # read says what holds it back now.
+            found = await rl.read_flow_run(found.id)
         return found, await rl.read_flow_run_states(found.id)
 
     flow_run, states = run(action)

@@ -230,15 +230,22 @@ async def _why_waiting(conn: AsyncConnection, run: fr.FlowRun, now: datetime) ->
 
 
 async def get_flow_run(conn: AsyncConnection, query: q.GetFlowRun) -> dict[str, Any]:
-    """A SCHEDULED run that no refused claim gave a `waiting_reason` gets one computed now,
-    when something keeps it from the pool poll (`run_waits`): nothing is stored."""
+    """A SCHEDULED run in a queue gets its `waiting_reason` computed now, when something keeps
+    it from the pool poll (`run_waits`), whatever a refused claim recorded: limits and pauses
+    change after a refusal, and the recorded words (a pool's limit of 1, since raised) would
+    then name the wrong cause. When nothing holds it back now, a recorded reason is given as
+    what it was, said to be past. Nothing is stored."""
     row = (await conn.execute(_READ.where(flow_runs.c.id == query.id))).first()
     if row is None:
         raise fr.flow_run_not_found(query.id)
     run, pool_id, pool_name = _run_of(dict(row._mapping))
     now = datetime.now(UTC)
-    if run.state_type is StateType.SCHEDULED and run.waiting_reason is None:
-        run = run.model_copy(update={"waiting_reason": await _why_waiting(conn, run, now)})
+    if run.state_type is StateType.SCHEDULED and run.work_queue_id is not None:
+        live = await _why_waiting(conn, run, now)
+        if live is None and run.waiting_reason is not None:
+            live = (f"{run.waiting_reason.rstrip('.')} (said when its last claim was refused; nothing holds it back "
+                    "now: a worker's next poll may offer it).")
+        run = run.model_copy(update={"waiting_reason": live})
     return _reply(run, pool_id, pool_name, now)
 
 

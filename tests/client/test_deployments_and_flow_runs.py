@@ -639,7 +639,8 @@ def test_flow_run_inspect_shows_the_run_why_it_waits_and_its_history(cli, fake):
     assert fake.sent("ListFlowRuns") == [{"limit": 2, "flow_runs": {"name": {"any_": ["first"]}}, "min_seq": 40}]
     as_json = json.loads(cli("flow-run", "inspect", raw["id"], "-o", "json").stdout)
     assert as_json == {**raw, "state_history": states}
-    assert fake.sent("GetFlowRun") == [{"id": raw["id"], "min_seq": 40}]
+    # Both read the one run (by name: after the list, which carries only the recorded reason).
+    assert fake.sent("GetFlowRun") == [{"id": raw["id"], "min_seq": 40}] * 2
     fake.ok("GetFlowRun", {**raw, "waiting_reason": None})
     assert "Waiting" not in cli("flow-run", "inspect", raw["id"]).stdout
 

@@ -97,10 +97,44 @@ async def test_paused_pools_and_queues_unpolled_queues_and_runs_not_due(broker, 
     assert await _reason(broker, run["id"]) == "Work pool 'quiet' is paused."
     assert await broker.ok_qry("GetScheduledFlowRuns", work_pool_name="quiet") == []
 
-    # A claim refused by its limits keeps the reason it stored.
+    # A claim refused by its limits records its reason (the list shows it); a read says what holds
+    # the run back now, in the poll's words.
     await broker.ok_cmd("UpdateWorkPool", name="quiet", is_paused=False, concurrency_limit=0)
     await broker.ok_cmd("UpdateWorkQueue", work_pool_name="quiet", work_queue_name="default", is_paused=False)
     refused = await broker.cmd("SetFlowRunState", id=run["id"], state={"type": "PENDING"})
     assert refused["orchestration"]["status"] == "REJECT", refused
-    assert await _reason(broker, run["id"]) == "Work pool 'quiet' is at its concurrency limit (0)."
+    await broker.catch_up()
+    (listed,) = await broker.ok_qry("ListFlowRuns", flow_runs={"id": {"any_": [run["id"]]}})
+    assert listed["waiting_reason"] == "Work pool 'quiet' is at its concurrency limit (0)."
+    assert await _reason(broker, run["id"]) == "Work pool 'quiet' is at its concurrency limit (0): 0 of 0 slots taken."
+    await assert_live_equals_rebuild(service, settings)
+
+
+async def test_a_reason_a_refused_claim_recorded_gives_way_to_what_holds_the_run_back_now(broker, service, settings):
+    """The second auditor's case: a claim refused by a pool's limit of 1 recorded that reason;
+    the limit raised and the pool paused since, the run is said to wait for the pause, not for a
+    limit it no longer has; with nothing holding it back, the old reason is said to be past."""
+    await broker.ok_cmd("CreateWorkPool", name="lim1", type="process", concurrency_limit=1)
+    flow_id = (await broker.ok_cmd("CreateFlow", name="raced"))["id"]
+    holder = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, work_pool_name="lim1", state=_scheduled(datetime.now(UTC)))
+    refused = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, work_pool_name="lim1",
+                                  state=_scheduled(datetime.now(UTC)))
+    queue_id = refused["work_queue_id"]
+    assert (await broker.cmd("SetFlowRunState", id=holder["id"], state={"type": "PENDING"}))["orchestration"]["status"] == "ACCEPT"
+    claim = await broker.cmd("SetFlowRunState", id=refused["id"], state={"type": "PENDING"})
+    assert claim["orchestration"]["status"] == "REJECT", claim
+    recorded = "Work pool 'lim1' is at its concurrency limit (1)."
+    await broker.catch_up()
+    (listed,) = await broker.ok_qry("ListFlowRuns", flow_runs={"id": {"any_": [refused["id"]]}})
+    assert listed["waiting_reason"] == recorded  # what the refusal wrote
+
+    await broker.ok_cmd("UpdateWorkPool", name="lim1", concurrency_limit=5, is_paused=True)
+    await broker.catch_up()
+    assert await _reason(broker, refused["id"]) == "Work pool 'lim1' is paused."
+    await broker.ok_cmd("UpdateWorkPool", name="lim1", is_paused=False)
+    await broker.ok_cmd("RecordWorkQueuesPolled", work_pool_name="lim1", work_queue_ids=[queue_id])
+    await broker.catch_up()
+    assert await _reason(broker, refused["id"]) == (
+        "Work pool 'lim1' is at its concurrency limit (1) (said when its last claim was refused; nothing holds it "
+        "back now: a worker's next poll may offer it).")
     await assert_live_equals_rebuild(service, settings)

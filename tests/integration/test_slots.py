@@ -48,8 +48,8 @@ async def test_counts_in_replies_and_a_refused_claim_says_why(broker, service, s
     reason = "Work queue 'a' of work pool 'limited' is at its concurrency limit (2)."
     assert refused["orchestration"]["details"]["reason"] == reason
     assert refused["result"]["type"] == "SCHEDULED"  # nothing written: the current state
-    read = await broker.ok_qry("GetFlowRun", id=waiting["id"])
-    assert read["waiting_reason"] == reason and read["state_type"] == "SCHEDULED"
+    read = await broker.ok_qry("GetFlowRun", id=waiting["id"])  # what holds it back now, with the slots counted
+    assert read["waiting_reason"] == f"{reason[:-1]}: 2 of 2 slots taken." and read["state_type"] == "SCHEDULED"
 
     pool = await broker.ok_qry("GetWorkPool", name="limited")
     assert pool["active_slots"] == 2
@@ -119,9 +119,9 @@ async def test_flow_run_inspect_shows_why_a_run_waits(broker, service, settings)
     assert claim.stdout.startswith("REJECT: ") and "Work pool 'limited' is at its concurrency limit (1)." in claim.stdout
     shown = await cli("flow-run", "inspect", "held-back")
     assert shown.exit_code == 0, shown.output
-    assert "Waiting: Work pool 'limited' is at its concurrency limit (1)." in shown.stdout
+    assert "Waiting: Work pool 'limited' is at its concurrency limit (1): 1 of 1 slot taken." in shown.stdout
     as_json = json.loads((await cli("flow-run", "inspect", waiting["id"], "--json")).stdout)
-    assert as_json["waiting_reason"] == "Work pool 'limited' is at its concurrency limit (1)."
+    assert as_json["waiting_reason"] == "Work pool 'limited' is at its concurrency limit (1): 1 of 1 slot taken."
 
 
 async def test_a_worker_that_stops_heart_beating_has_its_runs_crashed_and_their_slots_freed(broker, service,
