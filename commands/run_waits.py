@@ -51,6 +51,16 @@ def _slots(taken: int, limit: int) -> str:
     return f"{taken} of {limit} slot{'s' if limit != 1 else ''} taken"
 
 
+def queue_gone(run: FlowRun) -> str | None:
+    """Why a SCHEDULED run whose work queue no longer exists (deleted, or its pool was) waits:
+    no poll will ever offer it, and without a word it would look like a run about to go."""
+    if run.state_type is not StateType.SCHEDULED or run.empirical_policy.retry_type == "in_process":
+        return None
+    named = f" {run.work_queue_name!r}" if run.work_queue_name else ""
+    return (f"Its work queue{named} no longer exists (it, or its work pool, was deleted): no worker's poll will offer "
+            "this run; cancel or delete it, or make its runs anew in a queue that exists.")
+
+
 def why_waiting(run: FlowRun, queue: QueueFacts | None, deployment_limit: DeploymentLimitFacts | None,
                 now: datetime) -> str | None:
     """The first thing that keeps a SCHEDULED run from the pool poll now, broadest first: a

@@ -221,7 +221,7 @@ async def _why_waiting(conn: AsyncConnection, run: fr.FlowRun, now: datetime) ->
         return None  # not the pool poll's to offer
     found = (await conn.execute(_QUEUE_FACTS, {"queue_id": run.work_queue_id})).first()
     if found is None:
-        return None
+        return run_waits.queue_gone(run)
     queue, deployment_limit = run_waits.QueueFacts(**found._mapping), None
     if run.deployment_id is not None:
         limit = (await conn.execute(_DEPLOYMENT_LIMIT_FACTS, {"deployment_id": run.deployment_id})).first()
@@ -240,7 +240,10 @@ async def get_flow_run(conn: AsyncConnection, query: q.GetFlowRun) -> dict[str, 
         raise fr.flow_run_not_found(query.id)
     run, pool_id, pool_name = _run_of(dict(row._mapping))
     now = datetime.now(UTC)
-    if run.state_type is StateType.SCHEDULED and run.work_queue_id is not None:
+    if run.state_type is StateType.SCHEDULED and run.work_queue_id is None and run.work_queue_name is not None:
+        # Its queue deleted (the read model keeps the name, not the id): no poll offers it again.
+        run = run.model_copy(update={"waiting_reason": run_waits.queue_gone(run)})
+    elif run.state_type is StateType.SCHEDULED and run.work_queue_id is not None:
         live = await _why_waiting(conn, run, now)
         if live is None and run.waiting_reason is not None:
             live = (f"{run.waiting_reason.rstrip('.')} (said when its last claim was refused; nothing holds it back "

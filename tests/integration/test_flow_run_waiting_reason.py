@@ -138,3 +138,17 @@ async def test_a_reason_a_refused_claim_recorded_gives_way_to_what_holds_the_run
         "Work pool 'lim1' is at its concurrency limit (1) (said when its last claim was refused; nothing holds it "
         "back now: a worker's next poll may offer it).")
     await assert_live_equals_rebuild(service, settings)
+
+
+async def test_a_run_of_a_deleted_pool_says_no_poll_will_offer_it(broker, service, settings):
+    """The second auditor's case: a pool deleted with a scheduled run in its queue; the run
+    stays, and a read says why no worker will get it."""
+    await broker.ok_cmd("CreateWorkPool", name="doomed", type="process")
+    flow_id = (await broker.ok_cmd("CreateFlow", name="stranded"))["id"]
+    run = await broker.ok_cmd("CreateFlowRun", flow_id=flow_id, work_pool_name="doomed",
+                              state=_scheduled(datetime.now(UTC)))
+    await broker.ok_cmd("DeleteWorkPool", name="doomed")
+    await broker.catch_up()
+    assert await _reason(broker, run["id"]) == (
+        "Its work queue 'default' no longer exists (it, or its work pool, was deleted): no worker's poll will offer "
+        "this run; cancel or delete it, or make its runs anew in a queue that exists.")

@@ -17,7 +17,7 @@ from runledger.commands import slots as sl
 from runledger.commands import work_pools as wp
 from runledger.commands.decisions import Outcome
 from runledger.commands.messages import DecisionContext
-from runledger.commands.run_waits import DeploymentLimitFacts, QueueFacts, why_waiting
+from runledger.commands.run_waits import DeploymentLimitFacts, QueueFacts, queue_gone, why_waiting
 from runledger.commands.states import State, StateCreate, StateDetails, StateType
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -146,3 +146,12 @@ def test_the_words_are_the_claims() -> None:
     refused = fr.decide_set_state(claim, a_run(), ctx, sl.Limits(deployment_limit=limit)).orchestration
     assert refused.reason == orchestration_rules.DEPLOYMENT_LIMIT_REACHED
     assert why_waiting(a_run(), FREE, FULL_DEPLOYMENT, NOW).startswith(refused.reason)  # type: ignore[union-attr]
+
+
+def test_a_run_whose_queue_is_gone_is_said_to_wait_for_ever():
+    """A pool deleted with its runs' queue: no poll offers them again."""
+    assert queue_gone(a_run(work_queue_name="nightly")) == (
+        "Its work queue 'nightly' no longer exists (it, or its work pool, was deleted): no worker's poll will offer "
+        "this run; cancel or delete it, or make its runs anew in a queue that exists.")
+    assert "Its work queue no longer exists" in (queue_gone(a_run()) or "")
+    assert queue_gone(a_run(StateType.RUNNING, "Running")) is None  # not waiting
