@@ -12,6 +12,7 @@ at once by `deployment run` or `ls` finds the deployment."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Iterable, Sequence
@@ -21,7 +22,7 @@ from typing import Any
 import typer
 from rich.text import Text
 
-from runledger.client import UNSET, Deployment, FlowRun, NotFound, RunledgerClient
+from runledger.client import UNSET, Deployment, FlowRun, Invalid, NotFound, RunledgerClient
 from runledger.commands.queries import DEFAULT_LIMIT
 
 from .main import app
@@ -218,7 +219,11 @@ def create(
     parameters = parse_params(params)
     label = f"{flow}/{name}"
 
+    before: list[int] = []  # the schedules the deployment had, when it existed
+
     async def action(rl: RunledgerClient, key: str) -> tuple[Deployment, bool]:
+        with contextlib.suppress(NotFound, Invalid):  # none yet (or a name the read cannot take): nothing to compare
+            before[:] = [len((await rl.read_deployment_by_name(label)).schedules)]
         # Their own keys, derived from the run's: re-running with the same key is still safe.
         made_flow = await rl.create_flow(flow, idempotency_key=f"{key}:flow")
         return await rl.create_deployment(
@@ -232,6 +237,12 @@ def create(
     deployment, created = run_command(action, idempotency_key, _check(label))
     emit(deployment, wants_json(as_json, output),
          f"Created deployment {label!r}." if created else f"Updated deployment {label!r}.", _title(label))
+    had = before[0] if before else 0
+    if not created and had > len(deployment.schedules) and not wants_json(as_json, output):
+        # Easy to miss when only another option was meant to change.
+        err_console.print(Text(f"note: the update replaced the deployment's {had} schedule{'' if had == 1 else 's'} "
+                               f"with {len(deployment.schedules) or 'none'} (an update takes the schedules given, as "
+                               "Prefect's does); the future runs they had scheduled were deleted"))
 
 
 async def _deployments(rl: RunledgerClient, flows: list[str] | None, pools: list[str] | None,

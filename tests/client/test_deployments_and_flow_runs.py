@@ -427,6 +427,7 @@ async def test_catch_up_makes_the_next_reads_wait_for_the_streams_last_write(rl,
 
 def test_deployment_create_ensures_the_flow_and_upserts(cli, fake):
     raw = sample_deployment("nightly", tags=["x"], schedules=[{"schedule": {"cron": "0 2 * * *"}}])
+    fake.error("GetDeploymentByName", "not_found", "Deployment not found")  # read first: the schedules it had
     fake.ok("CreateFlow", FLOW, seq=1, created=True)
     fake.ok("CreateDeployment", raw, seq=2, created=True)
     made = cli("deployment", "create", "--flow", "etl", "--name", "nightly", "--pool", "pool", "--queue", "gpu",

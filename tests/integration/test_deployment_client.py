@@ -199,3 +199,29 @@ async def test_deployment_and_flow_run_verbs_in_the_cli(service, settings):
     assert gone.exit_code == 3 and gone.stderr == "Error (not_found): Deployment 'etl/nightly' not found.\n"
     unknown = await cli("flow-run", "inspect", str(uuid.uuid4()))
     assert unknown.exit_code == 3
+
+
+async def test_an_update_that_drops_the_schedules_says_so(service, settings):
+    """Re-running `deployment create` to change one option takes the schedules given (none), as
+    Prefect's upsert does, and deletes their future runs: said on stderr, easy to miss otherwise."""
+    env = cli_env(settings)
+    runner = CliRunner()
+
+    async def cli(*args: str):
+        return await asyncio.to_thread(runner.invoke, app, list(args), env=env)
+
+    async with RunledgerClient(settings) as rl:
+        await rl.create_work_pool("pool", type="process")
+    made = await cli("deployment", "create", "--flow", "etl", "--name", "nightly", "--pool", "pool", "--interval", "3600")
+    assert made.exit_code == 0 and made.stderr == "", made.output
+    again = await cli("deployment", "create", "--flow", "etl", "--name", "nightly", "--pool", "pool", "--interval", "3600",
+                      "--limit", "2")
+    assert again.exit_code == 0 and again.stderr == "", again.output  # its schedule given again: nothing to say
+    dropped = await cli("deployment", "create", "--flow", "etl", "--name", "nightly", "--pool", "pool", "--limit", "3")
+    assert dropped.exit_code == 0 and dropped.stdout.startswith("Updated deployment 'etl/nightly'."), dropped.output
+    assert "note: the update replaced the deployment's 1 schedule with none" in dropped.stderr
+    as_json = await cli("deployment", "create", "--flow", "etl", "--name", "other", "--pool", "pool", "--json")
+    assert as_json.exit_code == 0 and as_json.stderr == ""
+    for _ in range(2):  # an empty name (Prefect allows it), made then updated: the read before takes it too
+        unnamed = await cli("deployment", "create", "--flow", "etl", "--name", "", "--pool", "pool")
+        assert unnamed.exit_code == 0, unnamed.output
