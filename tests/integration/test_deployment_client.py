@@ -6,15 +6,13 @@ one's writes)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from typer.testing import CliRunner
 
-from runledger.cli.main import _register, app
+from runledger.cli.main import _register
 from runledger.client import (
     Deployment,
     DeploymentPage,
@@ -25,7 +23,7 @@ from runledger.client import (
     RunledgerClient,
     State,
 )
-from tests.integration.broker import cli_env
+from tests.integration.broker import cli_in_thread
 
 _register()
 
@@ -142,12 +140,7 @@ async def test_each_flow_run_method_against_the_service(service, settings):
 
 
 async def test_deployment_and_flow_run_verbs_in_the_cli(service, settings):
-    env = cli_env(settings)
-    runner = CliRunner()
-
-    async def cli(*args: str):
-        # The CLI runs its own event loop, and the service runs on this one: a thread for the CLI.
-        return await asyncio.to_thread(runner.invoke, app, list(args), env=env)
+    cli = cli_in_thread(settings)  # the CLI's own loop, in a thread: the service runs on this one
 
     async with RunledgerClient(settings) as rl:
         await rl.create_work_pool("pool", type="process")
@@ -204,12 +197,7 @@ async def test_deployment_and_flow_run_verbs_in_the_cli(service, settings):
 async def test_an_update_that_drops_the_schedules_says_so(service, settings):
     """Re-running `deployment create` to change one option takes the schedules given (none), as
     Prefect's upsert does, and deletes their future runs: said on stderr, easy to miss otherwise."""
-    env = cli_env(settings)
-    runner = CliRunner()
-
-    async def cli(*args: str):
-        return await asyncio.to_thread(runner.invoke, app, list(args), env=env)
-
+    cli = cli_in_thread(settings)
     async with RunledgerClient(settings) as rl:
         await rl.create_work_pool("pool", type="process")
     made = await cli("deployment", "create", "--flow", "etl", "--name", "nightly", "--pool", "pool", "--interval", "3600")
